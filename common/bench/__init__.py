@@ -1,0 +1,1 @@
+"""Benchmarks: python -m disagg.bench.offline, python -m disagg.bench.serving."""
