@@ -1,0 +1,80 @@
+"""Engine configuration: one frozen dataclass, its argparse flags (SGLang names), env vars.
+
+Entry points call `add_engine_args(parser)` and `EngineConfig.from_args(args)`; everything else
+takes an `EngineConfig`. Environment variables live under the DISAGG_ prefix, parsed here only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+
+
+def env_str(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"DISAGG_{name}", default)
+
+
+def env_float(name: str, default: float) -> float:
+    value = env_str(name)
+    return float(value) if value else default
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str | None = None  # None: the embedded default model
+    load_format: str = "auto"  # auto (safetensors) | dummy (random weights at the config's shapes)
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto | cpu | cuda
+    tp: int = 1
+    ep: int = 1
+    page_size: int = 16
+    max_total_tokens: int | None = None  # KV pool size; default: from mem_fraction_static (GPU) or 65536 (CPU)
+    mem_fraction_static: float = 0.85
+    chunked_prefill_size: int = 2048  # <= 0: no chunking
+    max_running_requests: int = 256
+    max_prefill_tokens: int = 8192  # token budget of one prefill batch
+    context_length: int | None = None  # default: the model's max_position_embeddings
+    attention_backend: str = "auto"  # auto | torch | flashinfer
+    disable_radix_cache: bool = False
+    random_seed: int = 0
+    # distributed (one process per rank)
+    dist_init_addr: str | None = None
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_timeout: float = 120.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EngineConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    def replace(self, **changes) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine's flags, SGLang spelling, defaults from EngineConfig."""
+    d = EngineConfig()
+    g = parser.add_argument_group("engine")
+    g.add_argument("--model-path", default=d.model_path, help="HF folder (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "dummy"])
+    g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
+    g.add_argument("--tp", "--tp-size", "--tensor-parallel-size", dest="tp", type=int, default=d.tp)
+    g.add_argument("--ep", "--ep-size", "--expert-parallel-size", dest="ep", type=int, default=d.ep)
+    g.add_argument("--page-size", type=int, default=d.page_size)
+    g.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens)
+    g.add_argument("--mem-fraction-static", type=float, default=d.mem_fraction_static)
+    g.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size)
+    g.add_argument("--max-running-requests", type=int, default=d.max_running_requests)
+    g.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens)
+    g.add_argument("--context-length", type=int, default=d.context_length)
+    g.add_argument("--attention-backend", default=d.attention_backend, choices=["auto", "torch", "flashinfer"])
+    g.add_argument("--disable-radix-cache", action="store_true")
+    g.add_argument("--random-seed", type=int, default=d.random_seed)
+    g.add_argument("--dist-init-addr", default=d.dist_init_addr, help="HOST:PORT of rank 0 (multi-node)")
+    g.add_argument("--nnodes", type=int, default=d.nnodes)
+    g.add_argument("--node-rank", type=int, default=d.node_rank)
+    g.add_argument("--dist-timeout", type=float, default=d.dist_timeout, help="seconds to wait for all ranks")

@@ -1,0 +1,107 @@
+"""A request's state in the engine: sampling parameters, status, tokens, pages."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+from disagg.common.messages import message
+
+
+@message
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = -1  # -1: off
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)  # stop strings (not included in the output)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    skip_special_tokens: bool = True  # detokenizer only
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature <= 1e-5 or self.top_k == 1
+
+    def validate(self) -> None:
+        """Raise ValueError (message names the parameter) for values no request may have."""
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
+            (self.temperature >= 0 and math.isfinite(self.temperature), "temperature", "must be >= 0"),
+            (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
+            (self.top_k == -1 or self.top_k >= 1, "top_k", "must be -1 (off) or >= 1"),
+            (0 <= self.min_p <= 1, "min_p", "must be in [0, 1]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
+            (0 <= self.top_logprobs_num <= 20, "top_logprobs", "must be in [0, 20]"),
+        ]
+        for ok, param, why in checks:
+            if not ok:
+                raise ValueError(f"{param} {why}, got {getattr(self, param, None)!r}", param)
+
+
+class ReqStatus(enum.Enum):
+    WAITING = "waiting"
+    PREFILLING = "prefilling"
+    TRANSFERRING = "transferring"
+    DECODING = "decoding"
+    FINISHED = "finished"
+    ABORTED = "aborted"
+
+
+@dataclass
+class Req:
+    rid: str
+    input_ids: list[int]
+    sampling: SamplingParams
+    status: ReqStatus = ReqStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    matched_stop: int | str | None = None
+    # KV state: page_table[i] holds tokens [i*page_size, (i+1)*page_size) of input+output
+    page_table: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose KV is in the pool
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    cache_node: object | None = None  # radix-cache node locked by this request
+    output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.input_ids + self.output_ids
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (ReqStatus.FINISHED, ReqStatus.ABORTED)
+
+
+@message
+@dataclass
+class TokenOut:
+    """What one scheduler step produced for one request (sent to the detokenizer / front end)."""
+
+    rid: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    matched_stop: int | str | None = None
+    error: str | None = None  # why an abort happened, readable by a client
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: list[float] | None = None  # one per new token
+    top_logprobs: list[list[list]] | None = None  # per new token: [[token_id, logprob], ...]
