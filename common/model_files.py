@@ -69,6 +69,7 @@ def convert_default_model(dest: Path) -> Path:
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["_name_or_path"] = DEFAULT_MODEL_NAME
+        config["architectures"] = [type(model).__name__]
         config["torch_dtype"] = "float32"
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(tmp)

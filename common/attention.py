@@ -1,0 +1,110 @@
+"""Attention over the paged KV pool, behind one interface.
+
+Plug point: `AttentionBackend`. `prepare(batch)` runs once per forward, outside the layers
+(planning, index building); `forward(...)` runs per layer. Backends: `torch` (portable, CPU and
+GPU, SDPA over gathered pages) and `flashinfer` (CUDA, paged prefill/decode kernels).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ForwardBatch:
+    """One flattened batch of tokens from many requests (no padding)."""
+
+    input_ids: torch.Tensor  # [T] int64, device
+    positions: torch.Tensor  # [T] int64, device
+    out_page: torch.Tensor  # [T] int64: page receiving each new token's K/V
+    out_offset: torch.Tensor  # [T] int64: slot inside that page
+    q_lens: list[int]  # new tokens per request
+    kv_lens: list[int]  # tokens in the pool per request after this forward (prefix + new)
+    page_tables: list[list[int]]  # pages of each request covering kv_lens
+    logits_index: torch.Tensor  # [B_out] int64: rows of T whose next-token logits are wanted
+    page_size: int = 16
+    attn: dict = field(default_factory=dict)  # backend-private metadata built by prepare()
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(q == 1 for q in self.q_lens)
+
+
+class AttentionBackend(ABC):
+    """Contract: forward() gets this layer's q [T, Hq, D] and the layer's pool view
+    kv [num_pages, 2, page_size, Hkv, D] in which the new K/V are already written, and returns
+    [T, Hq, D]: causal attention of each request's new tokens over its kv_lens tokens."""
+
+    @abstractmethod
+    def prepare(self, batch: ForwardBatch) -> None: ...
+
+    @abstractmethod
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor: ...
+
+
+class TorchBackend(AttentionBackend):
+    """Pads the batch to [B, max_q] queries over [B, max_kv] gathered keys, one SDPA per layer."""
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        device = batch.input_ids.device
+        bsz, max_q, max_kv, ps = len(batch.q_lens), max(batch.q_lens), max(batch.kv_lens), batch.page_size
+        q_index = torch.zeros(bsz, max_q, dtype=torch.long)
+        kv_page = torch.zeros(bsz, max_kv, dtype=torch.long)
+        q_pos = torch.full((bsz, max_q), -1, dtype=torch.long)  # position of each query inside its request
+        kv_len = torch.tensor(batch.kv_lens, dtype=torch.long)
+        start = 0
+        for i, (q_len, n_kv, pages) in enumerate(zip(batch.q_lens, batch.kv_lens, batch.page_tables, strict=True)):
+            q_index[i, :q_len] = torch.arange(start, start + q_len)
+            q_pos[i, :q_len] = torch.arange(n_kv - q_len, n_kv)
+            n_pages = (n_kv + ps - 1) // ps
+            kv_page[i, :n_kv] = torch.tensor(pages[:n_pages]).repeat_interleave(ps)[:n_kv]
+            start += q_len
+        kv_pos = torch.arange(max_kv)
+        kv_offset = kv_pos.remainder(ps).expand(bsz, max_kv)
+        # key j is visible to query i iff j < kv_len and j <= position of i (causal)
+        mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (kv_pos[None, None, :] < kv_len[:, None, None])
+        valid = q_pos >= 0
+        batch.attn.update(
+            q_index=q_index.to(device),
+            kv_page=kv_page.to(device),
+            kv_offset=kv_offset.to(device),
+            mask=mask[:, None].to(device),  # [B, 1, max_q, max_kv]
+            out_rows=valid.flatten().nonzero().squeeze(1).to(device),  # padded rows that are real tokens
+        )
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        a = batch.attn
+        bsz, max_q = a["q_index"].shape
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        qp = q[a["q_index"]].transpose(1, 2)  # [B, Hq, max_q, D]
+        k = kv[a["kv_page"], 0, a["kv_offset"]].transpose(1, 2)  # [B, Hkv, max_kv, D]
+        v = kv[a["kv_page"], 1, a["kv_offset"]].transpose(1, 2)
+        out = F.scaled_dot_product_attention(qp, k, v, attn_mask=a["mask"], enable_gqa=True)
+        out = out.transpose(1, 2).reshape(bsz * max_q, num_heads, head_dim)
+        return out[a["out_rows"]]
+
+
+def create_attention_backend(name: str, device: torch.device, **kwargs) -> AttentionBackend:
+    if name == "auto":
+        name = "flashinfer" if device.type == "cuda" and _has_flashinfer() else "torch"
+    if name == "torch":
+        return TorchBackend()
+    if name == "flashinfer":
+        if device.type != "cuda":
+            raise ValueError("--attention-backend flashinfer needs a CUDA device")
+        from disagg.common.attention_flashinfer import FlashInferBackend
+
+        return FlashInferBackend(device=device, **kwargs)
+    raise ValueError(f"unknown attention backend {name!r} (choose auto, torch, flashinfer)")
+
+
+def _has_flashinfer() -> bool:
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError:
+        return False
+    return True

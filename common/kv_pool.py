@@ -1,0 +1,86 @@
+"""The paged KV pool: one tensor holding every layer's K and V pages, and the free-page list.
+
+Layout (shared with transfer/, which moves pages between pools):
+    kv_buffer: [num_layers, num_pages, 2, page_size, num_kv_heads, head_dim]   (2 = K, V)
+A page is the unit of allocation. Pages are owned by exactly one holder at a time: the free list,
+a request's page table, or the radix cache (which shares them between requests by reference).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class OutOfPagesError(RuntimeError):
+    pass
+
+
+class KVPagePool:
+    def __init__(
+        self,
+        num_pages: int,
+        page_size: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = device
+        self.kv_buffer = torch.zeros(
+            (num_layers, num_pages, 2, page_size, num_kv_heads, head_dim), dtype=dtype, device=device
+        )
+        # NOTE: a stack, so recently freed (cache-warm) pages are reused first
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))
+        self._is_free = [True] * num_pages
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def bytes_per_page(self) -> int:
+        return self.kv_buffer[:, 0].numel() * self.kv_buffer.element_size()
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfPagesError(f"need {n} pages, {len(self._free)} free")
+        pages = [self._free.pop() for _ in range(n)]
+        for p in pages:
+            self._is_free[p] = False
+        return pages
+
+    def free(self, pages: list[int]) -> None:
+        for p in pages:
+            if self._is_free[p]:
+                raise RuntimeError(f"page {p} freed twice")
+            self._is_free[p] = True
+        self._free.extend(pages)
+
+
+def pages_for_tokens(num_tokens: int, page_size: int) -> int:
+    return (num_tokens + page_size - 1) // page_size
+
+
+def size_pool_pages(
+    bytes_per_page: int, page_size: int, device: torch.device, max_total_tokens: int | None, mem_fraction: float
+) -> int:
+    """Pages from --max-total-tokens, else from --mem-fraction-static of the GPU's free memory
+    (after weights are loaded), else 65536 tokens on the CPU."""
+    if max_total_tokens:
+        return pages_for_tokens(max_total_tokens, page_size)
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - total * (1.0 - mem_fraction)
+        if budget <= bytes_per_page:
+            raise RuntimeError(
+                f"no GPU memory left for the KV pool (free {free / 2**30:.1f} GiB): raise --mem-fraction-static"
+            )
+        return int(budget // bytes_per_page)
+    return pages_for_tokens(65536, page_size)

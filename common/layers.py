@@ -1,0 +1,110 @@
+"""Building blocks of the decoder, tensor-parallel aware (tp == 1: plain layers)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from disagg.common.parallel import all_gather_last_dim, all_reduce, get_parallel
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W's output rows split across ranks; `out_sizes` are the per-rank sizes of
+    the fused outputs (e.g. q, k, v), each loaded from its own checkpoint tensor."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False):
+        super().__init__()
+        self.out_sizes = out_sizes
+        self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features))
+        self.bias = nn.Parameter(torch.empty(sum(out_sizes))) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum over ranks of x_r W_r^T: the input dim is split, one all-reduce joins the parts."""
+
+    def __init__(self, in_features_per_rank: int, out_features: int, bias: bool = False, reduce: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features_per_rank))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.reduce = reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.reduce:
+            y = all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds a contiguous slice of the vocabulary; the all-reduce fills in the rest."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        ps = get_parallel()
+        self.vocab_per_rank = (vocab_size + ps.tp_size - 1) // ps.tp_size
+        self.start = ps.tp_rank * self.vocab_per_rank
+        self.weight = nn.Parameter(torch.empty(self.vocab_per_rank, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if get_parallel().tp_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        inside = (local >= 0) & (local < self.vocab_per_rank)
+        out = F.embedding(local.clamp(0, self.vocab_per_rank - 1), self.weight)
+        out = out * inside.unsqueeze(-1).to(out.dtype)
+        return all_reduce(out)
+
+    def logits(self, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """LM head over this rank's vocabulary slice, gathered to the full vocabulary."""
+        return all_gather_last_dim(F.linear(hidden, self.weight))[..., :vocab_size]
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE with the HF rope types (default, llama3, yarn, linear, ...) via transformers' init functions."""
+
+    def __init__(self, config, head_dim: int, max_positions: int):
+        super().__init__()
+        params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        scaling = 1.0
+        if rope_type == "default":
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+        # float32 throughout, exactly as transformers computes it (bitwise-equal cos/sin tables)
+        t = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, inv_freq.float())
+        self.register_buffer("cos", (freqs.cos() * scaling).float(), persistent=False)  # [max_pos, D/2]
+        self.register_buffer("sin", (freqs.sin() * scaling).float(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # NOTE: HF's "rotate_half" convention (first half / second half), computed in float32
+    dtype = x.dtype
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)

@@ -1,0 +1,75 @@
+"""Prometheus metrics of a serving front end (`/metrics`), all named disagg_* with a `role` label.
+
+The HTTP process observes request timings as outputs stream by; the gauges are refreshed from the
+scheduler's `stats()` each time /metrics is scraped. The prefill and decode servers reuse this
+class with role="prefill" / role="decode".
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+                    1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1,
+                0.15, 0.2, 0.3, 0.5, 1.0, 2.0, 5.0)  # fmt: skip
+
+# scheduler stats() key -> gauge name, help
+_GAUGES = {
+    "num_running": ("disagg_num_running_requests", "Requests in the running (decoding) batch"),
+    "num_waiting": ("disagg_num_queue_requests", "Requests waiting to be scheduled"),
+    "kv_usage": ("disagg_kv_usage_ratio", "Fraction of KV pool pages in use (token usage), 0..1"),
+    "cache_hit_rate": ("disagg_prefix_cache_hit_rate", "Fraction of prompt tokens served from the prefix cache"),
+    "num_used_pages": ("disagg_num_used_pages", "KV pool pages in use"),
+    "num_total_pages": ("disagg_num_total_pages", "KV pool pages in total"),
+}
+
+
+class ServerMetrics:
+    CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+    def __init__(self, role: str = "server"):
+        self.role = role
+        self.registry = CollectorRegistry()
+        r, lbl = self.registry, ["role"]
+        self.ttft = Histogram("disagg_time_to_first_token_seconds", "Time to first token", lbl,
+                              buckets=_LATENCY_BUCKETS, registry=r).labels(role)  # fmt: skip
+        self.itl = Histogram("disagg_inter_token_latency_seconds", "Time between output tokens", lbl,
+                             buckets=_ITL_BUCKETS, registry=r).labels(role)  # fmt: skip
+        self.e2e = Histogram("disagg_e2e_request_latency_seconds", "Request latency, arrival to finish", lbl,
+                             buckets=_LATENCY_BUCKETS, registry=r).labels(role)  # fmt: skip
+        self.prompt_tokens = Counter("disagg_prompt_tokens", "Prompt tokens of finished requests", lbl,
+                                     registry=r).labels(role)  # fmt: skip
+        self.generation_tokens = Counter("disagg_generation_tokens", "Generated tokens", lbl,
+                                         registry=r).labels(role)  # fmt: skip
+        self.cached_tokens = Counter("disagg_cached_prompt_tokens", "Prompt tokens served from the prefix cache",
+                                     lbl, registry=r).labels(role)  # fmt: skip
+        self.requests = Counter("disagg_requests", "Finished requests by finish reason",
+                                ["role", "finish_reason"], registry=r)  # fmt: skip
+        self.gauges = {key: Gauge(name, doc, lbl, registry=r).labels(role) for key, (name, doc) in _GAUGES.items()}
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def observe_generated(self, num_tokens: int) -> None:
+        self.generation_tokens.inc(num_tokens)
+
+    def observe_itl(self, seconds: float, num_tokens: int) -> None:
+        """`num_tokens` new tokens arrived `seconds` after the previous ones."""
+        for _ in range(num_tokens):
+            self.itl.observe(seconds / num_tokens)
+
+    def observe_finish(self, e2e_seconds: float, finish_reason: str, prompt_tokens: int, cached_tokens: int) -> None:
+        self.e2e.observe(e2e_seconds)
+        self.requests.labels(self.role, finish_reason or "unknown").inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.cached_tokens.inc(cached_tokens)
+
+    def set_stats(self, stats: dict) -> None:
+        for key, gauge in self.gauges.items():
+            if key in stats:
+                gauge.set(float(stats[key]))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

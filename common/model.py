@@ -1,0 +1,132 @@
+"""The decoder: Llama / Mistral / Qwen2 / Qwen3 (dense), tensor parallel, over a paged KV pool.
+
+Runs a flattened batch of tokens from many requests at once (no padding). Parameter names follow
+the Hugging Face checkpoints, with q/k/v and gate/up fused (see weights.py for the mapping).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from disagg.common.attention import AttentionBackend, ForwardBatch
+from disagg.common.layers import (
+    ColumnParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from disagg.common.parallel import get_parallel
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_heads_per_rank(config, tp_size: int) -> int:
+    """KV heads held by each rank: an even split, or one replicated head when there are fewer heads than ranks."""
+    return max(1, config.num_key_value_heads // tp_size)
+
+
+def check_tp_layout(config, tp_size: int) -> None:
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    if heads % tp_size:
+        raise ValueError(f"--tp {tp_size}: the model's {heads} attention heads are not divisible by {tp_size}")
+    if kv % tp_size and tp_size % kv:
+        raise ValueError(f"--tp {tp_size}: the model's {kv} KV heads neither divide nor are divisible by {tp_size}")
+    if config.intermediate_size % tp_size:
+        raise ValueError(f"--tp {tp_size}: intermediate_size {config.intermediate_size} is not divisible by {tp_size}")
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_id: int, rope: RotaryEmbedding):
+        super().__init__()
+        tp = get_parallel().tp_size
+        self.layer_id = layer_id
+        self.head_dim = head_dim_of(config)
+        self.num_heads = config.num_attention_heads // tp
+        self.num_kv_heads = kv_heads_per_rank(config, tp)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=bias)
+        self.o_proj = RowParallelLinear(q_size, config.hidden_size, bias=bias and config.model_type != "qwen2")
+        self.qk_norm = config.model_type == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.rope = rope
+
+    def forward(self, x, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend):
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(batch.positions, q, k)
+        kv = kv_buffer[self.layer_id]  # [num_pages, 2, page_size, Hkv, D]
+        kv[batch.out_page, 0, batch.out_offset] = k.to(kv.dtype)
+        kv[batch.out_page, 1, batch.out_offset] = v.to(kv.dtype)
+        out = backend.forward(q, kv, batch)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        inter = intermediate_size // get_parallel().tp_size
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, [inter, inter])
+        self.down_proj = RowParallelLinear(inter, hidden_size)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, layer_id: int, rope: RotaryEmbedding):
+        super().__init__()
+        self.self_attn = Attention(config, layer_id, rope)
+        self.mlp = make_mlp(config, layer_id)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, batch, kv_buffer, backend):
+        x = x + self.self_attn(self.input_layernorm(x), batch, kv_buffer, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def make_mlp(config, layer_id: int) -> nn.Module:
+    if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
+        from disagg.common.moe import make_moe
+
+        return make_moe(config, layer_id)
+    return MLP(config.hidden_size, config.intermediate_size)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config, max_positions: int):
+        super().__init__()
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        rope = RotaryEmbedding(config, head_dim_of(config), max_positions)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, rope) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if not self.tie_word_embeddings:
+            self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+        """Returns float32 logits [len(batch.logits_index), vocab] for the wanted rows."""
+        x = self.embed_tokens(batch.input_ids)
+        for layer in self.layers:
+            x = layer(x, batch, kv_buffer, backend)
+        x = self.norm(x[batch.logits_index])
+        head = self.embed_tokens if self.tie_word_embeddings else self.lm_head
+        return head.logits(x, self.vocab_size).float()

@@ -1,0 +1,131 @@
+"""Owns the model, the KV pool and the attention backend of one rank; runs forward passes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import torch
+
+from disagg.common.attention import ForwardBatch, create_attention_backend
+from disagg.common.config import EngineConfig
+from disagg.common.kv_pool import KVPagePool, size_pool_pages
+from disagg.common.model import SUPPORTED_ARCHITECTURES, CausalLM, check_tp_layout, head_dim_of, kv_heads_per_rank
+from disagg.common.model_files import resolve_model_path
+from disagg.common.moe import MOE_ARCHITECTURES
+from disagg.common.parallel import get_parallel
+from disagg.common.request import Req
+from disagg.common.weights import PRESETS, load_config, load_weights
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = _DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.model_path = config.model_path if config.model_path in PRESETS else resolve_model_path(config.model_path)
+        self.hf_config = load_config(self.model_path)
+        self._check_model()
+        self.context_length = config.context_length or self.hf_config.max_position_embeddings
+        self.model = self._load_model()
+        self.pool = self._make_pool()
+        self.backend = create_attention_backend(config.attention_backend, self.device, pool=self.pool)
+        self.tokenizer = self._load_tokenizer()
+
+    def _check_model(self) -> None:
+        model_type = self.hf_config.model_type
+        archs = set(getattr(self.hf_config, "architectures", None) or [])
+        archs |= {a for a in SUPPORTED_ARCHITECTURES | MOE_ARCHITECTURES if a.lower().startswith(model_type.replace("_", ""))}
+
+        if not archs & (SUPPORTED_ARCHITECTURES | MOE_ARCHITECTURES):
+            raise ValueError(f"unsupported architecture {sorted(archs)}; supported: {sorted(SUPPORTED_ARCHITECTURES | MOE_ARCHITECTURES)}")
+        check_tp_layout(self.hf_config, get_parallel().tp_size)
+
+    def _load_model(self) -> CausalLM:
+        t0 = time.perf_counter()
+        with _default_dtype(self.dtype), torch.device(self.device):
+            model = CausalLM(self.hf_config, max_positions=self.context_length)
+        load_weights(model, self.model_path, self.config.load_format)
+        model.eval()
+        n = sum(p.numel() for p in model.parameters())
+        logger.info("model loaded: %.1fM params/rank, %s, %s, %.1fs", n / 1e6, self.dtype, self.device, time.perf_counter() - t0)
+        return model
+
+    def _make_pool(self) -> KVPagePool:
+        c, tp = self.hf_config, get_parallel().tp_size
+        layers, heads, dim = c.num_hidden_layers, kv_heads_per_rank(c, tp), head_dim_of(c)
+        bytes_per_page = layers * 2 * self.config.page_size * heads * dim * self.dtype.itemsize
+        num_pages = size_pool_pages(
+            bytes_per_page, self.config.page_size, self.device, self.config.max_total_tokens, self.config.mem_fraction_static
+        )
+        if tp > 1:  # every rank must agree on the pool size (the scheduler on rank 0 decides for all)
+            t = torch.tensor([num_pages], device=self.device if self.device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=get_parallel().group if self.device.type == "cuda" else get_parallel().cpu_group)
+            num_pages = int(t.item())
+        logger.info("KV pool: %d pages x %d tokens (%.2f GiB)", num_pages, self.config.page_size, num_pages * bytes_per_page / 2**30)
+        return KVPagePool(num_pages, self.config.page_size, layers, heads, dim, self.dtype, self.device)
+
+    def _load_tokenizer(self):
+        if self.model_path in PRESETS:
+            return None
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.model_path)
+        except (OSError, ValueError) as e:
+            logger.warning("no tokenizer in %s (%s): token ids only", self.model_path, e)
+            return None
+
+    def build_batch(self, scheduled: list[tuple[Req, int]]) -> ForwardBatch:
+        """Flatten `n` new tokens of each request into one batch."""
+        ps = self.pool.page_size
+        ids, positions, pages, offsets, logits_index = [], [], [], [], []
+        q_lens, kv_lens, tables = [], [], []
+        for req, n in scheduled:
+            start = req.num_computed_tokens
+            all_ids = req.all_ids
+            ids += all_ids[start : start + n]
+            pos = range(start, start + n)
+            positions += pos
+            pages += [req.page_table[p // ps] for p in pos]
+            offsets += [p % ps for p in pos]
+            if start + n == len(all_ids):
+                logits_index.append(len(ids) - 1)
+            q_lens.append(n)
+            kv_lens.append(start + n)
+            tables.append(req.page_table)
+
+        def tensor(x):
+            return torch.tensor(x, dtype=torch.long, device=self.device)
+
+        return ForwardBatch(
+            input_ids=tensor(ids), positions=tensor(positions), out_page=tensor(pages), out_offset=tensor(offsets),
+            q_lens=q_lens, kv_lens=kv_lens, page_tables=tables, logits_index=tensor(logits_index), page_size=ps,
+        )
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        self.backend.prepare(batch)
+        return self.model(batch, self.pool.kv_buffer, self.backend)

@@ -1,0 +1,232 @@
+"""OpenAI-compatible endpoints: /v1/chat/completions, /v1/completions, /v1/models."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from disagg.common.ipc import StrOut
+from disagg.common.protocol import APIError, ChatCompletionRequest, CompletionRequest, OpenAISampling
+from disagg.common.request import SamplingParams
+from disagg.common.serving_common import (
+    ChoiceAcc,
+    ServerState,
+    check_lengths,
+    check_model,
+    make_sampling,
+    merge_streams,
+    new_rid,
+    sse,
+    state_of,
+    until_disconnect,
+    usage,
+    with_seed,
+)
+
+router = APIRouter()
+
+
+@dataclass
+class Job:
+    """One API call fanned out into len(prompts) * n engine requests (choice i = prompt i // n)."""
+
+    kind: str  # "chat" | "completion"
+    rid: str
+    model: str
+    prompts: list[list[int]]
+    sampling: SamplingParams
+    n: int
+    stream: bool
+    include_usage: bool
+    echo_texts: list[str] | None = None  # completions with echo=True
+
+    def start(self, state: ServerState, pd: dict) -> list[AsyncIterator[StrOut]]:
+        single = len(self.prompts) * self.n == 1
+        return [
+            state.tm.generate(self.rid if single else f"{self.rid}-{i}", self.prompts[i // self.n],
+                              with_seed(self.sampling, i % self.n), pd)  # fmt: skip
+            for i in range(len(self.prompts) * self.n)
+        ]
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    state = state_of(request)
+    card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "disagg",
+            "root": state.model_path, "max_model_len": state.context_length}  # fmt: skip
+    return {"object": "list", "data": [card]}
+
+
+def sampling_from(req: OpenAISampling, max_new_tokens: int, return_logprob: bool, top_n: int) -> SamplingParams:
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return make_sampling(
+        max_new_tokens=max_new_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=-1 if req.top_k is None else req.top_k,
+        min_p=req.min_p or 0.0,
+        frequency_penalty=req.frequency_penalty,
+        presence_penalty=req.presence_penalty,
+        stop=stop,
+        stop_token_ids=list(req.stop_token_ids or []),
+        ignore_eos=req.ignore_eos,
+        seed=req.seed,
+        return_logprob=return_logprob,
+        top_logprobs_num=top_n,
+        skip_special_tokens=req.skip_special_tokens,
+    )
+
+
+def check_n(n: int) -> None:
+    if not 1 <= n <= 64:
+        raise APIError(400, f"n must be in [1, 64], got {n}", "n")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request) -> Response:
+    state = state_of(request)
+    check_model(state, req.model)
+    check_n(req.n)
+    if req.top_logprobs and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    _, ids = await state.tm.chat_prompt(messages)
+    if req.max_completion_tokens is not None:
+        param, max_tokens = "max_completion_tokens", req.max_completion_tokens
+    else:
+        param, max_tokens = "max_tokens", req.max_tokens
+    max_new = check_lengths(state, len(ids), max_tokens, param)
+    sampling = sampling_from(req, max_new, req.logprobs, req.top_logprobs or 0)
+    job = Job("chat", req.rid or new_rid("chatcmpl"), req.model or state.model_name, [ids], sampling,
+              req.n, req.stream, req.include_usage)  # fmt: skip
+    return await respond(job, state, request, req.pd_fields())
+
+
+async def completion_prompts(state: ServerState, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [await state.tm.tokenize(prompt)]
+    if not prompt:
+        raise APIError(400, "the prompt is empty", "prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    if isinstance(prompt[0], str):
+        return [await state.tm.tokenize(p) for p in prompt]
+    return [list(p) for p in prompt]
+
+
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request) -> Response:
+    state = state_of(request)
+    check_model(state, req.model)
+    check_n(req.n)
+    if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+        raise APIError(400, f"logprobs must be in [0, 20], got {req.logprobs}", "logprobs")
+    prompts = await completion_prompts(state, req.prompt)
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default for completions
+    max_new = min(check_lengths(state, len(p), max_tokens, "max_tokens") for p in prompts)
+    sampling = sampling_from(req, max_new, req.logprobs is not None, req.logprobs or 0)
+    echo = [await state.tm.detokenize(p) for p in prompts] if req.echo else None
+    job = Job("completion", req.rid or new_rid("cmpl"), req.model or state.model_name, prompts, sampling,
+              req.n, req.stream, req.include_usage, echo)  # fmt: skip
+    return await respond(job, state, request, req.pd_fields())
+
+
+async def respond(job: Job, state: ServerState, request: Request, pd: dict) -> Response:
+    if job.stream:
+        return StreamingResponse(stream_chunks(job, state, pd), media_type="text/event-stream")
+    accs = await until_disconnect(request, collect(job, state, pd))
+    if accs is None:
+        return Response(status_code=499)  # the client is gone; nobody reads this
+    for acc in accs:
+        acc.raise_if_rejected()
+    choices = [choice_body(job, i, acc) for i, acc in enumerate(accs)]
+    body = {"id": job.rid, "object": "chat.completion" if job.kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": job.model, "choices": choices,
+            "usage": usage(accs, [len(p) for p in job.prompts])}  # fmt: skip
+    return JSONResponse(body)
+
+
+async def collect(job: Job, state: ServerState, pd: dict) -> list[ChoiceAcc]:
+    accs = [ChoiceAcc() for _ in range(len(job.prompts) * job.n)]
+    try:
+        async for i, out in merge_streams(job.start(state, pd)):
+            accs[i].add(out)
+    except ValueError as e:  # a duplicate rid
+        raise APIError(400, str(e), "rid") from None
+    return accs
+
+
+def choice_body(job: Job, i: int, acc: ChoiceAcc) -> dict:
+    last = acc.last
+    reason = last.finish_reason if last else "abort"
+    if job.kind == "chat":
+        lp = {"content": chat_logprobs(acc)} if job.sampling.return_logprob else None
+        return {"index": i, "message": {"role": "assistant", "content": acc.text}, "logprobs": lp,
+                "finish_reason": reason, "matched_stop": last.matched_stop if last else None}  # fmt: skip
+    text = (job.echo_texts[i // job.n] if job.echo_texts else "") + acc.text
+    lp = completion_logprobs(acc) if job.sampling.return_logprob else None
+    return {"index": i, "text": text, "logprobs": lp, "finish_reason": reason,
+            "matched_stop": last.matched_stop if last else None}  # fmt: skip
+
+
+def chat_logprobs(acc: ChoiceAcc) -> list[dict]:
+    def entry(tok: str, lp: float) -> dict:
+        return {"token": tok, "logprob": lp, "bytes": list(tok.encode("utf-8"))}
+
+    tops = acc.top_logprobs or [[] for _ in acc.logprobs]
+    return [{**entry(tok, lp), "top_logprobs": [entry(t, tlp) for t, _, tlp in top]}
+            for tok, lp, top in zip(acc.token_texts, acc.logprobs, tops, strict=False)]  # fmt: skip
+
+
+def completion_logprobs(acc: ChoiceAcc) -> dict:
+    offsets, pos = [], 0
+    for tok in acc.token_texts:
+        offsets.append(pos)
+        pos += len(tok)
+    tops = [{t: tlp for t, _, tlp in top} for top in acc.top_logprobs] if acc.top_logprobs else None
+    return {"tokens": acc.token_texts, "token_logprobs": acc.logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+async def stream_chunks(job: Job, state: ServerState, pd: dict) -> AsyncIterator[str]:
+    """SSE chunks in OpenAI's format; a client that disconnects cancels this, which aborts the requests."""
+    created, total = int(time.time()), len(job.prompts) * job.n
+    obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+    accs = [ChoiceAcc() for _ in range(total)]
+
+    def chunk(choices: list[dict], **extra) -> str:
+        return sse({"id": job.rid, "object": obj, "created": created, "model": job.model, "choices": choices,
+                    **extra})  # fmt: skip
+
+    if job.kind == "chat":
+        first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None} for i in range(total)]  # fmt: skip
+        yield chunk(first)
+    try:
+        async for i, out in merge_streams(job.start(state, pd)):
+            delta = ChoiceAcc()
+            delta.add(out)
+            accs[i].add(out)
+            if out.finished and out.error and not accs[i].output_ids:
+                yield sse(APIError(400, out.error).body())
+                continue
+            if out.text or out.finished or out.logprobs:
+                yield chunk([delta_body(job, i, delta, out)])
+    except ValueError as e:
+        yield sse(APIError(400, str(e), "rid").body())
+    if job.include_usage:
+        yield chunk([], usage=usage(accs, [len(p) for p in job.prompts]))
+    yield sse("[DONE]")
+
+
+def delta_body(job: Job, i: int, delta: ChoiceAcc, out: StrOut) -> dict:
+    reason = out.finish_reason if out.finished else None
+    if job.kind == "chat":
+        lp = {"content": chat_logprobs(delta)} if job.sampling.return_logprob else None
+        return {"index": i, "delta": {"content": delta.text}, "logprobs": lp, "finish_reason": reason}
+    text = delta.text
+    lp = completion_logprobs(delta) if job.sampling.return_logprob else None
+    return {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}

@@ -1,0 +1,92 @@
+"""Batched sampling on the device: penalties, temperature, top-k, top-p, min-p, seeds, logprobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from disagg.common.request import Req
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float] | None = None  # of each chosen token (model distribution), when any row asked
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0):
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self._req_generators: dict[str, torch.Generator] = {}  # rid -> generator of a seeded request
+
+    def forget(self, rid: str) -> None:
+        self._req_generators.pop(rid, None)
+
+    def sample(self, logits: torch.Tensor, reqs: list[Req]) -> SampleResult:
+        """logits: [B, V] float32 on the device, one row per request."""
+        logits = self._apply_penalties(logits, reqs)
+        want_logprobs = any(r.sampling.return_logprob or r.sampling.top_logprobs_num for r in reqs)
+        logprobs_all = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        greedy = torch.tensor([r.sampling.is_greedy for r in reqs], device=self.device)
+        tokens = logits.argmax(dim=-1)
+        if not bool(greedy.all()):
+            sampled = self._sample_random(logits, reqs)
+            tokens = torch.where(greedy, tokens, sampled)
+        result = SampleResult(tokens.tolist())
+        if logprobs_all is not None:
+            result.logprobs = logprobs_all.gather(1, tokens[:, None]).squeeze(1).tolist()
+            k = max(r.sampling.top_logprobs_num for r in reqs)
+            if k:
+                vals, ids = logprobs_all.topk(k, dim=-1)
+                result.top_logprobs = [
+                    list(zip(i[: r.sampling.top_logprobs_num], v[: r.sampling.top_logprobs_num], strict=True))
+                    for i, v, r in zip(ids.tolist(), vals.tolist(), reqs, strict=True)
+                ]
+        return result
+
+    def _apply_penalties(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+        rows = [i for i, r in enumerate(reqs) if (r.sampling.frequency_penalty or r.sampling.presence_penalty) and r.output_ids]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            s = reqs[i].sampling
+            ids = torch.tensor(reqs[i].output_ids, device=self.device)
+            counts = torch.zeros(logits.shape[1], device=self.device).scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.float))
+            logits[i] -= s.frequency_penalty * counts + s.presence_penalty * (counts > 0).float()
+        return logits
+
+    def _sample_random(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+        temps = torch.tensor([max(r.sampling.temperature, 1e-5) for r in reqs], device=self.device)
+        probs = torch.softmax(logits / temps[:, None], dim=-1)
+        probs = _filter_probs(probs, reqs, self.device)
+        out = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+        for i, r in enumerate(reqs):
+            if r.sampling.seed is not None and not r.sampling.is_greedy:
+                gen = self._req_generators.get(r.rid)
+                if gen is None:
+                    gen = torch.Generator(device=self.device).manual_seed(r.sampling.seed)
+                    self._req_generators[r.rid] = gen
+                out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
+        return out
+
+
+def _filter_probs(probs: torch.Tensor, reqs: list[Req], device: torch.device) -> torch.Tensor:
+    """Zero the tokens outside top-k / top-p / min-p, per row."""
+    top_k = [r.sampling.top_k for r in reqs]
+    top_p = [r.sampling.top_p for r in reqs]
+    min_p = [r.sampling.min_p for r in reqs]
+    if all(k == -1 for k in top_k) and all(p >= 1.0 for p in top_p) and not any(min_p):
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    rank = torch.arange(probs.shape[1], device=device)[None, :]
+    k = torch.tensor([k if k > 0 else probs.shape[1] for k in top_k], device=device)[:, None]
+    p = torch.tensor(top_p, device=device)[:, None]
+    mp = torch.tensor(min_p, device=device)[:, None]
+    cum = sorted_probs.cumsum(dim=-1)
+    drop = (rank >= k) | ((cum - sorted_probs) > p) | (sorted_probs < mp * sorted_probs[:, :1])
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter_(1, order, sorted_probs)

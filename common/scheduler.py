@@ -1,0 +1,267 @@
+"""The scheduler: continuous batching with chunked prefill over the paged KV pool.
+
+Each `step()` builds one flattened batch: one token for every decoding request, plus prompt
+chunks of prefilling requests and newly admitted ones within the prefill budget
+(--chunked-prefill-size). Admission is by free pages; when a decode needs a page and none is
+left (after evicting the prefix cache), the newest request is retracted (its pages freed, its
+tokens kept) and recomputed later.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+from disagg.common.config import EngineConfig
+from disagg.common.kv_pool import pages_for_tokens
+from disagg.common.model_runner import ModelRunner
+from disagg.common.radix_cache import RadixCache
+from disagg.common.request import Req, ReqStatus, TokenOut
+from disagg.common.sampling import Sampler
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None):
+        self.config = config
+        self.runner = runner or ModelRunner(config)
+        self.pool = self.runner.pool
+        self.page_size = self.pool.page_size
+        self.cache = RadixCache(self.pool, disabled=config.disable_radix_cache)
+        self.sampler = Sampler(self.runner.device, config.random_seed)
+        self.tokenizer = self.runner.tokenizer
+        self.context_length = self.runner.context_length
+        self.eos_token_ids = _eos_ids(self.runner.hf_config, self.runner.model_path, self.tokenizer)
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self._pending_outs: list[TokenOut] = []
+        self.num_retractions = 0
+
+    # ---- public interface -------------------------------------------------------------
+    @property
+    def num_free_pages(self) -> int:
+        return self.pool.num_free_pages
+
+    @property
+    def num_total_pages(self) -> int:
+        return self.pool.num_pages
+
+    def add_request(self, req: Req) -> None:
+        error = self._check_request(req)
+        if error:
+            self._pending_outs.append(self._abort_out(req, error))
+            return
+        req.arrival_time = req.arrival_time or time.monotonic()
+        self.waiting.append(req)
+
+    def abort_request(self, rid: str) -> None:
+        for req in list(self.waiting):
+            if req.rid == rid:
+                self.waiting.remove(req)
+                self._finish(req, "abort", status=ReqStatus.ABORTED)
+                return
+        for req in self.running:
+            if req.rid == rid:
+                self._release(req)
+                self._finish(req, "abort", status=ReqStatus.ABORTED)
+                return
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._pending_outs)
+
+    def stats(self) -> dict:
+        used = self.pool.num_pages - self.pool.num_free_pages
+        return dict(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_used_pages=used,
+            num_total_pages=self.pool.num_pages,
+            num_cached_pages=self.cache.num_cached_pages,
+            kv_usage=used / self.pool.num_pages,
+            cache_hit_rate=self.cache.hit_rate,
+            num_retractions=self.num_retractions,
+        )
+
+    def step(self) -> list[TokenOut]:
+        scheduled = self._schedule()
+        if scheduled:
+            self._run(scheduled)
+        outs, self._pending_outs = self._pending_outs, []
+        return outs
+
+    # ---- scheduling -------------------------------------------------------------------
+    def _schedule(self) -> list[tuple[Req, int]]:
+        budget = self.config.chunked_prefill_size if self.config.chunked_prefill_size > 0 else self.config.max_prefill_tokens
+        scheduled: dict[str, tuple[Req, int]] = {}
+        for req in list(self.running):
+            if req not in self.running:  # retracted to make room for an older request
+                continue
+            n = req.seq_len - req.num_computed_tokens
+            if n > 1:  # still prefilling: a chunk of its prompt
+                n = min(n, budget)
+                if n <= 0:
+                    continue
+            if self._ensure_pages(req, req.num_computed_tokens + n, scheduled):
+                scheduled[req.rid] = (req, n)
+                if req.status == ReqStatus.PREFILLING:
+                    budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
+            req = self.waiting[0]
+            n = self._admit(req, budget)
+            if n == 0:
+                break
+            self.waiting.popleft()
+            scheduled[req.rid] = (req, n)
+            budget -= n
+        return list(scheduled.values())
+
+    def _admit(self, req: Req, budget: int) -> int:
+        """Match the prefix cache, reserve pages for the first chunk; returns its length (0: no room)."""
+        ps = self.page_size
+        all_ids = req.all_ids
+        limit = (len(all_ids) - 1) // ps * ps  # keep at least one token to compute (for the logits)
+        pages, node = self.cache.match_prefix(all_ids[:limit])
+        self.cache.lock(node)
+        n = min(len(all_ids) - len(pages) * ps, budget)
+        need = pages_for_tokens(len(pages) * ps + n, ps) - len(pages)
+        reserve = len(self.running)  # a page of head-room for each running decode
+        if need + reserve > self.pool.num_free_pages + self.cache.num_evictable_pages:
+            self.cache.unlock(node)
+            return 0
+        if self.pool.num_free_pages < need:
+            self.cache.evict(need - self.pool.num_free_pages)
+        req.page_table = pages + self.pool.allocate(need)
+        req.cache_node = node
+        req.num_computed_tokens = req.num_cached_tokens = len(pages) * ps
+        req.status = ReqStatus.PREFILLING
+        self.running.append(req)
+        return n
+
+    def _ensure_pages(self, req: Req, num_tokens: int, scheduled: dict) -> bool:
+        """Give `req` pages for `num_tokens`, evicting cache and retracting newer requests if needed."""
+        need = pages_for_tokens(num_tokens, self.page_size) - len(req.page_table)
+        while need > self.pool.num_free_pages:
+            if self.cache.evict(need - self.pool.num_free_pages):
+                continue
+            victim = self.running[-1]
+            scheduled.pop(victim.rid, None)
+            self._retract(victim)
+            if victim is req:
+                return False
+        if need > 0:
+            req.page_table += self.pool.allocate(need)
+        return True
+
+    def _retract(self, req: Req) -> None:
+        logger.info("retracting %s (%d tokens) to free KV pages", req.rid, req.seq_len)
+        self.num_retractions += 1
+        self._release(req)
+        req.status = ReqStatus.WAITING
+        self.waiting.appendleft(req)
+
+    # ---- running a batch --------------------------------------------------------------
+    def _run(self, scheduled: list[tuple[Req, int]]) -> None:
+        batch = self.runner.build_batch(scheduled)
+        logits = self.runner.forward(batch)
+        done = [req for req, n in scheduled if req.num_computed_tokens + n == req.seq_len]
+        for req, n in scheduled:
+            req.num_computed_tokens += n
+        if not done:
+            return
+        result = self.sampler.sample(logits, done)
+        now = time.monotonic()
+        for i, req in enumerate(done):
+            token = result.token_ids[i]
+            req.output_ids.append(token)
+            req.status = ReqStatus.DECODING
+            req.first_token_time = req.first_token_time or now
+            lp = result.logprobs[i] if result.logprobs and req.sampling.return_logprob else None
+            top = result.top_logprobs[i] if result.top_logprobs and req.sampling.top_logprobs_num else None
+            if lp is not None:
+                req.output_logprobs.append(lp)
+            out = TokenOut(req.rid, [token], logprobs=None if lp is None else [lp],
+                           top_logprobs=None if top is None else [[list(t) for t in top]])
+            reason = self._finish_reason(req)
+            if reason:
+                self._release(req)
+                self.sampler.forget(req.rid)
+                req.finish_reason, req.status = reason, ReqStatus.FINISHED
+                out.finished, out.finish_reason, out.matched_stop = True, reason, req.matched_stop
+            self._fill_usage(out, req)
+            self._pending_outs.append(out)
+
+    def _finish_reason(self, req: Req) -> str | None:
+        s, token = req.sampling, req.output_ids[-1]
+        if (token in self.eos_token_ids and not s.ignore_eos) or token in s.stop_token_ids:
+            req.matched_stop = token
+            return "stop"
+        if s.stop and self.tokenizer is not None:
+            window = max(len(x) for x in s.stop) + 2
+            tail = self.tokenizer.decode(req.output_ids[-window:])
+            for stop in s.stop:
+                if stop in tail:
+                    req.matched_stop = stop
+                    return "stop"
+        if len(req.output_ids) >= s.max_new_tokens or req.seq_len >= self.context_length:
+            return "length"
+        return None
+
+    # ---- pages and finishing ----------------------------------------------------------
+    def _release(self, req: Req) -> None:
+        """Give the request's pages back: whole computed pages to the prefix cache, the rest to the pool."""
+        ps = self.page_size
+        full = req.num_computed_tokens // ps
+        shared = req.num_cached_tokens // ps
+        dup = self.cache.insert(req.all_ids[: full * ps], req.page_table[:full])
+        self.pool.free(req.page_table[shared:dup] + req.page_table[full:])
+        if req.cache_node is not None:
+            self.cache.unlock(req.cache_node)
+        req.page_table, req.cache_node, req.num_computed_tokens, req.num_cached_tokens = [], None, 0, 0
+        self.running.remove(req)
+
+    def _finish(self, req: Req, reason: str, status: ReqStatus, error: str | None = None) -> None:
+        req.finish_reason, req.status = reason, status
+        self.sampler.forget(req.rid)
+        out = TokenOut(req.rid, [], finished=True, finish_reason=reason, error=error)
+        self._fill_usage(out, req)
+        self._pending_outs.append(out)
+
+    def _abort_out(self, req: Req, error: str) -> TokenOut:
+        return TokenOut(req.rid, [], finished=True, finish_reason="abort", error=error, prompt_tokens=len(req.input_ids))
+
+    def _fill_usage(self, out: TokenOut, req: Req) -> None:
+        out.prompt_tokens, out.completion_tokens = len(req.input_ids), len(req.output_ids)
+        out.cached_tokens = req.num_cached_tokens
+
+    def _check_request(self, req: Req) -> str | None:
+        if not req.input_ids:
+            return "the prompt is empty"
+        if len(req.input_ids) >= self.context_length:
+            return f"the prompt has {len(req.input_ids)} tokens; the context length is {self.context_length}"
+        if pages_for_tokens(len(req.input_ids) + 1, self.page_size) > self.pool.num_pages:
+            return f"the prompt ({len(req.input_ids)} tokens) does not fit in the KV pool"
+        vocab = self.runner.hf_config.vocab_size
+        if any(not 0 <= t < vocab for t in req.input_ids):
+            return f"input token ids must be in [0, {vocab})"
+        return None
+
+
+def _eos_ids(hf_config, model_path: str, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (hf_config, _generation_config(model_path)):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _generation_config(model_path: str):
+    try:
+        from transformers import GenerationConfig
+
+        return GenerationConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,141 @@
+"""The scheduler process: receive requests over ZMQ, step the engine, send tokens to the detokenizer.
+
+`run_scheduler_loop` works with any object that has the scheduler's plug-in surface
+(`add_request`, `abort_request`, `step`, `has_work`, `stats`), so the prefill and decode servers
+reuse it with their own schedulers. `run_scheduler_process` is the spawn target of the colocated
+server: it builds `disagg.common.scheduler.Scheduler` and reports readiness to the launcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import Any, Protocol
+
+import zmq
+
+from disagg.common.config import EngineConfig
+from disagg.common.ipc import (
+    AbortReqMsg,
+    BatchTokenOutMsg,
+    DetokReqInfo,
+    GenerateReqMsg,
+    IpcNames,
+    PingMsg,
+    PongMsg,
+    die_with_parent,
+    setup_child_logging,
+    zmq_socket,
+)
+from disagg.common.messages import decode, encode
+from disagg.common.request import Req, TokenOut
+
+logger = logging.getLogger(__name__)
+
+IDLE_POLL_MS = 1000  # blocking wait when there is no work (then loop to notice shutdown)
+
+
+class SchedulerLike(Protocol):
+    def add_request(self, req: Req) -> None: ...
+    def abort_request(self, rid: str) -> None: ...
+    def step(self) -> list[TokenOut]: ...
+    def has_work(self) -> bool: ...
+    def stats(self) -> dict: ...
+
+
+class SchedulerLoop:
+    """One rank's loop. Rank 0 owns the sockets; `broadcast` is where TP ranks will get its decisions."""
+
+    def __init__(self, scheduler: SchedulerLike, ipc: IpcNames, ctx: zmq.Context | None = None):
+        self.scheduler = scheduler
+        self.ctx = ctx or zmq.Context.instance()
+        self.recv_sock = zmq_socket(self.ctx, zmq.PULL, ipc.scheduler, bind=True)
+        self.send_sock = zmq_socket(self.ctx, zmq.PUSH, ipc.detokenizer, bind=False)
+        self.poller = zmq.Poller()
+        self.poller.register(self.recv_sock, zmq.POLLIN)
+        self.new_reqs: list[DetokReqInfo] = []
+        self.pending_outs: list[TokenOut] = []  # outputs made outside step() (rejections)
+        self.running = True
+
+    def recv_messages(self) -> list[Any]:
+        """Drain the socket; block (up to IDLE_POLL_MS) only when the engine has nothing to do."""
+        timeout = 0 if (self.scheduler.has_work() or self.pending_outs) else IDLE_POLL_MS
+        msgs = []
+        if self.poller.poll(timeout):
+            while True:
+                try:
+                    msgs.append(decode(self.recv_sock.recv(zmq.NOBLOCK)))
+                except zmq.Again:
+                    break
+        return msgs
+
+    def broadcast(self, msgs: list[Any]) -> list[Any]:
+        # NOTE: with tp > 1, rank 0 sends `msgs` to the other ranks here so every rank adds and
+        # aborts the same requests in the same order; with tp == 1 it is the identity.
+        return msgs
+
+    def handle(self, msg: Any) -> None:
+        if isinstance(msg, GenerateReqMsg):
+            self.add_request(msg)
+        elif isinstance(msg, AbortReqMsg):
+            try:
+                self.scheduler.abort_request(msg.rid)
+            except KeyError:
+                pass  # already finished: nothing to free
+        elif isinstance(msg, PingMsg):
+            stats = self.scheduler.stats() if msg.want_stats else {}
+            self.send_sock.send(encode(PongMsg(msg.ping_id, stats)))
+        else:
+            logger.warning("scheduler: unexpected message %r", type(msg).__name__)
+
+    def add_request(self, msg: GenerateReqMsg) -> None:
+        sp = msg.sampling
+        self.new_reqs.append(
+            DetokReqInfo(msg.rid, list(sp.stop), sp.skip_special_tokens, sp.return_logprob)
+        )
+        try:
+            self.scheduler.add_request(Req(rid=msg.rid, input_ids=msg.input_ids, sampling=sp))
+        except Exception as e:  # a request the engine refuses must not take the loop down
+            logger.warning("request %s rejected: %s", msg.rid, e)
+            self.pending_outs.append(
+                TokenOut(msg.rid, [], finished=True, finish_reason="abort", error=str(e),
+                         prompt_tokens=len(msg.input_ids))
+            )
+
+    def send_outputs(self, outs: list[TokenOut]) -> None:
+        outs = self.pending_outs + outs
+        self.pending_outs = []
+        if outs or self.new_reqs:
+            self.send_sock.send(encode(BatchTokenOutMsg(self.new_reqs, outs)))
+            self.new_reqs = []
+
+    def run_once(self) -> None:
+        for msg in self.broadcast(self.recv_messages()):
+            self.handle(msg)
+        outs = self.scheduler.step() if self.scheduler.has_work() else []
+        self.send_outputs(outs)
+
+    def run_forever(self) -> None:
+        while self.running:
+            self.run_once()
+
+
+def run_scheduler_loop(scheduler: SchedulerLike, ipc: IpcNames) -> None:
+    SchedulerLoop(scheduler, ipc).run_forever()
+
+
+def run_scheduler_process(config: EngineConfig, ipc: IpcNames, ready_conn, log_level: str = "info") -> None:
+    """Spawn target: build the engine, say ready (with what the front end needs), then loop."""
+    die_with_parent()
+    setup_child_logging(log_level, "scheduler")
+    try:
+        from disagg.common.scheduler import Scheduler
+
+        scheduler = Scheduler(config)
+        loop = SchedulerLoop(scheduler, ipc)
+    except Exception:
+        ready_conn.send({"status": "error", "error": traceback.format_exc()})
+        return
+    ready_conn.send({"status": "ready", "context_length": int(scheduler.context_length)})
+    ready_conn.close()
+    loop.run_forever()

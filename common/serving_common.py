@@ -1,0 +1,175 @@
+"""What the API handlers share: server state, input checks, fan-out of n requests, SSE, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from disagg.common.ipc import StrOut
+from disagg.common.metrics import ServerMetrics
+from disagg.common.protocol import APIError
+from disagg.common.request import SamplingParams
+from disagg.common.tokenizer_manager import TokenizerManager
+
+DISCONNECT_POLL_S = 0.2
+
+
+@dataclass
+class ServerState:
+    tm: TokenizerManager
+    metrics: ServerMetrics
+    model_name: str  # what /v1/models lists and requests may name
+    model_path: str
+    context_length: int
+    server_info: dict = field(default_factory=dict)  # the flags, for /server_info
+    draining: bool = False  # SIGTERM seen: new requests get 503
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def new_rid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_model(state: ServerState, model: str | None) -> None:
+    if model and model not in (state.model_name, state.model_path):
+        raise APIError(404, f"the model `{model}` does not exist (this server serves `{state.model_name}`)",
+                       "model", code="model_not_found")  # fmt: skip
+
+
+def check_lengths(state: ServerState, prompt_len: int, max_new_tokens: int | None, param: str) -> int:
+    """Return max_new_tokens (default: the rest of the context) after checking prompt and budget."""
+    ctx = state.context_length
+    if prompt_len == 0:
+        raise APIError(400, "the prompt is empty", "prompt")
+    if prompt_len >= ctx:
+        raise APIError(400, f"the prompt has {prompt_len} tokens; this model's context length is {ctx} tokens "
+                       "(prompt and output together)", "prompt", code="context_length_exceeded")  # fmt: skip
+    if max_new_tokens is None:
+        return ctx - prompt_len
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise APIError(400, f"{param} must be >= 1, got {max_new_tokens!r}", param)
+    if prompt_len + max_new_tokens > ctx:
+        raise APIError(400, f"this model's context length is {ctx} tokens, but {prompt_len} prompt tokens plus "
+                       f"{param}={max_new_tokens} is {prompt_len + max_new_tokens}", param,
+                       code="context_length_exceeded")  # fmt: skip
+    return max_new_tokens
+
+
+def make_sampling(**kwargs) -> SamplingParams:
+    try:
+        sp = SamplingParams(**kwargs)
+        sp.validate()
+    except ValueError as e:
+        param = e.args[1] if len(e.args) > 1 else None
+        raise APIError(400, str(e.args[0]), param) from None
+    except TypeError as e:
+        raise APIError(400, str(e)) from None
+    if not all(isinstance(s, str) and s for s in sp.stop):
+        raise APIError(400, "stop must be a non-empty string or a list of them", "stop")
+    return sp
+
+
+def with_seed(sp: SamplingParams, index: int) -> SamplingParams:
+    """The index-th of n samples: a seeded request gets seed+index so the n samples differ."""
+    if sp.seed is None or index == 0:
+        return sp
+    return dataclasses.replace(sp, seed=sp.seed + index)
+
+
+async def merge_streams(gens: list[AsyncIterator[StrOut]]) -> AsyncIterator[tuple[int, StrOut]]:
+    """Interleave the outputs of several requests as (index, output); leaving early aborts all of them."""
+    if len(gens) == 1:
+        async with contextlib.aclosing(gens[0]) as g:
+            async for out in g:
+                yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, gen: AsyncIterator[StrOut]) -> None:
+        try:
+            async with contextlib.aclosing(gen) as g:
+                async for out in g:
+                    queue.put_nowait((i, out))
+        except Exception as e:  # noqa: BLE001 - re-raised in the consumer
+            queue.put_nowait((i, e))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, out = await queue.get()
+            if out is None:
+                remaining -= 1
+            elif isinstance(out, Exception):
+                raise out
+            else:
+                yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def until_disconnect(request: Request, coro):
+    """Run `coro`; if the client goes away first, cancel it (which aborts its requests) and return None."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+@dataclass
+class ChoiceAcc:
+    """Everything one request produced, accumulated from its StrOut deltas."""
+
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    token_texts: list[str] = field(default_factory=list)
+    top_logprobs: list[list[list]] = field(default_factory=list)
+    last: StrOut | None = None
+
+    def add(self, out: StrOut) -> None:
+        self.text += out.text
+        self.output_ids += out.output_ids
+        self.logprobs += out.logprobs or []
+        self.token_texts += out.token_texts or []
+        self.top_logprobs += out.top_logprobs or []
+        self.last = out
+
+    def raise_if_rejected(self) -> None:
+        """A request the engine refused before producing anything is the client's error."""
+        if self.last and self.last.error and not self.output_ids:
+            raise APIError(400, self.last.error)
+
+
+def usage(accs: list[ChoiceAcc], prompt_lens: list[int]) -> dict:
+    completion = sum(a.last.completion_tokens if a.last else 0 for a in accs)
+    cached = sum(a.last.cached_tokens if a.last else 0 for a in accs)
+    prompt = sum(prompt_lens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip

@@ -1,0 +1,171 @@
+"""Model loading: HF config, safetensors weights (sharded or not) split for this rank, or dummy weights.
+
+Checkpoint names map onto the model's fused parameters:
+    model.layers.N.self_attn.{q,k,v}_proj  -> layers.N.self_attn.qkv_proj  (rows: q | k | v)
+    model.layers.N.mlp.{gate,up}_proj       -> layers.N.mlp.gate_up_proj    (rows: gate | up)
+Each rank copies only its slice of each tensor (safetensors reads slices lazily).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from disagg.common.parallel import get_parallel
+
+logger = logging.getLogger(__name__)
+
+# Real shapes for `--load-format dummy --model-path <preset>` (no weights needed).
+PRESETS: dict[str, dict] = {
+    "Llama-3.1-8B": dict(
+        model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=8192),
+    ),
+    "Llama-3.1-70B": dict(
+        model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=8192, intermediate_size=28672,
+        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=8192),
+    ),
+    "Qwen3-8B": dict(
+        model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=4096, intermediate_size=12288,
+        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+        max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    ),
+    "Qwen3-30B-A3B": dict(
+        model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=2048, intermediate_size=6144,
+        moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
+        max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False, decoder_sparse_step=1,
+        mlp_only_layers=[], rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    ),
+}
+
+
+def load_config(model_path: str):
+    """HF config of a folder, or of a preset name (dummy weights only)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_path in PRESETS:
+        spec = dict(PRESETS[model_path])
+        return CONFIG_MAPPING[spec.pop("model_type")](**spec)
+    if not (Path(model_path) / "config.json").exists():
+        raise FileNotFoundError(
+            f"--model-path {model_path!r}: no config.json there (presets for --load-format dummy: {', '.join(PRESETS)})"
+        )
+    return AutoConfig.from_pretrained(model_path)
+
+
+def load_weights(model: torch.nn.Module, model_path: str, load_format: str) -> None:
+    if load_format == "dummy":
+        _init_dummy(model)
+        return
+    files = _safetensors_files(Path(model_path))
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    from safetensors import safe_open
+
+    for file in tqdm(files, desc="Loading safetensors", disable=get_parallel().tp_rank != 0 or len(files) < 2):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                target = _load_one(model, params, name, f.get_slice(name))
+                if target:
+                    loaded.add(target)
+    missing = [n for n in params if n not in loaded]
+    if missing:
+        raise ValueError(f"weights missing from {model_path}: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    return files
+
+
+_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+
+def _load_one(model, params: dict, name: str, tensor_slice) -> str | None:
+    """Copy this rank's share of one checkpoint tensor into its parameter; returns the parameter name."""
+    name = name.removeprefix("model.")
+    if name.startswith("lm_head") and getattr(model, "tie_word_embeddings", False):
+        return None
+    if "rotary_emb" in name:
+        return None
+    from disagg.common.moe import load_expert_weight
+
+    if load_expert_weight(model, params, name, tensor_slice):
+        return re.sub(r"experts\.\d+\.\w+", "experts", name)
+    m = re.match(r"(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$", name)
+    if m:
+        fused, idx = _FUSED[m.group(2)]
+        pname = f"{m.group(1)}.{fused}.{m.group(3)}"
+        param = params[pname]
+        module = model.get_submodule(f"{m.group(1)}.{fused}")
+        size = module.out_sizes[idx]
+        offset = sum(module.out_sizes[:idx])
+        rows = _row_range(model.config, m.group(2), size)
+        param.data[offset : offset + size].copy_(tensor_slice[rows[0] : rows[1]])
+        return pname
+    param = params.get(name)
+    if param is None:
+        logger.debug("ignoring checkpoint tensor %s", name)
+        return None
+    ps = get_parallel()
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        cols = param.shape[1]
+        param.data.copy_(tensor_slice[:, ps.tp_rank * cols : (ps.tp_rank + 1) * cols])
+    elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        _copy_vocab_shard(param, tensor_slice)
+    else:
+        param.data.copy_(tensor_slice[:])
+    return name
+
+
+def _row_range(config, proj: str, size: int) -> tuple[int, int]:
+    ps = get_parallel()
+    if proj in ("k_proj", "v_proj"):
+        head_dim = size // max(1, config.num_key_value_heads // ps.tp_size)
+        if config.num_key_value_heads >= ps.tp_size:
+            return ps.tp_rank * size, (ps.tp_rank + 1) * size
+        head = ps.tp_rank * config.num_key_value_heads // ps.tp_size  # replicated head
+        return head * head_dim, (head + 1) * head_dim
+    return ps.tp_rank * size, (ps.tp_rank + 1) * size
+
+
+def _copy_vocab_shard(param: torch.Tensor, tensor_slice) -> None:
+    ps = get_parallel()
+    per = param.shape[0]
+    total = tensor_slice.get_shape()[0]
+    start, end = ps.tp_rank * per, min((ps.tp_rank + 1) * per, total)
+    param.data.zero_()
+    if end > start:
+        param.data[: end - start].copy_(tensor_slice[start:end])
+
+
+@torch.no_grad()
+def _init_dummy(model: torch.nn.Module) -> None:
+    """Random weights at the real shapes: N(0, 0.02) matrices, unit norms (as SGLang/vLLM dummy)."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(1234 + get_parallel().tp_rank)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
