@@ -1,0 +1,65 @@
+"""Prometheus metrics of the router (served on its /metrics and on --prometheus-port)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry()
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+REQUESTS = Counter(
+    "disagg_router_requests", "Requests answered by the router", ["route", "status_code"], registry=REGISTRY
+)
+REQUEST_DURATION = Histogram(
+    "disagg_router_request_duration_seconds",
+    "Time from request arrival to the last byte sent",
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+TTFT = Histogram(
+    "disagg_router_ttft_seconds",
+    "Time from request arrival to the first response byte from the worker",
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+RETRIES = Counter("disagg_router_retries", "Attempts beyond the first one", ["route"], registry=REGISTRY)
+WORKER_ERRORS = Counter(
+    "disagg_router_worker_errors",
+    "Failed attempts per worker (connection error, timeout, 408/429/5xx)",
+    ["worker"],
+    registry=REGISTRY,
+)
+CIRCUIT_BREAKER_STATE = Gauge(
+    "disagg_router_circuit_breaker_state", "0 closed, 1 open, 2 half-open", ["worker"], registry=REGISTRY
+)
+WORKER_HEALTHY = Gauge(
+    "disagg_router_worker_healthy",
+    "1 if the worker passes health checks",
+    ["worker", "role"],
+    registry=REGISTRY,
+)
+ACTIVE_REQUESTS = Gauge(
+    "disagg_router_active_requests", "Requests in flight per worker", ["worker"], registry=REGISTRY
+)
+QUEUE_SIZE = Gauge("disagg_router_queue_size", "Requests waiting for a concurrency slot", registry=REGISTRY)
+REJECTED = Counter("disagg_router_rejected", "Requests refused before routing", ["reason"], registry=REGISTRY)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)
+
+
+def forget_worker(url: str, role: str) -> None:
+    """Drop a removed worker's labelled series so /metrics does not list it forever."""
+    for gauge, labels in (
+        (CIRCUIT_BREAKER_STATE, (url,)),
+        (ACTIVE_REQUESTS, (url,)),
+        (WORKER_HEALTHY, (url, role)),
+    ):
+        try:
+            gauge.remove(*labels)
+        except KeyError:
+            pass

@@ -1,0 +1,340 @@
+"""Forwarding one request: pick worker(s), send, retry on another pick, hand back the response.
+
+Regular mode sends the body untouched to one worker. PD mode adds bootstrap_host/port/room to the
+JSON body, POSTs it to a prefill and a decode worker at once and returns decode's response; the
+prefill response is drained and dropped, but its failure before the client got a byte aborts the
+decode leg and retries on another pair (as SGLang's router does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import orjson
+from disagg.router import metrics
+from disagg.router.config import RouterConfig
+from disagg.router.errors import error_response
+from disagg.router.policies import Policy, request_text
+from disagg.router.workers import Role, Worker, WorkerRegistry
+from starlette.responses import Response, StreamingResponse
+
+logger = logging.getLogger("disagg.router")
+
+RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+class AttemptFailed(Exception):
+    """One leg failed in a way worth retrying elsewhere; `response` is kept to answer with at the end."""
+
+    def __init__(self, worker: Worker, message: str, response: Response | None = None):
+        super().__init__(message)
+        self.worker = worker
+        self.response = response
+
+
+@dataclass
+class Leg:
+    """One upstream request: its worker, its httpx response once headers arrived."""
+
+    worker: Worker
+    response: httpx.Response | None = None
+    first_chunk: bytes = b""  # a stream's first chunk, or the whole body of a JSON answer
+    chunks: AsyncIterator[bytes] | None = None
+    is_stream: bool = False
+    ended: bool = False
+
+    def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.worker.end()
+
+
+@dataclass
+class Call:
+    """What the handler knows about one client request."""
+
+    path: str
+    body: bytes
+    headers: dict[str, str]  # forwarded to workers
+    request_id: str
+    started: float
+    parsed: dict | None = None  # the JSON body, parsed once when PD mode or the policy needs it
+    rid: str | None = None  # the client's `rid`, used for /abort_request
+
+
+class Proxy:
+    def __init__(
+        self,
+        config: RouterConfig,
+        registry: WorkerRegistry,
+        policies: dict[Role, Policy],
+        client: httpx.AsyncClient,
+    ):
+        self.config = config
+        self.registry = registry
+        self.policies = policies
+        self.client = client
+        self._background: set[asyncio.Task] = set()
+        self.needs_json = config.pd_disaggregation or any(p.needs_text for p in policies.values())
+
+    # ---- entry point -------------------------------------------------------------------------
+
+    async def forward(self, call: Call, on_done) -> Response:
+        """Route `call`; `on_done(status)` runs once the response (or its stream) has finished."""
+        text = request_text(call.parsed) if call.parsed is not None and self._text_needed() else None
+        tried: set[Worker] = set()
+        last: AttemptFailed | None = None
+        for attempt in range(self.config.max_attempts):
+            if attempt:
+                metrics.RETRIES.labels(route=call.path).inc()
+                await asyncio.sleep(self._backoff_secs(attempt))
+            try:
+                if self.config.pd_disaggregation:
+                    return await self._attempt_pd(call, text, tried, on_done)
+                return await self._attempt_regular(call, text, tried, on_done)
+            except _Final as exc:
+                on_done(exc.response.status_code)
+                return exc.response
+            except NoWorker as exc:
+                if last is None:
+                    on_done(503)
+                    return error_response(503, str(exc), "service_unavailable")
+                break
+            except AttemptFailed as exc:
+                last = exc
+                tried.add(exc.worker)
+                metrics.WORKER_ERRORS.labels(worker=exc.worker.url).inc()
+                exc.worker.breaker.record_failure()
+                logger.warning("request %s: %s (attempt %d)", call.request_id, exc, attempt + 1)
+        if last.response is not None:
+            on_done(last.response.status_code)
+            return last.response
+        on_done(502)
+        return error_response(502, f"all attempts failed; last error: {last}", "bad_gateway")
+
+    def _text_needed(self) -> bool:
+        return any(p.needs_text for p in self.policies.values())
+
+    def _backoff_secs(self, attempt: int) -> float:
+        c = self.config
+        delay = min(
+            c.retry_initial_backoff_ms * c.retry_backoff_multiplier ** (attempt - 1), c.retry_max_backoff_ms
+        )
+        return delay * (1.0 + random.uniform(-c.retry_jitter_factor, c.retry_jitter_factor)) / 1000.0
+
+    def pick(self, role: Role, text: str | None, tried: set[Worker]) -> Worker:
+        workers = self.registry.available(role)
+        if not workers:
+            raise NoWorker(f"no available {role.value} worker")
+        fresh = [w for w in workers if w not in tried]
+        return self.policies[role].select(fresh or workers, text)
+
+    # ---- regular mode ------------------------------------------------------------------------
+
+    async def _attempt_regular(self, call: Call, text: str | None, tried: set[Worker], on_done) -> Response:
+        leg = Leg(self.pick(Role.REGULAR, text, tried))
+        leg.worker.begin()
+        try:
+            await self._open(leg, call.path, call.body, call.headers)
+        except asyncio.CancelledError:
+            self._spawn(self._abort_legs(call, (leg,)))
+            raise
+        except BaseException:
+            leg.end()
+            raise
+        leg.worker.breaker.record_success()
+        return self._respond(call, leg, on_done, others=())
+
+    # ---- PD mode -----------------------------------------------------------------------------
+
+    async def _attempt_pd(self, call: Call, text: str | None, tried: set[Worker], on_done) -> Response:
+        prefill = Leg(self.pick(Role.PREFILL, text, tried))
+        decode = Leg(self.pick(Role.DECODE, text, tried))
+        body = pd_body(call.parsed, prefill.worker)
+        prefill.worker.begin()
+        decode.worker.begin()
+        p_task = asyncio.create_task(self._open(prefill, call.path, body, call.headers))
+        d_task = asyncio.create_task(self._open(decode, call.path, body, call.headers))
+        try:
+            await self._await_pd(p_task, d_task)
+        except BaseException:
+            for task in (p_task, d_task):
+                task.cancel()
+            self._spawn(self._abort_legs(call, (prefill, decode)))
+            raise
+        decode.worker.breaker.record_success()
+        if p_task.done():
+            prefill.worker.breaker.record_success()
+            self._spawn(self._drain(prefill))
+        else:
+            self._spawn(self._finish_prefill(p_task, prefill))
+        return self._respond(call, decode, on_done, others=(prefill,))
+
+    async def _await_pd(self, p_task: asyncio.Task, d_task: asyncio.Task) -> None:
+        """Return once decode answered (prefill may still run); raise if a leg failed before that."""
+        pending = {p_task, d_task}
+        while d_task in pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises AttemptFailed (or a non-retryable _Final) of that leg
+
+    async def _finish_prefill(self, p_task: asyncio.Task, leg: Leg) -> None:
+        try:
+            await p_task
+        except (AttemptFailed, _Final) as exc:
+            metrics.WORKER_ERRORS.labels(worker=leg.worker.url).inc()
+            leg.worker.breaker.record_failure()
+            logger.warning("prefill leg failed after decode answered: %s", exc)
+            leg.end()
+            return
+        leg.worker.breaker.record_success()
+        await self._drain(leg)
+
+    async def _drain(self, leg: Leg) -> None:
+        """Read the rest of a prefill answer and drop it (keeps the connection reusable)."""
+        try:
+            if leg.is_stream:
+                async for _ in leg.chunks:
+                    pass
+        except httpx.HTTPError:
+            pass
+        finally:
+            await self._close(leg)
+
+    # ---- one upstream request ----------------------------------------------------------------
+
+    async def _open(self, leg: Leg, path: str, body: bytes, headers: dict[str, str]) -> None:
+        """Send; wait for the first body chunk (a stream) or the whole body (JSON).
+
+        Raises AttemptFailed when worth a retry elsewhere, _Final for a non-retryable error status."""
+        worker = leg.worker
+        request = self.client.build_request("POST", worker.url + path, content=body, headers=headers)
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise AttemptFailed(worker, f"{worker.url}: {type(exc).__name__}: {exc}") from None
+        leg.response = response
+        leg.chunks = response.aiter_raw()
+        leg.is_stream = response.status_code < 400 and response.headers.get("content-type", "").startswith(
+            "text/event-stream"
+        )
+        try:
+            if leg.is_stream:
+                leg.first_chunk = await anext(leg.chunks, b"")
+            else:
+                leg.first_chunk = b"".join([c async for c in leg.chunks])
+                await response.aclose()
+        except httpx.HTTPError as exc:
+            await response.aclose()
+            raise AttemptFailed(worker, f"{worker.url}: {type(exc).__name__} before the answer") from None
+        if response.status_code >= 400:
+            kept = Response(
+                leg.first_chunk, response.status_code, media_type=response.headers.get("content-type")
+            )
+            if response.status_code in RETRYABLE_STATUS:
+                raise AttemptFailed(worker, f"{worker.url}: HTTP {response.status_code}", kept)
+            raise _Final(worker, kept)
+
+    def _respond(self, call: Call, leg: Leg, on_done, others: tuple[Leg, ...]) -> Response:
+        response = leg.response
+        metrics.TTFT.labels(route=call.path).observe(time.perf_counter() - call.started)
+        headers = {"x-request-id": call.request_id}
+        media_type = response.headers.get("content-type")
+        if not leg.is_stream:
+            leg.end()
+            on_done(response.status_code)
+            return Response(leg.first_chunk, response.status_code, headers=headers, media_type=media_type)
+        return ProxyStreamingResponse(
+            self._stream(call, leg, others, on_done),
+            status_code=response.status_code,
+            headers=headers,
+            media_type=media_type,
+        )
+
+    async def _stream(self, call: Call, leg: Leg, others: tuple[Leg, ...], on_done):
+        """Pass the worker's bytes through untouched; a client disconnect aborts every leg."""
+        status, finished = leg.response.status_code, False
+        try:
+            if leg.first_chunk:
+                yield leg.first_chunk
+            async for chunk in leg.chunks:
+                yield chunk
+            finished = True
+        except httpx.HTTPError as exc:
+            logger.warning("request %s: stream from %s broke: %s", call.request_id, leg.worker.url, exc)
+            metrics.WORKER_ERRORS.labels(worker=leg.worker.url).inc()
+            status = 502
+        finally:
+            if finished:
+                self._spawn(self._close(leg))
+            else:  # client went away or the worker broke: abort everything still running
+                self._spawn(self._abort_legs(call, (leg, *others)))
+            on_done(status if finished or status == 502 else 499)
+
+    # ---- cleanup -----------------------------------------------------------------------------
+
+    async def _close(self, leg: Leg) -> None:
+        try:
+            if leg.response is not None:
+                await leg.response.aclose()
+        finally:
+            leg.end()
+
+    async def _abort_legs(self, call: Call, legs) -> None:
+        """Drop the upstream connections and, when the client gave a `rid`, POST /abort_request."""
+        for leg in legs:
+            if leg.ended:
+                continue
+            await self._close(leg)
+            if call.rid is not None:
+                try:
+                    await self.client.post(
+                        leg.worker.url + "/abort_request",
+                        json={"rid": call.rid},
+                        headers=call.headers,
+                        timeout=5.0,
+                    )
+                except httpx.HTTPError as exc:
+                    logger.info("abort_request to %s failed: %s", leg.worker.url, exc)
+
+    def _spawn(self, coro) -> None:
+        # NOTE: cleanup runs in its own task: the caller may be inside a cancelled scope
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+class NoWorker(Exception):
+    pass
+
+
+class _Final(Exception):
+    """A non-retryable worker answer (a 4xx): pass it to the client as is."""
+
+    def __init__(self, worker: Worker, response: Response):
+        super().__init__(f"{worker.url}: HTTP {response.status_code}")
+        self.worker = worker
+        self.response = response
+
+
+def pd_body(parsed: dict, prefill: Worker) -> bytes:
+    """The client's JSON body plus the bootstrap fields both legs share."""
+    body = dict(parsed)
+    body["bootstrap_host"] = prefill.host
+    body["bootstrap_port"] = prefill.bootstrap_port
+    body["bootstrap_room"] = random.getrandbits(63)
+    return orjson.dumps(body)
+
+
+class ProxyStreamingResponse(StreamingResponse):
+    async def stream_response(self, send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            await self.body_iterator.aclose()

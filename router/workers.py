@@ -1,0 +1,176 @@
+"""Workers the router knows: URL, role, load, health and a per-worker circuit breaker."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from disagg.router import metrics
+
+
+class Role(enum.StrEnum):
+    REGULAR = "regular"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class BreakerState(enum.IntEnum):  # values are the gauge disagg_router_circuit_breaker_state
+    CLOSED = 0
+    OPEN = 1
+    HALF_OPEN = 2
+
+
+class CircuitBreaker:
+    """Closed -> open after `failure_threshold` consecutive failures; open -> half-open after
+    `timeout_secs`; half-open -> closed after `success_threshold` successes, back to open on a failure."""
+
+    def __init__(
+        self,
+        url: str,
+        failure_threshold: int,
+        success_threshold: int,
+        timeout_secs: float,
+        enabled: bool = True,
+    ):
+        self.url = url
+        self.failure_threshold = failure_threshold
+        self.success_threshold = success_threshold
+        self.timeout_secs = timeout_secs
+        self.enabled = enabled
+        self._state = BreakerState.CLOSED
+        self._failures = 0
+        self._successes = 0
+        self._opened_at = 0.0
+        self._publish()
+
+    @property
+    def state(self) -> BreakerState:
+        if self._state is BreakerState.OPEN and time.monotonic() - self._opened_at >= self.timeout_secs:
+            self._set(BreakerState.HALF_OPEN)
+        return self._state
+
+    def allows(self) -> bool:
+        return not self.enabled or self.state is not BreakerState.OPEN
+
+    def record_success(self) -> None:
+        self._failures = 0
+        if self.state is BreakerState.HALF_OPEN:
+            self._successes += 1
+            if self._successes >= self.success_threshold:
+                self._set(BreakerState.CLOSED)
+
+    def record_failure(self) -> None:
+        if not self.enabled:
+            return
+        state = self.state
+        self._failures += 1
+        if state is BreakerState.HALF_OPEN or (
+            state is BreakerState.CLOSED and self._failures >= self.failure_threshold
+        ):
+            self._opened_at = time.monotonic()
+            self._set(BreakerState.OPEN)
+
+    def _set(self, state: BreakerState) -> None:
+        self._state = state
+        self._successes = 0
+        if state is BreakerState.CLOSED:
+            self._failures = 0
+        self._publish()
+
+    def _publish(self) -> None:
+        metrics.CIRCUIT_BREAKER_STATE.labels(worker=self.url).set(int(self._state))
+
+
+@dataclass(eq=False)
+class Worker:
+    url: str  # "http://host:port", no trailing slash
+    role: Role
+    breaker: CircuitBreaker
+    bootstrap_port: int | None = None  # prefill only
+    healthy: bool = False
+    outstanding: int = 0  # requests in flight through this router
+    health_failures: int = 0  # consecutive
+    health_successes: int = 0
+    was_healthy: bool = False  # passed a health check at least once
+    host: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.url = self.url.rstrip("/")
+        self.host = urlsplit(self.url).hostname or ""
+
+    @property
+    def is_available(self) -> bool:
+        return self.healthy and self.breaker.allows()
+
+    def begin(self) -> None:
+        self.outstanding += 1
+        metrics.ACTIVE_REQUESTS.labels(worker=self.url).set(self.outstanding)
+
+    def end(self) -> None:
+        self.outstanding -= 1
+        metrics.ACTIVE_REQUESTS.labels(worker=self.url).set(self.outstanding)
+
+    def set_healthy(self, healthy: bool) -> None:
+        self.healthy = healthy
+        metrics.WORKER_HEALTHY.labels(worker=self.url, role=self.role.value).set(int(healthy))
+
+    def to_json(self) -> dict:
+        return {
+            "url": self.url,
+            "role": self.role.value,
+            "bootstrap_port": self.bootstrap_port,
+            "healthy": self.healthy,
+            "circuit_breaker": self.breaker.state.name.lower(),
+            "outstanding_requests": self.outstanding,
+        }
+
+
+def normalize_url(url: str) -> str:
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"bad worker URL {url!r}: expected http://HOST:PORT")
+    return url
+
+
+class WorkerRegistry:
+    """All workers by URL; listeners (policies) hear about removals."""
+
+    def __init__(self, make_breaker):
+        self._make_breaker = make_breaker  # url -> CircuitBreaker
+        self._workers: dict[str, Worker] = {}
+        self._removal_listeners: list = []
+
+    def add(self, url: str, role: Role, bootstrap_port: int | None = None, healthy: bool = False) -> Worker:
+        url = normalize_url(url)
+        if url in self._workers:
+            raise KeyError(f"worker {url} is already registered")
+        worker = Worker(url, role, self._make_breaker(url), bootstrap_port=bootstrap_port)
+        worker.set_healthy(healthy)
+        worker.was_healthy = healthy
+        self._workers[url] = worker
+        return worker
+
+    def remove(self, url: str) -> Worker:
+        worker = self._workers.pop(normalize_url(url))
+        worker.healthy = False
+        metrics.forget_worker(worker.url, worker.role.value)
+        for listener in self._removal_listeners:
+            listener(worker)
+        return worker
+
+    def on_remove(self, listener) -> None:
+        self._removal_listeners.append(listener)
+
+    def get(self, url: str) -> Worker | None:
+        return self._workers.get(normalize_url(url))
+
+    def all(self, role: Role | None = None) -> list[Worker]:
+        return [w for w in self._workers.values() if role is None or w.role is role]
+
+    def available(self, role: Role) -> list[Worker]:
+        return [w for w in self._workers.values() if w.role is role and w.is_available]
