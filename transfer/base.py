@@ -1,0 +1,196 @@
+"""What KVSender and KVReceiver share: the room table, results, timeouts, page gather/scatter.
+
+Failure reasons are "kind: detail" strings; the kind (timeout, peer_died, aborted, unknown_room,
+bad_request, incompatible) labels the failures metric.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from disagg.transfer import metrics
+from disagg.transfer.layout import KVLayout
+from disagg.transfer.protocol import Room, RoomFailedMsg
+from disagg.transfer.ucx import Peer, UcxLoop
+
+
+@dataclass
+class TransferResult:
+    """A room that finished: its pages may be freed (failed) or used (decode, ok)."""
+
+    room: Room
+    ok: bool
+    reason: str = ""  # "kind: detail" when not ok
+    metadata: dict[str, Any] = field(default_factory=dict)  # from the prefill side (decode only)
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class RoomState:
+    room: Room
+    deadline: float  # monotonic; pushed forward on every sign of progress
+    started: float | None = None  # first KV byte on the wire
+    nbytes: int = 0
+    busy: int = 0  # gathers/scatters touching kv_buffer right now: a result waits for them
+    finished: bool = False
+    result: TransferResult | None = None
+    peers: list[Peer] = field(default_factory=list)  # told when the room fails here
+
+
+def chunk_shape(layout: KVLayout, num_pages: int, num_heads: int) -> tuple[int, ...]:
+    return (layout.num_layers, num_pages, 2, layout.page_size, num_heads, layout.head_dim)
+
+
+def chunk_nbytes(layout: KVLayout, num_pages: int, num_heads: int) -> int:
+    return (
+        layout.torch_dtype.itemsize
+        * num_pages
+        * num_heads
+        * layout.num_layers
+        * 2
+        * layout.page_size
+        * layout.head_dim
+    )
+
+
+class TransferBase:
+    role = ""
+
+    def __init__(
+        self,
+        kv_buffer: torch.Tensor,  # [layers, pages, 2, page_size, local_kv_heads, head_dim], cpu or cuda
+        layout: KVLayout,
+        timeout_s: float = 30.0,
+        heartbeat_s: float = 1.0,
+        heartbeat_timeout_s: float = 5.0,
+    ) -> None:
+        layout.check_pool(kv_buffer)
+        self.kv_buffer = kv_buffer
+        self.layout = layout
+        self.timeout_s = timeout_s
+        self.heartbeat_s = heartbeat_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.device = kv_buffer.device
+        self.ucx = UcxLoop.get(self.device)
+        self.rooms: dict[Room, Any] = {}  # active rooms, touched only on the loop thread
+        self.peers: set[Peer] = set()
+        self._tombstones: dict[Room, tuple[bool, float]] = {}  # finished room -> (ok, expiry)
+        self._results: deque[TransferResult] = deque()  # appended on the loop, drained by poll()
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._closed = False
+        self._timer: asyncio.Task = self.ucx.run_sync(lambda: asyncio.ensure_future(self._watch_deadlines()))
+
+    # ---- thread-safe API ----
+    def poll(self) -> list[TransferResult]:
+        """Rooms finished (ok or failed) since the last poll; each room is reported exactly once."""
+        out = []
+        while self._results:
+            out.append(self._results.popleft())
+        return out
+
+    def abort(self, room: Room) -> None:
+        """Fail `room` here and on the peer side (its result still comes through poll())."""
+        self.ucx.call_soon(self._abort, room)
+
+    def num_active_rooms(self) -> int:
+        return self.ucx.run_sync(lambda: len(self.rooms))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
+        def shutdown() -> None:
+            self._timer.cancel()
+            for state in list(self.rooms.values()):
+                self._fail(state, "aborted: transfer engine shutting down")
+            for peer in list(self.peers):
+                peer.close("aborted: closed locally")
+
+        self.ucx.run_sync(shutdown)
+
+    # ---- loop thread ----
+    def _abort(self, room: Room) -> None:
+        state = self.rooms.get(room)
+        if state is not None:
+            self._fail(state, f"aborted: by the {self.role} side")
+
+    def _touch(self, state: RoomState) -> None:
+        state.deadline = time.monotonic() + self.timeout_s
+
+    def _new_deadline(self) -> float:
+        return time.monotonic() + self.timeout_s
+
+    def _fail(self, state: RoomState, reason: str, notify: bool = True, skip: Peer | None = None) -> None:
+        if state.finished:
+            return
+        if notify:
+            for peer in state.peers:
+                if peer is not skip:
+                    peer.post_msg(RoomFailedMsg(state.room, reason))
+        self._finish(state, TransferResult(state.room, ok=False, reason=reason))
+
+    def _finish(self, state: RoomState, result: TransferResult) -> None:
+        state.finished = True
+        self.rooms.pop(state.room, None)
+        self._tombstones[state.room] = (result.ok, time.monotonic() + max(60.0, 4 * self.timeout_s))
+        if result.ok and state.started is not None:
+            result.nbytes, result.seconds = state.nbytes, time.perf_counter() - state.started
+            metrics.observe_success(self.role, result.nbytes, result.seconds)
+        elif not result.ok:
+            metrics.observe_failure(self.role, result.reason)
+        state.result = result
+        self._report_when_idle(state)
+
+    def _report_when_idle(self, state: RoomState) -> None:
+        # NOTE: a failed room is reported only once no gather/scatter touches its pages, so the
+        # server can free (and reuse) them as soon as poll() returns the failure.
+        if state.result is not None and state.busy == 0:
+            self._results.append(state.result)
+            state.result = None
+
+    def _fail_rooms_of(self, peer: Peer, reason: str) -> None:
+        for state in list(self.rooms.values()):
+            if peer in state.peers:
+                self._fail(state, reason, skip=peer)
+
+    async def _watch_deadlines(self) -> None:
+        period = min(0.1, self.timeout_s / 10)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for state in list(self.rooms.values()):
+                if now > state.deadline:
+                    self._fail(state, f"timeout: no progress for {self.timeout_s:.1f}s")
+            for room, (_, expiry) in list(self._tombstones.items()):
+                if now > expiry:
+                    del self._tombstones[room]
+
+    async def _run_copy(self, state: RoomState, fn: Callable[[], None]) -> None:
+        """Run a gather/scatter off the loop thread (CPU) or on the transfer stream (CUDA)."""
+        state.busy += 1
+        try:
+            if self._stream is None:
+                await asyncio.to_thread(fn)
+            else:
+                with torch.cuda.stream(self._stream):
+                    fn()
+                    done = torch.cuda.Event()
+                    done.record(self._stream)
+                await asyncio.to_thread(done.synchronize)
+        finally:
+            state.busy -= 1
+            self._report_when_idle(state)
+
+    def _staging(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def _typed(self, staging: torch.Tensor, num_pages: int, num_heads: int) -> torch.Tensor:
+        return staging.view(self.layout.torch_dtype).view(chunk_shape(self.layout, num_pages, num_heads))

@@ -1,0 +1,108 @@
+"""Control-plane messages of the KV transfer (small; KV bytes never travel in these).
+
+Bootstrap (ZMQ REQ/REP to the prefill server's --disaggregation-bootstrap-port):
+    prefill rank -> RegisterPrefillRankMsg -> BootstrapInfoMsg
+    decode rank  -> QueryPrefillMsg        -> BootstrapInfoMsg (ready once every prefill rank registered)
+
+Per connection (UCX active messages, decode rank -> prefill rank endpoint):
+    decode  HelloMsg  -> prefill  HelloAckMsg (error = "" when the layouts are compatible)
+Per room (every decode rank sends a RoomRequestMsg to every prefill rank of the prefill server):
+    decode  RoomRequestMsg                          (which decode pages receive the room's KV)
+    prefill KVChunkMsg, then the bytes as one UCX tag message (tag = KVChunkMsg.tag)   x N
+    prefill RoomDoneMsg(num_chunks, metadata)       (after the last chunk)
+    decode  RoomAckMsg                              (every chunk landed in the decode pool)
+    either  RoomFailedMsg(reason)                   (abort, timeout, bad request: fail the room on both sides)
+    either  HeartbeatMsg                            (peer liveness, every heartbeat interval)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from disagg.common.messages import message
+from disagg.transfer.layout import KVLayout
+
+Room = int  # the bootstrap room id: unique per request across the fleet
+
+
+@message
+@dataclass
+class RegisterPrefillRankMsg:
+    layout: KVLayout
+    host: str  # where this rank's UCX listener is reachable
+    port: int
+
+
+@message
+@dataclass
+class QueryPrefillMsg:
+    pass
+
+
+@message
+@dataclass
+class BootstrapInfoMsg:
+    ready: bool  # False until all tp_size prefill ranks have registered
+    ranks: list[RegisterPrefillRankMsg] = field(default_factory=list)  # sorted by tp_rank
+    error: str = ""
+
+
+@message
+@dataclass
+class HelloMsg:
+    layout: KVLayout  # the decode rank's layout (its tp_rank / tp_size included)
+
+
+@message
+@dataclass
+class HelloAckMsg:
+    error: str = ""  # "" = compatible
+
+
+@message
+@dataclass
+class RoomRequestMsg:
+    room: Room
+    decode_rank: int
+    decode_tp: int
+    dst_pages: list[int]  # decode pool pages, in token order
+
+
+@message
+@dataclass
+class KVChunkMsg:
+    room: Room
+    page_offset: int  # index into RoomRequestMsg.dst_pages of the chunk's first page
+    num_pages: int
+    head_start: int  # global KV heads [head_start, head_end) carried by this chunk
+    head_end: int
+    nbytes: int
+    tag: int  # UCX tag of the data message that follows
+
+
+@message
+@dataclass
+class RoomDoneMsg:
+    room: Room
+    num_chunks: int  # chunks sent to this decode rank for the room
+    metadata: dict[str, Any] = field(default_factory=dict)  # e.g. the first generated token id
+
+
+@message
+@dataclass
+class RoomAckMsg:
+    room: Room
+
+
+@message
+@dataclass
+class RoomFailedMsg:
+    room: Room
+    reason: str
+
+
+@message
+@dataclass
+class HeartbeatMsg:
+    pass

@@ -1,0 +1,265 @@
+"""KVReceiver: the decode side. One per decode TP rank.
+
+    receiver = KVReceiver(kv_buffer, layout)
+    receiver.expect(room, bootstrap_host, bootstrap_port, dst_pages)   # pages already allocated
+    for r in receiver.poll(): r.ok -> decode may start (r.metadata has e.g. the first token);
+                              not r.ok -> free the pages (r.reason says why)
+
+The first expect() for a prefill server connects to it (bootstrap query, one UCX endpoint per
+prefill rank, layout handshake); later rooms reuse the connection. Each chunk arrives as one UCX
+message into a staging buffer and is scattered into the destination pages (and KV-head slice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from disagg.transfer.base import RoomState, TransferBase, TransferResult, chunk_nbytes
+from disagg.transfer.bootstrap import query_prefill_ranks
+from disagg.transfer.layout import HeadSlice, KVLayout, KVLayoutMismatchError, plan_head_slices
+from disagg.transfer.protocol import (
+    HelloAckMsg,
+    HelloMsg,
+    KVChunkMsg,
+    Room,
+    RoomAckMsg,
+    RoomDoneMsg,
+    RoomFailedMsg,
+    RoomRequestMsg,
+)
+from disagg.transfer.ucx import Peer
+
+logger = logging.getLogger(__name__)
+ServerKey = tuple[str, int]  # the prefill server's bootstrap (host, port)
+
+
+@dataclass
+class _Source:
+    """One prefill rank that sends this decode rank a slice of KV heads of the room."""
+
+    peer: Peer
+    heads: HeadSlice
+    chunks_done: int = 0
+    pages_done: int = 0
+    num_chunks: int | None = None  # known from RoomDoneMsg
+
+
+@dataclass
+class _RecvRoom(RoomState):
+    dst_pages: torch.Tensor = None  # [num_pages] int64, on the kv_buffer's device
+    sources: dict[int, _Source] = field(default_factory=dict)  # prefill rank ->
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _PrefillServer:
+    peers: list[Peer]  # by prefill tp rank
+    heads: list[HeadSlice]  # what this decode rank gets from which prefill rank
+
+
+class KVReceiver(TransferBase):
+    role = "decode"
+
+    def __init__(
+        self,
+        kv_buffer: torch.Tensor,
+        layout: KVLayout,
+        timeout_s: float = 30.0,
+        heartbeat_s: float = 1.0,
+        heartbeat_timeout_s: float = 5.0,
+        connect_timeout_s: float = 10.0,
+    ) -> None:
+        super().__init__(kv_buffer, layout, timeout_s, heartbeat_s, heartbeat_timeout_s)
+        self.connect_timeout_s = connect_timeout_s
+        self._servers: dict[ServerKey, asyncio.Future[_PrefillServer]] = {}
+        self._active_ids: set[Room] = set()  # mirrors self.rooms for the caller's thread
+
+    # ---- thread-safe API ----
+    def connect(self, bootstrap_host: str, bootstrap_port: int) -> None:
+        """Connect to a prefill server now (expect() does it lazily). Raises BootstrapError,
+        KVLayoutMismatchError (with every differing field named) or a UCX error."""
+
+        async def run() -> None:
+            await self._server((bootstrap_host, bootstrap_port))
+
+        self.ucx.call(run(), timeout=self.connect_timeout_s * 2 + 5)
+
+    def expect(
+        self, room: Room, bootstrap_host: str, bootstrap_port: int, dst_pages: torch.Tensor | list[int]
+    ) -> None:
+        """Receive `room`'s KV into dst_pages (token order). Non-blocking; the outcome comes from poll().
+        Raises ValueError for a duplicate room or page indices outside the pool."""
+        pages = torch.as_tensor(dst_pages, dtype=torch.int64)
+        num_pool_pages = self.kv_buffer.shape[1]
+        if pages.dim() != 1 or len(pages) == 0 or int(pages.min()) < 0 or int(pages.max()) >= num_pool_pages:
+            raise ValueError(
+                f"room {room}: dst_pages must be a non-empty list of pages in [0, {num_pool_pages})"
+            )
+        if room in self._active_ids:
+            raise ValueError(f"room {room} is already expected")
+        self._active_ids.add(room)
+        pages = pages.to(self.device, non_blocking=True)
+        self.ucx.call_soon(self._on_expect, room, (bootstrap_host, bootstrap_port), pages)
+
+    # ---- loop thread: connections ----
+    def _server(self, key: ServerKey) -> asyncio.Future[_PrefillServer]:
+        fut = self._servers.get(key)
+        if fut is None or (fut.done() and fut.exception() is not None):
+            fut = self._servers[key] = asyncio.ensure_future(self._connect(key))
+        return fut
+
+    async def _connect(self, key: ServerKey) -> _PrefillServer:
+        ranks = await asyncio.to_thread(query_prefill_ranks, key[0], key[1], self.connect_timeout_s)
+        self.layout.check_compatible(ranks[0].layout)
+        prefill_tp = ranks[0].layout.tp_size
+        heads = [
+            s
+            for s in plan_head_slices(prefill_tp, self.layout.tp_size, self.layout.num_kv_heads_total)
+            if s.decode_rank == self.layout.tp_rank
+        ]
+        peers: list[Peer] = []
+        try:
+            for rank in ranks:
+                peers.append(await self._handshake(rank.host, rank.port, rank.layout))
+        except BaseException:
+            for peer in peers:
+                peer.close("aborted: handshake with another prefill rank failed")
+            raise
+        for peer in peers:
+            peer.server_key = key
+            self.peers.add(peer)
+            peer.start()
+        return _PrefillServer(peers, heads)
+
+    async def _handshake(self, host: str, port: int, remote: KVLayout) -> Peer:
+        import ucxx
+
+        ep = await ucxx.create_endpoint(host, port)
+        name = f"prefill rank {remote.tp_rank} at {host}:{port}"
+        peer = Peer(
+            ep, name, self._on_message, self._on_peer_close, self.heartbeat_s, self.heartbeat_timeout_s
+        )
+        peer.info = remote
+        await peer.send_msg(HelloMsg(self.layout))
+        ack = await peer.recv_msg(timeout=self.connect_timeout_s)
+        if not isinstance(ack, HelloAckMsg) or ack.error:
+            ep.abort()
+            raise KVLayoutMismatchError(f"{name} refused the connection: {getattr(ack, 'error', ack)}")
+        return peer
+
+    def _on_peer_close(self, peer: Peer, reason: str) -> None:
+        self.peers.discard(peer)
+        fut = self._servers.get(peer.server_key)
+        if fut is not None and fut.done() and not fut.exception() and peer in fut.result().peers:
+            del self._servers[peer.server_key]  # the next expect() reconnects (e.g. to a restarted server)
+            for other in fut.result().peers:
+                if other is not peer:
+                    other.close(f"peer_died: {peer.name} of the same prefill server is gone")
+        self._fail_rooms_of(peer, reason)
+
+    # ---- loop thread: rooms ----
+    def _finish(self, state: RoomState, result: TransferResult) -> None:
+        super()._finish(state, result)
+        self._active_ids.discard(state.room)
+
+    def _on_expect(self, room: Room, key: ServerKey, pages: torch.Tensor) -> None:
+        state = self.rooms[room] = _RecvRoom(room, deadline=self._new_deadline(), dst_pages=pages)
+        asyncio.ensure_future(self._request_room(state, key))
+
+    async def _request_room(self, state: _RecvRoom, key: ServerKey) -> None:
+        try:
+            server = await self._server(key)
+        except Exception as e:  # noqa: BLE001 - fail the room with the connection's error
+            kind = "incompatible" if isinstance(e, KVLayoutMismatchError) else "peer_died"
+            self._fail(state, f"{kind}: prefill server {key[0]}:{key[1]}: {e}")
+            return
+        if state.finished:
+            return
+        state.peers = list(server.peers)
+        state.sources = {h.prefill_rank: _Source(server.peers[h.prefill_rank], h) for h in server.heads}
+        pages = state.dst_pages.tolist()
+        for peer in server.peers:  # every prefill rank hears of the room, even one that sends nothing here
+            peer.post_msg(RoomRequestMsg(state.room, self.layout.tp_rank, self.layout.tp_size, pages))
+
+    def _on_message(self, peer: Peer, msg: Any) -> None:
+        state = self.rooms.get(getattr(msg, "room", None))
+        if isinstance(msg, KVChunkMsg):
+            asyncio.ensure_future(self._recv_chunk(peer, msg, state))
+        elif state is None:
+            return  # done/failed/aborted here already; the prefill side was told or will time out
+        elif isinstance(msg, RoomDoneMsg) and peer.info.tp_rank in state.sources:
+            self._touch(state)
+            state.sources[peer.info.tp_rank].num_chunks = msg.num_chunks
+            state.metadata = msg.metadata
+            self._check_complete(state)
+        elif isinstance(msg, RoomFailedMsg):
+            self._fail(state, msg.reason, skip=peer)
+
+    def _chunk_error(self, peer: Peer, msg: KVChunkMsg, state: _RecvRoom | None) -> str:
+        if state is None:
+            return (
+                "" if msg.room in self._tombstones else f"unknown_room: decode never expected room {msg.room}"
+            )
+        src = state.sources.get(peer.info.tp_rank)
+        if src is None or (msg.head_start, msg.head_end) != (src.heads.start, src.heads.end):
+            return f"bad_request: heads [{msg.head_start}, {msg.head_end}) not expected from {peer.name}"
+        if msg.page_offset < 0 or msg.page_offset + msg.num_pages > len(state.dst_pages):
+            return f"bad_request: pages [{msg.page_offset}, +{msg.num_pages}) beyond the {len(state.dst_pages)} decode pages"
+        if msg.nbytes != chunk_nbytes(self.layout, msg.num_pages, msg.head_end - msg.head_start):
+            return f"bad_request: chunk of {msg.nbytes} bytes does not match its pages and heads"
+        return ""
+
+    async def _recv_chunk(self, peer: Peer, msg: KVChunkMsg, state: _RecvRoom | None) -> None:
+        error = self._chunk_error(peer, msg, state)
+        valid = state is not None and not error
+        if state is not None and valid:
+            self._touch(state)
+            state.started = state.started or time.perf_counter()
+        # NOTE: the bytes always land in a staging buffer first, never straight in the pool, so a
+        # late chunk of a failed room cannot overwrite pages the server has freed and reused.
+        staging = self._staging(msg.nbytes if msg.nbytes <= 1 << 33 else 1)
+        try:
+            await peer.recv_data(staging, msg.tag)
+        except Exception:  # noqa: BLE001 - the endpoint failed: the peer's close fails the room
+            return
+        if error:
+            peer.post_msg(RoomFailedMsg(msg.room, error))
+            if state is not None:
+                self._fail(state, error, skip=peer)
+            return
+        if state is None or state.finished:
+            return
+        heads = (msg.head_start - self.layout.head_range[0], msg.head_end - self.layout.head_range[0])
+        pages = state.dst_pages[msg.page_offset : msg.page_offset + msg.num_pages]
+
+        def scatter() -> None:
+            dst = self.kv_buffer[:, :, :, :, heads[0] : heads[1]]
+            dst.index_copy_(1, pages, self._typed(staging, msg.num_pages, heads[1] - heads[0]))
+
+        await self._run_copy(state, scatter)
+        if state.finished:
+            return
+        src = state.sources[peer.info.tp_rank]
+        src.chunks_done += 1
+        src.pages_done += msg.num_pages
+        state.nbytes += msg.nbytes
+        self._touch(state)
+        self._check_complete(state)
+
+    def _check_complete(self, state: _RecvRoom) -> None:
+        if not all(
+            s.num_chunks is not None and s.chunks_done >= s.num_chunks for s in state.sources.values()
+        ):
+            return
+        short = [s.peer.name for s in state.sources.values() if s.pages_done != len(state.dst_pages)]
+        if short:
+            self._fail(state, f"bad_request: room {state.room} incomplete from {', '.join(short)}")
+            return
+        for s in state.sources.values():
+            s.peer.post_msg(RoomAckMsg(state.room))
+        self._finish(state, TransferResult(state.room, ok=True, metadata=state.metadata))

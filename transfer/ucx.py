@@ -1,0 +1,191 @@
+"""UCX plumbing: one background asyncio loop per process that owns the ucxx worker, and `Peer`,
+one UCX endpoint to another rank carrying control messages (active messages) and KV bytes (tags).
+
+ucxx is asyncio-based and keeps one worker per process, so every KVSender / KVReceiver of a
+process shares `UcxLoop.get()`. All transfer state is touched only on that loop's thread; the
+public, thread-safe methods of the sender/receiver hand work to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import torch
+from disagg.common.messages import decode, encode
+from disagg.transfer.protocol import HeartbeatMsg
+
+logger = logging.getLogger(__name__)
+
+
+def configure_ucx_env(device: torch.device) -> None:
+    """Sensible UCX defaults, set before ucxx creates its context (the user's env wins).
+
+    CPU: TCP + shared memory (cma/posix) + loopback. GPU: let UCX choose (cuda_ipc over NVLink,
+    rc/ud on InfiniBand, tcp otherwise).
+    """
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    if device.type == "cpu":
+        os.environ.setdefault("UCX_TLS", "tcp,sm,self")
+
+
+def tensor_buffer(t: torch.Tensor) -> Any:
+    """What ucxx can send/receive into: the tensor itself on CUDA (__cuda_array_interface__),
+    a numpy view on the CPU. `t` must be a contiguous uint8 tensor."""
+    assert t.dtype == torch.uint8 and t.is_contiguous()
+    return t if t.is_cuda else t.numpy()
+
+
+class UcxLoop:
+    """A daemon thread running an asyncio loop with the process's ucxx worker progressed on it."""
+
+    _instance: UcxLoop | None = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def get(cls, device: torch.device | str = "cpu") -> UcxLoop:
+        with cls._lock:
+            if cls._instance is None:
+                configure_ucx_env(torch.device(device))
+                cls._instance = cls()
+            return cls._instance
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="disagg-ucx", daemon=True)
+        self._thread.start()
+        self.call(self._init_ucxx(), timeout=60)
+
+    async def _init_ucxx(self) -> None:
+        import ucxx
+
+        ucxx.init()  # binds ucxx progress to this (running) loop
+
+    def call(self, coro: Awaitable[Any], timeout: float | None = None) -> Any:
+        """Run `coro` on the loop and wait for its result (from any thread but the loop's)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def run_sync(self, fn: Callable[..., Any], *args: Any, timeout: float | None = 30) -> Any:
+        """Run the plain function `fn` on the loop thread and return its result."""
+
+        async def wrapper() -> Any:
+            return fn(*args)
+
+        return self.call(wrapper(), timeout)
+
+
+class Peer:
+    """One UCX endpoint to a remote rank.
+
+    Control messages arrive in `on_message(peer, msg)`; when the endpoint fails (UCX error: the
+    process died or the link broke) or stays silent for `heartbeat_timeout_s`, `on_close(peer,
+    reason)` runs once. Both callbacks run on the loop thread.
+    """
+
+    def __init__(
+        self,
+        ep: Any,
+        name: str,
+        on_message: Callable[[Peer, Any], None],
+        on_close: Callable[[Peer, str], None],
+        heartbeat_s: float = 1.0,
+        heartbeat_timeout_s: float = 5.0,
+    ) -> None:
+        self.ep = ep
+        self.name = name
+        self.on_message = on_message
+        self.on_close = on_close
+        self.heartbeat_s = heartbeat_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.last_seen = time.monotonic()
+        self.closed = False
+        self.info: Any = None  # the remote rank's KVLayout, once the handshake is done
+        self.server_key: Any = None  # decode side: the prefill server this rank belongs to
+        self._next_tag = 1
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.ensure_future(self._read_loop()),
+            asyncio.ensure_future(self._heartbeat_loop()),
+        ]
+
+    def new_tag(self) -> int:
+        tag, self._next_tag = self._next_tag, self._next_tag + 1
+        return tag
+
+    async def send_msg(self, msg: Any) -> None:
+        import numpy as np
+
+        await self.ep.am_send(np.frombuffer(encode(msg), dtype=np.uint8))
+
+    def post_msg(self, msg: Any) -> None:
+        """Fire-and-forget send; a failure closes the peer."""
+        if not self.closed:
+            asyncio.ensure_future(self._guarded(self.send_msg(msg)))
+
+    async def send_data(self, data: torch.Tensor, tag: int) -> None:
+        await self.ep.send(tensor_buffer(data), tag=tag)
+
+    async def recv_data(self, data: torch.Tensor, tag: int) -> None:
+        await self.ep.recv(tensor_buffer(data), tag=tag)
+
+    async def recv_msg(self, timeout: float) -> Any:
+        """Receive one control message directly (only before `start()`: the handshake)."""
+        return decode(bytes(await asyncio.wait_for(self.ep.am_recv(), timeout)))
+
+    async def _guarded(self, coro: Awaitable[Any]) -> None:
+        try:
+            await coro
+        except Exception as e:  # noqa: BLE001 - any UCX error means the endpoint is gone
+            self.close(f"peer_died: {self.name} unreachable: {type(e).__name__}: {e}")
+
+    async def _read_loop(self) -> None:
+        while not self.closed:
+            try:
+                raw = await self.ep.am_recv()
+            except Exception as e:  # noqa: BLE001
+                self.close(f"peer_died: {self.name}: {type(e).__name__}: {e}")
+                return
+            self.last_seen = time.monotonic()
+            try:
+                msg = decode(bytes(raw))
+            except Exception as e:  # noqa: BLE001 - a malformed message: drop it, keep the peer
+                logger.warning("dropping malformed control message from %s: %s", self.name, e)
+                continue
+            if not isinstance(msg, HeartbeatMsg):
+                try:
+                    self.on_message(self, msg)
+                except Exception:
+                    logger.exception("error handling %s from %s", type(msg).__name__, self.name)
+
+    async def _heartbeat_loop(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(self.heartbeat_s)
+            if time.monotonic() - self.last_seen > self.heartbeat_timeout_s:
+                self.close(f"peer_died: {self.name} silent for more than {self.heartbeat_timeout_s:.1f}s")
+                return
+            self.post_msg(HeartbeatMsg())
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        logger.info("closing peer %s: %s", self.name, reason)
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        try:
+            self.ep.abort()
+        except Exception:  # noqa: BLE001
+            pass
+        self.on_close(self, reason)
