@@ -74,6 +74,8 @@ class HealthChecker:
             ):
                 logger.info("worker %s is healthy", worker.url)
                 worker.set_healthy(True)
+                if worker.was_healthy:
+                    worker.breaker.reset()  # back from the dead: a fresh process deserves fresh trust
                 worker.was_healthy = True
         else:
             worker.health_failures += 1

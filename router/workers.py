@@ -72,6 +72,10 @@ class CircuitBreaker:
             self._opened_at = time.monotonic()
             self._set(BreakerState.OPEN)
 
+    def reset(self) -> None:
+        """Close: the worker came back (passed health checks after being down)."""
+        self._set(BreakerState.CLOSED)
+
     def _set(self, state: BreakerState) -> None:
         self._state = state
         self._successes = 0
