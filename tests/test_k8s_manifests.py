@@ -125,13 +125,13 @@ def _arg(args: list[str], flag: str) -> str | None:
 
 
 def _selector(args: list[str], flag: str) -> dict[str, str]:
-    """The router's --prefill-selector/--decode-selector: `k=v` words, comma or space separated."""
+    """The router's --prefill-selector/--decode-selector: the KEY=VALUE words after the flag, ANDed."""
     i = args.index(flag)
     words = []
     for a in args[i + 1 :]:
         if a.startswith("--"):
             break
-        words += a.split(",")
+        words.append(a)
     return dict(w.split("=", 1) for w in words)
 
 
