@@ -13,6 +13,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+
 from tests.k8s_helpers import K8S, assert_flags_accepted, flags_in, render
 
 K8S_VERSION = "1.37.0"
@@ -100,7 +101,9 @@ def test_names_and_variables_resolve(rendered):
                 defined = {e["name"] for e in c.get("env", [])}
                 for source in c.get("envFrom", []):
                     ref = source["configMapRef"]["name"]
-                    assert ref in config_maps, f"{name}: {obj['metadata']['name']} refers to missing ConfigMap {ref}"
+                    assert ref in config_maps, (
+                        f"{name}: {obj['metadata']['name']} refers to missing ConfigMap {ref}"
+                    )
                     defined |= set(config_maps[ref])
                 if obj["kind"] == "LeaderWorkerSet":
                     defined |= LWS_ENV
@@ -142,7 +145,9 @@ def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
 @pytest.mark.parametrize("overlay", ["lws", "cpu-dev", "rdma"])
 def test_lws_leader_and_workers_form_one_server(overlay):
     objs = render(K8S / "overlays" / overlay)
-    router_args = _objs(objs, "Deployment", "disagg-router")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    router_args = _objs(objs, "Deployment", "disagg-router")[0]["spec"]["template"]["spec"]["containers"][0][
+        "args"
+    ]
     for role in ("prefill", "decode"):
         lws = _objs(objs, "LeaderWorkerSet", f"disagg-{role}")[0]
         leader = lws["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
@@ -166,7 +171,9 @@ def test_lws_leader_and_workers_form_one_server(overlay):
         dshm = {v["name"]: v for v in leader["spec"]["volumes"]}["dshm"]
         assert dshm["emptyDir"]["medium"] == "Memory"
         assert leader["spec"]["terminationGracePeriodSeconds"] >= 30
-    prefill_leader = _objs(objs, "LeaderWorkerSet", "disagg-prefill")[0]["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
+    prefill_leader = _objs(objs, "LeaderWorkerSet", "disagg-prefill")[0]["spec"]["leaderWorkerTemplate"][
+        "leaderTemplate"
+    ]
     # the router reads the KV bootstrap port from this annotation: it must be the port we serve
     assert prefill_leader["metadata"]["annotations"]["sglang.ai/bootstrap-port"] == _arg(
         prefill_leader["spec"]["containers"][0]["args"], "--disaggregation-bootstrap-port"
@@ -176,7 +183,9 @@ def test_lws_leader_and_workers_form_one_server(overlay):
 def test_statefulset_variant_discovers_pod_zero_only():
     objs = render(K8S / "overlays" / "statefulset")
     assert not _objs(objs, "LeaderWorkerSet")
-    router_args = _objs(objs, "Deployment", "disagg-router")[0]["spec"]["template"]["spec"]["containers"][0]["args"]
+    router_args = _objs(objs, "Deployment", "disagg-router")[0]["spec"]["template"]["spec"]["containers"][0][
+        "args"
+    ]
     config = _objs(objs, "ConfigMap")[0]["data"]
     for role in ("prefill", "decode"):
         sts = _objs(objs, "StatefulSet", f"disagg-{role}")[0]
@@ -228,7 +237,11 @@ def test_router_may_list_and_watch_pods():
     role = _objs(objs, "Role", "disagg-router")[0]
     assert {"list", "watch"} <= set(role["rules"][0]["verbs"]) and role["rules"][0]["resources"] == ["pods"]
     binding = _objs(objs, "RoleBinding", "disagg-router")[0]
-    assert binding["subjects"][0] == {"kind": "ServiceAccount", "name": "disagg-router", "namespace": "disagg"}
+    assert binding["subjects"][0] == {
+        "kind": "ServiceAccount",
+        "name": "disagg-router",
+        "namespace": "disagg",
+    }
     pod = _objs(objs, "Deployment", "disagg-router")[0]["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "disagg-router"
 
@@ -238,7 +251,9 @@ def test_monitors_select_the_scraped_pods():
     monitoring = render(K8S / "monitoring")
     for role in ("prefill", "decode"):
         pm = _objs(monitoring, "PodMonitor", f"disagg-{role}")[0]
-        leader = _objs(objs, "LeaderWorkerSet", f"disagg-{role}")[0]["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
+        leader = _objs(objs, "LeaderWorkerSet", f"disagg-{role}")[0]["spec"]["leaderWorkerTemplate"][
+            "leaderTemplate"
+        ]
         assert _matches(pm["spec"]["selector"]["matchLabels"], leader["metadata"]["labels"])
         ports = {p["name"] for p in leader["spec"]["containers"][0]["ports"]}
         assert pm["spec"]["podMetricsEndpoints"][0]["port"] in ports
@@ -255,7 +270,9 @@ def test_every_flag_exists_in_our_entry_points(tmp_path):
     """All flags in all overlays (api-key included) are accepted by launch_router/prefill/decode."""
     seen: dict[str, list[str]] = {}
     for overlay in ["lws+api-key", "statefulset+api-key", "rdma"]:
-        path = _with_api_key(overlay.split("+")[0], tmp_path) if "+" in overlay else K8S / "overlays" / overlay
+        path = (
+            _with_api_key(overlay.split("+")[0], tmp_path) if "+" in overlay else K8S / "overlays" / overlay
+        )
         for obj in render(path):
             for _, template in _pod_templates(obj):
                 for c in template["spec"]["containers"]:
