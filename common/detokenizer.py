@@ -12,7 +12,6 @@ import traceback
 from dataclasses import dataclass, field
 
 import zmq
-
 from disagg.common.ipc import (
     BatchStrOutMsg,
     BatchTokenOutMsg,
@@ -108,7 +107,9 @@ class Detokenizer:
     def _top_texts(self, tops: list[list[list]] | None) -> list[list[list]] | None:
         if tops is None:
             return None
-        return [[[self.tokenizer.decode([int(t)]), int(t), float(lp)] for t, lp in per_tok] for per_tok in tops]
+        return [
+            [[self.tokenizer.decode([int(t)]), int(t), float(lp)] for t, lp in per_tok] for per_tok in tops
+        ]
 
     def handle_batch(self, batch: BatchTokenOutMsg) -> BatchStrOutMsg:
         for info in batch.new_reqs:
@@ -121,9 +122,16 @@ class Detokenizer:
         except Exception:  # a broken decode must end the request, not leave its client waiting
             logger.exception("detokenizing %s failed", out.rid)
             self.states.pop(out.rid, None)
-            return StrOut(out.rid, "", list(out.new_token_ids), finished=True, finish_reason="abort",
-                          error="detokenization failed", prompt_tokens=out.prompt_tokens,
-                          completion_tokens=out.completion_tokens)
+            return StrOut(
+                out.rid,
+                "",
+                list(out.new_token_ids),
+                finished=True,
+                finish_reason="abort",
+                error="detokenization failed",
+                prompt_tokens=out.prompt_tokens,
+                completion_tokens=out.completion_tokens,
+            )
 
 
 def run_detokenizer_process(tokenizer_path: str, ipc: IpcNames, ready_conn, log_level: str = "info") -> None:

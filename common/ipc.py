@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 
 import zmq
-
 from disagg.common.messages import message
 from disagg.common.request import SamplingParams, TokenOut
 

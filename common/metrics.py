@@ -7,8 +7,17 @@ class with role="prefill" / role="decode".
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+disable_created_metrics()  # the *_created series only add noise to a scrape
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                     1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
@@ -20,7 +29,10 @@ _GAUGES = {
     "num_running": ("disagg_num_running_requests", "Requests in the running (decoding) batch"),
     "num_waiting": ("disagg_num_queue_requests", "Requests waiting to be scheduled"),
     "kv_usage": ("disagg_kv_usage_ratio", "Fraction of KV pool pages in use (token usage), 0..1"),
-    "cache_hit_rate": ("disagg_prefix_cache_hit_rate", "Fraction of prompt tokens served from the prefix cache"),
+    "cache_hit_rate": (
+        "disagg_prefix_cache_hit_rate",
+        "Fraction of prompt tokens served from the prefix cache",
+    ),
     "num_used_pages": ("disagg_num_used_pages", "KV pool pages in use"),
     "num_total_pages": ("disagg_num_total_pages", "KV pool pages in total"),
 }
@@ -47,7 +59,9 @@ class ServerMetrics:
                                      lbl, registry=r).labels(role)  # fmt: skip
         self.requests = Counter("disagg_requests", "Finished requests by finish reason",
                                 ["role", "finish_reason"], registry=r)  # fmt: skip
-        self.gauges = {key: Gauge(name, doc, lbl, registry=r).labels(role) for key, (name, doc) in _GAUGES.items()}
+        self.gauges = {
+            key: Gauge(name, doc, lbl, registry=r).labels(role) for key, (name, doc) in _GAUGES.items()
+        }
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -60,7 +74,9 @@ class ServerMetrics:
         for _ in range(num_tokens):
             self.itl.observe(seconds / num_tokens)
 
-    def observe_finish(self, e2e_seconds: float, finish_reason: str, prompt_tokens: int, cached_tokens: int) -> None:
+    def observe_finish(
+        self, e2e_seconds: float, finish_reason: str, prompt_tokens: int, cached_tokens: int
+    ) -> None:
         self.e2e.observe(e2e_seconds)
         self.requests.labels(self.role, finish_reason or "unknown").inc()
         self.prompt_tokens.inc(prompt_tokens)

@@ -6,9 +6,6 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-
 from disagg.common.ipc import StrOut
 from disagg.common.protocol import APIError, ChatCompletionRequest, CompletionRequest, OpenAISampling
 from disagg.common.request import SamplingParams
@@ -26,6 +23,8 @@ from disagg.common.serving_common import (
     usage,
     with_seed,
 )
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 router = APIRouter()
 
@@ -47,8 +46,12 @@ class Job:
     def start(self, state: ServerState, pd: dict) -> list[AsyncIterator[StrOut]]:
         single = len(self.prompts) * self.n == 1
         return [
-            state.tm.generate(self.rid if single else f"{self.rid}-{i}", self.prompts[i // self.n],
-                              with_seed(self.sampling, i % self.n), pd)  # fmt: skip
+            state.tm.generate(
+                self.rid if single else f"{self.rid}-{i}",
+                self.prompts[i // self.n],
+                with_seed(self.sampling, i % self.n),
+                pd,
+            )  # fmt: skip
             for i in range(len(self.prompts) * self.n)
         ]
 
@@ -61,7 +64,9 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": [card]}
 
 
-def sampling_from(req: OpenAISampling, max_new_tokens: int, return_logprob: bool, top_n: int) -> SamplingParams:
+def sampling_from(
+    req: OpenAISampling, max_new_tokens: int, return_logprob: bool, top_n: int
+) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return make_sampling(
         max_new_tokens=max_new_tokens,
@@ -188,7 +193,12 @@ def completion_logprobs(acc: ChoiceAcc) -> dict:
         offsets.append(pos)
         pos += len(tok)
     tops = [{t: tlp for t, _, tlp in top} for top in acc.top_logprobs] if acc.top_logprobs else None
-    return {"tokens": acc.token_texts, "token_logprobs": acc.logprobs, "top_logprobs": tops, "text_offset": offsets}
+    return {
+        "tokens": acc.token_texts,
+        "token_logprobs": acc.logprobs,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
 
 
 async def stream_chunks(job: Job, state: ServerState, pd: dict) -> AsyncIterator[str]:

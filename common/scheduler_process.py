@@ -13,7 +13,6 @@ import traceback
 from typing import Any, Protocol
 
 import zmq
-
 from disagg.common.config import EngineConfig
 from disagg.common.ipc import (
     AbortReqMsg,
@@ -90,16 +89,20 @@ class SchedulerLoop:
 
     def add_request(self, msg: GenerateReqMsg) -> None:
         sp = msg.sampling
-        self.new_reqs.append(
-            DetokReqInfo(msg.rid, list(sp.stop), sp.skip_special_tokens, sp.return_logprob)
-        )
+        self.new_reqs.append(DetokReqInfo(msg.rid, list(sp.stop), sp.skip_special_tokens, sp.return_logprob))
         try:
             self.scheduler.add_request(Req(rid=msg.rid, input_ids=msg.input_ids, sampling=sp))
         except Exception as e:  # a request the engine refuses must not take the loop down
             logger.warning("request %s rejected: %s", msg.rid, e)
             self.pending_outs.append(
-                TokenOut(msg.rid, [], finished=True, finish_reason="abort", error=str(e),
-                         prompt_tokens=len(msg.input_ids))
+                TokenOut(
+                    msg.rid,
+                    [],
+                    finished=True,
+                    finish_reason="abort",
+                    error=str(e),
+                    prompt_tokens=len(msg.input_ids),
+                )
             )
 
     def send_outputs(self, outs: list[TokenOut]) -> None:
@@ -129,8 +132,10 @@ def run_scheduler_process(config: EngineConfig, ipc: IpcNames, ready_conn, log_l
     die_with_parent()
     setup_child_logging(log_level, "scheduler")
     try:
-        from disagg.common.scheduler import Scheduler
-
+        if config.tp > 1 or config.ep > 1:
+            from disagg.common.engine_tp import TPScheduler as Scheduler  # rank 0 drives the other ranks
+        else:
+            from disagg.common.scheduler import Scheduler
         scheduler = Scheduler(config)
         loop = SchedulerLoop(scheduler, ipc)
     except Exception:

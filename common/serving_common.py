@@ -10,13 +10,12 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from fastapi import Request
-
 from disagg.common.ipc import StrOut
 from disagg.common.metrics import ServerMetrics
 from disagg.common.protocol import APIError
 from disagg.common.request import SamplingParams
 from disagg.common.tokenizer_manager import TokenizerManager
+from fastapi import Request
 
 DISCONNECT_POLL_S = 0.2
 

@@ -17,8 +17,16 @@ from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
-
-from disagg.common.ipc import AbortReqMsg, BatchStrOutMsg, GenerateReqMsg, IpcNames, PingMsg, PongMsg, StrOut, zmq_socket
+from disagg.common.ipc import (
+    AbortReqMsg,
+    BatchStrOutMsg,
+    GenerateReqMsg,
+    IpcNames,
+    PingMsg,
+    PongMsg,
+    StrOut,
+    zmq_socket,
+)
 from disagg.common.messages import decode, encode
 from disagg.common.metrics import ServerMetrics
 from disagg.common.request import SamplingParams

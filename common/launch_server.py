@@ -1,0 +1,205 @@
+"""`launch_server`: the colocated server (HTTP + scheduler + detokenizer processes).
+
+    launch_server                                  # embedded default model on 127.0.0.1:30000
+    launch_server --model-path DIR --port 8000 --api-key KEY --max-running-requests 64
+
+Start-up: spawn the scheduler (loads the model) and the detokenizer, wait until both say ready,
+then serve HTTP in this process. SIGINT/SIGTERM: answer 503 to new requests, let running ones
+finish within --grace-period seconds (then abort them), stop HTTP, stop the children. Children
+die with this process (PR_SET_PDEATHSIG), so none outlives it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import multiprocessing as mp
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import uvicorn
+from disagg.common.config import EngineConfig, add_engine_args
+from disagg.common.detokenizer import run_detokenizer_process
+from disagg.common.http_server import create_app
+from disagg.common.ipc import IpcNames
+from disagg.common.metrics import ServerMetrics
+from disagg.common.model_files import resolve_model_path
+from disagg.common.scheduler_process import run_scheduler_process
+from disagg.common.serving_common import ServerState
+from disagg.common.tokenizer_manager import TokenizerManager
+
+logger = logging.getLogger("disagg.server")
+
+READY_TIMEOUT_S = 600.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str | None = None
+    served_model_name: str | None = None  # default: the model folder's name
+    tokenizer_path: str | None = None  # default: the model path
+    log_level: str = "info"
+    max_request_body_size: int = 32 << 20  # bytes; larger bodies get 413
+    grace_period: float = 30.0  # seconds running requests get to finish at shutdown
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    d = ServerConfig()
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default=d.host)
+    g.add_argument("--port", type=int, default=d.port)
+    g.add_argument(
+        "--api-key", default=d.api_key, help="require `Authorization: Bearer KEY` (all but /health)"
+    )
+    g.add_argument("--served-model-name", default=d.served_model_name)
+    g.add_argument("--tokenizer-path", default=d.tokenizer_path)
+    g.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
+    g.add_argument("--max-request-body-size", type=int, default=d.max_request_body_size, help="bytes")
+    g.add_argument("--grace-period", "--graceful-shutdown-timeout", dest="grace_period", type=float,
+                   default=d.grace_period, help="seconds running requests may finish after SIGTERM")  # fmt: skip
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that a signal first drains: 503 for new requests, running ones finish."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, grace_period: float, children=()):
+        super().__init__(config)
+        self.state, self.grace_period, self.children = state, grace_period, list(children)
+        self.drain_task: asyncio.Task | None = None
+        self.exit_code = 0
+
+    def handle_exit(self, sig, frame) -> None:
+        # NOTE: runs in the signal handler; not recorded in _captured_signals, so uvicorn does not
+        # re-raise it after serving and we get to stop the children ourselves.
+        if self.state.draining:
+            self.should_exit = True  # a second signal: stop now
+            return
+        logger.info("signal %s: draining (grace period %.0fs)", sig, self.grace_period)
+        self.state.draining = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.state.draining and self.drain_task is None:
+            self.drain_task = asyncio.create_task(self.drain())
+        if self.drain_task is not None and self.drain_task.done():
+            return True
+        if counter % 10 == 0:
+            dead = [p.name for p in self.children if not p.is_alive()]
+            if dead:
+                logger.error("%s exited unexpectedly: shutting down", ", ".join(dead))
+                self.exit_code = 1
+                return True
+        return await super().on_tick(counter)
+
+    async def drain(self) -> None:
+        deadline = time.monotonic() + self.grace_period
+        while self.state.tm.num_in_flight and time.monotonic() < deadline and not self.should_exit:
+            await asyncio.sleep(0.05)
+        if self.state.tm.num_in_flight:
+            logger.warning("grace period over: aborting %d requests", self.state.tm.abort())
+            await asyncio.sleep(0.5)  # let the abort outputs reach their clients
+
+
+def start_children(engine: EngineConfig, server: ServerConfig, ipc: IpcNames, scheduler_target: Callable):
+    ctx = mp.get_context("spawn")
+    specs = [
+        ("scheduler", scheduler_target, (engine, ipc)),
+        ("detokenizer", run_detokenizer_process, (server.tokenizer_path or engine.model_path, ipc)),
+    ]
+    procs, conns = [], []
+    for name, target, args in specs:
+        recv_end, send_end = ctx.Pipe(duplex=False)
+        proc = ctx.Process(
+            target=target, args=(*args, send_end, server.log_level), name=f"disagg-{name}", daemon=True
+        )
+        proc.start()
+        send_end.close()
+        procs.append(proc)
+        conns.append(recv_end)
+    return procs, conns
+
+
+def wait_ready(procs, conns) -> list[dict]:
+    """Each child's ready record; raises if one fails or dies first."""
+    infos, deadline = [], time.monotonic() + READY_TIMEOUT_S
+    for proc, conn in zip(procs, conns, strict=True):
+        while not conn.poll(0.2):
+            if not proc.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.name} died or hung during start-up (exit code {proc.exitcode})")
+        try:
+            info = conn.recv()
+        except EOFError:
+            raise RuntimeError(f"{proc.name} exited during start-up (exit code {proc.exitcode})") from None
+        if info.get("status") != "ready":
+            raise RuntimeError(f"{proc.name} failed to start:\n{info.get('error')}")
+        infos.append(info)
+    return infos
+
+
+def stop_children(procs, timeout: float = 5.0) -> None:
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(1.0)
+
+
+def launch(engine: EngineConfig, server: ServerConfig, scheduler_target: Callable = run_scheduler_process,
+           role: str = "server") -> None:  # fmt: skip
+    """Run a server until a signal stops it. Prefill/decode servers pass their own scheduler target."""
+    engine = engine.replace(model_path=resolve_model_path(engine.model_path))
+    ipc = IpcNames.new()
+    procs, conns = start_children(engine, server, ipc, scheduler_target)
+    try:
+        infos = wait_ready(procs, conns)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(server.tokenizer_path or engine.model_path)
+        metrics = ServerMetrics(role)
+        name = server.served_model_name or engine.model_path.rstrip("/").rsplit("/", 1)[-1]
+        info = {**dataclasses.asdict(engine), **dataclasses.asdict(server), "api_key": None, "role": role}
+        state = ServerState(TokenizerManager(tokenizer, ipc, infos[0]["context_length"], metrics), metrics,
+                            name, engine.model_path, infos[0]["context_length"], info)  # fmt: skip
+        app = create_app(state, server.api_key, server.max_request_body_size)
+        config = uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level,
+                                timeout_graceful_shutdown=5, access_log=server.log_level == "debug")  # fmt: skip
+        logger.info("serving %s on http://%s:%d", name, server.host, server.port)
+        http = DrainingServer(config, state, server.grace_period, procs)
+        http.run()
+        if http.exit_code:
+            raise RuntimeError("a server process died")
+    finally:
+        stop_children(procs)
+        ipc.cleanup()
+        logger.info("server stopped")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="launch_server", description=__doc__.split("\n\n")[0])
+    add_engine_args(parser)
+    add_server_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s [http] %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    try:
+        launch(EngineConfig.from_args(args), ServerConfig.from_args(args))
+    except RuntimeError as e:
+        logger.error("%s", e)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""SGLang-native endpoints: /generate, /abort_request, /health, /health_generate, /metrics, info."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+
+from disagg.common.ipc import StrOut
+from disagg.common.protocol import AbortRequest, APIError, GenerateRequest
+from disagg.common.request import SamplingParams
+from disagg.common.serving_common import (
+    ChoiceAcc,
+    ServerState,
+    check_lengths,
+    make_sampling,
+    merge_streams,
+    new_rid,
+    sse,
+    state_of,
+    until_disconnect,
+)
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+router = APIRouter()
+
+HEALTH_TIMEOUT_S = 10.0  # a CPU step with a long prefill chunk can take seconds
+STATS_TIMEOUT_S = 2.0
+_SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - {"return_logprob", "top_logprobs_num"}
+# SGLang parameters we accept only at their neutral value
+_NEUTRAL = {"n": 1, "min_new_tokens": 0, "repetition_penalty": 1.0, "no_stop_trim": False,
+            "spaces_between_special_tokens": True}  # fmt: skip
+
+
+def native_sampling(req: GenerateRequest) -> dict:
+    params = dict(req.sampling_params or {})
+    if "sampling_seed" in params:
+        params["seed"] = params.pop("sampling_seed")
+    for key, neutral in _NEUTRAL.items():
+        if key in params and params.pop(key) != neutral:
+            raise APIError(400, f"sampling parameter {key} is not supported (only {neutral!r})", key)
+    unknown = sorted(set(params) - _SAMPLING_KEYS)
+    if unknown:
+        raise APIError(400, f"unknown sampling parameters: {', '.join(unknown)}", unknown[0])
+    if isinstance(params.get("stop"), str):
+        params["stop"] = [params["stop"]]
+    return params
+
+
+async def native_prompts(state: ServerState, req: GenerateRequest) -> tuple[list[list[int]], bool]:
+    """(token ids per prompt, whether the body was a batch)."""
+    if (req.text is None) == (req.input_ids is None):
+        raise APIError(400, "give exactly one of `text` and `input_ids`", "text")
+    if req.text is not None:
+        texts = req.text if isinstance(req.text, list) else [req.text]
+        if not texts:
+            raise APIError(400, "the prompt is empty", "text")
+        return [await state.tm.tokenize(t) for t in texts], isinstance(req.text, list)
+    if req.input_ids and isinstance(req.input_ids[0], list):
+        return [list(p) for p in req.input_ids], True
+    return [list(req.input_ids)], False
+
+
+@router.post("/generate")
+async def generate(req: GenerateRequest, request: Request) -> Response:
+    state = state_of(request)
+    prompts, batch = await native_prompts(state, req)
+    params = native_sampling(req)
+    samplings = []
+    for ids in prompts:
+        max_new = check_lengths(state, len(ids), params.get("max_new_tokens", 128), "max_new_tokens")
+        samplings.append(make_sampling(**{**params, "max_new_tokens": max_new},
+                                       return_logprob=req.return_logprob, top_logprobs_num=req.top_logprobs_num))  # fmt: skip
+    rids = req.rid if isinstance(req.rid, list) else [req.rid] if req.rid else None
+    if rids is None:
+        rids = [new_rid("gen") for _ in prompts]
+    if len(rids) != len(prompts):
+        raise APIError(400, f"{len(rids)} rids for {len(prompts)} prompts", "rid")
+    gens = [state.tm.generate(r, ids, sp, req.pd_fields()) for r, ids, sp in zip(rids, prompts, samplings, strict=True)]
+    start = time.perf_counter()
+    if req.stream:
+        return StreamingResponse(native_stream(gens, rids, batch, start), media_type="text/event-stream")
+    accs = await until_disconnect(request, collect(gens))
+    if accs is None:
+        return Response(status_code=499)
+    for acc in accs:
+        acc.raise_if_rejected()
+    bodies = [native_body(acc, rid, start) for acc, rid in zip(accs, rids, strict=True)]
+    return JSONResponse(bodies if batch else bodies[0])
+
+
+async def collect(gens: list[AsyncIterator[StrOut]]) -> list[ChoiceAcc]:
+    accs = [ChoiceAcc() for _ in gens]
+    try:
+        async for i, out in merge_streams(gens):
+            accs[i].add(out)
+    except ValueError as e:
+        raise APIError(400, str(e), "rid") from None
+    return accs
+
+
+async def native_stream(gens, rids: list[str], batch: bool, start: float) -> AsyncIterator[str]:
+    """SGLang's stream shape: each event carries the text and output ids so far."""
+    accs = [ChoiceAcc() for _ in gens]
+    try:
+        async for i, out in merge_streams(gens):
+            accs[i].add(out)
+            if out.finished and out.error and not accs[i].output_ids:
+                yield sse(APIError(400, out.error).body())
+                continue
+            body = native_body(accs[i], rids[i], start)
+            yield sse({**body, "index": i} if batch else body)
+    except ValueError as e:
+        yield sse(APIError(400, str(e), "rid").body())
+    yield sse("[DONE]")
+
+
+def finish_reason_body(last: StrOut | None) -> dict | None:
+    if last is None or not last.finished:
+        return None
+    if last.finish_reason == "stop":
+        return {"type": "stop", "matched": last.matched_stop}
+    if last.finish_reason == "length":
+        return {"type": "length", "length": last.completion_tokens}
+    return {"type": last.finish_reason or "abort", "message": last.error or "aborted"}
+
+
+def native_body(acc: ChoiceAcc, rid: str, start: float) -> dict:
+    last = acc.last
+    meta = {
+        "id": rid,
+        "finish_reason": finish_reason_body(last),
+        "prompt_tokens": last.prompt_tokens if last else 0,
+        "completion_tokens": len(acc.output_ids),
+        "cached_tokens": last.cached_tokens if last else 0,
+        "e2e_latency": time.perf_counter() - start,
+    }
+    if acc.logprobs:
+        meta["output_token_logprobs"] = [[lp, tid, None] for lp, tid in zip(acc.logprobs, acc.output_ids, strict=False)]
+        if acc.top_logprobs:
+            meta["output_top_logprobs"] = [
+                [[lp, tid, None] for _, tid, lp in top] for top in acc.top_logprobs
+            ]
+    return {"text": acc.text, "output_ids": list(acc.output_ids), "meta_info": meta}
+
+
+@router.post("/abort_request")
+async def abort_request(req: AbortRequest, request: Request) -> dict:
+    if not req.abort_all and not req.rid:
+        raise APIError(400, "give `rid` or `abort_all: true`", "rid")
+    n = state_of(request).tm.abort(None if req.abort_all else req.rid)
+    return {"aborted": n}
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    ok = await state_of(request).tm.ping(HEALTH_TIMEOUT_S) is not None
+    if not ok:
+        raise APIError(503, "the scheduler did not answer", type="service_unavailable")
+    return Response(status_code=200)
+
+
+@router.get("/health_generate")
+async def health_generate(request: Request) -> Response:
+    state = state_of(request)
+    bos = state.tm.tokenizer.bos_token_id or 0
+    gen = state.tm.generate(new_rid("health"), [bos], SamplingParams(max_new_tokens=1, temperature=0.0))
+    accs = await until_disconnect(request, collect([gen]))
+    if not accs or not accs[0].last or accs[0].last.error:
+        raise APIError(503, "health generation failed", type="service_unavailable")
+    return Response(status_code=200)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    state = state_of(request)
+    stats = await state.tm.ping(STATS_TIMEOUT_S, want_stats=True)
+    if stats:
+        state.metrics.set_stats(stats)
+    return Response(state.metrics.render(), media_type=state.metrics.CONTENT_TYPE)
+
+
+@router.get("/server_info")
+@router.get("/get_server_info")
+async def server_info(request: Request) -> dict:
+    state = state_of(request)
+    stats = await state.tm.ping(STATS_TIMEOUT_S, want_stats=True)
+    return {**state.server_info, "context_length": state.context_length, "internal_states": [stats or {}],
+            "num_in_flight": state.tm.num_in_flight, "draining": state.draining}  # fmt: skip
+
+
+@router.get("/model_info")
+@router.get("/get_model_info")
+async def model_info(request: Request) -> dict:
+    state = state_of(request)
+    return {"model_path": state.model_path, "tokenizer_path": state.model_path, "is_generation": True,
+            "served_model_name": state.model_name, "context_length": state.context_length}  # fmt: skip
