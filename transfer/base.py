@@ -158,8 +158,12 @@ class TransferBase:
 
     def _fail_rooms_of(self, peer: Peer, reason: str) -> None:
         for state in list(self.rooms.values()):
-            if peer in state.peers:
+            if self._depends_on(state, peer):
                 self._fail(state, reason, skip=peer)
+
+    def _depends_on(self, state: RoomState, peer: Peer) -> bool:
+        """Whether `state` can no longer complete without `peer` (overridden per side)."""
+        return peer in state.peers
 
     async def _watch_deadlines(self) -> None:
         period = min(0.1, self.timeout_s / 10)

@@ -156,16 +156,19 @@ class KVReceiver(TransferBase):
         self.peers.discard(peer)
         fut = self._servers.get(peer.server_key)
         if fut is not None and fut.done() and not fut.exception() and peer in fut.result().peers:
-            del self._servers[peer.server_key]  # the next expect() reconnects (e.g. to a restarted server)
-            for other in fut.result().peers:
-                if other is not peer:
-                    other.close(f"peer_died: {peer.name} of the same prefill server is gone")
+            # the next expect() reconnects (e.g. to a restarted server); the other ranks' endpoints
+            # stay open for the rooms still using them
+            del self._servers[peer.server_key]
         self._fail_rooms_of(peer, reason)
 
     # ---- loop thread: rooms ----
     def _finish(self, state: RoomState, result: TransferResult) -> None:
         super()._finish(state, result)
         self._active_ids.discard(state.room)
+
+    def _depends_on(self, state: _RecvRoom, peer: Peer) -> bool:
+        src = state.sources.get(peer.info.tp_rank) if peer.info is not None else None
+        return src is not None and src.peer is peer
 
     def _on_expect(self, room: Room, key: ServerKey, pages: torch.Tensor) -> None:
         state = self.rooms[room] = _RecvRoom(room, deadline=self._new_deadline(), dst_pages=pages)

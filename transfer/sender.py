@@ -150,6 +150,12 @@ class KVSender(TransferBase):
         self.peers.discard(peer)
         self._fail_rooms_of(peer, reason)
 
+    def _depends_on(self, state: _SendRoom, peer: Peer) -> bool:
+        if state.targets is None:
+            return peer in state.peers
+        # a decode rank that already acked (or gets nothing from this rank) is not needed any more
+        return peer.info.tp_rank in {t.decode_rank for t in state.targets} - state.acked
+
     def _room(self, room: Room) -> _SendRoom:
         state = self.rooms.get(room)
         if state is None:

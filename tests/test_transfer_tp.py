@@ -1,0 +1,88 @@
+"""KV transfer between two "servers" of rank processes: exact bytes, heterogeneous TP, every room done."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+
+import pytest
+import torch
+from disagg.transfer import BootstrapServer, KVLayout, plan_head_slices
+from disagg.transfer.testing import (
+    decode_rank_main,
+    full_pool,
+    make_requests,
+    prefill_rank_main,
+    rank_slice,
+    tensor_from_bytes,
+)
+
+PREFILL_PAGES, DECODE_PAGES, SENTINEL, SEED = 400, 300, -7.0, 1234
+
+
+def _layout(tp_rank: int, tp_size: int) -> KVLayout:
+    return KVLayout(num_layers=3, page_size=4, num_kv_heads_total=4, head_dim=8, dtype="bfloat16",
+                    tp_rank=tp_rank, tp_size=tp_size, model_name="test-model")  # fmt: skip
+
+
+def _run_fleets(prefill_tp: int, decode_tp: int, plans, timeout_s: float = 10.0):
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    bootstrap = BootstrapServer(port=0)
+    procs = []
+    try:
+        for r in range(prefill_tp):
+            args = (_layout(r, prefill_tp), bootstrap.port, PREFILL_PAGES, SEED, plans, out, timeout_s)
+            procs.append(ctx.Process(target=prefill_rank_main, args=args, daemon=True))
+        for r in range(decode_tp):
+            args = (_layout(r, decode_tp), bootstrap.port, DECODE_PAGES, SENTINEL, plans, out, timeout_s)
+            procs.append(ctx.Process(target=decode_rank_main, args=args, daemon=True))
+        for p in procs:
+            p.start()
+        reports = [out.get(timeout=120) for _ in procs]
+    except queue.Empty:
+        pytest.fail(f"rank processes did not report; exit codes {[p.exitcode for p in procs]}")
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        bootstrap.close()
+    return reports
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 1), (1, 2), (2, 2)])
+def test_pages_arrive_exactly_with_heterogeneous_tp(prefill_tp: int, decode_tp: int) -> None:
+    plans = make_requests(30, PREFILL_PAGES, DECODE_PAGES, max_pages=9, seed=prefill_tp * 10 + decode_tp)
+    reports = _run_fleets(prefill_tp, decode_tp, plans)
+    rooms = {p.room for p in plans}
+    full = full_pool(_layout(0, 1), PREFILL_PAGES, SEED)
+    for role, rank, results, active_rooms, pool_bytes in reports:
+        # both sides report every room done, so both can free or use its pages; nothing left behind
+        assert set(results) == rooms, f"{role} rank {rank} missed rooms {rooms - set(results)}"
+        assert all(ok for ok, _, _ in results.values()), f"{role} rank {rank}: {results}"
+        assert active_rooms == 0
+        if role != "decode":
+            continue
+        assert all(results[p.room][2] == {"first_token": p.room * 7} for p in plans)
+        pool = tensor_from_bytes(pool_bytes)
+        expected = rank_slice(full, _layout(rank, decode_tp))
+        touched = torch.zeros(DECODE_PAGES, dtype=torch.bool)
+        for p in plans:
+            assert torch.equal(pool[:, p.dst_pages], expected[:, p.src_pages]), f"room {p.room} differs"
+            touched[p.dst_pages] = True
+        assert (pool[:, ~touched] == SENTINEL).all(), "a page no request owns was written"
+
+
+def test_head_plan_covers_every_decode_head_once() -> None:
+    for prefill_tp, decode_tp, heads in [(2, 1, 8), (1, 2, 8), (2, 4, 8), (8, 2, 8), (4, 8, 2), (8, 1, 1)]:
+        plan = plan_head_slices(prefill_tp, decode_tp, heads)
+        for d in range(decode_tp):
+            got = sorted(h for s in plan if s.decode_rank == d for h in range(s.start, s.end))
+            lo, hi = _layout(0, 1).__class__(1, 1, heads, 1, "bfloat16", d, decode_tp).head_range
+            assert got == list(range(lo, hi))
+        for s in plan:  # each source really holds the heads it sends
+            lo, hi = KVLayout(1, 1, heads, 1, "bfloat16", s.prefill_rank, prefill_tp).head_range
+            assert lo <= s.start < s.end <= hi
