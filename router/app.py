@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 
-import httpx
+import aiohttp
 import orjson
 from disagg.router import metrics
 from disagg.router.admission import AdmissionGate, Rejected
@@ -20,7 +20,7 @@ from disagg.router.config import RouterConfig
 from disagg.router.errors import error_response
 from disagg.router.health import HealthChecker
 from disagg.router.policies import Policy, create_policy
-from disagg.router.proxy import Call, Proxy, ProxyStreamingResponse
+from disagg.router.proxy import UPSTREAM_ERRORS, Call, Proxy, ProxyStreamingResponse, fetch
 from disagg.router.workers import CircuitBreaker, Role, Worker, WorkerRegistry
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -48,7 +48,7 @@ class RouterState:
         )
         key = config.effective_worker_api_key
         self.worker_headers = {"authorization": f"Bearer {key}"} if key else {}
-        self.client: httpx.AsyncClient | None = None
+        self.client: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
         self.health: HealthChecker | None = None
         self._tasks: list[asyncio.Task] = []
@@ -85,10 +85,14 @@ class RouterState:
     async def start(self) -> None:
         c = self.config
         # NOTE: one pooled client for every upstream call; no connection cap (the gate limits load)
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(c.request_timeout_secs, connect=min(10.0, c.request_timeout_secs)),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=1024, keepalive_expiry=60),
+        self.client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=min(10.0, c.request_timeout_secs), sock_read=c.request_timeout_secs
+            ),
             headers={"accept-encoding": "identity"},
+            auto_decompress=False,  # bytes pass through untouched
+            skip_auto_headers=("User-Agent",),
         )
         self.proxy = Proxy(c, self.registry, self.policies, self.client)
         self.health = HealthChecker(c, self.registry, self.client, self.worker_headers)
@@ -108,7 +112,7 @@ class RouterState:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self.client is not None:
-            await self.client.aclose()
+            await self.client.close()
 
     async def _evict_loop(self) -> None:
         while True:
@@ -306,15 +310,12 @@ async def _info(request: Request) -> Response:
     for role in reversed(state.roles):
         for worker in state.registry.available(role):
             try:
-                r = await state.client.get(worker.url + request.scope["path"], headers=headers, timeout=10.0)
-            except httpx.HTTPError:
+                status, body, media_type = await fetch(
+                    state.client, "GET", worker.url + request.scope["path"], headers, 10.0
+                )
+            except UPSTREAM_ERRORS:
                 continue
-            return Response(
-                r.content,
-                r.status_code,
-                headers={"x-request-id": request_id},
-                media_type=r.headers.get("content-type"),
-            )
+            return Response(body, status, headers={"x-request-id": request_id}, media_type=media_type)
     return error_response(
         503, "no available worker", "service_unavailable", headers={"x-request-id": request_id}
     )
@@ -343,15 +344,15 @@ async def _health_generate(request: Request) -> Response:
         picks.append(min(workers, key=lambda w: w.outstanding))
 
     async def probe(worker: Worker) -> str | None:
+        # NOTE: a real generation: allow more than a /health probe
+        timeout = max(state.config.health_check_timeout_secs, 30.0)
         try:
-            r = await state.client.get(
-                worker.url + "/health_generate",
-                headers=state.worker_headers,
-                timeout=state.config.health_check_timeout_secs,
+            status, _, _ = await fetch(
+                state.client, "GET", worker.url + "/health_generate", state.worker_headers, timeout
             )
-        except httpx.HTTPError as exc:
+        except UPSTREAM_ERRORS as exc:
             return f"{worker.url}: {type(exc).__name__}"
-        return None if r.status_code == 200 else f"{worker.url}: HTTP {r.status_code}"
+        return None if status == 200 else f"{worker.url}: HTTP {status}"
 
     failures = [f for f in await asyncio.gather(*(probe(w) for w in picks)) if f]
     if failures:
@@ -369,8 +370,8 @@ async def _abort_request(request: Request) -> Response:
     headers = {"content-type": "application/json", **state.worker_headers}
 
     async def send(worker: Worker) -> None:
-        with contextlib.suppress(httpx.HTTPError):
-            await state.client.post(worker.url + "/abort_request", content=body, headers=headers, timeout=5.0)
+        with contextlib.suppress(*UPSTREAM_ERRORS):
+            await fetch(state.client, "POST", worker.url + "/abort_request", headers, 5.0, body)
 
     await asyncio.gather(*(send(w) for w in state.registry.all()))
     return JSONResponse({"status": "ok"})

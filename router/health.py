@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import httpx
+import aiohttp
 from disagg.router.config import RouterConfig
+from disagg.router.proxy import UPSTREAM_ERRORS, fetch
 from disagg.router.workers import Worker, WorkerRegistry
 
 logger = logging.getLogger("disagg.router")
@@ -22,7 +23,7 @@ class HealthChecker:
         self,
         config: RouterConfig,
         registry: WorkerRegistry,
-        client: httpx.AsyncClient,
+        client: aiohttp.ClientSession,
         headers: dict[str, str],
     ):
         self.config = config
@@ -52,14 +53,13 @@ class HealthChecker:
             await asyncio.gather(*(self.check(w) for w in workers))
 
     async def check(self, worker: Worker) -> bool:
+        url = worker.url + self.config.health_check_endpoint
         try:
-            response = await self.client.get(
-                worker.url + self.config.health_check_endpoint,
-                headers=self.headers,
-                timeout=self.config.health_check_timeout_secs,
+            status, _, _ = await fetch(
+                self.client, "GET", url, self.headers, self.config.health_check_timeout_secs
             )
-            ok = response.status_code == 200
-        except httpx.HTTPError:
+            ok = status == 200
+        except UPSTREAM_ERRORS:
             ok = False
         self.record(worker, ok)
         return ok

@@ -12,10 +12,9 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 import orjson
 from disagg.router import metrics
 from disagg.router.config import RouterConfig
@@ -27,6 +26,7 @@ from starlette.responses import Response, StreamingResponse
 logger = logging.getLogger("disagg.router")
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
 class AttemptFailed(Exception):
@@ -40,12 +40,11 @@ class AttemptFailed(Exception):
 
 @dataclass
 class Leg:
-    """One upstream request: its worker, its httpx response once headers arrived."""
+    """One upstream request: its worker, its aiohttp response once headers arrived."""
 
     worker: Worker
-    response: httpx.Response | None = None
+    response: aiohttp.ClientResponse | None = None
     first_chunk: bytes = b""  # a stream's first chunk, or the whole body of a JSON answer
-    chunks: AsyncIterator[bytes] | None = None
     is_stream: bool = False
     ended: bool = False
 
@@ -74,7 +73,7 @@ class Proxy:
         config: RouterConfig,
         registry: WorkerRegistry,
         policies: dict[Role, Policy],
-        client: httpx.AsyncClient,
+        client: aiohttp.ClientSession,
     ):
         self.config = config
         self.registry = registry
@@ -200,9 +199,8 @@ class Proxy:
         """Read the rest of a prefill answer and drop it (keeps the connection reusable)."""
         try:
             if leg.is_stream:
-                async for _ in leg.chunks:
-                    pass
-        except httpx.HTTPError:
+                await leg.response.read()
+        except UPSTREAM_ERRORS:
             pass
         finally:
             await self._close(leg)
@@ -214,31 +212,25 @@ class Proxy:
 
         Raises AttemptFailed when worth a retry elsewhere, _Final for a non-retryable error status."""
         worker = leg.worker
-        request = self.client.build_request("POST", worker.url + path, content=body, headers=headers)
         try:
-            response = await self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            response = await self.client.post(worker.url + path, data=body, headers=headers)
+        except UPSTREAM_ERRORS as exc:
             raise AttemptFailed(worker, f"{worker.url}: {type(exc).__name__}: {exc}") from None
         leg.response = response
-        leg.chunks = response.aiter_raw()
-        leg.is_stream = response.status_code < 400 and response.headers.get("content-type", "").startswith(
-            "text/event-stream"
-        )
+        leg.is_stream = response.status < 400 and response.content_type == "text/event-stream"
         try:
             if leg.is_stream:
-                leg.first_chunk = await anext(leg.chunks, b"")
+                leg.first_chunk = await response.content.readany()
             else:
-                leg.first_chunk = b"".join([c async for c in leg.chunks])
-                await response.aclose()
-        except httpx.HTTPError as exc:
-            await response.aclose()
+                leg.first_chunk = await response.read()
+                response.release()
+        except UPSTREAM_ERRORS as exc:
+            response.close()
             raise AttemptFailed(worker, f"{worker.url}: {type(exc).__name__} before the answer") from None
-        if response.status_code >= 400:
-            kept = Response(
-                leg.first_chunk, response.status_code, media_type=response.headers.get("content-type")
-            )
-            if response.status_code in RETRYABLE_STATUS:
-                raise AttemptFailed(worker, f"{worker.url}: HTTP {response.status_code}", kept)
+        if response.status >= 400:
+            kept = Response(leg.first_chunk, response.status, media_type=response.headers.get("content-type"))
+            if response.status in RETRYABLE_STATUS:
+                raise AttemptFailed(worker, f"{worker.url}: HTTP {response.status}", kept)
             raise _Final(worker, kept)
 
     def _respond(self, call: Call, leg: Leg, on_done, others: tuple[Leg, ...]) -> Response:
@@ -248,25 +240,26 @@ class Proxy:
         media_type = response.headers.get("content-type")
         if not leg.is_stream:
             leg.end()
-            on_done(response.status_code)
-            return Response(leg.first_chunk, response.status_code, headers=headers, media_type=media_type)
+            on_done(response.status)
+            return Response(leg.first_chunk, response.status, headers=headers, media_type=media_type)
         return ProxyStreamingResponse(
             self._stream(call, leg, others, on_done),
-            status_code=response.status_code,
+            status_code=response.status,
             headers=headers,
             media_type=media_type,
         )
 
     async def _stream(self, call: Call, leg: Leg, others: tuple[Leg, ...], on_done):
         """Pass the worker's bytes through untouched; a client disconnect aborts every leg."""
-        status, finished = leg.response.status_code, False
+        status, finished = leg.response.status, False
+        read = leg.response.content.readany
         try:
-            if leg.first_chunk:
-                yield leg.first_chunk
-            async for chunk in leg.chunks:
+            chunk = leg.first_chunk
+            while chunk:
                 yield chunk
+                chunk = await read()
             finished = True
-        except httpx.HTTPError as exc:
+        except UPSTREAM_ERRORS as exc:
             logger.warning("request %s: stream from %s broke: %s", call.request_id, leg.worker.url, exc)
             metrics.WORKER_ERRORS.labels(worker=leg.worker.url).inc()
             status = 502
@@ -282,7 +275,7 @@ class Proxy:
     async def _close(self, leg: Leg) -> None:
         try:
             if leg.response is not None:
-                await leg.response.aclose()
+                leg.response.close()
         finally:
             leg.end()
 
@@ -293,14 +286,12 @@ class Proxy:
                 continue
             await self._close(leg)
             if call.rid is not None:
+                body = orjson.dumps({"rid": call.rid})
                 try:
-                    await self.client.post(
-                        leg.worker.url + "/abort_request",
-                        json={"rid": call.rid},
-                        headers=call.headers,
-                        timeout=5.0,
+                    await fetch(
+                        self.client, "POST", leg.worker.url + "/abort_request", call.headers, 5.0, body
                     )
-                except httpx.HTTPError as exc:
+                except UPSTREAM_ERRORS as exc:
                     logger.info("abort_request to %s failed: %s", leg.worker.url, exc)
 
     def _spawn(self, coro) -> None:
@@ -308,6 +299,21 @@ class Proxy:
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+async def fetch(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    headers: dict[str, str],
+    timeout: float,
+    body: bytes | None = None,
+) -> tuple[int, bytes, str | None]:
+    """One small upstream call (health, info, abort): (status, body, content-type). Raises UPSTREAM_ERRORS."""
+    async with session.request(
+        method, url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+    ) as response:
+        return response.status, await response.read(), response.headers.get("content-type")
 
 
 class NoWorker(Exception):
