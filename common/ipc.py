@@ -55,6 +55,7 @@ class PingMsg:
 
     ping_id: int
     want_stats: bool = False
+    flush_cache: bool = False  # drop the prefix cache first (refused while requests run)
 
 
 @message
@@ -62,6 +63,7 @@ class PingMsg:
 class PongMsg:
     ping_id: int
     stats: dict = field(default_factory=dict)
+    ok: bool = True  # False: the flush was refused
 
 
 @message

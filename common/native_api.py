@@ -77,7 +77,10 @@ async def generate(req: GenerateRequest, request: Request) -> Response:
         rids = [new_rid("gen") for _ in prompts]
     if len(rids) != len(prompts):
         raise APIError(400, f"{len(rids)} rids for {len(prompts)} prompts", "rid")
-    gens = [state.tm.generate(r, ids, sp, req.pd_fields()) for r, ids, sp in zip(rids, prompts, samplings, strict=True)]
+    gens = [
+        state.tm.generate(r, ids, sp, req.pd_fields())
+        for r, ids, sp in zip(rids, prompts, samplings, strict=True)
+    ]
     start = time.perf_counter()
     if req.stream:
         return StreamingResponse(native_stream(gens, rids, batch, start), media_type="text/event-stream")
@@ -137,7 +140,9 @@ def native_body(acc: ChoiceAcc, rid: str, start: float) -> dict:
         "e2e_latency": time.perf_counter() - start,
     }
     if acc.logprobs:
-        meta["output_token_logprobs"] = [[lp, tid, None] for lp, tid in zip(acc.logprobs, acc.output_ids, strict=False)]
+        meta["output_token_logprobs"] = [
+            [lp, tid, None] for lp, tid in zip(acc.logprobs, acc.output_ids, strict=False)
+        ]
         if acc.top_logprobs:
             meta["output_top_logprobs"] = [
                 [[lp, tid, None] for _, tid, lp in top] for top in acc.top_logprobs
@@ -175,9 +180,9 @@ async def health_generate(request: Request) -> Response:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     state = state_of(request)
-    stats = await state.tm.ping(STATS_TIMEOUT_S, want_stats=True)
-    if stats:
-        state.metrics.set_stats(stats)
+    pong = await state.tm.ping(STATS_TIMEOUT_S, want_stats=True)
+    if pong:
+        state.metrics.set_stats(pong.stats)
     return Response(state.metrics.render(), media_type=state.metrics.CONTENT_TYPE)
 
 
@@ -185,9 +190,20 @@ async def metrics(request: Request) -> Response:
 @router.get("/get_server_info")
 async def server_info(request: Request) -> dict:
     state = state_of(request)
-    stats = await state.tm.ping(STATS_TIMEOUT_S, want_stats=True)
-    return {**state.server_info, "context_length": state.context_length, "internal_states": [stats or {}],
+    pong = await state.tm.ping(STATS_TIMEOUT_S, want_stats=True)
+    return {**state.server_info, "context_length": state.context_length, "internal_states": [pong.stats if pong else {}],
             "num_in_flight": state.tm.num_in_flight, "draining": state.draining}  # fmt: skip
+
+
+@router.post("/flush_cache")
+async def flush_cache(request: Request) -> Response:
+    """Drop the prefix cache (SGLang's endpoint); 400 while requests are running."""
+    pong = await state_of(request).tm.ping(HEALTH_TIMEOUT_S, flush_cache=True)
+    if pong is None:
+        raise APIError(503, "the scheduler did not answer", type="service_unavailable")
+    if not pong.ok:
+        raise APIError(400, "cannot flush the cache while requests are running")
+    return Response("Cache flushed.\n", status_code=200)
 
 
 @router.get("/model_info")

@@ -82,10 +82,22 @@ class SchedulerLoop:
             except KeyError:
                 pass  # already finished: nothing to free
         elif isinstance(msg, PingMsg):
+            ok = self.flush_cache() if msg.flush_cache else True
             stats = self.scheduler.stats() if msg.want_stats else {}
-            self.send_sock.send(encode(PongMsg(msg.ping_id, stats)))
+            self.send_sock.send(encode(PongMsg(msg.ping_id, stats, ok)))
         else:
             logger.warning("scheduler: unexpected message %r", type(msg).__name__)
+
+    def flush_cache(self) -> bool:
+        """Empty the prefix cache (SGLang's /flush_cache); only when no request holds pages."""
+        if self.scheduler.has_work():
+            return False
+        flush = getattr(self.scheduler, "flush_cache", None) or getattr(
+            getattr(self.scheduler, "cache", None), "reset", None
+        )
+        if flush is not None:
+            flush()
+        return flush is not None
 
     def add_request(self, msg: GenerateReqMsg) -> None:
         sp = msg.sampling

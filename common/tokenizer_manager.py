@@ -119,11 +119,13 @@ class TokenizerManager:
             self._send(AbortReqMsg(r))
         return len(targets)
 
-    async def ping(self, timeout: float, want_stats: bool = False) -> dict | None:
-        """The scheduler's stats ({} unless asked) if it answers within `timeout`, else None."""
+    async def ping(
+        self, timeout: float, want_stats: bool = False, flush_cache: bool = False
+    ) -> PongMsg | None:
+        """The scheduler's answer (stats only when asked) if it comes within `timeout`, else None."""
         ping_id = next(self.ping_ids)
         fut = self.pongs[ping_id] = asyncio.get_running_loop().create_future()
-        self._send(PingMsg(ping_id, want_stats))
+        self._send(PingMsg(ping_id, want_stats, flush_cache))
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
@@ -146,7 +148,7 @@ class TokenizerManager:
                 elif isinstance(msg, PongMsg):
                     fut = self.pongs.get(msg.ping_id)
                     if fut and not fut.done():
-                        fut.set_result(msg.stats)
+                        fut.set_result(msg)
             except Exception:
                 logger.exception("failed to dispatch %s", type(msg).__name__)
 
