@@ -280,3 +280,18 @@ def test_every_flag_exists_in_our_entry_points(tmp_path):
     assert set(seen) == {"launch_router", "launch_prefill", "launch_decode"}
     for script, flags in seen.items():
         assert_flags_accepted(script, flags)
+
+
+def test_image_recipe_copies_every_package():
+    """k8s/Dockerfile installs the project from the copied folders: a package folder missing from
+    its COPY lines (or from Dockerfile.dockerignore's allow list) would break the image."""
+    import tomllib
+
+    with open(K8S.parent / "pyproject.toml", "rb") as f:
+        package_dirs = tomllib.load(f)["tool"]["setuptools"]["package-dir"].values()
+    folders = {d.split("/")[0] for d in package_dirs}
+    dockerfile = (K8S / "Dockerfile").read_text()
+    ignore = (K8S / "Dockerfile.dockerignore").read_text().split()
+    for folder in folders:
+        assert f"COPY {folder} ./{folder}" in dockerfile, folder
+        assert f"!{folder}/" in ignore, folder
