@@ -295,3 +295,23 @@ def test_image_recipe_copies_every_package():
     for folder in folders:
         assert f"COPY {folder} ./{folder}" in dockerfile, folder
         assert f"!{folder}/" in ignore, folder
+
+
+def test_validation_rejects_broken_manifests():
+    """The checks above have teeth: a misspelt LWS field, a bad enum, a bad pod template fail."""
+    lws = _objs(render(K8S / "overlays" / "cpu-dev"), "LeaderWorkerSet")[0]
+    schema = yaml.safe_load((K8S / "schemas" / CRD_SCHEMAS[(lws["apiVersion"], lws["kind"])]).read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    assert not list(validator.iter_errors(lws))
+    typo = {**lws, "spec": {**lws["spec"], "leaderWorkerTemplat": {}}}
+    bad_policy = yaml.safe_load(yaml.safe_dump(lws))
+    bad_policy["spec"]["leaderWorkerTemplate"]["restartPolicy"] = "Always"
+    assert list(validator.iter_errors(typo)) and list(validator.iter_errors(bad_policy))
+    template = yaml.safe_load(yaml.safe_dump(lws["spec"]["leaderWorkerTemplate"]["workerTemplate"]))
+    template["spec"]["containers"][0]["readinesProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(
+            {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "x"}, "template": template},
+            K8S_VERSION,
+            strict=True,
+        )
