@@ -136,7 +136,23 @@ class RouterState:
         return headers
 
 
-def create_app(config: RouterConfig) -> FastAPI:
+class RouterApp:
+    """ASGI entry: the inference routes go straight to their handler, past FastAPI's middleware stack
+    (about 10% of the router's CPU per request); everything else goes to the FastAPI app."""
+
+    def __init__(self, api: FastAPI, state: RouterState):
+        self.api = api
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] in INFERENCE_PATHS and scope["method"] == "POST":
+            response = await _inference_with(self.state, Request(scope, receive))
+            await response(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+
+def create_app(config: RouterConfig) -> RouterApp:
     state = RouterState(config)
 
     @contextlib.asynccontextmanager
@@ -162,7 +178,7 @@ def create_app(config: RouterConfig) -> FastAPI:
     from disagg.router.admin import add_admin_routes
 
     add_admin_routes(app, state)
-    return app
+    return RouterApp(app, state)
 
 
 # ---- request helpers -----------------------------------------------------------------------------
@@ -190,7 +206,10 @@ def _client_auth_error(request: Request, state: RouterState, request_id: str) ->
 
 
 async def _inference(request: Request) -> Response:
-    state: RouterState = request.app.state.router
+    return await _inference_with(request.app.state.router, request)
+
+
+async def _inference_with(state: RouterState, request: Request) -> Response:
     config = state.config
     started = time.perf_counter()
     path = request.scope["path"]
@@ -250,8 +269,8 @@ class _ProxiedResponse(Response):
         if self.acquired:
             self.state.gate.release()
         route = self.call.path
-        metrics.REQUESTS.labels(route=route, status_code=str(status)).inc()
-        metrics.REQUEST_DURATION.labels(route=route).observe(time.perf_counter() - self.call.started)
+        metrics.labelled(metrics.REQUESTS, route, str(status)).inc()
+        metrics.labelled(metrics.REQUEST_DURATION, route).observe(time.perf_counter() - self.call.started)
 
     async def __call__(self, scope, receive, send) -> None:
         task = asyncio.create_task(self._run(scope, receive, send))

@@ -103,5 +103,15 @@ class RouterConfig:
             raise ValueError("--prefill/--decode need --pd-disaggregation")
         if not 0.0 <= self.cache_threshold <= 1.0:
             raise ValueError("--cache-threshold must be within [0, 1]")
+        if (
+            self.service_discovery
+            and self.pd_disaggregation
+            and not (self.prefill_selector and self.decode_selector)
+        ):
+            raise ValueError(
+                "--service-discovery with --pd-disaggregation needs --prefill-selector and --decode-selector"
+            )
+        if self.service_discovery and not self.pd_disaggregation and not self.selector:
+            raise ValueError("--service-discovery needs --selector KEY=VALUE ...")
         if self.max_concurrent_requests == 0 or self.queue_size < 0:
             raise ValueError("--max-concurrent-requests must be -1 or > 0 and --queue-size >= 0")

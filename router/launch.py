@@ -159,6 +159,7 @@ def serve(config: RouterConfig) -> None:
             port=config.port,
             log_level=_LOG_LEVELS[config.log_level],
             access_log=False,
+            proxy_headers=False,
             timeout_graceful_shutdown=config.shutdown_grace_period_secs,
         )
     )

@@ -80,18 +80,19 @@ class Proxy:
         self.policies = policies
         self.client = client
         self._background: set[asyncio.Task] = set()
-        self.needs_json = config.pd_disaggregation or any(p.needs_text for p in policies.values())
+        self.needs_text = any(p.needs_text for p in policies.values())
+        self.needs_json = config.pd_disaggregation or self.needs_text
 
     # ---- entry point -------------------------------------------------------------------------
 
     async def forward(self, call: Call, on_done) -> Response:
         """Route `call`; `on_done(status)` runs once the response (or its stream) has finished."""
-        text = request_text(call.parsed) if call.parsed is not None and self._text_needed() else None
+        text = request_text(call.parsed) if call.parsed is not None and self.needs_text else None
         tried: set[Worker] = set()
         last: AttemptFailed | None = None
         for attempt in range(self.config.max_attempts):
             if attempt:
-                metrics.RETRIES.labels(route=call.path).inc()
+                metrics.labelled(metrics.RETRIES, call.path).inc()
                 await asyncio.sleep(self._backoff_secs(attempt))
             try:
                 if self.config.pd_disaggregation:
@@ -108,7 +109,7 @@ class Proxy:
             except AttemptFailed as exc:
                 last = exc
                 tried.add(exc.worker)
-                metrics.WORKER_ERRORS.labels(worker=exc.worker.url).inc()
+                metrics.labelled(metrics.WORKER_ERRORS, exc.worker.url).inc()
                 exc.worker.breaker.record_failure()
                 logger.warning("request %s: %s (attempt %d)", call.request_id, exc, attempt + 1)
         if last.response is not None:
@@ -116,9 +117,6 @@ class Proxy:
             return last.response
         on_done(502)
         return error_response(502, f"all attempts failed; last error: {last}", "bad_gateway")
-
-    def _text_needed(self) -> bool:
-        return any(p.needs_text for p in self.policies.values())
 
     def _backoff_secs(self, attempt: int) -> float:
         c = self.config
@@ -187,7 +185,7 @@ class Proxy:
         try:
             await p_task
         except (AttemptFailed, _Final) as exc:
-            metrics.WORKER_ERRORS.labels(worker=leg.worker.url).inc()
+            metrics.labelled(metrics.WORKER_ERRORS, leg.worker.url).inc()
             leg.worker.breaker.record_failure()
             logger.warning("prefill leg failed after decode answered: %s", exc)
             leg.end()
@@ -235,7 +233,7 @@ class Proxy:
 
     def _respond(self, call: Call, leg: Leg, on_done, others: tuple[Leg, ...]) -> Response:
         response = leg.response
-        metrics.TTFT.labels(route=call.path).observe(time.perf_counter() - call.started)
+        metrics.labelled(metrics.TTFT, call.path).observe(time.perf_counter() - call.started)
         headers = {"x-request-id": call.request_id}
         media_type = response.headers.get("content-type")
         if not leg.is_stream:
@@ -261,7 +259,7 @@ class Proxy:
             finished = True
         except UPSTREAM_ERRORS as exc:
             logger.warning("request %s: stream from %s broke: %s", call.request_id, leg.worker.url, exc)
-            metrics.WORKER_ERRORS.labels(worker=leg.worker.url).inc()
+            metrics.labelled(metrics.WORKER_ERRORS, leg.worker.url).inc()
             status = 502
         finally:
             if finished:

@@ -84,7 +84,7 @@ class CircuitBreaker:
         self._publish()
 
     def _publish(self) -> None:
-        metrics.CIRCUIT_BREAKER_STATE.labels(worker=self.url).set(int(self._state))
+        metrics.labelled(metrics.CIRCUIT_BREAKER_STATE, self.url).set(int(self._state))
 
 
 @dataclass(eq=False)
@@ -110,15 +110,15 @@ class Worker:
 
     def begin(self) -> None:
         self.outstanding += 1
-        metrics.ACTIVE_REQUESTS.labels(worker=self.url).set(self.outstanding)
+        metrics.labelled(metrics.ACTIVE_REQUESTS, self.url).set(self.outstanding)
 
     def end(self) -> None:
         self.outstanding -= 1
-        metrics.ACTIVE_REQUESTS.labels(worker=self.url).set(self.outstanding)
+        metrics.labelled(metrics.ACTIVE_REQUESTS, self.url).set(self.outstanding)
 
     def set_healthy(self, healthy: bool) -> None:
         self.healthy = healthy
-        metrics.WORKER_HEALTHY.labels(worker=self.url, role=self.role.value).set(int(healthy))
+        metrics.labelled(metrics.WORKER_HEALTHY, self.url, self.role.value).set(int(healthy))
 
     def to_json(self) -> dict:
         return {
