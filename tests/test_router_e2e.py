@@ -287,3 +287,23 @@ def test_client_disconnect_closes_the_worker_stream(workers):
         wait_until(lambda: fake_log(workers[0])["disconnects"] and fake_log(workers[0])["aborts"])
         assert fake_log(workers[0])["aborts"] == [{"rid": "r-1"}]
         wait_until(lambda: metric(r, "disagg_router_active_requests", worker=workers[0].url) == 0)
+
+
+def test_graceful_shutdown_finishes_inflight_streams(workers):
+    import signal
+    import threading
+
+    configure(workers[0], chunks=10, chunk_delay_secs=0.1)
+    r = start_router(workers[:1], "--shutdown-grace-period-secs", "10")
+    try:
+        with httpx.stream("POST", r.url + "/generate", json={"text": "hi", "stream": True}) as resp:
+            lines = iter(resp.iter_lines())
+            first = next(lines)
+            threading.Timer(0.2, r.proc.send_signal, args=(signal.SIGTERM,)).start()
+            rest = [line for line in lines if line]
+        assert first.startswith("data: ") and rest[-1] == "data: [DONE]" and len(rest) == 10
+        assert r.proc.wait(10) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+        with pytest.raises(httpx.ConnectError):
+            httpx.post(r.url + "/generate", json={"text": "hi"})
+    finally:
+        r.stop()
