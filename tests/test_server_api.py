@@ -340,3 +340,17 @@ def test_metrics_move(http):
         http.post("/abort_request", json={"rid": "gauge"})
     assert metric_value(during, "disagg_num_running_requests", role="server") == 1
     assert metric_value(during, "disagg_kv_usage_ratio", role="server") > 0
+
+
+def test_serving_benchmark_against_the_server(server, tmp_path):
+    from disagg.bench.serving import main
+
+    out = tmp_path / "bench.json"
+    main(["--base-url", server.url, "--api-key", API_KEY, "--num-prompts", "3", "--max-concurrency", "2",
+          "--input-len", "16", "--output-len", "4", "--goodput", "ttft:60000", "itl:60000",
+          "--output-json", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["completed"] == 3 and result["failed"] == 0
+    assert result["total_output_tokens"] == 12  # ignore_eos: exactly the asked lengths
+    assert result["goodput"] == pytest.approx(result["request_throughput"])
+    assert result["ttft_ms"]["p50"] > 0 and result["itl_ms"]["p99"] >= result["itl_ms"]["p50"]

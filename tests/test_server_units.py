@@ -1,0 +1,88 @@
+"""Fast tests of the front end's pieces: incremental detokenization with stop strings, the benchmark's
+statistics, the message types crossing process boundaries."""
+
+from __future__ import annotations
+
+import pytest
+from disagg.bench.serving import RequestResult, is_good, parse_goodput, percentiles, sample_lengths
+from disagg.common.detokenizer import Detokenizer, held_back
+from disagg.common.ipc import BatchTokenOutMsg, DetokReqInfo, GenerateReqMsg
+from disagg.common.messages import decode, encode
+from disagg.common.request import SamplingParams, TokenOut
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_path)
+
+
+def stream_text(detok: Detokenizer, rid: str, ids: list[int], matched_stop=None, **info) -> list[str]:
+    batch = BatchTokenOutMsg([DetokReqInfo(rid, **info)], [])
+    detok.handle_batch(batch)
+    deltas = []
+    for i, tok in enumerate(ids):
+        last = i == len(ids) - 1
+        out = TokenOut(rid, [tok], finished=last, finish_reason="stop" if last else None,
+                       matched_stop=matched_stop if last else None)  # fmt: skip
+        deltas.append(detok.handle_batch(BatchTokenOutMsg([], [out])).outs[0].text)
+    return deltas
+
+
+def test_incremental_text_equals_full_decode(tokenizer):
+    text = "Hello world, ünïcödé text and an emoji 🙂 with 中文 too."
+    ids = tokenizer.encode(text)
+    deltas = stream_text(Detokenizer(tokenizer), "r", ids)
+    assert "".join(deltas) == tokenizer.decode(ids)
+    assert not any("\ufffd" in d for d in deltas)  # half a character is never sent
+
+
+def test_stop_string_never_leaks_into_the_stream(tokenizer):
+    ids = tokenizer.encode("The answer is 4.\n\nNext question")
+    stop_at = next(i for i in range(len(ids)) if "\n\n" in tokenizer.decode(ids[: i + 1]))
+    deltas = stream_text(Detokenizer(tokenizer), "r", ids[: stop_at + 1], matched_stop="\n\n", stop=["\n\n"])
+    assert "".join(deltas) == "The answer is 4."
+    assert all("\n" not in d for d in deltas)
+
+
+def test_stop_token_text_is_dropped(tokenizer):
+    eos = tokenizer.eos_token_id
+    ids = [*tokenizer.encode("Hi there"), eos]
+    deltas = stream_text(Detokenizer(tokenizer), "r", ids, matched_stop=eos, skip_special_tokens=False)
+    assert "".join(deltas) == "Hi there"
+
+
+def test_held_back_counts_stop_prefixes():
+    assert held_back("abc", ["cde"]) == 1
+    assert held_back("abcd", ["cde", "zz"]) == 2
+    assert held_back("abc", ["xyz"]) == 0
+    assert held_back("ab", []) == 0
+
+
+def test_messages_round_trip():
+    msg = GenerateReqMsg(
+        "r1", [1, 2, 3], SamplingParams(max_new_tokens=5, stop=["x"]), bootstrap_room=2**63 + 1
+    )
+    assert decode(encode(msg)) == msg
+
+
+def test_bench_statistics():
+    import random
+
+    lens = sample_lengths(random.Random(0), 200, 100, 0.5)
+    assert min(lens) >= 50 and max(lens) <= 100 and len(set(lens)) > 10
+    assert sample_lengths(random.Random(0), 5, 64, 1.0) == [64] * 5
+    p = percentiles([0.001 * i for i in range(1, 101)])
+    assert (
+        p["p50"] == pytest.approx(50.5)
+        and p["p99"] == pytest.approx(99.01)
+        and p["mean"] == pytest.approx(50.5)
+    )
+    limits = parse_goodput(["ttft:100", "itl:20"])
+    assert limits == {"ttft": 0.1, "itl": 0.02}
+    good = RequestResult(10, 5, ok=True, ttft=0.05, itls=[0.01, 0.03], e2e=0.2)
+    slow = RequestResult(10, 5, ok=True, ttft=0.5, itls=[0.01], e2e=0.6)
+    assert is_good(good, limits) and not is_good(slow, limits)
+    with pytest.raises(SystemExit):
+        parse_goodput(["latency:5"])
