@@ -13,7 +13,6 @@ import logging
 import os
 import time
 
-import aiohttp
 import orjson
 from disagg.router import metrics
 from disagg.router.admission import AdmissionGate, Rejected
@@ -21,7 +20,8 @@ from disagg.router.config import RouterConfig
 from disagg.router.errors import error_response
 from disagg.router.health import HealthChecker
 from disagg.router.policies import Policy, create_policy
-from disagg.router.proxy import UPSTREAM_ERRORS, Call, Proxy, ProxyStreamingResponse, fetch
+from disagg.router.proxy import Call, Proxy, ProxyStreamingResponse, fetch
+from disagg.router.upstream import UPSTREAM_ERRORS, UpstreamPool
 from disagg.router.workers import CircuitBreaker, Role, Worker, WorkerRegistry
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -49,7 +49,7 @@ class RouterState:
         )
         key = config.effective_worker_api_key
         self.worker_headers = {"authorization": f"Bearer {key}"} if key else {}
-        self.client: aiohttp.ClientSession | None = None
+        self.client: UpstreamPool | None = None
         self.proxy: Proxy | None = None
         self.health: HealthChecker | None = None
         self._tasks: list[asyncio.Task] = []
@@ -86,14 +86,9 @@ class RouterState:
     async def start(self) -> None:
         c = self.config
         # NOTE: one pooled client for every upstream call; no connection cap (the gate limits load)
-        self.client = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300),
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=min(10.0, c.request_timeout_secs), sock_read=c.request_timeout_secs
-            ),
-            headers={"accept-encoding": "identity"},
-            auto_decompress=False,  # bytes pass through untouched
-            skip_auto_headers=("User-Agent",),
+        # NOTE: one pool of keep-alive connections for every upstream call
+        self.client = UpstreamPool(
+            connect_timeout=min(10.0, c.request_timeout_secs), read_timeout=c.request_timeout_secs
         )
         self.proxy = Proxy(c, self.registry, self.policies, self.client)
         self.health = HealthChecker(c, self.registry, self.client, self.worker_headers)
@@ -335,7 +330,7 @@ async def _info(request: Request) -> Response:
         for worker in state.registry.available(role):
             try:
                 status, body, media_type = await fetch(
-                    state.client, "GET", worker.url + request.scope["path"], headers, 10.0
+                    state.client, "GET", worker.url, request.scope["path"], headers, 10.0
                 )
             except UPSTREAM_ERRORS:
                 continue
@@ -372,7 +367,7 @@ async def _health_generate(request: Request) -> Response:
         timeout = max(state.config.health_check_timeout_secs, 30.0)
         try:
             status, _, _ = await fetch(
-                state.client, "GET", worker.url + "/health_generate", state.worker_headers, timeout
+                state.client, "GET", worker.url, "/health_generate", state.worker_headers, timeout
             )
         except UPSTREAM_ERRORS as exc:
             return f"{worker.url}: {type(exc).__name__}"
@@ -395,7 +390,7 @@ async def _abort_request(request: Request) -> Response:
 
     async def send(worker: Worker) -> None:
         with contextlib.suppress(*UPSTREAM_ERRORS):
-            await fetch(state.client, "POST", worker.url + "/abort_request", headers, 5.0, body)
+            await fetch(state.client, "POST", worker.url, "/abort_request", headers, 5.0, body)
 
     await asyncio.gather(*(send(w) for w in state.registry.all()))
     return JSONResponse({"status": "ok"})

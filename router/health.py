@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import aiohttp
 from disagg.router.config import RouterConfig
-from disagg.router.proxy import UPSTREAM_ERRORS, fetch
+from disagg.router.proxy import fetch
+from disagg.router.upstream import UPSTREAM_ERRORS, UpstreamPool
 from disagg.router.workers import Worker, WorkerRegistry
 
 logger = logging.getLogger("disagg.router")
@@ -23,7 +23,7 @@ class HealthChecker:
         self,
         config: RouterConfig,
         registry: WorkerRegistry,
-        client: aiohttp.ClientSession,
+        client: UpstreamPool,
         headers: dict[str, str],
     ):
         self.config = config
@@ -53,10 +53,10 @@ class HealthChecker:
             await asyncio.gather(*(self.check(w) for w in workers))
 
     async def check(self, worker: Worker) -> bool:
-        url = worker.url + self.config.health_check_endpoint
+        path = self.config.health_check_endpoint
         try:
             status, _, _ = await fetch(
-                self.client, "GET", url, self.headers, self.config.health_check_timeout_secs
+                self.client, "GET", worker.url, path, self.headers, self.config.health_check_timeout_secs
             )
             ok = status == 200
         except UPSTREAM_ERRORS:

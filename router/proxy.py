@@ -14,19 +14,18 @@ import random
 import time
 from dataclasses import dataclass
 
-import aiohttp
 import orjson
 from disagg.router import metrics
 from disagg.router.config import RouterConfig
 from disagg.router.errors import error_response
 from disagg.router.policies import Policy, request_text
+from disagg.router.upstream import UPSTREAM_ERRORS, UpstreamPool, UpstreamResponse
 from disagg.router.workers import Role, Worker, WorkerRegistry
 from starlette.responses import Response, StreamingResponse
 
 logger = logging.getLogger("disagg.router")
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
 class AttemptFailed(Exception):
@@ -40,10 +39,10 @@ class AttemptFailed(Exception):
 
 @dataclass
 class Leg:
-    """One upstream request: its worker, its aiohttp response once headers arrived."""
+    """One upstream request: its worker, its response once the head arrived."""
 
     worker: Worker
-    response: aiohttp.ClientResponse | None = None
+    response: UpstreamResponse | None = None
     first_chunk: bytes = b""  # a stream's first chunk, or the whole body of a JSON answer
     is_stream: bool = False
     ended: bool = False
@@ -73,7 +72,7 @@ class Proxy:
         config: RouterConfig,
         registry: WorkerRegistry,
         policies: dict[Role, Policy],
-        client: aiohttp.ClientSession,
+        client: UpstreamPool,
     ):
         self.config = config
         self.registry = registry
@@ -211,17 +210,16 @@ class Proxy:
         Raises AttemptFailed when worth a retry elsewhere, _Final for a non-retryable error status."""
         worker = leg.worker
         try:
-            response = await self.client.post(worker.url + path, data=body, headers=headers)
+            response = await self.client.request("POST", worker.url, path, headers, body)
         except UPSTREAM_ERRORS as exc:
             raise AttemptFailed(worker, f"{worker.url}: {type(exc).__name__}: {exc}") from None
         leg.response = response
         leg.is_stream = response.status < 400 and response.content_type == "text/event-stream"
         try:
             if leg.is_stream:
-                leg.first_chunk = await response.content.readany()
+                leg.first_chunk = await response.readany()
             else:
                 leg.first_chunk = await response.read()
-                response.release()
         except UPSTREAM_ERRORS as exc:
             response.close()
             raise AttemptFailed(worker, f"{worker.url}: {type(exc).__name__} before the answer") from None
@@ -250,7 +248,7 @@ class Proxy:
     async def _stream(self, call: Call, leg: Leg, others: tuple[Leg, ...], on_done):
         """Pass the worker's bytes through untouched; a client disconnect aborts every leg."""
         status, finished = leg.response.status, False
-        read = leg.response.content.readany
+        read = leg.response.readany
         try:
             chunk = leg.first_chunk
             while chunk:
@@ -287,7 +285,7 @@ class Proxy:
                 body = orjson.dumps({"rid": call.rid})
                 try:
                     await fetch(
-                        self.client, "POST", leg.worker.url + "/abort_request", call.headers, 5.0, body
+                        self.client, "POST", leg.worker.url, "/abort_request", call.headers, 5.0, body
                     )
                 except UPSTREAM_ERRORS as exc:
                     logger.info("abort_request to %s failed: %s", leg.worker.url, exc)
@@ -296,22 +294,29 @@ class Proxy:
         # NOTE: cleanup runs in its own task: the caller may be inside a cancelled scope
         task = asyncio.create_task(coro)
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("router cleanup task failed", exc_info=task.exception())
 
 
 async def fetch(
-    session: aiohttp.ClientSession,
+    pool: UpstreamPool,
     method: str,
     url: str,
+    path: str,
     headers: dict[str, str],
     timeout: float,
-    body: bytes | None = None,
+    body: bytes = b"",
 ) -> tuple[int, bytes, str | None]:
     """One small upstream call (health, info, abort): (status, body, content-type). Raises UPSTREAM_ERRORS."""
-    async with session.request(
-        method, url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
-    ) as response:
+    response = await pool.request(method, url, path, headers, body, timeout=timeout)
+    try:
         return response.status, await response.read(), response.headers.get("content-type")
+    finally:
+        response.close()
 
 
 class NoWorker(Exception):
