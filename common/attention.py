@@ -57,7 +57,9 @@ class TorchBackend(AttentionBackend):
         q_pos = torch.full((bsz, max_q), -1, dtype=torch.long)  # position of each query inside its request
         kv_len = torch.tensor(batch.kv_lens, dtype=torch.long)
         start = 0
-        for i, (q_len, n_kv, pages) in enumerate(zip(batch.q_lens, batch.kv_lens, batch.page_tables, strict=True)):
+        for i, (q_len, n_kv, pages) in enumerate(
+            zip(batch.q_lens, batch.kv_lens, batch.page_tables, strict=True)
+        ):
             q_index[i, :q_len] = torch.arange(start, start + q_len)
             q_pos[i, :q_len] = torch.arange(n_kv - q_len, n_kv)
             n_pages = (n_kv + ps - 1) // ps

@@ -30,7 +30,9 @@ class EngineConfig:
     tp: int = 1
     ep: int = 1
     page_size: int = 16
-    max_total_tokens: int | None = None  # KV pool size; default: from mem_fraction_static (GPU) or 65536 (CPU)
+    max_total_tokens: int | None = (
+        None  # KV pool size; default: from mem_fraction_static (GPU) or 65536 (CPU)
+    )
     mem_fraction_static: float = 0.85
     chunked_prefill_size: int = 2048  # <= 0: no chunking
     max_running_requests: int = 256
@@ -58,7 +60,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The engine's flags, SGLang spelling, defaults from EngineConfig."""
     d = EngineConfig()
     g = parser.add_argument_group("engine")
-    g.add_argument("--model-path", default=d.model_path, help="HF folder (default: embedded SmolLM2-135M-Instruct)")
+    g.add_argument(
+        "--model-path", default=d.model_path, help="HF folder (default: embedded SmolLM2-135M-Instruct)"
+    )
     g.add_argument("--load-format", default=d.load_format, choices=["auto", "safetensors", "dummy"])
     g.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
@@ -71,7 +75,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-running-requests", type=int, default=d.max_running_requests)
     g.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens)
     g.add_argument("--context-length", type=int, default=d.context_length)
-    g.add_argument("--attention-backend", default=d.attention_backend, choices=["auto", "torch", "flashinfer"])
+    g.add_argument(
+        "--attention-backend", default=d.attention_backend, choices=["auto", "torch", "flashinfer"]
+    )
     g.add_argument("--disable-radix-cache", action="store_true")
     g.add_argument("--random-seed", type=int, default=d.random_seed)
     g.add_argument("--dist-init-addr", default=d.dist_init_addr, help="HOST:PORT of rank 0 (multi-node)")

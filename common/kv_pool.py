@@ -69,7 +69,11 @@ def pages_for_tokens(num_tokens: int, page_size: int) -> int:
 
 
 def size_pool_pages(
-    bytes_per_page: int, page_size: int, device: torch.device, max_total_tokens: int | None, mem_fraction: float
+    bytes_per_page: int,
+    page_size: int,
+    device: torch.device,
+    max_total_tokens: int | None,
+    mem_fraction: float,
 ) -> int:
     """Pages from --max-total-tokens, else from --mem-fraction-static of the GPU's free memory
     (after weights are loaded), else 65536 tokens on the CPU."""

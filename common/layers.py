@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from disagg.common.parallel import all_gather_last_dim, all_reduce, get_parallel
+from torch import nn
 
 
 class RMSNorm(nn.Module):
@@ -97,7 +96,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (freqs.cos() * scaling).float(), persistent=False)  # [max_pos, D/2]
         self.register_buffer("sin", (freqs.sin() * scaling).float(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

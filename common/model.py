@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from disagg.common.attention import AttentionBackend, ForwardBatch
 from disagg.common.layers import (
     ColumnParallelLinear,
@@ -19,6 +17,7 @@ from disagg.common.layers import (
     VocabParallelEmbedding,
 )
 from disagg.common.parallel import get_parallel
+from torch import nn
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
 
@@ -35,11 +34,17 @@ def kv_heads_per_rank(config, tp_size: int) -> int:
 def check_tp_layout(config, tp_size: int) -> None:
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     if heads % tp_size:
-        raise ValueError(f"--tp {tp_size}: the model's {heads} attention heads are not divisible by {tp_size}")
+        raise ValueError(
+            f"--tp {tp_size}: the model's {heads} attention heads are not divisible by {tp_size}"
+        )
     if kv % tp_size and tp_size % kv:
-        raise ValueError(f"--tp {tp_size}: the model's {kv} KV heads neither divide nor are divisible by {tp_size}")
+        raise ValueError(
+            f"--tp {tp_size}: the model's {kv} KV heads neither divide nor are divisible by {tp_size}"
+        )
     if config.intermediate_size % tp_size:
-        raise ValueError(f"--tp {tp_size}: intermediate_size {config.intermediate_size} is not divisible by {tp_size}")
+        raise ValueError(
+            f"--tp {tp_size}: intermediate_size {config.intermediate_size} is not divisible by {tp_size}"
+        )
 
 
 class Attention(nn.Module):
@@ -53,7 +58,9 @@ class Attention(nn.Module):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
         self.qkv_proj = ColumnParallelLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=bias)
-        self.o_proj = RowParallelLinear(q_size, config.hidden_size, bias=bias and config.model_type != "qwen2")
+        self.o_proj = RowParallelLinear(
+            q_size, config.hidden_size, bias=bias and config.model_type != "qwen2"
+        )
         self.qk_norm = config.model_type == "qwen3"
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -122,7 +129,9 @@ class CausalLM(nn.Module):
             self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend) -> torch.Tensor:
+    def forward(
+        self, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend
+    ) -> torch.Tensor:
         """Returns float32 logits [len(batch.logits_index), vocab] for the wanted rows."""
         x = self.embed_tokens(batch.input_ids)
         for layer in self.layers:

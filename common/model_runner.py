@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 
 import torch
-
 from disagg.common.attention import ForwardBatch, create_attention_backend
-from disagg.common.config import EngineConfig
+from disagg.common.config import EngineConfig, env_str
 from disagg.common.kv_pool import KVPagePool, size_pool_pages
-from disagg.common.model import SUPPORTED_ARCHITECTURES, CausalLM, check_tp_layout, head_dim_of, kv_heads_per_rank
+from disagg.common.model import (
+    SUPPORTED_ARCHITECTURES,
+    CausalLM,
+    check_tp_layout,
+    head_dim_of,
+    kv_heads_per_rank,
+)
 from disagg.common.model_files import resolve_model_path
 from disagg.common.moe import MOE_ARCHITECTURES
 from disagg.common.parallel import get_parallel
@@ -31,6 +37,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _set_cpu_threads(tp: int) -> None:
+    # NOTE: oversubscribed cores make torch's CPU kernels many times slower; several ranks or
+    # servers on one machine should split the cores (DISAGG_CPU_THREADS overrides).
+    threads = env_str("CPU_THREADS")
+    torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // tp))
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     old = torch.get_default_dtype()
@@ -45,8 +58,14 @@ class ModelRunner:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.device = resolve_device(config.device)
-        self.dtype = _DTYPES.get(config.dtype) or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.model_path = config.model_path if config.model_path in PRESETS else resolve_model_path(config.model_path)
+        if self.device.type == "cpu":
+            _set_cpu_threads(config.tp)
+        self.dtype = _DTYPES.get(config.dtype) or (
+            torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        )
+        self.model_path = (
+            config.model_path if config.model_path in PRESETS else resolve_model_path(config.model_path)
+        )
         self.hf_config = load_config(self.model_path)
         self._check_model()
         self.context_length = config.context_length or self.hf_config.max_position_embeddings
@@ -58,10 +77,16 @@ class ModelRunner:
     def _check_model(self) -> None:
         model_type = self.hf_config.model_type
         archs = set(getattr(self.hf_config, "architectures", None) or [])
-        archs |= {a for a in SUPPORTED_ARCHITECTURES | MOE_ARCHITECTURES if a.lower().startswith(model_type.replace("_", ""))}
+        archs |= {
+            a
+            for a in SUPPORTED_ARCHITECTURES | MOE_ARCHITECTURES
+            if a.lower().startswith(model_type.replace("_", ""))
+        }
 
         if not archs & (SUPPORTED_ARCHITECTURES | MOE_ARCHITECTURES):
-            raise ValueError(f"unsupported architecture {sorted(archs)}; supported: {sorted(SUPPORTED_ARCHITECTURES | MOE_ARCHITECTURES)}")
+            raise ValueError(
+                f"unsupported architecture {sorted(archs)}; supported: {sorted(SUPPORTED_ARCHITECTURES | MOE_ARCHITECTURES)}"
+            )
         check_tp_layout(self.hf_config, get_parallel().tp_size)
 
     def _load_model(self) -> CausalLM:
@@ -71,7 +96,13 @@ class ModelRunner:
         load_weights(model, self.model_path, self.config.load_format)
         model.eval()
         n = sum(p.numel() for p in model.parameters())
-        logger.info("model loaded: %.1fM params/rank, %s, %s, %.1fs", n / 1e6, self.dtype, self.device, time.perf_counter() - t0)
+        logger.info(
+            "model loaded: %.1fM params/rank, %s, %s, %.1fs",
+            n / 1e6,
+            self.dtype,
+            self.device,
+            time.perf_counter() - t0,
+        )
         return model
 
     def _make_pool(self) -> KVPagePool:
@@ -79,13 +110,26 @@ class ModelRunner:
         layers, heads, dim = c.num_hidden_layers, kv_heads_per_rank(c, tp), head_dim_of(c)
         bytes_per_page = layers * 2 * self.config.page_size * heads * dim * self.dtype.itemsize
         num_pages = size_pool_pages(
-            bytes_per_page, self.config.page_size, self.device, self.config.max_total_tokens, self.config.mem_fraction_static
+            bytes_per_page,
+            self.config.page_size,
+            self.device,
+            self.config.max_total_tokens,
+            self.config.mem_fraction_static,
         )
         if tp > 1:  # every rank must agree on the pool size (the scheduler on rank 0 decides for all)
             t = torch.tensor([num_pages], device=self.device if self.device.type == "cuda" else "cpu")
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=get_parallel().group if self.device.type == "cuda" else get_parallel().cpu_group)
+            torch.distributed.all_reduce(
+                t,
+                op=torch.distributed.ReduceOp.MIN,
+                group=get_parallel().group if self.device.type == "cuda" else get_parallel().cpu_group,
+            )
             num_pages = int(t.item())
-        logger.info("KV pool: %d pages x %d tokens (%.2f GiB)", num_pages, self.config.page_size, num_pages * bytes_per_page / 2**30)
+        logger.info(
+            "KV pool: %d pages x %d tokens (%.2f GiB)",
+            num_pages,
+            self.config.page_size,
+            num_pages * bytes_per_page / 2**30,
+        )
         return KVPagePool(num_pages, self.config.page_size, layers, heads, dim, self.dtype, self.device)
 
     def _load_tokenizer(self):
@@ -122,8 +166,15 @@ class ModelRunner:
             return torch.tensor(x, dtype=torch.long, device=self.device)
 
         return ForwardBatch(
-            input_ids=tensor(ids), positions=tensor(positions), out_page=tensor(pages), out_offset=tensor(offsets),
-            q_lens=q_lens, kv_lens=kv_lens, page_tables=tables, logits_index=tensor(logits_index), page_size=ps,
+            input_ids=tensor(ids),
+            positions=tensor(positions),
+            out_page=tensor(pages),
+            out_offset=tensor(offsets),
+            q_lens=q_lens,
+            kv_lens=kv_lens,
+            page_tables=tables,
+            logits_index=tensor(logits_index),
+            page_size=ps,
         )
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:

@@ -11,4 +11,5 @@ def load_expert_weight(model, params: dict, name: str, tensor_slice) -> bool:
     """Load one expert tensor if `name` is one (and this rank holds it); False if not an expert tensor."""
     return False
 
+
 MOE_ARCHITECTURES = {"Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM"}

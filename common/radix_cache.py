@@ -18,7 +18,9 @@ _clock = itertools.count()
 class TreeNode:
     __slots__ = ("children", "parent", "key", "pages", "lock_ref", "last_access")
 
-    def __init__(self, parent: TreeNode | None = None, key: list[int] | None = None, pages: list[int] | None = None):
+    def __init__(
+        self, parent: TreeNode | None = None, key: list[int] | None = None, pages: list[int] | None = None
+    ):
         self.children: dict[tuple[int, ...], TreeNode] = {}  # keyed by the tokens of the child's first page
         self.parent = parent
         self.key = key or []  # tokens, len == len(pages) * page_size

@@ -34,7 +34,11 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ValueError (message names the parameter) for values no request may have."""
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1"),
+            (
+                isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+                "max_new_tokens",
+                "must be >= 1",
+            ),
             (self.temperature >= 0 and math.isfinite(self.temperature), "temperature", "must be >= 0"),
             (0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (self.top_k == -1 or self.top_k >= 1, "top_k", "must be -1 (off) or >= 1"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from disagg.common.request import Req
 
 
@@ -48,14 +47,20 @@ class Sampler:
         return result
 
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
-        rows = [i for i, r in enumerate(reqs) if (r.sampling.frequency_penalty or r.sampling.presence_penalty) and r.output_ids]
+        rows = [
+            i
+            for i, r in enumerate(reqs)
+            if (r.sampling.frequency_penalty or r.sampling.presence_penalty) and r.output_ids
+        ]
         if not rows:
             return logits
         logits = logits.clone()
         for i in rows:
             s = reqs[i].sampling
             ids = torch.tensor(reqs[i].output_ids, device=self.device)
-            counts = torch.zeros(logits.shape[1], device=self.device).scatter_add_(0, ids, torch.ones_like(ids, dtype=torch.float))
+            counts = torch.zeros(logits.shape[1], device=self.device).scatter_add_(
+                0, ids, torch.ones_like(ids, dtype=torch.float)
+            )
             logits[i] -= s.frequency_penalty * counts + s.presence_penalty * (counts > 0).float()
         return logits
 

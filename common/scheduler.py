@@ -93,7 +93,11 @@ class Scheduler:
 
     # ---- scheduling -------------------------------------------------------------------
     def _schedule(self) -> list[tuple[Req, int]]:
-        budget = self.config.chunked_prefill_size if self.config.chunked_prefill_size > 0 else self.config.max_prefill_tokens
+        budget = (
+            self.config.chunked_prefill_size
+            if self.config.chunked_prefill_size > 0
+            else self.config.max_prefill_tokens
+        )
         scheduled: dict[str, tuple[Req, int]] = {}
         for req in list(self.running):
             if req not in self.running:  # retracted to make room for an older request
@@ -181,8 +185,12 @@ class Scheduler:
             top = result.top_logprobs[i] if result.top_logprobs and req.sampling.top_logprobs_num else None
             if lp is not None:
                 req.output_logprobs.append(lp)
-            out = TokenOut(req.rid, [token], logprobs=None if lp is None else [lp],
-                           top_logprobs=None if top is None else [[list(t) for t in top]])
+            out = TokenOut(
+                req.rid,
+                [token],
+                logprobs=None if lp is None else [lp],
+                top_logprobs=None if top is None else [[list(t) for t in top]],
+            )
             reason = self._finish_reason(req)
             if reason:
                 self._release(req)
@@ -218,7 +226,8 @@ class Scheduler:
         self.pool.free(req.page_table[shared:dup] + req.page_table[full:])
         if req.cache_node is not None:
             self.cache.unlock(req.cache_node)
-        req.page_table, req.cache_node, req.num_computed_tokens, req.num_cached_tokens = [], None, 0, 0
+        # NOTE: num_cached_tokens stays: it is reported in the usage of the finished request
+        req.page_table, req.cache_node, req.num_computed_tokens = [], None, 0
         self.running.remove(req)
 
     def _finish(self, req: Req, reason: str, status: ReqStatus, error: str | None = None) -> None:
@@ -229,7 +238,9 @@ class Scheduler:
         self._pending_outs.append(out)
 
     def _abort_out(self, req: Req, error: str) -> TokenOut:
-        return TokenOut(req.rid, [], finished=True, finish_reason="abort", error=error, prompt_tokens=len(req.input_ids))
+        return TokenOut(
+            req.rid, [], finished=True, finish_reason="abort", error=error, prompt_tokens=len(req.input_ids)
+        )
 
     def _fill_usage(self, out: TokenOut, req: Req) -> None:
         out.prompt_tokens, out.completion_tokens = len(req.input_ids), len(req.output_ids)

@@ -14,40 +14,90 @@ import re
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-
 from disagg.common.parallel import get_parallel
+from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
 # Real shapes for `--load-format dummy --model-path <preset>` (no weights needed).
 PRESETS: dict[str, dict] = {
     "Llama-3.1-8B": dict(
-        model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336,
-        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                             high_freq_factor=4.0, original_max_position_embeddings=8192),
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
     ),
     "Llama-3.1-70B": dict(
-        model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=8192, intermediate_size=28672,
-        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
-        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                             high_freq_factor=4.0, original_max_position_embeddings=8192),
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
     ),
     "Qwen3-8B": dict(
-        model_type="qwen3", architectures=["Qwen3ForCausalLM"], hidden_size=4096, intermediate_size=12288,
-        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-        max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        model_type="qwen3",
+        architectures=["Qwen3ForCausalLM"],
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
         rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
     ),
     "Qwen3-30B-A3B": dict(
-        model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], hidden_size=2048, intermediate_size=6144,
-        moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
-        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936,
-        max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False, decoder_sparse_step=1,
-        mlp_only_layers=[], rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+        model_type="qwen3_moe",
+        architectures=["Qwen3MoeForCausalLM"],
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
     ),
 }
 
@@ -76,7 +126,9 @@ def load_weights(model: torch.nn.Module, model_path: str, load_format: str) -> N
     loaded: set[str] = set()
     from safetensors import safe_open
 
-    for file in tqdm(files, desc="Loading safetensors", disable=get_parallel().tp_rank != 0 or len(files) < 2):
+    for file in tqdm(
+        files, desc="Loading safetensors", disable=get_parallel().tp_rank != 0 or len(files) < 2
+    ):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 target = _load_one(model, params, name, f.get_slice(name))
@@ -84,7 +136,9 @@ def load_weights(model: torch.nn.Module, model_path: str, load_format: str) -> N
                     loaded.add(target)
     missing = [n for n in params if n not in loaded]
     if missing:
-        raise ValueError(f"weights missing from {model_path}: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+        raise ValueError(
+            f"weights missing from {model_path}: {missing[:5]}{'...' if len(missing) > 5 else ''}"
+        )
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -98,8 +152,13 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-_FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-          "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
 
 
 def _load_one(model, params: dict, name: str, tensor_slice) -> str | None:

@@ -1,0 +1,104 @@
+"""Shared fixtures: the default model, tiny random HF models, and a transformers reference."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> str:
+    from disagg.common.model_files import ensure_default_model
+
+    return str(ensure_default_model())
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_model(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_greedy(path: str, input_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Reference: transformers `generate`, greedy, float32, one prompt at a time (no padding)."""
+    model = _hf_model(path)
+    ids = torch.tensor([input_ids])
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(input_ids) :].tolist()
+
+
+TINY_CONFIGS = {
+    "llama": dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        tie_word_embeddings=False,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+        ),
+    ),
+    "qwen2": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], tie_word_embeddings=True),
+    "qwen3": dict(
+        model_type="qwen3", architectures=["Qwen3ForCausalLM"], tie_word_embeddings=False, head_dim=16
+    ),
+}
+
+
+def make_tiny_model(path, family: str, seed: int = 0, **overrides) -> str:
+    """A random HF model at tiny shapes, saved as a safetensors folder (no tokenizer)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    spec = dict(TINY_CONFIGS[family])
+    spec.update(overrides)
+    kind = spec.pop("model_type")
+    config = CONFIG_MAPPING[kind](
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        eos_token_id=None,
+        bos_token_id=None,
+        **spec,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger random weights than the default init: sharper, tie-free logits
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: make_tiny_model(root / family, family) for family in TINY_CONFIGS}
+
+
+def assert_pool_clean(scheduler) -> None:
+    """Every page is free or held by the prefix cache; after dropping the cache, all are free."""
+    assert not scheduler.running and not scheduler.waiting
+    assert scheduler.pool.num_free_pages + scheduler.cache.num_cached_pages == scheduler.pool.num_pages
+    scheduler.cache.reset()
+    assert scheduler.pool.num_free_pages == scheduler.pool.num_pages

@@ -1,0 +1,161 @@
+"""The engine gives transformers' greedy tokens for batches that mix lengths, cross chunk
+boundaries, hit the prefix cache and get retracted; the pool always ends with every page free."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from disagg.common.engine import Engine
+
+from tests.conftest import assert_pool_clean, hf_greedy
+
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about the sea.",
+    "def fibonacci(n):\n    ",
+    "In 1905, Albert Einstein published four papers that changed physics. The first one",
+    "Q: What is 17 times 3?\nA:",
+]
+GREEDY = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def engines(default_model_path):
+    return {}
+
+
+def _engine(cache: dict, **kw) -> Engine:
+    key = tuple(sorted(kw.items()))
+    if key not in cache:
+        cache[key] = Engine(**kw)
+    return cache[key]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(page_size=16),
+        dict(page_size=4, chunked_prefill_size=7),
+        dict(page_size=1, chunked_prefill_size=32),
+    ],
+    ids=["page16", "page4-chunk7", "page1-chunk32"],
+)
+def test_default_model_matches_transformers(engines, default_model_path, kw):
+    engine = _engine(engines, **kw)
+    outs = engine.generate(PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        ids = engine.tokenizer.encode(prompt)
+        assert out["output_ids"] == hf_greedy(default_model_path, ids, 24), prompt
+        assert out["finish_reason"] == "length"
+    assert_pool_clean(engine.scheduler)
+
+
+def test_prefix_cache_hit_gives_same_tokens(engines, default_model_path):
+    engine = _engine(engines, page_size=4)
+    system = "You are a careful assistant who answers in one short sentence. " * 3
+    prompts = [system + q for q in ("Why is the sky blue?", "What is a prime number?", "Name a color.")]
+    first = engine.generate(prompts[:1], GREEDY)[0]
+    rest = engine.generate(prompts[1:], GREEDY)
+    assert all(o["meta_info"]["cached_tokens"] >= 32 for o in rest)
+    assert engine.scheduler.cache.hit_rate > 0
+    for prompt, out in zip(prompts, [first, *rest], strict=True):
+        assert out["output_ids"] == hf_greedy(default_model_path, engine.tokenizer.encode(prompt), 24)
+    assert_pool_clean(engine.scheduler)
+
+
+def test_retraction_when_pages_run_out(default_model_path):
+    # 12 requests x (~20 prompt + 40 output) tokens need ~180 pages of 4; the pool has 64.
+    engine = Engine(page_size=4, max_total_tokens=256, chunked_prefill_size=64)
+    prompts = [f"Count from {i} to {i + 30}:" for i in range(12)]
+    params = {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}
+    outs = engine.generate(prompts, params)
+    assert engine.scheduler.num_retractions > 0
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out["output_ids"] == hf_greedy(default_model_path, engine.tokenizer.encode(prompt), 40)
+    assert_pool_clean(engine.scheduler)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_tiny_models_match_transformers(tiny_models, family):
+    path = tiny_models[family]
+    engine = Engine(model_path=path, page_size=4, chunked_prefill_size=16)
+    rng = random.Random(family)
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (1, 5, 17, 40, 9)]
+    outs = engine.generate(prompts, {"max_new_tokens": 20, "temperature": 0, "ignore_eos": True})
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out["output_ids"] == hf_greedy(path, prompt, 20)
+    assert_pool_clean(engine.scheduler)
+
+
+def test_abort_at_any_point_frees_pages(engines):
+    engine = _engine(engines, page_size=4, chunked_prefill_size=8)
+    sched = engine.scheduler
+    from disagg.common.engine import to_sampling_params
+    from disagg.common.request import Req
+
+    long_prompt = engine.tokenizer.encode("word " * 60)
+    reqs = [
+        Req(f"abort-{i}", list(long_prompt), to_sampling_params({"max_new_tokens": 50})) for i in range(3)
+    ]
+    for r in reqs:
+        sched.add_request(r)
+    sched.add_request(Req("abort-waiting", [1, 2, 3], to_sampling_params({})))
+    sched.abort_request("abort-waiting")  # still waiting
+    finished = {}
+
+    def step():
+        outs = sched.step()
+        finished.update({o.rid: o.finish_reason for o in outs if o.finished})
+        return outs
+
+    step()
+    sched.abort_request("abort-0")  # mid-prefill (chunk of 8 of 60 tokens)
+    for _ in range(12):
+        step()
+    sched.abort_request("abort-1")  # decoding
+    while sched.has_work():
+        for out in step():
+            if out.rid == "abort-2" and not out.finished:
+                sched.abort_request("abort-2")
+    assert finished == {"abort-waiting": "abort", "abort-0": "abort", "abort-1": "abort", "abort-2": "abort"}
+    assert_pool_clean(sched)
+
+
+def test_sampling_controls(engines):
+    engine = _engine(engines, page_size=16)
+    prompt = "Once upon a time"
+    a = engine.generate(prompt, {"max_new_tokens": 16, "temperature": 1.0, "seed": 7})[0]
+    b = engine.generate(prompt, {"max_new_tokens": 16, "temperature": 1.0, "seed": 7})[0]
+    c = engine.generate(prompt, {"max_new_tokens": 16, "temperature": 1.0, "seed": 8})[0]
+    assert a["output_ids"] == b["output_ids"] != c["output_ids"]
+    greedy = engine.generate(prompt, {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True})[0]
+    top1 = engine.generate(
+        prompt, {"max_new_tokens": 16, "temperature": 0.8, "top_k": 1, "ignore_eos": True}
+    )[0]
+    assert top1["output_ids"] == greedy["output_ids"]
+    # stop token id and stop string end the request with reason "stop"
+    stop_id = greedy["output_ids"][3]
+    out = engine.generate(prompt, {"max_new_tokens": 16, "temperature": 0, "stop_token_ids": [stop_id]})[0]
+    assert out["finish_reason"] == "stop" and out["output_ids"][-1] == stop_id
+    word = greedy["text"].split()[2]
+    out = engine.generate(prompt, {"max_new_tokens": 16, "temperature": 0, "stop": [word]})[0]
+    assert out["finish_reason"] == "stop" and word not in out["text"]
+    assert greedy["text"].startswith(out["text"])
+    # logprobs of the chosen greedy tokens are the maximum, so close to 0 or negative
+    out = engine.generate(prompt, {"max_new_tokens": 4, "temperature": 0, "return_logprob": True})[0]
+    assert len(out["meta_info"]["output_logprobs"]) == 4 and all(
+        lp <= 0 for lp in out["meta_info"]["output_logprobs"]
+    )
+    assert_pool_clean(engine.scheduler)
+
+
+def test_bad_requests_end_with_an_error(engines):
+    engine = _engine(engines, page_size=16)
+    out = engine.generate([[]], {"max_new_tokens": 4})[0]
+    assert out["finish_reason"] == "abort" and "empty" in out["meta_info"]["error"]
+    out = engine.generate([[10**9]], {"max_new_tokens": 4})[0]
+    assert out["finish_reason"] == "abort" and "token ids" in out["meta_info"]["error"]
+    with pytest.raises(ValueError, match="top_p"):
+        engine.generate("hi", {"top_p": 0})
+    assert_pool_clean(engine.scheduler)
