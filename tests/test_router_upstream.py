@@ -1,0 +1,102 @@
+"""The router's upstream HTTP/1.1 client against a raw asyncio server (in-process, fast)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from disagg.router.testing import free_port
+from disagg.router.upstream import UpstreamError, UpstreamPool
+
+ANSWERS = {
+    b"/length": b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n{"ok": true}',
+    b"/chunked": b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    b"6\r\ndata: \r\n5\r\nhello\r\n0\r\n\r\n",
+    b"/close": b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil close",
+}
+
+
+async def serve(connections: list, close_idle: bool = False):
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        connections.append(writer)
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            path = head.split(b" ")[1]
+            if path == b"/hang":
+                await asyncio.sleep(10)
+            writer.write(ANSWERS[path])
+            await writer.drain()
+            if path == b"/close" or close_idle:
+                break
+        writer.close()
+
+    port = free_port()
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    return server, f"http://127.0.0.1:{port}"
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_lengths_chunks_close_and_keep_alive():
+    async def scenario():
+        connections: list = []
+        server, url = await serve(connections)
+        pool = UpstreamPool()
+        try:
+            r = await pool.request("POST", url, "/length", {"content-type": "application/json"}, b"{}")
+            assert (r.status, r.content_type, await r.read()) == (200, "application/json", b'{"ok": true}')
+            r = await pool.request("POST", url, "/chunked", {}, b"x")
+            assert r.content_type == "text/event-stream" and await r.read() == b"data: hello"
+            assert len(connections) == 1  # keep-alive: one connection so far
+            r = await pool.request("GET", url, "/close", {})
+            assert await r.read() == b"until close"
+            r = await pool.request("GET", url, "/length", {})
+            assert await r.read() == b'{"ok": true}'
+            assert len(connections) == 2  # the closed one was replaced
+        finally:
+            await pool.close()
+            server.close()
+
+    run(scenario())
+
+
+def test_idle_connection_closed_by_the_worker_is_replaced_silently():
+    async def scenario():
+        connections: list = []
+        server, url = await serve(connections, close_idle=True)
+        pool = UpstreamPool()
+        try:
+            for _ in range(3):
+                r = await pool.request("GET", url, "/length", {})
+                assert await r.read() == b'{"ok": true}'
+                await asyncio.sleep(0.01)
+            assert len(connections) == 3
+        finally:
+            await pool.close()
+            server.close()
+
+    run(scenario())
+
+
+def test_refused_and_timeout_raise():
+    async def scenario():
+        connections: list = []
+        server, url = await serve(connections)
+        pool = UpstreamPool()
+        try:
+            with pytest.raises(UpstreamError):
+                await pool.request("GET", f"http://127.0.0.1:{free_port()}", "/length", {})
+            with pytest.raises(TimeoutError):
+                await pool.request("GET", url, "/hang", {}, timeout=0.1)
+        finally:
+            await pool.close()
+            server.close()
+
+    run(scenario())
