@@ -165,11 +165,8 @@ class Proxy:
             self._spawn(self._abort_legs(call, (prefill, decode)))
             raise
         decode.worker.breaker.record_success()
-        if p_task.done():
-            prefill.worker.breaker.record_success()
-            self._spawn(self._drain(prefill))
-        else:
-            self._spawn(self._finish_prefill(p_task, prefill))
+        # NOTE: a callback, not a task, settles the prefill leg: most answers are already complete
+        p_task.add_done_callback(lambda task: self._prefill_settled(task, prefill))
         return self._respond(call, decode, on_done, others=(prefill,))
 
     async def _await_pd(self, p_task: asyncio.Task, d_task: asyncio.Task) -> None:
@@ -180,17 +177,23 @@ class Proxy:
             for task in done:
                 task.result()  # raises AttemptFailed (or a non-retryable _Final) of that leg
 
-    async def _finish_prefill(self, p_task: asyncio.Task, leg: Leg) -> None:
-        try:
-            await p_task
-        except (AttemptFailed, _Final) as exc:
+    def _prefill_settled(self, task: asyncio.Task, leg: Leg) -> None:
+        """The prefill leg ended after decode answered: count it, drain a stream, free the worker."""
+        if task.cancelled():
+            leg.end()
+            return
+        exc = task.exception()
+        if exc is not None:
             metrics.labelled(metrics.WORKER_ERRORS, leg.worker.url).inc()
             leg.worker.breaker.record_failure()
             logger.warning("prefill leg failed after decode answered: %s", exc)
             leg.end()
-            return
-        leg.worker.breaker.record_success()
-        await self._drain(leg)
+        elif leg.is_stream:
+            leg.worker.breaker.record_success()
+            self._spawn(self._drain(leg))
+        else:
+            leg.worker.breaker.record_success()
+            leg.end()
 
     async def _drain(self, leg: Leg) -> None:
         """Read the rest of a prefill answer and drop it (keeps the connection reusable)."""
