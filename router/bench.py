@@ -2,6 +2,7 @@
 workers directly and against SGLang's router (`sglang-router` on PyPI) on the same fake workers.
 
     python -m disagg.router.bench [--mode regular|pd|both] [--requests 2000] [--seconds 5] [--concurrency 32]
+                                  [--repeat 3]
 
 Each router runs pinned to one CPU (--router-cpu), the client and the fake workers to the others, so
 both routers get the same CPU count. The client is a raw asyncio HTTP/1.1 keep-alive client, light
@@ -125,34 +126,47 @@ def run_mode(mode: str, args: argparse.Namespace) -> list[tuple]:
         ]
         if not args.skip_sglang:
             candidates.append(("sglang-router 0.3.2", _sglang_router(worker_args + common, args.router_cpu)))
-        for name, proc in candidates:
-            url = target.url
-            if proc is not None:
-                proc.start(timeout=60)
-                url = proc.url
-            try:
-                asyncio.run(measure_latency(url, min(200, args.requests)))  # warm up
-                p50, p99, lat_errors = asyncio.run(measure_latency(url, args.requests))
-                rate, rate_errors = asyncio.run(measure_rate(url, args.seconds, args.concurrency))
-            finally:
-                if proc is not None:
-                    proc.stop()
-            rows.append((mode, name, p50, p99, rate, len(lat_errors) + len(rate_errors)))
+        results: dict[str, list[tuple]] = {name: [] for name, _ in candidates}
+        for _ in range(args.repeat):  # interleaved, so load drift on a shared machine hits all alike
+            for name, proc in candidates:
+                results[name].append(_measure(proc, target.url, args))
+        for name, runs in results.items():
+            p50, p99, rate = (statistics.median(r[i] for r in runs) for i in range(3))
+            rates = sorted(r[2] for r in runs)
+            rows.append((mode, name, p50, p99, rate, rates[0], rates[-1], sum(r[3] for r in runs)))
     finally:
         for w in workers:
             w.stop()
     return rows
 
 
+def _measure(proc: Process | None, direct_url: str, args: argparse.Namespace) -> tuple:
+    url = direct_url
+    if proc is not None:
+        proc.start(timeout=60)
+        url = proc.url
+    try:
+        asyncio.run(measure_latency(url, min(200, args.requests)))  # warm up
+        p50, p99, lat_errors = asyncio.run(measure_latency(url, args.requests))
+        rate, rate_errors = asyncio.run(measure_rate(url, args.seconds, args.concurrency))
+    finally:
+        if proc is not None:
+            proc.stop()
+    return p50, p99, rate, len(lat_errors) + len(rate_errors)
+
+
 def print_table(rows: list[tuple]) -> None:
     direct = {r[0]: r for r in rows if r[1].startswith("direct")}
-    print("| mode | target | p50 ms | p99 ms | added p50 ms | added p99 ms | max req/s | errors |")
+    print("| mode | target | p50 ms | p99 ms | added p50 ms | added p99 ms | max req/s (min-max) | errors |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for mode, name, p50, p99, rate, errors in rows:
-        base = direct.get(mode)
-        added50 = f"{p50 - base[2]:.3f}" if base and base is not None and name != base[1] else "-"
-        added99 = f"{p99 - base[3]:.3f}" if base and name != base[1] else "-"
-        print(f"| {mode} | {name} | {p50:.3f} | {p99:.3f} | {added50} | {added99} | {rate:.0f} | {errors} |")
+    for mode, name, p50, p99, rate, rate_lo, rate_hi, errors in rows:
+        base = direct[mode]
+        added50 = f"{p50 - base[2]:.3f}" if name != base[1] else "-"
+        added99 = f"{p99 - base[3]:.3f}" if name != base[1] else "-"
+        print(
+            f"| {mode} | {name} | {p50:.3f} | {p99:.3f} | {added50} | {added99} | "
+            f"{rate:.0f} ({rate_lo:.0f}-{rate_hi:.0f}) | {errors} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -166,6 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of the max-rate run")
     parser.add_argument("--concurrency", type=int, default=32, help="connections in the max-rate run")
     parser.add_argument("--policy", default="round_robin")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds; medians are reported")
     ncpu = os.cpu_count() or 1
     parser.add_argument(
         "--router-cpu",
