@@ -261,8 +261,11 @@ def main() -> None:
                 prom_proc.wait()
             if cluster is not None:
                 cluster.stop()
-    note = (f"local run: {counts['ok']} ok / {counts['error']} failed requests in {args.duration:.0f}s, "
-            f"1 prefill + 1 decode + router (CPU, default model); PromQL by Prometheus, drawn by matplotlib")  # fmt: skip
+    note = (
+        f"local run on CPU (default model): {counts['ok']} ok / {counts['error']} failed requests over "
+        f"{span[1] - span[0]:.0f}s through the router; scraped: {', '.join(targets)}; "
+        "PromQL by Prometheus, drawn by matplotlib"
+    )
     draw(dashboard, data, span, args.out, note)
     empty = [p["title"] for p in dashboard["panels"] if p["type"] != "row" and p["id"] not in data]
     print(f"wrote {args.out}; {counts}; panels without data: {empty}")
