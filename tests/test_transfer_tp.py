@@ -27,12 +27,12 @@ def _layout(tp_rank: int, tp_size: int) -> KVLayout:
 
 def _run_fleets(prefill_tp: int, decode_tp: int, plans, timeout_s: float = 10.0):
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
+    out, stop = ctx.Queue(), ctx.Event()
     bootstrap = BootstrapServer(port=0)
     procs = []
     try:
         for r in range(prefill_tp):
-            args = (_layout(r, prefill_tp), bootstrap.port, PREFILL_PAGES, SEED, plans, out, timeout_s)
+            args = (_layout(r, prefill_tp), bootstrap.port, PREFILL_PAGES, SEED, plans, out, stop, timeout_s)
             procs.append(ctx.Process(target=prefill_rank_main, args=args, daemon=True))
         for r in range(decode_tp):
             args = (_layout(r, decode_tp), bootstrap.port, DECODE_PAGES, SENTINEL, plans, out, timeout_s)
@@ -43,6 +43,7 @@ def _run_fleets(prefill_tp: int, decode_tp: int, plans, timeout_s: float = 10.0)
     except queue.Empty:
         pytest.fail(f"rank processes did not report; exit codes {[p.exitcode for p in procs]}")
     finally:
+        stop.set()
         for p in procs:
             p.join(timeout=10)
             if p.is_alive():

@@ -33,6 +33,16 @@ class TransferResult:
 
 
 @dataclass
+class Tombstone:
+    """A finished room, remembered for a while so late messages about it are recognised."""
+
+    ok: bool
+    reason: str
+    expiry: float  # monotonic
+    reported: bool = True  # False: failed by the peer before this side knew the room
+
+
+@dataclass
 class RoomState:
     room: Room
     deadline: float  # monotonic; pushed forward on every sign of progress
@@ -81,7 +91,7 @@ class TransferBase:
         self.ucx = UcxLoop.get(self.device)
         self.rooms: dict[Room, Any] = {}  # active rooms, touched only on the loop thread
         self.peers: set[Peer] = set()
-        self._tombstones: dict[Room, tuple[bool, float]] = {}  # finished room -> (ok, expiry)
+        self._tombstones: dict[Room, Tombstone] = {}
         self._results: deque[TransferResult] = deque()  # appended on the loop, drained by poll()
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._closed = False
@@ -125,6 +135,9 @@ class TransferBase:
     def _touch(self, state: RoomState) -> None:
         state.deadline = time.monotonic() + self.timeout_s
 
+    def _tombstone_expiry(self) -> float:
+        return time.monotonic() + max(60.0, 4 * self.timeout_s)
+
     def _new_deadline(self) -> float:
         return time.monotonic() + self.timeout_s
 
@@ -140,7 +153,7 @@ class TransferBase:
     def _finish(self, state: RoomState, result: TransferResult) -> None:
         state.finished = True
         self.rooms.pop(state.room, None)
-        self._tombstones[state.room] = (result.ok, time.monotonic() + max(60.0, 4 * self.timeout_s))
+        self._tombstones[state.room] = Tombstone(result.ok, result.reason, self._tombstone_expiry())
         if result.ok and state.started is not None:
             result.nbytes, result.seconds = state.nbytes, time.perf_counter() - state.started
             metrics.observe_success(self.role, result.nbytes, result.seconds)
@@ -173,8 +186,8 @@ class TransferBase:
             for state in list(self.rooms.values()):
                 if now > state.deadline:
                     self._fail(state, f"timeout: no progress for {self.timeout_s:.1f}s")
-            for room, (_, expiry) in list(self._tombstones.items()):
-                if now > expiry:
+            for room, tomb in list(self._tombstones.items()):
+                if now > tomb.expiry:
                     del self._tombstones[room]
 
     async def _run_copy(self, state: RoomState, fn: Callable[[], None]) -> None:

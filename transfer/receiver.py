@@ -181,7 +181,9 @@ class KVReceiver(TransferBase):
             kind = "incompatible" if isinstance(e, KVLayoutMismatchError) else "peer_died"
             self._fail(state, f"{kind}: prefill server {key[0]}:{key[1]}: {e}")
             return
-        if state.finished:
+        if state.finished:  # aborted while connecting: the prefill side must still hear of it
+            for peer in server.peers:
+                peer.post_msg(RoomFailedMsg(state.room, self._tombstones[state.room].reason))
             return
         state.peers = list(server.peers)
         state.sources = {h.prefill_rank: _Source(server.peers[h.prefill_rank], h) for h in server.heads}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from disagg.transfer.base import RoomState, TransferBase, TransferResult, chunk_nbytes
+from disagg.transfer.base import RoomState, Tombstone, TransferBase, TransferResult, chunk_nbytes
 from disagg.transfer.bootstrap import BootstrapServer, register_prefill_rank
 from disagg.transfer.layout import HeadSlice, KVLayout, KVLayoutMismatchError, plan_head_slices
 from disagg.transfer.protocol import (
@@ -164,8 +164,12 @@ class KVSender(TransferBase):
         return state
 
     def _on_send(self, room: Room, chunk: _Chunk, is_last: bool, metadata: dict[str, Any]) -> None:
-        if room in self._tombstones and room not in self.rooms:
-            return  # already failed (e.g. aborted by decode): the failure was reported once
+        tomb = self._tombstones.get(room)
+        if tomb is not None and room not in self.rooms:
+            if not tomb.reported:  # decode failed the room before its first chunk: report it now
+                tomb.reported = True
+                self._fail(self._room(room), tomb.reason, notify=False)
+            return  # otherwise the room's result was reported once already
         state = self._room(room)
         if state.is_last:
             self._fail(state, f"bad_request: chunk after the last chunk of room {room}")
@@ -176,10 +180,14 @@ class KVSender(TransferBase):
 
     def _on_message(self, peer: Peer, msg: Any) -> None:
         room = getattr(msg, "room", None)
-        if room in self._tombstones and room not in self.rooms:
-            ok, _ = self._tombstones[room]
-            if isinstance(msg, RoomRequestMsg) and not ok:
-                peer.post_msg(RoomFailedMsg(room, "unknown_room: room already failed on the prefill side"))
+        tomb = self._tombstones.get(room)
+        if tomb is not None and room not in self.rooms:
+            if isinstance(msg, RoomRequestMsg) and not tomb.ok:
+                peer.post_msg(RoomFailedMsg(room, tomb.reason))
+            return
+        if isinstance(msg, RoomFailedMsg) and room not in self.rooms:
+            # failed on the decode side before the first send(): send() will report it
+            self._tombstones[room] = Tombstone(False, msg.reason, self._tombstone_expiry(), reported=False)
             return
         if isinstance(msg, RoomRequestMsg):
             self._on_request(peer, msg)

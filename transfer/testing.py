@@ -93,9 +93,11 @@ def prefill_rank_main(
     seed: int,
     plans: list[RequestPlan],
     out: Any,
+    stop: Any,
     timeout_s: float,
 ) -> None:
-    """A prefill rank: send every plan chunk by chunk, report every room's result on `out`."""
+    """A prefill rank: send every plan chunk by chunk, report every room's result on `out`, then
+    stay up until `stop` is set (decode ranks connect to every prefill rank of the server)."""
     from disagg.transfer.sender import KVSender
 
     pool = rank_slice(full_pool(layout, num_pages, seed), layout)
@@ -115,6 +117,7 @@ def prefill_rank_main(
             sender.send(plan.room, plan.src_pages[offset : offset + n], offset, is_last=last, metadata=meta)
     results = wait_results(sender, {p.room for p in plans}, timeout_s * 4)
     out.put(("prefill", layout.tp_rank, result_summary(results), sender.num_active_rooms(), None))
+    stop.wait(timeout_s * 4)
     sender.close()
 
 
@@ -139,3 +142,33 @@ def decode_rank_main(
         ("decode", layout.tp_rank, result_summary(results), receiver.num_active_rooms(), tensor_bytes(pool))
     )
     receiver.close()
+
+
+def scripted_prefill_main(layout: KVLayout, num_pages: int, seed: int, sends: list[tuple], out: Any) -> None:
+    """A prefill rank that serves its own bootstrap, makes the given send() calls
+    (room, src_pages, page_offset, is_last), says so, then idles until killed."""
+    from disagg.transfer.sender import KVSender
+
+    pool = rank_slice(full_pool(layout, num_pages, seed), layout)
+    sender = KVSender(pool, layout, "127.0.0.1", 0, host="127.0.0.1", timeout_s=60)
+    out.put(("bootstrap_port", sender.bootstrap_port))
+    for room, pages, offset, is_last in sends:
+        sender.send(room, pages, offset, is_last=is_last, metadata={"first_token": 1})
+    out.put(("sent", None))
+    time.sleep(600)
+
+
+def scripted_decode_main(
+    layout: KVLayout, bootstrap_port: int, num_pages: int, expects: list[tuple], out: Any
+) -> None:
+    """A decode rank that expects the given rooms (room, dst_pages), says so, then idles until killed."""
+    from disagg.transfer.receiver import KVReceiver
+
+    receiver = KVReceiver(
+        torch.zeros(layout.pool_shape(num_pages), dtype=layout.torch_dtype), layout, timeout_s=60
+    )
+    receiver.connect("127.0.0.1", bootstrap_port)
+    for room, pages in expects:
+        receiver.expect(room, "127.0.0.1", bootstrap_port, pages)
+    out.put(("expecting", None))
+    time.sleep(600)

@@ -1,5 +1,5 @@
 """UCX plumbing: one background asyncio loop per process that owns the ucxx worker, and `Peer`,
-one UCX endpoint to another rank carrying control messages (active messages) and KV bytes (tags).
+one UCX endpoint to another rank carrying control messages and KV bytes (both UCX tag messages).
 
 ucxx is asyncio-based and keeps one worker per process, so every KVSender / KVReceiver of a
 process shares `UcxLoop.get()`. All transfer state is touched only on that loop's thread; the
@@ -11,16 +11,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import numpy as np
 import torch
 from disagg.common.messages import decode, encode
 from disagg.transfer.protocol import HeartbeatMsg
 
 logger = logging.getLogger(__name__)
+
+# Control messages are UCX tag messages with tag CONTROL_TAG, framed as <u32 length><msgpack>, and
+# received into a fixed buffer. KV data uses tags >= 1 (Peer.new_tag). ucxx hashes both with the
+# endpoint's own tag, so they never match another connection's messages.
+# NOTE: not active messages: ucxx 0.52 queues received AMs by ucp_ep_h, and a new endpoint that
+# reuses an aborted one's handle lost its first message to the dead endpoint's pending am_recv.
+CONTROL_TAG = 0
+MAX_CONTROL_BYTES = 4 << 20
 
 
 def configure_ucx_env(device: torch.device) -> None:
@@ -111,6 +121,7 @@ class Peer:
         self.server_key: Any = None  # decode side: the prefill server this rank belongs to
         self._next_tag = 1
         self._tasks: list[asyncio.Task] = []
+        self._control_buf = np.empty(MAX_CONTROL_BYTES, dtype=np.uint8)  # one control recv at a time
 
     def start(self) -> None:
         self._tasks = [
@@ -123,9 +134,16 @@ class Peer:
         return tag
 
     async def send_msg(self, msg: Any) -> None:
-        import numpy as np
+        payload = encode(msg)
+        if len(payload) + 4 > MAX_CONTROL_BYTES:
+            raise ValueError(f"{type(msg).__name__} of {len(payload)} bytes exceeds {MAX_CONTROL_BYTES}")
+        frame = np.frombuffer(struct.pack("<I", len(payload)) + payload, dtype=np.uint8)
+        await self.ep.send(frame, tag=CONTROL_TAG)
 
-        await self.ep.am_send(np.frombuffer(encode(msg), dtype=np.uint8))
+    async def _recv_control(self) -> Any:
+        await self.ep.recv(self._control_buf, tag=CONTROL_TAG)
+        (n,) = struct.unpack_from("<I", self._control_buf)
+        return bytes(self._control_buf[4 : 4 + n])
 
     def post_msg(self, msg: Any) -> None:
         """Fire-and-forget send; a failure closes the peer."""
@@ -140,7 +158,13 @@ class Peer:
 
     async def recv_msg(self, timeout: float) -> Any:
         """Receive one control message directly (only before `start()`: the handshake)."""
-        return decode(bytes(await asyncio.wait_for(self.ep.am_recv(), timeout)))
+
+        async def first() -> Any:
+            while isinstance(msg := decode(await self._recv_control()), HeartbeatMsg):
+                pass
+            return msg
+
+        return await asyncio.wait_for(first(), timeout)
 
     async def _guarded(self, coro: Awaitable[Any]) -> None:
         try:
@@ -151,13 +175,13 @@ class Peer:
     async def _read_loop(self) -> None:
         while not self.closed:
             try:
-                raw = await self.ep.am_recv()
+                raw = await self._recv_control()
             except Exception as e:  # noqa: BLE001
                 self.close(f"peer_died: {self.name}: {type(e).__name__}: {e}")
                 return
             self.last_seen = time.monotonic()
             try:
-                msg = decode(bytes(raw))
+                msg = decode(raw)
             except Exception as e:  # noqa: BLE001 - a malformed message: drop it, keep the peer
                 logger.warning("dropping malformed control message from %s: %s", self.name, e)
                 continue
