@@ -42,11 +42,15 @@ class RouterState:
         self.config = config
         self.registry = WorkerRegistry(self._make_breaker)
         self.policies = self._make_policies()
+        metrics.ACTIVE_REQUESTS.workers = self.registry.all
         for policy in self.policies.values():
             self.registry.on_remove(policy.on_worker_removed)
         self.gate = AdmissionGate(
             config.max_concurrent_requests, config.queue_size, config.queue_timeout_secs
         )
+        # headers the hot path reads, as raw ASGI names
+        self.request_id_names = tuple(h.encode("latin-1") for h in config.request_id_headers)
+        self.wanted_headers = frozenset({b"authorization", b"content-length", *self.request_id_names})
         key = config.effective_worker_api_key
         self.worker_headers = {"authorization": f"Bearer {key}"} if key else {}
         self.client: UpstreamPool | None = None
@@ -147,7 +151,7 @@ class RouterApp:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"] in INFERENCE_PATHS and scope["method"] == "POST":
-            response = await _inference_with(self.state, Request(scope, receive))
+            response = await _inference_with(self.state, scope, receive)
             await response(scope, receive, send)
         else:
             await self.api(scope, receive, send)
@@ -207,22 +211,27 @@ def _client_auth_error(request: Request, state: RouterState, request_id: str) ->
 
 
 async def _inference(request: Request) -> Response:
-    return await _inference_with(request.app.state.router, request)
+    return await _inference_with(request.app.state.router, request.scope, request.receive)
 
 
-async def _inference_with(state: RouterState, request: Request) -> Response:
+async def _inference_with(state: RouterState, scope, receive) -> Response:
+    """The hot path: raw ASGI headers and body (no Request object), parse only when needed."""
     config = state.config
     started = time.perf_counter()
-    path = request.scope["path"]
-    request_id = _request_id(request, config)
+    wanted = state.wanted_headers
+    headers = {k: v.decode("latin-1") for k, v in scope["headers"] if k in wanted}
+    request_id = (
+        next((headers[n] for n in state.request_id_names if n in headers), None) or os.urandom(16).hex()
+    )
     rid_header = {"x-request-id": request_id}
-    denied = _client_auth_error(request, state, request_id)
-    if denied is not None:
-        return denied
-    length = request.headers.get("content-length")
+    client_auth = headers.get(b"authorization")
+    if config.api_key and client_auth != f"Bearer {config.api_key}":
+        metrics.REJECTED.labels(reason="unauthorized").inc()
+        return error_response(401, "invalid or missing API key", "authentication_error", headers=rid_header)
+    length = headers.get(b"content-length")
     if length is not None and length.isdigit() and int(length) > config.max_payload_size:
         return _too_large(config, rid_header)
-    body = await request.body()
+    body = await _read_body(receive)
     if len(body) > config.max_payload_size:
         return _too_large(config, rid_header)
     parsed = None
@@ -237,10 +246,22 @@ async def _inference_with(state: RouterState, request: Request) -> Response:
             return error_response(
                 400, "request body must be a JSON object", "invalid_request_error", headers=rid_header
             )
-    headers = state.worker_request_headers(request_id, request.headers.get("authorization"))
+    upstream_headers = state.worker_request_headers(request_id, client_auth)
     rid = parsed.get("rid") if parsed is not None and isinstance(parsed.get("rid"), str) else None
-    call = Call(path, body, headers, request_id, started, parsed, rid)
+    call = Call(scope["path"], body, upstream_headers, request_id, started, parsed, rid)
     return _ProxiedResponse(state, call)
+
+
+async def _read_body(receive) -> bytes:
+    message = await receive()
+    body = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body
+    parts = [body]
+    while message.get("more_body", False):
+        message = await receive()
+        parts.append(message.get("body", b""))
+    return b"".join(parts)
 
 
 def _too_large(config: RouterConfig, headers: dict[str, str]) -> Response:
@@ -308,7 +329,8 @@ class _ProxiedResponse(Response):
             return
         self.acquired = True
         response = await self.state.proxy.forward(self.call, self.on_done)
-        response.headers.setdefault("x-request-id", self.call.request_id)
+        if isinstance(response, Response):
+            response.headers.setdefault("x-request-id", self.call.request_id)
         if isinstance(response, ProxyStreamingResponse):
             await response.stream_response(send)
         else:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry()
 
@@ -41,9 +43,25 @@ WORKER_HEALTHY = Gauge(
     ["worker", "role"],
     registry=REGISTRY,
 )
-ACTIVE_REQUESTS = Gauge(
-    "disagg_router_active_requests", "Requests in flight per worker", ["worker"], registry=REGISTRY
-)
+
+
+class _ActiveRequests(Collector):
+    """disagg_router_active_requests{worker}, read from the workers at scrape time (no per-request cost)."""
+
+    def __init__(self) -> None:
+        self.workers = list  # set by the router: a callable returning its workers
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "disagg_router_active_requests", "Requests in flight per worker", labels=["worker"]
+        )
+        for worker in self.workers():
+            family.add_metric([worker.url], worker.outstanding)
+        yield family
+
+
+ACTIVE_REQUESTS = _ActiveRequests()
+REGISTRY.register(ACTIVE_REQUESTS)
 QUEUE_SIZE = Gauge("disagg_router_queue_size", "Requests waiting for a concurrency slot", registry=REGISTRY)
 REJECTED = Counter("disagg_router_rejected", "Requests refused before routing", ["reason"], registry=REGISTRY)
 
@@ -70,7 +88,6 @@ def forget_worker(url: str, role: str) -> None:
         del _children[key]
     for gauge, labels in (
         (CIRCUIT_BREAKER_STATE, (url,)),
-        (ACTIVE_REQUESTS, (url,)),
         (WORKER_HEALTHY, (url, role)),
     ):
         try:

@@ -84,7 +84,7 @@ class Proxy:
 
     # ---- entry point -------------------------------------------------------------------------
 
-    async def forward(self, call: Call, on_done) -> Response:
+    async def forward(self, call: Call, on_done) -> Response | BytesResponse:
         """Route `call`; `on_done(status)` runs once the response (or its stream) has finished."""
         text = request_text(call.parsed) if call.parsed is not None and self.needs_text else None
         tried: set[Worker] = set()
@@ -232,7 +232,7 @@ class Proxy:
                 raise AttemptFailed(worker, f"{worker.url}: HTTP {response.status}", kept)
             raise _Final(worker, kept)
 
-    def _respond(self, call: Call, leg: Leg, on_done, others: tuple[Leg, ...]) -> Response:
+    def _respond(self, call: Call, leg: Leg, on_done, others: tuple[Leg, ...]) -> Response | BytesResponse:
         response = leg.response
         metrics.labelled(metrics.TTFT, call.path).observe(time.perf_counter() - call.started)
         headers = {"x-request-id": call.request_id}
@@ -240,7 +240,7 @@ class Proxy:
         if not leg.is_stream:
             leg.end()
             on_done(response.status)
-            return Response(leg.first_chunk, response.status, headers=headers, media_type=media_type)
+            return BytesResponse(leg.first_chunk, response.status, media_type, call.request_id)
         return ProxyStreamingResponse(
             self._stream(call, leg, others, on_done),
             status_code=response.status,
@@ -342,6 +342,26 @@ def pd_body(parsed: dict, prefill: Worker) -> bytes:
     body["bootstrap_port"] = prefill.bootstrap_port
     body["bootstrap_room"] = random.getrandbits(63)
     return orjson.dumps(body)
+
+
+class BytesResponse:
+    """A whole worker answer, sent as is: two ASGI messages, none of Response's header building."""
+
+    __slots__ = ("body", "status_code", "raw_headers")
+
+    def __init__(self, body: bytes, status: int, media_type: str | None, request_id: str):
+        self.body = body
+        self.status_code = status
+        self.raw_headers = [
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id.encode("latin-1")),
+        ]
+        if media_type:
+            self.raw_headers.append((b"content-type", media_type.encode("latin-1")))
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 class ProxyStreamingResponse(StreamingResponse):

@@ -110,11 +110,9 @@ class Worker:
 
     def begin(self) -> None:
         self.outstanding += 1
-        metrics.labelled(metrics.ACTIVE_REQUESTS, self.url).set(self.outstanding)
 
     def end(self) -> None:
         self.outstanding -= 1
-        metrics.labelled(metrics.ACTIVE_REQUESTS, self.url).set(self.outstanding)
 
     def set_healthy(self, healthy: bool) -> None:
         self.healthy = healthy

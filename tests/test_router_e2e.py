@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from disagg.router.testing import fake_worker, router
+from disagg.router.testing import fake_worker, free_port, router
 
 pytestmark = pytest.mark.slow
 
@@ -84,8 +84,9 @@ def test_round_robin_json_and_streaming_passthrough(workers):
         assert models["data"][0]["id"] == "fake-model"
 
 
-def test_request_id_in_and_out(workers):
-    with start_router(workers) as r:
+def test_request_id_in_and_out_and_prometheus_port(workers):
+    prom_port = free_port()
+    with start_router(workers, "--prometheus-port", str(prom_port)) as r:
         resp = httpx.post(
             r.url + "/v1/completions", json={"prompt": "x"}, headers={"x-request-id": "abc-123"}
         )
@@ -94,6 +95,8 @@ def test_request_id_in_and_out(workers):
         assert received == ["abc-123"]
         generated = httpx.post(r.url + "/v1/completions", json={"prompt": "x"}).headers["x-request-id"]
         assert re.fullmatch(r"[0-9a-f]{32}", generated)
+        scraped = httpx.get(f"http://127.0.0.1:{prom_port}/metrics").text
+        assert 'disagg_router_requests_total{route="/v1/completions",status_code="200"} 2.0' in scraped
 
 
 def test_api_key_enforced_and_worker_key_sent(workers):
