@@ -110,11 +110,23 @@ class DrainingServer(uvicorn.Server):
             await asyncio.sleep(0.5)  # let the abort outputs reach their clients
 
 
+def tokenizer_path_for(engine: EngineConfig, server: ServerConfig) -> str:
+    """--tokenizer-path, else the model's folder; a dummy preset (no files) borrows the default model's."""
+    from disagg.common.weights import PRESETS
+
+    if server.tokenizer_path:
+        return server.tokenizer_path
+    if engine.model_path in PRESETS:
+        logger.warning("%s is a preset without a tokenizer: using the default model's", engine.model_path)
+        return resolve_model_path(None)
+    return engine.model_path
+
+
 def start_children(engine: EngineConfig, server: ServerConfig, ipc: IpcNames, scheduler_target: Callable):
     ctx = mp.get_context("spawn")
     specs = [
         ("scheduler", scheduler_target, (engine, ipc)),
-        ("detokenizer", run_detokenizer_process, (server.tokenizer_path or engine.model_path, ipc)),
+        ("detokenizer", run_detokenizer_process, (server.tokenizer_path, ipc)),
     ]
     procs, conns = [], []
     for name, target, args in specs:
@@ -161,13 +173,14 @@ def launch(engine: EngineConfig, server: ServerConfig, scheduler_target: Callabl
            role: str = "server") -> None:  # fmt: skip
     """Run a server until a signal stops it. Prefill/decode servers pass their own scheduler target."""
     engine = engine.replace(model_path=resolve_model_path(engine.model_path))
+    server = dataclasses.replace(server, tokenizer_path=tokenizer_path_for(engine, server))
     ipc = IpcNames.new()
     procs, conns = start_children(engine, server, ipc, scheduler_target)
     try:
         infos = wait_ready(procs, conns)
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(server.tokenizer_path or engine.model_path)
+        tokenizer = AutoTokenizer.from_pretrained(server.tokenizer_path)
         metrics = ServerMetrics(role)
         name = server.served_model_name or engine.model_path.rstrip("/").rsplit("/", 1)[-1]
         info = {**dataclasses.asdict(engine), **dataclasses.asdict(server), "api_key": None, "role": role}
