@@ -25,17 +25,39 @@ def _layout(tp_rank: int, tp_size: int) -> KVLayout:
                     tp_rank=tp_rank, tp_size=tp_size, model_name="test-model")  # fmt: skip
 
 
-def _run_fleets(prefill_tp: int, decode_tp: int, plans, timeout_s: float = 10.0):
+def _run_fleets(
+    prefill_tp: int,
+    decode_tp: int,
+    plans,
+    timeout_s: float = 10.0,
+    gpus: int = 0,
+    max_message_bytes: int = 32 << 20,
+):
+    """Run the plans between a prefill fleet and a decode fleet of rank processes; every rank's report."""
+
+    def device(rank: int) -> str:
+        return f"cuda:{rank % gpus}" if gpus else "cpu"
+
     ctx = mp.get_context("spawn")
     out, stop = ctx.Queue(), ctx.Event()
     bootstrap = BootstrapServer(port=0)
     procs = []
     try:
         for r in range(prefill_tp):
-            args = (_layout(r, prefill_tp), bootstrap.port, PREFILL_PAGES, SEED, plans, out, stop, timeout_s)
+            args = (_layout(r, prefill_tp), bootstrap.port, PREFILL_PAGES, SEED, plans, out, stop, timeout_s,
+                    device(r), max_message_bytes)  # fmt: skip
             procs.append(ctx.Process(target=prefill_rank_main, args=args, daemon=True))
         for r in range(decode_tp):
-            args = (_layout(r, decode_tp), bootstrap.port, DECODE_PAGES, SENTINEL, plans, out, timeout_s)
+            args = (
+                _layout(r, decode_tp),
+                bootstrap.port,
+                DECODE_PAGES,
+                SENTINEL,
+                plans,
+                out,
+                timeout_s,
+                device(-1 - r),
+            )
             procs.append(ctx.Process(target=decode_rank_main, args=args, daemon=True))
         for p in procs:
             p.start()
@@ -53,11 +75,7 @@ def _run_fleets(prefill_tp: int, decode_tp: int, plans, timeout_s: float = 10.0)
     return reports
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 1), (1, 2), (2, 2)])
-def test_pages_arrive_exactly_with_heterogeneous_tp(prefill_tp: int, decode_tp: int) -> None:
-    plans = make_requests(30, PREFILL_PAGES, DECODE_PAGES, max_pages=9, seed=prefill_tp * 10 + decode_tp)
-    reports = _run_fleets(prefill_tp, decode_tp, plans)
+def _check_reports(reports, plans, decode_tp: int) -> None:
     rooms = {p.room for p in plans}
     full = full_pool(_layout(0, 1), PREFILL_PAGES, SEED)
     for role, rank, results, active_rooms, pool_bytes in reports:
@@ -75,6 +93,28 @@ def test_pages_arrive_exactly_with_heterogeneous_tp(prefill_tp: int, decode_tp: 
             assert torch.equal(pool[:, p.dst_pages], expected[:, p.src_pages]), f"room {p.room} differs"
             touched[p.dst_pages] = True
         assert (pool[:, ~touched] == SENTINEL).all(), "a page no request owns was written"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 1), (1, 2), (2, 2)])
+def test_pages_arrive_exactly_with_heterogeneous_tp(prefill_tp: int, decode_tp: int) -> None:
+    plans = make_requests(30, PREFILL_PAGES, DECODE_PAGES, max_pages=9, seed=prefill_tp * 10 + decode_tp)
+    # 2->2 also splits chunks into messages of at most 2 pages (768 bytes a page per rank)
+    max_message_bytes = 1600 if prefill_tp == decode_tp == 2 else 32 << 20
+    _check_reports(
+        _run_fleets(prefill_tp, decode_tp, plans, max_message_bytes=max_message_bytes), plans, decode_tp
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(1, 1), (2, 1), (1, 2)])
+def test_gpu_pages_arrive_exactly(prefill_tp: int, decode_tp: int) -> None:
+    """On GPUs (prefill rank r on cuda:r, decode rank r on the GPUs from the last one down)."""
+    plans = make_requests(30, PREFILL_PAGES, DECODE_PAGES, max_pages=9, seed=7)
+    reports = _run_fleets(prefill_tp, decode_tp, plans, gpus=torch.cuda.device_count())
+    _check_reports(reports, plans, decode_tp)
 
 
 def test_head_plan_covers_every_decode_head_once() -> None:

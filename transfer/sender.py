@@ -53,8 +53,7 @@ class _SendRoom(RoomState):
     targets: list[HeadSlice] | None = None  # known once the first request tells the decode TP size
     is_last: bool = False
     metadata: dict[str, Any] = field(default_factory=dict)
-    sending: int = 0
-    chunks_sent: dict[int, int] = field(default_factory=dict)  # decode rank -> chunks
+    chunks_planned: dict[int, int] = field(default_factory=dict)  # decode rank -> chunks started
     done_sent: bool = False
     acked: set[int] = field(default_factory=set)
 
@@ -83,8 +82,10 @@ class KVSender(TransferBase):
         timeout_s: float = 30.0,
         heartbeat_s: float = 1.0,
         heartbeat_timeout_s: float = 5.0,
+        max_message_bytes: int = 32 << 20,  # larger chunks travel as several pipelined messages
     ) -> None:
         super().__init__(kv_buffer, layout, timeout_s, heartbeat_s, heartbeat_timeout_s)
+        self.max_message_bytes = max_message_bytes
         self.bootstrap: BootstrapServer | None = None
         if serve_bootstrap if serve_bootstrap is not None else layout.tp_rank == 0:
             self.bootstrap = BootstrapServer(port=bootstrap_port)
@@ -214,45 +215,57 @@ class KVSender(TransferBase):
             self._finish(state, _ok(state))
 
     def _pump(self, state: _SendRoom) -> None:
-        """Start every chunk whose destinations are known; after the last one, send the done."""
+        """Start every queued chunk once its destinations are known; after the last, send the done."""
         if state.finished or state.targets is None:
             return
         if any(t.decode_rank not in state.requests for t in state.targets):
             return  # a destination decode rank has not said where its pages are yet
         for chunk in state.queued:
-            for t in state.targets:
-                n_dst = len(state.requests[t.decode_rank][1].dst_pages)
-                if chunk.page_offset < 0 or chunk.page_offset + len(chunk.pages) > n_dst:
-                    self._fail(
-                        state,
-                        f"bad_request: pages [{chunk.page_offset}, +{len(chunk.pages)}) beyond the {n_dst} decode pages",
-                    )
-                    return
-            state.sending += 1
-            asyncio.ensure_future(self._send_chunk(state, chunk))
+            if error := self._check_chunk(state, chunk):
+                self._fail(state, error)
+                return
+            for piece in self._split(chunk):
+                for t in state.targets:
+                    state.chunks_planned[t.decode_rank] = state.chunks_planned.get(t.decode_rank, 0) + 1
+                asyncio.ensure_future(self._send_piece(state, piece))
         state.queued.clear()
-        if state.is_last and state.sending == 0 and not state.done_sent:
+        if state.is_last and not state.done_sent:
+            # NOTE: sent before the last bytes leave: the decode side counts chunks, so the done
+            # needs no extra round trip after the data
             state.done_sent = True
             for t in state.targets:
                 peer = state.requests[t.decode_rank][0]
                 peer.post_msg(
-                    RoomDoneMsg(state.room, state.chunks_sent.get(t.decode_rank, 0), state.metadata)
+                    RoomDoneMsg(state.room, state.chunks_planned.get(t.decode_rank, 0), state.metadata)
                 )
             if not state.targets:  # this rank holds no heads any decode rank needs
                 self._finish(state, _ok(state))
 
-    async def _send_chunk(self, state: _SendRoom, chunk: _Chunk) -> None:
+    def _check_chunk(self, state: _SendRoom, chunk: _Chunk) -> str:
+        for t in state.targets or []:
+            n_dst = len(state.requests[t.decode_rank][1].dst_pages)
+            if chunk.page_offset < 0 or chunk.page_offset + len(chunk.pages) > n_dst:
+                return f"bad_request: pages [{chunk.page_offset}, +{len(chunk.pages)}) beyond the {n_dst} decode pages"
+        return ""
+
+    def _split(self, chunk: _Chunk) -> list[_Chunk]:
+        """Pieces of at most max_message_bytes: gathering piece k+1 overlaps sending piece k."""
+        per_page = chunk_nbytes(self.layout, 1, self.layout.num_local_heads)
+        step = max(1, self.max_message_bytes // per_page)
+        return [
+            _Chunk(chunk.pages[i : i + step], chunk.page_offset + i, chunk.ready)
+            for i in range(0, len(chunk.pages), step)
+        ]
+
+    async def _send_piece(self, state: _SendRoom, chunk: _Chunk) -> None:
         try:
             await asyncio.gather(*(self._send_slice(state, chunk, t) for t in state.targets or []))
         except Exception as e:  # noqa: BLE001 - UCX error: the decode rank is gone
             self._fail(state, f"peer_died: sending room {state.room}: {type(e).__name__}: {e}")
-        finally:
-            state.sending -= 1
-            self._pump(state)
 
     async def _send_slice(self, state: _SendRoom, chunk: _Chunk, target: HeadSlice) -> None:
-        peer, request = state.requests[target.decode_rank]
-        lo, hi = self.layout.head_range
+        peer = state.requests[target.decode_rank][0]
+        lo = self.layout.head_range[0]
         num_pages, num_heads = len(chunk.pages), target.end - target.start
         nbytes = chunk_nbytes(self.layout, num_pages, num_heads)
         staging = self._staging(nbytes)
@@ -268,12 +281,10 @@ class KVSender(TransferBase):
             return
         tag = peer.new_tag()
         msg = KVChunkMsg(state.room, chunk.page_offset, num_pages, target.start, target.end, nbytes, tag)
-        if state.started is None:
-            state.started = time.perf_counter()
+        state.started = state.started or time.perf_counter()
         await peer.send_msg(msg)
         await peer.send_data(staging, tag)
         state.nbytes += nbytes
-        state.chunks_sent[target.decode_rank] = state.chunks_sent.get(target.decode_rank, 0) + 1
         self._touch(state)
 
     def close(self) -> None:

@@ -60,7 +60,9 @@ def make_requests(
     return plans
 
 
-def wait_results(engine: TransferBase, rooms: set[int], timeout_s: float) -> dict[int, TransferResult]:
+def wait_results(
+    engine: TransferBase, rooms: set[int], timeout_s: float, interval_s: float = 0.0002
+) -> dict[int, TransferResult]:
     """Poll until every room in `rooms` is reported (or timeout_s passes)."""
     results: dict[int, TransferResult] = {}
     deadline = time.monotonic() + timeout_s
@@ -68,7 +70,7 @@ def wait_results(engine: TransferBase, rooms: set[int], timeout_s: float) -> dic
         for r in engine.poll():
             assert r.room not in results, f"room {r.room} reported twice"
             results[r.room] = r
-        time.sleep(0.005)
+        time.sleep(interval_s)
     return results
 
 
@@ -95,18 +97,21 @@ def prefill_rank_main(
     out: Any,
     stop: Any,
     timeout_s: float,
+    device: str = "cpu",
+    max_message_bytes: int = 32 << 20,
 ) -> None:
     """A prefill rank: send every plan chunk by chunk, report every room's result on `out`, then
     stay up until `stop` is set (decode ranks connect to every prefill rank of the server)."""
     from disagg.transfer.sender import KVSender
 
-    pool = rank_slice(full_pool(layout, num_pages, seed), layout)
+    pool = rank_slice(full_pool(layout, num_pages, seed), layout).to(device)
     sender = KVSender(
         pool,
         layout,
         "127.0.0.1",
         bootstrap_port,
         serve_bootstrap=False,
+        max_message_bytes=max_message_bytes,
         host="127.0.0.1",
         timeout_s=timeout_s,
     )
@@ -129,11 +134,12 @@ def decode_rank_main(
     plans: list[RequestPlan],
     out: Any,
     timeout_s: float,
+    device: str = "cpu",
 ) -> None:
     """A decode rank: expect every plan into a sentinel-filled pool; report results and the pool."""
     from disagg.transfer.receiver import KVReceiver
 
-    pool = torch.full(layout.pool_shape(num_pages), sentinel, dtype=layout.torch_dtype)
+    pool = torch.full(layout.pool_shape(num_pages), sentinel, dtype=layout.torch_dtype, device=device)
     receiver = KVReceiver(pool, layout, timeout_s=timeout_s)
     for plan in plans:
         receiver.expect(plan.room, "127.0.0.1", bootstrap_port, plan.dst_pages)

@@ -1,0 +1,242 @@
+"""Benchmark: KV transfer throughput/latency vs a raw ucxx send of one buffer (the ceiling).
+
+    python -m disagg.transfer.bench                         # CPU, up to 256 MiB
+    python -m disagg.transfer.bench --device cuda           # prefill on cuda:0, decode on cuda:1 (or cuda:0)
+
+This process is the prefill side (KVSender); a spawned process is the decode side (KVReceiver).
+Latency is measured here, from send() to the room's success in poll() (which needs the decode's
+ack after its scatter), and for the raw ceiling from ep.send() to a 1-byte ack. Pages are scattered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import statistics
+import threading
+import time
+from typing import Any
+
+import torch
+from disagg.transfer.layout import KVLayout
+from disagg.transfer.testing import wait_results
+
+MiB = 1 << 20
+# one 64 KiB page per message unit: 32 layers x 1 token x 8 heads x 64 dims x K,V x bf16
+SWEEP_LAYOUT = KVLayout(32, 1, 8, 64, "bfloat16", model_name="bench")
+# Llama-3.1-8B: 32 layers, 8 KV heads, head_dim 128, bf16 = 128 KiB per token; page_size 16
+LLAMA8B_LAYOUT = KVLayout(32, 16, 8, 128, "bfloat16", model_name="bench")
+LLAMA8B_TOKENS = 2048
+
+
+def page_bytes(layout: KVLayout) -> int:
+    return layout.num_layers * 2 * layout.page_size * layout.num_local_heads * layout.head_dim * 2
+
+
+def decode_main(device: str, sweep_pages: int, llama_pages: int, conn: Any) -> None:
+    """The decode process: receivers for both layouts, a raw listener, commands over `conn`."""
+    import ucxx
+    from disagg.transfer.receiver import KVReceiver
+
+    sweep = KVReceiver(
+        torch.zeros(SWEEP_LAYOUT.pool_shape(sweep_pages), dtype=torch.bfloat16, device=device), SWEEP_LAYOUT
+    )
+    llama = KVReceiver(
+        torch.zeros(LLAMA8B_LAYOUT.pool_shape(llama_pages), dtype=torch.bfloat16, device=device),
+        LLAMA8B_LAYOUT,
+    )
+    raw_eps: list[Any] = []
+    listener = sweep.ucx.run_sync(lambda: ucxx.create_listener(lambda ep: raw_eps.append(ep)))
+    conn.send(listener.port)
+    failures: list[Any] = []
+    bootstrap_ports: dict[str, int] = {}
+
+    def drain() -> None:  # results are timed on the prefill side; here only failures matter
+        while True:
+            failures.extend(r for r in sweep.poll() + llama.poll() if not r.ok)
+            time.sleep(0.0005)
+
+    threading.Thread(target=drain, daemon=True).start()
+    while True:
+        cmd, *args = conn.recv()
+        if cmd == "expect":
+            which, room, pages = args
+            (sweep if which == "sweep" else llama).expect(room, "127.0.0.1", bootstrap_ports[which], pages)
+            conn.send("ok")
+        elif cmd == "ports":
+            bootstrap_ports.update(args[0])
+            conn.send("ok")
+        elif cmd == "raw":
+            buf = torch.empty(args[0], dtype=torch.uint8, device=device)
+            sweep.ucx.call(_raw_recv(raw_eps[0], buf, conn))
+        elif cmd == "stop":
+            conn.send([f.reason for f in failures])
+            return
+
+
+async def _raw_recv(ep: Any, buf: torch.Tensor, conn: Any) -> None:
+    import numpy as np
+
+    recv = asyncio.ensure_future(ep.recv(buf if buf.is_cuda else buf.numpy(), tag=77))
+    await asyncio.sleep(0)
+    conn.send("ready")
+    await recv
+    await ep.send(np.ones(1, dtype=np.uint8), tag=78)
+
+
+async def _raw_send(ep: Any, buf: torch.Tensor) -> float:
+    import numpy as np
+
+    ack = np.zeros(1, dtype=np.uint8)
+    start = time.perf_counter()
+    await ep.send(buf if buf.is_cuda else buf.numpy(), tag=77)
+    await ep.recv(ack, tag=78)
+    return time.perf_counter() - start
+
+
+class Bench:
+    def __init__(self, device: str, decode_device: str, max_bytes: int, max_message_bytes: int) -> None:
+        from disagg.transfer.sender import KVSender
+
+        self.device = device
+        self.sweep_pages = max_bytes // page_bytes(SWEEP_LAYOUT)
+        self.llama_pages = LLAMA8B_TOKENS // 16 + 8
+        self.sweep = KVSender(
+            self._pool(SWEEP_LAYOUT, self.sweep_pages),
+            SWEEP_LAYOUT,
+            "127.0.0.1",
+            0,
+            host="127.0.0.1",
+            max_message_bytes=max_message_bytes,
+        )
+        self.llama = KVSender(
+            self._pool(LLAMA8B_LAYOUT, self.llama_pages),
+            LLAMA8B_LAYOUT,
+            "127.0.0.1",
+            0,
+            host="127.0.0.1",
+            max_message_bytes=max_message_bytes,
+        )
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=decode_main, args=(decode_device, self.sweep_pages, self.llama_pages, child), daemon=True
+        )
+        self.proc.start()
+        raw_port = self.conn.recv()
+        self._ask("ports", {"sweep": self.sweep.bootstrap_port, "llama": self.llama.bootstrap_port})
+        import ucxx
+
+        self.raw_ep = self.sweep.ucx.call(ucxx.create_endpoint("127.0.0.1", raw_port))
+        self.room = 0
+
+    def _pool(self, layout: KVLayout, pages: int) -> torch.Tensor:
+        return torch.randn(layout.pool_shape(pages), device=self.device).to(torch.bfloat16)
+
+    def _ask(self, *cmd: Any) -> Any:
+        self.conn.send(cmd)
+        return self.conn.recv()
+
+    def transfer(self, which: str, num_pages: int, num_chunks: int = 1) -> float:
+        """One room of num_pages scattered pages, sent in num_chunks chunks; seconds to success."""
+        sender, pool_pages = (
+            (self.sweep, self.sweep_pages) if which == "sweep" else (self.llama, self.llama_pages)
+        )
+        self.room += 1
+        src = torch.randperm(pool_pages)[:num_pages].tolist()
+        dst = torch.randperm(pool_pages)[:num_pages].tolist()
+        self._ask("expect", which, self.room, dst)
+        time.sleep(0.002)  # let the decode's page list reach the prefill side, as it would during prefill
+        bounds = [round(i * num_pages / num_chunks) for i in range(num_chunks + 1)]
+        start = time.perf_counter()
+        for i in range(num_chunks):
+            last = i == num_chunks - 1
+            sender.send(
+                self.room,
+                src[bounds[i] : bounds[i + 1]],
+                bounds[i],
+                is_last=last,
+                metadata={"t": 1} if last else None,
+            )
+        result = wait_results(sender, {self.room}, 120)[self.room]
+        if not result.ok:
+            raise RuntimeError(f"transfer failed: {result.reason}")
+        return time.perf_counter() - start
+
+    def raw(self, nbytes: int) -> float:
+        buf = torch.ones(nbytes, dtype=torch.uint8, device=self.device)
+        self.conn.send(("raw", nbytes))
+        assert self.conn.recv() == "ready"
+        return self.sweep.ucx.call(_raw_send(self.raw_ep, buf))
+
+    def close(self) -> list[str]:
+        failures = self._ask("stop")
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.sweep.close()
+        self.llama.close()
+        return failures
+
+
+def _median(fn: Any, iters: int) -> float:
+    fn()  # warm-up (connection, registration caches)
+    return statistics.median(fn() for _ in range(iters))
+
+
+def _fmt_row(name: str, nbytes: int, engine_s: float, raw_s: float | None) -> str:
+    raw = (
+        f"{raw_s * 1e3:10.3f} {nbytes / raw_s / 1e9:10.2f} {engine_s and raw_s / engine_s * 100:7.0f}%"
+        if raw_s
+        else " " * 30
+    )
+    return f"{name:>22} {nbytes / MiB:10.2f} {engine_s * 1e3:10.3f} {nbytes / engine_s / 1e9:10.2f} {raw}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--max-size-mib", type=int, default=None, help="largest message (default: 256 on cpu, 1024 on cuda)"
+    )
+    parser.add_argument("--iters", type=int, default=5, help="timed iterations per size (median reported)")
+    parser.add_argument("--max-message-mib", type=int, default=32, help="KVSender max_message_bytes")
+    args = parser.parse_args(argv)
+    max_mib = args.max_size_mib or (1024 if args.device == "cuda" else 256)
+    device, decode_device = "cpu", "cpu"
+    if args.device == "cuda":
+        device, decode_device = "cuda:0", "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
+    bench = Bench(device, decode_device, max_mib * MiB, args.max_message_mib * MiB)
+    print(f"prefill on {device}, decode on {decode_device}; median of {args.iters}; pages scattered; "
+          f"max message {args.max_message_mib} MiB")  # fmt: skip
+    print(
+        f"{'transfer':>22} {'MiB':>10} {'engine ms':>10} {'GB/s':>10} {'raw ms':>10} {'raw GB/s':>10} {'of raw':>8}"
+    )
+    try:
+        size = 64 << 10
+        while size <= max_mib * MiB:
+            pages = size // page_bytes(SWEEP_LAYOUT)
+            iters = args.iters if size >= 64 * MiB else args.iters * 4
+            engine_s = _median(lambda p=pages: bench.transfer("sweep", p), iters)
+            raw_s = _median(lambda s=size: bench.raw(s), iters)
+            print(_fmt_row("message", size, engine_s, raw_s), flush=True)
+            size *= 4
+        llama_bytes = LLAMA8B_TOKENS * page_bytes(LLAMA8B_LAYOUT) // 16
+        raw_s = _median(lambda: bench.raw(llama_bytes), args.iters)
+        for chunks in (1, 4):
+            engine_s = _median(lambda c=chunks: bench.transfer("llama", LLAMA8B_TOKENS // 16, c), args.iters)
+            print(
+                _fmt_row(f"8B 2k tok, {chunks} chunk{'s' * (chunks > 1)}", llama_bytes, engine_s, raw_s),
+                flush=True,
+            )
+    finally:
+        failures = bench.close()
+    if failures:
+        print(f"decode-side failures: {failures}")
+
+
+if __name__ == "__main__":
+    main()
