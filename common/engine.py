@@ -5,7 +5,18 @@ from __future__ import annotations
 import itertools
 from dataclasses import fields
 
+import torch
 from disagg.common.config import EngineConfig
+from disagg.common.distributed import (
+    check_layout,
+    cpu_threads_env,
+    init_distributed,
+    local_ranks,
+    spawn_workers,
+    stop_workers,
+    with_local_init_addr,
+)
+from disagg.common.parallel import ParallelState, set_parallel
 from disagg.common.request import Req, SamplingParams
 from disagg.common.scheduler import Scheduler
 
@@ -30,12 +41,18 @@ class Engine:
 
     def __init__(self, model_path: str | None = None, **kwargs):
         self.config = EngineConfig(model_path=model_path, **kwargs)
-        if self.config.tp > 1 or self.config.ep > 1:
-            from disagg.common.engine_tp import TPScheduler
-
-            self.scheduler = TPScheduler(self.config)
-        else:
-            self.scheduler = Scheduler(self.config)
+        self._workers = []
+        if self.config.tp > 1:
+            if self.config.node_rank != 0:
+                raise ValueError(
+                    "the offline Engine runs on node rank 0 (run other nodes with python -m disagg.common.distributed)"
+                )
+            check_layout(self.config)
+            self.config = with_local_init_addr(self.config)
+            cpu_threads_env(self.config)
+            self._workers = spawn_workers(self.config, local_ranks(self.config)[1:])
+            init_distributed(self.config, 0)
+        self.scheduler = Scheduler(self.config)
         self.tokenizer = self.scheduler.tokenizer
 
     def generate(self, prompts, sampling_params=None) -> list[dict]:
@@ -86,6 +103,11 @@ class Engine:
         return self.scheduler.stats()
 
     def shutdown(self) -> None:
-        close = getattr(self.scheduler, "shutdown", None)
-        if close:
-            close()
+        """Stop the other ranks (tp > 1) and leave the process group."""
+        if self.config.tp > 1 and torch.distributed.is_initialized():
+            stop_workers()
+            for p in self._workers:
+                p.join(timeout=30)
+            torch.distributed.destroy_process_group()
+            set_parallel(ParallelState())
+            self._workers = []

@@ -31,7 +31,8 @@ def kv_heads_per_rank(config, tp_size: int) -> int:
     return max(1, config.num_key_value_heads // tp_size)
 
 
-def check_tp_layout(config, tp_size: int) -> None:
+def check_tp_layout(config, tp_size: int, ep_size: int = 1) -> None:
+    """Raise ValueError for layouts that cannot split this model."""
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     if heads % tp_size:
         raise ValueError(
@@ -41,7 +42,11 @@ def check_tp_layout(config, tp_size: int) -> None:
         raise ValueError(
             f"--tp {tp_size}: the model's {kv} KV heads neither divide nor are divisible by {tp_size}"
         )
-    if config.intermediate_size % tp_size:
+    if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
+        from disagg.common.moe import check_ep_layout
+
+        check_ep_layout(config, tp_size, ep_size)
+    elif config.intermediate_size % tp_size:
         raise ValueError(
             f"--tp {tp_size}: intermediate_size {config.intermediate_size} is not divisible by {tp_size}"
         )
@@ -61,7 +66,7 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(
             q_size, config.hidden_size, bias=bias and config.model_type != "qwen2"
         )
-        self.qk_norm = config.model_type == "qwen3"
+        self.qk_norm = config.model_type.startswith("qwen3")
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -108,7 +113,10 @@ class DecoderLayer(nn.Module):
 
 
 def make_mlp(config, layer_id: int) -> nn.Module:
-    if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
+    is_moe = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    sparse = layer_id not in (getattr(config, "mlp_only_layers", None) or []) and (layer_id + 1) % step == 0
+    if is_moe and sparse:
         from disagg.common.moe import make_moe
 
         return make_moe(config, layer_id)

@@ -10,6 +10,7 @@ import time
 import torch
 from disagg.common.attention import ForwardBatch, create_attention_backend
 from disagg.common.config import EngineConfig, env_str
+from disagg.common.distributed import broadcast_plan
 from disagg.common.kv_pool import KVPagePool, size_pool_pages
 from disagg.common.model import (
     SUPPORTED_ARCHITECTURES,
@@ -87,7 +88,7 @@ class ModelRunner:
             raise ValueError(
                 f"unsupported architecture {sorted(archs)}; supported: {sorted(SUPPORTED_ARCHITECTURES | MOE_ARCHITECTURES)}"
             )
-        check_tp_layout(self.hf_config, get_parallel().tp_size)
+        check_tp_layout(self.hf_config, get_parallel().tp_size, get_parallel().ep_size)
 
     def _load_model(self) -> CausalLM:
         t0 = time.perf_counter()
@@ -143,8 +144,9 @@ class ModelRunner:
             logger.warning("no tokenizer in %s (%s): token ids only", self.model_path, e)
             return None
 
-    def build_batch(self, scheduled: list[tuple[Req, int]]) -> ForwardBatch:
-        """Flatten `n` new tokens of each request into one batch."""
+    def build_plan(self, scheduled: list[tuple[Req, int]]) -> dict:
+        """Flatten `n` new tokens of each request into one batch plan (plain lists: rank 0
+        broadcasts it to the other ranks)."""
         ps = self.pool.page_size
         ids, positions, pages, offsets, logits_index = [], [], [], [], []
         q_lens, kv_lens, tables = [], [], []
@@ -160,23 +162,38 @@ class ModelRunner:
                 logits_index.append(len(ids) - 1)
             q_lens.append(n)
             kv_lens.append(start + n)
-            tables.append(req.page_table)
+            tables.append(req.page_table[: (start + n + ps - 1) // ps])
+        return dict(
+            ids=ids,
+            positions=positions,
+            pages=pages,
+            offsets=offsets,
+            logits_index=logits_index,
+            q_lens=q_lens,
+            kv_lens=kv_lens,
+            tables=tables,
+        )
 
+    def forward(self, scheduled: list[tuple[Req, int]]) -> torch.Tensor:
+        plan = self.build_plan(scheduled)
+        if get_parallel().tp_size > 1:
+            broadcast_plan(plan)
+        return self.forward_plan(plan)
+
+    def forward_plan(self, plan: dict) -> torch.Tensor:
         def tensor(x):
             return torch.tensor(x, dtype=torch.long, device=self.device)
 
-        return ForwardBatch(
-            input_ids=tensor(ids),
-            positions=tensor(positions),
-            out_page=tensor(pages),
-            out_offset=tensor(offsets),
-            q_lens=q_lens,
-            kv_lens=kv_lens,
-            page_tables=tables,
-            logits_index=tensor(logits_index),
-            page_size=ps,
+        batch = ForwardBatch(
+            input_ids=tensor(plan["ids"]),
+            positions=tensor(plan["positions"]),
+            out_page=tensor(plan["pages"]),
+            out_offset=tensor(plan["offsets"]),
+            q_lens=plan["q_lens"],
+            kv_lens=plan["kv_lens"],
+            page_tables=plan["tables"],
+            logits_index=tensor(plan["logits_index"]),
+            page_size=self.pool.page_size,
         )
-
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
         self.backend.prepare(batch)
         return self.model(batch, self.pool.kv_buffer, self.backend)

@@ -1,15 +1,101 @@
-"""Mixture-of-Experts layers (Qwen3-MoE / Mixtral style) with expert parallelism."""
+"""Mixture-of-Experts layers (Qwen3-MoE / Mixtral style) with expert parallelism.
+
+Layout over the TP group of size tp with --ep E (E divides tp): rank r holds experts
+[e0, e0 + num_experts/E) with e0 = (r // (tp/E)) * num_experts/E, each expert's intermediate
+dimension split (tp/E)-ways. Under TP every rank sees every token, so each rank computes the
+contributions of the experts it holds and one all-reduce combines them: the same collective
+count as a dense MLP, no all-to-all needed.
+"""
 
 from __future__ import annotations
 
+import re
 
-def make_moe(config, layer_id: int):
-    raise NotImplementedError("MoE models are not supported yet")
+import torch
+import torch.nn.functional as F
+from disagg.common.parallel import all_reduce, get_parallel
+from torch import nn
+
+MOE_ARCHITECTURES = {"Qwen3MoeForCausalLM", "MixtralForCausalLM"}
+_EXPERT_RE = re.compile(
+    r"(layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
+)
+_PART = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": 2, "w2": 2}
+
+
+def num_experts_of(config) -> int:
+    return getattr(config, "num_experts", None) or config.num_local_experts
+
+
+def check_ep_layout(config, tp: int, ep: int) -> None:
+    experts = num_experts_of(config)
+    if experts % ep:
+        raise ValueError(f"--ep {ep}: the model's {experts} experts are not divisible by {ep}")
+    if ep < 1 or tp % ep:
+        raise ValueError(f"--ep {ep} must divide --tp {tp}")
+    inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    if inter % (tp // ep):
+        raise ValueError(f"expert intermediate size {inter} is not divisible by tp/ep = {tp // ep}")
+
+
+class Experts(nn.Module):
+    def __init__(self, num_local: int, hidden: int, inter_local: int):
+        super().__init__()
+        self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter_local, hidden))  # gate | up
+        self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter_local))
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        ps = get_parallel()
+        self.num_experts = num_experts_of(config)
+        self.top_k = config.num_experts_per_tok
+        # Mixtral renormalizes over the top-k; Qwen3-MoE only when norm_topk_prob
+        self.renormalize = getattr(config, "norm_topk_prob", True)
+        moe_tp = ps.tp_size // ps.ep_size
+        self.num_local = self.num_experts // ps.ep_size
+        self.first_expert = (ps.tp_rank // moe_tp) * self.num_local
+        self.moe_tp_rank, self.moe_tp = ps.tp_rank % moe_tp, moe_tp
+        inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+        self.inter_local = inter // moe_tp
+        self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False)
+        self.experts = Experts(self.num_local, config.hidden_size, self.inter_local)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.gate(x).float(), dim=-1)
+        weights, ids = probs.topk(self.top_k, dim=-1)  # [T, k]
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        local = ids - self.first_expert
+        for e in range(self.num_local):
+            token, slot = (local == e).nonzero(as_tuple=True)
+            if token.numel() == 0:
+                continue
+            gate, up = F.linear(x[token], self.experts.w13[e]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.experts.w2[e])
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return all_reduce(out)
+
+
+def make_moe(config, layer_id: int) -> nn.Module:
+    return SparseMoE(config)
 
 
 def load_expert_weight(model, params: dict, name: str, tensor_slice) -> bool:
-    """Load one expert tensor if `name` is one (and this rank holds it); False if not an expert tensor."""
-    return False
-
-
-MOE_ARCHITECTURES = {"Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM"}
+    """Load one checkpoint expert tensor into this rank's slot, if this rank holds that expert."""
+    m = _EXPERT_RE.search(name)
+    if m is None:
+        return False
+    moe = model.get_submodule(f"{m.group(1)}.mlp")
+    e = int(m.group(2)) - moe.first_expert
+    if not 0 <= e < moe.num_local:
+        return True  # another rank's expert
+    part, n, r = _PART[m.group(3)], moe.inter_local, moe.moe_tp_rank
+    if part == 2:
+        moe.experts.w2.data[e].copy_(tensor_slice[:, r * n : (r + 1) * n])
+    else:
+        moe.experts.w13.data[e, part * n : (part + 1) * n].copy_(tensor_slice[r * n : (r + 1) * n])
+    return True

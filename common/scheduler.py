@@ -167,8 +167,7 @@ class Scheduler:
 
     # ---- running a batch --------------------------------------------------------------
     def _run(self, scheduled: list[tuple[Req, int]]) -> None:
-        batch = self.runner.build_batch(scheduled)
-        logits = self.runner.forward(batch)
+        logits = self.runner.forward(scheduled)
         done = [req for req, n in scheduled if req.num_computed_tokens + n == req.seq_len]
         for req, n in scheduled:
             req.num_computed_tokens += n

@@ -163,7 +163,7 @@ _FUSED = {
 
 def _load_one(model, params: dict, name: str, tensor_slice) -> str | None:
     """Copy this rank's share of one checkpoint tensor into its parameter; returns the parameter name."""
-    name = name.removeprefix("model.")
+    name = name.removeprefix("model.").replace("block_sparse_moe.", "mlp.")
     if name.startswith("lm_head") and getattr(model, "tie_word_embeddings", False):
         return None
     if "rotary_emb" in name:
@@ -171,7 +171,8 @@ def _load_one(model, params: dict, name: str, tensor_slice) -> str | None:
     from disagg.common.moe import load_expert_weight
 
     if load_expert_weight(model, params, name, tensor_slice):
-        return re.sub(r"experts\.\d+\.\w+", "experts", name)
+        m = re.match(r"(.*\.experts)\.\d+\.(\w+)\.weight$", name)
+        return f"{m.group(1)}.{'w2' if m.group(2) in ('down_proj', 'w2') else 'w13'}"
     m = re.match(r"(.*)\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$", name)
     if m:
         fused, idx = _FUSED[m.group(2)]

@@ -1,0 +1,193 @@
+"""Distributed start-up (one process per rank) and the per-step broadcast of batch plans.
+
+Rank 0's scheduler decides every batch and broadcasts its plan (plain lists, msgpack-encoded)
+over a gloo group; the other ranks run the same forward on their shard. NCCL (GPU) or gloo
+(CPU) carries the activations. A rank that dies breaks the gloo connection: the others raise,
+log it and exit non-zero instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import multiprocessing as mp
+import os
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+from disagg.common.config import EngineConfig
+from disagg.common.messages import decode, encode
+from disagg.common.parallel import ParallelState, get_parallel, set_parallel
+
+logger = logging.getLogger(__name__)
+_STOP = {"stop": True}
+_IDLE_TIMEOUT = datetime.timedelta(days=365)  # workers wait for the next batch as long as rank 0 lives
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ranks_per_node(config: EngineConfig) -> int:
+    if config.tp % config.nnodes:
+        raise ValueError(f"--tp {config.tp} must be divisible by --nnodes {config.nnodes}")
+    return config.tp // config.nnodes
+
+
+def init_distributed(config: EngineConfig, rank: int) -> ParallelState:
+    """Join the TP group as `rank` (blocks until all ranks arrive, at most --dist-timeout)."""
+    local_rank = rank % ranks_per_node(config)
+    use_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not config.dist_init_addr:
+        raise ValueError("--dist-init-addr HOST:PORT is required with --tp > 1")
+    timeout = datetime.timedelta(seconds=config.dist_timeout)
+    try:
+        dist.init_process_group(
+            "nccl" if use_cuda else "gloo",
+            init_method=f"tcp://{config.dist_init_addr}",
+            rank=rank,
+            world_size=config.tp,
+            timeout=timeout,
+        )
+    except Exception as e:  # noqa: BLE001 - re-raised with the layout the user asked for
+        raise RuntimeError(
+            f"rank {rank}: the TP group of {config.tp} ranks at {config.dist_init_addr} did not form within "
+            f"--dist-timeout {config.dist_timeout}s ({e})"
+        ) from e
+    cpu_group = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
+    ep = max(1, config.ep)
+    moe_tp = config.tp // ep if config.tp % ep == 0 else 1
+    state = ParallelState(
+        tp_rank=rank,
+        tp_size=config.tp,
+        ep_rank=rank // moe_tp,
+        ep_size=ep,
+        group=dist.group.WORLD,
+        cpu_group=cpu_group,
+    )
+    set_parallel(state)
+    return state
+
+
+def broadcast_plan(plan: dict | None) -> dict:
+    """Rank 0 sends `plan`; every other rank receives and returns it."""
+    group = get_parallel().cpu_group
+    if get_parallel().tp_rank == 0:
+        payload = torch.frombuffer(bytearray(encode(plan)), dtype=torch.uint8)
+        size = torch.tensor([payload.numel()], dtype=torch.long)
+        dist.broadcast(size, 0, group=group)
+        dist.broadcast(payload, 0, group=group)
+        return plan
+    size = torch.empty(1, dtype=torch.long)
+    dist.broadcast(size, 0, group=group)
+    payload = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.broadcast(payload, 0, group=group)
+    return decode(payload.numpy().tobytes())
+
+
+def stop_workers() -> None:
+    if get_parallel().tp_size > 1 and get_parallel().tp_rank == 0:
+        broadcast_plan(_STOP)
+
+
+def worker_main(config: EngineConfig, rank: int) -> None:
+    """Entry point of a rank > 0: run every forward that rank 0 broadcasts, until told to stop."""
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(asctime)s %(levelname)s %(message)s")
+    try:
+        init_distributed(config, rank)
+        from disagg.common.model_runner import ModelRunner
+
+        runner = ModelRunner(config)
+        while True:
+            plan = broadcast_plan(None)
+            if plan.get("stop"):
+                break
+            runner.forward_plan(plan)
+    except Exception as e:  # noqa: BLE001 - any failure takes the group down loudly
+        logger.error("rank %d exiting: %s", rank, e)
+        sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn_workers(config: EngineConfig, ranks: list[int]) -> list[mp.Process]:
+    ctx = mp.get_context("spawn")
+    procs = []
+    for rank in ranks:
+        p = ctx.Process(target=worker_main, args=(config, rank), daemon=True, name=f"disagg-rank{rank}")
+        p.start()
+        procs.append(p)
+    return procs
+
+
+def with_local_init_addr(config: EngineConfig) -> EngineConfig:
+    """Single-node default for --dist-init-addr: a free loopback port."""
+    if config.tp > 1 and not config.dist_init_addr:
+        return config.replace(dist_init_addr=f"127.0.0.1:{free_port()}")
+    return config
+
+
+def cpu_threads_env(config: EngineConfig) -> None:
+    os.environ.setdefault("DISAGG_CPU_THREADS", str(max(1, (os.cpu_count() or 1) // ranks_per_node(config))))
+
+
+def check_layout(config: EngineConfig) -> None:
+    """Fail before any process starts when the model cannot be split as asked."""
+    from disagg.common.model import check_tp_layout
+    from disagg.common.model_files import resolve_model_path
+    from disagg.common.weights import PRESETS, load_config
+
+    path = config.model_path if config.model_path in PRESETS else resolve_model_path(config.model_path)
+    ranks_per_node(config)
+    if not 0 <= config.node_rank < config.nnodes:
+        raise ValueError(f"--node-rank {config.node_rank} must be in [0, --nnodes {config.nnodes})")
+    if config.nnodes > 1 and not config.dist_init_addr:
+        raise ValueError("--dist-init-addr HOST:PORT (rank 0's node) is required with --nnodes > 1")
+    check_tp_layout(load_config(path), config.tp, config.ep)
+
+
+def local_ranks(config: EngineConfig) -> list[int]:
+    n = ranks_per_node(config)
+    return list(range(config.node_rank * n, (config.node_rank + 1) * n))
+
+
+def run_node(config: EngineConfig) -> int:
+    """A node other than 0: run its ranks until they stop; non-zero if any failed."""
+    check_layout(config)
+    cpu_threads_env(config)
+    procs = spawn_workers(config, local_ranks(config))
+    code = 0
+    for p in procs:
+        p.join()
+        if p.exitcode:
+            logger.error("%s exited with code %s", p.name, p.exitcode)
+            code = code or p.exitcode
+            for other in procs:  # one rank down takes the node down
+                if other.is_alive():
+                    other.terminate()
+    return code
+
+
+def main() -> None:
+    import argparse
+
+    from disagg.common.config import add_engine_args
+
+    parser = argparse.ArgumentParser(
+        description="Run this node's ranks of a multi-node TP group (node rank > 0)"
+    )
+    add_engine_args(parser)
+    config = EngineConfig.from_args(parser.parse_args())
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    sys.exit(run_node(config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Tensor and expert parallelism over gloo: the same greedy tokens as tp=1 and transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from disagg.common.distributed import free_port
+from disagg.common.engine import Engine
+
+from tests.conftest import hf_greedy, make_tiny_model
+
+pytestmark = pytest.mark.slow
+GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [300]]
+
+
+def _run(model_path, prompts, **kw):
+    engine = Engine(model_path=model_path, page_size=4, chunked_prefill_size=8, **kw)
+    try:
+        return [o["output_ids"] for o in engine.generate(prompts, GREEDY)], engine.scheduler.runner.model_path
+    finally:
+        engine.shutdown()
+
+
+def test_tp3_default_model_matches_tp1_and_transformers(default_model_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_path)
+    prompts = [tok.encode(p) for p in ("The capital of France is", "def add(a, b):", "Three colors:")]
+    tp3, path = _run(None, prompts, tp=3)
+    tp1, _ = _run(None, prompts)
+    assert tp3 == tp1 == [hf_greedy(path, p, 12) for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    qwen3_moe = dict(
+        model_type="qwen3_moe",
+        architectures=["Qwen3MoeForCausalLM"],
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        tie_word_embeddings=False,
+    )
+    mixtral = dict(
+        model_type="mixtral",
+        architectures=["MixtralForCausalLM"],
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )
+    from tests.conftest import TINY_CONFIGS
+
+    TINY_CONFIGS.setdefault("qwen3_moe", qwen3_moe)
+    TINY_CONFIGS.setdefault("mixtral", mixtral)
+    return {name: make_tiny_model(root / name, name) for name in ("qwen3_moe", "mixtral")}
+
+
+@pytest.mark.parametrize(
+    "family,kw",
+    [
+        ("llama", dict(tp=2)),
+        ("qwen3_moe", dict(tp=2, ep=2)),
+        ("qwen3_moe", dict(tp=2, ep=1)),
+        ("mixtral", dict(tp=2, ep=2)),
+    ],
+    ids=["llama-tp2", "qwen3moe-tp2-ep2", "qwen3moe-tp2-ep1", "mixtral-tp2-ep2"],
+)
+def test_tiny_tp_ep_match_transformers(tiny_models, moe_models, family, kw):
+    path = {**tiny_models, **moe_models}[family]
+    out, _ = _run(path, PROMPTS, **kw)
+    assert out == [hf_greedy(path, p, 12) for p in PROMPTS]
+
+
+def test_two_nodes_on_one_machine(tiny_models):
+    path = tiny_models["llama"]
+    addr = f"127.0.0.1:{free_port()}"
+    node1 = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "disagg.common.distributed",
+            "--model-path",
+            path,
+            "--tp",
+            "2",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "1",
+            "--dist-init-addr",
+            addr,
+            "--page-size",
+            "4",
+            "--chunked-prefill-size",
+            "8",
+        ],
+    )
+    try:
+        out, _ = _run(path, PROMPTS, tp=2, nnodes=2, node_rank=0, dist_init_addr=addr)
+        assert out == [hf_greedy(path, p, 12) for p in PROMPTS]
+        assert node1.wait(timeout=60) == 0  # node 1's ranks stop cleanly with the group
+    finally:
+        node1.kill()
+
+
+def test_impossible_layouts_fail_clearly(tiny_models, moe_models):
+    with pytest.raises(ValueError, match="attention heads"):
+        Engine(model_path=tiny_models["llama"], tp=3)
+    with pytest.raises(ValueError, match="4 experts are not divisible by 8"):
+        Engine(model_path=moe_models["qwen3_moe"], tp=4, ep=8)
+    with pytest.raises(ValueError, match="--ep"):
+        Engine(model_path=moe_models["qwen3_moe"], tp=2, ep=4)
+
+
+def test_ranks_that_never_arrive_time_out(tiny_models):
+    addr = f"127.0.0.1:{free_port()}"
+    with pytest.raises(RuntimeError, match="did not form within"):
+        # node 1 never starts: rank 0 gives up after --dist-timeout
+        Engine(model_path=tiny_models["llama"], tp=2, nnodes=2, dist_init_addr=addr, dist_timeout=3)
