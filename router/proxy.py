@@ -19,7 +19,7 @@ from disagg.router import metrics
 from disagg.router.config import RouterConfig
 from disagg.router.errors import error_response
 from disagg.router.policies import Policy, request_text
-from disagg.router.upstream import UPSTREAM_ERRORS, UpstreamPool, UpstreamResponse
+from disagg.router.upstream import UPSTREAM_ERRORS, AbortHandle, UpstreamPool, UpstreamResponse
 from disagg.router.workers import Role, Worker, WorkerRegistry
 from starlette.responses import Response, StreamingResponse
 
@@ -45,6 +45,8 @@ class Leg:
     response: UpstreamResponse | None = None
     first_chunk: bytes = b""  # a stream's first chunk, or the whole body of a JSON answer
     is_stream: bool = False
+    answered: bool = False  # decode leg: the client's answer is on its way
+    settled: bool = False  # prefill leg: its outcome was counted
     ended: bool = False
 
     def end(self) -> None:
@@ -155,30 +157,38 @@ class Proxy:
         body = pd_body(call.parsed, prefill.worker)
         prefill.worker.begin()
         decode.worker.begin()
+        # NOTE: the decode leg runs in this task, the prefill leg in its own; a prefill failure
+        # before decode answered aborts the decode request through its handle, and the pair is retried
+        decode_handle = AbortHandle()
         p_task = asyncio.create_task(self._open(prefill, call.path, body, call.headers))
-        d_task = asyncio.create_task(self._open(decode, call.path, body, call.headers))
+        p_task.add_done_callback(lambda task: self._prefill_done(task, prefill, decode, decode_handle))
         try:
-            await self._await_pd(p_task, d_task)
-        except BaseException:
-            for task in (p_task, d_task):
-                task.cancel()
+            await self._open(decode, call.path, body, call.headers, decode_handle)
+        except BaseException as exc:
+            p_task.cancel()
             self._spawn(self._abort_legs(call, (prefill, decode)))
+            if isinstance(exc, AttemptFailed | _Final) and decode_handle.aborted:
+                raise p_task.exception() from None  # the prefill leg's failure, not the abort it caused
             raise
         decode.worker.breaker.record_success()
-        # NOTE: a callback, not a task, settles the prefill leg: most answers are already complete
-        p_task.add_done_callback(lambda task: self._prefill_settled(task, prefill))
+        decode.answered = True
+        if p_task.done():
+            self._prefill_settled(p_task, prefill)
         return self._respond(call, decode, on_done, others=(prefill,))
 
-    async def _await_pd(self, p_task: asyncio.Task, d_task: asyncio.Task) -> None:
-        """Return once decode answered (prefill may still run); raise if a leg failed before that."""
-        pending = {p_task, d_task}
-        while d_task in pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # raises AttemptFailed (or a non-retryable _Final) of that leg
+    def _prefill_done(
+        self, task: asyncio.Task, prefill: Leg, decode: Leg, decode_handle: AbortHandle
+    ) -> None:
+        if decode.answered:
+            self._prefill_settled(task, prefill)
+        elif not task.cancelled() and task.exception() is not None:
+            decode_handle.abort()
 
     def _prefill_settled(self, task: asyncio.Task, leg: Leg) -> None:
         """The prefill leg ended after decode answered: count it, drain a stream, free the worker."""
+        if leg.settled:
+            return
+        leg.settled = True
         if task.cancelled():
             leg.end()
             return
@@ -207,13 +217,15 @@ class Proxy:
 
     # ---- one upstream request ----------------------------------------------------------------
 
-    async def _open(self, leg: Leg, path: str, body: bytes, headers: dict[str, str]) -> None:
+    async def _open(
+        self, leg: Leg, path: str, body: bytes, headers: dict[str, str], handle: AbortHandle | None = None
+    ) -> None:
         """Send; wait for the first body chunk (a stream) or the whole body (JSON).
 
         Raises AttemptFailed when worth a retry elsewhere, _Final for a non-retryable error status."""
         worker = leg.worker
         try:
-            response = await self.client.request("POST", worker.url, path, headers, body)
+            response = await self.client.request("POST", worker.url, path, headers, body, handle=handle)
         except UPSTREAM_ERRORS as exc:
             raise AttemptFailed(worker, f"{worker.url}: {type(exc).__name__}: {exc}") from None
         leg.response = response

@@ -116,6 +116,21 @@ def _expire(waiter: asyncio.Future) -> None:
         waiter.set_exception(TimeoutError("worker did not answer in time"))
 
 
+class AbortHandle:
+    """Lets another task abort a request in flight (connecting, waiting for the head, or reading)."""
+
+    __slots__ = ("response", "aborted")
+
+    def __init__(self) -> None:
+        self.response: UpstreamResponse | None = None
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        if self.response is not None:
+            self.response.close()  # no-op once the answer is complete (its connection may be reused)
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool, key: tuple):
         self.pool = pool
@@ -194,8 +209,8 @@ class _Connection(asyncio.Protocol):
             self.response = None
 
     def abort(self) -> None:
+        self._lost(UpstreamError("request aborted"))  # wakes whoever waits on this connection
         self.closed = True
-        self.response = None
         if self.transport is not None:
             self.transport.abort()
 
@@ -227,6 +242,7 @@ class UpstreamPool:
         headers: dict[str, str],
         body: bytes = b"",
         timeout: float | None = None,
+        handle: AbortHandle | None = None,
     ) -> UpstreamResponse:
         """Send; return once the response head (status, headers) arrived. The body follows via
         readany()/read(). `url` is the worker's base URL; `timeout` bounds each wait for bytes."""
@@ -238,12 +254,17 @@ class UpstreamPool:
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(key)
+            if handle is not None and handle.aborted:
+                conn.abort()
+                raise UpstreamError("request aborted")
             response = conn.send(request, timeout)
+            if handle is not None:
+                handle.response = response
             try:
                 await _wait_for(conn.head, timeout)
             except UPSTREAM_ERRORS:
                 conn.abort()
-                if reused and not conn.got_bytes:
+                if reused and not conn.got_bytes and not (handle is not None and handle.aborted):
                     continue  # the worker had closed this idle connection: once more on a fresh one
                 raise
             except BaseException:
