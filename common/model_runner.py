@@ -72,7 +72,12 @@ class ModelRunner:
         self.context_length = config.context_length or self.hf_config.max_position_embeddings
         self.model = self._load_model()
         self.pool = self._make_pool()
-        self.backend = create_attention_backend(config.attention_backend, self.device, pool=self.pool)
+        self.backend = create_attention_backend(
+            config.attention_backend,
+            self.device,
+            pool=self.pool,
+            num_qo_heads=self.hf_config.num_attention_heads // get_parallel().tp_size,
+        )
         self.tokenizer = self._load_tokenizer()
 
     def _check_model(self) -> None:
