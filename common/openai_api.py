@@ -215,6 +215,9 @@ async def stream_chunks(job: Job, state: ServerState, pd: dict) -> AsyncIterator
         first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None} for i in range(total)]  # fmt: skip
         yield chunk(first)
+    elif job.echo_texts:
+        yield chunk([{"index": i, "text": job.echo_texts[i // job.n], "logprobs": None, "finish_reason": None}
+                     for i in range(total)])  # fmt: skip
     try:
         async for i, out in merge_streams(job.start(state, pd)):
             delta = ChoiceAcc()
@@ -223,7 +226,7 @@ async def stream_chunks(job: Job, state: ServerState, pd: dict) -> AsyncIterator
             if out.finished and out.error and not accs[i].output_ids:
                 yield sse(APIError(400, out.error).body())
                 continue
-            if out.text or out.finished or out.logprobs:
+            if out.output_ids or out.finished:  # also when the text is held back: clients see token timing
                 yield chunk([delta_body(job, i, delta, out)])
     except ValueError as e:
         yield sse(APIError(400, str(e), "rid").body())

@@ -134,6 +134,15 @@ def test_stream_equals_non_stream(http, kind):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_echo_prepends_the_prompt(http):
+    body = {"prompt": PROMPT, **GREEDY, "max_tokens": 2, "echo": True}
+    full = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert full.startswith(PROMPT) and len(full) > len(PROMPT)
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        events = sse_events(r)[:-1]
+    assert "".join(e["choices"][0]["text"] for e in events) == full
+
+
 def test_openai_client(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
     chat = client.chat.completions.create(

@@ -87,7 +87,9 @@ async def one_request(
                 if data.get("usage"):
                     res.prompt_len = data["usage"]["prompt_tokens"]
                     res.output_len = data["usage"]["completion_tokens"]
-                if data.get("choices") and data["choices"][0].get("text"):
+                choice = (data.get("choices") or [None])[0]
+                # a token arrived: text, or an empty delta before the end (special tokens, held-back text)
+                if choice and (choice.get("text") or choice.get("finish_reason") is None):
                     if chunks == 0:
                         res.ttft = now - start
                     else:
@@ -96,6 +98,7 @@ async def one_request(
         res.e2e = time.perf_counter() - start
         res.output_len = res.output_len or chunks
         res.ok = chunks > 0
+        res.error = "" if res.ok else "no tokens received"
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         res.error = f"{type(e).__name__}: {e}"
     return res
