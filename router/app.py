@@ -1,7 +1,7 @@
-"""The router's HTTP app: inference routes, worker admin routes, health and metrics.
+"""The router's process state (`RouterState`) and its ASGI app (`create_app`).
 
-Hot routes are plain Starlette endpoints on the FastAPI app (no pydantic, no middleware): the body is
-read once, parsed only when PD mode or the policy needs it, and forwarded as bytes.
+The inference routes (router/inference.py) are dispatched straight from `RouterApp`, past FastAPI's
+middleware stack; the small routes (router/routes.py, router/admin.py) go through FastAPI.
 """
 
 from __future__ import annotations
@@ -10,28 +10,20 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
-import time
 
-import orjson
-from disagg.router import metrics
-from disagg.router.admission import AdmissionGate, Rejected
+from disagg.router import metrics, routes
+from disagg.router.admission import AdmissionGate
 from disagg.router.config import RouterConfig
-from disagg.router.errors import error_response
 from disagg.router.health import HealthChecker
+from disagg.router.inference import INFERENCE_PATHS, handle_inference, inference_route
 from disagg.router.policies import Policy, create_policy
-from disagg.router.proxy import Call, Proxy, ProxyStreamingResponse, fetch
-from disagg.router.upstream import UPSTREAM_ERRORS, UpstreamPool
+from disagg.router.proxy import Proxy
+from disagg.router.routes import INFO_PATHS
+from disagg.router.upstream import UpstreamPool
 from disagg.router.workers import CircuitBreaker, Role, Worker, WorkerRegistry
 from fastapi import FastAPI
-from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
 logger = logging.getLogger("disagg.router")
-
-INFERENCE_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
-INFO_PATHS = ("/v1/models", "/server_info", "/get_server_info", "/model_info", "/get_model_info")
 
 
 class RouterState:
@@ -151,7 +143,7 @@ class RouterApp:
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http" and scope["path"] in INFERENCE_PATHS and scope["method"] == "POST":
-            response = await _inference_with(self.state, scope, receive)
+            response = await handle_inference(self.state, scope, receive)
             await response(scope, receive, send)
         else:
             await self.api(scope, receive, send)
@@ -171,253 +163,16 @@ def create_app(config: RouterConfig) -> RouterApp:
     app = FastAPI(title="disagg router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.router = state
     for path in INFERENCE_PATHS:
-        app.add_route(path, _inference, methods=["POST"])
+        app.add_route(path, inference_route, methods=["POST"])
     for path in INFO_PATHS:
-        app.add_route(path, _info, methods=["GET"])
-    app.add_route("/health", _health, methods=["GET"])
-    app.add_route("/readiness", _health, methods=["GET"])
-    app.add_route("/liveness", _liveness, methods=["GET"])
-    app.add_route("/health_generate", _health_generate, methods=["GET"])
-    app.add_route("/abort_request", _abort_request, methods=["POST"])
-    app.add_route("/metrics", _metrics, methods=["GET"])
+        app.add_route(path, routes.info, methods=["GET"])
+    app.add_route("/health", routes.health, methods=["GET"])
+    app.add_route("/readiness", routes.health, methods=["GET"])
+    app.add_route("/liveness", routes.liveness, methods=["GET"])
+    app.add_route("/health_generate", routes.health_generate, methods=["GET"])
+    app.add_route("/abort_request", routes.abort_request, methods=["POST"])
+    app.add_route("/metrics", routes.metrics_route, methods=["GET"])
     from disagg.router.admin import add_admin_routes
 
     add_admin_routes(app, state)
     return RouterApp(app, state)
-
-
-# ---- request helpers -----------------------------------------------------------------------------
-
-
-def _request_id(request: Request, config: RouterConfig) -> str:
-    for name in config.request_id_headers:
-        value = request.headers.get(name)
-        if value:
-            return value
-    return os.urandom(16).hex()
-
-
-def _client_auth_error(request: Request, state: RouterState, request_id: str) -> Response | None:
-    key = state.config.api_key
-    if key and request.headers.get("authorization") != f"Bearer {key}":
-        metrics.REJECTED.labels(reason="unauthorized").inc()
-        return error_response(
-            401, "invalid or missing API key", "authentication_error", headers={"x-request-id": request_id}
-        )
-    return None
-
-
-# ---- inference -----------------------------------------------------------------------------------
-
-
-async def _inference(request: Request) -> Response:
-    return await _inference_with(request.app.state.router, request.scope, request.receive)
-
-
-async def _inference_with(state: RouterState, scope, receive) -> Response:
-    """The hot path: raw ASGI headers and body (no Request object), parse only when needed."""
-    config = state.config
-    started = time.perf_counter()
-    wanted = state.wanted_headers
-    headers = {k: v.decode("latin-1") for k, v in scope["headers"] if k in wanted}
-    request_id = (
-        next((headers[n] for n in state.request_id_names if n in headers), None) or os.urandom(16).hex()
-    )
-    rid_header = {"x-request-id": request_id}
-    client_auth = headers.get(b"authorization")
-    if config.api_key and client_auth != f"Bearer {config.api_key}":
-        metrics.REJECTED.labels(reason="unauthorized").inc()
-        return error_response(401, "invalid or missing API key", "authentication_error", headers=rid_header)
-    length = headers.get(b"content-length")
-    if length is not None and length.isdigit() and int(length) > config.max_payload_size:
-        return _too_large(config, rid_header)
-    body = await _read_body(receive)
-    if len(body) > config.max_payload_size:
-        return _too_large(config, rid_header)
-    parsed = None
-    if state.proxy.needs_json:
-        try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            return error_response(
-                400, f"request body is not valid JSON: {exc}", "invalid_request_error", headers=rid_header
-            )
-        if not isinstance(parsed, dict):
-            return error_response(
-                400, "request body must be a JSON object", "invalid_request_error", headers=rid_header
-            )
-    upstream_headers = state.worker_request_headers(request_id, client_auth)
-    rid = parsed.get("rid") if parsed is not None and isinstance(parsed.get("rid"), str) else None
-    call = Call(scope["path"], body, upstream_headers, request_id, started, parsed, rid)
-    return _ProxiedResponse(state, call)
-
-
-async def _read_body(receive) -> bytes:
-    message = await receive()
-    body = message.get("body", b"")
-    if not message.get("more_body", False):
-        return body
-    parts = [body]
-    while message.get("more_body", False):
-        message = await receive()
-        parts.append(message.get("body", b""))
-    return b"".join(parts)
-
-
-def _too_large(config: RouterConfig, headers: dict[str, str]) -> Response:
-    metrics.REJECTED.labels(reason="payload_too_large").inc()
-    return error_response(
-        413,
-        f"request body larger than --max-payload-size ({config.max_payload_size} bytes)",
-        "invalid_request_error",
-        headers=headers,
-    )
-
-
-class _ProxiedResponse(Response):
-    """Runs admission + routing inside the ASGI call, so a client that disconnects at any point
-    (queued, waiting for the first byte, streaming) cancels the work and aborts the legs."""
-
-    def __init__(self, state: RouterState, call: Call):
-        self.state = state
-        self.call = call
-        self.acquired = False
-        self.finished = False
-        self.client_gone = False
-
-    def on_done(self, status: int) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        if self.acquired:
-            self.state.gate.release()
-        route = self.call.path
-        metrics.labelled(metrics.REQUESTS, route, str(status)).inc()
-        metrics.labelled(metrics.REQUEST_DURATION, route).observe(time.perf_counter() - self.call.started)
-
-    async def __call__(self, scope, receive, send) -> None:
-        # NOTE: the work runs in this task; a watcher task cancels it if the client disconnects
-        listener = asyncio.create_task(self._cancel_on_disconnect(receive, asyncio.current_task()))
-        try:
-            await self._run(scope, receive, send)
-        except asyncio.CancelledError:
-            if not self.client_gone:
-                raise
-        finally:
-            listener.cancel()
-            self.on_done(499)  # no-op unless the client went away before the end
-
-    async def _cancel_on_disconnect(self, receive, task: asyncio.Task) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.client_gone = True
-        task.cancel()
-
-    async def _run(self, scope, receive, send) -> None:
-        try:
-            await self.state.gate.acquire()
-        except Rejected as exc:
-            metrics.REJECTED.labels(reason=exc.reason).inc()
-            self.on_done(exc.status)
-            response = error_response(
-                exc.status,
-                str(exc),
-                "rate_limit_error" if exc.status == 429 else "timeout",
-                headers={"x-request-id": self.call.request_id},
-            )
-            await response(scope, receive, send)
-            return
-        self.acquired = True
-        response = await self.state.proxy.forward(self.call, self.on_done)
-        if isinstance(response, Response):
-            response.headers.setdefault("x-request-id", self.call.request_id)
-        if isinstance(response, ProxyStreamingResponse):
-            await response.stream_response(send)
-        else:
-            await response(scope, receive, send)
-
-
-# ---- info, health, metrics -----------------------------------------------------------------------
-
-
-async def _info(request: Request) -> Response:
-    """GET passthrough to the first worker that answers (decode first in PD mode)."""
-    state: RouterState = request.app.state.router
-    request_id = _request_id(request, state.config)
-    denied = _client_auth_error(request, state, request_id)
-    if denied is not None:
-        return denied
-    headers = state.worker_request_headers(request_id, request.headers.get("authorization"))
-    for role in reversed(state.roles):
-        for worker in state.registry.available(role):
-            try:
-                status, body, media_type = await fetch(
-                    state.client, "GET", worker.url, request.scope["path"], headers, 10.0
-                )
-            except UPSTREAM_ERRORS:
-                continue
-            return Response(body, status, headers={"x-request-id": request_id}, media_type=media_type)
-    return error_response(
-        503, "no available worker", "service_unavailable", headers={"x-request-id": request_id}
-    )
-
-
-async def _health(request: Request) -> Response:
-    state: RouterState = request.app.state.router
-    missing = [role.value for role in state.roles if not state.registry.available(role)]
-    if missing:
-        return error_response(503, f"no healthy {' or '.join(missing)} worker", "service_unavailable")
-    return JSONResponse({"status": "ok"})
-
-
-async def _liveness(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
-
-
-async def _health_generate(request: Request) -> Response:
-    """One real generation check per role: GET /health_generate on one available worker of each."""
-    state: RouterState = request.app.state.router
-    picks = []
-    for role in state.roles:
-        workers = state.registry.available(role)
-        if not workers:
-            return error_response(503, f"no healthy {role.value} worker", "service_unavailable")
-        picks.append(min(workers, key=lambda w: w.outstanding))
-
-    async def probe(worker: Worker) -> str | None:
-        # NOTE: a real generation: allow more than a /health probe
-        timeout = max(state.config.health_check_timeout_secs, 30.0)
-        try:
-            status, _, _ = await fetch(
-                state.client, "GET", worker.url, "/health_generate", state.worker_headers, timeout
-            )
-        except UPSTREAM_ERRORS as exc:
-            return f"{worker.url}: {type(exc).__name__}"
-        return None if status == 200 else f"{worker.url}: HTTP {status}"
-
-    failures = [f for f in await asyncio.gather(*(probe(w) for w in picks)) if f]
-    if failures:
-        return error_response(503, "health_generate failed: " + "; ".join(failures), "service_unavailable")
-    return JSONResponse({"status": "ok"})
-
-
-async def _abort_request(request: Request) -> Response:
-    """Broadcast to every worker: the router does not remember where a rid went."""
-    state: RouterState = request.app.state.router
-    denied = _client_auth_error(request, state, _request_id(request, state.config))
-    if denied is not None:
-        return denied
-    body = await request.body()
-    headers = {"content-type": "application/json", **state.worker_headers}
-
-    async def send(worker: Worker) -> None:
-        with contextlib.suppress(*UPSTREAM_ERRORS):
-            await fetch(state.client, "POST", worker.url, "/abort_request", headers, 5.0, body)
-
-    await asyncio.gather(*(send(w) for w in state.registry.all()))
-    return JSONResponse({"status": "ok"})
-
-
-async def _metrics(request: Request) -> Response:
-    metrics.QUEUE_SIZE.set(request.app.state.router.gate.queued)
-    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
