@@ -86,3 +86,77 @@ def test_bench_statistics():
     assert is_good(good, limits) and not is_good(slow, limits)
     with pytest.raises(SystemExit):
         parse_goodput(["latency:5"])
+
+
+class EchoScheduler:
+    """The scheduler plug-in surface, minimal: echoes the prompt's first token until max_new_tokens."""
+
+    def __init__(self):
+        self.reqs, self.aborted = {}, []
+
+    def add_request(self, req):
+        if req.input_ids[0] < 0:
+            raise ValueError("negative token id")
+        self.reqs[req.rid] = req
+
+    def abort_request(self, rid):
+        self.reqs.pop(rid)
+        self.aborted.append(rid)
+
+    def has_work(self):
+        return bool(self.reqs or self.aborted)
+
+    def stats(self):
+        return {"num_running": len(self.reqs)}
+
+    def step(self):
+        outs = [TokenOut(rid, [], finished=True, finish_reason="abort") for rid in self.aborted]
+        self.aborted = []
+        for rid, req in list(self.reqs.items()):
+            req.output_ids.append(req.input_ids[0])
+            done = len(req.output_ids) >= req.sampling.max_new_tokens
+            outs.append(
+                TokenOut(rid, [req.input_ids[0]], finished=done, finish_reason="length" if done else None)
+            )
+            if done:
+                del self.reqs[rid]
+        return outs
+
+
+def test_scheduler_loop_drives_any_scheduler():
+    import zmq
+    from disagg.common.ipc import AbortReqMsg, IpcNames, PingMsg, PongMsg, zmq_socket
+    from disagg.common.scheduler_process import SchedulerLoop
+
+    ipc, ctx = IpcNames.new(), zmq.Context()
+    try:
+        out_sock = zmq_socket(ctx, zmq.PULL, ipc.detokenizer, bind=True)
+        loop = SchedulerLoop(EchoScheduler(), ipc, ctx)
+        send = zmq_socket(ctx, zmq.PUSH, ipc.scheduler, bind=False)
+        for msg in [GenerateReqMsg("a", [7], SamplingParams(max_new_tokens=2)),
+                    GenerateReqMsg("bad", [-1], SamplingParams()),
+                    GenerateReqMsg("b", [9], SamplingParams(max_new_tokens=50)),
+                    PingMsg(1, want_stats=True)]:  # fmt: skip
+            send.send(encode(msg))
+        received = []
+        while len(received) < 3:
+            loop.run_once()
+            while out_sock.poll(100):
+                received.append(decode(out_sock.recv()))
+        pong = next(m for m in received if isinstance(m, PongMsg))
+        assert pong.ping_id == 1 and pong.stats == {"num_running": 2}
+        batches = [m for m in received if isinstance(m, BatchTokenOutMsg)]
+        assert [r.rid for r in batches[0].new_reqs] == ["a", "bad", "b"]
+        outs = [o for b in batches for o in b.outs]
+        rejected = next(o for o in outs if o.rid == "bad")
+        assert rejected.finished and rejected.finish_reason == "abort" and "negative" in rejected.error
+        send.send(encode(AbortReqMsg("b")))
+        for _ in range(5):
+            loop.run_once()
+            while out_sock.poll(50):
+                outs += decode(out_sock.recv()).outs
+        finals = {o.rid: o.finish_reason for o in outs if o.finished}
+        assert finals == {"a": "length", "bad": "abort", "b": "abort"}
+    finally:
+        ctx.destroy(linger=0)
+        ipc.cleanup()
