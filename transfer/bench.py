@@ -147,7 +147,7 @@ class Bench:
         src = torch.randperm(pool_pages)[:num_pages].tolist()
         dst = torch.randperm(pool_pages)[:num_pages].tolist()
         self._ask("expect", which, self.room, dst)
-        time.sleep(0.002)  # let the decode's page list reach the prefill side, as it would during prefill
+        self._wait_for_request(sender, self.room)  # during a real prefill it arrives long before
         bounds = [round(i * num_pages / num_chunks) for i in range(num_chunks + 1)]
         start = time.perf_counter()
         for i in range(num_chunks):
@@ -163,6 +163,15 @@ class Bench:
         if not result.ok:
             raise RuntimeError(f"transfer failed: {result.reason}")
         return time.perf_counter() - start
+
+    @staticmethod
+    def _wait_for_request(sender: Any, room: int) -> None:
+        def arrived() -> bool:
+            state = sender.rooms.get(room)
+            return state is not None and bool(state.requests)
+
+        while not sender.ucx.run_sync(arrived):
+            time.sleep(0.0002)
 
     def raw(self, nbytes: int) -> float:
         buf = torch.ones(nbytes, dtype=torch.uint8, device=self.device)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from disagg.transfer.base import RoomState, TransferBase, TransferResult, chunk_nbytes
+from disagg.transfer.base import RoomState, TransferBase, TransferResult, chunk_nbytes, wide_pages
 from disagg.transfer.bootstrap import query_prefill_ranks
 from disagg.transfer.layout import HeadSlice, KVLayout, KVLayoutMismatchError, plan_head_slices
 from disagg.transfer.protocol import (
@@ -244,7 +244,9 @@ class KVReceiver(TransferBase):
 
         def scatter() -> None:
             dst = self.kv_buffer[:, :, :, :, heads[0] : heads[1]]
-            dst.index_copy_(1, pages, self._typed(staging, msg.num_pages, heads[1] - heads[0]))
+            whole = heads[1] - heads[0] == self.layout.num_local_heads
+            src = wide_pages(self._typed(staging, msg.num_pages, heads[1] - heads[0]), whole)
+            wide_pages(dst, whole).index_copy_(1, pages, src)
 
         await self._run_copy(state, scatter)
         if state.finished:

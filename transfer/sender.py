@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from disagg.transfer.base import RoomState, Tombstone, TransferBase, TransferResult, chunk_nbytes
+from disagg.transfer.base import RoomState, Tombstone, TransferBase, TransferResult, chunk_nbytes, wide_pages
 from disagg.transfer.bootstrap import BootstrapServer, register_prefill_rank
 from disagg.transfer.layout import HeadSlice, KVLayout, KVLayoutMismatchError, plan_head_slices
 from disagg.transfer.protocol import (
@@ -274,7 +274,9 @@ class KVSender(TransferBase):
             if chunk.ready is not None:
                 torch.cuda.current_stream().wait_event(chunk.ready)
             src = self.kv_buffer[:, :, :, :, target.start - lo : target.end - lo]
-            torch.index_select(src, 1, chunk.pages, out=self._typed(staging, num_pages, num_heads))
+            whole = num_heads == self.layout.num_local_heads
+            out = wide_pages(self._typed(staging, num_pages, num_heads), whole)
+            torch.index_select(wide_pages(src, whole), 1, chunk.pages, out=out)
 
         await self._run_copy(state, gather)
         if state.finished:
@@ -282,7 +284,7 @@ class KVSender(TransferBase):
         tag = peer.new_tag()
         msg = KVChunkMsg(state.room, chunk.page_offset, num_pages, target.start, target.end, nbytes, tag)
         state.started = state.started or time.perf_counter()
-        await peer.send_msg(msg)
+        peer.post_msg(msg)  # not awaited: UCX holds the data until the decode posts its recv
         await peer.send_data(staging, tag)
         state.nbytes += nbytes
         self._touch(state)

@@ -145,7 +145,13 @@ def decode_rank_main(
         receiver.expect(plan.room, "127.0.0.1", bootstrap_port, plan.dst_pages)
     results = wait_results(receiver, {p.room for p in plans}, timeout_s * 4)
     out.put(
-        ("decode", layout.tp_rank, result_summary(results), receiver.num_active_rooms(), tensor_bytes(pool))
+        (
+            "decode",
+            layout.tp_rank,
+            result_summary(results),
+            receiver.num_active_rooms(),
+            tensor_bytes(pool.cpu()),
+        )
     )
     receiver.close()
 

@@ -74,7 +74,13 @@ class UcxLoop:
     async def _init_ucxx(self) -> None:
         import ucxx
 
-        ucxx.init()  # binds ucxx progress to this (running) loop
+        # NOTE: without Python futures every pending ucxx request is awaited by polling with
+        # asyncio.sleep(0): with many chunks in flight the loop spun on them (UCXPY_ENABLE_PYTHON_FUTURE=0
+        # brings that back, e.g. to compare)
+        futures = os.environ.get("UCXPY_ENABLE_PYTHON_FUTURE", "1") != "0"
+        ucxx.init(enable_python_future=futures)  # binds ucxx progress to this (running) loop
+        if futures:
+            ucxx.core._get_ctx().worker.populate_python_futures_pool()
 
     def call(self, coro: Awaitable[Any], timeout: float | None = None) -> Any:
         """Run `coro` on the loop and wait for its result (from any thread but the loop's)."""
