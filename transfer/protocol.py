@@ -7,7 +7,7 @@ Bootstrap (ZMQ REQ/REP to the prefill server's --disaggregation-bootstrap-port):
 Per connection (UCX active messages, decode rank -> prefill rank endpoint):
     decode  HelloMsg  -> prefill  HelloAckMsg (error = "" when the layouts are compatible)
 Per room (every decode rank sends a RoomRequestMsg to every prefill rank of the prefill server):
-    decode  RoomRequestMsg                          (which decode pages receive the room's KV)
+    decode  RoomRequestMsg                          (how many pages the decode holds for the room)
     prefill KVChunkMsg, then the bytes as one UCX tag message (tag = KVChunkMsg.tag)   x N
     prefill RoomDoneMsg(num_chunks, metadata)       (after the last chunk)
     decode  RoomAckMsg                              (every chunk landed in the decode pool)
@@ -66,14 +66,14 @@ class RoomRequestMsg:
     room: Room
     decode_rank: int
     decode_tp: int
-    dst_pages: list[int]  # decode pool pages, in token order
+    num_pages: int  # the decode's pages for the room (the page indices stay on the decode side)
 
 
 @message
 @dataclass
 class KVChunkMsg:
     room: Room
-    page_offset: int  # index into RoomRequestMsg.dst_pages of the chunk's first page
+    page_offset: int  # index (in token order) of the chunk's first page among the room's pages
     num_pages: int
     head_start: int  # global KV heads [head_start, head_end) carried by this chunk
     head_end: int

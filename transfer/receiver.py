@@ -187,9 +187,10 @@ class KVReceiver(TransferBase):
             return
         state.peers = list(server.peers)
         state.sources = {h.prefill_rank: _Source(server.peers[h.prefill_rank], h) for h in server.heads}
-        pages = state.dst_pages.tolist()
         for peer in server.peers:  # every prefill rank hears of the room, even one that sends nothing here
-            peer.post_msg(RoomRequestMsg(state.room, self.layout.tp_rank, self.layout.tp_size, pages))
+            peer.post_msg(
+                RoomRequestMsg(state.room, self.layout.tp_rank, self.layout.tp_size, len(state.dst_pages))
+            )
 
     def _on_message(self, peer: Peer, msg: Any) -> None:
         state = self.rooms.get(getattr(msg, "room", None))

@@ -243,7 +243,7 @@ class KVSender(TransferBase):
 
     def _check_chunk(self, state: _SendRoom, chunk: _Chunk) -> str:
         for t in state.targets or []:
-            n_dst = len(state.requests[t.decode_rank][1].dst_pages)
+            n_dst = state.requests[t.decode_rank][1].num_pages
             if chunk.page_offset < 0 or chunk.page_offset + len(chunk.pages) > n_dst:
                 return f"bad_request: pages [{chunk.page_offset}, +{len(chunk.pages)}) beyond the {n_dst} decode pages"
         return ""
