@@ -91,24 +91,48 @@ def broadcast_plan(plan: dict | None) -> dict:
     return decode(payload.numpy().tobytes())
 
 
+def gather_to_rank0(obj) -> list | None:
+    """Every rank contributes `obj` (msgpack-encodable); rank 0 gets the list by rank, others None."""
+    group, state = get_parallel().cpu_group, get_parallel()
+    payload = torch.frombuffer(bytearray(encode(obj)), dtype=torch.uint8)
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(state.tp_size)]
+    dist.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.long), group=group)
+    longest = max(int(s.item()) for s in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8)
+    padded[: payload.numel()] = payload
+    parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(state.tp_size)]
+    dist.all_gather(parts, padded, group=group)
+    if state.tp_rank != 0:
+        return None
+    return [decode(p[: int(s.item())].numpy().tobytes()) for p, s in zip(parts, sizes, strict=True)]
+
+
 def stop_workers() -> None:
     if get_parallel().tp_size > 1 and get_parallel().tp_rank == 0:
         broadcast_plan(_STOP)
 
 
-def worker_main(config: EngineConfig, rank: int) -> None:
-    """Entry point of a rank > 0: run every forward that rank 0 broadcasts, until told to stop."""
+def worker_main(config: EngineConfig, rank: int, plan_hook_factory=None) -> None:
+    """Entry point of a rank > 0: run every forward that rank 0 broadcasts, until told to stop.
+
+    `plan_hook_factory(runner)` (picklable; optional) builds a callable that sees every plan after
+    its forward: the PD servers run their per-rank KV transfer operations there. A plan without
+    "ids" carries no forward."""
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(asctime)s %(levelname)s %(message)s")
     try:
         init_distributed(config, rank)
         from disagg.common.model_runner import ModelRunner
 
         runner = ModelRunner(config)
+        hook = plan_hook_factory(runner) if plan_hook_factory is not None else None
         while True:
             plan = broadcast_plan(None)
             if plan.get("stop"):
                 break
-            runner.forward_plan(plan)
+            if "ids" in plan:
+                runner.forward_plan(plan)
+            if hook is not None:
+                hook(plan)
     except Exception as e:  # noqa: BLE001 - any failure takes the group down loudly
         logger.error("rank %d exiting: %s", rank, e)
         sys.exit(1)
@@ -117,11 +141,12 @@ def worker_main(config: EngineConfig, rank: int) -> None:
             dist.destroy_process_group()
 
 
-def spawn_workers(config: EngineConfig, ranks: list[int]) -> list[mp.Process]:
+def spawn_workers(config: EngineConfig, ranks: list[int], plan_hook_factory=None) -> list[mp.Process]:
     ctx = mp.get_context("spawn")
     procs = []
     for rank in ranks:
-        p = ctx.Process(target=worker_main, args=(config, rank), daemon=True, name=f"disagg-rank{rank}")
+        args = (config, rank, plan_hook_factory)
+        p = ctx.Process(target=worker_main, args=args, daemon=True, name=f"disagg-rank{rank}")
         p.start()
         procs.append(p)
     return procs

@@ -170,7 +170,7 @@ def stop_children(procs, timeout: float = 5.0) -> None:
 
 
 def launch(engine: EngineConfig, server: ServerConfig, scheduler_target: Callable = run_scheduler_process,
-           role: str = "server") -> None:  # fmt: skip
+           role: str = "server", extra_info: dict | None = None) -> None:  # fmt: skip
     """Run a server until a signal stops it. Prefill/decode servers pass their own scheduler target."""
     engine = engine.replace(model_path=resolve_model_path(engine.model_path))
     server = dataclasses.replace(server, tokenizer_path=tokenizer_path_for(engine, server))
@@ -183,7 +183,8 @@ def launch(engine: EngineConfig, server: ServerConfig, scheduler_target: Callabl
         tokenizer = AutoTokenizer.from_pretrained(server.tokenizer_path)
         metrics = ServerMetrics(role)
         name = server.served_model_name or engine.model_path.rstrip("/").rsplit("/", 1)[-1]
-        info = {**dataclasses.asdict(engine), **dataclasses.asdict(server), "api_key": None, "role": role}
+        info = {**dataclasses.asdict(engine), **dataclasses.asdict(server), **(extra_info or {}), "api_key": None,
+                "role": role}  # fmt: skip
         state = ServerState(TokenizerManager(tokenizer, ipc, infos[0]["context_length"], metrics), metrics,
                             name, engine.model_path, infos[0]["context_length"], info)  # fmt: skip
         app = create_app(state, server.api_key, server.max_request_body_size)
@@ -201,9 +202,19 @@ def launch(engine: EngineConfig, server: ServerConfig, scheduler_target: Callabl
 
 
 def main(argv: list[str] | None = None) -> None:
+    mode = argparse.ArgumentParser(add_help=False)
+    mode.add_argument("--disaggregation-mode", choices=["null", "prefill", "decode"], default="null")
+    known, _ = mode.parse_known_args(argv)
+    if known.disaggregation_mode != "null":  # SGLang's spelling of launch_prefill / launch_decode
+        import importlib
+
+        importlib.import_module(f"disagg.{known.disaggregation_mode}.launch").main(argv)
+        return
     parser = argparse.ArgumentParser(prog="launch_server", description=__doc__.split("\n\n")[0])
     add_engine_args(parser)
     add_server_args(parser)
+    parser.add_argument("--disaggregation-mode", choices=["null", "prefill", "decode"], default="null",
+                        help="prefill / decode: run as a PD server (same as launch_prefill / launch_decode)")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s [http] %(levelname)s %(name)s: %(message)s")  # fmt: skip

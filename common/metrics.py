@@ -62,6 +62,10 @@ class ServerMetrics:
         self.gauges = {
             key: Gauge(name, doc, lbl, registry=r).labels(role) for key, (name, doc) in _GAUGES.items()
         }
+        # PD servers: requests per stage (prealloc/bootstrap, transfer, waiting, running)
+        self.queues = Gauge("disagg_queue_requests", "Requests in each stage of the server", ["role", "stage"],
+                            registry=r)  # fmt: skip
+        self.scheduler_text = ""  # series kept by the scheduler process (KV transfer), appended to ours
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -86,6 +90,9 @@ class ServerMetrics:
         for key, gauge in self.gauges.items():
             if key in stats:
                 gauge.set(float(stats[key]))
+        for stage, n in stats.get("queues", {}).items():
+            self.queues.labels(self.role, stage).set(float(n))
+        self.scheduler_text = stats.get("metrics_text", self.scheduler_text)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry) + self.scheduler_text.encode()

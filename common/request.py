@@ -79,6 +79,10 @@ class Req:
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     arrival_time: float = 0.0
     first_token_time: float | None = None
+    # PD disaggregation: the prefill server's bootstrap address and the request's room (else None)
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
 
     @property
     def all_ids(self) -> list[int]:

@@ -217,6 +217,10 @@ class Scheduler:
 
     # ---- pages and finishing ----------------------------------------------------------
     def _release(self, req: Req) -> None:
+        self._free_pages(req)
+        self.running.remove(req)
+
+    def _free_pages(self, req: Req) -> None:
         """Give the request's pages back: whole computed pages to the prefix cache, the rest to the pool."""
         ps = self.page_size
         full = req.num_computed_tokens // ps
@@ -227,7 +231,6 @@ class Scheduler:
             self.cache.unlock(req.cache_node)
         # NOTE: num_cached_tokens stays: it is reported in the usage of the finished request
         req.page_table, req.cache_node, req.num_computed_tokens = [], None, 0
-        self.running.remove(req)
 
     def _finish(self, req: Req, reason: str, status: ReqStatus, error: str | None = None) -> None:
         req.finish_reason, req.status = reason, status

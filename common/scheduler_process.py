@@ -103,7 +103,10 @@ class SchedulerLoop:
         sp = msg.sampling
         self.new_reqs.append(DetokReqInfo(msg.rid, list(sp.stop), sp.skip_special_tokens, sp.return_logprob))
         try:
-            self.scheduler.add_request(Req(rid=msg.rid, input_ids=msg.input_ids, sampling=sp))
+            self.scheduler.add_request(
+                Req(rid=msg.rid, input_ids=msg.input_ids, sampling=sp, bootstrap_host=msg.bootstrap_host,
+                    bootstrap_port=msg.bootstrap_port, bootstrap_room=msg.bootstrap_room)  # fmt: skip
+            )
         except Exception as e:  # a request the engine refuses must not take the loop down
             logger.warning("request %s rejected: %s", msg.rid, e)
             self.pending_outs.append(

@@ -1,0 +1,171 @@
+"""The decode server's scheduler: reserve pages, receive the prompt's KV, then decode as usual.
+
+A request with a bootstrap room goes through
+    prealloc   (waiting for free pages for its whole prompt)
+    TRANSFERRING (pages reserved, the transfer engine told where they are; the prefill server
+                  fills them chunk by chunk and sends the first token with the last piece)
+    DECODING   (joins the running batch with num_computed_tokens = prompt length, output = [first
+                token]: nothing is recomputed; stop and length checks apply from the first token)
+Every room gets exactly one result from the transfer engine; pages of a failed or aborted room are
+freed only then (a scatter may still write them before). A request without a room is served
+like the colocated server would (prefill here too).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+from disagg.common.config import EngineConfig
+from disagg.common.disaggregation import (
+    DisaggConfig,
+    TransferCoordinator,
+    create_rank_transfer,
+    transfer_metrics_text,
+)
+from disagg.common.kv_pool import pages_for_tokens
+from disagg.common.parallel import get_parallel
+from disagg.common.request import Req, ReqStatus, TokenOut
+from disagg.common.scheduler import Scheduler
+from disagg.transfer import TransferResult
+
+logger = logging.getLogger(__name__)
+
+IDLE_SLEEP_S = 0.002  # nothing to compute, only transfers to watch: do not spin a core
+
+
+class DecodeScheduler(Scheduler):
+    def __init__(self, config: EngineConfig, disagg: DisaggConfig):
+        super().__init__(config)
+        local = create_rank_transfer(disagg, self.runner, config)
+        self.transfer = TransferCoordinator(local, get_parallel().tp_size)
+        self.prealloc: deque[Req] = deque()  # waiting for pages
+        self.rooms: dict[int, Req] = {}  # TRANSFERRING (or aborted, pages pending) -> its request
+        self.prefill_cached: dict[str, int] = {}  # rid -> prompt tokens the prefill side had cached
+
+    # ---- public interface -------------------------------------------------------------
+    def add_request(self, req: Req) -> None:
+        pd = (req.bootstrap_host, req.bootstrap_port, req.bootstrap_room)
+        if all(x is None for x in pd):
+            super().add_request(req)
+            return
+        error = self._check_request(req) or self._check_room(req)
+        if error:
+            self._pending_outs.append(self._abort_out(req, error))
+            return
+        req.arrival_time = req.arrival_time or time.monotonic()
+        self.prealloc.append(req)
+
+    def abort_request(self, rid: str) -> None:
+        for req in self.prealloc:
+            if req.rid == rid:
+                self.prealloc.remove(req)
+                self._finish(req, "abort", ReqStatus.ABORTED, error="aborted")
+                return
+        for room, req in self.rooms.items():
+            if req.rid == rid and not req.is_finished:
+                self.transfer.abort(room)  # its result comes through poll; the pages are freed then
+                self._finish(req, "abort", ReqStatus.ABORTED, error="aborted")
+                return
+        super().abort_request(rid)
+
+    def has_work(self) -> bool:
+        return super().has_work() or bool(self.prealloc or self.rooms)
+
+    def stats(self) -> dict:
+        stats = super().stats()
+        transferring = sum(not r.is_finished for r in self.rooms.values())
+        stats["queues"] = dict(
+            prealloc=len(self.prealloc),
+            transfer=transferring,
+            waiting=len(self.waiting),
+            running=len(self.running),
+        )
+        stats["num_prealloc"], stats["num_transferring"] = len(self.prealloc), transferring
+        stats["metrics_text"] = transfer_metrics_text()
+        return stats
+
+    def step(self) -> list[TokenOut]:
+        self._preallocate()
+        scheduled = self._schedule()
+        if scheduled:
+            self._run(scheduled)
+        for result in self.transfer.flush():
+            self._on_transfer_done(result)
+        if not scheduled and self.rooms and not self._pending_outs:
+            time.sleep(IDLE_SLEEP_S)
+        outs, self._pending_outs = self._pending_outs, []
+        return outs
+
+    # ---- stages -----------------------------------------------------------------------
+    def _check_room(self, req: Req) -> str | None:
+        if req.bootstrap_host is None or req.bootstrap_port is None or req.bootstrap_room is None:
+            return "bootstrap_host, bootstrap_port and bootstrap_room must be given together"
+        if req.bootstrap_room in self.rooms or any(
+            r.bootstrap_room == req.bootstrap_room for r in self.prealloc
+        ):
+            return f"bootstrap_room {req.bootstrap_room} is already in use on this decode server"
+        return None
+
+    def _preallocate(self) -> None:
+        """Reserve pages for whole prompts, oldest first, and tell the transfer engine where they are."""
+        while self.prealloc:
+            busy = len(self.running) + len(self.rooms)
+            if busy >= self.config.max_running_requests:
+                return
+            req = self.prealloc[0]
+            need = pages_for_tokens(len(req.input_ids), self.page_size)
+            # a page of head-room for each running or arriving decode, as the colocated admission keeps
+            if need + busy > self.pool.num_free_pages + self.cache.num_evictable_pages:
+                return
+            if need > self.pool.num_free_pages:
+                self.cache.evict(need - self.pool.num_free_pages)
+            self.prealloc.popleft()
+            req.page_table = self.pool.allocate(need)
+            req.status = ReqStatus.TRANSFERRING
+            self.rooms[req.bootstrap_room] = req
+            self.transfer.expect(req.bootstrap_room, req.bootstrap_host, req.bootstrap_port, req.page_table)
+
+    def _on_transfer_done(self, result: TransferResult) -> None:
+        req = self.rooms.pop(result.room, None)
+        if req is None:
+            return
+        if req.is_finished or not result.ok:
+            self.pool.free(req.page_table)
+            req.page_table = []
+            if not req.is_finished:
+                logger.warning("request %s: KV transfer failed: %s", req.rid, result.reason)
+                self._finish(req, "abort", ReqStatus.ABORTED, error=f"KV transfer failed: {result.reason}")
+            return
+        self._start_decoding(req, result.metadata)
+
+    def _start_decoding(self, req: Req, meta: dict) -> None:
+        """The prompt's KV is in place: join the running batch with the prefill's first token."""
+        token = int(meta["first_token"])
+        req.num_computed_tokens = len(req.input_ids)
+        req.output_ids = [token]
+        req.status = ReqStatus.DECODING
+        req.first_token_time = time.monotonic()
+        self.prefill_cached[req.rid] = int(meta.get("cached_tokens") or 0)
+        self.running.append(req)
+        lp, top = meta.get("logprob"), meta.get("top_logprobs")
+        if lp is not None and req.sampling.return_logprob:
+            req.output_logprobs.append(lp)
+        out = TokenOut(req.rid, [token], logprobs=None if lp is None else [lp],
+                       top_logprobs=None if top is None else [top])  # fmt: skip
+        reason = self._finish_reason(req)
+        if reason:
+            self._release(req)
+            self.sampler.forget(req.rid)
+            req.finish_reason, req.status = reason, ReqStatus.FINISHED
+            out.finished, out.finish_reason, out.matched_stop = True, reason, req.matched_stop
+        self._fill_usage(out, req)
+        self._pending_outs.append(out)
+
+    def _fill_usage(self, out: TokenOut, req: Req) -> None:
+        super()._fill_usage(out, req)
+        if req.rid in self.prefill_cached:
+            out.cached_tokens = self.prefill_cached[req.rid]
+            if out.finished:
+                del self.prefill_cached[req.rid]

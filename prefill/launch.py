@@ -1,0 +1,21 @@
+"""`launch_prefill`: a prefill server (also `launch_server --disaggregation-mode prefill`).
+
+    launch_prefill --port 30000 --disaggregation-bootstrap-port 8998
+    launch_router --pd-disaggregation --prefill http://127.0.0.1:30000 8998 --decode http://127.0.0.1:30001
+
+The same front end as launch_server (HTTP, detokenizer), with `PrefillScheduler` and the KV
+sender of every TP rank behind it. See docs/pd.md.
+"""
+
+from __future__ import annotations
+
+from disagg.common.disaggregation import launch_role
+from disagg.prefill.scheduler import PrefillScheduler
+
+
+def main(argv: list[str] | None = None) -> None:
+    launch_role("prefill", PrefillScheduler, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The prefill server's scheduler: prefill only, KV pages handed to the transfer engine chunk by chunk.
+
+A request with a bootstrap room goes through
+    bootstrap  (waiting until the decode server has said where its pages are)
+    waiting -> running (PREFILLING: chunked, batched with others, prefix cache on)
+    TRANSFERRING (last chunk sent with the first token; pages held until the decode side acked)
+and finishes with a short completion record (its first token) once the transfer engine reports
+the room. Every room gets exactly one result from the transfer engine; the request's pages are
+freed only then (a gather may still read them before). A request without a room (a health check)
+is prefilled and answered with its first token, nothing sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+from disagg.common.config import EngineConfig
+from disagg.common.disaggregation import (
+    DisaggConfig,
+    TransferCoordinator,
+    create_rank_transfer,
+    transfer_metrics_text,
+)
+from disagg.common.kv_pool import pages_for_tokens
+from disagg.common.parallel import get_parallel
+from disagg.common.request import Req, ReqStatus, TokenOut
+from disagg.common.scheduler import Scheduler
+from disagg.transfer import TransferResult
+
+logger = logging.getLogger(__name__)
+
+IDLE_SLEEP_S = 0.002  # nothing to compute, only transfers to watch: do not spin a core
+
+
+class PrefillScheduler(Scheduler):
+    def __init__(self, config: EngineConfig, disagg: DisaggConfig):
+        super().__init__(config)
+        local = create_rank_transfer(disagg, self.runner, config)
+        self.transfer = TransferCoordinator(local, get_parallel().tp_size)
+        self.bootstrap: deque[Req] = deque()  # rooms the decode side has not asked for yet
+        self.rooms: dict[int, Req] = {}  # every room given to the transfer engine -> its request
+        self.sent_pages: dict[int, int] = {}  # room -> pages handed to the transfer engine so far
+
+    # ---- public interface -------------------------------------------------------------
+    def add_request(self, req: Req) -> None:
+        if req.bootstrap_room is None:
+            super().add_request(req)
+            return
+        error = self._check_request(req) or self._check_room(req)
+        if error:
+            self._pending_outs.append(self._abort_out(req, error))
+            return
+        req.arrival_time = req.arrival_time or time.monotonic()
+        room = req.bootstrap_room
+        self.rooms[room] = req
+        # NOTE: an empty first chunk opens the room in the transfer engine now: its timeout covers a
+        # decode side that never asks for it, and an abort before any page reaches the decode side
+        self.transfer.send(room, [], 0, False)
+        self.bootstrap.append(req)
+
+    def abort_request(self, rid: str) -> None:
+        req = next((r for r in self.rooms.values() if r.rid == rid), None)
+        if req is None:
+            super().abort_request(rid)
+            return
+        if req.is_finished:
+            return
+        self._drop(req)
+        self.transfer.abort(req.bootstrap_room)  # its result comes through poll; the pages are freed then
+        self._finish(req, "abort", ReqStatus.ABORTED, error="aborted")
+
+    def has_work(self) -> bool:
+        return super().has_work() or bool(self.rooms)
+
+    def stats(self) -> dict:
+        stats = super().stats()
+        transferring = sum(r.status == ReqStatus.TRANSFERRING for r in self.rooms.values())
+        stats["queues"] = dict(
+            bootstrap=len(self.bootstrap),
+            waiting=len(self.waiting),
+            running=len(self.running),
+            transfer=transferring,
+        )
+        stats["num_transferring"] = transferring
+        stats["metrics_text"] = transfer_metrics_text()
+        return stats
+
+    def step(self) -> list[TokenOut]:
+        self._start_bootstrapped()
+        scheduled = self._schedule()
+        if scheduled:
+            self._run(scheduled)
+        for result in self.transfer.flush():
+            self._on_transfer_done(result)
+        if not scheduled and self.rooms and not self._pending_outs:
+            time.sleep(IDLE_SLEEP_S)
+        outs, self._pending_outs = self._pending_outs, []
+        return outs
+
+    # ---- stages -----------------------------------------------------------------------
+    def _check_room(self, req: Req) -> str | None:
+        if req.bootstrap_room in self.rooms:
+            return f"bootstrap_room {req.bootstrap_room} is already in use on this prefill server"
+        return None
+
+    def _start_bootstrapped(self) -> None:
+        """Rooms the decode side asked for (its pages are reserved) may be prefilled now."""
+        if not self.bootstrap:
+            return
+        asked = self.transfer.requested_rooms([r.bootstrap_room for r in self.bootstrap])
+        for req in [r for r in self.bootstrap if r.bootstrap_room in asked]:
+            self.bootstrap.remove(req)
+            self.waiting.append(req)
+
+    def _admit(self, req: Req, budget: int) -> int:
+        # NOTE: a PD request gets pages for its whole prompt at admission: pages already handed to
+        # the transfer engine must never be retracted to make room for a later chunk
+        n = super()._admit(req, budget)
+        if n == 0 or req.bootstrap_room is None:
+            return n
+        rest = pages_for_tokens(len(req.input_ids), self.page_size) - len(req.page_table)
+        if rest > self.pool.num_free_pages + self.cache.num_evictable_pages:
+            self._release(req)
+            req.status = ReqStatus.WAITING
+            return 0
+        if rest > self.pool.num_free_pages:
+            self.cache.evict(rest - self.pool.num_free_pages)
+        req.page_table += self.pool.allocate(rest)
+        return n
+
+    def _run(self, scheduled: list[tuple[Req, int]]) -> None:
+        logits = self.runner.forward(scheduled)
+        done = [req for req, n in scheduled if req.num_computed_tokens + n == req.seq_len]
+        for req, n in scheduled:
+            req.num_computed_tokens += n
+            if req.bootstrap_room is not None and req not in done:
+                self._send_pages(req)  # the KV of this chunk travels while the next one computes
+        if not done:
+            return
+        result = self.sampler.sample(logits, done)
+        now = time.monotonic()
+        for i, req in enumerate(done):
+            token = result.token_ids[i]
+            lp = result.logprobs[i] if result.logprobs and req.sampling.return_logprob else None
+            top = result.top_logprobs[i] if result.top_logprobs and req.sampling.top_logprobs_num else None
+            top = None if top is None else [list(t) for t in top]
+            req.output_ids.append(token)
+            req.first_token_time = now
+            self.sampler.forget(req.rid)
+            out = TokenOut(req.rid, [token], logprobs=None if lp is None else [lp],
+                           top_logprobs=None if top is None else [top])  # fmt: skip
+            if req.bootstrap_room is None:  # nothing to hand over: the first token is the answer
+                self._release(req)
+                req.finish_reason, req.status = "length", ReqStatus.FINISHED
+                out.finished, out.finish_reason = True, "length"
+            else:
+                meta = {"first_token": token, "logprob": lp, "top_logprobs": top,
+                        "cached_tokens": req.num_cached_tokens}  # fmt: skip
+                self._send_pages(req, metadata=meta)
+                self.running.remove(req)  # keeps its pages until the transfer is acknowledged
+                req.status = ReqStatus.TRANSFERRING
+            self._fill_usage(out, req)
+            self._pending_outs.append(out)
+
+    def _send_pages(self, req: Req, metadata: dict | None = None) -> None:
+        """Hand the pages computed since the last call to the transfer engine (all of them with
+        the metadata of the last chunk)."""
+        room, last = req.bootstrap_room, metadata is not None
+        sent = self.sent_pages.get(room, 0)
+        upto = len(req.page_table) if last else req.num_computed_tokens // self.page_size
+        if upto > sent or last:
+            self.transfer.send(room, req.page_table[sent:upto], sent, last, metadata)
+            self.sent_pages[room] = upto
+
+    def _on_transfer_done(self, result: TransferResult) -> None:
+        req = self.rooms.pop(result.room, None)
+        self.sent_pages.pop(result.room, None)
+        if req is None:
+            return
+        if not req.is_finished:
+            self._drop(req)
+        if req.page_table:
+            self._free_pages(req)
+        if req.is_finished:
+            return  # aborted here earlier: the client has its answer
+        if result.ok:
+            req.finish_reason, req.status = "length", ReqStatus.FINISHED
+            out = TokenOut(req.rid, [], finished=True, finish_reason="length")
+            self._fill_usage(out, req)
+            self._pending_outs.append(out)
+        else:
+            logger.warning("request %s: KV transfer failed: %s", req.rid, result.reason)
+            self._finish(req, "abort", ReqStatus.ABORTED, error=f"KV transfer failed: {result.reason}")
+
+    def _drop(self, req: Req) -> None:
+        """Take a PD request out of whichever queue holds it (its pages stay with it)."""
+        for queue in (self.bootstrap, self.waiting, self.running):
+            if req in queue:
+                queue.remove(req)

@@ -1,0 +1,131 @@
+"""Start a prefill server, a decode server and a router (ours or SGLang's) as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+
+import httpx
+import pytest
+from disagg.router.testing import Process, free_port
+
+from tests.server_helpers import ServerProcess, wait_until
+
+# small pools and context (fast start-up), chunks of 64 tokens (long prompts travel in pieces)
+PD_ARGS = ["--max-total-tokens", "4096", "--context-length", "512", "--chunked-prefill-size", "64",
+           "--log-level", "warning", "--grace-period", "3"]  # fmt: skip
+# NOTE: several servers share 2 cores: torch's CPU kernels crawl when oversubscribed
+SERVER_ENV = {"DISAGG_CPU_THREADS": "1"}
+
+
+def start_all(servers: list[ServerProcess], timeout: float = 300) -> None:
+    errors: list[BaseException] = []
+
+    def start(server: ServerProcess) -> None:
+        try:
+            server.start(timeout)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in SERVER_ENV.items():
+            mp.setenv(key, value)
+        threads = [threading.Thread(target=start, args=(s,)) for s in servers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+
+
+class PDCluster:
+    """prefill + decode (+ router): `with PDCluster(...) as pd: pd.client.post(...)`."""
+
+    def __init__(self, prefill_args=(), decode_args=(), router: str | None = "disagg", timeout: float = 10.0):
+        self.args = (list(prefill_args), list(decode_args), timeout)
+        self.router_kind = router
+        self.router: Process | None = None
+        self._make_servers()
+
+    def _make_servers(self) -> None:
+        prefill_args, decode_args, timeout = self.args
+        self.bootstrap_port = free_port()
+        common = [*PD_ARGS, "--disaggregation-transfer-timeout", str(timeout)]
+        self.prefill = ServerProcess("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
+                                     str(self.bootstrap_port), *common, *prefill_args)  # fmt: skip
+        self.decode = ServerProcess("--disaggregation-mode", "decode", *common, *decode_args)
+
+    def start(self, attempts: int = 3) -> PDCluster:
+        for attempt in range(attempts):
+            try:
+                start_all([self.prefill, self.decode])
+                if self.router_kind:
+                    self.router = self._router().start(timeout=60)
+                return self
+            except BaseException as e:
+                self.stop()
+                # NOTE: a free port can be taken by another process before the server binds it
+                if "Address already in use" not in str(e) or attempt == attempts - 1:
+                    raise
+                self._make_servers()
+        return self
+
+    def _router(self) -> Process:
+        port = free_port()
+        legs = ["--pd-disaggregation", "--prefill", self.prefill.url, str(self.bootstrap_port),
+                "--decode", self.decode.url]  # fmt: skip
+        module = (
+            "disagg.router.launch_router" if self.router_kind == "disagg" else "sglang_router.launch_router"
+        )
+        argv = [sys.executable, "-m", module, *legs, "--host", "127.0.0.1", "--port", str(port)]
+        ready = "/liveness" if self.router_kind == "disagg" else "/health"
+        return Process(argv, f"http://127.0.0.1:{port}", ready_path=ready, env=SERVER_ENV)
+
+    @property
+    def url(self) -> str:
+        return self.router.url
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 120), **kw)
+
+    def stop(self) -> None:
+        if self.router is not None:
+            self.router.stop()
+        for server in (self.prefill, self.decode):
+            server.stop()
+
+    def kill(self, server: ServerProcess) -> None:
+        os.killpg(server.proc.pid, signal.SIGKILL)
+
+    def __enter__(self) -> PDCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def stats(server: ServerProcess) -> dict:
+    info = httpx.get(server.url + "/server_info", timeout=10).json()
+    return info["internal_states"][0]
+
+
+def is_idle(server: ServerProcess) -> bool:
+    """No request anywhere in the server, and every page free or held by the prefix cache."""
+    s = stats(server)
+    return not any(s["queues"].values()) and s["num_used_pages"] == s["num_cached_pages"]
+
+
+def assert_pool_free(server: ServerProcess, timeout: float = 30) -> None:
+    assert wait_until(lambda: is_idle(server), timeout=timeout), stats_text(server)
+    assert httpx.post(server.url + "/flush_cache", timeout=10).status_code == 200
+    assert stats(server)["num_used_pages"] == 0
+
+
+def stats_text(server: ServerProcess) -> str:
+    s = dict(stats(server))
+    s.pop("metrics_text", None)
+    return json.dumps(s)
