@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import functools
 import logging
+import multiprocessing as mp
 import os
 import traceback
 from dataclasses import dataclass
@@ -160,6 +161,7 @@ class WorkerTransferHook:
 
 
 def make_worker_hook(disagg: DisaggConfig, engine_config: EngineConfig, runner) -> WorkerTransferHook:
+    die_with_parent()  # a worker rank of a server: gone when rank 0's process is
     return WorkerTransferHook(create_rank_transfer(disagg, runner, engine_config))
 
 
@@ -273,6 +275,9 @@ def run_pd_scheduler_process(
     setup_child_logging(log_level, f"{disagg.mode}-scheduler")
     try:
         if config.tp > 1:
+            # NOTE: the launcher starts this process as a daemon (it dies with the server) and
+            # multiprocessing refuses children of daemons; the ranks die with us (make_worker_hook)
+            mp.current_process().daemon = False
             check_layout(config)
             config = with_local_init_addr(config)
             cpu_threads_env(config)
