@@ -13,6 +13,7 @@ from disagg.common.serving_common import (
     ChoiceAcc,
     ServerState,
     check_lengths,
+    check_token_ids,
     make_sampling,
     merge_streams,
     new_rid,
@@ -58,8 +59,8 @@ async def native_prompts(state: ServerState, req: GenerateRequest) -> tuple[list
             raise APIError(400, "the prompt is empty", "text")
         return [await state.tm.tokenize(t) for t in texts], isinstance(req.text, list)
     if req.input_ids and isinstance(req.input_ids[0], list):
-        return [list(p) for p in req.input_ids], True
-    return [list(req.input_ids)], False
+        return check_token_ids([list(p) for p in req.input_ids], "input_ids"), True
+    return check_token_ids([list(req.input_ids)], "input_ids"), False
 
 
 @router.post("/generate")

@@ -14,6 +14,7 @@ from disagg.common.serving_common import (
     ServerState,
     check_lengths,
     check_model,
+    check_token_ids,
     make_sampling,
     merge_streams,
     new_rid,
@@ -117,10 +118,10 @@ async def completion_prompts(state: ServerState, prompt) -> list[list[int]]:
     if not prompt:
         raise APIError(400, "the prompt is empty", "prompt")
     if isinstance(prompt[0], int):
-        return [list(prompt)]
+        return check_token_ids([list(prompt)], "prompt")
     if isinstance(prompt[0], str):
         return [await state.tm.tokenize(p) for p in prompt]
-    return [list(p) for p in prompt]
+    return check_token_ids([list(p) for p in prompt], "prompt")
 
 
 @router.post("/v1/completions")

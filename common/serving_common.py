@@ -64,6 +64,13 @@ def check_lengths(state: ServerState, prompt_len: int, max_new_tokens: int | Non
     return max_new_tokens
 
 
+def check_token_ids(prompts: list[list[int]], param: str) -> list[list[int]]:
+    for ids in prompts:
+        if not all(0 <= t < 2**31 for t in ids):
+            raise APIError(400, "token ids must be in [0, vocabulary size)", param)
+    return prompts
+
+
 def make_sampling(**kwargs) -> SamplingParams:
     try:
         sp = SamplingParams(**kwargs)
@@ -75,6 +82,13 @@ def make_sampling(**kwargs) -> SamplingParams:
         raise APIError(400, str(e)) from None
     if not all(isinstance(s, str) and s for s in sp.stop):
         raise APIError(400, "stop must be a non-empty string or a list of them", "stop")
+    # NOTE: out-of-range integers would fail inside the scheduler's step (torch), not here
+    if sp.seed is not None and not -(2**63) <= sp.seed < 2**63 - 1024:
+        raise APIError(400, f"seed must be a 64-bit signed integer, got {sp.seed}", "seed")
+    if sp.top_k > 2**31:
+        raise APIError(400, f"top_k must be <= 2**31, got {sp.top_k}", "top_k")
+    if not all(isinstance(t, int) and 0 <= t < 2**31 for t in sp.stop_token_ids):
+        raise APIError(400, "stop_token_ids must be token ids (0 <= id < 2**31)", "stop_token_ids")
     return sp
 
 

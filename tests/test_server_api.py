@@ -122,7 +122,9 @@ def test_stream_equals_non_stream(http, kind):
         events = sse_events(r)
     assert events[-1] == "[DONE]"
     usage_chunk = events[-2]
-    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == full["usage"]
+    assert usage_chunk["choices"] == []
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):  # cached_tokens: the prefix cache grew
+        assert usage_chunk["usage"][key] == full["usage"][key]
     chunks = [e for e in events[:-2]]
     if kind == "chat":
         assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
@@ -258,9 +260,13 @@ BAD_INPUTS = [
     ("top-p-above-one", "/v1/chat/completions",
      {"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, 400, "top_p"),
     ("n-zero", "/v1/completions", {"prompt": PROMPT, "n": 0}, 400, "n"),
+    ("seed-too-big", "/v1/completions", {"prompt": PROMPT, "seed": 2**70}, 400, "seed"),
+    ("top-k-too-big", "/v1/completions", {"prompt": PROMPT, "top_k": 10**20}, 400, "top_k"),
     ("unknown-sampling-param", "/generate", {"text": PROMPT, "sampling_params": {"bogus": 1}}, 400, "bogus"),
     ("text-and-ids", "/generate", {"text": PROMPT, "input_ids": [1, 2]}, 400, "text"),
     ("token-out-of-vocab", "/generate", {"input_ids": [10**9]}, 400, None),
+    ("token-id-overflow", "/v1/completions", {"prompt": [2**70]}, 400, "prompt"),
+    ("negative-token-id", "/generate", {"input_ids": [-5]}, 400, "input_ids"),
     ("abort-without-rid", "/abort_request", {}, 400, "rid"),
 ]  # fmt: skip
 
@@ -340,15 +346,21 @@ def test_metrics_move(http):
             metric_value(after, name, role="server") - metric_value(before, name, role="server") == delta
         ), name
     assert metric_value(after, "disagg_requests_total", finish_reason="length") >= 1
-    assert metric_value(after, "disagg_requests_total", finish_reason="abort") >= 1  # from the abort tests
     assert metric_value(after, "disagg_num_total_pages", role="server") == 4096 // 16
-    # a running request shows up in the gauges
+    # a running request shows up in the gauges, its abort in the counter
     with http.stream("POST", "/generate", json=long_generate_body("gauge")) as r:
-        next(line for line in r.iter_lines() if line.startswith("data: "))
+        lines = r.iter_lines()  # NOTE: keep the iterator: dropping it closes the stream (a disconnect)
+        next(line for line in lines if line.startswith("data: "))
+        running = wait_until(
+            lambda: metric_value(scrape(), "disagg_num_running_requests", role="server") == 1
+        )
         during = scrape()
-        http.post("/abort_request", json={"rid": "gauge"})
-    assert metric_value(during, "disagg_num_running_requests", role="server") == 1
-    assert metric_value(during, "disagg_kv_usage_ratio", role="server") > 0
+        assert http.post("/abort_request", json={"rid": "gauge"}).json() == {"aborted": 1}
+    assert running and metric_value(during, "disagg_kv_usage_ratio", role="server") > 0
+    aborts = metric_value(after, "disagg_requests_total", finish_reason="abort")
+    assert wait_until(
+        lambda: metric_value(scrape(), "disagg_requests_total", finish_reason="abort") == aborts + 1
+    )
 
 
 def test_serving_benchmark_against_the_server(server, tmp_path):
