@@ -218,8 +218,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s [http] %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    engine = EngineConfig.from_args(args)
+    if engine.node_rank != 0:  # a node other than 0 runs only its ranks; rank 0's node serves HTTP
+        from disagg.common.distributed import run_node
+
+        sys.exit(run_node(engine))
     try:
-        launch(EngineConfig.from_args(args), ServerConfig.from_args(args))
+        launch(engine, ServerConfig.from_args(args))
     except RuntimeError as e:
         logger.error("%s", e)
         sys.exit(1)

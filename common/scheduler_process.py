@@ -104,8 +104,14 @@ class SchedulerLoop:
         self.new_reqs.append(DetokReqInfo(msg.rid, list(sp.stop), sp.skip_special_tokens, sp.return_logprob))
         try:
             self.scheduler.add_request(
-                Req(rid=msg.rid, input_ids=msg.input_ids, sampling=sp, bootstrap_host=msg.bootstrap_host,
-                    bootstrap_port=msg.bootstrap_port, bootstrap_room=msg.bootstrap_room)  # fmt: skip
+                Req(
+                    rid=msg.rid,
+                    input_ids=msg.input_ids,
+                    sampling=sp,
+                    bootstrap_host=msg.bootstrap_host,
+                    bootstrap_port=msg.bootstrap_port,
+                    bootstrap_room=msg.bootstrap_room,
+                )  # fmt: skip
             )
         except Exception as e:  # a request the engine refuses must not take the loop down
             logger.warning("request %s rejected: %s", msg.rid, e)
@@ -142,16 +148,44 @@ def run_scheduler_loop(scheduler: SchedulerLike, ipc: IpcNames) -> None:
     SchedulerLoop(scheduler, ipc).run_forever()
 
 
+def _die_with_parent_hook(runner) -> None:
+    die_with_parent()  # a worker rank: gone when rank 0's process is
+    return None
+
+
+def start_local_ranks(config: EngineConfig) -> EngineConfig:
+    """tp > 1: spawn this node's other ranks (they run rank 0's plans) and join the process group."""
+    import multiprocessing as mp
+
+    from disagg.common.distributed import (
+        check_layout,
+        cpu_threads_env,
+        init_distributed,
+        local_ranks,
+        spawn_workers,
+        with_local_init_addr,
+    )
+
+    # NOTE: the launcher starts this process as a daemon, and daemons may not have children
+    mp.current_process().daemon = False
+    check_layout(config)
+    config = with_local_init_addr(config)
+    cpu_threads_env(config)
+    spawn_workers(config, local_ranks(config)[1:], _die_with_parent_hook)
+    init_distributed(config, 0)
+    return config
+
+
 def run_scheduler_process(config: EngineConfig, ipc: IpcNames, ready_conn, log_level: str = "info") -> None:
     """Spawn target: build the engine, say ready (with what the front end needs), then loop."""
     die_with_parent()
     setup_child_logging(log_level, "scheduler")
     try:
-        if config.tp > 1 or config.ep > 1:
-            from disagg.common.engine_tp import TPScheduler as Scheduler  # rank 0 drives the other ranks
-        else:
-            from disagg.common.scheduler import Scheduler
-        scheduler = Scheduler(config)
+        from disagg.common.scheduler import Scheduler
+
+        if config.tp > 1:
+            config = start_local_ranks(config)
+        scheduler = Scheduler(config)  # on rank 0 of tp > 1, it broadcasts each batch plan to the others
         loop = SchedulerLoop(scheduler, ipc)
     except Exception:
         ready_conn.send({"status": "error", "error": traceback.format_exc()})

@@ -1,5 +1,6 @@
 """Shutdown of the real server: SIGTERM drains (503 for new requests, running ones finish, those past
-the grace period are aborted) and leaves no process; killing the parent takes the children with it."""
+the grace period are aborted) and leaves no process; killing the parent takes the children with it;
+a tp=3 server gives the engine's tokens and its ranks stop with it."""
 
 from __future__ import annotations
 
@@ -72,5 +73,26 @@ def test_children_die_with_the_parent(default_model_path):
         t0 = time.monotonic()
         assert wait_until(lambda: not any(alive(p) for p in children), timeout=10), "orphans left"
         assert time.monotonic() - t0 < 10
+    finally:
+        server.stop()
+
+
+def test_tp3_server_matches_the_engine_and_its_ranks_stop_with_it(default_model_path):
+    from disagg.common.engine import Engine
+
+    engine = Engine(max_total_tokens=2048, context_length=512)
+    ids = engine.tokenizer.encode("The capital of France is")
+    want = engine.generate([ids], {"max_new_tokens": 8, "temperature": 0})
+    del engine
+    server = ServerProcess(*ARGS, "--tp", "3").start()
+    try:
+        procs = descendants(server.proc.pid)
+        assert len(procs) >= 4  # scheduler (rank 0), ranks 1 and 2, detokenizer
+        got = httpx.post(server.url + "/generate", timeout=120, json={
+            "input_ids": ids, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}).json()  # fmt: skip
+        assert got["output_ids"] == want[0]["output_ids"]
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(30) == 0
+        assert wait_until(lambda: not any(alive(p) for p in procs), timeout=10)
     finally:
         server.stop()
