@@ -203,6 +203,22 @@ def test_statefulset_variant_discovers_pod_zero_only():
         assert _arg(args, "--dist-init-addr").startswith(f"disagg-{role}-0.disagg-{role}.")
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_drain_fits_in_the_termination_grace_period(overlay):
+    """preStop sleep + the process's own drain time end before Kubernetes sends SIGKILL."""
+    for obj in render(K8S / "overlays" / overlay):
+        for which, template in _pod_templates(obj):
+            c = template["spec"]["containers"][0]
+            drain = _arg(c["args"], "--grace-period") or _arg(c["args"], "--shutdown-grace-period-secs")
+            if drain is None:  # non-leader ranks: no HTTP to drain
+                continue
+            pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+            assert float(drain) + pre_stop < template["spec"]["terminationGracePeriodSeconds"], (
+                obj["kind"],
+                which,
+            )
+
+
 def test_gpus_match_tensor_parallel_size():
     objs = render(K8S / "overlays" / "lws")
     config = _objs(objs, "ConfigMap")[0]["data"]
