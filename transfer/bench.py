@@ -52,10 +52,16 @@ def decode_main(device: str, sweep_pages: int, llama_pages: int, conn: Any) -> N
     failures: list[Any] = []
     bootstrap_ports: dict[str, int] = {}
 
-    def drain() -> None:  # results are timed on the prefill side; here only failures matter
+    done_at: dict[int, float] = {}  # room -> time.monotonic() (system-wide) when poll() said ok
+
+    def drain() -> None:
         while True:
-            failures.extend(r for r in sweep.poll() + llama.poll() if not r.ok)
-            time.sleep(0.0005)
+            for r in sweep.poll() + llama.poll():
+                if r.ok:
+                    done_at[r.room] = time.monotonic()
+                else:
+                    failures.append(r)
+            time.sleep(0.0001)
 
     threading.Thread(target=drain, daemon=True).start()
     while True:
@@ -70,6 +76,11 @@ def decode_main(device: str, sweep_pages: int, llama_pages: int, conn: Any) -> N
         elif cmd == "raw":
             buf = torch.empty(args[0], dtype=torch.uint8, device=device)
             sweep.ucx.call(_raw_recv(raw_eps[0], buf, conn))
+        elif cmd == "when":
+            deadline = time.monotonic() + 30
+            while args[0] not in done_at and time.monotonic() < deadline:
+                time.sleep(0.0001)
+            conn.send(done_at.pop(args[0], float("nan")))
         elif cmd == "stop":
             conn.send([f.reason for f in failures])
             return
@@ -138,8 +149,9 @@ class Bench:
         self.conn.send(cmd)
         return self.conn.recv()
 
-    def transfer(self, which: str, num_pages: int, num_chunks: int = 1) -> float:
-        """One room of num_pages scattered pages, sent in num_chunks chunks; seconds to success."""
+    def transfer(self, which: str, num_pages: int, num_chunks: int = 1) -> tuple[float, float]:
+        """One room of num_pages scattered pages, sent in num_chunks chunks: seconds until the
+        prefill's poll() says ok (decode acked) and until the decode's poll() says ok."""
         sender, pool_pages = (
             (self.sweep, self.sweep_pages) if which == "sweep" else (self.llama, self.llama_pages)
         )
@@ -149,7 +161,7 @@ class Bench:
         self._ask("expect", which, self.room, dst)
         self._wait_for_request(sender, self.room)  # during a real prefill it arrives long before
         bounds = [round(i * num_pages / num_chunks) for i in range(num_chunks + 1)]
-        start = time.perf_counter()
+        start, start_mono = time.perf_counter(), time.monotonic()
         for i in range(num_chunks):
             last = i == num_chunks - 1
             sender.send(
@@ -160,9 +172,10 @@ class Bench:
                 metadata={"t": 1} if last else None,
             )
         result = wait_results(sender, {self.room}, 120)[self.room]
+        prefill_s = time.perf_counter() - start
         if not result.ok:
             raise RuntimeError(f"transfer failed: {result.reason}")
-        return time.perf_counter() - start
+        return prefill_s, self._ask("when", self.room) - start_mono
 
     @staticmethod
     def _wait_for_request(sender: Any, room: int) -> None:
@@ -189,18 +202,20 @@ class Bench:
         return failures
 
 
-def _median(fn: Any, iters: int) -> float:
+def _median(fn: Any, iters: int) -> Any:
     fn()  # warm-up (connection, registration caches)
-    return statistics.median(fn() for _ in range(iters))
+    runs = [fn() for _ in range(iters)]
+    if isinstance(runs[0], tuple):
+        return tuple(statistics.median(r[i] for r in runs) for i in range(len(runs[0])))
+    return statistics.median(runs)
 
 
-def _fmt_row(name: str, nbytes: int, engine_s: float, raw_s: float | None) -> str:
-    raw = (
-        f"{raw_s * 1e3:10.3f} {nbytes / raw_s / 1e9:10.2f} {engine_s and raw_s / engine_s * 100:7.0f}%"
-        if raw_s
-        else " " * 30
+def _fmt_row(name: str, nbytes: int, engine: tuple[float, float], raw_s: float) -> str:
+    prefill_s, decode_s = engine
+    return (
+        f"{name:>22} {nbytes / MiB:9.2f} {decode_s * 1e3:10.3f} {prefill_s * 1e3:10.3f} {nbytes / decode_s / 1e9:9.2f}"
+        f" {raw_s * 1e3:9.3f} {nbytes / raw_s / 1e9:9.2f} {raw_s / decode_s * 100:7.0f}%"
     )
-    return f"{name:>22} {nbytes / MiB:10.2f} {engine_s * 1e3:10.3f} {nbytes / engine_s / 1e9:10.2f} {raw}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -221,9 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     bench = Bench(device, decode_device, max_mib * MiB, args.max_message_mib * MiB)
     print(f"prefill on {device}, decode on {decode_device}; median of {args.iters}; pages scattered; "
           f"max message {args.max_message_mib} MiB")  # fmt: skip
+    print("decode ms: send() until the decode's poll() has the room; prefill ms: until the prefill's poll()")
     print(
-        f"{'transfer':>22} {'MiB':>10} {'engine ms':>10} {'GB/s':>10} {'raw ms':>10} {'raw GB/s':>10} {'of raw':>8}"
+        "(after the decode's ack); GB/s and 'of raw' from decode ms; raw: one ucxx tag message + 1-byte ack"
     )
+    head = ("transfer", "MiB", "decode ms", "prefill ms", "GB/s", "raw ms", "raw GB/s", "of raw")
+    print("{:>22} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8}".format(*head))
     try:
         size = 64 << 10
         while size <= max_mib * MiB:
