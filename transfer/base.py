@@ -93,6 +93,7 @@ class TransferBase:
         timeout_s: float = 30.0,
         heartbeat_s: float = 1.0,
         heartbeat_timeout_s: float = 5.0,
+        ib_device: str | None = None,  # --disaggregation-ib-device
     ) -> None:
         layout.check_pool(kv_buffer)
         self.kv_buffer = kv_buffer
@@ -101,7 +102,7 @@ class TransferBase:
         self.heartbeat_s = heartbeat_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.device = kv_buffer.device
-        self.ucx = UcxLoop.get(self.device)
+        self.ucx = UcxLoop.get(self.device, ib_device)
         self.rooms: dict[Room, Any] = {}  # active rooms, touched only on the loop thread
         self.peers: set[Peer] = set()
         self._tombstones: dict[Room, Tombstone] = {}

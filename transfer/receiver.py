@@ -72,9 +72,10 @@ class KVReceiver(TransferBase):
         timeout_s: float = 30.0,
         heartbeat_s: float = 1.0,
         heartbeat_timeout_s: float = 5.0,
+        ib_device: str | None = None,  # --disaggregation-ib-device (e.g. "mlx5_0")
         connect_timeout_s: float = 10.0,
     ) -> None:
-        super().__init__(kv_buffer, layout, timeout_s, heartbeat_s, heartbeat_timeout_s)
+        super().__init__(kv_buffer, layout, timeout_s, heartbeat_s, heartbeat_timeout_s, ib_device)
         self.connect_timeout_s = connect_timeout_s
         self._servers: dict[ServerKey, asyncio.Future[_PrefillServer]] = {}
         self._active_ids: set[Room] = set()  # mirrors self.rooms for the caller's thread

@@ -82,9 +82,10 @@ class KVSender(TransferBase):
         timeout_s: float = 30.0,
         heartbeat_s: float = 1.0,
         heartbeat_timeout_s: float = 5.0,
+        ib_device: str | None = None,  # --disaggregation-ib-device (e.g. "mlx5_0")
         max_message_bytes: int = 32 << 20,  # larger chunks travel as several pipelined messages
     ) -> None:
-        super().__init__(kv_buffer, layout, timeout_s, heartbeat_s, heartbeat_timeout_s)
+        super().__init__(kv_buffer, layout, timeout_s, heartbeat_s, heartbeat_timeout_s, ib_device)
         self.max_message_bytes = max_message_bytes
         self.bootstrap: BootstrapServer | None = None
         if serve_bootstrap if serve_bootstrap is not None else layout.tp_rank == 0:

@@ -33,15 +33,19 @@ CONTROL_TAG = 0
 MAX_CONTROL_BYTES = 4 << 20
 
 
-def configure_ucx_env(device: torch.device) -> None:
+def configure_ucx_env(device: torch.device, ib_device: str | None = None) -> None:
     """Sensible UCX defaults, set before ucxx creates its context (the user's env wins).
 
     CPU: TCP + shared memory (cma/posix) + loopback. GPU: let UCX choose (cuda_ipc over NVLink,
-    rc/ud on InfiniBand, tcp otherwise).
+    rc/ud on InfiniBand, tcp otherwise). `ib_device` (--disaggregation-ib-device, e.g. "mlx5_0")
+    pins the network device: UCX_NET_DEVICES=mlx5_0:1.
     """
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     if device.type == "cpu":
         os.environ.setdefault("UCX_TLS", "tcp,sm,self")
+    if ib_device:
+        devices = ",".join(d if ":" in d else f"{d}:1" for d in ib_device.split(","))
+        os.environ.setdefault("UCX_NET_DEVICES", devices)
 
 
 def tensor_buffer(t: torch.Tensor) -> Any:
@@ -58,10 +62,11 @@ class UcxLoop:
     _lock = threading.Lock()
 
     @classmethod
-    def get(cls, device: torch.device | str = "cpu") -> UcxLoop:
+    def get(cls, device: torch.device | str = "cpu", ib_device: str | None = None) -> UcxLoop:
+        """The process's loop; the first call's device/ib_device configure UCX for the process."""
         with cls._lock:
             if cls._instance is None:
-                configure_ucx_env(torch.device(device))
+                configure_ucx_env(torch.device(device), ib_device)
                 cls._instance = cls()
             return cls._instance
 
