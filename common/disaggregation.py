@@ -189,6 +189,12 @@ class TransferCoordinator:
         if room in self.open_rooms:
             self.ops.append(["abort", room])
 
+    def forget(self, room: int) -> None:
+        """Stop waiting for `room` (its result will never come); aborts it on every rank."""
+        self.abort(room)
+        self.open_rooms.discard(room)
+        self._partial.pop(room, None)
+
     def requested_rooms(self, rooms: list[int]) -> set[int]:
         """Rooms whose decode side has said where its pages are (prefill: read on rank 0's sender)."""
         sender = self.local.engine

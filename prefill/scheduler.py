@@ -37,6 +37,7 @@ IDLE_SLEEP_S = 0.002  # nothing to compute, only transfers to watch: do not spin
 class PrefillScheduler(Scheduler):
     def __init__(self, config: EngineConfig, disagg: DisaggConfig):
         super().__init__(config)
+        self.bootstrap_timeout = 2 * disagg.transfer_timeout + 5.0  # see _start_bootstrapped
         local = create_rank_transfer(disagg, self.runner, config)
         self.transfer = TransferCoordinator(local, get_parallel().tp_size)
         self.bootstrap: deque[Req] = deque()  # rooms the decode side has not asked for yet
@@ -113,6 +114,16 @@ class PrefillScheduler(Scheduler):
         for req in [r for r in self.bootstrap if r.bootstrap_room in asked]:
             self.bootstrap.remove(req)
             self.waiting.append(req)
+        # NOTE: the transfer engine's timeout normally fails a room nobody asks for; a room the
+        # decode side asked for (and that timed out) long before this request arrived is not
+        # reported again, so a last deadline of our own ends such a request
+        now = time.monotonic()
+        for req in [r for r in self.bootstrap if now - r.arrival_time > self.bootstrap_timeout]:
+            self.bootstrap.remove(req)
+            del self.rooms[req.bootstrap_room]
+            self.transfer.forget(req.bootstrap_room)
+            error = f"timeout: the decode server did not ask for room {req.bootstrap_room}"
+            self._finish(req, "abort", ReqStatus.ABORTED, error=f"KV transfer failed: {error}")
 
     def _admit(self, req: Req, budget: int) -> int:
         # NOTE: a PD request gets pages for its whole prompt at admission: pages already handed to

@@ -1,0 +1,66 @@
+"""Rank 0's view of a TP server's transfers: a room is done when every rank reported it."""
+
+from __future__ import annotations
+
+from disagg.common.disaggregation import RankTransfer, TransferCoordinator
+
+
+class FakeEngine:
+    def __init__(self):
+        self.calls, self.results = [], []
+
+    def send(self, room, pages, offset, is_last=False, metadata=None):
+        self.calls.append(("send", room, list(pages), offset, is_last))
+
+    def expect(self, room, host, port, pages):
+        if room == 13:
+            raise ValueError("room 13 is already expected")
+        self.calls.append(("expect", room))
+
+    def abort(self, room):
+        self.calls.append(("abort", room))
+
+    def poll(self):
+        out, self.results = self.results, []
+        return out
+
+
+def coordinator(tp: int = 3) -> TransferCoordinator:
+    return TransferCoordinator(RankTransfer(FakeEngine()), tp)
+
+
+def test_a_room_finishes_only_when_every_rank_reported_it():
+    c = coordinator()
+    c.send(7, [1, 2], 0, True, {"first_token": 42})
+    assert c._merge([[[7, True, "", {"first_token": 42}, 100, 0.5]], [], []]) == []
+    done = c._merge([[], [[7, True, "", {}, 100, 0.25]], [[7, True, "", {}, 100, 0.75]]])
+    assert [(r.room, r.ok, r.metadata, r.nbytes, r.seconds) for r in done] == [
+        (7, True, {"first_token": 42}, 300, 0.75)
+    ]
+    assert c.open_rooms == set()
+
+
+def test_a_failure_on_one_rank_fails_the_room_and_aborts_it_elsewhere():
+    c = coordinator()
+    c.expect(8, "h", 1, [3])
+    c.ops.clear()
+    assert c._merge([[], [[8, False, "peer_died: x", {}, 0, 0.0]], []]) == []
+    assert c.ops == [["abort", 8]]  # the ranks still waiting stop now
+    done = c._merge(
+        [[[8, False, "aborted: by the decode side", {}, 0, 0.0]], [], [[8, True, "", {}, 5, 0.1]]]
+    )
+    assert len(done) == 1 and not done[0].ok and done[0].reason == "peer_died: x"
+
+
+def test_stale_rooms_are_ignored_and_refused_operations_fail_their_room():
+    c = coordinator(tp=1)
+    assert c.flush() == []  # nothing open: no work
+    c.expect(13, "h", 1, [0])  # the engine refuses it
+    done = c.flush()
+    assert [(r.room, r.ok) for r in done] == [(13, False)] and "already expected" in done[0].reason
+    c.local.engine.results.append(
+        type("R", (), dict(room=99, ok=True, reason="", metadata={}, nbytes=0, seconds=0))()
+    )
+    c.send(5, [], 0, False)
+    assert c.flush() == []  # room 99 was never ours
+    assert c.open_rooms == {5}
