@@ -40,6 +40,8 @@ class EngineConfig:
     context_length: int | None = None  # default: the model's max_position_embeddings
     attention_backend: str = "auto"  # auto | torch | flashinfer
     disable_radix_cache: bool = False
+    cuda_graph_max_bs: int = 64  # decode batches up to this size replay captured CUDA graphs
+    disable_cuda_graph: bool = False
     random_seed: int = 0
     # distributed (one process per rank)
     dist_init_addr: str | None = None
@@ -79,6 +81,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--attention-backend", default=d.attention_backend, choices=["auto", "torch", "flashinfer"]
     )
     g.add_argument("--disable-radix-cache", action="store_true")
+    g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs)
+    g.add_argument("--disable-cuda-graph", action="store_true")
     g.add_argument("--random-seed", type=int, default=d.random_seed)
     g.add_argument("--dist-init-addr", default=d.dist_init_addr, help="HOST:PORT of rank 0 (multi-node)")
     g.add_argument("--nnodes", type=int, default=d.nnodes)

@@ -33,9 +33,12 @@ class KVPagePool:
         self.head_dim = head_dim
         self.dtype = dtype
         self.device = device
+        # NOTE: one page past the pool, `pad_page`, is never allocated: padded batch rows (CUDA
+        # graphs) write their throw-away K/V there.
         self.kv_buffer = torch.zeros(
-            (num_layers, num_pages, 2, page_size, num_kv_heads, head_dim), dtype=dtype, device=device
+            (num_layers, num_pages + 1, 2, page_size, num_kv_heads, head_dim), dtype=dtype, device=device
         )
+        self.pad_page = num_pages
         # NOTE: a stack, so recently freed (cache-warm) pages are reused first
         self._free: list[int] = list(range(num_pages - 1, -1, -1))
         self._is_free = [True] * num_pages

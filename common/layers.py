@@ -84,17 +84,20 @@ class RotaryEmbedding(nn.Module):
         rope_type = params.get("rope_type", params.get("type", "default"))
         theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
         scaling = 1.0
+        # NOTE: tables are computed on the CPU in float32 exactly as transformers does (bitwise-equal
+        # cos/sin), then moved to the device the model is being built on
         if rope_type == "default":
-            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+            dims = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float()
+            inv_freq = 1.0 / (theta ** (dims / head_dim))
         else:
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
-        # float32 throughout, exactly as transformers computes it (bitwise-equal cos/sin tables)
-        t = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(t, inv_freq.float())
-        self.register_buffer("cos", (freqs.cos() * scaling).float(), persistent=False)  # [max_pos, D/2]
-        self.register_buffer("sin", (freqs.sin() * scaling).float(), persistent=False)
+        t = torch.arange(max_positions, dtype=torch.float32, device="cpu")
+        freqs = torch.outer(t, inv_freq.float().cpu())
+        device = torch.get_default_device()
+        self.register_buffer("cos", (freqs.cos() * scaling).float().to(device), persistent=False)  # [max_pos, D/2]
+        self.register_buffer("sin", (freqs.sin() * scaling).float().to(device), persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor

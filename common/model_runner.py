@@ -79,6 +79,7 @@ class ModelRunner:
             num_qo_heads=self.hf_config.num_attention_heads // get_parallel().tp_size,
         )
         self.tokenizer = self._load_tokenizer()
+        self.graph_runner = self._capture_cuda_graphs()
 
     def _check_model(self) -> None:
         model_type = self.hf_config.model_type
@@ -138,6 +139,21 @@ class ModelRunner:
         )
         return KVPagePool(num_pages, self.config.page_size, layers, heads, dim, self.dtype, self.device)
 
+    def _capture_cuda_graphs(self):
+        c = self.config
+        if self.device.type != "cuda" or c.disable_cuda_graph or c.cuda_graph_max_bs <= 0:
+            return None
+        from disagg.common.attention_flashinfer import FlashInferBackend
+
+        if not isinstance(self.backend, FlashInferBackend):
+            return None
+        from disagg.common.cuda_graph import CudaGraphRunner
+
+        return CudaGraphRunner(
+            self.model, self.pool, self.hf_config.num_attention_heads // get_parallel().tp_size,
+            min(c.cuda_graph_max_bs, c.max_running_requests), self.context_length,
+        )
+
     def _load_tokenizer(self):
         if self.model_path in PRESETS:
             return None
@@ -186,6 +202,8 @@ class ModelRunner:
         return self.forward_plan(plan)
 
     def forward_plan(self, plan: dict) -> torch.Tensor:
+        if self.graph_runner is not None and self.graph_runner.can_run(plan):
+            return self.graph_runner.run(plan)
         def tensor(x):
             return torch.tensor(x, dtype=torch.long, device=self.device)
 

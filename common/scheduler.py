@@ -272,6 +272,10 @@ def _eos_ids(hf_config, model_path: str, tokenizer) -> set[int]:
 
 
 def _generation_config(model_path: str):
+    from pathlib import Path
+
+    if not (Path(model_path) / "generation_config.json").exists():
+        return None
     try:
         from transformers import GenerationConfig
 

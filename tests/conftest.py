@@ -64,22 +64,14 @@ def make_tiny_model(path, family: str, seed: int = 0, **overrides) -> str:
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    spec = dict(TINY_CONFIGS[family])
-    spec.update(overrides)
-    kind = spec.pop("model_type")
-    config = CONFIG_MAPPING[kind](
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        eos_token_id=None,
+    spec = dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, eos_token_id=None,
         bos_token_id=None,
-        **spec,
     )
+    spec.update(TINY_CONFIGS[family])
+    spec.update(overrides)
+    config = CONFIG_MAPPING[spec.pop("model_type")](**spec)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # larger random weights than the default init: sharper, tie-free logits

@@ -8,5 +8,5 @@ touch /tmp/shim/disagg/__init__.py
 for d in common prefill decode router transfer; do ln -sfn "$PWD/$d" /tmp/shim/disagg/$d; done
 ln -sfn "$PWD/common/bench" /tmp/shim/disagg/bench
 export PYTHONPATH=/tmp/site:/tmp/shim:$PWD
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 set +e

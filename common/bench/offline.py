@@ -117,7 +117,8 @@ def bench_hf_generate(model_path: str, load_format: str, device, dtype, batch: i
 
     config = load_config(model_path)
     if load_format == "dummy" or model_path in PRESETS:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+        with torch.device(device):  # random init on the GPU (minutes on the CPU for 8B)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
     model.eval()
@@ -156,6 +157,7 @@ def main() -> None:
     p.add_argument("--load-format", default="auto")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--batch-sizes", default="1,16,64")
     p.add_argument("--context-len", type=int, default=1024)
     p.add_argument("--prefill-len", type=int, default=4096)
@@ -171,12 +173,14 @@ def main() -> None:
         model_path=args.model_path, load_format=args.load_format, attention_backend=args.attention_backend,
         max_total_tokens=max_tokens, chunked_prefill_size=max(args.prefill_len, 8192), max_prefill_tokens=1 << 20,
         max_running_requests=max(batches) + 8, disable_radix_cache=True, tp=args.tp,
+        disable_cuda_graph=args.disable_cuda_graph,
     )
     sched = engine.scheduler
     device, dtype = sched.runner.device, sched.runner.dtype
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {dtype}, "
           f"attention {type(sched.runner.backend).__name__}", flush=True)
     ceil = measure_ceilings(device, dtype)
+    print(f"  ceilings {ceil}", flush=True)
     weight_bytes, matmul_params = model_bytes_and_flops(sched)
     kv_tok = kv_bytes_per_token(sched)
     c = sched.runner.hf_config
@@ -187,6 +191,7 @@ def main() -> None:
         roof = (weight_bytes + b * args.context_len * kv_tok) / (ceil["copy_gb_s"] * 1e9)
         rows.append(dict(kind="decode", batch=b, context=args.context_len, ms=step * 1e3, roofline_ms=roof * 1e3,
                          of_roofline=roof / step, tok_s=b / step))
+        print(f"  {rows[-1]}", flush=True)
     print(f"prefill {args.prefill_len} tokens ...", flush=True)
     t = bench_prefill(sched, args.prefill_len)
     n = args.prefill_len
@@ -194,6 +199,7 @@ def main() -> None:
     flops = 2 * matmul_params * n + attn_flops
     rows.append(dict(kind="prefill", batch=1, context=n, ms=t * 1e3, tok_s=n / t, tflops=flops / t / 1e12,
                      of_matmul=flops / t / 1e12 / ceil["matmul_tflops"]))
+    print(f"  {rows[-1]}", flush=True)
     gen = []
     if args.hf and args.tp == 1:
         for b in sorted({batches[0], batches[-1]}):
@@ -202,6 +208,7 @@ def main() -> None:
             hf = bench_hf_generate(sched.runner.model_path, args.load_format, device, dtype, b, args.context_len,
                                    args.hf_new_tokens)
             gen.append(dict(batch=b, ours_tok_s=ours, hf_tok_s=hf, speedup=ours / hf))
+            print(f"  {gen[-1]}", flush=True)
     if args.hf and args.tp > 1:
         gen = []  # transformers runs on one GPU only
     print_report(ceil, weight_bytes, kv_tok, rows, gen)

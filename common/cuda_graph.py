@@ -1,0 +1,121 @@
+"""CUDA graphs for decode batches: one graph per batch-size bucket, captured at start-up.
+
+A decode step of a large model at small batch is dominated by kernel launches (hundreds per step);
+replaying a captured graph removes them. Inputs live in static buffers; a batch of size b runs the
+graph of the smallest bucket >= b, the extra rows padded onto the pool's `pad_page`. FlashInfer's
+planning (host work) happens before the replay, outside the graph.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+
+import torch
+
+from disagg.common.attention import AttentionBackend, ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+
+def batch_buckets(max_bs: int) -> list[int]:
+    sizes = [1, 2, 4, 8] + list(range(16, max_bs + 1, 8))
+    return sorted({s for s in sizes if s <= max_bs} | {max_bs})
+
+
+class _GraphDecodeBackend(AttentionBackend):
+    """FlashInfer decode with fixed buffers (required inside a CUDA graph), one per bucket."""
+
+    def __init__(self, pool, num_qo_heads: int, bs: int, max_pages: int, workspace: torch.Tensor):
+        import flashinfer
+
+        device = pool.kv_buffer.device
+        self.pool, self.num_qo_heads = pool, num_qo_heads
+        self.indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
+        self.indices = torch.zeros(max_pages, dtype=torch.int32, device=device)
+        self.last = torch.zeros(bs, dtype=torch.int32, device=device)
+        self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=self.indptr,
+            paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last,
+            use_tensor_cores=num_qo_heads // pool.num_kv_heads >= 4,
+        )
+
+    def plan(self, kv_lens: list[int], tables: list[list[int]]) -> None:
+        ps = self.pool.page_size
+        n_pages = [(kv + ps - 1) // ps for kv in kv_lens]
+        indptr = torch.zeros(len(n_pages) + 1, dtype=torch.int32)
+        indptr[1:] = torch.tensor(n_pages, dtype=torch.int32).cumsum(0)
+        indices = torch.tensor([p for t, n in zip(tables, n_pages, strict=True) for p in t[:n]], dtype=torch.int32)
+        last = torch.tensor([kv - (n - 1) * ps for kv, n in zip(kv_lens, n_pages, strict=True)], dtype=torch.int32)
+        self.wrapper.plan(
+            indptr, indices.to(self.indices.device), last, self.num_qo_heads, self.pool.num_kv_heads,
+            self.pool.head_dim, ps, q_data_type=self.pool.dtype, kv_data_type=self.pool.dtype,
+        )
+
+    def prepare(self, batch: ForwardBatch) -> None:  # planned explicitly before replay
+        pass
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.wrapper.run(q, kv)
+
+
+class CudaGraphRunner:
+    def __init__(self, model, pool, num_qo_heads: int, max_bs: int, max_context: int):
+        self.model, self.pool = model, pool
+        device = pool.kv_buffer.device
+        self.buckets = batch_buckets(max_bs)
+        max_pages = max_bs * ((max_context + pool.page_size - 1) // pool.page_size)
+        self.workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)
+        n = max_bs
+
+        def buf(fill=0):
+            return torch.full((n,), fill, dtype=torch.long, device=device)
+
+        self.input_ids, self.positions = buf(), buf()
+        self.out_page, self.out_offset = buf(pool.pad_page), buf()
+        # NOTE: every tensor a graph reads must outlive it (the static batches included), or its
+        # memory is reused and the replay reads garbage
+        self.graphs, self.outputs, self.backends, self.batches = {}, {}, {}, {}
+        self.mempool = torch.cuda.graph_pool_handle()
+        for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its memory pool
+            self._capture(bs, num_qo_heads, max_pages)
+        logger.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
+
+    def _static_batch(self, bs: int) -> ForwardBatch:
+        return ForwardBatch(
+            input_ids=self.input_ids[:bs], positions=self.positions[:bs], out_page=self.out_page[:bs],
+            out_offset=self.out_offset[:bs], q_lens=[1] * bs, kv_lens=[1] * bs,
+            page_tables=[[self.pool.pad_page]] * bs,
+            logits_index=torch.arange(bs, device=self.input_ids.device), page_size=self.pool.page_size,
+        )
+
+    def _capture(self, bs: int, num_qo_heads: int, max_pages: int) -> None:
+        backend = _GraphDecodeBackend(self.pool, num_qo_heads, bs, max_pages, self.workspace)
+        batch = self._static_batch(bs)
+        backend.plan(batch.kv_lens, batch.page_tables)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph (lazy init, autotuning)
+                self.model(batch, self.pool.kv_buffer, backend)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            out = self.model(batch, self.pool.kv_buffer, backend)
+        self.graphs[bs], self.outputs[bs], self.backends[bs], self.batches[bs] = graph, out, backend, batch
+
+    def can_run(self, plan: dict) -> bool:
+        q = plan["q_lens"]
+        return bool(q) and len(q) <= self.buckets[-1] and all(n == 1 for n in q)
+
+    def run(self, plan: dict) -> torch.Tensor:
+        bs = len(plan["q_lens"])
+        padded = self.buckets[bisect.bisect_left(self.buckets, bs)]
+        pad = padded - bs
+        self.input_ids[:padded].copy_(torch.tensor(plan["ids"] + [0] * pad), non_blocking=True)
+        self.positions[:padded].copy_(torch.tensor(plan["positions"] + [0] * pad), non_blocking=True)
+        self.out_page[:padded].copy_(torch.tensor(plan["pages"] + [self.pool.pad_page] * pad), non_blocking=True)
+        self.out_offset[:padded].copy_(torch.tensor(plan["offsets"] + [0] * pad), non_blocking=True)
+        self.backends[padded].plan(plan["kv_lens"] + [1] * pad, plan["tables"] + [[self.pool.pad_page]] * pad)
+        self.graphs[padded].replay()
+        return self.outputs[padded][:bs]
