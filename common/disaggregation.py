@@ -15,26 +15,16 @@ import argparse
 import dataclasses
 import functools
 import logging
-import multiprocessing as mp
 import os
 import traceback
 from dataclasses import dataclass
 
 import torch
 from disagg.common.config import EngineConfig
-from disagg.common.distributed import (
-    broadcast_plan,
-    check_layout,
-    cpu_threads_env,
-    gather_to_rank0,
-    init_distributed,
-    local_ranks,
-    spawn_workers,
-    with_local_init_addr,
-)
+from disagg.common.distributed import broadcast_plan, gather_to_rank0
 from disagg.common.ipc import IpcNames, die_with_parent, setup_child_logging
 from disagg.common.parallel import get_parallel
-from disagg.common.scheduler_process import SchedulerLoop
+from disagg.common.scheduler_process import SchedulerLoop, start_local_ranks
 from disagg.transfer import KVLayout, KVReceiver, KVSender, TransferResult, dtype_name
 
 logger = logging.getLogger(__name__)
@@ -48,13 +38,15 @@ class DisaggConfig:
     bootstrap_port: int = 8998  # prefill: rank 0 serves the bootstrap here (SGLang's default)
     transfer_timeout: float = 30.0  # seconds a room may make no progress before it fails on both sides
     transfer_host: str | None = None  # prefill: address decode ranks reach its UCX listeners at
+    ib_device: str | None = None  # InfiniBand/RoCE device(s) UCX uses, e.g. "mlx5_0" (default: UCX picks)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, mode: str) -> DisaggConfig:
         host = args.disaggregation_transfer_host
         if host is None and args.host not in ("0.0.0.0", "::", ""):
             host = args.host  # a server bound to one address is reachable there
-        return cls(mode, args.disaggregation_bootstrap_port, args.disaggregation_transfer_timeout, host)
+        return cls(mode, args.disaggregation_bootstrap_port, args.disaggregation_transfer_timeout, host,
+                   args.disaggregation_ib_device)  # fmt: skip
 
 
 def add_disagg_args(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +59,8 @@ def add_disagg_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disaggregation-transfer-host", default=d.transfer_host,
                    help="prefill: address decode servers reach this server's KV senders at (default: --host, "
                         "or this machine's outward address)")  # fmt: skip
+    g.add_argument("--disaggregation-ib-device", default=d.ib_device,
+                   help="InfiniBand/RoCE device(s) for KV transfer, e.g. mlx5_0 (default: UCX chooses)")  # fmt: skip
 
 
 # ---- one rank ---------------------------------------------------------------------------------
@@ -122,7 +116,7 @@ def kv_layout(runner) -> KVLayout:
     )
 
 
-def create_rank_transfer(disagg: DisaggConfig, runner, engine_config: EngineConfig) -> RankTransfer:
+def create_rank_transfer(disagg: DisaggConfig, runner) -> RankTransfer:
     """This rank's transfer engine. Prefill rank 0 serves the bootstrap; the other prefill ranks
     register with it only after it is up (a barrier over the TP group orders them)."""
     par = get_parallel()
@@ -130,12 +124,11 @@ def create_rank_transfer(disagg: DisaggConfig, runner, engine_config: EngineConf
     def make() -> RankTransfer:
         layout = kv_layout(runner)
         if disagg.mode == "decode":
-            return RankTransfer(KVReceiver(runner.pool.kv_buffer, layout, timeout_s=disagg.transfer_timeout))
-        rank0 = "127.0.0.1"
-        if engine_config.nnodes > 1 and engine_config.dist_init_addr:
-            rank0 = engine_config.dist_init_addr.rsplit(":", 1)[0]
-        sender = KVSender(runner.pool.kv_buffer, layout, rank0, disagg.bootstrap_port,
-                          host=disagg.transfer_host, timeout_s=disagg.transfer_timeout)  # fmt: skip
+            receiver = KVReceiver(runner.pool.kv_buffer, layout, timeout_s=disagg.transfer_timeout,
+                                  ib_device=disagg.ib_device)  # fmt: skip
+            return RankTransfer(receiver)
+        sender = KVSender(runner.pool.kv_buffer, layout, "127.0.0.1", disagg.bootstrap_port,
+                          host=disagg.transfer_host, timeout_s=disagg.transfer_timeout, ib_device=disagg.ib_device)  # fmt: skip
         return RankTransfer(sender)
 
     if par.tp_size == 1:
@@ -160,9 +153,9 @@ class WorkerTransferHook:
             gather_to_rank0(self.transfer.poll())
 
 
-def make_worker_hook(disagg: DisaggConfig, engine_config: EngineConfig, runner) -> WorkerTransferHook:
+def make_worker_hook(disagg: DisaggConfig, runner) -> WorkerTransferHook:
     die_with_parent()  # a worker rank of a server: gone when rank 0's process is
-    return WorkerTransferHook(create_rank_transfer(disagg, runner, engine_config))
+    return WorkerTransferHook(create_rank_transfer(disagg, runner))
 
 
 # ---- rank 0 -----------------------------------------------------------------------------------
@@ -281,15 +274,7 @@ def run_pd_scheduler_process(
     setup_child_logging(log_level, f"{disagg.mode}-scheduler")
     try:
         if config.tp > 1:
-            # NOTE: the launcher starts this process as a daemon (it dies with the server) and
-            # multiprocessing refuses children of daemons; the ranks die with us (make_worker_hook)
-            mp.current_process().daemon = False
-            check_layout(config)
-            config = with_local_init_addr(config)
-            cpu_threads_env(config)
-            hook = functools.partial(make_worker_hook, disagg, config)
-            spawn_workers(config, local_ranks(config)[1:], hook)
-            init_distributed(config, 0)
+            config = start_local_ranks(config, functools.partial(make_worker_hook, disagg))
         scheduler = scheduler_cls(config, disagg)
         loop = SchedulerLoop(scheduler, ipc)
     except Exception:
@@ -318,6 +303,8 @@ def launch_role(mode: str, scheduler_cls, argv: list[str] | None = None) -> None
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format=f"%(asctime)s [{mode}-http] %(levelname)s %(name)s: %(message)s")  # fmt: skip
     disagg = DisaggConfig.from_args(args, mode)
+    if args.nnodes > 1:
+        parser.error("a PD server runs on one node: multi-node TP is not wired for the KV transfer yet")
     target = functools.partial(run_pd_scheduler_process, scheduler_cls, disagg)
     info = {f"disaggregation_{k}": v for k, v in dataclasses.asdict(disagg).items()}
     try:

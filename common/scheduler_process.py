@@ -153,8 +153,9 @@ def _die_with_parent_hook(runner) -> None:
     return None
 
 
-def start_local_ranks(config: EngineConfig) -> EngineConfig:
-    """tp > 1: spawn this node's other ranks (they run rank 0's plans) and join the process group."""
+def start_local_ranks(config: EngineConfig, plan_hook_factory=_die_with_parent_hook) -> EngineConfig:
+    """tp > 1: spawn this node's other ranks (they run rank 0's plans) and join the process group.
+    `plan_hook_factory` runs in each of them (see distributed.worker_main; PD servers pass theirs)."""
     import multiprocessing as mp
 
     from disagg.common.distributed import (
@@ -171,7 +172,7 @@ def start_local_ranks(config: EngineConfig) -> EngineConfig:
     check_layout(config)
     config = with_local_init_addr(config)
     cpu_threads_env(config)
-    spawn_workers(config, local_ranks(config)[1:], _die_with_parent_hook)
+    spawn_workers(config, local_ranks(config)[1:], plan_hook_factory)
     init_distributed(config, 0)
     return config
 

@@ -38,7 +38,7 @@ IDLE_SLEEP_S = 0.002  # nothing to compute, only transfers to watch: do not spin
 class DecodeScheduler(Scheduler):
     def __init__(self, config: EngineConfig, disagg: DisaggConfig):
         super().__init__(config)
-        local = create_rank_transfer(disagg, self.runner, config)
+        local = create_rank_transfer(disagg, self.runner)
         self.transfer = TransferCoordinator(local, get_parallel().tp_size)
         self.prealloc: deque[Req] = deque()  # waiting for pages
         self.rooms: dict[int, Req] = {}  # TRANSFERRING (or aborted, pages pending) -> its request
