@@ -49,7 +49,7 @@ def _lws_pods(objs: list[dict], replicas: int = 2) -> list:
     for lws in (o for o in objs if o["kind"] == "LeaderWorkerSet"):
         lwt, name = lws["spec"]["leaderWorkerTemplate"], lws["metadata"]["name"]
         for group in range(replicas):
-            for index in range(lwt["size"]):
+            for index in range(max(2, lwt["size"])):  # at least one worker rank, even where size is 1
                 n += 1
                 template = lwt["leaderTemplate"] if index == 0 else lwt["workerTemplate"]
                 pod_name = f"{name}-{group}" + (f"-{index}" if index else "")
@@ -61,7 +61,7 @@ def _lws_pods(objs: list[dict], replicas: int = 2) -> list:
 def _sts_pods(objs: list[dict]) -> list:
     pods, n = [], 100
     for sts in (o for o in objs if o["kind"] == "StatefulSet"):
-        for index in range(sts["spec"]["replicas"]):
+        for index in range(max(2, sts["spec"]["replicas"])):  # as if NNODES were 2
             n += 1
             name = f"{sts['metadata']['name']}-{index}"
             pods.append(
