@@ -240,13 +240,13 @@ def test_cpu_dev_needs_no_gpu_and_no_volume_claim():
 def test_rdma_overlay_uses_host_network_and_ib_devices():
     objs = render(K8S / "overlays" / "rdma")
     config = _objs(objs, "ConfigMap")[0]["data"]
-    assert config["UCX_NET_DEVICES"].startswith("mlx5_") and config["NCCL_IB_DISABLE"] == "0"
+    assert config["IB_DEVICES"].startswith("mlx5_") and config["NCCL_IB_DISABLE"] == "0"
     for lws in _objs(objs, "LeaderWorkerSet"):
         for which in ("leaderTemplate", "workerTemplate"):
             spec = lws["spec"]["leaderWorkerTemplate"][which]["spec"]
             assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
             c = spec["containers"][0]
-            assert c["envFrom"][0]["configMapRef"]["name"].startswith("disagg-config")
+            assert _arg(c["args"], "--disaggregation-ib-device") == "$(IB_DEVICES)"
             assert "IPC_LOCK" in c["securityContext"]["capabilities"]["add"]
 
 

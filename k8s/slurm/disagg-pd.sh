@@ -3,7 +3,7 @@
 #   node 0: launch_prefill (all its GPUs, --tp $TP) and launch_router (PD mode, port $ROUTER_PORT)
 #   node 1: launch_decode  (all its GPUs, --tp $TP)
 # Submit:  sbatch k8s/slurm/disagg-pd.sh            (settings below as environment variables:
-#          MODEL=/shared/Llama-3.1-8B-Instruct TP=8 IB_DEVICE=mlx5_0:1 sbatch k8s/slurm/disagg-pd.sh)
+#          MODEL=/shared/Llama-3.1-8B-Instruct TP=8 IB_DEVICE=mlx5_0 sbatch k8s/slurm/disagg-pd.sh)
 # Then:    curl http://<node0>:8000/v1/chat/completions -H 'content-type: application/json' \
 #               -d '{"messages":[{"role":"user","content":"hi"}],"max_tokens":16}'
 # Metrics: each process serves GET /metrics on its HTTP port (k8s/monitoring/prometheus.yml, job
@@ -28,14 +28,12 @@ PREFILL_PORT=${PREFILL_PORT:-30000}
 DECODE_PORT=${DECODE_PORT:-30001}
 BOOTSTRAP_PORT=${BOOTSTRAP_PORT:-8998}     # prefill's KV bootstrap port (decode connects to it)
 ROUTER_PORT=${ROUTER_PORT:-8000}
-IB_DEVICE=${IB_DEVICE:-}                   # e.g. mlx5_0:1,mlx5_1:1: HCAs for the KV transfer (UCX_NET_DEVICES); empty: UCX picks
+IB_DEVICE=${IB_DEVICE:-}                   # e.g. mlx5_0,mlx5_1: HCAs for the KV transfer; empty: UCX picks
 STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-1800}   # seconds to wait for both servers' /health
 LOG_DIR=${LOG_DIR:-slurm_logs}
 EXTRA_ARGS=${EXTRA_ARGS:-}                 # more server flags, e.g. "--page-size 64 --mem-fraction-static 0.8"
 
 mkdir -p "$LOG_DIR"
-# srun passes the environment on to the steps
-[ -n "$IB_DEVICE" ] && export UCX_NET_DEVICES="$IB_DEVICE"
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 
@@ -51,6 +49,7 @@ echo "[INFO] prefill on $PREFILL_NODE:$PREFILL_PORT (bootstrap $BOOTSTRAP_PORT),
 # flags both servers share (word splitting of EXTRA_ARGS is intended)
 SERVER_ARGS=(--tp "$TP" --host 0.0.0.0)
 [ -n "$MODEL" ] && SERVER_ARGS+=(--model-path "$MODEL")
+[ -n "$IB_DEVICE" ] && SERVER_ARGS+=(--disaggregation-ib-device "$IB_DEVICE")
 # shellcheck disable=SC2206
 SERVER_ARGS+=($EXTRA_ARGS)
 
