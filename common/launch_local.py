@@ -4,7 +4,8 @@
     launch_local --port 9000 --prefill-tp 1 --decode-tp 2 -- --max-running-requests 64
 
 Everything after `--` goes to both servers. The servers pick free ports; the router's URL is
-printed once everything answers. Ctrl-C (or SIGTERM) stops all three; so does any of them dying.
+printed once everything answers. With GPUs, prefill gets the first --prefill-tp of them and decode
+the next --decode-tp (CUDA_VISIBLE_DEVICES). Ctrl-C (or SIGTERM) stops all three; so does any of them dying.
 """
 
 from __future__ import annotations
@@ -67,6 +68,27 @@ def server_env(args: argparse.Namespace) -> dict[str, str]:
     return {"DISAGG_CPU_THREADS": str(max(1, (os.cpu_count() or 1) // ranks)), **os.environ}
 
 
+def visible_gpus() -> list[str]:
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def gpu_envs(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """Prefill gets the first --prefill-tp GPUs, decode the next --decode-tp (none on a CPU machine)."""
+    gpus, p, d = visible_gpus(), args.prefill_tp, args.decode_tp
+    if not gpus:
+        return {"prefill": {}, "decode": {}}
+    if len(gpus) < p + d:
+        raise RuntimeError(f"--prefill-tp {p} + --decode-tp {d} needs {p + d} GPUs, {len(gpus)} visible")
+    return {"prefill": {"CUDA_VISIBLE_DEVICES": ",".join(gpus[:p])},
+            "decode": {"CUDA_VISIBLE_DEVICES": ",".join(gpus[p : p + d])}}  # fmt: skip
+
+
 def wait_ready(procs: dict[str, subprocess.Popen], url: str, name: str) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -100,8 +122,11 @@ def run(args: argparse.Namespace, extra: list[str]) -> int:
     procs: dict[str, subprocess.Popen] = {}
     signal.signal(signal.SIGTERM, _interrupt)
     try:
+        gpus = gpu_envs(args)
         for name in ("prefill", "decode"):
-            procs[name] = subprocess.Popen(commands[name][0], env=env, preexec_fn=_die_with_us)
+            procs[name] = subprocess.Popen(
+                commands[name][0], env={**env, **gpus[name]}, preexec_fn=_die_with_us
+            )
         for name in ("prefill", "decode"):
             wait_ready(procs, commands[name][1], name)
         procs["router"] = subprocess.Popen(commands["router"][0], env=env, preexec_fn=_die_with_us)

@@ -69,6 +69,19 @@ def test_abort_while_waiting_for_kv_ends_both_sides(pd):
     assert_both_free(pd)
 
 
+def test_abort_on_prefill_before_decode_asked(pd):
+    body = pd_body(pd, rid="prefill-only")
+    with cf.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(httpx.post, pd.prefill.url + "/generate", json=body, timeout=60)
+        assert wait_until(lambda: stats(pd.prefill)["queues"]["bootstrap"] == 1, timeout=20)
+        start = time.monotonic()
+        httpx.post(pd.prefill.url + "/abort_request", json={"rid": "prefill-only"}, timeout=10)
+        r = fut.result()
+    assert time.monotonic() - start < TIMEOUT_S
+    assert r.json()["error"]["message"] == "aborted"
+    assert_both_free(pd)
+
+
 def test_router_abort_request_stops_a_stream(pd):
     body = {"text": LONG, "sampling_params": {"max_new_tokens": 150, "temperature": 0, "ignore_eos": True},
             "stream": True, "rid": "abort-me"}  # fmt: skip

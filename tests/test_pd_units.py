@@ -64,3 +64,22 @@ def test_stale_rooms_are_ignored_and_refused_operations_fail_their_room():
     c.send(5, [], 0, False)
     assert c.flush() == []  # room 99 was never ours
     assert c.open_rooms == {5}
+
+
+def test_launch_local_gives_each_server_its_own_gpus(monkeypatch):
+    import argparse
+
+    import pytest
+    from disagg.common.launch_local import gpu_envs
+
+    args = argparse.Namespace(prefill_tp=1, decode_tp=2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert gpu_envs(args) == {
+        "prefill": {"CUDA_VISIBLE_DEVICES": "4"},
+        "decode": {"CUDA_VISIBLE_DEVICES": "5,6"},
+    }
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(RuntimeError, match="needs 3 GPUs"):
+        gpu_envs(args)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_envs(args) == {"prefill": {}, "decode": {}}  # a CPU machine
