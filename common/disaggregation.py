@@ -30,6 +30,7 @@ from disagg.transfer import KVLayout, KVReceiver, KVSender, TransferResult, dtyp
 logger = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode")
+IDLE_SLEEP_S = 0.002  # a step with nothing to compute, only transfers to watch: do not spin a core
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from collections import deque
 
 from disagg.common.config import EngineConfig
 from disagg.common.disaggregation import (
+    IDLE_SLEEP_S,
     DisaggConfig,
     TransferCoordinator,
     create_rank_transfer,
@@ -31,8 +32,6 @@ from disagg.common.scheduler import Scheduler
 from disagg.transfer import TransferResult
 
 logger = logging.getLogger(__name__)
-
-IDLE_SLEEP_S = 0.002  # nothing to compute, only transfers to watch: do not spin a core
 
 
 class DecodeScheduler(Scheduler):
