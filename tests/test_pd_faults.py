@@ -39,7 +39,12 @@ def assert_both_free(cluster: PDCluster) -> None:
 def test_decode_leg_alone_times_out(pd):
     # the prefill server never gets the request: decode's room fails with the transfer timeout
     start = time.monotonic()
-    r = httpx.post(pd.decode.url + "/generate", json=pd_body(pd), timeout=60)
+    with cf.ThreadPoolExecutor(1) as pool:
+        stuck = pool.submit(httpx.post, pd.decode.url + "/generate", json=pd_body(pd), timeout=60)
+        with pd.client() as client:  # meanwhile both servers keep serving everyone else
+            r = client.post("/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 4}})
+            assert r.status_code == 200 and not stuck.done()
+        r = stuck.result()
     assert r.status_code == 400
     assert "KV transfer failed: timeout" in r.json()["error"]["message"]
     assert time.monotonic() - start < TIMEOUT_S * 4
