@@ -124,6 +124,21 @@ def test_first_token_streams_from_decode_and_finish_checks_apply(pd, engine):
     assert events[-1]["meta_info"]["finish_reason"] == {"type": "stop", "matched": want[k]}
 
 
+def test_logprobs_of_every_token_including_the_prefills(pd, engine):
+    ids = engine.tokenizer.encode(PROMPTS[3])
+    ref = engine.generate([ids], {"max_new_tokens": 6, "temperature": 0, "return_logprob": True})[0]
+    body = {
+        "text": PROMPTS[3],
+        "sampling_params": {"max_new_tokens": 6, "temperature": 0},
+        "return_logprob": True,
+    }
+    with pd.client() as client:
+        meta = client.post("/generate", json=body).json()["meta_info"]
+    got = meta["output_token_logprobs"]
+    assert [tid for _, tid, _ in got] == ref["output_ids"]
+    assert [lp for lp, _, _ in got] == pytest.approx(ref["meta_info"]["output_logprobs"], abs=1e-3)
+
+
 def test_requests_without_the_router_fields(pd):
     # decode alone serves a plain request like the colocated server; prefill answers one token
     body = {"text": "Hello", "sampling_params": {"max_new_tokens": 3, "temperature": 0}}
