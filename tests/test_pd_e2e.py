@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import threading
+import time
 
 import httpx
 import pytest
@@ -48,8 +50,31 @@ def chat_ids(engine, messages) -> list[int]:
 
 @pytest.fixture(scope="module")
 def pd():
-    with PDCluster() as cluster:
+    # a decode pool of 40 pages: the concurrent mix below must wait in its prealloc queue
+    with PDCluster(decode_args=["--max-total-tokens", "640"]) as cluster:
         yield cluster
+
+
+class StageWatch:
+    """The largest size each stage of a server's queues reached while the block ran."""
+
+    def __init__(self, server):
+        self.server, self.peak, self.done = server, {}, threading.Event()
+
+    def __enter__(self):
+        def watch():
+            while not self.done.is_set():
+                for stage, n in stats(self.server)["queues"].items():
+                    self.peak[stage] = max(self.peak.get(stage, 0), n)
+                time.sleep(0.05)
+
+        self.thread = threading.Thread(target=watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
 
 
 def generate(client: httpx.Client, prompt: str, stream: bool, **extra) -> list[int]:
@@ -90,11 +115,12 @@ def test_pd_gives_the_greedy_tokens_of_the_engine(pd, engine):
     want = reference_ids(engine, [tok.encode(p) for p in PROMPTS])
     want_chat = [tok.decode(ids, skip_special_tokens=True)
                  for ids in reference_ids(engine, [chat_ids(engine, m) for m in CHATS])]  # fmt: skip
-    with pd.client() as client, cf.ThreadPoolExecutor(12) as pool:
+    with pd.client() as client, cf.ThreadPoolExecutor(12) as pool, StageWatch(pd.decode) as decode:
         gens = [pool.submit(generate, client, p, stream) for p in PROMPTS for stream in (False, True)]
         chats = [pool.submit(chat, client, m, stream) for m in CHATS for stream in (False, True)]
         got = [f.result() for f in gens]
         got_chat = [f.result() for f in chats]
+    assert decode.peak["prealloc"] > 0 and decode.peak["transfer"] > 0  # the decode pool was full at times
     assert got == [w for w in want for _ in (0, 1)]
     assert got_chat == [w for w in want_chat for _ in (0, 1)]
     # the prefill server served the shared prefix from its cache; KV really moved
