@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from disagg.common.config import EngineConfig
-from disagg.common.distributed import broadcast_plan, gather_to_rank0
+from disagg.common.distributed import broadcast_plan, gather_to_rank0, run_node
 from disagg.common.ipc import IpcNames, die_with_parent, setup_child_logging
 from disagg.common.parallel import get_parallel
 from disagg.common.scheduler_process import SchedulerLoop, start_local_ranks
@@ -117,10 +117,11 @@ def kv_layout(runner) -> KVLayout:
     )
 
 
-def create_rank_transfer(disagg: DisaggConfig, runner) -> RankTransfer:
+def create_rank_transfer(disagg: DisaggConfig, runner, engine: EngineConfig) -> RankTransfer:
     """This rank's transfer engine. Prefill rank 0 serves the bootstrap; the other prefill ranks
-    register with it only after it is up (a barrier over the TP group orders them)."""
+    (on any node) register with it only after it is up (a barrier over the TP group orders them)."""
     par = get_parallel()
+    rank0_host = engine.dist_init_addr.rsplit(":", 1)[0] if engine.nnodes > 1 else "127.0.0.1"
 
     def make() -> RankTransfer:
         layout = kv_layout(runner)
@@ -128,7 +129,7 @@ def create_rank_transfer(disagg: DisaggConfig, runner) -> RankTransfer:
             receiver = KVReceiver(runner.pool.kv_buffer, layout, timeout_s=disagg.transfer_timeout,
                                   ib_device=disagg.ib_device)  # fmt: skip
             return RankTransfer(receiver)
-        sender = KVSender(runner.pool.kv_buffer, layout, "127.0.0.1", disagg.bootstrap_port,
+        sender = KVSender(runner.pool.kv_buffer, layout, rank0_host, disagg.bootstrap_port,
                           host=disagg.transfer_host, timeout_s=disagg.transfer_timeout, ib_device=disagg.ib_device)  # fmt: skip
         return RankTransfer(sender)
 
@@ -154,9 +155,9 @@ class WorkerTransferHook:
             gather_to_rank0(self.transfer.poll())
 
 
-def make_worker_hook(disagg: DisaggConfig, runner) -> WorkerTransferHook:
+def make_worker_hook(disagg: DisaggConfig, engine: EngineConfig, runner) -> WorkerTransferHook:
     die_with_parent()  # a worker rank of a server: gone when rank 0's process is
-    return WorkerTransferHook(create_rank_transfer(disagg, runner))
+    return WorkerTransferHook(create_rank_transfer(disagg, runner, engine))
 
 
 # ---- rank 0 -----------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ def run_pd_scheduler_process(
     setup_child_logging(log_level, f"{disagg.mode}-scheduler")
     try:
         if config.tp > 1:
-            config = start_local_ranks(config, functools.partial(make_worker_hook, disagg))
+            config = start_local_ranks(config, functools.partial(make_worker_hook, disagg, config))
         scheduler = scheduler_cls(config, disagg)
         loop = SchedulerLoop(scheduler, ipc)
     except Exception:
@@ -304,12 +305,13 @@ def launch_role(mode: str, scheduler_cls, argv: list[str] | None = None) -> None
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format=f"%(asctime)s [{mode}-http] %(levelname)s %(name)s: %(message)s")  # fmt: skip
     disagg = DisaggConfig.from_args(args, mode)
-    if args.nnodes > 1:
-        parser.error("a PD server runs on one node: multi-node TP is not wired for the KV transfer yet")
+    engine = EngineConfig.from_args(args)
+    if engine.node_rank != 0:  # a node other than 0 runs only its ranks (with their KV transfers)
+        sys.exit(run_node(engine, functools.partial(make_worker_hook, disagg, engine)))
     target = functools.partial(run_pd_scheduler_process, scheduler_cls, disagg)
     info = {f"disaggregation_{k}": v for k, v in dataclasses.asdict(disagg).items()}
     try:
-        launch(EngineConfig.from_args(args), ServerConfig.from_args(args), target, role=mode, extra_info=info)
+        launch(engine, ServerConfig.from_args(args), target, role=mode, extra_info=info)
     except RuntimeError as e:
         logger.error("%s", e)
         sys.exit(1)

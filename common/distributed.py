@@ -183,11 +183,12 @@ def local_ranks(config: EngineConfig) -> list[int]:
     return list(range(config.node_rank * n, (config.node_rank + 1) * n))
 
 
-def run_node(config: EngineConfig) -> int:
-    """A node other than 0: run its ranks until they stop; non-zero if any failed."""
+def run_node(config: EngineConfig, plan_hook_factory=None) -> int:
+    """A node other than 0: run its ranks until they stop; non-zero if any failed.
+    `plan_hook_factory`: see worker_main (the PD servers' ranks run their KV transfers there)."""
     check_layout(config)
     cpu_threads_env(config)
-    procs = spawn_workers(config, local_ranks(config))
+    procs = spawn_workers(config, local_ranks(config), plan_hook_factory)
     code = 0
     for p in procs:
         p.join()

@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 class DecodeScheduler(Scheduler):
     def __init__(self, config: EngineConfig, disagg: DisaggConfig):
         super().__init__(config)
-        local = create_rank_transfer(disagg, self.runner)
+        local = create_rank_transfer(disagg, self.runner, config)
         self.transfer = TransferCoordinator(local, get_parallel().tp_size)
         self.prealloc: deque[Req] = deque()  # waiting for pages
         self.rooms: dict[int, Req] = {}  # TRANSFERRING (or aborted, pages pending) -> its request

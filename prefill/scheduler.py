@@ -37,7 +37,7 @@ class PrefillScheduler(Scheduler):
     def __init__(self, config: EngineConfig, disagg: DisaggConfig):
         super().__init__(config)
         self.bootstrap_timeout = 2 * disagg.transfer_timeout + 5.0  # see _start_bootstrapped
-        local = create_rank_transfer(disagg, self.runner)
+        local = create_rank_transfer(disagg, self.runner, config)
         self.transfer = TransferCoordinator(local, get_parallel().tp_size)
         self.bootstrap: deque[Req] = deque()  # rooms the decode side has not asked for yet
         self.rooms: dict[int, Req] = {}  # every room given to the transfer engine -> its request

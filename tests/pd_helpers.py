@@ -60,6 +60,7 @@ class PDCluster:
         self.decode = ServerProcess("--disaggregation-mode", "decode", *common, *decode_args)
 
     def start(self, attempts: int = 3) -> PDCluster:
+        assert self.prefill.proc is None, "already started"
         for attempt in range(attempts):
             try:
                 start_all([self.prefill, self.decode])

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
+from disagg.router.testing import free_port
 
-from tests.pd_helpers import PDCluster, assert_pool_free
+from tests.pd_helpers import PD_ARGS, SERVER_ENV, PDCluster, assert_pool_free
 from tests.test_pd_e2e import LONG, generate
 
 pytestmark = pytest.mark.slow
@@ -26,12 +31,38 @@ def want(default_model_path) -> list[list[int]]:
     return [o["output_ids"] for o in outs]
 
 
-@pytest.mark.parametrize("prefill_tp, decode_tp", [(1, 3), (3, 1)])
-def test_heterogeneous_tp_gives_the_engine_tokens(want, prefill_tp, decode_tp):
-    with PDCluster(prefill_args=["--tp", str(prefill_tp)], decode_args=["--tp", str(decode_tp)]) as pd:
-        with pd.client() as client, cf.ThreadPoolExecutor(4) as pool:
-            futs = [pool.submit(generate, client, p, stream) for p in PROMPTS for stream in (False, True)]
-            got = [f.result() for f in futs]
-        assert got == [w for w in want for _ in (0, 1)]
-        assert_pool_free(pd.prefill)
-        assert_pool_free(pd.decode)
+def check_tokens(pd: PDCluster, want: list[list[int]]) -> None:
+    with pd.client() as client, cf.ThreadPoolExecutor(4) as pool:
+        futs = [pool.submit(generate, client, p, stream) for p in PROMPTS for stream in (False, True)]
+        got = [f.result() for f in futs]
+    assert got == [w for w in want for _ in (0, 1)]
+    assert_pool_free(pd.prefill)
+    assert_pool_free(pd.decode)
+
+
+def test_prefill_tp1_to_decode_tp3(want):
+    # the decode server's rank 0 spawns ranks 1 and 2; each receives its own KV head
+    with PDCluster(decode_args=["--tp", "3"]) as pd:
+        check_tokens(pd, want)
+
+
+def test_prefill_tp3_over_three_nodes_to_decode_tp1(want):
+    # prefill rank 0 serves HTTP and the bootstrap; ranks 1 and 2 run as "nodes" of their own
+    # (`launch_prefill --node-rank N`) and send their KV heads to the one decode rank
+    nodes = ["--tp", "3", "--nnodes", "3", "--dist-init-addr", f"127.0.0.1:{free_port()}"]
+    pd = PDCluster(prefill_args=[*nodes, "--node-rank", "0"])
+    others = []
+    try:
+        for rank in (1, 2):
+            cmd = [sys.executable, "-m", "disagg.prefill.launch", *nodes, "--node-rank", str(rank),
+                   "--disaggregation-bootstrap-port", str(pd.bootstrap_port), *PD_ARGS]  # fmt: skip
+            others.append(subprocess.Popen(cmd, env={**os.environ, **SERVER_ENV}, start_new_session=True,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+        pd.start(attempts=1)  # the other nodes already know its bootstrap port: no retry elsewhere
+        check_tokens(pd, want)
+    finally:
+        pd.stop()
+        for proc in others:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
