@@ -8,6 +8,7 @@ Each rank copies only its slice of each tensor (safetensors reads slices lazily)
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import re
@@ -85,17 +86,32 @@ PRESETS: dict[str, dict] = {
 
 def load_config(model_path: str):
     """HF config of a folder, or of a preset name (dummy weights only)."""
-    from transformers import AutoConfig
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
     if model_path in PRESETS:
         spec = dict(PRESETS[model_path])
-        return CONFIG_MAPPING[spec.pop("model_type")](**spec)
-    if not (Path(model_path) / "config.json").exists():
+        return _config_class(spec.pop("model_type"))(**spec)
+    path = Path(model_path) / "config.json"
+    if not path.exists():
         raise FileNotFoundError(
             f"--model-path {model_path!r}: no config.json there (presets for --load-format dummy: {', '.join(PRESETS)})"
         )
-    return AutoConfig.from_pretrained(model_path)
+    return _config_class(json.loads(path.read_text())["model_type"]).from_pretrained(model_path)
+
+
+def _config_class(model_type: str):
+    """The config class of one model type.
+
+    NOTE: importing only that family's module; AutoConfig's lazy mapping imports dozens of
+    them and costs seconds at every server start."""
+    try:
+        module = importlib.import_module(f"transformers.models.{model_type}.configuration_{model_type}")
+    except ImportError:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        return CONFIG_MAPPING[model_type]
+    for value in vars(module).values():
+        if isinstance(value, type) and getattr(value, "model_type", None) == model_type:
+            return value
+    raise ValueError(f"no config class for model_type {model_type!r}")
 
 
 def load_weights(model: torch.nn.Module, model_path: str, load_format: str) -> None:
