@@ -32,6 +32,9 @@ def _die_with_us() -> None:
 
 
 def _interrupt(*_) -> None:
+    # NOTE: the first SIGTERM starts the shutdown; a second one (a child's group-wide signal, an
+    # impatient supervisor) must not escape from the clean-up in `finally` and kill us mid-stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
