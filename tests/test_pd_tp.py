@@ -46,19 +46,33 @@ def test_prefill_tp1_to_decode_tp3(want):
         check_tokens(pd, want)
 
 
-def test_prefill_tp3_over_three_nodes_to_decode_tp1(want):
+def test_prefill_tp3_over_three_nodes_to_decode_tp1(want, tmp_path):
     # prefill rank 0 serves HTTP and the bootstrap; ranks 1 and 2 run as "nodes" of their own
     # (`launch_prefill --node-rank N`) and send their KV heads to the one decode rank
-    nodes = ["--tp", "3", "--nnodes", "3", "--dist-init-addr", f"127.0.0.1:{free_port()}"]
+    nodes = [
+        "--tp",
+        "3",
+        "--nnodes",
+        "3",
+        "--dist-init-addr",
+        f"127.0.0.1:{free_port()}",
+        "--dist-timeout",
+        "300",
+    ]
     pd = PDCluster(prefill_args=[*nodes, "--node-rank", "0"])
     others = []
     try:
         for rank in (1, 2):
             cmd = [sys.executable, "-m", "disagg.prefill.launch", *nodes, "--node-rank", str(rank),
                    "--disaggregation-bootstrap-port", str(pd.bootstrap_port), *PD_ARGS]  # fmt: skip
+            log = open(tmp_path / f"node{rank}.log", "w")
             others.append(subprocess.Popen(cmd, env={**os.environ, **SERVER_ENV}, start_new_session=True,
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
-        pd.start(attempts=1)  # the other nodes already know its bootstrap port: no retry elsewhere
+                                           stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+        try:
+            pd.start(attempts=1)  # the other nodes already know its bootstrap port: no retry elsewhere
+        except RuntimeError as e:
+            logs = "\n".join((tmp_path / f"node{r}.log").read_text()[-2000:] for r in (1, 2))
+            raise RuntimeError(f"{e}\n--- other nodes ---\n{logs}") from None
         check_tokens(pd, want)
     finally:
         pd.stop()
