@@ -39,8 +39,12 @@ def new_rid(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+# NOTE: SGLang's router (sglang-router 0.3) fills in "unknown" when the client named no model
+_NO_MODEL = ("unknown",)
+
+
 def check_model(state: ServerState, model: str | None) -> None:
-    if model and model not in (state.model_name, state.model_path):
+    if model and model not in (state.model_name, state.model_path, *_NO_MODEL):
         raise APIError(404, f"the model `{model}` does not exist (this server serves `{state.model_name}`)",
                        "model", code="model_not_found")  # fmt: skip
 

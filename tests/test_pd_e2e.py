@@ -189,6 +189,7 @@ def test_sglang_router_drives_our_servers(pd, engine):
             assert generate(client, PROMPTS[0], True) == want[0]
             model = client.get("/v1/models").json()["data"][0]["id"]
             assert chat(client, CHATS[0], True, model) == tok.decode(want[1], skip_special_tokens=True)
+            assert chat(client, CHATS[0], False) == tok.decode(want[1], skip_special_tokens=True)  # no model
     finally:
         cluster.router.stop()
     assert_pool_free(pd.prefill)
