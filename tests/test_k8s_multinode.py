@@ -120,10 +120,6 @@ def test_colocated_server_with_lws_style_args_forms_one_group(default_model_path
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="launch_prefill/launch_decode refuse --nnodes > 1: 'multi-node TP is not wired for the KV transfer yet'",
-    strict=False,
-)
-@pytest.mark.parametrize("role", ["decode"])
+@pytest.mark.parametrize("role", ["prefill", "decode"])
 def test_pd_server_group_from_rendered_lws_args(role, default_model_path, tmp_path):
     assert _run_group(role, default_model_path, tmp_path)
