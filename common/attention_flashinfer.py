@@ -8,7 +8,6 @@ the layers (and outside any CUDA graph).
 from __future__ import annotations
 
 import torch
-
 from disagg.common.attention import AttentionBackend, ForwardBatch
 
 _WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -34,9 +33,12 @@ class FlashInferBackend(AttentionBackend):
         kv_indptr = torch.zeros(len(n_pages) + 1, dtype=torch.int32)
         kv_indptr[1:] = torch.tensor(n_pages, dtype=torch.int32).cumsum(0)
         indices = torch.tensor(
-            [p for table, n in zip(batch.page_tables, n_pages, strict=True) for p in table[:n]], dtype=torch.int32
+            [p for table, n in zip(batch.page_tables, n_pages, strict=True) for p in table[:n]],
+            dtype=torch.int32,
         ).to(self.device, non_blocking=True)
-        last = torch.tensor([kv - (n - 1) * ps for kv, n in zip(batch.kv_lens, n_pages, strict=True)], dtype=torch.int32)
+        last = torch.tensor(
+            [kv - (n - 1) * ps for kv, n in zip(batch.kv_lens, n_pages, strict=True)], dtype=torch.int32
+        )
         common = dict(q_data_type=self.pool.dtype, kv_data_type=self.pool.dtype)
         heads = (self.num_qo_heads, self.pool.num_kv_heads, self.pool.head_dim, ps)
         if batch.is_decode_only:

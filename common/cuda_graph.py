@@ -12,7 +12,6 @@ import bisect
 import logging
 
 import torch
-
 from disagg.common.attention import AttentionBackend, ForwardBatch
 
 logger = logging.getLogger(__name__)
@@ -35,8 +34,12 @@ class _GraphDecodeBackend(AttentionBackend):
         self.indices = torch.zeros(max_pages, dtype=torch.int32, device=device)
         self.last = torch.zeros(bs, dtype=torch.int32, device=device)
         self.wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-            workspace, "NHD", use_cuda_graph=True, paged_kv_indptr_buffer=self.indptr,
-            paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last,
+            workspace,
+            "NHD",
+            use_cuda_graph=True,
+            paged_kv_indptr_buffer=self.indptr,
+            paged_kv_indices_buffer=self.indices,
+            paged_kv_last_page_len_buffer=self.last,
             use_tensor_cores=num_qo_heads // pool.num_kv_heads >= 4,
         )
 
@@ -45,11 +48,22 @@ class _GraphDecodeBackend(AttentionBackend):
         n_pages = [(kv + ps - 1) // ps for kv in kv_lens]
         indptr = torch.zeros(len(n_pages) + 1, dtype=torch.int32)
         indptr[1:] = torch.tensor(n_pages, dtype=torch.int32).cumsum(0)
-        indices = torch.tensor([p for t, n in zip(tables, n_pages, strict=True) for p in t[:n]], dtype=torch.int32)
-        last = torch.tensor([kv - (n - 1) * ps for kv, n in zip(kv_lens, n_pages, strict=True)], dtype=torch.int32)
+        indices = torch.tensor(
+            [p for t, n in zip(tables, n_pages, strict=True) for p in t[:n]], dtype=torch.int32
+        )
+        last = torch.tensor(
+            [kv - (n - 1) * ps for kv, n in zip(kv_lens, n_pages, strict=True)], dtype=torch.int32
+        )
         self.wrapper.plan(
-            indptr, indices.to(self.indices.device), last, self.num_qo_heads, self.pool.num_kv_heads,
-            self.pool.head_dim, ps, q_data_type=self.pool.dtype, kv_data_type=self.pool.dtype,
+            indptr,
+            indices.to(self.indices.device),
+            last,
+            self.num_qo_heads,
+            self.pool.num_kv_heads,
+            self.pool.head_dim,
+            ps,
+            q_data_type=self.pool.dtype,
+            kv_data_type=self.pool.dtype,
         )
 
     def prepare(self, batch: ForwardBatch) -> None:  # planned explicitly before replay
@@ -83,10 +97,15 @@ class CudaGraphRunner:
 
     def _static_batch(self, bs: int) -> ForwardBatch:
         return ForwardBatch(
-            input_ids=self.input_ids[:bs], positions=self.positions[:bs], out_page=self.out_page[:bs],
-            out_offset=self.out_offset[:bs], q_lens=[1] * bs, kv_lens=[1] * bs,
+            input_ids=self.input_ids[:bs],
+            positions=self.positions[:bs],
+            out_page=self.out_page[:bs],
+            out_offset=self.out_offset[:bs],
+            q_lens=[1] * bs,
+            kv_lens=[1] * bs,
             page_tables=[[self.pool.pad_page]] * bs,
-            logits_index=torch.arange(bs, device=self.input_ids.device), page_size=self.pool.page_size,
+            logits_index=torch.arange(bs, device=self.input_ids.device),
+            page_size=self.pool.page_size,
         )
 
     def _capture(self, bs: int, num_qo_heads: int, max_pages: int) -> None:
@@ -114,7 +133,9 @@ class CudaGraphRunner:
         pad = padded - bs
         self.input_ids[:padded].copy_(torch.tensor(plan["ids"] + [0] * pad), non_blocking=True)
         self.positions[:padded].copy_(torch.tensor(plan["positions"] + [0] * pad), non_blocking=True)
-        self.out_page[:padded].copy_(torch.tensor(plan["pages"] + [self.pool.pad_page] * pad), non_blocking=True)
+        self.out_page[:padded].copy_(
+            torch.tensor(plan["pages"] + [self.pool.pad_page] * pad), non_blocking=True
+        )
         self.out_offset[:padded].copy_(torch.tensor(plan["offsets"] + [0] * pad), non_blocking=True)
         self.backends[padded].plan(plan["kv_lens"] + [1] * pad, plan["tables"] + [[self.pool.pad_page]] * pad)
         self.graphs[padded].replay()

@@ -96,7 +96,9 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(max_positions, dtype=torch.float32, device="cpu")
         freqs = torch.outer(t, inv_freq.float().cpu())
         device = torch.get_default_device()
-        self.register_buffer("cos", (freqs.cos() * scaling).float().to(device), persistent=False)  # [max_pos, D/2]
+        self.register_buffer(
+            "cos", (freqs.cos() * scaling).float().to(device), persistent=False
+        )  # [max_pos, D/2]
         self.register_buffer("sin", (freqs.sin() * scaling).float().to(device), persistent=False)
 
     def forward(

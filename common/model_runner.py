@@ -150,8 +150,11 @@ class ModelRunner:
         from disagg.common.cuda_graph import CudaGraphRunner
 
         return CudaGraphRunner(
-            self.model, self.pool, self.hf_config.num_attention_heads // get_parallel().tp_size,
-            min(c.cuda_graph_max_bs, c.max_running_requests), self.context_length,
+            self.model,
+            self.pool,
+            self.hf_config.num_attention_heads // get_parallel().tp_size,
+            min(c.cuda_graph_max_bs, c.max_running_requests),
+            self.context_length,
         )
 
     def _load_tokenizer(self):
@@ -204,6 +207,7 @@ class ModelRunner:
     def forward_plan(self, plan: dict) -> torch.Tensor:
         if self.graph_runner is not None and self.graph_runner.can_run(plan):
             return self.graph_runner.run(plan)
+
         def tensor(x):
             return torch.tensor(x, dtype=torch.long, device=self.device)
 

@@ -65,8 +65,15 @@ def make_tiny_model(path, family: str, seed: int = 0, **overrides) -> str:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     spec = dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, eos_token_id=None,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        eos_token_id=None,
         bos_token_id=None,
     )
     spec.update(TINY_CONFIGS[family])

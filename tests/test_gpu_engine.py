@@ -11,17 +11,39 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-PROMPTS = [f"Question {i}: explain {topic} in simple words." for i, topic in enumerate(
-    ["gravity", "photosynthesis", "a hash table", "inflation", "the water cycle", "recursion", "TCP", "DNA",
-     "black holes", "compilers", "vaccines", "the stock market", "neural networks", "volcanoes", "encryption",
-     "electricity", "democracy", "sorting", "climate", "music theory"])]
+PROMPTS = [
+    f"Question {i}: explain {topic} in simple words."
+    for i, topic in enumerate(
+        [
+            "gravity",
+            "photosynthesis",
+            "a hash table",
+            "inflation",
+            "the water cycle",
+            "recursion",
+            "TCP",
+            "DNA",
+            "black holes",
+            "compilers",
+            "vaccines",
+            "the stock market",
+            "neural networks",
+            "volcanoes",
+            "encryption",
+            "electricity",
+            "democracy",
+            "sorting",
+            "climate",
+            "music theory",
+        ]
+    )
+]
 
 
 def test_flashinfer_bf16_matches_transformers_bf16(default_model_path):
     pytest.importorskip("flashinfer")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from disagg.common.engine import Engine
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     engine = Engine(attention_backend="flashinfer", dtype="bfloat16", max_total_tokens=65536)
     tok = AutoTokenizer.from_pretrained(default_model_path)
@@ -32,8 +54,14 @@ def test_flashinfer_bf16_matches_transformers_bf16(default_model_path):
     for prompt, out in zip(ids, outs, strict=True):
         x = torch.tensor([prompt], device="cuda")
         with torch.no_grad():
-            ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=64, do_sample=False,
-                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+            ref = hf.generate(
+                x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=64,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )[0, len(prompt) :].tolist()
         if ref == out["output_ids"]:
             exact += 1
             continue
@@ -44,7 +72,9 @@ def test_flashinfer_bf16_matches_transformers_bf16(default_model_path):
         gap = float(top2[0] - top2[1])
         report.append((k, gap))
         # a flip is a rounding effect only if the reference itself is nearly tied there
-        assert gap < 0.25 * max(1.0, float(top2[0].abs()) / 8), f"divergence at token {k} with a top-2 gap of {gap}"
+        assert gap < 0.25 * max(1.0, float(top2[0].abs()) / 8), (
+            f"divergence at token {k} with a top-2 gap of {gap}"
+        )
     print(f"exact {exact}/20; divergences (token index, HF top-2 logit gap): {report}")
     assert exact >= 19
     engine.scheduler.cache.reset()

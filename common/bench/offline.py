@@ -14,7 +14,6 @@ import random
 import time
 
 import torch
-
 from disagg.common.engine import Engine, to_sampling_params
 from disagg.common.model import head_dim_of
 from disagg.common.request import Req
@@ -54,7 +53,9 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
 
 def _make_req(rid: str, length: int, vocab: int, new_tokens: int) -> Req:
     ids = [random.randrange(100, vocab - 100) for _ in range(length)]
-    return Req(rid, ids, to_sampling_params({"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True}))
+    return Req(
+        rid, ids, to_sampling_params({"max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True})
+    )
 
 
 def bench_decode(sched: Scheduler, batch: int, context: int, steps: int) -> float:
@@ -98,7 +99,9 @@ def bench_prefill(sched: Scheduler, length: int) -> float:
 def model_bytes_and_flops(sched: Scheduler) -> tuple[int, int]:
     model = sched.runner.model
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+    matmul_params = sum(
+        p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n
+    )
     if sched.runner.model.tie_word_embeddings:
         matmul_params += model.embed_tokens.weight.numel()
     return nbytes, matmul_params
@@ -109,11 +112,12 @@ def kv_bytes_per_token(sched: Scheduler) -> int:
     return pool.num_layers * 2 * pool.num_kv_heads * pool.head_dim * pool.kv_buffer.element_size()
 
 
-def bench_hf_generate(model_path: str, load_format: str, device, dtype, batch: int, context: int, new: int) -> float:
+def bench_hf_generate(
+    model_path: str, load_format: str, device, dtype, batch: int, context: int, new: int
+) -> float:
     """Output tokens/s of transformers `generate` at the same shapes (padded batch, greedy)."""
-    from transformers import AutoModelForCausalLM
-
     from disagg.common.weights import PRESETS, load_config
+    from transformers import AutoModelForCausalLM
 
     config = load_config(model_path)
     if load_format == "dummy" or model_path in PRESETS:
@@ -125,7 +129,9 @@ def bench_hf_generate(model_path: str, load_format: str, device, dtype, batch: i
     ids = torch.randint(100, config.vocab_size - 100, (batch, context), device=device)
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        model.generate(ids[:, :16], attention_mask=torch.ones_like(ids[:, :16]), max_new_tokens=2, pad_token_id=0)
+        model.generate(
+            ids[:, :16], attention_mask=torch.ones_like(ids[:, :16]), max_new_tokens=2, pad_token_id=0
+        )
         sync(device)
         t = time.perf_counter()
         model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
@@ -162,7 +168,9 @@ def main() -> None:
     p.add_argument("--context-len", type=int, default=1024)
     p.add_argument("--prefill-len", type=int, default=4096)
     p.add_argument("--decode-steps", type=int, default=32)
-    p.add_argument("--hf", action="store_true", help="also run transformers generate (batch 1 and the largest)")
+    p.add_argument(
+        "--hf", action="store_true", help="also run transformers generate (batch 1 and the largest)"
+    )
     p.add_argument("--hf-new-tokens", type=int, default=32)
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
@@ -170,15 +178,24 @@ def main() -> None:
     max_tokens = max(batches) * (args.context_len + args.decode_steps + 64) + args.prefill_len + 4096
     print(f"loading {args.model_path or 'default model'} (tp {args.tp}) ...", flush=True)
     engine = Engine(
-        model_path=args.model_path, load_format=args.load_format, attention_backend=args.attention_backend,
-        max_total_tokens=max_tokens, chunked_prefill_size=max(args.prefill_len, 8192), max_prefill_tokens=1 << 20,
-        max_running_requests=max(batches) + 8, disable_radix_cache=True, tp=args.tp,
+        model_path=args.model_path,
+        load_format=args.load_format,
+        attention_backend=args.attention_backend,
+        max_total_tokens=max_tokens,
+        chunked_prefill_size=max(args.prefill_len, 8192),
+        max_prefill_tokens=1 << 20,
+        max_running_requests=max(batches) + 8,
+        disable_radix_cache=True,
+        tp=args.tp,
         disable_cuda_graph=args.disable_cuda_graph,
     )
     sched = engine.scheduler
     device, dtype = sched.runner.device, sched.runner.dtype
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {dtype}, "
-          f"attention {type(sched.runner.backend).__name__}", flush=True)
+    print(
+        f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), {dtype}, "
+        f"attention {type(sched.runner.backend).__name__}",
+        flush=True,
+    )
     ceil = measure_ceilings(device, dtype)
     print(f"  ceilings {ceil}", flush=True)
     weight_bytes, matmul_params = model_bytes_and_flops(sched)
@@ -189,24 +206,49 @@ def main() -> None:
         print(f"decode batch {b} ...", flush=True)
         step = bench_decode(sched, b, args.context_len, args.decode_steps)
         roof = (weight_bytes + b * args.context_len * kv_tok) / (ceil["copy_gb_s"] * 1e9)
-        rows.append(dict(kind="decode", batch=b, context=args.context_len, ms=step * 1e3, roofline_ms=roof * 1e3,
-                         of_roofline=roof / step, tok_s=b / step))
+        rows.append(
+            dict(
+                kind="decode",
+                batch=b,
+                context=args.context_len,
+                ms=step * 1e3,
+                roofline_ms=roof * 1e3,
+                of_roofline=roof / step,
+                tok_s=b / step,
+            )
+        )
         print(f"  {rows[-1]}", flush=True)
     print(f"prefill {args.prefill_len} tokens ...", flush=True)
     t = bench_prefill(sched, args.prefill_len)
     n = args.prefill_len
     attn_flops = 2 * 2 * c.num_hidden_layers * c.num_attention_heads * head_dim_of(c) * n * n / 2
     flops = 2 * matmul_params * n + attn_flops
-    rows.append(dict(kind="prefill", batch=1, context=n, ms=t * 1e3, tok_s=n / t, tflops=flops / t / 1e12,
-                     of_matmul=flops / t / 1e12 / ceil["matmul_tflops"]))
+    rows.append(
+        dict(
+            kind="prefill",
+            batch=1,
+            context=n,
+            ms=t * 1e3,
+            tok_s=n / t,
+            tflops=flops / t / 1e12,
+            of_matmul=flops / t / 1e12 / ceil["matmul_tflops"],
+        )
+    )
     print(f"  {rows[-1]}", flush=True)
     gen = []
     if args.hf and args.tp == 1:
         for b in sorted({batches[0], batches[-1]}):
             print(f"generate batch {b}: ours, then transformers ...", flush=True)
             ours = ours_generate(sched, b, args.context_len, args.hf_new_tokens)
-            hf = bench_hf_generate(sched.runner.model_path, args.load_format, device, dtype, b, args.context_len,
-                                   args.hf_new_tokens)
+            hf = bench_hf_generate(
+                sched.runner.model_path,
+                args.load_format,
+                device,
+                dtype,
+                b,
+                args.context_len,
+                args.hf_new_tokens,
+            )
             gen.append(dict(batch=b, ours_tok_s=ours, hf_tok_s=hf, speedup=ours / hf))
             print(f"  {gen[-1]}", flush=True)
     if args.hf and args.tp > 1:
@@ -215,24 +257,38 @@ def main() -> None:
     engine.shutdown()
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump(dict(ceilings=ceil, weight_bytes=weight_bytes, rows=rows, generate=gen, device=str(device)), f, indent=2)
+            json.dump(
+                dict(ceilings=ceil, weight_bytes=weight_bytes, rows=rows, generate=gen, device=str(device)),
+                f,
+                indent=2,
+            )
 
 
 def print_report(ceil: dict, weight_bytes: int, kv_tok: int, rows: list[dict], gen: list[dict]) -> None:
-    print(f"\nceilings: copy {ceil['copy_gb_s']:.0f} GB/s, matmul {ceil['matmul_tflops']:.1f} TFLOP/s; "
-          f"weights {weight_bytes / 1e9:.2f} GB, KV {kv_tok / 1024:.0f} KiB/token")
-    print(f"{'kind':8} {'batch':>5} {'ctx':>6} {'ms':>9} {'tok/s':>10} {'roofline ms':>12} {'% of ceiling':>13}")
+    print(
+        f"\nceilings: copy {ceil['copy_gb_s']:.0f} GB/s, matmul {ceil['matmul_tflops']:.1f} TFLOP/s; "
+        f"weights {weight_bytes / 1e9:.2f} GB, KV {kv_tok / 1024:.0f} KiB/token"
+    )
+    print(
+        f"{'kind':8} {'batch':>5} {'ctx':>6} {'ms':>9} {'tok/s':>10} {'roofline ms':>12} {'% of ceiling':>13}"
+    )
     for r in rows:
         if r["kind"] == "decode":
-            print(f"{'decode':8} {r['batch']:>5} {r['context']:>6} {r['ms']:>9.2f} {r['tok_s']:>10.1f} "
-                  f"{r['roofline_ms']:>12.2f} {100 * r['of_roofline']:>12.1f}%")
+            print(
+                f"{'decode':8} {r['batch']:>5} {r['context']:>6} {r['ms']:>9.2f} {r['tok_s']:>10.1f} "
+                f"{r['roofline_ms']:>12.2f} {100 * r['of_roofline']:>12.1f}%"
+            )
         else:
-            print(f"{'prefill':8} {r['batch']:>5} {r['context']:>6} {r['ms']:>9.2f} {r['tok_s']:>10.1f} "
-                  f"{r['tflops']:>9.1f} TF {100 * r['of_matmul']:>12.1f}%")
+            print(
+                f"{'prefill':8} {r['batch']:>5} {r['context']:>6} {r['ms']:>9.2f} {r['tok_s']:>10.1f} "
+                f"{r['tflops']:>9.1f} TF {100 * r['of_matmul']:>12.1f}%"
+            )
     if gen:
         print(f"\n{'generate':8} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'speed-up':>9}")
         for g in gen:
-            print(f"{'':8} {g['batch']:>5} {g['ours_tok_s']:>11.1f} {g['hf_tok_s']:>10.1f} {g['speedup']:>8.2f}x")
+            print(
+                f"{'':8} {g['batch']:>5} {g['ours_tok_s']:>11.1f} {g['hf_tok_s']:>10.1f} {g['speedup']:>8.2f}x"
+            )
 
 
 if __name__ == "__main__":
