@@ -119,7 +119,32 @@ def test_impossible_layouts_fail_clearly(tiny_models, moe_models):
 
 
 def test_ranks_that_never_arrive_time_out(tiny_models):
+    # in a child process: a failed rendezvous leaves torch.distributed's global state behind
     addr = f"127.0.0.1:{free_port()}"
-    with pytest.raises(RuntimeError, match="did not form within"):
-        # node 1 never starts: rank 0 gives up after --dist-timeout
-        Engine(model_path=tiny_models["llama"], tp=2, nnodes=2, dist_init_addr=addr, dist_timeout=3)
+    code = (
+        "from disagg.common.engine import Engine\n"
+        f"Engine(model_path={tiny_models['llama']!r}, tp=2, nnodes=2, dist_init_addr={addr!r}, dist_timeout=3)"
+    )
+    # node 1 never starts: rank 0 gives up after --dist-timeout with a clear error
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "did not form within --dist-timeout 3" in out.stderr
+
+
+def test_a_dead_rank_fails_the_group_instead_of_hanging(tiny_models):
+    engine = Engine(model_path=tiny_models["llama"], tp=2, page_size=4)
+    try:
+        assert engine.generate([[1, 2, 3]], GREEDY)[0]["output_ids"]
+        worker = engine._workers[0]
+        worker.kill()
+        worker.join(timeout=10)
+        with pytest.raises(RuntimeError):  # gloo reports the closed connection: an error, not a hang
+            engine.generate([[4, 5, 6]], GREEDY)
+    finally:
+        engine._workers = []
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        from disagg.common.parallel import ParallelState, set_parallel
+
+        set_parallel(ParallelState())
