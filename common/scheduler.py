@@ -180,24 +180,33 @@ class Scheduler:
             req.output_ids.append(token)
             req.status = ReqStatus.DECODING
             req.first_token_time = req.first_token_time or now
-            lp = result.logprobs[i] if result.logprobs and req.sampling.return_logprob else None
-            top = result.top_logprobs[i] if result.top_logprobs and req.sampling.top_logprobs_num else None
-            if lp is not None:
-                req.output_logprobs.append(lp)
-            out = TokenOut(
-                req.rid,
-                [token],
-                logprobs=None if lp is None else [lp],
-                top_logprobs=None if top is None else [[list(t) for t in top]],
-            )
-            reason = self._finish_reason(req)
-            if reason:
-                self._release(req)
-                self.sampler.forget(req.rid)
-                req.finish_reason, req.status = reason, ReqStatus.FINISHED
-                out.finished, out.finish_reason, out.matched_stop = True, reason, req.matched_stop
-            self._fill_usage(out, req)
-            self._pending_outs.append(out)
+            self._emit_token(req, token, *self._logprobs_of(result, i, req))
+
+    @staticmethod
+    def _logprobs_of(result, i: int, req: Req) -> tuple[float | None, list[list] | None]:
+        """Row i's logprob and top logprobs ([[token_id, logprob], ...]), each only if `req` asked."""
+        lp = result.logprobs[i] if result.logprobs and req.sampling.return_logprob else None
+        top = result.top_logprobs[i] if result.top_logprobs and req.sampling.top_logprobs_num else None
+        return lp, None if top is None else [list(t) for t in top]
+
+    @staticmethod
+    def _token_out(req: Req, token: int, lp: float | None, top: list[list] | None) -> TokenOut:
+        return TokenOut(req.rid, [token], logprobs=None if lp is None else [lp],
+                        top_logprobs=None if top is None else [top])  # fmt: skip
+
+    def _emit_token(self, req: Req, token: int, lp: float | None, top: list[list] | None) -> None:
+        """`token` was just appended to req.output_ids: finish the request if it ends it, queue the output."""
+        if lp is not None:
+            req.output_logprobs.append(lp)
+        out = self._token_out(req, token, lp, top)
+        reason = self._finish_reason(req)
+        if reason:
+            self._release(req)
+            self.sampler.forget(req.rid)
+            req.finish_reason, req.status = reason, ReqStatus.FINISHED
+            out.finished, out.finish_reason, out.matched_stop = True, reason, req.matched_stop
+        self._fill_usage(out, req)
+        self._pending_outs.append(out)
 
     def _finish_reason(self, req: Req) -> str | None:
         s, token = req.sampling, req.output_ids[-1]

@@ -148,19 +148,8 @@ class DecodeScheduler(Scheduler):
         req.first_token_time = time.monotonic()
         self.prefill_cached[req.rid] = int(meta.get("cached_tokens") or 0)
         self.running.append(req)
-        lp, top = meta.get("logprob"), meta.get("top_logprobs")
-        if lp is not None and req.sampling.return_logprob:
-            req.output_logprobs.append(lp)
-        out = TokenOut(req.rid, [token], logprobs=None if lp is None else [lp],
-                       top_logprobs=None if top is None else [top])  # fmt: skip
-        reason = self._finish_reason(req)
-        if reason:
-            self._release(req)
-            self.sampler.forget(req.rid)
-            req.finish_reason, req.status = reason, ReqStatus.FINISHED
-            out.finished, out.finish_reason, out.matched_stop = True, reason, req.matched_stop
-        self._fill_usage(out, req)
-        self._pending_outs.append(out)
+        # NOTE: the prefill sends logprobs only when the request asked for them
+        self._emit_token(req, token, meta.get("logprob"), meta.get("top_logprobs"))
 
     def _fill_usage(self, out: TokenOut, req: Req) -> None:
         super()._fill_usage(out, req)

@@ -153,14 +153,11 @@ class PrefillScheduler(Scheduler):
         now = time.monotonic()
         for i, req in enumerate(done):
             token = result.token_ids[i]
-            lp = result.logprobs[i] if result.logprobs and req.sampling.return_logprob else None
-            top = result.top_logprobs[i] if result.top_logprobs and req.sampling.top_logprobs_num else None
-            top = None if top is None else [list(t) for t in top]
+            lp, top = self._logprobs_of(result, i, req)
             req.output_ids.append(token)
             req.first_token_time = now
             self.sampler.forget(req.rid)
-            out = TokenOut(req.rid, [token], logprobs=None if lp is None else [lp],
-                           top_logprobs=None if top is None else [top])  # fmt: skip
+            out = self._token_out(req, token, lp, top)
             if req.bootstrap_room is None:  # nothing to hand over: the first token is the answer
                 self._release(req)
                 req.finish_reason, req.status = "length", ReqStatus.FINISHED
