@@ -16,15 +16,14 @@ import dataclasses
 import functools
 import logging
 import os
-import traceback
 from dataclasses import dataclass
 
 import torch
 from disagg.common.config import EngineConfig
 from disagg.common.distributed import broadcast_plan, gather_to_rank0, run_node
-from disagg.common.ipc import IpcNames, die_with_parent, setup_child_logging
+from disagg.common.ipc import IpcNames, die_with_parent
 from disagg.common.parallel import get_parallel
-from disagg.common.scheduler_process import SchedulerLoop, start_local_ranks
+from disagg.common.scheduler_process import run_scheduler_process
 from disagg.transfer import KVLayout, KVReceiver, KVSender, TransferResult, dtype_name
 
 logger = logging.getLogger(__name__)
@@ -272,19 +271,12 @@ def run_pd_scheduler_process(
 ) -> None:
     """Spawn target of a prefill/decode server: rank 0 (spawning the other local ranks), the
     role's scheduler with its transfer engine, then the scheduler loop."""
-    die_with_parent()
-    setup_child_logging(log_level, f"{disagg.mode}-scheduler")
-    try:
-        if config.tp > 1:
-            config = start_local_ranks(config, functools.partial(make_worker_hook, disagg, config))
-        scheduler = scheduler_cls(config, disagg)
-        loop = SchedulerLoop(scheduler, ipc)
-    except Exception:
-        ready_conn.send({"status": "error", "error": traceback.format_exc()})
-        return
-    ready_conn.send({"status": "ready", "context_length": int(scheduler.context_length)})
-    ready_conn.close()
-    loop.run_forever()
+    run_scheduler_process(
+        config, ipc, ready_conn, log_level,
+        make_scheduler=lambda engine: scheduler_cls(engine, disagg),
+        plan_hook_factory=functools.partial(make_worker_hook, disagg, config),
+        name=f"{disagg.mode}-scheduler",
+    )  # fmt: skip
 
 
 def launch_role(mode: str, scheduler_cls, argv: list[str] | None = None) -> None:

@@ -177,16 +177,27 @@ def start_local_ranks(config: EngineConfig, plan_hook_factory=_die_with_parent_h
     return config
 
 
-def run_scheduler_process(config: EngineConfig, ipc: IpcNames, ready_conn, log_level: str = "info") -> None:
-    """Spawn target: build the engine, say ready (with what the front end needs), then loop."""
+def run_scheduler_process(
+    config: EngineConfig,
+    ipc: IpcNames,
+    ready_conn,
+    log_level: str = "info",
+    make_scheduler=None,
+    plan_hook_factory=_die_with_parent_hook,
+    name: str = "scheduler",
+) -> None:
+    """Spawn target: build the engine, say ready (with what the front end needs), then loop.
+    `make_scheduler(config)` builds the scheduler (default: the colocated `Scheduler`; the PD
+    servers pass their role's) and `plan_hook_factory` runs in the other local ranks."""
     die_with_parent()
-    setup_child_logging(log_level, "scheduler")
+    setup_child_logging(log_level, name)
     try:
-        from disagg.common.scheduler import Scheduler
+        if make_scheduler is None:
+            from disagg.common.scheduler import Scheduler as make_scheduler
 
         if config.tp > 1:
-            config = start_local_ranks(config)
-        scheduler = Scheduler(config)  # on rank 0 of tp > 1, it broadcasts each batch plan to the others
+            config = start_local_ranks(config, plan_hook_factory)
+        scheduler = make_scheduler(config)  # on rank 0 of tp > 1, it broadcasts each batch plan to the others
         loop = SchedulerLoop(scheduler, ipc)
     except Exception:
         ready_conn.send({"status": "error", "error": traceback.format_exc()})
