@@ -1,0 +1,462 @@
+"""PD against colocated on the same GPUs: the serving benchmark at several Poisson rates, and TTFT alone.
+
+    source common/bench/gpu_env.sh
+    python3 -m disagg.bench.pd_sweep --out-dir /tmp/sweep --model-path Llama-3.1-8B --load-format dummy \\
+        --request-rates 2,4,8,12 --num-prompts 48 --input-len 2048 --output-len 256
+    python -m disagg.bench.pd_sweep --device cpu --out-dir /tmp/sweep   # tiny lengths and rates
+
+Two deployments, one after the other (they share the GPUs):
+- `pd`: our router (`--pd-disaggregation`) in front of `launch_prefill` on GPU 0 and `launch_decode`
+  on GPU 1; KV moves over UCX between the GPUs.
+- `colocated`: two `launch_server` replicas (GPU 0 and GPU 1) behind our router in regular mode.
+For each: a warm-up, the TTFT probe (sequential single requests of --input-len tokens, 2 output
+tokens, on the idle deployment), then `disagg.bench.serving` at every --request-rates. Prompts are
+random token ids sent as `prompt` of /v1/completions, so exactly --input-len tokens reach the server
+whatever its tokenizer; both deployments get the same prompts. Writes into --out-dir: `pd_sweep.json`
+(after every rate, so a cut-off run keeps what it measured), `pd_sweep.md` (also printed),
+`pd_sweep.png` (goodput against rate) and `logs/<deployment>-<process>.log`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import json
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from disagg.bench import serving
+from disagg.common.distributed import free_port
+
+DEPLOYMENTS = ("pd", "colocated")
+# serving's goodput limits: TTFT and E2E per request, ITL and TPOT as the request's mean
+SLO_NAMES = {"ttft": "TTFT", "itl": "mean ITL", "tpot": "TPOT", "e2e": "E2E"}
+# per --device: what an unset flag means (cpu: the default model, a run of a few seconds per rate)
+PRESETS = {
+    "cuda": {"request_rates": "2,4,8,12", "num_prompts": "48", "input_len": 2048, "output_len": 256,
+             "ttft_probes": 10, "server_args": "", "ready_timeout": 300.0, "request_timeout": 180.0, "goodput": ["ttft:1000", "itl:50"]},
+    "cpu": {"request_rates": "1,2", "num_prompts": "3", "input_len": 48, "output_len": 6, "ttft_probes": 3,
+            "server_args": "--max-total-tokens 4096 --context-length 512", "ready_timeout": 180.0,
+            "request_timeout": 60.0, "goodput": ["ttft:2000", "itl:500"]},
+}  # fmt: skip
+
+
+def _die_with_us() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    ready_url: str  # 200 once it serves
+    env: dict[str, str] = field(default_factory=dict)
+    log: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+# ---- deployments -------------------------------------------------------------------------------------
+
+
+def server_flags(args: argparse.Namespace) -> list[str]:
+    model = ["--model-path", args.model_path] if args.model_path else []
+    load = ["--load-format", args.load_format] if args.load_format else []
+    return [*model, *load, "--device", args.device, "--host", "127.0.0.1", "--log-level", args.log_level,
+            *shlex.split(args.server_args)]  # fmt: skip
+
+
+def gpu_env(args: argparse.Namespace, index: int) -> dict[str, str]:
+    if args.device == "cpu":
+        return {"DISAGG_CPU_THREADS": "1"}  # NOTE: several servers share the cores
+    return {"CUDA_VISIBLE_DEVICES": args.gpus[index % len(args.gpus)]}
+
+
+def router_child(args: argparse.Namespace, legs: list[str]) -> Child:
+    port = free_port()
+    argv = [sys.executable, "-m", "disagg.router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+            "--policy", args.router_policy, "--log-level", args.log_level, *legs]  # fmt: skip
+    return Child("router", argv, f"http://127.0.0.1:{port}/readiness", {"CUDA_VISIBLE_DEVICES": ""})
+
+
+def pd_children(args: argparse.Namespace) -> list[Child]:
+    py, flags = sys.executable, server_flags(args)
+    p_port, d_port, bootstrap = free_port(), free_port(), free_port()
+    prefill = [py, "-m", "disagg.prefill.launch", "--port", str(p_port), "--disaggregation-bootstrap-port",
+               str(bootstrap), *flags, *shlex.split(args.pd_server_args)]  # fmt: skip
+    decode = [
+        py,
+        "-m",
+        "disagg.decode.launch",
+        "--port",
+        str(d_port),
+        *flags,
+        *shlex.split(args.pd_server_args),
+    ]
+    p_url, d_url = f"http://127.0.0.1:{p_port}", f"http://127.0.0.1:{d_port}"
+    legs = ["--pd-disaggregation", "--prefill", p_url, str(bootstrap), "--decode", d_url]
+    return [Child("prefill", prefill, p_url + "/health", gpu_env(args, 0)),
+            Child("decode", decode, d_url + "/health", gpu_env(args, 1)), router_child(args, legs)]  # fmt: skip
+
+
+def colocated_children(args: argparse.Namespace) -> list[Child]:
+    children = []
+    for i in range(args.colocated_replicas):
+        port = free_port()
+        argv = [sys.executable, "-m", "disagg.common.launch_server", "--port", str(port), *server_flags(args)]
+        children.append(Child(f"server{i}", argv, f"http://127.0.0.1:{port}/health", gpu_env(args, i)))
+    urls = [c.ready_url.removesuffix("/health") for c in children]
+    return [*children, router_child(args, ["--worker-urls", *urls])]
+
+
+class Deployment:
+    """The processes of one deployment: `with Deployment(...) as d: d.url`; every process group dies at exit."""
+
+    def __init__(self, name: str, children: list[Child], log_dir: Path, ready_timeout: float):
+        self.name, self.children, self.ready_timeout = name, children, ready_timeout
+        for c in children:
+            c.log = log_dir / f"{name}-{c.name}.log"
+        self.url = children[-1].ready_url.removesuffix("/readiness")  # the router, started last
+
+    def __enter__(self) -> Deployment:
+        try:
+            servers, router = self.children[:-1], self.children[-1]
+            for c in servers:
+                self._spawn(c)
+            self._wait_ready(servers)
+            self._spawn(router)
+            self._wait_ready([router])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _spawn(self, c: Child) -> None:
+        print(f"[{self.name}] starting {c.name}: {shlex.join(c.argv)}  (log {c.log})", flush=True)
+        with open(c.log, "w") as log:
+            c.proc = subprocess.Popen(c.argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **c.env},
+                                      start_new_session=True, preexec_fn=_die_with_us)  # fmt: skip
+
+    def _wait_ready(self, waiting: list[Child]) -> None:
+        start = time.monotonic()
+        pending = list(waiting)
+        while pending:
+            for c in self.children:
+                if c.proc is not None and c.proc.poll() is not None:
+                    raise RuntimeError(f"[{self.name}] {c.name} exited with code {c.proc.returncode} during "
+                                       f"start-up; its log {c.log} ends:\n{c.log_tail()}")  # fmt: skip
+            if time.monotonic() - start > self.ready_timeout:
+                c = pending[0]
+                raise RuntimeError(f"[{self.name}] {c.name} not ready after {self.ready_timeout:.0f}s "
+                                   f"({c.ready_url}); its log {c.log} ends:\n{c.log_tail()}")  # fmt: skip
+            try:
+                if httpx.get(pending[0].ready_url, timeout=5).status_code == 200:
+                    print(
+                        f"[{self.name}] {pending[0].name} ready after {time.monotonic() - start:.1f}s",
+                        flush=True,
+                    )
+                    pending.pop(0)
+                    continue
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """SIGTERM to every process group (the servers' own children included), SIGKILL after 15 s."""
+        started = [c for c in self.children if c.proc is not None]
+        for c in started:
+            _signal_group(c.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for c in started:
+            try:
+                c.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(c.proc.pid, signal.SIGKILL)  # NOTE: also the group's stragglers (scheduler, ranks)
+            c.proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+# ---- measurements ------------------------------------------------------------------------------------
+
+
+def token_prompts(tokenizer, n: int, input_len: int, output_len: int, seed: int) -> list[tuple]:
+    """(token ids, prompt tokens, output tokens) per request: random non-special ids, exactly input_len."""
+    rng, special = random.Random(seed), set(tokenizer.all_special_ids)
+    vocab = [t for t in range(tokenizer.vocab_size) if t not in special]
+    return [([rng.choice(vocab) for _ in range(input_len)], input_len, output_len) for _ in range(n)]
+
+
+def bench_args(args: argparse.Namespace, url: str, rate: float, n: int, output_len: int, concurrency=None):
+    """The serving benchmark's own CLI namespace for one run (its defaults, our lengths and limits)."""
+    argv = ["--base-url", url, "--num-prompts", str(n), "--request-rate", str(rate), "--input-len",
+            str(args.input_len), "--output-len", str(output_len), "--warmup-requests", "0", "--timeout",
+            str(args.request_timeout), "--seed", str(args.seed), "--goodput", *args.goodput]  # fmt: skip
+    return serving.parse_args(argv + (["--max-concurrency", str(concurrency)] if concurrency else []))
+
+
+def run_bench(bargs, prompts: list[tuple], limits: dict[str, float]) -> dict:
+    results, duration = asyncio.run(serving.run(bargs, prompts))
+    summary = serving.summarize(results, duration, limits)
+    # NOTE: serving's goodput is good requests per second; the issue's figure is their share of all sent
+    good = sum(serving.is_good(r, limits) for r in results)
+    summary["goodput_share"] = good / len(results) if results else 0.0
+    summary["requests"] = [{"ok": r.ok, "ttft_ms": r.ttft * 1000, "e2e_ms": r.e2e * 1000, "prompt_len": r.prompt_len,
+                            "output_len": r.output_len, "mean_itl_ms": 1000 * sum(r.itls) / max(1, len(r.itls)),
+                            "error": r.error} for r in results]  # fmt: skip
+    return summary
+
+
+def measure(args: argparse.Namespace, url: str, tokenizer, record: dict, save) -> None:
+    """Warm-up, TTFT probe, then the rates; `record` fills as it goes and `save()` writes it."""
+    limits = serving.parse_goodput(args.goodput)
+    warm = token_prompts(tokenizer, args.warmup_requests, args.input_len, 8, args.seed + 7)
+    warm_sum = run_bench(bench_args(args, url, float("inf"), len(warm), 8, concurrency=1), warm, {})
+    if warm_sum["failed"]:
+        raise RuntimeError(f"warm-up failed: {warm_sum['first_errors'][0]}")
+    probes = token_prompts(tokenizer, args.ttft_probes, args.input_len, 2, args.seed + 11)
+    probe = run_bench(bench_args(args, url, float("inf"), len(probes), 2, concurrency=1), probes, {})
+    record["ttft_probe"] = {k: probe[k] for k in ("completed", "failed", "ttft_ms")} | {"output_len": 2}
+    print(
+        f"  TTFT probe: p50 {probe['ttft_ms']['p50']:.1f} ms, p90 {probe['ttft_ms']['p90']:.1f} ms",
+        flush=True,
+    )
+    save()
+    for i, (rate, n) in enumerate(zip(args.request_rates, args.num_prompts, strict=True)):
+        if time.monotonic() > args.deadline:
+            record["skipped_rates"] = args.request_rates[i:]
+            print(f"  --max-total-s reached: skipping rates {record['skipped_rates']}", flush=True)
+            break
+        prompts = token_prompts(tokenizer, n, args.input_len, args.output_len, args.seed + 100 * (i + 1))
+        s = run_bench(bench_args(args, url, rate, n, args.output_len), prompts, limits)
+        record["rates"].append({"request_rate": rate, "num_prompts": n, **s})
+        print(f"  rate {rate:g}/s: {s['completed']}/{n} ok, TTFT p50 {s['ttft_ms']['p50']:.0f} ms, ITL p50 "
+              f"{s['itl_ms']['p50']:.1f} ms, goodput {s.get('goodput', 0):.2f} req/s "
+              f"({100 * s['goodput_share']:.0f}%)", flush=True)  # fmt: skip
+        save()
+
+
+# ---- report ------------------------------------------------------------------------------------------
+
+ROWS = [("completed / sent", lambda s: f"{s['completed']} / {s['num_prompts']}")]
+ROWS += [(f"{name} {p} (ms)", lambda s, k=key, p=p: f"{s[k][p]:.1f}")
+         for name, key in (("TTFT", "ttft_ms"), ("ITL", "itl_ms")) for p in ("p50", "p90", "p99")]  # fmt: skip
+ROWS += [
+    ("output throughput (tok/s)", lambda s: f"{s['output_throughput']:.1f}"),
+    ("request throughput (req/s)", lambda s: f"{s['request_throughput']:.2f}"),
+    ("goodput (req/s)", lambda s: f"{s.get('goodput', 0.0):.2f}"),
+    ("goodput share", lambda s: f"{100 * s['goodput_share']:.1f}%"),
+]
+
+
+def markdown(report: dict) -> str:
+    cols = [(d, s) for d, rec in report["deployments"].items() for s in rec["rates"]]
+    limits = " and ".join(f"{SLO_NAMES[k]} <= {v:g} ms" for k, v in report["config"]["goodput"].items())
+    lines = [f"Serving sweep ({report['config']['input_len']}-token prompts, {report['config']['output_len']}-token "
+             f"outputs, Poisson arrivals; goodput: requests with {limits})", ""]  # fmt: skip
+    if cols:
+        lines += ["| metric | " + " | ".join(f"{d} @ {s['request_rate']:g}/s" for d, s in cols) + " |",
+                  "| --- |" + " ---: |" * len(cols)]  # fmt: skip
+        lines += [f"| {name} | " + " | ".join(cell(s) for _, s in cols) + " |" for name, cell in ROWS]
+    lines += ["", f"TTFT alone ({report['config']['input_len']}-token prompt, 2 output tokens, sequential):", "",
+              "| deployment | n | p50 (ms) | p90 (ms) | mean (ms) |", "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for d, rec in report["deployments"].items():
+        if "ttft_probe" in rec:
+            p = rec["ttft_probe"]
+            lines.append(f"| {d} | {p['completed']} | {p['ttft_ms']['p50']:.1f} | {p['ttft_ms']['p90']:.1f} | "
+                         f"{p['ttft_ms']['mean']:.1f} |")  # fmt: skip
+    if "ttft_pd_over_colocated_p50" in report:
+        lines.append(f"\nPD / colocated TTFT (p50): {report['ttft_pd_over_colocated_p50']:.3f}")
+    for d, rec in report["deployments"].items():
+        if rec.get("error"):
+            lines.append(f"\n**{d} failed**: {rec['error'].splitlines()[0]}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (share_ax, rate_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for d, rec in report["deployments"].items():
+        rates = [s["request_rate"] for s in rec["rates"]]
+        share_ax.plot(rates, [100 * s["goodput_share"] for s in rec["rates"]], marker="o", label=d)
+        rate_ax.plot(rates, [s.get("goodput", 0.0) for s in rec["rates"]], marker="o", label=d)
+    limits = ", ".join(f"{SLO_NAMES[k]} ≤ {v:g} ms" for k, v in report["config"]["goodput"].items())
+    share_ax.set(xlabel="request rate (req/s)", ylabel="requests within SLO (%)", ylim=(0, 105),
+                 title=f"goodput share ({limits})")  # fmt: skip
+    rate_ax.set(xlabel="request rate (req/s)", ylabel="goodput (req/s)", title="goodput")
+    rate_ax.set_ylim(bottom=0)
+    for ax in (share_ax, rate_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(report: dict, out_dir: Path) -> None:
+    pd_probe = report["deployments"].get("pd", {}).get("ttft_probe")
+    co_probe = report["deployments"].get("colocated", {}).get("ttft_probe")
+    if pd_probe and co_probe and co_probe["ttft_ms"]["p50"] > 0:
+        report["ttft_pd_over_colocated_p50"] = pd_probe["ttft_ms"]["p50"] / co_probe["ttft_ms"]["p50"]
+    (out_dir / "pd_sweep.json").write_text(json.dumps(report, indent=1))
+    table = markdown(report)
+    (out_dir / "pd_sweep.md").write_text(table + "\n")
+    print("\n" + table, flush=True)
+    try:
+        plot(report, out_dir / "pd_sweep.png")
+    except ImportError as e:
+        print(f"no plot: {e}", file=sys.stderr)
+
+
+# ---- entry point -------------------------------------------------------------------------------------
+
+
+def _stop_on_sigterm(*_) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    from disagg.common.model_files import resolve_model_path
+    from transformers import AutoTokenizer
+
+    out_dir, started = Path(args.out_dir), time.monotonic()
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    args.deadline = started + args.max_total_s
+    # NOTE: the token ids only need to be valid for the server's tokenizer (a dummy preset borrows this one)
+    tokenizer = AutoTokenizer.from_pretrained(
+        args.tokenizer or resolve_model_path(args.model_path_for_tokenizer)
+    )
+    config = {k: v for k, v in vars(args).items() if k not in ("deadline", "goodput")}
+    report = {"config": config | {"goodput": {k: v * 1000 for k, v in serving.parse_goodput(args.goodput).items()}},
+              "deployments": {}}  # fmt: skip
+
+    def save() -> None:
+        (out_dir / "pd_sweep.json").write_text(json.dumps(report, indent=1))
+
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    builders = {"pd": pd_children, "colocated": colocated_children}
+    try:
+        for name in args.deployments:
+            record = report["deployments"][name] = {"rates": []}
+            print(f"\n== {name} ==", flush=True)
+            t0 = time.monotonic()
+            try:
+                with Deployment(name, builders[name](args), out_dir / "logs", args.ready_timeout) as dep:
+                    record["start_s"] = time.monotonic() - t0
+                    record["processes"] = {c.name: {"pid": c.proc.pid, "argv": c.argv, "log": str(c.log)}
+                                           for c in dep.children}  # fmt: skip
+                    measure(args, dep.url, tokenizer, record, save)
+            except RuntimeError as e:
+                record["error"] = str(e)
+                print(f"[{name}] failed: {e}", file=sys.stderr, flush=True)
+            record["total_s"] = time.monotonic() - t0
+            save()
+    except KeyboardInterrupt:
+        report["interrupted"] = True
+        print("interrupted: writing what was measured", file=sys.stderr, flush=True)
+    report["total_s"] = time.monotonic() - started
+    write_outputs(report, out_dir)
+    failed = report.get("interrupted") or any(rec.get("error") for rec in report["deployments"].values())
+    return 1 if failed else 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m disagg.bench.pd_sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out-dir", required=True)
+    p.add_argument(
+        "--device", choices=["cuda", "cpu"], default="cuda", help="cpu: tiny default lengths/rates"
+    )
+    p.add_argument("--deployments", default="pd,colocated", help="comma list of pd, colocated (run in order)")
+    p.add_argument("--model-path", default=None, help="default: the embedded default model")
+    p.add_argument("--load-format", default=None, help="e.g. dummy (random weights of a preset)")
+    p.add_argument("--tokenizer", default=None, help="for prompt token ids (default: the server's)")
+    p.add_argument(
+        "--server-args", default=None, help='extra flags for every server, e.g. "--mem-fraction-static 0.8"'
+    )
+    p.add_argument("--pd-server-args", default="", help="extra flags for the prefill and decode servers only")
+    p.add_argument(
+        "--gpus",
+        default="0,1",
+        help="PD: prefill on the first, decode on the second; colocated: one replica each",
+    )
+    p.add_argument("--colocated-replicas", type=int, default=2)
+    p.add_argument("--router-policy", default="round_robin")
+    p.add_argument("--request-rates", default=None, help="comma list of req/s (Poisson), e.g. 2,4,8,12")
+    p.add_argument("--num-prompts", default=None, help="requests per rate: one number, or one per rate")
+    p.add_argument("--input-len", type=int, default=None)
+    p.add_argument("--output-len", type=int, default=None)
+    p.add_argument(
+        "--goodput",
+        nargs="*",
+        default=None,
+        help="SLOs in ms (serving's --goodput; cuda default ttft:1000 itl:50)",
+    )
+    p.add_argument("--ttft-probes", type=int, default=None, help="sequential single requests for TTFT alone")
+    p.add_argument("--warmup-requests", type=int, default=None, help="default: 2 per server")
+    p.add_argument("--ready-timeout", type=float, default=None, help="seconds for a deployment to start")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds per request")
+    p.add_argument(
+        "--max-total-s", type=float, default=float("inf"), help="skip the rates left after this long"
+    )
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.device].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.deployments = [d.strip() for d in args.deployments.split(",") if d.strip()]
+    if not args.deployments or set(args.deployments) - set(DEPLOYMENTS):
+        p.error(f"--deployments takes a comma list of {', '.join(DEPLOYMENTS)}")
+    args.request_rates = [float(r) for r in args.request_rates.split(",")]
+    counts = [int(n) for n in str(args.num_prompts).split(",")]
+    if len(counts) not in (1, len(args.request_rates)) or min(counts) < 1:
+        p.error("--num-prompts takes one count >= 1, or one per --request-rates")
+    args.num_prompts = counts * len(args.request_rates) if len(counts) == 1 else counts
+    args.gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    if args.warmup_requests is None:
+        args.warmup_requests = 2 * max(1, args.colocated_replicas)
+    serving.parse_goodput(args.goodput)  # a bad SLO fails now, not after the start-up
+    # NOTE: a preset (e.g. Llama-3.1-8B with dummy weights) has no tokenizer; the server borrows the default model's
+    from disagg.common.weights import PRESETS as MODEL_PRESETS
+
+    args.model_path_for_tokenizer = None if args.model_path in MODEL_PRESETS else args.model_path
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.exit(run(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

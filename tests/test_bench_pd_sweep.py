@@ -1,0 +1,57 @@
+"""`python -m disagg.bench.pd_sweep --device cpu`: both deployments start, serve the sweep, and stop;
+the JSON, the table and the plot are written, and no server is left running."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_pd_sweep_measures_both_deployments(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "sweep"
+    # one colocated replica: each deployment's start-up (servers loading the model) is most of the run
+    cmd = [sys.executable, "-m", "disagg.bench.pd_sweep", "--device", "cpu", "--out-dir", str(out),
+           "--colocated-replicas", "1", "--request-rates", "4", "--num-prompts", "2", "--input-len", "24",
+           "--output-len", "4", "--ttft-probes", "2", "--warmup-requests", "1"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    report = json.loads((out / "pd_sweep.json").read_text())
+    assert set(report["deployments"]) == {"pd", "colocated"}
+    for rec in report["deployments"].values():
+        assert "error" not in rec
+        assert rec["ttft_probe"]["completed"] == 2 and rec["ttft_probe"]["ttft_ms"]["p50"] > 0
+        (point,) = rec["rates"]
+        assert point["request_rate"] == 4 and point["completed"] == 2 and point["failed"] == 0
+        # exactly the asked prompt length reached the server (token ids, not re-tokenized text)
+        assert all(r["prompt_len"] == 24 and r["output_len"] == 4 for r in point["requests"])
+        assert 0.0 <= point["goodput_share"] <= 1.0 and point["itl_ms"]["p50"] > 0
+    assert report["ttft_pd_over_colocated_p50"] > 0
+    assert (out / "pd_sweep.png").stat().st_size > 0
+    assert "| TTFT p50 (ms) |" in (out / "pd_sweep.md").read_text()
+    assert "| TTFT p50 (ms) |" in proc.stdout
+    for name in ("pd-prefill", "pd-decode", "pd-router", "colocated-server0", "colocated-router"):
+        assert (out / "logs" / f"{name}.log").exists()
+    # every process group the sweep started (servers with their scheduler children, routers) is gone
+    groups = {p["pid"] for rec in report["deployments"].values() for p in rec["processes"].values()}
+    assert len(groups) == 5 and not groups & live_process_groups()
+
+
+def live_process_groups() -> set[int]:
+    groups = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            groups.add(int(fields[2]))
+    return groups
