@@ -19,6 +19,8 @@ from disagg.transfer.layout import KVLayout
 from disagg.transfer.protocol import Room, RoomFailedMsg
 from disagg.transfer.ucx import Peer, UcxLoop
 
+INLINE_COPY_BYTES = 1 << 20  # CPU gathers/scatters up to this size run on the loop thread
+
 
 @dataclass
 class TransferResult:
@@ -204,17 +206,20 @@ class TransferBase:
                 if now > tomb.expiry:
                     del self._tombstones[room]
 
-    async def _run_copy(self, state: RoomState, fn: Callable[[], None]) -> None:
-        """Run a gather/scatter off the loop thread (CPU), or on the transfer stream (CUDA)
-        waiting for it inline: a piece is at most max_message_bytes, tens of microseconds."""
+    async def _run_copy(self, state: RoomState, fn: Callable[[], None], nbytes: int) -> None:
+        """Run a gather/scatter: on CUDA on the transfer stream, waiting for it inline (a piece is
+        at most max_message_bytes: tens of microseconds); on the CPU inline when small, else on a
+        worker thread (a hop costs ~0.1 ms; a 32 MiB copy would stall the loop for milliseconds)."""
         state.busy += 1
         try:
-            if self._stream is None:
-                await asyncio.to_thread(fn)
-            else:
+            if self._stream is not None:
                 with torch.cuda.stream(self._stream):
                     fn()
                 self._stream.synchronize()
+            elif nbytes <= INLINE_COPY_BYTES:
+                fn()
+            else:
+                await asyncio.to_thread(fn)
         finally:
             state.busy -= 1
             self._report_when_idle(state)

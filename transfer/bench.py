@@ -2,6 +2,8 @@
 
     python -m disagg.transfer.bench                         # CPU, up to 256 MiB
     python -m disagg.transfer.bench --device cuda           # prefill on cuda:0, decode on cuda:1 (or cuda:0)
+    python -m disagg.transfer.bench --device cuda --quick   # 64K, 64M, 256M, 1G + the 8B request, 5 iters
+    python -m disagg.transfer.bench --sizes 64K,1M --skip-8b --iters 50   # the fixed costs, on the CPU
 
 This process is the prefill side (KVSender); a spawned process is the decode side (KVReceiver).
 Latency is measured here, from send() to the room's success in poll() (which needs the decode's
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 from disagg.transfer.layout import KVLayout
+from disagg.transfer.sender import default_max_message_bytes
 from disagg.transfer.testing import wait_results
 
 MiB = 1 << 20
@@ -214,8 +217,29 @@ def _fmt_row(name: str, nbytes: int, engine: tuple[float, float], raw_s: float) 
     prefill_s, decode_s = engine
     return (
         f"{name:>22} {nbytes / MiB:9.2f} {decode_s * 1e3:10.3f} {prefill_s * 1e3:10.3f} {nbytes / decode_s / 1e9:9.2f}"
-        f" {raw_s * 1e3:9.3f} {nbytes / raw_s / 1e9:9.2f} {raw_s / decode_s * 100:7.0f}%"
+        f" {raw_s * 1e3:9.3f} {nbytes / raw_s / 1e9:9.2f} {raw_s / decode_s * 100:8.0f}%"
     )
+
+
+def parse_size(text: str) -> int:
+    """'64K', '256M', '1G' (binary units) or plain bytes."""
+    units = {"K": 1 << 10, "M": MiB, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def sweep_sizes(args: argparse.Namespace) -> list[int]:
+    if args.sizes:
+        return [parse_size(s) for s in args.sizes.split(",")]
+    if args.quick:
+        return [s for s in (64 << 10, 64 * MiB, 256 * MiB, 1024 * MiB) if s <= args.max_size_mib * MiB]
+    sizes, size = [], 64 << 10
+    while size <= args.max_size_mib * MiB:
+        sizes.append(size)
+        size *= 4
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -226,39 +250,45 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--max-size-mib", type=int, default=None, help="largest message (default: 256 on cpu, 1024 on cuda)"
     )
-    parser.add_argument("--iters", type=int, default=5, help="timed iterations per size (median reported)")
-    parser.add_argument("--max-message-mib", type=int, default=32, help="KVSender max_message_bytes")
+    parser.add_argument("--sizes", default="", help="message sizes instead of the sweep, e.g. 64K,1M,64M")
+    parser.add_argument(
+        "--iters", type=int, default=None, help="timed iterations per size (median; default 5)"
+    )
+    parser.add_argument("--max-message-mib", type=int, default=None,
+                        help="KVSender max_message_bytes (default: the KVSender's for the device)")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="64K, 64M, 256M, 1G and the 8B request, 5 iters")
+    parser.add_argument("--skip-8b", action="store_true", help="no 8B 2k-token request rows")
     args = parser.parse_args(argv)
-    max_mib = args.max_size_mib or (1024 if args.device == "cuda" else 256)
+    args.max_size_mib = args.max_size_mib or (1024 if args.device == "cuda" else 256)
+    iters = args.iters or 5
+    sizes = sweep_sizes(args)
     device, decode_device = "cpu", "cpu"
     if args.device == "cuda":
         device, decode_device = "cuda:0", "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
-    bench = Bench(device, decode_device, max_mib * MiB, args.max_message_mib * MiB)
-    print(f"prefill on {device}, decode on {decode_device}; median of {args.iters}; pages scattered; "
-          f"max message {args.max_message_mib} MiB")  # fmt: skip
+    max_message = args.max_message_mib * MiB if args.max_message_mib else default_max_message_bytes(device)
+    bench = Bench(device, decode_device, max(sizes, default=MiB), max_message)
+    print(f"prefill on {device}, decode on {decode_device}; median of {iters} (x4 below 64 MiB); "
+          f"pages scattered; max message {max_message // MiB} MiB")  # fmt: skip
     print("decode ms: send() until the decode's poll() has the room; prefill ms: until the prefill's poll()")
     print(
-        "(after the decode's ack); GB/s and 'of raw' from decode ms; raw: one ucxx tag message + 1-byte ack"
+        "(after the decode's ack); GB/s and '% of raw' from decode ms; raw: one ucxx tag message + 1-byte ack"
     )
-    head = ("transfer", "MiB", "decode ms", "prefill ms", "GB/s", "raw ms", "raw GB/s", "of raw")
-    print("{:>22} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8}".format(*head))
+    head = ("transfer", "MiB", "decode ms", "prefill ms", "GB/s", "raw ms", "raw GB/s", "% of raw")
+    print("{:>22} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}".format(*head))
     try:
-        size = 64 << 10
-        while size <= max_mib * MiB:
-            pages = size // page_bytes(SWEEP_LAYOUT)
-            iters = args.iters if size >= 64 * MiB else args.iters * 4
-            engine_s = _median(lambda p=pages: bench.transfer("sweep", p), iters)
-            raw_s = _median(lambda s=size: bench.raw(s), iters)
+        for size in sizes:
+            pages = max(1, size // page_bytes(SWEEP_LAYOUT))
+            n = iters if size >= 64 * MiB else iters * 4
+            engine_s = _median(lambda p=pages: bench.transfer("sweep", p), n)
+            raw_s = _median(lambda s=size: bench.raw(s), n)
             print(_fmt_row("message", size, engine_s, raw_s), flush=True)
-            size *= 4
-        llama_bytes = LLAMA8B_TOKENS * page_bytes(LLAMA8B_LAYOUT) // 16
-        raw_s = _median(lambda: bench.raw(llama_bytes), args.iters)
-        for chunks in (1, 4):
-            engine_s = _median(lambda c=chunks: bench.transfer("llama", LLAMA8B_TOKENS // 16, c), args.iters)
-            print(
-                _fmt_row(f"8B 2k tok, {chunks} chunk{'s' * (chunks > 1)}", llama_bytes, engine_s, raw_s),
-                flush=True,
-            )
+        if not args.skip_8b:
+            llama_bytes = LLAMA8B_TOKENS * page_bytes(LLAMA8B_LAYOUT) // 16
+            raw_s = _median(lambda: bench.raw(llama_bytes), iters)
+            for chunks in (1, 4):
+                engine_s = _median(lambda c=chunks: bench.transfer("llama", LLAMA8B_TOKENS // 16, c), iters)
+                name = f"8B 2k tok, {chunks} chunk{'s' * (chunks > 1)}"
+                print(_fmt_row(name, llama_bytes, engine_s, raw_s), flush=True)
     finally:
         failures = bench.close()
     if failures:

@@ -4,12 +4,13 @@ Bootstrap (ZMQ REQ/REP to the prefill server's --disaggregation-bootstrap-port):
     prefill rank -> RegisterPrefillRankMsg -> BootstrapInfoMsg
     decode rank  -> QueryPrefillMsg        -> BootstrapInfoMsg (ready once every prefill rank registered)
 
-Per connection (UCX active messages, decode rank -> prefill rank endpoint):
+Per connection (UCX tag messages, decode rank -> prefill rank endpoint):
     decode  HelloMsg  -> prefill  HelloAckMsg (error = "" when the layouts are compatible)
 Per room (every decode rank sends a RoomRequestMsg to every prefill rank of the prefill server):
     decode  RoomRequestMsg                          (how many pages the decode holds for the room)
-    prefill KVChunkMsg, then the bytes as one UCX tag message (tag = KVChunkMsg.tag)   x N
-    prefill RoomDoneMsg(num_chunks, metadata)       (after the last chunk)
+    prefill KVChunkMsg (before the gather), then the bytes as one UCX tag message (tag = KVChunkMsg.tag)  x N
+            the last KVChunkMsg carries the done (num_chunks > 0, metadata)
+    prefill RoomDoneMsg(num_chunks, metadata)       (only when the last send() had no pages)
     decode  RoomAckMsg                              (every chunk landed in the decode pool)
     either  RoomFailedMsg(reason)                   (abort, timeout, bad request: fail the room on both sides)
     either  HeartbeatMsg                            (peer liveness, every heartbeat interval)
@@ -79,6 +80,8 @@ class KVChunkMsg:
     head_end: int
     nbytes: int
     tag: int  # UCX tag of the data message that follows
+    num_chunks: int = 0  # > 0 on the room's last chunk: chunks sent to this decode rank in all (the done)
+    metadata: dict[str, Any] = field(default_factory=dict)  # with the done: e.g. the first token id
 
 
 @message

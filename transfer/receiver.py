@@ -46,7 +46,7 @@ class _Source:
     heads: HeadSlice
     chunks_done: int = 0
     pages_done: int = 0
-    num_chunks: int | None = None  # known from RoomDoneMsg
+    num_chunks: int | None = None  # known from the last KVChunkMsg (or a RoomDoneMsg)
 
 
 @dataclass
@@ -227,6 +227,9 @@ class KVReceiver(TransferBase):
         if state is not None and valid:
             self._touch(state)
             state.started = state.started or time.perf_counter()
+            if msg.num_chunks:  # the room's last chunk from this source: the done rides on it
+                state.sources[peer.info.tp_rank].num_chunks = msg.num_chunks
+                state.metadata = msg.metadata
         # NOTE: the bytes always land in a staging buffer first, never straight in the pool, so a
         # late chunk of a failed room cannot overwrite pages the server has freed and reused.
         staging = self._staging(msg.nbytes if msg.nbytes <= 1 << 33 else 1)
@@ -250,7 +253,7 @@ class KVReceiver(TransferBase):
             src = wide_pages(self._typed(staging, msg.num_pages, heads[1] - heads[0]), whole)
             wide_pages(dst, whole).index_copy_(1, pages, src)
 
-        await self._run_copy(state, scatter)
+        await self._run_copy(state, scatter, msg.nbytes)
         if state.finished:
             return
         src = state.sources[peer.info.tp_rank]

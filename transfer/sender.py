@@ -47,6 +47,16 @@ class _Chunk:
 
 
 @dataclass
+class _Slice:
+    """One piece's bytes for one decode rank: its header is out, its data follows on `tag`."""
+
+    peer: Peer
+    target: HeadSlice
+    tag: int
+    nbytes: int
+
+
+@dataclass
 class _SendRoom(RoomState):
     queued: list[_Chunk] = field(default_factory=list)
     requests: dict[int, tuple[Peer, RoomRequestMsg]] = field(default_factory=dict)  # decode rank ->
@@ -56,6 +66,13 @@ class _SendRoom(RoomState):
     chunks_planned: dict[int, int] = field(default_factory=dict)  # decode rank -> chunks started
     done_sent: bool = False
     acked: set[int] = field(default_factory=set)
+
+
+def default_max_message_bytes(device: torch.device | str) -> int:
+    """Chunks larger than this travel as several pipelined messages. On GPU fewer, larger messages
+    won (2xH200: 128 MiB beat 32 MiB, which beat 8 MiB: each message costs fixed Python/UCX time);
+    on the CPU smaller pieces let the gather of the next overlap the send of this one."""
+    return (128 << 20) if torch.device(device).type == "cuda" else (32 << 20)
 
 
 def default_host() -> str:
@@ -83,10 +100,10 @@ class KVSender(TransferBase):
         heartbeat_s: float = 1.0,
         heartbeat_timeout_s: float = 5.0,
         ib_device: str | None = None,  # --disaggregation-ib-device (e.g. "mlx5_0")
-        max_message_bytes: int = 32 << 20,  # larger chunks travel as several pipelined messages
+        max_message_bytes: int | None = None,  # default: default_max_message_bytes(device)
     ) -> None:
         super().__init__(kv_buffer, layout, timeout_s, heartbeat_s, heartbeat_timeout_s, ib_device)
-        self.max_message_bytes = max_message_bytes
+        self.max_message_bytes = max_message_bytes or default_max_message_bytes(self.device)
         self.bootstrap: BootstrapServer | None = None
         if serve_bootstrap if serve_bootstrap is not None else layout.tp_rank == 0:
             self.bootstrap = BootstrapServer(port=bootstrap_port)
@@ -216,31 +233,54 @@ class KVSender(TransferBase):
             self._finish(state, _ok(state))
 
     def _pump(self, state: _SendRoom) -> None:
-        """Start every queued chunk once its destinations are known; after the last, send the done."""
+        """Start every queued chunk once its destinations are known; the last piece's header says done."""
         if state.finished or state.targets is None:
             return
         if any(t.decode_rank not in state.requests for t in state.targets):
             return  # a destination decode rank has not said where its pages are yet
+        pieces: list[_Chunk] = []
         for chunk in state.queued:
             if error := self._check_chunk(state, chunk):
                 self._fail(state, error)
                 return
-            for piece in self._split(chunk):
-                for t in state.targets:
-                    state.chunks_planned[t.decode_rank] = state.chunks_planned.get(t.decode_rank, 0) + 1
-                asyncio.ensure_future(self._send_piece(state, piece))
+            pieces.extend(self._split(chunk))
         state.queued.clear()
-        if state.is_last and not state.done_sent:
-            # NOTE: sent before the last bytes leave: the decode side counts chunks, so the done
-            # needs no extra round trip after the data
+        done = state.is_last and not state.done_sent
+        for i, piece in enumerate(pieces):
+            slices = [self._announce(state, piece, t, done and i == len(pieces) - 1) for t in state.targets]
+            asyncio.ensure_future(self._send_piece(state, piece, slices))
+        if done:
             state.done_sent = True
-            for t in state.targets:
-                peer = state.requests[t.decode_rank][0]
-                peer.post_msg(
-                    RoomDoneMsg(state.room, state.chunks_planned.get(t.decode_rank, 0), state.metadata)
-                )
+            if not pieces:  # no piece left to carry the done (an empty last chunk): a message of its own
+                for t in state.targets:
+                    done_msg = RoomDoneMsg(
+                        state.room, state.chunks_planned.get(t.decode_rank, 0), state.metadata
+                    )
+                    state.requests[t.decode_rank][0].post_msg(done_msg)
             if not state.targets:  # this rank holds no heads any decode rank needs
                 self._finish(state, _ok(state))
+
+    def _announce(self, state: _SendRoom, piece: _Chunk, target: HeadSlice, done: bool) -> _Slice:
+        """Post a piece's header before its gather, so the decode posts its receive meanwhile.
+
+        The last piece's header also carries the room's done (chunk count, metadata): no separate
+        RoomDoneMsg, no extra hop after the data.
+        """
+        peer = state.requests[target.decode_rank][0]
+        num_chunks = state.chunks_planned[target.decode_rank] = (
+            state.chunks_planned.get(target.decode_rank, 0) + 1
+        )
+        nbytes = chunk_nbytes(self.layout, len(piece.pages), target.end - target.start)
+        tag = peer.new_tag()
+        msg = KVChunkMsg(state.room, piece.page_offset, len(piece.pages), target.start, target.end, nbytes, tag,
+                         num_chunks if done else 0, state.metadata if done else {})  # fmt: skip
+        peer.post_msg(msg)
+        # NOTE: the room stays busy from the header to the end of the gather: once the header is
+        # out the bytes must follow, and they must come from pages nobody reused (a failed room
+        # is reported, and its pages freed, only when busy drops to 0)
+        state.busy += 1
+        state.started = state.started or time.perf_counter()
+        return _Slice(peer, target, tag, nbytes)
 
     def _check_chunk(self, state: _SendRoom, chunk: _Chunk) -> str:
         for t in state.targets or []:
@@ -258,37 +298,34 @@ class KVSender(TransferBase):
             for i in range(0, len(chunk.pages), step)
         ]
 
-    async def _send_piece(self, state: _SendRoom, chunk: _Chunk) -> None:
+    async def _send_piece(self, state: _SendRoom, chunk: _Chunk, slices: list[_Slice]) -> None:
         try:
-            await asyncio.gather(*(self._send_slice(state, chunk, t) for t in state.targets or []))
+            await asyncio.gather(*(self._send_slice(state, chunk, s) for s in slices))
         except Exception as e:  # noqa: BLE001 - UCX error: the decode rank is gone
             self._fail(state, f"peer_died: sending room {state.room}: {type(e).__name__}: {e}")
 
-    async def _send_slice(self, state: _SendRoom, chunk: _Chunk, target: HeadSlice) -> None:
-        peer = state.requests[target.decode_rank][0]
+    async def _send_slice(self, state: _SendRoom, chunk: _Chunk, s: _Slice) -> None:
         lo = self.layout.head_range[0]
-        num_pages, num_heads = len(chunk.pages), target.end - target.start
-        nbytes = chunk_nbytes(self.layout, num_pages, num_heads)
-        staging = self._staging(nbytes)
+        num_pages, num_heads = len(chunk.pages), s.target.end - s.target.start
+        staging = self._staging(s.nbytes)
 
         def gather() -> None:
             if chunk.ready is not None:
                 torch.cuda.current_stream().wait_event(chunk.ready)
-            src = self.kv_buffer[:, :, :, :, target.start - lo : target.end - lo]
+            src = self.kv_buffer[:, :, :, :, s.target.start - lo : s.target.end - lo]
             whole = num_heads == self.layout.num_local_heads
             out = wide_pages(self._typed(staging, num_pages, num_heads), whole)
             torch.index_select(wide_pages(src, whole), 1, chunk.pages, out=out)
 
-        await self._run_copy(state, gather)
-        if state.finished:
-            return
-        tag = peer.new_tag()
-        msg = KVChunkMsg(state.room, chunk.page_offset, num_pages, target.start, target.end, nbytes, tag)
-        state.started = state.started or time.perf_counter()
-        peer.post_msg(msg)  # not awaited: UCX holds the data until the decode posts its recv
-        await peer.send_data(staging, tag)
-        state.nbytes += nbytes
-        self._touch(state)
+        try:
+            await self._run_copy(state, gather, s.nbytes)
+        finally:
+            state.busy -= 1  # taken by _announce
+            self._report_when_idle(state)
+        await s.peer.send_data(staging, s.tag)  # even for a room failed meanwhile: the decode drops it
+        if not state.finished:
+            state.nbytes += s.nbytes
+            self._touch(state)
 
     def close(self) -> None:
         super().close()

@@ -84,8 +84,9 @@ class UcxLoop:
         # brings that back, e.g. to compare)
         futures = os.environ.get("UCXPY_ENABLE_PYTHON_FUTURE", "1") != "0"
         ucxx.init(enable_python_future=futures)  # binds ucxx progress to this (running) loop
-        if futures:
-            ucxx.core._get_ctx().worker.populate_python_futures_pool()
+        worker = ucxx.core._get_ctx().worker
+        if worker.enable_python_future:  # False in the non-thread progress modes
+            worker.populate_python_futures_pool()
 
     def call(self, coro: Awaitable[Any], timeout: float | None = None) -> Any:
         """Run `coro` on the loop and wait for its result (from any thread but the loop's)."""
