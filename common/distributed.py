@@ -134,7 +134,7 @@ def worker_main(config: EngineConfig, rank: int, plan_hook_factory=None) -> None
             if hook is not None:
                 hook(plan)
     except Exception as e:  # noqa: BLE001 - any failure takes the group down loudly
-        logger.error("rank %d exiting: %s", rank, e)
+        logger.exception("rank %d exiting: %s", rank, e)  # with the traceback: the cause on a GPU run
         sys.exit(1)
     finally:
         if dist.is_initialized():

@@ -68,16 +68,39 @@ class SparseMoE(nn.Module):
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(x.dtype)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return all_reduce(self._all_local_experts(x, ids, weights))
+        return all_reduce(self._routed_experts(x, ids, weights))
+
+    def _routed_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each local expert on the tokens routed to it: one host sync (the per-expert counts)."""
+        local = (ids - self.first_expert).flatten()  # [T*k]
+        key = torch.where((local >= 0) & (local < self.num_local), local, self.num_local)  # other ranks' last
+        order = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=self.num_local + 1)[: self.num_local].tolist()
+        token, weight = order // self.top_k, weights.flatten()[order]
         out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = token[start : start + n]
+                gate, up = F.linear(x[rows], self.experts.w13[e]).chunk(2, dim=-1)
+                y = F.linear(F.silu(gate) * up, self.experts.w2[e])
+                out.index_add_(0, rows, y * weight[start : start + n, None])
+            start += n
+        return out
+
+    def _all_local_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every local expert on every token, weighted 0 where not routed: no host sync and no
+        data-dependent shapes, so a CUDA graph can capture it (decode batches are small).
+        NOTE: reads all local expert weights each step, even at batch 1."""
         local = ids - self.first_expert
-        for e in range(self.num_local):
-            token, slot = (local == e).nonzero(as_tuple=True)
-            if token.numel() == 0:
-                continue
-            gate, up = F.linear(x[token], self.experts.w13[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.experts.w2[e])
-            out.index_add_(0, token, y * weights[token, slot, None])
-        return all_reduce(out)
+        local = torch.where((local >= 0) & (local < self.num_local), local, self.num_local)
+        combine = torch.zeros(x.shape[0], self.num_local + 1, dtype=x.dtype, device=x.device)
+        combine.scatter_add_(1, local, weights)  # [T, E_local + 1]; the last column: other ranks' experts
+        gate, up = torch.matmul(x, self.experts.w13.transpose(1, 2)).chunk(2, dim=-1)  # [E, T, I] each
+        y = torch.matmul(F.silu(gate) * up, self.experts.w2.transpose(1, 2))  # [E, T, H]
+        return torch.einsum("te,eth->th", combine[:, : self.num_local], y)
 
 
 def make_moe(config, layer_id: int) -> nn.Module:
