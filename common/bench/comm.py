@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import logging
 import os
 import tempfile
 import time
@@ -28,6 +29,7 @@ import torch.multiprocessing as mp
 from disagg.common.distributed import broadcast_plan, free_port
 from disagg.common.parallel import ParallelState, all_gather_last_dim, all_reduce, set_parallel
 
+logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -240,8 +242,10 @@ def rank_main(rank: int, args, init_addr: str, result_path: str) -> None:
                 bandwidth=bandwidth,
                 steps=steps,
             )
-            with open(result_path, "w") as f:
+            with open(result_path + ".tmp", "w") as f:
                 json.dump(result, f)
+            os.replace(result_path + ".tmp", result_path)  # complete or absent
+        dist.barrier(group=cpu_group)  # tear down together
     finally:
         dist.destroy_process_group()
 
@@ -261,7 +265,12 @@ def run(args) -> dict:
     """Spawn the tp ranks, return rank 0's results (raises if any rank fails)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "rank0.json")
-        mp.spawn(rank_main, args=(args, f"127.0.0.1:{free_port()}", path), nprocs=args.tp, join=True)
+        try:
+            mp.spawn(rank_main, args=(args, f"127.0.0.1:{free_port()}", path), nprocs=args.tp, join=True)
+        except Exception as e:  # noqa: BLE001 - a crash after rank 0 wrote every result is teardown noise
+            if not os.path.exists(path):
+                raise
+            logger.warning("a rank failed after the measurements finished (%s); results kept", e)
         with open(path) as f:
             return json.load(f)
 
