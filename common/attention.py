@@ -27,6 +27,9 @@ class ForwardBatch:
     page_tables: list[list[int]]  # pages of each request covering kv_lens
     logits_index: torch.Tensor  # [B_out] int64: rows of T whose next-token logits are wanted
     page_size: int = 16
+    k_rows: torch.Tensor | None = (
+        None  # [T] int64: row of each new K in a layer's pool rows (set by the model)
+    )
     attn: dict = field(default_factory=dict)  # backend-private metadata built by prepare()
 
     @property

@@ -82,11 +82,10 @@ class CudaGraphRunner:
         self.workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)
         n = max_bs
 
-        def buf(fill=0):
-            return torch.full((n,), fill, dtype=torch.long, device=device)
-
-        self.input_ids, self.positions = buf(), buf()
-        self.out_page, self.out_offset = buf(pool.pad_page), buf()
+        # rows: input ids, positions, out pages, out offsets  [4, max_bs] int64, cuda
+        self.inputs = torch.zeros(4, n, dtype=torch.long, device=device)
+        self.inputs[2].fill_(pool.pad_page)
+        self.input_ids, self.positions, self.out_page, self.out_offset = self.inputs.unbind(0)
         # NOTE: every tensor a graph reads must outlive it (the static batches included), or its
         # memory is reused and the replay reads garbage
         self.graphs, self.outputs, self.backends, self.batches = {}, {}, {}, {}
@@ -118,6 +117,7 @@ class CudaGraphRunner:
             for _ in range(2):  # warm-up outside the graph (lazy init, autotuning)
                 self.model(batch, self.pool.kv_buffer, backend)
         torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()  # no collective of another rank still in flight during capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):
             out = self.model(batch, self.pool.kv_buffer, backend)
@@ -131,12 +131,15 @@ class CudaGraphRunner:
         bs = len(plan["q_lens"])
         padded = self.buckets[bisect.bisect_left(self.buckets, bs)]
         pad = padded - bs
-        self.input_ids[:padded].copy_(torch.tensor(plan["ids"] + [0] * pad), non_blocking=True)
-        self.positions[:padded].copy_(torch.tensor(plan["positions"] + [0] * pad), non_blocking=True)
-        self.out_page[:padded].copy_(
-            torch.tensor(plan["pages"] + [self.pool.pad_page] * pad), non_blocking=True
+        host = torch.tensor(
+            [
+                plan["ids"] + [0] * pad,
+                plan["positions"] + [0] * pad,
+                plan["pages"] + [self.pool.pad_page] * pad,
+                plan["offsets"] + [0] * pad,
+            ]
         )
-        self.out_offset[:padded].copy_(torch.tensor(plan["offsets"] + [0] * pad), non_blocking=True)
+        self.inputs[:, :padded].copy_(host, non_blocking=True)  # one host-to-device copy
         self.backends[padded].plan(plan["kv_lens"] + [1] * pad, plan["tables"] + [[self.pool.pad_page]] * pad)
         self.graphs[padded].replay()
         return self.outputs[padded][:bs]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from disagg.common.kernels import add_rms_norm, apply_rope, rms_norm
 from disagg.common.parallel import all_gather_last_dim, all_reduce, get_parallel
 from torch import nn
 
@@ -14,11 +15,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`: (norm(x + residual), x + residual), fused on CUDA."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -96,21 +97,18 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(max_positions, dtype=torch.float32, device="cpu")
         freqs = torch.outer(t, inv_freq.float().cpu())
         device = torch.get_default_device()
+        cos, sin = (freqs.cos() * scaling).float(), (freqs.sin() * scaling).float()
+        self.register_buffer("cos", cos.to(device), persistent=False)  # [max_pos, D/2] float32
+        self.register_buffer("sin", sin.to(device), persistent=False)
+        # the fused CUDA kernel's table: [max_pos, D] = cos | sin
         self.register_buffer(
-            "cos", (freqs.cos() * scaling).float().to(device), persistent=False
-        )  # [max_pos, D/2]
-        self.register_buffer("sin", (freqs.sin() * scaling).float().to(device), persistent=False)
+            "cos_sin",
+            torch.cat([cos, sin], -1).to(device) if device.type == "cuda" else None,
+            persistent=False,
+        )
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D/2]
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # NOTE: HF's "rotate_half" convention (first half / second half), computed in float32
-    dtype = x.dtype
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
+        """q [T, Hq, D], k [T, Hkv, D] -> rotated (in place on CUDA)."""
+        return apply_rope(positions, q, k, self.cos, self.sin, self.cos_sin)

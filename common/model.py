@@ -7,8 +7,8 @@ the Hugging Face checkpoints, with q/k/v and gate/up fused (see weights.py for t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from disagg.common.attention import AttentionBackend, ForwardBatch
+from disagg.common.kernels import silu_and_mul
 from disagg.common.layers import (
     ColumnParallelLinear,
     RMSNorm,
@@ -81,8 +81,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(batch.positions, q, k)
         kv = kv_buffer[self.layer_id]  # [num_pages, 2, page_size, Hkv, D]
-        kv[batch.out_page, 0, batch.out_offset] = k.to(kv.dtype)
-        kv[batch.out_page, 1, batch.out_offset] = v.to(kv.dtype)
+        rows = kv.view(-1, self.num_kv_heads, self.head_dim)  # one row per (page, K|V, slot)
+        rows.index_copy_(0, batch.k_rows, k.to(kv.dtype))
+        rows.index_copy_(0, batch.k_rows + batch.page_size, v.to(kv.dtype))
         out = backend.forward(q, kv, batch)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
@@ -95,8 +96,7 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, hidden_size)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -107,9 +107,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, batch, kv_buffer, backend):
-        x = x + self.self_attn(self.input_layernorm(x), batch, kv_buffer, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, batch, kv_buffer, backend):
+        """x: this layer's input delta; residual: the running sum (None before the first layer).
+        Returns (delta, residual): the hidden state after the layer is delta + residual."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, batch, kv_buffer, backend)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 def make_mlp(config, layer_id: int) -> nn.Module:
@@ -141,9 +148,11 @@ class CausalLM(nn.Module):
         self, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend
     ) -> torch.Tensor:
         """Returns float32 logits [len(batch.logits_index), vocab] for the wanted rows."""
-        x = self.embed_tokens(batch.input_ids)
+        x, residual = self.embed_tokens(batch.input_ids), None
+        # flat row of each new token's K in the layer's [num_pages * 2 * page_size] rows (V: + page_size)
+        batch.k_rows = batch.out_page * (2 * batch.page_size) + batch.out_offset
         for layer in self.layers:
-            x = layer(x, batch, kv_buffer, backend)
-        x = self.norm(x[batch.logits_index])
+            x, residual = layer(x, residual, batch, kv_buffer, backend)
+        x, _ = self.norm(x[batch.logits_index], residual[batch.logits_index])
         head = self.embed_tokens if self.tie_word_embeddings else self.lm_head
         return head.logits(x, self.vocab_size).float()

@@ -11,6 +11,7 @@ import torch
 from disagg.common.attention import ForwardBatch, create_attention_backend
 from disagg.common.config import EngineConfig, env_str
 from disagg.common.distributed import broadcast_plan
+from disagg.common.kernels import check_fused_kernels
 from disagg.common.kv_pool import KVPagePool, size_pool_pages
 from disagg.common.model import (
     SUPPORTED_ARCHITECTURES,
@@ -71,6 +72,11 @@ class ModelRunner:
         self._check_model()
         self.context_length = config.context_length or self.hf_config.max_position_embeddings
         self.model = self._load_model()
+        if self.device.type == "cuda":
+            fused = check_fused_kernels(self.device, self.dtype)
+            logger.info(
+                "fused kernels (RMSNorm+residual, SiLU*mul, RoPE): %s", "flashinfer" if fused else "off"
+            )
         self.pool = self._make_pool()
         self.backend = create_attention_backend(
             config.attention_backend,

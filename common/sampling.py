@@ -29,9 +29,10 @@ class Sampler:
         logits = self._apply_penalties(logits, reqs)
         want_logprobs = any(r.sampling.return_logprob or r.sampling.top_logprobs_num for r in reqs)
         logprobs_all = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        greedy = torch.tensor([r.sampling.is_greedy for r in reqs], device=self.device)
         tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
+        # NOTE: decided on the host: a device-side `greedy.all()` would cost a sync every step
+        if not all(r.sampling.is_greedy for r in reqs):
+            greedy = torch.tensor([r.sampling.is_greedy for r in reqs], device=self.device)
             sampled = self._sample_random(logits, reqs)
             tokens = torch.where(greedy, tokens, sampled)
         result = SampleResult(tokens.tolist())

@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import re
+import zlib
 from pathlib import Path
 
 import torch
@@ -220,9 +221,13 @@ def _copy_vocab_shard(param: torch.Tensor, tensor_slice) -> None:
 @torch.no_grad()
 def _init_dummy(model: torch.nn.Module) -> None:
     """Random weights at the real shapes: N(0, 0.02) matrices, unit norms (as SGLang/vLLM dummy)."""
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(1234 + get_parallel().tp_rank)
+    gen = torch.Generator(device=next(model.parameters()).device)
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
-        else:
-            p.normal_(0.0, 0.02, generator=gen)
+            continue
+        # NOTE: shards differ per rank; the MoE router is replicated and must be equal on every
+        # rank, or the ranks would route the same token to different experts
+        replicated = name.endswith("mlp.gate.weight")
+        gen.manual_seed(zlib.crc32(name.encode()) + (0 if replicated else 7919 * get_parallel().tp_rank))
+        p.normal_(0.0, 0.02, generator=gen)

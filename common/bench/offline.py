@@ -58,8 +58,10 @@ def _make_req(rid: str, length: int, vocab: int, new_tokens: int) -> Req:
     )
 
 
-def bench_decode(sched: Scheduler, batch: int, context: int, steps: int) -> float:
-    """Seconds per decode step of `batch` requests at `context` tokens each."""
+def bench_decode(
+    sched: Scheduler, batch: int, context: int, steps: int, profile: bool = False
+) -> tuple[float, float]:
+    """Seconds per decode step of `batch` requests at `context` tokens each, and of its forward alone."""
     vocab = sched.runner.hf_config.vocab_size
     for i in range(batch):
         sched.add_request(_make_req(f"d{batch}-{i}", context, vocab, steps + 8))
@@ -73,11 +75,40 @@ def bench_decode(sched: Scheduler, batch: int, context: int, steps: int) -> floa
         sched.step()
     sync(device)
     per_step = (time.perf_counter() - t) / steps
+    forward = time_forward_only(sched, steps)
+    if profile:
+        profile_steps(sched)
     for r in list(sched.running):
         sched.abort_request(r.rid)
     sched.step()
     sched.cache.reset()
-    return per_step
+    return per_step, forward
+
+
+def time_forward_only(sched: Scheduler, steps: int) -> float:
+    """Seconds of the model forward alone (graph replay or eager) on the batch of the next step:
+    the rest of a step is host work (scheduling, planning, sampling, the token read-back)."""
+    runner, plans = sched.runner, []
+    forward_plan = runner.forward_plan
+    runner.forward_plan = lambda plan: plans.append(plan) or forward_plan(plan)
+    try:
+        sched.step()
+    finally:
+        runner.forward_plan = forward_plan
+    return timed(lambda: forward_plan(plans[-1]), runner.device, repeat=steps)
+
+
+def profile_steps(sched: Scheduler, steps: int = 3) -> None:
+    """Print the top kernels of a few decode steps (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if sched.runner.device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            sched.step()
+        sync(sched.runner.device)
+    key = "cuda_time_total" if sched.runner.device.type == "cuda" else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
 
 
 def bench_prefill(sched: Scheduler, length: int) -> float:
@@ -163,6 +194,8 @@ def main() -> None:
     p.add_argument("--load-format", default="auto")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--profile-batch-sizes", default="", help="print the top kernels of these decode batches")
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--batch-sizes", default="1,16,64")
     p.add_argument("--context-len", type=int, default=1024)
@@ -175,6 +208,7 @@ def main() -> None:
     p.add_argument("--output-json", default=None)
     args = p.parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",")]
+    profile_at = {int(b) for b in args.profile_batch_sizes.split(",") if b}
     max_tokens = max(batches) * (args.context_len + args.decode_steps + 64) + args.prefill_len + 4096
     print(f"loading {args.model_path or 'default model'} (tp {args.tp}) ...", flush=True)
     engine = Engine(
@@ -187,6 +221,7 @@ def main() -> None:
         max_running_requests=max(batches) + 8,
         disable_radix_cache=True,
         tp=args.tp,
+        ep=args.ep,
         disable_cuda_graph=args.disable_cuda_graph,
     )
     sched = engine.scheduler
@@ -204,7 +239,7 @@ def main() -> None:
     rows = []
     for b in batches:
         print(f"decode batch {b} ...", flush=True)
-        step = bench_decode(sched, b, args.context_len, args.decode_steps)
+        step, fwd = bench_decode(sched, b, args.context_len, args.decode_steps, b in profile_at)
         roof = (weight_bytes + b * args.context_len * kv_tok) / (ceil["copy_gb_s"] * 1e9)
         rows.append(
             dict(
@@ -212,6 +247,7 @@ def main() -> None:
                 batch=b,
                 context=args.context_len,
                 ms=step * 1e3,
+                forward_ms=fwd * 1e3,
                 roofline_ms=roof * 1e3,
                 of_roofline=roof / step,
                 tok_s=b / step,
@@ -270,17 +306,18 @@ def print_report(ceil: dict, weight_bytes: int, kv_tok: int, rows: list[dict], g
         f"weights {weight_bytes / 1e9:.2f} GB, KV {kv_tok / 1024:.0f} KiB/token"
     )
     print(
-        f"{'kind':8} {'batch':>5} {'ctx':>6} {'ms':>9} {'tok/s':>10} {'roofline ms':>12} {'% of ceiling':>13}"
+        f"{'kind':8} {'batch':>5} {'ctx':>6} {'ms':>9} {'fwd ms':>8} {'tok/s':>10} {'roofline ms':>12} "
+        f"{'% of ceiling':>13}"
     )
     for r in rows:
         if r["kind"] == "decode":
             print(
-                f"{'decode':8} {r['batch']:>5} {r['context']:>6} {r['ms']:>9.2f} {r['tok_s']:>10.1f} "
-                f"{r['roofline_ms']:>12.2f} {100 * r['of_roofline']:>12.1f}%"
+                f"{'decode':8} {r['batch']:>5} {r['context']:>6} {r['ms']:>9.2f} {r['forward_ms']:>8.2f} "
+                f"{r['tok_s']:>10.1f} {r['roofline_ms']:>12.2f} {100 * r['of_roofline']:>12.1f}%"
             )
         else:
             print(
-                f"{'prefill':8} {r['batch']:>5} {r['context']:>6} {r['ms']:>9.2f} {r['tok_s']:>10.1f} "
+                f"{'prefill':8} {r['batch']:>5} {r['context']:>6} {r['ms']:>9.2f} {'':>8} {r['tok_s']:>10.1f} "
                 f"{r['tflops']:>9.1f} TF {100 * r['of_matmul']:>12.1f}%"
             )
     if gen:
