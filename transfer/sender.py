@@ -246,9 +246,14 @@ class KVSender(TransferBase):
             pieces.extend(self._split(chunk))
         state.queued.clear()
         done = state.is_last and not state.done_sent
-        for i, piece in enumerate(pieces):
-            slices = [self._announce(state, piece, t, done and i == len(pieces) - 1) for t in state.targets]
-            asyncio.ensure_future(self._send_piece(state, piece, slices))
+        # every header first, then the gathers: the decode posts all its receives while we gather
+        last = len(pieces) - 1
+        slices = [
+            [self._announce(state, p, t, done and i == last) for t in state.targets]
+            for i, p in enumerate(pieces)
+        ]
+        for piece, piece_slices in zip(pieces, slices, strict=True):
+            asyncio.ensure_future(self._send_piece(state, piece, piece_slices))
         if done:
             state.done_sent = True
             if not pieces:  # no piece left to carry the done (an empty last chunk): a message of its own
