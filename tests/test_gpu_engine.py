@@ -40,12 +40,18 @@ PROMPTS = [
 ]
 
 
-def test_flashinfer_bf16_matches_transformers_bf16(default_model_path):
+@pytest.mark.parametrize(
+    "kw",
+    [dict(page_size=16), dict(page_size=4, chunked_prefill_size=7, max_running_requests=8)],
+    ids=["page16", "page4-chunk7-run8"],
+)
+def test_flashinfer_bf16_matches_transformers_bf16(default_model_path, kw):
+    """CUDA graphs for decode, fused kernels, chunked prefill and a queue (max 8 running) included."""
     pytest.importorskip("flashinfer")
     from disagg.common.engine import Engine
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    engine = Engine(attention_backend="flashinfer", dtype="bfloat16", max_total_tokens=65536)
+    engine = Engine(attention_backend="flashinfer", dtype="bfloat16", max_total_tokens=65536, **kw)
     tok = AutoTokenizer.from_pretrained(default_model_path)
     ids = [tok.encode(p) for p in PROMPTS]
     outs = engine.generate(ids, {"max_new_tokens": 64, "temperature": 0, "ignore_eos": True})

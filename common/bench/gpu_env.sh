@@ -1,12 +1,22 @@
-# Source on the lent GPU machine (repo root): installs the carried wheels and makes `disagg.*`
-# importable without pip-installing the project (the GPU image has no package index).
-set -e
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  $(ls .whl/*.whl .gpu/whl/*.whl 2>/dev/null) >/dev/null 2>&1 || true
+# Source on the lent GPU machine (repo root). The image has no package index: wheels travel in
+# .gpu/<set>/*.whl (fi: flashinfer; base: pyzmq, gguf, fastapi stack; ucx: ucxx-cu13 stack) and are
+# installed once per machine into /tmp/site; `disagg.*` is made importable without pip-installing
+# the project; a carried FlashInfer JIT cache (.gpu/fi_cache.tgz) skips minutes of kernel builds.
+for _d in .gpu/*/; do
+  _whl=("$_d"*.whl)
+  _name=$(basename "$_d")
+  if [ -e "${_whl[0]}" ] && [ ! -e "/tmp/site/.installed-$_name" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${_whl[@]}" \
+      >/dev/null 2>&1 && touch "/tmp/site/.installed-$_name" && echo "installed wheels: $_name"
+  fi
+done
+if [ -f .gpu/fi_cache.tgz ] && [ ! -e /tmp/.fi_cache_done ]; then
+  tar xzf .gpu/fi_cache.tgz -C / 2>/dev/null && touch /tmp/.fi_cache_done
+fi
 mkdir -p /tmp/shim/disagg
 touch /tmp/shim/disagg/__init__.py
 for d in common prefill decode router transfer; do ln -sfn "$PWD/$d" /tmp/shim/disagg/$d; done
 ln -sfn "$PWD/common/bench" /tmp/shim/disagg/bench
-export PYTHONPATH=/tmp/site:/tmp/shim:$PWD
+export PYTHONPATH=/tmp/site:/tmp/shim:/tmp/gg:$PWD
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-set +e
+export DISAGG_CACHE_DIR=/tmp/disagg-cache
