@@ -4,11 +4,11 @@ the JSON, the table and the plot are written, and no server is left running."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from disagg.bench.pd_sweep import live_groups
 
 pytestmark = pytest.mark.slow
 
@@ -41,17 +41,4 @@ def test_pd_sweep_measures_both_deployments(tmp_path):
         assert (out / "logs" / f"{name}.log").exists()
     # every process group the sweep started (servers with their scheduler children, routers) is gone
     groups = {p["pid"] for rec in report["deployments"].values() for p in rec["processes"].values()}
-    assert len(groups) == 5 and not groups & live_process_groups()
-
-
-def live_process_groups() -> set[int]:
-    groups = set()
-    for entry in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z":
-            groups.add(int(fields[2]))
-    return groups
+    assert len(groups) == 5 and not groups & live_groups()

@@ -194,6 +194,24 @@ class Deployment:
                 pass
             _signal_group(c.proc.pid, signal.SIGKILL)  # NOTE: also the group's stragglers (scheduler, ranks)
             c.proc.wait()
+        # NOTE: the next deployment takes the same GPUs: wait until their memory holders are gone
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and live_groups() & {c.proc.pid for c in started}:
+            time.sleep(0.2)
+
+
+def live_groups() -> set[int]:
+    """Process group ids of every running (not zombie) process, from /proc."""
+    groups = set()
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            groups.add(int(fields[2]))
+    return groups
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -213,7 +231,9 @@ def token_prompts(tokenizer, n: int, input_len: int, output_len: int, seed: int)
     return [([rng.choice(vocab) for _ in range(input_len)], input_len, output_len) for _ in range(n)]
 
 
-def bench_args(args: argparse.Namespace, url: str, rate: float, n: int, output_len: int, concurrency=None):
+def bench_args(
+    args: argparse.Namespace, url: str, rate: float, n: int, output_len: int, concurrency: int = 0
+):
     """The serving benchmark's own CLI namespace for one run (its defaults, our lengths and limits)."""
     argv = ["--base-url", url, "--num-prompts", str(n), "--request-rate", str(rate), "--input-len",
             str(args.input_len), "--output-len", str(output_len), "--warmup-requests", "0", "--timeout",
@@ -221,8 +241,10 @@ def bench_args(args: argparse.Namespace, url: str, rate: float, n: int, output_l
     return serving.parse_args(argv + (["--max-concurrency", str(concurrency)] if concurrency else []))
 
 
-def run_bench(bargs, prompts: list[tuple], limits: dict[str, float]) -> dict:
-    results, duration = asyncio.run(serving.run(bargs, prompts))
+def run_bench(bargs, prompts: list[tuple], limits: dict[str, float], deadline: float) -> dict:
+    """serving.run on these prompts, cut off (TimeoutError) at `deadline` (time.monotonic())."""
+    timeout = None if deadline == float("inf") else max(1.0, deadline - time.monotonic())
+    results, duration = asyncio.run(asyncio.wait_for(serving.run(bargs, prompts), timeout))
     summary = serving.summarize(results, duration, limits)
     # NOTE: serving's goodput is good requests per second; the issue's figure is their share of all sent
     good = sum(serving.is_good(r, limits) for r in results)
@@ -233,15 +255,20 @@ def run_bench(bargs, prompts: list[tuple], limits: dict[str, float]) -> dict:
     return summary
 
 
-def measure(args: argparse.Namespace, url: str, tokenizer, record: dict, save) -> None:
-    """Warm-up, TTFT probe, then the rates; `record` fills as it goes and `save()` writes it."""
+def measure(args: argparse.Namespace, url: str, tokenizer, record: dict, save, deadline: float) -> None:
+    """Warm-up, TTFT probe, then the rates until `deadline`; `record` fills as it goes, `save()` writes it."""
     limits = serving.parse_goodput(args.goodput)
     warm = token_prompts(tokenizer, args.warmup_requests, args.input_len, 8, args.seed + 7)
-    warm_sum = run_bench(bench_args(args, url, float("inf"), len(warm), 8, concurrency=1), warm, {})
-    if warm_sum["failed"]:
-        raise RuntimeError(f"warm-up failed: {warm_sum['first_errors'][0]}")
-    probes = token_prompts(tokenizer, args.ttft_probes, args.input_len, 2, args.seed + 11)
-    probe = run_bench(bench_args(args, url, float("inf"), len(probes), 2, concurrency=1), probes, {})
+    try:
+        warm_sum = run_bench(bench_args(args, url, float("inf"), len(warm), 8, 1), warm, {}, deadline)
+        if warm_sum["failed"]:
+            raise RuntimeError(f"warm-up failed: {warm_sum['first_errors'][0]}")
+        probes = token_prompts(tokenizer, args.ttft_probes, args.input_len, 2, args.seed + 11)
+        probe = run_bench(bench_args(args, url, float("inf"), len(probes), 2, 1), probes, {}, deadline)
+    except TimeoutError:
+        raise RuntimeError(
+            "--max-total-s: this deployment's share ran out during the warm-up or TTFT probe"
+        ) from None
     record["ttft_probe"] = {k: probe[k] for k in ("completed", "failed", "ttft_ms")} | {"output_len": 2}
     print(
         f"  TTFT probe: p50 {probe['ttft_ms']['p50']:.1f} ms, p90 {probe['ttft_ms']['p90']:.1f} ms",
@@ -249,12 +276,16 @@ def measure(args: argparse.Namespace, url: str, tokenizer, record: dict, save) -
     )
     save()
     for i, (rate, n) in enumerate(zip(args.request_rates, args.num_prompts, strict=True)):
-        if time.monotonic() > args.deadline:
-            record["skipped_rates"] = args.request_rates[i:]
-            print(f"  --max-total-s reached: skipping rates {record['skipped_rates']}", flush=True)
-            break
         prompts = token_prompts(tokenizer, n, args.input_len, args.output_len, args.seed + 100 * (i + 1))
-        s = run_bench(bench_args(args, url, rate, n, args.output_len), prompts, limits)
+        try:
+            if time.monotonic() >= deadline:
+                raise TimeoutError
+            s = run_bench(bench_args(args, url, rate, n, args.output_len), prompts, limits, deadline)
+        except TimeoutError:
+            record["skipped_rates"] = args.request_rates[i:]
+            print(f"  --max-total-s: this deployment's share ran out; rates {record['skipped_rates']} "
+                  "not measured (or cut off)", flush=True)  # fmt: skip
+            break
         record["rates"].append({"request_rate": rate, "num_prompts": n, **s})
         print(f"  rate {rate:g}/s: {s['completed']}/{n} ok, TTFT p50 {s['ttft_ms']['p50']:.0f} ms, ITL p50 "
               f"{s['itl_ms']['p50']:.1f} ms, goodput {s.get('goodput', 0):.2f} req/s "
@@ -294,6 +325,8 @@ def markdown(report: dict) -> str:
     if "ttft_pd_over_colocated_p50" in report:
         lines.append(f"\nPD / colocated TTFT (p50): {report['ttft_pd_over_colocated_p50']:.3f}")
     for d, rec in report["deployments"].items():
+        if rec.get("skipped_rates"):
+            lines.append(f"\n{d}: rates {rec['skipped_rates']} not measured (--max-total-s)")
         if rec.get("error"):
             lines.append(f"\n**{d} failed**: {rec['error'].splitlines()[0]}")
     return "\n".join(lines)
@@ -352,12 +385,12 @@ def run(args: argparse.Namespace) -> int:
 
     out_dir, started = Path(args.out_dir), time.monotonic()
     (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-    args.deadline = started + args.max_total_s
+    deadline = started + args.max_total_s
     # NOTE: the token ids only need to be valid for the server's tokenizer (a dummy preset borrows this one)
     tokenizer = AutoTokenizer.from_pretrained(
         args.tokenizer or resolve_model_path(args.model_path_for_tokenizer)
     )
-    config = {k: v for k, v in vars(args).items() if k not in ("deadline", "goodput")}
+    config = {k: v for k, v in vars(args).items() if k != "goodput"}
     report = {"config": config | {"goodput": {k: v * 1000 for k, v in serving.parse_goodput(args.goodput).items()}},
               "deployments": {}}  # fmt: skip
 
@@ -367,7 +400,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     builders = {"pd": pd_children, "colocated": colocated_children}
     try:
-        for name in args.deployments:
+        for k, name in enumerate(args.deployments):
+            # NOTE: each deployment gets an equal share of what is left of --max-total-s, start-up included
+            share = time.monotonic() + (deadline - time.monotonic()) / (len(args.deployments) - k)
             record = report["deployments"][name] = {"rates": []}
             print(f"\n== {name} ==", flush=True)
             t0 = time.monotonic()
@@ -376,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
                     record["start_s"] = time.monotonic() - t0
                     record["processes"] = {c.name: {"pid": c.proc.pid, "argv": c.argv, "log": str(c.log)}
                                            for c in dep.children}  # fmt: skip
-                    measure(args, dep.url, tokenizer, record, save)
+                    measure(args, dep.url, tokenizer, record, save, share)
             except RuntimeError as e:
                 record["error"] = str(e)
                 print(f"[{name}] failed: {e}", file=sys.stderr, flush=True)
