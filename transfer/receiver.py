@@ -237,6 +237,13 @@ class KVReceiver(TransferBase):
             await peer.recv_data(staging, msg.tag)
         except Exception:  # noqa: BLE001 - the endpoint failed: the peer's close fails the room
             return
+        await self._land_chunk(peer, msg, state, staging, error)
+        self._release_staging(staging)  # not on an exception: a cancelled copy may still read it
+
+    async def _land_chunk(
+        self, peer: Peer, msg: KVChunkMsg, state: _RecvRoom | None, staging: torch.Tensor, error: str
+    ) -> None:
+        """The chunk's bytes are in `staging`: scatter them into the room's pages (or drop them)."""
         if error:
             peer.post_msg(RoomFailedMsg(msg.room, error))
             if state is not None:

@@ -328,6 +328,7 @@ class KVSender(TransferBase):
             state.busy -= 1  # taken by _announce
             self._report_when_idle(state)
         await s.peer.send_data(staging, s.tag)  # even for a room failed meanwhile: the decode drops it
+        self._release_staging(staging)
         if not state.finished:
             state.nbytes += s.nbytes
             self._touch(state)
