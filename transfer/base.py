@@ -7,6 +7,7 @@ bad_request, incompatible) labels the failures metric.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from disagg.transfer.protocol import Room, RoomFailedMsg
 from disagg.transfer.ucx import Peer, UcxLoop
 
 INLINE_COPY_BYTES = 1 << 20  # CPU gathers/scatters up to this size run on the loop thread
-POOLED_STAGING_MIN_BYTES = 1 << 20  # CPU staging buffers from this size on are pooled
+POOLED_STAGING_MIN_BYTES = 4 << 10  # CPU staging buffers from this size on are pooled
 STAGING_POOL_BYTES = 256 << 20  # CPU: at most this much idle staging memory kept per engine
 
 
@@ -111,6 +112,7 @@ class TransferBase:
         self.peers: set[Peer] = set()
         self._tombstones: dict[Room, Tombstone] = {}
         self._results: deque[TransferResult] = deque()  # appended on the loop, drained by poll()
+        self._results_ready = threading.Event()  # set when _results gets one; wait() blocks on it
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._free_staging: dict[int, list[torch.Tensor]] = {}  # CPU: power-of-two size -> buffers
         self._pooled_bytes = 0
@@ -120,10 +122,16 @@ class TransferBase:
     # ---- thread-safe API ----
     def poll(self) -> list[TransferResult]:
         """Rooms finished (ok or failed) since the last poll; each room is reported exactly once."""
+        self._results_ready.clear()  # before draining: a result appended from now on sets it again
         out = []
         while self._results:
             out.append(self._results.popleft())
         return out
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until poll() has something (True) or timeout passes (False): a caller that has
+        nothing else to do learns of a finished room at once instead of polling in a sleep loop."""
+        return self._results_ready.wait(timeout)
 
     def abort(self, room: Room) -> None:
         """Fail `room` here and on the peer side (its result still comes through poll())."""
@@ -187,6 +195,7 @@ class TransferBase:
         # server can free (and reuse) them as soon as poll() returns the failure.
         if state.result is not None and state.busy == 0:
             self._results.append(state.result)
+            self._results_ready.set()
             state.result = None
 
     def _fail_rooms_of(self, peer: Peer, reason: str) -> None:

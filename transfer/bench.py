@@ -57,16 +57,17 @@ def decode_main(device: str, sweep_pages: int, llama_pages: int, conn: Any) -> N
 
     done_at: dict[int, float] = {}  # room -> time.monotonic() (system-wide) when poll() said ok
 
-    def drain() -> None:
+    def drain(receiver: Any) -> None:  # woken by the receiver as soon as a room finishes
         while True:
-            for r in sweep.poll() + llama.poll():
+            receiver.wait(1.0)
+            for r in receiver.poll():
                 if r.ok:
                     done_at[r.room] = time.monotonic()
                 else:
                     failures.append(r)
-            time.sleep(0.0001)
 
-    threading.Thread(target=drain, daemon=True).start()
+    for receiver in (sweep, llama):
+        threading.Thread(target=drain, args=(receiver,), daemon=True).start()
     while True:
         cmd, *args = conn.recv()
         if cmd == "expect":

@@ -61,16 +61,18 @@ def make_requests(
 
 
 def wait_results(
-    engine: TransferBase, rooms: set[int], timeout_s: float, interval_s: float = 0.0002
+    engine: TransferBase, rooms: set[int], timeout_s: float, interval_s: float = 0.1
 ) -> dict[int, TransferResult]:
-    """Poll until every room in `rooms` is reported (or timeout_s passes)."""
+    """Poll until every room in `rooms` is reported (or timeout_s passes), waking up as soon as
+    the engine has a result."""
     results: dict[int, TransferResult] = {}
     deadline = time.monotonic() + timeout_s
     while not rooms <= results.keys() and time.monotonic() < deadline:
         for r in engine.poll():
             assert r.room not in results, f"room {r.room} reported twice"
             results[r.room] = r
-        time.sleep(interval_s)
+        if not rooms <= results.keys():
+            engine.wait(min(interval_s, max(0.0, deadline - time.monotonic())))
     return results
 
 
