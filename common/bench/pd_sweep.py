@@ -14,7 +14,8 @@ tokens, on the idle deployment), then `disagg.bench.serving` at every --request-
 random token ids sent as `prompt` of /v1/completions, so exactly --input-len tokens reach the server
 whatever its tokenizer; both deployments get the same prompts. Writes into --out-dir: `pd_sweep.json`
 (after every rate, so a cut-off run keeps what it measured), `pd_sweep.md` (also printed),
-`pd_sweep.png` (goodput against rate) and `logs/<deployment>-<process>.log`.
+`pd_sweep.png` (goodput against rate) and `logs/<deployment>-<process>.log`. `--report-only` redoes
+the table and plot from the JSON of a run that was cut off.
 """
 
 from __future__ import annotations
@@ -429,6 +430,7 @@ def run(args: argparse.Namespace) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m disagg.bench.pd_sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--report-only", action="store_true", help="redo the table and plot from --out-dir's JSON")
     p.add_argument(
         "--device", choices=["cuda", "cpu"], default="cuda", help="cpu: tiny default lengths/rates"
     )
@@ -490,7 +492,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(run(parse_args(argv)))
+    args = parse_args(argv)
+    if args.report_only:  # e.g. after a run cut off before its end: the JSON has every finished rate
+        out_dir = Path(args.out_dir)
+        write_outputs(json.loads((out_dir / "pd_sweep.json").read_text()), out_dir)
+        sys.exit(0)
+    sys.exit(run(args))
 
 
 if __name__ == "__main__":
