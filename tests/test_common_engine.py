@@ -159,3 +159,14 @@ def test_bad_requests_end_with_an_error(engines):
     with pytest.raises(ValueError, match="top_p"):
         engine.generate("hi", {"top_p": 0})
     assert_pool_clean(engine.scheduler)
+
+
+def test_disabled_radix_cache_returns_every_page(engines, default_model_path):
+    """--disable-radix-cache: finished requests give all their pages back to the pool."""
+    engine = _engine(engines, page_size=4, disable_radix_cache=True)
+    prompts = PROMPTS[:2]
+    outs = engine.generate(prompts, {**GREEDY, "max_new_tokens": 6})
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out["output_ids"] == hf_greedy(default_model_path, engine.tokenizer.encode(prompt), 6)
+    pool = engine.scheduler.pool
+    assert pool.num_free_pages == pool.num_pages  # nothing parked in a cache that is off

@@ -65,8 +65,12 @@ def bench_decode(
     vocab = sched.runner.hf_config.vocab_size
     for i in range(batch):
         sched.add_request(_make_req(f"d{batch}-{i}", context, vocab, steps + 8))
-    while sched.waiting or any(r.num_computed_tokens < r.seq_len - 1 for r in sched.running):
+    for _ in range(100 * batch + 1000):
+        if not (sched.waiting or any(r.num_computed_tokens < r.seq_len - 1 for r in sched.running)):
+            break
         sched.step()
+    else:
+        raise RuntimeError(f"batch {batch} never got admitted: {sched.pool.num_free_pages} pages free")
     device = sched.runner.device
     sched.step()
     sync(device)
