@@ -33,7 +33,9 @@ def _flashinfer():
 
 def use_fused(x: torch.Tensor) -> bool:
     # NOTE: FlashInfer's kernels take bf16/fp16 only; float32 on CUDA keeps the torch ops
-    return _enabled and x.is_cuda and x.dtype in _HALF and _flashinfer() is not None
+    # NOTE: and no empty batches: a kernel launched on a grid of 0 blocks fails (a prefill chunk
+    # that ends no request has no logits rows)
+    return _enabled and x.is_cuda and x.dtype in _HALF and x.shape[0] > 0 and _flashinfer() is not None
 
 
 @contextlib.contextmanager
