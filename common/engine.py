@@ -96,6 +96,7 @@ class Engine:
                 "cached_tokens": out.cached_tokens,
                 "error": out.error,
                 "output_logprobs": list(req.output_logprobs),
+                "output_top_logprobs": [[list(t) for t in top] for top in req.output_top_logprobs],
             },
         }
 

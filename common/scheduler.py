@@ -198,6 +198,8 @@ class Scheduler:
         """`token` was just appended to req.output_ids: finish the request if it ends it, queue the output."""
         if lp is not None:
             req.output_logprobs.append(lp)
+        if top is not None:
+            req.output_top_logprobs.append(top)
         out = self._token_out(req, token, lp, top)
         reason = self._finish_reason(req)
         if reason:
