@@ -61,7 +61,9 @@ class ReqStatus(enum.Enum):
     ABORTED = "aborted"
 
 
-@dataclass
+# NOTE: eq=False: a request is an entity (identity); the generated field-by-field __eq__ compared
+# whole token lists on every `req in running` / `remove(req)` (1.7 ms per step at batch 64)
+@dataclass(eq=False)
 class Req:
     rid: str
     input_ids: list[int]

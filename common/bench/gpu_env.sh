@@ -20,3 +20,7 @@ ln -sfn "$PWD/common/bench" /tmp/shim/disagg/bench
 export PYTHONPATH=/tmp/site:/tmp/shim:/tmp/gg:$PWD
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export DISAGG_CACHE_DIR=/tmp/disagg-cache
+# a dummy preset borrows the default model's tokenizer: a tokenizer-only copy of its folder will do
+if [ -d .gpu/tokcache/models ] && [ ! -e "$DISAGG_CACHE_DIR/models/SmolLM2-135M-Instruct" ]; then
+  mkdir -p "$DISAGG_CACHE_DIR" && cp -r .gpu/tokcache/models "$DISAGG_CACHE_DIR/"
+fi

@@ -14,8 +14,10 @@ import random
 import time
 
 import torch
+from disagg.common.distributed import broadcast_plan
 from disagg.common.engine import Engine, to_sampling_params
 from disagg.common.model import head_dim_of
+from disagg.common.parallel import get_parallel
 from disagg.common.request import Req
 from disagg.common.scheduler import Scheduler
 
@@ -99,7 +101,13 @@ def time_forward_only(sched: Scheduler, steps: int) -> float:
         sched.step()
     finally:
         runner.forward_plan = forward_plan
-    return timed(lambda: forward_plan(plans[-1]), runner.device, repeat=steps)
+
+    def forward() -> None:
+        if get_parallel().tp_size > 1:  # NOTE: the other ranks run a forward only for a broadcast plan
+            broadcast_plan(plans[-1])
+        forward_plan(plans[-1])
+
+    return timed(forward, runner.device, repeat=steps)
 
 
 def profile_steps(sched: Scheduler, steps: int = 3) -> None:
