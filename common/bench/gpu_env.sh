@@ -1,7 +1,17 @@
 # Source on the lent GPU machine (repo root). The image has no package index: wheels travel in
-# .gpu/<set>/*.whl (fi: flashinfer; base: pyzmq, gguf, fastapi stack; ucx: ucxx-cu13 stack) and are
-# installed once per machine into /tmp/site; `disagg.*` is made importable without pip-installing
-# the project; a carried FlashInfer JIT cache (.gpu/fi_cache.tgz) skips minutes of kernel builds.
+# .gpu/<set>/*.whl and are installed once per machine into /tmp/site; `disagg.*` is made importable
+# without pip-installing the project; a carried FlashInfer JIT cache (.gpu/fi_cache.tgz) skips
+# minutes of kernel builds. The sets (cp312 manylinux wheels, `pip download --no-deps`; .gpu/ is
+# git-ignored, so a new checkout fetches them again, e.g. with ../shared/tools/gpu-wheels):
+#   fi:     flashinfer-python 0.7.2.post1, apache-tvm-ffi                           (34 MB)
+#   base:   pyzmq, gguf, fastapi, starlette, uvicorn, pydantic, pydantic-core, annotated-types,
+#           annotated-doc, typing-inspection, opentelemetry-api                     (4 MB)
+#   router: orjson, httptools                                                      (0.5 MB)
+#   ucx:    ucxx-cu13, libucxx-cu13, libucx-cu13, rmm-cu13, librmm-cu13, rapids-logger (23 MB)
+#   tokcache: a tokenizer-only copy of the default model's folder (presets borrow its tokenizer)
+#   gg_a, gg_b: the default model's GGUF split in two (98 MB; one call carries at most 64 MiB)
+# One call's carry is at most 64 MiB: fi + base + fi_cache.tgz in one call, then ucx + router +
+# tokcache in the next while the machine is warm (30 s).
 for _d in .gpu/*/; do
   _whl=("$_d"*.whl)
   _name=$(basename "$_d")
