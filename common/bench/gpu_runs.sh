@@ -37,6 +37,53 @@ for step in "$@"; do
              | grep -v "Loading\|jit" | tail -60
            cp /tmp/sweep/pd_sweep.json /tmp/sweep/pd_sweep.md /tmp/sweep/pd_sweep.png $OUT/ 2>/dev/null
            tail -n 5 /tmp/sweep/logs/*.log ;;
+    fleet) # issue 10: FLEET_PAIRS (2) prefill + decode pairs, TP2 each (pair i: prefill on GPUs 4i,4i+1,
+           # decode on 4i+2,4i+3), 8B dummy, behind our router with each of FLEET_POLICIES in turn (the servers
+           # stay up); the serving benchmark against the router, then each server's finished requests
+           # (prefill0 decode0 prefill1 decode1). FLEET_PAIRS=1: the one-pair baseline on GPUs 0-3.
+           # DEVICE=cpu: the same commands with the default model at tp 1 and tiny lengths (checks the flags).
+           # e.g. PATH=.venv/bin:$PATH DEVICE=cpu bash common/bench/gpu_runs.sh 'export DISAGG_CACHE_DIR=~/.cache/disagg' fleet
+           # (gpu_env.sh still fills /tmp/site, /tmp/shim and ~/.cache/flashinfer from .gpu/)
+      n=${FLEET_PAIRS:-2}; pids=(); urls=(); legs=()
+      if [ "${DEVICE:-cuda}" = cpu ]; then flags="--device cpu --max-total-tokens 4096 --context-length 512"
+        export DISAGG_CPU_THREADS=1  # NOTE: the servers share the cores
+        bargs=${FLEET_BENCH:-"--num-prompts 8 --request-rate 4 --input-len 48 --output-len 6 --goodput ttft:2000 itl:500"}
+      else flags="$B8 --tp 2"
+        bargs=${FLEET_BENCH:-"--num-prompts 256 --request-rate 16 --input-len 2048 --output-len 256 --goodput ttft:1000 itl:50"}; fi
+      port() { python3 -c "from disagg.common.distributed import free_port; print(free_port())"; }
+      ready() {  # URL...: each answers 200 within READY_S (300) seconds
+        local end=$((SECONDS + ${READY_S:-300})) u
+        for u in "$@"; do
+          until python3 -c "import httpx,sys; sys.exit(httpx.get('$u', timeout=5).status_code != 200)" 2>/dev/null; do
+            [ $SECONDS -lt $end ] || { echo "not ready: $u"; return 1; }; sleep 2
+          done
+        done; }
+      served() { python3 -c "import httpx,sys; print(*(sum(float(l.split()[-1]) for l in httpx.get(u + '/metrics').text.splitlines()
+                 if l.startswith('disagg_requests_total')) for u in sys.argv[1:]))" "${urls[@]}"; }
+      serve() {  # ROLE NAME GPUS FLAGS...: one server in its own session (killed as a group below)
+        local p; p=$(port); local role=$1 name=$2 gpus=$3; shift 3
+        [ "${DEVICE:-cuda}" = cpu ] && gpus=""
+        CUDA_VISIBLE_DEVICES=$gpus setsid python3 -m disagg.$role.launch --host 127.0.0.1 \
+          --port $p $flags "$@" > $OUT/fleet-$name.log 2>&1 &
+        pids+=($!); urls+=(http://127.0.0.1:$p)
+      }
+      for i in $(seq 0 $((n - 1))); do
+        b=$(port); serve prefill prefill$i $((4 * i)),$((4 * i + 1)) --disaggregation-bootstrap-port $b
+        legs+=(--prefill ${urls[-1]} $b)
+        serve decode decode$i $((4 * i + 2)),$((4 * i + 3)); legs+=(--decode ${urls[-1]})
+      done
+      ready "${urls[@]/%//health}" && for policy in ${FLEET_POLICIES:-cache_aware power_of_two}; do
+        r=$(port); echo "--- $n pairs, --policy $policy"
+        CUDA_VISIBLE_DEVICES= setsid python3 -m disagg.router.launch_router --host 127.0.0.1 --port $r --policy $policy \
+          --pd-disaggregation "${legs[@]}" --log-level warning > $OUT/fleet-router-$policy.log 2>&1 &
+        rpid=$!; ready http://127.0.0.1:$r/readiness && echo "served before: $(served)" \
+          && timeout "${T:-400}" python3 -m disagg.bench.serving --base-url http://127.0.0.1:$r $bargs \
+               --output-json $OUT/fleet_${n}pairs_$policy.json 2>&1 | tail -25 && echo "served after: $(served)"
+        kill -TERM -- -$rpid; wait $rpid
+      done
+      for pid in "${pids[@]}"; do kill -TERM -- -$pid; done; sleep 5
+      for pid in "${pids[@]}"; do kill -KILL -- -$pid 2>/dev/null; done; wait
+      tail -n 3 $OUT/fleet-*.log ;;
     fi-cache) tar czf $OUT/fi_cache.tgz -C / root/.cache/flashinfer 2>/dev/null; ls -la $OUT/fi_cache.tgz ;;
     *) eval "$step" ;;
   esac
