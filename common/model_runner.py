@@ -182,13 +182,12 @@ class ModelRunner:
         q_lens, kv_lens, tables = [], [], []
         for req, n in scheduled:
             start = req.num_computed_tokens
-            all_ids = req.all_ids
-            ids += all_ids[start : start + n]
+            ids += req.ids_between(start, start + n)
             pos = range(start, start + n)
             positions += pos
             pages += [req.page_table[p // ps] for p in pos]
             offsets += [p % ps for p in pos]
-            if start + n == len(all_ids):
+            if start + n == req.seq_len:
                 logits_index.append(len(ids) - 1)
             q_lens.append(n)
             kv_lens.append(start + n)

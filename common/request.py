@@ -90,6 +90,15 @@ class Req:
     def all_ids(self) -> list[int]:
         return self.input_ids + self.output_ids
 
+    def ids_between(self, start: int, end: int) -> list[int]:
+        """all_ids[start:end] without building all_ids (a decode step needs one token of a long list)."""
+        n_in = len(self.input_ids)
+        if end <= n_in:
+            return self.input_ids[start:end]
+        if start >= n_in:
+            return self.output_ids[start - n_in : end - n_in]
+        return self.input_ids[start:] + self.output_ids[: end - n_in]
+
     @property
     def seq_len(self) -> int:
         return len(self.input_ids) + len(self.output_ids)
