@@ -130,3 +130,20 @@ def stats_text(server: ServerProcess) -> str:
     s = dict(stats(server))
     s.pop("metrics_text", None)
     return json.dumps(s)
+
+
+def generate_ids(client: httpx.Client, prompt: str, stream: bool, max_tokens: int, **extra) -> list[int]:
+    """Greedy `/generate` through `client` (a router or a server), streaming or not: the output ids."""
+    body = {"text": prompt, "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0},
+            "stream": stream, **extra}  # fmt: skip
+    if not stream:
+        r = client.post("/generate", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["output_ids"]
+    last = None
+    with client.stream("POST", "/generate", json=body) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                last = json.loads(line[6:])
+    return last["output_ids"]

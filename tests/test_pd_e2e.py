@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.pd_helpers import PDCluster, assert_pool_free, stats
+from tests.pd_helpers import PDCluster, assert_pool_free, generate_ids, stats
 
 pytestmark = pytest.mark.slow
 
@@ -78,19 +78,7 @@ class StageWatch:
 
 
 def generate(client: httpx.Client, prompt: str, stream: bool, **extra) -> list[int]:
-    body = {"text": prompt, "sampling_params": {"max_new_tokens": MAX_TOKENS, "temperature": 0},
-            "stream": stream, **extra}  # fmt: skip
-    if not stream:
-        r = client.post("/generate", json=body)
-        assert r.status_code == 200, r.text
-        return r.json()["output_ids"]
-    last = None
-    with client.stream("POST", "/generate", json=body) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                last = json.loads(line[6:])
-    return last["output_ids"]
+    return generate_ids(client, prompt, stream, MAX_TOKENS, **extra)
 
 
 def chat(client: httpx.Client, messages, stream: bool, model: str | None = None) -> str:

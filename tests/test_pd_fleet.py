@@ -7,14 +7,13 @@ once for the module; the router restarts per policy.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import sys
 
 import httpx
 import pytest
 from disagg.router.testing import Process, free_port
 
-from tests.pd_helpers import PD_ARGS, SERVER_ENV, assert_pool_free, start_all
+from tests.pd_helpers import PD_ARGS, SERVER_ENV, assert_pool_free, generate_ids, start_all
 from tests.server_helpers import ServerProcess, metric_value
 
 pytestmark = pytest.mark.slow
@@ -97,22 +96,7 @@ def reference(default_model_path) -> list[list[int]]:
 
 
 def generate(client: httpx.Client, prompt: str, stream: bool) -> list[int]:
-    body = {
-        "text": prompt,
-        "sampling_params": {"max_new_tokens": MAX_TOKENS, "temperature": 0},
-        "stream": stream,
-    }
-    if not stream:
-        r = client.post("/generate", json=body)
-        assert r.status_code == 200, r.text
-        return r.json()["output_ids"]
-    last = None
-    with client.stream("POST", "/generate", json=body) as r:
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                last = json.loads(line[6:])
-    return last["output_ids"]
+    return generate_ids(client, prompt, stream, MAX_TOKENS)
 
 
 def requests_served(server: ServerProcess) -> float:
