@@ -7,6 +7,7 @@ bad_request, incompatible) labels the failures metric.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import deque
@@ -21,8 +22,29 @@ from disagg.transfer.protocol import Room, RoomFailedMsg
 from disagg.transfer.ucx import Peer, UcxLoop
 
 INLINE_COPY_BYTES = 1 << 20  # CPU gathers/scatters up to this size run on the loop thread
+# CPU chunks up to this size travel inside their header's control message (one message, not two
+# in series: on the CPU a one-way UCX message costs ~0.4 ms of wake-ups); at most INLINE_COPY_BYTES
+INLINE_DATA_BYTES = 1 << 20
 POOLED_STAGING_MIN_BYTES = 4 << 10  # CPU staging buffers from this size on are pooled
 STAGING_POOL_BYTES = 256 << 20  # CPU: at most this much idle staging memory kept per engine
+
+# DISAGG_TRANSFER_TRACE=1 records when each room passes each hop (time.monotonic(), comparable
+# between processes of one host); `python -m disagg.transfer.bench --trace` prints the medians.
+TRACE = os.environ.get("DISAGG_TRANSFER_TRACE", "0") not in ("", "0")
+_hops: dict[Room, dict[str, float]] = {}
+
+
+def trace(room: Room, hop: str) -> None:
+    """Remember the first time `room` passed `hop` (a no-op unless DISAGG_TRANSFER_TRACE=1)."""
+    if TRACE:
+        _hops.setdefault(room, {}).setdefault(hop, time.monotonic())
+
+
+def take_trace() -> dict[Room, dict[str, float]]:
+    """The hops recorded so far in this process (and forget them)."""
+    out = dict(_hops)
+    _hops.clear()
+    return out
 
 
 @dataclass
@@ -194,6 +216,7 @@ class TransferBase:
         # NOTE: a failed room is reported only once no gather/scatter touches its pages, so the
         # server can free (and reuse) them as soon as poll() returns the failure.
         if state.result is not None and state.busy == 0:
+            trace(state.room, f"{self.role}_result")
             self._results.append(state.result)
             self._results_ready.set()
             state.result = None

@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import os
 import statistics
 import threading
 import time
 from typing import Any
 
 import torch
+from disagg.transfer import base
 from disagg.transfer.layout import KVLayout
 from disagg.transfer.sender import default_max_message_bytes
 from disagg.transfer.testing import wait_results
@@ -63,6 +65,7 @@ def decode_main(device: str, sweep_pages: int, llama_pages: int, conn: Any) -> N
             for r in receiver.poll():
                 if r.ok:
                     done_at[r.room] = time.monotonic()
+                    base.trace(r.room, "decode_poll")
                 else:
                     failures.append(r)
 
@@ -85,6 +88,8 @@ def decode_main(device: str, sweep_pages: int, llama_pages: int, conn: Any) -> N
             while args[0] not in done_at and time.monotonic() < deadline:
                 time.sleep(0.0001)
             conn.send(done_at.pop(args[0], float("nan")))
+        elif cmd == "trace":
+            conn.send(base.take_trace())
         elif cmd == "stop":
             conn.send([f.reason for f in failures])
             return
@@ -177,6 +182,7 @@ class Bench:
             )
         result = wait_results(sender, {self.room}, 120)[self.room]
         prefill_s = time.perf_counter() - start
+        base.trace(self.room, "prefill_poll")
         if not result.ok:
             raise RuntimeError(f"transfer failed: {result.reason}")
         return prefill_s, self._ask("when", self.room) - start_mono
@@ -195,6 +201,13 @@ class Bench:
         self.conn.send(("raw", nbytes))
         assert self.conn.recv() == "ready"
         return self.sweep.ucx.call(_raw_send(self.raw_ep, buf))
+
+    def take_trace(self) -> dict[int, dict[str, float]]:
+        """Both sides' hops of the rooms since the last call (with --trace)."""
+        hops = base.take_trace()
+        for room, theirs in self._ask("trace").items():
+            hops.setdefault(room, {}).update(theirs)
+        return hops
 
     def close(self) -> list[str]:
         failures = self._ask("stop")
@@ -220,6 +233,19 @@ def _fmt_row(name: str, nbytes: int, engine: tuple[float, float], raw_s: float) 
         f"{name:>22} {nbytes / MiB:9.2f} {decode_s * 1e3:10.3f} {prefill_s * 1e3:10.3f} {nbytes / decode_s / 1e9:9.2f}"
         f" {raw_s * 1e3:9.3f} {nbytes / raw_s / 1e9:9.2f} {raw_s / decode_s * 100:8.0f}%"
     )
+
+
+def print_trace(name: str, hops: dict[int, dict[str, float]]) -> None:
+    """Median time of each hop after send(), over the rooms (the warm-up's included)."""
+    since: dict[str, list[float]] = {}
+    for room_hops in hops.values():
+        t0 = room_hops.get("send")
+        if t0 is None:
+            continue
+        for hop, t in room_hops.items():
+            since.setdefault(hop, []).append((t - t0) * 1e3)
+    cells = sorted((statistics.median(v), hop) for hop, v in since.items())
+    print(f"  trace {name}: " + "  ".join(f"{hop} {ms:.3f}" for ms, hop in cells), flush=True)
 
 
 def parse_size(text: str) -> int:
@@ -259,7 +285,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="KVSender max_message_bytes (default: the KVSender's for the device)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="64K, 64M, 256M, 1G and the 8B request, 5 iters")
     parser.add_argument("--skip-8b", action="store_true", help="no 8B 2k-token request rows")
+    parser.add_argument("--trace", action="store_true",
+                        help="also print the median ms after send() at which rooms pass each hop")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.trace:  # before the decode process spawns: it inherits the environment
+        os.environ["DISAGG_TRANSFER_TRACE"] = "1"
+        base.TRACE = True
     args.max_size_mib = args.max_size_mib or (1024 if args.device == "cuda" else 256)
     iters = args.iters or 5
     sizes = sweep_sizes(args)
@@ -281,15 +312,21 @@ def main(argv: list[str] | None = None) -> None:
             pages = max(1, size // page_bytes(SWEEP_LAYOUT))
             n = iters if size >= 64 * MiB else iters * 4
             engine_s = _median(lambda p=pages: bench.transfer("sweep", p), n)
+            hops = bench.take_trace()
             raw_s = _median(lambda s=size: bench.raw(s), n)
             print(_fmt_row("message", size, engine_s, raw_s), flush=True)
+            if args.trace:
+                print_trace("message", hops)
         if not args.skip_8b:
             llama_bytes = LLAMA8B_TOKENS * page_bytes(LLAMA8B_LAYOUT) // 16
             raw_s = _median(lambda: bench.raw(llama_bytes), iters)
             for chunks in (1, 4):
                 engine_s = _median(lambda c=chunks: bench.transfer("llama", LLAMA8B_TOKENS // 16, c), iters)
+                hops = bench.take_trace()
                 name = f"8B 2k tok, {chunks} chunk{'s' * (chunks > 1)}"
                 print(_fmt_row(name, llama_bytes, engine_s, raw_s), flush=True)
+                if args.trace:
+                    print_trace(name, hops)
     finally:
         failures = bench.close()
     if failures:

@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
-from disagg.transfer.base import RoomState, TransferBase, TransferResult, chunk_nbytes, wide_pages
+from disagg.transfer.base import RoomState, TransferBase, TransferResult, chunk_nbytes, trace, wide_pages
 from disagg.transfer.bootstrap import query_prefill_ranks
 from disagg.transfer.layout import HeadSlice, KVLayout, KVLayoutMismatchError, plan_head_slices
 from disagg.transfer.protocol import (
@@ -193,10 +195,14 @@ class KVReceiver(TransferBase):
                 RoomRequestMsg(state.room, self.layout.tp_rank, self.layout.tp_size, len(state.dst_pages))
             )
 
-    def _on_message(self, peer: Peer, msg: Any) -> None:
+    def _on_message(self, peer: Peer, msg: Any, payload: np.ndarray | None = None) -> None:
         state = self.rooms.get(getattr(msg, "room", None))
         if isinstance(msg, KVChunkMsg):
-            asyncio.ensure_future(self._recv_chunk(peer, msg, state))
+            trace(msg.room, "header_in")
+            if payload is None:
+                asyncio.ensure_future(self._recv_chunk(peer, msg, state))
+            else:
+                self._land_inline(peer, msg, state, payload)
         elif state is None:
             return  # done/failed/aborted here already; the prefill side was told or will time out
         elif isinstance(msg, RoomDoneMsg) and peer.info.tp_rank in state.sources:
@@ -221,27 +227,50 @@ class KVReceiver(TransferBase):
             return f"bad_request: chunk of {msg.nbytes} bytes does not match its pages and heads"
         return ""
 
-    async def _recv_chunk(self, peer: Peer, msg: KVChunkMsg, state: _RecvRoom | None) -> None:
+    def _accept_chunk(self, peer: Peer, msg: KVChunkMsg, state: _RecvRoom | None, nbytes: int) -> str:
+        """Check a chunk's header (nbytes: what actually arrives); note the done it may carry."""
         error = self._chunk_error(peer, msg, state)
-        valid = state is not None and not error
-        if state is not None and valid:
+        if not error and nbytes != msg.nbytes:
+            error = f"bad_request: chunk of {nbytes} bytes announced as {msg.nbytes}"
+        if state is not None and not error:
             self._touch(state)
             state.started = state.started or time.perf_counter()
             if msg.num_chunks:  # the room's last chunk from this source: the done rides on it
                 state.sources[peer.info.tp_rank].num_chunks = msg.num_chunks
                 state.metadata = msg.metadata
+        return error
+
+    async def _recv_chunk(self, peer: Peer, msg: KVChunkMsg, state: _RecvRoom | None) -> None:
+        error = self._accept_chunk(peer, msg, state, msg.nbytes)
         # NOTE: the bytes always land in a staging buffer first, never straight in the pool, so a
         # late chunk of a failed room cannot overwrite pages the server has freed and reused.
         staging = self._staging(msg.nbytes if msg.nbytes <= 1 << 33 else 1)
+        trace(msg.room, "recv_posted")
         try:
             await peer.recv_data(staging, msg.tag)
         except Exception:  # noqa: BLE001 - the endpoint failed: the peer's close fails the room
             return
+        trace(msg.room, "data_in")
         await self._land_chunk(peer, msg, state, staging, error)
         self._release_staging(staging)  # not on an exception: a cancelled copy may still read it
 
+    def _land_inline(self, peer: Peer, msg: KVChunkMsg, state: _RecvRoom | None, payload: np.ndarray) -> None:
+        """A chunk whose bytes came behind its header: scatter them before the control buffer is
+        reused (at once on a host pool; a device pool gets a copy first)."""
+        trace(msg.room, "data_in")
+        error = self._accept_chunk(peer, msg, state, len(payload))
+        if error or state is None or state.finished:
+            asyncio.ensure_future(self._land_chunk(peer, msg, state, None, error))
+            return
+        staging = torch.from_numpy(payload)
+        if self._stream is not None:
+            asyncio.ensure_future(self._land_chunk(peer, msg, state, staging.to(self.device), error))
+            return
+        self._scatter_fn(msg, state, staging)()
+        self._chunk_landed(peer, msg, state)
+
     async def _land_chunk(
-        self, peer: Peer, msg: KVChunkMsg, state: _RecvRoom | None, staging: torch.Tensor, error: str
+        self, peer: Peer, msg: KVChunkMsg, state: _RecvRoom | None, staging: torch.Tensor | None, error: str
     ) -> None:
         """The chunk's bytes are in `staging`: scatter them into the room's pages (or drop them)."""
         if error:
@@ -251,6 +280,11 @@ class KVReceiver(TransferBase):
             return
         if state is None or state.finished:
             return
+        await self._run_copy(state, self._scatter_fn(msg, state, staging), msg.nbytes)
+        if not state.finished:
+            self._chunk_landed(peer, msg, state)
+
+    def _scatter_fn(self, msg: KVChunkMsg, state: _RecvRoom, staging: torch.Tensor) -> Callable[[], None]:
         heads = (msg.head_start - self.layout.head_range[0], msg.head_end - self.layout.head_range[0])
         pages = state.dst_pages[msg.page_offset : msg.page_offset + msg.num_pages]
 
@@ -260,9 +294,10 @@ class KVReceiver(TransferBase):
             src = wide_pages(self._typed(staging, msg.num_pages, heads[1] - heads[0]), whole)
             wide_pages(dst, whole).index_copy_(1, pages, src)
 
-        await self._run_copy(state, scatter, msg.nbytes)
-        if state.finished:
-            return
+        return scatter
+
+    def _chunk_landed(self, peer: Peer, msg: KVChunkMsg, state: _RecvRoom) -> None:
+        trace(msg.room, "scattered")
         src = state.sources[peer.info.tp_rank]
         src.chunks_done += 1
         src.pages_done += msg.num_pages
@@ -279,6 +314,7 @@ class KVReceiver(TransferBase):
         if short:
             self._fail(state, f"bad_request: room {state.room} incomplete from {', '.join(short)}")
             return
+        trace(state.room, "ack_out")
         for s in state.sources.values():
             s.peer.post_msg(RoomAckMsg(state.room))
         self._finish(state, TransferResult(state.room, ok=True, metadata=state.metadata))

@@ -19,8 +19,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
-from disagg.transfer.base import RoomState, Tombstone, TransferBase, TransferResult, chunk_nbytes, wide_pages
+from disagg.transfer.base import (
+    INLINE_DATA_BYTES,
+    RoomState,
+    Tombstone,
+    TransferBase,
+    TransferResult,
+    chunk_nbytes,
+    trace,
+    wide_pages,
+)
 from disagg.transfer.bootstrap import BootstrapServer, register_prefill_rank
 from disagg.transfer.layout import HeadSlice, KVLayout, KVLayoutMismatchError, plan_head_slices
 from disagg.transfer.protocol import (
@@ -34,7 +44,7 @@ from disagg.transfer.protocol import (
     RoomFailedMsg,
     RoomRequestMsg,
 )
-from disagg.transfer.ucx import Peer
+from disagg.transfer.ucx import Peer, control_frame
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +58,14 @@ class _Chunk:
 
 @dataclass
 class _Slice:
-    """One piece's bytes for one decode rank: its header is out, its data follows on `tag`."""
+    """One piece's bytes for one decode rank: its header is out and its data follows on `tag`,
+    or (`inline`) the header has yet to go, with the data behind it in the same message."""
 
     peer: Peer
     target: HeadSlice
     tag: int
     nbytes: int
+    inline: KVChunkMsg | None = None
 
 
 @dataclass
@@ -129,6 +141,7 @@ class KVSender(TransferBase):
         Non-blocking. On CUDA the gather waits for the work queued so far on the current stream,
         so call it right after launching the forward that wrote these pages.
         """
+        trace(room, "send")
         pages = torch.as_tensor(src_pages, dtype=torch.int64).to(self.device, non_blocking=True)
         ready = None
         if self.device.type == "cuda":
@@ -183,6 +196,7 @@ class KVSender(TransferBase):
         return state
 
     def _on_send(self, room: Room, chunk: _Chunk, is_last: bool, metadata: dict[str, Any]) -> None:
+        trace(room, "on_send")
         tomb = self._tombstones.get(room)
         if tomb is not None and room not in self.rooms:
             if not tomb.reported:  # decode failed the room before its first chunk: report it now
@@ -197,7 +211,7 @@ class KVSender(TransferBase):
         state.is_last, state.metadata = is_last, metadata
         self._pump(state)
 
-    def _on_message(self, peer: Peer, msg: Any) -> None:
+    def _on_message(self, peer: Peer, msg: Any, payload: Any = None) -> None:
         room = getattr(msg, "room", None)
         tomb = self._tombstones.get(room)
         if tomb is not None and room not in self.rooms:
@@ -227,6 +241,7 @@ class KVSender(TransferBase):
         self._pump(state)
 
     def _on_ack(self, peer: Peer, state: _SendRoom) -> None:
+        trace(state.room, "ack_in")
         self._touch(state)
         state.acked.add(peer.info.tp_rank)
         if state.targets is not None and state.acked >= {t.decode_rank for t in state.targets}:
@@ -279,6 +294,12 @@ class KVSender(TransferBase):
         tag = peer.new_tag()
         msg = KVChunkMsg(state.room, piece.page_offset, len(piece.pages), target.start, target.end, nbytes, tag,
                          num_chunks if done else 0, state.metadata if done else {})  # fmt: skip
+        if self._stream is None and nbytes <= INLINE_DATA_BYTES:
+            # small host chunk: header and bytes travel as one control message after the gather
+            state.busy += 1
+            state.started = state.started or time.perf_counter()
+            return _Slice(peer, target, tag, nbytes, inline=msg)
+        trace(state.room, "header_out")
         peer.post_msg(msg)
         # NOTE: the room stays busy from the header to the end of the gather: once the header is
         # out the bytes must follow, and they must come from pages nobody reused (a failed room
@@ -312,7 +333,13 @@ class KVSender(TransferBase):
     async def _send_slice(self, state: _SendRoom, chunk: _Chunk, s: _Slice) -> None:
         lo = self.layout.head_range[0]
         num_pages, num_heads = len(chunk.pages), s.target.end - s.target.start
-        staging = self._staging(s.nbytes)
+        if s.inline is not None:  # the gather writes straight into the control frame, behind its head
+            head, offset = control_frame(s.inline, s.nbytes)
+            frame = self._staging(offset + s.nbytes)
+            frame[: len(head)].numpy()[:] = np.frombuffer(head, dtype=np.uint8)
+            staging = frame[offset:]
+        else:
+            frame, staging = None, self._staging(s.nbytes)
 
         def gather() -> None:
             if chunk.ready is not None:
@@ -327,8 +354,13 @@ class KVSender(TransferBase):
         finally:
             state.busy -= 1  # taken by _announce
             self._report_when_idle(state)
-        await s.peer.send_data(staging, s.tag)  # even for a room failed meanwhile: the decode drops it
-        self._release_staging(staging)
+        trace(state.room, "gathered")
+        # even for a room failed meanwhile: the decode drops it
+        if frame is not None:
+            await s.peer.send_frame(frame)
+        else:
+            await s.peer.send_data(staging, s.tag)
+        self._release_staging(frame if frame is not None else staging)
         if not state.finished:
             state.nbytes += s.nbytes
             self._touch(state)

@@ -24,13 +24,30 @@ from disagg.transfer.protocol import HeartbeatMsg
 
 logger = logging.getLogger(__name__)
 
-# Control messages are UCX tag messages with tag CONTROL_TAG, framed as <u32 length><msgpack>, and
-# received into a fixed buffer. KV data uses tags >= 1 (Peer.new_tag). ucxx hashes both with the
-# endpoint's own tag, so they never match another connection's messages.
+# Control messages are UCX tag messages with tag CONTROL_TAG, framed as
+#     <u32 msgpack length><u32 payload length><msgpack>[zero padding to PAYLOAD_ALIGN]<payload>
+# and received into a fixed buffer. The payload (usually empty) carries a small KV chunk's bytes
+# inline, behind its header: one message instead of a header and a data message in series. Larger
+# KV data uses tags >= 1 (Peer.new_tag). ucxx hashes both with the endpoint's own tag, so they
+# never match another connection's messages.
 # NOTE: not active messages: ucxx 0.52 queues received AMs by ucp_ep_h, and a new endpoint that
 # reuses an aborted one's handle lost its first message to the dead endpoint's pending am_recv.
 CONTROL_TAG = 0
 MAX_CONTROL_BYTES = 4 << 20
+PAYLOAD_ALIGN = 64  # the payload starts 64-byte aligned: it is viewed as int64/bf16 in place
+_FRAME = struct.Struct("<II")
+
+
+def control_frame(msg: Any, payload_nbytes: int = 0) -> tuple[bytes, int]:
+    """The frame's head (lengths, message, padding) and where the payload starts in the frame."""
+    body = encode(msg)
+    offset = -(-(_FRAME.size + len(body)) // PAYLOAD_ALIGN) * PAYLOAD_ALIGN if payload_nbytes else 0
+    if max(offset, _FRAME.size + len(body)) + payload_nbytes > MAX_CONTROL_BYTES:
+        raise ValueError(
+            f"{type(msg).__name__} of {len(body)} + {payload_nbytes} bytes exceeds {MAX_CONTROL_BYTES}"
+        )
+    head = _FRAME.pack(len(body), payload_nbytes) + body
+    return head + bytes(max(0, offset - len(head))), offset
 
 
 def configure_ucx_env(device: torch.device, ib_device: str | None = None) -> None:
@@ -107,7 +124,8 @@ class UcxLoop:
 class Peer:
     """One UCX endpoint to a remote rank.
 
-    Control messages arrive in `on_message(peer, msg)`; when the endpoint fails (UCX error: the
+    Control messages arrive in `on_message(peer, msg, payload)` (payload: the inline bytes behind
+    the message, a numpy view valid only during the call, or None); when the endpoint fails (UCX error: the
     process died or the link broke) or stays silent for `heartbeat_timeout_s`, `on_close(peer,
     reason)` runs once. Both callbacks run on the loop thread.
     """
@@ -116,7 +134,7 @@ class Peer:
         self,
         ep: Any,
         name: str,
-        on_message: Callable[[Peer, Any], None],
+        on_message: Callable[[Peer, Any, np.ndarray | None], None],
         on_close: Callable[[Peer, str], None],
         heartbeat_s: float = 1.0,
         heartbeat_timeout_s: float = 5.0,
@@ -133,7 +151,8 @@ class Peer:
         self.server_key: Any = None  # decode side: the prefill server this rank belongs to
         self._next_tag = 1
         self._tasks: list[asyncio.Task] = []
-        self._control_buf = np.empty(MAX_CONTROL_BYTES, dtype=np.uint8)  # one control recv at a time
+        # one control recv at a time; torch's host allocator aligns it to 64 bytes (PAYLOAD_ALIGN)
+        self._control_buf = torch.empty(MAX_CONTROL_BYTES, dtype=torch.uint8).numpy()
 
     def start(self) -> None:
         self._tasks = [
@@ -146,16 +165,23 @@ class Peer:
         return tag
 
     async def send_msg(self, msg: Any) -> None:
-        payload = encode(msg)
-        if len(payload) + 4 > MAX_CONTROL_BYTES:
-            raise ValueError(f"{type(msg).__name__} of {len(payload)} bytes exceeds {MAX_CONTROL_BYTES}")
-        frame = np.frombuffer(struct.pack("<I", len(payload)) + payload, dtype=np.uint8)
-        await self.ep.send(frame, tag=CONTROL_TAG)
+        head, _ = control_frame(msg)
+        await self.ep.send(np.frombuffer(head, dtype=np.uint8), tag=CONTROL_TAG)
 
-    async def _recv_control(self) -> Any:
+    async def send_frame(self, frame: torch.Tensor) -> None:
+        """Send a control frame built by the caller (control_frame's head, then the payload)."""
+        await self.ep.send(tensor_buffer(frame), tag=CONTROL_TAG)
+
+    async def _recv_control(self) -> tuple[bytes, np.ndarray | None]:
+        """The next control message and its payload: a view of the receive buffer, valid only
+        until the next receive is posted."""
         await self.ep.recv(self._control_buf, tag=CONTROL_TAG)
-        (n,) = struct.unpack_from("<I", self._control_buf)
-        return bytes(self._control_buf[4 : 4 + n])
+        n, payload_nbytes = _FRAME.unpack_from(self._control_buf)
+        raw = bytes(self._control_buf[_FRAME.size : _FRAME.size + n])
+        if not payload_nbytes:
+            return raw, None
+        start = -(-(_FRAME.size + n) // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
+        return raw, self._control_buf[start : start + payload_nbytes]
 
     def post_msg(self, msg: Any) -> None:
         """Fire-and-forget send; a failure closes the peer."""
@@ -172,7 +198,7 @@ class Peer:
         """Receive one control message directly (only before `start()`: the handshake)."""
 
         async def first() -> Any:
-            while isinstance(msg := decode(await self._recv_control()), HeartbeatMsg):
+            while isinstance(msg := decode((await self._recv_control())[0]), HeartbeatMsg):
                 pass
             return msg
 
@@ -187,7 +213,7 @@ class Peer:
     async def _read_loop(self) -> None:
         while not self.closed:
             try:
-                raw = await self._recv_control()
+                raw, payload = await self._recv_control()
             except Exception as e:  # noqa: BLE001
                 self.close(f"peer_died: {self.name}: {type(e).__name__}: {e}")
                 return
@@ -199,7 +225,9 @@ class Peer:
                 continue
             if not isinstance(msg, HeartbeatMsg):
                 try:
-                    self.on_message(self, msg)
+                    # NOTE: the payload lives in the control buffer: on_message must use it before
+                    # returning (the next receive overwrites it)
+                    self.on_message(self, msg, payload)
                 except Exception:
                     logger.exception("error handling %s from %s", type(msg).__name__, self.name)
 
