@@ -27,11 +27,11 @@ for step in "$@"; do
     tp1) bench $B8 --batch-sizes 1,16,64 --context-len 1024 --prefill-len 4096 --decode-steps 32 \
            --hf --hf-new-tokens 96 --output-json $OUT/tp1_8b.json | tail -14 ;;
     tp2) bench $B8 --tp 2 --batch-sizes 1,16,64 --context-len 1024 --prefill-len 4096 --decode-steps 32 \
-           --output-json $OUT/tp2_8b.json | tail -9 ;;
+           --output-json $OUT/tp2_8b.json | tail -16 ;;
     comm) timeout "${T:-120}" python3 -m disagg.bench.comm --tp 2 --model-path Llama-3.1-8B \
            --output-json $OUT/comm_8b.json 2>&1 | tail -30 ;;
     moe) bench --model-path Qwen3-30B-A3B --load-format dummy --tp 2 --ep 2 --batch-sizes 1,16 \
-           --context-len 1024 --prefill-len 2048 --decode-steps 8 --output-json $OUT/moe_tp2.json | tail -9 ;;
+           --context-len 1024 --prefill-len 2048 --decode-steps 8 --output-json $OUT/moe_tp2.json | tail -16 ;;
     transfer) timeout "${T:-100}" python3 -m disagg.transfer.bench --device cuda --quick 2>&1 | grep -v "UCX  WARN" | tail -16 ;;
     sweep) timeout "${T:-400}" python3 -m disagg.bench.pd_sweep --out-dir /tmp/sweep $B8 ${SWEEP_ARGS:-} 2>&1 \
              | grep -v "Loading\|jit" | tail -60

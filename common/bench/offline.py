@@ -222,6 +222,7 @@ def main() -> None:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     profile_at = {int(b) for b in args.profile_batch_sizes.split(",") if b}
     max_tokens = max(batches) * (args.context_len + args.decode_steps + 64) + args.prefill_len + 4096
+    t0 = time.perf_counter()
     print(f"loading {args.model_path or 'default model'} (tp {args.tp}) ...", flush=True)
     engine = Engine(
         model_path=args.model_path,
@@ -250,7 +251,7 @@ def main() -> None:
     c = sched.runner.hf_config
     rows = []
     for b in batches:
-        print(f"decode batch {b} ...", flush=True)
+        print(f"[{time.perf_counter() - t0:.0f} s] decode batch {b} ...", flush=True)
         step, fwd = bench_decode(sched, b, args.context_len, args.decode_steps, b in profile_at)
         roof = (weight_bytes + b * args.context_len * kv_tok) / (ceil["copy_gb_s"] * 1e9)
         rows.append(
@@ -266,7 +267,7 @@ def main() -> None:
             )
         )
         print(f"  {rows[-1]}", flush=True)
-    print(f"prefill {args.prefill_len} tokens ...", flush=True)
+    print(f"[{time.perf_counter() - t0:.0f} s] prefill {args.prefill_len} tokens ...", flush=True)
     t = bench_prefill(sched, args.prefill_len)
     n = args.prefill_len
     attn_flops = 2 * 2 * c.num_hidden_layers * c.num_attention_heads * head_dim_of(c) * n * n / 2
@@ -302,14 +303,14 @@ def main() -> None:
     if args.hf and args.tp > 1:
         gen = []  # transformers runs on one GPU only
     print_report(ceil, weight_bytes, kv_tok, rows, gen)
-    engine.shutdown()
-    if args.output_json:
+    if args.output_json:  # NOTE: before the shutdown, which waits for the other ranks to leave
         with open(args.output_json, "w") as f:
             json.dump(
                 dict(ceilings=ceil, weight_bytes=weight_bytes, rows=rows, generate=gen, device=str(device)),
                 f,
                 indent=2,
             )
+    engine.shutdown()
 
 
 def print_report(ceil: dict, weight_bytes: int, kv_tok: int, rows: list[dict], gen: list[dict]) -> None:
