@@ -54,6 +54,7 @@ class _Source:
 @dataclass
 class _RecvRoom(RoomState):
     dst_pages: torch.Tensor = None  # [num_pages] int64, on the kv_buffer's device
+    ready: torch.cuda.Event | None = None  # CUDA: recorded after dst_pages' copy to the device
     sources: dict[int, _Source] = field(default_factory=dict)  # prefill rank ->
     metadata: dict[str, Any] = field(default_factory=dict)
 
@@ -107,7 +108,11 @@ class KVReceiver(TransferBase):
             raise ValueError(f"room {room} is already expected")
         self._active_ids.add(room)
         pages = pages.to(self.device, non_blocking=True)
-        self.ucx.call_soon(self._on_expect, room, (bootstrap_host, bootstrap_port), pages)
+        ready = None
+        if self.device.type == "cuda":  # the copy runs on the caller's stream: scatters wait for it
+            ready = torch.cuda.Event()
+            ready.record()
+        self.ucx.call_soon(self._on_expect, room, (bootstrap_host, bootstrap_port), pages, ready)
 
     # ---- loop thread: connections ----
     def _server(self, key: ServerKey) -> asyncio.Future[_PrefillServer]:
@@ -173,8 +178,10 @@ class KVReceiver(TransferBase):
         src = state.sources.get(peer.info.tp_rank) if peer.info is not None else None
         return src is not None and src.peer is peer
 
-    def _on_expect(self, room: Room, key: ServerKey, pages: torch.Tensor) -> None:
-        state = self.rooms[room] = _RecvRoom(room, deadline=self._new_deadline(), dst_pages=pages)
+    def _on_expect(self, room: Room, key: ServerKey, pages: torch.Tensor, ready: Any) -> None:
+        state = self.rooms[room] = _RecvRoom(
+            room, deadline=self._new_deadline(), dst_pages=pages, ready=ready
+        )
         asyncio.ensure_future(self._request_room(state, key))
 
     async def _request_room(self, state: _RecvRoom, key: ServerKey) -> None:
@@ -263,8 +270,10 @@ class KVReceiver(TransferBase):
             asyncio.ensure_future(self._land_chunk(peer, msg, state, None, error))
             return
         staging = torch.from_numpy(payload)
-        if self._stream is not None:
-            asyncio.ensure_future(self._land_chunk(peer, msg, state, staging.to(self.device), error))
+        if self._stream is not None:  # (a host sender feeding a device pool: not a usual setup)
+            with torch.cuda.stream(self._stream):
+                staging = staging.to(self.device)  # synchronous: the control buffer is reused next
+            asyncio.ensure_future(self._land_chunk(peer, msg, state, staging, error))
             return
         self._scatter_fn(msg, state, staging)()
         self._chunk_landed(peer, msg, state)
@@ -289,6 +298,8 @@ class KVReceiver(TransferBase):
         pages = state.dst_pages[msg.page_offset : msg.page_offset + msg.num_pages]
 
         def scatter() -> None:
+            if state.ready is not None:
+                torch.cuda.current_stream().wait_event(state.ready)
             dst = self.kv_buffer[:, :, :, :, heads[0] : heads[1]]
             whole = heads[1] - heads[0] == self.layout.num_local_heads
             src = wide_pages(self._typed(staging, msg.num_pages, heads[1] - heads[0]), whole)

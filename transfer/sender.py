@@ -16,6 +16,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -268,7 +269,8 @@ class KVSender(TransferBase):
             for i, p in enumerate(pieces)
         ]
         for piece, piece_slices in zip(pieces, slices, strict=True):
-            asyncio.ensure_future(self._send_piece(state, piece, piece_slices))
+            for s in piece_slices:
+                self._start_slice(state, piece, s)
         if done:
             state.done_sent = True
             if not pieces:  # no piece left to carry the done (an empty last chunk): a message of its own
@@ -324,22 +326,43 @@ class KVSender(TransferBase):
             for i in range(0, len(chunk.pages), step)
         ]
 
-    async def _send_piece(self, state: _SendRoom, chunk: _Chunk, slices: list[_Slice]) -> None:
+    def _start_slice(self, state: _SendRoom, chunk: _Chunk, s: _Slice) -> None:
+        """Gather a slice and send it: an inline one right here (no task hop before its bytes go
+        out), a large one in a task (its gather may take a worker thread or a device sync)."""
+        if s.inline is None:
+            asyncio.ensure_future(self._send_slice(state, chunk, s))
+            return
+        head, offset = control_frame(s.inline, s.nbytes)
+        frame = self._staging(offset + s.nbytes)
         try:
-            await asyncio.gather(*(self._send_slice(state, chunk, s) for s in slices))
-        except Exception as e:  # noqa: BLE001 - UCX error: the decode rank is gone
-            self._fail(state, f"peer_died: sending room {state.room}: {type(e).__name__}: {e}")
+            frame[: len(head)].numpy()[:] = np.frombuffer(head, dtype=np.uint8)
+            self._gather_fn(chunk, s, frame[offset:])()
+        except Exception as e:  # noqa: BLE001 - e.g. a source page outside the pool
+            self._fail(state, f"bad_request: gathering room {state.room}: {type(e).__name__}: {e}")
+            return
+        finally:
+            state.busy -= 1  # taken by _announce
+            self._report_when_idle(state)
+        trace(state.room, "gathered")
+        asyncio.ensure_future(self._send_bytes(state, s, frame))
 
     async def _send_slice(self, state: _SendRoom, chunk: _Chunk, s: _Slice) -> None:
+        staging = self._staging(s.nbytes)
+        try:
+            await self._run_copy(state, self._gather_fn(chunk, s, staging), s.nbytes)
+        except Exception as e:  # noqa: BLE001
+            self._fail(state, f"bad_request: gathering room {state.room}: {type(e).__name__}: {e}")
+            return
+        finally:
+            state.busy -= 1  # taken by _announce
+            self._report_when_idle(state)
+        trace(state.room, "gathered")
+        await self._send_bytes(state, s, staging)
+
+    def _gather_fn(self, chunk: _Chunk, s: _Slice, staging: torch.Tensor) -> Callable[[], None]:
+        """Copy the chunk's pages (the slice's KV heads) into staging, in KVChunkMsg order."""
         lo = self.layout.head_range[0]
         num_pages, num_heads = len(chunk.pages), s.target.end - s.target.start
-        if s.inline is not None:  # the gather writes straight into the control frame, behind its head
-            head, offset = control_frame(s.inline, s.nbytes)
-            frame = self._staging(offset + s.nbytes)
-            frame[: len(head)].numpy()[:] = np.frombuffer(head, dtype=np.uint8)
-            staging = frame[offset:]
-        else:
-            frame, staging = None, self._staging(s.nbytes)
 
         def gather() -> None:
             if chunk.ready is not None:
@@ -349,18 +372,20 @@ class KVSender(TransferBase):
             out = wide_pages(self._typed(staging, num_pages, num_heads), whole)
             torch.index_select(wide_pages(src, whole), 1, chunk.pages, out=out)
 
+        return gather
+
+    async def _send_bytes(self, state: _SendRoom, s: _Slice, buf: torch.Tensor) -> None:
+        """Send a gathered slice (an inline one: its whole control frame), even for a room failed
+        meanwhile: the decode drops it."""
         try:
-            await self._run_copy(state, gather, s.nbytes)
-        finally:
-            state.busy -= 1  # taken by _announce
-            self._report_when_idle(state)
-        trace(state.room, "gathered")
-        # even for a room failed meanwhile: the decode drops it
-        if frame is not None:
-            await s.peer.send_frame(frame)
-        else:
-            await s.peer.send_data(staging, s.tag)
-        self._release_staging(frame if frame is not None else staging)
+            if s.inline is not None:
+                await s.peer.send_frame(buf)
+            else:
+                await s.peer.send_data(buf, s.tag)
+        except Exception as e:  # noqa: BLE001 - UCX error: the decode rank is gone
+            self._fail(state, f"peer_died: sending room {state.room}: {type(e).__name__}: {e}")
+            return
+        self._release_staging(buf)
         if not state.finished:
             state.nbytes += s.nbytes
             self._touch(state)
