@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 from disagg.transfer.base import (
-    INLINE_DATA_BYTES,
     RoomState,
     Tombstone,
     TransferBase,
     TransferResult,
     chunk_nbytes,
+    gather_pages,
     trace,
     wide_pages,
 )
@@ -296,7 +296,7 @@ class KVSender(TransferBase):
         tag = peer.new_tag()
         msg = KVChunkMsg(state.room, piece.page_offset, len(piece.pages), target.start, target.end, nbytes, tag,
                          num_chunks if done else 0, state.metadata if done else {})  # fmt: skip
-        if self._stream is None and nbytes <= INLINE_DATA_BYTES:
+        if nbytes <= self.inline_data_bytes:
             # small host chunk: header and bytes travel as one control message after the gather
             state.busy += 1
             state.started = state.started or time.perf_counter()
@@ -370,7 +370,7 @@ class KVSender(TransferBase):
             src = self.kv_buffer[:, :, :, :, s.target.start - lo : s.target.end - lo]
             whole = num_heads == self.layout.num_local_heads
             out = wide_pages(self._typed(staging, num_pages, num_heads), whole)
-            torch.index_select(wide_pages(src, whole), 1, chunk.pages, out=out)
+            gather_pages(wide_pages(src, whole), chunk.pages, out)
 
         return gather
 

@@ -101,6 +101,7 @@ def prefill_rank_main(
     timeout_s: float,
     device: str = "cpu",
     max_message_bytes: int = 32 << 20,
+    inline_data_bytes: int | None = None,  # None: the sender's default; 0: every chunk as header + data
 ) -> None:
     """A prefill rank: send every plan chunk by chunk, report every room's result on `out`, then
     stay up until `stop` is set (decode ranks connect to every prefill rank of the server)."""
@@ -117,6 +118,8 @@ def prefill_rank_main(
         host="127.0.0.1",
         timeout_s=timeout_s,
     )
+    if inline_data_bytes is not None:
+        sender.inline_data_bytes = inline_data_bytes
     for plan in plans:
         for i, (offset, n) in enumerate(plan.chunks):
             last = i == len(plan.chunks) - 1
