@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import logging
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,11 @@ from disagg.transfer import KVLayout, KVReceiver, KVSender, TransferResult, dtyp
 logger = logging.getLogger(__name__)
 
 ROLES = ("prefill", "decode")
-IDLE_SLEEP_S = 0.002  # a step with nothing to compute, only transfers to watch: do not spin a core
+# NOTE: how long a scheduler with only transfers in flight blocks on its sockets before stepping again.
+# With tp 1 a finished room wakes it at once (TransferWaker), so the timeout only bounds the wait;
+# with tp > 1 the other ranks' results come only through the gather of the next step: poll.
+IDLE_WAIT_MS = 100
+POLL_MS = 2
 
 
 @dataclass(frozen=True)
@@ -162,6 +167,48 @@ def make_worker_hook(disagg: DisaggConfig, engine: EngineConfig, runner) -> Work
 # ---- rank 0 -----------------------------------------------------------------------------------
 
 
+class TransferWaker:
+    """A file descriptor that turns readable when the transfer engine has results for poll().
+
+    The scheduler loop blocks on its ZMQ socket and this fd together, so a finished room is
+    handled at once rather than at the next tick of a sleep loop. A daemon thread waits on the
+    engine (`wait()`), writes one byte, then waits until the scheduler has polled (`polled()`)
+    before watching again: one wake-up per batch of results, never a spinning fd.
+    """
+
+    def __init__(self, engine: KVSender | KVReceiver):
+        self.engine = engine
+        self.fd, self._write_fd = os.pipe()
+        os.set_blocking(self.fd, False)
+        self._polled = threading.Event()
+        self._polled.set()
+        self._closed = False
+        threading.Thread(target=self._run, name="disagg-transfer-waker", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._polled.wait()
+            if self.engine.wait(1.0) and not self._closed:
+                self._polled.clear()
+                os.write(self._write_fd, b"\0")
+
+    def polled(self) -> None:
+        """The scheduler just drained the engine's results: watch for the next ones."""
+        self._polled.set()
+
+    def drain(self) -> None:
+        """Empty the fd (the scheduler loop calls this when the fd woke it)."""
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        self._closed = True
+        self._polled.set()
+
+
 class TransferCoordinator:
     """Rank 0's view of the transfers: queue operations during a step, flush them once per step."""
 
@@ -170,6 +217,13 @@ class TransferCoordinator:
         self.ops: list[list] = []
         self.open_rooms: set[int] = set()  # rooms given to the ranks and not finished on all of them
         self._partial: dict[int, dict[int, list]] = {}  # room -> tp rank -> its result
+        # NOTE: only with tp 1 is rank 0's engine the whole story; with tp > 1 the scheduler polls
+        self.waker = TransferWaker(local.engine) if tp_size == 1 and hasattr(local.engine, "wait") else None
+
+    @property
+    def idle_wait_ms(self) -> int:
+        """How long the scheduler loop may block while only transfers are in flight."""
+        return IDLE_WAIT_MS if self.waker is not None else POLL_MS
 
     def send(self, room: int, pages: list[int], page_offset: int, is_last: bool, metadata=None) -> None:
         self.open_rooms.add(room)
@@ -209,6 +263,8 @@ class TransferCoordinator:
             broadcast_plan({"kv_ops": ops})
         self.local.run(ops)
         mine = self.local.poll()
+        if self.waker is not None:
+            self.waker.polled()
         per_rank = gather_to_rank0(mine) if self.tp_size > 1 else [mine]
         return self._merge(per_rank)
 

@@ -41,6 +41,11 @@ class SchedulerLike(Protocol):
     def has_work(self) -> bool: ...
     def stats(self) -> dict: ...
 
+    # optional (the PD schedulers): how long the loop may block on its sockets before the next
+    # step although has_work() (only transfers in flight), and a `waker` whose `fd` turns
+    # readable when a transfer finished (`drain()` empties it)
+    # def wait_timeout_ms(self) -> int: ...
+
 
 class SchedulerLoop:
     """One rank's loop. Rank 0 owns the sockets; `broadcast` is where TP ranks will get its decisions."""
@@ -52,15 +57,31 @@ class SchedulerLoop:
         self.send_sock = zmq_socket(self.ctx, zmq.PUSH, ipc.detokenizer, bind=False)
         self.poller = zmq.Poller()
         self.poller.register(self.recv_sock, zmq.POLLIN)
+        transfer = getattr(scheduler, "transfer", None)
+        self.waker = getattr(transfer, "waker", None)
+        if self.waker is not None:
+            self.poller.register(self.waker.fd, zmq.POLLIN)
         self.new_reqs: list[DetokReqInfo] = []
         self.pending_outs: list[TokenOut] = []  # outputs made outside step() (rejections)
         self.running = True
 
+    def wait_timeout_ms(self) -> int:
+        """Block up to IDLE_POLL_MS with nothing to do; with only transfers in flight, as long as
+        the scheduler says (a request or a finished transfer wakes the loop at once); else not at all."""
+        if self.pending_outs:
+            return 0
+        if not self.scheduler.has_work():
+            return IDLE_POLL_MS
+        wait = getattr(self.scheduler, "wait_timeout_ms", None)
+        return wait() if wait is not None else 0
+
     def recv_messages(self) -> list[Any]:
-        """Drain the socket; block (up to IDLE_POLL_MS) only when the engine has nothing to do."""
-        timeout = 0 if (self.scheduler.has_work() or self.pending_outs) else IDLE_POLL_MS
+        """Drain the socket, after blocking on it (and the transfer waker) for wait_timeout_ms()."""
         msgs = []
-        if self.poller.poll(timeout):
+        events = dict(self.poller.poll(self.wait_timeout_ms()))
+        if self.waker is not None and self.waker.fd in events:
+            self.waker.drain()
+        if self.recv_sock in events:
             while True:
                 try:
                     msgs.append(decode(self.recv_sock.recv(zmq.NOBLOCK)))

@@ -19,7 +19,7 @@ from collections import deque
 
 from disagg.common.config import EngineConfig
 from disagg.common.disaggregation import (
-    IDLE_SLEEP_S,
+    POLL_MS,
     DisaggConfig,
     TransferCoordinator,
     create_rank_transfer,
@@ -92,10 +92,15 @@ class DecodeScheduler(Scheduler):
             self._run(scheduled)
         for result in self.transfer.flush():
             self._on_transfer_done(result)
-        if not scheduled and self.rooms and not self._pending_outs:
-            time.sleep(IDLE_SLEEP_S)
         outs, self._pending_outs = self._pending_outs, []
         return outs
+
+    def wait_timeout_ms(self) -> int:
+        """0 while there is something to compute; with only transfers in flight the loop blocks
+        (a finished room wakes it); requests waiting for pages are retried every POLL_MS."""
+        if self.waiting or self.running or self._pending_outs:
+            return 0
+        return min(self.transfer.idle_wait_ms, POLL_MS) if self.prealloc else self.transfer.idle_wait_ms
 
     # ---- stages -----------------------------------------------------------------------
     def _check_room(self, req: Req) -> str | None:

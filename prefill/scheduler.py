@@ -1,7 +1,7 @@
 """The prefill server's scheduler: prefill only, KV pages handed to the transfer engine chunk by chunk.
 
 A request with a bootstrap room goes through
-    bootstrap  (waiting until the decode server has said where its pages are)
+    [bootstrap] (only under pressure: waiting until the decode server has said where its pages are)
     waiting -> running (PREFILLING: chunked, batched with others, prefix cache on)
     TRANSFERRING (last chunk sent with the first token; pages held until the decode side acked)
 and finishes with a short completion record (its first token) once the transfer engine reports
@@ -18,7 +18,7 @@ from collections import deque
 
 from disagg.common.config import EngineConfig
 from disagg.common.disaggregation import (
-    IDLE_SLEEP_S,
+    POLL_MS,
     DisaggConfig,
     TransferCoordinator,
     create_rank_transfer,
@@ -39,9 +39,10 @@ class PrefillScheduler(Scheduler):
         self.bootstrap_timeout = 2 * disagg.transfer_timeout + 5.0  # see _start_bootstrapped
         local = create_rank_transfer(disagg, self.runner, config)
         self.transfer = TransferCoordinator(local, get_parallel().tp_size)
-        self.bootstrap: deque[Req] = deque()  # rooms the decode side has not asked for yet
+        self.bootstrap: deque[Req] = deque()  # held back until the decode side asks (see _may_start_now)
         self.rooms: dict[int, Req] = {}  # every room given to the transfer engine -> its request
         self.sent_pages: dict[int, int] = {}  # room -> pages handed to the transfer engine so far
+        self.first_outs: dict[int, TokenOut] = {}  # room -> its first token, sent with the completion
 
     # ---- public interface -------------------------------------------------------------
     def add_request(self, req: Req) -> None:
@@ -58,7 +59,7 @@ class PrefillScheduler(Scheduler):
         # NOTE: an empty first chunk opens the room in the transfer engine now: its timeout covers a
         # decode side that never asks for it, and an abort before any page reaches the decode side
         self.transfer.send(room, [], 0, False)
-        self.bootstrap.append(req)
+        (self.waiting if self._may_start_now(req) else self.bootstrap).append(req)
 
     def abort_request(self, rid: str) -> None:
         req = next((r for r in self.rooms.values() if r.rid == rid), None)
@@ -94,16 +95,36 @@ class PrefillScheduler(Scheduler):
             self._run(scheduled)
         for result in self.transfer.flush():
             self._on_transfer_done(result)
-        if not scheduled and self.rooms and not self._pending_outs:
-            time.sleep(IDLE_SLEEP_S)
         outs, self._pending_outs = self._pending_outs, []
         return outs
+
+    def wait_timeout_ms(self) -> int:
+        """0 while there is something to compute; with only transfers in flight the loop blocks
+        (a finished room wakes it); the bootstrap queue is polled (a decode's ask is no result)."""
+        if self.waiting or self.running or self._pending_outs:
+            return 0
+        return min(self.transfer.idle_wait_ms, POLL_MS) if self.bootstrap else self.transfer.idle_wait_ms
 
     # ---- stages -----------------------------------------------------------------------
     def _check_room(self, req: Req) -> str | None:
         if req.bootstrap_room in self.rooms:
             return f"bootstrap_room {req.bootstrap_room} is already in use on this prefill server"
         return None
+
+    def _may_start_now(self, req: Req) -> bool:
+        """Prefill at once, before the decode side asked for the room (its chunks wait in the
+        transfer engine until it does), unless that would let rooms fill the pool.
+
+        NOTE: the decode's ask costs a round trip (its pre-allocation, then the room request) that
+        would otherwise sit on the critical path of every request. Rooms started early hold pages
+        the decode side may take long to ask for (its pool full); so only while every open room
+        together needs at most half of this pool, and no older request waits in bootstrap (FIFO).
+        A room never asked for times out in the transfer engine, which frees its pages.
+        """
+        if self.bootstrap:
+            return False
+        committed = sum(pages_for_tokens(len(r.input_ids), self.page_size) for r in self.rooms.values())
+        return committed <= self.pool.num_pages // 2
 
     def _start_bootstrapped(self) -> None:
         """Rooms the decode side asked for (its pages are reserved) may be prefilled now."""
@@ -168,6 +189,10 @@ class PrefillScheduler(Scheduler):
                 self._send_pages(req, metadata=meta)
                 self.running.remove(req)  # keeps its pages until the transfer is acknowledged
                 req.status = ReqStatus.TRANSFERRING
+                # NOTE: answered only with the completion record: streaming the token now would
+                # put a detokenizer/HTTP/router pass on the CPUs the transfer needs, for nobody
+                self.first_outs[req.bootstrap_room] = out
+                continue
             self._fill_usage(out, req)
             self._pending_outs.append(out)
 
@@ -184,6 +209,7 @@ class PrefillScheduler(Scheduler):
     def _on_transfer_done(self, result: TransferResult) -> None:
         req = self.rooms.pop(result.room, None)
         self.sent_pages.pop(result.room, None)
+        out = self.first_outs.pop(result.room, None)
         if req is None:
             return
         if not req.is_finished:
@@ -194,7 +220,8 @@ class PrefillScheduler(Scheduler):
             return  # aborted here earlier: the client has its answer
         if result.ok:
             req.finish_reason, req.status = "length", ReqStatus.FINISHED
-            out = TokenOut(req.rid, [], finished=True, finish_reason="length")
+            out = out or TokenOut(req.rid, [])
+            out.finished, out.finish_reason = True, "length"
             self._fill_usage(out, req)
             self._pending_outs.append(out)
         else:

@@ -78,7 +78,8 @@ def test_abort_on_prefill_before_decode_asked(pd):
     body = pd_body(pd, rid="prefill-only")
     with cf.ThreadPoolExecutor(1) as pool:
         fut = pool.submit(httpx.post, pd.prefill.url + "/generate", json=body, timeout=60)
-        assert wait_until(lambda: stats(pd.prefill)["queues"]["bootstrap"] == 1, timeout=20)
+        # the prompt is prefilled without waiting for the decode side; its pages wait to be asked for
+        assert wait_until(lambda: stats(pd.prefill)["queues"]["transfer"] == 1, timeout=20)
         start = time.monotonic()
         httpx.post(pd.prefill.url + "/abort_request", json={"rid": "prefill-only"}, timeout=10)
         r = fut.result()

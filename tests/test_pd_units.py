@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import select
+import threading
+import types
+
 from disagg.common.disaggregation import RankTransfer, TransferCoordinator
+from disagg.prefill.scheduler import PrefillScheduler
 
 
 class FakeEngine:
@@ -64,6 +69,67 @@ def test_stale_rooms_are_ignored_and_refused_operations_fail_their_room():
     c.send(5, [], 0, False)
     assert c.flush() == []  # room 99 was never ours
     assert c.open_rooms == {5}
+
+
+class WaitableEngine(FakeEngine):
+    """The transfer engine's poll()/wait() contract: wait() returns once poll() has something."""
+
+    def __init__(self):
+        super().__init__()
+        self.ready = threading.Event()
+
+    def finish(self, room):
+        self.results.append(
+            types.SimpleNamespace(room=room, ok=True, reason="", metadata={}, nbytes=0, seconds=0)
+        )
+        self.ready.set()
+
+    def poll(self):
+        self.ready.clear()
+        return super().poll()
+
+    def wait(self, timeout=None):
+        return self.ready.wait(timeout)
+
+
+def readable(fd: int, timeout: float) -> bool:
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def test_a_finished_transfer_wakes_the_scheduler_once_per_poll():
+    engine = WaitableEngine()
+    c = TransferCoordinator(RankTransfer(engine), 1)
+    c.send(5, [1], 0, True)
+    assert c.flush() == [] and not readable(c.waker.fd, 0.05)  # nothing finished: the loop may sleep
+    engine.finish(5)
+    assert readable(c.waker.fd, 2.0)  # at once, not at the loop's next tick
+    c.waker.drain()
+    assert not readable(c.waker.fd, 0.05)  # one wake-up until the scheduler polled
+    assert [r.room for r in c.flush()] == [5]
+    c.send(6, [1], 0, True)
+    c.flush()
+    engine.finish(6)
+    assert readable(c.waker.fd, 2.0)
+    c.waker.close()
+    assert (
+        TransferCoordinator(RankTransfer(engine), 2).waker is None
+    )  # tp > 1: other ranks' results come by gather
+
+
+def test_prefill_starts_at_once_unless_open_rooms_would_fill_half_the_pool():
+    def req(tokens: int):
+        return types.SimpleNamespace(input_ids=[1] * tokens)
+
+    sched = types.SimpleNamespace(
+        bootstrap=[], rooms={}, page_size=16, pool=types.SimpleNamespace(num_pages=10)
+    )
+    sched.rooms[1] = req(80)  # 5 pages: exactly half the pool
+    assert PrefillScheduler._may_start_now(sched, sched.rooms[1])
+    sched.rooms[2] = req(1)  # one page more
+    assert not PrefillScheduler._may_start_now(sched, sched.rooms[2])
+    del sched.rooms[1]
+    sched.bootstrap.append(req(1))  # an older request waits for its decode side: keep the order
+    assert not PrefillScheduler._may_start_now(sched, sched.rooms[2])
 
 
 def test_launch_local_gives_each_server_its_own_gpus(monkeypatch):
