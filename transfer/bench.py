@@ -4,6 +4,7 @@
     python -m disagg.transfer.bench --device cuda           # prefill on cuda:0, decode on cuda:1 (or cuda:0)
     python -m disagg.transfer.bench --device cuda --quick   # 64K, 64M, 256M, 1G + the 8B request, 5 iters
     python -m disagg.transfer.bench --sizes 64K,1M --skip-8b --iters 50   # the fixed costs, on the CPU
+    python -m disagg.transfer.bench --sizes 64K,64M --skip-8b --trace     # + when rooms pass each hop
 
 This process is the prefill side (KVSender); a spawned process is the decode side (KVReceiver).
 Latency is measured here, from send() to the room's success in poll() (which needs the decode's

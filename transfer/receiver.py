@@ -109,9 +109,9 @@ class KVReceiver(TransferBase):
         self._active_ids.add(room)
         pages = pages.to(self.device, non_blocking=True)
         ready = None
-        if self.device.type == "cuda":  # the copy runs on the caller's stream: scatters wait for it
+        if self.device.type == "cuda":  # the copy runs on the pool device's current stream: scatters wait
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(self.device))
         self.ucx.call_soon(self._on_expect, room, (bootstrap_host, bootstrap_port), pages, ready)
 
     # ---- loop thread: connections ----

@@ -139,15 +139,17 @@ class KVSender(TransferBase):
     ) -> None:
         """Queue a chunk of `room`: src_pages land in the decode pages [page_offset, page_offset + n).
 
-        Non-blocking. On CUDA the gather waits for the work queued so far on the current stream,
-        so call it right after launching the forward that wrote these pages.
+        Non-blocking. On CUDA the gather waits for the work queued so far on the kv_buffer device's
+        current stream, so call it right after launching the forward that wrote these pages.
         """
         trace(room, "send")
         pages = torch.as_tensor(src_pages, dtype=torch.int64).to(self.device, non_blocking=True)
         ready = None
         if self.device.type == "cuda":
+            # NOTE: on the pool's device, where the forward and the index copy above run, even when
+            # the calling thread's current device is another one
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(self.device))
         self.ucx.call_soon(self._on_send, room, _Chunk(pages, page_offset, ready), is_last, metadata or {})
 
     # ---- loop thread ----
