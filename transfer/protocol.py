@@ -9,6 +9,8 @@ Per connection (UCX tag messages, decode rank -> prefill rank endpoint):
 Per room (every decode rank sends a RoomRequestMsg to every prefill rank of the prefill server):
     decode  RoomRequestMsg                          (how many pages the decode holds for the room)
     prefill KVChunkMsg (before the gather), then the bytes as one UCX tag message (tag = KVChunkMsg.tag)  x N
+            or, for a small host chunk (<= inline_data_bytes, CPU only), one control message: the
+            KVChunkMsg with the bytes behind it in the same frame (see transfer/ucx.py)
             the last KVChunkMsg carries the done (num_chunks > 0, metadata)
     prefill RoomDoneMsg(num_chunks, metadata)       (only when the last send() had no pages)
     decode  RoomAckMsg                              (every chunk landed in the decode pool)
