@@ -163,6 +163,9 @@ class Proxy:
         p_task = asyncio.create_task(self._open(prefill, call.path, body, call.headers))
         p_task.add_done_callback(lambda task: self._prefill_done(task, prefill, decode, decode_handle))
         try:
+            # NOTE: one loop turn lets the prefill leg's request out first: its compute starts at
+            # once (the decode's pre-allocation overlaps it), so the prefill is the critical path
+            await asyncio.sleep(0)
             await self._open(decode, call.path, body, call.headers, decode_handle)
         except BaseException as exc:
             p_task.cancel()
