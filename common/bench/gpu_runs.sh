@@ -32,7 +32,8 @@ for step in "$@"; do
            --output-json $OUT/comm_8b.json 2>&1 | tail -30 ;;
     moe) bench --model-path Qwen3-30B-A3B --load-format dummy --tp 2 --ep 2 --batch-sizes 1,16 \
            --context-len 1024 --prefill-len 2048 --decode-steps 8 --output-json $OUT/moe_tp2.json | tail -16 ;;
-    transfer) timeout "${T:-100}" python3 -m disagg.transfer.bench --device cuda --quick 2>&1 | grep -v "UCX  WARN" | tail -16 ;;
+    transfer-test) timeout "${T:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_transfer_tp.py -k gpu 2>&1 | tail -5 ;;
+    transfer) timeout "${T:-150}" python3 -m disagg.transfer.bench --device cuda --quick --trace 2>&1 | grep -v "UCX  WARN" | tail -40 ;;
     sweep) timeout "${T:-400}" python3 -m disagg.bench.pd_sweep --out-dir /tmp/sweep $B8 ${SWEEP_ARGS:-} 2>&1 \
              | grep -v "Loading\|jit" | tail -60
            cp /tmp/sweep/pd_sweep.json /tmp/sweep/pd_sweep.md /tmp/sweep/pd_sweep.png $OUT/ 2>/dev/null
