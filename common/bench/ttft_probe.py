@@ -4,7 +4,7 @@
         --prompt-len 2048 --num-requests 12
 
 Sends --num-requests sequential streaming `/v1/completions` (max_tokens 2, random token ids, a fresh
-prompt each so no prefix cache helps) to each URL, alternating the two so that machine noise hits
+prompt each so no prefix cache helps: do not repeat a --seed against the same servers) to each URL, alternating the two so that machine noise hits
 both alike, and prints TTFT p50/p90 for each and the PD/colocated ratio. TTFT is the client's: from
 sending the request to the first streamed token. Needs only httpx (runs on the GPU image after
 `source common/bench/gpu_env.sh`).
@@ -47,7 +47,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, list[float]]:
-    rng = random.Random(args.seed)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
+    print(f"prompts: seed {seed}, {args.prompt_len} tokens")
+    rng = random.Random(seed)
     targets = {"pd": args.pd_url, "colocated": args.colocated_url}
     targets = {k: v.rstrip("/") for k, v in targets.items() if v}
     ttfts: dict[str, list[float]] = {k: [] for k in targets}
@@ -88,7 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--min-token-id", type=int, default=1000, help="prompt token ids are drawn from [min, max)"
     )
     p.add_argument("--max-token-id", type=int, default=20000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="prompt seed (default: a fresh one, so a second run hits no prefix cache)")  # fmt: skip
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--json", default=None, help="also write the numbers (and every TTFT) to this file")
     args = p.parse_args(argv)
