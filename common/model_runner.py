@@ -86,6 +86,30 @@ class ModelRunner:
         )
         self.tokenizer = self._load_tokenizer()
         self.graph_runner = self._capture_cuda_graphs()
+        if self.device.type == "cuda":
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Run a prefill, a chunk on top of it and a decode step once before serving.
+
+        FlashInfer builds its kernels on first use (JIT), which takes minutes on a machine whose
+        cache lacks them: a first request must not pay that (a PD room would time out while its
+        prefill compiles). Every rank runs the same plans, so TP collectives match. Only pages no
+        request holds yet are written, and a page is always written before it is read.
+        """
+        t0, ps = time.perf_counter(), self.pool.page_size
+        n = min(2 * ps, max(1, self.pool.num_free_pages * ps // 3))
+
+        def plan(start: int, q: int) -> dict:
+            pos = list(range(start, start + q))
+            return dict(ids=[0] * q, positions=pos, pages=[p // ps for p in pos], offsets=[p % ps for p in pos],
+                        logits_index=[q - 1], q_lens=[q], kv_lens=[start + q],
+                        tables=[list(range((start + q + ps - 1) // ps))])  # fmt: skip
+
+        for p in (plan(0, n), plan(n, n), plan(2 * n, 1)):
+            self.forward_plan(p)
+        torch.cuda.synchronize(self.device)
+        logger.info("warm-up forwards (kernels built or loaded): %.1fs", time.perf_counter() - t0)
 
     def _check_model(self) -> None:
         model_type = self.hf_config.model_type
