@@ -31,6 +31,13 @@ export PYTHONPATH=/tmp/site:/tmp/shim:/tmp/gg:$PWD
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export DISAGG_CACHE_DIR=/tmp/disagg-cache
 # a dummy preset borrows the default model's tokenizer: a tokenizer-only copy of its folder will do
-if [ -d .gpu/tokcache/models ] && [ ! -e "$DISAGG_CACHE_DIR/models/SmolLM2-135M-Instruct" ]; then
-  mkdir -p "$DISAGG_CACHE_DIR" && cp -r .gpu/tokcache/models "$DISAGG_CACHE_DIR/"
+# (.gpu/tokcache/models, 3.4 MB, or the same folder as .gpu/tokz/tok.tgz, 0.8 MB: with it and
+# .gpu/base2 = base without gguf, fi + ucx + base2 + tokz fit one call's 64 MiB, all a PD server needs)
+if [ ! -e "$DISAGG_CACHE_DIR/models/SmolLM2-135M-Instruct" ]; then
+  mkdir -p "$DISAGG_CACHE_DIR"
+  if [ -d .gpu/tokcache/models ]; then cp -r .gpu/tokcache/models "$DISAGG_CACHE_DIR/"
+  elif [ -f .gpu/tokz/tok.tgz ]; then tar xzf .gpu/tokz/tok.tgz -C "$DISAGG_CACHE_DIR"; fi
 fi
+# NOTE (third session): on a fresh 2xH200 and a fresh H100 the carried fi_cache.tgz did not spare
+# the JIT builds (86-120 s for the fused kernels, 100 s for the prefill module, now at start-up in
+# ModelRunner._warm_up): budget ~4 minutes for the first server start on a new machine
