@@ -52,8 +52,8 @@ for step in "$@"; do
       else flags="$B8 --tp 2"
         bargs=${FLEET_BENCH:-"--num-prompts 256 --request-rate 16 --input-len 2048 --output-len 256 --goodput ttft:1000 itl:50"}; fi
       port() { python3 -c "from disagg.common.distributed import free_port; print(free_port())"; }
-      ready() {  # URL...: each answers 200 within READY_S (300) seconds
-        local end=$((SECONDS + ${READY_S:-300})) u
+      ready() {  # URL...: each answers 200 within READY_S (600) seconds
+        local end=$((SECONDS + ${READY_S:-600})) u
         for u in "$@"; do
           until python3 -c "import httpx,sys; sys.exit(httpx.get('$u', timeout=5).status_code != 200)" 2>/dev/null; do
             [ $SECONDS -lt $end ] || { echo "not ready: $u"; return 1; }; sleep 2

@@ -44,7 +44,7 @@ SLO_NAMES = {"ttft": "TTFT", "itl": "mean ITL", "tpot": "TPOT", "e2e": "E2E"}
 # per --device: what an unset flag means (cpu: the default model, a run of a few seconds per rate)
 PRESETS = {
     "cuda": {"request_rates": "2,4,8,12", "num_prompts": "48", "input_len": 2048, "output_len": 256,
-             "ttft_probes": 10, "server_args": "", "ready_timeout": 300.0, "request_timeout": 180.0, "goodput": ["ttft:1000", "itl:50"]},
+             "ttft_probes": 10, "server_args": "", "ready_timeout": 600.0, "request_timeout": 180.0, "goodput": ["ttft:1000", "itl:50"]},
     "cpu": {"request_rates": "1,2", "num_prompts": "3", "input_len": 48, "output_len": 6, "ttft_probes": 3,
             "server_args": "--max-total-tokens 4096 --context-length 512", "ready_timeout": 180.0,
             "request_timeout": 60.0, "goodput": ["ttft:2000", "itl:500"]},
