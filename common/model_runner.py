@@ -108,7 +108,8 @@ class ModelRunner:
 
         for p in (plan(0, n), plan(n, n), plan(2 * n, 1)):
             self.forward_plan(p)
-        torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         logger.info("warm-up forwards (kernels built or loaded): %.1fs", time.perf_counter() - t0)
 
     def _check_model(self) -> None:

@@ -170,3 +170,19 @@ def test_disabled_radix_cache_returns_every_page(engines, default_model_path):
         assert out["output_ids"] == hf_greedy(default_model_path, engine.tokenizer.encode(prompt), 6)
     pool = engine.scheduler.pool
     assert pool.num_free_pages == pool.num_pages  # nothing parked in a cache that is off
+
+
+def test_start_up_warm_up_leaves_no_trace(tiny_models):
+    """The warm-up forwards a GPU server runs before it is ready (kernels built then, not on the
+    first request) write only pages no request holds: the next requests, which get exactly those
+    pages first, still give transformers' tokens, and every page is free again afterwards."""
+    path = tiny_models["llama"]
+    engine = Engine(model_path=path, page_size=4, chunked_prefill_size=16)
+    engine.scheduler.runner._warm_up()  # runs by itself at start-up on CUDA only
+    pool = engine.scheduler.pool
+    assert pool.num_free_pages == pool.num_pages
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [2, 7, 1, 8, 2, 8]]
+    outs = engine.generate(prompts, {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out["output_ids"] == hf_greedy(path, prompt, 12)
+    assert_pool_clean(engine.scheduler)
