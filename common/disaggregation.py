@@ -220,10 +220,12 @@ class TransferCoordinator:
         # NOTE: only with tp 1 is rank 0's engine the whole story; with tp > 1 the scheduler polls
         self.waker = TransferWaker(local.engine) if tp_size == 1 and hasattr(local.engine, "wait") else None
 
-    @property
-    def idle_wait_ms(self) -> int:
-        """How long the scheduler loop may block while only transfers are in flight."""
-        return IDLE_WAIT_MS if self.waker is not None else POLL_MS
+    def idle_wait_ms(self, retrying: bool) -> int:
+        """How long the scheduler loop may block while it has nothing to compute: requests waiting
+        in a queue that is retried (the decode's prealloc, the prefill's bootstrap: what frees them
+        is no transfer result) are looked at every POLL_MS; with only transfers in flight, a
+        finished room wakes the loop (tp 1) or the loop polls (tp > 1)."""
+        return IDLE_WAIT_MS if self.waker is not None and not retrying else POLL_MS
 
     def send(self, room: int, pages: list[int], page_offset: int, is_last: bool, metadata=None) -> None:
         self.open_rooms.add(room)

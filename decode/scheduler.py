@@ -19,7 +19,6 @@ from collections import deque
 
 from disagg.common.config import EngineConfig
 from disagg.common.disaggregation import (
-    POLL_MS,
     DisaggConfig,
     TransferCoordinator,
     create_rank_transfer,
@@ -96,11 +95,11 @@ class DecodeScheduler(Scheduler):
         return outs
 
     def wait_timeout_ms(self) -> int:
-        """0 while there is something to compute; with only transfers in flight the loop blocks
-        (a finished room wakes it); requests waiting for pages are retried every POLL_MS."""
+        """0 while there is something to compute; else the transfers' wait (requests waiting for
+        pages are retried)."""
         if self.waiting or self.running or self._pending_outs:
             return 0
-        return min(self.transfer.idle_wait_ms, POLL_MS) if self.prealloc else self.transfer.idle_wait_ms
+        return self.transfer.idle_wait_ms(retrying=bool(self.prealloc))
 
     # ---- stages -----------------------------------------------------------------------
     def _check_room(self, req: Req) -> str | None:

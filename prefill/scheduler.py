@@ -18,7 +18,6 @@ from collections import deque
 
 from disagg.common.config import EngineConfig
 from disagg.common.disaggregation import (
-    POLL_MS,
     DisaggConfig,
     TransferCoordinator,
     create_rank_transfer,
@@ -99,11 +98,11 @@ class PrefillScheduler(Scheduler):
         return outs
 
     def wait_timeout_ms(self) -> int:
-        """0 while there is something to compute; with only transfers in flight the loop blocks
-        (a finished room wakes it); the bootstrap queue is polled (a decode's ask is no result)."""
+        """0 while there is something to compute; else the transfers' wait (the bootstrap queue is
+        retried: a decode's ask is no transfer result)."""
         if self.waiting or self.running or self._pending_outs:
             return 0
-        return min(self.transfer.idle_wait_ms, POLL_MS) if self.bootstrap else self.transfer.idle_wait_ms
+        return self.transfer.idle_wait_ms(retrying=bool(self.bootstrap))
 
     # ---- stages -----------------------------------------------------------------------
     def _check_room(self, req: Req) -> str | None:
