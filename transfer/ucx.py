@@ -38,10 +38,15 @@ PAYLOAD_ALIGN = 64  # the payload starts 64-byte aligned: it is viewed as int64/
 _FRAME = struct.Struct("<II")
 
 
+def _payload_offset(msg_nbytes: int) -> int:
+    """Where a frame's payload starts: after the lengths and the message, 64-byte aligned."""
+    return -(-(_FRAME.size + msg_nbytes) // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
+
+
 def control_frame(msg: Any, payload_nbytes: int = 0) -> tuple[bytes, int]:
     """The frame's head (lengths, message, padding) and where the payload starts in the frame."""
     body = encode(msg)
-    offset = -(-(_FRAME.size + len(body)) // PAYLOAD_ALIGN) * PAYLOAD_ALIGN if payload_nbytes else 0
+    offset = _payload_offset(len(body)) if payload_nbytes else 0
     if max(offset, _FRAME.size + len(body)) + payload_nbytes > MAX_CONTROL_BYTES:
         raise ValueError(
             f"{type(msg).__name__} of {len(body)} + {payload_nbytes} bytes exceeds {MAX_CONTROL_BYTES}"
@@ -180,7 +185,7 @@ class Peer:
         raw = bytes(self._control_buf[_FRAME.size : _FRAME.size + n])
         if not payload_nbytes:
             return raw, None
-        start = -(-(_FRAME.size + n) // PAYLOAD_ALIGN) * PAYLOAD_ALIGN
+        start = _payload_offset(n)
         return raw, self._control_buf[start : start + payload_nbytes]
 
     def post_msg(self, msg: Any) -> None:
