@@ -6,39 +6,22 @@
 Sends --num-requests sequential streaming `/v1/completions` (max_tokens 2, random token ids, a fresh
 prompt each so no prefix cache helps: do not repeat a --seed against the same servers) to each URL, alternating the two so that machine noise hits
 both alike, and prints TTFT p50/p90 for each and the PD/colocated ratio. TTFT is the client's: from
-sending the request to the first streamed token. Needs only httpx (runs on the GPU image after
+sending the request to the first streamed token, as `disagg.bench.serving` measures it (its
+request function is used). Needs httpx and numpy (runs on the GPU image after
 `source common/bench/gpu_env.sh`).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import statistics
 import sys
-import time
 
 import httpx
-
-
-def stream_ttft(client: httpx.Client, url: str, prompt: list[int]) -> float:
-    """Seconds from sending one streaming completion to its first token."""
-    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0.0, "stream": True, "ignore_eos": True}
-    start = time.perf_counter()
-    ttft = None
-    with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"{url}: HTTP {response.status_code}: {response.read()[:300]!r}")
-        for line in response.iter_lines():
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            choices = json.loads(line[5:]).get("choices") or [{}]
-            if ttft is None and choices[0].get("text") is not None:
-                ttft = time.perf_counter() - start
-    if ttft is None:
-        raise RuntimeError(f"{url}: the stream carried no token")
-    return ttft
+from disagg.bench import serving
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -46,21 +29,29 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run(args: argparse.Namespace) -> dict[str, list[float]]:
+async def measure(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Each prompt to every URL in turn (the order alternating), one request at a time."""
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31)
     print(f"prompts: seed {seed}, {args.prompt_len} tokens")
     rng = random.Random(seed)
     targets = {"pd": args.pd_url, "colocated": args.colocated_url}
     targets = {k: v.rstrip("/") for k, v in targets.items() if v}
     ttfts: dict[str, list[float]] = {k: [] for k in targets}
-    with httpx.Client(timeout=args.timeout) as client:
+    request = argparse.Namespace(model=None, temperature=0.0)  # what serving.one_request reads
+    clients = {k: httpx.AsyncClient(base_url=url, timeout=args.timeout) for k, url in targets.items()}
+    try:
         for i in range(args.warmup + args.num_requests):
             prompt = [rng.randrange(args.min_token_id, args.max_token_id) for _ in range(args.prompt_len)]
             order = list(targets) if i % 2 == 0 else list(reversed(targets))
             for name in order:
-                t = stream_ttft(client, targets[name], prompt)
+                r = await serving.one_request(clients[name], request, prompt, len(prompt), 2)
+                if not r.ok:
+                    raise RuntimeError(f"{targets[name]}: {r.error}")
                 if i >= args.warmup:
-                    ttfts[name].append(t)
+                    ttfts[name].append(r.ttft)
+    finally:
+        for client in clients.values():
+            await client.aclose()
     return ttfts
 
 
@@ -103,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        ttfts = run(args)
+        ttfts = asyncio.run(measure(args))
     except (httpx.HTTPError, RuntimeError) as e:
         print(f"ttft_probe: {e}", file=sys.stderr)
         sys.exit(1)
