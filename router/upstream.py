@@ -249,8 +249,8 @@ class UpstreamPool:
         key = _key(url)
         request = _serialize(method, path, f"{key[1]}:{key[2]}", headers, body)
         timeout = timeout if timeout is not None else self.read_timeout
-        for _ in range(2):
-            conn = self._take(key)
+        conn = self._take(key)
+        while True:
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(key)
@@ -265,13 +265,15 @@ class UpstreamPool:
             except UPSTREAM_ERRORS:
                 conn.abort()
                 if reused and not conn.got_bytes and not (handle is not None and handle.aborted):
-                    continue  # the worker had closed this idle connection: once more on a fresh one
+                    # NOTE: the worker had closed this idle connection; once more on a new one, not
+                    # on another idle one: a worker that died leaves all of them dead
+                    conn = None
+                    continue
                 raise
             except BaseException:
                 conn.abort()
                 raise
             return response
-        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         for conns in self._idle.values():

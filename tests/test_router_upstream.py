@@ -16,14 +16,21 @@ ANSWERS = {
 }
 
 
-async def serve(connections: list, close_idle: bool = False):
+async def serve(connections: list, close_idle: bool = False, drop_second: bool = False):
+    """close_idle: close each connection after its answer; drop_second: keep it open, but close it
+    without an answer when a second request comes on it (a worker gone with idle connections open)."""
+
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         connections.append(writer)
+        answered = 0
         while True:
             try:
                 head = await reader.readuntil(b"\r\n\r\n")
             except asyncio.IncompleteReadError:
                 break
+            if drop_second and answered:
+                break
+            answered += 1
             length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
             await reader.readexactly(length)
             path = head.split(b" ")[1]
@@ -78,6 +85,26 @@ def test_idle_connection_closed_by_the_worker_is_replaced_silently():
                 assert await r.read() == b'{"ok": true}'
                 await asyncio.sleep(0.01)
             assert len(connections) == 3
+        finally:
+            await pool.close()
+            server.close()
+
+    run(scenario())
+
+
+def test_every_idle_connection_dead_gets_a_new_one():
+    async def scenario():
+        connections: list = []
+        server, url = await serve(connections, drop_second=True)
+        pool = UpstreamPool()
+        try:
+            first = await asyncio.gather(*(pool.request("GET", url, "/length", {}) for _ in range(3)))
+            for r in first:
+                assert await r.read() == b'{"ok": true}'
+            assert len(connections) == 3  # three idle connections in the pool, all dead on next use
+            r = await pool.request("GET", url, "/length", {})
+            assert await r.read() == b'{"ok": true}'
+            assert len(connections) == 4  # one idle connection tried, then a new one
         finally:
             await pool.close()
             server.close()
