@@ -8,6 +8,7 @@ cancels the work.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from typing import TYPE_CHECKING
@@ -23,6 +24,8 @@ from starlette.responses import Response
 
 if TYPE_CHECKING:
     from disagg.router.app import RouterState
+
+logger = logging.getLogger("disagg.router")
 
 INFERENCE_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
 
@@ -145,7 +148,14 @@ class _ProxiedResponse(Response):
             await response(scope, receive, send)
             return
         self.acquired = True
-        response = await self.state.proxy.forward(self.call, self.on_done)
+        try:
+            response = await self.state.proxy.forward(self.call, self.on_done)
+        except Exception as exc:  # a router bug: still an error object for the client, and counted
+            logger.exception("request %s: router error", self.call.request_id)
+            self.on_done(500)
+            response = error_response(
+                500, f"router internal error: {type(exc).__name__}: {exc}", "internal_error"
+            )
         if isinstance(response, Response):
             response.headers.setdefault("x-request-id", self.call.request_id)
         if isinstance(response, ProxyStreamingResponse):

@@ -188,3 +188,23 @@ def test_cli_parses_sglang_style_pd_flags():
     assert config.selector == {"app": "sglang"}
     with pytest.raises(ValueError, match="--prefill/--decode need --pd-disaggregation"):
         RouterConfig(decode=("http://d:1",)).validate()
+
+
+def test_a_router_bug_answers_an_error_object_and_frees_its_admission_slot():
+    from disagg.router.app import create_app
+    from starlette.testclient import TestClient
+
+    config = RouterConfig(
+        worker_urls=("http://127.0.0.1:9",), max_concurrent_requests=1, queue_timeout_secs=1
+    )
+    app = create_app(config)
+    with TestClient(app) as client:
+
+        async def broken_forward(call, on_done):
+            raise RuntimeError("boom")
+
+        app.state.proxy.forward = broken_forward
+        for _ in range(3):  # one slot: a leaked one would queue the next request into a 408
+            r = client.post("/generate", json={"text": "hi"})
+            assert r.status_code == 500
+            assert r.json()["error"]["type"] == "internal_error" and "boom" in r.json()["error"]["message"]
