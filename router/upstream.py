@@ -262,9 +262,10 @@ class UpstreamPool:
                 handle.response = response
             try:
                 await _wait_for(conn.head, timeout)
-            except UPSTREAM_ERRORS:
+            except UPSTREAM_ERRORS as exc:
                 conn.abort()
-                if reused and not conn.got_bytes and not (handle is not None and handle.aborted):
+                gone = reused and not conn.got_bytes and not isinstance(exc, TimeoutError)
+                if gone and not (handle is not None and handle.aborted):
                     # NOTE: the worker had closed this idle connection; once more on a new one, not
                     # on another idle one: a worker that died leaves all of them dead
                     conn = None

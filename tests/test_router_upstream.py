@@ -122,6 +122,12 @@ def test_refused_and_timeout_raise():
                 await pool.request("GET", f"http://127.0.0.1:{free_port()}", "/length", {})
             with pytest.raises(TimeoutError):
                 await pool.request("GET", url, "/hang", {}, timeout=0.1)
+            r = await pool.request("GET", url, "/length", {})
+            assert await r.read() == b'{"ok": true}'
+            before = len(connections)
+            with pytest.raises(TimeoutError):  # on an idle connection: not sent again on a new one
+                await pool.request("GET", url, "/hang", {}, timeout=0.1)
+            assert len(connections) == before
         finally:
             await pool.close()
             server.close()
