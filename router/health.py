@@ -61,6 +61,9 @@ class HealthChecker:
             ok = status == 200
         except UPSTREAM_ERRORS:
             ok = False
+        except Exception:  # a router bug must not end the health-check loop: count it as a failure
+            logger.exception("health check of %s failed", worker.url)
+            ok = False
         self.record(worker, ok)
         return ok
 

@@ -208,3 +208,19 @@ def test_a_router_bug_answers_an_error_object_and_frees_its_admission_slot():
             r = client.post("/generate", json={"text": "hi"})
             assert r.status_code == 500
             assert r.json()["error"]["type"] == "internal_error" and "boom" in r.json()["error"]["message"]
+
+
+def test_a_health_check_that_raises_counts_as_a_failure_and_the_checker_goes_on():
+    from disagg.router.health import HealthChecker
+    from disagg.router.workers import WorkerRegistry
+
+    class BrokenClient:
+        async def request(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+    config = RouterConfig(health_failure_threshold=1)
+    registry = WorkerRegistry(lambda url: CircuitBreaker(url, 3, 2, 60.0))
+    worker = registry.add("http://127.0.0.1:9", Role.REGULAR, healthy=True)
+    checker = HealthChecker(config, registry, BrokenClient(), {})
+    assert asyncio.run(checker.check(worker)) is False
+    assert not worker.healthy
