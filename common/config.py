@@ -88,3 +88,41 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--nnodes", type=int, default=d.nnodes)
     g.add_argument("--node-rank", type=int, default=d.node_rank)
     g.add_argument("--dist-timeout", type=float, default=d.dist_timeout, help="seconds to wait for all ranks")
+
+
+# ---- prefill/decode servers -------------------------------------------------------------------
+
+PD_ROLES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class DisaggConfig:
+    """The flags a prefill or decode server adds to the engine's (SGLang's names)."""
+
+    mode: str = "prefill"  # prefill | decode
+    bootstrap_port: int = 8998  # prefill: rank 0 serves the bootstrap here (SGLang's default)
+    transfer_timeout: float = 30.0  # seconds a room may make no progress before it fails on both sides
+    transfer_host: str | None = None  # prefill: address decode ranks reach its UCX listeners at
+    ib_device: str | None = None  # InfiniBand/RoCE device(s) UCX uses, e.g. "mlx5_0" (default: UCX picks)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, mode: str) -> DisaggConfig:
+        host = args.disaggregation_transfer_host
+        if host is None and args.host not in ("0.0.0.0", "::", ""):
+            host = args.host  # a server bound to one address is reachable there
+        return cls(mode, args.disaggregation_bootstrap_port, args.disaggregation_transfer_timeout, host,
+                   args.disaggregation_ib_device)  # fmt: skip
+
+
+def add_disagg_args(parser: argparse.ArgumentParser) -> None:
+    d = DisaggConfig()
+    g = parser.add_argument_group("disaggregation")
+    g.add_argument("--disaggregation-bootstrap-port", type=int, default=d.bootstrap_port,
+                   help="prefill: port of the bootstrap server decode ranks query (the router's `--prefill URL PORT`)")  # fmt: skip
+    g.add_argument("--disaggregation-transfer-timeout", type=float, default=d.transfer_timeout,
+                   help="seconds without progress before a KV transfer fails on both sides")  # fmt: skip
+    g.add_argument("--disaggregation-transfer-host", default=d.transfer_host,
+                   help="prefill: address decode servers reach this server's KV senders at (default: --host, "
+                        "or this machine's outward address)")  # fmt: skip
+    g.add_argument("--disaggregation-ib-device", default=d.ib_device,
+                   help="InfiniBand/RoCE device(s) for KV transfer, e.g. mlx5_0 (default: UCX chooses)")  # fmt: skip

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 from disagg.common.config import EngineConfig
-from disagg.common.distributed import broadcast_plan, gather_to_rank0, run_node
-from disagg.common.ipc import IpcNames, die_with_parent
-from disagg.common.parallel import get_parallel
-from disagg.common.scheduler_process import run_scheduler_process
+from disagg.common.parallel.ranks import broadcast_plan, gather_to_rank0, run_node
+from disagg.common.server.ipc import IpcNames, die_with_parent
+from disagg.common.parallel.state import get_parallel
+from disagg.common.server.scheduler_process import run_scheduler_process
 from disagg.transfer import KVLayout, KVReceiver, KVSender, TransferResult, dtype_name
 
 logger = logging.getLogger(__name__)
@@ -342,7 +342,7 @@ def launch_role(mode: str, scheduler_cls, argv: list[str] | None = None) -> None
     import sys
 
     from disagg.common.config import add_engine_args
-    from disagg.common.launch_server import ServerConfig, add_server_args, launch
+    from disagg.common.server.launch_server import ServerConfig, add_server_args, launch
 
     parser = argparse.ArgumentParser(
         prog=f"launch_{mode}", description=f"The {mode} server of a PD deployment"

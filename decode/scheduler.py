@@ -24,10 +24,10 @@ from disagg.common.disaggregation import (
     create_rank_transfer,
     transfer_metrics_text,
 )
-from disagg.common.kv_pool import pages_for_tokens
-from disagg.common.parallel import get_parallel
-from disagg.common.request import Req, ReqStatus, TokenOut
-from disagg.common.scheduler import Scheduler
+from disagg.common.engine.kv_pool import pages_for_tokens
+from disagg.common.parallel.state import get_parallel
+from disagg.common.engine.request import Req, ReqStatus, TokenOut
+from disagg.common.engine.scheduler import Scheduler
 from disagg.transfer import TransferResult
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def default_model_path() -> str:
-    from disagg.common.model_files import ensure_default_model
+    from disagg.common.models.model_files import ensure_default_model
 
     return str(ensure_default_model())
 

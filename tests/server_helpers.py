@@ -1,4 +1,4 @@
-"""Start `python -m disagg.common.launch_server` as a real process for end-to-end tests."""
+"""Start `python -m disagg.common.server.launch_server` as a real process for end-to-end tests."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class ServerProcess:
         return httpx.Client(base_url=self.url, headers=self.headers, timeout=kw.pop("timeout", 120), **kw)
 
     def start(self, timeout: float = 300) -> ServerProcess:
-        cmd = [sys.executable, "-m", "disagg.common.launch_server", "--port", str(self.port), *self.args]
+        cmd = [sys.executable, "-m", "disagg.common.server.launch_server", "--port", str(self.port), *self.args]
         # own session: the fixture can always kill the whole group, whatever happens
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -8,10 +8,10 @@ import argparse
 import pytest
 import torch
 import torch.distributed as dist
-from disagg.bench import comm
-from disagg.common.attention import ForwardBatch, TorchBackend
-from disagg.common.model import CausalLM, head_dim_of, kv_heads_per_rank
-from disagg.common.parallel import ParallelState, get_parallel, set_parallel
+from disagg.common.bench import comm
+from disagg.common.engine.attention import ForwardBatch, TorchBackend
+from disagg.common.models.decoder import CausalLM, head_dim_of, kv_heads_per_rank
+from disagg.common.parallel.state import ParallelState, get_parallel, set_parallel
 from transformers import LlamaConfig, Qwen3MoeConfig
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,

@@ -1,4 +1,4 @@
-"""`python -m disagg.bench.pd_sweep --device cpu`: both deployments start, serve the sweep, and stop;
+"""`python -m disagg.common.bench.pd_sweep --device cpu`: both deployments start, serve the sweep, and stop;
 the JSON, the table and the plot are written, and no server is left running."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from disagg.bench.pd_sweep import live_groups
+from disagg.common.bench.pd_sweep import live_groups
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ def test_pd_sweep_measures_both_deployments(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "sweep"
     # one colocated replica: each deployment's start-up (servers loading the model) is most of the run
-    cmd = [sys.executable, "-m", "disagg.bench.pd_sweep", "--device", "cpu", "--out-dir", str(out),
+    cmd = [sys.executable, "-m", "disagg.common.bench.pd_sweep", "--device", "cpu", "--out-dir", str(out),
            "--colocated-replicas", "1", "--request-rates", "4", "--num-prompts", "2", "--input-len", "24",
            "--output-len", "4", "--ttft-probes", "2", "--warmup-requests", "1"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)

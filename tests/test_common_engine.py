@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from disagg.common.engine import Engine
+from disagg.common.engine.offline import Engine
 
 from tests.conftest import assert_pool_clean, hf_greedy
 
@@ -91,8 +91,8 @@ def test_tiny_models_match_transformers(tiny_models, family):
 def test_abort_at_any_point_frees_pages(engines):
     engine = _engine(engines, page_size=4, chunked_prefill_size=8)
     sched = engine.scheduler
-    from disagg.common.engine import to_sampling_params
-    from disagg.common.request import Req
+    from disagg.common.engine.offline import to_sampling_params
+    from disagg.common.engine.request import Req
 
     long_prompt = engine.tokenizer.encode("word " * 60)
     reqs = [

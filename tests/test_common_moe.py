@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from disagg.common.moe import SparseMoE
-from disagg.common.parallel import ParallelState, get_parallel, set_parallel
+from disagg.common.models.moe import SparseMoE
+from disagg.common.parallel.state import ParallelState, get_parallel, set_parallel
 from transformers import Qwen3MoeConfig
 
 

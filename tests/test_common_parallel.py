@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from disagg.common.distributed import free_port
-from disagg.common.engine import Engine
+from disagg.common.parallel.ranks import free_port
+from disagg.common.engine.offline import Engine
 
 from tests.conftest import hf_greedy, make_tiny_model
 
@@ -84,7 +84,7 @@ def test_two_nodes_on_one_machine(tiny_models):
         [
             sys.executable,
             "-m",
-            "disagg.common.distributed",
+            "disagg.common.parallel.ranks",
             "--model-path",
             path,
             "--tp",
@@ -122,7 +122,7 @@ def test_ranks_that_never_arrive_time_out(tiny_models):
     # in a child process: a failed rendezvous leaves torch.distributed's global state behind
     addr = f"127.0.0.1:{free_port()}"
     code = (
-        "from disagg.common.engine import Engine\n"
+        "from disagg.common.engine.offline import Engine\n"
         f"Engine(model_path={tiny_models['llama']!r}, tp=2, nnodes=2, dist_init_addr={addr!r}, dist_timeout=3)"
     )
     # node 1 never starts: rank 0 gives up after --dist-timeout with a clear error
@@ -145,6 +145,6 @@ def test_a_dead_rank_fails_the_group_instead_of_hanging(tiny_models):
 
         if dist.is_initialized():
             dist.destroy_process_group()
-        from disagg.common.parallel import ParallelState, set_parallel
+        from disagg.common.parallel.state import ParallelState, set_parallel
 
         set_parallel(ParallelState())

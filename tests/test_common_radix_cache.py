@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from disagg.common.kv_pool import KVPagePool, OutOfPagesError
-from disagg.common.radix_cache import RadixCache
+from disagg.common.engine.kv_pool import KVPagePool, OutOfPagesError
+from disagg.common.engine.radix_cache import RadixCache
 
 
 def _pool(num_pages=16, page_size=2):

@@ -77,7 +77,7 @@ def _prompts(path: str) -> list[list[int]]:
 
 
 def test_cuda_float32_matches_transformers_exactly(default_model_path):
-    from disagg.common.engine import Engine
+    from disagg.common.engine.offline import Engine
 
     ids = _prompts(default_model_path)
     ref, _ = _hf_greedy_with_top5(default_model_path, ids, torch.float32)
@@ -95,7 +95,7 @@ def test_cuda_float32_matches_transformers_exactly(default_model_path):
 def test_flashinfer_bf16_close_to_transformers_bf16(default_model_path, kw):
     """CUDA graphs for decode, fused kernels, chunked prefill and a queue (max 8 running) included."""
     pytest.importorskip("flashinfer")
-    from disagg.common.engine import Engine
+    from disagg.common.engine.offline import Engine
 
     ids = _prompts(default_model_path)
     ref, ref_top5 = _hf_greedy_with_top5(default_model_path, ids, torch.bfloat16)

@@ -23,7 +23,7 @@ PROMPTS = ["The capital of France is", "Explain the water cycle in simple words.
 
 
 def test_pd_on_two_gpus_gives_the_engine_tokens(default_model_path):
-    from disagg.common.engine import Engine
+    from disagg.common.engine.offline import Engine
     from disagg.router.testing import free_port
 
     server_flags = ["--dtype", "float32", "--max-total-tokens", "65536", "--attention-backend", "torch"]
@@ -32,7 +32,7 @@ def test_pd_on_two_gpus_gives_the_engine_tokens(default_model_path):
     del engine
     torch.cuda.empty_cache()
     port = free_port()
-    cmd = [sys.executable, "-m", "disagg.common.launch_local", "--port", str(port), "--", *server_flags]
+    cmd = [sys.executable, "-m", "disagg.common.server.launch_local", "--port", str(port), "--", *server_flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             start_new_session=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"})  # fmt: skip
     try:

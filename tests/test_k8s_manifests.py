@@ -306,8 +306,8 @@ def test_image_recipe_copies_every_package():
     import tomllib
 
     with open(K8S.parent / "pyproject.toml", "rb") as f:
-        package_dirs = tomllib.load(f)["tool"]["setuptools"]["package-dir"].values()
-    folders = {d.split("/")[0] for d in package_dirs}
+        packages = tomllib.load(f)["tool"]["setuptools"]["packages"]
+    folders = {p.split(".")[1] for p in packages}  # disagg.common.engine lives in common/engine
     dockerfile = (K8S / "Dockerfile").read_text()
     ignore = (K8S / "Dockerfile.dockerignore").read_text().split()
     for folder in folders:

@@ -99,7 +99,7 @@ def test_colocated_server_with_lws_style_args_forms_one_group(default_model_path
                     f"--node-rank={rank}", f"--dist-init-addr=127.0.0.1:{dist}", "--host=127.0.0.1",
                     f"--port={http}", "--max-total-tokens=2048", "--dist-timeout=60"]  # fmt: skip
             log = open(tmp_path / f"server-rank{rank}.log", "w")
-            procs.append(subprocess.Popen([sys.executable, "-m", "disagg.common.launch_server", *args],
+            procs.append(subprocess.Popen([sys.executable, "-m", "disagg.common.server.launch_server", *args],
                                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
         url = f"http://127.0.0.1:{http}"
         deadline = time.monotonic() + 150

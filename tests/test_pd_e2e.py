@@ -30,7 +30,7 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def engine(default_model_path):
-    from disagg.common.engine import Engine
+    from disagg.common.engine.offline import Engine
 
     eng = Engine(max_total_tokens=4096, context_length=512)
     yield eng

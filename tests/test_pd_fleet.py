@@ -84,7 +84,7 @@ def fleet():
 
 @pytest.fixture(scope="module")
 def reference(default_model_path) -> list[list[int]]:
-    from disagg.common.engine import Engine
+    from disagg.common.engine.offline import Engine
 
     engine = Engine(max_total_tokens=4096, context_length=512, dtype="float32")
     try:

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def test_launch_local_serves_and_stops_cleanly():
     port = free_port()
-    cmd = [sys.executable, "-m", "disagg.common.launch_local", "--port", str(port), "--",
+    cmd = [sys.executable, "-m", "disagg.common.server.launch_local", "--port", str(port), "--",
            "--max-total-tokens", "4096", "--context-length", "512"]  # fmt: skip
     env = {**os.environ, "DISAGG_CPU_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,

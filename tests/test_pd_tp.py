@@ -21,7 +21,7 @@ PROMPTS = ["The capital of France is", LONG + "In one sentence, the main benefit
 
 @pytest.fixture(scope="module")
 def want(default_model_path) -> list[list[int]]:
-    from disagg.common.engine import Engine
+    from disagg.common.engine.offline import Engine
 
     engine = Engine(max_total_tokens=4096, context_length=512)
     try:

@@ -136,7 +136,7 @@ def test_launch_local_gives_each_server_its_own_gpus(monkeypatch):
     import argparse
 
     import pytest
-    from disagg.common.launch_local import gpu_envs
+    from disagg.common.server.launch_local import gpu_envs
 
     args = argparse.Namespace(prefill_tp=1, decode_tp=2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")

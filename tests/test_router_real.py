@@ -16,7 +16,7 @@ GREEDY = {"max_new_tokens": 8, "temperature": 0}
 @pytest.fixture(scope="module")
 def server():
     port = free_port()
-    argv = [sys.executable, "-m", "disagg.common.launch_server", "--host", "127.0.0.1", "--port", str(port)]
+    argv = [sys.executable, "-m", "disagg.common.server.launch_server", "--host", "127.0.0.1", "--port", str(port)]
     proc = Process(argv, f"http://127.0.0.1:{port}")
     try:
         proc.start(timeout=300)

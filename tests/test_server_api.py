@@ -37,7 +37,7 @@ def http(server):
 
 @pytest.fixture(scope="module")
 def engine(default_model_path):
-    from disagg.common.engine import Engine
+    from disagg.common.engine.offline import Engine
 
     return Engine(max_total_tokens=2048, context_length=512)
 
@@ -364,7 +364,7 @@ def test_metrics_move(http):
 
 
 def test_serving_benchmark_against_the_server(server, tmp_path):
-    from disagg.bench.serving import main
+    from disagg.common.bench.serving import main
 
     out = tmp_path / "bench.json"
     main(["--base-url", server.url, "--api-key", API_KEY, "--num-prompts", "3", "--max-concurrency", "2",

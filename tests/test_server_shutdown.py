@@ -78,7 +78,7 @@ def test_children_die_with_the_parent(default_model_path):
 
 
 def test_tp3_server_matches_the_engine_and_its_ranks_stop_with_it(default_model_path):
-    from disagg.common.engine import Engine
+    from disagg.common.engine.offline import Engine
 
     engine = Engine(max_total_tokens=2048, context_length=512)
     ids = engine.tokenizer.encode("The capital of France is")

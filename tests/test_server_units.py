@@ -4,11 +4,11 @@ statistics, the message types crossing process boundaries."""
 from __future__ import annotations
 
 import pytest
-from disagg.bench.serving import RequestResult, is_good, parse_goodput, percentiles, sample_lengths
-from disagg.common.detokenizer import Detokenizer, held_back
-from disagg.common.ipc import BatchTokenOutMsg, DetokReqInfo, GenerateReqMsg
+from disagg.common.bench.serving import RequestResult, is_good, parse_goodput, percentiles, sample_lengths
+from disagg.common.server.detokenizer import Detokenizer, held_back
+from disagg.common.server.ipc import BatchTokenOutMsg, DetokReqInfo, GenerateReqMsg
 from disagg.common.messages import decode, encode
-from disagg.common.request import SamplingParams, TokenOut
+from disagg.common.engine.request import SamplingParams, TokenOut
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +125,8 @@ class EchoScheduler:
 
 def test_scheduler_loop_drives_any_scheduler():
     import zmq
-    from disagg.common.ipc import AbortReqMsg, IpcNames, PingMsg, PongMsg, zmq_socket
-    from disagg.common.scheduler_process import SchedulerLoop
+    from disagg.common.server.ipc import AbortReqMsg, IpcNames, PingMsg, PongMsg, zmq_socket
+    from disagg.common.server.scheduler_process import SchedulerLoop
 
     ipc, ctx = IpcNames.new(), zmq.Context()
     try:

@@ -1,1 +1,1 @@
-"""Benchmarks: python -m disagg.bench.offline, python -m disagg.bench.serving."""
+"""Benchmarks: python -m disagg.common.bench.offline, python -m disagg.common.bench.serving."""

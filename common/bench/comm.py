@@ -1,14 +1,14 @@
 """Communication benchmark of a TP group: the all-reduce bus bandwidth (the ceiling) and the exact
 collectives one TP forward of a model shape issues per step, eagerly and replayed in a CUDA graph.
 
-    python -m disagg.bench.comm --tp 2                                   # CPU (gloo), default model
-    python -m disagg.bench.comm --tp 2 --model-path Llama-3.1-8B \
+    python -m disagg.common.bench.comm --tp 2                                   # CPU (gloo), default model
+    python -m disagg.common.bench.comm --tp 2 --model-path Llama-3.1-8B \
         --batch-sizes 1,16,64 --prefill-len 4096 --output-json comm.json  # GPU (NCCL)
 
-Per step the model (common/layers.py, common/moe.py) issues, on [tokens, hidden] in the model dtype:
+Per step the model (common/models/layers.py, common/models/moe.py) issues, on [tokens, hidden] in the model dtype:
 one all-reduce after the vocab-parallel embedding, two per layer (attention o_proj; MLP down_proj
 or the MoE combine), then one all-gather of the LM head's [logit rows, vocab/tp] (one row per
-decode request, one per prefilled request). The same functions of common/parallel.py run here on
+decode request, one per prefilled request). The same functions of common/parallel/state.py run here on
 zero-filled buffers, back to back: the time of that communication alone (TP has no overlap, so
 all of it is exposed in a step). Also timed: rank 0's per-step plan broadcast over gloo.
 """
@@ -26,8 +26,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from disagg.common.distributed import broadcast_plan, free_port
-from disagg.common.parallel import ParallelState, all_gather_last_dim, all_reduce, set_parallel
+from disagg.common.parallel.ranks import broadcast_plan, free_port
+from disagg.common.parallel.state import ParallelState, all_gather_last_dim, all_reduce, set_parallel
 
 logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,8 +39,8 @@ def bus_factor(n: int) -> float:
 
 
 def model_shape(model_path: str | None) -> dict:
-    from disagg.common.model_files import resolve_model_path
-    from disagg.common.weights import PRESETS, load_config
+    from disagg.common.models.model_files import resolve_model_path
+    from disagg.common.models.weights import PRESETS, load_config
 
     path = model_path if model_path in PRESETS else resolve_model_path(model_path)
     c = load_config(path)

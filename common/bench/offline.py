@@ -1,8 +1,8 @@
 """Offline engine benchmark: decode step time and prefill throughput beside the hardware's
 ceilings (copy bandwidth, matmul rate) measured in the same run, and beside Hugging Face `generate`.
 
-    python -m disagg.bench.offline                                   # CPU, default model
-    python -m disagg.bench.offline --model-path Llama-3.1-8B --load-format dummy \
+    python -m disagg.common.bench.offline                                   # CPU, default model
+    python -m disagg.common.bench.offline --model-path Llama-3.1-8B --load-format dummy \
         --batch-sizes 1,16,64 --context-len 1024 --prefill-len 4096 --hf   # GPU
 """
 
@@ -14,12 +14,12 @@ import random
 import time
 
 import torch
-from disagg.common.distributed import broadcast_plan
-from disagg.common.engine import Engine, to_sampling_params
-from disagg.common.model import head_dim_of
-from disagg.common.parallel import get_parallel
-from disagg.common.request import Req
-from disagg.common.scheduler import Scheduler
+from disagg.common.parallel.ranks import broadcast_plan
+from disagg.common.engine.offline import Engine, to_sampling_params
+from disagg.common.models.decoder import head_dim_of
+from disagg.common.parallel.state import get_parallel
+from disagg.common.engine.request import Req
+from disagg.common.engine.scheduler import Scheduler
 
 
 def sync(device: torch.device) -> None:
@@ -159,7 +159,7 @@ def bench_hf_generate(
     model_path: str, load_format: str, device, dtype, batch: int, context: int, new: int
 ) -> float:
     """Output tokens/s of transformers `generate` at the same shapes (padded batch, greedy)."""
-    from disagg.common.weights import PRESETS, load_config
+    from disagg.common.models.weights import PRESETS, load_config
     from transformers import AutoModelForCausalLM
 
     config = load_config(model_path)

@@ -1,16 +1,16 @@
 """PD against colocated on the same GPUs: the serving benchmark at several Poisson rates, and TTFT alone.
 
     source common/bench/gpu_env.sh
-    python3 -m disagg.bench.pd_sweep --out-dir /tmp/sweep --model-path Llama-3.1-8B --load-format dummy \\
+    python3 -m disagg.common.bench.pd_sweep --out-dir /tmp/sweep --model-path Llama-3.1-8B --load-format dummy \\
         --request-rates 2,4,8,12 --num-prompts 48 --input-len 2048 --output-len 256
-    python -m disagg.bench.pd_sweep --device cpu --out-dir /tmp/sweep   # tiny lengths and rates
+    python -m disagg.common.bench.pd_sweep --device cpu --out-dir /tmp/sweep   # tiny lengths and rates
 
 Two deployments, one after the other (they share the GPUs):
 - `pd`: our router (`--pd-disaggregation`) in front of `launch_prefill` on GPU 0 and `launch_decode`
   on GPU 1; KV moves over UCX between the GPUs.
 - `colocated`: two `launch_server` replicas (GPU 0 and GPU 1) behind our router in regular mode.
 For each: a warm-up, the TTFT probe (sequential single requests of --input-len tokens, 2 output
-tokens, on the idle deployment), then `disagg.bench.serving` at every --request-rates. Prompts are
+tokens, on the idle deployment), then `disagg.common.bench.serving` at every --request-rates. Prompts are
 random token ids sent as `prompt` of /v1/completions, so exactly --input-len tokens reach the server
 whatever its tokenizer; both deployments get the same prompts. Writes into --out-dir: `pd_sweep.json`
 (after every rate, so a cut-off run keeps what it measured), `pd_sweep.md` (also printed),
@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from disagg.bench import serving
-from disagg.common.distributed import free_port
+from disagg.common.bench import serving
+from disagg.common.parallel.ranks import free_port
 
 DEPLOYMENTS = ("pd", "colocated")
 # serving's goodput limits: TTFT and E2E per request, ITL and TPOT as the request's mean
@@ -121,7 +121,7 @@ def colocated_children(args: argparse.Namespace) -> list[Child]:
     children = []
     for i in range(args.colocated_replicas):
         port = free_port()
-        argv = [sys.executable, "-m", "disagg.common.launch_server", "--port", str(port), *server_flags(args)]
+        argv = [sys.executable, "-m", "disagg.common.server.launch_server", "--port", str(port), *server_flags(args)]
         children.append(Child(f"server{i}", argv, f"http://127.0.0.1:{port}/health", gpu_env(args, i)))
     urls = [c.ready_url.removesuffix("/health") for c in children]
     return [*children, router_child(args, ["--worker-urls", *urls])]
@@ -381,7 +381,7 @@ def _stop_on_sigterm(*_) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from disagg.common.model_files import resolve_model_path
+    from disagg.common.models.model_files import resolve_model_path
     from transformers import AutoTokenizer
 
     out_dir, started = Path(args.out_dir), time.monotonic()
@@ -428,7 +428,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m disagg.bench.pd_sweep", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m disagg.common.bench.pd_sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", required=True)
     p.add_argument("--report-only", action="store_true", help="redo the table and plot from --out-dir's JSON")
     p.add_argument(
@@ -485,7 +485,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup_requests = 2 * max(1, args.colocated_replicas)
     serving.parse_goodput(args.goodput)  # a bad SLO fails now, not after the start-up
     # NOTE: a preset (e.g. Llama-3.1-8B with dummy weights) has no tokenizer; the server borrows the default model's
-    from disagg.common.weights import PRESETS as MODEL_PRESETS
+    from disagg.common.models.weights import PRESETS as MODEL_PRESETS
 
     args.model_path_for_tokenizer = None if args.model_path in MODEL_PRESETS else args.model_path
     return args

@@ -1,6 +1,6 @@
 """Serving benchmark against any OpenAI-compatible endpoint (our server, our router, SGLang, vLLM).
 
-    python -m disagg.bench.serving --base-url http://127.0.0.1:30000 --num-prompts 64 \\
+    python -m disagg.common.bench.serving --base-url http://127.0.0.1:30000 --num-prompts 64 \\
         --request-rate 4 --input-len 256 --output-len 64 --random-range-ratio 0.5 --goodput ttft:500 itl:50
 
 Requests stream from /v1/completions (`ignore_eos`, so outputs have the asked length), arriving as a
@@ -212,7 +212,7 @@ def format_table(s: dict, args) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m disagg.bench.serving", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m disagg.common.bench.serving", description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", default="http://127.0.0.1:30000")
     p.add_argument("--model", default=None, help="default: the first model of /v1/models")
     p.add_argument(
@@ -248,7 +248,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     limits = parse_goodput(args.goodput)
-    from disagg.common.model_files import resolve_model_path
+    from disagg.common.models.model_files import resolve_model_path
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or resolve_model_path(None))

@@ -1,12 +1,12 @@
 """Time to first token of the PD path beside the colocated server's: starts nothing, only measures.
 
-    python -m disagg.bench.ttft_probe --pd-url http://127.0.0.1:8000 --colocated-url http://127.0.0.1:30000 \
+    python -m disagg.common.bench.ttft_probe --pd-url http://127.0.0.1:8000 --colocated-url http://127.0.0.1:30000 \
         --prompt-len 2048 --num-requests 12
 
 Sends --num-requests sequential streaming `/v1/completions` (max_tokens 2, random token ids, a fresh
 prompt each so no prefix cache helps: do not repeat a --seed against the same servers) to each URL, alternating the two so that machine noise hits
 both alike, and prints TTFT p50/p90 for each and the PD/colocated ratio. TTFT is the client's: from
-sending the request to the first streamed token, as `disagg.bench.serving` measures it (its
+sending the request to the first streamed token, as `disagg.common.bench.serving` measures it (its
 request function is used). Needs httpx and numpy (runs on the GPU image after
 `source common/bench/gpu_env.sh`).
 """
@@ -21,7 +21,7 @@ import statistics
 import sys
 
 import httpx
-from disagg.bench import serving
+from disagg.common.bench import serving
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from disagg.common.config import EngineConfig
 from disagg.common.messages import decode, encode
-from disagg.common.parallel import ParallelState, get_parallel, set_parallel
+from disagg.common.parallel.state import ParallelState, get_parallel, set_parallel
 
 logger = logging.getLogger(__name__)
 _STOP = {"stop": True}
@@ -121,7 +121,7 @@ def worker_main(config: EngineConfig, rank: int, plan_hook_factory=None) -> None
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(asctime)s %(levelname)s %(message)s")
     try:
         init_distributed(config, rank)
-        from disagg.common.model_runner import ModelRunner
+        from disagg.common.engine.model_runner import ModelRunner
 
         runner = ModelRunner(config)
         hook = plan_hook_factory(runner) if plan_hook_factory is not None else None
@@ -165,9 +165,9 @@ def cpu_threads_env(config: EngineConfig) -> None:
 
 def check_layout(config: EngineConfig) -> None:
     """Fail before any process starts when the model cannot be split as asked."""
-    from disagg.common.model import check_tp_layout
-    from disagg.common.model_files import resolve_model_path
-    from disagg.common.weights import PRESETS, load_config
+    from disagg.common.models.decoder import check_tp_layout
+    from disagg.common.models.model_files import resolve_model_path
+    from disagg.common.models.weights import PRESETS, load_config
 
     path = config.model_path if config.model_path in PRESETS else resolve_model_path(config.model_path)
     ranks_per_node(config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from disagg.common.request import Req
+from disagg.common.engine.request import Req
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from disagg.common.kernels import add_rms_norm, apply_rope, rms_norm
-from disagg.common.parallel import all_gather_last_dim, all_reduce, get_parallel
+from disagg.common.models.kernels import add_rms_norm, apply_rope, rms_norm
+from disagg.common.parallel.state import all_gather_last_dim, all_reduce, get_parallel
 from torch import nn
 
 

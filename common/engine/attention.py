@@ -101,7 +101,7 @@ def create_attention_backend(name: str, device: torch.device, **kwargs) -> Atten
     if name == "flashinfer":
         if device.type != "cuda":
             raise ValueError("--attention-backend flashinfer needs a CUDA device")
-        from disagg.common.attention_flashinfer import FlashInferBackend
+        from disagg.common.engine.attention_flashinfer import FlashInferBackend
 
         return FlashInferBackend(device=device, **kwargs)
     raise ValueError(f"unknown attention backend {name!r} (choose auto, torch, flashinfer)")

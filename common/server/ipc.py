@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import zmq
 from disagg.common.messages import message
-from disagg.common.request import SamplingParams, TokenOut
+from disagg.common.engine.request import SamplingParams, TokenOut
 
 logger = logging.getLogger(__name__)
 

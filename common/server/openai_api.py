@@ -6,10 +6,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from disagg.common.ipc import StrOut
-from disagg.common.protocol import APIError, ChatCompletionRequest, CompletionRequest, OpenAISampling
-from disagg.common.request import SamplingParams
-from disagg.common.serving_common import (
+from disagg.common.server.ipc import StrOut
+from disagg.common.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, OpenAISampling
+from disagg.common.engine.request import SamplingParams
+from disagg.common.server.serving import (
     ChoiceAcc,
     ServerState,
     check_lengths,

@@ -12,7 +12,7 @@ import traceback
 from dataclasses import dataclass, field
 
 import zmq
-from disagg.common.ipc import (
+from disagg.common.server.ipc import (
     BatchStrOutMsg,
     BatchTokenOutMsg,
     DetokReqInfo,
@@ -23,7 +23,7 @@ from disagg.common.ipc import (
     zmq_socket,
 )
 from disagg.common.messages import decode, encode
-from disagg.common.request import TokenOut
+from disagg.common.engine.request import TokenOut
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
-from disagg.common.ipc import (
+from disagg.common.server.ipc import (
     AbortReqMsg,
     BatchStrOutMsg,
     GenerateReqMsg,
@@ -28,8 +28,8 @@ from disagg.common.ipc import (
     zmq_socket,
 )
 from disagg.common.messages import decode, encode
-from disagg.common.metrics import ServerMetrics
-from disagg.common.request import SamplingParams
+from disagg.common.server.metrics import ServerMetrics
+from disagg.common.engine.request import SamplingParams
 
 logger = logging.getLogger(__name__)
 

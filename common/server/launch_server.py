@@ -23,14 +23,14 @@ from dataclasses import dataclass
 
 import uvicorn
 from disagg.common.config import EngineConfig, add_engine_args
-from disagg.common.detokenizer import run_detokenizer_process
-from disagg.common.http_server import create_app
-from disagg.common.ipc import IpcNames
-from disagg.common.metrics import ServerMetrics
-from disagg.common.model_files import resolve_model_path
-from disagg.common.scheduler_process import run_scheduler_process
-from disagg.common.serving_common import ServerState
-from disagg.common.tokenizer_manager import TokenizerManager
+from disagg.common.server.detokenizer import run_detokenizer_process
+from disagg.common.server.http_server import create_app
+from disagg.common.server.ipc import IpcNames
+from disagg.common.server.metrics import ServerMetrics
+from disagg.common.models.model_files import resolve_model_path
+from disagg.common.server.scheduler_process import run_scheduler_process
+from disagg.common.server.serving import ServerState
+from disagg.common.server.tokenizer_manager import TokenizerManager
 
 logger = logging.getLogger("disagg.server")
 
@@ -112,7 +112,7 @@ class DrainingServer(uvicorn.Server):
 
 def tokenizer_path_for(engine: EngineConfig, server: ServerConfig) -> str:
     """--tokenizer-path, else the model's folder; a dummy preset (no files) borrows the default model's."""
-    from disagg.common.weights import PRESETS
+    from disagg.common.models.weights import PRESETS
 
     if server.tokenizer_path:
         return server.tokenizer_path
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(asctime)s [http] %(levelname)s %(name)s: %(message)s")  # fmt: skip
     engine = EngineConfig.from_args(args)
     if engine.node_rank != 0:  # a node other than 0 runs only its ranks; rank 0's node serves HTTP
-        from disagg.common.distributed import run_node
+        from disagg.common.parallel.ranks import run_node
 
         sys.exit(run_node(engine))
     try:

@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 
 import torch
-from disagg.common.parallel import get_parallel
+from disagg.common.parallel.state import get_parallel
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ def _load_one(model, params: dict, name: str, tensor_slice) -> str | None:
         return None
     if "rotary_emb" in name:
         return None
-    from disagg.common.moe import load_expert_weight
+    from disagg.common.models.moe import load_expert_weight
 
     if load_expert_weight(model, params, name, tensor_slice):
         m = re.match(r"(.*\.experts)\.\d+\.(\w+)\.weight$", name)

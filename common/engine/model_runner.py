@@ -8,23 +8,23 @@ import os
 import time
 
 import torch
-from disagg.common.attention import ForwardBatch, create_attention_backend
+from disagg.common.engine.attention import ForwardBatch, create_attention_backend
 from disagg.common.config import EngineConfig, env_str
-from disagg.common.distributed import broadcast_plan
-from disagg.common.kernels import check_fused_kernels
-from disagg.common.kv_pool import KVPagePool, size_pool_pages
-from disagg.common.model import (
+from disagg.common.parallel.ranks import broadcast_plan
+from disagg.common.models.kernels import check_fused_kernels
+from disagg.common.engine.kv_pool import KVPagePool, size_pool_pages
+from disagg.common.models.decoder import (
     SUPPORTED_ARCHITECTURES,
     CausalLM,
     check_tp_layout,
     head_dim_of,
     kv_heads_per_rank,
 )
-from disagg.common.model_files import resolve_model_path
-from disagg.common.moe import MOE_ARCHITECTURES
-from disagg.common.parallel import get_parallel
-from disagg.common.request import Req
-from disagg.common.weights import PRESETS, load_config, load_weights
+from disagg.common.models.model_files import resolve_model_path
+from disagg.common.models.moe import MOE_ARCHITECTURES
+from disagg.common.parallel.state import get_parallel
+from disagg.common.engine.request import Req
+from disagg.common.models.weights import PRESETS, load_config, load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -174,11 +174,11 @@ class ModelRunner:
         c = self.config
         if self.device.type != "cuda" or c.disable_cuda_graph or c.cuda_graph_max_bs <= 0:
             return None
-        from disagg.common.attention_flashinfer import FlashInferBackend
+        from disagg.common.engine.attention_flashinfer import FlashInferBackend
 
         if not isinstance(self.backend, FlashInferBackend):
             return None
-        from disagg.common.cuda_graph import CudaGraphRunner
+        from disagg.common.engine.cuda_graph import CudaGraphRunner
 
         return CudaGraphRunner(
             self.model,

@@ -9,9 +9,9 @@ import contextlib
 import logging
 import secrets
 
-from disagg.common import native_api, openai_api
-from disagg.common.protocol import APIError
-from disagg.common.serving_common import ServerState
+from disagg.common.server import native_api, openai_api
+from disagg.common.server.protocol import APIError
+from disagg.common.server.serving import ServerState
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse

@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import itertools
 
-from disagg.common.kv_pool import KVPagePool
+from disagg.common.engine.kv_pool import KVPagePool
 
 _clock = itertools.count()
 

@@ -7,16 +7,16 @@ the Hugging Face checkpoints, with q/k/v and gate/up fused (see weights.py for t
 from __future__ import annotations
 
 import torch
-from disagg.common.attention import AttentionBackend, ForwardBatch
-from disagg.common.kernels import silu_and_mul
-from disagg.common.layers import (
+from disagg.common.engine.attention import AttentionBackend, ForwardBatch
+from disagg.common.models.kernels import silu_and_mul
+from disagg.common.models.layers import (
     ColumnParallelLinear,
     RMSNorm,
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from disagg.common.parallel import get_parallel
+from disagg.common.parallel.state import get_parallel
 from torch import nn
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
@@ -43,7 +43,7 @@ def check_tp_layout(config, tp_size: int, ep_size: int = 1) -> None:
             f"--tp {tp_size}: the model's {kv} KV heads neither divide nor are divisible by {tp_size}"
         )
     if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
-        from disagg.common.moe import check_ep_layout
+        from disagg.common.models.moe import check_ep_layout
 
         check_ep_layout(config, tp_size, ep_size)
     elif config.intermediate_size % tp_size:
@@ -124,7 +124,7 @@ def make_mlp(config, layer_id: int) -> nn.Module:
     step = getattr(config, "decoder_sparse_step", 1) or 1
     sparse = layer_id not in (getattr(config, "mlp_only_layers", None) or []) and (layer_id + 1) % step == 0
     if is_moe and sparse:
-        from disagg.common.moe import make_moe
+        from disagg.common.models.moe import make_moe
 
         return make_moe(config, layer_id)
     return MLP(config.hidden_size, config.intermediate_size)

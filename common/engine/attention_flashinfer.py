@@ -8,7 +8,7 @@ the layers (and outside any CUDA graph).
 from __future__ import annotations
 
 import torch
-from disagg.common.attention import AttentionBackend, ForwardBatch
+from disagg.common.engine.attention import AttentionBackend, ForwardBatch
 
 _WORKSPACE_BYTES = 256 * 1024 * 1024
 

@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import torch
 from disagg.common.config import EngineConfig
-from disagg.common.distributed import (
+from disagg.common.parallel.ranks import (
     check_layout,
     cpu_threads_env,
     init_distributed,
@@ -16,9 +16,9 @@ from disagg.common.distributed import (
     stop_workers,
     with_local_init_addr,
 )
-from disagg.common.parallel import ParallelState, set_parallel
-from disagg.common.request import Req, SamplingParams
-from disagg.common.scheduler import Scheduler
+from disagg.common.parallel.state import ParallelState, set_parallel
+from disagg.common.engine.request import Req, SamplingParams
+from disagg.common.engine.scheduler import Scheduler
 
 _rid = itertools.count()
 
@@ -45,7 +45,7 @@ class Engine:
         if self.config.tp > 1:
             if self.config.node_rank != 0:
                 raise ValueError(
-                    "the offline Engine runs on node rank 0 (run other nodes with python -m disagg.common.distributed)"
+                    "the offline Engine runs on node rank 0 (run other nodes with python -m disagg.common.parallel.ranks)"
                 )
             check_layout(self.config)
             self.config = with_local_init_addr(self.config)

@@ -13,7 +13,7 @@ import re
 
 import torch
 import torch.nn.functional as F
-from disagg.common.parallel import all_reduce, get_parallel
+from disagg.common.parallel.state import all_reduce, get_parallel
 from torch import nn
 
 MOE_ARCHITECTURES = {"Qwen3MoeForCausalLM", "MixtralForCausalLM"}

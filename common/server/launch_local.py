@@ -19,7 +19,7 @@ import sys
 import time
 
 import httpx
-from disagg.common.distributed import free_port
+from disagg.common.parallel.ranks import free_port
 
 READY_TIMEOUT_S = 600.0
 

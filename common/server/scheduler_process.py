@@ -3,7 +3,7 @@
 `run_scheduler_loop` works with any object that has the scheduler's plug-in surface
 (`add_request`, `abort_request`, `step`, `has_work`, `stats`), so the prefill and decode servers
 reuse it with their own schedulers. `run_scheduler_process` is the spawn target of the colocated
-server: it builds `disagg.common.scheduler.Scheduler` and reports readiness to the launcher.
+server: it builds `disagg.common.engine.scheduler.Scheduler` and reports readiness to the launcher.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import zmq
 from disagg.common.config import EngineConfig
-from disagg.common.ipc import (
+from disagg.common.server.ipc import (
     AbortReqMsg,
     BatchTokenOutMsg,
     DetokReqInfo,
@@ -27,7 +27,7 @@ from disagg.common.ipc import (
     zmq_socket,
 )
 from disagg.common.messages import decode, encode
-from disagg.common.request import Req, TokenOut
+from disagg.common.engine.request import Req, TokenOut
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def start_local_ranks(config: EngineConfig, plan_hook_factory=_die_with_parent_h
     `plan_hook_factory` runs in each of them (see distributed.worker_main; PD servers pass theirs)."""
     import multiprocessing as mp
 
-    from disagg.common.distributed import (
+    from disagg.common.parallel.ranks import (
         check_layout,
         cpu_threads_env,
         init_distributed,
@@ -214,7 +214,7 @@ def run_scheduler_process(
     setup_child_logging(log_level, name)
     try:
         if make_scheduler is None:
-            from disagg.common.scheduler import Scheduler as make_scheduler
+            from disagg.common.engine.scheduler import Scheduler as make_scheduler
 
         if config.tp > 1:
             config = start_local_ranks(config, plan_hook_factory)

@@ -14,11 +14,11 @@ import time
 from collections import deque
 
 from disagg.common.config import EngineConfig
-from disagg.common.kv_pool import pages_for_tokens
-from disagg.common.model_runner import ModelRunner
-from disagg.common.radix_cache import RadixCache
-from disagg.common.request import Req, ReqStatus, TokenOut
-from disagg.common.sampling import Sampler
+from disagg.common.engine.kv_pool import pages_for_tokens
+from disagg.common.engine.model_runner import ModelRunner
+from disagg.common.engine.radix_cache import RadixCache
+from disagg.common.engine.request import Req, ReqStatus, TokenOut
+from disagg.common.engine.sampling import Sampler
 
 logger = logging.getLogger(__name__)
 

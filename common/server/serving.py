@@ -10,11 +10,11 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from disagg.common.ipc import StrOut
-from disagg.common.metrics import ServerMetrics
-from disagg.common.protocol import APIError
-from disagg.common.request import SamplingParams
-from disagg.common.tokenizer_manager import TokenizerManager
+from disagg.common.server.ipc import StrOut
+from disagg.common.server.metrics import ServerMetrics
+from disagg.common.server.protocol import APIError
+from disagg.common.engine.request import SamplingParams
+from disagg.common.server.tokenizer_manager import TokenizerManager
 from fastapi import Request
 
 DISCONNECT_POLL_S = 0.2

@@ -12,7 +12,7 @@ import bisect
 import logging
 
 import torch
-from disagg.common.attention import AttentionBackend, ForwardBatch
+from disagg.common.engine.attention import AttentionBackend, ForwardBatch
 
 logger = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 
-from disagg.common.ipc import StrOut
-from disagg.common.protocol import AbortRequest, APIError, GenerateRequest
-from disagg.common.request import SamplingParams
-from disagg.common.serving_common import (
+from disagg.common.server.ipc import StrOut
+from disagg.common.server.protocol import AbortRequest, APIError, GenerateRequest
+from disagg.common.engine.request import SamplingParams
+from disagg.common.server.serving import (
     ChoiceAcc,
     ServerState,
     check_lengths,

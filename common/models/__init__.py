@@ -1,0 +1,1 @@
+"""Model definitions: decoder architectures, TP layers, MoE experts, fused kernels, weight loading."""
