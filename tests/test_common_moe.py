@@ -1,14 +1,68 @@
-"""MoE experts: the eager (routed) path and the CUDA-graph-safe (all local experts) path give the
-tokens the same expert mix as a plain per-expert reference, on every rank of an EP layout."""
+"""MoE: the token -> expert alignment keeps its invariants, the grouped (routed-only) expert path
+gives the tokens the same expert mix as a plain per-expert reference on every rank of an EP
+layout, and tiny Qwen3-MoE / Mixtral models generate transformers' greedy tokens."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from disagg.common.engine.offline import Engine
 from disagg.common.models.moe import SparseMoE
+from disagg.common.models.moe_align import grouped_experts, max_padded_pairs, moe_align_block_size
 from disagg.common.parallel.state import ParallelState, get_parallel, set_parallel
 from transformers import Qwen3MoeConfig
+
+from tests.conftest import TINY_CONFIGS, hf_greedy, make_tiny_model
+
+MOE_CONFIGS = {
+    "qwen3_moe": dict(
+        model_type="qwen3_moe",
+        architectures=["Qwen3MoeForCausalLM"],
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        tie_word_embeddings=False,
+    ),
+    "mixtral": dict(
+        model_type="mixtral",
+        architectures=["MixtralForCausalLM"],
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "tokens,k,experts,block", [(1, 8, 128, 16), (37, 3, 8, 4), (64, 2, 5, 16), (5, 2, 64, 1)]
+)
+def test_align_groups_every_routed_pair_once_in_single_expert_blocks(tokens, k, experts, block):
+    torch.manual_seed(tokens)
+    # ids past `experts` or negative belong to other EP ranks and must be left out
+    ids = torch.randint(-3, experts + 3, (tokens, k))
+    sorted_ids, expert_ids, num_padded = moe_align_block_size(ids, experts, block)
+    n, used = tokens * k, int(num_padded)
+    assert sorted_ids.shape == (max_padded_pairs(n, experts, block),)
+    assert expert_ids.shape == (sorted_ids.numel() // block,)
+    assert used % block == 0 and used <= sorted_ids.numel()
+    ours = ((ids >= 0) & (ids < experts)).flatten().nonzero().flatten()
+    real = sorted_ids[:used][sorted_ids[:used] < n].long()
+    assert sorted(real.tolist()) == ours.tolist()  # each of our pairs exactly once, no other rank's
+    assert (sorted_ids[used:] == n).all()  # nothing past the used length but the sentinel
+    blocks, block_experts = sorted_ids[:used].view(-1, block).long(), expert_ids[: used // block].long()
+    assert (block_experts >= 0).all() and (expert_ids[used // block :] == -1).all()
+    assert block_experts.diff().ge(0).all()  # experts in ascending order
+    for b, e in zip(blocks, block_experts, strict=True):
+        pairs = b[b < n]
+        assert len(pairs) > 0  # no block is all padding
+        assert (ids.flatten()[pairs] == e).all()  # one expert per block
+        assert (pairs.diff() > 0).all()  # stable: ascending pair order within an expert
+    counts = torch.bincount(ids.flatten()[ours], minlength=experts)
+    padded_sizes = torch.bincount(block_experts, minlength=experts) * block
+    assert padded_sizes.tolist() == ((counts + block - 1) // block * block).tolist()
 
 
 def _reference(moe: SparseMoE, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -23,7 +77,7 @@ def _reference(moe: SparseMoE, x: torch.Tensor, ids: torch.Tensor, weights: torc
 
 
 @pytest.mark.parametrize("tp,ep,rank", [(1, 1, 0), (2, 2, 0), (2, 2, 1), (2, 1, 1), (4, 2, 3)])
-def test_routed_and_graph_safe_paths_match_reference(tp, ep, rank):
+def test_routed_experts_match_reference_on_every_rank(tp, ep, rank):
     config = Qwen3MoeConfig(hidden_size=16, moe_intermediate_size=8, num_experts=8, num_experts_per_tok=3)
     old = get_parallel()
     set_parallel(ParallelState(tp_rank=rank, tp_size=tp, ep_rank=rank // (tp // ep), ep_size=ep))
@@ -39,5 +93,35 @@ def test_routed_and_graph_safe_paths_match_reference(tp, ep, rank):
     weights, ids = probs.topk(3, dim=-1)
     ref = _reference(moe, x, ids, weights)
     assert ref.abs().sum() > 0
-    torch.testing.assert_close(moe._routed_experts(x, ids, weights), ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(moe._all_local_experts(x, ids, weights), ref, rtol=1e-5, atol=1e-6)
+    local = ids - moe.first_expert
+    torch.testing.assert_close(moe.routed_experts(x, local, weights), ref, rtol=1e-5, atol=1e-6)
+    # the static (graph-capturable) layout, untrimmed, and another block size give the same sums
+    w13, w2 = moe.experts.w13, moe.experts.w2
+    for block, trim in ((16, False), (1, True), (4, False)):
+        got = grouped_experts(x, w13, w2, weights, local, block_size=block, trim=trim)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def moe_model_paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe-tp1")
+    added = {name: spec for name, spec in MOE_CONFIGS.items() if name not in TINY_CONFIGS}
+    TINY_CONFIGS.update(added)
+    try:
+        return {name: make_tiny_model(root / name, name, **MOE_CONFIGS[name]) for name in MOE_CONFIGS}
+    finally:  # NOTE: other modules' tiny_models fixture makes one model per TINY_CONFIGS entry
+        for name in added:
+            del TINY_CONFIGS[name]
+
+
+@pytest.mark.parametrize("family", list(MOE_CONFIGS))
+def test_tiny_moe_models_generate_transformers_tokens(moe_model_paths, family):
+    path = moe_model_paths[family]
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [300]]
+    engine = Engine(model_path=path, page_size=4, chunked_prefill_size=8, max_total_tokens=2048)
+    try:
+        greedy = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+        out = [o["output_ids"] for o in engine.generate(prompts, greedy)]
+    finally:
+        engine.shutdown()
+    assert out == [hf_greedy(path, p, 12) for p in prompts]

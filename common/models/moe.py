@@ -5,6 +5,9 @@ Layout over the TP group of size tp with --ep E (E divides tp): rank r holds exp
 dimension split (tp/E)-ways. Under TP every rank sees every token, so each rank computes the
 contributions of the experts it holds and one all-reduce combines them: the same collective
 count as a dense MLP, no all-to-all needed.
+
+Only the routed experts run: the (token, slot) pairs are grouped by expert on the device
+(common/models/moe_align.py) and each expert's weights are read once per block of its tokens.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
+from disagg.common.models.moe_align import grouped_experts
 from disagg.common.parallel.state import all_reduce, get_parallel
 from torch import nn
 
@@ -67,40 +70,14 @@ class SparseMoE(nn.Module):
         weights, ids = probs.topk(self.top_k, dim=-1)  # [T, k]
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(x.dtype)
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            return all_reduce(self._all_local_experts(x, ids, weights))
-        return all_reduce(self._routed_experts(x, ids, weights))
+        local = ids - self.first_expert  # out of [0, num_local): another rank's expert, skipped
+        return all_reduce(self.routed_experts(x, local, weights))
 
-    def _routed_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Each local expert on the tokens routed to it: one host sync (the per-expert counts)."""
-        local = (ids - self.first_expert).flatten()  # [T*k]
-        key = torch.where((local >= 0) & (local < self.num_local), local, self.num_local)  # other ranks' last
-        order = torch.argsort(key, stable=True)
-        counts = torch.bincount(key, minlength=self.num_local + 1)[: self.num_local].tolist()
-        token, weight = order // self.top_k, weights.flatten()[order]
-        out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                rows = token[start : start + n]
-                gate, up = F.linear(x[rows], self.experts.w13[e]).chunk(2, dim=-1)
-                y = F.linear(F.silu(gate) * up, self.experts.w2[e])
-                out.index_add_(0, rows, y * weight[start : start + n, None])
-            start += n
-        return out
-
-    def _all_local_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Every local expert on every token, weighted 0 where not routed: no host sync and no
-        data-dependent shapes, so a CUDA graph can capture it (decode batches are small).
-        NOTE: reads all local expert weights each step, even at batch 1."""
-        local = ids - self.first_expert
-        local = torch.where((local >= 0) & (local < self.num_local), local, self.num_local)
-        combine = torch.zeros(x.shape[0], self.num_local + 1, dtype=x.dtype, device=x.device)
-        combine.scatter_add_(1, local, weights)  # [T, E_local + 1]; the last column: other ranks' experts
-        gate, up = torch.matmul(x, self.experts.w13.transpose(1, 2)).chunk(2, dim=-1)  # [E, T, I] each
-        y = torch.matmul(F.silu(gate) * up, self.experts.w2.transpose(1, 2))  # [E, T, H]
-        return torch.einsum("te,eth->th", combine[:, : self.num_local], y)
+    def routed_experts(self, x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """This rank's experts on the tokens routed to them (only those experts' weights are read)."""
+        w13, w2 = self.experts.w13, self.experts.w2
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        return grouped_experts(x, w13, w2, weights.to(x.dtype), local, trim=not capturing)
 
 
 def make_moe(config, layer_id: int) -> nn.Module:

@@ -1,0 +1,90 @@
+"""Token -> expert alignment and the plain-torch grouped expert computation.
+
+`moe_align_block_size` lays the routed (token, slot) pairs out the way the Triton kernel
+(common/models/fused_moe.py) reads them: grouped by expert, each expert's group padded to a
+multiple of the block size, one expert per block. It runs on the device with static output shapes
+and no host sync, so a CUDA graph can capture it. `grouped_experts` is the torch reference that
+consumes exactly that layout (gather a block's rows, one batched matmul per block), so the CPU
+tests exercise the same indexing the GPU kernel uses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def max_padded_pairs(num_pairs: int, num_experts: int, block_size: int) -> int:
+    """Static bound on the aligned length: each touched expert pads at most block_size - 1 slots,
+    and at most min(num_pairs, num_experts) experts are touched."""
+    bound = num_pairs + min(num_pairs, num_experts) * (block_size - 1)
+    return (bound + block_size - 1) // block_size * block_size
+
+
+def moe_align_block_size(
+    topk_ids: torch.Tensor, num_experts: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the flat pairs p = token * k + slot by expert, padded per expert to block_size.
+
+    topk_ids: [T, k] local expert ids; an id outside [0, num_experts) (another rank's expert) is
+    left out. Returns, all int32 on topk_ids' device:
+      sorted_ids [max_padded]: pair indices, expert by expert (stable: ascending p within an expert);
+        padding slots hold the sentinel T * k
+      expert_ids [max_padded // block_size]: the expert of each block; -1 for blocks past the end
+      num_padded [1]: the used length (a multiple of block_size)
+    """
+    n, device = topk_ids.numel(), topk_ids.device
+    flat = topk_ids.flatten().long()
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # [n]; num_experts = not ours
+    # NOTE: scatter_add_ rather than bincount: bincount on CUDA reads its max back to the host
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    padded = (counts[:num_experts] + block_size - 1) // block_size * block_size
+    padded_end = padded.cumsum(0)  # [E]
+    padded_start = padded_end - padded
+    group_start = counts.cumsum(0) - counts  # [E + 1], unpadded
+    order = torch.argsort(key, stable=True)  # pairs grouped by expert, ascending within a group
+    sorted_key = key[order]
+    rank = torch.arange(n, device=device) - group_start[sorted_key]
+    size = max_padded_pairs(n, num_experts, block_size)
+    ours = sorted_key < num_experts
+    dest = torch.where(ours, padded_start[sorted_key.clamp(max=num_experts - 1)] + rank, size)
+    sorted_ids = torch.full((size + 1,), n, dtype=torch.int32, device=device)
+    sorted_ids.scatter_(0, dest, order.to(torch.int32))  # other ranks' pairs all land in the spare slot
+    block_start = torch.arange(0, size, block_size, device=device)
+    expert_ids = torch.searchsorted(padded_end, block_start, right=True)  # first expert ending past it
+    expert_ids = torch.where(expert_ids < num_experts, expert_ids, -1).to(torch.int32)
+    return sorted_ids[:size], expert_ids, padded_end[-1:].to(torch.int32)
+
+
+def grouped_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    block_size: int = 16,
+    trim: bool = True,
+) -> torch.Tensor:
+    """sum_slot weight * w2[e] @ (silu(w13[e, :I] @ x) * (w13[e, I:] @ x)) over the routed local experts.
+
+    x: [T, H]; w13: [E, 2I, H] (gate | up); w2: [E, H, I]; topk_weights, topk_ids: [T, k].
+    Only the routed experts' weights are read: each block gathers its one expert. trim=True cuts
+    the static layout to the used blocks (one host read); a CUDA graph capture needs trim=False.
+    """
+    num_tokens, k = topk_ids.shape
+    n = num_tokens * k
+    sorted_ids, expert_ids, num_padded = moe_align_block_size(topk_ids, w13.shape[0], block_size)
+    if trim:
+        used = int(num_padded.item())
+        sorted_ids, expert_ids = sorted_ids[:used], expert_ids[: used // block_size]
+    pairs = sorted_ids.view(-1, block_size).long()  # [blocks, B]
+    real = pairs < n
+    token = torch.where(real, pairs // k, 0)
+    expert = expert_ids.clamp(min=0).long()
+    gate, up = torch.bmm(x[token], w13[expert].transpose(1, 2)).chunk(2, dim=-1)  # [blocks, B, I] each
+    y = torch.bmm(F.silu(gate) * up, w2[expert].transpose(1, 2))  # [blocks, B, H]
+    weight = torch.where(real, topk_weights.flatten()[pairs.clamp(max=n - 1)], 0).to(y.dtype)
+    out = torch.zeros(num_tokens + 1, x.shape[1], dtype=x.dtype, device=x.device)  # last row: padding
+    out.index_add_(0, torch.where(real, token, num_tokens).flatten(), (y * weight[..., None]).flatten(0, 1))
+    return out[:num_tokens]
