@@ -10,15 +10,88 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
+
+# ---- environment variables ----------------------------------------------------------------------
+# Every variable the engine, the servers and transfer/ read is parsed below, nowhere else:
+#   DISAGG_CPU_THREADS      torch threads of a CPU rank (default: this node's cores / its ranks)
+#   DISAGG_FUSED_KERNELS    0: no FlashInfer fused element-wise kernels on CUDA (A/B runs)
+#   DISAGG_CACHE_DIR        disagg's cache (default: $XDG_CACHE_HOME/disagg, else ~/.cache/disagg)
+#   DISAGG_TRANSFER_TRACE   1: record when each KV transfer room passes each hop (transfer.bench --trace)
+# and the standard ones we honour: XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES (launch_local splits the
+# GPUs), UCXPY_ENABLE_PYTHON_FUTURE and the UCX_* defaults set in configure_ucx_env (the user's win).
+
+CPU_THREADS_VAR = "DISAGG_CPU_THREADS"
+TRANSFER_TRACE_VAR = "DISAGG_TRANSFER_TRACE"
 
 
-def env_str(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"DISAGG_{name}", default)
+def cpu_threads() -> int | None:
+    """DISAGG_CPU_THREADS, or None: the rank takes its share of the cores."""
+    value = os.environ.get(CPU_THREADS_VAR)
+    return int(value) if value else None
 
 
-def env_float(name: str, default: float) -> float:
-    value = env_str(name)
-    return float(value) if value else default
+def share_of_cores(ranks: int) -> int:
+    """Cores per rank when `ranks` CPU ranks share this machine."""
+    return max(1, (os.cpu_count() or 1) // ranks)
+
+
+def env_cpu_threads(threads: int) -> dict[str, str]:
+    """The environment entry that gives a child process `threads` torch threads."""
+    return {CPU_THREADS_VAR: str(threads)}
+
+
+def set_default_cpu_threads(ranks: int) -> None:
+    """Unless the user chose: this process and its children split the cores `ranks` ways."""
+    os.environ.setdefault(CPU_THREADS_VAR, str(share_of_cores(ranks)))
+
+
+def fused_kernels_enabled() -> bool:
+    return os.environ.get("DISAGG_FUSED_KERNELS", "1") != "0"
+
+
+def cache_dir() -> Path:
+    """Root of disagg's cache (DISAGG_CACHE_DIR, else $XDG_CACHE_HOME/disagg, else ~/.cache/disagg)."""
+    env = os.environ.get("DISAGG_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg) / "disagg" if xdg else Path.home() / ".cache" / "disagg"
+
+
+def transfer_trace() -> bool:
+    return os.environ.get(TRANSFER_TRACE_VAR, "0") not in ("", "0")
+
+
+def set_transfer_trace() -> None:
+    """Trace transfers in this process's children too (they inherit the environment)."""
+    os.environ[TRANSFER_TRACE_VAR] = "1"
+
+
+def cuda_visible_devices() -> list[str] | None:
+    """The GPUs CUDA_VISIBLE_DEVICES names, or None when it is unset (every GPU is visible)."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return None if value is None else [d for d in value.split(",") if d.strip()]
+
+
+def ucx_python_futures() -> bool:
+    """ucxx's Python futures (UCXPY_ENABLE_PYTHON_FUTURE=0 turns them off, e.g. to compare)."""
+    return os.environ.get("UCXPY_ENABLE_PYTHON_FUTURE", "1") != "0"
+
+
+def configure_ucx_env(cpu: bool, ib_device: str | None = None) -> None:
+    """Sensible UCX defaults, set before ucxx creates its context (the user's env wins).
+
+    CPU: TCP + shared memory (cma/posix) + loopback. GPU: let UCX choose (cuda_ipc over NVLink,
+    rc/ud on InfiniBand, tcp otherwise). `ib_device` (--disaggregation-ib-device, e.g. "mlx5_0")
+    pins the network device: UCX_NET_DEVICES=mlx5_0:1.
+    """
+    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    if cpu:
+        os.environ.setdefault("UCX_TLS", "tcp,sm,self")
+    if ib_device:
+        devices = ",".join(d if ":" in d else f"{d}:1" for d in ib_device.split(","))
+        os.environ.setdefault("UCX_NET_DEVICES", devices)
 
 
 @dataclass(frozen=True)

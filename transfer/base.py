@@ -7,7 +7,6 @@ bad_request, incompatible) labels the failures metric.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections import deque
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from disagg.common.config import transfer_trace
 from disagg.transfer import metrics
 from disagg.transfer.layout import KVLayout
 from disagg.transfer.protocol import Room, RoomFailedMsg
@@ -30,7 +30,7 @@ STAGING_POOL_BYTES = 256 << 20  # CPU: at most this much idle staging memory kep
 
 # DISAGG_TRANSFER_TRACE=1 records when each room passes each hop (time.monotonic(), comparable
 # between processes of one host); `python -m disagg.transfer.bench --trace` prints the medians.
-TRACE = os.environ.get("DISAGG_TRANSFER_TRACE", "0") not in ("", "0")
+TRACE = transfer_trace()
 _hops: dict[Room, dict[str, float]] = {}
 
 

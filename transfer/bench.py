@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
-import os
 import statistics
 import threading
 import time
 from typing import Any
 
 import torch
+from disagg.common.config import set_transfer_trace
 from disagg.transfer import base
 from disagg.transfer.layout import KVLayout
 from disagg.transfer.sender import default_max_message_bytes
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="also print the median ms after send() at which rooms pass each hop")  # fmt: skip
     args = parser.parse_args(argv)
     if args.trace:  # before the decode process spawns: it inherits the environment
-        os.environ["DISAGG_TRANSFER_TRACE"] = "1"
+        set_transfer_trace()
         base.TRACE = True
     args.max_size_mib = args.max_size_mib or (1024 if args.device == "cuda" else 256)
     iters = args.iters or 5

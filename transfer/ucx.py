@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import struct
 import threading
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from disagg.common.config import configure_ucx_env, ucx_python_futures
 from disagg.common.messages import decode, encode
 from disagg.transfer.protocol import HeartbeatMsg
 
@@ -55,21 +55,6 @@ def control_frame(msg: Any, payload_nbytes: int = 0) -> tuple[bytes, int]:
     return head + bytes(max(0, offset - len(head))), offset
 
 
-def configure_ucx_env(device: torch.device, ib_device: str | None = None) -> None:
-    """Sensible UCX defaults, set before ucxx creates its context (the user's env wins).
-
-    CPU: TCP + shared memory (cma/posix) + loopback. GPU: let UCX choose (cuda_ipc over NVLink,
-    rc/ud on InfiniBand, tcp otherwise). `ib_device` (--disaggregation-ib-device, e.g. "mlx5_0")
-    pins the network device: UCX_NET_DEVICES=mlx5_0:1.
-    """
-    os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-    if device.type == "cpu":
-        os.environ.setdefault("UCX_TLS", "tcp,sm,self")
-    if ib_device:
-        devices = ",".join(d if ":" in d else f"{d}:1" for d in ib_device.split(","))
-        os.environ.setdefault("UCX_NET_DEVICES", devices)
-
-
 def tensor_buffer(t: torch.Tensor) -> Any:
     """What ucxx can send/receive into: the tensor itself on CUDA (__cuda_array_interface__),
     a numpy view on the CPU. `t` must be a contiguous uint8 tensor."""
@@ -88,7 +73,7 @@ class UcxLoop:
         """The process's loop; the first call's device/ib_device configure UCX for the process."""
         with cls._lock:
             if cls._instance is None:
-                configure_ucx_env(torch.device(device), ib_device)
+                configure_ucx_env(torch.device(device).type == "cpu", ib_device)
                 cls._instance = cls()
             return cls._instance
 
@@ -104,8 +89,7 @@ class UcxLoop:
         # NOTE: without Python futures every pending ucxx request is awaited by polling with
         # asyncio.sleep(0): with many chunks in flight the loop spun on them (UCXPY_ENABLE_PYTHON_FUTURE=0
         # brings that back, e.g. to compare)
-        futures = os.environ.get("UCXPY_ENABLE_PYTHON_FUTURE", "1") != "0"
-        ucxx.init(enable_python_future=futures)  # binds ucxx progress to this (running) loop
+        ucxx.init(enable_python_future=ucx_python_futures())  # binds ucxx progress to this (running) loop
         worker = ucxx.core._get_ctx().worker
         if worker.enable_python_future:  # False in the non-thread progress modes
             worker.populate_python_futures_pool()

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import httpx
 from disagg.common.bench import serving
+from disagg.common.config import env_cpu_threads
 from disagg.common.parallel.ranks import free_port
 
 DEPLOYMENTS = ("pd", "colocated")
@@ -86,7 +87,7 @@ def server_flags(args: argparse.Namespace) -> list[str]:
 
 def gpu_env(args: argparse.Namespace, index: int) -> dict[str, str]:
     if args.device == "cpu":
-        return {"DISAGG_CPU_THREADS": "1"}  # NOTE: several servers share the cores
+        return env_cpu_threads(1)  # NOTE: several servers share the cores
     return {"CUDA_VISIBLE_DEVICES": args.gpus[index % len(args.gpus)]}
 
 

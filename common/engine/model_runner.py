@@ -9,7 +9,7 @@ import time
 
 import torch
 from disagg.common.engine.attention import ForwardBatch, create_attention_backend
-from disagg.common.config import EngineConfig, env_str
+from disagg.common.config import EngineConfig, cpu_threads
 from disagg.common.parallel.ranks import broadcast_plan
 from disagg.common.models.kernels import check_fused_kernels
 from disagg.common.engine.kv_pool import KVPagePool, size_pool_pages
@@ -42,7 +42,7 @@ def resolve_device(name: str) -> torch.device:
 def _set_cpu_threads(tp: int) -> None:
     # NOTE: oversubscribed cores make torch's CPU kernels many times slower; several ranks or
     # servers on one machine should split the cores (DISAGG_CPU_THREADS overrides).
-    threads = env_str("CPU_THREADS")
+    threads = cpu_threads()
     torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // tp))
 
 

@@ -13,12 +13,12 @@ import logging
 
 import torch
 import torch.nn.functional as F
-from disagg.common.config import env_str
+from disagg.common.config import fused_kernels_enabled
 
 logger = logging.getLogger(__name__)
 
 
-_enabled = env_str("FUSED_KERNELS", "1") != "0"
+_enabled = fused_kernels_enabled()
 _HALF = (torch.bfloat16, torch.float16)
 
 

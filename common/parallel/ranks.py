@@ -11,13 +11,12 @@ from __future__ import annotations
 import datetime
 import logging
 import multiprocessing as mp
-import os
 import socket
 import sys
 
 import torch
 import torch.distributed as dist
-from disagg.common.config import EngineConfig
+from disagg.common.config import EngineConfig, set_default_cpu_threads
 from disagg.common.messages import decode, encode
 from disagg.common.parallel.state import ParallelState, get_parallel, set_parallel
 
@@ -160,7 +159,7 @@ def with_local_init_addr(config: EngineConfig) -> EngineConfig:
 
 
 def cpu_threads_env(config: EngineConfig) -> None:
-    os.environ.setdefault("DISAGG_CPU_THREADS", str(max(1, (os.cpu_count() or 1) // ranks_per_node(config))))
+    set_default_cpu_threads(ranks_per_node(config))
 
 
 def check_layout(config: EngineConfig) -> None:

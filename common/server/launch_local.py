@@ -19,6 +19,7 @@ import sys
 import time
 
 import httpx
+from disagg.common.config import cuda_visible_devices, env_cpu_threads, share_of_cores
 from disagg.common.parallel.ranks import free_port
 
 READY_TIMEOUT_S = 600.0
@@ -68,12 +69,13 @@ def build_commands(args: argparse.Namespace, extra: list[str]) -> dict[str, tupl
 def server_env(args: argparse.Namespace) -> dict[str, str]:
     # NOTE: on a CPU the two servers' ranks share the cores: oversubscribed torch kernels crawl
     ranks = args.prefill_tp + args.decode_tp
-    return {"DISAGG_CPU_THREADS": str(max(1, (os.cpu_count() or 1) // ranks)), **os.environ}
+    return {**env_cpu_threads(share_of_cores(ranks)), **os.environ}
 
 
 def visible_gpus() -> list[str]:
-    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
-        return [d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    visible = cuda_visible_devices()
+    if visible is not None:
+        return visible
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
