@@ -63,3 +63,10 @@ def encode(msg: Any) -> bytes:
 
 def decode(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False, object_hook=_object_hook)
+
+
+@message
+@dataclasses.dataclass
+class StopMsg:
+    """Rank 0 to its worker ranks: the server is stopping. (Declared here, not in
+    parallel/ranks.py, which also runs as `python -m`: a second copy of the class would register.)"""

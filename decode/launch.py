@@ -9,12 +9,13 @@ receiver of every TP rank behind it. See docs/pd.md.
 
 from __future__ import annotations
 
-from disagg.common.disaggregation import launch_role
+from disagg.common.server.launch_server import run_role
+from disagg.decode.ranks import make_worker_hook
 from disagg.decode.scheduler import DecodeScheduler
 
 
 def main(argv: list[str] | None = None) -> None:
-    launch_role("decode", DecodeScheduler, argv)
+    run_role("decode", argv, DecodeScheduler, make_worker_hook)
 
 
 if __name__ == "__main__":

@@ -17,18 +17,14 @@ import logging
 import time
 from collections import deque
 
-from disagg.common.config import EngineConfig
-from disagg.common.disaggregation import (
-    DisaggConfig,
-    TransferCoordinator,
-    create_rank_transfer,
-    transfer_metrics_text,
-)
+from disagg.common.config import DisaggConfig, EngineConfig
 from disagg.common.engine.kv_pool import pages_for_tokens
-from disagg.common.parallel.state import get_parallel
 from disagg.common.engine.request import Req, ReqStatus, TokenOut
 from disagg.common.engine.scheduler import Scheduler
+from disagg.common.parallel.state import get_parallel
+from disagg.decode.ranks import create_receiver
 from disagg.transfer import TransferResult
+from disagg.transfer.coordinator import TransferCoordinator
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +32,7 @@ logger = logging.getLogger(__name__)
 class DecodeScheduler(Scheduler):
     def __init__(self, config: EngineConfig, disagg: DisaggConfig):
         super().__init__(config)
-        local = create_rank_transfer(disagg, self.runner, config)
-        self.transfer = TransferCoordinator(local, get_parallel().tp_size)
+        self.transfer = TransferCoordinator(create_receiver(disagg, self.runner), get_parallel().tp_size)
         self.prealloc: deque[Req] = deque()  # waiting for pages
         self.rooms: dict[int, Req] = {}  # TRANSFERRING (or aborted, pages pending) -> its request
         self.prefill_cached: dict[str, int] = {}  # rid -> prompt tokens the prefill side had cached
@@ -81,25 +76,15 @@ class DecodeScheduler(Scheduler):
             running=len(self.running),
         )
         stats["num_prealloc"], stats["num_transferring"] = len(self.prealloc), transferring
-        stats["metrics_text"] = transfer_metrics_text()
+        stats["metrics_text"] = self.transfer.metrics_text()
         return stats
 
-    def step(self) -> list[TokenOut]:
-        self._preallocate()
-        scheduled = self._schedule()
-        if scheduled:
-            self._run(scheduled)
-        for result in self.transfer.flush():
-            self._on_transfer_done(result)
-        outs, self._pending_outs = self._pending_outs, []
-        return outs
+    # ---- role hooks -------------------------------------------------------------------
+    def _has_held_requests(self) -> bool:
+        return bool(self.prealloc)  # retried: what frees pages is no transfer result
 
-    def wait_timeout_ms(self) -> int:
-        """0 while there is something to compute; else the transfers' wait (requests waiting for
-        pages are retried)."""
-        if self.waiting or self.running or self._pending_outs:
-            return 0
-        return self.transfer.idle_wait_ms(retrying=bool(self.prealloc))
+    def _admit_held_requests(self) -> None:
+        self._preallocate()
 
     # ---- stages -----------------------------------------------------------------------
     def _check_room(self, req: Req) -> str | None:
@@ -120,12 +105,11 @@ class DecodeScheduler(Scheduler):
             req = self.prealloc[0]
             need = pages_for_tokens(len(req.input_ids), self.page_size)
             # a page of head-room for each running or arriving decode, as the colocated admission keeps
-            if need + busy > self.pool.num_free_pages + self.cache.num_evictable_pages:
+            pages = self._reserve_pages(need, headroom=busy)
+            if pages is None:
                 return
-            if need > self.pool.num_free_pages:
-                self.cache.evict(need - self.pool.num_free_pages)
             self.prealloc.popleft()
-            req.page_table = self.pool.allocate(need)
+            req.page_table = pages
             req.status = ReqStatus.TRANSFERRING
             self.rooms[req.bootstrap_room] = req
             self.transfer.expect(req.bootstrap_room, req.bootstrap_host, req.bootstrap_port, req.page_table)

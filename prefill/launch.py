@@ -9,12 +9,13 @@ sender of every TP rank behind it. See docs/pd.md.
 
 from __future__ import annotations
 
-from disagg.common.disaggregation import launch_role
+from disagg.common.server.launch_server import run_role
+from disagg.prefill.ranks import make_worker_hook
 from disagg.prefill.scheduler import PrefillScheduler
 
 
 def main(argv: list[str] | None = None) -> None:
-    launch_role("prefill", PrefillScheduler, argv)
+    run_role("prefill", argv, PrefillScheduler, make_worker_hook)
 
 
 if __name__ == "__main__":

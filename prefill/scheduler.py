@@ -16,18 +16,14 @@ import logging
 import time
 from collections import deque
 
-from disagg.common.config import EngineConfig
-from disagg.common.disaggregation import (
-    DisaggConfig,
-    TransferCoordinator,
-    create_rank_transfer,
-    transfer_metrics_text,
-)
+from disagg.common.config import DisaggConfig, EngineConfig
 from disagg.common.engine.kv_pool import pages_for_tokens
-from disagg.common.parallel.state import get_parallel
 from disagg.common.engine.request import Req, ReqStatus, TokenOut
 from disagg.common.engine.scheduler import Scheduler
+from disagg.common.parallel.state import get_parallel
+from disagg.prefill.ranks import create_sender
 from disagg.transfer import TransferResult
+from disagg.transfer.coordinator import TransferCoordinator
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +32,9 @@ class PrefillScheduler(Scheduler):
     def __init__(self, config: EngineConfig, disagg: DisaggConfig):
         super().__init__(config)
         self.bootstrap_timeout = 2 * disagg.transfer_timeout + 5.0  # see _start_bootstrapped
-        local = create_rank_transfer(disagg, self.runner, config)
-        self.transfer = TransferCoordinator(local, get_parallel().tp_size)
+        self.transfer = TransferCoordinator(
+            create_sender(disagg, self.runner, config), get_parallel().tp_size
+        )
         self.bootstrap: deque[Req] = deque()  # held back until the decode side asks (see _may_start_now)
         self.rooms: dict[int, Req] = {}  # every room given to the transfer engine -> its request
         self.sent_pages: dict[int, int] = {}  # room -> pages handed to the transfer engine so far
@@ -84,25 +81,48 @@ class PrefillScheduler(Scheduler):
             transfer=transferring,
         )
         stats["num_transferring"] = transferring
-        stats["metrics_text"] = transfer_metrics_text()
+        stats["metrics_text"] = self.transfer.metrics_text()
         return stats
 
-    def step(self) -> list[TokenOut]:
-        self._start_bootstrapped()
-        scheduled = self._schedule()
-        if scheduled:
-            self._run(scheduled)
-        for result in self.transfer.flush():
-            self._on_transfer_done(result)
-        outs, self._pending_outs = self._pending_outs, []
-        return outs
+    # ---- role hooks -------------------------------------------------------------------
+    def _has_held_requests(self) -> bool:
+        return bool(self.bootstrap)  # retried: a decode's ask is no transfer result
 
-    def wait_timeout_ms(self) -> int:
-        """0 while there is something to compute; else the transfers' wait (the bootstrap queue is
-        retried: a decode's ask is no transfer result)."""
-        if self.waiting or self.running or self._pending_outs:
-            return 0
-        return self.transfer.idle_wait_ms(retrying=bool(self.bootstrap))
+    def _admit_held_requests(self) -> None:
+        self._start_bootstrapped()
+
+    def _pages_at_admission(self, req: Req, num_cached: int, n: int) -> int:
+        # NOTE: a PD request gets pages for its whole prompt at admission: pages already handed to
+        # the transfer engine must never be retracted to make room for a later chunk
+        return len(req.input_ids) if req.bootstrap_room is not None else num_cached + n
+
+    def _on_chunk_computed(self, req: Req) -> None:
+        if req.bootstrap_room is not None:
+            self._send_pages(req)  # the KV of this chunk travels while the next one computes
+
+    def _on_token_sampled(self, req: Req, token: int, lp: float | None, top: list[list] | None) -> None:
+        """The prompt is computed: hand the request to the decode side (or answer a health check)."""
+        self.sampler.forget(req.rid)
+        out = self._token_out(req, token, lp, top)
+        if req.bootstrap_room is None:  # nothing to hand over: the first token is the answer
+            self._release(req)
+            req.finish_reason, req.status = "length", ReqStatus.FINISHED
+            out.finished, out.finish_reason = True, "length"
+            self._fill_usage(out, req)
+            self._pending_outs.append(out)
+            return
+        meta = {
+            "first_token": token,
+            "logprob": lp,
+            "top_logprobs": top,
+            "cached_tokens": req.num_cached_tokens,
+        }
+        self._send_pages(req, metadata=meta)
+        self.running.remove(req)  # keeps its pages until the transfer is acknowledged
+        req.status = ReqStatus.TRANSFERRING
+        # NOTE: answered only with the completion record: streaming the token now would put a
+        # detokenizer/HTTP/router pass on the CPUs the transfer needs, for nobody
+        self.first_outs[req.bootstrap_room] = out
 
     # ---- stages -----------------------------------------------------------------------
     def _check_room(self, req: Req) -> str | None:
@@ -143,57 +163,6 @@ class PrefillScheduler(Scheduler):
             self.transfer.forget(req.bootstrap_room)
             error = f"timeout: the decode server did not ask for room {req.bootstrap_room}"
             self._finish(req, "abort", ReqStatus.ABORTED, error=f"KV transfer failed: {error}")
-
-    def _admit(self, req: Req, budget: int) -> int:
-        # NOTE: a PD request gets pages for its whole prompt at admission: pages already handed to
-        # the transfer engine must never be retracted to make room for a later chunk
-        n = super()._admit(req, budget)
-        if n == 0 or req.bootstrap_room is None:
-            return n
-        rest = pages_for_tokens(len(req.input_ids), self.page_size) - len(req.page_table)
-        if rest > self.pool.num_free_pages + self.cache.num_evictable_pages:
-            self._release(req)
-            req.status = ReqStatus.WAITING
-            return 0
-        if rest > self.pool.num_free_pages:
-            self.cache.evict(rest - self.pool.num_free_pages)
-        req.page_table += self.pool.allocate(rest)
-        return n
-
-    def _run(self, scheduled: list[tuple[Req, int]]) -> None:
-        logits = self.runner.forward(scheduled)
-        done = [req for req, n in scheduled if req.num_computed_tokens + n == req.seq_len]
-        for req, n in scheduled:
-            req.num_computed_tokens += n
-            if req.bootstrap_room is not None and req not in done:
-                self._send_pages(req)  # the KV of this chunk travels while the next one computes
-        if not done:
-            return
-        result = self.sampler.sample(logits, done)
-        now = time.monotonic()
-        for i, req in enumerate(done):
-            token = result.token_ids[i]
-            lp, top = self._logprobs_of(result, i, req)
-            req.output_ids.append(token)
-            req.first_token_time = now
-            self.sampler.forget(req.rid)
-            out = self._token_out(req, token, lp, top)
-            if req.bootstrap_room is None:  # nothing to hand over: the first token is the answer
-                self._release(req)
-                req.finish_reason, req.status = "length", ReqStatus.FINISHED
-                out.finished, out.finish_reason = True, "length"
-            else:
-                meta = {"first_token": token, "logprob": lp, "top_logprobs": top,
-                        "cached_tokens": req.num_cached_tokens}  # fmt: skip
-                self._send_pages(req, metadata=meta)
-                self.running.remove(req)  # keeps its pages until the transfer is acknowledged
-                req.status = ReqStatus.TRANSFERRING
-                # NOTE: answered only with the completion record: streaming the token now would
-                # put a detokenizer/HTTP/router pass on the CPUs the transfer needs, for nobody
-                self.first_outs[req.bootstrap_room] = out
-                continue
-            self._fill_usage(out, req)
-            self._pending_outs.append(out)
 
     def _send_pages(self, req: Req, metadata: dict | None = None) -> None:
         """Hand the pages computed since the last call to the transfer engine (all of them with

@@ -6,8 +6,9 @@ import select
 import threading
 import types
 
-from disagg.common.disaggregation import RankTransfer, TransferCoordinator
 from disagg.prefill.scheduler import PrefillScheduler
+from disagg.transfer import TransferResult
+from disagg.transfer.coordinator import AbortRoomOp, RankTransfer, TransferCoordinator
 
 
 class FakeEngine:
@@ -29,6 +30,14 @@ class FakeEngine:
         out, self.results = self.results, []
         return out
 
+    def wait(self, timeout=None):
+        threading.Event().wait(timeout)  # never any result: the waker thread just waits
+        return False
+
+
+def R(room, ok, reason="", metadata=None, nbytes=0, seconds=0.0):  # noqa: N802 - a result row
+    return TransferResult(room, ok, reason, metadata or {}, nbytes, seconds)
+
 
 def coordinator(tp: int = 3) -> TransferCoordinator:
     return TransferCoordinator(RankTransfer(FakeEngine()), tp)
@@ -37,8 +46,8 @@ def coordinator(tp: int = 3) -> TransferCoordinator:
 def test_a_room_finishes_only_when_every_rank_reported_it():
     c = coordinator()
     c.send(7, [1, 2], 0, True, {"first_token": 42})
-    assert c._merge([[[7, True, "", {"first_token": 42}, 100, 0.5]], [], []]) == []
-    done = c._merge([[], [[7, True, "", {}, 100, 0.25]], [[7, True, "", {}, 100, 0.75]]])
+    assert c._merge([[R(7, True, "", {"first_token": 42}, 100, 0.5)], [], []]) == []
+    done = c._merge([[], [R(7, True, "", {}, 100, 0.25)], [R(7, True, "", {}, 100, 0.75)]])
     assert [(r.room, r.ok, r.metadata, r.nbytes, r.seconds) for r in done] == [
         (7, True, {"first_token": 42}, 300, 0.75)
     ]
@@ -49,11 +58,9 @@ def test_a_failure_on_one_rank_fails_the_room_and_aborts_it_elsewhere():
     c = coordinator()
     c.expect(8, "h", 1, [3])
     c.ops.clear()
-    assert c._merge([[], [[8, False, "peer_died: x", {}, 0, 0.0]], []]) == []
-    assert c.ops == [["abort", 8]]  # the ranks still waiting stop now
-    done = c._merge(
-        [[[8, False, "aborted: by the decode side", {}, 0, 0.0]], [], [[8, True, "", {}, 5, 0.1]]]
-    )
+    assert c._merge([[], [R(8, False, "peer_died: x")], []]) == []
+    assert c.ops == [AbortRoomOp(8)]  # the ranks still waiting stop now
+    done = c._merge([[R(8, False, "aborted: by the decode side")], [], [R(8, True, "", {}, 5, 0.1)]])
     assert len(done) == 1 and not done[0].ok and done[0].reason == "peer_died: x"
 
 
@@ -63,9 +70,7 @@ def test_stale_rooms_are_ignored_and_refused_operations_fail_their_room():
     c.expect(13, "h", 1, [0])  # the engine refuses it
     done = c.flush()
     assert [(r.room, r.ok) for r in done] == [(13, False)] and "already expected" in done[0].reason
-    c.local.engine.results.append(
-        type("R", (), dict(room=99, ok=True, reason="", metadata={}, nbytes=0, seconds=0))()
-    )
+    c.local.engine.results.append(R(99, True))
     c.send(5, [], 0, False)
     assert c.flush() == []  # room 99 was never ours
     assert c.open_rooms == {5}
@@ -79,9 +84,7 @@ class WaitableEngine(FakeEngine):
         self.ready = threading.Event()
 
     def finish(self, room):
-        self.results.append(
-            types.SimpleNamespace(room=room, ok=True, reason="", metadata={}, nbytes=0, seconds=0)
-        )
+        self.results.append(R(room, True))
         self.ready.set()
 
     def poll(self):
@@ -100,20 +103,18 @@ def test_a_finished_transfer_wakes_the_scheduler_once_per_poll():
     engine = WaitableEngine()
     c = TransferCoordinator(RankTransfer(engine), 1)
     c.send(5, [1], 0, True)
-    assert c.flush() == [] and not readable(c.waker.fd, 0.05)  # nothing finished: the loop may sleep
+    assert c.flush() == [] and not readable(c.wake_fd, 0.05)  # nothing finished: the loop may sleep
     engine.finish(5)
-    assert readable(c.waker.fd, 2.0)  # at once, not at the loop's next tick
-    c.waker.drain()
-    assert not readable(c.waker.fd, 0.05)  # one wake-up until the scheduler polled
+    assert readable(c.wake_fd, 2.0)  # at once, not at the loop's next tick
+    c.on_wake()
+    assert not readable(c.wake_fd, 0.05)  # one wake-up until the scheduler polled
     assert [r.room for r in c.flush()] == [5]
     c.send(6, [1], 0, True)
     c.flush()
     engine.finish(6)
-    assert readable(c.waker.fd, 2.0)
-    c.waker.close()
-    assert (
-        TransferCoordinator(RankTransfer(engine), 2).waker is None
-    )  # tp > 1: other ranks' results come by gather
+    assert readable(c.wake_fd, 2.0)
+    c.close()
+    assert TransferCoordinator(RankTransfer(engine), 2).wake_fd is None  # tp > 1: results come by gather
 
 
 def test_prefill_starts_at_once_unless_open_rooms_would_fill_half_the_pool():

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from disagg.common.config import transfer_trace
+from disagg.common.messages import message
 from disagg.transfer import metrics
 from disagg.transfer.layout import KVLayout
 from disagg.transfer.protocol import Room, RoomFailedMsg
@@ -47,6 +48,7 @@ def take_trace() -> dict[Room, dict[str, float]]:
     return out
 
 
+@message
 @dataclass
 class TransferResult:
     """A room that finished: its pages may be freed (failed) or used (decode, ok)."""

@@ -34,3 +34,15 @@ def observe_success(role: str, nbytes: int, seconds: float) -> None:
 def observe_failure(role: str, reason: str) -> None:
     # the label is the reason's kind ("timeout", "peer_died", ...), not its free text
     KV_TRANSFER_FAILURES.labels(role, reason.split(":", 1)[0]).inc()
+
+
+def metrics_text() -> str:
+    """The transfer engine's Prometheus series of this process (a PD server's HTTP process
+    appends them to its own /metrics)."""
+    from prometheus_client import CollectorRegistry, disable_created_metrics, generate_latest
+
+    disable_created_metrics()
+    registry = CollectorRegistry()
+    for metric in (KV_TRANSFER_BYTES, KV_TRANSFER_DURATION, KV_TRANSFER_SPEED, KV_TRANSFER_FAILURES):
+        registry.register(metric)
+    return generate_latest(registry).decode()

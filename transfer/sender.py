@@ -129,6 +129,14 @@ class KVSender(TransferBase):
         register_prefill_rank(bootstrap_host, bootstrap_port, info)
 
     # ---- thread-safe API ----
+    def requested_rooms(self, rooms: list[Room]) -> set[Room]:
+        """Those of `rooms` whose decode side has said where its pages are."""
+
+        def asked() -> set[Room]:  # NOTE: the room table is touched only on the loop thread
+            return {r for r in rooms if (s := self.rooms.get(r)) is not None and s.requests}
+
+        return self.ucx.run_sync(asked)
+
     def send(
         self,
         room: Room,

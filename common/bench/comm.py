@@ -154,12 +154,14 @@ def capture(step):
     return graph
 
 
-def synthetic_plan(tokens: int, requests: int, context: int, page_size: int = 16) -> dict:
+def synthetic_plan(tokens: int, requests: int, context: int, page_size: int = 16):
     """A batch plan of the engine's shape (model_runner.build_plan): what rank 0 broadcasts per step."""
+    from disagg.common.engine.model_runner import BatchPlan
+
     per = tokens // requests
     ids = list(range(100, 100 + tokens))
     kv = [context + per] * requests
-    return dict(
+    return BatchPlan(
         ids=ids,
         positions=[context + i % per for i in range(tokens)],
         pages=[(context + i % per) // page_size for i in range(tokens)],

@@ -123,23 +123,23 @@ class CudaGraphRunner:
             out = self.model(batch, self.pool.kv_buffer, backend)
         self.graphs[bs], self.outputs[bs], self.backends[bs], self.batches[bs] = graph, out, backend, batch
 
-    def can_run(self, plan: dict) -> bool:
-        q = plan["q_lens"]
+    def can_run(self, plan) -> bool:
+        q = plan.q_lens
         return bool(q) and len(q) <= self.buckets[-1] and all(n == 1 for n in q)
 
-    def run(self, plan: dict) -> torch.Tensor:
-        bs = len(plan["q_lens"])
+    def run(self, plan) -> torch.Tensor:
+        bs = len(plan.q_lens)
         padded = self.buckets[bisect.bisect_left(self.buckets, bs)]
         pad = padded - bs
         host = torch.tensor(
             [
-                plan["ids"] + [0] * pad,
-                plan["positions"] + [0] * pad,
-                plan["pages"] + [self.pool.pad_page] * pad,
-                plan["offsets"] + [0] * pad,
+                plan.ids + [0] * pad,
+                plan.positions + [0] * pad,
+                plan.pages + [self.pool.pad_page] * pad,
+                plan.offsets + [0] * pad,
             ]
         )
         self.inputs[:, :padded].copy_(host, non_blocking=True)  # one host-to-device copy
-        self.backends[padded].plan(plan["kv_lens"] + [1] * pad, plan["tables"] + [[self.pool.pad_page]] * pad)
+        self.backends[padded].plan(plan.kv_lens + [1] * pad, plan.tables + [[self.pool.pad_page]] * pad)
         self.graphs[padded].replay()
         return self.outputs[padded][:bs]

@@ -6,13 +6,14 @@ import contextlib
 import logging
 import os
 import time
+from dataclasses import dataclass
 
 import torch
-from disagg.common.engine.attention import ForwardBatch, create_attention_backend
 from disagg.common.config import EngineConfig, cpu_threads
-from disagg.common.parallel.ranks import broadcast_plan
-from disagg.common.models.kernels import check_fused_kernels
+from disagg.common.engine.attention import ForwardBatch, create_attention_backend
 from disagg.common.engine.kv_pool import KVPagePool, size_pool_pages
+from disagg.common.engine.request import Req
+from disagg.common.messages import message
 from disagg.common.models.decoder import (
     SUPPORTED_ARCHITECTURES,
     CausalLM,
@@ -20,13 +21,32 @@ from disagg.common.models.decoder import (
     head_dim_of,
     kv_heads_per_rank,
 )
+from disagg.common.models.kernels import check_fused_kernels
 from disagg.common.models.model_files import resolve_model_path
 from disagg.common.models.moe import MOE_ARCHITECTURES
-from disagg.common.parallel.state import get_parallel
-from disagg.common.engine.request import Req
 from disagg.common.models.weights import PRESETS, load_config, load_weights
+from disagg.common.parallel.ranks import broadcast_plan
+from disagg.common.parallel.state import get_parallel
 
 logger = logging.getLogger(__name__)
+
+
+@message
+@dataclass
+class BatchPlan:
+    """One forward of a flattened batch; rank 0 broadcasts it and every rank runs it on its shard.
+    Per token: ids, positions, and the KV page/offset its K and V are written to; per request:
+    q_lens (new tokens), kv_lens (tokens after this step), tables (its pages)."""
+
+    ids: list[int]
+    positions: list[int]
+    pages: list[int]
+    offsets: list[int]
+    logits_index: list[int]  # rows of the tokens whose next token is sampled
+    q_lens: list[int]
+    kv_lens: list[int]
+    tables: list[list[int]]
+
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -199,9 +219,9 @@ class ModelRunner:
             logger.warning("no tokenizer in %s (%s): token ids only", self.model_path, e)
             return None
 
-    def build_plan(self, scheduled: list[tuple[Req, int]]) -> dict:
-        """Flatten `n` new tokens of each request into one batch plan (plain lists: rank 0
-        broadcasts it to the other ranks)."""
+    def build_plan(self, scheduled: list[tuple[Req, int]]) -> BatchPlan:
+        """Flatten `n` new tokens of each request into one batch plan (rank 0 broadcasts it to
+        the other ranks)."""
         ps = self.pool.page_size
         ids, positions, pages, offsets, logits_index = [], [], [], [], []
         q_lens, kv_lens, tables = [], [], []
@@ -217,16 +237,7 @@ class ModelRunner:
             q_lens.append(n)
             kv_lens.append(start + n)
             tables.append(req.page_table[: (start + n + ps - 1) // ps])
-        return dict(
-            ids=ids,
-            positions=positions,
-            pages=pages,
-            offsets=offsets,
-            logits_index=logits_index,
-            q_lens=q_lens,
-            kv_lens=kv_lens,
-            tables=tables,
-        )
+        return BatchPlan(ids, positions, pages, offsets, logits_index, q_lens, kv_lens, tables)
 
     def forward(self, scheduled: list[tuple[Req, int]]) -> torch.Tensor:
         plan = self.build_plan(scheduled)
@@ -234,7 +245,7 @@ class ModelRunner:
             broadcast_plan(plan)
         return self.forward_plan(plan)
 
-    def forward_plan(self, plan: dict) -> torch.Tensor:
+    def forward_plan(self, plan: BatchPlan) -> torch.Tensor:
         if self.graph_runner is not None and self.graph_runner.can_run(plan):
             return self.graph_runner.run(plan)
 
@@ -242,14 +253,14 @@ class ModelRunner:
             return torch.tensor(x, dtype=torch.long, device=self.device)
 
         batch = ForwardBatch(
-            input_ids=tensor(plan["ids"]),
-            positions=tensor(plan["positions"]),
-            out_page=tensor(plan["pages"]),
-            out_offset=tensor(plan["offsets"]),
-            q_lens=plan["q_lens"],
-            kv_lens=plan["kv_lens"],
-            page_tables=plan["tables"],
-            logits_index=tensor(plan["logits_index"]),
+            input_ids=tensor(plan.ids),
+            positions=tensor(plan.positions),
+            out_page=tensor(plan.pages),
+            out_offset=tensor(plan.offsets),
+            q_lens=plan.q_lens,
+            kv_lens=plan.kv_lens,
+            page_tables=plan.tables,
+            logits_index=tensor(plan.logits_index),
             page_size=self.pool.page_size,
         )
         self.backend.prepare(batch)

@@ -5,6 +5,13 @@ chunks of prefilling requests and newly admitted ones within the prefill budget
 (--chunked-prefill-size). Admission is by free pages; when a decode needs a page and none is
 left (after evicting the prefix cache), the newest request is retracted (its pages freed, its
 tokens kept) and recomputed later.
+
+This one step loop and one page-reservation rule (`_reserve_pages`) serve all three roles. The
+prefill and decode schedulers (prefill/scheduler.py, decode/scheduler.py) subclass it and differ
+only in their hooks: `_admit_held_requests` (requests held back before `waiting`: the decode's
+pre-allocation, the prefill's bootstrap queue), `_pages_at_admission`, `_on_chunk_computed` (the
+prefill ships each chunk's pages), `_on_token_sampled` (the prefill hands the request over instead
+of decoding it) and `_on_transfer_done` (a room's result from their `transfer` coordinator).
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ class Scheduler:
         self.running: list[Req] = []
         self._pending_outs: list[TokenOut] = []
         self.num_retractions = 0
+        # PD roles: their transfer.coordinator.TransferCoordinator (flushed once per step)
+        self.transfer = None
 
     # ---- public interface -------------------------------------------------------------
     @property
@@ -85,11 +94,65 @@ class Scheduler:
         )
 
     def step(self) -> list[TokenOut]:
+        self._admit_held_requests()
         scheduled = self._schedule()
         if scheduled:
             self._run(scheduled)
+        if self.transfer is not None:
+            for result in self.transfer.flush():
+                self._on_transfer_done(result)
         outs, self._pending_outs = self._pending_outs, []
         return outs
+
+    def has_compute(self) -> bool:
+        return bool(self.waiting or self.running or self._pending_outs)
+
+    def wait_timeout_ms(self) -> int:
+        """How long the scheduler loop may block on its sockets before the next step while
+        has_work(): not at all while there is something to compute; with only transfers in
+        flight, as long as the transfer coordinator says (held requests are retried)."""
+        if self.has_compute() or self.transfer is None:
+            return 0
+        return self.transfer.idle_wait_ms(retrying=self._has_held_requests())
+
+    @property
+    def wake_fd(self) -> int | None:
+        """An fd that turns readable when a transfer finished (the loop blocks on it too)."""
+        return None if self.transfer is None else self.transfer.wake_fd
+
+    def on_wake(self) -> None:
+        if self.transfer is not None:
+            self.transfer.on_wake()
+
+    def flush_cache(self) -> bool:
+        """Empty the prefix cache (SGLang's /flush_cache); only when no request holds pages."""
+        if self.has_work():
+            return False
+        self.cache.reset()
+        return True
+
+    # ---- role hooks (the colocated server: none of them does anything) -----------------
+    def _admit_held_requests(self) -> None:
+        """Move requests held back in a role's own queue into `waiting` or `running`."""
+
+    def _has_held_requests(self) -> bool:
+        return False
+
+    def _pages_at_admission(self, req: Req, num_cached: int, n: int) -> int:
+        """Tokens of `req` to have pages for when it is admitted with `n` new tokens after
+        `num_cached` cached ones (default: the first chunk; later chunks get theirs as they run)."""
+        return num_cached + n
+
+    def _on_chunk_computed(self, req: Req) -> None:
+        """A chunk of `req`'s prompt was computed and more remain."""
+
+    def _on_token_sampled(self, req: Req, token: int, lp: float | None, top: list[list] | None) -> None:
+        """`token` was sampled for `req` and appended to its output: decode on."""
+        req.status = ReqStatus.DECODING
+        self._emit_token(req, token, lp, top)
+
+    def _on_transfer_done(self, result) -> None:
+        raise NotImplementedError("only the PD roles have transfers")
 
     # ---- scheduling -------------------------------------------------------------------
     def _schedule(self) -> list[tuple[Req, int]]:
@@ -129,19 +192,27 @@ class Scheduler:
         pages, node = self.cache.match_prefix(all_ids[:limit])
         self.cache.lock(node)
         n = min(len(all_ids) - len(pages) * ps, budget)
-        need = pages_for_tokens(len(pages) * ps + n, ps) - len(pages)
-        reserve = len(self.running)  # a page of head-room for each running decode
-        if need + reserve > self.pool.num_free_pages + self.cache.num_evictable_pages:
+        need = pages_for_tokens(self._pages_at_admission(req, len(pages) * ps, n), ps) - len(pages)
+        # a page of head-room for each running request
+        new_pages = self._reserve_pages(need, headroom=len(self.running))
+        if new_pages is None:
             self.cache.unlock(node)
             return 0
-        if self.pool.num_free_pages < need:
-            self.cache.evict(need - self.pool.num_free_pages)
-        req.page_table = pages + self.pool.allocate(need)
+        req.page_table = pages + new_pages
         req.cache_node = node
         req.num_computed_tokens = req.num_cached_tokens = len(pages) * ps
         req.status = ReqStatus.PREFILLING
         self.running.append(req)
         return n
+
+    def _reserve_pages(self, need: int, headroom: int) -> list[int] | None:
+        """The one admission rule: `need` new pages if they fit while keeping `headroom` pages
+        for requests already running (evicting prefix-cache pages if needed); else None."""
+        if need + headroom > self.pool.num_free_pages + self.cache.num_evictable_pages:
+            return None
+        if need > self.pool.num_free_pages:
+            self.cache.evict(need - self.pool.num_free_pages)
+        return self.pool.allocate(need)
 
     def _ensure_pages(self, req: Req, num_tokens: int, scheduled: dict) -> bool:
         """Give `req` pages for `num_tokens`, evicting cache and retracting newer requests if needed."""
@@ -171,6 +242,8 @@ class Scheduler:
         done = [req for req, n in scheduled if req.num_computed_tokens + n == req.seq_len]
         for req, n in scheduled:
             req.num_computed_tokens += n
+            if req.num_computed_tokens < req.seq_len:
+                self._on_chunk_computed(req)
         if not done:
             return
         result = self.sampler.sample(logits, done)
@@ -178,9 +251,8 @@ class Scheduler:
         for i, req in enumerate(done):
             token = result.token_ids[i]
             req.output_ids.append(token)
-            req.status = ReqStatus.DECODING
             req.first_token_time = req.first_token_time or now
-            self._emit_token(req, token, *self._logprobs_of(result, i, req))
+            self._on_token_sampled(req, token, *self._logprobs_of(result, i, req))
 
     @staticmethod
     def _logprobs_of(result, i: int, req: Req) -> tuple[float | None, list[list] | None]:

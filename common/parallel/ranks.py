@@ -1,7 +1,8 @@
 """Distributed start-up (one process per rank) and the per-step broadcast of batch plans.
 
-Rank 0's scheduler decides every batch and broadcasts its plan (plain lists, msgpack-encoded)
-over a gloo group; the other ranks run the same forward on their shard. NCCL (GPU) or gloo
+Rank 0's scheduler decides every batch and broadcasts its plan (a typed message: the engine's
+`BatchPlan`, a PD server's `TransferOpsMsg`, or `StopMsg`; msgpack-encoded) over a gloo group;
+the other ranks run the same forward on their shard. NCCL (GPU) or gloo
 (CPU) carries the activations. A rank that dies breaks the gloo connection: the others raise,
 log it and exit non-zero instead of hanging.
 """
@@ -13,15 +14,15 @@ import logging
 import multiprocessing as mp
 import socket
 import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from disagg.common.config import EngineConfig, set_default_cpu_threads
-from disagg.common.messages import decode, encode
+from disagg.common.messages import StopMsg, decode, encode
 from disagg.common.parallel.state import ParallelState, get_parallel, set_parallel
 
 logger = logging.getLogger(__name__)
-_STOP = {"stop": True}
 _IDLE_TIMEOUT = datetime.timedelta(days=365)  # workers wait for the next batch as long as rank 0 lives
 
 
@@ -74,8 +75,8 @@ def init_distributed(config: EngineConfig, rank: int) -> ParallelState:
     return state
 
 
-def broadcast_plan(plan: dict | None) -> dict:
-    """Rank 0 sends `plan`; every other rank receives and returns it."""
+def broadcast_plan(plan: Any) -> Any:
+    """Rank 0 sends `plan` (a message); every other rank receives and returns it."""
     group = get_parallel().cpu_group
     if get_parallel().tp_rank == 0:
         payload = torch.frombuffer(bytearray(encode(plan)), dtype=torch.uint8)
@@ -108,30 +109,29 @@ def gather_to_rank0(obj) -> list | None:
 
 def stop_workers() -> None:
     if get_parallel().tp_size > 1 and get_parallel().tp_rank == 0:
-        broadcast_plan(_STOP)
+        broadcast_plan(StopMsg())
 
 
 def worker_main(config: EngineConfig, rank: int, plan_hook_factory=None) -> None:
     """Entry point of a rank > 0: run every forward that rank 0 broadcasts, until told to stop.
 
-    `plan_hook_factory(runner)` (picklable; optional) builds a callable that sees every plan after
-    its forward: the PD servers run their per-rank KV transfer operations there. A plan without
-    "ids" carries no forward."""
+    `plan_hook_factory(runner)` (picklable; optional) builds a callable that gets every message
+    other than a batch plan: the PD servers run their per-rank KV transfer operations there."""
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(asctime)s %(levelname)s %(message)s")
     try:
         init_distributed(config, rank)
-        from disagg.common.engine.model_runner import ModelRunner
+        from disagg.common.engine.model_runner import BatchPlan, ModelRunner
 
         runner = ModelRunner(config)
         hook = plan_hook_factory(runner) if plan_hook_factory is not None else None
         while True:
-            plan = broadcast_plan(None)
-            if plan.get("stop"):
+            msg = broadcast_plan(None)
+            if isinstance(msg, StopMsg):
                 break
-            if "ids" in plan:
-                runner.forward_plan(plan)
-            if hook is not None:
-                hook(plan)
+            if isinstance(msg, BatchPlan):
+                runner.forward_plan(msg)
+            elif hook is not None:
+                hook(msg)
     except Exception as e:  # noqa: BLE001 - any failure takes the group down loudly
         logger.exception("rank %d exiting: %s", rank, e)  # with the traceback: the cause on a GPU run
         sys.exit(1)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import logging
 import multiprocessing as mp
 import sys
@@ -22,12 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
-from disagg.common.config import EngineConfig, add_engine_args
+from disagg.common.config import PD_ROLES, DisaggConfig, EngineConfig, add_disagg_args, add_engine_args
+from disagg.common.models.model_files import resolve_model_path
 from disagg.common.server.detokenizer import run_detokenizer_process
 from disagg.common.server.http_server import create_app
 from disagg.common.server.ipc import IpcNames
 from disagg.common.server.metrics import ServerMetrics
-from disagg.common.models.model_files import resolve_model_path
 from disagg.common.server.scheduler_process import run_scheduler_process
 from disagg.common.server.serving import ServerState
 from disagg.common.server.tokenizer_manager import TokenizerManager
@@ -42,6 +43,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 30000
     api_key: str | None = None
+    admin_api_key: str | None = None  # /flush_cache, abort_all, aborting others' requests; None: --api-key
     served_model_name: str | None = None  # default: the model folder's name
     tokenizer_path: str | None = None  # default: the model path
     log_level: str = "info"
@@ -62,6 +64,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--api-key", default=d.api_key, help="require `Authorization: Bearer KEY` (all but /health)"
     )
+    g.add_argument("--admin-api-key", default=d.admin_api_key,
+                   help="the key for /flush_cache, abort_all and aborting other keys' requests (default: --api-key)")  # fmt: skip
     g.add_argument("--served-model-name", default=d.served_model_name)
     g.add_argument("--tokenizer-path", default=d.tokenizer_path)
     g.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
@@ -183,11 +187,11 @@ def launch(engine: EngineConfig, server: ServerConfig, scheduler_target: Callabl
         tokenizer = AutoTokenizer.from_pretrained(server.tokenizer_path)
         metrics = ServerMetrics(role)
         name = server.served_model_name or engine.model_path.rstrip("/").rsplit("/", 1)[-1]
-        info = {**dataclasses.asdict(engine), **dataclasses.asdict(server), **(extra_info or {}), "api_key": None,
+        info = {**dataclasses.asdict(engine), **dataclasses.asdict(server), **(extra_info or {}), "api_key": None, "admin_api_key": None,
                 "role": role}  # fmt: skip
         state = ServerState(TokenizerManager(tokenizer, ipc, infos[0]["context_length"], metrics), metrics,
                             name, engine.model_path, infos[0]["context_length"], info)  # fmt: skip
-        app = create_app(state, server.api_key, server.max_request_body_size)
+        app = create_app(state, server.api_key, server.max_request_body_size, server.admin_api_key)
         config = uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level,
                                 timeout_graceful_shutdown=5, access_log=server.log_level == "debug")  # fmt: skip
         logger.info("serving %s on http://%s:%d", name, server.host, server.port)
@@ -201,33 +205,55 @@ def launch(engine: EngineConfig, server: ServerConfig, scheduler_target: Callabl
         logger.info("server stopped")
 
 
+def run_role(role: str, argv: list[str] | None = None, scheduler_cls=None, worker_hook=None) -> None:
+    """Parse the flags of `role` and serve until stopped: the colocated server ("server") or a PD
+    server ("prefill"/"decode"), whose `scheduler_cls(config, disagg=...)` runs on rank 0 and
+    `worker_hook(disagg, engine, runner)` on the other ranks (the KV transfer of each rank)."""
+    pd = role in PD_ROLES
+    parser = argparse.ArgumentParser(prog=f"launch_{role}", description=__doc__.split("\n\n")[0]
+                                     if not pd else f"The {role} server of a PD deployment")  # fmt: skip
+    add_engine_args(parser)
+    add_server_args(parser)
+    if pd:
+        add_disagg_args(parser)
+        parser.add_argument("--disaggregation-mode", choices=PD_ROLES, default=role, help=argparse.SUPPRESS)
+    else:
+        parser.add_argument("--disaggregation-mode", choices=["null", *PD_ROLES], default="null",
+                            help="prefill / decode: run as a PD server (same as launch_prefill / launch_decode)")  # fmt: skip
+    args = parser.parse_args(argv)
+    log_name = "http" if not pd else f"{role}-http"
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format=f"%(asctime)s [{log_name}] %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    engine = EngineConfig.from_args(args)
+    make_scheduler, hook, info = None, None, None
+    if pd:
+        disagg = DisaggConfig.from_args(args, role)
+        make_scheduler = functools.partial(scheduler_cls, disagg=disagg)
+        hook = functools.partial(worker_hook, disagg, engine)
+        info = {f"disaggregation_{k}": v for k, v in dataclasses.asdict(disagg).items()}
+    if engine.node_rank != 0:  # a node other than 0 runs only its ranks; rank 0's node serves HTTP
+        from disagg.common.parallel.ranks import run_node
+
+        sys.exit(run_node(engine, hook))
+    target = functools.partial(run_scheduler_process, make_scheduler=make_scheduler, name=f"{role}-scheduler",
+                               **({"plan_hook_factory": hook} if hook else {}))  # fmt: skip
+    try:
+        launch(engine, ServerConfig.from_args(args), target, role=role, extra_info=info)
+    except RuntimeError as e:
+        logger.error("%s", e)
+        sys.exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     mode = argparse.ArgumentParser(add_help=False)
-    mode.add_argument("--disaggregation-mode", choices=["null", "prefill", "decode"], default="null")
+    mode.add_argument("--disaggregation-mode", choices=["null", *PD_ROLES], default="null")
     known, _ = mode.parse_known_args(argv)
     if known.disaggregation_mode != "null":  # SGLang's spelling of launch_prefill / launch_decode
         import importlib
 
         importlib.import_module(f"disagg.{known.disaggregation_mode}.launch").main(argv)
         return
-    parser = argparse.ArgumentParser(prog="launch_server", description=__doc__.split("\n\n")[0])
-    add_engine_args(parser)
-    add_server_args(parser)
-    parser.add_argument("--disaggregation-mode", choices=["null", "prefill", "decode"], default="null",
-                        help="prefill / decode: run as a PD server (same as launch_prefill / launch_decode)")  # fmt: skip
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s [http] %(levelname)s %(name)s: %(message)s")  # fmt: skip
-    engine = EngineConfig.from_args(args)
-    if engine.node_rank != 0:  # a node other than 0 runs only its ranks; rank 0's node serves HTTP
-        from disagg.common.parallel.ranks import run_node
-
-        sys.exit(run_node(engine))
-    try:
-        launch(engine, ServerConfig.from_args(args))
-    except RuntimeError as e:
-        logger.error("%s", e)
-        sys.exit(1)
+    run_role("server", argv)
 
 
 if __name__ == "__main__":

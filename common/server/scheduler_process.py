@@ -1,8 +1,7 @@
 """The scheduler process: receive requests over ZMQ, step the engine, send tokens to the detokenizer.
 
-`run_scheduler_loop` works with any object that has the scheduler's plug-in surface
-(`add_request`, `abort_request`, `step`, `has_work`, `stats`), so the prefill and decode servers
-reuse it with their own schedulers. `run_scheduler_process` is the spawn target of the colocated
+`SchedulerLoop` drives any scheduler with the surface of `SchedulerLike` (the colocated
+`Scheduler` and its prefill and decode subclasses): every role runs this one loop. `run_scheduler_process` is the spawn target of the colocated
 server: it builds `disagg.common.engine.scheduler.Scheduler` and reports readiness to the launcher.
 """
 
@@ -14,6 +13,8 @@ from typing import Any, Protocol
 
 import zmq
 from disagg.common.config import EngineConfig
+from disagg.common.engine.request import Req, TokenOut
+from disagg.common.messages import decode, encode
 from disagg.common.server.ipc import (
     AbortReqMsg,
     BatchTokenOutMsg,
@@ -26,8 +27,6 @@ from disagg.common.server.ipc import (
     setup_child_logging,
     zmq_socket,
 )
-from disagg.common.messages import decode, encode
-from disagg.common.engine.request import Req, TokenOut
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +34,22 @@ IDLE_POLL_MS = 1000  # blocking wait when there is no work (then loop to notice 
 
 
 class SchedulerLike(Protocol):
+    context_length: int
+
     def add_request(self, req: Req) -> None: ...
     def abort_request(self, rid: str) -> None: ...
     def step(self) -> list[TokenOut]: ...
     def has_work(self) -> bool: ...
     def stats(self) -> dict: ...
+    def flush_cache(self) -> bool: ...
 
-    # optional (the PD schedulers): how long the loop may block on its sockets before the next
-    # step although has_work() (only transfers in flight), and a `waker` whose `fd` turns
-    # readable when a transfer finished (`drain()` empties it)
-    # def wait_timeout_ms(self) -> int: ...
+    # how long the loop may block on its sockets before the next step although has_work()
+    # (the PD roles: only transfers in flight), and an fd that turns readable when a transfer
+    # finished (None: nothing to watch; `on_wake()` after it woke the loop)
+    def wait_timeout_ms(self) -> int: ...
+    @property
+    def wake_fd(self) -> int | None: ...
+    def on_wake(self) -> None: ...
 
 
 class SchedulerLoop:
@@ -57,10 +62,9 @@ class SchedulerLoop:
         self.send_sock = zmq_socket(self.ctx, zmq.PUSH, ipc.detokenizer, bind=False)
         self.poller = zmq.Poller()
         self.poller.register(self.recv_sock, zmq.POLLIN)
-        transfer = getattr(scheduler, "transfer", None)
-        self.waker = getattr(transfer, "waker", None)
-        if self.waker is not None:
-            self.poller.register(self.waker.fd, zmq.POLLIN)
+        self.wake_fd = scheduler.wake_fd
+        if self.wake_fd is not None:
+            self.poller.register(self.wake_fd, zmq.POLLIN)
         self.new_reqs: list[DetokReqInfo] = []
         self.pending_outs: list[TokenOut] = []  # outputs made outside step() (rejections)
         self.running = True
@@ -72,15 +76,14 @@ class SchedulerLoop:
             return 0
         if not self.scheduler.has_work():
             return IDLE_POLL_MS
-        wait = getattr(self.scheduler, "wait_timeout_ms", None)
-        return wait() if wait is not None else 0
+        return self.scheduler.wait_timeout_ms()
 
     def recv_messages(self) -> list[Any]:
         """Drain the socket, after blocking on it (and the transfer waker) for wait_timeout_ms()."""
         msgs = []
         events = dict(self.poller.poll(self.wait_timeout_ms()))
-        if self.waker is not None and self.waker.fd in events:
-            self.waker.drain()
+        if self.wake_fd is not None and self.wake_fd in events:
+            self.scheduler.on_wake()
         if self.recv_sock in events:
             while True:
                 try:
@@ -103,22 +106,11 @@ class SchedulerLoop:
             except KeyError:
                 pass  # already finished: nothing to free
         elif isinstance(msg, PingMsg):
-            ok = self.flush_cache() if msg.flush_cache else True
+            ok = self.scheduler.flush_cache() if msg.flush_cache else True
             stats = self.scheduler.stats() if msg.want_stats else {}
             self.send_sock.send(encode(PongMsg(msg.ping_id, stats, ok)))
         else:
             logger.warning("scheduler: unexpected message %r", type(msg).__name__)
-
-    def flush_cache(self) -> bool:
-        """Empty the prefix cache (SGLang's /flush_cache); only when no request holds pages."""
-        if self.scheduler.has_work():
-            return False
-        flush = getattr(self.scheduler, "flush_cache", None) or getattr(
-            getattr(self.scheduler, "cache", None), "reset", None
-        )
-        if flush is not None:
-            flush()
-        return flush is not None
 
     def add_request(self, msg: GenerateReqMsg) -> None:
         sp = msg.sampling

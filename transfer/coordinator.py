@@ -1,0 +1,293 @@
+"""The KV transfer of a TP group: rank 0 decides, every rank moves the KV heads of its own shard.
+
+Rank 0's scheduler queues transfer operations during a step (`TransferCoordinator.send/expect/
+abort`); `flush()` runs them on every rank (each rank's KVSender on prefill, KVReceiver on decode)
+and merges the ranks' results: a room is finished once every rank reported it, and ok only if it
+was ok on every rank. With tp > 1 the operations ride the plan broadcast as one `TransferOpsMsg`
+and the results come back in one gather, so the worker ranks act on exactly what rank 0 decided.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from disagg.common.messages import message
+from disagg.common.parallel.ranks import broadcast_plan, gather_to_rank0
+from disagg.common.parallel.state import get_parallel
+from disagg.transfer.base import TransferResult
+from disagg.transfer.layout import KVLayout, dtype_name
+from disagg.transfer.protocol import Room
+from disagg.transfer.receiver import KVReceiver
+from disagg.transfer.sender import KVSender
+
+logger = logging.getLogger(__name__)
+
+# NOTE: how long a scheduler with only transfers in flight blocks on its sockets before stepping again.
+# With tp 1 a finished room wakes it at once (TransferWaker), so the timeout only bounds the wait;
+# with tp > 1 the other ranks' results come only through the gather of the next step: poll.
+IDLE_WAIT_MS = 100
+POLL_MS = 2
+
+
+# ---- the operations rank 0 sends to every rank ------------------------------------------------
+
+
+@message
+@dataclass
+class SendPagesOp:
+    """Prefill: send `pages` (the room's pages from `page_offset` on); the last one carries `metadata`."""
+
+    room: Room
+    pages: list[int]
+    page_offset: int
+    is_last: bool
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@message
+@dataclass
+class ExpectRoomOp:
+    """Decode: `pages` are reserved for `room`; ask the prefill's bootstrap server for it."""
+
+    room: Room
+    bootstrap_host: str
+    bootstrap_port: int
+    pages: list[int]
+
+
+@message
+@dataclass
+class AbortRoomOp:
+    room: Room
+
+
+@message
+@dataclass
+class TransferOpsMsg:
+    """One step's transfer operations, broadcast to the worker ranks (no forward in it)."""
+
+    ops: list[SendPagesOp | ExpectRoomOp | AbortRoomOp]
+
+
+# ---- one rank ---------------------------------------------------------------------------------
+
+
+class RankTransfer:
+    """This rank's KVSender or KVReceiver; runs the operations rank 0 decided on this rank's shard."""
+
+    def __init__(self, engine: KVSender | KVReceiver):
+        self.engine = engine
+        self._failed: list[TransferResult] = []  # operations the engine refused, reported as failed rooms
+
+    def run(self, ops: list[SendPagesOp | ExpectRoomOp | AbortRoomOp]) -> None:
+        for op in ops:
+            try:
+                if isinstance(op, SendPagesOp):
+                    self.engine.send(
+                        op.room, op.pages, op.page_offset, is_last=op.is_last, metadata=op.metadata
+                    )
+                elif isinstance(op, ExpectRoomOp):
+                    self.engine.expect(op.room, op.bootstrap_host, op.bootstrap_port, op.pages)
+                else:
+                    self.engine.abort(op.room)
+            except Exception as e:  # noqa: BLE001 - a refused operation fails its room, never the rank
+                logger.warning("transfer %s of room %s refused: %s", type(op).__name__, op.room, e)
+                self._failed.append(TransferResult(op.room, ok=False, reason=f"bad_request: {e}"))
+
+    def poll(self) -> list[TransferResult]:
+        """Every room this rank finished since the last poll."""
+        out, self._failed = self._failed, []
+        return out + self.engine.poll()
+
+
+def kv_layout(runner) -> KVLayout:
+    """The KV layout of this rank's pool (what the two sides of a transfer compare)."""
+    pool, hf, par = runner.pool, runner.hf_config, get_parallel()
+    return KVLayout(
+        num_layers=pool.num_layers,
+        page_size=pool.page_size,
+        num_kv_heads_total=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        head_dim=pool.head_dim,
+        dtype=dtype_name(pool.dtype),
+        tp_rank=par.tp_rank,
+        tp_size=par.tp_size,
+        model_name=os.path.basename(str(runner.model_path).rstrip("/")),
+    )
+
+
+def create_on_every_rank(make) -> RankTransfer:
+    """`make()` on this rank, rank 0 first: prefill rank 0 serves the bootstrap the other ranks
+    (on any node) register with, so they make theirs only after it is up (a barrier orders them)."""
+    par = get_parallel()
+    if par.tp_size == 1:
+        return make()
+    if par.tp_rank == 0:
+        transfer = make()
+        torch.distributed.barrier(group=par.cpu_group)
+        return transfer
+    torch.distributed.barrier(group=par.cpu_group)
+    return make()
+
+
+class WorkerTransferHook:
+    """Runs on a worker rank for each broadcast message without a forward: the transfer
+    operations, then the poll gather."""
+
+    def __init__(self, transfer: RankTransfer):
+        self.transfer = transfer
+
+    def __call__(self, msg: Any) -> None:
+        if isinstance(msg, TransferOpsMsg):
+            self.transfer.run(msg.ops)
+            gather_to_rank0(self.transfer.poll())
+
+
+# ---- rank 0 -----------------------------------------------------------------------------------
+
+
+class TransferWaker:
+    """A file descriptor that turns readable when the transfer engine has results for poll().
+
+    The scheduler loop blocks on its ZMQ socket and this fd together, so a finished room is
+    handled at once rather than at the next tick of a sleep loop. A daemon thread waits on the
+    engine (`wait()`), writes one byte, then waits until the scheduler has polled (`polled()`)
+    before watching again: one wake-up per batch of results, never a spinning fd.
+    """
+
+    def __init__(self, engine: KVSender | KVReceiver):
+        self.engine = engine
+        self.fd, self._write_fd = os.pipe()
+        os.set_blocking(self.fd, False)
+        self._polled = threading.Event()
+        self._polled.set()
+        self._closed = False
+        threading.Thread(target=self._run, name="disagg-transfer-waker", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._polled.wait()
+            if self.engine.wait(1.0) and not self._closed:
+                self._polled.clear()
+                os.write(self._write_fd, b"\0")
+
+    def polled(self) -> None:
+        """The scheduler just drained the engine's results: watch for the next ones."""
+        self._polled.set()
+
+    def drain(self) -> None:
+        """Empty the fd (the scheduler loop calls this when the fd woke it)."""
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        self._closed = True
+        self._polled.set()
+
+
+class TransferCoordinator:
+    """Rank 0's view of the transfers: queue operations during a step, flush them once per step."""
+
+    def __init__(self, local: RankTransfer, tp_size: int):
+        self.local, self.tp_size = local, tp_size
+        self.ops: list[SendPagesOp | ExpectRoomOp | AbortRoomOp] = []
+        self.open_rooms: set[Room] = set()  # rooms given to the ranks and not finished on all of them
+        self._partial: dict[Room, dict[int, TransferResult]] = {}  # room -> tp rank -> its result
+        # NOTE: only with tp 1 is rank 0's engine the whole story; with tp > 1 the scheduler polls
+        self.waker = TransferWaker(local.engine) if tp_size == 1 else None
+
+    @property
+    def wake_fd(self) -> int | None:
+        """An fd that turns readable when a room finished (None: the scheduler polls)."""
+        return None if self.waker is None else self.waker.fd
+
+    def on_wake(self) -> None:
+        if self.waker is not None:
+            self.waker.drain()
+
+    def idle_wait_ms(self, retrying: bool) -> int:
+        """How long the scheduler loop may block while it has nothing to compute: requests waiting
+        in a queue that is retried (the decode's prealloc, the prefill's bootstrap: what frees them
+        is no transfer result) are looked at every POLL_MS; with only transfers in flight, a
+        finished room wakes the loop (tp 1) or the loop polls (tp > 1)."""
+        return IDLE_WAIT_MS if self.waker is not None and not retrying else POLL_MS
+
+    def send(self, room: Room, pages: list[int], page_offset: int, is_last: bool, metadata=None) -> None:
+        self.open_rooms.add(room)
+        self.ops.append(SendPagesOp(room, list(pages), page_offset, is_last, metadata or {}))
+
+    def expect(self, room: Room, host: str, port: int, pages: list[int]) -> None:
+        self.open_rooms.add(room)
+        self.ops.append(ExpectRoomOp(room, host, port, list(pages)))
+
+    def abort(self, room: Room) -> None:
+        if room in self.open_rooms:
+            self.ops.append(AbortRoomOp(room))
+
+    def forget(self, room: Room) -> None:
+        """Stop waiting for `room` (its result will never come); aborts it on every rank."""
+        self.abort(room)
+        self.open_rooms.discard(room)
+        self._partial.pop(room, None)
+
+    def requested_rooms(self, rooms: list[Room]) -> set[Room]:
+        """Prefill: the rooms whose decode side has said where its pages are."""
+        return self.local.engine.requested_rooms(rooms)
+
+    def metrics_text(self) -> str:
+        from disagg.transfer.metrics import metrics_text
+
+        return metrics_text()
+
+    def flush(self) -> list[TransferResult]:
+        """Run the queued operations on every rank; the rooms now finished on all ranks."""
+        ops, self.ops = self.ops, []
+        if not ops and not self.open_rooms:
+            return []
+        if self.tp_size > 1:
+            broadcast_plan(TransferOpsMsg(ops))
+        self.local.run(ops)
+        mine = self.local.poll()
+        if self.waker is not None:
+            self.waker.polled()
+        per_rank = gather_to_rank0(mine) if self.tp_size > 1 else [mine]
+        return self._merge(per_rank)
+
+    def _merge(self, per_rank: list[list[TransferResult]]) -> list[TransferResult]:
+        for rank, results in enumerate(per_rank):
+            for result in results:
+                if result.room not in self.open_rooms:
+                    continue  # a stale room the peer asked about after we finished it
+                got = self._partial.setdefault(result.room, {})
+                got[rank] = result
+                if not result.ok and len(got) < self.tp_size:
+                    self.abort(result.room)  # the other ranks stop waiting for a room that already failed
+        done = []
+        for room, got in list(self._partial.items()):
+            if len(got) < self.tp_size:
+                continue
+            del self._partial[room]
+            self.open_rooms.discard(room)
+            failed = [r for r in got.values() if not r.ok]
+            done.append(
+                TransferResult(
+                    room,
+                    ok=not failed,
+                    reason=failed[0].reason if failed else "",
+                    metadata=got[0].metadata,
+                    nbytes=sum(r.nbytes for r in got.values()),
+                    seconds=max(r.seconds for r in got.values()),
+                )
+            )
+        return done
+
+    def close(self) -> None:
+        if self.waker is not None:
+            self.waker.close()
