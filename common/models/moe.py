@@ -7,7 +7,8 @@ contributions of the experts it holds and one all-reduce combines them: the same
 count as a dense MLP, no all-to-all needed.
 
 Only the routed experts run: the (token, slot) pairs are grouped by expert on the device
-(common/models/moe_align.py) and each expert's weights are read once per block of its tokens.
+(common/models/moe_align.py) and each expert's weights are read once per block of its tokens:
+the Triton kernels of common/models/fused_moe.py on the GPU, batched torch matmuls elsewhere.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import re
 
 import torch
+from disagg.common.models.fused_moe import fused_experts, fused_moe_available
 from disagg.common.models.moe_align import grouped_experts
 from disagg.common.parallel.state import all_reduce, get_parallel
 from torch import nn
@@ -76,6 +78,8 @@ class SparseMoE(nn.Module):
     def routed_experts(self, x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """This rank's experts on the tokens routed to them (only those experts' weights are read)."""
         w13, w2 = self.experts.w13, self.experts.w2
+        if x.is_cuda and fused_moe_available():
+            return fused_experts(x, w13, w2, weights, local)
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         return grouped_experts(x, w13, w2, weights.to(x.dtype), local, trim=not capturing)
 

@@ -1,0 +1,269 @@
+"""Fused MoE in Triton: only the routed experts' weights are read, CUDA-graph capturable.
+
+Two paths, chosen by the number of routed (token, slot) pairs, a static shape:
+- grouped GEMM (prefill, large decode batches): pairs aligned per expert to BLOCK_SIZE_M
+  (common/models/moe_align.py, on the device); one program per (block, N tile) multiplies the
+  block's rows by its one expert. gate_up computes the gate and up tiles together and writes
+  silu(gate) * up; down multiplies by the routing weight. One expert weight tile is read once per
+  block of its tokens.
+- GEMV (decode at a few tokens, the issue's batch-1 case): no alignment at all; one program per
+  (pair, N tile, K split) streams its expert's rows with plain FMA reductions. Split-K fills the
+  chip when 8 pairs x a few N tiles would leave most multiprocessors idle; the partial sums meet
+  in an fp32 buffer (atomics) and the down kernel applies silu(gate) * up as it loads them.
+Block sizes per shape live in fused_moe_configs.json (tuned on an H200, as vLLM/SGLang keep theirs).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import torch
+from disagg.common.models.moe_align import moe_align_block_size
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU image: the torch path in moe_align.py runs instead
+    triton = None
+
+_CONFIGS = Path(__file__).with_name("fused_moe_configs.json")
+_DEFAULT = {
+    "gemv_max_pairs": 64,
+    "gemv": {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4, "num_warps": 4},
+    "grouped": {
+        "1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "num_warps": 4, "num_stages": 3},
+        "256": {"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "num_warps": 4, "num_stages": 3},
+        "1024": {
+            "BLOCK_SIZE_M": 64,
+            "BLOCK_SIZE_N": 128,
+            "BLOCK_SIZE_K": 64,
+            "num_warps": 8,
+            "num_stages": 3,
+        },
+    },
+}
+
+
+@functools.cache
+def fused_moe_available() -> bool:
+    return triton is not None and torch.cuda.is_available()
+
+
+@functools.cache
+def moe_config(num_experts: int, inter: int, hidden: int) -> dict:
+    """The checked-in block sizes for this expert shape (E experts, I = inter, H = hidden), else defaults."""
+    table = json.loads(_CONFIGS.read_text()) if _CONFIGS.exists() else {}
+    return table.get(f"E={num_experts},I={inter},H={hidden}", _DEFAULT)
+
+
+def grouped_config(config: dict, num_tokens: int) -> dict:
+    """The grouped-GEMM entry tuned for the token count nearest this one (as vLLM picks)."""
+    sizes = sorted(int(m) for m in config["grouped"])
+    return config["grouped"][str(min(sizes, key=lambda m: abs(m - num_tokens)))]
+
+
+def fused_experts(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Same contract as moe_align.grouped_experts: x [T, H], w13 [E, 2I, H], w2 [E, H, I],
+    topk_weights / topk_ids [T, k] (ids outside [0, E): another rank's expert). Returns [T, H]."""
+    num_tokens, k = topk_ids.shape
+    num_experts, hidden, inter = w2.shape
+    config = config or moe_config(num_experts, inter, hidden)
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    ids = topk_ids.to(torch.int32).contiguous()
+    weights = topk_weights.float().contiguous()
+    if num_tokens * k <= config["gemv_max_pairs"]:
+        out = _gemv_experts(x, w13, w2, weights, ids, config["gemv"])
+    else:
+        out = _grouped_experts(x, w13, w2, weights, ids, grouped_config(config, num_tokens))
+    return out.view(num_tokens, k, hidden).sum(dim=1).to(x.dtype)
+
+
+def _gemv_experts(x, w13, w2, weights, ids, cfg: dict) -> torch.Tensor:
+    pairs, (num_experts, hidden, inter) = ids.numel(), w2.shape
+    gate_up = torch.zeros(
+        pairs, 2 * inter, dtype=torch.float32, device=x.device
+    )  # split-K partials meet here
+    bn, bk, split = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
+    k_per_split = triton.cdiv(triton.cdiv(hidden, split), bk) * bk
+    _gate_up_gemv[(pairs, triton.cdiv(inter, bn), split)](
+        x, w13, gate_up, ids, num_experts, ids.shape[1], hidden, inter,
+        x.stride(0), w13.stride(0), w13.stride(1),
+        BLOCK_N=bn, BLOCK_K=bk, K_PER_SPLIT=k_per_split, SPLIT_K=split, num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    out = torch.zeros(pairs, hidden, dtype=torch.float32, device=x.device)
+    _down_gemv[(pairs, triton.cdiv(hidden, bn))](
+        gate_up, w2, out, ids, weights, num_experts, hidden, inter,
+        w2.stride(0), w2.stride(1),
+        BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(inter)), num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return out
+
+
+def _grouped_experts(x, w13, w2, weights, ids, cfg: dict) -> torch.Tensor:
+    pairs, (num_experts, hidden, inter) = ids.numel(), w2.shape
+    bm, bn, bk = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
+    sorted_ids, expert_ids, num_padded = moe_align_block_size(ids, num_experts, bm)
+    blocks = expert_ids.numel()  # static: the grid does not depend on the routing
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # rows of other ranks' pairs unused
+    _gate_up_grouped[(blocks * triton.cdiv(inter, bn),)](
+        x, w13, act, sorted_ids, expert_ids, num_padded, pairs, ids.shape[1], hidden, inter,
+        x.stride(0), w13.stride(0), w13.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+    )  # fmt: skip
+    out = torch.zeros(pairs, hidden, dtype=x.dtype, device=x.device)  # other ranks' pairs stay 0
+    _down_grouped[(blocks * triton.cdiv(hidden, bn),)](
+        act, w2, out, sorted_ids, expert_ids, num_padded, weights, pairs, hidden, inter,
+        w2.stride(0), w2.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+    )  # fmt: skip
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _silu(g):
+        return g / (1.0 + tl.exp(-g))
+
+    @triton.jit
+    def _gate_up_gemv(
+        x, w13, gate_up, ids, num_experts, top_k, K, inter, stride_x, stride_we, stride_wn,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
+    ):  # fmt: skip
+        """gate_up[p] += rows [n-tile] of w13[e_p] (gate and up) . x[p // k], over one K split."""
+        pair, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        expert = tl.load(ids + pair).to(tl.int64)
+        if (expert < 0) | (expert >= num_experts):
+            return
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < inter
+        gate_rows = w13 + expert * stride_we + offs_n[:, None] * stride_wn
+        up_rows = gate_rows + inter * stride_wn
+        x_row = x + (pair // top_k).to(tl.int64) * stride_x
+        acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(split * K_PER_SPLIT, tl.minimum((split + 1) * K_PER_SPLIT, K), BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            xv = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            mask = n_mask[:, None] & k_mask[None, :]
+            wg = tl.load(gate_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            wu = tl.load(up_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+            acc_g += tl.sum(wg * xv[None, :], axis=1)
+            acc_u += tl.sum(wu * xv[None, :], axis=1)
+        out = gate_up + pair.to(tl.int64) * 2 * inter + offs_n
+        if SPLIT_K == 1:
+            tl.store(out, acc_g, mask=n_mask)
+            tl.store(out + inter, acc_u, mask=n_mask)
+        else:
+            tl.atomic_add(out, acc_g, mask=n_mask)
+            tl.atomic_add(out + inter, acc_u, mask=n_mask)
+
+    @triton.jit
+    def _down_gemv(
+        gate_up, w2, out, ids, weights, num_experts, N, inter, stride_we, stride_wn,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """out[p, n-tile] = weight_p * rows of w2[e_p] . (silu(gate) * up)[p]."""
+        pair, pid_n = tl.program_id(0), tl.program_id(1)
+        expert = tl.load(ids + pair).to(tl.int64)
+        if (expert < 0) | (expert >= num_experts):
+            return
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        rows = w2 + expert * stride_we + offs_n[:, None] * stride_wn
+        gu_row = gate_up + pair.to(tl.int64) * 2 * inter
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < inter
+            g = tl.load(gu_row + offs_k, mask=k_mask, other=0.0)
+            u = tl.load(gu_row + inter + offs_k, mask=k_mask, other=0.0)
+            w = tl.load(rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * (_silu(g) * u)[None, :], axis=1)
+        acc *= tl.load(weights + pair)
+        tl.store(out + pair.to(tl.int64) * N + offs_n, acc, mask=n_mask)
+
+    @triton.jit
+    def _block_rows(
+        sorted_ids, expert_ids, num_padded, pairs, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
+    ):
+        """This program's block: its pair rows, whether each is real, its expert and its N tile
+        (None-like -1 expert for blocks past the used length)."""
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N, BLOCK_N)
+        pid_m, pid_n = pid // num_n, pid % num_n
+        expert = tl.load(expert_ids + pid_m).to(tl.int64)
+        if pid_m * BLOCK_M >= tl.load(num_padded):
+            expert = -1
+        rows = tl.load(sorted_ids + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        return rows, rows < pairs, expert, offs_n
+
+    @triton.jit
+    def _gate_up_grouped(
+        x, w13, act, sorted_ids, expert_ids, num_padded, pairs, top_k, K, inter,
+        stride_x, stride_we, stride_wn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """act[rows, n-tile] = silu(x[rows // k] @ gate^T) * (x[rows // k] @ up^T) for the block's expert."""
+        rows, real, expert, offs_n = _block_rows(
+            sorted_ids, expert_ids, num_padded, pairs, inter, BLOCK_M, BLOCK_N
+        )
+        if expert < 0:
+            return
+        n_mask = offs_n < inter
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptr = x + (rows // top_k)[:, None] * stride_x + offs_k[None, :]
+        g_ptr = w13 + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BK, BN]
+        u_ptr = g_ptr + inter * stride_wn
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = offs_k < K - k0
+            a = tl.load(a_ptr, mask=real[:, None] & k_mask[None, :], other=0.0)
+            w_mask = k_mask[:, None] & n_mask[None, :]
+            acc_g = tl.dot(a, tl.load(g_ptr, mask=w_mask, other=0.0), acc_g)
+            acc_u = tl.dot(a, tl.load(u_ptr, mask=w_mask, other=0.0), acc_u)
+            a_ptr += BLOCK_K
+            g_ptr += BLOCK_K
+            u_ptr += BLOCK_K
+        out = (_silu(acc_g) * acc_u).to(act.dtype.element_ty)
+        tl.store(act + rows[:, None] * inter + offs_n[None, :], out, mask=real[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _down_grouped(
+        act, w2, out, sorted_ids, expert_ids, num_padded, weights, pairs, N, inter,
+        stride_we, stride_wn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """out[rows, n-tile] = weight[rows] * act[rows] @ w2[expert]^T (one row per pair)."""
+        rows, real, expert, offs_n = _block_rows(
+            sorted_ids, expert_ids, num_padded, pairs, N, BLOCK_M, BLOCK_N
+        )
+        if expert < 0:
+            return
+        n_mask = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptr = act + rows[:, None] * inter + offs_k[None, :]
+        w_ptr = w2 + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BK, BN]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            k_mask = offs_k < inter - k0
+            a = tl.load(a_ptr, mask=real[:, None] & k_mask[None, :], other=0.0)
+            acc = tl.dot(a, tl.load(w_ptr, mask=k_mask[:, None] & n_mask[None, :], other=0.0), acc)
+            a_ptr += BLOCK_K
+            w_ptr += BLOCK_K
+        acc *= tl.load(weights + rows, mask=real, other=0.0)[:, None]
+        mask = real[:, None] & n_mask[None, :]
+        tl.store(out + rows[:, None] * N + offs_n[None, :], acc.to(out.dtype.element_ty), mask=mask)
