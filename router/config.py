@@ -32,12 +32,17 @@ class RouterConfig:
     balance_rel_threshold: float = 1.5
     eviction_interval_secs: float = 60.0
     max_tree_size: int = 2**26  # characters per worker tree
-    # health checks
-    health_check_interval_secs: float = 60.0
-    health_check_timeout_secs: float = 5.0
-    health_failure_threshold: int = 3
+    # health checks (SGLang's router defaults to 60 s x 3 failures: minutes to notice a dead worker;
+    # here a refused connection marks it down at once, a hung one after 2 timed-out probes)
+    health_check_interval_secs: float = 2.0
+    health_check_timeout_secs: float = 4.0
+    health_failure_threshold: int = 2
     health_success_threshold: int = 2
     health_check_endpoint: str = "/health"
+    # failures while serving: a running stream that gets no byte for this long marks its worker
+    # hung; a stream whose worker broke continues on another worker up to max_migrations times
+    worker_stall_timeout: float = 10.0
+    max_migrations: int = 1
     # retries: max_retries counts attempts in total, as SGLang's router does (1 = no retry)
     retry_max_retries: int = 5
     retry_initial_backoff_ms: float = 50.0
@@ -113,5 +118,7 @@ class RouterConfig:
             )
         if self.service_discovery and not self.pd_disaggregation and not self.selector:
             raise ValueError("--service-discovery needs --selector KEY=VALUE ...")
+        if self.worker_stall_timeout <= 0 or self.max_migrations < 0:
+            raise ValueError("--worker-stall-timeout must be > 0 and --max-migrations >= 0")
         if self.max_concurrent_requests == 0 or self.queue_size < 0:
             raise ValueError("--max-concurrent-requests must be -1 or > 0 and --queue-size >= 0")

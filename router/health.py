@@ -1,21 +1,38 @@
-"""Background health checks: GET <worker>/health every --health-check-interval-secs.
+"""Background health checks: GET <worker>/health every --health-check-interval-secs, per worker.
 
-A new worker turns healthy on its first passing check; afterwards it takes
---health-failure-threshold consecutive failures to mark it down and --health-success-threshold
-consecutive passes to bring it back.
+Each worker has its own schedule, so one hung worker (a probe waiting for its timeout) delays no
+other. A new worker turns healthy on its first passing check (workers still starting are probed
+every second). Afterwards:
+- a refused or reset connection marks a healthy worker down at once (the process is gone);
+- a timed-out or failed probe counts: --health-failure-threshold in a row mark it down (hung);
+- --health-success-threshold passes in a row bring it back and close its circuit breaker;
+- a passing probe while its breaker is open half-opens the breaker (trial traffic now, not after
+  --cb-timeout-duration-secs).
+A request that fails on a worker (`WorkerRegistry.suspect`) has it probed within one tick.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+import time
 
 from disagg.router.config import RouterConfig
 from disagg.router.proxy import fetch
 from disagg.router.upstream import UPSTREAM_ERRORS, UpstreamPool
-from disagg.router.workers import Worker, WorkerRegistry
+from disagg.router.workers import BreakerState, Worker, WorkerRegistry
 
 logger = logging.getLogger("disagg.router")
+
+TICK_SECS = 0.25  # how often due probes are started (and the delay of a probe asked for by a request)
+STARTING_INTERVAL_SECS = 1.0  # workers never seen healthy yet
+
+
+class Probe(enum.Enum):
+    OK = "ok"
+    FAILED = "failed"  # non-200 answer or timeout: may be a busy worker, counts toward the threshold
+    REFUSED = "refused"  # connection refused or reset: the process is gone
 
 
 class HealthChecker:
@@ -30,61 +47,107 @@ class HealthChecker:
         self.registry = registry
         self.client = client
         self.headers = headers
+        self._due: dict[Worker, float] = {}  # monotonic time of each worker's next probe
+        self._probing: set[Worker] = set()
+        self._tasks: set[asyncio.Task] = set()
+        registry.on_suspect(self.probe_soon)
 
     async def run(self) -> None:
-        # NOTE: workers never seen healthy (still starting) are probed every second, not every interval
-        interval = self.config.health_check_interval_secs
-        tick = min(interval, 1.0)
-        since_full = 0.0
-        while True:
-            await asyncio.sleep(tick)
-            since_full += tick
-            if since_full >= interval:
-                since_full = 0.0
-                await self.check_all()
-            else:
-                starting = [w for w in self.registry.all() if not w.was_healthy]
-                if starting:
-                    await asyncio.gather(*(self.check(w) for w in starting))
+        try:
+            while True:
+                await asyncio.sleep(TICK_SECS)
+                self._start_due(time.monotonic())
+        finally:
+            for task in list(self._tasks):
+                task.cancel()
+
+    def probe_soon(self, worker: Worker) -> None:
+        """Probe `worker` at the next tick (a request just failed on it)."""
+        self._due[worker] = 0.0
 
     async def check_all(self) -> None:
         workers = self.registry.all()
         if workers:
             await asyncio.gather(*(self.check(w) for w in workers))
 
+    def _start_due(self, now: float) -> None:
+        workers = self.registry.all()
+        for worker in workers:
+            if worker not in self._probing and self._due.get(worker, 0.0) <= now:
+                self._probing.add(worker)
+                task = asyncio.create_task(self.check(worker))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        if len(self._due) > len(workers):  # forget removed workers
+            alive = set(workers)
+            for worker in [w for w in self._due if w not in alive]:
+                del self._due[worker]
+
     async def check(self, worker: Worker) -> bool:
-        path = self.config.health_check_endpoint
+        try:
+            outcome = await self._probe(worker)
+            self.record(worker, outcome)
+        finally:
+            self._probing.discard(worker)
+            interval = self.config.health_check_interval_secs
+            self._due[worker] = time.monotonic() + (
+                interval if worker.was_healthy else min(interval, STARTING_INTERVAL_SECS)
+            )
+        return outcome is Probe.OK
+
+    async def _probe(self, worker: Worker) -> Probe:
+        c = self.config
         try:
             status, _, _ = await fetch(
-                self.client, "GET", worker.url, path, self.headers, self.config.health_check_timeout_secs
+                self.client,
+                "GET",
+                worker.url,
+                c.health_check_endpoint,
+                self.headers,
+                c.health_check_timeout_secs,
             )
-            ok = status == 200
+        except TimeoutError:
+            return Probe.FAILED
         except UPSTREAM_ERRORS:
-            ok = False
-        except Exception:  # a router bug must not end the health-check loop: count it as a failure
+            return Probe.REFUSED
+        except Exception:  # a router bug must not end the health checks: count it as a failure
             logger.exception("health check of %s failed", worker.url)
-            ok = False
-        self.record(worker, ok)
-        return ok
+            return Probe.FAILED
+        return Probe.OK if status == 200 else Probe.FAILED
 
-    def record(self, worker: Worker, ok: bool) -> None:
-        c = self.config
-        if ok:
-            worker.health_successes += 1
-            worker.health_failures = 0
-            if not worker.healthy and (
-                not worker.was_healthy or worker.health_successes >= c.health_success_threshold
-            ):
-                logger.info("worker %s is healthy", worker.url)
-                worker.set_healthy(True)
-                if worker.was_healthy:
-                    worker.breaker.reset()  # back from the dead: a fresh process deserves fresh trust
-                worker.was_healthy = True
+    def record(self, worker: Worker, outcome: Probe | bool) -> None:
+        if isinstance(outcome, bool):
+            outcome = Probe.OK if outcome else Probe.FAILED
+        if outcome is Probe.OK:
+            self._passed(worker)
         else:
-            worker.health_failures += 1
-            worker.health_successes = 0
-            if worker.healthy and worker.health_failures >= c.health_failure_threshold:
-                logger.warning(
-                    "worker %s is down after %d failed health checks", worker.url, worker.health_failures
-                )
-                worker.set_healthy(False)
+            self._failed(worker, outcome)
+
+    def _passed(self, worker: Worker) -> None:
+        worker.health_successes += 1
+        worker.health_failures = 0
+        if not worker.healthy and (
+            not worker.was_healthy or worker.health_successes >= self.config.health_success_threshold
+        ):
+            logger.info("worker %s is healthy", worker.url)
+            worker.set_healthy(True)
+            if worker.was_healthy:
+                worker.breaker.reset()  # back from the dead: a fresh process deserves fresh trust
+            worker.was_healthy = True
+        elif worker.healthy and worker.breaker.state is BreakerState.OPEN:
+            logger.info("worker %s passes its probe: circuit breaker half-open", worker.url)
+            worker.breaker.probe_passed()
+
+    def _failed(self, worker: Worker, outcome: Probe) -> None:
+        worker.health_failures += 1
+        worker.health_successes = 0
+        if not worker.healthy:
+            return
+        if outcome is Probe.REFUSED:
+            logger.warning("worker %s is down: its connection was refused", worker.url)
+            worker.mark_down("health_refused", "upstream_unavailable")
+        elif worker.health_failures >= self.config.health_failure_threshold:
+            logger.warning(
+                "worker %s is down after %d failed health checks", worker.url, worker.health_failures
+            )
+            worker.mark_down("health_failures", "worker_timeout")

@@ -44,6 +44,19 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--health-failure-threshold", type=int, default=d.health_failure_threshold)
     g.add_argument("--health-success-threshold", type=int, default=d.health_success_threshold)
     g.add_argument("--health-check-endpoint", default=d.health_check_endpoint)
+    g = parser.add_argument_group("failures while serving")
+    g.add_argument(
+        "--worker-stall-timeout",
+        type=float,
+        default=d.worker_stall_timeout,
+        help="seconds a running stream may get no byte before its worker counts as hung",
+    )
+    g.add_argument(
+        "--max-migrations",
+        type=int,
+        default=d.max_migrations,
+        help="times a broken /generate stream is continued on another worker (0: end it with an error)",
+    )
     g = parser.add_argument_group("retries and circuit breaker")
     g.add_argument("--retry-max-retries", type=int, default=d.retry_max_retries, help="attempts in total")
     g.add_argument("--retry-initial-backoff-ms", type=float, default=d.retry_initial_backoff_ms)

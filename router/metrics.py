@@ -44,6 +44,31 @@ WORKER_HEALTHY = Gauge(
     registry=REGISTRY,
 )
 
+WORKER_MARKED_DOWN = Counter(
+    "disagg_router_worker_marked_down",
+    "Workers taken out of rotation, by why (health_refused, health_failures, stream_stall)",
+    ["reason"],
+    registry=REGISTRY,
+)
+STREAM_ERRORS = Counter(
+    "disagg_router_stream_errors",
+    "Client streams the router ended with an error event (the upstream broke, stalled or truncated)",
+    ["code"],
+    registry=REGISTRY,
+)
+MIGRATIONS = Counter(
+    "disagg_router_migrations",
+    "Broken streams continued on another worker (outcome: ok, failed)",
+    ["outcome"],
+    registry=REGISTRY,
+)
+LEG_ABORTS = Counter(
+    "disagg_router_leg_aborts",
+    "POST /abort_request sent to a worker for a leg of a failed or cancelled attempt",
+    ["role"],
+    registry=REGISTRY,
+)
+
 
 class _ActiveRequests(Collector):
     """disagg_router_active_requests{worker}, read from the workers at scrape time (no per-request cost)."""

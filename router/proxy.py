@@ -1,58 +1,95 @@
 """Forwarding one request: pick worker(s), send, retry on another pick, hand back the response.
 
-Regular mode sends the body untouched to one worker. PD mode adds bootstrap_host/port/room to the
-JSON body, POSTs it to a prefill and a decode worker at once and returns decode's response; the
-prefill response is drained and dropped, but its failure before the client got a byte aborts the
-decode leg and retries on another pair (as SGLang's router does).
+Regular mode sends the body untouched to one worker. PD mode adds bootstrap_host/port/room and a
+`rid` to the JSON body, POSTs it to a prefill and a decode worker at once and returns decode's
+response; the prefill response is drained and dropped, but its failure before the client got a
+byte aborts the decode leg and retries on another pair (as SGLang's router does).
+
+Failures (docs/failures.md): only connection errors, timeouts and 5xx are retried and counted
+against a worker, never a 4xx. When an attempt fails, both legs are told to stop
+(POST /abort_request with the attempt's rid) before the next attempt starts, so a prompt is never
+computed twice at once. A stream that breaks, stalls (--worker-stall-timeout) or ends without
+`[DONE]` continues on another worker (`/generate`, up to --max-migrations) or ends with an error
+event then `[DONE]`: never a silent truncation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 from disagg.router import metrics
 from disagg.router.config import RouterConfig
 from disagg.router.errors import error_response
 from disagg.router.policies import Policy, request_text
+from disagg.router.streams import DONE, StreamState, continuation, error_event, error_object, is_batch
 from disagg.router.upstream import UPSTREAM_ERRORS, AbortHandle, UpstreamPool, UpstreamResponse
 from disagg.router.workers import Role, Worker, WorkerRegistry
 from starlette.responses import Response, StreamingResponse
 
 logger = logging.getLogger("disagg.router")
 
-RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# NOTE: a 4xx is the client's mistake: passed through as is, never retried, never counted
+RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+ABORT_TIMEOUT_SECS = 2.0  # POST /abort_request to a leg's worker; a hung worker must not hold a retry
+_RID_PREFIX = {"/generate": "gen", "/v1/completions": "cmpl", "/v1/chat/completions": "chatcmpl"}
 
 
 class AttemptFailed(Exception):
-    """One leg failed in a way worth retrying elsewhere; `response` is kept to answer with at the end."""
+    """One leg failed in a way worth retrying elsewhere; `response` is kept to answer with at the end.
 
-    def __init__(self, worker: Worker, message: str, response: Response | None = None):
+    `code` types the failure for the client when no attempt succeeds: upstream_unavailable (502)
+    or worker_timeout (504)."""
+
+    def __init__(
+        self,
+        worker: Worker,
+        message: str,
+        response: Response | None = None,
+        code: str = "upstream_unavailable",
+    ):
         super().__init__(message)
         self.worker = worker
         self.response = response
+        self.code = code
 
 
-@dataclass
+@dataclass(eq=False)
 class Leg:
     """One upstream request: its worker, its response once the head arrived."""
 
     worker: Worker
+    rid: str | None = None  # the body's rid: what /abort_request names
     response: UpstreamResponse | None = None
     first_chunk: bytes = b""  # a stream's first chunk, or the whole body of a JSON answer
     is_stream: bool = False
     answered: bool = False  # decode leg: the client's answer is on its way
     settled: bool = False  # prefill leg: its outcome was counted
     ended: bool = False
+    failure: str | None = None  # set when the router aborted the leg (its worker was marked down)
+    handle: AbortHandle = field(default_factory=AbortHandle)
+
+    def start(self) -> None:
+        self.worker.begin()
+        self.worker.inflight.add(self)
 
     def end(self) -> None:
         if not self.ended:
             self.ended = True
             self.worker.end()
+            self.worker.inflight.discard(self)
+
+    def abort(self, code: str) -> None:
+        """Fail this leg now (whoever waits on it gets an UpstreamError); `code` tells the client why."""
+        if self.failure is None:
+            self.failure = code
+        self.handle.abort()
 
 
 @dataclass
@@ -66,6 +103,16 @@ class Call:
     started: float
     parsed: dict | None = None  # the JSON body, parsed once when PD mode or the policy needs it
     rid: str | None = None  # the client's `rid`, used for /abort_request
+    attempts: int = 0  # PD attempts made so far (each gets its own rid)
+    migrations: int = 0  # times the stream moved to another worker
+
+    def next_rid(self) -> str:
+        """The rid of the next PD attempt: the client's (or a fresh one) first, then `<rid>-r<n>`
+        (still matched by an /abort_request for the client's rid: servers abort `rid-*` too)."""
+        if self.rid is None:
+            self.rid = f"{_RID_PREFIX.get(self.path, 'req')}-{os.urandom(12).hex()}"
+        n, self.attempts = self.attempts, self.attempts + 1
+        return self.rid if n == 0 else f"{self.rid}-r{n}"
 
 
 class Proxy:
@@ -88,8 +135,17 @@ class Proxy:
 
     async def forward(self, call: Call, on_done) -> Response | BytesResponse:
         """Route `call`; `on_done(status)` runs once the response (or its stream) has finished."""
+        try:
+            leg, others = await self._connect(call, set())
+        except _Answer as answer:
+            on_done(answer.response.status_code)
+            return answer.response
+        return self._respond(call, leg, others, on_done)
+
+    async def _connect(self, call: Call, tried: set[Worker]) -> tuple[Leg, tuple[Leg, ...]]:
+        """Attempts until a worker answered (its head and first bytes): (answering leg, other legs).
+        Raises _Answer with the response for the client when every attempt failed."""
         text = request_text(call.parsed) if call.parsed is not None and self.needs_text else None
-        tried: set[Worker] = set()
         last: AttemptFailed | None = None
         for attempt in range(self.config.max_attempts):
             if attempt:
@@ -97,27 +153,27 @@ class Proxy:
                 await asyncio.sleep(self._backoff_secs(attempt))
             try:
                 if self.config.pd_disaggregation:
-                    return await self._attempt_pd(call, text, tried, on_done)
-                return await self._attempt_regular(call, text, tried, on_done)
+                    return await self._attempt_pd(call, text, tried)
+                return await self._attempt_regular(call, text, tried)
             except _Final as exc:
-                on_done(exc.response.status_code)
-                return exc.response
+                raise _Answer(exc.response) from None
             except NoWorker as exc:
                 if last is None:
-                    on_done(503)
-                    return error_response(503, str(exc), "service_unavailable")
+                    raise _Answer(error_response(503, str(exc), "service_unavailable")) from None
                 break
             except AttemptFailed as exc:
                 last = exc
                 tried.add(exc.worker)
-                metrics.labelled(metrics.WORKER_ERRORS, exc.worker.url).inc()
-                exc.worker.breaker.record_failure()
+                self._worker_failed(exc.worker)
                 logger.warning("request %s: %s (attempt %d)", call.request_id, exc, attempt + 1)
         if last.response is not None:
-            on_done(last.response.status_code)
-            return last.response
-        on_done(502)
-        return error_response(502, f"all attempts failed; last error: {last}", "bad_gateway")
+            raise _Answer(last.response)
+        raise _Answer(failure_response(last.code, f"all attempts failed; last error: {last}"))
+
+    def _worker_failed(self, worker: Worker) -> None:
+        metrics.labelled(metrics.WORKER_ERRORS, worker.url).inc()
+        worker.breaker.record_failure()
+        self.registry.suspect(worker)  # probe it now: a dead worker is marked down within a tick
 
     def _backoff_secs(self, attempt: int) -> float:
         c = self.config
@@ -135,57 +191,63 @@ class Proxy:
 
     # ---- regular mode ------------------------------------------------------------------------
 
-    async def _attempt_regular(self, call: Call, text: str | None, tried: set[Worker], on_done) -> Response:
-        leg = Leg(self.pick(Role.REGULAR, text, tried))
-        leg.worker.begin()
+    async def _attempt_regular(self, call: Call, text: str | None, tried: set[Worker]) -> tuple[Leg, tuple]:
+        leg = Leg(self.pick(Role.REGULAR, text, tried), rid=call.rid)
+        leg.start()
         try:
             await self._open(leg, call.path, call.body, call.headers)
         except asyncio.CancelledError:
-            self._spawn(self._abort_legs(call, (leg,)))
+            self._spawn(self._abort_legs((leg,), call.headers))
             raise
         except BaseException:
             leg.end()
             raise
         leg.worker.breaker.record_success()
-        return self._respond(call, leg, on_done, others=())
+        return leg, ()
 
     # ---- PD mode -----------------------------------------------------------------------------
 
-    async def _attempt_pd(self, call: Call, text: str | None, tried: set[Worker], on_done) -> Response:
-        prefill = Leg(self.pick(Role.PREFILL, text, tried))
-        decode = Leg(self.pick(Role.DECODE, text, tried))
-        body = pd_body(call.parsed, prefill.worker)
-        prefill.worker.begin()
-        decode.worker.begin()
+    async def _attempt_pd(self, call: Call, text: str | None, tried: set[Worker]) -> tuple[Leg, tuple]:
+        prefill_worker = self.pick(Role.PREFILL, text, tried)
+        decode_worker = self.pick(Role.DECODE, text, tried)
+        # NOTE: a batch body keeps the client's rids (one per prompt) or none; abort then relies
+        # on the closed connection alone
+        rid = None if is_batch(call.parsed) else call.next_rid()
+        prefill, decode = Leg(prefill_worker, rid), Leg(decode_worker, rid)
+        body = pd_body(call.parsed, prefill.worker, rid)
+        prefill.start()
+        decode.start()
         # NOTE: the decode leg runs in this task, the prefill leg in its own; a prefill failure
         # before decode answered aborts the decode request through its handle, and the pair is retried
-        decode_handle = AbortHandle()
         p_task = asyncio.create_task(self._open(prefill, call.path, body, call.headers))
-        p_task.add_done_callback(lambda task: self._prefill_done(task, prefill, decode, decode_handle))
+        p_task.add_done_callback(lambda task: self._prefill_done(task, prefill, decode))
         try:
             # NOTE: one loop turn lets the prefill leg's request out first: its compute starts at
             # once (the decode's pre-allocation overlaps it), so the prefill is the critical path
             await asyncio.sleep(0)
-            await self._open(decode, call.path, body, call.headers, decode_handle)
+            await self._open(decode, call.path, body, call.headers)
         except BaseException as exc:
+            prefill_error = p_task.exception() if p_task.done() and not p_task.cancelled() else None
             p_task.cancel()
-            self._spawn(self._abort_legs(call, (prefill, decode)))
-            if isinstance(exc, AttemptFailed | _Final) and decode_handle.aborted:
-                raise p_task.exception() from None  # the prefill leg's failure, not the abort it caused
+            cleanup = self._spawn(self._abort_legs((prefill, decode), call.headers))
+            if isinstance(exc, AttemptFailed | _Final):
+                # NOTE: one request, one prefill computation: the next attempt starts only once
+                # both legs of this one were told to stop (the prefill frees its room at once)
+                await asyncio.shield(cleanup)
+                if prefill_error is not None:
+                    raise prefill_error from None  # the prefill leg's failure, not the abort it caused
             raise
         decode.worker.breaker.record_success()
         decode.answered = True
         if p_task.done():
             self._prefill_settled(p_task, prefill)
-        return self._respond(call, decode, on_done, others=(prefill,))
+        return decode, (prefill,)
 
-    def _prefill_done(
-        self, task: asyncio.Task, prefill: Leg, decode: Leg, decode_handle: AbortHandle
-    ) -> None:
+    def _prefill_done(self, task: asyncio.Task, prefill: Leg, decode: Leg) -> None:
         if decode.answered:
             self._prefill_settled(task, prefill)
         elif not task.cancelled() and task.exception() is not None:
-            decode_handle.abort()
+            decode.handle.abort()
 
     def _prefill_settled(self, task: asyncio.Task, leg: Leg) -> None:
         """The prefill leg ended after decode answered: count it, drain a stream, free the worker."""
@@ -197,8 +259,7 @@ class Proxy:
             return
         exc = task.exception()
         if exc is not None:
-            metrics.labelled(metrics.WORKER_ERRORS, leg.worker.url).inc()
-            leg.worker.breaker.record_failure()
+            self._worker_failed(leg.worker)
             logger.warning("prefill leg failed after decode answered: %s", exc)
             leg.end()
         elif leg.is_stream:
@@ -220,17 +281,16 @@ class Proxy:
 
     # ---- one upstream request ----------------------------------------------------------------
 
-    async def _open(
-        self, leg: Leg, path: str, body: bytes, headers: dict[str, str], handle: AbortHandle | None = None
-    ) -> None:
+    async def _open(self, leg: Leg, path: str, body: bytes, headers: dict[str, str]) -> None:
         """Send; wait for the first body chunk (a stream) or the whole body (JSON).
 
         Raises AttemptFailed when worth a retry elsewhere, _Final for a non-retryable error status."""
         worker = leg.worker
         try:
-            response = await self.client.request("POST", worker.url, path, headers, body, handle=handle)
+            response = await self.client.request("POST", worker.url, path, headers, body, handle=leg.handle)
         except UPSTREAM_ERRORS as exc:
-            raise AttemptFailed(worker, f"{worker.url}: {type(exc).__name__}: {exc}") from None
+            code = leg.failure or _failure_code(exc)
+            raise AttemptFailed(worker, f"{worker.url}: {type(exc).__name__}: {exc}", code=code) from None
         leg.response = response
         leg.is_stream = response.status < 400 and response.content_type == "text/event-stream"
         try:
@@ -240,14 +300,17 @@ class Proxy:
                 leg.first_chunk = await response.read()
         except UPSTREAM_ERRORS as exc:
             response.close()
-            raise AttemptFailed(worker, f"{worker.url}: {type(exc).__name__} before the answer") from None
+            code = leg.failure or _failure_code(exc)
+            raise AttemptFailed(
+                worker, f"{worker.url}: {type(exc).__name__} before the answer", code=code
+            ) from None
         if response.status >= 400:
             kept = Response(leg.first_chunk, response.status, media_type=response.headers.get("content-type"))
             if response.status in RETRYABLE_STATUS:
                 raise AttemptFailed(worker, f"{worker.url}: HTTP {response.status}", kept)
             raise _Final(worker, kept)
 
-    def _respond(self, call: Call, leg: Leg, on_done, others: tuple[Leg, ...]) -> Response | BytesResponse:
+    def _respond(self, call: Call, leg: Leg, others: tuple[Leg, ...], on_done) -> Response | BytesResponse:
         response = leg.response
         metrics.labelled(metrics.TTFT, call.path).observe(time.perf_counter() - call.started)
         headers = {"x-request-id": call.request_id}
@@ -263,26 +326,103 @@ class Proxy:
             media_type=media_type,
         )
 
+    # ---- streams -----------------------------------------------------------------------------
+
     async def _stream(self, call: Call, leg: Leg, others: tuple[Leg, ...], on_done):
-        """Pass the worker's bytes through untouched; a client disconnect aborts every leg."""
-        status, finished = leg.response.status, False
-        read = leg.response.readany
+        """Pass the worker's events through; a break, a stall or a missing `[DONE]` continues the
+        stream elsewhere or ends it with an error event. A client disconnect aborts every leg."""
+        state = StreamState(native=call.path == "/generate")
+        legs, status, outcome = (leg, *others), leg.response.status, None
+        tried: set[Worker] = set()
         try:
             chunk = leg.first_chunk
-            while chunk:
-                yield chunk
-                chunk = await read()
-            finished = True
-        except UPSTREAM_ERRORS as exc:
-            logger.warning("request %s: stream from %s broke: %s", call.request_id, leg.worker.url, exc)
-            metrics.labelled(metrics.WORKER_ERRORS, leg.worker.url).inc()
-            status = 502
+            while True:
+                if out := state.feed(chunk):
+                    yield out
+                leg.response.set_read_timeout(self.config.worker_stall_timeout)
+                failure = await self._next_chunk(leg, state)
+                if isinstance(failure, bytes):
+                    chunk = failure
+                    continue
+                if failure is None:
+                    outcome = "ok"
+                    break
+                code, message = failure
+                logger.warning("request %s: %s", call.request_id, message)
+                tried.add(leg.worker)
+                self._worker_failed(leg.worker)
+                self._spawn(self._abort_legs(legs, call.headers))
+                if state.finished:  # the answer was whole; only `[DONE]` went missing
+                    yield DONE
+                    outcome = "ok"
+                    break
+                moved = await self._migrate(call, state, tried)
+                if isinstance(moved, tuple):
+                    leg, others = moved
+                    legs, chunk = (leg, *others), leg.first_chunk
+                    continue
+                code, message = moved or (code, message)
+                metrics.labelled(metrics.STREAM_ERRORS, code).inc()
+                yield error_event(message, code)
+                outcome, status = "error", failure_status(code)
+                break
         finally:
-            if finished:
+            if outcome == "ok":
                 self._spawn(self._close(leg))
-            else:  # client went away or the worker broke: abort everything still running
-                self._spawn(self._abort_legs(call, (leg, *others)))
-            on_done(status if finished or status == 502 else 499)
+            elif outcome is None:  # the client went away: abort everything still running
+                self._spawn(self._abort_legs(legs, call.headers))
+            on_done(status if outcome else 499)
+
+    async def _next_chunk(self, leg: Leg, state: StreamState) -> bytes | tuple[str, str] | None:
+        """The next bytes; None at a clean end; (code, message) when the stream failed."""
+        url = leg.worker.url
+        try:
+            chunk = await leg.response.readany()
+        except TimeoutError:
+            stall = self.config.worker_stall_timeout
+            logger.warning("worker %s is hung: a stream got nothing for %.1f s", url, stall)
+            leg.worker.mark_down("stream_stall", "worker_timeout")
+            return "worker_timeout", f"worker {url} sent nothing for {stall:g} s (--worker-stall-timeout)"
+        except UPSTREAM_ERRORS as exc:
+            return leg.failure or "upstream_unavailable", f"stream from {url} broke: {exc}"
+        if chunk:
+            return chunk
+        if state.done:
+            return None
+        return "upstream_unavailable", f"stream from {url} ended before its [DONE]"
+
+    async def _migrate(self, call: Call, state: StreamState, tried: set[Worker]):
+        """Continue a broken /generate stream on another worker: (leg, other legs), or (code, message)
+        when it cannot move, or None when migration does not apply."""
+        if call.migrations >= self.config.max_migrations:
+            return None
+        parsed = call.parsed if call.parsed is not None else _loads(call.body)
+        body = continuation(parsed, state) if parsed is not None else None
+        if body is None:
+            return None
+        call.migrations += 1
+        base = call.rid or f"{_RID_PREFIX['/generate']}-{os.urandom(12).hex()}"
+        rid = f"{base}-m{call.migrations}"
+        if not self.config.pd_disaggregation:
+            body["rid"] = rid
+        moved = dataclasses.replace(
+            call, path="/generate", body=orjson.dumps(body), parsed=body, rid=rid, attempts=0
+        )
+        logger.info("request %s: continuing after %d tokens as %s", call.request_id, len(state.sent_ids), rid)
+        try:
+            leg, others = await self._connect(moved, tried)
+        except _Answer as answer:
+            metrics.labelled(metrics.MIGRATIONS, "failed").inc()
+            return _answer_failure(answer.response)
+        if not leg.is_stream:
+            self._spawn(self._abort_legs((leg, *others), call.headers))
+            metrics.labelled(metrics.MIGRATIONS, "failed").inc()
+            return (
+                "upstream_unavailable",
+                f"continuation answered HTTP {leg.response.status} without a stream",
+            )
+        metrics.labelled(metrics.MIGRATIONS, "ok").inc()
+        return leg, others
 
     # ---- cleanup -----------------------------------------------------------------------------
 
@@ -293,31 +433,76 @@ class Proxy:
         finally:
             leg.end()
 
-    async def _abort_legs(self, call: Call, legs) -> None:
-        """Drop the upstream connections and, when the client gave a `rid`, POST /abort_request."""
+    async def _abort_legs(self, legs, headers: dict[str, str]) -> None:
+        """Drop the upstream connections now and POST /abort_request {rid} to each leg's worker, so it
+        frees the request's pages and bootstrap room at once instead of at a timeout."""
+        posts = []
         for leg in legs:
             if leg.ended:
                 continue
+            leg.handle.abort()
             await self._close(leg)
-            if call.rid is not None:
-                body = orjson.dumps({"rid": call.rid})
-                try:
-                    await fetch(
-                        self.client, "POST", leg.worker.url, "/abort_request", call.headers, 5.0, body
-                    )
-                except UPSTREAM_ERRORS as exc:
-                    logger.info("abort_request to %s failed: %s", leg.worker.url, exc)
+            if leg.rid is not None:
+                posts.append(self._post_abort(leg, headers))
+        await asyncio.gather(*posts)
 
-    def _spawn(self, coro) -> None:
+    async def _post_abort(self, leg: Leg, headers: dict[str, str]) -> None:
+        metrics.labelled(metrics.LEG_ABORTS, leg.worker.role.value).inc()
+        body = orjson.dumps({"rid": leg.rid})
+        try:
+            await fetch(
+                self.client, "POST", leg.worker.url, "/abort_request", headers, ABORT_TIMEOUT_SECS, body
+            )
+        except UPSTREAM_ERRORS as exc:
+            logger.info("abort_request to %s failed: %s", leg.worker.url, exc)
+
+    def _spawn(self, coro) -> asyncio.Task:
         # NOTE: cleanup runs in its own task: the caller may be inside a cancelled scope
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background_done)
+        return task
 
     def _background_done(self, task: asyncio.Task) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             logger.error("router cleanup task failed", exc_info=task.exception())
+
+
+def _failure_code(exc: BaseException) -> str:
+    return "worker_timeout" if isinstance(exc, TimeoutError) else "upstream_unavailable"
+
+
+def failure_status(code: str) -> int:
+    return 504 if code == "worker_timeout" else 502
+
+
+def failure_response(code: str, message: str) -> Response:
+    """An infrastructure failure as an OpenAI-style error object with a typed `code`."""
+    return Response(
+        orjson.dumps(error_object(message, code)), failure_status(code), media_type="application/json"
+    )
+
+
+def _answer_failure(response: Response) -> tuple[str, str]:
+    """(code, message) of an error response, for an error event."""
+    try:
+        error = orjson.loads(response.body)["error"]
+        message = str(error.get("message"))
+        code = error.get("code")
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        message, code = f"HTTP {response.status_code}", None
+    if not isinstance(code, str):
+        code = "worker_timeout" if response.status_code == 504 else "upstream_unavailable"
+    return code, message
+
+
+def _loads(body: bytes) -> dict | None:
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
 
 
 async def fetch(
@@ -350,12 +535,22 @@ class _Final(Exception):
         self.response = response
 
 
-def pd_body(parsed: dict, prefill: Worker) -> bytes:
-    """The client's JSON body plus the bootstrap fields both legs share."""
+class _Answer(Exception):
+    """Every attempt is over: `response` goes to the client."""
+
+    def __init__(self, response: Response):
+        super().__init__(response.status_code)
+        self.response = response
+
+
+def pd_body(parsed: dict, prefill: Worker, rid: str | None = None) -> bytes:
+    """The client's JSON body plus the bootstrap fields and the rid both legs share."""
     body = dict(parsed)
     body["bootstrap_host"] = prefill.host
     body["bootstrap_port"] = prefill.bootstrap_port
     body["bootstrap_room"] = random.getrandbits(63)
+    if rid is not None:
+        body["rid"] = rid
     return orjson.dumps(body)
 
 

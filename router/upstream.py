@@ -74,6 +74,10 @@ class UpstreamResponse:
             parts.append(chunk)
         return b"".join(parts)
 
+    def set_read_timeout(self, timeout: float | None) -> None:
+        """Bound each later wait for body bytes (a running stream's stall limit)."""
+        self._timeout = timeout
+
     def close(self) -> None:
         """Abort: drop the connection (the worker sees a disconnect)."""
         if not self._done:

@@ -24,7 +24,8 @@ class BreakerState(enum.IntEnum):  # values are the gauge disagg_router_circuit_
 
 class CircuitBreaker:
     """Closed -> open after `failure_threshold` consecutive failures; open -> half-open after
-    `timeout_secs`; half-open -> closed after `success_threshold` successes, back to open on a failure."""
+    `timeout_secs` or at once when a health probe passes (`probe_passed`); half-open -> closed after
+    `success_threshold` successes, back to open on a failure."""
 
     def __init__(
         self,
@@ -76,6 +77,12 @@ class CircuitBreaker:
         """Close: the worker came back (passed health checks after being down)."""
         self._set(BreakerState.CLOSED)
 
+    def probe_passed(self) -> None:
+        """A health probe passed while open: let trial traffic through now, not after the timeout
+        (a restarted worker serves within one health interval instead of `timeout_secs`)."""
+        if self._state is BreakerState.OPEN:
+            self._set(BreakerState.HALF_OPEN)
+
     def _set(self, state: BreakerState) -> None:
         self._state = state
         self._successes = 0
@@ -98,6 +105,8 @@ class Worker:
     health_failures: int = 0  # consecutive
     health_successes: int = 0
     was_healthy: bool = False  # passed a health check at least once
+    # legs in flight on this worker (proxy.Leg): aborted when the worker is marked down
+    inflight: set = field(default_factory=set, repr=False)
     host: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +126,19 @@ class Worker:
     def set_healthy(self, healthy: bool) -> None:
         self.healthy = healthy
         metrics.labelled(metrics.WORKER_HEALTHY, self.url, self.role.value).set(int(healthy))
+
+    def mark_down(self, reason: str, code: str) -> None:
+        """Take the worker out of rotation and fail what runs on it (`code`: the clients' error code).
+
+        NOTE: a worker marked down (dead, hung, failing its probes) gets no new traffic, and the
+        legs still on it are aborted now rather than left to the request timeout: those before
+        their first byte are retried elsewhere, running streams migrate or end with `code`."""
+        if self.healthy:
+            metrics.labelled(metrics.WORKER_MARKED_DOWN, reason).inc()
+        self.set_healthy(False)
+        self.health_successes = 0
+        for leg in list(self.inflight):
+            leg.abort(code)
 
     def to_json(self) -> dict:
         return {
@@ -140,12 +162,14 @@ def normalize_url(url: str) -> str:
 
 
 class WorkerRegistry:
-    """All workers by URL; listeners (policies) hear about removals."""
+    """All workers by URL; listeners (policies) hear about removals, the health checker about
+    workers that a request found suspect (`suspect`: probe it now instead of at the next interval)."""
 
     def __init__(self, make_breaker):
         self._make_breaker = make_breaker  # url -> CircuitBreaker
         self._workers: dict[str, Worker] = {}
         self._removal_listeners: list = []
+        self._suspect_listeners: list = []
 
     def add(self, url: str, role: Role, bootstrap_port: int | None = None, healthy: bool = False) -> Worker:
         url = normalize_url(url)
@@ -167,6 +191,14 @@ class WorkerRegistry:
 
     def on_remove(self, listener) -> None:
         self._removal_listeners.append(listener)
+
+    def on_suspect(self, listener) -> None:
+        self._suspect_listeners.append(listener)
+
+    def suspect(self, worker: Worker) -> None:
+        """A request failed on `worker` (connection error, broken or stalled stream)."""
+        for listener in self._suspect_listeners:
+            listener(worker)
 
     def get(self, url: str) -> Worker | None:
         return self._workers.get(normalize_url(url))

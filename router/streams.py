@@ -1,0 +1,129 @@
+"""What the router tracks of a client stream so that it never ends silently.
+
+A stream ends in one of two ways the client can tell apart: the worker's own end (`data: [DONE]`)
+or an error event the router writes (`data: {"error": {..., "code": ...}}` then `data: [DONE]`).
+`StreamState` cuts the worker's bytes into whole SSE events (a broken worker may leave half an
+event: it is dropped, not sent), notes `[DONE]` and, for SGLang-native `/generate` streams, the
+last event sent (cumulative `text` and `output_ids`): what a continuation on another worker needs
+(`continuation`) and what its events are merged onto (`merge`).
+"""
+
+from __future__ import annotations
+
+import orjson
+
+DONE = b"data: [DONE]\n\n"
+_DONE_EVENT = b"data: [DONE]"
+DEFAULT_MAX_NEW_TOKENS = 128  # the servers' default for /generate
+
+
+def error_object(message: str, code: str) -> dict:
+    return {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+
+
+def error_event(message: str, code: str) -> bytes:
+    return b"data: " + orjson.dumps(error_object(message, code)) + b"\n\n" + DONE
+
+
+class StreamState:
+    def __init__(self, native: bool):
+        self.native = native  # SGLang /generate: each event carries the text and output ids so far
+        self.tail = b""  # an event not complete yet
+        self.done = False  # `[DONE]` was sent
+        self.finished = False  # native: an event with a finish_reason (or an error) was sent
+        self.last: dict | None = None  # native: the last event sent, merged
+        self.base: dict | None = None  # native: what the client had before the current worker
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete events in `chunk` (after what was kept of the previous one), to send on."""
+        data = self.tail + chunk if self.tail else chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self.tail = data
+            return b""
+        self.tail = data[cut + 2 :]
+        complete = data[: cut + 2]
+        if not self.native:
+            # NOTE: JSON escapes newlines, so "\n\ndata: [DONE]\n\n" cannot come from inside an event
+            if complete == DONE or complete.endswith(b"\n\n" + DONE):
+                self.done = True
+            return complete
+        return b"".join(self._native_event(e) for e in complete.split(b"\n\n")[:-1])
+
+    def _native_event(self, event: bytes) -> bytes:
+        if event == _DONE_EVENT:
+            self.done = True
+        elif event.startswith(b"data: {"):
+            try:
+                body = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                return event + b"\n\n"
+            if "error" in body or "output_ids" not in body:
+                self.finished = self.finished or "error" in body
+                return event + b"\n\n"
+            if self.base is not None:
+                body = merge(self.base, body)
+                event = b"data: " + orjson.dumps(body)
+            self.last = body
+            if (body.get("meta_info") or {}).get("finish_reason"):
+                self.finished = True
+        return event + b"\n\n"
+
+    @property
+    def sent_ids(self) -> list[int]:
+        return list(self.last["output_ids"]) if self.last else []
+
+
+def is_batch(parsed: dict) -> bool:
+    """Several prompts (or rids) in one body: the server answers each under its own index."""
+    ids = parsed.get("input_ids")
+    return (
+        isinstance(parsed.get("text"), list)
+        or isinstance(parsed.get("rid"), list)
+        or (isinstance(ids, list) and bool(ids) and isinstance(ids[0], list))
+    )
+
+
+def continuation(parsed: dict, state: StreamState) -> dict | None:
+    """The /generate body that goes on from what the client got, or None when that is impossible.
+
+    The prompt is the original prompt + the tokens sent: exactly (token ids) when the client sent
+    `input_ids`, else its text + the text sent (re-tokenized by the server: the tokens at the seam
+    may differ from the ids the model produced, see docs/failures.md)."""
+    if not state.native or is_batch(parsed):
+        return None
+    sent = state.sent_ids
+    params = dict(parsed.get("sampling_params") or {})
+    left = params.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS) - len(sent)
+    if left <= 0:
+        return None
+    body = {k: v for k, v in parsed.items() if k not in ("text", "input_ids", "rid", "stream")}
+    body.pop("bootstrap_host", None), body.pop("bootstrap_port", None), body.pop("bootstrap_room", None)
+    if isinstance(parsed.get("input_ids"), list):
+        body["input_ids"] = list(parsed["input_ids"]) + sent
+    elif isinstance(parsed.get("text"), str):
+        body["text"] = parsed["text"] + (state.last["text"] if state.last else "")
+    else:
+        return None
+    body["sampling_params"] = {**params, "max_new_tokens": left}
+    body["stream"] = True
+    state.base = state.last
+    return body
+
+
+def merge(base: dict, body: dict) -> dict:
+    """A continuation's event as the client expects it: ids and text after what it already had."""
+    meta = dict(body.get("meta_info") or {})
+    old = base.get("meta_info") or {}
+    ids = list(base["output_ids"]) + list(body.get("output_ids") or [])
+    for key in ("id", "prompt_tokens"):
+        if key in old:
+            meta[key] = old[key]
+    meta["completion_tokens"] = len(ids)
+    finish = meta.get("finish_reason")
+    if isinstance(finish, dict) and finish.get("type") == "length":
+        meta["finish_reason"] = {**finish, "length": len(ids)}
+    for key in ("output_token_logprobs", "output_top_logprobs"):
+        if key in meta:
+            meta[key] = list(old.get(key) or []) + list(meta[key])
+    return {**body, "text": base.get("text", "") + body.get("text", ""), "output_ids": ids, "meta_info": meta}

@@ -1,0 +1,276 @@
+"""The router's side of the failure contract (docs/failures.md) against real PD processes.
+
+One prefill and two decode servers; faults are real: SIGKILL, SIGSTOP/SIGCONT, restart on the same
+port. Each test asserts what the client sees, how fast, and that the servers hold nothing after.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+from disagg.router.testing import fake_worker, router
+
+from tests.pd_helpers import PD_ARGS, assert_pool_free, is_idle, start_all, stats
+from tests.server_helpers import ServerProcess, free_port, metric_value, wait_until
+
+pytestmark = pytest.mark.slow
+
+TRANSFER_TIMEOUT_S = 10.0
+MAX_NEW = 96
+PROMPTS = [[(1000 + 37 * i + 11 * j) % 30000 + 100 for j in range(96)] for i in range(4)]
+
+
+class Fleet:
+    def __init__(self):
+        self.bootstrap_port = free_port()
+        common = [*PD_ARGS, "--disaggregation-transfer-timeout", str(TRANSFER_TIMEOUT_S)]
+        self.prefill = ServerProcess("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
+                                     str(self.bootstrap_port), *common)  # fmt: skip
+        self.decodes = [ServerProcess("--disaggregation-mode", "decode", *common) for _ in range(2)]
+
+    def router(self, *extra: str, decodes: list[str] | None = None):
+        args = ["--pd-disaggregation", "--prefill", self.prefill.url, str(self.bootstrap_port),
+                "--policy", "round_robin", "--retry-initial-backoff-ms", "5", *extra]  # fmt: skip
+        for url in decodes if decodes is not None else [d.url for d in self.decodes]:
+            args += ["--decode", url]
+        return router(args).start(timeout=60)
+
+    def restart(self, server: ServerProcess) -> float:
+        """Start a killed server again on its port; the monotonic time its own /health passed."""
+        if server.proc is not None and server.proc.poll() is None:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait()
+        server.proc = None
+        start_all([server], timeout=180)
+        return time.monotonic()
+
+
+@pytest.fixture(scope="module")
+def fleet():
+    f = Fleet()
+    try:
+        start_all([f.prefill, *f.decodes])
+        yield f
+    finally:
+        for s in (f.prefill, *f.decodes):
+            if s.proc is not None:
+                try:
+                    os.killpg(s.proc.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            s.stop()
+
+
+class Stream:
+    """One streaming /generate through the router, read in a thread; `tokens` grows as events come."""
+
+    def __init__(self, url: str, prompt: list[int]):
+        self.url, self.prompt = url, prompt
+        self.tokens = 0
+        self.events: list[dict] = []
+        self.error: dict | None = None
+        self.error_at: float | None = None
+        self.done = False
+        self.after_done = 0  # events after [DONE]: must stay 0
+
+    def run(self) -> Stream:
+        body = {"input_ids": self.prompt, "stream": True,
+                "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}}  # fmt: skip
+        with httpx.stream("POST", self.url + "/generate", json=body, timeout=120) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if self.done:
+                    self.after_done += 1
+                elif line == "data: [DONE]":
+                    self.done = True
+                elif "error" in (event := json.loads(line[6:])):
+                    self.error, self.error_at = event["error"], time.monotonic()
+                else:
+                    self.events.append(event)
+                    self.tokens = len(event["output_ids"])
+        return self
+
+    @property
+    def ids(self) -> list[int]:
+        return self.events[-1]["output_ids"] if self.events else []
+
+    @property
+    def ok(self) -> bool:
+        last = self.events[-1]["meta_info"] if self.events else {}
+        return self.done and self.error is None and (last.get("finish_reason") or {}).get("type") == "length"
+
+    def assert_no_repeat_or_loss(self) -> None:
+        """Every event extends the previous one: no token sent twice, none dropped."""
+        for prev, event in zip(self.events, self.events[1:], strict=False):
+            assert event["output_ids"][: len(prev["output_ids"])] == prev["output_ids"]
+            assert event["text"].startswith(prev["text"])
+
+
+def run_streams(url: str, until=None, action=None) -> list[Stream]:
+    """The four streams at once; `action()` runs once `until(streams)` holds."""
+    streams = [Stream(url, p) for p in PROMPTS]
+    with cf.ThreadPoolExecutor(len(streams)) as pool:
+        futures = [pool.submit(s.run) for s in streams]
+        if action is not None:
+            assert wait_until(lambda: until(streams), timeout=120, interval=0.05)
+            action()
+        for f in futures:
+            f.result()
+    return streams
+
+
+def healthy(router_proc, worker_url: str) -> bool:
+    text = httpx.get(router_proc.url + "/metrics").text
+    return metric_value(text, "disagg_router_worker_healthy", worker=worker_url) == 1
+
+
+def router_metric(router_proc, name: str, **labels) -> float:
+    return metric_value(httpx.get(router_proc.url + "/metrics").text, name, **labels)
+
+
+def requests_done(server: ServerProcess) -> float:
+    return metric_value(httpx.get(server.url + "/metrics").text, "disagg_requests_total")
+
+
+def test_decode_killed_mid_stream_continues_on_the_other_decode(fleet):
+    d0, d1 = fleet.decodes
+    with fleet.router() as r:  # --max-migrations 1 by default
+        reference = [s.ids for s in run_streams(r.url)]
+        assert all(len(ids) == MAX_NEW for ids in reference)
+        killed = {}
+
+        def kill():
+            killed["at"] = time.monotonic()
+            os.killpg(d0.proc.pid, signal.SIGKILL)
+
+        def mid_stream(streams):
+            return all(s.tokens >= 8 for s in streams) and stats(d0)["queues"]["running"] >= 1
+
+        streams = run_streams(r.url, mid_stream, kill)
+        # 0 failed requests, the same greedy tokens as undisturbed, nothing repeated or lost
+        assert [s.ok for s in streams] == [True] * 4, [s.error for s in streams]
+        assert [s.ids for s in streams] == reference
+        for s in streams:
+            s.assert_no_repeat_or_loss()
+            assert s.after_done == 0
+        assert router_metric(r, "disagg_router_migrations_total", outcome="ok") >= 1
+        # the dead decode is out of rotation at once (its refused probe), nothing held on the prefill
+        assert wait_until(lambda: not healthy(r, d0.url), timeout=5)
+        assert wait_until(lambda: is_idle(fleet.prefill), timeout=10)
+        assert is_idle(d1)
+
+        # restarted on the same port: serving within seconds of its own health check passing
+        passed = fleet.restart(d0)
+        assert wait_until(lambda: healthy(r, d0.url), timeout=10, interval=0.05)
+        back = time.monotonic() - passed
+        before = requests_done(d0)
+        for _ in range(2):  # round robin over the two decodes
+            body = {"input_ids": PROMPTS[0][:20], "sampling_params": {"max_new_tokens": 2}}
+            assert httpx.post(r.url + "/generate", json=body, timeout=60).status_code == 200
+        assert requests_done(d0) > before
+        print(f"\nrestarted decode healthy in the router {back:.2f} s after its /health passed")
+        assert back < 10
+
+
+def test_decode_killed_without_migration_ends_streams_with_an_error_event(fleet):
+    d0, d1 = fleet.decodes
+    with fleet.router("--max-migrations", "0") as r:
+        killed = {}
+
+        def kill():
+            killed["at"] = time.monotonic()
+            os.killpg(d1.proc.pid, signal.SIGKILL)
+
+        def mid_stream(streams):
+            return all(s.tokens >= 8 for s in streams) and stats(d1)["queues"]["running"] >= 1
+
+        streams = run_streams(r.url, mid_stream, kill)
+        broken = [s for s in streams if not s.ok]
+        assert len(broken) >= 1  # the streams on d1; those on d0 finish
+        for s in broken:  # an error event then [DONE]: never a silent truncation
+            assert s.done and s.error["code"] == "upstream_unavailable" and s.error["type"] == "server_error"
+            assert s.error_at - killed["at"] < 5
+            assert 0 < len(s.ids) < MAX_NEW
+        assert all(s.ok for s in streams if s not in broken)
+        marked_down = wait_until(lambda: not healthy(r, d1.url), timeout=5, interval=0.02)
+        down_after = time.monotonic() - killed["at"]
+        assert marked_down
+        print(f"\n{len(broken)}/4 streams ended with an error event, the last "
+              f"{max(s.error_at for s in broken) - killed['at']:.2f} s after the kill; "
+              f"marked down after <= {down_after:.2f} s")  # fmt: skip
+        # new traffic avoids the dead decode
+        body = {"input_ids": PROMPTS[1][:20], "sampling_params": {"max_new_tokens": 2}}
+        assert httpx.post(r.url + "/generate", json=body, timeout=60).status_code == 200
+        assert wait_until(lambda: is_idle(fleet.prefill) and is_idle(d0), timeout=10)
+    fleet.restart(d1)
+
+
+def test_hung_decode_is_detected_and_its_streams_move(fleet):
+    d0, d1 = fleet.decodes
+    with fleet.router() as r:
+        wait_until(lambda: healthy(r, d0.url) and healthy(r, d1.url), timeout=10)
+        stopped = {}
+
+        def stop():
+            stopped["at"] = time.monotonic()
+            os.killpg(d0.proc.pid, signal.SIGSTOP)
+
+        def mid_stream(streams):
+            return all(s.tokens >= 8 for s in streams) and stats(d0)["queues"]["running"] >= 1
+
+        try:
+            streams = run_streams(r.url, mid_stream, stop)
+            detected = router_metric(r, "disagg_router_worker_marked_down_total", reason="stream_stall")
+            assert not healthy(r, d0.url) and detected >= 1
+            took = time.monotonic() - stopped["at"]
+            # the hung decode's streams moved after --worker-stall-timeout (10 s): all whole
+            assert [s.ok for s in streams] == [True] * 4, [s.error for s in streams]
+            for s in streams:
+                s.assert_no_repeat_or_loss()
+            print(f"\nSIGSTOPped decode: every stream done {took:.2f} s after the stop")
+            assert took < 15 + 10
+            body = {"input_ids": PROMPTS[2][:20], "sampling_params": {"max_new_tokens": 2}}
+            before = requests_done(d1)
+            assert httpx.post(r.url + "/generate", json=body, timeout=60).status_code == 200
+            assert requests_done(d1) == before + 1  # new traffic avoids the hung one
+        finally:
+            os.killpg(d0.proc.pid, signal.SIGCONT)
+        # resumed: back in rotation, and it holds nothing for the streams it lost
+        assert wait_until(lambda: healthy(r, d0.url), timeout=15)
+        assert_pool_free(d0)
+        assert_pool_free(d1)
+
+
+def test_failed_decode_leg_aborts_the_prefill_at_once(fleet):
+    fake = fake_worker("fake-decode").start()
+    try:
+        httpx.post(fake.url + "/_fake/config", json={"mode": "fail", "status": 503}).raise_for_status()
+        with fleet.router("--retry-max-retries", "3", decodes=[fake.url]) as r:
+            body = {"input_ids": PROMPTS[3] * 3, "sampling_params": {"max_new_tokens": 4}, "rid": "orphan"}
+            resp = httpx.post(r.url + "/generate", json=body, timeout=60)
+            answered = time.monotonic()
+            assert resp.status_code == 503
+            # three attempts, each one's prefill told to stop before the next began
+            assert len(httpx.get(fake.url + "/_fake/log").json()["requests"]) == 3
+            assert router_metric(r, "disagg_router_leg_aborts_total", role="prefill") == 3
+            # the prefill frees the room at once, not after the transfer timeout
+            assert wait_until(lambda: is_idle(fleet.prefill), timeout=TRANSFER_TIMEOUT_S / 2, interval=0.05)
+            print(f"\nprefill idle {time.monotonic() - answered:.2f} s after the client's 503")
+            # a 4xx is the client's mistake: one attempt, not counted against the worker
+            httpx.post(fake.url + "/_fake/reset")
+            httpx.post(fake.url + "/_fake/config", json={"mode": "fail", "status": 400}).raise_for_status()
+            errors = router_metric(r, "disagg_router_worker_errors_total", worker=fake.url)
+            assert httpx.post(r.url + "/generate", json=body, timeout=60).status_code == 400
+            assert len(httpx.get(fake.url + "/_fake/log").json()["requests"]) == 1
+            assert router_metric(r, "disagg_router_worker_errors_total", worker=fake.url) == errors
+    finally:
+        fake.stop()
+    assert_pool_free(fleet.prefill)
