@@ -14,12 +14,14 @@ import random
 import time
 
 import torch
-from disagg.common.parallel.ranks import broadcast_plan
 from disagg.common.engine.offline import Engine, to_sampling_params
-from disagg.common.models.decoder import head_dim_of
-from disagg.common.parallel.state import get_parallel
 from disagg.common.engine.request import Req
 from disagg.common.engine.scheduler import Scheduler
+from disagg.common.models import moe
+from disagg.common.models.decoder import head_dim_of
+from disagg.common.models.moe import SparseMoE
+from disagg.common.parallel.ranks import broadcast_plan
+from disagg.common.parallel.state import get_parallel
 
 
 def sync(device: torch.device) -> None:
@@ -62,8 +64,9 @@ def _make_req(rid: str, length: int, vocab: int, new_tokens: int) -> Req:
 
 def bench_decode(
     sched: Scheduler, batch: int, context: int, steps: int, profile: bool = False
-) -> tuple[float, float]:
-    """Seconds per decode step of `batch` requests at `context` tokens each, and of its forward alone."""
+) -> tuple[float, float, float]:
+    """Seconds per decode step of `batch` requests at `context` tokens each, of its forward alone,
+    and the mean number of this rank's experts the step touched per MoE layer."""
     vocab = sched.runner.hf_config.vocab_size
     for i in range(batch):
         sched.add_request(_make_req(f"d{batch}-{i}", context, vocab, steps + 8))
@@ -81,17 +84,18 @@ def bench_decode(
         sched.step()
     sync(device)
     per_step = (time.perf_counter() - t) / steps
-    forward = time_forward_only(sched, steps)
+    forward, plan = time_forward_only(sched, steps)
+    touched = touched_experts(sched, plan)
     if profile:
         profile_steps(sched)
     for r in list(sched.running):
         sched.abort_request(r.rid)
     sched.step()
     sched.cache.reset()
-    return per_step, forward
+    return per_step, forward, touched
 
 
-def time_forward_only(sched: Scheduler, steps: int) -> float:
+def time_forward_only(sched: Scheduler, steps: int) -> tuple[float, object]:
     """Seconds of the model forward alone (graph replay or eager) on the batch of the next step:
     the rest of a step is host work (scheduling, planning, sampling, the token read-back)."""
     runner, plans = sched.runner, []
@@ -107,7 +111,7 @@ def time_forward_only(sched: Scheduler, steps: int) -> float:
             broadcast_plan(plans[-1])
         forward_plan(plans[-1])
 
-    return timed(forward, runner.device, repeat=steps)
+    return timed(forward, runner.device, repeat=steps), plans[-1]
 
 
 def profile_steps(sched: Scheduler, steps: int = 3) -> None:
@@ -139,15 +143,62 @@ def bench_prefill(sched: Scheduler, length: int) -> float:
     return sorted(times[1:])[1]
 
 
-def model_bytes_and_flops(sched: Scheduler) -> tuple[int, int]:
-    model = sched.runner.model
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    matmul_params = sum(
-        p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n
-    )
-    if sched.runner.model.tie_word_embeddings:
-        matmul_params += model.embed_tokens.weight.numel()
-    return nbytes, matmul_params
+def weight_traffic(model) -> dict:
+    """This rank's weights by how a step uses them (bytes; params = multiply-adds per token):
+    dense: read every step, each param one multiply-add per token (attention, norms, router, dense
+    MLPs, the LM head); embedding: only gathered rows; expert: one expert of one MoE layer, read only
+    where routed. The LM head runs once per sequence in prefill, so it is counted apart."""
+    head = model.embed_tokens if model.tie_word_embeddings else model.lm_head
+    t = dict(dense_bytes=0, dense_params=0, head_params=head.weight.numel(), expert_bytes=0, expert_params=0)
+    t["embedding_bytes"] = 0 if model.tie_word_embeddings else model.embed_tokens.weight.nbytes
+    moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    expert_ids = {id(p) for m in moes for p in m.experts.parameters()}
+    for p in model.parameters():  # NOTE: a tied LM head is listed once
+        if id(p) in expert_ids:
+            continue
+        if p is model.embed_tokens.weight and not model.tie_word_embeddings:
+            continue
+        t["dense_bytes"] += p.nbytes
+        if p.dim() == 2 and p is not head.weight:
+            t["dense_params"] += p.numel()
+    if moes:
+        m = moes[0]
+        t["expert_bytes"] = sum(p[0].nbytes for p in m.experts.parameters())
+        t["expert_params"] = sum(p[0].numel() for p in m.experts.parameters())
+        # expected routed slots per token that land on this rank's experts
+        t["local_slots"] = m.top_k * m.num_local / m.num_experts
+        t["num_local"] = m.num_local
+    t["moe_layers"] = len(moes)
+    return t
+
+
+def touched_experts(sched: Scheduler, plan) -> float:
+    """Mean number of this rank's experts a forward of `plan` routes to, per MoE layer: one eager
+    forward with hooks on the routers (a graph replay runs no Python)."""
+    model, runner = sched.runner.model, sched.runner
+    moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    if not moes:
+        return 0.0
+    counts = []
+
+    def record(moe):
+        def hook(_module, _inputs, logits):
+            ids = logits.topk(moe.top_k, dim=-1).indices - moe.first_expert
+            counts.append(int(torch.unique(ids[(ids >= 0) & (ids < moe.num_local)]).numel()))
+
+        return hook
+
+    handles = [m.gate.register_forward_hook(record(m)) for m in moes]
+    graphs, runner.graph_runner = runner.graph_runner, None
+    try:
+        if get_parallel().tp_size > 1:
+            broadcast_plan(plan)
+        runner.forward_plan(plan)
+    finally:
+        runner.graph_runner = graphs
+        for h in handles:
+            h.remove()
+    return sum(counts) / len(counts)
 
 
 def kv_bytes_per_token(sched: Scheduler) -> int:
@@ -209,6 +260,12 @@ def main() -> None:
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--profile-batch-sizes", default="", help="print the top kernels of these decode batches")
     p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument(
+        "--moe-kernel",
+        choices=["auto", "torch"],
+        default="auto",
+        help="torch: the batched-matmul MoE path even on the GPU (for before/after; this process only, tp 1)",
+    )
     p.add_argument("--batch-sizes", default="1,16,64")
     p.add_argument("--context-len", type=int, default=1024)
     p.add_argument("--prefill-len", type=int, default=4096)
@@ -223,6 +280,8 @@ def main() -> None:
     profile_at = {int(b) for b in args.profile_batch_sizes.split(",") if b}
     max_tokens = max(batches) * (args.context_len + args.decode_steps + 64) + args.prefill_len + 4096
     t0 = time.perf_counter()
+    if args.moe_kernel == "torch":
+        moe.fused_moe_available = lambda: False
     print(f"loading {args.model_path or 'default model'} (tp {args.tp}) ...", flush=True)
     engine = Engine(
         model_path=args.model_path,
@@ -246,43 +305,18 @@ def main() -> None:
     )
     ceil = measure_ceilings(device, dtype)
     print(f"  ceilings {ceil}", flush=True)
-    weight_bytes, matmul_params = model_bytes_and_flops(sched)
+    traffic = weight_traffic(sched.runner.model)
     kv_tok = kv_bytes_per_token(sched)
-    c = sched.runner.hf_config
+    print(f"  weights by use {traffic}", flush=True)
     rows = []
     for b in batches:
         print(f"[{time.perf_counter() - t0:.0f} s] decode batch {b} ...", flush=True)
-        step, fwd = bench_decode(sched, b, args.context_len, args.decode_steps, b in profile_at)
-        roof = (weight_bytes + b * args.context_len * kv_tok) / (ceil["copy_gb_s"] * 1e9)
-        rows.append(
-            dict(
-                kind="decode",
-                batch=b,
-                context=args.context_len,
-                ms=step * 1e3,
-                forward_ms=fwd * 1e3,
-                roofline_ms=roof * 1e3,
-                of_roofline=roof / step,
-                tok_s=b / step,
-            )
-        )
+        step, fwd, touched = bench_decode(sched, b, args.context_len, args.decode_steps, b in profile_at)
+        rows.append(decode_row(traffic, kv_tok, ceil, b, args.context_len, step, fwd, touched))
         print(f"  {rows[-1]}", flush=True)
     print(f"[{time.perf_counter() - t0:.0f} s] prefill {args.prefill_len} tokens ...", flush=True)
     t = bench_prefill(sched, args.prefill_len)
-    n = args.prefill_len
-    attn_flops = 2 * 2 * c.num_hidden_layers * c.num_attention_heads * head_dim_of(c) * n * n / 2
-    flops = 2 * matmul_params * n + attn_flops
-    rows.append(
-        dict(
-            kind="prefill",
-            batch=1,
-            context=n,
-            ms=t * 1e3,
-            tok_s=n / t,
-            tflops=flops / t / 1e12,
-            of_matmul=flops / t / 1e12 / ceil["matmul_tflops"],
-        )
-    )
+    rows.append(prefill_row(traffic, ceil, sched.runner.hf_config, args.prefill_len, args.tp, t))
     print(f"  {rows[-1]}", flush=True)
     gen = []
     if args.hf and args.tp == 1:
@@ -302,36 +336,97 @@ def main() -> None:
             print(f"  {gen[-1]}", flush=True)
     if args.hf and args.tp > 1:
         gen = []  # transformers runs on one GPU only
-    print_report(ceil, weight_bytes, kv_tok, rows, gen)
+    print_report(ceil, traffic, kv_tok, rows, gen)
     if args.output_json:  # NOTE: before the shutdown, which waits for the other ranks to leave
         with open(args.output_json, "w") as f:
             json.dump(
-                dict(ceilings=ceil, weight_bytes=weight_bytes, rows=rows, generate=gen, device=str(device)),
+                dict(
+                    ceilings=ceil,
+                    weights=traffic,
+                    rows=rows,
+                    generate=gen,
+                    device=str(device),
+                    args=vars(args),
+                ),
                 f,
                 indent=2,
             )
     engine.shutdown()
 
 
-def print_report(ceil: dict, weight_bytes: int, kv_tok: int, rows: list[dict], gen: list[dict]) -> None:
+def decode_row(traffic: dict, kv_tok: int, ceil: dict, batch: int, context: int, step, fwd, touched) -> dict:
+    """A decode step beside its roofline: the bytes it must read (dense weights, the LM head, the
+    experts it touched, the KV cache) over the copy bandwidth measured in this run."""
+    expert_bytes = traffic["moe_layers"] * touched * traffic["expert_bytes"]
+    nbytes = traffic["dense_bytes"] + expert_bytes + batch * context * kv_tok
+    roof = nbytes / (ceil["copy_gb_s"] * 1e9)
+    return dict(
+        kind="decode",
+        batch=batch,
+        context=context,
+        ms=step * 1e3,
+        forward_ms=fwd * 1e3,
+        touched_experts=touched,
+        read_gb=nbytes / 1e9,
+        roofline_ms=roof * 1e3,
+        of_roofline=roof / step,
+        forward_of_roofline=roof / fwd,
+        tok_s=batch / step,
+    )
+
+
+def prefill_row(traffic: dict, ceil: dict, c, n: int, tp: int, seconds: float) -> dict:
+    """A prefill of n tokens beside its roofline: matmul FLOPs by active experts (k routed slots a
+    token, the share on this rank), the LM head once (only the last token's logits), causal
+    attention, over the matmul rate measured in this run; or the weight read, if that is longer."""
+    active = (
+        traffic["dense_params"]
+        + traffic["moe_layers"] * traffic.get("local_slots", 0) * traffic["expert_params"]
+    )
+    attn = 2 * 2 * c.num_hidden_layers * (c.num_attention_heads // tp) * head_dim_of(c) * n * n / 2
+    flops = 2 * active * n + 2 * traffic["head_params"] + attn
+    touched = min(traffic.get("num_local", 0), n * traffic.get("local_slots", 0))  # at most all, at most n*k
+    experts_read = traffic["moe_layers"] * traffic["expert_bytes"] * touched
+    roof = max(
+        flops / (ceil["matmul_tflops"] * 1e12),
+        (traffic["dense_bytes"] + experts_read) / (ceil["copy_gb_s"] * 1e9),
+    )
+    return dict(
+        kind="prefill",
+        batch=1,
+        context=n,
+        ms=seconds * 1e3,
+        tok_s=n / seconds,
+        tflop=flops / 1e12,
+        tflops=flops / seconds / 1e12,
+        roofline_ms=roof * 1e3,
+        of_matmul=flops / seconds / 1e12 / ceil["matmul_tflops"],
+        of_roofline=roof / seconds,
+    )
+
+
+def print_report(ceil: dict, traffic: dict, kv_tok: int, rows: list[dict], gen: list[dict]) -> None:
     print(
-        f"\nceilings: copy {ceil['copy_gb_s']:.0f} GB/s, matmul {ceil['matmul_tflops']:.1f} TFLOP/s; "
-        f"weights {weight_bytes / 1e9:.2f} GB, KV {kv_tok / 1024:.0f} KiB/token"
+        f"\nceilings (this run): copy {ceil['copy_gb_s']:.0f} GB/s, matmul {ceil['matmul_tflops']:.1f} TFLOP/s; "
+        f"dense weights {traffic['dense_bytes'] / 1e9:.2f} GB, one expert {traffic['expert_bytes'] / 1e6:.1f} MB "
+        f"x {traffic['moe_layers']} MoE layers, KV {kv_tok / 1024:.0f} KiB/token"
     )
     print(
-        f"{'kind':8} {'batch':>5} {'ctx':>6} {'ms':>9} {'fwd ms':>8} {'tok/s':>10} {'roofline ms':>12} "
-        f"{'% of ceiling':>13}"
+        f"{'kind':8} {'batch':>5} {'ctx':>6} {'ms':>9} {'fwd ms':>8} {'tok/s':>10} {'experts':>8} {'work':>10} "
+        f"{'roofline ms':>12} {'% of roof':>10} {'fwd %':>7}"
     )
     for r in rows:
         if r["kind"] == "decode":
             print(
                 f"{'decode':8} {r['batch']:>5} {r['context']:>6} {r['ms']:>9.2f} {r['forward_ms']:>8.2f} "
-                f"{r['tok_s']:>10.1f} {r['roofline_ms']:>12.2f} {100 * r['of_roofline']:>12.1f}%"
+                f"{r['tok_s']:>10.1f} {r['touched_experts']:>8.1f} {r['read_gb']:>7.2f} GB {r['roofline_ms']:>12.2f} "
+                f"{100 * r['of_roofline']:>9.1f}% {100 * r['forward_of_roofline']:>6.1f}%"
             )
         else:
             print(
                 f"{'prefill':8} {r['batch']:>5} {r['context']:>6} {r['ms']:>9.2f} {'':>8} {r['tok_s']:>10.1f} "
-                f"{r['tflops']:>9.1f} TF {100 * r['of_matmul']:>12.1f}%"
+                f"{'':>8} {r['tflop']:>7.2f} TF {r['roofline_ms']:>12.2f} {100 * r['of_roofline']:>9.1f}% "
+                f"(matmul rate {100 * r['of_matmul']:.1f}%: {r['tflops']:.1f} TFLOP/s)"
             )
     if gen:
         print(f"\n{'generate':8} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'speed-up':>9}")
