@@ -29,7 +29,8 @@ CHECK = textwrap.dedent(
         config = dict(moe_config(experts, inter, hidden))
         config["gemv_max_pairs"] = 1 << 30 if path == "gemv" else 0
         got = fused_experts(x, w13, w2, weights, ids, config)
-        ref = grouped_experts(x.double(), w13.double(), w2.double(), weights.double(), ids).to(dtype)
+        block = 256 if tokens >= 256 else 16  # fewer gathered expert copies in the float64 reference
+        ref = grouped_experts(x.double(), w13.double(), w2.double(), weights.double(), ids, block).to(dtype)
         err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
         assert err < tol, (tokens, k, path, err)
         return err

@@ -32,6 +32,12 @@ for step in "$@"; do
            --output-json $OUT/comm_8b.json 2>&1 | tail -30 ;;
     moe) bench --model-path Qwen3-30B-A3B --load-format dummy --tp 2 --ep 2 --batch-sizes 1,16 \
            --context-len 1024 --prefill-len 2048 --decode-steps 8 --output-json $OUT/moe_tp2.json | tail -16 ;;
+    moe-kernels) # issue 19: the MoE layer alone (Triton vs torch, rooflines, block-size sweep); the tuned
+           # block sizes replace the checked-in ones for the engine runs that follow in this machine's tree
+           timeout "${T:-400}" python3 -m disagg.common.bench.moe_kernels --output-dir $OUT 2>&1 | tee $OUT/moe_kernels.log \
+             && cp $OUT/fused_moe_configs.json common/models/fused_moe_configs.json ;;
+    moe-tp1) bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1,64 --context-len 1024 \
+           --prefill-len 2048 --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/moe_tp1${TAG:-}.json ;;
     transfer-test) timeout "${T:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_transfer_tp.py -k gpu 2>&1 | tail -5 ;;
     transfer) timeout "${T:-150}" python3 -m disagg.transfer.bench --device cuda --quick --trace 2>&1 | grep -v "UCX  WARN" | tail -40 ;;
     sweep) timeout "${T:-400}" python3 -m disagg.common.bench.pd_sweep --out-dir /tmp/sweep $B8 ${SWEEP_ARGS:-} 2>&1 \

@@ -1,0 +1,211 @@
+"""The MoE layer alone on the GPU: the Triton kernels (common/models/fused_moe.py) against the torch
+path, each beside its roofline (the routed experts' bytes over the copy bandwidth, or their FLOPs
+over the matmul rate, both measured in this run), a small block-size sweep, and the bf16 closeness
+of the kernels to a float64 reference. Writes the best block sizes as a fused_moe_configs.json entry.
+
+    python -m disagg.common.bench.moe_kernels --output-dir $OUT        # Qwen3-30B-A3B's expert shape
+
+Timing: small batches replay a CUDA graph of `--layers` MoE layers (distinct weights, so the L2
+holds none of the next layer's experts), as a decode step runs them; large ones run eagerly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+from disagg.common.bench.offline import measure_ceilings
+from disagg.common.models import fused_moe
+from disagg.common.models.moe_align import grouped_experts
+
+
+def make_layers(n: int, experts: int, hidden: int, inter: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape):
+        return (
+            torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen) / shape[-1] ** 0.5
+        ).contiguous()
+
+    return [(rand(experts, 2 * inter, hidden), rand(experts, hidden, inter)) for _ in range(n)]
+
+
+def routing(tokens: int, experts: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.softmax(torch.randn(tokens, experts, device="cuda"), dim=-1)
+    weights, ids = probs.topk(k, dim=-1)
+    return weights / weights.sum(-1, keepdim=True), ids
+
+
+def time_layers(fn, layers, x, graph: bool, reps: int = 20) -> float:
+    """Median seconds per layer of fn(x, w13, w2) over all layers."""
+
+    def run():
+        for w13, w2 in layers:
+            fn(x, w13, w2)
+
+    run()
+    torch.cuda.synchronize()
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            run()
+        run = g.replay
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / len(layers))
+    return sorted(times)[len(times) // 2]
+
+
+def roofline(tokens: int, ids: torch.Tensor, hidden: int, inter: int, ceil: dict) -> tuple[float, int]:
+    touched = int(torch.unique(ids).numel())
+    nbytes = touched * 3 * hidden * inter * 2 + 2 * tokens * hidden * 2
+    flops = 2 * ids.numel() * 3 * hidden * inter
+    return max(nbytes / (ceil["copy_gb_s"] * 1e9), flops / (ceil["matmul_tflops"] * 1e12)), touched
+
+
+def sweep(name, candidates, make_config, tokens, layers, k, ceil, graph) -> tuple[dict, list[dict]]:
+    experts, hidden, inter = layers[0][1].shape
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    weights, ids = routing(tokens, experts, k)
+    roof, _ = roofline(tokens, ids, hidden, inter, ceil)
+    rows = []
+    for cand in candidates:
+        config = make_config(cand)
+        try:
+            t = time_layers(
+                lambda x, a, b, c=config: fused_moe.fused_experts(x, a, b, weights, ids, c), layers, x, graph
+            )
+        except Exception as e:  # noqa: BLE001 - a config the compiler rejects (shared memory) is skipped
+            print(f"  {name} {cand}: {type(e).__name__}", flush=True)
+            continue
+        rows.append(dict(path=name, tokens=tokens, config=cand, us=t * 1e6, of_roofline=roof / t))
+    rows.sort(key=lambda r: r["us"])
+    for r in rows[:3]:
+        print(
+            f"  {name} T={tokens}: {r['us']:.1f} us ({100 * r['of_roofline']:.0f}% of roofline) {r['config']}"
+        )
+    return rows[0]["config"], rows
+
+
+def tune(layers, k: int, ceil: dict, base: dict) -> tuple[dict, list[dict]]:
+    config, log = json.loads(json.dumps(base)), []
+    gemv = [
+        dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s, num_warps=w)
+        for bn, bk, s, w in itertools.product((16, 32, 64), (128, 256), (1, 2, 4, 8), (4,))
+    ]
+    best, rows = sweep(
+        "gemv", gemv, lambda c: {**config, "gemv_max_pairs": 1 << 30, "gemv": c}, 1, layers, k, ceil, True
+    )
+    config["gemv"] = best
+    log += rows
+    grouped_small = [
+        dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, num_warps=w, num_stages=s)
+        for bn, bk, w, s in itertools.product((32, 64, 128), (64, 128, 256), (4,), (3, 4))
+    ]
+    grouped_large = [
+        dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=64, num_warps=w, num_stages=s)
+        for bm, bn, w, s in itertools.product((64, 128), (64, 128), (4, 8), (3, 4))
+    ]
+    for tokens, cands in ((64, grouped_small), (2048, grouped_large)):
+        best, rows = sweep(
+            "grouped",
+            cands,
+            lambda c: {**config, "gemv_max_pairs": 0, "grouped": {"1": c}},
+            tokens,
+            layers,
+            k,
+            ceil,
+            tokens <= 64,
+        )
+        config["grouped"][str(tokens)] = best
+        log += rows
+    return config, log
+
+
+def compare(layers, k: int, ceil: dict, config: dict, batches: list[int]) -> list[dict]:
+    """Per batch: the Triton path (and its GEMV/grouped choice), the torch path, their rooflines."""
+    experts, hidden, inter = layers[0][1].shape
+    rows = []
+    for tokens in batches:
+        x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+        weights, ids = routing(tokens, experts, k)
+        roof, touched = roofline(tokens, ids, hidden, inter, ceil)
+        graph = tokens <= 256
+        row = dict(tokens=tokens, touched_experts=touched, roofline_us=roof * 1e6)
+        for path, pairs in (("gemv", 1 << 30), ("grouped", 0)):
+            c = {**config, "gemv_max_pairs": pairs}
+            t = time_layers(
+                lambda x, a, b, c=c, w=weights, i=ids: fused_moe.fused_experts(x, a, b, w, i, c),
+                layers,
+                x,
+                graph,
+            )
+            row[f"{path}_us"] = t * 1e6
+        t = time_layers(
+            lambda x, a, b, w=weights, i=ids, g=graph: grouped_experts(x, a, b, w.to(x.dtype), i, trim=not g),
+            layers,
+            x,
+            graph,
+        )
+        row["torch_us"] = t * 1e6
+        w13, w2 = layers[0]
+        ref = grouped_experts(
+            x.double(), w13.double(), w2.double(), weights.double(), ids, 256 if tokens >= 256 else 16
+        )
+        got = fused_moe.fused_experts(x, w13, w2, weights, ids, config).double()
+        row["rel_err_bf16"] = ((got - ref).norm() / ref.norm()).item()
+        rows.append(row)
+        best = min(row["gemv_us"], row["grouped_us"])
+        print(
+            f"T={tokens:5} experts {touched:3}  roofline {row['roofline_us']:8.1f} us  gemv {row['gemv_us']:8.1f}  "
+            f"grouped {row['grouped_us']:8.1f}  torch {row['torch_us']:8.1f}  best {100 * roof * 1e6 / best:5.1f}% "
+            f"of roofline  rel err {row['rel_err_bf16']:.2e}",
+            flush=True,
+        )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--inter", type=int, default=768)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--batches", default="1,2,4,8,16,32,64,256,2048")
+    p.add_argument("--no-tune", action="store_true")
+    p.add_argument("--output-dir", default=".")
+    args = p.parse_args()
+    out = Path(args.output_dir)
+    ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
+    print(f"{torch.cuda.get_device_name()}: ceilings {ceil}", flush=True)
+    layers = make_layers(args.layers, args.experts, args.hidden, args.inter)
+    key = f"E={args.experts},I={args.inter},H={args.hidden}"
+    config = dict(fused_moe.moe_config(args.experts, args.inter, args.hidden))
+    log = []
+    if not args.no_tune:
+        config, log = tune(layers, args.top_k, ceil, config)
+    rows = compare(layers, args.top_k, ceil, config, [int(b) for b in args.batches.split(",")])
+    # the GEMV path up to the last batch of the run of batches where it beats the grouped one
+    gemv_max = 0
+    for r in rows:
+        if r["gemv_us"] >= r["grouped_us"]:
+            break
+        gemv_max = r["tokens"]
+    config["gemv_max_pairs"] = gemv_max * args.top_k
+    config["device"] = torch.cuda.get_device_name()
+    (out / "fused_moe_configs.json").write_text(json.dumps({key: config}, indent=2) + "\n")
+    (out / "moe_kernels.json").write_text(json.dumps(dict(ceilings=ceil, rows=rows, sweep=log), indent=2))
+    print(json.dumps({key: config}))
+
+
+if __name__ == "__main__":
+    main()
