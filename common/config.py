@@ -103,9 +103,8 @@ class EngineConfig:
     tp: int = 1
     ep: int = 1
     page_size: int = 16
-    max_total_tokens: int | None = (
-        None  # KV pool size; default: from mem_fraction_static (GPU) or 65536 (CPU)
-    )
+    # KV pool size; default: from mem_fraction_static (GPU), from the memory available (CPU, <= 512 MiB)
+    max_total_tokens: int | None = None
     mem_fraction_static: float = 0.85
     chunked_prefill_size: int = 2048  # <= 0: no chunking
     max_running_requests: int = 256
@@ -144,7 +143,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", "--tp-size", "--tensor-parallel-size", dest="tp", type=int, default=d.tp)
     g.add_argument("--ep", "--ep-size", "--expert-parallel-size", dest="ep", type=int, default=d.ep)
     g.add_argument("--page-size", type=int, default=d.page_size)
-    g.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens)
+    g.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens,
+                   help="KV pool size in tokens (default: GPU from --mem-fraction-static; CPU from the memory "
+                        "available, at most 512 MiB)")  # fmt: skip
     g.add_argument("--mem-fraction-static", type=float, default=d.mem_fraction_static)
     g.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size)
     g.add_argument("--max-running-requests", type=int, default=d.max_running_requests)

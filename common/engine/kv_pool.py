@@ -8,7 +8,12 @@ a request's page table, or the radix cache (which shares them between requests b
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class OutOfPagesError(RuntimeError):
@@ -71,6 +76,15 @@ def pages_for_tokens(num_tokens: int, page_size: int) -> int:
     return (num_tokens + page_size - 1) // page_size
 
 
+# The CPU pool's default (no --max-total-tokens): the smallest of these. On a laptop a prefill and
+# a decode server (launch_local) each hold one next to their weights and the other processes, so
+# the default stays modest: 512 MiB is ~11.6k tokens for the default 135M model in float32.
+CPU_POOL_MAX_BYTES = 512 << 20
+CPU_POOL_MAX_TOKENS = 65536
+CPU_POOL_MEM_FRACTION = 0.25  # of the memory available at start-up (activations and neighbours need the rest)
+CPU_POOL_MIN_TOKENS = 1024  # below this the pool is useless: ask for an explicit size instead
+
+
 def size_pool_pages(
     bytes_per_page: int,
     page_size: int,
@@ -79,7 +93,7 @@ def size_pool_pages(
     mem_fraction: float,
 ) -> int:
     """Pages from --max-total-tokens, else from --mem-fraction-static of the GPU's free memory
-    (after weights are loaded), else 65536 tokens on the CPU."""
+    (after weights are loaded), else on the CPU from the memory available now (capped: see above)."""
     if max_total_tokens:
         return pages_for_tokens(max_total_tokens, page_size)
     if device.type == "cuda":
@@ -90,4 +104,45 @@ def size_pool_pages(
                 f"no GPU memory left for the KV pool (free {free / 2**30:.1f} GiB): raise --mem-fraction-static"
             )
         return int(budget // bytes_per_page)
-    return pages_for_tokens(65536, page_size)
+    return _cpu_pool_pages(bytes_per_page, page_size)
+
+
+def _cpu_pool_pages(bytes_per_page: int, page_size: int) -> int:
+    available = available_memory()
+    budget = (
+        CPU_POOL_MAX_BYTES
+        if available is None
+        else min(CPU_POOL_MAX_BYTES, available * CPU_POOL_MEM_FRACTION)
+    )
+    pages = min(int(budget // bytes_per_page), pages_for_tokens(CPU_POOL_MAX_TOKENS, page_size))
+    if pages * page_size < CPU_POOL_MIN_TOKENS:
+        raise RuntimeError(
+            f"too little memory for a CPU KV pool ({(available or 0) / 2**30:.1f} GiB available): "
+            "pass --max-total-tokens"
+        )
+    logger.info(
+        "CPU KV pool: %d tokens (%.0f MiB; default: at most %d MiB, %d tokens and %.0f%% of the %s available; "
+        "--max-total-tokens sets it)",
+        pages * page_size,
+        pages * bytes_per_page / 2**20,
+        CPU_POOL_MAX_BYTES >> 20,
+        CPU_POOL_MAX_TOKENS,
+        100 * CPU_POOL_MEM_FRACTION,
+        "unknown memory" if available is None else f"{available / 2**30:.1f} GiB",
+    )
+    return pages
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can hand out now without swapping (Linux MemAvailable), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:  # other Unixes: free pages only (a lower bound: no page cache counted)
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
