@@ -1,0 +1,42 @@
+"""The CPU KV pool's size: --max-total-tokens when given, else a share of the memory available,
+never more than 512 MiB (a laptop runs a prefill and a decode server side by side)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from disagg.common.engine import kv_pool
+from disagg.common.engine.kv_pool import size_pool_pages
+
+CPU = torch.device("cpu")
+PAGE = 16
+# the default model (SmolLM2-135M) in float32: 30 layers x K,V x 3 KV heads x 64 dims x 4 bytes per token
+DEFAULT_MODEL_PAGE_BYTES = 30 * 2 * 3 * 64 * 4 * PAGE
+
+
+def test_max_total_tokens_sets_the_size():
+    assert size_pool_pages(DEFAULT_MODEL_PAGE_BYTES, PAGE, CPU, 65536, 0.85) == 4096
+
+
+def test_default_is_at_most_512_mib_and_holds_a_full_context(monkeypatch):
+    monkeypatch.setattr(kv_pool, "available_memory", lambda: 64 << 30)
+    pages = size_pool_pages(DEFAULT_MODEL_PAGE_BYTES, PAGE, CPU, None, 0.85)
+    assert pages * DEFAULT_MODEL_PAGE_BYTES <= 512 << 20
+    assert pages * PAGE >= 8192  # the default model's context length still fits in one pool
+
+
+def test_default_follows_the_memory_available(monkeypatch):
+    monkeypatch.setattr(kv_pool, "available_memory", lambda: 1 << 30)  # 1 GiB free: a quarter of it
+    pages = size_pool_pages(DEFAULT_MODEL_PAGE_BYTES, PAGE, CPU, None, 0.85)
+    assert pages == (256 << 20) // DEFAULT_MODEL_PAGE_BYTES
+
+
+def test_tiny_models_keep_at_most_65536_tokens(monkeypatch):
+    monkeypatch.setattr(kv_pool, "available_memory", lambda: 64 << 30)
+    assert size_pool_pages(512 * PAGE, PAGE, CPU, None, 0.85) * PAGE == 65536
+
+
+def test_too_little_memory_asks_for_an_explicit_size(monkeypatch):
+    monkeypatch.setattr(kv_pool, "available_memory", lambda: 64 << 20)
+    with pytest.raises(RuntimeError, match="--max-total-tokens"):
+        size_pool_pages(DEFAULT_MODEL_PAGE_BYTES, PAGE, CPU, None, 0.85)
