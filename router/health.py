@@ -2,7 +2,8 @@
 
 Each worker has its own schedule, so one hung worker (a probe waiting for its timeout) delays no
 other. A new worker turns healthy on its first passing check (workers still starting are probed
-every second). Afterwards:
+every second, and so are workers marked down, so that one back passes its
+--health-success-threshold probes within seconds). Afterwards:
 - a refused or reset connection marks a healthy worker down at once (the process is gone);
 - a timed-out or failed probe counts: --health-failure-threshold in a row mark it down (hung);
 - --health-success-threshold passes in a row bring it back and close its circuit breaker;
@@ -26,7 +27,7 @@ from disagg.router.workers import BreakerState, Worker, WorkerRegistry
 logger = logging.getLogger("disagg.router")
 
 TICK_SECS = 0.25  # how often due probes are started (and the delay of a probe asked for by a request)
-STARTING_INTERVAL_SECS = 1.0  # workers never seen healthy yet
+FAST_INTERVAL_SECS = 1.0  # workers still starting, or marked down: probed more often
 
 
 class Probe(enum.Enum):
@@ -91,7 +92,7 @@ class HealthChecker:
             self._probing.discard(worker)
             interval = self.config.health_check_interval_secs
             self._due[worker] = time.monotonic() + (
-                interval if worker.was_healthy else min(interval, STARTING_INTERVAL_SECS)
+                interval if worker.healthy else min(interval, FAST_INTERVAL_SECS)
             )
         return outcome is Probe.OK
 
