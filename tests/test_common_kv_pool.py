@@ -40,3 +40,10 @@ def test_too_little_memory_asks_for_an_explicit_size(monkeypatch):
     monkeypatch.setattr(kv_pool, "available_memory", lambda: 64 << 20)
     with pytest.raises(RuntimeError, match="--max-total-tokens"):
         size_pool_pages(DEFAULT_MODEL_PAGE_BYTES, PAGE, CPU, None, 0.85)
+
+
+def test_a_container_limit_counts_not_the_hosts_memory(monkeypatch):
+    monkeypatch.setattr(kv_pool, "_meminfo_available", lambda: 64 << 30)  # the host's, seen from a pod
+    monkeypatch.setattr(kv_pool, "_cgroup_room", lambda: 1 << 30)  # memory.max - memory.current
+    pages = size_pool_pages(DEFAULT_MODEL_PAGE_BYTES, PAGE, CPU, None, 0.85)
+    assert pages == (256 << 20) // DEFAULT_MODEL_PAGE_BYTES

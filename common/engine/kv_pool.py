@@ -134,7 +134,16 @@ def _cpu_pool_pages(bytes_per_page: int, page_size: int) -> int:
 
 
 def available_memory() -> int | None:
-    """Bytes this machine can hand out now without swapping (Linux MemAvailable), None if unknown."""
+    """Bytes this process can still get without swapping or hitting its container's limit (Linux
+    MemAvailable and cgroup v2 memory.max), None if unknown."""
+    free = _meminfo_available()
+    room = _cgroup_room()
+    if free is None or room is None:
+        return free if room is None else room
+    return min(free, room)
+
+
+def _meminfo_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -146,3 +155,15 @@ def available_memory() -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def _cgroup_room() -> int | None:
+    # NOTE: in a container /proc/meminfo shows the host's memory; the pod's limit is the cgroup's
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(0, int(limit) - used)
