@@ -1,17 +1,23 @@
-"""The FastAPI app: guard middleware (drain, API key, body size), OpenAI-style errors, all routes.
+"""The FastAPI app: guard middleware (drain, API keys, body size, crash net), OpenAI-style errors, routes.
 
 `create_app(state, ...)` is reused by the prefill and decode servers with their own ServerState.
+
+Access policy: /health and /metrics are open (probes and Prometheus scrapers carry no key; the
+metrics hold counts, never request data); everything else needs `--api-key` when one is set. With
+`--admin-api-key`, the admin operations need that key: /flush_cache, `abort_all`, and aborting a
+request created with another key. Without it, the API key holder is the admin.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import secrets
 
 from disagg.common.server import native_api, openai_api
-from disagg.common.server.protocol import APIError
-from disagg.common.server.serving import ServerState
+from disagg.common.server.protocol import SERVER_ERROR, APIError
+from disagg.common.server.serving import IS_ADMIN, PRINCIPAL, ServerState, admin_required
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -19,7 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 
-OPEN_PATHS = {"/health"}  # reachable without the API key (load balancers, k8s probes)
+OPEN_PATHS = {"/health", "/metrics"}  # reachable without a key (probes, Prometheus scrapers)
+ADMIN_PATHS = {"/flush_cache"}  # the admin key's alone when --admin-api-key is set
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -27,10 +34,15 @@ def error_response(err: APIError) -> JSONResponse:
 
 
 class GuardMiddleware:
-    """Plain ASGI: 503 while draining, 401 without the bearer token, 413 for oversized bodies."""
+    """Plain ASGI: 503 while draining, 401 without a valid bearer token, 403 for admin paths without
+    the admin key, 413 for oversized bodies; and a crash net: an unexpected exception answers an
+    OpenAI-style 500 and keeps the keep-alive connection usable (Starlette's own handler re-raises,
+    and uvicorn then closes the connection)."""
 
-    def __init__(self, app, state: ServerState, api_key: str | None, max_body_size: int):
+    def __init__(self, app, state: ServerState, api_key: str | None, max_body_size: int,
+                 admin_api_key: str | None = None):  # fmt: skip
         self.app, self.state, self.api_key, self.max_body_size = app, state, api_key, max_body_size
+        self.admin_api_key = admin_api_key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -43,17 +55,42 @@ class GuardMiddleware:
                 scope = as_json(scope)
         if err is not None:
             return await error_response(err)(scope, receive, send)
-        return await self.app(scope, receive, send)
+        return await self.call_app(scope, receive, send)
+
+    async def call_app(self, scope, receive, send):
+        started = False
+
+        async def tracked_send(msg):
+            nonlocal started
+            started = started or msg["type"] == "http.response.start"
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as exc:
+            logger.exception("unhandled error on %s", scope["path"])
+            if started:  # the head is out: nothing left to tell the client
+                raise
+            err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type=SERVER_ERROR,
+                           code="internal_error")  # fmt: skip
+            await error_response(err)(scope, receive, send)
 
     def check_headers(self, scope) -> APIError | None:
         if self.state.draining:
             return APIError(503, "the server is shutting down", type="service_unavailable")
         headers = dict(scope["headers"])
-        if self.api_key and scope["path"] not in OPEN_PATHS:
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                return APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
-                                type="authentication_error")  # fmt: skip
+        given = headers.get(b"authorization", b"")
+        has_admin_key = self.admin_api_key is not None and _matches(given, self.admin_api_key)
+        is_client = has_admin_key or not self.api_key or _matches(given, self.api_key)
+        is_admin = has_admin_key if self.admin_api_key else is_client
+        if scope["path"] not in OPEN_PATHS and not is_client:
+            return APIError(401, "invalid or missing API key (Authorization: Bearer ...)",
+                            type="authentication_error")  # fmt: skip
+        if scope["path"] in ADMIN_PATHS and not is_admin:
+            return admin_required(scope["path"])
+        scope[IS_ADMIN] = is_admin
+        # requests are bound to the key that created them: only that key (or the admin) aborts them
+        scope[PRINCIPAL] = hashlib.sha256(given).hexdigest()[:16] if given else None
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_size:
             return self.too_large()
@@ -78,6 +115,10 @@ class GuardMiddleware:
                 return b"".join(chunks), None
 
 
+def _matches(given: bytes, key: str) -> bool:
+    return secrets.compare_digest(given, f"Bearer {key}".encode())
+
+
 def as_json(scope):
     """Bodies are JSON whatever the Content-Type says (`curl -d` sends form-urlencoded)."""
     headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
@@ -97,16 +138,41 @@ def replay(body: bytes, receive):
     return receive_again
 
 
+# pydantic's union members in an error's location ("stop", "list[str]", 0): not the client's names
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "is-instance"}
+
+
+def _param(loc) -> str | None:
+    names = [
+        str(x) for x in loc if x != "body" and not (isinstance(x, str) and ("[" in x or x in _TYPE_TAGS))
+    ]
+    return ".".join(names) or None
+
+
 def validation_error(exc: RequestValidationError) -> APIError:
-    first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    """400 naming the parameter and the value sent; a union's members' complaints joined with "or"."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return APIError(400, f"invalid JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}")
-    param = ".".join(loc) or None
-    return APIError(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param)
+    # a union's members each complain; the one that got deepest into the value says most
+    first = max(errors, key=lambda e: len((_param(e.get("loc", ())) or "").split(".")), default=first)
+    param = _param(first.get("loc", ()))
+    same = [e for e in errors if _param(e.get("loc", ())) == param] or [first]
+    why = " or ".join(dict.fromkeys(e.get("msg", "invalid value") for e in same))
+    message = f"{param or 'body'}: {why}"
+    if "input" in first and first.get("type") != "missing":
+        message += f", got {_short(first['input'])}"
+    return APIError(400, message, param)
 
 
-def create_app(state: ServerState, api_key: str | None = None, max_body_size: int = 32 << 20) -> FastAPI:
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
+
+
+def create_app(state: ServerState, api_key: str | None = None, max_body_size: int = 32 << 20,
+               admin_api_key: str | None = None) -> FastAPI:  # fmt: skip
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await state.tm.start()
@@ -115,7 +181,8 @@ def create_app(state: ServerState, api_key: str | None = None, max_body_size: in
 
     app = FastAPI(title="disagg", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
-    app.add_middleware(GuardMiddleware, state=state, api_key=api_key, max_body_size=max_body_size)
+    app.add_middleware(GuardMiddleware, state=state, api_key=api_key, max_body_size=max_body_size,
+                       admin_api_key=admin_api_key)  # fmt: skip
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -128,14 +195,8 @@ def create_app(state: ServerState, api_key: str | None = None, max_body_size: in
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(APIError(exc.status_code, str(exc.detail), type=kind))
-
-    @app.exception_handler(Exception)
-    async def on_crash(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s", request.url.path)
-        return error_response(
-            APIError(500, f"internal error: {exc}", type="internal_error", code="internal_error")
-        )
+        detail = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(APIError(exc.status_code, detail, type=kind))
 
     app.include_router(openai_api.router)
     app.include_router(native_api.router)

@@ -6,21 +6,30 @@ import dataclasses
 import time
 from collections.abc import AsyncIterator
 
+from disagg.common.engine.request import SamplingParams
 from disagg.common.server.ipc import StrOut
 from disagg.common.server.protocol import AbortRequest, APIError, GenerateRequest
-from disagg.common.engine.request import SamplingParams
 from disagg.common.server.serving import (
+    IS_ADMIN,
     ChoiceAcc,
     ServerState,
+    admin_required,
     check_lengths,
     check_token_ids,
+    duplicate_rid,
+    engine_error,
     make_sampling,
     merge_streams,
     new_rid,
+    open_stream,
+    owner_of,
+    replay_head,
     sse,
     state_of,
+    stream_crash,
     until_disconnect,
 )
+from disagg.common.server.tokenizer_manager import ANY_OWNER
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -35,16 +44,16 @@ _NEUTRAL = {"n": 1, "min_new_tokens": 0, "repetition_penalty": 1.0, "no_stop_tri
 
 
 def native_sampling(req: GenerateRequest) -> dict:
-    params = dict(req.sampling_params or {})
-    if "sampling_seed" in params:
-        params["seed"] = params.pop("sampling_seed")
+    """SamplingParams keyword arguments from SGLang's `sampling_params` (types already checked)."""
+    sp = req.sampling_params
     for key, neutral in _NEUTRAL.items():
-        if key in params and params.pop(key) != neutral:
-            raise APIError(400, f"sampling parameter {key} is not supported (only {neutral!r})", key)
-    unknown = sorted(set(params) - _SAMPLING_KEYS)
-    if unknown:
-        raise APIError(400, f"unknown sampling parameters: {', '.join(unknown)}", unknown[0])
-    if isinstance(params.get("stop"), str):
+        if getattr(sp, key) != neutral:
+            raise APIError(400, f"sampling parameter {key} is not supported (only {neutral!r}), got "
+                           f"{getattr(sp, key)!r}", f"sampling_params.{key}")  # fmt: skip
+    params = sp.model_dump(include=_SAMPLING_KEYS)
+    if sp.sampling_seed is not None:
+        params["seed"] = sp.sampling_seed
+    if isinstance(params["stop"], str):
         params["stop"] = [params["stop"]]
     return params
 
@@ -57,7 +66,9 @@ async def native_prompts(state: ServerState, req: GenerateRequest) -> tuple[list
         texts = req.text if isinstance(req.text, list) else [req.text]
         if not texts:
             raise APIError(400, "the prompt is empty", "text")
-        return [await state.tm.tokenize(t) for t in texts], isinstance(req.text, list)
+        for t in texts:
+            state.tm.check_size(len(t), "text")
+        return [await state.tm.tokenize(t, "text") for t in texts], isinstance(req.text, list)
     if req.input_ids and isinstance(req.input_ids[0], list):
         return check_token_ids([list(p) for p in req.input_ids], "input_ids"), True
     return check_token_ids([list(req.input_ids)], "input_ids"), False
@@ -66,11 +77,11 @@ async def native_prompts(state: ServerState, req: GenerateRequest) -> tuple[list
 @router.post("/generate")
 async def generate(req: GenerateRequest, request: Request) -> Response:
     state = state_of(request)
+    params = native_sampling(req)  # the cheap checks first: a bad parameter costs no tokenization
     prompts, batch = await native_prompts(state, req)
-    params = native_sampling(req)
     samplings = []
     for ids in prompts:
-        max_new = check_lengths(state, len(ids), params.get("max_new_tokens", 128), "max_new_tokens")
+        max_new = check_lengths(state, len(ids), params["max_new_tokens"], "max_new_tokens")
         samplings.append(make_sampling(**{**params, "max_new_tokens": max_new},
                                        return_logprob=req.return_logprob, top_logprobs_num=req.top_logprobs_num))  # fmt: skip
     rids = req.rid if isinstance(req.rid, list) else [req.rid] if req.rid else None
@@ -79,12 +90,15 @@ async def generate(req: GenerateRequest, request: Request) -> Response:
     if len(rids) != len(prompts):
         raise APIError(400, f"{len(rids)} rids for {len(prompts)} prompts", "rid")
     gens = [
-        state.tm.generate(r, ids, sp, req.pd_fields())
+        state.tm.generate(r, ids, sp, req.pd_fields(), owner_of(request))
         for r, ids, sp in zip(rids, prompts, samplings, strict=True)
     ]
     start = time.perf_counter()
     if req.stream:
-        return StreamingResponse(native_stream(gens, rids, batch, start), media_type="text/event-stream")
+        opened = await open_stream(request, gens)
+        if opened is None:
+            return Response(status_code=499)
+        return StreamingResponse(native_stream(*opened, rids, batch, start), media_type="text/event-stream")
     accs = await until_disconnect(request, collect(gens))
     if accs is None:
         return Response(status_code=499)
@@ -100,23 +114,23 @@ async def collect(gens: list[AsyncIterator[StrOut]]) -> list[ChoiceAcc]:
         async for i, out in merge_streams(gens):
             accs[i].add(out)
     except ValueError as e:
-        raise APIError(400, str(e), "rid") from None
+        raise duplicate_rid(e) from None
     return accs
 
 
-async def native_stream(gens, rids: list[str], batch: bool, start: float) -> AsyncIterator[str]:
-    """SGLang's stream shape: each event carries the text and output ids so far."""
-    accs = [ChoiceAcc() for _ in gens]
+async def native_stream(head, outputs, rids: list[str], batch: bool, start: float) -> AsyncIterator[str]:
+    """SGLang's stream shape: each event carries the text and output ids so far; [DONE] at the end."""
+    accs = [ChoiceAcc() for _ in rids]
     try:
-        async for i, out in merge_streams(gens):
+        async for i, out in replay_head(head, outputs):
             accs[i].add(out)
             if out.finished and out.error and not accs[i].output_ids:
-                yield sse(APIError(400, out.error).body())
+                yield sse(engine_error(out.error).body())
                 continue
             body = native_body(accs[i], rids[i], start)
             yield sse({**body, "index": i} if batch else body)
-    except ValueError as e:
-        yield sse(APIError(400, str(e), "rid").body())
+    except Exception as e:  # noqa: BLE001 - a bug: the client still gets an error event, then [DONE]
+        yield stream_crash(e)
     yield sse("[DONE]")
 
 
@@ -153,10 +167,16 @@ def native_body(acc: ChoiceAcc, rid: str, start: float) -> dict:
 
 @router.post("/abort_request")
 async def abort_request(req: AbortRequest, request: Request) -> dict:
+    """Abort one request by the id its client got back (only its own, unless the admin asks), or
+    every request (`abort_all`: the admin only)."""
     if not req.abort_all and not req.rid:
         raise APIError(400, "give `rid` or `abort_all: true`", "rid")
-    n = state_of(request).tm.abort(None if req.abort_all else req.rid)
-    return {"aborted": n}
+    tm, is_admin = state_of(request).tm, request.scope.get(IS_ADMIN, True)
+    if req.abort_all:
+        if not is_admin:
+            raise admin_required("abort_all")
+        return {"aborted": tm.abort(None)}
+    return {"aborted": tm.abort(req.rid, ANY_OWNER if is_admin else owner_of(request))}
 
 
 @router.get("/health")

@@ -6,20 +6,26 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from disagg.common.engine.request import SamplingParams
 from disagg.common.server.ipc import StrOut
 from disagg.common.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, OpenAISampling
-from disagg.common.engine.request import SamplingParams
 from disagg.common.server.serving import (
     ChoiceAcc,
     ServerState,
     check_lengths,
     check_model,
     check_token_ids,
+    duplicate_rid,
+    engine_error,
     make_sampling,
     merge_streams,
     new_rid,
+    open_stream,
+    owner_of,
+    replay_head,
     sse,
     state_of,
+    stream_crash,
     until_disconnect,
     usage,
     with_seed,
@@ -43,6 +49,7 @@ class Job:
     stream: bool
     include_usage: bool
     echo_texts: list[str] | None = None  # completions with echo=True
+    owner: str | None = None  # the key that sent it (see serving.owner_of)
 
     def start(self, state: ServerState, pd: dict) -> list[AsyncIterator[StrOut]]:
         single = len(self.prompts) * self.n == 1
@@ -52,6 +59,7 @@ class Job:
                 self.prompts[i // self.n],
                 with_seed(self.sampling, i % self.n),
                 pd,
+                self.owner,
             )  # fmt: skip
             for i in range(len(self.prompts) * self.n)
         ]
@@ -108,7 +116,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
     max_new = check_lengths(state, len(ids), max_tokens, param)
     sampling = sampling_from(req, max_new, req.logprobs, req.top_logprobs or 0)
     job = Job("chat", req.rid or new_rid("chatcmpl"), req.model or state.model_name, [ids], sampling,
-              req.n, req.stream, req.include_usage)  # fmt: skip
+              req.n, req.stream, req.include_usage, owner=owner_of(request))  # fmt: skip
     return await respond(job, state, request, req.pd_fields())
 
 
@@ -120,6 +128,8 @@ async def completion_prompts(state: ServerState, prompt) -> list[list[int]]:
     if isinstance(prompt[0], int):
         return check_token_ids([list(prompt)], "prompt")
     if isinstance(prompt[0], str):
+        for p in prompt:
+            state.tm.check_size(len(p), "prompt")
         return [await state.tm.tokenize(p) for p in prompt]
     return check_token_ids([list(p) for p in prompt], "prompt")
 
@@ -137,16 +147,19 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     sampling = sampling_from(req, max_new, req.logprobs is not None, req.logprobs or 0)
     echo = [await state.tm.detokenize(p) for p in prompts] if req.echo else None
     job = Job("completion", req.rid or new_rid("cmpl"), req.model or state.model_name, prompts, sampling,
-              req.n, req.stream, req.include_usage, echo)  # fmt: skip
+              req.n, req.stream, req.include_usage, echo, owner_of(request))  # fmt: skip
     return await respond(job, state, request, req.pd_fields())
 
 
 async def respond(job: Job, state: ServerState, request: Request, pd: dict) -> Response:
     if job.stream:
-        return StreamingResponse(stream_chunks(job, state, pd), media_type="text/event-stream")
+        opened = await open_stream(request, job.start(state, pd))
+        if opened is None:
+            return Response(status_code=499)  # the client is gone; nobody reads this
+        return StreamingResponse(stream_chunks(job, *opened), media_type="text/event-stream")
     accs = await until_disconnect(request, collect(job, state, pd))
     if accs is None:
-        return Response(status_code=499)  # the client is gone; nobody reads this
+        return Response(status_code=499)
     for acc in accs:
         acc.raise_if_rejected()
     choices = [choice_body(job, i, acc) for i, acc in enumerate(accs)]
@@ -162,7 +175,7 @@ async def collect(job: Job, state: ServerState, pd: dict) -> list[ChoiceAcc]:
         async for i, out in merge_streams(job.start(state, pd)):
             accs[i].add(out)
     except ValueError as e:  # a duplicate rid
-        raise APIError(400, str(e), "rid") from None
+        raise duplicate_rid(e) from None
     return accs
 
 
@@ -202,8 +215,9 @@ def completion_logprobs(acc: ChoiceAcc) -> dict:
     }
 
 
-async def stream_chunks(job: Job, state: ServerState, pd: dict) -> AsyncIterator[str]:
-    """SSE chunks in OpenAI's format; a client that disconnects cancels this, which aborts the requests."""
+async def stream_chunks(job: Job, head: tuple[int, StrOut], outputs) -> AsyncIterator[str]:
+    """SSE chunks in OpenAI's format; a client that disconnects cancels this, which aborts the requests.
+    Ends with [DONE] after the last chunk or after an error event."""
     created, total = int(time.time()), len(job.prompts) * job.n
     obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
     accs = [ChoiceAcc() for _ in range(total)]
@@ -220,19 +234,19 @@ async def stream_chunks(job: Job, state: ServerState, pd: dict) -> AsyncIterator
         yield chunk([{"index": i, "text": job.echo_texts[i // job.n], "logprobs": None, "finish_reason": None}
                      for i in range(total)])  # fmt: skip
     try:
-        async for i, out in merge_streams(job.start(state, pd)):
+        async for i, out in replay_head(head, outputs):
             delta = ChoiceAcc()
             delta.add(out)
             accs[i].add(out)
             if out.finished and out.error and not accs[i].output_ids:
-                yield sse(APIError(400, out.error).body())
+                yield sse(engine_error(out.error).body())
                 continue
             if out.output_ids or out.finished:  # also when the text is held back: clients see token timing
                 yield chunk([delta_body(job, i, delta, out)])
-    except ValueError as e:
-        yield sse(APIError(400, str(e), "rid").body())
-    if job.include_usage:
-        yield chunk([], usage=usage(accs, [len(p) for p in job.prompts]))
+        if job.include_usage:
+            yield chunk([], usage=usage(accs, [len(p) for p in job.prompts]))
+    except Exception as e:  # noqa: BLE001 - a bug: the client still gets an error event, then [DONE]
+        yield stream_crash(e)
     yield sse("[DONE]")
 
 

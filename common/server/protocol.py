@@ -1,49 +1,84 @@
 """Request bodies of the HTTP API (OpenAI-compatible and SGLang-native), as pydantic models.
 
-Unknown fields are accepted and ignored (clients and routers add their own, e.g. SGLang's router
-adds `bootstrap_*`, `log_metrics`, `separate_reasoning`); fields that are present are type-checked.
+Unknown top-level fields are accepted and ignored (clients and routers add their own, e.g. SGLang's
+router adds `log_metrics`, `separate_reasoning`); fields that are present are type-checked strictly:
+`"yes"` is not a boolean, `true` is not an integer, `5` is not a stop string. A field sent as `null`
+takes its documented default, as if it were absent.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+# bootstrap rooms are non-negative signed 64-bit integers (SGLang's router draws them in [0, 2**63))
+MAX_ROOM = 2**63
+
+# OpenAI's types: the client's mistake vs. a failure of ours (retryable elsewhere)
+CLIENT_ERROR, SERVER_ERROR = "invalid_request_error", "server_error"
 
 
 class APIError(Exception):
-    """An error a client caused or must see: becomes {"error": {...}} with `status`."""
+    """An error a client caused or must see: becomes {"error": {...}} with `status`.
+
+    4xx: the client's mistake (never retried, never counted against a worker). 5xx: the system's
+    failure, with a typed `code` (a router retries it on another worker and counts it).
+    """
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None):  # fmt: skip
+                 type: str = CLIENT_ERROR, code: str | None = None):  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.param, self.type = status, message, param, type
-        self.code = code or {400: "invalid_value", 401: "invalid_api_key", 404: "not_found",
+        self.code = code or {400: "invalid_value", 401: "invalid_api_key", 403: "admin_key_required",
+                             404: "not_found", 405: "method_not_allowed", 409: "conflict",
                              413: "request_too_large", 503: "service_unavailable"}.get(status)  # fmt: skip
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class PDFields(BaseModel):
+def _valid_unicode(text: str) -> str:
+    """Lone surrogates ("\\ud800") parse as JSON but are not text: no tokenizer can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"contains an unpaired surrogate {text[e.start]!r} at character {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+class PDFields(StrictModel):
     """Set by a PD router on both the prefill and the decode request; passed through to the scheduler."""
 
-    model_config = ConfigDict(extra="allow")
-    bootstrap_host: str | None = None
-    bootstrap_port: int | None = None
-    bootstrap_room: int | None = None
+    bootstrap_host: Text | None = None
+    bootstrap_port: int | None = Field(None, ge=1, le=65535)
+    bootstrap_room: int | None = Field(None, ge=0, lt=MAX_ROOM)
 
     def pd_fields(self) -> dict:
         return {"bootstrap_host": self.bootstrap_host, "bootstrap_port": self.bootstrap_port,
                 "bootstrap_room": self.bootstrap_room}  # fmt: skip
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
 class OpenAISampling(PDFields):
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -52,32 +87,30 @@ class OpenAISampling(PDFields):
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     n: int = 1
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stop_token_ids: list[int] | None = None  # extension
     ignore_eos: bool = False  # extension
     skip_special_tokens: bool = True  # extension
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
-    rid: str | None = None  # extension: request id, usable with /abort_request
+    user: Text | None = None
+    rid: Text | None = None  # extension: request id, usable with /abort_request
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ContentPart(StrictModel):
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -95,23 +128,48 @@ class ChatCompletionRequest(OpenAISampling):
 
 
 class CompletionRequest(OpenAISampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = None
     echo: bool = False
+
+
+class NativeSampling(StrictModel):
+    """SGLang's `sampling_params`: our SamplingParams' fields, plus SGLang's that we accept only at
+    their neutral value (checked by the handler). Unknown keys are refused: a typo must not be ignored."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    max_new_tokens: int = 128  # SGLang's default
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: Text | list[Text] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    sampling_seed: int | None = None  # SGLang's name for seed
+    skip_special_tokens: bool = True
+    n: int = 1
+    min_new_tokens: int = 0
+    repetition_penalty: float = 1.0
+    no_stop_trim: bool = False
+    spaces_between_special_tokens: bool = True
 
 
 class GenerateRequest(PDFields):
     """SGLang's native /generate body."""
 
-    text: str | list[str] | None = None
+    text: Text | list[Text] | None = None
     input_ids: list[int] | list[list[int]] | None = None
-    sampling_params: dict[str, Any] | None = None
+    sampling_params: NativeSampling = Field(default_factory=NativeSampling)
     stream: bool = False
-    rid: str | list[str] | None = None
+    rid: Text | list[Text] | None = None
     return_logprob: bool = False
     top_logprobs_num: int = 0
 
 
-class AbortRequest(BaseModel):
-    rid: str | None = None
+class AbortRequest(StrictModel):
+    rid: Text | None = None
     abort_all: bool = False

@@ -6,18 +6,28 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from disagg.common.engine.request import SamplingParams
 from disagg.common.server.ipc import StrOut
 from disagg.common.server.metrics import ServerMetrics
-from disagg.common.server.protocol import APIError
-from disagg.common.engine.request import SamplingParams
+from disagg.common.server.protocol import SERVER_ERROR, APIError
 from disagg.common.server.tokenizer_manager import TokenizerManager
 from fastapi import Request
 
+logger = logging.getLogger(__name__)
+
 DISCONNECT_POLL_S = 0.2
+# the scheduler's `error` for a request whose KV cache never arrived ("KV transfer failed: kind: detail",
+# kind as in transfer/base.py): the system's failure, not the client's
+KV_TRANSFER_FAILED = "KV transfer failed"
+
+
+# ASGI scope keys the guard middleware sets for the handlers
+IS_ADMIN, PRINCIPAL = "disagg.is_admin", "disagg.principal"
 
 
 @dataclass
@@ -33,6 +43,16 @@ class ServerState:
 
 def state_of(request: Request) -> ServerState:
     return request.app.state.server
+
+
+def owner_of(request: Request) -> str | None:
+    """Who sent this request (a hash of its key): the only one, with the admin, who may abort it."""
+    return request.scope.get(PRINCIPAL)
+
+
+def admin_required(what: str) -> APIError:
+    return APIError(403, f"{what} needs the admin API key (--admin-api-key)", type="permission_error",
+                    code="admin_key_required")  # fmt: skip
 
 
 def new_rid(prefix: str) -> str:
@@ -138,6 +158,65 @@ async def merge_streams(gens: list[AsyncIterator[StrOut]]) -> AsyncIterator[tupl
             t.cancel()
 
 
+def engine_error(error: str) -> APIError:
+    """Classify why the engine ended a request that produced nothing (StrOut.error): decided once, here.
+
+    A failed KV transfer is ours (504 on a timeout, else 502; code kv_transfer_failed, retryable on
+    another pair); a room in use is a conflict (409); an abort is reported as such; anything else the
+    engine refuses (a prompt too long for its pool, token ids out of its vocabulary) is the client's.
+    """
+    if error.startswith(KV_TRANSFER_FAILED):
+        timeout = error[len(KV_TRANSFER_FAILED) :].lstrip(": ").startswith("timeout")
+        return APIError(504 if timeout else 502, error, type=SERVER_ERROR, code="kv_transfer_failed")
+    if error.startswith("aborted"):
+        return APIError(400, error, code="request_aborted")
+    if "bootstrap_room" in error:
+        return APIError(409, error, "bootstrap_room", code="bootstrap_room_in_use")
+    return APIError(400, error)
+
+
+def duplicate_rid(e: ValueError) -> APIError:
+    return APIError(409, str(e), "rid", code="duplicate_rid")
+
+
+async def open_stream(request: Request, gens: list[AsyncIterator[StrOut]]):
+    """Start a streamed answer: wait for the first output so that a request refused or failed before
+    producing anything gets its own status (4xx, or a 5xx a router retries) instead of a 200 stream.
+
+    Returns (first (index, output), the rest of the merged outputs), or None if the client left first.
+    """
+    outputs = merge_streams(gens)
+
+    async def first():
+        try:
+            return await anext(outputs)
+        except ValueError as e:  # a duplicate rid
+            raise duplicate_rid(e) from None
+
+    head = await until_disconnect(request, first())
+    if head is None:
+        await outputs.aclose()
+        return None
+    out = head[1]
+    if out.finished and out.error and not out.output_ids:
+        await outputs.aclose()  # the n>1 siblings, if any, are aborted
+        raise engine_error(out.error)
+    return head, outputs
+
+
+async def replay_head(head: tuple[int, StrOut], outputs: AsyncIterator[tuple[int, StrOut]]):
+    yield head
+    async with contextlib.aclosing(outputs) as rest:
+        async for item in rest:
+            yield item
+
+
+def stream_crash(e: Exception) -> str:
+    """A bug inside a stream that already answered 200: still an error event, then [DONE]."""
+    logger.exception("stream failed")
+    return sse(APIError(500, f"internal error: {e}", type=SERVER_ERROR, code="internal_error").body())
+
+
 async def until_disconnect(request: Request, coro):
     """Run `coro`; if the client goes away first, cancel it (which aborts its requests) and return None."""
     task = asyncio.ensure_future(coro)
@@ -179,9 +258,9 @@ class ChoiceAcc:
         self.last = out
 
     def raise_if_rejected(self) -> None:
-        """A request the engine refused before producing anything is the client's error."""
+        """A request the engine ended before producing anything answers with that error."""
         if self.last and self.last.error and not self.output_ids:
-            raise APIError(400, self.last.error)
+            raise engine_error(self.last.error)
 
 
 def usage(accs: list[ChoiceAcc], prompt_lens: list[int]) -> dict:

@@ -1,13 +1,19 @@
 """The HTTP process's side of the engine: tokenize, send requests, fan detokenized outputs out.
 
-Tokenization runs on a worker thread (never on the event loop, never in the scheduler). Outputs
-arrive from the detokenizer on one socket and are routed to per-request asyncio queues; request
-timings feed the metrics there, so they are counted even when a client has gone away.
+Tokenization runs on worker threads (never on the event loop, never in the scheduler): short texts
+on one, long texts on another with its own copy of the tokenizer, so a huge prompt never delays a
+short one (HF fast tokenizers release the GIL while encoding). A text with more characters than
+any prompt that fits the context can have is refused before it is tokenized at all. Outputs arrive
+from the detokenizer on one socket and are routed to per-request asyncio queues; request timings
+feed the metrics there, so they are counted even when a client has gone away.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import ctypes
+import ctypes.util
 import itertools
 import logging
 import time
@@ -17,6 +23,8 @@ from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
+from disagg.common.engine.request import SamplingParams
+from disagg.common.messages import decode, encode
 from disagg.common.server.ipc import (
     AbortReqMsg,
     BatchStrOutMsg,
@@ -27,11 +35,27 @@ from disagg.common.server.ipc import (
     StrOut,
     zmq_socket,
 )
-from disagg.common.messages import decode, encode
 from disagg.common.server.metrics import ServerMetrics
-from disagg.common.engine.request import SamplingParams
+from disagg.common.server.protocol import APIError
 
 logger = logging.getLogger(__name__)
+
+LARGE_TEXT_CHARS = 32_768  # longer texts are tokenized on the second thread
+# NOTE: a normalizer may compose characters (NFC); allow that much slack in the character bound
+NORMALIZER_SLACK = 2
+ANY_OWNER = object()  # abort(): whoever created the request
+
+
+def _trim_heap() -> None:
+    """Give the freed heap of a large tokenization back to the OS (glibc keeps it otherwise)."""
+    libc = ctypes.util.find_library("c")
+    if libc:
+        ctypes.CDLL(libc).malloc_trim(0)
+
+
+def max_token_chars(tokenizer) -> int:
+    """The most characters one token can stand for (byte-level vocabularies: one per byte)."""
+    return max((len(t) for t in tokenizer.get_vocab()), default=1)
 
 
 @dataclass
@@ -41,6 +65,7 @@ class ReqState:
     last_token_time: float | None = None
     finished: bool = False
     abandoned: bool = False  # the consumer left; drop outputs until the final one
+    owner: str | None = None  # the key that created it (a hash): only it or the admin may abort it
 
 
 class TokenizerManager:
@@ -52,8 +77,13 @@ class TokenizerManager:
         self.reqs: dict[str, ReqState] = {}
         self.pongs: dict[int, asyncio.Future] = {}
         self.ping_ids = itertools.count()
-        # NOTE: one thread: HF fast tokenizers are not safe to call from several threads at once
+        # NOTE: one thread per tokenizer object: HF fast tokenizers are not safe to call from several
+        # threads at once; long texts get their own copy, so they never queue in front of short ones
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
+        self.large_tokenizer = copy.deepcopy(tokenizer)
+        self.large_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer-large")
+        # a text longer than this has more tokens than the context holds: refused untokenized
+        self.max_prompt_chars = context_length * max_token_chars(tokenizer) * NORMALIZER_SLACK
         self.recv_task: asyncio.Task | None = None
 
     # ---- lifecycle (inside the server's event loop) ----
@@ -68,36 +98,62 @@ class TokenizerManager:
             self.recv_task.cancel()
         self.ctx.destroy(linger=0)
         self.executor.shutdown(wait=False)
+        self.large_executor.shutdown(wait=False)
 
     @property
     def num_in_flight(self) -> int:
         return sum(not s.abandoned for s in self.reqs.values())
 
-    # ---- tokenization (worker thread) ----
-    async def _in_thread(self, fn, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, lambda: fn(*args, **kwargs))
+    # ---- tokenization (worker threads) ----
+    def check_size(self, chars: int, param: str) -> None:
+        """Refuse a text that cannot fit the context, before spending any time on it."""
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"the prompt has {chars} characters, more than any prompt that fits this model's "
+                           f"context of {self.context_length} tokens can have", param,
+                           code="context_length_exceeded")  # fmt: skip
 
-    async def tokenize(self, text: str) -> list[int]:
-        return await self._in_thread(self.tokenizer.encode, text)
+    async def _in_thread(self, size: int, fn, *args):
+        """fn(tokenizer, *args) on the thread for texts of `size` characters."""
+        large = size > LARGE_TEXT_CHARS
+        tokenizer, executor = (
+            (self.large_tokenizer, self.large_executor) if large else (self.tokenizer, self.executor)
+        )
+
+        def run():
+            try:
+                return fn(tokenizer, *args)
+            finally:
+                if large:
+                    _trim_heap()
+
+        return await asyncio.get_running_loop().run_in_executor(executor, run)
+
+    async def tokenize(self, text: str, param: str = "prompt") -> list[int]:
+        self.check_size(len(text), param)
+        return await self._in_thread(len(text), lambda tok, t: tok.encode(t), text)
 
     async def chat_prompt(self, messages: list[dict]) -> tuple[str, list[int]]:
-        def render() -> tuple[str, list[int]]:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            return text, self.tokenizer.encode(text, add_special_tokens=False)
+        size = sum(len(m["content"]) for m in messages)
+        self.check_size(size, "messages")
 
-        return await self._in_thread(render)
+        def render(tok, messages) -> tuple[str, list[int]]:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return text, tok.encode(text, add_special_tokens=False)
+
+        return await self._in_thread(size, render, messages)
 
     async def detokenize(self, ids: list[int]) -> str:
-        return await self._in_thread(self.tokenizer.decode, ids)
+        return await self._in_thread(len(ids), lambda tok, ids: tok.decode(ids), ids)
 
     # ---- requests ----
     async def generate(
-        self, rid: str, input_ids: list[int], sampling: SamplingParams, pd: dict | None = None
-    ) -> AsyncIterator[StrOut]:
+        self, rid: str, input_ids: list[int], sampling: SamplingParams, pd: dict | None = None,
+        owner: str | None = None,
+    ) -> AsyncIterator[StrOut]:  # fmt: skip
         """Yield the request's outputs until the finished one; leaving early aborts it."""
         if rid in self.reqs:
             raise ValueError(f"request id {rid!r} is already running")
-        state = self.reqs[rid] = ReqState()
+        state = self.reqs[rid] = ReqState(owner=owner)
         self._send(GenerateReqMsg(rid, list(input_ids), sampling, **(pd or {})))
         try:
             while True:
@@ -112,9 +168,13 @@ class TokenizerManager:
             else:
                 self.reqs.pop(rid, None)
 
-    def abort(self, rid: str | None = None) -> int:
-        """Abort `rid`, its n>1 siblings (`rid-0`, `rid-1`, ...), or everything when rid is None."""
-        targets = [r for r in self.reqs if rid is None or r == rid or r.startswith(f"{rid}-")]
+    def abort(self, rid: str | None = None, owner: str | None | object = ANY_OWNER) -> int:
+        """Abort `rid` and its n>1 siblings (`rid-0`, `rid-1`, ...), or everything when rid is None;
+        only the requests `owner` created unless ANY_OWNER."""
+        targets = [
+            r for r, s in self.reqs.items()
+            if (rid is None or r == rid or _is_sibling(r, rid)) and (owner is ANY_OWNER or s.owner == owner)
+        ]  # fmt: skip
         for r in targets:
             self._send(AbortReqMsg(r))
         return len(targets)
@@ -173,3 +233,8 @@ class TokenizerManager:
                 return
         if not state.abandoned:
             state.queue.put_nowait(out)
+
+
+def _is_sibling(rid: str, base: str) -> bool:
+    """`base-3` is one of the n samples of `base`; `base-x` (another client's id) is not."""
+    return rid.startswith(base) and rid[len(base) : len(base) + 1] == "-" and rid[len(base) + 1 :].isdigit()
