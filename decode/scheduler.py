@@ -38,18 +38,6 @@ class DecodeScheduler(Scheduler):
         self.prefill_cached: dict[str, int] = {}  # rid -> prompt tokens the prefill side had cached
 
     # ---- public interface -------------------------------------------------------------
-    def add_request(self, req: Req) -> None:
-        pd = (req.bootstrap_host, req.bootstrap_port, req.bootstrap_room)
-        if all(x is None for x in pd):
-            super().add_request(req)
-            return
-        error = self._check_request(req) or self._check_room(req)
-        if error:
-            self._pending_outs.append(self._abort_out(req, error))
-            return
-        req.arrival_time = req.arrival_time or time.monotonic()
-        self.prealloc.append(req)
-
     def abort_request(self, rid: str) -> None:
         for req in self.prealloc:
             if req.rid == rid:
@@ -80,6 +68,17 @@ class DecodeScheduler(Scheduler):
         return stats
 
     # ---- role hooks -------------------------------------------------------------------
+    @staticmethod
+    def _is_pd(req: Req) -> bool:
+        return not all(x is None for x in (req.bootstrap_host, req.bootstrap_port, req.bootstrap_room))
+
+    def _check_role_request(self, req: Req) -> str | None:
+        return self._check_room(req) if self._is_pd(req) else None
+
+    def _enqueue(self, req: Req) -> None:
+        # a request without a room is served like the colocated server would (prefill here too)
+        (self.prealloc if self._is_pd(req) else self.waiting).append(req)
+
     def _has_held_requests(self) -> bool:
         return bool(self.prealloc)  # retried: what frees pages is no transfer result
 

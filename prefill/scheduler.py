@@ -41,22 +41,6 @@ class PrefillScheduler(Scheduler):
         self.first_outs: dict[int, TokenOut] = {}  # room -> its first token, sent with the completion
 
     # ---- public interface -------------------------------------------------------------
-    def add_request(self, req: Req) -> None:
-        if req.bootstrap_room is None:
-            super().add_request(req)
-            return
-        error = self._check_request(req) or self._check_room(req)
-        if error:
-            self._pending_outs.append(self._abort_out(req, error))
-            return
-        req.arrival_time = req.arrival_time or time.monotonic()
-        room = req.bootstrap_room
-        self.rooms[room] = req
-        # NOTE: an empty first chunk opens the room in the transfer engine now: its timeout covers a
-        # decode side that never asks for it, and an abort before any page reaches the decode side
-        self.transfer.send(room, [], 0, False)
-        (self.waiting if self._may_start_now(req) else self.bootstrap).append(req)
-
     def abort_request(self, rid: str) -> None:
         req = next((r for r in self.rooms.values() if r.rid == rid), None)
         if req is None:
@@ -85,6 +69,22 @@ class PrefillScheduler(Scheduler):
         return stats
 
     # ---- role hooks -------------------------------------------------------------------
+    def _check_role_request(self, req: Req) -> str | None:
+        if req.bootstrap_room is not None and req.bootstrap_room in self.rooms:
+            return f"bootstrap_room {req.bootstrap_room} is already in use on this prefill server"
+        return None
+
+    def _enqueue(self, req: Req) -> None:
+        if req.bootstrap_room is None:  # not a PD request (a health check): prefill and answer
+            self.waiting.append(req)
+            return
+        room = req.bootstrap_room
+        self.rooms[room] = req
+        # NOTE: an empty first chunk opens the room in the transfer engine now: its timeout covers a
+        # decode side that never asks for it, and an abort before any page reaches the decode side
+        self.transfer.send(room, [], 0, False)
+        (self.waiting if self._may_start_now(req) else self.bootstrap).append(req)
+
     def _has_held_requests(self) -> bool:
         return bool(self.bootstrap)  # retried: a decode's ask is no transfer result
 
@@ -125,11 +125,6 @@ class PrefillScheduler(Scheduler):
         self.first_outs[req.bootstrap_room] = out
 
     # ---- stages -----------------------------------------------------------------------
-    def _check_room(self, req: Req) -> str | None:
-        if req.bootstrap_room in self.rooms:
-            return f"bootstrap_room {req.bootstrap_room} is already in use on this prefill server"
-        return None
-
     def _may_start_now(self, req: Req) -> bool:
         """Prefill at once, before the decode side asked for the room (its chunks wait in the
         transfer engine until it does), unless that would let rooms fill the pool.

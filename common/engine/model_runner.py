@@ -120,11 +120,11 @@ class ModelRunner:
         t0, ps = time.perf_counter(), self.pool.page_size
         n = min(2 * ps, max(1, self.pool.num_free_pages * ps // 3))
 
-        def plan(start: int, q: int) -> dict:
+        def plan(start: int, q: int) -> BatchPlan:
             pos = list(range(start, start + q))
-            return dict(ids=[0] * q, positions=pos, pages=[p // ps for p in pos], offsets=[p % ps for p in pos],
-                        logits_index=[q - 1], q_lens=[q], kv_lens=[start + q],
-                        tables=[list(range((start + q + ps - 1) // ps))])  # fmt: skip
+            return BatchPlan(ids=[0] * q, positions=pos, pages=[p // ps for p in pos], offsets=[p % ps for p in pos],
+                             logits_index=[q - 1], q_lens=[q], kv_lens=[start + q],
+                             tables=[list(range((start + q + ps - 1) // ps))])  # fmt: skip
 
         for p in (plan(0, n), plan(n, n), plan(2 * n, 1)):
             self.forward_plan(p)

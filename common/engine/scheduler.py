@@ -58,12 +58,12 @@ class Scheduler:
         return self.pool.num_pages
 
     def add_request(self, req: Req) -> None:
-        error = self._check_request(req)
+        error = self._check_request(req) or self._check_role_request(req)
         if error:
             self._pending_outs.append(self._abort_out(req, error))
             return
         req.arrival_time = req.arrival_time or time.monotonic()
-        self.waiting.append(req)
+        self._enqueue(req)
 
     def abort_request(self, rid: str) -> None:
         for req in list(self.waiting):
@@ -132,6 +132,14 @@ class Scheduler:
         return True
 
     # ---- role hooks (the colocated server: none of them does anything) -----------------
+    def _check_role_request(self, req: Req) -> str | None:
+        """Why the role refuses `req` (e.g. a bootstrap room already in use), or None."""
+        return None
+
+    def _enqueue(self, req: Req) -> None:
+        """Queue an accepted request (the PD roles hold theirs in their own queue first)."""
+        self.waiting.append(req)
+
     def _admit_held_requests(self) -> None:
         """Move requests held back in a role's own queue into `waiting` or `running`."""
 
