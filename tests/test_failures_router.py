@@ -36,7 +36,8 @@ def gen_event(ids: list[int], finish: dict | None = None) -> dict:
 
 class Upstream:
     """A loopback HTTP worker answering /health with 200 and each POST with the next script entry:
-    the raw bytes to write, then close the connection (mid-answer when the script says so)."""
+    the raw bytes to write, then close the connection (mid-answer when the script says so); None:
+    never answer."""
 
     def __init__(self, scripts: list[bytes]):
         self.scripts = list(scripts)
@@ -63,7 +64,10 @@ class Upstream:
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}")
         else:
             self.bodies.append(orjson.loads(body))
-            writer.write(self.scripts.pop(0))
+            script = self.scripts.pop(0)
+            if script is None:
+                await asyncio.sleep(30)
+            writer.write(script)
         await writer.drain()
         writer.close()
 
@@ -77,6 +81,8 @@ async def through_router(upstream: Upstream, path: str, body: dict, **config) ->
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://router") as client:
             r = await client.post(path, json=body)
+        if not r.headers.get("content-type", "").startswith("text/event-stream"):
+            return r.status_code, [r.text]
         return r.status_code, [line[6:] for line in r.text.split("\n") if line.startswith("data: ")]
     finally:
         await app.state.stop()
@@ -152,6 +158,19 @@ def test_a_stream_whose_final_event_arrived_only_misses_done():
     _, data = asyncio.run(through_router(upstream, "/generate", body))
     assert [json.loads(d)["output_ids"] for d in data[:-1]] == [[7], [7, 8]] and data[-1] == "[DONE]"
     assert len(upstream.bodies) == 1  # nothing re-run
+
+
+def test_a_json_answer_lost_on_every_attempt_is_a_typed_502_or_504():
+    body = {"text": "hi"}
+    status, (text,) = asyncio.run(
+        through_router(Upstream([b"", b""]), "/generate", body, retry_max_retries=2)
+    )
+    error = json.loads(text)["error"]
+    assert status == 502 and error["code"] == "upstream_unavailable" and error["type"] == "server_error"
+    status, (text,) = asyncio.run(
+        through_router(Upstream([None]), "/generate", body, retry_max_retries=1, request_timeout_secs=0.3)
+    )
+    assert status == 504 and json.loads(text)["error"]["code"] == "worker_timeout"
 
 
 def test_probes_mark_down_fail_inflight_legs_and_half_open_the_breaker():
