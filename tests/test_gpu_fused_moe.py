@@ -79,4 +79,5 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
         out = fused_experts(x, w13, w2, weights, ids)
     ids.copy_(torch.randint(0, 16, (4, 4), device="cuda"))  # new routing, same buffers
     graph.replay()
-    torch.testing.assert_close(out, fused_experts(x, w13, w2, weights, ids), rtol=0, atol=0)
+    # NOTE: split-K sums by atomics, in any order: equal up to bf16 rounding
+    torch.testing.assert_close(out, fused_experts(x, w13, w2, weights, ids), rtol=1e-2, atol=1e-2)

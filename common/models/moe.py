@@ -72,7 +72,8 @@ class SparseMoE(nn.Module):
         weights, ids = probs.topk(self.top_k, dim=-1)  # [T, k]
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        local = ids - self.first_expert  # out of [0, num_local): another rank's expert, skipped
+        # out of [0, num_local): another rank's expert, skipped (no subtraction kernel on rank 0)
+        local = ids - self.first_expert if self.first_expert else ids
         return all_reduce(self.routed_experts(x, local, weights))
 
     def routed_experts(self, x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
