@@ -19,7 +19,7 @@ from collections import deque
 
 from disagg.common.config import DisaggConfig, EngineConfig
 from disagg.common.engine.kv_pool import pages_for_tokens
-from disagg.common.engine.request import Req, ReqStatus, TokenOut
+from disagg.common.engine.request import Req, ReqStatus, SchedulerStats, TokenOut
 from disagg.common.engine.scheduler import Scheduler
 from disagg.common.parallel.state import get_parallel
 from disagg.decode.ranks import create_receiver
@@ -54,23 +54,29 @@ class DecodeScheduler(Scheduler):
     def has_work(self) -> bool:
         return super().has_work() or bool(self.prealloc or self.rooms)
 
-    def stats(self) -> dict:
+    def stats(self) -> SchedulerStats:
         stats = super().stats()
         transferring = sum(not r.is_finished for r in self.rooms.values())
-        stats["queues"] = dict(
-            prealloc=len(self.prealloc),
-            transfer=transferring,
-            waiting=len(self.waiting),
-            running=len(self.running),
-        )
-        stats["num_prealloc"], stats["num_transferring"] = len(self.prealloc), transferring
-        stats["metrics_text"] = self.transfer.metrics_text()
+        stats.queues = dict(prealloc=len(self.prealloc), transfer=transferring, waiting=len(self.waiting),
+                            running=len(self.running))  # fmt: skip
+        stats.num_prealloc, stats.num_transferring = len(self.prealloc), transferring
+        stats.num_open_rooms = len(self.transfer.open_rooms)
+        stats.metrics_text = self.transfer.metrics_text()
         return stats
 
     # ---- role hooks -------------------------------------------------------------------
     @staticmethod
     def _is_pd(req: Req) -> bool:
         return not all(x is None for x in (req.bootstrap_host, req.bootstrap_port, req.bootstrap_room))
+
+    def _free_pages(self, req: Req) -> None:
+        if not self._is_pd(req):
+            super()._free_pages(req)
+            return
+        # NOTE: a PD request's KV comes from the prefill, so the decode never looks its prefix
+        # cache up for one: filling the cache would only hold pages (and look like a leak)
+        self.pool.free(req.page_table)
+        req.page_table, req.num_computed_tokens = [], 0
 
     def _check_role_request(self, req: Req) -> str | None:
         return self._check_room(req) if self._is_pd(req) else None

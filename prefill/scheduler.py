@@ -18,7 +18,7 @@ from collections import deque
 
 from disagg.common.config import DisaggConfig, EngineConfig
 from disagg.common.engine.kv_pool import pages_for_tokens
-from disagg.common.engine.request import Req, ReqStatus, TokenOut
+from disagg.common.engine.request import Req, ReqStatus, SchedulerStats, TokenOut
 from disagg.common.engine.scheduler import Scheduler
 from disagg.common.parallel.state import get_parallel
 from disagg.prefill.ranks import create_sender
@@ -55,17 +55,13 @@ class PrefillScheduler(Scheduler):
     def has_work(self) -> bool:
         return super().has_work() or bool(self.rooms)
 
-    def stats(self) -> dict:
+    def stats(self) -> SchedulerStats:
         stats = super().stats()
         transferring = sum(r.status == ReqStatus.TRANSFERRING for r in self.rooms.values())
-        stats["queues"] = dict(
-            bootstrap=len(self.bootstrap),
-            waiting=len(self.waiting),
-            running=len(self.running),
-            transfer=transferring,
-        )
-        stats["num_transferring"] = transferring
-        stats["metrics_text"] = self.transfer.metrics_text()
+        stats.queues = dict(bootstrap=len(self.bootstrap), waiting=len(self.waiting), running=len(self.running),
+                            transfer=transferring)  # fmt: skip
+        stats.num_transferring, stats.num_open_rooms = transferring, len(self.transfer.open_rooms)
+        stats.metrics_text = self.transfer.metrics_text()
         return stats
 
     # ---- role hooks -------------------------------------------------------------------

@@ -3,41 +3,31 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import sys
-import threading
 
 import httpx
-import pytest
-from disagg.router.testing import Process, free_port
+from disagg.common.config import env_cpu_threads
 
-from tests.server_helpers import ServerProcess, wait_until
+from tests.procs import Process, free_port, kill_group, router, wait_until
+from tests.server_helpers import ServerProcess
 
 # small pools and context (fast start-up), chunks of 64 tokens (long prompts travel in pieces)
 PD_ARGS = ["--max-total-tokens", "4096", "--context-length", "512", "--chunked-prefill-size", "64",
            "--log-level", "warning", "--grace-period", "3"]  # fmt: skip
 # NOTE: several servers share 2 cores: torch's CPU kernels crawl when oversubscribed
-SERVER_ENV = {"DISAGG_CPU_THREADS": "1"}
+SERVER_ENV = env_cpu_threads(1)
 
 
 def start_all(servers: list[ServerProcess], timeout: float = 300) -> None:
+    """Launch every server (with SERVER_ENV), then wait for each: they start side by side."""
+    for server in servers:
+        server.env = {**SERVER_ENV, **server.env}
+        server.launch()
     errors: list[BaseException] = []
-
-    def start(server: ServerProcess) -> None:
+    for server in servers:
         try:
-            server.start(timeout)
-        except BaseException as e:  # noqa: BLE001 - re-raised below
+            server.wait_healthy(timeout)
+        except BaseException as e:  # noqa: BLE001 - re-raised below, once every server is waited for
             errors.append(e)
-
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in SERVER_ENV.items():
-            mp.setenv(key, value)
-        threads = [threading.Thread(target=start, args=(s,)) for s in servers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
     if errors:
         raise errors[0]
 
@@ -76,15 +66,11 @@ class PDCluster:
         return self
 
     def _router(self) -> Process:
-        port = free_port()
         legs = ["--pd-disaggregation", "--prefill", self.prefill.url, str(self.bootstrap_port),
                 "--decode", self.decode.url]  # fmt: skip
-        module = (
-            "disagg.router.launch_router" if self.router_kind == "disagg" else "sglang_router.launch_router"
-        )
-        argv = [sys.executable, "-m", module, *legs, "--host", "127.0.0.1", "--port", str(port)]
-        ready = "/liveness" if self.router_kind == "disagg" else "/health"
-        return Process(argv, f"http://127.0.0.1:{port}", ready_path=ready, env=SERVER_ENV)
+        if self.router_kind == "disagg":
+            return router(legs, env=SERVER_ENV)
+        return router(legs, env=SERVER_ENV, module="sglang_router.launch_router", ready_path="/health")
 
     @property
     def url(self) -> str:
@@ -100,7 +86,7 @@ class PDCluster:
             server.stop()
 
     def kill(self, server: ServerProcess) -> None:
-        os.killpg(server.proc.pid, signal.SIGKILL)
+        kill_group(server.proc.pid)
 
     def __enter__(self) -> PDCluster:
         return self.start()
@@ -115,9 +101,9 @@ def stats(server: ServerProcess) -> dict:
 
 
 def is_idle(server: ServerProcess) -> bool:
-    """No request anywhere in the server, and every page free or held by the prefix cache."""
+    """No request anywhere in the server, no open room, and every page free or held by the prefix cache."""
     s = stats(server)
-    return not any(s["queues"].values()) and s["num_used_pages"] == s["num_cached_pages"]
+    return not any(s["queues"].values()) and s["num_request_pages"] == 0 and s["num_open_rooms"] == 0
 
 
 def assert_pool_free(server: ServerProcess, timeout: float = 30) -> None:

@@ -10,7 +10,8 @@ import time
 import httpx
 import pytest
 
-from tests.pd_helpers import PDCluster, assert_pool_free, generate_ids, stats
+from tests.conftest import REFERENCE_ENGINE
+from tests.pd_helpers import PDCluster, assert_pool_free, generate_ids, is_idle, stats, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +30,8 @@ CHATS = [
 
 
 @pytest.fixture(scope="module")
-def engine(default_model_path):
-    from disagg.common.engine.offline import Engine
-
-    eng = Engine(max_total_tokens=4096, context_length=512)
-    yield eng
-    eng.shutdown()
+def engine(engines):
+    return engines.get(**REFERENCE_ENGINE)
 
 
 def reference_ids(engine, prompt_ids: list[list[int]]) -> list[list[int]]:
@@ -182,3 +179,24 @@ def test_sglang_router_drives_our_servers(pd, engine):
         cluster.router.stop()
     assert_pool_free(pd.prefill)
     assert_pool_free(pd.decode)
+
+
+def test_idle_servers_tell_request_pages_from_the_prefix_cache(pd):
+    """After PD requests the decode holds nothing (it never looks a prefix cache up for them, so it
+    fills none); the prefill keeps the prompts in its prefix cache; /metrics shows which is which."""
+    with pd.client() as client:
+        for prompt in PROMPTS[:2]:
+            generate_ids(client, prompt, stream=False, max_tokens=4)
+    assert wait_until(lambda: is_idle(pd.decode) and is_idle(pd.prefill), timeout=30)
+    d, p = stats(pd.decode), stats(pd.prefill)
+    assert (d["num_request_pages"], d["num_cached_pages"], d["num_free_pages"]) == (
+        0,
+        0,
+        d["num_total_pages"],
+    )
+    assert p["num_request_pages"] == 0 and p["num_cached_pages"] > 0
+    assert p["num_free_pages"] + p["num_cached_pages"] == p["num_total_pages"]
+    text = httpx.get(pd.decode.url + "/metrics", timeout=10).text
+    assert 'disagg_num_request_pages{role="decode"} 0.0' in text
+    assert 'disagg_num_cached_pages{role="decode"} 0.0' in text
+    assert 'disagg_num_open_rooms{role="decode"} 0.0' in text

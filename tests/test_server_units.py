@@ -89,10 +89,21 @@ def test_bench_statistics():
 
 
 class EchoScheduler:
-    """The scheduler plug-in surface, minimal: echoes the prompt's first token until max_new_tokens."""
+    """The scheduler surface (SchedulerLike), minimal: echoes the prompt's first token until max_new_tokens."""
+
+    context_length, wake_fd = 1024, None
 
     def __init__(self):
         self.reqs, self.aborted = {}, []
+
+    def wait_timeout_ms(self):
+        return 0
+
+    def on_wake(self):
+        pass
+
+    def flush_cache(self):
+        return not self.has_work()
 
     def add_request(self, req):
         if req.input_ids[0] < 0:
@@ -107,7 +118,9 @@ class EchoScheduler:
         return bool(self.reqs or self.aborted)
 
     def stats(self):
-        return {"num_running": len(self.reqs)}
+        from disagg.common.engine.request import SchedulerStats
+
+        return SchedulerStats(len(self.reqs), 0, 8, 8, 0, 0, 0, 0.0, 0.0, 0)
 
     def step(self):
         outs = [TokenOut(rid, [], finished=True, finish_reason="abort") for rid in self.aborted]
@@ -144,7 +157,7 @@ def test_scheduler_loop_drives_any_scheduler():
             while out_sock.poll(100):
                 received.append(decode(out_sock.recv()))
         pong = next(m for m in received if isinstance(m, PongMsg))
-        assert pong.ping_id == 1 and pong.stats == {"num_running": 2}
+        assert pong.ping_id == 1 and pong.stats.num_running == 2
         batches = [m for m in received if isinstance(m, BatchTokenOutMsg)]
         assert [r.rid for r in batches[0].new_reqs] == ["a", "bad", "b"]
         outs = [o for b in batches for o in b.outs]

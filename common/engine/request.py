@@ -124,3 +124,28 @@ class TokenOut:
     cached_tokens: int = 0
     logprobs: list[float] | None = None  # one per new token
     top_logprobs: list[list[list]] | None = None  # per new token: [[token_id, logprob], ...]
+
+
+@message
+@dataclass
+class SchedulerStats:
+    """A scheduler's state at one moment (the HTTP process's gauges, /server_info's internal_states).
+
+    Pages: num_free_pages + num_request_pages + num_cached_pages == num_total_pages, so a leak
+    (request pages held with no request running) is told apart from the prefix cache."""
+
+    num_running: int
+    num_waiting: int
+    num_total_pages: int
+    num_free_pages: int
+    num_used_pages: int  # request pages + cached pages
+    num_request_pages: int  # held by requests (running, transferring, or aborted awaiting their room's end)
+    num_cached_pages: int  # held by the prefix cache (evictable unless a request shares them)
+    kv_usage: float  # num_used_pages / num_total_pages
+    cache_hit_rate: float
+    num_retractions: int
+    queues: dict[str, int] = field(default_factory=dict)  # PD roles: requests per stage
+    num_transferring: int = 0  # PD roles: rooms whose transfer has not ended
+    num_prealloc: int = 0  # decode: requests waiting for pages
+    num_open_rooms: int = 0  # PD roles: rooms the transfer engine still tracks
+    metrics_text: str = ""  # PD roles: the transfer engine's Prometheus series

@@ -24,7 +24,7 @@ from disagg.common.config import EngineConfig
 from disagg.common.engine.kv_pool import pages_for_tokens
 from disagg.common.engine.model_runner import ModelRunner
 from disagg.common.engine.radix_cache import RadixCache
-from disagg.common.engine.request import Req, ReqStatus, TokenOut
+from disagg.common.engine.request import Req, ReqStatus, SchedulerStats, TokenOut
 from disagg.common.engine.sampling import Sampler
 
 logger = logging.getLogger(__name__)
@@ -80,15 +80,17 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self._pending_outs)
 
-    def stats(self) -> dict:
-        used = self.pool.num_pages - self.pool.num_free_pages
-        return dict(
+    def stats(self) -> SchedulerStats:
+        total, free, cached = self.pool.num_pages, self.pool.num_free_pages, self.cache.num_cached_pages
+        return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
-            num_used_pages=used,
-            num_total_pages=self.pool.num_pages,
-            num_cached_pages=self.cache.num_cached_pages,
-            kv_usage=used / self.pool.num_pages,
+            num_total_pages=total,
+            num_free_pages=free,
+            num_used_pages=total - free,
+            num_request_pages=total - free - cached,
+            num_cached_pages=cached,
+            kv_usage=(total - free) / total,
             cache_hit_rate=self.cache.hit_rate,
             num_retractions=self.num_retractions,
         )

@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 
 import zmq
+from disagg.common.engine.request import SamplingParams, SchedulerStats, TokenOut
 from disagg.common.messages import message
-from disagg.common.engine.request import SamplingParams, TokenOut
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class PingMsg:
 @dataclass
 class PongMsg:
     ping_id: int
-    stats: dict = field(default_factory=dict)
+    stats: SchedulerStats | None = None  # when the ping asked for them
     ok: bool = True  # False: the flush was refused
 
 

@@ -7,6 +7,7 @@ class with role="prefill" / role="decode".
 
 from __future__ import annotations
 
+from disagg.common.engine.request import SchedulerStats
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -33,8 +34,12 @@ _GAUGES = {
         "disagg_prefix_cache_hit_rate",
         "Fraction of prompt tokens served from the prefix cache",
     ),
-    "num_used_pages": ("disagg_num_used_pages", "KV pool pages in use"),
+    "num_used_pages": ("disagg_num_used_pages", "KV pool pages in use (by requests or the prefix cache)"),
     "num_total_pages": ("disagg_num_total_pages", "KV pool pages in total"),
+    "num_free_pages": ("disagg_num_free_pages", "KV pool pages free"),
+    "num_request_pages": ("disagg_num_request_pages", "KV pool pages held by requests"),
+    "num_cached_pages": ("disagg_num_cached_pages", "KV pool pages held by the prefix cache"),
+    "num_open_rooms": ("disagg_num_open_rooms", "PD servers: bootstrap rooms the KV transfer still tracks"),
 }
 
 
@@ -86,13 +91,14 @@ class ServerMetrics:
         self.prompt_tokens.inc(prompt_tokens)
         self.cached_tokens.inc(cached_tokens)
 
-    def set_stats(self, stats: dict) -> None:
+    def set_stats(self, stats: SchedulerStats | None) -> None:
+        if stats is None:
+            return
         for key, gauge in self.gauges.items():
-            if key in stats:
-                gauge.set(float(stats[key]))
-        for stage, n in stats.get("queues", {}).items():
+            gauge.set(float(getattr(stats, key)))
+        for stage, n in stats.queues.items():
             self.queues.labels(self.role, stage).set(float(n))
-        self.scheduler_text = stats.get("metrics_text", self.scheduler_text)
+        self.scheduler_text = stats.metrics_text or self.scheduler_text
 
     def render(self) -> bytes:
         return generate_latest(self.registry) + self.scheduler_text.encode()

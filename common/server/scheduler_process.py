@@ -107,7 +107,7 @@ class SchedulerLoop:
                 pass  # already finished: nothing to free
         elif isinstance(msg, PingMsg):
             ok = self.scheduler.flush_cache() if msg.flush_cache else True
-            stats = self.scheduler.stats() if msg.want_stats else {}
+            stats = self.scheduler.stats() if msg.want_stats else None
             self.send_sock.send(encode(PongMsg(msg.ping_id, stats, ok)))
         else:
             logger.warning("scheduler: unexpected message %r", type(msg).__name__)
