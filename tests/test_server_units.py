@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 from disagg.common.bench.serving import RequestResult, is_good, parse_goodput, percentiles, sample_lengths
+from disagg.common.engine.request import SamplingParams, TokenOut
+from disagg.common.messages import decode, encode
 from disagg.common.server.detokenizer import Detokenizer, held_back
 from disagg.common.server.ipc import BatchTokenOutMsg, DetokReqInfo, GenerateReqMsg
-from disagg.common.messages import decode, encode
-from disagg.common.engine.request import SamplingParams, TokenOut
 
 
 @pytest.fixture(scope="module")

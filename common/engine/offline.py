@@ -7,6 +7,8 @@ from dataclasses import fields
 
 import torch
 from disagg.common.config import EngineConfig
+from disagg.common.engine.request import Req, SamplingParams
+from disagg.common.engine.scheduler import Scheduler
 from disagg.common.parallel.ranks import (
     check_layout,
     cpu_threads_env,
@@ -17,8 +19,6 @@ from disagg.common.parallel.ranks import (
     with_local_init_addr,
 )
 from disagg.common.parallel.state import ParallelState, set_parallel
-from disagg.common.engine.request import Req, SamplingParams
-from disagg.common.engine.scheduler import Scheduler
 
 _rid = itertools.count()
 

@@ -12,6 +12,8 @@ import traceback
 from dataclasses import dataclass, field
 
 import zmq
+from disagg.common.engine.request import TokenOut
+from disagg.common.messages import decode, encode
 from disagg.common.server.ipc import (
     BatchStrOutMsg,
     BatchTokenOutMsg,
@@ -22,8 +24,6 @@ from disagg.common.server.ipc import (
     setup_child_logging,
     zmq_socket,
 )
-from disagg.common.messages import decode, encode
-from disagg.common.engine.request import TokenOut
 
 logger = logging.getLogger(__name__)
 
