@@ -1,4 +1,5 @@
-"""The Triton fused MoE gives the torch grouped path's sums (both its GEMV and grouped-GEMM paths,
+"""The Triton fused MoE lays tokens out per expert exactly as the torch alignment and gives the
+torch grouped path's sums (both its GEMV and grouped-GEMM paths,
 with other ranks' experts skipped), on the GPU and, where triton is installed, on the CPU under
 TRITON_INTERPRET=1; on the GPU it also replays inside a CUDA graph."""
 
@@ -15,8 +16,15 @@ import torch
 CHECK = textwrap.dedent(
     """
     import torch
-    from disagg.common.models.fused_moe import fused_experts, moe_config
-    from disagg.common.models.moe_align import grouped_experts
+    from disagg.common.models.fused_moe import align_blocks, fused_experts, moe_config
+    from disagg.common.models.moe_align import grouped_experts, moe_align_block_size
+
+    def check_align(device):
+        # the one-launch Triton alignment lays the pairs out exactly as the torch one
+        for tokens, k, experts, block in ((1, 8, 128, 16), (37, 3, 8, 4), (300, 2, 5, 64), (2048, 8, 128, 64)):
+            ids = torch.randint(-3, experts + 3, (tokens, k), device=device)
+            want, got = moe_align_block_size(ids, experts, block), align_blocks(ids, experts, block)
+            assert all(torch.equal(a, b) for a, b in zip(want, got)), (tokens, k, experts, block)
 
     def check(device, dtype, tokens, k, experts, inter, hidden, path, tol):
         torch.manual_seed(tokens * 7 + k)
@@ -49,6 +57,7 @@ def test_interpreted_kernels_match_torch_on_cpu():
     pytest.importorskip("triton")
     code = textwrap.dedent(
         """
+        check_align("cpu")
         for tokens, k, experts in ((1, 2, 4), (5, 3, 6), (40, 2, 4)):
             for path in ("gemv", "grouped"):
                 print(tokens, k, path, check("cpu", torch.float32, tokens, k, experts, 32, 48, path, 1e-4))
@@ -64,6 +73,7 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
     pytest.importorskip("triton")
     exec(CHECK, scope := {})
     check = scope["check"]
+    scope["check_align"]("cuda")
     # Qwen3-30B-A3B's expert shape at decode batch 1 and 64 and a prefill chunk
     for tokens, path in ((1, "gemv"), (8, "gemv"), (64, "grouped"), (2048, "grouped"), (3, "grouped")):
         check("cuda", torch.bfloat16, tokens, 8, 128, 768, 2048, path, 2e-2)

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import torch
-from disagg.common.models.moe_align import moe_align_block_size
+from disagg.common.models.moe_align import max_padded_pairs, moe_align_block_size
 
 try:
     import triton
@@ -28,6 +29,7 @@ try:
 except ImportError:  # the CPU image: the torch path in moe_align.py runs instead
     triton = None
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 _CONFIGS = Path(__file__).with_name("fused_moe_configs.json")
 _DEFAULT = {
     "gemv_max_pairs": 64,
@@ -110,10 +112,29 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict) -> torch.Tensor:
     return out
 
 
+def align_blocks(ids: torch.Tensor, num_experts: int, block: int):
+    """moe_align_block_size's layout (the same tensors, element for element) in one Triton launch:
+    the torch version is ~35 small kernels, ~70 us per layer of launch gaps even inside a graph."""
+    if not ids.is_cuda and not _INTERPRET:
+        return moe_align_block_size(ids, num_experts, block)
+    n = ids.numel()
+    size = max_padded_pairs(n, num_experts, block)
+    sorted_ids = torch.empty(size, dtype=torch.int32, device=ids.device)
+    expert_ids = torch.empty(size // block, dtype=torch.int32, device=ids.device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=ids.device)
+    e_pow2 = triton.next_power_of_2(num_experts)
+    cursor = torch.empty(e_pow2, dtype=torch.int32, device=ids.device)  # scratch: next free slot per expert
+    _align_kernel[(1,)](
+        ids, sorted_ids, expert_ids, num_padded, cursor, n, num_experts, size, size // block,
+        BLOCK=block, E_POW2=e_pow2, CHUNK=128 if e_pow2 <= 128 else 64, num_warps=4,
+    )  # fmt: skip
+    return sorted_ids, expert_ids, num_padded
+
+
 def _grouped_experts(x, w13, w2, weights, ids, cfg: dict) -> torch.Tensor:
     pairs, (num_experts, hidden, inter) = ids.numel(), w2.shape
     bm, bn, bk = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
-    sorted_ids, expert_ids, num_padded = moe_align_block_size(ids, num_experts, bm)
+    sorted_ids, expert_ids, num_padded = align_blocks(ids, num_experts, bm)
     blocks = expert_ids.numel()  # static: the grid does not depend on the routing
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # rows of other ranks' pairs unused
@@ -199,6 +220,54 @@ if triton is not None:
                 part += tl.sum(w.to(tl.float32) * (_silu(g) * u)[None, :], axis=1)
             acc += part * tl.load(weights + pair)
         tl.store(out + token.to(tl.int64) * N + offs_n, acc.to(out.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _align_kernel(
+        ids, sorted_ids, expert_ids, num_padded, cursor, n, num_experts, size, num_blocks,
+        BLOCK: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
+    ):  # fmt: skip
+        """One program: count pairs per expert, pad, fill the sentinel, name each block's expert,
+        then place the pairs chunk by chunk (a pair's rank = earlier same-expert pairs in its chunk
+        + the expert's cursor, kept in `cursor` between chunks)."""
+        experts = tl.arange(0, E_POW2)
+        lanes = tl.arange(0, CHUNK)
+        counts = tl.zeros([E_POW2], dtype=tl.int32)
+        for start in range(0, n, CHUNK):
+            e = tl.load(ids + start + lanes, mask=start + lanes < n, other=-1)
+            e = tl.where((e >= 0) & (e < num_experts), e, -1)
+            counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
+        padded = (counts + BLOCK - 1) // BLOCK * BLOCK
+        padded_end = tl.cumsum(padded, axis=0)
+        total = tl.sum(padded, axis=0)
+        tl.store(num_padded, total)
+        for start in range(0, size, CHUNK):
+            tl.store(
+                sorted_ids + start + lanes, tl.zeros([CHUNK], dtype=tl.int32) + n, mask=start + lanes < size
+            )
+        for start in range(0, num_blocks, CHUNK):
+            first = (start + lanes) * BLOCK  # first slot of each block
+            owner = tl.sum((padded_end[None, :] <= first[:, None]).to(tl.int32), axis=1)
+            tl.store(
+                expert_ids + start + lanes,
+                tl.where(first < total, owner, -1),
+                mask=start + lanes < num_blocks,
+            )
+        tl.store(cursor + experts, padded_end - padded)
+        tl.debug_barrier()
+        for start in range(0, n, CHUNK):
+            pair = start + lanes
+            e = tl.load(ids + pair, mask=pair < n, other=-1)
+            e = tl.where((e >= 0) & (e < num_experts), e, -1)
+            earlier = (e[:, None] == e[None, :]) & (lanes[None, :] < lanes[:, None])
+            rank = tl.sum(earlier.to(tl.int32), axis=1)
+            base = tl.load(cursor + tl.where(e >= 0, e, 0))
+            tl.store(sorted_ids + base + rank, pair, mask=e >= 0)
+            tl.debug_barrier()  # every lane has read its cursor before any is advanced
+            tl.store(
+                cursor + experts,
+                tl.load(cursor + experts) + tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0),
+            )
+            tl.debug_barrier()
 
     @triton.jit
     def _block_rows(
