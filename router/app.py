@@ -14,6 +14,7 @@ import logging
 from disagg.router import metrics, routes
 from disagg.router.admission import AdmissionGate
 from disagg.router.config import RouterConfig
+from disagg.router.errors import call_guarded, error_response
 from disagg.router.health import HealthChecker
 from disagg.router.inference import INFERENCE_PATHS, handle_inference, inference_route
 from disagg.router.policies import Policy, create_policy
@@ -22,6 +23,9 @@ from disagg.router.routes import INFO_PATHS
 from disagg.router.upstream import UpstreamPool
 from disagg.router.workers import CircuitBreaker, Role, Worker, WorkerRegistry
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
 
 logger = logging.getLogger("disagg.router")
 
@@ -145,6 +149,8 @@ class RouterApp:
         if scope["type"] == "http" and scope["path"] in INFERENCE_PATHS and scope["method"] == "POST":
             response = await handle_inference(self.state, scope, receive)
             await response(scope, receive, send)
+        elif scope["type"] == "http":
+            await call_guarded(self.api, scope, receive, send)
         else:
             await self.api(scope, receive, send)
 
@@ -162,6 +168,7 @@ def create_app(config: RouterConfig) -> RouterApp:
 
     app = FastAPI(title="disagg router", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.router = state
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     for path in INFERENCE_PATHS:
         app.add_route(path, inference_route, methods=["POST"])
     for path in INFO_PATHS:
@@ -171,8 +178,16 @@ def create_app(config: RouterConfig) -> RouterApp:
     app.add_route("/liveness", routes.liveness, methods=["GET"])
     app.add_route("/health_generate", routes.health_generate, methods=["GET"])
     app.add_route("/abort_request", routes.abort_request, methods=["POST"])
+    app.add_route("/flush_cache", routes.flush_cache, methods=["POST"])
     app.add_route("/metrics", routes.metrics_route, methods=["GET"])
     from disagg.router.admin import add_admin_routes
 
     add_admin_routes(app, state)
     return RouterApp(app, state)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """The router's own 404 / 405 as OpenAI-style error objects."""
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return error_response(exc.status_code, message, kind, headers=exc.headers)

@@ -1,4 +1,8 @@
-"""The router's small routes: model/server info passthrough, health, abort broadcast, metrics."""
+"""The router's small routes: model/server info passthrough, health, abort and flush broadcasts, metrics.
+
+Open without a key: /health, /readiness, /liveness, /health_generate, /metrics (probes and
+scrapers). Client key: info passthrough, /abort_request by rid. Admin key: abort_all, /flush_cache.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import contextlib
 import os
 from typing import TYPE_CHECKING
 
+import orjson
 from disagg.router import metrics
+from disagg.router.admin import BadBody, admin_denied, has_key, json_object
 from disagg.router.config import RouterConfig
 from disagg.router.errors import error_response
 from disagg.router.proxy import fetch
@@ -35,8 +41,10 @@ def _request_id(request: Request, config: RouterConfig) -> str:
 
 
 def _client_auth_error(request: Request, state: RouterState, request_id: str) -> Response | None:
-    key = state.config.api_key
-    if key and request.headers.get("authorization") != f"Bearer {key}":
+    key, admin = state.config.api_key, state.config.effective_admin_api_key
+    if key and not (
+        has_key(request, key) or (admin and has_key(request, admin))
+    ):  # the admin is a client too
         metrics.REJECTED.labels(reason="unauthorized").inc()
         return error_response(
             401, "invalid or missing API key", "authentication_error", headers={"x-request-id": request_id}
@@ -109,20 +117,92 @@ async def health_generate(request: Request) -> Response:
 
 
 async def abort_request(request: Request) -> Response:
-    """Broadcast to every worker: the router does not remember where a rid went."""
+    """Broadcast to every worker (the router does not remember where a rid went). By rid: any client
+    that knows the id (it got it back; ids are unguessable unless the client chose its own).
+    `abort_all`: the admin only."""
     state: RouterState = request.app.state.router
-    denied = _client_auth_error(request, state, _request_id(request, state.config))
+    request_id = _request_id(request, state.config)
+    denied = _client_auth_error(request, state, request_id)
     if denied is not None:
         return denied
-    body = await request.body()
-    headers = {"content-type": "application/json", **state.worker_headers}
+    try:
+        spec = _abort_spec(await json_object(request))
+    except BadBody as exc:
+        return exc.response()
+    if spec.get("abort_all") and (denied := admin_denied(request, state, "abort_all")) is not None:
+        return denied
+    headers = state.worker_request_headers(request_id, request.headers.get("authorization"))
+    if spec.get("abort_all"):
+        headers = _admin_worker_headers(request, state, headers)
+    results = await _broadcast(state, "/abort_request", headers, orjson.dumps(spec), 5.0)
+    aborted = sum(
+        body.get("aborted", 0) for _, status, body in results if status == 200 and isinstance(body, dict)
+    )
+    return JSONResponse({"status": "ok", "aborted": aborted})
 
-    async def send(worker: Worker) -> None:
-        with contextlib.suppress(*UPSTREAM_ERRORS):
-            await fetch(state.client, "POST", worker.url, "/abort_request", headers, 5.0, body)
 
-    await asyncio.gather(*(send(w) for w in state.registry.all()))
-    return JSONResponse({"status": "ok"})
+def _abort_spec(body: dict) -> dict:
+    rid, abort_all = body.get("rid"), body.get("abort_all", False)
+    if abort_all not in (True, False, None):
+        raise BadBody(f"abort_all must be a boolean, got {abort_all!r}", "abort_all")
+    if abort_all:
+        return {"abort_all": True}
+    if not isinstance(rid, str) or not rid:
+        raise BadBody(f"give `rid` (a string) or `abort_all: true`, got rid={rid!r}", "rid")
+    return {"rid": rid}
+
+
+async def flush_cache(request: Request) -> Response:
+    """SGLang router's /flush_cache: every worker drops its prefix cache (admin only). 200 when all
+    did; else the first worker's refusal (400 while it runs requests) or 502, with each worker's answer."""
+    state: RouterState = request.app.state.router
+    if (denied := admin_denied(request, state, "/flush_cache")) is not None:
+        return denied
+    headers = _admin_worker_headers(request, state, dict(state.worker_headers))
+    results = await _broadcast(state, "/flush_cache", headers, b"", 30.0)
+    workers = [{"url": url, "status": status} for url, status, _ in results]
+    failed = [status for _, status, _ in results if status != 200]
+    if not failed:
+        return JSONResponse({"status": "ok", "workers": workers})
+    status = next((s for s in failed if 400 <= s < 500), 502)
+    message = "some workers did not flush their cache: " + ", ".join(
+        f"{w['url']} ({w['status'] or 'unreachable'})" for w in workers if w["status"] != 200
+    )
+    kind = "invalid_request_error" if status < 500 else "bad_gateway"
+    return Response(
+        orjson.dumps(
+            {
+                "error": {"message": message, "type": kind, "param": None, "code": "flush_failed"},
+                "workers": workers,
+            }
+        ),  # fmt: skip
+        status,
+        media_type="application/json",
+    )
+
+
+def _admin_worker_headers(request: Request, state: RouterState, headers: dict) -> dict:
+    """An admin broadcast carries the admin's own key when the router has a separate admin key
+    (servers started with the same --admin-api-key need it); else the worker key."""
+    if state.config.admin_api_key:
+        return {**headers, "authorization": request.headers.get("authorization", "")}
+    return headers
+
+
+async def _broadcast(state: RouterState, path: str, headers: dict, body: bytes, timeout: float):
+    """POST to every worker at once: [(url, status or 0 if unreachable, parsed JSON body or None)]."""
+    headers = {"content-type": "application/json", **headers}
+
+    async def send(worker: Worker):
+        try:
+            status, data, _ = await fetch(state.client, "POST", worker.url, path, headers, timeout, body)
+        except UPSTREAM_ERRORS:
+            return worker.url, 0, None
+        with contextlib.suppress(orjson.JSONDecodeError):
+            return worker.url, status, orjson.loads(data)
+        return worker.url, status, None
+
+    return await asyncio.gather(*(send(w) for w in state.registry.all()))
 
 
 async def metrics_route(request: Request) -> Response:

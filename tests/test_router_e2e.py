@@ -124,9 +124,10 @@ def test_api_key_enforced_and_worker_key_sent(workers):
         assert ok.status_code == 200
         auths = [req["headers"]["authorization"] for w in workers for req in fake_log(w)["requests"]]
         assert auths == ["Bearer worker-secret"]
+        # the client key is a valid key, but not the admin's
         assert (
             httpx.get(r.url + "/workers", headers={"authorization": "Bearer client-secret"}).status_code
-            == 401
+            == 403
         )
         assert (
             httpx.get(r.url + "/workers", headers={"authorization": "Bearer admin-secret"}).status_code == 200

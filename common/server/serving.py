@@ -170,7 +170,7 @@ def engine_error(error: str) -> APIError:
         return APIError(504 if timeout else 502, error, type=SERVER_ERROR, code="kv_transfer_failed")
     if error.startswith("aborted"):
         return APIError(400, error, code="request_aborted")
-    if "bootstrap_room" in error:
+    if "room" in error and any(w in error for w in ("in use", "duplicate", "reused")):
         return APIError(409, error, "bootstrap_room", code="bootstrap_room_in_use")
     return APIError(400, error)
 
