@@ -25,19 +25,25 @@ pytestmark = pytest.mark.slow
 TRANSFER_TIMEOUT_S = 10.0
 MAX_NEW = 96
 PROMPTS = [[(1000 + 37 * i + 11 * j) % 30000 + 100 for j in range(96)] for i in range(4)]
+# long prompts (6 prefill chunks each) for faults that must hit a request while it is prefilled
+LONG_PROMPTS = [[(500 + 53 * i + 7 * j) % 30000 + 100 for j in range(380)] for i in range(4)]
 
 
 class Fleet:
+    """Two prefill and two decode servers; most tests use the first prefill alone."""
+
     def __init__(self):
-        self.bootstrap_port = free_port()
+        self.bootstrap_ports = [free_port(), free_port()]
         common = [*PD_ARGS, "--disaggregation-transfer-timeout", str(TRANSFER_TIMEOUT_S)]
-        self.prefill = ServerProcess("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
-                                     str(self.bootstrap_port), *common)  # fmt: skip
+        self.prefills = [ServerProcess("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
+                                       str(port), *common) for port in self.bootstrap_ports]  # fmt: skip
+        self.prefill = self.prefills[0]
         self.decodes = [ServerProcess("--disaggregation-mode", "decode", *common) for _ in range(2)]
 
-    def router(self, *extra: str, decodes: list[str] | None = None):
-        args = ["--pd-disaggregation", "--prefill", self.prefill.url, str(self.bootstrap_port),
-                "--policy", "round_robin", "--retry-initial-backoff-ms", "5", *extra]  # fmt: skip
+    def router(self, *extra: str, decodes: list[str] | None = None, prefills: int = 1):
+        args = ["--pd-disaggregation", "--policy", "round_robin", "--retry-initial-backoff-ms", "5", *extra]
+        for server, port in list(zip(self.prefills, self.bootstrap_ports, strict=True))[:prefills]:
+            args += ["--prefill", server.url, str(port)]
         for url in decodes if decodes is not None else [d.url for d in self.decodes]:
             args += ["--decode", url]
         return router(args).start(timeout=60)
@@ -56,10 +62,10 @@ class Fleet:
 def fleet():
     f = Fleet()
     try:
-        start_all([f.prefill, *f.decodes])
+        start_all([*f.prefills, *f.decodes])
         yield f
     finally:
-        for s in (f.prefill, *f.decodes):
+        for s in (*f.prefills, *f.decodes):
             if s.proc is not None:
                 try:
                     os.killpg(s.proc.pid, signal.SIGCONT)
@@ -71,8 +77,8 @@ def fleet():
 class Stream:
     """One streaming /generate through the router, read in a thread; `tokens` grows as events come."""
 
-    def __init__(self, url: str, prompt: list[int]):
-        self.url, self.prompt = url, prompt
+    def __init__(self, url: str, prompt: list[int], max_new: int = MAX_NEW):
+        self.url, self.prompt, self.max_new = url, prompt, max_new
         self.tokens = 0
         self.events: list[dict] = []
         self.error: dict | None = None
@@ -83,7 +89,7 @@ class Stream:
 
     def run(self) -> Stream:
         body = {"input_ids": self.prompt, "stream": True,
-                "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True}}  # fmt: skip
+                "sampling_params": {"max_new_tokens": self.max_new, "temperature": 0, "ignore_eos": True}}  # fmt: skip
         with httpx.stream("POST", self.url + "/generate", json=body, timeout=120) as r:
             assert r.status_code == 200, r.read()
             for line in r.iter_lines():
@@ -117,9 +123,9 @@ class Stream:
             assert event["text"].startswith(prev["text"])
 
 
-def run_streams(url: str, until=None, action=None) -> list[Stream]:
+def run_streams(url: str, until=None, action=None, prompts=PROMPTS, max_new: int = MAX_NEW) -> list[Stream]:
     """The four streams at once; `action()` runs once `until(streams)` holds."""
-    streams = [Stream(url, p) for p in PROMPTS]
+    streams = [Stream(url, p, max_new) for p in prompts]
     with cf.ThreadPoolExecutor(len(streams)) as pool:
         futures = [pool.submit(s.run) for s in streams]
         if action is not None:
@@ -318,3 +324,54 @@ def test_failed_decode_leg_aborts_the_prefill_at_once(fleet):
     finally:
         fake.stop()
     assert_pool_free(fleet.prefill)
+
+
+def busy(server: ServerProcess) -> bool:
+    return any(stats(server)["queues"].values())
+
+
+def test_hung_prefill_is_detected_and_its_requests_retried(fleet):
+    p0, p1 = fleet.prefills
+    with fleet.router(prefills=2) as r, HealthWatch(r, p1.url) as watch:
+        reference = [s.ids for s in run_streams(r.url, prompts=LONG_PROMPTS, max_new=24)]
+        stopped = {}
+
+        def stop():
+            stopped["at"] = time.monotonic()
+            os.killpg(p1.proc.pid, signal.SIGSTOP)
+
+        try:
+            streams = run_streams(r.url, lambda _: busy(p1), stop, prompts=LONG_PROMPTS, max_new=24)
+            detected = watch.first(False, stopped["at"])
+            # requests caught on the hung prefill are retried on the other one: none fails
+            assert [s.ok for s in streams] == [True] * 4, [s.error for s in streams]
+            assert [s.ids for s in streams] == reference
+            assert detected is not None and detected <= 15
+            print(f"\nSIGSTOPped prefill marked down {detected:.2f} s after the stop; 4/4 requests whole "
+                  f"{max(s.ended for s in streams) - stopped['at']:.2f} s after it")  # fmt: skip
+        finally:
+            os.killpg(p1.proc.pid, signal.SIGCONT)
+        assert wait_until(lambda: healthy(r, p1.url), timeout=15)
+        for server in (p1, p0, *fleet.decodes):  # the resumed prefill kept nothing of what it lost
+            assert_pool_free(server)
+
+
+def test_prefill_killed_mid_request_is_retried_on_the_other_prefill(fleet):
+    p0, p1 = fleet.prefills
+    with fleet.router(prefills=2) as r, HealthWatch(r, p1.url) as watch:
+        reference = [s.ids for s in run_streams(r.url, prompts=LONG_PROMPTS, max_new=24)]
+        killed = {}
+
+        def kill():
+            killed["at"] = time.monotonic()
+            os.killpg(p1.proc.pid, signal.SIGKILL)
+
+        streams = run_streams(r.url, lambda _: busy(p1), kill, prompts=LONG_PROMPTS, max_new=24)
+        assert [s.ok for s in streams] == [True] * 4, [s.error for s in streams]
+        assert [s.ids for s in streams] == reference
+        down = watch.first(False, killed["at"])
+        assert down is not None and down < 5
+        print(f"\nkilled prefill marked down after {down:.2f} s; 4/4 requests whole "
+              f"{max(s.ended for s in streams) - killed['at']:.2f} s after the kill")  # fmt: skip
+        for server in (p0, *fleet.decodes):
+            assert_pool_free(server)
