@@ -4,7 +4,8 @@ Layout over the TP group of size tp with --ep E (E divides tp): rank r holds exp
 [e0, e0 + num_experts/E) with e0 = (r // (tp/E)) * num_experts/E, each expert's intermediate
 dimension split (tp/E)-ways. Under TP every rank sees every token, so each rank computes the
 contributions of the experts it holds and one all-reduce combines them: the same collective
-count as a dense MLP, no all-to-all needed.
+count as a dense MLP, no all-to-all needed. `--moe-a2a-backend all_to_all` (--ep == --tp) sends
+each token only to the ranks holding its experts instead (common/models/moe_a2a.py).
 
 Only the routed experts run: the (token, slot) pairs are grouped by expert on the device
 (common/models/moe_align.py) and each expert's weights are read once per block of its tokens:
@@ -17,6 +18,7 @@ import re
 
 import torch
 from disagg.common.models.fused_moe import fused_experts, fused_moe_available
+from disagg.common.models.moe_a2a import a2a_moe
 from disagg.common.models.moe_align import grouped_experts
 from disagg.common.parallel.state import all_reduce, get_parallel
 from torch import nn
@@ -64,6 +66,12 @@ class SparseMoE(nn.Module):
         self.moe_tp_rank, self.moe_tp = ps.tp_rank % moe_tp, moe_tp
         inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
         self.inter_local = inter // moe_tp
+        # --moe-a2a-backend: the model config carries it (ModelRunner sets it from EngineConfig)
+        self.a2a = getattr(config, "moe_a2a_backend", "none") == "all_to_all" and ps.ep_size > 1
+        if self.a2a and moe_tp != 1:
+            raise ValueError(
+                f"--moe-a2a-backend all_to_all needs --ep equal to --tp (got tp {ps.tp_size}, ep {ps.ep_size})"
+            )
         self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False)
         self.experts = Experts(self.num_local, config.hidden_size, self.inter_local)
 
@@ -72,6 +80,8 @@ class SparseMoE(nn.Module):
         weights, ids = probs.topk(self.top_k, dim=-1)  # [T, k]
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.a2a and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return a2a_moe(self, x, ids, weights)
         # out of [0, num_local): another rank's expert, skipped (no subtraction kernel on rank 0)
         local = ids - self.first_expert if self.first_expert else ids
         return all_reduce(self.routed_experts(x, local, weights))
