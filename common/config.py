@@ -114,6 +114,9 @@ class EngineConfig:
     disable_radix_cache: bool = False
     cuda_graph_max_bs: int = 64  # decode batches up to this size replay captured CUDA graphs
     disable_cuda_graph: bool = False
+    # MoE expert parallelism: none (every rank sees every token; an all-reduce combines the experts'
+    # outputs) | all_to_all (--ep == --tp: each token only to its experts' ranks and back, eager steps)
+    moe_a2a_backend: str = "none"
     random_seed: int = 0
     # distributed (one process per rank)
     dist_init_addr: str | None = None
@@ -156,6 +159,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--disable-radix-cache", action="store_true")
     g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs)
+    g.add_argument("--moe-a2a-backend", default=d.moe_a2a_backend, choices=["none", "all_to_all"])
     g.add_argument("--disable-cuda-graph", action="store_true")
     g.add_argument("--random-seed", type=int, default=d.random_seed)
     g.add_argument("--dist-init-addr", default=d.dist_init_addr, help="HOST:PORT of rank 0 (multi-node)")
