@@ -4,8 +4,11 @@ Each worker has its own schedule, so one hung worker (a probe waiting for its ti
 other. A new worker turns healthy on its first passing check (workers still starting are probed
 every second, and so are workers marked down, so that one back passes its
 --health-success-threshold probes within seconds). Afterwards:
-- a refused or reset connection marks a healthy worker down at once (the process is gone);
-- a timed-out or failed probe counts: --health-failure-threshold in a row mark it down (hung);
+- a refused or reset connection marks a healthy worker down at once (the process is gone) and
+  fails every leg on it;
+- a timed-out or failed probe counts: --health-failure-threshold in a row mark it down (hung or
+  overloaded); then, and at each failed probe while it stays down, the legs on it that got no byte
+  for --worker-stall-timeout seconds are failed (retried elsewhere, or their stream moves);
 - --health-success-threshold passes in a row bring it back and close its circuit breaker;
 - a passing probe while its breaker is open half-opens the breaker (trial traffic now, not after
   --cb-timeout-duration-secs).
@@ -142,13 +145,15 @@ class HealthChecker:
     def _failed(self, worker: Worker, outcome: Probe) -> None:
         worker.health_failures += 1
         worker.health_successes = 0
-        if not worker.healthy:
-            return
+        stall = self.config.worker_stall_timeout
         if outcome is Probe.REFUSED:
-            logger.warning("worker %s is down: its connection was refused", worker.url)
-            worker.mark_down("health_refused", "upstream_unavailable")
-        elif worker.health_failures >= self.config.health_failure_threshold:
+            if worker.healthy:
+                logger.warning("worker %s is down: its connection was refused", worker.url)
+            worker.mark_down("health_refused", "upstream_unavailable")  # the process is gone
+        elif worker.healthy and worker.health_failures >= self.config.health_failure_threshold:
             logger.warning(
                 "worker %s is down after %d failed health checks", worker.url, worker.health_failures
             )
-            worker.mark_down("health_failures", "worker_timeout")
+            worker.mark_down("health_failures", "worker_timeout", silent_for=stall)
+        elif not worker.healthy and worker.was_healthy:
+            worker.fail_silent_legs(stall, "worker_timeout")  # still failing: legs sent before it went quiet

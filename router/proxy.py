@@ -74,8 +74,10 @@ class Leg:
     ended: bool = False
     failure: str | None = None  # set when the router aborted the leg (its worker was marked down)
     handle: AbortHandle = field(default_factory=AbortHandle)
+    last_byte: float = 0.0  # monotonic time of the start, then of the last bytes received
 
     def start(self) -> None:
+        self.last_byte = time.monotonic()
         self.worker.begin()
         self.worker.inflight.add(self)
 
@@ -298,6 +300,7 @@ class Proxy:
                 leg.first_chunk = await response.readany()
             else:
                 leg.first_chunk = await response.read()
+            leg.last_byte = time.monotonic()
         except UPSTREAM_ERRORS as exc:
             response.close()
             code = leg.failure or _failure_code(exc)
@@ -381,11 +384,12 @@ class Proxy:
         except TimeoutError:
             stall = self.config.worker_stall_timeout
             logger.warning("worker %s is hung: a stream got nothing for %.1f s", url, stall)
-            leg.worker.mark_down("stream_stall", "worker_timeout")
+            leg.worker.mark_down("stream_stall", "worker_timeout", silent_for=stall)
             return "worker_timeout", f"worker {url} sent nothing for {stall:g} s (--worker-stall-timeout)"
         except UPSTREAM_ERRORS as exc:
             return leg.failure or "upstream_unavailable", f"stream from {url} broke: {exc}"
         if chunk:
+            leg.last_byte = time.monotonic()
             return chunk
         if state.done:
             return None

@@ -105,7 +105,7 @@ class Worker:
     health_failures: int = 0  # consecutive
     health_successes: int = 0
     was_healthy: bool = False  # passed a health check at least once
-    # legs in flight on this worker (proxy.Leg): aborted when the worker is marked down
+    # legs in flight on this worker (proxy.Leg): failed when the worker is marked down
     inflight: set = field(default_factory=set, repr=False)
     host: str = field(init=False)
 
@@ -127,18 +127,24 @@ class Worker:
         self.healthy = healthy
         metrics.labelled(metrics.WORKER_HEALTHY, self.url, self.role.value).set(int(healthy))
 
-    def mark_down(self, reason: str, code: str) -> None:
-        """Take the worker out of rotation and fail what runs on it (`code`: the clients' error code).
+    def mark_down(self, reason: str, code: str, silent_for: float = 0.0) -> None:
+        """Take the worker out of rotation and fail the legs on it that got no byte for `silent_for`
+        seconds (0: all of them); `code` tells their clients why.
 
-        NOTE: a worker marked down (dead, hung, failing its probes) gets no new traffic, and the
-        legs still on it are aborted now rather than left to the request timeout: those before
-        their first byte are retried elsewhere, running streams migrate or end with `code`."""
+        NOTE: legs are failed now rather than left to the request timeout: those before their first
+        byte are retried elsewhere, running streams migrate or end with `code`. A busy worker that
+        misses its probes keeps the legs it is still serving (`silent_for`: the stall timeout)."""
         if self.healthy:
             metrics.labelled(metrics.WORKER_MARKED_DOWN, reason).inc()
         self.set_healthy(False)
         self.health_successes = 0
+        self.fail_silent_legs(silent_for, code)
+
+    def fail_silent_legs(self, silent_for: float, code: str) -> None:
+        now = time.monotonic()
         for leg in list(self.inflight):
-            leg.abort(code)
+            if now - leg.last_byte >= silent_for:
+                leg.abort(code)
 
     def to_json(self) -> dict:
         return {

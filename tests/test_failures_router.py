@@ -178,20 +178,30 @@ def test_probes_mark_down_fail_inflight_legs_and_half_open_the_breaker():
     worker = registry.add("http://127.0.0.1:9", Role.DECODE, healthy=True)
     worker.was_healthy = True
     checker = HealthChecker(RouterConfig(health_failure_threshold=2), registry, None, {})
-    leg = Leg(worker)
+    leg, busy = Leg(worker), Leg(worker)
     leg.start()
+    busy.start()
+    leg.last_byte -= 60  # nothing from the worker for a minute; `busy` just got bytes
     checker.record(worker, Probe.FAILED)  # a timeout may be a busy worker: one is not enough
     assert worker.healthy and leg.failure is None
     checker.record(worker, Probe.FAILED)
-    assert not worker.healthy and leg.failure == "worker_timeout"  # hung: its legs fail now
+    # down (no new traffic); the leg silent past --worker-stall-timeout fails now, the busy one runs on
+    assert not worker.healthy and leg.failure == "worker_timeout" and busy.failure is None
+    busy.last_byte -= 60
+    checker.record(worker, Probe.FAILED)  # still failing: it went quiet too
+    assert busy.failure == "worker_timeout"
     leg.end()
+    busy.end()
     assert not worker.inflight
     checker.record(worker, Probe.OK)
     checker.record(worker, Probe.OK)
     assert worker.healthy
-    # a refused connection is a dead process: down at the first probe
+    # a refused connection is a dead process: down at the first probe, every leg on it fails
+    fresh = Leg(worker)
+    fresh.start()
     checker.record(worker, Probe.REFUSED)
-    assert not worker.healthy
+    assert not worker.healthy and fresh.failure == "upstream_unavailable"
+    fresh.end()
     checker.record(worker, Probe.OK)
     checker.record(worker, Probe.OK)
     # requests opened the breaker while the probes pass: a probe half-opens it, not the 1 h timeout
