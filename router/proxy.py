@@ -28,7 +28,16 @@ from disagg.router import metrics
 from disagg.router.config import RouterConfig
 from disagg.router.errors import error_response
 from disagg.router.policies import Policy, request_text
-from disagg.router.streams import DONE, StreamState, continuation, error_event, error_object, is_batch
+from disagg.router.streams import (
+    DONE,
+    StreamState,
+    answer_failure,
+    continuation,
+    error_event,
+    failure_response,
+    failure_status,
+    is_batch,
+)
 from disagg.router.upstream import UPSTREAM_ERRORS, AbortHandle, UpstreamPool, UpstreamResponse
 from disagg.router.workers import Role, Worker, WorkerRegistry
 from starlette.responses import Response, StreamingResponse
@@ -343,14 +352,14 @@ class Proxy:
                 if out := state.feed(chunk):
                     yield out
                 leg.response.set_read_timeout(self.config.worker_stall_timeout)
-                failure = await self._next_chunk(leg, state)
-                if isinstance(failure, bytes):
-                    chunk = failure
+                got = await self._next_chunk(leg, state)
+                if isinstance(got, bytes):
+                    chunk = got
                     continue
-                if failure is None:
+                if got is None:
                     outcome = "ok"
                     break
-                code, message = failure
+                code, message = got
                 logger.warning("request %s: %s", call.request_id, message)
                 tried.add(leg.worker)
                 self._worker_failed(leg.worker)
@@ -417,7 +426,7 @@ class Proxy:
             leg, others = await self._connect(moved, tried)
         except _Answer as answer:
             metrics.labelled(metrics.MIGRATIONS, "failed").inc()
-            return _answer_failure(answer.response)
+            return answer_failure(answer.response)
         if not leg.is_stream:
             self._spawn(self._abort_legs((leg, *others), call.headers))
             metrics.labelled(metrics.MIGRATIONS, "failed").inc()
@@ -475,30 +484,6 @@ class Proxy:
 
 def _failure_code(exc: BaseException) -> str:
     return "worker_timeout" if isinstance(exc, TimeoutError) else "upstream_unavailable"
-
-
-def failure_status(code: str) -> int:
-    return 504 if code == "worker_timeout" else 502
-
-
-def failure_response(code: str, message: str) -> Response:
-    """An infrastructure failure as an OpenAI-style error object with a typed `code`."""
-    return Response(
-        orjson.dumps(error_object(message, code)), failure_status(code), media_type="application/json"
-    )
-
-
-def _answer_failure(response: Response) -> tuple[str, str]:
-    """(code, message) of an error response, for an error event."""
-    try:
-        error = orjson.loads(response.body)["error"]
-        message = str(error.get("message"))
-        code = error.get("code")
-    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-        message, code = f"HTTP {response.status_code}", None
-    if not isinstance(code, str):
-        code = "worker_timeout" if response.status_code == 504 else "upstream_unavailable"
-    return code, message
 
 
 def _loads(body: bytes) -> dict | None:

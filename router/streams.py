@@ -11,6 +11,7 @@ last event sent (cumulative `text` and `output_ids`): what a continuation on ano
 from __future__ import annotations
 
 import orjson
+from starlette.responses import Response
 
 DONE = b"data: [DONE]\n\n"
 _DONE_EVENT = b"data: [DONE]"
@@ -23,6 +24,30 @@ def error_object(message: str, code: str) -> dict:
 
 def error_event(message: str, code: str) -> bytes:
     return b"data: " + orjson.dumps(error_object(message, code)) + b"\n\n" + DONE
+
+
+def failure_status(code: str) -> int:
+    return 504 if code == "worker_timeout" else 502
+
+
+def failure_response(code: str, message: str) -> Response:
+    """An infrastructure failure as an OpenAI-style error object with a typed `code`."""
+    return Response(
+        orjson.dumps(error_object(message, code)), failure_status(code), media_type="application/json"
+    )
+
+
+def answer_failure(response: Response) -> tuple[str, str]:
+    """(code, message) of an error response, for an error event."""
+    try:
+        error = orjson.loads(response.body)["error"]
+        message = str(error.get("message"))
+        code = error.get("code")
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        message, code = f"HTTP {response.status_code}", None
+    if not isinstance(code, str):
+        code = "worker_timeout" if response.status_code == 504 else "upstream_unavailable"
+    return code, message
 
 
 class StreamState:
