@@ -1,11 +1,18 @@
-"""Shared fixtures: the default model, tiny random HF models, and a transformers reference."""
+"""Shared fixtures: the default model, tiny random HF models, in-process engines and a transformers
+reference. Memory: a test module holds at most one engine and the reference models it used; both
+are freed when the module ends (servers the tests start are processes of their own: tests/procs.py).
+"""
 
 from __future__ import annotations
 
 import functools
+import gc
 
 import pytest
 import torch
+
+# the settings of the engine PD and server tests compare against (default model, small pool)
+REFERENCE_ENGINE = dict(max_total_tokens=4096, context_length=512)
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +22,52 @@ def default_model_path() -> str:
     return str(ensure_default_model())
 
 
-@functools.lru_cache(maxsize=4)
+class EngineCache:
+    """In-process engines, at most one alive at a time: each holds its own weights and KV pool
+    (~1 GB for the default model), so tests asking for the same settings share one and asking for
+    other settings shuts the previous one down first."""
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._engine = None
+
+    def get(self, **kw):
+        from disagg.common.engine.offline import Engine
+
+        key = tuple(sorted((k, repr(v)) for k, v in kw.items()))
+        if key != self._key:
+            self.close()
+            self._engine, self._key = Engine(**kw), key
+        return self._engine
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+        self._engine = self._key = None
+        gc.collect()
+
+
+@pytest.fixture(scope="module")
+def engines(default_model_path):
+    cache = EngineCache()
+    yield cache
+    cache.close()
+
+
+@pytest.fixture
+def reference_engine(engines):
+    """The default model at REFERENCE_ENGINE's settings (shared within the module)."""
+    return engines.get(**REFERENCE_ENGINE)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_reference_models():
+    yield
+    _hf_model.cache_clear()  # a 135M model is ~0.5 GB in float32: not kept for the next module
+    gc.collect()
+
+
+@functools.lru_cache(maxsize=2)
 def _hf_model(path: str):
     from transformers import AutoModelForCausalLM
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 
 import pytest
-from disagg.common.engine.offline import Engine
 
 from tests.conftest import assert_pool_clean, hf_greedy
 
@@ -20,18 +19,6 @@ PROMPTS = [
 GREEDY = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module")
-def engines(default_model_path):
-    return {}
-
-
-def _engine(cache: dict, **kw) -> Engine:
-    key = tuple(sorted(kw.items()))
-    if key not in cache:
-        cache[key] = Engine(**kw)
-    return cache[key]
-
-
 @pytest.mark.parametrize(
     "kw",
     [
@@ -42,7 +29,7 @@ def _engine(cache: dict, **kw) -> Engine:
     ids=["page16", "page4-chunk7", "page1-chunk32"],
 )
 def test_default_model_matches_transformers(engines, default_model_path, kw):
-    engine = _engine(engines, **kw)
+    engine = engines.get(**kw)
     outs = engine.generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outs, strict=True):
         ids = engine.tokenizer.encode(prompt)
@@ -52,7 +39,7 @@ def test_default_model_matches_transformers(engines, default_model_path, kw):
 
 
 def test_prefix_cache_hit_gives_same_tokens(engines, default_model_path):
-    engine = _engine(engines, page_size=4)
+    engine = engines.get(page_size=4)
     system = "You are a careful assistant who answers in one short sentence. " * 3
     prompts = [system + q for q in ("Why is the sky blue?", "What is a prime number?", "Name a color.")]
     first = engine.generate(prompts[:1], GREEDY)[0]
@@ -64,9 +51,9 @@ def test_prefix_cache_hit_gives_same_tokens(engines, default_model_path):
     assert_pool_clean(engine.scheduler)
 
 
-def test_retraction_when_pages_run_out(default_model_path):
+def test_retraction_when_pages_run_out(engines, default_model_path):
     # 12 requests x (~20 prompt + 40 output) tokens need ~180 pages of 4; the pool has 64.
-    engine = Engine(page_size=4, max_total_tokens=256, chunked_prefill_size=64)
+    engine = engines.get(page_size=4, max_total_tokens=256, chunked_prefill_size=64)
     prompts = [f"Count from {i} to {i + 30}:" for i in range(12)]
     params = {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}
     outs = engine.generate(prompts, params)
@@ -77,9 +64,9 @@ def test_retraction_when_pages_run_out(default_model_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
-def test_tiny_models_match_transformers(tiny_models, family):
+def test_tiny_models_match_transformers(engines, tiny_models, family):
     path = tiny_models[family]
-    engine = Engine(model_path=path, page_size=4, chunked_prefill_size=16)
+    engine = engines.get(model_path=path, page_size=4, chunked_prefill_size=16)
     rng = random.Random(family)
     prompts = [[rng.randrange(512) for _ in range(n)] for n in (1, 5, 17, 40, 9)]
     outs = engine.generate(prompts, {"max_new_tokens": 20, "temperature": 0, "ignore_eos": True})
@@ -89,7 +76,7 @@ def test_tiny_models_match_transformers(tiny_models, family):
 
 
 def test_abort_at_any_point_frees_pages(engines):
-    engine = _engine(engines, page_size=4, chunked_prefill_size=8)
+    engine = engines.get(page_size=4, chunked_prefill_size=8)
     sched = engine.scheduler
     from disagg.common.engine.offline import to_sampling_params
     from disagg.common.engine.request import Req
@@ -123,7 +110,7 @@ def test_abort_at_any_point_frees_pages(engines):
 
 
 def test_sampling_controls(engines):
-    engine = _engine(engines, page_size=16)
+    engine = engines.get(page_size=16)
     prompt = "Once upon a time"
     a = engine.generate(prompt, {"max_new_tokens": 16, "temperature": 1.0, "seed": 7})[0]
     b = engine.generate(prompt, {"max_new_tokens": 16, "temperature": 1.0, "seed": 7})[0]
@@ -151,7 +138,7 @@ def test_sampling_controls(engines):
 
 
 def test_bad_requests_end_with_an_error(engines):
-    engine = _engine(engines, page_size=16)
+    engine = engines.get(page_size=16)
     out = engine.generate([[]], {"max_new_tokens": 4})[0]
     assert out["finish_reason"] == "abort" and "empty" in out["meta_info"]["error"]
     out = engine.generate([[10**9]], {"max_new_tokens": 4})[0]
@@ -163,7 +150,7 @@ def test_bad_requests_end_with_an_error(engines):
 
 def test_disabled_radix_cache_returns_every_page(engines, default_model_path):
     """--disable-radix-cache: finished requests give all their pages back to the pool."""
-    engine = _engine(engines, page_size=4, disable_radix_cache=True)
+    engine = engines.get(page_size=4, disable_radix_cache=True)
     prompts = PROMPTS[:2]
     outs = engine.generate(prompts, {**GREEDY, "max_new_tokens": 6})
     for prompt, out in zip(prompts, outs, strict=True):
@@ -172,12 +159,12 @@ def test_disabled_radix_cache_returns_every_page(engines, default_model_path):
     assert pool.num_free_pages == pool.num_pages  # nothing parked in a cache that is off
 
 
-def test_start_up_warm_up_leaves_no_trace(tiny_models):
+def test_start_up_warm_up_leaves_no_trace(engines, tiny_models):
     """The warm-up forwards a GPU server runs before it is ready (kernels built then, not on the
     first request) write only pages no request holds: the next requests, which get exactly those
     pages first, still give transformers' tokens, and every page is free again afterwards."""
     path = tiny_models["llama"]
-    engine = Engine(model_path=path, page_size=4, chunked_prefill_size=16)
+    engine = engines.get(model_path=path, page_size=4, chunked_prefill_size=16)
     engine.scheduler.runner._warm_up()  # runs by itself at start-up on CUDA only
     pool = engine.scheduler.pool
     assert pool.num_free_pages == pool.num_pages

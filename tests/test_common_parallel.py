@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
-from disagg.common.parallel.ranks import free_port
 from disagg.common.engine.offline import Engine
 
 from tests.conftest import hf_greedy, make_tiny_model
+from tests.procs import Process, free_port
 
 pytestmark = pytest.mark.slow
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
@@ -80,7 +80,7 @@ def test_tiny_tp_ep_match_transformers(tiny_models, moe_models, family, kw):
 def test_two_nodes_on_one_machine(tiny_models):
     path = tiny_models["llama"]
     addr = f"127.0.0.1:{free_port()}"
-    node1 = subprocess.Popen(
+    node1 = Process(
         [
             sys.executable,
             "-m",
@@ -100,13 +100,13 @@ def test_two_nodes_on_one_machine(tiny_models):
             "--chunked-prefill-size",
             "8",
         ],
-    )
+    ).launch()
     try:
         out, _ = _run(path, PROMPTS, tp=2, nnodes=2, node_rank=0, dist_init_addr=addr)
         assert out == [hf_greedy(path, p, 12) for p in PROMPTS]
-        assert node1.wait(timeout=60) == 0  # node 1's ranks stop cleanly with the group
+        assert node1.proc.wait(timeout=60) == 0  # node 1's ranks stop cleanly with the group
     finally:
-        node1.kill()
+        node1.stop()
 
 
 def test_impossible_layouts_fail_clearly(tiny_models, moe_models):

@@ -3,15 +3,14 @@ and the answers are the colocated engine's (float32 on both sides: no bf16 near-
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 import torch
+
+from tests.procs import Process, free_port
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,32 +21,29 @@ pytestmark = [
 PROMPTS = ["The capital of France is", "Explain the water cycle in simple words. " * 20]
 
 
-def test_pd_on_two_gpus_gives_the_engine_tokens(default_model_path):
-    from disagg.common.engine.offline import Engine
-    from disagg.router.testing import free_port
-
+def test_pd_on_two_gpus_gives_the_engine_tokens(engines):
     server_flags = ["--dtype", "float32", "--max-total-tokens", "65536", "--attention-backend", "torch"]
-    engine = Engine(dtype="float32", max_total_tokens=65536, attention_backend="torch")
+    engine = engines.get(dtype="float32", max_total_tokens=65536, attention_backend="torch")
     want = [o["output_ids"] for o in engine.generate(PROMPTS, {"max_new_tokens": 32, "temperature": 0})]
     del engine
+    engines.close()
     torch.cuda.empty_cache()
     port = free_port()
-    cmd = [sys.executable, "-m", "disagg.common.server.launch_local", "--port", str(port), "--", *server_flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            start_new_session=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"})  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "disagg.common.server.launch_local",
+        "--port",
+        str(port),
+        "--",
+        *server_flags,
+    ]
+    launcher = Process(cmd, env={"CUDA_VISIBLE_DEVICES": "0,1"}, pipe=True).launch()
     try:
-        deadline, line = time.monotonic() + 600, ""
-        while time.monotonic() < deadline and "ready" not in line:
-            line = proc.stdout.readline()
-            assert line or proc.poll() is None, "launch_local exited during start-up"
+        launcher.wait_for_line("ready", timeout=600)
         url = f"http://127.0.0.1:{port}"
         for prompt, ids in zip(PROMPTS, want, strict=True):
             body = {"text": prompt, "sampling_params": {"max_new_tokens": 32, "temperature": 0}}
             assert httpx.post(url + "/generate", json=body, timeout=120).json()["output_ids"] == ids
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        launcher.stop(signal.SIGTERM, grace=60)

@@ -4,10 +4,8 @@ LWS_GROUP_SIZE = 3 "nodes" of one CPU rank each), answer a completion through th
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import subprocess
 import sys
 import time
 
@@ -15,16 +13,9 @@ import httpx
 import pytest
 
 from tests.k8s_helpers import K8S, entry_points, render
+from tests.procs import Process, free_port, kill_group
 
 NODES = 3  # the default model's 9 heads / 3 KV heads split 3 ways
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _expand(args: list[str], env: dict[str, str]) -> list[str]:
@@ -32,19 +23,12 @@ def _expand(args: list[str], env: dict[str, str]) -> list[str]:
     return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+def _stop(procs: list[Process]) -> None:
+    for p in procs:  # all groups at once: the ranks of one server stop together
+        kill_group(p.proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + 20
     for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        p.stop(signal.SIGTERM, grace=max(0.1, deadline - time.monotonic()))
 
 
 def _run_group(role: str, default_model_path: str, tmp_path) -> str:
@@ -52,7 +36,7 @@ def _run_group(role: str, default_model_path: str, tmp_path) -> str:
     module, func = entry_points()[script].split(":")
     lws = next(o for o in render(K8S / "overlays" / "lws") if o["metadata"]["name"] == f"disagg-{role}")
     config = next(o for o in render(K8S / "overlays" / "lws") if o["kind"] == "ConfigMap")["data"]
-    http, dist = _free_port(), _free_port()
+    http, dist = free_port(), free_port()
     env = {**config, "MODEL_PATH": default_model_path, f"{role.upper()}_TP": str(NODES),
            "LWS_LEADER_ADDRESS": "127.0.0.1", "LWS_GROUP_SIZE": str(NODES), "DIST_INIT_PORT": str(dist)}  # fmt: skip
     lwt = lws["spec"]["leaderWorkerTemplate"]
@@ -66,14 +50,14 @@ def _run_group(role: str, default_model_path: str, tmp_path) -> str:
                     for a in args if not a.startswith("--disaggregation-bootstrap-port")]  # fmt: skip
             args += ["--max-total-tokens=2048", "--dist-timeout=60"]
             if role == "prefill":
-                args.append(f"--disaggregation-bootstrap-port={_free_port()}")
+                args.append(f"--disaggregation-bootstrap-port={free_port()}")
             code = f"from {module} import {func}; {func}()"
-            log = open(tmp_path / f"{role}-rank{rank}.log", "w")
-            procs.append(subprocess.Popen([sys.executable, "-c", code, *args], stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))  # fmt: skip
+            procs.append(
+                Process([sys.executable, "-c", code, *args], log=tmp_path / f"{role}-rank{rank}.log").launch()
+            )
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in procs):
+            if any(p.proc.poll() is not None for p in procs):
                 break
             try:
                 if httpx.get(f"http://127.0.0.1:{http}/health", timeout=2).status_code == 200:
@@ -91,20 +75,19 @@ def _run_group(role: str, default_model_path: str, tmp_path) -> str:
 def test_colocated_server_with_lws_style_args_forms_one_group(default_model_path, tmp_path):
     """The same leader/worker argument pattern (--dist-init-addr leader:port, --nnodes, --node-rank i)
     with launch_server: the group forms and the leader serves."""
-    http, dist = _free_port(), _free_port()
+    http, dist = free_port(), free_port()
     procs = []
     try:
         for rank in range(NODES):
             args = [f"--model-path={default_model_path}", f"--tp={NODES}", f"--nnodes={NODES}",
                     f"--node-rank={rank}", f"--dist-init-addr=127.0.0.1:{dist}", "--host=127.0.0.1",
                     f"--port={http}", "--max-total-tokens=2048", "--dist-timeout=60"]  # fmt: skip
-            log = open(tmp_path / f"server-rank{rank}.log", "w")
-            procs.append(subprocess.Popen([sys.executable, "-m", "disagg.common.server.launch_server", *args],
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))  # fmt: skip
+            argv = [sys.executable, "-m", "disagg.common.server.launch_server", *args]
+            procs.append(Process(argv, log=tmp_path / f"server-rank{rank}.log").launch())
         url = f"http://127.0.0.1:{http}"
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline:
-            assert all(p.poll() is None for p in procs), "a rank exited"
+            assert all(p.proc.poll() is None for p in procs), "a rank exited"
             try:
                 r = httpx.post(f"{url}/v1/completions", json={"prompt": "The capital of France is",
                                "max_tokens": 4, "temperature": 0}, timeout=30)  # fmt: skip

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.pd_helpers import PDCluster, assert_pool_free, is_idle, stats
-from tests.server_helpers import wait_until
+from tests.procs import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -7,13 +7,13 @@ once for the module; the router restarts per policy.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import sys
 
 import httpx
 import pytest
-from disagg.router.testing import Process, free_port
 
+from tests.conftest import REFERENCE_ENGINE
 from tests.pd_helpers import PD_ARGS, SERVER_ENV, assert_pool_free, generate_ids, start_all
+from tests.procs import Process, free_port, router
 from tests.server_helpers import ServerProcess, metric_value
 
 pytestmark = pytest.mark.slow
@@ -49,15 +49,12 @@ class Fleet:
         return [*self.prefills, *self.decodes]
 
     def router(self, policy: str) -> Process:
-        port = free_port()
         legs = ["--pd-disaggregation"]
         for server, bootstrap_port in zip(self.prefills, self.bootstrap_ports, strict=True):
             legs += ["--prefill", server.url, str(bootstrap_port)]
         for server in self.decodes:
             legs += ["--decode", server.url]
-        argv = [sys.executable, "-m", "disagg.router.launch_router", *legs, "--policy", policy,
-                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-        return Process(argv, f"http://127.0.0.1:{port}", ready_path="/liveness", env=SERVER_ENV)
+        return router([*legs, "--policy", policy], env=SERVER_ENV)
 
     def stop(self) -> None:
         for server in self.servers:
@@ -83,16 +80,14 @@ def fleet():
 
 
 @pytest.fixture(scope="module")
-def reference(default_model_path) -> list[list[int]]:
-    from disagg.common.engine.offline import Engine
-
-    engine = Engine(max_total_tokens=4096, context_length=512, dtype="float32")
+def reference(engines) -> list[list[int]]:
+    engine = engines.get(**REFERENCE_ENGINE, dtype="float32")
     try:
         ids = [engine.tokenizer.encode(prompt) for prompt, _ in REQUESTS]
         outs = engine.generate(ids, {"max_new_tokens": MAX_TOKENS, "temperature": 0})
         return [o["output_ids"] for o in outs]
     finally:
-        engine.shutdown()
+        engines.close()  # freed before the four servers start
 
 
 def generate(client: httpx.Client, prompt: str, stream: bool) -> list[int]:
@@ -106,7 +101,7 @@ def requests_served(server: ServerProcess) -> float:
 
 
 @pytest.mark.parametrize("policy", ["cache_aware", "power_of_two"])
-def test_every_server_of_the_fleet_serves_the_greedy_tokens(fleet, reference, policy):
+def test_every_server_of_the_fleet_serves_the_greedy_tokens(reference, fleet, policy):
     before = [requests_served(s) for s in fleet.servers]
     router = fleet.router(policy).start(timeout=60)
     try:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 import time
 
 import httpx
 import pytest
-from disagg.router.testing import free_port
+from disagg.common.config import env_cpu_threads
 
-from tests.server_helpers import alive, descendants
+from tests.procs import Process, alive, descendants, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -21,14 +19,10 @@ def test_launch_local_serves_and_stops_cleanly():
     port = free_port()
     cmd = [sys.executable, "-m", "disagg.common.server.launch_local", "--port", str(port), "--",
            "--max-total-tokens", "4096", "--context-length", "512"]  # fmt: skip
-    env = {**os.environ, "DISAGG_CPU_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
+    launcher = Process(cmd, env=env_cpu_threads(1), pipe=True).launch()
+    proc = launcher.proc
     try:
-        deadline, ready = time.monotonic() + 300, ""
-        while time.monotonic() < deadline and "ready" not in ready:
-            ready = proc.stdout.readline()
-            assert ready or proc.poll() is None, "launch_local exited during start-up"
+        ready = launcher.wait_for_line("ready", timeout=300)
         assert f"http://127.0.0.1:{port}" in ready  # the URL is printed
         body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "temperature": 0}
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120)
@@ -40,6 +34,4 @@ def test_launch_local_serves_and_stops_cleanly():
         time.sleep(1)
         assert not [pid for pid in children if alive(pid)]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        launcher.stop()

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
-import signal
-import subprocess
 import sys
 
 import pytest
-from disagg.router.testing import free_port
 
+from tests.conftest import REFERENCE_ENGINE
 from tests.pd_helpers import PD_ARGS, SERVER_ENV, PDCluster, assert_pool_free
+from tests.procs import Process, free_port
 from tests.test_pd_e2e import LONG, generate
 
 pytestmark = pytest.mark.slow
@@ -20,14 +18,11 @@ PROMPTS = ["The capital of France is", LONG + "In one sentence, the main benefit
 
 
 @pytest.fixture(scope="module")
-def want(default_model_path) -> list[list[int]]:
-    from disagg.common.engine.offline import Engine
-
-    engine = Engine(max_total_tokens=4096, context_length=512)
+def want(engines) -> list[list[int]]:
     try:
-        outs = engine.generate(PROMPTS, {"max_new_tokens": 12, "temperature": 0})
+        outs = engines.get(**REFERENCE_ENGINE).generate(PROMPTS, {"max_new_tokens": 12, "temperature": 0})
     finally:
-        engine.shutdown()
+        engines.close()  # freed before the servers start
     return [o["output_ids"] for o in outs]
 
 
@@ -65,9 +60,7 @@ def test_prefill_tp3_over_three_nodes_to_decode_tp1(want, tmp_path):
         for rank in (1, 2):
             cmd = [sys.executable, "-m", "disagg.prefill.launch", *nodes, "--node-rank", str(rank),
                    "--disaggregation-bootstrap-port", str(pd.bootstrap_port), *PD_ARGS]  # fmt: skip
-            log = open(tmp_path / f"node{rank}.log", "w")
-            others.append(subprocess.Popen(cmd, env={**os.environ, **SERVER_ENV}, start_new_session=True,
-                                           stdout=log, stderr=subprocess.STDOUT))  # fmt: skip
+            others.append(Process(cmd, env=SERVER_ENV, log=tmp_path / f"node{rank}.log").launch())
         try:
             pd.start(attempts=1)  # the other nodes already know its bootstrap port: no retry elsewhere
         except RuntimeError as e:
@@ -77,6 +70,4 @@ def test_prefill_tp3_over_three_nodes_to_decode_tp1(want, tmp_path):
     finally:
         pd.stop()
         for proc in others:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            proc.stop()

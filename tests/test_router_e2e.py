@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from disagg.router.testing import fake_worker, free_port, router
+
+from tests.procs import fake_worker, free_port, router, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -50,15 +51,6 @@ def metric(router_proc, name: str, **labels) -> float:
             if all(f'{k}="{v}"' in line for k, v in labels.items()):
                 total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def start_router(workers, *extra) -> object:
@@ -248,7 +240,9 @@ def test_worker_killed_under_load_then_comes_back(workers):
             assert metric(r, "disagg_router_worker_healthy", worker=spare.url) == 0
 
             spare.start()  # same port: the health checker brings it back
-            wait_until(lambda: metric(r, "disagg_router_worker_healthy", worker=spare.url) == 1)
+            assert wait_until(
+                lambda: metric(r, "disagg_router_worker_healthy", worker=spare.url) == 1, timeout=10
+            )
             names = {
                 httpx.post(r.url + "/generate", json={"text": "hi"}).json()["meta_info"]["worker"]
                 for _ in range(4)
@@ -288,9 +282,13 @@ def test_client_disconnect_closes_the_worker_stream(workers):
             "POST", r.url + "/generate", json={"text": "hi", "stream": True, "rid": "r-1"}
         ) as resp:
             next(resp.iter_lines())
-        wait_until(lambda: fake_log(workers[0])["disconnects"] and fake_log(workers[0])["aborts"])
+        assert wait_until(
+            lambda: fake_log(workers[0])["disconnects"] and fake_log(workers[0])["aborts"], timeout=10
+        )
         assert fake_log(workers[0])["aborts"] == [{"rid": "r-1"}]
-        wait_until(lambda: metric(r, "disagg_router_active_requests", worker=workers[0].url) == 0)
+        assert wait_until(
+            lambda: metric(r, "disagg_router_active_requests", worker=workers[0].url) == 0, timeout=10
+        )
 
 
 def test_graceful_shutdown_finishes_inflight_streams(workers):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from disagg.router.testing import fake_worker, router
 
-from tests.test_router_e2e import configure, fake_log, metric, wait_until
+from tests.procs import fake_worker, router, wait_until
+from tests.test_router_e2e import configure, fake_log, metric
 
 pytestmark = pytest.mark.slow
 
@@ -105,10 +105,13 @@ def test_client_disconnect_aborts_both_legs(fleet):
     with pd_router([(p0.url, None)], [d0]) as r:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(r.url + "/generate", json={"text": "hi", "stream": True, "rid": "gone"}, timeout=0.5)
-        wait_until(lambda: fake_log(p0)["aborts"] and fake_log(d0)["aborts"])
+        assert wait_until(lambda: fake_log(p0)["aborts"] and fake_log(d0)["aborts"], timeout=10)
         assert fake_log(p0)["aborts"] == [{"rid": "gone"}] and fake_log(d0)["aborts"] == [{"rid": "gone"}]
-        wait_until(lambda: len(fake_log(p0)["disconnects"]) == 1 and len(fake_log(d0)["disconnects"]) == 1)
-        wait_until(lambda: metric(r, "disagg_router_active_requests") == 0)
+        assert wait_until(
+            lambda: len(fake_log(p0)["disconnects"]) == 1 and len(fake_log(d0)["disconnects"]) == 1,
+            timeout=10,
+        )
+        assert wait_until(lambda: metric(r, "disagg_router_active_requests") == 0, timeout=10)
 
 
 def test_health_needs_both_roles(fleet):

@@ -6,7 +6,8 @@ import sys
 
 import httpx
 import pytest
-from disagg.router.testing import Process, free_port, router
+
+from tests.procs import Process, free_port, router
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +17,15 @@ GREEDY = {"max_new_tokens": 8, "temperature": 0}
 @pytest.fixture(scope="module")
 def server():
     port = free_port()
-    argv = [sys.executable, "-m", "disagg.common.server.launch_server", "--host", "127.0.0.1", "--port", str(port)]
+    argv = [
+        sys.executable,
+        "-m",
+        "disagg.common.server.launch_server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     proc = Process(argv, f"http://127.0.0.1:{port}")
     try:
         proc.start(timeout=300)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from disagg.router.testing import free_port
 from disagg.router.upstream import UpstreamError, UpstreamPool
+
+from tests.procs import free_port
 
 ANSWERS = {
     b"/length": b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 12\r\n\r\n{"ok": true}',

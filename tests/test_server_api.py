@@ -10,7 +10,9 @@ import httpx
 import openai
 import pytest
 
-from tests.server_helpers import SMALL_SERVER_ARGS, ServerProcess, metric_value, wait_until
+from tests.conftest import REFERENCE_ENGINE
+from tests.procs import wait_until
+from tests.server_helpers import SMALL_SERVER_ARGS, ServerProcess, metric_value
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +38,8 @@ def http(server):
 
 
 @pytest.fixture(scope="module")
-def engine(default_model_path):
-    from disagg.common.engine.offline import Engine
-
-    return Engine(max_total_tokens=2048, context_length=512)
+def engine(engines):
+    return engines.get(**REFERENCE_ENGINE)
 
 
 def sse_events(response: httpx.Response) -> list:

@@ -12,7 +12,9 @@ import time
 import httpx
 import pytest
 
-from tests.server_helpers import ServerProcess, alive, descendants, wait_until
+from tests.conftest import REFERENCE_ENGINE
+from tests.procs import alive, descendants, wait_until
+from tests.server_helpers import ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -77,13 +79,12 @@ def test_children_die_with_the_parent(default_model_path):
         server.stop()
 
 
-def test_tp3_server_matches_the_engine_and_its_ranks_stop_with_it(default_model_path):
-    from disagg.common.engine.offline import Engine
-
-    engine = Engine(max_total_tokens=2048, context_length=512)
+def test_tp3_server_matches_the_engine_and_its_ranks_stop_with_it(engines):
+    engine = engines.get(**REFERENCE_ENGINE)
     ids = engine.tokenizer.encode("The capital of France is")
     want = engine.generate([ids], {"max_new_tokens": 8, "temperature": 0})
     del engine
+    engines.close()  # freed before the server's three ranks start
     server = ServerProcess(*ARGS, "--tp", "3").start()
     try:
         procs = descendants(server.proc.pid)

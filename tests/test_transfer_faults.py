@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
 import time
@@ -12,6 +11,8 @@ import torch
 from disagg.transfer import KVLayout, KVLayoutMismatchError, KVReceiver, KVSender
 from disagg.transfer.testing import full_pool, scripted_decode_main, scripted_prefill_main, wait_results
 from prometheus_client import REGISTRY
+
+from tests.procs import SPAWN, join_or_kill, spawn
 
 HOST = "127.0.0.1"
 
@@ -105,17 +106,12 @@ def test_incompatible_layouts_are_refused_with_a_clear_error(pair) -> None:
 
 
 def _spawn(target, *args):
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, out), daemon=True)
-    proc.start()
-    return proc, out
+    out = SPAWN.Queue()
+    return spawn(target, *args, out), out
 
 
 def _stop(proc) -> None:
-    if proc.is_alive():
-        proc.kill()
-    proc.join(timeout=10)
+    join_or_kill([proc], timeout=0)
 
 
 @pytest.mark.slow
@@ -163,3 +159,28 @@ def test_decode_dying_mid_transfer_fails_its_rooms_promptly() -> None:
     finally:
         sender.close()
         _stop(proc)
+
+
+def test_a_room_binds_one_prompt_and_is_never_reused(pair) -> None:
+    """Two requests crossing on one room id, or a room used again after it ended, fail at once on
+    both sides with a `conflict` reason, and no page of the other request lands."""
+    from disagg.transfer.protocol import prompt_fingerprint as fp
+
+    sender, receiver = pair
+    port = sender.bootstrap_port
+    start = time.monotonic()
+    receiver.expect(1, HOST, port, [0, 1], fingerprint=fp([5, 6, 7]))  # the decode holds room 1 for B
+    sender.send(1, [10, 11], 0, is_last=True, fingerprint=fp([1, 2, 3]))  # the prefill computed A
+    receiver.expect(2, HOST, port, [2], fingerprint=fp([1, 2]))  # one prompt on both sides: fine
+    sender.send(2, [12], 0, is_last=True, fingerprint=fp([1, 2]))
+    sent, got = wait_results(sender, {1, 2}, 10), wait_results(receiver, {1, 2}, 10)
+    assert sent[2].ok and got[2].ok
+    assert sent[1].reason.startswith("conflict") and got[1].reason.startswith("conflict"), (sent[1], got[1])
+    assert not receiver.kv_buffer[:, 0:2].any()  # nothing of A reached B's pages
+    receiver.expect(2, HOST, port, [3], fingerprint=fp([1, 2]))  # room 2 again, after it completed
+    sender.send(2, [13], 0, is_last=True, fingerprint=fp([1, 2]))
+    sent, got = wait_results(sender, {2}, 10), wait_results(receiver, {2}, 10)
+    assert sent[2].reason.startswith("conflict") and got[2].reason.startswith("conflict"), (sent[2], got[2])
+    assert not receiver.kv_buffer[:, 3].any()
+    assert time.monotonic() - start < 1.5  # refused, not timed out
+    assert sender.num_active_rooms() == 0 and receiver.num_active_rooms() == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import queue
 
 import pytest
@@ -16,6 +15,8 @@ from disagg.transfer.testing import (
     rank_slice,
     tensor_from_bytes,
 )
+
+from tests.procs import SPAWN, join_or_kill, spawn
 
 PREFILL_PAGES, DECODE_PAGES, SENTINEL, SEED = 400, 300, -7.0, 1234
 
@@ -39,15 +40,14 @@ def _run_fleets(
     def device(rank: int) -> str:
         return f"cuda:{rank % gpus}" if gpus else "cpu"
 
-    ctx = mp.get_context("spawn")
-    out, stop = ctx.Queue(), ctx.Event()
+    out, stop = SPAWN.Queue(), SPAWN.Event()
     bootstrap = BootstrapServer(port=0)
     procs = []
     try:
         for r in range(prefill_tp):
             args = (_layout(r, prefill_tp), bootstrap.port, PREFILL_PAGES, SEED, plans, out, stop, timeout_s,
                     device(r), max_message_bytes, inline_data_bytes)  # fmt: skip
-            procs.append(ctx.Process(target=prefill_rank_main, args=args, daemon=True))
+            procs.append(spawn(prefill_rank_main, *args, start=False))
         for r in range(decode_tp):
             args = (
                 _layout(r, decode_tp),
@@ -59,7 +59,7 @@ def _run_fleets(
                 timeout_s,
                 device(-1 - r),
             )
-            procs.append(ctx.Process(target=decode_rank_main, args=args, daemon=True))
+            procs.append(spawn(decode_rank_main, *args, start=False))
         for p in procs:
             p.start()
         reports = [out.get(timeout=120) for _ in procs]
@@ -67,11 +67,7 @@ def _run_fleets(
         pytest.fail(f"rank processes did not report; exit codes {[p.exitcode for p in procs]}")
     finally:
         stop.set()
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
+        join_or_kill(procs)
         bootstrap.close()
     return reports
 
