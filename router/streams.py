@@ -55,9 +55,11 @@ class StreamState:
         self.native = native  # SGLang /generate: each event carries the text and output ids so far
         self.tail = b""  # an event not complete yet
         self.done = False  # `[DONE]` was sent
-        self.finished = False  # native: an event with a finish_reason (or an error) was sent
-        self.last: dict | None = None  # native: the last event sent, merged
         self.base: dict | None = None  # native: what the client had before the current worker
+        # NOTE: native events repeat every id so far: the last one is kept raw and parsed only when
+        # a failure needs it (parsing each would cost O(n^2) in the output length)
+        self._last_raw = b""  # the last data event sent, without "data: "
+        self._last: dict | None = None  # parsed from _last_raw (after a migration: kept merged)
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events in `chunk` (after what was kept of the previous one), to send on."""
@@ -73,30 +75,58 @@ class StreamState:
             if complete == DONE or complete.endswith(b"\n\n" + DONE):
                 self.done = True
             return complete
-        return b"".join(self._native_event(e) for e in complete.split(b"\n\n")[:-1])
+        if self.base is None:  # pass through, remember the last event
+            for event in complete.split(b"\n\n")[-2::-1]:
+                if event == _DONE_EVENT:
+                    self.done = True
+                elif event.startswith(b"data: {"):
+                    self._last_raw, self._last = event[6:], None
+                    break
+            return complete
+        return b"".join(self._merged_event(e) for e in complete.split(b"\n\n")[:-1])
 
-    def _native_event(self, event: bytes) -> bytes:
+    def _merged_event(self, event: bytes) -> bytes:
+        """After a migration: the continuation's event rewritten onto what the client already has."""
         if event == _DONE_EVENT:
             self.done = True
         elif event.startswith(b"data: {"):
-            try:
-                body = orjson.loads(event[6:])
-            except orjson.JSONDecodeError:
-                return event + b"\n\n"
-            if "error" in body or "output_ids" not in body:
-                self.finished = self.finished or "error" in body
-                return event + b"\n\n"
-            if self.base is not None:
+            body = _parse(event[6:])
+            if body is not None and "output_ids" in body:
                 body = merge(self.base, body)
                 event = b"data: " + orjson.dumps(body)
-            self.last = body
-            if (body.get("meta_info") or {}).get("finish_reason"):
-                self.finished = True
+                self._last_raw, self._last = event[6:], body
+            else:
+                self._last_raw, self._last = event[6:], body
         return event + b"\n\n"
 
     @property
+    def last(self) -> dict | None:
+        """The last event sent (merged), parsed; None if there was none."""
+        if self._last is None and self._last_raw:
+            self._last = _parse(self._last_raw)
+        return self._last
+
+    @property
+    def finished(self) -> bool:
+        """The last event sent ends the answer (a finish_reason, or an error) of a one-prompt stream:
+        only `[DONE]` can be missing. (A batch's events carry `index`: one prompt's end is not all.)"""
+        last = self.last if self.native else None
+        if not last or "index" in last:
+            return False
+        return "error" in last or bool((last.get("meta_info") or {}).get("finish_reason"))
+
+    @property
     def sent_ids(self) -> list[int]:
-        return list(self.last["output_ids"]) if self.last else []
+        last = self.last
+        return list(last["output_ids"]) if last and "output_ids" in last else []
+
+
+def _parse(raw: bytes) -> dict | None:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return body if isinstance(body, dict) else None
 
 
 def is_batch(parsed: dict) -> bool:
@@ -115,7 +145,7 @@ def continuation(parsed: dict, state: StreamState) -> dict | None:
     The prompt is the original prompt + the tokens sent: exactly (token ids) when the client sent
     `input_ids`, else its text + the text sent (re-tokenized by the server: the tokens at the seam
     may differ from the ids the model produced, see docs/failures.md)."""
-    if not state.native or is_batch(parsed):
+    if not state.native or is_batch(parsed) or (state.last is not None and "output_ids" not in state.last):
         return None
     sent = state.sent_ids
     params = dict(parsed.get("sampling_params") or {})
@@ -127,7 +157,7 @@ def continuation(parsed: dict, state: StreamState) -> dict | None:
     if isinstance(parsed.get("input_ids"), list):
         body["input_ids"] = list(parsed["input_ids"]) + sent
     elif isinstance(parsed.get("text"), str):
-        body["text"] = parsed["text"] + (state.last["text"] if state.last else "")
+        body["text"] = parsed["text"] + (state.last.get("text", "") if state.last else "")
     else:
         return None
     body["sampling_params"] = {**params, "max_new_tokens": left}

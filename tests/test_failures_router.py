@@ -158,6 +158,12 @@ def test_a_stream_whose_final_event_arrived_only_misses_done():
     _, data = asyncio.run(through_router(upstream, "/generate", body))
     assert [json.loads(d)["output_ids"] for d in data[:-1]] == [[7], [7, 8]] and data[-1] == "[DONE]"
     assert len(upstream.bodies) == 1  # nothing re-run
+    # in a batch, one prompt's last event is not the end of the stream
+    state = StreamState(native=True)
+    state.feed(sse({**final, "index": 0}))
+    assert not state.finished
+    state.feed(sse(final))
+    assert state.finished and state.sent_ids == [7, 8]
 
 
 def test_a_json_answer_lost_on_every_attempt_is_a_typed_502_or_504():
