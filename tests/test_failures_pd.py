@@ -123,6 +123,24 @@ class Stream:
             assert event["text"].startswith(prev["text"])
 
 
+def chat_stream(url: str) -> dict:
+    """A streaming chat completion: its chunks, the error event if any, whether [DONE] came last."""
+    body = {"messages": [{"role": "user", "content": "Count slowly from one to a hundred."}],
+            "max_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True, "stream": True}  # fmt: skip
+    out = {"chunks": 0, "error": None, "done": False}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                out["done"] = True
+            elif line.startswith("data: "):
+                assert not out["done"]
+                event = json.loads(line[6:])
+                out["error"] = event.get("error", out["error"])
+                out["chunks"] += "choices" in event
+    return out
+
+
 def run_streams(url: str, until=None, action=None, prompts=PROMPTS, max_new: int = MAX_NEW) -> list[Stream]:
     """The four streams at once; `action()` runs once `until(streams)` holds."""
     streams = [Stream(url, p, max_new) for p in prompts]
@@ -228,17 +246,26 @@ def test_decode_killed_mid_stream_continues_on_the_other_decode(fleet):
 
 def test_decode_killed_without_migration_ends_streams_with_an_error_event(fleet):
     d0, d1 = fleet.decodes
-    with fleet.router("--max-migrations", "0") as r, HealthWatch(r, d1.url) as watch:
+    with (
+        fleet.router("--max-migrations", "0") as r,
+        fleet.router(decodes=[d1.url]) as only_d1,  # an OpenAI stream surely on the decode killed
+        HealthWatch(r, d1.url) as watch,
+        cf.ThreadPoolExecutor(1) as pool,
+    ):
         killed = {}
+        chat = pool.submit(chat_stream, only_d1.url)
 
         def kill():
             killed["at"] = time.monotonic()
             os.killpg(d1.proc.pid, signal.SIGKILL)
 
         def mid_stream(streams):
-            return all(s.tokens >= 8 for s in streams) and stats(d1)["queues"]["running"] >= 1
+            return all(s.tokens >= 8 for s in streams) and stats(d1)["queues"]["running"] >= 2
 
         streams = run_streams(r.url, mid_stream, kill)
+        # OpenAI routes do not migrate: the typed error event then [DONE], never a silent cut
+        chat = chat.result()
+        assert chat["done"] and chat["error"]["code"] == "upstream_unavailable" and chat["chunks"] >= 1
         broken = [s for s in streams if not s.ok]
         assert len(broken) >= 1  # the streams on d1; those on d0 finish
         for s in broken:  # an error event then [DONE]: never a silent truncation
