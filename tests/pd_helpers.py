@@ -7,7 +7,7 @@ import json
 import httpx
 from disagg.common.config import env_cpu_threads
 
-from tests.procs import Process, free_port, kill_group, router, wait_until
+from tests.procs import Process, free_port, kill_group, router, sglang_router, wait_until
 from tests.server_helpers import ServerProcess
 
 # small pools and context (fast start-up), chunks of 64 tokens (long prompts travel in pieces)
@@ -68,9 +68,7 @@ class PDCluster:
     def _router(self) -> Process:
         legs = ["--pd-disaggregation", "--prefill", self.prefill.url, str(self.bootstrap_port),
                 "--decode", self.decode.url]  # fmt: skip
-        if self.router_kind == "disagg":
-            return router(legs, env=SERVER_ENV)
-        return router(legs, env=SERVER_ENV, module="sglang_router.launch_router", ready_path="/health")
+        return (router if self.router_kind == "disagg" else sglang_router)(legs, env=SERVER_ENV)
 
     @property
     def url(self) -> str:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from disagg.router import testing as router_testing
 
 SPAWN = mp.get_context("spawn")
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # loaded here, not after fork
@@ -174,20 +175,22 @@ class Process:
 
 
 def fake_worker(name: str, port: int | None = None, record: bool = True) -> Process:
-    """`disagg.router.fake_worker` (steered over /_fake/*)."""
-    port = port or free_port()
-    argv = [sys.executable, "-m", "disagg.router.fake_worker", "--port", str(port), "--name", name]
-    if not record:
-        argv.append("--no-record")
-    return Process(argv, f"http://127.0.0.1:{port}")
+    """`disagg.router.fake_worker` (steered over /_fake/*), the command router/testing.py defines."""
+    spec = router_testing.fake_worker(name, port, record)
+    return Process(spec.argv, spec.url, spec.ready_path)
 
 
-def router(args: list[str], port: int | None = None, quiet: bool = True, env: dict | None = None,
-           module: str = "disagg.router.launch_router", ready_path: str = "/liveness") -> Process:  # fmt: skip
-    """A router on 127.0.0.1 (ours by default; `module` picks another, e.g. SGLang's)."""
-    port = port or free_port()
-    argv = [sys.executable, "-m", module, *args, "--host", "127.0.0.1", "--port", str(port)]
-    return Process(argv, f"http://127.0.0.1:{port}", ready_path=ready_path, quiet=quiet, env=env)
+def router(args: list[str], port: int | None = None, quiet: bool = True, env: dict | None = None) -> Process:
+    """Our router on 127.0.0.1, the command router/testing.py defines."""
+    spec = router_testing.router(args, port, quiet)
+    return Process(spec.argv, spec.url, spec.ready_path, env=env, quiet=quiet)
+
+
+def sglang_router(args: list[str], env: dict | None = None) -> Process:
+    """SGLang's router (sglang-router, a test extra) on 127.0.0.1."""
+    port = free_port()
+    argv = [sys.executable, "-m", "sglang_router.launch_router", *args, "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    return Process(argv, f"http://127.0.0.1:{port}", env=env)
 
 
 # ---- Python functions in spawned interpreters ------------------------------------------------------
