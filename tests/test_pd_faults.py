@@ -25,6 +25,43 @@ def pd_body(cluster: PDCluster, prompt: str = "Hello there", max_new_tokens: int
             "bootstrap_room": random.getrandbits(63), **extra}  # fmt: skip
 
 
+# NOTE: the kill tests come first: each starts a cluster of its own, and before the module's shared
+# cluster exists only one cluster is up at a time (two at once peaked at 6.6 GB).
+@pytest.fixture
+def pd_fresh():
+    with PDCluster(timeout=TIMEOUT_S) as cluster:
+        yield cluster
+
+
+def test_decode_killed_mid_stream(pd_fresh):
+    cluster = pd_fresh
+    with cluster.client(timeout=60) as client, cf.ThreadPoolExecutor(4) as pool:
+        futs = [pool.submit(stream_request, client, f"{i} {LONG}", 150) for i in range(4)]
+        assert wait_until(lambda: stats(cluster.decode)["queues"]["running"] >= 1, timeout=60)
+        cluster.kill(cluster.decode)
+        ends = [f.result() for f in futs]
+    assert all(kind == "error" for kind, _ in ends)  # every client hears of it ...
+    assert max(t for _, t in ends) < 60  # ... promptly
+    # prefill holds nothing for the dead decode server and keeps serving
+    assert wait_until(lambda: is_idle(cluster.prefill), timeout=30)
+    assert httpx.get(cluster.prefill.url + "/health_generate", timeout=30).status_code == 200
+    assert_pool_free(cluster.prefill)
+
+
+def test_prefill_killed_mid_request(pd_fresh):
+    cluster = pd_fresh
+    with cluster.client(timeout=60) as client, cf.ThreadPoolExecutor(4) as pool:
+        futs = [pool.submit(stream_request, client, f"{i} {LONG}", 20) for i in range(4)]
+        assert wait_until(lambda: stats(cluster.decode)["queues"]["transfer"] >= 1, timeout=60, interval=0.02)
+        cluster.kill(cluster.prefill)
+        ends = [f.result() for f in futs]
+    assert any(kind == "error" for kind, _ in ends)  # at least the ones still transferring fail
+    assert max(t for _, t in ends) < 60
+    assert wait_until(lambda: is_idle(cluster.decode), timeout=30)
+    assert httpx.get(cluster.decode.url + "/health_generate", timeout=30).status_code == 200
+    assert_pool_free(cluster.decode)
+
+
 @pytest.fixture(scope="module")
 def pd():
     with PDCluster(timeout=TIMEOUT_S) as cluster:
@@ -131,38 +168,3 @@ def stream_request(client: httpx.Client, prompt: str, max_new_tokens: int) -> tu
         return "error", time.monotonic() - start
     done = events and events[-1] == "data: [DONE]" and '"length"' in events[-2]
     return ("ok" if done else "error"), time.monotonic() - start
-
-
-def test_decode_killed_mid_stream(pd_fresh):
-    cluster = pd_fresh
-    with cluster.client(timeout=60) as client, cf.ThreadPoolExecutor(4) as pool:
-        futs = [pool.submit(stream_request, client, f"{i} {LONG}", 150) for i in range(4)]
-        assert wait_until(lambda: stats(cluster.decode)["queues"]["running"] >= 1, timeout=60)
-        cluster.kill(cluster.decode)
-        ends = [f.result() for f in futs]
-    assert all(kind == "error" for kind, _ in ends)  # every client hears of it ...
-    assert max(t for _, t in ends) < 60  # ... promptly
-    # prefill holds nothing for the dead decode server and keeps serving
-    assert wait_until(lambda: is_idle(cluster.prefill), timeout=30)
-    assert httpx.get(cluster.prefill.url + "/health_generate", timeout=30).status_code == 200
-    assert_pool_free(cluster.prefill)
-
-
-def test_prefill_killed_mid_request(pd_fresh):
-    cluster = pd_fresh
-    with cluster.client(timeout=60) as client, cf.ThreadPoolExecutor(4) as pool:
-        futs = [pool.submit(stream_request, client, f"{i} {LONG}", 20) for i in range(4)]
-        assert wait_until(lambda: stats(cluster.decode)["queues"]["transfer"] >= 1, timeout=60, interval=0.02)
-        cluster.kill(cluster.prefill)
-        ends = [f.result() for f in futs]
-    assert any(kind == "error" for kind, _ in ends)  # at least the ones still transferring fail
-    assert max(t for _, t in ends) < 60
-    assert wait_until(lambda: is_idle(cluster.decode), timeout=30)
-    assert httpx.get(cluster.decode.url + "/health_generate", timeout=30).status_code == 200
-    assert_pool_free(cluster.decode)
-
-
-@pytest.fixture
-def pd_fresh():
-    with PDCluster(timeout=TIMEOUT_S) as cluster:
-        yield cluster
