@@ -63,7 +63,12 @@ def test_client_mistakes_pass_through_once_and_never_count_against_the_worker(ro
     errors = router_metric(router, "disagg_router_worker_errors_total")
     retries = router_metric(router, "disagg_router_retries_total")
     inference = [m for m in MALFORMED if m[1] != "/abort_request"]
-    with client(router) as c:
+    with (
+        client(router) as c,
+        client(router) as other,
+        other.stream("POST", "/generate", json=long_body("b")) as s,
+    ):
+        lines = started(s)  # another client's stream runs through the whole barrage
         for name, path, body, status, _param, _ in inference:
             content = body if isinstance(body, bytes) else json.dumps(body)
             r = c.post(path, content=content, headers={"content-type": "application/json"})
@@ -73,6 +78,7 @@ def test_client_mistakes_pass_through_once_and_never_count_against_the_worker(ro
         # the worker is still in rotation: no breaker opened by the clients' mistakes
         r = c.post("/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 2}})
         assert r.status_code == 200, r.text
+        assert finish(lines) == {"type": "length", "length": 60}
     assert router_metric(router, "disagg_router_worker_errors_total") == errors
     assert router_metric(router, "disagg_router_retries_total") == retries
 

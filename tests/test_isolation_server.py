@@ -211,3 +211,12 @@ def test_huge_prompt_does_not_delay_a_small_one(server, http):
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
     assert rss_mib(server.proc.pid) - rss_before < 300
     assert wait_until(lambda: idle(http))
+
+
+def test_nothing_held_after_the_hostile_clients(server, http):
+    """Last in this module: every page back, nothing in flight in the HTTP process."""
+    assert wait_until(lambda: idle(http))
+    assert http.get("/server_info").json()["num_in_flight"] == 0
+    with admin(server) as root:
+        assert root.post("/flush_cache").status_code == 200
+    assert http.get("/server_info").json()["internal_states"][0]["num_used_pages"] == 0
