@@ -19,7 +19,8 @@ from pathlib import Path
 #   DISAGG_CACHE_DIR        disagg's cache (default: $XDG_CACHE_HOME/disagg, else ~/.cache/disagg)
 #   DISAGG_TRANSFER_TRACE   1: record when each KV transfer room passes each hop (transfer.bench --trace)
 # and the standard ones we honour: XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES (launch_local splits the
-# GPUs), UCXPY_ENABLE_PYTHON_FUTURE and the UCX_* defaults set in configure_ucx_env (the user's win).
+# GPUs), TRITON_INTERPRET, UCXPY_ENABLE_PYTHON_FUTURE and the UCX_* defaults set in
+# configure_ucx_env (the user's win).
 
 CPU_THREADS_VAR = "DISAGG_CPU_THREADS"
 TRANSFER_TRACE_VAR = "DISAGG_TRANSFER_TRACE"
@@ -72,6 +73,11 @@ def cuda_visible_devices() -> list[str] | None:
     """The GPUs CUDA_VISIBLE_DEVICES names, or None when it is unset (every GPU is visible)."""
     value = os.environ.get("CUDA_VISIBLE_DEVICES")
     return None if value is None else [d for d in value.split(",") if d.strip()]
+
+
+def triton_interpret() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run in Triton's CPU interpreter (tests)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def ucx_python_futures() -> bool:
