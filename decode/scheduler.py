@@ -24,7 +24,8 @@ from disagg.common.engine.scheduler import Scheduler
 from disagg.common.parallel.state import get_parallel
 from disagg.decode.ranks import create_receiver
 from disagg.transfer import TransferResult
-from disagg.transfer.coordinator import TransferCoordinator
+from disagg.transfer.coordinator import TransferCoordinator, transfer_error
+from disagg.transfer.protocol import prompt_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,8 @@ class DecodeScheduler(Scheduler):
             req.page_table = pages
             req.status = ReqStatus.TRANSFERRING
             self.rooms[req.bootstrap_room] = req
-            self.transfer.expect(req.bootstrap_room, req.bootstrap_host, req.bootstrap_port, req.page_table)
+            self.transfer.expect(req.bootstrap_room, req.bootstrap_host, req.bootstrap_port, req.page_table,
+                                 fingerprint=prompt_fingerprint(req.input_ids))  # fmt: skip
 
     def _on_transfer_done(self, result: TransferResult) -> None:
         req = self.rooms.pop(result.room, None)
@@ -128,7 +130,7 @@ class DecodeScheduler(Scheduler):
             req.page_table = []
             if not req.is_finished:
                 logger.warning("request %s: KV transfer failed: %s", req.rid, result.reason)
-                self._finish(req, "abort", ReqStatus.ABORTED, error=f"KV transfer failed: {result.reason}")
+                self._finish(req, "abort", ReqStatus.ABORTED, error=transfer_error(result))
             return
         self._start_decoding(req, result.metadata)
 

@@ -23,7 +23,8 @@ from disagg.common.engine.scheduler import Scheduler
 from disagg.common.parallel.state import get_parallel
 from disagg.prefill.ranks import create_sender
 from disagg.transfer import TransferResult
-from disagg.transfer.coordinator import TransferCoordinator
+from disagg.transfer.coordinator import TransferCoordinator, transfer_error
+from disagg.transfer.protocol import prompt_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class PrefillScheduler(Scheduler):
         self.rooms[room] = req
         # NOTE: an empty first chunk opens the room in the transfer engine now: its timeout covers a
         # decode side that never asks for it, and an abort before any page reaches the decode side
-        self.transfer.send(room, [], 0, False)
+        self.transfer.send(room, [], 0, False, fingerprint=prompt_fingerprint(req.input_ids))
         (self.waiting if self._may_start_now(req) else self.bootstrap).append(req)
 
     def _has_held_requests(self) -> bool:
@@ -185,7 +186,7 @@ class PrefillScheduler(Scheduler):
             self._pending_outs.append(out)
         else:
             logger.warning("request %s: KV transfer failed: %s", req.rid, result.reason)
-            self._finish(req, "abort", ReqStatus.ABORTED, error=f"KV transfer failed: {result.reason}")
+            self._finish(req, "abort", ReqStatus.ABORTED, error=transfer_error(result))
 
     def _drop(self, req: Req) -> None:
         """Take a PD request out of whichever queue holds it (its pages stay with it)."""

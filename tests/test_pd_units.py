@@ -15,10 +15,10 @@ class FakeEngine:
     def __init__(self):
         self.calls, self.results = [], []
 
-    def send(self, room, pages, offset, is_last=False, metadata=None):
-        self.calls.append(("send", room, list(pages), offset, is_last))
+    def send(self, room, pages, offset, is_last=False, metadata=None, fingerprint=0):
+        self.calls.append(("send", room, list(pages), offset, is_last, fingerprint))
 
-    def expect(self, room, host, port, pages):
+    def expect(self, room, host, port, pages, fingerprint=0):
         if room == 13:
             raise ValueError("room 13 is already expected")
         self.calls.append(("expect", room))

@@ -160,3 +160,27 @@ def test_decode_dying_mid_transfer_fails_its_rooms_promptly() -> None:
         sender.close()
         _stop(proc)
 
+
+def test_a_room_binds_one_prompt_and_is_never_reused(pair) -> None:
+    """Two requests crossing on one room id, or a room used again after it ended, fail at once on
+    both sides with a `conflict` reason, and no page of the other request lands."""
+    from disagg.transfer.protocol import prompt_fingerprint as fp
+
+    sender, receiver = pair
+    port = sender.bootstrap_port
+    start = time.monotonic()
+    receiver.expect(1, HOST, port, [0, 1], fingerprint=fp([5, 6, 7]))  # the decode holds room 1 for B
+    sender.send(1, [10, 11], 0, is_last=True, fingerprint=fp([1, 2, 3]))  # the prefill computed A
+    receiver.expect(2, HOST, port, [2], fingerprint=fp([1, 2]))  # one prompt on both sides: fine
+    sender.send(2, [12], 0, is_last=True, fingerprint=fp([1, 2]))
+    sent, got = wait_results(sender, {1, 2}, 10), wait_results(receiver, {1, 2}, 10)
+    assert sent[2].ok and got[2].ok
+    assert sent[1].reason.startswith("conflict") and got[1].reason.startswith("conflict"), (sent[1], got[1])
+    assert not receiver.kv_buffer[:, 0:2].any()  # nothing of A reached B's pages
+    receiver.expect(2, HOST, port, [3], fingerprint=fp([1, 2]))  # room 2 again, after it completed
+    sender.send(2, [13], 0, is_last=True, fingerprint=fp([1, 2]))
+    sent, got = wait_results(sender, {2}, 10), wait_results(receiver, {2}, 10)
+    assert sent[2].reason.startswith("conflict") and got[2].reason.startswith("conflict"), (sent[2], got[2])
+    assert not receiver.kv_buffer[:, 3].any()
+    assert time.monotonic() - start < 1.5  # refused, not timed out
+    assert sender.num_active_rooms() == 0 and receiver.num_active_rooms() == 0

@@ -47,6 +47,7 @@ class SendPagesOp:
     page_offset: int
     is_last: bool
     metadata: dict[str, Any] = field(default_factory=dict)
+    fingerprint: int = 0  # the room's first send: the prompt's (protocol.prompt_fingerprint)
 
 
 @message
@@ -58,6 +59,7 @@ class ExpectRoomOp:
     bootstrap_host: str
     bootstrap_port: int
     pages: list[int]
+    fingerprint: int = 0  # the prompt's (protocol.prompt_fingerprint)
 
 
 @message
@@ -74,6 +76,14 @@ class TransferOpsMsg:
     ops: list[SendPagesOp | ExpectRoomOp | AbortRoomOp]
 
 
+def transfer_error(result: TransferResult) -> str:
+    """The error a failed room ends its request with. A room two requests claimed is the clients'
+    conflict (the HTTP layer answers 409); any other failure is the KV transfer's (5xx, retryable)."""
+    if result.reason.startswith("conflict"):
+        return f"bootstrap_room {result.room} is in use by another request ({result.reason})"
+    return f"KV transfer failed: {result.reason}"
+
+
 # ---- one rank ---------------------------------------------------------------------------------
 
 
@@ -88,11 +98,12 @@ class RankTransfer:
         for op in ops:
             try:
                 if isinstance(op, SendPagesOp):
-                    self.engine.send(
-                        op.room, op.pages, op.page_offset, is_last=op.is_last, metadata=op.metadata
-                    )
+                    self.engine.send(op.room, op.pages, op.page_offset, is_last=op.is_last, metadata=op.metadata,
+                                     fingerprint=op.fingerprint)  # fmt: skip
                 elif isinstance(op, ExpectRoomOp):
-                    self.engine.expect(op.room, op.bootstrap_host, op.bootstrap_port, op.pages)
+                    self.engine.expect(
+                        op.room, op.bootstrap_host, op.bootstrap_port, op.pages, op.fingerprint
+                    )
                 else:
                     self.engine.abort(op.room)
             except Exception as e:  # noqa: BLE001 - a refused operation fails its room, never the rank
@@ -219,13 +230,14 @@ class TransferCoordinator:
         finished room wakes the loop (tp 1) or the loop polls (tp > 1)."""
         return IDLE_WAIT_MS if self.waker is not None and not retrying else POLL_MS
 
-    def send(self, room: Room, pages: list[int], page_offset: int, is_last: bool, metadata=None) -> None:
+    def send(self, room: Room, pages: list[int], page_offset: int, is_last: bool, metadata=None,
+             fingerprint: int = 0) -> None:  # fmt: skip
         self.open_rooms.add(room)
-        self.ops.append(SendPagesOp(room, list(pages), page_offset, is_last, metadata or {}))
+        self.ops.append(SendPagesOp(room, list(pages), page_offset, is_last, metadata or {}, fingerprint))
 
-    def expect(self, room: Room, host: str, port: int, pages: list[int]) -> None:
+    def expect(self, room: Room, host: str, port: int, pages: list[int], fingerprint: int = 0) -> None:
         self.open_rooms.add(room)
-        self.ops.append(ExpectRoomOp(room, host, port, list(pages)))
+        self.ops.append(ExpectRoomOp(room, host, port, list(pages), fingerprint))
 
     def abort(self, room: Room) -> None:
         if room in self.open_rooms:

@@ -7,26 +7,39 @@ Bootstrap (ZMQ REQ/REP to the prefill server's --disaggregation-bootstrap-port):
 Per connection (UCX tag messages, decode rank -> prefill rank endpoint):
     decode  HelloMsg  -> prefill  HelloAckMsg (error = "" when the layouts are compatible)
 Per room (every decode rank sends a RoomRequestMsg to every prefill rank of the prefill server):
-    decode  RoomRequestMsg                          (how many pages the decode holds for the room)
+    decode  RoomRequestMsg                          (how many pages the decode holds for the room, and
+                                                     the fingerprint of the prompt it holds them for)
     prefill KVChunkMsg (before the gather), then the bytes as one UCX tag message (tag = KVChunkMsg.tag)  x N
             or, for a small host chunk (<= inline_data_bytes, CPU only), one control message: the
             KVChunkMsg with the bytes behind it in the same frame (see transfer/ucx.py)
             the last KVChunkMsg carries the done (num_chunks > 0, metadata)
     prefill RoomDoneMsg(num_chunks, metadata)       (only when the last send() had no pages)
     decode  RoomAckMsg                              (every chunk landed in the decode pool)
-    either  RoomFailedMsg(reason)                   (abort, timeout, bad request: fail the room on both sides)
+    either  RoomFailedMsg(reason)                   (abort, timeout, bad request, conflict: fail the room on both sides)
+
+A room binds one request on both sides: the prefill's first send() and the decode's expect() carry
+`prompt_fingerprint(input_ids)`; a request for a room whose prompt differs, or a room that already
+ended here, fails with a "conflict: ..." reason on both sides and no page crosses.
     either  HeartbeatMsg                            (peer liveness, every heartbeat interval)
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from disagg.common.messages import message
 from disagg.transfer.layout import KVLayout
 
 Room = int  # the bootstrap room id: unique per request across the fleet
+
+
+def prompt_fingerprint(token_ids: list[int]) -> int:
+    """What both sides of a room compare to prove it is the same request (0: not checked)."""
+    digest = hashlib.blake2b(np.asarray(token_ids, dtype=np.int64).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1 or 1  # in [1, 2**63): msgpack packs it as an int64
 
 
 @message
@@ -70,6 +83,7 @@ class RoomRequestMsg:
     decode_rank: int
     decode_tp: int
     num_pages: int  # the decode's pages for the room (the page indices stay on the decode side)
+    fingerprint: int = 0  # prompt_fingerprint of the decode's request (0: not checked)
 
 
 @message

@@ -57,6 +57,7 @@ class _RecvRoom(RoomState):
     ready: torch.cuda.Event | None = None  # CUDA: recorded after dst_pages' copy to the device
     sources: dict[int, _Source] = field(default_factory=dict)  # prefill rank ->
     metadata: dict[str, Any] = field(default_factory=dict)
+    fingerprint: int = 0  # prompt_fingerprint of the request the pages are reserved for
 
 
 @dataclass
@@ -94,10 +95,16 @@ class KVReceiver(TransferBase):
         self.ucx.call(run(), timeout=self.connect_timeout_s * 2 + 5)
 
     def expect(
-        self, room: Room, bootstrap_host: str, bootstrap_port: int, dst_pages: torch.Tensor | list[int]
+        self,
+        room: Room,
+        bootstrap_host: str,
+        bootstrap_port: int,
+        dst_pages: torch.Tensor | list[int],
+        fingerprint: int = 0,
     ) -> None:
         """Receive `room`'s KV into dst_pages (token order). Non-blocking; the outcome comes from poll().
-        Raises ValueError for a duplicate room or page indices outside the pool."""
+        `fingerprint`: the prompt's (protocol.prompt_fingerprint); the prefill refuses a room bound
+        to another prompt. Raises ValueError for a duplicate room or page indices outside the pool."""
         pages = torch.as_tensor(dst_pages, dtype=torch.int64)
         num_pool_pages = self.kv_buffer.shape[1]
         if pages.dim() != 1 or len(pages) == 0 or int(pages.min()) < 0 or int(pages.max()) >= num_pool_pages:
@@ -112,7 +119,7 @@ class KVReceiver(TransferBase):
         if self.device.type == "cuda":  # the copy runs on the pool device's current stream: scatters wait
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
-        self.ucx.call_soon(self._on_expect, room, (bootstrap_host, bootstrap_port), pages, ready)
+        self.ucx.call_soon(self._on_expect, room, (bootstrap_host, bootstrap_port), pages, ready, fingerprint)
 
     # ---- loop thread: connections ----
     def _server(self, key: ServerKey) -> asyncio.Future[_PrefillServer]:
@@ -178,9 +185,11 @@ class KVReceiver(TransferBase):
         src = state.sources.get(peer.info.tp_rank) if peer.info is not None else None
         return src is not None and src.peer is peer
 
-    def _on_expect(self, room: Room, key: ServerKey, pages: torch.Tensor, ready: Any) -> None:
+    def _on_expect(
+        self, room: Room, key: ServerKey, pages: torch.Tensor, ready: Any, fingerprint: int
+    ) -> None:
         state = self.rooms[room] = _RecvRoom(
-            room, deadline=self._new_deadline(), dst_pages=pages, ready=ready
+            room, deadline=self._new_deadline(), dst_pages=pages, ready=ready, fingerprint=fingerprint
         )
         asyncio.ensure_future(self._request_room(state, key))
 
@@ -198,9 +207,8 @@ class KVReceiver(TransferBase):
         state.peers = list(server.peers)
         state.sources = {h.prefill_rank: _Source(server.peers[h.prefill_rank], h) for h in server.heads}
         for peer in server.peers:  # every prefill rank hears of the room, even one that sends nothing here
-            peer.post_msg(
-                RoomRequestMsg(state.room, self.layout.tp_rank, self.layout.tp_size, len(state.dst_pages))
-            )
+            peer.post_msg(RoomRequestMsg(state.room, self.layout.tp_rank, self.layout.tp_size,
+                                         len(state.dst_pages), state.fingerprint))  # fmt: skip
 
     def _on_message(self, peer: Peer, msg: Any, payload: np.ndarray | None = None) -> None:
         state = self.rooms.get(getattr(msg, "room", None))

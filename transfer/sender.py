@@ -79,6 +79,7 @@ class _SendRoom(RoomState):
     chunks_planned: dict[int, int] = field(default_factory=dict)  # decode rank -> chunks started
     done_sent: bool = False
     acked: set[int] = field(default_factory=set)
+    fingerprint: int = 0  # the prefill request's prompt_fingerprint (0: not known yet / not checked)
 
 
 def default_max_message_bytes(device: torch.device | str) -> int:
@@ -144,8 +145,11 @@ class KVSender(TransferBase):
         page_offset: int = 0,
         is_last: bool = False,
         metadata: dict[str, Any] | None = None,
+        fingerprint: int = 0,
     ) -> None:
         """Queue a chunk of `room`: src_pages land in the decode pages [page_offset, page_offset + n).
+        `fingerprint` (the first send of a room): the prompt's, which every decode request for the
+        room must match.
 
         Non-blocking. On CUDA the gather waits for the work queued so far on the kv_buffer device's
         current stream, so call it right after launching the forward that wrote these pages.
@@ -158,7 +162,8 @@ class KVSender(TransferBase):
             # the calling thread's current device is another one
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
-        self.ucx.call_soon(self._on_send, room, _Chunk(pages, page_offset, ready), is_last, metadata or {})
+        chunk = _Chunk(pages, page_offset, ready)
+        self.ucx.call_soon(self._on_send, room, chunk, is_last, metadata or {}, fingerprint)
 
     # ---- loop thread ----
     def _listen(self) -> Any:
@@ -206,18 +211,27 @@ class KVSender(TransferBase):
         self._touch(state)
         return state
 
-    def _on_send(self, room: Room, chunk: _Chunk, is_last: bool, metadata: dict[str, Any]) -> None:
+    def _on_send(
+        self, room: Room, chunk: _Chunk, is_last: bool, metadata: dict[str, Any], fingerprint: int
+    ) -> None:
         trace(room, "on_send")
         tomb = self._tombstones.get(room)
         if tomb is not None and room not in self.rooms:
             if not tomb.reported:  # decode failed the room before its first chunk: report it now
                 tomb.reported = True
                 self._fail(self._room(room), tomb.reason, notify=False)
-            return  # otherwise the room's result was reported once already
+            elif fingerprint:  # a new request reusing a room that ended here: refuse it, report it
+                self._fail(self._room(room), f"conflict: room {room} was already used by an earlier request",
+                           notify=False)  # fmt: skip
+            return  # otherwise (a late chunk of the room's own request) its result was reported already
         state = self._room(room)
         if state.is_last:
             self._fail(state, f"bad_request: chunk after the last chunk of room {room}")
             return
+        if fingerprint and not state.fingerprint:
+            state.fingerprint = fingerprint
+            if self._refuse_foreign_requests(state):
+                return
         state.queued.append(chunk)
         state.is_last, state.metadata = is_last, metadata
         self._pump(state)
@@ -226,8 +240,13 @@ class KVSender(TransferBase):
         room = getattr(msg, "room", None)
         tomb = self._tombstones.get(room)
         if tomb is not None and room not in self.rooms:
-            if isinstance(msg, RoomRequestMsg) and not tomb.ok:
-                peer.post_msg(RoomFailedMsg(room, tomb.reason))
+            if isinstance(msg, RoomRequestMsg):  # too late for this room: tell the decode side now
+                reason = (
+                    tomb.reason
+                    if not tomb.ok
+                    else f"conflict: room {room} already completed for another request"
+                )
+                peer.post_msg(RoomFailedMsg(room, reason))
             return
         if isinstance(msg, RoomFailedMsg) and room not in self.rooms:
             # failed on the decode side before the first send(): send() will report it
@@ -249,7 +268,17 @@ class KVSender(TransferBase):
             state.targets = [s for s in plan if s.prefill_rank == self.layout.tp_rank]
         state.requests[msg.decode_rank] = (peer, msg)
         state.peers.append(peer)
-        self._pump(state)
+        if not self._refuse_foreign_requests(state):
+            self._pump(state)
+
+    def _refuse_foreign_requests(self, state: _SendRoom) -> bool:
+        """Fail the room (both sides, before any page moves) if a decode request for it is for
+        another prompt than the prefill's: two clients' requests crossed on one room id."""
+        if state.fingerprint and any(m.fingerprint and m.fingerprint != state.fingerprint
+                                     for _, m in state.requests.values()):  # fmt: skip
+            self._fail(state, f"conflict: room {state.room} is bound to another request (the prompts differ)")
+            return True
+        return False
 
     def _on_ack(self, peer: Peer, state: _SendRoom) -> None:
         trace(state.room, "ack_in")
