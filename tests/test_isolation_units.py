@@ -60,6 +60,11 @@ def test_abort_only_own_requests_exact_ids_and_n_siblings():
     assert [m.rid for m in sent] == ["cmpl-1-0", "cmpl-1-1"] and all(isinstance(m, AbortReqMsg) for m in sent)
     assert tm.abort("gen-x", ANY_OWNER) == 1  # the admin
     assert tm.abort(None) == 4
+    sent.clear()
+    for rid in ("gen-abc-r1", "gen-abc-m1-0", "gen-abcd"):  # the router's retry and migration of gen-abc
+        tm.reqs[rid] = ReqState(owner="alice")
+    assert tm.abort("gen-abc", "alice") == 3
+    assert sorted(m.rid for m in sent) == ["gen-abc", "gen-abc-m1-0", "gen-abc-r1"]
 
 
 def test_text_too_long_for_the_context_is_refused_before_tokenizing():

@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import itertools
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -235,6 +236,11 @@ class TokenizerManager:
             state.queue.put_nowait(out)
 
 
+_SIBLING_SUFFIX = re.compile(r"(-[rm]\d+)*(-\d+)?")
+
+
 def _is_sibling(rid: str, base: str) -> bool:
-    """`base-3` is one of the n samples of `base`; `base-x` (another client's id) is not."""
-    return rid.startswith(base) and rid[len(base) : len(base) + 1] == "-" and rid[len(base) + 1 :].isdigit()
+    """`base-3` is one of the n samples of `base`, `base-r1` / `base-m1` the router's retry /
+    migration of it (router/proxy.py); `base-x` (another client's id) is not."""
+    rest = rid[len(base) :] if rid.startswith(base) else ""
+    return bool(rest) and _SIBLING_SUFFIX.fullmatch(rest) is not None
