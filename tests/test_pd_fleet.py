@@ -33,15 +33,19 @@ REQUESTS = [
 ]
 
 
+# NOTE: four servers at once: pools of 1024 tokens (the 8 short requests need ~300) keep the run small
+FLEET_ARGS = [*PD_ARGS, "--max-total-tokens", "1024"]
+
+
 class Fleet:
     """Two prefill and two decode servers (no router): `fleet.router(policy)` puts one in front."""
 
     def __init__(self):
         self.bootstrap_ports = [free_port(), free_port()]
         self.prefills = [ServerProcess("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port",
-                                       str(port), "--dtype", "float32", *PD_ARGS)
+                                       str(port), "--dtype", "float32", *FLEET_ARGS)
                          for port in self.bootstrap_ports]  # fmt: skip
-        self.decodes = [ServerProcess("--disaggregation-mode", "decode", "--dtype", "float32", *PD_ARGS)
+        self.decodes = [ServerProcess("--disaggregation-mode", "decode", "--dtype", "float32", *FLEET_ARGS)
                         for _ in range(2)]  # fmt: skip
 
     @property
