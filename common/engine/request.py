@@ -26,6 +26,7 @@ class SamplingParams:
     return_logprob: bool = False
     top_logprobs_num: int = 0
     skip_special_tokens: bool = True  # detokenizer only
+    logit_bias: list[list] = field(default_factory=list)  # [[token_id, bias], ...] (OpenAI's logit_bias)
 
     @property
     def is_greedy(self) -> bool:
@@ -47,6 +48,8 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]"),
             (0 <= self.top_logprobs_num <= 20, "top_logprobs", "must be in [0, 20]"),
         ]
+        bias_ok = all(isinstance(t, int) and 0 <= t < 2**31 and -100 <= b <= 100 for t, b in self.logit_bias)
+        checks.append((bias_ok, "logit_bias", "must map token ids to biases in [-100, 100]"))
         for ok, param, why in checks:
             if not ok:
                 raise ValueError(f"{param} {why}, got {getattr(self, param, None)!r}", param)

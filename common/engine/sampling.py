@@ -1,4 +1,9 @@
-"""Batched sampling on the device: penalties, temperature, top-k, top-p, min-p, seeds, logprobs."""
+"""Batched sampling on the device: logit bias, penalties, temperature, top-k, top-p, min-p, seeds, logprobs.
+
+A seeded request draws its n-th output token from a generator seeded with (seed, n): the draw depends
+on the request and the position only, never on which process samples it or what ran before, so a PD
+deployment (the prefill samples token 0, the decode the rest) samples exactly as a colocated server.
+"""
 
 from __future__ import annotations
 
@@ -19,13 +24,13 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int = 0):
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
-        self._req_generators: dict[str, torch.Generator] = {}  # rid -> generator of a seeded request
 
     def forget(self, rid: str) -> None:
-        self._req_generators.pop(rid, None)
+        """Nothing is kept per request (seeded draws depend on seed and position only)."""
 
     def sample(self, logits: torch.Tensor, reqs: list[Req]) -> SampleResult:
         """logits: [B, V] float32 on the device, one row per request."""
+        logits = self._apply_logit_bias(logits, reqs)
         logits = self._apply_penalties(logits, reqs)
         want_logprobs = any(r.sampling.return_logprob or r.sampling.top_logprobs_num for r in reqs)
         logprobs_all = torch.log_softmax(logits, dim=-1) if want_logprobs else None
@@ -46,6 +51,24 @@ class Sampler:
                     for i, v, r in zip(ids.tolist(), vals.tolist(), reqs, strict=True)
                 ]
         return result
+
+    def _apply_logit_bias(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+        """OpenAI's logit_bias, added to the logits (so logprobs see it too, as in vLLM); a bias of
+        -100 or less bans the token outright (-inf): a large logit gap must not let it through."""
+        rows = [i for i, r in enumerate(reqs) if r.sampling.logit_bias]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            # NOTE: the server checks ids against the tokenizer; ids past the logits are dropped, not a crash
+            pairs = [(t, b) for t, b in reqs[i].sampling.logit_bias if 0 <= t < logits.shape[1]]
+            if not pairs:
+                continue
+            ids = torch.tensor([int(t) for t, _ in pairs], device=self.device)
+            bias = torch.tensor([float(b) for _, b in pairs], device=self.device, dtype=logits.dtype)
+            bias = bias.masked_fill(bias <= BAN_BIAS, float("-inf"))
+            logits[i].index_add_(0, ids, bias)
+        return logits
 
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
         rows = [
@@ -72,12 +95,24 @@ class Sampler:
         out = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
         for i, r in enumerate(reqs):
             if r.sampling.seed is not None and not r.sampling.is_greedy:
-                gen = self._req_generators.get(r.rid)
-                if gen is None:
-                    gen = torch.Generator(device=self.device).manual_seed(r.sampling.seed)
-                    self._req_generators[r.rid] = gen
+                gen = torch.Generator(device=self.device).manual_seed(
+                    position_seed(r.sampling.seed, len(r.output_ids))
+                )
                 out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
         return out
+
+
+BAN_BIAS = -100.0  # OpenAI: "-100 should result in a ban"
+_MASK64 = 2**64 - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The seed of a request's position-th draw: a splitmix64 mix of both, so neighbouring seeds and
+    positions give unrelated streams."""
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 def _filter_probs(probs: torch.Tensor, reqs: list[Req], device: torch.device) -> torch.Tensor:

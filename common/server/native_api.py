@@ -8,13 +8,20 @@ from collections.abc import AsyncIterator
 
 from disagg.common.engine.request import SamplingParams
 from disagg.common.server.ipc import StrOut
-from disagg.common.server.protocol import AbortRequest, APIError, GenerateRequest
+from disagg.common.server.protocol import (
+    AbortRequest,
+    APIError,
+    DetokenizeRequest,
+    GenerateRequest,
+    TokenizeRequest,
+)
 from disagg.common.server.serving import (
     IS_ADMIN,
     ChoiceAcc,
     ServerState,
     admin_required,
     check_lengths,
+    check_model,
     check_token_ids,
     duplicate_rid,
     engine_error,
@@ -23,6 +30,7 @@ from disagg.common.server.serving import (
     new_rid,
     open_stream,
     owner_of,
+    pd_for,
     replay_head,
     sse,
     state_of,
@@ -37,7 +45,8 @@ router = APIRouter()
 
 HEALTH_TIMEOUT_S = 10.0  # a CPU step with a long prefill chunk can take seconds
 STATS_TIMEOUT_S = 2.0
-_SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - {"return_logprob", "top_logprobs_num"}
+_SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - {
+    "return_logprob", "top_logprobs_num", "logit_bias"}  # fmt: skip
 # SGLang parameters we accept only at their neutral value
 _NEUTRAL = {"n": 1, "min_new_tokens": 0, "repetition_penalty": 1.0, "no_stop_trim": False,
             "spaces_between_special_tokens": True}  # fmt: skip
@@ -90,21 +99,27 @@ async def generate(req: GenerateRequest, request: Request) -> Response:
     if len(rids) != len(prompts):
         raise APIError(400, f"{len(rids)} rids for {len(prompts)} prompts", "rid")
     gens = [
-        state.tm.generate(r, ids, sp, req.pd_fields(), owner_of(request))
-        for r, ids, sp in zip(rids, prompts, samplings, strict=True)
+        state.tm.generate(r, ids, sp, pd_for(req.pd_fields(), i), owner_of(request))
+        for i, (r, ids, sp) in enumerate(zip(rids, prompts, samplings, strict=True))
     ]
+    prompt_ids = prompts if req.return_prompt_ids else None
     start = time.perf_counter()
     if req.stream:
         opened = await open_stream(request, gens)
         if opened is None:
             return Response(status_code=499)
-        return StreamingResponse(native_stream(*opened, rids, batch, start), media_type="text/event-stream")
+        return StreamingResponse(
+            native_stream(*opened, rids, batch, start, prompt_ids), media_type="text/event-stream"
+        )
     accs = await until_disconnect(request, collect(gens))
     if accs is None:
         return Response(status_code=499)
     for acc in accs:
         acc.raise_if_rejected()
-    bodies = [native_body(acc, rid, start) for acc, rid in zip(accs, rids, strict=True)]
+    bodies = [
+        native_body(acc, rid, start, prompt_ids and prompt_ids[i])
+        for i, (acc, rid) in enumerate(zip(accs, rids, strict=True))
+    ]
     return JSONResponse(bodies if batch else bodies[0])
 
 
@@ -118,7 +133,9 @@ async def collect(gens: list[AsyncIterator[StrOut]]) -> list[ChoiceAcc]:
     return accs
 
 
-async def native_stream(head, outputs, rids: list[str], batch: bool, start: float) -> AsyncIterator[str]:
+async def native_stream(
+    head, outputs, rids: list[str], batch: bool, start: float, prompt_ids: list[list[int]] | None
+) -> AsyncIterator[str]:
     """SGLang's stream shape: each event carries the text and output ids so far; [DONE] at the end."""
     accs = [ChoiceAcc() for _ in rids]
     try:
@@ -127,7 +144,7 @@ async def native_stream(head, outputs, rids: list[str], batch: bool, start: floa
             if out.finished and out.error and not accs[i].output_ids:
                 yield sse(engine_error(out.error).body())
                 continue
-            body = native_body(accs[i], rids[i], start)
+            body = native_body(accs[i], rids[i], start, prompt_ids and prompt_ids[i])
             yield sse({**body, "index": i} if batch else body)
     except Exception as e:  # noqa: BLE001 - a bug: the client still gets an error event, then [DONE]
         yield stream_crash(e)
@@ -144,7 +161,7 @@ def finish_reason_body(last: StrOut | None) -> dict | None:
     return {"type": last.finish_reason or "abort", "message": last.error or "aborted"}
 
 
-def native_body(acc: ChoiceAcc, rid: str, start: float) -> dict:
+def native_body(acc: ChoiceAcc, rid: str, start: float, prompt_ids: list[int] | None = None) -> dict:
     last = acc.last
     meta = {
         "id": rid,
@@ -154,6 +171,8 @@ def native_body(acc: ChoiceAcc, rid: str, start: float) -> dict:
         "cached_tokens": last.cached_tokens if last else 0,
         "e2e_latency": time.perf_counter() - start,
     }
+    if prompt_ids is not None:
+        meta["prompt_ids"] = prompt_ids
     if acc.logprobs:
         meta["output_token_logprobs"] = [
             [lp, tid, None] for lp, tid in zip(acc.logprobs, acc.output_ids, strict=False)
@@ -233,3 +252,40 @@ async def model_info(request: Request) -> dict:
     state = state_of(request)
     return {"model_path": state.model_path, "tokenizer_path": state.model_path, "is_generation": True,
             "served_model_name": state.model_name, "context_length": state.context_length}  # fmt: skip
+
+
+@router.post("/tokenize")
+async def tokenize(req: TokenizeRequest, request: Request) -> dict:
+    """vLLM's and SGLang's shape: {"tokens", "count", "max_model_len"} (a list of prompts: lists)."""
+    state = state_of(request)
+    check_model(state, req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give exactly one of `prompt` and `messages`", "prompt")
+    if req.messages is not None:
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        _, tokens = await state.tm.chat_prompt(messages)  # the ids a chat request would send
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": state.context_length}
+    texts = req.prompt if isinstance(req.prompt, list) else [req.prompt]
+    lists = [await encode(state, t, req.add_special_tokens) for t in texts]
+    tokens = lists if isinstance(req.prompt, list) else lists[0]
+    count = [len(t) for t in lists] if isinstance(req.prompt, list) else len(lists[0])
+    return {"tokens": tokens, "count": count, "max_model_len": state.context_length}
+
+
+async def encode(state: ServerState, text: str, add_special_tokens: bool) -> list[int]:
+    if add_special_tokens:
+        return await state.tm.tokenize(text)
+    state.tm.check_size(len(text), "prompt")
+    return await state.tm._in_thread(len(text), lambda tok, t: tok.encode(t, add_special_tokens=False), text)
+
+
+@router.post("/detokenize")
+async def detokenize(req: DetokenizeRequest, request: Request) -> dict:
+    """vLLM answers {"prompt"}, SGLang {"text"}: both."""
+    state = state_of(request)
+    check_model(state, req.model)
+    check_token_ids([req.tokens], "tokens")
+    if any(t >= len(state.tm.tokenizer) for t in req.tokens):
+        raise APIError(400, f"token ids must be in [0, {len(state.tm.tokenizer)})", "tokens")
+    text = await state.tm.detokenize(req.tokens)
+    return {"prompt": text, "text": text}

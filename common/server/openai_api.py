@@ -22,6 +22,7 @@ from disagg.common.server.serving import (
     new_rid,
     open_stream,
     owner_of,
+    pd_for,
     replay_head,
     sse,
     state_of,
@@ -50,6 +51,7 @@ class Job:
     include_usage: bool
     echo_texts: list[str] | None = None  # completions with echo=True
     owner: str | None = None  # the key that sent it (see serving.owner_of)
+    return_token_ids: bool = False  # vLLM's prompt_token_ids / token_ids
 
     def start(self, state: ServerState, pd: dict) -> list[AsyncIterator[StrOut]]:
         single = len(self.prompts) * self.n == 1
@@ -58,7 +60,7 @@ class Job:
                 self.rid if single else f"{self.rid}-{i}",
                 self.prompts[i // self.n],
                 with_seed(self.sampling, i % self.n),
-                pd,
+                pd_for(pd, i),
                 self.owner,
             )  # fmt: skip
             for i in range(len(self.prompts) * self.n)
@@ -73,9 +75,35 @@ async def list_models(request: Request) -> dict:
     return {"object": "list", "data": [card]}
 
 
+def check_unsupported(req: OpenAISampling) -> None:
+    """Refuse what we cannot honour rather than answer free text as if it had been (issue 23)."""
+    fmt = (req.response_format or {}).get("type", "text")
+    if fmt != "text":
+        raise APIError(400, f"response_format {fmt!r} is not supported by this server (only 'text')",
+                       "response_format", code="unsupported")  # fmt: skip
+    choice = req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none")
+    if choice != "none":
+        raise APIError(400, "tool calling is not supported by this server (tools need tool_choice 'none')",
+                       "tool_choice" if req.tool_choice is not None else "tools", code="unsupported")  # fmt: skip
+
+
+def logit_bias_from(req: OpenAISampling, vocab_size: int) -> list[list]:
+    pairs = []
+    for key, bias in (req.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= vocab_size:
+            raise APIError(
+                400, f"logit_bias keys must be token ids in [0, {vocab_size}), got {key!r}", "logit_bias"
+            )
+        if not -100 <= bias <= 100:
+            raise APIError(400, f"logit_bias values must be in [-100, 100], got {bias}", "logit_bias")
+        pairs.append([int(key), float(bias)])
+    return pairs
+
+
 def sampling_from(
-    req: OpenAISampling, max_new_tokens: int, return_logprob: bool, top_n: int
+    req: OpenAISampling, max_new_tokens: int, return_logprob: bool, top_n: int, vocab_size: int
 ) -> SamplingParams:
+    check_unsupported(req)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return make_sampling(
         max_new_tokens=max_new_tokens,
@@ -92,6 +120,7 @@ def sampling_from(
         return_logprob=return_logprob,
         top_logprobs_num=top_n,
         skip_special_tokens=req.skip_special_tokens,
+        logit_bias=logit_bias_from(req, vocab_size),
     )
 
 
@@ -114,9 +143,10 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
     else:
         param, max_tokens = "max_tokens", req.max_tokens
     max_new = check_lengths(state, len(ids), max_tokens, param)
-    sampling = sampling_from(req, max_new, req.logprobs, req.top_logprobs or 0)
+    sampling = sampling_from(req, max_new, req.logprobs, req.top_logprobs or 0, len(state.tm.tokenizer))
     job = Job("chat", req.rid or new_rid("chatcmpl"), req.model or state.model_name, [ids], sampling,
-              req.n, req.stream, req.include_usage, owner=owner_of(request))  # fmt: skip
+              req.n, req.stream, req.include_usage, owner=owner_of(request),
+              return_token_ids=req.return_token_ids)  # fmt: skip
     return await respond(job, state, request, req.pd_fields())
 
 
@@ -141,13 +171,19 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     check_n(req.n)
     if req.logprobs is not None and not 0 <= req.logprobs <= 20:
         raise APIError(400, f"logprobs must be in [0, 20], got {req.logprobs}", "logprobs")
+    if req.echo and req.logprobs is not None:
+        # NOTE: the engine computes no prompt logprobs; an answer without them would mislead
+        raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does not compute",
+                       "echo", code="unsupported")  # fmt: skip
     prompts = await completion_prompts(state, req.prompt)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default for completions
     max_new = min(check_lengths(state, len(p), max_tokens, "max_tokens") for p in prompts)
-    sampling = sampling_from(req, max_new, req.logprobs is not None, req.logprobs or 0)
+    sampling = sampling_from(
+        req, max_new, req.logprobs is not None, req.logprobs or 0, len(state.tm.tokenizer)
+    )
     echo = [await state.tm.detokenize(p) for p in prompts] if req.echo else None
     job = Job("completion", req.rid or new_rid("cmpl"), req.model or state.model_name, prompts, sampling,
-              req.n, req.stream, req.include_usage, echo, owner_of(request))  # fmt: skip
+              req.n, req.stream, req.include_usage, echo, owner_of(request), req.return_token_ids)  # fmt: skip
     return await respond(job, state, request, req.pd_fields())
 
 
@@ -166,6 +202,8 @@ async def respond(job: Job, state: ServerState, request: Request, pd: dict) -> R
     body = {"id": job.rid, "object": "chat.completion" if job.kind == "chat" else "text_completion",
             "created": int(time.time()), "model": job.model, "choices": choices,
             "usage": usage(accs, [len(p) for p in job.prompts])}  # fmt: skip
+    if job.return_token_ids and job.kind == "chat":
+        body["prompt_token_ids"] = job.prompts[0]
     return JSONResponse(body)
 
 
@@ -182,14 +220,17 @@ async def collect(job: Job, state: ServerState, pd: dict) -> list[ChoiceAcc]:
 def choice_body(job: Job, i: int, acc: ChoiceAcc) -> dict:
     last = acc.last
     reason = last.finish_reason if last else "abort"
+    ids = {"token_ids": list(acc.output_ids)} if job.return_token_ids else {}
     if job.kind == "chat":
         lp = {"content": chat_logprobs(acc)} if job.sampling.return_logprob else None
         return {"index": i, "message": {"role": "assistant", "content": acc.text}, "logprobs": lp,
-                "finish_reason": reason, "matched_stop": last.matched_stop if last else None}  # fmt: skip
+                "finish_reason": reason, "matched_stop": last.matched_stop if last else None, **ids}  # fmt: skip
     text = (job.echo_texts[i // job.n] if job.echo_texts else "") + acc.text
     lp = completion_logprobs(acc) if job.sampling.return_logprob else None
+    if job.return_token_ids:
+        ids["prompt_token_ids"] = job.prompts[i // job.n]
     return {"index": i, "text": text, "logprobs": lp, "finish_reason": reason,
-            "matched_stop": last.matched_stop if last else None}  # fmt: skip
+            "matched_stop": last.matched_stop if last else None, **ids}  # fmt: skip
 
 
 def chat_logprobs(acc: ChoiceAcc) -> list[dict]:
@@ -201,8 +242,9 @@ def chat_logprobs(acc: ChoiceAcc) -> list[dict]:
             for tok, lp, top in zip(acc.token_texts, acc.logprobs, tops, strict=False)]  # fmt: skip
 
 
-def completion_logprobs(acc: ChoiceAcc) -> dict:
-    offsets, pos = [], 0
+def completion_logprobs(acc: ChoiceAcc, pos: int = 0) -> dict:
+    """`pos`: where acc's text starts in the choice's text (OpenAI's offsets are into the whole text)."""
+    offsets = []
     for tok in acc.token_texts:
         offsets.append(pos)
         pos += len(tok)
@@ -222,27 +264,42 @@ async def stream_chunks(job: Job, head: tuple[int, StrOut], outputs) -> AsyncIte
     obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
     accs = [ChoiceAcc() for _ in range(total)]
 
+    # OpenAI: with include_usage every chunk carries `usage: null`, the last one (no choices) the usage
+    null_usage = {"usage": None} if job.include_usage else {}
+
     def chunk(choices: list[dict], **extra) -> str:
         return sse({"id": job.rid, "object": obj, "created": created, "model": job.model, "choices": choices,
-                    **extra})  # fmt: skip
+                    **null_usage, **extra})  # fmt: skip
 
+    # return_token_ids: the prompt's ids come once, first (chat: top level; completions: in each choice)
+    prompt_ids_due = set(range(total)) if job.return_token_ids and job.kind == "completion" else set()
     if job.kind == "chat":
         first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None} for i in range(total)]  # fmt: skip
-        yield chunk(first)
+        yield chunk(first, **({"prompt_token_ids": job.prompts[0]} if job.return_token_ids else {}))
     elif job.echo_texts:
-        yield chunk([{"index": i, "text": job.echo_texts[i // job.n], "logprobs": None, "finish_reason": None}
-                     for i in range(total)])  # fmt: skip
+        choices = [{"index": i, "text": job.echo_texts[i // job.n], "logprobs": None, "finish_reason": None}
+                   for i in range(total)]  # fmt: skip
+        if job.return_token_ids:
+            for c in choices:
+                c["prompt_token_ids"], c["token_ids"] = job.prompts[c["index"] // job.n], []
+            prompt_ids_due.clear()
+        yield chunk(choices)
     try:
         async for i, out in replay_head(head, outputs):
             delta = ChoiceAcc()
             delta.add(out)
+            pos = len(accs[i].text) + (len(job.echo_texts[i // job.n]) if job.echo_texts else 0)
             accs[i].add(out)
             if out.finished and out.error and not accs[i].output_ids:
                 yield sse(engine_error(out.error).body())
                 continue
             if out.output_ids or out.finished:  # also when the text is held back: clients see token timing
-                yield chunk([delta_body(job, i, delta, out)])
+                body = delta_body(job, i, delta, out, pos)
+                if i in prompt_ids_due:
+                    prompt_ids_due.discard(i)
+                    body["prompt_token_ids"] = job.prompts[i // job.n]
+                yield chunk([body])
         if job.include_usage:
             yield chunk([], usage=usage(accs, [len(p) for p in job.prompts]))
     except Exception as e:  # noqa: BLE001 - a bug: the client still gets an error event, then [DONE]
@@ -250,11 +307,11 @@ async def stream_chunks(job: Job, head: tuple[int, StrOut], outputs) -> AsyncIte
     yield sse("[DONE]")
 
 
-def delta_body(job: Job, i: int, delta: ChoiceAcc, out: StrOut) -> dict:
+def delta_body(job: Job, i: int, delta: ChoiceAcc, out: StrOut, pos: int) -> dict:
     reason = out.finish_reason if out.finished else None
+    ids = {"token_ids": list(delta.output_ids)} if job.return_token_ids else {}
     if job.kind == "chat":
         lp = {"content": chat_logprobs(delta)} if job.sampling.return_logprob else None
-        return {"index": i, "delta": {"content": delta.text}, "logprobs": lp, "finish_reason": reason}
-    text = delta.text
-    lp = completion_logprobs(delta) if job.sampling.return_logprob else None
-    return {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
+        return {"index": i, "delta": {"content": delta.text}, "logprobs": lp, "finish_reason": reason, **ids}
+    lp = completion_logprobs(delta, pos) if job.sampling.return_logprob else None
+    return {"index": i, "text": delta.text, "logprobs": lp, "finish_reason": reason, **ids}

@@ -96,6 +96,11 @@ class OpenAISampling(PDFields):
     stream_options: StreamOptions | None = None
     user: Text | None = None
     rid: Text | None = None  # extension: request id, usable with /abort_request
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
+    return_token_ids: bool = False  # vLLM's: prompt_token_ids and each choice's token_ids
+    response_format: dict[str, Any] | None = None  # only {"type": "text"} (see unsupported())
+    tools: list[Any] | None = None
+    tool_choice: Text | dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -168,6 +173,22 @@ class GenerateRequest(PDFields):
     rid: Text | list[Text] | None = None
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    return_prompt_ids: bool = False  # meta_info.prompt_ids (what a router needs to continue a stream)
+
+
+class TokenizeRequest(StrictModel):
+    """vLLM's and SGLang's /tokenize: a text (`prompt`, SGLang also a list of them) or chat `messages`."""
+
+    model: Text | None = None
+    prompt: Text | list[Text] | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(StrictModel):
+    model: Text | None = None
+    tokens: list[int]
 
 
 class AbortRequest(StrictModel):

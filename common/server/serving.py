@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from disagg.common.engine.request import SamplingParams
 from disagg.common.server.ipc import StrOut
 from disagg.common.server.metrics import ServerMetrics
-from disagg.common.server.protocol import SERVER_ERROR, APIError
+from disagg.common.server.protocol import MAX_ROOM, SERVER_ERROR, APIError
 from disagg.common.server.tokenizer_manager import TokenizerManager
 from fastapi import Request
 
@@ -121,6 +121,17 @@ def with_seed(sp: SamplingParams, index: int) -> SamplingParams:
     if sp.seed is None or index == 0:
         return sp
     return dataclasses.replace(sp, seed=sp.seed + index)
+
+
+def pd_for(pd: dict | None, index: int) -> dict | None:
+    """The PD fields of the index-th sub-request (choice or prompt) of one call: room + index.
+
+    A router draws one room per call and sends the same body to the prefill and the decode; both
+    derive the sub-requests' rooms the same way, so each choice meets its own KV cache. (n choices
+    are n prefills of the same prompt: the prefill's prefix cache makes the repeats cheap.)"""
+    if not pd or pd.get("bootstrap_room") is None or index == 0:
+        return pd
+    return {**pd, "bootstrap_room": (pd["bootstrap_room"] + index) % MAX_ROOM}
 
 
 async def merge_streams(gens: list[AsyncIterator[StrOut]]) -> AsyncIterator[tuple[int, StrOut]]:
@@ -264,8 +275,14 @@ class ChoiceAcc:
 
 
 def usage(accs: list[ChoiceAcc], prompt_lens: list[int]) -> dict:
+    """OpenAI's count: each prompt once (its n choices share it), every choice's completion tokens;
+    a prompt's cached tokens are the most any of its choices found in the cache, never above its length."""
     completion = sum(a.last.completion_tokens if a.last else 0 for a in accs)
-    cached = sum(a.last.cached_tokens if a.last else 0 for a in accs)
+    n = len(accs) // max(len(prompt_lens), 1)
+    cached = sum(
+        min(length, max((a.last.cached_tokens if a.last else 0) for a in accs[p * n : (p + 1) * n]))
+        for p, length in enumerate(prompt_lens)
+    )
     prompt = sum(prompt_lens)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}  # fmt: skip

@@ -1,0 +1,181 @@
+"""The OpenAI surface users call (issue 23) through the real `openai` client against a colocated
+server: n choices and prompt lists with OpenAI's usage, logit_bias, return_token_ids, /tokenize and
+/detokenize, `usage: null` on chunks, and a clear 400 for what the server cannot honour."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+import torch
+from disagg.common.engine.request import Req, SamplingParams
+from disagg.common.engine.sampling import Sampler
+
+from tests.server_helpers import SMALL_SERVER_ARGS, ServerProcess
+
+MODEL = "SmolLM2-135M-Instruct"
+PROMPT = "The capital of France is"
+
+
+# ---- the sampler, in process (fast) ----
+
+
+def _req(rid: str, seed: int | None, n_out: int, **kw) -> Req:
+    return Req(rid, [1, 2, 3], SamplingParams(temperature=1.0, seed=seed, **kw), output_ids=[7] * n_out)
+
+
+def test_seeded_draw_depends_on_seed_and_position_only():
+    """A PD decode samples token n with a fresh Sampler: it must draw what the colocated one drew."""
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
+    long_lived = Sampler(torch.device("cpu"), seed=123)
+    drawn = [long_lived.sample(logits, [_req("a", 42, pos)]).token_ids[0] for pos in range(12)]
+    fresh = [
+        Sampler(torch.device("cpu"), seed=9).sample(logits, [_req("b", 42, pos)]).token_ids[0]
+        for pos in range(12)
+    ]
+    assert drawn == fresh
+    assert len(set(drawn)) > 1, "positions must not all draw the same token"
+    other = [
+        Sampler(torch.device("cpu")).sample(logits, [_req("c", 43, pos)]).token_ids[0] for pos in range(12)
+    ]
+    assert other != drawn
+
+
+def test_logit_bias_bans_and_forces_in_the_sampler():
+    logits = torch.zeros(2, 20)
+    logits[:, 5] = 50.0  # the model's overwhelming favourite
+    reqs = [_req("ban", None, 0, logit_bias=[[5, -100.0]]), _req("force", None, 0, logit_bias=[[11, 100.0]])]
+    sampler = Sampler(torch.device("cpu"))
+    for _ in range(20):
+        ban, force = sampler.sample(logits, reqs).token_ids
+        assert ban != 5 and force == 11
+
+
+# ---- a colocated server through the openai client ----
+
+
+@pytest.fixture(scope="module")
+def server(default_model_path):
+    srv = ServerProcess(*SMALL_SERVER_ARGS)
+    try:
+        yield srv.start()
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+
+
+@pytest.mark.slow
+def test_n_choices_and_usage(client):
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=3,
+                                          max_tokens=6, temperature=1.0, seed=5,
+                                          extra_body={"return_token_ids": True})  # fmt: skip
+    assert sorted(c.index for c in chat.choices) == [0, 1, 2]
+    u, prompt_ids = chat.usage, chat.model_extra["prompt_token_ids"]
+    assert u.prompt_tokens == len(prompt_ids)  # the shared prompt once, not n times
+    assert u.completion_tokens == sum(len(c.model_extra["token_ids"]) for c in chat.choices)
+    assert u.prompt_tokens_details.cached_tokens <= u.prompt_tokens  # issue 23: was 3x the prompt
+    assert len({c.message.content for c in chat.choices}) > 1, "seed+index: the n samples differ"
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], n=3,
+                                            max_tokens=6, temperature=1.0, seed=5, stream=True)  # fmt: skip
+    texts = {}
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+    assert texts == {c.index: c.message.content for c in chat.choices}
+
+
+@pytest.mark.slow
+def test_prompt_list_counts_each_prompt_once(client):
+    one = [
+        client.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0)
+        for p in (PROMPT, "1, 2, 3,")
+    ]
+    both = client.completions.create(
+        model=MODEL, prompt=[PROMPT, "1, 2, 3,"], n=2, max_tokens=4, temperature=0
+    )
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert [c.text for c in both.choices] == [one[0].choices[0].text] * 2 + [one[1].choices[0].text] * 2
+    assert both.usage.prompt_tokens == one[0].usage.prompt_tokens + one[1].usage.prompt_tokens
+    assert both.usage.completion_tokens == 16
+    assert both.usage.prompt_tokens_details.cached_tokens <= both.usage.prompt_tokens
+
+
+@pytest.mark.slow
+def test_logit_bias_bans_the_greedy_token(client):
+    kw = {
+        "model": MODEL,
+        "prompt": PROMPT,
+        "max_tokens": 8,
+        "temperature": 0,
+        "extra_body": {"return_token_ids": True},
+    }
+    free = client.completions.create(**kw).model_extra or {}
+    ids = client.completions.create(**kw).choices[0].model_extra["token_ids"]
+    assert len(ids) == 8, free
+    banned = {str(t): -100 for t in set(ids)}
+    biased = client.completions.create(**kw, logit_bias=banned).choices[0].model_extra["token_ids"]
+    assert biased and not set(biased) & set(ids)
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, logit_bias={"99999999": -100})
+
+
+@pytest.mark.slow
+def test_return_token_ids_match_tokenize(server, client):
+    http = httpx.Client(base_url=server.url, timeout=60)
+    prompt_ids = http.post("/tokenize", json={"prompt": PROMPT}).json()["tokens"]
+    comp = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0,
+                                     extra_body={"return_token_ids": True})  # fmt: skip
+    choice = comp.choices[0].model_extra
+    assert choice["prompt_token_ids"] == prompt_ids
+    assert (
+        http.post("/detokenize", json={"tokens": choice["token_ids"]}).json()["prompt"]
+        == comp.choices[0].text
+    )
+    # streamed: the prompt ids once, the token ids of every chunk add up to the whole output
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0, stream=True,
+                                            extra_body={"return_token_ids": True}))  # fmt: skip
+    assert [c.choices[0].model_extra.get("prompt_token_ids") for c in chunks][0] == prompt_ids
+    assert sum((c.choices[0].model_extra["token_ids"] for c in chunks), []) == choice["token_ids"]
+    messages = [{"role": "user", "content": "Hi"}]
+    chat_ids = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                          extra_body={"return_token_ids": True})  # fmt: skip
+    assert (
+        chat.model_extra["prompt_token_ids"] == chat_ids
+        and len(chat.choices[0].model_extra["token_ids"]) == 4
+    )
+    native = http.post("/generate", json={"text": PROMPT, "return_prompt_ids": True,
+                                          "sampling_params": {"max_new_tokens": 2}}).json()  # fmt: skip
+    assert native["meta_info"]["prompt_ids"] == prompt_ids
+
+
+@pytest.mark.slow
+def test_stream_chunks_carry_null_usage(client):
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=3, stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert all("usage" in c.model_fields_set and c.usage is None for c in chunks[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+
+
+@pytest.mark.slow
+def test_unsupported_features_are_a_400_not_ignored(client):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for extra in (
+        {"response_format": {"type": "json_object"}},
+        {"tools": [tool]},
+        {"tools": [tool], "tool_choice": "required"},
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**chat, **extra)
+        assert e.value.code == "unsupported"
+    assert (
+        client.chat.completions.create(**chat, tools=[tool], tool_choice="none").choices[0].message.content
+        is not None
+    )
+    with pytest.raises(openai.BadRequestError, match="prompt logprobs"):
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, echo=True, logprobs=1)
