@@ -53,8 +53,9 @@ def _run_interpreted(code: str) -> subprocess.CompletedProcess:
     )
 
 
-# NOTE: checked with triton 3.9's interpreter; 3.6's (the GPU image's) cannot take a loop bound
-# computed by tl.where, so on a GPU machine the compiled test below stands in for this one
+# NOTE: passes under triton 3.9's interpreter (pip, CPU); under 3.6's (the GPU image's) it fails with
+# "only 0-dimensional arrays can be converted to Python scalars" (not diagnosed), so on a GPU
+# machine the compiled test below stands in for this one
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test checks the compiled kernels")
 def test_interpreted_kernels_match_torch_on_cpu():
     pytest.importorskip("triton")
