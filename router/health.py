@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import time
 
 from disagg.router.config import RouterConfig
 from disagg.router.proxy import fetch
 from disagg.router.upstream import UPSTREAM_ERRORS, UpstreamPool
-from disagg.router.workers import BreakerState, Worker, WorkerRegistry
+from disagg.router.workers import BreakerState, Role, Worker, WorkerRegistry
 
 logger = logging.getLogger("disagg.router")
 
@@ -90,6 +91,8 @@ class HealthChecker:
     async def check(self, worker: Worker) -> bool:
         try:
             outcome = await self._probe(worker)
+            if outcome is Probe.OK and worker.role is not Role.REGULAR and worker.pd_identity is None:
+                await self._read_identity(worker)  # before it turns healthy: pairs are checked from the start
             self.record(worker, outcome)
         finally:
             self._probing.discard(worker)
@@ -98,6 +101,17 @@ class HealthChecker:
                 interval if worker.healthy else min(interval, FAST_INTERVAL_SECS)
             )
         return outcome is Probe.OK
+
+    async def _read_identity(self, worker: Worker) -> None:
+        """The PD server's KV layout identity from /server_info (what the router pairs on)."""
+        try:
+            status, body, _ = await fetch(self.client, "GET", worker.url, "/server_info", self.headers,
+                                          self.config.health_check_timeout_secs)  # fmt: skip
+            identity = json.loads(body).get("pd_identity") if status == 200 else None
+        except (*UPSTREAM_ERRORS, TimeoutError, ValueError, AttributeError):
+            return  # read again at its next passing probe
+        worker.pd_identity = identity if isinstance(identity, dict) else None
+        self.registry.check_pairs()
 
     async def _probe(self, worker: Worker) -> Probe:
         c = self.config

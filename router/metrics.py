@@ -87,6 +87,11 @@ class _ActiveRequests(Collector):
 
 ACTIVE_REQUESTS = _ActiveRequests()
 REGISTRY.register(ACTIVE_REQUESTS)
+INCOMPATIBLE_PAIRS = Gauge(
+    "disagg_router_incompatible_pairs",
+    "Healthy prefill/decode pairs the router will not pair: their KV layouts or models differ",
+    registry=REGISTRY,
+)
 QUEUE_SIZE = Gauge("disagg_router_queue_size", "Requests waiting for a concurrency slot", registry=REGISTRY)
 REJECTED = Counter("disagg_router_rejected", "Requests refused before routing", ["reason"], registry=REGISTRY)
 

@@ -39,7 +39,7 @@ from disagg.router.streams import (
     is_batch,
 )
 from disagg.router.upstream import UPSTREAM_ERRORS, AbortHandle, UpstreamPool, UpstreamResponse
-from disagg.router.workers import Role, Worker, WorkerRegistry
+from disagg.router.workers import Role, Worker, WorkerRegistry, pd_mismatch
 from starlette.responses import Response, StreamingResponse
 
 logger = logging.getLogger("disagg.router")
@@ -194,7 +194,23 @@ class Proxy:
         return delay * (1.0 + random.uniform(-c.retry_jitter_factor, c.retry_jitter_factor)) / 1000.0
 
     def pick(self, role: Role, text: str | None, tried: set[Worker]) -> Worker:
-        workers = self.registry.available(role)
+        return self._select(role, self.registry.available(role), text, tried)
+
+    def _pick_pair(self, text: str | None, tried: set[Worker]) -> tuple[Worker, Worker]:
+        """A prefill and a decode that can exchange KV pages (same model, weights, layout: the
+        identities their /server_info publishes); a request never reaches an incompatible pair."""
+        decodes = self.registry.available(Role.DECODE)
+        prefills = [
+            p for p in self.registry.available(Role.PREFILL) if any(not pd_mismatch(p, d) for d in decodes)
+        ]
+        if not prefills and self.registry.available(Role.PREFILL) and decodes:
+            raise NoWorker("no decode worker is compatible with any available prefill worker (model, weights or "
+                           "KV layout differ: see the router's log and /workers)")  # fmt: skip
+        prefill = self._select(Role.PREFILL, prefills, text, tried)
+        decode = self._select(Role.DECODE, [d for d in decodes if not pd_mismatch(prefill, d)], text, tried)
+        return prefill, decode
+
+    def _select(self, role: Role, workers: list[Worker], text: str | None, tried: set[Worker]) -> Worker:
         if not workers:
             raise NoWorker(f"no available {role.value} worker")
         fresh = [w for w in workers if w not in tried]
@@ -219,8 +235,7 @@ class Proxy:
     # ---- PD mode -----------------------------------------------------------------------------
 
     async def _attempt_pd(self, call: Call, text: str | None, tried: set[Worker]) -> tuple[Leg, tuple]:
-        prefill_worker = self.pick(Role.PREFILL, text, tried)
-        decode_worker = self.pick(Role.DECODE, text, tried)
+        prefill_worker, decode_worker = self._pick_pair(text, tried)
         # NOTE: a batch body keeps the client's rids (one per prompt) or none; abort then relies
         # on the closed connection alone
         rid = None if is_batch(call.parsed) else call.next_rid()

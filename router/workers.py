@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from disagg.router import metrics
+
+logger = logging.getLogger("disagg.router")
 
 
 class Role(enum.StrEnum):
@@ -107,6 +110,9 @@ class Worker:
     was_healthy: bool = False  # passed a health check at least once
     # legs in flight on this worker (proxy.Leg): failed when the worker is marked down
     inflight: set = field(default_factory=set, repr=False)
+    # PD servers: the KV layout identity of /server_info (model fingerprint, page size, dtype, ...),
+    # read when the worker turns healthy; None: not known (yet), e.g. a server that does not publish it
+    pd_identity: dict | None = None
     host: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -137,6 +143,7 @@ class Worker:
         if self.healthy:
             metrics.labelled(metrics.WORKER_MARKED_DOWN, reason).inc()
         self.set_healthy(False)
+        self.pd_identity = None  # a restarted process may serve another checkpoint: read it again
         self.health_successes = 0
         self.fail_silent_legs(silent_for, code)
 
@@ -154,6 +161,7 @@ class Worker:
             "healthy": self.healthy,
             "circuit_breaker": self.breaker.state.name.lower(),
             "outstanding_requests": self.outstanding,
+            "pd_identity": self.pd_identity,
         }
 
 
@@ -176,6 +184,7 @@ class WorkerRegistry:
         self._workers: dict[str, Worker] = {}
         self._removal_listeners: list = []
         self._suspect_listeners: list = []
+        self._logged_mismatches: set[tuple[str, str, str]] = set()
 
     def add(self, url: str, role: Role, bootstrap_port: int | None = None, healthy: bool = False) -> Worker:
         url = normalize_url(url)
@@ -214,3 +223,26 @@ class WorkerRegistry:
 
     def available(self, role: Role) -> list[Worker]:
         return [w for w in self._workers.values() if w.role is role and w.is_available]
+
+    def check_pairs(self) -> None:
+        """Log each incompatible prefill/decode pair once (why) and publish how many there are."""
+        bad = 0
+        for p in self.all(Role.PREFILL):
+            for d in self.all(Role.DECODE):
+                why = pd_mismatch(p, d)
+                bad += bool(why)
+                if why and (p.url, d.url, why) not in self._logged_mismatches:
+                    self._logged_mismatches.add((p.url, d.url, why))
+                    logger.error("prefill %s and decode %s will not be paired: %s", p.url, d.url, why)
+        metrics.INCOMPATIBLE_PAIRS.set(bad)
+
+
+def pd_mismatch(prefill: Worker, decode: Worker) -> str:
+    """Why `prefill` and `decode` cannot exchange KV pages ("" = they can, or a side's identity is
+    unknown: that pair is left to the transfer handshake, which refuses it per request)."""
+    a, b = prefill.pd_identity, decode.pd_identity
+    if not a or not b:
+        return ""
+    return "; ".join(
+        f"{k}: {a.get(k)!r} != {b.get(k)!r}" for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)
+    )

@@ -105,6 +105,9 @@ class EchoScheduler:
     def flush_cache(self):
         return not self.has_work()
 
+    def pd_identity(self):
+        return None
+
     def add_request(self, req):
         if req.input_ids[0] < 0:
             raise ValueError("negative token id")

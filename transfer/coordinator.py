@@ -128,6 +128,7 @@ def kv_layout(runner) -> KVLayout:
         tp_rank=par.tp_rank,
         tp_size=par.tp_size,
         model_name=os.path.basename(str(runner.model_path).rstrip("/")),
+        model_fingerprint=runner.fingerprint,
     )
 
 
@@ -213,6 +214,11 @@ class TransferCoordinator:
         self._partial: dict[Room, dict[int, TransferResult]] = {}  # room -> tp rank -> its result
         # NOTE: only with tp 1 is rank 0's engine the whole story; with tp > 1 the scheduler polls
         self.waker = TransferWaker(local.engine) if tp_size == 1 else None
+
+    @property
+    def layout(self) -> KVLayout:
+        """Rank 0's KV layout (its identity() is what a peer must match)."""
+        return self.local.engine.layout
 
     @property
     def wake_fd(self) -> int | None:

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 from disagg.common.messages import message
 
+# bumped whenever a transfer message changes incompatibly: peers of different versions never pair
+PROTOCOL_VERSION = 2
+
 
 class KVLayoutMismatchError(ValueError):
     """The prefill and decode KV pools cannot exchange pages (different model/page size/dtype...)."""
@@ -30,6 +33,17 @@ class KVLayout:
     tp_rank: int = 0
     tp_size: int = 1
     model_name: str = ""
+    model_fingerprint: str = ""  # model_files.model_fingerprint: same config and weights ("" = unknown)
+    protocol_version: int = PROTOCOL_VERSION
+
+    # what two sides must share to exchange pages (TP rank and size may differ)
+    COMPARED = ("protocol_version", "model_name", "model_fingerprint", "num_layers", "page_size",
+                "num_kv_heads_total", "head_dim", "dtype")  # fmt: skip
+
+    def identity(self) -> dict:
+        """The compared fields: a server publishes them (/server_info `pd_identity`) and the router
+        pairs only prefill and decode servers whose identities are equal."""
+        return {f: getattr(self, f) for f in self.COMPARED}
 
     @property
     def head_range(self) -> tuple[int, int]:
@@ -61,10 +75,9 @@ class KVLayout:
 
     def check_compatible(self, other: KVLayout) -> None:
         """Raise KVLayoutMismatchError naming every field that differs (TP rank/size may differ)."""
-        fields = ("model_name", "num_layers", "page_size", "num_kv_heads_total", "head_dim", "dtype")
         diffs = [
             f"{f}: {getattr(self, f)!r} != {getattr(other, f)!r}"
-            for f in fields
+            for f in self.COMPARED
             if getattr(self, f) != getattr(other, f)
         ]
         if diffs:

@@ -22,7 +22,7 @@ from disagg.common.models.decoder import (
     kv_heads_per_rank,
 )
 from disagg.common.models.kernels import check_fused_kernels
-from disagg.common.models.model_files import resolve_model_path
+from disagg.common.models.model_files import model_fingerprint, resolve_model_path
 from disagg.common.models.moe import MOE_ARCHITECTURES
 from disagg.common.models.weights import PRESETS, load_config, load_weights
 from disagg.common.parallel.ranks import broadcast_plan
@@ -90,6 +90,8 @@ class ModelRunner:
         )
         self.hf_config = load_config(self.model_path)
         self._check_model()
+        # what a PD peer compares before any page crosses (same config and weights)
+        self.fingerprint = model_fingerprint(self.model_path, config.load_format, config.random_seed, self.hf_config)
         self.context_length = config.context_length or self.hf_config.max_position_embeddings
         self.model = self._load_model()
         if self.device.type == "cuda":

@@ -126,6 +126,10 @@ class Scheduler:
         if self.transfer is not None:
             self.transfer.on_wake()
 
+    def pd_identity(self) -> dict | None:
+        """PD roles: the KV layout identity a peer must match (the router pairs on it); else None."""
+        return None if self.transfer is None else self.transfer.layout.identity()
+
     def flush_cache(self) -> bool:
         """Empty the prefix cache (SGLang's /flush_cache); only when no request holds pages."""
         if self.has_work():

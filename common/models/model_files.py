@@ -9,6 +9,7 @@ is not given.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import logging
@@ -101,3 +102,29 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+_FINGERPRINT_SAMPLE_BYTES = 1 << 16
+
+
+def model_fingerprint(model_path: str, load_format: str, random_seed: int, hf_config) -> str:
+    """What two servers compare to prove they hold the same weights (a prefill and a decode must):
+    the architecture config, and for real weights each safetensors file's name, size, header (tensor
+    names, shapes, offsets) and its first and last 64 KiB of data; for dummy weights the seed.
+    Cheap (a few reads), the same on every TP rank, and not the served model name."""
+    config = {k: v for k, v in hf_config.to_dict().items()
+              if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}  # fmt: skip
+    h = hashlib.blake2b(json.dumps(config, sort_keys=True, default=str).encode(), digest_size=8)
+    if load_format == "dummy" or not Path(model_path).is_dir():
+        h.update(f"dummy:{random_seed}".encode())
+        return h.hexdigest()
+    for file in sorted(Path(model_path).glob("*.safetensors")):
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(header_len, 1 << 24)))
+            h.update(f.read(_FINGERPRINT_SAMPLE_BYTES))
+            f.seek(max(8 + header_len, size - _FINGERPRINT_SAMPLE_BYTES))
+            h.update(f.read(_FINGERPRINT_SAMPLE_BYTES))
+    return h.hexdigest()

@@ -188,7 +188,7 @@ def launch(engine: EngineConfig, server: ServerConfig, scheduler_target: Callabl
         metrics = ServerMetrics(role)
         name = server.served_model_name or engine.model_path.rstrip("/").rsplit("/", 1)[-1]
         info = {**dataclasses.asdict(engine), **dataclasses.asdict(server), **(extra_info or {}), "api_key": None, "admin_api_key": None,
-                "role": role}  # fmt: skip
+                "role": role, "pd_identity": infos[0].get("pd_identity")}  # fmt: skip
         state = ServerState(TokenizerManager(tokenizer, ipc, infos[0]["context_length"], metrics), metrics,
                             name, engine.model_path, infos[0]["context_length"], info)  # fmt: skip
         app = create_app(state, server.api_key, server.max_request_body_size, server.admin_api_key)

@@ -42,6 +42,7 @@ class SchedulerLike(Protocol):
     def has_work(self) -> bool: ...
     def stats(self) -> dict: ...
     def flush_cache(self) -> bool: ...
+    def pd_identity(self) -> dict | None: ...
 
     # how long the loop may block on its sockets before the next step although has_work()
     # (the PD roles: only transfers in flight), and an fd that turns readable when a transfer
@@ -215,6 +216,7 @@ def run_scheduler_process(
     except Exception:
         ready_conn.send({"status": "error", "error": traceback.format_exc()})
         return
-    ready_conn.send({"status": "ready", "context_length": int(scheduler.context_length)})
+    ready_conn.send({"status": "ready", "context_length": int(scheduler.context_length),
+                     "pd_identity": scheduler.pd_identity()})  # fmt: skip
     ready_conn.close()
     loop.run_forever()
