@@ -1,0 +1,93 @@
+"""The OpenAI surface through a PD deployment (prefill + decode + our router, real processes) with the
+`openai` client: n choices and prompt lists (one room per sub-request), seeded sampling identical to a
+colocated server, logit_bias applied on both sides, return_token_ids; every page back afterwards."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.pd_helpers import PD_ARGS, SERVER_ENV, PDCluster, assert_pool_free
+from tests.server_helpers import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+MODEL = "SmolLM2-135M-Instruct"
+MESSAGES = [{"role": "user", "content": "Tell me a story about a cat."}]
+PROMPTS = ["The capital of France is", "1, 2, 3, 4,"]
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def seeded_chat(client: openai.OpenAI, stream: bool) -> dict[int, str]:
+    kw = {"model": MODEL, "messages": MESSAGES, "n": 2, "max_tokens": 12, "temperature": 1.0, "seed": 1234}
+    if not stream:
+        return {c.index: c.message.content for c in client.chat.completions.create(**kw).choices}
+    texts: dict[int, str] = {}
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+    return texts
+
+
+def greedy_list(client: openai.OpenAI) -> list[str]:
+    comp = client.completions.create(model=MODEL, prompt=PROMPTS, n=2, max_tokens=6, temperature=0)
+    return [c.text for c in sorted(comp.choices, key=lambda c: c.index)]
+
+
+@pytest.fixture(scope="module")
+def colocated(default_model_path) -> dict:
+    """What a colocated server answers; stopped before the PD cluster starts (one deployment at a time)."""
+    srv = ServerProcess(*PD_ARGS, env=SERVER_ENV)
+    try:
+        client = _client(srv.start().url)
+        return {"seeded": seeded_chat(client, stream=False), "list": greedy_list(client)}
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def pd(colocated):
+    with PDCluster() as cluster:
+        yield cluster
+
+
+def test_n_choices_through_pd_sample_as_colocated(pd, colocated):
+    client = _client(pd.url)
+    assert seeded_chat(client, stream=False) == colocated["seeded"]
+    assert seeded_chat(client, stream=True) == colocated["seeded"]  # every choice streamed with its index
+    assert colocated["seeded"][0] != colocated["seeded"][1]
+
+
+def test_prompt_list_through_pd(pd, colocated):
+    client = _client(pd.url)
+    assert greedy_list(client) == colocated["list"]
+    comp = client.completions.create(model=MODEL, prompt=PROMPTS, n=2, max_tokens=6, temperature=0)
+    assert comp.usage.prompt_tokens_details.cached_tokens <= comp.usage.prompt_tokens
+
+
+def test_logit_bias_and_token_ids_through_pd(pd):
+    client = _client(pd.url)
+    kw = {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "max_tokens": 6,
+        "temperature": 0,
+        "extra_body": {"return_token_ids": True},
+    }
+    free = client.chat.completions.create(**kw)
+    ids = free.choices[0].model_extra["token_ids"]
+    assert len(ids) == 6 and free.model_extra["prompt_token_ids"]
+    # the first token is sampled on the prefill, the rest on the decode: both must apply the bias
+    banned = client.chat.completions.create(**kw, logit_bias={str(t): -100 for t in ids})
+    assert not set(banned.choices[0].model_extra["token_ids"]) & set(ids)
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert chunks[0].model_extra["prompt_token_ids"] == free.model_extra["prompt_token_ids"]
+    assert sum((c.choices[0].model_extra.get("token_ids", []) for c in chunks if c.choices), []) == ids
+
+
+def test_pd_holds_no_pages_afterwards(pd):
+    assert_pool_free(pd.prefill)
+    assert_pool_free(pd.decode)
