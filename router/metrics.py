@@ -69,6 +69,14 @@ LEG_ABORTS = Counter(
     registry=REGISTRY,
 )
 
+# NOTE: the failure series exist from the start at 0 (a dashboard shows "none yet", not "no data")
+for _reason in ("health_refused", "health_failures", "stream_stall"):
+    WORKER_MARKED_DOWN.labels(_reason)
+for _code in ("upstream_unavailable", "worker_timeout"):
+    STREAM_ERRORS.labels(_code)
+for _outcome in ("ok", "failed"):
+    MIGRATIONS.labels(_outcome)
+
 
 class _ActiveRequests(Collector):
     """disagg_router_active_requests{worker}, read from the workers at scrape time (no per-request cost)."""

@@ -106,6 +106,23 @@ ROWS: list[tuple[str, list[Panel]]] = [
               [(gauge("disagg_router_circuit_breaker_state", "max", "worker"), "{{worker}}")],
               description="0 closed, 1 open, 2 half-open", mappings=BREAKER_STATES),
     ]),
+    ("Failures and leaks", [
+        Panel("KV pages by holder",
+              [(gauge("disagg_num_free_pages", "sum", "role, pod"), "free {{role}} {{pod}}"),
+               (gauge("disagg_num_request_pages", "sum", "role, pod"), "requests {{role}} {{pod}}"),
+               (gauge("disagg_num_cached_pages", "sum", "role, pod"), "prefix cache {{role}} {{pod}}"),
+               (gauge("disagg_num_open_rooms", "sum", "role, pod"), "open rooms {{role}} {{pod}}")],
+              description="request pages or open rooms that stay up while no request runs are a leak; "
+                          "cached pages are the prefix cache"),
+        Panel("Router failure handling/s",
+              [(rate("disagg_router_worker_marked_down_total", "reason"), "marked down {{reason}}"),
+               (rate("disagg_router_stream_errors_total", "code"), "stream error {{code}}"),
+               (rate("disagg_router_migrations_total", "outcome"), "migration {{outcome}}")], "reqps",
+              description="see docs/failures.md"),
+        Panel("Incompatible prefill/decode pairs",
+              [(gauge("disagg_router_incompatible_pairs", "max", "pod"), "{{pod}}")],
+              description="pairs the router refuses: model, weights or KV layout differ (its log says why)"),
+    ]),
     ("Router workers", [
         Panel("Worker health (1 = healthy)",
               [(gauge("disagg_router_worker_healthy", "min", "role, worker"), "{{role}} {{worker}}")]),
