@@ -1,4 +1,5 @@
-"""The decoder: Llama / Mistral / Qwen2 / Qwen3 (dense), tensor parallel, over a paged KV pool.
+"""The decoder: Llama / Mistral / Qwen2 / Qwen3 (dense), their MoE variants (moe.py) and DeepSeek-V2/V3
+(MLA + DeepSeekMoE layers, deepseek.py), tensor parallel, over a paged KV pool.
 
 Runs a flattened batch of tokens from many requests at once (no padding). Parameter names follow
 the Hugging Face checkpoints, with q/k/v and gate/up fused (see weights.py for the mapping).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch
+from disagg.common.models.deepseek import DEEPSEEK_ARCHITECTURES, MLAttention, is_mla, latent_half_dim
 from disagg.common.models.kernels import silu_and_mul
 from disagg.common.models.layers import (
     ColumnParallelLinear,
@@ -19,15 +21,30 @@ from disagg.common.models.layers import (
 from disagg.common.parallel.state import get_parallel
 from torch import nn
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+} | DEEPSEEK_ARCHITECTURES
 
 
 def head_dim_of(config) -> int:
+    """The KV pool's head_dim. MLA: half a latent (its pool is one "head": K slot | V slot = one latent)."""
+    if is_mla(config):
+        return latent_half_dim(config)
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def rope_dim_of(config) -> int:
+    return config.qk_rope_head_dim if is_mla(config) else head_dim_of(config)
+
+
 def kv_heads_per_rank(config, tp_size: int) -> int:
-    """KV heads held by each rank: an even split, or one replicated head when there are fewer heads than ranks."""
+    """KV heads held by each rank: an even split, or one replicated head when there are fewer heads than ranks.
+    MLA: one latent per token, replicated on every rank."""
+    if is_mla(config):
+        return 1
     return max(1, config.num_key_value_heads // tp_size)
 
 
@@ -102,7 +119,8 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config, layer_id: int, rope: RotaryEmbedding):
         super().__init__()
-        self.self_attn = Attention(config, layer_id, rope)
+        attention = MLAttention if is_mla(config) else Attention
+        self.self_attn = attention(config, layer_id, rope)
         self.mlp = make_mlp(config, layer_id)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -120,6 +138,10 @@ class DecoderLayer(nn.Module):
 
 
 def make_mlp(config, layer_id: int) -> nn.Module:
+    if is_mla(config):
+        from disagg.common.models.deepseek import make_deepseek_mlp
+
+        return make_deepseek_mlp(config, layer_id)
     is_moe = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
     step = getattr(config, "decoder_sparse_step", 1) or 1
     sparse = layer_id not in (getattr(config, "mlp_only_layers", None) or []) and (layer_id + 1) % step == 0
@@ -137,7 +159,7 @@ class CausalLM(nn.Module):
         self.vocab_size = config.vocab_size
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        rope = RotaryEmbedding(config, head_dim_of(config), max_positions)
+        rope = RotaryEmbedding(config, rope_dim_of(config), max_positions)
         self.layers = nn.ModuleList(DecoderLayer(config, i, rope) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if not self.tie_word_embeddings:

@@ -166,6 +166,12 @@ def _load_one(model, params: dict, name: str, tensor_slice) -> str | None:
         return None
     if "rotary_emb" in name:
         return None
+    from disagg.common.models.deepseek import is_mla, load_mla_weight
+
+    if is_mla(model.config):
+        handled, pname = load_mla_weight(model, params, name, tensor_slice)
+        if handled:
+            return pname
     from disagg.common.models.moe import load_expert_weight
 
     if load_expert_weight(model, params, name, tensor_slice):

@@ -1,0 +1,262 @@
+"""DeepSeek-V2 / V3: multi-head latent attention (MLA) over a latent paged KV pool, and DeepSeekMoE.
+
+The decoder of decoder.py runs these layers (embedding, norms and LM head are shared); only the
+attention and the MLP differ.
+
+MLA caches one latent per token per layer: the normalised compressed KV (kv_lora_rank values) and
+the rotated shared key (qk_rope_head_dim values), 576 values for V3, replicated on every TP rank.
+The pool keeps its [layers, pages, 2, page_size, heads, dim] layout with one "head" of dim
+latent/2: a token's latent is its K slot followed by its V slot, so a page holds exactly the latent
+bytes (the memory planner and transfer/ see a plain 1-head pool; nothing else changes).
+
+Prefill (any new token in the batch with q_len > 1) expands the latents into per-head K and V;
+a decode-only batch runs the weight-absorbed form (queries projected into the latent space, one
+shared latent "key/value" for all heads), which reads each latent once.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from disagg.common.engine.attention import AttentionBackend, ForwardBatch, TorchBackend
+from disagg.common.models.layers import ColumnParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear
+from disagg.common.models.moe import SparseMoE
+from disagg.common.parallel.state import all_reduce, get_parallel
+from torch import nn
+
+DEEPSEEK_ARCHITECTURES = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
+
+
+def is_mla(config) -> bool:
+    return getattr(config, "kv_lora_rank", None) is not None
+
+
+def latent_dim(config) -> int:
+    return config.kv_lora_rank + config.qk_rope_head_dim
+
+
+def latent_half_dim(config) -> int:
+    """The pool's head_dim for MLA: half a latent (K slot | V slot)."""
+    dim = latent_dim(config)
+    if dim % 2:
+        raise ValueError(f"MLA latent size kv_lora_rank + qk_rope_head_dim = {dim} must be even")
+    return dim // 2
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    import math
+
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def softmax_scale(config) -> float:
+    """1/sqrt(qk_head_dim), times mscale^2 under YaRN with mscale_all_dim (as DeepSeek trains it)."""
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    if params.get("rope_type", params.get("type", "default")) != "default" and params.get("mscale_all_dim"):
+        m = _yarn_mscale(params["factor"], params["mscale_all_dim"])
+        scale *= m * m
+    return scale
+
+
+def _deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...): DeepSeek rotates interleaved pairs; after
+    this permutation the rotate-half RoPE gives the same rotation (q and k share the layout, so
+    their dot products are unchanged)."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+
+
+class MLAttention(nn.Module):
+    def __init__(self, config, layer_id: int, rope: RotaryEmbedding):
+        super().__init__()
+        tp = get_parallel().tp_size
+        self.layer_id = layer_id
+        self.num_heads = config.num_attention_heads // tp
+        self.nope, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.rank = config.v_head_dim, config.kv_lora_rank
+        self.qk_dim = self.nope + self.rope_dim
+        self.q_lora = config.q_lora_rank is not None
+        hidden, bias = config.hidden_size, bool(getattr(config, "attention_bias", False))
+        if self.q_lora:
+            self.q_a_proj = ColumnParallelLinear(hidden, [config.q_lora_rank], bias=bias)  # replicated
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = ColumnParallelLinear(config.q_lora_rank, [self.num_heads * self.qk_dim])
+        else:
+            self.q_proj = ColumnParallelLinear(hidden, [self.num_heads * self.qk_dim])
+        self.kv_a_proj_with_mqa = ColumnParallelLinear(hidden, [self.rank + self.rope_dim], bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, config.rms_norm_eps)
+        # rows per head: k_nope | v (this rank's heads)
+        self.kv_b_proj = ColumnParallelLinear(self.rank, [self.num_heads * (self.nope + self.v_dim)])
+        self.o_proj = RowParallelLinear(self.num_heads * self.v_dim, hidden, bias=bias)
+        self.interleaved = config.model_type == "deepseek_v2" or getattr(config, "rope_interleave", False)
+        self.scale = softmax_scale(config)
+        self.rope = rope
+
+    def forward(self, x, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend):
+        if not isinstance(backend, TorchBackend):
+            raise NotImplementedError(
+                "MLA runs on the torch attention backend only (FlashInfer MLA: not yet)"
+            )
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        q = q.view(-1, self.num_heads, self.qk_dim)
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_layernorm(c_kv), k_pe.unsqueeze(1)  # k_pe [T, 1, rope]
+        if self.interleaved:
+            q_pe, k_pe = _deinterleave(q_pe), _deinterleave(k_pe)
+        # contiguous: the fused CUDA RoPE rotates in place through a flattened view
+        q_pe, k_pe = self.rope(batch.positions, q_pe.contiguous(), k_pe.contiguous())
+        kv = kv_buffer[self.layer_id]  # [num_pages, 2, page_size, 1, latent/2]
+        write_latent(kv, batch, torch.cat((c_kv, k_pe.squeeze(1)), dim=-1))
+        latent = gather_latent(kv, batch)  # [B, max_kv, latent]
+        if batch.is_decode_only:
+            out = self._absorbed(q_nope, q_pe, latent, batch)
+        else:
+            out = self._expanded(q_nope, q_pe, latent, batch)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.v_dim))
+
+    def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, nope, rank] and W_UV [H, v, rank] (views of kv_b_proj)."""
+        w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.rank)
+        return w[:, : self.nope], w[:, self.nope :]
+
+    def _expanded(self, q_nope, q_pe, latent, batch) -> torch.Tensor:
+        """Per-head K and V from the latents (prefill: many queries share each expanded key)."""
+        a = batch.attn
+        bsz, max_kv = latent.shape[:2]
+        c_kv, k_pe = latent.split([self.rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(bsz, max_kv, self.num_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.num_heads, -1)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)[a["q_index"]].transpose(1, 2)  # [B, H, max_q, qk]
+        out = F.scaled_dot_product_attention(
+            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=a["mask"], scale=self.scale
+        )
+        return out.transpose(1, 2).reshape(-1, self.num_heads, self.v_dim)[a["out_rows"]]
+
+    def _absorbed(self, q_nope, q_pe, latent, batch) -> torch.Tensor:
+        """Queries in the latent space: score = (q_nope W_UK) . c_kv + q_pe . k_pe; the context
+        stays a latent until W_UV projects it per head (decode: the latents are read once)."""
+        a = batch.attn
+        w_uk, w_uv = self._kv_b_weights()
+        q_lat = torch.einsum("thd,hdr->thr", q_nope, w_uk)
+        q = torch.cat((q_lat, q_pe), dim=-1)[a["q_index"]].transpose(1, 2)  # [B, H, max_q, latent]
+        k = latent.unsqueeze(1)  # [B, 1, max_kv, latent]: one latent shared by all heads
+        ctx = F.scaled_dot_product_attention(
+            q, k, k[..., : self.rank], attn_mask=a["mask"], scale=self.scale, enable_gqa=True
+        )  # [B, H, max_q, rank]
+        ctx = ctx.transpose(1, 2).reshape(-1, self.num_heads, self.rank)[a["out_rows"]]
+        return torch.einsum("thr,hvr->thv", ctx, w_uv)
+
+
+def write_latent(kv: torch.Tensor, batch: ForwardBatch, latent: torch.Tensor) -> None:
+    """Store each new token's latent [T, latent] as its K slot | V slot."""
+    half = kv.shape[-1]
+    rows = kv.view(-1, half)  # one row per (page, K|V, slot)
+    rows.index_copy_(0, batch.k_rows, latent[:, :half].to(kv.dtype))
+    rows.index_copy_(0, batch.k_rows + batch.page_size, latent[:, half:].to(kv.dtype))
+
+
+def gather_latent(kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    """Each request's latents, padded: [B, max_kv, latent] (TorchBackend.prepare built the indices)."""
+    a = batch.attn
+    k_half = kv[a["kv_page"], 0, a["kv_offset"], 0]  # [B, max_kv, latent/2]
+    v_half = kv[a["kv_page"], 1, a["kv_offset"], 0]
+    return torch.cat((k_half, v_half), dim=-1)
+
+
+class DeepseekGate(nn.Module):
+    """The router: V2 softmax (greedy or group-limited greedy), V3 sigmoid with a score-correction
+    bias and group-limited top-k (groups ranked by their top-2 sum); weights scaled by
+    routed_scaling_factor. Computed in float32 as the reference does."""
+
+    def __init__(self, config, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, config.hidden_size))
+        self.v3 = config.model_type != "deepseek_v2"
+        if self.v3:
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32))
+        self.grouped = self.v3 or getattr(config, "topk_method", "greedy") == "group_limited_greedy"
+        self.n_group, self.topk_group = config.n_group or 1, config.topk_group or 1
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk = bool(getattr(config, "norm_topk_prob", False))
+        self.scaling = config.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> (weights [T, k] float32, expert ids [T, k])."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.v3 else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias.float() if self.v3 else scores
+        if self.grouped:
+            choice = self._mask_groups(choice)
+        ids = choice.topk(self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        if self.norm_topk and self.v3:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, ids
+
+    def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        t, e = choice.shape
+        groups = choice.view(t, self.n_group, e // self.n_group)
+        group_scores = groups.topk(2, dim=-1)[0].sum(-1) if self.v3 else groups.max(dim=-1).values
+        keep = torch.zeros_like(group_scores)
+        keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1, sorted=False)[1], 1)
+        keep = keep.bool().unsqueeze(-1).expand(-1, -1, e // self.n_group).reshape(t, e)
+        return choice.masked_fill(~keep, float("-inf"))
+
+
+class DeepseekMoE(SparseMoE):
+    """DeepSeekMoE: routed experts (moe.py's expert compute and EP layout) plus always-on shared
+    experts; one all-reduce joins both."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        from disagg.common.models.decoder import MLP
+
+        self.gate = DeepseekGate(config, self.num_experts)
+        shared = config.moe_intermediate_size * (config.n_shared_experts or 0)
+        self.shared_experts = MLP(config.hidden_size, shared) if shared else None
+        if self.shared_experts is not None:
+            self.shared_experts.down_proj.reduce = False  # reduced together with the routed part
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        if self.a2a and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            from disagg.common.models.moe_a2a import a2a_moe
+
+            out = a2a_moe(self, x, ids, weights)
+            return out if self.shared_experts is None else out + all_reduce(self.shared_experts(x))
+        local = ids - self.first_expert if self.first_expert else ids
+        out = self.routed_experts(x, local, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return all_reduce(out)
+
+
+def make_deepseek_mlp(config, layer_id: int) -> nn.Module:
+    from disagg.common.models.decoder import MLP
+
+    if config.n_routed_experts and layer_id >= (config.first_k_dense_replace or 0):
+        return DeepseekMoE(config)
+    return MLP(config.hidden_size, config.intermediate_size)
+
+
+_HEAD_SPLIT = re.compile(r"self_attn\.(q_proj|q_b_proj|kv_b_proj)\.weight$")
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def load_mla_weight(model, params: dict, name: str, tensor_slice) -> tuple[bool, str | None]:
+    """(handled, parameter name) for the checkpoint tensors MLA loads its own way: per-head
+    projections split by rows across TP ranks, and layers past num_hidden_layers (V3's MTP layer)
+    skipped. `name` has the "model." prefix removed."""
+    m = _LAYER.match(name)
+    if m and int(m.group(1)) >= model.config.num_hidden_layers:
+        return True, None
+    if _HEAD_SPLIT.search(name) is None:
+        return False, None
+    param = params[name]
+    rows, r = param.shape[0], get_parallel().tp_rank
+    param.data.copy_(tensor_slice[r * rows : (r + 1) * rows])
+    return True, name

@@ -1,0 +1,163 @@
+"""DeepSeek-V2/V3 (MLA over a latent KV pool, DeepSeekMoE) give transformers' greedy tokens on tiny
+random checkpoints, through chunked prefill, the prefix cache and batches; the pool holds one
+latent per token (not per-head K and V) and ends with every page free."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tests.conftest import assert_pool_clean, hf_greedy
+
+_COMMON = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    routed_scaling_factor=2.5,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    eos_token_id=None,
+    bos_token_id=None,
+    tie_word_embeddings=False,
+)
+TINY = {
+    # V2-Lite-like: no q compression, softmax gate with group-limited greedy top-k, all layers MoE
+    "v2": dict(
+        _COMMON,
+        q_lora_rank=None,
+        first_k_dense_replace=0,
+        topk_method="group_limited_greedy",
+        topk_group=1,  # both experts from the best group: the limit changes the choice
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    ),
+    # V3: q compression, sigmoid gate + correction bias, grouped top-k, a dense first layer, YaRN
+    "v3": dict(
+        _COMMON,
+        q_lora_rank=32,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=8.0,
+            original_max_position_embeddings=64,
+            beta_fast=32,
+            beta_slow=1,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+        ),
+    ),
+}
+
+
+def make_tiny_deepseek(path, version: str, seed: int = 0) -> str:
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config_cls, model_cls = {
+        "v2": (DeepseekV2Config, DeepseekV2ForCausalLM),
+        "v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
+    }[version]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**TINY[version])).float()
+    with torch.no_grad():  # sharper logits than the default init, and a bias that changes routing
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08 if "mlp.gate" not in name else 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_deepseek(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("deepseek")
+    return {v: make_tiny_deepseek(root / v, v) for v in TINY}
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_tiny_deepseek_matches_transformers(engines, tiny_deepseek, version):
+    path = tiny_deepseek[version]
+    engine = engines.get(model_path=path, page_size=4, chunked_prefill_size=16, max_total_tokens=2048)
+    rng = random.Random(version)
+    # 40 and 57 tokens cross the 16-token chunks; five prompts decode as one batch
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (1, 5, 17, 40, 57)]
+    outs = engine.generate(prompts, {"max_new_tokens": 16, "temperature": 0, "ignore_eos": True})
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out["output_ids"] == hf_greedy(path, prompt, 16)
+    assert_pool_clean(engine.scheduler)
+
+
+def test_prefix_cache_reuses_latent_pages(engines, tiny_deepseek):
+    path = tiny_deepseek["v3"]
+    engine = engines.get(model_path=path, page_size=4, chunked_prefill_size=16, max_total_tokens=2048)
+    rng = random.Random(1)
+    shared = [rng.randrange(512) for _ in range(33)]
+    prompts = [shared + [rng.randrange(512) for _ in range(n)] for n in (3, 9)]
+    params = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+    first = engine.generate(prompts[:1], params)[0]
+    second = engine.generate(prompts[1:], params)[0]
+    assert second["meta_info"]["cached_tokens"] >= 32
+    for prompt, out in zip(prompts, (first, second), strict=True):
+        assert out["output_ids"] == hf_greedy(path, prompt, 12)
+    assert_pool_clean(engine.scheduler)
+
+
+def test_pool_holds_one_latent_per_token(engines, tiny_deepseek):
+    """kv_lora_rank + qk_rope_head_dim values per token per layer, not 2 x heads x head_dim."""
+    engine = engines.get(model_path=tiny_deepseek["v3"], page_size=4, max_total_tokens=256)
+    pool = engine.scheduler.runner.pool
+    c = TINY["v3"]
+    latent = c["kv_lora_rank"] + c["qk_rope_head_dim"]
+    assert pool.bytes_per_page == c["num_hidden_layers"] * 4 * latent * 4  # float32
+    assert pool.num_pages == 256 // 4
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_gate_picks_transformers_experts(version):
+    """Same experts and weights as transformers' router, on scores where the groups and the
+    correction bias change the choice."""
+    from disagg.common.models.deepseek import DeepseekGate
+    from transformers import DeepseekV2Config, DeepseekV3Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    config_cls, router_cls = {
+        "v2": (DeepseekV2Config, DeepseekV2TopkRouter),
+        "v3": (DeepseekV3Config, DeepseekV3TopkRouter),
+    }[version]
+    config = config_cls(**TINY[version])
+    torch.manual_seed(0)
+    ref = router_cls(config)
+    ref.weight.data.normal_(0, 1.0)
+    gate = DeepseekGate(config, config.n_routed_experts)
+    gate.weight.data.copy_(ref.weight)
+    if version == "v3":
+        ref.e_score_correction_bias.normal_(0, 0.5)
+        gate.e_score_correction_bias.data.copy_(ref.e_score_correction_bias)
+    x = torch.randn(64, config.hidden_size)
+    _, ref_w, ref_ids = ref(x)
+    w, ids = gate(x)
+    ref_ids, order = ref_ids.sort(dim=-1)
+    ids, mine = ids.sort(dim=-1)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w.gather(1, mine), ref_w.gather(1, order))
+    # the group limit matters on these scores: plain top-k would pick other experts for some tokens
+    plain = (torch.sigmoid if version == "v3" else lambda t: t.softmax(-1))(x @ ref.weight.T)
+    assert not torch.equal(plain.topk(config.num_experts_per_tok, dim=-1)[1].sort(-1)[0], ids)
