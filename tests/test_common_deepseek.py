@@ -161,3 +161,21 @@ def test_gate_picks_transformers_experts(version):
     # the group limit matters on these scores: plain top-k would pick other experts for some tokens
     plain = (torch.sigmoid if version == "v3" else lambda t: t.softmax(-1))(x @ ref.weight.T)
     assert not torch.equal(plain.topk(config.num_experts_per_tok, dim=-1)[1].sort(-1)[0], ids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "version,kw", [("v2", dict(tp=2)), ("v3", dict(tp=2, ep=2))], ids=["v2-tp2", "v3-tp2-ep2"]
+)
+def test_tiny_deepseek_tp_matches_transformers(tiny_deepseek, version, kw):
+    """Heads split across ranks, the latent replicated on each (its pool is the same on every rank)."""
+    from disagg.common.engine.offline import Engine
+
+    path = tiny_deepseek[version]
+    prompts = [[1, 2, 3, 4, 5], list(range(7, 30)), [300]]
+    engine = Engine(model_path=path, page_size=4, chunked_prefill_size=8, max_total_tokens=1024, **kw)
+    try:
+        outs = engine.generate(prompts, {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
+    finally:
+        engine.shutdown()
+    assert [o["output_ids"] for o in outs] == [hf_greedy(path, p, 12) for p in prompts]
