@@ -5,6 +5,7 @@ latent per token (not per-head K and V) and ends with every page free."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +180,60 @@ def test_tiny_deepseek_tp_matches_transformers(tiny_deepseek, version, kw):
     finally:
         engine.shutdown()
     assert [o["output_ids"] for o in outs] == [hf_greedy(path, p, 12) for p in prompts]
+
+
+def _quantize_fp8_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's checkpoint format: float8_e4m3fn weights, one float32 scale_inv per block."""
+    rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
+    padded = torch.zeros(rows * block, cols * block)
+    padded[: w.shape[0], : w.shape[1]] = w
+    blocks = padded.view(rows, block, cols, block)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0  # e4m3's largest value
+    q = (blocks / scale[:, None, :, None]).view_as(padded)[: w.shape[0], : w.shape[1]]
+    return q.to(torch.float8_e4m3fn).contiguous(), scale
+
+
+@pytest.fixture(scope="module")
+def fp8_deepseek(tmp_path_factory, tiny_deepseek):
+    """The tiny V3 as an FP8 block-quantized checkpoint, and the same weights dequantized (the reference)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    root, block = tmp_path_factory.mktemp("fp8"), 16
+    src = Path(tiny_deepseek["v3"])
+    state = load_file(src / "model.safetensors")
+    fp8, dequant = {}, {}
+    for name, w in state.items():
+        if w.dim() == 2 and name.endswith("proj.weight"):  # attention, MLP and experts; not gate/embeddings
+            q, scale = _quantize_fp8_blocks(w, block)
+            fp8[name], fp8[f"{name}_scale_inv"] = q, scale
+            full = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)
+            dequant[name] = q.float() * full[: w.shape[0], : w.shape[1]]
+        else:
+            fp8[name] = dequant[name] = w
+    for folder, tensors in (("fp8", fp8), ("ref", dequant)):
+        (root / folder).mkdir()
+        save_file(tensors, root / folder / "model.safetensors", metadata={"format": "pt"})
+        config = json.loads((src / "config.json").read_text())
+        if folder == "fp8":
+            config["quantization_config"] = {
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "activation_scheme": "dynamic",
+                "weight_block_size": [block, block],
+            }
+        (root / folder / "config.json").write_text(json.dumps(config))
+    return str(root / "fp8"), str(root / "ref")
+
+
+def test_fp8_block_quantized_checkpoint_loads(engines, fp8_deepseek):
+    """FP8 weights with block scales are dequantized at load: the tokens of the dequantized model."""
+    fp8_path, ref_path = fp8_deepseek
+    engine = engines.get(model_path=fp8_path, page_size=4, chunked_prefill_size=16, max_total_tokens=1024)
+    rng = random.Random(8)
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (3, 21)]
+    outs = engine.generate(prompts, {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out["output_ids"] == hf_greedy(ref_path, prompt, 12)
+    assert_pool_clean(engine.scheduler)

@@ -124,12 +124,18 @@ def load_weights(model: torch.nn.Module, model_path: str, load_format: str) -> N
     loaded: set[str] = set()
     from safetensors import safe_open
 
+    scales = _fp8_scale_files(model.config, files)
     for file in tqdm(
         files, desc="Loading safetensors", disable=get_parallel().tp_rank != 0 or len(files) < 2
     ):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                target = _load_one(model, params, name, f.get_slice(name))
+                if name.endswith("_scale_inv"):
+                    continue  # read with its weight
+                tensor_slice = f.get_slice(name)
+                if scales and tensor_slice.get_dtype() == "F8_E4M3":
+                    tensor_slice = _dequantize_fp8(model.config, tensor_slice, name, scales)
+                target = _load_one(model, params, name, tensor_slice)
                 if target:
                     loaded.add(target)
     missing = [n for n in params if n not in loaded]
@@ -137,6 +143,53 @@ def load_weights(model: torch.nn.Module, model_path: str, load_format: str) -> N
         raise ValueError(
             f"weights missing from {model_path}: {missing[:5]}{'...' if len(missing) > 5 else ''}"
         )
+
+
+def _fp8_scale_files(config, files: list[Path]) -> dict[str, Path]:
+    """FP8 block-quantized checkpoints (DeepSeek-V3's `quantization_config`): the file holding each
+    `<weight>_scale_inv` (a weight's scales may sit in another shard). Empty for other checkpoints."""
+    quant = getattr(config, "quantization_config", None) or {}
+    if not isinstance(quant, dict):
+        quant = quant.to_dict()
+    if quant.get("quant_method") != "fp8":
+        return {}
+    from safetensors import safe_open
+
+    found = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            found.update({n: file for n in f.keys() if n.endswith("_scale_inv")})
+    return found
+
+
+class _Dequantized:
+    """A dequantized tensor behind the part of safetensors' slice interface _load_one uses."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def __getitem__(self, index):
+        return self.tensor[index]
+
+    def get_shape(self) -> list[int]:
+        return list(self.tensor.shape)
+
+
+def _dequantize_fp8(config, tensor_slice, name: str, scales: dict[str, Path]) -> _Dequantized:
+    """w = w_fp8 * scale_inv per [block_out, block_in] block, on the CPU in float32 (no FP8 GEMMs yet:
+    every rank dequantizes the whole tensor, then copies its slice)."""
+    from safetensors import safe_open
+
+    scale_name = f"{name}_scale_inv"
+    if scale_name not in scales:
+        raise ValueError(f"FP8 tensor {name} has no {scale_name} in the checkpoint")
+    with safe_open(str(scales[scale_name]), framework="pt") as f:
+        scale = f.get_tensor(scale_name).float()
+    weight = tensor_slice[:].float()
+    quant = config.quantization_config
+    block_out, block_in = (quant if isinstance(quant, dict) else quant.to_dict())["weight_block_size"]
+    full = scale.repeat_interleave(block_out, 0).repeat_interleave(block_in, 1)
+    return _Dequantized(weight * full[: weight.shape[0], : weight.shape[1]])
 
 
 def _safetensors_files(path: Path) -> list[Path]:
