@@ -237,3 +237,18 @@ def test_fp8_block_quantized_checkpoint_loads(engines, fp8_deepseek):
     for prompt, out in zip(prompts, outs, strict=True):
         assert out["output_ids"] == hf_greedy(ref_path, prompt, 12)
     assert_pool_clean(engine.scheduler)
+
+
+@pytest.mark.parametrize("preset,layers", [("DeepSeek-V3", 61), ("DeepSeek-V2-Lite", 27)])
+def test_real_shapes_plan_a_latent_pool(preset, layers):
+    """The pool planner's per-token size for the real shapes is the latent's (576 values per layer):
+    ~70 KB per token for V3 in bf16, where per-head K and V would take ~71x more (128k tokens: 8.6 GiB
+    instead of ~610 GiB)."""
+    from disagg.common.models.decoder import check_tp_layout, head_dim_of, kv_heads_per_rank
+    from disagg.common.models.weights import load_config
+
+    config = load_config(preset)
+    for tp in (1, 8):
+        assert kv_heads_per_rank(config, tp) * head_dim_of(config) * 2 == 576
+    assert config.num_hidden_layers == layers
+    check_tp_layout(config, 8, 8 if preset == "DeepSeek-V3" else 1)

@@ -83,6 +83,30 @@ PRESETS: dict[str, dict] = {
         rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
     ),
 }
+_DEEPSEEK_YARN = dict(
+    rope_type="yarn",
+    rope_theta=10000.0,
+    factor=40.0,
+    original_max_position_embeddings=4096,
+    beta_fast=32,
+    beta_slow=1,
+)
+PRESETS["DeepSeek-V2-Lite"] = dict(
+    model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], hidden_size=2048, intermediate_size=10944,
+    moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16,
+    n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, topk_method="greedy",
+    n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False, q_lora_rank=None, kv_lora_rank=512,
+    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, vocab_size=102400, max_position_embeddings=163840,
+    rms_norm_eps=1e-6, tie_word_embeddings=False, rope_parameters=dict(_DEEPSEEK_YARN, mscale=0.707, mscale_all_dim=0.707),
+)  # fmt: skip
+PRESETS["DeepSeek-V3"] = dict(
+    model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"], hidden_size=7168, intermediate_size=18432,
+    moe_intermediate_size=2048, num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
+    n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, first_k_dense_replace=3, n_group=8,
+    topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=1536, kv_lora_rank=512,
+    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, vocab_size=129280, max_position_embeddings=163840,
+    rms_norm_eps=1e-6, tie_word_embeddings=False, rope_parameters=dict(_DEEPSEEK_YARN, mscale=1.0, mscale_all_dim=1.0),
+)  # fmt: skip
 
 
 def load_config(model_path: str):
@@ -287,6 +311,6 @@ def _init_dummy(model: torch.nn.Module) -> None:
             continue
         # NOTE: shards differ per rank; the MoE router is replicated and must be equal on every
         # rank, or the ranks would route the same token to different experts
-        replicated = name.endswith("mlp.gate.weight")
+        replicated = ".mlp.gate." in name  # the router's weight and DeepSeek-V3's score-correction bias
         gen.manual_seed(zlib.crc32(name.encode()) + (0 if replicated else 7919 * get_parallel().tp_rank))
         p.normal_(0.0, 0.02, generator=gen)
