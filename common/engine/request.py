@@ -27,6 +27,8 @@ class SamplingParams:
     top_logprobs_num: int = 0
     skip_special_tokens: bool = True  # detokenizer only
     logit_bias: list[list] = field(default_factory=list)  # [[token_id, bias], ...] (OpenAI's logit_bias)
+    # structured output: [kind, spec], kind "json_object" | "json_schema" | "regex" | "ebnf" (see sampling.py)
+    grammar: list[str] = field(default_factory=list)
 
     @property
     def is_greedy(self) -> bool:

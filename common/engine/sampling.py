@@ -3,14 +3,22 @@
 A seeded request draws its n-th output token from a generator seeded with (seed, n): the draw depends
 on the request and the position only, never on which process samples it or what ran before, so a PD
 deployment (the prefill samples token 0, the decode the rest) samples exactly as a colocated server.
+
+Structured output (`SamplingParams.grammar`): a request's xgrammar matcher lives here, keyed by rid,
+and is advanced lazily through the request's output ids before each draw, so the decode side of a PD
+pair catches up past the prefill's first token by itself. The mask is applied to the logits on the
+device; compiled grammars are cached by xgrammar's GrammarCompiler (one per sampler).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from disagg.common.engine.request import Req
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -21,17 +29,22 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int = 0):
+    def __init__(self, device: torch.device, seed: int = 0, tokenizer=None):
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.tokenizer = tokenizer  # for grammars (None: a request with a grammar is sampled unconstrained)
+        self._compiler = None  # xgrammar.GrammarCompiler, made on the first grammar (it caches compilations)
+        self._matchers: dict[str, list] = {}  # rid -> [GrammarMatcher, output tokens it has accepted]
 
     def forget(self, rid: str) -> None:
-        """Nothing is kept per request (seeded draws depend on seed and position only)."""
+        """Drop a finished request's grammar matcher (seeded draws keep no state)."""
+        self._matchers.pop(rid, None)
 
     def sample(self, logits: torch.Tensor, reqs: list[Req]) -> SampleResult:
         """logits: [B, V] float32 on the device, one row per request."""
         logits = self._apply_logit_bias(logits, reqs)
         logits = self._apply_penalties(logits, reqs)
+        logits = self._apply_grammars(logits, reqs)
         want_logprobs = any(r.sampling.return_logprob or r.sampling.top_logprobs_num for r in reqs)
         logprobs_all = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         tokens = logits.argmax(dim=-1)
@@ -70,6 +83,41 @@ class Sampler:
             logits[i].index_add_(0, ids, bias)
         return logits
 
+    def _apply_grammars(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+        rows = [i for i, r in enumerate(reqs) if r.sampling.grammar]
+        if not rows or self.tokenizer is None:
+            return logits
+        import xgrammar as xgr  # noqa: PLC0415 - optional: only requests with a grammar need it
+
+        bitmask = xgr.allocate_token_bitmask(len(reqs), logits.shape[1])  # all allowed
+        for i in rows:
+            matcher = self._matcher(reqs[i], logits.shape[1])
+            if not matcher.is_terminated():
+                matcher.fill_next_token_bitmask(bitmask, i)
+        logits = logits.clone()
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device))
+        return logits
+
+    def _matcher(self, req: Req, vocab_size: int):
+        """The request's matcher, advanced through every output token it has not seen yet."""
+        import xgrammar as xgr  # noqa: PLC0415
+
+        entry = self._matchers.get(req.rid)
+        if entry is None:
+            if self._compiler is None:
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab_size)
+                self._compiler = xgr.GrammarCompiler(info)
+            entry = self._matchers[req.rid] = [
+                xgr.GrammarMatcher(compile_grammar(self._compiler, *req.sampling.grammar)),
+                0,
+            ]
+        matcher, seen = entry
+        for token in req.output_ids[seen:]:
+            if not matcher.accept_token(token):
+                logger.warning("request %s: token %d is outside its grammar", req.rid, token)
+        entry[1] = len(req.output_ids)
+        return matcher
+
     def _apply_penalties(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
         rows = [
             i
@@ -100,6 +148,17 @@ class Sampler:
                 )
                 out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
         return out
+
+
+def compile_grammar(compiler, kind: str, spec: str):
+    if kind == "json_object":
+        return compiler.compile_builtin_json_grammar()
+    if kind == "json_schema":
+        # NOTE: no free whitespace: small models otherwise pad a JSON value with newlines up to max_tokens
+        return compiler.compile_json_schema(spec, any_whitespace=False, strict_mode=True)
+    if kind == "regex":
+        return compiler.compile_regex(spec)
+    return compiler.compile_grammar(spec)  # ebnf
 
 
 BAN_BIAS = -100.0  # OpenAI: "-100 should result in a ban"

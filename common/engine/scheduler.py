@@ -37,7 +37,7 @@ class Scheduler:
         self.pool = self.runner.pool
         self.page_size = self.pool.page_size
         self.cache = RadixCache(self.pool, disabled=config.disable_radix_cache)
-        self.sampler = Sampler(self.runner.device, config.random_seed)
+        self.sampler = Sampler(self.runner.device, config.random_seed, self.runner.tokenizer)
         self.tokenizer = self.runner.tokenizer
         self.context_length = self.runner.context_length
         self.eos_token_ids = _eos_ids(self.runner.hf_config, self.runner.model_path, self.tokenizer)

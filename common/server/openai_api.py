@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -77,14 +78,53 @@ async def list_models(request: Request) -> dict:
 
 def check_unsupported(req: OpenAISampling) -> None:
     """Refuse what we cannot honour rather than answer free text as if it had been (issue 23)."""
-    fmt = (req.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise APIError(400, f"response_format {fmt!r} is not supported by this server (only 'text')",
-                       "response_format", code="unsupported")  # fmt: skip
     choice = req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none")
     if choice != "none":
         raise APIError(400, "tool calling is not supported by this server (tools need tool_choice 'none')",
                        "tool_choice" if req.tool_choice is not None else "tools", code="unsupported")  # fmt: skip
+
+
+def grammar_from(req: OpenAISampling) -> list[str]:
+    """[kind, spec] for the sampler from response_format (or SGLang's regex / ebnf), checked here
+    (a bad schema is the client's 400, not a failure inside the scheduler's step)."""
+    fmt = dict(req.response_format or {"type": "text"})
+    kind = fmt.get("type")
+    given = [
+        k for k, v in (("response_format", kind != "text"), ("regex", req.regex), ("ebnf", req.ebnf)) if v
+    ]
+    if len(given) > 1:
+        raise APIError(400, f"give at most one of {', '.join(given)}", given[1])
+    if not given:
+        return []
+    if kind not in ("text", "json_object", "json_schema"):
+        raise APIError(400, f"response_format type must be text, json_object or json_schema, got {kind!r}",
+                       "response_format")  # fmt: skip
+    try:
+        import xgrammar as xgr  # noqa: PLC0415 - optional dependency
+    except ImportError:
+        raise APIError(400, "structured output needs the xgrammar package, not installed on this server",
+                       given[0], code="unsupported") from None  # fmt: skip
+    if kind == "json_object":
+        return ["json_object", ""]
+    if kind == "json_schema":
+        schema = (
+            (fmt.get("json_schema") or {}).get("schema") if isinstance(fmt.get("json_schema"), dict) else None
+        )
+        if not isinstance(schema, dict):
+            raise APIError(
+                400, "response_format json_schema needs json_schema.schema (an object)", "response_format"
+            )
+        spec, build, param = json.dumps(schema), xgr.Grammar.from_json_schema, "response_format"
+        kind = "json_schema"
+    elif req.regex:
+        spec, build, param, kind = req.regex, xgr.Grammar.from_regex, "regex", "regex"
+    else:
+        spec, build, param, kind = req.ebnf, xgr.Grammar.from_ebnf, "ebnf", "ebnf"
+    try:
+        build(spec)
+    except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError / ValueError for bad input
+        raise APIError(400, f"invalid {param}: {e}", param) from None
+    return [kind, spec]
 
 
 def logit_bias_from(req: OpenAISampling, vocab_size: int) -> list[list]:
@@ -121,6 +161,7 @@ def sampling_from(
         top_logprobs_num=top_n,
         skip_special_tokens=req.skip_special_tokens,
         logit_bias=logit_bias_from(req, vocab_size),
+        grammar=grammar_from(req),
     )
 
 

@@ -98,7 +98,9 @@ class OpenAISampling(PDFields):
     rid: Text | None = None  # extension: request id, usable with /abort_request
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
     return_token_ids: bool = False  # vLLM's: prompt_token_ids and each choice's token_ids
-    response_format: dict[str, Any] | None = None  # only {"type": "text"} (see unsupported())
+    response_format: dict[str, Any] | None = None  # text, json_object, json_schema
+    regex: Text | None = None  # SGLang's structured-output extras
+    ebnf: Text | None = None
     tools: list[Any] | None = None
     tool_choice: Text | dict[str, Any] | None = None
 
