@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from disagg.common.engine.offline import Engine
-from disagg.common.models.moe import SparseMoE
+from disagg.common.models.moe import SparseMoE, expert_load, set_expert_load_stats
 from disagg.common.models.moe_align import grouped_experts, max_padded_pairs, moe_align_block_size
 from disagg.common.parallel.state import ParallelState, get_parallel, set_parallel
 from transformers import Qwen3MoeConfig
@@ -147,3 +147,23 @@ def test_all_to_all_backend_at_tp2_ep2_generates_transformers_tokens(tmp_path, f
     finally:
         engine.shutdown()
     assert out == [hf_greedy(path, p, 12) for p in prompts]
+
+
+def test_expert_load_counts_every_routed_pair_of_this_rank():
+    config = Qwen3MoeConfig(hidden_size=16, moe_intermediate_size=8, num_experts=8, num_experts_per_tok=3)
+    old = get_parallel()
+    set_parallel(ParallelState(tp_rank=1, tp_size=2, ep_rank=1, ep_size=2))  # experts 4..7
+    try:
+        moe = SparseMoE(config)
+    finally:
+        set_parallel(old)
+    torch.nn.init.normal_(moe.gate.weight)
+    set_expert_load_stats(moe, True)
+    x = torch.randn(50, 16)
+    with torch.no_grad():
+        moe(x)
+        moe(x[:7])
+    ids = torch.cat([moe.route(moe.gate(x))[1], moe.route(moe.gate(x[:7]))[1]]).flatten()
+    want = torch.bincount(ids, minlength=8)[4:]
+    assert want.sum() > 0 and expert_load(moe, reset=True).tolist() == [want.tolist()]
+    assert expert_load(moe).sum() == 0  # reset

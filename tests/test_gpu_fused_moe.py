@@ -1,7 +1,7 @@
-"""The Triton fused MoE lays tokens out per expert exactly as the torch alignment and gives the
-torch grouped path's sums (both its GEMV and grouped-GEMM paths,
-with other ranks' experts skipped), on the GPU and, where triton is installed, on the CPU under
-TRITON_INTERPRET=1; on the GPU it also replays inside a CUDA graph."""
+"""The Triton fused MoE routes (softmax top-k) and lays tokens out per expert exactly as torch does,
+and gives the torch grouped path's sums (both its GEMV and grouped-GEMM paths, with other ranks'
+experts skipped), on the GPU and, where triton is installed, on the CPU under TRITON_INTERPRET=1;
+on the GPU it also replays inside a CUDA graph."""
 
 from __future__ import annotations
 
@@ -16,15 +16,27 @@ import torch
 CHECK = textwrap.dedent(
     """
     import torch
-    from disagg.common.models.fused_moe import align_blocks, fused_experts, moe_config
+    from disagg.common.models.fused_moe import align_blocks, fused_experts, fused_topk, moe_config
     from disagg.common.models.moe_align import grouped_experts, moe_align_block_size
 
     def check_align(device):
         # the one-launch Triton alignment lays the pairs out exactly as the torch one
         for tokens, k, experts, block in ((1, 8, 128, 16), (37, 3, 8, 4), (300, 2, 5, 64), (2048, 8, 128, 64)):
             ids = torch.randint(-3, experts + 3, (tokens, k), device=device)
-            want, got = moe_align_block_size(ids, experts, block), align_blocks(ids, experts, block)
+            want = moe_align_block_size(ids, experts, block)
+            got = align_blocks(ids, experts, block, max_triton_pairs=1 << 30)
             assert all(torch.equal(a, b) for a, b in zip(want, got)), (tokens, k, experts, block)
+
+    def check_topk(device):
+        # the one-launch routing picks torch's experts in torch's order, with its weights
+        for tokens, experts, k, renormalize in ((1, 128, 8, True), (9, 8, 3, False), (64, 128, 8, True)):
+            logits = torch.randn(tokens, experts, device=device)
+            weights, ids = fused_topk(logits, k, renormalize)
+            want_w, want_ids = torch.softmax(logits, -1).topk(k, -1)
+            if renormalize:
+                want_w = want_w / want_w.sum(-1, keepdim=True)
+            assert torch.equal(ids, want_ids), (tokens, experts, k)
+            torch.testing.assert_close(weights, want_w, rtol=1e-5, atol=1e-6)
 
     def check(device, dtype, tokens, k, experts, inter, hidden, path, tol):
         torch.manual_seed(tokens * 7 + k)
@@ -62,6 +74,7 @@ def test_interpreted_kernels_match_torch_on_cpu():
     code = textwrap.dedent(
         """
         check_align("cpu")
+        check_topk("cpu")
         for tokens, k, experts in ((1, 2, 4), (5, 3, 6), (40, 2, 4)):
             for path in ("gemv", "grouped"):
                 print(tokens, k, path, check("cpu", torch.float32, tokens, k, experts, 32, 48, path, 1e-4))
@@ -78,6 +91,7 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
     exec(CHECK, scope := {})
     check = scope["check"]
     scope["check_align"]("cuda")
+    scope["check_topk"]("cuda")
     # Qwen3-30B-A3B's expert shape at decode batch 1 and 64 and a prefill chunk
     for tokens, path in ((1, "gemv"), (8, "gemv"), (64, "grouped"), (2048, "grouped"), (3, "grouped")):
         check("cuda", torch.bfloat16, tokens, 8, 128, 768, 2048, path, 2e-2)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from disagg.common.bench.offline import measure_ceilings
 from disagg.common.models import fused_moe
-from disagg.common.models.moe_align import grouped_experts
+from disagg.common.models.moe_align import grouped_experts, moe_align_block_size
 
 
 def make_layers(n: int, experts: int, hidden: int, inter: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -130,6 +130,26 @@ def tune(layers, k: int, ceil: dict, base: dict) -> tuple[dict, list[dict]]:
     return config, log
 
 
+def time_align(ids: torch.Tensor, experts: int) -> tuple[float, float]:
+    """Microseconds of the one-program Triton alignment and of the torch one (eager, block 64)."""
+    out = []
+
+    def triton_align(ids, experts, block):
+        return fused_moe.align_blocks(ids, experts, block, max_triton_pairs=1 << 30)
+
+    for fn in (triton_align, moe_align_block_size):
+        fn(ids, experts, 64)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            fn(ids, experts, 64)
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) * 100)  # ms per 10 calls -> us per call
+    return out[0], out[1]
+
+
 def compare(layers, k: int, ceil: dict, config: dict, batches: list[int]) -> list[dict]:
     """Per batch: the Triton path (and its GEMV/grouped choice), the torch path, their rooflines."""
     experts, hidden, inter = layers[0][1].shape
@@ -156,6 +176,7 @@ def compare(layers, k: int, ceil: dict, config: dict, batches: list[int]) -> lis
             graph,
         )
         row["torch_us"] = t * 1e6
+        row["align_triton_us"], row["align_torch_us"] = time_align(ids, experts)
         w13, w2 = layers[0]
         ref = grouped_experts(
             x.double(), w13.double(), w2.double(), weights.double(), ids, 256 if tokens >= 256 else 16
@@ -167,7 +188,8 @@ def compare(layers, k: int, ceil: dict, config: dict, batches: list[int]) -> lis
         print(
             f"T={tokens:5} experts {touched:3}  roofline {row['roofline_us']:8.1f} us  gemv {row['gemv_us']:8.1f}  "
             f"grouped {row['grouped_us']:8.1f}  torch {row['torch_us']:8.1f}  best {100 * roof * 1e6 / best:5.1f}% "
-            f"of roofline  rel err {row['rel_err_bf16']:.2e}",
+            f"of roofline  rel err {row['rel_err_bf16']:.2e}  align triton {row['align_triton_us']:.0f} "
+            f"torch {row['align_torch_us']:.0f} us",
             flush=True,
         )
     return rows

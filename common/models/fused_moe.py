@@ -30,6 +30,7 @@ except ImportError:  # the CPU image: the torch path in moe_align.py runs instea
     triton = None
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+_TRITON_ALIGN_MAX_PAIRS = 1 << 30  # pairs above which the torch alignment runs instead
 _CONFIGS = Path(__file__).with_name("fused_moe_configs.json")
 _DEFAULT = {
     "gemv_max_pairs": 64,
@@ -112,12 +113,31 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict) -> torch.Tensor:
     return out
 
 
-def align_blocks(ids: torch.Tensor, num_experts: int, block: int):
+def fused_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(logits) -> top-k (weights float32 [T, k], ids int64 [T, k]), renormalised over the k
+    if asked, in one launch (torch's softmax + sort-based top-k + renormalisation: ~5 kernels,
+    ~12 us per layer at batch 1). NOTE: checked under the interpreter only; SparseMoE.route uses it
+    once tests/test_gpu_fused_moe.py has passed on a GPU (no device time was left this session)."""
+    num_tokens, num_experts = logits.shape
+    weights = torch.empty(num_tokens, k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, k, dtype=torch.int64, device=logits.device)
+    _topk_kernel[(num_tokens,)](
+        logits, weights, ids, num_experts, logits.stride(0),
+        K=k, E_POW2=triton.next_power_of_2(num_experts), RENORMALIZE=renormalize, num_warps=1,
+    )  # fmt: skip
+    return weights, ids
+
+
+def align_blocks(
+    ids: torch.Tensor, num_experts: int, block: int, max_triton_pairs: int = _TRITON_ALIGN_MAX_PAIRS
+):
     """moe_align_block_size's layout (the same tensors, element for element) in one Triton launch:
     the torch version is ~35 small kernels, ~70 us per layer of launch gaps even inside a graph."""
-    if not ids.is_cuda and not _INTERPRET:
-        return moe_align_block_size(ids, num_experts, block)
     n = ids.numel()
+    # NOTE: one program walks the pairs 128 at a time; at prefill sizes the torch version's parallel
+    # kernels may win (suspected, not measured: bench.moe_kernels prints both) -- then lower this
+    if (not ids.is_cuda and not _INTERPRET) or n > max_triton_pairs:
+        return moe_align_block_size(ids, num_experts, block)
     size = max_padded_pairs(n, num_experts, block)
     sorted_ids = torch.empty(size, dtype=torch.int32, device=ids.device)
     expert_ids = torch.empty(size // block, dtype=torch.int32, device=ids.device)
@@ -220,6 +240,33 @@ if triton is not None:
                 part += tl.sum(w.to(tl.float32) * (_silu(g) * u)[None, :], axis=1)
             acc += part * tl.load(weights + pair)
         tl.store(out + token.to(tl.int64) * N + offs_n, acc.to(out.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _topk_kernel(
+        logits, weights, ids, num_experts, stride,
+        K: tl.constexpr, E_POW2: tl.constexpr, RENORMALIZE: tl.constexpr,
+    ):  # fmt: skip
+        """One token: softmax over the experts, then K rounds of argmax (ties: the lowest id)."""
+        token = tl.program_id(0).to(tl.int64)
+        experts = tl.arange(0, E_POW2)
+        x = tl.load(logits + token * stride + experts, mask=experts < num_experts, other=-float("inf"))
+        x = x.to(tl.float32)
+        p = tl.exp(x - tl.max(x, axis=0))
+        p = p / tl.sum(p, axis=0)
+        scale = 1.0
+        if RENORMALIZE:  # the top-k sum first: no re-reading of this program's own stores
+            q, total = p, 0.0
+            for _ in tl.static_range(K):
+                best = tl.max(q, axis=0)
+                total += best
+                q = tl.where(experts == tl.min(tl.where(q == best, experts, E_POW2), axis=0), -1.0, q)
+            scale = 1.0 / total
+        for j in tl.static_range(K):
+            best = tl.max(p, axis=0)
+            pick = tl.min(tl.where(p == best, experts, E_POW2), axis=0)
+            tl.store(weights + token * K + j, best * scale)
+            tl.store(ids + token * K + j, pick.to(tl.int64))
+            p = tl.where(experts == pick, -1.0, p)
 
     @triton.jit
     def _align_kernel(

@@ -74,17 +74,33 @@ class SparseMoE(nn.Module):
             )
         self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False)
         self.experts = Experts(self.num_local, config.hidden_size, self.inter_local)
+        # routed (token, slot) pairs per local expert since the last reset; off by default: the
+        # count costs two small kernels a layer, ~5% of a batch-1 decode step
+        self.count_tokens = False
+        self.register_buffer("expert_tokens", torch.zeros(self.num_local, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
-        weights, ids = probs.topk(self.top_k, dim=-1)  # [T, k]
-        if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, ids = self.route(self.gate(x))  # [T, k] each
+        if self.count_tokens:
+            self._count(ids)
         if self.a2a and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return a2a_moe(self, x, ids, weights)
         # out of [0, num_local): another rank's expert, skipped (no subtraction kernel on rank 0)
         local = ids - self.first_expert if self.first_expert else ids
         return all_reduce(self.routed_experts(x, local, weights))
+
+    def _count(self, ids: torch.Tensor) -> None:
+        local = (ids - self.first_expert).flatten()
+        ours = (local >= 0) & (local < self.num_local)
+        self.expert_tokens.scatter_add_(0, torch.where(ours, local, 0), ours.long())  # graph-capturable
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax top-k routing: float32 weights (renormalised over the k if the model says so)
+        and int64 global expert ids, each [T, k]."""
+        weights, ids = torch.softmax(logits.float(), dim=-1).topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
 
     def routed_experts(self, x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """This rank's experts on the tokens routed to them (only those experts' weights are read)."""
@@ -93,6 +109,23 @@ class SparseMoE(nn.Module):
             return fused_experts(x, w13, w2, weights, local)
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         return grouped_experts(x, w13, w2, weights.to(x.dtype), local, trim=not capturing)
+
+
+def set_expert_load_stats(model: nn.Module, enabled: bool) -> None:
+    """Count routed tokens per expert in every MoE layer (before CUDA graphs are captured)."""
+    for m in model.modules():
+        if isinstance(m, SparseMoE):
+            m.count_tokens = enabled
+
+
+def expert_load(model: nn.Module, reset: bool = False) -> torch.Tensor:
+    """[MoE layers, local experts] routed (token, slot) pairs counted so far on this rank (CPU)."""
+    moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    load = torch.stack([m.expert_tokens for m in moes]).cpu() if moes else torch.zeros(0, 0, dtype=torch.long)
+    if reset:
+        for m in moes:
+            m.expert_tokens.zero_()
+    return load
 
 
 def make_moe(config, layer_id: int) -> nn.Module:
