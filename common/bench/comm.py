@@ -26,7 +26,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from disagg.common.parallel.ranks import broadcast_plan, free_port
+from disagg.common.net import free_port
+from disagg.common.parallel.ranks import broadcast_plan
 from disagg.common.parallel.state import ParallelState, all_gather_last_dim, all_reduce, set_parallel
 
 logger = logging.getLogger(__name__)

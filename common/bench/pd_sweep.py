@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 from disagg.common.bench import serving
 from disagg.common.config import env_cpu_threads
-from disagg.common.parallel.ranks import free_port
+from disagg.common.net import free_port
 
 DEPLOYMENTS = ("pd", "colocated")
 # serving's goodput limits: TTFT and E2E per request, ITL and TPOT as the request's mean

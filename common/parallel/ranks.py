@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import logging
 import multiprocessing as mp
-import socket
 import sys
 from typing import Any
 
@@ -20,16 +19,11 @@ import torch
 import torch.distributed as dist
 from disagg.common.config import EngineConfig, set_default_cpu_threads
 from disagg.common.messages import StopMsg, decode, encode
+from disagg.common.net import free_port
 from disagg.common.parallel.state import ParallelState, get_parallel, set_parallel
 
 logger = logging.getLogger(__name__)
 _IDLE_TIMEOUT = datetime.timedelta(days=365)  # workers wait for the next batch as long as rank 0 lives
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ranks_per_node(config: EngineConfig) -> int:

@@ -20,7 +20,7 @@ import time
 
 import httpx
 from disagg.common.config import cuda_visible_devices, env_cpu_threads, share_of_cores
-from disagg.common.parallel.ranks import free_port
+from disagg.common.net import free_port
 
 READY_TIMEOUT_S = 600.0
 
