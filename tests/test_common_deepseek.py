@@ -252,3 +252,48 @@ def test_real_shapes_plan_a_latent_pool(preset, layers):
         assert kv_heads_per_rank(config, tp) * head_dim_of(config) * 2 == 576
     assert config.num_hidden_layers == layers
     check_tp_layout(config, 8, 8 if preset == "DeepSeek-V3" else 1)
+
+
+def test_absorbed_decode_equals_expanded_attention():
+    """The decode form (queries absorbed into the latent space) computes the prefill form's attention
+    over the same paged latents, for requests of different lengths."""
+    from disagg.common.engine.attention import ForwardBatch, TorchBackend
+    from disagg.common.models.deepseek import MLAttention, latent_half_dim
+    from disagg.common.models.layers import RotaryEmbedding
+    from transformers import DeepseekV3Config
+
+    config = DeepseekV3Config(**TINY["v3"])
+    torch.manual_seed(0)
+    attn = MLAttention(config, 0, RotaryEmbedding(config, config.qk_rope_head_dim, 512))
+    for p in attn.parameters():
+        p.data.normal_(0, 0.1)
+    ps, kv_lens = 4, [9, 30, 1]
+    tables = [[3, 0, 7], [1, 2, 4, 5, 6, 8, 9, 10], [11]]
+    kv = torch.randn(1, 12, 2, ps, 1, latent_half_dim(config))
+
+    def t(x):
+        return torch.tensor(x, dtype=torch.long)
+
+    pos = [n - 1 for n in kv_lens]
+    batch = ForwardBatch(
+        input_ids=t([0, 0, 0]),
+        positions=t(pos),
+        out_page=t([tb[p // ps] for tb, p in zip(tables, pos, strict=True)]),
+        out_offset=t([p % ps for p in pos]),
+        q_lens=[1, 1, 1],
+        kv_lens=kv_lens,
+        page_tables=tables,
+        logits_index=t([0, 1, 2]),
+        page_size=ps,
+    )
+    batch.k_rows = batch.out_page * (2 * ps) + batch.out_offset
+    TorchBackend().prepare(batch)
+    q_nope = torch.randn(3, attn.num_heads, attn.nope)
+    q_pe = torch.randn(3, attn.num_heads, attn.rope_dim)
+    from disagg.common.models.deepseek import gather_latent
+
+    latent = gather_latent(kv[0], batch)
+    absorbed = attn._absorbed(q_nope, q_pe, latent, batch)
+    expanded = attn._expanded(q_nope, q_pe, latent, batch)
+    assert absorbed.shape == (3, attn.num_heads, attn.v_dim)
+    torch.testing.assert_close(absorbed, expanded, rtol=1e-4, atol=1e-5)

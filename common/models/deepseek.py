@@ -143,10 +143,17 @@ class MLAttention(nn.Module):
         w_uk, w_uv = self._kv_b_weights()
         q_lat = torch.einsum("thd,hdr->thr", q_nope, w_uk)
         q = torch.cat((q_lat, q_pe), dim=-1)[a["q_index"]].transpose(1, 2)  # [B, H, max_q, latent]
-        k = latent.unsqueeze(1)  # [B, 1, max_kv, latent]: one latent shared by all heads
+        bsz, _, max_q, _ = q.shape
+        # one latent shared by all heads: the heads become more query rows of a single-head
+        # attention (no per-head copy of the latents, which GQA broadcasting would make on the CPU)
+        k = latent.unsqueeze(1)  # [B, 1, max_kv, latent]
         ctx = F.scaled_dot_product_attention(
-            q, k, k[..., : self.rank], attn_mask=a["mask"], scale=self.scale, enable_gqa=True
-        )  # [B, H, max_q, rank]
+            q.reshape(bsz, 1, self.num_heads * max_q, -1),
+            k,
+            k[..., : self.rank],
+            attn_mask=a["mask"].repeat(1, 1, self.num_heads, 1),
+            scale=self.scale,
+        ).view(bsz, self.num_heads, max_q, self.rank)
         ctx = ctx.transpose(1, 2).reshape(-1, self.num_heads, self.rank)[a["out_rows"]]
         return torch.einsum("thr,hvr->thv", ctx, w_uv)
 
