@@ -293,7 +293,7 @@ def test_absorbed_decode_equals_expanded_attention():
     from disagg.common.models.deepseek import gather_latent
 
     latent = gather_latent(kv[0], batch)
-    absorbed = attn._absorbed(q_nope, q_pe, latent, batch)
-    expanded = attn._expanded(q_nope, q_pe, latent, batch)
+    absorbed = attn.absorbed_attention(q_nope, q_pe, latent, batch)
+    expanded = attn.expanded_attention(q_nope, q_pe, latent, batch)
     assert absorbed.shape == (3, attn.num_heads, attn.v_dim)
     torch.testing.assert_close(absorbed, expanded, rtol=1e-4, atol=1e-5)

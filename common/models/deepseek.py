@@ -112,9 +112,9 @@ class MLAttention(nn.Module):
         write_latent(kv, batch, torch.cat((c_kv, k_pe.squeeze(1)), dim=-1))
         latent = gather_latent(kv, batch)  # [B, max_kv, latent]
         if batch.is_decode_only:
-            out = self._absorbed(q_nope, q_pe, latent, batch)
+            out = self.absorbed_attention(q_nope, q_pe, latent, batch)
         else:
-            out = self._expanded(q_nope, q_pe, latent, batch)
+            out = self.expanded_attention(q_nope, q_pe, latent, batch)
         return self.o_proj(out.reshape(-1, self.num_heads * self.v_dim))
 
     def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +122,7 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.num_heads, self.nope + self.v_dim, self.rank)
         return w[:, : self.nope], w[:, self.nope :]
 
-    def _expanded(self, q_nope, q_pe, latent, batch) -> torch.Tensor:
+    def expanded_attention(self, q_nope, q_pe, latent, batch) -> torch.Tensor:
         """Per-head K and V from the latents (prefill: many queries share each expanded key)."""
         a = batch.attn
         bsz, max_kv = latent.shape[:2]
@@ -136,7 +136,7 @@ class MLAttention(nn.Module):
         )
         return out.transpose(1, 2).reshape(-1, self.num_heads, self.v_dim)[a["out_rows"]]
 
-    def _absorbed(self, q_nope, q_pe, latent, batch) -> torch.Tensor:
+    def absorbed_attention(self, q_nope, q_pe, latent, batch) -> torch.Tensor:
         """Queries in the latent space: score = (q_nope W_UK) . c_kv + q_pe . k_pe; the context
         stays a latent until W_UV projects it per head (decode: the latents are read once)."""
         a = batch.attn
