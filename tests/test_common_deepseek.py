@@ -297,3 +297,23 @@ def test_absorbed_decode_equals_expanded_attention():
     expanded = attn.expanded_attention(q_nope, q_pe, latent, batch)
     assert absorbed.shape == (3, attn.num_heads, attn.v_dim)
     torch.testing.assert_close(absorbed, expanded, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_load_counts_deepseek_layers(engines, tiny_deepseek):
+    """moe.py's expert-load counters see the DeepSeekMoE layers: every routed (token, slot) counted."""
+    from disagg.common.models.moe import expert_load, set_expert_load_stats
+
+    engine = engines.get(model_path=tiny_deepseek["v3"], page_size=4, max_total_tokens=512)
+    model = engine.scheduler.runner.model
+    set_expert_load_stats(model, True)
+    try:
+        expert_load(model, reset=True)
+        engine.generate([[5, 6, 7, 8, 9]], {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True})
+        load = expert_load(model)
+    finally:
+        set_expert_load_stats(model, False)
+    c = TINY["v3"]
+    moe_layers = c["num_hidden_layers"] - c["first_k_dense_replace"]
+    # 5 prompt tokens + 2 decoded ones are forwarded (the last sampled token is not)
+    assert load.shape == (moe_layers, c["n_routed_experts"])
+    assert load.sum(dim=1).tolist() == [7 * c["num_experts_per_tok"]] * moe_layers

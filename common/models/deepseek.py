@@ -230,6 +230,8 @@ class DeepseekMoE(SparseMoE):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
+        if self.count_tokens:  # moe.py's per-expert load counters (set_expert_load_stats)
+            self._count(ids)
         if self.a2a and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             from disagg.common.models.moe_a2a import a2a_moe
 
