@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from disagg.common.messages import message
+from disagg.common.models.decoder import is_mla
 from disagg.common.parallel.ranks import broadcast_plan, gather_to_rank0
 from disagg.common.parallel.state import get_parallel
 from disagg.transfer.base import TransferResult
@@ -122,7 +123,10 @@ def kv_layout(runner) -> KVLayout:
     return KVLayout(
         num_layers=pool.num_layers,
         page_size=pool.page_size,
-        num_kv_heads_total=getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
+        # MLA: one latent per token, the same on every rank (a decode rank takes it from any prefill rank)
+        num_kv_heads_total=1
+        if is_mla(hf)
+        else getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
         head_dim=pool.head_dim,
         dtype=dtype_name(pool.dtype),
         tp_rank=par.tp_rank,
