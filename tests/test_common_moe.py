@@ -133,12 +133,13 @@ def test_all_to_all_backend_at_tp2_ep2_generates_transformers_tokens(tmp_path, f
     """--moe-a2a-backend all_to_all over gloo: tokens dispatched to their experts' ranks and back."""
     old = TINY_CONFIGS.get(family)
     TINY_CONFIGS[family] = MOE_CONFIGS[family]
-    try:  # the model config carries the backend, as ModelRunner sets it from EngineConfig
-        path = make_tiny_model(tmp_path / family, family, **MOE_CONFIGS[family], moe_a2a_backend="all_to_all")
+    try:
+        path = make_tiny_model(tmp_path / family, family, **MOE_CONFIGS[family])
     finally:
         TINY_CONFIGS.pop(family) if old is None else TINY_CONFIGS.update({family: old})
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [300]]
-    engine = Engine(model_path=path, page_size=4, chunked_prefill_size=8, max_total_tokens=2048, tp=2, ep=2)
+    engine = Engine(model_path=path, page_size=4, chunked_prefill_size=8, max_total_tokens=2048, tp=2, ep=2,
+                    moe_a2a_backend="all_to_all")  # fmt: skip
     try:
         moes = [m for m in engine.scheduler.runner.model.modules() if isinstance(m, SparseMoE)]
         assert moes and all(m.a2a for m in moes)  # rank 0's layers dispatch by all-to-all

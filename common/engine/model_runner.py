@@ -89,6 +89,7 @@ class ModelRunner:
             config.model_path if config.model_path in PRESETS else resolve_model_path(config.model_path)
         )
         self.hf_config = load_config(self.model_path)
+        self.hf_config.moe_a2a_backend = config.moe_a2a_backend  # --moe-a2a-backend, read by the MoE layers
         self._check_model()
         # what a PD peer compares before any page crosses (same config and weights)
         self.fingerprint = model_fingerprint(self.model_path, config.load_format, config.random_seed, self.hf_config)
