@@ -82,7 +82,9 @@ def test_decode_leg_alone_times_out(pd):
             r = client.post("/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 4}})
             assert r.status_code == 200 and not stuck.done()
         r = stuck.result()
-    assert r.status_code == 504 and r.json()["error"]["code"] == "kv_transfer_failed"  # ours, not the client's
+    assert (
+        r.status_code == 504 and r.json()["error"]["code"] == "kv_transfer_failed"
+    )  # ours, not the client's
     assert "KV transfer failed: timeout" in r.json()["error"]["message"]
     assert time.monotonic() - start < TIMEOUT_S * 4
     assert_both_free(pd)
@@ -92,7 +94,9 @@ def test_prefill_leg_alone_times_out(pd):
     # the decode server never asks for the room: prefill gives up after the transfer timeout
     start = time.monotonic()
     r = httpx.post(pd.prefill.url + "/generate", json=pd_body(pd), timeout=60)
-    assert r.status_code == 504 and r.json()["error"]["code"] == "kv_transfer_failed"  # ours, not the client's
+    assert (
+        r.status_code == 504 and r.json()["error"]["code"] == "kv_transfer_failed"
+    )  # ours, not the client's
     assert "KV transfer failed: timeout" in r.json()["error"]["message"]
     assert time.monotonic() - start < TIMEOUT_S * 4
     assert_both_free(pd)

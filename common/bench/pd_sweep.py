@@ -122,7 +122,14 @@ def colocated_children(args: argparse.Namespace) -> list[Child]:
     children = []
     for i in range(args.colocated_replicas):
         port = free_port()
-        argv = [sys.executable, "-m", "disagg.common.server.launch_server", "--port", str(port), *server_flags(args)]
+        argv = [
+            sys.executable,
+            "-m",
+            "disagg.common.server.launch_server",
+            "--port",
+            str(port),
+            *server_flags(args),
+        ]
         children.append(Child(f"server{i}", argv, f"http://127.0.0.1:{port}/health", gpu_env(args, i)))
     urls = [c.ready_url.removesuffix("/health") for c in children]
     return [*children, router_child(args, ["--worker-urls", *urls])]
@@ -429,7 +436,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m disagg.common.bench.pd_sweep", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m disagg.common.bench.pd_sweep", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--out-dir", required=True)
     p.add_argument("--report-only", action="store_true", help="redo the table and plot from --out-dir's JSON")
     p.add_argument(

@@ -212,7 +212,9 @@ def format_table(s: dict, args) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m disagg.common.bench.serving", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m disagg.common.bench.serving", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--base-url", default="http://127.0.0.1:30000")
     p.add_argument("--model", default=None, help="default: the first model of /v1/models")
     p.add_argument(

@@ -92,7 +92,9 @@ class ModelRunner:
         self.hf_config.moe_a2a_backend = config.moe_a2a_backend  # --moe-a2a-backend, read by the MoE layers
         self._check_model()
         # what a PD peer compares before any page crosses (same config and weights)
-        self.fingerprint = model_fingerprint(self.model_path, config.load_format, config.random_seed, self.hf_config)
+        self.fingerprint = model_fingerprint(
+            self.model_path, config.load_format, config.random_seed, self.hf_config
+        )
         self.context_length = config.context_length or self.hf_config.max_position_embeddings
         self.model = self._load_model()
         if self.device.type == "cuda":
