@@ -194,14 +194,14 @@ class Deployment:
         """SIGTERM to every process group (the servers' own children included), SIGKILL after 15 s."""
         started = [c for c in self.children if c.proc is not None]
         for c in started:
-            _signal_group(c.proc.pid, signal.SIGTERM)
+            signal_group(c.proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
         for c in started:
             try:
                 c.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-            _signal_group(c.proc.pid, signal.SIGKILL)  # NOTE: also the group's stragglers (scheduler, ranks)
+            signal_group(c.proc.pid, signal.SIGKILL)  # NOTE: also the group's stragglers (scheduler, ranks)
             c.proc.wait()
         # NOTE: the next deployment takes the same GPUs: wait until their memory holders are gone
         deadline = time.monotonic() + 30
@@ -223,7 +223,7 @@ def live_groups() -> set[int]:
     return groups
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):

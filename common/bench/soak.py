@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from disagg.common.bench.pd_sweep import Child, Deployment, _signal_group
+from disagg.common.bench.pd_sweep import Child, Deployment, signal_group
 from disagg.common.config import env_cpu_threads
 from disagg.common.net import free_port
 
@@ -113,7 +113,7 @@ async def run(args: argparse.Namespace, d: Deployment) -> dict:
             rss["warm"] = {c.name: group_rss_mb(c) for c in servers}
         if done == args.requests // 2 and killed is None:
             killed = time.monotonic() - start
-            _signal_group(victim.proc.pid, signal.SIGKILL)
+            signal_group(victim.proc.pid, signal.SIGKILL)
             print(f"killed decode1 after {done} requests ({killed:.1f}s)", flush=True)
         if done % 100 == 0:
             print(f"{done}/{args.requests} requests, {time.monotonic() - start:.0f}s: {outcomes}", flush=True)
