@@ -110,7 +110,8 @@ class HealthChecker:
             identity = json.loads(body).get("pd_identity") if status == 200 else None
         except (*UPSTREAM_ERRORS, TimeoutError, ValueError, AttributeError):
             return  # read again at its next passing probe
-        worker.pd_identity = identity if isinstance(identity, dict) else None
+        # NOTE: {} = read, none published (e.g. SGLang's servers): not asked again until it is marked down
+        worker.pd_identity = identity if isinstance(identity, dict) else {}
         self.registry.check_pairs()
 
     async def _probe(self, worker: Worker) -> Probe:

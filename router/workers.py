@@ -111,7 +111,7 @@ class Worker:
     # legs in flight on this worker (proxy.Leg): failed when the worker is marked down
     inflight: set = field(default_factory=set, repr=False)
     # PD servers: the KV layout identity of /server_info (model fingerprint, page size, dtype, ...),
-    # read when the worker turns healthy; None: not known (yet), e.g. a server that does not publish it
+    # read when the worker turns healthy; None: not read yet; {}: the server publishes none
     pd_identity: dict | None = None
     host: str = field(init=False)
 

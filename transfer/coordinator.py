@@ -20,6 +20,7 @@ from disagg.common.messages import message
 from disagg.common.models.decoder import is_mla
 from disagg.common.parallel.ranks import broadcast_plan, gather_to_rank0
 from disagg.common.parallel.state import get_parallel
+from disagg.transfer import metrics
 from disagg.transfer.base import TransferResult
 from disagg.transfer.layout import KVLayout, dtype_name
 from disagg.transfer.protocol import Room
@@ -264,9 +265,7 @@ class TransferCoordinator:
         return self.local.engine.requested_rooms(rooms)
 
     def metrics_text(self) -> str:
-        from disagg.transfer.metrics import metrics_text
-
-        return metrics_text()
+        return metrics.metrics_text()
 
     def flush(self) -> list[TransferResult]:
         """Run the queued operations on every rank; the rooms now finished on all ranks."""

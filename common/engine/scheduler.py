@@ -78,7 +78,7 @@ class Scheduler:
                 return
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._pending_outs)
+        return self.has_compute()  # the PD roles add their rooms and held requests
 
     def stats(self) -> SchedulerStats:
         total, free, cached = self.pool.num_pages, self.pool.num_free_pages, self.cache.num_cached_pages
