@@ -69,6 +69,7 @@ class Tombstone:
     reason: str
     expiry: float  # monotonic
     reported: bool = True  # False: failed by the peer before this side knew the room
+    served: frozenset = frozenset()  # prefill: decode ranks that had requested the room
 
 
 @dataclass
@@ -225,7 +226,8 @@ class TransferBase:
     def _finish(self, state: RoomState, result: TransferResult) -> None:
         state.finished = True
         self.rooms.pop(state.room, None)
-        self._tombstones[state.room] = Tombstone(result.ok, result.reason, self._tombstone_expiry())
+        served = frozenset(getattr(state, "requests", {}))
+        self._tombstones[state.room] = Tombstone(result.ok, result.reason, self._tombstone_expiry(), served=served)
         if result.ok and state.started is not None:
             result.nbytes, result.seconds = state.nbytes, time.perf_counter() - state.started
             metrics.observe_success(self.role, result.nbytes, result.seconds)

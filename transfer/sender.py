@@ -240,7 +240,9 @@ class KVSender(TransferBase):
         room = getattr(msg, "room", None)
         tomb = self._tombstones.get(room)
         if tomb is not None and room not in self.rooms:
-            if isinstance(msg, RoomRequestMsg):  # too late for this room: tell the decode side now
+            # a rank that already had this room asks again: a new request reusing it (a rank this
+            # prefill rank sends nothing to may ask after the room completed: ignore that one)
+            if isinstance(msg, RoomRequestMsg) and (not tomb.ok or msg.decode_rank in tomb.served):
                 reason = (
                     tomb.reason
                     if not tomb.ok
