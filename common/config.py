@@ -108,6 +108,9 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     tp: int = 1
     ep: int = 1
+    # data parallel: --dp-size replicas of the whole TP group behind one server (launch_server's
+    # dispatcher), or, with DP attention, attention ranks inside one TP group
+    dp_size: int = 1
     page_size: int = 16
     # KV pool size; default: from mem_fraction_static (GPU), from the memory available (CPU, <= 512 MiB)
     max_total_tokens: int | None = None
@@ -151,6 +154,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=d.device, choices=["auto", "cpu", "cuda"])
     g.add_argument("--tp", "--tp-size", "--tensor-parallel-size", dest="tp", type=int, default=d.tp)
     g.add_argument("--ep", "--ep-size", "--expert-parallel-size", dest="ep", type=int, default=d.ep)
+    g.add_argument("--dp-size", "--dp", "--data-parallel-size", dest="dp_size", type=int, default=d.dp_size,
+                   help="data parallel replicas of the TP group behind one server (docs/parallelism.md)")  # fmt: skip
     g.add_argument("--page-size", type=int, default=d.page_size)
     g.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens,
                    help="KV pool size in tokens (default: GPU from --mem-fraction-static; CPU from the memory "
