@@ -1,7 +1,7 @@
 """The OpenAI surface users call (issue 23) through the real `openai` client against a colocated
 server: n choices and prompt lists with OpenAI's usage, logit_bias, return_token_ids, /tokenize and
-/detokenize, `usage: null` on chunks, structured outputs (json_schema, json_object, regex) and a clear
-400 for what the server cannot honour (tools)."""
+/detokenize, `usage: null` on chunks, structured outputs (json_schema, json_object, regex), tool calls
+(named / required / none, streamed deltas) and a clear 400 for what the server cannot honour."""
 
 from __future__ import annotations
 
@@ -168,21 +168,96 @@ def test_stream_chunks_carry_null_usage(client):
 
 @pytest.mark.slow
 def test_unsupported_features_are_a_400_not_ignored(client):
-    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    for extra in (
-        {"tools": [tool]},
-        {"tools": [tool], "tool_choice": "required"},
-    ):
-        with pytest.raises(openai.BadRequestError) as e:
-            client.chat.completions.create(**chat, **extra)
-        assert e.value.code == "unsupported"
-    assert (
-        client.chat.completions.create(**chat, tools=[tool], tool_choice="none").choices[0].message.content
-        is not None
-    )
     with pytest.raises(openai.BadRequestError, match="prompt logprobs"):
         client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, echo=True, logprobs=1)
+
+
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Lyon", "Nice"]},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+    },
+    "required": ["city", "unit", "days"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Forecast for a city",
+                                      "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "get_time", "description": "Local time in a city",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string",
+                                                     "enum": ["Paris", "Tokyo"]}}, "required": ["city"]}}},
+]  # fmt: skip
+ASK = [{"role": "user", "content": "What will the weather be in Paris for the next 3 days?"}]
+
+
+def _reassembled(chunks) -> tuple[list[tuple[str, str]], str | None]:
+    """The calls a streaming client rebuilds from OpenAI's tool_call deltas, and the finish reason."""
+    calls: dict[int, list] = {}
+    reason = None
+    for chunk in chunks:
+        for c in chunk.choices:
+            reason = c.finish_reason or reason
+            for d in c.delta.tool_calls or []:
+                if d.id:
+                    assert d.index not in calls and d.function.arguments == ""
+                    calls[d.index] = [d.function.name, ""]
+                else:
+                    calls[d.index][1] += d.function.arguments
+    return [tuple(calls[i]) for i in sorted(calls)], reason
+
+
+@pytest.mark.slow
+def test_tool_choice_named_and_required_give_calls_that_validate(client):
+    import jsonschema  # noqa: PLC0415 - a test dependency
+
+    pytest.importorskip("xgrammar")
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    kw = {"model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": 60, "temperature": 0}
+    chat = client.chat.completions.create(**kw, tool_choice=named)
+    choice = chat.choices[0]
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    assert choice.message.content is None and choice.finish_reason == "stop"  # OpenAI's, for a forced call
+    streamed = _reassembled(client.chat.completions.create(**kw, tool_choice=named, stream=True))
+    assert streamed == ([("get_weather", call.function.arguments)], "stop")
+
+    # NOTE: a 135M model sampled at temperature 1 may list calls until max_tokens: one call at most
+    kw["parallel_tool_calls"] = False
+    chat = client.chat.completions.create(**{**kw, "temperature": 1.0}, tool_choice="required", n=2, seed=7)
+    for choice in chat.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice
+        for call in choice.message.tool_calls:
+            tool = next(t for t in TOOLS if t["function"]["name"] == call.function.name)
+            jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+    whole = client.chat.completions.create(**kw, tool_choice="required").choices[0]
+    streamed = _reassembled(client.chat.completions.create(**kw, tool_choice="required", stream=True))
+    assert streamed == (
+        [(c.function.name, c.function.arguments) for c in whole.message.tool_calls],
+        "tool_calls",
+    )
+
+
+@pytest.mark.slow
+def test_tool_choice_none_and_tool_history_give_text(client):
+    kw = {"model": MODEL, "tools": TOOLS, "max_tokens": 8, "temperature": 0}
+    none = client.chat.completions.create(**kw, messages=ASK, tool_choice="none").choices[0]
+    plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=8, temperature=0).choices[0]
+    assert none.message.tool_calls is None and none.message.content == plain.message.content
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+               "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius", "days": 3}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 C"}]  # fmt: skip
+    after = client.chat.completions.create(**kw, messages=history, tool_choice="none").choices[0]
+    assert after.message.content and after.message.tool_calls is None
+    auto = client.chat.completions.create(**kw, messages=ASK)  # OpenAI's default with tools: auto
+    assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            **kw, messages=ASK, tool_choice={"type": "function", "function": {"name": "x"}}
+        )
+    assert e.value.param == "tool_choice"
 
 
 SCHEMA = {

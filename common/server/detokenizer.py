@@ -139,9 +139,9 @@ def run_detokenizer_process(tokenizer_path: str, ipc: IpcNames, ready_conn, log_
     die_with_parent()
     setup_child_logging(log_level, "detokenizer")
     try:
-        from transformers import AutoTokenizer
+        from disagg.common.server.tokenizer_manager import load_tokenizer  # noqa: PLC0415 - in the child
 
-        detok = Detokenizer(AutoTokenizer.from_pretrained(tokenizer_path))
+        detok = Detokenizer(load_tokenizer(tokenizer_path))
         ctx = zmq.Context.instance()
         recv = zmq_socket(ctx, zmq.PULL, ipc.detokenizer, bind=True)
         send = zmq_socket(ctx, zmq.PUSH, ipc.http, bind=False)

@@ -32,6 +32,8 @@ from disagg.common.server.serving import (
     usage,
     with_seed,
 )
+from disagg.common.server.tool_choice import ToolPlan, plan_tools
+from disagg.common.server.tool_parsers import ToolCallStreamer, parse_tool_calls
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -53,6 +55,7 @@ class Job:
     echo_texts: list[str] | None = None  # completions with echo=True
     owner: str | None = None  # the key that sent it (see serving.owner_of)
     return_token_ids: bool = False  # vLLM's prompt_token_ids / token_ids
+    tools: ToolPlan | None = None  # chat with tool_choice other than none: the output is parsed for calls
 
     def start(self, state: ServerState, pd: dict) -> list[AsyncIterator[StrOut]]:
         single = len(self.prompts) * self.n == 1
@@ -74,14 +77,6 @@ async def list_models(request: Request) -> dict:
     card = {"id": state.model_name, "object": "model", "created": 0, "owned_by": "disagg",
             "root": state.model_path, "max_model_len": state.context_length}  # fmt: skip
     return {"object": "list", "data": [card]}
-
-
-def check_unsupported(req: OpenAISampling) -> None:
-    """Refuse what we cannot honour rather than answer free text as if it had been (issue 23)."""
-    choice = req.tool_choice if req.tool_choice is not None else ("auto" if req.tools else "none")
-    if choice != "none":
-        raise APIError(400, "tool calling is not supported by this server (tools need tool_choice 'none')",
-                       "tool_choice" if req.tool_choice is not None else "tools", code="unsupported")  # fmt: skip
 
 
 def grammar_from(req: OpenAISampling) -> list[str]:
@@ -141,9 +136,11 @@ def logit_bias_from(req: OpenAISampling, vocab_size: int) -> list[list]:
 
 
 def sampling_from(
-    req: OpenAISampling, max_new_tokens: int, return_logprob: bool, top_n: int, vocab_size: int
-) -> SamplingParams:
-    check_unsupported(req)
+    req: OpenAISampling, max_new_tokens: int, return_logprob: bool, top_n: int, vocab_size: int,
+    tools: ToolPlan | None = None,
+) -> SamplingParams:  # fmt: skip
+    """`tools`: a tool_choice required / named brings its grammar; markers that are special tokens
+    must stay in the text for the parser."""
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return make_sampling(
         max_new_tokens=max_new_tokens,
@@ -159,9 +156,9 @@ def sampling_from(
         seed=req.seed,
         return_logprob=return_logprob,
         top_logprobs_num=top_n,
-        skip_special_tokens=req.skip_special_tokens,
+        skip_special_tokens=req.skip_special_tokens and not (tools and tools.keep_special_tokens),
         logit_bias=logit_bias_from(req, vocab_size),
-        grammar=grammar_from(req),
+        grammar=list(tools.grammar) if tools and tools.grammar else grammar_from(req),
     )
 
 
@@ -177,17 +174,20 @@ async def chat_completions(req: ChatCompletionRequest, request: Request) -> Resp
     check_n(req.n)
     if req.top_logprobs and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true", "top_logprobs")
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    _, ids = await state.tm.chat_prompt(messages)
+    tools = plan_tools(req, state.tm.tokenizer, state.server_info.get("tool_call_parser"))
+    messages = [m.for_template() for m in req.messages]
+    _, ids = await state.tm.chat_prompt(messages, *((tools.tools, tools.template) if tools else ()))
     if req.max_completion_tokens is not None:
         param, max_tokens = "max_completion_tokens", req.max_completion_tokens
     else:
         param, max_tokens = "max_tokens", req.max_tokens
     max_new = check_lengths(state, len(ids), max_tokens, param)
-    sampling = sampling_from(req, max_new, req.logprobs, req.top_logprobs or 0, len(state.tm.tokenizer))
+    sampling = sampling_from(
+        req, max_new, req.logprobs, req.top_logprobs or 0, len(state.tm.tokenizer), tools
+    )
     job = Job("chat", req.rid or new_rid("chatcmpl"), req.model or state.model_name, [ids], sampling,
               req.n, req.stream, req.include_usage, owner=owner_of(request),
-              return_token_ids=req.return_token_ids)  # fmt: skip
+              return_token_ids=req.return_token_ids, tools=tools if tools and tools.parses else None)  # fmt: skip
     return await respond(job, state, request, req.pd_fields())
 
 
@@ -264,8 +264,13 @@ def choice_body(job: Job, i: int, acc: ChoiceAcc) -> dict:
     ids = {"token_ids": list(acc.output_ids)} if job.return_token_ids else {}
     if job.kind == "chat":
         lp = {"content": chat_logprobs(acc)} if job.sampling.return_logprob else None
-        return {"index": i, "message": {"role": "assistant", "content": acc.text}, "logprobs": lp,
-                "finish_reason": reason, "matched_stop": last.matched_stop if last else None, **ids}  # fmt: skip
+        message = {"role": "assistant", "content": acc.text}
+        if job.tools:
+            message["content"], calls = parse_tool_calls(acc.text, job.tools.fmt, job.tools.named)
+            message["tool_calls"] = calls
+            reason = job.tools.finish_reason(bool(calls), reason)
+        return {"index": i, "message": message, "logprobs": lp, "finish_reason": reason,
+                "matched_stop": last.matched_stop if last else None, **ids}  # fmt: skip
     text = (job.echo_texts[i // job.n] if job.echo_texts else "") + acc.text
     lp = completion_logprobs(acc) if job.sampling.return_logprob else None
     if job.return_token_ids:
@@ -304,6 +309,7 @@ async def stream_chunks(job: Job, head: tuple[int, StrOut], outputs) -> AsyncIte
     created, total = int(time.time()), len(job.prompts) * job.n
     obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
     accs = [ChoiceAcc() for _ in range(total)]
+    streamers = [job.tools.streamer() for _ in range(total)] if job.tools else [None] * total
 
     # OpenAI: with include_usage every chunk carries `usage: null`, the last one (no choices) the usage
     null_usage = {"usage": None} if job.include_usage else {}
@@ -336,7 +342,7 @@ async def stream_chunks(job: Job, head: tuple[int, StrOut], outputs) -> AsyncIte
                 yield sse(engine_error(out.error).body())
                 continue
             if out.output_ids or out.finished:  # also when the text is held back: clients see token timing
-                body = delta_body(job, i, delta, out, pos)
+                body = delta_body(job, i, delta, out, pos, streamers[i])
                 if i in prompt_ids_due:
                     prompt_ids_due.discard(i)
                     body["prompt_token_ids"] = job.prompts[i // job.n]
@@ -348,11 +354,33 @@ async def stream_chunks(job: Job, head: tuple[int, StrOut], outputs) -> AsyncIte
     yield sse("[DONE]")
 
 
-def delta_body(job: Job, i: int, delta: ChoiceAcc, out: StrOut, pos: int) -> dict:
+def delta_body(
+    job: Job, i: int, delta: ChoiceAcc, out: StrOut, pos: int, streamer: ToolCallStreamer | None = None
+) -> dict:
     reason = out.finish_reason if out.finished else None
     ids = {"token_ids": list(delta.output_ids)} if job.return_token_ids else {}
     if job.kind == "chat":
         lp = {"content": chat_logprobs(delta)} if job.sampling.return_logprob else None
-        return {"index": i, "delta": {"content": delta.text}, "logprobs": lp, "finish_reason": reason, **ids}
+        body = {"content": delta.text}
+        if streamer is not None:
+            body, reason = tool_delta(job.tools, streamer, delta.text, reason)
+        return {"index": i, "delta": body, "logprobs": lp, "finish_reason": reason, **ids}
     lp = completion_logprobs(delta, pos) if job.sampling.return_logprob else None
     return {"index": i, "text": delta.text, "logprobs": lp, "finish_reason": reason, **ids}
+
+
+def tool_delta(
+    plan: ToolPlan, streamer: ToolCallStreamer, text: str, reason: str | None
+) -> tuple[dict, str | None]:
+    """A chunk's delta when the output is read for tool calls: content and OpenAI's tool_call deltas
+    (`reason` not None: the last chunk, which also carries what the streamer held back)."""
+    got = streamer.feed(text)
+    if reason is not None:
+        tail = streamer.finish()
+        got.content += tail.content
+        got.tool_calls += tail.tool_calls
+        reason = plan.finish_reason(streamer.called, reason)
+    body: dict = {"content": got.content if got.content or not got.tool_calls else None}
+    if got.tool_calls:
+        body["tool_calls"] = got.tool_calls
+    return body, reason

@@ -8,6 +8,7 @@ takes its documented default, as if it were absent.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -73,6 +74,40 @@ class PDFields(StrictModel):
                 "bootstrap_room": self.bootstrap_room}  # fmt: skip
 
 
+class FunctionDef(StrictModel):
+    name: Text = Field(min_length=1)
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(StrictModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(StrictModel):
+    name: Text
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ToolCallFunction(StrictModel):
+    name: Text
+    arguments: Text  # JSON text, as OpenAI sends it
+
+
+class ToolCallMsg(StrictModel):
+    """A call the assistant made earlier in the conversation (OpenAI's `message.tool_calls[i]`)."""
+
+    id: Text | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class StreamOptions(StrictModel):
     include_usage: bool = False
 
@@ -101,8 +136,9 @@ class OpenAISampling(PDFields):
     response_format: dict[str, Any] | None = None  # text, json_object, json_schema
     regex: Text | None = None  # SGLang's structured-output extras
     ebnf: Text | None = None
-    tools: list[Any] | None = None
-    tool_choice: Text | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # False: at most one call
 
     @property
     def include_usage(self) -> bool:
@@ -118,6 +154,8 @@ class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[ContentPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCallMsg] | None = None  # assistant messages
+    tool_call_id: Text | None = None  # tool messages: the call they answer
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -125,6 +163,29 @@ class ChatMessage(StrictModel):
                 raise APIError(400, "only text content parts are supported", "messages")
             return "".join(p.text or "" for p in self.content)
         return self.content or ""
+
+    def for_template(self) -> dict:
+        """The message as chat templates read it: arguments as objects (Qwen's and Llama's templates
+        write them with tojson), tool_call_id and name when given."""
+        msg: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            msg["name"] = self.name
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            msg["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
+                for c in self.tool_calls
+            ]  # fmt: skip
+        return msg
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class ChatCompletionRequest(OpenAISampling):

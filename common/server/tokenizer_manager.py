@@ -15,12 +15,14 @@ import copy
 import ctypes
 import ctypes.util
 import itertools
+import json
 import logging
 import re
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 import zmq.asyncio
@@ -52,6 +54,29 @@ def _trim_heap() -> None:
     libc = ctypes.util.find_library("c")
     if libc:
         ctypes.CDLL(libc).malloc_trim(0)
+
+
+# tokenizer classes that are a tokenizer.json and nothing else: loaded without AutoTokenizer
+GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def load_tokenizer(path: str):
+    """The model's HF tokenizer for the HTTP and detokenizer processes.
+
+    NOTE: AutoTokenizer imports torch (transformers' configuration module does), ~250 MB of RSS in
+    each process that needs no tensor; a folder whose tokenizer_config.json names the generic fast
+    class (the embedded default model's does) loads as PreTrainedTokenizerFast without it. Other
+    classes may add their own behaviour (prefix spaces, BOS handling): AutoTokenizer for them."""
+    folder = Path(path)
+    config = folder / "tokenizer_config.json"
+    if (folder / "tokenizer.json").is_file() and config.is_file():
+        if json.loads(config.read_text()).get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES:
+            from transformers import PreTrainedTokenizerFast  # noqa: PLC0415 - imports are the cost here
+
+            return PreTrainedTokenizerFast.from_pretrained(path)
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def max_token_chars(tokenizer) -> int:
@@ -133,12 +158,16 @@ class TokenizerManager:
         self.check_size(len(text), param)
         return await self._in_thread(len(text), lambda tok, t: tok.encode(t), text)
 
-    async def chat_prompt(self, messages: list[dict]) -> tuple[str, list[int]]:
-        size = sum(len(m["content"]) for m in messages)
+    async def chat_prompt(
+        self, messages: list[dict], tools: list[dict] | None = None, template: str | None = None
+    ) -> tuple[str, list[int]]:
+        """The prompt of a chat; `tools` go to the chat template (`template`: instead of the model's)."""
+        size = sum(len(m["content"]) for m in messages) + (len(json.dumps(tools)) if tools else 0)
         self.check_size(size, "messages")
 
         def render(tok, messages) -> tuple[str, list[int]]:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = tok.apply_chat_template(messages, tools=tools, chat_template=template,
+                                           add_generation_prompt=True, tokenize=False)  # fmt: skip
             return text, tok.encode(text, add_special_tokens=False)
 
         return await self._in_thread(size, render, messages)
