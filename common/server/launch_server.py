@@ -31,7 +31,8 @@ from disagg.common.server.ipc import IpcNames
 from disagg.common.server.metrics import ServerMetrics
 from disagg.common.server.scheduler_process import run_scheduler_process
 from disagg.common.server.serving import ServerState
-from disagg.common.server.tokenizer_manager import TokenizerManager
+from disagg.common.server.tokenizer_manager import TokenizerManager, load_tokenizer
+from disagg.common.server.tool_parsers import PARSERS
 
 logger = logging.getLogger("disagg.server")
 
@@ -49,6 +50,7 @@ class ServerConfig:
     log_level: str = "info"
     max_request_body_size: int = 32 << 20  # bytes; larger bodies get 413
     grace_period: float = 30.0  # seconds running requests get to finish at shutdown
+    tool_call_parser: str | None = None  # None: from the chat template (common/server/tool_parsers.py)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerConfig:
@@ -70,6 +72,8 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer-path", default=d.tokenizer_path)
     g.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     g.add_argument("--max-request-body-size", type=int, default=d.max_request_body_size, help="bytes")
+    g.add_argument("--tool-call-parser", default=d.tool_call_parser, choices=sorted(PARSERS),
+                   help="how tool calls are read from the output (default: from the chat template)")  # fmt: skip
     g.add_argument("--grace-period", "--graceful-shutdown-timeout", dest="grace_period", type=float,
                    default=d.grace_period, help="seconds running requests may finish after SIGTERM")  # fmt: skip
 
@@ -182,9 +186,7 @@ def launch(engine: EngineConfig, server: ServerConfig, scheduler_target: Callabl
     procs, conns = start_children(engine, server, ipc, scheduler_target)
     try:
         infos = wait_ready(procs, conns)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(server.tokenizer_path)
+        tokenizer = load_tokenizer(server.tokenizer_path)
         metrics = ServerMetrics(role)
         name = server.served_model_name or engine.model_path.rstrip("/").rsplit("/", 1)[-1]
         info = {**dataclasses.asdict(engine), **dataclasses.asdict(server), **(extra_info or {}), "api_key": None, "admin_api_key": None,
