@@ -27,6 +27,7 @@ import orjson
 from disagg.router import metrics
 from disagg.router.config import RouterConfig
 from disagg.router.errors import error_response
+from disagg.router.openai_streams import OPENAI_PATHS, OpenAIStreamState, can_move, with_token_ids
 from disagg.router.policies import Policy, request_text
 from disagg.router.streams import (
     DONE,
@@ -116,6 +117,7 @@ class Call:
     rid: str | None = None  # the client's `rid`, used for /abort_request
     attempts: int = 0  # PD attempts made so far (each gets its own rid)
     migrations: int = 0  # times the stream moved to another worker
+    movable: dict | None = None  # an OpenAI stream that can move: the client's own body
 
     def next_rid(self) -> str:
         """The rid of the next PD attempt: the client's (or a fresh one) first, then `<rid>-r<n>`
@@ -141,17 +143,28 @@ class Proxy:
         self._background: set[asyncio.Task] = set()
         self.needs_text = any(p.needs_text for p in policies.values())
         self.needs_json = config.pd_disaggregation or self.needs_text
+        self._context_length: int | None = None  # the model's, read from a worker when a chat moves
 
     # ---- entry point -------------------------------------------------------------------------
 
     async def forward(self, call: Call, on_done) -> Response | BytesResponse:
         """Route `call`; `on_done(status)` runs once the response (or its stream) has finished."""
+        self._ask_token_ids(call)
         try:
             leg, others = await self._connect(call, set())
         except _Answer as answer:
             on_done(answer.response.status_code)
             return answer.response
         return self._respond(call, leg, others, on_done)
+
+    def _ask_token_ids(self, call: Call) -> None:
+        """An OpenAI stream that could move asks its workers for token ids (what a continuation needs)."""
+        if self.config.max_migrations <= 0 or call.path not in OPENAI_PATHS:
+            return
+        parsed = call.parsed if call.parsed is not None else _loads(call.body)
+        if can_move(call.path, parsed):
+            call.movable, call.parsed = parsed, with_token_ids(parsed)
+            call.body = orjson.dumps(call.parsed)
 
     async def _connect(self, call: Call, tried: set[Worker]) -> tuple[Leg, tuple[Leg, ...]]:
         """Attempts until a worker answered (its head and first bytes): (answering leg, other legs).
@@ -358,7 +371,10 @@ class Proxy:
     async def _stream(self, call: Call, leg: Leg, others: tuple[Leg, ...], on_done):
         """Pass the worker's events through; a break, a stall or a missing `[DONE]` continues the
         stream elsewhere or ends it with an error event. A client disconnect aborts every leg."""
-        state = StreamState(native=call.path == "/generate")
+        if call.movable is not None:
+            state = OpenAIStreamState(call.path, call.movable)
+        else:
+            state = StreamState(native=call.path == "/generate")
         legs, status, outcome = (leg, *others), leg.response.status, None
         tried: set[Worker] = set()
         try:
@@ -384,8 +400,9 @@ class Proxy:
                     outcome = "ok"
                     break
                 moved = await self._migrate(call, state, tried)
-                if isinstance(moved, tuple):
+                if isinstance(moved, tuple) and isinstance(moved[0], Leg):
                     leg, others = moved
+                    state.tail = b""  # the broken worker's half event is dropped, not glued to the next
                     legs, chunk = (leg, *others), leg.first_chunk
                     continue
                 code, message = moved or (code, message)
@@ -419,22 +436,27 @@ class Proxy:
             return None
         return "upstream_unavailable", f"stream from {url} ended before its [DONE]"
 
-    async def _migrate(self, call: Call, state: StreamState, tried: set[Worker]):
-        """Continue a broken /generate stream on another worker: (leg, other legs), or (code, message)
+    async def _migrate(self, call: Call, state: StreamState | OpenAIStreamState, tried: set[Worker]):
+        """Continue a broken stream on another worker: (leg, other legs), or (code, message)
         when it cannot move, or None when migration does not apply."""
         if call.migrations >= self.config.max_migrations:
             return None
-        parsed = call.parsed if call.parsed is not None else _loads(call.body)
-        body = continuation(parsed, state) if parsed is not None else None
-        if body is None:
+        if isinstance(state, OpenAIStreamState):
+            resumed = await self._resume_openai(call, state, tried)
+        else:
+            parsed = call.parsed if call.parsed is not None else _loads(call.body)
+            body = continuation(parsed, state) if parsed is not None else None
+            resumed = ("/generate", body) if body is not None else None
+        if resumed is None:
             return None
+        path, body = resumed
         call.migrations += 1
-        base = call.rid or f"{_RID_PREFIX['/generate']}-{os.urandom(12).hex()}"
+        base = call.rid or f"{_RID_PREFIX[call.path]}-{os.urandom(12).hex()}"
         rid = f"{base}-m{call.migrations}"
         if not self.config.pd_disaggregation:
             body["rid"] = rid
         moved = dataclasses.replace(
-            call, path="/generate", body=orjson.dumps(body), parsed=body, rid=rid, attempts=0
+            call, path=path, body=orjson.dumps(body), parsed=body, rid=rid, attempts=0
         )
         logger.info("request %s: continuing after %d tokens as %s", call.request_id, len(state.sent_ids), rid)
         try:
@@ -451,6 +473,44 @@ class Proxy:
             )
         metrics.labelled(metrics.MIGRATIONS, "ok").inc()
         return leg, others
+
+    async def _resume_openai(self, call: Call, state: OpenAIStreamState, tried: set[Worker]):
+        """The continuation of an OpenAI stream, and the text its old worker held back."""
+        parsed = call.movable
+        ctx = None
+        if state.chat and not (parsed.get("max_tokens") or parsed.get("max_completion_tokens")):
+            ctx = await self._model_context_length(call, tried)
+        resumed = state.resume(parsed, ctx)
+        stops = [parsed["stop"]] if isinstance(parsed.get("stop"), str) else parsed.get("stop") or []
+        if resumed is not None and state.sent_ids and stops:  # text may be held back: ask what it was
+            decoded = await self._worker_json(call, tried, "POST", "/detokenize", {"tokens": state.sent_ids})
+            if isinstance(decoded, dict) and isinstance(decoded.get("text"), str):
+                state.prefix = state.held_text(decoded["text"], [s for s in stops if isinstance(s, str)])
+        return resumed
+
+    async def _model_context_length(self, call: Call, tried: set[Worker]) -> int | None:
+        if self._context_length is None:
+            models = await self._worker_json(call, tried, "GET", "/v1/models")
+            try:
+                self._context_length = int(models["data"][0]["max_model_len"])
+            except (TypeError, KeyError, IndexError, ValueError):
+                return None
+        return self._context_length
+
+    async def _worker_json(self, call: Call, tried: set[Worker], method: str, path: str, body=None):
+        """A small JSON call to one healthy worker that serves the model (None when none answers)."""
+        roles = (Role.DECODE, Role.PREFILL) if self.config.pd_disaggregation else (Role.REGULAR,)
+        workers = [w for role in roles for w in self.registry.available(role) if w not in tried]
+        for worker in workers[:2]:
+            try:
+                headers = {**call.headers, "content-type": "application/json"}
+                status, data, _ = await fetch(self.client, method, worker.url, path, headers,
+                                              ABORT_TIMEOUT_SECS, orjson.dumps(body) if body else b"")  # fmt: skip
+                if status == 200:
+                    return orjson.loads(data)
+            except (*UPSTREAM_ERRORS, orjson.JSONDecodeError):
+                continue
+        return None
 
     # ---- cleanup -----------------------------------------------------------------------------
 

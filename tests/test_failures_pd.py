@@ -136,14 +136,75 @@ def chat_stream(url: str) -> dict:
             elif line.startswith("data: "):
                 assert not out["done"]
                 event = json.loads(line[6:])
-                out["error"] = event.get("error", out["error"])
+                if "error" in event:
+                    out["error"], out["error_at"] = event["error"], time.monotonic()
                 out["chunks"] += "choices" in event
     return out
 
 
-def run_streams(url: str, until=None, action=None, prompts=PROMPTS, max_new: int = MAX_NEW) -> list[Stream]:
+class OpenAIStream:
+    """One streaming chat or text completion through the router, read in a thread."""
+
+    def __init__(self, url: str, path: str, body: dict):
+        self.url, self.path = url, path
+        self.body = {**body, "max_tokens": MAX_NEW, "temperature": 0, "ignore_eos": True, "stream": True}
+        self.tokens = 0  # chunks with output so far
+        self.text, self.ids, self.usage = "", [], None
+        self.heads: set[tuple] = set()  # (id, object, created, choice index) of every chunk
+        self.error: dict | None = None
+        self.done = False
+        self.ended = 0.0
+
+    def run(self) -> OpenAIStream:
+        with httpx.stream("POST", self.url + self.path, json=self.body, timeout=120) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if line == "data: [DONE]":
+                    self.done = True
+                elif line.startswith("data: "):
+                    assert not self.done  # nothing after [DONE]
+                    self._event(json.loads(line[6:]))
+        self.ended = time.monotonic()
+        return self
+
+    def _event(self, event: dict) -> None:
+        if "error" in event:
+            self.error = event["error"]
+            return
+        self.usage = event.get("usage") or self.usage
+        for c in event["choices"]:
+            self.heads.add((event["id"], event["object"], event["created"], c["index"]))
+            self.text += c["delta"].get("content", "") if "delta" in c else c["text"]
+            self.ids += c.get("token_ids", [])
+            self.tokens += 1
+
+    @property
+    def ok(self) -> bool:
+        return self.done and self.error is None and len(self.heads) == 1
+
+    @property
+    def counts(self) -> tuple | None:
+        """Usage's prompt, completion and total tokens (the cached share depends on the run)."""
+        u = self.usage
+        return (u["prompt_tokens"], u["completion_tokens"], u["total_tokens"]) if u else None
+
+
+OPENAI_STREAMS = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Count slowly from one to a hundred."}],
+                              "stream_options": {"include_usage": True}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Name the planets."}],
+                              "return_token_ids": True}),
+    ("/v1/completions", {"prompt": "The history of the printing press", "stream_options": {"include_usage": True}}),
+    ("/v1/completions", {"prompt": PROMPTS[0][:40], "return_token_ids": True}),
+]  # fmt: skip
+
+
+def run_streams(url: str, until=None, action=None, prompts=PROMPTS, max_new: int = MAX_NEW, openai=False):
     """The four streams at once; `action()` runs once `until(streams)` holds."""
-    streams = [Stream(url, p, max_new) for p in prompts]
+    if openai:
+        streams = [OpenAIStream(url, path, body) for path, body in OPENAI_STREAMS]
+    else:
+        streams = [Stream(url, p, max_new) for p in prompts]
     with cf.ThreadPoolExecutor(len(streams)) as pool:
         futures = [pool.submit(s.run) for s in streams]
         if action is not None:
@@ -244,11 +305,41 @@ def test_decode_killed_mid_stream_continues_on_the_other_decode(fleet):
         assert back < 10
 
 
+def test_decode_killed_mid_openai_stream_continues_on_the_other_decode(fleet):
+    d0, d1 = fleet.decodes
+    with fleet.router() as r:
+        reference = run_streams(r.url, openai=True)
+        assert all(s.ok for s in reference)
+        killed = {}
+
+        def kill():
+            killed["at"] = time.monotonic()
+            os.killpg(d0.proc.pid, signal.SIGKILL)
+
+        def mid_stream(streams):
+            return all(s.tokens >= 8 for s in streams) and stats(d0)["queues"]["running"] >= 1
+
+        streams = run_streams(r.url, mid_stream, kill, openai=True)
+        # 0 failed; each client saw one stream (one id, one choice index) with the undisturbed greedy
+        # text, token ids and usage: nothing repeated or lost at the seam
+        assert [s.ok for s in streams] == [True] * 4, [(s.error, s.heads) for s in streams]
+        assert [s.text for s in streams] == [s.text for s in reference]
+        assert [s.ids for s in streams] == [s.ids for s in reference]
+        assert [s.counts for s in streams] == [s.counts for s in reference]
+        assert streams[1].ids and streams[0].counts[1] == MAX_NEW
+        assert router_metric(r, "disagg_router_migrations_total", outcome="ok") >= 1
+        print(f"\n4/4 OpenAI streams whole {max(s.ended for s in streams) - killed['at']:.2f} s after "
+              "the kill of a decode")  # fmt: skip
+        assert wait_until(lambda: is_idle(fleet.prefill), timeout=10)
+        assert is_idle(d1)
+    fleet.restart(d0)
+
+
 def test_decode_killed_without_migration_ends_streams_with_an_error_event(fleet):
     d0, d1 = fleet.decodes
     with (
         fleet.router("--max-migrations", "0") as r,
-        fleet.router(decodes=[d1.url]) as only_d1,  # an OpenAI stream surely on the decode killed
+        fleet.router("--max-migrations", "0", decodes=[d1.url]) as only_d1,  # a chat surely on d1
         HealthWatch(r, d1.url) as watch,
         cf.ThreadPoolExecutor(1) as pool,
     ):
@@ -263,9 +354,10 @@ def test_decode_killed_without_migration_ends_streams_with_an_error_event(fleet)
             return all(s.tokens >= 8 for s in streams) and stats(d1)["queues"]["running"] >= 2
 
         streams = run_streams(r.url, mid_stream, kill)
-        # OpenAI routes do not migrate: the typed error event then [DONE], never a silent cut
+        # the typed error event then [DONE], never a silent cut
         chat = chat.result()
         assert chat["done"] and chat["error"]["code"] == "upstream_unavailable" and chat["chunks"] >= 1
+        assert chat["error_at"] - killed["at"] < 5
         broken = [s for s in streams if not s.ok]
         assert len(broken) >= 1  # the streams on d1; those on d0 finish
         for s in broken:  # an error event then [DONE]: never a silent truncation
