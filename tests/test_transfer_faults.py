@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from disagg.common.shm import shareable_zeros
 from disagg.transfer import KVLayout, KVLayoutMismatchError, KVReceiver, KVSender
 from disagg.transfer.testing import full_pool, scripted_decode_main, scripted_prefill_main, wait_results
 from prometheus_client import REGISTRY
@@ -22,13 +23,22 @@ def _layout(**kw) -> KVLayout:
     return KVLayout(**{**base, **kw})
 
 
-@pytest.fixture
-def pair():
-    """A prefill sender and a decode receiver in this process, with a 1.5 s transfer timeout."""
+def _decode_pool(layout: KVLayout, num_pages: int, direct: bool) -> torch.Tensor:
+    """direct: a memfd pool, which a same-host prefill maps and copies into (transfer/direct.py)."""
+    if direct:
+        return shareable_zeros(layout.pool_shape(num_pages), layout.torch_dtype)
+    return torch.zeros(layout.pool_shape(num_pages), dtype=layout.torch_dtype)
+
+
+@pytest.fixture(params=[False, True], ids=["ucx", "direct"])
+def pair(request):
+    """A prefill sender and a decode receiver in this process, with a 1.5 s transfer timeout;
+    the pages move over UCX or (direct) are copied straight into the decode's pool."""
     layout = _layout()
     sender = KVSender(full_pool(layout, 64, seed=0), layout, HOST, 0, host=HOST, timeout_s=1.5)
-    receiver = KVReceiver(torch.zeros(layout.pool_shape(64)), layout, timeout_s=1.5)
+    receiver = KVReceiver(_decode_pool(layout, 64, request.param), layout, timeout_s=1.5)
     receiver.connect(HOST, sender.bootstrap_port)
+    assert receiver.ucx.run_sync(lambda: [p.direct for p in receiver.peers]) == [request.param]
     try:
         yield sender, receiver
     finally:
@@ -115,14 +125,17 @@ def _stop(proc) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("direct", [False, True], ids=["ucx", "direct"])
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
-def test_prefill_dying_mid_transfer_fails_its_rooms_promptly(sig: signal.Signals) -> None:
-    """SIGKILL is seen through the UCX endpoint error; a hung (SIGSTOPped) peer through heartbeats."""
+def test_prefill_dying_mid_transfer_fails_its_rooms_promptly(sig: signal.Signals, direct: bool) -> None:
+    """SIGKILL is seen through the UCX endpoint error; a hung (SIGSTOPped) peer through heartbeats.
+    A direct prefill rank's hold on the room's pages ends with it (a stopped one checks the decode's
+    liveness before any later copy)."""
     layout = _layout()
     sends = [(1, [1, 2], 0, True), (2, [3], 0, False)]  # room 2 never gets its last chunk
     proc, out = _spawn(scripted_prefill_main, layout, 16, 0, sends)
     receiver = KVReceiver(
-        torch.zeros(layout.pool_shape(16)), layout, timeout_s=30, heartbeat_s=0.5, heartbeat_timeout_s=2
+        _decode_pool(layout, 16, direct), layout, timeout_s=30, heartbeat_s=0.5, heartbeat_timeout_s=2
     )
     try:
         port = out.get(timeout=60)[1]

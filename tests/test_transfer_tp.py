@@ -34,6 +34,7 @@ def _run_fleets(
     gpus: int = 0,
     max_message_bytes: int = 32 << 20,
     inline_data_bytes: int | None = None,
+    direct: bool = False,
 ):
     """Run the plans between a prefill fleet and a decode fleet of rank processes; every rank's report."""
 
@@ -58,6 +59,7 @@ def _run_fleets(
                 out,
                 timeout_s,
                 device(-1 - r),
+                direct,
             )
             procs.append(spawn(decode_rank_main, *args, start=False))
         for p in procs:
@@ -72,16 +74,18 @@ def _run_fleets(
     return reports
 
 
-def _check_reports(reports, plans, decode_tp: int) -> None:
+def _check_reports(reports, plans, decode_tp: int, direct: bool = False) -> None:
     rooms = {p.room for p in plans}
     full = full_pool(_layout(0, 1), PREFILL_PAGES, SEED)
-    for role, rank, results, active_rooms, pool_bytes in reports:
+    for role, rank, results, active_rooms, pool_bytes, direct_peers in reports:
         # both sides report every room done, so both can free or use its pages; nothing left behind
         assert set(results) == rooms, f"{role} rank {rank} missed rooms {rooms - set(results)}"
         assert all(ok for ok, _, _ in results.values()), f"{role} rank {rank}: {results}"
         assert active_rooms == 0
         if role != "decode":
             continue
+        # with `direct` every prefill rank mapped this decode rank's pool; without, none did
+        assert direct_peers == (len(reports) - decode_tp if direct else 0)
         assert all(results[p.room][2] == {"first_token": p.room * 7} for p in plans)
         pool = tensor_from_bytes(pool_bytes)
         expected = rank_slice(full, _layout(rank, decode_tp))
@@ -107,6 +111,16 @@ def test_pages_arrive_exactly_with_heterogeneous_tp(prefill_tp: int, decode_tp: 
     _check_reports(reports, plans, decode_tp)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(1, 1), (2, 1), (1, 2), (2, 4)])
+def test_same_host_ranks_copy_pages_straight_into_the_decode_pool(prefill_tp: int, decode_tp: int) -> None:
+    """The direct path (transfer/direct.py): the decode's pool is a memfd the prefill ranks map;
+    the same exact bytes, head slices included, and nothing written outside the rooms' pages."""
+    plans = make_requests(30, PREFILL_PAGES, DECODE_PAGES, max_pages=9, seed=prefill_tp * 10 + decode_tp + 5)
+    reports = _run_fleets(prefill_tp, decode_tp, plans, direct=True)
+    _check_reports(reports, plans, decode_tp, direct=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -117,6 +131,9 @@ def test_gpu_pages_arrive_exactly(prefill_tp: int, decode_tp: int) -> None:
     plans = make_requests(30, PREFILL_PAGES, DECODE_PAGES, max_pages=9, seed=7)
     reports = _run_fleets(prefill_tp, decode_tp, plans, gpus=torch.cuda.device_count())
     _check_reports(reports, plans, decode_tp)
+    # the same through CUDA IPC: prefill ranks copy straight into the decode ranks' pools
+    reports = _run_fleets(prefill_tp, decode_tp, plans, gpus=torch.cuda.device_count(), direct=True)
+    _check_reports(reports, plans, decode_tp, direct=True)
 
 
 def test_head_plan_covers_every_decode_head_once() -> None:

@@ -227,7 +227,9 @@ class TransferBase:
         state.finished = True
         self.rooms.pop(state.room, None)
         served = frozenset(getattr(state, "requests", {}))
-        self._tombstones[state.room] = Tombstone(result.ok, result.reason, self._tombstone_expiry(), served=served)
+        self._tombstones[state.room] = Tombstone(
+            result.ok, result.reason, self._tombstone_expiry(), served=served
+        )
         if result.ok and state.started is not None:
             result.nbytes, result.seconds = state.nbytes, time.perf_counter() - state.started
             metrics.observe_success(self.role, result.nbytes, result.seconds)
@@ -267,15 +269,19 @@ class TransferBase:
                     del self._tombstones[room]
 
     async def _run_copy(self, state: RoomState, fn: Callable[[], None], nbytes: int) -> None:
-        """Run a gather/scatter: on CUDA on the transfer stream, waiting for it inline (a piece is
-        at most max_message_bytes: tens of microseconds); on the CPU inline when small, else on a
+        """Run a gather/scatter: on CUDA on the transfer stream, its completion awaited off the loop
+        thread; on the CPU inline when small, else on a
         worker thread (a hop costs ~0.1 ms; a 32 MiB copy would stall the loop for milliseconds)."""
         state.busy += 1
         try:
             if self._stream is not None:
                 with torch.cuda.stream(self._stream):
                     fn()
-                self._stream.synchronize()
+                    done = torch.cuda.Event()
+                    done.record()
+                # NOTE: waited for on a worker thread: the copy may first wait for a prefill forward
+                # (its ready event); blocking the loop meanwhile stalled every other room and heartbeat
+                await asyncio.to_thread(done.synchronize)
             elif nbytes <= INLINE_COPY_BYTES:
                 fn()
             else:

@@ -15,7 +15,7 @@ import torch
 from disagg.common.messages import message
 
 # bumped whenever a transfer message changes incompatibly: peers of different versions never pair
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class KVLayoutMismatchError(ValueError):

@@ -17,6 +17,12 @@ Per room (every decode rank sends a RoomRequestMsg to every prefill rank of the 
     decode  RoomAckMsg                              (every chunk landed in the decode pool)
     either  RoomFailedMsg(reason)                   (abort, timeout, bad request, conflict: fail the room on both sides)
 
+Direct peers (same host: the prefill mapped the decode's pool at the handshake, see direct.py):
+    decode  RoomRequestMsg carries dst_pages
+    prefill copies each chunk into those pages, then KVChunkMsg(direct=True) once the copy is done
+    prefill RoomReleasedMsg                         (after a failure: no copy of the room is in flight,
+                                                     so the decode may reuse the pages)
+
 A room binds one request on both sides: the prefill's first send() and the decode's expect() carry
 `prompt_fingerprint(input_ids)`; a request for a room whose prompt differs, or a room that already
 ended here, fails with a "conflict: ..." reason on both sides and no page crosses.
@@ -68,12 +74,14 @@ class BootstrapInfoMsg:
 @dataclass
 class HelloMsg:
     layout: KVLayout  # the decode rank's layout (its tp_rank / tp_size included)
+    direct: dict[str, Any] = field(default_factory=dict)  # direct.export_pool of its pool ({}: UCX only)
 
 
 @message
 @dataclass
 class HelloAckMsg:
     error: str = ""  # "" = compatible
+    direct: bool = False  # the prefill rank mapped the decode's pool: it writes pages straight into it
 
 
 @message
@@ -84,6 +92,7 @@ class RoomRequestMsg:
     decode_tp: int
     num_pages: int  # the decode's pages for the room (the page indices stay on the decode side)
     fingerprint: int = 0  # prompt_fingerprint of the decode's request (0: not checked)
+    dst_pages: list[int] = field(default_factory=list)  # the pages themselves, for a direct peer only
 
 
 @message
@@ -98,6 +107,7 @@ class KVChunkMsg:
     tag: int  # UCX tag of the data message that follows
     num_chunks: int = 0  # > 0 on the room's last chunk: chunks sent to this decode rank in all (the done)
     metadata: dict[str, Any] = field(default_factory=dict)  # with the done: e.g. the first token id
+    direct: bool = False  # the bytes are already in the decode's pages (no data message follows)
 
 
 @message
@@ -119,6 +129,14 @@ class RoomAckMsg:
 class RoomFailedMsg:
     room: Room
     reason: str
+
+
+@message
+@dataclass
+class RoomReleasedMsg:
+    """A direct prefill rank will not write the room's decode pages any more (after a failure)."""
+
+    room: Room
 
 
 @message

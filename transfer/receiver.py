@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from disagg.transfer.base import RoomState, TransferBase, TransferResult, chunk_nbytes, trace, wide_pages
 from disagg.transfer.bootstrap import query_prefill_ranks
+from disagg.transfer.direct import export_pool
 from disagg.transfer.layout import HeadSlice, KVLayout, KVLayoutMismatchError, plan_head_slices
 from disagg.transfer.protocol import (
     HelloAckMsg,
@@ -32,6 +33,7 @@ from disagg.transfer.protocol import (
     RoomAckMsg,
     RoomDoneMsg,
     RoomFailedMsg,
+    RoomReleasedMsg,
     RoomRequestMsg,
 )
 from disagg.transfer.ucx import Peer
@@ -58,6 +60,11 @@ class _RecvRoom(RoomState):
     sources: dict[int, _Source] = field(default_factory=dict)  # prefill rank ->
     metadata: dict[str, Any] = field(default_factory=dict)
     fingerprint: int = 0  # prompt_fingerprint of the request the pages are reserved for
+    host_pages: list[int] = field(default_factory=list)  # dst_pages on the host (for direct peers)
+    # prefill ranks that write straight into dst_pages (direct peers) and have not finished or
+    # released the room: each holds one `busy`, so a failure is reported (the pages reused) only
+    # once no late copy can land in them
+    holds: set[int] = field(default_factory=set)
 
 
 @dataclass
@@ -78,9 +85,14 @@ class KVReceiver(TransferBase):
         heartbeat_timeout_s: float = 5.0,
         ib_device: str | None = None,  # --disaggregation-ib-device (e.g. "mlx5_0")
         connect_timeout_s: float = 10.0,
+        allow_direct: bool = True,  # same-host prefill ranks may write into kv_buffer (transfer/direct.py)
     ) -> None:
         super().__init__(kv_buffer, layout, timeout_s, heartbeat_s, heartbeat_timeout_s, ib_device)
         self.connect_timeout_s = connect_timeout_s
+        self._export = (
+            export_pool(kv_buffer) if allow_direct else {}
+        )  # offered to same-host prefill ranks at the handshake
+        self._held: dict[Room, _RecvRoom] = {}  # finished rooms still held by a direct prefill rank
         self._servers: dict[ServerKey, asyncio.Future[_PrefillServer]] = {}
         self._active_ids: set[Room] = set()  # mirrors self.rooms for the caller's thread
 
@@ -114,12 +126,15 @@ class KVReceiver(TransferBase):
         if room in self._active_ids:
             raise ValueError(f"room {room} is already expected")
         self._active_ids.add(room)
+        host_pages = pages.tolist()
         pages = pages.to(self.device, non_blocking=True)
         ready = None
         if self.device.type == "cuda":  # the copy runs on the pool device's current stream: scatters wait
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
-        self.ucx.call_soon(self._on_expect, room, (bootstrap_host, bootstrap_port), pages, ready, fingerprint)
+        self.ucx.call_soon(
+            self._on_expect, room, (bootstrap_host, bootstrap_port), pages, ready, fingerprint, host_pages
+        )
 
     # ---- loop thread: connections ----
     def _server(self, key: ServerKey) -> asyncio.Future[_PrefillServer]:
@@ -160,11 +175,14 @@ class KVReceiver(TransferBase):
             ep, name, self._on_message, self._on_peer_close, self.heartbeat_s, self.heartbeat_timeout_s
         )
         peer.info = remote
-        await peer.send_msg(HelloMsg(self.layout))
+        await peer.send_msg(HelloMsg(self.layout, direct=self._export))
         ack = await peer.recv_msg(timeout=self.connect_timeout_s)
         if not isinstance(ack, HelloAckMsg) or ack.error:
             ep.abort()
             raise KVLayoutMismatchError(f"{name} refused the connection: {getattr(ack, 'error', ack)}")
+        peer.direct = ack.direct
+        if ack.direct:
+            logger.info("%s writes KV pages straight into this rank's pool (same host)", name)
         return peer
 
     def _on_peer_close(self, peer: Peer, reason: str) -> None:
@@ -175,22 +193,44 @@ class KVReceiver(TransferBase):
             # stay open for the rooms still using them
             del self._servers[peer.server_key]
         self._fail_rooms_of(peer, reason)
+        # a dead prefill rank writes nothing more (a hung one: it checks our liveness before each copy)
+        for state in [*self.rooms.values(), *self._held.values()]:
+            if peer.info is not None and state.sources.get(peer.info.tp_rank, None) is not None:
+                if state.sources[peer.info.tp_rank].peer is peer:
+                    self._drop_hold(state, peer.info.tp_rank)
 
     # ---- loop thread: rooms ----
-    def _finish(self, state: RoomState, result: TransferResult) -> None:
+    def _finish(self, state: _RecvRoom, result: TransferResult) -> None:
+        if state.holds:
+            self._held[state.room] = state
         super()._finish(state, result)
         self._active_ids.discard(state.room)
+
+    def _drop_hold(self, state: _RecvRoom, prefill_rank: int) -> None:
+        if prefill_rank in state.holds:
+            state.holds.discard(prefill_rank)
+            state.busy -= 1
+            if not state.holds:
+                self._held.pop(state.room, None)
+            self._report_when_idle(state)
 
     def _depends_on(self, state: _RecvRoom, peer: Peer) -> bool:
         src = state.sources.get(peer.info.tp_rank) if peer.info is not None else None
         return src is not None and src.peer is peer
 
     def _on_expect(
-        self, room: Room, key: ServerKey, pages: torch.Tensor, ready: Any, fingerprint: int
+        self,
+        room: Room,
+        key: ServerKey,
+        pages: torch.Tensor,
+        ready: Any,
+        fingerprint: int,
+        host_pages: list[int],
     ) -> None:
         state = self.rooms[room] = _RecvRoom(
-            room, deadline=self._new_deadline(), dst_pages=pages, ready=ready, fingerprint=fingerprint
-        )
+            room, deadline=self._new_deadline(), dst_pages=pages, ready=ready, fingerprint=fingerprint,
+            host_pages=host_pages,
+        )  # fmt: skip
         asyncio.ensure_future(self._request_room(state, key))
 
     async def _request_room(self, state: _RecvRoom, key: ServerKey) -> None:
@@ -206,15 +246,28 @@ class KVReceiver(TransferBase):
             return
         state.peers = list(server.peers)
         state.sources = {h.prefill_rank: _Source(server.peers[h.prefill_rank], h) for h in server.heads}
+        for rank, src in state.sources.items():
+            if src.peer.direct:  # it may write into dst_pages from now on
+                state.holds.add(rank)
+                state.busy += 1
         for peer in server.peers:  # every prefill rank hears of the room, even one that sends nothing here
+            pages = state.host_pages if peer.direct else []
             peer.post_msg(RoomRequestMsg(state.room, self.layout.tp_rank, self.layout.tp_size,
-                                         len(state.dst_pages), state.fingerprint))  # fmt: skip
+                                         len(state.dst_pages), state.fingerprint, pages))  # fmt: skip
 
     def _on_message(self, peer: Peer, msg: Any, payload: np.ndarray | None = None) -> None:
         state = self.rooms.get(getattr(msg, "room", None))
-        if isinstance(msg, KVChunkMsg):
+        if isinstance(msg, RoomReleasedMsg):
+            held = state or self._held.get(msg.room)
+            if held is not None and peer.info is not None:
+                src = held.sources.get(peer.info.tp_rank)
+                if src is not None and src.peer is peer:
+                    self._drop_hold(held, peer.info.tp_rank)
+        elif isinstance(msg, KVChunkMsg):
             trace(msg.room, "header_in")
-            if payload is None:
+            if msg.direct:
+                self._land_direct(peer, msg, state)
+            elif payload is None:
                 asyncio.ensure_future(self._recv_chunk(peer, msg, state))
             else:
                 self._land_inline(peer, msg, state, payload)
@@ -268,6 +321,19 @@ class KVReceiver(TransferBase):
         trace(msg.room, "data_in")
         await self._land_chunk(peer, msg, state, staging, error)
         self._release_staging(staging)  # not on an exception: a cancelled copy may still read it
+
+    def _land_direct(self, peer: Peer, msg: KVChunkMsg, state: _RecvRoom | None) -> None:
+        """A chunk the prefill rank already copied into our pages (its copy is complete)."""
+        error = self._accept_chunk(peer, msg, state, msg.nbytes)
+        if not error and not peer.direct:
+            error = f"bad_request: {peer.name} announced a direct chunk without mapping this pool"
+        if error:
+            peer.post_msg(RoomFailedMsg(msg.room, error))
+            if state is not None:
+                self._fail(state, error, skip=peer)
+            return
+        if state is not None and not state.finished:
+            self._chunk_landed(peer, msg, state)
 
     def _land_inline(self, peer: Peer, msg: KVChunkMsg, state: _RecvRoom | None, payload: np.ndarray) -> None:
         """A chunk whose bytes came behind its header: scatter them before the control buffer is
@@ -336,4 +402,6 @@ class KVReceiver(TransferBase):
         trace(state.room, "ack_out")
         for s in state.sources.values():
             s.peer.post_msg(RoomAckMsg(state.room))
+        for rank in list(state.holds):  # every chunk of every source landed: nothing more is written
+            self._drop_hold(state, rank)
         self._finish(state, TransferResult(state.room, ok=True, metadata=state.metadata))

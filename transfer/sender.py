@@ -33,6 +33,7 @@ from disagg.transfer.base import (
     wide_pages,
 )
 from disagg.transfer.bootstrap import BootstrapServer, register_prefill_rank
+from disagg.transfer.direct import copy_pages, open_pool
 from disagg.transfer.layout import HeadSlice, KVLayout, KVLayoutMismatchError, plan_head_slices
 from disagg.transfer.protocol import (
     HelloAckMsg,
@@ -43,6 +44,7 @@ from disagg.transfer.protocol import (
     RoomAckMsg,
     RoomDoneMsg,
     RoomFailedMsg,
+    RoomReleasedMsg,
     RoomRequestMsg,
 )
 from disagg.transfer.ucx import Peer, control_frame
@@ -80,6 +82,7 @@ class _SendRoom(RoomState):
     done_sent: bool = False
     acked: set[int] = field(default_factory=set)
     fingerprint: int = 0  # the prefill request's prompt_fingerprint (0: not known yet / not checked)
+    dst_pages: dict[int, torch.Tensor] = field(default_factory=dict)  # direct decode rank -> its pages
 
 
 def default_max_message_bytes(device: torch.device | str) -> int:
@@ -118,6 +121,7 @@ class KVSender(TransferBase):
     ) -> None:
         super().__init__(kv_buffer, layout, timeout_s, heartbeat_s, heartbeat_timeout_s, ib_device)
         self.max_message_bytes = max_message_bytes or default_max_message_bytes(self.device)
+        self._draining: set[Room] = set()  # finished rooms whose copies still run
         self.bootstrap: BootstrapServer | None = None
         if serve_bootstrap if serve_bootstrap is not None else layout.tp_rank == 0:
             self.bootstrap = BootstrapServer(port=bootstrap_port)
@@ -181,6 +185,7 @@ class KVSender(TransferBase):
                 raise KVLayoutMismatchError(f"expected HelloMsg, got {type(hello).__name__}")
             self.layout.check_compatible(hello.layout)
             plan_head_slices(self.layout.tp_size, hello.layout.tp_size, self.layout.num_kv_heads_total)
+            peer.direct_pool = open_pool(hello.direct, self.kv_buffer)
         except Exception as e:  # noqa: BLE001 - refuse this peer with a reason it can show
             logger.warning("refusing decode peer: %s", e)
             try:
@@ -190,7 +195,7 @@ class KVSender(TransferBase):
                 ep.abort()
             return
         peer.name, peer.info = f"decode rank {hello.layout.tp_rank}", hello.layout
-        await peer.send_msg(HelloAckMsg())
+        await peer.send_msg(HelloAckMsg(direct=peer.direct_pool is not None))
         self.peers.add(peer)
         peer.start()
 
@@ -249,10 +254,14 @@ class KVSender(TransferBase):
                     else f"conflict: room {room} already completed for another request"
                 )
                 peer.post_msg(RoomFailedMsg(room, reason))
+                self._release(peer, room)  # never wrote these pages (the request came too late)
+            elif isinstance(msg, RoomFailedMsg):
+                self._release(peer, room)
             return
         if isinstance(msg, RoomFailedMsg) and room not in self.rooms:
             # failed on the decode side before the first send(): send() will report it
             self._tombstones[room] = Tombstone(False, msg.reason, self._tombstone_expiry(), reported=False)
+            self._release(peer, room)
             return
         if isinstance(msg, RoomRequestMsg):
             self._on_request(peer, msg)
@@ -270,8 +279,44 @@ class KVSender(TransferBase):
             state.targets = [s for s in plan if s.prefill_rank == self.layout.tp_rank]
         state.requests[msg.decode_rank] = (peer, msg)
         state.peers.append(peer)
+        if peer.direct_pool is not None and (error := self._take_dst_pages(state, peer, msg)):
+            self._fail(state, error)
+            return
         if not self._refuse_foreign_requests(state):
             self._pump(state)
+
+    def _take_dst_pages(self, state: _SendRoom, peer: Peer, msg: RoomRequestMsg) -> str:
+        """A direct decode rank's pages, checked: a bad index would write outside its pool (on CUDA
+        a device-side assert that kills this process)."""
+        pages = msg.dst_pages
+        n_pool = peer.direct_pool.shape[1]
+        if len(pages) != msg.num_pages or any(not 0 <= p < n_pool for p in pages):
+            return (
+                f"bad_request: room {msg.room}: the decode's pages are not {msg.num_pages} pages of its pool"
+            )
+        state.dst_pages[msg.decode_rank] = torch.tensor(pages, dtype=torch.int64).to(
+            peer.direct_pool.device, non_blocking=True
+        )
+        return ""
+
+    def _release(self, peer: Peer, room: Room) -> None:
+        """Tell a direct decode rank that no copy will write `room`'s pages any more."""
+        if peer.direct_pool is not None and room not in self._draining:
+            peer.post_msg(RoomReleasedMsg(room))
+
+    def _finish(self, state: _SendRoom, result: TransferResult) -> None:
+        if state.busy:
+            self._draining.add(state.room)  # copies still running: released once they end
+        super()._finish(state, result)
+
+    def _report_when_idle(self, state: _SendRoom) -> None:
+        failed = state.result is not None and not state.result.ok and state.busy == 0
+        super()._report_when_idle(state)
+        if state.busy == 0:
+            self._draining.discard(state.room)
+        if failed:  # no copy of the room runs any more: direct decode ranks may reuse its pages
+            for peer, _ in state.requests.values():
+                self._release(peer, state.room)
 
     def _refuse_foreign_requests(self, state: _SendRoom) -> bool:
         """Fail the room (both sides, before any page moves) if a decode request for it is for
@@ -295,19 +340,24 @@ class KVSender(TransferBase):
             return
         if any(t.decode_rank not in state.requests for t in state.targets):
             return  # a destination decode rank has not said where its pages are yet
-        pieces: list[_Chunk] = []
         for chunk in state.queued:
             if error := self._check_chunk(state, chunk):
                 self._fail(state, error)
                 return
-            pieces.extend(self._split(chunk))
+        chunks = [c for c in state.queued if len(c.pages)]
         state.queued.clear()
+        pieces = [p for c in chunks for p in self._split(c)]
         done = state.is_last and not state.done_sent
+        direct = [t for t in state.targets if state.requests[t.decode_rank][0].direct_pool is not None]
+        over_ucx = [t for t in state.targets if t not in direct]
+        # a local decode rank: each chunk copied straight into its pages, then one header (no staging)
+        for t in direct:
+            for i, c in enumerate(chunks):
+                self._start_direct(state, c, t, done and i == len(chunks) - 1)
         # every header first, then the gathers: the decode posts all its receives while we gather
         last = len(pieces) - 1
         slices = [
-            [self._announce(state, p, t, done and i == last) for t in state.targets]
-            for i, p in enumerate(pieces)
+            [self._announce(state, p, t, done and i == last) for t in over_ucx] for i, p in enumerate(pieces)
         ]
         for piece, piece_slices in zip(pieces, slices, strict=True):
             for s in piece_slices:
@@ -350,6 +400,58 @@ class KVSender(TransferBase):
         state.busy += 1
         state.started = state.started or time.perf_counter()
         return _Slice(peer, target, tag, nbytes)
+
+    def _start_direct(self, state: _SendRoom, chunk: _Chunk, target: HeadSlice, done: bool) -> None:
+        peer = state.requests[target.decode_rank][0]
+        num_chunks = state.chunks_planned[target.decode_rank] = (
+            state.chunks_planned.get(target.decode_rank, 0) + 1
+        )
+        nbytes = chunk_nbytes(self.layout, len(chunk.pages), target.end - target.start)
+        msg = KVChunkMsg(state.room, chunk.page_offset, len(chunk.pages), target.start, target.end, nbytes, 0,
+                         num_chunks if done else 0, state.metadata if done else {}, direct=True)  # fmt: skip
+        # NOTE: busy from now until the copy is over: a failed room is released (its decode pages
+        # reusable) only then
+        state.busy += 1
+        state.started = state.started or time.perf_counter()
+        asyncio.ensure_future(self._copy_direct(state, chunk, target, peer, msg))
+
+    async def _copy_direct(
+        self, state: _SendRoom, chunk: _Chunk, target: HeadSlice, peer: Peer, msg: KVChunkMsg
+    ) -> None:
+        try:
+            # NOTE: a peer silent for longer than its heartbeat timeout may have given up on us
+            # (e.g. this process was stopped and just resumed) and reused the pages: never write then
+            if state.finished or peer.closed or time.monotonic() - peer.last_seen > self.heartbeat_timeout_s:
+                if not state.finished:
+                    self._fail(state, f"peer_died: {peer.name} silent before the copy of room {state.room}")
+                return
+            lo, remote_lo = self.layout.head_range[0], peer.info.head_range[0]
+            dst_pages = state.dst_pages[target.decode_rank][msg.page_offset : msg.page_offset + msg.num_pages]
+            dst = peer.direct_pool
+
+            def copy() -> None:
+                if chunk.ready is not None:
+                    torch.cuda.current_stream().wait_event(chunk.ready)
+                copy_pages(self.kv_buffer, chunk.pages, (target.start - lo, target.end - lo),
+                           dst, dst_pages, (target.start - remote_lo, target.end - remote_lo))  # fmt: skip
+                if dst.device != self.device:  # the scatter ran on the peer GPU's stream: wait for it too
+                    landed = torch.cuda.Event()
+                    landed.record(torch.cuda.current_stream(dst.device))
+                    torch.cuda.current_stream().wait_event(landed)
+
+            trace(state.room, "copy_start")
+            await self._run_copy(state, copy, msg.nbytes)
+        except Exception as e:  # noqa: BLE001 - e.g. a source page outside the pool
+            self._fail(state, f"bad_request: copying room {state.room}: {type(e).__name__}: {e}")
+            return
+        finally:
+            state.busy -= 1  # taken by _start_direct
+            self._report_when_idle(state)
+        trace(state.room, "copied")
+        if not state.finished:
+            peer.post_msg(msg)
+            state.nbytes += msg.nbytes
+            self._touch(state)
 
     def _check_chunk(self, state: _SendRoom, chunk: _Chunk) -> str:
         for t in state.targets or []:

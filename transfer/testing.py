@@ -126,7 +126,7 @@ def prefill_rank_main(
             meta = {"first_token": plan.room * 7} if last else None
             sender.send(plan.room, plan.src_pages[offset : offset + n], offset, is_last=last, metadata=meta)
     results = wait_results(sender, {p.room for p in plans}, timeout_s * 4)
-    out.put(("prefill", layout.tp_rank, result_summary(results), sender.num_active_rooms(), None))
+    out.put(("prefill", layout.tp_rank, result_summary(results), sender.num_active_rooms(), None, None))
     stop.wait(timeout_s * 4)
     sender.close()
 
@@ -140,12 +140,18 @@ def decode_rank_main(
     out: Any,
     timeout_s: float,
     device: str = "cpu",
+    direct: bool = False,
 ) -> None:
-    """A decode rank: expect every plan into a sentinel-filled pool; report results and the pool."""
+    """A decode rank: expect every plan into a sentinel-filled pool; report results and the pool.
+    `direct`: offer the pool to same-host prefill ranks (they copy into it; else UCX moves the bytes)."""
+    from disagg.common.shm import shareable_zeros
     from disagg.transfer.receiver import KVReceiver
 
-    pool = torch.full(layout.pool_shape(num_pages), sentinel, dtype=layout.torch_dtype, device=device)
-    receiver = KVReceiver(pool, layout, timeout_s=timeout_s)
+    if direct and device == "cpu":
+        pool = shareable_zeros(layout.pool_shape(num_pages), layout.torch_dtype).fill_(sentinel)
+    else:
+        pool = torch.full(layout.pool_shape(num_pages), sentinel, dtype=layout.torch_dtype, device=device)
+    receiver = KVReceiver(pool, layout, timeout_s=timeout_s, allow_direct=direct)
     for plan in plans:
         receiver.expect(plan.room, "127.0.0.1", bootstrap_port, plan.dst_pages)
     results = wait_results(receiver, {p.room for p in plans}, timeout_s * 4)
@@ -156,6 +162,7 @@ def decode_rank_main(
             result_summary(results),
             receiver.num_active_rooms(),
             tensor_bytes(pool.cpu()),
+            receiver.ucx.run_sync(lambda: sum(p.direct for p in receiver.peers)),
         )
     )
     receiver.close()

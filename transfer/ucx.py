@@ -138,6 +138,10 @@ class Peer:
         self.closed = False
         self.info: Any = None  # the remote rank's KVLayout, once the handshake is done
         self.server_key: Any = None  # decode side: the prefill server this rank belongs to
+        # same-host peers (transfer/direct.py): on a prefill rank the decode rank's pool mapped here,
+        # on a decode rank whether the prefill rank writes straight into this rank's pool
+        self.direct_pool: torch.Tensor | None = None
+        self.direct = False
         self._next_tag = 1
         self._tasks: list[asyncio.Task] = []
         # one control recv at a time; torch's host allocator aligns it to 64 bytes (PAYLOAD_ALIGN)

@@ -12,6 +12,7 @@ import logging
 import os
 
 import torch
+from disagg.common.shm import shareable_zeros
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +41,13 @@ class KVPagePool:
         self.device = device
         # NOTE: one page past the pool, `pad_page`, is never allocated: padded batch rows (CUDA
         # graphs) write their throw-away K/V there.
-        self.kv_buffer = torch.zeros(
-            (num_layers, num_pages + 1, 2, page_size, num_kv_heads, head_dim), dtype=dtype, device=device
-        )
+        shape = (num_layers, num_pages + 1, 2, page_size, num_kv_heads, head_dim)
+        if torch.device(device).type == "cpu":
+            # NOTE: in a memfd, so that a PD peer on this host can map it and copy pages straight in
+            # (transfer/direct.py); otherwise the same zeroed memory as torch.zeros
+            self.kv_buffer = shareable_zeros(shape, dtype)
+        else:
+            self.kv_buffer = torch.zeros(shape, dtype=dtype, device=device)
         self.pad_page = num_pages
         # NOTE: a stack, so recently freed (cache-warm) pages are reused first
         self._free: list[int] = list(range(num_pages - 1, -1, -1))
