@@ -111,6 +111,8 @@ class EngineConfig:
     # data parallel: --dp-size replicas of the whole TP group behind one server (launch_server's
     # dispatcher), or, with DP attention, attention ranks inside one TP group
     dp_size: int = 1
+    # pipeline parallel: layers split into pp_size contiguous stages, each stage a TP group of tp ranks
+    pp_size: int = 1
     page_size: int = 16
     # KV pool size; default: from mem_fraction_static (GPU), from the memory available (CPU, <= 512 MiB)
     max_total_tokens: int | None = None
@@ -138,6 +140,11 @@ class EngineConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in vars(args).items() if k in names})
 
+    @property
+    def world_size(self) -> int:
+        """Ranks of one engine: tp per pipeline stage, pp_size stages."""
+        return self.tp * self.pp_size
+
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
@@ -156,6 +163,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--ep", "--ep-size", "--expert-parallel-size", dest="ep", type=int, default=d.ep)
     g.add_argument("--dp-size", "--dp", "--data-parallel-size", dest="dp_size", type=int, default=d.dp_size,
                    help="data parallel replicas of the TP group behind one server (docs/parallelism.md)")  # fmt: skip
+    g.add_argument("--pp-size", "--pipeline-parallel-size", dest="pp_size", type=int, default=d.pp_size,
+                   help="pipeline stages (contiguous layer ranges), each of --tp ranks (docs/parallelism.md)")  # fmt: skip
     g.add_argument("--page-size", type=int, default=d.page_size)
     g.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens,
                    help="KV pool size in tokens (default: GPU from --mem-fraction-static; CPU from the memory "

@@ -25,6 +25,7 @@ from disagg.common.models.kernels import check_fused_kernels
 from disagg.common.models.model_files import model_fingerprint, resolve_model_path
 from disagg.common.models.moe import MOE_ARCHITECTURES
 from disagg.common.models.weights import PRESETS, load_config, load_weights
+from disagg.common.parallel.pipeline import layer_range, run_pipeline
 from disagg.common.parallel.ranks import broadcast_plan
 from disagg.common.parallel.state import get_parallel
 
@@ -81,7 +82,7 @@ class ModelRunner:
         self.config = config
         self.device = resolve_device(config.device)
         if self.device.type == "cpu":
-            _set_cpu_threads(config.tp)
+            _set_cpu_threads(config.world_size)
         self.dtype = _DTYPES.get(config.dtype) or (
             torch.bfloat16 if self.device.type == "cuda" else torch.float32
         )
@@ -155,7 +156,7 @@ class ModelRunner:
     def _load_model(self) -> CausalLM:
         t0 = time.perf_counter()
         with _default_dtype(self.dtype), torch.device(self.device):
-            model = CausalLM(self.hf_config, max_positions=self.context_length)
+            model = CausalLM(self.hf_config, max_positions=self.context_length, layer_range=self.layer_range)
         load_weights(model, self.model_path, self.config.load_format)
         model.eval()
         n = sum(p.numel() for p in model.parameters())
@@ -168,9 +169,16 @@ class ModelRunner:
         )
         return model
 
+    @property
+    def layer_range(self) -> tuple[int, int]:
+        """This rank's pipeline stage's layers [start, end) (all of them without --pp-size)."""
+        par = get_parallel()
+        return layer_range(self.hf_config.num_hidden_layers, par.pp_rank, par.pp_size)
+
     def _make_pool(self) -> KVPagePool:
-        c, tp = self.hf_config, get_parallel().tp_size
-        layers, heads, dim = c.num_hidden_layers, kv_heads_per_rank(c, tp), head_dim_of(c)
+        c, tp, par = self.hf_config, get_parallel().tp_size, get_parallel()
+        start, end = self.layer_range  # a pipeline stage's pool holds its own layers only
+        layers, heads, dim = end - start, kv_heads_per_rank(c, tp), head_dim_of(c)
         bytes_per_page = layers * 2 * self.config.page_size * heads * dim * self.dtype.itemsize
         num_pages = size_pool_pages(
             bytes_per_page,
@@ -179,12 +187,11 @@ class ModelRunner:
             self.config.max_total_tokens,
             self.config.mem_fraction_static,
         )
-        if tp > 1:  # every rank must agree on the pool size (the scheduler on rank 0 decides for all)
-            t = torch.tensor([num_pages], device=self.device if self.device.type == "cuda" else "cpu")
+        if par.world_size > 1:  # every rank must agree on the pool size (the scheduler on rank 0 decides for all)
+            on_device = self.device.type == "cuda" and par.pp_size == 1  # the stages' TP groups: gloo across them
+            t = torch.tensor([num_pages], device=self.device if on_device else "cpu")
             torch.distributed.all_reduce(
-                t,
-                op=torch.distributed.ReduceOp.MIN,
-                group=get_parallel().group if self.device.type == "cuda" else get_parallel().cpu_group,
+                t, op=torch.distributed.ReduceOp.MIN, group=par.group if on_device else par.cpu_group
             )
             num_pages = int(t.item())
         logger.info(
@@ -197,7 +204,7 @@ class ModelRunner:
 
     def _capture_cuda_graphs(self):
         c = self.config
-        if self.device.type != "cuda" or c.disable_cuda_graph or c.cuda_graph_max_bs <= 0:
+        if self.device.type != "cuda" or c.disable_cuda_graph or c.cuda_graph_max_bs <= 0 or c.pp_size > 1:
             return None
         from disagg.common.engine.attention_flashinfer import FlashInferBackend
 
@@ -246,13 +253,20 @@ class ModelRunner:
 
     def forward(self, scheduled: list[tuple[Req, int]]) -> torch.Tensor:
         plan = self.build_plan(scheduled)
-        if get_parallel().tp_size > 1:
+        if get_parallel().world_size > 1:
             broadcast_plan(plan)
         return self.forward_plan(plan)
 
     def forward_plan(self, plan: BatchPlan) -> torch.Tensor:
+        if get_parallel().pp_size > 1:
+            return run_pipeline(self, plan)  # rank 0 gets the logits; the other ranks None
         if self.graph_runner is not None and self.graph_runner.can_run(plan):
             return self.graph_runner.run(plan)
+        batch = self.make_batch(plan)
+        return self.model(batch, self.pool.kv_buffer, self.backend)
+
+    def make_batch(self, plan: BatchPlan) -> ForwardBatch:
+        """The plan as device tensors, with the attention backend prepared for it."""
 
         def tensor(x):
             return torch.tensor(x, dtype=torch.long, device=self.device)
@@ -269,4 +283,4 @@ class ModelRunner:
             page_size=self.pool.page_size,
         )
         self.backend.prepare(batch)
-        return self.model(batch, self.pool.kv_buffer, self.backend)
+        return batch

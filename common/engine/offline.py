@@ -42,7 +42,7 @@ class Engine:
     def __init__(self, model_path: str | None = None, **kwargs):
         self.config = EngineConfig(model_path=model_path, **kwargs)
         self._workers = []
-        if self.config.tp > 1:
+        if self.config.world_size > 1:
             if self.config.node_rank != 0:
                 raise ValueError(
                     "the offline Engine runs on node rank 0 (run other nodes with python -m disagg.common.parallel.ranks)"
@@ -105,7 +105,7 @@ class Engine:
 
     def shutdown(self) -> None:
         """Stop the other ranks (tp > 1) and leave the process group."""
-        if self.config.tp > 1 and torch.distributed.is_initialized():
+        if self.config.world_size > 1 and torch.distributed.is_initialized():
             stop_workers()
             for p in self._workers:
                 p.join(timeout=30)

@@ -153,28 +153,50 @@ def make_mlp(config, layer_id: int) -> nn.Module:
 
 
 class CausalLM(nn.Module):
-    def __init__(self, config, max_positions: int):
+    def __init__(self, config, max_positions: int, layer_range: tuple[int, int] | None = None):
+        """`layer_range`: the pipeline stage's layers [start, end) (default: all). Only the first
+        stage has the embedding, only the last the final norm and LM head (with tied embeddings,
+        the last stage keeps its own copy of the embedding for the head)."""
         super().__init__()
         self.config = config
         self.vocab_size = config.vocab_size
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        num_layers = config.num_hidden_layers
+        self.start_layer, self.end_layer = layer_range or (0, num_layers)
+        self.is_first_stage, self.is_last_stage = self.start_layer == 0, self.end_layer == num_layers
+        if self.is_first_stage or (self.is_last_stage and self.tie_word_embeddings):
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         rope = RotaryEmbedding(config, rope_dim_of(config), max_positions)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, rope) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        if not self.tie_word_embeddings:
-            self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        # NOTE: other stages' layers are empty placeholders, so parameter names keep the checkpoint's indices
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, rope) if self.start_layer <= i < self.end_layer else nn.Identity()
+            for i in range(num_layers)
+        )
+        if self.is_last_stage:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            if not self.tie_word_embeddings:
+                self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
 
     @torch.inference_mode()
     def forward(
         self, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend
     ) -> torch.Tensor:
         """Returns float32 logits [len(batch.logits_index), vocab] for the wanted rows."""
-        x, residual = self.embed_tokens(batch.input_ids), None
+        x, residual = self.run_layers(self.embed_tokens(batch.input_ids), None, batch, kv_buffer, backend)
+        return self.compute_logits(x, residual, batch)
+
+    @torch.inference_mode()
+    def run_layers(self, x, residual, batch: ForwardBatch, kv_buffer, backend: AttentionBackend):
+        """This stage's layers: (delta, residual) in, (delta, residual) out (residual None before layer 0)."""
         # flat row of each new token's K in the layer's [num_pages * 2 * page_size] rows (V: + page_size)
         batch.k_rows = batch.out_page * (2 * batch.page_size) + batch.out_offset
-        for layer in self.layers:
+        for layer in self.layers[self.start_layer : self.end_layer]:
             x, residual = layer(x, residual, batch, kv_buffer, backend)
+        return x, residual
+
+    @torch.inference_mode()
+    def compute_logits(self, x, residual, batch: ForwardBatch) -> torch.Tensor:
+        """The last stage: final norm and LM head over the rows whose next token is sampled."""
         x, _ = self.norm(x[batch.logits_index], residual[batch.logits_index])
         head = self.embed_tokens if self.tie_word_embeddings else self.lm_head
         return head.logits(x, self.vocab_size).float()

@@ -154,8 +154,8 @@ def load_weights(model: torch.nn.Module, model_path: str, load_format: str) -> N
     ):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                if name.endswith("_scale_inv"):
-                    continue  # read with its weight
+                if name.endswith("_scale_inv") or not _on_this_stage(model, name):
+                    continue  # a scale is read with its weight; another pipeline stage's layer is not here
                 tensor_slice = f.get_slice(name)
                 if scales and tensor_slice.get_dtype() == "F8_E4M3":
                     tensor_slice = _dequantize_fp8(model.config, tensor_slice, name, scales)
@@ -234,6 +234,16 @@ _FUSED = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+
+
+_LAYER_INDEX = re.compile(r"(?:model\.)?layers\.(\d+)\.")
+
+
+def _on_this_stage(model, name: str) -> bool:
+    """False for a decoder layer's tensor outside this pipeline stage's layers (--pp-size)."""
+    m = _LAYER_INDEX.match(name)
+    start, end = getattr(model, "start_layer", 0), getattr(model, "end_layer", None)
+    return m is None or end is None or start <= int(m.group(1)) < end
 
 
 def _load_one(model, params: dict, name: str, tensor_slice) -> str | None:

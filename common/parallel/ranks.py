@@ -27,9 +27,10 @@ _IDLE_TIMEOUT = datetime.timedelta(days=365)  # workers wait for the next batch 
 
 
 def ranks_per_node(config: EngineConfig) -> int:
-    if config.tp % config.nnodes:
-        raise ValueError(f"--tp {config.tp} must be divisible by --nnodes {config.nnodes}")
-    return config.tp // config.nnodes
+    if config.world_size % config.nnodes:
+        pp = f" x --pp-size {config.pp_size}" if config.pp_size > 1 else ""
+        raise ValueError(f"--tp {config.tp}{pp} must be divisible by --nnodes {config.nnodes}")
+    return config.world_size // config.nnodes
 
 
 def init_distributed(config: EngineConfig, rank: int) -> ParallelState:
@@ -46,33 +47,42 @@ def init_distributed(config: EngineConfig, rank: int) -> ParallelState:
             "nccl" if use_cuda else "gloo",
             init_method=f"tcp://{config.dist_init_addr}",
             rank=rank,
-            world_size=config.tp,
+            world_size=config.world_size,
             timeout=timeout,
         )
     except Exception as e:  # noqa: BLE001 - re-raised with the layout the user asked for
         raise RuntimeError(
-            f"rank {rank}: the TP group of {config.tp} ranks at {config.dist_init_addr} did not form within "
+            f"rank {rank}: the TP group of {config.world_size} ranks at {config.dist_init_addr} did not form within "
             f"--dist-timeout {config.dist_timeout}s ({e})"
         ) from e
     cpu_group = dist.new_group(backend="gloo", timeout=_IDLE_TIMEOUT)
+    tp_rank, pp_rank = rank % config.tp, rank // config.tp
     ep = max(1, config.ep)
     moe_tp = config.tp // ep if config.tp % ep == 0 else 1
     state = ParallelState(
-        tp_rank=rank,
+        tp_rank=tp_rank,
         tp_size=config.tp,
-        ep_rank=rank // moe_tp,
+        ep_rank=tp_rank // moe_tp,
         ep_size=ep,
-        group=dist.group.WORLD,
+        group=dist.group.WORLD if config.pp_size == 1 else stage_group(config, pp_rank),
         cpu_group=cpu_group,
+        pp_rank=pp_rank,
+        pp_size=config.pp_size,
     )
     set_parallel(state)
     return state
 
 
+def stage_group(config: EngineConfig, pp_rank: int):
+    """The TP group of pipeline stage `pp_rank` (every rank creates every stage's group, in order)."""
+    groups = [dist.new_group(list(range(s * config.tp, (s + 1) * config.tp))) for s in range(config.pp_size)]
+    return groups[pp_rank]
+
+
 def broadcast_plan(plan: Any) -> Any:
     """Rank 0 sends `plan` (a message); every other rank receives and returns it."""
     group = get_parallel().cpu_group
-    if get_parallel().tp_rank == 0:
+    if get_parallel().rank == 0:
         payload = torch.frombuffer(bytearray(encode(plan)), dtype=torch.uint8)
         size = torch.tensor([payload.numel()], dtype=torch.long)
         dist.broadcast(size, 0, group=group)
@@ -89,20 +99,20 @@ def gather_to_rank0(obj) -> list | None:
     """Every rank contributes `obj` (msgpack-encodable); rank 0 gets the list by rank, others None."""
     group, state = get_parallel().cpu_group, get_parallel()
     payload = torch.frombuffer(bytearray(encode(obj)), dtype=torch.uint8)
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(state.tp_size)]
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(state.world_size)]
     dist.all_gather(sizes, torch.tensor([payload.numel()], dtype=torch.long), group=group)
     longest = max(int(s.item()) for s in sizes)
     padded = torch.zeros(longest, dtype=torch.uint8)
     padded[: payload.numel()] = payload
-    parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(state.tp_size)]
+    parts = [torch.empty(longest, dtype=torch.uint8) for _ in range(state.world_size)]
     dist.all_gather(parts, padded, group=group)
-    if state.tp_rank != 0:
+    if state.rank != 0:
         return None
     return [decode(p[: int(s.item())].numpy().tobytes()) for p, s in zip(parts, sizes, strict=True)]
 
 
 def stop_workers() -> None:
-    if get_parallel().tp_size > 1 and get_parallel().tp_rank == 0:
+    if get_parallel().world_size > 1 and get_parallel().rank == 0:
         broadcast_plan(StopMsg())
 
 
@@ -147,7 +157,7 @@ def spawn_workers(config: EngineConfig, ranks: list[int], plan_hook_factory=None
 
 def with_local_init_addr(config: EngineConfig) -> EngineConfig:
     """Single-node default for --dist-init-addr: a free loopback port."""
-    if config.tp > 1 and not config.dist_init_addr:
+    if config.world_size > 1 and not config.dist_init_addr:
         return config.replace(dist_init_addr=f"127.0.0.1:{free_port()}")
     return config
 
@@ -169,6 +179,10 @@ def check_layout(config: EngineConfig) -> None:
     if config.nnodes > 1 and not config.dist_init_addr:
         raise ValueError("--dist-init-addr HOST:PORT (rank 0's node) is required with --nnodes > 1")
     check_tp_layout(load_config(path), config.tp, config.ep)
+    if config.pp_size > 1:
+        from disagg.common.parallel.pipeline import check_pp_layout
+
+        check_pp_layout(load_config(path), config)
 
 
 def local_ranks(config: EngineConfig) -> list[int]:

@@ -19,7 +19,18 @@ class ParallelState:
     ep_rank: int = 0
     ep_size: int = 1
     group: object | None = None  # the TP process group (None: the default world group)
-    cpu_group: object | None = None  # gloo group for control broadcasts (same ranks)
+    cpu_group: object | None = None  # gloo group for control broadcasts (every rank of the engine)
+    pp_rank: int = 0  # pipeline stage of this rank (common/parallel/pipeline.py)
+    pp_size: int = 1
+
+    @property
+    def rank(self) -> int:
+        """This rank in the engine's world (stage-major: stage s holds ranks [s * tp, (s + 1) * tp))."""
+        return self.pp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.pp_size * self.tp_size
 
 
 _STATE = ParallelState()

@@ -209,7 +209,7 @@ def run_scheduler_process(
         if make_scheduler is None:
             from disagg.common.engine.scheduler import Scheduler as make_scheduler
 
-        if config.tp > 1:
+        if config.world_size > 1:
             config = start_local_ranks(config, plan_hook_factory)
         scheduler = make_scheduler(config)  # on rank 0 of tp > 1, it broadcasts each batch plan to the others
         loop = SchedulerLoop(scheduler, ipc)
