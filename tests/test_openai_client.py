@@ -16,7 +16,7 @@ import torch
 from disagg.common.engine.request import Req, SamplingParams
 from disagg.common.engine.sampling import Sampler
 
-from tests.server_helpers import SMALL_SERVER_ARGS, ServerProcess
+from tests.server_helpers import SMALL_SERVER_ARGS, ServerProcess, metric_value
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The capital of France is"
@@ -91,6 +91,35 @@ def test_n_choices_and_usage(client):
         for c in chunk.choices:
             texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
     assert texts == {c.index: c.message.content for c in chat.choices}
+
+
+@pytest.mark.slow
+def test_n_choices_compute_the_prompt_once(server, client):
+    """The n choices share the prompt's KV pages: /metrics counts the prompt computed once (plus each
+    choice's last partial page), not n times; usage reports nothing cached for a new prompt."""
+    http = httpx.Client(base_url=server.url, timeout=60)
+
+    def computed() -> float:
+        text = http.get("/metrics").text
+        return metric_value(text, "disagg_prompt_tokens_total") - metric_value(
+            text, "disagg_cached_prompt_tokens_total"
+        )
+
+    prompt = "Count the sheep: " + ", ".join(f"sheep {i}" for i in range(60))  # new to the cache
+    before = computed()
+    comp = client.completions.create(model=MODEL, prompt=prompt, n=4, max_tokens=3, temperature=1.0, seed=2)
+    length, n, page = comp.usage.prompt_tokens, 4, 16
+    assert length > 4 * page and comp.usage.prompt_tokens_details.cached_tokens == 0
+    assert length <= computed() - before <= length + n * (page + 1)  # was n * length
+    assert sorted(c.index for c in comp.choices) == [0, 1, 2, 3] and comp.usage.completion_tokens == 12
+    streamed = client.completions.create(model=MODEL, prompt=prompt, n=4, max_tokens=3, temperature=1.0, seed=2,
+                                         stream=True, stream_options={"include_usage": True})  # fmt: skip
+    texts: dict[int, str] = {}
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert texts == {c.index: c.text for c in comp.choices}  # seeded: the same samples
+    assert chunk.usage.prompt_tokens_details.cached_tokens > length - 2 * page  # cached by the first call
 
 
 @pytest.mark.slow

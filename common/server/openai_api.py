@@ -32,6 +32,7 @@ from disagg.common.server.serving import (
     usage,
     with_seed,
 )
+from disagg.common.server.shared_prompt import SharedPrompts, worth_sharing
 from disagg.common.server.tool_choice import ToolPlan, plan_tools
 from disagg.common.server.tool_parsers import ToolCallStreamer, parse_tool_calls
 from fastapi import APIRouter, Request
@@ -56,8 +57,19 @@ class Job:
     owner: str | None = None  # the key that sent it (see serving.owner_of)
     return_token_ids: bool = False  # vLLM's prompt_token_ids / token_ids
     tools: ToolPlan | None = None  # chat with tool_choice other than none: the output is parsed for calls
+    shared: SharedPrompts | None = None  # n > 1, colocated: each prompt computed once (set by start)
 
     def start(self, state: ServerState, pd: dict) -> list[AsyncIterator[StrOut]]:
+        if worth_sharing(state, pd, self.n, min(len(p) for p in self.prompts)):
+            self.shared = SharedPrompts(state, self.rid, self.prompts, self.owner)
+        gens = self._generators(state, pd)
+        return [self.shared.after(i // self.n, g) for i, g in enumerate(gens)] if self.shared else gens
+
+    def usage(self, accs: list[ChoiceAcc]) -> dict:
+        body = usage(accs, [len(p) for p in self.prompts])
+        return self.shared.usage(body) if self.shared else body
+
+    def _generators(self, state: ServerState, pd: dict) -> list[AsyncIterator[StrOut]]:
         single = len(self.prompts) * self.n == 1
         return [
             state.tm.generate(
@@ -242,7 +254,7 @@ async def respond(job: Job, state: ServerState, request: Request, pd: dict) -> R
     choices = [choice_body(job, i, acc) for i, acc in enumerate(accs)]
     body = {"id": job.rid, "object": "chat.completion" if job.kind == "chat" else "text_completion",
             "created": int(time.time()), "model": job.model, "choices": choices,
-            "usage": usage(accs, [len(p) for p in job.prompts])}  # fmt: skip
+            "usage": job.usage(accs)}  # fmt: skip
     if job.return_token_ids and job.kind == "chat":
         body["prompt_token_ids"] = job.prompts[0]
     return JSONResponse(body)
@@ -348,7 +360,7 @@ async def stream_chunks(job: Job, head: tuple[int, StrOut], outputs) -> AsyncIte
                     body["prompt_token_ids"] = job.prompts[i // job.n]
                 yield chunk([body])
         if job.include_usage:
-            yield chunk([], usage=usage(accs, [len(p) for p in job.prompts]))
+            yield chunk([], usage=job.usage(accs))
     except Exception as e:  # noqa: BLE001 - a bug: the client still gets an error event, then [DONE]
         yield stream_crash(e)
     yield sse("[DONE]")

@@ -1,0 +1,78 @@
+"""`n > 1` on a colocated server: the shared prompt is computed once, its KV pages shared by the n choices.
+
+SGLang's scheme: before the n choices, the prompt runs alone for one greedy token; when it finishes,
+its whole pages are in the prefix cache (common/engine/radix_cache.py), and each choice admitted
+after it matches them there and locks the same pages: only the prompt's last partial page (and the
+one token the scheduler always computes for the logits) is computed again per choice. Without this
+the n choices arrive together, all miss the cache and each computes the whole prompt.
+
+The helper request is a request like any other for the scheduler and /metrics (prompt tokens,
+a finished request); the call's usage reports as cached only what the cache held before the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from disagg.common.engine.request import SamplingParams
+from disagg.common.server.ipc import StrOut
+from disagg.common.server.serving import ServerState
+
+
+def worth_sharing(state: ServerState, pd: dict | None, n: int, prompt_len: int) -> bool:
+    """Only where it helps: a colocated server (a PD pair moves KV per room instead) with one prefix
+    cache (not --dp-size replicas, not --disable-radix-cache), n > 1, a prompt of a page or more."""
+    info = state.server_info
+    page_size = info.get("page_size", 16)
+    return (
+        n > 1
+        and info.get("role", "server") == "server"
+        and not (pd and pd.get("bootstrap_room") is not None)
+        and not info.get("disable_radix_cache")
+        and info.get("dp_size", 1) <= 1
+        and (prompt_len - 1) // page_size >= 1
+    )
+
+
+class SharedPrompts:
+    """The helper requests of one call, one per prompt, started by the first choice that needs it."""
+
+    def __init__(self, state: ServerState, rid: str, prompts: list[list[int]], owner: str | None):
+        self.state, self.rid, self.prompts, self.owner = state, rid, prompts, owner
+        self.tasks: dict[int, asyncio.Task] = {}
+        self.cached_before: dict[int, int] = {}  # prompt index -> tokens the cache held before the call
+
+    def after(self, p: int, gen: AsyncIterator[StrOut]) -> AsyncIterator[StrOut]:
+        """`gen` (a choice of prompt p), started once prompt p is in the prefix cache."""
+
+        async def wait_then_run():
+            if p not in self.tasks:
+                self.tasks[p] = asyncio.ensure_future(self._compute(p))
+            # NOTE: a cancelled choice cancels the shared task too; that happens only when the whole
+            # call is cancelled (the client left), which aborts the helper request with it
+            await self.tasks[p]
+            async with contextlib.aclosing(gen) as g:
+                async for out in g:
+                    yield out
+
+        return wait_then_run()
+
+    async def _compute(self, p: int) -> None:
+        last = None
+        greedy_token = SamplingParams(max_new_tokens=1, temperature=0.0)
+        async for out in self.state.tm.generate(f"{self.rid}-prompt{p}", self.prompts[p], greedy_token, None,
+                                                self.owner):  # fmt: skip
+            last = out
+        # a refused prompt (too long for the pool, ...) is refused again for each choice, which answers it
+        if last is not None and not last.error:
+            self.cached_before[p] = last.cached_tokens
+
+    def usage(self, body: dict) -> dict:
+        """OpenAI's usage of the call: cached tokens as the prompts found the cache, not as the
+        choices found it after the helper filled it."""
+        if len(self.cached_before) == len(self.prompts):
+            cached = sum(min(len(self.prompts[p]), c) for p, c in self.cached_before.items())
+            body["prompt_tokens_details"] = {"cached_tokens": cached}
+        return body
