@@ -10,12 +10,26 @@ receiver of every TP rank behind it. See docs/pd.md.
 from __future__ import annotations
 
 from disagg.common.server.launch_server import run_role
-from disagg.decode.ranks import make_worker_hook
-from disagg.decode.scheduler import DecodeScheduler
+
+# NOTE: the scheduler and the KV receiver are imported where they run (the scheduler process, the
+# worker ranks): spawn re-imports this module in every child, and importing torch here would cost
+# the HTTP process and the detokenizer ~250 MB each
+
+
+def make_scheduler(config, disagg):
+    from disagg.decode.scheduler import DecodeScheduler  # noqa: PLC0415
+
+    return DecodeScheduler(config, disagg=disagg)
+
+
+def make_worker_hook(disagg, engine, runner):
+    from disagg.decode.ranks import make_worker_hook as make  # noqa: PLC0415
+
+    return make(disagg, engine, runner)
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_role("decode", argv, DecodeScheduler, make_worker_hook)
+    run_role("decode", argv, make_scheduler, make_worker_hook)
 
 
 if __name__ == "__main__":

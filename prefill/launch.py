@@ -10,12 +10,26 @@ sender of every TP rank behind it. See docs/pd.md.
 from __future__ import annotations
 
 from disagg.common.server.launch_server import run_role
-from disagg.prefill.ranks import make_worker_hook
-from disagg.prefill.scheduler import PrefillScheduler
+
+# NOTE: the scheduler and the KV sender are imported where they run (the scheduler process, the
+# worker ranks): spawn re-imports this module in every child, and importing torch here would cost
+# the HTTP process and the detokenizer ~250 MB each
+
+
+def make_scheduler(config, disagg):
+    from disagg.prefill.scheduler import PrefillScheduler  # noqa: PLC0415
+
+    return PrefillScheduler(config, disagg=disagg)
+
+
+def make_worker_hook(disagg, engine, runner):
+    from disagg.prefill.ranks import make_worker_hook as make  # noqa: PLC0415
+
+    return make(disagg, engine, runner)
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_role("prefill", argv, PrefillScheduler, make_worker_hook)
+    run_role("prefill", argv, make_scheduler, make_worker_hook)
 
 
 if __name__ == "__main__":

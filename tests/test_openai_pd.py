@@ -1,6 +1,7 @@
 """The OpenAI surface through a PD deployment (prefill + decode + our router, real processes) with the
 `openai` client: n choices and prompt lists (one room per sub-request), seeded sampling identical to a
-colocated server, logit_bias applied on both sides, return_token_ids, json_schema; every page back."""
+colocated server, logit_bias applied on both sides, return_token_ids, json_schema, a tool call; every
+page back."""
 
 from __future__ import annotations
 
@@ -53,6 +54,19 @@ def structured(client: openai.OpenAI) -> str:
     return chat.choices[0].message.content
 
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Lyon"]}},
+    "required": ["city"], "additionalProperties": False}}}  # fmt: skip
+
+
+def tool_call(client: openai.OpenAI) -> tuple[str, str]:
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40, temperature=0, tools=[TOOL],
+                                          tool_choice="required", parallel_tool_calls=False)  # fmt: skip
+    assert chat.choices[0].finish_reason == "tool_calls"
+    (call,) = chat.choices[0].message.tool_calls
+    return call.function.name, call.function.arguments
+
+
 def greedy_list(client: openai.OpenAI) -> list[str]:
     comp = client.completions.create(model=MODEL, prompt=PROMPTS, n=2, max_tokens=6, temperature=0)
     return [c.text for c in sorted(comp.choices, key=lambda c: c.index)]
@@ -68,6 +82,7 @@ def colocated(default_model_path) -> dict:
             "seeded": seeded_chat(client, stream=False),
             "list": greedy_list(client),
             "json": structured(client) if HAS_XGRAMMAR else None,
+            "tool": tool_call(client) if HAS_XGRAMMAR else None,
         }
     finally:
         srv.stop()
@@ -120,6 +135,13 @@ def test_json_schema_through_pd(pd, colocated):
     assert text == colocated["json"]
     obj = json.loads(text)
     assert set(obj) == {"city", "capital"} and isinstance(obj["capital"], bool)
+
+
+@pytest.mark.skipif(not HAS_XGRAMMAR, reason="xgrammar is not installed")
+def test_tool_call_through_pd(pd, colocated):
+    """tool_choice required: the call's grammar on both sides, the decode's front end parses the call."""
+    name, arguments = tool_call(_client(pd.url))
+    assert (name, arguments) == colocated["tool"] and json.loads(arguments)["city"] in ("Paris", "Lyon")
 
 
 def test_pd_holds_no_pages_afterwards(pd):
