@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import logging
 import multiprocessing as mp
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -120,10 +121,12 @@ class DrainingServer(uvicorn.Server):
 
 def tokenizer_path_for(engine: EngineConfig, server: ServerConfig) -> str:
     """--tokenizer-path, else the model's folder; a dummy preset (no files) borrows the default model's."""
-    from disagg.common.models.weights import PRESETS
-
     if server.tokenizer_path:
         return server.tokenizer_path
+    if os.path.isdir(engine.model_path):  # NOTE: first: the presets' module imports torch (~200 MB here)
+        return engine.model_path
+    from disagg.common.models.weights import PRESETS
+
     if engine.model_path in PRESETS:
         logger.warning("%s is a preset without a tokenizer: using the default model's", engine.model_path)
         return resolve_model_path(None)
