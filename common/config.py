@@ -128,6 +128,13 @@ class EngineConfig:
     # MoE expert parallelism: none (every rank sees every token; an all-reduce combines the experts'
     # outputs) | all_to_all (--ep == --tp: each token only to its experts' ranks and back, eager steps)
     moe_a2a_backend: str = "none"
+    # EPLB (common/models/eplb.py): N extra physical expert slots holding replicas of hot experts, the
+    # placement from a load file at start and/or recomputed every N forward steps (0: never);
+    # per-expert routed-token counters on /metrics (layers x experts series)
+    ep_num_redundant_experts: int = 0
+    init_expert_location: str | None = None
+    eplb_rebalance_num_iterations: int = 0
+    enable_expert_distribution_metrics: bool = False
     random_seed: int = 0
     # distributed (one process per rank)
     dist_init_addr: str | None = None
@@ -180,6 +187,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-radix-cache", action="store_true")
     g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs)
     g.add_argument("--moe-a2a-backend", default=d.moe_a2a_backend, choices=["none", "all_to_all"])
+    g.add_argument("--ep-num-redundant-experts", type=int, default=d.ep_num_redundant_experts,
+                   help="MoE: extra expert slots per layer for replicas of the most loaded experts (EPLB)")  # fmt: skip
+    g.add_argument("--init-expert-location", default=d.init_expert_location,
+                   help="MoE: expert load file (python -m disagg.common.models.eplb) the start-up placement is computed from")  # fmt: skip
+    g.add_argument("--eplb-rebalance-num-iterations", type=int, default=d.eplb_rebalance_num_iterations,
+                   help="MoE: re-place the experts from the recorded load every N forward steps (0: never)")  # fmt: skip
+    g.add_argument("--enable-expert-distribution-metrics", action="store_true",
+                   help="MoE: routed tokens per layer and expert on /metrics (disagg_moe_expert_tokens_total)")  # fmt: skip
     g.add_argument("--disable-cuda-graph", action="store_true")
     g.add_argument("--random-seed", type=int, default=d.random_seed)
     g.add_argument("--dist-init-addr", default=d.dist_init_addr, help="HOST:PORT of rank 0 (multi-node)")

@@ -1,6 +1,7 @@
 """MoE: the token -> expert alignment keeps its invariants, the grouped (routed-only) expert path
 gives the tokens the same expert mix as a plain per-expert reference on every rank of an EP
-layout, and tiny Qwen3-MoE / Mixtral models generate transformers' greedy tokens."""
+layout, tiny Qwen3-MoE / Mixtral models generate transformers' greedy tokens (also with redundant
+experts placed and re-placed by EPLB), and the expert load reaches /metrics and a load file."""
 
 from __future__ import annotations
 
@@ -8,6 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from disagg.common.engine.offline import Engine
+from disagg.common.models.eplb import (
+    balanced_placement,
+    balancedness,
+    load_from_metrics,
+    moe_layers,
+    read_expert_load,
+    save_expert_load,
+)
 from disagg.common.models.moe import SparseMoE, expert_load, set_expert_load_stats
 from disagg.common.models.moe_align import grouped_experts, max_padded_pairs, moe_align_block_size
 from disagg.common.parallel.state import ParallelState, get_parallel, set_parallel
@@ -150,10 +159,10 @@ def test_all_to_all_backend_at_tp2_ep2_generates_transformers_tokens(tmp_path, f
     assert out == [hf_greedy(path, p, 12) for p in prompts]
 
 
-def test_expert_load_counts_every_routed_pair_of_this_rank():
+def test_expert_load_counts_every_routed_pair_on_any_rank():
     config = Qwen3MoeConfig(hidden_size=16, moe_intermediate_size=8, num_experts=8, num_experts_per_tok=3)
     old = get_parallel()
-    set_parallel(ParallelState(tp_rank=1, tp_size=2, ep_rank=1, ep_size=2))  # experts 4..7
+    set_parallel(ParallelState(tp_rank=1, tp_size=2, ep_rank=1, ep_size=2))  # holds experts 4..7
     try:
         moe = SparseMoE(config)
     finally:
@@ -165,6 +174,95 @@ def test_expert_load_counts_every_routed_pair_of_this_rank():
         moe(x)
         moe(x[:7])
     ids = torch.cat([moe.route(moe.gate(x))[1], moe.route(moe.gate(x[:7]))[1]]).flatten()
-    want = torch.bincount(ids, minlength=8)[4:]
-    assert want.sum() > 0 and expert_load(moe, reset=True).tolist() == [want.tolist()]
+    want = torch.bincount(ids, minlength=8)  # every rank routes every token: all experts' counts
+    assert want[:4].sum() > 0 and expert_load(moe, reset=True).tolist() == [want.tolist()]
     assert expert_load(moe).sum() == 0  # reset
+
+
+def test_balanced_placement_replicates_the_hot_experts_on_other_ranks():
+    load = [10.0, 10, 10, 10, 10, 10, 400, 900]  # experts 6 and 7 hot
+    placement = balanced_placement(load, 12, 4)  # 4 redundant slots, 4 ranks of 3 slots
+    ranks = [placement[r * 3 : (r + 1) * 3] for r in range(4)]
+    assert sorted(set(placement)) == list(range(8))  # every expert somewhere
+    assert placement.count(7) == 4 and placement.count(6) == 2  # load per copy 225 and 200 vs 10
+    assert all(len(set(r)) == len(r) for r in ranks)  # no rank holds two copies of one expert
+    default = [p % 8 for p in range(12)]  # the start-up layout replicates the cold experts 0..3
+    assert balancedness(load, placement, 4) > 0.75 > 0.5 > balancedness(load, default, 4)
+    assert balanced_placement([0.0] * 8, 8, 2) == list(range(8))  # no load: one copy each, in order
+
+
+def test_expert_load_file_and_metrics_round_trip(tmp_path):
+    from disagg.common.engine.request import SchedulerStats
+    from disagg.common.server.metrics import ServerMetrics
+
+    load = {1: [5, 0, 7, 1], 3: [2, 2, 2, 9]}
+    metrics = ServerMetrics(role="decode")
+    metrics.set_stats(SchedulerStats(0, 0, 1, 1, 0, 0, 0, 0.0, 0.0, 0, expert_tokens=load))
+    text = metrics.render().decode()
+    assert 'disagg_moe_expert_tokens_total{expert="3",layer="3",role="decode"} 9.0' in text
+    assert load_from_metrics(text) == load
+    save_expert_load(tmp_path / "load.json", load)
+    assert read_expert_load(tmp_path / "load.json") == {k: [float(n) for n in v] for k, v in load.items()}
+
+
+def _generate(path, prompts, **engine_kw) -> tuple[list[list[int]], Engine]:
+    engine = Engine(model_path=path, page_size=4, chunked_prefill_size=8, max_total_tokens=2048, **engine_kw)
+    greedy = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+    return [o["output_ids"] for o in engine.generate(prompts, greedy)], engine
+
+
+@pytest.mark.parametrize("family", list(MOE_CONFIGS))
+def test_redundant_experts_replaced_by_load_keep_transformers_tokens(moe_model_paths, family, tmp_path):
+    """--ep-num-redundant-experts 2 with the start-up placement from a skewed load file, re-placed
+    from the counted load every 3 steps: replicas compute, outputs stay transformers' tokens."""
+    path = moe_model_paths[family]
+    experts = MOE_CONFIGS[family].get("num_experts") or MOE_CONFIGS[family]["num_local_experts"]
+    skew = [1000 if e == experts - 1 else 1 for e in range(experts)]  # the last expert hot: 3 copies
+    save_expert_load(tmp_path / "load.json", {0: skew, 1: skew})
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [300]]
+    out, engine = _generate(path, prompts, ep_num_redundant_experts=2, init_expert_location=str(tmp_path / "load.json"),
+                            eplb_rebalance_num_iterations=3, enable_expert_distribution_metrics=True)  # fmt: skip
+    try:
+        moes = moe_layers(engine.scheduler.runner.model)
+        start = balanced_placement([float(n) for n in skew], experts + 2, 1)
+        assert start.count(experts - 1) == 3
+        placements = [m.physical_to_logical for m in moes.values()]
+        assert placements != [start, start]  # re-placed from the counted load since
+        counted = engine.stats().expert_tokens
+        assert sorted(counted) == [0, 1] and all(sum(row) > 0 for row in counted.values())
+        for moe in moes.values():  # every slot holds its logical expert's weights
+            for slot, expert in enumerate(moe.physical_to_logical):
+                first = moe.physical_to_logical.index(expert)
+                assert torch.equal(moe.experts.w13[slot], moe.experts.w13[first])
+    finally:
+        engine.shutdown()
+    assert out == [hf_greedy(path, p, 12) for p in prompts]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,a2a", [("qwen3_moe", "all_to_all"), ("mixtral", "none")])
+def test_redundant_experts_at_tp2_ep2_generate_transformers_tokens(tmp_path, family, a2a):
+    """--tp 2 --ep 2 --ep-num-redundant-experts 2 over gloo (both --moe-a2a-backend layouts): the
+    start-up placement from a load file, re-placed every 2 steps (weights moved between the ranks),
+    tokens equal transformers'."""
+    old = TINY_CONFIGS.get(family)
+    TINY_CONFIGS[family] = MOE_CONFIGS[family]
+    try:
+        path = make_tiny_model(tmp_path / family, family, **MOE_CONFIGS[family])
+    finally:
+        TINY_CONFIGS.pop(family) if old is None else TINY_CONFIGS.update({family: old})
+    experts = MOE_CONFIGS[family].get("num_experts") or MOE_CONFIGS[family]["num_local_experts"]
+    skew = [1000 if e == 0 else 1 for e in range(experts)]  # expert 0 hot: a copy on each rank
+    save_expert_load(tmp_path / "load.json", {0: skew, 1: skew})
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [300]]
+    out, engine = _generate(path, prompts, tp=2, ep=2, ep_num_redundant_experts=2, moe_a2a_backend=a2a,
+                            init_expert_location=str(tmp_path / "load.json"), eplb_rebalance_num_iterations=2)  # fmt: skip
+    try:
+        moes = moe_layers(engine.scheduler.runner.model)
+        assert all(m.num_local == (experts + 2) // 2 for m in moes.values())
+        start = balanced_placement([float(n) for n in skew], experts + 2, 2)
+        assert start.count(0) == 2  # the hot expert on both ranks at start
+        assert [m.physical_to_logical for m in moes.values()] != [start, start]  # re-placed since
+    finally:
+        engine.shutdown()
+    assert out == [hf_greedy(path, p, 12) for p in prompts]

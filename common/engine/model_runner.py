@@ -21,6 +21,7 @@ from disagg.common.models.decoder import (
     head_dim_of,
     kv_heads_per_rank,
 )
+from disagg.common.models.eplb import create_balancer
 from disagg.common.models.kernels import check_fused_kernels
 from disagg.common.models.model_files import model_fingerprint, resolve_model_path
 from disagg.common.models.moe import MOE_ARCHITECTURES
@@ -91,6 +92,9 @@ class ModelRunner:
         )
         self.hf_config = load_config(self.model_path)
         self.hf_config.moe_a2a_backend = config.moe_a2a_backend  # --moe-a2a-backend, read by the MoE layers
+        # EPLB (common/models/eplb.py): physical expert slots, and whether routing goes through a placement
+        self.hf_config.ep_num_redundant_experts = config.ep_num_redundant_experts
+        self.hf_config.expert_remap = bool(config.init_expert_location or config.eplb_rebalance_num_iterations)
         self._check_model()
         # what a PD peer compares before any page crosses (same config and weights)
         self.fingerprint = model_fingerprint(
@@ -98,6 +102,7 @@ class ModelRunner:
         )
         self.context_length = config.context_length or self.hf_config.max_position_embeddings
         self.model = self._load_model()
+        self.eplb = create_balancer(self.model, config)  # MoE: expert load counters, EPLB placement
         if self.device.type == "cuda":
             fused = check_fused_kernels(self.device, self.dtype)
             logger.info(
@@ -255,7 +260,10 @@ class ModelRunner:
         plan = self.build_plan(scheduled)
         if get_parallel().world_size > 1:
             broadcast_plan(plan)
-        return self.forward_plan(plan)
+        logits = self.forward_plan(plan)
+        if self.eplb is not None:
+            self.eplb.after_step()  # every --eplb-rebalance-num-iterations: re-place the experts
+        return logits
 
     def forward_plan(self, plan: BatchPlan) -> torch.Tensor:
         if get_parallel().pp_size > 1:

@@ -154,3 +154,5 @@ class SchedulerStats:
     num_prealloc: int = 0  # decode: requests waiting for pages
     num_open_rooms: int = 0  # PD roles: rooms the transfer engine still tracks
     metrics_text: str = ""  # PD roles: the transfer engine's Prometheus series
+    # MoE with --enable-expert-distribution-metrics: {decoder layer id: routed pairs per expert since start}
+    expert_tokens: dict[int, list[int]] = field(default_factory=dict)

@@ -93,6 +93,7 @@ class Scheduler:
             kv_usage=(total - free) / total,
             cache_hit_rate=self.cache.hit_rate,
             num_retractions=self.num_retractions,
+            expert_tokens=self.runner.eplb.expert_tokens() if self.runner.eplb else {},  # MoE, for /metrics
         )
 
     def step(self) -> list[TokenOut]:

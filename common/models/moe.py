@@ -7,6 +7,11 @@ contributions of the experts it holds and one all-reduce combines them: the same
 count as a dense MLP, no all-to-all needed. `--moe-a2a-backend all_to_all` (--ep == --tp) sends
 each token only to the ranks holding its experts instead (common/models/moe_a2a.py).
 
+Redundant experts (--ep-num-redundant-experts N, EPLB): the E logical experts live in E + N physical
+slots, (E + N) / ep per rank; slot p holds logical expert `physical_to_logical[p]` (p % E until a
+placement from the recorded load replaces it: common/models/eplb.py), and each routed pair goes to
+one replica of its expert. "first_expert" and "num_local" then count physical slots.
+
 Only the routed experts run: the (token, slot) pairs are grouped by expert on the device
 (common/models/moe_align.py) and each expert's weights are read once per block of its tokens:
 the Triton kernels of common/models/fused_moe.py on the GPU, batched torch matmuls elsewhere.
@@ -35,9 +40,13 @@ def num_experts_of(config) -> int:
 
 
 def check_ep_layout(config, tp: int, ep: int) -> None:
-    experts = num_experts_of(config)
+    num_redundant = getattr(config, "ep_num_redundant_experts", 0) or 0  # ModelRunner sets it
+    experts = num_experts_of(config) + num_redundant
     if experts % ep:
-        raise ValueError(f"--ep {ep}: the model's {experts} experts are not divisible by {ep}")
+        extra = f" + {num_redundant} redundant" if num_redundant else ""
+        raise ValueError(
+            f"--ep {ep}: the model's {experts - num_redundant}{extra} experts are not divisible by {ep}"
+        )
     if ep < 1 or tp % ep:
         raise ValueError(f"--ep {ep} must divide --tp {tp}")
     inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
@@ -61,8 +70,10 @@ class SparseMoE(nn.Module):
         # Mixtral renormalizes over the top-k; Qwen3-MoE only when norm_topk_prob
         self.renormalize = getattr(config, "norm_topk_prob", True)
         moe_tp = ps.tp_size // ps.ep_size
-        self.num_local = self.num_experts // ps.ep_size
-        self.first_expert = (ps.tp_rank // moe_tp) * self.num_local
+        # physical expert slots: the logical experts plus the redundant replicas (ModelRunner sets it)
+        self.num_physical = self.num_experts + (getattr(config, "ep_num_redundant_experts", 0) or 0)
+        self.num_local = self.num_physical // ps.ep_size  # slots on this rank
+        self.first_expert = (ps.tp_rank // moe_tp) * self.num_local  # this rank's first physical slot
         self.moe_tp_rank, self.moe_tp = ps.tp_rank % moe_tp, moe_tp
         inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
         self.inter_local = inter // moe_tp
@@ -74,15 +85,63 @@ class SparseMoE(nn.Module):
             )
         self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False)
         self.experts = Experts(self.num_local, config.hidden_size, self.inter_local)
-        # routed (token, slot) pairs per local expert since the last reset; off by default: the
+        # count the routed (token, slot) pairs per expert (expert_load); off by default: the
         # count costs two small kernels a layer, ~5% of a batch-1 decode step
         self.count_tokens = False
-        self.register_buffer("expert_tokens", torch.zeros(self.num_local, dtype=torch.long), persistent=False)
+        # logical expert -> routed pairs; every rank routes every token, so this counts all experts
+        self.register_buffer(
+            "expert_tokens", torch.zeros(self.num_experts, dtype=torch.long), persistent=False
+        )
+        self._init_placement(getattr(config, "expert_remap", False))
+
+    def _init_placement(self, remap: bool) -> None:
+        """The logical -> physical maps. remap (decided before CUDA graphs are captured, as they
+        bake the choice in): pairs go through `replicas` (EPLB), else physical == logical."""
+        self.remap = remap or self.num_physical != self.num_experts
+        self.physical_to_logical = [p % self.num_experts for p in range(self.num_physical)]
+        max_copies = self.num_physical - self.num_experts + 1
+        # [E, max copies] physical slots of each logical expert (padded by repeats), [E] copies each
+        self.register_buffer(
+            "replicas", torch.zeros(self.num_experts, max_copies, dtype=torch.long), persistent=False
+        )
+        self.register_buffer("num_replicas", torch.ones(self.num_experts, dtype=torch.long), persistent=False)
+        self.set_placement(self.physical_to_logical)
+
+    def set_placement(self, physical_to_logical: list[int]) -> None:
+        """Route to this placement from now on (in place: captured CUDA graphs follow it). The
+        weights must already be in their slots (eplb.apply_placement moves them)."""
+        copies = [
+            [p for p, e in enumerate(physical_to_logical) if e == expert]
+            for expert in range(self.num_experts)
+        ]
+        if len(physical_to_logical) != self.num_physical or min(map(len, copies)) == 0:
+            raise ValueError(
+                f"a placement needs {self.num_physical} slots holding each of {self.num_experts} experts"
+            )
+        width = self.replicas.shape[1]
+        table = [(c * width)[:width] for c in copies]
+        self.replicas.copy_(torch.tensor(table, dtype=torch.long))
+        self.num_replicas.copy_(torch.tensor([min(len(c), width) for c in copies], dtype=torch.long))
+        self.physical_to_logical = list(physical_to_logical)
+
+    def physical_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """[T, k] logical expert ids -> physical slots: pair p takes replica p mod (its expert's copies),
+        so a hot expert's pairs spread over its copies (no host sync, graph-capturable)."""
+        if not self.remap:
+            return ids
+        pair = torch.arange(ids.numel(), device=ids.device).view_as(ids)
+        return self.replicas[ids, pair % self.num_replicas[ids]]
+
+    def local_slots(self, expert: int) -> list[int]:
+        """This rank's slots (0-based) holding logical `expert`."""
+        mine = self.physical_to_logical[self.first_expert : self.first_expert + self.num_local]
+        return [s for s, e in enumerate(mine) if e == expert]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(self.gate(x))  # [T, k] each
         if self.count_tokens:
             self._count(ids)
+        ids = self.physical_ids(ids)
         if self.a2a and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             return a2a_moe(self, x, ids, weights)
         # out of [0, num_local): another rank's expert, skipped (no subtraction kernel on rank 0)
@@ -90,9 +149,9 @@ class SparseMoE(nn.Module):
         return all_reduce(self.routed_experts(x, local, weights))
 
     def _count(self, ids: torch.Tensor) -> None:
-        local = (ids - self.first_expert).flatten()
-        ours = (local >= 0) & (local < self.num_local)
-        self.expert_tokens.scatter_add_(0, torch.where(ours, local, 0), ours.long())  # graph-capturable
+        """ids: [T, k] logical expert ids."""
+        flat = ids.flatten()
+        self.expert_tokens.scatter_add_(0, flat, torch.ones_like(flat))  # graph-capturable
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax top-k routing: float32 weights (renormalised over the k if the model says so)
@@ -119,7 +178,8 @@ def set_expert_load_stats(model: nn.Module, enabled: bool) -> None:
 
 
 def expert_load(model: nn.Module, reset: bool = False) -> torch.Tensor:
-    """[MoE layers, local experts] routed (token, slot) pairs counted so far on this rank (CPU)."""
+    """[MoE layers, logical experts] routed (token, slot) pairs counted so far (CPU). Every rank
+    routes every token (TP attention), so any rank's count is the whole model's."""
     moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
     load = torch.stack([m.expert_tokens for m in moes]).cpu() if moes else torch.zeros(0, 0, dtype=torch.long)
     if reset:
@@ -138,12 +198,10 @@ def load_expert_weight(model, params: dict, name: str, tensor_slice) -> bool:
     if m is None:
         return False
     moe = model.get_submodule(f"{m.group(1)}.mlp")
-    e = int(m.group(2)) - moe.first_expert
-    if not 0 <= e < moe.num_local:
-        return True  # another rank's expert
     part, n, r = _PART[m.group(3)], moe.inter_local, moe.moe_tp_rank
-    if part == 2:
-        moe.experts.w2.data[e].copy_(tensor_slice[:, r * n : (r + 1) * n])
-    else:
-        moe.experts.w13.data[e, part * n : (part + 1) * n].copy_(tensor_slice[r * n : (r + 1) * n])
+    for e in moe.local_slots(int(m.group(2))):  # none: another rank's expert; several: replicas
+        if part == 2:
+            moe.experts.w2.data[e].copy_(tensor_slice[:, r * n : (r + 1) * n])
+        else:
+            moe.experts.w13.data[e, part * n : (part + 1) * n].copy_(tensor_slice[r * n : (r + 1) * n])
     return True

@@ -125,6 +125,7 @@ def worker_main(config: EngineConfig, rank: int, plan_hook_factory=None) -> None
     try:
         init_distributed(config, rank)
         from disagg.common.engine.model_runner import BatchPlan, ModelRunner
+        from disagg.common.models.eplb import RebalanceMsg
 
         runner = ModelRunner(config)
         hook = plan_hook_factory(runner) if plan_hook_factory is not None else None
@@ -134,6 +135,8 @@ def worker_main(config: EngineConfig, rank: int, plan_hook_factory=None) -> None
                 break
             if isinstance(msg, BatchPlan):
                 runner.forward_plan(msg)
+            elif isinstance(msg, RebalanceMsg):  # EPLB: rank 0 re-placed the experts
+                runner.eplb.apply(msg)
             elif hook is not None:
                 hook(msg)
     except Exception as e:  # noqa: BLE001 - any failure takes the group down loudly

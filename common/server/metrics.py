@@ -16,6 +16,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 disable_created_metrics()  # the *_created series only add noise to a scrape
@@ -71,6 +72,8 @@ class ServerMetrics:
         self.queues = Gauge("disagg_queue_requests", "Requests in each stage of the server", ["role", "stage"],
                             registry=r)  # fmt: skip
         self.scheduler_text = ""  # series kept by the scheduler process (KV transfer), appended to ours
+        self.expert_tokens = _ExpertTokens(role)  # MoE: --enable-expert-distribution-metrics
+        r.register(self.expert_tokens)
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -99,6 +102,26 @@ class ServerMetrics:
         for stage, n in stats.queues.items():
             self.queues.labels(self.role, stage).set(float(n))
         self.scheduler_text = stats.metrics_text or self.scheduler_text
+        self.expert_tokens.counts = stats.expert_tokens or self.expert_tokens.counts
 
     def render(self) -> bytes:
         return generate_latest(self.registry) + self.scheduler_text.encode()
+
+
+class _ExpertTokens:
+    """disagg_moe_expert_tokens_total{role, layer, expert}: routed (token, slot) pairs per MoE layer
+    and logical expert since start, as the scheduler counted them (layers x experts series, only
+    with --enable-expert-distribution-metrics; `python -m disagg.common.models.eplb` reads them)."""
+
+    def __init__(self, role: str):
+        self.role, self.counts = role, {}
+
+    def collect(self):
+        if not self.counts:
+            return
+        family = CounterMetricFamily("disagg_moe_expert_tokens", "Routed tokens per MoE layer and expert",
+                                     labels=["role", "layer", "expert"])  # fmt: skip
+        for layer, row in sorted(self.counts.items()):
+            for expert, n in enumerate(row):
+                family.add_metric([self.role, str(layer), str(expert)], float(n))
+        yield family
