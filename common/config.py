@@ -18,6 +18,8 @@ from pathlib import Path
 #   DISAGG_FUSED_KERNELS    0: no FlashInfer fused element-wise kernels on CUDA (A/B runs)
 #   DISAGG_CACHE_DIR        disagg's cache (default: $XDG_CACHE_HOME/disagg, else ~/.cache/disagg)
 #   DISAGG_TRANSFER_TRACE   1: record when each KV transfer room passes each hop (transfer.bench --trace)
+#   DISAGG_FP8_GEMM         FP8 block-quantized checkpoints: auto (Triton FP8 GEMMs on Hopper, dequantized
+#                           at load elsewhere) | torch (the block-scaled math in torch, any device) | off
 # and the standard ones we honour: XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES (launch_local splits the
 # GPUs), TRITON_INTERPRET, UCXPY_ENABLE_PYTHON_FUTURE and the UCX_* defaults set in
 # configure_ucx_env (the user's win).
@@ -73,6 +75,14 @@ def cuda_visible_devices() -> list[str] | None:
     """The GPUs CUDA_VISIBLE_DEVICES names, or None when it is unset (every GPU is visible)."""
     value = os.environ.get("CUDA_VISIBLE_DEVICES")
     return None if value is None else [d for d in value.split(",") if d.strip()]
+
+
+def fp8_gemm_mode() -> str:
+    """DISAGG_FP8_GEMM: auto | torch | off (common/models/fp8.py)."""
+    mode = os.environ.get("DISAGG_FP8_GEMM", "auto") or "auto"
+    if mode not in ("auto", "torch", "off"):
+        raise ValueError(f"DISAGG_FP8_GEMM={mode!r}: expected auto, torch or off")
+    return mode
 
 
 def triton_interpret() -> bool:
@@ -136,6 +146,9 @@ class EngineConfig:
     eplb_rebalance_num_iterations: int = 0
     enable_expert_distribution_metrics: bool = False
     random_seed: int = 0
+    # JSON object merged into the model's HF config before it is built (SGLang's flag), e.g.
+    # '{"num_hidden_layers": 4}': a real model's shape with fewer layers
+    json_model_override_args: str = "{}"
     # distributed (one process per rank)
     dist_init_addr: str | None = None
     nnodes: int = 1
@@ -197,6 +210,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="MoE: routed tokens per layer and expert on /metrics (disagg_moe_expert_tokens_total)")  # fmt: skip
     g.add_argument("--disable-cuda-graph", action="store_true")
     g.add_argument("--random-seed", type=int, default=d.random_seed)
+    g.add_argument("--json-model-override-args", default=d.json_model_override_args,
+                   help='JSON merged into the model config, e.g. \'{"num_hidden_layers": 4}\'')  # fmt: skip
     g.add_argument("--dist-init-addr", default=d.dist_init_addr, help="HOST:PORT of rank 0 (multi-node)")
     g.add_argument("--nnodes", type=int, default=d.nnodes)
     g.add_argument("--node-rank", type=int, default=d.node_rank)

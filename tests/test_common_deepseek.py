@@ -166,20 +166,24 @@ def test_gate_picks_transformers_experts(version):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "version,kw", [("v2", dict(tp=2)), ("v3", dict(tp=2, ep=2))], ids=["v2-tp2", "v3-tp2-ep2"]
+    "version,kw",
+    [("v2", dict(tp=2)), ("v3-fp8", dict(tp=2)), ("v3-fp8", dict(tp=2, ep=2))],
+    ids=["v2-tp2", "v3-fp8-tp2", "v3-fp8-tp2-ep2"],
 )
-def test_tiny_deepseek_tp_matches_transformers(tiny_deepseek, version, kw):
-    """Heads split across ranks, the latent replicated on each (its pool is the same on every rank)."""
+def test_tiny_deepseek_tp_matches_transformers(tiny_deepseek, fp8_deepseek, version, kw):
+    """Heads split across ranks, the latent replicated on each (its pool is the same on every rank);
+    the FP8 block-quantized V3 checkpoint dequantized per rank (each rank copies its slice, and with
+    --ep 2 only its experts) gives the tokens of transformers on the dequantized weights."""
     from disagg.common.engine.offline import Engine
 
-    path = tiny_deepseek[version]
+    path, ref_path = (tiny_deepseek[version],) * 2 if version == "v2" else fp8_deepseek
     prompts = [[1, 2, 3, 4, 5], list(range(7, 30)), [300]]
     engine = Engine(model_path=path, page_size=4, chunked_prefill_size=8, max_total_tokens=1024, **kw)
     try:
         outs = engine.generate(prompts, {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
     finally:
         engine.shutdown()
-    assert [o["output_ids"] for o in outs] == [hf_greedy(path, p, 12) for p in prompts]
+    assert [o["output_ids"] for o in outs] == [hf_greedy(ref_path, p, 12) for p in prompts]
 
 
 def _quantize_fp8_blocks(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,6 +241,61 @@ def test_fp8_block_quantized_checkpoint_loads(engines, fp8_deepseek):
     for prompt, out in zip(prompts, outs, strict=True):
         assert out["output_ids"] == hf_greedy(ref_path, prompt, 12)
     assert_pool_clean(engine.scheduler)
+
+
+def test_fp8_block_gemms_follow_the_dequantized_model(engines, fp8_deepseek, monkeypatch):
+    """The FP8 GEMM path (DISAGG_FP8_GEMM=torch: the Hopper kernel's math in torch) keeps the weights
+    in FP8 blocks and quantizes activations per token group: its first greedy tokens are the
+    dequantized model's, and its logprobs stay close to the reference's."""
+    fp8_path, ref_path = fp8_deepseek
+    monkeypatch.setenv("DISAGG_FP8_GEMM", "torch")
+    engine = engines.get(model_path=fp8_path, page_size=4, max_total_tokens=512, random_seed=1)
+    assert engine.scheduler.runner.model.layers[0].self_attn.o_proj.weight.dtype == torch.float8_e4m3fn
+    prompt = [7, 100, 3, 256, 41, 9]
+    out = engine.generate([prompt], {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True,
+                                     "return_logprob": True})[0]  # fmt: skip
+    assert out["output_ids"] == hf_greedy(ref_path, prompt, 4)
+    ref = _hf_logprobs(ref_path, prompt + out["output_ids"])[len(prompt) - 1 :]
+    ours = out["meta_info"]["output_logprobs"]
+    assert max(abs(a - b) for a, b in zip(ours, ref.tolist(), strict=True)) < 0.2, (ours, ref)
+    engines.close()  # the next engine of this module runs without FP8 GEMMs
+
+
+def _hf_logprobs(path: str, ids: list[int]) -> torch.Tensor:
+    """transformers' log-probability of each next token of `ids` (float32)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+    return logits.log_softmax(-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_json_model_override_args_builds_fewer_layers(engines, tiny_deepseek):
+    """--json-model-override-args '{"num_hidden_layers": 2}' on a 3-layer checkpoint: a 2-layer model
+    (the third layer's tensors skipped) with the tokens of transformers' 2-layer load, a 2-layer pool."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_deepseek["v3"]
+    engine = engines.get(model_path=path, page_size=4, max_total_tokens=512,
+                         json_model_override_args='{"num_hidden_layers": 2}')  # fmt: skip
+    assert len(engine.scheduler.runner.model.layers) == 2
+    assert engine.scheduler.runner.pool.num_layers == 2
+    prompt = [5, 17, 200, 3, 3, 90, 411]
+    out = engine.generate([prompt], {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True})[0]
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, num_hidden_layers=2).eval()
+    with torch.no_grad():
+        expected = ref.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    assert out["output_ids"] == expected[0, len(prompt) :].tolist()
+    assert out["output_ids"] != hf_greedy(path, prompt, 10)  # the third layer matters
+
+
+@pytest.mark.parametrize("bad", ["[4]", "{num_hidden_layers: 4}"])
+def test_json_model_override_args_must_be_a_json_object(bad):
+    from disagg.common.models.weights import load_config
+
+    with pytest.raises(ValueError, match="--json-model-override-args"):
+        load_config("DeepSeek-V3", bad)
 
 
 @pytest.mark.parametrize("preset,layers", [("DeepSeek-V3", 61), ("DeepSeek-V2-Lite", 27)])

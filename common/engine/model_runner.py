@@ -90,7 +90,7 @@ class ModelRunner:
         self.model_path = (
             config.model_path if config.model_path in PRESETS else resolve_model_path(config.model_path)
         )
-        self.hf_config = load_config(self.model_path)
+        self.hf_config = load_config(self.model_path, config.json_model_override_args)
         self.hf_config.moe_a2a_backend = config.moe_a2a_backend  # --moe-a2a-backend, read by the MoE layers
         # EPLB (common/models/eplb.py): physical expert slots, and whether routing goes through a placement
         self.hf_config.ep_num_redundant_experts = config.ep_num_redundant_experts

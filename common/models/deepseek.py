@@ -254,16 +254,11 @@ def make_deepseek_mlp(config, layer_id: int) -> nn.Module:
 
 
 _HEAD_SPLIT = re.compile(r"self_attn\.(q_proj|q_b_proj|kv_b_proj)\.weight$")
-_LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
 def load_mla_weight(model, params: dict, name: str, tensor_slice) -> tuple[bool, str | None]:
     """(handled, parameter name) for the checkpoint tensors MLA loads its own way: per-head
-    projections split by rows across TP ranks, and layers past num_hidden_layers (V3's MTP layer)
-    skipped. `name` has the "model." prefix removed."""
-    m = _LAYER.match(name)
-    if m and int(m.group(1)) >= model.config.num_hidden_layers:
-        return True, None
+    projections split by rows across TP ranks. `name` has the "model." prefix removed."""
     if _HEAD_SPLIT.search(name) is None:
         return False, None
     param = params[name]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from disagg.common.models.fp8 import fp8_linear
 from disagg.common.models.kernels import add_rms_norm, apply_rope, rms_norm
 from disagg.common.parallel.state import all_gather_last_dim, all_reduce, get_parallel
 from torch import nn
@@ -31,8 +32,12 @@ class ColumnParallelLinear(nn.Module):
         self.out_sizes = out_sizes
         self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features))
         self.bias = nn.Parameter(torch.empty(sum(out_sizes))) if bias else None
+        self.weight_scale_inv = None  # FP8 block scales when fp8.quantize_linears converted the weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_scale_inv is not None:
+            y = fp8_linear(self, x)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
 
 
@@ -44,9 +49,10 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features_per_rank))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.reduce = reduce
+        self.weight_scale_inv = None  # FP8 block scales when fp8.quantize_linears converted the weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight) if self.weight_scale_inv is None else fp8_linear(self, x)
         if self.reduce:
             y = all_reduce(y)
         return y if self.bias is None else y + self.bias

@@ -16,6 +16,7 @@ import zlib
 from pathlib import Path
 
 import torch
+from disagg.common.models.fp8 import fp8_block_size, fp8_gemm_backend, quantize_linears
 from disagg.common.parallel.state import get_parallel
 from tqdm import tqdm
 
@@ -106,20 +107,39 @@ PRESETS["DeepSeek-V3"] = dict(
     topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=1536, kv_lora_rank=512,
     qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, vocab_size=129280, max_position_embeddings=163840,
     rms_norm_eps=1e-6, tie_word_embeddings=False, rope_parameters=dict(_DEEPSEEK_YARN, mscale=1.0, mscale_all_dim=1.0),
+    # as the checkpoint ships: FP8 weights, one scale per 128x128 block (dummy weights take this layout)
+    quantization_config=dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=[128, 128]),
 )  # fmt: skip
 
 
-def load_config(model_path: str):
-    """HF config of a folder, or of a preset name (dummy weights only)."""
+def load_config(model_path: str, overrides: str | dict | None = None):
+    """HF config of a folder, or of a preset name (dummy weights only), with `overrides`
+    (--json-model-override-args: a JSON object, e.g. '{"num_hidden_layers": 4}') merged in."""
     if model_path in PRESETS:
         spec = dict(PRESETS[model_path])
-        return _config_class(spec.pop("model_type"))(**spec)
-    path = Path(model_path) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(
-            f"--model-path {model_path!r}: no config.json there (presets for --load-format dummy: {', '.join(PRESETS)})"
-        )
-    return _config_class(json.loads(path.read_text())["model_type"]).from_pretrained(model_path)
+        config = _config_class(spec.pop("model_type"))(**spec)
+    else:
+        path = Path(model_path) / "config.json"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"--model-path {model_path!r}: no config.json there (presets for --load-format dummy: {', '.join(PRESETS)})"
+            )
+        config = _config_class(json.loads(path.read_text())["model_type"]).from_pretrained(model_path)
+    config.update(parse_model_overrides(overrides))
+    return config
+
+
+def parse_model_overrides(overrides: str | dict | None) -> dict:
+    """--json-model-override-args as a dict (ValueError naming the flag if it is no JSON object)."""
+    if isinstance(overrides, dict) or not overrides:
+        return dict(overrides or {})
+    try:
+        parsed = json.loads(overrides)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--json-model-override-args {overrides!r}: not JSON ({e})") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"--json-model-override-args {overrides!r}: expected a JSON object")
+    return parsed
 
 
 def _config_class(model_type: str):
@@ -140,9 +160,20 @@ def _config_class(model_type: str):
 
 
 def load_weights(model: torch.nn.Module, model_path: str, load_format: str) -> None:
+    """Real or dummy weights; then, for an FP8 block-quantized config on a device that runs FP8
+    GEMMs (fp8.py), the linear layers take the FP8 block layout (dummy: random weights in it)."""
     if load_format == "dummy":
         _init_dummy(model)
-        return
+    else:
+        _load_checkpoint(model, model_path)
+    block = fp8_block_size(model.config)
+    backend = fp8_gemm_backend(next(model.parameters()).device) if block else None
+    if backend:
+        n = quantize_linears(model, block, backend)
+        logger.info("FP8 block GEMMs (%s, blocks %s): %d linear layers", backend, block, n)
+
+
+def _load_checkpoint(model: torch.nn.Module, model_path: str) -> None:
     files = _safetensors_files(Path(model_path))
     params = dict(model.named_parameters())
     loaded: set[str] = set()
@@ -227,6 +258,7 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+_LAYER = re.compile(r"^layers\.(\d+)\.")
 _FUSED = {
     "q_proj": ("qkv_proj", 0),
     "k_proj": ("qkv_proj", 1),
@@ -253,6 +285,9 @@ def _load_one(model, params: dict, name: str, tensor_slice) -> str | None:
         return None
     if "rotary_emb" in name:
         return None
+    layer = _LAYER.match(name)
+    if layer and int(layer.group(1)) >= model.config.num_hidden_layers:
+        return None  # V3's MTP layer; layers past a --json-model-override-args num_hidden_layers
     from disagg.common.models.deepseek import is_mla, load_mla_weight
 
     if is_mla(model.config):

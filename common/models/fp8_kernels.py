@@ -1,0 +1,135 @@
+"""Triton kernels of the FP8 block-scaled GEMM (fp8.py): per-token-group activation quantization and
+the block-scaled matmul. Written after SGLang's / vLLM's `w8a8_block_fp8_matmul` scheme.
+
+Both run on Hopper (FP8 tensor cores) and, on tiny shapes, in Triton's CPU interpreter
+(TRITON_INTERPRET=1), where the FP8 tiles are widened to float32 before the dot (`UPCAST`).
+"""
+
+from __future__ import annotations
+
+import torch
+from disagg.common.config import triton_interpret
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU install: weights are dequantized at load, these kernels never run
+    triton = None
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _group_quant_kernel(x_ptr, q_ptr, s_ptr, K, groups, stride_xm, eps, fp8_max, GROUP: tl.constexpr):
+        # one program per (token, group): scale = amax / 448, q = x / scale
+        pid = tl.program_id(0)
+        row, g = pid // groups, pid % groups
+        offs = g * GROUP + tl.arange(0, GROUP)
+        mask = offs < K
+        x = tl.load(x_ptr + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x)), eps) / fp8_max
+        q = tl.clamp(x / scale, -fp8_max, fp8_max)
+        tl.store(q_ptr + row * K + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + pid, scale)
+
+    @triton.jit
+    def _block_fp8_matmul_kernel(
+        a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr,
+        M, N, K, group_n, stride_am, stride_bn, stride_cm, stride_asm, stride_bsn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):  # fmt: skip
+        # C[M, N] = sum over K-blocks k of (A_k @ B_k^T) * a_scale[m, k] * b_scale[n // group_n, k];
+        # A [M, K] and B [N, K] FP8, row-major; BLOCK_K is the quantization group (one scale per tile)
+        pid = tl.program_id(0)
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        # GROUP_M row tiles walk the columns together: their B tiles are shared in L2
+        width = GROUP_M * num_n
+        first_m = (pid // width) * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m, mask_n = offs_m < M, offs_n < N
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None]  # a [BLOCK_K, BLOCK_N] tile of B^T
+        as_ptrs = as_ptr + offs_m * stride_asm
+        bs_ptrs = bs_ptr + (offs_n // group_n) * stride_bsn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[None, :] & (offs_k[:, None] < k_left), other=0.0)
+            a_s = tl.load(as_ptrs + k, mask=mask_m, other=0.0)
+            b_s = tl.load(bs_ptrs + k, mask=mask_n, other=0.0)
+            if UPCAST:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def quantize_activation_groups_triton(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8.quantize_activation_groups on the device: x [M, K] -> (fp8 [M, K], float32 [M, ceil(K/group)])."""
+    x = x.contiguous()
+    m, k = x.shape
+    groups = triton.cdiv(k, group)
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((m, groups), dtype=torch.float32, device=x.device)
+    if m:
+        _group_quant_kernel[(m * groups,)](x, q, s, k, groups, x.stride(0), 1e-10, 448.0, GROUP=group)
+    return q, s
+
+
+def matmul_config(m: int, n: int, k: int) -> dict:
+    """Tile sizes by the number of tokens (decode: few rows, so narrow tiles and more of them
+    to spread the weight read over the SMs; prefill: square 128 tiles). The benchmark
+    (common/bench/fp8_gemm.py --sweep) times the alternatives."""
+    if m <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=4)
+    if m <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def block_fp8_matmul(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    wq: torch.Tensor,
+    ws: torch.Tensor,
+    block: tuple[int, int],
+    out_dtype: torch.dtype,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """(xq * xs) @ (wq * ws)^T: xq [M, K] fp8, xs [M, ceil(K/bk)], wq [N, K] fp8, ws [ceil(N/bn), ceil(K/bk)]."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    bn, bk = block
+    if (
+        wq.shape[1] != k
+        or xs.shape != (m, triton.cdiv(k, bk))
+        or ws.shape != (triton.cdiv(n, bn), xs.shape[1])
+    ):
+        raise ValueError(
+            f"block FP8 matmul: shapes x {tuple(xq.shape)}/{tuple(xs.shape)}, w {tuple(wq.shape)}/{tuple(ws.shape)}"
+        )
+    c = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m == 0:
+        return c
+    cfg = dict(config or matmul_config(m, n, k))
+    if triton_interpret():  # the interpreter: small tiles, no pipelining hints
+        cfg = dict(BLOCK_M=16, BLOCK_N=min(bn, 32), GROUP_M=2)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _block_fp8_matmul_kernel[grid](
+        xq, wq, c, xs, ws, m, n, k, bn, xq.stride(0), wq.stride(0), c.stride(0), xs.stride(0), ws.stride(0),
+        BLOCK_K=bk, UPCAST=triton_interpret(), **cfg,
+    )  # fmt: skip
+    return c
