@@ -405,7 +405,8 @@ class Proxy:
                     state.tail = b""  # the broken worker's half event is dropped, not glued to the next
                     legs, chunk = (leg, *others), leg.first_chunk
                     continue
-                code, message = moved or (code, message)
+                if moved:  # the stream's own failure types the error; the continuation's is told too
+                    message = f"{message}; continuing on another worker failed: {moved[1]}"
                 metrics.labelled(metrics.STREAM_ERRORS, code).inc()
                 yield error_event(message, code)
                 outcome, status = "error", failure_status(code)

@@ -1,12 +1,15 @@
-"""Helpers to start fake workers and routers as child processes (tests and `disagg.router.bench`)."""
+"""Helpers to start fake workers and routers as child processes (tests and `disagg.router.bench`),
+and a slow or partitioned TCP link for network fault tests."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -92,3 +95,75 @@ def router(args: list[str], port: int | None = None, quiet: bool = True) -> Proc
         *args,
     ]
     return Process(argv, f"http://127.0.0.1:{port}", ready_path="/liveness", quiet=quiet)
+
+
+class SlowLink:
+    """A TCP proxy on 127.0.0.1 in front of `port`, for network fault tests (run in a thread).
+
+    Each chunk, either way, waits `delay` seconds before it is passed on (a slow, high-latency
+    link). `partition()` holds every byte and every close until `heal()` (a network partition that
+    later heals: nothing is lost, nothing passes meanwhile). `url` is where to connect instead."""
+
+    def __init__(self, port: int, delay: float = 0.0):
+        self.target, self.delay = port, delay
+        self._open = None  # asyncio.Event, set while bytes may pass
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> SlowLink:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def partition(self) -> None:
+        self._loop.call_soon_threadsafe(self._open.clear)
+
+    def heal(self) -> None:
+        self._loop.call_soon_threadsafe(self._open.set)
+
+    def __enter__(self) -> SlowLink:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._open = asyncio.Event()
+        self._open.set()
+        server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            client_w.close()
+            return
+        await asyncio.gather(self._pump(client_r, server_w), self._pump(server_r, client_w))
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                await self._open.wait()
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            await self._open.wait()  # a close passes a partition no sooner than bytes do
+            writer.close()

@@ -132,7 +132,7 @@ def test_text_the_old_worker_held_back_comes_first():
     assert json.loads(out[6:])["choices"][0]["text"] == " world"
 
 
-def test_a_continuation_that_fails_ends_the_stream_with_its_typed_error():
+def test_a_continuation_that_fails_ends_the_stream_with_a_typed_error():
     first = STREAM_HEAD + chunk(sse(chat_chunk(None, prompt_token_ids=[1])) + sse(chat_chunk(" a", [7])))
     error = json.dumps({"error": {"message": "busy", "type": "server_error", "code": "kv_transfer_failed"}})
     refused = (
@@ -142,4 +142,9 @@ def test_a_continuation_that_fails_ends_the_stream_with_its_typed_error():
     upstream = Upstream([first, refused.encode()])
     _, data = asyncio.run(through_router(upstream, "/v1/chat/completions", body, retry_max_retries=1))
     assert json.loads(data[1])["choices"][0]["delta"]["content"] == " a"
-    assert json.loads(data[-2])["error"]["code"] == "kv_transfer_failed" and data[-1] == "[DONE]"
+    error = json.loads(data[-2])["error"]  # why the stream broke, and why it could not go on
+    assert (
+        error["code"] == "upstream_unavailable"
+        and "failed: busy" in error["message"]
+        and data[-1] == "[DONE]"
+    )
