@@ -19,6 +19,7 @@ from disagg.common.engine.request import Req
 from disagg.common.engine.scheduler import Scheduler
 from disagg.common.models import moe
 from disagg.common.models.decoder import head_dim_of
+from disagg.common.models.deepseek import is_mla
 from disagg.common.models.moe import SparseMoE
 from disagg.common.parallel.ranks import broadcast_plan
 from disagg.common.parallel.state import get_parallel
@@ -52,7 +53,14 @@ def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
     a = torch.randn(m, m, device=device, dtype=dtype)
     b = torch.randn(m, m, device=device, dtype=dtype)
     flops = 2 * m**3 / timed(lambda: a @ b, device)
-    return {"copy_gb_s": bw / 1e9, "matmul_tflops": flops / 1e12}
+    ceil = {"copy_gb_s": bw / 1e9, "matmul_tflops": flops / 1e12}
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0):
+        # the FP8 ceiling (cuBLAS, per-tensor scales) an FP8 checkpoint's GEMMs compare with
+        one = torch.ones((), device=device)
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t().contiguous().t()
+        fp8_s = timed(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=dtype), device)
+        ceil["fp8_matmul_tflops"] = 2 * m**3 / fp8_s / 1e12
+    return ceil
 
 
 def _make_req(rid: str, length: int, vocab: int, new_tokens: int) -> Req:
@@ -266,6 +274,7 @@ def main() -> None:
         default="auto",
         help="torch: the batched-matmul MoE path even on the GPU (for before/after; this process only, tp 1)",
     )
+    p.add_argument("--json-model-override-args", default="{}", help="JSON merged into the model config")
     p.add_argument("--batch-sizes", default="1,16,64")
     p.add_argument("--context-len", type=int, default=1024)
     p.add_argument("--prefill-len", type=int, default=4096)
@@ -295,6 +304,7 @@ def main() -> None:
         tp=args.tp,
         ep=args.ep,
         disable_cuda_graph=args.disable_cuda_graph,
+        json_model_override_args=args.json_model_override_args,
     )
     sched = engine.scheduler
     device, dtype = sched.runner.device, sched.runner.dtype
@@ -383,7 +393,9 @@ def prefill_row(traffic: dict, ceil: dict, c, n: int, tp: int, seconds: float) -
         traffic["dense_params"]
         + traffic["moe_layers"] * traffic.get("local_slots", 0) * traffic["expert_params"]
     )
-    attn = 2 * 2 * c.num_hidden_layers * (c.num_attention_heads // tp) * head_dim_of(c) * n * n / 2
+    # per head: q.k over the query/key dim, p.v over the value dim (MLA: 192 and 128, not the latent's)
+    qk_v = c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim if is_mla(c) else 2 * head_dim_of(c)
+    attn = 2 * c.num_hidden_layers * (c.num_attention_heads // tp) * qk_v * n * n / 2
     flops = 2 * active * n + 2 * traffic["head_params"] + attn
     touched = min(traffic.get("num_local", 0), n * traffic.get("local_slots", 0))  # at most all, at most n*k
     experts_read = traffic["moe_layers"] * traffic["expert_bytes"] * touched
@@ -407,7 +419,9 @@ def prefill_row(traffic: dict, ceil: dict, c, n: int, tp: int, seconds: float) -
 
 def print_report(ceil: dict, traffic: dict, kv_tok: int, rows: list[dict], gen: list[dict]) -> None:
     print(
-        f"\nceilings (this run): copy {ceil['copy_gb_s']:.0f} GB/s, matmul {ceil['matmul_tflops']:.1f} TFLOP/s; "
+        f"\nceilings (this run): copy {ceil['copy_gb_s']:.0f} GB/s, matmul {ceil['matmul_tflops']:.1f} TFLOP/s"
+        + (f" (FP8 {ceil['fp8_matmul_tflops']:.1f})" if "fp8_matmul_tflops" in ceil else "")
+        + "; "
         f"dense weights {traffic['dense_bytes'] / 1e9:.2f} GB, one expert {traffic['expert_bytes'] / 1e6:.1f} MB "
         f"x {traffic['moe_layers']} MoE layers, KV {kv_tok / 1024:.0f} KiB/token"
     )
