@@ -67,7 +67,7 @@ def _stream(fmt, text: str, step: int, named: str | None = None) -> tuple[str, l
 
 @pytest.mark.parametrize("fmt,text,content,calls", CASES)
 def test_parsers_read_whole_outputs(fmt, text, content, calls):
-    got_content, got_calls = parse_tool_calls(text, fmt)
+    got_content, got_calls = parse_tool_calls(text, ToolCallStreamer(fmt))
     assert got_content == content
     assert [(c["function"]["name"], c["function"]["arguments"]) for c in got_calls] == calls
     for c in got_calls:
@@ -103,8 +103,14 @@ def test_parallel_tool_calls_false_keeps_the_first_call():
         assert streamer.finish().content == "" and _reassemble(deltas) == [("a", "{}")]
 
 
+def test_plan_parse_keeps_one_call_without_parallel_calls():
+    plan = _plan(tools=[TOOL], parallel_tool_calls=False)
+    assert plan.parse(CASES[1][1])[1][0]["function"]["name"] == "a" and len(plan.parse(CASES[1][1])[1]) == 1
+    assert len(_plan(tools=[TOOL]).parse(CASES[1][1])[1]) == 2
+
+
 def test_named_choice_output_is_the_arguments():
-    content, calls = parse_tool_calls('{"city": "Paris"}', None, named="get_weather")
+    content, calls = parse_tool_calls('{"city": "Paris"}', ToolCallStreamer(None, named="get_weather"))
     assert content is None and calls[0]["function"] == {
         "name": "get_weather",
         "arguments": '{"city": "Paris"}',

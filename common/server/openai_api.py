@@ -34,7 +34,7 @@ from disagg.common.server.serving import (
 )
 from disagg.common.server.shared_prompt import SharedPrompts, worth_sharing
 from disagg.common.server.tool_choice import ToolPlan, plan_tools
-from disagg.common.server.tool_parsers import ToolCallStreamer, parse_tool_calls
+from disagg.common.server.tool_parsers import ToolCallStreamer
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -278,8 +278,8 @@ def choice_body(job: Job, i: int, acc: ChoiceAcc) -> dict:
         lp = {"content": chat_logprobs(acc)} if job.sampling.return_logprob else None
         message = {"role": "assistant", "content": acc.text}
         if job.tools:
-            message["content"], calls = parse_tool_calls(acc.text, job.tools.fmt, job.tools.named)
-            message["tool_calls"] = calls
+            message["content"], calls = job.tools.parse(acc.text)
+            message["tool_calls"] = calls or None
             reason = job.tools.finish_reason(bool(calls), reason)
         return {"index": i, "message": message, "logprobs": lp, "finish_reason": reason,
                 "matched_stop": last.matched_stop if last else None, **ids}  # fmt: skip

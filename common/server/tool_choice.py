@@ -25,6 +25,7 @@ from disagg.common.server.tool_parsers import (
     REQUIRED,
     CallFormat,
     ToolCallStreamer,
+    parse_tool_calls,
 )
 
 # The template used for requests with tools when the model's own has no tool format (SmolLM2's has
@@ -96,6 +97,10 @@ class ToolPlan:
 
     def streamer(self) -> ToolCallStreamer:
         return ToolCallStreamer(self.fmt, self.named, self.max_calls)
+
+    def parse(self, text: str) -> tuple[str | None, list[dict]]:
+        """(content, tool_calls) of a whole output: the streamer, run over it at once."""
+        return parse_tool_calls(text, self.streamer())
 
     def finish_reason(self, called: bool, reason: str) -> str:
         """OpenAI's: "tool_calls" when the model chose to call (auto, required); a call forced by

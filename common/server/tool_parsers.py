@@ -319,8 +319,7 @@ def _held_back(text: str, markers: tuple[str, ...]) -> int:
     return hold
 
 
-def parse_tool_calls(text: str, fmt: CallFormat | None, named: str | None = None) -> tuple[str | None, list]:
-    """(content or None, tool_calls) of a whole output: the streamer run over it at once."""
-    streamer = ToolCallStreamer(fmt, named)
+def parse_tool_calls(text: str, streamer: ToolCallStreamer) -> tuple[str | None, list]:
+    """(content or None, tool_calls) of a whole output: a fresh streamer run over it at once."""
     content = streamer.feed(text).content + streamer.finish().content
     return (content if content.strip() or not streamer.called else None), streamer.tool_calls()
