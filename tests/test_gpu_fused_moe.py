@@ -1,7 +1,8 @@
 """The Triton fused MoE routes (softmax top-k) and lays tokens out per expert exactly as torch does,
 and gives the torch grouped path's sums (both its GEMV and grouped-GEMM paths, with other ranks'
 experts skipped), on the GPU and, where triton is installed, on the CPU under TRITON_INTERPRET=1;
-on the GPU it also replays inside a CUDA graph."""
+on the GPU it also replays inside a CUDA graph, the model layers use the fused routing, and
+redundant experts re-placed by EPLB under CUDA graphs give the tokens of the plain layout."""
 
 from __future__ import annotations
 
@@ -92,6 +93,11 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
     check = scope["check"]
     scope["check_align"]("cuda")
     scope["check_topk"]("cuda")
+    from disagg.common.models.fused_moe import fused_topk_ok
+
+    # the start-up check that lets SparseMoE.route use the one-launch routing (Qwen3-30B-A3B, Mixtral)
+    assert fused_topk_ok(torch.device("cuda", 0), 128, 8, True)
+    assert fused_topk_ok(torch.device("cuda", 0), 8, 2, True)
     # Qwen3-30B-A3B's expert shape at decode batch 1 and 64 and a prefill chunk
     for tokens, path in ((1, "gemv"), (8, "gemv"), (64, "grouped"), (2048, "grouped"), (3, "grouped")):
         check("cuda", torch.bfloat16, tokens, 8, 128, 768, 2048, path, 2e-2)
@@ -109,3 +115,52 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
     graph.replay()
     # NOTE: split-K sums by atomics, in any order: equal up to bf16 rounding
     torch.testing.assert_close(out, fused_experts(x, w13, w2, weights, ids), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_redundant_experts_under_cuda_graphs_keep_the_tokens(tmp_path):
+    """--ep-num-redundant-experts 2, a skewed load file and re-placement every 3 steps while decode
+    replays CUDA graphs (maps and weights change in place): bf16 greedy tokens as the same model's
+    without EPLB on this GPU, within the logprob-closeness check of test_gpu_engine (equal up to the
+    first difference, where each side's token is in the other's top 5: split-K sums by atomics)."""
+    pytest.importorskip("triton")
+    pytest.importorskip("flashinfer")
+    from disagg.common.engine.offline import Engine
+    from disagg.common.models.eplb import moe_layers, save_expert_load
+
+    from tests.conftest import TINY_CONFIGS, make_tiny_model
+    from tests.test_common_moe import MOE_CONFIGS
+
+    TINY_CONFIGS["qwen3_moe"] = MOE_CONFIGS["qwen3_moe"]
+    try:
+        path = make_tiny_model(tmp_path / "m", "qwen3_moe", **MOE_CONFIGS["qwen3_moe"])
+    finally:
+        TINY_CONFIGS.pop("qwen3_moe")
+    save_expert_load(tmp_path / "load.json", {0: [1, 1, 1, 1, 1, 1, 1, 900], 1: [900, 1, 1, 1, 1, 1, 1, 1]})
+    prompts = [[i + 1, 2 * i + 3, 5, 7 * i + 11, 13] for i in range(12)]
+    params = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True, "top_logprobs_num": 5}
+    outs, placements = [], []
+    for eplb in ({}, dict(ep_num_redundant_experts=2, init_expert_location=str(tmp_path / "load.json"),
+                          eplb_rebalance_num_iterations=3)):  # fmt: skip
+        engine = Engine(model_path=path, attention_backend="flashinfer", dtype="bfloat16", page_size=4,
+                        max_total_tokens=4096, **eplb)  # fmt: skip
+        try:
+            assert engine.scheduler.runner.graph_runner is not None  # decode replays graphs
+            outs.append(engine.generate(prompts, params))
+            placements.append(
+                [m.physical_to_logical for m in moe_layers(engine.scheduler.runner.model).values()]
+            )
+        finally:
+            engine.shutdown()
+    assert placements[1] != [list(range(8)) + [0, 1]] * 2  # placed from the load, not p % E
+    exact = 0
+    for plain, eplb in zip(*outs, strict=True):
+        a, b = plain["output_ids"], eplb["output_ids"]
+        k = next((j for j, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+        if k is None:
+            exact += 1
+            continue
+        assert b[k] in {t for t, _ in plain["meta_info"]["output_top_logprobs"][k]}
+        assert a[k] in {t for t, _ in eplb["meta_info"]["output_top_logprobs"][k]}
+    assert exact >= len(prompts) // 2  # a wrong expert map would change nearly every continuation

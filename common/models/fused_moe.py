@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -29,6 +30,7 @@ try:
 except ImportError:  # the CPU image: the torch path in moe_align.py runs instead
     triton = None
 
+logger = logging.getLogger(__name__)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 _TRITON_ALIGN_MAX_PAIRS = 1 << 30  # pairs above which the torch alignment runs instead
 _CONFIGS = Path(__file__).with_name("fused_moe_configs.json")
@@ -116,8 +118,7 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict) -> torch.Tensor:
 def fused_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(logits) -> top-k (weights float32 [T, k], ids int64 [T, k]), renormalised over the k
     if asked, in one launch (torch's softmax + sort-based top-k + renormalisation: ~5 kernels,
-    ~12 us per layer at batch 1). NOTE: checked under the interpreter only; SparseMoE.route uses it
-    once tests/test_gpu_fused_moe.py has passed on a GPU (no device time was left this session)."""
+    ~12 us per layer at batch 1). SparseMoE.route uses it where `fused_topk_ok` says it agrees."""
     num_tokens, num_experts = logits.shape
     weights = torch.empty(num_tokens, k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(num_tokens, k, dtype=torch.int64, device=logits.device)
@@ -126,6 +127,29 @@ def fused_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.T
         K=k, E_POW2=triton.next_power_of_2(num_experts), RENORMALIZE=renormalize, num_warps=1,
     )  # fmt: skip
     return weights, ids
+
+
+@functools.cache
+def fused_topk_ok(device: torch.device, num_experts: int, k: int, renormalize: bool) -> bool:
+    """Whether fused_topk picks torch's experts with torch's weights on this device and shape:
+    checked once per shape when a layer is built (never inside a graph capture); on a mismatch or
+    an error the layer keeps the torch routing, so a kernel bug costs speed, not tokens."""
+    if not (fused_moe_available() and device.type == "cuda"):
+        return False
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        logits = torch.randn(256, num_experts, device=device, generator=gen)  # float32: no ties
+        weights, ids = fused_topk(logits, k, renormalize)
+        want_w, want_ids = torch.softmax(logits, dim=-1).topk(k, dim=-1)
+        if renormalize:
+            want_w = want_w / want_w.sum(dim=-1, keepdim=True)
+        ok = torch.equal(ids, want_ids) and torch.allclose(weights, want_w, rtol=1e-5, atol=1e-6)
+    except Exception:  # noqa: BLE001 - any failure: the torch routing, loudly
+        logger.exception("fused_topk failed its start-up check (E=%d, k=%d): torch routing", num_experts, k)
+        return False
+    if not ok:
+        logger.warning("fused_topk disagrees with torch (E=%d, k=%d): torch routing", num_experts, k)
+    return ok
 
 
 def align_blocks(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 
 import torch
-from disagg.common.models.fused_moe import fused_experts, fused_moe_available
+from disagg.common.models.fused_moe import fused_experts, fused_moe_available, fused_topk, fused_topk_ok
 from disagg.common.models.moe_a2a import a2a_moe
 from disagg.common.models.moe_align import grouped_experts
 from disagg.common.parallel.state import all_reduce, get_parallel
@@ -84,6 +84,10 @@ class SparseMoE(nn.Module):
                 f"--moe-a2a-backend all_to_all needs --ep equal to --tp (got tp {ps.tp_size}, ep {ps.ep_size})"
             )
         self.gate = nn.Linear(config.hidden_size, self.num_experts, bias=False)
+        # one Triton launch for softmax + top-k + renormalisation on the GPU, where it agrees with torch
+        self.fused_routing = fused_topk_ok(
+            self.gate.weight.device, self.num_experts, self.top_k, self.renormalize
+        )
         self.experts = Experts(self.num_local, config.hidden_size, self.inter_local)
         # count the routed (token, slot) pairs per expert (expert_load); off by default: the
         # count costs two small kernels a layer, ~5% of a batch-1 decode step
@@ -156,6 +160,8 @@ class SparseMoE(nn.Module):
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax top-k routing: float32 weights (renormalised over the k if the model says so)
         and int64 global expert ids, each [T, k]."""
+        if self.fused_routing and logits.is_cuda:
+            return fused_topk(logits, self.top_k, self.renormalize)
         weights, ids = torch.softmax(logits.float(), dim=-1).topk(self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
