@@ -189,7 +189,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-total-tokens", type=int, default=d.max_total_tokens,
                    help="KV pool size in tokens (default: GPU from --mem-fraction-static; CPU from the memory "
                         "available, at most 512 MiB)")  # fmt: skip
-    g.add_argument("--mem-fraction-static", type=float, default=d.mem_fraction_static)
+    g.add_argument("--mem-fraction-static", type=float, default=d.mem_fraction_static,
+                   help="share of the whole GPU this server may hold: weights + KV pool + workspace (the pool "
+                   "gets what is left of it after the weights), so two servers at 0.4 each share one GPU")  # fmt: skip
     g.add_argument("--chunked-prefill-size", type=int, default=d.chunked_prefill_size)
     g.add_argument("--max-running-requests", type=int, default=d.max_running_requests)
     g.add_argument("--max-prefill-tokens", type=int, default=d.max_prefill_tokens)

@@ -47,3 +47,21 @@ def test_a_container_limit_counts_not_the_hosts_memory(monkeypatch):
     monkeypatch.setattr(kv_pool, "_cgroup_room", lambda: 1 << 30)  # memory.max - memory.current
     pages = size_pool_pages(DEFAULT_MODEL_PAGE_BYTES, PAGE, CPU, None, 0.85)
     assert pages == (256 << 20) // DEFAULT_MODEL_PAGE_BYTES
+
+
+def test_mem_fraction_static_is_a_share_of_the_whole_gpu_so_two_servers_fit_one() -> None:
+    """--mem-fraction-static 0.4 on two servers of one 139 GiB GPU: each pool is 0.4 of the GPU minus
+    its own weights, whichever server sizes its pool second (the other's memory does not count)."""
+    from disagg.common.engine.kv_pool import GPU_CONTEXT_BYTES, gpu_pool_budget
+
+    GiB = 1 << 30
+    total, weights = 139 * GiB, 16 * GiB
+    free = total - weights - GPU_CONTEXT_BYTES  # the first server's weights are loaded
+    first = gpu_pool_budget(free, total, weights, 0.4)
+    free -= first + weights + GPU_CONTEXT_BYTES  # the second server loads its weights after it
+    second = gpu_pool_budget(free, total, weights, 0.4)
+    assert first == second == int(0.4 * total - weights - GPU_CONTEXT_BYTES)
+    assert free - second > 0  # both fit, with room to spare
+    # never more than is free: a third server at 0.4 gets what is left (less the headroom), or none
+    free -= second + weights + GPU_CONTEXT_BYTES
+    assert gpu_pool_budget(free, total, weights, 0.4) < first

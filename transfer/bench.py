@@ -5,6 +5,10 @@
     python -m disagg.transfer.bench --device cuda --quick   # 64K, 64M, 256M, 1G + the 8B request, 5 iters
     python -m disagg.transfer.bench --sizes 64K,1M --skip-8b --iters 50   # the fixed costs, on the CPU
     python -m disagg.transfer.bench --sizes 64K,64M --skip-8b --trace     # + when rooms pass each hop
+    python -m disagg.transfer.bench --transport direct      # same host: copies into the decode's pool
+
+With --transport direct (what two servers of one host use: transfer/direct.py) the ceiling beside
+each row is also a device copy of the same pages inside one process ("copy ms").
 
 This process is the prefill side (KVSender); a spawned process is the decode side (KVReceiver).
 Latency is measured here, from send() to the room's success in poll() (which needs the decode's
@@ -23,7 +27,9 @@ from typing import Any
 
 import torch
 from disagg.common.config import set_transfer_trace
+from disagg.common.shm import shareable_zeros
 from disagg.transfer import base
+from disagg.transfer.direct import copy_pages
 from disagg.transfer.layout import KVLayout
 from disagg.transfer.sender import default_max_message_bytes
 from disagg.transfer.testing import wait_results
@@ -40,17 +46,22 @@ def page_bytes(layout: KVLayout) -> int:
     return layout.num_layers * 2 * layout.page_size * layout.num_local_heads * layout.head_dim * 2
 
 
-def decode_main(device: str, sweep_pages: int, llama_pages: int, conn: Any) -> None:
+def _decode_pool(layout: KVLayout, pages: int, device: str, direct: bool) -> torch.Tensor:
+    if direct and device == "cpu":
+        return shareable_zeros(layout.pool_shape(pages), torch.bfloat16)
+    return torch.zeros(layout.pool_shape(pages), dtype=torch.bfloat16, device=device)
+
+
+def decode_main(device: str, sweep_pages: int, llama_pages: int, conn: Any, direct: bool = False) -> None:
     """The decode process: receivers for both layouts, a raw listener, commands over `conn`."""
     import ucxx
     from disagg.transfer.receiver import KVReceiver
 
     sweep = KVReceiver(
-        torch.zeros(SWEEP_LAYOUT.pool_shape(sweep_pages), dtype=torch.bfloat16, device=device), SWEEP_LAYOUT
+        _decode_pool(SWEEP_LAYOUT, sweep_pages, device, direct), SWEEP_LAYOUT, allow_direct=direct
     )
     llama = KVReceiver(
-        torch.zeros(LLAMA8B_LAYOUT.pool_shape(llama_pages), dtype=torch.bfloat16, device=device),
-        LLAMA8B_LAYOUT,
+        _decode_pool(LLAMA8B_LAYOUT, llama_pages, device, direct), LLAMA8B_LAYOUT, allow_direct=direct
     )
     raw_eps: list[Any] = []
     listener = sweep.ucx.run_sync(lambda: ucxx.create_listener(lambda ep: raw_eps.append(ep)))
@@ -117,7 +128,9 @@ async def _raw_send(ep: Any, buf: torch.Tensor) -> float:
 
 
 class Bench:
-    def __init__(self, device: str, decode_device: str, max_bytes: int, max_message_bytes: int) -> None:
+    def __init__(
+        self, device: str, decode_device: str, max_bytes: int, max_message_bytes: int, direct: bool = False
+    ) -> None:
         from disagg.transfer.sender import KVSender
 
         self.device = device
@@ -142,7 +155,9 @@ class Bench:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(
-            target=decode_main, args=(decode_device, self.sweep_pages, self.llama_pages, child), daemon=True
+            target=decode_main,
+            args=(decode_device, self.sweep_pages, self.llama_pages, child, direct),
+            daemon=True,
         )
         self.proc.start()
         raw_port = self.conn.recv()
@@ -197,6 +212,24 @@ class Bench:
         while not sender.ucx.run_sync(arrived):
             time.sleep(0.0002)
 
+    def copy(self, which: str, num_pages: int) -> float:
+        """The ceiling of the direct path: the same scattered pages copied pool to pool in this process."""
+        sender, pool_pages = (
+            (self.sweep, self.sweep_pages) if which == "sweep" else (self.llama, self.llama_pages)
+        )
+        if getattr(sender, "_copy_dst", None) is None:
+            sender._copy_dst = torch.zeros_like(sender.kv_buffer)
+        src = torch.randperm(pool_pages)[:num_pages].to(self.device)
+        dst = torch.randperm(pool_pages)[:num_pages].to(self.device)
+        heads = (0, sender.kv_buffer.shape[4])
+        if self.device != "cpu":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        copy_pages(sender.kv_buffer, src, heads, sender._copy_dst, dst, heads)
+        if self.device != "cpu":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
     def raw(self, nbytes: int) -> float:
         buf = torch.ones(nbytes, dtype=torch.uint8, device=self.device)
         self.conn.send(("raw", nbytes))
@@ -228,12 +261,15 @@ def _median(fn: Any, iters: int) -> Any:
     return statistics.median(runs)
 
 
-def _fmt_row(name: str, nbytes: int, engine: tuple[float, float], raw_s: float) -> str:
+def _fmt_row(name: str, nbytes: int, engine: tuple[float, float], raw_s: float, copy_s: float | None) -> str:
     prefill_s, decode_s = engine
-    return (
+    row = (
         f"{name:>22} {nbytes / MiB:9.2f} {decode_s * 1e3:10.3f} {prefill_s * 1e3:10.3f} {nbytes / decode_s / 1e9:9.2f}"
         f" {raw_s * 1e3:9.3f} {nbytes / raw_s / 1e9:9.2f} {raw_s / decode_s * 100:8.0f}%"
     )
+    if copy_s is not None:
+        row += f" {copy_s * 1e3:9.3f} {copy_s / decode_s * 100:8.0f}%"
+    return row
 
 
 def print_trace(name: str, hops: dict[int, dict[str, float]]) -> None:
@@ -286,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="KVSender max_message_bytes (default: the KVSender's for the device)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="64K, 64M, 256M, 1G and the 8B request, 5 iters")
     parser.add_argument("--skip-8b", action="store_true", help="no 8B 2k-token request rows")
+    parser.add_argument("--transport", default="ucx", choices=["ucx", "direct"],
+                        help="direct: the decode offers its pool and the prefill copies into it (one host)")  # fmt: skip
     parser.add_argument("--trace", action="store_true",
                         help="also print the median ms after send() at which rooms pass each hop")  # fmt: skip
     args = parser.parse_args(argv)
@@ -299,15 +337,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.device == "cuda":
         device, decode_device = "cuda:0", "cuda:1" if torch.cuda.device_count() > 1 else "cuda:0"
     max_message = args.max_message_mib * MiB if args.max_message_mib else default_max_message_bytes(device)
-    bench = Bench(device, decode_device, max(sizes, default=MiB), max_message)
+    direct = args.transport == "direct"
+    bench = Bench(device, decode_device, max(sizes, default=MiB), max_message, direct)
     print(f"prefill on {device}, decode on {decode_device}; median of {iters} (x4 below 64 MiB); "
-          f"pages scattered; max message {max_message // MiB} MiB")  # fmt: skip
+          f"pages scattered; transport {args.transport}; max message {max_message // MiB} MiB")  # fmt: skip
     print("decode ms: send() until the decode's poll() has the room; prefill ms: until the prefill's poll()")
     print(
         "(after the decode's ack); GB/s and '% of raw' from decode ms; raw: one ucxx tag message + 1-byte ack"
     )
     head = ("transfer", "MiB", "decode ms", "prefill ms", "GB/s", "raw ms", "raw GB/s", "% of raw")
-    print("{:>22} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9}".format(*head))
+    head += ("copy ms", "% of copy") if direct else ()
+    print(("{:>22} {:>9} {:>10} {:>10}" + " {:>9}" * (len(head) - 4)).format(*head))
+    if direct:
+        print("copy ms: the same scattered pages copied pool to pool inside this process (the ceiling)")
     try:
         for size in sizes:
             pages = max(1, size // page_bytes(SWEEP_LAYOUT))
@@ -315,17 +357,19 @@ def main(argv: list[str] | None = None) -> None:
             engine_s = _median(lambda p=pages: bench.transfer("sweep", p), n)
             hops = bench.take_trace()
             raw_s = _median(lambda s=size: bench.raw(s), n)
-            print(_fmt_row("message", size, engine_s, raw_s), flush=True)
+            copy_s = _median(lambda p=pages: bench.copy("sweep", p), n) if direct else None
+            print(_fmt_row("message", size, engine_s, raw_s, copy_s), flush=True)
             if args.trace:
                 print_trace("message", hops)
         if not args.skip_8b:
             llama_bytes = LLAMA8B_TOKENS * page_bytes(LLAMA8B_LAYOUT) // 16
             raw_s = _median(lambda: bench.raw(llama_bytes), iters)
+            copy_s = _median(lambda: bench.copy("llama", LLAMA8B_TOKENS // 16), iters) if direct else None
             for chunks in (1, 4):
                 engine_s = _median(lambda c=chunks: bench.transfer("llama", LLAMA8B_TOKENS // 16, c), iters)
                 hops = bench.take_trace()
                 name = f"8B 2k tok, {chunks} chunk{'s' * (chunks > 1)}"
-                print(_fmt_row(name, llama_bytes, engine_s, raw_s), flush=True)
+                print(_fmt_row(name, llama_bytes, engine_s, raw_s, copy_s), flush=True)
                 if args.trace:
                     print_trace(name, hops)
     finally:

@@ -97,19 +97,35 @@ def size_pool_pages(
     max_total_tokens: int | None,
     mem_fraction: float,
 ) -> int:
-    """Pages from --max-total-tokens, else from --mem-fraction-static of the GPU's free memory
-    (after weights are loaded), else on the CPU from the memory available now (capped: see above)."""
+    """Pages from --max-total-tokens, else from --mem-fraction-static (see gpu_pool_budget), else on
+    the CPU from the memory available now (capped: see above)."""
     if max_total_tokens:
         return pages_for_tokens(max_total_tokens, page_size)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        budget = free - total * (1.0 - mem_fraction)
+        budget = gpu_pool_budget(free, total, torch.cuda.memory_reserved(device), mem_fraction)
         if budget <= bytes_per_page:
             raise RuntimeError(
-                f"no GPU memory left for the KV pool (free {free / 2**30:.1f} GiB): raise --mem-fraction-static"
+                f"no GPU memory left for the KV pool: --mem-fraction-static {mem_fraction} of "
+                f"{total / 2**30:.1f} GiB is {total * mem_fraction / 2**30:.1f} GiB, this server already holds "
+                f"{torch.cuda.memory_reserved(device) / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free"
             )
         return int(budget // bytes_per_page)
     return _cpu_pool_pages(bytes_per_page, page_size)
+
+
+GPU_CONTEXT_BYTES = 1 << 30  # the CUDA context and libraries' workspaces: outside torch's accounting
+GPU_FREE_HEADROOM = 2 << 30  # left free on the device for activations, graphs and other processes
+
+
+def gpu_pool_budget(free: int, total: int, held: int, mem_fraction: float) -> int:
+    """KV pool bytes for --mem-fraction-static: the share of the *whole* GPU this server may hold
+    (weights + KV + workspace), minus what it holds already (`held`: weights, loaded by now) and its
+    context, never more than what is free. So two servers at 0.4 each fit one GPU whichever sizes
+    its pool first (SGLang's formula, free - total * (1 - f), counted the other server's memory
+    against the second one)."""
+    share = total * mem_fraction - held - GPU_CONTEXT_BYTES
+    return int(min(share, free - GPU_FREE_HEADROOM))
 
 
 def _cpu_pool_pages(bytes_per_page: int, page_size: int) -> int:
