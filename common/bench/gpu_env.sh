@@ -21,7 +21,10 @@ for _d in .gpu/*/; do
   fi
 done
 if [ -f .gpu/fi_cache.tgz ] && [ ! -e /tmp/.fi_cache_done ]; then
+  # NOTE: mtimes kept (no --touch) and everything the builds depend on dated back, so that ninja
+  # finds no input newer than the cached objects: start-up falls from ~250 s to ~17 s
   tar xzf .gpu/fi_cache.tgz -C / 2>/dev/null && touch /tmp/.fi_cache_done
+  find /root/.cache/flashinfer /tmp/site -exec touch -h -d '2000-01-01 00:00:00' {} + 2>/dev/null
 fi
 mkdir -p /tmp/shim/disagg
 touch /tmp/shim/disagg/__init__.py

@@ -39,6 +39,12 @@ for step in "$@"; do
     moe-tp1) bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1,64 --context-len 1024 \
            --prefill-len 2048 --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/moe_tp1${TAG:-}.json ;;
     transfer-test) timeout "${T:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_transfer_tp.py -k gpu 2>&1 | tail -5 ;;
+    handoff) # issue 24: one GPU, prefill and decode processes on it: direct (CUDA IPC copy) vs UCX
+           for tr in direct ucx; do timeout "${T:-150}" python3 -m disagg.transfer.bench --device cuda --transport $tr \
+             --sizes 64M,256M --iters 5 --trace 2>&1 | grep -v "UCX  WARN" | tee $OUT/handoff_$tr.log | tail -12; done ;;
+    engine-warm) # builds the FlashInfer kernels the 8B servers use (then `fi-cache` saves them)
+           bench $B8 --batch-sizes 1,64 --context-len 1024 --prefill-len 4096 --decode-steps 16 \
+             --output-json $OUT/offline_8b.json | tail -14 ;;
     transfer) timeout "${T:-150}" python3 -m disagg.transfer.bench --device cuda --quick --trace 2>&1 | grep -v "UCX  WARN" | tail -40 ;;
     sweep) timeout "${T:-400}" python3 -m disagg.common.bench.pd_sweep --out-dir /tmp/sweep $B8 ${SWEEP_ARGS:-} 2>&1 \
              | grep -v "Loading\|jit" | tail -60
