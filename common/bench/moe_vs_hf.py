@@ -1,0 +1,81 @@
+"""Generation throughput of the engine against transformers `generate` on an MoE model (issue 19's
+"throughput vs transformers generate, batch 32" row): the same batch of random prompts, greedy, the
+same number of new tokens, prefill included on both sides, output tokens per second.
+
+    python -m disagg.common.bench.moe_vs_hf --model-path Qwen3-30B-A3B --load-format dummy \\
+        --batch 32 --context-len 1024 --new-tokens 64 --output-json $OUT/moe_vs_hf.json
+
+The engine runs in a child process (its weights, KV pool and CUDA graphs go with it), then
+transformers in this one: both copies of a 30B model would not fit one GPU together. Each side
+runs a short warm-up generate first (kernel builds, graph capture, autotuning are not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import time
+
+import torch
+
+
+def ours_tok_s(args: argparse.Namespace) -> dict:
+    """The engine's output tokens/s (child process)."""
+    from disagg.common.bench.offline import ours_generate
+    from disagg.common.engine.offline import Engine
+
+    t0 = time.perf_counter()
+    engine = Engine(model_path=args.model_path, load_format=args.load_format, disable_radix_cache=True,
+                    max_total_tokens=args.batch * (args.context_len + args.new_tokens + 64) + 8192,
+                    max_running_requests=args.batch + 8, chunked_prefill_size=8192, max_prefill_tokens=1 << 20,
+                    cuda_graph_max_bs=max(args.batch, 1))  # fmt: skip
+    start = time.perf_counter() - t0
+    sched = engine.scheduler
+    ours_generate(sched, 2, 64, 4)  # warm-up
+    tok_s = ours_generate(sched, args.batch, args.context_len, args.new_tokens)
+    out = dict(tok_s=tok_s, start_s=start, dtype=str(sched.runner.dtype), device=str(sched.runner.device))
+    engine.shutdown()
+    return out
+
+
+def _child(args: argparse.Namespace, conn) -> None:
+    conn.send(ours_tok_s(args))
+
+
+def hf_tok_s(args: argparse.Namespace, dtype: torch.dtype) -> float:
+    from disagg.common.bench.offline import bench_hf_generate
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return bench_hf_generate(args.model_path, args.load_format, device, dtype, args.batch, args.context_len,
+                             args.new_tokens)  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-path", default="Qwen3-30B-A3B")
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--context-len", type=int, default=1024)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--output-json", default=None)
+    args = p.parse_args()
+    parent, child = mp.get_context("spawn").Pipe()
+    proc = mp.get_context("spawn").Process(target=_child, args=(args, child))
+    proc.start()
+    ours = parent.recv()
+    proc.join()
+    print(f"ours: {ours['tok_s']:.1f} output tok/s ({ours['dtype']}, {ours['device']}, start {ours['start_s']:.0f} s)",
+          flush=True)  # fmt: skip
+    dtype = getattr(torch, ours["dtype"].removeprefix("torch."))
+    hf = hf_tok_s(args, dtype)
+    row = dict(batch=args.batch, context_len=args.context_len, new_tokens=args.new_tokens, ours_tok_s=ours["tok_s"],
+               hf_tok_s=hf, speedup=ours["tok_s"] / hf, model=args.model_path, dtype=ours["dtype"])  # fmt: skip
+    print(f"transformers: {hf:.1f} output tok/s; ours / transformers = {row['speedup']:.2f}x", flush=True)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(row, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
