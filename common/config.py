@@ -138,6 +138,10 @@ class EngineConfig:
     # MoE expert parallelism: none (every rank sees every token; an all-reduce combines the experts'
     # outputs) | all_to_all (--ep == --tp: each token only to its experts' ranks and back, eager steps)
     moe_a2a_backend: str = "none"
+    # DP attention: inside the TP group, dp_size attention ranks each own their requests and KV
+    # pages; MoE/dense layers still span all tp ranks (common/parallel/dp_attention.py)
+    enable_dp_attention: bool = False
+    enable_dp_lm_head: bool = False  # with DP attention: the LM head split over the attention TP group only
     # EPLB (common/models/eplb.py): N extra physical expert slots holding replicas of hot experts, the
     # placement from a load file at start and/or recomputed every N forward steps (0: never);
     # per-expert routed-token counters on /metrics (layers x experts series)
@@ -164,6 +168,11 @@ class EngineConfig:
     def world_size(self) -> int:
         """Ranks of one engine: tp per pipeline stage, pp_size stages."""
         return self.tp * self.pp_size
+
+    @property
+    def attn_tp_size(self) -> int:
+        """Ranks attention is split over: tp, or with DP attention tp / dp_size."""
+        return self.tp // self.dp_size if self.enable_dp_attention and self.dp_size > 0 else self.tp
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)
@@ -202,6 +211,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-radix-cache", action="store_true")
     g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs)
     g.add_argument("--moe-a2a-backend", default=d.moe_a2a_backend, choices=["none", "all_to_all"])
+    g.add_argument("--enable-dp-attention", action="store_true",
+                   help="attention and KV cache data parallel over --dp-size groups of the TP ranks (docs/parallelism.md)")  # fmt: skip
+    g.add_argument("--enable-dp-lm-head", action="store_true",
+                   help="with DP attention: LM head vocab-parallel within each attention group (no gather across DP ranks)")  # fmt: skip
     g.add_argument("--ep-num-redundant-experts", type=int, default=d.ep_num_redundant_experts,
                    help="MoE: extra expert slots per layer for replicas of the most loaded experts (EPLB)")  # fmt: skip
     g.add_argument("--init-expert-location", default=d.init_expert_location,

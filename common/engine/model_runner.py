@@ -92,6 +92,7 @@ class ModelRunner:
         )
         self.hf_config = load_config(self.model_path, config.json_model_override_args)
         self.hf_config.moe_a2a_backend = config.moe_a2a_backend  # --moe-a2a-backend, read by the MoE layers
+        self.hf_config.enable_dp_lm_head = config.enable_dp_attention and config.enable_dp_lm_head  # CausalLM
         # EPLB (common/models/eplb.py): physical expert slots, and whether routing goes through a placement
         self.hf_config.ep_num_redundant_experts = config.ep_num_redundant_experts
         self.hf_config.expert_remap = bool(config.init_expert_location or config.eplb_rebalance_num_iterations)
@@ -113,7 +114,7 @@ class ModelRunner:
             config.attention_backend,
             self.device,
             pool=self.pool,
-            num_qo_heads=self.hf_config.num_attention_heads // get_parallel().tp_size,
+            num_qo_heads=self.hf_config.num_attention_heads // get_parallel().attn_tp_size,
         )
         self.tokenizer = self._load_tokenizer()
         self.graph_runner = self._capture_cuda_graphs()
@@ -156,7 +157,8 @@ class ModelRunner:
             raise ValueError(
                 f"unsupported architecture {sorted(archs)}; supported: {sorted(SUPPORTED_ARCHITECTURES | MOE_ARCHITECTURES)}"
             )
-        check_tp_layout(self.hf_config, get_parallel().tp_size, get_parallel().ep_size)
+        par = get_parallel()
+        check_tp_layout(self.hf_config, par.tp_size, par.ep_size, par.attn_tp_size)
 
     def _load_model(self) -> CausalLM:
         t0 = time.perf_counter()
@@ -181,7 +183,7 @@ class ModelRunner:
         return layer_range(self.hf_config.num_hidden_layers, par.pp_rank, par.pp_size)
 
     def _make_pool(self) -> KVPagePool:
-        c, tp, par = self.hf_config, get_parallel().tp_size, get_parallel()
+        c, tp, par = self.hf_config, get_parallel().attn_tp_size, get_parallel()  # KV heads: as attention
         start, end = self.layer_range  # a pipeline stage's pool holds its own layers only
         layers, heads, dim = end - start, kv_heads_per_rank(c, tp), head_dim_of(c)
         bytes_per_page = layers * 2 * self.config.page_size * heads * dim * self.dtype.itemsize
@@ -209,6 +211,8 @@ class ModelRunner:
 
     def _capture_cuda_graphs(self):
         c = self.config
+        if get_parallel().attn_dp_size > 1:
+            return None  # DP attention runs eager steps (graphs per DP rank: not yet)
         if self.device.type != "cuda" or c.disable_cuda_graph or c.cuda_graph_max_bs <= 0 or c.pp_size > 1:
             return None
         from disagg.common.engine.attention_flashinfer import FlashInferBackend

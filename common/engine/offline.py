@@ -8,7 +8,7 @@ from dataclasses import fields
 import torch
 from disagg.common.config import EngineConfig
 from disagg.common.engine.request import Req, SamplingParams
-from disagg.common.engine.scheduler import Scheduler
+from disagg.common.parallel.dp_attention import create_scheduler
 from disagg.common.parallel.ranks import (
     check_layout,
     cpu_threads_env,
@@ -52,7 +52,7 @@ class Engine:
             cpu_threads_env(self.config)
             self._workers = spawn_workers(self.config, local_ranks(self.config)[1:])
             init_distributed(self.config, 0)
-        self.scheduler = Scheduler(self.config)
+        self.scheduler = create_scheduler(self.config)  # DP attention: one scheduler per DP rank
         self.tokenizer = self.scheduler.tokenizer
 
     def generate(self, prompts, sampling_params=None) -> list[dict]:

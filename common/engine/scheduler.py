@@ -97,10 +97,19 @@ class Scheduler:
         )
 
     def step(self) -> list[TokenOut]:
-        self._admit_held_requests()
-        scheduled = self._schedule()
+        scheduled = self.schedule_batch()
         if scheduled:
-            self._run(scheduled)
+            self.process_batch_result(scheduled, self.runner.forward(scheduled))
+        return self.finish_step()
+
+    # the three parts of a step (DP attention runs several schedulers' batches in one forward)
+    def schedule_batch(self) -> list[tuple[Req, int]]:
+        """This step's batch: (request, new tokens) pairs, their pages reserved."""
+        self._admit_held_requests()
+        return self._schedule()
+
+    def finish_step(self) -> list[TokenOut]:
+        """After the forward: the finished transfers (PD roles), then this step's outputs."""
         if self.transfer is not None:
             for result in self.transfer.flush():
                 self._on_transfer_done(result)
@@ -252,8 +261,8 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     # ---- running a batch --------------------------------------------------------------
-    def _run(self, scheduled: list[tuple[Req, int]]) -> None:
-        logits = self.runner.forward(scheduled)
+    def process_batch_result(self, scheduled: list[tuple[Req, int]], logits) -> None:
+        """Advance the batch's requests past its forward; sample those whose logits it computed."""
         done = [req for req, n in scheduled if req.num_computed_tokens + n == req.seq_len]
         for req, n in scheduled:
             req.num_computed_tokens += n

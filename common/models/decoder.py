@@ -18,7 +18,8 @@ from disagg.common.models.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from disagg.common.parallel.state import get_parallel
+from disagg.common.parallel.dp_attention import dp_gather_tokens, dp_logits, dp_scatter_tokens, lm_head_group
+from disagg.common.parallel.state import attn_tp_group, get_parallel
 from torch import nn
 
 SUPPORTED_ARCHITECTURES = {
@@ -48,17 +49,14 @@ def kv_heads_per_rank(config, tp_size: int) -> int:
     return max(1, config.num_key_value_heads // tp_size)
 
 
-def check_tp_layout(config, tp_size: int, ep_size: int = 1) -> None:
-    """Raise ValueError for layouts that cannot split this model."""
-    heads, kv = config.num_attention_heads, config.num_key_value_heads
-    if heads % tp_size:
-        raise ValueError(
-            f"--tp {tp_size}: the model's {heads} attention heads are not divisible by {tp_size}"
-        )
-    if kv % tp_size and tp_size % kv:
-        raise ValueError(
-            f"--tp {tp_size}: the model's {kv} KV heads neither divide nor are divisible by {tp_size}"
-        )
+def check_tp_layout(config, tp_size: int, ep_size: int = 1, attn_tp_size: int | None = None) -> None:
+    """Raise ValueError for layouts that cannot split this model. `attn_tp_size`: the ranks
+    attention is split over (DP attention: tp / dp; default: tp)."""
+    heads, kv, a = config.num_attention_heads, config.num_key_value_heads, attn_tp_size or tp_size
+    if heads % a:
+        raise ValueError(f"--tp {tp_size}: the model's {heads} attention heads are not divisible by {a}")
+    if kv % a and a % kv:
+        raise ValueError(f"--tp {tp_size}: the model's {kv} KV heads neither divide nor are divisible by {a}")
     if getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None):
         from disagg.common.models.moe import check_ep_layout
 
@@ -72,16 +70,19 @@ def check_tp_layout(config, tp_size: int, ep_size: int = 1) -> None:
 class Attention(nn.Module):
     def __init__(self, config, layer_id: int, rope: RotaryEmbedding):
         super().__init__()
-        tp = get_parallel().tp_size
+        group = attn_tp_group()  # the TP group, or with DP attention this DP rank's attention ranks
+        tp = group.size
         self.layer_id = layer_id
         self.head_dim = head_dim_of(config)
         self.num_heads = config.num_attention_heads // tp
         self.num_kv_heads = kv_heads_per_rank(config, tp)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
-        self.qkv_proj = ColumnParallelLinear(config.hidden_size, [q_size, kv_size, kv_size], bias=bias)
+        self.qkv_proj = ColumnParallelLinear(
+            config.hidden_size, [q_size, kv_size, kv_size], bias=bias, tp=group
+        )
         self.o_proj = RowParallelLinear(
-            q_size, config.hidden_size, bias=bias and config.model_type != "qwen2"
+            q_size, config.hidden_size, bias=bias and config.model_type != "qwen2", tp=group
         )
         self.qk_norm = config.model_type.startswith("qwen3")
         if self.qk_norm:
@@ -124,6 +125,9 @@ class DecoderLayer(nn.Module):
         self.mlp = make_mlp(config, layer_id)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # DP attention: an MLP split over the whole TP group needs every DP rank's tokens (an
+        # all-to-all MoE takes only this rank's tokens to their experts and back)
+        self.gather_mlp = get_parallel().attn_dp_size > 1 and not getattr(self.mlp, "a2a", False)
 
     def forward(self, x, residual, batch, kv_buffer, backend):
         """x: this layer's input delta; residual: the running sum (None before the first layer).
@@ -134,6 +138,8 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, batch, kv_buffer, backend)
         x, residual = self.post_attention_layernorm(x, residual)
+        if self.gather_mlp:
+            return dp_scatter_tokens(self.mlp(dp_gather_tokens(x))), residual
         return self.mlp(x), residual
 
 
@@ -165,7 +171,7 @@ class CausalLM(nn.Module):
         self.start_layer, self.end_layer = layer_range or (0, num_layers)
         self.is_first_stage, self.is_last_stage = self.start_layer == 0, self.end_layer == num_layers
         if self.is_first_stage or (self.is_last_stage and self.tie_word_embeddings):
-            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, attn_tp_group())
         rope = RotaryEmbedding(config, rope_dim_of(config), max_positions)
         # NOTE: other stages' layers are empty placeholders, so parameter names keep the checkpoint's indices
         self.layers = nn.ModuleList(
@@ -175,7 +181,9 @@ class CausalLM(nn.Module):
         if self.is_last_stage:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
             if not self.tie_word_embeddings:
-                self.lm_head = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+                self.lm_head = VocabParallelEmbedding(
+                    config.vocab_size, config.hidden_size, lm_head_group(config)
+                )
 
     @torch.inference_mode()
     def forward(
@@ -199,4 +207,6 @@ class CausalLM(nn.Module):
         """The last stage: final norm and LM head over the rows whose next token is sampled."""
         x, _ = self.norm(x[batch.logits_index], residual[batch.logits_index])
         head = self.embed_tokens if self.tie_word_embeddings else self.lm_head
+        if get_parallel().attn_dp_size > 1:
+            return dp_logits(head, x, self.vocab_size).float()
         return head.logits(x, self.vocab_size).float()

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from disagg.common.models.fp8 import fp8_linear
 from disagg.common.models.kernels import add_rms_norm, apply_rope, rms_norm
-from disagg.common.parallel.state import all_gather_last_dim, all_reduce, get_parallel
+from disagg.common.parallel.state import TPGroup, all_gather_last_dim, all_reduce, tp_group
 from torch import nn
 
 
@@ -25,11 +25,13 @@ class RMSNorm(nn.Module):
 
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W's output rows split across ranks; `out_sizes` are the per-rank sizes of
-    the fused outputs (e.g. q, k, v), each loaded from its own checkpoint tensor."""
+    the fused outputs (e.g. q, k, v), each loaded from its own checkpoint tensor; `tp`: the ranks
+    the rows are split over (default: the TP group)."""
 
-    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False):
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False, tp: TPGroup | None = None):
         super().__init__()
         self.out_sizes = out_sizes
+        self.tp = tp or tp_group()
         self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features))
         self.bias = nn.Parameter(torch.empty(sum(out_sizes))) if bias else None
         self.weight_scale_inv = None  # FP8 block scales when fp8.quantize_linears converted the weight
@@ -44,8 +46,10 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = sum over ranks of x_r W_r^T: the input dim is split, one all-reduce joins the parts."""
 
-    def __init__(self, in_features_per_rank: int, out_features: int, bias: bool = False, reduce: bool = True):
+    def __init__(self, in_features_per_rank: int, out_features: int, bias: bool = False, reduce: bool = True,
+                 tp: TPGroup | None = None):  # fmt: skip
         super().__init__()
+        self.tp = tp or tp_group()
         self.weight = nn.Parameter(torch.empty(out_features, in_features_per_rank))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.reduce = reduce
@@ -54,32 +58,33 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight) if self.weight_scale_inv is None else fp8_linear(self, x)
         if self.reduce:
-            y = all_reduce(y)
+            y = all_reduce(y, self.tp)
         return y if self.bias is None else y + self.bias
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Each rank holds a contiguous slice of the vocabulary; the all-reduce fills in the rest."""
+    """Each rank of `tp` (default: the TP group) holds a contiguous slice of the vocabulary; the
+    all-reduce fills in the rest."""
 
-    def __init__(self, vocab_size: int, dim: int):
+    def __init__(self, vocab_size: int, dim: int, tp: TPGroup | None = None):
         super().__init__()
-        ps = get_parallel()
-        self.vocab_per_rank = (vocab_size + ps.tp_size - 1) // ps.tp_size
-        self.start = ps.tp_rank * self.vocab_per_rank
+        self.tp = tp or tp_group()
+        self.vocab_per_rank = (vocab_size + self.tp.size - 1) // self.tp.size
+        self.start = self.tp.rank * self.vocab_per_rank
         self.weight = nn.Parameter(torch.empty(self.vocab_per_rank, dim))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if get_parallel().tp_size == 1:
+        if self.tp.size == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.start
         inside = (local >= 0) & (local < self.vocab_per_rank)
         out = F.embedding(local.clamp(0, self.vocab_per_rank - 1), self.weight)
         out = out * inside.unsqueeze(-1).to(out.dtype)
-        return all_reduce(out)
+        return all_reduce(out, self.tp)
 
     def logits(self, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """LM head over this rank's vocabulary slice, gathered to the full vocabulary."""
-        return all_gather_last_dim(F.linear(hidden, self.weight))[..., :vocab_size]
+        return all_gather_last_dim(F.linear(hidden, self.weight), self.tp)[..., :vocab_size]
 
 
 class RotaryEmbedding(nn.Module):

@@ -307,40 +307,40 @@ def _load_one(model, params: dict, name: str, tensor_slice) -> str | None:
         module = model.get_submodule(f"{m.group(1)}.{fused}")
         size = module.out_sizes[idx]
         offset = sum(module.out_sizes[:idx])
-        rows = _row_range(model.config, m.group(2), size)
+        rows = _row_range(model.config, m.group(2), size, module.tp)
         param.data[offset : offset + size].copy_(tensor_slice[rows[0] : rows[1]])
         return pname
     param = params.get(name)
     if param is None:
         logger.debug("ignoring checkpoint tensor %s", name)
         return None
-    ps = get_parallel()
+    # the ranks this layer is split over: the TP group, or with DP attention its attention group
+    tp = getattr(model.get_submodule(name.rsplit(".", 1)[0]), "tp", None)
     if name.endswith(("o_proj.weight", "down_proj.weight")):
         cols = param.shape[1]
-        param.data.copy_(tensor_slice[:, ps.tp_rank * cols : (ps.tp_rank + 1) * cols])
+        param.data.copy_(tensor_slice[:, tp.rank * cols : (tp.rank + 1) * cols])
     elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
-        _copy_vocab_shard(param, tensor_slice)
+        _copy_vocab_shard(param, tensor_slice, tp.rank)
     else:
         param.data.copy_(tensor_slice[:])
     return name
 
 
-def _row_range(config, proj: str, size: int) -> tuple[int, int]:
-    ps = get_parallel()
+def _row_range(config, proj: str, size: int, tp) -> tuple[int, int]:
+    """Rows of rank `tp.rank` of the `tp.size` ranks the layer is split over."""
     if proj in ("k_proj", "v_proj"):
-        head_dim = size // max(1, config.num_key_value_heads // ps.tp_size)
-        if config.num_key_value_heads >= ps.tp_size:
-            return ps.tp_rank * size, (ps.tp_rank + 1) * size
-        head = ps.tp_rank * config.num_key_value_heads // ps.tp_size  # replicated head
+        head_dim = size // max(1, config.num_key_value_heads // tp.size)
+        if config.num_key_value_heads >= tp.size:
+            return tp.rank * size, (tp.rank + 1) * size
+        head = tp.rank * config.num_key_value_heads // tp.size  # replicated head
         return head * head_dim, (head + 1) * head_dim
-    return ps.tp_rank * size, (ps.tp_rank + 1) * size
+    return tp.rank * size, (tp.rank + 1) * size
 
 
-def _copy_vocab_shard(param: torch.Tensor, tensor_slice) -> None:
-    ps = get_parallel()
+def _copy_vocab_shard(param: torch.Tensor, tensor_slice, rank: int) -> None:
     per = param.shape[0]
     total = tensor_slice.get_shape()[0]
-    start, end = ps.tp_rank * per, min((ps.tp_rank + 1) * per, total)
+    start, end = rank * per, min((rank + 1) * per, total)
     param.data.zero_()
     if end > start:
         param.data[: end - start].copy_(tensor_slice[start:end])

@@ -69,6 +69,10 @@ def init_distributed(config: EngineConfig, rank: int) -> ParallelState:
         pp_rank=pp_rank,
         pp_size=config.pp_size,
     )
+    if config.enable_dp_attention:
+        from disagg.common.parallel.dp_attention import init_dp_attention
+
+        init_dp_attention(config, state)
     set_parallel(state)
     return state
 
@@ -126,6 +130,7 @@ def worker_main(config: EngineConfig, rank: int, plan_hook_factory=None) -> None
         init_distributed(config, rank)
         from disagg.common.engine.model_runner import BatchPlan, ModelRunner
         from disagg.common.models.eplb import RebalanceMsg
+        from disagg.common.parallel.dp_attention import DPBatchPlan, run_dp_plan
 
         runner = ModelRunner(config)
         hook = plan_hook_factory(runner) if plan_hook_factory is not None else None
@@ -135,6 +140,8 @@ def worker_main(config: EngineConfig, rank: int, plan_hook_factory=None) -> None
                 break
             if isinstance(msg, BatchPlan):
                 runner.forward_plan(msg)
+            elif isinstance(msg, DPBatchPlan):  # DP attention: this rank's DP rank's batch
+                run_dp_plan(runner, msg)
             elif isinstance(msg, RebalanceMsg):  # EPLB: rank 0 re-placed the experts
                 runner.eplb.apply(msg)
             elif hook is not None:
@@ -181,7 +188,11 @@ def check_layout(config: EngineConfig) -> None:
         raise ValueError(f"--node-rank {config.node_rank} must be in [0, --nnodes {config.nnodes})")
     if config.nnodes > 1 and not config.dist_init_addr:
         raise ValueError("--dist-init-addr HOST:PORT (rank 0's node) is required with --nnodes > 1")
-    check_tp_layout(load_config(path), config.tp, config.ep)
+    if config.enable_dp_attention:
+        from disagg.common.parallel.dp_attention import check_dp_attention
+
+        check_dp_attention(config, load_config(path))
+    check_tp_layout(load_config(path), config.tp, config.ep, config.attn_tp_size)
     if config.pp_size > 1:
         from disagg.common.parallel.pipeline import check_pp_layout
 

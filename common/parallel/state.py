@@ -19,6 +19,23 @@ class ParallelState:
     ep_rank: int = 0
     ep_size: int = 1
     group: object | None = None  # the TP process group (None: the default world group)
+    # DP attention (--enable-dp-attention): the tp ranks form attn_dp_size groups of attn_tp_size
+    # ranks, each running attention over its own requests (common/parallel/dp_attention.py)
+    attn_dp_size: int = 1
+    attn_group: object | None = None  # this rank's attention TP group (None while attn_tp_size == 1)
+
+    @property
+    def attn_tp_size(self) -> int:
+        return self.tp_size // self.attn_dp_size
+
+    @property
+    def attn_tp_rank(self) -> int:
+        return self.tp_rank % self.attn_tp_size
+
+    @property
+    def attn_dp_rank(self) -> int:
+        return self.tp_rank // self.attn_tp_size
+
     cpu_group: object | None = None  # gloo group for control broadcasts (every rank of the engine)
     pp_rank: int = 0  # pipeline stage of this rank (common/parallel/pipeline.py)
     pp_size: int = 1
@@ -33,6 +50,15 @@ class ParallelState:
         return self.pp_size * self.tp_size
 
 
+@dataclass(frozen=True)
+class TPGroup:
+    """The ranks one layer is split over: this rank's index among them, how many, their process group."""
+
+    rank: int
+    size: int
+    group: object | None
+
+
 _STATE = ParallelState()
 
 
@@ -45,19 +71,34 @@ def set_parallel(state: ParallelState) -> None:
     _STATE = state
 
 
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if _STATE.tp_size == 1:
+def tp_group() -> TPGroup:
+    return TPGroup(_STATE.tp_rank, _STATE.tp_size, _STATE.group)
+
+
+def attn_tp_group() -> TPGroup:
+    """The ranks attention (and the embedding) is split over: the TP group, or with DP attention
+    the tp / dp ranks that share one DP rank's requests."""
+    if _STATE.attn_dp_size == 1:
+        return tp_group()
+    return TPGroup(_STATE.attn_tp_rank, _STATE.attn_tp_size, _STATE.attn_group)
+
+
+def all_reduce(x: torch.Tensor, group: TPGroup | None = None) -> torch.Tensor:
+    """Sum over `group` (default: the TP group), in place."""
+    size, pg = (_STATE.tp_size, _STATE.group) if group is None else (group.size, group.group)
+    if size == 1:
         return x
-    dist.all_reduce(x, group=_STATE.group)
+    dist.all_reduce(x, group=pg)
     return x
 
 
-def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate each rank's slice of the last dimension (vocab-parallel logits)."""
-    if _STATE.tp_size == 1:
+def all_gather_last_dim(x: torch.Tensor, group: TPGroup | None = None) -> torch.Tensor:
+    """Concatenate each rank's slice of the last dimension (vocab-parallel logits) over `group`."""
+    group = group or tp_group()
+    if group.size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(_STATE.tp_size)]
-    dist.all_gather(parts, x.contiguous(), group=_STATE.group)
+    parts = [torch.empty_like(x) for _ in range(group.size)]
+    dist.all_gather(parts, x.contiguous(), group=group.group)
     return torch.cat(parts, dim=-1)
 
 

@@ -207,7 +207,7 @@ def run_scheduler_process(
     setup_child_logging(log_level, name)
     try:
         if make_scheduler is None:
-            from disagg.common.engine.scheduler import Scheduler as make_scheduler
+            from disagg.common.parallel.dp_attention import create_scheduler as make_scheduler
 
         if config.world_size > 1:
             config = start_local_ranks(config, plan_hook_factory)

@@ -1,0 +1,110 @@
+"""DP attention over gloo: each DP rank owns its own requests and KV pages, the MoE / dense layers
+span every rank, and the greedy tokens equal transformers' float32 ones with uneven DP ranks
+(one request, so one DP rank runs only idle steps, then three)."""
+
+from __future__ import annotations
+
+import pytest
+from disagg.common.engine.offline import Engine
+from disagg.common.models.moe import SparseMoE
+from disagg.common.parallel.dp_attention import DPAttentionScheduler, pick_dp_rank
+
+from tests.conftest import TINY_CONFIGS, assert_pool_clean, hf_greedy, make_tiny_model
+
+GREEDY = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
+FIRST = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]  # one request: DP rank 1 runs idle steps only
+THEN = [[20, 21, 22], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [300, 301]]
+QWEN3_MOE = dict(
+    model_type="qwen3_moe",
+    architectures=["Qwen3MoeForCausalLM"],
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=3,
+    moe_intermediate_size=32,
+    norm_topk_prob=True,
+    tie_word_embeddings=False,
+)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dp-attention")
+    added = "qwen3_moe" not in TINY_CONFIGS
+    TINY_CONFIGS.setdefault("qwen3_moe", QWEN3_MOE)
+    try:
+        return {family: make_tiny_model(root / family, family, **QWEN3_MOE if family == "qwen3_moe" else {})
+                for family in ("qwen3_moe", "llama", "qwen2")}  # fmt: skip
+    finally:  # NOTE: other modules build their own tiny model per TINY_CONFIGS entry
+        if added:
+            del TINY_CONFIGS["qwen3_moe"]
+
+
+def test_requests_go_to_the_least_loaded_dp_rank_ties_in_turn():
+    assert pick_dp_rank([0, 0], 0) == 0 and pick_dp_rank([0, 0], 1) == 1
+    assert pick_dp_rank([2, 1, 1], 0) == 1 and pick_dp_rank([2, 1, 1], 2) == 2
+    assert pick_dp_rank([0, 3], 1) == 0
+
+
+def _generate_uneven(engine) -> tuple[list[list[int]], list[list[int]]]:
+    """FIRST alone (DP rank 1 idle: its pool stays untouched), then THEN spread over both DP ranks."""
+    scheduler = engine.scheduler
+    assert isinstance(scheduler, DPAttentionScheduler) and len(scheduler.schedulers) == 2
+    first = [o["output_ids"] for o in engine.generate(FIRST, GREEDY)]
+    rank0, rank1 = scheduler.schedulers
+    assert rank0.cache.num_cached_pages > 0 and rank1.cache.num_cached_pages == 0  # its KV only on DP rank 0
+    then = [o["output_ids"] for o in engine.generate(THEN, GREEDY)]
+    assert rank1.cache.num_cached_pages > 0  # DP rank 1 took requests of the second batch
+    for s in scheduler.schedulers:
+        assert_pool_clean(s)
+    return first, then
+
+
+CASES = {
+    # MoE expert parallel through the all-to-all backend: each rank's own tokens to their experts
+    "moe-a2a": ("qwen3_moe", dict(tp=2, dp_size=2, ep=2, moe_a2a_backend="all_to_all")),
+    "moe-a2a-dp-lm-head": ("qwen3_moe", dict(tp=2, dp_size=2, ep=2, moe_a2a_backend="all_to_all", enable_dp_lm_head=True)),
+    # the all-reduce MoE: every DP rank's tokens gathered before the experts, scattered after
+    "moe-gathered": ("qwen3_moe", dict(tp=2, dp_size=2, ep=2)),
+    "dense": ("llama", dict(tp=2, dp_size=2)),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_dp_attention_generates_transformers_tokens_with_an_idle_dp_rank(models, case):
+    family, kw = CASES[case]
+    path = models[family]
+    engine = Engine(model_path=path, page_size=4, chunked_prefill_size=8, max_total_tokens=512,
+                    enable_dp_attention=True, **kw)  # fmt: skip
+    try:
+        moes = [m for m in engine.scheduler.runner.model.modules() if isinstance(m, SparseMoE)]
+        a2a = kw.get("moe_a2a_backend") == "all_to_all"
+        assert [m.a2a for m in moes] == [a2a] * len(moes) and bool(moes) == (family == "qwen3_moe")
+        first, then = _generate_uneven(engine)
+    finally:
+        engine.shutdown()
+    assert first == [hf_greedy(path, p, GREEDY["max_new_tokens"]) for p in FIRST]
+    assert then == [hf_greedy(path, p, GREEDY["max_new_tokens"]) for p in THEN]
+
+
+@pytest.mark.slow
+def test_dp_attention_with_two_attention_ranks_per_dp_rank(models):
+    """--tp 4 --dp-size 2: attention split 2 ways inside each DP rank; tied embeddings (the LM head
+    follows the embedding's split)."""
+    path = models["qwen2"]
+    engine = Engine(model_path=path, page_size=4, chunked_prefill_size=8, max_total_tokens=512,
+                    tp=4, dp_size=2, enable_dp_attention=True)  # fmt: skip
+    try:
+        first, then = _generate_uneven(engine)
+    finally:
+        engine.shutdown()
+    assert first == [hf_greedy(path, p, GREEDY["max_new_tokens"]) for p in FIRST]
+    assert then == [hf_greedy(path, p, GREEDY["max_new_tokens"]) for p in THEN]
+
+
+def test_dp_attention_layouts_it_cannot_run_fail_clearly(models):
+    with pytest.raises(ValueError, match="--dp-size 3 must divide --tp 2"):
+        Engine(model_path=models["llama"], tp=2, dp_size=3, enable_dp_attention=True)
+    with pytest.raises(ValueError, match="--ep equal to --tp"):
+        Engine(model_path=models["qwen3_moe"], tp=2, dp_size=2, ep=1, moe_a2a_backend="all_to_all",
+               enable_dp_attention=True)  # fmt: skip
