@@ -106,6 +106,24 @@ def tune(layers, k: int, ceil: dict, base: dict) -> tuple[dict, list[dict]]:
     )
     config["gemv"] = best
     log += rows
+    # the down GEMV has one program per (token, N tile): at batch 1 its tile width sets how many
+    # programs stream the 8 experts' rows (16 rows: 128 programs for H=2048, one per SM)
+    down = [
+        {**best, "DOWN_BLOCK_N": bn, "DOWN_WARPS": w}
+        for bn, w in itertools.product((4, 8, 16, 32), (2, 4, 8))
+    ]
+    best, rows = sweep(
+        "gemv-down",
+        down,
+        lambda c: {**config, "gemv_max_pairs": 1 << 30, "gemv": c},
+        1,
+        layers,
+        k,
+        ceil,
+        True,
+    )
+    config["gemv"] = best
+    log += rows
     grouped_small = [
         dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, num_warps=w, num_stages=s)
         for bn, bk, w, s in itertools.product((32, 64, 128), (64, 128, 256), (4,), (3, 4))

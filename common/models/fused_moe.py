@@ -110,7 +110,7 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict) -> torch.Tensor:
         gate_up, w2, out, ids, weights, num_experts, k, hidden, inter,
         w2.stride(0), w2.stride(1),
         BLOCK_N=down_bn, BLOCK_K=triton.next_power_of_2(inter) if inter <= 1024 else 512,
-        num_warps=cfg["num_warps"],
+        num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]),
     )  # fmt: skip
     return out
 
