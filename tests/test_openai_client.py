@@ -5,9 +5,11 @@ server: n choices and prompt lists with OpenAI's usage, logit_bias, return_token
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -15,6 +17,10 @@ import pytest
 import torch
 from disagg.common.engine.request import Req, SamplingParams
 from disagg.common.engine.sampling import Sampler
+from disagg.common.server.ipc import StrOut
+from disagg.common.server.metrics import ServerMetrics
+from disagg.common.server.shared_prompt import SharedPrompts
+from disagg.common.server.tokenizer_manager import ReqState, TokenizerManager
 
 from tests.server_helpers import SMALL_SERVER_ARGS, ServerProcess, metric_value
 
@@ -54,6 +60,46 @@ def test_logit_bias_bans_and_forces_in_the_sampler():
     for _ in range(20):
         ban, force = sampler.sample(logits, reqs).token_ids
         assert ban != 5 and force == 11
+
+
+def _helper_then_choice(helper_reason: str) -> tuple[list, list[str], dict]:
+    """Run one choice of a shared prompt against a fake tokenizer manager whose helper request ends
+    with `helper_reason`: (the choice's outputs, the rids started, the call's usage)."""
+    started: list[str] = []
+
+    async def generate(rid, ids, sampling, pd, owner):
+        started.append(rid)
+        yield StrOut(rid, "x", [5], finished=True, finish_reason=helper_reason if "prompt" in rid else "length",
+                     error="aborted" if helper_reason == "abort" else None, cached_tokens=7)  # fmt: skip
+
+    shared = SharedPrompts(SimpleNamespace(tm=SimpleNamespace(generate=generate)), "r", [[1] * 40], None)
+
+    async def run():
+        return [out async for out in shared.after(0, generate("r-0", [1] * 40, None, None, None))]
+
+    outs = asyncio.run(run())
+    return outs, started, shared.usage({"prompt_tokens": 40, "prompt_tokens_details": {"cached_tokens": 39}})
+
+
+def test_shared_prompt_runs_once_then_its_choices():
+    outs, started, usage = _helper_then_choice("length")
+    assert started == ["r-prompt0", "r-0"] and [o.rid for o in outs] == ["r-0"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 7  # what the helper found, not the choices
+
+
+def test_abort_during_the_shared_prompt_ends_the_choices_unstarted():
+    """/abort_request reaches the helper (a sibling rid): its choices answer abort without running."""
+    outs, started, _ = _helper_then_choice("abort")
+    assert started == ["r-prompt0"] and [(o.finished, o.finish_reason) for o in outs] == [(True, "abort")]
+
+
+def test_abort_request_reaches_the_shared_prompt_helper():
+    tm = TokenizerManager(SimpleNamespace(get_vocab=lambda: {"a": 1}), None, 100, ServerMetrics())
+    sent: list = []
+    tm._send = sent.append
+    for rid in ("cmpl-1-prompt0", "cmpl-1-0", "cmpl-12-prompt0"):
+        tm.reqs[rid] = ReqState()
+    assert tm.abort("cmpl-1") == 2 and sorted(m.rid for m in sent) == ["cmpl-1-0", "cmpl-1-prompt0"]
 
 
 # ---- a colocated server through the openai client ----

@@ -43,6 +43,7 @@ class SharedPrompts:
         self.state, self.rid, self.prompts, self.owner = state, rid, prompts, owner
         self.tasks: dict[int, asyncio.Task] = {}
         self.cached_before: dict[int, int] = {}  # prompt index -> tokens the cache held before the call
+        self.aborted: dict[int, StrOut] = {}  # prompt index -> the helper's final output, if it was aborted
 
     def after(self, p: int, gen: AsyncIterator[StrOut]) -> AsyncIterator[StrOut]:
         """`gen` (a choice of prompt p), started once prompt p is in the prefix cache."""
@@ -53,6 +54,10 @@ class SharedPrompts:
             # NOTE: a cancelled choice cancels the shared task too; that happens only when the whole
             # call is cancelled (the client left), which aborts the helper request with it
             await self.tasks[p]
+            if p in self.aborted:  # /abort_request reached the helper: its choices end the same way
+                await gen.aclose()
+                yield self.aborted[p]
+                return
             async with contextlib.aclosing(gen) as g:
                 async for out in g:
                     yield out
@@ -65,6 +70,8 @@ class SharedPrompts:
         async for out in self.state.tm.generate(f"{self.rid}-prompt{p}", self.prompts[p], greedy_token, None,
                                                 self.owner):  # fmt: skip
             last = out
+        if last is not None and last.finish_reason == "abort":
+            self.aborted[p] = StrOut(last.rid, "", [], finished=True, finish_reason="abort", error=last.error)
         # a refused prompt (too long for the pool, ...) is refused again for each choice, which answers it
         if last is not None and not last.error:
             self.cached_before[p] = last.cached_tokens

@@ -265,11 +265,12 @@ class TokenizerManager:
             state.queue.put_nowait(out)
 
 
-_SIBLING_SUFFIX = re.compile(r"(-[rm]\d+)*(-\d+)?")
+_SIBLING_SUFFIX = re.compile(r"(-[rm]\d+)*(-\d+|-prompt\d+)?")
 
 
 def _is_sibling(rid: str, base: str) -> bool:
-    """`base-3` is one of the n samples of `base`, `base-r1` / `base-m1` the router's retry /
-    migration of it (router/proxy.py); `base-x` (another client's id) is not."""
+    """`base-3` is one of the n samples of `base`, `base-prompt0` the request that computes their
+    shared prompt (shared_prompt.py), `base-r1` / `base-m1` the router's retry / migration of it
+    (router/proxy.py); `base-x` (another client's id) is not."""
     rest = rid[len(base) :] if rid.startswith(base) else ""
     return bool(rest) and _SIBLING_SUFFIX.fullmatch(rest) is not None
