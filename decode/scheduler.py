@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 class DecodeScheduler(Scheduler):
     def __init__(self, config: EngineConfig, disagg: DisaggConfig):
         super().__init__(config)
-        self.transfer = TransferCoordinator(create_receiver(disagg, self.runner), get_parallel().tp_size)
+        self.transfer = TransferCoordinator(create_receiver(disagg, self.runner), get_parallel().world_size)
         self.prealloc: deque[Req] = deque()  # waiting for pages
         self.rooms: dict[int, Req] = {}  # TRANSFERRING (or aborted, pages pending) -> its request
         self.prefill_cached: dict[str, int] = {}  # rid -> prompt tokens the prefill side had cached

@@ -34,7 +34,7 @@ class PrefillScheduler(Scheduler):
         super().__init__(config)
         self.bootstrap_timeout = 2 * disagg.transfer_timeout + 5.0  # see _start_bootstrapped
         self.transfer = TransferCoordinator(
-            create_sender(disagg, self.runner, config), get_parallel().tp_size
+            create_sender(disagg, self.runner, config), get_parallel().world_size
         )
         self.bootstrap: deque[Req] = deque()  # held back until the decode side asks (see _may_start_now)
         self.rooms: dict[int, Req] = {}  # every room given to the transfer engine -> its request

@@ -55,7 +55,8 @@ def pp_models(tmp_path_factory):
     )  # fmt: skip
     # 3 layers: the stages are uneven (1 + 2); qwen2 ties the LM head to the embedding (both ends need it)
     return {
-        name: make_tiny_model(root / name, name, num_hidden_layers=3) for name in ("llama", "qwen2", "qwen3_moe")
+        name: make_tiny_model(root / name, name, num_hidden_layers=3)
+        for name in ("llama", "qwen2", "qwen3_moe")
     }
 
 
@@ -83,3 +84,104 @@ def test_pp2_tp2_dense_matches_transformers(pp_models):
 def test_impossible_pipeline_fails_clearly(pp_models):
     with pytest.raises(ValueError, match="--pp-size 4: the model has 3 layers"):
         Engine(model_path=pp_models["llama"], pp_size=4)
+
+
+@pytest.mark.slow
+def test_pd_prefill_pp2_to_decode_tp2_gives_colocated_tokens(pp_models, default_model_path):
+    """Each prefill stage ships its own layers' KV pages; each decode rank takes its KV heads of
+    every layer from both stages. Tokens equal the colocated engine's (and transformers')."""
+    import concurrent.futures as cf
+
+    import httpx
+
+    from tests.pd_helpers import PD_ARGS, assert_pool_free, start_all
+    from tests.procs import free_port
+    from tests.server_helpers import ServerProcess
+
+    path = pp_models["llama"]
+    args = ["--model-path", path, "--tokenizer-path", default_model_path, "--page-size", "4", *PD_ARGS]
+    bootstrap = free_port()
+    prefill = ServerProcess("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(bootstrap),
+                            "--pp-size", "2", *args)  # fmt: skip
+    decode = ServerProcess("--disaggregation-mode", "decode", "--tp", "2", *args)
+    prompts = [[1, 2, 3, 4, 5], list(range(7, 100))]  # the second crosses chunks (64 tokens) and pages
+    params = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+    try:
+        start_all([prefill, decode])
+        got = []
+        for room, prompt in enumerate(prompts):
+            body = {"input_ids": prompt, "bootstrap_host": "127.0.0.1", "bootstrap_port": bootstrap,
+                    "bootstrap_room": 2000 + room, "sampling_params": params}  # fmt: skip
+            with cf.ThreadPoolExecutor(2) as pool:
+                legs = [
+                    pool.submit(httpx.post, s.url + "/generate", json=body, timeout=120)
+                    for s in (prefill, decode)
+                ]
+                p, d = (f.result() for f in legs)
+            assert p.status_code == 200 and d.status_code == 200, (p.text, d.text)
+            got.append(d.json()["output_ids"])
+        assert_pool_free(prefill)
+        assert_pool_free(decode)
+    finally:
+        for s in (prefill, decode):
+            s.stop()
+    engine = Engine(model_path=path, page_size=4)
+    try:
+        colocated = [o["output_ids"] for o in engine.generate(prompts, params)]
+    finally:
+        engine.shutdown()
+    assert got == colocated == [hf_greedy(path, p, 12) for p in prompts]
+
+
+def _stage_layout(pp_rank: int, pp_size: int, tp_rank: int = 0, tp_size: int = 1):
+    from disagg.transfer import KVLayout
+
+    start, end = layer_range(3, pp_rank, pp_size)
+    return KVLayout(num_layers=3, page_size=4, num_kv_heads_total=4, head_dim=8, dtype="bfloat16", tp_rank=tp_rank,
+                    tp_size=tp_size, model_name="m", pp_rank=pp_rank, pp_size=pp_size, layer_start=start,
+                    layer_end=end)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("direct", [False, True], ids=["ucx", "direct"])
+def test_each_stage_sends_its_layers_to_every_decode_rank(direct):
+    """Transfer level: prefill stages [0, 1) and [1, 3) (pp 2), decode tp 2: every decode page
+    holds the prefill's bytes of every layer (over UCX, and copied straight into a same-host pool)."""
+    import torch
+    from disagg.transfer import BootstrapServer
+    from disagg.transfer.testing import (
+        decode_rank_main,
+        full_pool,
+        make_requests,
+        prefill_rank_main,
+        rank_slice,
+        tensor_from_bytes,
+    )
+
+    from tests.procs import SPAWN, join_or_kill, spawn
+
+    src_pages, dst_pages, sentinel, seed = 60, 50, -7.0, 99
+    plans = make_requests(8, src_pages, dst_pages, max_pages=5, seed=3)
+    out, stop, bootstrap, procs = SPAWN.Queue(), SPAWN.Event(), BootstrapServer(port=0), []
+    try:
+        for stage in range(2):
+            args = (_stage_layout(stage, 2), bootstrap.port, src_pages, seed, plans, out, stop, 10.0)
+            procs.append(spawn(prefill_rank_main, *args))
+        for r in range(2):
+            layout = _stage_layout(0, 1, r, 2)
+            procs.append(spawn(decode_rank_main, layout, bootstrap.port, dst_pages, sentinel, plans, out, 10.0,
+                               "cpu", direct))  # fmt: skip
+        reports = [out.get(timeout=120) for _ in procs]
+    finally:
+        stop.set()
+        join_or_kill(procs)
+        bootstrap.close()
+    full = full_pool(_stage_layout(0, 1), src_pages, seed)
+    for role, rank, results, active, pool_bytes, direct_peers in reports:
+        assert sorted(results) == sorted(p.room for p in plans) and all(ok for ok, _, _ in results.values())
+        assert active == 0
+        if role == "decode":
+            assert direct_peers == (2 if direct else 0)
+            pool, want = tensor_from_bytes(pool_bytes), rank_slice(full, _stage_layout(0, 1, rank, 2))
+            for p in plans:
+                assert torch.equal(pool[:, p.dst_pages], want[:, p.src_pages]), f"room {p.room} differs"

@@ -85,7 +85,8 @@ class RoomState:
 
 
 def chunk_shape(layout: KVLayout, num_pages: int, num_heads: int) -> tuple[int, ...]:
-    return (layout.num_layers, num_pages, 2, layout.page_size, num_heads, layout.head_dim)
+    """A chunk of `layout`'s rank (a prefill pipeline stage: its layers only)."""
+    return (layout.num_local_layers, num_pages, 2, layout.page_size, num_heads, layout.head_dim)
 
 
 def chunk_nbytes(layout: KVLayout, num_pages: int, num_heads: int) -> int:
@@ -93,7 +94,7 @@ def chunk_nbytes(layout: KVLayout, num_pages: int, num_heads: int) -> int:
         layout.torch_dtype.itemsize
         * num_pages
         * num_heads
-        * layout.num_layers
+        * layout.num_local_layers
         * 2
         * layout.page_size
         * layout.head_dim
@@ -312,5 +313,9 @@ class TransferBase:
             self._free_staging.setdefault(base.numel(), []).append(base)
             self._pooled_bytes += base.numel()
 
-    def _typed(self, staging: torch.Tensor, num_pages: int, num_heads: int) -> torch.Tensor:
-        return staging.view(self.layout.torch_dtype).view(chunk_shape(self.layout, num_pages, num_heads))
+    def _typed(
+        self, staging: torch.Tensor, num_pages: int, num_heads: int, layout: KVLayout | None = None
+    ) -> torch.Tensor:
+        """`staging` as a chunk of `layout`'s rank (default this one's; a receiver: the sender's)."""
+        layout = layout or self.layout
+        return staging.view(layout.torch_dtype).view(chunk_shape(layout, num_pages, num_heads))

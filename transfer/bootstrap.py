@@ -32,7 +32,7 @@ class BootstrapServer:
         else:
             self._sock.bind(f"tcp://{host}:{port}")
             self.port = port
-        self.ranks: dict[int, RegisterPrefillRankMsg] = {}  # tp_rank -> registration
+        self.ranks: dict[int, RegisterPrefillRankMsg] = {}  # rank (pp_rank * tp + tp_rank) -> registration
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="disagg-bootstrap", daemon=True)
         self._thread.start()
@@ -58,12 +58,12 @@ class BootstrapServer:
                 return BootstrapInfoMsg(
                     ready=False, error=f"tp_size {msg.layout.tp_size} != registered {tp_sizes}"
                 )
-            self.ranks[msg.layout.tp_rank] = msg  # a restarted rank replaces its old entry
-            logger.info("prefill rank %d registered at %s:%d", msg.layout.tp_rank, msg.host, msg.port)
+            self.ranks[msg.layout.rank] = msg  # a restarted rank replaces its old entry
+            logger.info("prefill rank %d registered at %s:%d", msg.layout.rank, msg.host, msg.port)
         elif not isinstance(msg, QueryPrefillMsg):
             return BootstrapInfoMsg(ready=False, error=f"unexpected message {type(msg).__name__}")
         ranks = [self.ranks[r] for r in sorted(self.ranks)]
-        ready = bool(ranks) and len(ranks) == ranks[0].layout.tp_size
+        ready = bool(ranks) and len(ranks) == ranks[0].layout.world_size
         return BootstrapInfoMsg(ready=ready, ranks=ranks if ready else [])
 
     def close(self) -> None:

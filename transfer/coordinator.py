@@ -121,8 +121,9 @@ class RankTransfer:
 def kv_layout(runner) -> KVLayout:
     """The KV layout of this rank's pool (what the two sides of a transfer compare)."""
     pool, hf, par = runner.pool, runner.hf_config, get_parallel()
+    layers = runner.layer_range  # a pipeline stage's pool: its layers only
     return KVLayout(
-        num_layers=pool.num_layers,
+        num_layers=hf.num_hidden_layers,
         page_size=pool.page_size,
         # MLA: one latent per token, the same on every rank (a decode rank takes it from any prefill rank)
         num_kv_heads_total=1
@@ -134,6 +135,10 @@ def kv_layout(runner) -> KVLayout:
         tp_size=par.tp_size,
         model_name=os.path.basename(str(runner.model_path).rstrip("/")),
         model_fingerprint=runner.fingerprint,
+        pp_rank=par.pp_rank,
+        pp_size=par.pp_size,
+        layer_start=layers[0],
+        layer_end=layers[1],
     )
 
 
@@ -141,9 +146,9 @@ def create_on_every_rank(make) -> RankTransfer:
     """`make()` on this rank, rank 0 first: prefill rank 0 serves the bootstrap the other ranks
     (on any node) register with, so they make theirs only after it is up (a barrier orders them)."""
     par = get_parallel()
-    if par.tp_size == 1:
+    if par.world_size == 1:
         return make()
-    if par.tp_rank == 0:
+    if par.rank == 0:
         transfer = make()
         torch.distributed.barrier(group=par.cpu_group)
         return transfer

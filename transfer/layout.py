@@ -4,7 +4,9 @@ A server rank's KV pool is one tensor
     kv_buffer: [num_layers, num_pages, 2, page_size, num_local_kv_heads, head_dim]   (2 = K, V)
 A request's KV lives in a list of (scattered) page indices; token t sits in page t // page_size,
 slot t % page_size. Prefill and decode pools may have different page counts and TP sizes, but
-the same model, page size, dtype, layers and head_dim.
+the same model, page size, dtype, layers and head_dim. A prefill pipeline stage (--pp-size) holds
+only its layers [layer_start, layer_end) and sends those; the decode (one stage) gets every layer
+range from the stage that holds it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from disagg.common.messages import message
 
 # bumped whenever a transfer message changes incompatibly: peers of different versions never pair
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 
 class KVLayoutMismatchError(ValueError):
@@ -35,6 +37,10 @@ class KVLayout:
     model_name: str = ""
     model_fingerprint: str = ""  # model_files.model_fingerprint: same config and weights ("" = unknown)
     protocol_version: int = PROTOCOL_VERSION
+    pp_rank: int = 0  # pipeline stage of this rank, of pp_size
+    pp_size: int = 1
+    layer_start: int = 0  # the stage's layers [layer_start, layer_end) (layer_end 0: num_layers)
+    layer_end: int = 0
 
     # what two sides must share to exchange pages (TP rank and size may differ)
     COMPARED = ("protocol_version", "model_name", "model_fingerprint", "num_layers", "page_size",
@@ -44,6 +50,24 @@ class KVLayout:
         """The compared fields: a server publishes them (/server_info `pd_identity`) and the router
         pairs only prefill and decode servers whose identities are equal."""
         return {f: getattr(self, f) for f in self.COMPARED}
+
+    @property
+    def layer_range(self) -> tuple[int, int]:
+        """Global layers [start, end) in this rank's pool."""
+        return self.layer_start, self.layer_end or self.num_layers
+
+    @property
+    def num_local_layers(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+    @property
+    def rank(self) -> int:
+        """This rank among its server's ranks (stage-major, as common/parallel/state.py numbers them)."""
+        return self.pp_rank * self.tp_size + self.tp_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.pp_size * self.tp_size
 
     @property
     def head_range(self) -> tuple[int, int]:
@@ -60,7 +84,7 @@ class KVLayout:
         return getattr(torch, self.dtype)
 
     def pool_shape(self, num_pages: int) -> tuple[int, ...]:
-        return (self.num_layers, num_pages, 2, self.page_size, self.num_local_heads, self.head_dim)
+        return (self.num_local_layers, num_pages, 2, self.page_size, self.num_local_heads, self.head_dim)
 
     def check_pool(self, kv_buffer: torch.Tensor) -> None:
         """Raise ValueError if `kv_buffer` does not have this layout."""

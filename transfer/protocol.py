@@ -66,7 +66,7 @@ class QueryPrefillMsg:
 @dataclass
 class BootstrapInfoMsg:
     ready: bool  # False until all tp_size prefill ranks have registered
-    ranks: list[RegisterPrefillRankMsg] = field(default_factory=list)  # sorted by tp_rank
+    ranks: list[RegisterPrefillRankMsg] = field(default_factory=list)  # sorted by rank (stage-major)
     error: str = ""
 
 

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -146,9 +146,15 @@ class KVReceiver(TransferBase):
     async def _connect(self, key: ServerKey) -> _PrefillServer:
         ranks = await asyncio.to_thread(query_prefill_ranks, key[0], key[1], self.connect_timeout_s)
         self.layout.check_compatible(ranks[0].layout)
-        prefill_tp = ranks[0].layout.tp_size
+        prefill_tp, stages = ranks[0].layout.tp_size, ranks[0].layout.pp_size
+        if self.layout.pp_size > 1:
+            raise KVLayoutMismatchError(
+                "a decode server with --pp-size > 1 cannot receive KV pages (not supported)"
+            )
+        # each pipeline stage of the prefill sends its layers: the same head slices from every stage
         heads = [
-            s
+            replace(s, prefill_rank=stage * prefill_tp + s.prefill_rank)
+            for stage in range(stages)
             for s in plan_head_slices(prefill_tp, self.layout.tp_size, self.layout.num_kv_heads_total)
             if s.decode_rank == self.layout.tp_rank
         ]
@@ -170,7 +176,7 @@ class KVReceiver(TransferBase):
         import ucxx
 
         ep = await ucxx.create_endpoint(host, port)
-        name = f"prefill rank {remote.tp_rank} at {host}:{port}"
+        name = f"prefill rank {remote.rank} at {host}:{port}"
         peer = Peer(
             ep, name, self._on_message, self._on_peer_close, self.heartbeat_s, self.heartbeat_timeout_s
         )
@@ -195,9 +201,9 @@ class KVReceiver(TransferBase):
         self._fail_rooms_of(peer, reason)
         # a dead prefill rank writes nothing more (a hung one: it checks our liveness before each copy)
         for state in [*self.rooms.values(), *self._held.values()]:
-            if peer.info is not None and state.sources.get(peer.info.tp_rank, None) is not None:
-                if state.sources[peer.info.tp_rank].peer is peer:
-                    self._drop_hold(state, peer.info.tp_rank)
+            if peer.info is not None and state.sources.get(peer.info.rank, None) is not None:
+                if state.sources[peer.info.rank].peer is peer:
+                    self._drop_hold(state, peer.info.rank)
 
     # ---- loop thread: rooms ----
     def _finish(self, state: _RecvRoom, result: TransferResult) -> None:
@@ -215,7 +221,7 @@ class KVReceiver(TransferBase):
             self._report_when_idle(state)
 
     def _depends_on(self, state: _RecvRoom, peer: Peer) -> bool:
-        src = state.sources.get(peer.info.tp_rank) if peer.info is not None else None
+        src = state.sources.get(peer.info.rank) if peer.info is not None else None
         return src is not None and src.peer is peer
 
     def _on_expect(
@@ -260,9 +266,9 @@ class KVReceiver(TransferBase):
         if isinstance(msg, RoomReleasedMsg):
             held = state or self._held.get(msg.room)
             if held is not None and peer.info is not None:
-                src = held.sources.get(peer.info.tp_rank)
+                src = held.sources.get(peer.info.rank)
                 if src is not None and src.peer is peer:
-                    self._drop_hold(held, peer.info.tp_rank)
+                    self._drop_hold(held, peer.info.rank)
         elif isinstance(msg, KVChunkMsg):
             trace(msg.room, "header_in")
             if msg.direct:
@@ -273,9 +279,9 @@ class KVReceiver(TransferBase):
                 self._land_inline(peer, msg, state, payload)
         elif state is None:
             return  # done/failed/aborted here already; the prefill side was told or will time out
-        elif isinstance(msg, RoomDoneMsg) and peer.info.tp_rank in state.sources:
+        elif isinstance(msg, RoomDoneMsg) and peer.info.rank in state.sources:
             self._touch(state)
-            state.sources[peer.info.tp_rank].num_chunks = msg.num_chunks
+            state.sources[peer.info.rank].num_chunks = msg.num_chunks
             state.metadata = msg.metadata
             self._check_complete(state)
         elif isinstance(msg, RoomFailedMsg):
@@ -286,12 +292,12 @@ class KVReceiver(TransferBase):
             return (
                 "" if msg.room in self._tombstones else f"unknown_room: decode never expected room {msg.room}"
             )
-        src = state.sources.get(peer.info.tp_rank)
+        src = state.sources.get(peer.info.rank)
         if src is None or (msg.head_start, msg.head_end) != (src.heads.start, src.heads.end):
             return f"bad_request: heads [{msg.head_start}, {msg.head_end}) not expected from {peer.name}"
         if msg.page_offset < 0 or msg.page_offset + msg.num_pages > len(state.dst_pages):
             return f"bad_request: pages [{msg.page_offset}, +{msg.num_pages}) beyond the {len(state.dst_pages)} decode pages"
-        if msg.nbytes != chunk_nbytes(self.layout, msg.num_pages, msg.head_end - msg.head_start):
+        if msg.nbytes != chunk_nbytes(peer.info, msg.num_pages, msg.head_end - msg.head_start):
             return f"bad_request: chunk of {msg.nbytes} bytes does not match its pages and heads"
         return ""
 
@@ -304,7 +310,7 @@ class KVReceiver(TransferBase):
             self._touch(state)
             state.started = state.started or time.perf_counter()
             if msg.num_chunks:  # the room's last chunk from this source: the done rides on it
-                state.sources[peer.info.tp_rank].num_chunks = msg.num_chunks
+                state.sources[peer.info.rank].num_chunks = msg.num_chunks
                 state.metadata = msg.metadata
         return error
 
@@ -349,7 +355,7 @@ class KVReceiver(TransferBase):
                 staging = staging.to(self.device)  # synchronous: the control buffer is reused next
             asyncio.ensure_future(self._land_chunk(peer, msg, state, staging, error))
             return
-        self._scatter_fn(msg, state, staging)()
+        self._scatter_fn(msg, state, staging, peer.info)()
         self._chunk_landed(peer, msg, state)
 
     async def _land_chunk(
@@ -363,27 +369,30 @@ class KVReceiver(TransferBase):
             return
         if state is None or state.finished:
             return
-        await self._run_copy(state, self._scatter_fn(msg, state, staging), msg.nbytes)
+        await self._run_copy(state, self._scatter_fn(msg, state, staging, peer.info), msg.nbytes)
         if not state.finished:
             self._chunk_landed(peer, msg, state)
 
-    def _scatter_fn(self, msg: KVChunkMsg, state: _RecvRoom, staging: torch.Tensor) -> Callable[[], None]:
+    def _scatter_fn(
+        self, msg: KVChunkMsg, state: _RecvRoom, staging: torch.Tensor, source: KVLayout
+    ) -> Callable[[], None]:
         heads = (msg.head_start - self.layout.head_range[0], msg.head_end - self.layout.head_range[0])
         pages = state.dst_pages[msg.page_offset : msg.page_offset + msg.num_pages]
+        layers = source.layer_range  # a prefill pipeline stage sends its layers only
 
         def scatter() -> None:
             if state.ready is not None:
                 torch.cuda.current_stream().wait_event(state.ready)
-            dst = self.kv_buffer[:, :, :, :, heads[0] : heads[1]]
+            dst = self.kv_buffer[layers[0] : layers[1], :, :, :, heads[0] : heads[1]]
             whole = heads[1] - heads[0] == self.layout.num_local_heads
-            src = wide_pages(self._typed(staging, msg.num_pages, heads[1] - heads[0]), whole)
+            src = wide_pages(self._typed(staging, msg.num_pages, heads[1] - heads[0], source), whole)
             wide_pages(dst, whole).index_copy_(1, pages, src)
 
         return scatter
 
     def _chunk_landed(self, peer: Peer, msg: KVChunkMsg, state: _RecvRoom) -> None:
         trace(msg.room, "scattered")
-        src = state.sources[peer.info.tp_rank]
+        src = state.sources[peer.info.rank]
         src.chunks_done += 1
         src.pages_done += msg.num_pages
         state.nbytes += msg.nbytes

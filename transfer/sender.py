@@ -111,7 +111,7 @@ class KVSender(TransferBase):
         layout: KVLayout,
         bootstrap_host: str,
         bootstrap_port: int,
-        serve_bootstrap: bool | None = None,  # default: tp_rank 0 serves it
+        serve_bootstrap: bool | None = None,  # default: rank 0 serves it
         host: str | None = None,  # address decode ranks reach this rank's UCX listener at
         timeout_s: float = 30.0,
         heartbeat_s: float = 1.0,
@@ -123,7 +123,7 @@ class KVSender(TransferBase):
         self.max_message_bytes = max_message_bytes or default_max_message_bytes(self.device)
         self._draining: set[Room] = set()  # finished rooms whose copies still run
         self.bootstrap: BootstrapServer | None = None
-        if serve_bootstrap if serve_bootstrap is not None else layout.tp_rank == 0:
+        if serve_bootstrap if serve_bootstrap is not None else layout.rank == 0:
             self.bootstrap = BootstrapServer(port=bootstrap_port)
             bootstrap_port = self.bootstrap.port
         self.bootstrap_port = bootstrap_port
@@ -427,7 +427,8 @@ class KVSender(TransferBase):
                 return
             lo, remote_lo = self.layout.head_range[0], peer.info.head_range[0]
             dst_pages = state.dst_pages[target.decode_rank][msg.page_offset : msg.page_offset + msg.num_pages]
-            dst = peer.direct_pool
+            layers = self.layout.layer_range  # a pipeline stage writes its layers of the decode's pool
+            dst = peer.direct_pool[layers[0] : layers[1]]
 
             def copy() -> None:
                 if chunk.ready is not None:

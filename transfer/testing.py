@@ -27,15 +27,16 @@ class RequestPlan:
 
 
 def full_pool(layout: KVLayout, num_pages: int, seed: int) -> torch.Tensor:
-    """The pool as if TP were 1: [layers, pages, 2, page_size, num_kv_heads_total, head_dim]."""
+    """The pool as if TP and PP were 1: [layers, pages, 2, page_size, num_kv_heads_total, head_dim]."""
     gen = torch.Generator().manual_seed(seed)
-    full = KVLayout(**{**layout.__dict__, "tp_rank": 0, "tp_size": 1})
+    full = KVLayout(**{**layout.__dict__, "tp_rank": 0, "tp_size": 1, "layer_start": 0, "layer_end": 0})
     return torch.randn(full.pool_shape(num_pages), generator=gen).to(layout.torch_dtype)
 
 
 def rank_slice(full: torch.Tensor, layout: KVLayout) -> torch.Tensor:
     lo, hi = layout.head_range
-    return full[:, :, :, :, lo:hi].contiguous()
+    start, end = layout.layer_range  # a pipeline stage's layers
+    return full[start:end, :, :, :, lo:hi].contiguous()
 
 
 def make_requests(
@@ -126,7 +127,7 @@ def prefill_rank_main(
             meta = {"first_token": plan.room * 7} if last else None
             sender.send(plan.room, plan.src_pages[offset : offset + n], offset, is_last=last, metadata=meta)
     results = wait_results(sender, {p.room for p in plans}, timeout_s * 4)
-    out.put(("prefill", layout.tp_rank, result_summary(results), sender.num_active_rooms(), None, None))
+    out.put(("prefill", layout.rank, result_summary(results), sender.num_active_rooms(), None, None))
     stop.wait(timeout_s * 4)
     sender.close()
 
