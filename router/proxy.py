@@ -91,6 +91,9 @@ class Leg:
         self.worker.begin()
         self.worker.inflight.add(self)
 
+    def got_bytes(self) -> None:
+        self.last_byte = self.worker.last_bytes = time.monotonic()
+
     def end(self) -> None:
         if not self.ended:
             self.ended = True
@@ -213,6 +216,8 @@ class Proxy:
         """A prefill and a decode that can exchange KV pages (same model, weights, layout: the
         identities their /server_info publishes); a request never reaches an incompatible pair."""
         decodes = self.registry.available(Role.DECODE)
+        if not decodes:
+            raise NoWorker("no available decode worker")
         prefills = [
             p for p in self.registry.available(Role.PREFILL) if any(not pd_mismatch(p, d) for d in decodes)
         ]
@@ -337,7 +342,7 @@ class Proxy:
                 leg.first_chunk = await response.readany()
             else:
                 leg.first_chunk = await response.read()
-            leg.last_byte = time.monotonic()
+            leg.got_bytes()
         except UPSTREAM_ERRORS as exc:
             response.close()
             code = leg.failure or _failure_code(exc)
@@ -424,18 +429,35 @@ class Proxy:
         try:
             chunk = await leg.response.readany()
         except TimeoutError:
-            stall = self.config.worker_stall_timeout
-            logger.warning("worker %s is hung: a stream got nothing for %.1f s", url, stall)
-            leg.worker.mark_down("stream_stall", "worker_timeout", silent_for=stall)
-            return "worker_timeout", f"worker {url} sent nothing for {stall:g} s (--worker-stall-timeout)"
+            return self._stalled(leg)
         except UPSTREAM_ERRORS as exc:
             return leg.failure or "upstream_unavailable", f"stream from {url} broke: {exc}"
         if chunk:
-            leg.last_byte = time.monotonic()
+            leg.got_bytes()
             return chunk
         if state.done:
             return None
         return "upstream_unavailable", f"stream from {url} ended before its [DONE]"
+
+    def _stalled(self, leg: Leg) -> bytes | tuple[str, str]:
+        """A stream got nothing for --worker-stall-timeout: its worker is hung when none of its streams
+        got bytes either (marked down: (code, message)); else this request waits in the worker's
+        queue (e.g. for KV pages under load): b"", keep reading, up to --request-timeout-secs."""
+        stall, worker, now = self.config.worker_stall_timeout, leg.worker, time.monotonic()
+        if now - worker.last_bytes >= stall:
+            logger.warning("worker %s is hung: its streams got nothing for %.1f s", worker.url, stall)
+            worker.mark_down("stream_stall", "worker_timeout", silent_for=stall)
+            return (
+                "worker_timeout",
+                f"worker {worker.url} sent nothing for {stall:g} s (--worker-stall-timeout)",
+            )
+        if now - leg.last_byte >= self.config.request_timeout_secs:
+            timeout = self.config.request_timeout_secs
+            return (
+                "worker_timeout",
+                f"{worker.url} sent this request nothing for {timeout:g} s (--request-timeout-secs)",
+            )
+        return b""
 
     async def _migrate(self, call: Call, state: StreamState | OpenAIStreamState, tried: set[Worker]):
         """Continue a broken stream on another worker: (leg, other legs), or (code, message)

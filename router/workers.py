@@ -110,6 +110,8 @@ class Worker:
     was_healthy: bool = False  # passed a health check at least once
     # legs in flight on this worker (proxy.Leg): failed when the worker is marked down
     inflight: set = field(default_factory=set, repr=False)
+    # NOTE: when any leg on it last got bytes (monotonic): a worker still sending is busy, not hung
+    last_bytes: float = 0.0
     # PD servers: the KV layout identity of /server_info (model fingerprint, page size, dtype, ...),
     # read when the worker turns healthy; None: not read yet; {}: the server publishes none
     pd_identity: dict | None = None
