@@ -4,12 +4,15 @@ span every rank, and the greedy tokens equal transformers' float32 ones with une
 
 from __future__ import annotations
 
+import concurrent.futures
+
 import pytest
 from disagg.common.engine.offline import Engine
 from disagg.common.models.moe import SparseMoE
 from disagg.common.parallel.dp_attention import DPAttentionScheduler, pick_dp_rank
 
 from tests.conftest import TINY_CONFIGS, assert_pool_clean, hf_greedy, make_tiny_model
+from tests.server_helpers import ServerProcess, metric_value
 
 GREEDY = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
 FIRST = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]  # one request: DP rank 1 runs idle steps only
@@ -108,3 +111,39 @@ def test_dp_attention_layouts_it_cannot_run_fail_clearly(models):
     with pytest.raises(ValueError, match="--ep equal to --tp"):
         Engine(model_path=models["qwen3_moe"], tp=2, dp_size=2, ep=1, moe_a2a_backend="all_to_all",
                enable_dp_attention=True)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_server_with_dp_attention_answers_concurrent_requests(models, default_model_path):
+    """launch_server --tp 2 --dp-size 2 --enable-dp-attention: concurrent /generate requests spread
+    over both DP ranks give transformers' tokens; /metrics counts both DP ranks' pools."""
+    path = models["qwen3_moe"]
+    args = ["--model-path", path, "--tokenizer-path", default_model_path, "--page-size", "4", "--max-total-tokens",
+            "512", "--log-level", "warning", "--tp", "2", "--dp-size", "2", "--ep", "2", "--moe-a2a-backend",
+            "all_to_all", "--enable-dp-attention"]  # fmt: skip
+    server = ServerProcess(*args).start()
+    try:
+        with server.client() as http:
+
+            def generate(ids):
+                body = {
+                    "input_ids": ids,
+                    "sampling_params": {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True},
+                }
+                return http.post("/generate", json=body).json()["output_ids"]
+
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                out = list(pool.map(generate, THEN))
+            metrics = http.get("/metrics").text
+    finally:
+        server.stop()
+    assert out == [hf_greedy(path, p, 8) for p in THEN]
+    assert metric_value(metrics, "disagg_num_total_pages") == 2 * 512 // 4  # one pool per DP rank
+
+
+def test_pd_servers_refuse_dp_attention_at_start(capsys):
+    from disagg.common.server.launch_server import run_role
+
+    with pytest.raises(SystemExit):
+        run_role("decode", ["--enable-dp-attention", "--tp", "2", "--dp-size", "2"])
+    assert "not supported by the prefill and decode servers" in capsys.readouterr().err

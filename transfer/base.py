@@ -155,7 +155,8 @@ class TransferBase:
         self.rooms: dict[Room, Any] = {}  # active rooms, touched only on the loop thread
         self.peers: set[Peer] = set()
         self._tombstones: dict[Room, Tombstone] = {}
-        self._results: deque[TransferResult] = deque()  # appended on the loop, drained by poll()
+        # (result, when it was appended) on the loop, drained by poll()
+        self._results: deque[tuple[TransferResult, float]] = deque()
         self._results_ready = threading.Event()  # set when _results gets one; wait() blocks on it
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # host chunks up to this size ride inside their header (device bytes never go via the host)
@@ -170,8 +171,11 @@ class TransferBase:
         """Rooms finished (ok or failed) since the last poll; each room is reported exactly once."""
         self._results_ready.clear()  # before draining: a result appended from now on sets it again
         out = []
+        now = time.perf_counter()
         while self._results:
-            out.append(self._results.popleft())
+            result, at = self._results.popleft()
+            metrics.observe_step(self.role, "to_scheduler", now - at)
+            out.append(result)
         return out
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -244,7 +248,7 @@ class TransferBase:
         # server can free (and reuse) them as soon as poll() returns the failure.
         if state.result is not None and state.busy == 0:
             trace(state.room, f"{self.role}_result")
-            self._results.append(state.result)
+            self._results.append((state.result, time.perf_counter()))
             self._results_ready.set()
             state.result = None
 
@@ -269,11 +273,12 @@ class TransferBase:
                 if now > tomb.expiry:
                     del self._tombstones[room]
 
-    async def _run_copy(self, state: RoomState, fn: Callable[[], None], nbytes: int) -> None:
+    async def _run_copy(self, state: RoomState, fn: Callable[[], None], nbytes: int, step: str) -> None:
         """Run a gather/scatter: on CUDA on the transfer stream, its completion awaited off the loop
         thread; on the CPU inline when small, else on a
         worker thread (a hop costs ~0.1 ms; a 32 MiB copy would stall the loop for milliseconds)."""
         state.busy += 1
+        start = time.perf_counter()
         try:
             if self._stream is not None:
                 with torch.cuda.stream(self._stream):
@@ -287,6 +292,7 @@ class TransferBase:
                 fn()
             else:
                 await asyncio.to_thread(fn)
+            metrics.observe_step(self.role, step, time.perf_counter() - start)
         finally:
             state.busy -= 1
             self._report_when_idle(state)

@@ -19,6 +19,15 @@ KV_TRANSFER_SPEED = Histogram(
     ["role"],
     buckets=(0.1, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 300, 400),
 )
+KV_TRANSFER_STEP = Histogram(
+    "disagg_kv_transfer_step_seconds",
+    "Where a room's hand-off time goes: wait_request (prefill: first chunk ready until the decode said "
+    "where its pages are), gather / copy / scatter (one chunk's device or host copy: UCX staging, "
+    "direct into the peer's pool, out of staging), send (one UCX data message), to_scheduler (a "
+    "finished room until the server's scheduler polled it)",
+    ["role", "step"],
+    buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2, 10),
+)
 KV_TRANSFER_FAILURES = Counter(
     "disagg_kv_transfer_failures_total", "Rooms whose KV transfer failed", ["role", "reason"]
 )
@@ -29,6 +38,10 @@ def observe_success(role: str, nbytes: int, seconds: float) -> None:
     KV_TRANSFER_DURATION.labels(role).observe(seconds)
     if seconds > 0 and nbytes > 0:
         KV_TRANSFER_SPEED.labels(role).observe(nbytes / seconds / 1e9)
+
+
+def observe_step(role: str, step: str, seconds: float) -> None:
+    KV_TRANSFER_STEP.labels(role, step).observe(max(0.0, seconds))
 
 
 def observe_failure(role: str, reason: str) -> None:
@@ -43,6 +56,12 @@ def metrics_text() -> str:
 
     disable_created_metrics()
     registry = CollectorRegistry()
-    for metric in (KV_TRANSFER_BYTES, KV_TRANSFER_DURATION, KV_TRANSFER_SPEED, KV_TRANSFER_FAILURES):
+    for metric in (
+        KV_TRANSFER_BYTES,
+        KV_TRANSFER_DURATION,
+        KV_TRANSFER_SPEED,
+        KV_TRANSFER_STEP,
+        KV_TRANSFER_FAILURES,
+    ):
         registry.register(metric)
     return generate_latest(registry).decode()

@@ -369,7 +369,7 @@ class KVReceiver(TransferBase):
             return
         if state is None or state.finished:
             return
-        await self._run_copy(state, self._scatter_fn(msg, state, staging, peer.info), msg.nbytes)
+        await self._run_copy(state, self._scatter_fn(msg, state, staging, peer.info), msg.nbytes, "scatter")
         if not state.finished:
             self._chunk_landed(peer, msg, state)
 

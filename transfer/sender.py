@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from disagg.transfer import metrics
 from disagg.transfer.base import (
     RoomState,
     Tombstone,
@@ -82,6 +83,7 @@ class _SendRoom(RoomState):
     done_sent: bool = False
     acked: set[int] = field(default_factory=set)
     fingerprint: int = 0  # the prefill request's prompt_fingerprint (0: not known yet / not checked)
+    first_send: float | None = None  # perf_counter of the first send(): the wait for the request starts
     dst_pages: dict[int, torch.Tensor] = field(default_factory=dict)  # direct decode rank -> its pages
 
 
@@ -238,6 +240,7 @@ class KVSender(TransferBase):
             if self._refuse_foreign_requests(state):
                 return
         state.queued.append(chunk)
+        state.first_send = state.first_send or time.perf_counter()
         state.is_last, state.metadata = is_last, metadata
         self._pump(state)
 
@@ -344,6 +347,8 @@ class KVSender(TransferBase):
             if error := self._check_chunk(state, chunk):
                 self._fail(state, error)
                 return
+        if state.queued and state.started is None and state.first_send is not None:
+            metrics.observe_step(self.role, "wait_request", time.perf_counter() - state.first_send)
         chunks = [c for c in state.queued if len(c.pages)]
         state.queued.clear()
         pieces = [p for c in chunks for p in self._split(c)]
@@ -441,7 +446,7 @@ class KVSender(TransferBase):
                     torch.cuda.current_stream().wait_event(landed)
 
             trace(state.room, "copy_start")
-            await self._run_copy(state, copy, msg.nbytes)
+            await self._run_copy(state, copy, msg.nbytes, "copy")
         except Exception as e:  # noqa: BLE001 - e.g. a source page outside the pool
             self._fail(state, f"bad_request: copying room {state.room}: {type(e).__name__}: {e}")
             return
@@ -493,7 +498,7 @@ class KVSender(TransferBase):
     async def _send_slice(self, state: _SendRoom, chunk: _Chunk, s: _Slice) -> None:
         staging = self._staging(s.nbytes)
         try:
-            await self._run_copy(state, self._gather_fn(chunk, s, staging), s.nbytes)
+            await self._run_copy(state, self._gather_fn(chunk, s, staging), s.nbytes, "gather")
         except Exception as e:  # noqa: BLE001
             self._fail(state, f"bad_request: gathering room {state.room}: {type(e).__name__}: {e}")
             return
@@ -521,11 +526,13 @@ class KVSender(TransferBase):
     async def _send_bytes(self, state: _SendRoom, s: _Slice, buf: torch.Tensor) -> None:
         """Send a gathered slice (an inline one: its whole control frame), even for a room failed
         meanwhile: the decode drops it."""
+        start = time.perf_counter()
         try:
             if s.inline is not None:
                 await s.peer.send_frame(buf)
             else:
                 await s.peer.send_data(buf, s.tag)
+            metrics.observe_step(self.role, "send", time.perf_counter() - start)
         except Exception as e:  # noqa: BLE001 - UCX error: the decode rank is gone
             self._fail(state, f"peer_died: sending room {state.room}: {type(e).__name__}: {e}")
             return

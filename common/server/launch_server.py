@@ -231,6 +231,8 @@ def run_role(role: str, argv: list[str] | None = None, scheduler_cls=None, worke
                         format=f"%(asctime)s [{log_name}] %(levelname)s %(name)s: %(message)s")  # fmt: skip
     engine = EngineConfig.from_args(args)
     make_scheduler, hook, info = None, None, None
+    if pd and engine.enable_dp_attention:  # a room's DP rank is not carried to the prefill yet
+        parser.error("--enable-dp-attention: not supported by the prefill and decode servers yet")
     if pd:
         disagg = DisaggConfig.from_args(args, role)
         make_scheduler = functools.partial(scheduler_cls, disagg=disagg)
