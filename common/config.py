@@ -7,6 +7,7 @@ takes an `EngineConfig`. Environment variables live under the DISAGG_ prefix, pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -75,6 +76,22 @@ def cuda_visible_devices() -> list[str] | None:
     """The GPUs CUDA_VISIBLE_DEVICES names, or None when it is unset (every GPU is visible)."""
     value = os.environ.get("CUDA_VISIBLE_DEVICES")
     return None if value is None else [d for d in value.split(",") if d.strip()]
+
+
+@contextlib.contextmanager
+def cuda_visible_devices_for_children(devices: list[str] | None):
+    """Processes started inside the block see only `devices` (None: unchanged); restored after.
+    (CUDA reads the variable when a child first uses it: --dp-size replicas, --base-gpu-id.)"""
+    saved = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if devices is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
 def fp8_gemm_mode() -> str:

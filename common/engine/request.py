@@ -156,3 +156,6 @@ class SchedulerStats:
     metrics_text: str = ""  # PD roles: the transfer engine's Prometheus series
     # MoE with --enable-expert-distribution-metrics: {decoder layer id: routed pairs per expert since start}
     expert_tokens: dict[int, list[int]] = field(default_factory=dict)
+    # --dp-size > 1: these stats are the replicas' sum; one entry per replica (dp_rank, alive, gpus,
+    # num_dispatched, num_in_flight, num_tokens, stats) from common/server/data_parallel.py
+    dp_replicas: list[dict] = field(default_factory=list)

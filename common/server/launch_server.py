@@ -24,8 +24,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import uvicorn
-from disagg.common.config import PD_ROLES, DisaggConfig, EngineConfig, add_disagg_args, add_engine_args
+from disagg.common.config import (
+    PD_ROLES,
+    DisaggConfig,
+    EngineConfig,
+    add_disagg_args,
+    add_engine_args,
+    cuda_visible_devices_for_children,
+)
 from disagg.common.models.model_files import resolve_model_path
+from disagg.common.server.data_parallel import (
+    LOAD_BALANCE_METHODS,
+    replica_gpus,
+    run_data_parallel_controller,
+)
 from disagg.common.server.detokenizer import run_detokenizer_process
 from disagg.common.server.http_server import create_app
 from disagg.common.server.ipc import IpcNames
@@ -52,6 +64,9 @@ class ServerConfig:
     max_request_body_size: int = 32 << 20  # bytes; larger bodies get 413
     grace_period: float = 30.0  # seconds running requests get to finish at shutdown
     tool_call_parser: str | None = None  # None: from the chat template (common/server/tool_parsers.py)
+    # --dp-size > 1: how the dispatcher picks a replica (common/server/data_parallel.py)
+    load_balance_method: str = "round_robin"
+    base_gpu_id: int = 0  # the first GPU of replica 0; replica i takes tp GPUs from base + i * tp
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerConfig:
@@ -77,6 +92,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
                    help="how tool calls are read from the output (default: from the chat template)")  # fmt: skip
     g.add_argument("--grace-period", "--graceful-shutdown-timeout", dest="grace_period", type=float,
                    default=d.grace_period, help="seconds running requests may finish after SIGTERM")  # fmt: skip
+    g.add_argument("--load-balance-method", default=d.load_balance_method, choices=LOAD_BALANCE_METHODS,
+                   help="--dp-size > 1: the replica for each request (shortest_queue: fewest requests held, "
+                        "minimum_tokens: fewest tokens held)")  # fmt: skip
+    g.add_argument("--base-gpu-id", type=int, default=d.base_gpu_id,
+                   help="first GPU this server uses; data parallel replica i uses tp GPUs from base + i * tp")  # fmt: skip
 
 
 class DrainingServer(uvicorn.Server):
@@ -133,6 +153,21 @@ def tokenizer_path_for(engine: EngineConfig, server: ServerConfig) -> str:
     return engine.model_path
 
 
+def num_replicas(engine: EngineConfig) -> int:
+    """Engine replicas behind this server: --dp-size, unless DP attention uses it inside one engine."""
+    return 1 if getattr(engine, "enable_dp_attention", False) else max(1, engine.dp_size)
+
+
+def with_data_parallel(engine: EngineConfig, server: ServerConfig, scheduler_target: Callable) -> Callable:
+    """--dp-size N > 1 (without DP attention): the scheduler process becomes the dispatcher of N replicas."""
+    if num_replicas(engine) == 1:
+        return scheduler_target
+    if engine.nnodes > 1:
+        raise RuntimeError("--dp-size replicas run on one node (not yet with --nnodes > 1)")
+    return functools.partial(run_data_parallel_controller, scheduler_target=scheduler_target,
+                             method=server.load_balance_method, base_gpu_id=server.base_gpu_id)  # fmt: skip
+
+
 def start_children(engine: EngineConfig, server: ServerConfig, ipc: IpcNames, scheduler_target: Callable):
     ctx = mp.get_context("spawn")
     specs = [
@@ -140,12 +175,15 @@ def start_children(engine: EngineConfig, server: ServerConfig, ipc: IpcNames, sc
         ("detokenizer", run_detokenizer_process, (server.tokenizer_path, ipc)),
     ]
     procs, conns = [], []
+    # --base-gpu-id with one replica: its GPUs (dp > 1: the dispatcher gives each replica its own)
+    gpus = replica_gpus(engine, server.base_gpu_id, 0) if num_replicas(engine) == 1 and server.base_gpu_id else None
     for name, target, args in specs:
         recv_end, send_end = ctx.Pipe(duplex=False)
         proc = ctx.Process(
             target=target, args=(*args, send_end, server.log_level), name=f"disagg-{name}", daemon=True
         )
-        proc.start()
+        with cuda_visible_devices_for_children(gpus):
+            proc.start()
         send_end.close()
         procs.append(proc)
         conns.append(recv_end)
@@ -186,11 +224,11 @@ def launch(engine: EngineConfig, server: ServerConfig, scheduler_target: Callabl
     engine = engine.replace(model_path=resolve_model_path(engine.model_path))
     server = dataclasses.replace(server, tokenizer_path=tokenizer_path_for(engine, server))
     ipc = IpcNames.new()
-    procs, conns = start_children(engine, server, ipc, scheduler_target)
+    procs, conns = start_children(engine, server, ipc, with_data_parallel(engine, server, scheduler_target))
     try:
         infos = wait_ready(procs, conns)
         tokenizer = load_tokenizer(server.tokenizer_path)
-        metrics = ServerMetrics(role)
+        metrics = ServerMetrics(role, num_replicas(engine))
         name = server.served_model_name or engine.model_path.rstrip("/").rsplit("/", 1)[-1]
         info = {**dataclasses.asdict(engine), **dataclasses.asdict(server), **(extra_info or {}), "api_key": None, "admin_api_key": None,
                 "role": role, "pd_identity": infos[0].get("pd_identity")}  # fmt: skip

@@ -2,7 +2,9 @@
 
 The HTTP process observes request timings as outputs stream by; the gauges are refreshed from the
 scheduler's `stats()` each time /metrics is scraped. The prefill and decode servers reuse this
-class with role="prefill" / role="decode".
+class with role="prefill" / role="decode". With `--dp-size N` (N > 1) the scheduler gauges carry a
+`dp_rank` label (one series per replica) and two series per replica come from the dispatcher:
+`disagg_dp_dispatched_requests_total` and `disagg_dp_replica_up`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 disable_created_metrics()  # the *_created series only add noise to a scrape
@@ -47,8 +49,8 @@ _GAUGES = {
 class ServerMetrics:
     CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-    def __init__(self, role: str = "server"):
-        self.role = role
+    def __init__(self, role: str = "server", dp_size: int = 1):
+        self.role, self.dp_size = role, dp_size
         self.registry = CollectorRegistry()
         r, lbl = self.registry, ["role"]
         self.ttft = Histogram("disagg_time_to_first_token_seconds", "Time to first token", lbl,
@@ -65,12 +67,15 @@ class ServerMetrics:
                                      lbl, registry=r).labels(role)  # fmt: skip
         self.requests = Counter("disagg_requests", "Finished requests by finish reason",
                                 ["role", "finish_reason"], registry=r)  # fmt: skip
-        self.gauges = {
-            key: Gauge(name, doc, lbl, registry=r).labels(role) for key, (name, doc) in _GAUGES.items()
-        }
+        # NOTE: one series per replica with --dp-size > 1; a single server keeps its labels as they were
+        glbl = ["role", "dp_rank"] if dp_size > 1 else ["role"]
+        self.gauges = {key: Gauge(name, doc, glbl, registry=r) for key, (name, doc) in _GAUGES.items()}
         # PD servers: requests per stage (prealloc/bootstrap, transfer, waiting, running)
-        self.queues = Gauge("disagg_queue_requests", "Requests in each stage of the server", ["role", "stage"],
+        self.queues = Gauge("disagg_queue_requests", "Requests in each stage of the server", [*glbl, "stage"],
                             registry=r)  # fmt: skip
+        self.replicas: list[dict] = []  # the dispatcher's last view of the replicas (dp_size > 1)
+        if dp_size > 1:
+            r.register(_ReplicaCollector(self))
         self.scheduler_text = ""  # series kept by the scheduler process (KV transfer), appended to ours
         self.expert_tokens = _ExpertTokens(role)  # MoE: --enable-expert-distribution-metrics
         r.register(self.expert_tokens)
@@ -97,15 +102,44 @@ class ServerMetrics:
     def set_stats(self, stats: SchedulerStats | None) -> None:
         if stats is None:
             return
-        for key, gauge in self.gauges.items():
-            gauge.set(float(getattr(stats, key)))
-        for stage, n in stats.queues.items():
-            self.queues.labels(self.role, stage).set(float(n))
+        if self.dp_size == 1:
+            self._set_gauges(stats, ())
+        else:  # per replica; a dead replica keeps its last values (and dp_replica_up 0)
+            self.replicas = stats.dp_replicas
+            for entry in stats.dp_replicas:
+                if entry["stats"] is not None:
+                    self._set_gauges(entry["stats"], (str(entry["dp_rank"]),))
         self.scheduler_text = stats.metrics_text or self.scheduler_text
         self.expert_tokens.counts = stats.expert_tokens or self.expert_tokens.counts
 
+    def _set_gauges(self, stats: SchedulerStats, dp_label: tuple[str, ...]) -> None:
+        for key, gauge in self.gauges.items():
+            gauge.labels(self.role, *dp_label).set(float(getattr(stats, key)))
+        for stage, n in stats.queues.items():
+            self.queues.labels(self.role, *dp_label, stage).set(float(n))
+
     def render(self) -> bytes:
         return generate_latest(self.registry) + self.scheduler_text.encode()
+
+
+class _ReplicaCollector:
+    """The dispatcher's counts per replica, as of the last stats (kept in the scheduler side's
+    controller, so a counter here is exported as read, not incremented)."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def collect(self):
+        dispatched = CounterMetricFamily("disagg_dp_dispatched_requests", "Requests the dispatcher sent to each "
+                                         "data parallel replica", labels=["role", "dp_rank"])  # fmt: skip
+        up = GaugeMetricFamily("disagg_dp_replica_up", "1 while the data parallel replica runs, 0 once it died",
+                               labels=["role", "dp_rank"])  # fmt: skip
+        for entry in self.metrics.replicas:
+            labels = [self.metrics.role, str(entry["dp_rank"])]
+            dispatched.add_metric(labels, float(entry["num_dispatched"]))
+            up.add_metric(labels, 1.0 if entry["alive"] else 0.0)
+        yield dispatched
+        yield up
 
 
 class _ExpertTokens:

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from disagg.common.engine.request import SamplingParams
+from disagg.common.server.data_parallel import REPLICA_FAILED
 from disagg.common.server.ipc import StrOut
 from disagg.common.server.metrics import ServerMetrics
 from disagg.common.server.protocol import MAX_ROOM, SERVER_ERROR, APIError
@@ -179,6 +180,8 @@ def engine_error(error: str) -> APIError:
     if error.startswith(KV_TRANSFER_FAILED):
         timeout = error[len(KV_TRANSFER_FAILED) :].lstrip(": ").startswith("timeout")
         return APIError(504 if timeout else 502, error, type=SERVER_ERROR, code="kv_transfer_failed")
+    if error.startswith(REPLICA_FAILED):  # the other replicas still serve: retryable
+        return APIError(502, error, type=SERVER_ERROR, code="replica_failed")
     if error.startswith("aborted"):
         return APIError(400, error, code="request_aborted")
     if "room" in error and any(w in error for w in ("in use", "duplicate", "reused")):
