@@ -185,3 +185,34 @@ def test_each_stage_sends_its_layers_to_every_decode_rank(direct):
             pool, want = tensor_from_bytes(pool_bytes), rank_slice(full, _stage_layout(0, 1, rank, 2))
             for p in plans:
                 assert torch.equal(pool[:, p.dst_pages], want[:, p.src_pages]), f"room {p.room} differs"
+
+
+@pytest.mark.slow
+def test_one_stage_per_node(pp_models):
+    """--pp-size 2 --nnodes 2: node 1 (`python -m disagg.common.parallel.ranks`) runs stage 1."""
+    import sys
+
+    from tests.procs import Process, free_port
+
+    path, addr = pp_models["llama"], f"127.0.0.1:{free_port()}"
+    flags = [
+        "--model-path",
+        path,
+        "--pp-size",
+        "2",
+        "--nnodes",
+        "2",
+        "--dist-init-addr",
+        addr,
+        "--page-size",
+        "4",
+    ]
+    node1 = Process(
+        [sys.executable, "-m", "disagg.common.parallel.ranks", *flags, "--node-rank", "1"]
+    ).launch()
+    try:
+        got = _generate(path, pp_size=2, nnodes=2, node_rank=0, dist_init_addr=addr)
+        assert got == [hf_greedy(path, p, GREEDY["max_new_tokens"]) for p in PROMPTS]
+        assert node1.proc.wait(timeout=60) == 0  # node 1's stage stops cleanly with the group
+    finally:
+        node1.stop()

@@ -38,6 +38,8 @@ def check_pp_layout(hf_config, config) -> None:
     layers = hf_config.num_hidden_layers
     if not 1 <= config.pp_size <= layers:
         raise ValueError(f"--pp-size {config.pp_size}: the model has {layers} layers (1 to {layers} stages)")
+    if getattr(config, "enable_dp_attention", False):
+        raise ValueError("--pp-size > 1 with --enable-dp-attention is not supported")
 
 
 class StageKV:
