@@ -246,3 +246,11 @@ def test_each_replica_gets_its_own_gpus_from_base_gpu_id(monkeypatch):
     with pytest.raises(ValueError, match="need 10 GPUs; 8 are visible"):
         replica_gpus(engine.replace(dp_size=4), 2, 3)
     assert replica_gpus(engine.replace(device="cpu"), 0, 0) is None
+
+
+def test_a_prefill_server_refuses_replicas_until_the_bootstrap_can_find_them(capsys):
+    from disagg.common.server.launch_server import run_role
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_role("prefill", ["--dp-size", "2"])
+    assert exit_info.value.code == 2 and "--dp-size > 1 on a prefill server" in capsys.readouterr().err

@@ -176,7 +176,11 @@ def start_children(engine: EngineConfig, server: ServerConfig, ipc: IpcNames, sc
     ]
     procs, conns = [], []
     # --base-gpu-id with one replica: its GPUs (dp > 1: the dispatcher gives each replica its own)
-    gpus = replica_gpus(engine, server.base_gpu_id, 0) if num_replicas(engine) == 1 and server.base_gpu_id else None
+    gpus = (
+        replica_gpus(engine, server.base_gpu_id, 0)
+        if num_replicas(engine) == 1 and server.base_gpu_id
+        else None
+    )
     for name, target, args in specs:
         recv_end, send_end = ctx.Pipe(duplex=False)
         proc = ctx.Process(
@@ -268,6 +272,12 @@ def run_role(role: str, argv: list[str] | None = None, scheduler_cls=None, worke
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format=f"%(asctime)s [{log_name}] %(levelname)s %(name)s: %(message)s")  # fmt: skip
     engine = EngineConfig.from_args(args)
+    if role == "prefill" and num_replicas(engine) > 1:
+        # NOTE: each replica's rank 0 would serve the bootstrap on the same port; the decode would have
+        # to find the replica holding a room (docs/parallelism.md, "Data-parallel replicas")
+        parser.error(
+            "--dp-size > 1 on a prefill server is not supported yet: run one prefill server per replica"
+        )
     make_scheduler, hook, info = None, None, None
     if pd and engine.enable_dp_attention:  # a room's DP rank is not carried to the prefill yet
         parser.error("--enable-dp-attention: not supported by the prefill and decode servers yet")
