@@ -33,6 +33,9 @@ CASES = [
     (MISTRAL, f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {WEATHER}}}, {{"name": "now", '
               '"arguments": {"tz": 1.5}}]', None, [("get_weather", WEATHER), ("now", '{"tz": 1.5}')]),
     (REQUIRED, '[{"name": "now", "parameters": {"tz": -2}}]', None, [("now", '{"tz": -2}')]),
+    # Mistral v11+: name[ARGS]{...} per call (an optional [CALL_ID] skipped)
+    (MISTRAL, f'Sure![TOOL_CALLS]get_weather[ARGS]{WEATHER}[TOOL_CALLS]now[CALL_ID]a1b2[ARGS]{{}}', "Sure!",
+     [("get_weather", WEATHER), ("now", "{}")]),
     # no call: all of it is content, including what looked like the start of a marker
     (HERMES, "Paris is <tool in France", "Paris is <tool in France", []),
     (LLAMA3, "  The answer: {not a call}", "  The answer: {not a call}", []),

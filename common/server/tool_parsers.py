@@ -6,7 +6,7 @@ calls differ (`--tool-call-parser`, SGLang's names):
 
 - `hermes` / `qwen25`: `<tool_call>\\n{"name": ..., "arguments": ...}\\n</tool_call>`, repeated
 - `llama3`: `<|python_tag|>` or a bare `{"name": ..., "parameters": ...}`, calls separated by `;`
-- `mistral`: `[TOOL_CALLS] [{"name": ..., "arguments": ...}, ...]` (the pre-v11 tokenizer format)
+- `mistral`: `[TOOL_CALLS] [{"name": ..., "arguments": ...}, ...]`, or v11+'s `[TOOL_CALLS]name[ARGS]{...}`
 
 Text before the region is the message's content; text after it is dropped. `ToolCallStreamer` reads
 the output as it arrives and yields OpenAI's deltas: content text (holding back what could be the
@@ -20,6 +20,7 @@ enforced by a grammar (tool_choice.py): the output is then plain JSON read by `R
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -35,11 +36,12 @@ class CallFormat:
     glue: tuple[str, ...]  # what may stand between and around the call objects (besides whitespace)
     bare_opener: str = ""  # a region may also open with this character as the first one of the output
     args_keys: tuple[str, ...] = ("arguments", "parameters")
+    args_marker: str = ""  # Mistral v11+: a call may also be `name[ARGS]{...}` (no JSON object around it)
 
 
 HERMES = CallFormat("hermes", ("<tool_call>",), ("<tool_call>", "</tool_call>"))
 LLAMA3 = CallFormat("llama3", ("<|python_tag|>",), ("<|python_tag|>", ";"), bare_opener="{")
-MISTRAL = CallFormat("mistral", ("[TOOL_CALLS]",), ("[TOOL_CALLS]", "[", "]", ","))
+MISTRAL = CallFormat("mistral", ("[TOOL_CALLS]",), ("[TOOL_CALLS]", "[", "]", ","), args_marker="[ARGS]")
 # tool_choice "required": the grammar makes the whole output a JSON array of calls
 REQUIRED = CallFormat("required", (), ("[", "]", ","), bare_opener="[", args_keys=("parameters",))
 
@@ -133,6 +135,33 @@ def scan_call(text: str, start: int, fmt: CallFormat) -> PartialCall:
         if end is None:
             return call
         i = end
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.:-]*")
+
+
+def scan_marked_call(text: str, start: int, marker: str) -> PartialCall | None:
+    """Mistral v11+'s `name[ARGS]{...}` (a `[CALL_ID]id` after the name is skipped) at text[start];
+    None while the name is still being written; ValueError if it is not a call."""
+    at = text.find(marker, start)
+    head = text[start:] if at < 0 else text[start:at]
+    name = head.split("[CALL_ID]", 1)[0]
+    if at < 0:
+        name = name[: len(name) - _held_back(name, (marker, "[CALL_ID]"))]
+    if not _NAME.fullmatch(name) or (at >= 0 and not name):
+        raise ValueError("not a function name")
+    if at < 0:
+        return None
+    call, value = PartialCall(start, name), _skip_ws(text, at + len(marker))
+    if value >= len(text):
+        return call
+    if text[value] != "{":
+        raise ValueError("arguments must be an object")
+    end = value_end(text, value)
+    call.args, call.end = (value, end), end
+    if end is not None:
+        json.loads(text[value:end])
+    return call
 
 
 # ---- the streamer ----
@@ -242,17 +271,27 @@ class ToolCallStreamer:
             if glue_end is None or glue_end >= len(self.text):
                 return
             self.cursor = glue_end
-            if self.text[self.cursor] != "{" or len(self.calls) == self.max_calls and self.open_start is None:
-                raise ValueError("not a call (or one too many): the rest is ignored")
+            if len(self.calls) == self.max_calls and self.open_start is None:
+                raise ValueError("one call too many: the rest is ignored")
+            call = self._scan_one()
+            if call is None:  # a name still being written
+                return
+            out += self._deltas_of(call)
+            if call.end is None:
+                return
+            self.cursor, self.open_start = call.end, None
+
+    def _scan_one(self) -> PartialCall | None:
+        if self.text[self.cursor] == "{":
             call = scan_call(self.text, self.cursor, self.fmt)
             if call.end is not None:
                 json.loads(self.text[call.start : call.end])  # a complete call must be JSON
                 if call.name is None:
                     raise ValueError("a call without a name")
-            out += self._deltas_of(call)
-            if call.end is None:
-                return
-            self.cursor, self.open_start = call.end, None
+            return call
+        if self.fmt.args_marker:
+            return scan_marked_call(self.text, self.cursor, self.fmt.args_marker)
+        raise ValueError("not a call: the rest is ignored")
 
     def _deltas_of(self, call: PartialCall) -> list[dict]:
         out = []
@@ -291,10 +330,10 @@ class ToolCallStreamer:
             rest = self.text[i:]
             if not rest:
                 return i
-            glue = next((g for g in self.fmt.glue if rest.startswith(g)), None)
+            if any(len(g) > len(rest) and g.startswith(rest) for g in self.fmt.glue):
+                return None  # e.g. "[TOOL" is "[" and a name, or the start of "[TOOL_CALLS]": wait
+            glue = max((g for g in self.fmt.glue if rest.startswith(g)), key=len, default=None)
             if glue is None:
-                if any(g.startswith(rest) for g in self.fmt.glue):
-                    return None
                 return i
             i += len(glue)
 
