@@ -53,7 +53,7 @@ def test_block_gemm_is_the_product_of_the_dequantized_operands():
 
 
 def test_interpreted_triton_gemm_matches_torch():
-    """The Triton block-scaled matmul (tile masks, per-K-block scales, odd shapes) under Triton's CPU
+    """The Triton block-scaled matmul (tile masks, per-K-block scales, odd shapes, split K) under Triton's CPU
     interpreter equals the torch math; the group-quant kernel gives torch's scales.
     NOTE: the interpreter rounds float -> float8 wrongly at mantissa carries (124.7 -> 64), so the
     quantized values themselves are checked on the GPU (tests/test_gpu_fp8.py)."""
@@ -70,7 +70,10 @@ def test_interpreted_triton_gemm_matches_torch():
             torch.testing.assert_close(quantize_activation_groups_triton(x, block[1])[1], xs)
             wq, ws = fp8.quantize_weight_blocks(w, block)
             out = block_fp8_matmul(xq, xs, wq, ws, block, torch.float32)
-            torch.testing.assert_close(out, fp8.block_fp8_matmul_torch(xq, xs, wq, ws, block, torch.float32))
+            ref = fp8.block_fp8_matmul_torch(xq, xs, wq, ws, block, torch.float32)
+            torch.testing.assert_close(out, ref)
+            split = block_fp8_matmul(xq, xs, wq, ws, block, torch.float32, dict(SPLIT_K=3))  # K split 3 ways
+            torch.testing.assert_close(split, ref)
         """
     )
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -5,14 +5,16 @@ and the bf16 matmul rate, both on a large square and on the same shape.
     python -m disagg.common.bench.fp8_gemm                      # V3 shapes at tp 1, M = 1, 64, 4096
     python -m disagg.common.bench.fp8_gemm --tp 8 --tokens 1,128 --sweep   # per-rank shapes, tile sweep
 
-Per row: our kernel's time (activation quantization included, and alone), its TFLOP/s, its weight
-read in GB/s (the decode ceiling is the copy bandwidth), the error against the bf16 product of the
-dequantized operands, and the two reference rates at that shape.
+Per row: our kernel's GPU time (activation quantization included, and the GEMM alone; replayed from
+a CUDA graph, so no host launch cost), its TFLOP/s, its weight read in GB/s (the decode ceiling is
+the copy bandwidth), the error against the bf16 product of the dequantized operands, and the two
+reference rates at that shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -31,10 +33,30 @@ V3_SHAPES = [
 ]
 
 
-def bench_ms(fn, repeat: int = 50) -> float:
-    """Median milliseconds of fn() on the GPU (CUDA events), after a warm-up."""
+def bench_ms(fn, repeat: int = 20, calls: int = 10) -> float:
+    """Median GPU milliseconds of one fn(): `calls` calls replayed from a CUDA graph (no host launch
+    cost, as in a captured decode step), timed with CUDA events, after a warm-up."""
     for _ in range(3):
         fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def eager_ms(fn, repeat: int = 20) -> float:
+    """Median milliseconds of fn() launched eagerly (long kernels: the launch cost is noise)."""
+    fn()
     times = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -46,18 +68,32 @@ def bench_ms(fn, repeat: int = 50) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def weight_copies(nbytes: int) -> int:
+    """How many copies of a weight the timed calls rotate through, so that a small weight is read
+    from HBM each call and not from the L2 cache (50 MB on an H200)."""
+    return max(1, min(10, -(-(128 << 20) // nbytes)))
+
+
+def rotating(fn, weights: list):
+    """fn(weight) over the copies in turn (each captured call reads the next copy)."""
+    turn = itertools.cycle(weights)
+    return lambda: fn(next(turn))
+
+
 def scaled_mm_fp8(m: int, n: int, k: int):
     """torch._scaled_mm with per-tensor scales (cuBLAS FP8): the device's FP8 GEMM rate at this shape."""
     a = torch.randn(m, k, device="cuda").to(torch.float8_e4m3fn)
-    b = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn)
+    bs = [torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn) for _ in range(weight_copies(n * k))]
     one = torch.ones((), device="cuda")
-    return lambda: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+    return rotating(
+        lambda b: torch._scaled_mm(a, b.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16), bs
+    )
 
 
 def bf16_mm(m: int, n: int, k: int):
     a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    return lambda: torch.nn.functional.linear(a, b)
+    bs = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(weight_copies(2 * n * k))]
+    return rotating(lambda b: torch.nn.functional.linear(a, b), bs)
 
 
 def ceilings(size: int = 8192) -> dict:
@@ -68,7 +104,7 @@ def ceilings(size: int = 8192) -> dict:
     return dict(
         fp8_scaled_mm_tflops=tf / bench_ms(scaled_mm_fp8(size, size, size), 20),
         bf16_matmul_tflops=tf / bench_ms(bf16_mm(size, size, size), 20),
-        copy_gb_s=2 * n / 1e6 / bench_ms(lambda: dst.copy_(src), 20),
+        copy_gb_s=2 * n / 1e6 / eager_ms(lambda: dst.copy_(src)),
     )
 
 
@@ -88,9 +124,13 @@ def one_shape(name: str, m: int, n: int, k: int, sweep: bool) -> dict:
     ref = torch.nn.functional.linear(deq_x, deq_w).float()
     out = block_fp8_matmul(xq, xs, wq, ws, block, torch.bfloat16).float()
     err = ((out - ref).norm() / ref.norm()).item()
-    gemm_ms = bench_ms(lambda: block_fp8_matmul(xq, xs, wq, ws, block, torch.bfloat16))
+    weights = [(wq, ws)] + [(wq.clone(), ws.clone()) for _ in range(weight_copies(n * k) - 1)]
+    gemm_ms = bench_ms(rotating(lambda w: block_fp8_matmul(xq, xs, *w, block, torch.bfloat16), weights))
     total_ms = bench_ms(
-        lambda: block_fp8_matmul(*quantize_activation_groups_triton(x, 128), wq, ws, block, torch.bfloat16)
+        rotating(
+            lambda w: block_fp8_matmul(*quantize_activation_groups_triton(x, 128), *w, block, torch.bfloat16),
+            weights,
+        )
     )
     flop = 2 * m * n * k
     row = dict(name=name, m=m, n=n, k=k, ms=total_ms, gemm_ms=gemm_ms, tflops=flop / total_ms / 1e9,
@@ -98,29 +138,33 @@ def one_shape(name: str, m: int, n: int, k: int, sweep: bool) -> dict:
                scaled_mm_tflops=flop / bench_ms(scaled_mm_fp8(m, n, k)) / 1e9,
                bf16_tflops=flop / bench_ms(bf16_mm(m, n, k)) / 1e9)  # fmt: skip
     if sweep:
-        row["sweep"] = sweep_configs(xq, xs, wq, ws, block)
+        row["sweep"] = sweep_configs(xq, xs, weights, block)
     return row
 
 
-def sweep_configs(xq, xs, wq, ws, block) -> list[tuple[dict, float]]:
-    """Milliseconds of a few tile configurations (the fastest first)."""
+def sweep_configs(xq, xs, weights, block) -> list[tuple[dict, float]]:
+    """Milliseconds of other tile configurations (the three fastest)."""
     from disagg.common.models.fp8_kernels import block_fp8_matmul
 
     results = []
-    for bm in (16, 32, 64, 128):
-        for bn in (32, 64, 128):
-            for warps, stages in ((4, 3), (4, 4), (8, 3)):
-                if bm > max(16, 2 * xq.shape[0]):
-                    continue
-                cfg = dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=warps, num_stages=stages)
-                try:
-                    ms = bench_ms(
-                        lambda cfg=cfg: block_fp8_matmul(xq, xs, wq, ws, block, torch.bfloat16, cfg), 20
-                    )
-                except Exception as e:  # noqa: BLE001 - a config that does not fit the shared memory
-                    ms = float("inf")
-                    cfg["error"] = type(e).__name__
-                results.append((cfg, ms))
+    m = xq.shape[0]
+    for bm, bn, warps, stages, split in itertools.product(
+        (16, 32, 64, 128), (32, 64, 128, 256), (4, 8), (3, 4), (1, 2, 4, 8)
+    ):
+        if bm > max(16, 2 * m) or (m > 64 and (split > 1 or bm < 64)) or (warps == 8 and bm * bn < 128 * 64):
+            continue
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, num_warps=warps, num_stages=stages, SPLIT_K=split)
+        try:
+            ms = bench_ms(
+                rotating(
+                    lambda w, cfg=cfg: block_fp8_matmul(xq, xs, *w, block, torch.bfloat16, cfg), weights
+                ),
+                10,
+            )
+        except Exception as e:  # noqa: BLE001 - a config that does not fit the shared memory
+            ms = float("inf")
+            cfg["error"] = type(e).__name__
+        results.append((cfg, ms))
     return sorted(results, key=lambda r: r[1])[:3]
 
 

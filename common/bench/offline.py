@@ -190,8 +190,10 @@ def touched_experts(sched: Scheduler, plan) -> float:
     counts = []
 
     def record(moe):
-        def hook(_module, _inputs, logits):
-            ids = logits.topk(moe.top_k, dim=-1).indices - moe.first_expert
+        def hook(_module, _inputs, out):
+            # a DeepSeek gate returns (weights, ids), the other routers their logits
+            ids = out[1] if isinstance(out, tuple) else out.topk(moe.top_k, dim=-1).indices
+            ids = ids - moe.first_expert
             counts.append(int(torch.unique(ids[(ids >= 0) & (ids < moe.num_local)]).numel()))
 
         return hook
