@@ -1,5 +1,7 @@
 """Soak the failure contract: many requests through router + 1 prefill + 2 decodes, a share of them
-abandoned by their clients mid-stream, one decode SIGKILLed half-way. Afterwards every surviving
+abandoned by their clients mid-stream, one decode SIGKILLed half-way. The requests take turns on
+the streamed routes: /generate, /v1/chat/completions, /v1/completions (all of them move to the other
+decode when theirs dies). Afterwards every surviving
 server must hold no request page and no open room, and its memory must be flat.
 
     python -m disagg.common.bench.soak --requests 1000 --abort-share 0.2
@@ -53,17 +55,31 @@ def children(args: argparse.Namespace) -> list[Child]:
         legs += ["--decode", d.ready_url.removesuffix("/health")]
     port = free_port()
     router = Child("router", [py, "-m", "disagg.router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-                              "--log-level", "warning", *legs], f"http://127.0.0.1:{port}/readiness", env)  # fmt: skip
+                              "--log-level", args.router_log_level, *legs], f"http://127.0.0.1:{port}/readiness", env)  # fmt: skip
     return [prefill, *decodes, router]
 
 
-async def one_request(client: httpx.AsyncClient, i: int, abandon: bool) -> str:
-    """Stream one /generate; how it ended: finished, abandoned, error, cut."""
-    body = {"text": PROMPTS[i % len(PROMPTS)], "stream": True,
-            "sampling_params": {"max_new_tokens": 24, "temperature": 0}}  # fmt: skip
+def request_for(route: str, i: int) -> tuple[str, dict]:
+    """(path, body) of the i-th request: 24 greedy tokens on one of the streamed routes."""
+    text = PROMPTS[i % len(PROMPTS)]
+    if route == "chat":
+        return "/v1/chat/completions", {"messages": [{"role": "user", "content": text}], "max_tokens": 24,
+                                        "temperature": 0, "stream": True}  # fmt: skip
+    if route == "completions":
+        return "/v1/completions", {"prompt": text, "max_tokens": 24, "temperature": 0, "stream": True}
+    return "/generate", {
+        "text": text,
+        "stream": True,
+        "sampling_params": {"max_new_tokens": 24, "temperature": 0},
+    }
+
+
+async def one_request(client: httpx.AsyncClient, i: int, abandon: bool, route: str) -> str:
+    """Stream one request; how it ended: finished, abandoned, error, cut."""
+    path, body = request_for(route, i)
     events = 0
     try:
-        async with client.stream("POST", "/generate", json=body) as r:
+        async with client.stream("POST", path, json=body) as r:
             if r.status_code != 200:
                 return f"status {r.status_code}"
             async for line in r.aiter_lines():
@@ -97,6 +113,7 @@ async def run(args: argparse.Namespace, d: Deployment) -> dict:
     rng = random.Random(args.seed)
     abandon = [rng.random() < args.abort_share for _ in range(args.requests)]
     outcomes: dict[str, int] = {}
+    by_route: dict[str, dict[str, int]] = {}
     done, killed, rss = 0, None, {}
     servers = [c for c in d.children if c.name != "router"]
     victim = next(c for c in servers if c.name == "decode1")
@@ -106,8 +123,11 @@ async def run(args: argparse.Namespace, d: Deployment) -> dict:
     async def worker(i: int) -> None:
         nonlocal done, killed
         async with gate:
-            outcome = await one_request(client, i, abandon[i])
+            route = args.routes[i % len(args.routes)]
+            outcome = await one_request(client, i, abandon[i], route)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        by_route.setdefault(route, {}).setdefault(outcome, 0)
+        by_route[route][outcome] += 1
         done += 1
         if done == args.warmup:
             rss["warm"] = {c.name: group_rss_mb(c) for c in servers}
@@ -134,16 +154,17 @@ async def run(args: argparse.Namespace, d: Deployment) -> dict:
             await asyncio.sleep(0.5)
         left[c.name] = (s["num_request_pages"], s["num_open_rooms"], sum(s["queues"].values()))
     rss["end"] = {c.name: group_rss_mb(c) for c in survivors}
-    return dict(outcomes=outcomes, elapsed=elapsed, killed_at=killed, left=left, rss=rss)
+    return dict(outcomes=outcomes, by_route=by_route, elapsed=elapsed, killed_at=killed, left=left, rss=rss)
 
 
 def report(args: argparse.Namespace, r: dict) -> None:
-    print(f"\n{args.requests} streamed /generate requests, concurrency {args.concurrency}, "
+    print(f"\n{args.requests} streamed requests ({', '.join(args.routes)} in turn), concurrency {args.concurrency}, "
           f"{args.abort_share:.0%} abandoned by their clients, decode1 SIGKILLed at {r['killed_at']:.1f}s; "
           f"{r['elapsed']:.0f}s in all")  # fmt: skip
     print("\n| how requests ended | count |\n| --- | ---: |")
     for k, v in sorted(r["outcomes"].items()):
-        print(f"| {k} | {v} |")
+        routes = ", ".join(f"{route} {n.get(k, 0)}" for route, n in sorted(r["by_route"].items()))
+        print(f"| {k} | {v} ({routes}) |")
     print("\n| surviving server | request pages left | open rooms left | queued requests left | "
           "RSS after warm-up MB | RSS at end MB |\n| --- | ---: | ---: | ---: | ---: | ---: |")  # fmt: skip
     for name, (pages, rooms, queued) in r["left"].items():
@@ -160,7 +181,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=100, help="requests before the first memory reading")
     p.add_argument("--max-total-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--routes", nargs="+", choices=["generate", "chat", "completions"],
+                   default=["generate", "chat", "completions"], help="the streamed routes, taken in turn")  # fmt: skip
     p.add_argument("--log-dir", type=Path, default=None)
+    p.add_argument("--router-log-level", default="warning", help="info: each retry and migration in its log")
     args = p.parse_args()
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="disagg-soak-"))
     with Deployment("soak", children(args), log_dir, ready_timeout=300) as d:
