@@ -66,9 +66,10 @@ def pp_models(tmp_path_factory):
     [
         ("llama", dict(pp_size=2)),
         ("qwen2", dict(pp_size=3)),
+        ("qwen3_moe", dict(pp_size=2)),
         ("qwen3_moe", dict(pp_size=2, tp=2, ep=2)),
     ],
-    ids=["llama-pp2", "qwen2-tied-pp3", "qwen3moe-pp2-tp2-ep2"],
+    ids=["llama-pp2", "qwen2-tied-pp3", "qwen3moe-pp2", "qwen3moe-pp2-tp2-ep2"],
 )
 def test_pipeline_matches_transformers(pp_models, family, kw):
     path = pp_models[family]
