@@ -1,5 +1,5 @@
 """The Triton fused MoE routes (softmax top-k) and lays tokens out per expert exactly as torch does,
-and gives the torch grouped path's sums (both its GEMV and grouped-GEMM paths, with other ranks'
+and gives the torch grouped path's sums (its GEMV and both grouped-GEMM paths, with other ranks'
 experts skipped), on the GPU and, where triton is installed, on the CPU under TRITON_INTERPRET=1;
 on the GPU it also replays inside a CUDA graph, the model layers use the fused routing, and
 redundant experts re-placed by EPLB under CUDA graphs give the tokens of the plain layout."""
@@ -49,6 +49,8 @@ CHECK = textwrap.dedent(
         weights = torch.rand(tokens, k, device=device)
         config = dict(moe_config(experts, inter, hidden))
         config["gemv_max_pairs"] = 1 << 30 if path == "gemv" else 0
+        if path == "split":  # the grouped GEMM with silu(gate) * up applied in the down kernel's loads
+            config["grouped"] = {m: {**c, "SPLIT_ACT": True} for m, c in config["grouped"].items()}
         got = fused_experts(x, w13, w2, weights, ids, config)
         block = 256 if tokens >= 256 else 16  # fewer gathered expert copies in the float64 reference
         ref = grouped_experts(x.double(), w13.double(), w2.double(), weights.double(), ids, block).to(dtype)
@@ -77,7 +79,7 @@ def test_interpreted_kernels_match_torch_on_cpu():
         check_align("cpu")
         check_topk("cpu")
         for tokens, k, experts in ((1, 2, 4), (5, 3, 6), (40, 2, 4)):
-            for path in ("gemv", "grouped"):
+            for path in ("gemv", "grouped", "split"):
                 print(tokens, k, path, check("cpu", torch.float32, tokens, k, experts, 32, 48, path, 1e-4))
         """
     )
@@ -99,7 +101,8 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
     assert fused_topk_ok(torch.device("cuda", 0), 128, 8, True)
     assert fused_topk_ok(torch.device("cuda", 0), 8, 2, True)
     # Qwen3-30B-A3B's expert shape at decode batch 1 and 64 and a prefill chunk
-    for tokens, path in ((1, "gemv"), (8, "gemv"), (64, "grouped"), (2048, "grouped"), (3, "grouped")):
+    for tokens, path in ((1, "gemv"), (8, "gemv"), (64, "grouped"), (2048, "grouped"), (3, "grouped"),
+                         (64, "split"), (2048, "split")):  # fmt: skip
         check("cuda", torch.bfloat16, tokens, 8, 128, 768, 2048, path, 2e-2)
     from disagg.common.models.fused_moe import fused_experts
 

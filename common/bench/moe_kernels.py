@@ -124,13 +124,19 @@ def tune(layers, k: int, ceil: dict, base: dict) -> tuple[dict, list[dict]]:
     )
     config["gemv"] = best
     log += rows
+    # SPLIT_ACT: gate|up as one GEMM, silu * up in the down kernel's loads (one accumulator a tile)
     grouped_small = [
-        dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, num_warps=w, num_stages=s)
-        for bn, bk, w, s in itertools.product((32, 64, 128), (64, 128, 256), (4,), (3, 4))
+        dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, num_warps=w, num_stages=s, SPLIT_ACT=sa)
+        for bn, bk, w, s, sa in itertools.product((32, 64, 128), (64, 128, 256), (4,), (3, 4), (False, True))
     ]
     grouped_large = [
-        dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=64, num_warps=w, num_stages=s)
-        for bm, bn, w, s in itertools.product((64, 128), (64, 128), (4, 8), (3, 4))
+        dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, num_warps=w, num_stages=s, SPLIT_ACT=sa)
+        for bm, bn, bk, w, s, sa in itertools.product(
+            (64, 128), (64, 128), (64,), (4, 8), (3, 4), (False, True)
+        )
+    ] + [
+        dict(BLOCK_SIZE_M=128, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=128, num_warps=8, num_stages=s, SPLIT_ACT=True)
+        for bn, s in itertools.product((128, 256), (2, 3))
     ]
     for tokens, cands in ((64, grouped_small), (2048, grouped_large)):
         best, rows = sweep(

@@ -181,17 +181,30 @@ def _grouped_experts(x, w13, w2, weights, ids, cfg: dict) -> torch.Tensor:
     sorted_ids, expert_ids, num_padded = align_blocks(ids, num_experts, bm)
     blocks = expert_ids.numel()  # static: the grid does not depend on the routing
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)  # rows of other ranks' pairs unused
-    _gate_up_grouped[(blocks * triton.cdiv(inter, bn),)](
-        x, w13, act, sorted_ids, expert_ids, num_padded, pairs, ids.shape[1], hidden, inter,
-        x.stride(0), w13.stride(0), w13.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
-    )  # fmt: skip
+    # SPLIT_ACT: one accumulator per tile (gate and up as one [2I] GEMM, written raw), silu(gate) * up
+    # applied as the down GEMM loads it -- half the registers of the fused gate/up tile, which
+    # large tiles need (vLLM's layout); else the gate and up tiles meet in registers
+    split = bool(cfg.get("SPLIT_ACT", False))
+    act = torch.empty(
+        pairs, 2 * inter if split else inter, dtype=x.dtype, device=x.device
+    )  # other ranks' rows unused
+    if split:
+        _w13_grouped[(blocks * triton.cdiv(2 * inter, bn),)](
+            x, w13, act, sorted_ids, expert_ids, num_padded, pairs, ids.shape[1], hidden, 2 * inter,
+            x.stride(0), w13.stride(0), w13.stride(1),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+        )  # fmt: skip
+    else:
+        _gate_up_grouped[(blocks * triton.cdiv(inter, bn),)](
+            x, w13, act, sorted_ids, expert_ids, num_padded, pairs, ids.shape[1], hidden, inter,
+            x.stride(0), w13.stride(0), w13.stride(1),
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+        )  # fmt: skip
     out = torch.zeros(pairs, hidden, dtype=x.dtype, device=x.device)  # other ranks' pairs stay 0
     _down_grouped[(blocks * triton.cdiv(hidden, bn),)](
         act, w2, out, sorted_ids, expert_ids, num_padded, weights, pairs, hidden, inter,
         w2.stride(0), w2.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SILU_IN_LOAD=split, **launch,
     )  # fmt: skip
     return out
 
@@ -387,12 +400,12 @@ if triton is not None:
         tl.store(act + rows[:, None] * inter + offs_n[None, :], out, mask=real[:, None] & n_mask[None, :])
 
     @triton.jit
-    def _down_grouped(
-        act, w2, out, sorted_ids, expert_ids, num_padded, weights, pairs, N, inter,
-        stride_we, stride_wn,
+    def _w13_grouped(
+        x, w13, out, sorted_ids, expert_ids, num_padded, pairs, top_k, K, N,
+        stride_x, stride_we, stride_wn,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        """out[rows, n-tile] = weight[rows] * act[rows] @ w2[expert]^T (one row per pair)."""
+        """out[rows, n-tile] = x[rows // k] @ w13[expert]^T over N = 2I (gate | up, no activation)."""
         rows, real, expert, offs_n = _block_rows(
             sorted_ids, expert_ids, num_padded, pairs, N, BLOCK_M, BLOCK_N
         )
@@ -400,12 +413,45 @@ if triton is not None:
             return
         n_mask = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
-        a_ptr = act + rows[:, None] * inter + offs_k[None, :]
+        a_ptr = x + (rows // top_k)[:, None] * stride_x + offs_k[None, :]
+        w_ptr = w13 + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BK, BN]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = offs_k < K - k0
+            a = tl.load(a_ptr, mask=real[:, None] & k_mask[None, :], other=0.0)
+            acc = tl.dot(a, tl.load(w_ptr, mask=k_mask[:, None] & n_mask[None, :], other=0.0), acc)
+            a_ptr += BLOCK_K
+            w_ptr += BLOCK_K
+        mask = real[:, None] & n_mask[None, :]
+        tl.store(out + rows[:, None] * N + offs_n[None, :], acc.to(out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _down_grouped(
+        act, w2, out, sorted_ids, expert_ids, num_padded, weights, pairs, N, inter,
+        stride_we, stride_wn,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_IN_LOAD: tl.constexpr,
+    ):  # fmt: skip
+        """out[rows, n-tile] = weight[rows] * act[rows] @ w2[expert]^T (one row per pair). SILU_IN_LOAD:
+        act rows are [gate | up] (2I wide) and silu(gate) * up is formed as each tile is loaded."""
+        rows, real, expert, offs_n = _block_rows(
+            sorted_ids, expert_ids, num_padded, pairs, N, BLOCK_M, BLOCK_N
+        )
+        if expert < 0:
+            return
+        n_mask = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptr = act + rows[:, None] * (2 * inter if SILU_IN_LOAD else inter) + offs_k[None, :]
         w_ptr = w2 + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BK, BN]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, inter, BLOCK_K):
             k_mask = offs_k < inter - k0
-            a = tl.load(a_ptr, mask=real[:, None] & k_mask[None, :], other=0.0)
+            a_mask = real[:, None] & k_mask[None, :]
+            if SILU_IN_LOAD:
+                g = tl.load(a_ptr, mask=a_mask, other=0.0).to(tl.float32)
+                u = tl.load(a_ptr + inter, mask=a_mask, other=0.0).to(tl.float32)
+                a = (_silu(g) * u).to(act.dtype.element_ty)
+            else:
+                a = tl.load(a_ptr, mask=a_mask, other=0.0)
             acc = tl.dot(a, tl.load(w_ptr, mask=k_mask[:, None] & n_mask[None, :], other=0.0), acc)
             a_ptr += BLOCK_K
             w_ptr += BLOCK_K
