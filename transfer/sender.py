@@ -84,7 +84,7 @@ class _SendRoom(RoomState):
     acked: set[int] = field(default_factory=set)
     fingerprint: int = 0  # the prefill request's prompt_fingerprint (0: not known yet / not checked)
     first_send: float | None = None  # perf_counter of the first send(): the wait for the request starts
-    dst_pages: dict[int, torch.Tensor] = field(default_factory=dict)  # direct decode rank -> its pages
+    dst_pages: dict[int, torch.Tensor] = field(default_factory=dict)  # direct decode rank -> its pages (host)
 
 
 def default_max_message_bytes(device: torch.device | str) -> int:
@@ -297,9 +297,10 @@ class KVSender(TransferBase):
             return (
                 f"bad_request: room {msg.room}: the decode's pages are not {msg.num_pages} pages of its pool"
             )
-        state.dst_pages[msg.decode_rank] = torch.tensor(pages, dtype=torch.int64).to(
-            peer.direct_pool.device, non_blocking=True
-        )
+        # NOTE: kept on the host; each copy moves its slice to the device on the transfer stream, so
+        # the kernel that indexes with it is ordered after it (a copy on another stream was not:
+        # garbage indices, a device-side assert)
+        state.dst_pages[msg.decode_rank] = torch.tensor(pages, dtype=torch.int64)
         return ""
 
     def _release(self, peer: Peer, room: Room) -> None:
@@ -438,8 +439,9 @@ class KVSender(TransferBase):
             def copy() -> None:
                 if chunk.ready is not None:
                     torch.cuda.current_stream().wait_event(chunk.ready)
+                dst_idx = dst_pages.to(dst.device, non_blocking=dst.is_cuda)
                 copy_pages(self.kv_buffer, chunk.pages, (target.start - lo, target.end - lo),
-                           dst, dst_pages, (target.start - remote_lo, target.end - remote_lo))  # fmt: skip
+                           dst, dst_idx, (target.start - remote_lo, target.end - remote_lo))  # fmt: skip
                 if dst.device != self.device:  # the scatter ran on the peer GPU's stream: wait for it too
                     landed = torch.cuda.Event()
                     landed.record(torch.cuda.current_stream(dst.device))
