@@ -290,6 +290,19 @@ def test_json_model_override_args_builds_fewer_layers(engines, tiny_deepseek):
     assert out["output_ids"] != hf_greedy(path, prompt, 10)  # the third layer matters
 
 
+def test_mla_models_pick_the_torch_attention_backend():
+    """--attention-backend auto on a GPU would pick FlashInfer, whose MLA kernels are not wired in:
+    an MLA model takes torch instead, and an explicit flashinfer is refused at start."""
+    from disagg.common.models.deepseek import attention_backend_for
+    from disagg.common.models.weights import load_config
+
+    v3, llama = load_config("DeepSeek-V3"), load_config("Llama-3.1-8B")
+    assert attention_backend_for(v3, "auto") == "torch"
+    assert attention_backend_for(llama, "auto") == "auto"
+    with pytest.raises(ValueError, match="MLA"):
+        attention_backend_for(v3, "flashinfer")
+
+
 @pytest.mark.parametrize("bad", ["[4]", "{num_hidden_layers: 4}"])
 def test_json_model_override_args_must_be_a_json_object(bad):
     from disagg.common.models.weights import load_config

@@ -21,6 +21,7 @@ from disagg.common.models.decoder import (
     head_dim_of,
     kv_heads_per_rank,
 )
+from disagg.common.models.deepseek import attention_backend_for
 from disagg.common.models.eplb import create_balancer
 from disagg.common.models.kernels import check_fused_kernels
 from disagg.common.models.model_files import model_fingerprint, resolve_model_path
@@ -111,7 +112,7 @@ class ModelRunner:
             )
         self.pool = self._make_pool()
         self.backend = create_attention_backend(
-            config.attention_backend,
+            attention_backend_for(self.hf_config, config.attention_backend),
             self.device,
             pool=self.pool,
             num_qo_heads=self.hf_config.num_attention_heads // get_parallel().attn_tp_size,

@@ -33,6 +33,16 @@ def is_mla(config) -> bool:
     return getattr(config, "kv_lora_rank", None) is not None
 
 
+def attention_backend_for(config, name: str) -> str:
+    """The attention backend a model runs: `auto` is torch for MLA (FlashInfer's MLA kernels are not
+    wired in yet); an explicit flashinfer for an MLA model is refused before anything is built."""
+    if not is_mla(config):
+        return name
+    if name == "flashinfer":
+        raise ValueError("--attention-backend flashinfer: MLA (DeepSeek) runs on torch attention only")
+    return "torch"
+
+
 def latent_dim(config) -> int:
     return config.kv_lora_rank + config.qk_rope_head_dim
 
