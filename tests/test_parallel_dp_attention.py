@@ -31,15 +31,19 @@ QWEN3_MOE = dict(
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    from tests.test_common_deepseek import make_tiny_deepseek
+
     root = tmp_path_factory.mktemp("dp-attention")
     added = "qwen3_moe" not in TINY_CONFIGS
     TINY_CONFIGS.setdefault("qwen3_moe", QWEN3_MOE)
     try:
-        return {family: make_tiny_model(root / family, family, **QWEN3_MOE if family == "qwen3_moe" else {})
-                for family in ("qwen3_moe", "llama", "qwen2")}  # fmt: skip
+        paths = {family: make_tiny_model(root / family, family, **QWEN3_MOE if family == "qwen3_moe" else {})
+                 for family in ("qwen3_moe", "llama", "qwen2")}  # fmt: skip
     finally:  # NOTE: other modules build their own tiny model per TINY_CONFIGS entry
         if added:
             del TINY_CONFIGS["qwen3_moe"]
+    # MLA + DeepSeekMoE (shared experts); V3: q compression and a dense first layer
+    return paths | {f"deepseek_{v}": make_tiny_deepseek(root / v, v) for v in ("v2", "v3")}
 
 
 def test_requests_go_to_the_least_loaded_dp_rank_ties_in_turn():
@@ -69,6 +73,9 @@ CASES = {
     # the all-reduce MoE: every DP rank's tokens gathered before the experts, scattered after
     "moe-gathered": ("qwen3_moe", dict(tp=2, dp_size=2, ep=2)),
     "dense": ("llama", dict(tp=2, dp_size=2)),
+    # MLA: each DP rank caches only its requests' latents (TP replicates them on every rank)
+    "deepseek-v3-a2a": ("deepseek_v3", dict(tp=2, dp_size=2, ep=2, moe_a2a_backend="all_to_all")),
+    "deepseek-v2-gathered": ("deepseek_v2", dict(tp=2, dp_size=2, ep=2)),
 }  # fmt: skip
 
 
@@ -82,7 +89,7 @@ def test_dp_attention_generates_transformers_tokens_with_an_idle_dp_rank(models,
     try:
         moes = [m for m in engine.scheduler.runner.model.modules() if isinstance(m, SparseMoE)]
         a2a = kw.get("moe_a2a_backend") == "all_to_all"
-        assert [m.a2a for m in moes] == [a2a] * len(moes) and bool(moes) == (family == "qwen3_moe")
+        assert [m.a2a for m in moes] == [a2a] * len(moes) and bool(moes) == (family != "llama")
         first, then = _generate_uneven(engine)
     finally:
         engine.shutdown()

@@ -19,7 +19,7 @@ from disagg.common.models.layers import (
     VocabParallelEmbedding,
 )
 from disagg.common.parallel.dp_attention import dp_gather_tokens, dp_logits, dp_scatter_tokens, lm_head_group
-from disagg.common.parallel.state import attn_tp_group, get_parallel
+from disagg.common.parallel.state import TPGroup, attn_tp_group, get_parallel, tp_group
 from torch import nn
 
 SUPPORTED_ARCHITECTURES = {
@@ -107,11 +107,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, tp: TPGroup | None = None):
+        """`tp`: the ranks the intermediate dimension is split over (default: the TP group)."""
         super().__init__()
-        inter = intermediate_size // get_parallel().tp_size
-        self.gate_up_proj = ColumnParallelLinear(hidden_size, [inter, inter])
-        self.down_proj = RowParallelLinear(inter, hidden_size)
+        tp = tp or tp_group()
+        inter = intermediate_size // tp.size
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, [inter, inter], tp=tp)
+        self.down_proj = RowParallelLinear(inter, hidden_size, tp=tp)
 
     def forward(self, x):
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch, TorchBackend
 from disagg.common.models.layers import ColumnParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear
 from disagg.common.models.moe import SparseMoE
-from disagg.common.parallel.state import all_reduce, get_parallel
+from disagg.common.parallel.state import TPGroup, all_reduce, attn_tp_group, get_parallel
 from torch import nn
 
 DEEPSEEK_ARCHITECTURES = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
@@ -81,7 +81,8 @@ def _deinterleave(x: torch.Tensor) -> torch.Tensor:
 class MLAttention(nn.Module):
     def __init__(self, config, layer_id: int, rope: RotaryEmbedding):
         super().__init__()
-        tp = get_parallel().tp_size
+        group = attn_tp_group()  # the TP group, or with DP attention this DP rank's attention ranks
+        tp = group.size
         self.layer_id = layer_id
         self.num_heads = config.num_attention_heads // tp
         self.nope, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
@@ -92,19 +93,23 @@ class MLAttention(nn.Module):
         if self.q_lora:
             self.q_a_proj = ColumnParallelLinear(hidden, [config.q_lora_rank], bias=bias)  # replicated
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = ColumnParallelLinear(config.q_lora_rank, [self.num_heads * self.qk_dim])
+            self.q_b_proj = ColumnParallelLinear(config.q_lora_rank, [self.num_heads * self.qk_dim], tp=group)
         else:
-            self.q_proj = ColumnParallelLinear(hidden, [self.num_heads * self.qk_dim])
+            self.q_proj = ColumnParallelLinear(hidden, [self.num_heads * self.qk_dim], tp=group)
         self.kv_a_proj_with_mqa = ColumnParallelLinear(hidden, [self.rank + self.rope_dim], bias=bias)
         self.kv_a_layernorm = RMSNorm(self.rank, config.rms_norm_eps)
         # rows per head: k_nope | v (this rank's heads)
-        self.kv_b_proj = ColumnParallelLinear(self.rank, [self.num_heads * (self.nope + self.v_dim)])
-        self.o_proj = RowParallelLinear(self.num_heads * self.v_dim, hidden, bias=bias)
+        self.kv_b_proj = ColumnParallelLinear(
+            self.rank, [self.num_heads * (self.nope + self.v_dim)], tp=group
+        )
+        self.o_proj = RowParallelLinear(self.num_heads * self.v_dim, hidden, bias=bias, tp=group)
         self.interleaved = config.model_type == "deepseek_v2" or getattr(config, "rope_interleave", False)
         self.scale = softmax_scale(config)
         self.rope = rope
 
     def forward(self, x, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend):
+        if not batch.q_lens:  # an idle DP-attention rank: no tokens, only the o_proj collective
+            return self.o_proj(x.new_zeros(0, self.num_heads * self.v_dim))
         if not isinstance(backend, TorchBackend):
             raise NotImplementedError(
                 "MLA runs on the torch attention backend only (FlashInfer MLA: not yet)"
@@ -234,7 +239,11 @@ class DeepseekMoE(SparseMoE):
 
         self.gate = DeepseekGate(config, self.num_experts)
         shared = config.moe_intermediate_size * (config.n_shared_experts or 0)
-        self.shared_experts = MLP(config.hidden_size, shared) if shared else None
+        # DP attention with the all-to-all MoE: each rank holds only its own tokens, so the shared
+        # experts are replicated and run on them (as SGLang does with DeepEP); else TP-split
+        replicated = self.a2a and get_parallel().attn_dp_size > 1
+        shared_tp = TPGroup(0, 1, None) if replicated else None
+        self.shared_experts = MLP(config.hidden_size, shared, shared_tp) if shared else None
         if self.shared_experts is not None:
             self.shared_experts.down_proj.reduce = False  # reduced together with the routed part
 
@@ -247,7 +256,9 @@ class DeepseekMoE(SparseMoE):
             from disagg.common.models.moe_a2a import a2a_moe
 
             out = a2a_moe(self, x, ids, weights)
-            return out if self.shared_experts is None else out + all_reduce(self.shared_experts(x))
+            if self.shared_experts is None:
+                return out
+            return out + all_reduce(self.shared_experts(x), self.shared_experts.down_proj.tp)
         local = ids - self.first_expert if self.first_expert else ids
         out = self.routed_experts(x, local, weights)
         if self.shared_experts is not None:
@@ -272,6 +283,7 @@ def load_mla_weight(model, params: dict, name: str, tensor_slice) -> tuple[bool,
     if _HEAD_SPLIT.search(name) is None:
         return False, None
     param = params[name]
-    rows, r = param.shape[0], get_parallel().tp_rank
+    # the rank among the layer's ranks: the TP group, or with DP attention the attention group
+    rows, r = param.shape[0], model.get_submodule(name.rsplit(".", 1)[0]).tp.rank
     param.data.copy_(tensor_slice[r * rows : (r + 1) * rows])
     return True, name

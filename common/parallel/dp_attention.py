@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 
 # ---- layout ---------------------------------------------------------------------------------------
-def check_dp_attention(config: EngineConfig, hf_config=None) -> None:
+def check_dp_attention(config: EngineConfig) -> None:
     """Raise ValueError for flag combinations DP attention does not support."""
     if config.dp_size < 1 or config.tp % config.dp_size:
         raise ValueError(f"--enable-dp-attention: --dp-size {config.dp_size} must divide --tp {config.tp}")
@@ -57,11 +57,6 @@ def check_dp_attention(config: EngineConfig, hf_config=None) -> None:
         raise ValueError("--enable-dp-attention with --pp-size > 1 is not supported")
     if config.moe_a2a_backend == "all_to_all" and config.ep != config.tp:
         raise ValueError("--enable-dp-attention with --moe-a2a-backend all_to_all needs --ep equal to --tp")
-    if hf_config is not None:
-        from disagg.common.models.deepseek import is_mla
-
-        if is_mla(hf_config):
-            raise ValueError("--enable-dp-attention: MLA models (DeepSeek) are not supported yet")
 
 
 def init_dp_attention(config: EngineConfig, state: ParallelState) -> None:

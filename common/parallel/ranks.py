@@ -191,7 +191,7 @@ def check_layout(config: EngineConfig) -> None:
     if config.enable_dp_attention:
         from disagg.common.parallel.dp_attention import check_dp_attention
 
-        check_dp_attention(config, load_config(path))
+        check_dp_attention(config)
     check_tp_layout(load_config(path), config.tp, config.ep, config.attn_tp_size)
     if config.pp_size > 1:
         from disagg.common.parallel.pipeline import check_pp_layout
