@@ -209,7 +209,11 @@ class KVSender(TransferBase):
         if state.targets is None:
             return peer in state.peers
         # a decode rank that already acked (or gets nothing from this rank) is not needed any more
-        return peer.info.tp_rank in {t.decode_rank for t in state.targets} - state.acked
+        if peer.info.tp_rank not in {t.decode_rank for t in state.targets} - state.acked:
+            return False
+        # NOTE: rank numbers repeat across decode servers: a peer of another server with the same
+        # rank (one that did not ask for this room while this rank's peer did) is not this room's
+        return peer in state.peers or all(p.info.tp_rank != peer.info.tp_rank for p in state.peers)
 
     def _room(self, room: Room) -> _SendRoom:
         state = self.rooms.get(room)
