@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from disagg.common.engine.model_runner import BatchPlan
 from disagg.common.engine.offline import Engine
-from disagg.common.parallel.pipeline import layer_range, micro_batch_bounds, split_plan
+from disagg.common.parallel.pipeline import layer_range, split_plan
 
 from tests.conftest import hf_greedy, make_tiny_model
 
@@ -27,20 +27,20 @@ def test_layers_split_into_contiguous_stages():
     assert [layer_range(30, s, 4) for s in range(4)] == [(0, 7), (7, 15), (15, 22), (22, 30)]
 
 
-def test_a_plan_splits_into_micro_batches_of_whole_requests():
-    q_lens = [5, 1, 1, 8, 1]
+def test_a_plan_splits_into_micro_batches_of_about_equal_tokens():
+    q_lens, kv_lens, ps = [5, 1, 1, 8, 1], [5, 9, 3, 8, 4], 4
     ids = list(range(16))
+    tables = [list(range(10 * r, 10 * r + 3)) for r in range(5)]
     plan = BatchPlan(ids=ids, positions=ids, pages=ids, offsets=[0] * 16, logits_index=[4, 5, 6, 15],
-                     q_lens=q_lens, kv_lens=[5, 9, 3, 8, 4], tables=[[r] for r in range(5)])  # fmt: skip
-    bounds = micro_batch_bounds(q_lens, 3)
-    assert bounds[0][0] == 0 and bounds[-1][1] == 5 and len(bounds) == 3
-    parts = split_plan(plan, 3)
-    assert sum((p.ids for p in parts), []) == ids
-    assert sum((p.tables for p in parts), []) == plan.tables
+                     q_lens=q_lens, kv_lens=kv_lens, tables=tables)  # fmt: skip
+    parts = split_plan(plan, 3, ps)
+    assert [len(p.ids) for p in parts] == [5, 5, 6] and sum((p.ids for p in parts), []) == ids
+    # request 3 (8 new tokens) is cut 3 + 5: its first part sees only its own 3 tokens in the pool
+    assert parts[1].q_lens == [1, 1, 3] and parts[1].kv_lens == [9, 3, 3] and parts[1].tables[2] == [30]
+    assert parts[2].q_lens == [5, 1] and parts[2].kv_lens == [8, 4] and parts[2].tables[0] == [30, 31]
     # the logits rows, renumbered inside each micro-batch, still name the same tokens in order
-    rows = [p.ids[i] for p in parts for i in p.logits_index]
-    assert rows == [ids[i] for i in plan.logits_index]
-    assert micro_batch_bounds([3] * 8, 8) == [(i, i + 1) for i in range(8)]
+    assert [p.ids[i] for p in parts for i in p.logits_index] == [ids[i] for i in plan.logits_index]
+    assert split_plan(plan, 1, ps) == [plan]
 
 
 @pytest.fixture(scope="module")

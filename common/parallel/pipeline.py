@@ -6,7 +6,7 @@ weights and a KV pool for its layers only (the same page indices on every stage:
 scheduler allocates pages once for all of them).
 
 Every rank gets rank 0's `BatchPlan` (the plan broadcast) and splits it into the same
-micro-batches (`split_plan`: whole requests, about equal tokens). For each micro-batch a stage
+micro-batches (`split_plan`: about equal tokens, a long prompt cut into pieces). For each micro-batch a stage
 receives (hidden, residual) from the same TP rank of the stage before, runs its layers and sends
 them on without waiting (`isend`), so stage s computes micro-batch i + 1 while stage s + 1
 computes micro-batch i. Activations travel only point-to-point over the default process group
@@ -25,7 +25,9 @@ import torch
 import torch.distributed as dist
 from disagg.common.parallel.state import get_parallel
 
-MICRO_BATCHES_PER_STAGE = 4  # up to pp_size * this micro-batches per forward (fewer requests: one each)
+MICRO_BATCHES_PER_STAGE = (
+    4  # up to pp_size * this micro-batches per forward (never fewer than one token each)
+)
 
 
 def layer_range(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
@@ -52,40 +54,43 @@ class StageKV:
         return self.kv_buffer[layer_id - self.start_layer]
 
 
-def micro_batch_bounds(q_lens: list[int], max_micro_batches: int) -> list[tuple[int, int]]:
-    """Contiguous request ranges [r0, r1) of about equal token counts (at most max_micro_batches)."""
-    n = min(len(q_lens), max_micro_batches)
-    total, acc, starts = sum(q_lens), 0, [0]
-    for i, q in enumerate(q_lens[:-1]):
-        acc += q
-        groups_left, reqs_left = n - len(starts), len(q_lens) - (i + 1)
-        if groups_left > 0 and (acc * n >= total * len(starts) or reqs_left == groups_left):
-            starts.append(i + 1)
-    return list(zip(starts, starts[1:] + [len(q_lens)], strict=True))
-
-
-def split_plan(plan, max_micro_batches: int) -> list:
-    """The plan as micro-batch plans of whole requests (logits rows renumbered per micro-batch)."""
-    if len(plan.q_lens) <= 1:
+def split_plan(plan, max_micro_batches: int, page_size: int) -> list:
+    """The plan as up to max_micro_batches plans of about equal token counts (logits rows
+    renumbered per micro-batch). A request's new tokens may be cut between consecutive
+    micro-batches: its later part attends to the KV its earlier part wrote, exactly as the next
+    chunk of a chunked prefill does (every stage runs the micro-batches in order), so even one
+    long prompt flows through the stages in pieces."""
+    total = len(plan.ids)
+    n = min(max_micro_batches, total)
+    if n <= 1:
         return [plan]
-    out, token_starts = [], [0]
+    cuts = [total * k // n for k in range(n + 1)]
+    starts = [0]
     for q in plan.q_lens:
-        token_starts.append(token_starts[-1] + q)
-    for r0, r1 in micro_batch_bounds(plan.q_lens, max_micro_batches):
-        t0, t1 = token_starts[r0], token_starts[r1]
-        out.append(
-            type(plan)(
-                ids=plan.ids[t0:t1],
-                positions=plan.positions[t0:t1],
-                pages=plan.pages[t0:t1],
-                offsets=plan.offsets[t0:t1],
-                logits_index=[i - t0 for i in plan.logits_index if t0 <= i < t1],
-                q_lens=plan.q_lens[r0:r1],
-                kv_lens=plan.kv_lens[r0:r1],
-                tables=plan.tables[r0:r1],
-            )
-        )
-    return out
+        starts.append(starts[-1] + q)
+    return [_token_range(plan, starts, t0, t1, page_size) for t0, t1 in zip(cuts, cuts[1:], strict=False)]
+
+
+def _token_range(plan, starts: list[int], t0: int, t1: int, page_size: int):
+    """The plan's tokens [t0, t1) as a plan of their own (the parts of the requests they belong to)."""
+    q_lens, kv_lens, tables = [], [], []
+    for r, kv in enumerate(plan.kv_lens):
+        lo, hi = max(starts[r], t0), min(starts[r + 1], t1)
+        if lo < hi:
+            part_kv = kv - (starts[r + 1] - hi)  # the tokens after this part are not in the pool yet
+            q_lens.append(hi - lo)
+            kv_lens.append(part_kv)
+            tables.append(plan.tables[r][: -(-part_kv // page_size)])
+    return type(plan)(
+        ids=plan.ids[t0:t1],
+        positions=plan.positions[t0:t1],
+        pages=plan.pages[t0:t1],
+        offsets=plan.offsets[t0:t1],
+        logits_index=[i - t0 for i in plan.logits_index if t0 <= i < t1],
+        q_lens=q_lens,
+        kv_lens=kv_lens,
+        tables=tables,
+    )
 
 
 @torch.inference_mode()
@@ -96,7 +101,7 @@ def run_pipeline(runner, plan) -> torch.Tensor | None:
     stage_rank = lambda s: s * par.tp_size + par.tp_rank  # noqa: E731 - this TP rank in stage s
     hidden = (runner.hf_config.hidden_size,)
     sends, logits = [], []
-    for mb in split_plan(plan, MICRO_BATCHES_PER_STAGE * par.pp_size):
+    for mb in split_plan(plan, MICRO_BATCHES_PER_STAGE * par.pp_size, runner.pool.page_size):
         batch = runner.make_batch(mb)
         if model.is_first_stage:
             x, residual = model.embed_tokens(batch.input_ids), None
