@@ -70,6 +70,9 @@ CASES = {
     # MoE expert parallel through the all-to-all backend: each rank's own tokens to their experts
     "moe-a2a": ("qwen3_moe", dict(tp=2, dp_size=2, ep=2, moe_a2a_backend="all_to_all")),
     "moe-a2a-dp-lm-head": ("qwen3_moe", dict(tp=2, dp_size=2, ep=2, moe_a2a_backend="all_to_all", enable_dp_lm_head=True)),
+    # EPLB: 2 redundant expert slots, re-placed every 4 steps from DP rank 0's counts
+    "moe-a2a-eplb": ("qwen3_moe", dict(tp=2, dp_size=2, ep=2, moe_a2a_backend="all_to_all", ep_num_redundant_experts=2,
+                                       eplb_rebalance_num_iterations=4)),
     # the all-reduce MoE: every DP rank's tokens gathered before the experts, scattered after
     "moe-gathered": ("qwen3_moe", dict(tp=2, dp_size=2, ep=2)),
     "dense": ("llama", dict(tp=2, dp_size=2)),
@@ -91,6 +94,8 @@ def test_dp_attention_generates_transformers_tokens_with_an_idle_dp_rank(models,
         a2a = kw.get("moe_a2a_backend") == "all_to_all"
         assert [m.a2a for m in moes] == [a2a] * len(moes) and bool(moes) == (family != "llama")
         first, then = _generate_uneven(engine)
+        eplb = engine.scheduler.runner.eplb  # MoE: counts DP steps (re-places experts with the flag)
+        assert (eplb is not None) == (family != "llama") and (eplb is None or eplb.steps > 2 * 4)
     finally:
         engine.shutdown()
     assert first == [hf_greedy(path, p, GREEDY["max_new_tokens"]) for p in FIRST]

@@ -155,6 +155,8 @@ def forward_dp(runner: ModelRunner, batches: list[list[tuple[Req, int]]]) -> lis
     msg = DPBatchPlan(plans)
     broadcast_plan(msg)
     logits = run_dp_plan(runner, msg)
+    if runner.eplb is not None:  # EPLB: re-place the experts every N steps (load from DP rank 0's tokens)
+        runner.eplb.after_step()
     return list(logits.split([len(p.logits_index) for p in plans]))
 
 
