@@ -244,7 +244,36 @@ def test_stream_chunks_carry_null_usage(client):
 @pytest.mark.slow
 def test_unsupported_features_are_a_400_not_ignored(client):
     with pytest.raises(openai.BadRequestError, match="prompt logprobs"):
-        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, echo=True, logprobs=1)
+        client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=2, echo=True, logprobs=1, stream=True
+        )
+
+
+@pytest.mark.slow
+def test_echo_with_logprobs_gives_the_prompt_logprobs_of_transformers(client, default_model_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: PLC0415 - the reference, here only
+
+    tok = AutoTokenizer.from_pretrained(default_model_path)
+    ids, n_out = tok.encode(PROMPT), 3
+    model = AutoModelForCausalLM.from_pretrained(default_model_path, dtype=torch.float32)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for _ in range(2):  # the second time the prompt is in the prefix cache: computed again all the same
+        choice = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=n_out, temperature=0, echo=True,
+                                           logprobs=2).choices[0]  # fmt: skip
+        lp, n = choice.logprobs, len(ids)
+        assert choice.text.startswith(PROMPT) and len(lp.tokens) == len(lp.token_logprobs) == n + n_out
+        assert "".join(lp.tokens[:n]) == PROMPT and "".join(lp.tokens) == choice.text
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first
+        assert lp.token_logprobs[1:n] == pytest.approx(
+            [ref[i, ids[i + 1]].item() for i in range(n - 1)], abs=2e-3
+        )
+        assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(n + n_out)]
+        for i in range(1, n):
+            assert (
+                tok.decode([ref[i - 1].argmax().item()]) in lp.top_logprobs[i]
+                and len(lp.top_logprobs[i]) <= 2
+            )
 
 
 WEATHER = {

@@ -12,7 +12,7 @@ import torch
 from disagg.common.config import EngineConfig, cpu_threads
 from disagg.common.engine.attention import ForwardBatch, create_attention_backend
 from disagg.common.engine.kv_pool import KVPagePool, size_pool_pages
-from disagg.common.engine.request import Req
+from disagg.common.engine.request import Req, prompt_logprob_rows
 from disagg.common.messages import message
 from disagg.common.models.decoder import (
     SUPPORTED_ARCHITECTURES,
@@ -249,6 +249,9 @@ class ModelRunner:
         q_lens, kv_lens, tables = [], [], []
         for req, n in scheduled:
             start = req.num_computed_tokens
+            # prompt logprobs: the rows of prompt positions p that predict prompt token p + 1 (sorted:
+            # the scheduler reads them before the sampled row, Scheduler._take_prompt_logprobs)
+            logits_index += [len(ids) + i for i in range(prompt_logprob_rows(req, n))]
             ids += req.ids_between(start, start + n)
             pos = range(start, start + n)
             positions += pos

@@ -29,6 +29,9 @@ class SamplingParams:
     logit_bias: list[list] = field(default_factory=list)  # [[token_id, bias], ...] (OpenAI's logit_bias)
     # structured output: [kind, spec], kind "json_object" | "json_schema" | "regex" | "ebnf" (see sampling.py)
     grammar: list[str] = field(default_factory=list)
+    # completions echo + logprobs: the logprob of every prompt token (and top_logprobs_num alternatives),
+    # sent with the first output token; such a request computes its whole prompt (no prefix cache)
+    prompt_logprobs: bool = False
 
     @property
     def is_greedy(self) -> bool:
@@ -84,6 +87,8 @@ class Req:
     cache_node: object | None = None  # radix-cache node locked by this request
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # sampling.prompt_logprobs: [logprob, [[token_id, logprob], ...]] of prompt tokens 1.., chunk by chunk
+    prompt_logprobs: list[list] = field(default_factory=list)
     arrival_time: float = 0.0
     first_token_time: float | None = None
     # PD disaggregation: the prefill server's bootstrap address and the request's room (else None)
@@ -113,6 +118,15 @@ class Req:
         return self.status in (ReqStatus.FINISHED, ReqStatus.ABORTED)
 
 
+def prompt_logprob_rows(req: Req, n: int) -> int:
+    """How many of the request's next `n` computed positions give a prompt token's logprob (position
+    p predicts prompt token p + 1, p < len(prompt) - 1): 0 unless it asked and has no output yet."""
+    if not req.sampling.prompt_logprobs or req.output_ids:
+        return 0
+    start = req.num_computed_tokens
+    return max(0, min(start + n, len(req.input_ids) - 1) - start)
+
+
 @message
 @dataclass
 class TokenOut:
@@ -129,6 +143,9 @@ class TokenOut:
     cached_tokens: int = 0
     logprobs: list[float] | None = None  # one per new token
     top_logprobs: list[list[list]] | None = None  # per new token: [[token_id, logprob], ...]
+    # with the first token of a prompt_logprobs request: one per prompt token, the first None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[list] | None] | None = None
 
 
 @message

@@ -20,11 +20,12 @@ import logging
 import time
 from collections import deque
 
+import torch
 from disagg.common.config import EngineConfig
 from disagg.common.engine.kv_pool import pages_for_tokens
 from disagg.common.engine.model_runner import ModelRunner
 from disagg.common.engine.radix_cache import RadixCache
-from disagg.common.engine.request import Req, ReqStatus, SchedulerStats, TokenOut
+from disagg.common.engine.request import Req, ReqStatus, SchedulerStats, TokenOut, prompt_logprob_rows
 from disagg.common.engine.sampling import Sampler
 
 logger = logging.getLogger(__name__)
@@ -213,6 +214,8 @@ class Scheduler:
         ps = self.page_size
         all_ids = req.all_ids
         limit = (len(all_ids) - 1) // ps * ps  # keep at least one token to compute (for the logits)
+        if req.sampling.prompt_logprobs:  # every prompt position's logits are wanted: none from the cache
+            limit, req.prompt_logprobs = 0, []
         pages, node = self.cache.match_prefix(all_ids[:limit])
         self.cache.lock(node)
         n = min(len(all_ids) - len(pages) * ps, budget)
@@ -264,6 +267,8 @@ class Scheduler:
     def process_batch_result(self, scheduled: list[tuple[Req, int]], logits) -> None:
         """Advance the batch's requests past its forward; sample those whose logits it computed."""
         done = [req for req, n in scheduled if req.num_computed_tokens + n == req.seq_len]
+        if any(req.sampling.prompt_logprobs for req, _ in scheduled):
+            logits = self._take_prompt_logprobs(scheduled, logits)
         for req, n in scheduled:
             req.num_computed_tokens += n
             if req.num_computed_tokens < req.seq_len:
@@ -277,6 +282,30 @@ class Scheduler:
             req.output_ids.append(token)
             req.first_token_time = req.first_token_time or now
             self._on_token_sampled(req, token, *self._logprobs_of(result, i, req))
+
+    @staticmethod
+    def _take_prompt_logprobs(scheduled: list[tuple[Req, int]], logits):
+        """Record the prompt logprobs of the rows ModelRunner.build_plan added for them; return the
+        rows to sample from (one per request whose last position was computed)."""
+        keep, row = [], 0
+        for req, n in scheduled:
+            k = prompt_logprob_rows(req, n)
+            if k:
+                start = req.num_computed_tokens
+                lp = torch.log_softmax(logits[row : row + k].float(), dim=-1)
+                targets = torch.tensor(req.input_ids[start + 1 : start + 1 + k], device=lp.device)
+                chosen = lp.gather(1, targets[:, None]).squeeze(1).tolist()
+                tops: list = [None] * k
+                if req.sampling.top_logprobs_num:
+                    vals, ids = lp.topk(req.sampling.top_logprobs_num, dim=-1)
+                    tops = [[[i, v] for i, v in zip(row_ids, row_vals, strict=True)]
+                            for row_ids, row_vals in zip(ids.tolist(), vals.tolist(), strict=True)]  # fmt: skip
+                req.prompt_logprobs += [[c, t] for c, t in zip(chosen, tops, strict=True)]
+                row += k
+            if req.num_computed_tokens + n == req.seq_len:
+                keep.append(row)
+                row += 1
+        return logits[keep]
 
     @staticmethod
     def _logprobs_of(result, i: int, req: Req) -> tuple[float | None, list[list] | None]:
@@ -297,6 +326,10 @@ class Scheduler:
         if top is not None:
             req.output_top_logprobs.append(top)
         out = self._token_out(req, token, lp, top)
+        if req.sampling.prompt_logprobs and len(req.output_ids) == 1:  # with the first token, once
+            out.prompt_logprobs = [None] + [p for p, _ in req.prompt_logprobs]
+            if req.sampling.top_logprobs_num:
+                out.prompt_top_logprobs = [None] + [t for _, t in req.prompt_logprobs]
         reason = self._finish_reason(req)
         if reason:
             self._release(req)

@@ -99,7 +99,10 @@ class Detokenizer:
             logprobs=out.logprobs,
             token_texts=self._token_texts(out.new_token_ids) if out.logprobs is not None else None,
             top_logprobs=self._top_texts(out.top_logprobs),
-        )
+            prompt_logprobs=out.prompt_logprobs,
+            prompt_top_logprobs=None if out.prompt_top_logprobs is None
+            else [None, *self._top_texts(out.prompt_top_logprobs[1:])],
+        )  # fmt: skip
 
     def _token_texts(self, ids: list[int]) -> list[str]:
         return [self.tokenizer.decode([i]) for i in ids]

@@ -104,6 +104,9 @@ class StrOut:
     logprobs: list[float] | None = None
     token_texts: list[str] | None = None  # one per new token, when logprobs were asked
     top_logprobs: list[list[list]] | None = None  # per new token: [[token_text, token_id, logprob], ...]
+    # with the first token of a prompt_logprobs request (SamplingParams): per prompt token, the first None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[list] | None] | None = None  # as top_logprobs
 
 
 @message

@@ -54,13 +54,15 @@ class Job:
     stream: bool
     include_usage: bool
     echo_texts: list[str] | None = None  # completions with echo=True
+    echo_tokens: list[list[str]] | None = None  # echo with logprobs: each prompt's token texts
     owner: str | None = None  # the key that sent it (see serving.owner_of)
     return_token_ids: bool = False  # vLLM's prompt_token_ids / token_ids
     tools: ToolPlan | None = None  # chat with tool_choice other than none: the output is parsed for calls
     shared: SharedPrompts | None = None  # n > 1, colocated: each prompt computed once (set by start)
 
     def start(self, state: ServerState, pd: dict) -> list[AsyncIterator[StrOut]]:
-        if worth_sharing(state, pd, self.n, min(len(p) for p in self.prompts)):
+        shareable = not self.sampling.prompt_logprobs  # those compute their whole prompt anyway
+        if shareable and worth_sharing(state, pd, self.n, min(len(p) for p in self.prompts)):
             self.shared = SharedPrompts(state, self.rid, self.prompts, self.owner)
         gens = self._generators(state, pd)
         return [self.shared.after(i // self.n, g) for i, g in enumerate(gens)] if self.shared else gens
@@ -224,19 +226,23 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     check_n(req.n)
     if req.logprobs is not None and not 0 <= req.logprobs <= 20:
         raise APIError(400, f"logprobs must be in [0, 20], got {req.logprobs}", "logprobs")
-    if req.echo and req.logprobs is not None:
-        # NOTE: the engine computes no prompt logprobs; an answer without them would mislead
-        raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does not compute",
-                       "echo", code="unsupported")  # fmt: skip
+    prompt_logprobs = req.echo and req.logprobs is not None
+    if prompt_logprobs and (req.stream or state.server_info.get("role", "server") != "server"):
+        # NOTE: an answer without the prompt's logprobs would mislead; they are computed only here
+        raise APIError(400, "echo with logprobs (prompt logprobs) is answered only without streaming, on a "
+                       "colocated server", "echo", code="unsupported")  # fmt: skip
     prompts = await completion_prompts(state, req.prompt)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default for completions
     max_new = min(check_lengths(state, len(p), max_tokens, "max_tokens") for p in prompts)
     sampling = sampling_from(
         req, max_new, req.logprobs is not None, req.logprobs or 0, len(state.tm.tokenizer)
     )
+    sampling.prompt_logprobs = prompt_logprobs
     echo = [await state.tm.detokenize(p) for p in prompts] if req.echo else None
     job = Job("completion", req.rid or new_rid("cmpl"), req.model or state.model_name, prompts, sampling,
               req.n, req.stream, req.include_usage, echo, owner_of(request), req.return_token_ids)  # fmt: skip
+    if prompt_logprobs:
+        job.echo_tokens = [await state.tm.token_texts(p) for p in prompts]
     return await respond(job, state, request, req.pd_fields())
 
 
@@ -285,6 +291,8 @@ def choice_body(job: Job, i: int, acc: ChoiceAcc) -> dict:
                 "matched_stop": last.matched_stop if last else None, **ids}  # fmt: skip
     text = (job.echo_texts[i // job.n] if job.echo_texts else "") + acc.text
     lp = completion_logprobs(acc) if job.sampling.return_logprob else None
+    if lp is not None and job.echo_tokens:
+        lp = with_prompt_logprobs(job.echo_tokens[i // job.n], acc, lp, len(job.echo_texts[i // job.n]))
     if job.return_token_ids:
         ids["prompt_token_ids"] = job.prompts[i // job.n]
     return {"index": i, "text": text, "logprobs": lp, "finish_reason": reason,
@@ -313,6 +321,24 @@ def completion_logprobs(acc: ChoiceAcc, pos: int = 0) -> dict:
         "top_logprobs": tops,
         "text_offset": offsets,
     }
+
+
+def with_prompt_logprobs(tokens: list[str], acc: ChoiceAcc, lp: dict, echo_len: int) -> dict:
+    """echo with logprobs, as vLLM answers it: the prompt's tokens first (the first one without a
+    logprob), every text_offset into the echoed text."""
+    offsets, pos = [], 0
+    for tok in tokens:
+        offsets.append(pos)
+        pos += len(tok)
+    prompt_lps = acc.prompt_logprobs or [None] * len(tokens)
+    body = {"tokens": tokens + lp["tokens"], "token_logprobs": list(prompt_lps) + lp["token_logprobs"],
+            "top_logprobs": None, "text_offset": offsets + [echo_len + o for o in lp["text_offset"]]}  # fmt: skip
+    if lp["top_logprobs"] is not None:
+        tops = acc.prompt_top_logprobs or [None] * len(tokens)
+        body["top_logprobs"] = [None if t is None else {text: v for text, _, v in t} for t in tops] + lp[
+            "top_logprobs"
+        ]
+    return body
 
 
 async def stream_chunks(job: Job, head: tuple[int, StrOut], outputs) -> AsyncIterator[str]:

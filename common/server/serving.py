@@ -261,6 +261,8 @@ class ChoiceAcc:
     logprobs: list[float] = field(default_factory=list)
     token_texts: list[str] = field(default_factory=list)
     top_logprobs: list[list[list]] = field(default_factory=list)
+    prompt_logprobs: list[float | None] | None = None  # echo + logprobs: per prompt token, the first None
+    prompt_top_logprobs: list[list[list] | None] | None = None
     last: StrOut | None = None
 
     def add(self, out: StrOut) -> None:
@@ -269,6 +271,8 @@ class ChoiceAcc:
         self.logprobs += out.logprobs or []
         self.token_texts += out.token_texts or []
         self.top_logprobs += out.top_logprobs or []
+        self.prompt_logprobs = out.prompt_logprobs or self.prompt_logprobs
+        self.prompt_top_logprobs = out.prompt_top_logprobs or self.prompt_top_logprobs
         self.last = out
 
     def raise_if_rejected(self) -> None:

@@ -175,6 +175,10 @@ class TokenizerManager:
     async def detokenize(self, ids: list[int]) -> str:
         return await self._in_thread(len(ids), lambda tok, ids: tok.decode(ids), ids)
 
+    async def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (what logprobs name it by), as the detokenizer writes them."""
+        return await self._in_thread(len(ids), lambda tok, ids: [tok.decode([i]) for i in ids], ids)
+
     # ---- requests ----
     async def generate(
         self, rid: str, input_ids: list[int], sampling: SamplingParams, pd: dict | None = None,
