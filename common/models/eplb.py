@@ -229,7 +229,10 @@ class ExpertBalancer:
     def apply(self, msg: RebalanceMsg) -> None:
         t0 = time.perf_counter()
         placement = {int(k): v for k, v in msg.placement.items()}
-        moved = sum(placement[k] != m.physical_to_logical for k, m in self.moes.items())
+        # NOTE: .get: with --pp-size, rank 0 places its own stage's layers only
+        moved = sum(
+            placement.get(k, m.physical_to_logical) != m.physical_to_logical for k, m in self.moes.items()
+        )
         if moved:
             apply_placement(self.model, placement)
         self.window_start = expert_load(self.model)
