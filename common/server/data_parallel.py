@@ -33,12 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
-from disagg.common.config import (
-    EngineConfig,
-    cuda_visible_devices,
-    cuda_visible_devices_for_children,
-    set_default_cpu_threads,
-)
+from disagg.common.config import EngineConfig, cuda_visible_devices_for_children, set_default_cpu_threads
 from disagg.common.engine.request import SchedulerStats, TokenOut
 from disagg.common.messages import decode, encode
 from disagg.common.server.ipc import (
@@ -52,6 +47,7 @@ from disagg.common.server.ipc import (
     setup_child_logging,
     zmq_socket,
 )
+from disagg.common.server.launch_local import visible_gpus
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +111,9 @@ def replica_gpus(engine: EngineConfig, base_gpu_id: int, dp_rank: int) -> list[s
     (None on the CPU)."""
     if engine.device == "cpu":
         return None
-    visible = cuda_visible_devices()
-    if visible is None:
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        visible = [str(i) for i in range(torch.cuda.device_count())]
+    visible = visible_gpus()  # NOTE: nvidia-smi, not torch: this process stays small on a CPU machine
+    if not visible:
+        return None
     per_replica = engine.world_size
     first = base_gpu_id + dp_rank * per_replica
     if first + per_replica > len(visible):
