@@ -54,11 +54,11 @@ class Job:
     stream: bool
     include_usage: bool
     echo_texts: list[str] | None = None  # completions with echo=True
-    echo_tokens: list[list[str]] | None = None  # echo with logprobs: each prompt's token texts
     owner: str | None = None  # the key that sent it (see serving.owner_of)
     return_token_ids: bool = False  # vLLM's prompt_token_ids / token_ids
     tools: ToolPlan | None = None  # chat with tool_choice other than none: the output is parsed for calls
     shared: SharedPrompts | None = None  # n > 1, colocated: each prompt computed once (set by start)
+    echo_tokens: list[list[str]] | None = None  # echo with logprobs: each prompt's token texts
 
     def start(self, state: ServerState, pd: dict) -> list[AsyncIterator[StrOut]]:
         shareable = not self.sampling.prompt_logprobs  # those compute their whole prompt anyway
