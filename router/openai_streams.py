@@ -73,6 +73,7 @@ class OpenAIStreamState:
         self.usage_sent = False
         self.moved = False  # events now come from a continuation (a completions stream)
         self.prefix = ""  # text the old worker held back, sent before the continuation's first text
+        self.why_not = ""  # why resume() found no continuation (logged)
 
     # ---- the client's stream ----------------------------------------------------------------------
 
@@ -181,6 +182,7 @@ class OpenAIStreamState:
         """(path, body) of the /v1/completions request that goes on from what the client got, or None.
         `context_length`: the model's, for a chat without a token budget (the rest of the context)."""
         if self.prompt_ids is None or self.finish is not None:
+            self.why_not = "no prompt token ids from the worker" if self.prompt_ids is None else "finished"
             return None
         if self.chat:
             budget = parsed.get("max_completion_tokens") or parsed.get("max_tokens")
@@ -190,6 +192,7 @@ class OpenAIStreamState:
         else:
             budget, top = parsed.get("max_tokens") or 16, parsed.get("logprobs")  # OpenAI's default: 16
         if not isinstance(budget, int) or budget - len(self.sent_ids) <= 0:
+            self.why_not = f"no token budget left ({budget} - {len(self.sent_ids)} sent)"
             return None
         body = {k: parsed[k] for k in _KEPT if parsed.get(k) is not None}
         body |= {"prompt": self.prompt_ids + self.sent_ids, "max_tokens": budget - len(self.sent_ids),

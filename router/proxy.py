@@ -471,6 +471,9 @@ class Proxy:
             body = continuation(parsed, state) if parsed is not None else None
             resumed = ("/generate", body) if body is not None else None
         if resumed is None:
+            logger.info(
+                "request %s: cannot continue: %s", call.request_id, getattr(state, "why_not", "") or "-"
+            )
             return None
         path, body = resumed
         call.migrations += 1
