@@ -302,6 +302,10 @@ class Proxy:
             leg.end()
             return
         exc = task.exception()
+        if (
+            exc is not None and leg.ended
+        ):  # the router aborted it (e.g. its client left): not the worker's fault
+            return
         if exc is not None:
             self._worker_failed(leg.worker)
             logger.warning("prefill leg failed after decode answered: %s", exc)
