@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from disagg.common.shm import memfd_of
+from disagg.transfer.base import gather_pages, wide_pages
 
 logger = logging.getLogger(__name__)
 
@@ -141,8 +142,6 @@ def copy_pages(
     Whole-head pages move as rows of int64 (the copy kernels are several times faster on wide
     elements than on bf16); a head slice moves through one gathered temporary.
     """
-    from disagg.transfer.base import gather_pages, wide_pages
-
     n = len(src_pages)
     src = src_pool[:, :, :, :, src_heads[0] : src_heads[1]]
     dst = dst_pool[:, :, :, :, dst_heads[0] : dst_heads[1]]
