@@ -16,6 +16,7 @@ presence penalties, response_format / regex / ebnf grammars, tool calls).
 from __future__ import annotations
 
 import orjson
+from disagg.router.streams import split_events
 
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions")
 _DONE_EVENT = b"data: [DONE]"
@@ -79,13 +80,8 @@ class OpenAIStreamState:
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events in `chunk`, rewritten for the client."""
-        data = self.tail + chunk if self.tail else chunk
-        cut = data.rfind(b"\n\n")
-        if cut < 0:
-            self.tail = data
-            return b""
-        self.tail = data[cut + 2 :]
-        return b"".join(self._event(e) for e in data[:cut].split(b"\n\n"))
+        complete, self.tail = split_events(self.tail, chunk)
+        return b"".join(self._event(e) for e in complete[:-2].split(b"\n\n")) if complete else b""
 
     def _event(self, event: bytes) -> bytes:
         if event == _DONE_EVENT:

@@ -391,7 +391,7 @@ class Proxy:
             while True:
                 if out := state.feed(chunk):
                     yield out
-                leg.response.set_read_timeout(self.config.worker_stall_timeout)
+                leg.response.set_read_timeout(self._read_timeout(leg))
                 got = await self._next_chunk(leg, state)
                 if isinstance(got, bytes):
                     chunk = got
@@ -442,6 +442,14 @@ class Proxy:
         if state.done:
             return None
         return "upstream_unavailable", f"stream from {url} ended before its [DONE]"
+
+    def _read_timeout(self, leg: Leg) -> float:
+        """How long the next read may wait: until the leg's worker has been silent on all its streams
+        for --worker-stall-timeout. A stream that waited out a stall while another stream of the same
+        worker still got bytes wakes when the worker's silence reaches the bound, not a full stall
+        later (a partition is reported after one stall timeout, not up to two)."""
+        last = max(leg.last_byte, leg.worker.last_bytes)
+        return max(0.1, last + self.config.worker_stall_timeout - time.monotonic())
 
     def _stalled(self, leg: Leg) -> bytes | tuple[str, str]:
         """A stream got nothing for --worker-stall-timeout: its worker is hung when none of its streams

@@ -50,6 +50,15 @@ def answer_failure(response: Response) -> tuple[str, str]:
     return code, message
 
 
+def split_events(tail: bytes, chunk: bytes) -> tuple[bytes, bytes]:
+    """(the complete SSE events of `tail + chunk`, blank line included; the incomplete rest to keep)."""
+    data = tail + chunk if tail else chunk
+    cut = data.rfind(b"\n\n")
+    if cut < 0:
+        return b"", data
+    return data[: cut + 2], data[cut + 2 :]
+
+
 class StreamState:
     def __init__(self, native: bool):
         self.native = native  # SGLang /generate: each event carries the text and output ids so far
@@ -63,13 +72,9 @@ class StreamState:
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events in `chunk` (after what was kept of the previous one), to send on."""
-        data = self.tail + chunk if self.tail else chunk
-        cut = data.rfind(b"\n\n")
-        if cut < 0:
-            self.tail = data
+        complete, self.tail = split_events(self.tail, chunk)
+        if not complete:
             return b""
-        self.tail = data[cut + 2 :]
-        complete = data[: cut + 2]
         if not self.native:
             # NOTE: JSON escapes newlines, so "\n\ndata: [DONE]\n\n" cannot come from inside an event
             if complete == DONE or complete.endswith(b"\n\n" + DONE):

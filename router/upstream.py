@@ -194,12 +194,19 @@ class _Connection(asyncio.Protocol):
 
     # ---- used by the pool and the response -----------------------------------------------------
     def send(self, request: bytes, timeout: float | None) -> UpstreamResponse:
-        self.response = UpstreamResponse(self, timeout)
+        self.response = response = UpstreamResponse(self, timeout)
         self.head = asyncio.get_running_loop().create_future()
         self.got_bytes = False
         self._raw_headers = []
-        self.transport.write(request)
-        return self.response
+        try:
+            if self.closed or self.transport.is_closing():
+                raise RuntimeError("the transport is closed")
+            self.transport.write(request)
+        except RuntimeError as exc:  # uvloop raises this (not OSError) on a transport already closed
+            # the worker closed the connection between connect (or the pool) and this write: the
+            # request never left, so it fails like any lost connection (retried by the caller)
+            self._lost(UpstreamError(f"worker closed the connection before the request was sent ({exc})"))
+        return response
 
     def _until_close(self) -> bool:
         h = self.response.headers

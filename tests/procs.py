@@ -13,7 +13,6 @@ import ctypes
 import multiprocessing as mp
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,17 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from disagg.common.net import free_port
 from disagg.router import testing as router_testing
 
 SPAWN = mp.get_context("spawn")
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None  # loaded here, not after fork
 _PR_SET_PDEATHSIG = 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def die_with_parent() -> None:

@@ -134,3 +134,38 @@ def test_refused_and_timeout_raise():
             server.close()
 
     run(scenario())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_worker_closing_a_new_connection_before_the_request_is_an_upstream_error(loop):
+    """A worker dying under load: it accepts, then closes before the request is written. The router
+    runs on uvloop, whose write on a closed transport raises RuntimeError (it was an HTTP 500 from the
+    router); the caller must see an UpstreamError it retries elsewhere."""
+
+    async def scenario():
+        async def slam(reader, writer):
+            writer.transport.abort()  # RST, as a killed process's socket
+
+        port = free_port()
+        server = await asyncio.start_server(slam, "127.0.0.1", port)
+        pool = UpstreamPool()
+        try:
+            conn = await pool._connect(("http", "127.0.0.1", port))
+            for _ in range(100):  # until the loop noticed the reset
+                if conn.closed or conn.transport.is_closing():
+                    break
+                await asyncio.sleep(0.01)
+            response = conn.send(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n", 1.0)
+            assert response is not None
+            with pytest.raises(UpstreamError, match="closed"):
+                await asyncio.wait_for(conn.head, 5)
+        finally:
+            await pool.close()
+            server.close()
+
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(scenario())
+    else:
+        run(scenario())

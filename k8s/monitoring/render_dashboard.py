@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import httpx
+from disagg.common.net import free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -40,14 +41,6 @@ PROMPTS = [
     "Summarize the plot of Hamlet in two sentences.",
 ]
 SYSTEM = "You are a concise assistant for an LLM serving team. " * 4  # shared prefix: cache hits
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- Prometheus ------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,12 @@ import tomllib
 import urllib.request
 from pathlib import Path
 
+from disagg.common.net import free_port
+
 SLURM_DIR = Path(__file__).resolve().parent
 REPO = SLURM_DIR.parents[1]
 SCRIPT = SLURM_DIR / "disagg-pd.sh"
 SCRIPTS = ("launch_prefill", "launch_decode", "launch_router")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry_point_shims(bin_dir: Path) -> None:
