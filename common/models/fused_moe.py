@@ -188,18 +188,13 @@ def _grouped_experts(x, w13, w2, weights, ids, cfg: dict) -> torch.Tensor:
     act = torch.empty(
         pairs, 2 * inter if split else inter, dtype=x.dtype, device=x.device
     )  # other ranks' rows unused
-    if split:
-        _w13_grouped[(blocks * triton.cdiv(2 * inter, bn),)](
-            x, w13, act, sorted_ids, expert_ids, num_padded, pairs, ids.shape[1], hidden, 2 * inter,
-            x.stride(0), w13.stride(0), w13.stride(1),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
-        )  # fmt: skip
-    else:
-        _gate_up_grouped[(blocks * triton.cdiv(inter, bn),)](
-            x, w13, act, sorted_ids, expert_ids, num_padded, pairs, ids.shape[1], hidden, inter,
-            x.stride(0), w13.stride(0), w13.stride(1),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
-        )  # fmt: skip
+    # the two first GEMMs take the same arguments; `cols`: the raw [2I] tile, or the activated [I]
+    first, cols = (_w13_grouped, 2 * inter) if split else (_gate_up_grouped, inter)
+    first[(blocks * triton.cdiv(cols, bn),)](
+        x, w13, act, sorted_ids, expert_ids, num_padded, pairs, ids.shape[1], hidden, cols,
+        x.stride(0), w13.stride(0), w13.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+    )  # fmt: skip
     out = torch.zeros(pairs, hidden, dtype=x.dtype, device=x.device)  # other ranks' pairs stay 0
     _down_grouped[(blocks * triton.cdiv(hidden, bn),)](
         act, w2, out, sorted_ids, expert_ids, num_padded, weights, pairs, hidden, inter,
