@@ -71,11 +71,13 @@ class DecodeScheduler(Scheduler):
         return not all(x is None for x in (req.bootstrap_host, req.bootstrap_port, req.bootstrap_room))
 
     def _free_pages(self, req: Req) -> None:
-        if not self._is_pd(req):
+        # NOTE: a PD request's KV comes from the prefill, so the decode never looks its prefix
+        # cache up for one: filling the cache would only hold pages (and look like a leak). Except
+        # a request sent for its KV alone (one token: a shared prompt's helper, shared_prompt.py):
+        # its whole pages go to the prefix cache, where the n choices that follow it find them
+        if not self._is_pd(req) or req.sampling.max_new_tokens == 1:
             super()._free_pages(req)
             return
-        # NOTE: a PD request's KV comes from the prefill, so the decode never looks its prefix
-        # cache up for one: filling the cache would only hold pages (and look like a leak)
         self.pool.free(req.page_table)
         req.page_table, req.num_computed_tokens = [], 0
 

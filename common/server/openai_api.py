@@ -18,6 +18,7 @@ from disagg.common.server.serving import (
     check_token_ids,
     duplicate_rid,
     engine_error,
+    has_room,
     make_sampling,
     merge_streams,
     new_rid,
@@ -31,6 +32,7 @@ from disagg.common.server.serving import (
     until_disconnect,
     usage,
     with_seed,
+    without_room,
 )
 from disagg.common.server.shared_prompt import SharedPrompts, worth_sharing
 from disagg.common.server.tool_choice import ToolPlan, plan_tools
@@ -57,13 +59,19 @@ class Job:
     owner: str | None = None  # the key that sent it (see serving.owner_of)
     return_token_ids: bool = False  # vLLM's prompt_token_ids / token_ids
     tools: ToolPlan | None = None  # chat with tool_choice other than none: the output is parsed for calls
-    shared: SharedPrompts | None = None  # n > 1, colocated: each prompt computed once (set by start)
+    shared: SharedPrompts | None = None  # n > 1: each prompt computed once (set by start)
     echo_tokens: list[list[str]] | None = None  # echo with logprobs: each prompt's token texts
 
     def start(self, state: ServerState, pd: dict) -> list[AsyncIterator[StrOut]]:
+        if self.n > 1 and has_room(pd) and state.server_info.get("role") == "prefill":
+            # NOTE: through PD the prefill server computes and sends each prompt once, in the prompt's
+            # room; the decode server forks it into the n choices (shared_prompt.py). This answer,
+            # one choice per prompt, is the router's to drop
+            self.n = 1
         shareable = not self.sampling.prompt_logprobs  # those compute their whole prompt anyway
         if shareable and worth_sharing(state, pd, self.n, min(len(p) for p in self.prompts)):
-            self.shared = SharedPrompts(state, self.rid, self.prompts, self.owner)
+            self.shared = SharedPrompts(state, self.rid, self.prompts, self.owner, pd)
+            pd = without_room(pd)  # the choices start from this server's prefix cache
         gens = self._generators(state, pd)
         return [self.shared.after(i // self.n, g) for i, g in enumerate(gens)] if self.shared else gens
 
@@ -78,7 +86,7 @@ class Job:
                 self.rid if single else f"{self.rid}-{i}",
                 self.prompts[i // self.n],
                 with_seed(self.sampling, i % self.n),
-                pd_for(pd, i),
+                pd_for(pd, i // self.n),  # the room of its prompt
                 self.owner,
             )  # fmt: skip
             for i in range(len(self.prompts) * self.n)
@@ -267,9 +275,10 @@ async def respond(job: Job, state: ServerState, request: Request, pd: dict) -> R
 
 
 async def collect(job: Job, state: ServerState, pd: dict) -> list[ChoiceAcc]:
+    gens = job.start(state, pd)  # first: it may change job.n (the prefill server of a PD pair)
     accs = [ChoiceAcc() for _ in range(len(job.prompts) * job.n)]
     try:
-        async for i, out in merge_streams(job.start(state, pd)):
+        async for i, out in merge_streams(gens):
             accs[i].add(out)
     except ValueError as e:  # a duplicate rid
         raise duplicate_rid(e) from None

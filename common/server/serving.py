@@ -124,13 +124,27 @@ def with_seed(sp: SamplingParams, index: int) -> SamplingParams:
     return dataclasses.replace(sp, seed=sp.seed + index)
 
 
+def has_room(pd: dict | None) -> bool:
+    """Whether a request came through PD (a router gave it a bootstrap room)."""
+    return bool(pd) and pd.get("bootstrap_room") is not None
+
+
+_NO_ROOM = {"bootstrap_host": None, "bootstrap_port": None, "bootstrap_room": None}
+
+
+def without_room(pd: dict | None) -> dict | None:
+    """The PD fields of a request this server computes itself (other fields, a DP rank, stay)."""
+    return {**pd, **_NO_ROOM} if pd else pd
+
+
 def pd_for(pd: dict | None, index: int) -> dict | None:
-    """The PD fields of the index-th sub-request (choice or prompt) of one call: room + index.
+    """The PD fields of the index-th prompt of one call: room + index.
 
     A router draws one room per call and sends the same body to the prefill and the decode; both
-    derive the sub-requests' rooms the same way, so each choice meets its own KV cache. (n choices
-    are n prefills of the same prompt: the prefill's prefix cache makes the repeats cheap.)"""
-    if not pd or pd.get("bootstrap_room") is None or index == 0:
+    derive each prompt's room the same way, so each prompt meets its own KV cache. The n choices of
+    a prompt share its room: the prefill sends the prompt once, the decode forks it
+    (shared_prompt.py)."""
+    if not has_room(pd) or index == 0:
         return pd
     return {**pd, "bootstrap_room": (pd["bootstrap_room"] + index) % MAX_ROOM}
 

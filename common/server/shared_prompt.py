@@ -8,6 +8,12 @@ the n choices arrive together, all miss the cache and each computes the whole pr
 
 The helper request is a request like any other for the scheduler and /metrics (prompt tokens,
 a finished request); the call's usage reports as cached only what the cache held before the call.
+
+Through PD the same scheme forks one prefill into n choices: the prefill server computes each prompt
+once (one room per prompt, `serving.pd_for`), the decode server's helper of that prompt receives its KV in
+that room and, ending at its first token, leaves the whole pages in the decode's prefix cache
+(decode/scheduler.py); the n choices then run on the decode server as plain requests that match
+them, each computing its last partial page and sampling its own first token, exactly as colocated.
 """
 
 from __future__ import annotations
@@ -18,18 +24,20 @@ from collections.abc import AsyncIterator
 
 from disagg.common.engine.request import SamplingParams
 from disagg.common.server.ipc import StrOut
-from disagg.common.server.serving import ServerState
+from disagg.common.server.serving import ServerState, has_room, pd_for
 
 
 def worth_sharing(state: ServerState, pd: dict | None, n: int, prompt_len: int) -> bool:
-    """Only where it helps: a colocated server (a PD pair moves KV per room instead) with one prefix
-    cache (not --dp-size replicas, not --disable-radix-cache), n > 1, a prompt of a page or more."""
+    """Always for n > 1 through PD (the prefill server sends each prompt once: its n choices can only
+    start from the decode server's prefix cache). Colocated, only where it helps: one prefix cache
+    (not --dp-size replicas, not --disable-radix-cache), a prompt of a page or more."""
     info = state.server_info
     page_size = info.get("page_size", 16)
+    if n > 1 and has_room(pd):
+        return info.get("role") == "decode"
     return (
         n > 1
         and info.get("role", "server") == "server"
-        and not (pd and pd.get("bootstrap_room") is not None)
         and not info.get("disable_radix_cache")
         and info.get("dp_size", 1) <= 1
         and (prompt_len - 1) // page_size >= 1
@@ -39,8 +47,16 @@ def worth_sharing(state: ServerState, pd: dict | None, n: int, prompt_len: int) 
 class SharedPrompts:
     """The helper requests of one call, one per prompt, started by the first choice that needs it."""
 
-    def __init__(self, state: ServerState, rid: str, prompts: list[list[int]], owner: str | None):
+    def __init__(
+        self,
+        state: ServerState,
+        rid: str,
+        prompts: list[list[int]],
+        owner: str | None,
+        pd: dict | None = None,
+    ):
         self.state, self.rid, self.prompts, self.owner = state, rid, prompts, owner
+        self.pd = pd  # PD: the helper of prompt p receives its KV in the room of prompt p (pd_for)
         self.tasks: dict[int, asyncio.Task] = {}
         self.cached_before: dict[int, int] = {}  # prompt index -> tokens the cache held before the call
         self.aborted: dict[int, StrOut] = {}  # prompt index -> the helper's final output, if it was aborted
@@ -66,10 +82,12 @@ class SharedPrompts:
 
     async def _compute(self, p: int) -> None:
         last = None
+        # NOTE: max_new_tokens=1 is also what tells a decode server to keep the prompt's pages cached
         greedy_token = SamplingParams(max_new_tokens=1, temperature=0.0)
-        async for out in self.state.tm.generate(f"{self.rid}-prompt{p}", self.prompts[p], greedy_token, None,
-                                                self.owner):  # fmt: skip
+        async for out in self.state.tm.generate(f"{self.rid}-prompt{p}", self.prompts[p], greedy_token,
+                                                pd_for(self.pd, p), self.owner):  # fmt: skip
             last = out
+        # an abort, a refusal or (PD) a failed KV transfer: every choice of the prompt ends with it
         if last is not None and last.finish_reason == "abort":
             self.aborted[p] = StrOut(last.rid, "", [], finished=True, finish_reason="abort", error=last.error)
         # a refused prompt (too long for the pool, ...) is refused again for each choice, which answers it

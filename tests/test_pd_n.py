@@ -1,0 +1,161 @@
+"""`n > 1` and prompt lists through PD (router + prefill + decode, real processes): the prefill server
+computes a prompt once, the decode server forks its KV into the n choices (common/server/shared_prompt.py);
+the choices equal a colocated server's, greedy and seeded; prompt lists are independent requests; a
+failed transfer fails every choice with a typed error; no page or room is left held."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import httpx
+import pytest
+
+from tests.pd_helpers import PD_ARGS, SERVER_ENV, PDCluster, assert_pool_free
+from tests.procs import wait_until
+from tests.server_helpers import ServerProcess, metric_value
+
+pytestmark = pytest.mark.slow
+
+# longer than two pages (16 tokens): the choices share whole pages and compute the last one each
+PROMPT = "Count the sheep: " + ", ".join(f"sheep {i}" for i in range(12))
+STORY = "Once upon a time, in a small village by the sea, there lived an old fisherman and his cat. One day"
+PROMPTS = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
+GREEDY = {"max_tokens": 8, "temperature": 0}
+SEEDED = {"max_tokens": 8, "temperature": 1.0, "seed": 77}
+
+
+def complete(url: str, **body) -> dict:
+    r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def texts(answer: dict) -> list[str]:
+    assert [c["index"] for c in answer["choices"]] == list(range(len(answer["choices"])))
+    return [c["text"] for c in answer["choices"]]
+
+
+def stream_events(url: str, **body) -> list[str]:
+    """The `data:` payloads of a streamed completion, [DONE] included."""
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        return [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+
+
+@pytest.fixture(scope="module")
+def colocated(default_model_path) -> dict:
+    """What a colocated server answers; stopped before the PD pair starts (one deployment at a time)."""
+    srv = ServerProcess(*PD_ARGS, env=SERVER_ENV)
+    try:
+        url = srv.start().url
+        return {
+            "greedy": texts(complete(url, prompt=PROMPT, **GREEDY))[0],
+            "seeded": texts(complete(url, prompt=STORY, n=3, **SEEDED)),
+        }
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def pd(colocated):
+    with PDCluster() as cluster:
+        yield cluster
+
+
+def computed(server: ServerProcess) -> float:
+    """Prompt tokens of finished requests not taken from the prefix cache (on the decode server a PD
+    request counts as computed what the prefill computed for it)."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return metric_value(text, "disagg_prompt_tokens_total") - metric_value(
+        text, "disagg_cached_prompt_tokens_total"
+    )
+
+
+def test_greedy_n_is_the_colocated_answer_n_times_from_one_prefill(pd, colocated):
+    before = computed(pd.prefill), computed(pd.decode)
+    answer = complete(pd.url, prompt=PROMPT + " and more", n=3, **GREEDY)  # new to both caches
+    usage, length = answer["usage"], answer["usage"]["prompt_tokens"]
+    # the prefill's request ends when the decode side acknowledged its pages: long before the answer
+    assert wait_until(lambda: computed(pd.prefill) - before[0] >= length, timeout=30)
+    assert computed(pd.prefill) - before[0] == length  # once, not 3 times
+    # the decode server: the shipped prompt, then each choice its last partial page (16 tokens) only
+    assert length <= computed(pd.decode) - before[1] <= length + 3 * 16
+    assert usage["completion_tokens"] == 3 * 8 and usage["prompt_tokens_details"]["cached_tokens"] == 0
+    assert texts(complete(pd.url, prompt=PROMPT, n=3, **GREEDY)) == [colocated["greedy"]] * 3
+
+
+def test_seeded_n_samples_as_colocated(pd, colocated):
+    got = texts(complete(pd.url, prompt=STORY, n=3, **SEEDED))
+    assert got == colocated["seeded"]
+    assert len(set(got)) == 3  # each choice sampled on its own (seed + index)
+
+
+def test_prompt_list_equals_separate_requests(pd):
+    alone = [texts(complete(pd.url, prompt=p, **GREEDY))[0] for p in PROMPTS]
+    both = complete(pd.url, prompt=PROMPTS, n=2, **GREEDY)
+    assert texts(both) == [t for t in alone for _ in range(2)]
+    usage = both["usage"]
+    assert usage["completion_tokens"] == 6 * 8
+    assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] <= usage["prompt_tokens"]
+
+
+def test_stream_carries_every_index_and_one_done(pd, colocated):
+    events = stream_events(pd.url, prompt=STORY, n=3, stream_options={"include_usage": True}, **SEEDED)
+    assert events.count("[DONE]") == 1 and events[-1] == "[DONE]"
+    got: dict[int, str] = {}
+    for chunk in map(json.loads, events[:-1]):
+        assert "error" not in chunk, chunk
+        for c in chunk["choices"]:
+            got[c["index"]] = got.get(c["index"], "") + c["text"]
+    assert [got[i] for i in range(3)] == colocated["seeded"]
+    assert chunk["usage"]["completion_tokens"] == 3 * 8
+
+
+def test_client_leaving_mid_stream_frees_everything(pd):
+    body = {
+        "prompt": PROMPT,
+        "n": 3,
+        "max_tokens": 200,
+        "temperature": 1.0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", pd.url + "/v1/completions", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the choices are decoding; leave
+    assert_pool_free(pd.prefill)
+    assert_pool_free(pd.decode)
+
+
+def test_abort_request_ends_every_choice(pd):
+    rid = f"pd-n-{random.getrandbits(32)}"
+    body = {"prompt": PROMPT, "n": 3, "max_tokens": 200, "temperature": 1.0, "ignore_eos": True, "rid": rid}
+    reasons: dict[int, str] = {}
+    with httpx.stream("POST", pd.url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+        lines = r.iter_lines()
+        next(x for x in lines if x.startswith("data: {"))  # decoding
+        assert httpx.post(pd.url + "/abort_request", json={"rid": rid}, timeout=10).status_code == 200
+        for line in lines:
+            if line.startswith("data: {"):
+                reasons.update({c["index"]: c["finish_reason"] for c in json.loads(line[6:])["choices"]})
+    assert reasons == {0: "abort", 1: "abort", 2: "abort"}
+    assert_pool_free(pd.prefill)
+    assert_pool_free(pd.decode)
+
+
+def test_failed_transfer_fails_every_choice(pd):
+    """A room the prefill never fills (no prefill leg): all n choices end with one typed 504."""
+    room = {"bootstrap_host": "127.0.0.1", "bootstrap_port": pd.bootstrap_port,
+            "bootstrap_room": random.getrandbits(62)}  # fmt: skip
+    r = httpx.post(
+        pd.decode.url + "/v1/completions", json={"prompt": PROMPT, "n": 3, **GREEDY, **room}, timeout=120
+    )
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["code"] == "kv_transfer_failed"
+    assert_pool_free(pd.decode)
+
+
+def test_pools_free_afterwards(pd):
+    assert_pool_free(pd.prefill)
+    assert_pool_free(pd.decode)
