@@ -98,6 +98,15 @@ def test_prompt_list_equals_separate_requests(pd):
     usage = both["usage"]
     assert usage["completion_tokens"] == 6 * 8
     assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] <= usage["prompt_tokens"]
+    streamed: dict[int, str] = {}
+    for chunk in map(json.loads, stream_events(pd.url, prompt=PROMPTS, **GREEDY)[:-1]):
+        for c in chunk["choices"]:
+            streamed[c["index"]] = streamed.get(c["index"], "") + c["text"]
+    assert [streamed[i] for i in range(3)] == alone
+    batch = {"text": PROMPTS, "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+    r = httpx.post(pd.url + "/generate", json=batch, timeout=120)
+    assert r.status_code == 200, r.text
+    assert [a["text"] for a in r.json()] == alone
 
 
 def test_stream_carries_every_index_and_one_done(pd, colocated):
