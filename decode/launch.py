@@ -17,9 +17,9 @@ from disagg.common.server.launch_server import run_role
 
 
 def make_scheduler(config, disagg):
-    from disagg.decode.scheduler import DecodeScheduler  # noqa: PLC0415
+    from disagg.decode.scheduler import create_decode_scheduler  # noqa: PLC0415
 
-    return DecodeScheduler(config, disagg=disagg)
+    return create_decode_scheduler(config, disagg)
 
 
 def make_worker_hook(disagg, engine, runner):

@@ -19,21 +19,44 @@ from collections import deque
 
 from disagg.common.config import DisaggConfig, EngineConfig
 from disagg.common.engine.kv_pool import pages_for_tokens
+from disagg.common.engine.model_runner import ModelRunner
 from disagg.common.engine.request import Req, ReqStatus, SchedulerStats, TokenOut
 from disagg.common.engine.scheduler import Scheduler
+from disagg.common.parallel.dp_attention import DPAttentionScheduler, check_dp_attention
 from disagg.common.parallel.state import get_parallel
 from disagg.decode.ranks import create_receiver
 from disagg.transfer import TransferResult
-from disagg.transfer.coordinator import TransferCoordinator, transfer_error
+from disagg.transfer.coordinator import DPRankTransfer, TransferCoordinator, transfer_error
 from disagg.transfer.protocol import prompt_fingerprint
 
 logger = logging.getLogger(__name__)
 
 
+def create_decode_scheduler(config: EngineConfig, disagg: DisaggConfig):
+    """The decode server's scheduler: a `DecodeScheduler`, or under DP attention one per DP rank
+    inside a `DPAttentionScheduler` (each picks its DP rank's requests; that rank's ranks receive
+    their pages: the prefill sends to those ranks' connections only)."""
+    if not config.enable_dp_attention:
+        return DecodeScheduler(config, disagg)
+    check_dp_attention(config)
+    if get_parallel().attn_dp_size == 1:  # --dp-size 1: plain TP
+        return DecodeScheduler(config, disagg)
+    runner = ModelRunner(config)
+    shared = TransferCoordinator(create_receiver(disagg, runner), get_parallel().world_size)
+
+    def make(view, dp_rank: int) -> DecodeScheduler:
+        return DecodeScheduler(config, disagg, view, DPRankTransfer(shared, dp_rank))
+
+    return DPAttentionScheduler(config, runner, make, transfer=shared)
+
+
 class DecodeScheduler(Scheduler):
-    def __init__(self, config: EngineConfig, disagg: DisaggConfig):
-        super().__init__(config)
-        self.transfer = TransferCoordinator(create_receiver(disagg, self.runner), get_parallel().world_size)
+    def __init__(self, config: EngineConfig, disagg: DisaggConfig, runner=None, transfer=None):
+        """`runner`, `transfer`: DP attention's (one DP rank's view and its DPRankTransfer)."""
+        super().__init__(config, runner)
+        self.transfer = transfer or TransferCoordinator(
+            create_receiver(disagg, self.runner), get_parallel().world_size
+        )
         self.prealloc: deque[Req] = deque()  # waiting for pages
         self.rooms: dict[int, Req] = {}  # TRANSFERRING (or aborted, pages pending) -> its request
         self.prefill_cached: dict[str, int] = {}  # rid -> prompt tokens the prefill side had cached

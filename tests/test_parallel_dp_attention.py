@@ -153,9 +153,10 @@ def test_server_with_dp_attention_answers_concurrent_requests(models, default_mo
     assert metric_value(metrics, "disagg_num_total_pages") == 2 * 512 // 4  # one pool per DP rank
 
 
-def test_pd_servers_refuse_dp_attention_at_start(capsys):
+def test_a_prefill_server_refuses_dp_attention_at_start(capsys):
+    """(A decode server runs it: tests/test_pd_dp_attention.py.)"""
     from disagg.common.server.launch_server import run_role
 
     with pytest.raises(SystemExit):
-        run_role("decode", ["--enable-dp-attention", "--tp", "2", "--dp-size", "2"])
-    assert "not supported by the prefill and decode servers" in capsys.readouterr().err
+        run_role("prefill", ["--enable-dp-attention", "--tp", "2", "--dp-size", "2"])
+    assert "not supported by the prefill server" in capsys.readouterr().err

@@ -62,12 +62,14 @@ class ExpectRoomOp:
     bootstrap_port: int
     pages: list[int]
     fingerprint: int = 0  # the prompt's (protocol.prompt_fingerprint)
+    dp_rank: int | None = None  # DP attention: only this DP rank's ranks receive the room (None: every rank)
 
 
 @message
 @dataclass
 class AbortRoomOp:
     room: Room
+    dp_rank: int | None = None  # as the room's ExpectRoomOp
 
 
 @message
@@ -97,7 +99,10 @@ class RankTransfer:
         self._failed: list[TransferResult] = []  # operations the engine refused, reported as failed rooms
 
     def run(self, ops: list[SendPagesOp | ExpectRoomOp | AbortRoomOp]) -> None:
+        my_dp_rank = get_parallel().attn_dp_rank
         for op in ops:
+            if getattr(op, "dp_rank", None) not in (None, my_dp_rank):
+                continue  # DP attention: a room of another DP rank (its pages are in that rank's pool)
             try:
                 if isinstance(op, SendPagesOp):
                     self.engine.send(op.room, op.pages, op.page_offset, is_last=op.is_last, metadata=op.metadata,
@@ -122,6 +127,9 @@ def kv_layout(runner) -> KVLayout:
     """The KV layout of this rank's pool (what the two sides of a transfer compare)."""
     pool, hf, par = runner.pool, runner.hf_config, get_parallel()
     layers = runner.layer_range  # a pipeline stage's pool: its layers only
+    # NOTE: under DP attention a pool holds its DP rank's requests with KV heads split over the
+    # attention group only: to a prefill, each DP rank looks like a decode server of attn_tp_size
+    # ranks (the connection tells them apart, as for --dp-size replicas)
     return KVLayout(
         num_layers=hf.num_hidden_layers,
         page_size=pool.page_size,
@@ -131,8 +139,8 @@ def kv_layout(runner) -> KVLayout:
         else getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads,
         head_dim=pool.head_dim,
         dtype=dtype_name(pool.dtype),
-        tp_rank=par.tp_rank,
-        tp_size=par.tp_size,
+        tp_rank=par.attn_tp_rank,
+        tp_size=par.attn_tp_size,
         model_name=os.path.basename(str(runner.model_path).rstrip("/")),
         model_fingerprint=runner.fingerprint,
         pp_rank=par.pp_rank,
@@ -222,6 +230,8 @@ class TransferCoordinator:
         self.ops: list[SendPagesOp | ExpectRoomOp | AbortRoomOp] = []
         self.open_rooms: set[Room] = set()  # rooms given to the ranks and not finished on all of them
         self._partial: dict[Room, dict[int, TransferResult]] = {}  # room -> tp rank -> its result
+        self.dp_ranks: dict[Room, int] = {}  # DP attention: open room -> the DP rank receiving it
+        self.ranks_per_dp = tp_size // get_parallel().attn_dp_size
         # NOTE: only with tp 1 is rank 0's engine the whole story; with tp > 1 the scheduler polls
         self.waker = TransferWaker(local.engine) if tp_size == 1 else None
 
@@ -251,19 +261,30 @@ class TransferCoordinator:
         self.open_rooms.add(room)
         self.ops.append(SendPagesOp(room, list(pages), page_offset, is_last, metadata or {}, fingerprint))
 
-    def expect(self, room: Room, host: str, port: int, pages: list[int], fingerprint: int = 0) -> None:
+    def expect(self, room: Room, host: str, port: int, pages: list[int], fingerprint: int = 0,
+               dp_rank: int | None = None) -> None:  # fmt: skip
         self.open_rooms.add(room)
-        self.ops.append(ExpectRoomOp(room, host, port, list(pages), fingerprint))
+        if dp_rank is not None:
+            self.dp_ranks[room] = dp_rank
+        self.ops.append(ExpectRoomOp(room, host, port, list(pages), fingerprint, dp_rank))
 
     def abort(self, room: Room) -> None:
         if room in self.open_rooms:
-            self.ops.append(AbortRoomOp(room))
+            self.ops.append(AbortRoomOp(room, self.dp_ranks.get(room)))
 
     def forget(self, room: Room) -> None:
         """Stop waiting for `room` (its result will never come); aborts it on every rank."""
         self.abort(room)
         self.open_rooms.discard(room)
         self._partial.pop(room, None)
+        self.dp_ranks.pop(room, None)
+
+    def _ranks_of(self, room: Room) -> range:
+        """The ranks that report `room`: every rank, or under DP attention its DP rank's."""
+        d = self.dp_ranks.get(room)
+        if d is None:
+            return range(self.tp_size)
+        return range(d * self.ranks_per_dp, (d + 1) * self.ranks_per_dp)
 
     def requested_rooms(self, rooms: list[Room]) -> set[Room]:
         """Prefill: the rooms whose decode side has said where its pages are."""
@@ -289,25 +310,26 @@ class TransferCoordinator:
     def _merge(self, per_rank: list[list[TransferResult]]) -> list[TransferResult]:
         for rank, results in enumerate(per_rank):
             for result in results:
-                if result.room not in self.open_rooms:
+                if result.room not in self.open_rooms or rank not in self._ranks_of(result.room):
                     continue  # a stale room the peer asked about after we finished it
                 got = self._partial.setdefault(result.room, {})
                 got[rank] = result
-                if not result.ok and len(got) < self.tp_size:
+                if not result.ok and len(got) < len(self._ranks_of(result.room)):
                     self.abort(result.room)  # the other ranks stop waiting for a room that already failed
         done = []
         for room, got in list(self._partial.items()):
-            if len(got) < self.tp_size:
+            if len(got) < len(self._ranks_of(room)):
                 continue
             del self._partial[room]
             self.open_rooms.discard(room)
+            self.dp_ranks.pop(room, None)
             failed = [r for r in got.values() if not r.ok]
             done.append(
                 TransferResult(
                     room,
                     ok=not failed,
                     reason=failed[0].reason if failed else "",
-                    metadata=got[0].metadata,
+                    metadata=got[min(got)].metadata,
                     nbytes=sum(r.nbytes for r in got.values()),
                     seconds=max(r.seconds for r in got.values()),
                 )
@@ -317,3 +339,52 @@ class TransferCoordinator:
     def close(self) -> None:
         if self.waker is not None:
             self.waker.close()
+
+
+class DPRankTransfer:
+    """DP attention (decode): one DP rank's handle on the `TransferCoordinator` its server's DP ranks
+    share, with the coordinator's interface for that DP rank's scheduler. Its rooms are received by
+    its DP rank's ranks only; the DP scheduler flushes the coordinator once per step and `deliver`s
+    the results, so `flush` returns this DP rank's rooms among them."""
+
+    def __init__(self, coordinator: TransferCoordinator, dp_rank: int):
+        self.coordinator, self.dp_rank = coordinator, dp_rank
+        self.open_rooms: set[Room] = set()  # this DP rank's rooms not finished yet
+        self._done: list[TransferResult] = []
+
+    @property
+    def layout(self) -> KVLayout:
+        return self.coordinator.layout
+
+    wake_fd = None  # tp > 1: the scheduler polls
+
+    def on_wake(self) -> None:
+        pass
+
+    def idle_wait_ms(self, retrying: bool) -> int:
+        return self.coordinator.idle_wait_ms(retrying)
+
+    def expect(self, room: Room, host: str, port: int, pages: list[int], fingerprint: int = 0) -> None:
+        self.open_rooms.add(room)
+        self.coordinator.expect(room, host, port, pages, fingerprint, dp_rank=self.dp_rank)
+
+    def abort(self, room: Room) -> None:
+        self.coordinator.abort(room)
+
+    def forget(self, room: Room) -> None:
+        self.open_rooms.discard(room)
+        self.coordinator.forget(room)
+
+    def metrics_text(self) -> str:
+        return self.coordinator.metrics_text()
+
+    def deliver(self, results: list[TransferResult]) -> None:
+        """Keep the results of this DP rank's rooms for the next flush()."""
+        for result in results:
+            if result.room in self.open_rooms:
+                self.open_rooms.discard(result.room)
+                self._done.append(result)
+
+    def flush(self) -> list[TransferResult]:
+        done, self._done = self._done, []
+        return done

@@ -95,6 +95,8 @@ class Req:
     bootstrap_host: str | None = None
     bootstrap_port: int | None = None
     bootstrap_room: int | None = None
+    # DP attention: the DP rank asked for (SGLang's field; None: the least loaded)
+    data_parallel_rank: int | None = None
 
     @property
     def all_ids(self) -> list[int]:

@@ -107,13 +107,20 @@ if __name__ == "__main__":
 _FINGERPRINT_SAMPLE_BYTES = 1 << 16
 
 
+# what ModelRunner sets on the hf config from its flags: how a server runs the model, not which model
+# (a prefill at tp 1 pairs with a decode at --moe-a2a-backend all_to_all)
+RUNTIME_CONFIG_KEYS = ("moe_a2a_backend", "deepep_mode", "enable_dp_lm_head", "ep_num_redundant_experts",
+                       "expert_remap")  # fmt: skip
+
+
 def model_fingerprint(model_path: str, load_format: str, random_seed: int, hf_config) -> str:
     """What two servers compare to prove they hold the same weights (a prefill and a decode must):
     the architecture config, and for real weights each safetensors file's name, size, header (tensor
     names, shapes, offsets) and its first and last 64 KiB of data; for dummy weights the seed.
     Cheap (a few reads), the same on every TP rank, and not the served model name."""
     config = {k: v for k, v in hf_config.to_dict().items()
-              if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")}  # fmt: skip
+              if not k.startswith("_") and k not in ("transformers_version", "torch_dtype", "dtype")
+              and k not in RUNTIME_CONFIG_KEYS}  # fmt: skip
     h = hashlib.blake2b(json.dumps(config, sort_keys=True, default=str).encode(), digest_size=8)
     if load_format == "dummy" or not Path(model_path).is_dir():
         h.update(f"dummy:{random_seed}".encode())

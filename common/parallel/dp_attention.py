@@ -32,6 +32,7 @@ import torch.distributed as dist
 from disagg.common.config import EngineConfig
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch
 from disagg.common.engine.kv_pool import KVPagePool
+from disagg.common.engine.request import TokenOut
 from disagg.common.messages import message
 from disagg.common.parallel.ranks import broadcast_plan
 from disagg.common.parallel.state import (
@@ -45,7 +46,7 @@ from disagg.common.parallel.state import (
 
 if TYPE_CHECKING:
     from disagg.common.engine.model_runner import BatchPlan, ModelRunner
-    from disagg.common.engine.request import Req, TokenOut
+    from disagg.common.engine.request import Req
 
 
 # ---- layout ---------------------------------------------------------------------------------------
@@ -186,27 +187,50 @@ class RankView:
 
 class DPAttentionScheduler:
     """Rank 0: one `Scheduler` per DP rank, stepped together (the scheduler surface the server
-    loop and the offline Engine drive)."""
+    loop and the offline Engine drive).
 
-    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None):
+    `make_scheduler(runner, dp_rank)` builds DP rank d's scheduler over rank 0's runner (d = 0) or a
+    `RankView` (default: the colocated `Scheduler`). A PD decode passes its own, each with a
+    `transfer.coordinator.DPRankTransfer` of `transfer`, the coordinator its DP ranks share: it is
+    flushed here once per step and each room's result handed to the DP rank that expects it."""
+
+    def __init__(self, config: EngineConfig, runner: ModelRunner | None = None, make_scheduler=None,
+                 transfer=None):  # fmt: skip
         from disagg.common.engine.model_runner import ModelRunner
         from disagg.common.engine.scheduler import Scheduler
 
         self.config = config
         self.runner = runner or ModelRunner(config)
         views = [self.runner] + [RankView(self.runner) for _ in range(1, config.dp_size)]
-        self.schedulers = [Scheduler(config, view) for view in views]
+        make = make_scheduler or (lambda view, d: Scheduler(config, view))
+        self.schedulers = [make(view, d) for d, view in enumerate(views)]
         self.tokenizer, self.context_length = self.runner.tokenizer, self.runner.context_length
-        self.transfer = None  # PD with DP attention: not yet
+        self.transfer = transfer
         self._dp_rank_of: dict[str, int] = {}  # rid -> DP rank, while the request lives
         self._turn = 0
+        self._rejected: list[TokenOut] = []  # refused in add_request (a 400), answered with the next step
 
     def add_request(self, req: Req) -> None:
-        loads = [len(s.running) + len(s.waiting) for s in self.schedulers]
-        d = pick_dp_rank(loads, self._turn)
-        self._turn += 1
+        d = req.data_parallel_rank
+        if d is not None and not 0 <= d < len(self.schedulers):
+            error = f"data_parallel_rank {d} is out of range: this server has {len(self.schedulers)} DP ranks"
+            self._rejected.append(TokenOut(req.rid, [], finished=True, finish_reason="abort", error=error,
+                                           prompt_tokens=len(req.input_ids)))  # fmt: skip
+            return
+        if d is None:
+            d = self._least_loaded()
         self._dp_rank_of[req.rid] = d
         self.schedulers[d].add_request(req)
+
+    def _least_loaded(self) -> int:
+        """The DP rank holding the fewest live requests (any stage: a decode's pre-allocated and
+        transferring ones count), ties in turn."""
+        loads = [0] * len(self.schedulers)
+        for d in self._dp_rank_of.values():
+            loads[d] += 1
+        d = pick_dp_rank(loads, self._turn)
+        self._turn += 1
+        return d
 
     def abort_request(self, rid: str) -> None:
         d = self._dp_rank_of.get(rid)
@@ -221,14 +245,18 @@ class DPAttentionScheduler:
             ):
                 if batch:
                     s.process_batch_result(batch, logits)
-        outs = [out for s in self.schedulers for out in s.finish_step()]
+        if self.transfer is not None:  # PD: one flush for every DP rank's rooms
+            results = self.transfer.flush()
+            for s in self.schedulers:
+                s.transfer.deliver(results)
+        outs, self._rejected = self._rejected + [out for s in self.schedulers for out in s.finish_step()], []
         for out in outs:
             if out.finished:
                 self._dp_rank_of.pop(out.rid, None)
         return outs
 
     def has_work(self) -> bool:
-        return any(s.has_work() for s in self.schedulers)
+        return bool(self._rejected) or any(s.has_work() for s in self.schedulers)
 
     def stats(self):
         """The DP ranks' counts summed (pages: over all DP ranks' pools)."""
@@ -236,6 +264,7 @@ class DPAttentionScheduler:
         total = dataclasses.replace(parts[0], **{k: sum(getattr(p, k) for p in parts) for k in _SUMMED})
         total.kv_usage = total.num_used_pages / max(1, total.num_total_pages)
         total.cache_hit_rate = sum(p.cache_hit_rate for p in parts) / len(parts)
+        total.queues = {k: sum(p.queues.get(k, 0) for p in parts) for k in parts[0].queues}
         return total
 
     @property
@@ -250,21 +279,22 @@ class DPAttentionScheduler:
         return not self.has_work() and all([s.flush_cache() for s in self.schedulers])
 
     def pd_identity(self) -> dict | None:
-        return None
+        return self.schedulers[0].pd_identity()
 
     def wait_timeout_ms(self) -> int:
-        return 0
+        return 0 if self._rejected else min(s.wait_timeout_ms() for s in self.schedulers)
 
     @property
     def wake_fd(self) -> int | None:
-        return None
+        return None  # tp > 1: the other ranks' transfer results come with the next step's gather
 
     def on_wake(self) -> None:
         pass
 
 
 _SUMMED = ("num_running", "num_waiting", "num_total_pages", "num_free_pages", "num_used_pages",
-           "num_request_pages", "num_cached_pages", "num_retractions")  # fmt: skip
+           "num_request_pages", "num_cached_pages", "num_retractions", "num_transferring", "num_prealloc",
+           "num_open_rooms")  # fmt: skip
 
 
 def create_scheduler(config: EngineConfig):

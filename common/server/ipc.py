@@ -40,6 +40,7 @@ class GenerateReqMsg:
     bootstrap_host: str | None = None
     bootstrap_port: int | None = None
     bootstrap_room: int | None = None
+    data_parallel_rank: int | None = None  # DP attention: the DP rank to serve it (None: the scheduler picks)
 
 
 @message

@@ -279,8 +279,10 @@ def run_role(role: str, argv: list[str] | None = None, scheduler_cls=None, worke
             "--dp-size > 1 on a prefill server is not supported yet: run one prefill server per replica"
         )
     make_scheduler, hook, info = None, None, None
-    if pd and engine.enable_dp_attention:  # a room's DP rank is not carried to the prefill yet
-        parser.error("--enable-dp-attention: not supported by the prefill and decode servers yet")
+    if role == "prefill" and engine.enable_dp_attention:  # a prefill's DP ranks would each need a sender
+        parser.error(
+            "--enable-dp-attention: not supported by the prefill server yet (the decode supports it)"
+        )
     if pd:
         disagg = DisaggConfig.from_args(args, role)
         make_scheduler = functools.partial(scheduler_cls, disagg=disagg)

@@ -68,10 +68,12 @@ class PDFields(StrictModel):
     bootstrap_host: Text | None = None
     bootstrap_port: int | None = Field(None, ge=1, le=65535)
     bootstrap_room: int | None = Field(None, ge=0, lt=MAX_ROOM)
+    # SGLang's: the DP attention rank that serves the request (the scheduler checks the upper bound)
+    data_parallel_rank: int | None = Field(None, ge=0)
 
     def pd_fields(self) -> dict:
         return {"bootstrap_host": self.bootstrap_host, "bootstrap_port": self.bootstrap_port,
-                "bootstrap_room": self.bootstrap_room}  # fmt: skip
+                "bootstrap_room": self.bootstrap_room, "data_parallel_rank": self.data_parallel_rank}  # fmt: skip
 
 
 class FunctionDef(StrictModel):

@@ -125,6 +125,7 @@ class SchedulerLoop:
                     bootstrap_host=msg.bootstrap_host,
                     bootstrap_port=msg.bootstrap_port,
                     bootstrap_room=msg.bootstrap_room,
+                    data_parallel_rank=msg.data_parallel_rank,
                 )  # fmt: skip
             )
         except Exception as e:  # a request the engine refuses must not take the loop down
