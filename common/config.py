@@ -19,6 +19,7 @@ from pathlib import Path
 #   DISAGG_FUSED_KERNELS    0: no FlashInfer fused element-wise kernels on CUDA (A/B runs)
 #   DISAGG_CACHE_DIR        disagg's cache (default: $XDG_CACHE_HOME/disagg, else ~/.cache/disagg)
 #   DISAGG_TRANSFER_TRACE   1: record when each KV transfer room passes each hop (transfer.bench --trace)
+#   DISAGG_DP_REPLICA       "i/N": set by the --dp-size controller for replica i of N (its ranks inherit it)
 #   DISAGG_FP8_GEMM         FP8 block-quantized checkpoints: auto (Triton FP8 GEMMs on Hopper, dequantized
 #                           at load elsewhere) | torch (the block-scaled math in torch, any device) | off
 # and the standard ones we honour: XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES (launch_local splits the
@@ -76,6 +77,29 @@ def cuda_visible_devices() -> list[str] | None:
     """The GPUs CUDA_VISIBLE_DEVICES names, or None when it is unset (every GPU is visible)."""
     value = os.environ.get("CUDA_VISIBLE_DEVICES")
     return None if value is None else [d for d in value.split(",") if d.strip()]
+
+
+DP_REPLICA_VAR = "DISAGG_DP_REPLICA"
+
+
+def dp_replica() -> tuple[int, int]:
+    """(replica, replicas) of this process under --dp-size (a prefill's ranks register with it); (0, 1) alone."""
+    rank, _, size = os.environ.get(DP_REPLICA_VAR, "0/1").partition("/")
+    return int(rank), int(size or 1)
+
+
+@contextlib.contextmanager
+def dp_replica_for_children(dp_rank: int, dp_size: int):
+    """Processes started inside the block are replica dp_rank of dp_size (DISAGG_DP_REPLICA)."""
+    saved = os.environ.get(DP_REPLICA_VAR)
+    os.environ[DP_REPLICA_VAR] = f"{dp_rank}/{dp_size}"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(DP_REPLICA_VAR, None)
+        else:
+            os.environ[DP_REPLICA_VAR] = saved
 
 
 @contextlib.contextmanager
@@ -153,8 +177,11 @@ class EngineConfig:
     cuda_graph_max_bs: int = 64  # decode batches up to this size replay captured CUDA graphs
     disable_cuda_graph: bool = False
     # MoE expert parallelism: none (every rank sees every token; an all-reduce combines the experts'
-    # outputs) | all_to_all (--ep == --tp: each token only to its experts' ranks and back, eager steps)
+    # outputs) | all_to_all (--ep == --tp: each token only to its experts' ranks and back)
     moe_a2a_backend: str = "none"
+    # all_to_all exchange (common/models/moe_a2a.py): normal (sizes exchanged first) | low_latency
+    # (fixed-size buffers, CUDA-graph capturable) | auto (low_latency for decode batches)
+    deepep_mode: str = "auto"
     # DP attention: inside the TP group, dp_size attention ranks each own their requests and KV
     # pages; MoE/dense layers still span all tp ranks (common/parallel/dp_attention.py)
     enable_dp_attention: bool = False
@@ -165,6 +192,7 @@ class EngineConfig:
     ep_num_redundant_experts: int = 0
     init_expert_location: str | None = None
     eplb_rebalance_num_iterations: int = 0
+    enable_eplb: bool = False  # count the expert load and route through a placement (/eplb_rebalance)
     enable_expert_distribution_metrics: bool = False
     random_seed: int = 0
     # JSON object merged into the model's HF config before it is built (SGLang's flag), e.g.
@@ -228,6 +256,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-radix-cache", action="store_true")
     g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs)
     g.add_argument("--moe-a2a-backend", default=d.moe_a2a_backend, choices=["none", "all_to_all"])
+    g.add_argument("--deepep-mode", default=d.deepep_mode, choices=["auto", "normal", "low_latency"],
+                   help="all_to_all MoE exchange: normal (packed, sizes exchanged), low_latency (fixed-size "
+                        "buffers, CUDA-graph capturable), auto (low_latency for decode batches)")  # fmt: skip
     g.add_argument("--enable-dp-attention", action="store_true",
                    help="attention and KV cache data parallel over --dp-size groups of the TP ranks (docs/parallelism.md)")  # fmt: skip
     g.add_argument("--enable-dp-lm-head", action="store_true",
@@ -238,6 +269,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="MoE: expert load file (python -m disagg.common.models.eplb) the start-up placement is computed from")  # fmt: skip
     g.add_argument("--eplb-rebalance-num-iterations", type=int, default=d.eplb_rebalance_num_iterations,
                    help="MoE: re-place the experts from the recorded load every N forward steps (0: never)")  # fmt: skip
+    g.add_argument("--enable-eplb", action="store_true",
+                   help="MoE: count the expert load so POST /eplb_rebalance can re-place the experts from it")  # fmt: skip
     g.add_argument("--enable-expert-distribution-metrics", action="store_true",
                    help="MoE: routed tokens per layer and expert on /metrics (disagg_moe_expert_tokens_total)")  # fmt: skip
     g.add_argument("--disable-cuda-graph", action="store_true")

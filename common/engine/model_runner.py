@@ -93,10 +93,13 @@ class ModelRunner:
         )
         self.hf_config = load_config(self.model_path, config.json_model_override_args)
         self.hf_config.moe_a2a_backend = config.moe_a2a_backend  # --moe-a2a-backend, read by the MoE layers
+        self.hf_config.deepep_mode = config.deepep_mode  # its exchange mode (moe_a2a.py)
         self.hf_config.enable_dp_lm_head = config.enable_dp_attention and config.enable_dp_lm_head  # CausalLM
         # EPLB (common/models/eplb.py): physical expert slots, and whether routing goes through a placement
         self.hf_config.ep_num_redundant_experts = config.ep_num_redundant_experts
-        self.hf_config.expert_remap = bool(config.init_expert_location or config.eplb_rebalance_num_iterations)
+        self.hf_config.expert_remap = bool(
+            config.init_expert_location or config.eplb_rebalance_num_iterations or config.enable_eplb
+        )
         self._check_model()
         # what a PD peer compares before any page crosses (same config and weights)
         self.fingerprint = model_fingerprint(

@@ -18,6 +18,7 @@ from disagg.common.models.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from disagg.common.models.moe_a2a import set_forward_shape
 from disagg.common.parallel.dp_attention import dp_gather_tokens, dp_logits, dp_scatter_tokens, lm_head_group
 from disagg.common.parallel.state import TPGroup, attn_tp_group, get_parallel, tp_group
 from torch import nn
@@ -200,6 +201,8 @@ class CausalLM(nn.Module):
         """This stage's layers: (delta, residual) in, (delta, residual) out (residual None before layer 0)."""
         # flat row of each new token's K in the layer's [num_pages * 2 * page_size] rows (V: + page_size)
         batch.k_rows = batch.out_page * (2 * batch.page_size) + batch.out_offset
+        if get_parallel().attn_dp_size == 1:  # (DP attention: run_dp_plan sets it from every DP rank's plan)
+            set_forward_shape(batch.is_decode_only)  # the all-to-all MoE's exchange mode (moe_a2a.py)
         for layer in self.layers[self.start_layer : self.end_layer]:
             x, residual = layer(x, residual, batch, kv_buffer, backend)
         return x, residual

@@ -252,7 +252,7 @@ class DeepseekMoE(SparseMoE):
         if self.count_tokens:  # moe.py's per-expert load counters (set_expert_load_stats)
             self._count(ids)
         ids = self.physical_ids(ids)  # EPLB: one replica of each routed expert (moe.py)
-        if self.a2a and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if self.uses_all_to_all(x):
             from disagg.common.models.moe_a2a import a2a_moe
 
             out = a2a_moe(self, x, ids, weights)

@@ -190,7 +190,10 @@ class ExpertBalancer:
         self.export = config.enable_expert_distribution_metrics
         ps = get_parallel()
         self.is_rank0 = ps.tp_rank == 0
-        if self.is_rank0 and (self.export or self.every > 0):
+        # the load a re-placement is computed from: periodic (--eplb-rebalance-num-iterations) or
+        # asked for (--enable-eplb: POST /eplb_rebalance)
+        self.counting = self.export or self.every > 0 or getattr(config, "enable_eplb", False)
+        if self.is_rank0 and self.counting:
             set_expert_load_stats(model, True)  # before CUDA graphs are captured
         self.steps = 0
         self.window_start = expert_load(model)  # counts at the last placement

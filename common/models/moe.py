@@ -23,7 +23,7 @@ import re
 
 import torch
 from disagg.common.models.fused_moe import fused_experts, fused_moe_available, fused_topk, fused_topk_ok
-from disagg.common.models.moe_a2a import a2a_moe
+from disagg.common.models.moe_a2a import a2a_moe, capturing
 from disagg.common.models.moe_align import grouped_experts
 from disagg.common.parallel.state import all_reduce, get_parallel
 from torch import nn
@@ -79,6 +79,7 @@ class SparseMoE(nn.Module):
         self.inter_local = inter // moe_tp
         # --moe-a2a-backend: the model config carries it (ModelRunner sets it from EngineConfig)
         self.a2a = getattr(config, "moe_a2a_backend", "none") == "all_to_all" and ps.ep_size > 1
+        self.a2a_mode = getattr(config, "deepep_mode", "auto")  # --deepep-mode (moe_a2a.py)
         if self.a2a and moe_tp != 1:
             raise ValueError(
                 f"--moe-a2a-backend all_to_all needs --ep equal to --tp (got tp {ps.tp_size}, ep {ps.ep_size})"
@@ -146,11 +147,16 @@ class SparseMoE(nn.Module):
         if self.count_tokens:
             self._count(ids)
         ids = self.physical_ids(ids)
-        if self.a2a and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if self.uses_all_to_all(x):
             return a2a_moe(self, x, ids, weights)
         # out of [0, num_local): another rank's expert, skipped (no subtraction kernel on rank 0)
         local = ids - self.first_expert if self.first_expert else ids
         return all_reduce(self.routed_experts(x, local, weights))
+
+    def uses_all_to_all(self, x: torch.Tensor) -> bool:
+        """The all-to-all layout for this forward; a CUDA graph capture under --deepep-mode normal
+        falls back to the all-reduce layout (normal mode reads the send counts on the host)."""
+        return self.a2a and not (self.a2a_mode == "normal" and capturing(x))
 
     def _count(self, ids: torch.Tensor) -> None:
         """ids: [T, k] logical expert ids."""
