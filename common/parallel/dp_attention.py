@@ -34,6 +34,7 @@ from disagg.common.engine.attention import AttentionBackend, ForwardBatch
 from disagg.common.engine.kv_pool import KVPagePool
 from disagg.common.engine.request import TokenOut
 from disagg.common.messages import message
+from disagg.common.models.moe_a2a import set_forward_shape
 from disagg.common.parallel.ranks import broadcast_plan
 from disagg.common.parallel.state import (
     ParallelState,
@@ -142,6 +143,8 @@ def run_dp_plan(runner: ModelRunner, msg: DPBatchPlan) -> torch.Tensor:
     """Every rank: run its DP rank's batch of `msg`. Returns every DP rank's logits (DP order)."""
     global _SIZES
     _SIZES = DPBatchSizes([len(p.ids) for p in msg.plans], [len(p.logits_index) for p in msg.plans])
+    # the all-to-all MoE's exchange mode and buffer rows: from every DP rank's plan, alike on all ranks
+    set_forward_shape(all(q == 1 for p in msg.plans for q in p.q_lens), max(_SIZES.num_tokens))
     plan = msg.plans[get_parallel().attn_dp_rank]
     if plan.q_lens:
         return runner.forward_plan(plan)
