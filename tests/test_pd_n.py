@@ -1,21 +1,26 @@
-"""`n > 1` and prompt lists through PD (router + prefill + decode, real processes): the prefill server
-computes a prompt once, the decode server forks its KV into the n choices (common/server/shared_prompt.py);
-the choices equal a colocated server's, greedy and seeded; prompt lists are independent requests; a
-failed transfer fails every choice with a typed error; no page or room is left held."""
+"""`n > 1` and prompt lists through PD: which requests each server starts, then router + prefill +
+decode as real processes (marked slow). The prefill server computes a prompt once, the decode server
+forks its KV into the n choices (common/server/shared_prompt.py); the choices equal a colocated
+server's, greedy and seeded; prompt lists are independent requests; a failed transfer fails every
+choice with a typed error; no page or room is left held."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
+from types import SimpleNamespace
 
 import httpx
 import pytest
+from disagg.common.engine.request import SamplingParams
+from disagg.common.server.ipc import StrOut
+from disagg.common.server.openai_api import Job
+from disagg.common.server.serving import merge_streams
 
 from tests.pd_helpers import PD_ARGS, SERVER_ENV, PDCluster, assert_pool_free
 from tests.procs import wait_until
 from tests.server_helpers import ServerProcess, metric_value
-
-pytestmark = pytest.mark.slow
 
 # longer than two pages (16 tokens): the choices share whole pages and compute the last one each
 PROMPT = "Count the sheep: " + ", ".join(f"sheep {i}" for i in range(12))
@@ -41,6 +46,39 @@ def stream_events(url: str, **body) -> list[str]:
     with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
         assert r.status_code == 200, r.read()
         return [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+
+
+def started(role: str, n: int, num_prompts: int) -> set[tuple]:
+    """The engine requests a PD call of `num_prompts` prompts x `n` starts on a `role` server (room 100):
+    {(rid, room, max_new_tokens, seed)}."""
+    calls = set()
+
+    async def generate(rid, ids, sampling, pd, owner):
+        calls.add((rid, pd["bootstrap_room"], sampling.max_new_tokens, sampling.seed))
+        yield StrOut(rid, "x", [5], finished=True, finish_reason="length")
+
+    state = SimpleNamespace(tm=SimpleNamespace(generate=generate), server_info={"role": role})
+    job = Job("completion", "r", "m", [[1] * 40] * num_prompts, SamplingParams(max_new_tokens=4, seed=9), n,
+              False, False)  # fmt: skip
+    gens = job.start(state, {"bootstrap_host": "h", "bootstrap_port": 1, "bootstrap_room": 100})
+
+    async def drain():
+        async for _ in merge_streams(gens):
+            pass
+
+    asyncio.run(drain())
+    return calls
+
+
+def test_prefill_sends_each_prompt_once_and_decode_forks_it():
+    """Both servers see the same body: the prefill starts one request per prompt in the prompt's room;
+    the decode receives that room with a one-token helper, its n choices carry no room (they start
+    from its prefix cache) and seeds seed + k."""
+    assert started("prefill", 3, 2) == {("r-0", 100, 4, 9), ("r-1", 101, 4, 9)}
+    helpers = {("r-prompt0", 100, 1, None), ("r-prompt1", 101, 1, None)}
+    choices = {(f"r-{i}", None, 4, 9 + i % 3) for i in range(6)}
+    assert started("decode", 3, 2) == helpers | choices
+    assert started("decode", 1, 2) == {("r-0", 100, 4, 9), ("r-1", 101, 4, 9)}  # a list: a room per prompt
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +110,7 @@ def computed(server: ServerProcess) -> float:
     )
 
 
+@pytest.mark.slow
 def test_greedy_n_is_the_colocated_answer_n_times_from_one_prefill(pd, colocated):
     before = computed(pd.prefill), computed(pd.decode)
     answer = complete(pd.url, prompt=PROMPT + " and more", n=3, **GREEDY)  # new to both caches
@@ -85,12 +124,14 @@ def test_greedy_n_is_the_colocated_answer_n_times_from_one_prefill(pd, colocated
     assert texts(complete(pd.url, prompt=PROMPT, n=3, **GREEDY)) == [colocated["greedy"]] * 3
 
 
+@pytest.mark.slow
 def test_seeded_n_samples_as_colocated(pd, colocated):
     got = texts(complete(pd.url, prompt=STORY, n=3, **SEEDED))
     assert got == colocated["seeded"]
     assert len(set(got)) == 3  # each choice sampled on its own (seed + index)
 
 
+@pytest.mark.slow
 def test_prompt_list_equals_separate_requests(pd):
     alone = [texts(complete(pd.url, prompt=p, **GREEDY))[0] for p in PROMPTS]
     both = complete(pd.url, prompt=PROMPTS, n=2, **GREEDY)
@@ -109,6 +150,7 @@ def test_prompt_list_equals_separate_requests(pd):
     assert [a["text"] for a in r.json()] == alone
 
 
+@pytest.mark.slow
 def test_stream_carries_every_index_and_one_done(pd, colocated):
     events = stream_events(pd.url, prompt=STORY, n=3, stream_options={"include_usage": True}, **SEEDED)
     assert events.count("[DONE]") == 1 and events[-1] == "[DONE]"
@@ -121,6 +163,7 @@ def test_stream_carries_every_index_and_one_done(pd, colocated):
     assert chunk["usage"]["completion_tokens"] == 3 * 8
 
 
+@pytest.mark.slow
 def test_client_leaving_mid_stream_frees_everything(pd):
     body = {
         "prompt": PROMPT,
@@ -137,6 +180,7 @@ def test_client_leaving_mid_stream_frees_everything(pd):
     assert_pool_free(pd.decode)
 
 
+@pytest.mark.slow
 def test_abort_request_ends_every_choice(pd):
     rid = f"pd-n-{random.getrandbits(32)}"
     body = {"prompt": PROMPT, "n": 3, "max_tokens": 200, "temperature": 1.0, "ignore_eos": True, "rid": rid}
@@ -153,6 +197,7 @@ def test_abort_request_ends_every_choice(pd):
     assert_pool_free(pd.decode)
 
 
+@pytest.mark.slow
 def test_failed_transfer_fails_every_choice(pd):
     """A room the prefill never fills (no prefill leg): all n choices end with one typed 504."""
     room = {"bootstrap_host": "127.0.0.1", "bootstrap_port": pd.bootstrap_port,
@@ -165,6 +210,7 @@ def test_failed_transfer_fails_every_choice(pd):
     assert_pool_free(pd.decode)
 
 
+@pytest.mark.slow
 def test_pools_free_afterwards(pd):
     assert_pool_free(pd.prefill)
     assert_pool_free(pd.decode)
