@@ -143,7 +143,9 @@ def pd_for(pd: dict | None, index: int) -> dict | None:
     A router draws one room per call and sends the same body to the prefill and the decode; both
     derive each prompt's room the same way, so each prompt meets its own KV cache. The n choices of
     a prompt share its room: the prefill sends the prompt once, the decode forks it
-    (shared_prompt.py)."""
+    (shared_prompt.py). NOTE: the fan-out lives here, not in the router, because a router (ours or
+    SGLang's) forwards one body to one pair: the decode's front end then merges the answers, indexes,
+    usage and streams exactly as a colocated server does."""
     if not has_room(pd) or index == 0:
         return pd
     return {**pd, "bootstrap_room": (pd["bootstrap_room"] + index) % MAX_ROOM}
