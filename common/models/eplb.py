@@ -10,9 +10,11 @@ rank computes them.
 
 When a placement is applied: at start (p % E, or the one computed from `--init-expert-location
 FILE`, a load file written by `save_expert_load` or by `python -m disagg.common.models.eplb
---metrics-url URL`), and every `--eplb-rebalance-num-iterations` forward steps from the load counted
-since the previous placement (rank 0 computes it and broadcasts a `RebalanceMsg`; every rank moves
-the expert weights it now needs from the rank that has them by an all-gather, one layer at a time).
+--metrics-url URL`), and from the load counted since the previous placement every
+`--eplb-rebalance-num-iterations` forward steps or when the admin asks (`POST /eplb_rebalance`,
+with `--enable-eplb`; the scheduler runs it between two steps). Rank 0 computes it and broadcasts a
+`RebalanceMsg`; every rank moves the expert weights it now needs from the rank that has them by an
+all-gather, one layer at a time.
 
 Counting (`--enable-expert-distribution-metrics`, or any rebalancing) runs on rank 0 only: with TP
 attention every rank routes every token, so rank 0's counts are the whole model's. They are exported
@@ -82,15 +84,45 @@ def balanced_placement(load: list[float], num_physical: int, num_ranks: int) -> 
     return [e for r in range(num_ranks) for e in sorted(held[r])]
 
 
-def balancedness(load: list[float], placement: list[int], num_ranks: int) -> float:
-    """Mean over max of the ranks' loads under this placement (1.0: even), each expert's load split
-    evenly over its copies (as pairs are spread over them)."""
+def rank_loads(load: list[float], placement: list[int], num_ranks: int) -> list[float]:
+    """Each rank's share of `load` under this placement, each expert's load split evenly over its
+    copies (as pairs are spread over them)."""
     copies = [placement.count(e) for e in range(len(load))]
     slots = len(placement) // num_ranks
-    per_rank = [
+    return [
         sum(load[e] / copies[e] for e in placement[r * slots : (r + 1) * slots]) for r in range(num_ranks)
     ]
+
+
+def balancedness(load: list[float], placement: list[int], num_ranks: int) -> float:
+    """Mean over max of the ranks' loads under this placement (1.0: even)."""
+    per_rank = rank_loads(load, placement, num_ranks)
     return sum(per_rank) / num_ranks / max(per_rank) if max(per_rank) > 0 else 1.0
+
+
+def placement_summary(
+    load: dict[int, list[float]], before: dict[int, list[int]], after: dict[int, list[int]], num_ranks: int
+) -> dict:
+    """What a re-placement did, per MoE layer and overall (the /eplb_rebalance answer): the ranks'
+    loads under the old and the new placement for the same counted load."""
+    layers = []
+    for layer, row in load.items():
+        old, new = before[layer], after.get(layer, before[layer])
+        layers.append({
+            "layer": layer, "routed_pairs": int(sum(row)), "moved": new != old, "physical_to_logical": new,
+            "rank_load_before": rank_loads(row, old, num_ranks), "rank_load_after": rank_loads(row, new, num_ranks),
+            "balancedness_before": balancedness(row, old, num_ranks),
+            "balancedness_after": balancedness(row, new, num_ranks),
+        })  # fmt: skip
+    counted = [entry for entry in layers if entry["routed_pairs"]] or layers
+
+    def mean(key: str) -> float:
+        return sum(entry[key] for entry in counted) / max(1, len(counted))
+
+    return {"num_layers": len(layers), "num_layers_moved": sum(entry["moved"] for entry in layers),
+            "routed_pairs": sum(entry["routed_pairs"] for entry in layers),
+            "balancedness_before": mean("balancedness_before"), "balancedness_after": mean("balancedness_after"),
+            "layers": layers}  # fmt: skip
 
 
 # ---- load files ---------------------------------------------------------------------------------
@@ -213,20 +245,38 @@ class ExpertBalancer:
         """Rank 0, after each forward: every --eplb-rebalance-num-iterations steps, rebalance."""
         self.steps += 1
         if self.every > 0 and self.steps % self.every == 0:
-            from disagg.common.parallel.ranks import broadcast_plan
+            self.rebalance()
 
-            msg = RebalanceMsg(self.plan())
-            if get_parallel().tp_size > 1:
-                broadcast_plan(msg)
-            self.apply(msg)
+    def rebalance(self) -> dict:
+        """Rank 0, between two steps: re-place every MoE layer from the load counted since the last
+        placement, on every rank (a RebalanceMsg), and summarise it (placement_summary). Requests
+        in flight keep going: replicas hold the same weights, so no output changes."""
+        if not self.counting:
+            raise ValueError(
+                "the expert load is not counted: start the server with --enable-eplb "
+                "(or --eplb-rebalance-num-iterations N)"
+            )
+        from disagg.common.parallel.ranks import broadcast_plan
 
-    def plan(self) -> dict[int, list[int]]:
-        """The placement the load since the last one asks for (rank 0's counts)."""
-        window = (expert_load(self.model) - self.window_start).tolist()
+        window = dict(zip(self.moes, (expert_load(self.model) - self.window_start).tolist(), strict=True))
+        before = {layer: moe.physical_to_logical for layer, moe in self.moes.items()}
+        msg = RebalanceMsg(self.plan(window))
+        t0 = time.perf_counter()
+        if get_parallel().world_size > 1:  # every rank (other pipeline stages ignore rank 0's layers)
+            broadcast_plan(msg)
+        self.apply(msg)
+        summary = placement_summary(window, before, msg.placement, get_parallel().ep_size)
+        return {**summary, "seconds": time.perf_counter() - t0}
+
+    def plan(self, window: dict[int, list[float]]) -> dict[int, list[int]]:
+        """The placement this load ({layer: pairs per logical expert}) asks for; a layer without
+        load keeps its own."""
         ranks = get_parallel().ep_size
         return {
-            layer: balanced_placement(row, moe.num_physical, ranks) if sum(row) else moe.physical_to_logical
-            for (layer, moe), row in zip(self.moes.items(), window, strict=True)
+            layer: balanced_placement(window[layer], moe.num_physical, ranks)
+            if sum(window[layer])
+            else moe.physical_to_logical
+            for layer, moe in self.moes.items()
         }
 
     def apply(self, msg: RebalanceMsg) -> None:
@@ -242,6 +292,18 @@ class ExpertBalancer:
         logger.info(
             "EPLB: %d of %d MoE layers re-placed in %.2fs", moved, len(self.moes), time.perf_counter() - t0
         )
+
+
+def rebalance_experts(scheduler) -> dict:
+    """POST /eplb_rebalance, in the scheduler process between two steps: the placement summary, or
+    {"error": why} when this server cannot re-place (no MoE layers, the load not counted)."""
+    balancer = getattr(getattr(scheduler, "runner", None), "eplb", None)
+    if balancer is None:
+        return {"error": "the model has no MoE layers"}
+    try:
+        return balancer.rebalance()
+    except ValueError as e:
+        return {"error": str(e)}
 
 
 def create_balancer(model: nn.Module, config) -> ExpertBalancer | None:

@@ -4,7 +4,7 @@
 
 Access policy: /health and /metrics are open (probes and Prometheus scrapers carry no key; the
 metrics hold counts, never request data); everything else needs `--api-key` when one is set. With
-`--admin-api-key`, the admin operations need that key: /flush_cache, `abort_all`, and aborting a
+`--admin-api-key`, the admin operations need that key: /flush_cache, /eplb_rebalance, `abort_all`, and aborting a
 request created with another key. Without it, the API key holder is the admin.
 """
 
@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 logger = logging.getLogger(__name__)
 
 OPEN_PATHS = {"/health", "/metrics"}  # reachable without a key (probes, Prometheus scrapers)
-ADMIN_PATHS = {"/flush_cache"}  # the admin key's alone when --admin-api-key is set
+ADMIN_PATHS = {"/flush_cache", "/eplb_rebalance"}  # the admin key's alone when --admin-api-key is set
 
 
 def error_response(err: APIError) -> JSONResponse:

@@ -57,6 +57,7 @@ class PingMsg:
     ping_id: int
     want_stats: bool = False
     flush_cache: bool = False  # drop the prefix cache first (refused while requests run)
+    eplb_rebalance: bool = False  # MoE: re-place the experts from the counted load first (eplb.py)
 
 
 @message
@@ -65,6 +66,7 @@ class PongMsg:
     ping_id: int
     stats: SchedulerStats | None = None  # when the ping asked for them
     ok: bool = True  # False: the flush was refused
+    eplb: dict | None = None  # eplb_rebalance asked: the placement summary, or {"error": why}
 
 
 @message

@@ -45,6 +45,7 @@ router = APIRouter()
 
 HEALTH_TIMEOUT_S = 10.0  # a CPU step with a long prefill chunk can take seconds
 STATS_TIMEOUT_S = 2.0
+EPLB_TIMEOUT_S = 120.0  # moving the replicated experts' weights of every MoE layer between the ranks
 _SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - {
     "return_logprob", "top_logprobs_num", "logit_bias"}  # fmt: skip
 # SGLang parameters we accept only at their neutral value
@@ -244,6 +245,26 @@ async def flush_cache(request: Request) -> Response:
     if not pong.ok:
         raise APIError(400, "cannot flush the cache while requests are running")
     return Response("Cache flushed.\n", status_code=200)
+
+
+@router.post("/eplb_rebalance")
+async def eplb_rebalance(request: Request) -> dict:
+    """MoE (admin): re-place the experts from the load counted since the last placement, on every
+    rank between two steps (common/models/eplb.py). Answers the placement summary: per layer the new
+    physical -> logical map and each EP rank's load under the old and the new placement."""
+    pong = await state_of(request).tm.ping(EPLB_TIMEOUT_S, eplb_rebalance=True)
+    if pong is None:
+        raise APIError(503, "the scheduler did not answer", type="service_unavailable")
+    if pong.eplb is None:  # the --dp-size replicas' controller does not forward the request
+        raise APIError(400, "/eplb_rebalance is not supported behind --dp-size replicas")
+    if "error" in pong.eplb:
+        raise APIError(400, f"cannot rebalance the experts: {pong.eplb['error']}")
+    moved = pong.eplb["num_layers_moved"]
+    return {
+        "success": True,
+        "message": f"{moved} of {pong.eplb['num_layers']} MoE layers re-placed",
+        **pong.eplb,
+    }
 
 
 @router.get("/model_info")

@@ -108,10 +108,17 @@ class SchedulerLoop:
                 pass  # already finished: nothing to free
         elif isinstance(msg, PingMsg):
             ok = self.scheduler.flush_cache() if msg.flush_cache else True
+            eplb = self.rebalance_experts() if msg.eplb_rebalance else None
             stats = self.scheduler.stats() if msg.want_stats else None
-            self.send_sock.send(encode(PongMsg(msg.ping_id, stats, ok)))
+            self.send_sock.send(encode(PongMsg(msg.ping_id, stats, ok, eplb)))
         else:
             logger.warning("scheduler: unexpected message %r", type(msg).__name__)
+
+    def rebalance_experts(self) -> dict:
+        """POST /eplb_rebalance: here, between two steps (the engine's rank 0 only: imports torch)."""
+        from disagg.common.models.eplb import rebalance_experts
+
+        return rebalance_experts(self.scheduler)
 
     def add_request(self, msg: GenerateReqMsg) -> None:
         sp = msg.sampling

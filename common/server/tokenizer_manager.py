@@ -214,12 +214,16 @@ class TokenizerManager:
         return len(targets)
 
     async def ping(
-        self, timeout: float, want_stats: bool = False, flush_cache: bool = False
+        self,
+        timeout: float,
+        want_stats: bool = False,
+        flush_cache: bool = False,
+        eplb_rebalance: bool = False,
     ) -> PongMsg | None:
         """The scheduler's answer (stats only when asked) if it comes within `timeout`, else None."""
         ping_id = next(self.ping_ids)
         fut = self.pongs[ping_id] = asyncio.get_running_loop().create_future()
-        self._send(PingMsg(ping_id, want_stats, flush_cache))
+        self._send(PingMsg(ping_id, want_stats, flush_cache, eplb_rebalance))
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
