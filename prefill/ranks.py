@@ -1,12 +1,13 @@
 """What every TP rank of a prefill server runs beside the forward: its KV sender.
 
 Rank 0's sender also serves the bootstrap (decode ranks ask it where each prefill rank listens);
-the other ranks, on any node, register with it once it is up.
+the other ranks, on any node, register with it once it is up. With --dp-size N replicas, replica 0's
+rank 0 serves it for every replica's ranks (each registers under its replica).
 """
 
 from __future__ import annotations
 
-from disagg.common.config import DisaggConfig, EngineConfig
+from disagg.common.config import DisaggConfig, EngineConfig, dp_replica
 from disagg.common.server.ipc import die_with_parent
 from disagg.transfer import KVSender
 from disagg.transfer.coordinator import RankTransfer, WorkerTransferHook, create_on_every_rank, kv_layout
@@ -14,10 +15,12 @@ from disagg.transfer.coordinator import RankTransfer, WorkerTransferHook, create
 
 def create_sender(disagg: DisaggConfig, runner, engine: EngineConfig) -> RankTransfer:
     rank0_host = engine.dist_init_addr.rsplit(":", 1)[0] if engine.nnodes > 1 else "127.0.0.1"
+    dp_rank, dp_size = dp_replica()  # --dp-size replicas: replica 0's rank 0 serves the bootstrap for all
 
     def make() -> RankTransfer:
         sender = KVSender(runner.pool.kv_buffer, kv_layout(runner), rank0_host, disagg.bootstrap_port,
-                          host=disagg.transfer_host, timeout_s=disagg.transfer_timeout, ib_device=disagg.ib_device)  # fmt: skip
+                          host=disagg.transfer_host, timeout_s=disagg.transfer_timeout, ib_device=disagg.ib_device,
+                          dp_rank=dp_rank, dp_size=dp_size)  # fmt: skip
         return RankTransfer(sender)
 
     return create_on_every_rank(make)

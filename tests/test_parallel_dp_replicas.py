@@ -248,9 +248,17 @@ def test_each_replica_gets_its_own_gpus_from_base_gpu_id(monkeypatch):
     assert replica_gpus(engine.replace(device="cpu"), 0, 0) is None
 
 
-def test_a_prefill_server_refuses_replicas_until_the_bootstrap_can_find_them(capsys):
-    from disagg.common.server.launch_server import run_role
-
-    with pytest.raises(SystemExit) as exit_info:
-        run_role("prefill", ["--dp-size", "2"])
-    assert exit_info.value.code == 2 and "--dp-size > 1 on a prefill server" in capsys.readouterr().err
+def test_a_prefill_controller_sends_each_room_to_replica_room_mod_n():
+    """Where the decode looks for it (SGLang's rule); a request without a room is load-balanced, and a
+    room whose replica died fails at once with the typed 502 (no other replica can serve it)."""
+    c = make_controller("round_robin", n=2)
+    c.route_by_room = True
+    for rid, room in (("a", 7), ("b", 9), ("c", 4)):
+        c.on_http_msg(GenerateReqMsg(rid, [1, 2], SamplingParams(), "127.0.0.1", 8998, room))
+    assert [[m.rid for m in r.sock.sent] for r in c.replicas] == [["c"], ["a", "b"]]
+    assert send(c, "health") == 0  # no room: round robin
+    c.replicas[1].proc.alive = False
+    c.check_replicas()
+    c.on_http_msg(GenerateReqMsg("d", [1, 2], SamplingParams(), "127.0.0.1", 8998, 11))
+    out = c.to_detok.sent[-1].outs[0]
+    assert out.rid == "d" and engine_error(out.error).status == 502

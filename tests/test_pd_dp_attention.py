@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import hf_greedy, make_tiny_model
 from tests.pd_helpers import PDCluster, assert_pool_free
+from tests.server_helpers import metric_value
 from tests.test_parallel_dp_attention import QWEN3_MOE
 
 MAX_TOKENS = 8
@@ -32,6 +33,34 @@ def moe_path(tmp_path_factory) -> str:
     finally:  # NOTE: other modules build their own tiny model per TINY_CONFIGS entry
         if added:
             del TINY_CONFIGS["qwen3_moe"]
+
+
+def test_one_bootstrap_port_answers_for_every_prefill_replica():
+    """Replicas register under their dp_rank; a decode asks for one replica's ranks (ready once all of
+    that replica's ranks registered) and learns how many replicas there are."""
+    from disagg.transfer.bootstrap import (
+        BootstrapError,
+        BootstrapServer,
+        query_prefill_dp_size,
+        query_prefill_ranks,
+        register_prefill_rank,
+    )
+    from disagg.transfer.layout import KVLayout
+    from disagg.transfer.protocol import RegisterPrefillRankMsg
+
+    server = BootstrapServer(host="127.0.0.1")
+    try:
+        for dp_rank, tp_rank in ((1, 0), (1, 1), (0, 0)):
+            layout = KVLayout(2, 4, 2, 16, "float32", tp_rank=tp_rank, tp_size=2)
+            msg = RegisterPrefillRankMsg(layout, "127.0.0.1", 9000 + 10 * dp_rank + tp_rank, dp_rank, 2)
+            register_prefill_rank("127.0.0.1", server.port, msg)
+        assert query_prefill_dp_size("127.0.0.1", server.port) == 2
+        ranks = query_prefill_ranks("127.0.0.1", server.port, dp_rank=1)
+        assert [(r.dp_rank, r.layout.tp_rank, r.port) for r in ranks] == [(1, 0, 9010), (1, 1, 9011)]
+        with pytest.raises(BootstrapError, match="replica 0"):  # its rank 1 never registered
+            query_prefill_ranks("127.0.0.1", server.port, timeout_s=0.5, dp_rank=0)
+    finally:
+        server.close()
 
 
 def model_args(path: str, tokenizer: str) -> list[str]:
@@ -72,3 +101,33 @@ def test_pd_decode_with_dp_attention_gives_transformers_tokens(moe_path, default
     assert first == hf_greedy(moe_path, FIRST, MAX_TOKENS)
     assert then == [hf_greedy(moe_path, ids, MAX_TOKENS) for ids in THEN]
     assert pinned == then[1]
+
+
+def post_pd(pd: PDCluster, ids: list[int], room: int) -> list[int]:
+    """One request straight to both servers (no router) in the chosen bootstrap room."""
+    pd_fields = {"bootstrap_host": "127.0.0.1", "bootstrap_port": pd.bootstrap_port, "bootstrap_room": room}
+    with cf.ThreadPoolExecutor(2) as pool, pd.prefill.client() as p, pd.decode.client() as d:
+        prefill = pool.submit(generate, p, ids, **pd_fields)
+        decode = pool.submit(output_ids, d, ids, **pd_fields)
+        out = decode.result()
+        assert prefill.result().status_code == 200
+    return out
+
+
+@pytest.mark.slow
+def test_pd_prefill_with_two_replicas_gives_transformers_tokens(moe_path, default_model_path):
+    """Room r is prefilled by replica r % 2 and its pages reach the decode from that replica."""
+    args = model_args(moe_path, default_model_path)
+    with PDCluster(prefill_args=[*args, "--dp-size", "2"], decode_args=args, router=None) as pd:
+        first = post_pd(pd, FIRST, room=1)  # replica 1 alone; replica 0 idle
+        with cf.ThreadPoolExecutor(len(THEN)) as pool:  # rooms 2, 4 to replica 0, room 5 to replica 1
+            then = list(pool.map(lambda a: post_pd(pd, *a), zip(THEN, [2, 4, 5], strict=True)))
+        text = httpx.get(pd.prefill.url + "/metrics", timeout=10).text
+        dispatched = [
+            metric_value(text, "disagg_dp_dispatched_requests_total", dp_rank=str(i)) for i in (0, 1)
+        ]
+        assert_pool_free(pd.prefill)  # every replica's pool
+        assert_pool_free(pd.decode)
+    assert dispatched[0] >= 2 and dispatched[1] >= 2  # (plus the health checks, placed by round robin)
+    assert first == hf_greedy(moe_path, FIRST, MAX_TOKENS)
+    assert then == [hf_greedy(moe_path, ids, MAX_TOKENS) for ids in THEN]

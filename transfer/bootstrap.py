@@ -3,6 +3,8 @@
 Rank 0 of a prefill server runs `BootstrapServer` on --disaggregation-bootstrap-port (a ZMQ REP
 socket served by a daemon thread). Every prefill rank registers its UCX listener address and
 KVLayout; decode ranks query it (once per prefill server; the answer is cached by KVReceiver).
+With --dp-size N replicas, replica 0's rank 0 serves it for all of them: ranks register under
+(dp_rank, rank), and a decode asks for the ranks of one replica (a room's: room % N).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class BootstrapServer:
         else:
             self._sock.bind(f"tcp://{host}:{port}")
             self.port = port
-        self.ranks: dict[int, RegisterPrefillRankMsg] = {}  # rank (pp_rank * tp + tp_rank) -> registration
+        # (replica, rank (pp_rank * tp + tp_rank)) -> registration
+        self.ranks: dict[tuple[int, int], RegisterPrefillRankMsg] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="disagg-bootstrap", daemon=True)
         self._thread.start()
@@ -58,13 +61,19 @@ class BootstrapServer:
                 return BootstrapInfoMsg(
                     ready=False, error=f"tp_size {msg.layout.tp_size} != registered {tp_sizes}"
                 )
-            self.ranks[msg.layout.rank] = msg  # a restarted rank replaces its old entry
-            logger.info("prefill rank %d registered at %s:%d", msg.layout.rank, msg.host, msg.port)
+            self.ranks[(msg.dp_rank, msg.layout.rank)] = msg  # a restarted rank replaces its old entry
+            logger.info("prefill rank %d of replica %d registered at %s:%d", msg.layout.rank, msg.dp_rank,
+                        msg.host, msg.port)  # fmt: skip
         elif not isinstance(msg, QueryPrefillMsg):
             return BootstrapInfoMsg(ready=False, error=f"unexpected message {type(msg).__name__}")
-        ranks = [self.ranks[r] for r in sorted(self.ranks)]
+        return self._replica(msg.dp_rank)
+
+    def _replica(self, dp_rank: int) -> BootstrapInfoMsg:
+        """The ranks of replica `dp_rank`, once all of them registered."""
+        ranks = [self.ranks[k] for k in sorted(self.ranks) if k[0] == dp_rank]
         ready = bool(ranks) and len(ranks) == ranks[0].layout.world_size
-        return BootstrapInfoMsg(ready=ready, ranks=ranks if ready else [])
+        dp_size = max((r.dp_size for r in self.ranks.values()), default=0)
+        return BootstrapInfoMsg(ready=ready, ranks=ranks if ready else [], dp_size=dp_size)
 
     def close(self) -> None:
         self._stop.set()
@@ -95,16 +104,30 @@ def register_prefill_rank(
     _request(host, port, info, timeout_s)
 
 
-def query_prefill_ranks(host: str, port: int, timeout_s: float = 10.0) -> list[RegisterPrefillRankMsg]:
-    """The prefill server's ranks, waiting (up to timeout_s) until all of them have registered."""
+def query_prefill_ranks(
+    host: str, port: int, timeout_s: float = 10.0, dp_rank: int = 0
+) -> list[RegisterPrefillRankMsg]:
+    """The ranks of the prefill server's replica `dp_rank` (0 without replicas), waiting (up to
+    timeout_s) until all of them have registered."""
+    reply = _poll(host, port, QueryPrefillMsg(dp_rank), timeout_s, lambda r: r.ready,
+                  f"not all ranks of replica {dp_rank} registered")  # fmt: skip
+    return reply.ranks
+
+
+def query_prefill_dp_size(host: str, port: int, timeout_s: float = 10.0) -> int:
+    """How many replicas (--dp-size) the prefill server runs, once one of its ranks registered."""
+    return _poll(
+        host, port, QueryPrefillMsg(), timeout_s, lambda r: r.dp_size > 0, "no rank registered"
+    ).dp_size
+
+
+def _poll(host: str, port: int, msg: QueryPrefillMsg, timeout_s: float, done, what: str) -> BootstrapInfoMsg:
     deadline = time.monotonic() + timeout_s
     while True:
         left = deadline - time.monotonic()
-        reply = _request(host, port, QueryPrefillMsg(), max(left, 0.1))
-        if reply.ready:
-            return reply.ranks
+        reply = _request(host, port, msg, max(left, 0.1))
+        if done(reply):
+            return reply
         if left <= 0:
-            raise BootstrapError(
-                f"prefill server {host}:{port}: not all ranks registered within {timeout_s:.1f}s"
-            )
+            raise BootstrapError(f"prefill server {host}:{port}: {what} within {timeout_s:.1f}s")
         time.sleep(0.05)

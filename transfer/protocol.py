@@ -2,7 +2,9 @@
 
 Bootstrap (ZMQ REQ/REP to the prefill server's --disaggregation-bootstrap-port):
     prefill rank -> RegisterPrefillRankMsg -> BootstrapInfoMsg
-    decode rank  -> QueryPrefillMsg        -> BootstrapInfoMsg (ready once every prefill rank registered)
+    decode rank  -> QueryPrefillMsg        -> BootstrapInfoMsg (ready once every rank of the replica
+                                              asked for registered; a prefill with --dp-size N replicas
+                                              serves room r from replica r % N, SGLang's rule)
 
 Per connection (UCX tag messages, decode rank -> prefill rank endpoint):
     decode  HelloMsg  -> prefill  HelloAckMsg (error = "" when the layouts are compatible)
@@ -54,20 +56,23 @@ class RegisterPrefillRankMsg:
     layout: KVLayout
     host: str  # where this rank's UCX listener is reachable
     port: int
+    dp_rank: int = 0  # --dp-size replicas: the replica this rank belongs to, of dp_size
+    dp_size: int = 1
 
 
 @message
 @dataclass
 class QueryPrefillMsg:
-    pass
+    dp_rank: int = 0  # the replica whose ranks are asked for (a room's: bootstrap_room % dp_size)
 
 
 @message
 @dataclass
 class BootstrapInfoMsg:
-    ready: bool  # False until all tp_size prefill ranks have registered
+    ready: bool  # False until all ranks of the replica asked for have registered
     ranks: list[RegisterPrefillRankMsg] = field(default_factory=list)  # sorted by rank (stage-major)
     error: str = ""
+    dp_size: int = 0  # the prefill server's replicas (0: no rank registered yet)
 
 
 @message

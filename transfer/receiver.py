@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from disagg.transfer.base import RoomState, TransferBase, TransferResult, chunk_nbytes, trace, wide_pages
-from disagg.transfer.bootstrap import query_prefill_ranks
+from disagg.transfer.bootstrap import query_prefill_dp_size, query_prefill_ranks
 from disagg.transfer.direct import export_pool
 from disagg.transfer.layout import HeadSlice, KVLayout, KVLayoutMismatchError, plan_head_slices
 from disagg.transfer.protocol import (
@@ -39,7 +39,8 @@ from disagg.transfer.protocol import (
 from disagg.transfer.ucx import Peer
 
 logger = logging.getLogger(__name__)
-ServerKey = tuple[str, int]  # the prefill server's bootstrap (host, port)
+ServerAddr = tuple[str, int]  # the prefill server's bootstrap (host, port)
+ServerKey = tuple[str, int, int]  # (host, port, replica): the ranks of one prefill replica (--dp-size)
 
 
 @dataclass
@@ -94,15 +95,16 @@ class KVReceiver(TransferBase):
         )  # offered to same-host prefill ranks at the handshake
         self._held: dict[Room, _RecvRoom] = {}  # finished rooms still held by a direct prefill rank
         self._servers: dict[ServerKey, asyncio.Future[_PrefillServer]] = {}
+        self._dp_sizes: dict[ServerAddr, asyncio.Future[int]] = {}  # prefill server -> its replicas
         self._active_ids: set[Room] = set()  # mirrors self.rooms for the caller's thread
 
     # ---- thread-safe API ----
-    def connect(self, bootstrap_host: str, bootstrap_port: int) -> None:
-        """Connect to a prefill server now (expect() does it lazily). Raises BootstrapError,
-        KVLayoutMismatchError (with every differing field named) or a UCX error."""
+    def connect(self, bootstrap_host: str, bootstrap_port: int, dp_rank: int = 0) -> None:
+        """Connect to a prefill server (its replica `dp_rank`) now (expect() does it lazily). Raises
+        BootstrapError, KVLayoutMismatchError (with every differing field named) or a UCX error."""
 
         async def run() -> None:
-            await self._server((bootstrap_host, bootstrap_port))
+            await self._server((bootstrap_host, bootstrap_port, dp_rank))
 
         self.ucx.call(run(), timeout=self.connect_timeout_s * 2 + 5)
 
@@ -143,8 +145,15 @@ class KVReceiver(TransferBase):
             fut = self._servers[key] = asyncio.ensure_future(self._connect(key))
         return fut
 
+    def _dp_size(self, addr: ServerAddr) -> asyncio.Future[int]:
+        fut = self._dp_sizes.get(addr)
+        if fut is None or (fut.done() and fut.exception() is not None):
+            query = asyncio.to_thread(query_prefill_dp_size, addr[0], addr[1], self.connect_timeout_s)
+            fut = self._dp_sizes[addr] = asyncio.ensure_future(query)
+        return fut
+
     async def _connect(self, key: ServerKey) -> _PrefillServer:
-        ranks = await asyncio.to_thread(query_prefill_ranks, key[0], key[1], self.connect_timeout_s)
+        ranks = await asyncio.to_thread(query_prefill_ranks, key[0], key[1], self.connect_timeout_s, key[2])
         self.layout.check_compatible(ranks[0].layout)
         prefill_tp, stages = ranks[0].layout.tp_size, ranks[0].layout.pp_size
         if self.layout.pp_size > 1:
@@ -198,6 +207,7 @@ class KVReceiver(TransferBase):
             # the next expect() reconnects (e.g. to a restarted server); the other ranks' endpoints
             # stay open for the rooms still using them
             del self._servers[peer.server_key]
+            self._dp_sizes.pop(peer.server_key[:2], None)  # a restarted server may run other replicas
         self._fail_rooms_of(peer, reason)
         # a dead prefill rank writes nothing more (a hung one: it checks our liveness before each copy)
         for state in [*self.rooms.values(), *self._held.values()]:
@@ -227,7 +237,7 @@ class KVReceiver(TransferBase):
     def _on_expect(
         self,
         room: Room,
-        key: ServerKey,
+        addr: ServerAddr,
         pages: torch.Tensor,
         ready: Any,
         fingerprint: int,
@@ -237,14 +247,15 @@ class KVReceiver(TransferBase):
             room, deadline=self._new_deadline(), dst_pages=pages, ready=ready, fingerprint=fingerprint,
             host_pages=host_pages,
         )  # fmt: skip
-        asyncio.ensure_future(self._request_room(state, key))
+        asyncio.ensure_future(self._request_room(state, addr))
 
-    async def _request_room(self, state: _RecvRoom, key: ServerKey) -> None:
+    async def _request_room(self, state: _RecvRoom, addr: ServerAddr) -> None:
         try:
-            server = await self._server(key)
+            # a prefill with --dp-size N replicas serves room r from replica r % N (SGLang's rule)
+            server = await self._server((*addr, state.room % await self._dp_size(addr)))
         except Exception as e:  # noqa: BLE001 - fail the room with the connection's error
             kind = "incompatible" if isinstance(e, KVLayoutMismatchError) else "peer_died"
-            self._fail(state, f"{kind}: prefill server {key[0]}:{key[1]}: {e}")
+            self._fail(state, f"{kind}: prefill server {addr[0]}:{addr[1]}: {e}")
             return
         if state.finished:  # aborted while connecting: the prefill side must still hear of it
             for peer in server.peers:

@@ -87,6 +87,9 @@ class _SendRoom(RoomState):
     dst_pages: dict[int, torch.Tensor] = field(default_factory=dict)  # direct decode rank -> its pages (host)
 
 
+REPLICA_REGISTER_TIMEOUT_S = 300.0  # a replica's wait for replica 0's bootstrap server (its start-up)
+
+
 def default_max_message_bytes(device: torch.device | str) -> int:
     """Chunks larger than this travel as several pipelined messages. On GPU fewer, larger messages
     won (2xH200: 128 MiB beat 32 MiB, which beat 8 MiB: each message costs fixed Python/UCX time);
@@ -113,27 +116,33 @@ class KVSender(TransferBase):
         layout: KVLayout,
         bootstrap_host: str,
         bootstrap_port: int,
-        serve_bootstrap: bool | None = None,  # default: rank 0 serves it
+        serve_bootstrap: bool | None = None,  # default: rank 0 (of replica 0) serves it
         host: str | None = None,  # address decode ranks reach this rank's UCX listener at
         timeout_s: float = 30.0,
         heartbeat_s: float = 1.0,
         heartbeat_timeout_s: float = 5.0,
         ib_device: str | None = None,  # --disaggregation-ib-device (e.g. "mlx5_0")
         max_message_bytes: int | None = None,  # default: default_max_message_bytes(device)
+        dp_rank: int = 0,  # --dp-size replicas of the prefill server: this rank's replica, of dp_size
+        dp_size: int = 1,
     ) -> None:
         super().__init__(kv_buffer, layout, timeout_s, heartbeat_s, heartbeat_timeout_s, ib_device)
         self.max_message_bytes = max_message_bytes or default_max_message_bytes(self.device)
         self._draining: set[Room] = set()  # finished rooms whose copies still run
         self.bootstrap: BootstrapServer | None = None
-        if serve_bootstrap if serve_bootstrap is not None else layout.rank == 0:
+        if serve_bootstrap if serve_bootstrap is not None else layout.rank == dp_rank == 0:
             self.bootstrap = BootstrapServer(port=bootstrap_port)
             bootstrap_port = self.bootstrap.port
         self.bootstrap_port = bootstrap_port
         self._listener = self.ucx.run_sync(self._listen)
         self.host = host or default_host()
         self.port = self._listener.port
-        info = RegisterPrefillRankMsg(layout=layout, host=self.host, port=self.port)
-        register_prefill_rank(bootstrap_host, bootstrap_port, info)
+        info = RegisterPrefillRankMsg(layout, self.host, self.port, dp_rank, dp_size)
+        # NOTE: the replicas start side by side: another replica's rank may come up before replica 0
+        # serves the bootstrap (the request waits in ZMQ's queue until it does)
+        register_prefill_rank(
+            bootstrap_host, bootstrap_port, info, 10.0 if dp_rank == 0 else REPLICA_REGISTER_TIMEOUT_S
+        )
 
     # ---- thread-safe API ----
     def requested_rooms(self, rooms: list[Room]) -> set[Room]:

@@ -33,7 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
-from disagg.common.config import EngineConfig, cuda_visible_devices_for_children, set_default_cpu_threads
+from disagg.common.config import (
+    EngineConfig,
+    cuda_visible_devices_for_children,
+    dp_replica_for_children,
+    set_default_cpu_threads,
+)
 from disagg.common.engine.request import SchedulerStats, TokenOut
 from disagg.common.messages import decode, encode
 from disagg.common.server.ipc import (
@@ -191,8 +196,11 @@ class PendingPing:
 
 class DataParallelController:
     def __init__(self, engine: EngineConfig, ipc: IpcNames, scheduler_target: Callable, method: str,
-                 base_gpu_id: int = 0, log_level: str = "info"):  # fmt: skip
+                 base_gpu_id: int = 0, log_level: str = "info", route_by_room: bool = False):  # fmt: skip
         self.log_level = log_level
+        # a PD prefill: a request with a bootstrap room goes to replica room % N, where the decode
+        # looks for it (SGLang's rule); the load-balance method places the others
+        self.route_by_room = route_by_room
         self.engine, self.ipc, self.target, self.base_gpu_id = engine, ipc, scheduler_target, base_gpu_id
         self.balancer = LoadBalancer(method)
         self.ctx = zmq.Context.instance()
@@ -227,7 +235,7 @@ class DataParallelController:
         recv_end, send_end = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=target, args=(self.engine.replace(dp_size=1), ipc, send_end, self.log_level),
                            name=f"disagg-dp{dp_rank}", daemon=False)  # fmt: skip
-        with cuda_visible_devices_for_children(gpus):
+        with cuda_visible_devices_for_children(gpus), dp_replica_for_children(dp_rank, self.engine.dp_size):
             proc.start()
         send_end.close()
         self.replicas.append(Replica(dp_rank, proc, zmq_socket(self.ctx, zmq.PUSH, addr, bind=False), gpus))
@@ -274,7 +282,15 @@ class DataParallelController:
             logger.warning("dp controller: unexpected message %r", type(msg).__name__)
 
     def dispatch(self, msg: GenerateReqMsg) -> None:
-        replica = self.balancer.pick(self.replicas)
+        if self.route_by_room and msg.bootstrap_room is not None:
+            replica = self.replicas[msg.bootstrap_room % len(self.replicas)]
+            if not replica.alive:  # no other replica can serve the room: the decode asks that one
+                error = f"{REPLICA_FAILED}: replica {replica.dp_rank} (room {msg.bootstrap_room}) is down"
+                out = TokenOut(msg.rid, [], finished=True, finish_reason="abort", error=error)
+                self.to_detok.send(encode(BatchTokenOutMsg([], [out])))
+                return
+        else:
+            replica = self.balancer.pick(self.replicas)
         replica.reqs[msg.rid] = len(msg.input_ids)
         replica.num_dispatched += 1
         self.owner[msg.rid] = replica
@@ -383,14 +399,17 @@ def _drain(sock: zmq.Socket) -> list:
 
 def run_data_parallel_controller(engine: EngineConfig, ipc: IpcNames, ready_conn, log_level: str = "info",
                                  scheduler_target: Callable | None = None, method: str = "round_robin",
-                                 base_gpu_id: int = 0, name: str = "dp-controller") -> None:  # fmt: skip
+                                 base_gpu_id: int = 0, name: str = "dp-controller",
+                                 route_by_room: bool = False) -> None:  # fmt: skip
     """Spawn target (in place of the scheduler process): start the replicas, say ready, proxy."""
     die_with_parent()
     setup_child_logging(log_level, name)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop(): the replicas go down with us
     if scheduler_target is None:
         from disagg.common.server.scheduler_process import run_scheduler_process as scheduler_target
-    controller = DataParallelController(engine, ipc, scheduler_target, method, base_gpu_id, log_level)
+    controller = DataParallelController(
+        engine, ipc, scheduler_target, method, base_gpu_id, log_level, route_by_room
+    )
     try:
         info = controller.start()
     except Exception:

@@ -158,14 +158,17 @@ def num_replicas(engine: EngineConfig) -> int:
     return 1 if getattr(engine, "enable_dp_attention", False) else max(1, engine.dp_size)
 
 
-def with_data_parallel(engine: EngineConfig, server: ServerConfig, scheduler_target: Callable) -> Callable:
-    """--dp-size N > 1 (without DP attention): the scheduler process becomes the dispatcher of N replicas."""
+def with_data_parallel(engine: EngineConfig, server: ServerConfig, scheduler_target: Callable,
+                       role: str = "server") -> Callable:  # fmt: skip
+    """--dp-size N > 1 (without DP attention): the scheduler process becomes the dispatcher of N replicas
+    (a prefill's: each room to replica room % N, where the decode looks for it)."""
     if num_replicas(engine) == 1:
         return scheduler_target
     if engine.nnodes > 1:
         raise RuntimeError("--dp-size replicas run on one node (not yet with --nnodes > 1)")
     return functools.partial(run_data_parallel_controller, scheduler_target=scheduler_target,
-                             method=server.load_balance_method, base_gpu_id=server.base_gpu_id)  # fmt: skip
+                             method=server.load_balance_method, base_gpu_id=server.base_gpu_id,
+                             route_by_room=role == "prefill")  # fmt: skip
 
 
 def start_children(engine: EngineConfig, server: ServerConfig, ipc: IpcNames, scheduler_target: Callable):
@@ -228,7 +231,9 @@ def launch(engine: EngineConfig, server: ServerConfig, scheduler_target: Callabl
     engine = engine.replace(model_path=resolve_model_path(engine.model_path))
     server = dataclasses.replace(server, tokenizer_path=tokenizer_path_for(engine, server))
     ipc = IpcNames.new()
-    procs, conns = start_children(engine, server, ipc, with_data_parallel(engine, server, scheduler_target))
+    procs, conns = start_children(
+        engine, server, ipc, with_data_parallel(engine, server, scheduler_target, role)
+    )
     try:
         infos = wait_ready(procs, conns)
         tokenizer = load_tokenizer(server.tokenizer_path)
@@ -272,12 +277,6 @@ def run_role(role: str, argv: list[str] | None = None, scheduler_cls=None, worke
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format=f"%(asctime)s [{log_name}] %(levelname)s %(name)s: %(message)s")  # fmt: skip
     engine = EngineConfig.from_args(args)
-    if role == "prefill" and num_replicas(engine) > 1:
-        # NOTE: each replica's rank 0 would serve the bootstrap on the same port; the decode would have
-        # to find the replica holding a room (docs/parallelism.md, "Data-parallel replicas")
-        parser.error(
-            "--dp-size > 1 on a prefill server is not supported yet: run one prefill server per replica"
-        )
     make_scheduler, hook, info = None, None, None
     if role == "prefill" and engine.enable_dp_attention:  # a prefill's DP ranks would each need a sender
         parser.error(
