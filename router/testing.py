@@ -6,13 +6,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 
 import httpx
-from disagg.common.net import free_port
+
+
+def free_port() -> int:
+    """A free loopback port from the kernel (the router stands alone: tests use common.net's picker,
+    which avoids the ephemeral range, and pass its ports in)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Process:

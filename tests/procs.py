@@ -170,13 +170,13 @@ class Process:
 
 def fake_worker(name: str, port: int | None = None, record: bool = True) -> Process:
     """`disagg.router.fake_worker` (steered over /_fake/*), the command router/testing.py defines."""
-    spec = router_testing.fake_worker(name, port, record)
+    spec = router_testing.fake_worker(name, port or free_port(), record)
     return Process(spec.argv, spec.url, spec.ready_path)
 
 
 def router(args: list[str], port: int | None = None, quiet: bool = True, env: dict | None = None) -> Process:
     """Our router on 127.0.0.1, the command router/testing.py defines."""
-    spec = router_testing.router(args, port, quiet)
+    spec = router_testing.router(args, port or free_port(), quiet)
     return Process(spec.argv, spec.url, spec.ready_path, env=env, quiet=quiet)
 
 

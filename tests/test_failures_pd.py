@@ -15,9 +15,9 @@ import time
 
 import httpx
 import pytest
-from disagg.router.testing import fake_worker, router
 
 from tests.pd_helpers import PD_ARGS, assert_pool_free, is_idle, start_all, stats
+from tests.procs import fake_worker, router
 from tests.server_helpers import ServerProcess, free_port, metric_value, wait_until
 
 pytestmark = pytest.mark.slow

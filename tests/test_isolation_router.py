@@ -11,8 +11,8 @@ import time
 
 import httpx
 import pytest
-from disagg.router.testing import Process, free_port
 
+from tests.procs import Process, free_port
 from tests.server_helpers import SMALL_SERVER_ARGS, ServerProcess, metric_value
 from tests.test_isolation_server import ADMIN_KEY, MALFORMED, finish, long_body, started, wait_until
 
