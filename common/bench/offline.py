@@ -268,6 +268,8 @@ def main() -> None:
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--moe-a2a-backend", default="none", choices=["none", "all_to_all"])
+    p.add_argument("--deepep-mode", default="auto", choices=["auto", "normal", "low_latency"])
     p.add_argument("--profile-batch-sizes", default="", help="print the top kernels of these decode batches")
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument(
@@ -305,6 +307,8 @@ def main() -> None:
         disable_radix_cache=True,
         tp=args.tp,
         ep=args.ep,
+        moe_a2a_backend=args.moe_a2a_backend,
+        deepep_mode=args.deepep_mode,
         disable_cuda_graph=args.disable_cuda_graph,
         json_model_override_args=args.json_model_override_args,
     )
