@@ -35,6 +35,85 @@ def moe_path(tmp_path_factory) -> str:
             del TINY_CONFIGS["qwen3_moe"]
 
 
+def test_a_dp_rank_room_runs_and_finishes_on_that_dp_rank_only():
+    """Decode, DP attention (tp 2, dp 2: one rank per DP rank): the room's operations carry its DP rank,
+    the other DP rank's ranks skip them, and only its own ranks' results finish it."""
+    from disagg.transfer.coordinator import AbortRoomOp, DPRankTransfer, RankTransfer, TransferCoordinator
+
+    from tests.test_pd_units import FakeEngine, R
+
+    shared = TransferCoordinator(RankTransfer(FakeEngine()), 2)
+    shared.ranks_per_dp = 1  # (this test process has no DP attention groups)
+    views = [DPRankTransfer(shared, d) for d in (0, 1)]
+    views[1].expect(5, "h", 1, [0, 1])
+    views[1].abort(5)
+    assert [(op.room, op.dp_rank) for op in shared.ops] == [(5, 1), (5, 1)]
+    assert isinstance(shared.ops[1], AbortRoomOp)
+    skipped = RankTransfer(FakeEngine())  # a rank of DP rank 0 (this process's attn_dp_rank)
+    skipped.run(shared.ops)
+    assert skipped.engine.calls == []
+    assert shared._merge([[R(5, True)], []]) == []  # rank 0 is not DP rank 1's: ignored
+    done = shared._merge([[], [R(5, True, "", {"first_token": 3})]])
+    for view in views:
+        view.deliver(done)
+    assert views[0].flush() == [] and [r.metadata for r in views[1].flush()] == [{"first_token": 3}]
+    assert shared.open_rooms == set() and views[1].open_rooms == set()
+
+
+class FakeDPRank:
+    """One DP rank's scheduler: records what it was given."""
+
+    def __init__(self):
+        self.reqs, self.transfer = [], DPRankTransferStub()
+
+    def add_request(self, req) -> None:
+        self.reqs.append(req.rid)
+
+    def schedule_batch(self) -> list:
+        return []
+
+    def finish_step(self) -> list:
+        return []
+
+    def has_work(self) -> bool:
+        return bool(self.reqs)
+
+
+class DPRankTransferStub:
+    def deliver(self, results) -> None:
+        pass
+
+    def flush(self) -> list:
+        return []
+
+
+def test_the_decode_picks_a_dp_rank_or_the_one_asked_for_and_refuses_bad_ones():
+    import types
+
+    import torch
+    from disagg.common.config import EngineConfig
+    from disagg.common.engine.request import Req, SamplingParams
+    from disagg.common.parallel.dp_attention import DPAttentionScheduler
+    from disagg.common.server.serving import engine_error
+
+    pool = types.SimpleNamespace(num_pages=8, page_size=4, num_kv_heads=1, head_dim=2, dtype=torch.float32)
+    runner = types.SimpleNamespace(pool=pool, device=torch.device("cpu"), tokenizer=None, hf_config=None,
+                                   model_path="m", context_length=64)  # fmt: skip
+    config = EngineConfig(tp=2, dp_size=2, enable_dp_attention=True)
+    s = DPAttentionScheduler(config, runner, lambda view, d: FakeDPRank(), transfer=DPRankTransferStub())
+
+    def add(rid: str, room: int, dp_rank: int | None = None) -> None:
+        s.add_request(Req(rid, [1, 2], SamplingParams(), bootstrap_host="h", bootstrap_port=1, bootstrap_room=room,
+                          data_parallel_rank=dp_rank))  # fmt: skip
+
+    add("a", 10), add("b", 11), add("c", 12, dp_rank=1), add("d", 13)
+    add("twice", 10, dp_rank=1), add("far", 14, dp_rank=2)
+    assert [r.reqs for r in s.schedulers] == [["a", "d"], ["b", "c"]]  # least loaded, ties in turn; c pinned
+    errors = {out.rid: engine_error(out.error) for out in s.step()}
+    assert errors["twice"].status == 409 and "bootstrap_room 10" in errors["twice"].message
+    assert errors["far"].status == 400 and "data_parallel_rank 2" in errors["far"].message
+
+
 def test_one_bootstrap_port_answers_for_every_prefill_replica():
     """Replicas register under their dp_rank; a decode asks for one replica's ranks (ready once all of
     that replica's ranks registered) and learns how many replicas there are."""

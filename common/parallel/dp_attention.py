@@ -211,19 +211,29 @@ class DPAttentionScheduler:
         self.transfer = transfer
         self._dp_rank_of: dict[str, int] = {}  # rid -> DP rank, while the request lives
         self._turn = 0
-        self._rejected: list[TokenOut] = []  # refused in add_request (a 400), answered with the next step
+        self._rejected: list[TokenOut] = []  # refused in add_request (a 4xx), answered with the next step
+        self._rooms: dict[str, int] = {}  # PD: rid -> bootstrap room, while the request lives
 
     def add_request(self, req: Req) -> None:
-        d = req.data_parallel_rank
-        if d is not None and not 0 <= d < len(self.schedulers):
-            error = f"data_parallel_rank {d} is out of range: this server has {len(self.schedulers)} DP ranks"
+        error = self._check_request(req)
+        if error:  # the client's: a 400 (a room in use: 409)
             self._rejected.append(TokenOut(req.rid, [], finished=True, finish_reason="abort", error=error,
                                            prompt_tokens=len(req.input_ids)))  # fmt: skip
             return
-        if d is None:
-            d = self._least_loaded()
+        d = self._least_loaded() if req.data_parallel_rank is None else req.data_parallel_rank
         self._dp_rank_of[req.rid] = d
+        if self.transfer is not None and req.bootstrap_room is not None:
+            self._rooms[req.rid] = req.bootstrap_room
         self.schedulers[d].add_request(req)
+
+    def _check_request(self, req: Req) -> str | None:
+        d = req.data_parallel_rank
+        if d is not None and not 0 <= d < len(self.schedulers):
+            return f"data_parallel_rank {d} is out of range: this server has {len(self.schedulers)} DP ranks"
+        # NOTE: each DP rank checks its own rooms; a room on two DP ranks would have two receivers
+        if self.transfer is not None and req.bootstrap_room in self._rooms.values():
+            return f"bootstrap_room {req.bootstrap_room} is already in use on this decode server"
+        return None
 
     def _least_loaded(self) -> int:
         """The DP rank holding the fewest live requests (any stage: a decode's pre-allocated and
@@ -256,6 +266,7 @@ class DPAttentionScheduler:
         for out in outs:
             if out.finished:
                 self._dp_rank_of.pop(out.rid, None)
+                self._rooms.pop(out.rid, None)
         return outs
 
     def has_work(self) -> bool:
