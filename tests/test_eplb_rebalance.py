@@ -1,7 +1,8 @@
 """POST /eplb_rebalance (admin): a tiny Qwen3-MoE server at --tp 2 --ep 2 with 2 redundant expert
 slots and the all-to-all MoE re-places its experts from the load its requests routed, moving the
 weights between the two ranks; the next requests give the same tokens (transformers' float32
-greedy ones); a caller without the admin key gets 401/403 with an OpenAI-style error object."""
+greedy ones); a caller without the admin key gets 401/403 with an OpenAI-style error object, and a
+server that does not count the load says so. The summary gives each EP rank its load before/after."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from disagg.common.engine.offline import Engine
+from disagg.common.models.eplb import balanced_placement, placement_summary, rebalance_experts
 
 from tests.conftest import TINY_CONFIGS, hf_greedy, make_tiny_model
 from tests.server_helpers import SMALL_SERVER_ARGS, ServerProcess
 from tests.test_common_moe import MOE_CONFIGS
-
-pytestmark = pytest.mark.slow
 
 ADMIN_KEY, CLIENT_KEY = "admin-secret", "client-secret"
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [300]]
@@ -49,6 +50,7 @@ def _generate(client, max_new_tokens: int = 8) -> list[list[int]]:
     return [out["output_ids"] for out in resp.json()]
 
 
+@pytest.mark.slow
 def test_rebalance_re_places_the_experts_and_keeps_the_tokens(moe_server):
     server, path = moe_server
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -82,6 +84,7 @@ def test_rebalance_re_places_the_experts_and_keeps_the_tokens(moe_server):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key,status", [(CLIENT_KEY, 403), (None, 401), ("wrong", 401)])
 def test_rebalance_needs_the_admin_key(moe_server, key, status):
     server, _ = moe_server
@@ -91,3 +94,34 @@ def test_rebalance_needs_the_admin_key(moe_server, key, status):
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
     assert error["message"] and error["type"] in ("permission_error", "authentication_error")
+
+
+def test_summary_gives_each_rank_its_load_before_and_after():
+    """Expert 3 hot, 0 warm; 6 slots on 2 ranks. p % E puts 3 and a copy of 0 on rank 1; the load's
+    placement gives 3 and 0 a copy on each rank."""
+    load = {0: [10.0, 0, 0, 30]}
+    before = {0: [0, 1, 2, 3, 0, 1]}
+    after = {0: [0, 1, 3, 0, 2, 3]}
+    assert after[0] == balanced_placement(load[0], 6, 2)
+    summary = placement_summary(load, before, after, 2)
+    (layer,) = summary["layers"]
+    assert layer["rank_load_before"] == [5.0, 35.0] and layer["rank_load_after"] == [20.0, 20.0]
+    assert layer["balancedness_before"] == pytest.approx(20 / 35) and layer["balancedness_after"] == 1.0
+    assert summary["num_layers_moved"] == 1 and summary["routed_pairs"] == 40
+
+
+def test_rebalance_without_counted_load_is_refused(tmp_path):
+    """Redundant slots but neither --enable-eplb nor periodic re-placement: the load is not counted,
+    so the endpoint answers why (a 400) instead of re-placing from nothing."""
+    old = TINY_CONFIGS.get("qwen3_moe")
+    TINY_CONFIGS["qwen3_moe"] = MOE_CONFIGS["qwen3_moe"]
+    try:
+        path = make_tiny_model(tmp_path / "qwen3_moe", "qwen3_moe", **MOE_CONFIGS["qwen3_moe"])
+    finally:
+        TINY_CONFIGS.pop("qwen3_moe") if old is None else TINY_CONFIGS.update({"qwen3_moe": old})
+    engine = Engine(model_path=path, page_size=4, max_total_tokens=1024, ep_num_redundant_experts=2)
+    try:
+        answer = rebalance_experts(engine.scheduler)
+    finally:
+        engine.shutdown()
+    assert "--enable-eplb" in answer["error"]
