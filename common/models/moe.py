@@ -5,7 +5,8 @@ Layout over the TP group of size tp with --ep E (E divides tp): rank r holds exp
 dimension split (tp/E)-ways. Under TP every rank sees every token, so each rank computes the
 contributions of the experts it holds and one all-reduce combines them: the same collective
 count as a dense MLP, no all-to-all needed. `--moe-a2a-backend all_to_all` (--ep == --tp) sends
-each token only to the ranks holding its experts instead (common/models/moe_a2a.py).
+each token only to the ranks holding its experts instead (common/models/moe_a2a.py), in DeepEP's
+normal or low-latency exchange (`--deepep-mode`; low latency is CUDA-graph capturable).
 
 Redundant experts (--ep-num-redundant-experts N, EPLB): the E logical experts live in E + N physical
 slots, (E + N) / ep per rank; slot p holds logical expert `physical_to_logical[p]` (p % E until a
