@@ -22,16 +22,18 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [
 NUM_EXPERTS = MOE_CONFIGS["qwen3_moe"]["num_experts"]
 
 
-@pytest.fixture(scope="module")
-def moe_server(tmp_path_factory, default_model_path):
+def _tiny_moe(folder) -> str:
     old = TINY_CONFIGS.get("qwen3_moe")
     TINY_CONFIGS["qwen3_moe"] = MOE_CONFIGS["qwen3_moe"]
     try:
-        path = make_tiny_model(
-            tmp_path_factory.mktemp("eplb") / "qwen3_moe", "qwen3_moe", **MOE_CONFIGS["qwen3_moe"]
-        )
+        return make_tiny_model(folder / "qwen3_moe", "qwen3_moe", **MOE_CONFIGS["qwen3_moe"])
     finally:
         TINY_CONFIGS.pop("qwen3_moe") if old is None else TINY_CONFIGS.update({"qwen3_moe": old})
+
+
+@pytest.fixture(scope="module")
+def moe_server(tmp_path_factory, default_model_path):
+    path = _tiny_moe(tmp_path_factory.mktemp("eplb"))
     server = ServerProcess("--model-path", path, "--tokenizer-path", default_model_path, *SMALL_SERVER_ARGS,
                            "--tp", "2", "--ep", "2", "--moe-a2a-backend", "all_to_all", "--ep-num-redundant-experts",
                            "2", "--enable-eplb", "--page-size", "4", "--admin-api-key", ADMIN_KEY,
@@ -85,6 +87,31 @@ def test_rebalance_re_places_the_experts_and_keeps_the_tokens(moe_server):
 
 
 @pytest.mark.slow
+def test_rebalance_behind_dp_replicas_re_places_each_replica(tmp_path, default_model_path):
+    """--dp-size 2 (two engines behind one controller): each replica re-places from its own load."""
+    path = _tiny_moe(tmp_path)
+    server = ServerProcess("--model-path", path, "--tokenizer-path", default_model_path, *SMALL_SERVER_ARGS,
+                           "--dp-size", "2", "--ep-num-redundant-experts", "2", "--enable-eplb", "--page-size",
+                           "4").start()  # fmt: skip
+    try:
+        with server.client() as client:
+            before = _generate(client)
+            resp = client.post("/eplb_rebalance")
+            after = _generate(client)
+    finally:
+        server.stop()
+    assert resp.status_code == 200, resp.text
+    summary = resp.json()
+    assert len(summary["replicas"]) == 2 and summary["num_layers"] == 4 and summary["routed_pairs"] > 0
+    for replica in summary["replicas"]:
+        assert all(
+            sorted(set(layer["physical_to_logical"])) == list(range(NUM_EXPERTS))
+            for layer in replica["layers"]
+        )
+    assert before == [hf_greedy(path, p, 8) for p in PROMPTS] and after == before
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("key,status", [(CLIENT_KEY, 403), (None, 401), ("wrong", 401)])
 def test_rebalance_needs_the_admin_key(moe_server, key, status):
     server, _ = moe_server
@@ -113,12 +140,7 @@ def test_summary_gives_each_rank_its_load_before_and_after():
 def test_rebalance_without_counted_load_is_refused(tmp_path):
     """Redundant slots but neither --enable-eplb nor periodic re-placement: the load is not counted,
     so the endpoint answers why (a 400) instead of re-placing from nothing."""
-    old = TINY_CONFIGS.get("qwen3_moe")
-    TINY_CONFIGS["qwen3_moe"] = MOE_CONFIGS["qwen3_moe"]
-    try:
-        path = make_tiny_model(tmp_path / "qwen3_moe", "qwen3_moe", **MOE_CONFIGS["qwen3_moe"])
-    finally:
-        TINY_CONFIGS.pop("qwen3_moe") if old is None else TINY_CONFIGS.update({"qwen3_moe": old})
+    path = _tiny_moe(tmp_path)
     engine = Engine(model_path=path, page_size=4, max_total_tokens=1024, ep_num_redundant_experts=2)
     try:
         answer = rebalance_experts(engine.scheduler)

@@ -183,6 +183,19 @@ def merge_series(texts: list[str]) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+def merge_eplb(summaries: list[dict]) -> dict:
+    """/eplb_rebalance over the replicas (independent engines, each re-placed from its own load):
+    the first error, else the counts summed, balancedness averaged, and each replica's summary."""
+    if not summaries or any("error" in s for s in summaries):
+        return next((s for s in summaries if "error" in s), {"error": "no replica answered"})
+    merged = {
+        key: sum(s[key] for s in summaries) for key in ("num_layers", "num_layers_moved", "routed_pairs")
+    }
+    for key in ("balancedness_before", "balancedness_after", "seconds"):
+        merged[key] = sum(s[key] for s in summaries) / len(summaries)
+    return {**merged, "layers": [], "replicas": summaries}
+
+
 @dataclass
 class PendingPing:
     """A ping from the HTTP process, fanned out to every live replica, answered once all replied."""
@@ -190,6 +203,7 @@ class PendingPing:
     ping: PingMsg
     waiting: set[int]  # dp ranks that still owe an answer
     stats: dict[int, SchedulerStats] = field(default_factory=dict)
+    eplb: dict[int, dict] = field(default_factory=dict)  # /eplb_rebalance: each replica's summary
     ok: bool = True
     created: float = field(default_factory=time.monotonic)
 
@@ -324,7 +338,8 @@ class DataParallelController:
                 self.pings[sub_id] = pending
                 pending.waiting.add(r.dp_rank)
                 self.sub_pings[sub_id] = r.dp_rank
-                r.sock.send(encode(PingMsg(sub_id, want_stats=True, flush_cache=ping.flush_cache)))
+                r.sock.send(encode(PingMsg(sub_id, want_stats=True, flush_cache=ping.flush_cache,
+                                           eplb_rebalance=ping.eplb_rebalance)))  # fmt: skip
 
     def merge_pong(self, pong: PongMsg) -> None:
         pending, dp_rank = self.pings.pop(pong.ping_id, None), self.sub_pings.pop(pong.ping_id, None)
@@ -334,6 +349,8 @@ class DataParallelController:
         pending.ok &= pong.ok
         if pong.stats is not None:
             pending.stats[dp_rank] = pong.stats
+        if pong.eplb is not None:
+            pending.eplb[dp_rank] = pong.eplb
         if not pending.waiting:
             self.answer(pending)
 
@@ -342,7 +359,12 @@ class DataParallelController:
         if pending.ping.want_stats and pending.stats:
             stats = sum_stats([pending.stats[i] for i in sorted(pending.stats)])
             stats.dp_replicas = [r.info(pending.stats.get(r.dp_rank)) for r in self.replicas]
-        self.to_detok.send(encode(PongMsg(pending.ping.ping_id, stats, pending.ok)))
+        eplb = (
+            merge_eplb([pending.eplb[i] for i in sorted(pending.eplb)])
+            if pending.ping.eplb_rebalance
+            else None
+        )
+        self.to_detok.send(encode(PongMsg(pending.ping.ping_id, stats, pending.ok, eplb)))
 
     def expire_pings(self) -> None:
         """Forget sub-pings a replica never answered (the HTTP side gave up long ago)."""

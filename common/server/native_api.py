@@ -255,8 +255,8 @@ async def eplb_rebalance(request: Request) -> dict:
     pong = await state_of(request).tm.ping(EPLB_TIMEOUT_S, eplb_rebalance=True)
     if pong is None:
         raise APIError(503, "the scheduler did not answer", type="service_unavailable")
-    if pong.eplb is None:  # the --dp-size replicas' controller does not forward the request
-        raise APIError(400, "/eplb_rebalance is not supported behind --dp-size replicas")
+    if pong.eplb is None:
+        raise APIError(503, "the scheduler did not answer the rebalance", type="service_unavailable")
     if "error" in pong.eplb:
         raise APIError(400, f"cannot rebalance the experts: {pong.eplb['error']}")
     moved = pong.eplb["num_layers_moved"]
