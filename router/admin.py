@@ -1,7 +1,7 @@
 """Authorization by role, and worker management over HTTP.
 
 Roles: a client holds --api-key (if set); the admin holds --admin-api-key (else --api-key). The
-admin's alone: worker management, /flush_cache, `abort_all`. Without any key, everyone is both.
+admin's alone: worker management, /flush_cache, /eplb_rebalance, `abort_all`. Without any key, everyone is both.
 
     GET    /workers                    -> {"workers": [{url, role, bootstrap_port, healthy, ...}]}
     POST   /workers  {"url", "role", "bootstrap_port"}   (role: regular | prefill | decode)

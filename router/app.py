@@ -179,6 +179,7 @@ def create_app(config: RouterConfig) -> RouterApp:
     app.add_route("/health_generate", routes.health_generate, methods=["GET"])
     app.add_route("/abort_request", routes.abort_request, methods=["POST"])
     app.add_route("/flush_cache", routes.flush_cache, methods=["POST"])
+    app.add_route("/eplb_rebalance", routes.eplb_rebalance, methods=["POST"])
     app.add_route("/metrics", routes.metrics_route, methods=["GET"])
     from disagg.router.admin import add_admin_routes
 

@@ -3,7 +3,8 @@
     python -m disagg.router.fake_worker --port 31000 [--name w1] [--no-record]
 
 It answers /generate, /v1/completions, /v1/chat/completions (JSON or SSE when "stream": true),
-/health, /health_generate, /v1/models, /server_info, /model_info and /abort_request, and is steered
+/health, /health_generate, /v1/models, /server_info, /model_info, /abort_request, /flush_cache and
+/eplb_rebalance, and is steered
 over HTTP: POST /_fake/config {"mode": "ok"|"fail"|"hang", "status": 500, "delay_secs": 0,
 "chunks": 3, "chunk_delay_secs": 0, "healthy": true}; GET /_fake/log returns what it received
 (bodies, aborts, disconnected streams); POST /_fake/reset clears the log.
@@ -32,7 +33,7 @@ DEFAULTS = {
 
 def create_fake_app(name: str, record: bool = True) -> Starlette:
     conf = dict(DEFAULTS)
-    log: dict[str, list] = {"requests": [], "aborts": [], "disconnects": [], "health_checks": []}
+    log: dict[str, list] = {"requests": [], "aborts": [], "disconnects": [], "health_checks": [], "admin": []}
 
     async def infer(request: Request) -> Response:
         raw = await request.body()
@@ -95,6 +96,14 @@ def create_fake_app(name: str, record: bool = True) -> Starlette:
             {"object": "list", "worker": name, "data": [{"id": "fake-model", "object": "model"}]}
         )
 
+    async def admin_command(request: Request) -> Response:
+        """/flush_cache and /eplb_rebalance: recorded, answered as the steered mode says."""
+        log["admin"].append({"path": request.url.path, "body": json.loads(await request.body() or b"{}")})
+        if conf["mode"] == "fail":
+            error = {"message": f"{name} refusing on purpose", "type": "invalid_request_error", "param": None}
+            return JSONResponse({"error": {**error, "code": "refused"}}, status_code=conf["status"])
+        return JSONResponse({"success": True, "worker": name})
+
     async def configure(request: Request) -> Response:
         conf.update(json.loads(await request.body() or b"{}"))
         return JSONResponse(conf)
@@ -116,6 +125,8 @@ def create_fake_app(name: str, record: bool = True) -> Starlette:
         Route("/health", health),
         Route("/health_generate", health),
         Route("/abort_request", abort, methods=["POST"]),
+        Route("/flush_cache", admin_command, methods=["POST"]),
+        Route("/eplb_rebalance", admin_command, methods=["POST"]),
         Route("/_fake/config", configure, methods=["POST"]),
         Route("/_fake/log", get_log),
         Route("/_fake/reset", reset, methods=["POST"]),

@@ -1,7 +1,7 @@
 """The router's small routes: model/server info passthrough, health, abort and flush broadcasts, metrics.
 
 Open without a key: /health, /readiness, /liveness, /health_generate, /metrics (probes and
-scrapers). Client key: info passthrough, /abort_request by rid. Admin key: abort_all, /flush_cache.
+scrapers). Client key: info passthrough, /abort_request by rid. Admin key: abort_all, /flush_cache, /eplb_rebalance.
 """
 
 from __future__ import annotations
@@ -154,31 +154,39 @@ def _abort_spec(body: dict) -> dict:
 
 async def flush_cache(request: Request) -> Response:
     """SGLang router's /flush_cache: every worker drops its prefix cache (admin only). 200 when all
-    did; else the first worker's refusal (400 while it runs requests) or 502, with each worker's answer."""
+    did; else the first worker's refusal (400 while it runs requests) or 502, with each worker's status."""
+    return await _admin_broadcast(request, "/flush_cache", 30.0, "flush_failed", "flush their cache")
+
+
+async def eplb_rebalance(request: Request) -> Response:
+    """/eplb_rebalance on every worker (admin only): each MoE server re-places its experts from the
+    load it counted (`--enable-eplb`). 200 with each worker's placement summary (`answer`) when all
+    did; else the first refusal (400: no counted load, no MoE layers) or 502. The servers take up to
+    120 s to answer, so the wait is longer than for a flush."""
+    return await _admin_broadcast(
+        request, "/eplb_rebalance", 150.0, "rebalance_failed", "rebalance their experts"
+    )
+
+
+async def _admin_broadcast(request: Request, path: str, timeout: float, code: str, what: str) -> Response:
+    """An admin command sent to every worker with the client's body: {"status": "ok", "workers":
+    [{url, status, answer}]}, or an error object naming the workers that failed."""
     state: RouterState = request.app.state.router
-    if (denied := admin_denied(request, state, "/flush_cache")) is not None:
+    if (denied := admin_denied(request, state, path)) is not None:
         return denied
     headers = _admin_worker_headers(request, state, dict(state.worker_headers))
-    results = await _broadcast(state, "/flush_cache", headers, b"", 30.0)
-    workers = [{"url": url, "status": status} for url, status, _ in results]
+    results = await _broadcast(state, path, headers, await request.body(), timeout)
+    workers = [{"url": url, "status": status, "answer": body} for url, status, body in results]
     failed = [status for _, status, _ in results if status != 200]
     if not failed:
         return JSONResponse({"status": "ok", "workers": workers})
     status = next((s for s in failed if 400 <= s < 500), 502)
-    message = "some workers did not flush their cache: " + ", ".join(
+    message = f"some workers did not {what}: " + ", ".join(
         f"{w['url']} ({w['status'] or 'unreachable'})" for w in workers if w["status"] != 200
     )
     kind = "invalid_request_error" if status < 500 else "bad_gateway"
-    return Response(
-        orjson.dumps(
-            {
-                "error": {"message": message, "type": kind, "param": None, "code": "flush_failed"},
-                "workers": workers,
-            }
-        ),  # fmt: skip
-        status,
-        media_type="application/json",
-    )
+    error = {"message": message, "type": kind, "param": None, "code": code}
+    return Response(orjson.dumps({"error": error, "workers": workers}), status, media_type="application/json")
 
 
 def _admin_worker_headers(request: Request, state: RouterState, headers: dict) -> dict:

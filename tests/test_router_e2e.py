@@ -126,6 +126,26 @@ def test_api_key_enforced_and_worker_key_sent(workers):
         )
 
 
+def test_eplb_rebalance_reaches_every_worker_admin_only(workers):
+    with start_router(workers, "--api-key", "client-secret", "--admin-api-key", "admin-secret") as r:
+        admin, client = ({"authorization": f"Bearer {k}-secret"} for k in ("admin", "client"))
+        assert httpx.post(r.url + "/eplb_rebalance", json={}, headers=client).status_code == 403
+        assert all(fake_log(w)["admin"] == [] for w in workers)  # refused before any worker heard of it
+        done = httpx.post(r.url + "/eplb_rebalance", json={}, headers=admin)
+        assert done.status_code == 200
+        answers = {w["url"]: w["answer"] for w in done.json()["workers"]}
+        assert answers == {
+            w.url: {"success": True, "worker": name} for w, name in zip(workers, ("w0", "w1"), strict=True)
+        }
+        # one worker refuses (e.g. no expert load counted): its 400 and why, the other's answer kept
+        configure(workers[1], mode="fail", status=400)
+        refused = httpx.post(r.url + "/eplb_rebalance", json={}, headers=admin)
+        assert refused.status_code == 400
+        body = refused.json()
+        assert body["error"]["code"] == "rebalance_failed" and workers[1].url in body["error"]["message"]
+        assert {w["status"] for w in body["workers"]} == {200, 400}
+
+
 def test_payload_too_large_and_bad_json(workers):
     with start_router(workers, "--max-payload-size", "100", "--policy", "cache_aware") as r:
         resp = httpx.post(r.url + "/generate", json={"text": "x" * 200})
@@ -170,9 +190,11 @@ def test_circuit_breaker_opens_and_closes(workers):
         "--cb-success-threshold",
         "1",
         "--cb-timeout-duration-secs",
-        "3",  # the open breaker must outlast the checks below on a loaded 2-core machine
+        "2",
     ) as r:
-        configure(workers[0], mode="fail", status=500)
+        # failing probes too: a passing probe half-opens an open breaker at once (docs/failures.md),
+        # which would race the checks below
+        configure(workers[0], mode="fail", status=500, healthy=False)
         for _ in range(2):
             assert httpx.post(r.url + "/generate", json={"text": "hi"}).status_code == 500
         assert metric(r, "disagg_router_circuit_breaker_state", worker=workers[0].url) == 1
@@ -181,9 +203,9 @@ def test_circuit_breaker_opens_and_closes(workers):
             blocked.text
         )
         assert len(fake_log(workers[0])["requests"]) == 2  # the open breaker kept the third away
-        configure(workers[0], mode="ok")
-        time.sleep(3.1)  # open -> half-open
-        assert httpx.post(r.url + "/generate", json={"text": "hi"}).status_code == 200
+        configure(workers[0], mode="ok", healthy=True)
+        # open -> half-open (timeout or passing probe) -> closed by the first success
+        assert wait_until(lambda: httpx.post(r.url + "/generate", json={"text": "hi"}).status_code == 200, 15)
         assert metric(r, "disagg_router_circuit_breaker_state", worker=workers[0].url) == 0
 
 
