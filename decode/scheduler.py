@@ -168,6 +168,8 @@ class DecodeScheduler(Scheduler):
         req.first_token_time = time.monotonic()
         self.prefill_cached[req.rid] = int(meta.get("cached_tokens") or 0)
         self.running.append(req)
+        # the prefill computed the prompt's logprobs (echo + logprobs): _emit_token sends them with this token
+        req.prompt_logprobs = list(meta.get("prompt_logprobs") or [])
         # NOTE: the prefill sends logprobs only when the request asked for them
         self._emit_token(req, token, meta.get("logprob"), meta.get("top_logprobs"))
 

@@ -114,6 +114,8 @@ class PrefillScheduler(Scheduler):
             "top_logprobs": top,
             "cached_tokens": req.num_cached_tokens,
         }
+        if req.sampling.prompt_logprobs:  # echo + logprobs: the decode side answers them (only if asked)
+            meta["prompt_logprobs"] = req.prompt_logprobs
         self._send_pages(req, metadata=meta)
         self.running.remove(req)  # keeps its pages until the transfer is acknowledged
         req.status = ReqStatus.TRANSFERRING

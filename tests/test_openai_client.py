@@ -242,11 +242,16 @@ def test_stream_chunks_carry_null_usage(client):
 
 
 @pytest.mark.slow
-def test_unsupported_features_are_a_400_not_ignored(client):
-    with pytest.raises(openai.BadRequestError, match="prompt logprobs"):
-        client.completions.create(
-            model=MODEL, prompt=PROMPT, max_tokens=2, echo=True, logprobs=1, stream=True
-        )
+def test_streamed_echo_with_logprobs_starts_with_the_prompt(client):
+    """As vLLM streams it: the first chunk carries the echoed prompt with its logprobs (tests/test_pd_echo.py
+    compares the whole stream, colocated and through PD)."""
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, echo=True, logprobs=1,
+                                            temperature=0, stream=True))  # fmt: skip
+    first = chunks[0].choices[0]
+    assert first.text.startswith(PROMPT) and "".join(first.logprobs.tokens).startswith(PROMPT)
+    assert first.logprobs.token_logprobs[0] is None and all(
+        isinstance(x, float) for x in first.logprobs.token_logprobs[1:]
+    )
 
 
 @pytest.mark.slow

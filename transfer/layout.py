@@ -17,7 +17,7 @@ import torch
 from disagg.common.messages import message
 
 # bumped whenever a transfer message changes incompatibly: peers of different versions never pair
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5  # 5: the done's metadata carries prompt_logprobs (echo + logprobs)
 
 
 class KVLayoutMismatchError(ValueError):

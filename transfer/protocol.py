@@ -111,7 +111,8 @@ class KVChunkMsg:
     nbytes: int
     tag: int  # UCX tag of the data message that follows
     num_chunks: int = 0  # > 0 on the room's last chunk: chunks sent to this decode rank in all (the done)
-    metadata: dict[str, Any] = field(default_factory=dict)  # with the done: e.g. the first token id
+    # with the done: the first token id (its logprobs, the cached tokens; the prompt's logprobs if asked)
+    metadata: dict[str, Any] = field(default_factory=dict)
     direct: bool = False  # the bytes are already in the decode's pages (no data message follows)
 
 

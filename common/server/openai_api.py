@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -68,10 +69,14 @@ class Job:
             # room; the decode server forks it into the n choices (shared_prompt.py). This answer,
             # one choice per prompt, is the router's to drop
             self.n = 1
-        shareable = not self.sampling.prompt_logprobs  # those compute their whole prompt anyway
+        # colocated, prompt logprobs compute the whole prompt anyway; through PD the prefill computes
+        # them, the helper brings them and the choices start from the prefix cache as usual
+        shareable = not self.sampling.prompt_logprobs or has_room(pd)
         if shareable and worth_sharing(state, pd, self.n, min(len(p) for p in self.prompts)):
-            self.shared = SharedPrompts(state, self.rid, self.prompts, self.owner, pd)
+            wanted = self.sampling.top_logprobs_num if self.sampling.prompt_logprobs else None
+            self.shared = SharedPrompts(state, self.rid, self.prompts, self.owner, pd, wanted)
             pd = without_room(pd)  # the choices start from this server's prefix cache
+            self.sampling = dataclasses.replace(self.sampling, prompt_logprobs=False)  # the helper's job
         gens = self._generators(state, pd)
         return [self.shared.after(i // self.n, g) for i, g in enumerate(gens)] if self.shared else gens
 
@@ -235,11 +240,9 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     if req.logprobs is not None and not 0 <= req.logprobs <= 20:
         raise APIError(400, f"logprobs must be in [0, 20], got {req.logprobs}", "logprobs")
     prompt_logprobs = req.echo and req.logprobs is not None
-    if prompt_logprobs and (req.stream or state.server_info.get("role", "server") != "server"):
-        # NOTE: an answer without the prompt's logprobs would mislead; they are computed only here
-        raise APIError(400, "echo with logprobs (prompt logprobs) is answered only without streaming, on a "
-                       "colocated server", "echo", code="unsupported")  # fmt: skip
     prompts = await completion_prompts(state, req.prompt)
+    if prompt_logprobs and state.server_info.get("role", "server") != "server":
+        check_pd_prompt_logprobs(prompts, req.logprobs)
     max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default for completions
     max_new = min(check_lengths(state, len(p), max_tokens, "max_tokens") for p in prompts)
     sampling = sampling_from(
@@ -252,6 +255,20 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     if prompt_logprobs:
         job.echo_tokens = [await state.tm.token_texts(p) for p in prompts]
     return await respond(job, state, request, req.pd_fields())
+
+
+# NOTE: through PD the prompt's logprobs travel in the transfer's control message (transfer/ucx.py
+# MAX_CONTROL_BYTES, 4 MiB); an entry (a logprob or a top alternative) packs into at most ~16 bytes
+PD_PROMPT_LOGPROB_ENTRIES = 150_000
+
+
+def check_pd_prompt_logprobs(prompts: list[list[int]], top: int) -> None:
+    """echo + logprobs through PD: refuse a prompt whose logprobs the transfer cannot carry (400)."""
+    longest = max(len(p) for p in prompts)
+    if longest * (1 + top) > PD_PROMPT_LOGPROB_ENTRIES:
+        raise APIError(400, f"echo with logprobs={top} through PD is limited to prompts of "
+                       f"{PD_PROMPT_LOGPROB_ENTRIES // (1 + top)} tokens, got {longest}", "echo",
+                       code="unsupported")  # fmt: skip
 
 
 async def respond(job: Job, state: ServerState, request: Request, pd: dict) -> Response:
@@ -367,11 +384,14 @@ async def stream_chunks(job: Job, head: tuple[int, StrOut], outputs) -> AsyncIte
 
     # return_token_ids: the prompt's ids come once, first (chat: top level; completions: in each choice)
     prompt_ids_due = set(range(total)) if job.return_token_ids and job.kind == "completion" else set()
+    # echo + logprobs, as vLLM streams it: a choice's first chunk carries the prompt and its logprobs
+    # (they come with the first token)
+    echo_due = set(range(total)) if job.echo_tokens else set()
     if job.kind == "chat":
         first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None} for i in range(total)]  # fmt: skip
         yield chunk(first, **({"prompt_token_ids": job.prompts[0]} if job.return_token_ids else {}))
-    elif job.echo_texts:
+    elif job.echo_texts and not job.echo_tokens:  # with logprobs: each choice's first chunk echoes (below)
         choices = [{"index": i, "text": job.echo_texts[i // job.n], "logprobs": None, "finish_reason": None}
                    for i in range(total)]  # fmt: skip
         if job.return_token_ids:
@@ -390,6 +410,9 @@ async def stream_chunks(job: Job, head: tuple[int, StrOut], outputs) -> AsyncIte
                 continue
             if out.output_ids or out.finished:  # also when the text is held back: clients see token timing
                 body = delta_body(job, i, delta, out, pos, streamers[i])
+                if job.echo_tokens and i in echo_due:
+                    echo_due.discard(i)
+                    echoed_first_chunk(job, i, body, delta, accs[i])
                 if i in prompt_ids_due:
                     prompt_ids_due.discard(i)
                     body["prompt_token_ids"] = job.prompts[i // job.n]
@@ -399,6 +422,15 @@ async def stream_chunks(job: Job, head: tuple[int, StrOut], outputs) -> AsyncIte
     except Exception as e:  # noqa: BLE001 - a bug: the client still gets an error event, then [DONE]
         yield stream_crash(e)
     yield sse("[DONE]")
+
+
+def echoed_first_chunk(job: Job, i: int, body: dict, delta: ChoiceAcc, acc: ChoiceAcc) -> None:
+    """Put the echoed prompt, with its logprobs (`acc`: the choice so far), before the first delta."""
+    echo = job.echo_texts[i // job.n]
+    delta.prompt_logprobs, delta.prompt_top_logprobs = acc.prompt_logprobs, acc.prompt_top_logprobs
+    body["text"] = echo + body["text"]
+    body["logprobs"] = with_prompt_logprobs(job.echo_tokens[i // job.n], delta, completion_logprobs(delta),
+                                            len(echo))  # fmt: skip
 
 
 def delta_body(

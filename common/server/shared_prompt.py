@@ -54,9 +54,14 @@ class SharedPrompts:
         prompts: list[list[int]],
         owner: str | None,
         pd: dict | None = None,
+        prompt_logprobs: int | None = None,
     ):
         self.state, self.rid, self.prompts, self.owner = state, rid, prompts, owner
         self.pd = pd  # PD: the helper of prompt p receives its KV in the room of prompt p (pd_for)
+        # echo + logprobs through PD (None: not asked): the helper brings the prompt's logprobs (the
+        # prefill computed them, with this many top logprobs); each choice's first output gets them
+        self.prompt_logprobs = prompt_logprobs
+        self.prompt_outs: dict[int, StrOut] = {}  # prompt index -> the helper's output that carried them
         self.tasks: dict[int, asyncio.Task] = {}
         self.cached_before: dict[int, int] = {}  # prompt index -> tokens the cache held before the call
         self.aborted: dict[int, StrOut] = {}  # prompt index -> the helper's final output, if it was aborted
@@ -74,8 +79,12 @@ class SharedPrompts:
                 await gen.aclose()
                 yield self.aborted[p]
                 return
+            got = self.prompt_outs.get(p)
             async with contextlib.aclosing(gen) as g:
                 async for out in g:
+                    if got is not None:  # the choice's first output: it answers the prompt's logprobs
+                        out.prompt_logprobs = got.prompt_logprobs
+                        out.prompt_top_logprobs, got = got.prompt_top_logprobs, None
                     yield out
 
         return wait_then_run()
@@ -84,9 +93,13 @@ class SharedPrompts:
         last = None
         # NOTE: max_new_tokens=1 is also what tells a decode server to keep the prompt's pages cached
         greedy_token = SamplingParams(max_new_tokens=1, temperature=0.0)
+        if self.prompt_logprobs is not None:
+            greedy_token.prompt_logprobs, greedy_token.top_logprobs_num = True, self.prompt_logprobs
         async for out in self.state.tm.generate(f"{self.rid}-prompt{p}", self.prompts[p], greedy_token,
                                                 pd_for(self.pd, p), self.owner):  # fmt: skip
             last = out
+            if out.prompt_logprobs is not None:
+                self.prompt_outs[p] = out
         # an abort, a refusal or (PD) a failed KV transfer: every choice of the prompt ends with it
         if last is not None and last.finish_reason == "abort":
             self.aborted[p] = StrOut(last.rid, "", [], finished=True, finish_reason="abort", error=last.error)
