@@ -16,6 +16,7 @@ from disagg.common.server.ipc import StrOut
 from disagg.common.server.openai_api import Job, check_pd_prompt_logprobs
 from disagg.common.server.protocol import APIError
 from disagg.common.server.serving import merge_streams
+from disagg.transfer.layout import PROTOCOL_VERSION, KVLayout, KVLayoutMismatchError
 
 from tests.pd_helpers import PD_ARGS, SERVER_ENV, PDCluster, assert_pool_free
 from tests.server_helpers import ServerProcess
@@ -159,3 +160,11 @@ def test_pd_refuses_prompt_logprobs_the_transfer_cannot_carry():
     with pytest.raises(APIError) as e:
         check_pd_prompt_logprobs([[1] * 500, [1] * 8000], 20)
     assert e.value.status == 400 and "7142 tokens" in str(e.value)
+
+
+def test_a_peer_without_prompt_logprobs_in_its_metadata_is_refused():
+    """Version 5 ships the prompt's logprobs: a version-4 peer would answer echo without them."""
+    base = dict(num_layers=2, page_size=4, num_kv_heads_total=2, head_dim=8, dtype="float32", model_name="m")
+    assert PROTOCOL_VERSION >= 5
+    with pytest.raises(KVLayoutMismatchError, match="protocol_version"):
+        KVLayout(**base).check_compatible(KVLayout(**base, protocol_version=4))
