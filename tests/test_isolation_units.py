@@ -11,8 +11,9 @@ import time
 
 import pytest
 import uvicorn
+from disagg.common.engine.request import SchedulerStats
 from disagg.common.server.http_server import create_app
-from disagg.common.server.ipc import AbortReqMsg
+from disagg.common.server.ipc import AbortReqMsg, PongMsg
 from disagg.common.server.metrics import ServerMetrics
 from disagg.common.server.serving import ServerState, engine_error
 from disagg.common.server.tokenizer_manager import ANY_OWNER, ReqState, TokenizerManager
@@ -133,3 +134,34 @@ def test_a_crash_is_an_error_object_and_the_connection_stays_usable():
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+class BusyManager(IdleManager):
+    """A scheduler that answered once, then is busy past every stats timeout (a long step)."""
+
+    def __init__(self):
+        self.answer = True
+        self.num_in_flight = 0
+
+    async def ping(self, timeout: float, want_stats: bool = False, **_) -> PongMsg | None:
+        if not self.answer:
+            return None
+        stats = SchedulerStats(num_running=2, num_waiting=1, num_total_pages=64, num_free_pages=40, num_used_pages=24,
+                               num_request_pages=20, num_cached_pages=4, kv_usage=0.375, cache_hit_rate=0.5,
+                               num_retractions=0)  # fmt: skip
+        self.last_stats, self.last_stats_at = stats, time.monotonic()
+        return PongMsg(1, stats)
+
+
+def test_server_info_shows_the_last_stats_marked_stale_while_the_scheduler_is_busy():
+    from fastapi.testclient import TestClient
+
+    tm = BusyManager()
+    with TestClient(create_app(ServerState(tm, ServerMetrics(), "m", "m", 128))) as client:
+        fresh = client.get("/server_info").json()["internal_states"][0]
+        assert fresh["num_running"] == 2 and "stale_for_s" not in fresh
+        tm.answer = False
+        time.sleep(0.05)
+        stale = client.get("/server_info").json()["internal_states"][0]
+        assert {k: v for k, v in stale.items() if k != "stale_for_s"} == fresh  # not an empty dict
+        assert stale["stale_for_s"] >= 0.05

@@ -57,6 +57,8 @@ def scheduler_stats(http) -> dict:
 
 def pages_released(http) -> bool:
     s = scheduler_stats(http)
+    if "stale_for_s" in s:  # the scheduler was busy past the stats timeout: these are older figures
+        return False
     return s["num_running"] == 0 and s["num_waiting"] == 0 and s["num_used_pages"] == s["num_cached_pages"]
 
 

@@ -232,7 +232,14 @@ async def metrics(request: Request) -> Response:
 async def server_info(request: Request) -> dict:
     state = state_of(request)
     pong = await state.tm.ping(STATS_TIMEOUT_S, want_stats=True)
-    return {**state.server_info, "context_length": state.context_length, "internal_states": [pong.stats if pong else {}],
+    if pong:
+        stats = pong.stats
+    elif state.tm.last_stats is not None:  # busy in a long step: the last stats, and how old they are
+        age = round(time.monotonic() - state.tm.last_stats_at, 3)
+        stats = {**dataclasses.asdict(state.tm.last_stats), "stale_for_s": age}
+    else:
+        stats = {}
+    return {**state.server_info, "context_length": state.context_length, "internal_states": [stats],
             "num_in_flight": state.tm.num_in_flight, "draining": state.draining}  # fmt: skip
 
 

@@ -102,6 +102,10 @@ class TokenizerManager:
         self.metrics = metrics
         self.reqs: dict[str, ReqState] = {}
         self.pongs: dict[int, asyncio.Future] = {}
+        # the scheduler's last stats and when they came: what /server_info shows while a long step
+        # keeps the scheduler from answering (marked stale), instead of nothing
+        self.last_stats = None  # SchedulerStats
+        self.last_stats_at = 0.0
         self.ping_ids = itertools.count()
         # NOTE: one thread per tokenizer object: HF fast tokenizers are not safe to call from several
         # threads at once; long texts get their own copy, so they never queue in front of short ones
@@ -225,11 +229,14 @@ class TokenizerManager:
         fut = self.pongs[ping_id] = asyncio.get_running_loop().create_future()
         self._send(PingMsg(ping_id, want_stats, flush_cache, eplb_rebalance))
         try:
-            return await asyncio.wait_for(fut, timeout)
+            pong = await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             return None
         finally:
             self.pongs.pop(ping_id, None)
+        if want_stats and pong.stats:
+            self.last_stats, self.last_stats_at = pong.stats, time.monotonic()
+        return pong
 
     def _send(self, msg) -> None:
         self.send_sock.send(encode(msg), copy=False)  # PUSH with no HWM: never blocks
