@@ -101,6 +101,8 @@ def stats(server: ServerProcess) -> dict:
 def is_idle(server: ServerProcess) -> bool:
     """No request anywhere in the server, no open room, and every page free or held by the prefix cache."""
     s = stats(server)
+    if "stale_for_s" in s:  # the scheduler is busy in a step: these figures are older
+        return False
     return not any(s["queues"].values()) and s["num_request_pages"] == 0 and s["num_open_rooms"] == 0
 
 

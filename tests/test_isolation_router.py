@@ -56,7 +56,12 @@ def router_metric(router, name: str, **labels) -> float:
 
 def server_idle(server) -> bool:
     s = httpx.get(server.url + "/server_info", headers=server.headers).json()["internal_states"][0]
-    return s["num_running"] == 0 and s["num_waiting"] == 0 and s["num_used_pages"] == s["num_cached_pages"]
+    return (
+        "stale_for_s" not in s
+        and s["num_running"] == 0
+        and s["num_waiting"] == 0
+        and s["num_used_pages"] == s["num_cached_pages"]
+    )
 
 
 def test_client_mistakes_pass_through_once_and_never_count_against_the_worker(router, server):

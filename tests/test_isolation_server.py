@@ -54,7 +54,12 @@ def admin(server) -> httpx.Client:
 
 def idle(http) -> bool:
     s = http.get("/server_info").json()["internal_states"][0]
-    return s["num_running"] == 0 and s["num_waiting"] == 0 and s["num_used_pages"] == s["num_cached_pages"]
+    return (
+        "stale_for_s" not in s
+        and s["num_running"] == 0
+        and s["num_waiting"] == 0
+        and s["num_used_pages"] == s["num_cached_pages"]
+    )
 
 
 # (name, path, body, status, param, the offending value's repr in the message)
