@@ -20,7 +20,6 @@ from pathlib import Path
 #   DISAGG_CACHE_DIR        disagg's cache (default: $XDG_CACHE_HOME/disagg, else ~/.cache/disagg)
 #   DISAGG_TRANSFER_TRACE   1: record when each KV transfer room passes each hop (transfer.bench --trace)
 #   DISAGG_DP_REPLICA       "i/N": set by the --dp-size controller for replica i of N (its ranks inherit it)
-#   DISAGG_DP_REPLICA       "i/N": set by the --dp-size controller for replica i of N (its ranks inherit it)
 #   DISAGG_FP8_GEMM         FP8 block-quantized checkpoints: auto (Triton FP8 GEMMs on Hopper, dequantized
 #                           at load elsewhere) | torch (the block-scaled math in torch, any device) | off
 # and the standard ones we honour: XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES (launch_local splits the
@@ -78,29 +77,6 @@ def cuda_visible_devices() -> list[str] | None:
     """The GPUs CUDA_VISIBLE_DEVICES names, or None when it is unset (every GPU is visible)."""
     value = os.environ.get("CUDA_VISIBLE_DEVICES")
     return None if value is None else [d for d in value.split(",") if d.strip()]
-
-
-DP_REPLICA_VAR = "DISAGG_DP_REPLICA"
-
-
-def dp_replica() -> tuple[int, int]:
-    """(replica, replicas) of this process under --dp-size (a prefill's ranks register with it); (0, 1) alone."""
-    rank, _, size = os.environ.get(DP_REPLICA_VAR, "0/1").partition("/")
-    return int(rank), int(size or 1)
-
-
-@contextlib.contextmanager
-def dp_replica_for_children(dp_rank: int, dp_size: int):
-    """Processes started inside the block are replica dp_rank of dp_size (DISAGG_DP_REPLICA)."""
-    saved = os.environ.get(DP_REPLICA_VAR)
-    os.environ[DP_REPLICA_VAR] = f"{dp_rank}/{dp_size}"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(DP_REPLICA_VAR, None)
-        else:
-            os.environ[DP_REPLICA_VAR] = saved
 
 
 DP_REPLICA_VAR = "DISAGG_DP_REPLICA"
