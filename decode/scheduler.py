@@ -96,9 +96,9 @@ class DecodeScheduler(Scheduler):
     def _free_pages(self, req: Req) -> None:
         # NOTE: a PD request's KV comes from the prefill, so the decode never looks its prefix
         # cache up for one: filling the cache would only hold pages (and look like a leak). Except
-        # a request sent for its KV alone (one token: a shared prompt's helper, shared_prompt.py):
-        # its whole pages go to the prefix cache, where the n choices that follow it find them
-        if not self._is_pd(req) or req.sampling.max_new_tokens == 1:
+        # a shared prompt's helper (n > 1, shared_prompt.py): its whole pages go to the prefix
+        # cache, where the n choices that follow it find them
+        if not self._is_pd(req) or req.keep_prompt_cached:
             super()._free_pages(req)
             return
         self.pool.free(req.page_table)

@@ -18,7 +18,7 @@ from disagg.common.server.ipc import StrOut
 from disagg.common.server.openai_api import Job
 from disagg.common.server.serving import merge_streams
 
-from tests.pd_helpers import PD_ARGS, SERVER_ENV, PDCluster, assert_pool_free
+from tests.pd_helpers import PD_ARGS, SERVER_ENV, PDCluster, assert_pool_free, is_idle, stats
 from tests.procs import wait_until
 from tests.server_helpers import ServerProcess, metric_value
 
@@ -50,11 +50,19 @@ def stream_events(url: str, **body) -> list[str]:
 
 def started(role: str, n: int, num_prompts: int) -> set[tuple]:
     """The engine requests a PD call of `num_prompts` prompts x `n` starts on a `role` server (room 100):
-    {(rid, room, max_new_tokens, seed)}."""
+    {(rid, room, max_new_tokens, seed, keep_prompt_cached)}."""
     calls = set()
 
     async def generate(rid, ids, sampling, pd, owner):
-        calls.add((rid, pd["bootstrap_room"], sampling.max_new_tokens, sampling.seed))
+        calls.add(
+            (
+                rid,
+                pd["bootstrap_room"],
+                sampling.max_new_tokens,
+                sampling.seed,
+                pd.get("keep_prompt_cached", False),
+            )
+        )
         yield StrOut(rid, "x", [5], finished=True, finish_reason="length")
 
     state = SimpleNamespace(tm=SimpleNamespace(generate=generate), server_info={"role": role})
@@ -74,11 +82,13 @@ def test_prefill_sends_each_prompt_once_and_decode_forks_it():
     """Both servers see the same body: the prefill starts one request per prompt in the prompt's room;
     the decode receives that room with a one-token helper, its n choices carry no room (they start
     from its prefix cache) and seeds seed + k."""
-    assert started("prefill", 3, 2) == {("r-0", 100, 4, 9), ("r-1", 101, 4, 9)}
-    helpers = {("r-prompt0", 100, 1, None), ("r-prompt1", 101, 1, None)}
-    choices = {(f"r-{i}", None, 4, 9 + i % 3) for i in range(6)}
+    assert started("prefill", 3, 2) == {("r-0", 100, 4, 9, False), ("r-1", 101, 4, 9, False)}
+    # only the helpers' pages stay in the decode's prefix cache (keep_prompt_cached)
+    helpers = {("r-prompt0", 100, 1, None, True), ("r-prompt1", 101, 1, None, True)}
+    choices = {(f"r-{i}", None, 4, 9 + i % 3, False) for i in range(6)}
     assert started("decode", 3, 2) == helpers | choices
-    assert started("decode", 1, 2) == {("r-0", 100, 4, 9), ("r-1", 101, 4, 9)}  # a list: a room per prompt
+    a_list = {("r-0", 100, 4, 9, False), ("r-1", 101, 4, 9, False)}  # a room per prompt
+    assert started("decode", 1, 2) == a_list
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +118,17 @@ def computed(server: ServerProcess) -> float:
     return metric_value(text, "disagg_prompt_tokens_total") - metric_value(
         text, "disagg_cached_prompt_tokens_total"
     )
+
+
+@pytest.mark.slow
+def test_a_one_token_request_leaves_nothing_cached_on_the_decode(pd):
+    """Only a shared prompt's helper fills the decode's prefix cache: a PD request of one token (a
+    TTFT benchmark's) frees its pages, or the idle decode would look as if it leaked them."""
+    assert_pool_free(pd.decode)  # and its cache flushed
+    goats = "Tally the goats: " + ", ".join(f"goat {i}" for i in range(12))  # shares no page with PROMPT
+    complete(pd.url, prompt=goats, max_tokens=1, temperature=0)
+    assert wait_until(lambda: is_idle(pd.decode), timeout=30)
+    assert stats(pd.decode)["num_cached_pages"] == 0
 
 
 @pytest.mark.slow

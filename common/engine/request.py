@@ -97,6 +97,9 @@ class Req:
     bootstrap_room: int | None = None
     # DP attention: the DP rank asked for (SGLang's field; None: the least loaded)
     data_parallel_rank: int | None = None
+    # decode: this PD request brings a shared prompt's KV (n > 1, shared_prompt.py) for the choices
+    # that follow it, so its whole pages go to the prefix cache when it ends
+    keep_prompt_cached: bool = False
 
     @property
     def all_ids(self) -> list[int]:

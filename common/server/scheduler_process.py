@@ -133,6 +133,7 @@ class SchedulerLoop:
                     bootstrap_port=msg.bootstrap_port,
                     bootstrap_room=msg.bootstrap_room,
                     data_parallel_rank=msg.data_parallel_rank,
+                    keep_prompt_cached=msg.keep_prompt_cached,
                 )  # fmt: skip
             )
         except Exception as e:  # a request the engine refuses must not take the loop down

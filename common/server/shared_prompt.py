@@ -91,12 +91,13 @@ class SharedPrompts:
 
     async def _compute(self, p: int) -> None:
         last = None
-        # NOTE: max_new_tokens=1 is also what tells a decode server to keep the prompt's pages cached
         greedy_token = SamplingParams(max_new_tokens=1, temperature=0.0)
+        # in PD the decode server keeps the prompt's pages in its prefix cache for the choices
+        pd = {**pd_for(self.pd, p), "keep_prompt_cached": True} if self.pd else None
         if self.prompt_logprobs is not None:
             greedy_token.prompt_logprobs, greedy_token.top_logprobs_num = True, self.prompt_logprobs
-        async for out in self.state.tm.generate(f"{self.rid}-prompt{p}", self.prompts[p], greedy_token,
-                                                pd_for(self.pd, p), self.owner):  # fmt: skip
+        async for out in self.state.tm.generate(f"{self.rid}-prompt{p}", self.prompts[p], greedy_token, pd,
+                                                self.owner):  # fmt: skip
             last = out
             if out.prompt_logprobs is not None:
                 self.prompt_outs[p] = out
