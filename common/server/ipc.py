@@ -41,9 +41,8 @@ class GenerateReqMsg:
     bootstrap_port: int | None = None
     bootstrap_room: int | None = None
     data_parallel_rank: int | None = None  # DP attention: the DP rank to serve it (None: the scheduler picks)
-    keep_prompt_cached: bool = (
-        False  # decode: a shared prompt's KV (n > 1): its pages stay in the prefix cache
-    )
+    # decode: a shared prompt's KV (n > 1, shared_prompt.py): its pages stay in the prefix cache
+    keep_prompt_cached: bool = False
 
 
 @message
