@@ -176,6 +176,11 @@ class EngineConfig:
     disable_radix_cache: bool = False
     cuda_graph_max_bs: int = 64  # decode batches up to this size replay captured CUDA graphs
     disable_cuda_graph: bool = False
+    # the overlap scheduler (common/engine/scheduler.py): step n+1 is launched before step n's tokens
+    # reach the host. Default: on with CUDA, off on the CPU (torch's CPU ops run synchronously, so
+    # nothing overlaps); enable_overlap_schedule (ours, not SGLang's) runs that loop on the CPU too
+    disable_overlap_schedule: bool = False
+    enable_overlap_schedule: bool = False
     # MoE expert parallelism: none (every rank sees every token; an all-reduce combines the experts'
     # outputs) | all_to_all (--ep == --tp: each token only to its experts' ranks and back)
     moe_a2a_backend: str = "none"
@@ -274,6 +279,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-expert-distribution-metrics", action="store_true",
                    help="MoE: routed tokens per layer and expert on /metrics (disagg_moe_expert_tokens_total)")  # fmt: skip
     g.add_argument("--disable-cuda-graph", action="store_true")
+    g.add_argument("--disable-overlap-schedule", action="store_true",
+                   help="process each step's tokens before launching the next step (overlap is on by default with CUDA)")  # fmt: skip
+    g.add_argument("--enable-overlap-schedule", action="store_true",
+                   help="run the overlap scheduler on the CPU too (off there by default: nothing overlaps)")  # fmt: skip
     g.add_argument("--random-seed", type=int, default=d.random_seed)
     g.add_argument("--json-model-override-args", default=d.json_model_override_args,
                    help='JSON merged into the model config, e.g. \'{"num_hidden_layers": 4}\'')  # fmt: skip
