@@ -290,17 +290,24 @@ def test_json_model_override_args_builds_fewer_layers(engines, tiny_deepseek):
     assert out["output_ids"] != hf_greedy(path, prompt, 10)  # the third layer matters
 
 
-def test_mla_models_pick_the_torch_attention_backend():
-    """--attention-backend auto on a GPU would pick FlashInfer, whose MLA kernels are not wired in:
-    an MLA model takes torch instead, and an explicit flashinfer is refused at start."""
+def test_mla_models_pick_flashinfer_mla_where_its_kernels_fit():
+    """An MLA model takes FlashInfer's MLA kernels (`_mla` backends) where they take its shapes
+    (DeepSeek-V3, V2-Lite); a model they do not take (the tiny test config: kv_lora_rank 32) runs
+    torch under auto and refuses an explicit flashinfer at start; torch stays torch."""
+    from disagg.common.engine.attention import TorchBackend, create_attention_backend
     from disagg.common.models.deepseek import attention_backend_for
     from disagg.common.models.weights import load_config
+    from transformers import DeepseekV3Config
 
-    v3, llama = load_config("DeepSeek-V3"), load_config("Llama-3.1-8B")
-    assert attention_backend_for(v3, "auto") == "torch"
+    v3, lite, llama = load_config("DeepSeek-V3"), load_config("DeepSeek-V2-Lite"), load_config("Llama-3.1-8B")
+    tiny = DeepseekV3Config(**TINY["v3"])
+    assert attention_backend_for(v3, "auto") == attention_backend_for(lite, "auto") == "auto_mla"
+    assert attention_backend_for(v3, "flashinfer") == "flashinfer_mla"
+    assert attention_backend_for(v3, "torch") == attention_backend_for(tiny, "auto") == "torch"
     assert attention_backend_for(llama, "auto") == "auto"
-    with pytest.raises(ValueError, match="MLA"):
-        attention_backend_for(v3, "flashinfer")
+    with pytest.raises(ValueError, match="kv_lora_rank 32"):
+        attention_backend_for(tiny, "flashinfer")
+    assert isinstance(create_attention_backend("auto_mla", torch.device("cpu")), TorchBackend)  # no GPU
 
 
 @pytest.mark.parametrize("bad", ["[4]", "{num_hidden_layers: 4}"])

@@ -2,7 +2,9 @@
 
 Plug point: `AttentionBackend`. `prepare(batch)` runs once per forward, outside the layers
 (planning, index building); `forward(...)` runs per layer. Backends: `torch` (portable, CPU and
-GPU, SDPA over gathered pages) and `flashinfer` (CUDA, paged prefill/decode kernels).
+GPU, SDPA over gathered pages) and `flashinfer` (CUDA, paged prefill/decode kernels). MLA models
+(DeepSeek) get `MLABackend`s instead (`flashinfer_mla`: attention over the latent pages in place)
+or the torch backend, on which deepseek.py gathers the latents itself.
 """
 
 from __future__ import annotations
@@ -47,6 +49,27 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor: ...
+
+
+class MLABackend(AttentionBackend):
+    """Contract for MLA (weight-absorbed) attention over latent pages: run_mla() gets this layer's
+    absorbed queries q_nope [T, H, kv_lora_rank] and q_pe [T, H, rope_dim], the layer's pages
+    [num_pages, page_size, kv_lora_rank + rope_dim] (deepseek.latent_pages, new latents already
+    written) and the softmax scale; it returns the latent context [T, H, kv_lora_rank] of each new
+    token over its request's kv_lens latents, causally (decode-only batches: all of them)."""
+
+    @abstractmethod
+    def run_mla(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        pages: torch.Tensor,
+        sm_scale: float,
+        batch: ForwardBatch,
+    ) -> torch.Tensor: ...
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        raise NotImplementedError("an MLA backend runs MLA layers only (run_mla)")
 
 
 class TorchBackend(AttentionBackend):
@@ -94,16 +117,19 @@ class TorchBackend(AttentionBackend):
 
 
 def create_attention_backend(name: str, device: torch.device, **kwargs) -> AttentionBackend:
-    if name == "auto":
-        name = "flashinfer" if device.type == "cuda" and _has_flashinfer() else "torch"
-    if name == "torch":
+    """`name`: auto, torch or flashinfer; an MLA model's names end in `_mla`
+    (deepseek.attention_backend_for), and its flashinfer is the MLA kernels' backend."""
+    base, mla = name.removesuffix("_mla"), name.endswith("_mla")
+    if base == "auto":
+        base = "flashinfer" if device.type == "cuda" and _has_flashinfer() else "torch"
+    if base == "torch":
         return TorchBackend()
-    if name == "flashinfer":
+    if base == "flashinfer":
         if device.type != "cuda":
             raise ValueError("--attention-backend flashinfer needs a CUDA device")
-        from disagg.common.engine.attention_flashinfer import FlashInferBackend
+        from disagg.common.engine.attention_flashinfer import FlashInferBackend, FlashInferMLABackend
 
-        return FlashInferBackend(device=device, **kwargs)
+        return (FlashInferMLABackend if mla else FlashInferBackend)(device=device, **kwargs)
     raise ValueError(f"unknown attention backend {name!r} (choose auto, torch, flashinfer)")
 
 

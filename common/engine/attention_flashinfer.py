@@ -3,12 +3,20 @@
 The pool's per-layer view [num_pages, 2, page_size, Hkv, D] is FlashInfer's NHD paged layout,
 so the kernels read the pages in place. Planning happens once per forward in prepare(), outside
 the layers (and outside any CUDA graph).
+
+MLA (DeepSeek): `FlashInferMLABackend` runs `flashinfer.mla.BatchMLAPagedAttentionWrapper`
+(FlashInfer 0.7.2: canonical `MLAPlanMetadata.csr` plans, split query and KV inputs) on the
+latent pages in place, in the weight-absorbed form for every batch: decode (causal=False) and
+prefill/mixed batches too (causal=True), so one plan per step serves all layers and no latent is
+gathered or expanded per head. The kernels need kv_lora_rank a multiple of 128 and
+qk_rope_head_dim a multiple of 64 (deepseek.flashinfer_mla_unsupported says when a model falls
+back to torch).
 """
 
 from __future__ import annotations
 
 import torch
-from disagg.common.engine.attention import AttentionBackend, ForwardBatch
+from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend
 
 _WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -52,3 +60,95 @@ class FlashInferBackend(AttentionBackend):
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return self._wrapper.run(q.contiguous(), kv)
+
+
+def mla_metadata(
+    q_lens: list[int], kv_lens: list[int], tables: list[list[int]], page_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashInfer's MLA CSR metadata, int32: (qo_indptr [B+1], kv_indptr [B+1], kv_len [B]) on the
+    host (the planner reads them there) and kv_indices [pages] on `device` (the kernel reads it)."""
+    n_pages = [(kv + page_size - 1) // page_size for kv in kv_lens]
+    qo_indptr = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    qo_indptr[1:] = torch.tensor(q_lens, dtype=torch.int32).cumsum(0)
+    kv_indptr = torch.zeros(len(kv_lens) + 1, dtype=torch.int32)
+    kv_indptr[1:] = torch.tensor(n_pages, dtype=torch.int32).cumsum(0)
+    indices = torch.tensor(
+        [p for t, n in zip(tables, n_pages, strict=True) for p in t[:n]], dtype=torch.int32
+    )
+    kv_len = torch.tensor(kv_lens, dtype=torch.int32)
+    return qo_indptr, kv_indptr, indices.to(device, non_blocking=True), kv_len
+
+
+def plan_mla(
+    api,
+    wrapper,
+    metadata,
+    num_heads: int,
+    dims: tuple[int, int],
+    page_size: int,
+    causal: bool,
+    sm_scale,
+    dtype,
+) -> None:
+    """wrapper.plan() with `metadata` from mla_metadata; `dims` = (kv_lora_rank, rope_dim); `api`
+    is flashinfer.mla (or a stand-in with the same two names, tests)."""
+    wrapper.plan(
+        metadata=api.MLAPlanMetadata.csr(*metadata),
+        num_heads=num_heads,
+        head_dim_ckv=dims[0],
+        head_dim_kpe=dims[1],
+        page_size=page_size,
+        causal=causal,
+        sm_scale=sm_scale,
+        q_data_type=dtype,
+        kv_data_type=dtype,
+        query_layout="split",
+        kv_cache_layout="split",
+    )
+
+
+def run_mla_wrapper(wrapper, q_nope, q_pe, pages: torch.Tensor, rank: int) -> torch.Tensor:
+    """The planned kernel over the latent pages in place: ckv and kpe are strided views of them."""
+    return wrapper.run(query=(q_nope, q_pe), kv_cache=(pages[..., :rank], pages[..., rank:]))
+
+
+def flashinfer_mla_api():
+    import flashinfer.mla
+
+    return flashinfer.mla
+
+
+class FlashInferMLABackend(FlashInferBackend, MLABackend):
+    """MLA on FlashInfer's paged MLA kernels (see the module docstring).
+
+    A FlashInferBackend, so the model runner captures CUDA graphs for it (cuda_graph.py builds its
+    own fixed-buffer MLA wrappers). The plan needs the layer's head count, latent widths and
+    softmax scale, which the model owns: it is made at the first MLA layer of each forward (eager;
+    graphs plan before the replay instead) and serves every layer of that forward.
+    """
+
+    def __init__(self, device: torch.device, pool, num_qo_heads: int, api=None, **_):
+        # NOTE: no super().__init__(): the MHA wrappers would only take workspace memory
+        self.api = api or flashinfer_mla_api()
+        self.pool, self.num_qo_heads, self.device = pool, num_qo_heads, device
+        self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.wrapper = self.api.BatchMLAPagedAttentionWrapper(self.workspace)
+
+    def prepare(self, batch: ForwardBatch) -> None:
+        if batch.q_lens:  # an idle DP-attention rank runs no attention
+            batch.attn["mla_metadata"] = mla_metadata(
+                batch.q_lens, batch.kv_lens, batch.page_tables, self.pool.page_size, self.device
+            )
+
+    def run_mla(self, q_nope, q_pe, pages, sm_scale, batch: ForwardBatch) -> torch.Tensor:
+        a = batch.attn
+        if not a.get("mla_planned"):
+            dims = (q_nope.shape[-1], q_pe.shape[-1])
+            causal = not batch.is_decode_only
+            plan_mla(self.api, self.wrapper, a["mla_metadata"], q_nope.shape[1], dims, self.pool.page_size,
+                     causal, sm_scale, q_nope.dtype)  # fmt: skip
+            a["mla_planned"] = True
+        return run_mla_wrapper(self.wrapper, q_nope, q_pe, pages, q_nope.shape[-1])
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return MLABackend.forward(self, q, kv, batch)

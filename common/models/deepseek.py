@@ -6,8 +6,11 @@ attention and the MLP differ.
 MLA caches one latent per token per layer: the normalised compressed KV (kv_lora_rank values) and
 the rotated shared key (qk_rope_head_dim values), 576 values for V3, replicated on every TP rank.
 The pool keeps its [layers, pages, 2, page_size, heads, dim] layout with one "head" of dim
-latent/2: a token's latent is its K slot followed by its V slot, so a page holds exactly the latent
-bytes (the memory planner and transfer/ see a plain 1-head pool; nothing else changes).
+latent/2, so a page holds exactly page_size latents and the memory planner and transfer/ see a
+plain 1-head pool that moves whole pages. Inside a page the bytes are read as [page_size, latent]
+(`latent_pages`: a view, no copy): token i's 576 values are contiguous, ckv = [..., :kv_lora_rank]
+and kpe = [..., kv_lora_rank:] are the strided [num_pages, page_size, dim] views FlashInfer's MLA
+kernels read in place (SGLang's flashinfer_mla_backend keeps the same layout).
 
 Prefill (any new token in the batch with q_len > 1) expands the latents into per-head K and V;
 a decode-only batch runs the weight-absorbed form (queries projected into the latent space, one
@@ -20,7 +23,7 @@ import re
 
 import torch
 import torch.nn.functional as F
-from disagg.common.engine.attention import AttentionBackend, ForwardBatch, TorchBackend
+from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend, TorchBackend
 from disagg.common.models.layers import ColumnParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear
 from disagg.common.models.moe import SparseMoE
 from disagg.common.parallel.state import TPGroup, all_reduce, attn_tp_group, get_parallel
@@ -34,13 +37,36 @@ def is_mla(config) -> bool:
 
 
 def attention_backend_for(config, name: str) -> str:
-    """The attention backend a model runs: `auto` is torch for MLA (FlashInfer's MLA kernels are not
-    wired in yet); an explicit flashinfer for an MLA model is refused before anything is built."""
-    if not is_mla(config):
+    """The attention backend name an MLA model passes to create_attention_backend: torch, or the
+    `_mla` form of auto/flashinfer (FlashInfer's MLA kernels over the latent pages). `auto` falls
+    back to torch where the kernels do not take the model's shapes; an explicit flashinfer is then
+    refused before anything is built."""
+    if not is_mla(config) or name == "torch":
         return name
+    reason = flashinfer_mla_unsupported(config)
+    if reason is None:
+        return f"{name}_mla"
     if name == "flashinfer":
-        raise ValueError("--attention-backend flashinfer: MLA (DeepSeek) runs on torch attention only")
+        raise ValueError(
+            f"--attention-backend flashinfer: FlashInfer's MLA kernels do not run this model ({reason})"
+        )
     return "torch"
+
+
+def flashinfer_mla_unsupported(config) -> str | None:
+    """Why FlashInfer's MLA kernels (fa2/fa3 of FlashInfer 0.7.2) cannot run this model, or None.
+    DeepSeek-V2/V3 (512 + 64) and V2-Lite fit; the tiny CPU test configs do not."""
+    if config.kv_lora_rank % 128 or config.qk_rope_head_dim % 64:
+        return (
+            f"kv_lora_rank {config.kv_lora_rank} must be a multiple of 128 and qk_rope_head_dim "
+            f"{config.qk_rope_head_dim} a multiple of 64"
+        )
+    heads = config.num_attention_heads
+    # NOTE: the causal (prefill) plan refuses a head count that does not divide its 64/128-row query
+    # tiles for some lengths; powers of two up to 128 (every DeepSeek at any TP) never hit it
+    if heads & (heads - 1) or heads > 128:
+        return f"num_attention_heads {heads} must be a power of two up to 128"
+    return None
 
 
 def latent_dim(config) -> int:
@@ -110,9 +136,9 @@ class MLAttention(nn.Module):
     def forward(self, x, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend):
         if not batch.q_lens:  # an idle DP-attention rank: no tokens, only the o_proj collective
             return self.o_proj(x.new_zeros(0, self.num_heads * self.v_dim))
-        if not isinstance(backend, TorchBackend):
+        if not isinstance(backend, (MLABackend, TorchBackend)):
             raise NotImplementedError(
-                "MLA runs on the torch attention backend only (FlashInfer MLA: not yet)"
+                f"MLA runs on the torch or an MLA attention backend, not {type(backend).__name__}"
             )
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
         q = q.view(-1, self.num_heads, self.qk_dim)
@@ -123,13 +149,14 @@ class MLAttention(nn.Module):
             q_pe, k_pe = _deinterleave(q_pe), _deinterleave(k_pe)
         # contiguous: the fused CUDA RoPE rotates in place through a flattened view
         q_pe, k_pe = self.rope(batch.positions, q_pe.contiguous(), k_pe.contiguous())
-        kv = kv_buffer[self.layer_id]  # [num_pages, 2, page_size, 1, latent/2]
+        kv = kv_buffer[self.layer_id]  # [num_pages, 2, page_size, 1, latent/2]: the pool's view
         write_latent(kv, batch, torch.cat((c_kv, k_pe.squeeze(1)), dim=-1))
-        latent = gather_latent(kv, batch)  # [B, max_kv, latent]
-        if batch.is_decode_only:
-            out = self.absorbed_attention(q_nope, q_pe, latent, batch)
+        if isinstance(backend, MLABackend):
+            out = self.paged_absorbed_attention(q_nope, q_pe, latent_pages(kv), batch, backend)
         else:
-            out = self.expanded_attention(q_nope, q_pe, latent, batch)
+            latent = gather_latent(kv, batch)  # [B, max_kv, latent]
+            form = self.absorbed_attention if batch.is_decode_only else self.expanded_attention
+            out = form(q_nope, q_pe, latent, batch)
         return self.o_proj(out.reshape(-1, self.num_heads * self.v_dim))
 
     def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +177,15 @@ class MLAttention(nn.Module):
             q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=a["mask"], scale=self.scale
         )
         return out.transpose(1, 2).reshape(-1, self.num_heads, self.v_dim)[a["out_rows"]]
+
+    def paged_absorbed_attention(self, q_nope, q_pe, pages, batch, backend: MLABackend) -> torch.Tensor:
+        """The absorbed form on an MLA backend's kernel, over the latent pages in place (no gather):
+        q_nope through W_UK into the latent space, the kernel's latent context through W_UV."""
+        w_uk, w_uv = self._kv_b_weights()
+        # [H, T, nope] @ [H, nope, rank]: one batched GEMM per head; contiguous rows for the kernel
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1).contiguous()
+        ctx = backend.run_mla(q_lat, q_pe, pages, self.scale, batch)  # [T, H, rank]
+        return torch.bmm(ctx.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
 
     def absorbed_attention(self, q_nope, q_pe, latent, batch) -> torch.Tensor:
         """Queries in the latent space: score = (q_nope W_UK) . c_kv + q_pe . k_pe; the context
@@ -173,20 +209,27 @@ class MLAttention(nn.Module):
         return torch.einsum("thr,hvr->thv", ctx, w_uv)
 
 
+def latent_pages(kv: torch.Tensor) -> torch.Tensor:
+    """A layer's pool view [num_pages, 2, page_size, 1, latent/2] read as [num_pages, page_size, latent]:
+    the same bytes (each page is contiguous), one contiguous latent per token."""
+    return kv.view(kv.shape[0], kv.shape[2], -1)
+
+
+def latent_rows(batch: ForwardBatch) -> torch.Tensor:
+    """[T] row of each new token in a layer's latent_pages(...).view(-1, latent)."""
+    return batch.out_page * batch.page_size + batch.out_offset
+
+
 def write_latent(kv: torch.Tensor, batch: ForwardBatch, latent: torch.Tensor) -> None:
-    """Store each new token's latent [T, latent] as its K slot | V slot."""
-    half = kv.shape[-1]
-    rows = kv.view(-1, half)  # one row per (page, K|V, slot)
-    rows.index_copy_(0, batch.k_rows, latent[:, :half].to(kv.dtype))
-    rows.index_copy_(0, batch.k_rows + batch.page_size, latent[:, half:].to(kv.dtype))
+    """Store each new token's latent [T, latent] in its page slot."""
+    pages = latent_pages(kv)
+    pages.view(-1, pages.shape[-1]).index_copy_(0, latent_rows(batch), latent.to(kv.dtype))
 
 
 def gather_latent(kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
     """Each request's latents, padded: [B, max_kv, latent] (TorchBackend.prepare built the indices)."""
     a = batch.attn
-    k_half = kv[a["kv_page"], 0, a["kv_offset"], 0]  # [B, max_kv, latent/2]
-    v_half = kv[a["kv_page"], 1, a["kv_offset"], 0]
-    return torch.cat((k_half, v_half), dim=-1)
+    return latent_pages(kv)[a["kv_page"], a["kv_offset"]]
 
 
 class DeepseekGate(nn.Module):

@@ -1,0 +1,153 @@
+"""MLA's latent pages as FlashInfer reads them: the pool's page bytes reinterpreted as
+[page_size, kv_lora_rank + qk_rope_head_dim], one contiguous latent per token, with no copy."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from disagg.common.engine.attention import ForwardBatch
+from disagg.common.engine.kv_pool import KVPagePool
+
+from tests.conftest import assert_pool_clean, hf_greedy
+
+
+def _write_batch(pages: list[int], offsets: list[int], page_size: int) -> ForwardBatch:
+    t = torch.tensor
+    n = len(pages)
+    return ForwardBatch(
+        input_ids=t([0] * n),
+        positions=t(list(range(n))),
+        out_page=t(pages),
+        out_offset=t(offsets),
+        q_lens=[n],
+        kv_lens=[n],
+        page_tables=[sorted(set(pages))],
+        logits_index=t([n - 1]),
+        page_size=page_size,
+    )
+
+
+def test_latent_pages_are_the_pool_bytes_one_contiguous_latent_per_token():
+    """A latent written for (page 2, slot 3) is the 24 contiguous values at that slot of the pool's
+    own buffer; ckv and kpe are strided views of those bytes (what FlashInfer's MLA kernel takes)."""
+    from disagg.common.models.deepseek import latent_pages, write_latent
+
+    rank, rope, ps = 16, 8, 4
+    pool = KVPagePool(5, ps, 2, 1, (rank + rope) // 2, torch.float32, torch.device("cpu"))
+    latents = torch.randn(3, rank + rope)
+    write_latent(pool.kv_buffer[1], _write_batch([2, 2, 0], [3, 0, 1], ps), latents)
+    raw = pool.kv_buffer[1].reshape(-1)  # the layer's bytes, page after page
+    page_len = ps * (rank + rope)
+    for (page, slot), latent in zip([(2, 3), (2, 0), (0, 1)], latents, strict=True):
+        start = page * page_len + slot * (rank + rope)
+        assert torch.equal(raw[start : start + rank + rope], latent)
+    assert not pool.kv_buffer[0].any()  # another layer untouched
+
+    view = latent_pages(pool.kv_buffer[1])
+    ckv, kpe = view[..., :rank], view[..., rank:]
+    assert view.data_ptr() == pool.kv_buffer[1].data_ptr()  # no copy
+    assert ckv.shape == (6, ps, rank) and kpe.shape == (6, ps, rope)  # 5 pages + the pad page
+    assert ckv.stride() == kpe.stride() == (page_len, rank + rope, 1)
+    assert torch.equal(ckv[2, 3], latents[0, :rank]) and torch.equal(kpe[0, 1], latents[2, rank:])
+
+
+class ReferenceMLAPlanMetadata:
+    """flashinfer.mla.MLAPlanMetadata's CSR form."""
+
+    def __init__(self, qo_indptr, kv_indptr, kv_indices, kv_len_arr):
+        self.qo_indptr, self.kv_indptr, self.kv_indices, self.kv_len_arr = (
+            qo_indptr,
+            kv_indptr,
+            kv_indices,
+            kv_len_arr,
+        )
+
+    @classmethod
+    def csr(cls, qo_indptr, kv_indptr, kv_indices, kv_len_arr):
+        return cls(qo_indptr, kv_indptr, kv_indices, kv_len_arr)
+
+
+class ReferenceMLAWrapper:
+    """flashinfer.mla.BatchMLAPagedAttentionWrapper (0.7.2) in torch: the keyword API the backend
+    calls, the planner's metadata checks, and the kernel's math (absorbed MLA, bottom-right causal
+    mask), so the backend's glue runs on the CPU exactly as it drives FlashInfer on a GPU."""
+
+    def __init__(self, float_workspace_buffer, use_cuda_graph=False, **buffers):
+        self.plans = 0
+
+    def plan(self, *, metadata, num_heads, head_dim_ckv, head_dim_kpe, page_size, causal, sm_scale,
+             q_data_type, kv_data_type, query_layout="packed", kv_cache_layout="packed"):  # fmt: skip
+        m = metadata
+        for t in (m.qo_indptr, m.kv_indptr, m.kv_indices, m.kv_len_arr):
+            assert t.dtype == torch.int32 and t.ndim == 1 and t.is_contiguous()
+        pages = (m.kv_len_arr.long() + page_size - 1) // page_size
+        assert torch.equal(m.kv_indptr.diff().long(), pages)  # FlashInfer's CSR check
+        assert m.kv_indices.numel() >= int(m.kv_indptr[-1])
+        assert (query_layout, kv_cache_layout) == ("split", "split") and q_data_type == kv_data_type
+        self.meta, self.num_heads, self.dims = m, num_heads, (head_dim_ckv, head_dim_kpe)
+        self.page_size, self.causal, self.scale, self.dtype = page_size, causal, sm_scale, q_data_type
+        self.plans += 1
+
+    def run(self, *, query, kv_cache):
+        (q_nope, q_pe), (ckv, kpe) = query, kv_cache
+        assert (q_nope.shape[-1], q_pe.shape[-1]) == (ckv.shape[-1], kpe.shape[-1]) == self.dims
+        assert q_nope.shape[1] == self.num_heads and ckv.shape[1] == self.page_size
+        assert all(t.stride(-1) == 1 and t.dtype == self.dtype for t in (q_nope, q_pe, ckv, kpe))
+        m, out = self.meta, torch.empty_like(q_nope)
+        for i, kv_len in enumerate(m.kv_len_arr.tolist()):
+            pages = m.kv_indices[m.kv_indptr[i] : m.kv_indptr[i + 1]].long()
+            c = ckv[pages].reshape(-1, ckv.shape[-1])[:kv_len]
+            k = kpe[pages].reshape(-1, kpe.shape[-1])[:kv_len]
+            q0, q1 = int(m.qo_indptr[i]), int(m.qo_indptr[i + 1])
+            s = (
+                torch.einsum("qhd,kd->qhk", q_nope[q0:q1], c) + torch.einsum("qhd,kd->qhk", q_pe[q0:q1], k)
+            ) * self.scale
+            if self.causal:  # query j of q_len sits at position kv_len - q_len + j
+                pos = torch.arange(kv_len - (q1 - q0), kv_len)
+                s = s.masked_fill(torch.arange(kv_len)[None, None, :] > pos[:, None, None], float("-inf"))
+            out[q0:q1] = torch.einsum("qhk,kd->qhd", s.softmax(-1), c)
+        return out
+
+
+class ReferenceMLAApi:
+    BatchMLAPagedAttentionWrapper = ReferenceMLAWrapper
+    MLAPlanMetadata = ReferenceMLAPlanMetadata
+
+
+@pytest.fixture(scope="module")
+def tiny_v3(tmp_path_factory) -> str:
+    from tests.test_common_deepseek import make_tiny_deepseek
+
+    return make_tiny_deepseek(tmp_path_factory.mktemp("mla") / "v3", "v3")
+
+
+def test_flashinfer_mla_backend_glue_gives_transformers_tokens(engines, tiny_v3):
+    """The FlashInfer MLA backend (plan per forward, absorbed form for prefill chunks, mixed and
+    decode batches, latent pages read in place) over FlashInfer's API in torch: transformers'
+    greedy tokens, one plan per forward whatever the number of layers."""
+    from disagg.common.engine.attention_flashinfer import FlashInferMLABackend
+
+    engine = engines.get(model_path=tiny_v3, page_size=4, chunked_prefill_size=16, max_total_tokens=1024)
+    runner = engine.scheduler.runner
+    heads = runner.hf_config.num_attention_heads
+    backend = FlashInferMLABackend(torch.device("cpu"), runner.pool, heads, api=ReferenceMLAApi)
+    prepared, prepare = [0], backend.prepare
+
+    def counting_prepare(batch):
+        prepared[0] += 1
+        prepare(batch)
+
+    backend.prepare = counting_prepare
+    torch_backend, runner.backend = runner.backend, backend
+    try:
+        rng = random.Random(3)
+        prompts = [[rng.randrange(512) for _ in range(n)] for n in (1, 6, 23, 41)]
+        outs = engine.generate(prompts, {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
+    finally:
+        runner.backend = torch_backend
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out["output_ids"] == hf_greedy(tiny_v3, prompt, 12)
+    assert backend.wrapper.plans == prepared[0] >= 12  # one plan per forward, not one per layer
+    assert_pool_clean(engine.scheduler)
