@@ -3,7 +3,8 @@
 A decode step of a large model at small batch is dominated by kernel launches (hundreds per step);
 replaying a captured graph removes them. Inputs live in static buffers; a batch of size b runs the
 graph of the smallest bucket >= b, the extra rows padded onto the pool's `pad_page`. FlashInfer's
-planning (host work) happens before the replay, outside the graph.
+planning (host work) happens before the replay, outside the graph. MLA models (DeepSeek) capture
+FlashInfer's MLA decode kernel the same way (`_GraphMLADecodeBackend`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,14 @@ import bisect
 import logging
 
 import torch
-from disagg.common.engine.attention import AttentionBackend, ForwardBatch
+from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend
+from disagg.common.engine.attention_flashinfer import (
+    flashinfer_mla_api,
+    mla_metadata,
+    plan_mla,
+    run_mla_wrapper,
+)
+from disagg.common.models.deepseek import is_mla, softmax_scale
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +81,50 @@ class _GraphDecodeBackend(AttentionBackend):
         return self.wrapper.run(q, kv)
 
 
+class _GraphMLADecodeBackend(MLABackend):
+    """FlashInfer MLA decode (flashinfer.mla, use_cuda_graph=True) with fixed metadata buffers, one
+    per bucket: the plan copies each step's metadata into them before the replay."""
+
+    def __init__(self, pool, num_qo_heads: int, config, bs: int, max_pages: int, workspace: torch.Tensor):
+        self.api, device = flashinfer_mla_api(), pool.kv_buffer.device
+        self.pool, self.num_qo_heads = pool, num_qo_heads
+        self.dims, self.sm_scale = (config.kv_lora_rank, config.qk_rope_head_dim), softmax_scale(config)
+        # NOTE: FlashInfer requires the indptr and length buffers at exactly the batch's size
+        self.qo_indptr = torch.arange(bs + 1, dtype=torch.int32, device=device)  # one query each
+        self.kv_indptr = torch.zeros(bs + 1, dtype=torch.int32, device=device)
+        self.indices = torch.zeros(max_pages, dtype=torch.int32, device=device)
+        self.kv_len = torch.zeros(bs, dtype=torch.int32, device=device)
+        self.wrapper = self.api.BatchMLAPagedAttentionWrapper(
+            workspace,
+            use_cuda_graph=True,
+            qo_indptr=self.qo_indptr,
+            kv_indptr=self.kv_indptr,
+            kv_indices=self.indices,
+            kv_len_arr=self.kv_len,
+        )
+
+    def plan(self, kv_lens: list[int], tables: list[list[int]]) -> None:
+        ps = self.pool.page_size
+        metadata = mla_metadata([1] * len(kv_lens), kv_lens, tables, ps, self.indices.device)
+        plan_mla(
+            self.api,
+            self.wrapper,
+            metadata,
+            self.num_qo_heads,
+            self.dims,
+            ps,
+            False,
+            self.sm_scale,
+            self.pool.dtype,
+        )
+
+    def prepare(self, batch: ForwardBatch) -> None:  # planned explicitly before replay
+        pass
+
+    def run_mla(self, q_nope, q_pe, pages, sm_scale, batch: ForwardBatch) -> torch.Tensor:
+        return run_mla_wrapper(self.wrapper, q_nope, q_pe, pages, self.dims[0])
+
+
 class CudaGraphRunner:
     def __init__(self, model, pool, num_qo_heads: int, max_bs: int, max_context: int):
         self.model, self.pool = model, pool
@@ -108,7 +160,12 @@ class CudaGraphRunner:
         )
 
     def _capture(self, bs: int, num_qo_heads: int, max_pages: int) -> None:
-        backend = _GraphDecodeBackend(self.pool, num_qo_heads, bs, max_pages, self.workspace)
+        if is_mla(self.model.config):
+            backend = _GraphMLADecodeBackend(
+                self.pool, num_qo_heads, self.model.config, bs, max_pages, self.workspace
+            )
+        else:
+            backend = _GraphDecodeBackend(self.pool, num_qo_heads, bs, max_pages, self.workspace)
         batch = self._static_batch(bs)
         backend.plan(batch.kv_lens, batch.page_tables)
         stream = torch.cuda.Stream()
