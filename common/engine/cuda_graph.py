@@ -184,7 +184,9 @@ class CudaGraphRunner:
         q = plan.q_lens
         return bool(q) and len(q) <= self.buckets[-1] and all(n == 1 for n in q)
 
-    def run(self, plan) -> torch.Tensor:
+    def run(self, plan, future=None) -> torch.Tensor:
+        """future: the overlap scheduler's input ids still on the device (model_runner.FutureIds),
+        written into the static input ids after the plan's placeholders."""
         bs = len(plan.q_lens)
         padded = self.buckets[bisect.bisect_left(self.buckets, bs)]
         pad = padded - bs
@@ -197,6 +199,8 @@ class CudaGraphRunner:
             ]
         )
         self.inputs[:, :padded].copy_(host, non_blocking=True)  # one host-to-device copy
+        if future is not None:
+            future.fill(self.input_ids)
         self.backends[padded].plan(plan.kv_lens + [1] * pad, plan.tables + [[self.pool.pad_page]] * pad)
         self.graphs[padded].replay()
         return self.outputs[padded][:bs]

@@ -51,6 +51,20 @@ class BatchPlan:
     tables: list[list[int]]
 
 
+@dataclass
+class FutureIds:
+    """Input ids still on the device (the overlap scheduler): plan row index[0][i] takes
+    tokens[index[1][i]], a token the previous step sampled and the host has not read yet; the
+    plan holds a placeholder 0 there, so no host sync is needed between the two steps."""
+
+    index: torch.Tensor  # [2, k] int64, device: plan rows, rows of `tokens`
+    tokens: torch.Tensor  # [B_prev] int64, device: the previous step's sampled tokens
+
+    def fill(self, input_ids: torch.Tensor) -> None:
+        """Write the tokens into `input_ids` (on the device, in stream order: after the sampling)."""
+        input_ids[self.index[0]] = self.tokens[self.index[1]]
+
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -121,6 +135,9 @@ class ModelRunner:
             num_qo_heads=self.hf_config.num_attention_heads // get_parallel().attn_tp_size,
         )
         self.tokenizer = self._load_tokenizer()
+        # NOTE: set by forward() around its forward_plan only: the plan stays a plain host message
+        # (broadcast to the other ranks, replayed by the benchmarks) while its future ids are filled in
+        self._future: FutureIds | None = None
         self.graph_runner = self._capture_cuda_graphs()
         if self.device.type == "cuda":
             self._warm_up()
@@ -198,8 +215,12 @@ class ModelRunner:
             self.config.max_total_tokens,
             self.config.mem_fraction_static,
         )
-        if par.world_size > 1:  # every rank must agree on the pool size (the scheduler on rank 0 decides for all)
-            on_device = self.device.type == "cuda" and par.pp_size == 1  # the stages' TP groups: gloo across them
+        if (
+            par.world_size > 1
+        ):  # every rank must agree on the pool size (the scheduler on rank 0 decides for all)
+            on_device = (
+                self.device.type == "cuda" and par.pp_size == 1
+            )  # the stages' TP groups: gloo across them
             t = torch.tensor([num_pages], device=self.device if on_device else "cpu")
             torch.distributed.all_reduce(
                 t, op=torch.distributed.ReduceOp.MIN, group=par.group if on_device else par.cpu_group
@@ -244,9 +265,13 @@ class ModelRunner:
             logger.warning("no tokenizer in %s (%s): token ids only", self.model_path, e)
             return None
 
-    def build_plan(self, scheduled: list[tuple[Req, int]]) -> BatchPlan:
+    def build_plan(
+        self, scheduled: list[tuple[Req, int]], pending: dict[Req, int] | None = None
+    ) -> BatchPlan:
         """Flatten `n` new tokens of each request into one batch plan (rank 0 broadcasts it to
-        the other ranks)."""
+        the other ranks). pending: requests whose one new token is the previous step's sampled
+        token, still on the device (-> its row there): a placeholder 0 here, see FutureIds."""
+        pending = pending or {}
         ps = self.pool.page_size
         ids, positions, pages, offsets, logits_index = [], [], [], [], []
         q_lens, kv_lens, tables = [], [], []
@@ -255,32 +280,54 @@ class ModelRunner:
             # prompt logprobs: the rows of prompt positions p that predict prompt token p + 1 (sorted:
             # the scheduler reads them before the sampled row, Scheduler._take_prompt_logprobs)
             logits_index += [len(ids) + i for i in range(prompt_logprob_rows(req, n))]
-            ids += req.ids_between(start, start + n)
+            ids += [0] if req in pending else req.ids_between(start, start + n)
             pos = range(start, start + n)
             positions += pos
             pages += [req.page_table[p // ps] for p in pos]
             offsets += [p % ps for p in pos]
-            if start + n == req.seq_len:
+            if start + n == req.seq_len + (req in pending):
                 logits_index.append(len(ids) - 1)
             q_lens.append(n)
             kv_lens.append(start + n)
             tables.append(req.page_table[: (start + n + ps - 1) // ps])
         return BatchPlan(ids, positions, pages, offsets, logits_index, q_lens, kv_lens, tables)
 
-    def forward(self, scheduled: list[tuple[Req, int]]) -> torch.Tensor:
-        plan = self.build_plan(scheduled)
+    def forward(
+        self,
+        scheduled: list[tuple[Req, int]],
+        pending: dict[Req, int] | None = None,
+        future: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The batch's logits (queued on the device, not waited for). pending/future: the overlap
+        scheduler's requests whose input token is row pending[req] of `future`, the previous
+        step's sampled tokens on the device (only with one rank: the others never see them)."""
+        plan = self.build_plan(scheduled, pending)
         if get_parallel().world_size > 1:
+            assert not pending, "future input ids need every rank to hold the sampled tokens"
             broadcast_plan(plan)
-        logits = self.forward_plan(plan)
+        self._future = self._future_ids(scheduled, pending, future) if pending else None
+        try:
+            logits = self.forward_plan(plan)
+        finally:
+            self._future = None
         if self.eplb is not None:
             self.eplb.after_step()  # every --eplb-rebalance-num-iterations: re-place the experts
         return logits
+
+    def _future_ids(self, scheduled: list[tuple[Req, int]], pending: dict[Req, int], future) -> FutureIds:
+        rows, src, row = [], [], 0
+        for req, n in scheduled:
+            if req in pending:
+                rows.append(row)
+                src.append(pending[req])
+            row += n
+        return FutureIds(torch.tensor([rows, src], dtype=torch.long, device=self.device), future)
 
     def forward_plan(self, plan: BatchPlan) -> torch.Tensor:
         if get_parallel().pp_size > 1:
             return run_pipeline(self, plan)  # rank 0 gets the logits; the other ranks None
         if self.graph_runner is not None and self.graph_runner.can_run(plan):
-            return self.graph_runner.run(plan)
+            return self.graph_runner.run(plan, self._future)
         batch = self.make_batch(plan)
         return self.model(batch, self.pool.kv_buffer, self.backend)
 
@@ -301,5 +348,7 @@ class ModelRunner:
             logits_index=tensor(plan.logits_index),
             page_size=self.pool.page_size,
         )
+        if self._future is not None:
+            self._future.fill(batch.input_ids)
         self.backend.prepare(batch)
         return batch

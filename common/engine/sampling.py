@@ -28,6 +28,40 @@ class SampleResult:
     top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
+@dataclass
+class DeviceSample:
+    """A batch's draws where they were made (the device), before any host sync: the overlap
+    scheduler feeds `tokens` to the next step's forward and reads the host copy a step later."""
+
+    tokens: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None = None  # [B] float32, when any row asked
+    top_vals: torch.Tensor | None = None  # [B, k] float32, k the largest top_logprobs_num
+    top_ids: torch.Tensor | None = None  # [B, k] int64
+    top_nums: list[int] | None = None  # per row: its own top_logprobs_num
+
+    def to_host(self) -> DeviceSample:
+        """Start copying to the host without waiting (pinned memory on CUDA): the copy is only
+        valid after a CUDA event recorded behind it completed (on the CPU it is the same tensors)."""
+
+        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to("cpu", non_blocking=True)
+
+        return DeviceSample(copy(self.tokens), copy(self.logprobs), copy(self.top_vals), copy(self.top_ids),
+                            self.top_nums)  # fmt: skip
+
+    def result(self) -> SampleResult:
+        """The draws as lists (a host sync when the tensors are on the device)."""
+        result = SampleResult(self.tokens.tolist())
+        if self.logprobs is not None:
+            result.logprobs = self.logprobs.tolist()
+        if self.top_vals is not None:
+            result.top_logprobs = [
+                list(zip(i[:k], v[:k], strict=True))
+                for i, v, k in zip(self.top_ids.tolist(), self.top_vals.tolist(), self.top_nums, strict=True)
+            ]
+        return result
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int = 0, tokenizer=None):
         self.device = device
@@ -42,6 +76,15 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, reqs: list[Req]) -> SampleResult:
         """logits: [B, V] float32 on the device, one row per request."""
+        return self.sample_on_device(logits, reqs).result()
+
+    def sample_on_device(
+        self, logits: torch.Tensor, reqs: list[Req], num_pending: list[int] | None = None
+    ) -> DeviceSample:
+        """As `sample`, without the host sync. num_pending: per row, the request's sampled tokens
+        not yet in its output_ids (the overlap scheduler's token still on the device): a seeded
+        draw's position counts them. Penalties and grammars read output_ids, so a request with
+        them must have none pending (the scheduler does not overlap its steps)."""
         logits = self._apply_logit_bias(logits, reqs)
         logits = self._apply_penalties(logits, reqs)
         logits = self._apply_grammars(logits, reqs)
@@ -51,19 +94,16 @@ class Sampler:
         # NOTE: decided on the host: a device-side `greedy.all()` would cost a sync every step
         if not all(r.sampling.is_greedy for r in reqs):
             greedy = torch.tensor([r.sampling.is_greedy for r in reqs], device=self.device)
-            sampled = self._sample_random(logits, reqs)
+            sampled = self._sample_random(logits, reqs, num_pending or [0] * len(reqs))
             tokens = torch.where(greedy, tokens, sampled)
-        result = SampleResult(tokens.tolist())
+        out = DeviceSample(tokens)
         if logprobs_all is not None:
-            result.logprobs = logprobs_all.gather(1, tokens[:, None]).squeeze(1).tolist()
+            out.logprobs = logprobs_all.gather(1, tokens[:, None]).squeeze(1)
             k = max(r.sampling.top_logprobs_num for r in reqs)
             if k:
-                vals, ids = logprobs_all.topk(k, dim=-1)
-                result.top_logprobs = [
-                    list(zip(i[: r.sampling.top_logprobs_num], v[: r.sampling.top_logprobs_num], strict=True))
-                    for i, v, r in zip(ids.tolist(), vals.tolist(), reqs, strict=True)
-                ]
-        return result
+                out.top_vals, out.top_ids = logprobs_all.topk(k, dim=-1)
+                out.top_nums = [r.sampling.top_logprobs_num for r in reqs]
+        return out
 
     def _apply_logit_bias(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
         """OpenAI's logit_bias, added to the logits (so logprobs see it too, as in vLLM); a bias of
@@ -136,7 +176,7 @@ class Sampler:
             logits[i] -= s.frequency_penalty * counts + s.presence_penalty * (counts > 0).float()
         return logits
 
-    def _sample_random(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+    def _sample_random(self, logits: torch.Tensor, reqs: list[Req], num_pending: list[int]) -> torch.Tensor:
         temps = torch.tensor([max(r.sampling.temperature, 1e-5) for r in reqs], device=self.device)
         probs = torch.softmax(logits / temps[:, None], dim=-1)
         probs = _filter_probs(probs, reqs, self.device)
@@ -144,7 +184,7 @@ class Sampler:
         for i, r in enumerate(reqs):
             if r.sampling.seed is not None and not r.sampling.is_greedy:
                 gen = torch.Generator(device=self.device).manual_seed(
-                    position_seed(r.sampling.seed, len(r.output_ids))
+                    position_seed(r.sampling.seed, len(r.output_ids) + num_pending[i])
                 )
                 out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
         return out

@@ -12,6 +12,23 @@ only in their hooks: `_admit_held_requests` (requests held back before `waiting`
 pre-allocation, the prefill's bootstrap queue), `_pages_at_admission`, `_on_chunk_computed` (the
 prefill ships each chunk's pages), `_on_token_sampled` (the prefill hands the request over instead
 of decoding it) and `_on_transfer_done` (a room's result from their `transfer` coordinator).
+
+The overlap schedule (SGLang's; default with CUDA, --disable-overlap-schedule turns it off,
+--enable-overlap-schedule turns it on for the CPU): `step()` launches step n+1's forward and
+sampling before it reads step n's tokens, so the host's work of a step (step n's tokens appended,
+stop checks, outputs, pages freed, step n+1+1 planned) runs while the device computes. A request
+whose token of step n is still on the device decodes at step n+1 from that device tensor
+(`ModelRunner.forward`'s `pending`/`future`). Hazards, each with its rule:
+- one step of lag: step n's outputs leave with step() n+1; a request that ends at step n (stop
+  token, stop string, abort) has run step n+1 too, whose token is dropped;
+- its pages are freed only once step n+1 completed (`_Launched.release_after`): no page is reused
+  while a queued kernel may still write it;
+- a request sure to end by length at step n is not scheduled at step n+1;
+- whatever needs step n's tokens on the host first waits for them (`_needs_host_tokens`,
+  `_RetractionNeeded`): penalties and grammars (computed from output_ids), a retraction (it would
+  free pages in flight). Prompt logprobs are read at launch (a sync in that step only).
+Roles that act on computed chunks or on the sampled token (the prefill ships pages and hands the
+request over) and tp/pp > 1 (only rank 0 holds the sampled tokens) never overlap.
 """
 
 from __future__ import annotations
@@ -19,6 +36,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from dataclasses import dataclass, field
 
 import torch
 from disagg.common.config import EngineConfig
@@ -26,9 +44,26 @@ from disagg.common.engine.kv_pool import pages_for_tokens
 from disagg.common.engine.model_runner import ModelRunner
 from disagg.common.engine.radix_cache import RadixCache
 from disagg.common.engine.request import Req, ReqStatus, SchedulerStats, TokenOut, prompt_logprob_rows
-from disagg.common.engine.sampling import Sampler
+from disagg.common.engine.sampling import DeviceSample, Sampler
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Launched:
+    """A step whose forward and sampling are queued on the device; its tokens not yet read."""
+
+    scheduled: list[tuple[Req, int]]
+    rows: dict[Req, int]  # the requests it samples a token for -> their row in `tokens`
+    tokens: torch.Tensor | None = None  # [len(rows)] int64, device: the next step's future input ids
+    host: DeviceSample | None = None  # the draws' copy to the host, valid once `event` completed
+    event: object | None = None  # torch.cuda.Event recorded after the copy (None on the CPU)
+    # requests that ended (or were aborted) while this step ran: their pages are freed once it completed
+    release_after: list[Req] = field(default_factory=list)
+
+
+class _RetractionNeeded(Exception):
+    """Scheduling would retract a request while a step is in flight (its pages may still be written)."""
 
 
 class Scheduler:
@@ -48,6 +83,8 @@ class Scheduler:
         self.num_retractions = 0
         # PD roles: their transfer.coordinator.TransferCoordinator (flushed once per step)
         self.transfer = None
+        self.overlap = self._may_overlap()
+        self._inflight: _Launched | None = None  # overlap: the step on the device whose tokens are unread
 
     # ---- public interface -------------------------------------------------------------
     @property
@@ -98,10 +135,63 @@ class Scheduler:
         )
 
     def step(self) -> list[TokenOut]:
+        if self.overlap:
+            return self._step_overlapped()
         scheduled = self.schedule_batch()
         if scheduled:
             self.process_batch_result(scheduled, self.runner.forward(scheduled))
         return self.finish_step()
+
+    def _step_overlapped(self) -> list[TokenOut]:
+        """Launch step n+1, then read step n's tokens while it runs (one step of lag)."""
+        if self._inflight is not None and self._needs_host_tokens(self._inflight):
+            self._complete_inflight()
+        try:
+            scheduled = self.schedule_batch()
+        except _RetractionNeeded:
+            self._complete_inflight()
+            scheduled = self.schedule_batch()
+        prev, launched = self._inflight, None
+        if scheduled:
+            pending = prev.rows if prev is not None else {}
+            logits = self.runner.forward(scheduled, pending, prev.tokens if pending else None)
+            launched = self._launch(scheduled, logits, pending)
+        # NOTE: set before step n is read: a request it ends that step n+1 still computes keeps its pages
+        self._inflight = launched
+        if prev is not None:
+            self._complete(prev)
+        if not (self.running or self.waiting):
+            self._complete_inflight()  # only ended requests' extra tokens left in it: free their pages now
+        return self.finish_step()
+
+    def _needs_host_tokens(self, step: _Launched) -> bool:
+        """Whether the next step needs `step`'s tokens on the host before it is scheduled: penalties
+        and grammars are computed from output_ids (and a grammar's mask from the matcher, advanced
+        through them on the host), so their requests' steps never overlap."""
+        return any(
+            r.sampling.grammar or r.sampling.frequency_penalty or r.sampling.presence_penalty
+            for r in step.rows
+        )
+
+    def _complete_inflight(self) -> None:
+        step, self._inflight = self._inflight, None
+        if step is not None:
+            self._complete(step)
+
+    def _may_overlap(self) -> bool:
+        c = self.config
+        if c.disable_overlap_schedule or not (self.runner.device.type == "cuda" or c.enable_overlap_schedule):
+            return False
+        # only rank 0 samples: the other ranks never hold the tokens a future input id refers to
+        if c.world_size > 1:
+            return False
+        # a role acting on computed chunks or on the sampled token (the prefill ships each chunk's
+        # pages and hands the request over at its first token) needs each step complete first
+        cls = type(self)
+        return (
+            cls._on_chunk_computed is Scheduler._on_chunk_computed
+            and cls._on_token_sampled is Scheduler._on_token_sampled
+        )
 
     # the three parts of a step (DP attention runs several schedulers' batches in one forward)
     def schedule_batch(self) -> list[tuple[Req, int]]:
@@ -118,7 +208,7 @@ class Scheduler:
         return outs
 
     def has_compute(self) -> bool:
-        return bool(self.waiting or self.running or self._pending_outs)
+        return bool(self.waiting or self.running or self._pending_outs or self._inflight)
 
     def wait_timeout_ms(self) -> int:
         """How long the scheduler loop may block on its sockets before the next step while
@@ -190,14 +280,17 @@ class Scheduler:
         for req in list(self.running):
             if req not in self.running:  # retracted to make room for an older request
                 continue
-            n = req.seq_len - req.num_computed_tokens
+            pending = self._has_pending_token(req)
+            if pending and self._ends_by_length(req, 1):
+                continue  # its token on the device is its last: nothing to compute for it
+            n = req.seq_len + pending - req.num_computed_tokens
             if n > 1:  # still prefilling: a chunk of its prompt
                 n = min(n, budget)
                 if n <= 0:
                     continue
             if self._ensure_pages(req, req.num_computed_tokens + n, scheduled):
                 scheduled[req.rid] = (req, n)
-                if req.status == ReqStatus.PREFILLING:
+                if req.status == ReqStatus.PREFILLING and not pending:
                     budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_running_requests:
             req = self.waiting[0]
@@ -241,12 +334,25 @@ class Scheduler:
             self.cache.evict(need - self.pool.num_free_pages)
         return self.pool.allocate(need)
 
+    def _has_pending_token(self, req: Req) -> bool:
+        """Overlap: the step in flight samples `req`'s next token (still on the device)."""
+        return self._inflight is not None and req in self._inflight.rows
+
+    def _ends_by_length(self, req: Req, more: int) -> bool:
+        """Whether `req` reaches max_new_tokens or the context length after `more` more tokens."""
+        return (
+            len(req.output_ids) + more >= req.sampling.max_new_tokens
+            or req.seq_len + more >= self.context_length
+        )
+
     def _ensure_pages(self, req: Req, num_tokens: int, scheduled: dict) -> bool:
         """Give `req` pages for `num_tokens`, evicting cache and retracting newer requests if needed."""
         need = pages_for_tokens(num_tokens, self.page_size) - len(req.page_table)
         while need > self.pool.num_free_pages:
             if self.cache.evict(need - self.pool.num_free_pages):
                 continue
+            if self._inflight is not None:
+                raise _RetractionNeeded  # step() reads the step in flight first, then schedules again
             victim = self.running[-1]
             scheduled.pop(victim.rid, None)
             self._retract(victim)
@@ -266,27 +372,51 @@ class Scheduler:
     # ---- running a batch --------------------------------------------------------------
     def process_batch_result(self, scheduled: list[tuple[Req, int]], logits) -> None:
         """Advance the batch's requests past its forward; sample those whose logits it computed."""
-        done = [req for req, n in scheduled if req.num_computed_tokens + n == req.seq_len]
+        self._complete(self._launch(scheduled, logits, {}))
+
+    def _launch(self, scheduled: list[tuple[Req, int]], logits, pending: dict[Req, int]) -> _Launched:
+        """Advance the batch's requests past its forward (queued on the device) and queue the
+        sampling of those whose last position it computes; nothing here waits for the device
+        (except prompt logprobs, read at once). pending: requests whose input was a future token."""
+        sampled = [
+            req for req, n in scheduled if req.num_computed_tokens + n == req.seq_len + (req in pending)
+        ]
         if any(req.sampling.prompt_logprobs for req, _ in scheduled):
-            logits = self._take_prompt_logprobs(scheduled, logits)
+            logits = self._take_prompt_logprobs(scheduled, logits, set(sampled))
         for req, n in scheduled:
             req.num_computed_tokens += n
             if req.num_computed_tokens < req.seq_len:
                 self._on_chunk_computed(req)
-        if not done:
-            return
-        result = self.sampler.sample(logits, done)
+        step = _Launched(scheduled, {req: i for i, req in enumerate(sampled)})
+        if sampled:
+            draws = self.sampler.sample_on_device(logits, sampled, [int(req in pending) for req in sampled])
+            step.tokens, step.host = draws.tokens, draws.to_host()
+        if self.runner.device.type == "cuda":
+            step.event = torch.cuda.Event()
+            step.event.record()
+        return step
+
+    def _complete(self, step: _Launched) -> None:
+        """Wait for `step`, append its tokens (dropping those of requests that ended meanwhile) and
+        free the pages of requests that ended while it ran."""
+        if step.event is not None:
+            step.event.synchronize()
+        result = step.host.result() if step.host is not None else None
         now = time.monotonic()
-        for i, req in enumerate(done):
+        for req, i in step.rows.items():
+            if req.is_finished:  # ended (stop, abort) at the step before: this extra token is dropped
+                continue
             token = result.token_ids[i]
             req.output_ids.append(token)
             req.first_token_time = req.first_token_time or now
             self._on_token_sampled(req, token, *self._logprobs_of(result, i, req))
+        for req in step.release_after:
+            self._free_pages(req)
 
     @staticmethod
-    def _take_prompt_logprobs(scheduled: list[tuple[Req, int]], logits):
+    def _take_prompt_logprobs(scheduled: list[tuple[Req, int]], logits, sampled: set[Req]):
         """Record the prompt logprobs of the rows ModelRunner.build_plan added for them; return the
-        rows to sample from (one per request whose last position was computed)."""
+        rows to sample from (one per request in `sampled`, those whose last position was computed)."""
         keep, row = [], 0
         for req, n in scheduled:
             k = prompt_logprob_rows(req, n)
@@ -302,7 +432,7 @@ class Scheduler:
                             for row_ids, row_vals in zip(ids.tolist(), vals.tolist(), strict=True)]  # fmt: skip
                 req.prompt_logprobs += [[c, t] for c, t in zip(chosen, tops, strict=True)]
                 row += k
-            if req.num_computed_tokens + n == req.seq_len:
+            if req in sampled:
                 keep.append(row)
                 row += 1
         return logits[keep]
@@ -357,8 +487,11 @@ class Scheduler:
 
     # ---- pages and finishing ----------------------------------------------------------
     def _release(self, req: Req) -> None:
-        self._free_pages(req)
         self.running.remove(req)
+        if self._inflight is not None and any(r is req for r, _ in self._inflight.scheduled):
+            self._inflight.release_after.append(req)  # NOTE: the step in flight may still write them
+            return
+        self._free_pages(req)
 
     def _free_pages(self, req: Req) -> None:
         """Give the request's pages back: whole computed pages to the prefix cache, the rest to the pool."""
