@@ -24,7 +24,7 @@ import logging
 import time
 
 from disagg.router.config import RouterConfig
-from disagg.router.proxy import fetch
+from disagg.router.legs import fetch
 from disagg.router.upstream import UPSTREAM_ERRORS, UpstreamPool
 from disagg.router.workers import BreakerState, Role, Worker, WorkerRegistry
 

@@ -18,7 +18,8 @@ from disagg.router import metrics
 from disagg.router.admission import Rejected
 from disagg.router.config import RouterConfig
 from disagg.router.errors import error_response
-from disagg.router.proxy import Call, ProxyStreamingResponse
+from disagg.router.legs import Call
+from disagg.router.responses import ProxyStreamingResponse
 from starlette.requests import Request
 from starlette.responses import Response
 

@@ -16,7 +16,7 @@ from disagg.router import metrics
 from disagg.router.admin import BadBody, admin_denied, has_key, json_object
 from disagg.router.config import RouterConfig
 from disagg.router.errors import error_response
-from disagg.router.proxy import fetch
+from disagg.router.legs import fetch
 from disagg.router.upstream import UPSTREAM_ERRORS
 from disagg.router.workers import Worker
 from prometheus_client import CONTENT_TYPE_LATEST

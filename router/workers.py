@@ -108,7 +108,7 @@ class Worker:
     health_failures: int = 0  # consecutive
     health_successes: int = 0
     was_healthy: bool = False  # passed a health check at least once
-    # legs in flight on this worker (proxy.Leg): failed when the worker is marked down
+    # legs in flight on this worker (legs.Leg): failed when the worker is marked down
     inflight: set = field(default_factory=set, repr=False)
     # NOTE: when any leg on it last got bytes (monotonic): a worker still sending is busy, not hung
     last_bytes: float = 0.0

@@ -12,7 +12,8 @@ import orjson
 from disagg.router.app import create_app
 from disagg.router.config import RouterConfig
 from disagg.router.health import HealthChecker, Probe
-from disagg.router.proxy import Leg, Proxy
+from disagg.router.legs import Leg
+from disagg.router.relay import stalled
 from disagg.router.streams import StreamState, continuation
 from disagg.router.workers import BreakerState, CircuitBreaker, Role, WorkerRegistry
 
@@ -231,17 +232,17 @@ def test_a_request_failure_gets_the_worker_probed_at_the_next_tick():
 def test_a_silent_stream_on_a_busy_worker_waits_on_a_silent_worker_is_marked_down():
     registry = WorkerRegistry(lambda url: CircuitBreaker(url, 1, 1, 60.0))
     worker = registry.add("http://127.0.0.1:9", Role.DECODE, healthy=True)
-    proxy = Proxy(RouterConfig(worker_stall_timeout=10, request_timeout_secs=100), registry, {}, None)
+    config = RouterConfig(worker_stall_timeout=10, request_timeout_secs=100)
     quiet, busy = Leg(worker), Leg(worker)
     quiet.start()
     busy.start()
     quiet.last_byte -= 20  # this stream got nothing for 20 s (e.g. retracted, waiting for KV pages)
     busy.got_bytes()  # while another stream on the worker just got bytes: busy, not hung
-    assert proxy._stalled(quiet) == b"" and worker.healthy and quiet.failure is None
+    assert stalled(config, quiet) == b"" and worker.healthy and quiet.failure is None
     quiet.last_byte -= 100  # but not past --request-timeout-secs
-    assert proxy._stalled(quiet)[0] == "worker_timeout" and worker.healthy
+    assert stalled(config, quiet)[0] == "worker_timeout" and worker.healthy
     worker.last_bytes -= 20  # no stream on it got anything: hung
-    code, message = proxy._stalled(busy)
+    code, message = stalled(config, busy)
     assert code == "worker_timeout" and "--worker-stall-timeout" in message and not worker.healthy
     quiet.end()
     busy.end()
