@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import httpx
+import pytest
 from disagg.common.config import env_cpu_threads
 
 from tests.procs import Process, free_port, kill_group, router, sglang_router, wait_until
@@ -91,6 +93,28 @@ class PDCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def pd_fixtures(answers: Callable[[str], dict]):
+    """The module fixtures of a test file that compares PD with a colocated server:
+    `colocated, pd = pd_fixtures(answers)`. `colocated` is what `answers(url)` reads from a colocated
+    server at PD_ARGS; `pd` a prefill + decode + router cluster, started after the colocated server
+    stopped (one deployment at a time: they share 2 cores)."""
+
+    @pytest.fixture(scope="module")
+    def colocated(default_model_path) -> dict:
+        srv = ServerProcess(*PD_ARGS, env=SERVER_ENV)
+        try:
+            return answers(srv.start().url)
+        finally:
+            srv.stop()
+
+    @pytest.fixture(scope="module")
+    def pd(colocated):
+        with PDCluster() as cluster:
+            yield cluster
+
+    return colocated, pd
 
 
 def stats(server: ServerProcess) -> dict:

@@ -11,8 +11,7 @@ import json
 import openai
 import pytest
 
-from tests.pd_helpers import PD_ARGS, SERVER_ENV, PDCluster, assert_pool_free
-from tests.server_helpers import ServerProcess
+from tests.pd_helpers import assert_pool_free, pd_fixtures
 
 pytestmark = pytest.mark.slow
 
@@ -72,26 +71,17 @@ def greedy_list(client: openai.OpenAI) -> list[str]:
     return [c.text for c in sorted(comp.choices, key=lambda c: c.index)]
 
 
-@pytest.fixture(scope="module")
-def colocated(default_model_path) -> dict:
-    """What a colocated server answers; stopped before the PD cluster starts (one deployment at a time)."""
-    srv = ServerProcess(*PD_ARGS, env=SERVER_ENV)
-    try:
-        client = _client(srv.start().url)
-        return {
-            "seeded": seeded_chat(client, stream=False),
-            "list": greedy_list(client),
-            "json": structured(client) if HAS_XGRAMMAR else None,
-            "tool": tool_call(client) if HAS_XGRAMMAR else None,
-        }
-    finally:
-        srv.stop()
+def colocated_answers(url: str) -> dict:
+    client = _client(url)
+    return {
+        "seeded": seeded_chat(client, stream=False),
+        "list": greedy_list(client),
+        "json": structured(client) if HAS_XGRAMMAR else None,
+        "tool": tool_call(client) if HAS_XGRAMMAR else None,
+    }
 
 
-@pytest.fixture(scope="module")
-def pd(colocated):
-    with PDCluster() as cluster:
-        yield cluster
+colocated, pd = pd_fixtures(colocated_answers)
 
 
 def test_n_choices_through_pd_sample_as_colocated(pd, colocated):

@@ -18,8 +18,7 @@ from disagg.common.server.protocol import APIError
 from disagg.common.server.serving import merge_streams
 from disagg.transfer.layout import PROTOCOL_VERSION, KVLayout, KVLayoutMismatchError
 
-from tests.pd_helpers import PD_ARGS, SERVER_ENV, PDCluster, assert_pool_free
-from tests.server_helpers import ServerProcess
+from tests.pd_helpers import assert_pool_free, pd_fixtures
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs, then"
 ECHO = {"prompt": PROMPT, "echo": True, "logprobs": 2, "max_tokens": 4, "temperature": 0}
@@ -91,25 +90,15 @@ def test_decode_helper_brings_the_prompt_logprobs_to_every_choice():
     assert [outs[i].prompt_logprobs for i in range(2)] == [[None, -1.0, -2.0]] * 2
 
 
-@pytest.fixture(scope="module")
-def colocated(default_model_path) -> dict:
-    """What a colocated server answers; stopped before the PD pair starts (one deployment at a time)."""
-    srv = ServerProcess(*PD_ARGS, env=SERVER_ENV)
-    try:
-        url = srv.start().url
-        return {
-            "one": complete(url, **ECHO)["choices"][0],
-            "two": complete(url, **{**ECHO, "n": 2})["choices"],
-            "stream": streamed(url, **ECHO),
-        }
-    finally:
-        srv.stop()
+def colocated_answers(url: str) -> dict:
+    return {
+        "one": complete(url, **ECHO)["choices"][0],
+        "two": complete(url, **{**ECHO, "n": 2})["choices"],
+        "stream": streamed(url, **ECHO),
+    }
 
 
-@pytest.fixture(scope="module")
-def pd(colocated):
-    with PDCluster() as cluster:
-        yield cluster
+colocated, pd = pd_fixtures(colocated_answers)
 
 
 @pytest.mark.slow

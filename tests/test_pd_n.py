@@ -18,7 +18,7 @@ from disagg.common.server.ipc import StrOut
 from disagg.common.server.openai_api import Job
 from disagg.common.server.serving import merge_streams
 
-from tests.pd_helpers import PD_ARGS, SERVER_ENV, PDCluster, assert_pool_free, is_idle, stats
+from tests.pd_helpers import assert_pool_free, is_idle, pd_fixtures, stats
 from tests.procs import wait_until
 from tests.server_helpers import ServerProcess, metric_value
 
@@ -91,24 +91,14 @@ def test_prefill_sends_each_prompt_once_and_decode_forks_it():
     assert started("decode", 1, 2) == a_list
 
 
-@pytest.fixture(scope="module")
-def colocated(default_model_path) -> dict:
-    """What a colocated server answers; stopped before the PD pair starts (one deployment at a time)."""
-    srv = ServerProcess(*PD_ARGS, env=SERVER_ENV)
-    try:
-        url = srv.start().url
-        return {
-            "greedy": texts(complete(url, prompt=PROMPT, **GREEDY))[0],
-            "seeded": texts(complete(url, prompt=STORY, n=3, **SEEDED)),
-        }
-    finally:
-        srv.stop()
+def colocated_answers(url: str) -> dict:
+    return {
+        "greedy": texts(complete(url, prompt=PROMPT, **GREEDY))[0],
+        "seeded": texts(complete(url, prompt=STORY, n=3, **SEEDED)),
+    }
 
 
-@pytest.fixture(scope="module")
-def pd(colocated):
-    with PDCluster() as cluster:
-        yield cluster
+colocated, pd = pd_fixtures(colocated_answers)
 
 
 def computed(server: ServerProcess) -> float:
