@@ -138,7 +138,9 @@ def fused_topk_ok(device: torch.device, num_experts: int, k: int, renormalize: b
         return False
     try:
         gen = torch.Generator(device=device).manual_seed(0)
-        logits = torch.randn(256, num_experts, device=device, generator=gen)  # float32: no ties
+        # NOTE: float32 explicitly: layers are built under a bf16 default dtype, and bf16 logits tie
+        # often (the kernel and torch may order tied experts differently: a false alarm)
+        logits = torch.randn(256, num_experts, device=device, generator=gen, dtype=torch.float32)
         weights, ids = fused_topk(logits, k, renormalize)
         want_w, want_ids = torch.softmax(logits, dim=-1).topk(k, dim=-1)
         if renormalize:
