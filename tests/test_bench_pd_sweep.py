@@ -42,3 +42,18 @@ def test_pd_sweep_measures_both_deployments(tmp_path):
     # every process group the sweep started (servers with their scheduler children, routers) is gone
     groups = {p["pid"] for rec in report["deployments"].values() for p in rec["processes"].values()}
     assert len(groups) == 5 and not groups & live_groups()
+
+
+def test_an_sm_split_runs_the_pd_servers_under_the_sweeps_own_mps_daemon(tmp_path):
+    from disagg.common.bench.pd_sweep import parse_args, pd_children
+
+    args = parse_args(["--out-dir", str(tmp_path), "--gpus", "0", "--decode-sm-percent", "40"])
+    assert args.mps  # an SM share means MPS
+    prefill, decode, router = pd_children(args)
+    pipe = str(tmp_path.resolve() / "mps" / "pipe")
+    assert prefill.env["CUDA_MPS_PIPE_DIRECTORY"] == decode.env["CUDA_MPS_PIPE_DIRECTORY"] == pipe
+    assert decode.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "40"
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in prefill.env
+    assert prefill.env["CUDA_VISIBLE_DEVICES"] == decode.env["CUDA_VISIBLE_DEVICES"] == "0"
+    with pytest.raises(SystemExit):  # MPS is NVIDIA's: refused on the CPU before anything starts
+        parse_args(["--out-dir", str(tmp_path), "--device", "cpu", "--mps"])

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import json
 import os
@@ -85,10 +86,40 @@ def server_flags(args: argparse.Namespace) -> list[str]:
             *shlex.split(args.server_args)]  # fmt: skip
 
 
-def gpu_env(args: argparse.Namespace, index: int) -> dict[str, str]:
+def gpu_env(args: argparse.Namespace, index: int, sm_percent: int | None = None) -> dict[str, str]:
+    """A server's environment: its GPU, and under --mps the daemon's pipe and its SM share."""
     if args.device == "cpu":
         return env_cpu_threads(1)  # NOTE: several servers share the cores
-    return {"CUDA_VISIBLE_DEVICES": args.gpus[index % len(args.gpus)]}
+    env = {"CUDA_VISIBLE_DEVICES": args.gpus[index % len(args.gpus)]}
+    if args.mps:
+        env |= mps_env(args)
+        if sm_percent:
+            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(sm_percent)
+    return env
+
+
+def mps_env(args: argparse.Namespace) -> dict[str, str]:
+    mps = Path(args.out_dir).resolve() / "mps"
+    return {"CUDA_MPS_PIPE_DIRECTORY": str(mps / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(mps / "log")}
+
+
+class MpsDaemon:
+    """NVIDIA's Multi-Process Service for the sweep (--mps): without it, two processes on one GPU
+    time-slice it (a prefill's kernels wait out the decode's and back); with it their kernels run
+    side by side, each on at most its --*-sm-percent of the SMs. A private pipe directory, so an
+    MPS daemon of the machine's own is left alone; stopped (`quit`) when the sweep ends."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.env = {**os.environ, **mps_env(args)}
+        for d in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
+            Path(self.env[d]).mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> MpsDaemon:
+        subprocess.run(["nvidia-cuda-mps-control", "-d"], env=self.env, check=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", env=self.env, check=False)
 
 
 def router_child(args: argparse.Namespace, legs: list[str]) -> Child:
@@ -114,8 +145,9 @@ def pd_children(args: argparse.Namespace) -> list[Child]:
     ]
     p_url, d_url = f"http://127.0.0.1:{p_port}", f"http://127.0.0.1:{d_port}"
     legs = ["--pd-disaggregation", "--prefill", p_url, str(bootstrap), "--decode", d_url]
-    return [Child("prefill", prefill, p_url + "/health", gpu_env(args, 0)),
-            Child("decode", decode, d_url + "/health", gpu_env(args, 1)), router_child(args, legs)]  # fmt: skip
+    return [Child("prefill", prefill, p_url + "/health", gpu_env(args, 0, args.prefill_sm_percent)),
+            Child("decode", decode, d_url + "/health", gpu_env(args, 1, args.decode_sm_percent)),
+            router_child(args, legs)]  # fmt: skip
 
 
 def colocated_children(args: argparse.Namespace) -> list[Child]:
@@ -408,6 +440,17 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     builders = {"pd": pd_children, "colocated": colocated_children}
+    with MpsDaemon(args) if args.mps else contextlib.nullcontext():
+        sweep(args, builders, report, out_dir, deadline, save, tokenizer)
+    report["total_s"] = time.monotonic() - started
+    write_outputs(report, out_dir)
+    failed = report.get("interrupted") or any(rec.get("error") for rec in report["deployments"].values())
+    return 1 if failed else 0
+
+
+def sweep(args: argparse.Namespace, builders: dict, report: dict, out_dir: Path, deadline: float, save,
+          tokenizer) -> None:  # fmt: skip
+    """Each deployment in turn: start it, measure every rate, stop it (what was measured is saved)."""
     try:
         for k, name in enumerate(args.deployments):
             # NOTE: each deployment gets an equal share of what is left of --max-total-s, start-up included
@@ -429,10 +472,6 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         report["interrupted"] = True
         print("interrupted: writing what was measured", file=sys.stderr, flush=True)
-    report["total_s"] = time.monotonic() - started
-    write_outputs(report, out_dir)
-    failed = report.get("interrupted") or any(rec.get("error") for rec in report["deployments"].values())
-    return 1 if failed else 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -457,6 +496,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="0,1",
         help="PD: prefill on the first, decode on the second; colocated: one replica each",
     )
+    p.add_argument(
+        "--mps",
+        action="store_true",
+        help="run the servers under an NVIDIA MPS daemon of the sweep's own (several servers on one GPU)",
+    )
+    p.add_argument("--prefill-sm-percent", type=int, default=None, help="--mps: the PD prefill's SM share")
+    p.add_argument("--decode-sm-percent", type=int, default=None, help="--mps: the PD decode's SM share")
     p.add_argument("--colocated-replicas", type=int, default=2)
     p.add_argument("--router-policy", default="round_robin")
     p.add_argument("--request-rates", default=None, help="comma list of req/s (Poisson), e.g. 2,4,8,12")
@@ -491,6 +537,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--num-prompts takes one count >= 1, or one per --request-rates")
     args.num_prompts = counts * len(args.request_rates) if len(counts) == 1 else counts
     args.gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    args.mps = args.mps or bool(args.prefill_sm_percent or args.decode_sm_percent)
+    if args.mps and args.device == "cpu":
+        p.error("--mps and --*-sm-percent need --device cuda")
     if args.warmup_requests is None:
         args.warmup_requests = 2 * max(1, args.colocated_replicas)
     serving.parse_goodput(args.goodput)  # a bad SLO fails now, not after the start-up
