@@ -31,28 +31,55 @@ DEFAULTS = {
 }
 
 
-def create_fake_app(name: str, record: bool = True) -> Starlette:
-    conf = dict(DEFAULTS)
-    log: dict[str, list] = {"requests": [], "aborts": [], "disconnects": [], "health_checks": [], "admin": []}
+class FakeWorker:
+    """One fake worker's steerable state (`conf`, set over /_fake/config) and what it received (`log`)."""
 
-    async def infer(request: Request) -> Response:
+    def __init__(self, name: str, record: bool = True):
+        self.name = name
+        self.record = record  # keep request bodies and health checks in the log (off in benchmarks)
+        self.conf = dict(DEFAULTS)
+        kinds = ("requests", "aborts", "disconnects", "health_checks", "admin")
+        self.log: dict[str, list] = {kind: [] for kind in kinds}  # GET /_fake/log answers it
+
+    def routes(self) -> list[Route]:
+        inference = ("/generate", "/v1/completions", "/v1/chat/completions")
+        routes = [Route(p, self.infer, methods=["POST"]) for p in inference]
+        routes += [
+            Route(p, self.info) for p in ("/v1/models", "/server_info", "/get_server_info", "/model_info")
+        ]
+        return routes + [
+            Route("/health", self.health),
+            Route("/health_generate", self.health),
+            Route("/abort_request", self.abort, methods=["POST"]),
+            Route("/flush_cache", self.admin_command, methods=["POST"]),
+            Route("/eplb_rebalance", self.admin_command, methods=["POST"]),
+            Route("/_fake/config", self.configure, methods=["POST"]),
+            Route("/_fake/log", self.get_log),
+            Route("/_fake/reset", self.reset, methods=["POST"]),
+        ]
+
+    # ---- inference -----------------------------------------------------------------------------
+
+    async def infer(self, request: Request) -> Response:
         raw = await request.body()
         body = json.loads(raw) if raw else {}
-        if record:
+        if self.record:
             headers = {k: v for k, v in request.headers.items() if k in ("authorization", "x-request-id")}
-            log["requests"].append({"path": request.url.path, "body": body, "headers": headers})
+            self.log["requests"].append({"path": request.url.path, "body": body, "headers": headers})
+        conf = self.conf
         if conf["delay_secs"]:
             await asyncio.sleep(conf["delay_secs"])
         if conf["mode"] == "fail":
-            error = {"message": f"{name} failing on purpose", "type": "server_error", "param": None}
+            error = {"message": f"{self.name} failing on purpose", "type": "server_error", "param": None}
             return JSONResponse({"error": {**error, "code": conf["status"]}}, status_code=conf["status"])
         if conf["mode"] == "hang":
-            return StreamingResponse(_hang(body), media_type="text/event-stream")
+            return StreamingResponse(self._hang(body), media_type="text/event-stream")
         if body.get("stream"):
-            return StreamingResponse(_sse(body), media_type="text/event-stream")
-        return JSONResponse(_answer(request.url.path, body))
+            return StreamingResponse(self._sse(body), media_type="text/event-stream")
+        return JSONResponse(self._answer(request.url.path, body))
 
-    def _answer(path: str, body: dict) -> dict:
+    def _answer(self, path: str, body: dict) -> dict:
+        name = self.name
         meta = {"worker": name, "bootstrap_room": body.get("bootstrap_room")}
         if path == "/generate":
             return {"text": f" from {name}", "meta_info": meta}
@@ -63,75 +90,76 @@ def create_fake_app(name: str, record: bool = True) -> Starlette:
             "meta_info": meta,
         }
 
-    async def _sse(body: dict):
+    async def _sse(self, body: dict):
         try:
-            for i in range(conf["chunks"]):
-                if conf["chunk_delay_secs"]:
-                    await asyncio.sleep(conf["chunk_delay_secs"])
-                yield f"data: {json.dumps({'worker': name, 'index': i, 'text': f' tok{i}'})}\n\n".encode()
+            for i in range(self.conf["chunks"]):
+                if self.conf["chunk_delay_secs"]:
+                    await asyncio.sleep(self.conf["chunk_delay_secs"])
+                yield f"data: {json.dumps({'worker': self.name, 'index': i, 'text': f' tok{i}'})}\n\n".encode()
             yield b"data: [DONE]\n\n"
         except BaseException:
-            log["disconnects"].append({"rid": body.get("rid"), "bootstrap_room": body.get("bootstrap_room")})
+            self._disconnected(body)
             raise
 
-    async def _hang(body: dict):
+    async def _hang(self, body: dict):
         try:
             await asyncio.Event().wait()
             yield b""
         except BaseException:
-            log["disconnects"].append({"rid": body.get("rid"), "bootstrap_room": body.get("bootstrap_room")})
+            self._disconnected(body)
             raise
 
-    async def health(request: Request) -> Response:
-        if record:
-            log["health_checks"].append(request.headers.get("authorization"))
-        return Response(status_code=200 if conf["healthy"] else 503)
+    def _disconnected(self, body: dict) -> None:
+        self.log["disconnects"].append({"rid": body.get("rid"), "bootstrap_room": body.get("bootstrap_room")})
 
-    async def abort(request: Request) -> Response:
-        log["aborts"].append(json.loads(await request.body() or b"{}"))
+    # ---- the other endpoints -------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        if self.record:
+            self.log["health_checks"].append(request.headers.get("authorization"))
+        return Response(status_code=200 if self.conf["healthy"] else 503)
+
+    async def abort(self, request: Request) -> Response:
+        self.log["aborts"].append(json.loads(await request.body() or b"{}"))
         return JSONResponse({"status": "ok"})
 
-    async def info(request: Request) -> Response:
+    async def info(self, request: Request) -> Response:
         return JSONResponse(
-            {"object": "list", "worker": name, "data": [{"id": "fake-model", "object": "model"}]}
+            {"object": "list", "worker": self.name, "data": [{"id": "fake-model", "object": "model"}]}
         )
 
-    async def admin_command(request: Request) -> Response:
+    async def admin_command(self, request: Request) -> Response:
         """/flush_cache and /eplb_rebalance: recorded, answered as the steered mode says."""
-        log["admin"].append({"path": request.url.path, "body": json.loads(await request.body() or b"{}")})
-        if conf["mode"] == "fail":
-            error = {"message": f"{name} refusing on purpose", "type": "invalid_request_error", "param": None}
-            return JSONResponse({"error": {**error, "code": "refused"}}, status_code=conf["status"])
-        return JSONResponse({"success": True, "worker": name})
+        self.log["admin"].append(
+            {"path": request.url.path, "body": json.loads(await request.body() or b"{}")}
+        )
+        if self.conf["mode"] == "fail":
+            error = {
+                "message": f"{self.name} refusing on purpose",
+                "type": "invalid_request_error",
+                "param": None,
+            }
+            return JSONResponse({"error": {**error, "code": "refused"}}, status_code=self.conf["status"])
+        return JSONResponse({"success": True, "worker": self.name})
 
-    async def configure(request: Request) -> Response:
-        conf.update(json.loads(await request.body() or b"{}"))
-        return JSONResponse(conf)
+    # ---- steering (/_fake/*) -------------------------------------------------------------------
 
-    async def get_log(request: Request) -> Response:
-        return JSONResponse(log)
+    async def configure(self, request: Request) -> Response:
+        self.conf.update(json.loads(await request.body() or b"{}"))
+        return JSONResponse(self.conf)
 
-    async def reset(request: Request) -> Response:
-        for entries in log.values():
+    async def get_log(self, request: Request) -> Response:
+        return JSONResponse(self.log)
+
+    async def reset(self, request: Request) -> Response:
+        for entries in self.log.values():
             entries.clear()
-        conf.update(DEFAULTS)
+        self.conf.update(DEFAULTS)
         return JSONResponse({"status": "ok"})
 
-    routes = [
-        Route(p, infer, methods=["POST"]) for p in ("/generate", "/v1/completions", "/v1/chat/completions")
-    ]
-    routes += [Route(p, info) for p in ("/v1/models", "/server_info", "/get_server_info", "/model_info")]
-    routes += [
-        Route("/health", health),
-        Route("/health_generate", health),
-        Route("/abort_request", abort, methods=["POST"]),
-        Route("/flush_cache", admin_command, methods=["POST"]),
-        Route("/eplb_rebalance", admin_command, methods=["POST"]),
-        Route("/_fake/config", configure, methods=["POST"]),
-        Route("/_fake/log", get_log),
-        Route("/_fake/reset", reset, methods=["POST"]),
-    ]
-    return Starlette(routes=routes)
+
+def create_fake_app(name: str, record: bool = True) -> Starlette:
+    return Starlette(routes=FakeWorker(name, record).routes())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,20 @@ from disagg.router.config import POLICY_NAMES, PrefillSpec, RouterConfig
 
 
 def add_router_args(parser: argparse.ArgumentParser) -> None:
+    """Every router flag, in --help's groups; defaults from RouterConfig."""
     d = RouterConfig()
+    _add_worker_args(parser, d)
+    _add_policy_args(parser, d)
+    _add_health_args(parser, d)
+    _add_serving_failure_args(parser, d)
+    _add_retry_args(parser, d)
+    _add_admission_args(parser, d)
+    _add_auth_args(parser, d)
+    _add_observability_args(parser, d)
+    _add_discovery_args(parser, d)
+
+
+def _add_worker_args(parser: argparse.ArgumentParser, d: RouterConfig) -> None:
     g = parser.add_argument_group("workers")
     g.add_argument("--host", default=d.host)
     g.add_argument("--port", type=int, default=d.port)
@@ -29,6 +42,9 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         help="prefill server URL and optional bootstrap port (a number or 'none'); repeat per server",
     )
     g.add_argument("--decode", action="append", default=[], metavar="URL", help="decode server URL; repeat")
+
+
+def _add_policy_args(parser: argparse.ArgumentParser, d: RouterConfig) -> None:
     g = parser.add_argument_group("routing policy")
     g.add_argument("--policy", default=d.policy, choices=POLICY_NAMES)
     g.add_argument("--prefill-policy", default=None, choices=POLICY_NAMES)
@@ -38,12 +54,18 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--balance-rel-threshold", type=float, default=d.balance_rel_threshold)
     g.add_argument("--eviction-interval-secs", type=float, default=d.eviction_interval_secs)
     g.add_argument("--max-tree-size", type=int, default=d.max_tree_size)
+
+
+def _add_health_args(parser: argparse.ArgumentParser, d: RouterConfig) -> None:
     g = parser.add_argument_group("health checks")
     g.add_argument("--health-check-interval-secs", type=float, default=d.health_check_interval_secs)
     g.add_argument("--health-check-timeout-secs", type=float, default=d.health_check_timeout_secs)
     g.add_argument("--health-failure-threshold", type=int, default=d.health_failure_threshold)
     g.add_argument("--health-success-threshold", type=int, default=d.health_success_threshold)
     g.add_argument("--health-check-endpoint", default=d.health_check_endpoint)
+
+
+def _add_serving_failure_args(parser: argparse.ArgumentParser, d: RouterConfig) -> None:
     g = parser.add_argument_group("failures while serving")
     g.add_argument(
         "--worker-stall-timeout",
@@ -57,6 +79,9 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         default=d.max_migrations,
         help="times a broken /generate stream is continued on another worker (0: end it with an error)",
     )
+
+
+def _add_retry_args(parser: argparse.ArgumentParser, d: RouterConfig) -> None:
     g = parser.add_argument_group("retries and circuit breaker")
     g.add_argument("--retry-max-retries", type=int, default=d.retry_max_retries, help="attempts in total")
     g.add_argument("--retry-initial-backoff-ms", type=float, default=d.retry_initial_backoff_ms)
@@ -68,6 +93,9 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--cb-success-threshold", type=int, default=d.cb_success_threshold)
     g.add_argument("--cb-timeout-duration-secs", type=float, default=d.cb_timeout_duration_secs)
     g.add_argument("--disable-circuit-breaker", action="store_true")
+
+
+def _add_admission_args(parser: argparse.ArgumentParser, d: RouterConfig) -> None:
     g = parser.add_argument_group("admission")
     g.add_argument(
         "--max-concurrent-requests", type=int, default=d.max_concurrent_requests, help="-1: no limit"
@@ -77,10 +105,16 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--request-timeout-secs", type=float, default=d.request_timeout_secs)
     g.add_argument("--max-payload-size", type=int, default=d.max_payload_size, help="bytes")
     g.add_argument("--shutdown-grace-period-secs", type=float, default=d.shutdown_grace_period_secs)
+
+
+def _add_auth_args(parser: argparse.ArgumentParser, d: RouterConfig) -> None:
     g = parser.add_argument_group("auth")
     g.add_argument("--api-key", default=None, help="clients must send 'Authorization: Bearer KEY'")
     g.add_argument("--worker-api-key", default=None, help="key sent to workers (default: --api-key)")
     g.add_argument("--admin-api-key", default=None, help="key for /workers management (default: --api-key)")
+
+
+def _add_observability_args(parser: argparse.ArgumentParser, d: RouterConfig) -> None:
     g = parser.add_argument_group("observability")
     g.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warn", "warning", "error"])
     g.add_argument(
@@ -91,6 +125,9 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--prometheus-host", default=d.prometheus_host)
     g.add_argument("--request-id-headers", nargs="*", default=list(d.request_id_headers))
+
+
+def _add_discovery_args(parser: argparse.ArgumentParser, d: RouterConfig) -> None:
     g = parser.add_argument_group("Kubernetes service discovery")
     g.add_argument("--service-discovery", action="store_true")
     g.add_argument("--selector", nargs="+", default=[], metavar="KEY=VALUE")
