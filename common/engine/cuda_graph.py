@@ -25,6 +25,25 @@ from disagg.common.models.deepseek import is_mla, softmax_scale
 logger = logging.getLogger(__name__)
 
 
+class PlanFence:
+    """Orders FlashInfer plans behind the previous plan's host-to-device copy.
+
+    NOTE: a plan fills a pinned host buffer that an async copy reads only when the stream gets
+    there; with a step in flight (the overlap scheduler) the next plan must not refill the buffer
+    before that copy ran. It runs right after the step before it, so `wait` rarely waits."""
+
+    def __init__(self) -> None:
+        self._event: torch.cuda.Event | None = None
+
+    def wait(self) -> None:
+        if self._event is not None:
+            self._event.synchronize()
+
+    def record(self) -> None:
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+
 def batch_buckets(max_bs: int) -> list[int]:
     sizes = [1, 2, 4, 8] + list(range(16, max_bs + 1, 8))
     return sorted({s for s in sizes if s <= max_bs} | {max_bs})
@@ -64,7 +83,7 @@ class _GraphDecodeBackend(AttentionBackend):
         )
         self.wrapper.plan(
             indptr,
-            indices.to(self.indices.device),
+            indices.to(self.indices.device, non_blocking=True),  # no stream sync: a step may be in flight
             last,
             self.num_qo_heads,
             self.pool.num_kv_heads,
@@ -130,6 +149,7 @@ class CudaGraphRunner:
         self.model, self.pool = model, pool
         device = pool.kv_buffer.device
         self.buckets = batch_buckets(max_bs)
+        self.plan_fence = PlanFence()
         max_pages = max_bs * ((max_context + pool.page_size - 1) // pool.page_size)
         self.workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)
         n = max_bs
@@ -201,6 +221,8 @@ class CudaGraphRunner:
         self.inputs[:, :padded].copy_(host, non_blocking=True)  # one host-to-device copy
         if future is not None:
             future.fill(self.input_ids)
+        self.plan_fence.wait()
         self.backends[padded].plan(plan.kv_lens + [1] * pad, plan.tables + [[self.pool.pad_page]] * pad)
+        self.plan_fence.record()
         self.graphs[padded].replay()
         return self.outputs[padded][:bs]

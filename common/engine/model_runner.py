@@ -13,6 +13,7 @@ from disagg.common.config import EngineConfig, cpu_threads
 from disagg.common.engine.attention import ForwardBatch, create_attention_backend
 from disagg.common.engine.kv_pool import KVPagePool, size_pool_pages
 from disagg.common.engine.request import Req, prompt_logprob_rows
+from disagg.common.engine.sampling import to_device
 from disagg.common.messages import message
 from disagg.common.models.decoder import (
     SUPPORTED_ARCHITECTURES,
@@ -138,6 +139,11 @@ class ModelRunner:
         # NOTE: set by forward() around its forward_plan only: the plan stays a plain host message
         # (broadcast to the other ranks, replayed by the benchmarks) while its future ids are filled in
         self._future: FutureIds | None = None
+        self._plan_fence = None
+        if self.device.type == "cuda":
+            from disagg.common.engine.cuda_graph import PlanFence
+
+            self._plan_fence = PlanFence()  # eager steps' attention plans (see PlanFence)
         self.graph_runner = self._capture_cuda_graphs()
         if self.device.type == "cuda":
             self._warm_up()
@@ -321,7 +327,7 @@ class ModelRunner:
                 rows.append(row)
                 src.append(pending[req])
             row += n
-        return FutureIds(torch.tensor([rows, src], dtype=torch.long, device=self.device), future)
+        return FutureIds(to_device([rows, src], torch.long, self.device), future)
 
     def forward_plan(self, plan: BatchPlan) -> torch.Tensor:
         if get_parallel().pp_size > 1:
@@ -335,7 +341,7 @@ class ModelRunner:
         """The plan as device tensors, with the attention backend prepared for it."""
 
         def tensor(x):
-            return torch.tensor(x, dtype=torch.long, device=self.device)
+            return to_device(x, torch.long, self.device)
 
         batch = ForwardBatch(
             input_ids=tensor(plan.ids),
@@ -350,5 +356,9 @@ class ModelRunner:
         )
         if self._future is not None:
             self._future.fill(batch.input_ids)
+        if self._plan_fence is not None:
+            self._plan_fence.wait()
         self.backend.prepare(batch)
+        if self._plan_fence is not None:
+            self._plan_fence.record()
         return batch

@@ -93,7 +93,7 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         # NOTE: decided on the host: a device-side `greedy.all()` would cost a sync every step
         if not all(r.sampling.is_greedy for r in reqs):
-            greedy = torch.tensor([r.sampling.is_greedy for r in reqs], device=self.device)
+            greedy = to_device([r.sampling.is_greedy for r in reqs], torch.bool, self.device)
             sampled = self._sample_random(logits, reqs, num_pending or [0] * len(reqs))
             tokens = torch.where(greedy, tokens, sampled)
         out = DeviceSample(tokens)
@@ -117,8 +117,8 @@ class Sampler:
             pairs = [(t, b) for t, b in reqs[i].sampling.logit_bias if 0 <= t < logits.shape[1]]
             if not pairs:
                 continue
-            ids = torch.tensor([int(t) for t, _ in pairs], device=self.device)
-            bias = torch.tensor([float(b) for _, b in pairs], device=self.device, dtype=logits.dtype)
+            ids = to_device([int(t) for t, _ in pairs], torch.long, self.device)
+            bias = to_device([float(b) for _, b in pairs], logits.dtype, self.device)
             bias = bias.masked_fill(bias <= BAN_BIAS, float("-inf"))
             logits[i].index_add_(0, ids, bias)
         return logits
@@ -169,7 +169,7 @@ class Sampler:
         logits = logits.clone()
         for i in rows:
             s = reqs[i].sampling
-            ids = torch.tensor(reqs[i].output_ids, device=self.device)
+            ids = to_device(reqs[i].output_ids, torch.long, self.device)
             counts = torch.zeros(logits.shape[1], device=self.device).scatter_add_(
                 0, ids, torch.ones_like(ids, dtype=torch.float)
             )
@@ -177,7 +177,7 @@ class Sampler:
         return logits
 
     def _sample_random(self, logits: torch.Tensor, reqs: list[Req], num_pending: list[int]) -> torch.Tensor:
-        temps = torch.tensor([max(r.sampling.temperature, 1e-5) for r in reqs], device=self.device)
+        temps = to_device([max(r.sampling.temperature, 1e-5) for r in reqs], torch.float32, self.device)
         probs = torch.softmax(logits / temps[:, None], dim=-1)
         probs = _filter_probs(probs, reqs, self.device)
         out = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
@@ -199,6 +199,15 @@ def compile_grammar(compiler, kind: str, spec: str):
     if kind == "regex":
         return compiler.compile_regex(spec)
     return compiler.compile_grammar(spec)  # ebnf
+
+
+def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without a stream sync.
+
+    NOTE: torch.tensor(data, device=cuda) copies with a stream synchronize, which waits for every
+    queued kernel (the overlap scheduler's step in flight). A non_blocking copy from pageable memory
+    is staged by the driver before it returns, so the host list may go at once."""
+    return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
 
 
 BAN_BIAS = -100.0  # OpenAI: "-100 should result in a ban"
@@ -223,9 +232,9 @@ def _filter_probs(probs: torch.Tensor, reqs: list[Req], device: torch.device) ->
         return probs
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     rank = torch.arange(probs.shape[1], device=device)[None, :]
-    k = torch.tensor([k if k > 0 else probs.shape[1] for k in top_k], device=device)[:, None]
-    p = torch.tensor(top_p, device=device)[:, None]
-    mp = torch.tensor(min_p, device=device)[:, None]
+    k = to_device([k if k > 0 else probs.shape[1] for k in top_k], torch.long, device)[:, None]
+    p = to_device(top_p, torch.float32, device)[:, None]
+    mp = to_device(min_p, torch.float32, device)[:, None]
     cum = sorted_probs.cumsum(dim=-1)
     drop = (rank >= k) | ((cum - sorted_probs) > p) | (sorted_probs < mp * sorted_probs[:, :1])
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
