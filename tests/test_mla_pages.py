@@ -151,3 +151,18 @@ def test_flashinfer_mla_backend_glue_gives_transformers_tokens(engines, tiny_v3)
         assert out["output_ids"] == hf_greedy(tiny_v3, prompt, 12)
     assert backend.wrapper.plans == prepared[0] >= 12  # one plan per forward, not one per layer
     assert_pool_clean(engine.scheduler)
+
+
+def test_float32_mla_model_runs_torch_attention_on_a_gpu(monkeypatch):
+    """FlashInfer's MLA kernels take 16-bit queries: on a GPU with FlashInfer, auto gives a float32
+    MLA model the torch backend and an explicit flashinfer is refused with the dtype named."""
+    from types import SimpleNamespace
+
+    from disagg.common.engine import attention
+    from disagg.common.engine.attention import TorchBackend, create_attention_backend
+
+    monkeypatch.setattr(attention, "_has_flashinfer", lambda: True)
+    pool = SimpleNamespace(dtype=torch.float32)
+    assert isinstance(create_attention_backend("auto_mla", torch.device("cuda"), pool=pool), TorchBackend)
+    with pytest.raises(ValueError, match="bfloat16"):
+        create_attention_backend("flashinfer_mla", torch.device("cuda"), pool=pool)

@@ -116,12 +116,17 @@ class TorchBackend(AttentionBackend):
         return out[a["out_rows"]]
 
 
+_FP16 = (torch.bfloat16, torch.float16)
+
+
 def create_attention_backend(name: str, device: torch.device, **kwargs) -> AttentionBackend:
     """`name`: auto, torch or flashinfer; an MLA model's names end in `_mla`
     (deepseek.attention_backend_for), and its flashinfer is the MLA kernels' backend."""
     base, mla = name.removesuffix("_mla"), name.endswith("_mla")
     if base == "auto":
-        base = "flashinfer" if device.type == "cuda" and _has_flashinfer() else "torch"
+        # NOTE: FlashInfer's MLA kernels take 16-bit queries only: a float32 MLA model runs torch
+        usable = device.type == "cuda" and _has_flashinfer() and (not mla or kwargs["pool"].dtype in _FP16)
+        base = "flashinfer" if usable else "torch"
     if base == "torch":
         return TorchBackend()
     if base == "flashinfer":
@@ -129,7 +134,13 @@ def create_attention_backend(name: str, device: torch.device, **kwargs) -> Atten
             raise ValueError("--attention-backend flashinfer needs a CUDA device")
         from disagg.common.engine.attention_flashinfer import FlashInferBackend, FlashInferMLABackend
 
-        return (FlashInferMLABackend if mla else FlashInferBackend)(device=device, **kwargs)
+        if not mla:
+            return FlashInferBackend(device=device, **kwargs)
+        if kwargs["pool"].dtype not in _FP16:
+            raise ValueError(
+                f"FlashInfer's MLA kernels need --dtype bfloat16 or float16, not {kwargs['pool'].dtype}"
+            )
+        return FlashInferMLABackend(device=device, **kwargs)
     raise ValueError(f"unknown attention backend {name!r} (choose auto, torch, flashinfer)")
 
 
