@@ -17,9 +17,9 @@ from disagg.common.server.launch_server import run_role
 
 
 def make_scheduler(config, disagg):
-    from disagg.prefill.scheduler import PrefillScheduler  # noqa: PLC0415
+    from disagg.prefill.scheduler import create_prefill_scheduler  # noqa: PLC0415
 
-    return PrefillScheduler(config, disagg=disagg)
+    return create_prefill_scheduler(config, disagg)
 
 
 def make_worker_hook(disagg, engine, runner):
@@ -28,8 +28,15 @@ def make_worker_hook(disagg, engine, runner):
     return make(disagg, engine, runner)
 
 
+def serve_bootstrap(disagg):
+    """--dp-size replicas: their controller serves the bootstrap port, so it outlives any one replica."""
+    from disagg.transfer.bootstrap import serve_for_replicas  # noqa: PLC0415
+
+    return serve_for_replicas(disagg.bootstrap_port)
+
+
 def main(argv: list[str] | None = None) -> None:
-    run_role("prefill", argv, make_scheduler, make_worker_hook)
+    run_role("prefill", argv, make_scheduler, make_worker_hook, replica_services=serve_bootstrap)
 
 
 if __name__ == "__main__":

@@ -18,22 +18,43 @@ from collections import deque
 
 from disagg.common.config import DisaggConfig, EngineConfig
 from disagg.common.engine.kv_pool import pages_for_tokens
+from disagg.common.engine.model_runner import ModelRunner
 from disagg.common.engine.request import Req, ReqStatus, SchedulerStats, TokenOut
 from disagg.common.engine.scheduler import Scheduler
+from disagg.common.parallel.dp_attention import DPAttentionScheduler, check_dp_attention
 from disagg.common.parallel.state import get_parallel
 from disagg.prefill.ranks import create_sender
 from disagg.transfer import TransferResult
-from disagg.transfer.coordinator import TransferCoordinator, transfer_error
+from disagg.transfer.coordinator import DPRankTransfer, TransferCoordinator, transfer_error
 from disagg.transfer.protocol import prompt_fingerprint
 
 logger = logging.getLogger(__name__)
 
 
+def create_prefill_scheduler(config: EngineConfig, disagg: DisaggConfig):
+    """The prefill server's scheduler: a `PrefillScheduler`, or under DP attention one per DP rank
+    inside a `DPAttentionScheduler` (room r is prefilled on DP rank r % D, whose ranks send its
+    pages; they register with the bootstrap as that DP rank's, where the decode asks for them)."""
+    if not config.enable_dp_attention:
+        return PrefillScheduler(config, disagg)
+    check_dp_attention(config)
+    if get_parallel().attn_dp_size == 1:  # --dp-size 1: plain TP
+        return PrefillScheduler(config, disagg)
+    runner = ModelRunner(config)
+    shared = TransferCoordinator(create_sender(disagg, runner, config), get_parallel().world_size)
+
+    def make(view, dp_rank: int) -> PrefillScheduler:
+        return PrefillScheduler(config, disagg, view, DPRankTransfer(shared, dp_rank))
+
+    return DPAttentionScheduler(config, runner, make, transfer=shared, by_room=True)
+
+
 class PrefillScheduler(Scheduler):
-    def __init__(self, config: EngineConfig, disagg: DisaggConfig):
-        super().__init__(config)
+    def __init__(self, config: EngineConfig, disagg: DisaggConfig, runner=None, transfer=None):
+        """`runner`, `transfer`: DP attention's (one DP rank's view and its DPRankTransfer)."""
+        super().__init__(config, runner)
         self.bootstrap_timeout = 2 * disagg.transfer_timeout + 5.0  # see _start_bootstrapped
-        self.transfer = TransferCoordinator(
+        self.transfer = transfer or TransferCoordinator(
             create_sender(disagg, self.runner, config), get_parallel().world_size
         )
         self.bootstrap: deque[Req] = deque()  # held back until the decode side asks (see _may_start_now)

@@ -151,12 +151,3 @@ def test_server_with_dp_attention_answers_concurrent_requests(models, default_mo
         server.stop()
     assert out == [hf_greedy(path, p, 8) for p in THEN]
     assert metric_value(metrics, "disagg_num_total_pages") == 2 * 512 // 4  # one pool per DP rank
-
-
-def test_a_prefill_server_refuses_dp_attention_at_start(capsys):
-    """(A decode server runs it: tests/test_pd_dp_attention.py.)"""
-    from disagg.common.server.launch_server import run_role
-
-    with pytest.raises(SystemExit):
-        run_role("prefill", ["--enable-dp-attention", "--tp", "2", "--dp-size", "2"])
-    assert "not supported by the prefill server" in capsys.readouterr().err

@@ -1,11 +1,16 @@
 """PD with data parallelism on either side (CPU, gloo): a decode at `--tp 2 --dp-size 2
 --enable-dp-attention --ep 2` picks each request's DP rank and that rank's pool receives the pages;
+a prefill with the same DP attention prefills room r on DP rank `r % 2`, whose rank sends the pages;
 a prefill at `--dp-size 2` (replicas) serves each room from replica `room % 2` behind one bootstrap
-port. Greedy tokens equal transformers' float32 ones token for token, and every pool is free after."""
+port, served by the replicas' controller so that one replica's death leaves the other serving.
+Greedy tokens equal transformers' float32 ones token for token, and every pool is free after."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
+import signal
+import time
 
 import httpx
 import pytest
@@ -142,6 +147,78 @@ def test_one_bootstrap_port_answers_for_every_prefill_replica():
         server.close()
 
 
+def test_the_prefill_dp_rank_of_a_room_is_room_mod_d_whatever_data_parallel_rank_says():
+    """A DP-attention prefill places room r on DP rank r % D (where the decode asks for it): the
+    body's data_parallel_rank is the decode's choice, neither used nor range-checked here; a request
+    without a room (a health check) goes to the least loaded DP rank. Its SendPagesOps carry the DP
+    rank, so only that DP rank's ranks (which hold the pages) send them."""
+    import types
+
+    import torch
+    from disagg.common.config import EngineConfig
+    from disagg.common.engine.request import Req, SamplingParams
+    from disagg.common.parallel.dp_attention import DPAttentionScheduler
+    from disagg.transfer.coordinator import DPRankTransfer, RankTransfer, TransferCoordinator
+
+    from tests.test_pd_units import FakeEngine
+
+    pool = types.SimpleNamespace(num_pages=8, page_size=4, num_kv_heads=1, head_dim=2, dtype=torch.float32)
+    runner = types.SimpleNamespace(pool=pool, device=torch.device("cpu"), tokenizer=None, hf_config=None,
+                                   model_path="m", context_length=64)  # fmt: skip
+    config = EngineConfig(tp=2, dp_size=2, enable_dp_attention=True)
+    s = DPAttentionScheduler(config, runner, lambda view, d: FakeDPRank(), transfer=DPRankTransferStub(),
+                             by_room=True)  # fmt: skip
+    for rid, room, dp_rank in (("a", 11, 0), ("b", 13, None), ("c", 4, 7), ("d", None, None), ("e", None, 9)):
+        s.add_request(Req(rid, [1, 2], SamplingParams(), bootstrap_room=room, data_parallel_rank=dp_rank,
+                          bootstrap_host=None if room is None else "h", bootstrap_port=None if room is None else 1))  # fmt: skip
+    assert [r.reqs for r in s.schedulers] == [
+        ["c", "d"],
+        ["a", "b", "e"],
+    ]  # d, then e (a tie, in turn): least loaded
+    assert s.step() == []  # nothing refused
+
+    shared = TransferCoordinator(RankTransfer(FakeEngine()), 2)
+    shared.ranks_per_dp = 1  # (this test process has no DP attention groups)
+    DPRankTransfer(shared, 1).send(13, [2, 3], 0, False, fingerprint=9)
+    assert [(op.room, op.dp_rank) for op in shared.ops] == [(13, 1)]
+    skipped = RankTransfer(FakeEngine())  # a rank of DP rank 0 (this process's attn_dp_rank)
+    skipped.run(shared.ops)
+    assert skipped.engine.calls == []
+    # another DP rank's rooms count as asked for: rank 0's sender never hears of them
+    assert DPRankTransfer(shared, 1).requested_rooms([13]) == {13}
+
+
+def test_the_bootstrap_answers_a_dead_replicas_rooms_with_an_error_at_once():
+    """With --dp-size replicas the controller serves the bootstrap and marks a replica that died:
+    a decode asking for its ranks gets an error at once (not a wait for ranks that never come), the
+    other replica is still answered and the replica count still known."""
+    from disagg.transfer.bootstrap import (
+        BootstrapError,
+        query_prefill_dp_size,
+        query_prefill_ranks,
+        register_prefill_rank,
+        serve_for_replicas,
+    )
+    from disagg.transfer.layout import KVLayout
+    from disagg.transfer.protocol import RegisterPrefillRankMsg
+
+    server = serve_for_replicas(0)
+    try:
+        for dp_rank in (0, 1):
+            layout = KVLayout(2, 4, 2, 16, "float32", tp_rank=0, tp_size=1)
+            msg = RegisterPrefillRankMsg(layout, "127.0.0.1", 9000 + dp_rank, dp_rank, 2)
+            register_prefill_rank("127.0.0.1", server.port, msg)
+        server.replica_died(0)
+        start = time.monotonic()
+        with pytest.raises(BootstrapError, match="replica 0 is down"):
+            query_prefill_ranks("127.0.0.1", server.port, timeout_s=30, dp_rank=0)
+        assert time.monotonic() - start < 10  # not the 30 s wait for ranks
+        assert [r.port for r in query_prefill_ranks("127.0.0.1", server.port, dp_rank=1)] == [9001]
+        assert query_prefill_dp_size("127.0.0.1", server.port) == 2
+    finally:
+        server.close()
+
+
 def model_args(path: str, tokenizer: str) -> list[str]:
     return ["--model-path", path, "--tokenizer-path", tokenizer, "--page-size", "4"]
 
@@ -193,19 +270,77 @@ def post_pd(pd: PDCluster, ids: list[int], room: int) -> list[int]:
     return out
 
 
+def uneven_rooms(pd: PDCluster) -> tuple[list[int], list[list[int]]]:
+    """FIRST alone in room 1 (DP rank / replica 1; 0 idle), then THEN concurrently in rooms 2, 4
+    (DP rank / replica 0) and 5 (1)."""
+    first = post_pd(pd, FIRST, room=1)
+    with cf.ThreadPoolExecutor(len(THEN)) as pool:
+        then = list(pool.map(lambda a: post_pd(pd, *a), zip(THEN, [2, 4, 5], strict=True)))
+    return first, then
+
+
 @pytest.mark.slow
-def test_pd_prefill_with_two_replicas_gives_transformers_tokens(moe_path, default_model_path):
-    """Room r is prefilled by replica r % 2 and its pages reach the decode from that replica."""
+def test_pd_prefill_with_dp_attention_gives_transformers_tokens(moe_path, default_model_path):
+    """Prefill `--tp 2 --dp-size 2 --enable-dp-attention --ep 2` -> decode `--tp 1`: room r is
+    prefilled on DP rank r % 2 (the other runs idle steps), whose rank sends the pages."""
+    args = model_args(moe_path, default_model_path)
+    with PDCluster(prefill_args=[*args, *DP_ATTENTION], decode_args=args, router=None) as pd:
+        first, then = uneven_rooms(pd)
+        assert_pool_free(pd.prefill)  # both DP ranks' pools
+        assert_pool_free(pd.decode)
+    assert first == hf_greedy(moe_path, FIRST, MAX_TOKENS)
+    assert then == [hf_greedy(moe_path, ids, MAX_TOKENS) for ids in THEN]
+
+
+def replica_pid(server, dp_rank: int) -> int:
+    info = httpx.get(server.url + "/server_info", timeout=10).json()
+    return next(r["pid"] for r in info["internal_states"][0]["dp_replicas"] if r["dp_rank"] == dp_rank)
+
+
+def kill_replica_and_check_the_other_serves(pd: PDCluster, expected: list[int]) -> None:
+    """SIGKILL replica 0's scheduler process (not the server; it used to carry the bootstrap): a
+    room of replica 0 ends with typed errors on both legs within seconds; a room of replica 1 still
+    gives the tokens."""
+    os.kill(replica_pid(pd.prefill, 0), signal.SIGKILL)  # a process this test's server started
+    killed = time.monotonic()
+    up = lambda: metric_value(httpx.get(pd.prefill.url + "/metrics", timeout=10).text,  # noqa: E731
+                              "disagg_dp_replica_up", dp_rank="0")  # fmt: skip
+    while up() != 0 and time.monotonic() < killed + 30:
+        time.sleep(0.2)
+    assert up() == 0
+    assert httpx.get(pd.prefill.url + "/health", timeout=10).status_code == 200  # replica 1 still serves
+    # NOTE: past the decode's heartbeat timeout (5 s) it has dropped its connection to replica 0 and
+    # must ask the bootstrap again (replica 0's used to be gone with it: no answer for 10 s)
+    time.sleep(max(0.0, killed + 9 - time.monotonic()))
+    pd_fields = {"bootstrap_host": "127.0.0.1", "bootstrap_port": pd.bootstrap_port, "bootstrap_room": 8}
+    start = time.monotonic()
+    with cf.ThreadPoolExecutor(2) as pool, pd.prefill.client() as p, pd.decode.client() as d:
+        prefill, decode = (pool.submit(generate, c, THEN[0], **pd_fields) for c in (p, d))
+        prefill, decode = prefill.result(), decode.result()
+    took = time.monotonic() - start
+    assert prefill.status_code == 502 and prefill.json()["error"]["code"] == "replica_failed", prefill.text
+    assert decode.status_code == 502 and decode.json()["error"]["code"] == "kv_transfer_failed", decode.text
+    assert "replica 0 is down" in decode.text, decode.text  # the bootstrap (the controller's) said so
+    assert took < 8, took  # at once, not after the room timeout (10 s)
+    assert post_pd(pd, THEN[0], room=7) == expected  # replica 1
+
+
+@pytest.mark.slow
+def test_pd_prefill_with_two_replicas_gives_transformers_tokens_and_survives_one_dying(
+    moe_path, default_model_path
+):
+    """Room r is prefilled by replica r % 2 and its pages reach the decode from that replica. Then
+    replica 0 dies: the bootstrap (the controller's) still answers for replica 1."""
     args = model_args(moe_path, default_model_path)
     with PDCluster(prefill_args=[*args, "--dp-size", "2"], decode_args=args, router=None) as pd:
-        first = post_pd(pd, FIRST, room=1)  # replica 1 alone; replica 0 idle
-        with cf.ThreadPoolExecutor(len(THEN)) as pool:  # rooms 2, 4 to replica 0, room 5 to replica 1
-            then = list(pool.map(lambda a: post_pd(pd, *a), zip(THEN, [2, 4, 5], strict=True)))
+        first, then = uneven_rooms(pd)
         text = httpx.get(pd.prefill.url + "/metrics", timeout=10).text
         dispatched = [
             metric_value(text, "disagg_dp_dispatched_requests_total", dp_rank=str(i)) for i in (0, 1)
         ]
         assert_pool_free(pd.prefill)  # every replica's pool
+        assert_pool_free(pd.decode)
+        kill_replica_and_check_the_other_serves(pd, then[0])
         assert_pool_free(pd.decode)
     assert dispatched[0] >= 2 and dispatched[1] >= 2  # (plus the health checks, placed by round robin)
     assert first == hf_greedy(moe_path, FIRST, MAX_TOKENS)

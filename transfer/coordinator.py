@@ -50,6 +50,7 @@ class SendPagesOp:
     is_last: bool
     metadata: dict[str, Any] = field(default_factory=dict)
     fingerprint: int = 0  # the room's first send: the prompt's (protocol.prompt_fingerprint)
+    dp_rank: int | None = None  # DP attention: only this DP rank's ranks hold the pages (None: every rank)
 
 
 @message
@@ -230,7 +231,7 @@ class TransferCoordinator:
         self.ops: list[SendPagesOp | ExpectRoomOp | AbortRoomOp] = []
         self.open_rooms: set[Room] = set()  # rooms given to the ranks and not finished on all of them
         self._partial: dict[Room, dict[int, TransferResult]] = {}  # room -> tp rank -> its result
-        self.dp_ranks: dict[Room, int] = {}  # DP attention: open room -> the DP rank receiving it
+        self.dp_ranks: dict[Room, int] = {}  # DP attention: open room -> the DP rank receiving or sending it
         self.ranks_per_dp = tp_size // get_parallel().attn_dp_size
         # NOTE: only with tp 1 is rank 0's engine the whole story; with tp > 1 the scheduler polls
         self.waker = TransferWaker(local.engine) if tp_size == 1 else None
@@ -257,9 +258,13 @@ class TransferCoordinator:
         return IDLE_WAIT_MS if self.waker is not None and not retrying else POLL_MS
 
     def send(self, room: Room, pages: list[int], page_offset: int, is_last: bool, metadata=None,
-             fingerprint: int = 0) -> None:  # fmt: skip
+             fingerprint: int = 0, dp_rank: int | None = None) -> None:  # fmt: skip
         self.open_rooms.add(room)
-        self.ops.append(SendPagesOp(room, list(pages), page_offset, is_last, metadata or {}, fingerprint))
+        if dp_rank is not None:
+            self.dp_ranks[room] = dp_rank
+        self.ops.append(
+            SendPagesOp(room, list(pages), page_offset, is_last, metadata or {}, fingerprint, dp_rank)
+        )
 
     def expect(self, room: Room, host: str, port: int, pages: list[int], fingerprint: int = 0,
                dp_rank: int | None = None) -> None:  # fmt: skip
@@ -342,10 +347,11 @@ class TransferCoordinator:
 
 
 class DPRankTransfer:
-    """DP attention (decode): one DP rank's handle on the `TransferCoordinator` its server's DP ranks
-    share, with the coordinator's interface for that DP rank's scheduler. Its rooms are received by
-    its DP rank's ranks only; the DP scheduler flushes the coordinator once per step and `deliver`s
-    the results, so `flush` returns this DP rank's rooms among them."""
+    """DP attention (decode or prefill): one DP rank's handle on the `TransferCoordinator` its
+    server's DP ranks share, with the coordinator's interface for that DP rank's scheduler. Its rooms
+    are received (decode) or sent (prefill) by its DP rank's ranks only; the DP scheduler flushes the
+    coordinator once per step and `deliver`s the results, so `flush` returns this DP rank's rooms
+    among them."""
 
     def __init__(self, coordinator: TransferCoordinator, dp_rank: int):
         self.coordinator, self.dp_rank = coordinator, dp_rank
@@ -367,6 +373,18 @@ class DPRankTransfer:
     def expect(self, room: Room, host: str, port: int, pages: list[int], fingerprint: int = 0) -> None:
         self.open_rooms.add(room)
         self.coordinator.expect(room, host, port, pages, fingerprint, dp_rank=self.dp_rank)
+
+    def send(self, room: Room, pages: list[int], page_offset: int, is_last: bool, metadata=None,
+             fingerprint: int = 0) -> None:  # fmt: skip
+        self.open_rooms.add(room)
+        self.coordinator.send(room, pages, page_offset, is_last, metadata, fingerprint, dp_rank=self.dp_rank)
+
+    def requested_rooms(self, rooms: list[Room]) -> set[Room]:
+        """Prefill: the rooms whose decode side has said where its pages are. Only rank 0's sender
+        can be asked, and it is DP rank 0's: another DP rank's rooms count as asked for.
+        NOTE: so those start at once even under pool pressure (`PrefillScheduler._may_start_now`);
+        their chunks wait in the sender until the decode asks, and the room timeout frees them."""
+        return self.coordinator.requested_rooms(rooms) if self.dp_rank == 0 else set(rooms)
 
     def abort(self, room: Room) -> None:
         self.coordinator.abort(room)

@@ -116,7 +116,7 @@ class KVSender(TransferBase):
         layout: KVLayout,
         bootstrap_host: str,
         bootstrap_port: int,
-        serve_bootstrap: bool | None = None,  # default: rank 0 (of replica 0) serves it
+        serve_bootstrap: bool | None = None,  # default: rank 0 (of DP rank 0) serves it
         host: str | None = None,  # address decode ranks reach this rank's UCX listener at
         timeout_s: float = 30.0,
         heartbeat_s: float = 1.0,
@@ -138,8 +138,8 @@ class KVSender(TransferBase):
         self.host = host or default_host()
         self.port = self._listener.port
         info = RegisterPrefillRankMsg(layout, self.host, self.port, dp_rank, dp_size)
-        # NOTE: the replicas start side by side: another replica's rank may come up before replica 0
-        # serves the bootstrap (the request waits in ZMQ's queue until it does)
+        # NOTE: a bootstrap served elsewhere may come up after this rank (the request waits in ZMQ's
+        # queue until it does); --dp-size replicas' controller serves it before they start
         register_prefill_rank(
             bootstrap_host, bootstrap_port, info, 10.0 if dp_rank == 0 else REPLICA_REGISTER_TIMEOUT_S
         )

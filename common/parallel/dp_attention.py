@@ -195,10 +195,14 @@ class DPAttentionScheduler:
     `make_scheduler(runner, dp_rank)` builds DP rank d's scheduler over rank 0's runner (d = 0) or a
     `RankView` (default: the colocated `Scheduler`). A PD decode passes its own, each with a
     `transfer.coordinator.DPRankTransfer` of `transfer`, the coordinator its DP ranks share: it is
-    flushed here once per step and each room's result handed to the DP rank that expects it."""
+    flushed here once per step and each room's result handed to the DP rank that expects it.
+
+    `by_room` (a PD prefill): a request with a bootstrap room goes to DP rank room % D, where the
+    decode looks for it (SGLang's rule; the bootstrap answers that DP rank's ranks), one without
+    (a health check) to the least loaded; `data_parallel_rank` is the decode's choice, not looked at."""
 
     def __init__(self, config: EngineConfig, runner: ModelRunner | None = None, make_scheduler=None,
-                 transfer=None):  # fmt: skip
+                 transfer=None, by_room: bool = False):  # fmt: skip
         from disagg.common.engine.model_runner import ModelRunner
         from disagg.common.engine.scheduler import Scheduler
 
@@ -213,6 +217,7 @@ class DPAttentionScheduler:
         self._turn = 0
         self._rejected: list[TokenOut] = []  # refused in add_request (a 4xx), answered with the next step
         self._rooms: dict[str, int] = {}  # PD: rid -> bootstrap room, while the request lives
+        self.by_room = by_room
 
     def add_request(self, req: Req) -> None:
         error = self._check_request(req)
@@ -220,18 +225,27 @@ class DPAttentionScheduler:
             self._rejected.append(TokenOut(req.rid, [], finished=True, finish_reason="abort", error=error,
                                            prompt_tokens=len(req.input_ids)))  # fmt: skip
             return
-        d = self._least_loaded() if req.data_parallel_rank is None else req.data_parallel_rank
-        self._dp_rank_of[req.rid] = d
+        self._dp_rank_of[req.rid] = d = self._dp_rank_for(req)
         if self.transfer is not None and req.bootstrap_room is not None:
             self._rooms[req.rid] = req.bootstrap_room
         self.schedulers[d].add_request(req)
 
+    def _dp_rank_for(self, req: Req) -> int:
+        if self.by_room:  # a PD prefill: data_parallel_rank is the decode's
+            return (
+                self._least_loaded()
+                if req.bootstrap_room is None
+                else req.bootstrap_room % len(self.schedulers)
+            )
+        return self._least_loaded() if req.data_parallel_rank is None else req.data_parallel_rank
+
     def _check_request(self, req: Req) -> str | None:
-        d = req.data_parallel_rank
+        d = None if self.by_room else req.data_parallel_rank
         if d is not None and not 0 <= d < len(self.schedulers):
             return f"data_parallel_rank {d} is out of range: this server has {len(self.schedulers)} DP ranks"
         # NOTE: each DP rank checks its own rooms; a room on two DP ranks would have two receivers
-        if self.transfer is not None and req.bootstrap_room in self._rooms.values():
+        # (by room, one room always lands on one DP rank, which refuses it there)
+        if self.transfer is not None and not self.by_room and req.bootstrap_room in self._rooms.values():
             return f"bootstrap_room {req.bootstrap_room} is already in use on this decode server"
         return None
 

@@ -11,6 +11,8 @@ replica's GPUs are `--base-gpu-id + i*tp` onwards, through CUDA_VISIBLE_DEVICES)
 picks a replica per request (`--load-balance-method`), sends aborts to the replica holding the
 request, merges the replicas' stats into one answer (the sum, plus one entry per replica) and, when
 a replica dies, ends its requests with a `REPLICA_FAILED` error instead of leaving them waiting.
+What serves every replica and must outlive any one of them runs here too (`services`: a PD
+prefill's bootstrap server, told when a replica dies).
 Seeing every output is what makes the load exact: a replica's load is the requests it was given
 and has not finished, and their tokens (prompt + generated so far), as its own outputs report them.
 """
@@ -210,8 +212,12 @@ class PendingPing:
 
 class DataParallelController:
     def __init__(self, engine: EngineConfig, ipc: IpcNames, scheduler_target: Callable, method: str,
-                 base_gpu_id: int = 0, log_level: str = "info", route_by_room: bool = False):  # fmt: skip
+                 base_gpu_id: int = 0, log_level: str = "info", route_by_room: bool = False,
+                 services: Callable | None = None):  # fmt: skip
         self.log_level = log_level
+        # `services()` starts before the replicas; the object it returns hears `replica_died(dp_rank)`
+        # and `close()` (a PD prefill's bootstrap server: replicas register with it as they start)
+        self.make_services, self.services = services, None
         # a PD prefill: a request with a bootstrap room goes to replica room % N, where the decode
         # looks for it (SGLang's rule); the load-balance method places the others
         self.route_by_room = route_by_room
@@ -236,6 +242,8 @@ class DataParallelController:
         # NOTE: the launcher starts this process as a daemon, and daemons may not have children
         mp.current_process().daemon = False
         set_default_cpu_threads(self.engine.dp_size * self.engine.tp)  # replicas split the cores
+        if self.make_services is not None:
+            self.services = self.make_services()
         conns = [self._spawn(i) for i in range(self.engine.dp_size)]
         infos = [self._wait_ready(r, c) for r, c in zip(self.replicas, conns, strict=True)]
         return {**infos[0], "status": "ready"}
@@ -389,6 +397,8 @@ class DataParallelController:
         for rid in replica.reqs:
             self.owner.pop(rid, None)
         replica.reqs.clear()
+        if self.services is not None:
+            self.services.replica_died(replica.dp_rank)
         if outs:
             self.to_detok.send(encode(BatchTokenOutMsg([], outs)))
         for sub_id in [i for i, dp_rank in self.sub_pings.items() if dp_rank == replica.dp_rank]:
@@ -408,6 +418,8 @@ class DataParallelController:
                 r.proc.kill()
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
+        if self.services is not None:
+            self.services.close()
 
 
 def _drain(sock: zmq.Socket) -> list:
@@ -422,7 +434,7 @@ def _drain(sock: zmq.Socket) -> list:
 def run_data_parallel_controller(engine: EngineConfig, ipc: IpcNames, ready_conn, log_level: str = "info",
                                  scheduler_target: Callable | None = None, method: str = "round_robin",
                                  base_gpu_id: int = 0, name: str = "dp-controller",
-                                 route_by_room: bool = False) -> None:  # fmt: skip
+                                 route_by_room: bool = False, services: Callable | None = None) -> None:  # fmt: skip
     """Spawn target (in place of the scheduler process): start the replicas, say ready, proxy."""
     die_with_parent()
     setup_child_logging(log_level, name)
@@ -430,7 +442,7 @@ def run_data_parallel_controller(engine: EngineConfig, ipc: IpcNames, ready_conn
     if scheduler_target is None:
         from disagg.common.server.scheduler_process import run_scheduler_process as scheduler_target
     controller = DataParallelController(
-        engine, ipc, scheduler_target, method, base_gpu_id, log_level, route_by_room
+        engine, ipc, scheduler_target, method, base_gpu_id, log_level, route_by_room, services
     )
     try:
         info = controller.start()

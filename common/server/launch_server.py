@@ -159,16 +159,17 @@ def num_replicas(engine: EngineConfig) -> int:
 
 
 def with_data_parallel(engine: EngineConfig, server: ServerConfig, scheduler_target: Callable,
-                       role: str = "server") -> Callable:  # fmt: skip
+                       role: str = "server", replica_services: Callable | None = None) -> Callable:  # fmt: skip
     """--dp-size N > 1 (without DP attention): the scheduler process becomes the dispatcher of N replicas
-    (a prefill's: each room to replica room % N, where the decode looks for it)."""
+    (a prefill's: each room to replica room % N, where the decode looks for it). `replica_services()`
+    runs in the controller before the replicas start (a prefill's bootstrap server)."""
     if num_replicas(engine) == 1:
         return scheduler_target
     if engine.nnodes > 1:
         raise RuntimeError("--dp-size replicas run on one node (not yet with --nnodes > 1)")
     return functools.partial(run_data_parallel_controller, scheduler_target=scheduler_target,
                              method=server.load_balance_method, base_gpu_id=server.base_gpu_id,
-                             route_by_room=role == "prefill")  # fmt: skip
+                             route_by_room=role == "prefill", services=replica_services)  # fmt: skip
 
 
 def start_children(engine: EngineConfig, server: ServerConfig, ipc: IpcNames, scheduler_target: Callable):
@@ -226,13 +227,14 @@ def stop_children(procs, timeout: float = 5.0) -> None:
 
 
 def launch(engine: EngineConfig, server: ServerConfig, scheduler_target: Callable = run_scheduler_process,
-           role: str = "server", extra_info: dict | None = None) -> None:  # fmt: skip
+           role: str = "server", extra_info: dict | None = None,
+           replica_services: Callable | None = None) -> None:  # fmt: skip
     """Run a server until a signal stops it. Prefill/decode servers pass their own scheduler target."""
     engine = engine.replace(model_path=resolve_model_path(engine.model_path))
     server = dataclasses.replace(server, tokenizer_path=tokenizer_path_for(engine, server))
     ipc = IpcNames.new()
     procs, conns = start_children(
-        engine, server, ipc, with_data_parallel(engine, server, scheduler_target, role)
+        engine, server, ipc, with_data_parallel(engine, server, scheduler_target, role, replica_services)
     )
     try:
         infos = wait_ready(procs, conns)
@@ -257,10 +259,13 @@ def launch(engine: EngineConfig, server: ServerConfig, scheduler_target: Callabl
         logger.info("server stopped")
 
 
-def run_role(role: str, argv: list[str] | None = None, scheduler_cls=None, worker_hook=None) -> None:
+def run_role(role: str, argv: list[str] | None = None, scheduler_cls=None, worker_hook=None,
+             replica_services=None) -> None:  # fmt: skip
     """Parse the flags of `role` and serve until stopped: the colocated server ("server") or a PD
     server ("prefill"/"decode"), whose `scheduler_cls(config, disagg=...)` runs on rank 0 and
-    `worker_hook(disagg, engine, runner)` on the other ranks (the KV transfer of each rank)."""
+    `worker_hook(disagg, engine, runner)` on the other ranks (the KV transfer of each rank).
+    `replica_services(disagg)`: with --dp-size replicas, what their controller runs for all of them
+    (data_parallel.DataParallelController: the prefill's bootstrap server)."""
     pd = role in PD_ROLES
     parser = argparse.ArgumentParser(prog=f"launch_{role}", description=__doc__.split("\n\n")[0]
                                      if not pd else f"The {role} server of a PD deployment")  # fmt: skip
@@ -277,16 +282,13 @@ def run_role(role: str, argv: list[str] | None = None, scheduler_cls=None, worke
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format=f"%(asctime)s [{log_name}] %(levelname)s %(name)s: %(message)s")  # fmt: skip
     engine = EngineConfig.from_args(args)
-    make_scheduler, hook, info = None, None, None
-    if role == "prefill" and engine.enable_dp_attention:  # a prefill's DP ranks would each need a sender
-        parser.error(
-            "--enable-dp-attention: not supported by the prefill server yet (the decode supports it)"
-        )
+    make_scheduler, hook, info, services = None, None, None, None
     if pd:
         disagg = DisaggConfig.from_args(args, role)
         make_scheduler = functools.partial(scheduler_cls, disagg=disagg)
         hook = functools.partial(worker_hook, disagg, engine)
         info = {f"disaggregation_{k}": v for k, v in dataclasses.asdict(disagg).items()}
+        services = functools.partial(replica_services, disagg) if replica_services else None
     if engine.node_rank != 0:  # a node other than 0 runs only its ranks; rank 0's node serves HTTP
         from disagg.common.parallel.ranks import run_node
 
@@ -294,7 +296,8 @@ def run_role(role: str, argv: list[str] | None = None, scheduler_cls=None, worke
     target = functools.partial(run_scheduler_process, make_scheduler=make_scheduler, name=f"{role}-scheduler",
                                **({"plan_hook_factory": hook} if hook else {}))  # fmt: skip
     try:
-        launch(engine, ServerConfig.from_args(args), target, role=role, extra_info=info)
+        server = ServerConfig.from_args(args)
+        launch(engine, server, target, role=role, extra_info=info, replica_services=services)
     except RuntimeError as e:
         logger.error("%s", e)
         sys.exit(1)
