@@ -30,7 +30,6 @@ import signal
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -50,11 +49,10 @@ from disagg.common.server.ipc import (
     IpcNames,
     PingMsg,
     PongMsg,
-    die_with_parent,
-    setup_child_logging,
     zmq_socket,
 )
 from disagg.common.server.launch_local import visible_gpus
+from disagg.common.server.scheduler_process import run_scheduler_process, start_child
 
 logger = logging.getLogger(__name__)
 
@@ -436,22 +434,17 @@ def run_data_parallel_controller(engine: EngineConfig, ipc: IpcNames, ready_conn
                                  base_gpu_id: int = 0, name: str = "dp-controller",
                                  route_by_room: bool = False, services: Callable | None = None) -> None:  # fmt: skip
     """Spawn target (in place of the scheduler process): start the replicas, say ready, proxy."""
-    die_with_parent()
-    setup_child_logging(log_level, name)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop(): the replicas go down with us
     if scheduler_target is None:
-        from disagg.common.server.scheduler_process import run_scheduler_process as scheduler_target
+        scheduler_target = run_scheduler_process
     controller = DataParallelController(
         engine, ipc, scheduler_target, method, base_gpu_id, log_level, route_by_room, services
     )
-    try:
-        info = controller.start()
-    except Exception:
-        ready_conn.send({"status": "error", "error": traceback.format_exc()})
-        controller.stop()
+    started = start_child(
+        ready_conn, log_level, name, lambda: (controller, controller.start()), controller.stop
+    )
+    if started is None:
         return
-    ready_conn.send(info)
-    ready_conn.close()
     try:
         controller.run_forever()
     finally:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import traceback
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 import zmq
 from disagg.common.config import EngineConfig
@@ -31,6 +32,7 @@ from disagg.common.server.ipc import (
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 1000  # blocking wait when there is no work (then loop to notice shutdown)
+T = TypeVar("T")
 
 
 class SchedulerLike(Protocol):
@@ -200,6 +202,26 @@ def start_local_ranks(config: EngineConfig, plan_hook_factory=_die_with_parent_h
     return config
 
 
+def start_child(ready_conn, log_level: str, name: str, build: Callable[[], tuple[T, dict]],
+                cleanup: Callable[[], None] | None = None) -> T | None:  # fmt: skip
+    """The start of a process the launcher spawns in the scheduler's place (a scheduler process or
+    the --dp-size controller): die with the parent, log as `name`, `build()` what it runs, and tell
+    the launcher through `ready_conn` ({"status": "ready", **info} or the build's traceback, after
+    `cleanup()`). Returns what `build` made, None when it failed (the process then just returns)."""
+    die_with_parent()
+    setup_child_logging(log_level, name)
+    try:
+        made, info = build()
+    except Exception:
+        ready_conn.send({"status": "error", "error": traceback.format_exc()})
+        if cleanup is not None:
+            cleanup()
+        return None
+    ready_conn.send({**info, "status": "ready"})
+    ready_conn.close()
+    return made
+
+
 def run_scheduler_process(
     config: EngineConfig,
     ipc: IpcNames,
@@ -212,20 +234,17 @@ def run_scheduler_process(
     """Spawn target: build the engine, say ready (with what the front end needs), then loop.
     `make_scheduler(config)` builds the scheduler (default: the colocated `Scheduler`; the PD
     servers pass their role's) and `plan_hook_factory` runs in the other local ranks."""
-    die_with_parent()
-    setup_child_logging(log_level, name)
-    try:
-        if make_scheduler is None:
-            from disagg.common.parallel.dp_attention import create_scheduler as make_scheduler
 
-        if config.world_size > 1:
-            config = start_local_ranks(config, plan_hook_factory)
-        scheduler = make_scheduler(config)  # on rank 0 of tp > 1, it broadcasts each batch plan to the others
-        loop = SchedulerLoop(scheduler, ipc)
-    except Exception:
-        ready_conn.send({"status": "error", "error": traceback.format_exc()})
-        return
-    ready_conn.send({"status": "ready", "context_length": int(scheduler.context_length),
-                     "pd_identity": scheduler.pd_identity()})  # fmt: skip
-    ready_conn.close()
-    loop.run_forever()
+    def build() -> tuple[SchedulerLoop, dict]:
+        make = make_scheduler
+        if make is None:
+            from disagg.common.parallel.dp_attention import create_scheduler as make
+
+        engine = start_local_ranks(config, plan_hook_factory) if config.world_size > 1 else config
+        scheduler = make(engine)  # on rank 0 of tp > 1, it broadcasts each batch plan to the others
+        info = {"context_length": int(scheduler.context_length), "pd_identity": scheduler.pd_identity()}
+        return SchedulerLoop(scheduler, ipc), info
+
+    loop = start_child(ready_conn, log_level, name, build)
+    if loop is not None:
+        loop.run_forever()
