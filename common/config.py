@@ -22,6 +22,8 @@ from pathlib import Path
 #   DISAGG_DP_REPLICA       "i/N": set by the --dp-size controller for replica i of N (its ranks inherit it)
 #   DISAGG_FP8_GEMM         FP8 block-quantized checkpoints: auto (Triton FP8 GEMMs on Hopper, dequantized
 #                           at load elsewhere) | torch (the block-scaled math in torch, any device) | off
+#   DISAGG_MLA_PREFILL      MLA prefill/mixed batches on the FlashInfer MLA backend: flashinfer (absorbed
+#                           form on its MLA kernel, default) | torch (expanded form, torch SDPA; A/B runs)
 # and the standard ones we honour: XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES (launch_local splits the
 # GPUs), TRITON_INTERPRET, UCXPY_ENABLE_PYTHON_FUTURE and the UCX_* defaults set in
 # configure_ucx_env (the user's win).
@@ -123,6 +125,14 @@ def fp8_gemm_mode() -> str:
     mode = os.environ.get("DISAGG_FP8_GEMM", "auto") or "auto"
     if mode not in ("auto", "torch", "off"):
         raise ValueError(f"DISAGG_FP8_GEMM={mode!r}: expected auto, torch or off")
+    return mode
+
+
+def mla_prefill_mode() -> str:
+    """DISAGG_MLA_PREFILL: flashinfer | torch (common/engine/attention_flashinfer.py)."""
+    mode = os.environ.get("DISAGG_MLA_PREFILL", "flashinfer") or "flashinfer"
+    if mode not in ("flashinfer", "torch"):
+        raise ValueError(f"DISAGG_MLA_PREFILL={mode!r}: expected flashinfer or torch")
     return mode
 
 

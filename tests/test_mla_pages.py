@@ -123,11 +123,15 @@ def tiny_v3(tmp_path_factory) -> str:
     return make_tiny_deepseek(tmp_path_factory.mktemp("mla") / "v3", "v3")
 
 
-def test_flashinfer_mla_backend_glue_gives_transformers_tokens(engines, tiny_v3):
+@pytest.mark.parametrize("prefill", ["flashinfer", "torch"])
+def test_flashinfer_mla_backend_glue_gives_transformers_tokens(engines, tiny_v3, monkeypatch, prefill):
     """The FlashInfer MLA backend (plan per forward, absorbed form for prefill chunks, mixed and
     decode batches, latent pages read in place) over FlashInfer's API in torch: transformers'
-    greedy tokens, one plan per forward whatever the number of layers."""
+    greedy tokens, one plan per forward whatever the number of layers. DISAGG_MLA_PREFILL=torch:
+    prefill and mixed batches run torch's expanded form, decode batches still the kernel."""
     from disagg.common.engine.attention_flashinfer import FlashInferMLABackend
+
+    monkeypatch.setenv("DISAGG_MLA_PREFILL", prefill)
 
     engine = engines.get(model_path=tiny_v3, page_size=4, chunked_prefill_size=16, max_total_tokens=1024)
     runner = engine.scheduler.runner
@@ -149,7 +153,10 @@ def test_flashinfer_mla_backend_glue_gives_transformers_tokens(engines, tiny_v3)
         runner.backend = torch_backend
     for prompt, out in zip(prompts, outs, strict=True):
         assert out["output_ids"] == hf_greedy(tiny_v3, prompt, 12)
-    assert backend.wrapper.plans == prepared[0] >= 12  # one plan per forward, not one per layer
+    if prefill == "flashinfer":
+        assert backend.wrapper.plans == prepared[0] >= 12  # one plan per forward, not one per layer
+    else:
+        assert 0 < backend.wrapper.plans <= 11 < prepared[0]  # the decode-only forwards alone
     assert_pool_clean(engine.scheduler)
 
 

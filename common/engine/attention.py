@@ -58,6 +58,11 @@ class MLABackend(AttentionBackend):
     written) and the softmax scale; it returns the latent context [T, H, kv_lora_rank] of each new
     token over its request's kv_lens latents, causally (decode-only batches: all of them)."""
 
+    def runs_in_place(self, batch: ForwardBatch) -> bool:
+        """False: this batch runs the torch path (gathered latents) instead, TorchBackend's indices
+        built by prepare()."""
+        return True
+
     @abstractmethod
     def run_mla(
         self,

@@ -16,7 +16,8 @@ back to torch).
 from __future__ import annotations
 
 import torch
-from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend
+from disagg.common.config import mla_prefill_mode
+from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend, TorchBackend
 
 _WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -133,12 +134,22 @@ class FlashInferMLABackend(FlashInferBackend, MLABackend):
         self.pool, self.num_qo_heads, self.device = pool, num_qo_heads, device
         self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.wrapper = self.api.BatchMLAPagedAttentionWrapper(self.workspace)
+        # DISAGG_MLA_PREFILL=torch: prefill and mixed batches run the expanded form on torch SDPA
+        # (to compare with the absorbed form on the kernel; decode stays on the kernel)
+        self.torch_prefill, self.torch = mla_prefill_mode() == "torch", TorchBackend()
 
     def prepare(self, batch: ForwardBatch) -> None:
-        if batch.q_lens:  # an idle DP-attention rank runs no attention
-            batch.attn["mla_metadata"] = mla_metadata(
-                batch.q_lens, batch.kv_lens, batch.page_tables, self.pool.page_size, self.device
-            )
+        if not batch.q_lens:  # an idle DP-attention rank runs no attention
+            return
+        if self.torch_prefill and not batch.is_decode_only:
+            self.torch.prepare(batch)
+            return
+        batch.attn["mla_metadata"] = mla_metadata(
+            batch.q_lens, batch.kv_lens, batch.page_tables, self.pool.page_size, self.device
+        )
+
+    def runs_in_place(self, batch: ForwardBatch) -> bool:
+        return "mla_metadata" in batch.attn
 
     def run_mla(self, q_nope, q_pe, pages, sm_scale, batch: ForwardBatch) -> torch.Tensor:
         a = batch.attn

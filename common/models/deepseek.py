@@ -151,7 +151,7 @@ class MLAttention(nn.Module):
         q_pe, k_pe = self.rope(batch.positions, q_pe.contiguous(), k_pe.contiguous())
         kv = kv_buffer[self.layer_id]  # [num_pages, 2, page_size, 1, latent/2]: the pool's view
         write_latent(kv, batch, torch.cat((c_kv, k_pe.squeeze(1)), dim=-1))
-        if isinstance(backend, MLABackend):
+        if isinstance(backend, MLABackend) and backend.runs_in_place(batch):
             out = self.paged_absorbed_attention(q_nope, q_pe, latent_pages(kv), batch, backend)
         else:
             latent = gather_latent(kv, batch)  # [B, max_kv, latent]
