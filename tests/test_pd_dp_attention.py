@@ -280,11 +280,13 @@ def uneven_rooms(pd: PDCluster) -> tuple[list[int], list[list[int]]]:
 
 
 @pytest.mark.slow
-def test_pd_prefill_with_dp_attention_gives_transformers_tokens(moe_path, default_model_path):
-    """Prefill `--tp 2 --dp-size 2 --enable-dp-attention --ep 2` -> decode `--tp 1`: room r is
+@pytest.mark.parametrize("decode", [[], DP_ATTENTION], ids=["decode-tp1", "decode-dp-attention"])
+def test_pd_prefill_with_dp_attention_gives_transformers_tokens(moe_path, default_model_path, decode):
+    """Prefill `--tp 2 --dp-size 2 --enable-dp-attention --ep 2` -> decode `--tp 1`, or a decode with
+    the same DP attention (which picks its own DP rank: room 1 lands on its DP rank 0): room r is
     prefilled on DP rank r % 2 (the other runs idle steps), whose rank sends the pages."""
     args = model_args(moe_path, default_model_path)
-    with PDCluster(prefill_args=[*args, *DP_ATTENTION], decode_args=args, router=None) as pd:
+    with PDCluster(prefill_args=[*args, *DP_ATTENTION], decode_args=[*args, *decode], router=None) as pd:
         first, then = uneven_rooms(pd)
         assert_pool_free(pd.prefill)  # both DP ranks' pools
         assert_pool_free(pd.decode)
