@@ -1,6 +1,7 @@
 """On 2+ CUDA GPUs: PD with a decode at `--tp 2 --dp-size 2 --enable-dp-attention --ep 2` (one GPU per DP
 rank; the tp-1 prefill shares GPU 0) gives transformers' float32 greedy tokens with an idle DP rank, the
-pages copied into the picked DP rank's device pool; and a prefill at `--dp-size 2` (a GPU per replica).
+pages copied into the picked DP rank's device pool; a prefill at `--dp-size 2` (a GPU per replica); and
+a prefill with that DP attention (room r prefilled and sent by the GPU of DP rank r % 2) → a tp-1 decode.
 Not run yet: no multi-GPU machine was lent when it was written."""
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ GPU = ["--device", "cuda", "--dtype", "float32", "--attention-backend", "torch"]
 __all__ = ["moe_path"]  # the fixture, shared with the CPU tests
 
 
-@pytest.mark.parametrize("side", ["decode-dp-attention", "prefill-replicas"])
+@pytest.mark.parametrize("side", ["decode-dp-attention", "prefill-replicas", "prefill-dp-attention"])
 def test_gpu_pd_with_dp_gives_transformers_tokens(moe_path, default_model_path, side):
     args = [*model_args(moe_path, default_model_path), *GPU]
-    prefill, decode = (
-        (args, [*args, *DP_ATTENTION]) if side == "decode-dp-attention" else ([*args, "--dp-size", "2"], args)
-    )
+    prefill, decode = {
+        "decode-dp-attention": (args, [*args, *DP_ATTENTION]),
+        "prefill-replicas": ([*args, "--dp-size", "2"], args),
+        "prefill-dp-attention": ([*args, *DP_ATTENTION], args),
+    }[side]
     with PDCluster(prefill_args=prefill, decode_args=decode) as pd, pd.client() as client:
         first, then = uneven_requests(client)
         assert_pool_free(pd.prefill)
