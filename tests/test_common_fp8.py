@@ -91,8 +91,8 @@ def _dummy_v3(monkeypatch, mode: str):
 
 def test_dummy_weights_take_the_fp8_block_layout(monkeypatch):
     """`--load-format dummy` on the V3 preset (quantization_config fp8, 128x128 blocks): every linear
-    but kv_b_proj holds float8_e4m3fn weights and one scale per 128x128 block; the router, experts
-    and norms keep the model dtype; the model generates."""
+    but kv_b_proj, and the routed experts, hold float8_e4m3fn weights and one scale per 128x128 block;
+    the router and norms keep the model dtype; the model generates."""
     engine = _dummy_v3(monkeypatch, "torch")
     params = dict(engine.scheduler.runner.model.named_parameters())
     attn = "layers.1.self_attn"
@@ -103,8 +103,14 @@ def test_dummy_weights_take_the_fp8_block_layout(monkeypatch):
         assert params[f"{name}.weight"].shape == shape
         assert params[f"{name}.weight_scale_inv"].shape == (-(-shape[0] // 128), -(-shape[1] // 128))
         assert params[f"{name}.weight_scale_inv"].dtype == torch.float32
-    for name in (f"{attn}.kv_b_proj.weight", "layers.1.mlp.experts.w13", "layers.1.mlp.gate.weight"):
+    for name in (f"{attn}.kv_b_proj.weight", "layers.1.mlp.gate.weight"):
         assert params[name].dtype == torch.float32, name
+    # the routed experts too (8 experts, I = 128, H = 256): one scale per block of each expert
+    experts = "layers.1.mlp.experts"
+    for name, shape in (("w13", (8, 256, 256)), ("w2", (8, 256, 128))):
+        assert params[f"{experts}.{name}"].dtype == torch.float8_e4m3fn, name
+        assert params[f"{experts}.{name}"].shape == shape
+        assert params[f"{experts}.{name}_scale_inv"].shape == (8, shape[1] // 128, shape[2] // 128)
     out = engine.generate([[1, 2, 3, 4, 5]], {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True})
     assert len(out[0]["output_ids"]) == 4
     engine.shutdown()

@@ -178,13 +178,15 @@ def move_experts(moe: SparseMoE, placement: list[int]) -> None:
     for slot, expert in enumerate(moe.physical_to_logical):
         source.setdefault(expert, slot)
     wanted = placement[moe.first_expert : moe.first_expert + moe.num_local]
-    for weight in (moe.experts.w13, moe.experts.w2):
-        parts = _gather(weight.data)  # [tp ranks] x [slots, ...]; the same moe_tp_rank holds our shard
+    # FP8 experts: the weights and their block scales move together (FP8 bytes gathered as uint8)
+    for weight in moe.experts.parameters():
+        data = weight.data.view(torch.uint8) if weight.dtype == torch.float8_e4m3fn else weight.data
+        parts = _gather(data)  # [tp ranks] x [slots, ...]; the same moe_tp_rank holds our shard
         rows = [
             parts[source[e] // moe.num_local * moe_tp + moe.moe_tp_rank][source[e] % moe.num_local]
             for e in wanted
         ]
-        weight.data.copy_(torch.stack(rows))
+        data.copy_(torch.stack(rows))
         del parts
 
 

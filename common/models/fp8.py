@@ -13,8 +13,8 @@ Where it runs:
 
 The runtime layout is made after the weights are loaded (`quantize_linears`): each rank quantizes
 its own shard in blocks aligned to that shard, so any TP split works. MLA's kv_b_proj stays in the
-model dtype (the absorbed decode slices its weight per head); the MoE experts stay in the model
-dtype (the fused MoE kernels take no FP8 weights yet).
+model dtype (the absorbed decode slices its weight per head). The MoE experts take the same
+block layout in moe.py (`quantize_experts`, the fused FP8 kernels of fused_moe.py).
 """
 
 from __future__ import annotations

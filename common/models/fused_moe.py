@@ -11,6 +11,16 @@ Two paths, chosen by the number of routed (token, slot) pairs, a static shape:
   chip when 8 pairs x a few N tiles would leave most multiprocessors idle; the partial sums meet
   in an fp32 buffer (atomics) and the down kernel applies silu(gate) * up as it loads them.
 Block sizes per shape live in fused_moe_configs.json (tuned on an H200, as vLLM/SGLang keep theirs).
+
+FP8 experts (DeepSeek-V3's block-quantized checkpoints: float8_e4m3fn weights, one float32 scale per
+[block_n, block_k] block, `scales`): the grouped GEMMs quantize their activations per token per
+block_k group as each K tile is loaded (BLOCK_K = block_k, so a tile is one group: the scale is the
+tile row's amax / 448, no extra kernel or buffer) and run FP8 tensor-core dots scaled by the
+activation and weight block scales (vLLM's / SGLang's `use_fp8_w8a8` scheme). The GEMV path
+dequantizes each FP8 weight tile in registers (w8a16: its cost is the weight read, which FP8 halves;
+quantizing a handful of activation rows would add work and error and save no bytes). Under Triton's
+CPU interpreter (tests) the activations stay float32 and the FP8 tiles are widened before the dot:
+the interpreter rounds float -> float8 wrongly (fp8_kernels.py), so the GPU test checks the rounding.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import os
 from pathlib import Path
 
 import torch
-from disagg.common.models.moe_align import max_padded_pairs, moe_align_block_size
+from disagg.common.models.moe_align import ExpertScales, max_padded_pairs, moe_align_block_size
 
 try:
     import triton
@@ -69,6 +79,24 @@ def grouped_config(config: dict, num_tokens: int) -> dict:
     return config["grouped"][str(min(sizes, key=lambda m: abs(m - num_tokens)))]
 
 
+def fp8_config(config: dict, block: tuple[int, int]) -> dict:
+    """The block sizes FP8 experts need from a config: a K tile never crosses a scale block (GEMV:
+    BLOCK_K divides block_k; grouped: BLOCK_K = block_k, one activation group a tile) and the
+    grouped gate/up GEMM writes its raw [2I] rows (SPLIT_ACT: silu in the down kernel's loads)."""
+    group_k = block[1]
+    gemv = dict(config["gemv"], BLOCK_K=min(config["gemv"]["BLOCK_K"], group_k))
+    grouped = {m: dict(c, BLOCK_SIZE_K=group_k, SPLIT_ACT=True) for m, c in config["grouped"].items()}
+    return dict(config, gemv=gemv, grouped=grouped)
+
+
+def _scale_args(w: torch.Tensor, scale: torch.Tensor | None, block) -> tuple:
+    """A weight's scale pointer, its two strides and the block's (n, k) sizes; without FP8 the weight
+    itself stands in for the pointer (never read: FP8=False)."""
+    if scale is None:
+        return w, 0, 0, 1, 1
+    return scale, scale.stride(0), scale.stride(1), block[0], block[1]
+
+
 def fused_experts(
     x: torch.Tensor,
     w13: torch.Tensor,
@@ -76,40 +104,46 @@ def fused_experts(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     config: dict | None = None,
+    scales: ExpertScales | None = None,
 ) -> torch.Tensor:
     """Same contract as moe_align.grouped_experts: x [T, H], w13 [E, 2I, H], w2 [E, H, I],
-    topk_weights / topk_ids [T, k] (ids outside [0, E): another rank's expert). Returns [T, H]."""
+    topk_weights / topk_ids [T, k] (ids outside [0, E): another rank's expert). Returns [T, H].
+    scales: w13 / w2 are float8_e4m3fn with these block scales."""
     num_tokens, k = topk_ids.shape
     num_experts, hidden, inter = w2.shape
     config = config or moe_config(num_experts, inter, hidden)
+    if scales is not None:
+        config = fp8_config(config, scales.block)
     # NOTE: no-ops on the model's tensors (topk's outputs are contiguous): each extra kernel here
     # costs a few microseconds per layer at batch 1, where the whole layer's weights take ~18 us
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     ids, weights = topk_ids.contiguous(), topk_weights.float().contiguous()
     if num_tokens * k <= config["gemv_max_pairs"]:
-        return _gemv_experts(x, w13, w2, weights, ids, config["gemv"])
-    out = _grouped_experts(x, w13, w2, weights, ids, grouped_config(config, num_tokens))
+        return _gemv_experts(x, w13, w2, weights, ids, config["gemv"], scales)
+    out = _grouped_experts(x, w13, w2, weights, ids, grouped_config(config, num_tokens), scales)
     return out.view(num_tokens, k, hidden).sum(dim=1).to(x.dtype)
 
 
-def _gemv_experts(x, w13, w2, weights, ids, cfg: dict) -> torch.Tensor:
+def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | None) -> torch.Tensor:
     (num_tokens, k), (num_experts, hidden, inter) = ids.shape, w2.shape
     split, bn, bk = cfg["SPLIT_K"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     # NOTE: split-K partial sums meet by atomics in a zeroed buffer; one split stores directly
     alloc = torch.zeros if split > 1 else torch.empty
     gate_up = alloc(ids.numel(), 2 * inter, dtype=torch.float32, device=x.device)  # [pairs, gate | up]
     k_per_split = triton.cdiv(triton.cdiv(hidden, split), bk) * bk
+    fp8, block = scales is not None, scales.block if scales is not None else None
     _gate_up_gemv[(ids.numel(), triton.cdiv(inter, bn), split)](
         x, w13, gate_up, ids, num_experts, k, hidden, inter,
-        x.stride(0), w13.stride(0), w13.stride(1),
-        BLOCK_N=bn, BLOCK_K=bk, K_PER_SPLIT=k_per_split, SPLIT_K=split, num_warps=cfg["num_warps"],
+        x.stride(0), w13.stride(0), w13.stride(1), *_scale_args(w13, scales.w13 if fp8 else None, block),
+        BLOCK_N=bn, BLOCK_K=bk, K_PER_SPLIT=k_per_split, SPLIT_K=split, FP8=fp8, num_warps=cfg["num_warps"],
     )  # fmt: skip
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     down_bn = cfg.get("DOWN_BLOCK_N", bn)
+    down_bk = triton.next_power_of_2(inter) if inter <= 1024 else 512
     _down_gemv[(num_tokens, triton.cdiv(hidden, down_bn))](
         gate_up, w2, out, ids, weights, num_experts, k, hidden, inter,
-        w2.stride(0), w2.stride(1),
-        BLOCK_N=down_bn, BLOCK_K=triton.next_power_of_2(inter) if inter <= 1024 else 512,
+        w2.stride(0), w2.stride(1), *_scale_args(w2, scales.w2 if fp8 else None, block),
+        BLOCK_N=down_bn, BLOCK_K=min(down_bk, block[1]) if fp8 else down_bk, FP8=fp8,
         num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]),
     )  # fmt: skip
     return out
@@ -177,7 +211,7 @@ def align_blocks(
     return sorted_ids, expert_ids, num_padded
 
 
-def _grouped_experts(x, w13, w2, weights, ids, cfg: dict) -> torch.Tensor:
+def _grouped_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | None) -> torch.Tensor:
     pairs, (num_experts, hidden, inter) = ids.numel(), w2.shape
     bm, bn, bk = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
     sorted_ids, expert_ids, num_padded = align_blocks(ids, num_experts, bm)
@@ -192,16 +226,20 @@ def _grouped_experts(x, w13, w2, weights, ids, cfg: dict) -> torch.Tensor:
     )  # other ranks' rows unused
     # the two first GEMMs take the same arguments; `cols`: the raw [2I] tile, or the activated [I]
     first, cols = (_w13_grouped, 2 * inter) if split else (_gate_up_grouped, inter)
+    # FP8 (fp8_config: SPLIT_ACT, BLOCK_K = block_k): the w13 GEMM and the down GEMM take the scales
+    fp8, block = scales is not None, scales.block if scales is not None else None
+    fp8_args = dict(FP8=fp8, UPCAST=_INTERPRET) if split else {}
+    w13_scale = _scale_args(w13, scales.w13 if fp8 else None, block) if split else ()
     first[(blocks * triton.cdiv(cols, bn),)](
         x, w13, act, sorted_ids, expert_ids, num_padded, pairs, ids.shape[1], hidden, cols,
-        x.stride(0), w13.stride(0), w13.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **launch,
+        x.stride(0), w13.stride(0), w13.stride(1), *w13_scale,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **fp8_args, **launch,
     )  # fmt: skip
     out = torch.zeros(pairs, hidden, dtype=x.dtype, device=x.device)  # other ranks' pairs stay 0
     _down_grouped[(blocks * triton.cdiv(hidden, bn),)](
         act, w2, out, sorted_ids, expert_ids, num_padded, weights, pairs, hidden, inter,
-        w2.stride(0), w2.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SILU_IN_LOAD=split, **launch,
+        w2.stride(0), w2.stride(1), *_scale_args(w2, scales.w2 if fp8 else None, block),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SILU_IN_LOAD=split, FP8=fp8, UPCAST=_INTERPRET, **launch,
     )  # fmt: skip
     return out
 
@@ -215,9 +253,12 @@ if triton is not None:
     @triton.jit
     def _gate_up_gemv(
         x, w13, gate_up, ids, num_experts, top_k, K, inter, stride_x, stride_we, stride_wn,
+        scale, stride_se, stride_sn, group_n, group_k,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
+        FP8: tl.constexpr,
     ):  # fmt: skip
-        """gate_up[p] += rows [n-tile] of w13[e_p] (gate and up) . x[p // k], over one K split."""
+        """gate_up[p] += rows [n-tile] of w13[e_p] (gate and up) . x[p // k], over one K split.
+        FP8: each row's dot over a K tile is scaled by its block's scale (BLOCK_K divides group_k)."""
         pair, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         expert = tl.load(ids + pair).to(tl.int64)
         ours = (expert >= 0) & (expert < num_experts)
@@ -228,6 +269,9 @@ if triton is not None:
         x_row = x + (pair // top_k).to(tl.int64) * stride_x
         # another rank's expert: no K steps, so its row is written as zeros (the down kernel reads it)
         k_end = tl.where(ours, tl.minimum((split + 1) * K_PER_SPLIT, K), 0)
+        # FP8: the scale rows of the gate and up tiles (the rows' blocks), stepped along K below
+        gate_scales = scale + tl.where(ours, expert, 0) * stride_se + (offs_n // group_n) * stride_sn
+        up_scales = scale + tl.where(ours, expert, 0) * stride_se + ((offs_n + inter) // group_n) * stride_sn
         acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(split * K_PER_SPLIT, k_end, BLOCK_K):
@@ -237,8 +281,13 @@ if triton is not None:
             mask = n_mask[:, None] & k_mask[None, :]
             wg = tl.load(gate_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
             wu = tl.load(up_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            acc_g += tl.sum(wg * xv[None, :], axis=1)
-            acc_u += tl.sum(wu * xv[None, :], axis=1)
+            if FP8:
+                kb = k0 // group_k
+                acc_g += tl.sum(wg * xv[None, :], axis=1) * tl.load(gate_scales + kb, mask=n_mask, other=0.0)
+                acc_u += tl.sum(wu * xv[None, :], axis=1) * tl.load(up_scales + kb, mask=n_mask, other=0.0)
+            else:
+                acc_g += tl.sum(wg * xv[None, :], axis=1)
+                acc_u += tl.sum(wu * xv[None, :], axis=1)
         out = gate_up + pair.to(tl.int64) * 2 * inter + offs_n
         if SPLIT_K == 1:
             tl.store(out, acc_g, mask=n_mask)
@@ -250,10 +299,12 @@ if triton is not None:
     @triton.jit
     def _down_gemv(
         gate_up, w2, out, ids, weights, num_experts, top_k, N, inter, stride_we, stride_wn,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        scale, stride_se, stride_sn, group_n, group_k,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr,
     ):  # fmt: skip
         """out[t, n-tile] = sum over t's slots of weight * rows of w2[e] . (silu(gate) * up): the
-        routing-weight combine in the kernel, written once in the model dtype (no zeroing, no sum)."""
+        routing-weight combine in the kernel, written once in the model dtype (no zeroing, no sum).
+        FP8: each K tile's row dots scaled by their blocks' scales (BLOCK_K divides group_k)."""
         token, pid_n = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -263,6 +314,7 @@ if triton is not None:
             expert = tl.load(ids + pair).to(tl.int64)
             ours = (expert >= 0) & (expert < num_experts)
             rows = w2 + tl.where(ours, expert, 0) * stride_we + offs_n[:, None] * stride_wn
+            row_scales = scale + tl.where(ours, expert, 0) * stride_se + (offs_n // group_n) * stride_sn
             gu_row = gate_up + pair.to(tl.int64) * 2 * inter
             part = tl.zeros([BLOCK_N], dtype=tl.float32)
             for k0 in range(0, tl.where(ours, inter, 0), BLOCK_K):  # another rank's expert: skipped
@@ -271,7 +323,10 @@ if triton is not None:
                 g = tl.load(gu_row + offs_k, mask=k_mask, other=0.0)
                 u = tl.load(gu_row + inter + offs_k, mask=k_mask, other=0.0)
                 w = tl.load(rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-                part += tl.sum(w.to(tl.float32) * (_silu(g) * u)[None, :], axis=1)
+                dot = tl.sum(w.to(tl.float32) * (_silu(g) * u)[None, :], axis=1)
+                if FP8:
+                    dot *= tl.load(row_scales + k0 // group_k, mask=n_mask, other=0.0)
+                part += dot
             acc += part * tl.load(weights + pair)
         tl.store(out + token.to(tl.int64) * N + offs_n, acc.to(out.dtype.element_ty), mask=n_mask)
 
@@ -397,12 +452,27 @@ if triton is not None:
         tl.store(act + rows[:, None] * inter + offs_n[None, :], out, mask=real[:, None] & n_mask[None, :])
 
     @triton.jit
+    def _fp8_dot(a, w, w_scales, acc, UPCAST: tl.constexpr):
+        """acc + (a @ w) with a [M, K] quantized per row here (K = one group: scale = row amax / 448)
+        and w [K, N] FP8 with w_scales [N] (its blocks' scales for this K tile)."""
+        a = a.to(tl.float32)
+        a_scale = tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10) / 448.0
+        a = tl.clamp(a / a_scale[:, None], -448.0, 448.0)
+        if UPCAST:  # the interpreter: exact activations, widened weights (module docstring)
+            prod = tl.dot(a, w.to(tl.float32))
+        else:
+            prod = tl.dot(a.to(w.dtype), w)
+        return acc + prod * a_scale[:, None] * w_scales[None, :]
+
+    @triton.jit
     def _w13_grouped(
         x, w13, out, sorted_ids, expert_ids, num_padded, pairs, top_k, K, N,
-        stride_x, stride_we, stride_wn,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        stride_x, stride_we, stride_wn, scale, stride_se, stride_sn, group_n, group_k,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr,
+        UPCAST: tl.constexpr,
     ):  # fmt: skip
-        """out[rows, n-tile] = x[rows // k] @ w13[expert]^T over N = 2I (gate | up, no activation)."""
+        """out[rows, n-tile] = x[rows // k] @ w13[expert]^T over N = 2I (gate | up, no activation).
+        FP8: w8a8 per K tile (_fp8_dot; BLOCK_K = group_k)."""
         rows, real, expert, offs_n = _block_rows(
             sorted_ids, expert_ids, num_padded, pairs, N, BLOCK_M, BLOCK_N
         )
@@ -412,11 +482,16 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         a_ptr = x + (rows // top_k)[:, None] * stride_x + offs_k[None, :]
         w_ptr = w13 + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BK, BN]
+        s_ptr = scale + expert * stride_se + (offs_n // group_n) * stride_sn  # FP8: [BN] block scales
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_mask = offs_k < K - k0
             a = tl.load(a_ptr, mask=real[:, None] & k_mask[None, :], other=0.0)
-            acc = tl.dot(a, tl.load(w_ptr, mask=k_mask[:, None] & n_mask[None, :], other=0.0), acc)
+            w = tl.load(w_ptr, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if FP8:
+                acc = _fp8_dot(a, w, tl.load(s_ptr + k0 // group_k, mask=n_mask, other=0.0), acc, UPCAST)
+            else:
+                acc = tl.dot(a, w, acc)
             a_ptr += BLOCK_K
             w_ptr += BLOCK_K
         mask = real[:, None] & n_mask[None, :]
@@ -425,11 +500,13 @@ if triton is not None:
     @triton.jit
     def _down_grouped(
         act, w2, out, sorted_ids, expert_ids, num_padded, weights, pairs, N, inter,
-        stride_we, stride_wn,
+        stride_we, stride_wn, scale, stride_se, stride_sn, group_n, group_k,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_IN_LOAD: tl.constexpr,
+        FP8: tl.constexpr, UPCAST: tl.constexpr,
     ):  # fmt: skip
         """out[rows, n-tile] = weight[rows] * act[rows] @ w2[expert]^T (one row per pair). SILU_IN_LOAD:
-        act rows are [gate | up] (2I wide) and silu(gate) * up is formed as each tile is loaded."""
+        act rows are [gate | up] (2I wide) and silu(gate) * up is formed as each tile is loaded.
+        FP8: w8a8 per K tile (_fp8_dot; BLOCK_K = group_k)."""
         rows, real, expert, offs_n = _block_rows(
             sorted_ids, expert_ids, num_padded, pairs, N, BLOCK_M, BLOCK_N
         )
@@ -439,6 +516,7 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         a_ptr = act + rows[:, None] * (2 * inter if SILU_IN_LOAD else inter) + offs_k[None, :]
         w_ptr = w2 + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]  # [BK, BN]
+        s_ptr = scale + expert * stride_se + (offs_n // group_n) * stride_sn  # FP8: [BN] block scales
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, inter, BLOCK_K):
             k_mask = offs_k < inter - k0
@@ -449,7 +527,11 @@ if triton is not None:
                 a = (_silu(g) * u).to(act.dtype.element_ty)
             else:
                 a = tl.load(a_ptr, mask=a_mask, other=0.0)
-            acc = tl.dot(a, tl.load(w_ptr, mask=k_mask[:, None] & n_mask[None, :], other=0.0), acc)
+            w = tl.load(w_ptr, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            if FP8:
+                acc = _fp8_dot(a, w, tl.load(s_ptr + k0 // group_k, mask=n_mask, other=0.0), acc, UPCAST)
+            else:
+                acc = tl.dot(a, w, acc)
             a_ptr += BLOCK_K
             w_ptr += BLOCK_K
         acc *= tl.load(weights + rows, mask=real, other=0.0)[:, None]

@@ -25,7 +25,7 @@ import re
 import torch
 from disagg.common.models.fused_moe import fused_experts, fused_moe_available, fused_topk, fused_topk_ok
 from disagg.common.models.moe_a2a import a2a_moe, capturing
-from disagg.common.models.moe_align import grouped_experts
+from disagg.common.models.moe_align import ExpertScales, grouped_experts
 from disagg.common.parallel.state import all_reduce, get_parallel
 from torch import nn
 
@@ -60,6 +60,52 @@ class Experts(nn.Module):
         super().__init__()
         self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter_local, hidden))  # gate | up
         self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter_local))
+        self.fp8_block: tuple[int, int] | None = None  # set by quantize (FP8 checkpoints)
+        self.fp8_backend: str | None = None  # "triton": the fused FP8 kernels; "torch": the reference
+
+    @property
+    def scales(self) -> ExpertScales | None:
+        if self.fp8_block is None:
+            return None
+        return ExpertScales(self.w13_scale_inv, self.w2_scale_inv, self.fp8_block)
+
+    @torch.no_grad()
+    def quantize(self, block: tuple[int, int], backend: str) -> None:
+        """w13 / w2 -> float8_e4m3fn in [block_n, block_k] blocks + float32 `*_scale_inv`, expert by
+        expert (the dense copy of one expert at a time beside the FP8 tensors)."""
+        from disagg.common.models.fp8 import FP8_DTYPE, quantize_weight_blocks
+
+        for name in ("w13", "w2"):
+            dense = getattr(self, name).data
+            q = torch.empty(dense.shape, dtype=FP8_DTYPE, device=dense.device)
+            scales = []
+            for e in range(dense.shape[0]):
+                q[e], scale = quantize_weight_blocks(dense[e], block)
+                scales.append(scale)
+            setattr(self, name, nn.Parameter(q, requires_grad=False))
+            setattr(self, f"{name}_scale_inv", nn.Parameter(torch.stack(scales), requires_grad=False))
+        self.fp8_block, self.fp8_backend = block, backend
+
+
+def check_fp8_expert_split(inter: int, moe_tp: int, block: tuple[int, int]) -> None:
+    """FP8 experts keep the checkpoint's block grid: each rank's slice of the intermediate dimension
+    (the gate and up rows of w13, the columns of w2) must be whole blocks."""
+    inter_local = inter // moe_tp
+    if inter_local % block[0] or inter_local % block[1]:
+        raise ValueError(
+            f"FP8 experts: moe intermediate size {inter} split {moe_tp} ways (tp/ep) is {inter_local} per "
+            f"rank, not a multiple of the checkpoint's {list(block)} blocks; choose --tp/--ep so that "
+            f"{inter} / (tp/ep) is a multiple of {max(block)}, or dequantize with DISAGG_FP8_GEMM=off"
+        )
+
+
+def quantize_experts(model: nn.Module, block: tuple[int, int], backend: str) -> int:
+    """Every MoE layer's experts to FP8 blocks (after the weights are loaded); returns the layer count."""
+    moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
+    for moe in moes:
+        check_fp8_expert_split(moe.inter_local * moe.moe_tp, moe.moe_tp, block)
+        moe.experts.quantize(block, backend)
+    return len(moes)
 
 
 class SparseMoE(nn.Module):
@@ -176,11 +222,13 @@ class SparseMoE(nn.Module):
 
     def routed_experts(self, x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """This rank's experts on the tokens routed to them (only those experts' weights are read)."""
-        w13, w2 = self.experts.w13, self.experts.w2
-        if x.is_cuda and fused_moe_available():
-            return fused_experts(x, w13, w2, weights, local)
+        w13, w2, scales = self.experts.w13, self.experts.w2, self.experts.scales
+        # FP8 experts take the fused kernels only where the FP8 GEMMs run in Triton (fp8.py's rule)
+        fused = scales is None or self.experts.fp8_backend == "triton"
+        if x.is_cuda and fused_moe_available() and fused:
+            return fused_experts(x, w13, w2, weights, local, scales=scales)
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        return grouped_experts(x, w13, w2, weights.to(x.dtype), local, trim=not capturing)
+        return grouped_experts(x, w13, w2, weights.to(x.dtype), local, trim=not capturing, scales=scales)
 
 
 def set_expert_load_stats(model: nn.Module, enabled: bool) -> None:

@@ -10,8 +10,25 @@ tests exercise the same indexing the GPU kernel uses.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+
+
+class ExpertScales(NamedTuple):
+    """The block scales of FP8 experts (DeepSeek-V3's checkpoint format): w13 / w2 hold float8_e4m3fn
+    values and expert e's weight is w[e] * scale[e] per [block_n, block_k] block."""
+
+    w13: torch.Tensor  # [E, ceil(2I / bn), ceil(H / bk)] float32
+    w2: torch.Tensor  # [E, ceil(H / bn), ceil(I / bk)] float32
+    block: tuple[int, int]  # [block_n, block_k]
+
+
+def dequantize_experts(w: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype) -> torch.Tensor:
+    """[n, N, K] FP8 expert weights and their [n, ceil(N/bn), ceil(K/bk)] scales -> [n, N, K] in dtype."""
+    full = scale.repeat_interleave(block[0], 1).repeat_interleave(block[1], 2)
+    return (w.to(dtype) * full[:, : w.shape[1], : w.shape[2]].to(dtype)).to(dtype)
 
 
 def max_padded_pairs(num_pairs: int, num_experts: int, block_size: int) -> int:
@@ -65,12 +82,15 @@ def grouped_experts(
     topk_ids: torch.Tensor,
     block_size: int = 16,
     trim: bool = True,
+    scales: ExpertScales | None = None,
 ) -> torch.Tensor:
     """sum_slot weight * w2[e] @ (silu(w13[e, :I] @ x) * (w13[e, I:] @ x)) over the routed local experts.
 
     x: [T, H]; w13: [E, 2I, H] (gate | up); w2: [E, H, I]; topk_weights, topk_ids: [T, k].
     Only the routed experts' weights are read: each block gathers its one expert. trim=True cuts
     the static layout to the used blocks (one host read); a CUDA graph capture needs trim=False.
+    scales: w13 / w2 are FP8 and each block's expert is dequantized (in x's dtype) after the gather:
+    the math of the FP8 kernels with exact activations (the CPU path and the kernels' reference).
     """
     num_tokens, k = topk_ids.shape
     n = num_tokens * k
@@ -82,8 +102,12 @@ def grouped_experts(
     real = pairs < n
     token = torch.where(real, pairs // k, 0)
     expert = expert_ids.clamp(min=0).long()
-    gate, up = torch.bmm(x[token], w13[expert].transpose(1, 2)).chunk(2, dim=-1)  # [blocks, B, I] each
-    y = torch.bmm(F.silu(gate) * up, w2[expert].transpose(1, 2))  # [blocks, B, H]
+    w_up, w_down = w13[expert], w2[expert]  # [blocks, 2I, H], [blocks, H, I]
+    if scales is not None:
+        w_up = dequantize_experts(w_up, scales.w13[expert], scales.block, x.dtype)
+        w_down = dequantize_experts(w_down, scales.w2[expert], scales.block, x.dtype)
+    gate, up = torch.bmm(x[token], w_up.transpose(1, 2)).chunk(2, dim=-1)  # [blocks, B, I] each
+    y = torch.bmm(F.silu(gate) * up, w_down.transpose(1, 2))  # [blocks, B, H]
     weight = torch.where(real, topk_weights.flatten()[pairs.clamp(max=n - 1)], 0).to(y.dtype)
     out = torch.zeros(num_tokens + 1, x.shape[1], dtype=x.dtype, device=x.device)  # last row: padding
     out.index_add_(0, torch.where(real, token, num_tokens).flatten(), (y * weight[..., None]).flatten(0, 1))

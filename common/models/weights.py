@@ -169,8 +169,13 @@ def load_weights(model: torch.nn.Module, model_path: str, load_format: str) -> N
     block = fp8_block_size(model.config)
     backend = fp8_gemm_backend(next(model.parameters()).device) if block else None
     if backend:
+        from disagg.common.models.moe import quantize_experts
+
         n = quantize_linears(model, block, backend)
-        logger.info("FP8 block GEMMs (%s, blocks %s): %d linear layers", backend, block, n)
+        moes = quantize_experts(model, block, backend)
+        logger.info(
+            "FP8 block GEMMs (%s, blocks %s): %d linear layers, %d MoE layers", backend, block, n, moes
+        )
 
 
 def _load_checkpoint(model: torch.nn.Module, model_path: str) -> None:
