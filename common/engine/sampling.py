@@ -79,14 +79,20 @@ class Sampler:
         return self.sample_on_device(logits, reqs).result()
 
     def sample_on_device(
-        self, logits: torch.Tensor, reqs: list[Req], num_pending: list[int] | None = None
+        self,
+        logits: torch.Tensor,
+        reqs: list[Req],
+        num_pending: list[int] | None = None,
+        pending_tokens: torch.Tensor | None = None,
     ) -> DeviceSample:
         """As `sample`, without the host sync. num_pending: per row, the request's sampled tokens
-        not yet in its output_ids (the overlap scheduler's token still on the device): a seeded
-        draw's position counts them. Penalties and grammars read output_ids, so a request with
-        them must have none pending (the scheduler does not overlap its steps)."""
+        not yet in its output_ids (0 or 1: the overlap scheduler's token still on the device); a
+        seeded draw's position counts it, and penalties count pending_tokens[row] ([B] int64 on the
+        device) as an output token. A grammar's matcher reads output_ids on the host, so a request
+        with one must have none pending (the scheduler does not overlap its steps)."""
+        num_pending = num_pending or [0] * len(reqs)
         logits = self._apply_logit_bias(logits, reqs)
-        logits = self._apply_penalties(logits, reqs)
+        logits = self._apply_penalties(logits, reqs, num_pending, pending_tokens)
         logits = self._apply_grammars(logits, reqs)
         want_logprobs = any(r.sampling.return_logprob or r.sampling.top_logprobs_num for r in reqs)
         logprobs_all = torch.log_softmax(logits, dim=-1) if want_logprobs else None
@@ -94,7 +100,7 @@ class Sampler:
         # NOTE: decided on the host: a device-side `greedy.all()` would cost a sync every step
         if not all(r.sampling.is_greedy for r in reqs):
             greedy = to_device([r.sampling.is_greedy for r in reqs], torch.bool, self.device)
-            sampled = self._sample_random(logits, reqs, num_pending or [0] * len(reqs))
+            sampled = self._sample_random(logits, reqs, num_pending)
             tokens = torch.where(greedy, tokens, sampled)
         out = DeviceSample(tokens)
         if logprobs_all is not None:
@@ -158,11 +164,18 @@ class Sampler:
         entry[1] = len(req.output_ids)
         return matcher
 
-    def _apply_penalties(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+    def _apply_penalties(
+        self,
+        logits: torch.Tensor,
+        reqs: list[Req],
+        num_pending: list[int],
+        pending_tokens: torch.Tensor | None,
+    ) -> torch.Tensor:
         rows = [
             i
             for i, r in enumerate(reqs)
-            if (r.sampling.frequency_penalty or r.sampling.presence_penalty) and r.output_ids
+            if (r.sampling.frequency_penalty or r.sampling.presence_penalty)
+            and (r.output_ids or num_pending[i])
         ]
         if not rows:
             return logits
@@ -170,6 +183,8 @@ class Sampler:
         for i in rows:
             s = reqs[i].sampling
             ids = to_device(reqs[i].output_ids, torch.long, self.device)
+            if num_pending[i]:  # the token the host has not read yet counts too (on the device, no sync)
+                ids = torch.cat([ids, pending_tokens[i : i + 1]])
             counts = torch.zeros(logits.shape[1], device=self.device).scatter_add_(
                 0, ids, torch.ones_like(ids, dtype=torch.float)
             )

@@ -25,8 +25,9 @@ whose token of step n is still on the device decodes at step n+1 from that devic
   while a queued kernel may still write it;
 - a request sure to end by length at step n is not scheduled at step n+1;
 - whatever needs step n's tokens on the host first waits for them (`_needs_host_tokens`,
-  `_RetractionNeeded`): penalties and grammars (computed from output_ids), a retraction (it would
-  free pages in flight). Prompt logprobs are read at launch (a sync in that step only).
+  `_RetractionNeeded`): grammars (the matcher advances through output_ids on the host), a
+  retraction (it would free pages in flight). Penalties count the pending token on the device.
+  Prompt logprobs are read at launch (a sync in that step only).
 Roles that act on computed chunks or on the sampled token (the prefill ships pages and hands the
 request over) and tp/pp > 1 (only rank 0 holds the sampled tokens) never overlap.
 """
@@ -44,7 +45,7 @@ from disagg.common.engine.kv_pool import pages_for_tokens
 from disagg.common.engine.model_runner import ModelRunner
 from disagg.common.engine.radix_cache import RadixCache
 from disagg.common.engine.request import Req, ReqStatus, SchedulerStats, TokenOut, prompt_logprob_rows
-from disagg.common.engine.sampling import DeviceSample, Sampler
+from disagg.common.engine.sampling import DeviceSample, Sampler, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ class Scheduler:
         if scheduled:
             pending = prev.rows if prev is not None else {}
             logits = self.runner.forward(scheduled, pending, prev.tokens if pending else None)
-            launched = self._launch(scheduled, logits, pending)
+            launched = self._launch(scheduled, logits, pending, prev.tokens if pending else None)
         # NOTE: set before step n is read: a request it ends that step n+1 still computes keeps its pages
         self._inflight = launched
         if prev is not None:
@@ -165,13 +166,10 @@ class Scheduler:
         return self.finish_step()
 
     def _needs_host_tokens(self, step: _Launched) -> bool:
-        """Whether the next step needs `step`'s tokens on the host before it is scheduled: penalties
-        and grammars are computed from output_ids (and a grammar's mask from the matcher, advanced
-        through them on the host), so their requests' steps never overlap."""
-        return any(
-            r.sampling.grammar or r.sampling.frequency_penalty or r.sampling.presence_penalty
-            for r in step.rows
-        )
+        """Whether the next step needs `step`'s tokens on the host before it is scheduled: a
+        grammar's mask comes from its matcher, advanced through the output ids on the host, so a
+        step after one that sampled a grammar request never overlaps."""
+        return any(r.sampling.grammar for r in step.rows)
 
     def _complete_inflight(self) -> None:
         step, self._inflight = self._inflight, None
@@ -374,10 +372,17 @@ class Scheduler:
         """Advance the batch's requests past its forward; sample those whose logits it computed."""
         self._complete(self._launch(scheduled, logits, {}))
 
-    def _launch(self, scheduled: list[tuple[Req, int]], logits, pending: dict[Req, int]) -> _Launched:
+    def _launch(
+        self,
+        scheduled: list[tuple[Req, int]],
+        logits,
+        pending: dict[Req, int],
+        future: torch.Tensor | None = None,
+    ) -> _Launched:
         """Advance the batch's requests past its forward (queued on the device) and queue the
         sampling of those whose last position it computes; nothing here waits for the device
-        (except prompt logprobs, read at once). pending: requests whose input was a future token."""
+        (except prompt logprobs, read at once). pending: requests whose input was a future token,
+        their row in `future` (the previous step's draws, on the device)."""
         sampled = [
             req for req, n in scheduled if req.num_computed_tokens + n == req.seq_len + (req in pending)
         ]
@@ -389,12 +394,25 @@ class Scheduler:
                 self._on_chunk_computed(req)
         step = _Launched(scheduled, {req: i for i, req in enumerate(sampled)})
         if sampled:
-            draws = self.sampler.sample_on_device(logits, sampled, [int(req in pending) for req in sampled])
+            num_pending = [int(req in pending) for req in sampled]
+            draws = self.sampler.sample_on_device(
+                logits, sampled, num_pending, self._pending_tokens(sampled, pending, future)
+            )
             step.tokens, step.host = draws.tokens, draws.to_host()
         if self.runner.device.type == "cuda":
             step.event = torch.cuda.Event()
             step.event.record()
         return step
+
+    def _pending_tokens(self, sampled: list[Req], pending: dict[Req, int], future) -> torch.Tensor | None:
+        """Per row of `sampled`, its token still on the device (the step in flight's draw), for the
+        penalties; None when no pending request has one (gathered on the device: no sync)."""
+        if not any(
+            r in pending and (r.sampling.frequency_penalty or r.sampling.presence_penalty) for r in sampled
+        ):
+            return None
+        rows = to_device([pending.get(r, 0) for r in sampled], torch.long, self.runner.device)
+        return future[rows]
 
     def _complete(self, step: _Launched) -> None:
         """Wait for `step`, append its tokens (dropping those of requests that ended meanwhile) and
