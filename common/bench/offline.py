@@ -272,6 +272,7 @@ def main() -> None:
     p.add_argument("--deepep-mode", default="auto", choices=["auto", "normal", "low_latency"])
     p.add_argument("--profile-batch-sizes", default="", help="print the top kernels of these decode batches")
     p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument("--disable-overlap-schedule", action="store_true")
     p.add_argument(
         "--moe-kernel",
         choices=["auto", "torch"],
@@ -310,6 +311,7 @@ def main() -> None:
         moe_a2a_backend=args.moe_a2a_backend,
         deepep_mode=args.deepep_mode,
         disable_cuda_graph=args.disable_cuda_graph,
+        disable_overlap_schedule=args.disable_overlap_schedule,
         json_model_override_args=args.json_model_override_args,
     )
     sched = engine.scheduler
