@@ -115,6 +115,17 @@ def test_incompatible_layouts_are_refused_with_a_clear_error(pair) -> None:
         receiver.close()
 
 
+def test_an_mla_pool_and_a_per_head_pool_of_the_same_shape_do_not_pair() -> None:
+    """A latent page and a K|V page can have the same size (1 "head" of latent/2): the layout kind is
+    compared, so a DeepSeek decode never takes another model's per-head pages as latents."""
+    mha = _layout(num_kv_heads_total=1)
+    mla = _layout(num_kv_heads_total=1, kv_kind="mla")
+    assert mha.pool_shape(8) == mla.pool_shape(8)
+    with pytest.raises(KVLayoutMismatchError, match="kv_kind: 'mha' != 'mla'"):
+        mha.check_compatible(mla)
+    assert mha.identity() != mla.identity()  # the router does not pair them either
+
+
 def _spawn(target, *args):
     out = SPAWN.Queue()
     return spawn(target, *args, out), out

@@ -148,6 +148,7 @@ def kv_layout(runner) -> KVLayout:
         pp_size=par.pp_size,
         layer_start=layers[0],
         layer_end=layers[1],
+        kv_kind="mla" if is_mla(hf) else "mha",
     )
 
 

@@ -17,7 +17,8 @@ import torch
 from disagg.common.messages import message
 
 # bumped whenever a transfer message changes incompatibly: peers of different versions never pair
-PROTOCOL_VERSION = 5  # 5: the done's metadata carries prompt_logprobs (echo + logprobs)
+PROTOCOL_VERSION = 6  # 5: the done's metadata carries prompt_logprobs; 6: KVLayout.kv_kind, MLA pages
+# hold one contiguous latent per token (they held K slot | V slot halves before)
 
 
 class KVLayoutMismatchError(ValueError):
@@ -41,10 +42,11 @@ class KVLayout:
     pp_size: int = 1
     layer_start: int = 0  # the stage's layers [layer_start, layer_end) (layer_end 0: num_layers)
     layer_end: int = 0
+    kv_kind: str = "mha"  # "mha": per-head K and V; "mla": one latent per token (DeepSeek)
 
     # what two sides must share to exchange pages (TP rank and size may differ)
     COMPARED = ("protocol_version", "model_name", "model_fingerprint", "num_layers", "page_size",
-                "num_kv_heads_total", "head_dim", "dtype")  # fmt: skip
+                "num_kv_heads_total", "head_dim", "dtype", "kv_kind")  # fmt: skip
 
     def identity(self) -> dict:
         """The compared fields: a server publishes them (/server_info `pd_identity`) and the router
