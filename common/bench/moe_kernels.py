@@ -4,6 +4,13 @@ over the matmul rate, both measured in this run), a small block-size sweep, and 
 of the kernels to a float64 reference. Writes the best block sizes as a fused_moe_configs.json entry.
 
     python -m disagg.common.bench.moe_kernels --output-dir $OUT        # Qwen3-30B-A3B's expert shape
+    python -m disagg.common.bench.moe_kernels --fp8 --experts 256 --hidden 7168 --inter 256 \
+        --batches 1,8,64,256,2048 --output-dir $OUT     # DeepSeek-V3's FP8 experts at tp 8 (ep 1)
+
+--fp8: the experts in FP8 with 128x128 block scales (fused_moe.py's w8a16 GEMV / w8a8 grouped
+paths); the roofline counts one byte a weight (plus the scales) and the device's FP8 matmul rate,
+the closeness is to the float64 product of the dequantized weights, and the tuned entry is
+written under the key `...,dtype=fp8_w8a8` (fused_moe.moe_config's FP8 lookup).
 
 Timing: small batches replay a CUDA graph of `--layers` MoE layers (distinct weights, so the L2
 holds none of the next layer's experts), as a decode step runs them; large ones run eagerly.
@@ -19,10 +26,19 @@ from pathlib import Path
 import torch
 from disagg.common.bench.offline import measure_ceilings
 from disagg.common.models import fused_moe
-from disagg.common.models.moe_align import grouped_experts, moe_align_block_size
+from disagg.common.models.fp8 import quantize_weight_blocks
+from disagg.common.models.moe_align import (
+    ExpertScales,
+    dequantize_experts,
+    grouped_experts,
+    moe_align_block_size,
+)
+
+FP8_BLOCK = (128, 128)  # DeepSeek-V3's weight_block_size
 
 
-def make_layers(n: int, experts: int, hidden: int, inter: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_layers(n: int, experts: int, hidden: int, inter: int, fp8: bool = False) -> list[tuple]:
+    """n layers of (w13, w2, scales): bf16 weights and no scales, or FP8 blocks and their scales."""
     gen = torch.Generator(device="cuda").manual_seed(0)
 
     def rand(*shape):
@@ -30,7 +46,28 @@ def make_layers(n: int, experts: int, hidden: int, inter: int) -> list[tuple[tor
             torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=gen) / shape[-1] ** 0.5
         ).contiguous()
 
-    return [(rand(experts, 2 * inter, hidden), rand(experts, hidden, inter)) for _ in range(n)]
+    def quantize(w):
+        qs = [quantize_weight_blocks(w[e], FP8_BLOCK) for e in range(w.shape[0])]
+        return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+
+    layers = []
+    for _ in range(n):
+        w13, w2 = rand(experts, 2 * inter, hidden), rand(experts, hidden, inter)
+        if not fp8:
+            layers.append((w13, w2, None))
+            continue
+        (q13, s13), (q2, s2) = quantize(w13), quantize(w2)
+        layers.append((q13, q2, ExpertScales(s13, s2, FP8_BLOCK)))
+    return layers
+
+
+def reference(x, layer, weights, ids, block: int) -> torch.Tensor:
+    """The float64 product of the (dequantized) weights."""
+    w13, w2, scales = layer
+    if scales is not None:
+        w13 = dequantize_experts(w13, scales.w13, scales.block, torch.float64)
+        w2 = dequantize_experts(w2, scales.w2, scales.block, torch.float64)
+    return grouped_experts(x.double(), w13.double(), w2.double(), weights.double(), ids, block)
 
 
 def routing(tokens: int, experts: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,11 +77,11 @@ def routing(tokens: int, experts: int, k: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def time_layers(fn, layers, x, graph: bool, reps: int = 20) -> float:
-    """Median seconds per layer of fn(x, w13, w2) over all layers."""
+    """Median seconds per layer of fn(x, w13, w2, scales) over all layers."""
 
     def run():
-        for w13, w2 in layers:
-            fn(x, w13, w2)
+        for w13, w2, scales in layers:
+            fn(x, w13, w2, scales)
 
     run()
     torch.cuda.synchronize()
@@ -64,24 +101,33 @@ def time_layers(fn, layers, x, graph: bool, reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def roofline(tokens: int, ids: torch.Tensor, hidden: int, inter: int, ceil: dict) -> tuple[float, int]:
+def roofline(
+    tokens: int, ids: torch.Tensor, hidden: int, inter: int, ceil: dict, fp8: bool = False
+) -> tuple[float, int]:
+    """The routed experts' bytes over the copy bandwidth or their FLOPs over the matmul rate (FP8:
+    one byte a weight plus a float32 scale per 128x128 block, the FP8 matmul rate)."""
     touched = int(torch.unique(ids).numel())
-    nbytes = touched * 3 * hidden * inter * 2 + 2 * tokens * hidden * 2
+    weight_bytes = 1 + 4 / (FP8_BLOCK[0] * FP8_BLOCK[1]) if fp8 else 2
+    nbytes = touched * 3 * hidden * inter * weight_bytes + 2 * tokens * hidden * 2
     flops = 2 * ids.numel() * 3 * hidden * inter
-    return max(nbytes / (ceil["copy_gb_s"] * 1e9), flops / (ceil["matmul_tflops"] * 1e12)), touched
+    rate = ceil["fp8_matmul_tflops"] if fp8 else ceil["matmul_tflops"]
+    return max(nbytes / (ceil["copy_gb_s"] * 1e9), flops / (rate * 1e12)), touched
 
 
 def sweep(name, candidates, make_config, tokens, layers, k, ceil, graph) -> tuple[dict, list[dict]]:
     experts, hidden, inter = layers[0][1].shape
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     weights, ids = routing(tokens, experts, k)
-    roof, _ = roofline(tokens, ids, hidden, inter, ceil)
+    roof, _ = roofline(tokens, ids, hidden, inter, ceil, fp8=layers[0][2] is not None)
     rows = []
     for cand in candidates:
         config = make_config(cand)
         try:
             t = time_layers(
-                lambda x, a, b, c=config: fused_moe.fused_experts(x, a, b, weights, ids, c), layers, x, graph
+                lambda x, a, b, s, c=config: fused_moe.fused_experts(x, a, b, weights, ids, c, scales=s),
+                layers,
+                x,
+                graph,
             )
         except Exception as e:  # noqa: BLE001 - a config the compiler rejects (shared memory) is skipped
             print(f"  {name} {cand}: {type(e).__name__}", flush=True)
@@ -100,6 +146,7 @@ def tune(layers, k: int, ceil: dict, base: dict) -> tuple[dict, list[dict]]:
     gemv = [
         dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s, num_warps=w)
         for bn, bk, s, w in itertools.product((16, 32, 64), (128, 256), (1, 2, 4, 8), (4,))
+        if layers[0][2] is None or bk <= FP8_BLOCK[1]  # FP8: a K tile within one scale block
     ]
     best, rows = sweep(
         "gemv", gemv, lambda c: {**config, "gemv_max_pairs": 1 << 30, "gemv": c}, 1, layers, k, ceil, True
@@ -138,6 +185,19 @@ def tune(layers, k: int, ceil: dict, base: dict) -> tuple[dict, list[dict]]:
         dict(BLOCK_SIZE_M=128, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=128, num_warps=8, num_stages=s, SPLIT_ACT=True)
         for bn, s in itertools.product((128, 256), (2, 3))
     ]
+    if layers[0][2] is not None:  # FP8: fused_moe.fp8_config fixes BLOCK_K = 128 and SPLIT_ACT
+        grouped_small = [c for c in grouped_small if c["BLOCK_SIZE_K"] == FP8_BLOCK[1] and c["SPLIT_ACT"]]
+        grouped_large = [
+            dict(
+                BLOCK_SIZE_M=bm,
+                BLOCK_SIZE_N=bn,
+                BLOCK_SIZE_K=FP8_BLOCK[1],
+                num_warps=w,
+                num_stages=s,
+                SPLIT_ACT=True,
+            )
+            for bm, bn, w, s in itertools.product((64, 128), (64, 128, 256), (4, 8), (2, 3, 4))
+        ]
     for tokens, cands in ((64, grouped_small), (2048, grouped_large)):
         best, rows = sweep(
             "grouped",
@@ -177,35 +237,37 @@ def time_align(ids: torch.Tensor, experts: int) -> tuple[float, float]:
 def compare(layers, k: int, ceil: dict, config: dict, batches: list[int]) -> list[dict]:
     """Per batch: the Triton path (and its GEMV/grouped choice), the torch path, their rooflines."""
     experts, hidden, inter = layers[0][1].shape
+    fp8 = layers[0][2] is not None
     rows = []
     for tokens in batches:
         x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
         weights, ids = routing(tokens, experts, k)
-        roof, touched = roofline(tokens, ids, hidden, inter, ceil)
+        roof, touched = roofline(tokens, ids, hidden, inter, ceil, fp8)
         graph = tokens <= 256
         row = dict(tokens=tokens, touched_experts=touched, roofline_us=roof * 1e6)
         for path, pairs in (("gemv", 1 << 30), ("grouped", 0)):
             c = {**config, "gemv_max_pairs": pairs}
             t = time_layers(
-                lambda x, a, b, c=c, w=weights, i=ids: fused_moe.fused_experts(x, a, b, w, i, c),
+                lambda x, a, b, s, c=c, w=weights, i=ids: fused_moe.fused_experts(x, a, b, w, i, c, scales=s),
                 layers,
                 x,
                 graph,
             )
             row[f"{path}_us"] = t * 1e6
         t = time_layers(
-            lambda x, a, b, w=weights, i=ids, g=graph: grouped_experts(x, a, b, w.to(x.dtype), i, trim=not g),
+            lambda x, a, b, s, w=weights, i=ids, g=graph: grouped_experts(
+                x, a, b, w.to(x.dtype), i, trim=not g, scales=s
+            ),
             layers,
             x,
             graph,
         )
         row["torch_us"] = t * 1e6
         row["align_triton_us"], row["align_torch_us"] = time_align(ids, experts)
-        w13, w2 = layers[0]
-        ref = grouped_experts(
-            x.double(), w13.double(), w2.double(), weights.double(), ids, 256 if tokens >= 256 else 16
-        )
-        got = fused_moe.fused_experts(x, w13, w2, weights, ids, config).double()
+        ref = reference(x, layers[0], weights, ids, 256 if tokens >= 256 else 16)
+        w13, w2, scales = layers[0]
+        got = fused_moe.fused_experts(x, w13, w2, weights, ids, config, scales=scales).double()
+        # bf16 experts: bf16 rounding; FP8: also the activations' FP8 rounding (the grouped path)
         row["rel_err_bf16"] = ((got - ref).norm() / ref.norm()).item()
         rows.append(row)
         best = min(row["gemv_us"], row["grouped_us"])
@@ -228,14 +290,15 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--batches", default="1,2,4,8,16,32,64,256,2048")
     p.add_argument("--no-tune", action="store_true")
+    p.add_argument("--fp8", action="store_true", help="FP8 experts with 128x128 block scales (DeepSeek-V3's)")
     p.add_argument("--output-dir", default=".")
     args = p.parse_args()
     out = Path(args.output_dir)
     ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     print(f"{torch.cuda.get_device_name()}: ceilings {ceil}", flush=True)
-    layers = make_layers(args.layers, args.experts, args.hidden, args.inter)
-    key = f"E={args.experts},I={args.inter},H={args.hidden}"
-    config = dict(fused_moe.moe_config(args.experts, args.inter, args.hidden))
+    layers = make_layers(args.layers, args.experts, args.hidden, args.inter, args.fp8)
+    key = fused_moe.config_key(args.experts, args.inter, args.hidden, args.fp8)
+    config = dict(fused_moe.moe_config(args.experts, args.inter, args.hidden, args.fp8))
     log = []
     if not args.no_tune:
         config, log = tune(layers, args.top_k, ceil, config)

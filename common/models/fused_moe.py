@@ -66,11 +66,18 @@ def fused_moe_available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
+def config_key(num_experts: int, inter: int, hidden: int, fp8: bool = False) -> str:
+    """fused_moe_configs.json's key of an expert shape (FP8 experts: vLLM's `dtype=fp8_w8a8` suffix)."""
+    return f"E={num_experts},I={inter},H={hidden}" + (",dtype=fp8_w8a8" if fp8 else "")
+
+
 @functools.cache
-def moe_config(num_experts: int, inter: int, hidden: int) -> dict:
-    """The checked-in block sizes for this expert shape (E experts, I = inter, H = hidden), else defaults."""
+def moe_config(num_experts: int, inter: int, hidden: int, fp8: bool = False) -> dict:
+    """The checked-in block sizes for this expert shape (E experts, I = inter, H = hidden), else defaults.
+    FP8 experts take their own entry where one was tuned, else the bf16 one (fp8_config adapts it)."""
     table = json.loads(_CONFIGS.read_text()) if _CONFIGS.exists() else {}
-    return table.get(f"E={num_experts},I={inter},H={hidden}", _DEFAULT)
+    plain = table.get(config_key(num_experts, inter, hidden), _DEFAULT)
+    return table.get(config_key(num_experts, inter, hidden, fp8), plain)
 
 
 def grouped_config(config: dict, num_tokens: int) -> dict:
@@ -111,7 +118,7 @@ def fused_experts(
     scales: w13 / w2 are float8_e4m3fn with these block scales."""
     num_tokens, k = topk_ids.shape
     num_experts, hidden, inter = w2.shape
-    config = config or moe_config(num_experts, inter, hidden)
+    config = config or moe_config(num_experts, inter, hidden, scales is not None)
     if scales is not None:
         config = fp8_config(config, scales.block)
     # NOTE: no-ops on the model's tensors (topk's outputs are contiguous): each extra kernel here
