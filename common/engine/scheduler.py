@@ -15,8 +15,8 @@ of decoding it) and `_on_transfer_done` (a room's result from their `transfer` c
 
 The overlap schedule (SGLang's; default with CUDA, --disable-overlap-schedule turns it off,
 --enable-overlap-schedule turns it on for the CPU): `step()` launches step n+1's forward and
-sampling before it reads step n's tokens, so the host's work of a step (step n's tokens appended,
-stop checks, outputs, pages freed, step n+1+1 planned) runs while the device computes. A request
+sampling before it reads step n's tokens, so the host's work (step n's tokens appended, stop
+checks, outputs, pages freed; then step n+2 scheduled and planned) runs while the device computes. A request
 whose token of step n is still on the device decodes at step n+1 from that device tensor
 (`ModelRunner.forward`'s `pending`/`future`). Hazards, each with its rule:
 - one step of lag: step n's outputs leave with step() n+1; a request that ends at step n (stop
