@@ -85,6 +85,7 @@ class Scheduler:
         # PD roles: their transfer.coordinator.TransferCoordinator (flushed once per step)
         self.transfer = None
         self.overlap = self._may_overlap()
+        logger.info("overlap schedule: %s", "on" if self.overlap else "off")
         self._inflight: _Launched | None = None  # overlap: the step on the device whose tokens are unread
 
     # ---- public interface -------------------------------------------------------------
