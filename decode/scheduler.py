@@ -25,7 +25,8 @@ from disagg.common.engine.scheduler import Scheduler
 from disagg.common.parallel.dp_attention import DPAttentionScheduler, check_dp_attention
 from disagg.common.parallel.state import get_parallel
 from disagg.decode.ranks import create_receiver
-from disagg.transfer import TransferResult
+from disagg.transfer import TransferResult, metrics
+from disagg.transfer.base import TRACE
 from disagg.transfer.coordinator import DPRankTransfer, TransferCoordinator, transfer_error
 from disagg.transfer.protocol import prompt_fingerprint
 
@@ -60,6 +61,8 @@ class DecodeScheduler(Scheduler):
         self.prealloc: deque[Req] = deque()  # waiting for pages
         self.rooms: dict[int, Req] = {}  # TRANSFERRING (or aborted, pages pending) -> its request
         self.prefill_cached: dict[str, int] = {}  # rid -> prompt tokens the prefill side had cached
+        # rid -> (room, time.monotonic() its transfer engine had the room) until its first token left
+        self.kv_ready: dict[str, tuple[int, float]] = {}
 
     # ---- public interface -------------------------------------------------------------
     def abort_request(self, rid: str) -> None:
@@ -157,6 +160,7 @@ class DecodeScheduler(Scheduler):
                 logger.warning("request %s: KV transfer failed: %s", req.rid, result.reason)
                 self._finish(req, "abort", ReqStatus.ABORTED, error=transfer_error(result))
             return
+        self.kv_ready[req.rid] = (result.room, result.ready_at or time.monotonic())
         self._start_decoding(req, result.metadata)
 
     def _start_decoding(self, req: Req, meta: dict) -> None:
@@ -172,6 +176,18 @@ class DecodeScheduler(Scheduler):
         req.prompt_logprobs = list(meta.get("prompt_logprobs") or [])
         # NOTE: the prefill sends logprobs only when the request asked for them
         self._emit_token(req, token, meta.get("logprob"), meta.get("top_logprobs"))
+
+    def _on_outputs_leaving(self, outs: list[TokenOut]) -> None:
+        """Time each first token from its room's result in the transfer engine to now."""
+        if not self.kv_ready:
+            return
+        now = time.monotonic()
+        for out in outs:
+            ready = self.kv_ready.pop(out.rid, None)
+            if ready is not None:
+                metrics.observe_step("decode", "first_token", now - ready[1])
+                if TRACE:  # per-room times for python -m disagg.common.bench.first_token
+                    logger.info("first token out: room=%d kv_ready=%.6f out=%.6f", ready[0], ready[1], now)
 
     def _fill_usage(self, out: TokenOut, req: Req) -> None:
         super()._fill_usage(out, req)

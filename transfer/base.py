@@ -59,6 +59,9 @@ class TransferResult:
     metadata: dict[str, Any] = field(default_factory=dict)  # from the prefill side (decode only)
     nbytes: int = 0
     seconds: float = 0.0
+    # time.monotonic() when this engine had the result (comparable between processes of one host):
+    # where the decode's first-token delay starts (disagg_kv_transfer_step_seconds{step="first_token"})
+    ready_at: float = 0.0
 
 
 @dataclass
@@ -248,6 +251,7 @@ class TransferBase:
         # server can free (and reuse) them as soon as poll() returns the failure.
         if state.result is not None and state.busy == 0:
             trace(state.room, f"{self.role}_result")
+            state.result.ready_at = time.monotonic()
             self._results.append((state.result, time.perf_counter()))
             self._results_ready.set()
             state.result = None

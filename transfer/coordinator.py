@@ -338,6 +338,7 @@ class TransferCoordinator:
                     metadata=got[min(got)].metadata,
                     nbytes=sum(r.nbytes for r in got.values()),
                     seconds=max(r.seconds for r in got.values()),
+                    ready_at=got[min(got)].ready_at,  # this host's clock (rank 0's, not another node's)
                 )
             )
         return done

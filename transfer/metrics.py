@@ -24,7 +24,8 @@ KV_TRANSFER_STEP = Histogram(
     "Where a room's hand-off time goes: wait_request (prefill: first chunk ready until the decode said "
     "where its pages are), gather / copy / scatter (one chunk's device or host copy: UCX staging, "
     "direct into the peer's pool, out of staging), send (one UCX data message), to_scheduler (a "
-    "finished room until the server's scheduler polled it)",
+    "finished room until the server's scheduler polled it), first_token (decode: a finished room until "
+    "its first token left the scheduler for the client)",
     ["role", "step"],
     buckets=(0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2, 10),
 )

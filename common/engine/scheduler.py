@@ -203,7 +203,12 @@ class Scheduler:
         if self.transfer is not None:
             for result in self.transfer.flush():
                 self._on_transfer_done(result)
+        return self._take_outputs()
+
+    def _take_outputs(self) -> list[TokenOut]:
+        """The outputs made so far, leaving the scheduler now (the loop sends them at once)."""
         outs, self._pending_outs = self._pending_outs, []
+        self._on_outputs_leaving(outs)
         return outs
 
     def has_compute(self) -> bool:
@@ -267,6 +272,9 @@ class Scheduler:
 
     def _on_transfer_done(self, result) -> None:
         raise NotImplementedError("only the PD roles have transfers")
+
+    def _on_outputs_leaving(self, outs: list[TokenOut]) -> None:
+        """`outs` leave the scheduler for the client now (the decode times its first tokens)."""
 
     # ---- scheduling -------------------------------------------------------------------
     def _schedule(self) -> list[tuple[Req, int]]:
