@@ -24,6 +24,8 @@ from pathlib import Path
 #                           at load elsewhere) | torch (the block-scaled math in torch, any device) | off
 #   DISAGG_MLA_PREFILL      MLA prefill/mixed batches on the FlashInfer MLA backend: flashinfer (absorbed
 #                           form on its MLA kernel, default) | torch (expanded form, torch SDPA; A/B runs)
+#   DISAGG_STEP_DELAY_S     tests only: every forward of the server's scheduler takes this many seconds
+#                           longer, as on a slow device (tests/test_first_token.py: long decode steps)
 # and the standard ones we honour: XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES (launch_local splits the
 # GPUs), TRITON_INTERPRET, UCXPY_ENABLE_PYTHON_FUTURE and the UCX_* defaults set in
 # configure_ucx_env (the user's win).
@@ -134,6 +136,11 @@ def mla_prefill_mode() -> str:
     if mode not in ("flashinfer", "torch"):
         raise ValueError(f"DISAGG_MLA_PREFILL={mode!r}: expected flashinfer or torch")
     return mode
+
+
+def step_delay_s() -> float:
+    """DISAGG_STEP_DELAY_S (tests only): seconds added to every forward; 0 unless set."""
+    return float(os.environ.get("DISAGG_STEP_DELAY_S") or 0)
 
 
 def triton_interpret() -> bool:
