@@ -20,11 +20,16 @@ for _d in .gpu/*/; do
       >/dev/null 2>&1 && touch "/tmp/site/.installed-$_name" && echo "installed wheels: $_name"
   fi
 done
-if [ -f .gpu/fi_cache.tgz ] && [ ! -e /tmp/.fi_cache_done ]; then
-  # NOTE: mtimes kept (no --touch) and everything the builds depend on dated back, so that ninja
-  # finds no input newer than the cached objects: start-up falls from ~250 s to ~17 s
-  tar xzf .gpu/fi_cache.tgz -C / 2>/dev/null && touch /tmp/.fi_cache_done
-  find /root/.cache/flashinfer /tmp/site -exec touch -h -d '2000-01-01 00:00:00' {} + 2>/dev/null
+_kc=.gpu/kc.tgz; [ -f "$_kc" ] || _kc=.gpu/fi_cache.tgz
+if [ -f "$_kc" ] && [ ! -e /tmp/.fi_cache_done ]; then
+  # Kernel caches of an earlier machine (FlashInfer's JIT builds, and in kc.tgz Triton's too).
+  # NOTE: ninja rebuilds an object when any input (source, header: the CUDA and system headers
+  # too) is newer than it. So the extracted objects keep their build-time mtimes (no --touch) and
+  # only the inputs that travel with us are dated back: the wheels in /tmp/site and FlashInfer's
+  # generated sources. Dating the objects back as well (as this script did until the fifth
+  # session) made them older than the image's headers: every module was rebuilt (~200 s).
+  tar xzf "$_kc" -C / 2>/dev/null && touch /tmp/.fi_cache_done
+  find /tmp/site /root/.cache/flashinfer/*/*/generated -exec touch -h -d '2000-01-01 00:00:00' {} + 2>/dev/null
 fi
 mkdir -p /tmp/shim/disagg
 touch /tmp/shim/disagg/__init__.py
