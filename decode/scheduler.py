@@ -13,16 +13,16 @@ like the colocated server would (prefill here too).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
 
 from disagg.common.config import DisaggConfig, EngineConfig
 from disagg.common.engine.kv_pool import pages_for_tokens
-from disagg.common.engine.model_runner import ModelRunner
 from disagg.common.engine.request import Req, ReqStatus, SchedulerStats, TokenOut
 from disagg.common.engine.scheduler import Scheduler
-from disagg.common.parallel.dp_attention import DPAttentionScheduler, check_dp_attention
+from disagg.common.parallel.dp_attention import create_pd_scheduler
 from disagg.common.parallel.state import get_parallel
 from disagg.decode.ranks import create_receiver
 from disagg.transfer import TransferResult, metrics
@@ -37,18 +37,12 @@ def create_decode_scheduler(config: EngineConfig, disagg: DisaggConfig):
     """The decode server's scheduler: a `DecodeScheduler`, or under DP attention one per DP rank
     inside a `DPAttentionScheduler` (each picks its DP rank's requests; that rank's ranks receive
     their pages: the prefill sends to those ranks' connections only)."""
-    if not config.enable_dp_attention:
-        return DecodeScheduler(config, disagg)
-    check_dp_attention(config)
-    if get_parallel().attn_dp_size == 1:  # --dp-size 1: plain TP
-        return DecodeScheduler(config, disagg)
-    runner = ModelRunner(config)
-    shared = TransferCoordinator(create_receiver(disagg, runner), get_parallel().world_size)
 
-    def make(view, dp_rank: int) -> DecodeScheduler:
-        return DecodeScheduler(config, disagg, view, DPRankTransfer(shared, dp_rank))
+    def make_transfer(runner) -> TransferCoordinator:
+        return TransferCoordinator(create_receiver(disagg, runner), get_parallel().world_size)
 
-    return DPAttentionScheduler(config, runner, make, transfer=shared)
+    make = functools.partial(DecodeScheduler, config, disagg)
+    return create_pd_scheduler(config, make, make_transfer, DPRankTransfer)
 
 
 class DecodeScheduler(Scheduler):

@@ -12,16 +12,16 @@ is prefilled and answered with its first token, nothing sent.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
 
 from disagg.common.config import DisaggConfig, EngineConfig
 from disagg.common.engine.kv_pool import pages_for_tokens
-from disagg.common.engine.model_runner import ModelRunner
 from disagg.common.engine.request import Req, ReqStatus, SchedulerStats, TokenOut
 from disagg.common.engine.scheduler import Scheduler
-from disagg.common.parallel.dp_attention import DPAttentionScheduler, check_dp_attention
+from disagg.common.parallel.dp_attention import create_pd_scheduler
 from disagg.common.parallel.state import get_parallel
 from disagg.prefill.ranks import create_sender
 from disagg.transfer import TransferResult
@@ -35,18 +35,12 @@ def create_prefill_scheduler(config: EngineConfig, disagg: DisaggConfig):
     """The prefill server's scheduler: a `PrefillScheduler`, or under DP attention one per DP rank
     inside a `DPAttentionScheduler` (room r is prefilled on DP rank r % D, whose ranks send its
     pages; they register with the bootstrap as that DP rank's, where the decode asks for them)."""
-    if not config.enable_dp_attention:
-        return PrefillScheduler(config, disagg)
-    check_dp_attention(config)
-    if get_parallel().attn_dp_size == 1:  # --dp-size 1: plain TP
-        return PrefillScheduler(config, disagg)
-    runner = ModelRunner(config)
-    shared = TransferCoordinator(create_sender(disagg, runner, config), get_parallel().world_size)
 
-    def make(view, dp_rank: int) -> PrefillScheduler:
-        return PrefillScheduler(config, disagg, view, DPRankTransfer(shared, dp_rank))
+    def make_transfer(runner) -> TransferCoordinator:
+        return TransferCoordinator(create_sender(disagg, runner, config), get_parallel().world_size)
 
-    return DPAttentionScheduler(config, runner, make, transfer=shared, by_room=True)
+    make = functools.partial(PrefillScheduler, config, disagg)
+    return create_pd_scheduler(config, make, make_transfer, DPRankTransfer, by_room=True)
 
 
 class PrefillScheduler(Scheduler):

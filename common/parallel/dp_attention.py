@@ -325,13 +325,40 @@ _SUMMED = ("num_running", "num_waiting", "num_total_pages", "num_free_pages", "n
            "num_open_rooms")  # fmt: skip
 
 
+def uses_dp_attention(config: EngineConfig) -> bool:
+    """Whether rank 0 runs a `DPAttentionScheduler`: --enable-dp-attention with more than one DP rank
+    (--dp-size 1, or tp 1, is plain TP). Raises ValueError for flags DP attention does not support."""
+    if not config.enable_dp_attention:
+        return False
+    check_dp_attention(config)
+    return get_parallel().attn_dp_size > 1
+
+
 def create_scheduler(config: EngineConfig):
     """The colocated scheduler: `DPAttentionScheduler` under DP attention, else a `Scheduler`."""
     from disagg.common.engine.scheduler import Scheduler
 
-    if not config.enable_dp_attention:
-        return Scheduler(config)
-    check_dp_attention(config)
-    if get_parallel().attn_dp_size == 1:  # --dp-size 1 (or tp 1): plain TP
-        return Scheduler(config)
-    return DPAttentionScheduler(config)
+    return DPAttentionScheduler(config) if uses_dp_attention(config) else Scheduler(config)
+
+
+def create_pd_scheduler(
+    config: EngineConfig, make_scheduler, make_transfer, rank_transfer, by_room: bool = False
+):
+    """A PD role's scheduler (prefill or decode): `make_scheduler()` alone, or under DP attention one
+    per DP rank inside a `DPAttentionScheduler`, whose DP ranks share one transfer coordinator.
+
+    `make_scheduler(runner, transfer)`: the role's scheduler (no arguments: over its own runner and
+    coordinator); `make_transfer(runner)`: the coordinator the DP ranks share; `rank_transfer(shared,
+    dp_rank)`: DP rank d's handle on it (`transfer.coordinator.DPRankTransfer`: common/ cannot import
+    transfer/, so the roles pass these in). `by_room`: see `DPAttentionScheduler`."""
+    from disagg.common.engine.model_runner import ModelRunner
+
+    if not uses_dp_attention(config):
+        return make_scheduler()
+    runner = ModelRunner(config)
+    shared = make_transfer(runner)
+
+    def make(view, dp_rank: int):
+        return make_scheduler(view, rank_transfer(shared, dp_rank))
+
+    return DPAttentionScheduler(config, runner, make, transfer=shared, by_room=by_room)
