@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch
 from disagg.common.models.deepseek import DEEPSEEK_ARCHITECTURES, MLAttention, is_mla, latent_half_dim
+from disagg.common.models.fused_rope_kv import fused_rope_kv, fused_rope_kv_ok
 from disagg.common.models.kernels import silu_and_mul
 from disagg.common.models.layers import (
     ColumnParallelLinear,
@@ -90,21 +91,35 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.rope = rope
+        # RoPE (+ q/k norm) and the K/V write in one Triton launch where it agrees with the torch ops
+        w = self.qkv_proj.weight
+        self.fused_rope_kv = fused_rope_kv_ok(
+            w.device, w.dtype, self.num_heads, self.num_kv_heads, self.head_dim, self.qk_norm
+        )
 
     def forward(self, x, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend):
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        kv = kv_buffer[self.layer_id]  # [num_pages, 2, page_size, Hkv, D]
+        if self.fused_rope_kv:
+            norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else None
+            q = fused_rope_kv(batch.positions, q, k, v, kv, batch.k_rows, self.rope.table(), norm)
+        else:
+            q = self.rope_and_write_kv(q, k, v, kv, batch)
+        out = backend.forward(q, kv, batch)
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+
+    def rope_and_write_kv(self, q, k, v, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """fused_rope_kv's steps one op at a time (FlashInfer's norm and RoPE where they apply)."""
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(batch.positions, q, k)
-        kv = kv_buffer[self.layer_id]  # [num_pages, 2, page_size, Hkv, D]
         rows = kv.view(-1, self.num_kv_heads, self.head_dim)  # one row per (page, K|V, slot)
         rows.index_copy_(0, batch.k_rows, k.to(kv.dtype))
         rows.index_copy_(0, batch.k_rows + batch.page_size, v.to(kv.dtype))
-        out = backend.forward(q, kv, batch)
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        return q
 
 
 class MLP(nn.Module):

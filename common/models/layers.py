@@ -111,12 +111,19 @@ class RotaryEmbedding(nn.Module):
         cos, sin = (freqs.cos() * scaling).float(), (freqs.sin() * scaling).float()
         self.register_buffer("cos", cos.to(device), persistent=False)  # [max_pos, D/2] float32
         self.register_buffer("sin", sin.to(device), persistent=False)
-        # the fused CUDA kernel's table: [max_pos, D] = cos | sin
+        # the fused CUDA kernels' table: [max_pos, D] = cos | sin
         self.register_buffer(
             "cos_sin",
             torch.cat([cos, sin], -1).to(device) if device.type == "cuda" else None,
             persistent=False,
         )
+
+    def table(self) -> torch.Tensor:
+        """[max_pos, D] float32 cos | sin, fused_rope_kv's table (on the CPU, Triton's interpreter:
+        built on first use)."""
+        if self.cos_sin is None:
+            self.cos_sin = torch.cat([self.cos, self.sin], -1)
+        return self.cos_sin
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
