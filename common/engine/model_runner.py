@@ -24,6 +24,7 @@ from disagg.common.models.decoder import (
 )
 from disagg.common.models.deepseek import attention_backend_for
 from disagg.common.models.eplb import create_balancer
+from disagg.common.models.fp8 import deferred_fp8_weights
 from disagg.common.models.kernels import check_fused_kernels
 from disagg.common.models.model_files import model_fingerprint, resolve_model_path
 from disagg.common.models.moe import MOE_ARCHITECTURES
@@ -189,7 +190,12 @@ class ModelRunner:
 
     def _load_model(self) -> CausalLM:
         t0 = time.perf_counter()
-        with _default_dtype(self.dtype), torch.device(self.device):
+        # FP8 checkpoints: the weights that stay FP8 get no 16/32-bit copy while the model is built
+        with (
+            _default_dtype(self.dtype),
+            torch.device(self.device),
+            deferred_fp8_weights(self.hf_config, self.device),
+        ):
             model = CausalLM(self.hf_config, max_positions=self.context_length, layer_range=self.layer_range)
         load_weights(model, self.model_path, self.config.load_format)
         model.eval()

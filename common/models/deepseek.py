@@ -325,8 +325,9 @@ def load_mla_weight(model, params: dict, name: str, tensor_slice) -> tuple[bool,
     projections split by rows across TP ranks. `name` has the "model." prefix removed."""
     if _HEAD_SPLIT.search(name) is None:
         return False, None
-    param = params[name]
+    from disagg.common.models.weights import copy_weight
+
     # the rank among the layer's ranks: the TP group, or with DP attention the attention group
-    rows, r = param.shape[0], model.get_submodule(name.rsplit(".", 1)[0]).tp.rank
-    param.data.copy_(tensor_slice[r * rows : (r + 1) * rows])
+    rows, r = params[name].shape[0], model.get_submodule(name.rsplit(".", 1)[0]).tp.rank
+    copy_weight(model, params, name, (), tensor_slice, (slice(r * rows, (r + 1) * rows),))
     return True, name

@@ -11,13 +11,20 @@ Where it runs:
   - elsewhere the weights are dequantized at load (weights.py) and the layers are plain matmuls;
   - DISAGG_FP8_GEMM=torch: the same block-scaled math in torch on any device (tests, CPU).
 
-The runtime layout is made after the weights are loaded (`quantize_linears`): each rank quantizes
-its own shard in blocks aligned to that shard, so any TP split works. MLA's kv_b_proj stays in the
-model dtype (the absorbed decode slices its weight per head). The MoE experts take the same
-block layout in moe.py (`quantize_experts`, the fused FP8 kernels of fused_moe.py).
+Loading (weights.py) never makes a 16/32-bit copy of a weight that stays FP8: while the model is
+built (`deferred_fp8_weights`) the linears' and experts' weights take no memory; `quantize_linears`
+and moe.quantize_experts then give them empty FP8 blocks + scales, and the loader copies each
+checkpoint tensor's FP8 values and scales straight in (`Fp8Tensor`: each rank reads only its
+slice, which must be whole blocks). Where FP8 is not kept, `Fp8Tensor.dequantize_into` writes the
+rank's slice into the dense parameter one block row at a time. MLA's kv_b_proj stays in the model
+dtype (the absorbed decode slices its weight per head). The MoE experts take the same block layout
+in moe.py (the fused FP8 kernels of fused_moe.py).
 """
 
 from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
 
 import torch
 from disagg.common.config import fp8_gemm_mode
@@ -143,12 +150,150 @@ def fp8_linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 @torch.no_grad()
 def quantize_linears(model: nn.Module, block: tuple[int, int], backend: str) -> int:
-    """Replace each FP8 linear's weight by float8_e4m3fn blocks and `weight_scale_inv` (on its device);
-    returns how many layers were converted. The dense weight is freed layer by layer."""
+    """Give each FP8 linear float8_e4m3fn block weights and `weight_scale_inv` (on its device): a
+    weight not allocated yet (deferred_fp8_weights) gets empty ones for the loader to fill, a dense
+    one is quantized and freed layer by layer. Returns how many layers were converted."""
     layers = fp8_linear_modules(model)
     for _, m in layers:
-        q, scale = quantize_weight_blocks(m.weight.data, block)
+        if is_unallocated(m.weight):
+            q, scale = empty_fp8_blocks(m.weight.shape, block, m.weight.device)
+        else:
+            q, scale = quantize_weight_blocks(m.weight.data, block)
         m.weight = nn.Parameter(q, requires_grad=False)
         m.weight_scale_inv = nn.Parameter(scale, requires_grad=False)
         m.fp8_block, m.fp8_backend = block, backend
     return len(layers)
+
+
+def empty_fp8_blocks(shape, block: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised FP8 values [..., N, K] and float32 scales [..., ceil(N/bn), ceil(K/bk)]."""
+    *lead, n, k = shape
+    scale_shape = (*lead, -(-n // block[0]), -(-k // block[1]))
+    return (
+        torch.empty(shape, dtype=FP8_DTYPE, device=device),
+        torch.empty(scale_shape, dtype=torch.float32, device=device),
+    )
+
+
+# ---- loading without a 16/32-bit copy ----------------------------------------------------------------
+
+
+def is_unallocated(p: torch.Tensor) -> bool:
+    """A weight deferred_fp8_weights created: its shape, dtype and device, but no bytes yet."""
+    return getattr(p, "unallocated", False)
+
+
+def unallocated_like(p: torch.Tensor, device) -> nn.Parameter:
+    """A parameter of p's shape and dtype on `device` that holds no memory (one element, expanded):
+    code that reads a weight's device or dtype while the model is built sees the real ones, and
+    writing into it before load_weights allocates it fails loudly."""
+    out = nn.Parameter(torch.empty((), dtype=p.dtype, device=device).expand(p.shape), requires_grad=False)
+    out.unallocated = True
+    return out
+
+
+def _deferring(init, device):
+    @functools.wraps(init)
+    def build(self, *args, **kwargs):
+        with torch.device("meta"):
+            init(self, *args, **kwargs)
+        for name, p in list(self.named_parameters(recurse=False)):
+            if p.is_meta:
+                setattr(self, name, unallocated_like(p, device))
+
+    return build
+
+
+@contextmanager
+def deferred_fp8_weights(config, device: torch.device):
+    """Build the model inside this: where the weights stay FP8 (fp8_gemm_backend), every TP linear's
+    and MoE expert stack's parameters are created unallocated (no 16/32-bit copy of them ever
+    exists); load_weights gives the FP8 ones their block layout and the others their dense bytes.
+    A no-op elsewhere. NOTE: patches those classes' __init__ while inside (model building is
+    single-threaded) and restores them on exit."""
+    if fp8_block_size(config) is None or fp8_gemm_backend(device) is None:
+        yield
+        return
+    from disagg.common.models.layers import ColumnParallelLinear, RowParallelLinear
+    from disagg.common.models.moe import Experts
+
+    classes = (ColumnParallelLinear, RowParallelLinear, Experts)
+    inits = [cls.__init__ for cls in classes]
+    for cls, init in zip(classes, inits, strict=True):
+        cls.__init__ = _deferring(init, device)
+    try:
+        yield
+    finally:
+        for cls, init in zip(classes, inits, strict=True):
+            cls.__init__ = init
+
+
+def _span(index: slice, dim: int) -> tuple[int, int]:
+    start, stop, step = index.indices(dim)
+    if step != 1:
+        raise ValueError("strided weight slices are not supported")
+    return start, stop
+
+
+def block_index(index: tuple, shape, block: tuple[int, int], what: str) -> tuple:
+    """The index of the scale blocks covering `index` (ints and slices over `shape`, the last two
+    dims blocked); ValueError naming `what` if a slice cuts a block (its start, or its end short of
+    the dim's end, not on the block grid)."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    lead = len(shape) - 2
+    out = list(index[:lead])
+    for d, (ix, b) in enumerate(zip(index[lead:], block, strict=True)):
+        dim = shape[lead + d]
+        start, stop = _span(ix, dim)
+        if start % b or (stop % b and stop != dim):
+            raise ValueError(
+                f"FP8 {what}: {'rows' if d == 0 else 'columns'} [{start}, {stop}) of {dim} cut its "
+                f"{list(block)} blocks; choose --tp/--ep so that each rank's share is whole blocks, or "
+                f"dequantize with DISAGG_FP8_GEMM=off"
+            )
+        out.append(slice(start // b, -(-stop // b)))
+    return tuple(out)
+
+
+class Fp8Tensor:
+    """A checkpoint's FP8 weight [N, K] (a safetensors slice: only what is indexed is read) and its
+    float32 `weight_scale_inv` [ceil(N/bn), ceil(K/bk)]."""
+
+    def __init__(self, name: str, values, scale: torch.Tensor, block: tuple[int, int]):
+        self.name, self.values, self.scale, self.block = name, values, scale.float(), block
+        self.shape = tuple(values.get_shape())
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def copy_fp8_into(self, dst: torch.Tensor, dst_scale: torch.Tensor, index: tuple = ()) -> None:
+        """dst, dst_scale = the FP8 values and scales of `index` (whole blocks), as stored."""
+        scale_index = block_index(index, self.shape, self.block, f"checkpoint tensor {self.name}")
+        dst.copy_(self.values[_full(index, self.shape)])
+        dst_scale.copy_(self.scale[scale_index])
+
+    def dequantize_into(self, dst: torch.Tensor, index: tuple = ()) -> None:
+        """dst = the values of `index` (any rows/columns), dequantized one block row at a time: the
+        only full-size temporary is the FP8 slice (1 byte a value)."""
+        (r0, r1), (c0, c1) = self._spans(index)
+        q = self.values[r0:r1, c0:c1]
+        bn, bk = self.block
+        for row in range(r0 - r0 % bn, r1, bn):
+            lo, hi = max(row, r0) - r0, min(row + bn, r1) - r0
+            scale = self.scale[row // bn, c0 // bk : -(-c1 // bk)].repeat_interleave(bk)
+            dst[lo:hi].copy_(q[lo:hi].float() * scale[c0 % bk : c0 % bk + c1 - c0])
+
+    def __getitem__(self, index) -> torch.Tensor:
+        """The values of `index`, dequantized to float32 (readers that take a plain tensor)."""
+        index = index if isinstance(index, tuple) else (index,)
+        (r0, r1), (c0, c1) = self._spans(index)
+        out = torch.empty(r1 - r0, c1 - c0)
+        self.dequantize_into(out, index)
+        return out
+
+    def _spans(self, index: tuple) -> list[tuple[int, int]]:
+        return [_span(ix, dim) for ix, dim in zip(_full(index, self.shape), self.shape, strict=True)]
+
+
+def _full(index: tuple, shape) -> tuple:
+    return tuple(index) + (slice(None),) * (len(shape) - len(index))

@@ -71,19 +71,19 @@ class Experts(nn.Module):
 
     @torch.no_grad()
     def quantize(self, block: tuple[int, int], backend: str) -> None:
-        """w13 / w2 -> float8_e4m3fn in [block_n, block_k] blocks + float32 `*_scale_inv`, expert by
-        expert (the dense copy of one expert at a time beside the FP8 tensors)."""
-        from disagg.common.models.fp8 import FP8_DTYPE, quantize_weight_blocks
+        """Keep w13 / w2 as float8_e4m3fn in [block_n, block_k] blocks + float32 `*_scale_inv`: weights
+        not allocated yet (fp8.deferred_fp8_weights) get empty ones for the loader to fill; dense
+        ones are quantized expert by expert (one expert's dense copy at a time)."""
+        from disagg.common.models.fp8 import empty_fp8_blocks, is_unallocated, quantize_weight_blocks
 
         for name in ("w13", "w2"):
-            dense = getattr(self, name).data
-            q = torch.empty(dense.shape, dtype=FP8_DTYPE, device=dense.device)
-            scales = []
-            for e in range(dense.shape[0]):
-                q[e], scale = quantize_weight_blocks(dense[e], block)
-                scales.append(scale)
+            dense = getattr(self, name)
+            q, scale = empty_fp8_blocks(dense.shape, block, dense.device)
+            if not is_unallocated(dense):
+                for e in range(dense.shape[0]):
+                    q[e], scale[e] = quantize_weight_blocks(dense.data[e], block)
             setattr(self, name, nn.Parameter(q, requires_grad=False))
-            setattr(self, f"{name}_scale_inv", nn.Parameter(torch.stack(scales), requires_grad=False))
+            setattr(self, f"{name}_scale_inv", nn.Parameter(scale, requires_grad=False))
         self.fp8_block, self.fp8_backend = block, backend
 
 
@@ -254,15 +254,21 @@ def make_moe(config, layer_id: int) -> nn.Module:
 
 
 def load_expert_weight(model, params: dict, name: str, tensor_slice) -> bool:
-    """Load one checkpoint expert tensor into this rank's slot, if this rank holds that expert."""
+    """Load one checkpoint expert tensor into this rank's slot, if this rank holds that expert
+    (FP8 experts: its FP8 values and block scales, weights.copy_weight)."""
+    from disagg.common.models.weights import copy_weight
+
     m = _EXPERT_RE.search(name)
     if m is None:
         return False
-    moe = model.get_submodule(f"{m.group(1)}.mlp")
+    prefix = f"{m.group(1)}.mlp"
+    moe = model.get_submodule(prefix)
     part, n, r = _PART[m.group(3)], moe.inter_local, moe.moe_tp_rank
+    mine = slice(r * n, (r + 1) * n)  # this rank's share of the intermediate dimension
     for e in moe.local_slots(int(m.group(2))):  # none: another rank's expert; several: replicas
         if part == 2:
-            moe.experts.w2.data[e].copy_(tensor_slice[:, r * n : (r + 1) * n])
+            copy_weight(model, params, f"{prefix}.experts.w2", (e,), tensor_slice, (slice(None), mine))
         else:
-            moe.experts.w13.data[e, part * n : (part + 1) * n].copy_(tensor_slice[r * n : (r + 1) * n])
+            rows = (e, slice(part * n, (part + 1) * n))
+            copy_weight(model, params, f"{prefix}.experts.w13", rows, tensor_slice, (mine,))
     return True

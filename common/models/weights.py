@@ -3,7 +3,10 @@
 Checkpoint names map onto the model's fused parameters:
     model.layers.N.self_attn.{q,k,v}_proj  -> layers.N.self_attn.qkv_proj  (rows: q | k | v)
     model.layers.N.mlp.{gate,up}_proj       -> layers.N.mlp.gate_up_proj    (rows: gate | up)
-Each rank copies only its slice of each tensor (safetensors reads slices lazily).
+Each rank copies only its slice of each tensor (safetensors reads slices lazily), file by file.
+FP8 block-quantized checkpoints (DeepSeek-V3's): where the model keeps FP8 (fp8.py) each FP8 tensor's
+slice and its scales go straight into the FP8 parameters; elsewhere the slice is dequantized into
+the dense parameter as it is copied (copy_weight).
 """
 
 from __future__ import annotations
@@ -16,7 +19,17 @@ import zlib
 from pathlib import Path
 
 import torch
-from disagg.common.models.fp8 import fp8_block_size, fp8_gemm_backend, quantize_linears
+from disagg.common.models.fp8 import (
+    FP8_DTYPE,
+    FP8_MAX,
+    Fp8Tensor,
+    block_index,
+    fp8_block_size,
+    fp8_gemm_backend,
+    is_unallocated,
+    quantize_linears,
+    quantize_weight_blocks,
+)
 from disagg.common.parallel.state import get_parallel
 from tqdm import tqdm
 
@@ -160,22 +173,66 @@ def _config_class(model_type: str):
 
 
 def load_weights(model: torch.nn.Module, model_path: str, load_format: str) -> None:
-    """Real or dummy weights; then, for an FP8 block-quantized config on a device that runs FP8
-    GEMMs (fp8.py), the linear layers take the FP8 block layout (dummy: random weights in it)."""
+    """Real or dummy weights. For an FP8 block-quantized config on a device that runs FP8 GEMMs
+    (fp8.py) the linears and experts first take their FP8 block layout (empty), then the
+    checkpoint's FP8 values and scales are copied in (dummy: random FP8 values and scales)."""
+    device = model_device(model)
+    block = fp8_block_size(model.config)
+    backend = fp8_gemm_backend(device) if block else None
+    if backend:
+        take_fp8_layout(model, block, backend)
+    allocate_deferred(model)
     if load_format == "dummy":
         _init_dummy(model)
     else:
         _load_checkpoint(model, model_path)
-    block = fp8_block_size(model.config)
-    backend = fp8_gemm_backend(next(model.parameters()).device) if block else None
-    if backend:
-        from disagg.common.models.moe import quantize_experts
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the pool is sized from what the allocator holds after this
 
-        n = quantize_linears(model, block, backend)
-        moes = quantize_experts(model, block, backend)
-        logger.info(
-            "FP8 block GEMMs (%s, blocks %s): %d linear layers, %d MoE layers", backend, block, n, moes
-        )
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(p.device for p in model.parameters())
+
+
+def take_fp8_layout(model: torch.nn.Module, block: tuple[int, int], backend: str) -> None:
+    from disagg.common.models.moe import quantize_experts
+
+    n = quantize_linears(model, block, backend)
+    moes = quantize_experts(model, block, backend)
+    logger.info("FP8 block GEMMs (%s, blocks %s): %d linear layers, %d MoE layers", backend, block, n, moes)
+
+
+def allocate_deferred(model: torch.nn.Module) -> None:
+    """Dense memory for the weights fp8.deferred_fp8_weights left unallocated that do not keep FP8
+    (MLA's kv_b_proj, biases; every one where FP8 is not kept)."""
+    for name, p in list(model.named_parameters()):
+        if is_unallocated(p):
+            module, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            setattr(module, attr, torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=p.device)))
+
+
+def copy_weight(model, params: dict, pname: str, dst_index: tuple, src, src_index: tuple = ()) -> None:
+    """params[pname][dst_index] = src[src_index], where src is a checkpoint tensor (a safetensors
+    slice or an fp8.Fp8Tensor). An FP8 parameter (`<pname>_scale_inv` beside it) takes an FP8
+    tensor's values and scales as they are (whole blocks only) and quantizes a dense tensor's
+    slice; a dense parameter takes an FP8 tensor dequantized."""
+    param = params[pname]
+    dst = param.data[dst_index]
+    scale = params.get(f"{pname}_scale_inv")
+    if scale is None:
+        if isinstance(src, Fp8Tensor):
+            src.dequantize_into(dst, src_index)
+        else:
+            dst.copy_(src[src_index] if src_index else src[:])
+        return
+    block = model.get_submodule(pname.rpartition(".")[0]).fp8_block
+    dst_scale = scale.data[block_index(dst_index, param.shape, block, f"parameter {pname}")]
+    if isinstance(src, Fp8Tensor):
+        src.copy_fp8_into(dst, dst_scale, src_index)
+    else:  # a layer the checkpoint left unquantized: this rank's slice only, in its blocks
+        q, q_scale = quantize_weight_blocks(src[src_index] if src_index else src[:], block)
+        dst.copy_(q)
+        dst_scale.copy_(q_scale)
 
 
 def _load_checkpoint(model: torch.nn.Module, model_path: str) -> None:
@@ -194,11 +251,11 @@ def _load_checkpoint(model: torch.nn.Module, model_path: str) -> None:
                     continue  # a scale is read with its weight; another pipeline stage's layer is not here
                 tensor_slice = f.get_slice(name)
                 if scales and tensor_slice.get_dtype() == "F8_E4M3":
-                    tensor_slice = _dequantize_fp8(model.config, tensor_slice, name, scales)
+                    tensor_slice = _fp8_tensor(model.config, name, tensor_slice, scales)
                 target = _load_one(model, params, name, tensor_slice)
                 if target:
                     loaded.add(target)
-    missing = [n for n in params if n not in loaded]
+    missing = [n for n in params if n not in loaded and not n.endswith("_scale_inv")]
     if missing:
         raise ValueError(
             f"weights missing from {model_path}: {missing[:5]}{'...' if len(missing) > 5 else ''}"
@@ -208,10 +265,7 @@ def _load_checkpoint(model: torch.nn.Module, model_path: str) -> None:
 def _fp8_scale_files(config, files: list[Path]) -> dict[str, Path]:
     """FP8 block-quantized checkpoints (DeepSeek-V3's `quantization_config`): the file holding each
     `<weight>_scale_inv` (a weight's scales may sit in another shard). Empty for other checkpoints."""
-    quant = getattr(config, "quantization_config", None) or {}
-    if not isinstance(quant, dict):
-        quant = quant.to_dict()
-    if quant.get("quant_method") != "fp8":
+    if fp8_block_size(config) is None:
         return {}
     from safetensors import safe_open
 
@@ -222,34 +276,16 @@ def _fp8_scale_files(config, files: list[Path]) -> dict[str, Path]:
     return found
 
 
-class _Dequantized:
-    """A dequantized tensor behind the part of safetensors' slice interface _load_one uses."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
-
-    def __getitem__(self, index):
-        return self.tensor[index]
-
-    def get_shape(self) -> list[int]:
-        return list(self.tensor.shape)
-
-
-def _dequantize_fp8(config, tensor_slice, name: str, scales: dict[str, Path]) -> _Dequantized:
-    """w = w_fp8 * scale_inv per [block_out, block_in] block, on the CPU in float32 (no FP8 GEMMs yet:
-    every rank dequantizes the whole tensor, then copies its slice)."""
+def _fp8_tensor(config, name: str, tensor_slice, scales: dict[str, Path]) -> Fp8Tensor:
+    """The FP8 tensor `name` with its block scales (read whole: 1/16384 of the weight's values)."""
     from safetensors import safe_open
 
     scale_name = f"{name}_scale_inv"
     if scale_name not in scales:
         raise ValueError(f"FP8 tensor {name} has no {scale_name} in the checkpoint")
     with safe_open(str(scales[scale_name]), framework="pt") as f:
-        scale = f.get_tensor(scale_name).float()
-    weight = tensor_slice[:].float()
-    quant = config.quantization_config
-    block_out, block_in = (quant if isinstance(quant, dict) else quant.to_dict())["weight_block_size"]
-    full = scale.repeat_interleave(block_out, 0).repeat_interleave(block_in, 1)
-    return _Dequantized(weight * full[: weight.shape[0], : weight.shape[1]])
+        scale = f.get_tensor(scale_name)
+    return Fp8Tensor(name, tensor_slice, scale, fp8_block_size(config))
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -313,7 +349,7 @@ def _load_one(model, params: dict, name: str, tensor_slice) -> str | None:
         size = module.out_sizes[idx]
         offset = sum(module.out_sizes[:idx])
         rows = _row_range(model.config, m.group(2), size, module.tp)
-        param.data[offset : offset + size].copy_(tensor_slice[rows[0] : rows[1]])
+        copy_weight(model, params, pname, (slice(offset, offset + size),), tensor_slice, (slice(*rows),))
         return pname
     param = params.get(name)
     if param is None:
@@ -323,11 +359,12 @@ def _load_one(model, params: dict, name: str, tensor_slice) -> str | None:
     tp = getattr(model.get_submodule(name.rsplit(".", 1)[0]), "tp", None)
     if name.endswith(("o_proj.weight", "down_proj.weight")):
         cols = param.shape[1]
-        param.data.copy_(tensor_slice[:, tp.rank * cols : (tp.rank + 1) * cols])
+        mine = slice(tp.rank * cols, (tp.rank + 1) * cols)
+        copy_weight(model, params, name, (), tensor_slice, (slice(None), mine))
     elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
         _copy_vocab_shard(param, tensor_slice, tp.rank)
     else:
-        param.data.copy_(tensor_slice[:])
+        copy_weight(model, params, name, (), tensor_slice)
     return name
 
 
@@ -353,14 +390,36 @@ def _copy_vocab_shard(param: torch.Tensor, tensor_slice, rank: int) -> None:
 
 @torch.no_grad()
 def _init_dummy(model: torch.nn.Module) -> None:
-    """Random weights at the real shapes: N(0, 0.02) matrices, unit norms (as SGLang/vLLM dummy)."""
-    gen = torch.Generator(device=next(model.parameters()).device)
-    for name, p in model.named_parameters():
+    """Random weights at the real shapes: N(0, 0.02) matrices, unit norms (as SGLang/vLLM dummy);
+    FP8 weights get the same distribution in FP8 blocks directly (_fill_fp8_normal)."""
+    gen = torch.Generator(device=model_device(model))
+    params = dict(model.named_parameters())
+    for name, p in params.items():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
             continue
+        if name.endswith("_scale_inv"):
+            continue  # filled with its weight
         # NOTE: shards differ per rank; the MoE router is replicated and must be equal on every
         # rank, or the ranks would route the same token to different experts
         replicated = ".mlp.gate." in name  # the router's weight and DeepSeek-V3's score-correction bias
         gen.manual_seed(zlib.crc32(name.encode()) + (0 if replicated else 7919 * get_parallel().tp_rank))
-        p.normal_(0.0, 0.02, generator=gen)
+        if p.dtype == FP8_DTYPE:
+            _fill_fp8_normal(p, params[f"{name}_scale_inv"], 0.02, gen)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+
+
+_DUMMY_CHUNK = 1 << 24  # values generated at a time for an FP8 weight (64 MiB of float32)
+
+
+def _fill_fp8_normal(q: torch.Tensor, scale: torch.Tensor, std: float, gen: torch.Generator) -> None:
+    """q, scale: FP8 values of N(0, std) in chunks of rows (never the whole weight in float32); every
+    block's scale maps 4 std to FP8's largest value (the rare larger draws are clamped)."""
+    scale.fill_(4 * std / FP8_MAX)
+    rows = q.view(-1, q.shape[-1])
+    step = max(1, _DUMMY_CHUNK // rows.shape[1])
+    for start in range(0, rows.shape[0], step):
+        chunk = rows[start : start + step]
+        values = torch.randn(chunk.shape, generator=gen, device=q.device) * (FP8_MAX / 4)
+        chunk.copy_(values.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE))
