@@ -42,9 +42,7 @@ CHECK = textwrap.dedent(
         norm = (torch.randn(d, generator=g).to(dtype), torch.randn(d, generator=g).to(dtype), 1e-6) if qk_norm else None
         pool = torch.randn(pages, 2, page_size, hkv, d, generator=g).to(dtype)
         kv_got, kv_want = pool.clone(), pool.clone()
-        if launch:
-            fr._launch_shape = lambda tokens, heads: launch
-        got = fr.fused_rope_kv(positions, q, k, v, kv_got, k_rows, cos_sin, norm, neox)
+        got = fr.fused_rope_kv(positions, q, k, v, kv_got, k_rows, cos_sin, norm, neox, launch)
         want = fr.rope_kv_reference(positions, q, k, v, kv_want, k_rows, cos_sin, norm, neox)
         assert got.is_contiguous() and got.shape == (t, hq, d)
         # float32: the same arithmetic up to rounding order. bf16: a few ulps of the largest value
@@ -54,7 +52,7 @@ CHECK = textwrap.dedent(
             tol = (1e-5 if dtype == torch.float32 else 1 / 32) * b.abs().max().item()
             torch.testing.assert_close(a, b, atol=tol, rtol=0)
         assert not torch.equal(kv_got, pool)
-        print("ok", t, hq, hkv, d, page_size, qk_norm, neox, dtype, launch)
+        print("case passed", t, hq, hkv, d, page_size, qk_norm, neox, dtype, launch)
     """
 )
 
@@ -65,7 +63,7 @@ def _interpret(code: str, *args: str) -> str:
         [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return done.stdout + done.stderr
 
 
 @pytest.mark.skipif(
@@ -91,7 +89,7 @@ def test_interpreted_kernel_matches_the_torch_path():
             """
         )
     )
-    assert out.count("ok") == 20
+    assert out.count("case passed") == 20
 
 
 def test_reference_is_the_decoders_unfused_arithmetic():
@@ -123,7 +121,7 @@ MODEL_RUN = textwrap.dedent(
     layers = engine.scheduler.runner.model.layers
     assert all(layer.self_attn.fused_rope_kv for layer in layers), "the kernel is not in use"
     outs = engine.generate(prompts, {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True})
-    print(json.dumps([o["output_ids"] for o in outs]))
+    print("tokens", json.dumps([o["output_ids"] for o in outs]))
     """
 )
 PROMPTS = [[7, 100, 3, 256, 41, 9, 11, 12, 300, 5, 77], list(range(20, 33))]
@@ -135,7 +133,8 @@ def test_tiny_models_with_the_kernel_give_transformers_tokens(tiny_models, famil
     batches): transformers' float32 greedy tokens. Llama: Llama-3 scaled rope; Qwen3: q/k norm."""
     path = tiny_models[family]
     out = _interpret(MODEL_RUN, path, str(page_size), json.dumps(PROMPTS))
-    assert json.loads(out.strip().splitlines()[-1]) == [hf_greedy(path, p, 6) for p in PROMPTS]
+    line = next(s for s in out.splitlines() if s.startswith("tokens "))
+    assert json.loads(line.removeprefix("tokens ")) == [hf_greedy(path, p, 6) for p in PROMPTS]
 
 
 def test_start_up_check_refuses_a_kernel_that_disagrees():
@@ -152,11 +151,11 @@ def test_start_up_check_refuses_a_kernel_that_disagrees():
                 fr.fused_rope_kv_ok.cache_clear()
                 return fr.fused_rope_kv_ok(cpu, torch.float32, 4, 2, 16, True)
 
-            def gptj(*args):  # the other pair layout
-                return real(*args, is_neox=False)
+            def gptj(*args, launch):  # the other pair layout
+                return real(*args, is_neox=False, launch=launch)
 
-            def stray(positions, q, k, v, kv, *rest):
-                out = real(positions, q, k, v, kv, *rest)
+            def stray(positions, q, k, v, kv, *rest, launch):
+                out = real(positions, q, k, v, kv, *rest, launch=launch)
                 kv.view(-1, 2, 16)[-1] += 1.0  # a slot no token owns
                 return out
 
@@ -172,3 +171,4 @@ def test_start_up_check_refuses_a_kernel_that_disagrees():
         )
     )
     assert "refused" in out
+    assert out.count("fused_rope_kv disagrees with torch") == 2 and "failed its start-up check" not in out

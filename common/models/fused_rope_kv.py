@@ -49,10 +49,12 @@ def fused_rope_kv(
     cos_sin: torch.Tensor,  # [max_pos, D] float32: cos | sin (layers.RotaryEmbedding.cos_sin)
     norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,  # Qwen3: (q weight [D], k weight [D], eps)
     is_neox: bool = True,
+    launch: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Normalise (if `norm`) and rotate q and k, write k and v into the pool; returns the rotated q,
     a new contiguous [T, Hq, D] tensor. The rows of distinct tokens must differ (a pool slot has one
-    owner); padded CUDA-graph rows that share the pad page's row write throw-away values there."""
+    owner); padded CUDA-graph rows that share the pad page's row write throw-away values there.
+    `launch`: (heads per program, warps), one of LAUNCHES (default: by the batch's size)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert cos_sin.shape[1] == head_dim, "rotary dim must equal head_dim (no partial rotary)"
@@ -60,7 +62,7 @@ def fused_rope_kv(
     q_out = torch.empty(num_tokens, num_q_heads, head_dim, dtype=q.dtype, device=q.device)
     if num_tokens == 0:  # an idle DP-attention rank: a grid of 0 programs fails to launch
         return q_out
-    block_h, warps = _launch_shape(num_tokens, num_q_heads + num_kv_heads)
+    block_h, warps = launch or launch_shape(num_tokens, num_q_heads + num_kv_heads)
     q_blocks = triton.cdiv(num_q_heads, block_h)
     q_w, k_w, eps = norm if norm is not None else (q, q, 0.0)  # unread without QK_NORM
     page_size = kv.shape[2]
@@ -74,10 +76,13 @@ def fused_rope_kv(
     return q_out
 
 
-def _launch_shape(num_tokens: int, heads: int) -> tuple[int, int]:
-    """(heads per program, warps): one head a program while that fills the chip (decode), four at
-    prefill sizes (fewer, larger programs)."""
-    return (1, 1) if num_tokens * heads <= 16384 else (4, 2)
+LAUNCHES = ((1, 1), (4, 2))  # (heads per program, warps): decode sizes, prefill sizes
+
+
+def launch_shape(num_tokens: int, heads: int) -> tuple[int, int]:
+    """One head a program while that fills the chip (decode), four at prefill sizes (fewer, larger
+    programs)."""
+    return LAUNCHES[0] if num_tokens * heads <= 16384 else LAUNCHES[1]
 
 
 def rope_kv_reference(
@@ -153,7 +158,9 @@ def _agrees_with_reference(
     device, dtype, num_q_heads: int, num_kv_heads: int, head_dim: int, qk_norm: bool
 ) -> bool:
     """One prefill-like batch at scattered positions and slots (page size 4), both paths on copies of
-    the same inputs; the whole pool compared, so a stray write fails the check too."""
+    the same inputs, each launch shape once; the whole pool compared, so a stray write fails the
+    check too. NOTE: this also compiles every variant the engine launches for this shape (the page
+    size is not specialised on), so no first request waits for Triton's JIT."""
     t, pages, page_size = 7, 8, 4
     g = torch.Generator(device=device).manual_seed(0)
 
@@ -180,8 +187,12 @@ def _agrees_with_reference(
         views = (v_.view(t, -1, head_dim) for v_ in (q, k, v))
         return fn(positions, *views, kv, k_rows, cos_sin, norm), kv
 
-    (q_got, kv_got), (q_want, kv_want) = run(fused_rope_kv), run(rope_kv_reference)
-    return _close(q_got, q_want) and _close(kv_got, kv_want)
+    q_want, kv_want = run(rope_kv_reference)
+    for launch in LAUNCHES:
+        q_got, kv_got = run(functools.partial(fused_rope_kv, launch=launch))
+        if not (_close(q_got, q_want) and _close(kv_got, kv_want)):
+            return False
+    return True
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
@@ -195,7 +206,7 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["page_size"])
     def _rope_kv_kernel(
         q, k, v, q_out, kv, positions, k_rows, cos_sin, q_w, k_w, eps,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
