@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import random
@@ -53,6 +54,54 @@ PRESETS = {
 }  # fmt: skip
 
 
+@dataclass(frozen=True)
+class SweepOptions:
+    """One sweep, from the command line (`parse_args`): the --device preset fills what was not given."""
+
+    out_dir: Path
+    device: str  # cuda | cpu
+    deployments: tuple[str, ...]  # run in this order
+    request_rates: tuple[float, ...]  # req/s, Poisson arrivals
+    num_prompts: tuple[int, ...]  # requests at each rate
+    input_len: int
+    output_len: int
+    goodput: tuple[str, ...]  # serving's --goodput SLOs, e.g. ("ttft:1000", "itl:50")
+    ttft_probes: int
+    warmup_requests: int
+    ready_timeout: float  # s, for a deployment to start
+    request_timeout: float  # s, per request
+    server_args: str  # extra flags for every server
+    model_path: str | None = None
+    load_format: str | None = None
+    tokenizer: str | None = None
+    pd_server_args: str = ""
+    gpus: tuple[str, ...] = ("0", "1")
+    mps: bool = False
+    prefill_sm_percent: int | None = None
+    decode_sm_percent: int | None = None
+    colocated_replicas: int = 2
+    router_policy: str = "round_robin"
+    max_total_s: float = float("inf")
+    log_level: str = "warning"
+    seed: int = 0
+    report_only: bool = False
+
+    def tokenizer_path(self) -> str:
+        """Where prompt token ids come from. NOTE: a preset (e.g. Llama-3.1-8B with dummy weights) has
+        no tokenizer; its server borrows the default model's, and so does the sweep."""
+        from disagg.common.models.model_files import resolve_model_path
+        from disagg.common.models.weights import PRESETS as MODEL_PRESETS
+
+        if self.tokenizer:
+            return self.tokenizer
+        return resolve_model_path(None if self.model_path in MODEL_PRESETS else self.model_path)
+
+    def as_record(self) -> dict:
+        """The options as the report's `config` (goodput as its limits in ms)."""
+        limits = {k: v * 1000 for k, v in serving.parse_goodput(list(self.goodput)).items()}
+        return dataclasses.asdict(self) | {"out_dir": str(self.out_dir), "goodput": limits}
+
+
 def _die_with_us() -> None:
     try:
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
@@ -79,27 +128,27 @@ class Child:
 # ---- deployments -------------------------------------------------------------------------------------
 
 
-def server_flags(args: argparse.Namespace) -> list[str]:
-    model = ["--model-path", args.model_path] if args.model_path else []
-    load = ["--load-format", args.load_format] if args.load_format else []
-    return [*model, *load, "--device", args.device, "--host", "127.0.0.1", "--log-level", args.log_level,
-            *shlex.split(args.server_args)]  # fmt: skip
+def server_flags(opts: SweepOptions) -> list[str]:
+    model = ["--model-path", opts.model_path] if opts.model_path else []
+    load = ["--load-format", opts.load_format] if opts.load_format else []
+    return [*model, *load, "--device", opts.device, "--host", "127.0.0.1", "--log-level", opts.log_level,
+            *shlex.split(opts.server_args)]  # fmt: skip
 
 
-def gpu_env(args: argparse.Namespace, index: int, sm_percent: int | None = None) -> dict[str, str]:
+def gpu_env(opts: SweepOptions, index: int, sm_percent: int | None = None) -> dict[str, str]:
     """A server's environment: its GPU, and under --mps the daemon's pipe and its SM share."""
-    if args.device == "cpu":
+    if opts.device == "cpu":
         return env_cpu_threads(1)  # NOTE: several servers share the cores
-    env = {"CUDA_VISIBLE_DEVICES": args.gpus[index % len(args.gpus)]}
-    if args.mps:
-        env |= mps_env(args)
+    env = {"CUDA_VISIBLE_DEVICES": opts.gpus[index % len(opts.gpus)]}
+    if opts.mps:
+        env |= mps_env(opts)
         if sm_percent:
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(sm_percent)
     return env
 
 
-def mps_env(args: argparse.Namespace) -> dict[str, str]:
-    mps = Path(args.out_dir).resolve() / "mps"
+def mps_env(opts: SweepOptions) -> dict[str, str]:
+    mps = Path(opts.out_dir).resolve() / "mps"
     return {"CUDA_MPS_PIPE_DIRECTORY": str(mps / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(mps / "log")}
 
 
@@ -109,8 +158,8 @@ class MpsDaemon:
     side by side, each on at most its --*-sm-percent of the SMs. A private pipe directory, so an
     MPS daemon of the machine's own is left alone; stopped (`quit`) when the sweep ends."""
 
-    def __init__(self, args: argparse.Namespace):
-        self.env = {**os.environ, **mps_env(args)}
+    def __init__(self, opts: SweepOptions):
+        self.env = {**os.environ, **mps_env(opts)}
         for d in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
             Path(self.env[d]).mkdir(parents=True, exist_ok=True)
 
@@ -122,18 +171,18 @@ class MpsDaemon:
         subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", env=self.env, check=False)
 
 
-def router_child(args: argparse.Namespace, legs: list[str]) -> Child:
+def router_child(opts: SweepOptions, legs: list[str]) -> Child:
     port = free_port()
     argv = [sys.executable, "-m", "disagg.router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-            "--policy", args.router_policy, "--log-level", args.log_level, *legs]  # fmt: skip
+            "--policy", opts.router_policy, "--log-level", opts.log_level, *legs]  # fmt: skip
     return Child("router", argv, f"http://127.0.0.1:{port}/readiness", {"CUDA_VISIBLE_DEVICES": ""})
 
 
-def pd_children(args: argparse.Namespace) -> list[Child]:
-    py, flags = sys.executable, server_flags(args)
+def pd_children(opts: SweepOptions) -> list[Child]:
+    py, flags = sys.executable, server_flags(opts)
     p_port, d_port, bootstrap = free_port(), free_port(), free_port()
     prefill = [py, "-m", "disagg.prefill.launch", "--port", str(p_port), "--disaggregation-bootstrap-port",
-               str(bootstrap), *flags, *shlex.split(args.pd_server_args)]  # fmt: skip
+               str(bootstrap), *flags, *shlex.split(opts.pd_server_args)]  # fmt: skip
     decode = [
         py,
         "-m",
@@ -141,18 +190,18 @@ def pd_children(args: argparse.Namespace) -> list[Child]:
         "--port",
         str(d_port),
         *flags,
-        *shlex.split(args.pd_server_args),
+        *shlex.split(opts.pd_server_args),
     ]
     p_url, d_url = f"http://127.0.0.1:{p_port}", f"http://127.0.0.1:{d_port}"
     legs = ["--pd-disaggregation", "--prefill", p_url, str(bootstrap), "--decode", d_url]
-    return [Child("prefill", prefill, p_url + "/health", gpu_env(args, 0, args.prefill_sm_percent)),
-            Child("decode", decode, d_url + "/health", gpu_env(args, 1, args.decode_sm_percent)),
-            router_child(args, legs)]  # fmt: skip
+    return [Child("prefill", prefill, p_url + "/health", gpu_env(opts, 0, opts.prefill_sm_percent)),
+            Child("decode", decode, d_url + "/health", gpu_env(opts, 1, opts.decode_sm_percent)),
+            router_child(opts, legs)]  # fmt: skip
 
 
-def colocated_children(args: argparse.Namespace) -> list[Child]:
+def colocated_children(opts: SweepOptions) -> list[Child]:
     children = []
-    for i in range(args.colocated_replicas):
+    for i in range(opts.colocated_replicas):
         port = free_port()
         argv = [
             sys.executable,
@@ -160,11 +209,14 @@ def colocated_children(args: argparse.Namespace) -> list[Child]:
             "disagg.common.server.launch_server",
             "--port",
             str(port),
-            *server_flags(args),
+            *server_flags(opts),
         ]
-        children.append(Child(f"server{i}", argv, f"http://127.0.0.1:{port}/health", gpu_env(args, i)))
+        children.append(Child(f"server{i}", argv, f"http://127.0.0.1:{port}/health", gpu_env(opts, i)))
     urls = [c.ready_url.removesuffix("/health") for c in children]
-    return [*children, router_child(args, ["--worker-urls", *urls])]
+    return [*children, router_child(opts, ["--worker-urls", *urls])]
+
+
+BUILDERS = {"pd": pd_children, "colocated": colocated_children}
 
 
 class Deployment:
@@ -272,13 +324,11 @@ def token_prompts(tokenizer, n: int, input_len: int, output_len: int, seed: int)
     return [([rng.choice(vocab) for _ in range(input_len)], input_len, output_len) for _ in range(n)]
 
 
-def bench_args(
-    args: argparse.Namespace, url: str, rate: float, n: int, output_len: int, concurrency: int = 0
-):
+def bench_args(opts: SweepOptions, url: str, rate: float, n: int, output_len: int, concurrency: int = 0):
     """The serving benchmark's own CLI namespace for one run (its defaults, our lengths and limits)."""
     argv = ["--base-url", url, "--num-prompts", str(n), "--request-rate", str(rate), "--input-len",
-            str(args.input_len), "--output-len", str(output_len), "--warmup-requests", "0", "--timeout",
-            str(args.request_timeout), "--seed", str(args.seed), "--goodput", *args.goodput]  # fmt: skip
+            str(opts.input_len), "--output-len", str(output_len), "--warmup-requests", "0", "--timeout",
+            str(opts.request_timeout), "--seed", str(opts.seed), "--goodput", *opts.goodput]  # fmt: skip
     return serving.parse_args(argv + (["--max-concurrency", str(concurrency)] if concurrency else []))
 
 
@@ -296,42 +346,91 @@ def run_bench(bargs, prompts: list[tuple], limits: dict[str, float], deadline: f
     return summary
 
 
-def measure(args: argparse.Namespace, url: str, tokenizer, record: dict, save, deadline: float) -> None:
-    """Warm-up, TTFT probe, then the rates until `deadline`; `record` fills as it goes, `save()` writes it."""
-    limits = serving.parse_goodput(args.goodput)
-    warm = token_prompts(tokenizer, args.warmup_requests, args.input_len, 8, args.seed + 7)
-    try:
-        warm_sum = run_bench(bench_args(args, url, float("inf"), len(warm), 8, 1), warm, {}, deadline)
-        if warm_sum["failed"]:
-            raise RuntimeError(f"warm-up failed: {warm_sum['first_errors'][0]}")
-        probes = token_prompts(tokenizer, args.ttft_probes, args.input_len, 2, args.seed + 11)
-        probe = run_bench(bench_args(args, url, float("inf"), len(probes), 2, 1), probes, {}, deadline)
-    except TimeoutError:
-        raise RuntimeError(
-            "--max-total-s: this deployment's share ran out during the warm-up or TTFT probe"
-        ) from None
-    record["ttft_probe"] = {k: probe[k] for k in ("completed", "failed", "ttft_ms")} | {"output_len": 2}
-    print(
-        f"  TTFT probe: p50 {probe['ttft_ms']['p50']:.1f} ms, p90 {probe['ttft_ms']['p90']:.1f} ms",
-        flush=True,
-    )
-    save()
-    for i, (rate, n) in enumerate(zip(args.request_rates, args.num_prompts, strict=True)):
-        prompts = token_prompts(tokenizer, n, args.input_len, args.output_len, args.seed + 100 * (i + 1))
+def rate_line(rate: float, n: int, s: dict) -> str:
+    return (f"  rate {rate:g}/s: {s['completed']}/{n} ok, TTFT p50 {s['ttft_ms']['p50']:.0f} ms, ITL p50 "
+            f"{s['itl_ms']['p50']:.1f} ms, goodput {s.get('goodput', 0):.2f} req/s ({100 * s['goodput_share']:.0f}%)")  # fmt: skip
+
+
+class Sweep:
+    """One run: each deployment in turn started, measured and stopped. `report` fills as it goes and
+    is saved after every measurement, so a run cut off (--max-total-s, SIGTERM) keeps what it measured."""
+
+    def __init__(self, opts: SweepOptions, tokenizer, deadline: float):
+        self.opts, self.tokenizer, self.deadline = opts, tokenizer, deadline  # deadline: time.monotonic()
+        self.report: dict = {"config": opts.as_record(), "deployments": {}}
+
+    def save(self) -> None:
+        (self.opts.out_dir / "pd_sweep.json").write_text(json.dumps(self.report, indent=1))
+
+    def run(self) -> None:
         try:
-            if time.monotonic() >= deadline:
-                raise TimeoutError
-            s = run_bench(bench_args(args, url, rate, n, args.output_len), prompts, limits, deadline)
+            for k, name in enumerate(self.opts.deployments):
+                # NOTE: each deployment gets an equal share of what is left of --max-total-s, start-up included
+                left = len(self.opts.deployments) - k
+                self.run_deployment(name, time.monotonic() + (self.deadline - time.monotonic()) / left)
+        except KeyboardInterrupt:
+            self.report["interrupted"] = True
+            print("interrupted: writing what was measured", file=sys.stderr, flush=True)
+
+    def run_deployment(self, name: str, deadline: float) -> None:
+        """Start `name`, measure it until `deadline`, stop it; a failure is recorded, not raised."""
+        record = self.report["deployments"][name] = {"rates": []}
+        print(f"\n== {name} ==", flush=True)
+        t0 = time.monotonic()
+        try:
+            children = BUILDERS[name](self.opts)
+            with Deployment(name, children, self.opts.out_dir / "logs", self.opts.ready_timeout) as dep:
+                record["start_s"] = time.monotonic() - t0
+                record["processes"] = {c.name: {"pid": c.proc.pid, "argv": c.argv, "log": str(c.log)}
+                                       for c in dep.children}  # fmt: skip
+                record["ttft_probe"] = self.probe_ttft(dep.url, deadline)
+                self.save()
+                self.measure_rates(dep.url, record, deadline)
+        except RuntimeError as e:
+            record["error"] = str(e)
+            print(f"[{name}] failed: {e}", file=sys.stderr, flush=True)
+        record["total_s"] = time.monotonic() - t0
+        self.save()
+
+    def probe_ttft(self, url: str, deadline: float) -> dict:
+        """Warm the deployment up, then time sequential single requests (2 output tokens) on it idle."""
+        opts, tokenizer = self.opts, self.tokenizer
+        warm = token_prompts(tokenizer, opts.warmup_requests, opts.input_len, 8, opts.seed + 7)
+        probes = token_prompts(tokenizer, opts.ttft_probes, opts.input_len, 2, opts.seed + 11)
+        try:
+            warm_sum = run_bench(bench_args(opts, url, float("inf"), len(warm), 8, 1), warm, {}, deadline)
+            if warm_sum["failed"]:
+                raise RuntimeError(f"warm-up failed: {warm_sum['first_errors'][0]}")
+            probe = run_bench(bench_args(opts, url, float("inf"), len(probes), 2, 1), probes, {}, deadline)
         except TimeoutError:
-            record["skipped_rates"] = args.request_rates[i:]
-            print(f"  --max-total-s: this deployment's share ran out; rates {record['skipped_rates']} "
-                  "not measured (or cut off)", flush=True)  # fmt: skip
-            break
-        record["rates"].append({"request_rate": rate, "num_prompts": n, **s})
-        print(f"  rate {rate:g}/s: {s['completed']}/{n} ok, TTFT p50 {s['ttft_ms']['p50']:.0f} ms, ITL p50 "
-              f"{s['itl_ms']['p50']:.1f} ms, goodput {s.get('goodput', 0):.2f} req/s "
-              f"({100 * s['goodput_share']:.0f}%)", flush=True)  # fmt: skip
-        save()
+            raise RuntimeError(
+                "--max-total-s: this deployment's share ran out during the warm-up or TTFT probe"
+            ) from None
+        print(
+            f"  TTFT probe: p50 {probe['ttft_ms']['p50']:.1f} ms, p90 {probe['ttft_ms']['p90']:.1f} ms",
+            flush=True,
+        )
+        return {k: probe[k] for k in ("completed", "failed", "ttft_ms")} | {"output_len": 2}
+
+    def measure_rates(self, url: str, record: dict, deadline: float) -> None:
+        """The serving benchmark at every --request-rates until `deadline`; the rest are recorded as skipped."""
+        opts, limits = self.opts, serving.parse_goodput(list(self.opts.goodput))
+        for i, (rate, n) in enumerate(zip(opts.request_rates, opts.num_prompts, strict=True)):
+            prompts = token_prompts(
+                self.tokenizer, n, opts.input_len, opts.output_len, opts.seed + 100 * (i + 1)
+            )
+            try:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError
+                s = run_bench(bench_args(opts, url, rate, n, opts.output_len), prompts, limits, deadline)
+            except TimeoutError:
+                record["skipped_rates"] = list(opts.request_rates[i:])
+                print(f"  --max-total-s: this deployment's share ran out; rates {record['skipped_rates']} "
+                      "not measured (or cut off)", flush=True)  # fmt: skip
+                return
+            record["rates"].append({"request_rate": rate, "num_prompts": n, **s})
+            print(rate_line(rate, n, s), flush=True)
+            self.save()
 
 
 # ---- report ------------------------------------------------------------------------------------------
@@ -420,61 +519,66 @@ def _stop_on_sigterm(*_) -> None:
     raise KeyboardInterrupt
 
 
-def run(args: argparse.Namespace) -> int:
-    from disagg.common.models.model_files import resolve_model_path
+def run(opts: SweepOptions) -> int:
     from transformers import AutoTokenizer
 
-    out_dir, started = Path(args.out_dir), time.monotonic()
-    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-    deadline = started + args.max_total_s
+    started = time.monotonic()
+    (opts.out_dir / "logs").mkdir(parents=True, exist_ok=True)
     # NOTE: the token ids only need to be valid for the server's tokenizer (a dummy preset borrows this one)
-    tokenizer = AutoTokenizer.from_pretrained(
-        args.tokenizer or resolve_model_path(args.model_path_for_tokenizer)
-    )
-    config = {k: v for k, v in vars(args).items() if k != "goodput"}
-    report = {"config": config | {"goodput": {k: v * 1000 for k, v in serving.parse_goodput(args.goodput).items()}},
-              "deployments": {}}  # fmt: skip
-
-    def save() -> None:
-        (out_dir / "pd_sweep.json").write_text(json.dumps(report, indent=1))
-
+    sweep = Sweep(opts, AutoTokenizer.from_pretrained(opts.tokenizer_path()), started + opts.max_total_s)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    builders = {"pd": pd_children, "colocated": colocated_children}
-    with MpsDaemon(args) if args.mps else contextlib.nullcontext():
-        sweep(args, builders, report, out_dir, deadline, save, tokenizer)
+    with MpsDaemon(opts) if opts.mps else contextlib.nullcontext():
+        sweep.run()
+    report = sweep.report
     report["total_s"] = time.monotonic() - started
-    write_outputs(report, out_dir)
+    write_outputs(report, opts.out_dir)
     failed = report.get("interrupted") or any(rec.get("error") for rec in report["deployments"].values())
     return 1 if failed else 0
 
 
-def sweep(args: argparse.Namespace, builders: dict, report: dict, out_dir: Path, deadline: float, save,
-          tokenizer) -> None:  # fmt: skip
-    """Each deployment in turn: start it, measure every rate, stop it (what was measured is saved)."""
-    try:
-        for k, name in enumerate(args.deployments):
-            # NOTE: each deployment gets an equal share of what is left of --max-total-s, start-up included
-            share = time.monotonic() + (deadline - time.monotonic()) / (len(args.deployments) - k)
-            record = report["deployments"][name] = {"rates": []}
-            print(f"\n== {name} ==", flush=True)
-            t0 = time.monotonic()
-            try:
-                with Deployment(name, builders[name](args), out_dir / "logs", args.ready_timeout) as dep:
-                    record["start_s"] = time.monotonic() - t0
-                    record["processes"] = {c.name: {"pid": c.proc.pid, "argv": c.argv, "log": str(c.log)}
-                                           for c in dep.children}  # fmt: skip
-                    measure(args, dep.url, tokenizer, record, save, share)
-            except RuntimeError as e:
-                record["error"] = str(e)
-                print(f"[{name}] failed: {e}", file=sys.stderr, flush=True)
-            record["total_s"] = time.monotonic() - t0
-            save()
-    except KeyboardInterrupt:
-        report["interrupted"] = True
-        print("interrupted: writing what was measured", file=sys.stderr, flush=True)
+# what an option left out means, where it is the same on every --device
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(SweepOptions)}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def add_deployment_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--deployments", default="pd,colocated", help="comma list of pd, colocated (run in order)")
+    p.add_argument("--model-path", default=None, help="default: the embedded default model")
+    p.add_argument("--load-format", default=None, help="e.g. dummy (random weights of a preset)")
+    p.add_argument("--tokenizer", default=None, help="for prompt token ids (default: the server's)")
+    p.add_argument("--server-args", default=None,
+                   help='extra flags for every server, e.g. "--mem-fraction-static 0.8"')  # fmt: skip
+    p.add_argument("--pd-server-args", default=DEFAULTS["pd_server_args"],
+                   help="extra flags for the prefill and decode servers only")  # fmt: skip
+    p.add_argument("--gpus", default=",".join(DEFAULTS["gpus"]),
+                   help="PD: prefill on the first, decode on the second; colocated: one replica each")  # fmt: skip
+    p.add_argument("--mps", action="store_true",
+                   help="run the servers under an NVIDIA MPS daemon of the sweep's own (several servers on one GPU)")  # fmt: skip
+    p.add_argument("--prefill-sm-percent", type=int, default=None, help="--mps: the PD prefill's SM share")
+    p.add_argument("--decode-sm-percent", type=int, default=None, help="--mps: the PD decode's SM share")
+    p.add_argument("--colocated-replicas", type=int, default=DEFAULTS["colocated_replicas"])
+    p.add_argument("--router-policy", default=DEFAULTS["router_policy"])
+    p.add_argument("--ready-timeout", type=float, default=None, help="seconds for a deployment to start")
+    p.add_argument(
+        "--log-level", default=DEFAULTS["log_level"], choices=["debug", "info", "warning", "error"]
+    )
+
+
+def add_load_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--request-rates", default=None, help="comma list of req/s (Poisson), e.g. 2,4,8,12")
+    p.add_argument("--num-prompts", default=None, help="requests per rate: one number, or one per rate")
+    p.add_argument("--input-len", type=int, default=None)
+    p.add_argument("--output-len", type=int, default=None)
+    p.add_argument("--goodput", nargs="*", default=None,
+                   help="SLOs in ms (serving's --goodput; cuda default ttft:1000 itl:50)")  # fmt: skip
+    p.add_argument("--ttft-probes", type=int, default=None, help="sequential single requests for TTFT alone")
+    p.add_argument("--warmup-requests", type=int, default=None, help="default: 2 per server")
+    p.add_argument("--request-timeout", type=float, default=None, help="seconds per request")
+    p.add_argument("--max-total-s", type=float, default=DEFAULTS["max_total_s"],
+                   help="skip the rates left after this long")  # fmt: skip
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m disagg.common.bench.pd_sweep", description=__doc__.split("\n\n")[0]
     )
@@ -483,80 +587,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--device", choices=["cuda", "cpu"], default="cuda", help="cpu: tiny default lengths/rates"
     )
-    p.add_argument("--deployments", default="pd,colocated", help="comma list of pd, colocated (run in order)")
-    p.add_argument("--model-path", default=None, help="default: the embedded default model")
-    p.add_argument("--load-format", default=None, help="e.g. dummy (random weights of a preset)")
-    p.add_argument("--tokenizer", default=None, help="for prompt token ids (default: the server's)")
-    p.add_argument(
-        "--server-args", default=None, help='extra flags for every server, e.g. "--mem-fraction-static 0.8"'
-    )
-    p.add_argument("--pd-server-args", default="", help="extra flags for the prefill and decode servers only")
-    p.add_argument(
-        "--gpus",
-        default="0,1",
-        help="PD: prefill on the first, decode on the second; colocated: one replica each",
-    )
-    p.add_argument(
-        "--mps",
-        action="store_true",
-        help="run the servers under an NVIDIA MPS daemon of the sweep's own (several servers on one GPU)",
-    )
-    p.add_argument("--prefill-sm-percent", type=int, default=None, help="--mps: the PD prefill's SM share")
-    p.add_argument("--decode-sm-percent", type=int, default=None, help="--mps: the PD decode's SM share")
-    p.add_argument("--colocated-replicas", type=int, default=2)
-    p.add_argument("--router-policy", default="round_robin")
-    p.add_argument("--request-rates", default=None, help="comma list of req/s (Poisson), e.g. 2,4,8,12")
-    p.add_argument("--num-prompts", default=None, help="requests per rate: one number, or one per rate")
-    p.add_argument("--input-len", type=int, default=None)
-    p.add_argument("--output-len", type=int, default=None)
-    p.add_argument(
-        "--goodput",
-        nargs="*",
-        default=None,
-        help="SLOs in ms (serving's --goodput; cuda default ttft:1000 itl:50)",
-    )
-    p.add_argument("--ttft-probes", type=int, default=None, help="sequential single requests for TTFT alone")
-    p.add_argument("--warmup-requests", type=int, default=None, help="default: 2 per server")
-    p.add_argument("--ready-timeout", type=float, default=None, help="seconds for a deployment to start")
-    p.add_argument("--request-timeout", type=float, default=None, help="seconds per request")
-    p.add_argument(
-        "--max-total-s", type=float, default=float("inf"), help="skip the rates left after this long"
-    )
-    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    for key, value in PRESETS[args.device].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    args.deployments = [d.strip() for d in args.deployments.split(",") if d.strip()]
-    if not args.deployments or set(args.deployments) - set(DEPLOYMENTS):
-        p.error(f"--deployments takes a comma list of {', '.join(DEPLOYMENTS)}")
-    args.request_rates = [float(r) for r in args.request_rates.split(",")]
-    counts = [int(n) for n in str(args.num_prompts).split(",")]
-    if len(counts) not in (1, len(args.request_rates)) or min(counts) < 1:
-        p.error("--num-prompts takes one count >= 1, or one per --request-rates")
-    args.num_prompts = counts * len(args.request_rates) if len(counts) == 1 else counts
-    args.gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
-    args.mps = args.mps or bool(args.prefill_sm_percent or args.decode_sm_percent)
-    if args.mps and args.device == "cpu":
-        p.error("--mps and --*-sm-percent need --device cuda")
-    if args.warmup_requests is None:
-        args.warmup_requests = 2 * max(1, args.colocated_replicas)
-    serving.parse_goodput(args.goodput)  # a bad SLO fails now, not after the start-up
-    # NOTE: a preset (e.g. Llama-3.1-8B with dummy weights) has no tokenizer; the server borrows the default model's
-    from disagg.common.models.weights import PRESETS as MODEL_PRESETS
+    add_deployment_flags(p)
+    add_load_flags(p)
+    return p
 
-    args.model_path_for_tokenizer = None if args.model_path in MODEL_PRESETS else args.model_path
-    return args
+
+def comma_list(text: str) -> list[str]:
+    return [item.strip() for item in str(text).split(",") if item.strip()]
+
+
+def options_from(ns: argparse.Namespace) -> SweepOptions:
+    """A parsed command line as options: --device's preset for what was left out, the comma lists
+    parsed and checked (ValueError names the flag)."""
+    values = vars(ns) | {k: v for k, v in PRESETS[ns.device].items() if getattr(ns, k) is None}
+    deployments = tuple(comma_list(ns.deployments))
+    if not deployments or set(deployments) - set(DEPLOYMENTS):
+        raise ValueError(f"--deployments takes a comma list of {', '.join(DEPLOYMENTS)}")
+    rates = tuple(float(r) for r in comma_list(values["request_rates"]))
+    counts = [int(n) for n in comma_list(values["num_prompts"])]
+    if len(counts) not in (1, len(rates)) or min(counts) < 1:
+        raise ValueError("--num-prompts takes one count >= 1, or one per --request-rates")
+    mps = ns.mps or bool(ns.prefill_sm_percent or ns.decode_sm_percent)
+    if mps and ns.device == "cpu":
+        raise ValueError("--mps and --*-sm-percent need --device cuda")
+    serving.parse_goodput(values["goodput"])  # a bad SLO fails now, not after the start-up
+    warmup = 2 * max(1, ns.colocated_replicas) if ns.warmup_requests is None else ns.warmup_requests
+    return SweepOptions(**values | {
+        "out_dir": Path(ns.out_dir), "deployments": deployments, "request_rates": rates,
+        "num_prompts": tuple(counts * len(rates) if len(counts) == 1 else counts), "gpus": tuple(comma_list(ns.gpus)),
+        "mps": mps, "goodput": tuple(values["goodput"]), "warmup_requests": warmup,
+    })  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> SweepOptions:
+    p = build_parser()
+    try:
+        return options_from(p.parse_args(argv))
+    except ValueError as e:
+        p.error(str(e))
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.report_only:  # e.g. after a run cut off before its end: the JSON has every finished rate
-        out_dir = Path(args.out_dir)
-        write_outputs(json.loads((out_dir / "pd_sweep.json").read_text()), out_dir)
+    opts = parse_args(argv)
+    if opts.report_only:  # e.g. after a run cut off before its end: the JSON has every finished rate
+        write_outputs(json.loads((opts.out_dir / "pd_sweep.json").read_text()), opts.out_dir)
         sys.exit(0)
-    sys.exit(run(args))
+    sys.exit(run(opts))
 
 
 if __name__ == "__main__":
