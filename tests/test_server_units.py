@@ -176,3 +176,22 @@ def test_scheduler_loop_drives_any_scheduler():
     finally:
         ctx.destroy(linger=0)
         ipc.cleanup()
+
+
+def test_a_dummy_preset_server_starts_its_scheduler_before_importing_torch():
+    """A server's front process picks the tokenizer before it starts the scheduler process; for a
+    dummy preset (no folder) that must not import torch (seconds on a GPU machine, during which the
+    model could already be loading): the tokenizer is the default model's, and torch stays out."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from disagg.common.config import EngineConfig; "
+        "from disagg.common.server.launch_server import ServerConfig, tokenizer_path_for; "
+        "from disagg.common.models.model_files import default_model_dir; "
+        "p = tokenizer_path_for(EngineConfig(model_path='Llama-3.1-8B', load_format='dummy'), ServerConfig()); "
+        "assert p == str(default_model_dir()), p; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"

@@ -143,11 +143,12 @@ def tokenizer_path_for(engine: EngineConfig, server: ServerConfig) -> str:
     """--tokenizer-path, else the model's folder; a dummy preset (no files) borrows the default model's."""
     if server.tokenizer_path:
         return server.tokenizer_path
-    if os.path.isdir(engine.model_path):  # NOTE: first: the presets' module imports torch (~200 MB here)
+    if os.path.isdir(engine.model_path):
         return engine.model_path
-    from disagg.common.models.weights import PRESETS
-
-    if engine.model_path in PRESETS:
+    # NOTE: a dummy load of a name that is no folder is a preset (the scheduler refuses any other
+    # name, listing the presets). Not checked against the presets' table here: its module imports
+    # torch, seconds on a GPU machine before the scheduler process could start loading the model
+    if engine.load_format == "dummy":
         logger.warning("%s is a preset without a tokenizer: using the default model's", engine.model_path)
         return resolve_model_path(None)
     return engine.model_path
