@@ -97,7 +97,8 @@ for step in "$@"; do
       for pid in "${pids[@]}"; do kill -TERM -- -$pid; done; sleep 5
       for pid in "${pids[@]}"; do kill -KILL -- -$pid 2>/dev/null; done; wait
       tail -n 3 $OUT/fleet-*.log ;;
-    fi-cache) tar czf $OUT/fi_cache.tgz -C / root/.cache/flashinfer 2>/dev/null; ls -la $OUT/fi_cache.tgz ;;
+    fi-cache) # FlashInfer's and Triton's kernel caches, in 15 MB pieces (cat $OUT/kc_* > .gpu/kc.tgz here)
+           tar czf /tmp/kc.tgz -C / root/.cache/flashinfer root/.triton/cache 2>/dev/null; split -b 15M /tmp/kc.tgz $OUT/kc_; ls -la $OUT/kc_* ;;
     *) eval "$step" ;;
   esac
 done
