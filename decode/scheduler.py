@@ -114,6 +114,11 @@ class DecodeScheduler(Scheduler):
     def _admit_held_requests(self) -> None:
         self._preallocate()
 
+    def _takes_results_early(self) -> bool:
+        # a room's request is in no batch until its result comes: taking it mid-step is safe, and
+        # its first token then leaves while the step runs (common/engine/device_wait.py)
+        return bool(self.rooms)
+
     # ---- stages -----------------------------------------------------------------------
     def _check_room(self, req: Req) -> str | None:
         if req.bootstrap_host is None or req.bootstrap_port is None or req.bootstrap_room is None:

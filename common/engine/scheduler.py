@@ -37,10 +37,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from disagg.common.config import EngineConfig
+from disagg.common.config import EngineConfig, step_delay_s
+from disagg.common.engine.device_wait import ForwardThread, wait_watching
 from disagg.common.engine.kv_pool import pages_for_tokens
 from disagg.common.engine.model_runner import ModelRunner
 from disagg.common.engine.radix_cache import RadixCache
@@ -87,6 +89,10 @@ class Scheduler:
         self.overlap = self._may_overlap()
         logger.info("overlap schedule: %s", "on" if self.overlap else "off")
         self._inflight: _Launched | None = None  # overlap: the step on the device whose tokens are unread
+        # the scheduler loop's: sends outputs to the client path at once (set_early_output_sink)
+        self._early_sink: Callable[[list[TokenOut]], None] | None = None
+        self._forward_thread: ForwardThread | None = None  # CPU: made when first needed
+        self.step_delay_s = step_delay_s()  # tests only (DISAGG_STEP_DELAY_S): a slow device
 
     # ---- public interface -------------------------------------------------------------
     @property
@@ -136,12 +142,18 @@ class Scheduler:
             expert_tokens=self.runner.eplb.expert_tokens() if self.runner.eplb else {},  # MoE, for /metrics
         )
 
+    def set_early_output_sink(self, sink: Callable[[list[TokenOut]], None]) -> None:
+        """The scheduler loop's way to send outputs at once. With it, while a step runs, the
+        results of finished transfers are taken (where the role allows: `_takes_results_early`)
+        and the outputs they make (a PD decode's first tokens) leave before the step ends."""
+        self._early_sink = sink
+
     def step(self) -> list[TokenOut]:
         if self.overlap:
             return self._step_overlapped()
         scheduled = self.schedule_batch()
         if scheduled:
-            self.process_batch_result(scheduled, self.runner.forward(scheduled))
+            self.process_batch_result(scheduled, self._forward(scheduled))
         return self.finish_step()
 
     def _step_overlapped(self) -> list[TokenOut]:
@@ -156,7 +168,7 @@ class Scheduler:
         prev, launched = self._inflight, None
         if scheduled:
             pending = prev.rows if prev is not None else {}
-            logits = self.runner.forward(scheduled, pending, prev.tokens if pending else None)
+            logits = self._forward(scheduled, pending, prev.tokens if pending else None)
             launched = self._launch(scheduled, logits, pending, prev.tokens if pending else None)
         # NOTE: set before step n is read: a request it ends that step n+1 still computes keeps its pages
         self._inflight = launched
@@ -275,6 +287,52 @@ class Scheduler:
 
     def _on_outputs_leaving(self, outs: list[TokenOut]) -> None:
         """`outs` leave the scheduler for the client now (the decode times its first tokens)."""
+
+    def _takes_results_early(self) -> bool:
+        """Whether transfer results may be handled while a step runs: only where they touch no
+        request of a batch in flight (the decode's rooms: requests not yet running) and some are due."""
+        return False
+
+    # ---- waiting for the device ---------------------------------------------------------
+    def _forward(self, scheduled: list[tuple[Req, int]], pending=None, future=None):
+        """The batch's logits (ModelRunner.forward). On the CPU, while transfers are watched, the
+        forward runs on the forward thread and this one waits watching them (device_wait.py)."""
+
+        def run():
+            logits = self.runner.forward(scheduled, pending, future)
+            if self.step_delay_s:
+                time.sleep(self.step_delay_s)  # tests only: a slow device
+            return logits
+
+        if self.runner.device.type == "cuda" or not self._watches_transfers():
+            return run()
+        if self._forward_thread is None:
+            self._forward_thread = ForwardThread()
+        running = self._forward_thread.submit(run)
+        self._wait_watching(running.done, self._forward_thread.done_fd)
+        return running.result()
+
+    def _watches_transfers(self) -> bool:
+        """Whether this step's wait for the device also takes transfer results (tp 1: the waker)."""
+        return self._early_sink is not None and self.wake_fd is not None and self._takes_results_early()
+
+    def _wait_watching(self, done: Callable[[], bool], done_fd: int | None) -> None:
+        # NOTE: the operations this step queued (a decode's room requests) go out now, not after it
+        self._take_results_early()
+        wait_watching(done, done_fd, self.wake_fd, self._on_wake_early)
+
+    def _on_wake_early(self) -> None:
+        self.on_wake()
+        self._take_results_early()
+
+    def _take_results_early(self) -> None:
+        """Finished transfers now (the role allows it while a step runs), their outputs out at once.
+        NOTE: every output made so far leaves, in the order made: nothing of this step is among
+        them yet (its tokens are appended after the wait), so no request's tokens are reordered."""
+        for result in self.transfer.flush():
+            self._on_transfer_done(result)
+        if self._pending_outs:
+            self._early_sink(self._take_outputs())
 
     # ---- scheduling -------------------------------------------------------------------
     def _schedule(self) -> list[tuple[Req, int]]:
@@ -427,6 +485,8 @@ class Scheduler:
         """Wait for `step`, append its tokens (dropping those of requests that ended meanwhile) and
         free the pages of requests that ended while it ran."""
         if step.event is not None:
+            if self._watches_transfers():
+                self._wait_watching(step.event.query, None)
             step.event.synchronize()
         result = step.host.result() if step.host is not None else None
         now = time.monotonic()

@@ -71,6 +71,11 @@ class SchedulerLoop:
         self.new_reqs: list[DetokReqInfo] = []
         self.pending_outs: list[TokenOut] = []  # outputs made outside step() (rejections)
         self.running = True
+        # outputs a scheduler makes while it waits for the device (a PD decode's first tokens) leave
+        # through this loop's send path at once (schedulers without the hook: DP attention, --dp-size)
+        set_sink = getattr(scheduler, "set_early_output_sink", None)
+        if set_sink is not None:
+            set_sink(self.send_outputs)
 
     def wait_timeout_ms(self) -> int:
         """Block up to IDLE_POLL_MS with nothing to do; with only transfers in flight, as long as

@@ -1,0 +1,79 @@
+"""A PD request's first token leaves the decode server as soon as its KV landed, not when the
+decode's running step ends (common/engine/device_wait.py, issue 24)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import REFERENCE_ENGINE
+from tests.pd_helpers import PDCluster, assert_pool_free
+from tests.server_helpers import metric_value
+
+pytestmark = pytest.mark.slow
+
+STEP_S = 4.0  # every decode forward takes this much longer (DISAGG_STEP_DELAY_S): long decode steps
+RUNNING = "The history of the printing press begins"
+PROBE = "The capital of France is"
+
+
+class SlowDecodeCluster(PDCluster):
+    def _make_servers(self) -> None:
+        super()._make_servers()
+        self.decode.env["DISAGG_STEP_DELAY_S"] = str(STEP_S)
+
+
+@pytest.fixture(scope="module")
+def pd():
+    with SlowDecodeCluster() as cluster:
+        yield cluster
+
+
+def stream_events(client: httpx.Client, prompt: str, max_tokens: int, events: list, started=None) -> None:
+    """Greedy streaming /generate; appends (time.monotonic(), output_ids so far) per event."""
+    body = {
+        "text": prompt,
+        "stream": True,
+        "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0},
+    }
+    with client.stream("POST", "/generate", json=body) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                events.append((time.monotonic(), json.loads(line[6:])["output_ids"]))
+                if started is not None:
+                    started.set()
+
+
+def test_first_token_leaves_before_the_running_decode_step_ends(pd, engines):
+    engine = engines.get(**REFERENCE_ENGINE)
+    want = [
+        o["output_ids"]
+        for o in engine.generate(
+            [engine.tokenizer.encode(p) for p in (RUNNING, PROBE)], {"max_new_tokens": 4, "temperature": 0}
+        )
+    ]
+    running, probe, started = [], [], threading.Event()
+    with pd.client() as client:
+        # a request decoding throughout: the decode server is inside a STEP_S step almost always
+        bg = threading.Thread(target=stream_events, args=(client, RUNNING, 4, running, started))
+        bg.start()
+        assert started.wait(120), "the running request never started"
+        stream_events(client, PROBE, 4, probe)
+        bg.join(120)
+    first = probe[0][0]
+    running_after = [t for t, _ in running if t > first]
+    # the probe's first token came while the running request's step went on: its next token (the
+    # step's end) follows seconds later; before, both left at that step's end together
+    assert running_after and running_after[0] - first > STEP_S / 3, (first, running)
+    assert probe[-1][1] == want[1] and running[-1][1] == want[0]  # greedy tokens, token for token
+    metrics = httpx.get(pd.decode.url + "/metrics", timeout=10).text
+    # both first tokens left well within a step of their KV (the histogram's 0.5 s bucket)
+    name = "disagg_kv_transfer_step_seconds_bucket"
+    assert metric_value(metrics, name, role="decode", step="first_token", le="0.5") == 2.0, metrics
+    assert_pool_free(pd.prefill)
+    assert_pool_free(pd.decode)
