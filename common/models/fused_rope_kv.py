@@ -147,7 +147,9 @@ def fused_rope_kv_ok(
     except Exception:  # noqa: BLE001 - a kernel that fails to compile or launch: the torch ops, loudly
         logger.exception("fused_rope_kv failed its start-up check (heads, kv heads, dim, qk norm %s)", shape)
         return False
-    if not ok:
+    if ok:
+        logger.info("fused RoPE + K/V write: Triton kernel (heads, kv heads, dim, qk norm %s)", shape)
+    else:
         logger.warning(
             "fused_rope_kv disagrees with torch (heads, kv heads, dim, qk norm %s): torch ops", shape
         )
