@@ -16,7 +16,8 @@ from pathlib import Path
 # ---- environment variables ----------------------------------------------------------------------
 # Every variable the engine, the servers and transfer/ read is parsed below, nowhere else:
 #   DISAGG_CPU_THREADS      torch threads of a CPU rank (default: this node's cores / its ranks)
-#   DISAGG_FUSED_KERNELS    0: no FlashInfer fused element-wise kernels on CUDA (A/B runs)
+#   DISAGG_FUSED_KERNELS    0: no fused element-wise kernels on CUDA (FlashInfer norms/SiLU/RoPE, the Triton
+#                           RoPE + K/V write of fused_rope_kv.py; A/B runs)
 #   DISAGG_CACHE_DIR        disagg's cache (default: $XDG_CACHE_HOME/disagg, else ~/.cache/disagg)
 #   DISAGG_TRANSFER_TRACE   1: record when each KV transfer room passes each hop (transfer.bench --trace)
 #   DISAGG_DP_REPLICA       "i/N": set by the --dp-size controller for replica i of N (its ranks inherit it)

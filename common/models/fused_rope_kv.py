@@ -177,7 +177,7 @@ def _agrees_with_reference(
     slots = torch.randperm(pages * page_size, generator=g, device=device)[:t]
     k_rows = slots // page_size * (2 * page_size) + slots % page_size
     # NOTE: every draw from `g`: the global generator seeds the dummy weights of the model being built
-    inv_freq = torch.rand(head_dim // 2, generator=g, device=device)
+    inv_freq = torch.rand(head_dim // 2, generator=g, device=device, dtype=torch.float32)
     freqs = torch.outer(torch.arange(64, device=device, dtype=torch.float32), inv_freq)
     cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1)
     norm = (randn(head_dim), randn(head_dim), 1e-6) if qk_norm else None
