@@ -414,11 +414,12 @@ _DUMMY_CHUNK = 1 << 24  # values generated at a time for an FP8 weight (64 MiB o
 
 
 def _fill_fp8_normal(q: torch.Tensor, scale: torch.Tensor, std: float, gen: torch.Generator) -> None:
-    """q, scale: FP8 values of N(0, std) in chunks of rows (never the whole weight in float32); every
-    block's scale maps 4 std to FP8's largest value (the rare larger draws are clamped)."""
+    """q, scale: FP8 values of N(0, std) in chunks of rows, at most one matrix of an expert stack at a
+    time (never the whole weight in float32); every block's scale maps 4 std to FP8's largest value
+    (the rare larger draws are clamped)."""
     scale.fill_(4 * std / FP8_MAX)
     rows = q.view(-1, q.shape[-1])
-    step = max(1, _DUMMY_CHUNK // rows.shape[1])
+    step = max(1, min(q.shape[-2], _DUMMY_CHUNK // rows.shape[1]))
     for start in range(0, rows.shape[0], step):
         chunk = rows[start : start + step]
         values = torch.randn(chunk.shape, generator=gen, device=q.device) * (FP8_MAX / 4)
