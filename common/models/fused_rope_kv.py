@@ -4,8 +4,8 @@ Unfused, an attention layer runs between its QKV projection and the attention ke
 (FlashInfer), the K and V `index_copy_`s into the pool, the add that finds the V rows, the copy that
 makes the strided q contiguous for attention and, for Qwen3, two RMSNorms over strided views (torch's
 ~8 element-wise kernels each: FlashInfer's norm takes contiguous rows only): 5 launches a layer for
-Llama, ~21 for Qwen3. `fused_rope_kv` does all of it in one, CUDA-graph capturable (no host sync; the
-grid depends on the batch's token count only).
+Llama, ~21 for Qwen3 (at one token the views count as contiguous: 4 and 6). `fused_rope_kv` does all
+of it in one, CUDA-graph capturable (no host sync; the grid depends on the batch's token count only).
 
 One program per (token, block of heads): q heads write the rotated q into a fresh contiguous
 [T, Hq, D] buffer (what attention reads); k heads write the rotated k and the untouched v into the
