@@ -110,7 +110,9 @@ class PrefillScheduler(Scheduler):
 
     def _on_chunk_computed(self, req: Req) -> None:
         if req.bootstrap_room is not None:
-            self._send_pages(req)  # the KV of this chunk travels while the next one computes
+            # the KV of this chunk travels while the next one computes; the last chunk's while its
+            # first token is sampled (the token follows alone, with the room's done)
+            self._send_pages(req)
 
     def _on_token_sampled(self, req: Req, token: int, lp: float | None, top: list[list] | None) -> None:
         """The prompt is computed: hand the request to the decode side (or answer a health check)."""
@@ -178,7 +180,8 @@ class PrefillScheduler(Scheduler):
         the metadata of the last chunk)."""
         room, last = req.bootstrap_room, metadata is not None
         sent = self.sent_pages.get(room, 0)
-        upto = len(req.page_table) if last else req.num_computed_tokens // self.page_size
+        whole = last or req.num_computed_tokens >= len(req.input_ids)  # the prompt's every page is final
+        upto = len(req.page_table) if whole else req.num_computed_tokens // self.page_size
         if upto > sent or last:
             self.transfer.send(room, req.page_table[sent:upto], sent, last, metadata)
             self.sent_pages[room] = upto

@@ -8,6 +8,7 @@ import types
 
 from disagg.prefill.scheduler import PrefillScheduler
 from disagg.transfer import TransferResult
+from disagg.transfer.base import TransferBase
 from disagg.transfer.coordinator import AbortRoomOp, RankTransfer, TransferCoordinator
 
 
@@ -77,22 +78,21 @@ def test_stale_rooms_are_ignored_and_refused_operations_fail_their_room():
 
 
 class WaitableEngine(FakeEngine):
-    """The transfer engine's poll()/wait() contract: wait() returns once poll() has something."""
+    """The transfer engine's poll()/notify contract (TransferBase's own signalling): the first
+    result after a poll() writes notify_fd."""
 
     def __init__(self):
         super().__init__()
-        self.ready = threading.Event()
+        self._results_ready = threading.Event()
+        self.notify_fd = None
 
     def finish(self, room):
         self.results.append(R(room, True))
-        self.ready.set()
+        TransferBase._notify(self)
 
     def poll(self):
-        self.ready.clear()
+        self._results_ready.clear()
         return super().poll()
-
-    def wait(self, timeout=None):
-        return self.ready.wait(timeout)
 
 
 def readable(fd: int, timeout: float) -> bool:

@@ -7,6 +7,7 @@ bad_request, incompatible) labels the failures metric.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import deque
@@ -161,6 +162,9 @@ class TransferBase:
         # (result, when it was appended) on the loop, drained by poll()
         self._results: deque[tuple[TransferResult, float]] = deque()
         self._results_ready = threading.Event()  # set when _results gets one; wait() blocks on it
+        # a pipe's write end (TransferWaker): written as the first result after a poll() lands, from
+        # the loop thread itself, so the scheduler's select wakes with no thread hop in between
+        self.notify_fd: int | None = None
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # host chunks up to this size ride inside their header (device bytes never go via the host)
         self.inline_data_bytes = INLINE_DATA_BYTES if self._stream is None else 0
@@ -253,8 +257,20 @@ class TransferBase:
             trace(state.room, f"{self.role}_result")
             state.result.ready_at = time.monotonic()
             self._results.append((state.result, time.perf_counter()))
-            self._results_ready.set()
+            self._notify()
             state.result = None
+
+    def _notify(self) -> None:
+        # NOTE: one byte per batch of results: poll() clears the event before it drains, so a result
+        # appended after that writes again (at worst one spurious wake-up, never a missed one)
+        if self._results_ready.is_set():
+            return
+        self._results_ready.set()
+        if self.notify_fd is not None:
+            try:
+                os.write(self.notify_fd, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full of unread wake-ups: the scheduler will wake anyway
 
     def _fail_rooms_of(self, peer: Peer, reason: str) -> None:
         for state in list(self.rooms.values()):

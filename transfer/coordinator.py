@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,31 +184,18 @@ class WorkerTransferHook:
 class TransferWaker:
     """A file descriptor that turns readable when the transfer engine has results for poll().
 
-    The scheduler loop blocks on its ZMQ socket and this fd together, so a finished room is
-    handled at once rather than at the next tick of a sleep loop. A daemon thread waits on the
-    engine (`wait()`), writes one byte, then waits until the scheduler has polled (`polled()`)
-    before watching again: one wake-up per batch of results, never a spinning fd.
+    The scheduler loop blocks on its ZMQ socket and this fd together (and a step's wait for the
+    device on this fd alone: common/engine/device_wait.py), so a finished room is handled at once
+    rather than at the next tick of a sleep loop. The engine's loop thread writes the byte itself
+    as the first result after a poll() lands (`TransferBase.notify_fd`): one wake-up per batch of
+    results, never a spinning fd, and no thread hop between the result and the scheduler.
     """
 
     def __init__(self, engine: KVSender | KVReceiver):
-        self.engine = engine
         self.fd, self._write_fd = os.pipe()
         os.set_blocking(self.fd, False)
-        self._polled = threading.Event()
-        self._polled.set()
-        self._closed = False
-        threading.Thread(target=self._run, name="disagg-transfer-waker", daemon=True).start()
-
-    def _run(self) -> None:
-        while not self._closed:
-            self._polled.wait()
-            if self.engine.wait(1.0) and not self._closed:
-                self._polled.clear()
-                os.write(self._write_fd, b"\0")
-
-    def polled(self) -> None:
-        """The scheduler just drained the engine's results: watch for the next ones."""
-        self._polled.set()
+        os.set_blocking(self._write_fd, False)
+        engine.notify_fd = self._write_fd
 
     def drain(self) -> None:
         """Empty the fd (the scheduler loop calls this when the fd woke it)."""
@@ -220,8 +206,7 @@ class TransferWaker:
             pass
 
     def close(self) -> None:
-        self._closed = True
-        self._polled.set()
+        pass  # NOTE: the fds stay open: the engine's loop thread may still write
 
 
 class TransferCoordinator:
@@ -308,8 +293,6 @@ class TransferCoordinator:
             broadcast_plan(TransferOpsMsg(ops))
         self.local.run(ops)
         mine = self.local.poll()
-        if self.waker is not None:
-            self.waker.polled()
         per_rank = gather_to_rank0(mine) if self.tp_size > 1 else [mine]
         return self._merge(per_rank)
 

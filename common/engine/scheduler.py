@@ -93,6 +93,7 @@ class Scheduler:
         self._early_sink: Callable[[list[TokenOut]], None] | None = None
         self._forward_thread: ForwardThread | None = None  # CPU: made when first needed
         self.step_delay_s = step_delay_s()  # tests only (DISAGG_STEP_DELAY_S): a slow device
+        self._posted_results: list = []  # transfer results flush() gave while posting a step's operations early
 
     # ---- public interface -------------------------------------------------------------
     @property
@@ -213,7 +214,8 @@ class Scheduler:
     def finish_step(self) -> list[TokenOut]:
         """After the forward: the finished transfers (PD roles), then this step's outputs."""
         if self.transfer is not None:
-            for result in self.transfer.flush():
+            results, self._posted_results = self._posted_results + self.transfer.flush(), []
+            for result in results:
                 self._on_transfer_done(result)
         return self._take_outputs()
 
@@ -275,7 +277,7 @@ class Scheduler:
         return num_cached + n
 
     def _on_chunk_computed(self, req: Req) -> None:
-        """A chunk of `req`'s prompt was computed and more remain."""
+        """A chunk of `req`'s prompt was computed (queued on the device), the last one included."""
 
     def _on_token_sampled(self, req: Req, token: int, lp: float | None, top: list[list] | None) -> None:
         """`token` was sampled for `req` and appended to its output: decode on."""
@@ -457,7 +459,7 @@ class Scheduler:
             logits = self._take_prompt_logprobs(scheduled, logits, set(sampled))
         for req, n in scheduled:
             req.num_computed_tokens += n
-            if req.num_computed_tokens < req.seq_len:
+            if req.num_computed_tokens < req.seq_len or req.status == ReqStatus.PREFILLING:
                 self._on_chunk_computed(req)
         step = _Launched(scheduled, {req: i for i, req in enumerate(sampled)})
         if sampled:
@@ -487,6 +489,11 @@ class Scheduler:
         if step.event is not None:
             if self._watches_transfers():
                 self._wait_watching(step.event.query, None)
+            elif self.wake_fd is not None and self.transfer.ops:  # tp 1: TransferCoordinator
+                # the step's chunk sends (each ordered after its forward on the device by an event)
+                # reach the transfer engine now, not after the sampling is waited for; their results
+                # are handled at finish_step as before
+                self._posted_results += self.transfer.flush()
             step.event.synchronize()
         result = step.host.result() if step.host is not None else None
         now = time.monotonic()
