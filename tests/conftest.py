@@ -111,8 +111,31 @@ TINY_CONFIGS = {
 }
 
 
+# tiny MoE families: made where a test asks (make_tiny_model), not by the tiny_models fixture
+TINY_MOE_CONFIGS = {
+    "qwen3_moe": dict(
+        model_type="qwen3_moe",
+        architectures=["Qwen3MoeForCausalLM"],
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=3,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        tie_word_embeddings=False,
+    ),
+    "mixtral": dict(
+        model_type="mixtral",
+        architectures=["MixtralForCausalLM"],
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    ),
+}
+
+
 def make_tiny_model(path, family: str, seed: int = 0, **overrides) -> str:
-    """A random HF model at tiny shapes, saved as a safetensors folder (no tokenizer)."""
+    """A random HF model at tiny shapes (a TINY_CONFIGS or TINY_MOE_CONFIGS family), saved as a
+    safetensors folder (no tokenizer)."""
     from transformers import AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -128,7 +151,7 @@ def make_tiny_model(path, family: str, seed: int = 0, **overrides) -> str:
         eos_token_id=None,
         bos_token_id=None,
     )
-    spec.update(TINY_CONFIGS[family])
+    spec.update(TINY_CONFIGS.get(family) or TINY_MOE_CONFIGS[family])
     spec.update(overrides)
     config = CONFIG_MAPPING[spec.pop("model_type")](**spec)
     torch.manual_seed(seed)

@@ -22,27 +22,7 @@ from disagg.common.models.moe_align import grouped_experts, max_padded_pairs, mo
 from disagg.common.parallel.state import ParallelState, get_parallel, set_parallel
 from transformers import Qwen3MoeConfig
 
-from tests.conftest import TINY_CONFIGS, hf_greedy, make_tiny_model
-
-MOE_CONFIGS = {
-    "qwen3_moe": dict(
-        model_type="qwen3_moe",
-        architectures=["Qwen3MoeForCausalLM"],
-        head_dim=16,
-        num_experts=8,
-        num_experts_per_tok=3,
-        moe_intermediate_size=32,
-        norm_topk_prob=True,
-        tie_word_embeddings=False,
-    ),
-    "mixtral": dict(
-        model_type="mixtral",
-        architectures=["MixtralForCausalLM"],
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        tie_word_embeddings=False,
-    ),
-}
+from tests.conftest import TINY_MOE_CONFIGS, hf_greedy, make_tiny_model
 
 
 @pytest.mark.parametrize(
@@ -114,16 +94,10 @@ def test_routed_experts_match_reference_on_every_rank(tp, ep, rank):
 @pytest.fixture(scope="module")
 def moe_model_paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe-tp1")
-    added = {name: spec for name, spec in MOE_CONFIGS.items() if name not in TINY_CONFIGS}
-    TINY_CONFIGS.update(added)
-    try:
-        return {name: make_tiny_model(root / name, name, **MOE_CONFIGS[name]) for name in MOE_CONFIGS}
-    finally:  # NOTE: other modules' tiny_models fixture makes one model per TINY_CONFIGS entry
-        for name in added:
-            del TINY_CONFIGS[name]
+    return {name: make_tiny_model(root / name, name) for name in TINY_MOE_CONFIGS}
 
 
-@pytest.mark.parametrize("family", list(MOE_CONFIGS))
+@pytest.mark.parametrize("family", list(TINY_MOE_CONFIGS))
 def test_tiny_moe_models_generate_transformers_tokens(moe_model_paths, family):
     path = moe_model_paths[family]
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [300]]
@@ -137,15 +111,10 @@ def test_tiny_moe_models_generate_transformers_tokens(moe_model_paths, family):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", list(MOE_CONFIGS))
+@pytest.mark.parametrize("family", list(TINY_MOE_CONFIGS))
 def test_all_to_all_backend_at_tp2_ep2_generates_transformers_tokens(tmp_path, family):
     """--moe-a2a-backend all_to_all over gloo: tokens dispatched to their experts' ranks and back."""
-    old = TINY_CONFIGS.get(family)
-    TINY_CONFIGS[family] = MOE_CONFIGS[family]
-    try:
-        path = make_tiny_model(tmp_path / family, family, **MOE_CONFIGS[family])
-    finally:
-        TINY_CONFIGS.pop(family) if old is None else TINY_CONFIGS.update({family: old})
+    path = make_tiny_model(tmp_path / family, family)
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [300]]
     engine = Engine(model_path=path, page_size=4, chunked_prefill_size=8, max_total_tokens=2048, tp=2, ep=2,
                     moe_a2a_backend="all_to_all")  # fmt: skip
@@ -211,12 +180,12 @@ def _generate(path, prompts, **engine_kw) -> tuple[list[list[int]], Engine]:
     return [o["output_ids"] for o in engine.generate(prompts, greedy)], engine
 
 
-@pytest.mark.parametrize("family", list(MOE_CONFIGS))
+@pytest.mark.parametrize("family", list(TINY_MOE_CONFIGS))
 def test_redundant_experts_replaced_by_load_keep_transformers_tokens(moe_model_paths, family, tmp_path):
     """--ep-num-redundant-experts 2 with the start-up placement from a skewed load file, re-placed
     from the counted load every 3 steps: replicas compute, outputs stay transformers' tokens."""
     path = moe_model_paths[family]
-    experts = MOE_CONFIGS[family].get("num_experts") or MOE_CONFIGS[family]["num_local_experts"]
+    experts = TINY_MOE_CONFIGS[family].get("num_experts") or TINY_MOE_CONFIGS[family]["num_local_experts"]
     skew = [1000 if e == experts - 1 else 1 for e in range(experts)]  # the last expert hot: 3 copies
     save_expert_load(tmp_path / "load.json", {0: skew, 1: skew})
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [300]]
@@ -245,13 +214,8 @@ def test_redundant_experts_at_tp2_ep2_generate_transformers_tokens(tmp_path, fam
     """--tp 2 --ep 2 --ep-num-redundant-experts 2 over gloo (both --moe-a2a-backend layouts): the
     start-up placement from a load file, re-placed every 2 steps (weights moved between the ranks),
     tokens equal transformers'."""
-    old = TINY_CONFIGS.get(family)
-    TINY_CONFIGS[family] = MOE_CONFIGS[family]
-    try:
-        path = make_tiny_model(tmp_path / family, family, **MOE_CONFIGS[family])
-    finally:
-        TINY_CONFIGS.pop(family) if old is None else TINY_CONFIGS.update({family: old})
-    experts = MOE_CONFIGS[family].get("num_experts") or MOE_CONFIGS[family]["num_local_experts"]
+    path = make_tiny_model(tmp_path / family, family)
+    experts = TINY_MOE_CONFIGS[family].get("num_experts") or TINY_MOE_CONFIGS[family]["num_local_experts"]
     skew = [1000 if e == 0 else 1 for e in range(experts)]  # expert 0 hot: a copy on each rank
     save_expert_load(tmp_path / "load.json", {0: skew, 1: skew})
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [300]]

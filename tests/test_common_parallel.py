@@ -37,28 +37,8 @@ def test_tp3_default_model_matches_tp1_and_transformers(default_model_path):
 @pytest.fixture(scope="module")
 def moe_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe")
-    qwen3_moe = dict(
-        model_type="qwen3_moe",
-        architectures=["Qwen3MoeForCausalLM"],
-        head_dim=16,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        norm_topk_prob=True,
-        tie_word_embeddings=False,
-    )
-    mixtral = dict(
-        model_type="mixtral",
-        architectures=["MixtralForCausalLM"],
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        tie_word_embeddings=False,
-    )
-    from tests.conftest import TINY_CONFIGS
-
-    TINY_CONFIGS.setdefault("qwen3_moe", qwen3_moe)
-    TINY_CONFIGS.setdefault("mixtral", mixtral)
-    return {name: make_tiny_model(root / name, name) for name in ("qwen3_moe", "mixtral")}
+    return {"qwen3_moe": make_tiny_model(root / "qwen3_moe", "qwen3_moe", num_experts=4, num_experts_per_tok=2),
+            "mixtral": make_tiny_model(root / "mixtral", "mixtral")}  # fmt: skip
 
 
 @pytest.mark.parametrize(

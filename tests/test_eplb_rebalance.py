@@ -13,22 +13,16 @@ import pytest
 from disagg.common.engine.offline import Engine
 from disagg.common.models.eplb import balanced_placement, placement_summary, rebalance_experts
 
-from tests.conftest import TINY_CONFIGS, hf_greedy, make_tiny_model
+from tests.conftest import TINY_MOE_CONFIGS, hf_greedy, make_tiny_model
 from tests.server_helpers import SMALL_SERVER_ARGS, ServerProcess
-from tests.test_common_moe import MOE_CONFIGS
 
 ADMIN_KEY, CLIENT_KEY = "admin-secret", "client-secret"
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [300]]
-NUM_EXPERTS = MOE_CONFIGS["qwen3_moe"]["num_experts"]
+NUM_EXPERTS = TINY_MOE_CONFIGS["qwen3_moe"]["num_experts"]
 
 
 def _tiny_moe(folder) -> str:
-    old = TINY_CONFIGS.get("qwen3_moe")
-    TINY_CONFIGS["qwen3_moe"] = MOE_CONFIGS["qwen3_moe"]
-    try:
-        return make_tiny_model(folder / "qwen3_moe", "qwen3_moe", **MOE_CONFIGS["qwen3_moe"])
-    finally:
-        TINY_CONFIGS.pop("qwen3_moe") if old is None else TINY_CONFIGS.update({"qwen3_moe": old})
+    return make_tiny_model(folder / "qwen3_moe", "qwen3_moe")
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 import torch
 from disagg.common.engine.offline import Engine
 
-from tests.conftest import TINY_CONFIGS, assert_pool_clean, hf_greedy, make_tiny_model
-from tests.test_parallel_dp_attention import FIRST, QWEN3_MOE, THEN
+from tests.conftest import assert_pool_clean, hf_greedy, make_tiny_model
+from tests.test_parallel_dp_attention import FIRST, THEN
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,13 +22,7 @@ GREEDY = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def moe_path(tmp_path_factory):
-    added = "qwen3_moe" not in TINY_CONFIGS
-    TINY_CONFIGS.setdefault("qwen3_moe", QWEN3_MOE)
-    try:
-        return make_tiny_model(tmp_path_factory.mktemp("gpu-dp-attention") / "moe", "qwen3_moe", **QWEN3_MOE)
-    finally:  # NOTE: other modules build their own tiny model per TINY_CONFIGS entry
-        if added:
-            del TINY_CONFIGS["qwen3_moe"]
+    return make_tiny_model(tmp_path_factory.mktemp("gpu-dp-attention") / "moe", "qwen3_moe")
 
 
 @pytest.mark.parametrize("lm_head", [False, True], ids=["tp-lm-head", "dp-lm-head"])

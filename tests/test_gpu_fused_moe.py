@@ -140,17 +140,11 @@ def test_redundant_experts_under_cuda_graphs_keep_the_tokens(tmp_path):
     from disagg.common.engine.offline import Engine
     from disagg.common.models.eplb import moe_layers, save_expert_load
 
-    from tests.conftest import TINY_CONFIGS, make_tiny_model
-    from tests.test_common_moe import MOE_CONFIGS
+    from tests.conftest import make_tiny_model
 
     # NOTE: head_dim 64: FlashInfer's decode kernels (CUDA graphs) take 64, 128 or 256 (the H200 run
     # of 2026-12-03 failed on the CPU tests' head_dim 16 with "Unsupported head_dim: 16")
-    spec = {**MOE_CONFIGS["qwen3_moe"], "head_dim": 64}
-    TINY_CONFIGS["qwen3_moe"] = spec
-    try:
-        path = make_tiny_model(tmp_path / "m", "qwen3_moe", **spec)
-    finally:
-        TINY_CONFIGS.pop("qwen3_moe")
+    path = make_tiny_model(tmp_path / "m", "qwen3_moe", head_dim=64)
     save_expert_load(tmp_path / "load.json", {0: [1, 1, 1, 1, 1, 1, 1, 900], 1: [900, 1, 1, 1, 1, 1, 1, 1]})
     prompts = [[i + 1, 2 * i + 3, 5, 7 * i + 11, 13] for i in range(12)]
     params = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True, "top_logprobs_num": 5}

@@ -19,17 +19,9 @@ PROMPTS = [[i + 1, 2 * i + 3, 5, 7 * i + 11, 13] for i in range(12)]
 
 @pytest.fixture(scope="module")
 def moe_path(tmp_path_factory):
-    from tests.conftest import TINY_CONFIGS, make_tiny_model
-    from tests.test_common_moe import MOE_CONFIGS
+    from tests.conftest import make_tiny_model
 
-    old = TINY_CONFIGS.get("qwen3_moe")
-    TINY_CONFIGS["qwen3_moe"] = MOE_CONFIGS["qwen3_moe"]
-    try:
-        return make_tiny_model(
-            tmp_path_factory.mktemp("gpu-ll") / "m", "qwen3_moe", **MOE_CONFIGS["qwen3_moe"]
-        )
-    finally:
-        TINY_CONFIGS.pop("qwen3_moe") if old is None else TINY_CONFIGS.update({"qwen3_moe": old})
+    return make_tiny_model(tmp_path_factory.mktemp("gpu-ll") / "m", "qwen3_moe")
 
 
 def _generate(path: str, params: dict, **kw) -> list[dict]:

@@ -15,9 +15,8 @@ from disagg.common.models.moe import SparseMoE
 from disagg.common.parallel.state import ParallelState, all_reduce, set_parallel
 from transformers import Qwen3MoeConfig
 
-from tests.conftest import TINY_CONFIGS, hf_greedy, make_tiny_model
+from tests.conftest import hf_greedy, make_tiny_model
 from tests.procs import free_port
-from tests.test_common_moe import MOE_CONFIGS
 
 HIDDEN, EXPERTS = 16, 8
 
@@ -101,12 +100,7 @@ def test_auto_mode_picks_low_latency_for_decode_batches_only():
 @pytest.mark.slow
 def test_low_latency_mode_at_tp2_ep2_generates_transformers_tokens(tmp_path):
     """One request alone first (a decode batch of one token: rank 1 dispatches nothing), then three."""
-    old = TINY_CONFIGS.get("qwen3_moe")
-    TINY_CONFIGS["qwen3_moe"] = MOE_CONFIGS["qwen3_moe"]
-    try:
-        path = make_tiny_model(tmp_path / "qwen3_moe", "qwen3_moe", **MOE_CONFIGS["qwen3_moe"])
-    finally:
-        TINY_CONFIGS.pop("qwen3_moe") if old is None else TINY_CONFIGS.update({"qwen3_moe": old})
+    path = make_tiny_model(tmp_path / "qwen3_moe", "qwen3_moe")
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [300]]
     greedy = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
     engine = Engine(model_path=path, page_size=4, chunked_prefill_size=8, max_total_tokens=2048, tp=2, ep=2,

@@ -11,22 +11,13 @@ from disagg.common.engine.offline import Engine
 from disagg.common.models.moe import SparseMoE
 from disagg.common.parallel.dp_attention import DPAttentionScheduler, pick_dp_rank
 
-from tests.conftest import TINY_CONFIGS, assert_pool_clean, hf_greedy, make_tiny_model
+from tests.conftest import TINY_MOE_CONFIGS, assert_pool_clean, hf_greedy, make_tiny_model
 from tests.server_helpers import ServerProcess, metric_value
 
 GREEDY = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
 FIRST = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]  # one request: DP rank 1 runs idle steps only
 THEN = [[20, 21, 22], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [300, 301]]
-QWEN3_MOE = dict(
-    model_type="qwen3_moe",
-    architectures=["Qwen3MoeForCausalLM"],
-    head_dim=16,
-    num_experts=8,
-    num_experts_per_tok=3,
-    moe_intermediate_size=32,
-    norm_topk_prob=True,
-    tie_word_embeddings=False,
-)
+QWEN3_MOE = TINY_MOE_CONFIGS["qwen3_moe"]  # (tests/test_pd_dp_attention.py imports it)
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +25,7 @@ def models(tmp_path_factory):
     from tests.test_common_deepseek import make_tiny_deepseek
 
     root = tmp_path_factory.mktemp("dp-attention")
-    added = "qwen3_moe" not in TINY_CONFIGS
-    TINY_CONFIGS.setdefault("qwen3_moe", QWEN3_MOE)
-    try:
-        paths = {family: make_tiny_model(root / family, family, **QWEN3_MOE if family == "qwen3_moe" else {})
-                 for family in ("qwen3_moe", "llama", "qwen2")}  # fmt: skip
-    finally:  # NOTE: other modules build their own tiny model per TINY_CONFIGS entry
-        if added:
-            del TINY_CONFIGS["qwen3_moe"]
+    paths = {family: make_tiny_model(root / family, family) for family in ("qwen3_moe", "llama", "qwen2")}
     # MLA + DeepSeekMoE (shared experts); V3: q compression and a dense first layer
     return paths | {f"deepseek_{v}": make_tiny_deepseek(root / v, v) for v in ("v2", "v3")}
 

@@ -46,16 +46,10 @@ def test_a_plan_splits_into_micro_batches_of_about_equal_tokens():
 @pytest.fixture(scope="module")
 def pp_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("pp")
-    from tests.conftest import TINY_CONFIGS
-
-    TINY_CONFIGS.setdefault(
-        "qwen3_moe",
-        dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], head_dim=16, num_experts=4,
-             num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, tie_word_embeddings=False),
-    )  # fmt: skip
+    moe = {"num_experts": 4, "num_experts_per_tok": 2}
     # 3 layers: the stages are uneven (1 + 2); qwen2 ties the LM head to the embedding (both ends need it)
     return {
-        name: make_tiny_model(root / name, name, num_hidden_layers=3)
+        name: make_tiny_model(root / name, name, num_hidden_layers=3, **moe if name == "qwen3_moe" else {})
         for name in ("llama", "qwen2", "qwen3_moe")
     }
 
