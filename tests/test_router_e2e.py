@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from tests.procs import fake_worker, free_port, router, wait_until
+from tests.server_helpers import metric_value
 
 pytestmark = pytest.mark.slow
 
@@ -44,13 +45,7 @@ def fake_log(worker) -> dict:
 
 
 def metric(router_proc, name: str, **labels) -> float:
-    text = httpx.get(router_proc.url + "/metrics").text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric_value(httpx.get(router_proc.url + "/metrics").text, name, **labels)
 
 
 def start_router(workers, *extra) -> object:

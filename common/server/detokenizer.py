@@ -38,8 +38,9 @@ class DecodeState:
     sent: int = 0  # characters of `text` already sent
 
 
-def held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters of `text` could begin a stop string (must not be sent yet)."""
+def held_back(text: str, stops: list[str] | tuple[str, ...]) -> int:
+    """How many trailing characters of `text` could begin one of `stops` (a stop string; a tool-call
+    marker, tool_parsers.py): they must not be sent yet."""
     hold = 0
     for stop in stops:
         for k in range(min(len(stop) - 1, len(text)), hold, -1):

@@ -24,6 +24,8 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+from disagg.common.server.detokenizer import held_back
+
 _WS = " \t\r\n"
 
 
@@ -147,7 +149,7 @@ def scan_marked_call(text: str, start: int, marker: str) -> PartialCall | None:
     head = text[start:] if at < 0 else text[start:at]
     name = head.split("[CALL_ID]", 1)[0]
     if at < 0:
-        name = name[: len(name) - _held_back(name, (marker, "[CALL_ID]"))]
+        name = name[: len(name) - held_back(name, (marker, "[CALL_ID]"))]
     if not _NAME.fullmatch(name) or (at >= 0 and not name):
         raise ValueError("not a function name")
     if at < 0:
@@ -259,7 +261,7 @@ class ToolCallStreamer:
             self.region = self.cursor = self.sent + p
             self.sent = self.region
             return rest[:p]
-        keep = len(rest) - _held_back(rest, fmt.starts)
+        keep = len(rest) - held_back(rest, fmt.starts)
         self.sent += keep
         return rest[:keep]
 
@@ -345,17 +347,6 @@ class ToolCallStreamer:
 
 def _args_delta(index: int, fragment: str) -> dict:
     return {"index": index, "function": {"arguments": fragment}}
-
-
-def _held_back(text: str, markers: tuple[str, ...]) -> int:
-    """How many trailing characters of `text` could begin a marker (not content yet)."""
-    hold = 0
-    for marker in markers:
-        for k in range(min(len(marker) - 1, len(text)), hold, -1):
-            if text.endswith(marker[:k]):
-                hold = k
-                break
-    return hold
 
 
 def parse_tool_calls(text: str, streamer: ToolCallStreamer) -> tuple[str | None, list]:
