@@ -23,11 +23,8 @@ CLIENT_KEY, WORKER_KEY = "router-client-key", "worker-key"
 
 @pytest.fixture(scope="module")
 def server(default_model_path):
-    srv = ServerProcess(*SMALL_SERVER_ARGS, "--admin-api-key", ADMIN_KEY, api_key=WORKER_KEY)
-    try:
+    with ServerProcess(*SMALL_SERVER_ARGS, "--admin-api-key", ADMIN_KEY, api_key=WORKER_KEY) as srv:
         yield srv.start()
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

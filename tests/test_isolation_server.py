@@ -26,11 +26,8 @@ MSG = [{"role": "user", "content": "Hi"}]
 
 @pytest.fixture(scope="module")
 def server(default_model_path):
-    srv = ServerProcess(*SMALL_SERVER_ARGS, "--admin-api-key", ADMIN_KEY, api_key=API_KEY)
-    try:
+    with ServerProcess(*SMALL_SERVER_ARGS, "--admin-api-key", ADMIN_KEY, api_key=API_KEY) as srv:
         yield srv.start()
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

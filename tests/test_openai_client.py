@@ -107,11 +107,8 @@ def test_abort_request_reaches_the_shared_prompt_helper():
 
 @pytest.fixture(scope="module")
 def server(default_model_path):
-    srv = ServerProcess(*SMALL_SERVER_ARGS)
-    try:
+    with ServerProcess(*SMALL_SERVER_ARGS) as srv:
         yield srv.start()
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

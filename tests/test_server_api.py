@@ -24,11 +24,10 @@ GREEDY = {"temperature": 0, "max_tokens": 6, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def server(default_model_path):
-    srv = ServerProcess(*SMALL_SERVER_ARGS, "--max-request-body-size", str(BODY_LIMIT), api_key=API_KEY)
-    try:
+    with ServerProcess(
+        *SMALL_SERVER_ARGS, "--max-request-body-size", str(BODY_LIMIT), api_key=API_KEY
+    ) as srv:
         yield srv.start()
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
