@@ -22,9 +22,16 @@ PROBE = "The capital of France is"
 
 
 class SlowDecodeCluster(PDCluster):
+    """A PD pair whose decode steps each take STEP_S longer (`env`: both servers' extra environment)."""
+
+    def __init__(self, *args, env: dict | None = None, **kw):
+        self.env = env or {}
+        super().__init__(*args, **kw)
+
     def _make_servers(self) -> None:
         super()._make_servers()
-        self.decode.env["DISAGG_STEP_DELAY_S"] = str(STEP_S)
+        self.prefill.env.update(self.env)
+        self.decode.env.update({**self.env, "DISAGG_STEP_DELAY_S": str(STEP_S)})
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +56,18 @@ def stream_events(client: httpx.Client, prompt: str, max_tokens: int, events: li
                     started.set()
 
 
-def test_first_token_leaves_before_the_running_decode_step_ends(pd, engines):
-    engine = engines.get(**REFERENCE_ENGINE)
-    want = [
-        o["output_ids"]
-        for o in engine.generate(
-            [engine.tokenizer.encode(p) for p in (RUNNING, PROBE)], {"max_new_tokens": 4, "temperature": 0}
-        )
-    ]
+def greedy_ids(engine, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    outs = engine.generate(
+        [engine.tokenizer.encode(p) for p in prompts], {"max_new_tokens": max_tokens, "temperature": 0}
+    )
+    return [o["output_ids"] for o in outs]
+
+
+def check_first_token_leaves_mid_step(pd: PDCluster, want: list[list[int]]) -> None:
+    """A request decodes throughout (STEP_S steps); a probe's first token must reach the client
+    seconds before the running request's next token, its greedy tokens `want[1]` (and `want[0]`)."""
     running, probe, started = [], [], threading.Event()
     with pd.client() as client:
-        # a request decoding throughout: the decode server is inside a STEP_S step almost always
         bg = threading.Thread(target=stream_events, args=(client, RUNNING, 4, running, started))
         bg.start()
         assert started.wait(120), "the running request never started"
@@ -77,3 +85,7 @@ def test_first_token_leaves_before_the_running_decode_step_ends(pd, engines):
     assert metric_value(metrics, name, role="decode", step="first_token", le="0.5") == 2.0, metrics
     assert_pool_free(pd.prefill)
     assert_pool_free(pd.decode)
+
+
+def test_first_token_leaves_before_the_running_decode_step_ends(pd, engines):
+    check_first_token_leaves_mid_step(pd, greedy_ids(engines.get(**REFERENCE_ENGINE), [RUNNING, PROBE], 4))

@@ -14,11 +14,15 @@ So the scheduler waits here, watching the transfer engine's wake fd beside the s
 
 from __future__ import annotations
 
+import functools
 import os
 import select
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
+
+import torch
 
 # NOTE: the step's end is seen up to this late while transfers are watched on a GPU (1-2% of a
 # 5-8 ms decode step, and only while rooms are in flight)
@@ -60,3 +64,23 @@ def wait_watching(
             on_wake()
         if done_fd is not None and done_fd in ready:
             drain(done_fd)
+
+
+def slow_device(seconds: float, device: torch.device) -> None:
+    """DISAGG_STEP_DELAY_S (tests only): the step takes `seconds` longer on the device. On CUDA a
+    sleep kernel is queued on the current stream (the host goes on, as with a real slow step);
+    on the CPU the forward's own thread sleeps."""
+    if device.type == "cuda":
+        torch.cuda._sleep(int(seconds * _cycles_per_second(device.index or 0)))
+    else:
+        time.sleep(seconds)
+
+
+@functools.cache
+def _cycles_per_second(index: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    return 10_000_000 / (start.elapsed_time(end) / 1e3)

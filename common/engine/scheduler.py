@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 from disagg.common.config import EngineConfig, step_delay_s
-from disagg.common.engine.device_wait import ForwardThread, wait_watching
+from disagg.common.engine.device_wait import ForwardThread, slow_device, wait_watching
 from disagg.common.engine.kv_pool import pages_for_tokens
 from disagg.common.engine.model_runner import ModelRunner
 from disagg.common.engine.radix_cache import RadixCache
@@ -303,7 +303,7 @@ class Scheduler:
         def run():
             logits = self.runner.forward(scheduled, pending, future)
             if self.step_delay_s:
-                time.sleep(self.step_delay_s)  # tests only: a slow device
+                slow_device(self.step_delay_s, self.runner.device)  # tests only
             return logits
 
         if self.runner.device.type == "cuda" or not self._watches_transfers():
