@@ -370,58 +370,86 @@ def with_prompt_logprobs(tokens: list[str], acc: ChoiceAcc, lp: dict, echo_len: 
 async def stream_chunks(job: Job, head: tuple[int, StrOut], outputs) -> AsyncIterator[str]:
     """SSE chunks in OpenAI's format; a client that disconnects cancels this, which aborts the requests.
     Ends with [DONE] after the last chunk or after an error event."""
-    created, total = int(time.time()), len(job.prompts) * job.n
-    obj = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
-    accs = [ChoiceAcc() for _ in range(total)]
-    streamers = [job.tools.streamer() for _ in range(total)] if job.tools else [None] * total
+    stream = ChunkStream(job)
+    for chunk in stream.opening():
+        yield chunk
+    try:
+        async for i, out in replay_head(head, outputs):
+            if chunk := stream.on_output(i, out):
+                yield chunk
+        if job.include_usage:
+            yield stream.chunk([], usage=job.usage(stream.accs))
+    except Exception as e:  # noqa: BLE001 - a bug: the client still gets an error event, then [DONE]
+        yield stream_crash(e)
+    yield sse("[DONE]")
 
-    # OpenAI: with include_usage every chunk carries `usage: null`, the last one (no choices) the usage
-    null_usage = {"usage": None} if job.include_usage else {}
 
-    def chunk(choices: list[dict], **extra) -> str:
-        return sse({"id": job.rid, "object": obj, "created": created, "model": job.model, "choices": choices,
-                    **null_usage, **extra})  # fmt: skip
+class ChunkStream:
+    """One streamed answer: every choice's text so far (`accs`), its tool-call streamer, and what
+    a choice's first chunk still owes (the prompt's ids, the echoed prompt)."""
 
-    # return_token_ids: the prompt's ids come once, first (chat: top level; completions: in each choice)
-    prompt_ids_due = set(range(total)) if job.return_token_ids and job.kind == "completion" else set()
-    # echo + logprobs, as vLLM streams it: a choice's first chunk carries the prompt and its logprobs
-    # (they come with the first token)
-    echo_due = set(range(total)) if job.echo_tokens else set()
-    if job.kind == "chat":
-        first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                  "finish_reason": None} for i in range(total)]  # fmt: skip
-        yield chunk(first, **({"prompt_token_ids": job.prompts[0]} if job.return_token_ids else {}))
-    elif job.echo_texts and not job.echo_tokens:  # with logprobs: each choice's first chunk echoes (below)
+    def __init__(self, job: Job):
+        self.job, self.total = job, len(job.prompts) * job.n
+        self.created = int(time.time())
+        self.object = "chat.completion.chunk" if job.kind == "chat" else "text_completion"
+        self.accs = [ChoiceAcc() for _ in range(self.total)]
+        self.streamers = (
+            [job.tools.streamer() for _ in range(self.total)] if job.tools else [None] * self.total
+        )
+        # OpenAI: with include_usage every chunk carries `usage: null`, the last one (no choices) the usage
+        self.null_usage = {"usage": None} if job.include_usage else {}
+        # return_token_ids: the prompt's ids come once, first (chat: top level; completions: in each choice)
+        completion_ids = job.return_token_ids and job.kind == "completion"
+        self.prompt_ids_due = set(range(self.total)) if completion_ids else set()
+        # echo + logprobs, as vLLM streams it: a choice's first chunk carries the prompt and its
+        # logprobs (they come with the first token)
+        self.echo_due = set(range(self.total)) if job.echo_tokens else set()
+
+    def chunk(self, choices: list[dict], **extra) -> str:
+        job = self.job
+        return sse({"id": job.rid, "object": self.object, "created": self.created, "model": job.model,
+                    "choices": choices, **self.null_usage, **extra})  # fmt: skip
+
+    def opening(self) -> list[str]:
+        """What comes before any token: chat's assistant role; a completion's echoed prompts (with
+        logprobs each choice's first chunk echoes instead, see on_output)."""
+        job, total = self.job, self.total
+        if job.kind == "chat":
+            first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(total)]  # fmt: skip
+            return [
+                self.chunk(first, **({"prompt_token_ids": job.prompts[0]} if job.return_token_ids else {}))
+            ]
+        if not job.echo_texts or job.echo_tokens:
+            return []
         choices = [{"index": i, "text": job.echo_texts[i // job.n], "logprobs": None, "finish_reason": None}
                    for i in range(total)]  # fmt: skip
         if job.return_token_ids:
             for c in choices:
                 c["prompt_token_ids"], c["token_ids"] = job.prompts[c["index"] // job.n], []
-            prompt_ids_due.clear()
-        yield chunk(choices)
-    try:
-        async for i, out in replay_head(head, outputs):
-            delta = ChoiceAcc()
-            delta.add(out)
-            pos = len(accs[i].text) + (len(job.echo_texts[i // job.n]) if job.echo_texts else 0)
-            accs[i].add(out)
-            if out.finished and out.error and not accs[i].output_ids:
-                yield sse(engine_error(out.error).body())
-                continue
-            if out.output_ids or out.finished:  # also when the text is held back: clients see token timing
-                body = delta_body(job, i, delta, out, pos, streamers[i])
-                if job.echo_tokens and i in echo_due:
-                    echo_due.discard(i)
-                    echoed_first_chunk(job, i, body, delta, accs[i])
-                if i in prompt_ids_due:
-                    prompt_ids_due.discard(i)
-                    body["prompt_token_ids"] = job.prompts[i // job.n]
-                yield chunk([body])
-        if job.include_usage:
-            yield chunk([], usage=job.usage(accs))
-    except Exception as e:  # noqa: BLE001 - a bug: the client still gets an error event, then [DONE]
-        yield stream_crash(e)
-    yield sse("[DONE]")
+            self.prompt_ids_due.clear()
+        return [self.chunk(choices)]
+
+    def on_output(self, i: int, out: StrOut) -> str | None:
+        """Choice i's next output as a chunk (an error event if it failed before any token)."""
+        job, acc = self.job, self.accs[i]
+        delta = ChoiceAcc()
+        delta.add(out)
+        pos = len(acc.text) + (len(job.echo_texts[i // job.n]) if job.echo_texts else 0)
+        acc.add(out)
+        if out.finished and out.error and not acc.output_ids:
+            return sse(engine_error(out.error).body())
+        if not (out.output_ids or out.finished):
+            return None
+        # NOTE: a chunk also when the text is held back: clients see the token timing
+        body = delta_body(job, i, delta, out, pos, self.streamers[i])
+        if i in self.echo_due:
+            self.echo_due.discard(i)
+            echoed_first_chunk(job, i, body, delta, acc)
+        if i in self.prompt_ids_due:
+            self.prompt_ids_due.discard(i)
+            body["prompt_token_ids"] = job.prompts[i // job.n]
+        return self.chunk([body])
 
 
 def echoed_first_chunk(job: Job, i: int, body: dict, delta: ChoiceAcc, acc: ChoiceAcc) -> None:
