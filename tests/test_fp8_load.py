@@ -217,3 +217,18 @@ def test_a_slice_that_cuts_blocks_is_refused(index, shape, ok):
         return
     with pytest.raises(ValueError, match=r"t: (rows|columns) \[\d+, \d+\) of \d+ cut its \[16, 16\] blocks"):
         fp8.block_index(index, shape, (BLOCK, BLOCK), "t")
+
+
+def test_v3_at_tp8_fits_an_h200_by_bytes():
+    """The plan counts FP8 weights as kept (1 byte a value + float32 scales per 128x128 block):
+    DeepSeek-V3 at --tp 8 holds ~79 GiB per rank, leaving an H200 (139.8 GiB at
+    --mem-fraction-static 0.85) ~38 GiB of KV; the same weights in bfloat16 would not fit."""
+    from disagg.common.bench.load_memory import plan_weights
+    from disagg.common.parallel.state import get_parallel
+
+    weights, _ = plan_weights("DeepSeek-V3", "{}", 8, 1)
+    assert get_parallel().tp_size == 1  # restored
+    gib = 2**30
+    assert 77 * gib < weights["float8_e4m3fn"] < 80 * gib
+    assert sum(weights.values()) < 0.85 * 139.8 * gib - 30 * gib
+    assert 2 * weights["float8_e4m3fn"] > 0.85 * 139.8 * gib

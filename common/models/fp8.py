@@ -205,13 +205,13 @@ def _deferring(init, device):
 
 
 @contextmanager
-def deferred_fp8_weights(config, device: torch.device):
-    """Build the model inside this: where the weights stay FP8 (fp8_gemm_backend), every TP linear's
-    and MoE expert stack's parameters are created unallocated (no 16/32-bit copy of them ever
-    exists); load_weights gives the FP8 ones their block layout and the others their dense bytes.
-    A no-op elsewhere. NOTE: patches those classes' __init__ while inside (model building is
-    single-threaded) and restores them on exit."""
-    if fp8_block_size(config) is None or fp8_gemm_backend(device) is None:
+def deferred_fp8_weights(config, device: torch.device, backend: str | None = None):
+    """Build the model inside this: where the weights stay FP8 (`backend`, default fp8_gemm_backend),
+    every TP linear's and MoE expert stack's parameters are created unallocated (no 16/32-bit copy
+    of them ever exists); load_weights gives the FP8 ones their block layout and the others their
+    dense bytes. A no-op elsewhere. NOTE: patches those classes' __init__ while inside (model
+    building is single-threaded) and restores them on exit."""
+    if fp8_block_size(config) is None or (backend or fp8_gemm_backend(device)) is None:
         yield
         return
     from disagg.common.models.layers import ColumnParallelLinear, RowParallelLinear
