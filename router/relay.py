@@ -29,10 +29,7 @@ logger = logging.getLogger("disagg.router")
 async def relay_stream(proxy: Proxy, call: Call, leg: Leg, others: tuple[Leg, ...], on_done):
     """Pass the worker's events through; a break, a stall or a missing `[DONE]` continues the
     stream elsewhere or ends it with an error event. A client disconnect aborts every leg."""
-    if call.movable is not None:
-        state = OpenAIStreamState(call.path, call.movable)
-    else:
-        state = StreamState(native=call.path == "/generate")
+    state = stream_state(call)
     legs, status, outcome = (leg, *others), leg.response.status, None
     tried: set[Worker] = set()
     try:
@@ -48,33 +45,48 @@ async def relay_stream(proxy: Proxy, call: Call, leg: Leg, others: tuple[Leg, ..
             if got is None:
                 outcome = "ok"
                 break
-            code, message = got
-            logger.warning("request %s: %s", call.request_id, message)
-            tried.add(leg.worker)
-            proxy.worker_failed(leg.worker)
-            proxy.spawn(proxy.abort_legs(legs, call.headers))
-            if state.finished:  # the answer was whole; only `[DONE]` went missing
-                yield DONE
-                outcome = "ok"
+            moved = await after_break(proxy, call, state, legs, tried, got)
+            if isinstance(moved, bytes):  # the stream's last event
+                yield moved
+                outcome, status = ("ok", status) if moved == DONE else ("error", failure_status(got[0]))
                 break
-            moved = await migrate(proxy, call, state, tried)
-            if isinstance(moved, tuple) and isinstance(moved[0], Leg):
-                leg, others = moved
-                state.tail = b""  # the broken worker's half event is dropped, not glued to the next
-                legs, chunk = (leg, *others), leg.first_chunk
-                continue
-            if moved:  # the stream's own failure types the error; the continuation's is told too
-                message = f"{message}; continuing on another worker failed: {moved[1]}"
-            metrics.labelled(metrics.STREAM_ERRORS, code).inc()
-            yield error_event(message, code)
-            outcome, status = "error", failure_status(code)
-            break
+            leg, others = moved
+            legs, chunk = (leg, *others), leg.first_chunk
     finally:
         if outcome == "ok":
             proxy.spawn(close_leg(leg))
         elif outcome is None:  # the client went away: abort everything still running
             proxy.spawn(proxy.abort_legs(legs, call.headers))
         on_done(status if outcome else 499)
+
+
+def stream_state(call: Call) -> StreamState:
+    """What the relay tracks of the stream, to tell a whole answer and to continue it elsewhere."""
+    if call.movable is not None:
+        return OpenAIStreamState(call.path, call.movable)
+    return StreamState(native=call.path == "/generate")
+
+
+async def after_break(proxy: Proxy, call: Call, state: StreamState, legs: tuple[Leg, ...], tried: set[Worker],
+                      failure: tuple[str, str]) -> tuple[Leg, tuple[Leg, ...]] | bytes:  # fmt: skip
+    """legs[0]'s worker broke the stream with `failure` (code, message): counted against it, every
+    leg aborted. Then the legs the stream continues on, or its last event: `[DONE]` when the answer
+    was whole (only `[DONE]` went missing), else an error event."""
+    code, message = failure
+    logger.warning("request %s: %s", call.request_id, message)
+    tried.add(legs[0].worker)
+    proxy.worker_failed(legs[0].worker)
+    proxy.spawn(proxy.abort_legs(legs, call.headers))
+    if state.finished:
+        return DONE
+    moved = await migrate(proxy, call, state, tried)
+    if isinstance(moved, tuple) and isinstance(moved[0], Leg):
+        state.tail = b""  # the broken worker's half event is dropped, not glued to the next
+        return moved
+    if moved:  # the stream's own failure types the error; the continuation's is told too
+        message = f"{message}; continuing on another worker failed: {moved[1]}"
+    metrics.labelled(metrics.STREAM_ERRORS, code).inc()
+    return error_event(message, code)
 
 
 async def next_chunk(config: RouterConfig, leg: Leg, state: StreamState) -> bytes | tuple[str, str] | None:
