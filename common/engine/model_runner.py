@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from disagg.common.config import EngineConfig, cpu_threads
 from disagg.common.engine.attention import ForwardBatch, create_attention_backend
+from disagg.common.engine.kernel_prebuild import kernel_needs, start_prebuild
 from disagg.common.engine.kv_pool import KVPagePool, size_pool_pages
 from disagg.common.engine.request import Req, prompt_logprob_rows
 from disagg.common.engine.sampling import to_device
@@ -117,6 +118,11 @@ class ModelRunner:
             config.init_expert_location or config.eplb_rebalance_num_iterations or config.enable_eplb
         )
         self._check_model()
+        if self.device.type == "cuda":  # FlashInfer's missing kernels build while the weights load
+            capability = torch.cuda.get_device_capability(self.device)
+            needs = kernel_needs(self.hf_config, self.dtype, config.attention_backend, capability,
+                                 get_parallel().attn_tp_size)  # fmt: skip
+            start_prebuild(needs)
         # what a PD peer compares before any page crosses (same config and weights)
         self.fingerprint = model_fingerprint(
             self.model_path, config.load_format, config.random_seed, self.hf_config
