@@ -76,26 +76,27 @@ def weight_bytes(model: torch.nn.Module) -> dict[str, int]:
     return dict(out)
 
 
-def measure_load(args) -> dict:
-    """Build the ModelRunner (model, then a tiny pool) and record the peaks of its model load."""
+def measure_load(
+    model_path: str, load_format: str = "auto", device: str = "auto", overrides: str = "{}"
+) -> dict:
+    """Build a ModelRunner (the model, then a tiny pool) and record the peaks of its model load
+    above what the process held before it: host RSS and anonymous RSS, CUDA allocated."""
     from disagg.common.config import EngineConfig
     from disagg.common.engine.model_runner import ModelRunner
 
-    config = EngineConfig(model_path=args.model_path, load_format=args.load_format, device=args.device,
-                          max_total_tokens=64, disable_cuda_graph=True,
-                          json_model_override_args=args.json_model_override_args)  # fmt: skip
+    # torch attention: no FlashInfer kernels to build for the warm-up forwards (only the load is measured)
+    config = EngineConfig(model_path=model_path, load_format=load_format, device=device, max_total_tokens=64,
+                          disable_cuda_graph=True, attention_backend="torch", json_model_override_args=overrides)  # fmt: skip
     result: dict = {}
     load = ModelRunner._load_model
 
     def measured(self):
         cuda = self.device.type == "cuda"
+        cuda0 = torch.cuda.memory_allocated(self.device) if cuda else 0
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        rss0, anon0, max0 = (
-            _status_kib("VmRSS"),
-            _status_kib("RssAnon"),
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-        )
+        rss0, anon0 = _status_kib("VmRSS"), _status_kib("RssAnon")
+        max0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
         with PeakSampler() as sampler:
             model = load(self)
@@ -104,12 +105,14 @@ def measure_load(args) -> dict:
         peak_rss = max1 if max1 > max0 else max(rss0, _status_kib("VmRSS"))
         result.update(seconds=time.perf_counter() - t0, weights=weight_bytes(model),
                       rss=(peak_rss - rss0) * 1024, anon=(sampler.peak_anon - anon0) * 1024,
-                      cuda=torch.cuda.max_memory_allocated(self.device) if cuda else None)  # fmt: skip
+                      cuda=torch.cuda.max_memory_allocated(self.device) - cuda0 if cuda else None)  # fmt: skip
         return model
 
     ModelRunner._load_model = measured
-    runner = ModelRunner(config)
-    result["device"] = str(runner.device)
+    try:
+        result["device"] = str(ModelRunner(config).device)
+    finally:
+        ModelRunner._load_model = load
     return result
 
 
@@ -274,7 +277,8 @@ def main() -> None:
     if args.save_checkpoint:
         return make_checkpoint(Path(args.save_checkpoint), args.layers, args.experts)
     if args.child:
-        print(json.dumps(measure_load(args)))
+        result = measure_load(args.model_path, args.load_format, args.device, args.json_model_override_args)
+        print(json.dumps(result))
         return
     with tempfile.TemporaryDirectory(prefix="load_memory.") as tmp:
         if args.model_path is None:
@@ -286,7 +290,7 @@ def main() -> None:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         result = json.loads(out.strip().splitlines()[-1])
     print("| load | device | weights kept, MiB by dtype | ideal (kept), MiB | peak RSS over start, MiB "
-          "| peak anon RSS, MiB | peak CUDA allocated, MiB | s |")  # fmt: skip
+          "| peak anon RSS, MiB | peak CUDA allocated over start, MiB | s |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print_load(result, f"DISAGG_FP8_GEMM={os.environ.get('DISAGG_FP8_GEMM', 'auto')}")
 
