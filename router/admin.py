@@ -68,48 +68,54 @@ async def json_object(request: Request, required: bool = True) -> dict:
 
 
 def add_admin_routes(app, state) -> None:
-    async def list_workers(request: Request) -> Response:
-        if (denied := admin_denied(request, state, "worker management")) is not None:
-            return denied
-        return JSONResponse({"workers": [w.to_json() for w in state.registry.all()]})
+    """The worker-management routes, the admin's only (both spellings: ours and SGLang's)."""
+    routes = [("/workers", list_workers, "GET"), ("/workers", add_worker, "POST"),
+              ("/workers", remove_worker, "DELETE"), ("/add_worker", add_worker, "POST"),
+              ("/remove_worker", remove_worker, "POST"), ("/list_workers", list_urls, "GET")]  # fmt: skip
+    for path, handler, method in routes:
+        app.add_route(path, admin_only(handler, state), methods=[method])
 
-    async def add_worker(request: Request) -> Response:
+
+def admin_only(handler, state):
+    """`handler(request, state)` as a route that answers a caller without the admin key 401/403."""
+
+    async def route(request: Request) -> Response:
         if (denied := admin_denied(request, state, "worker management")) is not None:
             return denied
+        return await handler(request, state)
+
+    return route
+
+
+async def list_workers(request: Request, state) -> Response:
+    return JSONResponse({"workers": [w.to_json() for w in state.registry.all()]})
+
+
+async def list_urls(request: Request, state) -> Response:
+    return JSONResponse({"urls": [w.url for w in state.registry.all()]})
+
+
+async def add_worker(request: Request, state) -> Response:
+    try:
+        spec = await _worker_spec(request, state)
+        worker = await state.add_worker(spec["url"], spec["role"], spec["bootstrap_port"])
+    except BadBody as exc:
+        return exc.response()
+    except (ValueError, KeyError) as exc:
+        return error_response(400, str(exc).strip("'\""), "invalid_request_error", param="url")
+    return JSONResponse(worker.to_json(), status_code=201)
+
+
+async def remove_worker(request: Request, state) -> Response:
+    url = request.query_params.get("url")
+    if url is None:
         try:
-            spec = await _worker_spec(request, state)
-            worker = await state.add_worker(spec["url"], spec["role"], spec["bootstrap_port"])
+            url = (await json_object(request, required=False)).get("url")
         except BadBody as exc:
             return exc.response()
-        except (ValueError, KeyError) as exc:
-            return error_response(400, str(exc).strip("'\""), "invalid_request_error", param="url")
-        return JSONResponse(worker.to_json(), status_code=201)
-
-    async def remove_worker(request: Request) -> Response:
-        if (denied := admin_denied(request, state, "worker management")) is not None:
-            return denied
-        url = request.query_params.get("url")
-        if url is None:
-            try:
-                url = (await json_object(request, required=False)).get("url")
-            except BadBody as exc:
-                return exc.response()
-        if not isinstance(url, str) or not url or state.registry.get(url) is None:
-            return error_response(404, f"no worker {url!r}", "not_found_error", param="url")
-        worker = state.registry.remove(url)
-        return JSONResponse(worker.to_json())
-
-    async def list_urls(request: Request) -> Response:
-        if (denied := admin_denied(request, state, "worker management")) is not None:
-            return denied
-        return JSONResponse({"urls": [w.url for w in state.registry.all()]})
-
-    app.add_route("/workers", list_workers, methods=["GET"])
-    app.add_route("/workers", add_worker, methods=["POST"])
-    app.add_route("/workers", remove_worker, methods=["DELETE"])
-    app.add_route("/add_worker", add_worker, methods=["POST"])
-    app.add_route("/remove_worker", remove_worker, methods=["POST"])
-    app.add_route("/list_workers", list_urls, methods=["GET"])
+    if not isinstance(url, str) or not url or state.registry.get(url) is None:
+        return error_response(404, f"no worker {url!r}", "not_found_error", param="url")
+    return JSONResponse(state.registry.remove(url).to_json())
 
 
 async def _worker_spec(request: Request, state) -> dict:

@@ -260,13 +260,8 @@ def launch(engine: EngineConfig, server: ServerConfig, scheduler_target: Callabl
         logger.info("server stopped")
 
 
-def run_role(role: str, argv: list[str] | None = None, scheduler_cls=None, worker_hook=None,
-             replica_services=None) -> None:  # fmt: skip
-    """Parse the flags of `role` and serve until stopped: the colocated server ("server") or a PD
-    server ("prefill"/"decode"), whose `scheduler_cls(config, disagg=...)` runs on rank 0 and
-    `worker_hook(disagg, engine, runner)` on the other ranks (the KV transfer of each rank).
-    `replica_services(disagg)`: with --dp-size replicas, what their controller runs for all of them
-    (data_parallel.DataParallelController: the prefill's bootstrap server)."""
+def role_parser(role: str) -> argparse.ArgumentParser:
+    """The flags of `role`: the engine's and the server's; a PD role's also the disaggregation's."""
     pd = role in PD_ROLES
     parser = argparse.ArgumentParser(prog=f"launch_{role}", description=__doc__.split("\n\n")[0]
                                      if not pd else f"The {role} server of a PD deployment")  # fmt: skip
@@ -278,7 +273,18 @@ def run_role(role: str, argv: list[str] | None = None, scheduler_cls=None, worke
     else:
         parser.add_argument("--disaggregation-mode", choices=["null", *PD_ROLES], default="null",
                             help="prefill / decode: run as a PD server (same as launch_prefill / launch_decode)")  # fmt: skip
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_role(role: str, argv: list[str] | None = None, scheduler_cls=None, worker_hook=None,
+             replica_services=None) -> None:  # fmt: skip
+    """Parse the flags of `role` and serve until stopped: the colocated server ("server") or a PD
+    server ("prefill"/"decode"), whose `scheduler_cls(config, disagg=...)` runs on rank 0 and
+    `worker_hook(disagg, engine, runner)` on the other ranks (the KV transfer of each rank).
+    `replica_services(disagg)`: with --dp-size replicas, what their controller runs for all of them
+    (data_parallel.DataParallelController: the prefill's bootstrap server)."""
+    pd = role in PD_ROLES
+    args = role_parser(role).parse_args(argv)
     log_name = "http" if not pd else f"{role}-http"
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format=f"%(asctime)s [{log_name}] %(levelname)s %(name)s: %(message)s")  # fmt: skip
