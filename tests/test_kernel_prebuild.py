@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -192,3 +193,36 @@ def test_module_names_are_those_flashinfer_builds_on_an_h200(tmp_path, fake_ninj
     assert sorted(out["built"]) == sorted(H200_8B)
     assert len(out["folders"]) == 5 and all(Path(f).is_relative_to(ops) for f in out["folders"])
     assert sorted(out["ran_in"]) == sorted(out["folders"])
+
+
+# FlashInfer's rules: compiles with gcc-style depfiles kept in ninja's deps log, then a link
+GCC_NINJA = """ninja_required_version = 1.3
+rule compile
+  command = gcc -MMD -MF $out.d -fPIC -c $in -o $out
+  depfile = $out.d
+  deps = gcc
+rule link
+  command = gcc -shared $in -o $out
+build {d}/a.o: compile {d}/a.c
+build {d}/b.o: compile {d}/b.c
+build {d}/mod.so: link {d}/a.o {d}/b.o
+default {d}/mod.so
+"""
+
+
+@pytest.mark.skipif(not (shutil.which("ninja") and shutil.which("gcc")), reason="needs ninja and gcc")
+def test_a_module_built_ahead_is_up_to_date_for_its_own_ninja(tmp_path, caplog):
+    """What FlashInfer's first use runs next (`ninja -C build_dir -f build.ninja`, JitSpec.build)
+    has nothing left to do: the build's logs are in the module's folder."""
+    d = tmp_path / "cached_ops" / "norm"
+    d.mkdir(parents=True)
+    (d / "a.h").write_text("#define A 1\n")
+    (d / "a.c").write_text('#include "a.h"\nint a(void) { return A; }\n')
+    (d / "b.c").write_text("int b(void) { return 2; }\n")
+    (d / "build.ninja").write_text(GCC_NINJA.format(d=d))
+    module = NinjaModule("norm", d, d / "build.ninja", 3)
+    assert build_modules([module]).built == ["norm"] and (d / "mod.so").exists()
+    dry = subprocess.run(["ninja", "-C", str(d), "-f", str(d / "build.ninja"), "-n", "-d", "explain"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert "no work to do" in dry.stdout, dry.stdout + dry.stderr
+    assert build_modules([NinjaModule("norm", d, d / "build.ninja", 3)]).cached == ["norm"]
