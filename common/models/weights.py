@@ -203,8 +203,8 @@ def take_fp8_layout(model: torch.nn.Module, block: tuple[int, int], backend: str
 
 
 def allocate_deferred(model: torch.nn.Module) -> None:
-    """Dense memory for the weights fp8.deferred_fp8_weights left unallocated that do not keep FP8
-    (MLA's kv_b_proj, biases; every one where FP8 is not kept)."""
+    """Dense memory for the weights fp8.deferred_fp8_weights left unallocated that take no FP8
+    layout (MLA's kv_b_proj, biases)."""
     for name, p in list(model.named_parameters()):
         if is_unallocated(p):
             module, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
