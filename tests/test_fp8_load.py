@@ -176,6 +176,23 @@ def test_kept_fp8_is_the_checkpoints_bytes_with_no_dense_copy(fp8_checkpoint, mo
     assert out["output_ids"] == hf_greedy(ref, PROMPTS[0], 4)
 
 
+@pytest.mark.slow
+def test_kept_fp8_at_tp2_takes_each_ranks_blocks(fp8_checkpoint, monkeypatch):
+    """--tp 2 keeping FP8: each rank copies its rows of q_b_proj and the expert gate/up stacks and its
+    columns of o_proj and the expert down stacks, with the matching scale blocks: the first greedy
+    tokens of transformers on the dequantized checkpoint."""
+    from disagg.common.engine.offline import Engine
+
+    path, ref = fp8_checkpoint
+    monkeypatch.setenv("DISAGG_FP8_GEMM", "torch")
+    engine = Engine(model_path=path, page_size=4, max_total_tokens=256, tp=2)
+    try:
+        outs = engine.generate(PROMPTS, dict(PARAMS, max_new_tokens=4))
+    finally:
+        engine.shutdown()
+    assert [o["output_ids"] for o in outs] == [hf_greedy(ref, p, 4) for p in PROMPTS]
+
+
 def test_dummy_fp8_draws_fp8_directly(monkeypatch):
     """--load-format dummy on the FP8 V3 preset (shrunk): FP8 experts and linears drawn in FP8, one
     expert matrix at a time at most in float32 (no op returns a 16/32-bit storage as large as one
