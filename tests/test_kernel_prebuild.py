@@ -24,17 +24,18 @@ from disagg.common.models.weights import load_config
 # A ninja stand-in: `-C dir`; a folder holding `.done` has no work, otherwise it prints one status
 # line per step (as ninja does with NINJA_STATUS set and no terminal), then marks the folder done.
 # STEPS in the folder: how many steps; FAIL: print an error and exit 1. `seen`: how many modules'
-# ninjas had started when this one ended.
+# ninjas had started when this one ended; `calls`: one line per run, built or nothing.
 FAKE_NINJA = """#!/bin/sh
 while [ $# -gt 0 ]; do [ "$1" = -C ] && dir=$2; shift; done
 cd "$dir" || exit 2
-if [ -e .done ]; then echo "ninja: no work to do."; exit 0; fi
+if [ -e .done ]; then echo "ninja: no work to do."; echo nothing >> calls; exit 0; fi
 if [ -e FAIL ]; then echo "[prebuild 1/2] nvcc -c x.cu"; echo "x.cu(3): error: boom"; exit 1; fi
 touch started
 n=$(cat STEPS)
 i=1; while [ $i -le $n ]; do sleep 0.3; echo "[prebuild $i/$n] nvcc -c step$i.cu"; i=$((i+1)); done
 ls ../*/started | wc -l > seen
 touch .done
+echo built >> calls
 """
 
 
@@ -145,23 +146,30 @@ H200_V3 = {
 }
 
 # NOTE: in a child process: FlashInfer fixes its target GPU and cache folder at import, here an
-# sm_90a target (no GPU needed to list modules) and a cache under the test's tmp folder
+# sm_90a target (no GPU needed to list modules) and a cache under the test's tmp folder. The 8B's
+# modules are then built ahead (start_prebuild, the fake ninja first on PATH) while the main thread
+# builds norm as FlashInfer's first use does (JitSpec.build under the module's lock, as in
+# build_and_load), once the prebuild's ninja for it has started.
 LIST_MODULES = textwrap.dedent(
     """
-    import json, sys, torch
-    from disagg.common.engine.kernel_prebuild import build_modules, flashinfer_specs, kernel_needs, ninja_module
+    import json, threading, time, torch
+    from filelock import FileLock
+    from disagg.common.engine.kernel_prebuild import flashinfer_specs, kernel_needs, start_prebuild
     from disagg.common.models.weights import load_config
     from transformers import LlamaConfig
 
     head64 = LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
     configs = {"8b": load_config("Llama-3.1-8B"), "head64": head64, "v3": load_config("DeepSeek-V3")}
-    specs = {k: flashinfer_specs(kernel_needs(c, torch.bfloat16, "auto", (9, 0))) for k, c in configs.items()}
-    out = {k: [s.name for s in v] for k, v in specs.items()}
-    modules = [ninja_module(s) for s in specs["8b"]]
-    result = build_modules(modules, ninja=sys.argv[1])
-    out["built"] = result.built
-    out["folders"] = [str(m.build_dir) for m in modules if (m.build_dir / "build.ninja").exists()]
-    out["ran_in"] = [str(m.build_dir) for m in modules if (m.build_dir / ".done").exists()]
+    needs = {k: kernel_needs(c, torch.bfloat16, "auto", (9, 0)) for k, c in configs.items()}
+    out = {k: [s.name for s in flashinfer_specs(n)] for k, n in needs.items()}
+    thread = start_prebuild(needs["8b"])
+    norm = flashinfer_specs(needs["8b"])[0]
+    while not (norm.build_dir / "started").exists():
+        time.sleep(0.01)
+    with FileLock(norm.lock_path, thread_local=False):
+        norm.build()
+    thread.join()
+    out["calls"] = {p.parent.name: p.read_text().split() for p in norm.build_dir.parent.glob("*/calls")}
     print(json.dumps(out))
     """
 )
@@ -169,19 +177,16 @@ LIST_MODULES = textwrap.dedent(
 
 @pytest.mark.skipif(importlib.util.find_spec("flashinfer") is None, reason="needs flashinfer-python")
 def test_module_names_are_those_flashinfer_builds_on_an_h200(tmp_path, fake_ninja):
-    env = dict(os.environ, FLASHINFER_CUDA_ARCH_LIST="9.0a", FLASHINFER_WORKSPACE_BASE=str(tmp_path))
-    ops = tmp_path / ".cache" / "flashinfer"
-    wrapper = tmp_path / "ninja-steps"  # every module folder: 1 step
-    wrapper.write_text(
-        f'#!/bin/sh\nfor a; do [ "$p" = -C ] && echo 1 > "$a/STEPS"; p=$a; done\nexec {fake_ninja} "$@"\n'
+    bin_dir = tmp_path / "bin"  # `ninja` on PATH: the fake, 2 steps in every module folder
+    bin_dir.mkdir()
+    (bin_dir / "ninja").write_text(
+        f'#!/bin/sh\nfor a; do [ "$p" = -C ] && echo 2 > "$a/STEPS"; p=$a; done\nexec {fake_ninja} "$@"\n'
     )
-    wrapper.chmod(0o755)
+    (bin_dir / "ninja").chmod(0o755)
+    env = dict(os.environ, FLASHINFER_CUDA_ARCH_LIST="9.0a", FLASHINFER_WORKSPACE_BASE=str(tmp_path),
+               PATH=f"{bin_dir}:{os.environ['PATH']}")  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, "-c", LIST_MODULES, str(wrapper)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, "-c", LIST_MODULES], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -189,10 +194,10 @@ def test_module_names_are_those_flashinfer_builds_on_an_h200(tmp_path, fake_ninj
     assert set(out["head64"]) == H200_HEAD_DIM_64
     assert set(out["v3"]) == H200_V3
     assert out["8b"][:3] == ["norm", "silu_and_mul", "rope"]  # first used first: the fused-kernel check
-    # FlashInfer's own folders got their ninja files, and each ninja ran in its module's folder
-    assert sorted(out["built"]) == sorted(H200_8B)
-    assert len(out["folders"]) == 5 and all(Path(f).is_relative_to(ops) for f in out["folders"])
-    assert sorted(out["ran_in"]) == sorted(out["folders"])
+    # each module built once, in FlashInfer's own folder; FlashInfer's norm build waited for it
+    # and then had nothing to do
+    assert out["calls"] == {name: ["built"] for name in H200_8B} | {"norm": ["built", "nothing"]}
+    assert all(p.parent.parent.name == "cached_ops" for p in tmp_path.glob(".cache/flashinfer/**/calls"))
 
 
 # FlashInfer's rules: compiles with gcc-style depfiles kept in ninja's deps log, then a link
