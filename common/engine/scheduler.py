@@ -318,6 +318,18 @@ class Scheduler:
         """Whether this step's wait for the device also takes transfer results (tp 1: the waker)."""
         return self._early_sink is not None and self.wake_fd is not None and self._takes_results_early()
 
+    def _post_transfer_ops(self) -> None:
+        """tp 1: the chunk sends this step queued reach the transfer engine now, before its sampling
+        is queued (each send's CUDA event orders its copy after this forward only), not at
+        finish_step; their results are handled at finish_step as before (or at once where the role
+        takes them early)."""
+        if self.wake_fd is None or not self.transfer.ops:  # wake_fd: a TransferCoordinator of tp 1
+            return
+        if self._watches_transfers():
+            self._take_results_early()
+        else:
+            self._posted_results += self.transfer.flush()
+
     def _wait_watching(self, done: Callable[[], bool], done_fd: int | None) -> None:
         # NOTE: the operations this step queued (a decode's room requests) go out now, not after it
         self._take_results_early()
@@ -461,6 +473,7 @@ class Scheduler:
             req.num_computed_tokens += n
             if req.num_computed_tokens < req.seq_len or req.status == ReqStatus.PREFILLING:
                 self._on_chunk_computed(req)
+        self._post_transfer_ops()
         step = _Launched(scheduled, {req: i for i, req in enumerate(sampled)})
         if sampled:
             num_pending = [int(req in pending) for req in sampled]
@@ -489,11 +502,6 @@ class Scheduler:
         if step.event is not None:
             if self._watches_transfers():
                 self._wait_watching(step.event.query, None)
-            elif self.wake_fd is not None and self.transfer.ops:  # tp 1: TransferCoordinator
-                # the step's chunk sends (each ordered after its forward on the device by an event)
-                # reach the transfer engine now, not after the sampling is waited for; their results
-                # are handled at finish_step as before
-                self._posted_results += self.transfer.flush()
             step.event.synchronize()
         result = step.host.result() if step.host is not None else None
         now = time.monotonic()
