@@ -176,3 +176,16 @@ def assert_pool_clean(scheduler) -> None:
     assert scheduler.pool.num_free_pages + scheduler.cache.num_cached_pages == scheduler.pool.num_pages
     scheduler.cache.reset()
     assert scheduler.pool.num_free_pages == scheduler.pool.num_pages
+
+
+def assert_logprobs_close(a: list[dict], b: list[dict]) -> None:
+    """vLLM's check_logprobs_close on two Engine.generate results (top_logprobs_num >= 5): up to
+    the first difference the tokens are equal; at it each side's token is in the other's top 5
+    (two bf16 computations of random-weight logits may flip a near tie, not pick a wrong token)."""
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        xs, ys = x["output_ids"], y["output_ids"]
+        k = next((j for j, (s, t) in enumerate(zip(xs, ys, strict=True)) if s != t), None)
+        if k is None:
+            continue
+        assert xs[k] in {t for t, _ in y["meta_info"]["output_top_logprobs"][k]}, (i, k)
+        assert ys[k] in {t for t, _ in x["meta_info"]["output_top_logprobs"][k]}, (i, k)

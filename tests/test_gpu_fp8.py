@@ -10,6 +10,8 @@ import json
 import pytest
 import torch
 
+from tests.conftest import assert_logprobs_close
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
@@ -87,7 +89,7 @@ def test_dummy_fp8_deepseek_runs_the_triton_gemms(monkeypatch):
     """The same dummy weights through the Triton kernels and through the torch math: the same
     greedy tokens (the layers hold FP8 blocks in both)."""
     pytest.importorskip("triton")
-    params = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+    params = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True, "top_logprobs_num": 5}
     prompts = [[1, 2, 3, 4, 5], list(range(100, 140))]
     outs = {}
     for mode in ("auto", "torch"):
@@ -95,6 +97,8 @@ def test_dummy_fp8_deepseek_runs_the_triton_gemms(monkeypatch):
         o_proj = engine.scheduler.runner.model.layers[1].self_attn.o_proj
         assert o_proj.weight.dtype == torch.float8_e4m3fn
         assert o_proj.fp8_backend == ("triton" if mode == "auto" else "torch")
-        outs[mode] = [o["output_ids"] for o in engine.generate(prompts, params)]
+        outs[mode] = engine.generate(prompts, params)
         engine.shutdown()
-    assert outs["auto"] == outs["torch"]
+    # NOTE: not token-equal: the kernels and torch round differently in bf16, and random weights'
+    # logits have near ties (a run on the H200 flipped one at the 5th token of 8)
+    assert_logprobs_close(outs["auto"], outs["torch"])

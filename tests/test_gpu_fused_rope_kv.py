@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import assert_logprobs_close
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 SHAPES = {"llama-8b": (32, 8, 128, False), "qwen3-30b-a3b": (32, 4, 128, True)}
@@ -127,17 +129,6 @@ def _generate(path: str, fused: bool, monkeypatch) -> list[dict]:
             engine.shutdown()
 
 
-def _assert_logprobs_close(a: list[dict], b: list[dict]) -> None:
-    """Up to the first difference the tokens are equal; at it each side's token is in the other's top 5."""
-    for i, (x, y) in enumerate(zip(a, b, strict=True)):
-        xs, ys = x["output_ids"], y["output_ids"]
-        k = next((j for j, (s, t) in enumerate(zip(xs, ys, strict=True)) if s != t), None)
-        if k is None:
-            continue
-        assert xs[k] in {t for t, _ in y["meta_info"]["output_top_logprobs"][k]}, (i, k)
-        assert ys[k] in {t for t, _ in x["meta_info"]["output_top_logprobs"][k]}, (i, k)
-
-
 @pytest.mark.parametrize("model", ["default", "tiny-qwen3"])
 def test_engine_tokens_with_fused_kernels_close_to_without(model, default_model_path, tmp_path, monkeypatch):
     """CUDA graphs for decode, prefill chunks of 16 (tiny Qwen3 at head_dim 64: FlashInfer's decode
@@ -148,4 +139,4 @@ def test_engine_tokens_with_fused_kernels_close_to_without(model, default_model_
     path = (
         default_model_path if model == "default" else make_tiny_model(tmp_path / "q3", "qwen3", head_dim=64)
     )
-    _assert_logprobs_close(_generate(path, True, monkeypatch), _generate(path, False, monkeypatch))
+    assert_logprobs_close(_generate(path, True, monkeypatch), _generate(path, False, monkeypatch))

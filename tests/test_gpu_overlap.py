@@ -82,7 +82,7 @@ def test_float32_overlap_matches_transformers_with_stops_and_aborts(default_mode
             streamed[out.rid] += out.new_token_ids
         if len(streamed["r5"]) == 4 and not reqs[5].is_finished:
             sched.abort_request("r5")
-    for i, (req, ref) in enumerate(zip(reqs[:5], refs, strict=True)):
+    for i, (req, ref) in enumerate(zip(reqs[:5], refs[:5], strict=True)):
         stop_at = ref.index(ref[i + 3]) + 1  # its stop token ends it (and is its last token)
         assert streamed[req.rid] == req.output_ids == ref[:stop_at], req.rid
         assert req.finish_reason == "stop"
