@@ -123,6 +123,17 @@ def cuda_visible_devices_for_children(devices: list[str] | None):
             os.environ["CUDA_VISIBLE_DEVICES"] = saved
 
 
+def flashinfer_jit_disabled() -> bool:
+    """FLASHINFER_DISABLE_JIT (FlashInfer's own): no kernel builds, only shipped ones (kernel_prebuild)."""
+    return bool(os.environ.get("FLASHINFER_DISABLE_JIT"))
+
+
+def build_jobs() -> int | None:
+    """MAX_JOBS (FlashInfer's and torch's extension builds' knob), else None: the cores."""
+    value = os.environ.get("MAX_JOBS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def fp8_gemm_mode() -> str:
     """DISAGG_FP8_GEMM: auto | torch | off (common/models/fp8.py)."""
     mode = os.environ.get("DISAGG_FP8_GEMM", "auto") or "auto"

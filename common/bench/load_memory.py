@@ -32,6 +32,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from disagg.common.config import fp8_gemm_mode
 
 GIB, MIB = 2**30, 2**20
 # the checkpoint made without --model-path: DeepSeek-V3's shapes, narrower and with fewer layers
@@ -292,7 +293,7 @@ def main() -> None:
     print("| load | device | weights kept, MiB by dtype | ideal (kept), MiB | peak RSS over start, MiB "
           "| peak anon RSS, MiB | peak CUDA allocated over start, MiB | s |")  # fmt: skip
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    print_load(result, f"DISAGG_FP8_GEMM={os.environ.get('DISAGG_FP8_GEMM', 'auto')}")
+    print_load(result, f"DISAGG_FP8_GEMM={fp8_gemm_mode()}")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from disagg.common.config import fused_kernels_enabled
+from disagg.common.config import build_jobs, flashinfer_jit_disabled, fused_kernels_enabled
 from disagg.common.models.decoder import head_dim_of, kv_heads_per_rank
 from disagg.common.models.deepseek import attention_backend_for
 
@@ -88,9 +88,9 @@ def split_jobs(steps: list[int], budget: int) -> list[int]:
 
 def job_budget() -> int:
     """MAX_JOBS (FlashInfer's own knob), else the cores this process may run on."""
-    max_jobs = os.environ.get("MAX_JOBS", "")
-    if max_jobs.isdigit() and int(max_jobs) > 0:
-        return int(max_jobs)
+    max_jobs = build_jobs()
+    if max_jobs:
+        return max_jobs
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -281,7 +281,7 @@ def start_prebuild(needs: KernelNeeds) -> threading.Thread | None:
     """Build the modules `needs` lists that are not built yet, on a background thread (None
     where FlashInfer is missing, JIT is off or nothing is needed). The thread logs its progress;
     nobody waits for it: FlashInfer's first use of a module waits on the module's lock."""
-    if os.environ.get("FLASHINFER_DISABLE_JIT") or shutil.which("ninja") is None:
+    if flashinfer_jit_disabled() or shutil.which("ninja") is None:
         return None
     try:
         specs = [s for s in flashinfer_specs(needs) if not s.is_aot]  # AOT: shipped built
