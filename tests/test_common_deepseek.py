@@ -66,7 +66,8 @@ TINY = {
 }
 
 
-def make_tiny_deepseek(path, version: str, seed: int = 0) -> str:
+def make_tiny_deepseek(path, version: str, seed: int = 0, **overrides) -> str:
+    """A tiny DeepSeek V2/V3 with random weights (TINY[version] + overrides), saved at `path`."""
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
     config_cls, model_cls = {
@@ -74,7 +75,7 @@ def make_tiny_deepseek(path, version: str, seed: int = 0) -> str:
         "v3": (DeepseekV3Config, DeepseekV3ForCausalLM),
     }[version]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**TINY[version])).float()
+    model = model_cls(config_cls(**{**TINY[version], **overrides})).float()
     with torch.no_grad():  # sharper logits than the default init, and a bias that changes routing
         for name, p in model.named_parameters():
             if p.dim() > 1:

@@ -16,7 +16,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.conftest import hf_greedy
-from tests.test_common_deepseek import TINY
+from tests.test_common_deepseek import TINY, make_tiny_deepseek
 
 BLOCK = 16
 # 64 routed experts in two MoE layers: one layer's expert stack outweighs every other tensor
@@ -48,19 +48,9 @@ def _save_shards(tensors: dict[str, torch.Tensor], folder: Path, config: dict) -
 def fp8_checkpoint(tmp_path_factory) -> tuple[str, str]:
     """(the FP8 checkpoint, the same weights dequantized: transformers' reference)."""
     from safetensors.torch import load_file
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     root = tmp_path_factory.mktemp("fp8_load")
-    torch.manual_seed(0)
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**CONFIG)).float()
-    with torch.no_grad():  # sharper logits than the default init, and a bias that changes routing
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08 if "mlp.gate" not in name else 0.5)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0, 0.1)
-    model.save_pretrained(root / "src")
+    make_tiny_deepseek(root / "src", "v3", n_routed_experts=CONFIG["n_routed_experts"])
     config = json.loads((root / "src" / "config.json").read_text())
     quantized, dequantized = {}, {}
     for name, w in load_file(root / "src" / "model.safetensors").items():
