@@ -189,6 +189,11 @@ class PrefillScheduler(Scheduler):
     def _on_transfer_done(self, result: TransferResult) -> None:
         req = self.rooms.pop(result.room, None)
         self.sent_pages.pop(result.room, None)
+        if result.room in self.transfer.open_rooms:
+            # NOTE: the room failed while its last chunk went out at launch, and its first token's
+            # send (sampled before this result was handled) opened it again: nothing will ever
+            # report it (the engine ended it), so stop tracking it or it leaks
+            self.transfer.forget(result.room)
         out = self.first_outs.pop(result.room, None)
         if req is None:
             return
