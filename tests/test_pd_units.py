@@ -113,7 +113,6 @@ def test_a_finished_transfer_wakes_the_scheduler_once_per_poll():
     c.flush()
     engine.finish(6)
     assert readable(c.wake_fd, 2.0)
-    c.close()
     assert TransferCoordinator(RankTransfer(engine), 2).wake_fd is None  # tp > 1: results come by gather
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from disagg.common.engine.device_wait import drain
 from disagg.common.messages import message
 from disagg.common.models.decoder import is_mla
 from disagg.common.parallel.ranks import broadcast_plan, gather_to_rank0
@@ -192,6 +193,7 @@ class TransferWaker:
     """
 
     def __init__(self, engine: KVSender | KVReceiver):
+        # NOTE: never closed: the engine's loop thread may write until the process ends
         self.fd, self._write_fd = os.pipe()
         os.set_blocking(self.fd, False)
         os.set_blocking(self._write_fd, False)
@@ -199,14 +201,7 @@ class TransferWaker:
 
     def drain(self) -> None:
         """Empty the fd (the scheduler loop calls this when the fd woke it)."""
-        try:
-            while os.read(self.fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def close(self) -> None:
-        pass  # NOTE: the fds stay open: the engine's loop thread may still write
+        drain(self.fd)
 
 
 class TransferCoordinator:
@@ -325,10 +320,6 @@ class TransferCoordinator:
                 )
             )
         return done
-
-    def close(self) -> None:
-        if self.waker is not None:
-            self.waker.close()
 
 
 class DPRankTransfer:
