@@ -78,9 +78,14 @@ def slow_device(seconds: float, device: torch.device) -> None:
 
 @functools.cache
 def _cycles_per_second(index: int) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(10_000_000)
-    end.record()
-    end.synchronize()
-    return 10_000_000 / (start.elapsed_time(end) / 1e3)
+    # NOTE: timed after a first sleep (module load, clocks ramping up), over ~50 ms: a single 5 ms
+    # sleep timed cold read ~3x too few cycles per second (a 4 s delay slept 1.2 s on an H200)
+    with torch.cuda.device(index):
+        torch.cuda._sleep(10_000_000)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        cycles = 100_000_000
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        return cycles / (start.elapsed_time(end) / 1e3)
