@@ -18,7 +18,12 @@ from disagg.common.models.eplb import (
     save_expert_load,
 )
 from disagg.common.models.moe import SparseMoE, expert_load, set_expert_load_stats
-from disagg.common.models.moe_align import grouped_experts, max_padded_pairs, moe_align_block_size
+from disagg.common.models.moe_align import (
+    grouped_experts,
+    grouped_mm_experts,
+    max_padded_pairs,
+    moe_align_block_size,
+)
 from disagg.common.parallel.state import ParallelState, get_parallel, set_parallel
 from transformers import Qwen3MoeConfig
 
@@ -89,6 +94,9 @@ def test_routed_experts_match_reference_on_every_rank(tp, ep, rank):
     for block, trim in ((16, False), (1, True), (4, False)):
         got = grouped_experts(x, w13, w2, weights, local, block_size=block, trim=trim)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    # the prefill path on the GPU (torch's grouped GEMM over expert-sorted rows; here its CPU loop):
+    # other ranks' experts (ids outside [0, E)) left out the same way
+    torch.testing.assert_close(grouped_mm_experts(x, w13, w2, weights, local), ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def check_first_token_leaves_mid_step(pd: PDCluster, want: list[list[int]]) -> N
     running_after = [t for t, _ in running if t > first]
     # the step as the client saw it (the running request's token gaps; a GPU's sleep kernel only
     # approximates STEP_S): the slow-down must dominate it, or there is nothing to tell apart
-    gaps = sorted(b - a for (a, _), (b, _) in zip(running, running[1:]))
+    gaps = sorted(b - a for (a, _), (b, _) in zip(running[:-1], running[1:], strict=True))
     step = gaps[len(gaps) // 2]
     assert step > STEP_S / 2, running
     # the probe's first token came while the running request's step went on: its next token (the

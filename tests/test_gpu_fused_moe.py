@@ -1,6 +1,6 @@
 """The Triton fused MoE routes (softmax top-k) and lays tokens out per expert exactly as torch does,
-and gives the torch grouped path's sums (its GEMV and both grouped-GEMM paths, with other ranks'
-experts skipped), on the GPU and, where triton is installed, on the CPU under TRITON_INTERPRET=1;
+and gives the torch grouped path's sums (its GEMV and both grouped-GEMM paths, and torch's grouped
+GEMM that prefill batches take on Hopper, with other ranks' experts skipped), on the GPU and, where triton is installed, on the CPU under TRITON_INTERPRET=1;
 on the GPU it also replays inside a CUDA graph, the model layers use the fused routing, and
 redundant experts re-placed by EPLB under CUDA graphs give the tokens of the plain layout."""
 
@@ -49,6 +49,8 @@ CHECK = textwrap.dedent(
         weights = torch.rand(tokens, k, device=device)
         config = dict(moe_config(experts, inter, hidden))
         config["gemv_max_pairs"] = 1 << 30 if path == "gemv" else 0
+        # "mm": torch's grouped GEMM (the prefill path on Hopper), else the Triton kernels
+        config["grouped_mm_min_tokens"] = 0 if path == "mm" else 1 << 30
         if path == "split":  # the grouped GEMM with silu(gate) * up applied in the down kernel's loads
             config["grouped"] = {m: {**c, "SPLIT_ACT": True} for m, c in config["grouped"].items()}
         got = fused_experts(x, w13, w2, weights, ids, config)
@@ -110,8 +112,13 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
         torch.set_default_dtype(old)
     # Qwen3-30B-A3B's expert shape at decode batch 1 and 64 and a prefill chunk
     for tokens, path in ((1, "gemv"), (8, "gemv"), (64, "grouped"), (2048, "grouped"), (3, "grouped"),
-                         (64, "split"), (2048, "split")):  # fmt: skip
+                         (64, "split"), (2048, "split"), (2048, "mm"), (300, "mm")):  # fmt: skip
         check("cuda", torch.bfloat16, tokens, 8, 128, 768, 2048, path, 2e-2)
+    from disagg.common.models.fused_moe import grouped_mm_ok
+
+    assert grouped_mm_ok(torch.device("cuda", 0), torch.bfloat16) == (
+        torch.cuda.get_device_capability() >= (9, 0)
+    )
     from disagg.common.models.fused_moe import fused_experts
 
     x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)

@@ -31,6 +31,7 @@ from disagg.common.models.moe_align import (
     ExpertScales,
     dequantize_experts,
     grouped_experts,
+    grouped_mm_experts,
     moe_align_block_size,
 )
 
@@ -263,6 +264,13 @@ def compare(layers, k: int, ceil: dict, config: dict, batches: list[int]) -> lis
             graph,
         )
         row["torch_us"] = t * 1e6
+        # torch._grouped_mm (bf16, Hopper): the prefill path from grouped_mm_min_tokens on
+        row["grouped_mm_us"] = None
+        if not fp8 and tokens >= 256 and fused_moe.grouped_mm_ok(x.device, x.dtype):
+            t = time_layers(
+                lambda x, a, b, s, w=weights, i=ids: grouped_mm_experts(x, a, b, w, i), layers, x, graph=False
+            )
+            row["grouped_mm_us"] = t * 1e6
         row["align_triton_us"], row["align_torch_us"] = time_align(ids, experts)
         ref = reference(x, layers[0], weights, ids, 256 if tokens >= 256 else 16)
         w13, w2, scales = layers[0]
@@ -270,10 +278,12 @@ def compare(layers, k: int, ceil: dict, config: dict, batches: list[int]) -> lis
         # bf16 experts: bf16 rounding; FP8: also the activations' FP8 rounding (the grouped path)
         row["rel_err_bf16"] = ((got - ref).norm() / ref.norm()).item()
         rows.append(row)
-        best = min(row["gemv_us"], row["grouped_us"])
+        best = min(t for t in (row["gemv_us"], row["grouped_us"], row["grouped_mm_us"]) if t is not None)
+        mm = f"{row['grouped_mm_us']:8.1f}" if row["grouped_mm_us"] is not None else "       -"
         print(
             f"T={tokens:5} experts {touched:3}  roofline {row['roofline_us']:8.1f} us  gemv {row['gemv_us']:8.1f}  "
-            f"grouped {row['grouped_us']:8.1f}  torch {row['torch_us']:8.1f}  best {100 * roof * 1e6 / best:5.1f}% "
+            f"grouped {row['grouped_us']:8.1f}  grouped_mm {mm}  torch {row['torch_us']:8.1f}  "
+            f"best {100 * roof * 1e6 / best:5.1f}% "
             f"of roofline  rel err {row['rel_err_bf16']:.2e}  align triton {row['align_triton_us']:.0f} "
             f"torch {row['align_torch_us']:.0f} us",
             flush=True,
@@ -299,6 +309,7 @@ def main() -> None:
     layers = make_layers(args.layers, args.experts, args.hidden, args.inter, args.fp8)
     key = fused_moe.config_key(args.experts, args.inter, args.hidden, args.fp8)
     config = dict(fused_moe.moe_config(args.experts, args.inter, args.hidden, args.fp8))
+    config["grouped_mm_min_tokens"] = 1 << 30  # the sweep and the gemv/grouped columns time Triton's kernels
     log = []
     if not args.no_tune:
         config, log = tune(layers, args.top_k, ceil, config)
@@ -310,6 +321,13 @@ def main() -> None:
             break
         gemv_max = r["tokens"]
     config["gemv_max_pairs"] = gemv_max * args.top_k
+    # torch's grouped GEMM from the first batch of the run (to the last) where it beats the Triton one
+    mm_min = None
+    for r in reversed(rows):
+        if r["grouped_mm_us"] is None or r["grouped_mm_us"] >= r["grouped_us"]:
+            break
+        mm_min = r["tokens"]
+    config["grouped_mm_min_tokens"] = mm_min if mm_min is not None else 1 << 30
     config["device"] = torch.cuda.get_device_name()
     (out / "fused_moe_configs.json").write_text(json.dumps({key: config}, indent=2) + "\n")
     (out / "moe_kernels.json").write_text(json.dumps(dict(ceilings=ceil, rows=rows, sweep=log), indent=2))

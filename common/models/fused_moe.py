@@ -10,6 +10,9 @@ Two paths, chosen by the number of routed (token, slot) pairs, a static shape:
   (pair, N tile, K split) streams its expert's rows with plain FMA reductions. Split-K fills the
   chip when 8 pairs x a few N tiles would leave most multiprocessors idle; the partial sums meet
   in an fp32 buffer (atomics) and the down kernel applies silu(gate) * up as it loads them.
+- torch's grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper) from `grouped_mm_min_tokens` on,
+  bf16 experts only, outside graph captures: prefill-sized batches, where the Triton grouped GEMM
+  ran at ~20% of the matmul rate (docs/benchmarks.md); moe_kernels.py times all three and sets it.
 Block sizes per shape live in fused_moe_configs.json (tuned on an H200, as vLLM/SGLang keep theirs).
 
 FP8 experts (DeepSeek-V3's block-quantized checkpoints: float8_e4m3fn weights, one float32 scale per
@@ -32,7 +35,13 @@ import os
 from pathlib import Path
 
 import torch
-from disagg.common.models.moe_align import ExpertScales, max_padded_pairs, moe_align_block_size
+from disagg.common.models.moe_align import (
+    ExpertScales,
+    grouped_experts,
+    grouped_mm_experts,
+    max_padded_pairs,
+    moe_align_block_size,
+)
 
 try:
     import triton
@@ -46,6 +55,7 @@ _TRITON_ALIGN_MAX_PAIRS = 1 << 30  # pairs above which the torch alignment runs 
 _CONFIGS = Path(__file__).with_name("fused_moe_configs.json")
 _DEFAULT = {
     "gemv_max_pairs": 64,
+    "grouped_mm_min_tokens": 1024,
     "gemv": {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4, "num_warps": 4},
     "grouped": {
         "1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "num_warps": 4, "num_stages": 3},
@@ -127,6 +137,13 @@ def fused_experts(
     ids, weights = topk_ids.contiguous(), topk_weights.float().contiguous()
     if num_tokens * k <= config["gemv_max_pairs"]:
         return _gemv_experts(x, w13, w2, weights, ids, config["gemv"], scales)
+    if (
+        scales is None
+        and num_tokens >= config.get("grouped_mm_min_tokens", _DEFAULT["grouped_mm_min_tokens"])
+        and not torch.cuda.is_current_stream_capturing()
+        and grouped_mm_ok(x.device, x.dtype)
+    ):
+        return grouped_mm_experts(x, w13, w2, weights, ids)
     out = _grouped_experts(x, w13, w2, weights, ids, grouped_config(config, num_tokens), scales)
     return out.view(num_tokens, k, hidden).sum(dim=1).to(x.dtype)
 
@@ -154,6 +171,35 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | No
         num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]),
     )  # fmt: skip
     return out
+
+
+@functools.cache
+def grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped GEMM runs here (its CUTLASS kernels: Hopper or newer, bf16) and gives
+    grouped_experts' result on a small random layer: checked once, on a failure or a mismatch the
+    Triton grouped GEMM stays (a speed loss, never other tokens)."""
+    if not (device.type == "cuda" and dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return False
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return False
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def rand(*shape):
+            return torch.randn(*shape, device=device, generator=gen, dtype=torch.float32).to(dtype) / 8
+
+        x, w13, w2 = rand(64, 256), rand(8, 2 * 128, 256), rand(8, 256, 128)
+        ids = torch.randint(0, 10, (64, 4), device=device, generator=gen)  # 8, 9: another rank's
+        weights = torch.rand(64, 4, device=device, generator=gen)
+        got = grouped_mm_experts(x, w13, w2, weights, ids).float()
+        want = grouped_experts(x, w13, w2, weights.to(dtype), ids).float()
+        ok = bool(((got - want).norm() / want.norm()) < 1e-2)
+    except Exception:  # noqa: BLE001 - any failure: the Triton grouped GEMM, loudly
+        logger.exception("torch._grouped_mm failed its start-up check: the Triton grouped GEMM runs")
+        return False
+    if not ok:
+        logger.warning("torch._grouped_mm disagrees with the torch experts: the Triton grouped GEMM runs")
+    return ok
 
 
 def fused_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:

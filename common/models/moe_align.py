@@ -112,3 +112,30 @@ def grouped_experts(
     out = torch.zeros(num_tokens + 1, x.shape[1], dtype=x.dtype, device=x.device)  # last row: padding
     out.index_add_(0, torch.where(real, token, num_tokens).flatten(), (y * weight[..., None]).flatten(0, 1))
     return out[:num_tokens]
+
+
+def grouped_mm_experts(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+) -> torch.Tensor:
+    """grouped_experts' result through torch's grouped GEMM (`torch._grouped_mm`: CUTLASS on Hopper,
+    a loop of matmuls elsewhere): the pairs sorted by expert, one GEMM per weight over all groups
+    (the group boundaries stay on the device: no host sync). bf16/float32 weights only (no scales).
+    Prefill-sized batches: each expert's rows form one group, no padding to a block."""
+    num_tokens, k = topk_ids.shape
+    num_experts = w13.shape[0]
+    flat = topk_ids.flatten().long()
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # num_experts: not ours
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+    offs = counts[:num_experts].cumsum(0, dtype=torch.int32)  # group ends; other ranks' pairs after the last
+    token = order // k
+    h = torch._grouped_mm(x[token], w13.transpose(1, 2), offs=offs)  # [n, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)  # [n, H]
+    # rows past the last group (other ranks' experts) are not written by the GEMM: select, not scale
+    ours = (key[order] < num_experts)[:, None]
+    y = torch.where(ours, y * topk_weights.flatten()[order, None].to(y.dtype), 0)
+    per_pair = torch.empty_like(y)
+    per_pair[order] = y  # back to pair order: each token's k rows summed at once (fp32 inside the sum)
+    return per_pair.view(num_tokens, k, -1).sum(dim=1).to(x.dtype)
