@@ -124,12 +124,27 @@ def time_forward_only(sched: Scheduler, steps: int) -> tuple[float, object]:
 
 def profile_steps(sched: Scheduler, steps: int = 3) -> None:
     """Print the top kernels of a few decode steps (torch profiler)."""
+    profile_run(sched, lambda: [sched.step() for _ in range(steps)])
+
+
+def profile_prefill(sched: Scheduler, length: int) -> None:
+    """Print the top kernels of one prefill of `length` tokens (after bench_prefill's warm-up)."""
+
+    def run():
+        sched.add_request(_make_req("profiled", length, sched.runner.hf_config.vocab_size, 1))
+        while sched.has_work():
+            sched.step()
+
+    profile_run(sched, run)
+    sched.cache.reset()
+
+
+def profile_run(sched: Scheduler, fn) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if sched.runner.device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        for _ in range(steps):
-            sched.step()
+        fn()
         sync(sched.runner.device)
     key = "cuda_time_total" if sched.runner.device.type == "cuda" else "cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
@@ -271,6 +286,7 @@ def main() -> None:
     p.add_argument("--moe-a2a-backend", default="none", choices=["none", "all_to_all"])
     p.add_argument("--deepep-mode", default="auto", choices=["auto", "normal", "low_latency"])
     p.add_argument("--profile-batch-sizes", default="", help="print the top kernels of these decode batches")
+    p.add_argument("--profile-prefill", action="store_true", help="print the top kernels of one prefill")
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--disable-overlap-schedule", action="store_true")
     p.add_argument(
@@ -335,6 +351,8 @@ def main() -> None:
     print(f"[{time.perf_counter() - t0:.0f} s] prefill {args.prefill_len} tokens ...", flush=True)
     t = bench_prefill(sched, args.prefill_len)
     rows.append(prefill_row(traffic, ceil, sched.runner.hf_config, args.prefill_len, args.tp, t))
+    if args.profile_prefill:
+        profile_prefill(sched, args.prefill_len)
     print(f"  {rows[-1]}", flush=True)
     gen = []
     if args.hf and args.tp == 1:
