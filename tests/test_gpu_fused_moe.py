@@ -21,8 +21,10 @@ CHECK = textwrap.dedent(
     from disagg.common.models.moe_align import grouped_experts, moe_align_block_size
 
     def check_align(device):
-        # the one-launch Triton alignment lays the pairs out exactly as the torch one
-        for tokens, k, experts, block in ((1, 8, 128, 16), (37, 3, 8, 4), (300, 2, 5, 64), (2048, 8, 128, 64)):
+        # the Triton alignment (one program up to 1024 pairs, else three parallel launches) lays the
+        # pairs out exactly as the torch one
+        for tokens, k, experts, block in ((1, 8, 128, 16), (37, 3, 8, 4), (300, 2, 5, 64), (2048, 8, 128, 64),
+                                          (1000, 6, 256, 16), (37, 30, 8, 4)):  # fmt: skip
             ids = torch.randint(-3, experts + 3, (tokens, k), device=device)
             want = moe_align_block_size(ids, experts, block)
             got = align_blocks(ids, experts, block, max_triton_pairs=1 << 30)

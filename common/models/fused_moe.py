@@ -52,10 +52,16 @@ except ImportError:  # the CPU image: the torch path in moe_align.py runs instea
 logger = logging.getLogger(__name__)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
 _TRITON_ALIGN_MAX_PAIRS = 1 << 30  # pairs above which the torch alignment runs instead
+# pairs above which the alignment runs as three parallel launches, not one program (~0.8 ms at 16384
+# pairs on an H200, more than the grouped GEMMs of a 2048-token Qwen3-30B-A3B layer)
+_ALIGN_ONE_PROGRAM_MAX_PAIRS = 1024
 _CONFIGS = Path(__file__).with_name("fused_moe_configs.json")
 _DEFAULT = {
     "gemv_max_pairs": 64,
-    "grouped_mm_min_tokens": 1024,
+    # NOTE: torch's grouped GEMM won at >= 1024 tokens only while the alignment was one Triton program
+    # (0.43-1.7 ms a layer, H200); the same profile puts the Triton GEMMs at 367 us a 2048-token layer
+    # against its 400 us plus ~170 us of sorting and gathers: so Triton by default, moe_kernels decides
+    "grouped_mm_min_tokens": 1 << 30,
     "gemv": {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4, "num_warps": 4},
     "grouped": {
         "1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "num_warps": 4, "num_stages": 3},
@@ -122,10 +128,12 @@ def fused_experts(
     topk_ids: torch.Tensor,
     config: dict | None = None,
     scales: ExpertScales | None = None,
+    foreign: bool = True,
 ) -> torch.Tensor:
     """Same contract as moe_align.grouped_experts: x [T, H], w13 [E, 2I, H], w2 [E, H, I],
     topk_weights / topk_ids [T, k] (ids outside [0, E): another rank's expert). Returns [T, H].
-    scales: w13 / w2 are float8_e4m3fn with these block scales."""
+    scales: w13 / w2 are float8_e4m3fn with these block scales. foreign=False: no id is outside
+    [0, E) (all experts are local), which spares the prefill path a masking pass."""
     num_tokens, k = topk_ids.shape
     num_experts, hidden, inter = w2.shape
     config = config or moe_config(num_experts, inter, hidden, scales is not None)
@@ -143,7 +151,7 @@ def fused_experts(
         and not torch.cuda.is_current_stream_capturing()
         and grouped_mm_ok(x.device, x.dtype)
     ):
-        return grouped_mm_experts(x, w13, w2, weights, ids)
+        return grouped_mm_experts(x, w13, w2, weights, ids, foreign)
     out = _grouped_experts(x, w13, w2, weights, ids, grouped_config(config, num_tokens), scales)
     return out.view(num_tokens, k, hidden).sum(dim=1).to(x.dtype)
 
@@ -252,15 +260,39 @@ def align_blocks(
     if (not ids.is_cuda and not _INTERPRET) or n > max_triton_pairs:
         return moe_align_block_size(ids, num_experts, block)
     size = max_padded_pairs(n, num_experts, block)
-    sorted_ids = torch.empty(size, dtype=torch.int32, device=ids.device)
     expert_ids = torch.empty(size // block, dtype=torch.int32, device=ids.device)
     num_padded = torch.empty(1, dtype=torch.int32, device=ids.device)
     e_pow2 = triton.next_power_of_2(num_experts)
+    if n > _ALIGN_ONE_PROGRAM_MAX_PAIRS:
+        return _align_parallel(ids, num_experts, block, size, expert_ids, num_padded, e_pow2)
+    sorted_ids = torch.empty(size, dtype=torch.int32, device=ids.device)
     cursor = torch.empty(e_pow2, dtype=torch.int32, device=ids.device)  # scratch: next free slot per expert
     _align_kernel[(1,)](
         ids, sorted_ids, expert_ids, num_padded, cursor, n, num_experts, size, size // block,
         BLOCK=block, E_POW2=e_pow2, CHUNK=128 if e_pow2 <= 128 else 64, num_warps=4,
     )  # fmt: skip
+    return sorted_ids, expert_ids, num_padded
+
+
+def _align_parallel(ids, num_experts: int, block: int, size: int, expert_ids, num_padded, e_pow2: int):
+    """align_blocks for prefill-sized batches in three launches: per-chunk expert counts (one program
+    a chunk), their prefix over the chunks and the padded expert starts (one program), then each
+    chunk places its pairs (rank = the expert's start + earlier chunks' pairs + earlier pairs in the
+    chunk: the same stable order as the one-program kernel, which walks 16384 pairs in ~0.8 ms)."""
+    n = ids.numel()
+    chunk = 128 if e_pow2 <= 128 else 64
+    num_chunks = triton.cdiv(n, chunk)
+    chunk_base = torch.empty(num_chunks, e_pow2, dtype=torch.int32, device=ids.device)
+    expert_start = torch.empty(e_pow2, dtype=torch.int32, device=ids.device)
+    sorted_ids = torch.full((size,), n, dtype=torch.int32, device=ids.device)
+    _align_count[(num_chunks,)](ids, chunk_base, n, num_experts, E_POW2=e_pow2, CHUNK=chunk, num_warps=4)
+    _align_scan[(1,)](
+        chunk_base, expert_ids, num_padded, expert_start, num_chunks, size // block,
+        BLOCK=block, E_POW2=e_pow2, ROWS=16, CHUNK=chunk, num_warps=4,
+    )  # fmt: skip
+    _align_place[(num_chunks,)](
+        ids, sorted_ids, chunk_base, expert_start, n, num_experts, E_POW2=e_pow2, CHUNK=chunk, num_warps=4
+    )
     return sorted_ids, expert_ids, num_padded
 
 
@@ -409,6 +441,66 @@ if triton is not None:
             tl.store(weights + token * K + j, best * scale)
             tl.store(ids + token * K + j, pick.to(tl.int64))
             p = tl.where(experts == pick, -1.0, p)
+
+    @triton.jit
+    def _chunk_experts(ids, c, n, num_experts, CHUNK: tl.constexpr):
+        """Chunk c's pairs: their indices and local experts (-1: another rank's)."""
+        pair = c * CHUNK + tl.arange(0, CHUNK)
+        e = tl.load(ids + pair, mask=pair < n, other=-1)
+        return pair, tl.where((e >= 0) & (e < num_experts), e, -1).to(tl.int32)
+
+    @triton.jit
+    def _align_count(ids, chunk_counts, n, num_experts, E_POW2: tl.constexpr, CHUNK: tl.constexpr):
+        """chunk_counts[c, e] = chunk c's pairs of expert e."""
+        c = tl.program_id(0)
+        _, e = _chunk_experts(ids, c, n, num_experts, CHUNK)
+        experts = tl.arange(0, E_POW2)
+        tl.store(
+            chunk_counts + c * E_POW2 + experts, tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
+        )
+
+    @triton.jit
+    def _align_scan(
+        chunk_counts, expert_ids, num_padded, expert_start, num_chunks, num_blocks,
+        BLOCK: tl.constexpr, E_POW2: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
+    ):  # fmt: skip
+        """One program: chunk_counts becomes each chunk's exclusive prefix per expert (in place), then
+        the padded expert starts, the used length and each block's expert, as _align_kernel's."""
+        experts, rows = tl.arange(0, E_POW2), tl.arange(0, ROWS)
+        carry = tl.zeros([E_POW2], dtype=tl.int32)
+        for start in range(0, num_chunks, ROWS):
+            r = start + rows
+            ptr = chunk_counts + r[:, None] * E_POW2 + experts[None, :]
+            tile = tl.load(ptr, mask=(r < num_chunks)[:, None], other=0)
+            tl.store(ptr, tl.cumsum(tile, axis=0) - tile + carry[None, :], mask=(r < num_chunks)[:, None])
+            carry += tl.sum(tile, axis=0)
+        padded = (carry + BLOCK - 1) // BLOCK * BLOCK
+        padded_end = tl.cumsum(padded, axis=0)
+        total = tl.sum(padded, axis=0)
+        tl.store(num_padded, total)
+        tl.store(expert_start + experts, padded_end - padded)
+        lanes = tl.arange(0, CHUNK)
+        for start in range(0, num_blocks, CHUNK):
+            first = (start + lanes) * BLOCK  # first slot of each block
+            owner = tl.sum((padded_end[None, :] <= first[:, None]).to(tl.int32), axis=1)
+            tl.store(
+                expert_ids + start + lanes,
+                tl.where(first < total, owner, -1),
+                mask=start + lanes < num_blocks,
+            )
+
+    @triton.jit
+    def _align_place(
+        ids, sorted_ids, chunk_base, expert_start, n, num_experts, E_POW2: tl.constexpr, CHUNK: tl.constexpr
+    ):
+        """Chunk c's pairs into their slots: expert start + earlier chunks' + earlier in this chunk."""
+        c = tl.program_id(0)
+        pair, e = _chunk_experts(ids, c, n, num_experts, CHUNK)
+        lanes = tl.arange(0, CHUNK)
+        rank = tl.sum(((e[:, None] == e[None, :]) & (lanes[None, :] < lanes[:, None])).to(tl.int32), axis=1)
+        safe = tl.where(e >= 0, e, 0)
+        base = tl.load(expert_start + safe) + tl.load(chunk_base + c * E_POW2 + safe)
+        tl.store(sorted_ids + base + rank, pair.to(tl.int32), mask=e >= 0)
 
     @triton.jit
     def _align_kernel(

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from disagg.common.models.kernels import silu_and_mul
 
 
 class ExpertScales(NamedTuple):
@@ -115,27 +116,34 @@ def grouped_experts(
 
 
 def grouped_mm_experts(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    foreign: bool = True,
 ) -> torch.Tensor:
     """grouped_experts' result through torch's grouped GEMM (`torch._grouped_mm`: CUTLASS on Hopper,
     a loop of matmuls elsewhere): the pairs sorted by expert, one GEMM per weight over all groups
     (the group boundaries stay on the device: no host sync). bf16/float32 weights only (no scales).
-    Prefill-sized batches: each expert's rows form one group, no padding to a block."""
+    Prefill-sized batches: each expert's rows form one group, no padding to a block.
+    foreign=False: every id is in [0, E) (no expert parallelism), so no row needs masking."""
     num_tokens, k = topk_ids.shape
     num_experts = w13.shape[0]
-    flat = topk_ids.flatten().long()
-    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # num_experts: not ours
+    flat = topk_ids.flatten()
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts) if foreign else flat
     order = torch.argsort(key, stable=True)
     counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=x.device)
-    counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
+    counts.scatter_add_(0, key.long(), torch.ones_like(key, dtype=torch.int32))
     offs = counts[:num_experts].cumsum(0, dtype=torch.int32)  # group ends; other ranks' pairs after the last
-    token = order // k
-    h = torch._grouped_mm(x[token], w13.transpose(1, 2), offs=offs)  # [n, 2I]
-    gate, up = h.chunk(2, dim=-1)
-    y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)  # [n, H]
-    # rows past the last group (other ranks' experts) are not written by the GEMM: select, not scale
-    ours = (key[order] < num_experts)[:, None]
-    y = torch.where(ours, y * topk_weights.flatten()[order, None].to(y.dtype), 0)
-    per_pair = torch.empty_like(y)
-    per_pair[order] = y  # back to pair order: each token's k rows summed at once (fp32 inside the sum)
-    return per_pair.view(num_tokens, k, -1).sum(dim=1).to(x.dtype)
+    h = torch._grouped_mm(x[order // k], w13.transpose(1, 2), offs=offs)  # [n, 2I], expert by expert
+    y = torch._grouped_mm(silu_and_mul(h), w2.transpose(1, 2), offs=offs)  # [n, H]
+    if foreign:  # rows past the last group (other ranks' experts) are never written by the GEMM
+        y = torch.where((key[order] < num_experts)[:, None], y, 0)
+    # back to pair order by a gather (cheaper than scattering y), then each token's k rows weighted
+    # and summed in one batched product (fp32 accumulation)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    per_pair = y.index_select(0, inverse).view(num_tokens, k, -1)
+    out = torch.bmm(topk_weights.to(y.dtype).view(num_tokens, 1, k), per_pair)
+    return out.view(num_tokens, -1).to(x.dtype)
