@@ -147,6 +147,8 @@ class DecodeScheduler(Scheduler):
             self.rooms[req.bootstrap_room] = req
             self.transfer.expect(req.bootstrap_room, req.bootstrap_host, req.bootstrap_port, req.page_table,
                                  fingerprint=prompt_fingerprint(req.input_ids))  # fmt: skip
+            if TRACE:
+                logger.info("room expected: room=%d t=%.6f", req.bootstrap_room, time.monotonic())
 
     def _on_transfer_done(self, result: TransferResult) -> None:
         req = self.rooms.pop(result.room, None)

@@ -33,5 +33,11 @@ def test_first_token_leaves_while_the_decode_step_runs_on_the_gpu(engines):
     engines.close()
     torch.cuda.empty_cache()
     # the decode's steps are slowed on the device (a sleep kernel per forward), not on its host thread
-    with SlowDecodeCluster(FLAGS, FLAGS, env={"CUDA_VISIBLE_DEVICES": "0"}) as pd:
-        check_first_token_leaves_mid_step(pd, want)
+    # DISAGG_TRANSFER_TRACE + info logs: the decode logs when each room was expected, when its result
+    # was taken (mid-step or at a step's end) and how each step's wait went; shown on a failure
+    env = {"CUDA_VISIBLE_DEVICES": "0", "DISAGG_TRANSFER_TRACE": "1"}
+    with SlowDecodeCluster(FLAGS, [*FLAGS, "--log-level", "info"], env=env) as pd:
+        try:
+            check_first_token_leaves_mid_step(pd, want)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n--- decode log (tail) ---\n{pd.decode.output()[-8000:]}") from None

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from disagg.common.config import EngineConfig, step_delay_s
+from disagg.common.config import EngineConfig, step_delay_s, transfer_trace
 from disagg.common.engine.device_wait import ForwardThread, slow_device, wait_watching
 from disagg.common.engine.kv_pool import pages_for_tokens
 from disagg.common.engine.model_runner import ModelRunner
@@ -50,6 +50,8 @@ from disagg.common.engine.request import Req, ReqStatus, SchedulerStats, TokenOu
 from disagg.common.engine.sampling import DeviceSample, Sampler, to_device
 
 logger = logging.getLogger(__name__)
+# DISAGG_TRANSFER_TRACE=1: when transfer results are taken and how each step's wait went (info logs)
+TRACE = transfer_trace()
 
 
 @dataclass(eq=False)
@@ -215,6 +217,9 @@ class Scheduler:
         """After the forward: the finished transfers (PD roles), then this step's outputs."""
         if self.transfer is not None:
             results, self._posted_results = self._posted_results + self.transfer.flush(), []
+            if TRACE and results:
+                logger.info("transfer results at the step's end: rooms=%s t=%.6f", [r.room for r in results],
+                            time.monotonic())  # fmt: skip
             for result in results:
                 self._on_transfer_done(result)
         return self._take_outputs()
@@ -343,7 +348,12 @@ class Scheduler:
         """Finished transfers now (the role allows it while a step runs), their outputs out at once.
         NOTE: every output made so far leaves, in the order made: nothing of this step is among
         them yet (its tokens are appended after the wait), so no request's tokens are reordered."""
-        for result in self.transfer.flush():
+        results = self.transfer.flush()
+        if TRACE and results:
+            logger.info(
+                "transfer results mid-step: rooms=%s t=%.6f", [r.room for r in results], time.monotonic()
+            )
+        for result in results:
             self._on_transfer_done(result)
         if self._pending_outs:
             self._early_sink(self._take_outputs())
@@ -500,9 +510,12 @@ class Scheduler:
         """Wait for `step`, append its tokens (dropping those of requests that ended meanwhile) and
         free the pages of requests that ended while it ran."""
         if step.event is not None:
-            if self._watches_transfers():
+            t0, watching = time.monotonic(), self._watches_transfers()
+            if watching:
                 self._wait_watching(step.event.query, None)
             step.event.synchronize()
+            if TRACE:
+                logger.info("step waited %.6f-%.6f, transfers watched: %s", t0, time.monotonic(), watching)
         result = step.host.result() if step.host is not None else None
         now = time.monotonic()
         for req, i in step.rows.items():
