@@ -15,6 +15,7 @@ So the scheduler waits here, watching the transfer engine's wake fd beside the s
 from __future__ import annotations
 
 import functools
+import math
 import os
 import select
 import time
@@ -71,7 +72,13 @@ def slow_device(seconds: float, device: torch.device) -> None:
     sleep kernel is queued on the current stream (the host goes on, as with a real slow step);
     on the CPU the forward's own thread sleeps."""
     if device.type == "cuda":
-        torch.cuda._sleep(int(seconds * _cycles_per_second(device.index or 0)))
+        # NOTE: in pieces of <= 50 ms: another process's kernels on the same GPU (a PD prefill's KV
+        # copy into our pool) may only get the GPU between two of ours; one 4 s kernel would hold
+        # them back to the step's end, which a real step of many short kernels never does
+        pieces = max(1, math.ceil(seconds / 0.05))
+        cycles = int(seconds / pieces * _cycles_per_second(device.index or 0))
+        for _ in range(pieces):
+            torch.cuda._sleep(cycles)
     else:
         time.sleep(seconds)
 
