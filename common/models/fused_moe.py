@@ -450,6 +450,25 @@ if triton is not None:
         return pair, tl.where((e >= 0) & (e < num_experts), e, -1).to(tl.int32)
 
     @triton.jit
+    def _padded_layout(counts, expert_ids, num_padded, num_blocks, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+        """From the pairs per expert: each expert's group padded to BLOCK; stores the used length and
+        each block's expert (-1 past it); returns each expert's first slot."""
+        padded = (counts + BLOCK - 1) // BLOCK * BLOCK
+        padded_end = tl.cumsum(padded, axis=0)
+        total = tl.sum(padded, axis=0)
+        tl.store(num_padded, total)
+        lanes = tl.arange(0, CHUNK)
+        for start in range(0, num_blocks, CHUNK):
+            first = (start + lanes) * BLOCK  # first slot of each block
+            owner = tl.sum((padded_end[None, :] <= first[:, None]).to(tl.int32), axis=1)
+            tl.store(
+                expert_ids + start + lanes,
+                tl.where(first < total, owner, -1),
+                mask=start + lanes < num_blocks,
+            )
+        return padded_end - padded
+
+    @triton.jit
     def _align_count(ids, chunk_counts, n, num_experts, E_POW2: tl.constexpr, CHUNK: tl.constexpr):
         """chunk_counts[c, e] = chunk c's pairs of expert e."""
         c = tl.program_id(0)
@@ -474,20 +493,9 @@ if triton is not None:
             tile = tl.load(ptr, mask=(r < num_chunks)[:, None], other=0)
             tl.store(ptr, tl.cumsum(tile, axis=0) - tile + carry[None, :], mask=(r < num_chunks)[:, None])
             carry += tl.sum(tile, axis=0)
-        padded = (carry + BLOCK - 1) // BLOCK * BLOCK
-        padded_end = tl.cumsum(padded, axis=0)
-        total = tl.sum(padded, axis=0)
-        tl.store(num_padded, total)
-        tl.store(expert_start + experts, padded_end - padded)
-        lanes = tl.arange(0, CHUNK)
-        for start in range(0, num_blocks, CHUNK):
-            first = (start + lanes) * BLOCK  # first slot of each block
-            owner = tl.sum((padded_end[None, :] <= first[:, None]).to(tl.int32), axis=1)
-            tl.store(
-                expert_ids + start + lanes,
-                tl.where(first < total, owner, -1),
-                mask=start + lanes < num_blocks,
-            )
+        tl.store(
+            expert_start + experts, _padded_layout(carry, expert_ids, num_padded, num_blocks, BLOCK, CHUNK)
+        )
 
     @triton.jit
     def _align_place(
@@ -517,23 +525,11 @@ if triton is not None:
             e = tl.load(ids + start + lanes, mask=start + lanes < n, other=-1)
             e = tl.where((e >= 0) & (e < num_experts), e, -1)
             counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), axis=0)
-        padded = (counts + BLOCK - 1) // BLOCK * BLOCK
-        padded_end = tl.cumsum(padded, axis=0)
-        total = tl.sum(padded, axis=0)
-        tl.store(num_padded, total)
         for start in range(0, size, CHUNK):
             tl.store(
                 sorted_ids + start + lanes, tl.zeros([CHUNK], dtype=tl.int32) + n, mask=start + lanes < size
             )
-        for start in range(0, num_blocks, CHUNK):
-            first = (start + lanes) * BLOCK  # first slot of each block
-            owner = tl.sum((padded_end[None, :] <= first[:, None]).to(tl.int32), axis=1)
-            tl.store(
-                expert_ids + start + lanes,
-                tl.where(first < total, owner, -1),
-                mask=start + lanes < num_blocks,
-            )
-        tl.store(cursor + experts, padded_end - padded)
+        tl.store(cursor + experts, _padded_layout(counts, expert_ids, num_padded, num_blocks, BLOCK, CHUNK))
         tl.debug_barrier()
         for start in range(0, n, CHUNK):
             pair = start + lanes
