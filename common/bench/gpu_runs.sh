@@ -36,6 +36,9 @@ for step in "$@"; do
            # block sizes replace the checked-in ones for the engine runs that follow in this machine's tree
            timeout "${T:-400}" python3 -m disagg.common.bench.moe_kernels --output-dir $OUT 2>&1 | tee $OUT/moe_kernels.log \
              && cp $OUT/fused_moe_configs.json common/models/fused_moe_configs.json ;;
+    moe-prefill) # issue 19: where a 2048-token MoE prefill goes (the kernels of one prefill, torch profiler)
+           bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 --prefill-len 2048 \
+             --decode-steps 4 --profile-prefill | tee $OUT/moe_prefill.log | tail -32 ;;
     moe-tp1) bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1,64 --context-len 1024 \
            --prefill-len 2048 --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/moe_tp1${TAG:-}.json ;;
     transfer-test) timeout "${T:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_transfer_tp.py -k gpu 2>&1 | tail -5 ;;
