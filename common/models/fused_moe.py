@@ -252,11 +252,10 @@ def fused_topk_ok(device: torch.device, num_experts: int, k: int, renormalize: b
 def align_blocks(
     ids: torch.Tensor, num_experts: int, block: int, max_triton_pairs: int = _TRITON_ALIGN_MAX_PAIRS
 ):
-    """moe_align_block_size's layout (the same tensors, element for element) in one Triton launch:
-    the torch version is ~35 small kernels, ~70 us per layer of launch gaps even inside a graph."""
+    """moe_align_block_size's layout (the same tensors, element for element) in one Triton launch
+    (three past _ALIGN_ONE_PROGRAM_MAX_PAIRS: _align_parallel): the torch version is ~35 small
+    kernels, ~70 us per layer of launch gaps even inside a graph."""
     n = ids.numel()
-    # NOTE: one program walks the pairs 128 at a time; at prefill sizes the torch version's parallel
-    # kernels may win (suspected, not measured: bench.moe_kernels prints both) -- then lower this
     if (not ids.is_cuda and not _INTERPRET) or n > max_triton_pairs:
         return moe_align_block_size(ids, num_experts, block)
     size = max_padded_pairs(n, num_experts, block)
