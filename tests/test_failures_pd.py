@@ -458,6 +458,14 @@ def busy(server: ServerProcess) -> bool:
     return any(stats(server)["queues"].values())
 
 
+def flush_cache(server: ServerProcess) -> None:
+    """Drop `server`'s prefix cache: the reference run cached the prompts, and a cached prefill can
+    come and go between two polls of `busy` (a clean-clone CI run of 2026-12-04: the poll never saw it in 120 s)."""
+    assert wait_until(
+        lambda: httpx.post(server.url + "/flush_cache", timeout=10).status_code == 200, timeout=30
+    )
+
+
 def test_hung_prefill_is_detected_and_its_requests_retried(fleet):
     p0, p1 = fleet.prefills
     with fleet.router(prefills=2) as r, HealthWatch(r, p1.url) as watch:
@@ -468,6 +476,7 @@ def test_hung_prefill_is_detected_and_its_requests_retried(fleet):
             stopped["at"] = time.monotonic()
             os.killpg(p1.proc.pid, signal.SIGSTOP)
 
+        flush_cache(p1)
         try:
             streams = run_streams(r.url, lambda _: busy(p1), stop, prompts=LONG_PROMPTS, max_new=24)
             detected = watch.first(False, stopped["at"], within=20)
@@ -494,6 +503,7 @@ def test_prefill_killed_mid_request_is_retried_on_the_other_prefill(fleet):
             killed["at"] = time.monotonic()
             os.killpg(p1.proc.pid, signal.SIGKILL)
 
+        flush_cache(p1)
         streams = run_streams(r.url, lambda _: busy(p1), kill, prompts=LONG_PROMPTS, max_new=24)
         assert [s.ok for s in streams] == [True] * 4, [s.error for s in streams]
         assert [s.ids for s in streams] == reference
