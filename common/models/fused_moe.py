@@ -11,8 +11,9 @@ Two paths, chosen by the number of routed (token, slot) pairs, a static shape:
   chip when 8 pairs x a few N tiles would leave most multiprocessors idle; the partial sums meet
   in an fp32 buffer (atomics) and the down kernel applies silu(gate) * up as it loads them.
 - torch's grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper) from `grouped_mm_min_tokens` on,
-  bf16 experts only, outside graph captures: prefill-sized batches, where the Triton grouped GEMM
-  ran at ~20% of the matmul rate (docs/benchmarks.md); moe_kernels.py times all three and sets it.
+  bf16 experts only, outside graph captures: prefill-sized batches, where the Triton path ran at
+  ~20% of the matmul rate, mostly its one-program alignment (docs/benchmarks.md; the alignment now
+  runs in parallel there); moe_kernels.py times all three and sets the threshold.
 Block sizes per shape live in fused_moe_configs.json (tuned on an H200, as vLLM/SGLang keep theirs).
 
 FP8 experts (DeepSeek-V3's block-quantized checkpoints: float8_e4m3fn weights, one float32 scale per
