@@ -39,6 +39,17 @@ def max_padded_pairs(num_pairs: int, num_experts: int, block_size: int) -> int:
     return (bound + block_size - 1) // block_size * block_size
 
 
+def expert_keys(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each flat pair's local expert (num_experts: another rank's) [n] int64, and the pairs per key
+    [num_experts + 1] int64, on the device without a host sync."""
+    flat = topk_ids.flatten().long()
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    # NOTE: scatter_add_ rather than bincount: bincount on CUDA reads its max back to the host
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=topk_ids.device)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    return key, counts
+
+
 def moe_align_block_size(
     topk_ids: torch.Tensor, num_experts: int, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -52,11 +63,7 @@ def moe_align_block_size(
       num_padded [1]: the used length (a multiple of block_size)
     """
     n, device = topk_ids.numel(), topk_ids.device
-    flat = topk_ids.flatten().long()
-    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)  # [n]; num_experts = not ours
-    # NOTE: scatter_add_ rather than bincount: bincount on CUDA reads its max back to the host
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device)
-    counts.scatter_add_(0, key, torch.ones_like(key))
+    key, counts = expert_keys(topk_ids, num_experts)
     padded = (counts[:num_experts] + block_size - 1) // block_size * block_size
     padded_end = padded.cumsum(0)  # [E]
     padded_start = padded_end - padded
@@ -127,14 +134,11 @@ def grouped_mm_experts(
     a loop of matmuls elsewhere): the pairs sorted by expert, one GEMM per weight over all groups
     (the group boundaries stay on the device: no host sync). bf16/float32 weights only (no scales).
     Prefill-sized batches: each expert's rows form one group, no padding to a block.
-    foreign=False: every id is in [0, E) (no expert parallelism), so no row needs masking."""
+    foreign=False: every id is in [0, E) (no expert parallelism), so no output row needs masking."""
     num_tokens, k = topk_ids.shape
     num_experts = w13.shape[0]
-    flat = topk_ids.flatten()
-    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts) if foreign else flat
+    key, counts = expert_keys(topk_ids, num_experts)
     order = torch.argsort(key, stable=True)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int32, device=x.device)
-    counts.scatter_add_(0, key.long(), torch.ones_like(key, dtype=torch.int32))
     offs = counts[:num_experts].cumsum(0, dtype=torch.int32)  # group ends; other ranks' pairs after the last
     h = torch._grouped_mm(x[order // k], w13.transpose(1, 2), offs=offs)  # [n, 2I], expert by expert
     y = torch._grouped_mm(silu_and_mul(h), w2.transpose(1, 2), offs=offs)  # [n, H]
