@@ -41,12 +41,14 @@ CHECK = textwrap.dedent(
             assert torch.equal(ids, want_ids), (tokens, experts, k)
             torch.testing.assert_close(weights, want_w, rtol=1e-5, atol=1e-6)
 
-    def check(device, dtype, tokens, k, experts, inter, hidden, path, tol):
+    def check(device, dtype, tokens, k, experts, inter, hidden, path, tol, foreign=True):
         torch.manual_seed(tokens * 7 + k)
         x = torch.randn(tokens, hidden, device=device, dtype=dtype)
         w13 = torch.randn(experts, 2 * inter, hidden, device=device, dtype=dtype) / hidden**0.5
         w2 = torch.randn(experts, hidden, inter, device=device, dtype=dtype) / inter**0.5
-        ids = torch.randint(-2, experts + 2, (tokens, k), device=device)  # a few other ranks' experts
+        # foreign: a few other ranks' experts (else every expert is local: the output is not pre-zeroed)
+        spill = 2 if foreign else 0
+        ids = torch.randint(-spill, experts + spill, (tokens, k), device=device)
         ids[0, 0] = experts - 1  # at least one pair is ours
         weights = torch.rand(tokens, k, device=device)
         config = dict(moe_config(experts, inter, hidden))
@@ -55,7 +57,7 @@ CHECK = textwrap.dedent(
         config["grouped_mm_min_tokens"] = 0 if path == "mm" else 1 << 30
         if path == "split":  # the grouped GEMM with silu(gate) * up applied in the down kernel's loads
             config["grouped"] = {m: {**c, "SPLIT_ACT": True} for m, c in config["grouped"].items()}
-        got = fused_experts(x, w13, w2, weights, ids, config)
+        got = fused_experts(x, w13, w2, weights, ids, config, foreign=foreign)
         block = 256 if tokens >= 256 else 16  # fewer gathered expert copies in the float64 reference
         ref = grouped_experts(x.double(), w13.double(), w2.double(), weights.double(), ids, block).to(dtype)
         err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
@@ -85,6 +87,7 @@ def test_interpreted_kernels_match_torch_on_cpu():
         for tokens, k, experts in ((1, 2, 4), (5, 3, 6), (40, 2, 4)):
             for path in ("gemv", "grouped", "split"):
                 print(tokens, k, path, check("cpu", torch.float32, tokens, k, experts, 32, 48, path, 1e-4))
+            print(tokens, k, "local", check("cpu", torch.float32, tokens, k, experts, 32, 48, "grouped", 1e-4, False))
         """
     )
     done = _run_interpreted(code)
@@ -116,6 +119,7 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
     for tokens, path in ((1, "gemv"), (8, "gemv"), (64, "grouped"), (2048, "grouped"), (3, "grouped"),
                          (64, "split"), (2048, "split"), (2048, "mm"), (300, "mm")):  # fmt: skip
         check("cuda", torch.bfloat16, tokens, 8, 128, 768, 2048, path, 2e-2)
+        check("cuda", torch.bfloat16, tokens, 8, 128, 768, 2048, path, 2e-2, foreign=False)
     from disagg.common.models.fused_moe import grouped_mm_ok
 
     assert grouped_mm_ok(torch.device("cuda", 0), torch.bfloat16) == (

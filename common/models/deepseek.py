@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend, TorchBackend
 from disagg.common.models.layers import ColumnParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear
+from disagg.common.models.fused_moe import fused_topk, fused_topk_ok
 from disagg.common.models.moe import SparseMoE
 from disagg.common.parallel.state import TPGroup, all_reduce, attn_tp_group, get_parallel
 from torch import nn
@@ -239,7 +240,9 @@ class DeepseekGate(nn.Module):
 
     def __init__(self, config, num_experts: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, config.hidden_size))
+        # float32, as the reference computes the logits (a bf16 checkpoint's values exactly): no
+        # per-forward cast of the weight
+        self.weight = nn.Parameter(torch.empty(num_experts, config.hidden_size, dtype=torch.float32))
         self.v3 = config.model_type != "deepseek_v2"
         if self.v3:
             self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts, dtype=torch.float32))
@@ -248,10 +251,18 @@ class DeepseekGate(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.norm_topk = bool(getattr(config, "norm_topk_prob", False))
         self.scaling = config.routed_scaling_factor
+        # V2's plain softmax top-k is moe.py's routing: one Triton launch on the GPU where it agrees
+        # with torch (instead of ~6 small kernels a layer at batch 1)
+        self.fused = not (self.v3 or self.grouped) and fused_topk_ok(
+            self.weight.device, num_experts, self.top_k, False
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (weights [T, k] float32, expert ids [T, k])."""
-        logits = F.linear(x.float(), self.weight.float())
+        logits = F.linear(x.float(), self.weight)
+        if self.fused and logits.is_cuda:
+            weights, ids = fused_topk(logits, self.top_k, False)
+            return (weights * self.scaling if self.scaling != 1 else weights), ids
         scores = logits.sigmoid() if self.v3 else logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias.float() if self.v3 else scores
         if self.grouped:
