@@ -146,8 +146,11 @@ def profile_run(sched: Scheduler, fn) -> None:
     with profile(activities=acts) as prof:
         fn()
         sync(sched.runner.device)
-    key = "cuda_time_total" if sched.runner.device.type == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=60), flush=True)
+    table = prof.key_averages().table
+    if sched.runner.device.type == "cuda":
+        print(table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
+    # the host's share: where a step is launch-bound, these ops (not the kernels) set its time
+    print(table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60), flush=True)
 
 
 def bench_prefill(sched: Scheduler, length: int) -> float:
