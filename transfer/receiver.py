@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from disagg.common.engine.device_wait import host_to_device
 from disagg.transfer.base import RoomState, TransferBase, TransferResult, chunk_nbytes, trace, wide_pages
 from disagg.transfer.bootstrap import query_prefill_dp_size, query_prefill_ranks
 from disagg.transfer.direct import export_pool
@@ -129,7 +130,7 @@ class KVReceiver(TransferBase):
             raise ValueError(f"room {room} is already expected")
         self._active_ids.add(room)
         host_pages = pages.tolist()
-        pages = pages.to(self.device, non_blocking=True)
+        pages = host_to_device(pages, self.device)  # no wait for the decode's step in flight
         ready = None
         if self.device.type == "cuda":  # the copy runs on the pool device's current stream: scatters wait
             ready = torch.cuda.Event()

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from disagg.common.engine.device_wait import host_to_device
 from disagg.transfer import metrics
 from disagg.transfer.base import (
     RoomState,
@@ -170,7 +171,8 @@ class KVSender(TransferBase):
         current stream, so call it right after launching the forward that wrote these pages.
         """
         trace(room, "send")
-        pages = torch.as_tensor(src_pages, dtype=torch.int64).to(self.device, non_blocking=True)
+        # no wait for the forward just launched (device_wait.host_to_device)
+        pages = host_to_device(torch.as_tensor(src_pages, dtype=torch.int64), self.device)
         ready = None
         if self.device.type == "cuda":
             # NOTE: on the pool's device, where the forward and the index copy above run, even when

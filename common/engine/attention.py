@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from disagg.common.engine.device_wait import host_to_device
 
 
 @dataclass
@@ -101,17 +102,16 @@ class TorchBackend(AttentionBackend):
         # key j is visible to query i iff j < kv_len and j <= position of i (causal)
         mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (kv_pos[None, None, :] < kv_len[:, None, None])
         valid = q_pos >= 0
-        # NOTE: non_blocking: a plain copy to the device synchronizes the stream, i.e. waits for the
-        # step in flight (the overlap schedule's step n while step n+1 is prepared: the scheduler then
-        # could not take a PD room's KV mid-step, test_gpu_first_token); the driver stages pageable
-        # host memory before the call returns (sampling.to_device)
+        # NOTE: no stream sync: a plain copy to the device waits for the step in flight (the overlap
+        # schedule's step n while step n+1 is prepared: the scheduler then could not take a PD room's
+        # KV mid-step, test_gpu_first_token); device_wait.host_to_device
         batch.attn.update(
-            q_index=q_index.to(device, non_blocking=True),
-            kv_page=kv_page.to(device, non_blocking=True),
-            kv_offset=kv_offset.to(device, non_blocking=True),
-            mask=mask[:, None].to(device, non_blocking=True),  # [B, 1, max_q, max_kv]
+            q_index=host_to_device(q_index, device),
+            kv_page=host_to_device(kv_page, device),
+            kv_offset=host_to_device(kv_offset.contiguous(), device),
+            mask=host_to_device(mask[:, None], device),  # [B, 1, max_q, max_kv]
             # padded rows that are real tokens
-            out_rows=valid.flatten().nonzero().squeeze(1).to(device, non_blocking=True),
+            out_rows=host_to_device(valid.flatten().nonzero().squeeze(1), device),
         )
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from disagg.common.config import mla_prefill_mode
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend, TorchBackend
+from disagg.common.engine.device_wait import host_to_device
 
 _WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -41,10 +42,13 @@ class FlashInferBackend(AttentionBackend):
         n_pages = [(kv + ps - 1) // ps for kv in batch.kv_lens]
         kv_indptr = torch.zeros(len(n_pages) + 1, dtype=torch.int32)
         kv_indptr[1:] = torch.tensor(n_pages, dtype=torch.int32).cumsum(0)
-        indices = torch.tensor(
-            [p for table, n in zip(batch.page_tables, n_pages, strict=True) for p in table[:n]],
-            dtype=torch.int32,
-        ).to(self.device, non_blocking=True)
+        indices = host_to_device(
+            torch.tensor(
+                [p for table, n in zip(batch.page_tables, n_pages, strict=True) for p in table[:n]],
+                dtype=torch.int32,
+            ),
+            self.device,
+        )
         last = torch.tensor(
             [kv - (n - 1) * ps for kv, n in zip(batch.kv_lens, n_pages, strict=True)], dtype=torch.int32
         )
@@ -77,7 +81,7 @@ def mla_metadata(
         [p for t, n in zip(tables, n_pages, strict=True) for p in t[:n]], dtype=torch.int32
     )
     kv_len = torch.tensor(kv_lens, dtype=torch.int32)
-    return qo_indptr, kv_indptr, indices.to(device, non_blocking=True), kv_len
+    return qo_indptr, kv_indptr, host_to_device(indices, device), kv_len
 
 
 def plan_mla(

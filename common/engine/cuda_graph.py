@@ -20,6 +20,7 @@ from disagg.common.engine.attention_flashinfer import (
     plan_mla,
     run_mla_wrapper,
 )
+from disagg.common.engine.device_wait import host_to_device
 from disagg.common.models.deepseek import is_mla, softmax_scale
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class _GraphDecodeBackend(AttentionBackend):
         )
         self.wrapper.plan(
             indptr,
-            indices.to(self.indices.device, non_blocking=True),  # no stream sync: a step may be in flight
+            host_to_device(indices, self.indices.device),  # no stream sync: a step may be in flight
             last,
             self.num_qo_heads,
             self.pool.num_kv_heads,
@@ -218,7 +219,7 @@ class CudaGraphRunner:
                 plan.offsets + [0] * pad,
             ]
         )
-        self.inputs[:, :padded].copy_(host, non_blocking=True)  # one host-to-device copy
+        self.inputs[:, :padded].copy_(host.pin_memory(), non_blocking=True)  # one copy, no stream sync
         if future is not None:
             future.fill(self.input_ids)
         self.plan_fence.wait()

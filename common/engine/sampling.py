@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from disagg.common.engine.device_wait import host_to_device
 from disagg.common.engine.request import Req
 
 logger = logging.getLogger(__name__)
@@ -217,12 +218,11 @@ def compile_grammar(compiler, kind: str, spec: str):
 
 
 def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a device tensor without a stream sync.
+    """A host list as a device tensor without a stream sync (device_wait.host_to_device).
 
     NOTE: torch.tensor(data, device=cuda) copies with a stream synchronize, which waits for every
-    queued kernel (the overlap scheduler's step in flight). A non_blocking copy from pageable memory
-    is staged by the driver before it returns, so the host list may go at once."""
-    return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
+    queued kernel (the overlap scheduler's step in flight)."""
+    return host_to_device(torch.tensor(data, dtype=dtype), device)
 
 
 BAN_BIAS = -100.0  # OpenAI: "-100 should result in a ban"

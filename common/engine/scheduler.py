@@ -170,9 +170,12 @@ class Scheduler:
             scheduled = self.schedule_batch()
         prev, launched = self._inflight, None
         if scheduled:
+            t0 = time.monotonic()
             pending = prev.rows if prev is not None else {}
             logits = self._forward(scheduled, pending, prev.tokens if pending else None)
             launched = self._launch(scheduled, logits, pending, prev.tokens if pending else None)
+            if TRACE:  # the launch must not wait for the step in flight (device_wait.host_to_device)
+                logger.info("step launched %.6f-%.6f", t0, time.monotonic())
         # NOTE: set before step n is read: a request it ends that step n+1 still computes keeps its pages
         self._inflight = launched
         if prev is not None:

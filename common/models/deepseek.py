@@ -24,8 +24,8 @@ import re
 import torch
 import torch.nn.functional as F
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend, TorchBackend
-from disagg.common.models.layers import ColumnParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear
 from disagg.common.models.fused_moe import fused_topk, fused_topk_ok
+from disagg.common.models.layers import ColumnParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear
 from disagg.common.models.moe import SparseMoE
 from disagg.common.parallel.state import TPGroup, all_reduce, attn_tp_group, get_parallel
 from torch import nn
