@@ -63,9 +63,10 @@ def greedy_ids(engine, prompts: list[str], max_tokens: int) -> list[list[int]]:
     return [o["output_ids"] for o in outs]
 
 
-def check_first_token_leaves_mid_step(pd: PDCluster, want: list[list[int]]) -> None:
+def check_first_token_leaves_mid_step(pd: PDCluster, want: list[list[int]], exact: bool = True) -> None:
     """A request decodes throughout (STEP_S steps); a probe's first token must reach the client
-    seconds before the running request's next token, its greedy tokens `want[1]` (and `want[0]`)."""
+    seconds before the running request's next token, its greedy tokens `want[1]` (and `want[0]`;
+    exact=False: their first tokens, and four tokens each)."""
     running, probe, started = [], [], threading.Event()
     with pd.client() as client:
         bg = threading.Thread(target=stream_events, args=(client, RUNNING, 4, running, started))
@@ -83,7 +84,11 @@ def check_first_token_leaves_mid_step(pd: PDCluster, want: list[list[int]]) -> N
     # the probe's first token came while the running request's step went on: its next token (the
     # step's end) follows a good part of a step later; before, both left at that step's end together
     assert running_after and running_after[0] - first > step / 3, (first, running)
-    assert probe[-1][1] == want[1] and running[-1][1] == want[0]  # greedy tokens, token for token
+    got = [running[-1][1], probe[-1][1]]
+    if exact:
+        assert got == want  # greedy tokens, token for token
+    else:
+        assert [g[:1] for g in got] == [w[:1] for w in want] and [len(g) for g in got] == [4, 4], (got, want)
     metrics = httpx.get(pd.decode.url + "/metrics", timeout=10).text
     # both first tokens left well within a step of their KV (the histogram's 0.5 s bucket)
     name = "disagg_kv_transfer_step_seconds_bucket"

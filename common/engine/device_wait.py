@@ -80,6 +80,25 @@ def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
+def log_stream_syncs(logger) -> None:
+    """DISAGG_TRANSFER_TRACE on CUDA: each operation that makes the host wait for the stream (torch's
+    sync debug mode) is logged with its Python stack (a step's launch must never wait)."""
+    import traceback
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return shown(message, category, filename, lineno, file, line)
+        stack = "".join(traceback.format_stack(limit=14)[:-1])
+        logger.info("stream sync at %.6f: %s\n%s", time.monotonic(), message, stack)
+
+    warnings.showwarning = show
+    warnings.filterwarnings("always", message=".*synchroniz.*")
+
+
 def slow_device(seconds: float, device: torch.device) -> None:
     """DISAGG_STEP_DELAY_S (tests only): the step takes `seconds` longer on the device. On CUDA a
     sleep kernel is queued on the current stream (the host goes on, as with a real slow step);

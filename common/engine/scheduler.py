@@ -34,6 +34,7 @@ request over) and tp/pp > 1 (only rank 0 holds the sampled tokens) never overlap
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import time
 from collections import deque
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 from disagg.common.config import EngineConfig, step_delay_s, transfer_trace
-from disagg.common.engine.device_wait import ForwardThread, slow_device, wait_watching
+from disagg.common.engine.device_wait import ForwardThread, log_stream_syncs, slow_device, wait_watching
 from disagg.common.engine.kv_pool import pages_for_tokens
 from disagg.common.engine.model_runner import ModelRunner
 from disagg.common.engine.radix_cache import RadixCache
@@ -90,6 +91,8 @@ class Scheduler:
         self.transfer = None
         self.overlap = self._may_overlap()
         logger.info("overlap schedule: %s", "on" if self.overlap else "off")
+        if TRACE and self.runner.device.type == "cuda":
+            log_stream_syncs(logger)
         self._inflight: _Launched | None = None  # overlap: the step on the device whose tokens are unread
         # the scheduler loop's: sends outputs to the client path at once (set_early_output_sink)
         self._early_sink: Callable[[list[TokenOut]], None] | None = None
@@ -171,11 +174,15 @@ class Scheduler:
         prev, launched = self._inflight, None
         if scheduled:
             t0 = time.monotonic()
+            if TRACE:  # where a launch that waits for the device hangs: every thread's stack after 1 s
+                faulthandler.dump_traceback_later(1.0)
             pending = prev.rows if prev is not None else {}
             logits = self._forward(scheduled, pending, prev.tokens if pending else None)
+            t1 = time.monotonic()
             launched = self._launch(scheduled, logits, pending, prev.tokens if pending else None)
             if TRACE:  # the launch must not wait for the step in flight (device_wait.host_to_device)
-                logger.info("step launched %.6f-%.6f", t0, time.monotonic())
+                faulthandler.cancel_dump_traceback_later()
+                logger.info("step launched %.6f-%.6f (forward queued at %.6f)", t0, time.monotonic(), t1)
         # NOTE: set before step n is read: a request it ends that step n+1 still computes keeps its pages
         self._inflight = launched
         if prev is not None:
