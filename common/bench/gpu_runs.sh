@@ -33,8 +33,9 @@ for step in "$@"; do
     moe) bench --model-path Qwen3-30B-A3B --load-format dummy --tp 2 --ep 2 --batch-sizes 1,16 \
            --context-len 1024 --prefill-len 2048 --decode-steps 8 --output-json $OUT/moe_tp2.json | tail -16 ;;
     moe-kernels) # issue 19: the MoE layer alone (Triton vs torch, rooflines, block-size sweep); the tuned
-           # block sizes replace the checked-in ones for the engine runs that follow in this machine's tree
-           timeout "${T:-400}" python3 -m disagg.common.bench.moe_kernels --output-dir $OUT 2>&1 | tee $OUT/moe_kernels.log \
+           # block sizes replace the checked-in ones for the engine runs that follow in this machine's tree;
+           # MOE_ARGS another shape, e.g. DeepSeek-V2-Lite's "--experts 64 --inter 1408 --top-k 6"
+           timeout "${T:-400}" python3 -m disagg.common.bench.moe_kernels --output-dir $OUT ${MOE_ARGS:-} 2>&1 | tee $OUT/moe_kernels.log \
              && cp $OUT/fused_moe_configs.json common/models/fused_moe_configs.json ;;
     moe-prefill) # issue 19: where a 2048-token MoE prefill goes (the kernels of one prefill, torch profiler)
            bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 --prefill-len 2048 \

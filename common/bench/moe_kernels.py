@@ -329,7 +329,10 @@ def main() -> None:
         mm_min = r["tokens"]
     config["grouped_mm_min_tokens"] = mm_min if mm_min is not None else 1 << 30
     config["device"] = torch.cuda.get_device_name()
-    (out / "fused_moe_configs.json").write_text(json.dumps({key: config}, indent=2) + "\n")
+    # the checked-in table with this shape's entry replaced (gpu_runs.sh copies it over the repo's)
+    table = json.loads(fused_moe._CONFIGS.read_text()) if fused_moe._CONFIGS.exists() else {}
+    table[key] = config
+    (out / "fused_moe_configs.json").write_text(json.dumps(table, indent=2) + "\n")
     (out / "moe_kernels.json").write_text(json.dumps(dict(ceilings=ceil, rows=rows, sweep=log), indent=2))
     print(json.dumps({key: config}))
 

@@ -57,13 +57,17 @@ _TRITON_ALIGN_MAX_PAIRS = 1 << 30  # pairs above which the torch alignment runs 
 # pairs on an H200, more than the grouped GEMMs of a 2048-token Qwen3-30B-A3B layer)
 _ALIGN_ONE_PROGRAM_MAX_PAIRS = 1024
 _CONFIGS = Path(__file__).with_name("fused_moe_configs.json")
+# an expert shape without a tuned entry: the GEMV layout and GEMV/grouped crossover tuned for
+# Qwen3-30B-A3B on an H200 (the down GEMV's 8-wide tiles give a batch-1 grid of H / 8 programs: at
+# the old 32 a 2048-wide hidden ran 64 programs on 132 SMs, ~31 us a DeepSeek-V2-Lite layer for
+# ~8 us of bytes); `moe-kernels` tunes a shape's own entry
 _DEFAULT = {
-    "gemv_max_pairs": 64,
+    "gemv_max_pairs": 16,
     # NOTE: torch's grouped GEMM won at >= 1024 tokens only while the alignment was one Triton program
     # (0.43-1.7 ms a layer, H200); the same profile puts the Triton GEMMs at 367 us a 2048-token layer
     # against its 400 us plus ~170 us of sorting and gathers: so Triton by default, moe_kernels decides
     "grouped_mm_min_tokens": 1 << 30,
-    "gemv": {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4, "num_warps": 4},
+    "gemv": {"BLOCK_N": 16, "BLOCK_K": 256, "SPLIT_K": 8, "num_warps": 4, "DOWN_BLOCK_N": 8, "DOWN_WARPS": 8},
     "grouped": {
         "1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "num_warps": 4, "num_stages": 3},
         "256": {"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 64, "num_warps": 4, "num_stages": 3},
