@@ -103,8 +103,7 @@ class TorchBackend(AttentionBackend):
         mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & (kv_pos[None, None, :] < kv_len[:, None, None])
         valid = q_pos >= 0
         # NOTE: no stream sync: a plain copy to the device waits for the step in flight (the overlap
-        # schedule's step n while step n+1 is prepared: the scheduler then could not take a PD room's
-        # KV mid-step, test_gpu_first_token); device_wait.host_to_device
+        # schedule's step n while step n+1 is prepared); device_wait.host_to_device
         batch.attn.update(
             q_index=host_to_device(q_index, device),
             kv_page=host_to_device(kv_page, device),

@@ -71,10 +71,10 @@ def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`, queued on the current stream without the host waiting for it.
 
     NOTE: through pinned memory. From pageable memory CUDA "may synchronize with the stream" before
-    staging the bytes (the runtime's API sync notes), i.e. wait for the step in flight: on an H200 a
-    decode's next-step inputs then waited for the running step, so a PD room's first token left only
-    at the step's end (test_gpu_first_token) and the overlap schedule lost its overlap. The pinned
-    block returns to torch's host cache once the copy ran (the copy records its stream)."""
+    staging the bytes (the runtime's API sync notes), i.e. wait for the step in flight, which the
+    overlap schedule and the decode's mid-step first tokens must never do. (The H200 stall of
+    test_gpu_first_token that led here had another cause: docs/pd.md, "First tokens mid-step".)
+    The pinned block returns to torch's host cache once the copy ran (the copy records its stream)."""
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)

@@ -180,7 +180,7 @@ class Scheduler:
             logits = self._forward(scheduled, pending, prev.tokens if pending else None)
             t1 = time.monotonic()
             launched = self._launch(scheduled, logits, pending, prev.tokens if pending else None)
-            if TRACE:  # the launch must not wait for the step in flight (device_wait.host_to_device)
+            if TRACE:  # the launch must not wait for the step in flight (docs/pd.md, "First tokens mid-step")
                 faulthandler.cancel_dump_traceback_later()
                 logger.info("step launched %.6f-%.6f (forward queued at %.6f)", t0, time.monotonic(), t1)
         # NOTE: set before step n is read: a request it ends that step n+1 still computes keeps its pages
