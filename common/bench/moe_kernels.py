@@ -291,6 +291,39 @@ def compare(layers, k: int, ceil: dict, config: dict, batches: list[int]) -> lis
     return rows
 
 
+def plot(report: dict, path: Path) -> None:
+    """Each path's µs per layer against the tokens of the batch, beside the roofline (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    tokens = [r["tokens"] for r in rows]
+    fig, (time_ax, share_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    paths = [("roofline_us", "roofline", "k--"), ("gemv_us", "Triton GEMV", "o-"),
+             ("grouped_us", "Triton grouped (+ alignment)", "s-"), ("grouped_mm_us", "torch _grouped_mm", "^-"),
+             ("torch_us", "torch path", "x-")]  # fmt: skip
+    for key, label, style in paths:
+        pts = [(t, r[key]) for t, r in zip(tokens, rows, strict=True) if r.get(key)]
+        if pts:
+            time_ax.plot(*zip(*pts, strict=True), style, label=label)
+    best = [min(r[k] for k in ("gemv_us", "grouped_us", "grouped_mm_us") if r.get(k)) for r in rows]
+    share_ax.plot(tokens, [100 * r["roofline_us"] / b for r, b in zip(rows, best, strict=True)], "o-")
+    ceil = report.get("ceilings", {})
+    time_ax.set(xscale="log", yscale="log", xlabel="tokens in the batch", ylabel="µs per MoE layer",
+                title="the MoE layer alone")  # fmt: skip
+    share_ax.set(xscale="log", xlabel="tokens in the batch", ylabel="best path, % of roofline", ylim=(0, 105),
+                 title=f"roofline: bytes at {ceil.get('copy_gb_s', 0):.0f} GB/s or FLOPs at "
+                 f"{ceil.get('matmul_tflops', 0):.0f} TF/s")  # fmt: skip
+    for ax in (time_ax, share_ax):
+        ax.grid(alpha=0.3, which="both")
+    time_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", type=int, default=128)
@@ -302,8 +335,12 @@ def main() -> None:
     p.add_argument("--no-tune", action="store_true")
     p.add_argument("--fp8", action="store_true", help="FP8 experts with 128x128 block scales (DeepSeek-V3's)")
     p.add_argument("--output-dir", default=".")
+    p.add_argument("--plot-from", default=None, help="only draw moe_kernels.png from this moe_kernels.json")
     args = p.parse_args()
     out = Path(args.output_dir)
+    if args.plot_from:
+        plot(json.loads(Path(args.plot_from).read_text()), out / "moe_kernels.png")
+        return
     ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     print(f"{torch.cuda.get_device_name()}: ceilings {ceil}", flush=True)
     layers = make_layers(args.layers, args.experts, args.hidden, args.inter, args.fp8)
@@ -333,7 +370,12 @@ def main() -> None:
     table = json.loads(fused_moe._CONFIGS.read_text()) if fused_moe._CONFIGS.exists() else {}
     table[key] = config
     (out / "fused_moe_configs.json").write_text(json.dumps(table, indent=2) + "\n")
-    (out / "moe_kernels.json").write_text(json.dumps(dict(ceilings=ceil, rows=rows, sweep=log), indent=2))
+    report = dict(ceilings=ceil, rows=rows, sweep=log)
+    (out / "moe_kernels.json").write_text(json.dumps(report, indent=2))
+    try:
+        plot(report, out / "moe_kernels.png")
+    except ImportError as e:
+        print(f"no plot: {e}", flush=True)
     print(json.dumps({key: config}))
 
 
