@@ -41,6 +41,13 @@ CHECK = textwrap.dedent(
             assert torch.equal(ids, want_ids), (tokens, experts, k)
             torch.testing.assert_close(weights, want_w, rtol=1e-5, atol=1e-6)
 
+    def check_grouped_topk_shapes(device):
+        # DeepSeek-V3's biased group-limited routing in one launch picks torch's experts, its weights
+        from disagg.common.models.deepseek import check_grouped_topk
+
+        for experts, k, groups, kept, renormalize in ((256, 8, 8, 4, True), (64, 6, 4, 2, False), (32, 4, 4, 4, True)):
+            assert check_grouped_topk(torch.device(device), experts, k, groups, kept, renormalize), (experts, k)
+
     def check(device, dtype, tokens, k, experts, inter, hidden, path, tol, foreign=True):
         torch.manual_seed(tokens * 7 + k)
         x = torch.randn(tokens, hidden, device=device, dtype=dtype)
@@ -84,6 +91,7 @@ def test_interpreted_kernels_match_torch_on_cpu():
         """
         check_align("cpu")
         check_topk("cpu")
+        check_grouped_topk_shapes("cpu")
         for tokens, k, experts in ((1, 2, 4), (5, 3, 6), (40, 2, 4)):
             for path in ("gemv", "grouped", "split"):
                 print(tokens, k, path, check("cpu", torch.float32, tokens, k, experts, 32, 48, path, 1e-4))
@@ -102,6 +110,7 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
     check = scope["check"]
     scope["check_align"]("cuda")
     scope["check_topk"]("cuda")
+    scope["check_grouped_topk_shapes"]("cuda")
     from disagg.common.models.fused_moe import fused_topk_ok
 
     # the start-up check that lets SparseMoE.route use the one-launch routing (Qwen3-30B-A3B, Mixtral)

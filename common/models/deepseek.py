@@ -19,16 +19,26 @@ shared latent "key/value" for all heads), which reads each latent once.
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 
 import torch
 import torch.nn.functional as F
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend, TorchBackend
-from disagg.common.models.fused_moe import fused_topk, fused_topk_ok
+from disagg.common.models.fused_moe import (
+    fused_grouped_topk,
+    fused_moe_available,
+    fused_topk,
+    fused_topk_ok,
+    grouped_topk_shape_ok,
+)
 from disagg.common.models.layers import ColumnParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear
 from disagg.common.models.moe import SparseMoE
 from disagg.common.parallel.state import TPGroup, all_reduce, attn_tp_group, get_parallel
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 DEEPSEEK_ARCHITECTURES = {"DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
 
@@ -251,36 +261,100 @@ class DeepseekGate(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.norm_topk = bool(getattr(config, "norm_topk_prob", False))
         self.scaling = config.routed_scaling_factor
-        # V2's plain softmax top-k is moe.py's routing: one Triton launch on the GPU where it agrees
-        # with torch (instead of ~6 small kernels a layer at batch 1)
-        self.fused = not (self.v3 or self.grouped) and fused_topk_ok(
-            self.weight.device, num_experts, self.top_k, False
-        )
+        # one Triton launch on the GPU where it agrees with torch (instead of ~6 small kernels a layer
+        # for V2's plain softmax top-k, moe.py's routing; ~12 for V3's biased group-limited one)
+        device = self.weight.device
+        if self.v3:
+            self.fused = grouped_topk_shape_ok(num_experts, self.n_group, self.topk_group, self.top_k) and (
+                fused_v3_routing_ok(device, num_experts, self.top_k, self.n_group, self.topk_group, self.norm_topk)
+            )  # fmt: skip
+        else:
+            self.fused = not self.grouped and fused_topk_ok(device, num_experts, self.top_k, False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (weights [T, k] float32, expert ids [T, k])."""
         logits = F.linear(x.float(), self.weight)
         if self.fused and logits.is_cuda:
+            if self.v3:
+                return fused_grouped_topk(
+                    logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                    self.norm_topk, self.scaling,
+                )  # fmt: skip
             weights, ids = fused_topk(logits, self.top_k, False)
             return (weights * self.scaling if self.scaling != 1 else weights), ids
-        scores = logits.sigmoid() if self.v3 else logits.softmax(dim=-1)
-        choice = scores + self.e_score_correction_bias.float() if self.v3 else scores
-        if self.grouped:
-            choice = self._mask_groups(choice)
-        ids = choice.topk(self.top_k, dim=-1, sorted=False)[1]
-        weights = scores.gather(1, ids)
-        if self.norm_topk and self.v3:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.scaling, ids
+        bias = self.e_score_correction_bias if self.v3 else None
+        return route(logits, bias, self.top_k, self.n_group if self.grouped else 1, self.topk_group,
+                     self.norm_topk, self.scaling)  # fmt: skip
 
-    def _mask_groups(self, choice: torch.Tensor) -> torch.Tensor:
+
+def route(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    n_group: int,
+    topk_group: int,
+    norm_topk: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference routing in torch: V3 (`bias` given) sigmoid scores, the choice = scores + bias,
+    groups ranked by their top-2 sum; V2 softmax, groups ranked by their best (group_limited_greedy;
+    n_group 1: plain greedy). Top-k choices of the best `topk_group` groups; weights = their scores
+    (V3: over their sum if norm_topk) x scaling."""
+    v3 = bias is not None
+    scores = logits.sigmoid() if v3 else logits.softmax(dim=-1)
+    choice = scores + bias.float() if v3 else scores
+    if n_group > 1:
         t, e = choice.shape
-        groups = choice.view(t, self.n_group, e // self.n_group)
-        group_scores = groups.topk(2, dim=-1)[0].sum(-1) if self.v3 else groups.max(dim=-1).values
+        groups = choice.view(t, n_group, e // n_group)
+        group_scores = groups.topk(2, dim=-1)[0].sum(-1) if v3 else groups.max(dim=-1).values
         keep = torch.zeros_like(group_scores)
-        keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1, sorted=False)[1], 1)
-        keep = keep.bool().unsqueeze(-1).expand(-1, -1, e // self.n_group).reshape(t, e)
-        return choice.masked_fill(~keep, float("-inf"))
+        keep.scatter_(1, group_scores.topk(topk_group, dim=-1, sorted=False)[1], 1)
+        keep = keep.bool().unsqueeze(-1).expand(-1, -1, e // n_group).reshape(t, e)
+        choice = choice.masked_fill(~keep, float("-inf"))
+    ids = choice.topk(k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, ids)
+    if norm_topk and v3:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
+
+
+@functools.cache
+def fused_v3_routing_ok(
+    device: torch.device, num_experts: int, k: int, n_group: int, topk_group: int, norm_topk: bool
+) -> bool:
+    """Whether fused_grouped_topk picks `route`'s experts with its weights on this device and shape
+    (checked once when a layer is built, never inside a graph capture): on a mismatch or an error
+    the layer keeps the torch routing, so a kernel bug costs speed, not tokens."""
+    if not (fused_moe_available() and device.type == "cuda"):
+        return False
+    try:
+        return check_grouped_topk(device, num_experts, k, n_group, topk_group, norm_topk)
+    except Exception:  # noqa: BLE001 - any failure: the torch routing, loudly
+        logger.exception(
+            "fused_grouped_topk failed its start-up check (E=%d, k=%d): torch routing", num_experts, k
+        )
+        return False
+
+
+def check_grouped_topk(
+    device: torch.device, num_experts: int, k: int, n_group: int, topk_group: int, norm_topk: bool
+) -> bool:
+    """fused_grouped_topk against `route` on 256 random float32 tokens (ids compared as sets: torch's
+    unsorted top-k has no order; weights matched per id). Logs what differs."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    # NOTE: float32 explicitly (layers are built under a bf16 default dtype: bf16 values tie often)
+    logits = torch.randn(256, num_experts, device=device, generator=gen, dtype=torch.float32)
+    bias = torch.randn(num_experts, device=device, generator=gen, dtype=torch.float32) / 10
+    got_w, got_ids = fused_grouped_topk(logits, bias, k, n_group, topk_group, norm_topk, 2.5)
+    want_w, want_ids = route(logits, bias, k, n_group, topk_group, norm_topk, 2.5)
+    got_ids, order = got_ids.sort(dim=-1)
+    want_ids, want_order = want_ids.sort(dim=-1)
+    ok = torch.equal(got_ids, want_ids) and torch.allclose(
+        got_w.gather(1, order), want_w.gather(1, want_order), rtol=1e-5, atol=1e-6
+    )
+    if not ok:
+        logger.warning("fused_grouped_topk disagrees with torch (E=%d, k=%d): torch routing", num_experts, k)
+    return ok
 
 
 class DeepseekMoE(SparseMoE):

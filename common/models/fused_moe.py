@@ -240,6 +240,43 @@ def fused_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.T
     return weights, ids
 
 
+def fused_grouped_topk(
+    logits: torch.Tensor,
+    bias: torch.Tensor,
+    k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's routing after the gate GEMM, in one launch (the torch form, deepseek.py's
+    `route`, is ~12 small kernels a layer): sigmoid scores; the choice = scores + bias; the groups
+    ranked by the sum of their two best choices, the best `topk_group` kept; the top-k choices of
+    those; weights = their scores (over their sum if `renormalize`) x `scaling`. Experts a power of
+    two, split in `n_group` power-of-two groups (V3: 256 = 8 x 32). Returns float32 [T, k], int64 [T, k]."""
+    num_tokens, num_experts = logits.shape
+    weights = torch.empty(num_tokens, k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, k, dtype=torch.int64, device=logits.device)
+    _grouped_topk_kernel[(num_tokens,)](
+        logits, bias, weights, ids, logits.stride(0), float(scaling),
+        K=k, K_POW2=triton.next_power_of_2(k), E=num_experts, GROUPS=n_group, TOPK_GROUP=topk_group,
+        RENORMALIZE=renormalize, num_warps=4,
+    )  # fmt: skip
+    return weights, ids
+
+
+def grouped_topk_shape_ok(num_experts: int, n_group: int, topk_group: int, k: int) -> bool:
+    """Whether fused_grouped_topk takes this router shape (powers of two; enough kept experts)."""
+
+    def pow2(n: int) -> bool:
+        return n > 0 and n & (n - 1) == 0
+
+    return (
+        pow2(num_experts) and pow2(n_group) and num_experts % n_group == 0 and 0 < topk_group <= n_group
+        and k <= topk_group * (num_experts // n_group)
+    )  # fmt: skip
+
+
 @functools.cache
 def fused_topk_ok(device: torch.device, num_experts: int, k: int, renormalize: bool) -> bool:
     """Whether fused_topk picks torch's experts with torch's weights on this device and shape:
@@ -447,6 +484,47 @@ if triton is not None:
                 part += dot
             acc += part * tl.load(weights + pair)
         tl.store(out + token.to(tl.int64) * N + offs_n, acc.to(out.dtype.element_ty), mask=n_mask)
+
+    @triton.jit
+    def _grouped_topk_kernel(
+        logits, bias, weights, ids, stride, scaling,
+        K: tl.constexpr, K_POW2: tl.constexpr, E: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr,
+        RENORMALIZE: tl.constexpr,
+    ):  # fmt: skip
+        """One token: fused_grouped_topk (ties: the lowest group, the lowest expert)."""
+        token = tl.program_id(0).to(tl.int64)
+        size: tl.constexpr = E // GROUPS
+        experts = tl.arange(0, E)
+        scores = tl.sigmoid(tl.load(logits + token * stride + experts).to(tl.float32))
+        choice = scores + tl.load(bias + experts).to(tl.float32)
+        # each group's score: its best two choices (the best twice where it occurs twice, as topk(2))
+        grid = tl.reshape(choice, (GROUPS, size))
+        lanes = tl.arange(0, size)
+        best = tl.max(grid, axis=1)
+        first = tl.min(tl.where(grid == best[:, None], lanes[None, :], size), axis=1)
+        group_score = best + tl.max(tl.where(lanes[None, :] == first[:, None], -float("inf"), grid), axis=1)
+        groups = tl.arange(0, GROUPS)
+        kept = tl.zeros([GROUPS], dtype=tl.int32)
+        for _ in tl.static_range(TOPK_GROUP):
+            top = tl.max(group_score, axis=0)
+            pick = tl.min(tl.where(group_score == top, groups, GROUPS), axis=0)
+            kept = tl.where(groups == pick, 1, kept)
+            group_score = tl.where(groups == pick, -float("inf"), group_score)
+        kept_e = tl.reshape(tl.broadcast_to(kept[:, None], (GROUPS, size)), (E,))
+        choice = tl.where(kept_e != 0, choice, -float("inf"))
+        slots = tl.arange(0, K_POW2)
+        top_w = tl.zeros([K_POW2], dtype=tl.float32)
+        top_id = tl.zeros([K_POW2], dtype=tl.int64)
+        for j in tl.static_range(K):
+            top = tl.max(choice, axis=0)
+            pick = tl.min(tl.where(choice == top, experts, E), axis=0)
+            top_w = tl.where(slots == j, tl.sum(tl.where(experts == pick, scores, 0.0), axis=0), top_w)
+            top_id = tl.where(slots == j, pick.to(tl.int64), top_id)
+            choice = tl.where(experts == pick, -float("inf"), choice)
+        if RENORMALIZE:
+            top_w = top_w / (tl.sum(top_w, axis=0) + 1e-20)
+        tl.store(weights + token * K + slots, top_w * scaling, mask=slots < K)
+        tl.store(ids + token * K + slots, top_id, mask=slots < K)
 
     @triton.jit
     def _topk_kernel(
