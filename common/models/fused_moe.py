@@ -272,7 +272,7 @@ def grouped_topk_shape_ok(num_experts: int, n_group: int, topk_group: int, k: in
         return n > 0 and n & (n - 1) == 0
 
     return (
-        pow2(num_experts) and pow2(n_group) and num_experts % n_group == 0 and 0 < topk_group <= n_group
+        pow2(num_experts) and pow2(n_group) and num_experts // n_group >= 2 and 0 < topk_group <= n_group
         and k <= topk_group * (num_experts // n_group)
     )  # fmt: skip
 
