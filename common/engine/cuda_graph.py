@@ -217,9 +217,10 @@ class CudaGraphRunner:
                 plan.positions + [0] * pad,
                 plan.pages + [self.pool.pad_page] * pad,
                 plan.offsets + [0] * pad,
-            ]
+            ],
+            pin_memory=True,  # built pinned: one host-to-device copy, no stream sync (device_wait.host_to_device)
         )
-        self.inputs[:, :padded].copy_(host.pin_memory(), non_blocking=True)  # one copy, no stream sync
+        self.inputs[:, :padded].copy_(host, non_blocking=True)
         if future is not None:
             future.fill(self.input_ids)
         self.plan_fence.wait()

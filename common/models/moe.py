@@ -226,8 +226,9 @@ class SparseMoE(nn.Module):
         # FP8 experts take the fused kernels only where the FP8 GEMMs run in Triton (fp8.py's rule)
         fused = scales is None or self.experts.fp8_backend == "triton"
         if x.is_cuda and fused_moe_available() and fused:
-            # foreign: some ids may be out of range (another rank's expert, an all-to-all pad row)
-            foreign = self.num_local < self.num_physical or self.a2a
+            # foreign: some ids may be out of range (another rank's expert, an all-to-all pad row: the
+            # all-to-all needs ep > 1, so there are other ranks' experts then too)
+            foreign = self.num_local < self.num_physical
             return fused_experts(x, w13, w2, weights, local, scales=scales, foreign=foreign)
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         return grouped_experts(x, w13, w2, weights.to(x.dtype), local, trim=not capturing, scales=scales)
