@@ -42,7 +42,7 @@ def _views(qkv, hq, hkv, d):
 
 
 def _assert_close(got, want, dtype):
-    # float32: rounding order only; 16 bits: a few ulps of the largest value (fused_rope_kv._close's why)
+    # float32: rounding order only; 16 bits: a few ulps of the largest value (fused_rope_kv.close_enough's why)
     tol = (1e-5 if dtype == torch.float32 else 1 / 32) * want.float().abs().max().item()
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=0)
 

@@ -26,6 +26,7 @@ import re
 import torch
 import torch.nn.functional as F
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend, TorchBackend
+from disagg.common.models.fused_mla_rope import deinterleave, fused_mla_rope, fused_mla_rope_ok
 from disagg.common.models.fused_moe import (
     fused_grouped_topk,
     fused_moe_available,
@@ -108,13 +109,6 @@ def softmax_scale(config) -> float:
     return scale
 
 
-def _deinterleave(x: torch.Tensor) -> torch.Tensor:
-    """(x0, x1, x2, x3, ...) -> (x0, x2, ..., x1, x3, ...): DeepSeek rotates interleaved pairs; after
-    this permutation the rotate-half RoPE gives the same rotation (q and k share the layout, so
-    their dot products are unchanged)."""
-    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
-
-
 class MLAttention(nn.Module):
     def __init__(self, config, layer_id: int, rope: RotaryEmbedding):
         super().__init__()
@@ -143,6 +137,11 @@ class MLAttention(nn.Module):
         self.interleaved = config.model_type == "deepseek_v2" or getattr(config, "rope_interleave", False)
         self.scale = softmax_scale(config)
         self.rope = rope
+        # the latent's norm, RoPE and the latent write in one Triton launch where it agrees with torch
+        w = self.kv_a_layernorm.weight
+        self.fused_rope = fused_mla_rope_ok(
+            w.device, w.dtype, self.num_heads, self.nope, self.rope_dim, self.rank, self.interleaved
+        )
 
     def forward(self, x, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend):
         if not batch.q_lens:  # an idle DP-attention rank: no tokens, only the o_proj collective
@@ -153,15 +152,15 @@ class MLAttention(nn.Module):
             )
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
         q = q.view(-1, self.num_heads, self.qk_dim)
-        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_dim], dim=-1)
-        c_kv, k_pe = self.kv_a_layernorm(c_kv), k_pe.unsqueeze(1)  # k_pe [T, 1, rope]
-        if self.interleaved:
-            q_pe, k_pe = _deinterleave(q_pe), _deinterleave(k_pe)
-        # contiguous: the fused CUDA RoPE rotates in place through a flattened view
-        q_pe, k_pe = self.rope(batch.positions, q_pe.contiguous(), k_pe.contiguous())
+        q_nope = q[..., : self.nope]
+        kv_a = self.kv_a_proj_with_mqa(x)  # [T, rank + rope]: c_kv | k_pe
         kv = kv_buffer[self.layer_id]  # [num_pages, 2, page_size, 1, latent/2]: the pool's view
-        write_latent(kv, batch, torch.cat((c_kv, k_pe.squeeze(1)), dim=-1))
+        if self.fused_rope:
+            norm = self.kv_a_layernorm
+            q_pe = fused_mla_rope(batch.positions, q, kv_a, norm.weight, norm.eps, latent_pages(kv), batch.out_page,
+                                  batch.out_offset, self.rope.table(), self.interleaved)  # fmt: skip
+        else:
+            q_pe = self.rope_and_write_latent(q[..., self.nope :], kv_a, kv, batch)
         if isinstance(backend, MLABackend) and backend.runs_in_place(batch):
             out = self.paged_absorbed_attention(q_nope, q_pe, latent_pages(kv), batch, backend)
         else:
@@ -169,6 +168,17 @@ class MLAttention(nn.Module):
             form = self.absorbed_attention if batch.is_decode_only else self.expanded_attention
             out = form(q_nope, q_pe, latent, batch)
         return self.o_proj(out.reshape(-1, self.num_heads * self.v_dim))
+
+    def rope_and_write_latent(self, q_pe, kv_a, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """fused_mla_rope's steps one op at a time (FlashInfer's norm and RoPE where they apply)."""
+        c_kv, k_pe = kv_a.split([self.rank, self.rope_dim], dim=-1)
+        c_kv, k_pe = self.kv_a_layernorm(c_kv), k_pe.unsqueeze(1)  # k_pe [T, 1, rope]
+        if self.interleaved:
+            q_pe, k_pe = deinterleave(q_pe), deinterleave(k_pe)
+        # contiguous: the fused CUDA RoPE rotates in place through a flattened view
+        q_pe, k_pe = self.rope(batch.positions, q_pe.contiguous(), k_pe.contiguous())
+        write_latent(kv, batch, torch.cat((c_kv, k_pe.squeeze(1)), dim=-1))
+        return q_pe
 
     def _kv_b_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, nope, rank] and W_UV [H, v, rank] (views of kv_b_proj)."""
@@ -193,10 +203,16 @@ class MLAttention(nn.Module):
         """The absorbed form on an MLA backend's kernel, over the latent pages in place (no gather):
         q_nope through W_UK into the latent space, the kernel's latent context through W_UV."""
         w_uk, w_uv = self._kv_b_weights()
-        # [H, T, nope] @ [H, nope, rank]: one batched GEMM per head; contiguous rows for the kernel
-        q_lat = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1).contiguous()
+        t = q_nope.shape[0]
+        # [H, T, nope] @ [H, nope, rank], one GEMM per head, written straight into the [T, H, rank]
+        # rows the kernel reads (NOTE: an `out` whose rows are strided by H * rank is cuBLAS's ldc:
+        # no copy after the GEMM); the same for the [T, H, v] rows o_proj reads
+        q_lat = q_nope.new_empty(t, self.num_heads, self.rank)
+        torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_lat.transpose(0, 1))
         ctx = backend.run_mla(q_lat, q_pe, pages, self.scale, batch)  # [T, H, rank]
-        return torch.bmm(ctx.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [T, H, v]
+        out = q_nope.new_empty(t, self.num_heads, self.v_dim)
+        torch.bmm(ctx.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
+        return out
 
     def absorbed_attention(self, q_nope, q_pe, latent, batch) -> torch.Tensor:
         """Queries in the latent space: score = (q_nope W_UK) . c_kv + q_pe . k_pe; the context

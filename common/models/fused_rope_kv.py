@@ -99,22 +99,22 @@ def rope_kv_reference(
     """fused_rope_kv in torch ops (the decoder's unfused path: kernels.rms_norm's and apply_rope's
     torch arithmetic, one index_copy_ per K and V)."""
     if norm is not None:
-        q, k = _rms_norm(q, norm[0], norm[2]), _rms_norm(k, norm[1], norm[2])
+        q, k = rms_norm_reference(q, norm[0], norm[2]), rms_norm_reference(k, norm[1], norm[2])
     half = cos_sin.shape[1] // 2
     cos, sin = cos_sin[positions, :half].unsqueeze(1), cos_sin[positions, half:].unsqueeze(1)  # [T, 1, D/2]
-    q, k = _rotate(q, cos, sin, is_neox), _rotate(k, cos, sin, is_neox)
+    q, k = rotate_reference(q, cos, sin, is_neox), rotate_reference(k, cos, sin, is_neox)
     rows = kv.view(-1, k.shape[1], k.shape[2])
     rows.index_copy_(0, k_rows, k.to(kv.dtype))
     rows.index_copy_(0, k_rows + kv.shape[2], v.to(kv.dtype))
     return q.contiguous()
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1) if is_neox else (xf[..., 0::2], xf[..., 1::2])
     o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
@@ -192,12 +192,12 @@ def _agrees_with_reference(
     q_want, kv_want = run(rope_kv_reference)
     for launch in LAUNCHES:
         q_got, kv_got = run(functools.partial(fused_rope_kv, launch=launch))
-        if not (_close(q_got, q_want) and _close(kv_got, kv_want)):
+        if not (close_enough(q_got, q_want) and close_enough(kv_got, kv_want)):
             return False
     return True
 
 
-def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+def close_enough(got: torch.Tensor, want: torch.Tensor) -> bool:
     """Equal up to rounding: float32 to 1e-5 of the largest value; 16-bit to 1/32 of it (a few
     ulps). NOTE: not element-wise relative: in 16 bits the rounded norm of a head flips an ulp when
     its float32 sum order does, and where RoPE's difference cancels that ulp is large next to the
