@@ -142,7 +142,7 @@ def sweep(name, candidates, make_config, tokens, layers, k, ceil, graph) -> tupl
     return rows[0]["config"], rows
 
 
-def tune(layers, k: int, ceil: dict, base: dict) -> tuple[dict, list[dict]]:
+def tune(layers, k: int, ceil: dict, base: dict, gemv_only: bool = False) -> tuple[dict, list[dict]]:
     config, log = json.loads(json.dumps(base)), []
     gemv = [
         dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s, num_warps=w)
@@ -172,6 +172,8 @@ def tune(layers, k: int, ceil: dict, base: dict) -> tuple[dict, list[dict]]:
     )
     config["gemv"] = best
     log += rows
+    if gemv_only:  # the batch-1 layouts only (a few dozen candidates, not a hundred)
+        return config, log
     # SPLIT_ACT: gate|up as one GEMM, silu * up in the down kernel's loads (one accumulator a tile)
     grouped_small = [
         dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, num_warps=w, num_stages=s, SPLIT_ACT=sa)
@@ -333,6 +335,9 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--batches", default="1,2,4,8,16,32,64,256,2048")
     p.add_argument("--no-tune", action="store_true")
+    p.add_argument(
+        "--tune-gemv-only", action="store_true", help="tune the batch-1 GEMV layouts, keep the grouped"
+    )
     p.add_argument("--fp8", action="store_true", help="FP8 experts with 128x128 block scales (DeepSeek-V3's)")
     p.add_argument("--output-dir", default=".")
     p.add_argument("--plot-from", default=None, help="only draw moe_kernels.png from this moe_kernels.json")
@@ -349,7 +354,7 @@ def main() -> None:
     config["grouped_mm_min_tokens"] = 1 << 30  # the sweep and the gemv/grouped columns time Triton's kernels
     log = []
     if not args.no_tune:
-        config, log = tune(layers, args.top_k, ceil, config)
+        config, log = tune(layers, args.top_k, ceil, config, args.tune_gemv_only)
     rows = compare(layers, args.top_k, ceil, config, [int(b) for b in args.batches.split(",")])
     # the GEMV path up to the last batch of the run of batches where it beats the grouped one
     gemv_max = 0
