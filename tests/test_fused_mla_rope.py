@@ -18,7 +18,7 @@ from tests.conftest import hf_greedy
 from tests.test_common_deepseek import make_tiny_deepseek
 from tests.test_fused_rope_kv import _interpret
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(
     torch.cuda.is_available(), reason="the start-up check and test_gpu_mla.py run the compiled kernel"
 )
@@ -140,3 +140,29 @@ def test_start_up_check_refuses_a_kernel_that_disagrees():
     )
     assert "refused" in out
     assert out.count("fused_mla_rope disagrees with torch") == 2 and "failed its start-up check" not in out
+
+
+def test_kernel_compiles_for_hopper():
+    """Triton's interpreter runs the kernel as Python, so it misses what only the compiler checks
+    (e.g. a name typed differently in the two branches of the q/latent split): compile it for sm_90
+    here, as the H200 does, at V3's widths and both launch shapes."""
+    from disagg.common.models.fused_mla_rope import _mla_rope_kernel
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = _mla_rope_kernel.arg_names
+    pointers = dict.fromkeys(("q", "kv_a", "norm_w", "q_pe", "pages"), "*bf16")
+    pointers |= dict.fromkeys(("positions", "out_page", "out_offset"), "*i64") | {
+        "cos_sin": "*fp32",
+        "eps": "fp32",
+    }
+    for block_h in (1, 4):
+        consts = dict(
+            NOPE=128, RANK=512, RANK_POW2=512, HALF=32, HALF_POW2=32, BLOCK_H=block_h, INTERLEAVED=True
+        )
+        signature = {
+            n: pointers.get(n) or ("constexpr" if n in consts else "i64" if n.startswith("stride") else "i32")
+            for n in names
+        }
+        src = ASTSource(_mla_rope_kernel, signature, {(names.index(n),): v for n, v in consts.items()})
+        triton.compile(src, target=GPUTarget("cuda", 90, 32))

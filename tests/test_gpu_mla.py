@@ -86,7 +86,8 @@ def test_flashinfer_mla_equals_torch_on_the_same_pages(q_lens, kv_lens, page_siz
     fi = FlashInferMLABackend(torch.device("cuda"), pool, attn.num_heads)
     fi.prepare(batch)
     TorchBackend().prepare(batch)
-    out = attn.paged_absorbed_attention(q_nope, q_pe, latent_pages(pool.kv_buffer[0]), batch, fi).float()
+    with torch.inference_mode():  # as the model runs (its GEMMs write into preallocated rows)
+        out = attn.paged_absorbed_attention(q_nope, q_pe, latent_pages(pool.kv_buffer[0]), batch, fi).float()
     # the torch MLA path in float32 on the same bf16 values: absorbed for decode, expanded for prefill
     ref_attn = attn.float()
     form = ref_attn.absorbed_attention if batch.is_decode_only else ref_attn.expanded_attention

@@ -209,9 +209,9 @@ if triton is not None:
         if b < q_blocks:
             heads = b * BLOCK_H + tl.arange(0, BLOCK_H)
             mask = (heads < num_heads)[:, None] & lanes[None, :]
-            src = q + t * stride_qt + heads[:, None] * stride_qh + NOPE
-            x1 = tl.load(src + lo[None, :], mask=mask, other=0.0).to(tl.float32)
-            x2 = tl.load(src + hi[None, :], mask=mask, other=0.0).to(tl.float32)
+            q_src = q + t * stride_qt + heads[:, None] * stride_qh + NOPE
+            x1 = tl.load(q_src + lo[None, :], mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(q_src + hi[None, :], mask=mask, other=0.0).to(tl.float32)
             dst = q_pe + t * (num_heads * 2 * HALF) + heads[:, None] * (2 * HALF) + i[None, :]
             out_dtype = q_pe.dtype.element_ty
             tl.store(dst, (x1 * cos[None, :] - x2 * sin[None, :]).to(out_dtype), mask=mask)
@@ -229,9 +229,9 @@ if triton is not None:
             c = ((cf * rstd).to(dtype).to(tl.float32) * w).to(dtype)
             tl.store(row + r, c.to(pool_dtype), mask=r < RANK)
             # the shared key
-            src = kv_a + t * stride_kv + RANK
-            x1 = tl.load(src + lo, mask=lanes, other=0.0).to(tl.float32)
-            x2 = tl.load(src + hi, mask=lanes, other=0.0).to(tl.float32)
-            o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-            tl.store(row + RANK + i, o1.to(dtype).to(pool_dtype), mask=lanes)
-            tl.store(row + RANK + HALF + i, o2.to(dtype).to(pool_dtype), mask=lanes)
+            # NOTE: names apart from the q branch's: Triton types a name once across both branches
+            k_src = kv_a + t * stride_kv + RANK
+            k1 = tl.load(k_src + lo, mask=lanes, other=0.0).to(tl.float32)
+            k2 = tl.load(k_src + hi, mask=lanes, other=0.0).to(tl.float32)
+            tl.store(row + RANK + i, (k1 * cos - k2 * sin).to(dtype).to(pool_dtype), mask=lanes)
+            tl.store(row + RANK + HALF + i, (k2 * cos + k1 * sin).to(dtype).to(pool_dtype), mask=lanes)
