@@ -25,6 +25,7 @@ from pathlib import Path
 #                           at load elsewhere) | torch (the block-scaled math in torch, any device) | off
 #   DISAGG_MLA_PREFILL      MLA prefill/mixed batches on the FlashInfer MLA backend: flashinfer (absorbed
 #                           form on its MLA kernel, default) | torch (expanded form, torch SDPA; A/B runs)
+#   DISAGG_MLA_KERNEL       FlashInfer's MLA kernel family: auto (FlashInfer's pick: FA3 on Hopper) | fa2 | fa3
 #   DISAGG_STEP_DELAY_S     tests only: every forward of the server's scheduler takes this many seconds
 #                           longer, as on a slow device (tests/test_first_token.py: long decode steps)
 # and the standard ones we honour: XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES (launch_local splits the
@@ -140,6 +141,14 @@ def fp8_gemm_mode() -> str:
     if mode not in ("auto", "torch", "off"):
         raise ValueError(f"DISAGG_FP8_GEMM={mode!r}: expected auto, torch or off")
     return mode
+
+
+def mla_kernel() -> str:
+    """DISAGG_MLA_KERNEL: auto | fa2 | fa3 (the `backend` of FlashInfer's MLA wrappers)."""
+    kernel = os.environ.get("DISAGG_MLA_KERNEL", "auto") or "auto"
+    if kernel not in ("auto", "fa2", "fa3"):
+        raise ValueError(f"DISAGG_MLA_KERNEL={kernel!r}: expected auto, fa2 or fa3")
+    return kernel
 
 
 def mla_prefill_mode() -> str:

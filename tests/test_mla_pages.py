@@ -74,7 +74,8 @@ class ReferenceMLAWrapper:
     calls, the planner's metadata checks, and the kernel's math (absorbed MLA, bottom-right causal
     mask), so the backend's glue runs on the CPU exactly as it drives FlashInfer on a GPU."""
 
-    def __init__(self, float_workspace_buffer, use_cuda_graph=False, **buffers):
+    def __init__(self, float_workspace_buffer, use_cuda_graph=False, backend="auto", **buffers):
+        assert backend in ("auto", "fa2", "fa3")  # DISAGG_MLA_KERNEL's values
         self.plans = 0
 
     def plan(self, *, metadata, num_heads, head_dim_ckv, head_dim_kpe, page_size, causal, sm_scale,

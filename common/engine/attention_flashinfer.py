@@ -16,7 +16,7 @@ back to torch).
 from __future__ import annotations
 
 import torch
-from disagg.common.config import mla_prefill_mode
+from disagg.common.config import mla_kernel, mla_prefill_mode
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend, TorchBackend
 from disagg.common.engine.device_wait import host_to_device
 
@@ -137,7 +137,7 @@ class FlashInferMLABackend(FlashInferBackend, MLABackend):
         self.api = api or flashinfer_mla_api()
         self.pool, self.num_qo_heads, self.device = pool, num_qo_heads, device
         self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.wrapper = self.api.BatchMLAPagedAttentionWrapper(self.workspace)
+        self.wrapper = self.api.BatchMLAPagedAttentionWrapper(self.workspace, backend=mla_kernel())
         # DISAGG_MLA_PREFILL=torch: prefill and mixed batches run the expanded form on torch SDPA
         # (to compare with the absorbed form on the kernel; decode stays on the kernel)
         self.torch_prefill, self.torch = mla_prefill_mode() == "torch", TorchBackend()

@@ -13,6 +13,7 @@ import bisect
 import logging
 
 import torch
+from disagg.common.config import mla_kernel
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend
 from disagg.common.engine.attention_flashinfer import (
     flashinfer_mla_api,
@@ -121,6 +122,7 @@ class _GraphMLADecodeBackend(MLABackend):
             kv_indptr=self.kv_indptr,
             kv_indices=self.indices,
             kv_len_arr=self.kv_len,
+            backend=mla_kernel(),
         )
 
     def plan(self, kv_lens: list[int], tables: list[list[int]]) -> None:
