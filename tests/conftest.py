@@ -189,3 +189,21 @@ def assert_logprobs_close(a: list[dict], b: list[dict]) -> None:
             continue
         assert xs[k] in {t for t, _ in y["meta_info"]["output_top_logprobs"][k]}, (i, k)
         assert ys[k] in {t for t, _ in x["meta_info"]["output_top_logprobs"][k]}, (i, k)
+
+
+def compile_for_hopper(kernel, types: dict[str, str], consts: dict) -> None:
+    """Compile a Triton kernel for sm_90 on this CPU machine (no GPU: Triton's own ptxas), as the H200
+    would: the compiler's checks that Triton's interpreter skips (a name typed differently in two
+    branches, a bad cast). `types`: Triton types of the pointer and float arguments by name; the
+    rest are int32 (`stride*`: int64) but for the constexprs in `consts`."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    signature = {
+        n: types.get(n) or ("constexpr" if n in consts else "i64" if n.startswith("stride") else "i32")
+        for n in names
+    }
+    src = ASTSource(kernel, signature, {(names.index(n),): v for n, v in consts.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32))

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from tests.conftest import hf_greedy
+from tests.conftest import compile_for_hopper, hf_greedy
 from tests.test_common_deepseek import make_tiny_deepseek
 from tests.test_fused_rope_kv import _interpret
 
@@ -147,10 +147,7 @@ def test_kernel_compiles_for_hopper():
     (e.g. a name typed differently in the two branches of the q/latent split): compile it for sm_90
     here, as the H200 does, at V3's widths and both launch shapes."""
     from disagg.common.models.fused_mla_rope import _mla_rope_kernel
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    names = _mla_rope_kernel.arg_names
     pointers = dict.fromkeys(("q", "kv_a", "norm_w", "q_pe", "pages"), "*bf16")
     pointers |= dict.fromkeys(("positions", "out_page", "out_offset"), "*i64") | {
         "cos_sin": "*fp32",
@@ -160,9 +157,4 @@ def test_kernel_compiles_for_hopper():
         consts = dict(
             NOPE=128, RANK=512, RANK_POW2=512, HALF=32, HALF_POW2=32, BLOCK_H=block_h, INTERLEAVED=True
         )
-        signature = {
-            n: pointers.get(n) or ("constexpr" if n in consts else "i64" if n.startswith("stride") else "i32")
-            for n in names
-        }
-        src = ASTSource(_mla_rope_kernel, signature, {(names.index(n),): v for n, v in consts.items()})
-        triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        compile_for_hopper(_mla_rope_kernel, pointers, consts)

@@ -108,13 +108,13 @@ def grouped_config(config: dict, num_tokens: int) -> dict:
 
 
 def fp8_config(config: dict, block: tuple[int, int]) -> dict:
-    """The block sizes FP8 experts need from a config: a K tile never crosses a scale block (GEMV:
-    BLOCK_K divides block_k; grouped: BLOCK_K = block_k, one activation group a tile) and the
-    grouped gate/up GEMM writes its raw [2I] rows (SPLIT_ACT: silu in the down kernel's loads)."""
-    group_k = block[1]
-    gemv = dict(config["gemv"], BLOCK_K=min(config["gemv"]["BLOCK_K"], group_k))
-    grouped = {m: dict(c, BLOCK_SIZE_K=group_k, SPLIT_ACT=True) for m, c in config["grouped"].items()}
-    return dict(config, gemv=gemv, grouped=grouped)
+    """The block sizes FP8 experts need from a config: a grouped K tile is one scale block (BLOCK_K =
+    block_k: one activation group a tile) and the grouped gate/up GEMM writes its raw [2I] rows
+    (SPLIT_ACT: silu in the down kernel's loads). The GEMVs scale each weight element by its own
+    block's scale, so their tiles keep the config's width (at 128-wide tiles V3's down GEMV ran
+    ~5x its bytes: 16 small loads per expert row)."""
+    grouped = {m: dict(c, BLOCK_SIZE_K=block[1], SPLIT_ACT=True) for m, c in config["grouped"].items()}
+    return dict(config, grouped=grouped)
 
 
 def _scale_args(w: torch.Tensor, scale: torch.Tensor | None, block) -> tuple:
@@ -191,7 +191,7 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | No
     _down_gemv[(num_tokens, triton.cdiv(hidden, down_bn))](
         gate_up, w2, out, ids, weights, num_experts, k, hidden, inter,
         w2.stride(0), w2.stride(1), *_scale_args(w2, scales.w2 if fp8 else None, block),
-        BLOCK_N=down_bn, BLOCK_K=min(down_bk, block[1]) if fp8 else down_bk, FP8=fp8,
+        BLOCK_N=down_bn, BLOCK_K=down_bk, FP8=fp8,
         num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]),
     )  # fmt: skip
     return out
@@ -413,7 +413,8 @@ if triton is not None:
         FP8: tl.constexpr,
     ):  # fmt: skip
         """gate_up[p] += rows [n-tile] of w13[e_p] (gate and up) . x[p // k], over one K split.
-        FP8: each row's dot over a K tile is scaled by its block's scale (BLOCK_K divides group_k)."""
+        FP8: each weight element is dequantized by its block's scale, so a K tile may span several
+        scale blocks (wide tiles: fewer, larger loads a program)."""
         pair, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         expert = tl.load(ids + pair).to(tl.int64)
         ours = (expert >= 0) & (expert < num_experts)
@@ -436,13 +437,12 @@ if triton is not None:
             mask = n_mask[:, None] & k_mask[None, :]
             wg = tl.load(gate_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
             wu = tl.load(up_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            if FP8:
-                kb = k0 // group_k
-                acc_g += tl.sum(wg * xv[None, :], axis=1) * tl.load(gate_scales + kb, mask=n_mask, other=0.0)
-                acc_u += tl.sum(wu * xv[None, :], axis=1) * tl.load(up_scales + kb, mask=n_mask, other=0.0)
-            else:
-                acc_g += tl.sum(wg * xv[None, :], axis=1)
-                acc_u += tl.sum(wu * xv[None, :], axis=1)
+            if FP8:  # the scale of each element's block (a few distinct addresses a tile: cached)
+                kb = (offs_k // group_k)[None, :]
+                wg *= tl.load(gate_scales[:, None] + kb, mask=mask, other=0.0)
+                wu *= tl.load(up_scales[:, None] + kb, mask=mask, other=0.0)
+            acc_g += tl.sum(wg * xv[None, :], axis=1)
+            acc_u += tl.sum(wu * xv[None, :], axis=1)
         out = gate_up + pair.to(tl.int64) * 2 * inter + offs_n
         if SPLIT_K == 1:
             tl.store(out, acc_g, mask=n_mask)
@@ -459,7 +459,7 @@ if triton is not None:
     ):  # fmt: skip
         """out[t, n-tile] = sum over t's slots of weight * rows of w2[e] . (silu(gate) * up): the
         routing-weight combine in the kernel, written once in the model dtype (no zeroing, no sum).
-        FP8: each K tile's row dots scaled by their blocks' scales (BLOCK_K divides group_k)."""
+        FP8: each weight element dequantized by its block's scale (a K tile may span blocks)."""
         token, pid_n = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -477,11 +477,11 @@ if triton is not None:
                 k_mask = offs_k < inter
                 g = tl.load(gu_row + offs_k, mask=k_mask, other=0.0)
                 u = tl.load(gu_row + inter + offs_k, mask=k_mask, other=0.0)
-                w = tl.load(rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-                dot = tl.sum(w.to(tl.float32) * (_silu(g) * u)[None, :], axis=1)
+                mask = n_mask[:, None] & k_mask[None, :]
+                w = tl.load(rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
                 if FP8:
-                    dot *= tl.load(row_scales + k0 // group_k, mask=n_mask, other=0.0)
-                part += dot
+                    w *= tl.load(row_scales[:, None] + (offs_k // group_k)[None, :], mask=mask, other=0.0)
+                part += tl.sum(w * (_silu(g) * u)[None, :], axis=1)
             acc += part * tl.load(weights + pair)
         tl.store(out + token.to(tl.int64) * N + offs_n, acc.to(out.dtype.element_ty), mask=n_mask)
 
