@@ -85,6 +85,9 @@ def test_flashinfer_mla_equals_torch_on_the_same_pages(q_lens, kv_lens, page_siz
 
     fi = FlashInferMLABackend(torch.device("cuda"), pool, attn.num_heads)
     fi.prepare(batch)
+    # the planner's host arrays are pinned: its copies of them never wait for a step in flight
+    qo_indptr, kv_indptr, _, kv_len = batch.attn["mla_metadata"]
+    assert qo_indptr.is_pinned() and kv_indptr.is_pinned() and kv_len.is_pinned()
     TorchBackend().prepare(batch)
     with torch.inference_mode():  # as the model runs (its GEMMs write into preallocated rows)
         out = attn.paged_absorbed_attention(q_nope, q_pe, latent_pages(pool.kv_buffer[0]), batch, fi).float()

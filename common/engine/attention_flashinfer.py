@@ -15,10 +15,12 @@ back to torch).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from disagg.common.config import mla_kernel, mla_prefill_mode
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend, TorchBackend
-from disagg.common.engine.device_wait import host_to_device
+from disagg.common.engine.device_wait import host_int32, host_to_device
 
 _WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -40,8 +42,8 @@ class FlashInferBackend(AttentionBackend):
     def prepare(self, batch: ForwardBatch) -> None:
         ps = self.pool.page_size
         n_pages = [(kv + ps - 1) // ps for kv in batch.kv_lens]
-        kv_indptr = torch.zeros(len(n_pages) + 1, dtype=torch.int32)
-        kv_indptr[1:] = torch.tensor(n_pages, dtype=torch.int32).cumsum(0)
+        # NOTE: the planner's host arrays pinned (host_int32): its copies of them never wait for a step
+        kv_indptr = host_int32([0, *itertools.accumulate(n_pages)], self.device)
         indices = host_to_device(
             torch.tensor(
                 [p for table, n in zip(batch.page_tables, n_pages, strict=True) for p in table[:n]],
@@ -49,8 +51,8 @@ class FlashInferBackend(AttentionBackend):
             ),
             self.device,
         )
-        last = torch.tensor(
-            [kv - (n - 1) * ps for kv, n in zip(batch.kv_lens, n_pages, strict=True)], dtype=torch.int32
+        last = host_int32(
+            [kv - (n - 1) * ps for kv, n in zip(batch.kv_lens, n_pages, strict=True)], self.device
         )
         common = dict(q_data_type=self.pool.dtype, kv_data_type=self.pool.dtype)
         heads = (self.num_qo_heads, self.pool.num_kv_heads, self.pool.head_dim, ps)
@@ -58,8 +60,7 @@ class FlashInferBackend(AttentionBackend):
             self.decode.plan(kv_indptr, indices, last, *heads, **common)
             self._wrapper = self.decode
         else:
-            qo_indptr = torch.zeros(len(batch.q_lens) + 1, dtype=torch.int32)
-            qo_indptr[1:] = torch.tensor(batch.q_lens, dtype=torch.int32).cumsum(0)
+            qo_indptr = host_int32([0, *itertools.accumulate(batch.q_lens)], self.device)
             self.prefill.plan(qo_indptr, kv_indptr, indices, last, *heads, causal=True, **common)
             self._wrapper = self.prefill
 
@@ -71,17 +72,15 @@ def mla_metadata(
     q_lens: list[int], kv_lens: list[int], tables: list[list[int]], page_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashInfer's MLA CSR metadata, int32: (qo_indptr [B+1], kv_indptr [B+1], kv_len [B]) on the
-    host (the planner reads them there) and kv_indices [pages] on `device` (the kernel reads it)."""
+    host, pinned for a GPU (the planner reads them there, then copies them: host_int32), and
+    kv_indices [pages] on `device` (the kernel reads it)."""
     n_pages = [(kv + page_size - 1) // page_size for kv in kv_lens]
-    qo_indptr = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-    qo_indptr[1:] = torch.tensor(q_lens, dtype=torch.int32).cumsum(0)
-    kv_indptr = torch.zeros(len(kv_lens) + 1, dtype=torch.int32)
-    kv_indptr[1:] = torch.tensor(n_pages, dtype=torch.int32).cumsum(0)
+    qo_indptr = host_int32([0, *itertools.accumulate(q_lens)], device)
+    kv_indptr = host_int32([0, *itertools.accumulate(n_pages)], device)
     indices = torch.tensor(
         [p for t, n in zip(tables, n_pages, strict=True) for p in t[:n]], dtype=torch.int32
     )
-    kv_len = torch.tensor(kv_lens, dtype=torch.int32)
-    return qo_indptr, kv_indptr, host_to_device(indices, device), kv_len
+    return qo_indptr, kv_indptr, host_to_device(indices, device), host_int32(kv_lens, device)
 
 
 def plan_mla(

@@ -67,6 +67,13 @@ def wait_watching(
             drain(done_fd)
 
 
+def host_int32(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int32 host tensor for a kernel's planner on `device`: pinned when that is a GPU, so the
+    copy the planner (FlashInfer's `plan`) makes of it never waits for the step in flight
+    (host_to_device's NOTE)."""
+    return torch.tensor(values, dtype=torch.int32, pin_memory=device.type == "cuda")
+
+
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor on `device`, queued on the current stream without the host waiting for it.
 
