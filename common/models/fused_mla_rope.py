@@ -24,20 +24,21 @@ interpreter (TRITON_INTERPRET=1, tests).
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
-from disagg.common.config import fused_kernels_enabled, triton_interpret
-from disagg.common.models.fused_rope_kv import close_enough, rms_norm_reference, rotate_reference
+from disagg.common.models.fused_rope_kv import (
+    close_enough,
+    kernel_may_run,
+    rms_norm_reference,
+    rotate_reference,
+    start_up_check,
+)
 
 try:
     import triton
     import triton.language as tl
 except ImportError:  # the CPU image: the model's torch ops run instead
     triton = None
-
-logger = logging.getLogger(__name__)
-_HALF = (torch.bfloat16, torch.float16)
 
 
 def fused_mla_rope(
@@ -125,28 +126,11 @@ def fused_mla_rope_ok(
     DISAGG_FUSED_KERNELS=0, and only where the kernel gives the torch path's q_pe and pool and
     nothing else. Checked once per shape when a layer is built (never inside a graph capture); a
     failure or a mismatch keeps the torch ops, logged: a kernel bug costs speed, not tokens."""
-    if triton is None or not fused_kernels_enabled() or rope % 2:
-        return False
-    if not (triton_interpret() or (device.type == "cuda" and dtype in _HALF)):
+    if rope % 2 or not kernel_may_run(device, dtype):
         return False
     shape = (num_heads, nope, rope, rank, interleaved)
-    try:
-        ok = _agrees_with_reference(device, dtype, *shape)
-    except Exception:  # noqa: BLE001 - a kernel that fails to compile or launch: the torch ops, loudly
-        logger.exception(
-            "fused_mla_rope failed its start-up check (heads, nope, rope, rank, interleaved %s)", shape
-        )
-        return False
-    if ok:
-        logger.info(
-            "fused MLA norm + RoPE + latent write: Triton kernel (heads, nope, rope, rank, interleaved %s)",
-            shape,
-        )
-    else:
-        logger.warning(
-            "fused_mla_rope disagrees with torch (heads, nope, rope, rank, interleaved %s): torch ops", shape
-        )
-    return ok
+    check = functools.partial(_agrees_with_reference, device, dtype, *shape)
+    return start_up_check("fused_mla_rope", "heads, nope, rope, rank, interleaved", shape, check)
 
 
 def _agrees_with_reference(

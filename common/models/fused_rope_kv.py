@@ -137,22 +137,34 @@ def fused_rope_kv_ok(
     q, pool rows and nothing else. Checked once per shape when a layer is built (never inside a
     graph capture); a failure or a mismatch keeps the torch ops, logged: a kernel bug costs speed,
     not tokens."""
-    if triton is None or not fused_kernels_enabled() or head_dim % 2:
-        return False
-    if not (triton_interpret() or (device.type == "cuda" and dtype in _HALF)):
+    if head_dim % 2 or not kernel_may_run(device, dtype):
         return False
     shape = (num_q_heads, num_kv_heads, head_dim, qk_norm)
+    check = functools.partial(_agrees_with_reference, device, dtype, *shape)
+    return start_up_check("fused_rope_kv", "heads, kv heads, dim, qk norm", shape, check)
+
+
+def kernel_may_run(device: torch.device, dtype: torch.dtype) -> bool:
+    """Where a fused Triton kernel of these modules may replace torch ops: CUDA in bf16/fp16 (float32
+    keeps the torch ops, which match transformers bit for bit) or Triton's interpreter, unless
+    DISAGG_FUSED_KERNELS=0."""
+    if triton is None or not fused_kernels_enabled():
+        return False
+    return triton_interpret() or (device.type == "cuda" and dtype in _HALF)
+
+
+def start_up_check(kernel: str, fields: str, shape: tuple, agrees) -> bool:
+    """Run `agrees()` (the kernel against its torch reference on one shape) and log the outcome; a
+    kernel that fails to build or launch, or disagrees, is not used (False), loudly."""
     try:
-        ok = _agrees_with_reference(device, dtype, *shape)
+        ok = agrees()
     except Exception:  # noqa: BLE001 - a kernel that fails to compile or launch: the torch ops, loudly
-        logger.exception("fused_rope_kv failed its start-up check (heads, kv heads, dim, qk norm %s)", shape)
+        logger.exception("%s failed its start-up check (%s %s)", kernel, fields, shape)
         return False
     if ok:
-        logger.info("fused RoPE + K/V write: Triton kernel (heads, kv heads, dim, qk norm %s)", shape)
+        logger.info("%s: Triton kernel in use (%s %s)", kernel, fields, shape)
     else:
-        logger.warning(
-            "fused_rope_kv disagrees with torch (heads, kv heads, dim, qk norm %s): torch ops", shape
-        )
+        logger.warning("%s disagrees with torch (%s %s): torch ops", kernel, fields, shape)
     return ok
 
 
