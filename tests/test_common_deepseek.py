@@ -132,6 +132,24 @@ def test_pool_holds_one_latent_per_token(engines, tiny_deepseek):
 
 
 @pytest.mark.parametrize("version", ["v2", "v3"])
+def test_x_projections_load_into_one_gemm(engines, tiny_deepseek, version):
+    """At tp 1 q (V2's q_proj, V3's q_a_proj) and kv_a are one GEMM whose rows hold the two
+    checkpoint tensors as they are (the tokens above come from this layout)."""
+    from safetensors import safe_open
+
+    path = tiny_deepseek[version]
+    engine = engines.get(model_path=path, page_size=4, chunked_prefill_size=16, max_total_tokens=2048)
+    attn = engine.scheduler.runner.model.layers[1].self_attn
+    assert attn.fused_qkv_a and not hasattr(attn, "kv_a_proj_with_mqa")
+    q_name = "q_a_proj" if version == "v3" else "q_proj"
+    with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
+        want = torch.cat(
+            [f.get_tensor(f"model.layers.1.self_attn.{n}.weight") for n in (q_name, "kv_a_proj_with_mqa")]
+        )
+    assert torch.equal(attn.qkv_a_proj.weight.float(), want.float())
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
 def test_gate_picks_transformers_experts(version):
     """Same experts and weights as transformers' router, on scores where the groups and the
     correction bias change the choice."""

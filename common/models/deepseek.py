@@ -26,6 +26,7 @@ import re
 import torch
 import torch.nn.functional as F
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend, TorchBackend
+from disagg.common.models.fp8 import fp8_block_size
 from disagg.common.models.fused_mla_rope import deinterleave, fused_mla_rope, fused_mla_rope_ok
 from disagg.common.models.fused_moe import (
     fused_grouped_topk,
@@ -121,13 +122,25 @@ class MLAttention(nn.Module):
         self.qk_dim = self.nope + self.rope_dim
         self.q_lora = config.q_lora_rank is not None
         hidden, bias = config.hidden_size, bool(getattr(config, "attention_bias", False))
+        q_rows = config.q_lora_rank if self.q_lora else self.num_heads * self.qk_dim
+        kv_a_rows = self.rank + self.rope_dim
+        # x's two projections as one GEMM (SGLang's fused_qkv_a_proj_with_mqa: one weight read a
+        # step, one launch less a layer) where both are whole on this rank: q_a (V3) is replicated
+        # like kv_a; V2's per-head q_proj only at attention TP 1. FP8: where the rows meet on a
+        # scale block's edge, so each keeps its checkpoint blocks.
+        block = fp8_block_size(config)
+        self.fused_qkv_a = (self.q_lora or tp == 1) and (block is None or q_rows % block[0] == 0)
+        if self.fused_qkv_a:
+            self.qkv_a_proj = ColumnParallelLinear(hidden, [q_rows, kv_a_rows], bias=bias, tp=group)
+        else:  # V2's q_proj split by heads (attention TP > 1), or FP8 blocks the fused rows would cut
+            if self.q_lora:
+                self.q_a_proj = ColumnParallelLinear(hidden, [q_rows], bias=bias)  # replicated
+            else:
+                self.q_proj = ColumnParallelLinear(hidden, [q_rows], tp=group)
+            self.kv_a_proj_with_mqa = ColumnParallelLinear(hidden, [kv_a_rows], bias=bias)  # replicated
         if self.q_lora:
-            self.q_a_proj = ColumnParallelLinear(hidden, [config.q_lora_rank], bias=bias)  # replicated
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
             self.q_b_proj = ColumnParallelLinear(config.q_lora_rank, [self.num_heads * self.qk_dim], tp=group)
-        else:
-            self.q_proj = ColumnParallelLinear(hidden, [self.num_heads * self.qk_dim], tp=group)
-        self.kv_a_proj_with_mqa = ColumnParallelLinear(hidden, [self.rank + self.rope_dim], bias=bias)
         self.kv_a_layernorm = RMSNorm(self.rank, config.rms_norm_eps)
         # rows per head: k_nope | v (this rank's heads)
         self.kv_b_proj = ColumnParallelLinear(
@@ -150,10 +163,9 @@ class MLAttention(nn.Module):
             raise NotImplementedError(
                 f"MLA runs on the torch or an MLA attention backend, not {type(backend).__name__}"
             )
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
+        q, kv_a = self.project_x(x)  # kv_a [T, rank + rope]: c_kv | k_pe (rows may be strided)
         q = q.view(-1, self.num_heads, self.qk_dim)
         q_nope = q[..., : self.nope]
-        kv_a = self.kv_a_proj_with_mqa(x)  # [T, rank + rope]: c_kv | k_pe
         kv = kv_buffer[self.layer_id]  # [num_pages, 2, page_size, 1, latent/2]: the pool's view
         if self.fused_rope:
             norm = self.kv_a_layernorm
@@ -168,6 +180,16 @@ class MLAttention(nn.Module):
             form = self.absorbed_attention if batch.is_decode_only else self.expanded_attention
             out = form(q_nope, q_pe, latent, batch)
         return self.o_proj(out.reshape(-1, self.num_heads * self.v_dim))
+
+    def project_x(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q [T, heads * qk], kv_a [T, rank + rope]) from the layer's input."""
+        if self.fused_qkv_a:
+            q, kv_a = self.qkv_a_proj(x).split(self.qkv_a_proj.out_sizes, dim=-1)
+        else:
+            q, kv_a = (self.q_a_proj(x) if self.q_lora else self.q_proj(x)), self.kv_a_proj_with_mqa(x)
+        if self.q_lora:  # contiguous rows for the fused norm (a no-op at one token)
+            q = self.q_b_proj(self.q_a_layernorm(q.contiguous()))
+        return q, kv_a
 
     def rope_and_write_latent(self, q_pe, kv_a, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """fused_mla_rope's steps one op at a time (FlashInfer's norm and RoPE where they apply)."""
@@ -419,14 +441,26 @@ def make_deepseek_mlp(config, layer_id: int) -> nn.Module:
 
 
 _HEAD_SPLIT = re.compile(r"self_attn\.(q_proj|q_b_proj|kv_b_proj)\.weight$")
+_X_PROJ = re.compile(r"self_attn\.(q_a_proj|q_proj|kv_a_proj_with_mqa)\.(weight|bias)$")
 
 
 def load_mla_weight(model, params: dict, name: str, tensor_slice) -> tuple[bool, str | None]:
-    """(handled, parameter name) for the checkpoint tensors MLA loads its own way: per-head
-    projections split by rows across TP ranks. `name` has the "model." prefix removed."""
+    """(handled, parameter name) for the checkpoint tensors MLA loads its own way: x's two
+    projections into their fused rows (MLAttention.fused_qkv_a), per-head projections split by rows
+    across TP ranks. `name` has the "model." prefix removed."""
+    from disagg.common.models.weights import copy_weight
+
+    m = _X_PROJ.search(name)
+    attn = model.get_submodule(name[: m.start()] + "self_attn") if m else None
+    if attn is not None and attn.fused_qkv_a:
+        pname = name[: m.start()] + f"self_attn.qkv_a_proj.{m.group(2)}"
+        sizes = attn.qkv_a_proj.out_sizes
+        first = sizes[0] if m.group(1) == "kv_a_proj_with_mqa" else 0
+        rows = slice(first, first + (sizes[1] if first else sizes[0]))
+        copy_weight(model, params, pname, (rows,), tensor_slice)
+        return True, pname
     if _HEAD_SPLIT.search(name) is None:
         return False, None
-    from disagg.common.models.weights import copy_weight
 
     # the rank among the layer's ranks: the TP group, or with DP attention the attention group
     rows, r = params[name].shape[0], model.get_submodule(name.rsplit(".", 1)[0]).tp.rank
