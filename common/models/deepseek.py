@@ -454,10 +454,9 @@ def load_mla_weight(model, params: dict, name: str, tensor_slice) -> tuple[bool,
     attn = model.get_submodule(name[: m.start()] + "self_attn") if m else None
     if attn is not None and attn.fused_qkv_a:
         pname = name[: m.start()] + f"self_attn.qkv_a_proj.{m.group(2)}"
-        sizes = attn.qkv_a_proj.out_sizes
-        first = sizes[0] if m.group(1) == "kv_a_proj_with_mqa" else 0
-        rows = slice(first, first + (sizes[1] if first else sizes[0]))
-        copy_weight(model, params, pname, (rows,), tensor_slice)
+        sizes = attn.qkv_a_proj.out_sizes  # [q rows, kv_a rows]
+        start, size = (sizes[0], sizes[1]) if m.group(1) == "kv_a_proj_with_mqa" else (0, sizes[0])
+        copy_weight(model, params, pname, (slice(start, start + size),), tensor_slice)
         return True, pname
     if _HEAD_SPLIT.search(name) is None:
         return False, None
