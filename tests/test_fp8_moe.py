@@ -54,8 +54,8 @@ CHECK = textwrap.dedent(
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests/test_gpu_fp8_moe.py checks the compiled kernels")
 def test_interpreted_fp8_kernels_match_the_dequantized_reference():
     """Both paths on FP8 experts with 16x16 blocks: H = 40 leaves a partial K block (w13) and a
-    partial row block (w2); GEMV K tiles narrower than a block, wider than one (several blocks a
-    tile) and split K step through the scales.
+    partial row block (w2); GEMV K tiles narrower than a block, down tiles wider than one (several
+    blocks a tile) and split K step through the scales.
     The interpreter keeps activations exact (fused_moe.py's docstring), so the kernels must equal the
     dequantized float64 reference up to float32 rounding: a wrong scale index is far outside that."""
     pytest.importorskip("triton")
@@ -66,7 +66,7 @@ def test_interpreted_fp8_kernels_match_the_dequantized_reference():
             check(tokens, k, experts, 32, 40, (16, 16), "grouped")
         check(2, 2, 4, 32, 40, (16, 16), "gemv", dict(BLOCK_K=8, SPLIT_K=2))
         check(1, 2, 4, 32, 64, (16, 32), "gemv", dict(BLOCK_K=16, SPLIT_K=1))  # rows of 16, groups of 32
-        # K tiles spanning several scale blocks (gate/up: 4 groups of 16 a tile; down: 2 of 16)
+        # down K tiles spanning several scale blocks (2 groups a tile; gate/up tiles clamped to one)
         check(3, 2, 4, 32, 64, (16, 16), "gemv", dict(BLOCK_K=64, SPLIT_K=1))
         check(2, 3, 5, 48, 96, (16, 32), "gemv", dict(BLOCK_K=64, SPLIT_K=2))
         check(9, 2, 4, 32, 64, (16, 32), "grouped")
@@ -164,7 +164,7 @@ def test_fp8_experts_at_tp2_ep2(fp8_deepseek, dequantized_experts, monkeypatch):
 @pytest.mark.parametrize("fp8", [True, False])
 def test_gemv_kernels_compile_for_hopper(fp8):
     """The batch-1 GEMVs compiled for sm_90 on this CPU machine (the interpreter skips the compiler's
-    checks), with K tiles wider than a scale block as V3's shape runs them."""
+    checks), the down GEMV with K tiles wider than a scale block as V3's shape runs it."""
     pytest.importorskip("triton")
     from disagg.common.models.fused_moe import _down_gemv, _gate_up_gemv
 
@@ -175,7 +175,7 @@ def test_gemv_kernels_compile_for_hopper(fp8):
     compile_for_hopper(
         _gate_up_gemv,
         {"x": "*bf16", "w13": w, "gate_up": "*fp32", **common},
-        dict(BLOCK_N=16, BLOCK_K=256, K_PER_SPLIT=1024, SPLIT_K=8, FP8=fp8),
+        dict(BLOCK_N=16, BLOCK_K=128 if fp8 else 256, K_PER_SPLIT=1024, SPLIT_K=8, FP8=fp8),
     )
     compile_for_hopper(
         _down_gemv,

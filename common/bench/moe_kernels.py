@@ -147,6 +147,7 @@ def tune(layers, k: int, ceil: dict, base: dict, gemv_only: bool = False) -> tup
     gemv = [
         dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s, num_warps=w)
         for bn, bk, s, w in itertools.product((16, 32, 64), (128, 256), (1, 2, 4, 8), (4,))
+        if layers[0][2] is None or bk <= FP8_BLOCK[1]  # FP8: a gate/up K tile within one scale block
     ]
     best, rows = sweep(
         "gemv", gemv, lambda c: {**config, "gemv_max_pairs": 1 << 30, "gemv": c}, 1, layers, k, ceil, True

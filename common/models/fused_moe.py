@@ -108,13 +108,15 @@ def grouped_config(config: dict, num_tokens: int) -> dict:
 
 
 def fp8_config(config: dict, block: tuple[int, int]) -> dict:
-    """The block sizes FP8 experts need from a config: a grouped K tile is one scale block (BLOCK_K =
-    block_k: one activation group a tile) and the grouped gate/up GEMM writes its raw [2I] rows
-    (SPLIT_ACT: silu in the down kernel's loads). The GEMVs scale each weight element by its own
-    block's scale, so their tiles keep the config's width (at 128-wide tiles V3's down GEMV ran
-    ~5x its bytes: 16 small loads per expert row)."""
-    grouped = {m: dict(c, BLOCK_SIZE_K=block[1], SPLIT_ACT=True) for m, c in config["grouped"].items()}
-    return dict(config, grouped=grouped)
+    """The block sizes FP8 experts need from a config: a K tile never crosses a scale block (gate/up
+    GEMV: BLOCK_K divides block_k, one scale a tile row; grouped: BLOCK_K = block_k, one activation
+    group a tile) and the grouped gate/up GEMM writes its raw [2I] rows (SPLIT_ACT: silu in the down
+    kernel's loads). The down GEMV scales each weight element by its own block's scale instead, so
+    its tiles keep their width (clamped to one block, V3's down GEMV ran ~5x its bytes at batch 1)."""
+    group_k = block[1]
+    gemv = dict(config["gemv"], BLOCK_K=min(config["gemv"]["BLOCK_K"], group_k))
+    grouped = {m: dict(c, BLOCK_SIZE_K=group_k, SPLIT_ACT=True) for m, c in config["grouped"].items()}
+    return dict(config, gemv=gemv, grouped=grouped)
 
 
 def _scale_args(w: torch.Tensor, scale: torch.Tensor | None, block) -> tuple:
@@ -413,8 +415,7 @@ if triton is not None:
         FP8: tl.constexpr,
     ):  # fmt: skip
         """gate_up[p] += rows [n-tile] of w13[e_p] (gate and up) . x[p // k], over one K split.
-        FP8: each weight element is dequantized by its block's scale, so a K tile may span several
-        scale blocks (wide tiles: fewer, larger loads a program)."""
+        FP8: each row's dot over a K tile is scaled by its block's scale (BLOCK_K divides group_k)."""
         pair, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         expert = tl.load(ids + pair).to(tl.int64)
         ours = (expert >= 0) & (expert < num_experts)
@@ -437,12 +438,13 @@ if triton is not None:
             mask = n_mask[:, None] & k_mask[None, :]
             wg = tl.load(gate_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
             wu = tl.load(up_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            if FP8:  # the scale of each element's block (a few distinct addresses a tile: cached)
-                kb = (offs_k // group_k)[None, :]
-                wg *= tl.load(gate_scales[:, None] + kb, mask=mask, other=0.0)
-                wu *= tl.load(up_scales[:, None] + kb, mask=mask, other=0.0)
-            acc_g += tl.sum(wg * xv[None, :], axis=1)
-            acc_u += tl.sum(wu * xv[None, :], axis=1)
+            if FP8:
+                kb = k0 // group_k
+                acc_g += tl.sum(wg * xv[None, :], axis=1) * tl.load(gate_scales + kb, mask=n_mask, other=0.0)
+                acc_u += tl.sum(wu * xv[None, :], axis=1) * tl.load(up_scales + kb, mask=n_mask, other=0.0)
+            else:
+                acc_g += tl.sum(wg * xv[None, :], axis=1)
+                acc_u += tl.sum(wu * xv[None, :], axis=1)
         out = gate_up + pair.to(tl.int64) * 2 * inter + offs_n
         if SPLIT_K == 1:
             tl.store(out, acc_g, mask=n_mask)
