@@ -20,7 +20,7 @@ import itertools
 import torch
 from disagg.common.config import mla_kernel, mla_prefill_mode
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend, TorchBackend
-from disagg.common.engine.device_wait import host_int32, host_to_device
+from disagg.common.engine.device_wait import host_tensor, to_device
 
 _WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -41,26 +41,14 @@ class FlashInferBackend(AttentionBackend):
 
     def prepare(self, batch: ForwardBatch) -> None:
         ps = self.pool.page_size
-        n_pages = [(kv + ps - 1) // ps for kv in batch.kv_lens]
-        # NOTE: the planner's host arrays pinned (host_int32): its copies of them never wait for a step
-        kv_indptr = host_int32([0, *itertools.accumulate(n_pages)], self.device)
-        indices = host_to_device(
-            torch.tensor(
-                [p for table, n in zip(batch.page_tables, n_pages, strict=True) for p in table[:n]],
-                dtype=torch.int32,
-            ),
-            self.device,
-        )
-        last = host_int32(
-            [kv - (n - 1) * ps for kv, n in zip(batch.kv_lens, n_pages, strict=True)], self.device
-        )
+        kv_indptr, indices, last = paged_kv_layout(batch.kv_lens, batch.page_tables, ps, self.device)
         common = dict(q_data_type=self.pool.dtype, kv_data_type=self.pool.dtype)
         heads = (self.num_qo_heads, self.pool.num_kv_heads, self.pool.head_dim, ps)
         if batch.is_decode_only:
             self.decode.plan(kv_indptr, indices, last, *heads, **common)
             self._wrapper = self.decode
         else:
-            qo_indptr = host_int32([0, *itertools.accumulate(batch.q_lens)], self.device)
+            qo_indptr = host_tensor([0, *itertools.accumulate(batch.q_lens)], torch.int32, self.device)
             self.prefill.plan(qo_indptr, kv_indptr, indices, last, *heads, causal=True, **common)
             self._wrapper = self.prefill
 
@@ -68,19 +56,29 @@ class FlashInferBackend(AttentionBackend):
         return self._wrapper.run(q.contiguous(), kv)
 
 
+def paged_kv_layout(
+    kv_lens: list[int], tables: list[list[int]], page_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashInfer's paged-KV arrays of these requests, int32: kv_indptr [B+1] and the last page's
+    length [B] on the host, pinned for a GPU (the planner reads them there, then copies them:
+    host_tensor), and the page indices [pages] on `device` (the kernel reads them)."""
+    n_pages = [(kv + page_size - 1) // page_size for kv in kv_lens]
+    kv_indptr = host_tensor([0, *itertools.accumulate(n_pages)], torch.int32, device)
+    indices = to_device([p for t, n in zip(tables, n_pages, strict=True) for p in t[:n]], torch.int32, device)
+    last = host_tensor(
+        [kv - (n - 1) * page_size for kv, n in zip(kv_lens, n_pages, strict=True)], torch.int32, device
+    )
+    return kv_indptr, indices, last
+
+
 def mla_metadata(
     q_lens: list[int], kv_lens: list[int], tables: list[list[int]], page_size: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashInfer's MLA CSR metadata, int32: (qo_indptr [B+1], kv_indptr [B+1], kv_len [B]) on the
-    host, pinned for a GPU (the planner reads them there, then copies them: host_int32), and
-    kv_indices [pages] on `device` (the kernel reads it)."""
-    n_pages = [(kv + page_size - 1) // page_size for kv in kv_lens]
-    qo_indptr = host_int32([0, *itertools.accumulate(q_lens)], device)
-    kv_indptr = host_int32([0, *itertools.accumulate(n_pages)], device)
-    indices = torch.tensor(
-        [p for t, n in zip(tables, n_pages, strict=True) for p in t[:n]], dtype=torch.int32
-    )
-    return qo_indptr, kv_indptr, host_to_device(indices, device), host_int32(kv_lens, device)
+    host, pinned for a GPU (paged_kv_layout's), and kv_indices [pages] on `device`."""
+    kv_indptr, indices, _ = paged_kv_layout(kv_lens, tables, page_size, device)
+    qo_indptr = host_tensor([0, *itertools.accumulate(q_lens)], torch.int32, device)
+    return qo_indptr, kv_indptr, indices, host_tensor(kv_lens, torch.int32, device)
 
 
 def plan_mla(

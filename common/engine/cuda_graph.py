@@ -10,7 +10,6 @@ FlashInfer's MLA decode kernel the same way (`_GraphMLADecodeBackend`).
 from __future__ import annotations
 
 import bisect
-import itertools
 import logging
 
 import torch
@@ -19,10 +18,10 @@ from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABa
 from disagg.common.engine.attention_flashinfer import (
     flashinfer_mla_api,
     mla_metadata,
+    paged_kv_layout,
     plan_mla,
     run_mla_wrapper,
 )
-from disagg.common.engine.device_wait import host_int32, host_to_device
 from disagg.common.models.deepseek import is_mla, softmax_scale
 
 logger = logging.getLogger(__name__)
@@ -75,17 +74,11 @@ class _GraphDecodeBackend(AttentionBackend):
 
     def plan(self, kv_lens: list[int], tables: list[list[int]]) -> None:
         ps = self.pool.page_size
-        n_pages = [(kv + ps - 1) // ps for kv in kv_lens]
-        device = self.indices.device
-        # pinned (host_int32): the plan's copies of them into the graph's buffers never wait for a step
-        indptr = host_int32([0, *itertools.accumulate(n_pages)], device)
-        indices = torch.tensor(
-            [p for t, n in zip(tables, n_pages, strict=True) for p in t[:n]], dtype=torch.int32
-        )
-        last = host_int32([kv - (n - 1) * ps for kv, n in zip(kv_lens, n_pages, strict=True)], device)
+        # no stream sync: a step may be in flight (the plan copies them into the graph's buffers)
+        indptr, indices, last = paged_kv_layout(kv_lens, tables, ps, self.indices.device)
         self.wrapper.plan(
             indptr,
-            host_to_device(indices, device),  # no stream sync: a step may be in flight
+            indices,
             last,
             self.num_qo_heads,
             self.pool.num_kv_heads,

@@ -67,11 +67,19 @@ def wait_watching(
             drain(done_fd)
 
 
-def host_int32(values: list[int], device: torch.device) -> torch.Tensor:
-    """An int32 host tensor for a kernel's planner on `device`: pinned when that is a GPU, so the
-    copy the planner (FlashInfer's `plan`) makes of it never waits for the step in flight
+def host_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host tensor of `values` bound for `device`: pinned when that is a GPU, so a copy of it
+    (ours, or a kernel planner's such as FlashInfer's `plan`) never waits for the step in flight
     (host_to_device's NOTE)."""
-    return torch.tensor(values, dtype=torch.int32, pin_memory=device.type == "cuda")
+    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without a stream sync: built pinned (host_tensor), then one
+    async copy (not built pageable and copied into pinned memory by host_to_device: one host copy
+    fewer). NOTE: torch.tensor(values, device=cuda) copies with a stream synchronize, which waits
+    for every queued kernel (the overlap scheduler's step in flight)."""
+    return host_tensor(values, dtype, device).to(device, non_blocking=True)
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 from disagg.common.config import EngineConfig, cpu_threads
 from disagg.common.engine.attention import ForwardBatch, create_attention_backend
+from disagg.common.engine.device_wait import to_device
 from disagg.common.engine.kernel_prebuild import kernel_needs, start_prebuild
 from disagg.common.engine.kv_pool import KVPagePool, size_pool_pages
 from disagg.common.engine.request import Req, prompt_logprob_rows
-from disagg.common.engine.sampling import to_device
 from disagg.common.messages import message
 from disagg.common.models.decoder import (
     SUPPORTED_ARCHITECTURES,

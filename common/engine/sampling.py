@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from disagg.common.engine.device_wait import to_device
 from disagg.common.engine.request import Req
 
 logger = logging.getLogger(__name__)
@@ -214,17 +215,6 @@ def compile_grammar(compiler, kind: str, spec: str):
     if kind == "regex":
         return compiler.compile_regex(spec)
     return compiler.compile_grammar(spec)  # ebnf
-
-
-def to_device(data, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a device tensor without a stream sync (pinned memory: device_wait.host_to_device).
-
-    NOTE: torch.tensor(data, device=cuda) copies with a stream synchronize, which waits for every
-    queued kernel (the overlap scheduler's step in flight)."""
-    if device.type != "cuda":
-        return torch.tensor(data, dtype=dtype, device=device)
-    # built pinned (not built, then copied into pinned memory by host_to_device): one host copy fewer
-    return torch.tensor(data, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 BAN_BIAS = -100.0  # OpenAI: "-100 should result in a ban"

@@ -43,12 +43,18 @@ from dataclasses import dataclass, field
 
 import torch
 from disagg.common.config import EngineConfig, step_delay_s, transfer_trace
-from disagg.common.engine.device_wait import ForwardThread, log_stream_syncs, slow_device, wait_watching
+from disagg.common.engine.device_wait import (
+    ForwardThread,
+    log_stream_syncs,
+    slow_device,
+    to_device,
+    wait_watching,
+)
 from disagg.common.engine.kv_pool import pages_for_tokens
 from disagg.common.engine.model_runner import ModelRunner
 from disagg.common.engine.radix_cache import RadixCache
 from disagg.common.engine.request import Req, ReqStatus, SchedulerStats, TokenOut, prompt_logprob_rows
-from disagg.common.engine.sampling import DeviceSample, Sampler, to_device
+from disagg.common.engine.sampling import DeviceSample, Sampler
 
 logger = logging.getLogger(__name__)
 # DISAGG_TRANSFER_TRACE=1: when transfer results are taken and how each step's wait went (info logs)
