@@ -55,7 +55,8 @@ CHECK = textwrap.dedent(
 def test_interpreted_fp8_kernels_match_the_dequantized_reference():
     """Both paths on FP8 experts with 16x16 blocks: H = 40 leaves a partial K block (w13) and a
     partial row block (w2); GEMV K tiles narrower than a block, down tiles wider than one (several
-    blocks a tile) and split K step through the scales.
+    blocks a tile), gate/up tiles wider than one where the config says FP8_WIDE_K, and split K step
+    through the scales.
     The interpreter keeps activations exact (fused_moe.py's docstring), so the kernels must equal the
     dequantized float64 reference up to float32 rounding: a wrong scale index is far outside that."""
     pytest.importorskip("triton")
@@ -69,6 +70,9 @@ def test_interpreted_fp8_kernels_match_the_dequantized_reference():
         # down K tiles spanning several scale blocks (2 groups a tile; gate/up tiles clamped to one)
         check(3, 2, 4, 32, 64, (16, 16), "gemv", dict(BLOCK_K=64, SPLIT_K=1))
         check(2, 3, 5, 48, 96, (16, 32), "gemv", dict(BLOCK_K=64, SPLIT_K=2))
+        # FP8_WIDE_K: gate/up tiles spanning blocks too (each element its block's scale; H = 40: a partial block)
+        check(2, 2, 4, 32, 40, (16, 16), "gemv", dict(BLOCK_K=32, SPLIT_K=1, FP8_WIDE_K=True))
+        check(3, 3, 5, 48, 96, (16, 32), "gemv", dict(BLOCK_K=64, SPLIT_K=2, FP8_WIDE_K=True))
         check(9, 2, 4, 32, 64, (16, 32), "grouped")
         """
     )
@@ -161,10 +165,11 @@ def test_fp8_experts_at_tp2_ep2(fp8_deepseek, dequantized_experts, monkeypatch):
     assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in dequantized_experts]
 
 
-@pytest.mark.parametrize("fp8", [True, False])
-def test_gemv_kernels_compile_for_hopper(fp8):
+@pytest.mark.parametrize("fp8, wide_k", [(True, False), (True, True), (False, False)])
+def test_gemv_kernels_compile_for_hopper(fp8, wide_k):
     """The batch-1 GEMVs compiled for sm_90 on this CPU machine (the interpreter skips the compiler's
-    checks), the down GEMV with K tiles wider than a scale block as V3's shape runs it."""
+    checks), the down GEMV with K tiles wider than a scale block as V3's shape runs it, the gate/up
+    GEMV both ways (one scale a tile row; FP8_WIDE_K: 512-wide tiles, a scale an element)."""
     pytest.importorskip("triton")
     from disagg.common.models.fused_moe import _down_gemv, _gate_up_gemv
 
@@ -175,7 +180,14 @@ def test_gemv_kernels_compile_for_hopper(fp8):
     compile_for_hopper(
         _gate_up_gemv,
         {"x": "*bf16", "w13": w, "gate_up": "*fp32", **common},
-        dict(BLOCK_N=16, BLOCK_K=128 if fp8 else 256, K_PER_SPLIT=1024, SPLIT_K=8, FP8=fp8),
+        dict(
+            BLOCK_N=16,
+            BLOCK_K=512 if wide_k else 128 if fp8 else 256,
+            K_PER_SPLIT=1024,
+            SPLIT_K=8,
+            FP8=fp8,
+            WIDE_K=wide_k,
+        ),  # fmt: skip
     )
     compile_for_hopper(
         _down_gemv,

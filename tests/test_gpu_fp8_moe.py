@@ -41,12 +41,13 @@ def _reference(x, w13, w2, scales, weights, ids):
     return grouped_experts(x.double(), d13, d2, weights.double(), ids, 256 if x.shape[0] >= 256 else 16)
 
 
-@pytest.mark.parametrize("tokens,path,tol", [(1, "gemv", 2e-2), (4, "gemv", 2e-2), (64, "grouped", 6e-2),
-                                             (2048, "grouped", 6e-2), (3, "grouped", 6e-2)])  # fmt: skip
+@pytest.mark.parametrize("tokens,path,tol", [(1, "gemv", 2e-2), (4, "gemv", 2e-2), (1, "gemv-wide", 2e-2),
+                                             (64, "grouped", 6e-2), (2048, "grouped", 6e-2), (3, "grouped", 6e-2)])  # fmt: skip
 def test_fp8_kernels_match_the_dequantized_reference(tokens, path, tol):
-    """GEMV: bf16 activations against FP8 weight tiles dequantized in registers (bf16 rounding only);
-    grouped: activations quantized per token per 128 group as well (FP8 rounding of both operands:
-    a few percent, as SGLang's w8a8 block kernels)."""
+    """GEMV: bf16 activations against FP8 weight tiles dequantized in registers (bf16 rounding only;
+    gemv-wide: gate/up tiles of 512 across four scale blocks, FP8_WIDE_K); grouped: activations
+    quantized per token per 128 group as well (FP8 rounding of both operands: a few percent, as
+    SGLang's w8a8 block kernels)."""
     from disagg.common.models.fused_moe import fused_experts, moe_config
 
     w13, w2, scales = _experts(32, 7168, 256)
@@ -55,7 +56,9 @@ def test_fp8_kernels_match_the_dequantized_reference(tokens, path, tol):
     ids = torch.randint(-2, 34, (tokens, 8), device="cuda")  # a few other ranks' experts
     ids[0, 0] = 5
     weights = torch.rand(tokens, 8, device="cuda")
-    config = dict(moe_config(32, 256, 7168), gemv_max_pairs=1 << 30 if path == "gemv" else 0)
+    config = dict(moe_config(32, 256, 7168), gemv_max_pairs=1 << 30 if path.startswith("gemv") else 0)
+    if path == "gemv-wide":
+        config["gemv"] = dict(config["gemv"], BLOCK_K=512, FP8_WIDE_K=True)
     got = fused_experts(x, w13, w2, weights, ids, config, scales=scales).double()
     ref = _reference(x, w13, w2, scales, weights, ids)
     err = ((got - ref).norm() / ref.norm()).item()

@@ -144,11 +144,17 @@ def sweep(name, candidates, make_config, tokens, layers, k, ceil, graph) -> tupl
 
 def tune(layers, k: int, ceil: dict, base: dict, gemv_only: bool = False) -> tuple[dict, list[dict]]:
     config, log = json.loads(json.dumps(base)), []
+    fp8 = layers[0][2] is not None
     gemv = [
         dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s, num_warps=w)
         for bn, bk, s, w in itertools.product((16, 32, 64), (128, 256), (1, 2, 4, 8), (4,))
-        if layers[0][2] is None or bk <= FP8_BLOCK[1]  # FP8: a gate/up K tile within one scale block
+        if not fp8 or bk <= FP8_BLOCK[1]  # FP8: a gate/up K tile within one scale block ...
     ]
+    if fp8:  # ... or (FP8_WIDE_K) tiles across blocks, each weight element scaled by its block's scale
+        gemv += [
+            dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s, num_warps=4, FP8_WIDE_K=True)
+            for bn, bk, s in itertools.product((16, 32), (256, 512), (1, 2, 4, 8))
+        ]
     best, rows = sweep(
         "gemv", gemv, lambda c: {**config, "gemv_max_pairs": 1 << 30, "gemv": c}, 1, layers, k, ceil, True
     )

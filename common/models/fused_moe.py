@@ -112,9 +112,13 @@ def fp8_config(config: dict, block: tuple[int, int]) -> dict:
     GEMV: BLOCK_K divides block_k, one scale a tile row; grouped: BLOCK_K = block_k, one activation
     group a tile) and the grouped gate/up GEMM writes its raw [2I] rows (SPLIT_ACT: silu in the down
     kernel's loads). The down GEMV scales each weight element by its own block's scale instead, so
-    its tiles keep their width (clamped to one block, V3's down GEMV ran ~5x its bytes at batch 1)."""
+    its tiles keep their width (clamped to one block, V3's down GEMV ran ~5x its bytes at batch 1);
+    so does the gate/up GEMV where a tuned entry says `FP8_WIDE_K` (twice the scale loads a tile,
+    against 16 small tiles an expert row: which wins is the H200's to say, moe_kernels --fp8 tries both)."""
     group_k = block[1]
-    gemv = dict(config["gemv"], BLOCK_K=min(config["gemv"]["BLOCK_K"], group_k))
+    gemv = dict(config["gemv"])
+    if not gemv.get("FP8_WIDE_K"):
+        gemv["BLOCK_K"] = min(gemv["BLOCK_K"], group_k)
     grouped = {m: dict(c, BLOCK_SIZE_K=group_k, SPLIT_ACT=True) for m, c in config["grouped"].items()}
     return dict(config, gemv=gemv, grouped=grouped)
 
@@ -185,7 +189,8 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | No
     _gate_up_gemv[(ids.numel(), triton.cdiv(inter, bn), split)](
         x, w13, gate_up, ids, num_experts, k, hidden, inter,
         x.stride(0), w13.stride(0), w13.stride(1), *_scale_args(w13, scales.w13 if fp8 else None, block),
-        BLOCK_N=bn, BLOCK_K=bk, K_PER_SPLIT=k_per_split, SPLIT_K=split, FP8=fp8, num_warps=cfg["num_warps"],
+        BLOCK_N=bn, BLOCK_K=bk, K_PER_SPLIT=k_per_split, SPLIT_K=split, FP8=fp8, WIDE_K=fp8 and bk > block[1],
+        num_warps=cfg["num_warps"],
     )  # fmt: skip
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     down_bn = cfg.get("DOWN_BLOCK_N", bn)
@@ -412,10 +417,11 @@ if triton is not None:
         x, w13, gate_up, ids, num_experts, top_k, K, inter, stride_x, stride_we, stride_wn,
         scale, stride_se, stride_sn, group_n, group_k,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
-        FP8: tl.constexpr,
+        FP8: tl.constexpr, WIDE_K: tl.constexpr,
     ):  # fmt: skip
         """gate_up[p] += rows [n-tile] of w13[e_p] (gate and up) . x[p // k], over one K split.
-        FP8: each row's dot over a K tile is scaled by its block's scale (BLOCK_K divides group_k)."""
+        FP8: each row's dot over a K tile is scaled by its block's scale (BLOCK_K divides group_k);
+        WIDE_K: K tiles span several blocks, each weight element scaled by its own block's scale."""
         pair, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         expert = tl.load(ids + pair).to(tl.int64)
         ours = (expert >= 0) & (expert < num_experts)
@@ -438,7 +444,13 @@ if triton is not None:
             mask = n_mask[:, None] & k_mask[None, :]
             wg = tl.load(gate_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
             wu = tl.load(up_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            if FP8:
+            if WIDE_K:
+                kb = (offs_k // group_k)[None, :]
+                wg *= tl.load(gate_scales[:, None] + kb, mask=mask, other=0.0)
+                wu *= tl.load(up_scales[:, None] + kb, mask=mask, other=0.0)
+                acc_g += tl.sum(wg * xv[None, :], axis=1)
+                acc_u += tl.sum(wu * xv[None, :], axis=1)
+            elif FP8:
                 kb = k0 // group_k
                 acc_g += tl.sum(wg * xv[None, :], axis=1) * tl.load(gate_scales + kb, mask=n_mask, other=0.0)
                 acc_u += tl.sum(wu * xv[None, :], axis=1) * tl.load(up_scales + kb, mask=n_mask, other=0.0)
