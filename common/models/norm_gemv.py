@@ -1,0 +1,219 @@
+"""The residual add and RMSNorm folded into the GEMV that reads them: one Triton launch for small batches.
+
+At decode batch 1 a layer's step is launch-bound: on an H200, Qwen3-30B-A3B's attention input ran a
+fused add-RMSNorm (FlashInfer, ~2.5 µs) then the qkv projection as cuBLAS's split-K GEMV and its
+reduce kernel (~12 µs for ~5 µs of weight bytes). `norm_gemv` computes h = x + residual, the
+RMSNorm of h and normed @ weight.T (+ bias) in one launch with no split-K: the norm's launch and
+the reduce go. The decoder uses it for plain attention's qkv projection and the dense MLP's gate_up
+at batches of at most DISAGG_NORM_GEMV_MAX_TOKENS tokens, when DISAGG_NORM_GEMV=1 (decoder.py).
+
+One program per N tile holds all T <= 16 tokens, so each weight tile is read once: it first sums
+each token's squares of h over K (x and residual rows: a few KB, from L2), then walks the K tiles
+again, normalising each h tile and multiplying it into the weight tile (FMA reductions, or
+tensor-core dots with the token rows padded to 16: `launch`). The programs of the first N tile write
+h into a new buffer (the new residual): the others still read the old one, so never in place.
+CUDA-graph capturable: no host sync, the grid depends on the shapes only.
+
+The arithmetic follows kernels.rms_norm's torch path step by step (h rounded to the model dtype as
+torch's add rounds it; the norm in float32, rounded, times the weight, rounded), then a float32
+accumulation rounded once: the kernel equals `norm_gemv_reference` up to float32 summation order.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from disagg.common.config import norm_gemv_enabled, norm_gemv_max_tokens, triton_interpret
+from disagg.common.models.fused_rope_kv import (
+    close_enough,
+    kernel_may_run,
+    rms_norm_reference,
+    start_up_check,
+)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU image: the decoder's torch ops run instead
+    triton = None
+
+MAX_TOKENS = 16  # all of a batch's tokens in one program: its registers bound the batch
+Launch = tuple[int, int, int, bool]  # (BLOCK_N, BLOCK_K, warps, tensor-core dot)
+
+
+def norm_gemv(
+    x: torch.Tensor,  # [T, K]: the layer's input delta (rows may be strided, last dim contiguous)
+    residual: torch.Tensor | None,  # [T, K]: the running sum, None before the first layer
+    norm_weight: torch.Tensor,  # [K]: the RMSNorm's weight
+    eps: float,
+    weight: torch.Tensor,  # [N, K]: the projection's (nn.Linear's layout), 16 or 32 bits
+    bias: torch.Tensor | None = None,  # [N]
+    launch: Launch | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual) @ weight.T + bias, x + residual), both new [T, N] / [T, K] tensors
+    (residual None: h = x, returned as the new residual). `launch`: (BLOCK_N, BLOCK_K, warps, dot)
+    (default: launch_shape's, by the shape)."""
+    num_tokens, k = x.shape
+    n = weight.shape[0]
+    assert num_tokens <= MAX_TOKENS, f"norm_gemv takes at most {MAX_TOKENS} tokens, got {num_tokens}"
+    assert weight.shape[1] == k and weight.stride(1) == 1 and x.stride(1) == 1
+    out = torch.empty(num_tokens, n, dtype=x.dtype, device=x.device)
+    new_residual = x if residual is None else torch.empty(num_tokens, k, dtype=x.dtype, device=x.device)
+    if num_tokens == 0:  # an idle DP-attention rank: a grid of 0 programs fails to launch
+        return out, new_residual
+    assert residual is None or residual.stride(1) == 1
+    block_n, block_k, warps, dot = launch or launch_shape(num_tokens, n, k)
+    r = x if residual is None else residual  # unread without a residual
+    _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, r, norm_weight, weight, weight if bias is None else bias, out, new_residual, eps,
+        num_tokens, n, k, x.stride(0), r.stride(0), weight.stride(0),
+        BLOCK_T=block_rows(num_tokens, dot), BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, DOT=dot,
+        INTERPRETED=triton_interpret(), num_warps=warps,
+    )  # fmt: skip
+    return out, new_residual
+
+
+def block_rows(num_tokens: int, dot: bool) -> int:
+    """Token rows a program holds: the next power of two; a tensor-core dot takes at least 16."""
+    rows = triton.next_power_of_2(num_tokens)
+    return max(rows, 16) if dot else rows
+
+
+def launch_shape(num_tokens: int, n: int, k: int) -> Launch:
+    """The default layout (a guess until common/bench/norm_gemv.py has measured it on an H200):
+    N tiles as wide as leave >= 256 programs (two per H200 multiprocessor; wider tiles re-read the
+    activations from L2 fewer times), never under 16 rows. One or two tokens: FMA reductions over
+    [T, BLOCK_N, BLOCK_K] products of at most 8192 elements (64 float32 registers a thread at 4
+    warps); more tokens: a tensor-core dot, 128-wide K tiles."""
+    block_n = next((b for b in (64, 32) if triton.cdiv(n, b) >= 256), 16)
+    if num_tokens <= 2:
+        block_k = max(32, min(256, 8192 // (block_n * block_rows(num_tokens, False))))
+        return block_n, block_k, 4, False
+    return block_n, 128, 4, True
+
+
+def norm_gemv_reference(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """norm_gemv in torch ops: the decoder's unfused steps (kernels.add_rms_norm's torch arithmetic,
+    not in place, then F.linear)."""
+    h = x if residual is None else x + residual
+    return F.linear(rms_norm_reference(h, norm_weight, eps), weight, bias), h
+
+
+def norm_gemv_fits(linear: torch.nn.Module) -> bool:
+    """Whether a projection (a ColumnParallelLinear: `weight` [N, K], `bias`) may take its input's
+    RMSNorm in a norm_gemv launch (norm_gemv_ok at its shape). The caller checks, at each forward,
+    that the weight is still 16-bit (FP8 checkpoints quantize the linears after the model is built)."""
+    w = linear.weight
+    return norm_gemv_ok(w.device, w.dtype, w.shape[0], w.shape[1], linear.bias is not None)
+
+
+@functools.cache
+def norm_gemv_ok(device: torch.device, dtype: torch.dtype, n: int, k: int, bias: bool) -> bool:
+    """Whether projections of this shape use norm_gemv: with DISAGG_NORM_GEMV=1, on CUDA in bf16/fp16
+    and under Triton's interpreter (fused_rope_kv.kernel_may_run), and only where the kernel gives
+    the torch path's output and new residual at every token count the decoder sends it (with and
+    without a residual, each default layout: this also compiles them, so no request waits for
+    Triton's JIT). Checked once per shape when a layer is built (never inside a graph capture); a
+    failure or a mismatch keeps the torch ops, logged."""
+    if not norm_gemv_enabled() or not kernel_may_run(device, dtype):
+        return False
+    shape = (n, k, bias)
+    check = functools.partial(_agrees_with_reference, device, dtype, n, k, bias, norm_gemv_max_tokens())
+    return start_up_check("norm_gemv", "N, K, bias", shape, check)
+
+
+def _agrees_with_reference(device, dtype, n: int, k: int, bias: bool, max_tokens: int) -> bool:
+    """Token counts 1, 2, 3, 5, 8, 13 up to max_tokens (every row block, masked rows in most), with and
+    without a residual, each at the layout the real shape launches. NOTE: at most ~1024 of the N
+    rows, in the real N's residue mod 1024 (its divisibility, so the same compiled variant): the
+    check's weight stays small on a 28672-row projection."""
+    n_check = n if n <= 2048 else 1024 + n % 1024
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        # NOTE: float32 drawn explicitly (layers are built under the model's default dtype), then rounded
+        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+    weight, norm_weight = randn(n_check, k) * k**-0.5, randn(k)
+    b = randn(n_check) if bias else None
+    for t in (t for t in (1, 2, 3, 5, 8, 13) if t <= max_tokens):
+        x, residual = randn(t, k), randn(t, k)
+        for r in (residual, None):
+            want = norm_gemv_reference(x, r, norm_weight, 1e-6, weight, b)
+            got = norm_gemv(x, r, norm_weight, 1e-6, weight, b, launch=launch_shape(t, n, k))
+            if not all(close_enough(a, w) for a, w in zip(got, want, strict=True)):
+                return False
+    return True
+
+
+if triton is not None:
+
+    @triton.jit
+    def _norm_gemv_kernel(
+        x, residual, norm_w, weight, bias, out, new_residual, eps,
+        num_tokens, N, K, stride_x, stride_r, stride_w,
+        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, INTERPRETED: tl.constexpr,
+    ):  # fmt: skip
+        """Program p: out[:, p * BLOCK_N...] for every token; program 0 also writes new_residual."""
+        pid = tl.program_id(0)
+        rows = tl.arange(0, BLOCK_T)
+        t_mask = rows < num_tokens
+        x_rows = x + rows[:, None].to(tl.int64) * stride_x
+        r_rows = residual + rows[:, None].to(tl.int64) * stride_r
+        dtype = out.dtype.element_ty
+        # 1. each token's mean square of h over K; the first N tile writes h (the new residual)
+        squares = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            mask = t_mask[:, None] & (cols < K)[None, :]
+            h = _load_h(x_rows, r_rows, cols, mask, HAS_RESIDUAL)
+            squares += tl.sum(h * h, axis=1)
+            if HAS_RESIDUAL:
+                if pid == 0:
+                    h_dst = new_residual + rows[:, None].to(tl.int64) * K + cols[None, :]
+                    tl.store(h_dst, h.to(dtype), mask=mask)
+        rstd = tl.rsqrt(squares / K + eps)[:, None]
+        # 2. the weight tile's rows against each normalised h tile
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        w_rows = weight + offs_n[:, None].to(tl.int64) * stride_w
+        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            k_mask = cols < K
+            h = _load_h(x_rows, r_rows, cols, t_mask[:, None] & k_mask[None, :], HAS_RESIDUAL)
+            g = tl.load(norm_w + cols, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            # torch: weight * (h * rstd).to(dtype), in the weight's dtype (= the model's)
+            a = ((h * rstd).to(dtype).to(tl.float32) * g).to(dtype)
+            w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            if DOT and INTERPRETED:  # NOTE: the interpreter's dot multiplies bf16 bit patterns as integers
+                acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            elif DOT:
+                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        if HAS_BIAS:
+            acc += tl.load(bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        dst = out + rows[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(dst, acc.to(dtype), mask=t_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _load_h(x_rows, r_rows, cols, mask, HAS_RESIDUAL: tl.constexpr):
+        """A [BLOCK_T, BLOCK_K] tile of h = x + residual in float32, rounded to the model dtype first
+        as torch's add rounds it (the new residual and the norm both read that value)."""
+        h = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0)
+            h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
+        return h.to(tl.float32)

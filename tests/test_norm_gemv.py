@@ -1,0 +1,151 @@
+"""The residual add + RMSNorm folded into the GEMV that reads them (common/models/norm_gemv.py): under
+Triton's CPU interpreter the kernel gives the torch path's output and new residual (1, 3 and 8
+tokens, K and N off the tiles, with and without a residual and a bias, float32 and bf16, FMA and
+tensor-core layouts) and leaves the old residual alone; the start-up check refuses a kernel that
+disagrees; the kernel compiles for sm_90."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+from disagg.common.models.kernels import add_rms_norm, rms_norm
+from disagg.common.models.norm_gemv import norm_gemv_reference
+
+from tests.conftest import compile_for_hopper
+from tests.test_fused_rope_kv import _interpret
+
+pytest.importorskip("triton")
+interpreted = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the start-up check and the GPU benchmark run the compiled kernel"
+)
+
+CHECK = textwrap.dedent(
+    """
+    import torch
+    from disagg.common.models import norm_gemv as ng
+
+    def case(t, n, k, residual, bias, dtype, launch=None):
+        g = torch.Generator().manual_seed(t * 31 + n + k)
+        x = torch.randn(t, k + 3, generator=g).to(dtype)[:, :k]  # strided rows, as a view would be
+        r = torch.randn(t, k, generator=g).to(dtype) if residual else None
+        old = None if r is None else r.clone()
+        norm_w = torch.randn(k, generator=g).to(dtype)
+        w = (torch.randn(n, k, generator=g) * k**-0.5).to(dtype)
+        b = torch.randn(n, generator=g).to(dtype) if bias else None
+        out, h = ng.norm_gemv(x, r, norm_w, 1e-6, w, b, launch=launch)
+        want_out, want_h = ng.norm_gemv_reference(x, r, norm_w, 1e-6, w, b)
+        assert out.shape == (t, n) and out.dtype == dtype and h.shape == (t, k)
+        if t == 0:
+            return print("case passed", t)
+        # float32: the same arithmetic up to summation order. bf16: a few ulps of the largest value
+        # (NOTE: the interpreter truncates float32 -> bf16 where the GPU rounds to nearest, so the
+        # roundings themselves are the GPU benchmark's check)
+        tol = (1e-5 if dtype == torch.float32 else 1 / 32) * want_out.abs().max().item()
+        torch.testing.assert_close(out, want_out, atol=tol, rtol=0)
+        if r is None:
+            assert h is x
+        elif dtype == torch.float32:
+            assert torch.equal(h, want_h)  # x + residual, exactly
+        else:  # the interpreter's truncation: at most one bf16 ulp below torch's rounded sum
+            torch.testing.assert_close(h, want_h, atol=0, rtol=2**-7)
+        assert old is None or (torch.equal(r, old) and h.data_ptr() != r.data_ptr())  # a new buffer
+        print("case passed", t, n, k, residual, bias, dtype, launch)
+
+    f32, bf16 = torch.float32, torch.bfloat16
+    """
+)
+
+
+@interpreted
+def test_interpreted_kernel_matches_the_torch_path():
+    """K 200 with 64-wide K tiles and N 70 with 32-row tiles: the masked lanes of both loops; the
+    default layouts at 1 and 8 tokens (FMA, then tensor-core dot with rows padded to 16)."""
+    out = _interpret(
+        CHECK
+        + textwrap.dedent(
+            """
+            for t in (1, 3, 8):
+                for residual in (True, False):
+                    for bias in (True, False):
+                        case(t, 70, 200, residual, bias, f32, launch=(32, 64, 4, False))
+                case(t, 70, 200, True, True, f32, launch=(16, 64, 4, True))
+                case(t, 70, 200, True, True, bf16, launch=(32, 64, 4, False))
+                case(t, 70, 200, False, True, bf16, launch=(16, 64, 4, True))
+            case(1, 48, 96, True, False, bf16)  # the default layouts
+            case(8, 48, 96, True, False, bf16)
+            case(0, 48, 96, True, True, f32)  # an idle DP-attention rank: no launch
+            """
+        )
+    )
+    assert out.count("case passed") == 24
+
+
+def test_reference_is_the_decoders_unfused_arithmetic():
+    """norm_gemv_reference (the start-up check's and tests' reference) = the decoder's torch ops:
+    kernels.add_rms_norm (rms_norm before the first layer), then the linear."""
+    g = torch.Generator().manual_seed(0)
+    x, r, w = (torch.randn(*shape, generator=g) for shape in ((3, 32), (3, 32), (20, 32)))
+    norm_w, b = torch.randn(32, generator=g), torch.randn(20, generator=g)
+    normed, h = add_rms_norm(x, r, norm_w, 1e-6)
+    out, got_h = norm_gemv_reference(x, r, norm_w, 1e-6, w, b)
+    assert torch.equal(got_h, h) and torch.equal(out, torch.nn.functional.linear(normed, w, b))
+    out, got_h = norm_gemv_reference(x, None, norm_w, 1e-6, w)
+    assert got_h is x and torch.equal(out, rms_norm(x, norm_w, 1e-6) @ w.T)
+
+
+@interpreted
+def test_start_up_check_refuses_a_kernel_that_disagrees():
+    """A kernel that skips the norm's weight, or writes a wrong new residual, is refused (the layers
+    keep the torch ops, logged); without DISAGG_NORM_GEMV=1 the kernel is off; the real one passes."""
+    out = _interpret(
+        textwrap.dedent(
+            """
+            import os, torch
+            from disagg.common.models import norm_gemv as ng
+
+            cpu, real = torch.device("cpu"), ng.norm_gemv
+            def ok():
+                ng.norm_gemv_ok.cache_clear()
+                return ng.norm_gemv_ok(cpu, torch.float32, 40, 72, True)
+
+            def unweighted(x, residual, norm_weight, *args, launch):
+                return real(x, residual, torch.ones_like(norm_weight), *args, launch=launch)
+
+            def stale_residual(x, residual, *args, launch):
+                out, h = real(x, residual, *args, launch=launch)
+                return out, x if residual is not None else h  # the delta, not the sum
+
+            os.environ.pop("DISAGG_NORM_GEMV", None)
+            assert not ok()  # off by default
+            os.environ["DISAGG_NORM_GEMV"] = "1"
+            assert ok()
+            for bad in (unweighted, stale_residual):
+                ng.norm_gemv = bad
+                assert not ok(), bad.__name__
+            ng.norm_gemv = real
+            os.environ["DISAGG_FUSED_KERNELS"] = "0"
+            assert not ok()
+            print("refused")
+            """
+        )
+    )
+    assert "refused" in out
+    assert out.count("norm_gemv disagrees with torch") == 2 and "failed its start-up check" not in out
+
+
+@pytest.mark.parametrize(
+    ("block_t", "block_n", "block_k", "dot"),
+    [(1, 16, 256, False), (2, 16, 128, False), (8, 16, 64, False), (16, 64, 128, True)],
+)
+def test_kernel_compiles_for_hopper(block_t, block_n, block_k, dot):
+    """The compiler's checks the interpreter skips, at bf16: the default layouts of 1, 2 and 3-8
+    tokens (FMA at 1 and 2, a tensor-core dot past), and FMA at 8 token rows (a sweep candidate)."""
+    from disagg.common.models.norm_gemv import _norm_gemv_kernel
+
+    names = ("x", "residual", "norm_w", "weight", "bias", "out", "new_residual")
+    types = dict.fromkeys(names, "*bf16") | {"eps": "fp32"}
+    consts = dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, HAS_RESIDUAL=True, HAS_BIAS=True,
+                  DOT=dot, INTERPRETED=False)  # fmt: skip
+    compile_for_hopper(_norm_gemv_kernel, types, consts)
