@@ -26,6 +26,8 @@ from pathlib import Path
 #   DISAGG_MLA_PREFILL      MLA prefill/mixed batches on the FlashInfer MLA backend: flashinfer (absorbed
 #                           form on its MLA kernel, default) | torch (expanded form, torch SDPA; A/B runs)
 #   DISAGG_MLA_KERNEL       FlashInfer's MLA kernel family: auto (FlashInfer's pick: FA3 on Hopper) | fa2 | fa3
+#   DISAGG_PDL              1: the Triton kernels launch with Programmatic Dependent Launch on Hopper or newer
+#                           (common/models/pdl.py; default 0 until the H200 A/B says otherwise)
 #   DISAGG_NORM_GEMV        1: small batches run each residual add + RMSNorm inside the qkv / gate_up GEMV
 #                           that reads it (one Triton launch, norm_gemv.py); default 0 (off until measured)
 #   DISAGG_NORM_GEMV_MAX_TOKENS  the largest batch (tokens) that does, 1..16 (default 8)
@@ -181,6 +183,15 @@ def norm_gemv_max_tokens() -> int:
 def step_delay_s() -> float:
     """DISAGG_STEP_DELAY_S (tests only): seconds added to every forward; 0 unless set."""
     return float(os.environ.get("DISAGG_STEP_DELAY_S") or 0)
+
+
+def pdl_requested() -> bool:
+    """DISAGG_PDL: 0 (default) | 1: the Triton kernels launch with PDL where the device allows
+    (common/models/pdl.py)."""
+    value = os.environ.get("DISAGG_PDL", "0") or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"DISAGG_PDL={value!r}: expected 0 or 1")
+    return value == "1"
 
 
 def triton_interpret() -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import re
 
 import pytest
 import torch
@@ -191,19 +192,42 @@ def assert_logprobs_close(a: list[dict], b: list[dict]) -> None:
         assert ys[k] in {t for t, _ in x["meta_info"]["output_top_logprobs"][k]}, (i, k)
 
 
-def compile_for_hopper(kernel, types: dict[str, str], consts: dict) -> None:
+def compile_for_hopper(kernel, types: dict[str, str], consts: dict):
     """Compile a Triton kernel for sm_90 on this CPU machine (no GPU: Triton's own ptxas), as the H200
     would: the compiler's checks that Triton's interpreter skips (a name typed differently in two
     branches, a bad cast). `types`: Triton types of the pointer and float arguments by name; the
-    rest are int32 (`stride*`: int64) but for the constexprs in `consts`."""
+    rest are int32 (`stride*`: int64) but for the constexprs in `consts`. A PDL-aware kernel (a `PDL`
+    argument, common/models/pdl.py) is compiled with PDL=True unless `consts` say otherwise (the
+    plain variant's code and more), and its PTX must wait for its predecessor before its first
+    global memory access. Returns the compiled kernel (`.asm["ptx"]`, ...)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = kernel.arg_names
+    if "PDL" in names:
+        consts = {"PDL": True, **consts}
     signature = {
         n: types.get(n) or ("constexpr" if n in consts else "i64" if n.startswith("stride") else "i32")
         for n in names
     }
     src = ASTSource(kernel, signature, {(names.index(n),): v for n, v in consts.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    if consts.get("PDL"):
+        assert_waits_before_memory(compiled.asm["ptx"], kernel.__name__)
+    return compiled
+
+
+# PTX instructions that touch global memory (loads, stores, atomics, reductions, async copies, TMA)
+_GLOBAL_ACCESS = re.compile(r"\b(ld\.global|st\.global|atom\.|red\.|cp\.async|cp\.reduce\.async)")
+
+
+def assert_waits_before_memory(ptx: str, name: str) -> None:
+    """The kernel's PTX waits for its predecessor (griddepcontrol.wait) before any global memory
+    access (a PDL launch with a load above the wait reads stale memory, silently) and lets its
+    successor launch (griddepcontrol.launch_dependents)."""
+    wait = ptx.find("griddepcontrol.wait")
+    assert wait >= 0, f"{name}: no griddepcontrol.wait in its PTX"
+    assert "griddepcontrol.launch_dependents" in ptx, f"{name}: no griddepcontrol.launch_dependents"
+    first = _GLOBAL_ACCESS.search(ptx)
+    assert first is not None and wait < first.start(), f"{name}: {first and first.group(0)} before the wait"

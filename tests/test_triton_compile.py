@@ -2,7 +2,9 @@
 machine: Triton's interpreter, which the other CPU tests run them under, skips the compiler's checks
 (types across branches, casts, layouts), and a kernel that fails to compile on the GPU falls back to
 torch ops at start-up (or, unchecked, fails the server). MLA's fused steps and the MoE GEMVs have
-their own compile tests beside their interpreter tests (test_fused_mla_rope.py, test_fp8_moe.py)."""
+their own compile tests beside their interpreter tests (test_fused_mla_rope.py, test_fp8_moe.py).
+Each kernel is compiled as DISAGG_PDL=1 launches it (compile_for_hopper: PDL=True, the plain code
+and the wait), and its PTX waits for its predecessor before touching memory (common/models/pdl.py)."""
 
 from __future__ import annotations
 
@@ -46,3 +48,80 @@ def test_top_k_sum_kernel_compiles():
     from disagg.common.models.fused_moe import _sum_pairs_kernel
 
     compile_for_hopper(_sum_pairs_kernel, {"y": "*bf16", "out": "*bf16"}, dict(K=8, BLOCK=1024))
+
+
+def test_plain_launch_has_no_grid_dependency_control():
+    """DISAGG_PDL=0 (the default): the kernels the H200 runs carry no griddepcontrol instruction."""
+    from disagg.common.models.fused_moe import _sum_pairs_kernel
+
+    plain = compile_for_hopper(
+        _sum_pairs_kernel, {"y": "*bf16", "out": "*bf16"}, dict(K=8, BLOCK=1024, PDL=False)
+    )
+    assert "griddepcontrol" not in plain.asm["ptx"]
+
+
+def test_expert_alignment_kernels_compile():
+    """The grouped path's alignment at 128 experts: one program (decode batches), and the three
+    launches of prefill-sized batches."""
+    from disagg.common.models import fused_moe as fm
+
+    i32 = "*i32"
+    compile_for_hopper(
+        fm._align_kernel,
+        {"ids": "*i64", "sorted_ids": i32, "expert_ids": i32, "num_padded": i32, "cursor": i32},
+        dict(BLOCK=16, E_POW2=128, CHUNK=128),
+    )
+    compile_for_hopper(
+        fm._align_count, {"ids": "*i64", "chunk_counts": i32, "sorted_ids": i32}, dict(E_POW2=128, CHUNK=128)
+    )
+    compile_for_hopper(
+        fm._align_scan,
+        {"chunk_counts": i32, "expert_ids": i32, "num_padded": i32, "expert_start": i32},
+        dict(BLOCK=64, E_POW2=128, ROWS=16, CHUNK=128),
+    )
+    compile_for_hopper(
+        fm._align_place,
+        {"ids": "*i64", "sorted_ids": i32, "chunk_base": i32, "expert_start": i32},
+        dict(E_POW2=128, CHUNK=128),
+    )
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_grouped_expert_gemms_compile(fp8):
+    """The grouped GEMMs at a decode-batch tile (bf16: gate/up fused with SiLU; FP8: the raw [2I]
+    GEMM and the down GEMM forming SiLU in its loads, w8a8 at 128-wide scale blocks)."""
+    from disagg.common.models import fused_moe as fm
+
+    rows = {"sorted_ids": "*i32", "expert_ids": "*i32", "num_padded": "*i32"}
+    tile = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128)
+    w = "*fp8e4nv" if fp8 else "*bf16"
+    if not fp8:
+        compile_for_hopper(fm._gate_up_grouped, {"x": "*bf16", "w13": w, "act": "*bf16", **rows}, tile)
+    else:
+        compile_for_hopper(
+            fm._w13_grouped,
+            {"x": "*bf16", "w13": w, "out": "*bf16", "scale": "*fp32", **rows},
+            dict(tile, FP8=True, UPCAST=False),
+        )
+    compile_for_hopper(
+        fm._down_grouped,
+        {"act": "*bf16", "w2": w, "out": "*bf16", "weights": "*fp32", "scale": "*fp32", **rows},
+        dict(tile, SILU_IN_LOAD=fp8, FP8=fp8, UPCAST=False),
+    )
+
+
+def test_fp8_gemm_kernels_compile():
+    """The FP8 block GEMM of the dense layers (decode tile, 128-wide K blocks) and its per-token
+    activation quantization."""
+    from disagg.common.models.fp8_kernels import _block_fp8_matmul_kernel, _group_quant_kernel
+
+    compile_for_hopper(
+        _group_quant_kernel,
+        {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "eps": "fp32", "fp8_max": "fp32"},
+        dict(GROUP=128, GROUPS_PER_PROG=8),
+    )
+    compile_for_hopper(
+        _block_fp8_matmul_kernel,
+        {"a_ptr": "*fp8e4nv", "b_ptr": "*fp8e4nv", "c_ptr": "*bf16", "as_ptr": "*fp32", "bs_ptr": "*fp32"},
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, UPCAST=False),
+    )

@@ -46,6 +46,20 @@ for step in "$@"; do
              --decode-steps 4 --profile-prefill | tee $OUT/moe_prefill.log | tail -32 ;;
     moe-tp1) bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1,64 --context-len 1024 \
            --prefill-len 2048 --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/moe_tp1${TAG:-}.json ;;
+    pdl-ab) # Programmatic Dependent Launch of the Triton kernels (common/models/pdl.py), off then on: Qwen3-30B-A3B's
+           # moe-tp1 command and DeepSeek-V2-Lite's, per model DISAGG_PDL=0 then 1 (PDL_MODELS picks: "qwen3 v2lite";
+           # one model a call if the machine is cold); compare decode batch 1 and 64, and the profile's kernel time
+           for model in ${PDL_MODELS:-qwen3 v2lite}; do for pdl in 0 1; do
+             echo "--- $model DISAGG_PDL=$pdl"; export DISAGG_PDL=$pdl
+             case $model in
+               qwen3) bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1,64 --context-len 1024 \
+                        --prefill-len 2048 --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/pdl${pdl}_moe_tp1.json \
+                        | tee $OUT/pdl${pdl}_moe_tp1.log | tail -6 ;;
+               v2lite) bench --model-path DeepSeek-V2-Lite --load-format dummy --batch-sizes 1,64 --context-len 1024 \
+                        --prefill-len 4096 --decode-steps 8 --output-json $OUT/pdl${pdl}_v2lite.json \
+                        | tee $OUT/pdl${pdl}_v2lite.log | tail -6 ;;
+             esac
+           done; done; unset DISAGG_PDL ;;
     transfer-test) timeout "${T:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_transfer_tp.py -k gpu 2>&1 | tail -5 ;;
     handoff) # issue 24: one GPU, prefill and decode processes on it: direct (CUDA IPC copy) vs UCX
            for tr in direct ucx; do timeout "${T:-150}" python3 -m disagg.transfer.bench --device cuda --transport $tr \

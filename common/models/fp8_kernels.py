@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from disagg.common.config import triton_interpret
+from disagg.common.models.pdl import pdl_args, pdl_begin
 
 try:
     import triton
@@ -25,8 +26,10 @@ if triton is not None:
 
     @triton.jit
     def _group_quant_kernel(
-        x_ptr, q_ptr, s_ptr, K, groups, stride_xm, eps, fp8_max, GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr
+        x_ptr, q_ptr, s_ptr, K, groups, stride_xm, eps, fp8_max, GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         # program (token, j) quantizes groups [j * GROUPS_PER_PROG, ...) of one token: per group
         # scale = amax / 448, q = x / scale (one group per program made prefill's launch 229k programs)
         row = tl.program_id(0)
@@ -44,8 +47,9 @@ if triton is not None:
         a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr,
         M, N, K, group_n, stride_am, stride_bn, stride_cm, stride_asm, stride_bsn, stride_split,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        UPCAST: tl.constexpr,
+        UPCAST: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         # C[M, N] = sum over K-blocks k of (A_k @ B_k^T) * a_scale[m, k] * b_scale[n // group_n, k];
         # A [M, K] and B [N, K] FP8, row-major; BLOCK_K is the quantization group (one scale per tile).
         # Split K (grid axis 1): program s sums its share of the K-blocks into C + s * stride_split.
@@ -96,8 +100,9 @@ def quantize_activation_groups_triton(x: torch.Tensor, group: int) -> tuple[torc
     if m:
         per = 8
         _group_quant_kernel[(m, triton.cdiv(groups, per))](
-            x, q, s, k, groups, x.stride(0), 1e-10, 448.0, GROUP=group, GROUPS_PER_PROG=per
-        )
+            x, q, s, k, groups, x.stride(0), 1e-10, 448.0,
+            GROUP=group, GROUPS_PER_PROG=per, **pdl_args(x.device),
+        )  # fmt: skip
     return q, s
 
 
@@ -152,6 +157,6 @@ def block_fp8_matmul(
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
     _block_fp8_matmul_kernel[grid](
         xq, wq, out, xs, ws, m, n, k, bn, xq.stride(0), wq.stride(0), n, xs.stride(0), ws.stride(0), m * n,
-        BLOCK_K=bk, UPCAST=triton_interpret(), **cfg,
+        BLOCK_K=bk, UPCAST=triton_interpret(), **cfg, **pdl_args(xq.device),
     )  # fmt: skip
     return out[0] if split == 1 else out.sum(dim=0).to(out_dtype)

@@ -33,6 +33,7 @@ from disagg.common.models.fused_rope_kv import (
     rotate_reference,
     start_up_check,
 )
+from disagg.common.models.pdl import pdl_args, pdl_begin
 
 try:
     import triton
@@ -71,7 +72,7 @@ def fused_mla_rope(
         q.stride(0), q.stride(1), kv_a.stride(0), pages.shape[1], cos_sin.stride(0), num_heads, q_blocks,
         NOPE=qk_dim - rope, RANK=rank, RANK_POW2=triton.next_power_of_2(rank), HALF=rope // 2,
         HALF_POW2=triton.next_power_of_2(rope // 2), BLOCK_H=block_h, INTERLEAVED=interleaved,
-        num_warps=4 if block_h > 1 else 2,
+        num_warps=4 if block_h > 1 else 2, **pdl_args(q.device),
     )  # fmt: skip
     return q_pe
 
@@ -177,9 +178,10 @@ if triton is not None:
         q, kv_a, norm_w, eps, q_pe, pages, positions, out_page, out_offset, cos_sin,
         stride_qt, stride_qh, stride_kv, page_size, stride_cs, num_heads, q_blocks,
         NOPE: tl.constexpr, RANK: tl.constexpr, RANK_POW2: tl.constexpr, HALF: tl.constexpr,
-        HALF_POW2: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
+        HALF_POW2: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Program (t, b): q heads b * BLOCK_H... (b < q_blocks), else token t's latent."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         t = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1)
         i = tl.arange(0, HALF_POW2)

@@ -43,6 +43,7 @@ from disagg.common.models.moe_align import (
     max_padded_pairs,
     moe_align_block_size,
 )
+from disagg.common.models.pdl import pdl_args, pdl_begin
 
 try:
     import triton
@@ -174,7 +175,9 @@ def _sum_pairs(y: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
     hidden = y.shape[1]
     out = torch.empty(num_tokens, hidden, dtype=y.dtype, device=y.device)
     block = min(1024, triton.next_power_of_2(hidden))
-    _sum_pairs_kernel[(num_tokens, triton.cdiv(hidden, block))](y, out, hidden, K=k, BLOCK=block, num_warps=4)
+    _sum_pairs_kernel[(num_tokens, triton.cdiv(hidden, block))](
+        y, out, hidden, K=k, BLOCK=block, num_warps=4, **pdl_args(y.device)
+    )
     return out
 
 
@@ -186,11 +189,12 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | No
     gate_up = alloc(ids.numel(), 2 * inter, dtype=torch.float32, device=x.device)  # [pairs, gate | up]
     k_per_split = triton.cdiv(triton.cdiv(hidden, split), bk) * bk
     fp8, block = scales is not None, scales.block if scales is not None else None
+    pdl = pdl_args(x.device)
     _gate_up_gemv[(ids.numel(), triton.cdiv(inter, bn), split)](
         x, w13, gate_up, ids, num_experts, k, hidden, inter,
         x.stride(0), w13.stride(0), w13.stride(1), *_scale_args(w13, scales.w13 if fp8 else None, block),
         BLOCK_N=bn, BLOCK_K=bk, K_PER_SPLIT=k_per_split, SPLIT_K=split, FP8=fp8, WIDE_K=fp8 and bk > block[1],
-        num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"], **pdl,
     )  # fmt: skip
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     down_bn = cfg.get("DOWN_BLOCK_N", bn)
@@ -199,7 +203,7 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | No
         gate_up, w2, out, ids, weights, num_experts, k, hidden, inter,
         w2.stride(0), w2.stride(1), *_scale_args(w2, scales.w2 if fp8 else None, block),
         BLOCK_N=down_bn, BLOCK_K=down_bk, FP8=fp8,
-        num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]),
+        num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
     )  # fmt: skip
     return out
 
@@ -243,6 +247,7 @@ def fused_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.T
     _topk_kernel[(num_tokens,)](
         logits, weights, ids, num_experts, logits.stride(0),
         K=k, E_POW2=triton.next_power_of_2(num_experts), RENORMALIZE=renormalize, num_warps=1,
+        **pdl_args(logits.device),
     )  # fmt: skip
     return weights, ids
 
@@ -267,7 +272,7 @@ def fused_grouped_topk(
     _grouped_topk_kernel[(num_tokens,)](
         logits, bias, weights, ids, logits.stride(0), float(scaling),
         K=k, K_POW2=triton.next_power_of_2(k), E=num_experts, GROUPS=n_group, TOPK_GROUP=topk_group,
-        RENORMALIZE=renormalize, num_warps=4,
+        RENORMALIZE=renormalize, num_warps=4, **pdl_args(logits.device),
     )  # fmt: skip
     return weights, ids
 
@@ -328,7 +333,7 @@ def align_blocks(
     cursor = torch.empty(e_pow2, dtype=torch.int32, device=ids.device)  # scratch: next free slot per expert
     _align_kernel[(1,)](
         ids, sorted_ids, expert_ids, num_padded, cursor, n, num_experts, size, size // block,
-        BLOCK=block, E_POW2=e_pow2, CHUNK=128 if e_pow2 <= 128 else 64, num_warps=4,
+        BLOCK=block, E_POW2=e_pow2, CHUNK=128 if e_pow2 <= 128 else 64, num_warps=4, **pdl_args(ids.device),
     )  # fmt: skip
     return sorted_ids, expert_ids, num_padded
 
@@ -344,17 +349,19 @@ def _align_parallel(ids, num_experts: int, block: int, size: int, expert_ids, nu
     chunk_base = torch.empty(num_chunks, e_pow2, dtype=torch.int32, device=ids.device)
     expert_start = torch.empty(e_pow2, dtype=torch.int32, device=ids.device)
     sorted_ids = torch.empty(size, dtype=torch.int32, device=ids.device)  # _align_count fills it with n
+    pdl = pdl_args(ids.device)
     _align_count[(num_chunks,)](
         ids, chunk_base, sorted_ids, n, num_experts, size, triton.cdiv(size, num_chunks),
-        E_POW2=e_pow2, CHUNK=chunk, num_warps=4,
+        E_POW2=e_pow2, CHUNK=chunk, num_warps=4, **pdl,
     )  # fmt: skip
     _align_scan[(1,)](
         chunk_base, expert_ids, num_padded, expert_start, num_chunks, size // block,
-        BLOCK=block, E_POW2=e_pow2, ROWS=16, CHUNK=chunk, num_warps=4,
+        BLOCK=block, E_POW2=e_pow2, ROWS=16, CHUNK=chunk, num_warps=4, **pdl,
     )  # fmt: skip
     _align_place[(num_chunks,)](
-        ids, sorted_ids, chunk_base, expert_start, n, num_experts, E_POW2=e_pow2, CHUNK=chunk, num_warps=4
-    )
+        ids, sorted_ids, chunk_base, expert_start, n, num_experts,
+        E_POW2=e_pow2, CHUNK=chunk, num_warps=4, **pdl,
+    )  # fmt: skip
     return sorted_ids, expert_ids, num_padded
 
 
@@ -365,7 +372,7 @@ def _grouped_experts(
     bm, bn, bk = cfg["BLOCK_SIZE_M"], cfg["BLOCK_SIZE_N"], cfg["BLOCK_SIZE_K"]
     sorted_ids, expert_ids, num_padded = align_blocks(ids, num_experts, bm)
     blocks = expert_ids.numel()  # static: the grid does not depend on the routing
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_args(x.device))
     # SPLIT_ACT: one accumulator per tile (gate and up as one [2I] GEMM, written raw), silu(gate) * up
     # applied as the down GEMM loads it -- half the registers of the fused gate/up tile, which
     # large tiles need (vLLM's layout); else the gate and up tiles meet in registers
@@ -398,8 +405,9 @@ def _grouped_experts(
 if triton is not None:
 
     @triton.jit
-    def _sum_pairs_kernel(y, out, hidden, K: tl.constexpr, BLOCK: tl.constexpr):
+    def _sum_pairs_kernel(y, out, hidden, K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """out[t, tile] = sum over j < K of y[t * K + j, tile]."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         t = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < hidden
@@ -417,11 +425,12 @@ if triton is not None:
         x, w13, gate_up, ids, num_experts, top_k, K, inter, stride_x, stride_we, stride_wn,
         scale, stride_se, stride_sn, group_n, group_k,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
-        FP8: tl.constexpr, WIDE_K: tl.constexpr,
+        FP8: tl.constexpr, WIDE_K: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """gate_up[p] += rows [n-tile] of w13[e_p] (gate and up) . x[p // k], over one K split.
         FP8: each row's dot over a K tile is scaled by its block's scale (BLOCK_K divides group_k);
         WIDE_K: K tiles span several blocks, each weight element scaled by its own block's scale."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         pair, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         expert = tl.load(ids + pair).to(tl.int64)
         ours = (expert >= 0) & (expert < num_experts)
@@ -469,11 +478,12 @@ if triton is not None:
     def _down_gemv(
         gate_up, w2, out, ids, weights, num_experts, top_k, N, inter, stride_we, stride_wn,
         scale, stride_se, stride_sn, group_n, group_k,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out[t, n-tile] = sum over t's slots of weight * rows of w2[e] . (silu(gate) * up): the
         routing-weight combine in the kernel, written once in the model dtype (no zeroing, no sum).
         FP8: each weight element dequantized by its block's scale (a K tile may span blocks)."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         token, pid_n = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
@@ -503,9 +513,10 @@ if triton is not None:
     def _grouped_topk_kernel(
         logits, bias, weights, ids, stride, scaling,
         K: tl.constexpr, K_POW2: tl.constexpr, E: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr,
-        RENORMALIZE: tl.constexpr,
+        RENORMALIZE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One token: fused_grouped_topk (ties: the lowest group, the lowest expert)."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         token = tl.program_id(0).to(tl.int64)
         size: tl.constexpr = E // GROUPS
         experts = tl.arange(0, E)
@@ -543,9 +554,10 @@ if triton is not None:
     @triton.jit
     def _topk_kernel(
         logits, weights, ids, num_experts, stride,
-        K: tl.constexpr, E_POW2: tl.constexpr, RENORMALIZE: tl.constexpr,
+        K: tl.constexpr, E_POW2: tl.constexpr, RENORMALIZE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One token: softmax over the experts, then K rounds of argmax (ties: the lowest id)."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         token = tl.program_id(0).to(tl.int64)
         experts = tl.arange(0, E_POW2)
         x = tl.load(logits + token * stride + experts, mask=experts < num_experts, other=-float("inf"))
@@ -595,10 +607,12 @@ if triton is not None:
 
     @triton.jit
     def _align_count(
-        ids, chunk_counts, sorted_ids, n, num_experts, size, stripe, E_POW2: tl.constexpr, CHUNK: tl.constexpr
-    ):
+        ids, chunk_counts, sorted_ids, n, num_experts, size, stripe,
+        E_POW2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
         """chunk_counts[c, e] = chunk c's pairs of expert e; sorted_ids[c * stripe ...][:stripe] = n (the
         padding sentinel: _align_place, a later launch, overwrites the real slots)."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         c = tl.program_id(0)
         _, e = _chunk_experts(ids, c, n, num_experts, CHUNK)
         experts = tl.arange(0, E_POW2)
@@ -617,10 +631,11 @@ if triton is not None:
     @triton.jit
     def _align_scan(
         chunk_counts, expert_ids, num_padded, expert_start, num_chunks, num_blocks,
-        BLOCK: tl.constexpr, E_POW2: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr, E_POW2: tl.constexpr, ROWS: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One program: chunk_counts becomes each chunk's exclusive prefix per expert (in place), then
         the padded expert starts, the used length and each block's expert, as _align_kernel's."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         experts, rows = tl.arange(0, E_POW2), tl.arange(0, ROWS)
         carry = tl.zeros([E_POW2], dtype=tl.int32)
         for start in range(0, num_chunks, ROWS):
@@ -635,9 +650,11 @@ if triton is not None:
 
     @triton.jit
     def _align_place(
-        ids, sorted_ids, chunk_base, expert_start, n, num_experts, E_POW2: tl.constexpr, CHUNK: tl.constexpr
-    ):
+        ids, sorted_ids, chunk_base, expert_start, n, num_experts,
+        E_POW2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
         """Chunk c's pairs into their slots: expert start + earlier chunks' + earlier in this chunk."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         c = tl.program_id(0)
         pair, e = _chunk_experts(ids, c, n, num_experts, CHUNK)
         lanes = tl.arange(0, CHUNK)
@@ -649,11 +666,12 @@ if triton is not None:
     @triton.jit
     def _align_kernel(
         ids, sorted_ids, expert_ids, num_padded, cursor, n, num_experts, size, num_blocks,
-        BLOCK: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr, E_POW2: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One program: count pairs per expert, pad, fill the sentinel, name each block's expert,
         then place the pairs chunk by chunk (a pair's rank = earlier same-expert pairs in its chunk
         + the expert's cursor, kept in `cursor` between chunks)."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         experts = tl.arange(0, E_POW2)
         lanes = tl.arange(0, CHUNK)
         counts = tl.zeros([E_POW2], dtype=tl.int32)
@@ -701,9 +719,10 @@ if triton is not None:
     def _gate_up_grouped(
         x, w13, act, sorted_ids, expert_ids, num_padded, pairs, top_k, K, inter,
         stride_x, stride_we, stride_wn,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """act[rows, n-tile] = silu(x[rows // k] @ gate^T) * (x[rows // k] @ up^T) for the block's expert."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         rows, real, expert, offs_n = _block_rows(
             sorted_ids, expert_ids, num_padded, pairs, inter, BLOCK_M, BLOCK_N
         )
@@ -746,10 +765,11 @@ if triton is not None:
         x, w13, out, sorted_ids, expert_ids, num_padded, pairs, top_k, K, N,
         stride_x, stride_we, stride_wn, scale, stride_se, stride_sn, group_n, group_k,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr,
-        UPCAST: tl.constexpr,
+        UPCAST: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out[rows, n-tile] = x[rows // k] @ w13[expert]^T over N = 2I (gate | up, no activation).
         FP8: w8a8 per K tile (_fp8_dot; BLOCK_K = group_k)."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         rows, real, expert, offs_n = _block_rows(
             sorted_ids, expert_ids, num_padded, pairs, N, BLOCK_M, BLOCK_N
         )
@@ -779,11 +799,12 @@ if triton is not None:
         act, w2, out, sorted_ids, expert_ids, num_padded, weights, pairs, N, inter,
         stride_we, stride_wn, scale, stride_se, stride_sn, group_n, group_k,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_IN_LOAD: tl.constexpr,
-        FP8: tl.constexpr, UPCAST: tl.constexpr,
+        FP8: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out[rows, n-tile] = weight[rows] * act[rows] @ w2[expert]^T (one row per pair). SILU_IN_LOAD:
         act rows are [gate | up] (2I wide) and silu(gate) * up is formed as each tile is loaded.
         FP8: w8a8 per K tile (_fp8_dot; BLOCK_K = group_k)."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         rows, real, expert, offs_n = _block_rows(
             sorted_ids, expert_ids, num_padded, pairs, N, BLOCK_M, BLOCK_N
         )

@@ -28,6 +28,7 @@ import logging
 
 import torch
 from disagg.common.config import fused_kernels_enabled, triton_interpret
+from disagg.common.models.pdl import pdl_args, pdl_begin
 
 try:
     import triton
@@ -71,7 +72,7 @@ def fused_rope_kv(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv.stride(2), kv.stride(3), page_size, cos_sin.stride(0), num_q_heads, num_kv_heads, q_blocks,
         HALF=head_dim // 2, HALF_POW2=triton.next_power_of_2(head_dim // 2), BLOCK_H=block_h,
-        IS_NEOX=is_neox, QK_NORM=norm is not None, num_warps=warps,
+        IS_NEOX=is_neox, QK_NORM=norm is not None, num_warps=warps, **pdl_args(q.device),
     )  # fmt: skip
     return q_out
 
@@ -226,9 +227,10 @@ if triton is not None:
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         stride_row, stride_head, page_size, stride_cs, num_q_heads, num_kv_heads, q_blocks,
         HALF: tl.constexpr, HALF_POW2: tl.constexpr, BLOCK_H: tl.constexpr,
-        IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr,
+        IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Program (t, b): heads b * BLOCK_H... of q (b < q_blocks), else of k and v."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         t = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1)
         i = tl.arange(0, HALF_POW2)

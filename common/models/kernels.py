@@ -3,6 +3,12 @@
 Each function has one torch reference implementation (the CPU path, bitwise equal to transformers
 in float32) and, on CUDA, FlashInfer's fused kernel: one launch instead of 5–12 for RMSNorm with
 its residual add, SiLU·mul and RoPE. `DISAGG_FUSED_KERNELS=0` turns the fused path off (A/B runs).
+
+PDL (Programmatic Dependent Launch, common/models/pdl.py): FlashInfer 0.7.2's rmsnorm,
+fused_add_rmsnorm and silu_and_mul launch with it already on compute capability >= 9 (their
+`enable_pdl=None` default means `device_support_pdl(device)`), so they are called as they are;
+apply_rope_with_cos_sin_cache_inplace takes no `enable_pdl` and its kernel always launches without.
+DISAGG_PDL switches the project's Triton kernels only.
 """
 
 from __future__ import annotations
