@@ -264,18 +264,49 @@ def bench_hf_generate(
     return batch * new / elapsed
 
 
-def ours_generate(sched: Scheduler, batch: int, context: int, new: int) -> float:
+def ours_generate(sched: Scheduler, batch: int, context: int, new: int, steps: list | None = None) -> float:
+    """Output tokens/s of `batch` requests of `context` random tokens, `new` tokens each. `steps`: a
+    list to append each step's (prefill tokens, decode rows, host seconds of the step) to."""
     vocab = sched.runner.hf_config.vocab_size
     for i in range(batch):
         sched.add_request(_make_req(f"g{batch}-{i}", context, vocab, new))
-    sync(sched.runner.device)
-    t = time.perf_counter()
-    while sched.has_work():
-        sched.step()
-    sync(sched.runner.device)
-    elapsed = time.perf_counter() - t
+    scheduled: list[tuple[int, int]] = []
+    if steps is not None:
+        _record_batches(sched, scheduled)
+    try:
+        sync(sched.runner.device)
+        t, produced, errors = time.perf_counter(), 0, set()
+        while sched.has_work():
+            t0, before = time.perf_counter(), len(scheduled)
+            for out in sched.step():
+                produced += len(out.new_token_ids)
+                if out.error:
+                    errors.add(out.error)
+            if steps is not None:  # a step that launched nothing (the overlap's last read-back): (0, 0)
+                steps.append(
+                    (*(scheduled[-1] if len(scheduled) > before else (0, 0)), time.perf_counter() - t0)
+                )
+        sync(sched.runner.device)
+        elapsed = time.perf_counter() - t
+    finally:
+        sched.__dict__.pop("schedule_batch", None)  # the class's method again
     sched.cache.reset()
+    if produced != batch * new:  # e.g. prompts longer than the model's context are refused
+        raise RuntimeError(f"generated {produced} of {batch * new} tokens: {'; '.join(errors) or 'no error'}")
     return batch * new / elapsed
+
+
+def _record_batches(sched: Scheduler, log: list[tuple[int, int]]) -> None:
+    """Append each batch the scheduler picks as (prefill tokens, decode rows) to `log`."""
+    plain = type(sched).schedule_batch.__get__(sched)
+
+    def schedule_batch():
+        batch = plain()
+        if batch:
+            log.append((sum(n for _, n in batch if n > 1), sum(1 for _, n in batch if n == 1)))
+        return batch
+
+    sched.schedule_batch = schedule_batch
 
 
 def main() -> None:
