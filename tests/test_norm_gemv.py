@@ -2,10 +2,12 @@
 Triton's CPU interpreter the kernel gives the torch path's output and new residual (1, 3 and 8
 tokens, K and N off the tiles, with and without a residual and a bias, float32 and bf16, FMA and
 tensor-core layouts) and leaves the old residual alone; the start-up check refuses a kernel that
-disagrees; the kernel compiles for sm_90."""
+disagrees; the kernel compiles for sm_90; a tiny Llama and a tiny Qwen2 (qkv bias) with
+DISAGG_NORM_GEMV=1 give transformers' float32 tokens."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pytest
@@ -13,8 +15,8 @@ import torch
 from disagg.common.models.kernels import add_rms_norm, rms_norm
 from disagg.common.models.norm_gemv import norm_gemv_reference
 
-from tests.conftest import compile_for_hopper
-from tests.test_fused_rope_kv import _interpret
+from tests.conftest import compile_for_hopper, hf_greedy
+from tests.test_fused_rope_kv import PROMPTS, _interpret
 
 pytest.importorskip("triton")
 interpreted = pytest.mark.skipif(
@@ -140,8 +142,9 @@ def test_start_up_check_refuses_a_kernel_that_disagrees():
     [(1, 16, 256, False), (2, 16, 128, False), (8, 16, 64, False), (16, 64, 128, True)],
 )
 def test_kernel_compiles_for_hopper(block_t, block_n, block_k, dot):
-    """The compiler's checks the interpreter skips, at bf16: the default layouts of 1, 2 and 3-8
-    tokens (FMA at 1 and 2, a tensor-core dot past), and FMA at 8 token rows (a sweep candidate)."""
+    """The compiler's checks the interpreter skips, at bf16, with PDL (its wait before the first
+    memory access): the default layouts of 1, 2 and 3-8 tokens (FMA at 1 and 2, a tensor-core dot
+    past), and FMA at 8 token rows (a sweep candidate)."""
     from disagg.common.models.norm_gemv import _norm_gemv_kernel
 
     names = ("x", "residual", "norm_w", "weight", "bias", "out", "new_residual")
@@ -149,3 +152,42 @@ def test_kernel_compiles_for_hopper(block_t, block_n, block_k, dot):
     consts = dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, HAS_RESIDUAL=True, HAS_BIAS=True,
                   DOT=dot, INTERPRETED=False)  # fmt: skip
     compile_for_hopper(_norm_gemv_kernel, types, consts)
+
+
+MODEL_RUN = textwrap.dedent(
+    """
+    import json, os, sys
+    from disagg.common.engine.offline import Engine
+    from disagg.common.models import decoder
+
+    sizes, real = set(), decoder.norm_gemv  # the token counts the decoder ran the kernel at
+    decoder.norm_gemv = lambda x, *args: sizes.add(len(x)) or real(x, *args)
+
+    path, chunk, max_tokens, prompts = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+    os.environ |= {"DISAGG_NORM_GEMV": "1", "DISAGG_NORM_GEMV_MAX_TOKENS": max_tokens}
+    engine = Engine(model_path=path, page_size=4, max_total_tokens=512, chunked_prefill_size=chunk)
+    layers = engine.scheduler.runner.model.layers
+    assert all(layer.attn_norm_gemv and layer.mlp_norm_gemv for layer in layers), "the kernel is not in use"
+    outs = engine.generate(prompts, {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True})
+    print("tokens", json.dumps([o["output_ids"] for o in outs]))
+    print("sizes", json.dumps(sorted(sizes)))
+    """
+)
+
+
+@interpreted
+@pytest.mark.parametrize(
+    ("family", "chunk", "max_tokens", "sizes"),
+    [("llama", 8, "8", {2, 8}), ("qwen2", 16, "4", {2})],
+)
+def test_tiny_models_with_the_kernel_give_transformers_tokens(tiny_models, family, chunk, max_tokens, sizes):
+    """Every layer's two norms in norm_gemv (the first layer's without a residual): transformers'
+    float32 greedy tokens. Llama: prefill chunks of 8 and decode batches of 2, all fused; Qwen2
+    (qkv bias): prefill chunks of 16 unfused, decode batches of 2 fused, the residual passing
+    between."""
+    path = tiny_models[family]
+    out = _interpret(MODEL_RUN, path, str(chunk), max_tokens, json.dumps(PROMPTS))
+    lines = dict(s.split(" ", 1) for s in out.splitlines() if s.startswith(("tokens ", "sizes ")))
+    assert json.loads(lines["tokens"]) == [hf_greedy(path, p, 6) for p in PROMPTS]
+    ran = set(json.loads(lines["sizes"]))  # the batch sizes the kernel ran at: these and no larger
+    assert sizes <= ran and max(ran) <= int(max_tokens)

@@ -46,6 +46,14 @@ for step in "$@"; do
              --decode-steps 4 --profile-prefill | tee $OUT/moe_prefill.log | tail -32 ;;
     moe-tp1) bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1,64 --context-len 1024 \
            --prefill-len 2048 --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/moe_tp1${TAG:-}.json ;;
+    norm-gemv) # the residual add + RMSNorm folded into the qkv / gate_up GEMV (common/models/norm_gemv.py) against
+           # FlashInfer's norm + cuBLAS, µs per layer in CUDA graphs of 32 layers, beside the bytes roofline; layout sweep
+           timeout "${T:-500}" python3 -m disagg.common.bench.norm_gemv --output-json $OUT/norm_gemv.json 2>&1 \
+             | grep -v "UserWarning\|warn_once" | tee $OUT/norm_gemv.log ;;
+    engine-norm-gemv) # the 8B's small decode batches without, then with norm_gemv (DISAGG_NORM_GEMV); Qwen3-30B-A3B:
+           # DISAGG_NORM_GEMV=1 TAG=_norm_gemv bash common/bench/gpu_runs.sh moe-tp1
+           for v in 0 1; do DISAGG_NORM_GEMV=$v bench $B8 --batch-sizes 1,8 --context-len 1024 --prefill-len 4096 \
+             --decode-steps 32 --profile-batch-sizes 1 --output-json $OUT/offline_8b_norm_gemv$v.json | tail -14; done ;;
     pdl-ab) # Programmatic Dependent Launch of the Triton kernels (common/models/pdl.py), off then on: Qwen3-30B-A3B's
            # moe-tp1 command and DeepSeek-V2-Lite's, per model DISAGG_PDL=0 then 1 (PDL_MODELS picks: "qwen3 v2lite";
            # one model a call if the machine is cold); compare decode batch 1 and 64, and the profile's kernel time

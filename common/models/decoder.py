@@ -8,6 +8,7 @@ the Hugging Face checkpoints, with q/k/v and gate/up fused (see weights.py for t
 from __future__ import annotations
 
 import torch
+from disagg.common.config import norm_gemv_max_tokens
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch
 from disagg.common.models.deepseek import DEEPSEEK_ARCHITECTURES, MLAttention, is_mla, latent_half_dim
 from disagg.common.models.fused_rope_kv import fused_rope_kv, fused_rope_kv_ok
@@ -20,6 +21,7 @@ from disagg.common.models.layers import (
     VocabParallelEmbedding,
 )
 from disagg.common.models.moe_a2a import set_forward_shape
+from disagg.common.models.norm_gemv import norm_gemv, norm_gemv_fits
 from disagg.common.parallel.dp_attention import dp_gather_tokens, dp_logits, dp_scatter_tokens, lm_head_group
 from disagg.common.parallel.state import TPGroup, attn_tp_group, get_parallel, tp_group
 from torch import nn
@@ -97,8 +99,17 @@ class Attention(nn.Module):
             w.device, w.dtype, self.num_heads, self.num_kv_heads, self.head_dim, self.qk_norm
         )
 
+    @property
+    def in_proj(self) -> ColumnParallelLinear:
+        """The projection reading the layer's normalised input (DecoderLayer may fuse the norm into it)."""
+        return self.qkv_proj
+
     def forward(self, x, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend):
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
+        return self.forward_projected(self.qkv_proj(x), batch, kv_buffer, backend)
+
+    def forward_projected(self, qkv, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend):
+        """The layer after its qkv projection: qkv [T, (Hq + 2 Hkv) * D]."""
+        q, k, v = qkv.split(self.qkv_proj.out_sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -131,8 +142,17 @@ class MLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(hidden_size, [inter, inter], tp=tp)
         self.down_proj = RowParallelLinear(inter, hidden_size, tp=tp)
 
+    @property
+    def in_proj(self) -> ColumnParallelLinear:
+        """The projection reading the layer's normalised input (DecoderLayer may fuse the norm into it)."""
+        return self.gate_up_proj
+
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.forward_projected(self.gate_up_proj(x))
+
+    def forward_projected(self, gate_up):
+        """The MLP after its gate_up projection: gate_up [T, 2 * I]."""
+        return self.down_proj(silu_and_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):
@@ -146,19 +166,40 @@ class DecoderLayer(nn.Module):
         # DP attention: an MLP split over the whole TP group needs every DP rank's tokens (an
         # all-to-all MoE takes only this rank's tokens to their experts and back)
         self.gather_mlp = get_parallel().attn_dp_size > 1 and not getattr(self.mlp, "a2a", False)
+        # batches of at most norm_gemv_tokens tokens: each norm, with its residual add, inside the
+        # projection reading it (norm_gemv.py, DISAGG_NORM_GEMV=1): plain attention's qkv, the dense MLP's gate_up
+        self.norm_gemv_tokens = norm_gemv_max_tokens()
+        self.attn_norm_gemv = isinstance(self.self_attn, Attention) and norm_gemv_fits(self.self_attn.in_proj)
+        self.mlp_norm_gemv = (
+            isinstance(self.mlp, MLP) and not self.gather_mlp and norm_gemv_fits(self.mlp.in_proj)
+        )
 
     def forward(self, x, residual, batch, kv_buffer, backend):
         """x: this layer's input delta; residual: the running sum (None before the first layer).
         Returns (delta, residual): the hidden state after the layer is delta + residual."""
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, batch, kv_buffer, backend)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.norm_and_run(
+            self.input_layernorm, self.self_attn, self.attn_norm_gemv, x, residual, batch, kv_buffer, backend
+        )
         if self.gather_mlp:
+            x, residual = self.post_attention_layernorm(x, residual)
             return dp_scatter_tokens(self.mlp(dp_gather_tokens(x))), residual
-        return self.mlp(x), residual
+        return self.norm_and_run(self.post_attention_layernorm, self.mlp, self.mlp_norm_gemv, x, residual)
+
+    def norm_and_run(self, norm: RMSNorm, module: nn.Module, fusable: bool, x, residual, *args):
+        """(module(norm(x + residual), *args), x + residual); residual None: x alone. Where `fusable`
+        (module's in_proj passed norm_gemv's check) and the batch is small, the add, the norm and
+        in_proj are one norm_gemv launch (the residual then a new tensor, not updated in place).
+        NOTE: under CUDA graphs the token count, so the branch, is fixed per captured batch size."""
+        proj = module.in_proj if fusable else None
+        # NOTE: FP8 checkpoints quantize the linears after the model is built: those keep the torch ops
+        if proj is not None and x.shape[0] <= self.norm_gemv_tokens and proj.weight_scale_inv is None:
+            y, residual = norm_gemv(x, residual, norm.weight, norm.eps, proj.weight, proj.bias)
+            return module.forward_projected(y, *args), residual
+        if residual is None:
+            residual, x = x, norm(x)
+        else:
+            x, residual = norm(x, residual)
+        return module(x, *args), residual
 
 
 def make_mlp(config, layer_id: int) -> nn.Module:

@@ -12,7 +12,8 @@ each token's squares of h over K (x and residual rows: a few KB, from L2), then 
 again, normalising each h tile and multiplying it into the weight tile (FMA reductions, or
 tensor-core dots with the token rows padded to 16: `launch`). The programs of the first N tile write
 h into a new buffer (the new residual): the others still read the old one, so never in place.
-CUDA-graph capturable: no host sync, the grid depends on the shapes only.
+CUDA-graph capturable: no host sync, the grid depends on the shapes only; launched with PDL where
+DISAGG_PDL=1 turns it on (common/models/pdl.py), as the other decode-path kernels.
 
 The arithmetic follows kernels.rms_norm's torch path step by step (h rounded to the model dtype as
 torch's add rounds it; the norm in float32, rounded, times the weight, rounded), then a float32
@@ -32,6 +33,7 @@ from disagg.common.models.fused_rope_kv import (
     rms_norm_reference,
     start_up_check,
 )
+from disagg.common.models.pdl import pdl_args, pdl_begin
 
 try:
     import triton
@@ -71,7 +73,7 @@ def norm_gemv(
         num_tokens, n, k, x.stride(0), r.stride(0), weight.stride(0),
         BLOCK_T=block_rows(num_tokens, dot), BLOCK_N=block_n, BLOCK_K=block_k,
         HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, DOT=dot,
-        INTERPRETED=triton_interpret(), num_warps=warps,
+        INTERPRETED=triton_interpret(), num_warps=warps, **pdl_args(x.device),
     )  # fmt: skip
     return out, new_residual
 
@@ -164,8 +166,10 @@ if triton is not None:
         num_tokens, N, K, stride_x, stride_r, stride_w,
         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT: tl.constexpr, INTERPRETED: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         """Program p: out[:, p * BLOCK_N...] for every token; program 0 also writes new_residual."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         pid = tl.program_id(0)
         rows = tl.arange(0, BLOCK_T)
         t_mask = rows < num_tokens

@@ -1,0 +1,175 @@
+"""A projection's input norm on the GPU at decode sizes: FlashInfer's fused add + RMSNorm then
+F.linear (cuBLAS; at one token a split-K GEMV and its reduce), as decoder.DecoderLayer runs them
+unfused, against norm_gemv (common/models/norm_gemv.py: one Triton launch). Each as a CUDA graph of
+`--layers` layers with their own weights (so L2 holds none of them), replayed as a decode step runs
+them. Prints µs per layer, kernels per layer (torch profiler), the bytes roofline at the copy rate
+measured in the same process, and the fastest of a handful of launch layouts per shape and batch.
+
+    python -m disagg.common.bench.norm_gemv                        # 8B qkv + gate_up, Qwen3-30B-A3B qkv, V2-Lite-like gate_up
+    python -m disagg.common.bench.norm_gemv --tokens 1,8 --layers 32 --output-json norm_gemv.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from disagg.common.bench.offline import measure_ceilings
+from disagg.common.models.fused_rope_kv import close_enough
+from disagg.common.models.kernels import add_rms_norm, check_fused_kernels
+from disagg.common.models.norm_gemv import launch_shape, norm_gemv, norm_gemv_reference
+
+# name: (K, N): the projection's input and output widths at TP 1
+SHAPES = {
+    "llama-8b-qkv": (4096, 6144),
+    "llama-8b-gate_up": (4096, 28672),
+    "qwen3-30b-a3b-qkv": (2048, 5120),
+    "v2-lite-shared-gate_up": (2048, 5632),  # DeepSeek-V2-Lite's two shared experts as one dense MLP
+}
+# (BLOCK_N, BLOCK_K, warps, tensor-core dot): FMA reductions and dots of a few widths
+CANDIDATES = [
+    (16, 256, 4, False), (16, 128, 4, False), (32, 128, 4, False), (32, 256, 8, False), (64, 128, 8, False),
+    (16, 128, 4, True), (32, 128, 4, True), (64, 128, 4, True), (64, 64, 4, True), (64, 256, 8, True),
+]  # fmt: skip
+EPS = 1e-6
+
+
+def make_layers(tokens: int, k: int, n: int, count: int, gen) -> list[dict]:
+    """Each layer's own activations, residual, norm weight and projection weight (bf16)."""
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, device="cuda") * scale).bfloat16()
+
+    return [
+        dict(x=randn(tokens, k), residual=randn(tokens, k), norm=randn(k), weight=randn(n, k, scale=k**-0.5))
+        for _ in range(count)
+    ]
+
+
+def unfused(layer: dict) -> torch.Tensor:
+    """decoder's unfused steps: FlashInfer's fused add + RMSNorm (in place), then the linear."""
+    x, _ = add_rms_norm(layer["x"], layer["residual"], layer["norm"], EPS)
+    return F.linear(x, layer["weight"])
+
+
+def fused(layer: dict, launch=None) -> torch.Tensor:
+    return norm_gemv(layer["x"], layer["residual"], layer["norm"], EPS, layer["weight"], launch=launch)[0]
+
+
+def time_graph(fn, layers: list[dict], iters: int = 50) -> float:
+    """µs per layer of `fn` over all layers, replayed as one CUDA graph."""
+    for layer in layers[:2]:  # compile / JIT / cuBLAS heuristics outside the graph
+        fn(layer)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for layer in layers:
+            fn(layer)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / iters / len(layers)
+
+
+def kernels_per_layer(fn, layer: dict) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn(layer)
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+
+
+def agrees(layer: dict, launch) -> bool:
+    """The layout's output against the torch reference (on copies: the unfused path works in place)."""
+    args = (layer["x"].clone(), layer["residual"].clone(), layer["norm"], EPS, layer["weight"])
+    want = norm_gemv_reference(*args)[0]
+    return close_enough(norm_gemv(*args, launch=launch)[0], want)
+
+
+def sweep(layers: list[dict], tokens: int) -> list[dict]:
+    """Each candidate layout that fits the batch's registers and agrees with the reference, timed."""
+    rows = []
+    for launch in CANDIDATES:
+        block_n, block_k, _, dot = launch
+        if not dot and block_n * block_k * tokens > 16384:  # FMA products past ~128 registers a thread
+            continue
+        try:
+            ok = agrees(layers[0], launch)
+            us = time_graph(lambda layer, launch=launch: fused(layer, launch), layers) if ok else None
+        except Exception as e:  # noqa: BLE001 - a layout this device cannot build: reported, skipped
+            print(f"    {launch}: {type(e).__name__}: {str(e)[:160]}")
+            continue
+        rows.append(dict(launch=list(launch), agrees=ok, us=us))
+    return rows
+
+
+def bench_shape(name: str, k: int, n: int, tokens: int, args, copy_gb_s: float, gen) -> dict:
+    layers = make_layers(tokens, k, n, args.layers, gen)
+    nbytes = 2 * (n * k + k + 2 * tokens * k + tokens * (n + k))  # weights, norm, x + residual in, out + h
+    row = dict(shape=name, k=k, n=n, tokens=tokens, roofline_us=nbytes / (copy_gb_s * 1e3))
+    for label, fn in (("unfused", unfused), ("fused", fused)):
+        row[f"{label}_us"], row[f"{label}_kernels"] = time_graph(fn, layers), kernels_per_layer(fn, layers[0])
+    row["default_launch"] = list(launch_shape(tokens, n, k))
+    row["agrees"] = agrees(layers[0], None)
+    if args.sweep:
+        row["sweep"] = sweep(layers, tokens)
+        timed = [r for r in row["sweep"] if r["us"] is not None]
+        best = min(timed, key=lambda r: r["us"], default=None)
+        row["best_launch"], row["best_us"] = (best["launch"], best["us"]) if best else (None, None)
+    del layers
+    torch.cuda.empty_cache()
+    return row
+
+
+def print_row(row: dict) -> None:
+    best = f"{row['best_us']:>8.2f} {tuple(row['best_launch'])}" if row.get("best_us") else ""
+    print(
+        f"{row['shape']:<24} {row['tokens']:>3} {row['roofline_us']:>8.2f} "
+        f"{row['unfused_us']:>8.2f} ({row['unfused_kernels']}) {row['fused_us']:>8.2f} ({row['fused_kernels']})"
+        f" {'ok' if row['agrees'] else 'DIFFERS':>7}  {best}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
+    parser.add_argument("--tokens", default="1,2,4,8", help="decode batch sizes (tokens)")
+    parser.add_argument("--layers", type=int, default=32, help="layers a graph replays (distinct weights)")
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false", help="the default layout only")
+    parser.add_argument("--output-json", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("norm_gemv bench: needs a CUDA GPU (none visible here), nothing measured")
+    ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
+    flashinfer = check_fused_kernels(torch.device("cuda"), torch.bfloat16)
+    print(f"{torch.cuda.get_device_name()}: copy {ceil['copy_gb_s']:.0f} GB/s; FlashInfer norm: {flashinfer}")
+    print(
+        f"{'shape':<24} {'T':>3} {'roof us':>8} {'unfused us (kernels)':>20} {'norm_gemv us (kernels)':>22}"
+        f" {'check':>7}  best of the sweep (BLOCK_N, BLOCK_K, warps, dot)"
+    )
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for name in args.shapes.split(","):
+        k, n = SHAPES[name]
+        for tokens in (int(t) for t in args.tokens.split(",")):
+            rows.append(bench_shape(name, k, n, tokens, args, ceil["copy_gb_s"], gen))
+            print_row(rows[-1])
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), ceilings=ceil, layers=args.layers, rows=rows), f,
+                      indent=2)  # fmt: skip
+        print(f"wrote {args.output_json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""On a CUDA GPU: norm_gemv (common/models/norm_gemv.py) compiled. At the 8B's qkv and gate_up and
+Qwen3-30B-A3B's qkv shapes the kernel equals the torch path in bf16 (the new residual bit for bit:
+the GPU rounds to nearest as torch does, which the interpreter cannot show) for 1-8 tokens, every
+sweep layout of the benchmark agrees, it replays in a CUDA graph on new inputs, the start-up check
+passes on these shapes; a tiny Llama and Qwen2 with DISAGG_NORM_GEMV=1 (CUDA graphs, decode
+batches fused) give the greedy tokens of the unfused engine within vLLM's logprob-closeness check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import assert_logprobs_close
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytest.importorskip("triton")
+
+SHAPES = {"llama-8b-qkv": (4096, 6144), "llama-8b-gate_up": (4096, 28672), "qwen3-30b-a3b-qkv": (2048, 5120)}
+
+
+def _inputs(t, k, n, seed=0, bias=False):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda") * scale).bfloat16()
+
+    b = randn(n) if bias else None
+    return randn(t, k), randn(t, k), randn(k), randn(n, k, scale=k**-0.5), b
+
+
+def _assert_agrees(got, want):
+    from disagg.common.models.fused_rope_kv import close_enough
+
+    out, h = got
+    assert close_enough(out, want[0]), (out.float() - want[0].float()).abs().max()
+    assert torch.equal(h, want[1])  # x + residual rounded to nearest, as torch's add
+    assert (out != want[0]).float().mean().item() < 0.05  # the same roundings: nearly all bits equal
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("tokens", [1, 2, 3, 8])
+def test_kernel_matches_the_torch_path(shape, tokens):
+    from disagg.common.models.norm_gemv import norm_gemv, norm_gemv_reference
+
+    x, r, nw, w, b = _inputs(tokens, *SHAPES[shape], bias=tokens == 3)
+    _assert_agrees(norm_gemv(x, r, nw, 1e-6, w, b), norm_gemv_reference(x, r, nw, 1e-6, w, b))
+    got = norm_gemv(x, None, nw, 1e-6, w, b)  # before the first layer: h = x, returned as is
+    assert got[1] is x
+    _assert_agrees(got, norm_gemv_reference(x, None, nw, 1e-6, w, b))
+
+
+@pytest.mark.parametrize("tokens", [1, 8])
+def test_every_benchmark_layout_agrees(tokens):
+    from disagg.common.bench.norm_gemv import CANDIDATES
+    from disagg.common.models.norm_gemv import norm_gemv, norm_gemv_reference
+
+    x, r, nw, w, _ = _inputs(tokens, 2048, 5632)
+    want = norm_gemv_reference(x, r, nw, 1e-6, w)
+    for launch in CANDIDATES:
+        _assert_agrees(norm_gemv(x, r, nw, 1e-6, w, launch=launch), want)
+
+
+def test_kernel_replays_in_a_cuda_graph():
+    from disagg.common.models.norm_gemv import norm_gemv, norm_gemv_reference
+
+    k, n = SHAPES["qwen3-30b-a3b-qkv"]
+    static = _inputs(4, k, n)
+    norm_gemv(*static[:3], 1e-6, static[3])  # compile outside the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = norm_gemv(*static[:3], 1e-6, static[3])
+    for seed in (1, 2):
+        new = _inputs(4, k, n, seed=seed)
+        for buf, value in zip(static[:4], new[:4], strict=True):
+            buf.copy_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_agrees(got, norm_gemv_reference(*new[:3], 1e-6, new[3]))
+
+
+def test_start_up_check_passes_on_the_model_shapes(monkeypatch):
+    from disagg.common.models.norm_gemv import norm_gemv_ok
+
+    monkeypatch.setenv("DISAGG_NORM_GEMV", "1")
+    cuda = torch.device("cuda", 0)
+    norm_gemv_ok.cache_clear()
+    for k, n in [*SHAPES.values(), (896, 1152)]:
+        assert norm_gemv_ok(cuda, torch.bfloat16, n, k, n == 1152), (n, k)
+    assert not norm_gemv_ok(cuda, torch.float32, 6144, 4096, False)  # float32 keeps the torch ops
+    norm_gemv_ok.cache_clear()
+
+
+PROMPTS = [[1, 409, 314, 253, 134, 282, 350, 30], list(range(200, 240)), [9, 8, 7, 6, 5, 4, 3, 2, 1] * 3]
+PARAMS = {"max_new_tokens": 32, "temperature": 0, "ignore_eos": True, "top_logprobs_num": 5}
+
+
+def _generate(path: str, fused: bool, monkeypatch) -> list[dict]:
+    from disagg.common.engine.offline import Engine
+    from disagg.common.models.norm_gemv import norm_gemv_ok
+
+    monkeypatch.setenv("DISAGG_NORM_GEMV", "1" if fused else "0")
+    norm_gemv_ok.cache_clear()
+    engine = Engine(
+        model_path=path, dtype="bfloat16", max_total_tokens=16384, page_size=16, chunked_prefill_size=16
+    )
+    try:
+        layers = engine.scheduler.runner.model.layers
+        used = [layer.attn_norm_gemv and layer.mlp_norm_gemv for layer in layers]
+        assert all(used) if fused else not any(used)
+        return engine.generate(PROMPTS, PARAMS)
+    finally:
+        engine.shutdown()
+        norm_gemv_ok.cache_clear()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_engine_tokens_with_norm_gemv_close_to_without(family, tmp_path, monkeypatch):
+    """CUDA graphs for decode (batches of 3 fused inside them), prefill chunks of 16 unfused."""
+    from tests.conftest import make_tiny_model
+
+    path = make_tiny_model(tmp_path / family, family, head_dim=64, hidden_size=256, num_attention_heads=4)
+    assert_logprobs_close(_generate(path, True, monkeypatch), _generate(path, False, monkeypatch))
