@@ -44,6 +44,11 @@ for step in "$@"; do
     moe-prefill) # issue 19: where a 2048-token MoE prefill goes (the kernels of one prefill, torch profiler)
            bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 --prefill-len 2048 \
              --decode-steps 4 --profile-prefill | tee $OUT/moe_prefill.log | tail -32 ;;
+    verify) # the GPU tests of the changes no GPU has run yet (ninth session: FP8 wide K tiles, PDL, norm_gemv; the
+           # eighth's fused MLA steps, pinned plans, qkv_a_proj), before any benchmark trusts them
+           timeout "${T:-560}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fp8_moe.py tests/test_gpu_pdl.py \
+             tests/test_gpu_norm_gemv.py tests/test_gpu_mla.py tests/test_gpu_fused_mla_rope.py tests/test_gpu_fused_moe.py \
+             tests/test_gpu_fused_rope_kv.py 2>&1 | tee $OUT/verify.log | tail -25 ;;
     moe-tp1) bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1,64 --context-len 1024 \
            --prefill-len 2048 --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/moe_tp1${TAG:-}.json ;;
     norm-gemv) # the residual add + RMSNorm folded into the qkv / gate_up GEMV (common/models/norm_gemv.py) against
