@@ -1,9 +1,11 @@
 """On a CUDA GPU: norm_gemv (common/models/norm_gemv.py) compiled. At the 8B's qkv and gate_up and
 Qwen3-30B-A3B's qkv shapes the kernel equals the torch path in bf16 (the new residual bit for bit:
-the GPU rounds to nearest as torch does, which the interpreter cannot show) for 1-8 tokens, every
-sweep layout of the benchmark agrees, it replays in a CUDA graph on new inputs, the start-up check
-passes on these shapes; a tiny Llama and Qwen2 with DISAGG_NORM_GEMV=1 (CUDA graphs, decode
-batches fused) give the greedy tokens of the unfused engine within vLLM's logprob-closeness check."""
+the GPU rounds to nearest as torch does, which the interpreter cannot show) for 1-8 tokens, and at
+the Qwen3-30B-A3B and Mixtral routers' shapes with the normalised input returned; every sweep
+layout of the benchmark agrees, it replays in a CUDA graph on new inputs, the start-up check
+passes on these shapes; a tiny Llama, Qwen2 and Qwen3-MoE with DISAGG_NORM_GEMV=1 (CUDA graphs,
+decode batches fused) give the greedy tokens of the unfused engine within vLLM's logprob-closeness
+check."""
 
 from __future__ import annotations
 
@@ -49,6 +51,26 @@ def test_kernel_matches_the_torch_path(shape, tokens):
     _assert_agrees(got, norm_gemv_reference(x, None, nw, 1e-6, w, b))
 
 
+ROUTERS = {"qwen3-30b-a3b-router": (2048, 128), "mixtral-8x7b-router": (4096, 8)}
+
+
+@pytest.mark.parametrize("shape", list(ROUTERS))
+@pytest.mark.parametrize("tokens", [1, 2, 3, 8])
+def test_router_kernel_returns_the_normalised_input(shape, tokens):
+    """A MoE router's launch (narrow FMA tiles): logits and new residual as above, and the normalised
+    input the experts read: kernels.rms_norm's torch roundings, to nearest (nearly all bits equal;
+    an ulp where the float32 sum of squares, summed in another order, rounds the other way)."""
+    from disagg.common.models.fused_rope_kv import close_enough
+    from disagg.common.models.norm_gemv import norm_gemv, norm_gemv_reference
+
+    x, r, nw, w, _ = _inputs(tokens, *ROUTERS[shape])
+    for residual in (r, None):
+        *got, normed = norm_gemv(x, residual, nw, 1e-6, w, return_normed=True)
+        *want, want_normed = norm_gemv_reference(x, residual, nw, 1e-6, w, return_normed=True)
+        _assert_agrees(got, want)
+        assert close_enough(normed, want_normed) and (normed != want_normed).float().mean().item() < 0.01
+
+
 @pytest.mark.parametrize("tokens", [1, 8])
 def test_every_benchmark_layout_agrees(tokens):
     from disagg.common.bench.norm_gemv import CANDIDATES
@@ -87,6 +109,8 @@ def test_start_up_check_passes_on_the_model_shapes(monkeypatch):
     norm_gemv_ok.cache_clear()
     for k, n in [*SHAPES.values(), (896, 1152)]:
         assert norm_gemv_ok(cuda, torch.bfloat16, n, k, n == 1152), (n, k)
+    for k, n in ROUTERS.values():  # returning the normalised input
+        assert norm_gemv_ok(cuda, torch.bfloat16, n, k, False, True), (n, k)
     assert not norm_gemv_ok(cuda, torch.float32, 6144, 4096, False)  # float32 keeps the torch ops
     norm_gemv_ok.cache_clear()
 
@@ -106,7 +130,7 @@ def _generate(path: str, fused: bool, monkeypatch) -> list[dict]:
     )
     try:
         layers = engine.scheduler.runner.model.layers
-        used = [layer.attn_norm_gemv and layer.mlp_norm_gemv for layer in layers]
+        used = [layer.attn_norm_gemv and layer.mlp_norm_gemv for layer in layers]  # MoE: the router
         assert all(used) if fused else not any(used)
         return engine.generate(PROMPTS, PARAMS)
     finally:
@@ -114,9 +138,10 @@ def _generate(path: str, fused: bool, monkeypatch) -> list[dict]:
         norm_gemv_ok.cache_clear()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3_moe"])
 def test_engine_tokens_with_norm_gemv_close_to_without(family, tmp_path, monkeypatch):
-    """CUDA graphs for decode (batches of 3 fused inside them), prefill chunks of 16 unfused."""
+    """CUDA graphs for decode (batches of 3 fused inside them), prefill chunks of 16 unfused;
+    Qwen3-MoE: the router fused, its experts (fused_moe's kernels) on the launch's normalised input."""
     from tests.conftest import make_tiny_model
 
     path = make_tiny_model(tmp_path / family, family, head_dim=64, hidden_size=256, num_attention_heads=4)

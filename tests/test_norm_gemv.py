@@ -1,9 +1,10 @@
 """The residual add + RMSNorm folded into the GEMV that reads them (common/models/norm_gemv.py): under
 Triton's CPU interpreter the kernel gives the torch path's output and new residual (1, 3 and 8
 tokens, K and N off the tiles, with and without a residual and a bias, float32 and bf16, FMA and
-tensor-core layouts) and leaves the old residual alone; the start-up check refuses a kernel that
-disagrees; the kernel compiles for sm_90; a tiny Llama and a tiny Qwen2 (qkv bias) with
-DISAGG_NORM_GEMV=1 give transformers' float32 tokens."""
+tensor-core layouts, the normalised input a MoE router's launch returns) and leaves the old
+residual alone; the start-up check refuses a kernel that disagrees; the kernel compiles for sm_90;
+a tiny Llama, Qwen2 (qkv bias), Qwen3-MoE and Mixtral (the router fused) with DISAGG_NORM_GEMV=1
+give transformers' float32 tokens."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from disagg.common.models.kernels import add_rms_norm, rms_norm
 from disagg.common.models.norm_gemv import norm_gemv_reference
 
-from tests.conftest import compile_for_hopper, hf_greedy
+from tests.conftest import TINY_MOE_CONFIGS, compile_for_hopper, hf_greedy, make_tiny_model
 from tests.test_fused_rope_kv import PROMPTS, _interpret
 
 pytest.importorskip("triton")
@@ -27,8 +28,9 @@ CHECK = textwrap.dedent(
     """
     import torch
     from disagg.common.models import norm_gemv as ng
+    from disagg.common.models.fused_rope_kv import rms_norm_reference
 
-    def case(t, n, k, residual, bias, dtype, launch=None):
+    def case(t, n, k, residual, bias, dtype, launch=None, normed=False):
         g = torch.Generator().manual_seed(t * 31 + n + k)
         x = torch.randn(t, k + 3, generator=g).to(dtype)[:, :k]  # strided rows, as a view would be
         r = torch.randn(t, k, generator=g).to(dtype) if residual else None
@@ -36,9 +38,13 @@ CHECK = textwrap.dedent(
         norm_w = torch.randn(k, generator=g).to(dtype)
         w = (torch.randn(n, k, generator=g) * k**-0.5).to(dtype)
         b = torch.randn(n, generator=g).to(dtype) if bias else None
-        out, h = ng.norm_gemv(x, r, norm_w, 1e-6, w, b, launch=launch)
+        out, h, *a = ng.norm_gemv(x, r, norm_w, 1e-6, w, b, launch=launch, return_normed=normed)
         want_out, want_h = ng.norm_gemv_reference(x, r, norm_w, 1e-6, w, b)
-        assert out.shape == (t, n) and out.dtype == dtype and h.shape == (t, k)
+        assert out.shape == (t, n) and out.dtype == dtype and h.shape == (t, k) and len(a) == normed
+        if normed:  # the normalised input: rms_norm's, to rounding (bf16: the interpreter's truncations)
+            assert a[0].shape == (t, k) and a[0].dtype == dtype
+            rtol = 1e-6 if dtype == torch.float32 else 2**-5
+            torch.testing.assert_close(a[0], rms_norm_reference(want_h, norm_w, 1e-6), atol=1e-6, rtol=rtol)
         if t == 0:
             return print("case passed", t)
         # float32: the same arithmetic up to summation order. bf16: a few ulps of the largest value
@@ -78,10 +84,28 @@ def test_interpreted_kernel_matches_the_torch_path():
             case(1, 48, 96, True, False, bf16)  # the default layouts
             case(8, 48, 96, True, False, bf16)
             case(0, 48, 96, True, True, f32)  # an idle DP-attention rank: no launch
+            # a router: the normalised input returned; 4- and 8-row FMA tiles, N 10 off both
+            for t in (1, 3, 8):
+                case(t, 10, 200, True, False, f32, launch=(4, 64, 4, False), normed=True)
+                case(t, 10, 200, t > 1, False, bf16, launch=(8, 64, 4, False), normed=True)
+                case(t, 70, 200, True, True, f32, launch=(16, 64, 4, True), normed=True)
+                case(t, 10, 72, True, False, bf16, normed=True)  # the default: 4-row tiles
+            case(0, 10, 72, True, False, bf16, normed=True)
             """
         )
     )
-    assert out.count("case passed") == 24
+    assert out.count("case passed") == 37
+
+
+def test_small_n_launches_narrow_fma_tiles():
+    """Where 16-row tiles leave fewer than 64 programs (a router's 128 experts: 8), 8- or 4-row FMA
+    tiles at every batch; projections of a few thousand rows keep 16-row tiles and their dots."""
+    from disagg.common.models.norm_gemv import launch_shape
+
+    assert [launch_shape(t, 128, 2048)[0::3] for t in (1, 8, 16)] == [(4, False)] * 3
+    assert launch_shape(8, 768, 4096)[0::3] == (8, False)
+    assert launch_shape(8, 1024, 4096)[0::3] == (16, True) and launch_shape(1, 5120, 2048)[0] == 16
+    assert launch_shape(16, 128, 2048)[1] * 4 * 16 <= 8192  # FMA products within 64 registers a thread
 
 
 def test_reference_is_the_decoders_unfused_arithmetic():
@@ -108,24 +132,29 @@ def test_start_up_check_refuses_a_kernel_that_disagrees():
             from disagg.common.models import norm_gemv as ng
 
             cpu, real = torch.device("cpu"), ng.norm_gemv
-            def ok():
+            def ok(normed=False):
                 ng.norm_gemv_ok.cache_clear()
-                return ng.norm_gemv_ok(cpu, torch.float32, 40, 72, True)
+                return ng.norm_gemv_ok(cpu, torch.float32, 40, 72, True, normed)
 
-            def unweighted(x, residual, norm_weight, *args, launch):
-                return real(x, residual, torch.ones_like(norm_weight), *args, launch=launch)
+            def unweighted(x, residual, norm_weight, *args, **kw):
+                return real(x, residual, torch.ones_like(norm_weight), *args, **kw)
 
-            def stale_residual(x, residual, *args, launch):
-                out, h = real(x, residual, *args, launch=launch)
-                return out, x if residual is not None else h  # the delta, not the sum
+            def stale_residual(x, residual, *args, **kw):
+                out, h, *rest = real(x, residual, *args, **kw)
+                return out, x if residual is not None else h, *rest  # the delta, not the sum
+
+            def unnormalised(*args, **kw):
+                out, h, *rest = real(*args, **kw)
+                return out, h, *(h for _ in rest)  # h where the normalised input belongs
 
             os.environ.pop("DISAGG_NORM_GEMV", None)
-            assert not ok()  # off by default
+            assert not ok() and not ok(True)  # off by default
             os.environ["DISAGG_NORM_GEMV"] = "1"
-            assert ok()
-            for bad in (unweighted, stale_residual):
+            assert ok() and ok(True)
+            for bad, normed in ((unweighted, False), (stale_residual, False), (unweighted, True), (unnormalised, True)):
                 ng.norm_gemv = bad
-                assert not ok(), bad.__name__
+                assert not ok(normed), bad.__name__
+            assert ok()  # a wrong normalised input is only checked where it is asked for
             ng.norm_gemv = real
             os.environ["DISAGG_FUSED_KERNELS"] = "0"
             assert not ok()
@@ -134,23 +163,27 @@ def test_start_up_check_refuses_a_kernel_that_disagrees():
         )
     )
     assert "refused" in out
-    assert out.count("norm_gemv disagrees with torch") == 2 and "failed its start-up check" not in out
+    assert out.count("norm_gemv disagrees with torch") == 4 and "failed its start-up check" not in out
 
 
 @pytest.mark.parametrize(
-    ("block_t", "block_n", "block_k", "dot"),
-    [(1, 16, 256, False), (2, 16, 128, False), (8, 16, 64, False), (16, 64, 128, True)],
-)
-def test_kernel_compiles_for_hopper(block_t, block_n, block_k, dot):
+    ("block_t", "block_n", "block_k", "dot", "normed"),
+    [
+        (1, 16, 256, False, False), (2, 16, 128, False, False), (8, 16, 64, False, False),
+        (16, 64, 128, True, False), (1, 4, 256, False, True), (8, 4, 256, False, True), (16, 16, 128, True, True),
+    ],
+)  # fmt: skip
+def test_kernel_compiles_for_hopper(block_t, block_n, block_k, dot, normed):
     """The compiler's checks the interpreter skips, at bf16, with PDL (its wait before the first
     memory access): the default layouts of 1, 2 and 3-8 tokens (FMA at 1 and 2, a tensor-core dot
-    past), and FMA at 8 token rows (a sweep candidate)."""
+    past), FMA at 8 token rows (a sweep candidate); a router's, writing the normalised input: its
+    default 4-row FMA tiles at 1 and 8 tokens, and a dot."""
     from disagg.common.models.norm_gemv import _norm_gemv_kernel
 
-    names = ("x", "residual", "norm_w", "weight", "bias", "out", "new_residual")
+    names = ("x", "residual", "norm_w", "weight", "bias", "out", "new_residual", "normed")
     types = dict.fromkeys(names, "*bf16") | {"eps": "fp32"}
-    consts = dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, HAS_RESIDUAL=True, HAS_BIAS=True,
-                  DOT=dot, INTERPRETED=False)  # fmt: skip
+    consts = dict(BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k, HAS_RESIDUAL=True, HAS_BIAS=not normed,
+                  WRITE_NORMED=normed, DOT=dot, INTERPRETED=False)  # fmt: skip
     compile_for_hopper(_norm_gemv_kernel, types, consts)
 
 
@@ -160,8 +193,13 @@ MODEL_RUN = textwrap.dedent(
     from disagg.common.engine.offline import Engine
     from disagg.common.models import decoder
 
-    sizes, real = set(), decoder.norm_gemv  # the token counts the decoder ran the kernel at
-    decoder.norm_gemv = lambda x, *args: sizes.add(len(x)) or real(x, *args)
+    calls, real = set(), decoder.norm_gemv  # (token count, normalised input returned) of each launch
+
+    def counted(x, *args, **kw):
+        calls.add((len(x), kw.get("return_normed", False)))
+        return real(x, *args, **kw)
+
+    decoder.norm_gemv = counted
 
     path, chunk, max_tokens, prompts = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
     os.environ |= {"DISAGG_NORM_GEMV": "1", "DISAGG_NORM_GEMV_MAX_TOKENS": max_tokens}
@@ -170,24 +208,39 @@ MODEL_RUN = textwrap.dedent(
     assert all(layer.attn_norm_gemv and layer.mlp_norm_gemv for layer in layers), "the kernel is not in use"
     outs = engine.generate(prompts, {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True})
     print("tokens", json.dumps([o["output_ids"] for o in outs]))
-    print("sizes", json.dumps(sorted(sizes)))
+    print("sizes", json.dumps(sorted({t for t, _ in calls})))
+    print("normed", json.dumps(sorted({t for t, normed in calls if normed})))
     """
 )
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny-moe")
+    return {family: make_tiny_model(root / family, family) for family in TINY_MOE_CONFIGS}
 
 
 @interpreted
 @pytest.mark.parametrize(
     ("family", "chunk", "max_tokens", "sizes"),
-    [("llama", 8, "8", {2, 8}), ("qwen2", 16, "4", {2})],
+    [
+        ("llama", 8, "8", {2, 8}),
+        ("qwen2", 16, "4", {2}),
+        ("qwen3_moe", 8, "8", {2, 8}),
+        ("mixtral", 16, "4", {2}),
+    ],
 )
-def test_tiny_models_with_the_kernel_give_transformers_tokens(tiny_models, family, chunk, max_tokens, sizes):
+def test_tiny_models_with_the_kernel_give_transformers_tokens(request, family, chunk, max_tokens, sizes):
     """Every layer's two norms in norm_gemv (the first layer's without a residual): transformers'
-    float32 greedy tokens. Llama: prefill chunks of 8 and decode batches of 2, all fused; Qwen2
-    (qkv bias): prefill chunks of 16 unfused, decode batches of 2 fused, the residual passing
-    between."""
-    path = tiny_models[family]
+    float32 greedy tokens. Llama and Qwen3-MoE: prefill chunks of 8 and decode batches of 2, all
+    fused; Qwen2 (qkv bias) and Mixtral: prefill chunks of 16 unfused, decode batches of 2 fused,
+    the residual passing between. The MoE layers' router launches return the normalised input
+    their experts read."""
+    moe = family in TINY_MOE_CONFIGS
+    path = request.getfixturevalue("tiny_moe_models" if moe else "tiny_models")[family]
     out = _interpret(MODEL_RUN, path, str(chunk), max_tokens, json.dumps(PROMPTS))
-    lines = dict(s.split(" ", 1) for s in out.splitlines() if s.startswith(("tokens ", "sizes ")))
+    lines = dict(s.split(" ", 1) for s in out.splitlines() if s.startswith(("tokens ", "sizes ", "normed ")))
     assert json.loads(lines["tokens"]) == [hf_greedy(path, p, 6) for p in PROMPTS]
     ran = set(json.loads(lines["sizes"]))  # the batch sizes the kernel ran at: these and no larger
     assert sizes <= ran and max(ran) <= int(max_tokens)
+    assert set(json.loads(lines["normed"])) == (ran if moe else set())  # every MoE layer's, only theirs

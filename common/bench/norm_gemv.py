@@ -1,11 +1,12 @@
 """A projection's input norm on the GPU at decode sizes: FlashInfer's fused add + RMSNorm then
 F.linear (cuBLAS; at one token a split-K GEMV and its reduce), as decoder.DecoderLayer runs them
-unfused, against norm_gemv (common/models/norm_gemv.py: one Triton launch). Each as a CUDA graph of
+unfused, against norm_gemv (common/models/norm_gemv.py: one Triton launch; at a MoE router's shape
+also writing the normalised input its experts read). Each as a CUDA graph of
 `--layers` layers with their own weights (so L2 holds none of them), replayed as a decode step runs
 them. Prints µs per layer, kernels per layer (torch profiler), the bytes roofline at the copy rate
 measured in the same process, and the fastest of a handful of launch layouts per shape and batch.
 
-    python -m disagg.common.bench.norm_gemv                        # 8B qkv + gate_up, Qwen3-30B-A3B qkv, V2-Lite-like gate_up
+    python -m disagg.common.bench.norm_gemv            # 8B qkv + gate_up, Qwen3-30B-A3B qkv + router, V2-Lite-like gate_up
     python -m disagg.common.bench.norm_gemv --tokens 1,8 --layers 32 --output-json norm_gemv.json
 """
 
@@ -27,35 +28,43 @@ SHAPES = {
     "llama-8b-gate_up": (4096, 28672),
     "qwen3-30b-a3b-qkv": (2048, 5120),
     "v2-lite-shared-gate_up": (2048, 5632),  # DeepSeek-V2-Lite's two shared experts as one dense MLP
+    "qwen3-30b-a3b-router": (2048, 128),  # the MoE router: the normalised input returned for the experts
 }
-# (BLOCK_N, BLOCK_K, warps, tensor-core dot): FMA reductions and dots of a few widths
+NORMED = {"qwen3-30b-a3b-router"}  # shapes whose launch also writes the normalised input (return_normed)
+# (BLOCK_N, BLOCK_K, warps, tensor-core dot): FMA reductions and dots of a few widths; the last five:
+# narrow FMA tiles, more programs for a router's few rows
 CANDIDATES = [
     (16, 256, 4, False), (16, 128, 4, False), (32, 128, 4, False), (32, 256, 8, False), (64, 128, 8, False),
     (16, 128, 4, True), (32, 128, 4, True), (64, 128, 4, True), (64, 64, 4, True), (64, 256, 8, True),
+    (4, 256, 4, False), (4, 512, 4, False), (4, 256, 2, False), (8, 256, 4, False), (8, 128, 2, False),
 ]  # fmt: skip
 EPS = 1e-6
 
 
-def make_layers(tokens: int, k: int, n: int, count: int, gen) -> list[dict]:
-    """Each layer's own activations, residual, norm weight and projection weight (bf16)."""
+def make_layers(tokens: int, k: int, n: int, count: int, gen, normed: bool = False) -> list[dict]:
+    """Each layer's own activations, residual, norm weight and projection weight (bf16); `normed`:
+    the fused launch also returns the normalised input (a router's)."""
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device="cuda") * scale).bfloat16()
 
     return [
-        dict(x=randn(tokens, k), residual=randn(tokens, k), norm=randn(k), weight=randn(n, k, scale=k**-0.5))
+        dict(x=randn(tokens, k), residual=randn(tokens, k), norm=randn(k), weight=randn(n, k, scale=k**-0.5),
+             normed=normed)
         for _ in range(count)
-    ]
+    ]  # fmt: skip
 
 
 def unfused(layer: dict) -> torch.Tensor:
-    """decoder's unfused steps: FlashInfer's fused add + RMSNorm (in place), then the linear."""
+    """decoder's unfused steps: FlashInfer's fused add + RMSNorm (in place; its output is the
+    normalised input a router's experts read), then the linear."""
     x, _ = add_rms_norm(layer["x"], layer["residual"], layer["norm"], EPS)
     return F.linear(x, layer["weight"])
 
 
 def fused(layer: dict, launch=None) -> torch.Tensor:
-    return norm_gemv(layer["x"], layer["residual"], layer["norm"], EPS, layer["weight"], launch=launch)[0]
+    args = (layer["x"], layer["residual"], layer["norm"], EPS, layer["weight"])
+    return norm_gemv(*args, launch=launch, return_normed=layer["normed"])[0]
 
 
 def time_graph(fn, layers: list[dict], iters: int = 50) -> float:
@@ -89,8 +98,9 @@ def kernels_per_layer(fn, layer: dict) -> int:
 def agrees(layer: dict, launch) -> bool:
     """The layout's output against the torch reference (on copies: the unfused path works in place)."""
     args = (layer["x"].clone(), layer["residual"].clone(), layer["norm"], EPS, layer["weight"])
-    want = norm_gemv_reference(*args)[0]
-    return close_enough(norm_gemv(*args, launch=launch)[0], want)
+    want = norm_gemv_reference(*args, return_normed=layer["normed"])
+    got = norm_gemv(*args, launch=launch, return_normed=layer["normed"])
+    return all(close_enough(a, b) for a, b in zip(got, want, strict=True))
 
 
 def sweep(layers: list[dict], tokens: int) -> list[dict]:
@@ -111,8 +121,9 @@ def sweep(layers: list[dict], tokens: int) -> list[dict]:
 
 
 def bench_shape(name: str, k: int, n: int, tokens: int, args, copy_gb_s: float, gen) -> dict:
-    layers = make_layers(tokens, k, n, args.layers, gen)
-    nbytes = 2 * (n * k + k + 2 * tokens * k + tokens * (n + k))  # weights, norm, x + residual in, out + h
+    layers = make_layers(tokens, k, n, args.layers, gen, normed=name in NORMED)
+    # weights, norm, x + residual in, out + h (+ the normalised input)
+    nbytes = 2 * (n * k + k + 2 * tokens * k + tokens * (n + k) + tokens * k * (name in NORMED))
     row = dict(shape=name, k=k, n=n, tokens=tokens, roofline_us=nbytes / (copy_gb_s * 1e3))
     for label, fn in (("unfused", unfused), ("fused", fused)):
         row[f"{label}_us"], row[f"{label}_kernels"] = time_graph(fn, layers), kernels_per_layer(fn, layers[0])

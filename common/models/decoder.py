@@ -167,11 +167,14 @@ class DecoderLayer(nn.Module):
         # all-to-all MoE takes only this rank's tokens to their experts and back)
         self.gather_mlp = get_parallel().attn_dp_size > 1 and not getattr(self.mlp, "a2a", False)
         # batches of at most norm_gemv_tokens tokens: each norm, with its residual add, inside the
-        # projection reading it (norm_gemv.py, DISAGG_NORM_GEMV=1): plain attention's qkv, the dense MLP's gate_up
+        # projection reading it (norm_gemv.py, DISAGG_NORM_GEMV=1): plain attention's qkv, the dense
+        # MLP's gate_up, a Qwen3-MoE / Mixtral router (its experts take the normalised input from the
+        # same launch); not DeepSeek's float32 router (its in_proj is None)
         self.norm_gemv_tokens = norm_gemv_max_tokens()
         self.attn_norm_gemv = isinstance(self.self_attn, Attention) and norm_gemv_fits(self.self_attn.in_proj)
+        mlp_proj = getattr(self.mlp, "in_proj", None)
         self.mlp_norm_gemv = (
-            isinstance(self.mlp, MLP) and not self.gather_mlp and norm_gemv_fits(self.mlp.in_proj)
+            mlp_proj is not None and not self.gather_mlp and norm_gemv_fits(mlp_proj, wants_normed(self.mlp))
         )
 
     def forward(self, x, residual, batch, kv_buffer, backend):
@@ -188,18 +191,28 @@ class DecoderLayer(nn.Module):
     def norm_and_run(self, norm: RMSNorm, module: nn.Module, fusable: bool, x, residual, *args):
         """(module(norm(x + residual), *args), x + residual); residual None: x alone. Where `fusable`
         (module's in_proj passed norm_gemv's check) and the batch is small, the add, the norm and
-        in_proj are one norm_gemv launch (the residual then a new tensor, not updated in place).
-        NOTE: under CUDA graphs the token count, so the branch, is fixed per captured batch size."""
-        proj = module.in_proj if fusable else None
-        # NOTE: FP8 checkpoints quantize the linears after the model is built: those keep the torch ops
-        if proj is not None and x.shape[0] <= self.norm_gemv_tokens and proj.weight_scale_inv is None:
-            y, residual = norm_gemv(x, residual, norm.weight, norm.eps, proj.weight, proj.bias)
-            return module.forward_projected(y, *args), residual
+        in_proj are one norm_gemv launch (the residual then a new tensor, not updated in place), and
+        module.forward_projected takes in_proj's output (and the normalised input where the module
+        wants it: a MoE's experts). NOTE: under CUDA graphs the token count, so the branch, is fixed
+        per captured batch size."""
+        proj = module.in_proj if fusable and x.shape[0] <= self.norm_gemv_tokens else None
+        # NOTE: FP8 checkpoints quantize the linears (a router stays 16-bit) after the model is built:
+        # those keep the torch ops
+        if proj is not None and getattr(proj, "weight_scale_inv", None) is None:
+            y, residual, *normed = norm_gemv(
+                x, residual, norm.weight, norm.eps, proj.weight, proj.bias, return_normed=wants_normed(module)
+            )
+            return module.forward_projected(y, *normed, *args), residual
         if residual is None:
             residual, x = x, norm(x)
         else:
             x, residual = norm(x, residual)
         return module(x, *args), residual
+
+
+def wants_normed(module: nn.Module) -> bool:
+    """Whether module.forward_projected takes the normalised input after in_proj's output (SparseMoE)."""
+    return getattr(module, "wants_normed_input", False)
 
 
 def make_mlp(config, layer_id: int) -> nn.Module:
