@@ -28,8 +28,9 @@ from pathlib import Path
 #   DISAGG_MLA_KERNEL       FlashInfer's MLA kernel family: auto (FlashInfer's pick: FA3 on Hopper) | fa2 | fa3
 #   DISAGG_PDL              1: the Triton kernels launch with Programmatic Dependent Launch on Hopper or newer
 #                           (common/models/pdl.py; default 0 until the H200 A/B says otherwise)
-#   DISAGG_NORM_GEMV        1: small batches run each residual add + RMSNorm inside the qkv / gate_up GEMV
-#                           that reads it (one Triton launch, norm_gemv.py); default 0 (off until measured)
+#   DISAGG_NORM_GEMV        1: small batches run each residual add + RMSNorm inside the qkv / gate_up / MoE
+#                           router GEMV that reads it (one Triton launch, norm_gemv.py) and a dense MLP's
+#                           SiLU·mul inside its down GEMV (act_gemv.py); default 0 (off until measured)
 #   DISAGG_NORM_GEMV_MAX_TOKENS  the largest batch (tokens) that does, 1..16 (default 8)
 #   DISAGG_STEP_DELAY_S     tests only: every forward of the server's scheduler takes this many seconds
 #                           longer, as on a slow device (tests/test_first_token.py: long decode steps)

@@ -1,9 +1,10 @@
 """On a CUDA GPU: norm_gemv (common/models/norm_gemv.py) compiled. At the 8B's qkv and gate_up and
 Qwen3-30B-A3B's qkv shapes the kernel equals the torch path in bf16 (the new residual bit for bit:
 the GPU rounds to nearest as torch does, which the interpreter cannot show) for 1-8 tokens, and at
-the Qwen3-30B-A3B and Mixtral routers' shapes with the normalised input returned; every sweep
-layout of the benchmark agrees, it replays in a CUDA graph on new inputs, the start-up check
-passes on these shapes; a tiny Llama, Qwen2 and Qwen3-MoE with DISAGG_NORM_GEMV=1 (CUDA graphs,
+the Qwen3-30B-A3B and Mixtral routers' shapes with the normalised input returned; so does
+silu_mul_gemv (common/models/act_gemv.py) at the 8B's and V2-Lite's dense down shapes; every sweep
+layout of the benchmark agrees, both replay in a CUDA graph on new inputs, the start-up checks
+pass on these shapes; a tiny Llama, Qwen2 and Qwen3-MoE with DISAGG_NORM_GEMV=1 (CUDA graphs,
 decode batches fused) give the greedy tokens of the unfused engine within vLLM's logprob-closeness
 check."""
 
@@ -71,6 +72,55 @@ def test_router_kernel_returns_the_normalised_input(shape, tokens):
         assert close_enough(normed, want_normed) and (normed != want_normed).float().mean().item() < 0.01
 
 
+DOWNS = {"llama-8b-down": (14336, 4096), "v2-lite-dense-down": (10944, 2048)}  # (I, hidden)
+
+
+def _gate_up(t, k, n, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    gate_up = (torch.randn(t, 2 * k, generator=g, device="cuda") * 2).bfloat16()
+    return gate_up, (torch.randn(n, k, generator=g, device="cuda") * k**-0.5).bfloat16()
+
+
+def _assert_down_agrees(got, want):
+    from disagg.common.models.fused_rope_kv import close_enough
+
+    assert close_enough(got, want), (got.float() - want.float()).abs().max()
+    assert (got != want).float().mean().item() < 0.05  # silu and the product rounded as torch rounds them
+
+
+@pytest.mark.parametrize("shape", list(DOWNS))
+@pytest.mark.parametrize("tokens", [1, 2, 3, 8])
+def test_down_kernel_matches_the_torch_path(shape, tokens):
+    """silu_mul_gemv (act_gemv.py) at the 8B's and V2-Lite's dense down shapes: the torch path's
+    SiLU·mul (two bf16 roundings) then the GEMV, nearly every bit; every sweep layout at 1 and 8."""
+    from disagg.common.bench.norm_gemv import CANDIDATES
+    from disagg.common.models.act_gemv import silu_mul_gemv, silu_mul_gemv_reference
+
+    gate_up, w = _gate_up(tokens, *DOWNS[shape])
+    want = silu_mul_gemv_reference(gate_up, w)
+    _assert_down_agrees(silu_mul_gemv(gate_up, w), want)
+    for launch in CANDIDATES if tokens in (1, 8) else ():
+        _assert_down_agrees(silu_mul_gemv(gate_up, w, launch=launch), want)
+
+
+def test_down_kernel_replays_in_a_cuda_graph():
+    from disagg.common.models.act_gemv import silu_mul_gemv, silu_mul_gemv_reference
+
+    static = _gate_up(4, *DOWNS["v2-lite-dense-down"])
+    silu_mul_gemv(*static)  # compile outside the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = silu_mul_gemv(*static)
+    for seed in (1, 2):
+        new = _gate_up(4, *DOWNS["v2-lite-dense-down"], seed=seed)
+        for buf, value in zip(static, new, strict=True):
+            buf.copy_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_down_agrees(got, silu_mul_gemv_reference(*new))
+
+
 @pytest.mark.parametrize("tokens", [1, 8])
 def test_every_benchmark_layout_agrees(tokens):
     from disagg.common.bench.norm_gemv import CANDIDATES
@@ -102,6 +152,7 @@ def test_kernel_replays_in_a_cuda_graph():
 
 
 def test_start_up_check_passes_on_the_model_shapes(monkeypatch):
+    from disagg.common.models.act_gemv import silu_mul_gemv_ok
     from disagg.common.models.norm_gemv import norm_gemv_ok
 
     monkeypatch.setenv("DISAGG_NORM_GEMV", "1")
@@ -111,6 +162,10 @@ def test_start_up_check_passes_on_the_model_shapes(monkeypatch):
         assert norm_gemv_ok(cuda, torch.bfloat16, n, k, n == 1152), (n, k)
     for k, n in ROUTERS.values():  # returning the normalised input
         assert norm_gemv_ok(cuda, torch.bfloat16, n, k, False, True), (n, k)
+    silu_mul_gemv_ok.cache_clear()
+    for k, n in DOWNS.values():
+        assert silu_mul_gemv_ok(cuda, torch.bfloat16, n, k), (n, k)
+    silu_mul_gemv_ok.cache_clear()
     assert not norm_gemv_ok(cuda, torch.float32, 6144, 4096, False)  # float32 keeps the torch ops
     norm_gemv_ok.cache_clear()
 
@@ -121,21 +176,28 @@ PARAMS = {"max_new_tokens": 32, "temperature": 0, "ignore_eos": True, "top_logpr
 
 def _generate(path: str, fused: bool, monkeypatch) -> list[dict]:
     from disagg.common.engine.offline import Engine
+    from disagg.common.models.act_gemv import silu_mul_gemv_ok
     from disagg.common.models.norm_gemv import norm_gemv_ok
 
     monkeypatch.setenv("DISAGG_NORM_GEMV", "1" if fused else "0")
     norm_gemv_ok.cache_clear()
+    silu_mul_gemv_ok.cache_clear()
     engine = Engine(
         model_path=path, dtype="bfloat16", max_total_tokens=16384, page_size=16, chunked_prefill_size=16
     )
     try:
         layers = engine.scheduler.runner.model.layers
-        used = [layer.attn_norm_gemv and layer.mlp_norm_gemv for layer in layers]  # MoE: the router
+        # MoE: the router; a dense MLP: its gate_up and its down (silu_mul_gemv)
+        used = [
+            layer.attn_norm_gemv and layer.mlp_norm_gemv and getattr(layer.mlp, "act_gemv", True)
+            for layer in layers
+        ]
         assert all(used) if fused else not any(used)
         return engine.generate(PROMPTS, PARAMS)
     finally:
         engine.shutdown()
         norm_gemv_ok.cache_clear()
+        silu_mul_gemv_ok.cache_clear()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3_moe"])

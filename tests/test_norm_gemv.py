@@ -193,23 +193,30 @@ MODEL_RUN = textwrap.dedent(
     from disagg.common.engine.offline import Engine
     from disagg.common.models import decoder
 
-    calls, real = set(), decoder.norm_gemv  # (token count, normalised input returned) of each launch
+    calls, act_sizes = set(), set()  # norm_gemv's (token count, normalised input returned); silu_mul_gemv's
+    real, real_act = decoder.norm_gemv, decoder.silu_mul_gemv
 
     def counted(x, *args, **kw):
         calls.add((len(x), kw.get("return_normed", False)))
         return real(x, *args, **kw)
 
-    decoder.norm_gemv = counted
+    def counted_act(gate_up, *args):
+        act_sizes.add(len(gate_up))
+        return real_act(gate_up, *args)
+
+    decoder.norm_gemv, decoder.silu_mul_gemv = counted, counted_act
 
     path, chunk, max_tokens, prompts = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
     os.environ |= {"DISAGG_NORM_GEMV": "1", "DISAGG_NORM_GEMV_MAX_TOKENS": max_tokens}
     engine = Engine(model_path=path, page_size=4, max_total_tokens=512, chunked_prefill_size=chunk)
     layers = engine.scheduler.runner.model.layers
     assert all(layer.attn_norm_gemv and layer.mlp_norm_gemv for layer in layers), "the kernel is not in use"
+    assert all(layer.mlp.act_gemv for layer in layers if isinstance(layer.mlp, decoder.MLP))
     outs = engine.generate(prompts, {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True})
     print("tokens", json.dumps([o["output_ids"] for o in outs]))
     print("sizes", json.dumps(sorted({t for t, _ in calls})))
     print("normed", json.dumps(sorted({t for t, normed in calls if normed})))
+    print("act", json.dumps(sorted(act_sizes)))
     """
 )
 
@@ -235,12 +242,16 @@ def test_tiny_models_with_the_kernel_give_transformers_tokens(request, family, c
     float32 greedy tokens. Llama and Qwen3-MoE: prefill chunks of 8 and decode batches of 2, all
     fused; Qwen2 (qkv bias) and Mixtral: prefill chunks of 16 unfused, decode batches of 2 fused,
     the residual passing between. The MoE layers' router launches return the normalised input
-    their experts read."""
+    their experts read; the dense MLPs' SiLU·mul runs inside their down GEMV (act_gemv.py) at the
+    same batches."""
     moe = family in TINY_MOE_CONFIGS
     path = request.getfixturevalue("tiny_moe_models" if moe else "tiny_models")[family]
     out = _interpret(MODEL_RUN, path, str(chunk), max_tokens, json.dumps(PROMPTS))
-    lines = dict(s.split(" ", 1) for s in out.splitlines() if s.startswith(("tokens ", "sizes ", "normed ")))
+    lines = dict(
+        s.split(" ", 1) for s in out.splitlines() if s.startswith(("tokens ", "sizes ", "normed ", "act "))
+    )
     assert json.loads(lines["tokens"]) == [hf_greedy(path, p, 6) for p in PROMPTS]
     ran = set(json.loads(lines["sizes"]))  # the batch sizes the kernel ran at: these and no larger
     assert sizes <= ran and max(ran) <= int(max_tokens)
     assert set(json.loads(lines["normed"])) == (ran if moe else set())  # every MoE layer's, only theirs
+    assert set(json.loads(lines["act"])) == (set() if moe else ran)  # every dense MLP's, at the same sizes

@@ -51,8 +51,9 @@ for step in "$@"; do
              tests/test_gpu_fused_rope_kv.py 2>&1 | tee $OUT/verify.log | tail -25 ;;
     moe-tp1) bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1,64 --context-len 1024 \
            --prefill-len 2048 --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/moe_tp1${TAG:-}.json ;;
-    norm-gemv) # the residual add + RMSNorm folded into the qkv / gate_up GEMV (common/models/norm_gemv.py) against
-           # FlashInfer's norm + cuBLAS, µs per layer in CUDA graphs of 32 layers, beside the bytes roofline; layout sweep
+    norm-gemv) # the residual add + RMSNorm folded into the qkv / gate_up / MoE router GEMV (common/models/norm_gemv.py)
+           # and SiLU·mul into the dense down GEMV (act_gemv.py) against FlashInfer's norm / silu_and_mul + cuBLAS,
+           # µs per layer in CUDA graphs of 32 layers, beside the bytes roofline; layout sweep
            timeout "${T:-500}" python3 -m disagg.common.bench.norm_gemv --output-json $OUT/norm_gemv.json 2>&1 \
              | grep -v "UserWarning\|warn_once" | tee $OUT/norm_gemv.log ;;
     engine-norm-gemv) # the 8B's small decode batches without, then with norm_gemv (DISAGG_NORM_GEMV); Qwen3-30B-A3B:

@@ -1,12 +1,14 @@
-"""A projection's input norm on the GPU at decode sizes: FlashInfer's fused add + RMSNorm then
-F.linear (cuBLAS; at one token a split-K GEMV and its reduce), as decoder.DecoderLayer runs them
-unfused, against norm_gemv (common/models/norm_gemv.py: one Triton launch; at a MoE router's shape
-also writing the normalised input its experts read). Each as a CUDA graph of
-`--layers` layers with their own weights (so L2 holds none of them), replayed as a decode step runs
-them. Prints µs per layer, kernels per layer (torch profiler), the bytes roofline at the copy rate
-measured in the same process, and the fastest of a handful of launch layouts per shape and batch.
+"""A projection's input norm, or a dense MLP's activation, folded into its GEMV on the GPU at decode
+sizes. Unfused as decoder.DecoderLayer and MLP run them: FlashInfer's fused add + RMSNorm then
+F.linear (cuBLAS; at one token a split-K GEMV and its reduce), or FlashInfer's silu_and_mul then
+down_proj's F.linear; fused: norm_gemv (common/models/norm_gemv.py: one Triton launch; at a MoE
+router's shape also writing the normalised input its experts read) or silu_mul_gemv
+(common/models/act_gemv.py). Each as a CUDA graph of `--layers` layers with their own weights (so
+L2 holds none of them), replayed as a decode step runs them. Prints µs per layer, kernels per
+layer (torch profiler), the bytes roofline at the copy rate measured in the same process, and the
+fastest of a handful of launch layouts per shape and batch.
 
-    python -m disagg.common.bench.norm_gemv            # 8B qkv + gate_up, Qwen3-30B-A3B qkv + router, V2-Lite-like gate_up
+    python -m disagg.common.bench.norm_gemv     # 8B qkv, gate_up, down; Qwen3-30B-A3B qkv, router; V2-Lite's
     python -m disagg.common.bench.norm_gemv --tokens 1,8 --layers 32 --output-json norm_gemv.json
 """
 
@@ -18,19 +20,22 @@ import json
 import torch
 import torch.nn.functional as F
 from disagg.common.bench.offline import measure_ceilings
+from disagg.common.models.act_gemv import silu_mul_gemv, silu_mul_gemv_reference
 from disagg.common.models.fused_rope_kv import close_enough
-from disagg.common.models.kernels import add_rms_norm, check_fused_kernels
+from disagg.common.models.kernels import add_rms_norm, check_fused_kernels, silu_and_mul
 from disagg.common.models.norm_gemv import launch_shape, norm_gemv, norm_gemv_reference
 
-# name: (K, N): the projection's input and output widths at TP 1
+# name: (K, N, kind): the GEMV's input and output widths at TP 1; kind "norm": norm_gemv, "router":
+# norm_gemv returning the normalised input for the experts, "down": silu_mul_gemv (K: the intermediate size)
 SHAPES = {
-    "llama-8b-qkv": (4096, 6144),
-    "llama-8b-gate_up": (4096, 28672),
-    "qwen3-30b-a3b-qkv": (2048, 5120),
-    "v2-lite-shared-gate_up": (2048, 5632),  # DeepSeek-V2-Lite's two shared experts as one dense MLP
-    "qwen3-30b-a3b-router": (2048, 128),  # the MoE router: the normalised input returned for the experts
+    "llama-8b-qkv": (4096, 6144, "norm"),
+    "llama-8b-gate_up": (4096, 28672, "norm"),
+    "qwen3-30b-a3b-qkv": (2048, 5120, "norm"),
+    "v2-lite-shared-gate_up": (2048, 5632, "norm"),  # DeepSeek-V2-Lite's two shared experts as one dense MLP
+    "qwen3-30b-a3b-router": (2048, 128, "router"),
+    "llama-8b-down": (14336, 4096, "down"),
+    "v2-lite-dense-down": (10944, 2048, "down"),  # DeepSeek-V2-Lite's dense first layer
 }
-NORMED = {"qwen3-30b-a3b-router"}  # shapes whose launch also writes the normalised input (return_normed)
 # (BLOCK_N, BLOCK_K, warps, tensor-core dot): FMA reductions and dots of a few widths; the last five:
 # narrow FMA tiles, more programs for a router's few rows
 CANDIDATES = [
@@ -41,30 +46,52 @@ CANDIDATES = [
 EPS = 1e-6
 
 
-def make_layers(tokens: int, k: int, n: int, count: int, gen, normed: bool = False) -> list[dict]:
-    """Each layer's own activations, residual, norm weight and projection weight (bf16); `normed`:
-    the fused launch also returns the normalised input (a router's)."""
+def make_layers(tokens: int, k: int, n: int, count: int, gen, kind: str) -> list[dict]:
+    """Each layer's own inputs and weights (bf16): activations, residual and norm weight, or a gate_up
+    output [T, 2K]; the projection's weight [N, K]."""
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, device="cuda") * scale).bfloat16()
 
-    return [
-        dict(x=randn(tokens, k), residual=randn(tokens, k), norm=randn(k), weight=randn(n, k, scale=k**-0.5),
-             normed=normed)
-        for _ in range(count)
-    ]  # fmt: skip
+    def layer() -> dict:
+        if kind == "down":
+            return dict(kind=kind, gate_up=randn(tokens, 2 * k, scale=2.0), weight=randn(n, k, scale=k**-0.5))
+        return dict(kind=kind, x=randn(tokens, k), residual=randn(tokens, k), norm=randn(k),
+                    weight=randn(n, k, scale=k**-0.5))  # fmt: skip
+
+    return [layer() for _ in range(count)]
 
 
 def unfused(layer: dict) -> torch.Tensor:
-    """decoder's unfused steps: FlashInfer's fused add + RMSNorm (in place; its output is the
-    normalised input a router's experts read), then the linear."""
+    """decoder's unfused steps: FlashInfer's silu_and_mul then the linear; or FlashInfer's fused add
+    + RMSNorm (in place; its output is the normalised input a router's experts read), then the linear."""
+    if layer["kind"] == "down":
+        return F.linear(silu_and_mul(layer["gate_up"]), layer["weight"])
     x, _ = add_rms_norm(layer["x"], layer["residual"], layer["norm"], EPS)
     return F.linear(x, layer["weight"])
 
 
-def fused(layer: dict, launch=None) -> torch.Tensor:
+def fused(layer: dict, launch=None) -> tuple[torch.Tensor, ...]:
+    if layer["kind"] == "down":
+        return (silu_mul_gemv(layer["gate_up"], layer["weight"], launch=launch),)
     args = (layer["x"], layer["residual"], layer["norm"], EPS, layer["weight"])
-    return norm_gemv(*args, launch=launch, return_normed=layer["normed"])[0]
+    return norm_gemv(*args, launch=launch, return_normed=layer["kind"] == "router")
+
+
+def reference(layer: dict) -> tuple[torch.Tensor, ...]:
+    """The torch path's outputs (on copies: the unfused path works in place)."""
+    if layer["kind"] == "down":
+        return (silu_mul_gemv_reference(layer["gate_up"], layer["weight"]),)
+    args = (layer["x"].clone(), layer["residual"].clone(), layer["norm"], EPS, layer["weight"])
+    return norm_gemv_reference(*args, return_normed=layer["kind"] == "router")
+
+
+def bytes_moved(k: int, n: int, tokens: int, kind: str) -> int:
+    """The launch's bytes in bf16: weights (and norm), inputs, outputs."""
+    if kind == "down":
+        return 2 * (n * k + tokens * 2 * k + tokens * n)
+    # weights, norm, x + residual in, out + h (+ the normalised input)
+    return 2 * (n * k + k + 2 * tokens * k + tokens * (n + k) + tokens * k * (kind == "router"))
 
 
 def time_graph(fn, layers: list[dict], iters: int = 50) -> float:
@@ -96,11 +123,9 @@ def kernels_per_layer(fn, layer: dict) -> int:
 
 
 def agrees(layer: dict, launch) -> bool:
-    """The layout's output against the torch reference (on copies: the unfused path works in place)."""
-    args = (layer["x"].clone(), layer["residual"].clone(), layer["norm"], EPS, layer["weight"])
-    want = norm_gemv_reference(*args, return_normed=layer["normed"])
-    got = norm_gemv(*args, launch=launch, return_normed=layer["normed"])
-    return all(close_enough(a, b) for a, b in zip(got, want, strict=True))
+    """The layout's outputs against the torch reference's."""
+    got = fused(layer, launch)
+    return all(close_enough(a, b) for a, b in zip(got, reference(layer), strict=True))
 
 
 def sweep(layers: list[dict], tokens: int) -> list[dict]:
@@ -121,9 +146,9 @@ def sweep(layers: list[dict], tokens: int) -> list[dict]:
 
 
 def bench_shape(name: str, k: int, n: int, tokens: int, args, copy_gb_s: float, gen) -> dict:
-    layers = make_layers(tokens, k, n, args.layers, gen, normed=name in NORMED)
-    # weights, norm, x + residual in, out + h (+ the normalised input)
-    nbytes = 2 * (n * k + k + 2 * tokens * k + tokens * (n + k) + tokens * k * (name in NORMED))
+    kind = SHAPES[name][2]
+    layers = make_layers(tokens, k, n, args.layers, gen, kind)
+    nbytes = bytes_moved(k, n, tokens, kind)
     row = dict(shape=name, k=k, n=n, tokens=tokens, roofline_us=nbytes / (copy_gb_s * 1e3))
     for label, fn in (("unfused", unfused), ("fused", fused)):
         row[f"{label}_us"], row[f"{label}_kernels"] = time_graph(fn, layers), kernels_per_layer(fn, layers[0])
@@ -163,15 +188,17 @@ def main() -> None:
         raise SystemExit("norm_gemv bench: needs a CUDA GPU (none visible here), nothing measured")
     ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     flashinfer = check_fused_kernels(torch.device("cuda"), torch.bfloat16)
-    print(f"{torch.cuda.get_device_name()}: copy {ceil['copy_gb_s']:.0f} GB/s; FlashInfer norm: {flashinfer}")
     print(
-        f"{'shape':<24} {'T':>3} {'roof us':>8} {'unfused us (kernels)':>20} {'norm_gemv us (kernels)':>22}"
+        f"{torch.cuda.get_device_name()}: copy {ceil['copy_gb_s']:.0f} GB/s; FlashInfer norm, silu_and_mul: {flashinfer}"
+    )
+    print(
+        f"{'shape':<24} {'T':>3} {'roof us':>8} {'unfused us (kernels)':>20} {'fused us (kernels)':>22}"
         f" {'check':>7}  best of the sweep (BLOCK_N, BLOCK_K, warps, dot)"
     )
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for name in args.shapes.split(","):
-        k, n = SHAPES[name]
+        k, n, _ = SHAPES[name]
         for tokens in (int(t) for t in args.tokens.split(",")):
             rows.append(bench_shape(name, k, n, tokens, args, ceil["copy_gb_s"], gen))
             print_row(rows[-1])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from disagg.common.config import norm_gemv_max_tokens
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch
+from disagg.common.models.act_gemv import silu_mul_gemv, silu_mul_gemv_fits
 from disagg.common.models.deepseek import DEEPSEEK_ARCHITECTURES, MLAttention, is_mla, latent_half_dim
 from disagg.common.models.fused_rope_kv import fused_rope_kv, fused_rope_kv_ok
 from disagg.common.models.kernels import silu_and_mul
@@ -141,6 +142,10 @@ class MLP(nn.Module):
         inter = intermediate_size // tp.size
         self.gate_up_proj = ColumnParallelLinear(hidden_size, [inter, inter], tp=tp)
         self.down_proj = RowParallelLinear(inter, hidden_size, tp=tp)
+        # batches of at most act_gemv_tokens tokens: SiLU·mul inside down_proj's GEMV (act_gemv.py,
+        # DISAGG_NORM_GEMV=1)
+        self.act_gemv_tokens = norm_gemv_max_tokens()
+        self.act_gemv = silu_mul_gemv_fits(self.down_proj)
 
     @property
     def in_proj(self) -> ColumnParallelLinear:
@@ -151,8 +156,13 @@ class MLP(nn.Module):
         return self.forward_projected(self.gate_up_proj(x))
 
     def forward_projected(self, gate_up):
-        """The MLP after its gate_up projection: gate_up [T, 2 * I]."""
-        return self.down_proj(silu_and_mul(gate_up))
+        """The MLP after its gate_up projection: gate_up [T, 2 * I]. Small batches: SiLU·mul and this
+        rank's down GEMV in one silu_mul_gemv launch, then down_proj's all-reduce and bias."""
+        down = self.down_proj
+        # NOTE: FP8 checkpoints quantize the linears after the model is built: those keep the torch ops
+        if self.act_gemv and gate_up.shape[0] <= self.act_gemv_tokens and down.weight_scale_inv is None:
+            return down.combine(silu_mul_gemv(gate_up, down.weight))
+        return down(silu_and_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):
