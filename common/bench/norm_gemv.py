@@ -15,11 +15,12 @@ fastest of a handful of launch layouts per shape and batch.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import torch
 import torch.nn.functional as F
-from disagg.common.bench.offline import measure_ceilings
+from disagg.common.bench.offline import graph_us_per_layer, kernels_per_call, measure_ceilings
 from disagg.common.models.act_gemv import silu_mul_gemv, silu_mul_gemv_reference
 from disagg.common.models.fused_rope_kv import close_enough
 from disagg.common.models.kernels import add_rms_norm, check_fused_kernels, silu_and_mul
@@ -94,34 +95,6 @@ def bytes_moved(k: int, n: int, tokens: int, kind: str) -> int:
     return 2 * (n * k + k + 2 * tokens * k + tokens * (n + k) + tokens * k * (kind == "router"))
 
 
-def time_graph(fn, layers: list[dict], iters: int = 50) -> float:
-    """µs per layer of `fn` over all layers, replayed as one CUDA graph."""
-    for layer in layers[:2]:  # compile / JIT / cuBLAS heuristics outside the graph
-        fn(layer)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for layer in layers:
-            fn(layer)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / iters / len(layers)
-
-
-def kernels_per_layer(fn, layer: dict) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn(layer)
-        torch.cuda.synchronize()
-    return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
-
-
 def agrees(layer: dict, launch) -> bool:
     """The layout's outputs against the torch reference's."""
     got = fused(layer, launch)
@@ -137,7 +110,7 @@ def sweep(layers: list[dict], tokens: int) -> list[dict]:
             continue
         try:
             ok = agrees(layers[0], launch)
-            us = time_graph(lambda layer, launch=launch: fused(layer, launch), layers) if ok else None
+            us = graph_us_per_layer(lambda layer, launch=launch: fused(layer, launch), layers) if ok else None
         except Exception as e:  # noqa: BLE001 - a layout this device cannot build: reported, skipped
             print(f"    {launch}: {type(e).__name__}: {str(e)[:160]}")
             continue
@@ -151,7 +124,8 @@ def bench_shape(name: str, k: int, n: int, tokens: int, args, copy_gb_s: float, 
     nbytes = bytes_moved(k, n, tokens, kind)
     row = dict(shape=name, k=k, n=n, tokens=tokens, roofline_us=nbytes / (copy_gb_s * 1e3))
     for label, fn in (("unfused", unfused), ("fused", fused)):
-        row[f"{label}_us"], row[f"{label}_kernels"] = time_graph(fn, layers), kernels_per_layer(fn, layers[0])
+        row[f"{label}_us"] = graph_us_per_layer(fn, layers)
+        row[f"{label}_kernels"] = kernels_per_call(functools.partial(fn, layers[0]))
     row["default_launch"] = list(launch_shape(tokens, n, k))
     row["agrees"] = agrees(layers[0], None)
     if args.sweep:

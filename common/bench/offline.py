@@ -43,6 +43,37 @@ def timed(fn, device, repeat: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graph_us_per_layer(fn, layers: list, iters: int = 50) -> float:
+    """µs per layer of fn(layer) over all `layers`, replayed as one CUDA graph (no host launch cost,
+    as in a captured decode step), after each layer ran once outside the capture (Triton's JIT,
+    cuBLAS's heuristics). Distinct weights per layer keep L2 from holding them between calls."""
+    for layer in layers:
+        fn(layer)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for layer in layers:
+            fn(layer)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / iters / len(layers)
+
+
+def kernels_per_call(fn) -> int:
+    """The CUDA kernels one fn() launches (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+
+
 def measure_ceilings(device: torch.device, dtype: torch.dtype) -> dict:
     """Device copy bandwidth (bytes read + written) and dense matmul rate, measured now."""
     n = (1 << 30) if device.type == "cuda" else (1 << 27)

@@ -11,8 +11,10 @@ per layer (torch profiler) and the fused kernel's bandwidth over the bytes it mu
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
+from disagg.common.bench.offline import graph_us_per_layer, kernels_per_call
 from disagg.common.models.fused_rope_kv import fused_rope_kv
 from disagg.common.models.kernels import apply_rope, check_fused_kernels, rms_norm
 
@@ -56,32 +58,8 @@ def fused(layer: dict, positions, rope: tuple, shape: tuple) -> torch.Tensor:
     )
 
 
-def time_graph(fn, layers, positions, rope, shape, iters: int = 50) -> float:
-    """µs per layer of `fn` over all layers, replayed as one CUDA graph."""
-    for layer in layers:  # compile / JIT outside the graph
-        fn(layer, positions, rope, shape)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for layer in layers:
-            fn(layer, positions, rope, shape)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / iters / len(layers)
-
-
-def kernels_per_layer(fn, layer, positions, rope, shape) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn(layer, positions, rope, shape)
-        torch.cuda.synchronize()
-    return sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+def run_layer(fn, positions, rope, shape, layer: dict) -> torch.Tensor:
+    return fn(layer, positions, rope, shape)
 
 
 def main() -> None:
@@ -107,8 +85,9 @@ def main() -> None:
             layers = [make_layer(t, hq, hkv, d, qk_norm, args.page_size, gen) for _ in range(args.layers)]
             row = []
             for fn in (unfused, fused):
-                us = time_graph(fn, layers, positions, rope, shape)
-                row.append((us, kernels_per_layer(fn, layers[0], positions, rope, shape)))
+                per_layer = functools.partial(run_layer, fn, positions, rope, shape)
+                us = graph_us_per_layer(per_layer, layers)
+                row.append((us, kernels_per_call(functools.partial(per_layer, layers[0]))))
             moved = 2 * t * (hq + 2 * hkv) * d * 2  # q, k, v read once, written once (bf16)
             gbs = moved / (row[1][0] * 1e-6) / 1e9
             print(f"{name} | {t} | {row[0][0]:.2f} ({row[0][1]}) | {row[1][0]:.2f} ({row[1][1]}) | {gbs:.0f}")
