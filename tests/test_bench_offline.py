@@ -10,10 +10,12 @@ from disagg.common.bench.offline import ours_generate
 from disagg.common.engine.offline import Engine
 
 
-@pytest.fixture(scope="module")
-def scheduler(tiny_models):
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "overlap"])
+def scheduler(tiny_models, request):
+    """Both schedules: the GPU's default overlaps step n+1's launch with step n (one step of lag)."""
     engine = Engine(model_path=tiny_models["llama"], page_size=4, max_total_tokens=2048, chunked_prefill_size=64,
-                    disable_radix_cache=True)  # fmt: skip
+                    disable_radix_cache=True, enable_overlap_schedule=request.param)  # fmt: skip
+    assert engine.scheduler.overlap == request.param
     yield engine.scheduler
     engine.shutdown()
 
