@@ -143,7 +143,7 @@ DEEPSEEK_RUN = textwrap.dedent(
     model = engine.scheduler.runner.model
     mlps = [m for m in model.modules() if isinstance(m, decoder.MLP)]
     assert len(mlps) == 3 and all(m.act_gemv for m in mlps)  # layer 0's MLP, layers 1-2's shared experts
-    assert [layer.mlp_norm_gemv for layer in model.layers] == [True, False, False]  # the float32 gate: unfused
+    assert all(layer.mlp_norm_gemv for layer in model.layers)  # the dense gate_up, the shared experts' gate_up
     outs = engine.generate(json.loads(sys.argv[2]), {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True})
     print("tokens", json.dumps([o["output_ids"] for o in outs]))
     print("sizes", json.dumps(sorted(sizes)))

@@ -1,12 +1,12 @@
-"""On a CUDA GPU: norm_gemv (common/models/norm_gemv.py) compiled. At the 8B's qkv and gate_up and
-Qwen3-30B-A3B's qkv shapes the kernel equals the torch path in bf16 (the new residual bit for bit:
-the GPU rounds to nearest as torch does, which the interpreter cannot show) for 1-8 tokens, and at
-the Qwen3-30B-A3B and Mixtral routers' shapes with the normalised input returned; so does
-silu_mul_gemv (common/models/act_gemv.py) at the 8B's and V2-Lite's dense down shapes; every sweep
-layout of the benchmark agrees, both replay in a CUDA graph on new inputs, the start-up checks
-pass on these shapes; a tiny Llama, Qwen2 and Qwen3-MoE with DISAGG_NORM_GEMV=1 (CUDA graphs,
-decode batches fused) give the greedy tokens of the unfused engine within vLLM's logprob-closeness
-check."""
+"""On a CUDA GPU: norm_gemv (common/models/norm_gemv.py) compiled. At the 8B's qkv and gate_up,
+Qwen3-30B-A3B's qkv and DeepSeek-V2-Lite's q | kv_a shapes the kernel equals the torch path in bf16
+(the new residual bit for bit: the GPU rounds to nearest as torch does, which the interpreter cannot
+show) for 1-8 tokens, and at the Qwen3-30B-A3B and Mixtral routers' and V2-Lite's shared gate_up
+shapes with the normalised input returned; so does silu_mul_gemv (common/models/act_gemv.py) at the
+8B's and V2-Lite's dense down shapes; every sweep layout of the benchmark agrees, both replay in a
+CUDA graph on new inputs, the start-up checks pass on these shapes; a tiny Llama, Qwen2 and
+Qwen3-MoE and a dummy V2-Lite-like DeepSeek with DISAGG_NORM_GEMV=1 (CUDA graphs, decode batches
+fused) give the greedy tokens of the unfused engine within vLLM's logprob-closeness check."""
 
 from __future__ import annotations
 
@@ -18,7 +18,12 @@ from tests.conftest import assert_logprobs_close
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 pytest.importorskip("triton")
 
-SHAPES = {"llama-8b-qkv": (4096, 6144), "llama-8b-gate_up": (4096, 28672), "qwen3-30b-a3b-qkv": (2048, 5120)}
+SHAPES = {
+    "llama-8b-qkv": (4096, 6144),
+    "llama-8b-gate_up": (4096, 28672),
+    "qwen3-30b-a3b-qkv": (2048, 5120),
+    "v2-lite-qkv_a": (2048, 3648),  # DeepSeek-V2-Lite's MLA q_proj | kv_a_proj_with_mqa: 3072 + 576 rows
+}
 
 
 def _inputs(t, k, n, seed=0, bias=False):
@@ -52,14 +57,19 @@ def test_kernel_matches_the_torch_path(shape, tokens):
     _assert_agrees(got, norm_gemv_reference(x, None, nw, 1e-6, w, b))
 
 
-ROUTERS = {"qwen3-30b-a3b-router": (2048, 128), "mixtral-8x7b-router": (4096, 8)}
+# the launches returning the normalised input: MoE routers, DeepSeek-V2-Lite's two shared experts' gate_up
+ROUTERS = {
+    "qwen3-30b-a3b-router": (2048, 128),
+    "mixtral-8x7b-router": (4096, 8),
+    "v2-lite-shared-gate_up": (2048, 5632),
+}
 
 
 @pytest.mark.parametrize("shape", list(ROUTERS))
 @pytest.mark.parametrize("tokens", [1, 2, 3, 8])
 def test_router_kernel_returns_the_normalised_input(shape, tokens):
-    """A MoE router's launch (narrow FMA tiles): logits and new residual as above, and the normalised
-    input the experts read: kernels.rms_norm's torch roundings, to nearest (nearly all bits equal;
+    """A MoE router's launch (narrow FMA tiles), V2-Lite's shared gate_up (16-row tiles, dots past 2
+    tokens): output and new residual as above, and the normalised input the experts read: kernels.rms_norm's torch roundings, to nearest (nearly all bits equal;
     an ulp where the float32 sum of squares, summed in another order, rounds the other way)."""
     from disagg.common.models.fused_rope_kv import close_enough
     from disagg.common.models.norm_gemv import norm_gemv, norm_gemv_reference
@@ -174,7 +184,7 @@ PROMPTS = [[1, 409, 314, 253, 134, 282, 350, 30], list(range(200, 240)), [9, 8, 
 PARAMS = {"max_new_tokens": 32, "temperature": 0, "ignore_eos": True, "top_logprobs_num": 5}
 
 
-def _generate(path: str, fused: bool, monkeypatch) -> list[dict]:
+def _generate(path: str, fused: bool, monkeypatch, **engine_args) -> list[dict]:
     from disagg.common.engine.offline import Engine
     from disagg.common.models.act_gemv import silu_mul_gemv_ok
     from disagg.common.models.norm_gemv import norm_gemv_ok
@@ -183,11 +193,13 @@ def _generate(path: str, fused: bool, monkeypatch) -> list[dict]:
     norm_gemv_ok.cache_clear()
     silu_mul_gemv_ok.cache_clear()
     engine = Engine(
-        model_path=path, dtype="bfloat16", max_total_tokens=16384, page_size=16, chunked_prefill_size=16
-    )
+        model_path=path, dtype="bfloat16", max_total_tokens=16384, page_size=16, chunked_prefill_size=16,
+        **engine_args,
+    )  # fmt: skip
     try:
         layers = engine.scheduler.runner.model.layers
-        # MoE: the router; a dense MLP: its gate_up and its down (silu_mul_gemv)
+        # MoE: the router (DeepSeekMoE: the shared experts' gate_up); a dense MLP: its gate_up and its
+        # down (silu_mul_gemv); attention: the qkv (MLA: the fused q | kv_a)
         used = [
             layer.attn_norm_gemv and layer.mlp_norm_gemv and getattr(layer.mlp, "act_gemv", True)
             for layer in layers
@@ -208,3 +220,21 @@ def test_engine_tokens_with_norm_gemv_close_to_without(family, tmp_path, monkeyp
 
     path = make_tiny_model(tmp_path / family, family, head_dim=64, hidden_size=256, num_attention_heads=4)
     assert_logprobs_close(_generate(path, True, monkeypatch), _generate(path, False, monkeypatch))
+
+
+# DeepSeek-V2-Lite's attention shape (16 heads, kv_lora_rank 512, rope 64, nope 128: FlashInfer's MLA
+# kernels; q | kv_a 3072 + 576 rows) and two shared experts, small everything else; first layer dense
+SMALL_V2_LITE = dict(num_hidden_layers=3, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                     n_routed_experts=8, vocab_size=1024, max_position_embeddings=2048)  # fmt: skip
+
+
+def test_deepseek_engine_tokens_with_norm_gemv_close_to_without(monkeypatch):
+    """A dummy V2-Lite-like DeepSeek with CUDA graphs (decode batches of 3 fused inside them): MLA's
+    input norm in its fused q | kv_a GEMV, the post-attention norm in the shared experts' gate_up,
+    whose launch also gives the float32 gate and the routed experts (fused_moe) their input."""
+    import json
+
+    pytest.importorskip("flashinfer")
+    args = dict(load_format="dummy", json_model_override_args=json.dumps(SMALL_V2_LITE))
+    fused = _generate("DeepSeek-V2-Lite", True, monkeypatch, **args)
+    assert_logprobs_close(fused, _generate("DeepSeek-V2-Lite", False, monkeypatch, **args))

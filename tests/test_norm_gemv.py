@@ -3,8 +3,9 @@ Triton's CPU interpreter the kernel gives the torch path's output and new residu
 tokens, K and N off the tiles, with and without a residual and a bias, float32 and bf16, FMA and
 tensor-core layouts, the normalised input a MoE router's launch returns) and leaves the old
 residual alone; the start-up check refuses a kernel that disagrees; the kernel compiles for sm_90;
-a tiny Llama, Qwen2 (qkv bias), Qwen3-MoE and Mixtral (the router fused) with DISAGG_NORM_GEMV=1
-give transformers' float32 tokens."""
+a tiny Llama, Qwen2 (qkv bias), Qwen3-MoE and Mixtral (the router fused), DeepSeek-V2 and V3 (MLA's
+q | kv_a projection and the shared experts' gate_up fused) with DISAGG_NORM_GEMV=1 give
+transformers' float32 tokens."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from disagg.common.models.kernels import add_rms_norm, rms_norm
 from disagg.common.models.norm_gemv import norm_gemv_reference
 
 from tests.conftest import TINY_MOE_CONFIGS, compile_for_hopper, hf_greedy, make_tiny_model
+from tests.test_common_deepseek import make_tiny_deepseek
 from tests.test_fused_rope_kv import PROMPTS, _interpret
 
 pytest.importorskip("triton")
@@ -255,3 +257,50 @@ def test_tiny_models_with_the_kernel_give_transformers_tokens(request, family, c
     assert sizes <= ran and max(ran) <= int(max_tokens)
     assert set(json.loads(lines["normed"])) == (ran if moe else set())  # every MoE layer's, only theirs
     assert set(json.loads(lines["act"])) == (set() if moe else ran)  # every dense MLP's, at the same sizes
+
+
+DEEPSEEK_RUN = textwrap.dedent(
+    """
+    import json, os, sys
+    from disagg.common.engine.offline import Engine
+    from disagg.common.models import decoder
+
+    calls, real = set(), decoder.norm_gemv  # (token count, the projection's rows, normalised input returned)
+
+    def counted(x, residual, norm_weight, eps, weight, *args, **kw):
+        calls.add((len(x), weight.shape[0], kw.get("return_normed", False)))
+        return real(x, residual, norm_weight, eps, weight, *args, **kw)
+
+    decoder.norm_gemv = counted
+    os.environ["DISAGG_NORM_GEMV"] = "1"
+    engine = Engine(model_path=sys.argv[1], page_size=4, max_total_tokens=512, chunked_prefill_size=8)
+    layers = engine.scheduler.runner.model.layers
+    assert all(layer.attn_norm_gemv and layer.mlp_norm_gemv for layer in layers), "the kernel is not in use"
+    print("qkv_a", layers[-1].self_attn.in_proj.weight.shape[0])
+    print("shared", layers[-1].mlp.in_proj.weight.shape[0])
+    outs = engine.generate(json.loads(sys.argv[2]), {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True})
+    print("tokens", json.dumps([o["output_ids"] for o in outs]))
+    print("calls", json.dumps(sorted(calls)))
+    """
+)
+
+
+@interpreted
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_tiny_deepseek_with_the_kernel_gives_transformers_tokens(tmp_path, version):
+    """MLA's input norm inside its fused q | kv_a projection (V2: q_proj's heads, V3: q_a_proj's
+    rank, then q_a_layernorm after the split), and DeepSeekMoE's post-attention norm inside its shared
+    experts' gate_up, whose launch returns the normalised input the float32 gate and the routed
+    experts read (V3's dense first layer: the MLP's gate_up): prefill chunks of 8 (the expanded
+    attention) and decode batches of 2 (the absorbed one) fused; transformers' float32 greedy tokens."""
+    path = make_tiny_deepseek(tmp_path / version, version)
+    out = _interpret(DEEPSEEK_RUN, path, json.dumps(PROMPTS))
+    lines = dict(
+        s.split(" ", 1) for s in out.splitlines() if s.startswith(("tokens ", "calls ", "qkv_a ", "shared "))
+    )
+    assert json.loads(lines["tokens"]) == [hf_greedy(path, p, 6) for p in PROMPTS]
+    calls = {tuple(c) for c in json.loads(lines["calls"])}
+    qkv_a, shared = int(lines["qkv_a"]), int(lines["shared"])
+    for t in (2, 8):  # both norms fused at decode and in prefill
+        assert (t, qkv_a, False) in calls and (t, shared, True) in calls, (t, calls)
+    assert max(t for t, _, _ in calls) <= 8  # larger batches run the torch ops

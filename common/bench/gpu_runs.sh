@@ -60,6 +60,11 @@ for step in "$@"; do
            # DISAGG_NORM_GEMV=1 TAG=_norm_gemv bash common/bench/gpu_runs.sh moe-tp1
            for v in 0 1; do DISAGG_NORM_GEMV=$v bench $B8 --batch-sizes 1,8 --context-len 1024 --prefill-len 4096 \
              --decode-steps 32 --profile-batch-sizes 1 --output-json $OUT/offline_8b_norm_gemv$v.json | tail -14; done ;;
+    v2lite-norm-gemv) # DeepSeek-V2-Lite's small decode batches without, then with norm_gemv: MLA's input norm in its
+           # q | kv_a GEMV, the post-attention norm in the shared experts' gate_up, SiLU·mul in their down GEMV
+           for v in 0 1; do DISAGG_NORM_GEMV=$v bench --model-path DeepSeek-V2-Lite --load-format dummy --batch-sizes 1,8 \
+             --context-len 1024 --prefill-len 4096 --decode-steps 8 --profile-batch-sizes 1 \
+             --output-json $OUT/v2lite_norm_gemv$v.json | tail -14; done ;;
     pdl-ab) # Programmatic Dependent Launch of the Triton kernels (common/models/pdl.py), off then on: Qwen3-30B-A3B's
            # moe-tp1 command and DeepSeek-V2-Lite's, per model DISAGG_PDL=0 then 1 (PDL_MODELS picks: "qwen3 v2lite";
            # one model a call if the machine is cold); compare decode batch 1 and 64, and the profile's kernel time

@@ -2,13 +2,14 @@
 sizes. Unfused as decoder.DecoderLayer and MLP run them: FlashInfer's fused add + RMSNorm then
 F.linear (cuBLAS; at one token a split-K GEMV and its reduce), or FlashInfer's silu_and_mul then
 down_proj's F.linear; fused: norm_gemv (common/models/norm_gemv.py: one Triton launch; at a MoE
-router's shape also writing the normalised input its experts read) or silu_mul_gemv
-(common/models/act_gemv.py). Each as a CUDA graph of `--layers` layers with their own weights (so
-L2 holds none of them), replayed as a decode step runs them. Prints µs per layer, kernels per
-layer (torch profiler), the bytes roofline at the copy rate measured in the same process, and the
-fastest of a handful of launch layouts per shape and batch.
+router's or DeepSeekMoE's shared gate_up shape also writing the normalised input its experts read)
+or silu_mul_gemv (common/models/act_gemv.py). Each as a CUDA graph of `--layers` layers with their
+own weights (so L2 holds none of them), replayed as a decode step runs them. Prints µs per layer,
+kernels per layer (torch profiler), the bytes roofline at the copy rate measured in the same
+process, and the fastest of a handful of launch layouts per shape and batch.
 
     python -m disagg.common.bench.norm_gemv     # 8B qkv, gate_up, down; Qwen3-30B-A3B qkv, router; V2-Lite's
+                                                #   q | kv_a, shared gate_up, dense down
     python -m disagg.common.bench.norm_gemv --tokens 1,8 --layers 32 --output-json norm_gemv.json
 """
 
@@ -26,14 +27,16 @@ from disagg.common.models.fused_rope_kv import close_enough
 from disagg.common.models.kernels import add_rms_norm, check_fused_kernels, silu_and_mul
 from disagg.common.models.norm_gemv import launch_shape, norm_gemv, norm_gemv_reference
 
-# name: (K, N, kind): the GEMV's input and output widths at TP 1; kind "norm": norm_gemv, "router":
-# norm_gemv returning the normalised input for the experts, "down": silu_mul_gemv (K: the intermediate size)
+# name: (K, N, kind): the GEMV's input and output widths at TP 1; kind "norm": norm_gemv, "normed":
+# norm_gemv returning the normalised input for the experts (a MoE router's, DeepSeekMoE's shared experts'
+# gate_up), "down": silu_mul_gemv (K: the intermediate size)
 SHAPES = {
     "llama-8b-qkv": (4096, 6144, "norm"),
     "llama-8b-gate_up": (4096, 28672, "norm"),
     "qwen3-30b-a3b-qkv": (2048, 5120, "norm"),
-    "v2-lite-shared-gate_up": (2048, 5632, "norm"),  # DeepSeek-V2-Lite's two shared experts as one dense MLP
-    "qwen3-30b-a3b-router": (2048, 128, "router"),
+    "v2-lite-qkv_a": (2048, 3648, "norm"),  # DeepSeek-V2-Lite's MLA q_proj | kv_a_proj_with_mqa: 3072 + 576
+    "v2-lite-shared-gate_up": (2048, 5632, "normed"),  # its two shared experts' gate_up (2 x 2816)
+    "qwen3-30b-a3b-router": (2048, 128, "normed"),
     "llama-8b-down": (14336, 4096, "down"),
     "v2-lite-dense-down": (10944, 2048, "down"),  # DeepSeek-V2-Lite's dense first layer
 }
@@ -65,7 +68,7 @@ def make_layers(tokens: int, k: int, n: int, count: int, gen, kind: str) -> list
 
 def unfused(layer: dict) -> torch.Tensor:
     """decoder's unfused steps: FlashInfer's silu_and_mul then the linear; or FlashInfer's fused add
-    + RMSNorm (in place; its output is the normalised input a router's experts read), then the linear."""
+    + RMSNorm (in place; its output is the normalised input a MoE's experts read), then the linear."""
     if layer["kind"] == "down":
         return F.linear(silu_and_mul(layer["gate_up"]), layer["weight"])
     x, _ = add_rms_norm(layer["x"], layer["residual"], layer["norm"], EPS)
@@ -76,7 +79,7 @@ def fused(layer: dict, launch=None) -> tuple[torch.Tensor, ...]:
     if layer["kind"] == "down":
         return (silu_mul_gemv(layer["gate_up"], layer["weight"], launch=launch),)
     args = (layer["x"], layer["residual"], layer["norm"], EPS, layer["weight"])
-    return norm_gemv(*args, launch=launch, return_normed=layer["kind"] == "router")
+    return norm_gemv(*args, launch=launch, return_normed=layer["kind"] == "normed")
 
 
 def reference(layer: dict) -> tuple[torch.Tensor, ...]:
@@ -84,7 +87,7 @@ def reference(layer: dict) -> tuple[torch.Tensor, ...]:
     if layer["kind"] == "down":
         return (silu_mul_gemv_reference(layer["gate_up"], layer["weight"]),)
     args = (layer["x"].clone(), layer["residual"].clone(), layer["norm"], EPS, layer["weight"])
-    return norm_gemv_reference(*args, return_normed=layer["kind"] == "router")
+    return norm_gemv_reference(*args, return_normed=layer["kind"] == "normed")
 
 
 def bytes_moved(k: int, n: int, tokens: int, kind: str) -> int:
@@ -92,7 +95,7 @@ def bytes_moved(k: int, n: int, tokens: int, kind: str) -> int:
     if kind == "down":
         return 2 * (n * k + tokens * 2 * k + tokens * n)
     # weights, norm, x + residual in, out + h (+ the normalised input)
-    return 2 * (n * k + k + 2 * tokens * k + tokens * (n + k) + tokens * k * (kind == "router"))
+    return 2 * (n * k + k + 2 * tokens * k + tokens * (n + k) + tokens * k * (kind == "normed"))
 
 
 def agrees(layer: dict, launch) -> bool:

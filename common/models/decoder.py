@@ -177,11 +177,13 @@ class DecoderLayer(nn.Module):
         # all-to-all MoE takes only this rank's tokens to their experts and back)
         self.gather_mlp = get_parallel().attn_dp_size > 1 and not getattr(self.mlp, "a2a", False)
         # batches of at most norm_gemv_tokens tokens: each norm, with its residual add, inside the
-        # projection reading it (norm_gemv.py, DISAGG_NORM_GEMV=1): plain attention's qkv, the dense
-        # MLP's gate_up, a Qwen3-MoE / Mixtral router (its experts take the normalised input from the
-        # same launch); not DeepSeek's float32 router (its in_proj is None)
+        # projection reading it (norm_gemv.py, DISAGG_NORM_GEMV=1): plain attention's qkv, MLA's fused
+        # q | kv_a (in_proj None where the layout keeps two), the dense MLP's gate_up, a Qwen3-MoE /
+        # Mixtral router or DeepSeekMoE's shared experts' gate_up (the same launch returns the
+        # normalised input the router and the experts read)
         self.norm_gemv_tokens = norm_gemv_max_tokens()
-        self.attn_norm_gemv = isinstance(self.self_attn, Attention) and norm_gemv_fits(self.self_attn.in_proj)
+        attn_proj = self.self_attn.in_proj
+        self.attn_norm_gemv = attn_proj is not None and norm_gemv_fits(attn_proj)
         mlp_proj = getattr(self.mlp, "in_proj", None)
         self.mlp_norm_gemv = (
             mlp_proj is not None and not self.gather_mlp and norm_gemv_fits(mlp_proj, wants_normed(self.mlp))
@@ -221,7 +223,8 @@ class DecoderLayer(nn.Module):
 
 
 def wants_normed(module: nn.Module) -> bool:
-    """Whether module.forward_projected takes the normalised input after in_proj's output (SparseMoE)."""
+    """Whether module.forward_projected takes the normalised input after in_proj's output (SparseMoE,
+    DeepseekMoE)."""
     return getattr(module, "wants_normed_input", False)
 
 

@@ -4,11 +4,13 @@ At decode batch 1 a layer's step is launch-bound: on an H200, Qwen3-30B-A3B's at
 fused add-RMSNorm (FlashInfer, ~2.5 µs) then the qkv projection as cuBLAS's split-K GEMV and its
 reduce kernel (~12 µs for ~5 µs of weight bytes). `norm_gemv` computes h = x + residual, the
 RMSNorm of h and normed @ weight.T (+ bias) in one launch with no split-K: the norm's launch and
-the reduce go. The decoder uses it for plain attention's qkv projection, the dense MLP's gate_up
-and a Qwen3-MoE / Mixtral layer's router at batches of at most DISAGG_NORM_GEMV_MAX_TOKENS tokens,
-when DISAGG_NORM_GEMV=1 (decoder.py). The router's experts read the normalised activations too:
-`return_normed=True` writes them (the first N tile's programs, the very values its GEMV multiplied),
-so the add, the norm and the router are one launch where they were FlashInfer's norm and cuBLAS's.
+the reduce go. The decoder uses it for plain attention's qkv projection, MLA's fused q | kv_a
+projection, the dense MLP's gate_up, a Qwen3-MoE / Mixtral layer's router and a DeepSeekMoE layer's
+shared experts' gate_up at batches of at most DISAGG_NORM_GEMV_MAX_TOKENS tokens, when
+DISAGG_NORM_GEMV=1 (decoder.py). A MoE's experts (and DeepSeek's float32 router) read the
+normalised activations too: `return_normed=True` writes them (the first N tile's programs, the very
+values its GEMV multiplied), so the add, the norm and the router (or the shared gate_up) are one
+launch where they were FlashInfer's norm and cuBLAS's.
 
 One program per N tile holds all T <= 16 tokens, so each weight tile is read once: it first sums
 each token's squares of h over K (x and residual rows: a few KB, from L2), then walks the K tiles
