@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from disagg.common.config import norm_gemv_enabled, norm_gemv_max_tokens, triton_interpret
 from disagg.common.models.fused_rope_kv import close_enough, kernel_may_run, start_up_check
-from disagg.common.models.norm_gemv import MAX_TOKENS, Launch, block_rows, launch_shape
+from disagg.common.models.norm_gemv import MAX_TOKENS, Launch, accumulate_tile, block_rows, launch_shape
 from disagg.common.models.pdl import pdl_args, pdl_begin
 
 try:
@@ -136,11 +136,6 @@ if triton is not None:
             silu = (gate / (1.0 + tl.exp(-gate))).to(dtype)
             a = (silu.to(tl.float32) * up).to(dtype)
             w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            if DOT and INTERPRETED:  # NOTE: the interpreter's dot multiplies bf16 bit patterns as integers
-                acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-            elif DOT:
-                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            acc = accumulate_tile(acc, a, w, DOT, INTERPRETED)
         dst = out + rows[:, None].to(tl.int64) * N + offs_n[None, :]
         tl.store(dst, acc.to(dtype), mask=t_mask[:, None] & n_mask[None, :])

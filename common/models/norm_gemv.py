@@ -227,16 +227,22 @@ if triton is not None:
                     a_dst = normed + rows[:, None].to(tl.int64) * K + cols[None, :]
                     tl.store(a_dst, a, mask=t_mask[:, None] & k_mask[None, :])
             w = tl.load(w_rows + cols[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-            if DOT and INTERPRETED:  # NOTE: the interpreter's dot multiplies bf16 bit patterns as integers
-                acc = tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
-            elif DOT:
-                acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc += tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            acc = accumulate_tile(acc, a, w, DOT, INTERPRETED)
         if HAS_BIAS:
             acc += tl.load(bias + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         dst = out + rows[:, None].to(tl.int64) * N + offs_n[None, :]
         tl.store(dst, acc.to(dtype), mask=t_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def accumulate_tile(acc, a, w, DOT: tl.constexpr, INTERPRETED: tl.constexpr):
+        """acc [BLOCK_T, BLOCK_N] += a [BLOCK_T, BLOCK_K] . w [BLOCK_N, BLOCK_K]^T in float32: a
+        tensor-core dot or FMA reductions (`launch`'s choice); act_gemv's kernel shares it."""
+        if DOT and INTERPRETED:  # NOTE: the interpreter's dot multiplies bf16 bit patterns as integers
+            return tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        elif DOT:
+            return tl.dot(a, tl.trans(w), acc, input_precision="ieee")
+        else:
+            return acc + tl.sum(a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
 
     @triton.jit
     def _load_h(x_rows, r_rows, cols, mask, HAS_RESIDUAL: tl.constexpr):
@@ -247,3 +253,6 @@ if triton is not None:
             r = tl.load(r_rows + cols[None, :], mask=mask, other=0.0)
             h = (h.to(tl.float32) + r.to(tl.float32)).to(h.dtype)
         return h.to(tl.float32)
+
+else:
+    accumulate_tile = None  # the CPU image: no Triton kernel is defined to call it
