@@ -46,9 +46,12 @@ for step in "$@"; do
              --decode-steps 4 --profile-prefill | tee $OUT/moe_prefill.log | tail -32 ;;
     verify) # the GPU tests of the changes no GPU has run yet (ninth session: FP8 wide K tiles, PDL, norm_gemv; the
            # eighth's fused MLA steps, pinned plans, qkv_a_proj), before any benchmark trusts them
-           timeout "${T:-560}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fp8_moe.py tests/test_gpu_pdl.py \
-             tests/test_gpu_norm_gemv.py tests/test_gpu_mla.py tests/test_gpu_fused_mla_rope.py tests/test_gpu_fused_moe.py \
-             tests/test_gpu_fused_rope_kv.py 2>&1 | tee $OUT/verify.log | tail -25 ;;
+           # in two processes on the one GPU (the eighth session's kernel tests alone took 257 s)
+           vt() { timeout "${T:-560}" python3 -m pytest -q -p no:cacheprovider "$@"; }
+           vt tests/test_gpu_pdl.py tests/test_gpu_norm_gemv.py > $OUT/verify_new.log 2>&1 & v=$!
+           vt tests/test_gpu_fp8_moe.py tests/test_gpu_mla.py tests/test_gpu_fused_mla_rope.py tests/test_gpu_fused_moe.py \
+             tests/test_gpu_fused_rope_kv.py > $OUT/verify_kernels.log 2>&1; wait $v
+           tail -n 20 $OUT/verify_new.log $OUT/verify_kernels.log ;;
     moe-tp1) bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1,64 --context-len 1024 \
            --prefill-len 2048 --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/moe_tp1${TAG:-}.json ;;
     norm-gemv) # the residual add + RMSNorm folded into the qkv / gate_up / MoE router GEMV (common/models/norm_gemv.py)
