@@ -25,8 +25,15 @@ import functools
 import torch
 import torch.nn.functional as F
 from disagg.common.config import norm_gemv_enabled, norm_gemv_max_tokens, triton_interpret
-from disagg.common.models.fused_rope_kv import close_enough, kernel_may_run, start_up_check
-from disagg.common.models.norm_gemv import MAX_TOKENS, Launch, accumulate_tile, block_rows, launch_shape
+from disagg.common.models.fused_rope_kv import check_randn, close_enough, kernel_may_run, start_up_check
+from disagg.common.models.norm_gemv import (
+    MAX_TOKENS,
+    Launch,
+    accumulate_tile,
+    block_rows,
+    check_sizes,
+    launch_shape,
+)
 from disagg.common.models.pdl import pdl_args, pdl_begin
 
 try:
@@ -88,18 +95,11 @@ def silu_mul_gemv_ok(device: torch.device, dtype: torch.dtype, n: int, k: int) -
 
 
 def _agrees_with_reference(device, dtype, n: int, k: int, max_tokens: int) -> bool:
-    """Token counts 1, 2, 3, 5, 8, 13 up to max_tokens, each at the layout the real shape launches.
-    NOTE: at most ~1024 of the N rows, in the real N's residue mod 1024 (norm_gemv's check does the
-    same): the check's weight stays small."""
-    n_check = n if n <= 2048 else 1024 + n % 1024
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape):
-        # NOTE: float32 drawn explicitly (layers are built under the model's default dtype), then rounded
-        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
-
+    """norm_gemv.check_sizes' rows and token counts, each at the layout the real shape launches."""
+    n_check, token_counts = check_sizes(n, max_tokens)
+    randn = check_randn(torch.Generator(device=device).manual_seed(0), dtype)
     weight = randn(n_check, k) * k**-0.5
-    for t in (t for t in (1, 2, 3, 5, 8, 13) if t <= max_tokens):
+    for t in token_counts:
         gate_up = randn(t, 2 * k) * 2
         got = silu_mul_gemv(gate_up, weight, launch=launch_shape(t, n, k))
         if not close_enough(got, silu_mul_gemv_reference(gate_up, weight)):

@@ -27,6 +27,7 @@ import functools
 
 import torch
 from disagg.common.models.fused_rope_kv import (
+    check_randn,
     close_enough,
     kernel_may_run,
     rms_norm_reference,
@@ -142,11 +143,7 @@ def _agrees_with_reference(
     NOTE: this also compiles every variant the engine launches for this shape."""
     t, num_pages, page_size = 7, 8, 4
     g = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape):
-        # NOTE: float32 drawn explicitly (layers are built under the model's default dtype), then rounded
-        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
-
+    randn = check_randn(g, dtype)
     q = randn(t, num_heads, nope + rope + 8)[..., : nope + rope]  # strided, as a view of a projection
     kv_a = randn(t, rank + rope)
     positions = torch.tensor([0, 5, 1, 63, 17, 2, 40], device=device, dtype=torch.int64)

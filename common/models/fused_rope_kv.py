@@ -169,6 +169,17 @@ def start_up_check(kernel: str, fields: str, shape: tuple, agrees) -> bool:
     return ok
 
 
+def check_randn(g: torch.Generator, dtype: torch.dtype):
+    """A start-up check's random tensors: normal draws from `g` in float32, rounded to `dtype`.
+    NOTE: drawn in float32 explicitly (layers are built under the model's default dtype), and every
+    draw from `g`: the global generator seeds the dummy weights of the model being built."""
+
+    def randn(*shape) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, device=g.device, dtype=torch.float32).to(dtype)
+
+    return randn
+
+
 def _agrees_with_reference(
     device, dtype, num_q_heads: int, num_kv_heads: int, head_dim: int, qk_norm: bool
 ) -> bool:
@@ -178,18 +189,13 @@ def _agrees_with_reference(
     size is not specialised on), so no first request waits for Triton's JIT."""
     t, pages, page_size = 7, 8, 4
     g = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape):
-        # NOTE: drawn in float32 explicitly (layers are built under the model's default dtype), then rounded
-        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
-
+    randn = check_randn(g, dtype)
     width = (num_q_heads + 2 * num_kv_heads) * head_dim
     qkv = randn(t, width)  # q, k, v as strided views of one projection, as in the model
     positions = torch.tensor([0, 5, 1, 63, 17, 2, 40], device=device, dtype=torch.int64)
     # NOTE: distinct slots: two tokens writing one row would make either result right
     slots = torch.randperm(pages * page_size, generator=g, device=device)[:t]
     k_rows = slots // page_size * (2 * page_size) + slots % page_size
-    # NOTE: every draw from `g`: the global generator seeds the dummy weights of the model being built
     inv_freq = torch.rand(head_dim // 2, generator=g, device=device, dtype=torch.float32)
     freqs = torch.outer(torch.arange(64, device=device, dtype=torch.float32), inv_freq)
     cos_sin = torch.cat([freqs.cos(), freqs.sin()], -1)

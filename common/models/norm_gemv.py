@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from disagg.common.config import norm_gemv_enabled, norm_gemv_max_tokens, triton_interpret
 from disagg.common.models.fused_rope_kv import (
+    check_randn,
     close_enough,
     kernel_may_run,
     rms_norm_reference,
@@ -153,21 +154,21 @@ def norm_gemv_ok(
     return start_up_check("norm_gemv", "N, K, bias, normed", shape, check)
 
 
+def check_sizes(n: int, max_tokens: int) -> tuple[int, list[int]]:
+    """A start-up check's weight rows and token counts (norm_gemv's and act_gemv's): at most ~1024 of
+    the N rows, in the real N's residue mod 1024 (its divisibility, so the same compiled variant: the
+    check's weight stays small on a 28672-row projection), and token counts 1, 2, 3, 5, 8, 13 up to
+    max_tokens (every row block, masked rows in most)."""
+    return (n if n <= 2048 else 1024 + n % 1024), [t for t in (1, 2, 3, 5, 8, 13) if t <= max_tokens]
+
+
 def _agrees_with_reference(device, dtype, n: int, k: int, bias: bool, normed: bool, max_tokens: int) -> bool:
-    """Token counts 1, 2, 3, 5, 8, 13 up to max_tokens (every row block, masked rows in most), with and
-    without a residual, each at the layout the real shape launches. NOTE: at most ~1024 of the N
-    rows, in the real N's residue mod 1024 (its divisibility, so the same compiled variant): the
-    check's weight stays small on a 28672-row projection."""
-    n_check = n if n <= 2048 else 1024 + n % 1024
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def randn(*shape):
-        # NOTE: float32 drawn explicitly (layers are built under the model's default dtype), then rounded
-        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
-
+    """check_sizes' token counts, with and without a residual, each at the layout the real shape launches."""
+    n_check, token_counts = check_sizes(n, max_tokens)
+    randn = check_randn(torch.Generator(device=device).manual_seed(0), dtype)
     weight, norm_weight = randn(n_check, k) * k**-0.5, randn(k)
     b = randn(n_check) if bias else None
-    for t in (t for t in (1, 2, 3, 5, 8, 13) if t <= max_tokens):
+    for t in token_counts:
         x, residual = randn(t, k), randn(t, k)
         for r in (residual, None):
             want = norm_gemv_reference(x, r, norm_weight, 1e-6, weight, b, return_normed=normed)
