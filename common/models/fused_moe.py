@@ -453,13 +453,11 @@ if triton is not None:
             mask = n_mask[:, None] & k_mask[None, :]
             wg = tl.load(gate_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
             wu = tl.load(up_rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
-            if WIDE_K:
-                kb = (offs_k // group_k)[None, :]
-                wg *= tl.load(gate_scales[:, None] + kb, mask=mask, other=0.0)
-                wu *= tl.load(up_scales[:, None] + kb, mask=mask, other=0.0)
-                acc_g += tl.sum(wg * xv[None, :], axis=1)
-                acc_u += tl.sum(wu * xv[None, :], axis=1)
-            elif FP8:
+            if WIDE_K:  # each element its block's scale
+                blocks = (offs_k // group_k)[None, :]
+                wg *= tl.load(gate_scales[:, None] + blocks, mask=mask, other=0.0)
+                wu *= tl.load(up_scales[:, None] + blocks, mask=mask, other=0.0)
+            if FP8 and not WIDE_K:  # the tile within one block: its scale once a row
                 kb = k0 // group_k
                 acc_g += tl.sum(wg * xv[None, :], axis=1) * tl.load(gate_scales + kb, mask=n_mask, other=0.0)
                 acc_u += tl.sum(wu * xv[None, :], axis=1) * tl.load(up_scales + kb, mask=n_mask, other=0.0)
