@@ -73,6 +73,10 @@ def test_interpreted_fp8_kernels_match_the_dequantized_reference():
         # FP8_WIDE_K: gate/up tiles spanning blocks too (each element its block's scale; H = 40: a partial block)
         check(2, 2, 4, 32, 40, (16, 16), "gemv", dict(BLOCK_K=32, SPLIT_K=1, FP8_WIDE_K=True))
         check(3, 3, 5, 48, 96, (16, 32), "gemv", dict(BLOCK_K=64, SPLIT_K=2, FP8_WIDE_K=True))
+        # DOWN_SPLIT: a token's slots over several down programs (float32 rows, summed after), k = 3
+        # over 2 programs (one slot short), over 3, and 8 asked for (k caps it)
+        for split in (2, 3, 8):
+            check(4, 3, 5, 48, 96, (16, 32), "gemv", dict(BLOCK_K=32, SPLIT_K=2, DOWN_SPLIT=split))
         check(9, 2, 4, 32, 64, (16, 32), "grouped")
         """
     )
@@ -165,11 +169,12 @@ def test_fp8_experts_at_tp2_ep2(fp8_deepseek, dequantized_experts, monkeypatch):
     assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in dequantized_experts]
 
 
-@pytest.mark.parametrize("fp8, wide_k", [(True, False), (True, True), (False, False)])
-def test_gemv_kernels_compile_for_hopper(fp8, wide_k):
+@pytest.mark.parametrize("fp8, wide_k, split", [(True, False, 1), (True, True, 4), (False, False, 1), (False, False, 2)])
+def test_gemv_kernels_compile_for_hopper(fp8, wide_k, split):
     """The batch-1 GEMVs compiled for sm_90 on this CPU machine (the interpreter skips the compiler's
-    checks), the down GEMV with K tiles wider than a scale block as V3's shape runs it, the gate/up
-    GEMV both ways (one scale a tile row; FP8_WIDE_K: 512-wide tiles, a scale an element)."""
+    checks), the down GEMV with K tiles wider than a scale block as V3's shape runs it (its slots in
+    one program, or split over several writing float32), the gate/up GEMV both ways (one scale a tile
+    row; FP8_WIDE_K: 512-wide tiles, a scale an element)."""
     pytest.importorskip("triton")
     from disagg.common.models.fused_moe import _down_gemv, _gate_up_gemv
 
@@ -191,6 +196,6 @@ def test_gemv_kernels_compile_for_hopper(fp8, wide_k):
     )
     compile_for_hopper(
         _down_gemv,
-        {"gate_up": "*fp32", "w2": w, "out": "*bf16", "weights": "*fp32", **common},
-        dict(BLOCK_N=8, BLOCK_K=512, FP8=fp8),
+        {"gate_up": "*fp32", "w2": w, "out": "*bf16" if split == 1 else "*fp32", "weights": "*fp32", **common},
+        dict(BLOCK_N=8, BLOCK_K=512, SLOTS=8 // split, SPLIT=split, FP8=fp8),
     )

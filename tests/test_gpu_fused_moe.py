@@ -59,7 +59,9 @@ CHECK = textwrap.dedent(
         ids[0, 0] = experts - 1  # at least one pair is ours
         weights = torch.rand(tokens, k, device=device)
         config = dict(moe_config(experts, inter, hidden))
-        config["gemv_max_pairs"] = 1 << 30 if path == "gemv" else 0
+        config["gemv_max_pairs"] = 1 << 30 if path.startswith("gemv") else 0
+        if path == "gemv-split":  # the down GEMV's slots over 3 programs a tile (float32 rows summed after)
+            config["gemv"] = {**config["gemv"], "DOWN_SPLIT": 3}
         # "mm": torch's grouped GEMM (the prefill path on Hopper), else the Triton kernels
         config["grouped_mm_min_tokens"] = 0 if path == "mm" else 1 << 30
         if path == "split":  # the grouped GEMM with silu(gate) * up applied in the down kernel's loads
@@ -93,7 +95,7 @@ def test_interpreted_kernels_match_torch_on_cpu():
         check_topk("cpu")
         check_grouped_topk_shapes("cpu")
         for tokens, k, experts in ((1, 2, 4), (5, 3, 6), (40, 2, 4)):
-            for path in ("gemv", "grouped", "split"):
+            for path in ("gemv", "gemv-split", "grouped", "split"):
                 print(tokens, k, path, check("cpu", torch.float32, tokens, k, experts, 32, 48, path, 1e-4))
             print(tokens, k, "local", check("cpu", torch.float32, tokens, k, experts, 32, 48, "grouped", 1e-4, False))
         """
@@ -125,7 +127,7 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
     finally:
         torch.set_default_dtype(old)
     # Qwen3-30B-A3B's expert shape at decode batch 1 and 64 and a prefill chunk
-    for tokens, path in ((1, "gemv"), (8, "gemv"), (64, "grouped"), (2048, "grouped"), (3, "grouped"),
+    for tokens, path in ((1, "gemv"), (8, "gemv"), (1, "gemv-split"), (64, "grouped"), (2048, "grouped"), (3, "grouped"),
                          (64, "split"), (2048, "split"), (2048, "mm"), (300, "mm")):  # fmt: skip
         check("cuda", torch.bfloat16, tokens, 8, 128, 768, 2048, path, 2e-2)
         check("cuda", torch.bfloat16, tokens, 8, 128, 768, 2048, path, 2e-2, foreign=False)

@@ -165,11 +165,11 @@ def tune(layers, k: int, ceil: dict, base: dict, gemv_only: bool = False) -> tup
     )
     config["gemv"] = best
     log += rows
-    # the down GEMV has one program per (token, N tile): at batch 1 its tile width sets how many
-    # programs stream the 8 experts' rows (16 rows: 128 programs for H=2048, one per SM)
+    # the down GEMV has one program per (token, N tile[, slot group]): at batch 1 its tile width and
+    # DOWN_SPLIT set how many programs stream the experts' rows (16 rows: 128 programs for H=2048)
     down = [
-        {**best, "DOWN_BLOCK_N": bn, "DOWN_WARPS": w}
-        for bn, w in itertools.product((4, 8, 16, 32), (2, 4, 8))
+        {**best, "DOWN_BLOCK_N": bn, "DOWN_WARPS": w, "DOWN_SPLIT": s}
+        for bn, w, s in itertools.product((4, 8, 16, 32), (2, 4, 8), (1, 2, 4, 8))
     ]
     best, rows = sweep(
         "gemv-down",

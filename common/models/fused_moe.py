@@ -168,12 +168,12 @@ def fused_experts(
     return _sum_pairs(out, num_tokens, k)
 
 
-def _sum_pairs(y: torch.Tensor, num_tokens: int, k: int) -> torch.Tensor:
-    """[T * k, H] (token-major pairs) -> [T, H], summed in float32: one launch, where torch's
-    reduction over the middle dim of a [T, k, H] view ran at ~55% of the copy rate (30 us a 2048-token
-    Qwen3-30B-A3B layer, H200) and cost more host time than the kernel."""
+def _sum_pairs(y: torch.Tensor, num_tokens: int, k: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[T * k, H] (token-major pairs) -> [T, H] in `dtype` (y's by default), summed in float32: one
+    launch, where torch's reduction over the middle dim of a [T, k, H] view ran at ~55% of the copy
+    rate (30 us a 2048-token Qwen3-30B-A3B layer, H200) and cost more host time than the kernel."""
     hidden = y.shape[1]
-    out = torch.empty(num_tokens, hidden, dtype=y.dtype, device=y.device)
+    out = torch.empty(num_tokens, hidden, dtype=dtype or y.dtype, device=y.device)
     block = min(1024, triton.next_power_of_2(hidden))
     _sum_pairs_kernel[(num_tokens, triton.cdiv(hidden, block))](
         y, out, hidden, K=k, BLOCK=block, num_warps=4, **pdl_args(y.device)
@@ -196,16 +196,22 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | No
         BLOCK_N=bn, BLOCK_K=bk, K_PER_SPLIT=k_per_split, SPLIT_K=split, FP8=fp8, WIDE_K=fp8 and bk > block[1],
         num_warps=cfg["num_warps"], **pdl,
     )  # fmt: skip
-    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+    # DOWN_SPLIT > 1: the slots split over that many programs a tile, float32 rows summed after
+    down_split = min(cfg.get("DOWN_SPLIT", 1), k)
+    slots = triton.cdiv(k, down_split)
+    down_split = triton.cdiv(k, slots)  # no program without a slot
+    out = torch.empty(
+        num_tokens * down_split, hidden, dtype=x.dtype if down_split == 1 else torch.float32, device=x.device
+    )
     down_bn = cfg.get("DOWN_BLOCK_N", bn)
     down_bk = triton.next_power_of_2(inter) if inter <= 1024 else 512
-    _down_gemv[(num_tokens, triton.cdiv(hidden, down_bn))](
+    _down_gemv[(num_tokens, triton.cdiv(hidden, down_bn), down_split)](
         gate_up, w2, out, ids, weights, num_experts, k, hidden, inter,
         w2.stride(0), w2.stride(1), *_scale_args(w2, scales.w2 if fp8 else None, block),
-        BLOCK_N=down_bn, BLOCK_K=down_bk, FP8=fp8,
+        BLOCK_N=down_bn, BLOCK_K=down_bk, SLOTS=slots, SPLIT=down_split, FP8=fp8,
         num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
     )  # fmt: skip
-    return out
+    return out if down_split == 1 else _sum_pairs(out, num_tokens, down_split, x.dtype)
 
 
 @functools.cache
@@ -476,20 +482,26 @@ if triton is not None:
     def _down_gemv(
         gate_up, w2, out, ids, weights, num_experts, top_k, N, inter, stride_we, stride_wn,
         scale, stride_se, stride_sn, group_n, group_k,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, SPLIT: tl.constexpr,
+        FP8: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out[t, n-tile] = sum over t's slots of weight * rows of w2[e] . (silu(gate) * up): the
-        routing-weight combine in the kernel, written once in the model dtype (no zeroing, no sum).
+        routing-weight combine in the kernel. SPLIT == 1: one program a (token, N tile) takes all
+        slots and writes the model dtype (no zeroing, no sum); else program (t, n, s) takes slots
+        [s * SLOTS, (s + 1) * SLOTS) and writes float32 row t * SPLIT + s of `out`, which
+        _sum_pairs adds up (SPLIT times the programs: at one token, 8 slots of 32-row tiles of
+        DeepSeek-V3's 7168 rows were 224 programs, each streaming 8 experts' rows in turn).
         FP8: each weight element dequantized by its block's scale (a K tile may span blocks)."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
-        token, pid_n = tl.program_id(0), tl.program_id(1)
+        token, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for slot in range(0, top_k):
-            pair = token * top_k + slot
+        for j in range(0, SLOTS):
+            slot = pid_s * SLOTS + j
+            pair = token * top_k + tl.minimum(slot, top_k - 1)
             expert = tl.load(ids + pair).to(tl.int64)
-            ours = (expert >= 0) & (expert < num_experts)
+            ours = (slot < top_k) & (expert >= 0) & (expert < num_experts)
             rows = w2 + tl.where(ours, expert, 0) * stride_we + offs_n[:, None] * stride_wn
             row_scales = scale + tl.where(ours, expert, 0) * stride_se + (offs_n // group_n) * stride_sn
             gu_row = gate_up + pair.to(tl.int64) * 2 * inter
@@ -505,7 +517,8 @@ if triton is not None:
                     w *= tl.load(row_scales[:, None] + (offs_k // group_k)[None, :], mask=mask, other=0.0)
                 part += tl.sum(w * (_silu(g) * u)[None, :], axis=1)
             acc += part * tl.load(weights + pair)
-        tl.store(out + token.to(tl.int64) * N + offs_n, acc.to(out.dtype.element_ty), mask=n_mask)
+        row = token.to(tl.int64) * SPLIT + pid_s
+        tl.store(out + row * N + offs_n, acc.to(out.dtype.element_ty), mask=n_mask)
 
     @triton.jit
     def _grouped_topk_kernel(
