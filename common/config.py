@@ -27,11 +27,7 @@ from pathlib import Path
 #                           form on its MLA kernel, default) | torch (expanded form, torch SDPA; A/B runs)
 #   DISAGG_MLA_KERNEL       FlashInfer's MLA kernel family: auto (FlashInfer's pick: FA3 on Hopper) | fa2 | fa3
 #   DISAGG_PDL              1: the Triton kernels launch with Programmatic Dependent Launch on Hopper or newer
-#                           (common/models/pdl.py; default 0 until the H200 A/B says otherwise)
-#   DISAGG_NORM_GEMV        1: small batches run each residual add + RMSNorm inside the qkv / gate_up / MoE
-#                           router GEMV that reads it (one Triton launch, norm_gemv.py) and a dense MLP's
-#                           SiLU·mul inside its down GEMV (act_gemv.py); default 0 (off until measured)
-#   DISAGG_NORM_GEMV_MAX_TOKENS  the largest batch (tokens) that does, 1..16 (default 8)
+#                           (common/models/pdl.py; default 0: the H200 A/B of docs/benchmarks.md, tenth session)
 #   DISAGG_STEP_DELAY_S     tests only: every forward of the server's scheduler takes this many seconds
 #                           longer, as on a slow device (tests/test_first_token.py: long decode steps)
 # and the standard ones we honour: XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES (launch_local splits the
@@ -163,22 +159,6 @@ def mla_prefill_mode() -> str:
     if mode not in ("flashinfer", "torch"):
         raise ValueError(f"DISAGG_MLA_PREFILL={mode!r}: expected flashinfer or torch")
     return mode
-
-
-def norm_gemv_enabled() -> bool:
-    """DISAGG_NORM_GEMV: 0 (default) | 1 (common/models/norm_gemv.py)."""
-    value = os.environ.get("DISAGG_NORM_GEMV", "0") or "0"
-    if value not in ("0", "1"):
-        raise ValueError(f"DISAGG_NORM_GEMV={value!r}: expected 0 or 1")
-    return value == "1"
-
-
-def norm_gemv_max_tokens() -> int:
-    """DISAGG_NORM_GEMV_MAX_TOKENS: the largest batch (tokens) norm_gemv runs, 1..16 (default 8)."""
-    value = os.environ.get("DISAGG_NORM_GEMV_MAX_TOKENS", "8") or "8"
-    if not value.isdigit() or not 1 <= int(value) <= 16:
-        raise ValueError(f"DISAGG_NORM_GEMV_MAX_TOKENS={value!r}: expected an integer from 1 to 16")
-    return int(value)
 
 
 def step_delay_s() -> float:

@@ -280,44 +280,6 @@ def test_fp8_block_gemms_follow_the_dequantized_model(engines, fp8_deepseek, mon
     engines.close()  # the next engine of this module runs without FP8 GEMMs
 
 
-FP8_NORM_GEMV_RUN = """
-import json, os, sys
-import torch
-from disagg.common.engine.offline import Engine
-from disagg.common.models import decoder
-
-calls, real = [], decoder.norm_gemv
-decoder.norm_gemv = lambda *args, **kw: calls.append(len(args[0])) or real(*args, **kw)
-os.environ |= {"DISAGG_NORM_GEMV": "1", "DISAGG_FP8_GEMM": "torch"}
-engine = Engine(model_path=sys.argv[1], page_size=4, max_total_tokens=512)
-layers = engine.scheduler.runner.model.layers
-assert all(layer.attn_norm_gemv and layer.mlp_norm_gemv for layer in layers)  # built on the 16-bit layout
-assert layers[1].self_attn.in_proj.weight.dtype == layers[1].mlp.in_proj.weight.dtype == torch.float8_e4m3fn
-params = {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}
-print("tokens", json.dumps(engine.generate([json.loads(sys.argv[2])], params)[0]["output_ids"]))
-print("calls", len(calls))
-"""
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's CPU interpreter runs norm_gemv here")
-def test_fp8_projections_skip_norm_gemv(fp8_deepseek):
-    """DISAGG_NORM_GEMV=1 with the FP8 weights kept (DISAGG_FP8_GEMM=torch): the layers pass the
-    kernel's check when built, but every projection a norm would fold into (MLA's q | kv_a, the
-    shared experts' and the dense MLP's gate_up) is FP8 by the first forward, so no norm_gemv
-    launch runs and the tokens are the dequantized model's."""
-    import json
-
-    pytest.importorskip("triton")
-    from tests.test_fused_rope_kv import _interpret
-
-    fp8_path, ref_path = fp8_deepseek
-    prompt = [7, 100, 3, 256, 41, 9]
-    out = _interpret(FP8_NORM_GEMV_RUN, fp8_path, json.dumps(prompt))
-    lines = dict(s.split(" ", 1) for s in out.splitlines() if s.startswith(("tokens ", "calls ")))
-    assert json.loads(lines["tokens"]) == hf_greedy(ref_path, prompt, 4)
-    assert lines["calls"] == "0"
-
-
 def _hf_logprobs(path: str, ids: list[int]) -> torch.Tensor:
     """transformers' log-probability of each next token of `ids` (float32)."""
     from transformers import AutoModelForCausalLM

@@ -44,30 +44,16 @@ for step in "$@"; do
     moe-prefill) # issue 19: where a 2048-token MoE prefill goes (the kernels of one prefill, torch profiler)
            bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 --prefill-len 2048 \
              --decode-steps 4 --profile-prefill | tee $OUT/moe_prefill.log | tail -32 ;;
-    verify) # the GPU tests of the changes no GPU has run yet (ninth session: FP8 wide K tiles, PDL, norm_gemv; the
-           # eighth's fused MLA steps, pinned plans, qkv_a_proj), before any benchmark trusts them
-           # in two processes on the one GPU (the eighth session's kernel tests alone took 257 s)
+    verify) # the GPU tests of the kernels (PDL, FP8, MLA, fused MoE and RoPE), before any benchmark trusts them,
+           # in two processes on the one GPU (the kernel tests alone took 181-257 s); test_gpu_fused_rope_kv's
+           # engine tests need the default model's GGUF: gguf-a and gguf-b first
            vt() { timeout "${T:-560}" python3 -m pytest -q -p no:cacheprovider "$@"; }
-           vt tests/test_gpu_pdl.py tests/test_gpu_norm_gemv.py > $OUT/verify_new.log 2>&1 & v=$!
+           vt tests/test_gpu_pdl.py > $OUT/verify_new.log 2>&1 & v=$!
            vt tests/test_gpu_fp8_moe.py tests/test_gpu_mla.py tests/test_gpu_fused_mla_rope.py tests/test_gpu_fused_moe.py \
              tests/test_gpu_fused_rope_kv.py > $OUT/verify_kernels.log 2>&1; wait $v
            tail -n 20 $OUT/verify_new.log $OUT/verify_kernels.log ;;
     moe-tp1) bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1,64 --context-len 1024 \
            --prefill-len 2048 --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/moe_tp1${TAG:-}.json ;;
-    norm-gemv) # the residual add + RMSNorm folded into the qkv / gate_up / MoE router GEMV (common/models/norm_gemv.py)
-           # and SiLU·mul into the dense down GEMV (act_gemv.py) against FlashInfer's norm / silu_and_mul + cuBLAS,
-           # µs per layer in CUDA graphs of 32 layers, beside the bytes roofline; layout sweep
-           timeout "${T:-500}" python3 -m disagg.common.bench.norm_gemv --output-json $OUT/norm_gemv.json 2>&1 \
-             | grep -v "UserWarning\|warn_once" | tee $OUT/norm_gemv.log ;;
-    engine-norm-gemv) # the 8B's small decode batches without, then with norm_gemv (DISAGG_NORM_GEMV); Qwen3-30B-A3B:
-           # DISAGG_NORM_GEMV=1 TAG=_norm_gemv bash common/bench/gpu_runs.sh moe-tp1
-           for v in 0 1; do DISAGG_NORM_GEMV=$v bench $B8 --batch-sizes 1,8 --context-len 1024 --prefill-len 4096 \
-             --decode-steps 32 --profile-batch-sizes 1 --output-json $OUT/offline_8b_norm_gemv$v.json | tail -14; done ;;
-    v2lite-norm-gemv) # DeepSeek-V2-Lite's small decode batches without, then with norm_gemv: MLA's input norm in its
-           # q | kv_a GEMV, the post-attention norm in the shared experts' gate_up, SiLU·mul in their down GEMV
-           for v in 0 1; do DISAGG_NORM_GEMV=$v bench --model-path DeepSeek-V2-Lite --load-format dummy --batch-sizes 1,8 \
-             --context-len 1024 --prefill-len 4096 --decode-steps 8 --profile-batch-sizes 1 \
-             --output-json $OUT/v2lite_norm_gemv$v.json | tail -14; done ;;
     pdl-ab) # Programmatic Dependent Launch of the Triton kernels (common/models/pdl.py), off then on: Qwen3-30B-A3B's
            # moe-tp1 command and DeepSeek-V2-Lite's, per model DISAGG_PDL=0 then 1 (PDL_MODELS picks: "qwen3 v2lite";
            # one model a call if the machine is cold); compare decode batch 1 and 64, and the profile's kernel time

@@ -8,9 +8,7 @@ the Hugging Face checkpoints, with q/k/v and gate/up fused (see weights.py for t
 from __future__ import annotations
 
 import torch
-from disagg.common.config import norm_gemv_max_tokens
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch
-from disagg.common.models.act_gemv import silu_mul_gemv, silu_mul_gemv_fits
 from disagg.common.models.deepseek import DEEPSEEK_ARCHITECTURES, MLAttention, is_mla, latent_half_dim
 from disagg.common.models.fused_rope_kv import fused_rope_kv, fused_rope_kv_ok
 from disagg.common.models.kernels import silu_and_mul
@@ -22,7 +20,6 @@ from disagg.common.models.layers import (
     VocabParallelEmbedding,
 )
 from disagg.common.models.moe_a2a import set_forward_shape
-from disagg.common.models.norm_gemv import norm_gemv, norm_gemv_fits
 from disagg.common.parallel.dp_attention import dp_gather_tokens, dp_logits, dp_scatter_tokens, lm_head_group
 from disagg.common.parallel.state import TPGroup, attn_tp_group, get_parallel, tp_group
 from torch import nn
@@ -100,17 +97,8 @@ class Attention(nn.Module):
             w.device, w.dtype, self.num_heads, self.num_kv_heads, self.head_dim, self.qk_norm
         )
 
-    @property
-    def in_proj(self) -> ColumnParallelLinear:
-        """The projection reading the layer's normalised input (DecoderLayer may fuse the norm into it)."""
-        return self.qkv_proj
-
     def forward(self, x, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend):
-        return self.forward_projected(self.qkv_proj(x), batch, kv_buffer, backend)
-
-    def forward_projected(self, qkv, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend):
-        """The layer after its qkv projection: qkv [T, (Hq + 2 Hkv) * D]."""
-        q, k, v = qkv.split(self.qkv_proj.out_sizes, dim=-1)
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -142,27 +130,9 @@ class MLP(nn.Module):
         inter = intermediate_size // tp.size
         self.gate_up_proj = ColumnParallelLinear(hidden_size, [inter, inter], tp=tp)
         self.down_proj = RowParallelLinear(inter, hidden_size, tp=tp)
-        # batches of at most act_gemv_tokens tokens: SiLU·mul inside down_proj's GEMV (act_gemv.py,
-        # DISAGG_NORM_GEMV=1)
-        self.act_gemv_tokens = norm_gemv_max_tokens()
-        self.act_gemv = silu_mul_gemv_fits(self.down_proj)
-
-    @property
-    def in_proj(self) -> ColumnParallelLinear:
-        """The projection reading the layer's normalised input (DecoderLayer may fuse the norm into it)."""
-        return self.gate_up_proj
 
     def forward(self, x):
-        return self.forward_projected(self.gate_up_proj(x))
-
-    def forward_projected(self, gate_up):
-        """The MLP after its gate_up projection: gate_up [T, 2 * I]. Small batches: SiLU·mul and this
-        rank's down GEMV in one silu_mul_gemv launch, then down_proj's all-reduce and bias."""
-        down = self.down_proj
-        # NOTE: FP8 checkpoints quantize the linears after the model is built: those keep the torch ops
-        if self.act_gemv and gate_up.shape[0] <= self.act_gemv_tokens and down.weight_scale_inv is None:
-            return down.combine(silu_mul_gemv(gate_up, down.weight))
-        return down(silu_and_mul(gate_up))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -176,56 +146,19 @@ class DecoderLayer(nn.Module):
         # DP attention: an MLP split over the whole TP group needs every DP rank's tokens (an
         # all-to-all MoE takes only this rank's tokens to their experts and back)
         self.gather_mlp = get_parallel().attn_dp_size > 1 and not getattr(self.mlp, "a2a", False)
-        # batches of at most norm_gemv_tokens tokens: each norm, with its residual add, inside the
-        # projection reading it (norm_gemv.py, DISAGG_NORM_GEMV=1): plain attention's qkv, MLA's fused
-        # q | kv_a (in_proj None where the layout keeps two), the dense MLP's gate_up, a Qwen3-MoE /
-        # Mixtral router or DeepSeekMoE's shared experts' gate_up (the same launch returns the
-        # normalised input the router and the experts read)
-        self.norm_gemv_tokens = norm_gemv_max_tokens()
-        attn_proj = self.self_attn.in_proj
-        self.attn_norm_gemv = attn_proj is not None and norm_gemv_fits(attn_proj)
-        mlp_proj = getattr(self.mlp, "in_proj", None)
-        self.mlp_norm_gemv = (
-            mlp_proj is not None and not self.gather_mlp and norm_gemv_fits(mlp_proj, wants_normed(self.mlp))
-        )
 
     def forward(self, x, residual, batch, kv_buffer, backend):
         """x: this layer's input delta; residual: the running sum (None before the first layer).
         Returns (delta, residual): the hidden state after the layer is delta + residual."""
-        x, residual = self.norm_and_run(
-            self.input_layernorm, self.self_attn, self.attn_norm_gemv, x, residual, batch, kv_buffer, backend
-        )
-        if self.gather_mlp:
-            x, residual = self.post_attention_layernorm(x, residual)
-            return dp_scatter_tokens(self.mlp(dp_gather_tokens(x))), residual
-        return self.norm_and_run(self.post_attention_layernorm, self.mlp, self.mlp_norm_gemv, x, residual)
-
-    def norm_and_run(self, norm: RMSNorm, module: nn.Module, fusable: bool, x, residual, *args):
-        """(module(norm(x + residual), *args), x + residual); residual None: x alone. Where `fusable`
-        (module's in_proj passed norm_gemv's check) and the batch is small, the add, the norm and
-        in_proj are one norm_gemv launch (the residual then a new tensor, not updated in place), and
-        module.forward_projected takes in_proj's output (and the normalised input where the module
-        wants it: a MoE's experts). NOTE: under CUDA graphs the token count, so the branch, is fixed
-        per captured batch size."""
-        proj = module.in_proj if fusable and x.shape[0] <= self.norm_gemv_tokens else None
-        # NOTE: FP8 checkpoints quantize the linears (a router stays 16-bit) after the model is built:
-        # those keep the torch ops
-        if proj is not None and getattr(proj, "weight_scale_inv", None) is None:
-            y, residual, *normed = norm_gemv(
-                x, residual, norm.weight, norm.eps, proj.weight, proj.bias, return_normed=wants_normed(module)
-            )
-            return module.forward_projected(y, *normed, *args), residual
         if residual is None:
-            residual, x = x, norm(x)
+            residual, x = x, self.input_layernorm(x)
         else:
-            x, residual = norm(x, residual)
-        return module(x, *args), residual
-
-
-def wants_normed(module: nn.Module) -> bool:
-    """Whether module.forward_projected takes the normalised input after in_proj's output (SparseMoE,
-    DeepseekMoE)."""
-    return getattr(module, "wants_normed_input", False)
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, batch, kv_buffer, backend)
+        x, residual = self.post_attention_layernorm(x, residual)
+        if self.gather_mlp:
+            return dp_scatter_tokens(self.mlp(dp_gather_tokens(x))), residual
+        return self.mlp(x), residual
 
 
 def make_mlp(config, layer_id: int) -> nn.Module:

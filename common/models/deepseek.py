@@ -156,39 +156,14 @@ class MLAttention(nn.Module):
             w.device, w.dtype, self.num_heads, self.nope, self.rope_dim, self.rank, self.interleaved
         )
 
-    @property
-    def in_proj(self) -> ColumnParallelLinear | None:
-        """x's fused projection (q | kv_a rows), the one reading the layer's normalised input
-        (DecoderLayer may fuse the norm into it); None where this layout keeps two projections."""
-        return self.qkv_a_proj if self.fused_qkv_a else None
-
     def forward(self, x, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend):
         if not batch.q_lens:  # an idle DP-attention rank: no tokens, only the o_proj collective
             return self.o_proj(x.new_zeros(0, self.num_heads * self.v_dim))
-        if self.fused_qkv_a:
-            return self.forward_projected(self.qkv_a_proj(x), batch, kv_buffer, backend)
-        q = self.q_a_proj(x) if self.q_lora else self.q_proj(x)
-        return self.attend(q, self.kv_a_proj_with_mqa(x), batch, kv_buffer, backend)
-
-    def forward_projected(
-        self, qkv_a, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend
-    ):
-        """The layer after its fused x projection: qkv_a [T, q rows + rank + rope] (q rows: V3's
-        q_lora_rank, V2's heads * qk)."""
-        q, kv_a = qkv_a.split(self.qkv_a_proj.out_sizes, dim=-1)
-        return self.attend(q, kv_a, batch, kv_buffer, backend)
-
-    def attend(self, q, kv_a, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend):
-        """The layer after x's projections: q [T, q_lora_rank] (V3: before q_a_layernorm and q_b_proj)
-        or [T, heads * qk] (V2), kv_a [T, rank + rope]: c_kv | k_pe (rows of both may be strided)."""
-        if not batch.q_lens:  # an idle DP-attention rank (norm_gemv's empty output)
-            return self.o_proj(kv_a.new_zeros(0, self.num_heads * self.v_dim))
         if not isinstance(backend, (MLABackend, TorchBackend)):
             raise NotImplementedError(
                 f"MLA runs on the torch or an MLA attention backend, not {type(backend).__name__}"
             )
-        if self.q_lora:  # contiguous rows for the fused norm (a no-op at one token)
-            q = self.q_b_proj(self.q_a_layernorm(q.contiguous()))
+        q, kv_a = self.project_x(x)  # kv_a [T, rank + rope]: c_kv | k_pe (rows may be strided)
         q = q.view(-1, self.num_heads, self.qk_dim)
         q_nope = q[..., : self.nope]
         kv = kv_buffer[self.layer_id]  # [num_pages, 2, page_size, 1, latent/2]: the pool's view
@@ -205,6 +180,16 @@ class MLAttention(nn.Module):
             form = self.absorbed_attention if batch.is_decode_only else self.expanded_attention
             out = form(q_nope, q_pe, latent, batch)
         return self.o_proj(out.reshape(-1, self.num_heads * self.v_dim))
+
+    def project_x(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q [T, heads * qk], kv_a [T, rank + rope]) from the layer's input."""
+        if self.fused_qkv_a:
+            q, kv_a = self.qkv_a_proj(x).split(self.qkv_a_proj.out_sizes, dim=-1)
+        else:
+            q, kv_a = (self.q_a_proj(x) if self.q_lora else self.q_proj(x)), self.kv_a_proj_with_mqa(x)
+        if self.q_lora:  # contiguous rows for the fused norm (a no-op at one token)
+            q = self.q_b_proj(self.q_a_layernorm(q.contiguous()))
+        return q, kv_a
 
     def rope_and_write_latent(self, q_pe, kv_a, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """fused_mla_rope's steps one op at a time (FlashInfer's norm and RoPE where they apply)."""
@@ -428,19 +413,7 @@ class DeepseekMoE(SparseMoE):
         if self.shared_experts is not None:
             self.shared_experts.down_proj.reduce = False  # reduced together with the routed part
 
-    @property
-    def in_proj(self) -> ColumnParallelLinear | None:
-        """The shared experts' gate_up, the projection reading the layer's normalised input (DecoderLayer
-        may fuse the norm into it; its launch also returns the normalised input, which the float32
-        gate and the routed experts read). None without shared experts."""
-        return None if self.shared_experts is None else self.shared_experts.gate_up_proj
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_projected(None, x)
-
-    def forward_projected(self, shared_gate_up: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        """The layer on x, the normalised input [T, H]; shared_gate_up [T, 2 * I_shared]: the shared
-        experts' gate_up of x where norm_gemv computed it, None: the shared experts run whole here."""
         weights, ids = self.gate(x)
         if self.count_tokens:  # moe.py's per-expert load counters (set_expert_load_stats)
             self._count(ids)
@@ -451,19 +424,12 @@ class DeepseekMoE(SparseMoE):
             out = a2a_moe(self, x, ids, weights)
             if self.shared_experts is None:
                 return out
-            return out + all_reduce(self.shared_output(x, shared_gate_up), self.shared_experts.down_proj.tp)
+            return out + all_reduce(self.shared_experts(x), self.shared_experts.down_proj.tp)
         local = ids - self.first_expert if self.first_expert else ids
         out = self.routed_experts(x, local, weights)
         if self.shared_experts is not None:
-            out = out + self.shared_output(x, shared_gate_up)
+            out = out + self.shared_experts(x)
         return all_reduce(out)
-
-    def shared_output(self, x: torch.Tensor, shared_gate_up: torch.Tensor | None) -> torch.Tensor:
-        """The shared experts' output on x, not reduced (down_proj.reduce is off): from their gate_up
-        output where given (MLP.forward_projected: SiLU·mul in the down GEMV at small batches)."""
-        if shared_gate_up is None:
-            return self.shared_experts(x)
-        return self.shared_experts.forward_projected(shared_gate_up)
 
 
 def make_deepseek_mlp(config, layer_id: int) -> nn.Module:

@@ -56,14 +56,9 @@ class RowParallelLinear(nn.Module):
         self.weight_scale_inv = None  # FP8 block scales when fp8.quantize_linears converted the weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.combine(
-            F.linear(x, self.weight) if self.weight_scale_inv is None else fp8_linear(self, x)
-        )
-
-    def combine(self, partial: torch.Tensor) -> torch.Tensor:
-        """This rank's partial product x_r W_r^T [T, out] (forward's, or a fused kernel's: act_gemv.py)
-        -> the output: the all-reduce over the ranks (unless `reduce` is off), then the bias."""
-        y = all_reduce(partial, self.tp) if self.reduce else partial
+        y = F.linear(x, self.weight) if self.weight_scale_inv is None else fp8_linear(self, x)
+        if self.reduce:
+            y = all_reduce(y, self.tp)
         return y if self.bias is None else y + self.bias
 
 

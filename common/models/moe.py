@@ -189,21 +189,8 @@ class SparseMoE(nn.Module):
         mine = self.physical_to_logical[self.first_expert : self.first_expert + self.num_local]
         return [s for s, e in enumerate(mine) if e == expert]
 
-    # DecoderLayer.norm_and_run passes forward_projected the normalised input with the router logits
-    wants_normed_input = True
-
-    @property
-    def in_proj(self) -> nn.Linear | None:
-        """The router, the projection reading the layer's normalised input (DecoderLayer may fuse the
-        norm into it). None where the gate is no nn.Linear (DeepseekMoE's float32 DeepseekGate)."""
-        return self.gate if type(self.gate) is nn.Linear else None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_projected(self.gate(x), x)
-
-    def forward_projected(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The layer after its router: logits [T, E] of x, the normalised input [T, H] the experts read."""
-        weights, ids = self.route(logits)  # [T, k] each
+        weights, ids = self.route(self.gate(x))  # [T, k] each
         if self.count_tokens:
             self._count(ids)
         ids = self.physical_ids(ids)
