@@ -74,6 +74,10 @@ def test_interpreted_triton_gemm_matches_torch():
             torch.testing.assert_close(out, ref)
             split = block_fp8_matmul(xq, xs, wq, ws, block, torch.float32, dict(SPLIT_K=3))  # K split 3 ways
             torch.testing.assert_close(split, ref)
+            # the partials summed and cast in one launch (the interpreter truncates to bf16: bf16's tolerance)
+            half = block_fp8_matmul(xq, xs, wq, ws, block, torch.bfloat16, dict(SPLIT_K=3))
+            assert half.dtype == torch.bfloat16 and half.shape == (m, n)
+            torch.testing.assert_close(half.float(), ref, rtol=2e-2, atol=2e-2)
         """
     )
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -44,18 +44,20 @@ def test_routing_kernels_compile():
     )
 
 
-def test_top_k_sum_kernel_compiles():
-    from disagg.common.models.fused_moe import _sum_pairs_kernel
+def test_sum_kernel_compiles():
+    """The MoE's top-k sum (bf16 pairs) and the FP8 GEMM's split-K sum (float32 partials, bf16 out)."""
+    from disagg.common.models.fused_moe import _sum_terms_kernel
 
-    compile_for_hopper(_sum_pairs_kernel, {"y": "*bf16", "out": "*bf16"}, dict(K=8, BLOCK=1024))
+    compile_for_hopper(_sum_terms_kernel, {"y": "*bf16", "out": "*bf16"}, dict(K=8, BLOCK=1024))
+    compile_for_hopper(_sum_terms_kernel, {"y": "*fp32", "out": "*bf16"}, dict(K=4, BLOCK=1024))
 
 
 def test_plain_launch_has_no_grid_dependency_control():
     """DISAGG_PDL=0 (the default): the kernels the H200 runs carry no griddepcontrol instruction."""
-    from disagg.common.models.fused_moe import _sum_pairs_kernel
+    from disagg.common.models.fused_moe import _sum_terms_kernel
 
     plain = compile_for_hopper(
-        _sum_pairs_kernel, {"y": "*bf16", "out": "*bf16"}, dict(K=8, BLOCK=1024, PDL=False)
+        _sum_terms_kernel, {"y": "*bf16", "out": "*bf16"}, dict(K=8, BLOCK=1024, PDL=False)
     )
     assert "griddepcontrol" not in plain.asm["ptx"]
 

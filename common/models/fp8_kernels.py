@@ -152,11 +152,15 @@ def block_fp8_matmul(
     if triton_interpret():  # the interpreter: small tiles, no pipelining hints
         cfg = dict(BLOCK_M=16, BLOCK_N=min(bn, 32), GROUP_M=2, SPLIT_K=cfg.get("SPLIT_K", 1))
     split = cfg.pop("SPLIT_K", 1)
-    # split K: float32 partial sums, added up below (deterministic, unlike atomics)
+    # split K: float32 partial sums, added up after (deterministic, unlike atomics)
     out = torch.empty((split, m, n), dtype=out_dtype if split == 1 else torch.float32, device=xq.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]), split)
     _block_fp8_matmul_kernel[grid](
         xq, wq, out, xs, ws, m, n, k, bn, xq.stride(0), wq.stride(0), n, xs.stride(0), ws.stride(0), m * n,
         BLOCK_K=bk, UPCAST=triton_interpret(), **cfg, **pdl_args(xq.device),
     )  # fmt: skip
-    return out[0] if split == 1 else out.sum(dim=0).to(out_dtype)
+    if split == 1:
+        return out[0]
+    from disagg.common.models.fused_moe import sum_terms
+
+    return sum_terms(out, m, split, n, n, m * n, out_dtype)  # the partials summed and cast: one launch

@@ -173,10 +173,19 @@ def _sum_pairs(y: torch.Tensor, num_tokens: int, k: int, dtype: torch.dtype | No
     launch, where torch's reduction over the middle dim of a [T, k, H] view ran at ~55% of the copy
     rate (30 us a 2048-token Qwen3-30B-A3B layer, H200) and cost more host time than the kernel."""
     hidden = y.shape[1]
-    out = torch.empty(num_tokens, hidden, dtype=dtype or y.dtype, device=y.device)
+    return sum_terms(y, num_tokens, k, hidden, k * hidden, hidden, dtype or y.dtype)
+
+
+def sum_terms(
+    y: torch.Tensor, rows: int, terms: int, hidden: int, row_stride: int, term_stride: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """out[t, :hidden] = sum over j < terms of y's elements from t * row_stride + j * term_stride, summed
+    in float32 and written in `dtype`: one launch (the MoE's pairs [T, k, H]; the FP8 GEMM's split-K
+    partials [split, M, N], where torch's sum and cast were two launches, ~4.6 us at one token)."""
+    out = torch.empty(rows, hidden, dtype=dtype, device=y.device)
     block = min(1024, triton.next_power_of_2(hidden))
-    _sum_pairs_kernel[(num_tokens, triton.cdiv(hidden, block))](
-        y, out, hidden, K=k, BLOCK=block, num_warps=4, **pdl_args(y.device)
+    _sum_terms_kernel[(rows, triton.cdiv(hidden, block))](
+        y, out, hidden, row_stride, term_stride, K=terms, BLOCK=block, num_warps=4, **pdl_args(y.device)
     )
     return out
 
@@ -411,15 +420,18 @@ def _grouped_experts(
 if triton is not None:
 
     @triton.jit
-    def _sum_pairs_kernel(y, out, hidden, K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        """out[t, tile] = sum over j < K of y[t * K + j, tile]."""
+    def _sum_terms_kernel(
+        y, out, hidden, row_stride, term_stride, K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
+    ):
+        """out[t, tile] = sum over j < K of y[t * row_stride + j * term_stride + tile]."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         t = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < hidden
+        row = y + t * row_stride + cols
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         for j in tl.static_range(K):
-            acc += tl.load(y + (t * K + j) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(row + j * term_stride.to(tl.int64), mask=mask, other=0.0).to(tl.float32)
         tl.store(out + t * hidden + cols, acc.to(out.dtype.element_ty), mask=mask)
 
     @triton.jit
