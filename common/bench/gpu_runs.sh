@@ -52,6 +52,15 @@ for step in "$@"; do
            vt tests/test_gpu_fp8_moe.py tests/test_gpu_mla.py tests/test_gpu_fused_mla_rope.py tests/test_gpu_fused_moe.py \
              tests/test_gpu_fused_rope_kv.py > $OUT/verify_kernels.log 2>&1; wait $v
            tail -n 20 $OUT/verify_new.log $OUT/verify_kernels.log ;;
+    next) # the eleventh session's first call (~7 min; carry .gpu/fi and .gpu/kc.tgz): the kernel GPU tests (FP8 split-K
+           # sum, DOWN_SPLIT), DeepSeek-V3 4-layer batch 1 / 64 after them, then PDL off/on with the new decode timing
+           T=300 bash common/bench/gpu_runs.sh verify
+           bench --model-path DeepSeek-V3 --json-model-override-args '{"num_hidden_layers":4}' --load-format dummy \
+             --batch-sizes 1,64 --context-len 1024 --prefill-len 4096 --decode-steps 16 --profile-batch-sizes 1 \
+             --output-json $OUT/v3.json > $OUT/v3.log; tail -5 $OUT/v3.log
+           T=100 bash common/bench/gpu_runs.sh pdl-ab
+           # one file back (a call returns at most 8): tar xzf next.tgz here
+           (cd $OUT && tar czf /tmp/next.tgz *.log *.json && rm -f *.log *.json && mv /tmp/next.tgz .) ;;
     moe-tp1) bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1,64 --context-len 1024 \
            --prefill-len 2048 --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/moe_tp1${TAG:-}.json ;;
     pdl-ab) # Programmatic Dependent Launch of the Triton kernels (common/models/pdl.py), off then on: Qwen3-30B-A3B's
