@@ -48,7 +48,7 @@ for step in "$@"; do
            # in two processes on the one GPU (the kernel tests alone took 181-257 s); test_gpu_fused_rope_kv's
            # engine tests need the default model's GGUF: gguf-a and gguf-b first
            vt() { timeout "${T:-560}" python3 -m pytest -q -p no:cacheprovider "$@"; }
-           vt tests/test_gpu_pdl.py > $OUT/verify_new.log 2>&1 & v=$!
+           vt tests/test_gpu_pdl.py tests/test_argmax.py tests/test_gpu_fp8.py > $OUT/verify_new.log 2>&1 & v=$!
            vt tests/test_gpu_fp8_moe.py tests/test_gpu_mla.py tests/test_gpu_fused_mla_rope.py tests/test_gpu_fused_moe.py \
              tests/test_gpu_fused_rope_kv.py > $OUT/verify_kernels.log 2>&1; wait $v
            tail -n 20 $OUT/verify_new.log $OUT/verify_kernels.log ;;

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from disagg.common.engine.device_wait import to_device
 from disagg.common.engine.request import Req
+from disagg.common.models.argmax import greedy_argmax
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class Sampler:
         logits = self._apply_grammars(logits, reqs)
         want_logprobs = any(r.sampling.return_logprob or r.sampling.top_logprobs_num for r in reqs)
         logprobs_all = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        tokens = logits.argmax(dim=-1)
+        tokens = greedy_argmax(logits)
         # NOTE: decided on the host: a device-side `greedy.all()` would cost a sync every step
         if not all(r.sampling.is_greedy for r in reqs):
             greedy = to_device([r.sampling.is_greedy for r in reqs], torch.bool, self.device)
