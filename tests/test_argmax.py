@@ -42,6 +42,15 @@ def test_interpreted_argmax_equals_torch():
         for rows, vocab, chunk in ((1, 1000, 64), (5, 777, 128), (4, 64, 64), (2, 100, 256), (6, 4097, 512)):
             for dtype in (torch.float32, torch.bfloat16):
                 check("cpu", rows, vocab, chunk, dtype)
+        # the start-up check passes the kernels, and turns the Triton path off when they disagree
+        from disagg.common.models import argmax
+        assert argmax.check_argmax(torch.randn(1, 5000)) and argmax._ENABLED
+        right = argmax.greedy_argmax
+        argmax.greedy_argmax = lambda x, chunk=argmax.CHUNK: right(x, chunk) * 0  # a broken kernel
+        assert not argmax.check_argmax(torch.randn(1, 5000)) and not argmax._ENABLED
+        x = torch.randn(2, 300)
+        argmax.greedy_argmax = right
+        assert torch.equal(argmax.greedy_argmax(x), x.argmax(dim=-1))
         """
     )
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -16,7 +16,7 @@ from disagg.common.engine.kernel_prebuild import kernel_needs, start_prebuild
 from disagg.common.engine.kv_pool import KVPagePool, size_pool_pages
 from disagg.common.engine.request import Req, prompt_logprob_rows
 from disagg.common.messages import message
-from disagg.common.models.argmax import greedy_argmax
+from disagg.common.models.argmax import check_argmax
 from disagg.common.models.decoder import (
     SUPPORTED_ARCHITECTURES,
     CausalLM,
@@ -175,10 +175,9 @@ class ModelRunner:
 
         for p in (plan(0, n), plan(n, n), plan(2 * n, 1)):
             logits = self.forward_plan(p)
-        if (
-            logits is not None
-        ):  # greedy sampling's Triton argmax built too (pipeline ranks but the last: None)
-            greedy_argmax(logits)
+        # greedy sampling's Triton argmax built and checked (pipeline ranks but the last get None)
+        if logits is not None:
+            check_argmax(logits)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         logger.info("warm-up forwards (kernels built or loaded): %.1fs", time.perf_counter() - t0)

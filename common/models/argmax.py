@@ -12,6 +12,8 @@ and a later NaN). Everywhere else (CPU, DISAGG_FUSED_KERNELS=0) torch's argmax r
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from disagg.common.config import fused_kernels_enabled, triton_interpret
 from disagg.common.models.pdl import pdl_args, pdl_begin
@@ -22,6 +24,7 @@ try:
 except ImportError:  # the CPU install: torch's argmax
     triton = None
 
+logger = logging.getLogger(__name__)
 CHUNK = 4096  # logits a first-launch program reads (V3's 129280: 32 programs a row)
 _ENABLED = fused_kernels_enabled()
 
@@ -52,6 +55,27 @@ if triton is not None:
         i = tl.load(part_i + row * parts + lanes, mask=mask, other=V)
         top = tl.max(v, axis=0)
         tl.store(out + row, tl.min(tl.where(mask & (v == top), i, V), axis=0).to(tl.int64))
+
+
+def check_argmax(logits: torch.Tensor) -> bool:
+    """At start-up (the warm-up's logits, with equal maxima planted in two pieces and one row of
+    -inf): the kernels against torch's argmax; on a mismatch or a failed build the Triton path is
+    turned off with a warning and torch's argmax runs. Returns whether the Triton path is on."""
+    global _ENABLED
+    if triton is None or not (logits.is_cuda or triton_interpret()) or not _ENABLED:
+        return False
+    x = logits.float().repeat(3, 1)
+    x[0, 1] = x[0, -1] = x[0].max() + 1
+    x[2] = float("-inf")
+    try:
+        ok = torch.equal(greedy_argmax(x), x.argmax(dim=-1))
+    except Exception as e:  # a kernel that fails to compile or launch
+        logger.warning("Triton argmax unavailable (%s: %s): torch's argmax", type(e).__name__, e)
+        ok = False
+    if not ok:
+        logger.warning("Triton argmax disagrees with torch's: torch's argmax")
+    _ENABLED = ok
+    return ok
 
 
 def greedy_argmax(logits: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
