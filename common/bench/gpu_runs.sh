@@ -60,7 +60,7 @@ for step in "$@"; do
              --output-json $OUT/v3.json > $OUT/v3.log; tail -5 $OUT/v3.log
            T=100 bash common/bench/gpu_runs.sh pdl-ab
            # one file back (a call returns at most 8): tar xzf next.tgz here
-           (cd $OUT && tar czf /tmp/next.tgz *.log *.json && rm -f *.log *.json && mv /tmp/next.tgz .) ;;
+           (cd $OUT && files=$(ls *.log *.json 2>/dev/null) && tar czf /tmp/next.tgz $files && rm -f $files && mv /tmp/next.tgz .) ;;
     moe-tp1) bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1,64 --context-len 1024 \
            --prefill-len 2048 --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/moe_tp1${TAG:-}.json ;;
     pdl-ab) # Programmatic Dependent Launch of the Triton kernels (common/models/pdl.py), off then on: Qwen3-30B-A3B's
