@@ -20,6 +20,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from disagg.common.config import fused_kernels_enabled
+from disagg.common.models.fused_rope_kv import check_randn
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +129,7 @@ def check_fused_kernels(device: torch.device, dtype: torch.dtype) -> bool:
 def _compare_fused(device: torch.device, dtype: torch.dtype) -> bool:
     g = torch.Generator(device=device).manual_seed(0)
     t, h, heads, d = 5, 256, 4, 64
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
-
+    randn = check_randn(g, dtype)
     x, res, w, gu = randn(t, h), randn(t, h), randn(h), randn(t, 2 * h)
     qkv = randn(t, (heads + 2 * 2) * d)
     pos = torch.tensor([0, 3, 7, 1, 30], device=device)

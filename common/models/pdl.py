@@ -20,10 +20,11 @@ tests/conftest.compile_for_hopper checks the placement in each kernel's sm_90 PT
 `pdl_args` without a `PDL` argument fails to launch (Triton refuses the unknown keyword).
 
 Where it is on (`pdl_enabled`): DISAGG_PDL=1 (common/config.py; default 0: in the H200 A/B of
-docs/benchmarks.md, tenth session, Qwen3-30B-A3B's batch-1 step gained 4-5% and the MLA models' lost), a CUDA device of compute capability >= 9, a Triton
-with `tl.extra.cuda.gdc_wait` and the `launch_pdl` launch option (triton-lang/triton#6394, April
-2025: Triton >= 3.4; the GPU image has 3.6; an older one keeps plain launches), not under Triton's
-interpreter (no grids to overlap). Decided once per device; a launch site pays one cached lookup.
+docs/benchmarks.md, tenth session, Qwen3-30B-A3B's batch-1 step gained 4-5% and the MLA models'
+lost), a CUDA device of compute capability >= 9, a Triton with `tl.extra.cuda.gdc_wait` and the
+`launch_pdl` launch option (triton-lang/triton#6394, April 2025: Triton >= 3.4; the GPU image has
+3.6; an older one keeps plain launches), not under Triton's interpreter (no grids to overlap).
+Decided once per device; a launch site pays one cached lookup.
 
 CUDA graphs: the decode step's kernels are launched inside a graph capture. Triton's launcher
 passes the attribute to cuLaunchKernelEx on the current (capturing) stream, and stream capture
