@@ -222,6 +222,9 @@ class EngineConfig:
     max_prefill_tokens: int = 8192  # token budget of one prefill batch
     context_length: int | None = None  # default: the model's max_position_embeddings
     attention_backend: str = "auto"  # auto | torch | flashinfer
+    # the attention kernel of CUDA-graph decode batches: flashinfer | triton (split-KV,
+    # common/models/decode_attention.py) | auto (flashinfer)
+    decode_attention_backend: str = "auto"
     disable_radix_cache: bool = False
     cuda_graph_max_bs: int = 64  # decode batches up to this size replay captured CUDA graphs
     disable_cuda_graph: bool = False
@@ -307,6 +310,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--attention-backend", default=d.attention_backend, choices=["auto", "torch", "flashinfer"]
     )
+    g.add_argument("--decode-attention-backend", default=d.decode_attention_backend,
+                   choices=["auto", "flashinfer", "triton"],
+                   help="attention kernel of CUDA-graph decode batches (GPU): FlashInfer's, or the Triton "
+                   "split-KV kernels of common/models/decode_attention.py; auto: flashinfer")  # fmt: skip
     g.add_argument("--disable-radix-cache", action="store_true")
     g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs)
     g.add_argument("--moe-a2a-backend", default=d.moe_a2a_backend, choices=["none", "all_to_all"])

@@ -169,7 +169,9 @@ def test_fp8_experts_at_tp2_ep2(fp8_deepseek, dequantized_experts, monkeypatch):
     assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in dequantized_experts]
 
 
-@pytest.mark.parametrize("fp8, wide_k, split", [(True, False, 1), (True, True, 4), (False, False, 1), (False, False, 2)])
+@pytest.mark.parametrize(
+    "fp8, wide_k, split", [(True, False, 1), (True, True, 4), (False, False, 1), (False, False, 2)]
+)
 def test_gemv_kernels_compile_for_hopper(fp8, wide_k, split):
     """The batch-1 GEMVs compiled for sm_90 on this CPU machine (the interpreter skips the compiler's
     checks), the down GEMV with K tiles wider than a scale block as V3's shape runs it (its slots in
@@ -196,6 +198,12 @@ def test_gemv_kernels_compile_for_hopper(fp8, wide_k, split):
     )
     compile_for_hopper(
         _down_gemv,
-        {"gate_up": "*fp32", "w2": w, "out": "*bf16" if split == 1 else "*fp32", "weights": "*fp32", **common},
+        {
+            "gate_up": "*fp32",
+            "w2": w,
+            "out": "*bf16" if split == 1 else "*fp32",
+            "weights": "*fp32",
+            **common,
+        },
         dict(BLOCK_N=8, BLOCK_K=512, SLOTS=8 // split, SPLIT=split, FP8=fp8),
     )

@@ -164,8 +164,18 @@ def time_forward_only(sched: Scheduler, steps: int) -> tuple[float, object]:
 
 
 def profile_steps(sched: Scheduler, steps: int = 3) -> None:
-    """Print the top kernels of a few decode steps (torch profiler)."""
+    """Print the top kernels of a few decode steps (torch profiler), then the host's Python functions
+    over 16 steps (cProfile): where the host sets a step's pace (a small model, a slow host), the
+    second table says what it spends the step on."""
     profile_run(sched, lambda: [sched.step() for _ in range(steps)])
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(lambda: [sched.step() for _ in range(16)])
+    sync(sched.runner.device)
+    print("host functions over 16 decode steps (cProfile; its overhead inflates every figure):")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(22)
 
 
 def profile_prefill(sched: Scheduler, length: int) -> None:
@@ -355,6 +365,7 @@ def main() -> None:
     p.add_argument("--model-path", default=None)
     p.add_argument("--load-format", default="auto")
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--decode-attention-backend", default="auto", choices=["auto", "flashinfer", "triton"])
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--moe-a2a-backend", default="none", choices=["none", "all_to_all"])
@@ -391,6 +402,7 @@ def main() -> None:
         model_path=args.model_path,
         load_format=args.load_format,
         attention_backend=args.attention_backend,
+        decode_attention_backend=args.decode_attention_backend,
         max_total_tokens=max_tokens,
         chunked_prefill_size=max(args.prefill_len, 8192),
         max_prefill_tokens=1 << 20,

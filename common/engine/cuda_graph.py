@@ -4,7 +4,10 @@ A decode step of a large model at small batch is dominated by kernel launches (h
 replaying a captured graph removes them. Inputs live in static buffers; a batch of size b runs the
 graph of the smallest bucket >= b, the extra rows padded onto the pool's `pad_page`. FlashInfer's
 planning (host work) happens before the replay, outside the graph. MLA models (DeepSeek) capture
-FlashInfer's MLA decode kernel the same way (`_GraphMLADecodeBackend`).
+FlashInfer's MLA decode kernel the same way (`_GraphMLADecodeBackend`). With
+`--decode-attention-backend triton` the graphs run the Triton split-KV kernels instead
+(`_GraphTritonDecodeBackend`: a fixed page table and length buffer each bucket, filled before the
+replay; the number of KV splits fixed per bucket at capture).
 """
 
 from __future__ import annotations
@@ -140,9 +143,53 @@ class _GraphMLADecodeBackend(MLABackend):
         return run_mla_wrapper(self.wrapper, q_nope, q_pe, pages, self.dims[0])
 
 
+class _GraphTritonDecodeBackend(MLABackend):
+    """Triton split-KV decode (common/models/decode_attention.py), GQA or MLA, over a fixed page table
+    [bs, pages of max_context] and kv lengths [bs] that plan() fills (pinned host rows, one async copy:
+    no stream sync with a step in flight)."""
+
+    def __init__(self, pool, num_qo_heads: int, bs: int, max_context: int, mla: bool):
+        from disagg.common.models import decode_attention as kernels
+
+        device = pool.kv_buffer.device
+        self.kernels, self.pool = kernels, pool
+        width = (max_context + pool.page_size - 1) // pool.page_size
+        self.table = torch.full((bs, width), pool.pad_page, dtype=torch.int32, device=device)
+        self.kv_lens = torch.zeros(bs, dtype=torch.int32, device=device)
+        # programs a chunk of one request takes: MLA's head blocks (2 an SM fit), GQA's KV heads (4)
+        if mla:
+            heads, per_sm = -(-num_qo_heads // kernels.BLOCK_H), 2
+        else:
+            group = num_qo_heads // pool.num_kv_heads
+            heads, per_sm = pool.num_kv_heads * -(-group // kernels.BLOCK_H), 4
+        self.splits = kernels.choose_splits(bs, heads, max_context, programs_per_sm=per_sm)
+
+    def plan(self, kv_lens: list[int], tables: list[list[int]]) -> None:
+        ps = self.pool.page_size
+        n_pages = [(kv + ps - 1) // ps for kv in kv_lens]
+        width = max(n_pages)  # the kernels read no page past a row's length: only this prefix changes
+        rows = [t[:n] + [self.pool.pad_page] * (width - n) for t, n in zip(tables, n_pages, strict=True)]
+        self.table[:, :width].copy_(torch.tensor(rows, dtype=torch.int32, pin_memory=True), non_blocking=True)
+        self.kv_lens.copy_(torch.tensor(kv_lens, dtype=torch.int32, pin_memory=True), non_blocking=True)
+
+    def prepare(self, batch: ForwardBatch) -> None:  # planned explicitly before replay
+        pass
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        scale = q.shape[-1] ** -0.5  # FlashInfer's default, the GQA models' scale
+        return self.kernels.gqa_decode(q, kv, self.table, self.kv_lens, scale, self.splits)
+
+    def run_mla(self, q_nope, q_pe, pages, sm_scale, batch: ForwardBatch) -> torch.Tensor:
+        return self.kernels.mla_decode(q_nope, q_pe, pages, self.table, self.kv_lens, sm_scale, self.splits)
+
+
 class CudaGraphRunner:
-    def __init__(self, model, pool, num_qo_heads: int, max_bs: int, max_context: int):
-        self.model, self.pool = model, pool
+    def __init__(
+        self, model, pool, num_qo_heads: int, max_bs: int, max_context: int, kernel: str = "flashinfer"
+    ):
+        """kernel: the decode attention kernel, flashinfer or triton (--decode-attention-backend)."""
+        self.model, self.pool, self.max_context = model, pool, max_context
+        self.kernel = "triton" if kernel == "triton" and self._triton_agrees(num_qo_heads) else "flashinfer"
         device = pool.kv_buffer.device
         self.buckets = batch_buckets(max_bs)
         self.plan_fence = PlanFence()
@@ -162,6 +209,21 @@ class CudaGraphRunner:
             self._capture(bs, num_qo_heads, max_pages)
         logger.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
 
+    def _triton_agrees(self, num_qo_heads: int) -> bool:
+        """The Triton kernels against their torch reference at this model's shape (built now); on a
+        mismatch or a failed build the graphs run FlashInfer's (logged)."""
+        from disagg.common.models.decode_attention import check_decode_attention
+
+        pool, config = self.pool, self.model.config
+        if is_mla(config):
+            shape = dict(mla=(num_qo_heads, config.kv_lora_rank, config.qk_rope_head_dim))
+        else:
+            shape = dict(gqa=(num_qo_heads, pool.num_kv_heads, pool.head_dim))
+        ok = check_decode_attention(pool.kv_buffer.device, pool.dtype, page_size=pool.page_size, **shape)
+        if not ok:
+            logger.warning("the Triton decode attention failed its start-up check: FlashInfer's runs instead")
+        return ok
+
     def _static_batch(self, bs: int) -> ForwardBatch:
         return ForwardBatch(
             input_ids=self.input_ids[:bs],
@@ -176,7 +238,10 @@ class CudaGraphRunner:
         )
 
     def _capture(self, bs: int, num_qo_heads: int, max_pages: int) -> None:
-        if is_mla(self.model.config):
+        if self.kernel == "triton":
+            mla = is_mla(self.model.config)
+            backend = _GraphTritonDecodeBackend(self.pool, num_qo_heads, bs, self.max_context, mla)
+        elif is_mla(self.model.config):
             backend = _GraphMLADecodeBackend(
                 self.pool, num_qo_heads, self.model.config, bs, max_pages, self.workspace
             )

@@ -1,0 +1,176 @@
+"""Decode attention kernels on the GPU, one layer as the engine's CUDA graphs run it: FlashInfer's
+(GQA: its paged decode wrapper; MLA: each family it offers here, FA3 and FA2 on Hopper) against the
+Triton split-KV kernels (common/models/decode_attention.py), beside the bytes roofline (every K/V or
+latent of the batch read once, at the copy rate measured in the same process).
+
+    python -m disagg.common.bench.decode_attention --batches 1,8,64 --ctx 1024
+
+Shapes: GQA 32 q / 4 kv heads (Qwen3-30B-A3B) and 32 / 8 (Llama-3.1-8B), head dim 128; MLA 16 heads
+(DeepSeek-V2-Lite; V3 at TP 8) and 128 (V3 at TP 1), latent 512 + rope 64. Prints µs per layer per
+kernel and the largest difference from the first kernel's output (same inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from disagg.common.bench.offline import measure_ceilings
+from disagg.common.engine.attention_flashinfer import (
+    flashinfer_mla_api,
+    mla_metadata,
+    paged_kv_layout,
+    plan_mla,
+)
+from disagg.common.models import decode_attention as triton_attn
+
+RANK, ROPE, HEAD_DIM = 512, 64, 128
+GQA_SHAPES = {"qwen3": (32, 4), "llama8b": (32, 8)}
+MLA_HEADS = {"v2lite": 16, "v3": 128}
+
+
+def graph_time(run, reps: int = 50) -> tuple[float, torch.Tensor]:
+    """(µs per run, output) of `run` in a captured CUDA graph of `reps` runs."""
+    out = run()  # builds / autotunes outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            out = run()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (5 * reps), out.float()
+
+
+def tables_for(batch: int, ctx: int, page_size: int, dev) -> tuple[list[list[int]], torch.Tensor]:
+    """Each request's pages (shuffled, as a long-running pool hands them out) as lists and as the
+    Triton kernels' [batch, pages] int32 table."""
+    n_pages = (ctx + page_size - 1) // page_size
+    order = torch.randperm(batch * n_pages, generator=torch.Generator().manual_seed(1))
+    table = order.view(batch, n_pages).to(torch.int32)
+    return table.tolist(), table.to(dev)
+
+
+def gqa_kernels(hq: int, hkv: int, batch: int, ctx: int, page_size: int, kernels: list[str]) -> dict:
+    import flashinfer
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    n_pages = (ctx + page_size - 1) // page_size
+    kv = torch.randn(batch * n_pages, 2, page_size, hkv, HEAD_DIM, generator=g, device=dev).bfloat16()
+    q = torch.randn(batch, hq, HEAD_DIM, generator=g, device=dev).bfloat16()
+    tables, table = tables_for(batch, ctx, page_size, dev)
+    kv_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    results = {}
+    for name in kernels:
+        if name == "flashinfer":
+            indptr, indices, last = paged_kv_layout([ctx] * batch, tables, page_size, dev)
+            bufs = dict(
+                paged_kv_indptr_buffer=torch.zeros(batch + 1, dtype=torch.int32, device=dev),
+                paged_kv_indices_buffer=torch.zeros(batch * n_pages, dtype=torch.int32, device=dev),
+                paged_kv_last_page_len_buffer=torch.zeros(batch, dtype=torch.int32, device=dev),
+            )
+            workspace = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
+            wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                workspace, "NHD", use_cuda_graph=True, use_tensor_cores=hq // hkv >= 4, **bufs
+            )
+            wrapper.plan(indptr, indices, last, hq, hkv, HEAD_DIM, page_size, q_data_type=torch.bfloat16)
+            results[name] = graph_time(lambda w=wrapper: w.run(q, kv))
+        elif name == "triton":
+            splits = triton_attn.choose_splits(batch, hkv * -(-(hq // hkv) // triton_attn.BLOCK_H), ctx)
+            results[name] = graph_time(
+                lambda s=splits: triton_attn.gqa_decode(q, kv, table, kv_lens, HEAD_DIM**-0.5, s)
+            )
+    nbytes = 2 * (batch * ctx * 2 * hkv * HEAD_DIM + 2 * batch * hq * HEAD_DIM)
+    return dict(nbytes=nbytes, results=results)
+
+
+def mla_kernels(heads: int, batch: int, ctx: int, page_size: int, kernels: list[str]) -> dict:
+    api, dev = flashinfer_mla_api(), torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    n_pages = (ctx + page_size - 1) // page_size
+    pages = torch.randn(batch * n_pages, page_size, RANK + ROPE, generator=g, device=dev).bfloat16()
+    q_nope = torch.randn(batch, heads, RANK, generator=g, device=dev).bfloat16()
+    q_pe = torch.randn(batch, heads, ROPE, generator=g, device=dev).bfloat16()
+    tables, table = tables_for(batch, ctx, page_size, dev)
+    kv_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    scale = (RANK + ROPE) ** -0.5
+    results = {}
+    for name in kernels:
+        if name in ("fa3", "fa2"):
+            bufs = dict(
+                qo_indptr=torch.arange(batch + 1, dtype=torch.int32, device=dev),
+                kv_indptr=torch.zeros(batch + 1, dtype=torch.int32, device=dev),
+                kv_indices=torch.zeros(batch * n_pages, dtype=torch.int32, device=dev),
+                kv_len_arr=torch.zeros(batch, dtype=torch.int32, device=dev),
+            )
+            workspace = torch.empty(128 << 20, dtype=torch.uint8, device=dev)
+            wrapper = api.BatchMLAPagedAttentionWrapper(workspace, use_cuda_graph=True, backend=name, **bufs)
+            metadata = mla_metadata([1] * batch, [ctx] * batch, tables, page_size, dev)
+            plan_mla(api, wrapper, metadata, heads, (RANK, ROPE), page_size, False, scale, torch.bfloat16)
+
+            def run(w=wrapper):
+                return w.run(query=(q_nope, q_pe), kv_cache=(pages[..., :RANK], pages[..., RANK:]))
+
+            results[name] = graph_time(run)
+        elif name == "triton":
+            head_blocks = -(-heads // triton_attn.BLOCK_H)
+            splits = triton_attn.choose_splits(batch, head_blocks, ctx, programs_per_sm=2)
+            results[name] = graph_time(
+                lambda s=splits: triton_attn.mla_decode(q_nope, q_pe, pages, table, kv_lens, scale, s)
+            )
+    # every latent once, the queries and the output (bf16)
+    nbytes = 2 * (batch * ctx * (RANK + ROPE) + batch * heads * (2 * RANK + ROPE))
+    return dict(nbytes=nbytes, results=results)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gqa", default="qwen3,llama8b", help=f"GQA shapes of {sorted(GQA_SHAPES)} ('' none)")
+    p.add_argument("--mla", default="v2lite,v3", help=f"MLA shapes of {sorted(MLA_HEADS)} ('' none)")
+    p.add_argument("--batches", default="1,8,64")
+    p.add_argument("--ctx", type=int, default=1024)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--mla-kernels", default="fa3,fa2,triton")
+    p.add_argument("--gqa-kernels", default="flashinfer,triton")
+    p.add_argument("--output-json", default=None)
+    args = p.parse_args()
+    ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
+    print(
+        f"{torch.cuda.get_device_name()}: copy {ceil['copy_gb_s']:.0f} GB/s; ctx {args.ctx}, page {args.page_size}"
+    )
+    cases = [("gqa", s) for s in args.gqa.split(",") if s] + [("mla", s) for s in args.mla.split(",") if s]
+    rows = []
+    for kind, shape in cases:
+        kernels = (args.gqa_kernels if kind == "gqa" else args.mla_kernels).split(",")
+        print(f"\n{kind} {shape}: µs per layer")
+        print(f"{'batch':>5} {'roofline':>9} " + " ".join(f"{k:>10}" for k in kernels) + "  max diff")
+        for batch in (int(b) for b in args.batches.split(",")):
+            try:
+                if kind == "gqa":
+                    r = gqa_kernels(*GQA_SHAPES[shape], batch, args.ctx, args.page_size, kernels)
+                else:
+                    r = mla_kernels(MLA_HEADS[shape], batch, args.ctx, args.page_size, kernels)
+            except Exception as e:  # noqa: BLE001 - a kernel this device or shape lacks: reported, next row
+                print(f"  {batch}: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            roof = r["nbytes"] / (ceil["copy_gb_s"] * 1e9) * 1e6
+            times = {k: t for k, (t, _) in r["results"].items()}
+            outs = [o for _, o in r["results"].values()]
+            diff = max(((o - outs[0]).abs().max().item() for o in outs), default=float("nan"))
+            cells = " ".join(f"{times[k]:>10.1f}" if k in times else f"{'-':>10}" for k in kernels)
+            print(f"{batch:>5} {roof:>9.1f} {cells}  {diff:.2e}", flush=True)
+            rows.append(dict(kind=kind, shape=shape, batch=batch, roofline_us=roof, us=times, max_diff=diff))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(dict(ceilings=ceil, ctx=args.ctx, page_size=args.page_size, rows=rows), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
