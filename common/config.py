@@ -26,8 +26,9 @@ from pathlib import Path
 #   DISAGG_MLA_PREFILL      MLA prefill/mixed batches on the FlashInfer MLA backend: flashinfer (absorbed
 #                           form on its MLA kernel, default) | torch (expanded form, torch SDPA; A/B runs)
 #   DISAGG_MLA_KERNEL       FlashInfer's MLA kernel family: auto (FlashInfer's pick: FA3 on Hopper) | fa2 | fa3
-#   DISAGG_PDL              1: the Triton kernels launch with Programmatic Dependent Launch on Hopper or newer
-#                           (common/models/pdl.py; default 0: the H200 A/B of docs/benchmarks.md, tenth session)
+#   DISAGG_PDL              1 (default): the Triton kernels launch with Programmatic Dependent Launch on Hopper
+#                           or newer (common/models/pdl.py; the H200 A/B of docs/benchmarks.md, eleventh
+#                           session) | 0: plain launches
 #   DISAGG_STEP_DELAY_S     tests only: every forward of the server's scheduler takes this many seconds
 #                           longer, as on a slow device (tests/test_first_token.py: long decode steps)
 # and the standard ones we honour: XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES (launch_local splits the
@@ -167,9 +168,9 @@ def step_delay_s() -> float:
 
 
 def pdl_requested() -> bool:
-    """DISAGG_PDL: 0 (default) | 1: the Triton kernels launch with PDL where the device allows
+    """DISAGG_PDL: 1 (default) | 0: the Triton kernels launch with PDL where the device allows
     (common/models/pdl.py)."""
-    value = os.environ.get("DISAGG_PDL", "0") or "0"
+    value = os.environ.get("DISAGG_PDL", "1") or "1"
     if value not in ("0", "1"):
         raise ValueError(f"DISAGG_PDL={value!r}: expected 0 or 1")
     return value == "1"
@@ -223,7 +224,7 @@ class EngineConfig:
     context_length: int | None = None  # default: the model's max_position_embeddings
     attention_backend: str = "auto"  # auto | torch | flashinfer
     # the attention kernel of CUDA-graph decode batches: flashinfer | triton (split-KV,
-    # common/models/decode_attention.py) | auto (flashinfer)
+    # common/models/decode_attention.py) | auto (triton for small batches, cuda_graph.AUTO_TRITON_PROGRAMS)
     decode_attention_backend: str = "auto"
     disable_radix_cache: bool = False
     cuda_graph_max_bs: int = 64  # decode batches up to this size replay captured CUDA graphs
@@ -313,7 +314,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-attention-backend", default=d.decode_attention_backend,
                    choices=["auto", "flashinfer", "triton"],
                    help="attention kernel of CUDA-graph decode batches (GPU): FlashInfer's, or the Triton "
-                   "split-KV kernels of common/models/decode_attention.py; auto: flashinfer")  # fmt: skip
+                   "split-KV kernels of common/models/decode_attention.py; auto: Triton's at small batches "
+                   "(up to 8 requests; MLA: 8 / ceil(heads / 16)), FlashInfer's above")  # fmt: skip
     g.add_argument("--disable-radix-cache", action="store_true")
     g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs)
     g.add_argument("--moe-a2a-backend", default=d.moe_a2a_backend, choices=["none", "all_to_all"])

@@ -1,4 +1,4 @@
-"""The PDL switch (common/models/pdl.py): off by default; on only with DISAGG_PDL=1 on a CUDA device
+"""The PDL switch (common/models/pdl.py): on by default (DISAGG_PDL=0 turns it off), and only on a CUDA device
 of compute capability >= 9 (the probe monkeypatched: no GPU here), never under Triton's interpreter;
 a bad value is refused by name. Every PDL-aware kernel of the decode path waits first (its source;
 tests/test_triton_compile.py checks the compiled PTX)."""
@@ -26,7 +26,11 @@ def _fresh_decision(monkeypatch):
     pdl.pdl_enabled.cache_clear()
 
 
-def test_off_by_default_even_on_hopper():
+def test_on_by_default_on_hopper_off_with_the_switch(monkeypatch):
+    pytest.importorskip("triton")
+    assert pdl.pdl_enabled(CUDA)
+    monkeypatch.setenv("DISAGG_PDL", "0")
+    pdl.pdl_enabled.cache_clear()
     assert not pdl.pdl_enabled(CUDA)
     assert dict(pdl.pdl_args(CUDA)) == {"PDL": False}  # no launch option: an older Triton would refuse it
 

@@ -2,7 +2,8 @@
 decode CUDA graphs) decodes the tokens FlashInfer's graphs decode, for a GQA model (a tiny Qwen3 at
 head_dim 128, 4 query heads a KV head) and an MLA one (a small DeepSeek-V3 shape), over prompts of
 several lengths in one batch, with chunked prefill (bf16: vLLM's check_logprobs_close), and leaves no
-page behind. Skipped without CUDA or flashinfer."""
+page behind; `auto` (the default) runs Triton's in the buckets of up to 8 requests, FlashInfer's
+above. Skipped without CUDA or flashinfer."""
 
 from __future__ import annotations
 
@@ -17,17 +18,18 @@ PROMPTS = [[5, 6, 7], list(range(100, 140)), list(range(200, 330)), [(7 * i) % 5
 PARAMS = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True, "top_logprobs_num": 5}
 
 
-def _generate(kernel: str, **model) -> list[dict]:
+def _generate(kernel: str, max_bs: int = 8, **model) -> list[dict]:
     from disagg.common.engine.cuda_graph import _GraphTritonDecodeBackend
     from disagg.common.engine.offline import Engine
 
     engine = Engine(decode_attention_backend=kernel, dtype="bfloat16", chunked_prefill_size=64,
-                    max_total_tokens=8192, cuda_graph_max_bs=8, **model)  # fmt: skip
+                    max_total_tokens=8192, cuda_graph_max_bs=max_bs, **model)  # fmt: skip
     try:
         graphs = engine.scheduler.runner.graph_runner
         assert graphs is not None
-        used = {type(b).__name__ for b in graphs.backends.values()}
-        assert (used == {_GraphTritonDecodeBackend.__name__}) == (kernel == "triton"), used
+        triton = {bs: isinstance(b, _GraphTritonDecodeBackend) for bs, b in graphs.backends.items()}
+        want = {"triton": lambda bs: True, "flashinfer": lambda bs: False, "auto": lambda bs: bs <= 8}[kernel]
+        assert triton == {bs: want(bs) for bs in triton}, triton
         outs = engine.generate(PROMPTS, PARAMS)
         engine.scheduler.cache.reset()
         assert engine.scheduler.pool.num_free_pages == engine.scheduler.pool.num_pages
@@ -43,6 +45,8 @@ def test_gqa_triton_decode_graphs_follow_flashinfer(tmp_path):
     path = make_tiny_model(tmp_path / "q3", "qwen3", hidden_size=256, num_attention_heads=8,
                            num_key_value_heads=2, head_dim=128)  # fmt: skip
     assert_logprobs_close(_generate("triton", model_path=path), _generate("flashinfer", model_path=path))
+    # auto: buckets 1-8 Triton's, 16 FlashInfer's (the four prompts run in the bucket of 4)
+    assert_logprobs_close(_generate("auto", 16, model_path=path), _generate("flashinfer", model_path=path))
 
 
 def test_mla_triton_decode_graphs_follow_flashinfer():

@@ -5,9 +5,9 @@ replaying a captured graph removes them. Inputs live in static buffers; a batch 
 graph of the smallest bucket >= b, the extra rows padded onto the pool's `pad_page`. FlashInfer's
 planning (host work) happens before the replay, outside the graph. MLA models (DeepSeek) capture
 FlashInfer's MLA decode kernel the same way (`_GraphMLADecodeBackend`). With
-`--decode-attention-backend triton` the graphs run the Triton split-KV kernels instead
-(`_GraphTritonDecodeBackend`: a fixed page table and length buffer each bucket, filled before the
-replay; the number of KV splits fixed per bucket at capture).
+`--decode-attention-backend triton` (auto: in the small buckets) the graphs run the Triton split-KV
+kernels instead (`_GraphTritonDecodeBackend`: a fixed page table and length buffer each bucket,
+filled before the replay; the number of KV splits fixed per bucket at capture).
 """
 
 from __future__ import annotations
@@ -183,13 +183,23 @@ class _GraphTritonDecodeBackend(MLABackend):
         return self.kernels.mla_decode(q_nope, q_pe, pages, self.table, self.kv_lens, sm_scale, self.splits)
 
 
+# --decode-attention-backend auto: the Triton kernels for the buckets of at most this many programs a
+# KV chunk (batch x MLA head blocks of 16; GQA: batch), FlashInfer's above. On the H200 (eleventh
+# session, docs/benchmarks.md) Triton won at batch 1 and 8 for GQA (Qwen3-30B-A3B, Llama-8B) and MLA
+# with 16 heads, at batch 1 only for 128 MLA heads, and lost at batch 64 everywhere.
+AUTO_TRITON_PROGRAMS = 8
+
+
 class CudaGraphRunner:
     def __init__(
         self, model, pool, num_qo_heads: int, max_bs: int, max_context: int, kernel: str = "flashinfer"
     ):
-        """kernel: the decode attention kernel, flashinfer or triton (--decode-attention-backend)."""
+        """kernel: the decode attention kernel (--decode-attention-backend): flashinfer, triton, or
+        auto (triton for small buckets, AUTO_TRITON_PROGRAMS)."""
         self.model, self.pool, self.max_context = model, pool, max_context
-        self.kernel = "triton" if kernel == "triton" and self._triton_agrees(num_qo_heads) else "flashinfer"
+        self.kernel, self.num_qo_heads = kernel, num_qo_heads
+        if kernel != "flashinfer" and not self._triton_agrees(num_qo_heads):
+            self.kernel = "flashinfer"
         device = pool.kv_buffer.device
         self.buckets = batch_buckets(max_bs)
         self.plan_fence = PlanFence()
@@ -224,6 +234,15 @@ class CudaGraphRunner:
             logger.warning("the Triton decode attention failed its start-up check: FlashInfer's runs instead")
         return ok
 
+    def uses_triton(self, bs: int) -> bool:
+        """Whether the graph of bucket `bs` runs the Triton decode attention."""
+        if self.kernel != "auto":
+            return self.kernel == "triton"
+        from disagg.common.models.decode_attention import BLOCK_H
+
+        head_blocks = -(-self.num_qo_heads // BLOCK_H) if is_mla(self.model.config) else 1
+        return bs * head_blocks <= AUTO_TRITON_PROGRAMS
+
     def _static_batch(self, bs: int) -> ForwardBatch:
         return ForwardBatch(
             input_ids=self.input_ids[:bs],
@@ -238,7 +257,7 @@ class CudaGraphRunner:
         )
 
     def _capture(self, bs: int, num_qo_heads: int, max_pages: int) -> None:
-        if self.kernel == "triton":
+        if self.uses_triton(bs):
             mla = is_mla(self.model.config)
             backend = _GraphTritonDecodeBackend(self.pool, num_qo_heads, bs, self.max_context, mla)
         elif is_mla(self.model.config):

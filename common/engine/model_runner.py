@@ -274,7 +274,7 @@ class ModelRunner:
             self.hf_config.num_attention_heads // get_parallel().tp_size,
             min(c.cuda_graph_max_bs, c.max_running_requests),
             self.context_length,
-            kernel="triton" if c.decode_attention_backend == "triton" else "flashinfer",
+            kernel=c.decode_attention_backend,
         )
 
     def _load_tokenizer(self):

@@ -19,9 +19,10 @@ loop (a wait inside a pipelined loop is reported not to hold them back: triton-l
 tests/conftest.compile_for_hopper checks the placement in each kernel's sm_90 PTX; a kernel passed
 `pdl_args` without a `PDL` argument fails to launch (Triton refuses the unknown keyword).
 
-Where it is on (`pdl_enabled`): DISAGG_PDL=1 (common/config.py; default 0: in the H200 A/B of
-docs/benchmarks.md, tenth session, Qwen3-30B-A3B's batch-1 step gained 4-5% and the MLA models'
-lost), a CUDA device of compute capability >= 9, a Triton with `tl.extra.cuda.gdc_wait` and the
+Where it is on (`pdl_enabled`): DISAGG_PDL=1 (common/config.py; the default since the H200 A/B of
+docs/benchmarks.md, eleventh session: batch-1 steps 11% faster for Qwen3-30B-A3B, 19% for the
+4-layer DeepSeek-V3, DeepSeek-V2-Lite unchanged; the tenth session's MLA losses were a timing
+artefact), a CUDA device of compute capability >= 9, a Triton with `tl.extra.cuda.gdc_wait` and the
 `launch_pdl` launch option (triton-lang/triton#6394, April 2025: Triton >= 3.4; the GPU image has
 3.6; an older one keeps plain launches), not under Triton's interpreter (no grids to overlap).
 Decided once per device; a launch site pays one cached lookup.
@@ -74,10 +75,10 @@ def pdl_enabled(device: torch.device) -> bool:
     if not pdl_requested() or triton_interpret() or device.type != "cuda":
         return False
     if device_capability(device) < (9, 0):
-        logger.info("DISAGG_PDL=1 but %s is older than Hopper: plain launches", device)
+        logger.info("PDL needs Hopper or newer, %s is older: plain launches", device)
         return False
     if not triton_supports_pdl():
-        logger.warning("DISAGG_PDL=1 but this Triton has no launch_pdl / gdc_wait: plain launches")
+        logger.info("this Triton has no launch_pdl / gdc_wait (PDL): plain launches")
         return False
     logger.info("Triton kernels launch with PDL on %s", device)
     return True
