@@ -154,6 +154,68 @@ def test_interpreted_start_up_check_passes_the_kernels_and_catches_a_broken_one(
     _interpret(code)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="test_gpu_triton_decode.py runs it in the engine")
+def test_interpreted_graph_backend_plans_and_runs_on_the_pool():
+    """cuda_graph._GraphTritonDecodeBackend (what a decode graph bucket replays): plan() fills its fixed
+    page table and lengths, padded rows on the pad page; forward / run_mla read the pool in place. A
+    longer batch planned first leaves stale table entries past each row's pages: unread."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent(
+        """
+        import torch
+        from disagg.common.engine.cuda_graph import _GraphTritonDecodeBackend
+        from disagg.common.engine.kv_pool import KVPagePool
+        from disagg.common.models import decode_attention as da
+        from disagg.common.models.deepseek import latent_pages
+
+        torch.manual_seed(0)
+        for mla in (False, True):
+            # GQA: 8 q heads on 2 KV heads of dim 16; MLA: 3 heads, latent 32 + rope 16 (one "head" of 24)
+            pool = KVPagePool(40, 4, 2, 1 if mla else 2, 24 if mla else 16, torch.float32, "cpu")
+            pool.kv_buffer.normal_()
+            heads = 3 if mla else 8
+            backend = _GraphTritonDecodeBackend(pool, heads, 4, 64, mla)
+            for lens in ([9, 30, 1, 1], [5, 2, 1, 1]):  # the last two: padded rows, as CudaGraphRunner.run
+                tables = [pool.allocate(-(-n // 4)) for n in lens[:2]] + [[pool.pad_page]] * 2
+                backend.plan(lens, tables)
+                width = max(len(t) for t in tables)
+                table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+                kv_lens = torch.tensor(lens, dtype=torch.int32)
+                kv = pool.kv_buffer[1]
+                if mla:
+                    q_nope, q_pe = torch.randn(4, heads, 32), torch.randn(4, heads, 16)
+                    got = backend.run_mla(q_nope, q_pe, latent_pages(kv), 0.2, None)
+                    want = da.mla_decode_reference(q_nope, q_pe, latent_pages(kv), table, kv_lens, 0.2)
+                else:
+                    q = torch.randn(4, heads, 16)
+                    got = backend.forward(q, kv, None)
+                    want = da.gqa_decode_reference(q, kv, table, kv_lens, 16**-0.5)
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+                for t in tables[:2]:
+                    pool.free(t)
+        """
+    )
+    _interpret(code)
+
+
+def test_auto_runs_triton_in_the_buckets_of_at_most_8_programs_a_chunk():
+    from types import SimpleNamespace
+
+    from disagg.common.engine.cuda_graph import CudaGraphRunner
+
+    def buckets(kernel: str, heads: int, mla: bool) -> list[int]:
+        runner = object.__new__(CudaGraphRunner)  # the rule only: no GPU, no capture
+        config = SimpleNamespace(kv_lora_rank=512 if mla else None)
+        runner.kernel, runner.num_qo_heads, runner.model = kernel, heads, SimpleNamespace(config=config)
+        return [bs for bs in (1, 2, 4, 8, 16, 64) if runner.uses_triton(bs)]
+
+    assert buckets("auto", 32, False) == [1, 2, 4, 8]  # GQA (Qwen3, Llama-8B): batch <= 8
+    assert buckets("auto", 16, True) == [1, 2, 4, 8]  # MLA, 16 heads (V2-Lite): one head block
+    assert buckets("auto", 128, True) == [1]  # V3 at tp 1: 8 head blocks
+    assert buckets("triton", 128, True) == [1, 2, 4, 8, 16, 64]
+    assert buckets("flashinfer", 32, False) == []
+
+
 def test_choose_splits_fills_the_gpu_with_chunks_of_at_least_64_tokens():
     from disagg.common.models.decode_attention import MAX_SPLITS, choose_splits
 

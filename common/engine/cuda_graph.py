@@ -25,6 +25,7 @@ from disagg.common.engine.attention_flashinfer import (
     plan_mla,
     run_mla_wrapper,
 )
+from disagg.common.engine.device_wait import host_tensor
 from disagg.common.models.deepseek import is_mla, softmax_scale
 
 logger = logging.getLogger(__name__)
@@ -169,8 +170,9 @@ class _GraphTritonDecodeBackend(MLABackend):
         n_pages = [(kv + ps - 1) // ps for kv in kv_lens]
         width = max(n_pages)  # the kernels read no page past a row's length: only this prefix changes
         rows = [t[:n] + [self.pool.pad_page] * (width - n) for t, n in zip(tables, n_pages, strict=True)]
-        self.table[:, :width].copy_(torch.tensor(rows, dtype=torch.int32, pin_memory=True), non_blocking=True)
-        self.kv_lens.copy_(torch.tensor(kv_lens, dtype=torch.int32, pin_memory=True), non_blocking=True)
+        device = self.kv_lens.device
+        self.table[:, :width].copy_(host_tensor(rows, torch.int32, device), non_blocking=True)
+        self.kv_lens.copy_(host_tensor(kv_lens, torch.int32, device), non_blocking=True)
 
     def prepare(self, batch: ForwardBatch) -> None:  # planned explicitly before replay
         pass
