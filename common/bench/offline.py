@@ -106,7 +106,8 @@ def bench_decode(
 ) -> tuple[float, float, float]:
     """Seconds per decode step of `batch` requests at `context` tokens each (the faster of two
     windows of `steps` steps after three warm-up steps), of its forward alone, and the mean number
-    of this rank's experts the step touched per MoE layer.
+    of this rank's experts the step touched per MoE layer. Each request lives for all of these
+    steps and the profiled ones (2 * steps + 32 new tokens).
 
     NOTE: one window after one warm-up step swung by up to 40% on the H200 (tenth session: DeepSeek
     V3 4-layer batch 1 at 1.77 and 2.03 ms, same code and machine; a forward alone 2.92-3.17 ms):
@@ -114,7 +115,7 @@ def bench_decode(
     allocator growing) inside the only window counts 1/steps of itself in every step."""
     vocab = sched.runner.hf_config.vocab_size
     for i in range(batch):
-        sched.add_request(_make_req(f"d{batch}-{i}", context, vocab, 2 * steps + 16))
+        sched.add_request(_make_req(f"d{batch}-{i}", context, vocab, 2 * steps + 32))
     for _ in range(100 * batch + 1000):
         if not (sched.waiting or any(r.num_computed_tokens < r.seq_len - 1 for r in sched.running)):
             break
