@@ -394,7 +394,7 @@ def main() -> None:
     args = p.parse_args()
     batches = [int(b) for b in args.batch_sizes.split(",")]
     profile_at = {int(b) for b in args.profile_batch_sizes.split(",") if b}
-    max_tokens = max(batches) * (args.context_len + args.decode_steps + 64) + args.prefill_len + 4096
+    max_tokens = max(batches) * (args.context_len + 2 * args.decode_steps + 64) + args.prefill_len + 4096
     t0 = time.perf_counter()
     if args.moe_kernel == "torch":
         moe.fused_moe_available = lambda: False
