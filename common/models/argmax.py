@@ -12,10 +12,9 @@ and a later NaN). Everywhere else (CPU, DISAGG_FUSED_KERNELS=0) torch's argmax r
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from disagg.common.config import fused_kernels_enabled, triton_interpret
+from disagg.common.models.fused_rope_kv import start_up_check
 from disagg.common.models.pdl import pdl_args, pdl_begin
 
 try:
@@ -24,7 +23,6 @@ try:
 except ImportError:  # the CPU install: torch's argmax
     triton = None
 
-logger = logging.getLogger(__name__)
 CHUNK = 4096  # logits a first-launch program reads (V3's 129280: 32 programs a row)
 _ENABLED = fused_kernels_enabled()
 
@@ -67,15 +65,10 @@ def check_argmax(logits: torch.Tensor) -> bool:
     x = logits.float().repeat(3, 1)
     x[0, 1] = x[0, -1] = x[0].max() + 1
     x[2] = float("-inf")
-    try:
-        ok = torch.equal(greedy_argmax(x), x.argmax(dim=-1))
-    except Exception as e:  # a kernel that fails to compile or launch
-        logger.warning("Triton argmax unavailable (%s: %s): torch's argmax", type(e).__name__, e)
-        ok = False
-    if not ok:
-        logger.warning("Triton argmax disagrees with torch's: torch's argmax")
-    _ENABLED = ok
-    return ok
+    _ENABLED = start_up_check(
+        "greedy_argmax", "vocab", (x.shape[1],), lambda: torch.equal(greedy_argmax(x), x.argmax(dim=-1))
+    )
+    return _ENABLED
 
 
 def greedy_argmax(logits: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
