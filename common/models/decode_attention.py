@@ -301,14 +301,15 @@ if triton is not None:
         return page.to(tl.int64) * stride_page + (tokens % PAGE_SIZE) * stride_slot
 
     @triton.jit
-    def _online_softmax(s, valid, row_max, row_sum):
-        """One block of base-2 scores s [BLOCK_H, BLOCK_N] into the running max and sum: returns (p,
-        row_max, row_sum, alpha), the caller's output to be rescaled by alpha before it adds p · V."""
+    def _online_softmax(s, v, valid, row_max, row_sum, acc, UPCAST: tl.constexpr):
+        """One block of base-2 scores s [BLOCK_H, BLOCK_N] and its values v [BLOCK_N, D] into the
+        running max, sum and output acc [BLOCK_H, D] (rescaled to the new max): returns all three."""
         s = tl.where(valid[None, :], s, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, 1))  # finite: every block holds a valid token
         alpha = tl.exp2(row_max - new_max)
         p = tl.exp2(s - new_max[:, None])
-        return p, new_max, row_sum * alpha + tl.sum(p, 1), alpha
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+        return new_max, row_sum * alpha + tl.sum(p, 1), acc
 
     @triton.jit
     def _store_partial(
@@ -357,8 +358,7 @@ if triton is not None:
             k = tl.load(k_base + offs[:, None], mask=valid[:, None], other=0.0)
             v = tl.load(k_base + stride_kv + offs[:, None], mask=valid[:, None], other=0.0)
             s = _dot(q_rows, tl.trans(k), UPCAST) * scale_log2
-            p, row_max, row_sum, alpha = _online_softmax(s, valid, row_max, row_sum)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST)
+            row_max, row_sum, acc = _online_softmax(s, v, valid, row_max, row_sum, acc, UPCAST)
         _store_partial(
             part_out, part_lse, b * num_q_heads + heads, row_mask, num_splits, row_max, row_sum, acc, HEAD_DIM
         )
@@ -399,8 +399,7 @@ if triton is not None:
             ckv = tl.load(row[:, None] + r[None, :], mask=valid[:, None], other=0.0)
             kpe = tl.load(row[:, None] + RANK + e[None, :], mask=valid[:, None], other=0.0)
             s = (_dot(qn, tl.trans(ckv), UPCAST) + _dot(qp, tl.trans(kpe), UPCAST)) * scale_log2
-            p, row_max, row_sum, alpha = _online_softmax(s, valid, row_max, row_sum)
-            acc = acc * alpha[:, None] + _dot(p.to(ckv.dtype), ckv, UPCAST)
+            row_max, row_sum, acc = _online_softmax(s, ckv, valid, row_max, row_sum, acc, UPCAST)
         _store_partial(
             part_out, part_lse, b * num_heads + heads, row_mask, num_splits, row_max, row_sum, acc, RANK
         )
