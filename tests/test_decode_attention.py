@@ -217,7 +217,7 @@ def test_auto_runs_triton_in_the_buckets_of_at_most_8_programs_a_chunk():
 
 
 def test_choose_splits_fills_the_gpu_with_chunks_of_at_least_64_tokens():
-    from disagg.common.models.decode_attention import MAX_SPLITS, choose_splits
+    from disagg.common.models.decode_attention import MAX_SPLITS, choose_splits, model_splits
 
     assert choose_splits(1, 4, 1024) == 16  # Qwen3-30B-A3B, batch 1: 1024 / 64 tokens
     assert choose_splits(1, 4, 32768) == 64  # 4 * 132 / 4 = 132 programs' worth, at most MAX_SPLITS
@@ -226,6 +226,11 @@ def test_choose_splits_fills_the_gpu_with_chunks_of_at_least_64_tokens():
     assert choose_splits(1, 8, 8192, programs_per_sm=2) == 33  # DeepSeek's 128 heads: 8 head blocks
     assert choose_splits(256, 4, 8192) == choose_splits(1, 4, 40) == 1
     assert max(choose_splits(1, 1, n) for n in (10**6, 64, 1)) == MAX_SPLITS
+    # at a model's shape: Qwen3-30B-A3B (32 q heads on 4 KV heads), a group of 20 (two head blocks),
+    # DeepSeek-V3's 128 MLA heads
+    assert model_splits(1, 32, 1024, 4) == choose_splits(1, 4, 1024)
+    assert model_splits(8, 40, 4096, 2) == choose_splits(8, 4, 4096)
+    assert model_splits(1, 128, 8192) == choose_splits(1, 8, 8192, programs_per_sm=2)
 
 
 def test_cpu_tensors_take_the_torch_reference():
@@ -272,16 +277,16 @@ def test_decode_attention_kernels_compile_for_hopper():
 def test_gpu_decode_attention_matches_the_references_at_real_shapes():
     pytest.importorskip("triton")
     exec(CHECK, scope := {})
-    from disagg.common.models.decode_attention import choose_splits
+    from disagg.common.models.decode_attention import model_splits
 
     bf16 = torch.bfloat16
     for lens in ([1000], [1, 4096, 0, 777], [513] * 3 + [2000] * 61):
         for page_size in (1, 16, 64):
-            splits = (choose_splits(len(lens), 4, 4096), 64)
+            splits = (model_splits(len(lens), 32, 4096, 4), 64)
             scope["gqa_case"](lens, page_size, 32, 4, 128, bf16, splits, "cuda")  # Qwen3-30B-A3B
             scope["gqa_case"](lens, page_size, 64, 8, 128, torch.float32, splits[:1], "cuda")
         for heads in (16, 128):  # DeepSeek-V3 at TP 8 and TP 1
-            splits = (choose_splits(len(lens), heads // 16, 4096, programs_per_sm=2), 64)
+            splits = (model_splits(len(lens), heads, 4096), 64)
             scope["mla_case"](lens, 64, heads, 512, 64, bf16, splits, "cuda")
         scope["mla_case"](lens, 1, 16, 512, 64, bf16, (8,), "cuda")
 

@@ -83,7 +83,7 @@ def gqa_kernels(hq: int, hkv: int, batch: int, ctx: int, page_size: int, kernels
             wrapper.plan(indptr, indices, last, hq, hkv, HEAD_DIM, page_size, q_data_type=torch.bfloat16)
             results[name] = graph_time(lambda w=wrapper: w.run(q, kv))
         elif name == "triton":
-            splits = triton_attn.choose_splits(batch, hkv * -(-(hq // hkv) // triton_attn.BLOCK_H), ctx)
+            splits = triton_attn.model_splits(batch, hq, ctx, hkv)
             results[name] = graph_time(
                 lambda s=splits: triton_attn.gqa_decode(q, kv, table, kv_lens, HEAD_DIM**-0.5, s)
             )
@@ -120,8 +120,7 @@ def mla_kernels(heads: int, batch: int, ctx: int, page_size: int, kernels: list[
 
             results[name] = graph_time(run)
         elif name == "triton":
-            head_blocks = -(-heads // triton_attn.BLOCK_H)
-            splits = triton_attn.choose_splits(batch, head_blocks, ctx, programs_per_sm=2)
+            splits = triton_attn.model_splits(batch, heads, ctx)
             results[name] = graph_time(
                 lambda s=splits: triton_attn.mla_decode(q_nope, q_pe, pages, table, kv_lens, scale, s)
             )

@@ -157,13 +157,7 @@ class _GraphTritonDecodeBackend(MLABackend):
         width = (max_context + pool.page_size - 1) // pool.page_size
         self.table = torch.full((bs, width), pool.pad_page, dtype=torch.int32, device=device)
         self.kv_lens = torch.zeros(bs, dtype=torch.int32, device=device)
-        # programs a chunk of one request takes: MLA's head blocks (2 an SM fit), GQA's KV heads (4)
-        if mla:
-            heads, per_sm = -(-num_qo_heads // kernels.BLOCK_H), 2
-        else:
-            group = num_qo_heads // pool.num_kv_heads
-            heads, per_sm = pool.num_kv_heads * -(-group // kernels.BLOCK_H), 4
-        self.splits = kernels.choose_splits(bs, heads, max_context, programs_per_sm=per_sm)
+        self.splits = kernels.model_splits(bs, num_qo_heads, max_context, None if mla else pool.num_kv_heads)
 
     def plan(self, kv_lens: list[int], tables: list[list[int]]) -> None:
         ps = self.pool.page_size
@@ -240,9 +234,9 @@ class CudaGraphRunner:
         """Whether the graph of bucket `bs` runs the Triton decode attention."""
         if self.kernel != "auto":
             return self.kernel == "triton"
-        from disagg.common.models.decode_attention import BLOCK_H
+        from disagg.common.models.decode_attention import head_programs
 
-        head_blocks = -(-self.num_qo_heads // BLOCK_H) if is_mla(self.model.config) else 1
+        head_blocks = head_programs(self.num_qo_heads) if is_mla(self.model.config) else 1
         return bs * head_blocks <= AUTO_TRITON_PROGRAMS
 
     def _static_batch(self, bs: int) -> ForwardBatch:

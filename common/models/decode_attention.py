@@ -52,9 +52,9 @@ def choose_splits(
     batch: int, head_programs: int, max_context: int, num_sms: int = 132, programs_per_sm: int = 4
 ) -> int:
     """The chunks a request's KV is cut into, from static shapes (a CUDA graph's batch size, the
-    longest context it serves). `head_programs`: programs a chunk of one request takes, the KV heads
-    (times ceil(group / BLOCK_H) past 16) for gqa_decode, ceil(H / BLOCK_H) for mla_decode.
-    `programs_per_sm`: 4 for gqa_decode, 2 for mla_decode (below).
+    longest context it serves). `head_programs`: programs a chunk of one request takes (the function
+    head_programs). `programs_per_sm`: 4 for gqa_decode, 2 for mla_decode (below); model_splits
+    passes both for a model's shape.
 
     Rule: one wave of programs (batch × head_programs × splits ≈ programs_per_sm × num_sms): decode
     at a small batch is a latency-bound stream of KV bytes, so every SM should hold as many programs
@@ -69,6 +69,21 @@ def choose_splits(
     launches; FlashInfer 9.5 + 2.4), 64 at ctx 4096 (7.9 µs)."""
     wanted = -(-programs_per_sm * num_sms // max(1, batch * head_programs))
     return max(1, min(wanted, max_context // MIN_SPLIT_TOKENS, MAX_SPLITS))
+
+
+def head_programs(num_heads: int, num_kv_heads: int | None = None) -> int:
+    """Programs one chunk of one request takes: gqa_decode's (`num_kv_heads` given) its KV heads
+    times ceil(group / BLOCK_H); mla_decode's (None: every head reads the one latent) its head blocks."""
+    if num_kv_heads is None:
+        return -(-num_heads // BLOCK_H)
+    return num_kv_heads * -(-(num_heads // num_kv_heads) // BLOCK_H)
+
+
+def model_splits(batch: int, num_heads: int, max_context: int, num_kv_heads: int | None = None) -> int:
+    """choose_splits at a model's shape: gqa_decode (`num_kv_heads` given; 4 programs an SM) or
+    mla_decode (None; 2 an SM)."""
+    per_sm = 4 if num_kv_heads is not None else 2
+    return choose_splits(batch, head_programs(num_heads, num_kv_heads), max_context, programs_per_sm=per_sm)
 
 
 def decode_workspace(
@@ -253,17 +268,16 @@ def _agrees(device, dtype, page_size: int, gqa, mla) -> bool:
         num_q_heads, num_kv_heads, dim = gqa
         pool = randn(2, num_pages, 2, page_size, num_kv_heads, dim)[1]  # a layer's view of the pool
         args = (randn(batch, num_q_heads, dim), pool, page_table, kv_lens, dim**-0.5)
-        fn, ref, per_sm = gqa_decode, gqa_decode_reference, 4
-        heads = num_kv_heads * triton.cdiv(num_q_heads // num_kv_heads, BLOCK_H)
+        fn, ref = gqa_decode, gqa_decode_reference
+        splits = model_splits(batch, num_q_heads, 1000, num_kv_heads)
     else:
         num_heads, rank, rope = mla
         pool = randn(2, num_pages, page_size, rank + rope)[1]
         q_nope, q_pe = randn(batch, num_heads, rank), randn(batch, num_heads, rope)
         args = (q_nope, q_pe, pool, page_table, kv_lens, (rank + rope) ** -0.5)
-        fn, ref, per_sm = mla_decode, mla_decode_reference, 2
-        heads = triton.cdiv(num_heads, BLOCK_H)
+        fn, ref = mla_decode, mla_decode_reference
+        splits = model_splits(batch, num_heads, 1000)
     want = ref(*args)
-    splits = choose_splits(batch, heads, 1000, programs_per_sm=per_sm)
     return all(_close(fn(*args, num_splits=s), want) for s in (splits, 2 * splits))
 
 
