@@ -61,6 +61,25 @@ for step in "$@"; do
              bench $m --load-format dummy --batch-sizes 1,64 --context-len 1024 --prefill-len 4096 --decode-steps 16 \
                --profile-batch-sizes 1 --output-json $OUT/next_$name.json > $OUT/next_$name.log; grep -A4 "^kind" $OUT/next_$name.log
            done ;;
+    decode-attn) # the eleventh session: the Triton split-KV decode kernels (common/models/decode_attention.py):
+           # GPU tests, one layer against FlashInfer, then the engines with --decode-attention-backend triton /
+           # flashinfer (ENGINES picks of "v3 v3pdl qwen3 v2lite"; v3pdl: FlashInfer's with DISAGG_PDL=1); then `pack`
+           timeout "${T:-300}" python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py \
+             tests/test_gpu_triton_decode.py > $OUT/attn_tests.log 2>&1; tail -4 $OUT/attn_tests.log
+           timeout 200 python3 -m disagg.common.bench.decode_attention --batches 1,8,64 --output-json $OUT/attn.json \
+             2>&1 | grep -v jit | tee $OUT/attn_kernels.log
+           V3="--model-path DeepSeek-V3 --json-model-override-args {\"num_hidden_layers\":4}"
+           for e in ${ENGINES:-v3 v3pdl qwen3 v2lite}; do for k in triton flashinfer; do
+             case $e in v3|v3pdl) m="$V3 --prefill-len 1024";; v2lite) m="--model-path DeepSeek-V2-Lite --prefill-len 1024";;
+                         qwen3) m="--model-path Qwen3-30B-A3B --prefill-len 1024";; esac
+             [ $e = v3pdl ] && [ $k = triton ] && continue  # v3pdl: FlashInfer's with DISAGG_PDL=1
+             echo "--- $e $k"; export DISAGG_PDL=$([ $e = v3pdl ] && echo 1 || echo 0); bench $m --load-format dummy \
+               --batch-sizes 1,64 --context-len 1024 --decode-steps 16 --decode-attention-backend $k \
+               --profile-batch-sizes=$([ $k = triton ] && echo 1) > $OUT/e_${e}_$k.log; grep -A4 "^kind" $OUT/e_${e}_$k.log
+           done; done; unset DISAGG_PDL ;;
+    pack) # whatever logs and JSON are under $OUT as one tarball (a call returns at most 8 files), e.g. after
+          # `timeout 550 bash common/bench/gpu_runs.sh decode-attn`: a step cut short still comes back
+          (cd $OUT && files=$(ls *.log *.json 2>/dev/null) && tar czf /tmp/pack.tgz $files && rm -f $files && mv /tmp/pack.tgz .) ;;
     moe-tp1) bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1,64 --context-len 1024 \
            --prefill-len 2048 --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/moe_tp1${TAG:-}.json ;;
     pdl-ab) # Programmatic Dependent Launch of the Triton kernels (common/models/pdl.py), off then on: Qwen3-30B-A3B's
