@@ -84,7 +84,8 @@ def test_two_nodes_on_one_machine(tiny_models):
     try:
         out, _ = _run(path, PROMPTS, tp=2, nnodes=2, node_rank=0, dist_init_addr=addr)
         assert out == [hf_greedy(path, p, 12) for p in PROMPTS]
-        assert node1.proc.wait(timeout=60) == 0  # node 1's ranks stop cleanly with the group
+        code = node1.proc.wait(timeout=60)
+        assert code == 0, node1.output()  # node 1's ranks stop cleanly with the group
     finally:
         node1.stop()
 

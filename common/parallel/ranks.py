@@ -13,6 +13,7 @@ import datetime
 import logging
 import multiprocessing as mp
 import sys
+import time
 from typing import Any
 
 import torch
@@ -115,9 +116,35 @@ def gather_to_rank0(obj) -> list | None:
     return [decode(p[: int(s.item())].numpy().tobytes()) for p, s in zip(parts, sizes, strict=True)]
 
 
-def stop_workers() -> None:
-    if get_parallel().world_size > 1 and get_parallel().rank == 0:
-        broadcast_plan(StopMsg())
+_LEFT_KEY = "disagg/ranks_left"  # in the group's store: how many ranks > 0 have left the group
+
+
+def stop_workers(timeout: float = 10.0) -> None:
+    """Rank 0: tell the other ranks to stop, then wait (at most `timeout` s) until each has left
+    the process group, so rank 0 closes its connections last, into a quiet group: when both ends
+    of a gloo connection close at once, gloo now and then aborts one of the two processes (a
+    rank of a second node exited with SIGABRT after a clean stop)."""
+    state = get_parallel()
+    if state.world_size == 1 or state.rank != 0:
+        return
+    store = dist.distributed_c10d._get_default_store()
+    broadcast_plan(StopMsg())
+    deadline, left = time.monotonic() + timeout, 0
+    while (left := store.add(_LEFT_KEY, 0)) < state.world_size - 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if left < state.world_size - 1:
+        logger.warning("%d of %d ranks left the group within %.0fs", left, state.world_size - 1, timeout)
+
+
+def _leave_group() -> None:
+    """A rank > 0: leave the process group, then count itself out in the group's store (which
+    rank 0 serves until it has left too; see stop_workers)."""
+    store = dist.distributed_c10d._get_default_store()
+    dist.destroy_process_group()
+    try:
+        store.add(_LEFT_KEY, 1)
+    except Exception:  # noqa: BLE001 - rank 0 gone: nobody waits for the count
+        pass
 
 
 def worker_main(config: EngineConfig, rank: int, plan_hook_factory=None) -> None:
@@ -151,7 +178,7 @@ def worker_main(config: EngineConfig, rank: int, plan_hook_factory=None) -> None
         sys.exit(1)
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            _leave_group()
 
 
 def spawn_workers(config: EngineConfig, ranks: list[int], plan_hook_factory=None) -> list[mp.Process]:
