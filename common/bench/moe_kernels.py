@@ -212,7 +212,14 @@ def tune(layers, k: int, ceil: dict, base: dict, gemv_only: bool = False) -> tup
             )
             for bm, bn, w, s in itertools.product((64, 128), (64, 128, 256), (4, 8), (2, 3, 4))
         ]
-    for tokens, cands in ((64, grouped_small), (2048, grouped_large)):
+    # 16 and 32 tokens: the nearest tuned size picks a decode batch's tiles (grouped_config), and a
+    # batch of 32 took the 1-token entry (moe_vs_hf's batch-32 steps ran slower than offline.py's 64)
+    for tokens, cands in (
+        (16, grouped_small),
+        (32, grouped_small),
+        (64, grouped_small),
+        (2048, grouped_large),
+    ):
         best, rows = sweep(
             "grouped",
             cands,
