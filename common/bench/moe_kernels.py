@@ -154,7 +154,7 @@ def tune(layers, k: int, ceil: dict, base: dict, gemv_only: bool = False) -> tup
         dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s, num_warps=w)
         # (the checked-in best for Qwen3-30B-A3B, 16/256/8/4, sat at the sweep's smallest tile and largest split,
         # and streamed gate/up at ~67% of bandwidth: so narrower tiles, deeper splits, other warp counts)
-        for bn, bk, s, w in itertools.product((8, 16, 32), (128, 256, 512), (1, 4, 8, 16), (2, 4, 8))
+        for bn, bk, s, w in itertools.product((8, 16, 32), (256, 512), (4, 8, 16), (2, 4, 8))
         if not fp8 or bk <= FP8_BLOCK[1]  # FP8: a gate/up K tile within one scale block ...
     ]
     if fp8:  # ... or (FP8_WIDE_K) tiles across blocks, each weight element scaled by its block's scale
@@ -216,12 +216,8 @@ def tune(layers, k: int, ceil: dict, base: dict, gemv_only: bool = False) -> tup
         ]
     # 16 and 32 tokens: the nearest tuned size picks a decode batch's tiles (grouped_config), and a
     # batch of 32 took the 1-token entry (moe_vs_hf's batch-32 steps ran slower than offline.py's 64)
-    for tokens, cands in (
-        (16, grouped_small),
-        (32, grouped_small),
-        (64, grouped_small),
-        (2048, grouped_large),
-    ):
+    decode = [c for c in grouped_small if c["BLOCK_SIZE_N"] > 32 and c["BLOCK_SIZE_K"] > 64]  # fewer there
+    for tokens, cands in ((16, decode), (32, decode), (64, grouped_small), (2048, grouped_large)):
         best, rows = sweep(
             "grouped",
             cands,
