@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 from disagg.common.engine.offline import Engine
 
 from tests.conftest import hf_greedy, make_tiny_model
-from tests.procs import Process, free_port
+from tests.procs import Process, free_port, join_or_kill, spawn
 
 pytestmark = pytest.mark.slow
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
@@ -88,6 +89,46 @@ def test_two_nodes_on_one_machine(tiny_models):
         assert code == 0, node1.output()  # node 1's ranks stop cleanly with the group
     finally:
         node1.stop()
+
+
+def _late_leaver(addr: str, delay: float) -> None:
+    """Rank 1 of a 2-rank gloo group: take plans until the stop, wait `delay`, leave as worker_main does."""
+    import torch.distributed as dist
+    from disagg.common.messages import StopMsg
+    from disagg.common.parallel import ranks
+    from disagg.common.parallel.state import ParallelState, set_parallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://{addr}", rank=1, world_size=2)
+    set_parallel(ParallelState(tp_rank=1, tp_size=2, cpu_group=dist.group.WORLD))
+    while not isinstance(ranks.broadcast_plan(None), StopMsg):
+        pass
+    time.sleep(delay)
+    ranks._leave_group()
+
+
+def test_rank0_leaves_the_group_only_after_the_other_ranks():
+    """Rank 0 closes its connections last (both ends closing at once aborted a rank with SIGABRT)."""
+    import torch.distributed as dist
+    from disagg.common.parallel import ranks
+    from disagg.common.parallel.state import ParallelState, set_parallel
+
+    addr = f"127.0.0.1:{free_port()}"
+    worker = spawn(_late_leaver, addr, 1.0)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://{addr}", rank=0, world_size=2)
+        set_parallel(ParallelState(tp_rank=0, tp_size=2, cpu_group=dist.group.WORLD))
+        start = time.monotonic()
+        ranks.stop_workers()
+        waited = time.monotonic() - start
+        left = dist.distributed_c10d._get_default_store().add(ranks._LEFT_KEY, 0)
+        assert left == 1 and waited >= 1.0, (left, waited)
+        worker.join(timeout=10)
+        assert worker.exitcode == 0
+    finally:
+        set_parallel(ParallelState())
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        join_or_kill([worker])
 
 
 def test_impossible_layouts_fail_clearly(tiny_models, moe_models):
