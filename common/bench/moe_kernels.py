@@ -185,6 +185,21 @@ def tune(layers, k: int, ceil: dict, base: dict, gemv_only: bool = False) -> tup
     )
     config["gemv"] = best
     log += rows
+    # then its K tile: the default 512 for inter > 1024 (DeepSeek-V2-Lite's 1408: three tiles, the last
+    # one 3/4 full), or one tile up to 1024; a power of 2
+    inter = layers[0][1].shape[2]
+    best, rows = sweep(
+        "gemv-down-k",
+        [{**best, "DOWN_BLOCK_K": bk} for bk in (128, 256, 512, 1024, 2048) if bk < 2 * inter],
+        lambda c: {**config, "gemv_max_pairs": 1 << 30, "gemv": c},
+        1,
+        layers,
+        k,
+        ceil,
+        True,
+    )
+    config["gemv"] = best
+    log += rows
     if gemv_only:  # the batch-1 layouts only (a few dozen candidates, not a hundred)
         return config, log
     # SPLIT_ACT: gate|up as one GEMM, silu * up in the down kernel's loads (one accumulator a tile)

@@ -213,7 +213,8 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | No
         num_tokens * down_split, hidden, dtype=x.dtype if down_split == 1 else torch.float32, device=x.device
     )
     down_bn = cfg.get("DOWN_BLOCK_N", bn)
-    down_bk = triton.next_power_of_2(inter) if inter <= 1024 else 512
+    # DOWN_BLOCK_K: the K tile of the down GEMV (a power of 2); untuned, one tile up to 1024 wide, else 512
+    down_bk = cfg.get("DOWN_BLOCK_K") or (triton.next_power_of_2(inter) if inter <= 1024 else 512)
     _down_gemv[(num_tokens, triton.cdiv(hidden, down_bn), down_split)](
         gate_up, w2, out, ids, weights, num_experts, k, hidden, inter,
         w2.stride(0), w2.stride(1), *_scale_args(w2, scales.w2 if fp8 else None, block),
