@@ -77,6 +77,10 @@ def test_interpreted_fp8_kernels_match_the_dequantized_reference():
         # over 2 programs (one slot short), over 3, and 8 asked for (k caps it)
         for split in (2, 3, 8):
             check(4, 3, 5, 48, 96, (16, 32), "gemv", dict(BLOCK_K=32, SPLIT_K=2, DOWN_SPLIT=split))
+        # DOWN_SPLIT_K: the intermediate (48) over programs too, in K tiles of 8 within 32-wide scale blocks:
+        # parts of 16 (3), of 24 (2: a part ends mid-block), and with the slots split as well
+        for down in (dict(DOWN_SPLIT_K=3), dict(DOWN_SPLIT_K=2), dict(DOWN_SPLIT_K=2, DOWN_SPLIT=2)):
+            check(2, 3, 5, 48, 96, (16, 32), "gemv", dict(BLOCK_K=32, SPLIT_K=2, DOWN_BLOCK_K=8, **down))
         check(9, 2, 4, 32, 64, (16, 32), "grouped")
         """
     )
@@ -175,7 +179,7 @@ def test_fp8_experts_at_tp2_ep2(fp8_deepseek, dequantized_experts, monkeypatch):
 def test_gemv_kernels_compile_for_hopper(fp8, wide_k, split):
     """The batch-1 GEMVs compiled for sm_90 on this CPU machine (the interpreter skips the compiler's
     checks), the down GEMV with K tiles wider than a scale block as V3's shape runs it (its slots in
-    one program, or split over several writing float32), the gate/up GEMV both ways (one scale a tile
+    one program, or split over several writing float32, with its intermediate too), the gate/up GEMV both ways (one scale a tile
     row; FP8_WIDE_K: 512-wide tiles, a scale an element)."""
     pytest.importorskip("triton")
     from disagg.common.models.fused_moe import _down_gemv, _gate_up_gemv
@@ -205,5 +209,7 @@ def test_gemv_kernels_compile_for_hopper(fp8, wide_k, split):
             "weights": "*fp32",
             **common,
         },
-        dict(BLOCK_N=8, BLOCK_K=512, SLOTS=8 // split, SPLIT=split, FP8=fp8),
-    )
+        # split 2: the intermediate over two programs as well (DOWN_SPLIT_K)
+        dict(BLOCK_N=8, BLOCK_K=512, SLOTS=8 // split, ROWS=split * (2 if split == 2 else 1),
+             K_SPLIT=2 if split == 2 else 1, K_PER_SPLIT=1024 if split == 2 else 2048, FP8=fp8),
+    )  # fmt: skip

@@ -41,10 +41,11 @@ for step in "$@"; do
            # MOE_ARGS another shape, e.g. DeepSeek-V2-Lite's "--experts 64 --inter 1408 --top-k 6"
            timeout "${T:-400}" python3 -m disagg.common.bench.moe_kernels --output-dir $OUT ${MOE_ARGS:-} 2>&1 | tee $OUT/moe_kernels.log \
              && cp $OUT/fused_moe_configs.json common/models/fused_moe_configs.json ;;
-    moe-tune) # the twelfth session: the batch-1 MoE GEMV layouts of Qwen3-30B-A3B and DeepSeek-V2-Lite (54 gate/up,
-           # 48 down candidates each, ~2-3 min a shape): V2-Lite's entry predates DOWN_SPLIT and its down GEMV ran at
-           # ~43% of its bytes (19.2 us a layer, h200-s11 e_v2lite_triton.log); each entry replaces the repo's in this
-           # machine's tree (the engine steps after it use it), the table ends in $OUT/fused_moe_configs.json
+    moe-tune) # the twelfth session: the batch-1 MoE GEMV layouts of Qwen3-30B-A3B and DeepSeek-V2-Lite (~145 layouts
+           # each: gate/up, down, down with DOWN_SPLIT_K, its K tile; a few min a shape, T per shape): V2-Lite's entry
+           # predates DOWN_SPLIT and its down GEMV ran at ~43% of its bytes (19.2 us a layer, h200-s11
+           # e_v2lite_triton.log); each entry replaces the repo's in this machine's tree (the engine steps after it use
+           # it), the table ends in $OUT/fused_moe_configs.json
            for shape in "qwen3:" "v2lite:--experts 64 --inter 1408 --top-k 6"; do
              name=${shape%%:*}
              timeout "${T:-280}" python3 -m disagg.common.bench.moe_kernels --tune-gemv-only --batches 1 --output-dir $OUT \

@@ -185,6 +185,26 @@ def tune(layers, k: int, ceil: dict, base: dict, gemv_only: bool = False) -> tup
     )
     config["gemv"] = best
     log += rows
+    # then wider down tiles with the intermediate split over programs (DOWN_SPLIT_K): each program
+    # re-reads a slot's activations (two float32 rows of the intermediate) for its rows of weights, so
+    # 4-8-row tiles spend about as many bytes on activations as on weights; the best layout above stays
+    # a candidate (DOWN_SPLIT_K 1)
+    best, rows = sweep(
+        "gemv-down-ksplit",
+        [best]
+        + [
+            {**best, "DOWN_BLOCK_N": bn, "DOWN_WARPS": w, "DOWN_SPLIT_K": ks, "DOWN_BLOCK_K": bk}
+            for bn, w, ks, bk in itertools.product((16, 32, 64), (4, 8), (2, 4, 8), (128, 256))
+        ],
+        lambda c: {**config, "gemv_max_pairs": 1 << 30, "gemv": c},
+        1,
+        layers,
+        k,
+        ceil,
+        True,
+    )
+    config["gemv"] = best
+    log += rows
     # then its K tile: the default 512 for inter > 1024 (DeepSeek-V2-Lite's 1408: three tiles, the last
     # one 3/4 full), or one tile up to 1024; a power of 2
     inter = layers[0][1].shape[2]

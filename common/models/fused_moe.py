@@ -9,7 +9,9 @@ Two paths, chosen by the number of routed (token, slot) pairs, a static shape:
 - GEMV (decode at a few tokens, the issue's batch-1 case): no alignment at all; one program per
   (pair, N tile, K split) streams its expert's rows with plain FMA reductions. Split-K fills the
   chip when 8 pairs x a few N tiles would leave most multiprocessors idle; the partial sums meet
-  in an fp32 buffer (atomics) and the down kernel applies silu(gate) * up as it loads them.
+  in an fp32 buffer (atomics) and the down kernel applies silu(gate) * up as it loads them; the
+  down kernel's programs may split a token's slots and the intermediate too (DOWN_SPLIT,
+  DOWN_SPLIT_K), writing float32 rows that one more launch sums (no atomics: the order is fixed).
 - torch's grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper) from `grouped_mm_min_tokens` on,
   bf16 experts only, outside graph captures: prefill-sized batches, where the Triton path ran at
   ~20% of the matmul rate, mostly its one-program alignment (docs/benchmarks.md; the alignment now
@@ -205,23 +207,27 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | No
         BLOCK_N=bn, BLOCK_K=bk, K_PER_SPLIT=k_per_split, SPLIT_K=split, FP8=fp8, WIDE_K=fp8 and bk > block[1],
         num_warps=cfg["num_warps"], **pdl,
     )  # fmt: skip
-    # DOWN_SPLIT > 1: the slots split over that many programs a tile, float32 rows summed after
+    # DOWN_SPLIT > 1: the slots split over that many programs a tile; DOWN_SPLIT_K > 1: the intermediate
+    # too (wider N tiles then re-read the activations less and still fill the GPU); float32 rows summed after
     down_split = min(cfg.get("DOWN_SPLIT", 1), k)
     slots = triton.cdiv(k, down_split)
     down_split = triton.cdiv(k, slots)  # no program without a slot
-    out = torch.empty(
-        num_tokens * down_split, hidden, dtype=x.dtype if down_split == 1 else torch.float32, device=x.device
-    )
     down_bn = cfg.get("DOWN_BLOCK_N", bn)
     # DOWN_BLOCK_K: the K tile of the down GEMV (a power of 2); untuned, one tile up to 1024 wide, else 512
     down_bk = cfg.get("DOWN_BLOCK_K") or (triton.next_power_of_2(inter) if inter <= 1024 else 512)
-    _down_gemv[(num_tokens, triton.cdiv(hidden, down_bn), down_split)](
+    k_per_split = triton.cdiv(triton.cdiv(inter, cfg.get("DOWN_SPLIT_K", 1)), down_bk) * down_bk
+    k_split = triton.cdiv(inter, k_per_split)  # no program without a K tile
+    rows = down_split * k_split
+    out = torch.empty(
+        num_tokens * rows, hidden, dtype=x.dtype if rows == 1 else torch.float32, device=x.device
+    )
+    _down_gemv[(num_tokens, triton.cdiv(hidden, down_bn), rows)](
         gate_up, w2, out, ids, weights, num_experts, k, hidden, inter,
         w2.stride(0), w2.stride(1), *_scale_args(w2, scales.w2 if fp8 else None, block),
-        BLOCK_N=down_bn, BLOCK_K=down_bk, SLOTS=slots, SPLIT=down_split, FP8=fp8,
-        num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
+        BLOCK_N=down_bn, BLOCK_K=down_bk, SLOTS=slots, ROWS=rows, K_SPLIT=k_split, K_PER_SPLIT=k_per_split,
+        FP8=fp8, num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
     )  # fmt: skip
-    return out if down_split == 1 else _sum_pairs(out, num_tokens, down_split, x.dtype)
+    return out if rows == 1 else _sum_pairs(out, num_tokens, rows, x.dtype)
 
 
 @functools.cache
@@ -495,23 +501,26 @@ if triton is not None:
     def _down_gemv(
         gate_up, w2, out, ids, weights, num_experts, top_k, N, inter, stride_we, stride_wn,
         scale, stride_se, stride_sn, group_n, group_k,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, SPLIT: tl.constexpr,
-        FP8: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr,
+        K_SPLIT: tl.constexpr, K_PER_SPLIT: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out[t, n-tile] = sum over t's slots of weight * rows of w2[e] . (silu(gate) * up): the
-        routing-weight combine in the kernel. SPLIT == 1: one program a (token, N tile) takes all
-        slots and writes the model dtype (no zeroing, no sum); else program (t, n, s) takes slots
-        [s * SLOTS, (s + 1) * SLOTS) and writes float32 row t * SPLIT + s of `out`, which
-        _sum_pairs adds up (SPLIT times the programs: at one token, 8 slots of 32-row tiles of
+        routing-weight combine in the kernel. ROWS == 1: one program a (token, N tile) takes all
+        slots and the whole intermediate and writes the model dtype (no zeroing, no sum); else
+        program (t, n, s) takes slot group s // K_SPLIT (slots [g * SLOTS, (g + 1) * SLOTS)) over
+        intermediate part s % K_SPLIT (K_PER_SPLIT wide) and writes float32 row t * ROWS + s of
+        `out`, which _sum_pairs adds up (more programs: at one token, 8 slots of 32-row tiles of
         DeepSeek-V3's 7168 rows were 224 programs, each streaming 8 experts' rows in turn).
         FP8: each weight element dequantized by its block's scale (a K tile may span blocks)."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         token, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        group, k_lo = pid_s // K_SPLIT, (pid_s % K_SPLIT) * K_PER_SPLIT
+        k_hi = tl.minimum(k_lo + K_PER_SPLIT, inter)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for j in range(0, SLOTS):
-            slot = pid_s * SLOTS + j
+            slot = group * SLOTS + j
             pair = token * top_k + tl.minimum(slot, top_k - 1)
             expert = tl.load(ids + pair).to(tl.int64)
             ours = (slot < top_k) & (expert >= 0) & (expert < num_experts)
@@ -519,9 +528,9 @@ if triton is not None:
             row_scales = scale + tl.where(ours, expert, 0) * stride_se + (offs_n // group_n) * stride_sn
             gu_row = gate_up + pair.to(tl.int64) * 2 * inter
             part = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, tl.where(ours, inter, 0), BLOCK_K):  # another rank's expert: skipped
+            for k0 in range(k_lo, tl.where(ours, k_hi, k_lo), BLOCK_K):  # another rank's expert: skipped
                 offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_mask = offs_k < inter
+                k_mask = offs_k < k_hi
                 g = tl.load(gu_row + offs_k, mask=k_mask, other=0.0)
                 u = tl.load(gu_row + inter + offs_k, mask=k_mask, other=0.0)
                 mask = n_mask[:, None] & k_mask[None, :]
@@ -530,7 +539,7 @@ if triton is not None:
                     w *= tl.load(row_scales[:, None] + (offs_k // group_k)[None, :], mask=mask, other=0.0)
                 part += tl.sum(w * (_silu(g) * u)[None, :], axis=1)
             acc += part * tl.load(weights + pair)
-        row = token.to(tl.int64) * SPLIT + pid_s
+        row = token.to(tl.int64) * ROWS + pid_s
         tl.store(out + row * N + offs_n, acc.to(out.dtype.element_ty), mask=n_mask)
 
     @triton.jit
