@@ -138,10 +138,11 @@ def stop_workers(timeout: float = 10.0) -> None:
 
 def _leave_group() -> None:
     """A rank > 0: leave the process group, then count itself out in the group's store (which
-    rank 0 serves until it has left too; see stop_workers)."""
+    rank 0 serves until it has left too; see stop_workers). At most 5 s: rank 0's node may be gone."""
     store = dist.distributed_c10d._get_default_store()
     dist.destroy_process_group()
     try:
+        store.set_timeout(datetime.timedelta(seconds=5))
         store.add(_LEFT_KEY, 1)
     except Exception:  # noqa: BLE001 - rank 0 gone: nobody waits for the count
         pass
