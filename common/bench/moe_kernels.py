@@ -162,64 +162,51 @@ def tune(layers, k: int, ceil: dict, base: dict, gemv_only: bool = False) -> tup
             dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s, num_warps=4, FP8_WIDE_K=True)
             for bn, bk, s in itertools.product((16, 32), (256, 512), (1, 2, 4, 8))
         ]
-    best, rows = sweep(
-        "gemv", gemv, lambda c: {**config, "gemv_max_pairs": 1 << 30, "gemv": c}, 1, layers, k, ceil, True
-    )
-    config["gemv"] = best
-    log += rows
+
+    def gemv_step(name: str, candidates: list[dict]) -> dict:
+        """The fastest of `candidates` becomes the batch-1 GEMV layout (config["gemv"])."""
+        best, rows = sweep(
+            name,
+            candidates,
+            lambda c: {**config, "gemv_max_pairs": 1 << 30, "gemv": c},
+            1,
+            layers,
+            k,
+            ceil,
+            True,
+        )
+        config["gemv"] = best
+        log.extend(rows)
+        return best
+
+    best = gemv_step("gemv", gemv)
     # the down GEMV has one program per (token, N tile[, slot group]): at batch 1 its tile width and
     # DOWN_SPLIT set how many programs stream the experts' rows (16 rows: 128 programs for H=2048)
-    down = [
-        {**best, "DOWN_BLOCK_N": bn, "DOWN_WARPS": w, "DOWN_SPLIT": s}
-        for bn, w, s in itertools.product((4, 8, 16, 32), (2, 4, 8), (1, 2, 4, 8))
-    ]
-    best, rows = sweep(
+    best = gemv_step(
         "gemv-down",
-        down,
-        lambda c: {**config, "gemv_max_pairs": 1 << 30, "gemv": c},
-        1,
-        layers,
-        k,
-        ceil,
-        True,
+        [
+            {**best, "DOWN_BLOCK_N": bn, "DOWN_WARPS": w, "DOWN_SPLIT": s}
+            for bn, w, s in itertools.product((4, 8, 16, 32), (2, 4, 8), (1, 2, 4, 8))
+        ],
     )
-    config["gemv"] = best
-    log += rows
     # then wider down tiles with the intermediate split over programs (DOWN_SPLIT_K): each program
     # re-reads a slot's activations (two float32 rows of the intermediate) for its rows of weights, so
     # 4-8-row tiles spend about as many bytes on activations as on weights; the best layout above stays
     # a candidate (DOWN_SPLIT_K 1)
-    best, rows = sweep(
+    best = gemv_step(
         "gemv-down-ksplit",
         [best]
         + [
             {**best, "DOWN_BLOCK_N": bn, "DOWN_WARPS": w, "DOWN_SPLIT_K": ks, "DOWN_BLOCK_K": bk}
             for bn, w, ks, bk in itertools.product((16, 32, 64), (4, 8), (2, 4, 8), (128, 256))
         ],
-        lambda c: {**config, "gemv_max_pairs": 1 << 30, "gemv": c},
-        1,
-        layers,
-        k,
-        ceil,
-        True,
     )
-    config["gemv"] = best
-    log += rows
     # then its K tile: the default 512 for inter > 1024 (DeepSeek-V2-Lite's 1408: three tiles, the last
     # one 3/4 full), or one tile up to 1024; a power of 2
     inter = layers[0][1].shape[2]
-    best, rows = sweep(
-        "gemv-down-k",
-        [{**best, "DOWN_BLOCK_K": bk} for bk in (128, 256, 512, 1024, 2048) if bk < 2 * inter],
-        lambda c: {**config, "gemv_max_pairs": 1 << 30, "gemv": c},
-        1,
-        layers,
-        k,
-        ceil,
-        True,
+    gemv_step(
+        "gemv-down-k", [{**best, "DOWN_BLOCK_K": bk} for bk in (128, 256, 512, 1024, 2048) if bk < 2 * inter]
     )
-    config["gemv"] = best
-    log += rows
     if gemv_only:  # the batch-1 layouts only (a few dozen candidates, not a hundred)
         return config, log
     # SPLIT_ACT: gate|up as one GEMM, silu * up in the down kernel's loads (one accumulator a tile)
