@@ -364,6 +364,24 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def set_crossovers(config: dict, rows: list[dict], top_k: int) -> None:
+    """The paths' thresholds from a run of batches: the GEMV up to the last batch of the run where it
+    beats the grouped GEMM; torch's grouped GEMM from the first batch of the run (to the last) where
+    it beats the Triton one."""
+    gemv_max = 0
+    for r in rows:
+        if r["gemv_us"] >= r["grouped_us"]:
+            break
+        gemv_max = r["tokens"]
+    config["gemv_max_pairs"] = gemv_max * top_k
+    mm_min = None
+    for r in reversed(rows):
+        if r["grouped_mm_us"] is None or r["grouped_mm_us"] >= r["grouped_us"]:
+            break
+        mm_min = r["tokens"]
+    config["grouped_mm_min_tokens"] = mm_min if mm_min is not None else 1 << 30
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", type=int, default=128)
@@ -394,20 +412,8 @@ def main() -> None:
     if not args.no_tune:
         config, log = tune(layers, args.top_k, ceil, config, args.tune_gemv_only)
     rows = compare(layers, args.top_k, ceil, config, [int(b) for b in args.batches.split(",")])
-    # the GEMV path up to the last batch of the run of batches where it beats the grouped one
-    gemv_max = 0
-    for r in rows:
-        if r["gemv_us"] >= r["grouped_us"]:
-            break
-        gemv_max = r["tokens"]
-    config["gemv_max_pairs"] = gemv_max * args.top_k
-    # torch's grouped GEMM from the first batch of the run (to the last) where it beats the Triton one
-    mm_min = None
-    for r in reversed(rows):
-        if r["grouped_mm_us"] is None or r["grouped_mm_us"] >= r["grouped_us"]:
-            break
-        mm_min = r["tokens"]
-    config["grouped_mm_min_tokens"] = mm_min if mm_min is not None else 1 << 30
+    if len(rows) > 1:  # the crossovers need a run of batches (`--batches 1` keeps the entry's)
+        set_crossovers(config, rows, args.top_k)
     config["device"] = torch.cuda.get_device_name()
     # the checked-in table with this shape's entry replaced (gpu_runs.sh copies it over the repo's)
     table = json.loads(fused_moe._CONFIGS.read_text()) if fused_moe._CONFIGS.exists() else {}
