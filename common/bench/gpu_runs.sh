@@ -42,13 +42,13 @@ for step in "$@"; do
            timeout "${T:-400}" python3 -m disagg.common.bench.moe_kernels --output-dir $OUT ${MOE_ARGS:-} 2>&1 | tee $OUT/moe_kernels.log \
              && cp $OUT/fused_moe_configs.json common/models/fused_moe_configs.json ;;
     moe-tune) # the twelfth session: the batch-1 MoE GEMV layouts of Qwen3-30B-A3B and DeepSeek-V2-Lite (~145 layouts
-           # each: gate/up, down, down with DOWN_SPLIT_K, its K tile; a few min a shape, T per shape): V2-Lite's entry
+           # each: gate/up, down, down with DOWN_SPLIT_K, its K tile; T per shape, 250 s: alone in a call): V2-Lite's entry
            # predates DOWN_SPLIT and its down GEMV ran at ~43% of its bytes (19.2 us a layer, h200-s11
            # e_v2lite_triton.log); each entry replaces the repo's in this machine's tree (the engine steps after it use
            # it), the table ends in $OUT/fused_moe_configs.json
            for shape in "qwen3:" "v2lite:--experts 64 --inter 1408 --top-k 6"; do
              name=${shape%%:*}
-             timeout "${T:-280}" python3 -m disagg.common.bench.moe_kernels --tune-gemv-only --batches 1 --output-dir $OUT \
+             timeout "${T:-250}" python3 -m disagg.common.bench.moe_kernels --tune-gemv-only --batches 1 --output-dir $OUT \
                ${shape#*:} > $OUT/moe_tune_$name.log 2>&1; tail -4 $OUT/moe_tune_$name.log
              cp $OUT/fused_moe_configs.json common/models/fused_moe_configs.json
            done ;;
