@@ -221,18 +221,20 @@ def test_the_start_up_check_runs_only_where_a_bucket_would_run_triton():
 
     from disagg.common.engine.cuda_graph import CudaGraphRunner
 
-    def choose(kernel: str, heads: int, agrees: bool = True) -> tuple[str, int]:
+    def choose(kernel: str, heads: int, agrees: bool = True) -> tuple[list[int], int]:
+        """(the buckets that run Triton, start-up checks run)"""
         runner, checks = object.__new__(CudaGraphRunner), []
         config = SimpleNamespace(kv_lora_rank=512)  # MLA: 16 heads a program
         runner.num_qo_heads, runner.model = heads, SimpleNamespace(config=config)
         runner._triton_agrees = lambda n: checks.append(n) or agrees
-        return runner._decode_kernel(kernel), len(checks)
+        runner._set_kernel(kernel)
+        return [bs for bs in (1, 2, 8, 64) if runner.uses_triton(bs)], len(checks)
 
-    assert choose("auto", 128) == ("auto", 1)  # batch 1 is 8 head blocks: Triton's, checked
-    assert choose("auto", 128, agrees=False) == ("flashinfer", 1)
-    assert choose("auto", 144) == ("flashinfer", 0)  # 9 blocks even at batch 1: no bucket, no check
-    assert choose("triton", 144) == ("triton", 1)
-    assert choose("flashinfer", 16) == ("flashinfer", 0)
+    assert choose("auto", 128) == ([1], 1)  # batch 1 is 8 head blocks: Triton's, checked
+    assert choose("auto", 128, agrees=False) == ([], 1)
+    assert choose("auto", 144) == ([], 0)  # 9 blocks even at batch 1: no bucket, no check
+    assert choose("triton", 144) == ([1, 2, 8, 64], 1)
+    assert choose("flashinfer", 16) == ([], 0)
 
 
 def test_choose_splits_fills_the_gpu_with_chunks_of_at_least_64_tokens():

@@ -194,7 +194,7 @@ class CudaGraphRunner:
         auto (triton for small buckets, AUTO_TRITON_PROGRAMS)."""
         self.model, self.pool, self.max_context = model, pool, max_context
         self.num_qo_heads = num_qo_heads
-        self.kernel = self._decode_kernel(kernel)
+        self._set_kernel(kernel)
         device = pool.kv_buffer.device
         self.buckets = batch_buckets(max_bs)
         self.plan_fence = PlanFence()
@@ -214,13 +214,12 @@ class CudaGraphRunner:
             self._capture(bs, num_qo_heads, max_pages)
         logger.info("captured CUDA graphs for decode batch sizes %s", self.buckets)
 
-    def _decode_kernel(self, kernel: str) -> str:
-        """The kernel the graphs run: FlashInfer's where Triton's fails its start-up check, and
-        without the check where `auto` gives Triton no bucket (MLA with > 128 heads a rank)."""
-        self.kernel = kernel  # uses_triton reads it
-        if kernel == "flashinfer" or (kernel == "auto" and not self.uses_triton(1)):
-            return "flashinfer"
-        return kernel if self._triton_agrees(self.num_qo_heads) else "flashinfer"
+    def _set_kernel(self, kernel: str) -> None:
+        """The kernel the graphs run: FlashInfer's where Triton's fails its start-up check, which runs
+        only where a bucket would use Triton (`auto` gives MLA with > 128 heads a rank none)."""
+        self.kernel = kernel
+        if self.uses_triton(1) and not self._triton_agrees(self.num_qo_heads):
+            self.kernel = "flashinfer"
 
     def _triton_agrees(self, num_qo_heads: int) -> bool:
         """The Triton kernels against their torch reference at this model's shape (built now); on a
