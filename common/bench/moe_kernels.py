@@ -36,6 +36,7 @@ from disagg.common.models.moe_align import (
 )
 
 FP8_BLOCK = (128, 128)  # DeepSeek-V3's weight_block_size
+MAX_REL_ERR = 0.1  # a tuning candidate vs the float64 product (bf16 rounding ~3e-3; a wrong tile index ~1)
 
 
 def make_layers(n: int, experts: int, hidden: int, inter: int, fp8: bool = False) -> list[tuple]:
@@ -125,6 +126,9 @@ def sweep(name, candidates, make_config, tokens, layers, k, ceil, graph) -> tupl
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     weights, ids = routing(tokens, experts, k)
     roof, _ = roofline(tokens, ids, hidden, inter, ceil, fp8=layers[0][2] is not None)
+    # each candidate's output against the float64 product once: a fast layout that computes the wrong
+    # thing (a tile or split the kernel's indexing gets wrong) is dropped, not picked
+    ref = reference(x, layers[0], weights, ids, 256 if tokens >= 256 else 16)
     rows = []
     for cand in candidates:
         config = make_config(cand)
@@ -135,8 +139,14 @@ def sweep(name, candidates, make_config, tokens, layers, k, ceil, graph) -> tupl
                 x,
                 graph,
             )
+            w13, w2, scales = layers[0]
+            got = fused_moe.fused_experts(x, w13, w2, weights, ids, config, scales=scales).double()
         except Exception as e:  # noqa: BLE001 - a config the compiler rejects (shared memory) is skipped
             print(f"  {name} {cand}: {type(e).__name__}", flush=True)
+            continue
+        err = ((got - ref).norm() / ref.norm()).item()
+        if not err < MAX_REL_ERR:  # (NaN too)
+            print(f"  {name} {cand}: WRONG (rel err {err:.2e}), dropped", flush=True)
             continue
         rows.append(dict(path=name, tokens=tokens, config=cand, us=t * 1e6, of_roofline=roof / t))
     rows.sort(key=lambda r: r["us"])
