@@ -41,6 +41,28 @@ CHECK = textwrap.dedent(
             assert torch.equal(ids, want_ids), (tokens, experts, k)
             torch.testing.assert_close(weights, want_w, rtol=1e-5, atol=1e-6)
 
+    def check_topk_scaled(device):
+        # DeepSeek-V2's routed_scaling_factor folded into the launch
+        logits = torch.randn(5, 64, device=device)
+        weights, ids = fused_topk(logits, 6, False, 16.0)
+        want_w, want_ids = torch.softmax(logits, -1).topk(6, -1)
+        assert torch.equal(ids, want_ids)
+        torch.testing.assert_close(weights, want_w * 16.0, rtol=1e-5, atol=1e-5)
+
+    def check_router(device):
+        # the gate's logits of a decode batch in one launch: torch's F.linear in the gate's dtype
+        from disagg.common.models.fused_moe import router_logits
+
+        for tokens, experts, hidden, dtype in ((1, 64, 2048, torch.float32), (3, 6, 100, torch.float32),
+                                               (16, 128, 256, torch.bfloat16), (2, 5, 48, torch.bfloat16)):
+            gen = torch.Generator(device=device).manual_seed(tokens + experts)
+            x = torch.randn(tokens, hidden, device=device, generator=gen).to(torch.bfloat16)
+            w = (torch.randn(experts, hidden, device=device, generator=gen) / hidden**0.5).to(dtype)
+            got, want = router_logits(x, w), torch.nn.functional.linear(x.to(dtype), w)
+            assert got.dtype == dtype and got.shape == want.shape
+            tol = 1e-5 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
     def check_grouped_topk_shapes(device):
         # DeepSeek-V3's biased group-limited routing in one launch picks torch's experts, its weights
         from disagg.common.models.deepseek import check_grouped_topk
@@ -97,6 +119,8 @@ def test_interpreted_kernels_match_torch_on_cpu():
         """
         check_align("cpu")
         check_topk("cpu")
+        check_topk_scaled("cpu")
+        check_router("cpu")
         check_grouped_topk_shapes("cpu")
         for tokens, k, experts in ((1, 2, 4), (5, 3, 6), (40, 2, 4)):
             for path in ("gemv", "gemv-split", "gemv-down-k", "gemv-ksplit", "grouped", "split"):
@@ -116,8 +140,18 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
     check = scope["check"]
     scope["check_align"]("cuda")
     scope["check_topk"]("cuda")
+    scope["check_topk_scaled"]("cuda")
+    scope["check_router"]("cuda")
     scope["check_grouped_topk_shapes"]("cuda")
-    from disagg.common.models.fused_moe import fused_topk_ok
+    from disagg.common.models.fused_moe import fused_topk_ok, router_gemv_ok
+
+    # the router GEMV's start-up check passes at the gates of Qwen3-30B-A3B (bf16), V2-Lite and V3 (float32)
+    for experts, hidden, dtype in (
+        (128, 2048, torch.bfloat16),
+        (64, 2048, torch.float32),
+        (256, 7168, torch.float32),
+    ):
+        assert router_gemv_ok(torch.device("cuda", 0), experts, hidden, dtype), (experts, hidden, dtype)
 
     # the start-up check that lets SparseMoE.route use the one-launch routing (Qwen3-30B-A3B, Mixtral)
     # under the bf16 default dtype the engine builds its layers with (H200 run of 2026-12-03: the

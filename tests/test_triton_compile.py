@@ -34,7 +34,7 @@ def test_routing_kernels_compile():
 
     compile_for_hopper(
         _topk_kernel,
-        {"logits": "*bf16", "weights": "*fp32", "ids": "*i64"},
+        {"logits": "*bf16", "weights": "*fp32", "ids": "*i64", "scaling": "fp32"},
         dict(K=8, E_POW2=128, RENORMALIZE=True),
     )
     compile_for_hopper(
@@ -42,6 +42,19 @@ def test_routing_kernels_compile():
         {"logits": "*fp32", "bias": "*fp32", "weights": "*fp32", "ids": "*i64", "scaling": "fp32"},
         dict(K=8, K_POW2=8, E=256, GROUPS=8, TOPK_GROUP=4, RENORMALIZE=True),
     )
+
+
+@pytest.mark.parametrize("w_type", ["*bf16", "*fp32"])
+def test_router_gemv_compiles(w_type):
+    """The gate's logits of a decode batch: Qwen3-30B-A3B's bf16 gate at batch 1, DeepSeek's float32 one at 16."""
+    from disagg.common.models.fused_moe import _router_gemv_kernel
+
+    for t_pow2, block_h in ((1, 2048), (16, 128)):
+        compile_for_hopper(
+            _router_gemv_kernel,
+            {"x": "*bf16", "w": w_type, "out": w_type},
+            dict(T_POW2=t_pow2, BLOCK_E=2, BLOCK_H=block_h),
+        )
 
 
 def test_sum_kernel_compiles():

@@ -29,11 +29,14 @@ from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABa
 from disagg.common.models.fp8 import fp8_block_size
 from disagg.common.models.fused_mla_rope import deinterleave, fused_mla_rope, fused_mla_rope_ok
 from disagg.common.models.fused_moe import (
+    ROUTER_GEMV_MAX_TOKENS,
     fused_grouped_topk,
     fused_moe_available,
     fused_topk,
     fused_topk_ok,
     grouped_topk_shape_ok,
+    router_gemv_ok,
+    router_logits,
 )
 from disagg.common.models.layers import ColumnParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear
 from disagg.common.models.moe import SparseMoE
@@ -308,18 +311,26 @@ class DeepseekGate(nn.Module):
             )  # fmt: skip
         else:
             self.fused = not self.grouped and fused_topk_ok(device, num_experts, self.top_k, False)
+        # the logits of a decode batch in one Triton launch (F.linear(x.float(), w) is ~4: the cast,
+        # cuBLAS's split GEMV and its reduction)
+        self.gemv = router_gemv_ok(device, num_experts, config.hidden_size, torch.float32)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, hidden] -> float32 [T, E]."""
+        if self.gemv and x.is_cuda and x.shape[0] <= ROUTER_GEMV_MAX_TOKENS:
+            return router_logits(x, self.weight)
+        return F.linear(x.float(), self.weight)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (weights [T, k] float32, expert ids [T, k])."""
-        logits = F.linear(x.float(), self.weight)
+        logits = self.logits(x)
         if self.fused and logits.is_cuda:
             if self.v3:
                 return fused_grouped_topk(
                     logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
                     self.norm_topk, self.scaling,
                 )  # fmt: skip
-            weights, ids = fused_topk(logits, self.top_k, False)
-            return (weights * self.scaling if self.scaling != 1 else weights), ids
+            return fused_topk(logits, self.top_k, False, self.scaling)
         bias = self.e_score_correction_bias if self.v3 else None
         return route(logits, bias, self.top_k, self.n_group if self.grouped else 1, self.topk_group,
                      self.norm_topk, self.scaling)  # fmt: skip

@@ -259,19 +259,77 @@ def grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
     return ok
 
 
-def fused_topk(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_topk(
+    logits: torch.Tensor, k: int, renormalize: bool, scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(logits) -> top-k (weights float32 [T, k], ids int64 [T, k]), renormalised over the k
-    if asked, in one launch (torch's softmax + sort-based top-k + renormalisation: ~5 kernels,
-    ~12 us per layer at batch 1). SparseMoE.route uses it where `fused_topk_ok` says it agrees."""
+    if asked, times `scaling` (DeepSeek-V2's routed_scaling_factor), in one launch (torch's softmax +
+    sort-based top-k + renormalisation: ~5 kernels, ~12 us per layer at batch 1). SparseMoE.route
+    uses it where `fused_topk_ok` says it agrees."""
     num_tokens, num_experts = logits.shape
     weights = torch.empty(num_tokens, k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(num_tokens, k, dtype=torch.int64, device=logits.device)
     _topk_kernel[(num_tokens,)](
-        logits, weights, ids, num_experts, logits.stride(0),
+        logits, weights, ids, num_experts, logits.stride(0), float(scaling),
         K=k, E_POW2=triton.next_power_of_2(num_experts), RENORMALIZE=renormalize, num_warps=1,
         **pdl_args(logits.device),
     )  # fmt: skip
     return weights, ids
+
+
+# tokens up to which router_logits runs the Triton GEMV (decode batches; above, cuBLAS's GEMM)
+ROUTER_GEMV_MAX_TOKENS = 16
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The router's logits x [T, H] @ weight [E, H]^T in one launch for a decode batch: accumulated in
+    float32 from the activations' own dtype, stored in the weight's dtype (bf16 gates: as nn.Linear
+    rounds them; float32 gates, DeepSeek's: as F.linear(x.float(), w) computes them). Replaces
+    cuBLAS's GEMV of a 64-256-row gate (~5 us, ~10% of its bytes' time, at batch 1 on an H200) and,
+    for a float32 gate, the activation cast and the split-K reduction (4 launches, ~8 us a layer)."""
+    num_tokens, hidden = x.shape
+    num_experts = weight.shape[0]
+    out = torch.empty(num_tokens, num_experts, dtype=weight.dtype, device=x.device)
+    t_pow2 = triton.next_power_of_2(num_tokens)
+    block_e = 2
+    block_h = max(64, min(triton.next_power_of_2(hidden), 2048 // t_pow2))  # ~4k float32 products a step
+    _router_gemv_kernel[(triton.cdiv(num_experts, block_e),)](
+        x, weight, out, num_tokens, num_experts, hidden, x.stride(0), weight.stride(0),
+        T_POW2=t_pow2, BLOCK_E=block_e, BLOCK_H=block_h, num_warps=4, **pdl_args(x.device),
+    )  # fmt: skip
+    return out
+
+
+@functools.cache
+def router_gemv_ok(device: torch.device, num_experts: int, hidden: int, dtype: torch.dtype) -> bool:
+    """Whether router_logits matches torch's logits (F.linear in the weight's dtype, activations
+    cast to it) on this device and shape, at 1, 3 and ROUTER_GEMV_MAX_TOKENS tokens: checked once per
+    shape when a layer is built (never inside a capture); on a mismatch or an error the layer keeps
+    torch's GEMM."""
+    if not (fused_moe_available() and device.type == "cuda"):
+        return False
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        weight = torch.randn(num_experts, hidden, device=device, generator=gen, dtype=torch.float32)
+        weight = (weight / hidden**0.5).to(dtype)
+        ok = True
+        for tokens in (1, 3, ROUTER_GEMV_MAX_TOKENS):
+            x = torch.randn(tokens, hidden, device=device, generator=gen, dtype=torch.float32).to(
+                torch.bfloat16
+            )
+            want = torch.nn.functional.linear(x.to(dtype), weight)
+            got = router_logits(x, weight)
+            # float32 gates: the same products in another order; bf16 gates: one bf16 rounding apart
+            tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+            ok = ok and got.dtype == want.dtype and torch.allclose(got.float(), want.float(), **tol)
+    except Exception:  # noqa: BLE001 - any failure: torch's GEMM, loudly
+        logger.exception(
+            "router_logits failed its start-up check (E=%d, H=%d): torch's GEMM", num_experts, hidden
+        )
+        return False
+    if not ok:
+        logger.warning("router_logits disagrees with torch (E=%d, H=%d): torch's GEMM", num_experts, hidden)
+    return ok
 
 
 def fused_grouped_topk(
@@ -585,11 +643,40 @@ if triton is not None:
         tl.store(ids + token * K + slots, top_id, mask=slots < K)
 
     @triton.jit
+    def _router_gemv_kernel(
+        x, w, out, num_tokens, num_experts, hidden, x_stride, w_stride,
+        T_POW2: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """out[t, e] = sum over h of x[t, h] * w[e, h] for all tokens and BLOCK_E experts: float32
+        products and sums, stored in out's dtype."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
+        experts = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+        tokens = tl.arange(0, T_POW2)
+        cols = tl.arange(0, BLOCK_H)
+        w_rows = w + experts.to(tl.int64)[:, None] * w_stride
+        x_rows = x + tokens.to(tl.int64)[:, None] * x_stride
+        acc = tl.zeros([T_POW2, BLOCK_E], dtype=tl.float32)
+        for h0 in range(0, hidden, BLOCK_H):
+            h = h0 + cols
+            wt = tl.load(
+                w_rows + h[None, :], mask=(experts[:, None] < num_experts) & (h[None, :] < hidden), other=0.0
+            )
+            xt = tl.load(
+                x_rows + h[None, :], mask=(tokens[:, None] < num_tokens) & (h[None, :] < hidden), other=0.0
+            )
+            acc += tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], axis=2)
+        mask = (tokens[:, None] < num_tokens) & (experts[None, :] < num_experts)
+        tl.store(
+            out + tokens[:, None] * num_experts + experts[None, :], acc.to(out.dtype.element_ty), mask=mask
+        )
+
+    @triton.jit
     def _topk_kernel(
-        logits, weights, ids, num_experts, stride,
+        logits, weights, ids, num_experts, stride, scaling,
         K: tl.constexpr, E_POW2: tl.constexpr, RENORMALIZE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """One token: softmax over the experts, then K rounds of argmax (ties: the lowest id)."""
+        """One token: softmax over the experts, then K rounds of argmax (ties: the lowest id); the
+        weights times `scaling`."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         token = tl.program_id(0).to(tl.int64)
         experts = tl.arange(0, E_POW2)
@@ -597,14 +684,14 @@ if triton is not None:
         x = x.to(tl.float32)
         p = tl.exp(x - tl.max(x, axis=0))
         p = p / tl.sum(p, axis=0)
-        scale = 1.0
+        scale = scaling
         if RENORMALIZE:  # the top-k sum first: no re-reading of this program's own stores
             q, total = p, 0.0
             for _ in tl.static_range(K):
                 best = tl.max(q, axis=0)
                 total += best
                 q = tl.where(experts == tl.min(tl.where(q == best, experts, E_POW2), axis=0), -1.0, q)
-            scale = 1.0 / total
+            scale = scaling / total
         for j in tl.static_range(K):
             best = tl.max(p, axis=0)
             pick = tl.min(tl.where(p == best, experts, E_POW2), axis=0)

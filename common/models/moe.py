@@ -23,7 +23,15 @@ from __future__ import annotations
 import re
 
 import torch
-from disagg.common.models.fused_moe import fused_experts, fused_moe_available, fused_topk, fused_topk_ok
+from disagg.common.models.fused_moe import (
+    ROUTER_GEMV_MAX_TOKENS,
+    fused_experts,
+    fused_moe_available,
+    fused_topk,
+    fused_topk_ok,
+    router_gemv_ok,
+    router_logits,
+)
 from disagg.common.models.moe_a2a import a2a_moe, capturing
 from disagg.common.models.moe_align import ExpertScales, grouped_experts
 from disagg.common.parallel.state import all_reduce, get_parallel
@@ -136,6 +144,10 @@ class SparseMoE(nn.Module):
         self.fused_routing = fused_topk_ok(
             self.gate.weight.device, self.num_experts, self.top_k, self.renormalize
         )
+        # and the gate's GEMV of a decode batch as one Triton launch (cuBLAS's: ~5 us at batch 1)
+        self.router_gemv = router_gemv_ok(
+            self.gate.weight.device, self.num_experts, config.hidden_size, self.gate.weight.dtype
+        )
         self.experts = Experts(self.num_local, config.hidden_size, self.inter_local)
         # count the routed (token, slot) pairs per expert (expert_load); off by default: the
         # count costs two small kernels a layer, ~5% of a batch-1 decode step
@@ -190,7 +202,7 @@ class SparseMoE(nn.Module):
         return [s for s, e in enumerate(mine) if e == expert]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.route(self.gate(x))  # [T, k] each
+        weights, ids = self.route(self.logits(x))  # [T, k] each
         if self.count_tokens:
             self._count(ids)
         ids = self.physical_ids(ids)
@@ -209,6 +221,12 @@ class SparseMoE(nn.Module):
         """ids: [T, k] logical expert ids."""
         flat = ids.flatten()
         self.expert_tokens.scatter_add_(0, flat, torch.ones_like(flat))  # graph-capturable
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The gate's logits [T, E], in its dtype."""
+        if self.router_gemv and x.is_cuda and x.shape[0] <= ROUTER_GEMV_MAX_TOKENS:
+            return router_logits(x, self.gate.weight)
+        return self.gate(x)
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax top-k routing: float32 weights (renormalised over the k if the model says so)
