@@ -51,7 +51,7 @@ for step in "$@"; do
              timeout "${T:-250}" python3 -m disagg.common.bench.moe_kernels --tune-gemv-only --batches 1 --output-dir $OUT \
                ${shape#*:} > $OUT/moe_tune_$name.log 2>&1; tail -4 $OUT/moe_tune_$name.log
              cp $OUT/fused_moe_configs.json common/models/fused_moe_configs.json
-           done ;;
+           done; cp common/models/fused_moe_configs.json /tmp/moe_cfg.json ;;  # for `after-tune`
     moe-prefill) # issue 19: where a 2048-token MoE prefill goes (the kernels of one prefill, torch profiler)
            bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 --prefill-len 2048 \
              --decode-steps 4 --profile-prefill | tee $OUT/moe_prefill.log | tail -32 ;;
@@ -71,6 +71,17 @@ for step in "$@"; do
              name=$(echo $m | cut -d' ' -f2); echo "--- $name"
              bench $m --load-format dummy --batch-sizes 1,64 --context-len 1024 --prefill-len 4096 --decode-steps 16 \
                --profile-batch-sizes 1 --output-json $OUT/next_$name.json > $OUT/next_$name.log; grep -A4 "^kind" $OUT/next_$name.log
+           done ;;
+    after-tune) # the thirteenth session, after `moe-tune` on the same warm machine (its configs in /tmp/moe_cfg.json, or
+           # the tree's): the fused-MoE GPU tests (DOWN_SPLIT_K / DOWN_BLOCK_K paths, the router GEMV and its start-up
+           # check), then Qwen3-30B-A3B and DeepSeek-V2-Lite at batch 1 and 64 with their batch-1 profiles; then `pack`
+           [ -f /tmp/moe_cfg.json ] && cp /tmp/moe_cfg.json common/models/fused_moe_configs.json
+           timeout "${T:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fused_moe.py > $OUT/fused_moe_tests.log 2>&1
+           tail -3 $OUT/fused_moe_tests.log
+           for m in DeepSeek-V2-Lite Qwen3-30B-A3B; do echo "--- $m"
+             bench --model-path $m --load-format dummy --batch-sizes 1,64 --context-len 1024 --prefill-len 2048 \
+               --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/tuned_$m.json > $OUT/tuned_$m.log
+             grep -A4 "^kind" $OUT/tuned_$m.log
            done ;;
     decode-attn) # the eleventh session: the Triton split-KV decode kernels (common/models/decode_attention.py):
            # GPU tests, one layer against FlashInfer, then the engines with --decode-attention-backend triton /
