@@ -73,14 +73,12 @@ for step in "$@"; do
                --profile-batch-sizes 1 --output-json $OUT/next_$name.json > $OUT/next_$name.log; grep -A4 "^kind" $OUT/next_$name.log
            done ;;
     s13) # the thirteenth session's one-call plan (~9 min, carry .gpu/fi and .gpu/kc.tgz; then `pack`): V2-Lite's batch-1
-           # GEMV re-tune alone (T 170 s), then `after-tune` (fused-MoE GPU tests; V2-Lite and Qwen3 engines at batch 1/64
-           # with the router GEMV), then the 8B engine at batch 1/64 (issue 24)
-           timeout 170 python3 -m disagg.common.bench.moe_kernels --tune-gemv-only --batches 1 --output-dir $OUT \
+           # GEMV re-tune alone (T 240 s), then `after-tune` (fused-MoE GPU tests; V2-Lite and Qwen3 engines at batch 1/64
+           # with the router GEMV)
+           timeout 240 python3 -m disagg.common.bench.moe_kernels --tune-gemv-only --batches 1 --output-dir $OUT \
              --experts 64 --inter 1408 --top-k 6 > $OUT/moe_tune_v2lite.log 2>&1; tail -4 $OUT/moe_tune_v2lite.log
            [ -f $OUT/fused_moe_configs.json ] && cp $OUT/fused_moe_configs.json /tmp/moe_cfg.json
-           bash common/bench/gpu_runs.sh after-tune
-           bench $B8 --batch-sizes 1,64 --context-len 1024 --prefill-len 4096 --decode-steps 16 \
-             --output-json $OUT/s13_8b.json > $OUT/s13_8b.log; grep -A4 "^kind" $OUT/s13_8b.log ;;
+           bash common/bench/gpu_runs.sh after-tune ;;
     after-tune) # the thirteenth session, after `moe-tune` on the same warm machine (its configs in /tmp/moe_cfg.json, or
            # the tree's): the fused-MoE GPU tests (DOWN_SPLIT_K / DOWN_BLOCK_K paths, the router GEMV and its start-up
            # check), then Qwen3-30B-A3B and DeepSeek-V2-Lite at batch 1 and 64 with their batch-1 profiles; then `pack`
