@@ -85,10 +85,10 @@ for step in "$@"; do
            [ -f /tmp/moe_cfg.json ] && cp /tmp/moe_cfg.json common/models/fused_moe_configs.json
            timeout "${T:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fused_moe.py > $OUT/fused_moe_tests.log 2>&1
            tail -3 $OUT/fused_moe_tests.log
-           for m in DeepSeek-V2-Lite Qwen3-30B-A3B; do echo "--- $m"
-             bench --model-path $m --load-format dummy --batch-sizes 1,64 --context-len 1024 --prefill-len 2048 \
-               --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/tuned_$m.json > $OUT/tuned_$m.log
-             grep -A4 "^kind" $OUT/tuned_$m.log
+           for m in DeepSeek-V2-Lite:4096 Qwen3-30B-A3B:2048; do echo "--- $m"  # each issue's prefill length
+             bench --model-path ${m%%:*} --load-format dummy --batch-sizes 1,64 --context-len 1024 --prefill-len ${m#*:} \
+               --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/tuned_${m%%:*}.json > $OUT/tuned_${m%%:*}.log
+             grep -A4 "^kind" $OUT/tuned_${m%%:*}.log
            done ;;
     decode-attn) # the eleventh session: the Triton split-KV decode kernels (common/models/decode_attention.py):
            # GPU tests, one layer against FlashInfer, then the engines with --decode-attention-backend triton /
