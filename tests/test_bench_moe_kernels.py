@@ -40,3 +40,33 @@ def test_path_crossovers_from_a_run_of_batches():
     assert config == {"gemv_max_pairs": 32, "grouped_mm_min_tokens": 1024}
     set_crossovers(config, rows[:-1] + [row(2048, 1100, 900, None)], top_k=8)
     assert config["grouped_mm_min_tokens"] == 1 << 30  # not measured at the largest batch: never
+
+
+def test_tune_saves_each_finished_step(monkeypatch):
+    """A tune cut short by its time limit (gpu_runs.sh runs it under `timeout`) still leaves the steps it
+    finished: the config is saved after each one, each step building on the one before."""
+    import torch
+    from disagg.common.bench import moe_kernels
+
+    seen = []
+
+    def fake_sweep(name, candidates, make_config, tokens, layers, k, ceil, graph):
+        seen.append((name, tokens, len(candidates)))
+        best = candidates[-1]  # stands in for the fastest
+        return best, [dict(path=name, tokens=tokens, config=best, us=1.0, of_roofline=0.5)]
+
+    monkeypatch.setattr(moe_kernels, "sweep", fake_sweep)
+    saved = []
+    layers = [(torch.empty(0), torch.empty(4, 16, 1408), None)]
+    base = {"gemv": {"BLOCK_N": 16}, "grouped": {"1": {}}}
+    config, log = moe_kernels.tune(
+        layers, 6, {}, base, gemv_only=True, save=lambda c: saved.append(c["gemv"].copy())
+    )
+    assert [s[0] for s in seen] == ["gemv", "gemv-down", "gemv-down-ksplit", "gemv-down-k"]
+    assert len(saved) == 4 and saved[-1] == config["gemv"] and len(log) == 4
+    # the gate/up sweep tries unsplit K (no zeroed buffer, no atomics) as well as split; the down steps keep it
+    assert seen[0][2] == 78 and saved[0]["SPLIT_K"] == 16 and saved[-1]["SPLIT_K"] == 16
+    assert saved[1]["DOWN_SPLIT"] == 8 and saved[-1]["DOWN_BLOCK_K"] == 2048  # the last candidates won here
+    config, _ = moe_kernels.tune(layers, 6, {}, base, save=lambda c: saved.append(c))
+    assert [s[1] for s in seen[4:]] == [1, 1, 1, 1, 16, 32, 64, 2048] and len(saved) == 4 + 8
+    assert set(config["grouped"]) == {"1", "16", "32", "64", "2048"}

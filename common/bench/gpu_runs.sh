@@ -72,20 +72,25 @@ for step in "$@"; do
              bench $m --load-format dummy --batch-sizes 1,64 --context-len 1024 --prefill-len 4096 --decode-steps 16 \
                --profile-batch-sizes 1 --output-json $OUT/next_$name.json > $OUT/next_$name.log; grep -A4 "^kind" $OUT/next_$name.log
            done ;;
-    s13) # the thirteenth session's one-call plan (~9 min, carry .gpu/fi and .gpu/kc.tgz; then `pack`): V2-Lite's batch-1
-           # GEMV re-tune alone (T 240 s), then `after-tune` (fused-MoE GPU tests; V2-Lite and Qwen3 engines at batch 1/64
-           # with the router GEMV)
-           timeout 240 python3 -m disagg.common.bench.moe_kernels --tune-gemv-only --batches 1 --output-dir $OUT \
+    s13) # the thirteenth session's first call (~9 min, carry .gpu/fi and .gpu/kc.tgz; then `pack`): V2-Lite's batch-1
+           # GEMV re-tune alone (T 290 s), then `after-tune` for V2-Lite (the fused-MoE GPU tests; its engine at batch
+           # 1/64 with the router GEMV); the second call: `moe-tune-qwen3`, `after-tune`
+           timeout 290 python3 -m disagg.common.bench.moe_kernels --tune-gemv-only --batches 1 --output-dir $OUT \
              --experts 64 --inter 1408 --top-k 6 > $OUT/moe_tune_v2lite.log 2>&1; tail -4 $OUT/moe_tune_v2lite.log
            [ -f $OUT/fused_moe_configs.json ] && cp $OUT/fused_moe_configs.json /tmp/moe_cfg.json
-           bash common/bench/gpu_runs.sh after-tune ;;
+           MODELS=DeepSeek-V2-Lite:4096 bash common/bench/gpu_runs.sh after-tune ;;
+    moe-tune-qwen3) # Qwen3-30B-A3B's batch-1 GEMV re-tune (on top of /tmp/moe_cfg.json where an earlier call left one)
+           [ -f /tmp/moe_cfg.json ] && cp /tmp/moe_cfg.json common/models/fused_moe_configs.json
+           timeout 290 python3 -m disagg.common.bench.moe_kernels --tune-gemv-only --batches 1 --output-dir $OUT \
+             > $OUT/moe_tune_qwen3.log 2>&1; tail -4 $OUT/moe_tune_qwen3.log
+           [ -f $OUT/fused_moe_configs.json ] && cp $OUT/fused_moe_configs.json /tmp/moe_cfg.json ;;
     after-tune) # the thirteenth session, after `moe-tune` on the same warm machine (its configs in /tmp/moe_cfg.json, or
            # the tree's): the fused-MoE GPU tests (DOWN_SPLIT_K / DOWN_BLOCK_K paths, the router GEMV and its start-up
            # check), then Qwen3-30B-A3B and DeepSeek-V2-Lite at batch 1 and 64 with their batch-1 profiles; then `pack`
            [ -f /tmp/moe_cfg.json ] && cp /tmp/moe_cfg.json common/models/fused_moe_configs.json
-           timeout "${T:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fused_moe.py > $OUT/fused_moe_tests.log 2>&1
-           tail -3 $OUT/fused_moe_tests.log
-           for m in DeepSeek-V2-Lite:4096 Qwen3-30B-A3B:2048; do echo "--- $m"  # each issue's prefill length
+           [ -f $OUT/fused_moe_tests.log ] || { timeout "${T:-200}" python3 -m pytest -q -p no:cacheprovider \
+             tests/test_gpu_fused_moe.py > $OUT/fused_moe_tests.log 2>&1; tail -3 $OUT/fused_moe_tests.log; }
+           for m in ${MODELS:-DeepSeek-V2-Lite:4096 Qwen3-30B-A3B:2048}; do echo "--- $m"  # each issue's prefill length
              bench --model-path ${m%%:*} --load-format dummy --batch-sizes 1,64 --context-len 1024 --prefill-len ${m#*:} \
                --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/tuned_${m%%:*}.json > $OUT/tuned_${m%%:*}.log
              grep -A4 "^kind" $OUT/tuned_${m%%:*}.log

@@ -157,15 +157,22 @@ def sweep(name, candidates, make_config, tokens, layers, k, ceil, graph) -> tupl
     return rows[0]["config"], rows
 
 
-def tune(layers, k: int, ceil: dict, base: dict, gemv_only: bool = False) -> tuple[dict, list[dict]]:
+def tune(
+    layers, k: int, ceil: dict, base: dict, gemv_only: bool = False, save=lambda config: None
+) -> tuple[dict, list[dict]]:
+    """Each path's block sizes in turn (`save(config)` after each step: a run cut short by its
+    time limit still leaves the steps it finished)."""
     config, log = json.loads(json.dumps(base)), []
     fp8 = layers[0][2] is not None
     gemv = [
         dict(BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=s, num_warps=w)
         # (the checked-in best for Qwen3-30B-A3B, 16/256/8/4, sat at the sweep's smallest tile and largest split,
         # and streamed gate/up at ~67% of bandwidth: so narrower tiles, deeper splits, other warp counts)
-        for bn, bk, s, w in itertools.product((8, 16, 32), (256, 512), (4, 8, 16), (2, 4, 8))
-        if not fp8 or bk <= FP8_BLOCK[1]  # FP8: a gate/up K tile within one scale block ...
+        # (SPLIT_K 1-2: fewer, longer programs and no zeroed buffer or atomics: at one token DeepSeek-V2-Lite's 6
+        # experts x 1408 rows still make 528 programs of 16 rows)
+        for bn, bk, s, w in itertools.product((8, 16, 32), (256, 512), (1, 2, 4, 8, 16), (2, 4, 8))
+        if (not fp8 or bk <= FP8_BLOCK[1])  # FP8: a gate/up K tile within one scale block ...
+        and (s >= 4 or w >= 4)
     ]
     if fp8:  # ... or (FP8_WIDE_K) tiles across blocks, each weight element scaled by its block's scale
         gemv += [
@@ -187,6 +194,7 @@ def tune(layers, k: int, ceil: dict, base: dict, gemv_only: bool = False) -> tup
         )
         config["gemv"] = best
         log.extend(rows)
+        save(config)
         return best
 
     best = gemv_step("gemv", gemv)
@@ -262,6 +270,7 @@ def tune(layers, k: int, ceil: dict, base: dict, gemv_only: bool = False) -> tup
         )
         config["grouped"][str(tokens)] = best
         log += rows
+        save(config)
     return config, log
 
 
@@ -419,16 +428,20 @@ def main() -> None:
     config = dict(fused_moe.moe_config(args.experts, args.inter, args.hidden, args.fp8))
     config["grouped_mm_min_tokens"] = 1 << 30  # the sweep and the gemv/grouped columns time Triton's kernels
     log = []
+
+    def save(config: dict) -> None:
+        """The checked-in table with this shape's entry replaced (gpu_runs.sh copies it over the repo's)."""
+        table = json.loads(fused_moe._CONFIGS.read_text()) if fused_moe._CONFIGS.exists() else {}
+        table[key] = dict(config, device=torch.cuda.get_device_name())
+        (out / "fused_moe_configs.json").write_text(json.dumps(table, indent=2) + "\n")
+
     if not args.no_tune:
-        config, log = tune(layers, args.top_k, ceil, config, args.tune_gemv_only)
+        config, log = tune(layers, args.top_k, ceil, config, args.tune_gemv_only, save)
     rows = compare(layers, args.top_k, ceil, config, [int(b) for b in args.batches.split(",")])
     if len(rows) > 1:  # the crossovers need a run of batches (`--batches 1` keeps the entry's)
         set_crossovers(config, rows, args.top_k)
     config["device"] = torch.cuda.get_device_name()
-    # the checked-in table with this shape's entry replaced (gpu_runs.sh copies it over the repo's)
-    table = json.loads(fused_moe._CONFIGS.read_text()) if fused_moe._CONFIGS.exists() else {}
-    table[key] = config
-    (out / "fused_moe_configs.json").write_text(json.dumps(table, indent=2) + "\n")
+    save(config)
     report = dict(ceilings=ceil, rows=rows, sweep=log)
     (out / "moe_kernels.json").write_text(json.dumps(report, indent=2))
     try:
