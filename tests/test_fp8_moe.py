@@ -198,7 +198,22 @@ def test_gemv_kernels_compile_for_hopper(fp8, wide_k, split):
             SPLIT_K=8,
             FP8=fp8,
             WIDE_K=wide_k,
+            ACT=False,
         ),  # fmt: skip
+    )
+    # one split: the activation silu(gate) * up stored, not gate | up (ACT), and read so by the down GEMV
+    compile_for_hopper(
+        _gate_up_gemv,
+        {"x": "*bf16", "w13": w, "gate_up": "*fp32", **common},
+        dict(
+            BLOCK_N=16,
+            BLOCK_K=128 if fp8 else 256,
+            K_PER_SPLIT=2048,
+            SPLIT_K=1,
+            FP8=fp8,
+            WIDE_K=False,
+            ACT=True,
+        ),
     )
     compile_for_hopper(
         _down_gemv,
@@ -211,5 +226,5 @@ def test_gemv_kernels_compile_for_hopper(fp8, wide_k, split):
         },
         # split 2: the intermediate over two programs as well (DOWN_SPLIT_K)
         dict(BLOCK_N=8, BLOCK_K=512, SLOTS=8 // split, ROWS=split * (2 if split == 2 else 1),
-             K_SPLIT=2 if split == 2 else 1, K_PER_SPLIT=1024 if split == 2 else 2048, FP8=fp8),
+             K_SPLIT=2 if split == 2 else 1, K_PER_SPLIT=1024 if split == 2 else 2048, FP8=fp8, ACT=split == 1),
     )  # fmt: skip

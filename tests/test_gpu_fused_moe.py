@@ -86,6 +86,8 @@ CHECK = textwrap.dedent(
             config["gemv"] = {**config["gemv"], "DOWN_SPLIT": 3}
         if path == "gemv-down-k":  # the down GEMV over several K tiles of the intermediate (tuned DOWN_BLOCK_K)
             config["gemv"] = {**config["gemv"], "DOWN_BLOCK_K": 8}
+        if path == "gemv-unsplit":  # gate/up K in one program: the activation stored, read by the down GEMV (ACT)
+            config["gemv"] = {**config["gemv"], "SPLIT_K": 1, "BLOCK_K": 16}
         if path == "gemv-ksplit":  # ... and the intermediate split over programs too, with the slots
             config["gemv"] = {**config["gemv"], "DOWN_BLOCK_K": 8, "DOWN_SPLIT_K": 3, "DOWN_SPLIT": 2}
         # "mm": torch's grouped GEMM (the prefill path on Hopper), else the Triton kernels
@@ -123,7 +125,7 @@ def test_interpreted_kernels_match_torch_on_cpu():
         check_router("cpu")
         check_grouped_topk_shapes("cpu")
         for tokens, k, experts in ((1, 2, 4), (5, 3, 6), (40, 2, 4)):
-            for path in ("gemv", "gemv-split", "gemv-down-k", "gemv-ksplit", "grouped", "split"):
+            for path in ("gemv", "gemv-split", "gemv-down-k", "gemv-ksplit", "gemv-unsplit", "grouped", "split"):
                 print(tokens, k, path, check("cpu", torch.float32, tokens, k, experts, 32, 48, path, 1e-4))
             print(tokens, k, "local", check("cpu", torch.float32, tokens, k, experts, 32, 48, "grouped", 1e-4, False))
         """
@@ -165,7 +167,7 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
     finally:
         torch.set_default_dtype(old)
     # Qwen3-30B-A3B's expert shape at decode batch 1 and 64 and a prefill chunk
-    for tokens, path in ((1, "gemv"), (8, "gemv"), (1, "gemv-split"), (1, "gemv-down-k"), (1, "gemv-ksplit"),
+    for tokens, path in ((1, "gemv"), (8, "gemv"), (1, "gemv-split"), (1, "gemv-down-k"), (1, "gemv-ksplit"), (1, "gemv-unsplit"),
                          (64, "grouped"), (2048, "grouped"), (3, "grouped"), (64, "split"), (2048, "split"),
                          (2048, "mm"), (300, "mm")):  # fmt: skip
         check("cuda", torch.bfloat16, tokens, 8, 128, 768, 2048, path, 2e-2)

@@ -195,9 +195,12 @@ def sum_terms(
 def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | None) -> torch.Tensor:
     (num_tokens, k), (num_experts, hidden, inter) = ids.shape, w2.shape
     split, bn, bk = cfg["SPLIT_K"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    # NOTE: split-K partial sums meet by atomics in a zeroed buffer; one split stores directly
-    alloc = torch.zeros if split > 1 else torch.empty
-    gate_up = alloc(ids.numel(), 2 * inter, dtype=torch.float32, device=x.device)  # [pairs, gate | up]
+    # NOTE: split-K partial sums meet by atomics in a zeroed buffer [pairs, gate | up]; one split
+    # stores each pair's activation silu(gate) * up directly [pairs, inter] (ACT: the down GEMV's
+    # programs then read one float32 row a slot, not two, and apply no SiLU)
+    act = split == 1
+    alloc = torch.empty if act else torch.zeros
+    gate_up = alloc(ids.numel(), (1 if act else 2) * inter, dtype=torch.float32, device=x.device)
     k_per_split = triton.cdiv(triton.cdiv(hidden, split), bk) * bk
     fp8, block = scales is not None, scales.block if scales is not None else None
     pdl = pdl_args(x.device)
@@ -205,7 +208,7 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | No
         x, w13, gate_up, ids, num_experts, k, hidden, inter,
         x.stride(0), w13.stride(0), w13.stride(1), *_scale_args(w13, scales.w13 if fp8 else None, block),
         BLOCK_N=bn, BLOCK_K=bk, K_PER_SPLIT=k_per_split, SPLIT_K=split, FP8=fp8, WIDE_K=fp8 and bk > block[1],
-        num_warps=cfg["num_warps"], **pdl,
+        ACT=act, num_warps=cfg["num_warps"], **pdl,
     )  # fmt: skip
     # DOWN_SPLIT > 1: the slots split over that many programs a tile; DOWN_SPLIT_K > 1: the intermediate
     # too (wider N tiles then re-read the activations less and still fill the GPU); float32 rows summed after
@@ -225,7 +228,7 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | No
         gate_up, w2, out, ids, weights, num_experts, k, hidden, inter,
         w2.stride(0), w2.stride(1), *_scale_args(w2, scales.w2 if fp8 else None, block),
         BLOCK_N=down_bn, BLOCK_K=down_bk, SLOTS=slots, ROWS=rows, K_SPLIT=k_split, K_PER_SPLIT=k_per_split,
-        FP8=fp8, num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
+        FP8=fp8, ACT=act, num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
     )  # fmt: skip
     return out if rows == 1 else _sum_pairs(out, num_tokens, rows, x.dtype)
 
@@ -508,9 +511,10 @@ if triton is not None:
         x, w13, gate_up, ids, num_experts, top_k, K, inter, stride_x, stride_we, stride_wn,
         scale, stride_se, stride_sn, group_n, group_k,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
-        FP8: tl.constexpr, WIDE_K: tl.constexpr, PDL: tl.constexpr,
+        FP8: tl.constexpr, WIDE_K: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """gate_up[p] += rows [n-tile] of w13[e_p] (gate and up) . x[p // k], over one K split.
+        """gate_up[p] += rows [n-tile] of w13[e_p] (gate and up) . x[p // k], over one K split;
+        ACT (one split): gate_up[p] = silu(gate) * up instead, a row of `inter`.
         FP8: each row's dot over a K tile is scaled by its block's scale (BLOCK_K divides group_k);
         WIDE_K: K tiles span several blocks, each weight element scaled by its own block's scale."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
@@ -547,6 +551,9 @@ if triton is not None:
             else:
                 acc_g += tl.sum(wg * xv[None, :], axis=1)
                 acc_u += tl.sum(wu * xv[None, :], axis=1)
+        if ACT:
+            tl.store(gate_up + pair.to(tl.int64) * inter + offs_n, _silu(acc_g) * acc_u, mask=n_mask)
+            return
         out = gate_up + pair.to(tl.int64) * 2 * inter + offs_n
         if SPLIT_K == 1:
             tl.store(out, acc_g, mask=n_mask)
@@ -560,7 +567,8 @@ if triton is not None:
         gate_up, w2, out, ids, weights, num_experts, top_k, N, inter, stride_we, stride_wn,
         scale, stride_se, stride_sn, group_n, group_k,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr,
-        K_SPLIT: tl.constexpr, K_PER_SPLIT: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
+        K_SPLIT: tl.constexpr, K_PER_SPLIT: tl.constexpr, FP8: tl.constexpr, ACT: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         """out[t, n-tile] = sum over t's slots of weight * rows of w2[e] . (silu(gate) * up): the
         routing-weight combine in the kernel. ROWS == 1: one program a (token, N tile) takes all
@@ -569,7 +577,8 @@ if triton is not None:
         intermediate part s % K_SPLIT (K_PER_SPLIT wide) and writes float32 row t * ROWS + s of
         `out`, which _sum_pairs adds up (more programs: at one token, 8 slots of 32-row tiles of
         DeepSeek-V3's 7168 rows were 224 programs, each streaming 8 experts' rows in turn).
-        FP8: each weight element dequantized by its block's scale (a K tile may span blocks)."""
+        FP8: each weight element dequantized by its block's scale (a K tile may span blocks).
+        ACT: gate_up holds each pair's activation (a row of `inter`), not its gate | up."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         token, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         group, k_lo = pid_s // K_SPLIT, (pid_s % K_SPLIT) * K_PER_SPLIT
@@ -584,18 +593,21 @@ if triton is not None:
             ours = (slot < top_k) & (expert >= 0) & (expert < num_experts)
             rows = w2 + tl.where(ours, expert, 0) * stride_we + offs_n[:, None] * stride_wn
             row_scales = scale + tl.where(ours, expert, 0) * stride_se + (offs_n // group_n) * stride_sn
-            gu_row = gate_up + pair.to(tl.int64) * 2 * inter
+            gu_row = gate_up + pair.to(tl.int64) * (1 if ACT else 2) * inter
             part = tl.zeros([BLOCK_N], dtype=tl.float32)
             for k0 in range(k_lo, tl.where(ours, k_hi, k_lo), BLOCK_K):  # another rank's expert: skipped
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < k_hi
-                g = tl.load(gu_row + offs_k, mask=k_mask, other=0.0)
-                u = tl.load(gu_row + inter + offs_k, mask=k_mask, other=0.0)
+                if ACT:
+                    a = tl.load(gu_row + offs_k, mask=k_mask, other=0.0)
+                else:
+                    g = tl.load(gu_row + offs_k, mask=k_mask, other=0.0)
+                    a = _silu(g) * tl.load(gu_row + inter + offs_k, mask=k_mask, other=0.0)
                 mask = n_mask[:, None] & k_mask[None, :]
                 w = tl.load(rows + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
                 if FP8:
                     w *= tl.load(row_scales[:, None] + (offs_k // group_k)[None, :], mask=mask, other=0.0)
-                part += tl.sum(w * (_silu(g) * u)[None, :], axis=1)
+                part += tl.sum(w * a[None, :], axis=1)
             acc += part * tl.load(weights + pair)
         row = token.to(tl.int64) * ROWS + pid_s
         tl.store(out + row * N + offs_n, acc.to(out.dtype.element_ty), mask=n_mask)
