@@ -34,10 +34,10 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
+from disagg.common.config import triton_interpret
 from disagg.common.models.moe_align import (
     ExpertScales,
     grouped_experts,
@@ -54,7 +54,7 @@ except ImportError:  # the CPU image: the torch path in moe_align.py runs instea
     triton = None
 
 logger = logging.getLogger(__name__)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+_INTERPRET = triton_interpret()  # Triton's CPU interpreter (tests)
 _TRITON_ALIGN_MAX_PAIRS = 1 << 30  # pairs above which the torch alignment runs instead
 # pairs above which the alignment runs as three parallel launches, not one program (~0.8 ms at 16384
 # pairs on an H200, more than the grouped GEMMs of a 2048-token Qwen3-30B-A3B layer)
