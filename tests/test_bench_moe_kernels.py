@@ -70,3 +70,28 @@ def test_tune_saves_each_finished_step(monkeypatch):
     config, _ = moe_kernels.tune(layers, 6, {}, base, save=lambda c: saved.append(c))
     assert [s[1] for s in seen[4:]] == [1, 1, 1, 1, 16, 32, 64, 2048] and len(saved) == 4 + 8
     assert set(config["grouped"]) == {"1", "16", "32", "64", "2048"}
+
+
+def test_grouped_tune_at_prefill_sizes_keeps_the_rest(monkeypatch):
+    """--tune-grouped-at: only the prefill tiles at the given sizes (eager), the GEMV layout and the
+    other sizes' tiles kept; saved after each size."""
+    import torch
+    from disagg.common.bench import moe_kernels
+
+    seen = []
+
+    def fake_sweep(name, candidates, make_config, tokens, layers, k, ceil, graph):
+        seen.append((name, tokens, graph))
+        return candidates[0], [dict(path=name, tokens=tokens, config=candidates[0], us=1.0, of_roofline=0.5)]
+
+    monkeypatch.setattr(moe_kernels, "sweep", fake_sweep)
+    saved = []
+    layers = [(torch.empty(0), torch.empty(4, 16, 1408), None)]
+    base = {"gemv": {"BLOCK_N": 16}, "grouped": {"1": {"BLOCK_SIZE_M": 16}, "1024": {"BLOCK_SIZE_M": 64}}}
+    config, _ = moe_kernels.tune_grouped(layers, 6, {}, base, [2048, 4096], save=lambda c: saved.append(c))
+    assert seen == [("grouped", 2048, False), ("grouped", 4096, False)] and len(saved) == 2
+    assert config["gemv"] == base["gemv"] and config["grouped"]["1024"] == {"BLOCK_SIZE_M": 64}
+    assert (
+        set(config["grouped"]) == {"1", "1024", "2048", "4096"}
+        and config["grouped"]["4096"]["BLOCK_SIZE_M"] >= 64
+    )

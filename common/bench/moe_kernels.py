@@ -157,6 +157,54 @@ def sweep(name, candidates, make_config, tokens, layers, k, ceil, graph) -> tupl
     return rows[0]["config"], rows
 
 
+def grouped_candidates(fp8: bool) -> tuple[list[dict], list[dict]]:
+    """The grouped GEMM's tiles to try: for decode batches (16-row M tiles) and for prefill chunks."""
+    # SPLIT_ACT: gate|up as one GEMM, silu * up in the down kernel's loads (one accumulator a tile)
+    grouped_small = [
+        dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, num_warps=w, num_stages=s, SPLIT_ACT=sa)
+        for bn, bk, w, s, sa in itertools.product((32, 64, 128), (64, 128, 256), (4,), (3, 4), (False, True))
+    ]
+    grouped_large = [
+        dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, num_warps=w, num_stages=s, SPLIT_ACT=sa)
+        for bm, bn, bk, w, s, sa in itertools.product(
+            (64, 128), (64, 128), (64,), (4, 8), (3, 4), (False, True)
+        )
+    ] + [
+        dict(BLOCK_SIZE_M=128, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=128, num_warps=8, num_stages=s, SPLIT_ACT=True)
+        for bn, s in itertools.product((128, 256), (2, 3))
+    ]
+    if fp8:  # FP8: fused_moe.fp8_config fixes BLOCK_K = 128 and SPLIT_ACT
+        grouped_small = [c for c in grouped_small if c["BLOCK_SIZE_K"] == FP8_BLOCK[1] and c["SPLIT_ACT"]]
+        grouped_large = [
+            dict(
+                BLOCK_SIZE_M=bm,
+                BLOCK_SIZE_N=bn,
+                BLOCK_SIZE_K=FP8_BLOCK[1],
+                num_warps=w,
+                num_stages=s,
+                SPLIT_ACT=True,
+            )
+            for bm, bn, w, s in itertools.product((64, 128), (64, 128, 256), (4, 8), (2, 3, 4))
+        ]
+    return grouped_small, grouped_large
+
+
+def tune_grouped(layers, k: int, ceil: dict, base: dict, sizes: list[int], save=lambda config: None):
+    """Only the prefill tiles, at each of `sizes` tokens (eager, as a prefill runs them): e.g. a
+    model's prefill length where the nearest tuned size is far from it."""
+    config, log = json.loads(json.dumps(base)), []
+    _, large = grouped_candidates(layers[0][2] is not None)
+    for tokens in sizes:
+        best, rows = sweep(
+            "grouped", large, lambda c: {**config, "gemv_max_pairs": 0, "grouped": {"1": c}}, tokens, layers, k,
+            ceil, False,
+        )  # fmt: skip
+        config["grouped"][str(tokens)] = best
+        log += rows
+        save(config)
+    return config, log
+
+
 def tune(
     layers, k: int, ceil: dict, base: dict, gemv_only: bool = False, save=lambda config: None
 ) -> tuple[dict, list[dict]]:
@@ -227,33 +275,7 @@ def tune(
     )
     if gemv_only:  # the batch-1 layouts only (a few dozen candidates, not a hundred)
         return config, log
-    # SPLIT_ACT: gate|up as one GEMM, silu * up in the down kernel's loads (one accumulator a tile)
-    grouped_small = [
-        dict(BLOCK_SIZE_M=16, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, num_warps=w, num_stages=s, SPLIT_ACT=sa)
-        for bn, bk, w, s, sa in itertools.product((32, 64, 128), (64, 128, 256), (4,), (3, 4), (False, True))
-    ]
-    grouped_large = [
-        dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, num_warps=w, num_stages=s, SPLIT_ACT=sa)
-        for bm, bn, bk, w, s, sa in itertools.product(
-            (64, 128), (64, 128), (64,), (4, 8), (3, 4), (False, True)
-        )
-    ] + [
-        dict(BLOCK_SIZE_M=128, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=128, num_warps=8, num_stages=s, SPLIT_ACT=True)
-        for bn, s in itertools.product((128, 256), (2, 3))
-    ]
-    if layers[0][2] is not None:  # FP8: fused_moe.fp8_config fixes BLOCK_K = 128 and SPLIT_ACT
-        grouped_small = [c for c in grouped_small if c["BLOCK_SIZE_K"] == FP8_BLOCK[1] and c["SPLIT_ACT"]]
-        grouped_large = [
-            dict(
-                BLOCK_SIZE_M=bm,
-                BLOCK_SIZE_N=bn,
-                BLOCK_SIZE_K=FP8_BLOCK[1],
-                num_warps=w,
-                num_stages=s,
-                SPLIT_ACT=True,
-            )
-            for bm, bn, w, s in itertools.product((64, 128), (64, 128, 256), (4, 8), (2, 3, 4))
-        ]
+    grouped_small, grouped_large = grouped_candidates(fp8)
     # 16 and 32 tokens: the nearest tuned size picks a decode batch's tiles (grouped_config), and a
     # batch of 32 took the 1-token entry (moe_vs_hf's batch-32 steps ran slower than offline.py's 64)
     decode = [c for c in grouped_small if c["BLOCK_SIZE_N"] > 32 and c["BLOCK_SIZE_K"] > 64]  # fewer there
@@ -413,6 +435,11 @@ def main() -> None:
     p.add_argument(
         "--tune-gemv-only", action="store_true", help="tune the batch-1 GEMV layouts, keep the grouped"
     )
+    p.add_argument(
+        "--tune-grouped-at",
+        default=None,
+        help="tune only the prefill tiles, at these token counts (e.g. 2048,4096), keep the rest of the entry",
+    )
     p.add_argument("--fp8", action="store_true", help="FP8 experts with 128x128 block scales (DeepSeek-V3's)")
     p.add_argument("--output-dir", default=".")
     p.add_argument("--plot-from", default=None, help="only draw moe_kernels.png from this moe_kernels.json")
@@ -435,7 +462,10 @@ def main() -> None:
         table[key] = dict(config, device=torch.cuda.get_device_name())
         (out / "fused_moe_configs.json").write_text(json.dumps(table, indent=2) + "\n")
 
-    if not args.no_tune:
+    if args.tune_grouped_at:
+        sizes = [int(t) for t in args.tune_grouped_at.split(",")]
+        config, log = tune_grouped(layers, args.top_k, ceil, config, sizes, save)
+    elif not args.no_tune:
         config, log = tune(layers, args.top_k, ceil, config, args.tune_gemv_only, save)
     rows = compare(layers, args.top_k, ceil, config, [int(b) for b in args.batches.split(",")])
     if len(rows) > 1:  # the crossovers need a run of batches (`--batches 1` keeps the entry's)
