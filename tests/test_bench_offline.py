@@ -40,3 +40,29 @@ def test_a_generate_that_produces_nothing_fails(scheduler):
     """Prompts past the model's context (512) are refused: the benchmark says so, not a throughput."""
     with pytest.raises(RuntimeError, match="generated 0 of 8 tokens: .*context length is 512"):
         ours_generate(scheduler, 2, 600, 4)
+
+
+def test_touched_experts_counts_routers_that_skip_the_gate_module(tmp_path, monkeypatch):
+    """offline.py's "experts" column (behind each MoE roofline): the mean number of experts a decode
+    step routes to per layer, counted where the gate module is never called, as on the GPU where the
+    router's Triton GEMV computes the logits (the hooks on the gates it used counted nothing there:
+    ZeroDivisionError on the H100). Batch 1 at top-3 of 8 experts touches exactly 3 a layer."""
+    import torch.nn.functional as F
+    from disagg.common.bench.offline import bench_decode
+    from disagg.common.models.moe import SparseMoE
+
+    from tests.conftest import make_tiny_model
+
+    monkeypatch.setattr(SparseMoE, "logits", lambda self, x: F.linear(x, self.gate.weight))  # no gate call
+    engine = Engine(
+        model_path=make_tiny_model(tmp_path / "m", "qwen3_moe"), page_size=4, max_total_tokens=2048
+    )
+    try:
+        moes = [m for m in engine.scheduler.runner.model.modules() if isinstance(m, SparseMoE)]
+        _, _, touched = bench_decode(engine.scheduler, 1, 12, 2)
+        assert touched == moes[0].top_k == 3
+        _, _, touched = bench_decode(engine.scheduler, 4, 12, 2)
+        assert 3 < touched <= 8
+        assert all(int(m.expert_tokens.sum()) == 0 and not m.count_tokens for m in moes)  # left as found
+    finally:
+        engine.shutdown()

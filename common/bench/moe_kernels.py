@@ -451,7 +451,8 @@ def main() -> None:
     ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     print(f"{torch.cuda.get_device_name()}: ceilings {ceil}", flush=True)
     layers = make_layers(args.layers, args.experts, args.hidden, args.inter, args.fp8)
-    key = fused_moe.config_key(args.experts, args.inter, args.hidden, args.fp8)
+    # this device's own entry (moe_config prefers it on this device; the plain key's were tuned on an H200)
+    key = fused_moe.config_key(args.experts, args.inter, args.hidden, args.fp8, fused_moe.device_name())
     config = dict(fused_moe.moe_config(args.experts, args.inter, args.hidden, args.fp8))
     config["grouped_mm_min_tokens"] = 1 << 30  # the sweep and the gemv/grouped columns time Triton's kernels
     log = []

@@ -252,32 +252,30 @@ def weight_traffic(model) -> dict:
 
 def touched_experts(sched: Scheduler, plan) -> float:
     """Mean number of this rank's experts a forward of `plan` routes to, per MoE layer: one eager
-    forward with hooks on the routers (a graph replay runs no Python)."""
+    forward counted by the layers' per-expert counters (their own counts kept)."""
     model, runner = sched.runner.model, sched.runner
     moes = [m for m in model.modules() if isinstance(m, SparseMoE)]
     if not moes:
         return 0.0
-    counts = []
-
-    def record(moe):
-        def hook(_module, _inputs, out):
-            # a DeepSeek gate returns (weights, ids), the other routers their logits
-            ids = out[1] if isinstance(out, tuple) else out.topk(moe.top_k, dim=-1).indices
-            ids = ids - moe.first_expert
-            counts.append(int(torch.unique(ids[(ids >= 0) & (ids < moe.num_local)]).numel()))
-
-        return hook
-
-    handles = [m.gate.register_forward_hook(record(m)) for m in moes]
+    # the layers' own per-expert counters (set_expert_load_stats), not hooks on the gates: a gate
+    # module is not called where the router's Triton GEMV computes the logits
+    flags, kept = [m.count_tokens for m in moes], [m.expert_tokens.clone() for m in moes]
+    for m in moes:
+        m.count_tokens = True
+        m.expert_tokens.zero_()
     graphs, runner.graph_runner = runner.graph_runner, None
     try:
         if get_parallel().tp_size > 1:
             broadcast_plan(plan)
         runner.forward_plan(plan)
+        counts = [
+            int((m.expert_tokens[m.first_expert : m.first_expert + m.num_local] > 0).sum()) for m in moes
+        ]
     finally:
         runner.graph_runner = graphs
-        for h in handles:
-            h.remove()
+        for m, flag, tokens in zip(moes, flags, kept, strict=True):
+            m.count_tokens = flag
+            m.expert_tokens.copy_(tokens)
     return sum(counts) / len(counts)
 
 

@@ -16,7 +16,8 @@ Two paths, chosen by the number of routed (token, slot) pairs, a static shape:
   bf16 experts only, outside graph captures: prefill-sized batches, where the Triton path ran at
   ~20% of the matmul rate, mostly its one-program alignment (docs/benchmarks.md; the alignment now
   runs in parallel there); moe_kernels.py times all three and sets the threshold.
-Block sizes per shape live in fused_moe_configs.json (tuned on an H200, as vLLM/SGLang keep theirs).
+Block sizes per shape live in fused_moe_configs.json (tuned on an H200, as vLLM/SGLang keep theirs; a
+device's own entries where tuned on it, e.g. an H100's).
 
 FP8 experts (DeepSeek-V3's block-quantized checkpoints: float8_e4m3fn weights, one float32 scale per
 [block_n, block_k] block, `scales`): the grouped GEMMs quantize their activations per token per
@@ -90,18 +91,31 @@ def fused_moe_available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
-def config_key(num_experts: int, inter: int, hidden: int, fp8: bool = False) -> str:
-    """fused_moe_configs.json's key of an expert shape (FP8 experts: vLLM's `dtype=fp8_w8a8` suffix)."""
-    return f"E={num_experts},I={inter},H={hidden}" + (",dtype=fp8_w8a8" if fp8 else "")
+def config_key(num_experts: int, inter: int, hidden: int, fp8: bool = False, device: str = "") -> str:
+    """fused_moe_configs.json's key of an expert shape (FP8 experts: vLLM's `dtype=fp8_w8a8` suffix), and
+    of one device's own entry for it (`device=` the CUDA device name, as vLLM names its config files)."""
+    key = f"E={num_experts},I={inter},H={hidden}" + (",dtype=fp8_w8a8" if fp8 else "")
+    return key + (f",device={device}" if device else "")
+
+
+def device_name() -> str:
+    """The CUDA device's name (its tuned entries' key), "" without one."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else ""
 
 
 @functools.cache
-def moe_config(num_experts: int, inter: int, hidden: int, fp8: bool = False) -> dict:
-    """The checked-in block sizes for this expert shape (E experts, I = inter, H = hidden), else defaults.
-    FP8 experts take their own entry where one was tuned, else the bf16 one (fp8_config adapts it)."""
+def moe_config(
+    num_experts: int, inter: int, hidden: int, fp8: bool = False, device: str | None = None
+) -> dict:
+    """The checked-in block sizes for this expert shape (E experts, I = inter, H = hidden), else defaults:
+    this device's own entry where one was tuned on it (e.g. `...,device=NVIDIA H100 80GB HBM3`), else
+    the shape's plain entry (tuned on an H200). FP8 experts take their own entry where one was tuned,
+    else the bf16 one (fp8_config adapts it)."""
+    device = device_name() if device is None else device
     table = json.loads(_CONFIGS.read_text()) if _CONFIGS.exists() else {}
-    plain = table.get(config_key(num_experts, inter, hidden), _DEFAULT)
-    return table.get(config_key(num_experts, inter, hidden, fp8), plain)
+    keys = [config_key(num_experts, inter, hidden, q, d) for q in ((True, False) if fp8 else (False,))
+            for d in ((device, "") if device else ("",))]  # fmt: skip
+    return next((table[k] for k in keys if k in table), _DEFAULT)
 
 
 def grouped_config(config: dict, num_tokens: int) -> dict:
