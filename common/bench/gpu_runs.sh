@@ -90,7 +90,8 @@ for step in "$@"; do
            # V2-Lite with its H100 entry; then `pack`
            timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fused_moe.py tests/test_fused_moe_configs.py \
              > $OUT/fused_moe_tests.log 2>&1; tail -3 $OUT/fused_moe_tests.log
-           cfg=common/models/fused_moe_configs.json; cp $cfg /tmp/cfg_dev.json
+           cfg=common/models/fused_moe_configs.json; [ -f /tmp/moe_cfg.json ] && cp /tmp/moe_cfg.json $cfg  # this machine's tunes
+           cp $cfg /tmp/cfg_dev.json
            python3 -c "import json,sys; t=json.load(open(sys.argv[1])); json.dump({k: v for k, v in t.items() \
              if 'device=' not in k}, open(sys.argv[1], 'w'))" $cfg
            m=Qwen3-30B-A3B; a="--load-format dummy --batch-sizes 1,64 --context-len 1024 --decode-steps 16 --profile-batch-sizes 1"
