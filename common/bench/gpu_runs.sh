@@ -85,21 +85,20 @@ for step in "$@"; do
            [ -f $OUT/fused_moe_configs.json ] && cp $OUT/fused_moe_configs.json /tmp/moe_cfg.json
            [ -n "${SKIP_TESTS:-}" ] && touch /tmp/.fused_moe_tested
            MODELS=DeepSeek-V2-Lite:4096 bash common/bench/gpu_runs.sh after-tune ;;
-    s13b) # the thirteenth session's third call (H100): the fused-MoE GPU tests (the router GEMV, ACT, the device-keyed
-           # configs), then Qwen3-30B-A3B without and with its H100 entry (device keys stripped for the first run), then
-           # V2-Lite with its H100 entry; then `pack`
+    s13b) # the fused-MoE GPU tests (the router GEMV, ACT, the device-keyed configs), then Qwen3-30B-A3B and V2-Lite
+           # (MODELS) with the plain entries (device keys stripped), then with this device's; then `pack`. The
+           # thirteenth session's H100 call ran V2-Lite with its device entry only (its plain run was an earlier call's)
            timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fused_moe.py tests/test_fused_moe_configs.py \
              > $OUT/fused_moe_tests.log 2>&1; tail -3 $OUT/fused_moe_tests.log
            cfg=common/models/fused_moe_configs.json; [ -f /tmp/moe_cfg.json ] && cp /tmp/moe_cfg.json $cfg  # this machine's tunes
            cp $cfg /tmp/cfg_dev.json
            python3 -c "import json,sys; t=json.load(open(sys.argv[1])); json.dump({k: v for k, v in t.items() \
              if 'device=' not in k}, open(sys.argv[1], 'w'))" $cfg
-           m=Qwen3-30B-A3B; a="--load-format dummy --batch-sizes 1,64 --context-len 1024 --decode-steps 16 --profile-batch-sizes 1"
-           echo "--- $m plain entry"; bench --model-path $m --prefill-len 2048 $a > $OUT/base_$m.log; grep -A4 "^kind" $OUT/base_$m.log
-           cp /tmp/cfg_dev.json $cfg
-           for m in Qwen3-30B-A3B:2048 DeepSeek-V2-Lite:4096; do echo "--- ${m%%:*} device entry"
-             bench --model-path ${m%%:*} --prefill-len ${m#*:} $a > $OUT/dev_${m%%:*}.log; grep -A4 "^kind" $OUT/dev_${m%%:*}.log
-           done ;;
+           a="--load-format dummy --batch-sizes 1,64 --context-len 1024 --decode-steps 16 --profile-batch-sizes 1"
+           for kind in base dev; do for m in ${MODELS:-Qwen3-30B-A3B:2048 DeepSeek-V2-Lite:4096}; do
+             echo "--- ${m%%:*} $([ $kind = base ] && echo plain || echo device) entry"
+             bench --model-path ${m%%:*} --prefill-len ${m#*:} $a > $OUT/${kind}_${m%%:*}.log; grep -A4 "^kind" $OUT/${kind}_${m%%:*}.log
+           done; cp /tmp/cfg_dev.json $cfg; done ;;
     moe-tune-qwen3) # Qwen3-30B-A3B's batch-1 GEMV re-tune (on top of /tmp/moe_cfg.json where an earlier call left one)
            [ -f /tmp/moe_cfg.json ] && cp /tmp/moe_cfg.json common/models/fused_moe_configs.json
            timeout 290 python3 -m disagg.common.bench.moe_kernels --tune-gemv-only --batches 1 --output-dir $OUT \
