@@ -95,3 +95,7 @@ def test_grouped_tune_at_prefill_sizes_keeps_the_rest(monkeypatch):
         set(config["grouped"]) == {"1", "1024", "2048", "4096"}
         and config["grouped"]["4096"]["BLOCK_SIZE_M"] >= 64
     )
+    # decode batches: the 16-row tiles, timed in a CUDA graph
+    config, _ = moe_kernels.tune_grouped(layers, 6, {}, config, [32], save=lambda c: saved.append(c))
+    assert seen[-1] == ("grouped", 32, True) and config["grouped"]["32"]["BLOCK_SIZE_M"] == 16
+    assert set(config["grouped"]) == {"1", "32", "1024", "2048", "4096"}

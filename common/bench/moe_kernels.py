@@ -190,14 +190,16 @@ def grouped_candidates(fp8: bool) -> tuple[list[dict], list[dict]]:
 
 
 def tune_grouped(layers, k: int, ceil: dict, base: dict, sizes: list[int], save=lambda config: None):
-    """Only the prefill tiles, at each of `sizes` tokens (eager, as a prefill runs them): e.g. a
-    model's prefill length where the nearest tuned size is far from it."""
+    """Only the grouped GEMM's tiles, at each of `sizes` tokens: e.g. a model's prefill length where
+    the nearest tuned size is far from it (eager, as a prefill runs them), or decode batches of up to
+    64 tokens (16-row tiles, in a CUDA graph as a decode step runs them)."""
     config, log = json.loads(json.dumps(base)), []
-    _, large = grouped_candidates(layers[0][2] is not None)
+    small, large = grouped_candidates(layers[0][2] is not None)
     for tokens in sizes:
+        decode = tokens <= 64
         best, rows = sweep(
-            "grouped", large, lambda c: {**config, "gemv_max_pairs": 0, "grouped": {"1": c}}, tokens, layers, k,
-            ceil, False,
+            "grouped", small if decode else large, lambda c: {**config, "gemv_max_pairs": 0, "grouped": {"1": c}},
+            tokens, layers, k, ceil, decode,
         )  # fmt: skip
         config["grouped"][str(tokens)] = best
         log += rows
