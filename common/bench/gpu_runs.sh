@@ -52,6 +52,10 @@ for step in "$@"; do
                ${shape#*:} > $OUT/moe_tune_$name.log 2>&1; tail -4 $OUT/moe_tune_$name.log
              cp $OUT/fused_moe_configs.json common/models/fused_moe_configs.json
            done; cp common/models/fused_moe_configs.json /tmp/moe_cfg.json ;;  # for `after-tune`
+    v2lite-prefill) # issue 20: where DeepSeek-V2-Lite's 4096-token prefill goes (thirteenth session, H100: 65 ms for ~27 ms
+           # of FLOPs, its MoE ~30 ms of it by the layer figures); PDL off, so each kernel's span is its own work
+           DISAGG_PDL=0 bench --model-path DeepSeek-V2-Lite --load-format dummy --batch-sizes 1 --context-len 1024 \
+             --prefill-len 4096 --decode-steps 4 --profile-prefill | tee $OUT/v2lite_prefill.log | tail -32 ;;
     moe-prefill) # issue 19: where a 2048-token MoE prefill goes (the kernels of one prefill, torch profiler)
            bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 --prefill-len 2048 \
              --decode-steps 4 --profile-prefill | tee $OUT/moe_prefill.log | tail -32 ;;
