@@ -99,3 +99,25 @@ def test_grouped_tune_at_prefill_sizes_keeps_the_rest(monkeypatch):
     config, _ = moe_kernels.tune_grouped(layers, 6, {}, config, [32], save=lambda c: saved.append(c))
     assert seen[-1] == ("grouped", 32, True) and config["grouped"]["32"]["BLOCK_SIZE_M"] == 16
     assert set(config["grouped"]) == {"1", "32", "1024", "2048", "4096"}
+
+
+def test_fp8_gemv_sweep_tries_tiles_within_a_scale_block_and_across(monkeypatch):
+    """FP8 experts: the gate/up GEMV layouts keep K tiles within one 128-wide scale block (one scale a
+    tile row) as well as FP8_WIDE_K tiles across blocks; both kinds are candidates."""
+    import torch
+    from disagg.common.bench import moe_kernels
+
+    seen = {}
+
+    def fake_sweep(name, candidates, make_config, tokens, layers, k, ceil, graph):
+        seen.setdefault(name, candidates)
+        return candidates[0], []
+
+    monkeypatch.setattr(moe_kernels, "sweep", fake_sweep)
+    scales = object()  # FP8: any scales
+    layers = [(torch.empty(0), torch.empty(4, 16, 256), scales)]
+    moe_kernels.tune(layers, 8, {}, {"gemv": {}, "grouped": {"1": {}}}, gemv_only=True)
+    plain = [c for c in seen["gemv"] if not c.get("FP8_WIDE_K")]
+    wide = [c for c in seen["gemv"] if c.get("FP8_WIDE_K")]
+    assert plain and all(c["BLOCK_K"] <= 128 for c in plain) and {c["SPLIT_K"] for c in plain} >= {1, 8}
+    assert wide and all(c["BLOCK_K"] > 128 for c in wide)

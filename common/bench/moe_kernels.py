@@ -220,9 +220,12 @@ def tune(
         # and streamed gate/up at ~67% of bandwidth: so narrower tiles, deeper splits, other warp counts)
         # (SPLIT_K 1-2: fewer, longer programs and no zeroed buffer or atomics: at one token DeepSeek-V2-Lite's 6
         # experts x 1408 rows still make 528 programs of 16 rows)
-        for bn, bk, s, w in itertools.product((8, 16, 32), (256, 512), (1, 2, 4, 8, 16), (2, 4, 8))
-        if (not fp8 or bk <= FP8_BLOCK[1])  # FP8: a gate/up K tile within one scale block ...
-        and (s >= 4 or w >= 4)
+        # FP8: a gate/up K tile within one scale block (64 or 128 wide; the twelfth session's 256/512-only
+        # sweep left FP8 none of these) ...
+        for bn, bk, s, w in itertools.product(
+            (8, 16, 32), (64, FP8_BLOCK[1]) if fp8 else (256, 512), (1, 2, 4, 8, 16), (2, 4, 8)
+        )
+        if s >= 4 or w >= 4
     ]
     if fp8:  # ... or (FP8_WIDE_K) tiles across blocks, each weight element scaled by its block's scale
         gemv += [
