@@ -41,17 +41,6 @@ for step in "$@"; do
            # MOE_ARGS another shape, e.g. DeepSeek-V2-Lite's "--experts 64 --inter 1408 --top-k 6"
            timeout "${T:-400}" python3 -m disagg.common.bench.moe_kernels --output-dir $OUT ${MOE_ARGS:-} 2>&1 | tee $OUT/moe_kernels.log \
              && cp $OUT/fused_moe_configs.json common/models/fused_moe_configs.json ;;
-    moe-tune) # the twelfth session: the batch-1 MoE GEMV layouts of Qwen3-30B-A3B and DeepSeek-V2-Lite (~145 layouts
-           # each: gate/up, down, down with DOWN_SPLIT_K, its K tile; T per shape, 250 s: alone in a call): V2-Lite's entry
-           # predates DOWN_SPLIT and its down GEMV ran at ~43% of its bytes (19.2 us a layer, h200-s11
-           # e_v2lite_triton.log); each entry replaces the repo's in this machine's tree (the engine steps after it use
-           # it), the table ends in $OUT/fused_moe_configs.json
-           for shape in "qwen3:" "v2lite:--experts 64 --inter 1408 --top-k 6"; do
-             name=${shape%%:*}
-             timeout "${T:-250}" python3 -m disagg.common.bench.moe_kernels --tune-gemv-only --batches 1 --output-dir $OUT \
-               ${shape#*:} > $OUT/moe_tune_$name.log 2>&1; tail -4 $OUT/moe_tune_$name.log
-             cp $OUT/fused_moe_configs.json common/models/fused_moe_configs.json
-           done; cp common/models/fused_moe_configs.json /tmp/moe_cfg.json ;;  # for `after-tune`
     v2lite-prefill) # issue 20: where DeepSeek-V2-Lite's 4096-token prefill goes (thirteenth session, H100: 65 ms for ~27 ms
            # of FLOPs, its MoE ~30 ms of it by the layer figures); PDL off, so each kernel's span is its own work
            DISAGG_PDL=0 bench --model-path DeepSeek-V2-Lite --load-format dummy --batch-sizes 1 --context-len 1024 \
@@ -108,8 +97,8 @@ for step in "$@"; do
            timeout 290 python3 -m disagg.common.bench.moe_kernels --tune-gemv-only --batches 1 --output-dir $OUT \
              > $OUT/moe_tune_qwen3.log 2>&1; tail -4 $OUT/moe_tune_qwen3.log
            [ -f $OUT/fused_moe_configs.json ] && cp $OUT/fused_moe_configs.json /tmp/moe_cfg.json ;;
-    after-tune) # the thirteenth session, after `moe-tune` on the same warm machine (its configs in /tmp/moe_cfg.json, or
-           # the tree's): the fused-MoE GPU tests (DOWN_SPLIT_K / DOWN_BLOCK_K paths, the router GEMV and its start-up
+    after-tune) # the thirteenth session, after `s13` / `moe-tune-qwen3` on the same warm machine (their configs in
+           # /tmp/moe_cfg.json, or the tree's): the fused-MoE GPU tests (DOWN_SPLIT_K / DOWN_BLOCK_K paths, the router GEMV and its start-up
            # check), then Qwen3-30B-A3B and DeepSeek-V2-Lite at batch 1 and 64 with their batch-1 profiles; then `pack`
            [ -f /tmp/moe_cfg.json ] && cp /tmp/moe_cfg.json common/models/fused_moe_configs.json
            [ -f /tmp/.fused_moe_tested ] || { timeout "${T:-200}" python3 -m pytest -q -p no:cacheprovider \

@@ -189,21 +189,25 @@ def grouped_candidates(fp8: bool) -> tuple[list[dict], list[dict]]:
     return grouped_small, grouped_large
 
 
-def tune_grouped(layers, k: int, ceil: dict, base: dict, sizes: list[int], save=lambda config: None):
-    """Only the grouped GEMM's tiles, at each of `sizes` tokens: e.g. a model's prefill length where
-    the nearest tuned size is far from it (eager, as a prefill runs them), or decode batches of up to
-    64 tokens (16-row tiles, in a CUDA graph as a decode step runs them)."""
-    config, log = json.loads(json.dumps(base)), []
-    small, large = grouped_candidates(layers[0][2] is not None)
-    for tokens in sizes:
-        decode = tokens <= 64
+def grouped_steps(config: dict, log: list, plan, layers, k: int, ceil: dict, save) -> None:
+    """For each (tokens, candidates) of `plan`, the fastest tile becomes config["grouped"][tokens]:
+    decode batches (<= 64 tokens) timed in a CUDA graph, prefill sizes eagerly, as each runs."""
+    for tokens, cands in plan:
         best, rows = sweep(
-            "grouped", small if decode else large, lambda c: {**config, "gemv_max_pairs": 0, "grouped": {"1": c}},
-            tokens, layers, k, ceil, decode,
+            "grouped", cands, lambda c: {**config, "gemv_max_pairs": 0, "grouped": {"1": c}}, tokens, layers, k,
+            ceil, tokens <= 64,
         )  # fmt: skip
         config["grouped"][str(tokens)] = best
         log += rows
         save(config)
+
+
+def tune_grouped(layers, k: int, ceil: dict, base: dict, sizes: list[int], save=lambda config: None):
+    """Only the grouped GEMM's tiles, at each of `sizes` tokens: e.g. a model's prefill length where
+    the nearest tuned size is far from it, or decode batches of up to 64 tokens (16-row tiles)."""
+    config, log = json.loads(json.dumps(base)), []
+    small, large = grouped_candidates(layers[0][2] is not None)
+    grouped_steps(config, log, [(t, small if t <= 64 else large) for t in sizes], layers, k, ceil, save)
     return config, log
 
 
@@ -284,20 +288,8 @@ def tune(
     # 16 and 32 tokens: the nearest tuned size picks a decode batch's tiles (grouped_config), and a
     # batch of 32 took the 1-token entry (moe_vs_hf's batch-32 steps ran slower than offline.py's 64)
     decode = [c for c in grouped_small if c["BLOCK_SIZE_N"] > 32 and c["BLOCK_SIZE_K"] > 64]  # fewer there
-    for tokens, cands in ((16, decode), (32, decode), (64, grouped_small), (2048, grouped_large)):
-        best, rows = sweep(
-            "grouped",
-            cands,
-            lambda c: {**config, "gemv_max_pairs": 0, "grouped": {"1": c}},
-            tokens,
-            layers,
-            k,
-            ceil,
-            tokens <= 64,
-        )
-        config["grouped"][str(tokens)] = best
-        log += rows
-        save(config)
+    plan = ((16, decode), (32, decode), (64, grouped_small), (2048, grouped_large))
+    grouped_steps(config, log, plan, layers, k, ceil, save)
     return config, log
 
 
