@@ -435,7 +435,7 @@ def main() -> None:
     p.add_argument(
         "--tune-grouped-at",
         default=None,
-        help="tune only the prefill tiles, at these token counts (e.g. 2048,4096), keep the rest of the entry",
+        help="tune only the grouped tiles at these token counts (prefill: e.g. 2048,4096; decode: <= 64), keep the rest",
     )
     p.add_argument("--fp8", action="store_true", help="FP8 experts with 128x128 block scales (DeepSeek-V3's)")
     p.add_argument("--output-dir", default=".")
