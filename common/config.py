@@ -23,8 +23,9 @@ from pathlib import Path
 #   DISAGG_DP_REPLICA       "i/N": set by the --dp-size controller for replica i of N (its ranks inherit it)
 #   DISAGG_FP8_GEMM         FP8 block-quantized checkpoints: auto (Triton FP8 GEMMs on Hopper, dequantized
 #                           at load elsewhere) | torch (the block-scaled math in torch, any device) | off
-#   DISAGG_MLA_PREFILL      MLA prefill/mixed batches on the FlashInfer MLA backend: flashinfer (absorbed
-#                           form on its MLA kernel, default) | torch (expanded form, torch SDPA; A/B runs)
+#   DISAGG_MLA_PREFILL      MLA prefill/mixed batches on the FlashInfer MLA backend: auto (default: each batch
+#                           in the form of fewer attention FLOPs) | absorbed (its MLA kernel) | expanded
+#                           (its ragged prefill kernel) | torch (expanded form, torch SDPA); A/B runs
 #   DISAGG_MLA_KERNEL       FlashInfer's MLA kernel family: auto (FlashInfer's pick: FA3 on Hopper) | fa2 | fa3
 #   DISAGG_PDL              1 (default): the Triton kernels launch with Programmatic Dependent Launch on Hopper
 #                           or newer (common/models/pdl.py; the H200 A/B of docs/benchmarks.md, eleventh
@@ -155,10 +156,10 @@ def mla_kernel() -> str:
 
 
 def mla_prefill_mode() -> str:
-    """DISAGG_MLA_PREFILL: flashinfer | torch (common/engine/attention_flashinfer.py)."""
-    mode = os.environ.get("DISAGG_MLA_PREFILL", "flashinfer") or "flashinfer"
-    if mode not in ("flashinfer", "torch"):
-        raise ValueError(f"DISAGG_MLA_PREFILL={mode!r}: expected flashinfer or torch")
+    """DISAGG_MLA_PREFILL: auto | absorbed | expanded | torch (common/engine/attention_flashinfer.py)."""
+    mode = os.environ.get("DISAGG_MLA_PREFILL", "auto") or "auto"
+    if mode not in ("auto", "absorbed", "expanded", "torch"):
+        raise ValueError(f"DISAGG_MLA_PREFILL={mode!r}: expected auto, absorbed, expanded or torch")
     return mode
 
 

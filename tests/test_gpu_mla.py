@@ -1,6 +1,6 @@
 """On a CUDA GPU with FlashInfer: MLA (DeepSeek) attention on FlashInfer's MLA kernels over the
-latent pages in place. The kernel's decode and prefill (absorbed form, causal) equal the torch MLA
-path on the same pages; a small dummy DeepSeek-V3 shape (FP8 linears on Hopper) decodes the same
+latent pages in place. The kernel's decode and prefill (absorbed form, causal), and the expanded form
+on the ragged prefill kernel, equal the torch MLA path on the same pages; a small dummy DeepSeek-V3 shape (FP8 linears on Hopper) decodes the same
 greedy tokens on torch attention, on FlashInfer eagerly and on FlashInfer under CUDA graphs (bf16:
 vLLM's check_logprobs_close, as tests/test_gpu_engine.py). Skipped without CUDA or flashinfer."""
 
@@ -21,12 +21,17 @@ SMALL_V3 = dict(num_hidden_layers=2, hidden_size=256, intermediate_size=512, moe
                 max_position_embeddings=2048)  # fmt: skip
 
 
+def attn_config():
+    from disagg.common.models.weights import load_config
+
+    return load_config("DeepSeek-V3", json.dumps(SMALL_V3))
+
+
 def _mla_layer():
     from disagg.common.models.deepseek import MLAttention
     from disagg.common.models.layers import RotaryEmbedding
-    from disagg.common.models.weights import load_config
 
-    config = load_config("DeepSeek-V3", json.dumps(SMALL_V3))
+    config = attn_config()
     torch.manual_seed(0)
     with torch.device("cuda"):
         attn = MLAttention(config, 0, RotaryEmbedding(config, config.qk_rope_head_dim, 2048))
@@ -58,20 +63,28 @@ def _batch(q_lens: list[int], kv_lens: list[int], page_size: int):
 
 
 @pytest.mark.parametrize(
-    "q_lens,kv_lens,page_size",
+    "q_lens,kv_lens,page_size,form",
     [
-        ([1, 1, 1, 1], [1, 17, 300, 1024], 16),  # decode (causal=False)
-        ([1, 1], [5, 70], 1),  # decode, page size 1 (SGLang's MLA layout)
-        ([37, 1, 130], [37, 900, 200], 16),  # a prompt, a decode and a chunk on a prefix (causal=True)
+        ([1, 1, 1, 1], [1, 17, 300, 1024], 16, "absorbed"),  # decode (causal=False)
+        ([1, 1], [5, 70], 1, "absorbed"),  # decode, page size 1 (SGLang's MLA layout)
+        (
+            [37, 1, 130],
+            [37, 900, 200],
+            16,
+            "absorbed",
+        ),  # a prompt, a decode and a chunk on a prefix (causal=True)
+        ([37, 1, 130], [37, 900, 200], 16, "expanded"),  # the same on the ragged prefill kernel
+        ([1000, 300], [1000, 301], 16, "expanded"),  # a long prompt, a chunk on a one-token prefix
     ],
 )
-def test_flashinfer_mla_equals_torch_on_the_same_pages(q_lens, kv_lens, page_size):
+def test_flashinfer_mla_equals_torch_on_the_same_pages(q_lens, kv_lens, page_size, form, monkeypatch):
     pytest.importorskip("flashinfer")
     from disagg.common.engine.attention import TorchBackend
     from disagg.common.engine.attention_flashinfer import FlashInferMLABackend
     from disagg.common.engine.kv_pool import KVPagePool
-    from disagg.common.models.deepseek import gather_latent, latent_pages, write_latent
+    from disagg.common.models.deepseek import gather_latent, latent_pages, mla_dims, write_latent
 
+    monkeypatch.setenv("DISAGG_MLA_PREFILL", form)
     attn = _mla_layer()
     pool = KVPagePool(256, page_size, 1, 1, (attn.rank + attn.rope_dim) // 2, torch.bfloat16, "cuda")
     batch = _batch(q_lens, kv_lens, page_size)
@@ -83,14 +96,19 @@ def test_flashinfer_mla_equals_torch_on_the_same_pages(q_lens, kv_lens, page_siz
     q_nope = torch.randn(t, attn.num_heads, attn.nope, device="cuda", dtype=torch.bfloat16)
     q_pe = torch.randn(t, attn.num_heads, attn.rope_dim, device="cuda", dtype=torch.bfloat16)
 
-    fi = FlashInferMLABackend(torch.device("cuda"), pool, attn.num_heads)
+    fi = FlashInferMLABackend(torch.device("cuda"), pool, attn.num_heads, mla_dims(attn_config()))
     fi.prepare(batch)
-    # the planner's host arrays are pinned: its copies of them never wait for a step in flight
-    qo_indptr, kv_indptr, _, kv_len = batch.attn["mla_metadata"]
-    assert qo_indptr.is_pinned() and kv_indptr.is_pinned() and kv_len.is_pinned()
+    assert fi.runs_expanded(batch) == (form == "expanded" and not batch.is_decode_only)
+    # the planners' host arrays are pinned: their copies never wait for a step in flight
+    planned = batch.attn["mla_ragged"] if fi.runs_expanded(batch) else batch.attn["mla_metadata"]
+    assert all(t.is_pinned() for t in planned if t.device.type == "cpu")
     TorchBackend().prepare(batch)
+    pages = latent_pages(pool.kv_buffer[0])
     with torch.inference_mode():  # as the model runs (its GEMMs write into preallocated rows)
-        out = attn.paged_absorbed_attention(q_nope, q_pe, latent_pages(pool.kv_buffer[0]), batch, fi).float()
+        if fi.runs_expanded(batch):
+            out = attn.ragged_expanded_attention(q_nope, q_pe, pages, batch, fi).float()
+        else:
+            out = attn.paged_absorbed_attention(q_nope, q_pe, pages, batch, fi).float()
     # the torch MLA path in float32 on the same bf16 values: absorbed for decode, expanded for prefill
     ref_attn = attn.float()
     form = ref_attn.absorbed_attention if batch.is_decode_only else ref_attn.expanded_attention

@@ -117,6 +117,41 @@ class ReferenceMLAApi:
     MLAPlanMetadata = ReferenceMLAPlanMetadata
 
 
+class ReferenceRaggedWrapper:
+    """flashinfer.BatchPrefillWithRaggedKVCacheWrapper (0.7.2) in torch: the calls the backend makes,
+    the plan's checks, and the kernel's math (per request: its rows of q against its rows of k and
+    v, bottom-right causal: query j of q_len sits at position kv_len - q_len + j)."""
+
+    def __init__(self, float_workspace_buffer, kv_layout="NHD"):
+        assert kv_layout == "NHD"
+        self.plans = 0
+
+    def plan(self, qo_indptr, kv_indptr, num_qo_heads, num_kv_heads, head_dim_qk, head_dim_vo=None, *,
+             causal=False, sm_scale=None, q_data_type="float16", kv_data_type=None):  # fmt: skip
+        for t in (qo_indptr, kv_indptr):
+            assert t.dtype == torch.int32 and t.ndim == 1 and t.device.type == "cpu"
+        assert (qo_indptr.diff() <= kv_indptr.diff()).all() and causal
+        self.qo, self.kv, self.heads = qo_indptr.tolist(), kv_indptr.tolist(), (num_qo_heads, num_kv_heads)
+        self.dims, self.scale, self.dtype = (head_dim_qk, head_dim_vo), sm_scale, q_data_type
+        self.plans += 1
+
+    def run(self, q, k, v):
+        assert q.shape[1:] == (self.heads[0], self.dims[0]) and k.shape[1:] == (self.heads[1], self.dims[0])
+        assert (
+            v.shape[1:] == (self.heads[1], self.dims[1])
+            and len(k) == len(v) == self.kv[-1]
+            and len(q) == self.qo[-1]
+        )
+        assert all(t.dtype == self.dtype and t.stride(-1) == 1 for t in (q, k, v))
+        out = q.new_empty(len(q), q.shape[1], v.shape[-1])
+        for q0, q1, k0, k1 in zip(self.qo[:-1], self.qo[1:], self.kv[:-1], self.kv[1:], strict=True):
+            s = torch.einsum("qhd,khd->qhk", q[q0:q1], k[k0:k1]) * self.scale
+            pos = torch.arange(k1 - k0 - (q1 - q0), k1 - k0)
+            s = s.masked_fill(torch.arange(k1 - k0)[None, None, :] > pos[:, None, None], float("-inf"))
+            out[q0:q1] = torch.einsum("qhk,khd->qhd", s.softmax(-1), v[k0:k1])
+        return out
+
+
 @pytest.fixture(scope="module")
 def tiny_v3(tmp_path_factory) -> str:
     from tests.test_common_deepseek import make_tiny_deepseek
@@ -124,27 +159,33 @@ def tiny_v3(tmp_path_factory) -> str:
     return make_tiny_deepseek(tmp_path_factory.mktemp("mla") / "v3", "v3")
 
 
-@pytest.mark.parametrize("prefill", ["flashinfer", "torch"])
+@pytest.mark.parametrize("prefill", ["absorbed", "expanded", "auto", "torch"])
 def test_flashinfer_mla_backend_glue_gives_transformers_tokens(engines, tiny_v3, monkeypatch, prefill):
-    """The FlashInfer MLA backend (plan per forward, absorbed form for prefill chunks, mixed and
-    decode batches, latent pages read in place) over FlashInfer's API in torch: transformers'
-    greedy tokens, one plan per forward whatever the number of layers. DISAGG_MLA_PREFILL=torch:
-    prefill and mixed batches run torch's expanded form, decode batches still the kernel."""
-    from disagg.common.engine.attention_flashinfer import FlashInferMLABackend
+    """The FlashInfer MLA backend (plan per forward, latent pages read in place) over FlashInfer's API
+    in torch: transformers' greedy tokens, one plan per forward whatever the number of layers.
+    DISAGG_MLA_PREFILL: prefill chunks and mixed batches (a chunk on a cached prefix, decode rows
+    beside it) in the absorbed form on the MLA kernel, in the expanded form on the ragged prefill
+    kernel (every key's latent listed and expanded), each batch in the form of fewer FLOPs (auto:
+    here the long chunks expanded, the mixed batches absorbed), or expanded on torch SDPA; decode
+    batches always on the MLA kernel."""
+    from disagg.common.engine.attention_flashinfer import FlashInferMLABackend, expanded_pays
+    from disagg.common.models.deepseek import mla_dims
 
     monkeypatch.setenv("DISAGG_MLA_PREFILL", prefill)
 
     engine = engines.get(model_path=tiny_v3, page_size=4, chunked_prefill_size=16, max_total_tokens=1024)
     runner = engine.scheduler.runner
-    heads = runner.hf_config.num_attention_heads
-    backend = FlashInferMLABackend(torch.device("cpu"), runner.pool, heads, api=ReferenceMLAApi)
-    prepared, prepare = [0], backend.prepare
+    heads, dims = runner.hf_config.num_attention_heads, mla_dims(runner.hf_config)
+    backend = FlashInferMLABackend(
+        torch.device("cpu"), runner.pool, heads, dims, api=ReferenceMLAApi, ragged=ReferenceRaggedWrapper
+    )
+    batches, prepare = [], backend.prepare
 
-    def counting_prepare(batch):
-        prepared[0] += 1
+    def recording_prepare(batch):
+        batches.append((batch.is_decode_only, expanded_pays(batch.q_lens, batch.kv_lens, dims)))
         prepare(batch)
 
-    backend.prepare = counting_prepare
+    backend.prepare = recording_prepare
     torch_backend, runner.backend = runner.backend, backend
     try:
         rng = random.Random(3)
@@ -154,10 +195,15 @@ def test_flashinfer_mla_backend_glue_gives_transformers_tokens(engines, tiny_v3,
         runner.backend = torch_backend
     for prompt, out in zip(prompts, outs, strict=True):
         assert out["output_ids"] == hf_greedy(tiny_v3, prompt, 12)
-    if prefill == "flashinfer":
-        assert backend.wrapper.plans == prepared[0] >= 12  # one plan per forward, not one per layer
-    else:
-        assert 0 < backend.wrapper.plans <= 11 < prepared[0]  # the decode-only forwards alone
+    decode = sum(d for d, _ in batches)
+    expanded = {"absorbed": 0, "expanded": len(batches) - decode, "torch": 0}.get(
+        prefill, sum(not d and pays for d, pays in batches)
+    )
+    mla = len(batches) - expanded - (len(batches) - decode if prefill == "torch" else 0)
+    assert 0 < decode < len(batches) >= 12
+    assert (backend.wrapper.plans, backend.ragged.plans if backend.ragged else 0) == (mla, expanded)
+    if prefill == "auto":
+        assert 0 < expanded < len(batches) - decode  # both forms ran
     assert_pool_clean(engine.scheduler)
 
 

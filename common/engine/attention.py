@@ -64,6 +64,19 @@ class MLABackend(AttentionBackend):
         built by prepare()."""
         return True
 
+    def runs_expanded(self, batch: ForwardBatch) -> bool:
+        """True: this batch runs the expanded form on run_ragged() instead of run_mla(), over the
+        latent rows batch.attn["mla_kv_rows"] that prepare() listed."""
+        return False
+
+    def run_ragged(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sm_scale: float, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """The expanded form: q [T, H, qk] (new tokens), k [N, H, qk] and v [N, H, v] (every key of
+        each request, batch.attn["mla_kv_rows"]'s order: request by request, position order), causal
+        with each request's new tokens last; returns [T, H, v]."""
+        raise NotImplementedError(f"{type(self).__name__} runs the absorbed form only")
+
     @abstractmethod
     def run_mla(
         self,

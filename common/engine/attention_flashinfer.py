@@ -6,11 +6,14 @@ the layers (and outside any CUDA graph).
 
 MLA (DeepSeek): `FlashInferMLABackend` runs `flashinfer.mla.BatchMLAPagedAttentionWrapper`
 (FlashInfer 0.7.2: canonical `MLAPlanMetadata.csr` plans, split query and KV inputs) on the
-latent pages in place, in the weight-absorbed form for every batch: decode (causal=False) and
-prefill/mixed batches too (causal=True), so one plan per step serves all layers and no latent is
-gathered or expanded per head. The kernels need kv_lora_rank a multiple of 128 and
-qk_rope_head_dim a multiple of 64 (deepseek.flashinfer_mla_unsupported says when a model falls
-back to torch).
+latent pages in place, in the weight-absorbed form: decode (causal=False) and short prefill chunks
+and mixed batches (causal=True), one plan per step for all layers. A batch whose attention takes
+fewer FLOPs in the expanded form (a long prompt: per query-key pair 192 + 128 products a head, not
+576 + 512, for one kv_b_proj GEMM over its keys' latents) runs that form on FlashInfer's ragged
+prefill kernel instead (`BatchPrefillWithRaggedKVCacheWrapper`, head dims 192 / 128), over the
+latent rows prepare() lists (expanded_pays; DISAGG_MLA_PREFILL forces a form). The MLA kernels
+need kv_lora_rank a multiple of 128 and qk_rope_head_dim a multiple of 64
+(deepseek.flashinfer_mla_unsupported says when a model falls back to torch).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import itertools
 import torch
 from disagg.common.config import mla_kernel, mla_prefill_mode
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend, TorchBackend
-from disagg.common.engine.device_wait import host_tensor, to_device
+from disagg.common.engine.device_wait import host_tensor, host_to_device, to_device
 
 _WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -81,6 +84,35 @@ def mla_metadata(
     return qo_indptr, kv_indptr, indices, host_tensor(kv_lens, torch.int32, device)
 
 
+def expanded_pays(q_lens: list[int], kv_lens: list[int], dims: tuple[int, int, int, int]) -> bool:
+    """Whether a batch's MLA attention takes fewer FLOPs in the expanded form than in the absorbed
+    one, per head (dims: kv_lora_rank, qk_rope, qk_nope, v). Absorbed: each causal query-key pair
+    q.k over rank + rope and p.v over rank, each query through W_UK and W_UV (rank x (nope + v));
+    expanded: a pair nope + rope and v, each key's latent through kv_b_proj (rank x (nope + v)).
+    A 4096-token prompt of V2-Lite: 3.0x fewer expanded; a decode row or a short chunk on a long
+    prefix: absorbed."""
+    rank, rope, nope, v = dims
+    pairs = sum(q * (kv - q) + q * (q + 1) // 2 for q, kv in zip(q_lens, kv_lens, strict=True))
+    per_token = rank * (nope + v)
+    absorbed = pairs * (2 * rank + rope) + sum(q_lens) * per_token
+    expanded = pairs * (nope + rope + v) + sum(kv_lens) * per_token
+    return expanded < absorbed
+
+
+def latent_kv_rows(
+    kv_lens: list[int], tables: list[list[int]], page_size: int, device: torch.device
+) -> torch.Tensor:
+    """[sum kv_lens] int64 on `device`: every key's row in a layer's latent_pages(...).view(-1, latent),
+    request by request in position order (built on the host, one pinned copy)."""
+    n_pages = [(kv + page_size - 1) // page_size for kv in kv_lens]
+    pages = torch.tensor([p for t, n in zip(tables, n_pages, strict=True) for p in t[:n]], dtype=torch.long)
+    rows = (pages[:, None] * page_size + torch.arange(page_size)).flatten()
+    spans = torch.tensor(n_pages) * page_size
+    start = torch.repeat_interleave(torch.cumsum(spans, 0) - spans, spans)
+    keep = torch.arange(rows.numel()) - start < torch.repeat_interleave(torch.tensor(kv_lens), spans)
+    return host_to_device(rows[keep], device)
+
+
 def plan_mla(
     api,
     wrapper,
@@ -120,6 +152,12 @@ def flashinfer_mla_api():
     return flashinfer.mla
 
 
+def flashinfer_ragged_wrapper():
+    import flashinfer
+
+    return flashinfer.BatchPrefillWithRaggedKVCacheWrapper
+
+
 class FlashInferMLABackend(FlashInferBackend, MLABackend):
     """MLA on FlashInfer's paged MLA kernels (see the module docstring).
 
@@ -129,28 +167,61 @@ class FlashInferMLABackend(FlashInferBackend, MLABackend):
     graphs plan before the replay instead) and serves every layer of that forward.
     """
 
-    def __init__(self, device: torch.device, pool, num_qo_heads: int, api=None, **_):
+    def __init__(
+        self, device: torch.device, pool, num_qo_heads: int, mla_dims=None, api=None, ragged=None, **_
+    ):
         # NOTE: no super().__init__(): the MHA wrappers would only take workspace memory
         self.api = api or flashinfer_mla_api()
         self.pool, self.num_qo_heads, self.device = pool, num_qo_heads, device
         self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.wrapper = self.api.BatchMLAPagedAttentionWrapper(self.workspace, backend=mla_kernel())
-        # DISAGG_MLA_PREFILL=torch: prefill and mixed batches run the expanded form on torch SDPA
-        # (to compare with the absorbed form on the kernel; decode stays on the kernel)
-        self.torch_prefill, self.torch = mla_prefill_mode() == "torch", TorchBackend()
+        # DISAGG_MLA_PREFILL: prefill and mixed batches in the form of fewer FLOPs (auto; mla_dims:
+        # kv_lora_rank, rope, nope, v; without them absorbed), or always absorbed or expanded on
+        # FlashInfer, or expanded on torch SDPA (A/B runs); decode-only batches stay on the MLA kernel
+        self.prefill_mode, self.torch, self.dims = mla_prefill_mode(), TorchBackend(), mla_dims
+        if self.prefill_mode == "auto" and mla_dims is None:
+            self.prefill_mode = "absorbed"
+        # the ragged prefill wrapper shares the workspace: a batch runs one form or the other
+        self.ragged = None
+        if self.prefill_mode in ("auto", "expanded"):
+            ragged = ragged or flashinfer_ragged_wrapper()
+            self.ragged = ragged(self.workspace, "NHD")
 
     def prepare(self, batch: ForwardBatch) -> None:
         if not batch.q_lens:  # an idle DP-attention rank runs no attention
             return
-        if self.torch_prefill and not batch.is_decode_only:
-            self.torch.prepare(batch)
-            return
+        if not batch.is_decode_only and self.prefill_mode != "absorbed":
+            if self.prefill_mode == "torch":
+                self.torch.prepare(batch)
+                return
+            if self.prefill_mode == "expanded" or expanded_pays(batch.q_lens, batch.kv_lens, self.dims):
+                a = batch.attn
+                a["mla_kv_rows"] = latent_kv_rows(
+                    batch.kv_lens, batch.page_tables, self.pool.page_size, self.device
+                )
+                a["mla_ragged"] = tuple(
+                    host_tensor([0, *itertools.accumulate(lens)], torch.int32, self.device)
+                    for lens in (batch.q_lens, batch.kv_lens)
+                )
+                return
         batch.attn["mla_metadata"] = mla_metadata(
             batch.q_lens, batch.kv_lens, batch.page_tables, self.pool.page_size, self.device
         )
 
     def runs_in_place(self, batch: ForwardBatch) -> bool:
-        return "mla_metadata" in batch.attn
+        return "mla_metadata" in batch.attn or "mla_ragged" in batch.attn
+
+    def runs_expanded(self, batch: ForwardBatch) -> bool:
+        return "mla_ragged" in batch.attn
+
+    def run_ragged(self, q, k, v, sm_scale, batch: ForwardBatch) -> torch.Tensor:
+        a = batch.attn
+        if not a.get("ragged_planned"):  # the first MLA layer of this forward plans for all
+            qo_indptr, kv_indptr = a["mla_ragged"]
+            self.ragged.plan(qo_indptr, kv_indptr, q.shape[1], k.shape[1], q.shape[-1], head_dim_vo=v.shape[-1],
+                             causal=True, sm_scale=sm_scale, q_data_type=q.dtype, kv_data_type=k.dtype)  # fmt: skip
+            a["ragged_planned"] = True
+        return self.ragged.run(q, k, v)
 
     def run_mla(self, q_nope, q_pe, pages, sm_scale, batch: ForwardBatch) -> torch.Tensor:
         a = batch.attn

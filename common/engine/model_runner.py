@@ -24,7 +24,7 @@ from disagg.common.models.decoder import (
     head_dim_of,
     kv_heads_per_rank,
 )
-from disagg.common.models.deepseek import attention_backend_for
+from disagg.common.models.deepseek import attention_backend_for, is_mla, mla_dims
 from disagg.common.models.eplb import create_balancer
 from disagg.common.models.fp8 import deferred_fp8_weights
 from disagg.common.models.kernels import check_fused_kernels
@@ -142,6 +142,7 @@ class ModelRunner:
             self.device,
             pool=self.pool,
             num_qo_heads=self.hf_config.num_attention_heads // get_parallel().attn_tp_size,
+            **({"mla_dims": mla_dims(self.hf_config)} if is_mla(self.hf_config) else {}),
         )
         self.tokenizer = self._load_tokenizer()
         # NOTE: set by forward() around its forward_plan only: the plan stays a plain host message

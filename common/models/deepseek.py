@@ -85,6 +85,12 @@ def flashinfer_mla_unsupported(config) -> str | None:
     return None
 
 
+def mla_dims(config) -> tuple[int, int, int, int]:
+    """(kv_lora_rank, qk_rope_head_dim, qk_nope_head_dim, v_head_dim): what the MLA backend weighs
+    the absorbed and expanded forms by (attention_flashinfer.expanded_pays)."""
+    return config.kv_lora_rank, config.qk_rope_head_dim, config.qk_nope_head_dim, config.v_head_dim
+
+
 def latent_dim(config) -> int:
     return config.kv_lora_rank + config.qk_rope_head_dim
 
@@ -176,7 +182,9 @@ class MLAttention(nn.Module):
                                   batch.out_offset, self.rope.table(), self.interleaved)  # fmt: skip
         else:
             q_pe = self.rope_and_write_latent(q[..., self.nope :], kv_a, kv, batch)
-        if isinstance(backend, MLABackend) and backend.runs_in_place(batch):
+        if isinstance(backend, MLABackend) and backend.runs_expanded(batch):
+            out = self.ragged_expanded_attention(q_nope, q_pe, latent_pages(kv), batch, backend)
+        elif isinstance(backend, MLABackend) and backend.runs_in_place(batch):
             out = self.paged_absorbed_attention(q_nope, q_pe, latent_pages(kv), batch, backend)
         else:
             latent = gather_latent(kv, batch)  # [B, max_kv, latent]
@@ -223,6 +231,21 @@ class MLAttention(nn.Module):
             q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=a["mask"], scale=self.scale
         )
         return out.transpose(1, 2).reshape(-1, self.num_heads, self.v_dim)[a["out_rows"]]
+
+    def ragged_expanded_attention(self, q_nope, q_pe, pages, batch, backend: MLABackend) -> torch.Tensor:
+        """The expanded form on an MLA backend's ragged kernel: every key's latent (the rows its
+        prepare() listed, new ones already written) through kv_b_proj into per-head K and V, one
+        GEMM for all requests; no padding, no mask tensor (prefill of a long prompt: 192 + 128
+        products a query-key pair and head, against the absorbed form's 576 + 512)."""
+        latent = pages.reshape(-1, pages.shape[-1])[batch.attn["mla_kv_rows"]]  # [N, latent]
+        c_kv, k_pe = latent.split([self.rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(-1, self.num_heads, self.nope + self.v_dim)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe.unsqueeze(1).expand(-1, self.num_heads, -1)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        # NOTE: v contiguous: one [N, H, v] copy (~1% of the layer at 4096 tokens) for the kernel's
+        # plainest layout
+        return backend.run_ragged(q, k, v.contiguous(), self.scale, batch)
 
     def paged_absorbed_attention(self, q_nope, q_pe, pages, batch, backend: MLABackend) -> torch.Tensor:
         """The absorbed form on an MLA backend's kernel, over the latent pages in place (no gather):
