@@ -82,8 +82,10 @@ CHECK = textwrap.dedent(
         weights = torch.rand(tokens, k, device=device)
         config = dict(moe_config(experts, inter, hidden))
         config["gemv_max_pairs"] = 1 << 30 if path.startswith("gemv") else 0
-        if path == "gemv-split":  # the down GEMV's slots over 3 programs a tile (float32 rows summed after)
+        if path == "gemv-split":  # the down GEMV's slots over 3 programs a tile (float32 rows summed by the last)
             config["gemv"] = {**config["gemv"], "DOWN_SPLIT": 3}
+        if path == "gemv-split-sum":  # ... summed by a launch after (the fallback inside a first capture)
+            config["gemv"] = {**config["gemv"], "DOWN_SPLIT": 3, "DOWN_SERIAL": False}
         if path == "gemv-down-k":  # the down GEMV over several K tiles of the intermediate (tuned DOWN_BLOCK_K)
             config["gemv"] = {**config["gemv"], "DOWN_BLOCK_K": 8}
         if path == "gemv-unsplit":  # gate/up K in one program: the activation stored, read by the down GEMV (ACT)
@@ -125,7 +127,8 @@ def test_interpreted_kernels_match_torch_on_cpu():
         check_router("cpu")
         check_grouped_topk_shapes("cpu")
         for tokens, k, experts in ((1, 2, 4), (5, 3, 6), (40, 2, 4)):
-            for path in ("gemv", "gemv-split", "gemv-down-k", "gemv-ksplit", "gemv-unsplit", "grouped", "split"):
+            for path in ("gemv", "gemv-split", "gemv-split-sum", "gemv-down-k", "gemv-ksplit", "gemv-unsplit",
+                         "grouped", "split"):
                 print(tokens, k, path, check("cpu", torch.float32, tokens, k, experts, 32, 48, path, 1e-4))
             print(tokens, k, "local", check("cpu", torch.float32, tokens, k, experts, 32, 48, "grouped", 1e-4, False))
         """
@@ -167,7 +170,8 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
     finally:
         torch.set_default_dtype(old)
     # Qwen3-30B-A3B's expert shape at decode batch 1 and 64 and a prefill chunk
-    for tokens, path in ((1, "gemv"), (8, "gemv"), (1, "gemv-split"), (1, "gemv-down-k"), (1, "gemv-ksplit"), (1, "gemv-unsplit"),
+    for tokens, path in ((1, "gemv"), (8, "gemv"), (1, "gemv-split"), (4, "gemv-split"), (1, "gemv-split-sum"),
+                         (1, "gemv-down-k"), (1, "gemv-ksplit"), (1, "gemv-unsplit"),
                          (64, "grouped"), (2048, "grouped"), (3, "grouped"), (64, "split"), (2048, "split"),
                          (2048, "mm"), (300, "mm")):  # fmt: skip
         check("cuda", torch.bfloat16, tokens, 8, 128, 768, 2048, path, 2e-2)
@@ -191,6 +195,23 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
     graph.replay()
     # NOTE: split-K sums by atomics, in any order: equal up to bf16 rounding
     torch.testing.assert_close(out, fused_experts(x, w13, w2, weights, ids), rtol=1e-2, atol=1e-2)
+    # the down GEMV's tiles summed by their last program: its counters are back at zero after every
+    # launch, so replay after replay (new routing each) gives the eager result, bit for bit (rows
+    # summed in row order both ways), and so does the layer with the sum in a launch after
+    from disagg.common.models.fused_moe import moe_config
+
+    config = dict(moe_config(16, 64, 256))
+    config["gemv_max_pairs"], config["gemv"] = 64, {**config["gemv"], "SPLIT_K": 1, "DOWN_SPLIT": 4}
+    summed = dict(config, gemv={**config["gemv"], "DOWN_SERIAL": False})
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_experts(x, w13, w2, weights, ids, config)
+    for seed in range(5):
+        ids.copy_(
+            torch.randint(0, 16, (4, 4), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        )
+        graph.replay()
+        assert torch.equal(out, fused_experts(x, w13, w2, weights, ids, summed)), seed
 
 
 @pytest.mark.gpu

@@ -238,13 +238,39 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | No
     out = torch.empty(
         num_tokens * rows, hidden, dtype=x.dtype if rows == 1 else torch.float32, device=x.device
     )
-    _down_gemv[(num_tokens, triton.cdiv(hidden, down_bn), rows)](
-        gate_up, w2, out, ids, weights, num_experts, k, hidden, inter,
-        w2.stride(0), w2.stride(1), *_scale_args(w2, scales.w2 if fp8 else None, block),
+    n_tiles = triton.cdiv(hidden, down_bn)
+    # SERIAL: the float32 rows of a tile summed by its last program (a counter a tile), not by a
+    # sum_terms launch after (one launch less a layer); the counters, zero between launches,
+    # exist outside any CUDA graph capture (reduce_counters), else the launch after it is
+    counters = (
+        reduce_counters(x.device, num_tokens * n_tiles) if rows > 1 and cfg.get("DOWN_SERIAL", True) else None
+    )
+    final = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device) if counters is not None else out
+    _down_gemv[(num_tokens, n_tiles, rows)](
+        gate_up, w2, out, final, counters if counters is not None else ids, ids, weights, num_experts, k, hidden,
+        inter, w2.stride(0), w2.stride(1), *_scale_args(w2, scales.w2 if fp8 else None, block),
         BLOCK_N=down_bn, BLOCK_K=down_bk, SLOTS=slots, ROWS=rows, K_SPLIT=k_split, K_PER_SPLIT=k_per_split,
-        FP8=fp8, ACT=act, num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
+        FP8=fp8, ACT=act, SERIAL=counters is not None, num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
     )  # fmt: skip
-    return out if rows == 1 else _sum_pairs(out, num_tokens, rows, x.dtype)
+    if rows == 1 or counters is not None:
+        return final
+    return _sum_pairs(out, num_tokens, rows, x.dtype)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+COUNTER_SLOTS = 1 << 15  # (token, N tile) pairs of one down GEMV: 16 tokens of 7168 rows in 4-row tiles
+
+
+def reduce_counters(device: torch.device, needed: int) -> torch.Tensor | None:
+    """The down GEMV's per-tile arrival counters on `device` (int32 zeros, each reset by the program
+    that sums its tile), made at the first call outside a CUDA graph capture (the engine's warm-up
+    before capturing); None during a capture before that, or for more tiles than COUNTER_SLOTS."""
+    counters = _COUNTERS.get(device)
+    if counters is None:
+        if needed > COUNTER_SLOTS or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return None
+        counters = _COUNTERS[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return counters if needed <= COUNTER_SLOTS else None
 
 
 @functools.cache
@@ -578,11 +604,11 @@ if triton is not None:
 
     @triton.jit
     def _down_gemv(
-        gate_up, w2, out, ids, weights, num_experts, top_k, N, inter, stride_we, stride_wn,
+        gate_up, w2, out, final, counters, ids, weights, num_experts, top_k, N, inter, stride_we, stride_wn,
         scale, stride_se, stride_sn, group_n, group_k,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr,
         K_SPLIT: tl.constexpr, K_PER_SPLIT: tl.constexpr, FP8: tl.constexpr, ACT: tl.constexpr,
-        PDL: tl.constexpr,
+        SERIAL: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out[t, n-tile] = sum over t's slots of weight * rows of w2[e] . (silu(gate) * up): the
         routing-weight combine in the kernel. ROWS == 1: one program a (token, N tile) takes all
@@ -592,7 +618,10 @@ if triton is not None:
         `out`, which _sum_pairs adds up (more programs: at one token, 8 slots of 32-row tiles of
         DeepSeek-V3's 7168 rows were 224 programs, each streaming 8 experts' rows in turn).
         FP8: each weight element dequantized by its block's scale (a K tile may span blocks).
-        ACT: gate_up holds each pair's activation (a row of `inter`), not its gate | up."""
+        ACT: gate_up holds each pair's activation (a row of `inter`), not its gate | up.
+        SERIAL (ROWS > 1): the program that arrives last at its (token, N tile) counter sums the
+        tile's ROWS float32 rows in row order (sum_terms' order and result) into `final`, in the
+        model dtype, and zeroes the counter for the next launch."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         token, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         group, k_lo = pid_s // K_SPLIT, (pid_s % K_SPLIT) * K_PER_SPLIT
@@ -625,6 +654,20 @@ if triton is not None:
             acc += part * tl.load(weights + pair)
         row = token.to(tl.int64) * ROWS + pid_s
         tl.store(out + row * N + offs_n, acc.to(out.dtype.element_ty), mask=n_mask)
+        if SERIAL:
+            # the CUDA threadFenceReduction pattern: every thread's stores before the barrier, the
+            # counter's acq_rel atomic after it; the last arrival reads the rows from L2 (.cg)
+            tl.debug_barrier()
+            lock = counters + token * tl.num_programs(1) + pid_n
+            if tl.atomic_add(lock, 1) == ROWS - 1:
+                first = token.to(tl.int64) * ROWS * N + offs_n
+                total = tl.zeros([BLOCK_N], dtype=tl.float32)
+                for r in tl.static_range(ROWS):
+                    total += tl.load(out + first + r * N, mask=n_mask, other=0.0, cache_modifier=".cg")
+                tl.store(
+                    final + token.to(tl.int64) * N + offs_n, total.to(final.dtype.element_ty), mask=n_mask
+                )
+                tl.atomic_xchg(lock, 0)
 
     @triton.jit
     def _grouped_topk_kernel(
