@@ -223,6 +223,7 @@ def test_gemv_kernels_compile_for_hopper(fp8, wide_k, split):
             "out": "*bf16" if split == 1 else "*fp32",
             "final": "*bf16",
             "counters": "*i32",
+            "addend": "*bf16",
             "weights": "*fp32",
             **common,
         },
@@ -230,7 +231,7 @@ def test_gemv_kernels_compile_for_hopper(fp8, wide_k, split):
         # summed by the tile's last program (SERIAL)
         dict(BLOCK_N=8, BLOCK_K=512, SLOTS=8 // split, ROWS=split * (2 if split == 2 else 1),
              K_SPLIT=2 if split == 2 else 1, K_PER_SPLIT=1024 if split == 2 else 2048, FP8=fp8, ACT=split == 1,
-             SERIAL=split > 1),
+             SERIAL=split > 1, ADD=fp8),
     )  # fmt: skip
     ptx = down.asm["ptx"]
     if split > 1:  # the counter's acquire-release atomic, the rows read past L1

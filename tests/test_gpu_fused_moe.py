@@ -70,7 +70,7 @@ CHECK = textwrap.dedent(
         for experts, k, groups, kept, renormalize in ((256, 8, 8, 4, True), (64, 6, 4, 2, False), (32, 4, 4, 4, True)):
             assert check_grouped_topk(torch.device(device), experts, k, groups, kept, renormalize), (experts, k)
 
-    def check(device, dtype, tokens, k, experts, inter, hidden, path, tol, foreign=True):
+    def check(device, dtype, tokens, k, experts, inter, hidden, path, tol, foreign=True, add=False):
         torch.manual_seed(tokens * 7 + k)
         x = torch.randn(tokens, hidden, device=device, dtype=dtype)
         w13 = torch.randn(experts, 2 * inter, hidden, device=device, dtype=dtype) / hidden**0.5
@@ -96,9 +96,12 @@ CHECK = textwrap.dedent(
         config["grouped_mm_min_tokens"] = 0 if path == "mm" else 1 << 30
         if path == "split":  # the grouped GEMM with silu(gate) * up applied in the down kernel's loads
             config["grouped"] = {m: {**c, "SPLIT_ACT": True} for m, c in config["grouped"].items()}
-        got = fused_experts(x, w13, w2, weights, ids, config, foreign=foreign)
+        # add: a shared experts' output [T, H] joins the sum (in the down GEMV where it writes the result)
+        addend = torch.randn(tokens, hidden, device=device, dtype=dtype) if add else None
+        got = fused_experts(x, w13, w2, weights, ids, config, foreign=foreign, addend=addend)
         block = 256 if tokens >= 256 else 16  # fewer gathered expert copies in the float64 reference
-        ref = grouped_experts(x.double(), w13.double(), w2.double(), weights.double(), ids, block).to(dtype)
+        ref = grouped_experts(x.double(), w13.double(), w2.double(), weights.double(), ids, block)
+        ref = (ref if addend is None else ref + addend.double()).to(dtype)
         err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
         assert err < tol, (tokens, k, path, err)
         return err
@@ -131,6 +134,8 @@ def test_interpreted_kernels_match_torch_on_cpu():
                          "grouped", "split"):
                 print(tokens, k, path, check("cpu", torch.float32, tokens, k, experts, 32, 48, path, 1e-4))
             print(tokens, k, "local", check("cpu", torch.float32, tokens, k, experts, 32, 48, "grouped", 1e-4, False))
+            for path in ("gemv", "gemv-split", "gemv-split-sum", "grouped"):  # plus the shared experts' output
+                print(tokens, k, path, "add", check("cpu", torch.float32, tokens, k, experts, 32, 48, path, 1e-4, add=True))
         """
     )
     done = _run_interpreted(code)
@@ -176,6 +181,8 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
                          (2048, "mm"), (300, "mm")):  # fmt: skip
         check("cuda", torch.bfloat16, tokens, 8, 128, 768, 2048, path, 2e-2)
         check("cuda", torch.bfloat16, tokens, 8, 128, 768, 2048, path, 2e-2, foreign=False)
+        if path.startswith("gemv") or tokens == 64:  # V2-Lite's shared experts' output added
+            check("cuda", torch.bfloat16, tokens, 6, 64, 1408, 2048, path, 2e-2, add=True)
     from disagg.common.models.fused_moe import grouped_mm_ok
 
     assert grouped_mm_ok(torch.device("cuda", 0), torch.bfloat16) == (

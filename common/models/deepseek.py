@@ -460,10 +460,9 @@ class DeepseekMoE(SparseMoE):
                 return out
             return out + all_reduce(self.shared_experts(x), self.shared_experts.down_proj.tp)
         local = ids - self.first_expert if self.first_expert else ids
-        out = self.routed_experts(x, local, weights)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return all_reduce(out)
+        # the shared experts first: their output joins the routed sum inside the down GEMV (decode)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        return all_reduce(self.routed_experts(x, local, weights, addend=shared))
 
 
 def make_deepseek_mlp(config, layer_id: int) -> nn.Module:

@@ -157,11 +157,14 @@ def fused_experts(
     config: dict | None = None,
     scales: ExpertScales | None = None,
     foreign: bool = True,
+    addend: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as moe_align.grouped_experts: x [T, H], w13 [E, 2I, H], w2 [E, H, I],
     topk_weights / topk_ids [T, k] (ids outside [0, E): another rank's expert). Returns [T, H].
     scales: w13 / w2 are float8_e4m3fn with these block scales. foreign=False: no id is outside
-    [0, E) (all experts are local), which spares the prefill path a masking pass."""
+    [0, E) (all experts are local), which spares the prefill path a masking pass. addend [T, H]
+    (the shared experts' output): returns the routed sum plus it, added in float32 inside the
+    down GEMV where a decode batch runs it (one elementwise launch less a layer)."""
     num_tokens, k = topk_ids.shape
     num_experts, hidden, inter = w2.shape
     config = config or moe_config(num_experts, inter, hidden, scales is not None)
@@ -172,7 +175,14 @@ def fused_experts(
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     ids, weights = topk_ids.contiguous(), topk_weights.float().contiguous()
     if num_tokens * k <= config["gemv_max_pairs"]:
-        return _gemv_experts(x, w13, w2, weights, ids, config["gemv"], scales)
+        return _gemv_experts(x, w13, w2, weights, ids, config["gemv"], scales, addend)
+    out = _prefill_experts(x, w13, w2, weights, ids, config, scales, foreign)
+    return out if addend is None else out + addend
+
+
+def _prefill_experts(x, w13, w2, weights, ids, config: dict, scales, foreign: bool) -> torch.Tensor:
+    """Batches past the GEMV's pairs: torch's grouped GEMM where it runs, else the Triton one."""
+    num_tokens, k = ids.shape
     if (
         scales is None
         and num_tokens >= config.get("grouped_mm_min_tokens", _DEFAULT["grouped_mm_min_tokens"])
@@ -206,7 +216,9 @@ def sum_terms(
     return out
 
 
-def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | None) -> torch.Tensor:
+def _gemv_experts(
+    x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | None, addend=None
+) -> torch.Tensor:
     (num_tokens, k), (num_experts, hidden, inter) = ids.shape, w2.shape
     split, bn, bk = cfg["SPLIT_K"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     # NOTE: split-K partial sums meet by atomics in a zeroed buffer [pairs, gate | up]; one split
@@ -246,15 +258,21 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | No
         reduce_counters(x.device, num_tokens * n_tiles) if rows > 1 and cfg.get("DOWN_SERIAL", True) else None
     )
     final = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device) if counters is not None else out
+    # the addend joins in the kernel where it writes the model dtype (one program a tile, or SERIAL)
+    fuse_add = addend is not None and (rows == 1 or counters is not None)
+    if fuse_add:
+        addend = addend.contiguous()
     _down_gemv[(num_tokens, n_tiles, rows)](
-        gate_up, w2, out, final, counters if counters is not None else ids, ids, weights, num_experts, k, hidden,
-        inter, w2.stride(0), w2.stride(1), *_scale_args(w2, scales.w2 if fp8 else None, block),
+        gate_up, w2, out, final, counters if counters is not None else ids, addend if fuse_add else x, ids,
+        weights, num_experts, k, hidden, inter, w2.stride(0), w2.stride(1),
+        *_scale_args(w2, scales.w2 if fp8 else None, block),
         BLOCK_N=down_bn, BLOCK_K=down_bk, SLOTS=slots, ROWS=rows, K_SPLIT=k_split, K_PER_SPLIT=k_per_split,
-        FP8=fp8, ACT=act, SERIAL=counters is not None, num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
+        FP8=fp8, ACT=act, SERIAL=counters is not None, ADD=fuse_add,
+        num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
     )  # fmt: skip
-    if rows == 1 or counters is not None:
-        return final
-    return _sum_pairs(out, num_tokens, rows, x.dtype)
+    if not (rows == 1 or counters is not None):
+        final = _sum_pairs(out, num_tokens, rows, x.dtype)
+    return final if addend is None or fuse_add else final + addend
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -604,11 +622,11 @@ if triton is not None:
 
     @triton.jit
     def _down_gemv(
-        gate_up, w2, out, final, counters, ids, weights, num_experts, top_k, N, inter, stride_we, stride_wn,
-        scale, stride_se, stride_sn, group_n, group_k,
+        gate_up, w2, out, final, counters, addend, ids, weights, num_experts, top_k, N, inter, stride_we,
+        stride_wn, scale, stride_se, stride_sn, group_n, group_k,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr,
         K_SPLIT: tl.constexpr, K_PER_SPLIT: tl.constexpr, FP8: tl.constexpr, ACT: tl.constexpr,
-        SERIAL: tl.constexpr, PDL: tl.constexpr,
+        SERIAL: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out[t, n-tile] = sum over t's slots of weight * rows of w2[e] . (silu(gate) * up): the
         routing-weight combine in the kernel. ROWS == 1: one program a (token, N tile) takes all
@@ -621,7 +639,8 @@ if triton is not None:
         ACT: gate_up holds each pair's activation (a row of `inter`), not its gate | up.
         SERIAL (ROWS > 1): the program that arrives last at its (token, N tile) counter sums the
         tile's ROWS float32 rows in row order (sum_terms' order and result) into `final`, in the
-        model dtype, and zeroes the counter for the next launch."""
+        model dtype, and zeroes the counter for the next launch. ADD (ROWS == 1 or SERIAL): the token's
+        row of `addend` added in float32 before the model-dtype store."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         token, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         group, k_lo = pid_s // K_SPLIT, (pid_s % K_SPLIT) * K_PER_SPLIT
@@ -653,6 +672,8 @@ if triton is not None:
                 part += tl.sum(w * a[None, :], axis=1)
             acc += part * tl.load(weights + pair)
         row = token.to(tl.int64) * ROWS + pid_s
+        if ADD and not SERIAL:  # ROWS == 1: this program writes the token's tile
+            acc += tl.load(addend + token.to(tl.int64) * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         tl.store(out + row * N + offs_n, acc.to(out.dtype.element_ty), mask=n_mask)
         if SERIAL:
             # the CUDA threadFenceReduction pattern: every thread's stores before the barrier, the
@@ -662,6 +683,10 @@ if triton is not None:
             if tl.atomic_add(lock, 1) == ROWS - 1:
                 first = token.to(tl.int64) * ROWS * N + offs_n
                 total = tl.zeros([BLOCK_N], dtype=tl.float32)
+                if ADD:
+                    total += tl.load(addend + token.to(tl.int64) * N + offs_n, mask=n_mask, other=0.0).to(
+                        tl.float32
+                    )
                 for r in tl.static_range(ROWS):
                     total += tl.load(out + first + r * N, mask=n_mask, other=0.0, cache_modifier=".cg")
                 tl.store(
