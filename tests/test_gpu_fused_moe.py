@@ -62,6 +62,27 @@ CHECK = textwrap.dedent(
             assert got.dtype == dtype and got.shape == want.shape
             tol = 1e-5 if dtype == torch.float32 else 1e-2
             torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+        # the GEMV and the routing in one launch (its last program routes): the two launches' experts
+        # and weights, launch after launch (the counter back at zero each time)
+        from disagg.common.models.fused_moe import fused_grouped_topk, router_topk
+
+        for tokens, experts, hidden, k, renorm, scaling, groups in (
+            (1, 64, 256, 6, False, 16.0, None), (5, 128, 96, 8, True, 1.0, None), (3, 32, 64, 4, True, 2.5, (4, 2)),
+            (16, 64, 128, 8, False, 1.0, (8, 4)),
+        ):  # fmt: skip
+            gen = torch.Generator(device=device).manual_seed(tokens)
+            w = (torch.randn(experts, hidden, device=device, generator=gen) / hidden**0.5).to(torch.float32)
+            bias = torch.rand(experts, device=device, generator=gen) / 10
+            for _ in range(2):
+                x = torch.randn(tokens, hidden, device=device, generator=gen).to(torch.bfloat16)
+                logits = router_logits(x, w)
+                if groups is None:
+                    want_w, want_ids = fused_topk(logits, k, renorm, scaling)
+                else:
+                    want_w, want_ids = fused_grouped_topk(logits, bias, k, *groups, renorm, scaling)
+                got_w, got_ids = router_topk(x, w, k, renorm, scaling, None if groups is None else (bias, *groups))
+                assert torch.equal(got_ids, want_ids), (tokens, experts, groups)
+                torch.testing.assert_close(got_w, want_w, rtol=1e-6, atol=0)
 
     def check_grouped_topk_shapes(device):
         # DeepSeek-V3's biased group-limited routing in one launch picks torch's experts, its weights
@@ -153,7 +174,7 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
     scope["check_topk_scaled"]("cuda")
     scope["check_router"]("cuda")
     scope["check_grouped_topk_shapes"]("cuda")
-    from disagg.common.models.fused_moe import fused_topk_ok, router_gemv_ok
+    from disagg.common.models.fused_moe import fused_topk_ok, router_gemv_ok, router_topk_ok
 
     # the router GEMV's start-up check passes at the gates of Qwen3-30B-A3B (bf16), V2-Lite and V3 (float32)
     for experts, hidden, dtype in (
@@ -162,6 +183,10 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
         (256, 7168, torch.float32),
     ):
         assert router_gemv_ok(torch.device("cuda", 0), experts, hidden, dtype), (experts, hidden, dtype)
+    # ... and router_topk's, at the routers of Qwen3-30B-A3B, V2-Lite and V3
+    assert router_topk_ok(torch.device("cuda", 0), 128, 2048, torch.bfloat16, 8, True)
+    assert router_topk_ok(torch.device("cuda", 0), 64, 2048, torch.float32, 6, False, 1.0)
+    assert router_topk_ok(torch.device("cuda", 0), 256, 7168, torch.float32, 8, True, 2.5, (8, 4))
 
     # the start-up check that lets SparseMoE.route use the one-launch routing (Qwen3-30B-A3B, Mixtral)
     # under the bf16 default dtype the engine builds its layers with (H200 run of 2026-12-03: the

@@ -37,6 +37,8 @@ from disagg.common.models.fused_moe import (
     grouped_topk_shape_ok,
     router_gemv_ok,
     router_logits,
+    router_topk,
+    router_topk_ok,
 )
 from disagg.common.models.layers import ColumnParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear
 from disagg.common.models.moe import SparseMoE
@@ -337,6 +339,12 @@ class DeepseekGate(nn.Module):
         # the logits of a decode batch in one Triton launch (F.linear(x.float(), w) is ~4: the cast,
         # cuBLAS's split GEMV and its reduction)
         self.gemv = router_gemv_ok(device, num_experts, config.hidden_size, torch.float32)
+        # ... and the routing in the same launch (router_topk: the GEMV's last program routes)
+        groups = (self.n_group, self.topk_group) if self.v3 else None
+        self.one_launch = (self.gemv and self.fused and router_topk_ok(
+            device, num_experts, config.hidden_size, torch.float32, self.top_k, self.v3 and self.norm_topk,
+            self.scaling, groups,
+        ))  # fmt: skip
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> float32 [T, E]."""
@@ -346,6 +354,9 @@ class DeepseekGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (weights [T, k] float32, expert ids [T, k])."""
+        if self.one_launch and x.is_cuda and x.shape[0] <= ROUTER_GEMV_MAX_TOKENS:
+            grouped = (self.e_score_correction_bias, self.n_group, self.topk_group) if self.v3 else None
+            return router_topk(x, self.weight, self.top_k, self.v3 and self.norm_topk, self.scaling, grouped)
         logits = self.logits(x)
         if self.fused and logits.is_cuda:
             if self.v3:

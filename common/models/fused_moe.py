@@ -277,18 +277,19 @@ def _gemv_experts(
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 COUNTER_SLOTS = 1 << 15  # (token, N tile) pairs of one down GEMV: 16 tokens of 7168 rows in 4-row tiles
+ROUTER_COUNTER = COUNTER_SLOTS - 1  # the last: router_topk's (the down GEMV's below it)
 
 
 def reduce_counters(device: torch.device, needed: int) -> torch.Tensor | None:
     """The down GEMV's per-tile arrival counters on `device` (int32 zeros, each reset by the program
-    that sums its tile), made at the first call outside a CUDA graph capture (the engine's warm-up
+    that sums its tile; the last slot router_topk's), made at the first call outside a CUDA graph capture (the engine's warm-up
     before capturing); None during a capture before that, or for more tiles than COUNTER_SLOTS."""
     counters = _COUNTERS.get(device)
     if counters is None:
-        if needed > COUNTER_SLOTS or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        if needed > ROUTER_COUNTER or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return None
         counters = _COUNTERS[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
-    return counters if needed <= COUNTER_SLOTS else None
+    return counters if needed <= ROUTER_COUNTER else None
 
 
 @functools.cache
@@ -359,6 +360,86 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         T_POW2=t_pow2, BLOCK_E=block_e, BLOCK_H=block_h, num_warps=4, **pdl_args(x.device),
     )  # fmt: skip
     return out
+
+
+def router_topk(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    k: int,
+    renormalize: bool,
+    scaling: float = 1.0,
+    grouped: tuple[torch.Tensor, int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits, then fused_topk (or with grouped = (bias, n_group, topk_group),
+    fused_grouped_topk) on them, in one launch for a decode batch: the program that stores its
+    logits last routes every token (one launch less a MoE layer). Same results as the two launches
+    (the same logits, read back). Inside a CUDA graph capture before any counter exists: the two."""
+    counters = reduce_counters(x.device, 0)
+    if counters is None:
+        logits = router_logits(x, weight)
+        if grouped is not None:
+            return fused_grouped_topk(logits, grouped[0], k, grouped[1], grouped[2], renormalize, scaling)
+        return fused_topk(logits, k, renormalize, scaling)
+    num_tokens, hidden = x.shape
+    num_experts = weight.shape[0]
+    logits = torch.empty(num_tokens, num_experts, dtype=weight.dtype, device=x.device)
+    weights = torch.empty(num_tokens, k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(num_tokens, k, dtype=torch.int64, device=x.device)
+    t_pow2, block_e = triton.next_power_of_2(num_tokens), 2
+    block_h = max(64, min(triton.next_power_of_2(hidden), 2048 // t_pow2))  # as router_logits
+    bias, groups, topk_group = grouped if grouped is not None else (weight, 1, 1)
+    _router_topk_kernel[(triton.cdiv(num_experts, block_e),)](
+        x, weight, logits, weights, ids, counters[ROUTER_COUNTER:], bias, num_tokens, num_experts, hidden,
+        x.stride(0), weight.stride(0), float(scaling),
+        T_POW2=t_pow2, BLOCK_E=block_e, BLOCK_H=block_h, K=k, E_POW2=triton.next_power_of_2(num_experts),
+        K_POW2=triton.next_power_of_2(k), GROUPED=grouped is not None, GROUPS=groups, TOPK_GROUP=topk_group,
+        RENORMALIZE=renormalize, num_warps=4, **pdl_args(x.device),
+    )  # fmt: skip
+    return weights, ids
+
+
+@functools.cache
+def router_topk_ok(
+    device: torch.device,
+    num_experts: int,
+    hidden: int,
+    dtype: torch.dtype,
+    k: int,
+    renormalize: bool,
+    scaling: float = 1.0,
+    groups: tuple[int, int] | None = None,
+) -> bool:
+    """Whether router_topk gives router_logits + fused_topk's (fused_grouped_topk's with groups =
+    (n_group, topk_group)) experts and weights on this device and shape, at 1, 3 and
+    ROUTER_GEMV_MAX_TOKENS tokens, twice each (the counter back at zero): checked once per shape
+    when a layer is built; on a mismatch or an error the layer keeps the two launches."""
+    if not (fused_moe_available() and device.type == "cuda"):
+        return False
+    try:
+        gen = torch.Generator(device=device).manual_seed(1)
+        weight = (torch.randn(num_experts, hidden, device=device, generator=gen) / hidden**0.5).to(dtype)
+        bias = torch.rand(num_experts, device=device, generator=gen) / 10
+        grouped = (bias, *groups) if groups is not None else None
+        ok = True
+        for tokens in (1, 3, ROUTER_GEMV_MAX_TOKENS, 1):
+            x = torch.randn(tokens, hidden, device=device, generator=gen).to(torch.bfloat16)
+            logits = router_logits(x, weight)
+            if grouped is not None:
+                want = fused_grouped_topk(logits, bias, k, groups[0], groups[1], renormalize, scaling)
+            else:
+                want = fused_topk(logits, k, renormalize, scaling)
+            got = router_topk(x, weight, k, renormalize, scaling, grouped)
+            ok = ok and torch.equal(got[1], want[1]) and torch.allclose(got[0], want[0], rtol=1e-6, atol=0)
+    except Exception:  # noqa: BLE001 - any failure: the two launches, loudly
+        logger.exception(
+            "router_topk failed its start-up check (E=%d, H=%d): two launches", num_experts, hidden
+        )
+        return False
+    if not ok:
+        logger.warning(
+            "router_topk disagrees with its two launches (E=%d, H=%d): two launches", num_experts, hidden
+        )
+    return ok
 
 
 @functools.cache
@@ -703,9 +784,19 @@ if triton is not None:
         """One token: fused_grouped_topk (ties: the lowest group, the lowest expert)."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         token = tl.program_id(0).to(tl.int64)
+        _grouped_topk_row(logits + token * stride, bias, weights + token * K, ids + token * K, scaling,
+                          K, K_POW2, E, GROUPS, TOPK_GROUP, RENORMALIZE)  # fmt: skip
+
+    @triton.jit
+    def _grouped_topk_row(
+        logits, bias, weights, ids, scaling,
+        K: tl.constexpr, K_POW2: tl.constexpr, E: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr,
+        RENORMALIZE: tl.constexpr,
+    ):  # fmt: skip
+        """A token's logits row: fused_grouped_topk's routing (read through L2, as _softmax_topk_row)."""
         size: tl.constexpr = E // GROUPS
         experts = tl.arange(0, E)
-        scores = tl.sigmoid(tl.load(logits + token * stride + experts).to(tl.float32))
+        scores = tl.sigmoid(tl.load(logits + experts, cache_modifier=".cg").to(tl.float32))
         choice = scores + tl.load(bias + experts).to(tl.float32)
         # each group's score: its best two choices (the best twice where it occurs twice, as topk(2))
         grid = tl.reshape(choice, (GROUPS, size))
@@ -733,17 +824,25 @@ if triton is not None:
             choice = tl.where(experts == pick, -float("inf"), choice)
         if RENORMALIZE:
             top_w = top_w / (tl.sum(top_w, axis=0) + 1e-20)
-        tl.store(weights + token * K + slots, top_w * scaling, mask=slots < K)
-        tl.store(ids + token * K + slots, top_id, mask=slots < K)
+        tl.store(weights + slots, top_w * scaling, mask=slots < K)
+        tl.store(ids + slots, top_id, mask=slots < K)
 
     @triton.jit
     def _router_gemv_kernel(
         x, w, out, num_tokens, num_experts, hidden, x_stride, w_stride,
         T_POW2: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """out[t, e] = sum over h of x[t, h] * w[e, h] for all tokens and BLOCK_E experts: float32
-        products and sums, stored in out's dtype."""
+        """_router_tile: BLOCK_E experts' logits of every token."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
+        _router_tile(x, w, out, num_tokens, num_experts, hidden, x_stride, w_stride, T_POW2, BLOCK_E, BLOCK_H)
+
+    @triton.jit
+    def _router_tile(
+        x, w, out, num_tokens, num_experts, hidden, x_stride, w_stride,
+        T_POW2: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
+    ):  # fmt: skip
+        """out[t, e] = sum over h of x[t, h] * w[e, h] for all tokens and this program's BLOCK_E
+        experts: float32 products and sums, stored in out's dtype."""
         experts = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
         tokens = tl.arange(0, T_POW2)
         cols = tl.arange(0, BLOCK_H)
@@ -765,16 +864,49 @@ if triton is not None:
         )
 
     @triton.jit
+    def _router_topk_kernel(
+        x, w, out, weights, ids, counter, bias, num_tokens, num_experts, hidden, x_stride, w_stride, scaling,
+        T_POW2: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, K: tl.constexpr,
+        E_POW2: tl.constexpr, K_POW2: tl.constexpr, GROUPED: tl.constexpr, GROUPS: tl.constexpr,
+        TOPK_GROUP: tl.constexpr, RENORMALIZE: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """_router_tile, then the program that stores its tile last (the counter; the down GEMV's
+        pattern) routes every token from the stored logits: _softmax_topk_row, or GROUPED
+        _grouped_topk_row; and zeroes the counter for the next launch."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
+        _router_tile(x, w, out, num_tokens, num_experts, hidden, x_stride, w_stride, T_POW2, BLOCK_E, BLOCK_H)
+        tl.debug_barrier()
+        if tl.atomic_add(counter, 1) == tl.num_programs(0) - 1:
+            for t in range(num_tokens):
+                row = out + t * num_experts
+                if GROUPED:
+                    _grouped_topk_row(row, bias, weights + t * K, ids + t * K, scaling, K, K_POW2, E_POW2, GROUPS,
+                                      TOPK_GROUP, RENORMALIZE)  # fmt: skip
+                else:
+                    _softmax_topk_row(
+                        row, weights + t * K, ids + t * K, num_experts, scaling, K, E_POW2, RENORMALIZE
+                    )
+            tl.atomic_xchg(counter, 0)
+
+    @triton.jit
     def _topk_kernel(
         logits, weights, ids, num_experts, stride, scaling,
         K: tl.constexpr, E_POW2: tl.constexpr, RENORMALIZE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """One token: softmax over the experts, then K rounds of argmax (ties: the lowest id); the
-        weights times `scaling`."""
+        """One token: _softmax_topk_row."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         token = tl.program_id(0).to(tl.int64)
+        _softmax_topk_row(logits + token * stride, weights + token * K, ids + token * K, num_experts, scaling,
+                          K, E_POW2, RENORMALIZE)  # fmt: skip
+
+    @triton.jit
+    def _softmax_topk_row(logits, weights, ids, num_experts, scaling, K: tl.constexpr, E_POW2: tl.constexpr,
+                          RENORMALIZE: tl.constexpr):  # fmt: skip
+        """A token's logits row: softmax over the experts, then K rounds of argmax (ties: the lowest
+        id); the weights times `scaling`. Reads through L2 (.cg): router_topk's last program reads the
+        rows other programs stored."""
         experts = tl.arange(0, E_POW2)
-        x = tl.load(logits + token * stride + experts, mask=experts < num_experts, other=-float("inf"))
+        x = tl.load(logits + experts, mask=experts < num_experts, other=-float("inf"), cache_modifier=".cg")
         x = x.to(tl.float32)
         p = tl.exp(x - tl.max(x, axis=0))
         p = p / tl.sum(p, axis=0)
@@ -789,8 +921,8 @@ if triton is not None:
         for j in tl.static_range(K):
             best = tl.max(p, axis=0)
             pick = tl.min(tl.where(p == best, experts, E_POW2), axis=0)
-            tl.store(weights + token * K + j, best * scale)
-            tl.store(ids + token * K + j, pick.to(tl.int64))
+            tl.store(weights + j, best * scale)
+            tl.store(ids + j, pick.to(tl.int64))
             p = tl.where(experts == pick, -1.0, p)
 
     @triton.jit

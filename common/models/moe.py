@@ -31,6 +31,8 @@ from disagg.common.models.fused_moe import (
     fused_topk_ok,
     router_gemv_ok,
     router_logits,
+    router_topk,
+    router_topk_ok,
 )
 from disagg.common.models.moe_a2a import a2a_moe, capturing
 from disagg.common.models.moe_align import ExpertScales, grouped_experts
@@ -148,6 +150,15 @@ class SparseMoE(nn.Module):
         self.router_gemv = router_gemv_ok(
             self.gate.weight.device, self.num_experts, config.hidden_size, self.gate.weight.dtype
         )
+        # ... and both in one launch (router_topk: the GEMV's last program routes)
+        self.router_topk = (
+            self.router_gemv
+            and self.fused_routing
+            and router_topk_ok(
+                self.gate.weight.device, self.num_experts, config.hidden_size, self.gate.weight.dtype,
+                self.top_k, self.renormalize,
+            )
+        )  # fmt: skip
         self.experts = Experts(self.num_local, config.hidden_size, self.inter_local)
         # count the routed (token, slot) pairs per expert (expert_load); off by default: the
         # count costs two small kernels a layer, ~5% of a batch-1 decode step
@@ -202,7 +213,7 @@ class SparseMoE(nn.Module):
         return [s for s, e in enumerate(mine) if e == expert]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.route(self.logits(x))  # [T, k] each
+        weights, ids = self.routing(x)  # [T, k] each
         if self.count_tokens:
             self._count(ids)
         ids = self.physical_ids(ids)
@@ -221,6 +232,12 @@ class SparseMoE(nn.Module):
         """ids: [T, k] logical expert ids."""
         flat = ids.flatten()
         self.expert_tokens.scatter_add_(0, flat, torch.ones_like(flat))  # graph-capturable
+
+    def routing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """route(logits(x)); for a decode batch on the GPU in one launch where it agrees."""
+        if self.router_topk and x.is_cuda and x.shape[0] <= ROUTER_GEMV_MAX_TOKENS:
+            return router_topk(x, self.gate.weight, self.top_k, self.renormalize)
+        return self.route(self.logits(x))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The gate's logits [T, E], in its dtype."""
