@@ -58,19 +58,18 @@ for step in "$@"; do
                --prefill-len 4096 --decode-steps 4 > $OUT/mla_${name}_$form.log; grep -A3 "^kind" $OUT/mla_${name}_$form.log
            done; done
            T=150 bash common/bench/gpu_runs.sh v2lite-prefill ;;
-    serial-down) # issue 19/20, fourteenth session: the batch-1 down GEMV's float32 rows summed by each tile's last
-           # program (no sum_terms launch a layer): the fused-MoE GPU tests, then Qwen3-30B-A3B and V2-Lite at
-           # batch 1 and 64 with the rows summed after (DOWN_SERIAL false in every entry) and by the last program
-           timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fused_moe.py > $OUT/serial_tests.log 2>&1
-           tail -3 $OUT/serial_tests.log; cfg=common/models/fused_moe_configs.json; cp $cfg /tmp/cfg_serial.json
+    fused-tails) # issues 19/20, fourteenth session: the MoE decode kernels' tails in the kernels before them (the
+           # down GEMV's row sum by each tile's last program, the shared experts' add, the routing in the gate's
+           # GEMV): the fused-MoE GPU tests, then Qwen3-30B-A3B and V2-Lite at batch 1 and 64, DISAGG_MOE_FUSED_TAILS
+           # 0 then 1, each in its own process; then Qwen3's batch-1 profile with PDL off (each kernel its own span)
+           timeout 220 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fused_moe.py > $OUT/tails_tests.log 2>&1
+           tail -3 $OUT/tails_tests.log
            a="--load-format dummy --batch-sizes 1,64 --context-len 1024 --decode-steps 16"
-           for kind in summed serial; do
-             [ $kind = summed ] && python3 -c "import json,sys; t=json.load(open(sys.argv[1])); [v['gemv'].update(DOWN_SERIAL=False) \
-               for v in t.values()]; json.dump(t, open(sys.argv[1], 'w'))" $cfg
-             for m in Qwen3-30B-A3B DeepSeek-V2-Lite; do echo "--- $m $kind"
-               T=120 bench --model-path $m $a > $OUT/${kind}_$m.log; grep -A3 "^kind" $OUT/${kind}_$m.log; done
-             cp /tmp/cfg_serial.json $cfg
-           done ;;
+           for f in 0 1; do for m in Qwen3-30B-A3B DeepSeek-V2-Lite; do echo "--- $m fused tails $f"
+             DISAGG_MOE_FUSED_TAILS=$f T=120 bench --model-path $m $a > $OUT/tails${f}_$m.log; grep -A3 "^kind" $OUT/tails${f}_$m.log
+           done; done
+           DISAGG_PDL=0 T=120 bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 \
+             --decode-steps 16 --profile-batch-sizes 1 > $OUT/qwen3_nopdl_profile.log; grep -A3 "^kind" $OUT/qwen3_nopdl_profile.log ;;
     moe-prefill) # issue 19: where a 2048-token MoE prefill goes (the kernels of one prefill, torch profiler)
            bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 --prefill-len 2048 \
              --decode-steps 4 --profile-prefill | tee $OUT/moe_prefill.log | tail -32 ;;

@@ -38,7 +38,7 @@ import logging
 from pathlib import Path
 
 import torch
-from disagg.common.config import triton_interpret
+from disagg.common.config import moe_fused_tails, triton_interpret
 from disagg.common.models.moe_align import (
     ExpertScales,
     grouped_experts,
@@ -56,6 +56,7 @@ except ImportError:  # the CPU image: the torch path in moe_align.py runs instea
 
 logger = logging.getLogger(__name__)
 _INTERPRET = triton_interpret()  # Triton's CPU interpreter (tests)
+_FUSED_TAILS = moe_fused_tails()  # DISAGG_MOE_FUSED_TAILS: the last-program sums and routing
 _TRITON_ALIGN_MAX_PAIRS = 1 << 30  # pairs above which the torch alignment runs instead
 # pairs above which the alignment runs as three parallel launches, not one program (~0.8 ms at 16384
 # pairs on an H200, more than the grouped GEMMs of a 2048-token Qwen3-30B-A3B layer)
@@ -259,7 +260,7 @@ def _gemv_experts(
     )
     final = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device) if counters is not None else out
     # the addend joins in the kernel where it writes the model dtype (one program a tile, or SERIAL)
-    fuse_add = addend is not None and (rows == 1 or counters is not None)
+    fuse_add = addend is not None and (rows == 1 or counters is not None) and _FUSED_TAILS
     if fuse_add:
         addend = addend.contiguous()
     _down_gemv[(num_tokens, n_tiles, rows)](
@@ -282,9 +283,12 @@ ROUTER_COUNTER = COUNTER_SLOTS - 1  # the last: router_topk's (the down GEMV's b
 
 def reduce_counters(device: torch.device, needed: int) -> torch.Tensor | None:
     """The down GEMV's per-tile arrival counters on `device` (int32 zeros, each reset by the program
-    that sums its tile; the last slot router_topk's), made at the first call outside a CUDA graph capture (the engine's warm-up
-    before capturing); None during a capture before that, or for more tiles than COUNTER_SLOTS."""
+    that sums its tile; the last slot router_topk's), made at the first call outside a CUDA graph
+    capture (the engine's warm-up before capturing); None during a capture before that, for more tiles than it holds, or with
+    DISAGG_MOE_FUSED_TAILS=0 (A/B runs: the launches after)."""
     counters = _COUNTERS.get(device)
+    if not _FUSED_TAILS:
+        return None
     if counters is None:
         if needed > ROUTER_COUNTER or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             return None
