@@ -27,9 +27,9 @@ from pathlib import Path
 #                           in the form of fewer attention FLOPs) | absorbed (its MLA kernel) | expanded
 #                           (its ragged prefill kernel) | torch (expanded form, torch SDPA); A/B runs
 #   DISAGG_MLA_KERNEL       FlashInfer's MLA kernel family: auto (FlashInfer's pick: FA3 on Hopper) | fa2 | fa3
-#   DISAGG_MOE_FUSED_TAILS  1 (default): the MoE decode kernels' tails (the down GEMV's row sum and the shared
-#                           experts' add, the routing after the gate's GEMV) run in the kernels before them
-#                           (common/models/fused_moe.py) | 0: their own launches (A/B runs)
+#   DISAGG_FUSED_TAILS      1 (default): split decode kernels combine their partials in their last program
+#                           (common/models/arrival.py: the MoE down GEMV's rows and shared experts' add, the
+#                           routing after the gate's GEMV, the split-KV attention's merge) | 0: a launch each
 #   DISAGG_PDL              1 (default): the Triton kernels launch with Programmatic Dependent Launch on Hopper
 #                           or newer (common/models/pdl.py; the H200 A/B of docs/benchmarks.md, eleventh
 #                           session) | 0: plain launches
@@ -180,9 +180,9 @@ def pdl_requested() -> bool:
     return value == "1"
 
 
-def moe_fused_tails() -> bool:
-    """DISAGG_MOE_FUSED_TAILS: 1 (default) | 0 (fused_moe.py's reductions and routing in launches of their own)."""
-    return os.environ.get("DISAGG_MOE_FUSED_TAILS", "1") != "0"
+def fused_tails() -> bool:
+    """DISAGG_FUSED_TAILS: 1 (default) | 0 (the combines of arrival.py in launches of their own)."""
+    return os.environ.get("DISAGG_FUSED_TAILS", "1") != "0"
 
 
 def triton_interpret() -> bool:

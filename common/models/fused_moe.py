@@ -38,7 +38,8 @@ import logging
 from pathlib import Path
 
 import torch
-from disagg.common.config import moe_fused_tails, triton_interpret
+from disagg.common.config import fused_tails, triton_interpret
+from disagg.common.models.arrival import arrival_counters
 from disagg.common.models.moe_align import (
     ExpertScales,
     grouped_experts,
@@ -56,7 +57,6 @@ except ImportError:  # the CPU image: the torch path in moe_align.py runs instea
 
 logger = logging.getLogger(__name__)
 _INTERPRET = triton_interpret()  # Triton's CPU interpreter (tests)
-_FUSED_TAILS = moe_fused_tails()  # DISAGG_MOE_FUSED_TAILS: the last-program sums and routing
 _TRITON_ALIGN_MAX_PAIRS = 1 << 30  # pairs above which the torch alignment runs instead
 # pairs above which the alignment runs as three parallel launches, not one program (~0.8 ms at 16384
 # pairs on an H200, more than the grouped GEMMs of a 2048-token Qwen3-30B-A3B layer)
@@ -252,15 +252,13 @@ def _gemv_experts(
         num_tokens * rows, hidden, dtype=x.dtype if rows == 1 else torch.float32, device=x.device
     )
     n_tiles = triton.cdiv(hidden, down_bn)
-    # SERIAL: the float32 rows of a tile summed by its last program (a counter a tile), not by a
-    # sum_terms launch after (one launch less a layer); the counters, zero between launches,
-    # exist outside any CUDA graph capture (reduce_counters), else the launch after it is
-    counters = (
-        reduce_counters(x.device, num_tokens * n_tiles) if rows > 1 and cfg.get("DOWN_SERIAL", True) else None
-    )
+    # SERIAL: the float32 rows of a tile summed by its last program (arrival.py), not by a sum_terms
+    # launch after (one launch less a layer), where the counters are at hand
+    serial = rows > 1 and cfg.get("DOWN_SERIAL", True)
+    counters = arrival_counters(x.device, "moe_down", num_tokens * n_tiles, DOWN_COUNTERS) if serial else None
     final = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device) if counters is not None else out
     # the addend joins in the kernel where it writes the model dtype (one program a tile, or SERIAL)
-    fuse_add = addend is not None and (rows == 1 or counters is not None) and _FUSED_TAILS
+    fuse_add = addend is not None and (rows == 1 or counters is not None) and fused_tails()
     if fuse_add:
         addend = addend.contiguous()
     _down_gemv[(num_tokens, n_tiles, rows)](
@@ -276,24 +274,7 @@ def _gemv_experts(
     return final if addend is None or fuse_add else final + addend
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-COUNTER_SLOTS = 1 << 15  # (token, N tile) pairs of one down GEMV: 16 tokens of 7168 rows in 4-row tiles
-ROUTER_COUNTER = COUNTER_SLOTS - 1  # the last: router_topk's (the down GEMV's below it)
-
-
-def reduce_counters(device: torch.device, needed: int) -> torch.Tensor | None:
-    """The down GEMV's per-tile arrival counters on `device` (int32 zeros, each reset by the program
-    that sums its tile; the last slot router_topk's), made at the first call outside a CUDA graph
-    capture (the engine's warm-up before capturing); None during a capture before that, for more tiles than it holds, or with
-    DISAGG_MOE_FUSED_TAILS=0 (A/B runs: the launches after)."""
-    counters = _COUNTERS.get(device)
-    if not _FUSED_TAILS:
-        return None
-    if counters is None:
-        if needed > ROUTER_COUNTER or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            return None
-        counters = _COUNTERS[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
-    return counters if needed <= ROUTER_COUNTER else None
+DOWN_COUNTERS = 1 << 15  # (token, N tile) pairs of one down GEMV: 16 tokens of 7168 rows in 4-row tiles
 
 
 @functools.cache
@@ -378,7 +359,7 @@ def router_topk(
     fused_grouped_topk) on them, in one launch for a decode batch: the program that stores its
     logits last routes every token (one launch less a MoE layer). Same results as the two launches
     (the same logits, read back). Inside a CUDA graph capture before any counter exists: the two."""
-    counters = reduce_counters(x.device, 0)
+    counters = arrival_counters(x.device, "moe_router", 1, 1)
     if counters is None:
         logits = router_logits(x, weight)
         if grouped is not None:
@@ -393,7 +374,7 @@ def router_topk(
     block_h = max(64, min(triton.next_power_of_2(hidden), 2048 // t_pow2))  # as router_logits
     bias, groups, topk_group = grouped if grouped is not None else (weight, 1, 1)
     _router_topk_kernel[(triton.cdiv(num_experts, block_e),)](
-        x, weight, logits, weights, ids, counters[ROUTER_COUNTER:], bias, num_tokens, num_experts, hidden,
+        x, weight, logits, weights, ids, counters, bias, num_tokens, num_experts, hidden,
         x.stride(0), weight.stride(0), float(scaling),
         T_POW2=t_pow2, BLOCK_E=block_e, BLOCK_H=block_h, K=k, E_POW2=triton.next_power_of_2(num_experts),
         K_POW2=triton.next_power_of_2(k), GROUPED=grouped is not None, GROUPS=groups, TOPK_GROUP=topk_group,
