@@ -51,9 +51,9 @@ for step in "$@"; do
            # before (DISAGG_MLA_PREFILL=absorbed DISAGG_FUSED_TAILS=0: the thirteenth session's kernels) and after
            # (the defaults), each in its own process: V2-Lite (prefill 4096: the MLA form; decode: the tails),
            # Qwen3-30B-A3B (the tails), the 4-layer V3 (prefill 4096: the MLA form, FP8)
-           timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_mla.py -k equals_torch \
+           timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_mla.py -k equals_torch \
              > $OUT/mla_tests.log 2>&1; tail -2 $OUT/mla_tests.log
-           timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fused_moe.py -k kernels_match \
+           timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fused_moe.py -k kernels_match \
              tests/test_decode_attention.py > $OUT/tails_tests.log 2>&1; tail -2 $OUT/tails_tests.log
            V3="--model-path DeepSeek-V3 --json-model-override-args {\"num_hidden_layers\":4}"
            for m in "--model-path DeepSeek-V2-Lite|1,64|4096" "--model-path Qwen3-30B-A3B|1,64|2048" "$V3|1|4096"; do
