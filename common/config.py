@@ -27,9 +27,6 @@ from pathlib import Path
 #                           in the form of fewer attention FLOPs) | absorbed (its MLA kernel) | expanded
 #                           (its ragged prefill kernel) | torch (expanded form, torch SDPA); A/B runs
 #   DISAGG_MLA_KERNEL       FlashInfer's MLA kernel family: auto (FlashInfer's pick: FA3 on Hopper) | fa2 | fa3
-#   DISAGG_FUSED_TAILS      1 (default): split decode kernels combine their partials in their last program
-#                           (common/models/arrival.py: the MoE down GEMV's rows and shared experts' add, the
-#                           routing after the gate's GEMV, the split-KV attention's merge) | 0: a launch each
 #   DISAGG_PDL              1 (default): the Triton kernels launch with Programmatic Dependent Launch on Hopper
 #                           or newer (common/models/pdl.py; the H200 A/B of docs/benchmarks.md, eleventh
 #                           session) | 0: plain launches
@@ -178,11 +175,6 @@ def pdl_requested() -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"DISAGG_PDL={value!r}: expected 0 or 1")
     return value == "1"
-
-
-def fused_tails() -> bool:
-    """DISAGG_FUSED_TAILS: 1 (default) | 0 (the combines of arrival.py in launches of their own)."""
-    return os.environ.get("DISAGG_FUSED_TAILS", "1") != "0"
 
 
 def triton_interpret() -> bool:

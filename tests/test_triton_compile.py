@@ -57,27 +57,6 @@ def test_router_gemv_compiles(w_type):
         )
 
 
-def test_router_topk_compiles():
-    """The gate's GEMV and the routing in one launch: Qwen3-30B-A3B's bf16 gate with softmax top-8
-    at batch 1, V3's float32 gate with its grouped, biased top-8 at 16 tokens; the last program's
-    counter is an acquire-release atomic after the barrier, the logits read back past L1."""
-    from disagg.common.models.fused_moe import _router_topk_kernel
-
-    types = {"weights": "*fp32", "ids": "*i64", "counter": "*i32", "bias": "*fp32", "scaling": "fp32"}
-    for w_type, t_pow2, block_h, e, grouped in (
-        ("*bf16", 1, 2048, 128, False),
-        ("*fp32", 16, 128, 256, True),
-    ):
-        compiled = compile_for_hopper(
-            _router_topk_kernel,
-            {"x": "*bf16", "w": w_type, "out": w_type, **types},
-            dict(T_POW2=t_pow2, BLOCK_E=2, BLOCK_H=block_h, K=8, E_POW2=e, K_POW2=8, GROUPED=grouped,
-                 GROUPS=8 if grouped else 1, TOPK_GROUP=4 if grouped else 1, RENORMALIZE=True),
-        )  # fmt: skip
-        ptx = compiled.asm["ptx"]
-        assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx
-
-
 def test_sum_kernel_compiles():
     """The MoE's top-k sum (bf16 pairs) and the FP8 GEMM's split-K sum (float32 partials, bf16 out)."""
     from disagg.common.models.fused_moe import _sum_terms_kernel

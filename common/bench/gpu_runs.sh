@@ -45,24 +45,21 @@ for step in "$@"; do
            # of FLOPs, its MoE ~30 ms of it by the layer figures); PDL off, so each kernel's span is its own work
            DISAGG_PDL=0 bench --model-path DeepSeek-V2-Lite --load-format dummy --batch-sizes 1 --context-len 1024 \
              --prefill-len 4096 --decode-steps 4 --profile-prefill | tee $OUT/v2lite_prefill.log | tail -32 ;;
-    s14) # the fourteenth session's one call (~9 min; carry .gpu/fi and .gpu/kc.tgz; then `fi-cache pack`): the GPU
-           # tests of the new paths (MLA's expanded form on the ragged kernel; the fused tails: the MoE's and the
-           # decode attention's merge), then each model
-           # before (DISAGG_MLA_PREFILL=absorbed DISAGG_FUSED_TAILS=0: the thirteenth session's kernels) and after
-           # (the defaults), each in its own process: V2-Lite (prefill 4096: the MLA form; decode: the tails),
-           # Qwen3-30B-A3B (the tails), the 4-layer V3 (prefill 4096: the MLA form, FP8)
+    s14) # the fourteenth session's call (~7 min on an H200; carry .gpu/fi and .gpu/kc.tgz; then `fi-cache pack`): the
+           # GPU tests of MLA's expanded form on the ragged kernel, then V2-Lite, Qwen3-30B-A3B and the 4-layer V3
+           # before (DISAGG_MLA_PREFILL=absorbed: the thirteenth session's prefill) and after (the default), each in its
+           # own process. (As run that session it also A/B'd the fused decode tails, DISAGG_FUSED_TAILS, since
+           # removed: slower; docs/benchmarks.md)
            timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_mla.py -k equals_torch \
              > $OUT/mla_tests.log 2>&1; tail -2 $OUT/mla_tests.log
-           timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fused_moe.py -k kernels_match \
-             tests/test_decode_attention.py > $OUT/tails_tests.log 2>&1; tail -2 $OUT/tails_tests.log
            V3="--model-path DeepSeek-V3 --json-model-override-args {\"num_hidden_layers\":4}"
            for m in "--model-path DeepSeek-V2-Lite|1,64|4096" "--model-path Qwen3-30B-A3B|1,64|2048" "$V3|1|4096"; do
              IFS='|' read -r model bs len <<< "$m"; name=$(echo $model | cut -d' ' -f2)
              for kind in before after; do echo "--- $name $kind"
-               [ $kind = before ] && export DISAGG_MLA_PREFILL=absorbed DISAGG_FUSED_TAILS=0
+               [ $kind = before ] && export DISAGG_MLA_PREFILL=absorbed
                T=110 bench $model --load-format dummy --batch-sizes $bs --context-len 1024 --prefill-len $len \
                  --decode-steps 16 > $OUT/s14_${name}_$kind.log; grep -A4 "^kind" $OUT/s14_${name}_$kind.log
-               unset DISAGG_MLA_PREFILL DISAGG_FUSED_TAILS
+               unset DISAGG_MLA_PREFILL
              done
            done ;;
     mla-prefill) # issue 20, fourteenth session: MLA prefill in the expanded form on FlashInfer's ragged kernel
@@ -78,18 +75,6 @@ for step in "$@"; do
                --prefill-len 4096 --decode-steps 4 > $OUT/mla_${name}_$form.log; grep -A3 "^kind" $OUT/mla_${name}_$form.log
            done; done
            T=150 bash common/bench/gpu_runs.sh v2lite-prefill ;;
-    fused-tails) # issues 19/20, fourteenth session: the MoE decode kernels' tails in the kernels before them (the
-           # down GEMV's row sum by each tile's last program, the shared experts' add, the routing in the gate's
-           # GEMV): the fused-MoE GPU tests, then Qwen3-30B-A3B and V2-Lite at batch 1 and 64, DISAGG_FUSED_TAILS
-           # 0 then 1, each in its own process; then Qwen3's batch-1 profile with PDL off (each kernel its own span)
-           timeout 220 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fused_moe.py > $OUT/tails_tests.log 2>&1
-           tail -3 $OUT/tails_tests.log
-           a="--load-format dummy --batch-sizes 1,64 --context-len 1024 --decode-steps 16"
-           for f in 0 1; do for m in Qwen3-30B-A3B DeepSeek-V2-Lite; do echo "--- $m fused tails $f"
-             DISAGG_FUSED_TAILS=$f T=120 bench --model-path $m $a > $OUT/tails${f}_$m.log; grep -A3 "^kind" $OUT/tails${f}_$m.log
-           done; done
-           DISAGG_PDL=0 T=120 bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 \
-             --decode-steps 16 --profile-batch-sizes 1 > $OUT/qwen3_nopdl_profile.log; grep -A3 "^kind" $OUT/qwen3_nopdl_profile.log ;;
     moe-prefill) # issue 19: where a 2048-token MoE prefill goes (the kernels of one prefill, torch profiler)
            bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 --prefill-len 2048 \
              --decode-steps 4 --profile-prefill | tee $OUT/moe_prefill.log | tail -32 ;;

@@ -15,8 +15,7 @@ at page page_table[b, t // page_size], slot t % page_size, looked up token by to
 and BLOCK_N need not divide each other). It writes the chunk's normalised output and its
 log-sum-exp (base 2) to the float32 workspace: part_out [B, H, S, D], part_lse [B, H, S].
 Launch 2 (`_merge_kernel`): one program a (request, head, block of D) weighs the chunks by their
-lse and sums them; or, with arrival counters at hand (arrival.py), launch 1's last chunk of each
-(head block, request) does so itself and there is no launch 2.
+lse and sums them.
 
 CUDA-graph capturable: no host sync; the grids depend on the batch size, the head counts and the
 split count (a launch parameter chosen from static shapes, `choose_splits`) only. The chunks are cut
@@ -33,7 +32,6 @@ from __future__ import annotations
 
 import torch
 from disagg.common.config import triton_interpret
-from disagg.common.models.arrival import arrival_counters
 from disagg.common.models.fused_rope_kv import check_randn, start_up_check
 from disagg.common.models.pdl import pdl_args, pdl_begin
 
@@ -122,17 +120,14 @@ def gqa_decode(
         return out
     part_out, part_lse = _workspace(workspace, batch, num_q_heads, num_splits, head_dim, q.device)
     head_blocks = triton.cdiv(group, BLOCK_H)
-    grid = (num_kv_heads * head_blocks, num_splits, batch)
-    counters = _merge_counters(q.device, grid, num_splits)
-    _gqa_partial_kernel[grid](
-        q, kv, page_table, kv_lens, part_out, part_lse, out, _or(counters, kv_lens), sm_scale * LOG2E,
+    _gqa_partial_kernel[(num_kv_heads * head_blocks, num_splits, batch)](
+        q, kv, page_table, kv_lens, part_out, part_lse, sm_scale * LOG2E,
         q.stride(0), q.stride(1), kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3),
-        page_table.stride(0), out.stride(0), out.stride(1), num_q_heads, num_splits, GROUP=group,
-        HEAD_DIM=head_dim, PAGE_SIZE=kv.shape[2], BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
-        SPLITS=triton.next_power_of_2(num_splits), MERGE=counters is not None, UPCAST=triton_interpret(),
-        num_warps=4, num_stages=2, **pdl_args(q.device),
+        page_table.stride(0), num_q_heads, num_splits, GROUP=group, HEAD_DIM=head_dim,
+        PAGE_SIZE=kv.shape[2], BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, UPCAST=triton_interpret(), num_warps=4,
+        num_stages=2, **pdl_args(q.device),
     )  # fmt: skip
-    return out if counters is not None else _merge(part_out, part_lse, out)
+    return _merge(part_out, part_lse, out)
 
 
 def mla_decode(
@@ -160,17 +155,14 @@ def mla_decode(
     if batch == 0:
         return out
     part_out, part_lse = _workspace(workspace, batch, num_heads, num_splits, rank, q_nope.device)
-    grid = (triton.cdiv(num_heads, BLOCK_H), num_splits, batch)
-    counters = _merge_counters(q_nope.device, grid, num_splits)
-    _mla_partial_kernel[grid](
-        q_nope, q_pe, pages, page_table, kv_lens, part_out, part_lse, out, _or(counters, kv_lens),
-        sm_scale * LOG2E, q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), pages.stride(0),
-        pages.stride(1), page_table.stride(0), out.stride(0), out.stride(1), num_heads, num_splits, RANK=rank,
-        ROPE=rope, PAGE_SIZE=pages.shape[1], BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N,
-        SPLITS=triton.next_power_of_2(num_splits), MERGE=counters is not None, UPCAST=triton_interpret(),
-        num_warps=4, num_stages=2, **pdl_args(q_nope.device),
+    _mla_partial_kernel[(triton.cdiv(num_heads, BLOCK_H), num_splits, batch)](
+        q_nope, q_pe, pages, page_table, kv_lens, part_out, part_lse, sm_scale * LOG2E,
+        q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), pages.stride(0), pages.stride(1),
+        page_table.stride(0), num_heads, num_splits, RANK=rank, ROPE=rope, PAGE_SIZE=pages.shape[1],
+        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, UPCAST=triton_interpret(), num_warps=4, num_stages=2,
+        **pdl_args(q_nope.device),
     )  # fmt: skip
-    return out if counters is not None else _merge(part_out, part_lse, out)
+    return _merge(part_out, part_lse, out)
 
 
 def _check_io(q, out, shape, page_table, kv_lens, pool) -> torch.Tensor:
@@ -193,20 +185,6 @@ def _workspace(workspace, batch, num_heads, num_splits, dim, device) -> tuple[to
 
 def _runs_triton(q: torch.Tensor) -> bool:
     return triton is not None and (q.is_cuda or triton_interpret())
-
-
-MERGE_COUNTERS = 1 << 14  # (head block, request) pairs of one launch
-
-
-def _merge_counters(device: torch.device, grid: tuple[int, int, int], num_splits: int) -> torch.Tensor | None:
-    """The arrival counters (arrival.py) with which launch 1's last chunk of each (head block,
-    request) merges the chunks itself; None: launch 2 does."""
-    return arrival_counters(device, "decode_merge", grid[0] * grid[2], MERGE_COUNTERS)
-
-
-def _or(tensor: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
-    """A pointer argument that a constexpr branch never reads: any tensor of the right kind."""
-    return tensor if tensor is not None else stand_in
 
 
 def _merge(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -361,45 +339,14 @@ if triton is not None:
         tl.store(part_out + idx[:, None] * DIM + d[None, :], o, mask=(row_mask & (row_sum > 0))[:, None])
 
     @triton.jit
-    def _merge_last(
-        part_out, part_lse, out, counters, rows, heads, row_mask, b, stride_ob, stride_oh, num_splits,
-        DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_H: tl.constexpr,
-    ):  # fmt: skip
-        """After _store_partial: the program whose chunk arrives last at its (head block, request)
-        counter merges every chunk of its heads `rows` (b * H + h) into out[b, heads] as
-        _merge_kernel does (weights 2^(lse_s - max lse), empty chunks unread), then zeroes the counter."""
-        tl.debug_barrier()
-        lock = counters + tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
-        if tl.atomic_add(lock, 1) == tl.num_programs(1) - 1:
-            s = tl.arange(0, SPLITS)
-            lse = tl.load(part_lse + rows[:, None] * num_splits + s[None, :], cache_modifier=".cg",
-                          mask=row_mask[:, None] & (s[None, :] < num_splits), other=float("-inf"))  # fmt: skip
-            top = tl.max(lse, 1)
-            top = tl.where(top == float("-inf"), 0.0, top)  # no KV at all: every weight 0, the output 0
-            w = tl.exp2(lse - top[:, None])
-            total = tl.sum(w, 1)
-            d = tl.arange(0, DIM)
-            acc = tl.zeros([BLOCK_H, DIM], tl.float32)
-            for j in range(0, num_splits):
-                wj = tl.sum(tl.where(s[None, :] == j, w, 0.0), 1)
-                part = tl.load(part_out + (rows * num_splits + j)[:, None] * DIM + d[None, :], cache_modifier=".cg",
-                               mask=(row_mask & (wj > 0))[:, None], other=0.0)  # fmt: skip
-                acc += part * wj[:, None]
-            o = acc / tl.where(total > 0, total, 1.0)[:, None]
-            dst = out + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
-            tl.store(dst, o.to(out.dtype.element_ty), mask=row_mask[:, None])
-            tl.atomic_xchg(lock, 0)
-
-    @triton.jit
     def _gqa_partial_kernel(
-        q, kv, page_table, kv_lens, part_out, part_lse, out, counters, scale_log2,
-        stride_qb, stride_qh, stride_page, stride_kv, stride_slot, stride_head, stride_table, stride_ob, stride_oh,
+        q, kv, page_table, kv_lens, part_out, part_lse, scale_log2,
+        stride_qb, stride_qh, stride_page, stride_kv, stride_slot, stride_head, stride_table,
         num_q_heads, num_splits,
-        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MERGE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """Program (kv head × head block, chunk, b): the chunk's attention for the block's q heads;
-        MERGE: the last chunk to arrive merges them (_merge_last)."""
+        """Program (kv head × head block, chunk, b): the chunk's attention for the block's q heads."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         HEAD_BLOCKS: tl.constexpr = (GROUP + BLOCK_H - 1) // BLOCK_H
         kv_head = tl.program_id(0) // HEAD_BLOCKS
@@ -426,23 +373,20 @@ if triton is not None:
             v = tl.load(k_base + stride_kv + offs[:, None], mask=valid[:, None], other=0.0)
             s = _dot(q_rows, tl.trans(k), UPCAST) * scale_log2
             row_max, row_sum, acc = _online_softmax(s, v, valid, row_max, row_sum, acc, UPCAST)
-        rows = b * num_q_heads + heads
-        _store_partial(part_out, part_lse, rows, row_mask, num_splits, row_max, row_sum, acc, HEAD_DIM)
-        if MERGE:
-            _merge_last(part_out, part_lse, out, counters, rows, heads, row_mask, b, stride_ob, stride_oh,
-                        num_splits, HEAD_DIM, SPLITS, BLOCK_H)  # fmt: skip
+        _store_partial(
+            part_out, part_lse, b * num_q_heads + heads, row_mask, num_splits, row_max, row_sum, acc, HEAD_DIM
+        )
 
     @triton.jit
     def _mla_partial_kernel(
-        q_nope, q_pe, pages, page_table, kv_lens, part_out, part_lse, out, counters, scale_log2,
-        stride_nb, stride_nh, stride_pb, stride_ph, stride_page, stride_slot, stride_table, stride_ob, stride_oh,
+        q_nope, q_pe, pages, page_table, kv_lens, part_out, part_lse, scale_log2,
+        stride_nb, stride_nh, stride_pb, stride_ph, stride_page, stride_slot, stride_table,
         num_heads, num_splits,
-        RANK: tl.constexpr, ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
-        BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MERGE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+        RANK: tl.constexpr, ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Program (head block, chunk, b): the chunk's attention for the block's heads; the latent
-        tile ckv [BLOCK_N, RANK] is loaded once for both dots (scores and output). MERGE: the last
-        chunk to arrive merges them (_merge_last)."""
+        tile ckv [BLOCK_N, RANK] is loaded once for both dots (scores and output)."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         b = tl.program_id(2).to(tl.int64)
         heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -470,11 +414,9 @@ if triton is not None:
             kpe = tl.load(row[:, None] + RANK + e[None, :], mask=valid[:, None], other=0.0)
             s = (_dot(qn, tl.trans(ckv), UPCAST) + _dot(qp, tl.trans(kpe), UPCAST)) * scale_log2
             row_max, row_sum, acc = _online_softmax(s, ckv, valid, row_max, row_sum, acc, UPCAST)
-        rows = b * num_heads + heads
-        _store_partial(part_out, part_lse, rows, row_mask, num_splits, row_max, row_sum, acc, RANK)
-        if MERGE:
-            _merge_last(part_out, part_lse, out, counters, rows, heads, row_mask, b, stride_ob, stride_oh,
-                        num_splits, RANK, SPLITS, BLOCK_H)  # fmt: skip
+        _store_partial(
+            part_out, part_lse, b * num_heads + heads, row_mask, num_splits, row_max, row_sum, acc, RANK
+        )
 
     @triton.jit
     def _merge_kernel(

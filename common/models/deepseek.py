@@ -37,8 +37,6 @@ from disagg.common.models.fused_moe import (
     grouped_topk_shape_ok,
     router_gemv_ok,
     router_logits,
-    router_topk,
-    router_topk_ok,
 )
 from disagg.common.models.layers import ColumnParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear
 from disagg.common.models.moe import SparseMoE
@@ -339,12 +337,6 @@ class DeepseekGate(nn.Module):
         # the logits of a decode batch in one Triton launch (F.linear(x.float(), w) is ~4: the cast,
         # cuBLAS's split GEMV and its reduction)
         self.gemv = router_gemv_ok(device, num_experts, config.hidden_size, torch.float32)
-        # ... and the routing in the same launch (router_topk: the GEMV's last program routes)
-        groups = (self.n_group, self.topk_group) if self.v3 else None
-        self.one_launch = (self.gemv and self.fused and router_topk_ok(
-            device, num_experts, config.hidden_size, torch.float32, self.top_k, self.v3 and self.norm_topk,
-            self.scaling, groups,
-        ))  # fmt: skip
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> float32 [T, E]."""
@@ -354,9 +346,6 @@ class DeepseekGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (weights [T, k] float32, expert ids [T, k])."""
-        if self.one_launch and x.is_cuda and x.shape[0] <= ROUTER_GEMV_MAX_TOKENS:
-            grouped = (self.e_score_correction_bias, self.n_group, self.topk_group) if self.v3 else None
-            return router_topk(x, self.weight, self.top_k, self.v3 and self.norm_topk, self.scaling, grouped)
         logits = self.logits(x)
         if self.fused and logits.is_cuda:
             if self.v3:
@@ -471,9 +460,10 @@ class DeepseekMoE(SparseMoE):
                 return out
             return out + all_reduce(self.shared_experts(x), self.shared_experts.down_proj.tp)
         local = ids - self.first_expert if self.first_expert else ids
-        # the shared experts first: their output joins the routed sum inside the down GEMV (decode)
-        shared = self.shared_experts(x) if self.shared_experts is not None else None
-        return all_reduce(self.routed_experts(x, local, weights, addend=shared))
+        out = self.routed_experts(x, local, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return all_reduce(out)
 
 
 def make_deepseek_mlp(config, layer_id: int) -> nn.Module:

@@ -38,8 +38,7 @@ import logging
 from pathlib import Path
 
 import torch
-from disagg.common.config import fused_tails, triton_interpret
-from disagg.common.models.arrival import arrival_counters
+from disagg.common.config import triton_interpret
 from disagg.common.models.moe_align import (
     ExpertScales,
     grouped_experts,
@@ -158,14 +157,11 @@ def fused_experts(
     config: dict | None = None,
     scales: ExpertScales | None = None,
     foreign: bool = True,
-    addend: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as moe_align.grouped_experts: x [T, H], w13 [E, 2I, H], w2 [E, H, I],
     topk_weights / topk_ids [T, k] (ids outside [0, E): another rank's expert). Returns [T, H].
     scales: w13 / w2 are float8_e4m3fn with these block scales. foreign=False: no id is outside
-    [0, E) (all experts are local), which spares the prefill path a masking pass. addend [T, H]
-    (the shared experts' output): returns the routed sum plus it, added in float32 inside the
-    down GEMV where a decode batch runs it (one elementwise launch less a layer)."""
+    [0, E) (all experts are local), which spares the prefill path a masking pass."""
     num_tokens, k = topk_ids.shape
     num_experts, hidden, inter = w2.shape
     config = config or moe_config(num_experts, inter, hidden, scales is not None)
@@ -176,14 +172,7 @@ def fused_experts(
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     ids, weights = topk_ids.contiguous(), topk_weights.float().contiguous()
     if num_tokens * k <= config["gemv_max_pairs"]:
-        return _gemv_experts(x, w13, w2, weights, ids, config["gemv"], scales, addend)
-    out = _prefill_experts(x, w13, w2, weights, ids, config, scales, foreign)
-    return out if addend is None else out + addend
-
-
-def _prefill_experts(x, w13, w2, weights, ids, config: dict, scales, foreign: bool) -> torch.Tensor:
-    """Batches past the GEMV's pairs: torch's grouped GEMM where it runs, else the Triton one."""
-    num_tokens, k = ids.shape
+        return _gemv_experts(x, w13, w2, weights, ids, config["gemv"], scales)
     if (
         scales is None
         and num_tokens >= config.get("grouped_mm_min_tokens", _DEFAULT["grouped_mm_min_tokens"])
@@ -217,9 +206,7 @@ def sum_terms(
     return out
 
 
-def _gemv_experts(
-    x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | None, addend=None
-) -> torch.Tensor:
+def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | None) -> torch.Tensor:
     (num_tokens, k), (num_experts, hidden, inter) = ids.shape, w2.shape
     split, bn, bk = cfg["SPLIT_K"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     # NOTE: split-K partial sums meet by atomics in a zeroed buffer [pairs, gate | up]; one split
@@ -251,30 +238,13 @@ def _gemv_experts(
     out = torch.empty(
         num_tokens * rows, hidden, dtype=x.dtype if rows == 1 else torch.float32, device=x.device
     )
-    n_tiles = triton.cdiv(hidden, down_bn)
-    # SERIAL: the float32 rows of a tile summed by its last program (arrival.py), not by a sum_terms
-    # launch after (one launch less a layer), where the counters are at hand
-    serial = rows > 1 and cfg.get("DOWN_SERIAL", True)
-    counters = arrival_counters(x.device, "moe_down", num_tokens * n_tiles, DOWN_COUNTERS) if serial else None
-    final = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device) if counters is not None else out
-    # the addend joins in the kernel where it writes the model dtype (one program a tile, or SERIAL)
-    fuse_add = addend is not None and (rows == 1 or counters is not None) and fused_tails()
-    if fuse_add:
-        addend = addend.contiguous()
-    _down_gemv[(num_tokens, n_tiles, rows)](
-        gate_up, w2, out, final, counters if counters is not None else ids, addend if fuse_add else x, ids,
-        weights, num_experts, k, hidden, inter, w2.stride(0), w2.stride(1),
-        *_scale_args(w2, scales.w2 if fp8 else None, block),
+    _down_gemv[(num_tokens, triton.cdiv(hidden, down_bn), rows)](
+        gate_up, w2, out, ids, weights, num_experts, k, hidden, inter,
+        w2.stride(0), w2.stride(1), *_scale_args(w2, scales.w2 if fp8 else None, block),
         BLOCK_N=down_bn, BLOCK_K=down_bk, SLOTS=slots, ROWS=rows, K_SPLIT=k_split, K_PER_SPLIT=k_per_split,
-        FP8=fp8, ACT=act, SERIAL=counters is not None, ADD=fuse_add,
-        num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
+        FP8=fp8, ACT=act, num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
     )  # fmt: skip
-    if not (rows == 1 or counters is not None):
-        final = _sum_pairs(out, num_tokens, rows, x.dtype)
-    return final if addend is None or fuse_add else final + addend
-
-
-DOWN_COUNTERS = 1 << 15  # (token, N tile) pairs of one down GEMV: 16 tokens of 7168 rows in 4-row tiles
+    return out if rows == 1 else _sum_pairs(out, num_tokens, rows, x.dtype)
 
 
 @functools.cache
@@ -345,86 +315,6 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         T_POW2=t_pow2, BLOCK_E=block_e, BLOCK_H=block_h, num_warps=4, **pdl_args(x.device),
     )  # fmt: skip
     return out
-
-
-def router_topk(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    k: int,
-    renormalize: bool,
-    scaling: float = 1.0,
-    grouped: tuple[torch.Tensor, int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits, then fused_topk (or with grouped = (bias, n_group, topk_group),
-    fused_grouped_topk) on them, in one launch for a decode batch: the program that stores its
-    logits last routes every token (one launch less a MoE layer). Same results as the two launches
-    (the same logits, read back). Inside a CUDA graph capture before any counter exists: the two."""
-    counters = arrival_counters(x.device, "moe_router", 1, 1)
-    if counters is None:
-        logits = router_logits(x, weight)
-        if grouped is not None:
-            return fused_grouped_topk(logits, grouped[0], k, grouped[1], grouped[2], renormalize, scaling)
-        return fused_topk(logits, k, renormalize, scaling)
-    num_tokens, hidden = x.shape
-    num_experts = weight.shape[0]
-    logits = torch.empty(num_tokens, num_experts, dtype=weight.dtype, device=x.device)
-    weights = torch.empty(num_tokens, k, dtype=torch.float32, device=x.device)
-    ids = torch.empty(num_tokens, k, dtype=torch.int64, device=x.device)
-    t_pow2, block_e = triton.next_power_of_2(num_tokens), 2
-    block_h = max(64, min(triton.next_power_of_2(hidden), 2048 // t_pow2))  # as router_logits
-    bias, groups, topk_group = grouped if grouped is not None else (weight, 1, 1)
-    _router_topk_kernel[(triton.cdiv(num_experts, block_e),)](
-        x, weight, logits, weights, ids, counters, bias, num_tokens, num_experts, hidden,
-        x.stride(0), weight.stride(0), float(scaling),
-        T_POW2=t_pow2, BLOCK_E=block_e, BLOCK_H=block_h, K=k, E_POW2=triton.next_power_of_2(num_experts),
-        K_POW2=triton.next_power_of_2(k), GROUPED=grouped is not None, GROUPS=groups, TOPK_GROUP=topk_group,
-        RENORMALIZE=renormalize, num_warps=4, **pdl_args(x.device),
-    )  # fmt: skip
-    return weights, ids
-
-
-@functools.cache
-def router_topk_ok(
-    device: torch.device,
-    num_experts: int,
-    hidden: int,
-    dtype: torch.dtype,
-    k: int,
-    renormalize: bool,
-    scaling: float = 1.0,
-    groups: tuple[int, int] | None = None,
-) -> bool:
-    """Whether router_topk gives router_logits + fused_topk's (fused_grouped_topk's with groups =
-    (n_group, topk_group)) experts and weights on this device and shape, at 1, 3 and
-    ROUTER_GEMV_MAX_TOKENS tokens, twice each (the counter back at zero): checked once per shape
-    when a layer is built; on a mismatch or an error the layer keeps the two launches."""
-    if not (fused_moe_available() and device.type == "cuda"):
-        return False
-    try:
-        gen = torch.Generator(device=device).manual_seed(1)
-        weight = (torch.randn(num_experts, hidden, device=device, generator=gen) / hidden**0.5).to(dtype)
-        bias = torch.rand(num_experts, device=device, generator=gen) / 10
-        grouped = (bias, *groups) if groups is not None else None
-        ok = True
-        for tokens in (1, 3, ROUTER_GEMV_MAX_TOKENS, 1):
-            x = torch.randn(tokens, hidden, device=device, generator=gen).to(torch.bfloat16)
-            logits = router_logits(x, weight)
-            if grouped is not None:
-                want = fused_grouped_topk(logits, bias, k, groups[0], groups[1], renormalize, scaling)
-            else:
-                want = fused_topk(logits, k, renormalize, scaling)
-            got = router_topk(x, weight, k, renormalize, scaling, grouped)
-            ok = ok and torch.equal(got[1], want[1]) and torch.allclose(got[0], want[0], rtol=1e-6, atol=0)
-    except Exception:  # noqa: BLE001 - any failure: the two launches, loudly
-        logger.exception(
-            "router_topk failed its start-up check (E=%d, H=%d): two launches", num_experts, hidden
-        )
-        return False
-    if not ok:
-        logger.warning(
-            "router_topk disagrees with its two launches (E=%d, H=%d): two launches", num_experts, hidden
-        )
-    return ok
 
 
 @functools.cache
@@ -688,11 +578,11 @@ if triton is not None:
 
     @triton.jit
     def _down_gemv(
-        gate_up, w2, out, final, counters, addend, ids, weights, num_experts, top_k, N, inter, stride_we,
-        stride_wn, scale, stride_se, stride_sn, group_n, group_k,
+        gate_up, w2, out, ids, weights, num_experts, top_k, N, inter, stride_we, stride_wn,
+        scale, stride_se, stride_sn, group_n, group_k,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr,
         K_SPLIT: tl.constexpr, K_PER_SPLIT: tl.constexpr, FP8: tl.constexpr, ACT: tl.constexpr,
-        SERIAL: tl.constexpr, ADD: tl.constexpr, PDL: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         """out[t, n-tile] = sum over t's slots of weight * rows of w2[e] . (silu(gate) * up): the
         routing-weight combine in the kernel. ROWS == 1: one program a (token, N tile) takes all
@@ -702,11 +592,7 @@ if triton is not None:
         `out`, which _sum_pairs adds up (more programs: at one token, 8 slots of 32-row tiles of
         DeepSeek-V3's 7168 rows were 224 programs, each streaming 8 experts' rows in turn).
         FP8: each weight element dequantized by its block's scale (a K tile may span blocks).
-        ACT: gate_up holds each pair's activation (a row of `inter`), not its gate | up.
-        SERIAL (ROWS > 1): the program that arrives last at its (token, N tile) counter sums the
-        tile's ROWS float32 rows in row order (sum_terms' order and result) into `final`, in the
-        model dtype, and zeroes the counter for the next launch. ADD (ROWS == 1 or SERIAL): the token's
-        row of `addend` added in float32 before the model-dtype store."""
+        ACT: gate_up holds each pair's activation (a row of `inter`), not its gate | up."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         token, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         group, k_lo = pid_s // K_SPLIT, (pid_s % K_SPLIT) * K_PER_SPLIT
@@ -738,27 +624,7 @@ if triton is not None:
                 part += tl.sum(w * a[None, :], axis=1)
             acc += part * tl.load(weights + pair)
         row = token.to(tl.int64) * ROWS + pid_s
-        if ADD and not SERIAL:  # ROWS == 1: this program writes the token's tile
-            acc += tl.load(addend + token.to(tl.int64) * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         tl.store(out + row * N + offs_n, acc.to(out.dtype.element_ty), mask=n_mask)
-        if SERIAL:
-            # the CUDA threadFenceReduction pattern: every thread's stores before the barrier, the
-            # counter's acq_rel atomic after it; the last arrival reads the rows from L2 (.cg)
-            tl.debug_barrier()
-            lock = counters + token * tl.num_programs(1) + pid_n
-            if tl.atomic_add(lock, 1) == ROWS - 1:
-                first = token.to(tl.int64) * ROWS * N + offs_n
-                total = tl.zeros([BLOCK_N], dtype=tl.float32)
-                if ADD:
-                    total += tl.load(addend + token.to(tl.int64) * N + offs_n, mask=n_mask, other=0.0).to(
-                        tl.float32
-                    )
-                for r in tl.static_range(ROWS):
-                    total += tl.load(out + first + r * N, mask=n_mask, other=0.0, cache_modifier=".cg")
-                tl.store(
-                    final + token.to(tl.int64) * N + offs_n, total.to(final.dtype.element_ty), mask=n_mask
-                )
-                tl.atomic_xchg(lock, 0)
 
     @triton.jit
     def _grouped_topk_kernel(
@@ -769,19 +635,9 @@ if triton is not None:
         """One token: fused_grouped_topk (ties: the lowest group, the lowest expert)."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         token = tl.program_id(0).to(tl.int64)
-        _grouped_topk_row(logits + token * stride, bias, weights + token * K, ids + token * K, scaling,
-                          K, K_POW2, E, GROUPS, TOPK_GROUP, RENORMALIZE)  # fmt: skip
-
-    @triton.jit
-    def _grouped_topk_row(
-        logits, bias, weights, ids, scaling,
-        K: tl.constexpr, K_POW2: tl.constexpr, E: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr,
-        RENORMALIZE: tl.constexpr,
-    ):  # fmt: skip
-        """A token's logits row: fused_grouped_topk's routing (read through L2, as _softmax_topk_row)."""
         size: tl.constexpr = E // GROUPS
         experts = tl.arange(0, E)
-        scores = tl.sigmoid(tl.load(logits + experts, cache_modifier=".cg").to(tl.float32))
+        scores = tl.sigmoid(tl.load(logits + token * stride + experts).to(tl.float32))
         choice = scores + tl.load(bias + experts).to(tl.float32)
         # each group's score: its best two choices (the best twice where it occurs twice, as topk(2))
         grid = tl.reshape(choice, (GROUPS, size))
@@ -809,25 +665,17 @@ if triton is not None:
             choice = tl.where(experts == pick, -float("inf"), choice)
         if RENORMALIZE:
             top_w = top_w / (tl.sum(top_w, axis=0) + 1e-20)
-        tl.store(weights + slots, top_w * scaling, mask=slots < K)
-        tl.store(ids + slots, top_id, mask=slots < K)
+        tl.store(weights + token * K + slots, top_w * scaling, mask=slots < K)
+        tl.store(ids + token * K + slots, top_id, mask=slots < K)
 
     @triton.jit
     def _router_gemv_kernel(
         x, w, out, num_tokens, num_experts, hidden, x_stride, w_stride,
         T_POW2: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """_router_tile: BLOCK_E experts' logits of every token."""
+        """out[t, e] = sum over h of x[t, h] * w[e, h] for all tokens and BLOCK_E experts: float32
+        products and sums, stored in out's dtype."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
-        _router_tile(x, w, out, num_tokens, num_experts, hidden, x_stride, w_stride, T_POW2, BLOCK_E, BLOCK_H)
-
-    @triton.jit
-    def _router_tile(
-        x, w, out, num_tokens, num_experts, hidden, x_stride, w_stride,
-        T_POW2: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
-    ):  # fmt: skip
-        """out[t, e] = sum over h of x[t, h] * w[e, h] for all tokens and this program's BLOCK_E
-        experts: float32 products and sums, stored in out's dtype."""
         experts = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
         tokens = tl.arange(0, T_POW2)
         cols = tl.arange(0, BLOCK_H)
@@ -849,49 +697,16 @@ if triton is not None:
         )
 
     @triton.jit
-    def _router_topk_kernel(
-        x, w, out, weights, ids, counter, bias, num_tokens, num_experts, hidden, x_stride, w_stride, scaling,
-        T_POW2: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, K: tl.constexpr,
-        E_POW2: tl.constexpr, K_POW2: tl.constexpr, GROUPED: tl.constexpr, GROUPS: tl.constexpr,
-        TOPK_GROUP: tl.constexpr, RENORMALIZE: tl.constexpr, PDL: tl.constexpr,
-    ):  # fmt: skip
-        """_router_tile, then the program that stores its tile last (the counter; the down GEMV's
-        pattern) routes every token from the stored logits: _softmax_topk_row, or GROUPED
-        _grouped_topk_row; and zeroes the counter for the next launch."""
-        pdl_begin(PDL)  # first: before any load or store (pdl.py)
-        _router_tile(x, w, out, num_tokens, num_experts, hidden, x_stride, w_stride, T_POW2, BLOCK_E, BLOCK_H)
-        tl.debug_barrier()
-        if tl.atomic_add(counter, 1) == tl.num_programs(0) - 1:
-            for t in range(num_tokens):
-                row = out + t * num_experts
-                if GROUPED:
-                    _grouped_topk_row(row, bias, weights + t * K, ids + t * K, scaling, K, K_POW2, E_POW2, GROUPS,
-                                      TOPK_GROUP, RENORMALIZE)  # fmt: skip
-                else:
-                    _softmax_topk_row(
-                        row, weights + t * K, ids + t * K, num_experts, scaling, K, E_POW2, RENORMALIZE
-                    )
-            tl.atomic_xchg(counter, 0)
-
-    @triton.jit
     def _topk_kernel(
         logits, weights, ids, num_experts, stride, scaling,
         K: tl.constexpr, E_POW2: tl.constexpr, RENORMALIZE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """One token: _softmax_topk_row."""
+        """One token: softmax over the experts, then K rounds of argmax (ties: the lowest id); the
+        weights times `scaling`."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         token = tl.program_id(0).to(tl.int64)
-        _softmax_topk_row(logits + token * stride, weights + token * K, ids + token * K, num_experts, scaling,
-                          K, E_POW2, RENORMALIZE)  # fmt: skip
-
-    @triton.jit
-    def _softmax_topk_row(logits, weights, ids, num_experts, scaling, K: tl.constexpr, E_POW2: tl.constexpr,
-                          RENORMALIZE: tl.constexpr):  # fmt: skip
-        """A token's logits row: softmax over the experts, then K rounds of argmax (ties: the lowest
-        id); the weights times `scaling`. Reads through L2 (.cg): router_topk's last program reads the
-        rows other programs stored."""
         experts = tl.arange(0, E_POW2)
-        x = tl.load(logits + experts, mask=experts < num_experts, other=-float("inf"), cache_modifier=".cg")
+        x = tl.load(logits + token * stride + experts, mask=experts < num_experts, other=-float("inf"))
         x = x.to(tl.float32)
         p = tl.exp(x - tl.max(x, axis=0))
         p = p / tl.sum(p, axis=0)
@@ -906,8 +721,8 @@ if triton is not None:
         for j in tl.static_range(K):
             best = tl.max(p, axis=0)
             pick = tl.min(tl.where(p == best, experts, E_POW2), axis=0)
-            tl.store(weights + j, best * scale)
-            tl.store(ids + j, pick.to(tl.int64))
+            tl.store(weights + token * K + j, best * scale)
+            tl.store(ids + token * K + j, pick.to(tl.int64))
             p = tl.where(experts == pick, -1.0, p)
 
     @triton.jit

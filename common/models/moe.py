@@ -31,8 +31,6 @@ from disagg.common.models.fused_moe import (
     fused_topk_ok,
     router_gemv_ok,
     router_logits,
-    router_topk,
-    router_topk_ok,
 )
 from disagg.common.models.moe_a2a import a2a_moe, capturing
 from disagg.common.models.moe_align import ExpertScales, grouped_experts
@@ -150,15 +148,6 @@ class SparseMoE(nn.Module):
         self.router_gemv = router_gemv_ok(
             self.gate.weight.device, self.num_experts, config.hidden_size, self.gate.weight.dtype
         )
-        # ... and both in one launch (router_topk: the GEMV's last program routes)
-        self.router_topk = (
-            self.router_gemv
-            and self.fused_routing
-            and router_topk_ok(
-                self.gate.weight.device, self.num_experts, config.hidden_size, self.gate.weight.dtype,
-                self.top_k, self.renormalize,
-            )
-        )  # fmt: skip
         self.experts = Experts(self.num_local, config.hidden_size, self.inter_local)
         # count the routed (token, slot) pairs per expert (expert_load); off by default: the
         # count costs two small kernels a layer, ~5% of a batch-1 decode step
@@ -213,7 +202,7 @@ class SparseMoE(nn.Module):
         return [s for s, e in enumerate(mine) if e == expert]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.routing(x)  # [T, k] each
+        weights, ids = self.route(self.logits(x))  # [T, k] each
         if self.count_tokens:
             self._count(ids)
         ids = self.physical_ids(ids)
@@ -233,12 +222,6 @@ class SparseMoE(nn.Module):
         flat = ids.flatten()
         self.expert_tokens.scatter_add_(0, flat, torch.ones_like(flat))  # graph-capturable
 
-    def routing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """route(logits(x)); for a decode batch on the GPU in one launch where it agrees."""
-        if self.router_topk and x.is_cuda and x.shape[0] <= ROUTER_GEMV_MAX_TOKENS:
-            return router_topk(x, self.gate.weight, self.top_k, self.renormalize)
-        return self.route(self.logits(x))
-
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The gate's logits [T, E], in its dtype."""
         if self.router_gemv and x.is_cuda and x.shape[0] <= ROUTER_GEMV_MAX_TOKENS:
@@ -255,12 +238,8 @@ class SparseMoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, ids
 
-    def routed_experts(
-        self, x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, addend: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """This rank's experts on the tokens routed to them (only those experts' weights are read);
-        plus `addend` [T, H] where given (the shared experts' output: fused_experts adds it in its
-        down GEMV)."""
+    def routed_experts(self, x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """This rank's experts on the tokens routed to them (only those experts' weights are read)."""
         w13, w2, scales = self.experts.w13, self.experts.w2, self.experts.scales
         # FP8 experts take the fused kernels only where the FP8 GEMMs run in Triton (fp8.py's rule)
         fused = scales is None or self.experts.fp8_backend == "triton"
@@ -268,10 +247,9 @@ class SparseMoE(nn.Module):
             # foreign: some ids may be out of range (another rank's expert, an all-to-all pad row: the
             # all-to-all needs ep > 1, so there are other ranks' experts then too)
             foreign = self.num_local < self.num_physical
-            return fused_experts(x, w13, w2, weights, local, scales=scales, foreign=foreign, addend=addend)
+            return fused_experts(x, w13, w2, weights, local, scales=scales, foreign=foreign)
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        out = grouped_experts(x, w13, w2, weights.to(x.dtype), local, trim=not capturing, scales=scales)
-        return out if addend is None else out + addend
+        return grouped_experts(x, w13, w2, weights.to(x.dtype), local, trim=not capturing, scales=scales)
 
 
 def set_expert_load_stats(model: nn.Module, enabled: bool) -> None:
