@@ -159,6 +159,22 @@ def tiny_v3(tmp_path_factory) -> str:
     return make_tiny_deepseek(tmp_path_factory.mktemp("mla") / "v3", "v3")
 
 
+def test_expanded_form_for_long_prompts_only_while_the_keys_stay_near_the_new_tokens():
+    """DeepSeek-V3's dims: a prompt (or its second chunk, past 171 tokens) takes the expanded form; decode
+    rows, a short chunk on a long prefix, and a prompt with 64 long decode rows beside it (their
+    keys would be expanded too: ~9 GB at V3's 128 heads) take the absorbed one."""
+    from disagg.common.engine.attention_flashinfer import expanded_pays
+
+    dims = (512, 64, 128, 128)
+    assert expanded_pays([4096], [4096], dims) and expanded_pays([4096], [8192], dims)
+    assert expanded_pays([1000, 2000], [1000, 2000], dims)
+    assert not expanded_pays([1] * 64, [1000] * 64, dims)  # decode
+    assert not expanded_pays([64], [10000], dims)  # a short chunk on a long prefix
+    assert expanded_pays([16], [16], dims)  # a prompt: the same per-token products, fewer per pair
+    assert not expanded_pays([100], [200], dims)  # a chunk of < 171 tokens on a prefix: more FLOPs
+    assert not expanded_pays([4096] + [1] * 64, [4096] + [1000] * 64, dims)  # keys 16x the new tokens
+
+
 @pytest.mark.parametrize("prefill", ["absorbed", "expanded", "auto", "torch"])
 def test_flashinfer_mla_backend_glue_gives_transformers_tokens(engines, tiny_v3, monkeypatch, prefill):
     """The FlashInfer MLA backend (plan per forward, latent pages read in place) over FlashInfer's API

@@ -89,8 +89,13 @@ def expanded_pays(q_lens: list[int], kv_lens: list[int], dims: tuple[int, int, i
     one, per head (dims: kv_lora_rank, qk_rope, qk_nope, v). Absorbed: each causal query-key pair
     q.k over rank + rope and p.v over rank, each query through W_UK and W_UV (rank x (nope + v));
     expanded: a pair nope + rope and v, each key's latent through kv_b_proj (rank x (nope + v)).
-    A 4096-token prompt of V2-Lite: 3.0x fewer expanded; a decode row or a short chunk on a long
-    prefix: absorbed."""
+    A prompt without a prefix: the same per-token products, 3.4x fewer a pair, so expanded; a
+    chunk on a prefix: expanded past ~171 new tokens (V2/V3 dims); a decode row: absorbed. And only while the batch's keys are at most twice its new tokens: the
+    expanded K and V exist per layer for every key (~150 KB a key at V3's 128 heads), so they stay
+    within the size of the chunk's own activations (a prompt and its second chunk; not decode rows'
+    long contexts riding along. SGLang expands prefix-free batches only)."""
+    if sum(kv_lens) > 2 * sum(q_lens):
+        return False
     rank, rope, nope, v = dims
     pairs = sum(q * (kv - q) + q * (q + 1) // 2 for q, kv in zip(q_lens, kv_lens, strict=True))
     per_token = rank * (nope + v)
