@@ -173,6 +173,14 @@ def test_expanded_form_for_long_prompts_only_while_the_keys_stay_near_the_new_to
     assert expanded_pays([16], [16], dims)  # a prompt: the same per-token products, fewer per pair
     assert not expanded_pays([100], [200], dims)  # a chunk of < 171 tokens on a prefix: more FLOPs
     assert not expanded_pays([4096] + [1] * 64, [4096] + [1000] * 64, dims)  # keys 16x the new tokens
+    # and the expanded K/V of a batch's keys within 1 GiB a layer: V3's 128 heads at TP 1 expand a
+    # 4096-token prompt (604 MB), not an 8192-token chunk; its 16 heads a rank at TP 8 do both
+    from disagg.common.engine.attention_flashinfer import FlashInferMLABackend
+
+    for heads, fits in ((128, (True, False)), (16, (True, True))):
+        backend = FlashInferMLABackend(torch.device("cpu"), None, heads, dims, api=ReferenceMLAApi,
+                                       ragged=ReferenceRaggedWrapper)  # fmt: skip
+        assert (backend._expansion_fits([4096]), backend._expansion_fits([8192])) == fits
 
 
 @pytest.mark.parametrize("prefill", ["absorbed", "expanded", "auto", "torch"])

@@ -26,6 +26,8 @@ from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABa
 from disagg.common.engine.device_wait import host_tensor, host_to_device, to_device
 
 _WORKSPACE_BYTES = 256 * 1024 * 1024
+EXPANDED_MAX_BYTES = 1 << 30  # the expanded MLA form's per-layer K/V buffers at most (a 4096-token prompt
+# at V3's 128 heads: 604 MB; at TP 8, 16 heads a rank: 75 MB)
 
 
 class FlashInferBackend(AttentionBackend):
@@ -199,7 +201,9 @@ class FlashInferMLABackend(FlashInferBackend, MLABackend):
             if self.prefill_mode == "torch":
                 self.torch.prepare(batch)
                 return
-            if self.prefill_mode == "expanded" or expanded_pays(batch.q_lens, batch.kv_lens, self.dims):
+            if self.prefill_mode == "expanded" or (
+                expanded_pays(batch.q_lens, batch.kv_lens, self.dims) and self._expansion_fits(batch.kv_lens)
+            ):
                 a = batch.attn
                 a["mla_kv_rows"] = latent_kv_rows(
                     batch.kv_lens, batch.page_tables, self.pool.page_size, self.device
@@ -212,6 +216,14 @@ class FlashInferMLABackend(FlashInferBackend, MLABackend):
         batch.attn["mla_metadata"] = mla_metadata(
             batch.q_lens, batch.kv_lens, batch.page_tables, self.pool.page_size, self.device
         )
+
+    def _expansion_fits(self, kv_lens: list[int]) -> bool:
+        """The expanded form's per-layer buffers for these keys (kv_b_proj's rows, K, a contiguous V:
+        (nope + v) + (nope + rope) + v values a key and head, 16-bit) within EXPANDED_MAX_BYTES, half
+        the device headroom the KV pool leaves for activations (kv_pool.GPU_FREE_HEADROOM)."""
+        rank, rope, nope, v = self.dims
+        per_key = self.num_qo_heads * (2 * nope + rope + 2 * v) * 2
+        return sum(kv_lens) * per_key <= EXPANDED_MAX_BYTES
 
     def runs_in_place(self, batch: ForwardBatch) -> bool:
         return "mla_metadata" in batch.attn or "mla_ragged" in batch.attn
