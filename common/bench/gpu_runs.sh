@@ -62,19 +62,6 @@ for step in "$@"; do
                unset DISAGG_MLA_PREFILL
              done
            done ;;
-    mla-prefill) # issue 20, fourteenth session: MLA prefill in the expanded form on FlashInfer's ragged kernel
-           # (DISAGG_MLA_PREFILL=auto, the new default) against the absorbed form on the MLA kernel: the GPU MLA
-           # tests, then V2-Lite's 4096-token prefill and the 4-layer V3's, each form in its own process, then
-           # V2-Lite's prefill profile (PDL off) in the auto form; then `fi-cache pack` (the ragged kernel's build)
-           timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_mla.py -k equals_torch \
-             > $OUT/mla_tests.log 2>&1; tail -3 $OUT/mla_tests.log
-           V3="--model-path DeepSeek-V3 --json-model-override-args {\"num_hidden_layers\":4}"
-           for m in "--model-path DeepSeek-V2-Lite" "$V3"; do for form in absorbed auto; do
-             name=$(echo $m | cut -d' ' -f2); echo "--- $name $form"
-             DISAGG_MLA_PREFILL=$form T=150 bench $m --load-format dummy --batch-sizes 1 --context-len 1024 \
-               --prefill-len 4096 --decode-steps 4 > $OUT/mla_${name}_$form.log; grep -A3 "^kind" $OUT/mla_${name}_$form.log
-           done; done
-           T=150 bash common/bench/gpu_runs.sh v2lite-prefill ;;
     moe-prefill) # issue 19: where a 2048-token MoE prefill goes (the kernels of one prefill, torch profiler)
            bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 --prefill-len 2048 \
              --decode-steps 4 --profile-prefill | tee $OUT/moe_prefill.log | tail -32 ;;
