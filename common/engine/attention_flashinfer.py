@@ -11,7 +11,8 @@ and mixed batches (causal=True), one plan per step for all layers. A batch whose
 fewer FLOPs in the expanded form (a long prompt: per query-key pair 192 + 128 products a head, not
 576 + 512, for one kv_b_proj GEMM over its keys' latents) runs that form on FlashInfer's ragged
 prefill kernel instead (`BatchPrefillWithRaggedKVCacheWrapper`, head dims 192 / 128), over the
-latent rows prepare() lists (expanded_pays; DISAGG_MLA_PREFILL forces a form). The MLA kernels
+latent rows prepare() lists (expanded_pays, and its K/V within EXPANDED_MAX_BYTES;
+DISAGG_MLA_PREFILL forces a form). The MLA kernels
 need kv_lora_rank a multiple of 128 and qk_rope_head_dim a multiple of 64
 (deepseek.flashinfer_mla_unsupported says when a model falls back to torch).
 """
@@ -92,10 +93,11 @@ def expanded_pays(q_lens: list[int], kv_lens: list[int], dims: tuple[int, int, i
     q.k over rank + rope and p.v over rank, each query through W_UK and W_UV (rank x (nope + v));
     expanded: a pair nope + rope and v, each key's latent through kv_b_proj (rank x (nope + v)).
     A prompt without a prefix: the same per-token products, 3.4x fewer a pair, so expanded; a
-    chunk on a prefix: expanded past ~171 new tokens (V2/V3 dims); a decode row: absorbed. And only while the batch's keys are at most twice its new tokens: the
-    expanded K and V exist per layer for every key (~150 KB a key at V3's 128 heads), so they stay
-    within the size of the chunk's own activations (a prompt and its second chunk; not decode rows'
-    long contexts riding along. SGLang expands prefix-free batches only)."""
+    chunk on a prefix: expanded past ~171 new tokens (V2/V3 dims); a decode row: absorbed. And only
+    while the batch's keys are at most twice its new tokens: the expanded K and V exist per layer
+    for every key (~150 KB a key at V3's 128 heads), so they stay within the size of the chunk's
+    own activations (a prompt and its second chunk; not decode rows' long contexts riding along.
+    SGLang expands prefix-free batches only)."""
     if sum(kv_lens) > 2 * sum(q_lens):
         return False
     rank, rope, nope, v = dims
