@@ -26,6 +26,8 @@ from pathlib import Path
 #   DISAGG_MLA_PREFILL      MLA prefill/mixed batches on the FlashInfer MLA backend: auto (default: each batch
 #                           in the form of fewer attention FLOPs) | absorbed (its MLA kernel) | expanded
 #                           (its ragged prefill kernel) | torch (expanded form, torch SDPA); A/B runs
+#   DISAGG_SHARED_EXPERTS_FUSION  1: DeepSeek's shared experts run as more slots of the routed experts'
+#                           kernels (deepseek.DeepseekMoE.fuse_shared_experts) | 0 (default, until measured)
 #   DISAGG_MLA_KERNEL       FlashInfer's MLA kernel family: auto (FlashInfer's pick: FA3 on Hopper) | fa2 | fa3
 #   DISAGG_PDL              1 (default): the Triton kernels launch with Programmatic Dependent Launch on Hopper
 #                           or newer (common/models/pdl.py; the H200 A/B of docs/benchmarks.md, eleventh
@@ -153,6 +155,11 @@ def mla_kernel() -> str:
     if kernel not in ("auto", "fa2", "fa3"):
         raise ValueError(f"DISAGG_MLA_KERNEL={kernel!r}: expected auto, fa2 or fa3")
     return kernel
+
+
+def shared_experts_fusion() -> bool:
+    """DISAGG_SHARED_EXPERTS_FUSION: 1 | 0 (default)."""
+    return os.environ.get("DISAGG_SHARED_EXPERTS_FUSION", "0") == "1"
 
 
 def mla_prefill_mode() -> str:

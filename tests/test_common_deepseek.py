@@ -183,6 +183,38 @@ def test_gate_picks_transformers_experts(version):
     assert not torch.equal(plain.topk(config.num_experts_per_tok, dim=-1)[1].sort(-1)[0], ids)
 
 
+@pytest.fixture(scope="module")
+def two_shared(tmp_path_factory) -> str:
+    """The tiny V2 with two shared experts (the shared MLP is two routed experts wide)."""
+    return make_tiny_deepseek(tmp_path_factory.mktemp("shared2") / "v2", "v2", n_shared_experts=2)
+
+
+@pytest.mark.parametrize("version", ["v2-two-shared", "v3"])
+def test_shared_experts_fused_into_the_routed_ones_keep_transformers_tokens(
+    engines, tiny_deepseek, two_shared, monkeypatch, version
+):
+    """DISAGG_SHARED_EXPERTS_FUSION=1: each MoE layer's shared MLP becomes one expert slot a routed
+    expert's width (two for the two-shared V2), appended to the stack, that every token routes to
+    with weight 1; the shared MLP is gone; transformers' tokens through chunks and a batch."""
+    from disagg.common.models.deepseek import DeepseekMoE
+
+    monkeypatch.setenv("DISAGG_SHARED_EXPERTS_FUSION", "1")
+    path = two_shared if version == "v2-two-shared" else tiny_deepseek[version]
+    # max_total_tokens: another engine than the unfused tests' (the cache keys on the arguments)
+    engine = engines.get(model_path=path, page_size=4, chunked_prefill_size=16, max_total_tokens=1536)
+    moes = [m for m in engine.scheduler.runner.model.modules() if isinstance(m, DeepseekMoE)]
+    shared = 2 if version == "v2-two-shared" else 1
+    assert moes and all(m.shared_experts is None and m.num_shared_fused == shared for m in moes)
+    assert all(m.experts.w13.shape[0] == m.num_experts + shared for m in moes)
+    rng = random.Random(version)
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (1, 5, 17, 40)]
+    outs = engine.generate(prompts, {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out["output_ids"] == hf_greedy(path, prompt, 12)
+    assert_pool_clean(engine.scheduler)
+    engines.close()  # the fusion is decided at load: no later test gets this engine
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "version,kw",
@@ -278,6 +310,61 @@ def test_fp8_block_gemms_follow_the_dequantized_model(engines, fp8_deepseek, mon
     ours = out["meta_info"]["output_logprobs"]
     assert max(abs(a - b) for a, b in zip(ours, ref.tolist(), strict=True)) < 0.2, (ours, ref)
     engines.close()  # the next engine of this module runs without FP8 GEMMs
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-shape", "fp8"])
+def test_a_fused_layer_computes_what_the_shared_mlp_did(engines, tiny_deepseek, two_shared, fp8_deepseek,
+                                                        monkeypatch, fp8):  # fmt: skip
+    """One MoE layer on the same tokens before and after fuse_shared_experts: the same output (the
+    two-shared V2; the FP8 V3 with DISAGG_FP8_GEMM=torch, where the shared MLP's GEMMs quantized the
+    activations per group and the expert slots do not: close, not equal)."""
+    from disagg.common.models.deepseek import DeepseekMoE
+
+    if fp8:
+        monkeypatch.setenv("DISAGG_FP8_GEMM", "torch")
+    path = fp8_deepseek[0] if fp8 else two_shared
+    engine = engines.get(model_path=path, page_size=4, max_total_tokens=640)
+    layer = next(m for m in engine.scheduler.runner.model.modules() if isinstance(m, DeepseekMoE))
+    x = torch.randn(5, layer.experts.w2.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = layer(x)
+        assert layer.fuse_shared_experts()
+        after = layer(x)
+    engines.close()  # its model changed under it
+    err = ((after - before).norm() / before.norm()).item()
+    assert err < (3e-2 if fp8 else 1e-5), err
+
+
+def test_benchmark_counts_fused_shared_experts_as_read_every_step(engines, two_shared):
+    """offline.py's roofline: the fused shared slots stay in the bytes read every step (as the shared
+    MLP was), so fusing changes no figure's roofline."""
+    from disagg.common.bench.offline import weight_traffic
+    from disagg.common.models.deepseek import fuse_shared_experts
+
+    engine = engines.get(model_path=two_shared, page_size=4, max_total_tokens=640)
+    model = engine.scheduler.runner.model
+    before = weight_traffic(model)
+    assert fuse_shared_experts(model) == 3  # every layer of the tiny V2 is MoE
+    engines.close()  # its model changed under it
+    assert weight_traffic(model) == before
+
+
+def test_fp8_shared_experts_fuse_with_their_block_scales(engines, fp8_deepseek, monkeypatch):
+    """FP8 experts and an FP8 shared MLP (DISAGG_FP8_GEMM=torch keeps both in blocks): the fused slot
+    takes the shared MLP's FP8 values and its block scales cut alike; the dequantized model's tokens."""
+    from disagg.common.models.deepseek import DeepseekMoE
+
+    fp8_path, ref_path = fp8_deepseek
+    monkeypatch.setenv("DISAGG_FP8_GEMM", "torch")
+    monkeypatch.setenv("DISAGG_SHARED_EXPERTS_FUSION", "1")
+    engine = engines.get(model_path=fp8_path, page_size=4, max_total_tokens=768, random_seed=1)
+    moes = [m for m in engine.scheduler.runner.model.modules() if isinstance(m, DeepseekMoE)]
+    assert moes and all(m.num_shared_fused == 1 and m.experts.w13.dtype == torch.float8_e4m3fn for m in moes)
+    assert all(m.experts.w13_scale_inv.shape[0] == m.num_experts + 1 for m in moes)
+    prompt = [7, 100, 3, 256, 41, 9]
+    out = engine.generate([prompt], {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True})[0]
+    assert out["output_ids"] == hf_greedy(ref_path, prompt, 4)
+    engines.close()
 
 
 def _hf_logprobs(path: str, ids: list[int]) -> torch.Tensor:

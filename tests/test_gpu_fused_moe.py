@@ -48,6 +48,19 @@ CHECK = textwrap.dedent(
         want_w, want_ids = torch.softmax(logits, -1).topk(6, -1)
         assert torch.equal(ids, want_ids)
         torch.testing.assert_close(weights, want_w * 16.0, rtol=1e-5, atol=1e-5)
+        # two shared experts fused after the routed ones: slots 6 and 7 are experts 64 and 65, weight 1
+        weights, ids = fused_topk(logits, 6, False, 16.0, shared=2)
+        assert torch.equal(ids[:, :6], want_ids) and (ids[:, 6:] == torch.tensor([64, 65], device=device)).all()
+        torch.testing.assert_close(weights[:, :6], want_w * 16.0, rtol=1e-5, atol=1e-5)
+        assert (weights[:, 6:] == 1).all()
+        # ... and after V3's grouped routing: slot 8 is expert 256
+        from disagg.common.models.fused_moe import fused_grouped_topk
+
+        logits, bias = torch.randn(3, 256, device=device), torch.rand(256, device=device) / 10
+        plain = fused_grouped_topk(logits, bias, 8, 8, 4, True, 2.5)
+        weights, ids = fused_grouped_topk(logits, bias, 8, 8, 4, True, 2.5, shared=1)
+        assert torch.equal(ids[:, :8], plain[1]) and (ids[:, 8] == 256).all() and (weights[:, 8] == 1).all()
+        torch.testing.assert_close(weights[:, :8], plain[0])
 
     def check_router(device):
         # the gate's logits of a decode batch in one launch: torch's F.linear in the gate's dtype

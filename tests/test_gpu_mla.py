@@ -162,3 +162,16 @@ def test_small_v3_greedy_tokens_torch_flashinfer_and_cuda_graphs():
     exact = (_assert_close(eager, torch_out), _assert_close(graphs, eager))
     print(f"equal throughout: flashinfer vs torch {exact[0]}/4, graphs vs eager {exact[1]}/4")
     assert exact[1] >= 3  # the same kernel: at most a padded bucket's different split may flip a tie
+
+
+def test_small_v3_fused_shared_experts_keep_the_tokens(monkeypatch):
+    """DISAGG_SHARED_EXPERTS_FUSION=1 on the GPU (FP8 experts on Hopper, the shared expert a slot of
+    their GEMV and grouped GEMM, the routing kernel writing its slot, CUDA graphs): the unfused
+    engine's greedy tokens within vLLM's logprob-closeness check."""
+    pytest.importorskip("flashinfer")
+    prompts = [[5, 6, 7], list(range(100, 140)), list(range(200, 330)), [(7 * i) % 1000 for i in range(300)]]
+    params = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True, "top_logprobs_num": 5}
+    _, plain = _generate("auto", False, prompts, params)
+    monkeypatch.setenv("DISAGG_SHARED_EXPERTS_FUSION", "1")
+    _, fused = _generate("auto", False, prompts, params)
+    print(f"equal throughout: fused vs plain {_assert_close(fused, plain)}/4")

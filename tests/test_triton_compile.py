@@ -35,12 +35,17 @@ def test_routing_kernels_compile():
     compile_for_hopper(
         _topk_kernel,
         {"logits": "*bf16", "weights": "*fp32", "ids": "*i64", "scaling": "fp32"},
-        dict(K=8, E_POW2=128, RENORMALIZE=True),
+        dict(K=8, E_POW2=128, RENORMALIZE=True, SHARED=0),
+    )
+    compile_for_hopper(  # V2-Lite's with its 2 shared experts fused after the routed ones
+        _topk_kernel,
+        {"logits": "*fp32", "weights": "*fp32", "ids": "*i64", "scaling": "fp32"},
+        dict(K=6, E_POW2=64, RENORMALIZE=False, SHARED=2),
     )
     compile_for_hopper(
         _grouped_topk_kernel,
         {"logits": "*fp32", "bias": "*fp32", "weights": "*fp32", "ids": "*i64", "scaling": "fp32"},
-        dict(K=8, K_POW2=8, E=256, GROUPS=8, TOPK_GROUP=4, RENORMALIZE=True),
+        dict(K=8, K_POW2=8, E=256, GROUPS=8, TOPK_GROUP=4, RENORMALIZE=True, SHARED=1),
     )
 
 

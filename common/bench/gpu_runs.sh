@@ -62,6 +62,18 @@ for step in "$@"; do
                unset DISAGG_MLA_PREFILL
              done
            done ;;
+    shared-fusion) # issue 20, fourteenth session (not run yet): DeepSeek's shared experts as slots of the routed
+           # experts' kernels (DISAGG_SHARED_EXPERTS_FUSION): the GPU test, then V2-Lite and the 4-layer V3 at batch 1
+           # and 64, off then on, each in its own process (the shared MLP's 2 GEMMs, activation and add a layer,
+           # against 1-2 more slots in the GEMV)
+           timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_mla.py -k fused_shared -s \
+             > $OUT/shared_tests.log 2>&1; tail -3 $OUT/shared_tests.log
+           V3="--model-path DeepSeek-V3 --json-model-override-args {\"num_hidden_layers\":4}"
+           for m in "--model-path DeepSeek-V2-Lite" "$V3"; do for f in 0 1; do
+             name=$(echo $m | cut -d' ' -f2); echo "--- $name fusion $f"
+             DISAGG_SHARED_EXPERTS_FUSION=$f T=110 bench $m --load-format dummy --batch-sizes 1,64 --context-len 1024 \
+               --prefill-len 4096 --decode-steps 16 > $OUT/shared${f}_$name.log; grep -A4 "^kind" $OUT/shared${f}_$name.log
+           done; done ;;
     moe-prefill) # issue 19: where a 2048-token MoE prefill goes (the kernels of one prefill, torch profiler)
            bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 --prefill-len 2048 \
              --decode-steps 4 --profile-prefill | tee $OUT/moe_prefill.log | tail -32 ;;

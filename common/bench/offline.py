@@ -249,6 +249,11 @@ def weight_traffic(model) -> dict:
         m = moes[0]
         t["expert_bytes"] = sum(p[0].nbytes for p in m.experts.parameters())
         t["expert_params"] = sum(p[0].numel() for p in m.experts.parameters())
+        # shared experts fused as expert slots (DeepseekMoE.fuse_shared_experts): read every step, as
+        # their MLP was; every layer fuses alike
+        shared = getattr(m, "num_shared_fused", 0) * len(moes)
+        t["dense_bytes"] += shared * t["expert_bytes"]
+        t["dense_params"] += shared * t["expert_params"]
         # expected routed slots per token that land on this rank's experts
         t["local_slots"] = m.top_k * m.num_local / m.num_experts
         t["num_local"] = m.num_local

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from disagg.common.config import EngineConfig, cpu_threads
+from disagg.common.config import EngineConfig, cpu_threads, shared_experts_fusion
 from disagg.common.engine.attention import ForwardBatch, create_attention_backend
 from disagg.common.engine.device_wait import to_device
 from disagg.common.engine.kernel_prebuild import kernel_needs, start_prebuild
@@ -24,7 +24,7 @@ from disagg.common.models.decoder import (
     head_dim_of,
     kv_heads_per_rank,
 )
-from disagg.common.models.deepseek import attention_backend_for, is_mla, mla_dims
+from disagg.common.models.deepseek import attention_backend_for, fuse_shared_experts, is_mla, mla_dims
 from disagg.common.models.eplb import create_balancer
 from disagg.common.models.fp8 import deferred_fp8_weights
 from disagg.common.models.kernels import check_fused_kernels
@@ -209,6 +209,8 @@ class ModelRunner:
         ):
             model = CausalLM(self.hf_config, max_positions=self.context_length, layer_range=self.layer_range)
         load_weights(model, self.model_path, self.config.load_format)
+        if shared_experts_fusion() and (fused := fuse_shared_experts(model)):
+            logger.info("shared experts fused into the routed experts' kernels: %d layers", fused)
         model.eval()
         n = sum(p.numel() for p in model.parameters())
         logger.info(

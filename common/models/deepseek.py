@@ -35,6 +35,7 @@ from disagg.common.models.fused_moe import (
     fused_topk,
     fused_topk_ok,
     grouped_topk_shape_ok,
+    moe_config,
     router_gemv_ok,
     router_logits,
 )
@@ -344,19 +345,27 @@ class DeepseekGate(nn.Module):
             return router_logits(x, self.weight)
         return F.linear(x.float(), self.weight)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, hidden] -> (weights [T, k] float32, expert ids [T, k])."""
+    def forward(self, x: torch.Tensor, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> (weights [T, k] float32, expert ids [T, k]); `shared` more slots a token:
+        experts E, E + 1, ... with weight 1 (DeepseekMoE.fuse_shared_experts)."""
         logits = self.logits(x)
         if self.fused and logits.is_cuda:
             if self.v3:
                 return fused_grouped_topk(
                     logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
-                    self.norm_topk, self.scaling,
+                    self.norm_topk, self.scaling, shared,
                 )  # fmt: skip
-            return fused_topk(logits, self.top_k, False, self.scaling)
+            return fused_topk(logits, self.top_k, False, self.scaling, shared)
         bias = self.e_score_correction_bias if self.v3 else None
-        return route(logits, bias, self.top_k, self.n_group if self.grouped else 1, self.topk_group,
-                     self.norm_topk, self.scaling)  # fmt: skip
+        weights, ids = route(logits, bias, self.top_k, self.n_group if self.grouped else 1, self.topk_group,
+                             self.norm_topk, self.scaling)  # fmt: skip
+        if not shared:
+            return weights, ids
+        slots = torch.arange(logits.shape[1], logits.shape[1] + shared, device=ids.device).expand(
+            len(ids), -1
+        )
+        ones = torch.ones(slots.shape, dtype=weights.dtype, device=weights.device)
+        return torch.cat((weights, ones), 1), torch.cat((ids, slots), 1)
 
 
 def route(
@@ -446,8 +455,69 @@ class DeepseekMoE(SparseMoE):
         self.shared_experts = MLP(config.hidden_size, shared, shared_tp) if shared else None
         if self.shared_experts is not None:
             self.shared_experts.down_proj.reduce = False  # reduced together with the routed part
+        self.num_shared_fused = 0  # shared experts appended to the routed ones (fuse_shared_experts)
+        self.fused_config: dict | None = None
+
+    @torch.no_grad()
+    def fuse_shared_experts(self) -> bool:
+        """The shared MLP as more experts after the routed ones (SGLang's shared-experts fusion): its
+        intermediate cut into pieces of a routed expert's width, each piece a w13/w2 slot that every
+        token routes to with weight 1 (the routing kernels write those slots), so one GEMV or grouped
+        GEMM runs both and the shared MLP's own GEMMs, activation and add are gone. Only where every
+        expert is local and unreplicated (no EP, no EPLB replicas, no all-to-all) and the weights'
+        kinds match (both bf16, or both FP8 with whole blocks a piece). Returns whether it fused."""
+        mlp, experts = self.shared_experts, self.experts
+        if mlp is None or self.a2a or self.num_local != self.num_experts or self.remap:
+            return False
+        width = self.inter_local
+        gate_up, down = mlp.gate_up_proj, mlp.down_proj
+        pieces, rest = divmod(down.weight.shape[1], width)
+        fp8 = experts.fp8_block is not None
+        if (
+            rest
+            or fp8 != (gate_up.weight_scale_inv is not None)
+            or fp8 != (down.weight_scale_inv is not None)
+        ):
+            return False
+        if fp8 and (width % experts.fp8_block[0] or width % experts.fp8_block[1]):
+            return False
+        shared_inter = pieces * width
+        gate, up = gate_up.weight[:shared_inter], gate_up.weight[shared_inter:]
+        w13 = torch.stack([torch.cat((gate[j * width : (j + 1) * width], up[j * width : (j + 1) * width]))
+                           for j in range(pieces)])  # fmt: skip
+        w2 = torch.stack([down.weight[:, j * width : (j + 1) * width] for j in range(pieces)])
+        experts.w13 = torch.nn.Parameter(torch.cat((experts.w13, w13)), requires_grad=False)
+        experts.w2 = torch.nn.Parameter(torch.cat((experts.w2, w2)), requires_grad=False)
+        if fp8:  # the same cut of the block scales: a piece is width / block rows (columns) of them
+            bn, bk = experts.fp8_block
+            s_gate, s_up = (
+                gate_up.weight_scale_inv[: shared_inter // bn],
+                gate_up.weight_scale_inv[shared_inter // bn :],
+            )
+            rows = width // bn
+            s13 = torch.stack([torch.cat((s_gate[j * rows : (j + 1) * rows], s_up[j * rows : (j + 1) * rows]))
+                               for j in range(pieces)])  # fmt: skip
+            cols = width // bk
+            s2 = torch.stack([down.weight_scale_inv[:, j * cols : (j + 1) * cols] for j in range(pieces)])
+            experts.w13_scale_inv = torch.nn.Parameter(
+                torch.cat((experts.w13_scale_inv, s13)), requires_grad=False
+            )
+            experts.w2_scale_inv = torch.nn.Parameter(
+                torch.cat((experts.w2_scale_inv, s2)), requires_grad=False
+            )
+        self.shared_experts, self.num_shared_fused = None, pieces
+        # the routed shape's tuned block sizes, the GEMV taking a batch's shared slots too
+        config = dict(moe_config(self.num_experts, width, experts.w2.shape[1], fp8))
+        config["gemv_max_pairs"] = config["gemv_max_pairs"] * (self.top_k + pieces) // self.top_k
+        self.fused_config = config
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.num_shared_fused:  # every expert local, none replicated: the ids are the slots
+            weights, ids = self.gate(x, self.num_shared_fused)  # [T, k + shared]
+            if self.count_tokens:
+                self._count(ids[:, : self.top_k])
+            return all_reduce(self.routed_experts(x, ids, weights, self.fused_config))
         weights, ids = self.gate(x)
         if self.count_tokens:  # moe.py's per-expert load counters (set_expert_load_stats)
             self._count(ids)
@@ -464,6 +534,11 @@ class DeepseekMoE(SparseMoE):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return all_reduce(out)
+
+
+def fuse_shared_experts(model: nn.Module) -> int:
+    """DeepseekMoE.fuse_shared_experts in every layer that takes it; returns how many did."""
+    return sum(m.fuse_shared_experts() for m in model.modules() if isinstance(m, DeepseekMoE))
 
 
 def make_deepseek_mlp(config, layer_id: int) -> nn.Module:

@@ -277,18 +277,19 @@ def grouped_mm_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def fused_topk(
-    logits: torch.Tensor, k: int, renormalize: bool, scaling: float = 1.0
+    logits: torch.Tensor, k: int, renormalize: bool, scaling: float = 1.0, shared: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(logits) -> top-k (weights float32 [T, k], ids int64 [T, k]), renormalised over the k
     if asked, times `scaling` (DeepSeek-V2's routed_scaling_factor), in one launch (torch's softmax +
     sort-based top-k + renormalisation: ~5 kernels, ~12 us per layer at batch 1). SparseMoE.route
-    uses it where `fused_topk_ok` says it agrees."""
+    uses it where `fused_topk_ok` says it agrees. shared: that many more slots a token, experts E,
+    E + 1, ... with weight 1 (shared experts fused into the routed ones: [T, k + shared])."""
     num_tokens, num_experts = logits.shape
-    weights = torch.empty(num_tokens, k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(num_tokens, k, dtype=torch.int64, device=logits.device)
+    weights = torch.empty(num_tokens, k + shared, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, k + shared, dtype=torch.int64, device=logits.device)
     _topk_kernel[(num_tokens,)](
         logits, weights, ids, num_experts, logits.stride(0), float(scaling),
-        K=k, E_POW2=triton.next_power_of_2(num_experts), RENORMALIZE=renormalize, num_warps=1,
+        K=k, E_POW2=triton.next_power_of_2(num_experts), RENORMALIZE=renormalize, SHARED=shared, num_warps=1,
         **pdl_args(logits.device),
     )  # fmt: skip
     return weights, ids
@@ -357,19 +358,21 @@ def fused_grouped_topk(
     topk_group: int,
     renormalize: bool,
     scaling: float,
+    shared: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-V3's routing after the gate GEMM, in one launch (the torch form, deepseek.py's
     `route`, is ~12 small kernels a layer): sigmoid scores; the choice = scores + bias; the groups
     ranked by the sum of their two best choices, the best `topk_group` kept; the top-k choices of
     those; weights = their scores (over their sum if `renormalize`) x `scaling`. Experts a power of
-    two, split in `n_group` power-of-two groups (V3: 256 = 8 x 32). Returns float32 [T, k], int64 [T, k]."""
+    two, split in `n_group` power-of-two groups (V3: 256 = 8 x 32). Returns float32 [T, k], int64 [T, k]
+    ([T, k + shared] with `shared` more slots: fused_topk's)."""
     num_tokens, num_experts = logits.shape
-    weights = torch.empty(num_tokens, k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(num_tokens, k, dtype=torch.int64, device=logits.device)
+    weights = torch.empty(num_tokens, k + shared, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, k + shared, dtype=torch.int64, device=logits.device)
     _grouped_topk_kernel[(num_tokens,)](
         logits, bias, weights, ids, logits.stride(0), float(scaling),
         K=k, K_POW2=triton.next_power_of_2(k), E=num_experts, GROUPS=n_group, TOPK_GROUP=topk_group,
-        RENORMALIZE=renormalize, num_warps=4, **pdl_args(logits.device),
+        RENORMALIZE=renormalize, SHARED=shared, num_warps=4, **pdl_args(logits.device),
     )  # fmt: skip
     return weights, ids
 
@@ -630,9 +633,10 @@ if triton is not None:
     def _grouped_topk_kernel(
         logits, bias, weights, ids, stride, scaling,
         K: tl.constexpr, K_POW2: tl.constexpr, E: tl.constexpr, GROUPS: tl.constexpr, TOPK_GROUP: tl.constexpr,
-        RENORMALIZE: tl.constexpr, PDL: tl.constexpr,
+        RENORMALIZE: tl.constexpr, SHARED: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """One token: fused_grouped_topk (ties: the lowest group, the lowest expert)."""
+        """One token: fused_grouped_topk (ties: the lowest group, the lowest expert); then SHARED slots
+        (_shared_slots)."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         token = tl.program_id(0).to(tl.int64)
         size: tl.constexpr = E // GROUPS
@@ -665,8 +669,17 @@ if triton is not None:
             choice = tl.where(experts == pick, -float("inf"), choice)
         if RENORMALIZE:
             top_w = top_w / (tl.sum(top_w, axis=0) + 1e-20)
-        tl.store(weights + token * K + slots, top_w * scaling, mask=slots < K)
-        tl.store(ids + token * K + slots, top_id, mask=slots < K)
+        tl.store(weights + token * (K + SHARED) + slots, top_w * scaling, mask=slots < K)
+        tl.store(ids + token * (K + SHARED) + slots, top_id, mask=slots < K)
+        _shared_slots(weights, ids, token, E, K, SHARED)
+
+    @triton.jit
+    def _shared_slots(weights, ids, token, num_experts, K: tl.constexpr, SHARED: tl.constexpr):
+        """A token's row of K + SHARED slots: slot K + j is expert num_experts + j with weight 1 (the
+        shared experts, fused after the routed ones)."""
+        for j in tl.static_range(SHARED):
+            tl.store(weights + token * (K + SHARED) + K + j, 1.0)
+            tl.store(ids + token * (K + SHARED) + K + j, token * 0 + num_experts + j)  # int64 (token's)
 
     @triton.jit
     def _router_gemv_kernel(
@@ -699,10 +712,10 @@ if triton is not None:
     @triton.jit
     def _topk_kernel(
         logits, weights, ids, num_experts, stride, scaling,
-        K: tl.constexpr, E_POW2: tl.constexpr, RENORMALIZE: tl.constexpr, PDL: tl.constexpr,
+        K: tl.constexpr, E_POW2: tl.constexpr, RENORMALIZE: tl.constexpr, SHARED: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One token: softmax over the experts, then K rounds of argmax (ties: the lowest id); the
-        weights times `scaling`."""
+        weights times `scaling`; then SHARED slots (_shared_slots)."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         token = tl.program_id(0).to(tl.int64)
         experts = tl.arange(0, E_POW2)
@@ -721,9 +734,10 @@ if triton is not None:
         for j in tl.static_range(K):
             best = tl.max(p, axis=0)
             pick = tl.min(tl.where(p == best, experts, E_POW2), axis=0)
-            tl.store(weights + token * K + j, best * scale)
-            tl.store(ids + token * K + j, pick.to(tl.int64))
+            tl.store(weights + token * (K + SHARED) + j, best * scale)
+            tl.store(ids + token * (K + SHARED) + j, pick.to(tl.int64))
             p = tl.where(experts == pick, -1.0, p)
+        _shared_slots(weights, ids, token, num_experts, K, SHARED)
 
     @triton.jit
     def _chunk_experts(ids, c, n, num_experts, CHUNK: tl.constexpr):

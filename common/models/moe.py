@@ -238,8 +238,11 @@ class SparseMoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, ids
 
-    def routed_experts(self, x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """This rank's experts on the tokens routed to them (only those experts' weights are read)."""
+    def routed_experts(
+        self, x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, config: dict | None = None
+    ) -> torch.Tensor:
+        """This rank's experts on the tokens routed to them (only those experts' weights are read);
+        `config`: the fused kernels' block sizes (default: the table's for the experts' shape)."""
         w13, w2, scales = self.experts.w13, self.experts.w2, self.experts.scales
         # FP8 experts take the fused kernels only where the FP8 GEMMs run in Triton (fp8.py's rule)
         fused = scales is None or self.experts.fp8_backend == "triton"
@@ -247,7 +250,7 @@ class SparseMoE(nn.Module):
             # foreign: some ids may be out of range (another rank's expert, an all-to-all pad row: the
             # all-to-all needs ep > 1, so there are other ranks' experts then too)
             foreign = self.num_local < self.num_physical
-            return fused_experts(x, w13, w2, weights, local, scales=scales, foreign=foreign)
+            return fused_experts(x, w13, w2, weights, local, config, scales=scales, foreign=foreign)
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         return grouped_experts(x, w13, w2, weights.to(x.dtype), local, trim=not capturing, scales=scales)
 
