@@ -481,30 +481,19 @@ class DeepseekMoE(SparseMoE):
             return False
         if fp8 and (width % experts.fp8_block[0] or width % experts.fp8_block[1]):
             return False
-        shared_inter = pieces * width
-        gate, up = gate_up.weight[:shared_inter], gate_up.weight[shared_inter:]
-        w13 = torch.stack([torch.cat((gate[j * width : (j + 1) * width], up[j * width : (j + 1) * width]))
-                           for j in range(pieces)])  # fmt: skip
-        w2 = torch.stack([down.weight[:, j * width : (j + 1) * width] for j in range(pieces)])
-        experts.w13 = torch.nn.Parameter(torch.cat((experts.w13, w13)), requires_grad=False)
-        experts.w2 = torch.nn.Parameter(torch.cat((experts.w2, w2)), requires_grad=False)
-        if fp8:  # the same cut of the block scales: a piece is width / block rows (columns) of them
+        # piece j: its gate rows then its up rows of gate_up ([gate | up] -> [2, pieces, rows]), its
+        # columns of down; FP8: the block scales cut alike, a piece width / block rows (columns) of them
+        cuts = [("w13", "w2", gate_up.weight, down.weight, width, width)]
+        if fp8:
             bn, bk = experts.fp8_block
-            s_gate, s_up = (
-                gate_up.weight_scale_inv[: shared_inter // bn],
-                gate_up.weight_scale_inv[shared_inter // bn :],
-            )
-            rows = width // bn
-            s13 = torch.stack([torch.cat((s_gate[j * rows : (j + 1) * rows], s_up[j * rows : (j + 1) * rows]))
-                               for j in range(pieces)])  # fmt: skip
-            cols = width // bk
-            s2 = torch.stack([down.weight_scale_inv[:, j * cols : (j + 1) * cols] for j in range(pieces)])
-            experts.w13_scale_inv = torch.nn.Parameter(
-                torch.cat((experts.w13_scale_inv, s13)), requires_grad=False
-            )
-            experts.w2_scale_inv = torch.nn.Parameter(
-                torch.cat((experts.w2_scale_inv, s2)), requires_grad=False
-            )
+            cuts.append(("w13_scale_inv", "w2_scale_inv", gate_up.weight_scale_inv, down.weight_scale_inv,
+                         width // bn, width // bk))  # fmt: skip
+        for name13, name2, rows_of, cols_of, rows, cols in cuts:
+            w13 = rows_of.view(2, pieces, rows, -1).transpose(0, 1).reshape(pieces, 2 * rows, -1)
+            w2 = cols_of.view(cols_of.shape[0], pieces, cols).transpose(0, 1)
+            for name, slots in ((name13, w13), (name2, w2)):
+                stack = torch.cat((getattr(experts, name), slots))
+                setattr(experts, name, torch.nn.Parameter(stack, requires_grad=False))
         self.shared_experts, self.num_shared_fused = None, pieces
         # the routed shape's tuned block sizes, the GEMV taking a batch's shared slots too
         config = dict(moe_config(self.num_experts, width, experts.w2.shape[1], fp8))
