@@ -26,12 +26,10 @@ from pathlib import Path
 #   DISAGG_MLA_PREFILL      MLA prefill/mixed batches on the FlashInfer MLA backend: auto (default: each batch
 #                           in the form of fewer attention FLOPs) | absorbed (its MLA kernel) | expanded
 #                           (its ragged prefill kernel) | torch (expanded form, torch SDPA); A/B runs
-#   DISAGG_SHARED_EXPERTS_FUSION  1: DeepSeek's shared experts run as more slots of the routed experts'
-#                           kernels (deepseek.DeepseekMoE.fuse_shared_experts) | 0 (default, until measured)
 #   DISAGG_MLA_KERNEL       FlashInfer's MLA kernel family: auto (FlashInfer's pick: FA3 on Hopper) | fa2 | fa3
 #   DISAGG_PDL              1 (default): the Triton kernels launch with Programmatic Dependent Launch on Hopper
 #                           or newer (common/models/pdl.py; the H200 A/B of docs/benchmarks.md, eleventh
-#                           session) | 0: plain launches
+#                           session) | graphs: only the launches captured into CUDA graphs | 0: plain launches
 #   DISAGG_STEP_DELAY_S     tests only: every forward of the server's scheduler takes this many seconds
 #                           longer, as on a slow device (tests/test_first_token.py: long decode steps)
 # and the standard ones we honour: XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES (launch_local splits the
@@ -157,11 +155,6 @@ def mla_kernel() -> str:
     return kernel
 
 
-def shared_experts_fusion() -> bool:
-    """DISAGG_SHARED_EXPERTS_FUSION: 1 | 0 (default)."""
-    return os.environ.get("DISAGG_SHARED_EXPERTS_FUSION", "0") == "1"
-
-
 def mla_prefill_mode() -> str:
     """DISAGG_MLA_PREFILL: auto | absorbed | expanded | torch (common/engine/attention_flashinfer.py)."""
     mode = os.environ.get("DISAGG_MLA_PREFILL", "auto") or "auto"
@@ -175,13 +168,14 @@ def step_delay_s() -> float:
     return float(os.environ.get("DISAGG_STEP_DELAY_S") or 0)
 
 
-def pdl_requested() -> bool:
-    """DISAGG_PDL: 1 (default) | 0: the Triton kernels launch with PDL where the device allows
+def pdl_mode() -> str:
+    """DISAGG_PDL: 1 (default) | graphs | 0: where the Triton kernels launch with PDL on a device that
+    allows it: every launch, only launches captured into CUDA graphs (decode steps), or none
     (common/models/pdl.py)."""
     value = os.environ.get("DISAGG_PDL", "1") or "1"
-    if value not in ("0", "1"):
-        raise ValueError(f"DISAGG_PDL={value!r}: expected 0 or 1")
-    return value == "1"
+    if value not in ("0", "1", "graphs"):
+        raise ValueError(f"DISAGG_PDL={value!r}: expected 0, 1 or graphs")
+    return value
 
 
 def triton_interpret() -> bool:
@@ -258,6 +252,9 @@ class EngineConfig:
     ep_num_redundant_experts: int = 0
     init_expert_location: str | None = None
     eplb_rebalance_num_iterations: int = 0
+    # DeepSeek's shared experts as more slots of the routed experts' kernels (SGLang's shared-experts
+    # fusion; deepseek.DeepseekMoE.fuse_shared_experts) unless this is set
+    disable_shared_experts_fusion: bool = False
     enable_eplb: bool = False  # count the expert load and route through a placement (/eplb_rebalance)
     enable_expert_distribution_metrics: bool = False
     random_seed: int = 0
@@ -336,6 +333,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="with DP attention: LM head vocab-parallel within each attention group (no gather across DP ranks)")  # fmt: skip
     g.add_argument("--ep-num-redundant-experts", type=int, default=d.ep_num_redundant_experts,
                    help="MoE: extra expert slots per layer for replicas of the most loaded experts (EPLB)")  # fmt: skip
+    g.add_argument("--disable-shared-experts-fusion", action="store_true",
+                   help="DeepSeek: run the shared experts as their own MLP, not as slots of the routed experts' kernels")  # fmt: skip
     g.add_argument("--init-expert-location", default=d.init_expert_location,
                    help="MoE: expert load file (python -m disagg.common.models.eplb) the start-up placement is computed from")  # fmt: skip
     g.add_argument("--eplb-rebalance-num-iterations", type=int, default=d.eplb_rebalance_num_iterations,

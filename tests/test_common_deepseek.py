@@ -189,22 +189,23 @@ def two_shared(tmp_path_factory) -> str:
     return make_tiny_deepseek(tmp_path_factory.mktemp("shared2") / "v2", "v2", n_shared_experts=2)
 
 
-@pytest.mark.parametrize("version", ["v2-two-shared", "v3"])
+@pytest.mark.parametrize("version", ["v2-two-shared", "v3", "v3-unfused"])
 def test_shared_experts_fused_into_the_routed_ones_keep_transformers_tokens(
-    engines, tiny_deepseek, two_shared, monkeypatch, version
+    engines, tiny_deepseek, two_shared, version
 ):
-    """DISAGG_SHARED_EXPERTS_FUSION=1: each MoE layer's shared MLP becomes one expert slot a routed
-    expert's width (two for the two-shared V2), appended to the stack, that every token routes to
-    with weight 1; the shared MLP is gone; transformers' tokens through chunks and a batch."""
+    """The default: each MoE layer's shared MLP becomes one expert slot a routed expert's width (two
+    for the two-shared V2), appended to the stack, that every token routes to with weight 1; the
+    shared MLP is gone. --disable-shared-experts-fusion keeps the shared MLP. Transformers' tokens
+    through chunks and a batch either way."""
     from disagg.common.models.deepseek import DeepseekMoE
 
-    monkeypatch.setenv("DISAGG_SHARED_EXPERTS_FUSION", "1")
-    path = two_shared if version == "v2-two-shared" else tiny_deepseek[version]
-    # max_total_tokens: another engine than the unfused tests' (the cache keys on the arguments)
-    engine = engines.get(model_path=path, page_size=4, chunked_prefill_size=16, max_total_tokens=1536)
+    path = two_shared if version == "v2-two-shared" else tiny_deepseek["v3"]
+    unfused = version == "v3-unfused"
+    engine = engines.get(model_path=path, page_size=4, chunked_prefill_size=16, max_total_tokens=1536,
+                         disable_shared_experts_fusion=unfused)  # fmt: skip
     moes = [m for m in engine.scheduler.runner.model.modules() if isinstance(m, DeepseekMoE)]
-    shared = 2 if version == "v2-two-shared" else 1
-    assert moes and all(m.shared_experts is None and m.num_shared_fused == shared for m in moes)
+    shared = 0 if unfused else 2 if version == "v2-two-shared" else 1
+    assert moes and all((m.shared_experts is None) != unfused and m.num_shared_fused == shared for m in moes)
     assert all(m.experts.w13.shape[0] == m.num_experts + shared for m in moes)
     rng = random.Random(version)
     prompts = [[rng.randrange(512) for _ in range(n)] for n in (1, 5, 17, 40)]
@@ -323,7 +324,9 @@ def test_a_fused_layer_computes_what_the_shared_mlp_did(engines, tiny_deepseek, 
     if fp8:
         monkeypatch.setenv("DISAGG_FP8_GEMM", "torch")
     path = fp8_deepseek[0] if fp8 else two_shared
-    engine = engines.get(model_path=path, page_size=4, max_total_tokens=640)
+    engine = engines.get(
+        model_path=path, page_size=4, max_total_tokens=640, disable_shared_experts_fusion=True
+    )
     layer = next(m for m in engine.scheduler.runner.model.modules() if isinstance(m, DeepseekMoE))
     x = torch.randn(5, layer.experts.w2.shape[1], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -341,7 +344,9 @@ def test_benchmark_counts_fused_shared_experts_as_read_every_step(engines, two_s
     from disagg.common.bench.offline import weight_traffic
     from disagg.common.models.deepseek import fuse_shared_experts
 
-    engine = engines.get(model_path=two_shared, page_size=4, max_total_tokens=640)
+    engine = engines.get(
+        model_path=two_shared, page_size=4, max_total_tokens=640, disable_shared_experts_fusion=True
+    )
     model = engine.scheduler.runner.model
     before = weight_traffic(model)
     assert fuse_shared_experts(model) == 3  # every layer of the tiny V2 is MoE
@@ -356,7 +361,6 @@ def test_fp8_shared_experts_fuse_with_their_block_scales(engines, fp8_deepseek, 
 
     fp8_path, ref_path = fp8_deepseek
     monkeypatch.setenv("DISAGG_FP8_GEMM", "torch")
-    monkeypatch.setenv("DISAGG_SHARED_EXPERTS_FUSION", "1")
     engine = engines.get(model_path=fp8_path, page_size=4, max_total_tokens=768, random_seed=1)
     moes = [m for m in engine.scheduler.runner.model.modules() if isinstance(m, DeepseekMoE)]
     assert moes and all(m.num_shared_fused == 1 and m.experts.w13.dtype == torch.float8_e4m3fn for m in moes)

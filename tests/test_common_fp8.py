@@ -85,19 +85,20 @@ def test_interpreted_triton_gemm_matches_torch():
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def _dummy_v3(monkeypatch, mode: str):
+def _dummy_v3(monkeypatch, mode: str, **kwargs):
     from disagg.common.engine.offline import Engine
 
     monkeypatch.setenv("DISAGG_FP8_GEMM", mode)
     return Engine(model_path="DeepSeek-V3", load_format="dummy", json_model_override_args=json.dumps(SMALL_V3),
-                  page_size=4, max_total_tokens=256)  # fmt: skip
+                  page_size=4, max_total_tokens=256, **kwargs)  # fmt: skip
 
 
 def test_dummy_weights_take_the_fp8_block_layout(monkeypatch):
     """`--load-format dummy` on the V3 preset (quantization_config fp8, 128x128 blocks): every linear
     but kv_b_proj, and the routed experts, hold float8_e4m3fn weights and one scale per 128x128 block;
-    the router and norms keep the model dtype; the model generates."""
-    engine = _dummy_v3(monkeypatch, "torch")
+    the router and norms keep the model dtype; the model generates. (The shared MLP kept as it loads:
+    fused into the expert stack it would be more slots of the experts' layout below.)"""
+    engine = _dummy_v3(monkeypatch, "torch", disable_shared_experts_fusion=True)
     params = dict(engine.scheduler.runner.model.named_parameters())
     attn = "layers.1.self_attn"
     for name, shape in ((f"{attn}.q_a_proj", (192, 256)), (f"{attn}.q_b_proj", (384, 192)),

@@ -117,12 +117,12 @@ def test_flashinfer_mla_equals_torch_on_the_same_pages(q_lens, kv_lens, page_siz
     assert ((out - ref).norm() / ref.norm()).item() < 2e-2
 
 
-def _generate(backend: str, disable_cuda_graph: bool, prompts, params):
+def _generate(backend: str, disable_cuda_graph: bool, prompts, params, **kwargs):
     from disagg.common.engine.offline import Engine
 
     engine = Engine(model_path="DeepSeek-V3", load_format="dummy", json_model_override_args=json.dumps(SMALL_V3),
                     attention_backend=backend, disable_cuda_graph=disable_cuda_graph, chunked_prefill_size=64,
-                    max_total_tokens=8192, cuda_graph_max_bs=8)  # fmt: skip
+                    max_total_tokens=8192, cuda_graph_max_bs=8, **kwargs)  # fmt: skip
     try:
         runner = engine.scheduler.runner
         kinds = (type(runner.backend).__name__, runner.graph_runner is not None)
@@ -164,14 +164,13 @@ def test_small_v3_greedy_tokens_torch_flashinfer_and_cuda_graphs():
     assert exact[1] >= 3  # the same kernel: at most a padded bucket's different split may flip a tie
 
 
-def test_small_v3_fused_shared_experts_keep_the_tokens(monkeypatch):
-    """DISAGG_SHARED_EXPERTS_FUSION=1 on the GPU (FP8 experts on Hopper, the shared expert a slot of
-    their GEMV and grouped GEMM, the routing kernel writing its slot, CUDA graphs): the unfused
-    engine's greedy tokens within vLLM's logprob-closeness check."""
+def test_small_v3_fused_shared_experts_keep_the_tokens():
+    """Shared-experts fusion (the default) on the GPU (FP8 experts on Hopper, the shared expert a slot
+    of their GEMV and grouped GEMM, the routing kernel writing its slot, CUDA graphs): the unfused
+    engine's (--disable-shared-experts-fusion) greedy tokens within vLLM's logprob-closeness check."""
     pytest.importorskip("flashinfer")
     prompts = [[5, 6, 7], list(range(100, 140)), list(range(200, 330)), [(7 * i) % 1000 for i in range(300)]]
     params = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True, "top_logprobs_num": 5}
-    _, plain = _generate("auto", False, prompts, params)
-    monkeypatch.setenv("DISAGG_SHARED_EXPERTS_FUSION", "1")
+    _, plain = _generate("auto", False, prompts, params, disable_shared_experts_fusion=True)
     _, fused = _generate("auto", False, prompts, params)
     print(f"equal throughout: fused vs plain {_assert_close(fused, plain)}/4")

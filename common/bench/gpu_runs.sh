@@ -62,18 +62,35 @@ for step in "$@"; do
                unset DISAGG_MLA_PREFILL
              done
            done ;;
-    shared-fusion) # issue 20, fourteenth session (not run yet): DeepSeek's shared experts as slots of the routed
-           # experts' kernels (DISAGG_SHARED_EXPERTS_FUSION): the GPU test, then V2-Lite and the 4-layer V3 at batch 1
-           # and 64, off then on, each in its own process (the shared MLP's 2 GEMMs, activation and add a layer,
-           # against 1-2 more slots in the GEMV)
-           timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_mla.py -k fused_shared -s \
-             > $OUT/shared_tests.log 2>&1; tail -3 $OUT/shared_tests.log
+    shared-fusion) # issue 20: DeepSeek's shared experts as slots of the routed experts' kernels (the default
+           # since the fifteenth session; --disable-shared-experts-fusion): V2-Lite off then on at batch 1 and 64, the GPU test, then the 4-layer V3
+           # off then on, each in its own process (the shared MLP's 2 GEMMs, activation and add a layer, against 1-2
+           # more slots in the GEMV). T1: the first process's limit (a machine without the kernel cache builds ~250 s)
            V3="--model-path DeepSeek-V3 --json-model-override-args {\"num_hidden_layers\":4}"
-           for m in "--model-path DeepSeek-V2-Lite" "$V3"; do for f in 0 1; do
-             name=$(echo $m | cut -d' ' -f2); echo "--- $name fusion $f"
-             DISAGG_SHARED_EXPERTS_FUSION=$f T=110 bench $m --load-format dummy --batch-sizes 1,64 --context-len 1024 \
-               --prefill-len 4096 --decode-steps 16 > $OUT/shared${f}_$name.log; grep -A4 "^kind" $OUT/shared${f}_$name.log
-           done; done ;;
+           t=${T1:-110}
+           for m in "--model-path DeepSeek-V2-Lite" test "$V3"; do
+             if [ "$m" = test ]; then
+               timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_mla.py -k fused_shared -s \
+                 > $OUT/shared_tests.log 2>&1; tail -3 $OUT/shared_tests.log; continue
+             fi
+             for f in 0 1; do
+               name=$(echo $m | cut -d' ' -f2); echo "--- $name fusion $f"
+               T=$t bench $m $([ $f = 0 ] && echo --disable-shared-experts-fusion) --load-format dummy --batch-sizes 1,64 --context-len 1024 \
+                 --prefill-len 4096 --decode-steps 16 > $OUT/shared${f}_$name.log; grep -A4 "^kind" $OUT/shared${f}_$name.log
+               t=110
+             done
+           done ;;
+    pdl-prefill) # issue 19/20, fifteenth session: PDL on every Triton launch (DISAGG_PDL=1) against only the
+           # launches captured into decode graphs (graphs): Qwen3-30B-A3B (its 2048-token prefill took 37 ms in one
+           # process, 55-63 in others with PDL on; 34.6/34.8 ms in two with it off) twice each, alternating, then
+           # V2-Lite at 4096; then the GPU tests of PDL and of the fused shared experts
+           for m in Qwen3-30B-A3B:2048 Qwen3-30B-A3B:2048 DeepSeek-V2-Lite:4096; do for p in 1 graphs; do
+             echo "--- ${m%%:*} DISAGG_PDL=$p"; i=$((${i:-0} + 1))
+             DISAGG_PDL=$p T=120 bench --model-path ${m%%:*} --load-format dummy --batch-sizes 1,64 --context-len 1024 \
+               --prefill-len ${m#*:} --decode-steps 16 > $OUT/pdl${p}_${m%%:*}_$i.log; grep -A4 "^kind" $OUT/pdl${p}_${m%%:*}_$i.log
+           done; done
+           timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_pdl.py tests/test_gpu_mla.py -k "chain or fused_shared" \
+             > $OUT/pdl_tests.log 2>&1; tail -3 $OUT/pdl_tests.log ;;
     moe-prefill) # issue 19: where a 2048-token MoE prefill goes (the kernels of one prefill, torch profiler)
            bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 --prefill-len 2048 \
              --decode-steps 4 --profile-prefill | tee $OUT/moe_prefill.log | tail -32 ;;

@@ -384,6 +384,7 @@ def main() -> None:
     p.add_argument("--profile-prefill", action="store_true", help="print the top kernels of one prefill")
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--disable-overlap-schedule", action="store_true")
+    p.add_argument("--disable-shared-experts-fusion", action="store_true")
     p.add_argument(
         "--moe-kernel",
         choices=["auto", "torch"],
@@ -424,6 +425,7 @@ def main() -> None:
         deepep_mode=args.deepep_mode,
         disable_cuda_graph=args.disable_cuda_graph,
         disable_overlap_schedule=args.disable_overlap_schedule,
+        disable_shared_experts_fusion=args.disable_shared_experts_fusion,
         json_model_override_args=args.json_model_override_args,
     )
     sched = engine.scheduler

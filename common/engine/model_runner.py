@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from disagg.common.config import EngineConfig, cpu_threads, shared_experts_fusion
+from disagg.common.config import EngineConfig, cpu_threads
 from disagg.common.engine.attention import ForwardBatch, create_attention_backend
 from disagg.common.engine.device_wait import to_device
 from disagg.common.engine.kernel_prebuild import kernel_needs, start_prebuild
@@ -209,7 +209,7 @@ class ModelRunner:
         ):
             model = CausalLM(self.hf_config, max_positions=self.context_length, layer_range=self.layer_range)
         load_weights(model, self.model_path, self.config.load_format)
-        if shared_experts_fusion() and (fused := fuse_shared_experts(model)):
+        if not self.config.disable_shared_experts_fusion and (fused := fuse_shared_experts(model)):
             logger.info("shared experts fused into the routed experts' kernels: %d layers", fused)
         model.eval()
         n = sum(p.numel() for p in model.parameters())

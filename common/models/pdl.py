@@ -47,7 +47,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 import torch
-from disagg.common.config import pdl_requested, triton_interpret
+from disagg.common.config import pdl_mode, triton_interpret
 
 try:
     import triton
@@ -65,14 +65,25 @@ _OFF: Mapping = MappingProxyType({"PDL": False})
 
 def pdl_args(device: torch.device) -> Mapping:
     """The keyword arguments that launch a PDL-aware kernel on `device`:
-    `kernel[grid](..., **pdl_args(x.device))`."""
-    return _ON if pdl_enabled(device) else _OFF
+    `kernel[grid](..., **pdl_args(x.device))`. DISAGG_PDL=graphs: only a launch being captured into
+    a CUDA graph (a decode step) gets PDL; an eager one (prefill) launches plainly."""
+    if not pdl_enabled(device):
+        return _OFF
+    if _graphs_only() and not torch.cuda.is_current_stream_capturing():
+        return _OFF
+    return _ON
+
+
+@functools.cache
+def _graphs_only() -> bool:
+    return pdl_mode() == "graphs"
 
 
 @functools.cache
 def pdl_enabled(device: torch.device) -> bool:
-    """DISAGG_PDL=1, a CUDA device of compute capability >= 9, a Triton that has PDL, no interpreter."""
-    if not pdl_requested() or triton_interpret() or device.type != "cuda":
+    """DISAGG_PDL=1 or graphs, a CUDA device of compute capability >= 9, a Triton that has PDL, no
+    interpreter."""
+    if pdl_mode() == "0" or triton_interpret() or device.type != "cuda":
         return False
     if device_capability(device) < (9, 0):
         logger.info("PDL needs Hopper or newer, %s is older: plain launches", device)
