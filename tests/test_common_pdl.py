@@ -62,18 +62,19 @@ def test_switch_on_but_not_here(monkeypatch, case):
 
 
 def test_graphs_only_launches_the_captured_kernels_with_pdl(monkeypatch):
-    """DISAGG_PDL=graphs: a launch captured into a CUDA graph (a decode step) gets PDL, an eager
-    launch (a prefill's many-wave GEMMs) a plain one."""
+    """DISAGG_PDL=graphs: the launches of a decode graph's warm-up and capture get PDL, an eager
+    launch (a prefill's many-wave GEMMs) a plain one; DISAGG_PDL=1: both get it."""
     pytest.importorskip("triton")
     monkeypatch.setenv("DISAGG_PDL", "graphs")
-    capturing = [False]
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     assert pdl.pdl_enabled(CUDA)
     assert dict(pdl.pdl_args(CUDA)) == {"PDL": False}
-    capturing[0] = True
+    with pdl.graph_launches():
+        assert dict(pdl.pdl_args(CUDA)) == {"PDL": True, "launch_pdl": True}
+        assert dict(pdl.pdl_args(torch.device("cpu"))) == {"PDL": False}  # the device still decides first
+    assert dict(pdl.pdl_args(CUDA)) == {"PDL": False}
+    monkeypatch.setenv("DISAGG_PDL", "1")
+    pdl._graphs_only.cache_clear()
     assert dict(pdl.pdl_args(CUDA)) == {"PDL": True, "launch_pdl": True}
-    assert not pdl.pdl_enabled(torch.device("cpu"))  # the device still decides first
-    assert dict(pdl.pdl_args(torch.device("cpu"))) == {"PDL": False}
 
 
 def test_a_bad_value_is_refused(monkeypatch):

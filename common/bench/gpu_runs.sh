@@ -91,6 +91,20 @@ for step in "$@"; do
            done; done
            timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_pdl.py tests/test_gpu_mla.py -k "chain or fused_shared" \
              > $OUT/pdl_tests.log 2>&1; tail -3 $OUT/pdl_tests.log ;;
+    gemv) # issues 19/20/24, fifteenth session: the decode batches' dense linears on the Triton GEMV (common/models/gemv.py):
+           # tune every linear shape of Qwen3-30B-A3B, V2-Lite and the 8B against cuBLAS (writes gemv_configs.json,
+           # returned under $OUT), its GPU tests, then Qwen3 and V2-Lite at batch 1 and 64 without (no tuned entries)
+           # and with it, each in its own process
+           timeout 240 python3 -m disagg.common.bench.gemv --tune > $OUT/gemv_tune.log 2>&1; tail -25 $OUT/gemv_tune.log
+           cp common/models/gemv_configs.json $OUT/ 2>/dev/null
+           timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_gemv.py > $OUT/gemv_tests.log 2>&1
+           tail -2 $OUT/gemv_tests.log
+           for m in Qwen3-30B-A3B:2048 DeepSeek-V2-Lite:4096; do for g in off on; do
+             echo "--- ${m%%:*} GEMV $g"; [ $g = off ] && mv common/models/gemv_configs.json /tmp/gemv_cfg.json
+             T=110 bench --model-path ${m%%:*} --load-format dummy --batch-sizes 1,64 --context-len 1024 \
+               --prefill-len ${m#*:} --decode-steps 16 > $OUT/gemv_${g}_${m%%:*}.log; grep -A4 "^kind" $OUT/gemv_${g}_${m%%:*}.log
+             [ $g = off ] && mv /tmp/gemv_cfg.json common/models/gemv_configs.json
+           done; done ;;
     moe-prefill) # issue 19: where a 2048-token MoE prefill goes (the kernels of one prefill, torch profiler)
            bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 --prefill-len 2048 \
              --decode-steps 4 --profile-prefill | tee $OUT/moe_prefill.log | tail -32 ;;

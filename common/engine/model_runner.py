@@ -27,6 +27,7 @@ from disagg.common.models.decoder import (
 from disagg.common.models.deepseek import attention_backend_for, fuse_shared_experts, is_mla, mla_dims
 from disagg.common.models.eplb import create_balancer
 from disagg.common.models.fp8 import deferred_fp8_weights
+from disagg.common.models.gemv import GEMV_MAX_TOKENS, prepare_gemv
 from disagg.common.models.kernels import check_fused_kernels
 from disagg.common.models.model_files import model_fingerprint, resolve_model_path
 from disagg.common.models.moe import MOE_ARCHITECTURES
@@ -211,6 +212,10 @@ class ModelRunner:
         load_weights(model, self.model_path, self.config.load_format)
         if not self.config.disable_shared_experts_fusion and (fused := fuse_shared_experts(model)):
             logger.info("shared experts fused into the routed experts' kernels: %d layers", fused)
+        if planned := prepare_gemv(model):
+            logger.info(
+                "decode batches of <= %d tokens: %d linears on the Triton GEMV", GEMV_MAX_TOKENS, planned
+            )
         model.eval()
         n = sum(p.numel() for p in model.parameters())
         logger.info(

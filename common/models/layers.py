@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from disagg.common.models.fp8 import fp8_linear
+from disagg.common.models.gemv import linear
 from disagg.common.models.kernels import add_rms_norm, apply_rope, rms_norm
 from disagg.common.parallel.state import TPGroup, all_gather_last_dim, all_reduce, tp_group
 from torch import nn
@@ -35,12 +36,13 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(sum(out_sizes), in_features))
         self.bias = nn.Parameter(torch.empty(sum(out_sizes))) if bias else None
         self.weight_scale_inv = None  # FP8 block scales when fp8.quantize_linears converted the weight
+        self.gemv_plan = None  # small decode batches: the Triton GEMV's configs (gemv.prepare_gemv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_scale_inv is not None:
             y = fp8_linear(self, x)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.gemv_plan)
 
 
 class RowParallelLinear(nn.Module):
@@ -54,9 +56,13 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.reduce = reduce
         self.weight_scale_inv = None  # FP8 block scales when fp8.quantize_linears converted the weight
+        self.gemv_plan = None  # small decode batches: the Triton GEMV's configs (gemv.prepare_gemv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight) if self.weight_scale_inv is None else fp8_linear(self, x)
+        if self.weight_scale_inv is None:
+            y = linear(x, self.weight, None, self.gemv_plan)
+        else:
+            y = fp8_linear(self, x)
         if self.reduce:
             y = all_reduce(y, self.tp)
         return y if self.bias is None else y + self.bias

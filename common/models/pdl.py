@@ -41,6 +41,7 @@ enable_pdl=false); DISAGG_PDL=0 therefore turns off ours only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Mapping
@@ -65,13 +66,29 @@ _OFF: Mapping = MappingProxyType({"PDL": False})
 
 def pdl_args(device: torch.device) -> Mapping:
     """The keyword arguments that launch a PDL-aware kernel on `device`:
-    `kernel[grid](..., **pdl_args(x.device))`. DISAGG_PDL=graphs: only a launch being captured into
-    a CUDA graph (a decode step) gets PDL; an eager one (prefill) launches plainly."""
+    `kernel[grid](..., **pdl_args(x.device))`. DISAGG_PDL=graphs: only the launches of a decode
+    graph's warm-up and capture (`graph_launches`) get PDL; eager ones (prefill) launch plainly."""
     if not pdl_enabled(device):
         return _OFF
-    if _graphs_only() and not torch.cuda.is_current_stream_capturing():
+    if _graph_depth == 0 and _graphs_only():
         return _OFF
     return _ON
+
+
+_graph_depth = 0
+
+
+@contextlib.contextmanager
+def graph_launches():
+    """Around a decode CUDA graph's warm-up runs and its capture (cuda_graph.py): under
+    DISAGG_PDL=graphs the kernels launched here take PDL. The warm-up is inside too, so that each
+    kernel's PDL variant is compiled (and loaded) before the capture, not during it."""
+    global _graph_depth
+    _graph_depth += 1
+    try:
+        yield
+    finally:
+        _graph_depth -= 1
 
 
 @functools.cache

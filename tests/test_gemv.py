@@ -1,0 +1,89 @@
+"""The dense GEMV of decode batches (common/models/gemv.py): its kernel equals F.linear under Triton's
+interpreter on this CPU (1 to 4 tokens, with and without bias, shapes that leave partial tiles) and
+compiles for sm_90 with its PDL wait first; the batch buckets; the CPU (and any shape without a tuned
+entry for this device) keeps F.linear; the checked-in tuned entries are well formed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from disagg.common.models import gemv as G
+
+from tests.conftest import compile_for_hopper
+
+CHECK = textwrap.dedent(
+    """
+    import torch, torch.nn.functional as F
+    from disagg.common.models.gemv import gemv, linear
+    torch.manual_seed(0)
+    for n, k, cfg in ((37, 300, dict(BLOCK_N=8, BLOCK_K=128, num_warps=4)),
+                      (64, 512, dict(BLOCK_N=16, BLOCK_K=256, num_warps=4))):
+        w = torch.randn(n, k)
+        b = torch.randn(n)
+        for tokens in (1, 2, 3, 4):
+            x = torch.randn(tokens, k)
+            for bias in (None, b):
+                got, want = gemv(x, w, bias, cfg), F.linear(x, w, bias)
+                assert got.shape == want.shape and got.dtype == want.dtype
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+            # the layers' entry point: the plan's bucket ("1" or "4"), or F.linear without one
+            plan = {"1": cfg} if tokens == 1 else {"4": cfg}
+            torch.testing.assert_close(linear(x, w, None, plan), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    print("ok")
+    """
+)
+
+
+def test_kernel_equals_f_linear_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("t_pow2, has_bias", [(1, False), (4, True)])
+def test_kernel_compiles_for_hopper(t_pow2, has_bias):
+    pytest.importorskip("triton")
+    compile_for_hopper(
+        G._gemv_kernel,
+        {"x": "*bf16", "w": "*bf16", "bias": "*bf16", "out": "*bf16"},
+        dict(T_POW2=t_pow2, BLOCK_N=8, BLOCK_K=1024 // t_pow2, HAS_BIAS=has_bias),
+    )
+
+
+def test_batch_buckets():
+    assert [G.bucket(t) for t in range(1, 7)] == ["1", "4", "4", "4", None, None]
+
+
+def test_the_cpu_and_untuned_shapes_keep_f_linear(monkeypatch):
+    """No plan on the CPU; a plan only from this device's tuned entries (none for a made-up shape)."""
+    layer = torch.nn.Linear(64, 32, bias=False)
+    assert G.gemv_plan(layer.weight) is None
+    calls = []
+    monkeypatch.setattr(G, "gemv", lambda *a: calls.append(a))
+    x = torch.randn(1, 64)
+    torch.testing.assert_close(G.linear(x, layer.weight, None, None), layer(x))
+    torch.testing.assert_close(G.linear(torch.randn(8, 64), layer.weight, None, {"1": {}, "4": {}}).shape,
+                               torch.Size([8, 32]))  # fmt: skip
+    assert not calls  # 8 tokens: above GEMV_MAX_TOKENS
+    model = torch.nn.Sequential(layer)
+    layer.gemv_plan = None
+    assert G.prepare_gemv(model) == 0 and layer.gemv_plan is None
+
+
+def test_tuned_entries_are_well_formed():
+    """Each entry: `N=…,K=…,device=…`, buckets "1"/"4", power-of-two blocks the bench's candidates
+    allow (the product tile at most 32k values)."""
+    for key, entry in G.tuned_configs().items():
+        fields = dict(part.split("=", 1) for part in key.split(","))
+        assert set(fields) == {"N", "K", "device"} and int(fields["N"]) > 0 and int(fields["K"]) > 0, key
+        assert entry and set(entry) <= {"1", "4"}, key
+        for bucket, cfg in entry.items():
+            assert set(cfg) == {"BLOCK_N", "BLOCK_K", "num_warps"}, key
+            assert all(v & (v - 1) == 0 for v in cfg.values()), (key, cfg)
+            assert cfg["BLOCK_N"] * cfg["BLOCK_K"] * int(bucket) <= 32768, (key, cfg)
