@@ -19,7 +19,7 @@ from tests.conftest import compile_for_hopper
 CHECK = textwrap.dedent(
     """
     import torch, torch.nn.functional as F
-    from disagg.common.models.gemv import gemv, linear
+    from disagg.common.models.gemv import bmm, gemv, linear
     torch.manual_seed(0)
     for n, k, cfg in ((37, 300, dict(BLOCK_N=8, BLOCK_K=128, num_warps=4)),
                       (64, 512, dict(BLOCK_N=16, BLOCK_K=256, num_warps=4))):
@@ -34,6 +34,19 @@ CHECK = textwrap.dedent(
             # the layers' entry point: the plan's bucket ("1" or "4"), or F.linear without one
             plan = {"1": cfg} if tokens == 1 else {"4": cfg}
             torch.testing.assert_close(linear(x, w, None, plan), F.linear(x, w), rtol=1e-5, atol=1e-4)
+    # MLA's absorbed products: per head, W_UK read transposed (rows along K) and W_UV as it is, the
+    # queries a strided slice of their projection; against torch.bmm over the heads (bmm's fallback)
+    heads, nope, rank = 3, 40, 96
+    cfg = dict(BLOCK_N=16, BLOCK_K=32, num_warps=4)
+    w_uk, w_uv = torch.randn(heads, nope, rank), torch.randn(heads, nope, rank)
+    for tokens in (1, 3, 4):
+        q_nope = torch.randn(tokens, heads, nope + 24)[..., :nope]
+        for x, w in ((q_nope, w_uk.transpose(1, 2)), (torch.randn(tokens, heads, rank), w_uv)):
+            want = bmm(x, w, torch.empty(tokens, heads, w.shape[1]), None)
+            torch.testing.assert_close(want, torch.einsum("thk,hnk->thn", x, w), rtol=1e-5, atol=1e-4)
+            plan = {"1": cfg} if tokens == 1 else {"4": cfg}
+            got = bmm(x, w, torch.empty(tokens, heads, w.shape[1]), plan)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     print("ok")
     """
 )
@@ -77,11 +90,13 @@ def test_the_cpu_and_untuned_shapes_keep_f_linear(monkeypatch):
 
 
 def test_tuned_entries_are_well_formed():
-    """Each entry: `N=…,K=…,device=…`, buckets "1"/"4", power-of-two blocks the bench's candidates
-    allow (the product tile at most 32k values)."""
+    """Each entry: `N=…,K=…,device=…` (a batched one `H=…,` first), buckets "1"/"4", power-of-two
+    blocks the bench's candidates allow (the product tile at most 32k values)."""
     for key, entry in G.tuned_configs().items():
         fields = dict(part.split("=", 1) for part in key.split(","))
-        assert set(fields) == {"N", "K", "device"} and int(fields["N"]) > 0 and int(fields["K"]) > 0, key
+        assert (
+            set(fields) - {"H"} == {"N", "K", "device"} and int(fields["N"]) > 0 and int(fields["K"]) > 0
+        ), key
         assert entry and set(entry) <= {"1", "4"}, key
         for bucket, cfg in entry.items():
             assert set(cfg) == {"BLOCK_N", "BLOCK_K", "num_warps"}, key

@@ -26,16 +26,33 @@ def _entries():
     for key, entry in G.tuned_configs().items():
         fields = dict(part.split("=", 1) for part in key.split(","))
         if fields["device"] == dev:
-            out += [(int(fields["N"]), int(fields["K"]), b, c) for b, c in entry.items()]
+            heads = int(fields.get("H", 1))
+            out += [(heads, int(fields["N"]), int(fields["K"]), b, c) for b, c in entry.items()]
     # the kernel at a made-up layout too, so that a device without entries still runs it
-    return out + [(1000, 3000, "1", {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4})]
+    return out + [(1, 1000, 3000, "1", {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4})]
+
+
+def test_every_tuned_entry_passes_its_load_check():
+    """The check each plan passes at load (gemv._config_ok: 1, 3 and 4 tokens against torch), for
+    both weight layouts of a batched entry (MLA's W_UK is read transposed)."""
+    from disagg.common.models import gemv as G
+
+    for heads, n, k, _, cfg in _entries():
+        for transposed in (False, True) if heads > 1 else (False,):
+            assert G._config_ok(torch.device("cuda", 0), heads, n, k, transposed, BF16, False, **cfg), (
+                heads,
+                n,
+                k,
+            )
 
 
 def test_tuned_gemvs_match_f_linear_eager_and_in_a_graph():
     from disagg.common.models.gemv import gemv
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for n, k, bucket, cfg in _entries():
+    for heads, n, k, bucket, cfg in _entries():
+        if heads > 1:
+            continue
         w = (torch.randn(n, k, device="cuda", generator=gen) / k**0.5).to(BF16)
         tokens = 1 if bucket == "1" else 3
         x = torch.randn(tokens, k, device="cuda", generator=gen).to(BF16)

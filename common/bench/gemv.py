@@ -1,10 +1,11 @@
-"""The dense GEMV of decode batches (common/models/gemv.py) against cuBLAS (F.linear), for every dense
-linear shape of the given models, at 1 and 4 tokens, each timed in a CUDA graph over enough weight
-copies that L2 holds none of them between calls; each figure beside its bytes' time at the copy rate
-measured in the same process. `--tune` sweeps the GEMV's block sizes and writes this device's winners
-(at least 3% faster than cuBLAS, and equal to F.linear) into common/models/gemv_configs.json.
+"""The GEMV of decode batches (common/models/gemv.py) against torch's product (cuBLAS: F.linear, or
+torch.bmm for MLA's absorbed per-head products), for every such shape of the given models, at 1 and
+4 tokens, each timed in a CUDA graph over enough weight copies that L2 holds none of them between
+calls; each figure beside its bytes' time at the copy rate measured in the same process. `--tune` sweeps the GEMV's block sizes and writes this device's winners
+(at least 3% faster than torch's, and equal to it) into common/models/gemv_configs.json.
 
     python -m disagg.common.bench.gemv --models Qwen3-30B-A3B,DeepSeek-V2-Lite,Llama-3.1-8B --tune
+    python -m disagg.common.bench.gemv --models DeepSeek-V2-Lite,DeepSeek-V3 --tune   # adds to the file
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ CANDIDATES = [
 L2_FREE_BYTES = 512 << 20  # weight copies a graph cycles through: well past the H200's 60 MB of L2
 
 
-def linear_shapes(model: str) -> list[tuple[int, int]]:
-    """The (N, K) of every linear of `model` that takes a GEMV plan (layers.py), from a 2-layer copy
-    built on the CPU (DeepSeek: its first layer dense, its second MoE)."""
+def linear_shapes(model: str) -> list[tuple[int, int, int, bool]]:
+    """(heads, N, K, transposed) of every product of `model` that takes a GEMV plan: its linears
+    (layers.py; heads 1) and MLA's absorbed W_UK (transposed) and W_UV, from a 2-layer copy built on
+    the CPU (DeepSeek: its first layer dense, its second MoE)."""
     from disagg.common.models.decoder import CausalLM
     from disagg.common.models.deepseek import fuse_shared_experts
     from disagg.common.models.weights import load_config
@@ -37,29 +39,44 @@ def linear_shapes(model: str) -> list[tuple[int, int]]:
     config = load_config(model, json.dumps({"num_hidden_layers": 2}))
     if getattr(config, "first_k_dense_replace", None):
         config.first_k_dense_replace = 1
+    for experts in ("n_routed_experts", "num_experts", "num_local_experts"):  # no linear's shape
+        if getattr(config, experts, None):
+            setattr(config, experts, 8)
+    # an FP8 checkpoint's linears run FP8 block GEMMs on Hopper (fp8.py), all but kv_b_proj
+    fp8 = "fp8" in str(getattr(config, "quantization_config", None) or "")
     with torch.device("cpu"):
         built = CausalLM(config, max_positions=64)
     fuse_shared_experts(built)  # the default: no shared MLP of its own
-    skip = ("kv_b_proj",)  # MLA's absorbed decode reads its parts in bmm's, not as a linear
-    return sorted(
-        {
-            tuple(m.weight.shape)
-            for name, m in built.named_modules()
-            if hasattr(m, "gemv_plan") and m.weight_scale_inv is None and not name.endswith(skip)
-        }
-    )
+    shapes = set()
+    for name, m in built.named_modules():
+        # kv_b_proj: MLA's absorbed decode reads its parts per head (below), not as a linear
+        if hasattr(m, "gemv_plan") and not fp8 and not name.endswith("kv_b_proj"):
+            shapes.add((1, *m.weight.shape, False))
+        if hasattr(m, "absorb_plans"):
+            w_uk, w_uv = m._kv_b_weights()
+            shapes |= {(w_uk.shape[0], w_uk.shape[2], w_uk.shape[1], True), (*w_uv.shape, False)}
+    return sorted(shapes)
 
 
-def time_shape(n: int, k: int, tokens: int, dtype, device, candidates) -> dict:
-    copies = max(4, min(64, math.ceil(L2_FREE_BYTES / (n * k * dtype.itemsize))))
-    weights = [torch.randn(n, k, device=device, dtype=dtype) / k**0.5 for _ in range(copies)]
-    x = torch.randn(tokens, k, device=device, dtype=dtype)
-    row = {"cublas_us": graph_us_per_layer(lambda w: F.linear(x, w), weights), "best": None, "best_us": None}
+def time_shape(heads: int, n: int, k: int, transposed: bool, tokens: int, dtype, device, candidates) -> dict:
+    """µs of torch's product (F.linear, or torch.bmm over the heads) and of the best candidate."""
+    nbytes = heads * n * k * dtype.itemsize
+    copies = max(4, min(64, math.ceil(L2_FREE_BYTES / nbytes)))
+    shape = (heads, k, n) if transposed else (heads, n, k)
+    weights = [torch.randn(shape, device=device, dtype=dtype) / k**0.5 for _ in range(copies)]
+    weights = [w.transpose(1, 2) if transposed else w for w in weights]
+    x = torch.randn(tokens, heads, k, device=device, dtype=dtype)
+    out = torch.empty(tokens, heads, n, device=device, dtype=dtype)
+    if heads == 1:
+        ref, run = (lambda w: F.linear(x[:, 0], w[0])), (lambda w, c: G.gemv(x[:, 0], w[0], None, c))
+    else:
+        ref, run = (lambda w: G.bmm(x, w, out, None)), (lambda w, c: G.batched_gemv(x, w, out, c))
+    row = {"torch_us": graph_us_per_layer(ref, weights), "best": None, "best_us": None}
     for cfg in candidates:
         if cfg["BLOCK_N"] * cfg["BLOCK_K"] * (1 << (tokens - 1).bit_length()) > 32768:
             continue  # the product tile alone would spill
         try:
-            us = graph_us_per_layer(lambda w, c=cfg: G.gemv(x, w, None, c), weights)
+            us = graph_us_per_layer(lambda w, c=cfg: run(w, c), weights)
         except Exception as e:  # noqa: BLE001 - a layout that fails to compile or launch: skipped
             print(f"  {cfg}: {type(e).__name__}")
             continue
@@ -82,26 +99,26 @@ def main() -> None:
     tuned = G.tuned_configs()
     shapes = {s: m for m in args.models.split(",") for s in linear_shapes(m)}
     table = json.loads(open(args.output).read()) if args.tune and G.CONFIGS.exists() else {}
-    print(f"{'model':<18} {'N':>6} {'K':>6} {'T':>2} {'MB':>6} {'roof us':>8} {'cuBLAS us':>10} {'share':>6}"
+    print(f"{'model':<18} {'H':>3} {'N':>6} {'K':>6} {'T':>2} {'MB':>6} {'roof us':>8} {'torch us':>9} {'share':>6}"
           f" {'GEMV us':>8} {'share':>6}  config")  # fmt: skip
-    for (n, k), model in shapes.items():
+    for (heads, n, k, transposed), model in shapes.items():
+        key = G.config_key(n, k, dev, heads)
         for tokens, bucket in ((1, "1"), (4, "4")):
-            entry = tuned.get(G.config_key(n, k, dev), {}).get(bucket)
+            entry = tuned.get(key, {}).get(bucket)
             cands = CANDIDATES if args.tune else [entry] if entry else []
-            r = time_shape(n, k, tokens, dtype, device, cands)
-            mb = n * k * dtype.itemsize / 1e6
+            r = time_shape(heads, n, k, transposed, tokens, dtype, device, cands)
+            mb = heads * n * k * dtype.itemsize / 1e6
             roof = mb / ceil["copy_gb_s"] * 1e3
             gemv_txt = (
                 f"{r['best_us']:8.2f} {roof / r['best_us']:6.1%}" if r["best"] else f"{'-':>8} {'-':>6}"
             )
-            print(f"{model:<18} {n:>6} {k:>6} {tokens:>2} {mb:6.1f} {roof:8.2f} {r['cublas_us']:10.2f}"
-                  f" {roof / r['cublas_us']:6.1%} {gemv_txt}  {r['best'] or ''}", flush=True)  # fmt: skip
+            print(f"{model:<18} {heads:>3} {n:>6} {k:>6} {tokens:>2} {mb:6.1f} {roof:8.2f} {r['torch_us']:9.2f}"
+                  f" {roof / r['torch_us']:6.1%} {gemv_txt}  {r['best'] or ''}", flush=True)  # fmt: skip
             if not args.tune:
                 continue
-            key = G.config_key(n, k, dev)
             table.get(key, {}).pop(bucket, None)  # an earlier tune's winner that no longer wins goes
-            wins = r["best"] and r["best_us"] < 0.97 * r["cublas_us"]
-            if wins and G._config_ok(device, n, k, dtype, False, **r["best"]):
+            wins = r["best"] and r["best_us"] < 0.97 * r["torch_us"]
+            if wins and G._config_ok(device, heads, n, k, transposed, dtype, False, **r["best"]):
                 table.setdefault(key, {})[bucket] = r["best"]
     if args.tune:
         table = {key: entry for key, entry in table.items() if entry}

@@ -39,6 +39,7 @@ from disagg.common.models.fused_moe import (
     router_gemv_ok,
     router_logits,
 )
+from disagg.common.models.gemv import bmm
 from disagg.common.models.layers import ColumnParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear
 from disagg.common.models.moe import SparseMoE
 from disagg.common.parallel.state import TPGroup, all_reduce, attn_tp_group, get_parallel
@@ -126,6 +127,7 @@ class MLAttention(nn.Module):
         group = attn_tp_group()  # the TP group, or with DP attention this DP rank's attention ranks
         tp = group.size
         self.layer_id = layer_id
+        self.absorb_plans = None  # W_UK, W_UV on the batched GEMV (gemv.prepare_gemv)
         self.num_heads = config.num_attention_heads // tp
         self.nope, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
         self.v_dim, self.rank = config.v_head_dim, config.kv_lora_rank
@@ -256,12 +258,12 @@ class MLAttention(nn.Module):
         # [H, T, nope] @ [H, nope, rank], one GEMM per head, written straight into the [T, H, rank]
         # rows the kernel reads (NOTE: an `out` whose rows are strided by H * rank is cuBLAS's ldc:
         # no copy after the GEMM); the same for the [T, H, v] rows o_proj reads
-        q_lat = q_nope.new_empty(t, self.num_heads, self.rank)
-        torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_lat.transpose(0, 1))
+        # (a decode batch of <= 4 tokens: one Triton batched GEMV each where this device's tune has
+        # one, gemv.py)
+        uk, uv = self.absorb_plans or (None, None)
+        q_lat = bmm(q_nope, w_uk.transpose(1, 2), q_nope.new_empty(t, self.num_heads, self.rank), uk)
         ctx = backend.run_mla(q_lat, q_pe, pages, self.scale, batch)  # [T, H, rank]
-        out = q_nope.new_empty(t, self.num_heads, self.v_dim)
-        torch.bmm(ctx.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
-        return out
+        return bmm(ctx, w_uv, q_nope.new_empty(t, self.num_heads, self.v_dim), uv)
 
     def absorbed_attention(self, q_nope, q_pe, latent, batch) -> torch.Tensor:
         """Queries in the latent space: score = (q_nope W_UK) . c_kv + q_pe . k_pe; the context

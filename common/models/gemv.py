@@ -47,8 +47,9 @@ def bucket(num_tokens: int) -> str | None:
     return _BUCKETS.get(1 << max(0, num_tokens - 1).bit_length())
 
 
-def config_key(n: int, k: int, device: str) -> str:
-    return f"N={n},K={k},device={device}"
+def config_key(n: int, k: int, device: str, heads: int = 1) -> str:
+    """A dense linear's entry (N, K), or with heads > 1 a batched GEMV's (MLA's absorbed W_UK, W_UV)."""
+    return f"N={n},K={k},device={device}" if heads == 1 else f"H={heads},N={n},K={k},device={device}"
 
 
 @functools.cache
@@ -58,16 +59,29 @@ def tuned_configs() -> dict:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: dict) -> torch.Tensor:
     """x [T, K] @ weight [N, K]^T (+ bias) in one launch with `config`'s block sizes."""
-    num_tokens, k = x.shape
-    n = weight.shape[0]
-    out = torch.empty(num_tokens, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    _launch(x.unsqueeze(1), weight.unsqueeze(0), bias, out.unsqueeze(1), config)
+    return out
+
+
+def batched_gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, config: dict) -> torch.Tensor:
+    """out[t, h] = weight[h] @ x[t, h] for every head h in one launch: x [T, H, K] and out [T, H, N]
+    (each row's last dimension contiguous), weight [H, N, K] with any strides (MLA's absorbed
+    W_UK is read as a transposed view). Returns `out`."""
+    _launch(x, weight, None, out, config)
+    return out
+
+
+def _launch(x, weight, bias, out, config: dict) -> None:
+    num_tokens, heads, k = x.shape
+    n = weight.shape[1]
     block_n = config["BLOCK_N"]
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, bias if bias is not None else weight, out, num_tokens, n, k, x.stride(0), weight.stride(0),
+    _gemv_kernel[(triton.cdiv(n, block_n), heads)](
+        x, weight, bias if bias is not None else weight, out, num_tokens, n, k, x.stride(0), x.stride(1),
+        weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0), out.stride(1),
         T_POW2=triton.next_power_of_2(num_tokens), BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
         HAS_BIAS=bias is not None, num_warps=config["num_warps"], **pdl_args(x.device),
     )  # fmt: skip
-    return out
 
 
 def linear(
@@ -79,54 +93,86 @@ def linear(
     return F.linear(x, weight, bias)
 
 
+def bmm(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, plan: dict | None) -> torch.Tensor:
+    """out[t, h] = weight[h] @ x[t, h] (x [T, H, K], weight [H, N, K], out [T, H, N]): the batched
+    GEMV where `plan` (batched_plan's) has an entry for this batch's bucket, else torch.bmm over the
+    heads, written into `out` either way."""
+    if plan is not None and x.stride(2) == 1 and out.stride(2) == 1 and (b := bucket(x.shape[0])) in plan:
+        return batched_gemv(x, weight, out, plan[b])
+    torch.bmm(x.transpose(0, 1), weight.transpose(1, 2), out=out.transpose(0, 1))
+    return out
+
+
+def _usable(weight: torch.Tensor, dims: int) -> bool:
+    half = weight.dtype in (torch.bfloat16, torch.float16)
+    return fused_moe_available() and weight.is_cuda and weight.dim() == dims and half
+
+
 def gemv_plan(weight: torch.Tensor, bias: torch.Tensor | None = None) -> dict | None:
-    """This device's tuned GEMV configs for a linear's weight ({bucket: config}), those that pass
-    their check against F.linear; None where there are none (F.linear throughout)."""
-    if not (
-        fused_moe_available()
-        and weight.is_cuda
-        and weight.dim() == 2
-        and weight.dtype in (torch.bfloat16, torch.float16)
-        and weight.stride(1) == 1
-    ):
+    """This device's tuned GEMV configs for a linear's weight [N, K] ({bucket: config}), those that
+    pass their check against F.linear; None where there are none (F.linear throughout)."""
+    if not (_usable(weight, 2) and weight.stride(1) == 1):
         return None
     n, k = weight.shape
-    entry = tuned_configs().get(config_key(n, k, device_name()), {})
-    plan = {
-        b: c for b, c in entry.items() if _config_ok(weight.device, n, k, weight.dtype, bias is not None, **c)
-    }
-    return plan or None
+    return _checked(
+        config_key(n, k, device_name()), weight.device, 1, n, k, False, weight.dtype, bias is not None
+    )
+
+
+def batched_plan(weight: torch.Tensor) -> dict | None:
+    """The same for a batched GEMV's weight [H, N, K] (rows along N or, transposed, along K)."""
+    if not _usable(weight, 3):
+        return None
+    heads, n, k = weight.shape
+    key = config_key(n, k, device_name(), heads)
+    return _checked(key, weight.device, heads, n, k, weight.stride(2) != 1, weight.dtype, False)
+
+
+def _checked(key: str, *shape) -> dict | None:
+    entry = tuned_configs().get(key, {})
+    return {b: c for b, c in entry.items() if _config_ok(*shape, **c)} or None
 
 
 def prepare_gemv(model: torch.nn.Module) -> int:
-    """Give every linear of `model` that has a `gemv_plan` slot (layers.py) its plan; returns how
-    many got one. Run once after loading, outside any CUDA graph capture."""
+    """Give every linear of `model` that has a `gemv_plan` slot (layers.py) its plan, and every MLA
+    layer (an `absorb_plans` slot) its W_UK / W_UV plans; returns how many got one. Run once after
+    loading, outside any CUDA graph capture."""
     count = 0
     for module in model.modules():
         if hasattr(module, "gemv_plan") and getattr(module, "weight_scale_inv", None) is None:
             bias = getattr(module, "bias", None) if not hasattr(module, "reduce") else None
             module.gemv_plan = gemv_plan(module.weight, bias)
             count += module.gemv_plan is not None
+        if hasattr(module, "absorb_plans"):
+            w_uk, w_uv = module._kv_b_weights()
+            module.absorb_plans = (batched_plan(w_uk.transpose(1, 2)), batched_plan(w_uv))
+            count += sum(p is not None for p in module.absorb_plans)
     return count
 
 
 @functools.cache
-def _config_ok(device, n: int, k: int, dtype, has_bias: bool, **config) -> bool:
-    """The GEMV against F.linear at 1, 3 and 4 tokens on random values of this shape."""
+def _config_ok(device, heads: int, n: int, k: int, transposed: bool, dtype, has_bias: bool, **config) -> bool:
+    """The GEMV against torch's product at 1, 3 and 4 tokens on random values of this shape and
+    weight layout."""
     try:
         gen = torch.Generator(device=device).manual_seed(0)
-        weight = (torch.randn(n, k, device=device, generator=gen) / k**0.5).to(dtype)
+        shape = (heads, k, n) if transposed else (heads, n, k)
+        weight = (torch.randn(shape, device=device, generator=gen) / k**0.5).to(dtype)
+        weight = weight.transpose(1, 2) if transposed else weight
         bias = torch.randn(n, device=device, generator=gen).to(dtype) if has_bias else None
         ok = True
         for tokens in (1, 3, GEMV_MAX_TOKENS):
-            x = torch.randn(tokens, k, device=device, generator=gen).to(dtype)
-            want, got = F.linear(x, weight, bias).float(), gemv(x, weight, bias, config).float()
-            ok = ok and torch.allclose(got, want, rtol=2e-2, atol=2e-2)
-    except Exception:  # noqa: BLE001 - any failure: F.linear, loudly
-        logger.exception("the dense GEMV failed its check (N=%d, K=%d, %s): F.linear", n, k, config)
+            x = torch.randn(tokens, heads, k, device=device, generator=gen).to(dtype)
+            want = torch.einsum("thk,hnk->thn", x.float(), weight.float())
+            want = (want if bias is None else want + bias.float()).to(dtype).float()
+            got = torch.empty(tokens, heads, n, device=device, dtype=dtype)
+            _launch(x, weight, bias, got, config)
+            ok = ok and torch.allclose(got.float(), want, rtol=2e-2, atol=2e-2)
+    except Exception:  # noqa: BLE001 - any failure: torch's product, loudly
+        logger.exception("the GEMV failed its check (H=%d, N=%d, K=%d, %s): torch's", heads, n, k, config)
         return False
     if not ok:
-        logger.warning("the dense GEMV disagrees with F.linear (N=%d, K=%d, %s): F.linear", n, k, config)
+        logger.warning("the GEMV disagrees with torch (H=%d, N=%d, K=%d, %s): torch's", heads, n, k, config)
     return ok
 
 
@@ -134,26 +180,30 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(
-        x, w, bias, out, num_tokens, N, K, stride_x, stride_w,
+        x, w, bias, out, num_tokens, N, K, stride_xt, stride_xh, stride_wh, stride_wn, stride_wk,
+        stride_ot, stride_oh,
         T_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
         PDL: tl.constexpr,
     ):  # fmt: skip
-        """out[t, rows] = x[t] . w[rows] (+ bias[rows]) for every token t and BLOCK_N rows."""
+        """out[t, h, rows] = x[t, h] . w[h, rows] (+ bias[rows]) for every token t and BLOCK_N rows of
+        head h (program axis 1; a dense linear has one head)."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
+        head = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         tokens = tl.arange(0, T_POW2)
         cols = tl.arange(0, BLOCK_K)
         n_mask, t_mask = rows < N, tokens < num_tokens
-        w_rows = w + rows.to(tl.int64)[:, None] * stride_w
-        x_rows = x + tokens.to(tl.int64)[:, None] * stride_x
+        w_rows = w + head * stride_wh + rows.to(tl.int64)[:, None] * stride_wn
+        x_rows = x + head * stride_xh + tokens.to(tl.int64)[:, None] * stride_xt
         acc = tl.zeros([T_POW2, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + cols
             k_mask = k < K
-            wt = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(w_rows + k[None, :] * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             xt = tl.load(x_rows + k[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
             acc += tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], axis=2)
         if HAS_BIAS:
             acc += tl.load(bias + rows, mask=n_mask, other=0.0).to(tl.float32)[None, :]
         mask = t_mask[:, None] & n_mask[None, :]
-        tl.store(out + tokens[:, None] * N + rows[None, :], acc.to(out.dtype.element_ty), mask=mask)
+        o = out + head * stride_oh + tokens.to(tl.int64)[:, None] * stride_ot + rows[None, :]
+        tl.store(o, acc.to(out.dtype.element_ty), mask=mask)

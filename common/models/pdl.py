@@ -19,13 +19,16 @@ loop (a wait inside a pipelined loop is reported not to hold them back: triton-l
 tests/conftest.compile_for_hopper checks the placement in each kernel's sm_90 PTX; a kernel passed
 `pdl_args` without a `PDL` argument fails to launch (Triton refuses the unknown keyword).
 
-Where it is on (`pdl_enabled`): DISAGG_PDL=1 (common/config.py; the default since the H200 A/B of
+Where it is on (`pdl_enabled`): DISAGG_PDL=1 or graphs (common/config.py; the default since the H200 A/B of
 docs/benchmarks.md, eleventh session: batch-1 steps 11% faster for Qwen3-30B-A3B, 19% for the
 4-layer DeepSeek-V3, DeepSeek-V2-Lite unchanged; the tenth session's MLA losses were a timing
 artefact), a CUDA device of compute capability >= 9, a Triton with `tl.extra.cuda.gdc_wait` and the
 `launch_pdl` launch option (triton-lang/triton#6394, April 2025: Triton >= 3.4; the GPU image has
 3.6; an older one keeps plain launches), not under Triton's interpreter (no grids to overlap).
-Decided once per device; a launch site pays one cached lookup.
+Decided once per device; a launch site pays one cached lookup. DISAGG_PDL=graphs narrows it to
+the decode graphs' launches (`graph_launches`, around their warm-up and capture): a prefill's
+many-wave GEMMs then launch plainly (the candidate cause of the 2048-token MoE prefill taking 37-63
+ms with PDL and 34.6 ms without, docs/benchmarks.md, fifteenth session).
 
 CUDA graphs: the decode step's kernels are launched inside a graph capture. Triton's launcher
 passes the attribute to cuLaunchKernelEx on the current (capturing) stream, and stream capture
