@@ -29,7 +29,7 @@ from pathlib import Path
 #   DISAGG_MLA_KERNEL       FlashInfer's MLA kernel family: auto (FlashInfer's pick: FA3 on Hopper) | fa2 | fa3
 #   DISAGG_PDL              1 (default): the Triton kernels launch with Programmatic Dependent Launch on Hopper
 #                           or newer (common/models/pdl.py; the H200 A/B of docs/benchmarks.md, eleventh
-#                           session) | graphs: only the launches captured into CUDA graphs | 0: plain launches
+#                           session) | 0: plain launches
 #   DISAGG_STEP_DELAY_S     tests only: every forward of the server's scheduler takes this many seconds
 #                           longer, as on a slow device (tests/test_first_token.py: long decode steps)
 # and the standard ones we honour: XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES (launch_local splits the
@@ -168,14 +168,13 @@ def step_delay_s() -> float:
     return float(os.environ.get("DISAGG_STEP_DELAY_S") or 0)
 
 
-def pdl_mode() -> str:
-    """DISAGG_PDL: 1 (default) | graphs | 0: where the Triton kernels launch with PDL on a device that
-    allows it: every launch, only launches captured into CUDA graphs (decode steps), or none
+def pdl_requested() -> bool:
+    """DISAGG_PDL: 1 (default) | 0: the Triton kernels launch with PDL where the device allows
     (common/models/pdl.py)."""
     value = os.environ.get("DISAGG_PDL", "1") or "1"
-    if value not in ("0", "1", "graphs"):
-        raise ValueError(f"DISAGG_PDL={value!r}: expected 0, 1 or graphs")
-    return value
+    if value not in ("0", "1"):
+        raise ValueError(f"DISAGG_PDL={value!r}: expected 0 or 1")
+    return value == "1"
 
 
 def triton_interpret() -> bool:

@@ -22,10 +22,8 @@ def _fresh_decision(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(pdl, "device_capability", lambda device: (9, 0))  # an H200
     pdl.pdl_enabled.cache_clear()
-    pdl._graphs_only.cache_clear()
     yield
     pdl.pdl_enabled.cache_clear()
-    pdl._graphs_only.cache_clear()
 
 
 def test_on_by_default_on_hopper_off_with_the_switch(monkeypatch):
@@ -61,25 +59,9 @@ def test_switch_on_but_not_here(monkeypatch, case):
     assert dict(pdl.pdl_args(device)) == {"PDL": False}
 
 
-def test_graphs_only_launches_the_captured_kernels_with_pdl(monkeypatch):
-    """DISAGG_PDL=graphs: the launches of a decode graph's warm-up and capture get PDL, an eager
-    launch (a prefill's many-wave GEMMs) a plain one; DISAGG_PDL=1: both get it."""
-    pytest.importorskip("triton")
-    monkeypatch.setenv("DISAGG_PDL", "graphs")
-    assert pdl.pdl_enabled(CUDA)
-    assert dict(pdl.pdl_args(CUDA)) == {"PDL": False}
-    with pdl.graph_launches():
-        assert dict(pdl.pdl_args(CUDA)) == {"PDL": True, "launch_pdl": True}
-        assert dict(pdl.pdl_args(torch.device("cpu"))) == {"PDL": False}  # the device still decides first
-    assert dict(pdl.pdl_args(CUDA)) == {"PDL": False}
-    monkeypatch.setenv("DISAGG_PDL", "1")
-    pdl._graphs_only.cache_clear()
-    assert dict(pdl.pdl_args(CUDA)) == {"PDL": True, "launch_pdl": True}
-
-
 def test_a_bad_value_is_refused(monkeypatch):
     monkeypatch.setenv("DISAGG_PDL", "yes")
-    with pytest.raises(ValueError, match="DISAGG_PDL='yes': expected 0, 1 or graphs"):
+    with pytest.raises(ValueError, match="DISAGG_PDL='yes': expected 0 or 1"):
         pdl.pdl_enabled(CUDA)
 
 

@@ -33,12 +33,10 @@ def pdl_switch(monkeypatch):
     def switch(on: bool) -> None:
         monkeypatch.setenv("DISAGG_PDL", "1" if on else "0")
         pdl.pdl_enabled.cache_clear()
-        pdl._graphs_only.cache_clear()
         assert pdl.pdl_enabled(torch.device("cuda", torch.cuda.current_device())) == on
 
     yield switch
     pdl.pdl_enabled.cache_clear()  # the next test decides again, under the restored environment
-    pdl._graphs_only.cache_clear()
 
 
 def _run(step, values: list[list[torch.Tensor]], graphed: bool) -> list[list[torch.Tensor]]:

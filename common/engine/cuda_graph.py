@@ -27,7 +27,6 @@ from disagg.common.engine.attention_flashinfer import (
 )
 from disagg.common.engine.device_wait import host_tensor
 from disagg.common.models.deepseek import is_mla, softmax_scale
-from disagg.common.models.pdl import graph_launches
 
 logger = logging.getLogger(__name__)
 
@@ -273,15 +272,14 @@ class CudaGraphRunner:
         backend.plan(batch.kv_lens, batch.page_tables)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with graph_launches():  # DISAGG_PDL=graphs: PDL here, in the warm-up too (pdl.py)
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up outside the graph (lazy init, autotuning)
-                    self.model(batch, self.pool.kv_buffer, backend)
-            torch.cuda.current_stream().wait_stream(stream)
-            torch.cuda.synchronize()  # no collective of another rank still in flight during capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.mempool):
-                out = self.model(batch, self.pool.kv_buffer, backend)
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph (lazy init, autotuning)
+                self.model(batch, self.pool.kv_buffer, backend)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()  # no collective of another rank still in flight during capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            out = self.model(batch, self.pool.kv_buffer, backend)
         self.graphs[bs], self.outputs[bs], self.backends[bs], self.batches[bs] = graph, out, backend, batch
 
     def can_run(self, plan) -> bool:

@@ -19,16 +19,13 @@ loop (a wait inside a pipelined loop is reported not to hold them back: triton-l
 tests/conftest.compile_for_hopper checks the placement in each kernel's sm_90 PTX; a kernel passed
 `pdl_args` without a `PDL` argument fails to launch (Triton refuses the unknown keyword).
 
-Where it is on (`pdl_enabled`): DISAGG_PDL=1 or graphs (common/config.py; the default since the H200 A/B of
+Where it is on (`pdl_enabled`): DISAGG_PDL=1 (common/config.py; the default since the H200 A/B of
 docs/benchmarks.md, eleventh session: batch-1 steps 11% faster for Qwen3-30B-A3B, 19% for the
 4-layer DeepSeek-V3, DeepSeek-V2-Lite unchanged; the tenth session's MLA losses were a timing
 artefact), a CUDA device of compute capability >= 9, a Triton with `tl.extra.cuda.gdc_wait` and the
 `launch_pdl` launch option (triton-lang/triton#6394, April 2025: Triton >= 3.4; the GPU image has
 3.6; an older one keeps plain launches), not under Triton's interpreter (no grids to overlap).
-Decided once per device; a launch site pays one cached lookup. DISAGG_PDL=graphs narrows it to
-the decode graphs' launches (`graph_launches`, around their warm-up and capture): a prefill's
-many-wave GEMMs then launch plainly (the candidate cause of the 2048-token MoE prefill taking 37-63
-ms with PDL and 34.6 ms without, docs/benchmarks.md, fifteenth session).
+Decided once per device; a launch site pays one cached lookup.
 
 CUDA graphs: the decode step's kernels are launched inside a graph capture. Triton's launcher
 passes the attribute to cuLaunchKernelEx on the current (capturing) stream, and stream capture
@@ -44,14 +41,13 @@ enable_pdl=false); DISAGG_PDL=0 therefore turns off ours only.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from collections.abc import Mapping
 from types import MappingProxyType
 
 import torch
-from disagg.common.config import pdl_mode, triton_interpret
+from disagg.common.config import pdl_requested, triton_interpret
 
 try:
     import triton
@@ -69,41 +65,14 @@ _OFF: Mapping = MappingProxyType({"PDL": False})
 
 def pdl_args(device: torch.device) -> Mapping:
     """The keyword arguments that launch a PDL-aware kernel on `device`:
-    `kernel[grid](..., **pdl_args(x.device))`. DISAGG_PDL=graphs: only the launches of a decode
-    graph's warm-up and capture (`graph_launches`) get PDL; eager ones (prefill) launch plainly."""
-    if not pdl_enabled(device):
-        return _OFF
-    if _graph_depth == 0 and _graphs_only():
-        return _OFF
-    return _ON
-
-
-_graph_depth = 0
-
-
-@contextlib.contextmanager
-def graph_launches():
-    """Around a decode CUDA graph's warm-up runs and its capture (cuda_graph.py): under
-    DISAGG_PDL=graphs the kernels launched here take PDL. The warm-up is inside too, so that each
-    kernel's PDL variant is compiled (and loaded) before the capture, not during it."""
-    global _graph_depth
-    _graph_depth += 1
-    try:
-        yield
-    finally:
-        _graph_depth -= 1
-
-
-@functools.cache
-def _graphs_only() -> bool:
-    return pdl_mode() == "graphs"
+    `kernel[grid](..., **pdl_args(x.device))`."""
+    return _ON if pdl_enabled(device) else _OFF
 
 
 @functools.cache
 def pdl_enabled(device: torch.device) -> bool:
-    """DISAGG_PDL=1 or graphs, a CUDA device of compute capability >= 9, a Triton that has PDL, no
-    interpreter."""
-    if pdl_mode() == "0" or triton_interpret() or device.type != "cuda":
+    """DISAGG_PDL=1, a CUDA device of compute capability >= 9, a Triton that has PDL, no interpreter."""
+    if not pdl_requested() or triton_interpret() or device.type != "cuda":
         return False
     if device_capability(device) < (9, 0):
         logger.info("PDL needs Hopper or newer, %s is older: plain launches", device)
