@@ -90,6 +90,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="Qwen3-30B-A3B,DeepSeek-V2-Lite,Llama-3.1-8B")
     p.add_argument("--tune", action="store_true", help="sweep and write this device's winners")
+    p.add_argument(
+        "--batched-only", action="store_true", help="only the per-head products (MLA's W_UK, W_UV)"
+    )
     p.add_argument("--output", default=str(G.CONFIGS))
     args = p.parse_args()
     device, dtype = torch.device("cuda", 0), torch.bfloat16
@@ -97,7 +100,9 @@ def main() -> None:
     dev = device_name()
     print(f"{dev}: copy {ceil['copy_gb_s']:.0f} GB/s", flush=True)
     tuned = G.tuned_configs()
-    shapes = {s: m for m in args.models.split(",") for s in linear_shapes(m)}
+    shapes = {
+        s: m for m in args.models.split(",") for s in linear_shapes(m) if s[0] > 1 or not args.batched_only
+    }
     table = json.loads(open(args.output).read()) if args.tune and G.CONFIGS.exists() else {}
     print(f"{'model':<18} {'H':>3} {'N':>6} {'K':>6} {'T':>2} {'MB':>6} {'roof us':>8} {'torch us':>9} {'share':>6}"
           f" {'GEMV us':>8} {'share':>6}  config")  # fmt: skip

@@ -108,7 +108,7 @@ for step in "$@"; do
     gemv-mla) # issue 20, fifteenth session: MLA's absorbed W_UK / W_UV products on the batched GEMV: tune V2-Lite's and
            # V3's (adds to gemv_configs.json, returned under $OUT), the GPU tests, then V2-Lite and the 4-layer V3 at
            # batch 1 and 64 without the file's entries and with them, each in its own process
-           timeout 200 python3 -m disagg.common.bench.gemv --models ${GEMV_MODELS:-DeepSeek-V2-Lite,DeepSeek-V3} --tune \
+           timeout 200 python3 -m disagg.common.bench.gemv --models ${GEMV_MODELS:-DeepSeek-V2-Lite,DeepSeek-V3} --tune ${GEMV_ARGS:-} \
              > $OUT/gemv_mla_tune.log 2>&1; tail -14 $OUT/gemv_mla_tune.log; cp common/models/gemv_configs.json $OUT/
            timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_gemv.py > $OUT/gemv_tests.log 2>&1
            tail -2 $OUT/gemv_tests.log
