@@ -14,7 +14,14 @@ shapes take it: `common/models/gemv_configs.json`, written by `python -m disagg.
 --tune` on the device (keyed by N, K and the device's name, one block-size choice per token bucket
 1 and 2-4); a shape without an entry for this device keeps F.linear. Each entry is checked against
 F.linear once per shape when the model is prepared (`gemv_plan`, never inside a graph capture); on a
-mismatch or an error the layer keeps F.linear, loudly.
+mismatch or an error the layer keeps F.linear, loudly. MLA's absorbed per-head products (W_UK read
+transposed, W_UV; `bmm`) take the same kernel with the heads on its second program axis, keyed
+`H=…,N=…,K=…` (CPU-tested; no device has tuned entries for them yet, so they run torch.bmm).
+
+Measured (H100, fifteenth session, docs/benchmarks.md): one token beats cuBLAS on every tuned shape
+(75–104% of the bytes' time against 45–91%), 4 tokens loses on most; Llama-3.1-8B's batch-1 step
+6.21 -> 5.76 ms (82.4 -> 88.7% of its roofline), Qwen3-30B-A3B's 3.46 -> 3.31 ms, V2-Lite's 2.71 ->
+2.64 ms.
 """
 
 from __future__ import annotations
