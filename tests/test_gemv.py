@@ -102,3 +102,15 @@ def test_tuned_entries_are_well_formed():
             assert set(cfg) == {"BLOCK_N", "BLOCK_K", "num_warps"}, key
             assert all(v & (v - 1) == 0 for v in cfg.values()), (key, cfg)
             assert cfg["BLOCK_N"] * cfg["BLOCK_K"] * int(bucket) <= 32768, (key, cfg)
+
+
+def test_the_bench_lists_each_models_decode_products():
+    """bench.gemv tunes what the engine would plan: the dense linears (not MLA's kv_b_proj, read per
+    head) and MLA's W_UK (transposed) and W_UV; an FP8 checkpoint's linears (FP8 block GEMMs) left out."""
+    from disagg.common.bench.gemv import linear_shapes
+
+    assert linear_shapes("Qwen3-30B-A3B") == [(1, 2048, 4096, False), (1, 5120, 2048, False)]
+    v2 = linear_shapes("DeepSeek-V2-Lite")
+    assert (16, 512, 128, True) in v2 and (16, 128, 512, False) in v2 and (1, 3648, 2048, False) in v2
+    assert (1, 4096, 512, False) not in v2  # kv_b_proj
+    assert all(s[0] > 1 for s in linear_shapes("DeepSeek-V3"))
