@@ -114,3 +114,26 @@ def test_the_bench_lists_each_models_decode_products():
     assert (16, 512, 128, True) in v2 and (16, 128, 512, False) in v2 and (1, 3648, 2048, False) in v2
     assert (1, 4096, 512, False) not in v2  # kv_b_proj
     assert all(s[0] > 1 for s in linear_shapes("DeepSeek-V3"))
+
+
+def test_the_bench_redraws_a_saved_run(tmp_path):
+    """--plot-from: the H100 tune's printed table (fifteenth session, no H column) read back row by
+    row, and drawn."""
+    from pathlib import Path
+
+    from disagg.common.bench.gemv import plot, rows_from_log
+
+    log = Path(__file__).parents[1] / "docs/data/h100-s15/gemv_tune.log"
+    rows = rows_from_log(log.read_text())
+    assert len(rows) == 20 and {r["tokens"] for r in rows} == {1, 4}
+    first = rows[0]
+    assert (first["model"], first["heads"], first["n"], first["k"], first["tokens"]) == (
+        "Qwen3-30B-A3B",
+        1,
+        2048,
+        4096,
+        1,
+    )
+    assert (first["roof_us"], first["torch_us"], first["gemv_us"]) == (5.67, 10.16, 7.55)
+    plot(rows, str(tmp_path / "gemv.png"))
+    assert (tmp_path / "gemv.png").stat().st_size > 10_000

@@ -86,6 +86,57 @@ def time_shape(heads: int, n: int, k: int, transposed: bool, tokens: int, dtype,
     return row
 
 
+def rows_from_log(text: str) -> list[dict]:
+    """The table rows of a printed run (older runs printed no H column: one head)."""
+    rows, has_h = [], False
+    for line in text.splitlines():
+        parts = line.split()
+        if parts[:1] == ["model"]:
+            has_h = parts[1] == "H"
+            continue
+        if len(parts) < 10 or not parts[1].isdigit():
+            continue
+        if not has_h:
+            parts.insert(1, "1")
+        heads, n, k, tokens = (int(v) for v in parts[1:5])
+        gemv_us = None if parts[9] == "-" else float(parts[9])
+        rows.append({"model": parts[0], "heads": heads, "n": n, "k": k, "tokens": tokens,
+                     "roof_us": float(parts[6]), "torch_us": float(parts[7]), "gemv_us": gemv_us})  # fmt: skip
+    return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Each product's share of its bytes' time, torch's and the GEMV's, at 1 and 4 tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted(
+        {(r["model"], r["heads"], r["n"], r["k"]) for r in rows}, key=lambda s: (s[0], s[2] * s[3])
+    )
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(labels)), 4.5))
+    width = 0.2
+    for i, (tokens, kind, name) in enumerate(
+        [(1, "torch_us", "cuBLAS, 1 token"), (1, "gemv_us", "GEMV, 1 token"),
+         (4, "torch_us", "cuBLAS, 4 tokens"), (4, "gemv_us", "GEMV, 4 tokens")]
+    ):  # fmt: skip
+        by = {(r["model"], r["heads"], r["n"], r["k"]): r for r in rows if r["tokens"] == tokens}
+        shares = [100 * by[s]["roof_us"] / by[s][kind] if s in by and by[s][kind] else 0 for s in labels]
+        ax.bar([j + (i - 1.5) * width for j in range(len(labels))], shares, width, label=name)
+    ax.axhline(100, color="k", lw=0.8, ls="--")
+    ax.set_xticks(range(len(labels)))
+    names = [f"{m}\n{f'{h} x ' if h > 1 else ''}{n} x {k}" for m, h, n, k in labels]
+    ax.set_xticklabels(names, fontsize=7)
+    ax.set_ylabel("% of the bytes' time at the copy rate")
+    ax.set_title("decode products: cuBLAS / torch.bmm against the Triton GEMV")
+    ax.set_ylim(0, 125)
+    ax.legend(fontsize=8, ncol=4, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="Qwen3-30B-A3B,DeepSeek-V2-Lite,Llama-3.1-8B")
@@ -94,7 +145,13 @@ def main() -> None:
         "--batched-only", action="store_true", help="only the per-head products (MLA's W_UK, W_UV)"
     )
     p.add_argument("--output", default=str(G.CONFIGS))
+    p.add_argument("--plot", default=None, help="draw the run's table here (PNG)")
+    p.add_argument("--plot-from", default=None, help="draw a saved run's printed table (its log) to --plot")
     args = p.parse_args()
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            plot(rows_from_log(f.read()), args.plot or args.plot_from.rsplit(".", 1)[0] + ".png")
+        return
     device, dtype = torch.device("cuda", 0), torch.bfloat16
     ceil = measure_ceilings(device, dtype)
     dev = device_name()
@@ -104,6 +161,7 @@ def main() -> None:
         s: m for m in args.models.split(",") for s in linear_shapes(m) if s[0] > 1 or not args.batched_only
     }
     table = json.loads(open(args.output).read()) if args.tune and G.CONFIGS.exists() else {}
+    rows = []
     print(f"{'model':<18} {'H':>3} {'N':>6} {'K':>6} {'T':>2} {'MB':>6} {'roof us':>8} {'torch us':>9} {'share':>6}"
           f" {'GEMV us':>8} {'share':>6}  config")  # fmt: skip
     for (heads, n, k, transposed), model in shapes.items():
@@ -119,6 +177,8 @@ def main() -> None:
             )
             print(f"{model:<18} {heads:>3} {n:>6} {k:>6} {tokens:>2} {mb:6.1f} {roof:8.2f} {r['torch_us']:9.2f}"
                   f" {roof / r['torch_us']:6.1%} {gemv_txt}  {r['best'] or ''}", flush=True)  # fmt: skip
+            rows.append({"model": model, "heads": heads, "n": n, "k": k, "tokens": tokens, "roof_us": roof,
+                         "torch_us": r["torch_us"], "gemv_us": r["best_us"]})  # fmt: skip
             if not args.tune:
                 continue
             table.get(key, {}).pop(bucket, None)  # an earlier tune's winner that no longer wins goes
@@ -130,6 +190,8 @@ def main() -> None:
         with open(args.output, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
         print(f"wrote {len(table)} shapes to {args.output}")
+    if args.plot:
+        plot(rows, args.plot)
 
 
 if __name__ == "__main__":

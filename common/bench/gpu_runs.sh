@@ -95,7 +95,7 @@ for step in "$@"; do
            # tune every linear shape of Qwen3-30B-A3B, V2-Lite and the 8B against cuBLAS (writes gemv_configs.json,
            # returned under $OUT), its GPU tests, then Qwen3 and V2-Lite at batch 1 and 64 without (no tuned entries)
            # and with it, each in its own process
-           timeout 240 python3 -m disagg.common.bench.gemv --tune > $OUT/gemv_tune.log 2>&1; tail -25 $OUT/gemv_tune.log
+           timeout 240 python3 -m disagg.common.bench.gemv --tune --plot $OUT/gemv_tune.png > $OUT/gemv_tune.log 2>&1; tail -25 $OUT/gemv_tune.log
            cp common/models/gemv_configs.json $OUT/ 2>/dev/null
            timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_gemv.py > $OUT/gemv_tests.log 2>&1
            tail -2 $OUT/gemv_tests.log
