@@ -1,8 +1,9 @@
 """The GEMV of decode batches (common/models/gemv.py) against torch's product (cuBLAS: F.linear, or
 torch.bmm for MLA's absorbed per-head products), for every such shape of the given models, at 1 and
 4 tokens, each timed in a CUDA graph over enough weight copies that L2 holds none of them between
-calls; each figure beside its bytes' time at the copy rate measured in the same process. `--tune` sweeps the GEMV's block sizes and writes this device's winners
-(at least 3% faster than torch's, and equal to it) into common/models/gemv_configs.json.
+calls; each figure beside its bytes' time at the copy rate measured in the same process. `--tune`
+sweeps the GEMV's block sizes and writes this device's winners (at least 3% faster than torch's,
+and equal to it) into common/models/gemv_configs.json.
 
     python -m disagg.common.bench.gemv --models Qwen3-30B-A3B,DeepSeek-V2-Lite,Llama-3.1-8B --tune
     python -m disagg.common.bench.gemv --models DeepSeek-V2-Lite,DeepSeek-V3 --tune   # adds to the file
@@ -14,6 +15,7 @@ import argparse
 import itertools
 import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -160,7 +162,8 @@ def main() -> None:
     shapes = {
         s: m for m in args.models.split(",") for s in linear_shapes(m) if s[0] > 1 or not args.batched_only
     }
-    table = json.loads(open(args.output).read()) if args.tune and G.CONFIGS.exists() else {}
+    output = Path(args.output)
+    table = json.loads(output.read_text()) if args.tune and output.exists() else {}
     rows = []
     print(f"{'model':<18} {'H':>3} {'N':>6} {'K':>6} {'T':>2} {'MB':>6} {'roof us':>8} {'torch us':>9} {'share':>6}"
           f" {'GEMV us':>8} {'share':>6}  config")  # fmt: skip
@@ -187,8 +190,7 @@ def main() -> None:
                 table.setdefault(key, {})[bucket] = r["best"]
     if args.tune:
         table = {key: entry for key, entry in table.items() if entry}
-        with open(args.output, "w") as f:
-            json.dump(table, f, indent=1, sort_keys=True)
+        output.write_text(json.dumps(table, indent=1, sort_keys=True))
         print(f"wrote {len(table)} shapes to {args.output}")
     if args.plot:
         plot(rows, args.plot)

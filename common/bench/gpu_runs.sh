@@ -91,34 +91,22 @@ for step in "$@"; do
            done; done
            timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_pdl.py tests/test_gpu_mla.py -k "chain or fused_shared" \
              > $OUT/pdl_tests.log 2>&1; tail -3 $OUT/pdl_tests.log ;;
-    gemv) # issues 19/20/24, fifteenth session: the decode batches' dense linears on the Triton GEMV (common/models/gemv.py):
-           # tune every linear shape of Qwen3-30B-A3B, V2-Lite and the 8B against cuBLAS (writes gemv_configs.json,
-           # returned under $OUT), its GPU tests, then Qwen3 and V2-Lite at batch 1 and 64 without (no tuned entries)
-           # and with it, each in its own process
-           timeout 240 python3 -m disagg.common.bench.gemv --tune --plot $OUT/gemv_tune.png > $OUT/gemv_tune.log 2>&1; tail -25 $OUT/gemv_tune.log
+    gemv) # issues 19/20/24, fifteenth session: the decode batches' products on the Triton GEMV (common/models/gemv.py):
+           # tune every dense linear and MLA W_UK / W_UV shape of GEMV_MODELS against torch's (writes gemv_configs.json,
+           # returned under $OUT with its plot), the GPU tests, then each GEMV_ENGINES model:prefill at batch 1 and 64
+           # without the file (torch's products throughout) and with it, each in its own process. MLA's products alone,
+           # with V3's too: GEMV_MODELS=DeepSeek-V2-Lite,DeepSeek-V3 GEMV_ARGS=--batched-only
+           # GEMV_ENGINES="DeepSeek-V2-Lite:1024 DeepSeek-V3:1024" (V3 with 4 layers)
+           timeout 240 python3 -m disagg.common.bench.gemv --models ${GEMV_MODELS:-Qwen3-30B-A3B,DeepSeek-V2-Lite,Llama-3.1-8B} \
+             --tune ${GEMV_ARGS:-} --plot $OUT/gemv_tune.png > $OUT/gemv_tune.log 2>&1; tail -25 $OUT/gemv_tune.log
            cp common/models/gemv_configs.json $OUT/ 2>/dev/null
            timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_gemv.py > $OUT/gemv_tests.log 2>&1
            tail -2 $OUT/gemv_tests.log
-           for m in Qwen3-30B-A3B:2048 DeepSeek-V2-Lite:4096; do for g in off on; do
-             echo "--- ${m%%:*} GEMV $g"; [ $g = off ] && mv common/models/gemv_configs.json /tmp/gemv_cfg.json
-             T=110 bench --model-path ${m%%:*} --load-format dummy --batch-sizes 1,64 --context-len 1024 \
-               --prefill-len ${m#*:} --decode-steps 16 > $OUT/gemv_${g}_${m%%:*}.log; grep -A4 "^kind" $OUT/gemv_${g}_${m%%:*}.log
-             [ $g = off ] && mv /tmp/gemv_cfg.json common/models/gemv_configs.json
-           done; done ;;
-    gemv-mla) # issue 20, fifteenth session: MLA's absorbed W_UK / W_UV products on the batched GEMV: tune V2-Lite's and
-           # V3's (adds to gemv_configs.json, returned under $OUT), the GPU tests, then V2-Lite and the 4-layer V3 at
-           # batch 1 and 64 without the file's entries and with them, each in its own process
-           timeout 200 python3 -m disagg.common.bench.gemv --models ${GEMV_MODELS:-DeepSeek-V2-Lite,DeepSeek-V3} --tune ${GEMV_ARGS:-} \
-             > $OUT/gemv_mla_tune.log 2>&1; tail -14 $OUT/gemv_mla_tune.log; cp common/models/gemv_configs.json $OUT/
-           timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_gemv.py > $OUT/gemv_tests.log 2>&1
-           tail -2 $OUT/gemv_tests.log
-           V3="--model-path DeepSeek-V3 --json-model-override-args {\"num_hidden_layers\":4}"
-           for m in "--model-path DeepSeek-V2-Lite" "$V3"; do for g in off on; do
-             name=$(echo $m | cut -d' ' -f2); [ -n "${SKIP_V3:-}" ] && [ $name = DeepSeek-V3 ] && continue
-             echo "--- $name GEMV $g"
-             [ $g = off ] && mv common/models/gemv_configs.json /tmp/gemv_cfg.json
-             T=110 bench $m --load-format dummy --batch-sizes 1,64 --context-len 1024 --prefill-len 1024 \
-               --decode-steps 16 > $OUT/gemv_mla_${g}_$name.log; grep -A3 "^kind" $OUT/gemv_mla_${g}_$name.log
+           for m in ${GEMV_ENGINES:-Qwen3-30B-A3B:2048 DeepSeek-V2-Lite:4096}; do for g in off on; do
+             name=${m%%:*}; echo "--- $name GEMV $g"; [ $g = off ] && mv common/models/gemv_configs.json /tmp/gemv_cfg.json
+             extra=$([ $name = DeepSeek-V3 ] && echo '--json-model-override-args {"num_hidden_layers":4}')
+             T=110 bench --model-path $name $extra --load-format dummy --batch-sizes 1,64 --context-len 1024 \
+               --prefill-len ${m#*:} --decode-steps 16 > $OUT/gemv_${g}_$name.log; grep -A4 "^kind" $OUT/gemv_${g}_$name.log
              [ $g = off ] && mv /tmp/gemv_cfg.json common/models/gemv_configs.json
            done; done ;;
     moe-prefill) # issue 19: where a 2048-token MoE prefill goes (the kernels of one prefill, torch profiler)

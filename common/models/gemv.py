@@ -147,6 +147,7 @@ def prepare_gemv(model: torch.nn.Module) -> int:
     count = 0
     for module in model.modules():
         if hasattr(module, "gemv_plan") and getattr(module, "weight_scale_inv", None) is None:
+            # RowParallelLinear (the one with `reduce`) adds its bias after the all-reduce, not here
             bias = getattr(module, "bias", None) if not hasattr(module, "reduce") else None
             module.gemv_plan = gemv_plan(module.weight, bias)
             count += module.gemv_plan is not None
