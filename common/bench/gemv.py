@@ -188,10 +188,12 @@ def main() -> None:
             wins = r["best"] and r["best_us"] < 0.97 * r["torch_us"]
             if wins and G._config_ok(device, heads, n, k, transposed, dtype, False, **r["best"]):
                 table.setdefault(key, {})[bucket] = r["best"]
+            # written after every shape: a tune cut short by its caller's time limit keeps what it found
+            output.write_text(
+                json.dumps({key_: e for key_, e in table.items() if e}, indent=1, sort_keys=True)
+            )
     if args.tune:
-        table = {key: entry for key, entry in table.items() if entry}
-        output.write_text(json.dumps(table, indent=1, sort_keys=True))
-        print(f"wrote {len(table)} shapes to {args.output}")
+        print(f"wrote {sum(1 for e in table.values() if e)} shapes to {args.output}")
     if args.plot:
         plot(rows, args.plot)
 

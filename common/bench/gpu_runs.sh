@@ -97,7 +97,7 @@ for step in "$@"; do
            # without the file (torch's products throughout) and with it, each in its own process. MLA's products alone,
            # with V3's too: GEMV_MODELS=DeepSeek-V2-Lite,DeepSeek-V3 GEMV_ARGS=--batched-only
            # GEMV_ENGINES="DeepSeek-V2-Lite:1024 DeepSeek-V3:1024" (V3 with 4 layers)
-           timeout 240 python3 -m disagg.common.bench.gemv --models ${GEMV_MODELS:-Qwen3-30B-A3B,DeepSeek-V2-Lite,Llama-3.1-8B} \
+           timeout ${GEMV_T:-240} python3 -m disagg.common.bench.gemv --models ${GEMV_MODELS:-Qwen3-30B-A3B,DeepSeek-V2-Lite,Llama-3.1-8B} \
              --tune ${GEMV_ARGS:-} --plot $OUT/gemv_tune.png > $OUT/gemv_tune.log 2>&1; tail -25 $OUT/gemv_tune.log
            cp common/models/gemv_configs.json $OUT/ 2>/dev/null
            timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_gemv.py > $OUT/gemv_tests.log 2>&1
