@@ -33,9 +33,15 @@ def test_pd_sweep_measures_both_deployments(tmp_path):
         # exactly the asked prompt length reached the server (token ids, not re-tokenized text)
         assert all(r["prompt_len"] == 24 and r["output_len"] == 4 for r in point["requests"])
         assert 0.0 <= point["goodput_share"] <= 1.0 and point["itl_ms"]["p50"] > 0
+    # PD's hand-off of that rate's two requests, from the servers' /metrics (colocated has none)
+    handoff = report["deployments"]["pd"]["rates"][0]["handoff"]
+    assert handoff["decode total"]["n"] == 2 and handoff["prefill total"]["n"] == 2, handoff
+    assert 0 < handoff["decode total"]["mean_ms"] <= handoff["decode total"]["p90_le_ms"]
+    assert "handoff" not in report["deployments"]["colocated"]["rates"][0]
     assert report["ttft_pd_over_colocated_p50"] > 0
     assert (out / "pd_sweep.png").stat().st_size > 0
     assert "| TTFT p50 (ms) |" in (out / "pd_sweep.md").read_text()
+    assert "| hand-off, decode: first chunk to done (ms) |" in (out / "pd_sweep.md").read_text()
     assert "| TTFT p50 (ms) |" in proc.stdout
     for name in ("pd-prefill", "pd-decode", "pd-router", "colocated-server0", "colocated-router"):
         assert (out / "logs" / f"{name}.log").exists()

@@ -385,7 +385,8 @@ class Sweep:
                                        for c in dep.children}  # fmt: skip
                 record["ttft_probe"] = self.probe_ttft(dep.url, deadline)
                 self.save()
-                self.measure_rates(dep.url, record, deadline)
+                servers = [c.ready_url.removesuffix("/health") for c in dep.children[:-1]]
+                self.measure_rates(dep.url, record, deadline, servers if name == "pd" else [])
         except RuntimeError as e:
             record["error"] = str(e)
             print(f"[{name}] failed: {e}", file=sys.stderr, flush=True)
@@ -412,8 +413,9 @@ class Sweep:
         )
         return {k: probe[k] for k in ("completed", "failed", "ttft_ms")} | {"output_len": 2}
 
-    def measure_rates(self, url: str, record: dict, deadline: float) -> None:
-        """The serving benchmark at every --request-rates until `deadline`; the rest are recorded as skipped."""
+    def measure_rates(self, url: str, record: dict, deadline: float, pd_servers: list[str]) -> None:
+        """The serving benchmark at every --request-rates until `deadline`; the rest are recorded as skipped.
+        PD: each rate's KV hand-off by step, from the prefill's and decode's /metrics before and after."""
         opts, limits = self.opts, serving.parse_goodput(list(self.opts.goodput))
         for i, (rate, n) in enumerate(zip(opts.request_rates, opts.num_prompts, strict=True)):
             prompts = token_prompts(
@@ -422,15 +424,69 @@ class Sweep:
             try:
                 if time.monotonic() >= deadline:
                     raise TimeoutError
+                before = transfer_histograms(pd_servers)
                 s = run_bench(bench_args(opts, url, rate, n, opts.output_len), prompts, limits, deadline)
             except TimeoutError:
                 record["skipped_rates"] = list(opts.request_rates[i:])
                 print(f"  --max-total-s: this deployment's share ran out; rates {record['skipped_rates']} "
                       "not measured (or cut off)", flush=True)  # fmt: skip
                 return
+            if pd_servers:
+                time.sleep(STATS_LAG_S)
+                s["handoff"] = handoff_steps(before, transfer_histograms(pd_servers))
             record["rates"].append({"request_rate": rate, "num_prompts": n, **s})
             print(rate_line(rate, n, s), flush=True)
+            if s.get("handoff"):
+                print("    hand-off (mean / p90 bucket, ms): " + ", ".join(
+                    f"{k} {v['mean_ms']:.2f}/{v['p90_le_ms']:g}" for k, v in s["handoff"].items()), flush=True)  # fmt: skip
             self.save()
+
+
+STATS_LAG_S = 2.0  # a server's /metrics shows its scheduler's transfer series as of its last stats report
+HANDOFF = ("disagg_kv_transfer_duration_seconds", "disagg_kv_transfer_step_seconds")
+
+
+def transfer_histograms(urls: list[str]) -> dict[str, dict]:
+    """The KV transfer histograms on these servers' /metrics, as {"role step": {"sum", "count",
+    "buckets": {le: cumulative count}}} (the duration's key is "role total")."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict] = {}
+    for url in urls:
+        try:
+            text = httpx.get(url + "/metrics", timeout=10).text
+        except httpx.HTTPError:
+            continue
+        for family in text_string_to_metric_families(text):
+            if family.name not in HANDOFF:
+                continue
+            for sample in family.samples:
+                labels = sample.labels
+                key = f"{labels.get('role', '?')} {labels.get('step', 'total')}"
+                h = out.setdefault(key, {"sum": 0.0, "count": 0.0, "buckets": {}})
+                if sample.name.endswith("_sum"):
+                    h["sum"] += sample.value
+                elif sample.name.endswith("_count"):
+                    h["count"] += sample.value
+                elif sample.name.endswith("_bucket"):
+                    le = float(labels["le"])
+                    h["buckets"][le] = h["buckets"].get(le, 0.0) + sample.value
+    return out
+
+
+def handoff_steps(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
+    """What the rooms of one rate added to each hand-off histogram: their count, mean (ms) and the
+    upper bound of the bucket that holds their 90th percentile (ms)."""
+    steps = {}
+    for key, h in sorted(after.items()):
+        b = before.get(key, {"sum": 0.0, "count": 0.0, "buckets": {}})
+        n = h["count"] - b["count"]
+        if n <= 0:
+            continue
+        p90 = next((le for le, c in sorted(h["buckets"].items()) if c - b["buckets"].get(le, 0.0) >= 0.9 * n),
+                   float("inf"))  # fmt: skip
+        steps[key] = {"n": int(n), "mean_ms": 1000 * (h["sum"] - b["sum"]) / n, "p90_le_ms": 1000 * p90}
+    return steps
 
 
 # ---- report ------------------------------------------------------------------------------------------
@@ -444,6 +500,13 @@ ROWS += [
     ("goodput (req/s)", lambda s: f"{s.get('goodput', 0.0):.2f}"),
     ("goodput share", lambda s: f"{100 * s['goodput_share']:.1f}%"),
 ]
+# PD: the KV hand-off of the rate's requests (mean ms), from the servers' /metrics
+HANDOFF_ROWS = [("hand-off, decode: first chunk to done (ms)", "decode total"),
+                ("hand-off, prefill: first chunk to done (ms)", "prefill total"),
+                ("hand-off, decode: done to its scheduler (ms)", "decode to_scheduler"),
+                ("hand-off, decode: done to first token out (ms)", "decode first_token")]  # fmt: skip
+ROWS += [(name, lambda s, k=key: f"{s['handoff'][k]['mean_ms']:.2f}" if k in s.get("handoff", {}) else "–")
+         for name, key in HANDOFF_ROWS]  # fmt: skip
 
 
 def markdown(report: dict) -> str:
