@@ -207,6 +207,8 @@ def test_shared_experts_fused_into_the_routed_ones_keep_transformers_tokens(
     shared = 0 if unfused else 2 if version == "v2-two-shared" else 1
     assert moes and all((m.shared_experts is None) != unfused and m.num_shared_fused == shared for m in moes)
     assert all(m.experts.w13.shape[0] == m.num_experts + shared for m in moes)
+    # the stacks were allocated with room for the shared slots: fusing copied none (the load's peak)
+    assert all(m.fused_in_place for m in moes)
     rng = random.Random(version)
     prompts = [[rng.randrange(512) for _ in range(n)] for n in (1, 5, 17, 40)]
     outs = engine.generate(prompts, {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True})
@@ -365,6 +367,7 @@ def test_fp8_shared_experts_fuse_with_their_block_scales(engines, fp8_deepseek, 
     moes = [m for m in engine.scheduler.runner.model.modules() if isinstance(m, DeepseekMoE)]
     assert moes and all(m.num_shared_fused == 1 and m.experts.w13.dtype == torch.float8_e4m3fn for m in moes)
     assert all(m.experts.w13_scale_inv.shape[0] == m.num_experts + 1 for m in moes)
+    assert all(m.fused_in_place for m in moes)  # FP8 values and scales into the room left for them
     prompt = [7, 100, 3, 256, 41, 9]
     out = engine.generate([prompt], {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True})[0]
     assert out["output_ids"] == hf_greedy(ref_path, prompt, 4)

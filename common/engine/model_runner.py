@@ -119,6 +119,9 @@ class ModelRunner:
         self.hf_config.expert_remap = bool(
             config.init_expert_location or config.eplb_rebalance_num_iterations or config.enable_eplb
         )
+        # DeepSeek's shared experts as routed-expert slots (deepseek.DeepseekMoE.fuse_shared_experts):
+        # the expert stacks are allocated with room for them, so fusing copies no stack
+        self.hf_config.fuse_shared_experts = not config.disable_shared_experts_fusion
         self._check_model()
         if self.device.type == "cuda":  # FlashInfer's missing kernels build while the weights load
             capability = torch.cuda.get_device_capability(self.device)

@@ -458,7 +458,18 @@ class DeepseekMoE(SparseMoE):
         if self.shared_experts is not None:
             self.shared_experts.down_proj.reduce = False  # reduced together with the routed part
         self.num_shared_fused = 0  # shared experts appended to the routed ones (fuse_shared_experts)
+        self.fused_in_place = True  # ... into the room spare_slots left (no stack copied)
         self.fused_config: dict | None = None
+
+    def spare_slots(self, config) -> int:
+        """Room after the routed experts for the shared ones' slots where fuse_shared_experts will
+        fuse them (ModelRunner sets config.fuse_shared_experts): fusing then copies no expert stack,
+        so the load's peak stays the kept bytes. (Where the fusion still declines, e.g. FP8 pieces
+        that cut a block, the room stays unused: n_shared of num_experts slots.)"""
+        shared = config.n_shared_experts or 0
+        remap = getattr(config, "expert_remap", False) or self.num_physical != self.num_experts
+        fuses = getattr(config, "fuse_shared_experts", False) and not self.a2a and not remap
+        return shared if fuses and self.num_local == self.num_experts else 0
 
     @torch.no_grad()
     def fuse_shared_experts(self) -> bool:
@@ -494,8 +505,8 @@ class DeepseekMoE(SparseMoE):
             w13 = rows_of.view(2, pieces, rows, -1).transpose(0, 1).reshape(pieces, 2 * rows, -1)
             w2 = cols_of.view(cols_of.shape[0], pieces, cols).transpose(0, 1)
             for name, slots in ((name13, w13), (name2, w2)):
-                stack = torch.cat((getattr(experts, name), slots))
-                setattr(experts, name, torch.nn.Parameter(stack, requires_grad=False))
+                in_place = experts.grow_slots(name, slots)  # into the room spare_slots left, where it did
+                self.fused_in_place = self.fused_in_place and in_place
         self.shared_experts, self.num_shared_fused = None, pieces
         # the routed shape's tuned block sizes, the GEMV taking a batch's shared slots too
         config = dict(moe_config(self.num_experts, width, experts.w2.shape[1], fp8))

@@ -20,6 +20,7 @@ the Triton kernels of common/models/fused_moe.py on the GPU, batched torch matmu
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -64,10 +65,13 @@ def check_ep_layout(config, tp: int, ep: int) -> None:
 
 
 class Experts(nn.Module):
-    def __init__(self, num_local: int, hidden: int, inter_local: int):
+    def __init__(self, num_local: int, hidden: int, inter_local: int, spare: int = 0):
+        """`spare`: slots allocated after the local experts' (w13, w2 and FP8 scales alike) for
+        grow_slots to fill later without copying the stacks (DeepSeek's fused shared experts)."""
         super().__init__()
-        self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter_local, hidden))  # gate | up
-        self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter_local))
+        self.spare = spare
+        self.w13 = nn.Parameter(_with_room((num_local, 2 * inter_local, hidden), spare))  # gate | up
+        self.w2 = nn.Parameter(_with_room((num_local, hidden, inter_local), spare))
         self.fp8_block: tuple[int, int] | None = None  # set by quantize (FP8 checkpoints)
         self.fp8_backend: str | None = None  # "triton": the fused FP8 kernels; "torch": the reference
 
@@ -86,13 +90,42 @@ class Experts(nn.Module):
 
         for name in ("w13", "w2"):
             dense = getattr(self, name)
-            q, scale = empty_fp8_blocks(dense.shape, block, dense.device)
+            n, *rest = dense.shape
+            q, scale = empty_fp8_blocks((n + self.spare, *rest), block, dense.device)  # the spare room too
+            q, scale = q[:n], scale[:n]
             if not is_unallocated(dense):
-                for e in range(dense.shape[0]):
+                for e in range(n):
                     q[e], scale[e] = quantize_weight_blocks(dense.data[e], block)
             setattr(self, name, nn.Parameter(q, requires_grad=False))
             setattr(self, f"{name}_scale_inv", nn.Parameter(scale, requires_grad=False))
         self.fp8_block, self.fp8_backend = block, backend
+
+    @torch.no_grad()
+    def grow_slots(self, name: str, slots: torch.Tensor) -> bool:
+        """Append `slots` to the stack `name` (w13, w2 or their *_scale_inv): in the room allocated
+        after it (`spare`) where there is enough, else as a new stack (a copy: the old one's bytes
+        stay allocated until it is built). Returns whether it was the room."""
+        old = getattr(self, name)
+        n, want = old.shape[0], (old.shape[0] + slots.shape[0], *old.shape[1:])
+        storage = old.untyped_storage()
+        if (
+            old.is_contiguous()
+            and old.storage_offset() == 0
+            and storage.nbytes() >= math.prod(want) * old.element_size()
+        ):
+            grown = old.new_empty(0).set_(storage, 0, want)
+            grown[n:] = slots
+        else:
+            grown = torch.cat((old, slots))
+        setattr(self, name, nn.Parameter(grown, requires_grad=False))
+        return grown.untyped_storage().data_ptr() == storage.data_ptr()
+
+
+def _with_room(shape: tuple[int, ...], spare: int) -> torch.Tensor:
+    """An uninitialised stack of `shape` whose storage has room for `spare` more slots after it."""
+    if not spare:
+        return torch.empty(shape)
+    return torch.empty(shape[0] + spare, *shape[1:])[: shape[0]]
 
 
 def check_fp8_expert_split(inter: int, moe_tp: int, block: tuple[int, int]) -> None:
@@ -148,7 +181,7 @@ class SparseMoE(nn.Module):
         self.router_gemv = router_gemv_ok(
             self.gate.weight.device, self.num_experts, config.hidden_size, self.gate.weight.dtype
         )
-        self.experts = Experts(self.num_local, config.hidden_size, self.inter_local)
+        self.experts = Experts(self.num_local, config.hidden_size, self.inter_local, self.spare_slots(config))
         # count the routed (token, slot) pairs per expert (expert_load); off by default: the
         # count costs two small kernels a layer, ~5% of a batch-1 decode step
         self.count_tokens = False
@@ -157,6 +190,10 @@ class SparseMoE(nn.Module):
             "expert_tokens", torch.zeros(self.num_experts, dtype=torch.long), persistent=False
         )
         self._init_placement(getattr(config, "expert_remap", False))
+
+    def spare_slots(self, config) -> int:
+        """Expert slots to allocate beyond the local experts (DeepseekMoE: its fused shared experts)."""
+        return 0
 
     def _init_placement(self, remap: bool) -> None:
         """The logical -> physical maps. remap (decided before CUDA graphs are captured, as they
