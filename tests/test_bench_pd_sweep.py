@@ -41,7 +41,7 @@ def test_pd_sweep_measures_both_deployments(tmp_path):
     assert report["ttft_pd_over_colocated_p50"] > 0
     assert (out / "pd_sweep.png").stat().st_size > 0
     assert "| TTFT p50 (ms) |" in (out / "pd_sweep.md").read_text()
-    assert "| hand-off, decode: first chunk to done (ms) |" in (out / "pd_sweep.md").read_text()
+    assert "| hand-off: decode, done to its scheduler (ms) |" in (out / "pd_sweep.md").read_text()
     assert "| TTFT p50 (ms) |" in proc.stdout
     for name in ("pd-prefill", "pd-decode", "pd-router", "colocated-server0", "colocated-router"):
         assert (out / "logs" / f"{name}.log").exists()

@@ -293,26 +293,38 @@ class TransferBase:
                 if now > tomb.expiry:
                     del self._tombstones[room]
 
-    async def _run_copy(self, state: RoomState, fn: Callable[[], None], nbytes: int, step: str) -> None:
-        """Run a gather/scatter: on CUDA on the transfer stream, its completion awaited off the loop
-        thread; on the CPU inline when small, else on a
-        worker thread (a hop costs ~0.1 ms; a 32 MiB copy would stall the loop for milliseconds)."""
+    async def _run_copy(
+        self, state: RoomState, fn: Callable[[], None], nbytes: int, step: str, ready=None
+    ) -> None:
+        """Run a gather/scatter/copy: on CUDA on the transfer stream after the `ready` event (the
+        forward that wrote the pages), its completion awaited off the loop thread; on the CPU inline
+        when small, else on a worker thread (a hop costs ~0.1 ms; a 32 MiB copy would stall the loop
+        for milliseconds). CUDA: `step` records the copy's own GPU time, "wait_ready" the rest of
+        the wait (the forward still running when the copy was posted, then the hop back)."""
         state.busy += 1
         start = time.perf_counter()
         try:
             if self._stream is not None:
                 with torch.cuda.stream(self._stream):
+                    if ready is not None:
+                        self._stream.wait_event(ready)
+                    begin = torch.cuda.Event(enable_timing=True)
+                    begin.record()
                     fn()
-                    done = torch.cuda.Event()
+                    done = torch.cuda.Event(enable_timing=True)
                     done.record()
                 # NOTE: waited for on a worker thread: the copy may first wait for a prefill forward
                 # (its ready event); blocking the loop meanwhile stalled every other room and heartbeat
                 await asyncio.to_thread(done.synchronize)
-            elif nbytes <= INLINE_COPY_BYTES:
-                fn()
+                copy_s = begin.elapsed_time(done) / 1000
+                metrics.observe_step(self.role, step, copy_s)
+                metrics.observe_step(self.role, "wait_ready", time.perf_counter() - start - copy_s)
             else:
-                await asyncio.to_thread(fn)
-            metrics.observe_step(self.role, step, time.perf_counter() - start)
+                if nbytes <= INLINE_COPY_BYTES:
+                    fn()
+                else:
+                    await asyncio.to_thread(fn)
+                metrics.observe_step(self.role, step, time.perf_counter() - start)
         finally:
             state.busy -= 1
             self._report_when_idle(state)

@@ -23,7 +23,8 @@ KV_TRANSFER_STEP = Histogram(
     "disagg_kv_transfer_step_seconds",
     "Where a room's hand-off time goes: wait_request (prefill: first chunk ready until the decode said "
     "where its pages are), gather / copy / scatter (one chunk's device or host copy: UCX staging, "
-    "direct into the peer's pool, out of staging), send (one UCX data message), to_scheduler (a "
+    "direct into the peer's pool, out of staging; on CUDA the copy's GPU time), wait_ready (CUDA: a copy "
+    "posted until the forward that wrote its pages finished, plus the hop back), send (one UCX data message), to_scheduler (a "
     "finished room until the server's scheduler polled it), first_token (decode: a finished room until "
     "its first token left the scheduler for the client)",
     ["role", "step"],

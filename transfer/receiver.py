@@ -381,7 +381,8 @@ class KVReceiver(TransferBase):
             return
         if state is None or state.finished:
             return
-        await self._run_copy(state, self._scatter_fn(msg, state, staging, peer.info), msg.nbytes, "scatter")
+        scatter = self._scatter_fn(msg, state, staging, peer.info)
+        await self._run_copy(state, scatter, msg.nbytes, "scatter", state.ready)
         if not state.finished:
             self._chunk_landed(peer, msg, state)
 
@@ -393,8 +394,6 @@ class KVReceiver(TransferBase):
         layers = source.layer_range  # a prefill pipeline stage sends its layers only
 
         def scatter() -> None:
-            if state.ready is not None:
-                torch.cuda.current_stream().wait_event(state.ready)
             dst = self.kv_buffer[layers[0] : layers[1], :, :, :, heads[0] : heads[1]]
             whole = heads[1] - heads[0] == self.layout.num_local_heads
             src = wide_pages(self._typed(staging, msg.num_pages, heads[1] - heads[0], source), whole)

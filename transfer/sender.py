@@ -452,8 +452,6 @@ class KVSender(TransferBase):
             dst = peer.direct_pool[layers[0] : layers[1]]
 
             def copy() -> None:
-                if chunk.ready is not None:
-                    torch.cuda.current_stream().wait_event(chunk.ready)
                 dst_idx = dst_pages.to(dst.device, non_blocking=dst.is_cuda)
                 copy_pages(self.kv_buffer, chunk.pages, (target.start - lo, target.end - lo),
                            dst, dst_idx, (target.start - remote_lo, target.end - remote_lo))  # fmt: skip
@@ -463,7 +461,7 @@ class KVSender(TransferBase):
                     torch.cuda.current_stream().wait_event(landed)
 
             trace(state.room, "copy_start")
-            await self._run_copy(state, copy, msg.nbytes, "copy")
+            await self._run_copy(state, copy, msg.nbytes, "copy", chunk.ready)
         except Exception as e:  # noqa: BLE001 - e.g. a source page outside the pool
             self._fail(state, f"bad_request: copying room {state.room}: {type(e).__name__}: {e}")
             return
@@ -515,7 +513,7 @@ class KVSender(TransferBase):
     async def _send_slice(self, state: _SendRoom, chunk: _Chunk, s: _Slice) -> None:
         staging = self._staging(s.nbytes)
         try:
-            await self._run_copy(state, self._gather_fn(chunk, s, staging), s.nbytes, "gather")
+            await self._run_copy(state, self._gather_fn(chunk, s, staging), s.nbytes, "gather", chunk.ready)
         except Exception as e:  # noqa: BLE001
             self._fail(state, f"bad_request: gathering room {state.room}: {type(e).__name__}: {e}")
             return
@@ -531,8 +529,6 @@ class KVSender(TransferBase):
         num_pages, num_heads = len(chunk.pages), s.target.end - s.target.start
 
         def gather() -> None:
-            if chunk.ready is not None:
-                torch.cuda.current_stream().wait_event(chunk.ready)
             src = self.kv_buffer[:, :, :, :, s.target.start - lo : s.target.end - lo]
             whole = num_heads == self.layout.num_local_heads
             out = wide_pages(self._typed(staging, num_pages, num_heads), whole)

@@ -501,10 +501,11 @@ ROWS += [
     ("goodput share", lambda s: f"{100 * s['goodput_share']:.1f}%"),
 ]
 # PD: the KV hand-off of the rate's requests (mean ms), from the servers' /metrics
-HANDOFF_ROWS = [("hand-off, decode: first chunk to done (ms)", "decode total"),
-                ("hand-off, prefill: first chunk to done (ms)", "prefill total"),
-                ("hand-off, decode: done to its scheduler (ms)", "decode to_scheduler"),
-                ("hand-off, decode: done to first token out (ms)", "decode first_token")]  # fmt: skip
+HANDOFF_ROWS = [("hand-off: prefill, chunk posted to done (ms)", "prefill total"),
+                ("hand-off: prefill, waiting for its forward (ms)", "prefill wait_ready"),
+                ("hand-off: copy into the decode's pages, GPU (ms)", "prefill copy"),
+                ("hand-off: decode, done to its scheduler (ms)", "decode to_scheduler"),
+                ("hand-off: decode, done to first token out (ms)", "decode first_token")]  # fmt: skip
 ROWS += [(name, lambda s, k=key: f"{s['handoff'][k]['mean_ms']:.2f}" if k in s.get("handoff", {}) else "–")
          for name, key in HANDOFF_ROWS]  # fmt: skip
 
