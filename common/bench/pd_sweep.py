@@ -542,17 +542,22 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (share_ax, rate_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (share_ax, rate_ax, ttft_ax) = plt.subplots(1, 3, figsize=(15, 4))
     for d, rec in report["deployments"].items():
         rates = [s["request_rate"] for s in rec["rates"]]
         share_ax.plot(rates, [100 * s["goodput_share"] for s in rec["rates"]], marker="o", label=d)
         rate_ax.plot(rates, [s.get("goodput", 0.0) for s in rec["rates"]], marker="o", label=d)
+        line = ttft_ax.plot(rates, [s["ttft_ms"]["p50"] for s in rec["rates"]], marker="o", label=f"{d} p50")
+        ttft_ax.plot(rates, [s["ttft_ms"]["p99"] for s in rec["rates"]], marker="x", linestyle="--",
+                     color=line[0].get_color(), label=f"{d} p99")  # fmt: skip
     limits = ", ".join(f"{SLO_NAMES[k]} ≤ {v:g} ms" for k, v in report["config"]["goodput"].items())
     share_ax.set(xlabel="request rate (req/s)", ylabel="requests within SLO (%)", ylim=(0, 105),
                  title=f"goodput share ({limits})")  # fmt: skip
     rate_ax.set(xlabel="request rate (req/s)", ylabel="goodput (req/s)", title="goodput")
     rate_ax.set_ylim(bottom=0)
-    for ax in (share_ax, rate_ax):
+    ttft_ax.set(xlabel="request rate (req/s)", ylabel="TTFT (ms)", title="time to first token")
+    ttft_ax.set_ylim(bottom=0)
+    for ax in (share_ax, rate_ax, ttft_ax):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
