@@ -267,6 +267,21 @@ for step in "$@"; do
       for pid in "${pids[@]}"; do kill -TERM -- -$pid; done; sleep 5
       for pid in "${pids[@]}"; do kill -KILL -- -$pid 2>/dev/null; done; wait
       tail -n 3 $OUT/fleet-*.log ;;
+    kc-parts) # a kernel cache too large to travel with .gpu/fi in one call: its first 15 MB piece (.gpu/kcp1)
+           # in one call, the rest (.gpu/kcp2) in the next on the same warm machine; this step joins them
+           cat /tmp/kcparts/kc_* .gpu/kcp2/kc_* > .gpu/kc.tgz && rm -f /tmp/.fi_cache_done && source common/bench/gpu_env.sh ;;
+    s16) # the sixteenth session's second set (carry .gpu/ucx, .gpu/router, .gpu/kcp2 after `mkdir -p /tmp/kcparts && cp
+           # .gpu/kcp1/* /tmp/kcparts/` in a first call): the GPU tests of what it changed (the hand-off copies timed with
+           # CUDA events after their ready wait; the FP8 load's peak with the shared experts fused into room left for
+           # them), the hand-off bench, then PD vs colocated on one GPU with the hand-off's steps per rate
+           timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fp8_load.py tests/test_transfer_tp.py \
+             -k "gpu or peak" > $OUT/s16_tests.log 2>&1; tail -3 $OUT/s16_tests.log
+           T=100 bash common/bench/gpu_runs.sh handoff
+           timeout "${T:-420}" python3 -m disagg.common.bench.pd_sweep --out-dir /tmp/sweep2 $B8 --gpus 0 --mps --colocated-replicas 1 \
+             --server-args "--mem-fraction-static 0.4" --request-rates 1,2,4,8,16,24,32 --num-prompts 16,32,48,64,64,64,64 \
+             --input-len 1024 --output-len 128 --goodput ttft:1000 itl:50 --ttft-probes 6 2>&1 | grep -v "Loading\|jit\|UCX  WARN" | tail -40
+           cp /tmp/sweep2/pd_sweep.json /tmp/sweep2/pd_sweep.md /tmp/sweep2/pd_sweep.png $OUT/ 2>/dev/null
+           (cd /tmp/sweep2 && tar czf $OUT/sweep_logs.tgz logs) ;;
     fi-cache) # FlashInfer's and Triton's kernel caches, in 15 MB pieces (cat $OUT/kc_* > .gpu/kc.tgz here)
            tar czf /tmp/kc.tgz -C / root/.cache/flashinfer root/.triton/cache 2>/dev/null; split -b 15M /tmp/kc.tgz $OUT/kc_; ls -la $OUT/kc_* ;;
     *) eval "$step" ;;
