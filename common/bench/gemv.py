@@ -25,8 +25,18 @@ from disagg.common.models.fused_moe import device_name
 
 CANDIDATES = [
     {"BLOCK_N": n, "BLOCK_K": k, "num_warps": w}
-    for n, k, w in itertools.product((2, 4, 8, 16, 32), (256, 512, 1024, 2048), (4, 8))
+    for n, k, w in itertools.product((2, 4, 8, 16, 32, 64), (128, 256, 512, 1024, 2048), (4, 8))
 ]
+
+
+def candidates(k: int) -> list[dict]:
+    """The sweep for a product of inner size k: no K block wider than k's power of two (half its lanes
+    would be masked: MLA's W_UV has K = 128), and 64-row blocks only where K is that short."""
+    k_pow2 = 1 << (k - 1).bit_length()
+    return [c for c in CANDIDATES if c["BLOCK_K"] <= max(k_pow2, 256) and (c["BLOCK_N"] < 64 or k <= 256)
+            and (c["BLOCK_K"] >= 256 or k <= 128)]  # fmt: skip
+
+
 L2_FREE_BYTES = 512 << 20  # weight copies a graph cycles through: well past the H200's 60 MB of L2
 
 
@@ -171,7 +181,7 @@ def main() -> None:
         key = G.config_key(n, k, dev, heads)
         for tokens, bucket in ((1, "1"), (4, "4")):
             entry = tuned.get(key, {}).get(bucket)
-            cands = CANDIDATES if args.tune else [entry] if entry else []
+            cands = candidates(k) if args.tune else [entry] if entry else []
             r = time_shape(heads, n, k, transposed, tokens, dtype, device, cands)
             mb = heads * n * k * dtype.itemsize / 1e6
             roof = mb / ceil["copy_gb_s"] * 1e3
