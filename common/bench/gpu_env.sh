@@ -11,7 +11,9 @@
 #   tokcache: a tokenizer-only copy of the default model's folder (presets borrow its tokenizer)
 #   gg_a, gg_b: the default model's GGUF split in two (98 MB; one call carries at most 64 MiB)
 # One call's carry is at most 64 MiB: fi + base + fi_cache.tgz in one call, then ucx + router +
-# tokcache in the next while the machine is warm (30 s).
+# tokcache in the next while the machine is warm (30 s). A kernel cache too large to travel beside fi
+# (the sixteenth session's, 27 MB with the 8B's H100 prefill modules) goes as two pieces, .gpu/kcp1
+# and .gpu/kcp2, over two calls: gpu_runs.sh's kc-parts step joins them.
 for _d in .gpu/*/; do
   _whl=("$_d"*.whl)
   _name=$(basename "$_d")
