@@ -282,6 +282,15 @@ for step in "$@"; do
              --input-len 1024 --output-len 128 --goodput ttft:1000 itl:50 --ttft-probes 6 2>&1 | grep -v "Loading\|jit\|UCX  WARN" | tail -40
            cp /tmp/sweep2/pd_sweep.json /tmp/sweep2/pd_sweep.md /tmp/sweep2/pd_sweep.png $OUT/ 2>/dev/null
            (cd /tmp/sweep2 && tar czf $OUT/sweep_logs.tgz logs) ;;
+    sm-split) # issue 24: the PD pair's ITL p99 rose to 37-43 ms from 16 req/s on one H100 under MPS (sixteenth
+           # session; target <= 30 ms) while prefills shared the SMs with decode steps: PD alone at 16-32 req/s
+           # with the prefill held to SM_SHARES (MPS active-thread percentages) of the GPU, each share a sweep
+           for share in ${SM_SHARES:-50 70}; do echo "--- prefill SM share $share%"
+             timeout "${T:-200}" python3 -m disagg.common.bench.pd_sweep --out-dir /tmp/sm$share --deployments pd $B8 --gpus 0 \
+               --prefill-sm-percent $share --server-args "--mem-fraction-static 0.4" --request-rates 16,24,32 --num-prompts 64 \
+               --input-len 1024 --output-len 128 --goodput ttft:1000 itl:50 --ttft-probes 4 2>&1 | grep "rate\|TTFT probe"
+             cp /tmp/sm$share/pd_sweep.json $OUT/sm_split_$share.json 2>/dev/null
+           done ;;
     fi-cache) # FlashInfer's and Triton's kernel caches, in 15 MB pieces (cat $OUT/kc_* > .gpu/kc.tgz here)
            tar czf /tmp/kc.tgz -C / root/.cache/flashinfer root/.triton/cache 2>/dev/null; split -b 15M /tmp/kc.tgz $OUT/kc_; ls -la $OUT/kc_* ;;
     *) eval "$step" ;;
