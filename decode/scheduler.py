@@ -114,6 +114,11 @@ class DecodeScheduler(Scheduler):
     def _admit_held_requests(self) -> None:
         self._preallocate()
 
+    def _admits_early(self) -> bool:
+        # a new room's pages are free pages no batch in flight reads, and asking the prefill for its
+        # KV mid-step saves up to a decode step of its hand-off (the sweep's wait_request)
+        return True
+
     def _takes_results_early(self) -> bool:
         # a room's request is in no batch until its result comes: taking it mid-step is safe, and
         # its first token then leaves while the step runs (common/engine/device_wait.py)

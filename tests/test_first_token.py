@@ -72,6 +72,7 @@ def check_first_token_leaves_mid_step(pd: PDCluster, want: list[list[int]], exac
         bg = threading.Thread(target=stream_events, args=(client, RUNNING, 4, running, started))
         bg.start()
         assert started.wait(120), "the running request never started"
+        sent = time.monotonic()
         stream_events(client, PROBE, 4, probe)
         bg.join(120)
     first = probe[0][0]
@@ -84,6 +85,9 @@ def check_first_token_leaves_mid_step(pd: PDCluster, want: list[list[int]], exac
     # the probe's first token came while the running request's step went on: its next token (the
     # step's end) follows a good part of a step later; before, both left at that step's end together
     assert running_after and running_after[0] - first > step / 3, (first, running)
+    # the probe arrived as a step began: the decode asked the prefill for its KV at once (it admits
+    # requests while a step runs), not at that step's end; before, its first token came a step late
+    assert first - sent < step / 2, (first - sent, step)
     got = [running[-1][1], probe[-1][1]]
     if exact:
         assert got == want  # greedy tokens, token for token
@@ -93,6 +97,10 @@ def check_first_token_leaves_mid_step(pd: PDCluster, want: list[list[int]], exac
     # both first tokens left well within a step of their KV (the histogram's 0.5 s bucket)
     name = "disagg_kv_transfer_step_seconds_bucket"
     assert metric_value(metrics, name, role="decode", step="first_token", le="0.5") == 2.0, metrics
+    # and no prefill chunk waited half a step for the decode to say where its pages are
+    waits = httpx.get(pd.prefill.url + "/metrics", timeout=10).text
+    within = metric_value(waits, name, role="prefill", step="wait_request", le="0.5")
+    assert within == metric_value(waits, name, role="prefill", step="wait_request", le="+Inf") > 0, waits
     assert_pool_free(pd.prefill)
     assert_pool_free(pd.decode)
 

@@ -4,7 +4,9 @@ While a step runs, the scheduler thread only waits: for the step's CUDA event on
 forward itself on the CPU. A PD decode whose room finished meanwhile could send that request's
 first token (the prefill's, carried with the KV) at once, yet heard of the room only at the step
 boundary: half a decode step on average, a whole one when the room was asked for in that step.
-So the scheduler waits here, watching the transfer engine's wake fd beside the step:
+So the scheduler waits here, watching the transfer engine's wake fd beside the step (and the
+scheduler loop's request socket where the role admits requests mid-step: a PD decode reserves a
+new request's pages and asks the prefill for its KV at once, not at the step's end):
 
 - CUDA: the step's event is polled every POLL_S while the wake fd is watched (cudaEventQuery is
   cheap; a blocking synchronize could not be interrupted);
@@ -53,16 +55,18 @@ def drain(fd: int) -> None:
 
 
 def wait_watching(
-    done: Callable[[], bool], done_fd: int | None, wake_fd: int, on_wake: Callable[[], None]
+    done: Callable[[], bool], done_fd: int | None, watchers: dict[int, Callable[[], None]]
 ) -> None:
-    """Block until `done()`; whenever `wake_fd` turns readable meanwhile, `on_wake()` (which must
-    drain it). `done_fd`: readable once done() may have turned true (None: poll done() every POLL_S)."""
-    fds = [wake_fd] if done_fd is None else [wake_fd, done_fd]
+    """Block until `done()`; whenever one of `watchers`' fds turns readable meanwhile, its callback
+    (which must drain it). `done_fd`: readable once done() may have turned true (None: poll done()
+    every POLL_S)."""
+    fds = list(watchers) if done_fd is None else [*watchers, done_fd]
     timeout = POLL_S if done_fd is None else None
     while not done():
         ready, _, _ = select.select(fds, [], [], timeout)
-        if wake_fd in ready:
-            on_wake()
+        for fd in ready:
+            if fd in watchers:
+                watchers[fd]()
         if done_fd is not None and done_fd in ready:
             drain(done_fd)
 

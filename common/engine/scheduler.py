@@ -102,6 +102,7 @@ class Scheduler:
         self._inflight: _Launched | None = None  # overlap: the step on the device whose tokens are unread
         # the scheduler loop's: sends outputs to the client path at once (set_early_output_sink)
         self._early_sink: Callable[[list[TokenOut]], None] | None = None
+        self._early_input: tuple[int, Callable[[], None]] | None = None  # set_early_input
         self._forward_thread: ForwardThread | None = None  # CPU: made when first needed
         self.step_delay_s = step_delay_s()  # tests only (DISAGG_STEP_DELAY_S): a slow device
         self._posted_results: list = []  # transfer results flush() gave while posting a step's operations early
@@ -159,6 +160,13 @@ class Scheduler:
         results of finished transfers are taken (where the role allows: `_takes_results_early`)
         and the outputs they make (a PD decode's first tokens) leave before the step ends."""
         self._early_sink = sink
+
+    def set_early_input(self, fd: int, take: Callable[[], None]) -> None:
+        """The scheduler loop's request socket (`fd` turns readable when messages came) and `take`,
+        which adds the new requests among them at once: while a step runs, where the role admits
+        requests mid-step (`_admits_early`), they are taken and admitted without waiting for the
+        step's end."""
+        self._early_input = (fd, take)
 
     def step(self) -> list[TokenOut]:
         if self.overlap:
@@ -316,6 +324,11 @@ class Scheduler:
         request of a batch in flight (the decode's rooms: requests not yet running) and some are due."""
         return False
 
+    def _admits_early(self) -> bool:
+        """Whether new requests may be admitted while a step runs (`_admit_held_requests` then): only
+        where admitting touches no batch in flight (the decode's page reservations for rooms)."""
+        return False
+
     # ---- waiting for the device ---------------------------------------------------------
     def _forward(self, scheduled: list[tuple[Req, int]], pending=None, future=None):
         """The batch's logits (ModelRunner.forward). On the CPU, while transfers are watched, the
@@ -336,8 +349,11 @@ class Scheduler:
         return running.result()
 
     def _watches_transfers(self) -> bool:
-        """Whether this step's wait for the device also takes transfer results (tp 1: the waker)."""
-        return self._early_sink is not None and self.wake_fd is not None and self._takes_results_early()
+        """Whether this step's wait for the device also takes transfer results or new requests (tp 1:
+        the waker)."""
+        if self._early_sink is None or self.wake_fd is None:
+            return False
+        return self._takes_results_early() or (self._early_input is not None and self._admits_early())
 
     def _post_transfer_ops(self) -> None:
         """tp 1: the chunk sends this step queued reach the transfer engine now, before its sampling
@@ -354,7 +370,19 @@ class Scheduler:
     def _wait_watching(self, done: Callable[[], bool], done_fd: int | None) -> None:
         # NOTE: the operations this step queued (a decode's room requests) go out now, not after it
         self._take_results_early()
-        wait_watching(done, done_fd, self.wake_fd, self._on_wake_early)
+        watchers = {self.wake_fd: self._on_wake_early}
+        if self._early_input is not None and self._admits_early():
+            fd = self._early_input[0]
+            watchers[fd] = self._admit_early
+            self._admit_early()  # what came since the loop last drained the socket
+        wait_watching(done, done_fd, watchers)
+
+    def _admit_early(self) -> None:
+        """New requests while a step runs: added (the loop's `take`), admitted, and the transfer
+        operations that made (a decode's room requests) sent at once."""
+        self._early_input[1]()
+        self._admit_held_requests()
+        self._take_results_early()
 
     def _on_wake_early(self) -> None:
         self.on_wake()

@@ -76,6 +76,11 @@ class SchedulerLoop:
         set_sink = getattr(scheduler, "set_early_output_sink", None)
         if set_sink is not None:
             set_sink(self.send_outputs)
+        # and new requests reach it while it waits (a PD decode asks for their KV mid-step)
+        self.deferred: list[Any] = []  # messages taken mid-step that only the loop handles
+        set_input = getattr(scheduler, "set_early_input", None)
+        if set_input is not None:
+            set_input(self.recv_sock.getsockopt(zmq.FD), self.take_requests_early)
 
     def wait_timeout_ms(self) -> int:
         """Block up to IDLE_POLL_MS with nothing to do; with only transfers in flight, as long as
@@ -87,18 +92,33 @@ class SchedulerLoop:
         return self.scheduler.wait_timeout_ms()
 
     def recv_messages(self) -> list[Any]:
-        """Drain the socket, after blocking on it (and the transfer waker) for wait_timeout_ms()."""
-        msgs = []
-        events = dict(self.poller.poll(self.wait_timeout_ms()))
+        """Drain the socket, after blocking on it (and the transfer waker) for wait_timeout_ms();
+        first the messages taken mid-step that wait for the loop."""
+        msgs, self.deferred = self.deferred, []
+        events = dict(self.poller.poll(0 if msgs else self.wait_timeout_ms()))
         if self.wake_fd is not None and self.wake_fd in events:
             self.scheduler.on_wake()
         if self.recv_sock in events:
-            while True:
-                try:
-                    msgs.append(decode(self.recv_sock.recv(zmq.NOBLOCK)))
-                except zmq.Again:
-                    break
+            msgs += self._drain()
         return msgs
+
+    def _drain(self) -> list[Any]:
+        msgs = []
+        while True:
+            try:
+                msgs.append(decode(self.recv_sock.recv(zmq.NOBLOCK)))
+            except zmq.Again:
+                return msgs
+
+    def take_requests_early(self) -> None:
+        """While the scheduler waits for a step (tp 1): the socket drained (its fd is edge-triggered:
+        drained whole on every wake), new requests added at once, everything else (aborts, pings)
+        left for the loop, in order."""
+        for msg in self._drain():
+            if isinstance(msg, GenerateReqMsg) and not self.deferred:
+                self.add_request(msg)
+            else:  # NOTE: after an abort or ping the rest waits too: the loop keeps their order
+                self.deferred.append(msg)
 
     def broadcast(self, msgs: list[Any]) -> list[Any]:
         # NOTE: with tp > 1, rank 0 sends `msgs` to the other ranks here so every rank adds and
