@@ -195,3 +195,53 @@ def test_a_dummy_preset_server_starts_its_scheduler_before_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+class MidStepScheduler(EchoScheduler):
+    """An EchoScheduler that takes the loop's request socket (as a PD decode does while a step runs)."""
+
+    def set_early_input(self, fd, take):
+        self.fd, self.take = fd, take
+
+
+def test_requests_taken_mid_step_keep_the_loops_order():
+    """While a step runs the scheduler takes new requests from the loop's socket (its fd turns readable
+    for select); an abort or ping and everything after it wait for the loop, which handles them first
+    next time, in order: a request is never added after an abort sent later than it."""
+    import select
+    import time
+
+    import zmq
+    from disagg.common.server.ipc import AbortReqMsg, IpcNames, zmq_socket
+    from disagg.common.server.scheduler_process import SchedulerLoop
+
+    ipc, ctx = IpcNames.new(), zmq.Context()
+    try:
+        out_sock = zmq_socket(ctx, zmq.PULL, ipc.detokenizer, bind=True)
+        scheduler = MidStepScheduler()
+        loop = SchedulerLoop(scheduler, ipc, ctx)
+        send = zmq_socket(ctx, zmq.PUSH, ipc.scheduler, bind=False)
+
+        def take_when_readable(want: int) -> None:
+            deadline = time.monotonic() + 10
+            while len(scheduler.reqs) + len(loop.deferred) < want and time.monotonic() < deadline:
+                select.select([scheduler.fd], [], [], 0.05)
+                scheduler.take()
+
+        send.send(encode(GenerateReqMsg("a", [7], SamplingParams(max_new_tokens=4))))
+        take_when_readable(1)
+        assert list(scheduler.reqs) == ["a"] and not loop.deferred
+        for msg in [AbortReqMsg("a"), GenerateReqMsg("b", [9], SamplingParams(max_new_tokens=4))]:
+            send.send(encode(msg))
+        take_when_readable(3)
+        assert list(scheduler.reqs) == ["a"]  # b came after the abort: it waits with it
+        assert [type(m).__name__ for m in loop.deferred] == ["AbortReqMsg", "GenerateReqMsg"]
+        loop.run_once()  # the loop: the abort, then b, then a step
+        assert list(scheduler.reqs) == ["b"] and not loop.deferred
+        assert out_sock.poll(5000)
+        batch = decode(out_sock.recv())
+        assert [r.rid for r in batch.new_reqs] == ["a", "b"]  # each request's info before its outputs
+        assert [(o.rid, o.finish_reason) for o in batch.outs] == [("a", "abort"), ("b", None)]
+    finally:
+        ctx.destroy(linger=0)
+        ipc.cleanup()
