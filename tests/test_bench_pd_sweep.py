@@ -38,6 +38,13 @@ def test_pd_sweep_measures_both_deployments(tmp_path):
     assert handoff["decode total"]["n"] == 2 and handoff["prefill total"]["n"] == 2, handoff
     assert 0 < handoff["decode total"]["mean_ms"] <= handoff["decode total"]["p90_le_ms"]
     assert "handoff" not in report["deployments"]["colocated"]["rates"][0]
+    # every server's /metrics sampled while the rate ran: peak KV use, running batch, queues
+    for name, rec in report["deployments"].items():
+        point = rec["rates"][0]
+        servers = {"pd": {"prefill", "decode"}, "colocated": {"server0"}}[name]
+        assert point["peak_samples"] >= 1 and set(point["peaks"]) == servers, point["peaks"]
+        assert all(0.0 <= p["kv_usage"] <= 1.0 and "running" in p for p in point["peaks"].values())
+    assert "queue prealloc" in report["deployments"]["pd"]["rates"][0]["peaks"]["decode"]
     assert report["ttft_pd_over_colocated_p50"] > 0
     assert (out / "pd_sweep.png").stat().st_size > 0
     assert "| TTFT p50 (ms) |" in (out / "pd_sweep.md").read_text()

@@ -32,6 +32,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -385,8 +386,8 @@ class Sweep:
                                        for c in dep.children}  # fmt: skip
                 record["ttft_probe"] = self.probe_ttft(dep.url, deadline)
                 self.save()
-                servers = [c.ready_url.removesuffix("/health") for c in dep.children[:-1]]
-                self.measure_rates(dep.url, record, deadline, servers if name == "pd" else [])
+                servers = {c.name: c.ready_url.removesuffix("/health") for c in dep.children[:-1]}
+                self.measure_rates(dep.url, record, deadline, servers, pd=name == "pd")
         except RuntimeError as e:
             record["error"] = str(e)
             print(f"[{name}] failed: {e}", file=sys.stderr, flush=True)
@@ -413,9 +414,13 @@ class Sweep:
         )
         return {k: probe[k] for k in ("completed", "failed", "ttft_ms")} | {"output_len": 2}
 
-    def measure_rates(self, url: str, record: dict, deadline: float, pd_servers: list[str]) -> None:
+    def measure_rates(
+        self, url: str, record: dict, deadline: float, servers: dict[str, str], pd: bool
+    ) -> None:
         """The serving benchmark at every --request-rates until `deadline`; the rest are recorded as skipped.
-        PD: each rate's KV hand-off by step, from the prefill's and decode's /metrics before and after."""
+        Each rate: every server's peak queues and KV use (its /metrics, sampled while the rate runs); PD:
+        the KV hand-off by step, from the prefill's and decode's /metrics before and after."""
+        pd_servers = list(servers.values()) if pd else []
         opts, limits = self.opts, serving.parse_goodput(list(self.opts.goodput))
         for i, (rate, n) in enumerate(zip(opts.request_rates, opts.num_prompts, strict=True)):
             prompts = token_prompts(
@@ -425,7 +430,9 @@ class Sweep:
                 if time.monotonic() >= deadline:
                     raise TimeoutError
                 before = transfer_histograms(pd_servers)
-                s = run_bench(bench_args(opts, url, rate, n, opts.output_len), prompts, limits, deadline)
+                with GaugePeaks(servers) as peaks:
+                    s = run_bench(bench_args(opts, url, rate, n, opts.output_len), prompts, limits, deadline)
+                s["peaks"], s["peak_samples"] = peaks.result(), peaks.samples
             except TimeoutError:
                 record["skipped_rates"] = list(opts.request_rates[i:])
                 print(f"  --max-total-s: this deployment's share ran out; rates {record['skipped_rates']} "
@@ -436,12 +443,64 @@ class Sweep:
                 s["handoff"] = handoff_steps(before, transfer_histograms(pd_servers))
             record["rates"].append({"request_rate": rate, "num_prompts": n, **s})
             print(rate_line(rate, n, s), flush=True)
+            print("    peaks: " + "; ".join(f"{name} " + ", ".join(f"{k} {v:g}" for k, v in p.items())
+                                          for name, p in s["peaks"].items()), flush=True)  # fmt: skip
             if s.get("handoff"):
                 print("    hand-off (mean / p90 bucket, ms): " + ", ".join(
                     f"{k} {v['mean_ms']:.2f}/{v['p90_le_ms']:g}" for k, v in s["handoff"].items()), flush=True)  # fmt: skip
             self.save()
 
 
+class GaugePeaks:
+    """While a rate runs: each server's /metrics every PERIOD_S on a thread, keeping the peak of its
+    KV use, running batch and each queue stage (`with GaugePeaks(servers) as p: ...; p.result()`),
+    so a rate's latency can be told apart from a full pool or a queue (e.g. a decode's prealloc)."""
+
+    PERIOD_S = 0.25
+
+    def __init__(self, servers: dict[str, str]):
+        self.servers, self.peaks = servers, {name: {} for name in servers}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> GaugePeaks:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with httpx.Client(timeout=5) as client:
+            while True:
+                for name, url in self.servers.items():
+                    try:
+                        text = client.get(url + "/metrics").text
+                    except httpx.HTTPError:
+                        continue
+                    peak = self.peaks[name]
+                    for family in text_string_to_metric_families(text):
+                        for sample in family.samples:
+                            key = PEAK_GAUGES.get(sample.name)
+                            if key is None:
+                                continue
+                            if "stage" in sample.labels:
+                                key = f"queue {sample.labels['stage']}"
+                            peak[key] = max(peak.get(key, 0.0), sample.value)
+                self.samples += 1
+                if self._stop.wait(self.PERIOD_S):
+                    return
+
+    def result(self) -> dict:
+        return {name: dict(sorted(p.items())) for name, p in self.peaks.items()}
+
+
+PEAK_GAUGES = {"disagg_kv_usage_ratio": "kv_usage", "disagg_num_running_requests": "running",
+               "disagg_queue_requests": "queue"}  # fmt: skip
 STATS_LAG_S = 2.0  # a server's /metrics shows its scheduler's transfer series as of its last stats report
 HANDOFF = ("disagg_kv_transfer_duration_seconds", "disagg_kv_transfer_step_seconds")
 
@@ -503,7 +562,7 @@ ROWS += [
 # PD: the KV hand-off of the rate's requests (mean ms), from the servers' /metrics
 HANDOFF_ROWS = [("hand-off: prefill, chunk posted to done (ms)", "prefill total"),
                 ("hand-off: prefill, waiting for its forward (ms)", "prefill wait_ready"),
-                ("hand-off: copy into the decode's pages, GPU (ms)", "prefill copy"),
+                ("hand-off: copy into the decode's pages (ms; CUDA: its GPU time)", "prefill copy"),
                 ("hand-off: decode, done to its scheduler (ms)", "decode to_scheduler"),
                 ("hand-off: decode, done to first token out (ms)", "decode first_token")]  # fmt: skip
 ROWS += [(name, lambda s, k=key: f"{s['handoff'][k]['mean_ms']:.2f}" if k in s.get("handoff", {}) else "–")
