@@ -353,7 +353,7 @@ class Scheduler:
         the waker)."""
         if self._early_sink is None or self.wake_fd is None:
             return False
-        return self._takes_results_early() or (self._early_input is not None and self._admits_early())
+        return self._takes_results_early() or self._takes_requests_early()
 
     def _post_transfer_ops(self) -> None:
         """tp 1: the chunk sends this step queued reach the transfer engine now, before its sampling
@@ -371,11 +371,15 @@ class Scheduler:
         # NOTE: the operations this step queued (a decode's room requests) go out now, not after it
         self._take_results_early()
         watchers = {self.wake_fd: self._on_wake_early}
-        if self._early_input is not None and self._admits_early():
+        if self._takes_requests_early():
             fd = self._early_input[0]
             watchers[fd] = self._admit_early
             self._admit_early()  # what came since the loop last drained the socket
         wait_watching(done, done_fd, watchers)
+
+    def _takes_requests_early(self) -> bool:
+        """Whether this wait also takes new requests (the loop gave its socket, the role admits early)."""
+        return self._early_input is not None and self._admits_early()
 
     def _admit_early(self) -> None:
         """New requests while a step runs: added (the loop's `take`), admitted, and the transfer

@@ -466,10 +466,13 @@ class DeepseekMoE(SparseMoE):
         fuse them (ModelRunner sets config.fuse_shared_experts): fusing then copies no expert stack,
         so the load's peak stays the kept bytes. (Where the fusion still declines, e.g. FP8 pieces
         that cut a block, the room stays unused: n_shared of num_experts slots.)"""
-        shared = config.n_shared_experts or 0
         remap = getattr(config, "expert_remap", False) or self.num_physical != self.num_experts
-        fuses = getattr(config, "fuse_shared_experts", False) and not self.a2a and not remap
-        return shared if fuses and self.num_local == self.num_experts else 0
+        fuses = getattr(config, "fuse_shared_experts", False) and self._fusable_layout(remap)
+        return (config.n_shared_experts or 0) if fuses else 0
+
+    def _fusable_layout(self, remap: bool) -> bool:
+        """Every expert local and unreplicated: no EP, no EPLB replicas (`remap`), no all-to-all."""
+        return not self.a2a and self.num_local == self.num_experts and not remap
 
     @torch.no_grad()
     def fuse_shared_experts(self) -> bool:
@@ -480,7 +483,7 @@ class DeepseekMoE(SparseMoE):
         expert is local and unreplicated (no EP, no EPLB replicas, no all-to-all) and the weights'
         kinds match (both bf16, or both FP8 with whole blocks a piece). Returns whether it fused."""
         mlp, experts = self.shared_experts, self.experts
-        if mlp is None or self.a2a or self.num_local != self.num_experts or self.remap:
+        if mlp is None or not self._fusable_layout(self.remap):
             return False
         width = self.inter_local
         gate_up, down = mlp.gate_up_proj, mlp.down_proj
