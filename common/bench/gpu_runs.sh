@@ -273,10 +273,14 @@ for step in "$@"; do
     s16) # the sixteenth session's second set (carry .gpu/ucx, .gpu/router, .gpu/kcp2 after `mkdir -p /tmp/kcparts && cp
            # .gpu/kcp1/* /tmp/kcparts/` in a first call): the GPU tests of what it changed (the hand-off copies timed with
            # CUDA events after their ready wait; the FP8 load's peak with the shared experts fused into room left for
-           # them), the hand-off bench, then PD vs colocated on one GPU with the hand-off's steps per rate
+           # them), the hand-off bench, and where the 8B prefill goes (`sweep16`: PD vs colocated with the hand-off steps per rate)
            timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fp8_load.py tests/test_transfer_tp.py \
              -k "gpu or peak" > $OUT/s16_tests.log 2>&1; tail -3 $OUT/s16_tests.log
-           T=100 bash common/bench/gpu_runs.sh handoff
+           T=100 bash common/bench/gpu_runs.sh handoff | grep -v "^==="
+           # issue 24: where the 8B's 4096-token prefill goes (76-77% of the matmul rate; target 80%), PDL off
+           DISAGG_PDL=0 bench $B8 --batch-sizes 1 --context-len 1024 --prefill-len 4096 --decode-steps 4 \
+             --profile-prefill | tee $OUT/prefill8b_profile.log | tail -32 ;;
+    sweep16) # the PD sweep of s16, in its own call (a call runs at most 10 minutes)
            timeout "${T:-420}" python3 -m disagg.common.bench.pd_sweep --out-dir /tmp/sweep2 $B8 --gpus 0 --mps --colocated-replicas 1 \
              --server-args "--mem-fraction-static 0.4" --request-rates 1,2,4,8,16,24,32 --num-prompts 16,32,48,64,64,64,64 \
              --input-len 1024 --output-len 128 --goodput ttft:1000 itl:50 --ttft-probes 6 2>&1 | grep -v "Loading\|jit\|UCX  WARN" | tail -40
