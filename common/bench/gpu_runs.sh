@@ -293,7 +293,7 @@ for step in "$@"; do
            tail -2 $OUT/route_tests.log
            for model in ${ROUTE_MODELS:-Qwen3-30B-A3B DeepSeek-V2-Lite}; do for on in 0 1; do echo "--- $model route-in-gemv $on"
              DISAGG_MOE_ROUTE_IN_GEMV=$on bench --model-path $model --load-format dummy --batch-sizes 1,64 --context-len 1024 \
-               --prefill-len 512 --decode-steps 16 > $OUT/route_${on}_$model.log 2>&1; grep -i "decode\|roofline" $OUT/route_${on}_$model.log | tail -6
+               --prefill-len 512 --decode-steps 16 > $OUT/route_${on}_$model.log 2>&1; grep "^decode\|^prefill\|^ceilings" $OUT/route_${on}_$model.log
            done; done ;;
     sm-split) # issue 24: the PD pair's ITL p99 rose to 37-43 ms from 16 req/s on one H100 under MPS (sixteenth
            # session; target <= 30 ms) while prefills shared the SMs with decode steps: PD alone at 16-32 req/s
