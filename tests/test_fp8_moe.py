@@ -234,9 +234,13 @@ def test_gemv_kernels_compile_for_hopper(fp8, wide_k, split):
             "w2": w,
             "out": "*bf16" if split == 1 else "*fp32",
             "weights": "*fp32",
+            "final": "*bf16",
+            "counters": "*i32",
             **common,
         },
-        # split 2: the intermediate over two programs as well (DOWN_SPLIT_K)
+        # split 2: the intermediate over two programs as well (DOWN_SPLIT_K), the last program of a
+        # tile summing its rows (LAST_SUMS)
         dict(BLOCK_N=8, BLOCK_K=512, SLOTS=8 // split, ROWS=split * (2 if split == 2 else 1),
-             K_SPLIT=2 if split == 2 else 1, K_PER_SPLIT=1024 if split == 2 else 2048, FP8=fp8, ACT=split == 1),
+             K_SPLIT=2 if split == 2 else 1, K_PER_SPLIT=1024 if split == 2 else 2048, FP8=fp8, ACT=split == 1,
+             LAST_SUMS=split != 1),
     )  # fmt: skip

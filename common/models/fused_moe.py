@@ -42,7 +42,7 @@ import logging
 from pathlib import Path
 
 import torch
-from disagg.common.config import triton_interpret
+from disagg.common.config import moe_last_sums, triton_interpret
 from disagg.common.models.moe_align import (
     ExpertScales,
     grouped_experts,
@@ -296,13 +296,39 @@ def _gemv_experts(
     out = torch.empty(
         num_tokens * rows, hidden, dtype=x.dtype if rows == 1 else torch.float32, device=x.device
     )
-    _down_gemv[(num_tokens, triton.cdiv(hidden, down_bn), rows)](
+    n_tiles = triton.cdiv(hidden, down_bn)
+    # rows > 1: the last program of a (token, N tile) sums its rows into `final` (no sum launch) where
+    # this device's tile counters are allocated (outside a graph capture: the warm-up before it)
+    counters = _tile_counters(x.device, num_tokens * n_tiles) if rows > 1 and _LAST_SUMS else None
+    final = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device) if counters is not None else out
+    _down_gemv[(num_tokens, n_tiles, rows)](
         gate_up, w2, out, ids, weights, num_experts, k, hidden, inter,
         w2.stride(0), w2.stride(1), *_scale_args(w2, scales.w2 if fp8 else None, block),
+        final, counters if counters is not None else ids,
         BLOCK_N=down_bn, BLOCK_K=down_bk, SLOTS=slots, ROWS=rows, K_SPLIT=k_split, K_PER_SPLIT=k_per_split,
-        FP8=fp8, ACT=act, num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
+        FP8=fp8, ACT=act, LAST_SUMS=counters is not None, num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
     )  # fmt: skip
+    if counters is not None:
+        return final
     return out if rows == 1 else _sum_pairs(out, num_tokens, rows, x.dtype)
+
+
+# the down GEMV's last program of a tile sums its rows (DISAGG_MOE_LAST_SUMS=0: a sum launch after it)
+_LAST_SUMS = moe_last_sums()
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """A zeroed int32 buffer of at least n counters on `device`, shared by every down GEMV there (one
+    MoE forward at a time on a device: each launch's last programs put their counters back to 0), or
+    None inside a graph capture when none big enough exists yet (the eager warm-up allocates it)."""
+    have = _COUNTERS.get(device)
+    if have is not None and have.numel() >= n:
+        return have
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+    return _COUNTERS[device]
 
 
 @functools.cache
@@ -690,10 +716,10 @@ if triton is not None:
     @triton.jit
     def _down_gemv(
         gate_up, w2, out, ids, weights, num_experts, top_k, N, inter, stride_we, stride_wn,
-        scale, stride_se, stride_sn, group_n, group_k,
+        scale, stride_se, stride_sn, group_n, group_k, final, counters,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr,
         K_SPLIT: tl.constexpr, K_PER_SPLIT: tl.constexpr, FP8: tl.constexpr, ACT: tl.constexpr,
-        PDL: tl.constexpr,
+        LAST_SUMS: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out[t, n-tile] = sum over t's slots of weight * rows of w2[e] . (silu(gate) * up): the
         routing-weight combine in the kernel. ROWS == 1: one program a (token, N tile) takes all
@@ -703,7 +729,10 @@ if triton is not None:
         `out`, which _sum_pairs adds up (more programs: at one token, 8 slots of 32-row tiles of
         DeepSeek-V3's 7168 rows were 224 programs, each streaming 8 experts' rows in turn).
         FP8: each weight element dequantized by its block's scale (a K tile may span blocks).
-        ACT: gate_up holds each pair's activation (a row of `inter`), not its gate | up."""
+        ACT: gate_up holds each pair's activation (a row of `inter`), not its gate | up.
+        LAST_SUMS (ROWS > 1): the last of a (token, N tile)'s ROWS programs to finish (its counter,
+        zero before and after) sums the tile's float32 rows in row order, as _sum_pairs does, into
+        `final` in its dtype."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         token, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         group, k_lo = pid_s // K_SPLIT, (pid_s % K_SPLIT) * K_PER_SPLIT
@@ -736,6 +765,23 @@ if triton is not None:
             acc += part * tl.load(weights + pair)
         row = token.to(tl.int64) * ROWS + pid_s
         tl.store(out + row * N + offs_n, acc.to(out.dtype.element_ty), mask=n_mask)
+        if LAST_SUMS:
+            # NOTE: every thread's stores issued (the barrier), then one release-acquire count: the
+            # last program sees the other programs' rows (cooperative groups' grid sync does the same);
+            # it reads them past L1 (.cg), which is not coherent across multiprocessors
+            tl.debug_barrier()
+            counter = counters + token * tl.num_programs(1) + pid_n
+            if tl.atomic_add(counter, 1, sem="acq_rel") == ROWS - 1:
+                total = tl.zeros([BLOCK_N], dtype=tl.float32)
+                first = token.to(tl.int64) * ROWS
+                for r in tl.static_range(ROWS):
+                    total += tl.load(
+                        out + (first + r) * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg"
+                    )
+                tl.store(
+                    final + token.to(tl.int64) * N + offs_n, total.to(final.dtype.element_ty), mask=n_mask
+                )
+                tl.atomic_xchg(counter, 0)  # for the next launch (a graph replays this one's buffer)
 
     @triton.jit
     def _grouped_topk_kernel(
