@@ -177,24 +177,6 @@ def pdl_requested() -> bool:
     return value == "1"
 
 
-def moe_routing_in_gemv() -> bool:
-    """DISAGG_MOE_ROUTE_IN_GEMV: 1 (default) | 0: a decode batch's softmax top-k is computed by the
-    experts' gate/up GEMV itself, not by a top-k launch before it (common/models/fused_moe.py)."""
-    value = os.environ.get("DISAGG_MOE_ROUTE_IN_GEMV", "1") or "1"
-    if value not in ("0", "1"):
-        raise ValueError(f"DISAGG_MOE_ROUTE_IN_GEMV={value!r}: expected 0 or 1")
-    return value == "1"
-
-
-def moe_last_sums() -> bool:
-    """DISAGG_MOE_LAST_SUMS: 1 (default) | 0: where the MoE down GEMV splits a token's sum over several
-    programs, the last of them adds the parts up, not a launch after it (common/models/fused_moe.py)."""
-    value = os.environ.get("DISAGG_MOE_LAST_SUMS", "1") or "1"
-    if value not in ("0", "1"):
-        raise ValueError(f"DISAGG_MOE_LAST_SUMS={value!r}: expected 0 or 1")
-    return value == "1"
-
-
 def triton_interpret() -> bool:
     """TRITON_INTERPRET=1: Triton kernels run in Triton's CPU interpreter (tests)."""
     return os.environ.get("TRITON_INTERPRET") == "1"

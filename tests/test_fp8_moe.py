@@ -192,11 +192,6 @@ def test_gemv_kernels_compile_for_hopper(fp8, wide_k, split):
 
     w = "*fp8e4nv" if fp8 else "*bf16"
     common = {"ids": "*i32", "scale": "*fp32"}
-    # the routing read from ids (ROUTE False), or computed from the logits where one split stores the
-    # activation (as a decode batch of Qwen3-30B-A3B's or DeepSeek-V2-Lite's tuned entries runs it)
-    routed = {"logits": "*bf16", "weights": "*fp32", "ids": "*i64", "scaling": "fp32"}
-    route = dict(ROUTE=False, ROUTE_K=1, E_POW2=1, RENORMALIZE=False, RANK_ROWS=1)
-    route_on = dict(ROUTE=True, ROUTE_K=8, E_POW2=128, RENORMALIZE=True, RANK_ROWS=32)
     compile_for_hopper(
         _gate_up_gemv,
         {"x": "*bf16", "w13": w, "gate_up": "*fp32", **common},
@@ -208,25 +203,22 @@ def test_gemv_kernels_compile_for_hopper(fp8, wide_k, split):
             FP8=fp8,
             WIDE_K=wide_k,
             ACT=False,
-            **route,
         ),  # fmt: skip
     )
     # one split: the activation silu(gate) * up stored, not gate | up (ACT), and read so by the down GEMV
-    for routing in (route, route_on):
-        compile_for_hopper(
-            _gate_up_gemv,
-            {"x": "*bf16", "w13": w, "gate_up": "*fp32", **common, **(routed if routing["ROUTE"] else {})},
-            dict(
-                BLOCK_N=16,
-                BLOCK_K=128 if fp8 else 256,
-                K_PER_SPLIT=2048,
-                SPLIT_K=1,
-                FP8=fp8,
-                WIDE_K=False,
-                ACT=True,
-                **routing,
-            ),
-        )
+    compile_for_hopper(
+        _gate_up_gemv,
+        {"x": "*bf16", "w13": w, "gate_up": "*fp32", **common},
+        dict(
+            BLOCK_N=16,
+            BLOCK_K=128 if fp8 else 256,
+            K_PER_SPLIT=2048,
+            SPLIT_K=1,
+            FP8=fp8,
+            WIDE_K=False,
+            ACT=True,
+        ),
+    )
     compile_for_hopper(
         _down_gemv,
         {
@@ -234,13 +226,9 @@ def test_gemv_kernels_compile_for_hopper(fp8, wide_k, split):
             "w2": w,
             "out": "*bf16" if split == 1 else "*fp32",
             "weights": "*fp32",
-            "final": "*bf16",
-            "counters": "*i32",
             **common,
         },
-        # split 2: the intermediate over two programs as well (DOWN_SPLIT_K), the last program of a
-        # tile summing its rows (LAST_SUMS)
+        # split 2: the intermediate over two programs as well (DOWN_SPLIT_K)
         dict(BLOCK_N=8, BLOCK_K=512, SLOTS=8 // split, ROWS=split * (2 if split == 2 else 1),
-             K_SPLIT=2 if split == 2 else 1, K_PER_SPLIT=1024 if split == 2 else 2048, FP8=fp8, ACT=split == 1,
-             LAST_SUMS=split != 1),
+             K_SPLIT=2 if split == 2 else 1, K_PER_SPLIT=1024 if split == 2 else 2048, FP8=fp8, ACT=split == 1),
     )  # fmt: skip

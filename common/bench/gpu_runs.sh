@@ -286,17 +286,6 @@ for step in "$@"; do
              --input-len 1024 --output-len 128 --goodput ttft:1000 itl:50 --ttft-probes 6 2>&1 | grep -v "Loading\|jit\|UCX  WARN" | tail -40
            cp /tmp/sweep2/pd_sweep.json /tmp/sweep2/pd_sweep.md /tmp/sweep2/pd_sweep.png $OUT/ 2>/dev/null
            (cd /tmp/sweep2 && tar czf $OUT/sweep_logs.tgz logs) ;;
-    route-gemv) # issues 19 and 20: two launches a MoE layer fewer at decode batch 1, off then on, each a fresh process
-           # (Qwen3-30B-A3B, DeepSeek-V2-Lite, batch 1 and 64): the softmax top-k inside the experts' gate/up GEMV
-           # (DISAGG_MOE_ROUTE_IN_GEMV) and the down GEMV's last program of a tile summing its rows (DISAGG_MOE_LAST_SUMS);
-           # first the kernels' GPU test (the routed GEMV against fused_topk + the GEMV; the split down GEMV's sums)
-           timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fused_moe.py > $OUT/route_tests.log 2>&1
-           tail -2 $OUT/route_tests.log
-           for model in ${ROUTE_MODELS:-Qwen3-30B-A3B DeepSeek-V2-Lite}; do for on in 0 1; do echo "--- $model fused launches $on"
-             DISAGG_MOE_ROUTE_IN_GEMV=$on DISAGG_MOE_LAST_SUMS=$on bench --model-path $model --load-format dummy \
-               --batch-sizes 1,64 --context-len 1024 --prefill-len 512 --decode-steps 16 > $OUT/route_${on}_$model.log 2>&1
-             grep "^decode\|^prefill\|^ceilings" $OUT/route_${on}_$model.log
-           done; done ;;
     sm-split) # issue 24: the PD pair's ITL p99 rose to 37-43 ms from 16 req/s on one H100 under MPS (sixteenth
            # session; target <= 30 ms) while prefills shared the SMs with decode steps: PD alone at 16-32 req/s
            # with the prefill held to SM_SHARES (MPS active-thread percentages) of the GPU, each share a sweep

@@ -25,13 +25,11 @@ import re
 
 import torch
 import torch.nn.functional as F
-from disagg.common.config import moe_routing_in_gemv
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend, TorchBackend
 from disagg.common.models.fp8 import fp8_block_size
 from disagg.common.models.fused_mla_rope import deinterleave, fused_mla_rope, fused_mla_rope_ok
 from disagg.common.models.fused_moe import (
     ROUTER_GEMV_MAX_TOKENS,
-    Routing,
     fused_grouped_topk,
     fused_moe_available,
     fused_topk,
@@ -451,8 +449,6 @@ class DeepseekMoE(SparseMoE):
         from disagg.common.models.decoder import MLP
 
         self.gate = DeepseekGate(config, self.num_experts)
-        # V2's softmax top-k may run in the experts' GEMV (V3's biased group-limited one may not)
-        self.gemv_routing = self.gate.fused and not self.gate.v3 and moe_routing_in_gemv()
         shared = config.moe_intermediate_size * (config.n_shared_experts or 0)
         # DP attention with the all-to-all MoE: each rank holds only its own tokens, so the shared
         # experts are replicated and run on them (as SGLang does with DeepEP); else TP-split
@@ -523,13 +519,7 @@ class DeepseekMoE(SparseMoE):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.num_shared_fused:  # every expert local, none replicated: the ids are the slots
-            gate = self.gate
-            if self.gemv_routing:  # V2's softmax top-k, in the experts' GEMV
-                routing = Routing(self.top_k, False, gate.scaling, self.num_shared_fused)
-                out = self.routed_in_gemv(x, gate.logits(x), routing, self.fused_config)
-                if out is not None:
-                    return all_reduce(out)
-            weights, ids = gate(x, self.num_shared_fused)  # [T, k + shared]
+            weights, ids = self.gate(x, self.num_shared_fused)  # [T, k + shared]
             if self.count_tokens:
                 self._count(ids[:, : self.top_k])
             return all_reduce(self.routed_experts(x, ids, weights, self.fused_config))

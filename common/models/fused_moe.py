@@ -12,9 +12,6 @@ Two paths, chosen by the number of routed (token, slot) pairs, a static shape:
   in an fp32 buffer (atomics) and the down kernel applies silu(gate) * up as it loads them; the
   down kernel's programs may split a token's slots and the intermediate too (DOWN_SPLIT,
   DOWN_SPLIT_K), writing float32 rows that one more launch sums (no atomics: the order is fixed).
-  A decode batch's softmax top-k may run inside the gate/up GEMV too (`routed_gemv_experts`): each
-  program ranks its token's experts from the router's logits and takes its slot's (one launch a layer
-  fewer than fused_topk + GEMV), and writes the ids and weights the down GEMV reads.
 - torch's grouped GEMM (`torch._grouped_mm`, CUTLASS on Hopper) from `grouped_mm_min_tokens` on,
   bf16 experts only, outside graph captures: prefill-sized batches, where the Triton path ran at
   ~20% of the matmul rate, mostly its one-program alignment (docs/benchmarks.md; the alignment now
@@ -35,14 +32,13 @@ the interpreter rounds float -> float8 wrongly (fp8_kernels.py), so the GPU test
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
 from pathlib import Path
 
 import torch
-from disagg.common.config import moe_last_sums, triton_interpret
+from disagg.common.config import triton_interpret
 from disagg.common.models.moe_align import (
     ExpertScales,
     grouped_experts,
@@ -210,57 +206,7 @@ def sum_terms(
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class Routing:
-    """fused_topk's routing: softmax over the logits, the top `top_k` (ties: the lowest id), weights
-    renormalised over them if `renormalize`, times `scaling`; then `shared` slots of weight 1 (experts
-    E, E + 1, ... of the stack: shared experts fused after the routed ones)."""
-
-    top_k: int
-    renormalize: bool
-    scaling: float = 1.0
-    shared: int = 0
-
-    @property
-    def slots(self) -> int:
-        return self.top_k + self.shared
-
-
-def routes_in_gemv(num_tokens: int, routing: Routing, config: dict) -> bool:
-    """Whether routed_gemv_experts takes a batch of this many tokens (the GEMV path's pair count)."""
-    return num_tokens * routing.slots <= config["gemv_max_pairs"]
-
-
-def routed_gemv_experts(
-    x: torch.Tensor,
-    logits: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    routing: Routing,
-    config: dict | None = None,
-    scales: ExpertScales | None = None,
-) -> torch.Tensor | None:
-    """fused_experts(x, w13, w2, *fused_topk(logits, ...)) for a decode batch, the top-k computed by
-    the gate/up GEMV's programs: one launch fewer; None for a batch the GEMV does not take
-    (routes_in_gemv). logits [T, E] (the routed experts; w13 / w2 hold E + routing.shared slots, all of
-    them this rank's)."""
-    num_experts, hidden, inter = w2.shape
-    config = config or moe_config(num_experts - routing.shared, inter, hidden, scales is not None)
-    if not routes_in_gemv(x.shape[0], routing, config):
-        return None
-    if scales is not None:
-        config = fp8_config(config, scales.block)
-    num_tokens, k = x.shape[0], routing.slots
-    weights = torch.empty(num_tokens, k, dtype=torch.float32, device=x.device)
-    ids = torch.empty(num_tokens, k, dtype=torch.int64, device=x.device)
-    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
-    return _gemv_experts(x, w13, w2, weights, ids, config["gemv"], scales, (logits, routing))
-
-
-def _gemv_experts(
-    x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | None, route: tuple | None = None
-) -> torch.Tensor:
-    """route: (logits, Routing): the gate/up GEMV fills `ids` and `weights` (routed_gemv_experts)."""
+def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | None) -> torch.Tensor:
     (num_tokens, k), (num_experts, hidden, inter) = ids.shape, w2.shape
     split, bn, bk = cfg["SPLIT_K"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     # NOTE: split-K partial sums meet by atomics in a zeroed buffer [pairs, gate | up]; one split
@@ -272,15 +218,11 @@ def _gemv_experts(
     k_per_split = triton.cdiv(triton.cdiv(hidden, split), bk) * bk
     fp8, block = scales is not None, scales.block if scales is not None else None
     pdl = pdl_args(x.device)
-    logits, routing = route or (x, Routing(1, False))  # x: a pointer never read (ROUTE=False)
-    e_pow2 = triton.next_power_of_2(logits.shape[1])
     _gate_up_gemv[(ids.numel(), triton.cdiv(inter, bn), split)](
         x, w13, gate_up, ids, num_experts, k, hidden, inter,
         x.stride(0), w13.stride(0), w13.stride(1), *_scale_args(w13, scales.w13 if fp8 else None, block),
-        logits, weights, logits.stride(0), logits.shape[1], float(routing.scaling),
         BLOCK_N=bn, BLOCK_K=bk, K_PER_SPLIT=k_per_split, SPLIT_K=split, FP8=fp8, WIDE_K=fp8 and bk > block[1],
-        ACT=act, ROUTE=route is not None, ROUTE_K=routing.top_k, E_POW2=e_pow2, RENORMALIZE=routing.renormalize,
-        RANK_ROWS=max(1, min(e_pow2, 4096 // e_pow2)), num_warps=cfg["num_warps"], **pdl,
+        ACT=act, num_warps=cfg["num_warps"], **pdl,
     )  # fmt: skip
     # DOWN_SPLIT > 1: the slots split over that many programs a tile; DOWN_SPLIT_K > 1: the intermediate
     # too (wider N tiles then re-read the activations less and still fill the GPU); float32 rows summed after
@@ -296,39 +238,13 @@ def _gemv_experts(
     out = torch.empty(
         num_tokens * rows, hidden, dtype=x.dtype if rows == 1 else torch.float32, device=x.device
     )
-    n_tiles = triton.cdiv(hidden, down_bn)
-    # rows > 1: the last program of a (token, N tile) sums its rows into `final` (no sum launch) where
-    # this device's tile counters are allocated (outside a graph capture: the warm-up before it)
-    counters = _tile_counters(x.device, num_tokens * n_tiles) if rows > 1 and _LAST_SUMS else None
-    final = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device) if counters is not None else out
-    _down_gemv[(num_tokens, n_tiles, rows)](
+    _down_gemv[(num_tokens, triton.cdiv(hidden, down_bn), rows)](
         gate_up, w2, out, ids, weights, num_experts, k, hidden, inter,
         w2.stride(0), w2.stride(1), *_scale_args(w2, scales.w2 if fp8 else None, block),
-        final, counters if counters is not None else ids,
         BLOCK_N=down_bn, BLOCK_K=down_bk, SLOTS=slots, ROWS=rows, K_SPLIT=k_split, K_PER_SPLIT=k_per_split,
-        FP8=fp8, ACT=act, LAST_SUMS=counters is not None, num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
+        FP8=fp8, ACT=act, num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
     )  # fmt: skip
-    if counters is not None:
-        return final
     return out if rows == 1 else _sum_pairs(out, num_tokens, rows, x.dtype)
-
-
-# the down GEMV's last program of a tile sums its rows (DISAGG_MOE_LAST_SUMS=0: a sum launch after it)
-_LAST_SUMS = moe_last_sums()
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tile_counters(device: torch.device, n: int) -> torch.Tensor | None:
-    """A zeroed int32 buffer of at least n counters on `device`, shared by every down GEMV there (one
-    MoE forward at a time on a device: each launch's last programs put their counters back to 0), or
-    None inside a graph capture when none big enough exists yet (the eager warm-up allocates it)."""
-    have = _COUNTERS.get(device)
-    if have is not None and have.numel() >= n:
-        return have
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return None
-    _COUNTERS[device] = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-    return _COUNTERS[device]
 
 
 @functools.cache
@@ -608,69 +524,19 @@ if triton is not None:
         return g / (1.0 + tl.exp(-g))
 
     @triton.jit
-    def _softmax_slot(
-        logits, token, slot, num_routed, stride, scaling,
-        K: tl.constexpr, E_POW2: tl.constexpr, RENORMALIZE: tl.constexpr, RANK_ROWS: tl.constexpr,
-    ):  # fmt: skip
-        """(expert, weight) of slot `slot` < K of a token's softmax top-k, as _topk_kernel picks it: the
-        expert ranked `slot` (ranks by probability, ties: the lowest id), computed by rank counting
-        (RANK_ROWS experts against all at a time) instead of K rounds of argmax: two reductions,
-        whichever slot, where the rounds were 2K."""
-        experts = tl.arange(0, E_POW2)
-        row = logits + token.to(tl.int64) * stride
-        v = tl.load(row + experts, mask=experts < num_routed, other=-float("inf")).to(tl.float32)
-        top = tl.max(v, axis=0)
-        total = tl.sum(tl.exp(v - top), axis=0)
-        p = tl.exp(v - top) / total
-        pick = tl.full([], E_POW2, tl.int32)
-        kept = tl.zeros([], tl.float32)
-        for c in tl.static_range(E_POW2 // RANK_ROWS):
-            mine = c * RANK_ROWS + tl.arange(0, RANK_ROWS)
-            q = tl.load(row + mine, mask=mine < num_routed, other=-float("inf")).to(tl.float32)
-            q = tl.exp(q - top) / total  # p's values of these rows (the same arithmetic)
-            ahead = experts[None, :] < mine[:, None]  # ties: the lower id ranks first
-            beats = (p[None, :] > q[:, None]) | ((p[None, :] == q[:, None]) & ahead)
-            rank = tl.sum(beats.to(tl.int32), axis=1)
-            pick = tl.minimum(pick, tl.min(tl.where(rank == slot, mine, E_POW2), axis=0))
-            if RENORMALIZE:
-                kept += tl.sum(tl.where(rank < K, q, 0.0), axis=0)
-        weight = tl.sum(tl.where(experts == pick, p, 0.0), axis=0)
-        if RENORMALIZE:
-            weight = weight / kept
-        return pick, weight * scaling
-
-    @triton.jit
     def _gate_up_gemv(
         x, w13, gate_up, ids, num_experts, top_k, K, inter, stride_x, stride_we, stride_wn,
         scale, stride_se, stride_sn, group_n, group_k,
-        logits, weights, stride_logits, num_routed, scaling,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr,
-        FP8: tl.constexpr, WIDE_K: tl.constexpr, ACT: tl.constexpr,
-        ROUTE: tl.constexpr, ROUTE_K: tl.constexpr, E_POW2: tl.constexpr, RENORMALIZE: tl.constexpr,
-        RANK_ROWS: tl.constexpr, PDL: tl.constexpr,
+        FP8: tl.constexpr, WIDE_K: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """gate_up[p] += rows [n-tile] of w13[e_p] (gate and up) . x[p // k], over one K split;
         ACT (one split): gate_up[p] = silu(gate) * up instead, a row of `inter`.
         FP8: each row's dot over a K tile is scaled by its block's scale (BLOCK_K divides group_k);
-        WIDE_K: K tiles span several blocks, each weight element scaled by its own block's scale.
-        ROUTE: e_p from the logits (slot p % k of token p // k: _softmax_slot for the first ROUTE_K
-        slots, the shared experts num_routed + j after them, weight 1), stored to ids / weights by
-        each pair's first program for the down GEMV; else read from ids."""
+        WIDE_K: K tiles span several blocks, each weight element scaled by its own block's scale."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         pair, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        if ROUTE:
-            token, slot = pair // top_k, pair % top_k
-            routed, weight = _softmax_slot(
-                logits, token, tl.minimum(slot, ROUTE_K - 1), num_routed, stride_logits, scaling,
-                ROUTE_K, E_POW2, RENORMALIZE, RANK_ROWS,
-            )  # fmt: skip
-            shared = slot >= ROUTE_K
-            expert = tl.where(shared, num_routed + slot - ROUTE_K, routed).to(tl.int64)
-            first = (pid_n == 0) & (split == 0)
-            tl.store(ids + pair, expert, mask=first)
-            tl.store(weights + pair, tl.where(shared, 1.0, weight), mask=first)
-        else:
-            expert = tl.load(ids + pair).to(tl.int64)
+        expert = tl.load(ids + pair).to(tl.int64)
         ours = (expert >= 0) & (expert < num_experts)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < inter
@@ -716,10 +582,10 @@ if triton is not None:
     @triton.jit
     def _down_gemv(
         gate_up, w2, out, ids, weights, num_experts, top_k, N, inter, stride_we, stride_wn,
-        scale, stride_se, stride_sn, group_n, group_k, final, counters,
+        scale, stride_se, stride_sn, group_n, group_k,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, ROWS: tl.constexpr,
         K_SPLIT: tl.constexpr, K_PER_SPLIT: tl.constexpr, FP8: tl.constexpr, ACT: tl.constexpr,
-        LAST_SUMS: tl.constexpr, PDL: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         """out[t, n-tile] = sum over t's slots of weight * rows of w2[e] . (silu(gate) * up): the
         routing-weight combine in the kernel. ROWS == 1: one program a (token, N tile) takes all
@@ -729,10 +595,7 @@ if triton is not None:
         `out`, which _sum_pairs adds up (more programs: at one token, 8 slots of 32-row tiles of
         DeepSeek-V3's 7168 rows were 224 programs, each streaming 8 experts' rows in turn).
         FP8: each weight element dequantized by its block's scale (a K tile may span blocks).
-        ACT: gate_up holds each pair's activation (a row of `inter`), not its gate | up.
-        LAST_SUMS (ROWS > 1): the last of a (token, N tile)'s ROWS programs to finish (its counter,
-        zero before and after) sums the tile's float32 rows in row order, as _sum_pairs does, into
-        `final` in its dtype."""
+        ACT: gate_up holds each pair's activation (a row of `inter`), not its gate | up."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         token, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         group, k_lo = pid_s // K_SPLIT, (pid_s % K_SPLIT) * K_PER_SPLIT
@@ -765,23 +628,6 @@ if triton is not None:
             acc += part * tl.load(weights + pair)
         row = token.to(tl.int64) * ROWS + pid_s
         tl.store(out + row * N + offs_n, acc.to(out.dtype.element_ty), mask=n_mask)
-        if LAST_SUMS:
-            # NOTE: every thread's stores issued (the barrier), then one release-acquire count: the
-            # last program sees the other programs' rows (cooperative groups' grid sync does the same);
-            # it reads them past L1 (.cg), which is not coherent across multiprocessors
-            tl.debug_barrier()
-            counter = counters + token * tl.num_programs(1) + pid_n
-            if tl.atomic_add(counter, 1, sem="acq_rel") == ROWS - 1:
-                total = tl.zeros([BLOCK_N], dtype=tl.float32)
-                first = token.to(tl.int64) * ROWS
-                for r in tl.static_range(ROWS):
-                    total += tl.load(
-                        out + (first + r) * N + offs_n, mask=n_mask, other=0.0, cache_modifier=".cg"
-                    )
-                tl.store(
-                    final + token.to(tl.int64) * N + offs_n, total.to(final.dtype.element_ty), mask=n_mask
-                )
-                tl.atomic_xchg(counter, 0)  # for the next launch (a graph replays this one's buffer)
 
     @triton.jit
     def _grouped_topk_kernel(

@@ -24,15 +24,12 @@ import math
 import re
 
 import torch
-from disagg.common.config import moe_routing_in_gemv
 from disagg.common.models.fused_moe import (
     ROUTER_GEMV_MAX_TOKENS,
-    Routing,
     fused_experts,
     fused_moe_available,
     fused_topk,
     fused_topk_ok,
-    routed_gemv_experts,
     router_gemv_ok,
     router_logits,
 )
@@ -180,8 +177,6 @@ class SparseMoE(nn.Module):
         self.fused_routing = fused_topk_ok(
             self.gate.weight.device, self.num_experts, self.top_k, self.renormalize
         )
-        # a decode batch's top-k inside the experts' gate/up GEMV (one launch fewer a layer)
-        self.gemv_routing = self.fused_routing and moe_routing_in_gemv()
         # and the gate's GEMV of a decode batch as one Triton launch (cuBLAS's: ~5 us at batch 1)
         self.router_gemv = router_gemv_ok(
             self.gate.weight.device, self.num_experts, config.hidden_size, self.gate.weight.dtype
@@ -244,12 +239,7 @@ class SparseMoE(nn.Module):
         return [s for s, e in enumerate(mine) if e == expert]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(x)
-        if self.gemv_routing:
-            out = self.routed_in_gemv(x, logits, Routing(self.top_k, self.renormalize))
-            if out is not None:
-                return all_reduce(out)
-        weights, ids = self.route(logits)  # [T, k] each
+        weights, ids = self.route(self.logits(x))  # [T, k] each
         if self.count_tokens:
             self._count(ids)
         ids = self.physical_ids(ids)
@@ -258,21 +248,6 @@ class SparseMoE(nn.Module):
         # out of [0, num_local): another rank's expert, skipped (no subtraction kernel on rank 0)
         local = ids - self.first_expert if self.first_expert else ids
         return all_reduce(self.routed_experts(x, local, weights))
-
-    def routed_in_gemv(
-        self, x: torch.Tensor, logits: torch.Tensor, routing: Routing, config: dict | None = None
-    ) -> torch.Tensor | None:
-        """routed_experts' output with the routing computed by the experts' gate/up GEMV
-        (fused_moe.routed_gemv_experts), or None where that path does not take this batch: it needs
-        a decode batch the GEMV takes, every expert local and unreplicated (the ids are the slots) and
-        no load counting (which reads the ids)."""
-        experts = self.experts
-        if not (
-            x.is_cuda and fused_moe_available() and not self.count_tokens and not self.remap
-            and self.num_local == self.num_experts and (experts.scales is None or experts.fp8_backend == "triton")
-        ):  # fmt: skip
-            return None
-        return routed_gemv_experts(x, logits, experts.w13, experts.w2, routing, config, experts.scales)
 
     def uses_all_to_all(self, x: torch.Tensor) -> bool:
         """The all-to-all layout for this forward; a CUDA graph capture under --deepep-mode normal
