@@ -6,6 +6,7 @@
     python -m disagg.transfer.bench --sizes 64K,1M --skip-8b --iters 50   # the fixed costs, on the CPU
     python -m disagg.transfer.bench --sizes 64K,64M --skip-8b --trace     # + when rooms pass each hop
     python -m disagg.transfer.bench --transport direct      # same host: copies into the decode's pool
+    python -m disagg.transfer.bench --sizes 64K,4M --skip-8b --busy-thread   # beside a busy scheduler thread
 
 With --transport direct (what two servers of one host use: transfer/direct.py) the ceiling beside
 each row is also a device copy of the same pages inside one process ("copy ms").
@@ -306,6 +307,12 @@ def sweep_sizes(args: argparse.Namespace) -> list[int]:
     return sizes
 
 
+def _spin(stop: threading.Event) -> None:
+    """Hold the GIL as much as a Python thread can until `stop` (--busy-thread)."""
+    while not stop.is_set():
+        sum(range(100))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -324,12 +331,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-8b", action="store_true", help="no 8B 2k-token request rows")
     parser.add_argument("--transport", default="ucx", choices=["ucx", "direct"],
                         help="direct: the decode offers its pool and the prefill copies into it (one host)")  # fmt: skip
+    parser.add_argument("--busy-thread", action="store_true",
+                        help="a Python thread spinning in this (the prefill's) process meanwhile, as a scheduler "
+                             "thread launching kernels holds the GIL (transfer/ucx.py, GIL_SWITCH_INTERVAL_S)")  # fmt: skip
     parser.add_argument("--trace", action="store_true",
                         help="also print the median ms after send() at which rooms pass each hop")  # fmt: skip
     args = parser.parse_args(argv)
     if args.trace:  # before the decode process spawns: it inherits the environment
         set_transfer_trace()
         base.TRACE = True
+    stop_busy = threading.Event()
+    if args.busy_thread:
+        threading.Thread(target=_spin, args=(stop_busy,), daemon=True, name="busy").start()
     args.max_size_mib = args.max_size_mib or (1024 if args.device == "cuda" else 256)
     iters = args.iters or 5
     sizes = sweep_sizes(args)
@@ -373,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
                 if args.trace:
                     print_trace(name, hops)
     finally:
+        stop_busy.set()
         failures = bench.close()
     if failures:
         print(f"decode-side failures: {failures}")
