@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from disagg.common.bench.moe_vs_hf import step_summary
-from disagg.common.bench.offline import ours_generate
+from disagg.common.bench.offline import bench_prefill, ours_generate
 from disagg.common.engine.offline import Engine
 
 
@@ -34,6 +34,16 @@ def test_step_record_accounts_for_every_token(scheduler):
         kind.startswith("prefill+") and not kind.endswith("+0 decode") for kind in summary
     )  # mixed steps
     assert "decode 6" in summary  # once every request is in: decode-only steps of all six
+
+
+def test_prefill_is_timed_whole_and_as_its_forward_alone(scheduler):
+    """bench_prefill's two figures: the steps that serve a 60-token prompt (one chunk) and the model
+    forward of that chunk alone, re-run on the plan it captured; neither leaves a page taken."""
+    free = scheduler.pool.num_free_pages
+    step_s, forward_s = bench_prefill(scheduler, 60)
+    assert 0 < forward_s and 0 < step_s
+    assert forward_s < 2 * step_s  # the prompt's forward, not several steps' worth
+    assert scheduler.pool.num_free_pages == free and not scheduler.has_work()
 
 
 def test_a_generate_that_produces_nothing_fails(scheduler):

@@ -211,20 +211,35 @@ def profile_run(sched: Scheduler, fn) -> None:
     print(table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60), flush=True)
 
 
-def bench_prefill(sched: Scheduler, length: int) -> float:
-    """Seconds to prefill one request of `length` tokens (one chunk), median of 3."""
-    vocab = sched.runner.hf_config.vocab_size
+def bench_prefill(sched: Scheduler, length: int) -> tuple[float, float]:
+    """Seconds to prefill one request of `length` tokens (one chunk), median of 3; and of the model
+    forward alone on its batch (planning, the layers and the logits; median of 3): the rest of the
+    steps is host work around it (scheduling, sampling, finishing the request)."""
+    runner, vocab, plans = sched.runner, sched.runner.hf_config.vocab_size, []
+    forward_plan = runner.forward_plan
     times = []
     for i in range(4):
         sched.add_request(_make_req(f"p{i}", length, vocab, 1))
-        sync(sched.runner.device)
+        sync(runner.device)
+        runner.forward_plan = lambda plan: plans.append(plan) or forward_plan(plan)
         t = time.perf_counter()
-        while sched.has_work():
-            sched.step()
-        sync(sched.runner.device)
+        try:
+            while sched.has_work():
+                sched.step()
+            sync(runner.device)
+        finally:
+            runner.forward_plan = forward_plan
         times.append(time.perf_counter() - t)
         sched.cache.reset()
-    return sorted(times[1:])[1]
+    plan = max(plans, key=lambda p: sum(p.q_lens))  # the prompt's (not a decode step after it)
+
+    def forward() -> None:
+        # NOTE: writes the freed pages of the finished request again: nothing reads them
+        if get_parallel().tp_size > 1:  # the other ranks run a forward only for a broadcast plan
+            broadcast_plan(plan)
+        forward_plan(plan)
+
+    return sorted(times[1:])[1], timed(forward, runner.device, repeat=3)
 
 
 def weight_traffic(model) -> dict:
@@ -447,8 +462,8 @@ def main() -> None:
         rows.append(decode_row(traffic, kv_tok, ceil, b, args.context_len, step, fwd, touched))
         print(f"  {rows[-1]}", flush=True)
     print(f"[{time.perf_counter() - t0:.0f} s] prefill {args.prefill_len} tokens ...", flush=True)
-    t = bench_prefill(sched, args.prefill_len)
-    rows.append(prefill_row(traffic, ceil, sched.runner.hf_config, args.prefill_len, args.tp, t))
+    t, fwd = bench_prefill(sched, args.prefill_len)
+    rows.append(prefill_row(traffic, ceil, sched.runner.hf_config, args.prefill_len, args.tp, t, fwd))
     if args.profile_prefill:
         profile_prefill(sched, args.prefill_len)
     print(f"  {rows[-1]}", flush=True)
@@ -509,7 +524,9 @@ def decode_row(traffic: dict, kv_tok: int, ceil: dict, batch: int, context: int,
     )
 
 
-def prefill_row(traffic: dict, ceil: dict, c, n: int, tp: int, seconds: float) -> dict:
+def prefill_row(
+    traffic: dict, ceil: dict, c, n: int, tp: int, seconds: float, forward_s: float = 0.0
+) -> dict:
     """A prefill of n tokens beside its roofline: matmul FLOPs by active experts (k routed slots a
     token, the share on this rank), the LM head once (only the last token's logits), causal
     attention, over the matmul rate measured in this run; or the weight read, if that is longer."""
@@ -532,6 +549,7 @@ def prefill_row(traffic: dict, ceil: dict, c, n: int, tp: int, seconds: float) -
         batch=1,
         context=n,
         ms=seconds * 1e3,
+        forward_ms=forward_s * 1e3,
         tok_s=n / seconds,
         tflop=flops / 1e12,
         tflops=flops / seconds / 1e12,
@@ -562,7 +580,7 @@ def print_report(ceil: dict, traffic: dict, kv_tok: int, rows: list[dict], gen: 
             )
         else:
             print(
-                f"{'prefill':8} {r['batch']:>5} {r['context']:>6} {r['ms']:>9.2f} {'':>8} {r['tok_s']:>10.1f} "
+                f"{'prefill':8} {r['batch']:>5} {r['context']:>6} {r['ms']:>9.2f} {r['forward_ms']:>8.2f} {r['tok_s']:>10.1f} "
                 f"{'':>8} {r['tflop']:>7.2f} TF {r['roofline_ms']:>12.2f} {100 * r['of_roofline']:>9.1f}% "
                 f"(matmul rate {100 * r['of_matmul']:.1f}%: {r['tflops']:.1f} TFLOP/s)"
             )
