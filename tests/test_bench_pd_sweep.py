@@ -70,3 +70,17 @@ def test_an_sm_split_runs_the_pd_servers_under_the_sweeps_own_mps_daemon(tmp_pat
     assert prefill.env["CUDA_VISIBLE_DEVICES"] == decode.env["CUDA_VISIBLE_DEVICES"] == "0"
     with pytest.raises(SystemExit):  # MPS is NVIDIA's: refused on the CPU before anything starts
         parse_args(["--out-dir", str(tmp_path), "--device", "cpu", "--mps"])
+
+
+def test_a_below_normal_prefill_is_an_mps_client_of_lower_priority(tmp_path):
+    """--prefill-below-normal: the prefill's kernels yield to the decode's under the sweep's MPS
+    daemon (CUDA_MPS_CLIENT_PRIORITY=1 for the prefill only), with no SM share for either."""
+    from disagg.common.bench.pd_sweep import parse_args, pd_children
+
+    args = parse_args(["--out-dir", str(tmp_path), "--gpus", "0", "--prefill-below-normal"])
+    assert args.mps
+    prefill, decode, _ = pd_children(args)
+    assert prefill.env["CUDA_MPS_CLIENT_PRIORITY"] == "1" and "CUDA_MPS_CLIENT_PRIORITY" not in decode.env
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in prefill.env | decode.env
+    with pytest.raises(SystemExit):
+        parse_args(["--out-dir", str(tmp_path), "--device", "cpu", "--prefill-below-normal"])

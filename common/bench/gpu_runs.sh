@@ -286,6 +286,13 @@ for step in "$@"; do
              --input-len 1024 --output-len 128 --goodput ttft:1000 itl:50 --ttft-probes 6 2>&1 | grep -v "Loading\|jit\|UCX  WARN" | tail -40
            cp /tmp/sweep2/pd_sweep.json /tmp/sweep2/pd_sweep.md /tmp/sweep2/pd_sweep.png $OUT/ 2>/dev/null
            (cd /tmp/sweep2 && tar czf $OUT/sweep_logs.tgz logs) ;;
+    mps-priority) # issue 24: the prefill a below-normal MPS client (its kernels yield to the decode's, it keeps
+           # every SM they leave), PD alone at 16-32 req/s: against the seventeenth session's unsplit ITL p99 of 38 ms
+           # (target <= 30 ms) and the SM split's lost goodput (75%: 15.8 against 19.8 req/s at 32)
+           timeout "${T:-240}" python3 -m disagg.common.bench.pd_sweep --out-dir /tmp/prio --deployments pd $B8 --gpus 0 \
+             --prefill-below-normal --server-args "--mem-fraction-static 0.4" --request-rates 16,24,32 --num-prompts 64 \
+             --input-len 1024 --output-len 128 --goodput ttft:1000 itl:50 --ttft-probes 3 2>&1 | grep -v "Loading\|jit\|UCX  WARN" | tail -24
+           cp /tmp/prio/pd_sweep.json $OUT/mps_priority.json 2>/dev/null ;;
     sm-split) # issue 24: the PD pair's ITL p99 rose to 37-43 ms from 16 req/s on one H100 under MPS (sixteenth
            # session; target <= 30 ms) while prefills shared the SMs with decode steps: PD alone at 16-32 req/s
            # with the prefill held to SM_SHARES (MPS active-thread percentages) of the GPU, each share a sweep

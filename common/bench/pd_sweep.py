@@ -80,6 +80,7 @@ class SweepOptions:
     mps: bool = False
     prefill_sm_percent: int | None = None
     decode_sm_percent: int | None = None
+    prefill_below_normal: bool = False  # the PD prefill an MPS client of below-normal priority
     colocated_replicas: int = 2
     router_policy: str = "round_robin"
     max_total_s: float = float("inf")
@@ -136,8 +137,12 @@ def server_flags(opts: SweepOptions) -> list[str]:
             *shlex.split(opts.server_args)]  # fmt: skip
 
 
-def gpu_env(opts: SweepOptions, index: int, sm_percent: int | None = None) -> dict[str, str]:
-    """A server's environment: its GPU, and under --mps the daemon's pipe and its SM share."""
+def gpu_env(
+    opts: SweepOptions, index: int, sm_percent: int | None = None, below_normal: bool = False
+) -> dict[str, str]:
+    """A server's environment: its GPU, and under --mps the daemon's pipe, its SM share and its
+    client priority (below normal: the other clients' kernels are scheduled first, as a low stream
+    priority within a process, while it may still fill every SM the others leave)."""
     if opts.device == "cpu":
         return env_cpu_threads(1)  # NOTE: several servers share the cores
     env = {"CUDA_VISIBLE_DEVICES": opts.gpus[index % len(opts.gpus)]}
@@ -145,6 +150,8 @@ def gpu_env(opts: SweepOptions, index: int, sm_percent: int | None = None) -> di
         env |= mps_env(opts)
         if sm_percent:
             env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(sm_percent)
+        if below_normal:
+            env["CUDA_MPS_CLIENT_PRIORITY"] = "1"  # 0 normal (the default), 1 below normal
     return env
 
 
@@ -195,7 +202,8 @@ def pd_children(opts: SweepOptions) -> list[Child]:
     ]
     p_url, d_url = f"http://127.0.0.1:{p_port}", f"http://127.0.0.1:{d_port}"
     legs = ["--pd-disaggregation", "--prefill", p_url, str(bootstrap), "--decode", d_url]
-    return [Child("prefill", prefill, p_url + "/health", gpu_env(opts, 0, opts.prefill_sm_percent)),
+    p_env = gpu_env(opts, 0, opts.prefill_sm_percent, opts.prefill_below_normal)
+    return [Child("prefill", prefill, p_url + "/health", p_env),
             Child("decode", decode, d_url + "/health", gpu_env(opts, 1, opts.decode_sm_percent)),
             router_child(opts, legs)]  # fmt: skip
 
@@ -683,6 +691,9 @@ def add_deployment_flags(p: argparse.ArgumentParser) -> None:
                    help="run the servers under an NVIDIA MPS daemon of the sweep's own (several servers on one GPU)")  # fmt: skip
     p.add_argument("--prefill-sm-percent", type=int, default=None, help="--mps: the PD prefill's SM share")
     p.add_argument("--decode-sm-percent", type=int, default=None, help="--mps: the PD decode's SM share")
+    p.add_argument("--prefill-below-normal", action="store_true",
+                   help="--mps: the PD prefill a below-normal priority client (CUDA_MPS_CLIENT_PRIORITY=1): the "
+                        "decode's kernels go first, the prefill takes the SMs they leave")  # fmt: skip
     p.add_argument("--colocated-replicas", type=int, default=DEFAULTS["colocated_replicas"])
     p.add_argument("--router-policy", default=DEFAULTS["router_policy"])
     p.add_argument("--ready-timeout", type=float, default=None, help="seconds for a deployment to start")
@@ -735,9 +746,9 @@ def options_from(ns: argparse.Namespace) -> SweepOptions:
     counts = [int(n) for n in comma_list(values["num_prompts"])]
     if len(counts) not in (1, len(rates)) or min(counts) < 1:
         raise ValueError("--num-prompts takes one count >= 1, or one per --request-rates")
-    mps = ns.mps or bool(ns.prefill_sm_percent or ns.decode_sm_percent)
+    mps = ns.mps or bool(ns.prefill_sm_percent or ns.decode_sm_percent or ns.prefill_below_normal)
     if mps and ns.device == "cpu":
-        raise ValueError("--mps and --*-sm-percent need --device cuda")
+        raise ValueError("--mps, --*-sm-percent and --prefill-below-normal need --device cuda")
     serving.parse_goodput(values["goodput"])  # a bad SLO fails now, not after the start-up
     warmup = 2 * max(1, ns.colocated_replicas) if ns.warmup_requests is None else ns.warmup_requests
     return SweepOptions(**values | {
