@@ -286,6 +286,13 @@ for step in "$@"; do
              --input-len 1024 --output-len 128 --goodput ttft:1000 itl:50 --ttft-probes 6 2>&1 | grep -v "Loading\|jit\|UCX  WARN" | tail -40
            cp /tmp/sweep2/pd_sweep.json /tmp/sweep2/pd_sweep.md /tmp/sweep2/pd_sweep.png $OUT/ 2>/dev/null
            (cd /tmp/sweep2 && tar czf $OUT/sweep_logs.tgz logs) ;;
+    gpu-tests) # every tests/test_gpu_*.py (issue 24 item 6), in two pytest processes at once (~4.5 min on an H100);
+           # after gguf-a and gguf-b with the same DISAGG_CACHE_DIR (the engine tests load the default model's GGUF),
+           # carry .gpu/ucx (the PD tests)
+           files=(tests/test_gpu_*.py); half=$(( ${#files[@]} / 2 ))
+           timeout "${T:-560}" python3 -m pytest -q -p no:cacheprovider "${files[@]:0:$half}" > $OUT/gpu_tests_a.log 2>&1 &
+           timeout "${T:-560}" python3 -m pytest -q -p no:cacheprovider "${files[@]:$half}" > $OUT/gpu_tests_b.log 2>&1
+           wait; tail -n 2 $OUT/gpu_tests_a.log $OUT/gpu_tests_b.log ;;
     mps-priority) # issue 24: the prefill a below-normal MPS client (its kernels yield to the decode's, it keeps
            # every SM they leave), PD alone at 16-32 req/s: against the seventeenth session's unsplit ITL p99 of 38 ms
            # (target <= 30 ms) and the SM split's lost goodput (75%: 15.8 against 19.8 req/s at 32)
