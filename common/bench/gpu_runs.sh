@@ -4,8 +4,8 @@
 # than one call may carry, so it travels in two halves (.gpu/gg_a, .gpu/gg_b) over two calls.
 # A PD GPU test on the default model (test_gpu_first_token, test_gpu_pd) took four calls on one warm
 # machine (seventh session): gguf-a with .gpu/base,router,tokz; gguf-b; .gpu/fi + .gpu/kc.tgz (any
-# FlashInfer run); then .gpu/ucx and pytest, with DISAGG_CACHE_DIR=/tmp/dc2 set for the conversion
-# and the tests (gpu_env.sh puts a tokenizer-only copy of the model in its default cache dir).
+# FlashInfer run); then .gpu/ucx and pytest. gguf-b converts the model with --force over the
+# tokenizer-only copy gpu_env.sh puts in its cache dir (`gpu-tests` runs every GPU test after it).
 source common/bench/gpu_env.sh
 OUT=${OUT:-/tmp/out}
 B8="--model-path Llama-3.1-8B --load-format dummy"
