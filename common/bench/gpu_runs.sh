@@ -212,7 +212,10 @@ for step in "$@"; do
     transfer-test) timeout "${T:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_transfer_tp.py -k gpu 2>&1 | tail -5 ;;
     handoff) # issue 24: one GPU, prefill and decode processes on it: direct (CUDA IPC copy) vs UCX
            for tr in direct ucx; do timeout "${T:-150}" python3 -m disagg.transfer.bench --device cuda --transport $tr \
-             --sizes 64M,256M --iters 5 --trace 2>&1 | grep -v "UCX  WARN" | tee $OUT/handoff_$tr.log | tail -12; done ;;
+             --sizes 64M,256M --iters 5 --trace 2>&1 | grep -v "UCX  WARN" | tee $OUT/handoff_$tr.log | tail -12; done
+           # beside a Python thread holding the GIL, as a prefill's scheduler launching a forward does (transfer/ucx.py)
+           timeout "${T:-150}" python3 -m disagg.transfer.bench --device cuda --transport direct --sizes 64M --iters 5 \
+             --busy-thread 2>&1 | grep -v "UCX  WARN" | tee $OUT/handoff_busy.log | tail -4 ;;
     engine-warm) # builds the FlashInfer kernels the 8B servers use (then `fi-cache` saves them)
            bench $B8 --batch-sizes 1,64 --context-len 1024 --prefill-len 4096 --decode-steps 16 \
              --output-json $OUT/offline_8b.json | tail -14 ;;
