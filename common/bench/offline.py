@@ -157,12 +157,18 @@ def time_forward_only(sched: Scheduler, steps: int) -> tuple[float, object]:
     finally:
         runner.forward_plan = forward_plan
 
+    return time_plan(forward_plan, plans[-1], runner.device, steps), plans[-1]
+
+
+def time_plan(forward_plan, plan, device: torch.device, repeat: int) -> float:
+    """Median seconds of `forward_plan(plan)` alone (the runner's, captured unpatched) over `repeat` runs."""
+
     def forward() -> None:
         if get_parallel().tp_size > 1:  # NOTE: the other ranks run a forward only for a broadcast plan
-            broadcast_plan(plans[-1])
-        forward_plan(plans[-1])
+            broadcast_plan(plan)
+        forward_plan(plan)
 
-    return timed(forward, runner.device, repeat=steps), plans[-1]
+    return timed(forward, device, repeat=repeat)
 
 
 def profile_steps(sched: Scheduler, steps: int = 3) -> None:
@@ -232,14 +238,8 @@ def bench_prefill(sched: Scheduler, length: int) -> tuple[float, float]:
         times.append(time.perf_counter() - t)
         sched.cache.reset()
     plan = max(plans, key=lambda p: sum(p.q_lens))  # the prompt's (not a decode step after it)
-
-    def forward() -> None:
-        # NOTE: writes the freed pages of the finished request again: nothing reads them
-        if get_parallel().tp_size > 1:  # the other ranks run a forward only for a broadcast plan
-            broadcast_plan(plan)
-        forward_plan(plan)
-
-    return sorted(times[1:])[1], timed(forward, runner.device, repeat=3)
+    # NOTE: the re-run writes the freed pages of the finished request again: nothing reads them
+    return sorted(times[1:])[1], time_plan(forward_plan, plan, runner.device, 3)
 
 
 def weight_traffic(model) -> dict:
