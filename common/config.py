@@ -30,6 +30,9 @@ from pathlib import Path
 #   DISAGG_PDL              1 (default): the Triton kernels launch with Programmatic Dependent Launch on Hopper
 #                           or newer (common/models/pdl.py; the H200 A/B of docs/benchmarks.md, eleventh
 #                           session) | 0: plain launches
+#   DISAGG_GIL_SWITCH_INTERVAL_MS  Python's switch interval in a process with a transfer engine (default 0.2;
+#                           Python's own is 5): the longest its UCX loop thread waits for the GIL beside a busy
+#                           scheduler thread (transfer/ucx.py; A/B runs)
 #   DISAGG_STEP_DELAY_S     tests only: every forward of the server's scheduler takes this many seconds
 #                           longer, as on a slow device (tests/test_first_token.py: long decode steps)
 # and the standard ones we honour: XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES (launch_local splits the
@@ -180,6 +183,17 @@ def pdl_requested() -> bool:
 def triton_interpret() -> bool:
     """TRITON_INTERPRET=1: Triton kernels run in Triton's CPU interpreter (tests)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def gil_switch_interval_s(default: float) -> float:
+    """DISAGG_GIL_SWITCH_INTERVAL_MS in seconds, else `default` (the transfer engine's)."""
+    value = os.environ.get("DISAGG_GIL_SWITCH_INTERVAL_MS", "")
+    if not value:
+        return default
+    ms = float(value)
+    if ms <= 0:
+        raise ValueError(f"DISAGG_GIL_SWITCH_INTERVAL_MS must be > 0, got {value!r}")
+    return ms / 1000
 
 
 def ucx_python_futures() -> bool:

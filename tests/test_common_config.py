@@ -26,3 +26,18 @@ def test_only_the_config_modules_read_environment_variables():
                 if ENV_READ.search(line):
                     offenders.append(f"{rel}:{lineno}: {line.strip()}")
     assert not offenders, "read environment variables through common/config.py:\n" + "\n".join(offenders)
+
+
+def test_the_gil_switch_interval_of_a_transfer_process_can_be_set_for_an_ab_run(monkeypatch):
+    """DISAGG_GIL_SWITCH_INTERVAL_MS overrides the transfer engine's 0.2 ms (an A/B of it on the
+    GPU); unset it is the default the caller passes; nonsense is refused, not silently ignored."""
+    import pytest
+    from disagg.common.config import gil_switch_interval_s
+
+    monkeypatch.delenv("DISAGG_GIL_SWITCH_INTERVAL_MS", raising=False)
+    assert gil_switch_interval_s(0.0002) == 0.0002
+    monkeypatch.setenv("DISAGG_GIL_SWITCH_INTERVAL_MS", "5")
+    assert gil_switch_interval_s(0.0002) == 0.005
+    monkeypatch.setenv("DISAGG_GIL_SWITCH_INTERVAL_MS", "0")
+    with pytest.raises(ValueError, match="must be > 0"):
+        gil_switch_interval_s(0.0002)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from disagg.common.config import configure_ucx_env, ucx_python_futures
+from disagg.common.config import configure_ucx_env, gil_switch_interval_s, ucx_python_futures
 from disagg.common.messages import decode, encode
 from disagg.transfer.protocol import HeartbeatMsg
 
@@ -72,6 +72,7 @@ def tensor_buffer(t: torch.Tensor) -> Any:
 # thread 21-47 ms at 5 ms, 3.6 ms at 0.5 ms, 1.6-2.2 ms at 0.2 ms. The one-GPU PD sweep's wait_request
 # (the prefill waiting for the decode's page list) was 31 ms at 32 req/s with the default. A busy
 # thread loses nothing measurable (a Python loop's rate beside a thread waking every 1 ms: within 5%).
+# DISAGG_GIL_SWITCH_INTERVAL_MS overrides it (an A/B on the GPU: gpu_runs.sh gil-ab).
 GIL_SWITCH_INTERVAL_S = 0.0002
 
 
@@ -91,7 +92,7 @@ class UcxLoop:
             return cls._instance
 
     def __init__(self) -> None:
-        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
+        sys.setswitchinterval(gil_switch_interval_s(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S)))
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="disagg-ucx", daemon=True)
         self._thread.start()

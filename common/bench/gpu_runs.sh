@@ -304,6 +304,18 @@ for step in "$@"; do
              --prefill-below-normal --server-args "--mem-fraction-static 0.4" --request-rates 16,24,32 --num-prompts 64 \
              --input-len 1024 --output-len 128 --goodput ttft:1000 itl:50 --ttft-probes 3 2>&1 | grep -v "Loading\|jit\|UCX  WARN" | tail -24
            cp /tmp/prio/pd_sweep.json $OUT/mps_priority.json 2>/dev/null ;;
+    gil-ab-colo|gil-ab-pd) # the eighteenth session's A/B of the transfer engine's GIL switch interval (transfer/ucx.py:
+           # 0.2 ms since the seventeenth; after it the one-GPU sweep's PD/colocated TTFT p50 was 1.21-1.23 at 1-8 req/s
+           # against 1.00-1.11 before, on another H100): colocated alone (no transfer engine; carry no .gpu/ucx), then PD
+           # at 0.2 ms and at Python's 5 ms in the next call (carry .gpu/ucx), the same rates and probes
+           ab="--gpus 0 --mps --server-args=--mem-fraction-static=0.4 --request-rates 4,8,16 --num-prompts 32,48,64
+               --input-len 1024 --output-len 128 --goodput ttft:1000 itl:50 --ttft-probes 8"
+           if [ "$step" = gil-ab-colo ]; then runs="colocated:"; else runs="pd:0.2 pd:5"; fi
+           for run in $runs; do dep=${run%%:*} iv=${run#*:}; echo "--- $dep, switch interval ${iv:-5 (no transfer engine)} ms"
+             DISAGG_GIL_SWITCH_INTERVAL_MS=$iv timeout "${T:-280}" python3 -m disagg.common.bench.pd_sweep \
+               --out-dir /tmp/gil_${dep}_$iv --deployments $dep $B8 $ab 2>&1 | grep "rate \|TTFT probe\|hand-off"
+             cp /tmp/gil_${dep}_$iv/pd_sweep.json $OUT/gil_${dep}_$iv.json 2>/dev/null
+           done ;;
     sm-split) # issue 24: the PD pair's ITL p99 rose to 37-43 ms from 16 req/s on one H100 under MPS (sixteenth
            # session; target <= 30 ms) while prefills shared the SMs with decode steps: PD alone at 16-32 req/s
            # with the prefill held to SM_SHARES (MPS active-thread percentages) of the GPU, each share a sweep
