@@ -307,8 +307,10 @@ for step in "$@"; do
     gil-ab-colo|gil-ab-pd) # the eighteenth session's A/B of the transfer engine's GIL switch interval (transfer/ucx.py:
            # 0.2 ms since the seventeenth; after it the one-GPU sweep's PD/colocated TTFT p50 was 1.21-1.23 at 1-8 req/s
            # against 1.00-1.11 before, on another H100): colocated alone (no transfer engine; carry no .gpu/ucx), then PD
-           # at 0.2 ms and at Python's 5 ms in the next call (carry .gpu/ucx), the same rates and probes
-           ab="--gpus 0 --mps --server-args=--mem-fraction-static=0.4 --request-rates 4,8,16 --num-prompts 32,48,64
+           # at 0.2 ms and at Python's 5 ms in the next call (carry .gpu/ucx), the same rates and probes. NOTE: its
+           # eighteenth-session run lacked --colocated-replicas 1 (pd_sweep's default: one replica per --gpus entry
+           # and two on one GPU): its colocated half was two replicas sharing the H100
+           ab="--gpus 0 --mps --colocated-replicas 1 --server-args=--mem-fraction-static=0.4 --request-rates 4,8,16 --num-prompts 32,48,64
                --input-len 1024 --output-len 128 --goodput ttft:1000 itl:50 --ttft-probes 8"
            if [ "$step" = gil-ab-colo ]; then runs="colocated:"; else runs="pd:0.2 pd:5"; fi
            for run in $runs; do dep=${run%%:*} iv=${run#*:}; echo "--- $dep, switch interval ${iv:-5 (no transfer engine)} ms"
