@@ -19,6 +19,7 @@ import time
 from collections import deque
 
 from disagg.common.config import DisaggConfig, EngineConfig
+from disagg.common.engine import request_stages
 from disagg.common.engine.kv_pool import pages_for_tokens
 from disagg.common.engine.request import Req, ReqStatus, SchedulerStats, TokenOut
 from disagg.common.engine.scheduler import Scheduler
@@ -46,6 +47,8 @@ def create_decode_scheduler(config: EngineConfig, disagg: DisaggConfig):
 
 
 class DecodeScheduler(Scheduler):
+    ROLE = "decode"
+
     def __init__(self, config: EngineConfig, disagg: DisaggConfig, runner=None, transfer=None):
         """`runner`, `transfer`: DP attention's (one DP rank's view and its DPRankTransfer)."""
         super().__init__(config, runner)
@@ -82,7 +85,7 @@ class DecodeScheduler(Scheduler):
                             running=len(self.running))  # fmt: skip
         stats.num_prealloc, stats.num_transferring = len(self.prealloc), transferring
         stats.num_open_rooms = len(self.transfer.open_rooms)
-        stats.metrics_text = self.transfer.metrics_text()
+        stats.metrics_text += self.transfer.metrics_text()
         return stats
 
     # ---- role hooks -------------------------------------------------------------------
@@ -106,7 +109,11 @@ class DecodeScheduler(Scheduler):
 
     def _enqueue(self, req: Req) -> None:
         # a request without a room is served like the colocated server would (prefill here too)
-        (self.prealloc if self._is_pd(req) else self.waiting).append(req)
+        if not self._is_pd(req):
+            super()._enqueue(req)
+            return
+        request_stages.enter(req, "prealloc_queue", self.ROLE, req.arrival_time)
+        self.prealloc.append(req)
 
     def _has_held_requests(self) -> bool:
         return bool(self.prealloc)  # retried: what frees pages is no transfer result
@@ -149,6 +156,7 @@ class DecodeScheduler(Scheduler):
             self.prealloc.popleft()
             req.page_table = pages
             req.status = ReqStatus.TRANSFERRING
+            request_stages.enter(req, "transfer_queue", self.ROLE)
             self.rooms[req.bootstrap_room] = req
             self.transfer.expect(req.bootstrap_room, req.bootstrap_host, req.bootstrap_port, req.page_table,
                                  fingerprint=prompt_fingerprint(req.input_ids))  # fmt: skip
@@ -166,6 +174,7 @@ class DecodeScheduler(Scheduler):
                 logger.warning("request %s: KV transfer failed: %s", req.rid, result.reason)
                 self._finish(req, "abort", ReqStatus.ABORTED, error=transfer_error(result))
             return
+        request_stages.leave(req, "transfer_queue", self.ROLE)
         self.kv_ready[req.rid] = (result.room, result.ready_at or time.monotonic())
         self._start_decoding(req, result.metadata)
 

@@ -18,6 +18,7 @@ import time
 from collections import deque
 
 from disagg.common.config import DisaggConfig, EngineConfig
+from disagg.common.engine import request_stages
 from disagg.common.engine.kv_pool import pages_for_tokens
 from disagg.common.engine.request import Req, ReqStatus, SchedulerStats, TokenOut
 from disagg.common.engine.scheduler import Scheduler
@@ -44,6 +45,8 @@ def create_prefill_scheduler(config: EngineConfig, disagg: DisaggConfig):
 
 
 class PrefillScheduler(Scheduler):
+    ROLE = "prefill"
+
     def __init__(self, config: EngineConfig, disagg: DisaggConfig, runner=None, transfer=None):
         """`runner`, `transfer`: DP attention's (one DP rank's view and its DPRankTransfer)."""
         super().__init__(config, runner)
@@ -77,7 +80,7 @@ class PrefillScheduler(Scheduler):
         stats.queues = dict(bootstrap=len(self.bootstrap), waiting=len(self.waiting), running=len(self.running),
                             transfer=transferring)  # fmt: skip
         stats.num_transferring, stats.num_open_rooms = transferring, len(self.transfer.open_rooms)
-        stats.metrics_text = self.transfer.metrics_text()
+        stats.metrics_text += self.transfer.metrics_text()
         return stats
 
     # ---- role hooks -------------------------------------------------------------------
@@ -88,14 +91,19 @@ class PrefillScheduler(Scheduler):
 
     def _enqueue(self, req: Req) -> None:
         if req.bootstrap_room is None:  # not a PD request (a health check): prefill and answer
-            self.waiting.append(req)
+            super()._enqueue(req)
             return
+        request_stages.enter(req, "bootstrap_queue", self.ROLE, req.arrival_time)
         room = req.bootstrap_room
         self.rooms[room] = req
         # NOTE: an empty first chunk opens the room in the transfer engine now: its timeout covers a
         # decode side that never asks for it, and an abort before any page reaches the decode side
         self.transfer.send(room, [], 0, False, fingerprint=prompt_fingerprint(req.input_ids))
-        (self.waiting if self._may_start_now(req) else self.bootstrap).append(req)
+        if self._may_start_now(req):
+            request_stages.enter(req, "wait_queue", self.ROLE)
+            self.waiting.append(req)
+        else:
+            self.bootstrap.append(req)
 
     def _has_held_requests(self) -> bool:
         return bool(self.bootstrap)  # retried: a decode's ask is no transfer result
@@ -117,6 +125,7 @@ class PrefillScheduler(Scheduler):
     def _on_token_sampled(self, req: Req, token: int, lp: float | None, top: list[list] | None) -> None:
         """The prompt is computed: hand the request to the decode side (or answer a health check)."""
         self.sampler.forget(req.rid)
+        request_stages.enter(req, "transfer_queue" if req.bootstrap_room is not None else None, self.ROLE)
         out = self._token_out(req, token, lp, top)
         if req.bootstrap_room is None:  # nothing to hand over: the first token is the answer
             self._release(req)
@@ -163,6 +172,7 @@ class PrefillScheduler(Scheduler):
         asked = self.transfer.requested_rooms([r.bootstrap_room for r in self.bootstrap])
         for req in [r for r in self.bootstrap if r.bootstrap_room in asked]:
             self.bootstrap.remove(req)
+            request_stages.enter(req, "wait_queue", self.ROLE)
             self.waiting.append(req)
         # NOTE: the transfer engine's timeout normally fails a room nobody asks for; a room the
         # decode side asked for (and that timed out) long before this request arrived is not
@@ -189,6 +199,8 @@ class PrefillScheduler(Scheduler):
     def _on_transfer_done(self, result: TransferResult) -> None:
         req = self.rooms.pop(result.room, None)
         self.sent_pages.pop(result.room, None)
+        if req is not None and result.ok:
+            request_stages.leave(req, "transfer_queue", self.ROLE)
         if result.room in self.transfer.open_rooms:
             # NOTE: the room failed while its last chunk went out at launch, and its first token's
             # send (sampled before this result was handled) opened it again: nothing will ever

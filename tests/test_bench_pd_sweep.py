@@ -38,6 +38,16 @@ def test_pd_sweep_measures_both_deployments(tmp_path):
     assert handoff["decode total"]["n"] == 2 and handoff["prefill total"]["n"] == 2, handoff
     assert 0 < handoff["decode total"]["mean_ms"] <= handoff["decode total"]["p90_le_ms"]
     assert "handoff" not in report["deployments"]["colocated"]["rates"][0]
+    # each deployment's time to first token by stage, the rate's two requests in every one of its stages
+    stages = {"pd": ("prefill bootstrap_queue", "prefill wait_queue", "prefill forward", "decode prealloc_queue",
+                     "decode transfer_queue", "decode ttft"),
+              "colocated": ("server wait_queue", "server forward", "server ttft")}  # fmt: skip
+    for name, keys in stages.items():
+        got = report["deployments"][name]["rates"][0]["stages"]
+        assert all(got[k]["n"] == 2 for k in keys), (name, got)
+        # the server's TTFT holds its forward (and its queue): a stage is part of it, not all of it
+        ttft, forward = got[keys[-1]]["mean_ms"], got[keys[2] if name == "pd" else keys[1]]["mean_ms"]
+        assert 0 < forward < ttft, (name, got)
     # every server's /metrics sampled while the rate ran: peak KV use, running batch, queues
     for name, rec in report["deployments"].items():
         point = rec["rates"][0]
@@ -49,6 +59,7 @@ def test_pd_sweep_measures_both_deployments(tmp_path):
     assert (out / "pd_sweep.png").stat().st_size > 0
     assert "| TTFT p50 (ms) |" in (out / "pd_sweep.md").read_text()
     assert "| hand-off: decode, done to its scheduler (ms) |" in (out / "pd_sweep.md").read_text()
+    assert "| ... scheduled to first token sampled (forward) |" in (out / "pd_sweep.md").read_text()
     assert "| TTFT p50 (ms) |" in proc.stdout
     for name in ("pd-prefill", "pd-decode", "pd-router", "colocated-server0", "colocated-router"):
         assert (out / "logs" / f"{name}.log").exists()

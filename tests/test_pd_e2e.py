@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import REFERENCE_ENGINE
 from tests.pd_helpers import PDCluster, assert_pool_free, generate_ids, is_idle, stats, wait_until
+from tests.server_helpers import metric_value
 
 pytestmark = pytest.mark.slow
 
@@ -113,6 +114,16 @@ def test_pd_gives_the_greedy_tokens_of_the_engine(pd, engine):
     metrics = httpx.get(pd.decode.url + "/metrics").text
     assert 'disagg_kv_transfer_bytes_total{role="decode"}' in metrics
     assert 'disagg_queue_requests{role="decode",stage="prealloc"}' in metrics
+    # where the requests' time to first token went, stage by stage (SGLang's per-stage latency): every
+    # request passed every stage of both servers, and the full decode pool's wait shows as prealloc time
+    name, n = "disagg_per_stage_req_latency_seconds", len(gens) + len(chats)
+    prefill = httpx.get(pd.prefill.url + "/metrics").text
+    for text, role, stages in [(prefill, "prefill", ("bootstrap_queue", "wait_queue", "forward", "transfer_queue")),
+                               (metrics, "decode", ("prealloc_queue", "transfer_queue"))]:  # fmt: skip
+        for stage in stages:
+            assert metric_value(text, name + "_count", role=role, stage=stage) >= n, (role, stage, text)
+    assert metric_value(metrics, name + "_sum", role="decode", stage="prealloc_queue") > 0
+    assert metric_value(prefill, name + "_sum", role="prefill", stage="forward") > 0
     assert_pool_free(pd.prefill)
     assert_pool_free(pd.decode)
 

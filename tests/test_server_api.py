@@ -347,6 +347,14 @@ def test_metrics_move(http):
         assert (
             metric_value(after, name, role="server") - metric_value(before, name, role="server") == delta
         ), name
+    # its time to first token by stage: one more request queued, then computed to its first token
+    for stage in ("wait_queue", "forward"):
+        name = "disagg_per_stage_req_latency_seconds_count"
+        assert (
+            metric_value(after, name, role="server", stage=stage)
+            - metric_value(before, name, role="server", stage=stage)
+            == 1
+        ), stage
     assert metric_value(after, "disagg_requests_total", finish_reason="length") >= 1
     assert metric_value(after, "disagg_num_total_pages", role="server") == 4096 // 16
     # a running request shows up in the gauges, its abort in the counter

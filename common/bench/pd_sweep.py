@@ -426,9 +426,10 @@ class Sweep:
         self, url: str, record: dict, deadline: float, servers: dict[str, str], pd: bool
     ) -> None:
         """The serving benchmark at every --request-rates until `deadline`; the rest are recorded as skipped.
-        Each rate: every server's peak queues and KV use (its /metrics, sampled while the rate runs); PD:
-        the KV hand-off by step, from the prefill's and decode's /metrics before and after."""
-        pd_servers = list(servers.values()) if pd else []
+        Each rate: every server's peak queues and KV use (its /metrics, sampled while the rate runs), and
+        from every server's /metrics before and after it, the requests' time to first token by stage (and
+        each server's own TTFT); PD: the KV hand-off by step too."""
+        urls = list(servers.values())
         opts, limits = self.opts, serving.parse_goodput(list(self.opts.goodput))
         for i, (rate, n) in enumerate(zip(opts.request_rates, opts.num_prompts, strict=True)):
             prompts = token_prompts(
@@ -437,7 +438,7 @@ class Sweep:
             try:
                 if time.monotonic() >= deadline:
                     raise TimeoutError
-                before = transfer_histograms(pd_servers)
+                before = server_histograms(urls)
                 with GaugePeaks(servers) as peaks:
                     s = run_bench(bench_args(opts, url, rate, n, opts.output_len), prompts, limits, deadline)
                 s["peaks"], s["peak_samples"] = peaks.result(), peaks.samples
@@ -446,16 +447,19 @@ class Sweep:
                 print(f"  --max-total-s: this deployment's share ran out; rates {record['skipped_rates']} "
                       "not measured (or cut off)", flush=True)  # fmt: skip
                 return
-            if pd_servers:
-                time.sleep(STATS_LAG_S)
-                s["handoff"] = handoff_steps(before, transfer_histograms(pd_servers))
+            time.sleep(STATS_LAG_S)
+            added = handoff_steps(before, server_histograms(urls))
+            s["stages"] = {k: v for k, v in added.items() if k.split()[1] in STAGE_KEYS}
+            if pd:
+                s["handoff"] = {k: v for k, v in added.items() if k.split()[1] not in STAGE_KEYS}
             record["rates"].append({"request_rate": rate, "num_prompts": n, **s})
             print(rate_line(rate, n, s), flush=True)
             print("    peaks: " + "; ".join(f"{name} " + ", ".join(f"{k} {v:g}" for k, v in p.items())
                                           for name, p in s["peaks"].items()), flush=True)  # fmt: skip
-            if s.get("handoff"):
-                print("    hand-off (mean / p90 bucket, ms): " + ", ".join(
-                    f"{k} {v['mean_ms']:.2f}/{v['p90_le_ms']:g}" for k, v in s["handoff"].items()), flush=True)  # fmt: skip
+            for what, key in (("hand-off", "handoff"), ("first token by stage", "stages")):
+                if s.get(key):
+                    print(f"    {what} (mean / p90 bucket, ms): " + ", ".join(
+                        f"{k} {v['mean_ms']:.2f}/{v['p90_le_ms']:g}" for k, v in s[key].items()), flush=True)  # fmt: skip
             self.save()
 
 
@@ -510,12 +514,18 @@ class GaugePeaks:
 PEAK_GAUGES = {"disagg_kv_usage_ratio": "kv_usage", "disagg_num_running_requests": "running",
                "disagg_queue_requests": "queue"}  # fmt: skip
 STATS_LAG_S = 2.0  # a server's /metrics shows its scheduler's transfer series as of its last stats report
-HANDOFF = ("disagg_kv_transfer_duration_seconds", "disagg_kv_transfer_step_seconds")
+# the histograms read from each server's /metrics: family -> the label naming its series (else the key)
+HISTOGRAMS = {"disagg_kv_transfer_duration_seconds": "total", "disagg_kv_transfer_step_seconds": "step",
+              "disagg_per_stage_req_latency_seconds": "stage", "disagg_time_to_first_token_seconds": "ttft"}  # fmt: skip
+# the series of a request's way to its first token (common/engine/request_stages.py; "ttft": the
+# server's own, from its HTTP front end's arrival to the first token out)
+STAGE_KEYS = ("bootstrap_queue", "prealloc_queue", "wait_queue", "forward", "transfer_queue", "ttft")
 
 
-def transfer_histograms(urls: list[str]) -> dict[str, dict]:
-    """The KV transfer histograms on these servers' /metrics, as {"role step": {"sum", "count",
-    "buckets": {le: cumulative count}}} (the duration's key is "role total")."""
+def server_histograms(urls: list[str]) -> dict[str, dict]:
+    """The hand-off, request-stage and TTFT histograms on these servers' /metrics, as {"role name":
+    {"sum", "count", "buckets": {le: cumulative count}}} (name: the step or stage; the transfer's
+    duration is "total", the server's TTFT "ttft")."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out: dict[str, dict] = {}
@@ -525,11 +535,12 @@ def transfer_histograms(urls: list[str]) -> dict[str, dict]:
         except httpx.HTTPError:
             continue
         for family in text_string_to_metric_families(text):
-            if family.name not in HANDOFF:
+            name = HISTOGRAMS.get(family.name)
+            if name is None:
                 continue
             for sample in family.samples:
                 labels = sample.labels
-                key = f"{labels.get('role', '?')} {labels.get('step', 'total')}"
+                key = f"{labels.get('role', '?')} {labels.get(name, name)}"
                 h = out.setdefault(key, {"sum": 0.0, "count": 0.0, "buckets": {}})
                 if sample.name.endswith("_sum"):
                     h["sum"] += sample.value
@@ -575,6 +586,21 @@ HANDOFF_ROWS = [("hand-off: prefill, chunk posted to done (ms)", "prefill total"
                 ("hand-off: decode, done to first token out (ms)", "decode first_token")]  # fmt: skip
 ROWS += [(name, lambda s, k=key: f"{s['handoff'][k]['mean_ms']:.2f}" if k in s.get("handoff", {}) else "–")
          for name, key in HANDOFF_ROWS]  # fmt: skip
+# every deployment: where the requests' time to first token went (mean ms), from the servers' /metrics
+STAGE_ROWS = [("first token: the server's TTFT (its HTTP arrival to first token out)", ("server ttft", "decode ttft")),
+              ("... prefill: held until the decode asked (bootstrap_queue)", ("prefill bootstrap_queue",)),
+              ("... queued until scheduled (wait_queue)", ("server wait_queue", "prefill wait_queue")),
+              ("... scheduled to first token sampled (forward)", ("server forward", "prefill forward")),
+              ("... decode: pages reserved (prealloc_queue)", ("decode prealloc_queue",)),
+              ("... decode: pages reserved to KV and first token in (transfer_queue)", ("decode transfer_queue",))]  # fmt: skip
+
+
+def _stage_cell(s: dict, keys: tuple[str, ...]) -> str:
+    found = [s["stages"][k]["mean_ms"] for k in keys if k in s.get("stages", {})]
+    return f"{found[0]:.2f}" if found else "–"
+
+
+ROWS += [(name, lambda s, k=keys: _stage_cell(s, k)) for name, keys in STAGE_ROWS]
 
 
 def markdown(report: dict) -> str:

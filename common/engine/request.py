@@ -91,6 +91,9 @@ class Req:
     prompt_logprobs: list[list] = field(default_factory=list)
     arrival_time: float = 0.0
     first_token_time: float | None = None
+    # the stage before its first token it is in now, since when (request_stages.py; None: not timed)
+    stage: str | None = None
+    stage_since: float = 0.0
     # PD disaggregation: the prefill server's bootstrap address and the request's room (else None)
     bootstrap_host: str | None = None
     bootstrap_port: int | None = None
@@ -175,7 +178,7 @@ class SchedulerStats:
     num_transferring: int = 0  # PD roles: rooms whose transfer has not ended
     num_prealloc: int = 0  # decode: requests waiting for pages
     num_open_rooms: int = 0  # PD roles: rooms the transfer engine still tracks
-    metrics_text: str = ""  # PD roles: the transfer engine's Prometheus series
+    metrics_text: str = ""  # the scheduler process's Prometheus series (request stages; PD: the transfer's)
     # MoE with --enable-expert-distribution-metrics: {decoder layer id: routed pairs per expert since start}
     expert_tokens: dict[int, list[int]] = field(default_factory=dict)
     # --dp-size > 1: these stats are the replicas' sum; one entry per replica (dp_rank, alive, gpus,

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 from disagg.common.config import EngineConfig, step_delay_s, transfer_trace
+from disagg.common.engine import request_stages
 from disagg.common.engine.device_wait import (
     ForwardThread,
     log_stream_syncs,
@@ -79,6 +80,8 @@ class _RetractionNeeded(Exception):
 
 
 class Scheduler:
+    ROLE = "server"  # the role label of its series in /metrics (the PD roles: "prefill", "decode")
+
     def __init__(self, config: EngineConfig, runner: ModelRunner | None = None):
         self.config = config
         self.runner = runner or ModelRunner(config)
@@ -153,6 +156,7 @@ class Scheduler:
             cache_hit_rate=self.cache.hit_rate,
             num_retractions=self.num_retractions,
             expert_tokens=self.runner.eplb.expert_tokens() if self.runner.eplb else {},  # MoE, for /metrics
+            metrics_text=request_stages.metrics_text(),
         )
 
     def set_early_output_sink(self, sink: Callable[[list[TokenOut]], None]) -> None:
@@ -292,6 +296,7 @@ class Scheduler:
 
     def _enqueue(self, req: Req) -> None:
         """Queue an accepted request (the PD roles hold theirs in their own queue first)."""
+        request_stages.enter(req, "wait_queue", self.ROLE, req.arrival_time)
         self.waiting.append(req)
 
     def _admit_held_requests(self) -> None:
@@ -310,6 +315,7 @@ class Scheduler:
 
     def _on_token_sampled(self, req: Req, token: int, lp: float | None, top: list[list] | None) -> None:
         """`token` was sampled for `req` and appended to its output: decode on."""
+        request_stages.leave(req, "forward", self.ROLE)
         req.status = ReqStatus.DECODING
         self._emit_token(req, token, lp, top)
 
@@ -460,6 +466,8 @@ class Scheduler:
         req.num_computed_tokens = req.num_cached_tokens = len(pages) * ps
         req.status = ReqStatus.PREFILLING
         self.running.append(req)
+        if req.stage == "wait_queue":  # its first admission (a retracted request's next one is not timed)
+            request_stages.enter(req, "forward", self.ROLE)
         return n
 
     def _reserve_pages(self, need: int, headroom: int) -> list[int] | None:

@@ -68,6 +68,12 @@ ROWS: list[tuple[str, list[Panel]]] = [
         Panel("Time to first token by role", quantiles("disagg_time_to_first_token_seconds", "role", "{{role}}"), "s"),
         Panel("Inter-token latency by role", quantiles("disagg_inter_token_latency_seconds", "role", "{{role}}"), "s"),
         Panel("End-to-end latency by role", quantiles("disagg_e2e_request_latency_seconds", "role", "{{role}}"), "s"),
+        Panel("Time to first token by stage (mean)",
+              [(f"{rate('disagg_per_stage_req_latency_seconds_sum', 'role, stage')} / "
+                f"{rate('disagg_per_stage_req_latency_seconds_count', 'role, stage')}", "{{role}} {{stage}}")], "s",
+              description="where a request waits before its first token: prefill bootstrap_queue, wait_queue, "
+                          "forward, transfer_queue; decode prealloc_queue, transfer_queue; colocated wait_queue, "
+                          "forward (common/engine/request_stages.py)"),
     ]),
     ("Per pod", [
         Panel("p99 time to first token by pod",
