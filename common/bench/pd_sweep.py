@@ -519,7 +519,15 @@ HISTOGRAMS = {"disagg_kv_transfer_duration_seconds": "total", "disagg_kv_transfe
               "disagg_per_stage_req_latency_seconds": "stage", "disagg_time_to_first_token_seconds": "ttft"}  # fmt: skip
 # the series of a request's way to its first token (common/engine/request_stages.py; "ttft": the
 # server's own, from its HTTP front end's arrival to the first token out)
-STAGE_KEYS = ("bootstrap_queue", "prealloc_queue", "wait_queue", "forward", "transfer_queue", "ttft")
+STAGE_KEYS = (
+    "receive",
+    "bootstrap_queue",
+    "prealloc_queue",
+    "wait_queue",
+    "forward",
+    "transfer_queue",
+    "ttft",
+)
 
 
 def server_histograms(urls: list[str]) -> dict[str, dict]:
@@ -588,9 +596,11 @@ ROWS += [(name, lambda s, k=key: f"{s['handoff'][k]['mean_ms']:.2f}" if k in s.g
          for name, key in HANDOFF_ROWS]  # fmt: skip
 # every deployment: where the requests' time to first token went (mean ms), from the servers' /metrics
 STAGE_ROWS = [("first token: the server's TTFT (its HTTP arrival to first token out)", ("server ttft", "decode ttft")),
+              ("... sent by its front end until its scheduler took it (receive)", ("server receive", "prefill receive")),
               ("... prefill: held until the decode asked (bootstrap_queue)", ("prefill bootstrap_queue",)),
               ("... queued until scheduled (wait_queue)", ("server wait_queue", "prefill wait_queue")),
               ("... scheduled to first token sampled (forward)", ("server forward", "prefill forward")),
+              ("... decode: sent by its front end until its scheduler took it (receive)", ("decode receive",)),
               ("... decode: pages reserved (prealloc_queue)", ("decode prealloc_queue",)),
               ("... decode: pages reserved to KV and first token in (transfer_queue)", ("decode transfer_queue",))]  # fmt: skip
 

@@ -1,11 +1,14 @@
 """Where a request's time to its first token goes, stage by stage, as SGLang's per-stage request
 latency: one Prometheus histogram, `disagg_per_stage_req_latency_seconds{role, stage}`.
 
+    every role, first: receive (the HTTP front end sent it until the scheduler took it in)
     colocated ("server"): wait_queue -> forward -> (first token)
     prefill:  bootstrap_queue -> wait_queue -> forward -> transfer_queue -> (the decode has the KV)
     decode:   prealloc_queue -> transfer_queue -> (KV and first token in; the rest is the transfer
               engine's `first_token` step: until it left the scheduler)
 
+- receive: from the HTTP process's send (after tokenizing) until the scheduler loop took it in (a
+  scheduler busy in a step takes new requests at its end, or mid-step where its role may)
 - bootstrap_queue: a PD request held until the decode side asked for its room (0 when started at once)
 - wait_queue: queued until its first chunk was scheduled
 - forward: its first chunk scheduled until its first token was on the host (every chunk's compute)
@@ -39,8 +42,12 @@ def enter(req: Req, stage: str | None, role: str, now: float | None = None) -> N
     """End `req`'s current stage (observed under `role`) and start `stage` (None: stop timing)."""
     now = time.monotonic() if now is None else now
     if req.stage is not None:
-        STAGE_SECONDS.labels(role, req.stage).observe(max(0.0, now - req.stage_since))
+        observe(role, req.stage, now - req.stage_since)
     req.stage, req.stage_since = stage, now
+
+
+def observe(role: str, stage: str, seconds: float) -> None:
+    STAGE_SECONDS.labels(role, stage).observe(max(0.0, seconds))
 
 
 def leave(req: Req, stage: str, role: str) -> None:

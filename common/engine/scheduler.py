@@ -125,6 +125,8 @@ class Scheduler:
             self._pending_outs.append(self._abort_out(req, error))
             return
         req.arrival_time = req.arrival_time or time.monotonic()
+        if req.sent_at:
+            request_stages.observe(self.ROLE, "receive", req.arrival_time - req.sent_at)
         self._enqueue(req)
 
     def abort_request(self, rid: str) -> None:

@@ -43,6 +43,7 @@ class GenerateReqMsg:
     data_parallel_rank: int | None = None  # DP attention: the DP rank to serve it (None: the scheduler picks)
     # decode: a shared prompt's KV (n > 1, shared_prompt.py): its pages stay in the prefix cache
     keep_prompt_cached: bool = False
+    sent_at: float = 0.0  # the front end's time.monotonic() when it sent the request (one clock per host)
 
 
 @message

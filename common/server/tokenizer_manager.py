@@ -192,7 +192,7 @@ class TokenizerManager:
         if rid in self.reqs:
             raise ValueError(f"request id {rid!r} is already running")
         state = self.reqs[rid] = ReqState(owner=owner)
-        self._send(GenerateReqMsg(rid, list(input_ids), sampling, **(pd or {})))
+        self._send(GenerateReqMsg(rid, list(input_ids), sampling, **(pd or {}), sent_at=time.monotonic()))
         try:
             while True:
                 out: StrOut = await state.queue.get()
