@@ -4,8 +4,8 @@ When a prefill rank and a decode rank share a machine, sending KV through UCX (g
 one tag message, scatter) costs per-message software time that dwarfs the copy itself (an 8B
 1k-token request on one H200: 137 MB, ~0.07 ms as a device copy, 9-65 ms through UCX). Instead the
 decode rank shares its pool once, at the handshake, and the prefill rank maps it and copies each
-chunk's pages into the decode's pages itself: one gather + one index_copy_ on its transfer stream,
-no staging message, no receive to post.
+chunk's pages into the decode's pages itself: one copy kernel on its transfer stream (page_copy.py;
+else one gather + one index_copy_), no staging message, no receive to post.
 
 - CUDA: the pool's allocation is shared with a CUDA IPC handle (torch's `_share_cuda_`, what
   torch.multiprocessing uses); the prefill opens it on its own device of the same GPU UUID (the same
@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from disagg.common.shm import memfd_of
+from disagg.transfer import page_copy
 from disagg.transfer.base import gather_pages, wide_pages
 
 logger = logging.getLogger(__name__)
@@ -140,13 +141,19 @@ def copy_pages(
 
     Pools are [layers, pages, 2, page_size, heads, head_dim]; head ranges are local indices.
     Whole-head pages move as rows of int64 (the copy kernels are several times faster on wide
-    elements than on bf16); a head slice moves through one gathered temporary.
+    elements than on bf16), on CUDA in one pass (page_copy.py); otherwise, and for a head slice,
+    through one gathered temporary.
     """
     n = len(src_pages)
     src = src_pool[:, :, :, :, src_heads[0] : src_heads[1]]
     dst = dst_pool[:, :, :, :, dst_heads[0] : dst_heads[1]]
     whole_src = src_heads[1] - src_heads[0] == src_pool.shape[4]
     whole_dst = dst_heads[1] - dst_heads[0] == dst_pool.shape[4]
+    if whole_src and whole_dst:  # each page's layer row is contiguous: one pass on CUDA (page_copy.py)
+        src_rows, dst_rows = wide_pages(src, True), wide_pages(dst, True)
+        if page_copy.usable(src_rows, dst_rows):
+            page_copy.copy_rows(src_rows, src_pages, dst_rows, dst_pages.to(dst.device, non_blocking=True))
+            return
     tmp = torch.empty((src.shape[0], n, *src.shape[2:]), dtype=src.dtype, device=src.device)
     gather_pages(wide_pages(src, whole_src), src_pages, wide_pages(tmp, whole_src))
     if tmp.device != dst.device:

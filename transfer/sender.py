@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from disagg.common.engine.device_wait import host_to_device
-from disagg.transfer import metrics
+from disagg.transfer import metrics, page_copy
 from disagg.transfer.base import (
     RoomState,
     Tombstone,
@@ -129,6 +129,8 @@ class KVSender(TransferBase):
     ) -> None:
         super().__init__(kv_buffer, layout, timeout_s, heartbeat_s, heartbeat_timeout_s, ib_device)
         self.max_message_bytes = max_message_bytes or default_max_message_bytes(self.device)
+        if self.device.type == "cuda":  # the direct copy's kernel is built and checked now, not in a request
+            page_copy.check(self.device)
         self._draining: set[Room] = set()  # finished rooms whose copies still run
         self.bootstrap: BootstrapServer | None = None
         if serve_bootstrap if serve_bootstrap is not None else layout.rank == dp_rank == 0:

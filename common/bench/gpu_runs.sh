@@ -304,6 +304,14 @@ for step in "$@"; do
              --prefill-below-normal --server-args "--mem-fraction-static 0.4" --request-rates 16,24,32 --num-prompts 64 \
              --input-len 1024 --output-len 128 --goodput ttft:1000 itl:50 --ttft-probes 3 2>&1 | grep -v "Loading\|jit\|UCX  WARN" | tail -24
            cp /tmp/prio/pd_sweep.json $OUT/mps_priority.json 2>/dev/null ;;
+    page-copy) # issue 24, eighteenth session: the direct hand-off's one-pass Triton page copy (transfer/page_copy.py) on the
+           # GPU: its test, then the hand-off bench with it and with torch's gather + index_copy_ (DISAGG_FUSED_KERNELS=0;
+           # the bench runs no other fused kernel); carry .gpu/ucx
+           timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_page_copy.py 2>&1 | tail -2
+           for fk in 1 0; do echo "--- DISAGG_FUSED_KERNELS=$fk"
+             DISAGG_FUSED_KERNELS=$fk timeout "${T:-120}" python3 -m disagg.transfer.bench --device cuda --transport direct \
+               --sizes 64M,256M --iters 5 2>&1 | grep -v "UCX  WARN" | tee $OUT/page_copy_$fk.log | tail -6
+           done ;;
     gil-ab-colo|gil-ab-pd) # the eighteenth session's A/B of the transfer engine's GIL switch interval (transfer/ucx.py:
            # 0.2 ms since the seventeenth; after it the one-GPU sweep's PD/colocated TTFT p50 was 1.21-1.23 at 1-8 req/s
            # against 1.00-1.11 before, on another H100): colocated alone (no transfer engine; carry no .gpu/ucx), then PD
