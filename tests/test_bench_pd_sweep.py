@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from disagg.common.bench.pd_sweep import live_groups
+from disagg.common.bench.pd_sweep import live_groups, ttft_parts
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +48,9 @@ def test_pd_sweep_measures_both_deployments(tmp_path):
         # the server's TTFT holds its forward (and its queue): a stage is part of it, not all of it
         ttft, forward = got[keys[-1]]["mean_ms"], got[f"{keys[0].split()[0]} forward"]["mean_ms"]
         assert 0 < forward < ttft, (name, got)
+        # the plot's parts of it: queued, the prefill's forward, the rest, adding up to the server's TTFT
+        parts = ttft_parts(report["deployments"][name]["rates"][0])
+        assert parts[1] == forward and abs(sum(parts) - ttft) < 1e-6, (name, parts, ttft)
     # every server's /metrics sampled while the rate ran: peak KV use, running batch, queues
     for name, rec in report["deployments"].items():
         point = rec["rates"][0]

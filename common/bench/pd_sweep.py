@@ -639,13 +639,56 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+TTFT_PARTS = ("queued", "prefill forward", "hand-off and way out")
+
+
+def ttft_parts(s: dict) -> list[float] | None:
+    """A rate's mean server TTFT (ms) in three parts, from its stages: queued (taken in, held, queued
+    until scheduled), the prefill's forward, and the rest (PD: the hand-off, the decode's emission and
+    the way to the HTTP front end; colocated: the way out). None without the stage series."""
+    got = {k: v["mean_ms"] for k, v in s.get("stages", {}).items()}
+    role = "prefill" if "prefill forward" in got else "server"
+    ttft = got.get("decode ttft" if role == "prefill" else "server ttft")
+    if ttft is None or f"{role} forward" not in got:
+        return None
+    queued = sum(got.get(f"{role} {k}", 0.0) for k in ("receive", "bootstrap_queue", "wait_queue"))
+    forward = got[f"{role} forward"]
+    return [queued, forward, max(0.0, ttft - queued - forward)]
+
+
+def _plot_ttft_parts(ax, report: dict) -> None:
+    """Stacked bars: each deployment's server TTFT by part at each rate (side by side)."""
+    deployments = list(report["deployments"].items())
+    width = 0.8 / max(1, len(deployments))
+    colors = ("tab:gray", "tab:blue", "tab:orange")
+    for j, (d, rec) in enumerate(deployments):
+        for i, s in enumerate(rec["rates"]):
+            parts = ttft_parts(s)
+            if parts is None:
+                continue
+            bottom = 0.0
+            for k, (part, color) in enumerate(zip(parts, colors, strict=True)):
+                label = TTFT_PARTS[k] if i == 0 and j == 0 else None
+                ax.bar(i + (j - (len(deployments) - 1) / 2) * width, part, width, bottom=bottom, color=color,
+                       edgecolor="black" if d == "pd" else "none", label=label)  # fmt: skip
+                bottom += part
+    rates = [s["request_rate"] for s in deployments[0][1]["rates"]] if deployments else []
+    ax.set_xticks(range(len(rates)), [f"{r:g}" for r in rates])
+    ax.set(xlabel="request rate (req/s); bars: " + " | ".join(d for d, _ in deployments) + " (PD outlined)",
+           ylabel="mean server TTFT (ms)", title="time to first token by part")  # fmt: skip
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (share_ax, rate_ax, ttft_ax) = plt.subplots(1, 3, figsize=(15, 4))
+    with_parts = any(ttft_parts(s) for rec in report["deployments"].values() for s in rec["rates"])
+    fig, axes = plt.subplots(1, 3 + with_parts, figsize=(15 + 5 * with_parts, 4))
+    share_ax, rate_ax, ttft_ax = axes[:3]
+    if with_parts:
+        _plot_ttft_parts(axes[3], report)
     for d, rec in report["deployments"].items():
         rates = [s["request_rate"] for s in rec["rates"]]
         share_ax.plot(rates, [100 * s["goodput_share"] for s in rec["rates"]], marker="o", label=d)
@@ -660,7 +703,7 @@ def plot(report: dict, path: Path) -> None:
     rate_ax.set_ylim(bottom=0)
     ttft_ax.set(xlabel="request rate (req/s)", ylabel="TTFT (ms)", title="time to first token")
     ttft_ax.set_ylim(bottom=0)
-    for ax in (share_ax, rate_ax, ttft_ax):
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
