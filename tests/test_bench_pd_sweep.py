@@ -39,16 +39,18 @@ def test_pd_sweep_measures_both_deployments(tmp_path):
     assert 0 < handoff["decode total"]["mean_ms"] <= handoff["decode total"]["p90_le_ms"]
     assert "handoff" not in report["deployments"]["colocated"]["rates"][0]
     # each deployment's time to first token by stage, the rate's two requests in every one of its stages
-    stages = {"pd": ("prefill receive", "prefill bootstrap_queue", "prefill forward", "prefill wait_queue",
-                     "decode receive", "decode prealloc_queue", "decode transfer_queue", "decode ttft"),
-              "colocated": ("server receive", "server forward", "server wait_queue", "server ttft")}  # fmt: skip
+    stages = {"pd": ("prefill tokenize", "prefill receive", "prefill bootstrap_queue", "prefill forward",
+                     "prefill wait_queue", "decode tokenize", "decode receive", "decode prealloc_queue",
+                     "decode transfer_queue", "decode ttft"),
+              "colocated": ("server tokenize", "server receive", "server forward", "server wait_queue",
+                            "server ttft")}  # fmt: skip
     for name, keys in stages.items():
         got = report["deployments"][name]["rates"][0]["stages"]
         assert all(got[k]["n"] == 2 for k in keys), (name, got)
         # the server's TTFT holds its forward (and its queue): a stage is part of it, not all of it
         ttft, forward = got[keys[-1]]["mean_ms"], got[f"{keys[0].split()[0]} forward"]["mean_ms"]
         assert 0 < forward < ttft, (name, got)
-        # the plot's parts of it: queued, the prefill's forward, the rest, adding up to the server's TTFT
+        # the plot's parts of it: tokenized and queued, the prefill's forward, the rest: the server's TTFT
         parts = ttft_parts(report["deployments"][name]["rates"][0])
         assert parts[1] == forward and abs(sum(parts) - ttft) < 1e-6, (name, parts, ttft)
     # every server's /metrics sampled while the rate ran: peak KV use, running batch, queues

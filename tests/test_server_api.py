@@ -347,8 +347,8 @@ def test_metrics_move(http):
         assert (
             metric_value(after, name, role="server") - metric_value(before, name, role="server") == delta
         ), name
-    # its time to first token by stage: one more request taken in, queued, then computed to its first token
-    for stage in ("receive", "wait_queue", "forward"):
+    # its time to first token by stage: one more request tokenized, taken in, queued, computed to its first token
+    for stage in ("tokenize", "receive", "wait_queue", "forward"):
         name = "disagg_per_stage_req_latency_seconds_count"
         assert (
             metric_value(after, name, role="server", stage=stage)

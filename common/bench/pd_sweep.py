@@ -520,6 +520,7 @@ HISTOGRAMS = {"disagg_kv_transfer_duration_seconds": "total", "disagg_kv_transfe
 # the series of a request's way to its first token (common/engine/request_stages.py; "ttft": the
 # server's own, from its HTTP front end's arrival to the first token out)
 STAGE_KEYS = (
+    "tokenize",
     "receive",
     "bootstrap_queue",
     "prealloc_queue",
@@ -596,10 +597,12 @@ ROWS += [(name, lambda s, k=key: f"{s['handoff'][k]['mean_ms']:.2f}" if k in s.g
          for name, key in HANDOFF_ROWS]  # fmt: skip
 # every deployment: where the requests' time to first token went (mean ms), from the servers' /metrics
 STAGE_ROWS = [("first token: the server's TTFT (its HTTP arrival to first token out)", ("server ttft", "decode ttft")),
+              ("... parsed and tokenized by its front end (tokenize)", ("server tokenize", "prefill tokenize")),
               ("... sent by its front end until its scheduler took it (receive)", ("server receive", "prefill receive")),
               ("... prefill: held until the decode asked (bootstrap_queue)", ("prefill bootstrap_queue",)),
               ("... queued until scheduled (wait_queue)", ("server wait_queue", "prefill wait_queue")),
               ("... scheduled to first token sampled (forward)", ("server forward", "prefill forward")),
+              ("... decode: parsed and tokenized by its front end (tokenize)", ("decode tokenize",)),
               ("... decode: sent by its front end until its scheduler took it (receive)", ("decode receive",)),
               ("... decode: pages reserved (prealloc_queue)", ("decode prealloc_queue",)),
               ("... decode: pages reserved to KV and first token in (transfer_queue)", ("decode transfer_queue",))]  # fmt: skip
@@ -639,19 +642,21 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-TTFT_PARTS = ("queued", "prefill forward", "hand-off and way out")
+TTFT_PARTS = ("tokenized and queued", "prefill forward", "hand-off and way out")
 
 
 def ttft_parts(s: dict) -> list[float] | None:
-    """A rate's mean server TTFT (ms) in three parts, from its stages: queued (taken in, held, queued
-    until scheduled), the prefill's forward, and the rest (PD: the hand-off, the decode's emission and
+    """A rate's mean server TTFT (ms) in three parts, from its stages: tokenized and queued (parsed,
+    tokenized, taken in, held, queued until scheduled), the prefill's forward, and the rest (PD: the hand-off, the decode's emission and
     the way to the HTTP front end; colocated: the way out). None without the stage series."""
     got = {k: v["mean_ms"] for k, v in s.get("stages", {}).items()}
     role = "prefill" if "prefill forward" in got else "server"
     ttft = got.get("decode ttft" if role == "prefill" else "server ttft")
     if ttft is None or f"{role} forward" not in got:
         return None
-    queued = sum(got.get(f"{role} {k}", 0.0) for k in ("receive", "bootstrap_queue", "wait_queue"))
+    queued = sum(
+        got.get(f"{role} {k}", 0.0) for k in ("tokenize", "receive", "bootstrap_queue", "wait_queue")
+    )
     forward = got[f"{role} forward"]
     return [queued, forward, max(0.0, ttft - queued - forward)]
 

@@ -90,7 +90,9 @@ class Req:
     # sampling.prompt_logprobs: [logprob, [[token_id, logprob], ...]] of prompt tokens 1.., chunk by chunk
     prompt_logprobs: list[list] = field(default_factory=list)
     arrival_time: float = 0.0
-    sent_at: float = 0.0  # the HTTP front end's time.monotonic() when it sent the request (0: none)
+    # the HTTP front end's time.monotonic() at the request's arrival and when it sent it here (0: none)
+    received_at: float = 0.0
+    sent_at: float = 0.0
     first_token_time: float | None = None
     # the stage before its first token it is in now, since when (request_stages.py; None: not timed)
     stage: str | None = None

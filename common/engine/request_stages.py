@@ -1,12 +1,15 @@
 """Where a request's time to its first token goes, stage by stage, as SGLang's per-stage request
 latency: one Prometheus histogram, `disagg_per_stage_req_latency_seconds{role, stage}`.
 
-    every role, first: receive (the HTTP front end sent it until the scheduler took it in)
+    every role, first: tokenize (its HTTP process: arrival until sent to the scheduler), receive (sent
+    until the scheduler took it in)
     colocated ("server"): wait_queue -> forward -> (first token)
     prefill:  bootstrap_queue -> wait_queue -> forward -> transfer_queue -> (the decode has the KV)
     decode:   prealloc_queue -> transfer_queue -> (KV and first token in; the rest is the transfer
               engine's `first_token` step: until it left the scheduler)
 
+- tokenize: the HTTP process from the request's arrival (before its body was read) until it sent the
+  tokenized request: the body, validation, the chat template, tokenization (on its worker threads)
 - receive: from the HTTP process's send (after tokenizing) until the scheduler loop took it in (a
   scheduler busy in a step takes new requests at its end, or mid-step where its role may)
 - bootstrap_queue: a PD request held until the decode side asked for its room (0 when started at once)

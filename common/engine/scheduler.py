@@ -126,6 +126,8 @@ class Scheduler:
             return
         req.arrival_time = req.arrival_time or time.monotonic()
         if req.sent_at:
+            if req.received_at:
+                request_stages.observe(self.ROLE, "tokenize", req.sent_at - req.received_at)
             request_stages.observe(self.ROLE, "receive", req.arrival_time - req.sent_at)
         self._enqueue(req)
 

@@ -14,10 +14,12 @@ import contextlib
 import hashlib
 import logging
 import secrets
+import time
 
 from disagg.common.server import native_api, openai_api
 from disagg.common.server.protocol import SERVER_ERROR, APIError
 from disagg.common.server.serving import IS_ADMIN, PRINCIPAL, ServerState, admin_required
+from disagg.common.server.tokenizer_manager import REQUEST_ARRIVAL
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -47,6 +49,7 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        REQUEST_ARRIVAL.set(time.monotonic())  # TTFT and latency count from here (tokenizer_manager.py)
         err = self.check_headers(scope)
         if err is None and scope["method"] in ("POST", "PUT", "PATCH"):
             body, err = await self.read_body(receive)

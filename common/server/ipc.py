@@ -43,7 +43,10 @@ class GenerateReqMsg:
     data_parallel_rank: int | None = None  # DP attention: the DP rank to serve it (None: the scheduler picks)
     # decode: a shared prompt's KV (n > 1, shared_prompt.py): its pages stay in the prefix cache
     keep_prompt_cached: bool = False
-    sent_at: float = 0.0  # the front end's time.monotonic() when it sent the request (one clock per host)
+    # the front end's time.monotonic() (one clock per host) at the HTTP request's arrival, and when it sent
+    # this message (0: not known; request_stages.py's tokenize and receive stages)
+    received_at: float = 0.0
+    sent_at: float = 0.0
 
 
 @message

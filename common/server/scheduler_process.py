@@ -161,6 +161,7 @@ class SchedulerLoop:
                     bootstrap_room=msg.bootstrap_room,
                     data_parallel_rank=msg.data_parallel_rank,
                     keep_prompt_cached=msg.keep_prompt_cached,
+                    received_at=msg.received_at,
                     sent_at=msg.sent_at,
                 )  # fmt: skip
             )

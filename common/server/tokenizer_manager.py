@@ -21,6 +21,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,10 +85,15 @@ def max_token_chars(tokenizer) -> int:
     return max((len(t) for t in tokenizer.get_vocab()), default=1)
 
 
+# The HTTP request's arrival (time.monotonic(), set by the guard middleware before it reads the body):
+# a request's TTFT and latency count from it, parsing and tokenization included; None outside a request
+REQUEST_ARRIVAL: ContextVar[float | None] = ContextVar("disagg_request_arrival", default=None)
+
+
 @dataclass
 class ReqState:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    created: float = field(default_factory=time.perf_counter)
+    created: float = field(default_factory=time.monotonic)
     last_token_time: float | None = None
     finished: bool = False
     abandoned: bool = False  # the consumer left; drop outputs until the final one
@@ -191,8 +197,10 @@ class TokenizerManager:
         """Yield the request's outputs until the finished one; leaving early aborts it."""
         if rid in self.reqs:
             raise ValueError(f"request id {rid!r} is already running")
-        state = self.reqs[rid] = ReqState(owner=owner)
-        self._send(GenerateReqMsg(rid, list(input_ids), sampling, **(pd or {}), sent_at=time.monotonic()))
+        arrival, now = REQUEST_ARRIVAL.get(), time.monotonic()
+        state = self.reqs[rid] = ReqState(created=arrival or now, owner=owner)
+        self._send(GenerateReqMsg(rid, list(input_ids), sampling, **(pd or {}), received_at=arrival or 0.0,
+                                  sent_at=now))  # fmt: skip
         try:
             while True:
                 out: StrOut = await state.queue.get()
@@ -247,7 +255,7 @@ class TokenizerManager:
             msg = decode(await self.recv_sock.recv())
             try:
                 if isinstance(msg, BatchStrOutMsg):
-                    now = time.perf_counter()
+                    now = time.monotonic()
                     for out in msg.outs:
                         self._dispatch(out, now)
                 elif isinstance(msg, PongMsg):

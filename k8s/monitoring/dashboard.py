@@ -71,7 +71,7 @@ ROWS: list[tuple[str, list[Panel]]] = [
         Panel("Time to first token by stage (mean)",
               [(f"{rate('disagg_per_stage_req_latency_seconds_sum', 'role, stage')} / "
                 f"{rate('disagg_per_stage_req_latency_seconds_count', 'role, stage')}", "{{role}} {{stage}}")], "s",
-              description="where a request waits before its first token: receive (front end to scheduler); prefill bootstrap_queue, wait_queue, "
+              description="where a request waits before its first token: tokenize, receive (front end to scheduler); prefill bootstrap_queue, wait_queue, "
                           "forward, transfer_queue; decode prealloc_queue, transfer_queue; colocated wait_queue, "
                           "forward (common/engine/request_stages.py)"),
     ]),
