@@ -14,6 +14,7 @@ import asyncio
 import copy
 import ctypes
 import ctypes.util
+import dataclasses
 import itertools
 import json
 import logging
@@ -204,6 +205,10 @@ class TokenizerManager:
         try:
             while True:
                 out: StrOut = await state.queue.get()
+                # NOTE: a consumer behind the detokenizer (a busy event loop: many streams, a slow
+                # client's writes) takes what queued meanwhile as one output, not one event per token
+                while not out.finished and not state.queue.empty():
+                    out = coalesce(out, state.queue.get_nowait())
                 yield out
                 if out.finished:
                     return
@@ -286,6 +291,27 @@ class TokenizerManager:
                 return
         if not state.abandoned:
             state.queue.put_nowait(out)
+
+
+def coalesce(a: StrOut, b: StrOut) -> StrOut:
+    """One output for two consecutive outputs of a request (`b` after `a`): the new text and tokens of
+    both, in order; `b`'s ending and counts; the prompt's logprobs, which only the first output carries."""
+
+    def joined(x: list | None, y: list | None) -> list | None:
+        return None if x is None and y is None else (x or []) + (y or [])
+
+    return dataclasses.replace(
+        b,
+        text=a.text + b.text,
+        output_ids=a.output_ids + b.output_ids,
+        logprobs=joined(a.logprobs, b.logprobs),
+        token_texts=joined(a.token_texts, b.token_texts),
+        top_logprobs=joined(a.top_logprobs, b.top_logprobs),
+        prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+        prompt_top_logprobs=a.prompt_top_logprobs
+        if a.prompt_top_logprobs is not None
+        else b.prompt_top_logprobs,
+    )
 
 
 _SIBLING_SUFFIX = re.compile(r"(-[rm]\d+)*(-\d+|-prompt\d+)?")
