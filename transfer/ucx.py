@@ -69,10 +69,11 @@ def tensor_buffer(t: torch.Tensor) -> Any:
 # forward's kernels, a step's host work) holds the GIL for long stretches: a waiting thread then gets
 # it only when the interval runs out. `python -m disagg.transfer.bench --transport direct --busy-thread`
 # (a Python thread spinning beside the sender), 64 KiB rooms, CPU: 0.5-0.7 ms alone; beside the spinning
-# thread 21-47 ms at 5 ms, 3.6 ms at 0.5 ms, 1.6-2.2 ms at 0.2 ms. The one-GPU PD sweep's wait_request
-# (the prefill waiting for the decode's page list) was 31 ms at 32 req/s with the default. A busy
-# thread loses nothing measurable (a Python loop's rate beside a thread waking every 1 ms: within 5%).
-# DISAGG_GIL_SWITCH_INTERVAL_MS overrides it (an A/B on the GPU: gpu_runs.sh gil-ab).
+# thread 21-47 ms at 5 ms, 3.6 ms at 0.5 ms, 1.6-2.2 ms at 0.2 ms. A busy thread loses nothing
+# measurable (a Python loop's rate beside a thread waking every 1 ms: within 5%). On the GPU servers it
+# made no difference (PD at 4-16 req/s on one H100, 0.2 against 5 ms: the same TTFT and wait_request,
+# eighteenth session, gpu_runs.sh gil-ab-pd), nor did it shorten the one-GPU sweep's wait_request at
+# 32 req/s (31 ms before, 52 ms after, on two H100s). DISAGG_GIL_SWITCH_INTERVAL_MS overrides it.
 GIL_SWITCH_INTERVAL_S = 0.0002
 
 

@@ -9,6 +9,7 @@ ceilings (copy bandwidth, matmul rate) measured in the same run, and beside Hugg
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import time
@@ -146,18 +147,25 @@ def bench_decode(
     return per_step, forward, touched
 
 
+@contextlib.contextmanager
+def captured_plans(runner, plans: list):
+    """Inside: every plan the runner forwards is also appended to `plans` (its forward_plan patched,
+    restored on the way out)."""
+    forward_plan = runner.forward_plan
+    runner.forward_plan = lambda plan: plans.append(plan) or forward_plan(plan)
+    try:
+        yield
+    finally:
+        runner.forward_plan = forward_plan
+
+
 def time_forward_only(sched: Scheduler, steps: int) -> tuple[float, object]:
     """Seconds of the model forward alone (graph replay or eager) on the batch of the next step:
     the rest of a step is host work (scheduling, planning, sampling, the token read-back)."""
     runner, plans = sched.runner, []
-    forward_plan = runner.forward_plan
-    runner.forward_plan = lambda plan: plans.append(plan) or forward_plan(plan)
-    try:
+    with captured_plans(runner, plans):
         sched.step()
-    finally:
-        runner.forward_plan = forward_plan
-
-    return time_plan(forward_plan, plans[-1], runner.device, steps), plans[-1]
+    return time_plan(runner.forward_plan, plans[-1], runner.device, steps), plans[-1]
 
 
 def time_plan(forward_plan, plan, device: torch.device, repeat: int) -> float:
@@ -222,24 +230,20 @@ def bench_prefill(sched: Scheduler, length: int) -> tuple[float, float]:
     forward alone on its batch (planning, the layers and the logits; median of 3): the rest of the
     steps is host work around it (scheduling, sampling, finishing the request)."""
     runner, vocab, plans = sched.runner, sched.runner.hf_config.vocab_size, []
-    forward_plan = runner.forward_plan
     times = []
     for i in range(4):
         sched.add_request(_make_req(f"p{i}", length, vocab, 1))
         sync(runner.device)
-        runner.forward_plan = lambda plan: plans.append(plan) or forward_plan(plan)
         t = time.perf_counter()
-        try:
+        with captured_plans(runner, plans):
             while sched.has_work():
                 sched.step()
             sync(runner.device)
-        finally:
-            runner.forward_plan = forward_plan
         times.append(time.perf_counter() - t)
         sched.cache.reset()
     plan = max(plans, key=lambda p: sum(p.q_lens))  # the prompt's (not a decode step after it)
     # NOTE: the re-run writes the freed pages of the finished request again: nothing reads them
-    return sorted(times[1:])[1], time_plan(forward_plan, plan, runner.device, 3)
+    return sorted(times[1:])[1], time_plan(runner.forward_plan, plan, runner.device, 3)
 
 
 def weight_traffic(model) -> dict:

@@ -647,8 +647,9 @@ TTFT_PARTS = ("tokenized and queued", "prefill forward", "hand-off and way out")
 
 def ttft_parts(s: dict) -> list[float] | None:
     """A rate's mean server TTFT (ms) in three parts, from its stages: tokenized and queued (parsed,
-    tokenized, taken in, held, queued until scheduled), the prefill's forward, and the rest (PD: the hand-off, the decode's emission and
-    the way to the HTTP front end; colocated: the way out). None without the stage series."""
+    tokenized, taken in, held, queued until scheduled), the prefill's forward, and the rest (PD: the
+    hand-off, the decode's emission and the way to the HTTP front end; colocated: the way out). None
+    without the stage series."""
     got = {k: v["mean_ms"] for k, v in s.get("stages", {}).items()}
     role = "prefill" if "prefill forward" in got else "server"
     ttft = got.get("decode ttft" if role == "prefill" else "server ttft")
