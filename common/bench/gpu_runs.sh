@@ -335,15 +335,6 @@ for step in "$@"; do
                --input-len 1024 --output-len 128 --goodput ttft:1000 itl:50 --ttft-probes 4 2>&1 | grep "rate\|TTFT probe"
              cp /tmp/sm$share/pd_sweep.json $OUT/sm_split_$share.json 2>/dev/null
            done ;;
-    norm-router) # issues 19/20, nineteenth session: an MoE layer's post-attention add + RMSNorm and router logits in one
-           # launch for decode batches of <= 4 tokens (common/models/norm_router.py): its GPU tests, then Qwen3-30B-A3B's and
-           # DeepSeek-V2-Lite's batch 1 and 4 with it (DISAGG_NORM_ROUTER=1, the default) and without, each a fresh process
-           timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_norm_router.py 2>&1 | tail -2
-           for model in ${NR_MODELS:-qwen3 v2lite}; do for nr in 1 0; do echo "--- $model DISAGG_NORM_ROUTER=$nr"
-             case $model in qwen3) m=Qwen3-30B-A3B;; v2lite) m=DeepSeek-V2-Lite;; esac
-             DISAGG_NORM_ROUTER=$nr T=${T:-150} bench --model-path $m --load-format dummy --batch-sizes 1,4 --context-len 1024 \
-               --prefill-len 512 --decode-steps 16 --output-json $OUT/nr${nr}_$model.json | tee $OUT/nr${nr}_$model.log | tail -5
-           done; done ;;
     fi-cache) # FlashInfer's and Triton's kernel caches, in 15 MB pieces (cat $OUT/kc_* > .gpu/kc.tgz here)
            tar czf /tmp/kc.tgz -C / root/.cache/flashinfer root/.triton/cache 2>/dev/null; split -b 15M /tmp/kc.tgz $OUT/kc_; ls -la $OUT/kc_* ;;
     *) eval "$step" ;;

@@ -11,7 +11,7 @@ import torch
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch
 from disagg.common.models.deepseek import DEEPSEEK_ARCHITECTURES, MLAttention, is_mla, latent_half_dim
 from disagg.common.models.fused_rope_kv import fused_rope_kv, fused_rope_kv_ok
-from disagg.common.models.kernels import silu_and_mul, use_fused
+from disagg.common.models.kernels import silu_and_mul
 from disagg.common.models.layers import (
     ColumnParallelLinear,
     RMSNorm,
@@ -20,7 +20,6 @@ from disagg.common.models.layers import (
     VocabParallelEmbedding,
 )
 from disagg.common.models.moe_a2a import set_forward_shape
-from disagg.common.models.norm_router import NORM_ROUTER_MAX_TOKENS, add_rms_norm_router, norm_router_ok
 from disagg.common.parallel.dp_attention import dp_gather_tokens, dp_logits, dp_scatter_tokens, lm_head_group
 from disagg.common.parallel.state import TPGroup, attn_tp_group, get_parallel, tp_group
 from torch import nn
@@ -147,15 +146,6 @@ class DecoderLayer(nn.Module):
         # DP attention: an MLP split over the whole TP group needs every DP rank's tokens (an
         # all-to-all MoE takes only this rank's tokens to their experts and back)
         self.gather_mlp = get_parallel().attn_dp_size > 1 and not getattr(self.mlp, "a2a", False)
-        # an MoE's router logits of a decode batch computed in the post-attention norm's launch
-        # (norm_router.py) where it matches the two kernels here
-        gate = (
-            None if self.gather_mlp or not hasattr(self.mlp, "fusable_router") else self.mlp.fusable_router()
-        )
-        norm = self.post_attention_layernorm.weight
-        self.norm_router = gate is not None and norm_router_ok(
-            gate.device, config.hidden_size, gate.shape[0], norm.dtype, gate.dtype
-        )
 
     def forward(self, x, residual, batch, kv_buffer, backend):
         """x: this layer's input delta; residual: the running sum (None before the first layer).
@@ -165,12 +155,6 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, batch, kv_buffer, backend)
-        if self.norm_router and x.shape[0] <= NORM_ROUTER_MAX_TOKENS and use_fused(x):
-            norm = self.post_attention_layernorm
-            x, residual, logits = add_rms_norm_router(
-                x, residual, norm.weight, norm.eps, self.mlp.fusable_router()
-            )
-            return self.mlp(x, logits), residual
         x, residual = self.post_attention_layernorm(x, residual)
         if self.gather_mlp:
             return dp_scatter_tokens(self.mlp(dp_gather_tokens(x))), residual

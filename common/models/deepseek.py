@@ -347,13 +347,10 @@ class DeepseekGate(nn.Module):
             return router_logits(x, self.weight)
         return F.linear(x.float(), self.weight)
 
-    def forward(
-        self, x: torch.Tensor, shared: int = 0, logits: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (weights [T, k] float32, expert ids [T, k]); `shared` more slots a token:
-        experts E, E + 1, ... with weight 1 (DeepseekMoE.fuse_shared_experts); `logits`: already
-        computed (the layer's norm launch, norm_router.py)."""
-        logits = self.logits(x) if logits is None else logits
+        experts E, E + 1, ... with weight 1 (DeepseekMoE.fuse_shared_experts)."""
+        logits = self.logits(x)
         if self.fused and logits.is_cuda:
             if self.v3:
                 return fused_grouped_topk(
@@ -520,16 +517,13 @@ class DeepseekMoE(SparseMoE):
         self.fused_config = config
         return True
 
-    def fusable_router(self) -> torch.Tensor | None:
-        return self.gate.weight if self.gate.gemv else None
-
-    def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.num_shared_fused:  # every expert local, none replicated: the ids are the slots
-            weights, ids = self.gate(x, self.num_shared_fused, logits)  # [T, k + shared]
+            weights, ids = self.gate(x, self.num_shared_fused)  # [T, k + shared]
             if self.count_tokens:
                 self._count(ids[:, : self.top_k])
             return all_reduce(self.routed_experts(x, ids, weights, self.fused_config))
-        weights, ids = self.gate(x, logits=logits)
+        weights, ids = self.gate(x)
         if self.count_tokens:  # moe.py's per-expert load counters (set_expert_load_stats)
             self._count(ids)
         ids = self.physical_ids(ids)  # EPLB: one replica of each routed expert (moe.py)

@@ -238,9 +238,8 @@ class SparseMoE(nn.Module):
         mine = self.physical_to_logical[self.first_expert : self.first_expert + self.num_local]
         return [s for s, e in enumerate(mine) if e == expert]
 
-    def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
-        """logits: the router's, where the layer computed them with its norm (norm_router.py)."""
-        weights, ids = self.route(self.logits(x) if logits is None else logits)  # [T, k] each
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(self.logits(x))  # [T, k] each
         if self.count_tokens:
             self._count(ids)
         ids = self.physical_ids(ids)
@@ -259,11 +258,6 @@ class SparseMoE(nn.Module):
         """ids: [T, k] logical expert ids."""
         flat = ids.flatten()
         self.expert_tokens.scatter_add_(0, flat, torch.ones_like(flat))  # graph-capturable
-
-    def fusable_router(self) -> torch.Tensor | None:
-        """The gate's weight where a decode batch's logits may come from the layer's norm launch
-        (norm_router.py): where they would otherwise come from router_logits."""
-        return self.gate.weight if self.router_gemv else None
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The gate's logits [T, E], in its dtype."""
