@@ -30,8 +30,6 @@ from pathlib import Path
 #   DISAGG_PDL              1 (default): the Triton kernels launch with Programmatic Dependent Launch on Hopper
 #                           or newer (common/models/pdl.py; the H200 A/B of docs/benchmarks.md, eleventh
 #                           session) | 0: plain launches
-#   DISAGG_L2_PREFETCH      1 (default): a decode batch's o_proj weight prefetched into L2 during attention on
-#                           Hopper (common/models/l2_prefetch.py) | 0: not (A/B runs)
 #   DISAGG_GIL_SWITCH_INTERVAL_MS  Python's switch interval in a process with a transfer engine (default 0.2;
 #                           Python's own is 5): the longest its UCX loop thread waits for the GIL beside a busy
 #                           scheduler thread (transfer/ucx.py; A/B runs)
@@ -179,14 +177,6 @@ def pdl_requested() -> bool:
     value = os.environ.get("DISAGG_PDL", "1") or "1"
     if value not in ("0", "1"):
         raise ValueError(f"DISAGG_PDL={value!r}: expected 0 or 1")
-    return value == "1"
-
-
-def l2_prefetch_requested() -> bool:
-    """DISAGG_L2_PREFETCH: 1 (default) | 0 (common/models/l2_prefetch.py)."""
-    value = os.environ.get("DISAGG_L2_PREFETCH", "1") or "1"
-    if value not in ("0", "1"):
-        raise ValueError(f"DISAGG_L2_PREFETCH={value!r}: expected 0 or 1")
     return value == "1"
 
 

@@ -335,16 +335,6 @@ for step in "$@"; do
                --input-len 1024 --output-len 128 --goodput ttft:1000 itl:50 --ttft-probes 4 2>&1 | grep "rate\|TTFT probe"
              cp /tmp/sm$share/pd_sweep.json $OUT/sm_split_$share.json 2>/dev/null
            done ;;
-    l2-prefetch) # issues 19/20/24, nineteenth session: a decode batch's o_proj weight prefetched into L2 during attention
-           # (common/models/l2_prefetch.py): its GPU test, then Qwen3-30B-A3B, DeepSeek-V2-Lite and the 8B at batch 1 and 16
-           # with it (DISAGG_L2_PREFETCH=1, the default) and without, each a fresh process, the order alternating per model
-           timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_l2_prefetch.py 2>&1 | tail -2
-           for run in ${L2_RUNS:-qwen3:1 qwen3:0 v2lite:0 v2lite:1 8b:1 8b:0}; do model=${run%%:*} on=${run#*:}
-             echo "--- $model DISAGG_L2_PREFETCH=$on"
-             case $model in qwen3) m=Qwen3-30B-A3B;; v2lite) m=DeepSeek-V2-Lite;; 8b) m=Llama-3.1-8B;; esac
-             DISAGG_L2_PREFETCH=$on T=${T:-150} bench --model-path $m --load-format dummy --batch-sizes 1,16 --context-len 1024 \
-               --prefill-len 512 --decode-steps 16 --output-json $OUT/l2p${on}_$model.json | tee $OUT/l2p${on}_$model.log | tail -4
-           done ;;
     fi-cache) # FlashInfer's and Triton's kernel caches, in 15 MB pieces (cat $OUT/kc_* > .gpu/kc.tgz here)
            tar czf /tmp/kc.tgz -C / root/.cache/flashinfer root/.triton/cache 2>/dev/null; split -b 15M /tmp/kc.tgz $OUT/kc_; ls -la $OUT/kc_* ;;
     *) eval "$step" ;;

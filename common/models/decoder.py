@@ -12,7 +12,6 @@ from disagg.common.engine.attention import AttentionBackend, ForwardBatch
 from disagg.common.models.deepseek import DEEPSEEK_ARCHITECTURES, MLAttention, is_mla, latent_half_dim
 from disagg.common.models.fused_rope_kv import fused_rope_kv, fused_rope_kv_ok
 from disagg.common.models.kernels import silu_and_mul
-from disagg.common.models.l2_prefetch import PREFETCH_MAX_TOKENS, prefetch_l2, prefetch_ok
 from disagg.common.models.layers import (
     ColumnParallelLinear,
     RMSNorm,
@@ -97,14 +96,9 @@ class Attention(nn.Module):
         self.fused_rope_kv = fused_rope_kv_ok(
             w.device, w.dtype, self.num_heads, self.num_kv_heads, self.head_dim, self.qk_norm
         )
-        # a decode batch's o_proj weight pulled into L2 while attention leaves HBM idle (l2_prefetch.py)
-        self.prefetch_o = prefetch_ok(w.device)
 
     def forward(self, x, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend):
-        qkv = self.qkv_proj(x)
-        if self.prefetch_o and x.shape[0] <= PREFETCH_MAX_TOKENS:
-            prefetch_l2(self.o_proj.weight)
-        q, k, v = qkv.split(self.qkv_proj.out_sizes, dim=-1)
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)

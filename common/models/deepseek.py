@@ -40,7 +40,6 @@ from disagg.common.models.fused_moe import (
     router_logits,
 )
 from disagg.common.models.gemv import bmm
-from disagg.common.models.l2_prefetch import PREFETCH_MAX_TOKENS, prefetch_l2, prefetch_ok
 from disagg.common.models.layers import ColumnParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear
 from disagg.common.models.moe import SparseMoE
 from disagg.common.parallel.state import TPGroup, all_reduce, attn_tp_group, get_parallel
@@ -168,8 +167,6 @@ class MLAttention(nn.Module):
         self.fused_rope = fused_mla_rope_ok(
             w.device, w.dtype, self.num_heads, self.nope, self.rope_dim, self.rank, self.interleaved
         )
-        # a decode batch's o_proj weight pulled into L2 while attention leaves HBM idle (l2_prefetch.py)
-        self.prefetch_o = prefetch_ok(w.device)
 
     def forward(self, x, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend):
         if not batch.q_lens:  # an idle DP-attention rank: no tokens, only the o_proj collective
@@ -179,8 +176,6 @@ class MLAttention(nn.Module):
                 f"MLA runs on the torch or an MLA attention backend, not {type(backend).__name__}"
             )
         q, kv_a = self.project_x(x)  # kv_a [T, rank + rope]: c_kv | k_pe (rows may be strided)
-        if self.prefetch_o and x.shape[0] <= PREFETCH_MAX_TOKENS:
-            prefetch_l2(self.o_proj.weight)
         q = q.view(-1, self.num_heads, self.qk_dim)
         q_nope = q[..., : self.nope]
         kv = kv_buffer[self.layer_id]  # [num_pages, 2, page_size, 1, latent/2]: the pool's view
