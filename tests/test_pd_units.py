@@ -144,8 +144,80 @@ def test_launch_local_gives_each_server_its_own_gpus(monkeypatch):
         "prefill": {"CUDA_VISIBLE_DEVICES": "4"},
         "decode": {"CUDA_VISIBLE_DEVICES": "5,6"},
     }
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    with pytest.raises(RuntimeError, match="needs 3 GPUs"):
-        gpu_envs(args)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # fewer than 3: decode shares the prefill's GPU 0
+    assert gpu_envs(args) == {
+        "prefill": {"CUDA_VISIBLE_DEVICES": "0"},
+        "decode": {"CUDA_VISIBLE_DEVICES": "0,1"},
+    }
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with pytest.raises(RuntimeError, match="need 2 GPUs, 1 visible"):
+        gpu_envs(args)  # decode's TP 2 cannot fit one GPU
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert gpu_envs(args) == {"prefill": {}, "decode": {}}  # a CPU machine
+
+
+def test_launch_local_shares_one_gpu_with_a_budget_and_mps(monkeypatch, tmp_path):
+    """One GPU: both servers on it, each told to hold 0.4 of it unless the arguments set a budget,
+    both clients of a private MPS daemon, the prefill on --prefill-sm-percent of the SMs; without
+    the daemon's binary the servers still start (time-sliced) unless an SM share needs MPS."""
+    import argparse
+
+    import pytest
+    from disagg.common.server import launch_local as L
+    from disagg.common.server import mps
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    args = argparse.Namespace(prefill_tp=1, decode_tp=1, no_mps=False, prefill_sm_percent=85)
+    envs = L.gpu_envs(args)
+    assert L.shared_gpus(envs) == ["3"]
+    assert L.with_memory_budget(["--page-size", "16"]) == [
+        "--page-size",
+        "16",
+        "--mem-fraction-static",
+        "0.4",
+    ]
+    for given in (
+        ["--mem-fraction-static", "0.3"],
+        ["--mem-fraction-static=0.3"],
+        ["--max-total-tokens", "4096"],
+    ):
+        assert L.with_memory_budget(given) == given  # the user's budget stands
+    started = []
+    monkeypatch.setattr(mps.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(mps.subprocess, "run", lambda argv, **kw: started.append((argv, kw["env"])))
+    daemon = L.share(args, envs, tmp_path)
+    assert daemon is not None and started[0][0] == ["nvidia-cuda-mps-control", "-d"]
+    pipe = started[0][1]["CUDA_MPS_PIPE_DIRECTORY"]
+    assert pipe.startswith(str(tmp_path)) and envs["decode"]["CUDA_MPS_PIPE_DIRECTORY"] == pipe
+    assert envs["prefill"]["CUDA_MPS_PIPE_DIRECTORY"] == pipe
+    assert envs["prefill"]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "85"
+    assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in envs["decode"]
+    daemon.stop()
+    assert started[1][0] == ["nvidia-cuda-mps-control"]  # quit sent to our daemon
+    # no MPS on this machine: time-sliced without an SM share, an error with one
+    monkeypatch.setattr(mps.shutil, "which", lambda name: None)
+    envs = L.gpu_envs(args)
+    with pytest.raises(FileNotFoundError):
+        L.share(args, envs, tmp_path)
+    args.prefill_sm_percent = None
+    assert L.share(args, envs, tmp_path) is None and "CUDA_MPS_PIPE_DIRECTORY" not in envs["prefill"]
+    args.no_mps, args.prefill_sm_percent = True, 85
+    with pytest.raises(RuntimeError, match="needs MPS"):
+        L.share(args, envs, tmp_path)
+
+
+def test_launch_local_refuses_an_sm_share_without_a_shared_gpu(monkeypatch, capsys):
+    import argparse
+    import signal
+
+    from disagg.common.server import launch_local as L
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # each server its own GPU
+    args = argparse.Namespace(prefill_tp=1, decode_tp=1, no_mps=False, prefill_sm_percent=85, host="127.0.0.1",
+                              port=0, model_path=None, log_level="warning")  # fmt: skip
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert L.run(args, []) == 1
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # run() installs its own
+    assert "do not share a GPU" in capsys.readouterr().err

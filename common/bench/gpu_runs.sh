@@ -335,6 +335,21 @@ for step in "$@"; do
                --input-len 1024 --output-len 128 --goodput ttft:1000 itl:50 --ttft-probes 4 2>&1 | grep "rate\|TTFT probe"
              cp /tmp/sm$share/pd_sweep.json $OUT/sm_split_$share.json 2>/dev/null
            done ;;
+    launch-local-shared) # issue 24, nineteenth session: launch_local on one GPU (prefill and decode share it under a
+           # private MPS daemon, 0.4 of its memory each, the prefill on 85% of the SMs): ready, a chat completion through
+           # the router, both servers on the GPU, a clean stop (no server, no MPS daemon left). Carry .gpu/ucx, .gpu/base,
+           # .gpu/router, .gpu/tokz; no FlashInfer (torch attention, DISAGG_FUSED_KERNELS=0): a smoke test, not a benchmark
+           DISAGG_FUSED_KERNELS=0 timeout 400 python3 -m disagg.common.server.launch_local --port 8123 --log-level info \
+             --model-path Llama-3.1-8B --prefill-sm-percent 85 -- --load-format dummy --attention-backend torch \
+             > $OUT/launch_local.log 2>&1 & ll=$!
+           for i in $(seq 300); do grep -q "deployment ready" $OUT/launch_local.log && break; sleep 1; done
+           grep "share GPU\|deployment ready" $OUT/launch_local.log
+           curl -s localhost:8123/v1/chat/completions -d '{"messages":[{"role":"user","content":"Hi"}],"max_tokens":16}' \
+             | tee $OUT/launch_local_reply.json | head -c 700; echo
+           nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv | tee $OUT/launch_local_smi.csv
+           kill -TERM $ll; wait $ll; echo "launch_local exit $?"; sleep 2
+           pgrep -fa "nvidia-cuda-mps|disagg\.(prefill|decode|router)" || echo "nothing left running"
+           tail -n 30 $OUT/launch_local.log ;;
     fi-cache) # FlashInfer's and Triton's kernel caches, in 15 MB pieces (cat $OUT/kc_* > .gpu/kc.tgz here)
            tar czf /tmp/kc.tgz -C / root/.cache/flashinfer root/.triton/cache 2>/dev/null; split -b 15M /tmp/kc.tgz $OUT/kc_; ls -la $OUT/kc_* ;;
     *) eval "$step" ;;

@@ -41,6 +41,7 @@ import httpx
 from disagg.common.bench import serving
 from disagg.common.config import env_cpu_threads
 from disagg.common.net import free_port
+from disagg.common.server.mps import MpsDaemon
 
 DEPLOYMENTS = ("pd", "colocated")
 # serving's goodput limits: TTFT and E2E per request, ITL and TPOT as the request's mean
@@ -156,27 +157,7 @@ def gpu_env(
 
 
 def mps_env(opts: SweepOptions) -> dict[str, str]:
-    mps = Path(opts.out_dir).resolve() / "mps"
-    return {"CUDA_MPS_PIPE_DIRECTORY": str(mps / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(mps / "log")}
-
-
-class MpsDaemon:
-    """NVIDIA's Multi-Process Service for the sweep (--mps): without it, two processes on one GPU
-    time-slice it (a prefill's kernels wait out the decode's and back); with it their kernels run
-    side by side, each on at most its --*-sm-percent of the SMs. A private pipe directory, so an
-    MPS daemon of the machine's own is left alone; stopped (`quit`) when the sweep ends."""
-
-    def __init__(self, opts: SweepOptions):
-        self.env = {**os.environ, **mps_env(opts)}
-        for d in ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY"):
-            Path(self.env[d]).mkdir(parents=True, exist_ok=True)
-
-    def __enter__(self) -> MpsDaemon:
-        subprocess.run(["nvidia-cuda-mps-control", "-d"], env=self.env, check=True)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", env=self.env, check=False)
+    return MpsDaemon(Path(opts.out_dir) / "mps").env
 
 
 def router_child(opts: SweepOptions, legs: list[str]) -> Child:
@@ -748,7 +729,7 @@ def run(opts: SweepOptions) -> int:
     # NOTE: the token ids only need to be valid for the server's tokenizer (a dummy preset borrows this one)
     sweep = Sweep(opts, AutoTokenizer.from_pretrained(opts.tokenizer_path()), started + opts.max_total_s)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    with MpsDaemon(opts) if opts.mps else contextlib.nullcontext():
+    with MpsDaemon(Path(opts.out_dir) / "mps") if opts.mps else contextlib.nullcontext():
         sweep.run()
     report = sweep.report
     report["total_s"] = time.monotonic() - started
