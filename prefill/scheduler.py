@@ -71,6 +71,15 @@ class PrefillScheduler(Scheduler):
         self.transfer.abort(req.bootstrap_room)  # its result comes through poll; the pages are freed then
         self._finish(req, "abort", ReqStatus.ABORTED, error="aborted")
 
+    def _fail_request(self, req: Req, error: str) -> None:
+        """As abort_request, with `error`: the room aborted (its pages freed when its result comes)."""
+        if req.bootstrap_room not in self.rooms:
+            super()._fail_request(req, error)
+            return
+        self._drop(req)
+        self.transfer.abort(req.bootstrap_room)
+        self._finish(req, "abort", ReqStatus.ABORTED, error=error)
+
     def has_work(self) -> bool:
         return super().has_work() or bool(self.rooms)
 

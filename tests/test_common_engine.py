@@ -148,6 +148,68 @@ def test_bad_requests_end_with_an_error(engines):
     assert_pool_clean(engine.scheduler)
 
 
+def test_non_finite_logits_end_only_their_request(engines, monkeypatch):
+    """A numerical fault of the model (NaN or +inf logits) in one request's row, greedy or sampled, at
+    its first token or mid-decode: that request ends with a typed error after the tokens it had, its
+    batch mates go on with the tokens they would have had, and every page comes back. (torch's
+    multinomial raised on such a row here, and on CUDA its device-side assert ended the server.)"""
+    import math
+
+    engine = engines.get(page_size=16)
+    sched = engine.scheduler
+    prompts = ["The capital of France is", "Write a haiku about the sea.", "Q: What is 17 times 3?\nA:",
+               "def fibonacci(n):\n    "]  # fmt: skip
+    params = [
+        dict(GREEDY),
+        dict(GREEDY),
+        {**GREEDY, "temperature": 1.0, "seed": 3},
+        {**GREEDY, "temperature": 0.7, "seed": 5},
+    ]
+    want = [engine.generate([p], q)[0] for p, q in zip(prompts, params, strict=True)]
+    # prompt -> (the output length at which its logits go bad, the bad value)
+    faults = {1: (3, math.nan), 2: (0, math.nan), 3: (2, math.inf)}
+    ids = {tuple(engine.tokenizer.encode(prompts[i])): fault for i, fault in faults.items()}
+    sample = sched.sampler.sample_on_device
+
+    def poisoned(logits, reqs, *args, **kw):
+        logits = logits.clone()
+        for row, req in enumerate(reqs):
+            at, value = ids.get(tuple(req.input_ids), (None, None))
+            if at == len(req.output_ids):
+                logits[row, 5] = value  # one bad logit: +inf or NaN spoils the whole distribution
+        return sample(logits, reqs, *args, **kw)
+
+    monkeypatch.setattr(sched.sampler, "sample_on_device", poisoned)
+    got = [engine.generate([p], q) for p, q in zip(prompts, params, strict=True)]  # one at a time
+    together = engine.generate(prompts, params)  # and in one batch
+    for outs in (sum(got, []), together):
+        assert outs[0]["output_ids"] == want[0]["output_ids"] and outs[0]["finish_reason"] == "length"
+        for i, (at, _) in faults.items():
+            assert outs[i]["finish_reason"] == "abort", outs[i]
+            assert "not finite" in outs[i]["meta_info"]["error"]
+            assert outs[i]["output_ids"] == want[i]["output_ids"][:at]
+    assert_pool_clean(sched)
+
+
+def test_the_sampler_flags_rows_that_are_not_distributions():
+    import torch
+    from disagg.common.engine.offline import to_sampling_params
+    from disagg.common.engine.request import Req
+    from disagg.common.engine.sampling import Sampler
+
+    logits = torch.randn(5, 50)
+    logits[1, 7] = float("nan")  # greedy: NaN ranks first
+    logits[2, 3] = float("inf")  # sampled: softmax is NaN
+    logits[3] = float("-inf")  # sampled: nothing left to draw
+    logits[4, 9] = float("nan")  # sampled with top-k and a seed
+    kinds = [{"temperature": 0}, {"temperature": 0}, {"temperature": 1.0}, {"temperature": 1.0},
+             {"temperature": 0.5, "top_k": 4, "seed": 1}]  # fmt: skip
+    reqs = [Req(f"r{i}", [1], to_sampling_params(k)) for i, k in enumerate(kinds)]
+    result = Sampler(torch.device("cpu")).sample(logits, reqs)
+    assert result.bad == [False, True, True, True, True]
+    assert result.token_ids[0] == int(logits[0].argmax())
+
+
 def test_disabled_radix_cache_returns_every_page(engines, default_model_path):
     """--disable-radix-cache: finished requests give all their pages back to the pool."""
     engine = engines.get(page_size=4, disable_radix_cache=True)

@@ -12,6 +12,7 @@ import time
 import pytest
 import uvicorn
 from disagg.common.engine.request import SchedulerStats
+from disagg.common.engine.scheduler import NOT_FINITE
 from disagg.common.server.http_server import create_app
 from disagg.common.server.ipc import AbortReqMsg, PongMsg
 from disagg.common.server.metrics import ServerMetrics
@@ -25,6 +26,7 @@ from disagg.common.server.tokenizer_manager import ANY_OWNER, ReqState, Tokenize
         ("KV transfer failed: timeout: the decode server did not ask for room 5", 504, "kv_transfer_failed"),
         ("KV transfer failed: peer_died: connection reset", 502, "kv_transfer_failed"),
         ("aborted", 400, "request_aborted"),
+        (NOT_FINITE, 500, "numerical_error"),
         ("bootstrap_room 7 is already in use on this decode server", 409, "bootstrap_room_in_use"),
         ("bootstrap_host, bootstrap_port and bootstrap_room must be given together", 400, "invalid_value"),
         ("input token ids must be in [0, 49152)", 400, "invalid_value"),

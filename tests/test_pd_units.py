@@ -221,3 +221,27 @@ def test_launch_local_refuses_an_sm_share_without_a_shared_gpu(monkeypatch, caps
     finally:
         signal.signal(signal.SIGTERM, handler)  # run() installs its own
     assert "do not share a GPU" in capsys.readouterr().err
+
+
+def test_prefill_fails_a_pd_request_by_aborting_its_room():
+    """A PD request the prefill must fail after its forward (its logits not finite): it leaves every
+    queue, its room is aborted (the decode side hears of it; the pages are freed when the room's
+    result comes), and the client gets the error."""
+    from disagg.common.engine.request import Req, ReqStatus, SamplingParams
+    from disagg.common.engine.scheduler import Scheduler
+
+    req = Req("r", [1, 2, 3], SamplingParams())
+    req.bootstrap_room, req.page_table = 7, [4, 5]
+    aborted, forgotten = [], []
+    sched = types.SimpleNamespace(
+        rooms={7: req}, bootstrap=[], waiting=[], running=[req], _pending_outs=[],
+        transfer=types.SimpleNamespace(abort=aborted.append), sampler=types.SimpleNamespace(forget=forgotten.append),
+    )  # fmt: skip
+    sched._drop = lambda r: PrefillScheduler._drop(sched, r)
+    sched._finish = lambda *a, **kw: Scheduler._finish(sched, *a, **kw)
+    sched._fill_usage = lambda out, r: Scheduler._fill_usage(sched, out, r)
+    PrefillScheduler._fail_request(sched, req, "numerical error: boom")
+    assert aborted == [7] and not sched.running and req.status == ReqStatus.ABORTED
+    assert req.page_table == [4, 5]  # freed with the room's result, not twice
+    (out,) = sched._pending_outs
+    assert out.finished and out.finish_reason == "abort" and out.error == "numerical error: boom"

@@ -28,6 +28,8 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[float] | None = None  # of each chosen token (model distribution), when any row asked
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # per row: its logits were not a distribution (NaN, +inf, or nothing finite): its token is noise
+    bad: list[bool] | None = None
 
 
 @dataclass
@@ -40,6 +42,7 @@ class DeviceSample:
     top_vals: torch.Tensor | None = None  # [B, k] float32, k the largest top_logprobs_num
     top_ids: torch.Tensor | None = None  # [B, k] int64
     top_nums: list[int] | None = None  # per row: its own top_logprobs_num
+    bad: torch.Tensor | None = None  # [B] bool: the row's logits were not a distribution (SampleResult.bad)
 
     def to_host(self) -> DeviceSample:
         """Start copying to the host without waiting (pinned memory on CUDA): the copy is only
@@ -49,11 +52,11 @@ class DeviceSample:
             return None if t is None else t.to("cpu", non_blocking=True)
 
         return DeviceSample(copy(self.tokens), copy(self.logprobs), copy(self.top_vals), copy(self.top_ids),
-                            self.top_nums)  # fmt: skip
+                            self.top_nums, copy(self.bad))  # fmt: skip
 
     def result(self) -> SampleResult:
         """The draws as lists (a host sync when the tensors are on the device)."""
-        result = SampleResult(self.tokens.tolist())
+        result = SampleResult(self.tokens.tolist(), bad=None if self.bad is None else self.bad.tolist())
         if self.logprobs is not None:
             result.logprobs = self.logprobs.tolist()
         if self.top_vals is not None:
@@ -99,12 +102,17 @@ class Sampler:
         want_logprobs = any(r.sampling.return_logprob or r.sampling.top_logprobs_num for r in reqs)
         logprobs_all = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         tokens = greedy_argmax(logits)
+        invalid = None  # random rows whose probabilities were no distribution
         # NOTE: decided on the host: a device-side `greedy.all()` would cost a sync every step
         if not all(r.sampling.is_greedy for r in reqs):
             greedy = to_device([r.sampling.is_greedy for r in reqs], torch.bool, self.device)
-            sampled = self._sample_random(logits, reqs, num_pending)
+            sampled, valid = self._sample_random(logits, reqs, num_pending)
             tokens = torch.where(greedy, tokens, sampled)
-        out = DeviceSample(tokens)
+            invalid = ~(greedy | valid)
+        # a NaN or +inf logit (a numerical fault of the model) makes the chosen token's logit non-finite:
+        # argmax ranks NaN first; flagged per row on the device (no sync), the scheduler fails the row
+        bad = ~torch.isfinite(logits.gather(1, tokens[:, None]).squeeze(1))
+        out = DeviceSample(tokens, bad=bad if invalid is None else bad | invalid)
         if logprobs_all is not None:
             out.logprobs = logprobs_all.gather(1, tokens[:, None]).squeeze(1)
             k = max(r.sampling.top_logprobs_num for r in reqs)
@@ -193,10 +201,17 @@ class Sampler:
             logits[i] -= s.frequency_penalty * counts + s.presence_penalty * (counts > 0).float()
         return logits
 
-    def _sample_random(self, logits: torch.Tensor, reqs: list[Req], num_pending: list[int]) -> torch.Tensor:
+    def _sample_random(
+        self, logits: torch.Tensor, reqs: list[Req], num_pending: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a draw per row, whether the row's probabilities were a distribution). A row that was not
+        (NaN from NaN or +inf logits, or all zero) is drawn uniformly instead: torch.multinomial would
+        fail on it, on CUDA with a device-side assert that ends the process (the caller fails the row)."""
         temps = to_device([max(r.sampling.temperature, 1e-5) for r in reqs], torch.float32, self.device)
         probs = torch.softmax(logits / temps[:, None], dim=-1)
         probs = _filter_probs(probs, reqs, self.device)
+        valid = probs.sum(dim=-1) > 0  # False for NaN too
+        probs = torch.where(valid[:, None], probs, 1.0)
         out = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
         for i, r in enumerate(reqs):
             if r.sampling.seed is not None and not r.sampling.is_greedy:
@@ -204,7 +219,7 @@ class Sampler:
                     position_seed(r.sampling.seed, len(r.output_ids) + num_pending[i])
                 )
                 out[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
-        return out
+        return out, valid
 
 
 def compile_grammar(compiler, kind: str, spec: str):

@@ -60,6 +60,9 @@ from disagg.common.engine.sampling import DeviceSample, Sampler
 logger = logging.getLogger(__name__)
 # DISAGG_TRANSFER_TRACE=1: when transfer results are taken and how each step's wait went (info logs)
 TRACE = transfer_trace()
+# a request whose logits held NaN or +inf (a numerical fault of the model: overflow, broken weights) ends
+# with this error instead of emitting noise; SGLang's --enable-nan-detection only logs and masks them
+NOT_FINITE = "numerical error: the model's next-token logits for this request are not finite (NaN or inf)"
 
 
 @dataclass(eq=False)
@@ -581,6 +584,9 @@ class Scheduler:
         for req, i in step.rows.items():
             if req.is_finished:  # ended (stop, abort) at the step before: this extra token is dropped
                 continue
+            if result.bad and result.bad[i]:
+                self._fail_request(req, NOT_FINITE)
+                continue
             token = result.token_ids[i]
             req.output_ids.append(token)
             req.first_token_time = req.first_token_time or now
@@ -686,6 +692,12 @@ class Scheduler:
         out = TokenOut(req.rid, [], finished=True, finish_reason=reason, error=error)
         self._fill_usage(out, req)
         self._pending_outs.append(out)
+
+    def _fail_request(self, req: Req, error: str) -> None:
+        """End a running request with `error` (its pages freed once no step in flight writes them)."""
+        if req in self.running:
+            self._release(req)
+        self._finish(req, "abort", ReqStatus.ABORTED, error=error)
 
     def _abort_out(self, req: Req, error: str) -> TokenOut:
         return TokenOut(

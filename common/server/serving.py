@@ -25,6 +25,7 @@ DISCONNECT_POLL_S = 0.2
 # the scheduler's `error` for a request whose KV cache never arrived ("KV transfer failed: kind: detail",
 # kind as in transfer/base.py): the system's failure, not the client's
 KV_TRANSFER_FAILED = "KV transfer failed"
+NUMERICAL_ERROR = "numerical error"  # the engine's NOT_FINITE (common/engine/scheduler.py) starts so
 
 
 # ASGI scope keys the guard middleware sets for the handlers
@@ -190,14 +191,17 @@ def engine_error(error: str) -> APIError:
     """Classify why the engine ended a request that produced nothing (StrOut.error): decided once, here.
 
     A failed KV transfer is ours (504 on a timeout, else 502; code kv_transfer_failed, retryable on
-    another pair); a room in use is a conflict (409); an abort is reported as such; anything else the
-    engine refuses (a prompt too long for its pool, token ids out of its vocabulary) is the client's.
+    another pair); the model's non-finite logits are ours too (500); a room in use is a conflict (409);
+    an abort is reported as such; anything else the engine refuses (a prompt too long for its pool,
+    token ids out of its vocabulary) is the client's.
     """
     if error.startswith(KV_TRANSFER_FAILED):
         timeout = error[len(KV_TRANSFER_FAILED) :].lstrip(": ").startswith("timeout")
         return APIError(504 if timeout else 502, error, type=SERVER_ERROR, code="kv_transfer_failed")
     if error.startswith(REPLICA_FAILED):  # the other replicas still serve: retryable
         return APIError(502, error, type=SERVER_ERROR, code="replica_failed")
+    if error.startswith(NUMERICAL_ERROR):  # the model's logits were not finite: ours, not the client's
+        return APIError(500, error, type=SERVER_ERROR, code="numerical_error")
     if error.startswith("aborted"):
         return APIError(400, error, code="request_aborted")
     if "room" in error and any(w in error for w in ("in use", "duplicate", "reused")):
