@@ -346,10 +346,16 @@ for step in "$@"; do
            grep "share GPU\|deployment ready" $OUT/launch_local.log
            curl -s localhost:8123/v1/chat/completions -d '{"messages":[{"role":"user","content":"Hi"}],"max_tokens":16}' \
              | tee $OUT/launch_local_reply.json | head -c 700; echo
+           curl -s localhost:8123/v1/completions -d '{"prompt":"Hi there","max_tokens":8,"temperature":0,"logprobs":1}' \
+             | tee $OUT/launch_local_greedy.json | head -c 900; echo
+           curl -s -o /dev/null -w "health after: %{http_code}\n" localhost:8123/health
            nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv | tee $OUT/launch_local_smi.csv
            kill -TERM $ll; wait $ll; echo "launch_local exit $?"; sleep 2
            pgrep -fa "nvidia-cuda-mps|disagg\.(prefill|decode|router)" || echo "nothing left running"
            tail -n 30 $OUT/launch_local.log ;;
+    dummy-logits) # nineteenth session: the 8B dummy preset's logits are finite on FlashInfer and torch attention, fused
+           # kernels on and off (launch_local's GPU smoke test, torch attention and DISAGG_FUSED_KERNELS=0, sampled NaN)
+           timeout 400 python3 -m pytest -q -p no:cacheprovider -x -s tests/test_gpu_dummy_logits.py 2>&1 | tail -25 ;;
     fi-cache) # FlashInfer's and Triton's kernel caches, in 15 MB pieces (cat $OUT/kc_* > .gpu/kc.tgz here)
            tar czf /tmp/kc.tgz -C / root/.cache/flashinfer root/.triton/cache 2>/dev/null; split -b 15M /tmp/kc.tgz $OUT/kc_; ls -la $OUT/kc_* ;;
     *) eval "$step" ;;
