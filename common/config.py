@@ -36,7 +36,8 @@ from pathlib import Path
 #   DISAGG_STEP_DELAY_S     tests only: every forward of the server's scheduler takes this many seconds
 #                           longer, as on a slow device (tests/test_first_token.py: long decode steps)
 # and the standard ones we honour: XDG_CACHE_HOME, CUDA_VISIBLE_DEVICES (launch_local splits the
-# GPUs), TRITON_INTERPRET, UCXPY_ENABLE_PYTHON_FUTURE and the UCX_* defaults set in
+# GPUs), CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (an SM cap: the model's GEMMs are checked at start-up,
+# common/engine/gemm_check.py), TRITON_INTERPRET, UCXPY_ENABLE_PYTHON_FUTURE and the UCX_* defaults set in
 # configure_ucx_env (the user's win).
 
 CPU_THREADS_VAR = "DISAGG_CPU_THREADS"
@@ -178,6 +179,16 @@ def pdl_requested() -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"DISAGG_PDL={value!r}: expected 0 or 1")
     return value == "1"
+
+
+def mps_sm_percent() -> int | None:
+    """CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (NVIDIA MPS: this process's share of the SMs) below 100, else None."""
+    value = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "")
+    try:
+        percent = int(float(value))
+    except ValueError:
+        return None
+    return percent if 0 < percent < 100 else None
 
 
 def triton_interpret() -> bool:

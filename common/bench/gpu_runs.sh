@@ -336,11 +336,12 @@ for step in "$@"; do
              cp /tmp/sm$share/pd_sweep.json $OUT/sm_split_$share.json 2>/dev/null
            done ;;
     launch-local-shared) # issue 24, nineteenth session: launch_local on one GPU (prefill and decode share it under a
-           # private MPS daemon, 0.4 of its memory each, the prefill on 85% of the SMs): ready, a chat completion through
-           # the router, both servers on the GPU, a clean stop (no server, no MPS daemon left). Carry .gpu/ucx, .gpu/base,
-           # .gpu/router, .gpu/tokz; no FlashInfer (torch attention, DISAGG_FUSED_KERNELS=0): a smoke test, not a benchmark
+           # private MPS daemon, 0.4 of its memory each; LL_ARGS, default the prefill on 50% of the SMs: at 85 cuBLAS gave
+           # NaN on an H100 and the prefill now refuses to start, gemm_check.py): ready, a chat completion and a greedy one
+           # through the router, both servers on the GPU, a clean stop (no server, no MPS daemon left). Carry .gpu/ucx,
+           # .gpu/base, .gpu/router, .gpu/tokz; no FlashInfer (torch attention, DISAGG_FUSED_KERNELS=0): a smoke test
            DISAGG_FUSED_KERNELS=0 timeout 400 python3 -m disagg.common.server.launch_local --port 8123 --log-level info \
-             --model-path Llama-3.1-8B --prefill-sm-percent 85 -- --load-format dummy --attention-backend torch \
+             --model-path Llama-3.1-8B ${LL_ARGS---prefill-sm-percent 50} -- --load-format dummy --attention-backend torch \
              > $OUT/launch_local.log 2>&1 & ll=$!
            for i in $(seq 300); do grep -q "deployment ready" $OUT/launch_local.log && break; sleep 1; done
            grep "share GPU\|deployment ready" $OUT/launch_local.log

@@ -9,9 +9,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from disagg.common.config import EngineConfig, cpu_threads
+from disagg.common.config import EngineConfig, cpu_threads, mps_sm_percent
 from disagg.common.engine.attention import ForwardBatch, create_attention_backend
 from disagg.common.engine.device_wait import to_device
+from disagg.common.engine.gemm_check import check_gemms, dense_weight_shapes
 from disagg.common.engine.kernel_prebuild import kernel_needs, start_prebuild
 from disagg.common.engine.kv_pool import KVPagePool, size_pool_pages
 from disagg.common.engine.request import Req, prompt_logprob_rows
@@ -134,6 +135,9 @@ class ModelRunner:
         )
         self.context_length = config.context_length or self.hf_config.max_position_embeddings
         self.model = self._load_model()
+        if self.device.type == "cuda" and (sm_percent := mps_sm_percent()) is not None:
+            # cuBLAS computed NaN under an MPS SM cap on an H100 (gemm_check.py): refuse to serve noise
+            check_gemms(dense_weight_shapes(self.model), self.dtype, self.device, sm_percent)
         self.eplb = create_balancer(self.model, config)  # MoE: expert load counters, EPLB placement
         if self.device.type == "cuda":
             fused = check_fused_kernels(self.device, self.dtype)

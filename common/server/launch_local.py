@@ -227,8 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-mps", action="store_true",
                         help="servers sharing a GPU: no MPS daemon (they time-slice it)")  # fmt: skip
     parser.add_argument("--prefill-sm-percent", type=int, default=None, choices=range(1, 101), metavar="1-100",
-                        help="servers sharing a GPU under MPS: the prefill's share of the SMs (85 kept the decode's "
-                             "ITL p99 within 30 ms at 16-32 req/s on an H100 for 8%% of the goodput; docs/pd.md)")  # fmt: skip
+                        help="servers sharing a GPU under MPS: the prefill's share of the SMs (it checks its matrix "
+                             "products under the cap at start-up: cuBLAS gave NaN at 85 on an H100; docs/pd.md)")  # fmt: skip
     sys.exit(run(parser.parse_args(ours), extra))
 
 
