@@ -40,10 +40,16 @@ def test_prefill_is_timed_whole_and_as_its_forward_alone(scheduler):
     """bench_prefill's two figures: the steps that serve a 60-token prompt (one chunk) and the model
     forward of that chunk alone, re-run on the plan it captured; neither leaves a page taken."""
     free = scheduler.pool.num_free_pages
-    step_s, forward_s = bench_prefill(scheduler, 60)
-    assert 0 < forward_s and 0 < step_s
-    assert forward_s < 2 * step_s  # the prompt's forward, not several steps' worth
-    assert scheduler.pool.num_free_pages == free and not scheduler.has_work()
+    # NOTE: milliseconds on a shared 2-core CI machine: a busy neighbour can stretch one run's figures,
+    # so up to three runs; a forward timed as several steps' worth fails every one of them
+    for _ in range(3):
+        step_s, forward_s = bench_prefill(scheduler, 60)
+        assert 0 < forward_s and 0 < step_s
+        assert scheduler.pool.num_free_pages == free and not scheduler.has_work()
+        if forward_s < 2 * step_s:  # the prompt's forward, not several steps' worth
+            break
+    else:
+        pytest.fail(f"the forward alone took {forward_s:.4f} s against {step_s:.4f} s for the whole prefill")
 
 
 def test_a_generate_that_produces_nothing_fails(scheduler):
