@@ -42,7 +42,7 @@ class DeviceSample:
     top_vals: torch.Tensor | None = None  # [B, k] float32, k the largest top_logprobs_num
     top_ids: torch.Tensor | None = None  # [B, k] int64
     top_nums: list[int] | None = None  # per row: its own top_logprobs_num
-    bad: torch.Tensor | None = None  # [B] bool: the row's logits were not a distribution (SampleResult.bad)
+    finite: torch.Tensor | None = None  # [B] bool: False where the row's logits were not a distribution
 
     def to_host(self) -> DeviceSample:
         """Start copying to the host without waiting (pinned memory on CUDA): the copy is only
@@ -52,11 +52,13 @@ class DeviceSample:
             return None if t is None else t.to("cpu", non_blocking=True)
 
         return DeviceSample(copy(self.tokens), copy(self.logprobs), copy(self.top_vals), copy(self.top_ids),
-                            self.top_nums, copy(self.bad))  # fmt: skip
+                            self.top_nums, copy(self.finite))  # fmt: skip
 
     def result(self) -> SampleResult:
         """The draws as lists (a host sync when the tensors are on the device)."""
-        result = SampleResult(self.tokens.tolist(), bad=None if self.bad is None else self.bad.tolist())
+        result = SampleResult(self.tokens.tolist())
+        if self.finite is not None:
+            result.bad = [not f for f in self.finite.tolist()]
         if self.logprobs is not None:
             result.logprobs = self.logprobs.tolist()
         if self.top_vals is not None:
@@ -102,17 +104,17 @@ class Sampler:
         want_logprobs = any(r.sampling.return_logprob or r.sampling.top_logprobs_num for r in reqs)
         logprobs_all = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         tokens = greedy_argmax(logits)
-        invalid = None  # random rows whose probabilities were no distribution
+        # a NaN or +inf logit (a numerical fault of the model) makes the chosen token's logit non-finite
+        # (argmax ranks NaN first): flagged per row on the device, no sync (two small kernels a step);
+        # the scheduler fails such a row
+        finite = torch.isfinite(logits.gather(1, tokens[:, None]).squeeze(1))
         # NOTE: decided on the host: a device-side `greedy.all()` would cost a sync every step
         if not all(r.sampling.is_greedy for r in reqs):
             greedy = to_device([r.sampling.is_greedy for r in reqs], torch.bool, self.device)
             sampled, valid = self._sample_random(logits, reqs, num_pending)
             tokens = torch.where(greedy, tokens, sampled)
-            invalid = ~(greedy | valid)
-        # a NaN or +inf logit (a numerical fault of the model) makes the chosen token's logit non-finite:
-        # argmax ranks NaN first; flagged per row on the device (no sync), the scheduler fails the row
-        bad = ~torch.isfinite(logits.gather(1, tokens[:, None]).squeeze(1))
-        out = DeviceSample(tokens, bad=bad if invalid is None else bad | invalid)
+            finite = torch.where(greedy, finite, valid)  # a sampled row: its probabilities a distribution
+        out = DeviceSample(tokens, finite=finite)
         if logprobs_all is not None:
             out.logprobs = logprobs_all.gather(1, tokens[:, None]).squeeze(1)
             k = max(r.sampling.top_logprobs_num for r in reqs)
