@@ -23,20 +23,14 @@ logger = logging.getLogger(__name__)
 CHECK_TOKENS = (64, 300, 1024, 4096)  # prefill sizes probed (cuBLAS picks its kernel by shape)
 MAX_REL_ERR = 2e-2  # bf16 products against float64: ~2e-3 when right; NaN or ~1 when wrong
 _REF_ROWS = 4096
+_HALF = (torch.bfloat16, torch.float16)
 
 
 def dense_weight_shapes(model: nn.Module) -> list[tuple[int, int]]:
-    """The distinct [N, K] of the model's 2-D floating-point weights that F.linear multiplies (linears,
-    the LM head); FP8 weights and expert stacks (Triton kernels) are not cuBLAS's."""
-    shapes = set()
-    for name, p in model.named_parameters():
-        if (
-            p.dim() == 2
-            and p.dtype in (torch.bfloat16, torch.float16)
-            and not name.endswith("embed_tokens.weight")
-        ):
-            shapes.add(tuple(p.shape))
-    return sorted(shapes)
+    """The distinct [N, K] of the model's 2-D half-precision weights: the linears and the LM head (a
+    tied one is the embedding's [V, H], so that shape is kept too); FP8 weights and expert stacks
+    (Triton kernels) are not cuBLAS's."""
+    return sorted({tuple(p.shape) for p in model.parameters() if p.dim() == 2 and p.dtype in _HALF})
 
 
 def check_gemms(
