@@ -181,9 +181,12 @@ def pdl_requested() -> bool:
     return value == "1"
 
 
+MPS_SM_PERCENT_VAR = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
+
+
 def mps_sm_percent() -> int | None:
     """CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (NVIDIA MPS: this process's share of the SMs) below 100, else None."""
-    value = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "")
+    value = os.environ.get(MPS_SM_PERCENT_VAR, "")
     try:
         percent = int(float(value))
     except ValueError:

@@ -67,12 +67,11 @@ class PrefillScheduler(Scheduler):
             return
         if req.is_finished:
             return
-        self._drop(req)
-        self.transfer.abort(req.bootstrap_room)  # its result comes through poll; the pages are freed then
-        self._finish(req, "abort", ReqStatus.ABORTED, error="aborted")
+        self._fail_request(req, "aborted")
 
     def _fail_request(self, req: Req, error: str) -> None:
-        """As abort_request, with `error`: the room aborted (its pages freed when its result comes)."""
+        """End a request with `error`; a PD one's room is aborted (its result comes through poll, and
+        its pages are freed then)."""
         if req.bootstrap_room not in self.rooms:
             super()._fail_request(req, error)
             return

@@ -148,16 +148,15 @@ def gpu_env(
         return env_cpu_threads(1)  # NOTE: several servers share the cores
     env = {"CUDA_VISIBLE_DEVICES": opts.gpus[index % len(opts.gpus)]}
     if opts.mps:
-        env |= mps_env(opts)
-        if sm_percent:
-            env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(sm_percent)
+        env |= mps_daemon(opts).client_env(sm_percent)
         if below_normal:
             env["CUDA_MPS_CLIENT_PRIORITY"] = "1"  # 0 normal (the default), 1 below normal
     return env
 
 
-def mps_env(opts: SweepOptions) -> dict[str, str]:
-    return MpsDaemon(Path(opts.out_dir) / "mps").env
+def mps_daemon(opts: SweepOptions) -> MpsDaemon:
+    """The sweep's own MPS daemon (started around the runs under --mps)."""
+    return MpsDaemon(Path(opts.out_dir) / "mps")
 
 
 def router_child(opts: SweepOptions, legs: list[str]) -> Child:
@@ -729,7 +728,7 @@ def run(opts: SweepOptions) -> int:
     # NOTE: the token ids only need to be valid for the server's tokenizer (a dummy preset borrows this one)
     sweep = Sweep(opts, AutoTokenizer.from_pretrained(opts.tokenizer_path()), started + opts.max_total_s)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    with MpsDaemon(Path(opts.out_dir) / "mps") if opts.mps else contextlib.nullcontext():
+    with mps_daemon(opts) if opts.mps else contextlib.nullcontext():
         sweep.run()
     report = sweep.report
     report["total_s"] = time.monotonic() - started

@@ -60,6 +60,11 @@ class SamplingParams:
                 raise ValueError(f"{param} {why}, got {getattr(self, param, None)!r}", param)
 
 
+# how the error of a request whose logits were not finite begins (the scheduler's NOT_FINITE; the HTTP
+# front end maps it to a 500 numerical_error)
+NUMERICAL_ERROR = "numerical error"
+
+
 class ReqStatus(enum.Enum):
     WAITING = "waiting"
     PREFILLING = "prefilling"

@@ -54,7 +54,14 @@ from disagg.common.engine.device_wait import (
 from disagg.common.engine.kv_pool import pages_for_tokens
 from disagg.common.engine.model_runner import ModelRunner
 from disagg.common.engine.radix_cache import RadixCache
-from disagg.common.engine.request import Req, ReqStatus, SchedulerStats, TokenOut, prompt_logprob_rows
+from disagg.common.engine.request import (
+    NUMERICAL_ERROR,
+    Req,
+    ReqStatus,
+    SchedulerStats,
+    TokenOut,
+    prompt_logprob_rows,
+)
 from disagg.common.engine.sampling import DeviceSample, Sampler
 
 logger = logging.getLogger(__name__)
@@ -62,7 +69,7 @@ logger = logging.getLogger(__name__)
 TRACE = transfer_trace()
 # a request whose logits held NaN or +inf (a numerical fault of the model: overflow, broken weights) ends
 # with this error instead of emitting noise; SGLang's --enable-nan-detection only logs and masks them
-NOT_FINITE = "numerical error: the model's next-token logits for this request are not finite (NaN or inf)"
+NOT_FINITE = f"{NUMERICAL_ERROR}: the model's next-token logits for this request are not finite (NaN or inf)"
 
 
 @dataclass(eq=False)

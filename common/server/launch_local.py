@@ -130,10 +130,8 @@ def share(args: argparse.Namespace, envs: dict[str, dict[str, str]], root: Path)
     daemon = MpsDaemon(root / "mps")
     if not daemon.start(required=bool(args.prefill_sm_percent)):
         return None
-    for name in ("prefill", "decode"):
-        envs[name].update(daemon.env)
-    if args.prefill_sm_percent:
-        envs["prefill"]["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(args.prefill_sm_percent)
+    envs["prefill"].update(daemon.client_env(args.prefill_sm_percent))
+    envs["decode"].update(daemon.client_env())
     return daemon
 
 

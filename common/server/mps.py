@@ -14,6 +14,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from disagg.common.config import MPS_SM_PERCENT_VAR
+
 logger = logging.getLogger(__name__)
 
 
@@ -26,6 +28,14 @@ class MpsDaemon:
             "CUDA_MPS_LOG_DIRECTORY": str(root / "log"),
         }
         self.running = False
+
+    def client_env(self, sm_percent: int | None = None) -> dict[str, str]:
+        """The environment a client process of this daemon needs: the daemon's directories, and its SM
+        share where given (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; the server checks its GEMMs under it)."""
+        env = dict(self.env)
+        if sm_percent:
+            env[MPS_SM_PERCENT_VAR] = str(sm_percent)
+        return env
 
     def start(self, required: bool = True) -> bool:
         """Start the daemon; where it cannot start (no `nvidia-cuda-mps-control`, a failure): raise if

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from disagg.common.engine.request import SamplingParams
+from disagg.common.engine.request import NUMERICAL_ERROR, SamplingParams
 from disagg.common.server.data_parallel import REPLICA_FAILED
 from disagg.common.server.ipc import StrOut
 from disagg.common.server.metrics import ServerMetrics
@@ -25,7 +25,6 @@ DISCONNECT_POLL_S = 0.2
 # the scheduler's `error` for a request whose KV cache never arrived ("KV transfer failed: kind: detail",
 # kind as in transfer/base.py): the system's failure, not the client's
 KV_TRANSFER_FAILED = "KV transfer failed"
-NUMERICAL_ERROR = "numerical error"  # the engine's NOT_FINITE (common/engine/scheduler.py) starts so
 
 
 # ASGI scope keys the guard middleware sets for the handlers
