@@ -15,7 +15,7 @@ import torch
 CHECK = textwrap.dedent(
     """
     import torch
-    from disagg.common.models.argmax import greedy_argmax
+    from disagg.common.models.argmax import argmax_finite, greedy_argmax
 
     def check(device, rows, vocab, chunk, dtype):
         g = torch.Generator().manual_seed(rows * 31 + vocab)
@@ -30,6 +30,14 @@ CHECK = textwrap.dedent(
         x = x.to(device)
         got, want = greedy_argmax(x, chunk), x.argmax(dim=-1)
         assert got.dtype == torch.int64 and torch.equal(got, want), (rows, vocab, chunk, dtype, got, want)
+        # the sampler's numerical-fault flag: the chosen logit finite (rows 2 and 3: -inf and NaN are not)
+        tokens, finite = argmax_finite(x, chunk)
+        want_finite = torch.isfinite(x.gather(1, want[:, None]).squeeze(1))
+        assert torch.equal(tokens, want) and finite.dtype == torch.bool, (tokens, finite)
+        assert torch.equal(finite, want_finite), (rows, vocab, chunk, dtype, finite, want_finite)
+        if rows > 4:
+            x[4, vocab - 1] = float("inf")  # +inf: chosen, flagged
+            assert argmax_finite(x, chunk)[0][4] == vocab - 1 and not argmax_finite(x, chunk)[1][4]
     """
 )
 
@@ -45,11 +53,14 @@ def test_interpreted_argmax_equals_torch():
         # the start-up check passes the kernels, and turns the Triton path off when they disagree
         from disagg.common.models import argmax
         assert argmax.check_argmax(torch.randn(1, 5000)) and argmax._ENABLED
-        right = argmax.greedy_argmax
-        argmax.greedy_argmax = lambda x, chunk=argmax.CHUNK: right(x, chunk) * 0  # a broken kernel
+        right = argmax.argmax_finite
+        argmax.argmax_finite = lambda x, chunk=argmax.CHUNK: (right(x, chunk)[0] * 0, right(x, chunk)[1])  # a broken kernel
+        assert not argmax.check_argmax(torch.randn(1, 5000)) and not argmax._ENABLED
+        argmax._ENABLED = True
+        argmax.argmax_finite = lambda x, chunk=argmax.CHUNK: (right(x, chunk)[0], right(x, chunk)[1] | True)  # a broken flag
         assert not argmax.check_argmax(torch.randn(1, 5000)) and not argmax._ENABLED
         x = torch.randn(2, 300)
-        argmax.greedy_argmax = right
+        argmax.argmax_finite = right
         assert torch.equal(argmax.greedy_argmax(x), x.argmax(dim=-1))
         """
     )
@@ -70,7 +81,9 @@ def test_argmax_kernels_compile_for_hopper():
             {"x": dtype, "part_v": "*fp32", "part_i": "*i32", "stride": "i64"},
             dict(CHUNK=CHUNK),
         )
-    compile_for_hopper(_pick_kernel, {"part_v": "*fp32", "part_i": "*i32", "out": "*i64"}, dict(PARTS=64))
+    compile_for_hopper(
+        _pick_kernel, {"part_v": "*fp32", "part_i": "*i32", "out": "*i64", "finite": "*i8"}, dict(PARTS=64)
+    )
 
 
 def test_cpu_tensors_take_torch_argmax():

@@ -343,7 +343,7 @@ for step in "$@"; do
            DISAGG_FUSED_KERNELS=0 timeout 400 python3 -m disagg.common.server.launch_local --port 8123 --log-level info \
              --model-path Llama-3.1-8B ${LL_ARGS---prefill-sm-percent 50} -- --load-format dummy --attention-backend torch \
              > $OUT/launch_local.log 2>&1 & ll=$!
-           for i in $(seq 300); do grep -q "deployment ready" $OUT/launch_local.log && break; sleep 1; done
+           for i in $(seq 300); do grep -q "deployment ready" $OUT/launch_local.log && break; kill -0 $ll 2>/dev/null || break; sleep 1; done
            grep "share GPU\|deployment ready" $OUT/launch_local.log
            curl -s localhost:8123/v1/chat/completions -d '{"messages":[{"role":"user","content":"Hi"}],"max_tokens":16}' \
              | tee $OUT/launch_local_reply.json | head -c 700; echo
@@ -354,6 +354,10 @@ for step in "$@"; do
            kill -TERM $ll; wait $ll; echo "launch_local exit $?"; sleep 2
            pgrep -fa "nvidia-cuda-mps|disagg\.(prefill|decode|router)" || echo "nothing left running"
            tail -n 30 $OUT/launch_local.log ;;
+    sampling) # the sampler's numerical-fault flag: argmax alone, + gather + isfinite, and the flag from the argmax's
+           # own second launch, eager and in a graph, beside the logits' bytes (common/bench/sampling.py)
+           timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_argmax.py 2>&1 | tail -2
+           timeout 200 python3 -m disagg.common.bench.sampling --output-json $OUT/sampling.json 2>&1 | tee $OUT/sampling.log ;;
     dummy-logits) # nineteenth session: the 8B dummy preset's logits are finite on FlashInfer and torch attention, fused
            # kernels on and off (launch_local's GPU smoke test, torch attention and DISAGG_FUSED_KERNELS=0, sampled NaN)
            timeout 400 python3 -m pytest -q -p no:cacheprovider -x -s tests/test_gpu_dummy_logits.py 2>&1 | tail -25 ;;

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from disagg.common.engine.device_wait import to_device
 from disagg.common.engine.request import Req
-from disagg.common.models.argmax import greedy_argmax
+from disagg.common.models.argmax import argmax_finite
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +103,10 @@ class Sampler:
         logits = self._apply_grammars(logits, reqs)
         want_logprobs = any(r.sampling.return_logprob or r.sampling.top_logprobs_num for r in reqs)
         logprobs_all = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        tokens = greedy_argmax(logits)
         # a NaN or +inf logit (a numerical fault of the model) makes the chosen token's logit non-finite
-        # (argmax ranks NaN first): flagged per row on the device, no sync (two small kernels a step);
-        # the scheduler fails such a row
-        finite = torch.isfinite(logits.gather(1, tokens[:, None]).squeeze(1))
+        # (argmax ranks NaN first): flagged per row on the device, no sync (on CUDA by the argmax's own
+        # second launch); the scheduler fails such a row
+        tokens, finite = argmax_finite(logits)
         # NOTE: decided on the host: a device-side `greedy.all()` would cost a sync every step
         if not all(r.sampling.is_greedy for r in reqs):
             greedy = to_device([r.sampling.is_greedy for r in reqs], torch.bool, self.device)

@@ -7,7 +7,9 @@ cut into CHUNK-wide pieces, one program each (the first launch: each piece's max
 index holding it), and one program a row picks the largest, the lowest index among equals (the
 second launch). The result is torch.argmax(dim=-1)'s: the first index of each row's maximum. NaN
 counts as +inf (torch ranks NaN above everything; the two differ only for a row holding both +inf
-and a later NaN). Everywhere else (CPU, DISAGG_FUSED_KERNELS=0) torch's argmax runs.
+and a later NaN). The second launch also writes whether each row's maximum is finite: the sampler's
+check for a numerical fault (NaN or +inf logits, or a row of -inf) at no extra launch. Everywhere else
+(CPU, DISAGG_FUSED_KERNELS=0) torch's argmax runs and the flag is a gather + isfinite.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ if triton is not None:
         tl.store(part_i + row * parts + p, first)
 
     @triton.jit
-    def _pick_kernel(part_v, part_i, out, parts, V, PARTS: tl.constexpr, PDL: tl.constexpr):
-        """out[row]: the index of the largest piece maximum, the lowest index among equal ones."""
+    def _pick_kernel(part_v, part_i, out, finite, parts, V, PARTS: tl.constexpr, PDL: tl.constexpr):
+        """out[row]: the index of the largest piece maximum, the lowest index among equal ones;
+        finite[row]: whether that maximum is finite (a NaN counted as +inf in the first launch)."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         row = tl.program_id(0).to(tl.int64)
         lanes = tl.arange(0, PARTS)
@@ -53,11 +56,12 @@ if triton is not None:
         i = tl.load(part_i + row * parts + lanes, mask=mask, other=V)
         top = tl.max(v, axis=0)
         tl.store(out + row, tl.min(tl.where(mask & (v == top), i, V), axis=0).to(tl.int64))
+        tl.store(finite + row, ((top < float("inf")) & (top > -float("inf"))).to(tl.int8))
 
 
 def check_argmax(logits: torch.Tensor) -> bool:
     """At start-up (the warm-up's logits, with equal maxima planted in two pieces and one row of
-    -inf): the kernels against torch's argmax; on a mismatch or a failed build the Triton path is
+    -inf): the kernels against torch's argmax and isfinite; on a mismatch or a failed build the Triton path is
     turned off with a warning and torch's argmax runs. Returns whether the Triton path is on."""
     global _ENABLED
     if triton is None or not (logits.is_cuda or triton_interpret()) or not _ENABLED:
@@ -65,8 +69,15 @@ def check_argmax(logits: torch.Tensor) -> bool:
     x = logits.float().repeat(3, 1)
     x[0, 1] = x[0, -1] = x[0].max() + 1
     x[2] = float("-inf")
+    want = x.argmax(dim=-1)
+    want_finite = torch.isfinite(x.gather(1, want[:, None]).squeeze(1))  # row 2 (all -inf) is not
     _ENABLED = start_up_check(
-        "greedy_argmax", "vocab", (x.shape[1],), lambda: torch.equal(greedy_argmax(x), x.argmax(dim=-1))
+        "greedy_argmax",
+        "vocab",
+        (x.shape[1],),
+        lambda: all(
+            torch.equal(got, right) for got, right in zip(argmax_finite(x), (want, want_finite), strict=True)
+        ),
     )
     return _ENABLED
 
@@ -74,19 +85,27 @@ def check_argmax(logits: torch.Tensor) -> bool:
 def greedy_argmax(logits: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
     """logits [B, V] (rows contiguous) -> [B] int64, torch.argmax(logits, dim=-1)'s indices (`chunk`:
     a power of two, smaller in the interpreter tests)."""
+    return argmax_finite(logits, chunk)[0]
+
+
+def argmax_finite(logits: torch.Tensor, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, V] -> (greedy_argmax's [B] int64 indices, [B] bool: whether each row's chosen logit is
+    finite, i.e. torch.isfinite(logits[row, index]))."""
     rows, vocab = logits.shape
     runs = (logits.is_cuda and _ENABLED) or triton_interpret()
     if triton is None or not runs or rows == 0 or logits.stride(1) != 1:
-        return logits.argmax(dim=-1)
+        tokens = logits.argmax(dim=-1)
+        return tokens, torch.isfinite(logits.gather(1, tokens[:, None]).squeeze(1))
     parts = triton.cdiv(vocab, chunk)
     part_v = torch.empty(rows, parts, dtype=torch.float32, device=logits.device)
     part_i = torch.empty(rows, parts, dtype=torch.int32, device=logits.device)
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    finite = torch.empty(rows, dtype=torch.int8, device=logits.device)
     pdl = pdl_args(logits.device)
     _chunk_max_kernel[(rows, parts)](
         logits, part_v, part_i, vocab, logits.stride(0), parts, CHUNK=chunk, num_warps=8, **pdl
     )
     _pick_kernel[(rows,)](
-        part_v, part_i, out, parts, vocab, PARTS=triton.next_power_of_2(parts), num_warps=1, **pdl
+        part_v, part_i, out, finite, parts, vocab, PARTS=triton.next_power_of_2(parts), num_warps=1, **pdl
     )
-    return out
+    return out, finite.view(torch.bool)
