@@ -193,6 +193,9 @@ for step in "$@"; do
     pack) # whatever logs and JSON are under $OUT as one tarball (a call returns at most 8 files), e.g. after
           # `timeout 550 bash common/bench/gpu_runs.sh decode-attn`: a step cut short still comes back
           (cd $OUT && files=$(ls *.log *.json 2>/dev/null) && tar czf /tmp/pack.tgz $files && rm -f $files && mv /tmp/pack.tgz .) ;;
+    moe-vs-hf) # issue 19's last row: the engine against transformers generate, Qwen3-30B-A3B, batch 32 (MVH_ARGS: e.g. --no-hf)
+           timeout "${T:-400}" python3 -m disagg.common.bench.moe_vs_hf --model-path Qwen3-30B-A3B --load-format dummy \
+             --batch 32 --context-len 1024 --new-tokens 64 ${MVH_ARGS:-} 2>&1 | grep -v "Loading\|Writing\|jit\|USDT" | tail -12 ;;
     moe-tp1) bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1,64 --context-len 1024 \
            --prefill-len 2048 --decode-steps 16 --profile-batch-sizes 1 --output-json $OUT/moe_tp1${TAG:-}.json ;;
     pdl-ab) # Programmatic Dependent Launch of the Triton kernels (common/models/pdl.py), off then on: Qwen3-30B-A3B's

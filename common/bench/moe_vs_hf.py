@@ -84,6 +84,9 @@ def main() -> None:
     p.add_argument("--context-len", type=int, default=1024)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--output-json", default=None)
+    p.add_argument(
+        "--no-hf", action="store_true", help="the engine's side only (e.g. before and after a tune)"
+    )
     args = p.parse_args()
     parent, child = mp.get_context("spawn").Pipe()
     proc = mp.get_context("spawn").Process(target=_child, args=(args, child))
@@ -98,6 +101,8 @@ def main() -> None:
     for kind, row in ours["steps"].items():  # where the generate's time goes, step by step
         print(f"  {kind:>22}: {row['steps']:3} steps, {row['total_ms']:8.1f} ms "
               f"(mean {row['mean_ms']:6.2f}, max {row['max_ms']:6.2f})", flush=True)  # fmt: skip
+    if args.no_hf:
+        return
     dtype = getattr(torch, ours["dtype"].removeprefix("torch."))
     hf = hf_tok_s(args, dtype)
     row = dict(batch=args.batch, context_len=args.context_len, new_tokens=args.new_tokens, ours_tok_s=ours["tok_s"],
