@@ -361,6 +361,18 @@ for step in "$@"; do
            # own second launch, eager and in a graph, beside the logits' bytes (common/bench/sampling.py)
            timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_argmax.py 2>&1 | tail -2
            timeout 200 python3 -m disagg.common.bench.sampling --output-json $OUT/sampling.json 2>&1 | tee $OUT/sampling.log ;;
+    mps-caps) # which MPS SM caps give right cuBLAS products on this GPU (twentieth session: 50 right, 70 and 85 NaN on
+           # an H100): mps_check.py under a private MPS daemon at each of CAPS
+           python3 -c "
+import os, subprocess, sys
+from pathlib import Path
+from disagg.common.server.mps import MpsDaemon
+with MpsDaemon(Path('/tmp/mpscaps')) as d:
+    for cap in os.environ.get('CAPS', '40 50 55 60 65 75 80 90 95 100').split():
+        out = subprocess.run([sys.executable, 'common/bench/mps_check.py'], env={**os.environ, **d.client_env(int(cap))},
+                             capture_output=True, text=True, timeout=120).stdout
+        print(f'--- cap {cap}%:', ' | '.join(l for l in out.splitlines() if l.startswith(('SMs', 'F.linear 300'))), flush=True)
+" 2>&1 | tee $OUT/mps_caps.log ;;
     dummy-logits) # nineteenth session: the 8B dummy preset's logits are finite on FlashInfer and torch attention, fused
            # kernels on and off (launch_local's GPU smoke test, torch attention and DISAGG_FUSED_KERNELS=0, sampled NaN)
            timeout 400 python3 -m pytest -q -p no:cacheprovider -x -s tests/test_gpu_dummy_logits.py 2>&1 | tail -25 ;;

@@ -216,6 +216,7 @@ def profile_run(sched: Scheduler, fn) -> None:
     table = prof.key_averages().table
     if sched.runner.device.type == "cuda":
         print(table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
+        print(gpu_busy(prof), flush=True)
         if pdl_enabled(sched.runner.device):
             # thirteenth session, H100: a 32 KB sum kernel "took" 12.6 us, the kernels of a 3.48 ms
             # step summed to ~4.9 ms: each span includes its wait on the kernel before it
@@ -223,6 +224,39 @@ def profile_run(sched: Scheduler, fn) -> None:
                   "includes that wait; DISAGG_PDL=0 for each kernel's own time", flush=True)  # fmt: skip
     # the host's share: where a step is launch-bound, these ops (not the kernels) set its time
     print(table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60), flush=True)
+
+
+def gpu_busy(prof) -> str:
+    """How much of the span from the first kernel's start to the last one's end some kernel ran (the
+    union of their intervals): where it is well under the span, the GPU waited on the host's launches
+    (or on a sync) and faster kernels alone would not shorten the run. With PDL on, a kernel's span
+    includes its wait on the one before, so the union overstates the busy time (DISAGG_PDL=0)."""
+    spans = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start
+    )
+    if not spans:
+        return "GPU busy: no kernels recorded"
+    busy, (start, end, before) = 0.0, spans[0]
+    first, last = spans[0][0], max(e for _, e, _ in spans)
+    gaps = []  # (idle us, the kernel before, the one after)
+    for s, e, name in spans[1:]:
+        if s > end:
+            busy, gaps = busy + end - start, gaps + [(s - end, before, name)]
+            start, end = s, e
+        elif e > end:
+            end = e
+        before = name if e >= end else before
+    busy += end - start
+    span = last - first
+    small = sum(g for g, _, _ in gaps if g < 20)
+    lines = [f"GPU busy {busy / 1e3:.2f} ms of a {span / 1e3:.2f} ms span from the first kernel to the last "
+             f"({100 * busy / span:.1f}%; {len(spans)} kernels, idle {(span - busy) / 1e3:.2f} ms: "
+             f"{len(gaps)} gaps, {small / 1e3:.2f} ms of them under 20 us each); the largest gaps:"]  # fmt: skip
+    for g, b, a in sorted(gaps, reverse=True)[:8]:
+        lines.append(f"  {g:8.1f} us after {b[:60]} before {a[:60]}")
+    return "\n".join(lines)
 
 
 def bench_prefill(sched: Scheduler, length: int) -> tuple[float, float]:
