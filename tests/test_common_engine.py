@@ -235,3 +235,29 @@ def test_start_up_warm_up_leaves_no_trace(engines, tiny_models):
     for prompt, out in zip(prompts, outs, strict=True):
         assert out["output_ids"] == hf_greedy(path, prompt, 12)
     assert_pool_clean(engine.scheduler)
+
+
+def test_host_tensors_are_torch_tensor_of_the_same_values():
+    """A batch's host lists (ids, positions, page tables, sampling parameters) reach the device through
+    numpy (device_wait.host_tensor): the same values, dtype and shape as torch.tensor gives, for every
+    dtype the engine sends (bfloat16, which numpy lacks, included), nested rows and empty lists."""
+    import torch
+    from disagg.common.engine.device_wait import host_tensor, to_device
+
+    cpu = torch.device("cpu")
+    cases = [
+        (list(range(2048)), torch.long),
+        ([[1, 2, 3], [4, 5, 6]], torch.int32),
+        ([True, False, True], torch.bool),
+        ([0.5, 1e-5, 2.0], torch.float32),
+        ([0.5, -3.25], torch.bfloat16),
+        ([], torch.long),
+        ([2**40, -1], torch.int64),
+    ]
+    for values, dtype in cases:
+        want = torch.tensor(values, dtype=dtype)
+        for got in (host_tensor(values, dtype, cpu), to_device(values, dtype, cpu)):
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), (
+                values,
+                dtype,
+            )

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 # NOTE: the step's end is seen up to this late while transfers are watched on a GPU (1-2% of a
@@ -74,8 +75,24 @@ def wait_watching(
 def host_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host tensor of `values` bound for `device`: pinned when that is a GPU, so a copy of it
     (ours, or a kernel planner's such as FlashInfer's `plan`) never waits for the step in flight
-    (host_to_device's NOTE)."""
-    return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    (host_to_device's NOTE). Built through numpy: torch.tensor walks a Python list ~3.5x slower
+    (a 2048-token prefill's ids, positions, pages and offsets: ~330 against ~90 us on the CPU)."""
+    pin = device.type == "cuda"
+    if dtype not in _NUMPY_DTYPES:  # bfloat16 (a logit bias in the logits' dtype): numpy has none
+        return torch.tensor(values, dtype=dtype, pin_memory=pin)
+    t = torch.from_numpy(np.asarray(values, dtype=_NUMPY_DTYPES[dtype]))
+    return t.pin_memory() if pin else t
+
+
+_NUMPY_DTYPES = {
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.bool: np.bool_,
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    torch.uint8: np.uint8,
+    torch.int8: np.int8,
+}
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
