@@ -37,14 +37,18 @@ def test_step_record_accounts_for_every_token(scheduler):
 
 
 def test_prefill_is_timed_whole_and_as_its_forward_alone(scheduler):
-    """bench_prefill's two figures: the steps that serve a 60-token prompt (one chunk) and the model
-    forward of that chunk alone, re-run on the plan it captured; neither leaves a page taken."""
+    """bench_prefill's figures: the steps that serve a 60-token prompt (one chunk), the model forward
+    of that chunk alone, re-run on the plan it captured, and that forward split into the host's
+    preparation and launches (each within the forward's total); none leaves a page taken."""
     free = scheduler.pool.num_free_pages
     # NOTE: milliseconds on a shared 2-core CI machine: a busy neighbour can stretch one run's figures,
     # so up to three runs; a forward timed as several steps' worth fails every one of them
     for _ in range(3):
-        step_s, forward_s = bench_prefill(scheduler, 60)
+        step_s, forward_s, split = bench_prefill(scheduler, 60)
         assert 0 < forward_s and 0 < step_s
+        assert 0 < split["prepare_ms"] and 0 < split["launch_ms"]
+        assert split["prepare_ms"] + split["launch_ms"] <= split["total_ms"]
+        assert "device_layers_ms" not in split  # CUDA events only on a GPU
         assert scheduler.pool.num_free_pages == free and not scheduler.has_work()
         if forward_s < 2 * step_s:  # the prompt's forward, not several steps' worth
             break

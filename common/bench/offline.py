@@ -259,7 +259,37 @@ def gpu_busy(prof) -> str:
     return "\n".join(lines)
 
 
-def bench_prefill(sched: Scheduler, length: int) -> tuple[float, float]:
+def prefill_host_split(runner, plan, repeat: int = 3) -> dict:
+    """Where an eager forward's time goes between the host and the device (median of `repeat` by
+    total): `prepare_ms`, the host building the batch's tensors and the attention plan (make_batch;
+    the device has nothing queued meanwhile), `launch_ms`, the host queuing every layer's kernels,
+    `total_ms` until the logits are computed; on CUDA `device_layers_ms`, the device's timeline from
+    the end of prepare to the logits (CUDA events). device_layers close to launch: the device waited on
+    the launches (host-bound); close to the kernels' sum (`--profile-prefill`): it ran them back to back."""
+    cuda = runner.device.type == "cuda"
+    runs = []
+    for _ in range(repeat):
+        sync(runner.device)
+        t0 = time.perf_counter()
+        batch = runner.make_batch(plan)
+        t1 = time.perf_counter()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        runner.model(batch, runner.pool.kv_buffer, runner.backend)
+        if cuda:
+            end.record()
+        t2 = time.perf_counter()
+        sync(runner.device)
+        t3 = time.perf_counter()
+        run = dict(prepare_ms=(t1 - t0) * 1e3, launch_ms=(t2 - t1) * 1e3, total_ms=(t3 - t0) * 1e3)
+        if cuda:
+            run["device_layers_ms"] = start.elapsed_time(end)
+        runs.append(run)
+    return sorted(runs, key=lambda r: r["total_ms"])[len(runs) // 2]
+
+
+def bench_prefill(sched: Scheduler, length: int) -> tuple[float, float, dict]:
     """Seconds to prefill one request of `length` tokens (one chunk), median of 3; and of the model
     forward alone on its batch (planning, the layers and the logits; median of 3): the rest of the
     steps is host work around it (scheduling, sampling, finishing the request)."""
@@ -277,7 +307,9 @@ def bench_prefill(sched: Scheduler, length: int) -> tuple[float, float]:
         sched.cache.reset()
     plan = max(plans, key=lambda p: sum(p.q_lens))  # the prompt's (not a decode step after it)
     # NOTE: the re-run writes the freed pages of the finished request again: nothing reads them
-    return sorted(times[1:])[1], time_plan(runner.forward_plan, plan, runner.device, 3)
+    forward_s = time_plan(runner.forward_plan, plan, runner.device, 3)
+    split = prefill_host_split(runner, plan) if get_parallel().world_size == 1 else {}
+    return sorted(times[1:])[1], forward_s, split
 
 
 def weight_traffic(model) -> dict:
@@ -500,8 +532,8 @@ def main() -> None:
         rows.append(decode_row(traffic, kv_tok, ceil, b, args.context_len, step, fwd, touched))
         print(f"  {rows[-1]}", flush=True)
     print(f"[{time.perf_counter() - t0:.0f} s] prefill {args.prefill_len} tokens ...", flush=True)
-    t, fwd = bench_prefill(sched, args.prefill_len)
-    rows.append(prefill_row(traffic, ceil, sched.runner.hf_config, args.prefill_len, args.tp, t, fwd))
+    t, fwd, split = bench_prefill(sched, args.prefill_len)
+    rows.append(prefill_row(traffic, ceil, sched.runner.hf_config, args.prefill_len, args.tp, t, fwd) | split)
     if args.profile_prefill:
         profile_prefill(sched, args.prefill_len)
     print(f"  {rows[-1]}", flush=True)
@@ -622,6 +654,14 @@ def print_report(ceil: dict, traffic: dict, kv_tok: int, rows: list[dict], gen: 
                 f"{'':>8} {r['tflop']:>7.2f} TF {r['roofline_ms']:>12.2f} {100 * r['of_roofline']:>9.1f}% "
                 f"(matmul rate {100 * r['of_matmul']:.1f}%: {r['tflops']:.1f} TFLOP/s)"
             )
+            if "prepare_ms" in r:  # the eager forward's host / device split (prefill_host_split)
+                device = (
+                    f", the device's layers {r['device_layers_ms']:.2f}" if "device_layers_ms" in r else ""
+                )
+                print(
+                    f"{'':8} forward {r['total_ms']:.2f} ms: host prepare {r['prepare_ms']:.2f} (nothing queued), "
+                    f"host launch {r['launch_ms']:.2f}{device}"
+                )
     if gen:
         print(f"\n{'generate':8} {'batch':>5} {'ours tok/s':>11} {'HF tok/s':>10} {'speed-up':>9}")
         for g in gen:
