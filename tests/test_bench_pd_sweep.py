@@ -100,3 +100,21 @@ def test_a_below_normal_prefill_is_an_mps_client_of_lower_priority(tmp_path):
     assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE" not in prefill.env | decode.env
     with pytest.raises(SystemExit):
         parse_args(["--out-dir", str(tmp_path), "--device", "cpu", "--prefill-below-normal"])
+
+
+def test_ttft_parts_make_up_the_ttft_when_the_decode_heard_of_the_request_late():
+    """The plot's TTFT bar is the server TTFT in three parts. In PD that TTFT is the decode's (from when
+    the decode received the request), and the prefill's queued stages can add up past it when the
+    router's copy reached the decode a few ms after the prefill's (a CI run: 145.0 against 141.8 ms):
+    the queued part is then cut, the forward kept, and the bar still ends at the TTFT."""
+
+    def rate(**stages):
+        return {"stages": {k.replace("_", " ", 1): {"mean_ms": v} for k, v in stages.items()}}
+
+    late = rate(prefill_tokenize=1.0, prefill_receive=20.0, prefill_wait_queue=6.1, prefill_forward=117.9,
+                decode_ttft=141.8)  # fmt: skip
+    parts = ttft_parts(late)
+    assert parts[1] == 117.9 and abs(sum(parts) - 141.8) < 1e-9 and parts[2] == 0.0
+    assert abs(parts[0] - (141.8 - 117.9)) < 1e-9
+    on_time = rate(server_tokenize=1.0, server_wait_queue=2.0, server_forward=30.0, server_ttft=40.0)
+    assert ttft_parts(on_time) == [3.0, 30.0, 7.0]
