@@ -10,39 +10,19 @@ import argparse
 import json
 
 import torch
+from disagg.common.bench.offline import graph_us_per_layer, measure_ceilings
 from disagg.common.models.argmax import argmax_finite, check_argmax, greedy_argmax
 
 
-def copy_rate(device: torch.device) -> float:
-    """bytes/s of a 1 GiB device-to-device copy (read + write counted)."""
-    a = torch.empty(1 << 29, dtype=torch.float16, device=device)
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        b.copy_(a)
-    end.record()
-    end.synchronize()
-    return 2 * a.numel() * a.element_size() * 20 / (start.elapsed_time(end) / 1e3)
-
-
-def time_us(fn, eager: bool, iters: int = 200) -> float:
-    """Mean µs a call: eager launches back to back, or a graph of one call replayed."""
+def eager_us(fn, iters: int = 200) -> float:
+    """Mean µs a call launched eagerly back to back (the host's time where it is the slower side)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    run = fn
-    if not eager:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        run = graph.replay
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(iters):
-        run()
+        fn()
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / iters
@@ -55,7 +35,7 @@ def main() -> None:
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     dev = torch.device("cuda")
-    rate = copy_rate(dev)
+    rate = measure_ceilings(dev, torch.bfloat16)["copy_gb_s"] * 1e9
     print(f"{torch.cuda.get_device_name()}; copy {rate / 1e9:.0f} GB/s")
     paths = {
         "argmax": lambda x: greedy_argmax(x),
@@ -75,7 +55,7 @@ def main() -> None:
                 raise SystemExit("the Triton argmax is off on this device (start-up check failed)")
             bytes_us = x.numel() * x.element_size() / rate * 1e6
             for name, fn in paths.items():
-                eager, graph = (time_us(lambda fn=fn, x=x: fn(x), mode) for mode in (True, False))
+                eager, graph = eager_us(lambda fn=fn, x=x: fn(x)), graph_us_per_layer(fn, [x], iters=200)
                 rows.append(
                     dict(
                         vocab=vocab, batch=batch, path=name, eager_us=eager, graph_us=graph, bytes_us=bytes_us
