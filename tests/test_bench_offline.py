@@ -47,6 +47,7 @@ def test_prefill_is_timed_whole_and_as_its_forward_alone(scheduler):
         step_s, forward_s, split = bench_prefill(scheduler, 60)
         assert 0 < forward_s and 0 < step_s
         assert 0 < split["prepare_ms"] and 0 < split["launch_ms"]
+        assert 0 < split["plan_ms"] < split["prepare_ms"]
         assert split["prepare_ms"] + split["launch_ms"] <= split["total_ms"]
         assert "device_layers_ms" not in split  # CUDA events only on a GPU
         assert scheduler.pool.num_free_pages == free and not scheduler.has_work()

@@ -6,6 +6,9 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
+import torch.nn.functional as F
+from disagg.common.engine.attention import TorchBackend
 
 from tests.conftest import assert_pool_clean, hf_greedy
 
@@ -261,3 +264,52 @@ def test_host_tensors_are_torch_tensor_of_the_same_values():
                 values,
                 dtype,
             )
+
+
+class _NewKVBackend(TorchBackend):
+    """TorchBackend that attends fresh prompts over the step's own rotated K and V (as FlashInfer's
+    ragged prefill does on the GPU), each request causal on its own; counts those batches."""
+
+    fresh_batches = 0
+
+    def attends_new_kv(self, batch) -> bool:
+        return not batch.is_decode_only and batch.kv_lens == batch.q_lens
+
+    def forward_new_kv(self, q, k, v, batch):
+        type(self).fresh_batches += 1
+        outs, start = [], 0
+        for n in batch.q_lens:
+            qs, ks, vs = (x[start : start + n].transpose(0, 1) for x in (q, k, v))  # [H, n, D]
+            outs.append(
+                F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).transpose(0, 1)
+            )
+            start += n
+        return torch.cat(outs)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_attention_over_the_steps_own_kv_gives_transformers_tokens(tiny_models, family, monkeypatch):
+    """The decoder hands a backend that asks for it (attends_new_kv: FlashInfer's ragged prefill on
+    the GPU) the rotated K (Qwen3: q/k-normalised) and V of a batch of fresh prompts: transformers'
+    float32 tokens; a prompt that hits the prefix cache, prefill chunks after the first and decode
+    steps read the pool as before."""
+    from disagg.common.engine import model_runner
+    from disagg.common.engine.offline import Engine
+
+    monkeypatch.setattr(model_runner, "create_attention_backend", lambda *a, **kw: _NewKVBackend())
+    path = tiny_models[family]
+    engine = Engine(model_path=path, page_size=4, chunked_prefill_size=32, max_total_tokens=2048)
+    try:
+        rng = random.Random(family)
+        prompts = [[rng.randrange(512) for _ in range(n)] for n in (1, 5, 17, 40, 9)]  # 40: two chunks
+        prompts.append(prompts[3][:24] + [7, 8, 9])  # its first 24 tokens cached by then
+        params = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
+        _NewKVBackend.fresh_batches = 0
+        outs = engine.generate(prompts[:5], params) + engine.generate(prompts[5:], params)
+        assert _NewKVBackend.fresh_batches > 0
+        assert outs[5]["meta_info"]["cached_tokens"] > 0
+        for prompt, out in zip(prompts, outs, strict=True):
+            assert out["output_ids"] == hf_greedy(path, prompt, 12)
+        assert_pool_clean(engine.scheduler)
+    finally:
+        engine.shutdown()

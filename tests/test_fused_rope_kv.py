@@ -27,7 +27,7 @@ CHECK = textwrap.dedent(
     import torch
     from disagg.common.models import fused_rope_kv as fr
 
-    def case(t, hq, hkv, d, page_size, qk_norm, neox, dtype, prefix=0, decode=False, launch=None):
+    def case(t, hq, hkv, d, page_size, qk_norm, neox, dtype, prefix=0, decode=False, launch=None, rotate_k=False):
         g = torch.Generator().manual_seed(t * 31 + hq + d + page_size)
         pages = 2 * t // page_size + 3
         qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g).to(dtype)
@@ -42,13 +42,17 @@ CHECK = textwrap.dedent(
         norm = (torch.randn(d, generator=g).to(dtype), torch.randn(d, generator=g).to(dtype), 1e-6) if qk_norm else None
         pool = torch.randn(pages, 2, page_size, hkv, d, generator=g).to(dtype)
         kv_got, kv_want = pool.clone(), pool.clone()
-        got = fr.fused_rope_kv(positions, q, k, v, kv_got, k_rows, cos_sin, norm, neox, launch)
-        want = fr.rope_kv_reference(positions, q, k, v, kv_want, k_rows, cos_sin, norm, neox)
+        # rotate_k: the projection's K rows rotated in place too (each path on its own copy of them)
+        qkv_got, qkv_want = qkv.clone(), qkv.clone()
+        views = lambda x: (y.view(t, -1, d) for y in x.split([hq * d, hkv * d, hkv * d], -1))
+        got = fr.fused_rope_kv(positions, *views(qkv_got), kv_got, k_rows, cos_sin, norm, neox, launch, rotate_k)
+        want = fr.rope_kv_reference(positions, *views(qkv_want), kv_want, k_rows, cos_sin, norm, neox, rotate_k)
         assert got.is_contiguous() and got.shape == (t, hq, d)
+        assert torch.equal(qkv_got, qkv) == torch.equal(qkv_want, qkv) == (not rotate_k)
         # float32: the same arithmetic up to rounding order. bf16: a few ulps of the largest value
         # (NOTE: the interpreter truncates float32 -> bf16 where the GPU rounds to nearest, so the
         # roundings themselves are checked in tests/test_gpu_fused_rope_kv.py)
-        for a, b in ((got, want), (kv_got, kv_want)):
+        for a, b in ((got, want), (kv_got, kv_want), (qkv_got, qkv_want)):
             tol = (1e-5 if dtype == torch.float32 else 1 / 32) * b.abs().max().item()
             torch.testing.assert_close(a, b, atol=tol, rtol=0)
         assert not torch.equal(kv_got, pool)
@@ -86,10 +90,12 @@ def test_interpreted_kernel_matches_the_torch_path():
             case(9, 8, 1, 32, 4, True, True, bf16, prefix=40)  # one KV head (a TP shard), bf16 roundings
             case(6, 4, 2, 16, 16, False, True, bf16, decode=True)
             case(7, 6, 2, 16, 16, True, False, f32, prefix=3, launch=(4, 2))
+            case(11, 4, 2, 16, 16, True, True, f32, rotate_k=True)  # a fresh prompt's K for the ragged kernel
+            case(9, 8, 1, 32, 4, False, True, bf16, launch=(4, 2), rotate_k=True)
             """
         )
     )
-    assert out.count("case passed") == 20
+    assert out.count("case passed") == 22
 
 
 def test_reference_is_the_decoders_unfused_arithmetic():
@@ -109,6 +115,11 @@ def test_reference_is_the_decoders_unfused_arithmetic():
     assert torch.equal(got, want_q)
     rows = kv.view(-1, hkv, d)
     assert torch.equal(rows[k_rows], want_k) and torch.equal(rows[k_rows + page_size], v)
+    k_in = k.clone()  # rotate_k: k itself becomes the rotated K
+    rope_kv_reference(
+        positions, q, k_in, v, kv, k_rows, torch.cat([cos, sin], -1), (wq, wk, 1e-6), rotate_k=True
+    )
+    assert torch.equal(k_in, want_k)
 
 
 MODEL_RUN = textwrap.dedent(
@@ -138,8 +149,9 @@ def test_tiny_models_with_the_kernel_give_transformers_tokens(tiny_models, famil
 
 
 def test_start_up_check_refuses_a_kernel_that_disagrees():
-    """A kernel that rotates the wrong pairs, or writes one pool row too many, is refused (the layer
-    keeps the torch ops, logged); DISAGG_FUSED_KERNELS=0 turns it off; the real kernel passes."""
+    """A kernel that rotates the wrong pairs, writes one pool row too many, or leaves K unrotated where
+    asked to rotate it in place, is refused (the layer keeps the torch ops, logged);
+    DISAGG_FUSED_KERNELS=0 turns it off; the real kernel passes."""
     out = _interpret(
         textwrap.dedent(
             """
@@ -151,16 +163,19 @@ def test_start_up_check_refuses_a_kernel_that_disagrees():
                 fr.fused_rope_kv_ok.cache_clear()
                 return fr.fused_rope_kv_ok(cpu, torch.float32, 4, 2, 16, True)
 
-            def gptj(*args, launch):  # the other pair layout
-                return real(*args, is_neox=False, launch=launch)
+            def gptj(*args, launch, rotate_k):  # the other pair layout
+                return real(*args, is_neox=False, launch=launch, rotate_k=rotate_k)
 
-            def stray(positions, q, k, v, kv, *rest, launch):
-                out = real(positions, q, k, v, kv, *rest, launch=launch)
+            def stray(positions, q, k, v, kv, *rest, launch, rotate_k):
+                out = real(positions, q, k, v, kv, *rest, launch=launch, rotate_k=rotate_k)
                 kv.view(-1, 2, 16)[-1] += 1.0  # a slot no token owns
                 return out
 
             assert ok()
-            for bad in (gptj, stray):
+            def unrotated_k(*args, launch, rotate_k):  # K left as projected where asked to rotate it
+                return real(*args, launch=launch)
+
+            for bad in (gptj, stray, unrotated_k):
                 fr.fused_rope_kv = bad
                 assert not ok(), bad.__name__
             fr.fused_rope_kv = real
@@ -171,4 +186,4 @@ def test_start_up_check_refuses_a_kernel_that_disagrees():
         )
     )
     assert "refused" in out
-    assert out.count("fused_rope_kv disagrees with torch") == 2 and "failed its start-up check" not in out
+    assert out.count("fused_rope_kv disagrees with torch") == 3 and "failed its start-up check" not in out

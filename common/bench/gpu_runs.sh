@@ -113,6 +113,28 @@ for step in "$@"; do
     moe-prefill) # issue 19: where a 2048-token MoE prefill goes (the kernels of one prefill, torch profiler)
            bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 --prefill-len 2048 \
              --decode-steps 4 --profile-prefill | tee $OUT/moe_prefill.log | tail -32 ;;
+    prefill-parts) # issue 19: a fresh prompt's attention paged vs ragged (FlashInfer fa2/fa3) and the grouped experts'
+           # padding cost (random vs even routing, by M tile), beside the matmul rate (common/bench/prefill_parts.py)
+           timeout "${T:-240}" python3 -m disagg.common.bench.prefill_parts ${PP_ARGS:-} 2>&1 | grep -v "Loading\|jit" \
+             | tee $OUT/prefill_parts.log ;;
+    ragged-ab) # issue 19, twenty-first session: fresh prompts on FlashInfer's ragged prefill (DISAGG_RAGGED_PREFILL=1)
+           # against its paged prefill (0), alternating fresh processes: Qwen3-30B-A3B batch 1 + prefill 2048
+           # (RAGGED_MODELS: name:length ...), each prefill row with its host/device split line
+           for m in ${RAGGED_MODELS:-Qwen3-30B-A3B:2048}; do for r in 1 0 1 0; do i=$((${i:-0} + 1))
+             echo "--- ${m%%:*} DISAGG_RAGGED_PREFILL=$r ($(date +%T))"
+             DISAGG_RAGGED_PREFILL=$r bench --model-path ${m%%:*} --load-format dummy --batch-sizes 1 --context-len 1024 \
+               --prefill-len ${m#*:} --decode-steps 8 > $OUT/ragged_${m%%:*}_${r}_$i.log
+             grep -A1 "^decode\|^prefill" $OUT/ragged_${m%%:*}_${r}_$i.log
+           done; done ;;
+    host-ab) # the twenty-first session: Qwen3-30B-A3B (batch 1, prefill 2048) and the 8B (batch 1 and 64, prefill 2048)
+           # with the host lists through numpy (device_wait.py now) against d4881c5's, alternating fresh processes
+           # (carry .gpu/ab: device_wait_new.py and device_wait_old.py, copies made here before the call)
+           Q="--model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 --prefill-len 2048 --decode-steps 8"
+           E="$B8 --batch-sizes 1,64 --context-len 1024 --prefill-len 2048 --decode-steps 16"
+           for m in "qwen3|$Q" "8b|$E"; do for v in old new old new; do i=$((${i:-0} + 1))
+             cp .gpu/ab/device_wait_$v.py common/engine/device_wait.py; echo "--- ${m%%|*} $v $i ($(date +%T))"
+             bench ${m#*|} > $OUT/ab_${m%%|*}_${v}_$i.log; grep -A1 "^decode\|^prefill" $OUT/ab_${m%%|*}_${v}_$i.log
+           done; done; cp .gpu/ab/device_wait_new.py common/engine/device_wait.py ;;
     verify) # the GPU tests of the kernels (PDL, FP8, MLA, fused MoE and RoPE), before any benchmark trusts them,
            # in two processes on the one GPU (the kernel tests alone took 181-257 s); test_gpu_fused_rope_kv's
            # engine tests need the default model's GGUF: gguf-a and gguf-b first

@@ -262,16 +262,27 @@ def gpu_busy(prof) -> str:
 def prefill_host_split(runner, plan, repeat: int = 3) -> dict:
     """Where an eager forward's time goes between the host and the device (median of `repeat` by
     total): `prepare_ms`, the host building the batch's tensors and the attention plan (make_batch;
-    the device has nothing queued meanwhile), `launch_ms`, the host queuing every layer's kernels,
+    the device has nothing queued meanwhile; `plan_ms` of it the attention backend's), `launch_ms`, the host queuing every layer's kernels,
     `total_ms` until the logits are computed; on CUDA `device_layers_ms`, the device's timeline from
     the end of prepare to the logits (CUDA events). device_layers close to launch: the device waited on
     the launches (host-bound); close to the kernels' sum (`--profile-prefill`): it ran them back to back."""
     cuda = runner.device.type == "cuda"
-    runs = []
+    runs, planned = [], []
+    backend_prepare = runner.backend.prepare
+
+    def timed_prepare(batch):  # the attention backend's part of prepare (its plan: `plan_ms`)
+        t = time.perf_counter()
+        backend_prepare(batch)
+        planned.append(time.perf_counter() - t)
+
     for _ in range(repeat):
         sync(runner.device)
         t0 = time.perf_counter()
-        batch = runner.make_batch(plan)
+        runner.backend.prepare = timed_prepare
+        try:
+            batch = runner.make_batch(plan)
+        finally:
+            runner.backend.prepare = backend_prepare
         t1 = time.perf_counter()
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -283,6 +294,7 @@ def prefill_host_split(runner, plan, repeat: int = 3) -> dict:
         sync(runner.device)
         t3 = time.perf_counter()
         run = dict(prepare_ms=(t1 - t0) * 1e3, launch_ms=(t2 - t1) * 1e3, total_ms=(t3 - t0) * 1e3)
+        run["plan_ms"] = planned[-1] * 1e3
         if cuda:
             run["device_layers_ms"] = start.elapsed_time(end)
         runs.append(run)
@@ -659,7 +671,8 @@ def print_report(ceil: dict, traffic: dict, kv_tok: int, rows: list[dict], gen: 
                     f", the device's layers {r['device_layers_ms']:.2f}" if "device_layers_ms" in r else ""
                 )
                 print(
-                    f"{'':8} forward {r['total_ms']:.2f} ms: host prepare {r['prepare_ms']:.2f} (nothing queued), "
+                    f"{'':8} forward {r['total_ms']:.2f} ms: host prepare {r['prepare_ms']:.2f} (nothing queued; "
+                    f"the attention plan {r['plan_ms']:.2f}), "
                     f"host launch {r['launch_ms']:.2f}{device}"
                 )
     if gen:

@@ -51,6 +51,18 @@ class AttentionBackend(ABC):
     @abstractmethod
     def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor: ...
 
+    def attends_new_kv(self, batch: ForwardBatch) -> bool:
+        """True: this batch's attention runs on forward_new_kv over the step's own K and V (every
+        request fresh: its keys are exactly this step's tokens), not on forward over the pool."""
+        return False
+
+    def forward_new_kv(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        """q [T, Hq, D], the rotated k and v [T, Hkv, D] (rows may be strided) -> [T, Hq, D], causal
+        within each request (the K/V are in the pool too, as forward() would read them)."""
+        raise NotImplementedError
+
 
 class MLABackend(AttentionBackend):
     """Contract for MLA (weight-absorbed) attention over latent pages: run_mla() gets this layer's

@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 
 import torch
-from disagg.common.config import mla_kernel, mla_prefill_mode
+from disagg.common.config import mla_kernel, mla_prefill_mode, ragged_prefill
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend, TorchBackend
 from disagg.common.engine.device_wait import host_tensor, host_to_device, to_device
 
@@ -42,24 +42,44 @@ class FlashInferBackend(AttentionBackend):
         self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
             self.workspace, "NHD", use_tensor_cores=num_qo_heads // pool.num_kv_heads >= 4
         )
+        # fresh prompts (no cached prefix): the ragged kernel over the step's own K/V, contiguous
+        # tokens instead of the paged kernel's page-by-page gathers (as SGLang's extend without prefix)
+        self.ragged = (
+            flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
+            if ragged_prefill()
+            else None
+        )
         self.device = device
         self._wrapper = None
 
     def prepare(self, batch: ForwardBatch) -> None:
         ps = self.pool.page_size
-        kv_indptr, indices, last = paged_kv_layout(batch.kv_lens, batch.page_tables, ps, self.device)
         common = dict(q_data_type=self.pool.dtype, kv_data_type=self.pool.dtype)
         heads = (self.num_qo_heads, self.pool.num_kv_heads, self.pool.head_dim, ps)
+        if not batch.is_decode_only:
+            qo_indptr = host_tensor([0, *itertools.accumulate(batch.q_lens)], torch.int32, self.device)
+            if self.ragged is not None and batch.kv_lens == batch.q_lens:
+                self.ragged.plan(qo_indptr, qo_indptr, *heads[:3], causal=True, **common)
+                self._wrapper = self.ragged
+                return
+        kv_indptr, indices, last = paged_kv_layout(batch.kv_lens, batch.page_tables, ps, self.device)
         if batch.is_decode_only:
             self.decode.plan(kv_indptr, indices, last, *heads, **common)
             self._wrapper = self.decode
         else:
-            qo_indptr = host_tensor([0, *itertools.accumulate(batch.q_lens)], torch.int32, self.device)
             self.prefill.plan(qo_indptr, kv_indptr, indices, last, *heads, causal=True, **common)
             self._wrapper = self.prefill
 
+    def attends_new_kv(self, batch: ForwardBatch) -> bool:
+        return self._wrapper is self.ragged is not None
+
     def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return self._wrapper.run(q.contiguous(), kv)
+
+    def forward_new_kv(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        return self.ragged.run(q.contiguous(), k, v)
 
 
 def paged_kv_layout(
@@ -218,6 +238,9 @@ class FlashInferMLABackend(FlashInferBackend, MLABackend):
         batch.attn["mla_metadata"] = mla_metadata(
             batch.q_lens, batch.kv_lens, batch.page_tables, self.pool.page_size, self.device
         )
+
+    def attends_new_kv(self, batch: ForwardBatch) -> bool:
+        return False  # MLA layers choose their form through runs_expanded
 
     def _expansion_fits(self, kv_lens: list[int]) -> bool:
         """The expanded form's per-layer buffers for these keys (kv_b_proj's rows, K, a contiguous V:

@@ -103,23 +103,29 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         kv = kv_buffer[self.layer_id]  # [num_pages, 2, page_size, Hkv, D]
+        new_kv = backend.attends_new_kv(batch)  # fresh prompts: attention over this step's K/V as they are
         if self.fused_rope_kv:
             norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else None
-            q = fused_rope_kv(batch.positions, q, k, v, kv, batch.k_rows, self.rope.table(), norm)
+            q = fused_rope_kv(
+                batch.positions, q, k, v, kv, batch.k_rows, self.rope.table(), norm, rotate_k=new_kv
+            )
         else:
-            q = self.rope_and_write_kv(q, k, v, kv, batch)
-        out = backend.forward(q, kv, batch)
+            q, k = self.rope_and_write_kv(q, k, v, kv, batch)
+        out = backend.forward_new_kv(q, k, v, batch) if new_kv else backend.forward(q, kv, batch)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
-    def rope_and_write_kv(self, q, k, v, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        """fused_rope_kv's steps one op at a time (FlashInfer's norm and RoPE where they apply)."""
+    def rope_and_write_kv(
+        self, q, k, v, kv: torch.Tensor, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """fused_rope_kv's steps one op at a time (FlashInfer's norm and RoPE where they apply):
+        the rotated q and k."""
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(batch.positions, q, k)
         rows = kv.view(-1, self.num_kv_heads, self.head_dim)  # one row per (page, K|V, slot)
         rows.index_copy_(0, batch.k_rows, k.to(kv.dtype))
         rows.index_copy_(0, batch.k_rows + batch.page_size, v.to(kv.dtype))
-        return q
+        return q, k
 
 
 class MLP(nn.Module):

@@ -51,11 +51,14 @@ def fused_rope_kv(
     norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,  # Qwen3: (q weight [D], k weight [D], eps)
     is_neox: bool = True,
     launch: tuple[int, int] | None = None,
+    rotate_k: bool = False,
 ) -> torch.Tensor:
     """Normalise (if `norm`) and rotate q and k, write k and v into the pool; returns the rotated q,
     a new contiguous [T, Hq, D] tensor. The rows of distinct tokens must differ (a pool slot has one
     owner); padded CUDA-graph rows that share the pad page's row write throw-away values there.
-    `launch`: (heads per program, warps), one of LAUNCHES (default: by the batch's size)."""
+    `launch`: (heads per program, warps), one of LAUNCHES (default: by the batch's size).
+    rotate_k: k itself is overwritten with the normalised, rotated K too (a fresh prompt's attention
+    reads this step's K and V where they are, not the pool's pages: AttentionBackend.attends_new_kv)."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert cos_sin.shape[1] == head_dim, "rotary dim must equal head_dim (no partial rotary)"
@@ -72,7 +75,7 @@ def fused_rope_kv(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv.stride(2), kv.stride(3), page_size, cos_sin.stride(0), num_q_heads, num_kv_heads, q_blocks,
         HALF=head_dim // 2, HALF_POW2=triton.next_power_of_2(head_dim // 2), BLOCK_H=block_h,
-        IS_NEOX=is_neox, QK_NORM=norm is not None, num_warps=warps, **pdl_args(q.device),
+        IS_NEOX=is_neox, QK_NORM=norm is not None, ROTATE_K=rotate_k, num_warps=warps, **pdl_args(q.device),
     )  # fmt: skip
     return q_out
 
@@ -96,9 +99,11 @@ def rope_kv_reference(
     cos_sin: torch.Tensor,
     norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     is_neox: bool = True,
+    rotate_k: bool = False,
 ) -> torch.Tensor:
     """fused_rope_kv in torch ops (the decoder's unfused path: kernels.rms_norm's and apply_rope's
     torch arithmetic, one index_copy_ per K and V)."""
+    k_in = k
     if norm is not None:
         q, k = rms_norm_reference(q, norm[0], norm[2]), rms_norm_reference(k, norm[1], norm[2])
     half = cos_sin.shape[1] // 2
@@ -107,6 +112,8 @@ def rope_kv_reference(
     rows = kv.view(-1, k.shape[1], k.shape[2])
     rows.index_copy_(0, k_rows, k.to(kv.dtype))
     rows.index_copy_(0, k_rows + kv.shape[2], v.to(kv.dtype))
+    if rotate_k:
+        k_in.copy_(k)
     return q.contiguous()
 
 
@@ -206,13 +213,14 @@ def _agrees_with_reference(
         x, kv = qkv.clone(), pool.clone()
         q, k, v = x.split([num_q_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
         views = (v_.view(t, -1, head_dim) for v_ in (q, k, v))
-        return fn(positions, *views, kv, k_rows, cos_sin, norm), kv
+        return fn(positions, *views, kv, k_rows, cos_sin, norm), kv, x
 
-    q_want, kv_want = run(rope_kv_reference)
-    for launch in LAUNCHES:
-        q_got, kv_got = run(functools.partial(fused_rope_kv, launch=launch))
-        if not (close_enough(q_got, q_want) and close_enough(kv_got, kv_want)):
-            return False
+    for rotate_k in (False, True):  # x: the projection's rows, K rotated in place with rotate_k
+        q_want, kv_want, x_want = run(functools.partial(rope_kv_reference, rotate_k=rotate_k))
+        for launch in LAUNCHES:
+            q_got, kv_got, x_got = run(functools.partial(fused_rope_kv, launch=launch, rotate_k=rotate_k))
+            if not all(close_enough(a, b) for a, b in ((q_got, q_want), (kv_got, kv_want), (x_got, x_want))):
+                return False
     return True
 
 
@@ -233,9 +241,10 @@ if triton is not None:
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
         stride_row, stride_head, page_size, stride_cs, num_q_heads, num_kv_heads, q_blocks,
         HALF: tl.constexpr, HALF_POW2: tl.constexpr, BLOCK_H: tl.constexpr,
-        IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr, PDL: tl.constexpr,
+        IS_NEOX: tl.constexpr, QK_NORM: tl.constexpr, ROTATE_K: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """Program (t, b): heads b * BLOCK_H... of q (b < q_blocks), else of k and v."""
+        """Program (t, b): heads b * BLOCK_H... of q (b < q_blocks), else of k and v (ROTATE_K: the
+        rotated k stored back over k as well)."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         t = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1)
@@ -265,6 +274,9 @@ if triton is not None:
             pool_dtype = kv.dtype.element_ty
             tl.store(k_dst + lo[None, :], o1.to(pool_dtype), mask=mask)
             tl.store(k_dst + hi[None, :], o2.to(pool_dtype), mask=mask)
+            if ROTATE_K:  # this program alone reads these elements, and has read them
+                tl.store(k_src + lo[None, :], o1.to(k.dtype.element_ty), mask=mask)
+                tl.store(k_src + hi[None, :], o2.to(k.dtype.element_ty), mask=mask)
             v1 = tl.load(v_src + lo[None, :], mask=mask)
             v2 = tl.load(v_src + hi[None, :], mask=mask)
             tl.store(v_dst + lo[None, :], v1.to(pool_dtype), mask=mask)

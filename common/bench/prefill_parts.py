@@ -1,0 +1,133 @@
+"""Two parts of a long prompt's prefill on the GPU, each beside the matmul rate measured in this run
+(issue 19: Qwen3-30B-A3B's 2048-token prefill at 46-48% of that rate, its kernels alone at 51%):
+
+1. attention of one fresh prompt (no prefix): FlashInfer's paged prefill (as the engine runs it,
+   pages of `--page-size` tokens) against its ragged prefill on contiguous K/V (as SGLang runs an
+   extend without prefix), each backend (fa2, and fa3 where the device has it); the outputs compared;
+2. the routed experts' grouped GEMMs (fused_moe) at the prompt's length with random routing against
+   the same pairs spread evenly (each expert exactly tokens * k / E): the padding of every expert's
+   rows to the M tile is the difference; and at each M tile of the sweep.
+
+    python3 -m disagg.common.bench.prefill_parts                  # Qwen3-30B-A3B's shapes, 2048 tokens
+    python3 -m disagg.common.bench.prefill_parts --tokens 4096 --heads 16 --kv-heads 16 \
+        --experts 64 --inter 1408 --top-k 6                        # DeepSeek-V2-Lite's MoE
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from disagg.common.bench.moe_kernels import make_layers, routing, time_layers
+from disagg.common.bench.offline import measure_ceilings, timed
+from disagg.common.models import fused_moe
+
+
+def attention(args, ceil: dict) -> None:
+    import flashinfer
+
+    dev, dt, t = torch.device("cuda"), torch.bfloat16, args.tokens
+    hq, hkv, d, ps = args.heads, args.kv_heads, args.head_dim, args.page_size
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(t, hq, d, device=dev, dtype=dt, generator=gen)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, device=dev, dtype=dt, generator=gen)  # the projection's rows
+    k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)  # strided views, as the layer has them
+    v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+    pages = t // ps
+    order = torch.randperm(pages, device=dev, generator=gen)  # the pool hands out pages in any order
+    cache = torch.zeros(pages, 2, ps, hkv, d, device=dev, dtype=dt)
+    cache[order, 0] = k.reshape(pages, ps, hkv, d)
+    cache[order, 1] = v.reshape(pages, ps, hkv, d)
+    i32 = dict(dtype=torch.int32, device=dev)
+    qo = torch.tensor([0, t], **i32)
+    flops = 4 * t * t / 2 * d * hq  # causal: half the square, QK^T and PV
+
+    def workspace():  # one a wrapper: a plan writes its schedule into its wrapper's workspace
+        return torch.empty(128 << 20, dtype=torch.uint8, device=dev)
+
+    backends = ["fa2"] + (["fa3"] if torch.cuda.get_device_capability(dev) >= (9, 0) else [])
+    outs = {}
+    print(f"attention, one fresh prompt of {t} tokens, {hq} q / {hkv} kv heads of {d}, causal:")
+    print(f"{'kernel':28} {'us':>9} {'TFLOP/s':>9} {'of matmul':>10} {'max |diff|':>11}")
+    for backend in backends:
+        paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace(), "NHD", backend=backend)
+        paged.plan(qo, torch.tensor([0, pages], **i32), order.int(), torch.tensor([ps], **i32),
+                   hq, hkv, d, ps, causal=True, q_data_type=dt, kv_data_type=dt)  # fmt: skip
+        ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(workspace(), "NHD", backend=backend)
+        ragged.plan(qo, qo, hq, hkv, d, causal=True, q_data_type=dt, kv_data_type=dt)
+        runs = {
+            f"paged {backend} (page {ps})": lambda p=paged: p.run(q, cache),
+            f"ragged {backend}, strided K/V": lambda r=ragged: r.run(q, k, v),
+            f"ragged {backend}, contiguous": lambda r=ragged, kc=k.contiguous(), vc=v.contiguous(): r.run(
+                q, kc, vc
+            ),
+        }
+        for name, fn in runs.items():
+            try:
+                out = fn()
+                s = timed(fn, dev, repeat=20)
+            except Exception as e:  # noqa: BLE001 - a backend this build lacks: say so, go on
+                print(f"{name:28} failed: {type(e).__name__}: {str(e)[:80]}")
+                continue
+            ref = outs.setdefault("ref", out)
+            diff = (out.float() - ref.float()).abs().max().item()
+            tf = flops / s / 1e12
+            print(
+                f"{name:28} {s * 1e6:>9.1f} {tf:>9.1f} {100 * tf / ceil['matmul_tflops']:>9.1f}% {diff:>11.2e}"
+            )
+
+
+def experts(args, ceil: dict) -> None:
+    t, e, k, h, inter = args.tokens, args.experts, args.top_k, args.hidden, args.inter
+    layers = make_layers(args.layers, e, h, inter)
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16) / 4
+    weights, ids = routing(t, e, k)
+    even = (torch.arange(t * k, device="cuda") % e).view(t, k)  # each expert exactly t * k / e pairs
+    flops = 2 * t * k * 3 * h * inter
+    base = fused_moe.moe_config(e, inter, h)
+    tuned = fused_moe.grouped_config(base, t)
+    print(f"\nrouted experts, {t} tokens x top-{k} of {e} (hidden {h}, inter {inter}), tuned tile {tuned}:")
+    print(
+        f"{'routing':10} {'M tile':>6} {'padded pairs':>13} {'us/layer':>9} {'active TFLOP/s':>15} {'of matmul':>10}"
+    )
+    tiles = sorted({tuned["BLOCK_SIZE_M"], 64, 128})
+    for name, route in (("random", ids), ("even", even)):
+        counts = torch.bincount(route.flatten(), minlength=e)
+        for bm in tiles:
+            cfg = {**tuned, "BLOCK_SIZE_M": bm}
+            config = {**base, "gemv_max_pairs": 0, "grouped_mm_min_tokens": 1 << 30, "grouped": {"1": cfg}}
+            padded = int(((counts + bm - 1) // bm * bm).sum())
+            s = time_layers(
+                lambda x, w13, w2, sc, r=route, c=config: fused_moe.fused_experts(x, w13, w2, weights, r, c),
+                layers, x, graph=False,
+            )  # fmt: skip
+            tf = flops / s / 1e12
+            print(
+                f"{name:10} {bm:>6} {padded:>13} {s * 1e6:>9.1f} {tf:>15.1f} {100 * tf / ceil['matmul_tflops']:>9.1f}%"
+            )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--experts", type=int, default=128)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--inter", type=int, default=768)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--skip", choices=["attention", "experts"], default=None)
+    args = p.parse_args()
+    ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
+    print(f"{torch.cuda.get_device_name()}: ceilings {ceil}")
+    if args.skip != "attention":
+        attention(args, ceil)
+    if args.skip != "experts":
+        experts(args, ceil)
+
+
+if __name__ == "__main__":
+    main()
