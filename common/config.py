@@ -26,9 +26,9 @@ from pathlib import Path
 #   DISAGG_MLA_PREFILL      MLA prefill/mixed batches on the FlashInfer MLA backend: auto (default: each batch
 #                           in the form of fewer attention FLOPs) | absorbed (its MLA kernel) | expanded
 #                           (its ragged prefill kernel) | torch (expanded form, torch SDPA); A/B runs
-#   DISAGG_RAGGED_PREFILL   1: a batch of fresh prompts (no cached prefix) attends on FlashInfer's ragged prefill
-#                           kernel over the step's own K/V | 0 (default until measured on a GPU): on its paged
-#                           kernel over the pool
+#   DISAGG_RAGGED_PREFILL   1 (default): a batch of fresh prompts (no cached prefix) attends on FlashInfer's ragged
+#                           prefill kernel over the step's own K/V (Qwen3-30B-A3B's 2048-token prefill ~1 ms
+#                           faster on an H100, docs/benchmarks.md) | 0: on its paged kernel over the pool (A/B runs)
 #   DISAGG_MLA_KERNEL       FlashInfer's MLA kernel family: auto (FlashInfer's pick: FA3 on Hopper) | fa2 | fa3
 #   DISAGG_PDL              1 (default): the Triton kernels launch with Programmatic Dependent Launch on Hopper
 #                           or newer (common/models/pdl.py; the H200 A/B of docs/benchmarks.md, eleventh
@@ -171,8 +171,8 @@ def mla_prefill_mode() -> str:
 
 
 def ragged_prefill() -> bool:
-    """DISAGG_RAGGED_PREFILL: 1 | 0 (default) (common/engine/attention_flashinfer.py)."""
-    value = os.environ.get("DISAGG_RAGGED_PREFILL", "0") or "0"
+    """DISAGG_RAGGED_PREFILL: 1 (default) | 0 (common/engine/attention_flashinfer.py)."""
+    value = os.environ.get("DISAGG_RAGGED_PREFILL", "1") or "1"
     if value not in ("0", "1"):
         raise ValueError(f"DISAGG_RAGGED_PREFILL={value!r}: expected 0 or 1")
     return value == "1"

@@ -195,7 +195,10 @@ def profile_steps(sched: Scheduler, steps: int = 3) -> None:
 
 
 def profile_prefill(sched: Scheduler, length: int) -> None:
-    """Print the top kernels of one prefill of `length` tokens (after bench_prefill's warm-up)."""
+    """Print the top kernels of one prefill of `length` tokens (after bench_prefill's warm-up), then
+    the host's Python functions over two more (cProfile): where the host launches a forward no faster
+    than the device runs it (prefill_host_split's launch close to the device's layers), what it spends
+    that time on."""
 
     def run():
         sched.add_request(_make_req("profiled", length, sched.runner.hf_config.vocab_size, 1))
@@ -204,6 +207,16 @@ def profile_prefill(sched: Scheduler, length: int) -> None:
 
     profile_run(sched, run)
     sched.cache.reset()
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    for _ in range(2):
+        prof.runcall(run)
+        sync(sched.runner.device)
+        sched.cache.reset()
+    print(f"host functions over two {length}-token prefills (cProfile; its overhead inflates every figure):")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(30)
 
 
 def profile_run(sched: Scheduler, fn) -> None:

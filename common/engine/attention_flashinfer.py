@@ -2,7 +2,10 @@
 
 The pool's per-layer view [num_pages, 2, page_size, Hkv, D] is FlashInfer's NHD paged layout,
 so the kernels read the pages in place. Planning happens once per forward in prepare(), outside
-the layers (and outside any CUDA graph).
+the layers (and outside any CUDA graph). A batch of fresh prompts (no cached prefix: every key is
+one of this step's tokens) runs FlashInfer's ragged prefill over the step's own rotated K and V
+instead (attends_new_kv; DISAGG_RAGGED_PREFILL=0 keeps the paged kernel): on an H100 its FA3 kernel
+took 120 against the paged one's 212 us a layer for a 2048-token Qwen3-30B-A3B prompt.
 
 MLA (DeepSeek): `FlashInferMLABackend` runs `flashinfer.mla.BatchMLAPagedAttentionWrapper`
 (FlashInfer 0.7.2: canonical `MLAPlanMetadata.csr` plans, split query and KV inputs) on the
