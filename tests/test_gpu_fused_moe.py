@@ -208,6 +208,51 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_layers_sharing_scratch_buffers_keep_their_outputs():
+    """Consecutive grouped-GEMM layers (a prefill's) share their internal buffers (fused_moe.scratch):
+    each layer's output, chained into the next as the model does, equals the torch experts' with every
+    output kept alive meanwhile (a returned tensor is never a shared buffer); a CUDA-graph capture
+    allocates its own, and eager layers after it leave the captured graph's result unchanged."""
+    pytest.importorskip("triton")
+    from disagg.common.models import fused_moe
+    from disagg.common.models.moe_align import grouped_experts
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tokens, k, experts, inter, hidden = 512, 8, 128, 768, 2048
+
+    def layer():
+        w13 = torch.randn(experts, 2 * inter, hidden, device="cuda", generator=g).bfloat16() / hidden**0.5
+        w2 = torch.randn(experts, hidden, inter, device="cuda", generator=g).bfloat16() / inter**0.5
+        return w13, w2
+
+    layers = [layer() for _ in range(3)]
+    x = torch.randn(tokens, hidden, device="cuda", generator=g).bfloat16()
+    routes = [torch.rand(tokens, experts, device="cuda", generator=g).topk(k, dim=-1) for _ in layers]
+    got, want, h_got, h_want = [], [], x, x
+    for (w13, w2), (weights, ids) in zip(layers, routes, strict=True):
+        weights = weights / weights.sum(-1, keepdim=True)
+        h_got = fused_moe.fused_experts(h_got, w13, w2, weights, ids)
+        h_want = grouped_experts(h_want.float(), w13.float(), w2.float(), weights, ids).bfloat16()
+        got.append(h_got)
+        want.append(h_want)
+    assert "grouped.out" in fused_moe._SCRATCH  # the buffers were shared
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=3e-2, atol=3e-2 * b.abs().max().item())
+    # a capture takes fresh buffers: later eager layers do not write into the graph's
+    (w13, w2), (weights, ids) = layers[0], routes[0]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fused_moe.fused_experts(x, w13, w2, weights, ids)
+    graph.replay()
+    first = captured.clone()
+    for (w13b, w2b), (wb, ib) in zip(layers[1:], routes[1:], strict=True):
+        fused_moe.fused_experts(x, w13b, w2b, wb, ib)
+    graph.replay()
+    torch.testing.assert_close(captured, first, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_redundant_experts_under_cuda_graphs_keep_the_tokens(tmp_path):
     """--ep-num-redundant-experts 2, a skewed load file and re-placement every 3 steps while decode
     replays CUDA graphs (maps and weights change in place): bf16 greedy tokens as the same model's

@@ -126,6 +126,14 @@ for step in "$@"; do
                --prefill-len ${m#*:} --decode-steps 8 > $OUT/ragged_${m%%:*}_${r}_$i.log
              grep -A1 "^decode\|^prefill" $OUT/ragged_${m%%:*}_${r}_$i.log
            done; done ;;
+    scratch-ab) # issue 19, twenty-first session: the MoE layers' shared internal buffers (fused_moe.scratch) against
+           # one allocation each a layer (fused_moe.py as of 266be7b), alternating fresh processes; carry .gpu/ab
+           # (fused_moe_new.py, fused_moe_old.py: copies made here before the call)
+           for v in new old new old; do i=$((${i:-0} + 1)); cp .gpu/ab/fused_moe_$v.py common/models/fused_moe.py
+             echo "--- Qwen3-30B-A3B fused_moe $v ($(date +%T))"
+             bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 --prefill-len 2048 \
+               --decode-steps 8 > $OUT/scratch_${v}_$i.log; grep -A1 "^decode\|^prefill" $OUT/scratch_${v}_$i.log
+           done; cp .gpu/ab/fused_moe_new.py common/models/fused_moe.py ;;
     host-ab) # the twenty-first session: Qwen3-30B-A3B (batch 1, prefill 2048) and the 8B (batch 1 and 64, prefill 2048)
            # with the host lists through numpy (device_wait.py now) against d4881c5's, alternating fresh processes
            # (carry .gpu/ab: device_wait_new.py and device_wait_old.py, copies made here before the call)
