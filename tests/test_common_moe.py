@@ -238,3 +238,24 @@ def test_redundant_experts_at_tp2_ep2_generate_transformers_tokens(tmp_path, fam
     finally:
         engine.shutdown()
     assert out == [hf_greedy(path, p, 12) for p in prompts]
+
+
+def test_moe_scratch_buffers_are_shared_per_shape_and_never_on_the_cpu():
+    """fused_moe.scratch (the GPU kernels' per-layer buffers, shared by a forward's layers): the same
+    tensor while name, shape and dtype repeat (a prefill's next layer), a new one on any change with
+    the old released; on the CPU always a fresh tensor. (meta: a device that is not the CPU, no memory)"""
+    from disagg.common.models import fused_moe
+
+    meta, cpu = torch.device("meta"), torch.device("cpu")
+    fused_moe._SCRATCH.clear()
+    a = fused_moe.scratch("t.act", (8, 4), torch.bfloat16, meta)
+    assert fused_moe.scratch("t.act", (8, 4), torch.bfloat16, meta) is a
+    assert fused_moe.scratch("t.out", (8, 4), torch.bfloat16, meta) is not a  # another buffer of the layer
+    b = fused_moe.scratch("t.act", (16, 4), torch.bfloat16, meta)  # a longer prompt's forward
+    assert b is not a and b.shape == (16, 4) and fused_moe._SCRATCH["t.act"] is b
+    assert fused_moe.scratch("t.act", (16, 4), torch.float32, meta) is not b
+    assert fused_moe.scratch("t.cpu", (2,), torch.int32, cpu) is not fused_moe.scratch(
+        "t.cpu", (2,), torch.int32, cpu
+    )
+    assert "t.cpu" not in fused_moe._SCRATCH
+    fused_moe._SCRATCH.clear()

@@ -95,12 +95,14 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch
     48-layer prefill allocates each once, not 48 times (an H100 host launched Qwen3-30B-A3B's
     2048-token prefill barely faster than the device ran it: 29.4 against 32.6 ms, ~12 torch.empty a
     layer among the costs). Safe on one stream: the next layer's kernels write it after this one's
-    have read it; nothing returned to a caller is one. Off the GPU, inside a CUDA-graph capture and
-    for a new shape: a fresh tensor (outside a capture kept for the next layer, replacing the last)."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    have read it; nothing returned to a caller is one. On the CPU, inside a CUDA-graph capture and for
+    a new shape: a fresh tensor (outside a capture kept for the next layer, replacing the last)."""
+    if device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return torch.empty(shape, dtype=dtype, device=device)
     t = _SCRATCH.get(name)
     if t is None or t.shape != shape or t.dtype != dtype or t.device != device:
+        _SCRATCH.pop(name, None)  # the old one released first: its memory may serve the new one
+        del t
         t = _SCRATCH[name] = torch.empty(shape, dtype=dtype, device=device)
     return t
 
