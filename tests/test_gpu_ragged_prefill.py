@@ -66,6 +66,7 @@ def test_ragged_fresh_prompts_equal_the_paged_kernel(page_size, monkeypatch):
     assert backend.attends_new_kv(batch)
     ragged = backend.forward_new_kv(q, k, v, batch)
     backend.ragged, ragged_wrapper = None, backend.ragged  # the same batch on the paged kernel
+    batch.attn.clear()
     backend.prepare(batch)
     assert not backend.attends_new_kv(batch)
     paged = backend.forward(q, kv, batch)
@@ -73,8 +74,9 @@ def test_ragged_fresh_prompts_equal_the_paged_kernel(page_size, monkeypatch):
     # a cached prefix (kv > q) or a decode step: the paged kernels
     backend.ragged = ragged_wrapper
     for q_lens, kv_lens in (([20, 1], [57, 1]), ([1, 1], [40, 9])):
-        backend.prepare(_batch(q_lens, kv_lens, page_size, pool.num_pages, gen))
-        assert not backend.attends_new_kv(batch)
+        other = _batch(q_lens, kv_lens, page_size, pool.num_pages, gen)
+        backend.prepare(other)
+        assert not backend.attends_new_kv(other)
 
 
 PARAMS = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True, "top_logprobs_num": 5}

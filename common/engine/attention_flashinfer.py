@@ -5,7 +5,7 @@ so the kernels read the pages in place. Planning happens once per forward in pre
 the layers (and outside any CUDA graph). A batch of fresh prompts (no cached prefix: every key is
 one of this step's tokens) runs FlashInfer's ragged prefill over the step's own rotated K and V
 instead (attends_new_kv; DISAGG_RAGGED_PREFILL=0 keeps the paged kernel): on an H100 its FA3 kernel
-took 120 against the paged one's 212 us a layer for a 2048-token Qwen3-30B-A3B prompt.
+took 73 against the paged one's 91 us a layer for a 2048-token Qwen3-30B-A3B prompt (docs/benchmarks.md).
 
 MLA (DeepSeek): `FlashInferMLABackend` runs `flashinfer.mla.BatchMLAPagedAttentionWrapper`
 (FlashInfer 0.7.2: canonical `MLAPlanMetadata.csr` plans, split query and KV inputs) on the
@@ -64,6 +64,7 @@ class FlashInferBackend(AttentionBackend):
             if self.ragged is not None and batch.kv_lens == batch.q_lens:
                 self.ragged.plan(qo_indptr, qo_indptr, *heads[:3], causal=True, **common)
                 self._wrapper = self.ragged
+                batch.attn["ragged"] = True
                 return
         kv_indptr, indices, last = paged_kv_layout(batch.kv_lens, batch.page_tables, ps, self.device)
         if batch.is_decode_only:
@@ -74,7 +75,7 @@ class FlashInferBackend(AttentionBackend):
             self._wrapper = self.prefill
 
     def attends_new_kv(self, batch: ForwardBatch) -> bool:
-        return self._wrapper is self.ragged is not None
+        return batch.attn.get("ragged", False)
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         return self._wrapper.run(q.contiguous(), kv)
