@@ -313,3 +313,22 @@ def test_attention_over_the_steps_own_kv_gives_transformers_tokens(tiny_models, 
         assert_pool_clean(engine.scheduler)
     finally:
         engine.shutdown()
+
+
+def test_a_lone_fresh_prompt_attends_over_its_own_kv(engines, default_model_path, monkeypatch):
+    """The torch backend's fresh-prompt path (one causal SDPA over the step's rotated K/V, no gather,
+    no mask) serves a lone prompt without a cached prefix: transformers' float32 tokens; the same
+    prompt again (a prefix hit) and its decode steps read the pool."""
+    calls = []
+    original = TorchBackend.forward_new_kv
+    monkeypatch.setattr(
+        TorchBackend, "forward_new_kv", lambda self, *a: calls.append(1) or original(self, *a)
+    )
+    engine = engines.get(page_size=4, chunked_prefill_size=256)
+    prompt = engine.tokenizer.encode(PROMPTS[3])
+    for expect_fresh in (True, False):
+        before = len(calls)
+        out = engine.generate([prompt], GREEDY)[0]
+        assert out["output_ids"] == hf_greedy(default_model_path, prompt, 24)
+        assert (len(calls) > before) == expect_fresh  # the second time its first pages are cached
+    assert_pool_clean(engine.scheduler)

@@ -104,9 +104,14 @@ class MLABackend(AttentionBackend):
 
 
 class TorchBackend(AttentionBackend):
-    """Pads the batch to [B, max_q] queries over [B, max_kv] gathered keys, one SDPA per layer."""
+    """Pads the batch to [B, max_q] queries over [B, max_kv] gathered keys, one SDPA per layer. A
+    single fresh prompt (no cached prefix) in a standard decoder layer attends over its own K/V
+    instead: one causal SDPA, no gather, no mask (torch's flash kernel: a 1024-token prefill of the
+    default model 1.43-1.45 s against 1.63-1.66 s on a 2-core CPU)."""
 
     def prepare(self, batch: ForwardBatch) -> None:
+        # NOTE: the indices below are built for a fresh prompt too: DeepSeek's torch MLA reads them
+        batch.attn["fresh"] = len(batch.q_lens) == 1 and batch.kv_lens == batch.q_lens and batch.q_lens[0] > 1
         device = batch.input_ids.device
         bsz, max_q, max_kv, ps = len(batch.q_lens), max(batch.q_lens), max(batch.kv_lens), batch.page_size
         q_index = torch.zeros(bsz, max_q, dtype=torch.long)
@@ -137,6 +142,15 @@ class TorchBackend(AttentionBackend):
             # padded rows that are real tokens
             out_rows=host_to_device(valid.flatten().nonzero().squeeze(1), device),
         )
+
+    def attends_new_kv(self, batch: ForwardBatch) -> bool:
+        return batch.attn.get("fresh", False)
+
+    def forward_new_kv(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch
+    ) -> torch.Tensor:
+        q, k, v = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, T, D]: 4-D takes the flash kernel
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
 
     def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         a = batch.attn
