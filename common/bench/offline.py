@@ -45,6 +45,23 @@ def timed(fn, device, repeat: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def queued_us(fn, iters: int = 200) -> float:
+    """Mean µs of the device's timeline per fn() over `iters` calls launched eagerly back to back
+    (CUDA events around them, after 3 warm-up calls): the kernels' time where the host launches
+    faster than they run, the host's where it is the slower side (a synchronised call per run, as
+    `timed`, counts every launch's latency)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
 def graph_us_per_layer(fn, layers: list, iters: int = 50) -> float:
     """µs per layer of fn(layer) over all `layers`, replayed as one CUDA graph (no host launch cost,
     as in a captured decode step), after each layer ran once outside the capture (Triton's JIT,

@@ -19,22 +19,8 @@ import argparse
 
 import torch
 from disagg.common.bench.moe_kernels import make_layers, routing, time_layers
-from disagg.common.bench.offline import measure_ceilings
+from disagg.common.bench.offline import measure_ceilings, queued_us
 from disagg.common.models import fused_moe
-
-
-def device_seconds(fn, reps: int = 20) -> float:
-    """The device's seconds per fn() over `reps` calls queued back to back (CUDA events around them:
-    the host's launch overhead hides behind the kernels, where a synchronised call per run counts it)."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 1e3 / reps
 
 
 def attention(args, ceil: dict) -> None:
@@ -79,7 +65,8 @@ def attention(args, ceil: dict) -> None:
         for name, fn in runs.items():
             try:
                 out = fn()
-                s = device_seconds(fn)
+                # back to back: a call's ~20-40 us of launch hides behind its 70-90 us of kernel
+                s = queued_us(fn, iters=20) / 1e6
             except Exception as e:  # noqa: BLE001 - a backend this build lacks: say so, go on
                 print(f"{name:28} failed: {type(e).__name__}: {str(e)[:80]}")
                 continue

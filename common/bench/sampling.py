@@ -10,22 +10,8 @@ import argparse
 import json
 
 import torch
-from disagg.common.bench.offline import graph_us_per_layer, measure_ceilings
+from disagg.common.bench.offline import graph_us_per_layer, measure_ceilings, queued_us
 from disagg.common.models.argmax import argmax_finite, check_argmax, greedy_argmax
-
-
-def eager_us(fn, iters: int = 200) -> float:
-    """Mean µs a call launched eagerly back to back (the host's time where it is the slower side)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
 
 
 def main() -> None:
@@ -55,7 +41,7 @@ def main() -> None:
                 raise SystemExit("the Triton argmax is off on this device (start-up check failed)")
             bytes_us = x.numel() * x.element_size() / rate * 1e6
             for name, fn in paths.items():
-                eager, graph = eager_us(lambda fn=fn, x=x: fn(x)), graph_us_per_layer(fn, [x], iters=200)
+                eager, graph = queued_us(lambda fn=fn, x=x: fn(x)), graph_us_per_layer(fn, [x], iters=200)
                 rows.append(
                     dict(
                         vocab=vocab, batch=batch, path=name, eager_us=eager, graph_us=graph, bytes_us=bytes_us
