@@ -3,11 +3,11 @@ boundaries, hit the prefix cache and get retracted; the pool always ends with ev
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 from disagg.common.engine.attention import TorchBackend
 
 from tests.conftest import assert_pool_clean, hf_greedy
@@ -277,14 +277,12 @@ class _NewKVBackend(TorchBackend):
 
     def forward_new_kv(self, q, k, v, batch):
         type(self).fresh_batches += 1
-        outs, start = [], 0
-        for n in batch.q_lens:
-            qs, ks, vs = (x[start : start + n].transpose(0, 1) for x in (q, k, v))  # [H, n, D]
-            outs.append(
-                F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True).transpose(0, 1)
-            )
-            start += n
-        return torch.cat(outs)
+        # each request on its own: TorchBackend's lone-prompt path over its rows
+        rows = [
+            slice(end - n, end)
+            for n, end in zip(batch.q_lens, itertools.accumulate(batch.q_lens), strict=True)
+        ]
+        return torch.cat([TorchBackend.forward_new_kv(self, q[r], k[r], v[r], batch) for r in rows])
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
