@@ -51,3 +51,18 @@ def test_the_checked_in_table_keys_name_shapes_and_devices():
         assert rebuilt == key and {"gemv", "grouped", "gemv_max_pairs"} <= set(entry), key
         if "device" in parts:
             assert entry["device"] == parts["device"], key  # tuned where its key says
+
+
+def test_the_combine_of_a_tokens_rows_follows_the_tuned_entry_unless_the_environment_says(monkeypatch):
+    """A tuned grouped entry's COMBINE picks how a token's k expert rows are added (a summing launch
+    by default); DISAGG_MOE_COMBINE overrides it for A/B runs; a misspelt mode is an error that names it."""
+    from disagg.common.models.fused_moe import combine_mode
+
+    monkeypatch.delenv("DISAGG_MOE_COMBINE", raising=False)
+    assert combine_mode({"BLOCK_SIZE_M": 128}) == "sum"
+    assert combine_mode({"COMBINE": "atomic"}) == "atomic"
+    monkeypatch.setenv("DISAGG_MOE_COMBINE", "sum")
+    assert combine_mode({"COMBINE": "atomic"}) == "sum"
+    monkeypatch.setenv("DISAGG_MOE_COMBINE", "atomics")
+    with pytest.raises(ValueError, match="atomics"):
+        combine_mode({})

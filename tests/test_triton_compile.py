@@ -8,6 +8,8 @@ and the wait), and its PTX waits for its predecessor before touching memory (com
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tests.conftest import compile_for_hopper
@@ -106,10 +108,13 @@ def test_expert_alignment_kernels_compile():
     )
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-def test_grouped_expert_gemms_compile(fp8):
+@pytest.mark.parametrize(
+    "fp8, combine", [(False, None), (True, None), (False, "*fp32"), (True, "*fp32"), (False, "*bf16")]
+)
+def test_grouped_expert_gemms_compile(fp8, combine):
     """The grouped GEMMs at a decode-batch tile (bf16: gate/up fused with SiLU; FP8: the raw [2I]
-    GEMM and the down GEMM forming SiLU in its loads, w8a8 at 128-wide scale blocks)."""
+    GEMM and the down GEMM forming SiLU in its loads, w8a8 at 128-wide scale blocks); the down GEMM
+    adding each pair's row into its token's by reductions into `combine`'s dtype (COMBINE)."""
     from disagg.common.models import fused_moe as fm
 
     rows = {"sorted_ids": "*i32", "expert_ids": "*i32", "num_padded": "*i32"}
@@ -123,11 +128,19 @@ def test_grouped_expert_gemms_compile(fp8):
             {"x": "*bf16", "w13": w, "out": "*bf16", "scale": "*fp32", **rows},
             dict(tile, FP8=True, UPCAST=False),
         )
-    compile_for_hopper(
+    down = compile_for_hopper(
         fm._down_grouped,
-        {"act": "*bf16", "w2": w, "out": "*bf16", "weights": "*fp32", "scale": "*fp32", **rows},
-        dict(tile, SILU_IN_LOAD=fp8, FP8=fp8, UPCAST=False),
+        {"act": "*bf16", "w2": w, "out": combine or "*bf16", "weights": "*fp32", "scale": "*fp32", **rows},
+        dict(tile, SILU_IN_LOAD=fp8, FP8=fp8, UPCAST=False, COMBINE=combine is not None),
     )
+    reductions = re.findall(r"\bred\.global\.[\w.]+", down.asm["ptx"])
+    if combine is None:
+        assert not reductions
+    else:  # relaxed reductions (no returned value, no fence), in the output's dtype
+        assert reductions and all(
+            ".relaxed.add" in r and r.endswith({"*fp32": ".f32", "*bf16": ".bf16"}[combine])
+            for r in reductions
+        ), reductions
 
 
 def test_fp8_gemm_kernels_compile():

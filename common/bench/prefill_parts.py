@@ -6,7 +6,8 @@
    extend without prefix), each backend (fa2, and fa3 where the device has it); the outputs compared;
 2. the routed experts' grouped GEMMs (fused_moe) at the prompt's length with random routing against
    the same pairs spread evenly (each expert exactly tokens * k / E): the padding of every expert's
-   rows to the M tile is the difference; and at each M tile of the sweep.
+   rows to the M tile is the difference; and at each M tile of the sweep; then the k rows of each
+   token added up by a summing launch or by the down GEMM's atomics (fused_moe's COMBINE).
 
     python3 -m disagg.common.bench.prefill_parts                  # Qwen3-30B-A3B's shapes, 2048 tokens
     python3 -m disagg.common.bench.prefill_parts --tokens 4096 --heads 16 --kv-heads 16 \
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from disagg.common.bench.moe_kernels import make_layers, routing, time_layers
+from disagg.common.bench.moe_kernels import make_layers, roofline, routing, time_layers
 from disagg.common.bench.offline import measure_ceilings, queued_us
 from disagg.common.models import fused_moe
 
@@ -106,6 +107,30 @@ def experts(args, ceil: dict) -> None:
             print(
                 f"{name:10} {bm:>6} {padded:>13} {s * 1e6:>9.1f} {tf:>15.1f} {100 * tf / ceil['matmul_tflops']:>9.1f}%"
             )
+    # the k rows of a token: stored a pair then summed (one more launch over [T * k, H]) or added by the
+    # down GEMM's atomics (float32 then a cast, or the model dtype); graphs: the kernels alone
+    roof, _ = roofline(t, ids, h, inter, ceil)
+    print(
+        f"\nthe k rows' combine, tuned tile, random routing; roofline {roof * 1e6:.1f} us (the experts' bytes"
+    )
+    print("at the copy rate or their FLOPs at the matmul rate), max |diff| against sum over max |sum|:")
+    print(
+        f"{'combine':12} {'us/layer':>9} {'of roofline':>12} {'active TFLOP/s':>15} {'of matmul':>10} {'diff':>9}"
+    )
+    ref = None
+    for mode in ("sum", "atomic", "atomic_bf16"):
+        config = {**base, "gemv_max_pairs": 0, "grouped_mm_min_tokens": 1 << 30}
+        config["grouped"] = {"1": {**tuned, "COMBINE": mode}}
+        fn = lambda x, w13, w2, sc, c=config: fused_moe.fused_experts(x, w13, w2, weights, ids, c)  # noqa: E731
+        out = fn(x, *layers[0]).float()
+        ref = out if ref is None else ref
+        diff = ((out - ref).abs().max() / ref.abs().max()).item()
+        s = time_layers(fn, layers, x, graph=True)
+        tf = flops / s / 1e12
+        print(
+            f"{mode:12} {s * 1e6:>9.1f} {100 * roof / s:>11.1f}% {tf:>15.1f} "
+            f"{100 * tf / ceil['matmul_tflops']:>9.1f}% {diff:>9.2e}"
+        )
 
 
 def main() -> None:

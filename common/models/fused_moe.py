@@ -5,7 +5,9 @@ Two paths, chosen by the number of routed (token, slot) pairs, a static shape:
   (common/models/moe_align.py, on the device); one program per (block, N tile) multiplies the
   block's rows by its one expert. gate_up computes the gate and up tiles together and writes
   silu(gate) * up; down multiplies by the routing weight. One expert weight tile is read once per
-  block of its tokens.
+  block of its tokens. A token's k rows are added up after the down GEMM by one summing launch,
+  or by the down GEMM itself through float32 atomics where the tuned entry says COMBINE: atomic
+  (combine_mode: no [T * k, H] written and read back).
 - GEMV (decode at a few tokens, the issue's batch-1 case): no alignment at all; one program per
   (pair, N tile, K split) streams its expert's rows with plain FMA reductions. Split-K fills the
   chip when 8 pairs x a few N tiles would leave most multiprocessors idle; the partial sums meet
@@ -38,7 +40,7 @@ import logging
 from pathlib import Path
 
 import torch
-from disagg.common.config import triton_interpret
+from disagg.common.config import moe_combine, triton_interpret
 from disagg.common.models.moe_align import (
     ExpertScales,
     grouped_experts,
@@ -201,8 +203,7 @@ def fused_experts(
         and grouped_mm_ok(x.device, x.dtype)
     ):
         return grouped_mm_experts(x, w13, w2, weights, ids, foreign)
-    out = _grouped_experts(x, w13, w2, weights, ids, grouped_config(config, num_tokens), scales, foreign)
-    return _sum_pairs(out, num_tokens, k)
+    return _grouped_experts(x, w13, w2, weights, ids, grouped_config(config, num_tokens), scales, foreign)
 
 
 def _sum_pairs(y: torch.Tensor, num_tokens: int, k: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -514,17 +515,40 @@ def _grouped_experts(
         x.stride(0), w13.stride(0), w13.stride(1), *w13_scale,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **fp8_args, **launch,
     )  # fmt: skip
-    # other ranks' pairs must read 0; with every expert local each row is written (a 67 MB memset a
-    # layer spared at 2048 Qwen3-30B-A3B tokens)
-    out = scratch("grouped.out", (pairs, hidden), x.dtype, x.device)
-    if foreign:
-        out.zero_()
+    combine = combine_mode(cfg)
+    tokens, top_k = ids.shape
+    if combine == "sum":
+        # other ranks' pairs must read 0; with every expert local each row is written (a 67 MB memset a
+        # layer spared at 2048 Qwen3-30B-A3B tokens)
+        out = scratch("grouped.out", (pairs, hidden), x.dtype, x.device)
+        if foreign:
+            out.zero_()
+    else:  # each pair's row added into its token's (other ranks' pairs add nothing)
+        out = torch.zeros(
+            tokens, hidden, dtype=torch.float32 if combine == "atomic" else x.dtype, device=x.device
+        )
     _down_grouped[(blocks * triton.cdiv(hidden, bn),)](
-        act, w2, out, sorted_ids, expert_ids, num_padded, weights, pairs, hidden, inter,
+        act, w2, out, sorted_ids, expert_ids, num_padded, weights, pairs, hidden, inter, top_k,
         w2.stride(0), w2.stride(1), *_scale_args(w2, scales.w2 if fp8 else None, block),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SILU_IN_LOAD=split, FP8=fp8, UPCAST=_INTERPRET, **launch,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SILU_IN_LOAD=split, FP8=fp8, UPCAST=_INTERPRET,
+        COMBINE=combine != "sum", **launch,
     )  # fmt: skip
-    return out
+    if combine == "sum":
+        return _sum_pairs(out, tokens, top_k)
+    return out.to(x.dtype)
+
+
+def combine_mode(cfg: dict) -> str:
+    """How the grouped path adds a token's k expert rows: "sum" (each pair's row stored, then one
+    summing launch: deterministic), "atomic" (the down GEMM adds each row into a float32 [T, H] at
+    once, then one cast: spares writing and re-reading [T * k, H] -- at 2048 Qwen3-30B-A3B tokens the
+    summing launch alone was 28.6 us of a ~680 us layer on an H100 -- but adds in a run-to-run order)
+    or "atomic_bf16" (into the model dtype, no cast; k roundings: benchmarks only). The tuned entry's
+    `COMBINE`, unless DISAGG_MOE_COMBINE says."""
+    mode = moe_combine() or cfg.get("COMBINE", "sum")
+    if mode not in ("sum", "atomic", "atomic_bf16"):
+        raise ValueError(f"MoE combine {mode!r}: expected sum, atomic or atomic_bf16")
+    return mode
 
 
 if triton is not None:
@@ -981,14 +1005,15 @@ if triton is not None:
 
     @triton.jit
     def _down_grouped(
-        act, w2, out, sorted_ids, expert_ids, num_padded, weights, pairs, N, inter,
+        act, w2, out, sorted_ids, expert_ids, num_padded, weights, pairs, N, inter, top_k,
         stride_we, stride_wn, scale, stride_se, stride_sn, group_n, group_k,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU_IN_LOAD: tl.constexpr,
-        FP8: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+        FP8: tl.constexpr, UPCAST: tl.constexpr, COMBINE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """out[rows, n-tile] = weight[rows] * act[rows] @ w2[expert]^T (one row per pair). SILU_IN_LOAD:
         act rows are [gate | up] (2I wide) and silu(gate) * up is formed as each tile is loaded.
-        FP8: w8a8 per K tile (_fp8_dot; BLOCK_K = group_k)."""
+        FP8: w8a8 per K tile (_fp8_dot; BLOCK_K = group_k). COMBINE: out is [T, N] (zeroed) and each
+        row is added into its token's row instead (atomics, in out's dtype: any order)."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         rows, real, expert, offs_n = _block_rows(
             sorted_ids, expert_ids, num_padded, pairs, N, BLOCK_M, BLOCK_N
@@ -1019,4 +1044,8 @@ if triton is not None:
             w_ptr += BLOCK_K
         acc *= tl.load(weights + rows, mask=real, other=0.0)[:, None]
         mask = real[:, None] & n_mask[None, :]
-        tl.store(out + rows[:, None] * N + offs_n[None, :], acc.to(out.dtype.element_ty), mask=mask)
+        if COMBINE:
+            dst = out + (rows // top_k)[:, None] * N + offs_n[None, :]
+            tl.atomic_add(dst, acc.to(out.dtype.element_ty), mask=mask, sem="relaxed")
+        else:
+            tl.store(out + rows[:, None] * N + offs_n[None, :], acc.to(out.dtype.element_ty), mask=mask)
