@@ -99,7 +99,7 @@ def test_expert_alignment_kernels_compile():
     compile_for_hopper(
         fm._align_scan,
         {"chunk_counts": i32, "expert_ids": i32, "num_padded": i32, "expert_start": i32},
-        dict(BLOCK=64, E_POW2=128, ROWS=16, CHUNK=128),
+        dict(BLOCK=64, E_POW2=128, ROWS=128, CHUNK=128),
     )
     compile_for_hopper(
         fm._align_place,

@@ -20,7 +20,7 @@ import argparse
 
 import torch
 from disagg.common.bench.moe_kernels import make_layers, roofline, routing, time_layers
-from disagg.common.bench.offline import measure_ceilings, queued_us
+from disagg.common.bench.offline import graph_us_per_layer, measure_ceilings, queued_us
 from disagg.common.models import fused_moe
 
 
@@ -107,6 +107,16 @@ def experts(args, ceil: dict) -> None:
             print(
                 f"{name:10} {bm:>6} {padded:>13} {s * 1e6:>9.1f} {tf:>15.1f} {100 * tf / ceil['matmul_tflops']:>9.1f}%"
             )
+    # the alignment alone (three launches at prefill sizes), its prefix 16 chunk rows a step (before
+    # the twenty-second session) against the auto tile (all chunks at once where they fit)
+    print(
+        f"\nthe alignment of {t * k} pairs to the tuned M tile {tuned['BLOCK_SIZE_M']} (a graph of 16 calls):"
+    )
+    for rows in (16, 0):
+        fused_moe._ALIGN_SCAN_ROWS = rows
+        us = graph_us_per_layer(lambda _: fused_moe.align_blocks(ids, e, tuned["BLOCK_SIZE_M"]), [None] * 16)
+        print(f"{'prefix rows ' + (str(rows) if rows else 'auto'):24} {us:>9.1f} us")
+    fused_moe._ALIGN_SCAN_ROWS = 0
     # the k rows of a token: stored a pair then summed (one more launch over [T * k, H]) or added by the
     # down GEMM's atomics (float32 then a cast, or the model dtype); graphs: the kernels alone
     roof, _ = roofline(t, ids, h, inter, ceil)

@@ -62,6 +62,9 @@ _TRITON_ALIGN_MAX_PAIRS = 1 << 30  # pairs above which the torch alignment runs 
 # pairs above which the alignment runs as three parallel launches, not one program (~0.8 ms at 16384
 # pairs on an H200, more than the grouped GEMMs of a 2048-token Qwen3-30B-A3B layer)
 _ALIGN_ONE_PROGRAM_MAX_PAIRS = 1024
+_ALIGN_SCAN_ROWS = (
+    0  # the parallel alignment's prefix rows a step; 0: auto (prefill_parts times 16 against it)
+)
 _CONFIGS = Path(__file__).with_name("fused_moe_configs.json")
 # an expert shape without a tuned entry: the GEMV layout and GEMV/grouped crossover tuned for
 # Qwen3-30B-A3B on an H200 (the down GEMV's 8-wide tiles give a batch-1 grid of H / 8 programs: at
@@ -478,9 +481,12 @@ def _align_parallel(ids, num_experts: int, block: int, size: int, expert_ids, nu
         ids, chunk_base, sorted_ids, n, num_experts, size, triton.cdiv(size, num_chunks),
         E_POW2=e_pow2, CHUNK=chunk, num_warps=4, **pdl,
     )  # fmt: skip
+    # the prefix over all chunks in one tile where they fit (16384 pairs: 128 chunks x 128 experts, 64
+    # KB over 8 warps), not 16 rows a step: each step waits on its own loads in this lone program
+    rows = _ALIGN_SCAN_ROWS or min(128 if e_pow2 <= 128 else 64, triton.next_power_of_2(num_chunks))
     _align_scan[(1,)](
         chunk_base, expert_ids, num_padded, expert_start, num_chunks, size // block,
-        BLOCK=block, E_POW2=e_pow2, ROWS=16, CHUNK=chunk, num_warps=4, **pdl,
+        BLOCK=block, E_POW2=e_pow2, ROWS=rows, CHUNK=chunk, num_warps=8 if rows * e_pow2 >= 8192 else 4, **pdl,
     )  # fmt: skip
     _align_place[(num_chunks,)](
         ids, sorted_ids, chunk_base, expert_start, n, num_experts,
