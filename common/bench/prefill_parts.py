@@ -79,6 +79,42 @@ def attention(args, ceil: dict) -> None:
             )
 
 
+def rope(args, ceil: dict) -> None:
+    """fused_rope_kv at the prompt's length (Qwen3's q/k norm, K rotated back in place as the ragged
+    path asks) per launch shape (heads a program, warps), in a graph; bytes against the copy rate."""
+    from disagg.common.models import fused_rope_kv as frk
+
+    dev, dt, t = torch.device("cuda"), torch.bfloat16, args.tokens
+    hq, hkv, d, ps = args.heads, args.kv_heads, args.head_dim, args.page_size
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, device=dev, dtype=dt)
+    q, k, v = (
+        qkv[:, a:b].view(t, -1, d) for a, b in ((0, hq * d), (hq * d, (hq + hkv) * d), ((hq + hkv) * d, None))
+    )
+    pages = t // ps + 1
+    kv = torch.zeros(pages, 2, ps, hkv, d, device=dev, dtype=dt)
+    pos = torch.arange(t, device=dev)
+    k_rows = (pos // ps) * 2 * ps + pos % ps  # page p's K rows start at row 2p * ps
+    inv = 1.0 / (1e6 ** (torch.arange(0, d, 2, device=dev).float() / d))
+    ang = torch.arange(t, device=dev).float()[:, None] * inv[None, :]
+    cos_sin = torch.cat([ang.cos(), ang.sin()], -1)
+    norm = (torch.ones(d, device=dev, dtype=dt), torch.ones(d, device=dev, dtype=dt), 1e-6)
+    nbytes = t * d * 2 * (2 * hq + 5 * hkv)  # q read + written, k read + back + pool, v read + pool
+    print(
+        f"\nRoPE + q/k norm + K/V write, {t} tokens ({nbytes / 1e6:.1f} MB moved), per launch shape (a graph of 16):"
+    )
+    print(f"{'heads a program, warps':24} {'us':>7} {'GB/s':>7} {'of copy':>8}")
+    default = frk.launch_shape(t, hq + hkv)
+    for launch in sorted({default, (4, 2), (8, 4), (16, 4), (32, 8)}):
+
+        def fn(_, lw=launch):
+            return frk.fused_rope_kv(pos, q, k, v, kv, k_rows, cos_sin, norm, launch=lw, rotate_k=True)
+
+        us = graph_us_per_layer(fn, [None] * 16)
+        gbs = nbytes / us / 1e3
+        tag = " (default)" if launch == default else ""
+        print(f"{str(launch) + tag:24} {us:>7.1f} {gbs:>7.0f} {100 * gbs / ceil['copy_gb_s']:>7.1f}%")
+
+
 def experts(args, ceil: dict) -> None:
     t, e, k, h, inter = args.tokens, args.experts, args.top_k, args.hidden, args.inter
     layers = make_layers(args.layers, e, h, inter)
@@ -155,12 +191,14 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--inter", type=int, default=768)
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--skip", choices=["attention", "experts"], default=None)
+    p.add_argument("--skip", choices=["attention", "rope", "experts"], default=None)
     args = p.parse_args()
     ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     print(f"{torch.cuda.get_device_name()}: ceilings {ceil}")
     if args.skip != "attention":
         attention(args, ceil)
+    if args.skip != "rope":
+        rope(args, ceil)
     if args.skip != "experts":
         experts(args, ceil)
 
