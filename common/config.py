@@ -30,7 +30,7 @@ from pathlib import Path
 #                           prefill kernel over the step's own K/V (Qwen3-30B-A3B's 2048-token prefill ~1 ms
 #                           faster on an H100, docs/benchmarks.md) | 0: on its paged kernel over the pool (A/B runs)
 #   DISAGG_MOE_COMBINE      the fused MoE's grouped path adds a token's k expert rows by: sum (a stored row a pair,
-#                           then a summing launch) | atomic (float32 atomics in the down GEMM) | atomic_bf16;
+#                           then a summing launch) | atomic (the down GEMM's atomic adds, model dtype) | atomic_fp32;
 #                           unset: the tuned config's choice (common/models/fused_moe.py; A/B runs)
 #   DISAGG_MLA_KERNEL       FlashInfer's MLA kernel family: auto (FlashInfer's pick: FA3 on Hopper) | fa2 | fa3
 #   DISAGG_PDL              1 (default): the Triton kernels launch with Programmatic Dependent Launch on Hopper
@@ -182,7 +182,7 @@ def ragged_prefill() -> bool:
 
 
 def moe_combine() -> str | None:
-    """DISAGG_MOE_COMBINE: sum | atomic | atomic_bf16, or None (the tuned config decides;
+    """DISAGG_MOE_COMBINE: sum | atomic | atomic_fp32, or None (the tuned config decides;
     common/models/fused_moe.py checks the value)."""
     return os.environ.get("DISAGG_MOE_COMBINE") or None
 

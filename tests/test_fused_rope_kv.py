@@ -89,13 +89,14 @@ def test_interpreted_kernel_matches_the_torch_path():
             case(3, 4, 4, 24, 16, True, True, f32, decode=True)  # MHA, half not a power of two
             case(9, 8, 1, 32, 4, True, True, bf16, prefix=40)  # one KV head (a TP shard), bf16 roundings
             case(6, 4, 2, 16, 16, False, True, bf16, decode=True)
-            case(7, 6, 2, 16, 16, True, False, f32, prefix=3, launch=(4, 2))
+            case(7, 6, 2, 16, 16, True, False, f32, prefix=3, launch=(8, 4))  # fewer heads than a program takes
             case(11, 4, 2, 16, 16, True, True, f32, rotate_k=True)  # a fresh prompt's K for the ragged kernel
             case(9, 8, 1, 32, 4, False, True, bf16, launch=(4, 2), rotate_k=True)
+            case(9, 12, 2, 32, 4, True, True, bf16, launch=fr.LAUNCHES[1], rotate_k=True)  # the prefill launch
             """
         )
     )
-    assert out.count("case passed") == 22
+    assert out.count("case passed") == 23
 
 
 def test_reference_is_the_decoders_unfused_arithmetic():

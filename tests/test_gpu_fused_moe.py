@@ -107,9 +107,9 @@ CHECK = textwrap.dedent(
         config["grouped_mm_min_tokens"] = 0 if path == "mm" else 1 << 30
         if path == "split":  # the grouped GEMM with silu(gate) * up applied in the down kernel's loads
             config["grouped"] = {m: {**c, "SPLIT_ACT": True} for m, c in config["grouped"].items()}
-        if path.endswith("atomic"):  # the down GEMM adds each pair's row into its token's row (float32 atomics)
-            split = path == "split-atomic"
-            config["grouped"] = {m: {**c, "COMBINE": "atomic", "SPLIT_ACT": split} for m, c in config["grouped"].items()}
+        if "atomic" in path:  # the down GEMM adds each pair's row into its token's row (atomics)
+            mode, split = "atomic_fp32" if path == "atomic-fp32" else "atomic", path == "split-atomic"
+            config["grouped"] = {m: {**c, "COMBINE": mode, "SPLIT_ACT": split} for m, c in config["grouped"].items()}
         got = fused_experts(x, w13, w2, weights, ids, config, foreign=foreign)
         block = 256 if tokens >= 256 else 16  # fewer gathered expert copies in the float64 reference
         ref = grouped_experts(x.double(), w13.double(), w2.double(), weights.double(), ids, block).to(dtype)
@@ -142,7 +142,7 @@ def test_interpreted_kernels_match_torch_on_cpu():
         check_grouped_topk_shapes("cpu")
         for tokens, k, experts in ((1, 2, 4), (5, 3, 6), (40, 2, 4)):
             for path in ("gemv", "gemv-split", "gemv-down-k", "gemv-ksplit", "gemv-unsplit", "grouped", "split",
-                         "atomic", "split-atomic"):  # fmt: skip
+                         "atomic", "split-atomic", "atomic-fp32"):  # fmt: skip
                 print(tokens, k, path, check("cpu", torch.float32, tokens, k, experts, 32, 48, path, 1e-4))
             print(tokens, k, "local", check("cpu", torch.float32, tokens, k, experts, 32, 48, "grouped", 1e-4, False))
         """
@@ -186,7 +186,7 @@ def test_kernels_match_torch_in_bf16_and_under_a_cuda_graph():
     # Qwen3-30B-A3B's expert shape at decode batch 1 and 64 and a prefill chunk
     for tokens, path in ((1, "gemv"), (8, "gemv"), (1, "gemv-split"), (1, "gemv-down-k"), (1, "gemv-ksplit"), (1, "gemv-unsplit"),
                          (64, "grouped"), (2048, "grouped"), (3, "grouped"), (64, "split"), (2048, "split"),
-                         (64, "atomic"), (2048, "atomic"), (2048, "split-atomic"),
+                         (64, "atomic"), (2048, "atomic"), (2048, "split-atomic"), (2048, "atomic-fp32"),
                          (2048, "mm"), (300, "mm")):  # fmt: skip
         check("cuda", torch.bfloat16, tokens, 8, 128, 768, 2048, path, 2e-2)
         check("cuda", torch.bfloat16, tokens, 8, 128, 768, 2048, path, 2e-2, foreign=False)

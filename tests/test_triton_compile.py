@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
-@pytest.mark.parametrize("block_h", [1, 4])
+@pytest.mark.parametrize("block_h", [1, 8])
 def test_rope_kv_kernel_compiles(block_h, qk_norm):
     """RoPE (+ Qwen3's q/k norm) and the K/V write, at head_dim 128, both launch shapes."""
     from disagg.common.models.fused_rope_kv import _rope_kv_kernel

@@ -134,8 +134,8 @@ for step in "$@"; do
              bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 --prefill-len 2048 \
                --decode-steps 8 > $OUT/scratch_${v}_$i.log; grep -A1 "^decode\|^prefill" $OUT/scratch_${v}_$i.log
            done; cp .gpu/ab/fused_moe_new.py common/models/fused_moe.py ;;
-    combine-ab) # issue 19, twenty-second session: a token's k expert rows added by the down GEMM's float32 atomics
-           # (DISAGG_MOE_COMBINE=atomic) against stored rows and a summing launch (sum), alternating fresh processes:
+    combine-ab) # issue 19, twenty-second session: a token's k expert rows added by the down GEMM's atomics in
+           # the model dtype (DISAGG_MOE_COMBINE=atomic) against stored rows and a summing launch (sum), alternating fresh processes:
            # Qwen3-30B-A3B batch 1 (the GEMV path: unchanged) and prefill 2048 (COMBINE_MODES to change the set)
            for v in ${COMBINE_MODES:-atomic sum atomic sum}; do i=$((${i:-0} + 1)); echo "--- DISAGG_MOE_COMBINE=$v ($(date +%T))"
              DISAGG_MOE_COMBINE=$v bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 \

@@ -154,7 +154,7 @@ def experts(args, ceil: dict) -> None:
         print(f"{'prefix rows ' + (str(rows) if rows else 'auto'):24} {us:>9.1f} us")
     fused_moe._ALIGN_SCAN_ROWS = 0
     # the k rows of a token: stored a pair then summed (one more launch over [T * k, H]) or added by the
-    # down GEMM's atomics (float32 then a cast, or the model dtype); graphs: the kernels alone
+    # down GEMM's atomics (the model dtype, or float32 then a cast); graphs: the kernels alone
     roof, _ = roofline(t, ids, h, inter, ceil)
     print(
         f"\nthe k rows' combine, tuned tile, random routing; roofline {roof * 1e6:.1f} us (the experts' bytes"
@@ -164,7 +164,7 @@ def experts(args, ceil: dict) -> None:
         f"{'combine':12} {'us/layer':>9} {'of roofline':>12} {'active TFLOP/s':>15} {'of matmul':>10} {'diff':>9}"
     )
     ref = None
-    for mode in ("sum", "atomic", "atomic_bf16"):
+    for mode in ("sum", "atomic", "atomic_fp32"):
         config = {**base, "gemv_max_pairs": 0, "grouped_mm_min_tokens": 1 << 30}
         config["grouped"] = {"1": {**tuned, "COMBINE": mode}}
         fn = lambda x, w13, w2, sc, c=config: fused_moe.fused_experts(x, w13, w2, weights, ids, c)  # noqa: E731

@@ -6,8 +6,8 @@ Two paths, chosen by the number of routed (token, slot) pairs, a static shape:
   block's rows by its one expert. gate_up computes the gate and up tiles together and writes
   silu(gate) * up; down multiplies by the routing weight. One expert weight tile is read once per
   block of its tokens. A token's k rows are added up after the down GEMM by one summing launch,
-  or by the down GEMM itself through float32 atomics where the tuned entry says COMBINE: atomic
-  (combine_mode: no [T * k, H] written and read back).
+  or by the down GEMM itself through atomic adds in the model dtype where the tuned entry says
+  COMBINE: atomic (combine_mode: no [T * k, H] written and read back).
 - GEMV (decode at a few tokens, the issue's batch-1 case): no alignment at all; one program per
   (pair, N tile, K split) streams its expert's rows with plain FMA reductions. Split-K fills the
   chip when 8 pairs x a few N tiles would leave most multiprocessors idle; the partial sums meet
@@ -531,7 +531,7 @@ def _grouped_experts(
             out.zero_()
     else:  # each pair's row added into its token's (other ranks' pairs add nothing)
         out = torch.zeros(
-            tokens, hidden, dtype=torch.float32 if combine == "atomic" else x.dtype, device=x.device
+            tokens, hidden, dtype=torch.float32 if combine == "atomic_fp32" else x.dtype, device=x.device
         )
     _down_grouped[(blocks * triton.cdiv(hidden, bn),)](
         act, w2, out, sorted_ids, expert_ids, num_padded, weights, pairs, hidden, inter, top_k,
@@ -546,14 +546,16 @@ def _grouped_experts(
 
 def combine_mode(cfg: dict) -> str:
     """How the grouped path adds a token's k expert rows: "sum" (each pair's row stored, then one
-    summing launch: deterministic), "atomic" (the down GEMM adds each row into a float32 [T, H] at
-    once, then one cast: spares writing and re-reading [T * k, H] -- at 2048 Qwen3-30B-A3B tokens the
-    summing launch alone was 28.6 us of a ~680 us layer on an H100 -- but adds in a run-to-run order)
-    or "atomic_bf16" (into the model dtype, no cast; k roundings: benchmarks only). The tuned entry's
+    summing launch in float32: deterministic), "atomic" (the down GEMM adds each row into a zeroed
+    [T, H] in the model dtype by atomic adds: no [T * k, H] written and read back; k roundings, in a
+    run-to-run order, as the GEMV path's split-K already sums) or "atomic_fp32" (into float32, one
+    cast after). On an H100 at 2048 Qwen3-30B-A3B tokens (docs/benchmarks.md, twenty-second session):
+    sum 617.7, atomic 579.7, atomic_fp32 712.3 us a layer (Triton's reductions are one element an
+    instruction: float32 moves twice the bytes through L2's atomic units). The tuned entry's
     `COMBINE`, unless DISAGG_MOE_COMBINE says."""
     mode = moe_combine() or cfg.get("COMBINE", "sum")
-    if mode not in ("sum", "atomic", "atomic_bf16"):
-        raise ValueError(f"MoE combine {mode!r}: expected sum, atomic or atomic_bf16")
+    if mode not in ("sum", "atomic", "atomic_fp32"):
+        raise ValueError(f"MoE combine {mode!r}: expected sum, atomic or atomic_fp32")
     return mode
 
 

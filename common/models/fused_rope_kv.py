@@ -80,11 +80,14 @@ def fused_rope_kv(
     return q_out
 
 
-LAUNCHES = ((1, 1), (4, 2))  # (heads per program, warps): decode sizes, prefill sizes
+# (heads per program, warps): decode sizes, prefill sizes. At 2048 Qwen3-30B-A3B tokens on an H100
+# (8, 4) moved the 44 MB in 14.4 us against (4, 2)'s 23.1 ((16, 4): 15.1, (32, 8): 18.2;
+# prefill_parts.py, docs/benchmarks.md, twenty-second session)
+LAUNCHES = ((1, 1), (8, 4))
 
 
 def launch_shape(num_tokens: int, heads: int) -> tuple[int, int]:
-    """One head a program while that fills the chip (decode), four at prefill sizes (fewer, larger
+    """One head a program while that fills the chip (decode), eight at prefill sizes (fewer, larger
     programs)."""
     return LAUNCHES[0] if num_tokens * heads <= 16384 else LAUNCHES[1]
 
