@@ -95,6 +95,13 @@ _NUMPY_DTYPES = {
 }
 
 
+def rows_to_device(rows: list[list], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    """Host lists of one length as device tensors (views of one [len(rows), n] tensor): one numpy
+    build, one pinned block and one copy for all of them, where to_device per list costs each its own
+    (a prefill's per-token ids, positions, pages and offsets)."""
+    return list(to_device(rows, dtype, device).unbind(0))
+
+
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list as a device tensor without a stream sync: built pinned (host_tensor), then one
     async copy (not built pageable and copied into pinned memory by host_to_device: one host copy

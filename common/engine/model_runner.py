@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from disagg.common.config import EngineConfig, cpu_threads, mps_sm_percent
 from disagg.common.engine.attention import ForwardBatch, create_attention_backend
-from disagg.common.engine.device_wait import to_device
+from disagg.common.engine.device_wait import rows_to_device, to_device
 from disagg.common.engine.gemm_check import check_gemms, dense_weight_shapes
 from disagg.common.engine.kernel_prebuild import kernel_needs, start_prebuild
 from disagg.common.engine.kv_pool import KVPagePool, size_pool_pages
@@ -375,11 +375,14 @@ class ModelRunner:
         def tensor(x):
             return to_device(x, torch.long, self.device)
 
+        ids, positions, pages, offsets = rows_to_device(
+            [plan.ids, plan.positions, plan.pages, plan.offsets], torch.long, self.device
+        )
         batch = ForwardBatch(
-            input_ids=tensor(plan.ids),
-            positions=tensor(plan.positions),
-            out_page=tensor(plan.pages),
-            out_offset=tensor(plan.offsets),
+            input_ids=ids,
+            positions=positions,
+            out_page=pages,
+            out_offset=offsets,
             q_lens=plan.q_lens,
             kv_lens=plan.kv_lens,
             page_tables=plan.tables,
