@@ -62,9 +62,8 @@ _TRITON_ALIGN_MAX_PAIRS = 1 << 30  # pairs above which the torch alignment runs 
 # pairs above which the alignment runs as three parallel launches, not one program (~0.8 ms at 16384
 # pairs on an H200, more than the grouped GEMMs of a 2048-token Qwen3-30B-A3B layer)
 _ALIGN_ONE_PROGRAM_MAX_PAIRS = 1024
-_ALIGN_SCAN_ROWS = (
-    0  # the parallel alignment's prefix rows a step; 0: auto (prefill_parts times 16 against it)
-)
+# the parallel alignment's prefix rows a step; 0: auto (prefill_parts.py times 16 against it)
+_ALIGN_SCAN_ROWS = 0
 _CONFIGS = Path(__file__).with_name("fused_moe_configs.json")
 # an expert shape without a tuned entry: the GEMV layout and GEMV/grouped crossover tuned for
 # Qwen3-30B-A3B on an H200 (the down GEMV's 8-wide tiles give a batch-1 grid of H / 8 programs: at
