@@ -141,6 +141,12 @@ for step in "$@"; do
              DISAGG_MOE_COMBINE=$v bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 1024 \
                --prefill-len 2048 --decode-steps 8 > $OUT/combine_${v}_$i.log; grep -A1 "^decode\|^prefill" $OUT/combine_${v}_$i.log
            done ;;
+    combine-long) # the H100 entry's 2048-token tile (COMBINE: atomic) serves longer chunks too: Qwen3-30B-A3B's
+           # 4096- and 8192-token prefills, atomic against sum, alternating fresh processes
+           for n in 4096 8192; do for v in atomic sum atomic sum; do i=$((${i:-0} + 1)); echo "--- $n DISAGG_MOE_COMBINE=$v"
+             DISAGG_MOE_COMBINE=$v bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 512 \
+               --prefill-len $n --decode-steps 4 > $OUT/combine_long_${n}_${v}_$i.log; grep -A1 "^prefill" $OUT/combine_long_${n}_${v}_$i.log
+           done; done ;;
     host-ab) # the twenty-first session: Qwen3-30B-A3B (batch 1, prefill 2048) and the 8B (batch 1 and 64, prefill 2048)
            # with the host lists through numpy (device_wait.py now) against d4881c5's, alternating fresh processes
            # (carry .gpu/ab: device_wait_new.py and device_wait_old.py, copies made here before the call)
