@@ -87,9 +87,7 @@ def rope(args, ceil: dict) -> None:
     dev, dt, t = torch.device("cuda"), torch.bfloat16, args.tokens
     hq, hkv, d, ps = args.heads, args.kv_heads, args.head_dim, args.page_size
     qkv = torch.randn(t, (hq + 2 * hkv) * d, device=dev, dtype=dt)
-    q, k, v = (
-        qkv[:, a:b].view(t, -1, d) for a, b in ((0, hq * d), (hq * d, (hq + hkv) * d), ((hq + hkv) * d, None))
-    )
+    q, k, v = (p.view(t, -1, d) for p in qkv.split([hq * d, hkv * d, hkv * d], -1))  # strided, as the layer's
     pages = t // ps + 1
     kv = torch.zeros(pages, 2, ps, hkv, d, device=dev, dtype=dt)
     pos = torch.arange(t, device=dev)

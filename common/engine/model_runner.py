@@ -371,10 +371,6 @@ class ModelRunner:
 
     def make_batch(self, plan: BatchPlan) -> ForwardBatch:
         """The plan as device tensors, with the attention backend prepared for it."""
-
-        def tensor(x):
-            return to_device(x, torch.long, self.device)
-
         ids, positions, pages, offsets = rows_to_device(
             [plan.ids, plan.positions, plan.pages, plan.offsets], torch.long, self.device
         )
@@ -386,7 +382,7 @@ class ModelRunner:
             q_lens=plan.q_lens,
             kv_lens=plan.kv_lens,
             page_tables=plan.tables,
-            logits_index=tensor(plan.logits_index),
+            logits_index=to_device(plan.logits_index, torch.long, self.device),
             page_size=self.pool.page_size,
         )
         if self._future is not None:
