@@ -147,6 +147,31 @@ for step in "$@"; do
              DISAGG_MOE_COMBINE=$v bench --model-path Qwen3-30B-A3B --load-format dummy --batch-sizes 1 --context-len 512 \
                --prefill-len $n --decode-steps 4 > $OUT/combine_long_${n}_${v}_$i.log; grep -A1 "^prefill" $OUT/combine_long_${n}_${v}_$i.log
            done; done ;;
+    entries-ab) # the H100's tuned entries (fused MoE GEMV/tiles, dense GEMV) on another GPU: run as they are (this
+           # device keeps the plain MoE entries and cuBLAS's products) and with the H100's entries relabelled to this
+           # device, alternating fresh processes: Qwen3-30B-A3B (batch 1, 64, prefill 2048), V2-Lite (batch 1, 64, prefill 4096)
+           dev=$(python3 -c "import torch; print(torch.cuda.get_device_name())")
+           for f in fused_moe_configs gemv_configs; do cp common/models/$f.json /tmp/$f.own.json
+             python3 -c "import json,sys; t=json.load(open(sys.argv[1])); h=',device=NVIDIA H100 80GB HBM3'
+t.update({k.replace(h, ',device=' + sys.argv[2]): v for k, v in t.items() if k.endswith(h)}); json.dump(t, open(sys.argv[3], 'w'), indent=1)" \
+               /tmp/$f.own.json "$dev" /tmp/$f.h100.json; done
+           a="--load-format dummy --batch-sizes 1,64 --context-len 1024 --decode-steps 16"
+           for v in ${ENTRY_ARMS:-own h100 h100 own}; do for m in ${MODELS:-Qwen3-30B-A3B:2048 DeepSeek-V2-Lite:4096}; do
+             i=$((${i:-0} + 1)); echo "--- ${m%%:*} $v entries ($(date +%T))"
+             for f in fused_moe_configs gemv_configs; do cp /tmp/$f.$v.json common/models/$f.json; done
+             bench --model-path ${m%%:*} --prefill-len ${m#*:} $a > $OUT/entries_${v}_${m%%:*}_$i.log
+             grep -A3 "^kind" $OUT/entries_${v}_${m%%:*}_$i.log; grep "host prepare" $OUT/entries_${v}_${m%%:*}_$i.log
+           done; done; for f in fused_moe_configs gemv_configs; do cp /tmp/$f.own.json common/models/$f.json; done ;;
+    prefill-graph) # the prefill's CUDA graphs (--enable-prefill-cuda-graph, cuda_graph.PrefillGraphRunner): their GPU
+           # test, then Qwen3-30B-A3B's prefill at PG_LENS (2048 512) eager and graphed, alternating fresh processes
+           timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_prefill_graph.py > $OUT/pg_tests.log 2>&1
+           tail -3 $OUT/pg_tests.log
+           for n in ${PG_LENS:-2048 512}; do for g in ${PG_ARMS:-eager graph eager graph}; do i=$((${i:-0} + 1))
+             echo "--- prefill $n $g ($(date +%T))"
+             bench --model-path ${PG_MODEL:-Qwen3-30B-A3B} --load-format dummy --batch-sizes 1 --context-len 1024 \
+               --prefill-len $n --decode-steps 8 $([ $g = graph ] && echo --enable-prefill-cuda-graph) \
+               > $OUT/pg_${g}_${n}_$i.log; grep -A1 "^prefill" $OUT/pg_${g}_${n}_$i.log; grep "captured\|Error" $OUT/pg_${g}_${n}_$i.log | tail -2
+           done; done ;;
     host-ab) # the twenty-first session: Qwen3-30B-A3B (batch 1, prefill 2048) and the 8B (batch 1 and 64, prefill 2048)
            # with the host lists through numpy (device_wait.py now) against d4881c5's, alternating fresh processes
            # (carry .gpu/ab: device_wait_new.py and device_wait_old.py, copies made here before the call)

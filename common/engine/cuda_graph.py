@@ -309,3 +309,166 @@ class CudaGraphRunner:
         self.plan_fence.record()
         self.graphs[padded].replay()
         return self.outputs[padded][:bs]
+
+
+# --- prefill ------------------------------------------------------------------------------------
+
+PREFILL_GRAPH_MAX_REQS = 16  # requests in one graphed prefill batch (more: the eager forward)
+
+
+def prefill_buckets(max_tokens: int) -> list[int]:
+    """The token counts prefill graphs are captured at: 16 to 128 by doubling, then every 256 (a
+    batch pads to the next one: at most 255 extra rows past 256 tokens, where the weights' bytes or
+    the FLOPs of the real rows dominate), and max_tokens itself."""
+    sizes = [s for s in (16, 32, 64, 128) if s < max_tokens] + list(range(256, max_tokens + 1, 256))
+    return sorted(set(sizes) | {max_tokens})
+
+
+def prefill_rows(plan, tokens: int, max_reqs: int, pad_page: int) -> tuple[list[list[int]], list[int]]:
+    """A fresh-prompt plan padded to a graph of `tokens` rows and max_reqs + 1 requests: the per-token
+    rows (ids, positions, pages, offsets; the pad rows read token 0 at position 0 and write their K/V
+    to the pool's pad page) and the attention's qo_indptr. The pad rows form one extra request that
+    attends to itself, so every row the graph computes holds finite values; the requests after it
+    are empty. logits rows: the plan's, then row 0 up to max_reqs."""
+    n, pad = len(plan.ids), tokens - len(plan.ids)
+    assert pad >= 0 and len(plan.q_lens) <= max_reqs and len(plan.logits_index) <= max_reqs
+    rows = [
+        plan.ids + [0] * pad,
+        plan.positions + [0] * pad,
+        plan.pages + [pad_page] * pad,
+        plan.offsets + [0] * pad,
+        plan.logits_index + [0] * (max_reqs - len(plan.logits_index)),
+    ]
+    lens = plan.q_lens + [pad] + [0] * (max_reqs - len(plan.q_lens))
+    indptr = [0]
+    for q in lens:
+        indptr.append(indptr[-1] + q)
+    assert indptr[-1] == tokens and n == sum(plan.q_lens)
+    return rows, indptr
+
+
+class _GraphRaggedPrefillBackend(AttentionBackend):
+    """FlashInfer's ragged prefill (a fresh prompt's attention over the step's own K and V) in CUDA-graph
+    mode: a fixed batch of max_reqs + 1 requests whose qo/kv indptr live in fixed buffers. One wrapper
+    serves every bucket: its first plan (the largest bucket's) fixes the row count the planner sizes
+    its work lists for, so their workspace offsets (baked into each graph) never move, and the SM90
+    kernel runs one program a multiprocessor whatever the lengths."""
+
+    def __init__(self, pool, num_qo_heads: int, max_tokens: int, max_reqs: int, workspace: torch.Tensor):
+        import flashinfer
+
+        device = pool.kv_buffer.device
+        self.pool, self.num_qo_heads, self.max_reqs = pool, num_qo_heads, max_reqs
+        self.qo_indptr = torch.zeros(max_reqs + 2, dtype=torch.int32, device=device)
+        self.kv_indptr = torch.zeros(max_reqs + 2, dtype=torch.int32, device=device)
+        self.wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(
+            workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=self.qo_indptr, kv_indptr_buf=self.kv_indptr
+        )
+        self.plan([0] + [max_tokens] + [max_tokens] * max_reqs)
+
+    def plan(self, indptr: list[int]) -> None:
+        # no stream sync: a step may be in flight (the plan copies into the graph's buffers)
+        host = host_tensor(indptr, torch.int32, self.qo_indptr.device)
+        dtype = self.pool.dtype
+        self.wrapper.plan(
+            host, host, self.num_qo_heads, self.pool.num_kv_heads, self.pool.head_dim,
+            causal=True, q_data_type=dtype, kv_data_type=dtype,
+        )  # fmt: skip
+
+    def prepare(self, batch: ForwardBatch) -> None:  # planned explicitly before replay
+        pass
+
+    def attends_new_kv(self, batch: ForwardBatch) -> bool:
+        return True
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        raise AssertionError("a graphed prefill attends over the step's own K and V only")
+
+    def forward_new_kv(self, q, k, v, batch: ForwardBatch) -> torch.Tensor:
+        return self.wrapper.run(q.contiguous(), k, v)
+
+
+class PrefillGraphRunner:
+    """CUDA graphs for prefill batches of fresh prompts (no cached prefix: the ragged attention over the
+    step's own K/V), one per token bucket (prefill_buckets), captured at start-up on one memory pool.
+
+    An eager 2048-token prefill of a 48-layer MoE queues ~700 kernels: ~25 ms of host launches on an
+    H100 against ~31 ms of device work, so a slower host makes the prefill host-bound, and the launch
+    gaps stay on the device's timeline (docs/benchmarks.md). A replay launches the whole forward at
+    once. The batch pads to its bucket (prefill_rows: pad rows write the pad page, as the decode graphs'
+    do) and logits come from max_reqs fixed rows. Other batches (a cached prefix or a chunk after the
+    first, decode rows, more requests or logits rows than the graphs hold, past the largest bucket)
+    run eagerly. SGLang's piecewise CUDA graphs serve the same purpose with the attention left out of
+    the graph; FlashInfer's SM90 ragged kernel is capturable with fixed-size plans, so here the whole
+    forward is one graph."""
+
+    def __init__(
+        self, model, pool, num_qo_heads: int, max_tokens: int, max_reqs: int = PREFILL_GRAPH_MAX_REQS
+    ):
+        self.model, self.pool, self.max_reqs = model, pool, max_reqs
+        self.buckets = prefill_buckets(max_tokens)
+        device = pool.kv_buffer.device
+        n = self.buckets[-1]
+        # per token: input ids, positions, out pages, out offsets; then the logits rows (_views)
+        self.inputs = torch.zeros(4 * n + max_reqs, dtype=torch.long, device=device)
+        self.workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)
+        self.backend = _GraphRaggedPrefillBackend(pool, num_qo_heads, n, max_reqs, self.workspace)
+        self.plan_fence = PlanFence()
+        self.graphs, self.outputs, self.batches = {}, {}, {}
+        self.mempool = torch.cuda.graph_pool_handle()
+        for tokens in reversed(self.buckets):  # largest first: smaller graphs reuse its memory pool
+            self._capture(tokens)
+        logger.info("captured CUDA graphs for prefill batches of %s tokens", self.buckets)
+
+    def _views(self, tokens: int) -> list[torch.Tensor]:
+        """Bucket `tokens`'s static rows, one block at the buffer's start (each graph holds its own
+        views, so one copy fills a batch): ids, positions, pages, offsets, then the logits rows."""
+        rows = [self.inputs[i * tokens : (i + 1) * tokens] for i in range(4)]
+        return [*rows, self.inputs[4 * tokens : 4 * tokens + self.max_reqs]]
+
+    def _capture(self, tokens: int) -> None:
+        ids, positions, pages, offsets, logits_index = self._views(tokens)
+        self.inputs.zero_()  # another bucket's layout left pages where this one has offsets
+        pages.fill_(self.pool.pad_page)
+        batch = ForwardBatch(
+            input_ids=ids, positions=positions, out_page=pages, out_offset=offsets, q_lens=[tokens],
+            kv_lens=[tokens], page_tables=[[self.pool.pad_page]], logits_index=logits_index,
+            page_size=self.pool.page_size,
+        )  # fmt: skip
+        self.backend.plan([0] + [tokens] * (self.max_reqs + 1))
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.model(batch, self.pool.kv_buffer, self.backend)  # warm-up: kernels built for this shape
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()  # no collective of another rank still in flight during capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.mempool):
+            out = self.model(batch, self.pool.kv_buffer, self.backend)
+        self.graphs[tokens], self.outputs[tokens], self.batches[tokens] = graph, out, batch
+
+    def can_run(self, plan) -> bool:
+        q = plan.q_lens
+        return (
+            bool(q)
+            and len(plan.ids) <= self.buckets[-1]
+            and len(q) <= self.max_reqs
+            and len(plan.logits_index) <= self.max_reqs
+            and plan.kv_lens == q  # fresh prompts only (the ragged attention over their own K/V)
+            and any(n > 1 for n in q)  # decode batches have their own graphs
+        )
+
+    def run(self, plan, future=None) -> torch.Tensor:
+        """The plan's logits [len(plan.logits_index), vocab] (queued, not waited for). future: as
+        CudaGraphRunner.run's."""
+        tokens = self.buckets[bisect.bisect_left(self.buckets, len(plan.ids))]
+        rows, indptr = prefill_rows(plan, tokens, self.max_reqs, self.pool.pad_page)
+        host = host_tensor([v for r in rows for v in r], torch.long, self.inputs.device)
+        self.inputs[: host.numel()].copy_(host, non_blocking=True)  # pinned: no stream sync
+        if future is not None:
+            future.fill(self.batches[tokens].input_ids)
+        self.plan_fence.wait()
+        self.backend.plan(indptr)
+        self.plan_fence.record()
+        self.graphs[tokens].replay()
+        return self.outputs[tokens][: len(plan.logits_index)]

@@ -162,8 +162,10 @@ class ModelRunner:
 
             self._plan_fence = PlanFence()  # eager steps' attention plans (see PlanFence)
         self.graph_runner = self._capture_cuda_graphs()
+        self.prefill_graphs = None
         if self.device.type == "cuda":
             self._warm_up()
+            self.prefill_graphs = self._capture_prefill_graphs()
 
     def _warm_up(self) -> None:
         """Run a prefill, a chunk on top of it and a decode step once before serving.
@@ -292,6 +294,37 @@ class ModelRunner:
             kernel=c.decode_attention_backend,
         )
 
+    def _capture_prefill_graphs(self):
+        """--enable-prefill-cuda-graph: cuda_graph.PrefillGraphRunner where the decode graphs run
+        (FlashInfer's GQA attention with its ragged prefill; MLA and the all-to-all MoE, whose
+        prefill exchange sizes its buffers on the host, prefill eagerly)."""
+        c = self.config
+        if (
+            not c.enable_prefill_cuda_graph
+            or c.prefill_cuda_graph_max_tokens <= 0
+            or self.graph_runner is None
+        ):
+            return None
+        if (
+            is_mla(self.hf_config)
+            or getattr(self.backend, "ragged", None) is None
+            or c.moe_a2a_backend != "none"
+        ):
+            logger.info("prefill CUDA graphs: not for this model or layout (eager prefill)")
+            return None
+        from disagg.common.engine.cuda_graph import PREFILL_GRAPH_MAX_REQS, PrefillGraphRunner
+
+        t0 = time.perf_counter()
+        graphs = PrefillGraphRunner(
+            self.model,
+            self.pool,
+            self.hf_config.num_attention_heads // get_parallel().attn_tp_size,
+            min(c.prefill_cuda_graph_max_tokens, c.max_prefill_tokens),
+            min(PREFILL_GRAPH_MAX_REQS, c.max_running_requests),
+        )
+        logger.info("prefill CUDA graphs captured in %.1fs", time.perf_counter() - t0)
+        return graphs
+
     def _load_tokenizer(self):
         if self.model_path in PRESETS:
             return None
@@ -366,6 +399,8 @@ class ModelRunner:
             return run_pipeline(self, plan)  # rank 0 gets the logits; the other ranks None
         if self.graph_runner is not None and self.graph_runner.can_run(plan):
             return self.graph_runner.run(plan, self._future)
+        if self.prefill_graphs is not None and self.prefill_graphs.can_run(plan):
+            return self.prefill_graphs.run(plan, self._future)
         batch = self.make_batch(plan)
         return self.model(batch, self.pool.kv_buffer, self.backend)
 

@@ -1,0 +1,120 @@
+"""On a CUDA GPU: prefill batches of fresh prompts replay CUDA graphs (--enable-prefill-cuda-graph,
+cuda_graph.PrefillGraphRunner) and give the eager forward's logits and K/V: one prompt, several,
+a bucket's exact size and padded ones; batches the graphs do not take (a cached prefix, past the
+largest bucket, more requests than they hold) run eagerly; and an engine's greedy tokens with the
+graphs stay close to the eager engine's (a tiny Qwen3-MoE: the fused MoE kernels inside the graph)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+SHAPE = dict(
+    head_dim=128, num_attention_heads=8, num_key_value_heads=2, hidden_size=256, moe_intermediate_size=128
+)
+
+
+def _plan(runner, q_lens, gen, first_page=1):
+    """A BatchPlan of fresh prompts of these lengths on free pages from `first_page` on."""
+    from disagg.common.engine.model_runner import BatchPlan
+
+    ps, vocab = runner.pool.page_size, runner.hf_config.vocab_size
+    ids, positions, pages, offsets, logits_index, tables = [], [], [], [], [], []
+    page = first_page
+    for q in q_lens:
+        table = list(range(page, page + (q + ps - 1) // ps))
+        page += len(table)
+        ids += torch.randint(0, vocab, (q,), generator=gen).tolist()
+        positions += range(q)
+        pages += [table[p // ps] for p in range(q)]
+        offsets += [p % ps for p in range(q)]
+        logits_index.append(len(ids) - 1)
+        tables.append(table)
+    return BatchPlan(ids, positions, pages, offsets, logits_index, list(q_lens), list(q_lens), tables)
+
+
+def _kv_rows(runner, plan) -> torch.Tensor:
+    """The K and V the forward wrote for the plan's tokens, every layer: [T, layers, 2, Hkv, D]."""
+    kv = runner.pool.kv_buffer  # [layers, pages, 2, page_size, Hkv, D]
+    pages = torch.tensor(plan.pages, device=kv.device)
+    offsets = torch.tensor(plan.offsets, device=kv.device)
+    return kv.permute(1, 3, 0, 2, 4, 5)[pages, offsets].float().clone()
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    pytest.importorskip("flashinfer")
+    from disagg.common.engine.offline import Engine
+
+    from tests.conftest import make_tiny_model
+
+    path = make_tiny_model(tmp_path_factory.mktemp("q3moe") / "m", "qwen3_moe", **SHAPE)
+    engine = Engine(model_path=path, attention_backend="flashinfer", dtype="bfloat16", max_total_tokens=16384,
+                    page_size=16, chunked_prefill_size=4096, enable_prefill_cuda_graph=True,
+                    prefill_cuda_graph_max_tokens=512)  # fmt: skip
+    yield engine
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("q_lens", [[300], [100, 37, 200], [16], [5], [40, 1], [512], [3] * 16])
+def test_graph_prefill_equals_eager(engine, q_lens):
+    runner = engine.scheduler.runner
+    graphs = runner.prefill_graphs
+    assert graphs is not None and graphs.buckets == [16, 32, 64, 128, 256, 512]
+    plan = _plan(runner, q_lens, torch.Generator().manual_seed(sum(q_lens)))
+    assert graphs.can_run(plan)
+    eager = runner.model(runner.make_batch(plan), runner.pool.kv_buffer, runner.backend).clone()
+    eager_kv = _kv_rows(runner, plan)
+    runner.pool.kv_buffer.zero_()  # the graph must write every K/V the eager forward wrote
+    graphed = graphs.run(plan).clone()
+    assert graphed.shape == eager.shape == (len(q_lens), runner.hf_config.vocab_size)
+    torch.testing.assert_close(graphed, eager, atol=5e-2, rtol=5e-2)
+    assert (graphed.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.9  # random weights: rare near-ties
+    torch.testing.assert_close(_kv_rows(runner, plan), eager_kv, atol=2e-2, rtol=2e-2)
+
+
+def test_batches_the_graphs_do_not_take(engine):
+    runner = engine.scheduler.runner
+    graphs, gen = runner.prefill_graphs, torch.Generator().manual_seed(0)
+    assert not graphs.can_run(_plan(runner, [513], gen))  # past the largest bucket
+    assert not graphs.can_run(_plan(runner, [2] * 17, gen))  # more requests than the graphs hold
+    assert not graphs.can_run(_plan(runner, [1, 1], gen))  # decode-sized: the decode graphs'
+    cached = _plan(runner, [40], gen)
+    cached.kv_lens = [72]  # 32 tokens of cached prefix: attention over the pool, not the step's K/V
+    assert not graphs.can_run(cached)
+
+
+PARAMS = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True, "top_logprobs_num": 5}
+
+
+def test_engine_tokens_with_prefill_graphs_close_to_eager(engine, tmp_path, monkeypatch):
+    """Prompts prefilled by the graphs (and one past the largest bucket, eagerly), then decoded,
+    against an engine without them on the same weights; the second round of the same prompts hits
+    the radix cache (a cached prefix: eager) and gives the same tokens again."""
+    from disagg.common.engine.cuda_graph import PrefillGraphRunner
+    from disagg.common.engine.offline import Engine
+
+    from tests.conftest import assert_logprobs_close
+
+    replays = []
+    original = PrefillGraphRunner.run
+    monkeypatch.setattr(PrefillGraphRunner, "run", lambda self, *a: replays.append(1) or original(self, *a))
+    prompts = [list(range(3, 300)), [5, 9, 11] * 30, list(range(7, 20)), [4] * 700]
+    graphed = engine.generate(prompts[:3], PARAMS)  # one prefill batch of 400 tokens: a graph
+    assert replays
+    graphed += engine.generate(prompts[3:], PARAMS)  # 700 tokens: past the largest bucket, eager
+    assert len(replays) == 1
+    path = engine.config.model_path
+    eager_engine = Engine(model_path=path, attention_backend="flashinfer", dtype="bfloat16",
+                          max_total_tokens=16384, page_size=16, chunked_prefill_size=4096)  # fmt: skip
+    try:
+        assert eager_engine.scheduler.runner.prefill_graphs is None
+        eager = eager_engine.generate(prompts, PARAMS)
+    finally:
+        eager_engine.shutdown()
+    assert_logprobs_close(graphed, eager)
+    again = engine.generate(prompts, PARAMS)
+    assert len(replays) == 1  # cached prefixes: the eager forward
+    assert_logprobs_close(again, graphed)

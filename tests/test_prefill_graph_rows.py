@@ -1,0 +1,87 @@
+"""How a prefill CUDA graph's batch is padded (cuda_graph.prefill_buckets / prefill_rows), on the CPU:
+the buckets, and a padded batch run eagerly gives the unpadded batch's logits and K/V, its pad rows
+writing no page but the pool's pad page. (The graphs themselves: tests/test_gpu_prefill_graph.py.)"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from disagg.common.engine.cuda_graph import prefill_buckets, prefill_rows
+
+
+def test_buckets():
+    assert prefill_buckets(4096)[:6] == [16, 32, 64, 128, 256, 512]
+    assert prefill_buckets(4096)[-1] == 4096 and len(prefill_buckets(4096)) == 20
+    assert all(b - a <= 256 for a, b in itertools.pairwise(prefill_buckets(4096)))
+    assert prefill_buckets(1000) == [16, 32, 64, 128, 256, 512, 768, 1000]
+    assert prefill_buckets(100) == [16, 32, 64, 100]
+
+
+def _plan(q_lens, ps, vocab, first_page=0):
+    from disagg.common.engine.model_runner import BatchPlan
+
+    gen = torch.Generator().manual_seed(len(q_lens))
+    ids, positions, pages, offsets, logits_index, tables, page = [], [], [], [], [], [], first_page
+    for q in q_lens:
+        table = list(range(page, page + (q + ps - 1) // ps))
+        page += len(table)
+        ids += torch.randint(0, vocab, (q,), generator=gen).tolist()
+        positions += range(q)
+        pages += [table[p // ps] for p in range(q)]
+        offsets += [p % ps for p in range(q)]
+        logits_index.append(len(ids) - 1)
+        tables.append(table)
+    return BatchPlan(ids, positions, pages, offsets, logits_index, list(q_lens), list(q_lens), tables)
+
+
+def test_rows_and_indptr():
+    plan = _plan([5, 3], 4, 100)
+    rows, indptr = prefill_rows(plan, 16, 4, pad_page=99)
+    assert indptr == [0, 5, 8, 16, 16, 16]  # the two prompts, the pad request, two empty ones (5 in all)
+    ids, positions, pages, offsets, logits = rows
+    assert ids[:8] == plan.ids and ids[8:] == [0] * 8
+    assert positions == plan.positions + [0] * 8
+    assert pages == plan.pages + [99] * 8 and offsets == plan.offsets + [0] * 8
+    assert logits == [4, 7, 0, 0]
+    _, indptr = prefill_rows(_plan([16], 4, 100), 16, 4, pad_page=99)
+    assert indptr == [0, 16, 16, 16, 16, 16]  # no padding: the pad request is empty
+    with pytest.raises(AssertionError):
+        prefill_rows(_plan([2] * 5, 4, 100), 16, 4, pad_page=99)  # more requests than the graph holds
+
+
+def test_padded_batch_gives_the_unpadded_logits_and_kv(tiny_models):
+    """The padded batch as the graph runs it (pad rows as one extra request), here eagerly on the CPU's
+    torch attention: the real rows' logits and K/V are the unpadded batch's; the pad rows write only
+    the pad page."""
+    from disagg.common.engine.model_runner import BatchPlan
+    from disagg.common.engine.offline import Engine
+
+    engine = Engine(
+        model_path=tiny_models["llama"], page_size=4, max_total_tokens=512, chunked_prefill_size=64
+    )
+    try:
+        runner = engine.scheduler.runner
+        pool, ps = runner.pool, runner.pool.page_size
+        plan = _plan([9, 4, 13], ps, runner.hf_config.vocab_size)
+
+        def forward(p):
+            pool.kv_buffer.zero_()
+            logits = runner.model(runner.make_batch(p), pool.kv_buffer, runner.backend)
+            return logits, pool.kv_buffer.clone()
+
+        want, want_kv = forward(plan)
+        rows, indptr = prefill_rows(plan, 32, 4, pool.pad_page)
+        lens = [b - a for a, b in itertools.pairwise(indptr) if b > a]
+        pad_table = [pool.pad_page] * ((lens[-1] + ps - 1) // ps)
+        padded = BatchPlan(*rows[:4], rows[4], lens, lens, plan.tables + [pad_table])
+        got, got_kv = forward(padded)
+        assert got.shape[0] == 4  # the fixed logits rows: the plan's, then row 0
+        torch.testing.assert_close(got[:3], want)
+        real = torch.ones(got_kv.shape[1], dtype=torch.bool)
+        real[pool.pad_page] = False
+        torch.testing.assert_close(got_kv[:, real], want_kv[:, real])
+        assert got_kv[:, pool.pad_page].abs().sum() > 0 and want_kv[:, pool.pad_page].abs().sum() == 0
+    finally:
+        engine.shutdown()
