@@ -187,15 +187,6 @@ def moe_combine() -> str | None:
     return os.environ.get("DISAGG_MOE_COMBINE") or None
 
 
-def moe_sum_in_norm() -> bool:
-    """DISAGG_MOE_SUM_IN_NORM: 1 | 0 (default): the MoE down GEMV's float32 partial rows summed by the
-    next RMSNorm's launch (fused_moe.sum_add_rms_norm), not by a launch of their own."""
-    value = os.environ.get("DISAGG_MOE_SUM_IN_NORM", "0") or "0"
-    if value not in ("0", "1"):
-        raise ValueError(f"DISAGG_MOE_SUM_IN_NORM={value!r}: expected 0 or 1")
-    return value == "1"
-
-
 def step_delay_s() -> float:
     """DISAGG_STEP_DELAY_S (tests only): seconds added to every forward; 0 unless set."""
     return float(os.environ.get("DISAGG_STEP_DELAY_S") or 0)

@@ -172,13 +172,6 @@ t.update({k.replace(h, ',device=' + sys.argv[2]): v for k, v in t.items() if k.e
                --prefill-len $n --decode-steps 8 $([ $g = graph ] && echo --enable-prefill-cuda-graph) \
                > $OUT/pg_${g}_${n}_$i.log; grep -A1 "^prefill" $OUT/pg_${g}_${n}_$i.log; grep "captured\|Error" $OUT/pg_${g}_${n}_$i.log | tail -2
            done; done ;;
-    sum-norm-ab) # the MoE down GEMV's partial rows summed by the next RMSNorm's launch (DISAGG_MOE_SUM_IN_NORM=1)
-           # against their own summing launch, alternating fresh processes: decode batch 1 and 64 of SN_MODELS
-           for v in ${SN_ARMS:-1 0 1 0}; do for m in ${SN_MODELS:-Qwen3-30B-A3B DeepSeek-V2-Lite}; do i=$((${i:-0} + 1))
-             echo "--- $m DISAGG_MOE_SUM_IN_NORM=$v ($(date +%T))"
-             DISAGG_MOE_SUM_IN_NORM=$v bench --model-path $m --load-format dummy --batch-sizes 1,64 --context-len 1024 \
-               --prefill-len 1024 --decode-steps 16 > $OUT/sn_${v}_${m}_$i.log; grep -A3 "^kind" $OUT/sn_${v}_${m}_$i.log
-           done; done ;;
     host-ab) # the twenty-first session: Qwen3-30B-A3B (batch 1, prefill 2048) and the 8B (batch 1 and 64, prefill 2048)
            # with the host lists through numpy (device_wait.py now) against d4881c5's, alternating fresh processes
            # (carry .gpu/ab: device_wait_new.py and device_wait_old.py, copies made here before the call)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch
 from disagg.common.models.deepseek import DEEPSEEK_ARCHITECTURES, MLAttention, is_mla, latent_half_dim
-from disagg.common.models.fused_moe import PartialRows
 from disagg.common.models.fused_rope_kv import fused_rope_kv, fused_rope_kv_ok
 from disagg.common.models.kernels import silu_and_mul
 from disagg.common.models.layers import (
@@ -227,10 +226,6 @@ class CausalLM(nn.Module):
             set_forward_shape(batch.is_decode_only)  # the all-to-all MoE's exchange mode (moe_a2a.py)
         for layer in self.layers[self.start_layer : self.end_layer]:
             x, residual = layer(x, residual, batch, kv_buffer, backend)
-        if isinstance(
-            x, PartialRows
-        ):  # the last layer's MoE output, unsummed (its next norm is the final one)
-            x = x.sum()
         return x, residual
 
     @torch.inference_mode()

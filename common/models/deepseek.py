@@ -522,8 +522,6 @@ class DeepseekMoE(SparseMoE):
             weights, ids = self.gate(x, self.num_shared_fused)  # [T, k + shared]
             if self.count_tokens:
                 self._count(ids[:, : self.top_k])
-            if self.defer_sum:  # one rank: nothing to reduce; the next RMSNorm sums the rows (moe.py)
-                return self.routed_experts(x, ids, weights, self.fused_config, defer_sum=True)
             return all_reduce(self.routed_experts(x, ids, weights, self.fused_config))
         weights, ids = self.gate(x)
         if self.count_tokens:  # moe.py's per-expert load counters (set_expert_load_stats)

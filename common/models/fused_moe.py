@@ -37,7 +37,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -183,13 +182,11 @@ def fused_experts(
     config: dict | None = None,
     scales: ExpertScales | None = None,
     foreign: bool = True,
-    defer_sum: bool = False,
-) -> torch.Tensor | PartialRows:
+) -> torch.Tensor:
     """Same contract as moe_align.grouped_experts: x [T, H], w13 [E, 2I, H], w2 [E, H, I],
     topk_weights / topk_ids [T, k] (ids outside [0, E): another rank's expert). Returns [T, H].
     scales: w13 / w2 are float8_e4m3fn with these block scales. foreign=False: no id is outside
-    [0, E) (all experts are local), which spares the prefill path a masking pass. defer_sum: where the
-    GEMV path leaves float32 partial rows, return them unsummed (PartialRows: the next RMSNorm sums them)."""
+    [0, E) (all experts are local), which spares the prefill path a masking pass."""
     num_tokens, k = topk_ids.shape
     num_experts, hidden, inter = w2.shape
     config = config or moe_config(num_experts, inter, hidden, scales is not None)
@@ -200,7 +197,7 @@ def fused_experts(
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     ids, weights = topk_ids.contiguous(), topk_weights.float().contiguous()
     if num_tokens * k <= config["gemv_max_pairs"]:
-        return _gemv_experts(x, w13, w2, weights, ids, config["gemv"], scales, defer_sum)
+        return _gemv_experts(x, w13, w2, weights, ids, config["gemv"], scales)
     if (
         scales is None
         and num_tokens >= config.get("grouped_mm_min_tokens", _DEFAULT["grouped_mm_min_tokens"])
@@ -233,9 +230,7 @@ def sum_terms(
     return out
 
 
-def _gemv_experts(
-    x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | None, defer_sum: bool = False
-) -> torch.Tensor | PartialRows:
+def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | None) -> torch.Tensor:
     (num_tokens, k), (num_experts, hidden, inter) = ids.shape, w2.shape
     split, bn, bk = cfg["SPLIT_K"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     # NOTE: split-K partial sums meet by atomics in a zeroed buffer [pairs, gate | up]; one split
@@ -273,46 +268,7 @@ def _gemv_experts(
         BLOCK_N=down_bn, BLOCK_K=down_bk, SLOTS=slots, ROWS=rows, K_SPLIT=k_split, K_PER_SPLIT=k_per_split,
         FP8=fp8, ACT=act, num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
     )  # fmt: skip
-    if rows == 1:
-        return out
-    return PartialRows(out, rows, x.dtype) if defer_sum else _sum_pairs(out, num_tokens, rows, x.dtype)
-
-
-@dataclass
-class PartialRows:
-    """A MoE layer's output left as the down GEMV's float32 partial rows (`terms` a token, token-major:
-    [T * terms, H]), for the next RMSNorm to sum as it adds the residual: sum_add_rms_norm does the
-    sum, the residual add and the norm in one launch where they were two (a summing launch, then the
-    fused add + RMSNorm), one launch fewer a layer at decode batches. `sum()` gives the [T, H] output."""
-
-    rows: torch.Tensor
-    terms: int
-    dtype: torch.dtype
-
-    @property
-    def shape(self) -> torch.Size:
-        return torch.Size((self.rows.shape[0] // self.terms, self.rows.shape[1]))
-
-    def sum(self) -> torch.Tensor:
-        return _sum_pairs(self.rows, self.shape[0], self.terms, self.dtype)
-
-
-def sum_add_rms_norm(
-    parts: PartialRows, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """kernels.add_rms_norm of the summed partial rows: residual += sum (the sum rounded to the model
-    dtype first, as the summing launch would store it); returns (rms_norm(residual), residual), the
-    residual updated in place and the norm taken over the float32 sum (FlashInfer's fused_add_rmsnorm's
-    arithmetic). One program a token."""
-    tokens, hidden = parts.shape
-    assert residual.is_contiguous() and residual.shape == (tokens, hidden)
-    out = torch.empty_like(residual)
-    block = triton.next_power_of_2(hidden)
-    _sum_add_norm_kernel[(tokens,)](
-        parts.rows, residual, weight, out, hidden, eps, K=parts.terms, BLOCK=block,
-        num_warps=4 if block <= 2048 else 8, **pdl_args(residual.device),
-    )  # fmt: skip
-    return out, residual
+    return out if rows == 1 else _sum_pairs(out, num_tokens, rows, x.dtype)
 
 
 @functools.cache
@@ -618,26 +574,6 @@ if triton is not None:
         for j in tl.static_range(K):
             acc += tl.load(row + j * term_stride.to(tl.int64), mask=mask, other=0.0).to(tl.float32)
         tl.store(out + t * hidden + cols, acc.to(out.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _sum_add_norm_kernel(
-        y, residual, weight, out, hidden, eps, K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr
-    ):
-        """Token t: x = residual[t] + (sum over j < K of y[t * K + j]) in the model dtype; residual[t] = x;
-        out[t] = x * rsqrt(mean(x^2) + eps) * weight, from x in float32."""
-        pdl_begin(PDL)  # first: before any load or store (pdl.py)
-        t = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        mask = cols < hidden
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for j in tl.static_range(K):
-            acc += tl.load(y + (t * K + j) * hidden + cols, mask=mask, other=0.0).to(tl.float32)
-        x = acc.to(out.dtype.element_ty).to(tl.float32)
-        x += tl.load(residual + t * hidden + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(residual + t * hidden + cols, x.to(residual.dtype.element_ty), mask=mask)
-        rms = tl.rsqrt(tl.sum(x * x, axis=0) / hidden + eps)
-        w = tl.load(weight + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out + t * hidden + cols, (x * rms * w).to(out.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _silu(g):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from disagg.common.models.fp8 import fp8_linear
-from disagg.common.models.fused_moe import PartialRows, sum_add_rms_norm
 from disagg.common.models.gemv import linear
 from disagg.common.models.kernels import add_rms_norm, apply_rope, rms_norm
 from disagg.common.parallel.state import TPGroup, all_gather_last_dim, all_reduce, tp_group
@@ -19,12 +18,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """norm(x); with `residual`: (norm(x + residual), x + residual), fused on CUDA. x may be a MoE
-        layer's unsummed partial rows (fused_moe.PartialRows): summed in the same launch."""
-        if isinstance(x, PartialRows):
-            if residual is None:
-                return rms_norm(x.sum(), self.weight, self.eps)
-            return sum_add_rms_norm(x, residual, self.weight, self.eps)
+        """norm(x); with `residual`: (norm(x + residual), x + residual), fused on CUDA."""
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         return add_rms_norm(x, residual, self.weight, self.eps)

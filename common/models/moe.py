@@ -24,10 +24,8 @@ import math
 import re
 
 import torch
-from disagg.common.config import moe_sum_in_norm
 from disagg.common.models.fused_moe import (
     ROUTER_GEMV_MAX_TOKENS,
-    PartialRows,
     fused_experts,
     fused_moe_available,
     fused_topk,
@@ -187,9 +185,6 @@ class SparseMoE(nn.Module):
         # count the routed (token, slot) pairs per expert (expert_load); off by default: the
         # count costs two small kernels a layer, ~5% of a batch-1 decode step
         self.count_tokens = False
-        # one TP rank: a decode batch's down-GEMV partial rows go unsummed to the next RMSNorm, which
-        # sums them with the residual add (fused_moe.PartialRows; DISAGG_MOE_SUM_IN_NORM)
-        self.defer_sum = ps.tp_size == 1 and moe_sum_in_norm()
         # logical expert -> routed pairs; every rank routes every token, so this counts all experts
         self.register_buffer(
             "expert_tokens", torch.zeros(self.num_experts, dtype=torch.long), persistent=False
@@ -252,8 +247,6 @@ class SparseMoE(nn.Module):
             return a2a_moe(self, x, ids, weights)
         # out of [0, num_local): another rank's expert, skipped (no subtraction kernel on rank 0)
         local = ids - self.first_expert if self.first_expert else ids
-        if self.defer_sum and not self.a2a:
-            return self.routed_experts(x, local, weights, defer_sum=True)  # one rank: nothing to reduce
         return all_reduce(self.routed_experts(x, local, weights))
 
     def uses_all_to_all(self, x: torch.Tensor) -> bool:
@@ -283,16 +276,10 @@ class SparseMoE(nn.Module):
         return weights, ids
 
     def routed_experts(
-        self,
-        x: torch.Tensor,
-        local: torch.Tensor,
-        weights: torch.Tensor,
-        config: dict | None = None,
-        defer_sum: bool = False,
-    ) -> torch.Tensor | PartialRows:
+        self, x: torch.Tensor, local: torch.Tensor, weights: torch.Tensor, config: dict | None = None
+    ) -> torch.Tensor:
         """This rank's experts on the tokens routed to them (only those experts' weights are read);
-        `config`: the fused kernels' block sizes (default: the table's for the experts' shape);
-        defer_sum: fused_experts' (partial rows left for the next RMSNorm where the GEMV path has them)."""
+        `config`: the fused kernels' block sizes (default: the table's for the experts' shape)."""
         w13, w2, scales = self.experts.w13, self.experts.w2, self.experts.scales
         # FP8 experts take the fused kernels only where the FP8 GEMMs run in Triton (fp8.py's rule)
         fused = scales is None or self.experts.fp8_backend == "triton"
@@ -300,9 +287,7 @@ class SparseMoE(nn.Module):
             # foreign: some ids may be out of range (another rank's expert, an all-to-all pad row: the
             # all-to-all needs ep > 1, so there are other ranks' experts then too)
             foreign = self.num_local < self.num_physical
-            return fused_experts(
-                x, w13, w2, weights, local, config, scales=scales, foreign=foreign, defer_sum=defer_sum
-            )
+            return fused_experts(x, w13, w2, weights, local, config, scales=scales, foreign=foreign)
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
         return grouped_experts(x, w13, w2, weights.to(x.dtype), local, trim=not capturing, scales=scales)
 
