@@ -278,9 +278,9 @@ class EngineConfig:
     disable_radix_cache: bool = False
     cuda_graph_max_bs: int = 64  # decode batches up to this size replay captured CUDA graphs
     disable_cuda_graph: bool = False
-    # prefill batches of fresh prompts up to this many tokens replay captured CUDA graphs
-    # (cuda_graph.PrefillGraphRunner; GQA models on FlashInfer); SGLang's piecewise graphs' flags too
-    enable_prefill_cuda_graph: bool = False
+    # prefill batches of fresh prompts up to prefill_cuda_graph_max_tokens replay captured CUDA graphs
+    # (cuda_graph.PrefillGraphRunner; GQA models on FlashInfer); 0 or disable_prefill_cuda_graph: eager
+    disable_prefill_cuda_graph: bool = False
     prefill_cuda_graph_max_tokens: int = 4096
     # the overlap scheduler (common/engine/scheduler.py): step n+1 is launched before step n's tokens
     # reach the host. Default: on with CUDA, off on the CPU (torch's CPU ops run synchronously, so
@@ -374,13 +374,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    "(up to 8 requests; MLA: 8 / ceil(heads / 16)), FlashInfer's above")  # fmt: skip
     g.add_argument("--disable-radix-cache", action="store_true")
     g.add_argument("--cuda-graph-max-bs", type=int, default=d.cuda_graph_max_bs)
-    g.add_argument("--enable-prefill-cuda-graph", "--enable-piecewise-cuda-graph", action="store_true",
-                   dest="enable_prefill_cuda_graph",
-                   help="GPU: prefill batches of fresh prompts (no cached prefix, at most 16 requests) replay "
-                   "CUDA graphs captured per token bucket (GQA models on FlashInfer); others run eagerly")  # fmt: skip
+    g.add_argument("--disable-prefill-cuda-graph", action="store_true",
+                   help="GPU: prefill every batch eagerly (by default prefill batches of fresh prompts, no cached "
+                   "prefix and at most 16 requests, replay CUDA graphs captured per token bucket: GQA models on FlashInfer)")  # fmt: skip
     g.add_argument("--prefill-cuda-graph-max-tokens", "--piecewise-cuda-graph-max-tokens", type=int,
                    dest="prefill_cuda_graph_max_tokens", default=d.prefill_cuda_graph_max_tokens,
-                   help="the largest prefill batch (tokens) a graph is captured for")  # fmt: skip
+                   help="the largest prefill batch (tokens) a CUDA graph is captured for (0: none)")  # fmt: skip
     g.add_argument("--moe-a2a-backend", default=d.moe_a2a_backend, choices=["none", "all_to_all"])
     g.add_argument("--deepep-mode", default=d.deepep_mode, choices=["auto", "normal", "low_latency"],
                    help="all_to_all MoE exchange: normal (packed, sizes exchanged), low_latency (fixed-size "

@@ -1,4 +1,4 @@
-"""On a CUDA GPU: prefill batches of fresh prompts replay CUDA graphs (--enable-prefill-cuda-graph,
+"""On a CUDA GPU: prefill batches of fresh prompts replay CUDA graphs (the default;
 cuda_graph.PrefillGraphRunner) and give the eager forward's logits and K/V: one prompt, several,
 a bucket's exact size and padded ones; batches the graphs do not take (a cached prefix, past the
 largest bucket, more requests than they hold) run eagerly; and an engine's greedy tokens with the
@@ -52,7 +52,7 @@ def engine(tmp_path_factory):
 
     path = make_tiny_model(tmp_path_factory.mktemp("q3moe") / "m", "qwen3_moe", **SHAPE)
     engine = Engine(model_path=path, attention_backend="flashinfer", dtype="bfloat16", max_total_tokens=16384,
-                    page_size=16, chunked_prefill_size=4096, enable_prefill_cuda_graph=True,
+                    page_size=16, chunked_prefill_size=4096,
                     prefill_cuda_graph_max_tokens=512)  # fmt: skip
     yield engine
     engine.shutdown()
@@ -108,7 +108,8 @@ def test_engine_tokens_with_prefill_graphs_close_to_eager(engine, tmp_path, monk
     assert len(replays) == 1
     path = engine.config.model_path
     eager_engine = Engine(model_path=path, attention_backend="flashinfer", dtype="bfloat16",
-                          max_total_tokens=16384, page_size=16, chunked_prefill_size=4096)  # fmt: skip
+                          max_total_tokens=16384, page_size=16, chunked_prefill_size=4096,
+                          disable_prefill_cuda_graph=True)  # fmt: skip
     try:
         assert eager_engine.scheduler.runner.prefill_graphs is None
         eager = eager_engine.generate(prompts, PARAMS)

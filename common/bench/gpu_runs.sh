@@ -162,14 +162,14 @@ t.update({k.replace(h, ',device=' + sys.argv[2]): v for k, v in t.items() if k.e
              bench --model-path ${m%%:*} --prefill-len ${m#*:} $a > $OUT/entries_${v}_${m%%:*}_$i.log
              grep -A3 "^kind" $OUT/entries_${v}_${m%%:*}_$i.log; grep "host prepare" $OUT/entries_${v}_${m%%:*}_$i.log
            done; done; for f in fused_moe_configs gemv_configs; do cp /tmp/$f.own.json common/models/$f.json; done ;;
-    prefill-graph) # the prefill's CUDA graphs (--enable-prefill-cuda-graph, cuda_graph.PrefillGraphRunner): their GPU
+    prefill-graph) # the prefill's CUDA graphs (cuda_graph.PrefillGraphRunner; --disable-prefill-cuda-graph: eager): their GPU
            # test, then Qwen3-30B-A3B's prefill at PG_LENS (2048 512) eager and graphed, alternating fresh processes
            timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_prefill_graph.py > $OUT/pg_tests.log 2>&1
            tail -3 $OUT/pg_tests.log
            for n in ${PG_LENS:-2048 512}; do for g in ${PG_ARMS:-eager graph eager graph}; do i=$((${i:-0} + 1))
              echo "--- prefill $n $g ($(date +%T))"
              bench --model-path ${PG_MODEL:-Qwen3-30B-A3B} --load-format dummy --batch-sizes 1 --context-len 1024 \
-               --prefill-len $n --decode-steps 8 $([ $g = graph ] && echo --enable-prefill-cuda-graph) \
+               --prefill-len $n --decode-steps 8 $([ $g = eager ] && echo --disable-prefill-cuda-graph) \
                > $OUT/pg_${g}_${n}_$i.log; grep -A1 "^prefill" $OUT/pg_${g}_${n}_$i.log; grep "captured\|Error" $OUT/pg_${g}_${n}_$i.log | tail -2
            done; done ;;
     host-ab) # the twenty-first session: Qwen3-30B-A3B (batch 1, prefill 2048) and the 8B (batch 1 and 64, prefill 2048)

@@ -510,8 +510,9 @@ def main() -> None:
     p.add_argument("--profile-batch-sizes", default="", help="print the top kernels of these decode batches")
     p.add_argument("--profile-prefill", action="store_true", help="print the top kernels of one prefill")
     p.add_argument("--disable-cuda-graph", action="store_true")
-    p.add_argument("--enable-prefill-cuda-graph", action="store_true",
-                   help="the prefill replays a CUDA graph (cuda_graph.PrefillGraphRunner; the split line stays eager's)")  # fmt: skip
+    p.add_argument("--disable-prefill-cuda-graph", action="store_true",
+                   help="prefill eagerly (by default a fresh prompt's prefill replays a CUDA graph, cuda_graph."
+                   "PrefillGraphRunner; the host/device split line is the eager forward's either way)")  # fmt: skip
     p.add_argument("--disable-overlap-schedule", action="store_true")
     p.add_argument("--disable-shared-experts-fusion", action="store_true")
     p.add_argument(
@@ -553,7 +554,7 @@ def main() -> None:
         moe_a2a_backend=args.moe_a2a_backend,
         deepep_mode=args.deepep_mode,
         disable_cuda_graph=args.disable_cuda_graph,
-        enable_prefill_cuda_graph=args.enable_prefill_cuda_graph,
+        disable_prefill_cuda_graph=args.disable_prefill_cuda_graph,
         prefill_cuda_graph_max_tokens=max(args.prefill_len, 4096),
         disable_overlap_schedule=args.disable_overlap_schedule,
         disable_shared_experts_fusion=args.disable_shared_experts_fusion,

@@ -295,15 +295,12 @@ class ModelRunner:
         )
 
     def _capture_prefill_graphs(self):
-        """--enable-prefill-cuda-graph: cuda_graph.PrefillGraphRunner where the decode graphs run
-        (FlashInfer's GQA attention with its ragged prefill; MLA and the all-to-all MoE, whose
-        prefill exchange sizes its buffers on the host, prefill eagerly)."""
+        """cuda_graph.PrefillGraphRunner where the decode graphs run (FlashInfer's GQA attention with its
+        ragged prefill; MLA, and the all-to-all MoE whose prefill exchange sizes its buffers on the host,
+        prefill eagerly), unless --disable-prefill-cuda-graph. The graphs' memory is not in the KV pool's
+        budget: where capturing them runs out of memory, the prefill stays eager (logged)."""
         c = self.config
-        if (
-            not c.enable_prefill_cuda_graph
-            or c.prefill_cuda_graph_max_tokens <= 0
-            or self.graph_runner is None
-        ):
+        if c.disable_prefill_cuda_graph or c.prefill_cuda_graph_max_tokens <= 0 or self.graph_runner is None:
             return None
         if (
             is_mla(self.hf_config)
@@ -315,13 +312,21 @@ class ModelRunner:
         from disagg.common.engine.cuda_graph import PREFILL_GRAPH_MAX_REQS, PrefillGraphRunner
 
         t0 = time.perf_counter()
-        graphs = PrefillGraphRunner(
-            self.model,
-            self.pool,
-            self.hf_config.num_attention_heads // get_parallel().attn_tp_size,
-            min(c.prefill_cuda_graph_max_tokens, c.max_prefill_tokens),
-            min(PREFILL_GRAPH_MAX_REQS, c.max_running_requests),
-        )
+        try:
+            graphs = PrefillGraphRunner(
+                self.model,
+                self.pool,
+                self.hf_config.num_attention_heads // get_parallel().attn_tp_size,
+                min(c.prefill_cuda_graph_max_tokens, c.max_prefill_tokens),
+                min(PREFILL_GRAPH_MAX_REQS, c.max_running_requests),
+            )
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            logger.warning(
+                "prefill CUDA graphs: out of memory capturing them (lower --mem-fraction-static or "
+                "--prefill-cuda-graph-max-tokens): eager prefill"
+            )
+            return None
         logger.info("prefill CUDA graphs captured in %.1fs", time.perf_counter() - t0)
         return graphs
 
