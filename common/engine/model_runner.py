@@ -297,7 +297,8 @@ class ModelRunner:
     def _capture_prefill_graphs(self):
         """cuda_graph.PrefillGraphRunner where the decode graphs run (FlashInfer's GQA attention with its
         ragged prefill; MLA, and the all-to-all MoE whose prefill exchange sizes its buffers on the host,
-        prefill eagerly), unless --disable-prefill-cuda-graph. The graphs' memory is not in the KV pool's
+        prefill eagerly, and so does every batch while EPLB or the expert metrics count the experts' load:
+        up to 255 pad rows a batch would count), unless --disable-prefill-cuda-graph. The graphs' memory is not in the KV pool's
         budget: where capturing them runs out of memory, the prefill stays eager (logged)."""
         c = self.config
         if c.disable_prefill_cuda_graph or c.prefill_cuda_graph_max_tokens <= 0 or self.graph_runner is None:
@@ -308,6 +309,9 @@ class ModelRunner:
             or c.moe_a2a_backend != "none"
         ):
             logger.info("prefill CUDA graphs: not for this model or layout (eager prefill)")
+            return None
+        if self.eplb is not None and self.eplb.counting:  # a padded batch's pad rows would count as load
+            logger.info("prefill CUDA graphs: off while the experts' load is counted (eager prefill)")
             return None
         from disagg.common.engine.cuda_graph import PREFILL_GRAPH_MAX_REQS, PrefillGraphRunner
 
