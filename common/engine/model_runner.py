@@ -295,34 +295,34 @@ class ModelRunner:
         )
 
     def _capture_prefill_graphs(self):
-        """cuda_graph.PrefillGraphRunner where the decode graphs run and the attention backend has
-        FlashInfer's ragged prefill (GQA; MLA's expanded form), unless --disable-prefill-cuda-graph. The
-        all-to-all MoE (its prefill exchange sizes buffers on the host) prefills eagerly, and so does
-        every batch while EPLB or the expert metrics count the experts' load (up to 255 pad rows a batch
-        would count). The graphs' memory is not in the KV pool's budget: where capturing them runs out
-        of memory, the prefill stays eager (logged)."""
+        """cuda_graph.PrefillGraphRunner where the decode graphs run (FlashInfer's GQA attention with its
+        ragged prefill; MLA, and the all-to-all MoE whose prefill exchange sizes its buffers on the host,
+        prefill eagerly, and so does every batch while EPLB or the expert metrics count the experts' load:
+        up to 255 pad rows a batch would count), unless --disable-prefill-cuda-graph. The graphs' memory is not in the KV pool's
+        budget: where capturing them runs out of memory, the prefill stays eager (logged)."""
         c = self.config
         if c.disable_prefill_cuda_graph or c.prefill_cuda_graph_max_tokens <= 0 or self.graph_runner is None:
             return None
-        if getattr(self.backend, "ragged", None) is None or c.moe_a2a_backend != "none":
-            logger.info("prefill CUDA graphs: not for this attention backend or layout (eager prefill)")
+        if (
+            is_mla(self.hf_config)
+            or getattr(self.backend, "ragged", None) is None
+            or c.moe_a2a_backend != "none"
+        ):
+            logger.info("prefill CUDA graphs: not for this model or layout (eager prefill)")
             return None
         if self.eplb is not None and self.eplb.counting:  # a padded batch's pad rows would count as load
             logger.info("prefill CUDA graphs: off while the experts' load is counted (eager prefill)")
             return None
-        max_tokens = min(c.prefill_cuda_graph_max_tokens, c.max_prefill_tokens)
-        heads = self.hf_config.num_attention_heads // get_parallel().attn_tp_size
-        if is_mla(self.hf_config):  # the expanded form's per-key buffers, as the eager prepare bounds them
-            from disagg.common.engine.attention_flashinfer import EXPANDED_MAX_BYTES
-
-            _, rope, nope, v = mla_dims(self.hf_config)
-            max_tokens = min(max_tokens, EXPANDED_MAX_BYTES // (heads * (2 * nope + rope + 2 * v) * 2))
         from disagg.common.engine.cuda_graph import PREFILL_GRAPH_MAX_REQS, PrefillGraphRunner
 
         t0 = time.perf_counter()
         try:
             graphs = PrefillGraphRunner(
-                self.model, self.pool, heads, max_tokens, min(PREFILL_GRAPH_MAX_REQS, c.max_running_requests)
+                self.model,
+                self.pool,
+                self.hf_config.num_attention_heads // get_parallel().attn_tp_size,
+                min(c.prefill_cuda_graph_max_tokens, c.max_prefill_tokens),
+                min(PREFILL_GRAPH_MAX_REQS, c.max_running_requests),
             )
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
