@@ -12,10 +12,32 @@ from disagg.common.engine.cuda_graph import prefill_buckets, prefill_rows
 
 
 def test_buckets():
-    assert prefill_buckets(4096)[:6] == [16, 32, 64, 128, 256, 512]
-    assert prefill_buckets(4096)[-1] == 4096 and len(prefill_buckets(4096)) == 20
-    assert all(b - a <= 256 for a, b in itertools.pairwise(prefill_buckets(4096)))
-    assert prefill_buckets(1000) == [16, 32, 64, 128, 256, 512, 768, 1000]
+    buckets = prefill_buckets(4096)
+    assert buckets[:7] == [16, 32, 64, 128, 256, 320, 384] and buckets[-1] == 4096 and len(buckets) == 41
+    # past 256 tokens a batch pads by at most 1/4 of its size, past 1024 by at most 1/8
+    for small, large in itertools.pairwise(buckets):
+        assert large - small <= (small // 4 if small >= 256 else small) and (
+            small < 1024 or large - small <= small // 8
+        )
+    assert prefill_buckets(1000) == [
+        16,
+        32,
+        64,
+        128,
+        256,
+        320,
+        384,
+        448,
+        512,
+        576,
+        640,
+        704,
+        768,
+        832,
+        896,
+        960,
+        1000,
+    ]
     assert prefill_buckets(100) == [16, 32, 64, 100]
 
 

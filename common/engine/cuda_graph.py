@@ -317,11 +317,11 @@ PREFILL_GRAPH_MAX_REQS = 16  # requests in one graphed prefill batch (more: the 
 
 
 def prefill_buckets(max_tokens: int) -> list[int]:
-    """The token counts prefill graphs are captured at: 16 to 128 by doubling, then every 256 (a
-    batch pads to the next one: at most 255 extra rows past 256 tokens, where the weights' bytes or
-    the FLOPs of the real rows dominate), and max_tokens itself."""
-    sizes = [s for s in (16, 32, 64, 128) if s < max_tokens] + list(range(256, max_tokens + 1, 256))
-    return sorted(set(sizes) | {max_tokens})
+    """The token counts prefill graphs are captured at: 16 to 256 by doubling (below ~300 tokens a
+    forward reads its weights for as long as it computes: the pad rows cost ~nothing), then every 64 up
+    to 1024 and every 128 past it (at most 1/8 extra rows where the FLOPs set the pace), and max_tokens."""
+    sizes = [16, 32, 64, 128, 256, *range(320, 1025, 64), *range(1152, max_tokens + 1, 128)]
+    return sorted({s for s in sizes if s < max_tokens} | {max_tokens})
 
 
 def prefill_rows(plan, tokens: int, max_reqs: int, pad_page: int) -> tuple[list[list[int]], list[int]]:
