@@ -296,9 +296,9 @@ class ModelRunner:
 
     def _capture_prefill_graphs(self):
         """cuda_graph.PrefillGraphRunner where the decode graphs run (FlashInfer's GQA attention with its
-        ragged prefill; MLA, and the all-to-all MoE whose prefill exchange sizes its buffers on the host,
-        prefill eagerly, and so does every batch while EPLB or the expert metrics count the experts' load:
-        up to 127 pad rows a batch would count), unless --disable-prefill-cuda-graph. The graphs' memory is not in the KV pool's
+        ragged prefill), unless --disable-prefill-cuda-graph. MLA, the all-to-all MoE (its prefill exchange
+        sizes buffers on the host) and every batch while EPLB or the expert metrics count the experts'
+        load (a batch's pad rows would count) prefill eagerly. The graphs' memory is not in the KV pool's
         budget: where capturing them runs out of memory, the prefill stays eager (logged)."""
         c = self.config
         if c.disable_prefill_cuda_graph or c.prefill_cuda_graph_max_tokens <= 0 or self.graph_runner is None:
