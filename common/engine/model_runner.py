@@ -299,7 +299,8 @@ class ModelRunner:
         ragged prefill), unless --disable-prefill-cuda-graph. MLA, the all-to-all MoE (its prefill exchange
         sizes buffers on the host) and every batch while EPLB or the expert metrics count the experts'
         load (a batch's pad rows would count) prefill eagerly. The graphs' memory is not in the KV pool's
-        budget: where capturing them runs out of memory, the prefill stays eager (logged)."""
+        budget: where capturing them runs out of memory, one rank prefills eagerly (logged); several
+        ranks fail to start (a rank that gave up would leave the others inside a collective)."""
         c = self.config
         if c.disable_prefill_cuda_graph or c.prefill_cuda_graph_max_tokens <= 0 or self.graph_runner is None:
             return None
@@ -325,6 +326,8 @@ class ModelRunner:
                 min(PREFILL_GRAPH_MAX_REQS, c.max_running_requests),
             )
         except torch.OutOfMemoryError:
+            if get_parallel().world_size > 1:
+                raise  # the other ranks may wait inside a collective of the capture: fail, never hang
             torch.cuda.empty_cache()
             logger.warning(
                 "prefill CUDA graphs: out of memory capturing them (lower --mem-fraction-static or "
