@@ -171,6 +171,25 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return {family: make_tiny_model(root / family, family) for family in TINY_CONFIGS}
 
 
+def fresh_prompts_plan(q_lens, page_size: int, vocab: int, seed: int = 0, first_page: int = 0):
+    """A BatchPlan of fresh prompts (no cached prefix) of these lengths, random ids, on consecutive
+    pages from `first_page` on, each prompt's last row sampled (the prefill CUDA graphs' batches)."""
+    from disagg.common.engine.model_runner import BatchPlan
+
+    gen = torch.Generator().manual_seed(seed)
+    ids, positions, pages, offsets, logits_index, tables, page = [], [], [], [], [], [], first_page
+    for q in q_lens:
+        table = list(range(page, page + (q + page_size - 1) // page_size))
+        page += len(table)
+        ids += torch.randint(0, vocab, (q,), generator=gen).tolist()
+        positions += range(q)
+        pages += [table[p // page_size] for p in range(q)]
+        offsets += [p % page_size for p in range(q)]
+        logits_index.append(len(ids) - 1)
+        tables.append(table)
+    return BatchPlan(ids, positions, pages, offsets, logits_index, list(q_lens), list(q_lens), tables)
+
+
 def assert_pool_clean(scheduler) -> None:
     """Every page is free or held by the prefix cache; after dropping the cache, all are free."""
     assert not scheduler.running and not scheduler.waiting

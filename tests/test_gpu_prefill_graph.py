@@ -16,23 +16,11 @@ SHAPE = dict(
 )
 
 
-def _plan(runner, q_lens, gen, first_page=1):
-    """A BatchPlan of fresh prompts of these lengths on free pages from `first_page` on."""
-    from disagg.common.engine.model_runner import BatchPlan
+def _plan(runner, q_lens, seed):
+    """Fresh prompts of these lengths on pages from 1 on (free: the engine is idle)."""
+    from tests.conftest import fresh_prompts_plan
 
-    ps, vocab = runner.pool.page_size, runner.hf_config.vocab_size
-    ids, positions, pages, offsets, logits_index, tables = [], [], [], [], [], []
-    page = first_page
-    for q in q_lens:
-        table = list(range(page, page + (q + ps - 1) // ps))
-        page += len(table)
-        ids += torch.randint(0, vocab, (q,), generator=gen).tolist()
-        positions += range(q)
-        pages += [table[p // ps] for p in range(q)]
-        offsets += [p % ps for p in range(q)]
-        logits_index.append(len(ids) - 1)
-        tables.append(table)
-    return BatchPlan(ids, positions, pages, offsets, logits_index, list(q_lens), list(q_lens), tables)
+    return fresh_prompts_plan(q_lens, runner.pool.page_size, runner.hf_config.vocab_size, seed, first_page=1)
 
 
 def _kv_rows(runner, plan) -> torch.Tensor:
@@ -65,7 +53,7 @@ def test_graph_prefill_equals_eager(engine, q_lens):
     runner = engine.scheduler.runner
     graphs = runner.prefill_graphs
     assert graphs is not None and graphs.buckets == prefill_buckets(512)
-    plan = _plan(runner, q_lens, torch.Generator().manual_seed(sum(q_lens)))
+    plan = _plan(runner, q_lens, sum(q_lens))
     assert graphs.can_run(plan)
     eager = runner.model(runner.make_batch(plan), runner.pool.kv_buffer, runner.backend).clone()
     eager_kv = _kv_rows(runner, plan)
@@ -79,11 +67,11 @@ def test_graph_prefill_equals_eager(engine, q_lens):
 
 def test_batches_the_graphs_do_not_take(engine):
     runner = engine.scheduler.runner
-    graphs, gen = runner.prefill_graphs, torch.Generator().manual_seed(0)
-    assert not graphs.can_run(_plan(runner, [513], gen))  # past the largest bucket
-    assert not graphs.can_run(_plan(runner, [2] * 17, gen))  # more requests than the graphs hold
-    assert not graphs.can_run(_plan(runner, [1, 1], gen))  # decode-sized: the decode graphs'
-    cached = _plan(runner, [40], gen)
+    graphs = runner.prefill_graphs
+    assert not graphs.can_run(_plan(runner, [513], 0))  # past the largest bucket
+    assert not graphs.can_run(_plan(runner, [2] * 17, 0))  # more requests than the graphs hold
+    assert not graphs.can_run(_plan(runner, [1, 1], 0))  # decode-sized: the decode graphs'
+    cached = _plan(runner, [40], 0)
     cached.kv_lens = [72]  # 32 tokens of cached prefix: attention over the pool, not the step's K/V
     assert not graphs.can_run(cached)
 

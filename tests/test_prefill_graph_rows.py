@@ -10,6 +10,8 @@ import pytest
 import torch
 from disagg.common.engine.cuda_graph import prefill_buckets, prefill_rows
 
+from tests.conftest import fresh_prompts_plan
+
 
 def test_buckets():
     buckets = prefill_buckets(4096)
@@ -41,21 +43,8 @@ def test_buckets():
     assert prefill_buckets(100) == [16, 32, 64, 100]
 
 
-def _plan(q_lens, ps, vocab, first_page=0):
-    from disagg.common.engine.model_runner import BatchPlan
-
-    gen = torch.Generator().manual_seed(len(q_lens))
-    ids, positions, pages, offsets, logits_index, tables, page = [], [], [], [], [], [], first_page
-    for q in q_lens:
-        table = list(range(page, page + (q + ps - 1) // ps))
-        page += len(table)
-        ids += torch.randint(0, vocab, (q,), generator=gen).tolist()
-        positions += range(q)
-        pages += [table[p // ps] for p in range(q)]
-        offsets += [p % ps for p in range(q)]
-        logits_index.append(len(ids) - 1)
-        tables.append(table)
-    return BatchPlan(ids, positions, pages, offsets, logits_index, list(q_lens), list(q_lens), tables)
+def _plan(q_lens, ps, vocab):
+    return fresh_prompts_plan(q_lens, ps, vocab, seed=len(q_lens))
 
 
 def test_rows_and_indptr():
