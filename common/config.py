@@ -377,6 +377,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-prefill-cuda-graph", action="store_true",
                    help="GPU: prefill every batch eagerly (by default prefill batches of fresh prompts, no cached "
                    "prefix and at most 16 requests, replay CUDA graphs captured per token bucket: GQA models on FlashInfer)")  # fmt: skip
+    g.add_argument("--enable-piecewise-cuda-graph", action="store_true", dest="enable_piecewise_cuda_graph",
+                   help="accepted for SGLang's command lines: the prefill graphs are on by default here")  # fmt: skip
     g.add_argument("--prefill-cuda-graph-max-tokens", "--piecewise-cuda-graph-max-tokens", type=int,
                    dest="prefill_cuda_graph_max_tokens", default=d.prefill_cuda_graph_max_tokens,
                    help="the largest prefill batch (tokens) a CUDA graph is captured for (0: none)")  # fmt: skip

@@ -96,3 +96,22 @@ def test_padded_batch_gives_the_unpadded_logits_and_kv(tiny_models):
         assert got_kv[:, pool.pad_page].abs().sum() > 0 and want_kv[:, pool.pad_page].abs().sum() == 0
     finally:
         engine.shutdown()
+
+
+def test_flags():
+    """On by default; --disable-prefill-cuda-graph turns them off; SGLang's piecewise flags are accepted
+    (its max-tokens flag as ours, its enable flag as the default it asks for)."""
+    import argparse
+
+    from disagg.common.config import EngineConfig, add_engine_args
+
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    config = EngineConfig.from_args(parser.parse_args([]))
+    assert not config.disable_prefill_cuda_graph and config.prefill_cuda_graph_max_tokens == 4096
+    assert EngineConfig.from_args(
+        parser.parse_args(["--disable-prefill-cuda-graph"])
+    ).disable_prefill_cuda_graph
+    args = ["--enable-piecewise-cuda-graph", "--piecewise-cuda-graph-max-tokens", "2048"]
+    config = EngineConfig.from_args(parser.parse_args(args))
+    assert not config.disable_prefill_cuda_graph and config.prefill_cuda_graph_max_tokens == 2048
