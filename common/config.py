@@ -187,6 +187,16 @@ def moe_combine() -> str | None:
     return os.environ.get("DISAGG_MOE_COMBINE") or None
 
 
+def mla_prefill_graph() -> bool:
+    """DISAGG_MLA_PREFILL_GRAPH: 1 | 0 (default): MLA models' fresh prompts prefill in CUDA graphs too
+    (cuda_graph.PrefillGraphRunner's expanded form; off until tests/test_gpu_prefill_graph.py -k mla has
+    passed on a GPU)."""
+    value = os.environ.get("DISAGG_MLA_PREFILL_GRAPH", "0") or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"DISAGG_MLA_PREFILL_GRAPH={value!r}: expected 0 or 1")
+    return value == "1"
+
+
 def step_delay_s() -> float:
     """DISAGG_STEP_DELAY_S (tests only): seconds added to every forward; 0 unless set."""
     return float(os.environ.get("DISAGG_STEP_DELAY_S") or 0)

@@ -2,9 +2,13 @@
 cuda_graph.PrefillGraphRunner) and give the eager forward's logits and K/V: one prompt, several,
 a bucket's exact size and padded ones; batches the graphs do not take (a cached prefix, past the
 largest bucket, more requests than they hold) run eagerly; and an engine's greedy tokens with the
-graphs stay close to the eager engine's (a tiny Qwen3-MoE: the fused MoE kernels inside the graph)."""
+graphs stay close to the eager engine's (a tiny Qwen3-MoE: the fused MoE kernels inside the graph).
+An MLA model (a 2-layer DeepSeek-V3 shape, FP8 on Hopper) runs its expanded form in the graph: the
+same logits and latents as its eager prefill."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -109,3 +113,30 @@ def test_engine_tokens_with_prefill_graphs_close_to_eager(engine, tmp_path, monk
     again = engine.generate(prompts, PARAMS)
     assert len(replays) == 1  # cached prefixes: the eager forward
     assert_logprobs_close(again, graphed)
+
+
+def test_mla_graph_prefill_equals_eager(monkeypatch):
+    pytest.importorskip("flashinfer")
+    monkeypatch.setenv("DISAGG_MLA_PREFILL_GRAPH", "1")
+    from disagg.common.engine.offline import Engine
+
+    from tests.test_gpu_mla import SMALL_V3
+
+    engine = Engine(model_path="DeepSeek-V3", load_format="dummy", json_model_override_args=json.dumps(SMALL_V3),
+                    max_total_tokens=8192, chunked_prefill_size=4096, prefill_cuda_graph_max_tokens=512)  # fmt: skip
+    try:
+        runner = engine.scheduler.runner
+        graphs = runner.prefill_graphs
+        assert type(runner.backend).__name__ == "FlashInferMLABackend" and graphs is not None
+        for q_lens in ([300], [100, 37, 200], [5], [512]):
+            plan = _plan(runner, q_lens, sum(q_lens))
+            assert graphs.can_run(plan)
+            eager = runner.model(runner.make_batch(plan), runner.pool.kv_buffer, runner.backend).clone()
+            eager_kv = _kv_rows(runner, plan)
+            runner.pool.kv_buffer.zero_()
+            graphed = graphs.run(plan).clone()
+            assert graphed.shape == eager.shape == (len(q_lens), runner.hf_config.vocab_size)
+            assert ((graphed - eager).norm() / eager.norm()).item() < 3e-2, q_lens
+            assert ((_kv_rows(runner, plan) - eager_kv).norm() / eager_kv.norm()).item() < 1e-2, q_lens
+    finally:
+        engine.shutdown()

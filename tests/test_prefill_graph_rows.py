@@ -49,17 +49,19 @@ def _plan(q_lens, ps, vocab):
 
 def test_rows_and_indptr():
     plan = _plan([5, 3], 4, 100)
-    rows, indptr = prefill_rows(plan, 16, 4, pad_page=99)
+    rows, indptr = prefill_rows(plan, 16, 4, pad_page=99, page_size=4)
     assert indptr == [0, 5, 8, 16, 16, 16]  # the two prompts, the pad request, two empty ones (5 in all)
-    ids, positions, pages, offsets, logits = rows
+    ids, positions, pages, offsets, key_rows, logits = rows
     assert ids[:8] == plan.ids and ids[8:] == [0] * 8
     assert positions == plan.positions + [0] * 8
     assert pages == plan.pages + [99] * 8 and offsets == plan.offsets + [0] * 8
+    assert key_rows == [p * 4 + o for p, o in zip(plan.pages, plan.offsets, strict=True)] + [99 * 4] * 8
+    assert key_rows[:5] == [0, 1, 2, 3, 4] and key_rows[5:8] == [8, 9, 10]  # each prompt's own pages
     assert logits == [4, 7, 0, 0]
-    _, indptr = prefill_rows(_plan([16], 4, 100), 16, 4, pad_page=99)
+    _, indptr = prefill_rows(_plan([16], 4, 100), 16, 4, pad_page=99, page_size=4)
     assert indptr == [0, 16, 16, 16, 16, 16]  # no padding: the pad request is empty
     with pytest.raises(AssertionError):
-        prefill_rows(_plan([2] * 5, 4, 100), 16, 4, pad_page=99)  # more requests than the graph holds
+        prefill_rows(_plan([2] * 5, 4, 100), 16, 4, pad_page=99, page_size=4)  # more requests than it holds
 
 
 def test_padded_batch_gives_the_unpadded_logits_and_kv(tiny_models):
@@ -83,10 +85,10 @@ def test_padded_batch_gives_the_unpadded_logits_and_kv(tiny_models):
             return logits, pool.kv_buffer.clone()
 
         want, want_kv = forward(plan)
-        rows, indptr = prefill_rows(plan, 32, 4, pool.pad_page)
+        rows, indptr = prefill_rows(plan, 32, 4, pool.pad_page, ps)
         lens = [b - a for a, b in itertools.pairwise(indptr) if b > a]
         pad_table = [pool.pad_page] * ((lens[-1] + ps - 1) // ps)
-        padded = BatchPlan(*rows[:4], rows[4], lens, lens, plan.tables + [pad_table])
+        padded = BatchPlan(*rows[:4], rows[5], lens, lens, plan.tables + [pad_table])
         got, got_kv = forward(padded)
         assert got.shape[0] == 4  # the fixed logits rows: the plan's, then row 0
         torch.testing.assert_close(got[:3], want)

@@ -314,6 +314,7 @@ class CudaGraphRunner:
 # --- prefill ------------------------------------------------------------------------------------
 
 PREFILL_GRAPH_MAX_REQS = 16  # requests in one graphed prefill batch (more: the eager forward)
+_ROWS = 5  # per-token rows of a graphed prefill's static inputs (PrefillGraphRunner._views)
 
 
 def prefill_buckets(max_tokens: int) -> list[int]:
@@ -324,19 +325,24 @@ def prefill_buckets(max_tokens: int) -> list[int]:
     return sorted({s for s in sizes if s < max_tokens} | {max_tokens})
 
 
-def prefill_rows(plan, tokens: int, max_reqs: int, pad_page: int) -> tuple[list[list[int]], list[int]]:
+def prefill_rows(
+    plan, tokens: int, max_reqs: int, pad_page: int, page_size: int
+) -> tuple[list[list[int]], list[int]]:
     """A fresh-prompt plan padded to a graph of `tokens` rows and max_reqs + 1 requests: the per-token
-    rows (ids, positions, pages, offsets; the pad rows read token 0 at position 0 and write their K/V
-    to the pool's pad page) and the attention's qo_indptr. The pad rows form one extra request that
-    attends to itself, so every row the graph computes holds finite values; the requests after it
-    are empty. logits rows: the plan's, then row 0 up to max_reqs."""
+    rows (ids, positions, pages, offsets, and each token's row in a layer's [pages * page_size] slots,
+    MLA's key rows; the pad rows read token 0 at position 0 and write the pool's pad page) and the
+    attention's qo_indptr. The pad rows form one extra request that attends to itself, so every row the
+    graph computes holds finite values; the requests after it are empty. logits rows: the plan's,
+    then row 0 up to max_reqs."""
     n, pad = len(plan.ids), tokens - len(plan.ids)
     assert pad >= 0 and len(plan.q_lens) <= max_reqs and len(plan.logits_index) <= max_reqs
+    pages, offsets = plan.pages + [pad_page] * pad, plan.offsets + [0] * pad
     rows = [
         plan.ids + [0] * pad,
         plan.positions + [0] * pad,
-        plan.pages + [pad_page] * pad,
-        plan.offsets + [0] * pad,
+        pages,
+        offsets,
+        [p * page_size + o for p, o in zip(pages, offsets, strict=True)],
         plan.logits_index + [0] * (max_reqs - len(plan.logits_index)),
     ]
     lens = plan.q_lens + [pad] + [0] * (max_reqs - len(plan.q_lens))
@@ -347,32 +353,44 @@ def prefill_rows(plan, tokens: int, max_reqs: int, pad_page: int) -> tuple[list[
     return rows, indptr
 
 
-class _GraphRaggedPrefillBackend(AttentionBackend):
+class _GraphRaggedPrefillBackend(MLABackend):
     """FlashInfer's ragged prefill (a fresh prompt's attention over the step's own K and V) in CUDA-graph
     mode: a fixed batch of max_reqs + 1 requests whose qo/kv indptr live in fixed buffers. One wrapper
     serves every bucket: its first plan (the largest bucket's) fixes the row count the planner sizes
     its work lists for, so their workspace offsets (baked into each graph) never move, and the SM90
-    kernel runs one program a multiprocessor whatever the lengths."""
+    kernel runs one program a multiprocessor whatever the lengths. GQA models attend through
+    forward_new_kv; MLA models run their expanded form through run_ragged (head dims nope + rope and v,
+    the keys' latents read through the static batch's key rows: batch.attn["mla_kv_rows"])."""
 
-    def __init__(self, pool, num_qo_heads: int, max_tokens: int, max_reqs: int, workspace: torch.Tensor):
+    def __init__(
+        self, pool, num_qo_heads: int, config, max_tokens: int, max_reqs: int, workspace: torch.Tensor
+    ):
         import flashinfer
 
         device = pool.kv_buffer.device
         self.pool, self.num_qo_heads, self.max_reqs = pool, num_qo_heads, max_reqs
+        if is_mla(config):  # the expanded form: every head its own K (nope + rope) and V
+            qk, v = config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
+            self.heads = (num_qo_heads, num_qo_heads, qk, v)
+            self.sm_scale = softmax_scale(config)
+        else:
+            self.heads = (num_qo_heads, pool.num_kv_heads, pool.head_dim, pool.head_dim)
+            self.sm_scale = None  # FlashInfer's default, 1 / sqrt(head_dim)
         self.qo_indptr = torch.zeros(max_reqs + 2, dtype=torch.int32, device=device)
         self.kv_indptr = torch.zeros(max_reqs + 2, dtype=torch.int32, device=device)
         self.wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=self.qo_indptr, kv_indptr_buf=self.kv_indptr
         )
-        self.plan([0] + [max_tokens] + [max_tokens] * max_reqs)
+        self.plan([0] + [max_tokens] * (max_reqs + 1))
 
     def plan(self, indptr: list[int]) -> None:
         # no stream sync: a step may be in flight (the plan copies into the graph's buffers)
         host = host_tensor(indptr, torch.int32, self.qo_indptr.device)
+        hq, hk, qk, v = self.heads
         dtype = self.pool.dtype
         self.wrapper.plan(
-            host, host, self.num_qo_heads, self.pool.num_kv_heads, self.pool.head_dim,
-            causal=True, q_data_type=dtype, kv_data_type=dtype,
+            host, host, hq, hk, qk, head_dim_vo=v, causal=True, sm_scale=self.sm_scale,
+            q_data_type=dtype, kv_data_type=dtype,
         )  # fmt: skip
 
     def prepare(self, batch: ForwardBatch) -> None:  # planned explicitly before replay
@@ -381,11 +399,23 @@ class _GraphRaggedPrefillBackend(AttentionBackend):
     def attends_new_kv(self, batch: ForwardBatch) -> bool:
         return True
 
+    def runs_in_place(self, batch: ForwardBatch) -> bool:
+        return True
+
+    def runs_expanded(self, batch: ForwardBatch) -> bool:
+        return True
+
     def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         raise AssertionError("a graphed prefill attends over the step's own K and V only")
 
     def forward_new_kv(self, q, k, v, batch: ForwardBatch) -> torch.Tensor:
         return self.wrapper.run(q.contiguous(), k, v)
+
+    def run_ragged(self, q, k, v, sm_scale, batch: ForwardBatch) -> torch.Tensor:
+        return self.wrapper.run(q, k, v)
+
+    def run_mla(self, q_nope, q_pe, pages, sm_scale, batch: ForwardBatch) -> torch.Tensor:
+        raise AssertionError("a graphed MLA prefill runs the expanded form only")
 
 
 class PrefillGraphRunner:
@@ -409,10 +439,12 @@ class PrefillGraphRunner:
         self.buckets = prefill_buckets(max_tokens)
         device = pool.kv_buffer.device
         n = self.buckets[-1]
-        # per token: input ids, positions, out pages, out offsets; then the logits rows (_views)
-        self.inputs = torch.zeros(4 * n + max_reqs, dtype=torch.long, device=device)
+        # per token: input ids, positions, out pages, out offsets, key rows; then the logits rows (_views)
+        self.inputs = torch.zeros(_ROWS * n + max_reqs, dtype=torch.long, device=device)
         self.workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)
-        self.backend = _GraphRaggedPrefillBackend(pool, num_qo_heads, n, max_reqs, self.workspace)
+        self.backend = _GraphRaggedPrefillBackend(
+            pool, num_qo_heads, model.config, n, max_reqs, self.workspace
+        )
         self.plan_fence = PlanFence()
         self.graphs, self.outputs, self.batches = {}, {}, {}
         self.mempool = torch.cuda.graph_pool_handle()
@@ -422,18 +454,19 @@ class PrefillGraphRunner:
 
     def _views(self, tokens: int) -> list[torch.Tensor]:
         """Bucket `tokens`'s static rows, one block at the buffer's start (each graph holds its own
-        views, so one copy fills a batch): ids, positions, pages, offsets, then the logits rows."""
-        rows = [self.inputs[i * tokens : (i + 1) * tokens] for i in range(4)]
-        return [*rows, self.inputs[4 * tokens : 4 * tokens + self.max_reqs]]
+        views, so one copy fills a batch): ids, positions, pages, offsets, key rows, then the logits rows."""
+        rows = [self.inputs[i * tokens : (i + 1) * tokens] for i in range(_ROWS)]
+        return [*rows, self.inputs[_ROWS * tokens : _ROWS * tokens + self.max_reqs]]
 
     def _capture(self, tokens: int) -> None:
-        ids, positions, pages, offsets, logits_index = self._views(tokens)
+        ids, positions, pages, offsets, key_rows, logits_index = self._views(tokens)
         self.inputs.zero_()  # another bucket's layout left pages where this one has offsets
         pages.fill_(self.pool.pad_page)
+        key_rows.fill_(self.pool.pad_page * self.pool.page_size)
         batch = ForwardBatch(
             input_ids=ids, positions=positions, out_page=pages, out_offset=offsets, q_lens=[tokens],
             kv_lens=[tokens], page_tables=[[self.pool.pad_page]], logits_index=logits_index,
-            page_size=self.pool.page_size,
+            page_size=self.pool.page_size, attn={"mla_kv_rows": key_rows},
         )  # fmt: skip
         self.backend.plan([0] + [tokens] * (self.max_reqs + 1))
         stream = torch.cuda.Stream()
@@ -462,7 +495,7 @@ class PrefillGraphRunner:
         """The plan's logits [len(plan.logits_index), vocab] (queued, not waited for). future: as
         CudaGraphRunner.run's."""
         tokens = self.buckets[bisect.bisect_left(self.buckets, len(plan.ids))]
-        rows, indptr = prefill_rows(plan, tokens, self.max_reqs, self.pool.pad_page)
+        rows, indptr = prefill_rows(plan, tokens, self.max_reqs, self.pool.pad_page, self.pool.page_size)
         host = host_tensor([v for r in rows for v in r], torch.long, self.inputs.device)
         self.inputs[: host.numel()].copy_(host, non_blocking=True)  # pinned: no stream sync
         if future is not None:

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from disagg.common.config import EngineConfig, cpu_threads, mps_sm_percent
+from disagg.common.config import EngineConfig, cpu_threads, mla_prefill_graph, mps_sm_percent
 from disagg.common.engine.attention import ForwardBatch, create_attention_backend
 from disagg.common.engine.device_wait import rows_to_device, to_device
 from disagg.common.engine.gemm_check import check_gemms, dense_weight_shapes
@@ -295,8 +295,9 @@ class ModelRunner:
         )
 
     def _capture_prefill_graphs(self):
-        """cuda_graph.PrefillGraphRunner where the decode graphs run (FlashInfer's GQA attention with its
-        ragged prefill), unless --disable-prefill-cuda-graph. MLA, the all-to-all MoE (its prefill exchange
+        """cuda_graph.PrefillGraphRunner where the decode graphs run and the attention backend has
+        FlashInfer's ragged prefill (GQA; MLA's expanded form only with DISAGG_MLA_PREFILL_GRAPH=1 until its
+        GPU test has run), unless --disable-prefill-cuda-graph. The all-to-all MoE (its prefill exchange
         sizes buffers on the host) and every batch while EPLB or the expert metrics count the experts'
         load (a batch's pad rows would count) prefill eagerly. The graphs' memory is not in the KV pool's
         budget: where capturing them runs out of memory, one rank prefills eagerly (logged); several
@@ -304,26 +305,30 @@ class ModelRunner:
         c = self.config
         if c.disable_prefill_cuda_graph or c.prefill_cuda_graph_max_tokens <= 0 or self.graph_runner is None:
             return None
-        if (
-            is_mla(self.hf_config)
-            or getattr(self.backend, "ragged", None) is None
-            or c.moe_a2a_backend != "none"
-        ):
-            logger.info("prefill CUDA graphs: not for this model or layout (eager prefill)")
+        if getattr(self.backend, "ragged", None) is None or c.moe_a2a_backend != "none":
+            logger.info("prefill CUDA graphs: not for this attention backend or layout (eager prefill)")
             return None
         if self.eplb is not None and self.eplb.counting:  # a padded batch's pad rows would count as load
             logger.info("prefill CUDA graphs: off while the experts' load is counted (eager prefill)")
             return None
+        max_tokens = min(c.prefill_cuda_graph_max_tokens, c.max_prefill_tokens)
+        heads = self.hf_config.num_attention_heads // get_parallel().attn_tp_size
+        if is_mla(self.hf_config) and not mla_prefill_graph():
+            logger.info(
+                "prefill CUDA graphs: MLA's wait for their GPU test (DISAGG_MLA_PREFILL_GRAPH=1): eager prefill"
+            )
+            return None
+        if is_mla(self.hf_config):  # the expanded form's per-key buffers, as the eager prepare bounds them
+            from disagg.common.engine.attention_flashinfer import EXPANDED_MAX_BYTES
+
+            _, rope, nope, v = mla_dims(self.hf_config)
+            max_tokens = min(max_tokens, EXPANDED_MAX_BYTES // (heads * (2 * nope + rope + 2 * v) * 2))
         from disagg.common.engine.cuda_graph import PREFILL_GRAPH_MAX_REQS, PrefillGraphRunner
 
         t0 = time.perf_counter()
         try:
             graphs = PrefillGraphRunner(
-                self.model,
-                self.pool,
-                self.hf_config.num_attention_heads // get_parallel().attn_tp_size,
-                min(c.prefill_cuda_graph_max_tokens, c.max_prefill_tokens),
-                min(PREFILL_GRAPH_MAX_REQS, c.max_running_requests),
+                self.model, self.pool, heads, max_tokens, min(PREFILL_GRAPH_MAX_REQS, c.max_running_requests)
             )
         except torch.OutOfMemoryError:
             if get_parallel().world_size > 1:
