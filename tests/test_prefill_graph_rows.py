@@ -117,3 +117,16 @@ def test_flags():
     args = ["--enable-piecewise-cuda-graph", "--piecewise-cuda-graph-max-tokens", "2048"]
     config = EngineConfig.from_args(parser.parse_args(args))
     assert not config.disable_prefill_cuda_graph and config.prefill_cuda_graph_max_tokens == 2048
+
+
+def test_mla_switch(monkeypatch):
+    """MLA models' prefill graphs wait for their GPU test: off unless DISAGG_MLA_PREFILL_GRAPH=1."""
+    from disagg.common.config import mla_prefill_graph
+
+    monkeypatch.delenv("DISAGG_MLA_PREFILL_GRAPH", raising=False)
+    assert mla_prefill_graph() is False
+    monkeypatch.setenv("DISAGG_MLA_PREFILL_GRAPH", "1")
+    assert mla_prefill_graph() is True
+    monkeypatch.setenv("DISAGG_MLA_PREFILL_GRAPH", "on")
+    with pytest.raises(ValueError, match="expected 0 or 1"):
+        mla_prefill_graph()
