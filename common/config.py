@@ -197,6 +197,16 @@ def mla_prefill_graph() -> bool:
     return value == "1"
 
 
+def paged_prefill_graph() -> bool:
+    """DISAGG_PAGED_PREFILL_GRAPH: 1 | 0 (default): prefill batches that attend over the pool (a cached
+    prefix, a later chunk, decode rows beside a prompt) replay CUDA graphs too (cuda_graph.
+    PrefillGraphRunner's paged set; off until tests/test_gpu_prefill_graph.py -k paged has passed on a GPU)."""
+    value = os.environ.get("DISAGG_PAGED_PREFILL_GRAPH", "0") or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"DISAGG_PAGED_PREFILL_GRAPH={value!r}: expected 0 or 1")
+    return value == "1"
+
+
 def step_delay_s() -> float:
     """DISAGG_STEP_DELAY_S (tests only): seconds added to every forward; 0 unless set."""
     return float(os.environ.get("DISAGG_STEP_DELAY_S") or 0)

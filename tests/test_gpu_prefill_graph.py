@@ -140,3 +140,48 @@ def test_mla_graph_prefill_equals_eager(monkeypatch):
             assert ((_kv_rows(runner, plan) - eager_kv).norm() / eager_kv.norm()).item() < 1e-2, q_lens
     finally:
         engine.shutdown()
+
+
+def test_paged_graph_prefill_equals_eager(tmp_path, monkeypatch):
+    """DISAGG_PAGED_PREFILL_GRAPH=1: batches over cached prefixes (later chunks, a decode row beside
+    them) replay the paged set and give the eager forward's logits and new K/V."""
+    pytest.importorskip("flashinfer")
+    from disagg.common.engine.model_runner import BatchPlan
+    from disagg.common.engine.offline import Engine
+
+    from tests.conftest import make_tiny_model
+    from tests.test_prefill_graph_rows import _extend
+
+    monkeypatch.setenv("DISAGG_PAGED_PREFILL_GRAPH", "1")
+    path = make_tiny_model(tmp_path / "m", "qwen3_moe", **SHAPE)
+    engine = Engine(model_path=path, attention_backend="flashinfer", dtype="bfloat16", max_total_tokens=16384,
+                    page_size=16, chunked_prefill_size=4096, prefill_cuda_graph_max_tokens=512)  # fmt: skip
+    try:
+        runner = engine.scheduler.runner
+        graphs, ps, vocab = runner.prefill_graphs, runner.pool.page_size, runner.hf_config.vocab_size
+        assert set(graphs.backends) == {"ragged", "paged"}
+        for prompt_lens, extra in (([300], 100), ([100, 37, 200], 40), ([20], 1000)):
+            prompts = _plan(runner, prompt_lens, sum(prompt_lens))
+            plan = _extend(prompts, extra, ps, vocab)
+            if len(prompt_lens) > 1:  # the second request: one decode row (its first new token)
+                first = extra + 1
+                keep = list(range(first)) + list(range(2 * extra, len(plan.ids)))
+                plan = BatchPlan(*([r[i] for i in keep] for r in (plan.ids, plan.positions, plan.pages, plan.offsets)),
+                                 [extra - 1, extra, len(keep) - 1], plan.q_lens, plan.kv_lens, plan.tables)  # fmt: skip
+                plan.q_lens[1], plan.kv_lens[1] = 1, prompt_lens[1] + 1
+            if len(plan.ids) > graphs.buckets[-1]:
+                assert not graphs.can_run(plan)
+                continue
+            assert graphs.graph_kind(plan) == "paged"
+            runner.model(runner.make_batch(prompts), runner.pool.kv_buffer, runner.backend)  # the prefixes
+            eager = runner.model(runner.make_batch(plan), runner.pool.kv_buffer, runner.backend).clone()
+            eager_kv = _kv_rows(runner, plan)
+            pages = torch.tensor(plan.pages, device="cuda")
+            runner.pool.kv_buffer[:, pages, :, torch.tensor(plan.offsets, device="cuda")] = (
+                0  # only the new rows
+            )
+            graphed = graphs.run(plan).clone()
+            torch.testing.assert_close(graphed, eager, atol=5e-2, rtol=5e-2)
+            torch.testing.assert_close(_kv_rows(runner, plan), eager_kv, atol=2e-2, rtol=2e-2)
+    finally:
+        engine.shutdown()

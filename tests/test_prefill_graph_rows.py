@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from disagg.common.engine.cuda_graph import prefill_buckets, prefill_rows
+from disagg.common.engine.cuda_graph import padded_tables, prefill_buckets, prefill_rows
 
 from tests.conftest import fresh_prompts_plan
 
@@ -119,14 +119,93 @@ def test_flags():
     assert not config.disable_prefill_cuda_graph and config.prefill_cuda_graph_max_tokens == 2048
 
 
-def test_mla_switch(monkeypatch):
-    """MLA models' prefill graphs wait for their GPU test: off unless DISAGG_MLA_PREFILL_GRAPH=1."""
-    from disagg.common.config import mla_prefill_graph
+def _extend(plan, extra: int, ps: int, vocab: int, seed: int = 1):
+    """The plan's requests each given `extra` more tokens after their prompt (a cached prefix: the
+    prompt's pages, then fresh ones past every page the plan holds)."""
+    from disagg.common.engine.model_runner import BatchPlan
 
-    monkeypatch.delenv("DISAGG_MLA_PREFILL_GRAPH", raising=False)
-    assert mla_prefill_graph() is False
-    monkeypatch.setenv("DISAGG_MLA_PREFILL_GRAPH", "1")
-    assert mla_prefill_graph() is True
-    monkeypatch.setenv("DISAGG_MLA_PREFILL_GRAPH", "on")
+    gen = torch.Generator().manual_seed(seed)
+    ids, positions, pages, offsets, logits_index, tables = [], [], [], [], [], []
+    next_page = max(p for t in plan.tables for p in t) + 1
+    for q, table in zip(plan.q_lens, plan.tables, strict=True):
+        table = list(table)
+        while len(table) * ps < q + extra:
+            table.append(next_page)
+            next_page += 1
+        ids += torch.randint(0, vocab, (extra,), generator=gen).tolist()
+        positions += range(q, q + extra)
+        pages += [table[p // ps] for p in range(q, q + extra)]
+        offsets += [p % ps for p in range(q, q + extra)]
+        logits_index.append(len(ids) - 1)
+        tables.append(table)
+    kv_lens = [q + extra for q in plan.q_lens]
+    return BatchPlan(ids, positions, pages, offsets, logits_index, [extra] * len(kv_lens), kv_lens, tables)
+
+
+def test_padded_tables():
+    plan = _extend(_plan([5, 3], 4, 100), 2, 4, 100)
+    assert plan.kv_lens == [7, 5] and plan.tables == [[0, 1], [2, 3]]
+    kv_lens, tables = padded_tables(plan, 12, 4, pad_page=99, page_size=4)
+    assert kv_lens == [7, 5, 12, 0, 0] and tables == [[0, 1], [2, 3], [99, 99, 99], [], []]
+
+
+def test_padded_cached_prefix_batch_gives_the_unpadded_logits_and_kv(tiny_models):
+    """A batch over cached prefixes (a paged graph's), padded as the graph pads it, run eagerly on the
+    CPU: the real rows' logits and K/V are the unpadded batch's; the pad request reads its pad pages."""
+    from disagg.common.engine.model_runner import BatchPlan
+    from disagg.common.engine.offline import Engine
+
+    engine = Engine(
+        model_path=tiny_models["llama"], page_size=4, max_total_tokens=512, chunked_prefill_size=64
+    )
+    try:
+        runner = engine.scheduler.runner
+        pool, ps, vocab = runner.pool, runner.pool.page_size, runner.hf_config.vocab_size
+        prompts = _plan([9, 4, 13], ps, vocab)
+        plan = _extend(prompts, 6, ps, vocab)
+        plan.q_lens[1], plan.kv_lens[1] = 1, 5  # the second request: a decode row beside the chunks
+        keep = [i for i in range(18) if not 7 <= i < 12]  # its first new token (position 4) only
+        plan = BatchPlan(*([r[i] for i in keep] for r in (plan.ids, plan.positions, plan.pages, plan.offsets)),
+                         [5, 6, 12], plan.q_lens, plan.kv_lens, plan.tables)  # fmt: skip
+        runner.model(runner.make_batch(prompts), pool.kv_buffer, runner.backend)  # the prefixes' K/V
+
+        def forward(p):
+            kv = pool.kv_buffer.clone()
+            logits = runner.model(runner.make_batch(p), pool.kv_buffer, runner.backend)
+            out = pool.kv_buffer.clone()
+            pool.kv_buffer.copy_(kv)
+            return logits, out
+
+        want, want_kv = forward(plan)
+        rows, indptr = prefill_rows(plan, 32, 4, pool.pad_page, ps)
+        kv_lens, tables = padded_tables(plan, 32 - len(plan.ids), 4, pool.pad_page, ps)
+        q_lens = [b - a for a, b in itertools.pairwise(indptr)]
+        real = [i for i, q in enumerate(q_lens) if q]
+        padded = BatchPlan(*rows[:4], rows[5], [q_lens[i] for i in real], [kv_lens[i] for i in real],
+                           [tables[i] for i in real])  # fmt: skip
+        got, got_kv = forward(padded)
+        assert got.shape[0] == 4
+        torch.testing.assert_close(got[:3], want)
+        others = torch.ones(got_kv.shape[1], dtype=torch.bool)
+        others[pool.pad_page] = False
+        torch.testing.assert_close(got_kv[:, others], want_kv[:, others])
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("name", ["DISAGG_MLA_PREFILL_GRAPH", "DISAGG_PAGED_PREFILL_GRAPH"])
+def test_switches_of_the_graph_sets_waiting_for_their_gpu_test(name, monkeypatch):
+    """MLA's and the paged set: off unless their variable is 1; nonsense refused."""
+    from disagg.common import config
+
+    read = {
+        "DISAGG_MLA_PREFILL_GRAPH": config.mla_prefill_graph,
+        "DISAGG_PAGED_PREFILL_GRAPH": config.paged_prefill_graph,
+    }
+    monkeypatch.delenv(name, raising=False)
+    assert read[name]() is False
+    monkeypatch.setenv(name, "1")
+    assert read[name]() is True
+    monkeypatch.setenv(name, "on")
     with pytest.raises(ValueError, match="expected 0 or 1"):
-        mla_prefill_graph()
+        read[name]()

@@ -353,6 +353,59 @@ def prefill_rows(
     return rows, indptr
 
 
+def padded_tables(
+    plan, pad: int, max_reqs: int, pad_page: int, page_size: int
+) -> tuple[list[int], list[list[int]]]:
+    """The kv lengths and page tables of a batch padded as prefill_rows pads it: the plan's requests, the
+    pad request (its `pad` rows over the pad page, where they wrote their K/V) and empty ones up to
+    max_reqs + 1 (a paged graph's attention plan)."""
+    empty = max_reqs - len(plan.q_lens)
+    pad_table = [pad_page] * ((pad + page_size - 1) // page_size)
+    return plan.kv_lens + [pad] + [0] * empty, plan.tables + [pad_table] + [[]] * empty
+
+
+class _GraphPagedPrefillBackend(AttentionBackend):
+    """FlashInfer's paged prefill in CUDA-graph mode (GQA): a batch whose requests attend over the pool
+    (a cached prefix, a chunk after the first, decode rows beside a prompt), with fixed qo / kv indptr,
+    page-index and last-page-length buffers for max_reqs + 1 requests and max_pages pages. One wrapper
+    for every bucket, as _GraphRaggedPrefillBackend's (the same fixed-size SM90 plan)."""
+
+    def __init__(self, pool, num_qo_heads: int, max_tokens: int, max_reqs: int, max_pages: int, workspace):
+        import flashinfer
+
+        device, ps = pool.kv_buffer.device, pool.page_size
+        self.pool, self.num_qo_heads, self.max_reqs, self.max_pages = pool, num_qo_heads, max_reqs, max_pages
+        self.qo_indptr = torch.zeros(max_reqs + 2, dtype=torch.int32, device=device)
+        self.kv_indptr = torch.zeros(max_reqs + 2, dtype=torch.int32, device=device)
+        self.indices = torch.zeros(max_pages, dtype=torch.int32, device=device)
+        self.last = torch.zeros(max_reqs + 1, dtype=torch.int32, device=device)
+        self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(
+            workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=self.qo_indptr, paged_kv_indptr_buf=self.kv_indptr,
+            paged_kv_indices_buf=self.indices, paged_kv_last_page_len_buf=self.last,
+        )  # fmt: skip
+        pad_table = [pool.pad_page] * ((max_tokens + ps - 1) // ps)
+        self.plan(
+            [0] + [max_tokens] * (max_reqs + 1), [max_tokens] + [0] * max_reqs, [pad_table] + [[]] * max_reqs
+        )
+
+    def plan(self, indptr: list[int], kv_lens: list[int], tables: list[list[int]]) -> None:
+        # no stream sync: a step may be in flight (the plan copies into the graph's buffers)
+        ps, device = self.pool.page_size, self.indices.device
+        qo = host_tensor(indptr, torch.int32, device)
+        kv_indptr, indices, last = paged_kv_layout(kv_lens, tables, ps, device)
+        dtype = self.pool.dtype
+        self.wrapper.plan(
+            qo, kv_indptr, indices, last, self.num_qo_heads, self.pool.num_kv_heads, self.pool.head_dim, ps,
+            causal=True, q_data_type=dtype, kv_data_type=dtype,
+        )  # fmt: skip
+
+    def prepare(self, batch: ForwardBatch) -> None:  # planned explicitly before replay
+        pass
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.wrapper.run(q.contiguous(), kv)
+
+
 class _GraphRaggedPrefillBackend(MLABackend):
     """FlashInfer's ragged prefill (a fresh prompt's attention over the step's own K and V) in CUDA-graph
     mode: a fixed batch of max_reqs + 1 requests whose qo/kv indptr live in fixed buffers. One wrapper
@@ -419,38 +472,56 @@ class _GraphRaggedPrefillBackend(MLABackend):
 
 
 class PrefillGraphRunner:
-    """CUDA graphs for prefill batches of fresh prompts (no cached prefix: the ragged attention over the
-    step's own K/V), one per token bucket (prefill_buckets), captured at start-up on one memory pool.
+    """CUDA graphs for prefill batches, one per token bucket (prefill_buckets), captured at start-up on
+    one memory pool: batches of fresh prompts (no cached prefix: the ragged attention over the step's own
+    K/V) and, where asked (paged: DISAGG_PAGED_PREFILL_GRAPH=1 until its GPU test has run), batches that
+    attend over the pool (a cached prefix, a later chunk, decode rows beside a prompt) on a second set.
 
     An eager 2048-token prefill of a 48-layer MoE queues ~700 kernels: ~25 ms of host launches on an
     H100 against ~31 ms of device work, so a slower host makes the prefill host-bound, and the launch
     gaps stay on the device's timeline (docs/benchmarks.md). A replay launches the whole forward at
     once. The batch pads to its bucket (prefill_rows: pad rows write the pad page, as the decode graphs'
-    do) and logits come from max_reqs fixed rows. Other batches (a cached prefix or a chunk after the
-    first, decode rows, more requests or logits rows than the graphs hold, past the largest bucket)
-    run eagerly. SGLang's piecewise CUDA graphs serve the same purpose with the attention left out of
-    the graph; FlashInfer's SM90 ragged kernel is capturable with fixed-size plans, so here the whole
-    forward is one graph."""
+    do) and logits come from max_reqs fixed rows. Other batches (decode-only ones, more requests or
+    logits rows than the graphs hold, past the largest bucket; without the paged set, any with a cached
+    prefix) run eagerly. SGLang's piecewise CUDA graphs serve the same purpose with the attention left
+    out of the graph; FlashInfer's SM90 prefill kernels are capturable with fixed-size plans, so here
+    the whole forward is one graph."""
 
     def __init__(
-        self, model, pool, num_qo_heads: int, max_tokens: int, max_reqs: int = PREFILL_GRAPH_MAX_REQS
-    ):
+        self, model, pool, num_qo_heads: int, max_tokens: int, max_reqs: int = PREFILL_GRAPH_MAX_REQS,
+        max_context: int = 0,
+    ):  # fmt: skip
+        """max_context > 0: the paged set too, for requests of up to that many tokens."""
         self.model, self.pool, self.max_reqs = model, pool, max_reqs
         self.buckets = prefill_buckets(max_tokens)
-        device = pool.kv_buffer.device
+        device, ps = pool.kv_buffer.device, pool.page_size
         n = self.buckets[-1]
         # per token: input ids, positions, out pages, out offsets, key rows; then the logits rows (_views)
         self.inputs = torch.zeros(_ROWS * n + max_reqs, dtype=torch.long, device=device)
         self.workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)
-        self.backend = _GraphRaggedPrefillBackend(
-            pool, num_qo_heads, model.config, n, max_reqs, self.workspace
-        )
+        self.backends = {
+            "ragged": _GraphRaggedPrefillBackend(
+                pool, num_qo_heads, model.config, n, max_reqs, self.workspace
+            )
+        }
+        # the pages a paged batch's requests may hold (its pad request's come on top)
+        self.request_pages = max_reqs * ((max_context + ps - 1) // ps)
+        if max_context > 0:
+            max_pages = self.request_pages + (n + ps - 1) // ps
+            self.backends["paged"] = _GraphPagedPrefillBackend(
+                pool, num_qo_heads, n, max_reqs, max_pages, self.workspace
+            )
         self.plan_fence = PlanFence()
         self.graphs, self.outputs, self.batches = {}, {}, {}
         self.mempool = torch.cuda.graph_pool_handle()
         for tokens in reversed(self.buckets):  # largest first: smaller graphs reuse its memory pool
-            self._capture(tokens)
-        logger.info("captured CUDA graphs for prefill batches of %s tokens", self.buckets)
+            for kind in self.backends:
+                self._capture(kind, tokens)
+        logger.info(
+            "captured CUDA graphs for prefill batches of %s tokens (%s)",
+            self.buckets,
+            ", ".join(self.backends),
+        )
 
     def _views(self, tokens: int) -> list[torch.Tensor]:
         """Bucket `tokens`'s static rows, one block at the buffer's start (each graph holds its own
@@ -458,7 +529,14 @@ class PrefillGraphRunner:
         rows = [self.inputs[i * tokens : (i + 1) * tokens] for i in range(_ROWS)]
         return [*rows, self.inputs[_ROWS * tokens : _ROWS * tokens + self.max_reqs]]
 
-    def _capture(self, tokens: int) -> None:
+    def _plan(self, kind: str, indptr: list[int], kv_lens: list[int], tables: list[list[int]]) -> None:
+        """Plan the attention of a padded batch (prefill_rows' indptr, padded_tables' lengths and tables)."""
+        if kind == "ragged":
+            self.backends[kind].plan(indptr)
+        else:
+            self.backends[kind].plan(indptr, kv_lens, tables)
+
+    def _capture(self, kind: str, tokens: int) -> None:
         ids, positions, pages, offsets, key_rows, logits_index = self._views(tokens)
         self.inputs.zero_()  # another bucket's layout left pages where this one has offsets
         pages.fill_(self.pool.pad_page)
@@ -468,40 +546,59 @@ class PrefillGraphRunner:
             kv_lens=[tokens], page_tables=[[self.pool.pad_page]], logits_index=logits_index,
             page_size=self.pool.page_size, attn={"mla_kv_rows": key_rows},
         )  # fmt: skip
-        self.backend.plan([0] + [tokens] * (self.max_reqs + 1))
+        backend = self.backends[kind]
+        r, ps = self.max_reqs, self.pool.page_size  # one request of all the rows
+        tables = [[self.pool.pad_page] * ((tokens + ps - 1) // ps)] + [[]] * r
+        self._plan(kind, [0] + [tokens] * (r + 1), [tokens] + [0] * r, tables)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self.model(batch, self.pool.kv_buffer, self.backend)  # warm-up: kernels built for this shape
+            self.model(batch, self.pool.kv_buffer, backend)  # warm-up: kernels built for this shape
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()  # no collective of another rank still in flight during capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.mempool):
-            out = self.model(batch, self.pool.kv_buffer, self.backend)
-        self.graphs[tokens], self.outputs[tokens], self.batches[tokens] = graph, out, batch
+            out = self.model(batch, self.pool.kv_buffer, backend)
+        key = (kind, tokens)
+        self.graphs[key], self.outputs[key], self.batches[key] = graph, out, batch
 
-    def can_run(self, plan) -> bool:
+    def graph_kind(self, plan) -> str | None:
+        """The graph set that takes this plan ("ragged": fresh prompts; "paged": any other prefill batch
+        where that set was captured), or None (eager)."""
         q = plan.q_lens
-        return (
-            bool(q)
+        if not (
+            q
             and len(plan.ids) <= self.buckets[-1]
             and len(q) <= self.max_reqs
             and len(plan.logits_index) <= self.max_reqs
-            and plan.kv_lens == q  # fresh prompts only (the ragged attention over their own K/V)
             and any(n > 1 for n in q)  # decode batches have their own graphs
-        )
+        ):
+            return None
+        if plan.kv_lens == q:  # fresh prompts: the ragged attention over their own K/V
+            return "ragged"
+        if "paged" not in self.backends or sum(map(len, plan.tables)) > self.request_pages:
+            return None
+        return "paged"
+
+    def can_run(self, plan) -> bool:
+        return self.graph_kind(plan) is not None
 
     def run(self, plan, future=None) -> torch.Tensor:
         """The plan's logits [len(plan.logits_index), vocab] (queued, not waited for). future: as
         CudaGraphRunner.run's."""
+        kind = self.graph_kind(plan)
         tokens = self.buckets[bisect.bisect_left(self.buckets, len(plan.ids))]
-        rows, indptr = prefill_rows(plan, tokens, self.max_reqs, self.pool.pad_page, self.pool.page_size)
-        host = host_tensor([v for r in rows for v in r], torch.long, self.inputs.device)
+        r, ps, pad_page = self.max_reqs, self.pool.page_size, self.pool.pad_page
+        rows, indptr = prefill_rows(plan, tokens, r, pad_page, ps)
+        host = host_tensor([v for row in rows for v in row], torch.long, self.inputs.device)
         self.inputs[: host.numel()].copy_(host, non_blocking=True)  # pinned: no stream sync
         if future is not None:
-            future.fill(self.batches[tokens].input_ids)
+            future.fill(self.batches[kind, tokens].input_ids)
         self.plan_fence.wait()
-        self.backend.plan(indptr)
+        kv_lens, tables = (
+            padded_tables(plan, tokens - len(plan.ids), r, pad_page, ps) if kind == "paged" else ((), ())
+        )
+        self._plan(kind, indptr, kv_lens, tables)
         self.plan_fence.record()
-        self.graphs[tokens].replay()
-        return self.outputs[tokens][: len(plan.logits_index)]
+        self.graphs[kind, tokens].replay()
+        return self.outputs[kind, tokens][: len(plan.logits_index)]

@@ -9,7 +9,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-from disagg.common.config import EngineConfig, cpu_threads, mla_prefill_graph, mps_sm_percent
+from disagg.common.config import (
+    EngineConfig,
+    cpu_threads,
+    mla_prefill_graph,
+    mps_sm_percent,
+    paged_prefill_graph,
+)
 from disagg.common.engine.attention import ForwardBatch, create_attention_backend
 from disagg.common.engine.device_wait import rows_to_device, to_device
 from disagg.common.engine.gemm_check import check_gemms, dense_weight_shapes
@@ -297,7 +303,8 @@ class ModelRunner:
     def _capture_prefill_graphs(self):
         """cuda_graph.PrefillGraphRunner where the decode graphs run and the attention backend has
         FlashInfer's ragged prefill (GQA; MLA's expanded form only with DISAGG_MLA_PREFILL_GRAPH=1 until its
-        GPU test has run), unless --disable-prefill-cuda-graph. The all-to-all MoE (its prefill exchange
+        GPU test has run; GQA batches over the pool, a cached prefix or a later chunk, only with
+        DISAGG_PAGED_PREFILL_GRAPH=1, likewise), unless --disable-prefill-cuda-graph. The all-to-all MoE (its prefill exchange
         sizes buffers on the host) and every batch while EPLB or the expert metrics count the experts'
         load (a batch's pad rows would count) prefill eagerly. The graphs' memory is not in the KV pool's
         budget: where capturing them runs out of memory, one rank prefills eagerly (logged); several
@@ -327,8 +334,16 @@ class ModelRunner:
 
         t0 = time.perf_counter()
         try:
+            paged = paged_prefill_graph() and not is_mla(
+                self.hf_config
+            )  # MLA's absorbed paged form: not in graphs
             graphs = PrefillGraphRunner(
-                self.model, self.pool, heads, max_tokens, min(PREFILL_GRAPH_MAX_REQS, c.max_running_requests)
+                self.model,
+                self.pool,
+                heads,
+                max_tokens,
+                min(PREFILL_GRAPH_MAX_REQS, c.max_running_requests),
+                max_context=self.context_length if paged else 0,
             )
         except torch.OutOfMemoryError:
             if get_parallel().world_size > 1:
