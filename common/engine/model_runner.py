@@ -302,13 +302,14 @@ class ModelRunner:
 
     def _capture_prefill_graphs(self):
         """cuda_graph.PrefillGraphRunner where the decode graphs run and the attention backend has
-        FlashInfer's ragged prefill (GQA; MLA's expanded form only with DISAGG_MLA_PREFILL_GRAPH=1 until its
-        GPU test has run; GQA batches over the pool, a cached prefix or a later chunk, only with
-        DISAGG_PAGED_PREFILL_GRAPH=1, likewise), unless --disable-prefill-cuda-graph. The all-to-all MoE (its prefill exchange
-        sizes buffers on the host) and every batch while EPLB or the expert metrics count the experts'
-        load (a batch's pad rows would count) prefill eagerly. The graphs' memory is not in the KV pool's
-        budget: where capturing them runs out of memory, one rank prefills eagerly (logged); several
-        ranks fail to start (a rank that gave up would leave the others inside a collective)."""
+        FlashInfer's ragged prefill, unless --disable-prefill-cuda-graph: GQA models' fresh prompts; MLA
+        models' (DISAGG_MLA_PREFILL_GRAPH=1) and GQA batches over the pool, a cached prefix or a later
+        chunk (DISAGG_PAGED_PREFILL_GRAPH=1), only when asked until their GPU tests have run. The
+        all-to-all MoE (its prefill exchange sizes buffers on the host) and every batch while EPLB or the
+        expert metrics count the experts' load (a batch's pad rows would count) prefill eagerly. The
+        graphs' memory is not in the KV pool's budget: where capturing them runs out of memory, one rank
+        prefills eagerly (logged); several ranks fail to start (a rank that gave up would leave the
+        others inside a collective)."""
         c = self.config
         if c.disable_prefill_cuda_graph or c.prefill_cuda_graph_max_tokens <= 0 or self.graph_runner is None:
             return None
@@ -334,9 +335,8 @@ class ModelRunner:
 
         t0 = time.perf_counter()
         try:
-            paged = paged_prefill_graph() and not is_mla(
-                self.hf_config
-            )  # MLA's absorbed paged form: not in graphs
+            # MLA's prefix batches run the absorbed form on its paged MLA kernel: not in these graphs
+            paged = paged_prefill_graph() and not is_mla(self.hf_config)
             graphs = PrefillGraphRunner(
                 self.model,
                 self.pool,
