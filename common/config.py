@@ -173,12 +173,17 @@ def mla_prefill_mode() -> str:
     return mode
 
 
+def _switch(name: str, default: bool) -> bool:
+    """A 0 / 1 variable (unset or empty: `default`); anything else is refused, not read as either."""
+    value = os.environ.get(name) or ("1" if default else "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{name}={value!r}: expected 0 or 1")
+    return value == "1"
+
+
 def ragged_prefill() -> bool:
     """DISAGG_RAGGED_PREFILL: 1 (default) | 0 (common/engine/attention_flashinfer.py)."""
-    value = os.environ.get("DISAGG_RAGGED_PREFILL", "1") or "1"
-    if value not in ("0", "1"):
-        raise ValueError(f"DISAGG_RAGGED_PREFILL={value!r}: expected 0 or 1")
-    return value == "1"
+    return _switch("DISAGG_RAGGED_PREFILL", True)
 
 
 def moe_combine() -> str | None:
@@ -191,20 +196,14 @@ def mla_prefill_graph() -> bool:
     """DISAGG_MLA_PREFILL_GRAPH: 1 | 0 (default): MLA models' fresh prompts prefill in CUDA graphs too
     (cuda_graph.PrefillGraphRunner's expanded form; off until tests/test_gpu_prefill_graph.py -k mla has
     passed on a GPU)."""
-    value = os.environ.get("DISAGG_MLA_PREFILL_GRAPH", "0") or "0"
-    if value not in ("0", "1"):
-        raise ValueError(f"DISAGG_MLA_PREFILL_GRAPH={value!r}: expected 0 or 1")
-    return value == "1"
+    return _switch("DISAGG_MLA_PREFILL_GRAPH", False)
 
 
 def paged_prefill_graph() -> bool:
     """DISAGG_PAGED_PREFILL_GRAPH: 1 | 0 (default): prefill batches that attend over the pool (a cached
     prefix, a later chunk, decode rows beside a prompt) replay CUDA graphs too (cuda_graph.
     PrefillGraphRunner's paged set; off until tests/test_gpu_prefill_graph.py -k paged has passed on a GPU)."""
-    value = os.environ.get("DISAGG_PAGED_PREFILL_GRAPH", "0") or "0"
-    if value not in ("0", "1"):
-        raise ValueError(f"DISAGG_PAGED_PREFILL_GRAPH={value!r}: expected 0 or 1")
-    return value == "1"
+    return _switch("DISAGG_PAGED_PREFILL_GRAPH", False)
 
 
 def step_delay_s() -> float:
@@ -215,10 +214,7 @@ def step_delay_s() -> float:
 def pdl_requested() -> bool:
     """DISAGG_PDL: 1 (default) | 0: the Triton kernels launch with PDL where the device allows
     (common/models/pdl.py)."""
-    value = os.environ.get("DISAGG_PDL", "1") or "1"
-    if value not in ("0", "1"):
-        raise ValueError(f"DISAGG_PDL={value!r}: expected 0 or 1")
-    return value == "1"
+    return _switch("DISAGG_PDL", True)
 
 
 MPS_SM_PERCENT_VAR = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
