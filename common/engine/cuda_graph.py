@@ -13,6 +13,7 @@ filled before the replay; the number of KV splits fixed per bucket at capture).
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 
 import torch
@@ -345,10 +346,7 @@ def prefill_rows(
         [p * page_size + o for p, o in zip(pages, offsets, strict=True)],
         plan.logits_index + [0] * (max_reqs - len(plan.logits_index)),
     ]
-    lens = plan.q_lens + [pad] + [0] * (max_reqs - len(plan.q_lens))
-    indptr = [0]
-    for q in lens:
-        indptr.append(indptr[-1] + q)
+    indptr = [0, *itertools.accumulate(plan.q_lens + [pad] + [0] * (max_reqs - len(plan.q_lens)))]
     assert indptr[-1] == tokens and n == sum(plan.q_lens)
     return rows, indptr
 
@@ -370,11 +368,11 @@ class _GraphPagedPrefillBackend(AttentionBackend):
     page-index and last-page-length buffers for max_reqs + 1 requests and max_pages pages. One wrapper
     for every bucket, as _GraphRaggedPrefillBackend's (the same fixed-size SM90 plan)."""
 
-    def __init__(self, pool, num_qo_heads: int, max_tokens: int, max_reqs: int, max_pages: int, workspace):
+    def __init__(self, pool, num_qo_heads: int, max_reqs: int, max_pages: int, workspace):
         import flashinfer
 
-        device, ps = pool.kv_buffer.device, pool.page_size
-        self.pool, self.num_qo_heads, self.max_reqs, self.max_pages = pool, num_qo_heads, max_reqs, max_pages
+        device = pool.kv_buffer.device
+        self.pool, self.num_qo_heads = pool, num_qo_heads
         self.qo_indptr = torch.zeros(max_reqs + 2, dtype=torch.int32, device=device)
         self.kv_indptr = torch.zeros(max_reqs + 2, dtype=torch.int32, device=device)
         self.indices = torch.zeros(max_pages, dtype=torch.int32, device=device)
@@ -383,10 +381,6 @@ class _GraphPagedPrefillBackend(AttentionBackend):
             workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=self.qo_indptr, paged_kv_indptr_buf=self.kv_indptr,
             paged_kv_indices_buf=self.indices, paged_kv_last_page_len_buf=self.last,
         )  # fmt: skip
-        pad_table = [pool.pad_page] * ((max_tokens + ps - 1) // ps)
-        self.plan(
-            [0] + [max_tokens] * (max_reqs + 1), [max_tokens] + [0] * max_reqs, [pad_table] + [[]] * max_reqs
-        )
 
     def plan(self, indptr: list[int], kv_lens: list[int], tables: list[list[int]]) -> None:
         # no stream sync: a step may be in flight (the plan copies into the graph's buffers)
@@ -415,13 +409,11 @@ class _GraphRaggedPrefillBackend(MLABackend):
     forward_new_kv; MLA models run their expanded form through run_ragged (head dims nope + rope and v,
     the keys' latents read through the static batch's key rows: batch.attn["mla_kv_rows"])."""
 
-    def __init__(
-        self, pool, num_qo_heads: int, config, max_tokens: int, max_reqs: int, workspace: torch.Tensor
-    ):
+    def __init__(self, pool, num_qo_heads: int, config, max_reqs: int, workspace: torch.Tensor):
         import flashinfer
 
         device = pool.kv_buffer.device
-        self.pool, self.num_qo_heads, self.max_reqs = pool, num_qo_heads, max_reqs
+        self.pool = pool
         if is_mla(config):  # the expanded form: every head its own K (nope + rope) and V
             qk, v = config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
             self.heads = (num_qo_heads, num_qo_heads, qk, v)
@@ -434,7 +426,6 @@ class _GraphRaggedPrefillBackend(MLABackend):
         self.wrapper = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, qo_indptr_buf=self.qo_indptr, kv_indptr_buf=self.kv_indptr
         )
-        self.plan([0] + [max_tokens] * (max_reqs + 1))
 
     def plan(self, indptr: list[int]) -> None:
         # no stream sync: a step may be in flight (the plan copies into the graph's buffers)
@@ -500,21 +491,21 @@ class PrefillGraphRunner:
         self.inputs = torch.zeros(_ROWS * n + max_reqs, dtype=torch.long, device=device)
         self.workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=device)
         self.backends = {
-            "ragged": _GraphRaggedPrefillBackend(
-                pool, num_qo_heads, model.config, n, max_reqs, self.workspace
-            )
+            "ragged": _GraphRaggedPrefillBackend(pool, num_qo_heads, model.config, max_reqs, self.workspace)
         }
         # the pages a paged batch's requests may hold (its pad request's come on top)
         self.request_pages = max_reqs * ((max_context + ps - 1) // ps)
         if max_context > 0:
             max_pages = self.request_pages + (n + ps - 1) // ps
             self.backends["paged"] = _GraphPagedPrefillBackend(
-                pool, num_qo_heads, n, max_reqs, max_pages, self.workspace
+                pool, num_qo_heads, max_reqs, max_pages, self.workspace
             )
         self.plan_fence = PlanFence()
         self.graphs, self.outputs, self.batches = {}, {}, {}
         self.mempool = torch.cuda.graph_pool_handle()
-        for tokens in reversed(self.buckets):  # largest first: smaller graphs reuse its memory pool
+        # largest first: smaller graphs reuse its memory pool, and each wrapper's first plan (the one its
+        # work lists are sized for) is the largest bucket's
+        for tokens in reversed(self.buckets):
             for kind in self.backends:
                 self._capture(kind, tokens)
         logger.info(
