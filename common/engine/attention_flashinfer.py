@@ -246,13 +246,16 @@ class FlashInferMLABackend(FlashInferBackend, MLABackend):
     def attends_new_kv(self, batch: ForwardBatch) -> bool:
         return False  # MLA layers choose their form through runs_expanded
 
-    def _expansion_fits(self, kv_lens: list[int]) -> bool:
-        """The expanded form's per-layer buffers for these keys (kv_b_proj's rows, K, a contiguous V:
-        (nope + v) + (nope + rope) + v values a key and head, 16-bit) within EXPANDED_MAX_BYTES, half
-        the device headroom the KV pool leaves for activations (kv_pool.GPU_FREE_HEADROOM)."""
+    def expanded_max_keys(self) -> int:
+        """The most keys a batch's expanded form may hold: its per-layer buffers (kv_b_proj's rows, K, a
+        contiguous V: (nope + v) + (nope + rope) + v values a key and head, 16-bit) within
+        EXPANDED_MAX_BYTES, half the device headroom the KV pool leaves for activations
+        (kv_pool.GPU_FREE_HEADROOM)."""
         rank, rope, nope, v = self.dims
-        per_key = self.num_qo_heads * (2 * nope + rope + 2 * v) * 2
-        return sum(kv_lens) * per_key <= EXPANDED_MAX_BYTES
+        return EXPANDED_MAX_BYTES // (self.num_qo_heads * (2 * nope + rope + 2 * v) * 2)
+
+    def _expansion_fits(self, kv_lens: list[int]) -> bool:
+        return sum(kv_lens) <= self.expanded_max_keys()
 
     def runs_in_place(self, batch: ForwardBatch) -> bool:
         return "mla_metadata" in batch.attn or "mla_ragged" in batch.attn

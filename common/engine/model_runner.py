@@ -326,11 +326,8 @@ class ModelRunner:
                 "prefill CUDA graphs: MLA's wait for their GPU test (DISAGG_MLA_PREFILL_GRAPH=1): eager prefill"
             )
             return None
-        if is_mla(self.hf_config):  # the expanded form's per-key buffers, as the eager prepare bounds them
-            from disagg.common.engine.attention_flashinfer import EXPANDED_MAX_BYTES
-
-            _, rope, nope, v = mla_dims(self.hf_config)
-            max_tokens = min(max_tokens, EXPANDED_MAX_BYTES // (heads * (2 * nope + rope + 2 * v) * 2))
+        if is_mla(self.hf_config):  # the expanded form's buffers, as the eager prepare bounds them
+            max_tokens = min(max_tokens, self.backend.expanded_max_keys())
         from disagg.common.engine.cuda_graph import PREFILL_GRAPH_MAX_REQS, PrefillGraphRunner
 
         t0 = time.perf_counter()
