@@ -172,6 +172,27 @@ t.update({k.replace(h, ',device=' + sys.argv[2]): v for k, v in t.items() if k.e
                --prefill-len $n --decode-steps 8 $([ $g = eager ] && echo --disable-prefill-cuda-graph) \
                > $OUT/pg_${g}_${n}_$i.log; grep -A1 "^prefill" $OUT/pg_${g}_${n}_$i.log; grep "captured\|Error" $OUT/pg_${g}_${n}_$i.log | tail -2
            done; done ;;
+    s24) # the twenty-fourth session's first call (~9 min; carry .gpu/fi, .gpu/base, .gpu/tokz, .gpu/kc.tgz): the
+           # prefill graphs' GPU tests (GQA, MLA, paged), DeepSeek-V2-Lite with the MLA prefill graphs on, the kernel
+           # cache saved (fi-cache), V2-Lite eager, Qwen3-30B-A3B at batch 1 and 64 and its 2048-token prefill; on a
+           # GPU other than the H100 each model again with the H100's tuned entries relabelled to it (entries-ab's)
+           timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_prefill_graph.py > $OUT/pg_tests.log 2>&1
+           tail -4 $OUT/pg_tests.log
+           dev=$(python3 -c "import torch; print(torch.cuda.get_device_name())")
+           for f in fused_moe_configs gemv_configs; do cp common/models/$f.json /tmp/$f.own.json
+             python3 -c "import json,sys; t=json.load(open(sys.argv[1])); h=',device=NVIDIA H100 80GB HBM3'
+t.update({k.replace(h, ',device=' + sys.argv[2]): v for k, v in t.items() if k.endswith(h)}); json.dump(t, open(sys.argv[3], 'w'), indent=1)" \
+               /tmp/$f.own.json "$dev" /tmp/$f.h100.json; done
+           arms="v2:1:own v2:0:own q3:0:own"
+           case "$dev" in *H100*) ;; *) arms="v2:1:own v2:1:h100 v2:0:own q3:0:own q3:0:h100" ;; esac
+           for arm in $arms; do IFS=: read -r m g v <<< "$arm"; echo "--- $m MLA prefill graph $g, $v entries ($(date +%T))"
+             for f in fused_moe_configs gemv_configs; do cp /tmp/$f.$v.json common/models/$f.json; done
+             if [ $m = v2 ]; then M=DeepSeek-V2-Lite; L=4096; else M=Qwen3-30B-A3B; L=2048; fi
+             DISAGG_MLA_PREFILL_GRAPH=$g T=100 bench --model-path $M --load-format dummy --batch-sizes 1,64 \
+               --context-len 1024 --prefill-len $L --decode-steps 16 > $OUT/s24_${m}_g${g}_$v.log
+             grep -A4 "^kind\|Error\|captured" $OUT/s24_${m}_g${g}_$v.log
+             [ ! -e $OUT/kc_aa ] && bash common/bench/gpu_runs.sh fi-cache > /dev/null 2>&1
+           done; for f in fused_moe_configs gemv_configs; do cp /tmp/$f.own.json common/models/$f.json; done ;;
     host-ab) # the twenty-first session: Qwen3-30B-A3B (batch 1, prefill 2048) and the 8B (batch 1 and 64, prefill 2048)
            # with the host lists through numpy (device_wait.py now) against d4881c5's, alternating fresh processes
            # (carry .gpu/ab: device_wait_new.py and device_wait_old.py, copies made here before the call)
