@@ -183,8 +183,8 @@ t.update({k.replace(h, ',device=' + sys.argv[2]): v for k, v in t.items() if k.e
              python3 -c "import json,sys; t=json.load(open(sys.argv[1])); h=',device=NVIDIA H100 80GB HBM3'
 t.update({k.replace(h, ',device=' + sys.argv[2]): v for k, v in t.items() if k.endswith(h)}); json.dump(t, open(sys.argv[3], 'w'), indent=1)" \
                /tmp/$f.own.json "$dev" /tmp/$f.h100.json; done
-           arms="v2:1:own v2:0:own q3:0:own"
-           case "$dev" in *H100*) ;; *) arms="v2:1:own v2:1:h100 v2:0:own q3:0:own q3:0:h100" ;; esac
+           arms="v2:1:own q3:0:own v2:0:own"  # the most wanted first: a call may end early
+           case "$dev" in *H100*) ;; *) arms="v2:1:own q3:0:own v2:1:h100 q3:0:h100 v2:0:own" ;; esac
            for arm in $arms; do IFS=: read -r m g v <<< "$arm"; echo "--- $m MLA prefill graph $g, $v entries ($(date +%T))"
              for f in fused_moe_configs gemv_configs; do cp /tmp/$f.$v.json common/models/$f.json; done
              if [ $m = v2 ]; then M=DeepSeek-V2-Lite; L=4096; else M=Qwen3-30B-A3B; L=2048; fi
