@@ -193,16 +193,16 @@ def moe_combine() -> str | None:
 
 
 def mla_prefill_graph() -> bool:
-    """DISAGG_MLA_PREFILL_GRAPH: 1 | 0 (default): MLA models' fresh prompts prefill in CUDA graphs too
-    (cuda_graph.PrefillGraphRunner's expanded form; off until tests/test_gpu_prefill_graph.py -k mla has
-    passed on a GPU)."""
-    return _switch("DISAGG_MLA_PREFILL_GRAPH", False)
+    """DISAGG_MLA_PREFILL_GRAPH: 1 (default) | 0: MLA models' fresh prompts prefill in CUDA graphs too
+    (cuda_graph.PrefillGraphRunner's expanded form; 0 keeps their prefill eager)."""
+    return _switch("DISAGG_MLA_PREFILL_GRAPH", True)
 
 
 def paged_prefill_graph() -> bool:
     """DISAGG_PAGED_PREFILL_GRAPH: 1 | 0 (default): prefill batches that attend over the pool (a cached
     prefix, a later chunk, decode rows beside a prompt) replay CUDA graphs too (cuda_graph.
-    PrefillGraphRunner's paged set; off until tests/test_gpu_prefill_graph.py -k paged has passed on a GPU)."""
+    PrefillGraphRunner's paged set: a second set of captures; its GPU test passed, its speed is not
+    measured yet, so it stays off until it is)."""
     return _switch("DISAGG_PAGED_PREFILL_GRAPH", False)
 
 

@@ -193,9 +193,11 @@ def test_padded_cached_prefix_batch_gives_the_unpadded_logits_and_kv(tiny_models
         engine.shutdown()
 
 
-@pytest.mark.parametrize("name", ["DISAGG_MLA_PREFILL_GRAPH", "DISAGG_PAGED_PREFILL_GRAPH"])
-def test_switches_of_the_graph_sets_waiting_for_their_gpu_test(name, monkeypatch):
-    """MLA's and the paged set: off unless their variable is 1; nonsense refused."""
+@pytest.mark.parametrize(
+    ("name", "default"), [("DISAGG_MLA_PREFILL_GRAPH", True), ("DISAGG_PAGED_PREFILL_GRAPH", False)]
+)
+def test_switches_of_the_mla_and_paged_graph_sets(name, default, monkeypatch):
+    """MLA's set: on unless its variable is 0; the paged set: off unless 1; nonsense refused."""
     from disagg.common import config
 
     read = {
@@ -203,9 +205,9 @@ def test_switches_of_the_graph_sets_waiting_for_their_gpu_test(name, monkeypatch
         "DISAGG_PAGED_PREFILL_GRAPH": config.paged_prefill_graph,
     }
     monkeypatch.delenv(name, raising=False)
-    assert read[name]() is False
-    monkeypatch.setenv(name, "1")
-    assert read[name]() is True
+    assert read[name]() is default
+    monkeypatch.setenv(name, "0" if default else "1")
+    assert read[name]() is not default
     monkeypatch.setenv(name, "on")
     with pytest.raises(ValueError, match="expected 0 or 1"):
         read[name]()

@@ -302,9 +302,9 @@ class ModelRunner:
 
     def _capture_prefill_graphs(self):
         """cuda_graph.PrefillGraphRunner where the decode graphs run and the attention backend has
-        FlashInfer's ragged prefill, unless --disable-prefill-cuda-graph: GQA models' fresh prompts; MLA
-        models' (DISAGG_MLA_PREFILL_GRAPH=1) and GQA batches over the pool, a cached prefix or a later
-        chunk (DISAGG_PAGED_PREFILL_GRAPH=1), only when asked until their GPU tests have run. The
+        FlashInfer's ragged prefill, unless --disable-prefill-cuda-graph: fresh prompts (MLA models' in
+        their expanded form unless DISAGG_MLA_PREFILL_GRAPH=0) and, when asked (DISAGG_PAGED_PREFILL_GRAPH=1,
+        off until measured), GQA batches over the pool, a cached prefix or a later chunk. The
         all-to-all MoE (its prefill exchange sizes buffers on the host) and every batch while EPLB or the
         expert metrics count the experts' load (a batch's pad rows would count) prefill eagerly. The
         graphs' memory is not in the KV pool's budget: where capturing them runs out of memory, one rank
@@ -322,9 +322,7 @@ class ModelRunner:
         max_tokens = min(c.prefill_cuda_graph_max_tokens, c.max_prefill_tokens)
         heads = self.hf_config.num_attention_heads // get_parallel().attn_tp_size
         if is_mla(self.hf_config) and not mla_prefill_graph():
-            logger.info(
-                "prefill CUDA graphs: MLA's wait for their GPU test (DISAGG_MLA_PREFILL_GRAPH=1): eager prefill"
-            )
+            logger.info("prefill CUDA graphs: off for MLA (DISAGG_MLA_PREFILL_GRAPH=0): eager prefill")
             return None
         if is_mla(self.hf_config):  # the expanded form's buffers, as the eager prepare bounds them
             max_tokens = min(max_tokens, self.backend.expanded_max_keys())
