@@ -5,6 +5,7 @@ instead of printing a throughput."""
 from __future__ import annotations
 
 import pytest
+import torch
 from disagg.common.bench.moe_vs_hf import step_summary
 from disagg.common.bench.offline import bench_prefill, ours_generate
 from disagg.common.engine.offline import Engine
@@ -87,3 +88,25 @@ def test_touched_experts_counts_routers_that_skip_the_gate_module(tmp_path, monk
         assert all(int(m.expert_tokens.sum()) == 0 and not m.count_tokens for m in moes)  # left as found
     finally:
         engine.shutdown()
+
+
+def test_prefix_prefill_forwards_the_new_tokens_over_the_cached_prefix(scheduler):
+    """offline.py --prefix-len: the timed forward is the request's later tokens attending over its
+    prefix's pages: its last row's logits are the whole prompt's, prefilled fresh in one forward; the
+    pool's free pages are untouched."""
+    from disagg.common.bench.offline import bench_prefix_prefill, prefix_plans
+    from disagg.common.engine.model_runner import BatchPlan
+
+    runner, free = scheduler.runner, scheduler.pool.num_free_pages
+    first, then = prefix_plans(runner, 37, 20)
+    assert then.positions[0] == 37 and then.kv_lens == [57] and then.q_lens == [20]
+    runner.forward_plan(first)
+    extended = runner.forward_plan(then)[-1].float()
+    whole = BatchPlan(first.ids + then.ids, first.positions + then.positions, first.pages + then.pages,
+                      first.offsets + then.offsets, [56], [57], [57], then.tables)  # fmt: skip
+    fresh = runner.forward_plan(whole)[-1].float()
+    torch.testing.assert_close(extended, fresh, atol=1e-3, rtol=1e-3)
+    assert bench_prefix_prefill(runner, 37, 20) > 0
+    assert scheduler.pool.num_free_pages == free
+    with pytest.raises(ValueError, match="more pages than the pool has"):
+        prefix_plans(runner, 4000, 100)

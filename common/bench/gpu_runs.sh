@@ -194,6 +194,17 @@ t.update({k.replace(h, ',device=' + sys.argv[2]): v for k, v in t.items() if k.e
              grep -A4 "^kind\|Error\|captured" $OUT/s24_${m}_g${g}_$v.log
              [ ! -e $OUT/kc_aa ] && bash common/bench/gpu_runs.sh fi-cache > /dev/null 2>&1
            done; for f in fused_moe_configs gemv_configs; do cp /tmp/$f.own.json common/models/$f.json; done ;;
+    paged-ab) # the prefill graphs over the pool (DISAGG_PAGED_PREFILL_GRAPH=1; off by default until this runs): a
+           # request's PA_NEW (512) new tokens after PA_PREFIX (1536) cached ones (offline.py --prefix-len: the
+           # forward alone) and a fresh prompt's prefill, off then on in alternating fresh processes; the "[N s]
+           # decode batch 1" line of each log shows the start-up with the second set of captures
+           for m in ${PA_MODELS:-Qwen3-30B-A3B Llama-3.1-8B}; do for g in 0 1 0 1; do i=$((${i:-0} + 1))
+             echo "--- $m paged graphs $g ($(date +%T))"
+             DISAGG_PAGED_PREFILL_GRAPH=$g T=120 bench --model-path $m --load-format dummy --batch-sizes 1 \
+               --context-len 1024 --prefill-len ${PA_NEW:-512} --prefix-len ${PA_PREFIX:-1536} --decode-steps 8 \
+               > $OUT/paged_${g}_${m}_$i.log; grep "decode batch 1 \.\.\." $OUT/paged_${g}_${m}_$i.log
+             grep "^prefill\|^extend" $OUT/paged_${g}_${m}_$i.log
+           done; done ;;
     host-ab) # the twenty-first session: Qwen3-30B-A3B (batch 1, prefill 2048) and the 8B (batch 1 and 64, prefill 2048)
            # with the host lists through numpy (device_wait.py now) against d4881c5's, alternating fresh processes
            # (carry .gpu/ab: device_wait_new.py and device_wait_old.py, copies made here before the call)

@@ -15,6 +15,7 @@ import random
 import time
 
 import torch
+from disagg.common.engine.model_runner import BatchPlan
 from disagg.common.engine.offline import Engine, to_sampling_params
 from disagg.common.engine.request import Req
 from disagg.common.engine.scheduler import Scheduler
@@ -354,6 +355,36 @@ def bench_prefill(sched: Scheduler, length: int) -> tuple[float, float, dict]:
     return sorted(times[1:])[1], forward_s, split
 
 
+def prefix_plans(runner, prefix: int, length: int) -> tuple[BatchPlan, BatchPlan]:
+    """One request's plans: its first `prefix` tokens as a fresh prompt, then `length` more after them
+    (the attention reads the prefix from the pool's pages); random ids, on the pool's pages from 1 on
+    (the engine idle: nothing else holds them)."""
+    ps, n = runner.pool.page_size, prefix + length
+    table = list(range(1, 1 + -(-n // ps)))
+    if len(table) >= runner.pool.num_pages:
+        raise ValueError(f"a prefix of {prefix} and {length} new tokens need more pages than the pool has")
+    ids = torch.randint(
+        0, runner.hf_config.vocab_size, (n,), generator=torch.Generator().manual_seed(0)
+    ).tolist()
+
+    def rows(start: int, end: int) -> BatchPlan:
+        at = range(start, end)
+        pages, offsets = [table[i // ps] for i in at], [i % ps for i in at]
+        return BatchPlan(ids[start:end], list(at), pages, offsets, [end - start - 1], [end - start], [end],
+                         [table[: -(-end // ps)]])  # fmt: skip
+
+    return rows(0, prefix), rows(prefix, n)
+
+
+def bench_prefix_prefill(runner, prefix: int, length: int, repeat: int = 5) -> float:
+    """Seconds of the model forward alone for `length` new tokens after `prefix` cached ones (a
+    radix-cache hit, or a long prompt's later chunk), median of `repeat`; the prefix's forward first
+    writes its K/V."""
+    first, then = prefix_plans(runner, prefix, length)
+    time_plan(runner.forward_plan, first, runner.device, 1)
+    return time_plan(runner.forward_plan, then, runner.device, repeat)
+
+
 def weight_traffic(model) -> dict:
     """This rank's weights by how a step uses them (bytes; params = multiply-adds per token):
     dense: read every step, each param one multiply-add per token (attention, norms, router, dense
@@ -526,6 +557,9 @@ def main() -> None:
     p.add_argument("--context-len", type=int, default=1024)
     p.add_argument("--prefill-len", type=int, default=4096)
     p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--prefix-len", type=int, default=0,
+                   help="also time the forward of --prefill-len new tokens after a cached prefix of this many "
+                   "(a radix-cache hit or a later chunk; the forward alone)")  # fmt: skip
     p.add_argument(
         "--hf", action="store_true", help="also run transformers generate (batch 1 and the largest)"
     )
@@ -535,6 +569,7 @@ def main() -> None:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     profile_at = {int(b) for b in args.profile_batch_sizes.split(",") if b}
     max_tokens = max(batches) * (args.context_len + 2 * args.decode_steps + 64) + args.prefill_len + 4096
+    max_tokens += args.prefix_len
     t0 = time.perf_counter()
     if args.moe_kernel == "torch":
         moe.fused_moe_available = lambda: False
@@ -584,6 +619,16 @@ def main() -> None:
     if args.profile_prefill:
         profile_prefill(sched, args.prefill_len)
     print(f"  {rows[-1]}", flush=True)
+    if args.prefix_len:
+        print(
+            f"[{time.perf_counter() - t0:.0f} s] {args.prefill_len} tokens after {args.prefix_len} cached ..."
+        )
+        fwd = bench_prefix_prefill(sched.runner, args.prefix_len, args.prefill_len)
+        c = sched.runner.hf_config
+        rows.append(
+            prefill_row(traffic, ceil, c, args.prefill_len, args.tp, fwd, fwd, prefix=args.prefix_len)
+        )
+        print(f"  {rows[-1]}", flush=True)
     gen = []
     if args.hf and args.tp == 1:
         for b in sorted({batches[0], batches[-1]}):
@@ -642,18 +687,19 @@ def decode_row(traffic: dict, kv_tok: int, ceil: dict, batch: int, context: int,
 
 
 def prefill_row(
-    traffic: dict, ceil: dict, c, n: int, tp: int, seconds: float, forward_s: float = 0.0
+    traffic: dict, ceil: dict, c, n: int, tp: int, seconds: float, forward_s: float = 0.0, prefix: int = 0
 ) -> dict:
-    """A prefill of n tokens beside its roofline: matmul FLOPs by active experts (k routed slots a
-    token, the share on this rank), the LM head once (only the last token's logits), causal
-    attention, over the matmul rate measured in this run; or the weight read, if that is longer."""
+    """A prefill of n tokens (after `prefix` cached ones) beside its roofline: matmul FLOPs by active
+    experts (k routed slots a token, the share on this rank), the LM head once (only the last token's
+    logits), causal attention over the prefix and the new tokens, over the matmul rate measured in this
+    run; or the weight read, if that is longer."""
     active = (
         traffic["dense_params"]
         + traffic["moe_layers"] * traffic.get("local_slots", 0) * traffic["expert_params"]
     )
     # per head: q.k over the query/key dim, p.v over the value dim (MLA: 192 and 128, not the latent's)
     qk_v = c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim if is_mla(c) else 2 * head_dim_of(c)
-    attn = 2 * c.num_hidden_layers * (c.num_attention_heads // tp) * qk_v * n * n / 2
+    attn = 2 * c.num_hidden_layers * (c.num_attention_heads // tp) * qk_v * n * (prefix + n / 2)
     flops = 2 * active * n + 2 * traffic["head_params"] + attn
     touched = min(traffic.get("num_local", 0), n * traffic.get("local_slots", 0))  # at most all, at most n*k
     experts_read = traffic["moe_layers"] * traffic["expert_bytes"] * touched
@@ -665,6 +711,7 @@ def prefill_row(
         kind="prefill",
         batch=1,
         context=n,
+        prefix=prefix,
         ms=seconds * 1e3,
         forward_ms=forward_s * 1e3,
         tok_s=n / seconds,
@@ -697,9 +744,10 @@ def print_report(ceil: dict, traffic: dict, kv_tok: int, rows: list[dict], gen: 
             )
         else:
             print(
-                f"{'prefill':8} {r['batch']:>5} {r['context']:>6} {r['ms']:>9.2f} {r['forward_ms']:>8.2f} {r['tok_s']:>10.1f} "
+                f"{'extend' if r.get('prefix') else 'prefill':8} {r['batch']:>5} {r['context']:>6} {r['ms']:>9.2f} {r['forward_ms']:>8.2f} {r['tok_s']:>10.1f} "
                 f"{'':>8} {r['tflop']:>7.2f} TF {r['roofline_ms']:>12.2f} {100 * r['of_roofline']:>9.1f}% "
                 f"(matmul rate {100 * r['of_matmul']:.1f}%: {r['tflops']:.1f} TFLOP/s)"
+                + (f", after {r['prefix']} cached tokens (the forward alone)" if r.get("prefix") else "")
             )
             if "prepare_ms" in r:  # the eager forward's host / device split (prefill_host_split)
                 device = (
