@@ -10,6 +10,15 @@ source common/bench/gpu_env.sh
 OUT=${OUT:-/tmp/out}
 B8="--model-path Llama-3.1-8B --load-format dummy"
 bench() { timeout "${T:-400}" python3 -m disagg.common.bench.offline "$@" 2>&1 | grep -v "Loading\|Writing\|jit\|USDT"; }
+# the tuned entries (fused MoE GEMV / tiles, dense GEMV) as checked in (/tmp/*.own.json) and the H100's relabelled to
+# device $1 (/tmp/*.h100.json: for entries-ab and s24 on another GPU); use_entries own|h100 puts one set in place
+entry_sets() {
+  for f in fused_moe_configs gemv_configs; do cp common/models/$f.json /tmp/$f.own.json
+    python3 -c "import json,sys; t=json.load(open(sys.argv[1])); h=',device=NVIDIA H100 80GB HBM3'
+t.update({k.replace(h, ',device=' + sys.argv[2]): v for k, v in t.items() if k.endswith(h)}); json.dump(t, open(sys.argv[3], 'w'), indent=1)" \
+      /tmp/$f.own.json "$1" /tmp/$f.h100.json; done
+}
+use_entries() { for f in fused_moe_configs gemv_configs; do cp /tmp/$f.$1.json common/models/$f.json; done; }
 for step in "$@"; do
   echo "=== $step ($(date +%T))"
   case "$step" in
@@ -150,18 +159,14 @@ for step in "$@"; do
     entries-ab) # the H100's tuned entries (fused MoE GEMV/tiles, dense GEMV) on another GPU: run as they are (this
            # device keeps the plain MoE entries and cuBLAS's products) and with the H100's entries relabelled to this
            # device, alternating fresh processes: Qwen3-30B-A3B (batch 1, 64, prefill 2048), V2-Lite (batch 1, 64, prefill 4096)
-           dev=$(python3 -c "import torch; print(torch.cuda.get_device_name())")
-           for f in fused_moe_configs gemv_configs; do cp common/models/$f.json /tmp/$f.own.json
-             python3 -c "import json,sys; t=json.load(open(sys.argv[1])); h=',device=NVIDIA H100 80GB HBM3'
-t.update({k.replace(h, ',device=' + sys.argv[2]): v for k, v in t.items() if k.endswith(h)}); json.dump(t, open(sys.argv[3], 'w'), indent=1)" \
-               /tmp/$f.own.json "$dev" /tmp/$f.h100.json; done
+           dev=$(python3 -c "import torch; print(torch.cuda.get_device_name())"); entry_sets "$dev"
            a="--load-format dummy --batch-sizes 1,64 --context-len 1024 --decode-steps 16"
            for v in ${ENTRY_ARMS:-own h100 h100 own}; do for m in ${MODELS:-Qwen3-30B-A3B:2048 DeepSeek-V2-Lite:4096}; do
              i=$((${i:-0} + 1)); echo "--- ${m%%:*} $v entries ($(date +%T))"
-             for f in fused_moe_configs gemv_configs; do cp /tmp/$f.$v.json common/models/$f.json; done
+             use_entries $v
              bench --model-path ${m%%:*} --prefill-len ${m#*:} $a > $OUT/entries_${v}_${m%%:*}_$i.log
              grep -A3 "^kind" $OUT/entries_${v}_${m%%:*}_$i.log; grep "host prepare" $OUT/entries_${v}_${m%%:*}_$i.log
-           done; done; for f in fused_moe_configs gemv_configs; do cp /tmp/$f.own.json common/models/$f.json; done ;;
+           done; done; use_entries own ;;
     prefill-graph) # the prefill's CUDA graphs (cuda_graph.PrefillGraphRunner; --disable-prefill-cuda-graph: eager): their GPU
            # test, then Qwen3-30B-A3B's prefill at PG_LENS (2048 512) eager and graphed, alternating fresh processes
            timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_prefill_graph.py > $OUT/pg_tests.log 2>&1
@@ -179,21 +184,17 @@ t.update({k.replace(h, ',device=' + sys.argv[2]): v for k, v in t.items() if k.e
            for k in "mla or paged" "not mla and not paged"; do  # the sets never run on a GPU first
              timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_prefill_graph.py -k "$k" >> $OUT/pg_tests.log 2>&1
              tail -2 $OUT/pg_tests.log; done
-           dev=$(python3 -c "import torch; print(torch.cuda.get_device_name())")
-           for f in fused_moe_configs gemv_configs; do cp common/models/$f.json /tmp/$f.own.json
-             python3 -c "import json,sys; t=json.load(open(sys.argv[1])); h=',device=NVIDIA H100 80GB HBM3'
-t.update({k.replace(h, ',device=' + sys.argv[2]): v for k, v in t.items() if k.endswith(h)}); json.dump(t, open(sys.argv[3], 'w'), indent=1)" \
-               /tmp/$f.own.json "$dev" /tmp/$f.h100.json; done
+           dev=$(python3 -c "import torch; print(torch.cuda.get_device_name())"); entry_sets "$dev"
            arms="v2:1:own q3:0:own v2:0:own"  # the most wanted first: a call may end early
            case "$dev" in *H100*) ;; *) arms="v2:1:own q3:0:own v2:1:h100 q3:0:h100 v2:0:own" ;; esac
            for arm in $arms; do IFS=: read -r m g v <<< "$arm"; echo "--- $m MLA prefill graph $g, $v entries ($(date +%T))"
-             for f in fused_moe_configs gemv_configs; do cp /tmp/$f.$v.json common/models/$f.json; done
+             use_entries $v
              if [ $m = v2 ]; then M=DeepSeek-V2-Lite; L=4096; else M=Qwen3-30B-A3B; L=2048; fi
              DISAGG_MLA_PREFILL_GRAPH=$g T=100 bench --model-path $M --load-format dummy --batch-sizes 1,64 \
                --context-len 1024 --prefill-len $L --decode-steps 16 > $OUT/s24_${m}_g${g}_$v.log
              grep -A4 "^kind\|Error\|captured" $OUT/s24_${m}_g${g}_$v.log
              [ ! -e $OUT/kc_aa ] && bash common/bench/gpu_runs.sh fi-cache > /dev/null 2>&1
-           done; for f in fused_moe_configs gemv_configs; do cp /tmp/$f.own.json common/models/$f.json; done ;;
+           done; use_entries own ;;
     paged-ab) # the prefill graphs over the pool (DISAGG_PAGED_PREFILL_GRAPH=1; off by default until this runs): a
            # request's PA_NEW (512) new tokens after PA_PREFIX (1536) cached ones (offline.py --prefix-len: the
            # forward alone) and a fresh prompt's prefill, off then on in alternating fresh processes; the "[N s]
