@@ -478,8 +478,13 @@ with MpsDaemon(Path('/tmp/mpscaps')) as d:
     dummy-logits) # nineteenth session: the 8B dummy preset's logits are finite on FlashInfer and torch attention, fused
            # kernels on and off (launch_local's GPU smoke test, torch attention and DISAGG_FUSED_KERNELS=0, sampled NaN)
            timeout 400 python3 -m pytest -q -p no:cacheprovider -x -s tests/test_gpu_dummy_logits.py 2>&1 | tail -25 ;;
-    fi-cache) # FlashInfer's and Triton's kernel caches, in 15 MB pieces (cat $OUT/kc_* > .gpu/kc.tgz here)
-           tar czf /tmp/kc.tgz -C / root/.cache/flashinfer root/.triton/cache 2>/dev/null; split -b 15M /tmp/kc.tgz $OUT/kc_; ls -la $OUT/kc_* ;;
+    fi-cache) # FlashInfer's and Triton's kernel caches, in 15 MB pieces
+           # (xz: a quarter of gzip's size on these objects; cat $OUT/kc_* > .gpu/kc.txz)
+           if command -v xz > /dev/null; then
+             tar cf - -C / root/.cache/flashinfer root/.triton/cache 2>/dev/null | xz -6 -T0 > /tmp/kc.txz
+           else python3 -c "import tarfile; t = tarfile.open('/tmp/kc.txz', 'w:xz')
+           for d in ('root/.cache/flashinfer', 'root/.triton/cache'): t.add('/' + d, d)
+           t.close()"; fi; split -b 15M /tmp/kc.txz $OUT/kc_; ls -la $OUT/kc_* ;;
     *) eval "$step" ;;
   esac
 done
