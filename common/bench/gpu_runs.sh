@@ -183,7 +183,7 @@ for step in "$@"; do
            # GPU other than the H100 each model again with the H100's tuned entries relabelled to it (entries-ab's)
            # the sets never run on a GPU first (S24_TESTS="mla": that one alone, the rest passed on an H100)
            IFS=, read -ra sets <<< "${S24_TESTS:-mla or paged,not mla and not paged}"
-           for k in "${sets[@]}"; do
+           for k in "${sets[@]}"; do [ "$k" = none ] && break
              timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_prefill_graph.py -k "$k" >> $OUT/pg_tests.log 2>&1
              tail -2 $OUT/pg_tests.log; done
            dev=$(python3 -c "import torch; print(torch.cuda.get_device_name())"); entry_sets "$dev"
@@ -197,6 +197,14 @@ for step in "$@"; do
              grep -A4 "^kind\|Error\|captured" $OUT/s24_${m}_g${g}_$v.log
              [ ! -e $OUT/kc_aa ] && bash common/bench/gpu_runs.sh fi-cache > /dev/null 2>&1
            done; use_entries own ;;
+    s25) # the twenty-fifth session's one call (~7 min; carry .gpu/fi, .gpu/base, .gpu/tokz, .gpu/kc.txz; most wanted
+           # first, a call may end early): the fixed MLA prefill-graph test; on an H200 the two models' headline rows with
+           # its own entries, then with the H100's (s24's arms); on an H100 the paged prefill graphs off / on (paged-ab)
+           timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_prefill_graph.py -k mla > $OUT/pg_mla.log 2>&1
+           tail -2 $OUT/pg_mla.log
+           case "$(python3 -c "import torch; print(torch.cuda.get_device_name())")" in
+             *H100*) PA_MODELS=Qwen3-30B-A3B bash common/bench/gpu_runs.sh paged-ab ;;
+             *) S24_TESTS=none bash common/bench/gpu_runs.sh s24 ;; esac ;;
     paged-ab) # the prefill graphs over the pool (DISAGG_PAGED_PREFILL_GRAPH=1; off by default until this runs): a
            # request's PA_NEW (512) new tokens after PA_PREFIX (1536) cached ones (offline.py --prefix-len: the
            # forward alone) and a fresh prompt's prefill, off then on in alternating fresh processes; the "[N s]
