@@ -15,7 +15,7 @@ MAX_TOKENS tokens on compute capability >= 9 (the instruction is sm_90's). The l
 (pdl.py): it waits for the qkv product like any kernel, and the next kernel waits for it; the
 prefetches it issued keep going after it exits (a hint: no completion, no effect on any value, so
 outputs are unchanged by construction: tests/test_l2_prefetch.py compiles it for sm_90 here and
-checks its PTX; the GPU test checks a layer's output with and without).
+checks its PTX; its GPU test checks a product read right after it, eagerly and in a CUDA graph).
 """
 
 from __future__ import annotations
