@@ -1,6 +1,6 @@
 """The L2 weight prefetch (common/models/l2_prefetch.py): its kernel compiles for sm_90 with the
-prefetch instruction after the PDL wait, it is off unless asked for, and a decode layer's output is
-the same with it on (GPU)."""
+prefetch instruction after the PDL wait, it is off unless asked for, and on a Hopper a product that
+reads the prefetched weight right after it is bit-equal, eagerly and in a CUDA graph."""
 
 import pytest
 import torch

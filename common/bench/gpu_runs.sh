@@ -18,6 +18,7 @@ entry_sets() {
 t.update({k.replace(h, ',device=' + sys.argv[2]): v for k, v in t.items() if k.endswith(h)}); json.dump(t, open(sys.argv[3], 'w'), indent=1)" \
       /tmp/$f.own.json "$1" /tmp/$f.h100.json; done
 }
+gpu_name() { python3 -c "import torch; print(torch.cuda.get_device_name())"; }
 use_entries() { for f in fused_moe_configs gemv_configs; do cp /tmp/$f.$1.json common/models/$f.json; done; }
 for step in "$@"; do
   echo "=== $step ($(date +%T))"
@@ -159,7 +160,7 @@ for step in "$@"; do
     entries-ab) # the H100's tuned entries (fused MoE GEMV/tiles, dense GEMV) on another GPU: run as they are (this
            # device keeps the plain MoE entries and cuBLAS's products) and with the H100's entries relabelled to this
            # device, alternating fresh processes: Qwen3-30B-A3B (batch 1, 64, prefill 2048), V2-Lite (batch 1, 64, prefill 4096)
-           dev=$(python3 -c "import torch; print(torch.cuda.get_device_name())"); entry_sets "$dev"
+           dev=$(gpu_name); entry_sets "$dev"
            a="--load-format dummy --batch-sizes 1,64 --context-len 1024 --decode-steps 16"
            for v in ${ENTRY_ARMS:-own h100 h100 own}; do for m in ${MODELS:-Qwen3-30B-A3B:2048 DeepSeek-V2-Lite:4096}; do
              i=$((${i:-0} + 1)); echo "--- ${m%%:*} $v entries ($(date +%T))"
@@ -181,12 +182,13 @@ for step in "$@"; do
            # prefill graphs' GPU tests (GQA, MLA, paged), DeepSeek-V2-Lite with the MLA prefill graphs on, the kernel
            # cache saved (fi-cache), V2-Lite eager, Qwen3-30B-A3B at batch 1 and 64 and its 2048-token prefill; on a
            # GPU other than the H100 each model again with the H100's tuned entries relabelled to it (entries-ab's)
-           # the sets never run on a GPU first (S24_TESTS="mla": that one alone, the rest passed on an H100)
-           IFS=, read -ra sets <<< "${S24_TESTS:-mla or paged,not mla and not paged}"
-           for k in "${sets[@]}"; do [ "$k" = none ] && break
+           # the sets never run on a GPU first (S24_TESTS="mla": that one alone, the rest passed on an H100;
+           # S24_TESTS= set and empty: none)
+           IFS=, read -ra sets <<< "${S24_TESTS-mla or paged,not mla and not paged}"
+           for k in "${sets[@]}"; do
              timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_prefill_graph.py -k "$k" >> $OUT/pg_tests.log 2>&1
              tail -2 $OUT/pg_tests.log; done
-           dev=$(python3 -c "import torch; print(torch.cuda.get_device_name())"); entry_sets "$dev"
+           dev=$(gpu_name); entry_sets "$dev"
            arms="v2:1:own q3:0:own v2:0:own"  # the most wanted first: a call may end early
            case "$dev" in *H100*) ;; *) arms="v2:1:own q3:0:own v2:1:h100 q3:0:h100 v2:0:own" ;; esac
            for arm in $arms; do IFS=: read -r m g v <<< "$arm"; echo "--- $m MLA prefill graph $g, $v entries ($(date +%T))"
@@ -202,9 +204,9 @@ for step in "$@"; do
            # its own entries, then with the H100's (s24's arms); on an H100 the paged prefill graphs off / on (paged-ab)
            timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_prefill_graph.py -k mla > $OUT/pg_mla.log 2>&1
            tail -2 $OUT/pg_mla.log
-           case "$(python3 -c "import torch; print(torch.cuda.get_device_name())")" in
+           case "$(gpu_name)" in
              *H100*) PA_MODELS=Qwen3-30B-A3B bash common/bench/gpu_runs.sh paged-ab ;;
-             *) S24_TESTS=none bash common/bench/gpu_runs.sh s24 ;; esac ;;
+             *) S24_TESTS= bash common/bench/gpu_runs.sh s24 ;; esac ;;
     prefetch-ab) # the twenty-fifth session's L2 weight prefetch (DISAGG_L2_PREFETCH=1: o_proj's weight asked into L2
            # while a small decode batch's attention runs, common/models/l2_prefetch.py), first its GPU test, then
            # off / on in alternating fresh processes: Qwen3-30B-A3B and DeepSeek-V2-Lite at batch 1 and 8, the 8B at 1

@@ -44,8 +44,8 @@ def table(series: dict) -> str:
     for name, points in series.items():
         title, _, target, lower = FIGURES[name]
         pick = min if lower else max
-        best = {dev: [v for _, d, v in points if d == dev] for dev in ("H200", "H100")}
-        best = {dev: f"{pick(vals):g}" if vals else "–" for dev, vals in best.items()}
+        values = {dev: [v for _, d, v in points if d == dev] for dev in ("H200", "H100")}
+        best = {dev: f"{pick(vals):g}" if vals else "–" for dev, vals in values.items()}
         first, last = points[0], points[-1]
         lines.append(
             f"| {title} | {'≤' if lower else '≥'} {target:g} | {first[2]:g} (s{first[0]}, {first[1]}) "

@@ -45,9 +45,8 @@ if triton is not None:
         pdl_begin(PDL)  # first: before any global access (pdl.py)
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         offs = i.to(tl.int64) * CHUNK
-        size = (tl.maximum(tl.minimum(nbytes - offs, CHUNK), 0) // 16 * 16).to(
-            tl.int32
-        )  # 0 past the end: skipped
+        size = tl.maximum(tl.minimum(nbytes - offs, CHUNK), 0)  # 0 past the end: skipped
+        size = (size // 16 * 16).to(tl.int32)
         tl.inline_asm_elementwise(
             "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
             "=r,l,r",
