@@ -217,12 +217,6 @@ def pdl_requested() -> bool:
     return _switch("DISAGG_PDL", True)
 
 
-def l2_prefetch_requested() -> bool:
-    """DISAGG_L2_PREFETCH: 1 | 0 (default): small decode batches ask L2 for o_proj's weight while the
-    attention runs (common/models/l2_prefetch.py; off until its GPU A/B is measured)."""
-    return _switch("DISAGG_L2_PREFETCH", False)
-
-
 MPS_SM_PERCENT_VAR = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 
 

@@ -207,16 +207,6 @@ for step in "$@"; do
            case "$(gpu_name)" in
              *H100*) PA_MODELS=Qwen3-30B-A3B bash common/bench/gpu_runs.sh paged-ab ;;
              *) S24_TESTS= bash common/bench/gpu_runs.sh s24 ;; esac ;;
-    prefetch-ab) # the twenty-fifth session's L2 weight prefetch (DISAGG_L2_PREFETCH=1: o_proj's weight asked into L2
-           # while a small decode batch's attention runs, common/models/l2_prefetch.py), first its GPU test, then
-           # off / on in alternating fresh processes: Qwen3-30B-A3B and DeepSeek-V2-Lite at batch 1 and 8, the 8B at 1
-           timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_l2_prefetch.py 2>&1 | tail -2
-           for m in ${PF_MODELS:-Qwen3-30B-A3B DeepSeek-V2-Lite Llama-3.1-8B}; do for g in 0 1 0 1; do i=$((${i:-0} + 1))
-             echo "--- $m prefetch $g ($(date +%T))"
-             DISAGG_L2_PREFETCH=$g T=100 bench --model-path $m --load-format dummy --batch-sizes 1,8 \
-               --context-len 1024 --prefill-len 512 --decode-steps 16 > $OUT/prefetch_${g}_${m}_$i.log
-             grep -A3 "^kind" $OUT/prefetch_${g}_${m}_$i.log | grep "decode"
-           done; done ;;
     paged-ab) # the prefill graphs over the pool (DISAGG_PAGED_PREFILL_GRAPH=1; off by default until this runs): a
            # request's PA_NEW (512) new tokens after PA_PREFIX (1536) cached ones (offline.py --prefix-len: the
            # forward alone) and a fresh prompt's prefill, off then on in alternating fresh processes; the "[N s]

@@ -12,7 +12,6 @@ from disagg.common.engine.attention import AttentionBackend, ForwardBatch
 from disagg.common.models.deepseek import DEEPSEEK_ARCHITECTURES, MLAttention, is_mla, latent_half_dim
 from disagg.common.models.fused_rope_kv import fused_rope_kv, fused_rope_kv_ok
 from disagg.common.models.kernels import silu_and_mul
-from disagg.common.models.l2_prefetch import maybe_prefetch
 from disagg.common.models.layers import (
     ColumnParallelLinear,
     RMSNorm,
@@ -100,7 +99,6 @@ class Attention(nn.Module):
 
     def forward(self, x, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend):
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
-        maybe_prefetch(self.o_proj.weight, batch)  # into L2 while the attention runs (DISAGG_L2_PREFETCH)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)

@@ -40,7 +40,6 @@ from disagg.common.models.fused_moe import (
     router_logits,
 )
 from disagg.common.models.gemv import bmm
-from disagg.common.models.l2_prefetch import maybe_prefetch
 from disagg.common.models.layers import ColumnParallelLinear, RMSNorm, RotaryEmbedding, RowParallelLinear
 from disagg.common.models.moe import SparseMoE
 from disagg.common.parallel.state import TPGroup, all_reduce, attn_tp_group, get_parallel
@@ -177,7 +176,6 @@ class MLAttention(nn.Module):
                 f"MLA runs on the torch or an MLA attention backend, not {type(backend).__name__}"
             )
         q, kv_a = self.project_x(x)  # kv_a [T, rank + rope]: c_kv | k_pe (rows may be strided)
-        maybe_prefetch(self.o_proj.weight, batch)  # into L2 while the attention runs (DISAGG_L2_PREFETCH)
         q = q.view(-1, self.num_heads, self.qk_dim)
         q_nope = q[..., : self.nope]
         kv = kv_buffer[self.layer_id]  # [num_pages, 2, page_size, 1, latent/2]: the pool's view
