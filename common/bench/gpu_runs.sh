@@ -207,6 +207,43 @@ for step in "$@"; do
            case "$(gpu_name)" in
              *H100*) PA_MODELS=Qwen3-30B-A3B bash common/bench/gpu_runs.sh paged-ab ;;
              *) S24_TESTS= bash common/bench/gpu_runs.sh s24 ;; esac ;;
+    s26) # the twenty-sixth session's call (~9.5 min; carry .gpu/fi, .gpu/base, .gpu/tokz, .gpu/kc.txz). On an H200
+           # (issue 19's and 20's targets are stated for it; its products ran the plain MoE entries and cuBLAS since the
+           # H100 got its tunes): Qwen3-30B-A3B at batch 1 with the checked-in entries and with the H100's relabelled,
+           # its MoE GEMV and the two models' dense GEMVs tuned here (written under $OUT after each step), then
+           # Qwen3-30B-A3B with the tunes at batch 1, 64 and prefill 2048; V2-Lite's own tune is `s26-v2`. Elsewhere: s25
+           case "$(gpu_name)" in *H100*) bash common/bench/gpu_runs.sh s25; continue ;; esac
+           entry_sets "$(gpu_name)"; a="--load-format dummy --context-len 1024 --decode-steps 16"
+           for v in own h100; do echo "--- Qwen3-30B-A3B batch 1, $v entries ($(date +%T))"; use_entries $v
+             T=90 bench --model-path Qwen3-30B-A3B $a --batch-sizes 1 --prefill-len 512 > $OUT/s26_q3_$v.log
+             grep -A2 "^kind\|Error" $OUT/s26_q3_$v.log; done; use_entries own
+           echo "--- MoE GEMV tune, Qwen3-30B-A3B ($(date +%T))"
+           timeout ${TUNE_T:-190} python3 -m disagg.common.bench.moe_kernels --tune-gemv-only --batches 1 \
+             --output-dir $OUT > $OUT/s26_moe_tune_q3.log 2>&1; tail -3 $OUT/s26_moe_tune_q3.log
+           [ -f $OUT/fused_moe_configs.json ] && cp $OUT/fused_moe_configs.json common/models/fused_moe_configs.json
+           echo "--- dense GEMV tune ($(date +%T))"
+           timeout ${GEMV_T:-150} python3 -m disagg.common.bench.gemv --models Qwen3-30B-A3B,DeepSeek-V2-Lite --tune \
+             > $OUT/s26_gemv_tune.log 2>&1; tail -12 $OUT/s26_gemv_tune.log; cp common/models/gemv_configs.json $OUT/
+           echo "--- Qwen3-30B-A3B, this device's tunes ($(date +%T))"
+           T=100 bench --model-path Qwen3-30B-A3B $a --batch-sizes 1,64 --prefill-len 2048 > $OUT/s26_q3_tuned.log
+           grep -A4 "^kind\|Error" $OUT/s26_q3_tuned.log ;;
+    s26-v2) # after s26, with the tunes it returned copied into the tree (fused_moe_configs.json, gemv_configs.json
+           # under common/models/: a call's $OUT starts empty): DeepSeek-V2-Lite at batch 1 with those entries, its
+           # MoE GEMV tuned here, then batch 1, 64 and prefill 4096; Qwen3-30B-A3B again with the tunes
+           a="--load-format dummy --context-len 1024 --decode-steps 16"
+           echo "--- DeepSeek-V2-Lite batch 1, checked-in entries ($(date +%T))"
+           T=90 bench --model-path DeepSeek-V2-Lite $a --batch-sizes 1 --prefill-len 512 > $OUT/s26_v2_own.log
+           grep -A2 "^kind\|Error" $OUT/s26_v2_own.log
+           echo "--- MoE GEMV tune, DeepSeek-V2-Lite ($(date +%T))"
+           timeout ${TUNE_T:-190} python3 -m disagg.common.bench.moe_kernels --experts 64 --inter 1408 --top-k 6 \
+             --tune-gemv-only --batches 1 --output-dir $OUT > $OUT/s26_moe_tune_v2.log 2>&1; tail -3 $OUT/s26_moe_tune_v2.log
+           [ -f $OUT/fused_moe_configs.json ] && cp $OUT/fused_moe_configs.json common/models/fused_moe_configs.json
+           echo "--- DeepSeek-V2-Lite, this device's tunes ($(date +%T))"
+           T=110 bench --model-path DeepSeek-V2-Lite $a --batch-sizes 1,64 --prefill-len 4096 > $OUT/s26_v2_tuned.log
+           grep -A4 "^kind\|Error" $OUT/s26_v2_tuned.log
+           echo "--- Qwen3-30B-A3B again, this device's tunes ($(date +%T))"
+           T=100 bench --model-path Qwen3-30B-A3B $a --batch-sizes 1,64 --prefill-len 2048 > $OUT/s26_q3_tuned2.log
+           grep -A4 "^kind\|Error" $OUT/s26_q3_tuned2.log ;;
     paged-ab) # the prefill graphs over the pool (DISAGG_PAGED_PREFILL_GRAPH=1; off by default until this runs): a
            # request's PA_NEW (512) new tokens after PA_PREFIX (1536) cached ones (offline.py --prefix-len: the
            # forward alone) and a fresh prompt's prefill, off then on in alternating fresh processes; the "[N s]
