@@ -209,20 +209,20 @@ for step in "$@"; do
              *) S24_TESTS= bash common/bench/gpu_runs.sh s24 ;; esac ;;
     s26) # the twenty-sixth session's call (~9.5 min; carry .gpu/fi, .gpu/base, .gpu/tokz, .gpu/kc.txz). On an H200
            # (issue 19's and 20's targets are stated for it; its products ran the plain MoE entries and cuBLAS since the
-           # H100 got its tunes): Qwen3-30B-A3B at batch 1 with the checked-in entries and with the H100's relabelled,
-           # its MoE GEMV and the two models' dense GEMVs tuned here (written under $OUT after each step), then
-           # Qwen3-30B-A3B with the tunes at batch 1, 64 and prefill 2048; V2-Lite's own tune is `s26-v2`. Elsewhere: s25
+           # H100 got its tunes): Qwen3-30B-A3B at batch 1 with the checked-in entries, its MoE GEMV and the two
+           # models' dense GEMVs tuned here (written under $OUT after each step), then Qwen3-30B-A3B with the tunes at
+           # batch 1, 64 and prefill 2048; V2-Lite's own tune is `s26-v2`. Elsewhere: s25
            case "$(gpu_name)" in *H100*) bash common/bench/gpu_runs.sh s25; continue ;; esac
-           entry_sets "$(gpu_name)"; a="--load-format dummy --context-len 1024 --decode-steps 16"
-           for v in own h100; do echo "--- Qwen3-30B-A3B batch 1, $v entries ($(date +%T))"; use_entries $v
-             T=90 bench --model-path Qwen3-30B-A3B $a --batch-sizes 1 --prefill-len 512 > $OUT/s26_q3_$v.log
-             grep -A2 "^kind\|Error" $OUT/s26_q3_$v.log; done; use_entries own
+           a="--load-format dummy --context-len 1024 --decode-steps 16"
+           echo "--- Qwen3-30B-A3B batch 1, checked-in entries ($(date +%T))"
+           T=90 bench --model-path Qwen3-30B-A3B $a --batch-sizes 1 --prefill-len 512 > $OUT/s26_q3_own.log
+           grep -A2 "^kind\|Error" $OUT/s26_q3_own.log
            echo "--- MoE GEMV tune, Qwen3-30B-A3B ($(date +%T))"
-           timeout ${TUNE_T:-190} python3 -m disagg.common.bench.moe_kernels --tune-gemv-only --batches 1 \
+           timeout ${TUNE_T:-230} python3 -m disagg.common.bench.moe_kernels --tune-gemv-only --batches 1 \
              --output-dir $OUT > $OUT/s26_moe_tune_q3.log 2>&1; tail -3 $OUT/s26_moe_tune_q3.log
            [ -f $OUT/fused_moe_configs.json ] && cp $OUT/fused_moe_configs.json common/models/fused_moe_configs.json
            echo "--- dense GEMV tune ($(date +%T))"
-           timeout ${GEMV_T:-150} python3 -m disagg.common.bench.gemv --models Qwen3-30B-A3B,DeepSeek-V2-Lite --tune \
+           timeout ${GEMV_T:-120} python3 -m disagg.common.bench.gemv --models Qwen3-30B-A3B,DeepSeek-V2-Lite --tune \
              > $OUT/s26_gemv_tune.log 2>&1; tail -12 $OUT/s26_gemv_tune.log; cp common/models/gemv_configs.json $OUT/
            echo "--- Qwen3-30B-A3B, this device's tunes ($(date +%T))"
            T=100 bench --model-path Qwen3-30B-A3B $a --batch-sizes 1,64 --prefill-len 2048 > $OUT/s26_q3_tuned.log
