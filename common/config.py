@@ -36,8 +36,6 @@ from pathlib import Path
 #   DISAGG_PDL              1 (default): the Triton kernels launch with Programmatic Dependent Launch on Hopper
 #                           or newer (common/models/pdl.py; the H200 A/B of docs/benchmarks.md, eleventh
 #                           session) | 0: plain launches
-#   DISAGG_PDL_EARLY        1: where PDL is on, the kernels let their successors launch before they wait, and
-#                           the dense GEMV reads its first weight tile before its wait | 0 (default; A/B runs)
 #   DISAGG_GIL_SWITCH_INTERVAL_MS  Python's switch interval in a process with a transfer engine (default 0.2;
 #                           Python's own is 5): the longest its UCX loop thread waits for the GIL beside a busy
 #                           scheduler thread (transfer/ucx.py; A/B runs)
@@ -217,13 +215,6 @@ def pdl_requested() -> bool:
     """DISAGG_PDL: 1 (default) | 0: the Triton kernels launch with PDL where the device allows
     (common/models/pdl.py)."""
     return _switch("DISAGG_PDL", True)
-
-
-def pdl_early_requested() -> bool:
-    """DISAGG_PDL_EARLY: 1 | 0 (default): where PDL is on, each Triton kernel lets its successor launch
-    before it waits for its predecessor, and the dense GEMV streams its first weight tile before its
-    wait (common/models/pdl.py; off until its GPU A/B is measured)."""
-    return _switch("DISAGG_PDL_EARLY", False)
 
 
 MPS_SM_PERCENT_VAR = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"

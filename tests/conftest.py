@@ -211,16 +211,14 @@ def assert_logprobs_close(a: list[dict], b: list[dict]) -> None:
         assert ys[k] in {t for t, _ in x["meta_info"]["output_top_logprobs"][k]}, (i, k)
 
 
-def compile_for_hopper(kernel, types: dict[str, str], consts: dict, early_reads: tuple[str, ...] = ()):
+def compile_for_hopper(kernel, types: dict[str, str], consts: dict):
     """Compile a Triton kernel for sm_90 on this CPU machine (no GPU: Triton's own ptxas), as the H200
     would: the compiler's checks that Triton's interpreter skips (a name typed differently in two
     branches, a bad cast). `types`: Triton types of the pointer and float arguments by name; the
     rest are int32 (`stride*`: int64) but for the constexprs in `consts`. A PDL-aware kernel (a `PDL`
     argument, common/models/pdl.py) is compiled with PDL=True unless `consts` say otherwise (the
     plain variant's code and more), and its PTX must wait for its predecessor before its first
-    global memory access; compiled with PDL=2 (pdl.EARLY) it must let its successor launch before
-    it waits, and read nothing before the wait but through the pointer arguments `early_reads`
-    (what no kernel writes: the GEMV's weights). Returns the compiled kernel (`.asm["ptx"]`, ...)."""
+    global memory access. Returns the compiled kernel (`.asm["ptx"]`, ...)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -234,11 +232,7 @@ def compile_for_hopper(kernel, types: dict[str, str], consts: dict, early_reads:
     }
     src = ASTSource(kernel, signature, {(names.index(n),): v for n, v in consts.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-    if consts.get("PDL") == 2:
-        # the PTX's _param_<i> in order; the pointers by name (an integer taints no address)
-        params = [n if signature[n].startswith("*") else "" for n in names if signature[n] != "constexpr"]
-        assert_early_reads_only(compiled.asm["ptx"], kernel.__name__, params, early_reads)
-    elif consts.get("PDL"):
+    if consts.get("PDL"):
         assert_waits_before_memory(compiled.asm["ptx"], kernel.__name__)
     return compiled
 
@@ -256,42 +250,3 @@ def assert_waits_before_memory(ptx: str, name: str) -> None:
     assert "griddepcontrol.launch_dependents" in ptx, f"{name}: no griddepcontrol.launch_dependents"
     first = _GLOBAL_ACCESS.search(ptx)
     assert first is not None and wait < first.start(), f"{name}: {first and first.group(0)} before the wait"
-
-
-_PTX_INSTRUCTION = re.compile(r"^\s*(?:@!?%p\d+\s+)?([a-z][\w.]*)\s+(.*);", re.M)
-_PTX_REG = re.compile(r"%\w+")
-
-
-def assert_early_reads_only(ptx: str, name: str, params: list[str], early: tuple[str, ...]) -> None:
-    """PDL=EARLY's PTX: launch_dependents, then the wait; above the wait no store, atomic or async
-    copy, and every global load's address derived from the pointer arguments in `early` alone (each
-    register tagged with the arguments it was computed from, instruction by instruction)."""
-    wait = ptx.find("griddepcontrol.wait")
-    trigger = ptx.find("griddepcontrol.launch_dependents")
-    assert 0 <= trigger < wait, f"{name}: launch_dependents must come before the wait"
-    origin: dict[str, set[str]] = {}  # register -> the arguments its value comes from
-    loads = 0
-    for m in _PTX_INSTRUCTION.finditer(ptx[:wait]):
-        op, operands = m.group(1), m.group(2)
-        if op.startswith("ld.param"):
-            reg, index = re.match(r"(%\w+), \[\w+_param_(\d+)\]", operands).groups()
-            origin[reg] = {params[int(index)]} - {""}
-        elif op.startswith("ld.global"):
-            dest, address = operands.split("[", 1)
-            sources = set().union(*(origin.get(r, set()) for r in _PTX_REG.findall(address)))
-            assert sources and sources <= set(early), (
-                f"{name}: a load through {sorted(sources)} before the wait"
-            )
-            loads += 1
-            for reg in _PTX_REG.findall(dest):
-                origin[reg] = set()  # a weight's value: no address of anything
-        else:
-            assert not _GLOBAL_ACCESS.match(op), f"{name}: {op} before the wait"
-            if operands.startswith("{"):  # a vector destination: {%r1, %r2}, ...
-                dest, rest = operands[1:].split("}", 1)
-            else:
-                dest, _, rest = operands.partition(",")
-            sources = set().union(*(origin.get(r, set()) for r in _PTX_REG.findall(rest)))
-            for reg in _PTX_REG.findall(dest):
-                origin[reg] = sources
-    assert loads or not early, f"{name}: nothing read before the wait (early_reads {early})"

@@ -19,14 +19,11 @@ CUDA = torch.device("cuda", 0)
 @pytest.fixture(autouse=True)
 def _fresh_decision(monkeypatch):
     monkeypatch.delenv("DISAGG_PDL", raising=False)
-    monkeypatch.delenv("DISAGG_PDL_EARLY", raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(pdl, "device_capability", lambda device: (9, 0))  # an H200
     pdl.pdl_enabled.cache_clear()
-    pdl.pdl_early.cache_clear()
     yield
     pdl.pdl_enabled.cache_clear()
-    pdl.pdl_early.cache_clear()
 
 
 def test_on_by_default_on_hopper_off_with_the_switch(monkeypatch):
@@ -60,23 +57,6 @@ def test_switch_on_but_not_here(monkeypatch, case):
         monkeypatch.setattr(pdl, "triton_supports_pdl", lambda: False)
     assert not pdl.pdl_enabled(device)
     assert dict(pdl.pdl_args(device)) == {"PDL": False}
-
-
-def test_early_trigger_only_with_its_switch_and_pdl(monkeypatch):
-    """DISAGG_PDL_EARLY=1: the kernels get PDL=EARLY (successor launched before the wait); off by
-    default; nothing without PDL itself."""
-    pytest.importorskip("triton")
-    assert dict(pdl.pdl_args(CUDA)) == {"PDL": True, "launch_pdl": True}
-    monkeypatch.setenv("DISAGG_PDL_EARLY", "1")
-    pdl.pdl_early.cache_clear()
-    assert dict(pdl.pdl_args(CUDA)) == {"PDL": pdl.EARLY, "launch_pdl": True}
-    monkeypatch.setenv("DISAGG_PDL", "0")
-    pdl.pdl_enabled.cache_clear()
-    assert dict(pdl.pdl_args(CUDA)) == {"PDL": False}
-    monkeypatch.setenv("DISAGG_PDL_EARLY", "early")
-    pdl.pdl_early.cache_clear()
-    with pytest.raises(ValueError, match="DISAGG_PDL_EARLY='early': expected 0 or 1"):
-        pdl.pdl_early()
 
 
 def test_a_bad_value_is_refused(monkeypatch):

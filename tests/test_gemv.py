@@ -19,7 +19,6 @@ from tests.conftest import compile_for_hopper
 CHECK = textwrap.dedent(
     """
     import torch, torch.nn.functional as F
-    from disagg.common.models import gemv as G
     from disagg.common.models.gemv import bmm, gemv, linear
     torch.manual_seed(0)
     for n, k, cfg in ((37, 300, dict(BLOCK_N=8, BLOCK_K=128, num_warps=4)),
@@ -31,10 +30,6 @@ CHECK = textwrap.dedent(
             for bias in (None, b):
                 got, want = gemv(x, w, bias, cfg), F.linear(x, w, bias)
                 assert got.shape == want.shape and got.dtype == want.dtype
-                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
-                # DISAGG_PDL_EARLY's variant (its first K tile's weights read first): the same sums
-                got = torch.empty(tokens, n)
-                G._launch(x.unsqueeze(1), w.unsqueeze(0), bias, got.unsqueeze(1), cfg, w_first=True)
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
             # the layers' entry point: the plan's bucket ("1" or "4"), or F.linear without one
             plan = {"1": cfg} if tokens == 1 else {"4": cfg}
@@ -70,7 +65,7 @@ def test_kernel_compiles_for_hopper(t_pow2, has_bias):
     compile_for_hopper(
         G._gemv_kernel,
         {"x": "*bf16", "w": "*bf16", "bias": "*bf16", "out": "*bf16"},
-        dict(T_POW2=t_pow2, BLOCK_N=8, BLOCK_K=1024 // t_pow2, HAS_BIAS=has_bias, W_FIRST=False),
+        dict(T_POW2=t_pow2, BLOCK_N=8, BLOCK_K=1024 // t_pow2, HAS_BIAS=has_bias),
     )
 
 
@@ -142,30 +137,3 @@ def test_the_bench_redraws_a_saved_run(tmp_path):
     assert (first["roof_us"], first["torch_us"], first["gemv_us"]) == (5.67, 10.16, 7.55)
     plot(rows, str(tmp_path / "gemv.png"))
     assert (tmp_path / "gemv.png").stat().st_size > 10_000
-
-
-def test_early_variant_reads_only_weights_before_its_wait():
-    """DISAGG_PDL_EARLY's GEMV (PDL=EARLY, W_FIRST): its successor may launch first, its first weight
-    tile is read before the PDL wait and nothing else is (x, the bias and the output only after)."""
-    pytest.importorskip("triton")
-    for t_pow2, has_bias in ((1, False), (4, True)):
-        compile_for_hopper(
-            G._gemv_kernel,
-            {"x": "*bf16", "w": "*bf16", "bias": "*bf16", "out": "*bf16"},
-            dict(T_POW2=t_pow2, BLOCK_N=2, BLOCK_K=2048 // t_pow2, HAS_BIAS=has_bias, W_FIRST=True, PDL=2),
-            early_reads=("w",),
-        )
-    # without W_FIRST the early trigger alone: launch_dependents, the wait, then every load
-    compile_for_hopper(
-        G._gemv_kernel,
-        {"x": "*bf16", "w": "*bf16", "bias": "*bf16", "out": "*bf16"},
-        dict(T_POW2=1, BLOCK_N=2, BLOCK_K=2048, HAS_BIAS=False, W_FIRST=False, PDL=2),
-    )
-    # the check fails a kernel that reads anything else before its wait: here the weights, not allowed
-    with pytest.raises(AssertionError, match=r"a load through \['w'\] before the wait"):
-        compile_for_hopper(
-            G._gemv_kernel,
-            {"x": "*bf16", "w": "*bf16", "bias": "*bf16", "out": "*bf16"},
-            dict(T_POW2=1, BLOCK_N=2, BLOCK_K=2048, HAS_BIAS=False, W_FIRST=True, PDL=2),
-            early_reads=("x",),
-        )

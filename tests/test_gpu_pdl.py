@@ -2,10 +2,8 @@
 and inside a CUDA graph replayed on new inputs, give the bits of plain launches. Each chain makes
 one of our kernels read what the previous one just wrote (a PDL edge): routing -> the expert GEMVs
 (or the alignment and grouped GEMMs) -> the next layer's experts -> RoPE + K/V write on the experts'
-output; the FP8 activation quantization -> the FP8 block GEMM -> MLA's fused steps on its output;
-a stack of dense GEMVs, each on the one before's output. Each also with the early trigger
-(DISAGG_PDL_EARLY=1: successors launched before the wait, the GEMV's first weight tile read before
-it). A kernel that read its predecessor's output before `griddepcontrol.wait` would read the previous
+output; the FP8 activation quantization -> the FP8 block GEMM -> MLA's fused steps on its output.
+A kernel that read its predecessor's output before `griddepcontrol.wait` would read the previous
 replay's (other) values."""
 
 from __future__ import annotations
@@ -32,16 +30,13 @@ HIDDEN = (HQ + 2 * HKV) * D  # the experts' output is the fused qkv the RoPE ker
 def pdl_switch(monkeypatch):
     from disagg.common.models import pdl
 
-    def switch(on: bool, early: bool = False) -> None:
+    def switch(on: bool) -> None:
         monkeypatch.setenv("DISAGG_PDL", "1" if on else "0")
-        monkeypatch.setenv("DISAGG_PDL_EARLY", "1" if early else "0")
         pdl.pdl_enabled.cache_clear()
-        pdl.pdl_early.cache_clear()
         assert pdl.pdl_enabled(torch.device("cuda", torch.cuda.current_device())) == on
 
     yield switch
     pdl.pdl_enabled.cache_clear()  # the next test decides again, under the restored environment
-    pdl.pdl_early.cache_clear()
 
 
 def _run(step, values: list[list[torch.Tensor]], graphed: bool) -> list[list[torch.Tensor]]:
@@ -65,10 +60,10 @@ def _run(step, values: list[list[torch.Tensor]], graphed: bool) -> list[list[tor
     return results
 
 
-def _same_with_and_without_pdl(pdl_switch, step, values, exact: bool = True, early: bool = False) -> None:
+def _same_with_and_without_pdl(pdl_switch, step, values, exact: bool = True) -> None:
     pdl_switch(False)
     want = _run(step, values, graphed=False)
-    pdl_switch(True, early)
+    pdl_switch(True)
     for graphed in (False, True):
         got = _run(step, values, graphed)
         for i, (outs, refs) in enumerate(zip(got, want, strict=True)):
@@ -79,9 +74,8 @@ def _same_with_and_without_pdl(pdl_switch, step, values, exact: bool = True, ear
                     torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("early", [False, True], ids=["pdl", "early"])
 @pytest.mark.parametrize("tokens, split_k", [(1, 1), (1, 8), (16, 1), (300, 1)])
-def test_moe_and_rope_kv_chain(pdl_switch, tokens, split_k, early):
+def test_moe_and_rope_kv_chain(pdl_switch, tokens, split_k):
     """1 token: the GEMV path (split K 1: stores; 8: atomics into a zeroed buffer); 16 tokens x 4
     experts: the one-program alignment, the grouped GEMMs and the top-k sum; 300 (1200 pairs): the
     alignment's three launches."""
@@ -118,12 +112,11 @@ def test_moe_and_rope_kv_chain(pdl_switch, tokens, split_k, early):
             torch.randn(pages, 2, page_size, HKV, D, generator=g, device="cuda").to(BF16),
         ]
 
-    _same_with_and_without_pdl(pdl_switch, step, [values(s) for s in (1, 2, 3)], split_k == 1, early)
+    _same_with_and_without_pdl(pdl_switch, step, [values(s) for s in (1, 2, 3)], exact=split_k == 1)
 
 
-@pytest.mark.parametrize("early", [False, True], ids=["pdl", "early"])
 @pytest.mark.parametrize("tokens", [1, 64])
-def test_fp8_gemm_and_mla_rope_chain(pdl_switch, tokens, early):
+def test_fp8_gemm_and_mla_rope_chain(pdl_switch, tokens):
     """The FP8 path of a DeepSeek-V3 layer's x projection: quantize, block GEMM into the latent
     (kv_a, 512 + 64 wide; split K 1 at these sizes), MLA's fused steps on it."""
     from disagg.common.models.fp8_kernels import block_fp8_matmul, quantize_activation_groups_triton
@@ -158,28 +151,4 @@ def test_fp8_gemm_and_mla_rope_chain(pdl_switch, tokens, early):
             torch.randn(num_pages, page_size, rank + rope, generator=g, device="cuda").to(BF16),
         ]
 
-    _same_with_and_without_pdl(pdl_switch, step, [values(s) for s in (1, 2, 3)], early=early)
-
-
-@pytest.mark.parametrize("early", [False, True], ids=["pdl", "early"])
-@pytest.mark.parametrize("tokens", [1, 4])
-def test_gemv_chain(pdl_switch, tokens, early):
-    """Dense GEMVs (Qwen3-30B-A3B's qkv and o_proj tiles: 2 rows, K 2048 a step), each on the one
-    before's output, four deep: with the early trigger each one's first weight tile is read before
-    its wait, its x only after."""
-    from disagg.common.models.gemv import gemv
-
-    g = torch.Generator(device="cuda").manual_seed(0)
-    width, depth = 4096, 4
-    ws = [(torch.randn(width, width, generator=g, device="cuda") / width**0.5).to(BF16) for _ in range(depth)]
-    cfg = dict(BLOCK_N=2, BLOCK_K=2048, num_warps=4)
-
-    def step(x):
-        outs = []
-        for w in ws:
-            x = gemv(x, w, None, cfg)
-            outs.append(x)
-        return outs
-
-    values = [[torch.randn(tokens, width, generator=g, device="cuda").to(BF16)] for _ in range(3)]
-    _same_with_and_without_pdl(pdl_switch, step, values, early=early)
+    _same_with_and_without_pdl(pdl_switch, step, [values(s) for s in (1, 2, 3)])

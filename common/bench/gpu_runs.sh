@@ -211,11 +211,8 @@ for step in "$@"; do
            # (issue 19's and 20's targets are stated for it; its products ran the plain MoE entries and cuBLAS since the
            # H100 got its tunes): Qwen3-30B-A3B at batch 1 with the checked-in entries, its MoE GEMV and the two
            # models' dense GEMVs tuned here (written under $OUT after each step), then Qwen3-30B-A3B with the tunes at
-           # batch 1, 64 and prefill 2048; V2-Lite's own tune is `s26-v2`. On an H100: the MLA prefill-graph test,
-           # then early-ab
-           case "$(gpu_name)" in *H100*)
-             timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_prefill_graph.py -k mla > $OUT/pg_mla.log 2>&1
-             tail -2 $OUT/pg_mla.log; bash common/bench/gpu_runs.sh early-ab; continue ;; esac
+           # batch 1, 64 and prefill 2048; V2-Lite's own tune is `s26-v2`. Elsewhere: s25
+           case "$(gpu_name)" in *H100*) bash common/bench/gpu_runs.sh s25; continue ;; esac
            a="--load-format dummy --context-len 1024 --decode-steps 16"
            echo "--- Qwen3-30B-A3B batch 1, checked-in entries ($(date +%T))"
            T=90 bench --model-path Qwen3-30B-A3B $a --batch-sizes 1 --prefill-len 512 > $OUT/s26_q3_own.log
@@ -247,17 +244,6 @@ for step in "$@"; do
            echo "--- Qwen3-30B-A3B again, this device's tunes ($(date +%T))"
            T=100 bench --model-path Qwen3-30B-A3B $a --batch-sizes 1,64 --prefill-len 2048 > $OUT/s26_q3_tuned2.log
            grep -A4 "^kind\|Error" $OUT/s26_q3_tuned2.log ;;
-    early-ab) # PDL's early trigger (DISAGG_PDL_EARLY=1: each Triton kernel lets its successor launch before it waits,
-           # the dense GEMV reads its first weight tile before its wait; common/models/pdl.py): its GPU tests (bit-equal
-           # chains, eager and graphed), then EA_ARMS (model:switch) in fresh processes at batch 1 and 8
-           timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_pdl.py > $OUT/early_tests.log 2>&1
-           tail -2 $OUT/early_tests.log
-           for arm in ${EA_ARMS:-q3:0 q3:1 v2:0 v2:1 q3:0 q3:1}; do i=$((${i:-0} + 1)); g=${arm#*:}
-             M=$([ ${arm%%:*} = v2 ] && echo DeepSeek-V2-Lite || echo Qwen3-30B-A3B); echo "--- $M early $g ($(date +%T))"
-             DISAGG_PDL_EARLY=$g T=90 bench --model-path $M --load-format dummy --batch-sizes 1,8 --context-len 1024 \
-               --prefill-len 512 --decode-steps 16 > $OUT/early_${g}_${M}_$i.log
-             grep -A3 "^kind\|Error" $OUT/early_${g}_${M}_$i.log | grep "decode\|Error"
-           done ;;
     paged-ab) # the prefill graphs over the pool (DISAGG_PAGED_PREFILL_GRAPH=1; off by default until this runs): a
            # request's PA_NEW (512) new tokens after PA_PREFIX (1536) cached ones (offline.py --prefix-len: the
            # forward alone) and a fresh prompt's prefill, off then on in alternating fresh processes; the "[N s]

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from disagg.common.models.fused_moe import device_name, fused_moe_available
-from disagg.common.models.pdl import EARLY, pdl_args, pdl_begin
+from disagg.common.models.pdl import pdl_args, pdl_begin
 
 try:
     import triton
@@ -79,19 +79,15 @@ def batched_gemv(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, confi
     return out
 
 
-def _launch(x, weight, bias, out, config: dict, w_first: bool | None = None) -> None:
-    """One launch; `w_first` (default: PDL's early trigger is on, pdl.py) reads the first weight tile
-    before the PDL wait (the interpreter test sets it: the same arithmetic, no PDL there)."""
+def _launch(x, weight, bias, out, config: dict) -> None:
     num_tokens, heads, k = x.shape
     n = weight.shape[1]
     block_n = config["BLOCK_N"]
-    pdl = pdl_args(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n), heads)](
         x, weight, bias if bias is not None else weight, out, num_tokens, n, k, x.stride(0), x.stride(1),
         weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0), out.stride(1),
         T_POW2=triton.next_power_of_2(num_tokens), BLOCK_N=block_n, BLOCK_K=config["BLOCK_K"],
-        HAS_BIAS=bias is not None, W_FIRST=pdl["PDL"] == EARLY if w_first is None else w_first,
-        num_warps=config["num_warps"], **pdl,
+        HAS_BIAS=bias is not None, num_warps=config["num_warps"], **pdl_args(x.device),
     )  # fmt: skip
 
 
@@ -195,11 +191,11 @@ if triton is not None:
         x, w, bias, out, num_tokens, N, K, stride_xt, stride_xh, stride_wh, stride_wn, stride_wk,
         stride_ot, stride_oh,
         T_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-        W_FIRST: tl.constexpr, PDL: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         """out[t, h, rows] = x[t, h] . w[h, rows] (+ bias[rows]) for every token t and BLOCK_N rows of
-        head h (program axis 1; a dense linear has one head). W_FIRST: the first K tile's weights are
-        read before the PDL wait (the weights are no kernel's output; pdl.py, "Early trigger")."""
+        head h (program axis 1; a dense linear has one head)."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
         head = tl.program_id(1).to(tl.int64)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         tokens = tl.arange(0, T_POW2)
@@ -208,17 +204,7 @@ if triton is not None:
         w_rows = w + head * stride_wh + rows.to(tl.int64)[:, None] * stride_wn
         x_rows = x + head * stride_xh + tokens.to(tl.int64)[:, None] * stride_xt
         acc = tl.zeros([T_POW2, BLOCK_N], dtype=tl.float32)
-        if W_FIRST:
-            k_mask = cols < K
-            wt = tl.load(
-                w_rows + cols[None, :] * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0.0
-            )
-            pdl_begin(PDL)  # before any load of x and any store (pdl.py)
-            xt = tl.load(x_rows + cols[None, :], mask=t_mask[:, None] & k_mask[None, :], other=0.0)
-            acc += tl.sum(xt.to(tl.float32)[:, None, :] * wt.to(tl.float32)[None, :, :], axis=2)
-        else:
-            pdl_begin(PDL)  # first: before any load or store (pdl.py)
-        for k0 in range(BLOCK_K if W_FIRST else 0, K, BLOCK_K):
+        for k0 in range(0, K, BLOCK_K):
             k = k0 + cols
             k_mask = k < K
             wt = tl.load(w_rows + k[None, :] * stride_wk, mask=n_mask[:, None] & k_mask[None, :], other=0.0)

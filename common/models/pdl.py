@@ -33,17 +33,6 @@ records it as a programmatic edge between the two kernel nodes (CUDA >= 12.3; th
 is built for 13.0), so graph replays keep the overlap. Beside a kernel launched without PDL (torch's,
 cuBLAS's) ordering is the plain stream order on both sides.
 
-Early trigger (DISAGG_PDL_EARLY=1, off until its GPU A/B is measured): `pdl_args` passes PDL=EARLY and
-`pdl_begin` lets the successor launch *before* it waits. Its programs then become resident while this
-kernel still waits on its own predecessor (a grid launches once every program of the one before it has
-started), and a kernel whose first reads are of what no kernel writes, the dense GEMV's weights
-(gemv.py), issues them before its wait: at a few tokens the next product's weights start streaming
-during the latency-bound kernels before it (attention's merge, the norms), where DRAM idles. What is
-waited for does not change: `griddepcontrol.wait` returns once the predecessor has completed and
-flushed, and the predecessor completes only after its own wait. (The nineteenth session's separate L2
-prefetch kernel lost because the prefetching launch retires only once its requests land; these loads
-belong to the kernel that uses them.)
-
 FlashInfer (common/models/kernels.py) is not switched here: its RMSNorm, fused add + RMSNorm and
 SiLU·mul launch with PDL by default on compute capability >= 9 (`enable_pdl=None` means
 `device_support_pdl`, FlashInfer 0.7.2), its RoPE never does (no argument; its kernel passes
@@ -58,7 +47,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 import torch
-from disagg.common.config import pdl_early_requested, pdl_requested, triton_interpret
+from disagg.common.config import pdl_requested, triton_interpret
 
 try:
     import triton
@@ -70,25 +59,14 @@ logger = logging.getLogger(__name__)
 
 # a kernel's extra launch arguments: the constexpr, and the launch option where PDL is on (an older
 # Triton refuses the option by name, so it is only passed where it exists and is wanted)
-# (PDL=EARLY: the successor may launch before this kernel waits; see "Early trigger" above)
-EARLY = 2
 _ON: Mapping = MappingProxyType({"PDL": True, "launch_pdl": True})
-_EARLY: Mapping = MappingProxyType({"PDL": EARLY, "launch_pdl": True})
 _OFF: Mapping = MappingProxyType({"PDL": False})
 
 
 def pdl_args(device: torch.device) -> Mapping:
     """The keyword arguments that launch a PDL-aware kernel on `device`:
     `kernel[grid](..., **pdl_args(x.device))`."""
-    if not pdl_enabled(device):
-        return _OFF
-    return _EARLY if pdl_early() else _ON
-
-
-@functools.cache
-def pdl_early() -> bool:
-    """DISAGG_PDL_EARLY=1 (read once a process)."""
-    return pdl_early_requested()
+    return _ON if pdl_enabled(device) else _OFF
 
 
 @functools.cache
@@ -128,11 +106,8 @@ if triton is not None:
     @triton.jit
     def pdl_begin(PDL: tl.constexpr):
         """A PDL-aware kernel's first statement: with PDL, wait for the predecessor's writes, then let
-        the successor launch (it waits for this kernel's in turn); with PDL=EARLY the other way round."""
-        if PDL == 2:  # EARLY (a jit function reads no module constant)
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        elif PDL:
+        the successor launch (it waits for this kernel's in turn)."""
+        if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
 
