@@ -194,10 +194,10 @@ def test_padded_cached_prefix_batch_gives_the_unpadded_logits_and_kv(tiny_models
 
 
 @pytest.mark.parametrize(
-    ("name", "default"), [("DISAGG_MLA_PREFILL_GRAPH", True), ("DISAGG_PAGED_PREFILL_GRAPH", False)]
+    ("name", "default"), [("DISAGG_MLA_PREFILL_GRAPH", True), ("DISAGG_PAGED_PREFILL_GRAPH", True)]
 )
 def test_switches_of_the_mla_and_paged_graph_sets(name, default, monkeypatch):
-    """MLA's set: on unless its variable is 0; the paged set: off unless 1; nonsense refused."""
+    """MLA's set and the paged set: on unless their variable is 0; nonsense refused."""
     from disagg.common import config
 
     read = {

@@ -244,7 +244,7 @@ for step in "$@"; do
            echo "--- Qwen3-30B-A3B again, this device's tunes ($(date +%T))"
            T=100 bench --model-path Qwen3-30B-A3B $a --batch-sizes 1,64 --prefill-len 2048 > $OUT/s26_q3_tuned2.log
            grep -A4 "^kind\|Error" $OUT/s26_q3_tuned2.log ;;
-    paged-ab) # the prefill graphs over the pool (DISAGG_PAGED_PREFILL_GRAPH=1; off by default until this runs): a
+    paged-ab) # the prefill graphs over the pool (DISAGG_PAGED_PREFILL_GRAPH; on by default since its twenty-sixth-session run): a
            # request's PA_NEW (512) new tokens after PA_PREFIX (1536) cached ones (offline.py --prefix-len: the
            # forward alone) and a fresh prompt's prefill, off then on in alternating fresh processes; the "[N s]
            # decode batch 1" line of each log shows the start-up with the second set of captures

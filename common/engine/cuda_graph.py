@@ -465,8 +465,8 @@ class _GraphRaggedPrefillBackend(MLABackend):
 class PrefillGraphRunner:
     """CUDA graphs for prefill batches, one per token bucket (prefill_buckets), captured at start-up on
     one memory pool: batches of fresh prompts (no cached prefix: the ragged attention over the step's own
-    K/V) and, where asked (paged: DISAGG_PAGED_PREFILL_GRAPH=1, off until its speed is measured), batches that
-    attend over the pool (a cached prefix, a later chunk, decode rows beside a prompt) on a second set.
+    K/V) and, unless DISAGG_PAGED_PREFILL_GRAPH=0, batches that attend over the pool (a cached prefix, a
+    later chunk, decode rows beside a prompt) on a second set.
 
     An eager 2048-token prefill of a 48-layer MoE queues ~700 kernels: ~25 ms of host launches on an
     H100 against ~31 ms of device work, so a slower host makes the prefill host-bound, and the launch

@@ -303,8 +303,8 @@ class ModelRunner:
     def _capture_prefill_graphs(self):
         """cuda_graph.PrefillGraphRunner where the decode graphs run and the attention backend has
         FlashInfer's ragged prefill, unless --disable-prefill-cuda-graph: fresh prompts (MLA models' in
-        their expanded form unless DISAGG_MLA_PREFILL_GRAPH=0) and, when asked (DISAGG_PAGED_PREFILL_GRAPH=1,
-        off until measured), GQA batches over the pool, a cached prefix or a later chunk. The
+        their expanded form unless DISAGG_MLA_PREFILL_GRAPH=0) and, unless DISAGG_PAGED_PREFILL_GRAPH=0,
+        GQA batches over the pool, a cached prefix or a later chunk. The
         all-to-all MoE (its prefill exchange sizes buffers on the host) and every batch while EPLB or the
         expert metrics count the experts' load (a batch's pad rows would count) prefill eagerly. The
         graphs' memory is not in the KV pool's budget: where capturing them runs out of memory, one rank
