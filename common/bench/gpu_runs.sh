@@ -230,13 +230,14 @@ for step in "$@"; do
            grep -A4 "^kind\|Error" $OUT/s26_q3_tuned.log ;;
     s26-v2) # after s26, with the tunes it returned copied into the tree (fused_moe_configs.json, gemv_configs.json
            # under common/models/: a call's $OUT starts empty): DeepSeek-V2-Lite at batch 1 with those entries, its
-           # MoE GEMV tuned here, then batch 1, 64 and prefill 4096; Qwen3-30B-A3B again with the tunes
+           # MoE GEMV tuned here at 8 slots a token (6 routed + the 2 shared experts the engine fuses as slots under the
+           # same E=64 key), then batch 1, 64 and prefill 4096; Qwen3-30B-A3B again with the tunes
            a="--load-format dummy --context-len 1024 --decode-steps 16"
            echo "--- DeepSeek-V2-Lite batch 1, checked-in entries ($(date +%T))"
            T=90 bench --model-path DeepSeek-V2-Lite $a --batch-sizes 1 --prefill-len 512 > $OUT/s26_v2_own.log
            grep -A2 "^kind\|Error" $OUT/s26_v2_own.log
            echo "--- MoE GEMV tune, DeepSeek-V2-Lite ($(date +%T))"
-           timeout ${TUNE_T:-190} python3 -m disagg.common.bench.moe_kernels --experts 64 --inter 1408 --top-k 6 \
+           timeout ${TUNE_T:-190} python3 -m disagg.common.bench.moe_kernels --experts 64 --inter 1408 --top-k 8 \
              --tune-gemv-only --batches 1 --output-dir $OUT > $OUT/s26_moe_tune_v2.log 2>&1; tail -3 $OUT/s26_moe_tune_v2.log
            [ -f $OUT/fused_moe_configs.json ] && cp $OUT/fused_moe_configs.json common/models/fused_moe_configs.json
            echo "--- DeepSeek-V2-Lite, this device's tunes ($(date +%T))"
