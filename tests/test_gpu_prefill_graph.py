@@ -1,8 +1,8 @@
 """On a CUDA GPU: prefill batches of fresh prompts replay CUDA graphs (the default;
 cuda_graph.PrefillGraphRunner) and give the eager forward's logits and K/V: one prompt, several,
-a bucket's exact size and padded ones; batches the graphs do not take (a cached prefix, past the
-largest bucket, more requests than they hold) run eagerly; and an engine's greedy tokens with the
-graphs stay close to the eager engine's (a tiny Qwen3-MoE: the fused MoE kernels inside the graph).
+a bucket's exact size and padded ones; a cached prefix takes the paged set; batches the graphs do
+not take (past the largest bucket, more requests or pages than they hold) run eagerly; and an
+engine's greedy tokens with the graphs stay close to the eager engine's (a tiny Qwen3-MoE: the fused MoE kernels inside the graph).
 An MLA model (a 2-layer DeepSeek-V3 shape, FP8 on Hopper) runs its expanded form in the graph: the
 same logits and latents as its eager prefill."""
 
@@ -88,6 +88,8 @@ def test_batches_the_graphs_do_not_take(engine):
     assert not graphs.can_run(_plan(runner, [1, 1], 0))  # decode-sized: the decode graphs'
     cached = _plan(runner, [40], 0)
     cached.kv_lens = [72]  # 32 tokens of cached prefix: attention over the pool, not the step's K/V
+    assert graphs.graph_kind(cached) == "paged"  # the paged set, captured by default
+    cached.tables = [list(range(1, graphs.request_pages + 2))]  # more pages than that set holds
     assert not graphs.can_run(cached)
 
 
@@ -97,7 +99,7 @@ PARAMS = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True, "top_logpro
 def test_engine_tokens_with_prefill_graphs_close_to_eager(engine, tmp_path, monkeypatch):
     """Prompts prefilled by the graphs (and one past the largest bucket, eagerly), then decoded,
     against an engine without them on the same weights; the second round of the same prompts hits
-    the radix cache (a cached prefix: eager) and gives the same tokens again."""
+    the radix cache (a cached prefix: the paged set or eager) and gives the same tokens again."""
     from disagg.common.engine.cuda_graph import PrefillGraphRunner
     from disagg.common.engine.offline import Engine
 
@@ -121,8 +123,7 @@ def test_engine_tokens_with_prefill_graphs_close_to_eager(engine, tmp_path, monk
     finally:
         eager_engine.shutdown()
     assert_logprobs_close(graphed, eager)
-    again = engine.generate(prompts, PARAMS)
-    assert len(replays) == 1  # cached prefixes: the eager forward
+    again = engine.generate(prompts, PARAMS)  # cached prefixes: the paged set where a batch fits it
     assert_logprobs_close(again, graphed)
 
 

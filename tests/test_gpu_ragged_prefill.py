@@ -86,7 +86,8 @@ PARAMS = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True, "top_logpro
 def test_engine_tokens_ragged_close_to_paged(fused, tmp_path, monkeypatch):
     """A tiny Qwen3 (q/k norm, GQA, head_dim 128) in bf16 with FlashInfer: prompts prefilled whole
     (fresh: ragged) then decoded, against DISAGG_RAGGED_PREFILL=0; with the fused RoPE + K/V write
-    (K rotated in place) and with the torch ops (DISAGG_FUSED_KERNELS=0)."""
+    (K rotated in place) and with the torch ops (DISAGG_FUSED_KERNELS=0). Eager prefills: the
+    prefill graphs (test_gpu_prefill_graph.py) run their own ragged kernel whatever the switch says."""
     pytest.importorskip("flashinfer")
     from disagg.common.engine.attention_flashinfer import FlashInferBackend
     from disagg.common.engine.offline import Engine
@@ -109,7 +110,8 @@ def test_engine_tokens_ragged_close_to_paged(fused, tmp_path, monkeypatch):
         fused_rope_kv_ok.cache_clear()
         with fused_kernels(fused):
             engine = Engine(model_path=path, attention_backend="flashinfer", dtype="bfloat16",
-                            max_total_tokens=8192, page_size=16, chunked_prefill_size=4096)  # fmt: skip
+                            max_total_tokens=8192, page_size=16, chunked_prefill_size=4096,
+                            disable_prefill_cuda_graph=True)  # fmt: skip
             try:
                 used = [layer.self_attn.fused_rope_kv for layer in engine.scheduler.runner.model.layers]
                 assert all(used) if fused else not any(used)
