@@ -448,7 +448,7 @@ for step in "$@"; do
            (cd /tmp/sweep2 && tar czf $OUT/sweep_logs.tgz logs) ;;
     gpu-tests) # every tests/test_gpu_*.py (issue 24 item 6), in two pytest processes at once (~4.5 min on an H100);
            # after gguf-a and gguf-b (the engine tests load the default model, converted from its GGUF there);
-           # carry .gpu/ucx (the PD tests)
+           # carry .gpu/ucx (the PD tests) and .gpu/router (the router's orjson: test_gpu_first_token.py)
            files=(tests/test_gpu_*.py); half=$(( ${#files[@]} / 2 ))
            timeout "${T:-560}" python3 -m pytest -q -p no:cacheprovider "${files[@]:0:$half}" > $OUT/gpu_tests_a.log 2>&1 &
            timeout "${T:-560}" python3 -m pytest -q -p no:cacheprovider "${files[@]:$half}" > $OUT/gpu_tests_b.log 2>&1
