@@ -211,9 +211,9 @@ for step in "$@"; do
            # (issue 19's and 20's targets are stated for it; its products ran the plain MoE entries and cuBLAS since the
            # H100 got its tunes): Qwen3-30B-A3B at batch 1 with the checked-in entries, its MoE GEMV and the two
            # models' dense GEMVs tuned here (written under $OUT after each step), then Qwen3-30B-A3B with the tunes at
-           # batch 1, 64 and prefill 2048; V2-Lite's own tune is `s26-v2`. On an H100 (s25's steps ran in the
-           # twenty-sixth session): combine-long
-           case "$(gpu_name)" in *H100*) bash common/bench/gpu_runs.sh combine-long; continue ;; esac
+           # batch 1, 64 and prefill 2048; V2-Lite's own tune is `s26-v2`. On an H100 nothing (combine-long and
+           # V2-Lite's 8-slot tune ran there in the twenty-seventh session): give the machine back, ask again
+           case "$(gpu_name)" in *H100*) echo "an H100: s26 is for an H200, nothing run"; continue ;; esac
            a="--load-format dummy --context-len 1024 --decode-steps 16"
            echo "--- Qwen3-30B-A3B batch 1, checked-in entries ($(date +%T))"
            T=90 bench --model-path Qwen3-30B-A3B $a --batch-sizes 1 --prefill-len 512 > $OUT/s26_q3_own.log
