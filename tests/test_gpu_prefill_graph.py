@@ -2,9 +2,9 @@
 cuda_graph.PrefillGraphRunner) and give the eager forward's logits and K/V: one prompt, several,
 a bucket's exact size and padded ones; a cached prefix takes the paged set; batches the graphs do
 not take (past the largest bucket, more requests or pages than they hold) run eagerly; and an
-engine's greedy tokens with the graphs stay close to the eager engine's (a tiny Qwen3-MoE: the fused MoE kernels inside the graph).
-An MLA model (a 2-layer DeepSeek-V3 shape, FP8 on Hopper) runs its expanded form in the graph: the
-same logits and latents as its eager prefill."""
+engine's greedy tokens with the graphs stay close to the eager engine's (a tiny Qwen3-MoE: the
+fused MoE kernels inside the graph). An MLA model (a 2-layer DeepSeek-V3 shape, FP8 on Hopper)
+runs its expanded form in the graph: the same logits and latents as its eager prefill."""
 
 from __future__ import annotations
 
