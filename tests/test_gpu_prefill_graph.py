@@ -105,14 +105,18 @@ def test_engine_tokens_with_prefill_graphs_close_to_eager(engine, tmp_path, monk
 
     from tests.conftest import assert_logprobs_close
 
-    replays = []
+    replays = []  # the graph set each replay took
     original = PrefillGraphRunner.run
-    monkeypatch.setattr(PrefillGraphRunner, "run", lambda self, *a: replays.append(1) or original(self, *a))
+    monkeypatch.setattr(
+        PrefillGraphRunner,
+        "run",
+        lambda self, *a: replays.append(self.graph_kind(a[0])) or original(self, *a),
+    )
     prompts = [list(range(3, 300)), [5, 9, 11] * 30, list(range(7, 20)), [4] * 700]
     graphed = engine.generate(prompts[:3], PARAMS)  # one prefill batch of 400 tokens: a graph
     assert replays
     graphed += engine.generate(prompts[3:], PARAMS)  # 700 tokens: past the largest bucket, eager
-    assert len(replays) == 1
+    assert replays == ["ragged"]
     path = engine.config.model_path
     eager_engine = Engine(model_path=path, attention_backend="flashinfer", dtype="bfloat16",
                           max_total_tokens=16384, page_size=16, chunked_prefill_size=4096,
@@ -124,6 +128,7 @@ def test_engine_tokens_with_prefill_graphs_close_to_eager(engine, tmp_path, monk
         eager_engine.shutdown()
     assert_logprobs_close(graphed, eager)
     again = engine.generate(prompts, PARAMS)  # cached prefixes: the paged set where a batch fits it
+    assert replays.count("ragged") == 1  # never the fresh prompts' set again
     assert_logprobs_close(again, graphed)
 
 
