@@ -56,3 +56,22 @@ def test_mla_triton_decode_graphs_follow_flashinfer():
 
     model = dict(model_path="DeepSeek-V3", load_format="dummy", json_model_override_args=json.dumps(SMALL_V3))
     assert_logprobs_close(_generate("triton", **model), _generate("flashinfer", **model))
+
+
+def test_mla_triton_decode_with_w_uv_in_the_merge_follows_flashinfer(monkeypatch):
+    """DISAGG_MLA_FUSED_UV=1: the graphs' merge launch projects the context through W_UV (the kernel
+    runs: counted at capture) and the tokens stay FlashInfer's."""
+    pytest.importorskip("flashinfer")
+    from disagg.common.models import decode_attention as da
+
+    from tests.conftest import assert_logprobs_close
+    from tests.test_gpu_mla import SMALL_V3
+
+    calls, merge_uv = [], da._merge_uv
+    monkeypatch.setattr(da, "_merge_uv", lambda *a: calls.append(1) or merge_uv(*a))
+    monkeypatch.setenv("DISAGG_MLA_FUSED_UV", "1")
+    model = dict(model_path="DeepSeek-V3", load_format="dummy", json_model_override_args=json.dumps(SMALL_V3))
+    fused = _generate("triton", **model)
+    assert calls, "the fused merge never ran"
+    monkeypatch.setenv("DISAGG_MLA_FUSED_UV", "0")
+    assert_logprobs_close(fused, _generate("flashinfer", **model))

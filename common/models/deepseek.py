@@ -262,6 +262,9 @@ class MLAttention(nn.Module):
         # one, gemv.py)
         uk, uv = self.absorb_plans or (None, None)
         q_lat = bmm(q_nope, w_uk.transpose(1, 2), q_nope.new_empty(t, self.num_heads, self.rank), uk)
+        out = backend.run_mla_uv(q_lat, q_pe, pages, self.scale, batch, w_uv)  # the kernel projects it
+        if out is not None:
+            return out
         ctx = backend.run_mla(q_lat, q_pe, pages, self.scale, batch)  # [T, H, rank]
         return bmm(ctx, w_uv, q_nope.new_empty(t, self.num_heads, self.v_dim), uv)
 
