@@ -192,20 +192,6 @@ def moe_combine() -> str | None:
     return os.environ.get("DISAGG_MOE_COMBINE") or None
 
 
-def mla_fused_uv() -> bool:
-    """DISAGG_MLA_FUSED_UV: 0 (default) | 1: the Triton MLA decode's merge launch projects each head's
-    context through W_UV itself (decode_attention.mla_decode's w_uv), one launch a layer fewer than the
-    merge and a batched GEMV; off until a GPU A/B shows it faster (docs/benchmarks.md)."""
-    return _switch("DISAGG_MLA_FUSED_UV", False)
-
-
-def mla_fused_uk() -> bool:
-    """DISAGG_MLA_FUSED_UK: 0 (default) | 1: decode batches of at most 4 tokens absorb their queries
-    through W_UK in fused_mla_rope's launch (its `w_uk`) instead of a batched GEMV of their own; off
-    until a GPU A/B shows it faster (docs/benchmarks.md)."""
-    return _switch("DISAGG_MLA_FUSED_UK", False)
-
-
 def mla_prefill_graph() -> bool:
     """DISAGG_MLA_PREFILL_GRAPH: 1 (default) | 0: MLA models' fresh prompts prefill in CUDA graphs too
     (cuda_graph.PrefillGraphRunner's expanded form; 0 keeps their prefill eager)."""

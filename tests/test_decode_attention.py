@@ -100,33 +100,6 @@ CHECK = textwrap.dedent(
             assert got.shape == q_nope.shape and got.dtype == dtype
             compare(got, want, plain, lens, dtype)
         print("case passed", "mla", lens, page_size, heads, rank, rope, dtype, splits)
-
-    def mla_uv_case(lens, page_size, heads, rank, rope, v_dim, dtype, splits, device="cpu"):
-        '''The merge launch's W_UV product (w_uv, a view with strided heads as kv_b_proj's): each
-        head's context rounded to dtype, then through its W_UV rows; padded rows 0.'''
-        g = torch.Generator().manual_seed(sum(lens) + page_size + heads + v_dim)
-        pages, table, kv_lens = paged(g, lens, page_size, dtype, device, 1, rank + rope)
-        pages = pages[:, :, 0]
-        q_nope = torch.randn(len(lens), heads, rank, generator=g).to(dtype).to(device)
-        q_pe = torch.randn(len(lens), heads, rope, generator=g).to(dtype).to(device)
-        kv_b = (torch.randn(heads, 8 + v_dim, rank, generator=g) * rank**-0.5).to(dtype).to(device)
-        w_uv = kv_b[:, 8:]  # [H, V, R], rows strided by 8 + V
-        scale = (rank + rope) ** -0.5
-        ctx = da.mla_decode_reference(q_nope, q_pe, pages, table, kv_lens, scale).to(dtype).float()
-        want = torch.einsum("bhr,hvr->bhv", ctx, w_uv.float())
-        tol = (1e-5 if dtype == torch.float32 else 1 / 64) * want.abs().max().item()
-        for s in splits:
-            got = da.mla_decode(q_nope, q_pe, pages, table, kv_lens, scale, s, w_uv=w_uv)
-            assert got.shape == (len(lens), heads, v_dim) and got.dtype == dtype
-            torch.testing.assert_close(got.float(), want, atol=tol, rtol=0)
-            for b, n in enumerate(lens):
-                if n == 0:
-                    assert torch.equal(got[b], torch.zeros_like(got[b]))
-        out = torch.full((len(lens), heads, v_dim), float("nan"), dtype=dtype, device=device)
-        work = da.decode_workspace(len(lens), heads, splits[0], rank, device)
-        assert da.mla_decode(q_nope, q_pe, pages, table, kv_lens, scale, splits[0], out, work, w_uv) is out
-        torch.testing.assert_close(out.float(), want, atol=tol, rtol=0)
-        print("case passed", "mla_uv", lens, page_size, heads, rank, rope, v_dim, dtype, splits)
     """
 )
 
@@ -157,12 +130,10 @@ def test_interpreted_decode_attention_matches_the_references():
             mla_case(lens, 1, 3, 32, 16, f32, (1, 8))
             mla_case(lens, 16, 16, 64, 16, bf16, (3,))
             mla_case([70, 1, 33], 64, 20, 32, 16, bf16, (2,))  # two head blocks, the second partial
-            mla_uv_case(lens, 16, 3, 32, 16, 16, f32, (1, 8))  # W_UV in the merge launch
-            mla_uv_case([70, 1, 33], 5, 16, 256, 16, 32, bf16, (3,))  # two BLOCK_R steps of the rank
             """
         )
     )
-    assert out.count("case passed") == 10
+    assert out.count("case passed") == 8
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU test checks the compiled kernels")
@@ -175,12 +146,9 @@ def test_interpreted_start_up_check_passes_the_kernels_and_catches_a_broken_one(
         cpu = torch.device("cpu")
         assert da.check_decode_attention(cpu, torch.bfloat16, gqa=(8, 2, 32), page_size=16)
         assert da.check_decode_attention(cpu, torch.float32, mla=(3, 32, 16), page_size=1)
-        assert da.check_decode_attention(cpu, torch.bfloat16, mla=(3, 32, 16, 16), page_size=16)
         da._merge = lambda part_out, part_lse, out: out.zero_()  # a broken merge
         assert not da.check_decode_attention(cpu, torch.float32, gqa=(8, 2, 32))
         assert not da.check_decode_attention(cpu, torch.float32, mla=(3, 32, 16))
-        da._merge_uv = lambda part_out, part_lse, w_uv, out: out.zero_()  # and a broken W_UV merge
-        assert not da.check_decode_attention(cpu, torch.bfloat16, mla=(3, 32, 16, 16), page_size=16)
         """
     )
     _interpret(code)
@@ -218,12 +186,6 @@ def test_interpreted_graph_backend_plans_and_runs_on_the_pool():
                     q_nope, q_pe = torch.randn(4, heads, 32), torch.randn(4, heads, 16)
                     got = backend.run_mla(q_nope, q_pe, latent_pages(kv), 0.2, None)
                     want = da.mla_decode_reference(q_nope, q_pe, latent_pages(kv), table, kv_lens, 0.2)
-                    w_uv = torch.randn(heads, 16, 32)
-                    assert backend.run_mla_uv(q_nope, q_pe, latent_pages(kv), 0.2, None, w_uv) is None  # off
-                    backend.fused_uv = True  # DISAGG_MLA_FUSED_UV=1
-                    got_uv = backend.run_mla_uv(q_nope, q_pe, latent_pages(kv), 0.2, None, w_uv)
-                    backend.fused_uv = False
-                    torch.testing.assert_close(got_uv, torch.einsum("bhr,hvr->bhv", want, w_uv), atol=1e-4, rtol=1e-4)
                 else:
                     q = torch.randn(4, heads, 16)
                     got = backend.forward(q, kv, None)
@@ -329,10 +291,6 @@ def test_decode_attention_kernels_compile_for_hopper():
         block_d = min(dim, 4096 // splits)
         types = {"part_out": "*fp32", "part_lse": "*fp32", "out": "*bf16"}
         compile_for_hopper(da._merge_kernel, types, dict(DIM=dim, BLOCK_D=block_d, SPLITS=splits))
-    types = {"part_out": "*fp32", "part_lse": "*fp32", "w_uv": "*bf16", "out": "*bf16"}
-    for block_v, splits in ((16, 16), (128, 64)):  # V2-Lite and V3 at batch 1 (_merge_uv's blocks)
-        consts = dict(RANK=512, BLOCK_R=128, BLOCK_V=block_v, SPLITS=splits)
-        compile_for_hopper(da._merge_uv_kernel, types, consts)
 
 
 @pytest.mark.gpu
@@ -351,7 +309,6 @@ def test_gpu_decode_attention_matches_the_references_at_real_shapes():
         for heads in (16, 128):  # DeepSeek-V3 at TP 8 and TP 1
             splits = (model_splits(len(lens), heads, 4096), 64)
             scope["mla_case"](lens, 64, heads, 512, 64, bf16, splits, "cuda")
-            scope["mla_uv_case"](lens, 64, heads, 512, 64, 128, bf16, splits, "cuda")
         scope["mla_case"](lens, 1, 16, 512, 64, bf16, (8,), "cuda")
 
 

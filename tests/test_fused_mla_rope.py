@@ -28,7 +28,7 @@ CHECK = textwrap.dedent(
     import torch
     from disagg.common.models import fused_mla_rope as fm
 
-    def case(t, h, nope, rope, rank, page_size, interleaved, dtype, decode=False, block_h=None, uk=False):
+    def case(t, h, nope, rope, rank, page_size, interleaved, dtype, decode=False, block_h=None):
         g = torch.Generator().manual_seed(t * 31 + h + rank + page_size)
         pages = 2 * t // page_size + 3
         q = torch.randn(t, h, nope + rope + 4, generator=g).to(dtype)[..., : nope + rope]  # strided view
@@ -43,22 +43,15 @@ CHECK = textwrap.dedent(
         got_pool, want_pool = pool.clone(), pool.clone()
         args = (positions, q, kv_a, weight, 1e-6)
         rest = (slots // page_size, slots % page_size, cos_sin, interleaved)
-        w_uk = (torch.randn(h, nope + 3, rank, generator=g) * nope**-0.5).to(dtype)[:, :nope] if uk else None
-        got = fm.fused_mla_rope(*args, got_pool, *rest, block_h=block_h, w_uk=w_uk)
+        got = fm.fused_mla_rope(*args, got_pool, *rest, block_h=block_h)
         want = fm.mla_rope_reference(*args, want_pool, *rest)
-        if uk:  # the W_UK programs: q_nope @ w_uk per head, rounded once
-            got, q_lat = got
-            want_lat = torch.einsum("thd,hdr->thr", q[..., :nope].float(), w_uk.float())
-            tol = (1e-5 if dtype == torch.float32 else 1 / 64) * want_lat.abs().max().item()
-            assert q_lat.shape == (t, h, rank) and q_lat.dtype == dtype
-            torch.testing.assert_close(q_lat.float(), want_lat, atol=tol, rtol=0)
         assert got.is_contiguous() and got.shape == (t, h, rope)
         # float32: rounding order only; bf16: a few ulps of the largest value (fused_rope_kv.close_enough)
         for a, b in ((got, want), (got_pool, want_pool)):
             tol = (1e-5 if dtype == torch.float32 else 1 / 32) * b.abs().max().item()
             torch.testing.assert_close(a, b, atol=tol, rtol=0)
         assert not torch.equal(got_pool, pool)
-        print("case passed", t, h, nope, rope, rank, page_size, interleaved, dtype, block_h, uk)
+        print("case passed", t, h, nope, rope, rank, page_size, interleaved, dtype, block_h)
     """
 )
 
@@ -78,12 +71,10 @@ def test_interpreted_kernel_matches_the_torch_path():
             case(6, 3, 24, 12, 20, 4, True, f32, block_h=4)
             case(4, 16, 128, 64, 512, 16, True, bf16, decode=True)  # V3's widths, bf16 roundings
             case(9, 2, 16, 8, 32, 4, False, bf16, block_h=4)
-            case(2, 3, 16, 8, 128, 16, True, f32, decode=True, uk=True)  # W_UK: two 64-column programs a head
-            case(4, 16, 128, 64, 512, 16, True, bf16, decode=True, uk=True)  # at V3's widths
             """
         )
     )
-    assert out.count("case passed") == 13
+    assert out.count("case passed") == 11
 
 
 MODEL_RUN = textwrap.dedent(
@@ -137,16 +128,6 @@ def test_start_up_check_refuses_a_kernel_that_disagrees():
                 return out
 
             assert ok()
-            fm.fused_mla_rope_ok.cache_clear()
-            assert fm.fused_mla_rope_ok(cpu, torch.float32, 4, 16, 8, 64, True, fuse_uk=True)  # W_UK's too
-
-            def uk_head_off(*args, block_h=None, w_uk=None):  # every head absorbed with its neighbour's W_UK
-                return real(*args, block_h=block_h, w_uk=None if w_uk is None else w_uk.roll(1, 0))
-
-            fm.fused_mla_rope = uk_head_off
-            fm.fused_mla_rope_ok.cache_clear()
-            assert not fm.fused_mla_rope_ok(cpu, torch.float32, 4, 16, 8, 64, True, fuse_uk=True)
-            assert ok()  # without W_UK it is the real kernel
             for bad in (plain_pairs, stray):
                 fm.fused_mla_rope = bad
                 assert not ok(), bad.__name__
@@ -158,7 +139,7 @@ def test_start_up_check_refuses_a_kernel_that_disagrees():
         )
     )
     assert "refused" in out
-    assert out.count("fused_mla_rope disagrees with torch") == 3 and "failed its start-up check" not in out
+    assert out.count("fused_mla_rope disagrees with torch") == 2 and "failed its start-up check" not in out
 
 
 def test_kernel_compiles_for_hopper():
@@ -167,14 +148,13 @@ def test_kernel_compiles_for_hopper():
     here, as the H200 does, at V3's widths and both launch shapes."""
     from disagg.common.models.fused_mla_rope import _mla_rope_kernel
 
-    pointers = dict.fromkeys(("q", "kv_a", "norm_w", "q_pe", "pages", "w_uk", "q_lat"), "*bf16")
+    pointers = dict.fromkeys(("q", "kv_a", "norm_w", "q_pe", "pages"), "*bf16")
     pointers |= dict.fromkeys(("positions", "out_page", "out_offset"), "*i64") | {
         "cos_sin": "*fp32",
         "eps": "fp32",
     }
-    for block_h, uk in ((1, False), (4, False), (1, True)):
+    for block_h in (1, 4):
         consts = dict(
-            NOPE=128, RANK=512, RANK_POW2=512, HALF=32, HALF_POW2=32, BLOCK_H=block_h, INTERLEAVED=True,
-            FUSE_UK=uk, BLOCK_R=64, BLOCK_D=32,
-        )  # fmt: skip
+            NOPE=128, RANK=512, RANK_POW2=512, HALF=32, HALF_POW2=32, BLOCK_H=block_h, INTERLEAVED=True
+        )
         compile_for_hopper(_mla_rope_kernel, pointers, consts)

@@ -56,29 +56,3 @@ def test_mla_triton_decode_graphs_follow_flashinfer():
 
     model = dict(model_path="DeepSeek-V3", load_format="dummy", json_model_override_args=json.dumps(SMALL_V3))
     assert_logprobs_close(_generate("triton", **model), _generate("flashinfer", **model))
-
-
-def test_mla_triton_decode_with_w_uv_in_the_merge_follows_flashinfer(monkeypatch):
-    """DISAGG_MLA_FUSED_UV=1 and DISAGG_MLA_FUSED_UK=1: the graphs' merge launch projects the context
-    through W_UV (the kernel runs: counted at capture), fused_mla_rope absorbs the queries through
-    W_UK, and the tokens stay FlashInfer's."""
-    pytest.importorskip("flashinfer")
-    from disagg.common.models import decode_attention as da
-    from disagg.common.models import deepseek
-
-    from tests.conftest import assert_logprobs_close
-    from tests.test_gpu_mla import SMALL_V3
-
-    calls, merge_uv, rope = [], da._merge_uv, deepseek.fused_mla_rope
-    monkeypatch.setattr(da, "_merge_uv", lambda *a: calls.append("uv") or merge_uv(*a))
-    monkeypatch.setattr(
-        deepseek, "fused_mla_rope", lambda *a, **k: calls.append(k.get("w_uk") is not None) or rope(*a, **k)
-    )
-    monkeypatch.setenv("DISAGG_MLA_FUSED_UV", "1")
-    monkeypatch.setenv("DISAGG_MLA_FUSED_UK", "1")
-    model = dict(model_path="DeepSeek-V3", load_format="dummy", json_model_override_args=json.dumps(SMALL_V3))
-    fused = _generate("triton", **model)
-    assert "uv" in calls and True in calls, "the fused merge or the fused W_UK never ran"
-    monkeypatch.setenv("DISAGG_MLA_FUSED_UV", "0")
-    monkeypatch.setenv("DISAGG_MLA_FUSED_UK", "0")
-    assert_logprobs_close(fused, _generate("flashinfer", **model))

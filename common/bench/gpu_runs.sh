@@ -246,18 +246,6 @@ for step in "$@"; do
            echo "--- Qwen3-30B-A3B again, this device's tunes ($(date +%T))"
            T=100 bench --model-path Qwen3-30B-A3B $a --batch-sizes 1,64 --prefill-len 2048 > $OUT/s26_q3_tuned2.log
            grep -A4 "^kind\|Error" $OUT/s26_q3_tuned2.log ;;
-    mla-uv-ab) # issue 20, twenty-eighth session: two launches fewer an MLA decode layer, measured against the default:
-           # the Triton merge projecting each head's context through W_UV (DISAGG_MLA_FUSED_UV=1) and fused_mla_rope
-           # absorbing the queries through W_UK (DISAGG_MLA_FUSED_UK=1). DeepSeek-V2-Lite at batch 1 and 8 in alternating
-           # fresh processes, none / UV / UV+UK then the other order (a process ~1 min; none started past UV_T, 400 s),
-           # each log checked for a start-up check that turned a fusion off; then their GPU tests
-           a="--load-format dummy --context-len 1024 --decode-steps 16 --batch-sizes 1,8 --prefill-len 512"
-           n=0; for uv_uk in 00 10 11 00 11 10; do [ $SECONDS -gt ${UV_T:-400} ] && break; n=$((n + 1))
-             echo "--- V2-Lite, DISAGG_MLA_FUSED_UV=${uv_uk:0:1} DISAGG_MLA_FUSED_UK=${uv_uk:1:1} ($(date +%T))"
-             DISAGG_MLA_FUSED_UV=${uv_uk:0:1} DISAGG_MLA_FUSED_UK=${uv_uk:1:1} T=90 bench --model-path DeepSeek-V2-Lite $a \
-               > $OUT/uv_v2_${n}_$uv_uk.log; grep -A3 "^kind\|Error\|disagrees\|start-up check" $OUT/uv_v2_${n}_$uv_uk.log; done
-           timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_decode_attention.py tests/test_fused_mla_rope.py \
-             tests/test_gpu_fused_mla_rope.py tests/test_gpu_triton_decode.py -k "gpu or w_uv or start_up" 2>&1 | tail -3 ;;
     paged-ab) # the prefill graphs over the pool (DISAGG_PAGED_PREFILL_GRAPH; on by default since its twenty-sixth-session run): a
            # request's PA_NEW (512) new tokens after PA_PREFIX (1536) cached ones (offline.py --prefix-len: the
            # forward alone) and a fresh prompt's prefill, off then on in alternating fresh processes; the "[N s]

@@ -99,11 +99,6 @@ class MLABackend(AttentionBackend):
         batch: ForwardBatch,
     ) -> torch.Tensor: ...
 
-    def run_mla_uv(self, q_nope, q_pe, pages, sm_scale, batch: ForwardBatch, w_uv) -> torch.Tensor | None:
-        """run_mla with each head's context projected through W_UV [H, V, R] in the same kernels
-        ([T, H, V]) where this backend does; None where it does not (the caller projects run_mla's)."""
-        return None
-
     def forward(self, q: torch.Tensor, kv: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         raise NotImplementedError("an MLA backend runs MLA layers only (run_mla)")
 

@@ -17,7 +17,7 @@ import itertools
 import logging
 
 import torch
-from disagg.common.config import mla_fused_uv, mla_kernel
+from disagg.common.config import mla_kernel
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend
 from disagg.common.engine.attention_flashinfer import (
     flashinfer_mla_api,
@@ -159,7 +159,6 @@ class _GraphTritonDecodeBackend(MLABackend):
         self.table = torch.full((bs, width), pool.pad_page, dtype=torch.int32, device=device)
         self.kv_lens = torch.zeros(bs, dtype=torch.int32, device=device)
         self.splits = kernels.model_splits(bs, num_qo_heads, max_context, None if mla else pool.num_kv_heads)
-        self.fused_uv = mla and mla_fused_uv()
 
     def plan(self, kv_lens: list[int], tables: list[list[int]]) -> None:
         ps = self.pool.page_size
@@ -179,13 +178,6 @@ class _GraphTritonDecodeBackend(MLABackend):
 
     def run_mla(self, q_nope, q_pe, pages, sm_scale, batch: ForwardBatch) -> torch.Tensor:
         return self.kernels.mla_decode(q_nope, q_pe, pages, self.table, self.kv_lens, sm_scale, self.splits)
-
-    def run_mla_uv(self, q_nope, q_pe, pages, sm_scale, batch: ForwardBatch, w_uv) -> torch.Tensor | None:
-        if not self.fused_uv:
-            return None
-        return self.kernels.mla_decode(
-            q_nope, q_pe, pages, self.table, self.kv_lens, sm_scale, self.splits, w_uv=w_uv
-        )
 
 
 # --decode-attention-backend auto: the Triton kernels for the buckets of at most this many programs a
@@ -238,8 +230,6 @@ class CudaGraphRunner:
         pool, config = self.pool, self.model.config
         if is_mla(config):
             shape = dict(mla=(num_qo_heads, config.kv_lora_rank, config.qk_rope_head_dim))
-            if mla_fused_uv():  # the merge launch's W_UV product too, at this model's v_head_dim
-                shape["mla"] += (config.v_head_dim,)
         else:
             shape = dict(gqa=(num_qo_heads, pool.num_kv_heads, pool.head_dim))
         ok = check_decode_attention(pool.kv_buffer.device, pool.dtype, page_size=pool.page_size, **shape)

@@ -30,8 +30,6 @@ where Triton cannot (a CPU tensor outside Triton's interpreter).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from disagg.common.config import triton_interpret
 from disagg.common.models.fused_rope_kv import check_randn, start_up_check
@@ -140,32 +138,20 @@ def mla_decode(
     kv_lens: torch.Tensor,  # [B] int32 (0: a padded row, output 0)
     sm_scale: float,
     num_splits: int,
-    out: torch.Tensor | None = None,  # [B, H, R] ([B, H, V] with w_uv) in q's dtype, last dim contiguous
+    out: torch.Tensor | None = None,  # [B, H, R] in q's dtype, last dim contiguous
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,  # decode_workspace(B, H, S, R)
-    w_uv: torch.Tensor | None = None,  # [H, V, R], last dim contiguous: the context's projection per head
 ) -> torch.Tensor:
     """MLA's absorbed decode: softmax((q_nope · ckv + q_pe · kpe) * sm_scale) · ckv, every head
-    reading the one shared latent. With `w_uv` the context (rounded to q's dtype, as a separate
-    product would read it) leaves through W_UV in the merge launch: out[b, h] = w_uv[h] @ ctx[b, h],
-    one launch a layer fewer than the merge and a batched GEMV. Returns `out` (a new tensor if not
-    given)."""
+    reading the one shared latent. Returns `out` (a new tensor if not given)."""
     batch, num_heads, rank = q_nope.shape
     rope = q_pe.shape[2]
     assert q_pe.shape[:2] == (batch, num_heads) and pages.shape[2] == rank + rope
     for dim in (rank, rope):
         assert dim >= 16 and dim & (dim - 1) == 0, f"MLA dims {rank}, {rope}: powers of two >= 16"
     assert q_pe.stride(-1) == 1 and q_pe.dtype == q_nope.dtype
-    width = rank
-    if w_uv is not None:
-        width = w_uv.shape[1]
-        assert w_uv.shape == (num_heads, width, rank) and w_uv.stride(2) == 1 and w_uv.dtype == q_nope.dtype
-        assert width >= 16 and width & (width - 1) == 0, f"v_head_dim {width}: a power of two >= 16"
-    out = _check_io(q_nope, out, (batch, num_heads, width), page_table, kv_lens, pages)
+    out = _check_io(q_nope, out, (batch, num_heads, rank), page_table, kv_lens, pages)
     if not _runs_triton(q_nope):
-        ctx = mla_decode_reference(q_nope, q_pe, pages, page_table, kv_lens, sm_scale)
-        if w_uv is not None:
-            ctx = torch.einsum("bhr,hvr->bhv", ctx.to(q_nope.dtype).float(), w_uv.float())
-        return out.copy_(ctx)
+        return out.copy_(mla_decode_reference(q_nope, q_pe, pages, page_table, kv_lens, sm_scale))
     if batch == 0:
         return out
     part_out, part_lse = _workspace(workspace, batch, num_heads, num_splits, rank, q_nope.device)
@@ -176,8 +162,6 @@ def mla_decode(
         BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, UPCAST=triton_interpret(), num_warps=4, num_stages=2,
         **pdl_args(q_nope.device),
     )  # fmt: skip
-    if w_uv is not None:
-        return _merge_uv(part_out, part_lse, w_uv, out)
     return _merge(part_out, part_lse, out)
 
 
@@ -211,22 +195,6 @@ def _merge(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) ->
     _merge_kernel[(batch * num_heads, dim // block_d)](
         part_out, part_lse, out, out.stride(0), out.stride(1), num_heads, num_splits,
         DIM=dim, BLOCK_D=block_d, SPLITS=splits_pow2, num_warps=4, **pdl_args(out.device),
-    )  # fmt: skip
-    return out
-
-
-def _merge_uv(part_out, part_lse, w_uv, out, num_sms: int = 132) -> torch.Tensor:
-    """Launch 2 with W_UV: out[b, h] = w_uv[h] @ (the merged context of b, h). A program takes a
-    block of V rows of one (b, h), sized for about one program an SM (at batch 1: 16 heads x 8
-    blocks of 16 rows for V2-Lite, 128 x 1 of 128 for V3 at TP 1); each merges the context itself
-    (its chunks' [S, R] floats, an L2 read) rather than wait for another program's."""
-    batch, num_heads, num_splits, rank = part_out.shape
-    width = w_uv.shape[1]
-    block_v = min(width, max(16, triton.next_power_of_2(-(-batch * num_heads * width // num_sms))))
-    _merge_uv_kernel[(batch * num_heads, width // block_v)](
-        part_out, part_lse, w_uv, out, w_uv.stride(0), w_uv.stride(1), out.stride(0), out.stride(1),
-        num_heads, num_splits, RANK=rank, BLOCK_R=min(rank, 128), BLOCK_V=block_v,
-        SPLITS=triton.next_power_of_2(num_splits), num_warps=4, **pdl_args(out.device),
     )  # fmt: skip
     return out
 
@@ -274,13 +242,13 @@ def check_decode_attention(
     dtype: torch.dtype,
     *,
     gqa: tuple[int, int, int] | None = None,
-    mla: tuple[int, ...] | None = None,
+    mla: tuple[int, int, int] | None = None,
     page_size: int = 16,
 ) -> bool:
     """Start-up check: the kernels against the torch reference at a model's shape, `gqa` = (q heads,
-    KV heads, head dim) or `mla` = (heads, kv_lora_rank, rope dim[, v_head_dim: the merge launch's
-    W_UV product too]), on a batch of requests of lengths 0 (a padded row), 1 and a few odd ones,
-    with choose_splits' count and twice it (empty chunks). False (logged) on a mismatch or a kernel that fails to build or launch; this also
+    KV heads, head dim) or `mla` = (heads, kv_lora_rank, rope dim), on a batch of requests of
+    lengths 0 (a padded row), 1 and a few odd ones, with choose_splits' count and twice it (empty
+    chunks). False (logged) on a mismatch or a kernel that fails to build or launch; this also
     compiles the variants the engine launches. The caller decides what to run instead."""
     if triton is None or not (device.type == "cuda" or triton_interpret()):
         return False
@@ -303,20 +271,12 @@ def _agrees(device, dtype, page_size: int, gqa, mla) -> bool:
         fn, ref = gqa_decode, gqa_decode_reference
         splits = model_splits(batch, num_q_heads, 1000, num_kv_heads)
     else:
-        num_heads, rank, rope, *v_dim = mla
+        num_heads, rank, rope = mla
         pool = randn(2, num_pages, page_size, rank + rope)[1]
         q_nope, q_pe = randn(batch, num_heads, rank), randn(batch, num_heads, rope)
         args = (q_nope, q_pe, pool, page_table, kv_lens, (rank + rope) ** -0.5)
         fn, ref = mla_decode, mla_decode_reference
         splits = model_splits(batch, num_heads, 1000)
-        if v_dim:  # the merge launch's W_UV product, against the reference's context rounded as it is
-            w_uv = randn(num_heads, v_dim[0], rank) * rank**-0.5
-            fn = functools.partial(mla_decode, w_uv=w_uv)
-
-            def ref(*a):
-                ctx = mla_decode_reference(*a).to(dtype).float()
-                return torch.einsum("bhr,hvr->bhv", ctx, w_uv.float())
-
     want = ref(*args)
     return all(_close(fn(*args, num_splits=s), want) for s in (splits, 2 * splits))
 
@@ -478,33 +438,3 @@ if triton is not None:
         o = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
         dst = out + (row // num_heads) * stride_ob + (row % num_heads) * stride_oh + d
         tl.store(dst, o.to(out.dtype.element_ty))
-
-    @triton.jit
-    def _merge_uv_kernel(
-        part_out, part_lse, w_uv, out, stride_wh, stride_wv, stride_ob, stride_oh, num_heads, num_splits,
-        RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, SPLITS: tl.constexpr,
-        PDL: tl.constexpr,
-    ):  # fmt: skip
-        """Program (b * H + h, block of V rows): _merge_kernel's context of (b, h), BLOCK_R latent
-        columns at a time, rounded to out's dtype and multiplied into w_uv[h]'s rows."""
-        pdl_begin(PDL)  # first: before any load or store (pdl.py)
-        row = tl.program_id(0).to(tl.int64)
-        h = row % num_heads
-        s = tl.arange(0, SPLITS)
-        lse = tl.load(part_lse + row * num_splits + s, mask=s < num_splits, other=float("-inf"))
-        top = tl.max(lse, 0)
-        top = tl.where(top == float("-inf"), 0.0, top)  # no KV at all: every weight 0, the output 0
-        w = tl.exp2(lse - top)
-        total = tl.sum(w, 0)
-        w = w / tl.where(total > 0, total, 1.0)
-        v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-        acc = tl.zeros([BLOCK_V], tl.float32)
-        for r0 in range(0, RANK, BLOCK_R):
-            r = r0 + tl.arange(0, BLOCK_R)
-            parts_ptr = part_out + (row * num_splits + s)[:, None] * RANK + r[None, :]
-            parts = tl.load(parts_ptr, mask=(lse > float("-inf"))[:, None], other=0.0)  # empty chunks: unread
-            ctx = tl.sum(parts * w[:, None], 0).to(out.dtype.element_ty).to(tl.float32)
-            weight = tl.load(w_uv + h * stride_wh + v[:, None] * stride_wv + r[None, :])
-            acc += tl.sum(weight.to(tl.float32) * ctx[None, :], 1)
-        dst = out + (row // num_heads) * stride_ob + h * stride_oh + v
-        tl.store(dst, acc.to(out.dtype.element_ty))

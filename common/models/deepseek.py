@@ -25,10 +25,9 @@ import re
 
 import torch
 import torch.nn.functional as F
-from disagg.common.config import mla_fused_uk
 from disagg.common.engine.attention import AttentionBackend, ForwardBatch, MLABackend, TorchBackend
 from disagg.common.models.fp8 import fp8_block_size
-from disagg.common.models.fused_mla_rope import UK_MAX_TOKENS, deinterleave, fused_mla_rope, fused_mla_rope_ok
+from disagg.common.models.fused_mla_rope import deinterleave, fused_mla_rope, fused_mla_rope_ok
 from disagg.common.models.fused_moe import (
     ROUTER_GEMV_MAX_TOKENS,
     fused_grouped_topk,
@@ -165,10 +164,9 @@ class MLAttention(nn.Module):
         self.rope = rope
         # the latent's norm, RoPE and the latent write in one Triton launch where it agrees with torch
         w = self.kv_a_layernorm.weight
-        shape = (w.device, w.dtype, self.num_heads, self.nope, self.rope_dim, self.rank, self.interleaved)
-        self.fused_rope = fused_mla_rope_ok(*shape)
-        # decode batches' W_UK absorption in that launch too (DISAGG_MLA_FUSED_UK, its own check)
-        self.fused_uk = self.fused_rope and mla_fused_uk() and fused_mla_rope_ok(*shape, fuse_uk=True)
+        self.fused_rope = fused_mla_rope_ok(
+            w.device, w.dtype, self.num_heads, self.nope, self.rope_dim, self.rank, self.interleaved
+        )
 
     def forward(self, x, batch: ForwardBatch, kv_buffer: torch.Tensor, backend: AttentionBackend):
         if not batch.q_lens:  # an idle DP-attention rank: no tokens, only the o_proj collective
@@ -181,23 +179,16 @@ class MLAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.qk_dim)
         q_nope = q[..., : self.nope]
         kv = kv_buffer[self.layer_id]  # [num_pages, 2, page_size, 1, latent/2]: the pool's view
-        expanded = isinstance(backend, MLABackend) and backend.runs_expanded(batch)
-        in_place = isinstance(backend, MLABackend) and not expanded and backend.runs_in_place(batch)
-        q_lat = None  # the absorbed queries, where fused_mla_rope computes them
         if self.fused_rope:
             norm = self.kv_a_layernorm
-            uk = self.fused_uk and in_place and batch.is_decode_only and q.shape[0] <= UK_MAX_TOKENS
             q_pe = fused_mla_rope(batch.positions, q, kv_a, norm.weight, norm.eps, latent_pages(kv), batch.out_page,
-                                  batch.out_offset, self.rope.table(), self.interleaved,
-                                  w_uk=self._kv_b_weights()[0] if uk else None)  # fmt: skip
-            if uk:
-                q_pe, q_lat = q_pe
+                                  batch.out_offset, self.rope.table(), self.interleaved)  # fmt: skip
         else:
             q_pe = self.rope_and_write_latent(q[..., self.nope :], kv_a, kv, batch)
-        if expanded:
+        if isinstance(backend, MLABackend) and backend.runs_expanded(batch):
             out = self.ragged_expanded_attention(q_nope, q_pe, latent_pages(kv), batch, backend)
-        elif in_place:
-            out = self.paged_absorbed_attention(q_nope, q_pe, latent_pages(kv), batch, backend, q_lat)
+        elif isinstance(backend, MLABackend) and backend.runs_in_place(batch):
+            out = self.paged_absorbed_attention(q_nope, q_pe, latent_pages(kv), batch, backend)
         else:
             latent = gather_latent(kv, batch)  # [B, max_kv, latent]
             form = self.absorbed_attention if batch.is_decode_only else self.expanded_attention
@@ -259,12 +250,9 @@ class MLAttention(nn.Module):
         # plainest layout
         return backend.run_ragged(q, k, v.contiguous(), self.scale, batch)
 
-    def paged_absorbed_attention(
-        self, q_nope, q_pe, pages, batch, backend: MLABackend, q_lat: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def paged_absorbed_attention(self, q_nope, q_pe, pages, batch, backend: MLABackend) -> torch.Tensor:
         """The absorbed form on an MLA backend's kernel, over the latent pages in place (no gather):
-        q_nope through W_UK into the latent space (unless fused_mla_rope gave `q_lat`), the kernel's
-        latent context through W_UV."""
+        q_nope through W_UK into the latent space, the kernel's latent context through W_UV."""
         w_uk, w_uv = self._kv_b_weights()
         t = q_nope.shape[0]
         # [H, T, nope] @ [H, nope, rank], one GEMM per head, written straight into the [T, H, rank]
@@ -273,11 +261,7 @@ class MLAttention(nn.Module):
         # (a decode batch of <= 4 tokens: one Triton batched GEMV each where this device's tune has
         # one, gemv.py)
         uk, uv = self.absorb_plans or (None, None)
-        if q_lat is None:
-            q_lat = bmm(q_nope, w_uk.transpose(1, 2), q_nope.new_empty(t, self.num_heads, self.rank), uk)
-        out = backend.run_mla_uv(q_lat, q_pe, pages, self.scale, batch, w_uv)  # the kernel projects it
-        if out is not None:
-            return out
+        q_lat = bmm(q_nope, w_uk.transpose(1, 2), q_nope.new_empty(t, self.num_heads, self.rank), uk)
         ctx = backend.run_mla(q_lat, q_pe, pages, self.scale, batch)  # [T, H, rank]
         return bmm(ctx, w_uv, q_nope.new_empty(t, self.num_heads, self.v_dim), uv)
 

@@ -55,42 +55,27 @@ def fused_mla_rope(
     cos_sin: torch.Tensor,  # [max_pos, rope] float32: cos | sin (layers.RotaryEmbedding.table())
     interleaved: bool,
     block_h: int | None = None,
-    w_uk: torch.Tensor | None = None,  # [H, nope, rank] (rank contiguous): W_UK, kv_b_proj's view
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Write each token's latent (normalised c_kv | rotated k_pe) into its page slot; return the
     rotated q_pe, a new contiguous [T, H, rope] tensor. `block_h`: q heads a program (default: by
-    the batch's size). With `w_uk` (decode batches of at most UK_MAX_TOKENS, the absorbed form) more
-    programs of the same launch absorb the queries too, q_lat[t, h] = q_nope[t, h] @ w_uk[h] (the
-    batched GEMV's launch saved): returns (q_pe, q_lat [T, H, rank])."""
+    the batch's size)."""
     num_tokens, num_heads, qk_dim = q.shape
     rope = cos_sin.shape[1]
-    rank, nope = kv_a.shape[1] - rope, qk_dim - rope
+    rank = kv_a.shape[1] - rope
     assert pages.is_contiguous() and pages.shape[-1] == rank + rope and q.stride(-1) == kv_a.stride(-1) == 1
     q_pe = torch.empty(num_tokens, num_heads, rope, dtype=q.dtype, device=q.device)
-    q_lat, uk_programs, block_r = None, 0, min(rank, UK_BLOCK_R)
-    if w_uk is not None:
-        assert w_uk.shape == (num_heads, nope, rank) and w_uk.stride(2) == 1 and w_uk.dtype == q.dtype
-        assert nope & (nope - 1) == 0 and rank % block_r == 0, f"nope {nope}, rank {rank}"
-        q_lat = torch.empty(num_tokens, num_heads, rank, dtype=q.dtype, device=q.device)
-        uk_programs = num_heads * (rank // block_r)
     if num_tokens == 0:  # an idle DP-attention rank: a grid of 0 programs fails to launch
-        return q_pe if w_uk is None else (q_pe, q_lat)
+        return q_pe
     block_h = block_h or (1 if num_tokens * num_heads <= 16384 else 4)
     q_blocks = triton.cdiv(num_heads, block_h)
-    uk = (w_uk, q_lat, w_uk.stride(0), w_uk.stride(1)) if w_uk is not None else (q, q_pe, 0, 0)
-    _mla_rope_kernel[(num_tokens, q_blocks + 1 + uk_programs)](
-        q, kv_a, norm_weight, eps, q_pe, pages, positions, out_page, out_offset, cos_sin, *uk,
+    _mla_rope_kernel[(num_tokens, q_blocks + 1)](
+        q, kv_a, norm_weight, eps, q_pe, pages, positions, out_page, out_offset, cos_sin,
         q.stride(0), q.stride(1), kv_a.stride(0), pages.shape[1], cos_sin.stride(0), num_heads, q_blocks,
-        NOPE=nope, RANK=rank, RANK_POW2=triton.next_power_of_2(rank), HALF=rope // 2,
+        NOPE=qk_dim - rope, RANK=rank, RANK_POW2=triton.next_power_of_2(rank), HALF=rope // 2,
         HALF_POW2=triton.next_power_of_2(rope // 2), BLOCK_H=block_h, INTERLEAVED=interleaved,
-        FUSE_UK=w_uk is not None, BLOCK_R=block_r, BLOCK_D=min(nope, 32),
-        num_warps=4 if block_h > 1 or w_uk is not None else 2, **pdl_args(q.device),
+        num_warps=4 if block_h > 1 else 2, **pdl_args(q.device),
     )  # fmt: skip
-    return q_pe if w_uk is None else (q_pe, q_lat)
-
-
-UK_MAX_TOKENS = 4  # fused_mla_rope's W_UK programs: decode batches up to this (each token reads W_UK)
-UK_BLOCK_R = 64  # latent columns a W_UK program (V2-Lite at one token: 16 heads x 8 programs)
+    return q_pe
 
 
 def mla_rope_reference(
@@ -137,28 +122,24 @@ def fused_mla_rope_ok(
     rope: int,
     rank: int,
     interleaved: bool,
-    fuse_uk: bool = False,
 ) -> bool:
-    """Whether MLA layers of this shape use fused_mla_rope (`fuse_uk`: with its W_UK programs): on CUDA in bf16/fp16 (float32 keeps the
+    """Whether MLA layers of this shape use fused_mla_rope: on CUDA in bf16/fp16 (float32 keeps the
     torch ops, which match transformers bit for bit) and under Triton's interpreter, not with
     DISAGG_FUSED_KERNELS=0, and only where the kernel gives the torch path's q_pe and pool and
     nothing else. Checked once per shape when a layer is built (never inside a graph capture); a
     failure or a mismatch keeps the torch ops, logged: a kernel bug costs speed, not tokens."""
     if rope % 2 or not kernel_may_run(device, dtype):
         return False
-    if fuse_uk and (nope & (nope - 1) or rank % min(rank, UK_BLOCK_R)):
-        return False
-    shape = (num_heads, nope, rope, rank, interleaved, fuse_uk)
+    shape = (num_heads, nope, rope, rank, interleaved)
     check = functools.partial(_agrees_with_reference, device, dtype, *shape)
-    return start_up_check("fused_mla_rope", "heads, nope, rope, rank, interleaved, fuse_uk", shape, check)
+    return start_up_check("fused_mla_rope", "heads, nope, rope, rank, interleaved", shape, check)
 
 
 def _agrees_with_reference(
-    device, dtype, num_heads: int, nope: int, rope: int, rank: int, interleaved: bool, fuse_uk: bool = False
+    device, dtype, num_heads: int, nope: int, rope: int, rank: int, interleaved: bool
 ) -> bool:
     """A batch at scattered positions and slots (page size 4), both paths on copies of the same
     inputs, each launch shape once; the whole pool compared, so a stray write fails the check too.
-    `fuse_uk`: the W_UK programs too (UK_MAX_TOKENS tokens; q_lat against q_nope @ W_UK rounded once).
     NOTE: this also compiles every variant the engine launches for this shape."""
     t, num_pages, page_size = 7, 8, 4
     g = torch.Generator(device=device).manual_seed(0)
@@ -184,22 +165,7 @@ def _agrees_with_reference(
         got = run(fused_mla_rope, block_h=block_h)
         if not all(close_enough(a, b) for a, b in zip(got, want, strict=True)):
             return False
-    if not fuse_uk:
-        return True
-    kv_b = randn(num_heads, nope + 8, rank) * nope**-0.5
-    w_uk = kv_b[:, :nope]  # a view with strided heads, as deepseek.MLAttention._kv_b_weights gives
-    n = UK_MAX_TOKENS
-    pages = pool.clone()
-    (q_pe, q_lat), pages = fused_mla_rope(
-        positions[:n], q[:n], kv_a[:n], weight, 1e-6, pages, out_page[:n], out_offset[:n], cos_sin, interleaved,
-        w_uk=w_uk,
-    ), pages  # fmt: skip
-    pages_want = pool.clone()
-    q_pe_want = mla_rope_reference(
-        positions[:n], q[:n], kv_a[:n], weight, 1e-6, pages_want, out_page[:n], out_offset[:n], cos_sin, interleaved
-    )  # fmt: skip
-    q_lat_want = torch.einsum("thd,hdr->thr", q[:n, :, :nope].float(), w_uk.float()).to(dtype)
-    return all(close_enough(a, b) for a, b in ((q_pe, q_pe_want), (pages, pages_want), (q_lat, q_lat_want)))
+    return True
 
 
 if triton is not None:
@@ -207,14 +173,11 @@ if triton is not None:
     @triton.jit(do_not_specialize=["page_size"])
     def _mla_rope_kernel(
         q, kv_a, norm_w, eps, q_pe, pages, positions, out_page, out_offset, cos_sin,
-        w_uk, q_lat, stride_wh, stride_wd,
         stride_qt, stride_qh, stride_kv, page_size, stride_cs, num_heads, q_blocks,
         NOPE: tl.constexpr, RANK: tl.constexpr, RANK_POW2: tl.constexpr, HALF: tl.constexpr,
-        HALF_POW2: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr,
-        FUSE_UK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+        HALF_POW2: tl.constexpr, BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """Program (t, b): q heads b * BLOCK_H... (b < q_blocks), token t's latent (b == q_blocks),
-        else (FUSE_UK) head h's absorbed query columns, BLOCK_R of them: q_nope[t, h] @ w_uk[h]."""
+        """Program (t, b): q heads b * BLOCK_H... (b < q_blocks), else token t's latent."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
         t = tl.program_id(0).to(tl.int64)
         b = tl.program_id(1)
@@ -236,7 +199,7 @@ if triton is not None:
             out_dtype = q_pe.dtype.element_ty
             tl.store(dst, (x1 * cos[None, :] - x2 * sin[None, :]).to(out_dtype), mask=mask)
             tl.store(dst + HALF, (x2 * cos[None, :] + x1 * sin[None, :]).to(out_dtype), mask=mask)
-        elif b == q_blocks:
+        else:
             row = pages + (tl.load(out_page + t) * page_size + tl.load(out_offset + t)) * (RANK + 2 * HALF)
             pool_dtype = pages.dtype.element_ty
             # the latent: torch's RMSNorm arithmetic (float32 norm, rounded, times the weight, rounded)
@@ -255,15 +218,3 @@ if triton is not None:
             k2 = tl.load(k_src + hi, mask=lanes, other=0.0).to(tl.float32)
             tl.store(row + RANK + i, (k1 * cos - k2 * sin).to(dtype).to(pool_dtype), mask=lanes)
             tl.store(row + RANK + HALF + i, (k2 * cos + k1 * sin).to(dtype).to(pool_dtype), mask=lanes)
-        elif FUSE_UK:
-            R_BLOCKS: tl.constexpr = RANK // BLOCK_R
-            j = b - q_blocks - 1
-            h = j // R_BLOCKS
-            cols = (j % R_BLOCKS) * BLOCK_R + tl.arange(0, BLOCK_R)
-            acc = tl.zeros([BLOCK_R], tl.float32)
-            for d0 in range(0, NOPE, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                qn = tl.load(q + t * stride_qt + h * stride_qh + dd).to(tl.float32)
-                wk = tl.load(w_uk + h * stride_wh + dd[:, None] * stride_wd + cols[None, :])
-                acc += tl.sum(qn[:, None] * wk.to(tl.float32), 0)
-            tl.store(q_lat + (t * num_heads + h) * RANK + cols, acc.to(q_lat.dtype.element_ty))
