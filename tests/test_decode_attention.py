@@ -99,6 +99,8 @@ CHECK = textwrap.dedent(
             got = da.mla_decode(q_nope, q_pe, pages, table, kv_lens, scale, s)
             assert got.shape == q_nope.shape and got.dtype == dtype
             compare(got, want, plain, lens, dtype)
+        # another BLOCK_N (the bench's --sweep-triton launches): the same attention
+        compare(da.mla_decode(q_nope, q_pe, pages, table, kv_lens, scale, splits[0], block_n=16), want, plain, lens, dtype)
         print("case passed", "mla", lens, page_size, heads, rank, rope, dtype, splits)
     """
 )

@@ -4,6 +4,7 @@ Triton split-KV kernels (common/models/decode_attention.py), beside the bytes ro
 latent of the batch read once, at the copy rate measured in the same process).
 
     python -m disagg.common.bench.decode_attention --batches 1,8,64 --ctx 1024
+    python -m disagg.common.bench.decode_attention --mla v2lite --batches 1,8 --sweep-triton  # ~3 min
 
 Shapes: GQA 32 q / 4 kv heads (Qwen3-30B-A3B) and 32 / 8 (Llama-3.1-8B), head dim 128; MLA 16 heads
 (DeepSeek-V2-Lite; V3 at TP 8) and 128 (V3 at TP 1), latent 512 + rope 64. Prints µs per layer per
@@ -13,6 +14,7 @@ kernel and the largest difference from the first kernel's output (same inputs).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import torch
@@ -129,6 +131,44 @@ def mla_kernels(heads: int, batch: int, ctx: int, page_size: int, kernels: list[
     return dict(nbytes=nbytes, results=results)
 
 
+def sweep_triton_mla(heads: int, batch: int, ctx: int, page_size: int, max_context: int) -> None:
+    """The Triton MLA kernel's launch parameters at one shape: chunk count x tokens an iteration x
+    warps x pipeline stages, each in a CUDA graph; prints the row the bench runs (splits for `ctx`),
+    the engine's (its graphs size the chunks for the model's longest context, `max_context`) and the
+    fastest five, each with its largest difference from the torch reference."""
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    n_pages = (ctx + page_size - 1) // page_size
+    pages = torch.randn(batch * n_pages, page_size, RANK + ROPE, generator=g, device=dev).bfloat16()
+    q_nope = torch.randn(batch, heads, RANK, generator=g, device=dev).bfloat16()
+    q_pe = torch.randn(batch, heads, ROPE, generator=g, device=dev).bfloat16()
+    _, table = tables_for(batch, ctx, page_size, dev)
+    kv_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+    scale = (RANK + ROPE) ** -0.5
+    want = triton_attn.mla_decode_reference(q_nope, q_pe, pages, table, kv_lens, scale)
+    bench = (triton_attn.model_splits(batch, heads, ctx), triton_attn.BLOCK_N, 4, 2)
+    engine = (triton_attn.model_splits(batch, heads, max_context), triton_attn.BLOCK_N, 4, 2)
+    grid = set(itertools.product((8, 16, 32, 64), (16, 32, 64), (4, 8), (1, 2))) | {bench, engine}
+    rows = []
+    for splits, block_n, warps, stages in sorted(grid):
+
+        def run(s=splits, n=block_n, w=warps, st=stages):
+            return triton_attn.mla_decode(q_nope, q_pe, pages, table, kv_lens, scale, s, block_n=n,
+                                          num_warps=w, num_stages=st)  # fmt: skip
+
+        try:
+            us, out = graph_time(run)
+        except Exception as e:  # noqa: BLE001 - a launch that does not fit (shared memory): reported
+            print(f"  {(splits, block_n, warps, stages)}: {type(e).__name__}")
+            continue
+        rows.append((us, (splits, block_n, warps, stages), (out - want).abs().max().item()))
+    rows.sort()
+    label = {bench: "the bench's", engine: "the engine's"}
+    print(f"\nmla {heads} heads, batch {batch}, ctx {ctx}: µs per layer (splits, BLOCK_N, warps, stages)")
+    for us, cfg, diff in [r for r in rows if r[1] in label] + rows[:5]:
+        print(f"  {us:6.1f}  {cfg}  max diff {diff:.1e}  {label.get(cfg, '')}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gqa", default="qwen3,llama8b", help=f"GQA shapes of {sorted(GQA_SHAPES)} ('' none)")
@@ -139,7 +179,23 @@ def main() -> None:
     p.add_argument("--mla-kernels", default="fa3,fa2,triton")
     p.add_argument("--gqa-kernels", default="flashinfer,triton")
     p.add_argument("--output-json", default=None)
+    p.add_argument(
+        "--sweep-triton",
+        action="store_true",
+        help="the MLA shapes' Triton launch parameters (sweep_triton_mla)",
+    )
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=163840,
+        help="the engine's longest context (--sweep-triton; V2/V3: 163840)",
+    )
     args = p.parse_args()
+    if args.sweep_triton:
+        for shape in (s for s in args.mla.split(",") if s):
+            for batch in (int(b) for b in args.batches.split(",")):
+                sweep_triton_mla(MLA_HEADS[shape], batch, args.ctx, args.page_size, args.max_context)
+        return
     ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     print(
         f"{torch.cuda.get_device_name()}: copy {ceil['copy_gb_s']:.0f} GB/s; ctx {args.ctx}, page {args.page_size}"

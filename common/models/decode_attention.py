@@ -140,6 +140,10 @@ def mla_decode(
     num_splits: int,
     out: torch.Tensor | None = None,  # [B, H, R] in q's dtype, last dim contiguous
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,  # decode_workspace(B, H, S, R)
+    *,
+    block_n: int = BLOCK_N,  # launch 1's tokens an iteration, warps and pipeline stages (the
+    num_warps: int = 4,  # defaults: the engine's; others for common/bench/decode_attention.py's
+    num_stages: int = 2,  # --sweep-triton)
 ) -> torch.Tensor:
     """MLA's absorbed decode: softmax((q_nope · ckv + q_pe · kpe) * sm_scale) · ckv, every head
     reading the one shared latent. Returns `out` (a new tensor if not given)."""
@@ -159,8 +163,8 @@ def mla_decode(
         q_nope, q_pe, pages, page_table, kv_lens, part_out, part_lse, sm_scale * LOG2E,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), pages.stride(0), pages.stride(1),
         page_table.stride(0), num_heads, num_splits, RANK=rank, ROPE=rope, PAGE_SIZE=pages.shape[1],
-        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, UPCAST=triton_interpret(), num_warps=4, num_stages=2,
-        **pdl_args(q_nope.device),
+        BLOCK_H=BLOCK_H, BLOCK_N=block_n, UPCAST=triton_interpret(), num_warps=num_warps,
+        num_stages=num_stages, **pdl_args(q_nope.device),
     )  # fmt: skip
     return _merge(part_out, part_lse, out)
 
