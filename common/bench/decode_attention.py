@@ -93,8 +93,9 @@ def gqa_kernels(hq: int, hkv: int, batch: int, ctx: int, page_size: int, kernels
     return dict(nbytes=nbytes, results=results)
 
 
-def mla_kernels(heads: int, batch: int, ctx: int, page_size: int, kernels: list[str]) -> dict:
-    api, dev = flashinfer_mla_api(), torch.device("cuda")
+def mla_inputs(heads: int, batch: int, ctx: int, page_size: int) -> tuple:
+    """(pages, q_nope, q_pe, page tables as lists, as a tensor, kv_lens, scale) of a batch at `ctx`."""
+    dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
     n_pages = (ctx + page_size - 1) // page_size
     pages = torch.randn(batch * n_pages, page_size, RANK + ROPE, generator=g, device=dev).bfloat16()
@@ -102,7 +103,13 @@ def mla_kernels(heads: int, batch: int, ctx: int, page_size: int, kernels: list[
     q_pe = torch.randn(batch, heads, ROPE, generator=g, device=dev).bfloat16()
     tables, table = tables_for(batch, ctx, page_size, dev)
     kv_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
-    scale = (RANK + ROPE) ** -0.5
+    return pages, q_nope, q_pe, tables, table, kv_lens, (RANK + ROPE) ** -0.5
+
+
+def mla_kernels(heads: int, batch: int, ctx: int, page_size: int, kernels: list[str]) -> dict:
+    api, dev = flashinfer_mla_api(), torch.device("cuda")
+    n_pages = (ctx + page_size - 1) // page_size
+    pages, q_nope, q_pe, tables, table, kv_lens, scale = mla_inputs(heads, batch, ctx, page_size)
     results = {}
     for name in kernels:
         if name in ("fa3", "fa2"):
@@ -136,15 +143,7 @@ def sweep_triton_mla(heads: int, batch: int, ctx: int, page_size: int, max_conte
     warps x pipeline stages, each in a CUDA graph; prints the row the bench runs (splits for `ctx`),
     the engine's (its graphs size the chunks for the model's longest context, `max_context`) and the
     fastest five, each with its largest difference from the torch reference."""
-    dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(0)
-    n_pages = (ctx + page_size - 1) // page_size
-    pages = torch.randn(batch * n_pages, page_size, RANK + ROPE, generator=g, device=dev).bfloat16()
-    q_nope = torch.randn(batch, heads, RANK, generator=g, device=dev).bfloat16()
-    q_pe = torch.randn(batch, heads, ROPE, generator=g, device=dev).bfloat16()
-    _, table = tables_for(batch, ctx, page_size, dev)
-    kv_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
-    scale = (RANK + ROPE) ** -0.5
+    pages, q_nope, q_pe, _, table, kv_lens, scale = mla_inputs(heads, batch, ctx, page_size)
     want = triton_attn.mla_decode_reference(q_nope, q_pe, pages, table, kv_lens, scale)
     bench = (triton_attn.model_splits(batch, heads, ctx), triton_attn.BLOCK_N, 4, 2)
     engine = (triton_attn.model_splits(batch, heads, max_context), triton_attn.BLOCK_N, 4, 2)
