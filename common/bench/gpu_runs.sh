@@ -249,7 +249,7 @@ for step in "$@"; do
     mla-sweep) # issue 20, twenty-eighth session: the Triton MLA decode's launch parameters (chunks, tokens an iteration,
            # warps, stages) at V2-Lite's 16 heads, batch 1 and 8, ctx 1024 (~3 min): one layer's attention is ~9 µs at batch 1
            # on an H100 for 0.4 µs of latents; a faster row than the engine's is the next A/B
-           timeout ${T:-300} python3 -m disagg.common.bench.decode_attention --mla v2lite --gqa "" --batches 1,8 \
+           timeout ${T:-300} python3 -m disagg.common.bench.decode_attention --mla v2lite --batches 1,8 \
              --sweep-triton 2>&1 | grep -v "WARN" | tee $OUT/mla_sweep.log | tail -30 ;;
     paged-ab) # the prefill graphs over the pool (DISAGG_PAGED_PREFILL_GRAPH; on by default since its twenty-sixth-session run): a
            # request's PA_NEW (512) new tokens after PA_PREFIX (1536) cached ones (offline.py --prefix-len: the
