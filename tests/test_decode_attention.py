@@ -101,6 +101,10 @@ CHECK = textwrap.dedent(
             compare(got, want, plain, lens, dtype)
         # another BLOCK_N (the bench's --sweep-triton launches): the same attention
         compare(da.mla_decode(q_nope, q_pe, pages, table, kv_lens, scale, splits[0], block_n=16), want, plain, lens, dtype)
+        # a shortest chunk (mla_launch's tuned entries): a request takes fewer, longer chunks, the rest empty
+        for n, mc in ((16, 48), (32, 64)):
+            got = da.mla_decode(q_nope, q_pe, pages, table, kv_lens, scale, splits[-1], block_n=n, min_chunk=mc)
+            compare(got, want, plain, lens, dtype)
         print("case passed", "mla", lens, page_size, heads, rank, rope, dtype, splits)
     """
 )
@@ -148,6 +152,11 @@ def test_interpreted_start_up_check_passes_the_kernels_and_catches_a_broken_one(
         cpu = torch.device("cpu")
         assert da.check_decode_attention(cpu, torch.bfloat16, gqa=(8, 2, 32), page_size=16)
         assert da.check_decode_attention(cpu, torch.float32, mla=(3, 32, 16), page_size=1)
+        # this device's tuned launches are checked too (the CPU's device name is "")
+        tuned = dict(block_n=16, num_warps=4, num_stages=1, min_chunk=64)
+        da.tuned_configs = lambda: {da.mla_config_key(3, 32, 16, 5, ""): {"1": tuned, "8": da.MLA_DEFAULT_LAUNCH}}
+        assert da.tuned_launches(3, 32, 16, 5, cpu) == [da.MLA_DEFAULT_LAUNCH, tuned]
+        assert da.check_decode_attention(cpu, torch.float32, mla=(3, 32, 16), page_size=5)
         da._merge = lambda part_out, part_lse, out: out.zero_()  # a broken merge
         assert not da.check_decode_attention(cpu, torch.float32, gqa=(8, 2, 32))
         assert not da.check_decode_attention(cpu, torch.float32, mla=(3, 32, 16))
@@ -348,3 +357,18 @@ def test_gpu_decode_attention_replays_in_a_cuda_graph():
         want_m = da.mla_decode_reference(q_nope, q_pe, pages, table[:, :16], lens, 0.072)
         for got, want in ((out_g, want_g), (out_m, want_m)):
             torch.testing.assert_close(got.float(), want, atol=want.abs().max().item() / 64, rtol=0)
+
+
+def test_mla_launch_takes_this_devices_entry_for_the_batch_bucket(monkeypatch):
+    """mla_launch: the tuned entry of the batch's next power of two for this shape and device; any
+    other batch, shape or device launches the defaults (what the engine ran before any tune)."""
+    from disagg.common.models import decode_attention as da
+
+    tuned = dict(block_n=16, num_warps=8, num_stages=1, min_chunk=64)
+    key = da.mla_config_key(16, 512, 64, 16, "GPU A")
+    monkeypatch.setattr(da, "tuned_configs", lambda: {key: {"8": tuned}})
+    assert da.mla_launch(5, 16, 512, 64, 16, "GPU A") == tuned  # bucket 8
+    assert da.mla_launch(8, 16, 512, 64, 16, "GPU A") == tuned
+    for args in ((4, 16, 512, 64, 16, "GPU A"), (9, 16, 512, 64, 16, "GPU A"), (8, 16, 512, 64, 16, "GPU B"),
+                 (8, 128, 512, 64, 16, "GPU A"), (8, 16, 512, 64, 64, "GPU A")):  # fmt: skip
+        assert da.mla_launch(*args) == da.MLA_DEFAULT_LAUNCH

@@ -5,6 +5,12 @@ latent of the batch read once, at the copy rate measured in the same process).
 
     python -m disagg.common.bench.decode_attention --batches 1,8,64 --ctx 1024
     python -m disagg.common.bench.decode_attention --mla v2lite --batches 1,8 --sweep-triton  # ~3 min
+    python -m disagg.common.bench.decode_attention --mla v2lite,v3 --batches 1,2,4,8 --sweep-triton --tune
+
+--tune: at the engine's chunk count (its graphs size it for the model's longest context), times
+every launch of the MLA kernel (tokens an iteration x warps x stages x shortest chunk) a batch bucket
+and writes the fastest that matches the torch reference to common/models/decode_attention_configs.json
+(and --output-dir), keyed by this device: what the engine launches (decode_attention.mla_launch).
 
 Shapes: GQA 32 q / 4 kv heads (Qwen3-30B-A3B) and 32 / 8 (Llama-3.1-8B), head dim 128; MLA 16 heads
 (DeepSeek-V2-Lite; V3 at TP 8) and 128 (V3 at TP 1), latent 512 + rope 64. Prints µs per layer per
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from pathlib import Path
 
 import torch
 from disagg.common.bench.offline import measure_ceilings
@@ -168,6 +175,55 @@ def sweep_triton_mla(heads: int, batch: int, ctx: int, page_size: int, max_conte
         print(f"  {us:6.1f}  {cfg}  max diff {diff:.1e}  {label.get(cfg, '')}", flush=True)
 
 
+def tune_triton_mla(heads: int, batch: int, ctx: int, page_size: int, max_context: int) -> dict:
+    """The fastest launch of the Triton MLA kernel at the engine's chunk count for this batch (tokens
+    an iteration x warps x stages x shortest chunk) among those within bf16 rounding of the torch
+    reference; prints the default's row and the fastest five."""
+    pages, q_nope, q_pe, _, table, kv_lens, scale = mla_inputs(heads, batch, ctx, page_size)
+    want = triton_attn.mla_decode_reference(q_nope, q_pe, pages, table, kv_lens, scale)
+    splits = triton_attn.model_splits(batch, heads, max_context)
+    default = triton_attn.MLA_DEFAULT_LAUNCH
+    grid = [
+        dict(block_n=n, num_warps=w, num_stages=st, min_chunk=mc)
+        for n, w, st, mc in itertools.product((16, 32, 64), (4, 8), (1, 2), (0, 32, 64, 128, 256))
+        if mc == 0 or mc > n
+    ]
+    rows = []
+    for launch in grid:
+        try:
+            us, out = graph_time(
+                lambda k=launch: triton_attn.mla_decode(
+                    q_nope, q_pe, pages, table, kv_lens, scale, splits, **k
+                )
+            )
+        except Exception as e:  # noqa: BLE001 - a launch that does not fit (shared memory): reported
+            print(f"  {launch}: {type(e).__name__}")
+            continue
+        rows.append((us, (out - want).abs().max().item(), launch))
+    ok = [r for r in rows if r[1] < 2e-2]  # bf16 output of float32 math: ~1e-3 (the sweep's rows)
+    ok.sort(key=lambda r: r[0])
+    print(f"\nmla {heads} heads, batch {batch}, ctx {ctx}, {splits} chunks: µs per layer")
+    for us, diff, launch in [r for r in ok if r[2] == default] + ok[:5]:
+        print(
+            f"  {us:6.1f}  {launch}  max diff {diff:.1e}  {'the default' if launch == default else ''}",
+            flush=True,
+        )
+    return ok[0][2]
+
+
+def write_tune(found: dict[str, dict[str, dict]], output_dir: str | None) -> None:
+    """Merges this run's entries into the checked-in table (other devices' and shapes' kept)."""
+    path = triton_attn.CONFIGS
+    table = json.loads(path.read_text()) if path.exists() else {}
+    for key, entries in found.items():
+        table[key] = {**table.get(key, {}), **entries}
+    text = json.dumps(dict(sorted(table.items())), indent=1) + "\n"
+    path.write_text(text)
+    if output_dir:
+        Path(output_dir, path.name).write_text(text)
+    print(f"wrote {len(found)} shapes to {path}" + (f" and {output_dir}" if output_dir else ""))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gqa", default="qwen3,llama8b", help=f"GQA shapes of {sorted(GQA_SHAPES)} ('' none)")
@@ -189,11 +245,22 @@ def main() -> None:
         default=163840,
         help="the engine's longest context (--sweep-triton; V2/V3: 163840)",
     )
+    p.add_argument("--tune", action="store_true", help="with --sweep-triton: tune_triton_mla, written")
+    p.add_argument("--output-dir", default=None, help="--tune: a copy of the table here too")
     args = p.parse_args()
     if args.sweep_triton:
+        found = {}
         for shape in (s for s in args.mla.split(",") if s):
+            heads = MLA_HEADS[shape]
+            key = triton_attn.mla_config_key(heads, RANK, ROPE, args.page_size, torch.cuda.get_device_name())
             for batch in (int(b) for b in args.batches.split(",")):
-                sweep_triton_mla(MLA_HEADS[shape], batch, args.ctx, args.page_size, args.max_context)
+                if args.tune:
+                    best = tune_triton_mla(heads, batch, args.ctx, args.page_size, args.max_context)
+                    found.setdefault(key, {})[triton_attn.launch_bucket(batch)] = best
+                else:
+                    sweep_triton_mla(heads, batch, args.ctx, args.page_size, args.max_context)
+        if found:
+            write_tune(found, args.output_dir)
         return
     ceil = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     print(

@@ -251,6 +251,21 @@ for step in "$@"; do
            # on an H100 for 0.4 µs of latents; a faster row than the engine's is the next A/B
            timeout ${T:-300} python3 -m disagg.common.bench.decode_attention --mla v2lite --batches 1,8 \
              --sweep-triton 2>&1 | grep -v "WARN" | tee $OUT/mla_sweep.log | tail -30 ;;
+    mla-tune) # issue 20, twenty-ninth session (~5 min; carry .gpu/fi, .gpu/base, .gpu/kc.txz): the Triton MLA decode's
+           # launch (tokens an iteration, warps, stages, shortest chunk) tuned a batch bucket at the engine's chunk count
+           # (decode_attention_configs.json, returned under $OUT: copy it into common/models/), the GPU tests of the
+           # kernel and the engine's MLA graphs with it, then DeepSeek-V2-Lite with the tune and without, alternating
+           timeout ${TUNE_T:-200} python3 -m disagg.common.bench.decode_attention --mla v2lite,v3 --batches ${MLA_BATCHES:-1,2,4,8} \
+             --sweep-triton --tune --output-dir $OUT 2>&1 | grep -v "WARN" | tee $OUT/mla_tune.log | tail -40
+           timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_triton_decode.py tests/test_decode_attention.py \
+             > $OUT/mla_tune_tests.log 2>&1; tail -2 $OUT/mla_tune_tests.log
+           a="--model-path DeepSeek-V2-Lite --load-format dummy --context-len 1024 --decode-steps 16 --batch-sizes 1,8 --prefill-len 512"
+           for i in 1 2; do
+             echo "--- V2-Lite, tuned launch ($(date +%T))"; T=90 bench $a | grep -A2 "^kind\|Error"
+             mv common/models/decode_attention_configs.json /tmp/dac.json
+             echo "--- V2-Lite, default launch ($(date +%T))"; T=90 bench $a | grep -A2 "^kind\|Error"
+             mv /tmp/dac.json common/models/decode_attention_configs.json
+           done ;;
     paged-ab) # the prefill graphs over the pool (DISAGG_PAGED_PREFILL_GRAPH; on by default since its twenty-sixth-session run): a
            # request's PA_NEW (512) new tokens after PA_PREFIX (1536) cached ones (offline.py --prefix-len: the
            # forward alone) and a fresh prompt's prefill, off then on in alternating fresh processes; the "[N s]

@@ -28,6 +28,7 @@ from disagg.common.engine.attention_flashinfer import (
 )
 from disagg.common.engine.device_wait import host_tensor
 from disagg.common.models.deepseek import is_mla, softmax_scale
+from disagg.common.models.fused_moe import device_name
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +178,11 @@ class _GraphTritonDecodeBackend(MLABackend):
         return self.kernels.gqa_decode(q, kv, self.table, self.kv_lens, scale, self.splits)
 
     def run_mla(self, q_nope, q_pe, pages, sm_scale, batch: ForwardBatch) -> torch.Tensor:
-        return self.kernels.mla_decode(q_nope, q_pe, pages, self.table, self.kv_lens, sm_scale, self.splits)
+        (bs, heads, rank), rope = q_nope.shape, q_pe.shape[2]  # static: the graph's bucket and shape
+        launch = self.kernels.mla_launch(bs, heads, rank, rope, self.pool.page_size, device_name())
+        return self.kernels.mla_decode(
+            q_nope, q_pe, pages, self.table, self.kv_lens, sm_scale, self.splits, **launch
+        )
 
 
 # --decode-attention-backend auto: the Triton kernels for the buckets of at most this many programs a
