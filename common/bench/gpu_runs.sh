@@ -257,7 +257,7 @@ for step in "$@"; do
            # kernel and the engine's MLA graphs with it, then DeepSeek-V2-Lite with the tune and without, alternating
            timeout ${TUNE_T:-200} python3 -m disagg.common.bench.decode_attention --mla v2lite,v3 --batches ${MLA_BATCHES:-1,2,4,8} \
              --sweep-triton --tune --output-dir $OUT 2>&1 | grep -v "WARN" | tee $OUT/mla_tune.log | tail -40
-           timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_triton_decode.py tests/test_decode_attention.py \
+           timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_triton_decode.py tests/test_decode_attention.py -k "mla or gpu_decode" \
              > $OUT/mla_tune_tests.log 2>&1; tail -2 $OUT/mla_tune_tests.log
            a="--model-path DeepSeek-V2-Lite --load-format dummy --context-len 1024 --decode-steps 16 --batch-sizes 1,8 --prefill-len 512"
            for i in 1 2; do
