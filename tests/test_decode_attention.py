@@ -101,10 +101,9 @@ CHECK = textwrap.dedent(
             compare(got, want, plain, lens, dtype)
         # another BLOCK_N (the bench's --sweep-triton launches): the same attention
         compare(da.mla_decode(q_nope, q_pe, pages, table, kv_lens, scale, splits[0], block_n=16), want, plain, lens, dtype)
-        # a shortest chunk (mla_launch's tuned entries): a request takes fewer, longer chunks, the rest empty
-        for n, mc in ((16, 48), (32, 64)):
-            got = da.mla_decode(q_nope, q_pe, pages, table, kv_lens, scale, splits[-1], block_n=n, min_chunk=mc)
-            compare(got, want, plain, lens, dtype)
+        # a tuned launch's other parameters (mla_launch): the same attention
+        got = da.mla_decode(q_nope, q_pe, pages, table, kv_lens, scale, splits[-1], block_n=64, num_warps=8, num_stages=1)
+        compare(got, want, plain, lens, dtype)
         print("case passed", "mla", lens, page_size, heads, rank, rope, dtype, splits)
     """
 )
@@ -153,7 +152,7 @@ def test_interpreted_start_up_check_passes_the_kernels_and_catches_a_broken_one(
         assert da.check_decode_attention(cpu, torch.bfloat16, gqa=(8, 2, 32), page_size=16)
         assert da.check_decode_attention(cpu, torch.float32, mla=(3, 32, 16), page_size=1)
         # this device's tuned launches are checked too (the CPU's device name is "")
-        tuned = dict(block_n=16, num_warps=4, num_stages=1, min_chunk=64)
+        tuned = dict(block_n=16, num_warps=4, num_stages=1)
         da.tuned_configs = lambda: {da.mla_config_key(3, 32, 16, 5, ""): {"1": tuned, "8": da.MLA_DEFAULT_LAUNCH}}
         assert da.tuned_launches(3, 32, 16, 5, cpu) == [da.MLA_DEFAULT_LAUNCH, tuned]
         assert da.check_decode_attention(cpu, torch.float32, mla=(3, 32, 16), page_size=5)
@@ -364,7 +363,7 @@ def test_mla_launch_takes_this_devices_entry_for_the_batch_bucket(monkeypatch):
     other batch, shape or device launches the defaults (what the engine ran before any tune)."""
     from disagg.common.models import decode_attention as da
 
-    tuned = dict(block_n=16, num_warps=8, num_stages=1, min_chunk=64)
+    tuned = dict(block_n=16, num_warps=8, num_stages=1)
     key = da.mla_config_key(16, 512, 64, 16, "GPU A")
     monkeypatch.setattr(da, "tuned_configs", lambda: {key: {"8": tuned}})
     assert da.mla_launch(5, 16, 512, 64, 16, "GPU A") == tuned  # bucket 8

@@ -8,7 +8,7 @@ latent of the batch read once, at the copy rate measured in the same process).
     python -m disagg.common.bench.decode_attention --mla v2lite,v3 --batches 1,2,4,8 --sweep-triton --tune
 
 --tune: at the engine's chunk count (its graphs size it for the model's longest context), times
-every launch of the MLA kernel (tokens an iteration x warps x stages x shortest chunk) a batch bucket
+every launch of the MLA kernel (tokens an iteration x warps x stages) a batch bucket
 and writes the fastest that matches the torch reference to common/models/decode_attention_configs.json
 (and --output-dir), keyed by this device: what the engine launches (decode_attention.mla_launch).
 
@@ -177,16 +177,15 @@ def sweep_triton_mla(heads: int, batch: int, ctx: int, page_size: int, max_conte
 
 def tune_triton_mla(heads: int, batch: int, ctx: int, page_size: int, max_context: int) -> dict:
     """The fastest launch of the Triton MLA kernel at the engine's chunk count for this batch (tokens
-    an iteration x warps x stages x shortest chunk) among those within bf16 rounding of the torch
+    an iteration x warps x stages) among those within bf16 rounding of the torch
     reference; prints the default's row and the fastest five."""
     pages, q_nope, q_pe, _, table, kv_lens, scale = mla_inputs(heads, batch, ctx, page_size)
     want = triton_attn.mla_decode_reference(q_nope, q_pe, pages, table, kv_lens, scale)
     splits = triton_attn.model_splits(batch, heads, max_context)
     default = triton_attn.MLA_DEFAULT_LAUNCH
     grid = [
-        dict(block_n=n, num_warps=w, num_stages=st, min_chunk=mc)
-        for n, w, st, mc in itertools.product((16, 32, 64), (4, 8), (1, 2), (0, 32, 64, 128, 256))
-        if mc == 0 or mc > n
+        dict(block_n=n, num_warps=w, num_stages=st)
+        for n, w, st in itertools.product((16, 32, 64), (4, 8), (1, 2))
     ]
     rows = []
     for launch in grid:

@@ -252,7 +252,7 @@ for step in "$@"; do
            timeout ${T:-300} python3 -m disagg.common.bench.decode_attention --mla v2lite --batches 1,8 \
              --sweep-triton 2>&1 | grep -v "WARN" | tee $OUT/mla_sweep.log | tail -30 ;;
     mla-tune) # issue 20, twenty-ninth session (~5 min; carry .gpu/fi, .gpu/base, .gpu/kc.txz): the Triton MLA decode's
-           # launch (tokens an iteration, warps, stages, shortest chunk) tuned a batch bucket at the engine's chunk count
+           # launch (tokens an iteration, warps, stages) tuned a batch bucket at the engine's chunk count
            # (decode_attention_configs.json, returned under $OUT: copy it into common/models/), the GPU tests of the
            # kernel and the engine's MLA graphs with it, then DeepSeek-V2-Lite with the tune and without, alternating
            timeout ${TUNE_T:-200} python3 -m disagg.common.bench.decode_attention --mla v2lite,v3 --batches ${MLA_BATCHES:-1,2,4,8} \

@@ -19,21 +19,20 @@ lse and sums them.
 
 CUDA-graph capturable: no host sync; the grids depend on the batch size, the head counts and the
 split count (a launch parameter chosen from static shapes, `choose_splits`) only. The chunks are cut
-on the device from kv_lens: ceil(kv_len / S) tokens rounded up to BLOCK_N (MLA: and at least
-min_chunk), so a short request leaves its last chunks empty. An empty chunk writes lse = -inf (its output is neither written nor
+on the device from kv_lens: ceil(kv_len / S) tokens rounded up to BLOCK_N, so a short request
+leaves its last chunks empty. An empty chunk writes lse = -inf (its output is neither written nor
 read), and the merge gives it weight 0; a request with kv_len 0 (a padded row) gets 0.
 
 The torch references (`gqa_decode_reference`, `mla_decode_reference`: pages gathered, float32
 math, host reads of kv_lens) are the tests' and `check_decode_attention`'s reference, and what runs
 where Triton cannot (a CPU tensor outside Triton's interpreter).
 
-MLA's launch-1 parameters (tokens an iteration, warps, pipeline stages, shortest chunk) come from
+MLA's launch-1 parameters (tokens an iteration, warps, pipeline stages) come from
 this device's tune where it has one (`mla_launch`: `common/models/decode_attention_configs.json`,
 written by `python -m disagg.common.bench.decode_attention --mla v2lite --sweep-triton --tune` on
-the device, one entry a batch bucket at the engine's chunk count), else the defaults below. Why a
-shortest chunk: the engine's graphs size the chunk count for the model's longest context (V2-Lite's
-163840), so at ctx 1024 a batch-8 graph cut each request into 32 one-iteration chunks (13.8 µs a
-layer on an H100, twenty-ninth session) where 16 longer ones took 10.1.
+the device, one entry a batch bucket at the engine's chunk count), else the defaults below. None
+is checked in: on an H100 (twenty-ninth session) the tune was 0.5-0.7 µs a layer faster alone at
+V2-Lite's batch 1-4 and lost 20-30 µs a step in the engine (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ MIN_SPLIT_TOKENS = 64  # choose_splits: the shortest chunk worth a program of it
 MAX_SPLITS = 64  # choose_splits: bounds the merge's [splits, BLOCK_D] tile
 LOG2E = 1.4426950408889634
 CONFIGS = Path(__file__).with_name("decode_attention_configs.json")
-MLA_DEFAULT_LAUNCH = {"block_n": BLOCK_N, "num_warps": 4, "num_stages": 2, "min_chunk": 0}
+MLA_DEFAULT_LAUNCH = {"block_n": BLOCK_N, "num_warps": 4, "num_stages": 2}
 
 
 def mla_config_key(num_heads: int, rank: int, rope: int, page_size: int, device: str) -> str:
@@ -177,10 +176,9 @@ def mla_decode(
     out: torch.Tensor | None = None,  # [B, H, R] in q's dtype, last dim contiguous
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,  # decode_workspace(B, H, S, R)
     *,
-    block_n: int = BLOCK_N,  # launch 1's tokens an iteration, warps, pipeline stages and shortest
-    num_warps: int = 4,  # chunk (a short request takes fewer, longer chunks than num_splits; 0:
-    num_stages: int = 2,  # none): this device's tune, mla_launch, or the bench's --sweep-triton
-    min_chunk: int = 0,
+    block_n: int = BLOCK_N,  # launch 1's tokens an iteration, warps and pipeline stages: the
+    num_warps: int = 4,  # defaults, this device's tune (mla_launch) or the bench's --sweep-triton
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """MLA's absorbed decode: softmax((q_nope · ckv + q_pe · kpe) * sm_scale) · ckv, every head
     reading the one shared latent. Returns `out` (a new tensor if not given)."""
@@ -199,7 +197,7 @@ def mla_decode(
     _mla_partial_kernel[(triton.cdiv(num_heads, BLOCK_H), num_splits, batch)](
         q_nope, q_pe, pages, page_table, kv_lens, part_out, part_lse, sm_scale * LOG2E,
         q_nope.stride(0), q_nope.stride(1), q_pe.stride(0), q_pe.stride(1), pages.stride(0), pages.stride(1),
-        page_table.stride(0), num_heads, num_splits, min_chunk, RANK=rank, ROPE=rope, PAGE_SIZE=pages.shape[1],
+        page_table.stride(0), num_heads, num_splits, RANK=rank, ROPE=rope, PAGE_SIZE=pages.shape[1],
         BLOCK_H=BLOCK_H, BLOCK_N=block_n, UPCAST=triton_interpret(), num_warps=num_warps,
         num_stages=num_stages, **pdl_args(q_nope.device),
     )  # fmt: skip
@@ -350,12 +348,11 @@ if triton is not None:
         return tl.dot(a, b, input_precision="ieee")
 
     @triton.jit
-    def _split_range(kv_lens, b, num_splits, min_chunk, BLOCK_N: tl.constexpr):
+    def _split_range(kv_lens, b, num_splits, BLOCK_N: tl.constexpr):
         """[start, end) of this program's chunk of request b's tokens: ceil(kv_len / num_splits)
-        rounded up to BLOCK_N and at least min_chunk, so a short request's last chunks are empty
-        (start >= end)."""
+        rounded up to BLOCK_N, so a short request's last chunks are empty (start >= end)."""
         kv_len = tl.load(kv_lens + b)
-        split_len = tl.maximum(tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N, min_chunk)
+        split_len = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) * BLOCK_N
         start = tl.program_id(1) * split_len
         return start, tl.minimum(start + split_len, kv_len)
 
@@ -414,7 +411,7 @@ if triton is not None:
         row_sum = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
         k_base = kv + kv_head * stride_head + d[None, :]
-        start, end = _split_range(kv_lens, b, num_splits, 0, BLOCK_N)
+        start, end = _split_range(kv_lens, b, num_splits, BLOCK_N)
         for n in range(start, end, BLOCK_N):
             tokens = n + tl.arange(0, BLOCK_N)
             valid = tokens < end
@@ -433,7 +430,7 @@ if triton is not None:
     def _mla_partial_kernel(
         q_nope, q_pe, pages, page_table, kv_lens, part_out, part_lse, scale_log2,
         stride_nb, stride_nh, stride_pb, stride_ph, stride_page, stride_slot, stride_table,
-        num_heads, num_splits, min_chunk,
+        num_heads, num_splits,
         RANK: tl.constexpr, ROPE: tl.constexpr, PAGE_SIZE: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
@@ -455,7 +452,7 @@ if triton is not None:
         row_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
         row_sum = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, RANK], tl.float32)
-        start, end = _split_range(kv_lens, b, num_splits, min_chunk, BLOCK_N)
+        start, end = _split_range(kv_lens, b, num_splits, BLOCK_N)
         for n in range(start, end, BLOCK_N):
             tokens = n + tl.arange(0, BLOCK_N)
             valid = tokens < end
