@@ -151,9 +151,9 @@ def test_interpreted_start_up_check_passes_the_kernels_and_catches_a_broken_one(
         cpu = torch.device("cpu")
         assert da.check_decode_attention(cpu, torch.bfloat16, gqa=(8, 2, 32), page_size=16)
         assert da.check_decode_attention(cpu, torch.float32, mla=(3, 32, 16), page_size=1)
-        # this device's tuned launches are checked too (the CPU's device name is "")
+        # this device's tuned launches are checked too, each once (the CPU's device name is "")
         tuned = dict(block_n=16, num_warps=4, num_stages=1)
-        da.tuned_configs = lambda: {da.mla_config_key(3, 32, 16, 5, ""): {"1": tuned, "8": da.MLA_DEFAULT_LAUNCH}}
+        da.tuned_configs = lambda: {da.mla_config_key(3, 32, 16, 5, ""): {"1": tuned, "2": tuned, "8": da.MLA_DEFAULT_LAUNCH}}
         assert da.tuned_launches(3, 32, 16, 5, cpu) == [da.MLA_DEFAULT_LAUNCH, tuned]
         assert da.check_decode_attention(cpu, torch.float32, mla=(3, 32, 16), page_size=5)
         da._merge = lambda part_out, part_lse, out: out.zero_()  # a broken merge

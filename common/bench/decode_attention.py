@@ -145,69 +145,74 @@ def mla_kernels(heads: int, batch: int, ctx: int, page_size: int, kernels: list[
     return dict(nbytes=nbytes, results=results)
 
 
-def sweep_triton_mla(heads: int, batch: int, ctx: int, page_size: int, max_context: int) -> None:
-    """The Triton MLA kernel's launch parameters at one shape: chunk count x tokens an iteration x
-    warps x pipeline stages, each in a CUDA graph; prints the row the bench runs (splits for `ctx`),
-    the engine's (its graphs size the chunks for the model's longest context, `max_context`) and the
-    fastest five, each with its largest difference from the torch reference."""
+def time_mla_launches(heads: int, batch: int, ctx: int, page_size: int, cases) -> list[tuple]:
+    """(µs, max difference from the torch reference, splits, launch keywords) of the Triton MLA kernel
+    for each (splits, launch) of `cases`, each in a CUDA graph, fastest first; a launch that does not
+    fit (shared memory) is reported and left out."""
     pages, q_nope, q_pe, _, table, kv_lens, scale = mla_inputs(heads, batch, ctx, page_size)
     want = triton_attn.mla_decode_reference(q_nope, q_pe, pages, table, kv_lens, scale)
-    bench = (triton_attn.model_splits(batch, heads, ctx), triton_attn.BLOCK_N, 4, 2)
-    engine = (triton_attn.model_splits(batch, heads, max_context), triton_attn.BLOCK_N, 4, 2)
-    grid = set(itertools.product((8, 16, 32, 64), (16, 32, 64), (4, 8), (1, 2))) | {bench, engine}
     rows = []
-    for splits, block_n, warps, stages in sorted(grid):
+    for splits, launch in cases:
 
-        def run(s=splits, n=block_n, w=warps, st=stages):
-            return triton_attn.mla_decode(q_nope, q_pe, pages, table, kv_lens, scale, s, block_n=n,
-                                          num_warps=w, num_stages=st)  # fmt: skip
+        def run(s=splits, k=launch):
+            return triton_attn.mla_decode(q_nope, q_pe, pages, table, kv_lens, scale, s, **k)
 
         try:
             us, out = graph_time(run)
-        except Exception as e:  # noqa: BLE001 - a launch that does not fit (shared memory): reported
-            print(f"  {(splits, block_n, warps, stages)}: {type(e).__name__}")
+        except Exception as e:  # noqa: BLE001 - a launch that does not fit: reported, next one
+            print(f"  {splits} chunks, {launch}: {type(e).__name__}")
             continue
-        rows.append((us, (splits, block_n, warps, stages), (out - want).abs().max().item()))
-    rows.sort()
-    label = {bench: "the bench's", engine: "the engine's"}
-    print(f"\nmla {heads} heads, batch {batch}, ctx {ctx}: µs per layer (splits, BLOCK_N, warps, stages)")
-    for us, cfg, diff in [r for r in rows if r[1] in label] + rows[:5]:
-        print(f"  {us:6.1f}  {cfg}  max diff {diff:.1e}  {label.get(cfg, '')}", flush=True)
+        rows.append((us, (out - want).abs().max().item(), splits, launch))
+    return sorted(rows, key=lambda r: r[0])
 
 
-def tune_triton_mla(heads: int, batch: int, ctx: int, page_size: int, max_context: int) -> dict:
-    """The fastest launch of the Triton MLA kernel at the engine's chunk count for this batch (tokens
-    an iteration x warps x stages) among those within bf16 rounding of the torch
-    reference; prints the default's row and the fastest five."""
-    pages, q_nope, q_pe, _, table, kv_lens, scale = mla_inputs(heads, batch, ctx, page_size)
-    want = triton_attn.mla_decode_reference(q_nope, q_pe, pages, table, kv_lens, scale)
-    splits = triton_attn.model_splits(batch, heads, max_context)
-    default = triton_attn.MLA_DEFAULT_LAUNCH
-    grid = [
+def print_rows(title: str, rows: list[tuple], label) -> None:
+    """The labelled rows (label(row) -> a name or ""), then the fastest five."""
+    print(f"\n{title}")
+    for row in [r for r in rows if label(r)] + rows[:5]:
+        us, diff, splits, launch = row
+        print(f"  {us:6.1f}  {splits} chunks, {launch}  max diff {diff:.1e}  {label(row)}", flush=True)
+
+
+def launch_grid() -> list[dict]:
+    """mla_decode's launch keywords: tokens an iteration x warps x pipeline stages."""
+    return [
         dict(block_n=n, num_warps=w, num_stages=st)
         for n, w, st in itertools.product((16, 32, 64), (4, 8), (1, 2))
     ]
-    rows = []
-    for launch in grid:
-        try:
-            us, out = graph_time(
-                lambda k=launch: triton_attn.mla_decode(
-                    q_nope, q_pe, pages, table, kv_lens, scale, splits, **k
-                )
-            )
-        except Exception as e:  # noqa: BLE001 - a launch that does not fit (shared memory): reported
-            print(f"  {launch}: {type(e).__name__}")
-            continue
-        rows.append((us, (out - want).abs().max().item(), launch))
+
+
+def sweep_triton_mla(heads: int, batch: int, ctx: int, page_size: int, max_context: int) -> None:
+    """The Triton MLA kernel's launch parameters at one shape: chunk count x launch_grid; prints the
+    row the bench runs (splits for `ctx`), the engine's (its graphs size the chunks for the model's
+    longest context, `max_context`) and the fastest five."""
+    default = triton_attn.MLA_DEFAULT_LAUNCH
+    bench = (triton_attn.model_splits(batch, heads, ctx), default)
+    engine = (triton_attn.model_splits(batch, heads, max_context), default)
+    cases = [(s, k) for s in (8, 16, 32, 64) for k in launch_grid()]
+    cases += [c for c in (bench, engine) if c not in cases]
+    rows = time_mla_launches(heads, batch, ctx, page_size, cases)
+    names = {bench[0]: "the bench's", engine[0]: "the engine's"}  # the same splits: one name
+
+    def label(row) -> str:
+        return names.get(row[2], "") if row[3] == default else ""
+
+    print_rows(f"mla {heads} heads, batch {batch}, ctx {ctx}: µs per layer", rows, label)
+
+
+def tune_triton_mla(heads: int, batch: int, ctx: int, page_size: int, max_context: int) -> dict:
+    """The fastest launch (launch_grid) of the Triton MLA kernel at the engine's chunk count for this
+    batch among those within bf16 rounding of the torch reference; prints the default's row and the
+    fastest five."""
+    splits = triton_attn.model_splits(batch, heads, max_context)
+    rows = time_mla_launches(heads, batch, ctx, page_size, [(splits, k) for k in launch_grid()])
     ok = [r for r in rows if r[1] < 2e-2]  # bf16 output of float32 math: ~1e-3 (the sweep's rows)
-    ok.sort(key=lambda r: r[0])
-    print(f"\nmla {heads} heads, batch {batch}, ctx {ctx}, {splits} chunks: µs per layer")
-    for us, diff, launch in [r for r in ok if r[2] == default] + ok[:5]:
-        print(
-            f"  {us:6.1f}  {launch}  max diff {diff:.1e}  {'the default' if launch == default else ''}",
-            flush=True,
-        )
-    return ok[0][2]
+
+    def label(row) -> str:
+        return "the default" if row[3] == triton_attn.MLA_DEFAULT_LAUNCH else ""
+
+    print_rows(f"mla {heads} heads, batch {batch}, ctx {ctx}, {splits} chunks: µs per layer", ok, label)
+    return ok[0][3]
 
 
 def write_tune(found: dict[str, dict[str, dict]], output_dir: str | None) -> None:

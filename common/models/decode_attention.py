@@ -75,11 +75,16 @@ def tuned_configs() -> dict:
     return json.loads(CONFIGS.read_text()) if CONFIGS.exists() else {}
 
 
+def tuned_entry(num_heads: int, rank: int, rope: int, page_size: int, device: str) -> dict:
+    """This device's (its name) tuned launches for an MLA shape, by batch bucket ({} if none)."""
+    return tuned_configs().get(mla_config_key(num_heads, rank, rope, page_size, device), {})
+
+
 def mla_launch(batch: int, num_heads: int, rank: int, rope: int, page_size: int, device: str) -> dict:
     """mla_decode's launch keywords for a batch at a shape on `device` (its name): this device's tuned
     entry for the batch's bucket, else MLA_DEFAULT_LAUNCH. Each entry was timed against the torch
     reference's output by the tune, and the engine's start-up check runs the kernel as launched."""
-    entry = tuned_configs().get(mla_config_key(num_heads, rank, rope, page_size, device), {})
+    entry = tuned_entry(num_heads, rank, rope, page_size, device)
     return dict(entry.get(launch_bucket(batch), MLA_DEFAULT_LAUNCH))
 
 
@@ -324,10 +329,14 @@ def _agrees(device, dtype, page_size: int, gqa, mla) -> bool:
 
 
 def tuned_launches(num_heads: int, rank: int, rope: int, page_size: int, device: torch.device) -> list[dict]:
-    """The default MLA launch and every one this device's tune holds for the shape (all checked)."""
+    """The default MLA launch and every other one this device's tune holds for the shape, each once
+    (all checked)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    entry = tuned_configs().get(mla_config_key(num_heads, rank, rope, page_size, name), {})
-    return [MLA_DEFAULT_LAUNCH] + [e for e in entry.values() if e != MLA_DEFAULT_LAUNCH]
+    launches = [MLA_DEFAULT_LAUNCH]
+    for launch in tuned_entry(num_heads, rank, rope, page_size, name).values():
+        if launch not in launches:
+            launches.append(launch)
+    return launches
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
