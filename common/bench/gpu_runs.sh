@@ -207,6 +207,17 @@ for step in "$@"; do
            case "$(gpu_name)" in
              *H100*) PA_MODELS=Qwen3-30B-A3B bash common/bench/gpu_runs.sh paged-ab ;;
              *) S24_TESTS= bash common/bench/gpu_runs.sh s24 ;; esac ;;
+    s30) # the thirtieth session's first call on a fresh H200 when no kernel cache is on hand (~8 min; carry .gpu/fi,
+           # .gpu/base, .gpu/tokz): both headline models with the checked-in entries (FlashInfer's and Triton's kernels
+           # build on the way), then the caches packed for the calls after it (fi-cache: cat $OUT/kc_* > .gpu/kc.txz)
+           a="--load-format dummy --context-len 1024 --decode-steps 16"
+           echo "--- Qwen3-30B-A3B, checked-in entries ($(date +%T))"
+           T=${Q_T:-330} bench --model-path Qwen3-30B-A3B $a --batch-sizes 1,64 --prefill-len 2048 > $OUT/s30_q3_own.log
+           grep -A4 "^kind\|Error" $OUT/s30_q3_own.log
+           echo "--- DeepSeek-V2-Lite, checked-in entries ($(date +%T))"
+           T=${V_T:-200} bench --model-path DeepSeek-V2-Lite $a --batch-sizes 1,64 --prefill-len 4096 > $OUT/s30_v2_own.log
+           grep -A4 "^kind\|Error" $OUT/s30_v2_own.log
+           bash common/bench/gpu_runs.sh fi-cache > /dev/null 2>&1; ls $OUT ;;
     s26) # the twenty-sixth session's call (~9.5 min; carry .gpu/fi, .gpu/base, .gpu/tokz, .gpu/kc.txz). On an H200
            # (issue 19's and 20's targets are stated for it; its products ran the plain MoE entries and cuBLAS since the
            # H100 got its tunes): Qwen3-30B-A3B at batch 1 with the checked-in entries, its MoE GEMV and the two
