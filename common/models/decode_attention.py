@@ -31,8 +31,10 @@ MLA's launch-1 parameters (tokens an iteration, warps, pipeline stages) come fro
 this device's tune where it has one (`mla_launch`: `common/models/decode_attention_configs.json`,
 written by `python -m disagg.common.bench.decode_attention --mla v2lite --sweep-triton --tune` on
 the device, one entry a batch bucket at the engine's chunk count), else the defaults below. None
-is checked in: on an H100 (twenty-ninth session) the tune was 0.5-0.7 µs a layer faster alone at
-V2-Lite's batch 1-4 and lost 20-30 µs a step in the engine (docs/benchmarks.md).
+is checked in: on an H100 (twenty-ninth session) and an H200 (thirtieth) the tune, timed at ctx 1024
+alone, picked 16 tokens an iteration (0.5-0.8 µs a layer faster there) and lost 20-80 µs a step in the
+engine, whose decode steps run just past 1024 tokens, where 16 takes two iterations a chunk (the
+likely reason; docs/benchmarks.md): the tune now times several lengths (bench/decode_attention.py).
 """
 
 from __future__ import annotations
