@@ -274,11 +274,12 @@ json.dump(t, open('/tmp/fmc_new.json', 'w'), indent=2)"
            # on an H100 for 0.4 µs of latents; a faster row than the engine's is the next A/B
            timeout ${T:-300} python3 -m disagg.common.bench.decode_attention --mla v2lite --batches 1,8 \
              --sweep-triton 2>&1 | grep -v "WARN" | tee $OUT/mla_sweep.log | tail -30 ;;
-    mla-tune) # issue 20, twenty-ninth session (~5 min; carry .gpu/fi, .gpu/base, .gpu/kc.txz): the Triton MLA decode's
-           # launch (tokens an iteration, warps, stages) tuned a batch bucket at the engine's chunk count
-           # (decode_attention_configs.json, returned under $OUT: copy it into common/models/), the GPU tests of the
-           # kernel and the engine's MLA graphs with it, then DeepSeek-V2-Lite with the tune and without, alternating
-           timeout ${TUNE_T:-200} python3 -m disagg.common.bench.decode_attention --mla v2lite,v3 --batches ${MLA_BATCHES:-1,2,4,8} \
+    mla-tune) # issue 20, twenty-ninth session (~8 min; carry .gpu/fi, .gpu/base, .gpu/kc.txz): the Triton MLA decode's
+           # launch (tokens an iteration, warps, stages) tuned a batch bucket at the engine's chunk count over three
+           # context lengths since the thirtieth session (~4 min of it; at 1024 alone it picked a launch that lost in the
+           # engine) (decode_attention_configs.json, returned under $OUT: copy it into common/models/), the GPU tests of
+           # the kernel and the engine's MLA graphs with it, then DeepSeek-V2-Lite with the tune and without, alternating
+           timeout ${TUNE_T:-330} python3 -m disagg.common.bench.decode_attention --mla v2lite,v3 --batches ${MLA_BATCHES:-1,2,4,8} \
              --sweep-triton --tune --output-dir $OUT 2>&1 | grep -v "WARN" | tee $OUT/mla_tune.log | tail -40
            timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_triton_decode.py tests/test_decode_attention.py -k "mla or gpu_decode" \
              > $OUT/mla_tune_tests.log 2>&1; tail -2 $OUT/mla_tune_tests.log
