@@ -2,7 +2,7 @@
 # .gpu/<set>/*.whl and are installed once per machine into /tmp/site; `disagg.*` is made importable
 # without pip-installing the project; a carried FlashInfer JIT cache (.gpu/fi_cache.tgz) skips
 # minutes of kernel builds. The sets (cp312 manylinux wheels, `pip download --no-deps`; .gpu/ is
-# git-ignored, so a new checkout fetches them again, e.g. with ../shared/tools/gpu-wheels):
+# git-ignored, so a new checkout builds them again: `bash common/bench/gpu_sets.sh`):
 #   fi:     flashinfer-python 0.7.2.post1, apache-tvm-ffi                           (34 MB)
 #   base:   pyzmq, gguf, fastapi, starlette, uvicorn, pydantic, pydantic-core, annotated-types,
 #           annotated-doc, typing-inspection, opentelemetry-api                     (4 MB)
