@@ -220,16 +220,14 @@ for step in "$@"; do
            bash common/bench/gpu_runs.sh fi-cache > /dev/null 2>&1; ls $OUT ;;
     s30-tile) # issue 20 on an H200 (~3 min; carry .gpu/fi, .gpu/base, .gpu/tokz, .gpu/kc.txz): V2-Lite's 4096-token prefill
            # took its H200 entry's largest tile (1024 tokens: 64x128x64) there, 43.3-43.8% of the matmul rate (thirtieth
-           # session; issue 20 asks 45%), where the H100's entry has 2048- and 4096-token tiles (128x128x64, 8 warps):
-           # those copied into the H200 entry (new) against the entry as checked in (old), alternating fresh processes
-           cp common/models/fused_moe_configs.json /tmp/fmc_old.json
-           python3 -c "import json; t = json.load(open('/tmp/fmc_old.json')); k = 'E=64,I=1408,H=2048,device='
-h1 = t[k + 'NVIDIA H100 80GB HBM3']['grouped']; t[k + 'NVIDIA H200']['grouped'].update({n: h1[n] for n in ('2048', '4096')})
-json.dump(t, open('/tmp/fmc_new.json', 'w'), indent=2)"
-           for v in new old new old; do i=$((${i:-0} + 1)); cp /tmp/fmc_$v.json common/models/fused_moe_configs.json
+           # session; issue 20 asks 45%), where the H100's entry has 2048- and 4096-token tiles (128x128x64, 8 warps; its
+           # smaller tiles are the H200's): the H100's entries relabelled to this GPU (entry_sets) against its own,
+           # alternating fresh processes; if they win, copy the two tiles into the H200 entry
+           entry_sets "$(gpu_name)"
+           for v in h100 own h100 own; do i=$((${i:-0} + 1)); use_entries $v
              echo "--- $v $i ($(date +%T))"; T=70 bench --model-path DeepSeek-V2-Lite --load-format dummy --batch-sizes 1 \
                --context-len 1024 --prefill-len 4096 --decode-steps 4 > $OUT/pf4096_${v}_$i.log; grep "^prefill" $OUT/pf4096_${v}_$i.log
-           done; cp /tmp/fmc_old.json common/models/fused_moe_configs.json ;;
+           done; use_entries own ;;
     s26) # the twenty-sixth session's call (~9.5 min; carry .gpu/fi, .gpu/base, .gpu/tokz, .gpu/kc.txz). On an H200
            # (issue 19's and 20's targets are stated for it; its products ran the plain MoE entries and cuBLAS since the
            # H100 got its tunes): Qwen3-30B-A3B at batch 1 with the checked-in entries, its MoE GEMV and the two
