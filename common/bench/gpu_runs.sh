@@ -228,6 +228,28 @@ for step in "$@"; do
              echo "--- $v $i ($(date +%T))"; T=70 bench --model-path DeepSeek-V2-Lite --load-format dummy --batch-sizes 1 \
                --context-len 1024 --prefill-len 4096 --decode-steps 4 > $OUT/pf4096_${v}_$i.log; grep "^prefill" $OUT/pf4096_${v}_$i.log
            done; use_entries own ;;
+    persistent-moe) # thirty-first session (~4 min; carry .gpu/fi, .gpu/base, .gpu/kc.txz): one token's MoE block as one
+           # persistent launch (common/models/persistent_moe.py, not in the engine) against the engine's five launches,
+           # Qwen3-30B-A3B and V2-Lite shapes: its GPU tests (eager, graphed), then the bench's table
+           timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_persistent_moe.py > $OUT/pmoe_tests.log 2>&1
+           tail -3 $OUT/pmoe_tests.log
+           timeout ${PMOE_T:-300} python3 -m disagg.common.bench.persistent_moe ${PMOE_ARGS:-} 2>&1 | grep -v "WARN" \
+             | tee $OUT/pmoe_bench.log | tail -40 ;;
+    chunk-ab) # thirty-first session (~5 min a model; CHUNK_MODELS, default Qwen3-30B-A3B): the split-KV decode's chunks
+           # rounded up to BLOCK_N tokens (as checked in) against ceil(kv_len / num_splits) alone (the "unrounded" copy:
+           # sed on decode_attention.py; a batch-1 request just past 1024 tokens then gets 64 chunks of 17 tokens
+           # instead of 33 of 32), alternating fresh processes; then the decode kernels' GPU tests on the unrounded copy
+           f=common/models/decode_attention.py; cp $f /tmp/da.rounded.py
+           sed 's|split_len = tl.cdiv(tl.cdiv(kv_len, num_splits), BLOCK_N) \* BLOCK_N|split_len = tl.cdiv(kv_len, num_splits)|' \
+             /tmp/da.rounded.py > /tmp/da.unrounded.py; diff /tmp/da.rounded.py /tmp/da.unrounded.py | grep -c "^>"
+           a="--load-format dummy --context-len 1024 --decode-steps 16 --batch-sizes ${CHUNK_BATCHES:-1} --prefill-len 512"
+           for m in ${CHUNK_MODELS:-Qwen3-30B-A3B}; do for v in rounded unrounded rounded unrounded; do i=$((${i:-0} + 1))
+             cp /tmp/da.$v.py $f; echo "--- $m $v $i ($(date +%T))"
+             T=${CHUNK_T:-90} bench --model-path $m $a > $OUT/chunk_${v}_$i.log; grep -A2 "^kind\|Error" $OUT/chunk_${v}_$i.log
+           done; done
+           cp /tmp/da.unrounded.py $f
+           timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_triton_decode.py tests/test_decode_attention.py \
+             > $OUT/chunk_tests.log 2>&1; tail -2 $OUT/chunk_tests.log; cp /tmp/da.rounded.py $f ;;
     s26) # the twenty-sixth session's call (~9.5 min; carry .gpu/fi, .gpu/base, .gpu/tokz, .gpu/kc.txz). On an H200
            # (issue 19's and 20's targets are stated for it; its products ran the plain MoE entries and cuBLAS since the
            # H100 got its tunes): Qwen3-30B-A3B at batch 1 with the checked-in entries, its MoE GEMV and the two

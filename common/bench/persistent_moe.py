@@ -1,0 +1,130 @@
+"""One token's MoE block on the GPU: the engine's chain (router GEMV, fused top-k, gate/up and down
+GEMVs: common/models/fused_moe.py, PDL as the engine launches them) against the one persistent launch
+(common/models/persistent_moe.py) at several grids and block sizes, each as a CUDA graph of `--layers`
+blocks with distinct weights (L2 holds none between blocks), as a decode step runs them. Prints µs a
+block, kernels a block, and each figure's share of the block's bytes at the copy rate measured in the
+same process (the router's rows and the k + shared experts' gate/up and down rows).
+
+    python -m disagg.common.bench.persistent_moe                       # Qwen3-30B-A3B and DeepSeek-V2-Lite
+    python -m disagg.common.bench.persistent_moe --shapes qwen3-30b-a3b --programs 132,264 --layers 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import torch
+from disagg.common.bench.offline import graph_us_per_layer, kernels_per_call, measure_ceilings
+from disagg.common.models.fused_moe import fused_experts, fused_topk, moe_config, router_logits
+from disagg.common.models.persistent_moe import new_scratch, persistent_moe, reference
+
+# name: (routed experts, hidden, expert intermediate, top-k, renormalize, scaling, shared slots)
+SHAPES = {
+    "qwen3-30b-a3b": (128, 2048, 768, 8, True, 1.0, 0),
+    # V2-Lite: its 2 shared experts' MLP (2 x 1408) fused as 2 more slots, as the engine runs it
+    "deepseek-v2-lite": (64, 2048, 1408, 6, False, 1.0, 2),
+}
+# the persistent launch's block sizes tried (each with every grid of --programs)
+VARIANTS = [
+    {},
+    {"BLOCK_N": 16, "DOWN_N": 8},
+    {"BLOCK_N": 64, "DOWN_N": 32, "num_warps": 8},
+    {"BLOCK_K": 512, "DOWN_K": 512, "num_warps": 8},
+    {"dynamic": False},  # tasks pid, pid + P, ...: only at grids every program of which is resident
+]
+
+
+def make_layer(shape: tuple, gen: torch.Generator) -> dict:
+    num_experts, hidden, inter, _, _, _, shared = shape
+
+    def rand(*size):
+        return (torch.randn(*size, generator=gen, device="cuda") / size[-1] ** 0.5).bfloat16()
+
+    return dict(
+        x=rand(1, hidden) * hidden**0.5,
+        router_w=rand(num_experts, hidden),
+        w13=rand(num_experts + shared, 2 * inter, hidden),
+        w2=rand(num_experts + shared, hidden, inter),
+    )
+
+
+def chain(shape: tuple, layer: dict) -> torch.Tensor:
+    """SparseMoE / DeepseekMoE's decode path at one token: three Triton launches and the GEMVs'."""
+    num_experts, hidden, inter, top_k, renormalize, scaling, shared = shape
+    logits = router_logits(layer["x"], layer["router_w"])
+    weights, ids = fused_topk(logits, top_k, renormalize, scaling, shared)
+    config = moe_config(num_experts, inter, hidden)
+    return fused_experts(layer["x"], layer["w13"], layer["w2"], weights, ids, config, foreign=False)
+
+
+def persistent(shape: tuple, programs: int, blocks: dict, scratch: dict, layer: dict) -> torch.Tensor:
+    _, _, _, top_k, renormalize, scaling, shared = shape
+    sizes = {k: v for k, v in blocks.items() if k != "dynamic"}
+    return persistent_moe(
+        layer["x"], layer["router_w"], layer["w13"], layer["w2"], top_k, renormalize, scaling, shared,
+        programs=programs, dynamic=blocks.get("dynamic", True), blocks=sizes, scratch=scratch,
+    )  # fmt: skip
+
+
+def block_bytes(shape: tuple) -> int:
+    """The bytes one token's block must read: the router's rows, each slot's gate/up and down rows."""
+    num_experts, hidden, inter, top_k, _, _, shared = shape
+    return 2 * (num_experts * hidden + (top_k + shared) * 3 * inter * hidden)
+
+
+def check(shape: tuple, layer: dict, fn) -> float:
+    """The largest difference from the float32 reference, over its largest value."""
+    _, _, _, top_k, renormalize, scaling, shared = shape
+    want = reference(
+        layer["x"], layer["router_w"], layer["w13"], layer["w2"], top_k, renormalize, scaling, shared
+    )
+    got = fn(layer)
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+def run_shape(name: str, args, copy_gb_s: float, gen: torch.Generator) -> None:
+    shape = SHAPES[name]
+    layers = [make_layer(shape, gen) for _ in range(args.layers)]
+    floor_us = block_bytes(shape) / copy_gb_s / 1e3
+    print(f"\n{name}: {block_bytes(shape) / 1e6:.1f} MB a block, {floor_us:.2f} µs at the copy rate")
+    print("variant | programs | µs a block | kernels | share of the bytes' time | error vs float32")
+    fns = [("chain (engine)", 0, functools.partial(chain, shape))]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for blocks in VARIANTS:
+        for programs in (int(p) or sms for p in args.programs.split(",")):
+            if not blocks.get("dynamic", True) and programs > sms:
+                continue  # static tasks: a program not resident would hold a task others wait on
+            scratch = new_scratch(shape[0], shape[3] + shape[6], shape[2], torch.device("cuda"))
+            fns.append((f"persistent {blocks or 'default'}", programs,
+                        functools.partial(persistent, shape, programs, blocks, scratch)))  # fmt: skip
+    for label, programs, fn in fns:
+        err = check(shape, layers[0], fn)
+        us = graph_us_per_layer(fn, layers)
+        kernels = kernels_per_call(functools.partial(fn, layers[0]))
+        print(f"{label} | {programs or '-'} | {us:.2f} | {kernels} | {100 * floor_us / us:.1f}% | {err:.1e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
+    parser.add_argument(
+        "--programs", default="0,2", help="persistent grids (0: the SM count; n < 8: n x SMs)"
+    )
+    parser.add_argument("--layers", type=int, default=8, help="blocks a graph (distinct weights)")
+    args = parser.parse_args()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    args.programs = ",".join(
+        str(int(p) * sms if 0 < int(p) < 8 else int(p)) for p in args.programs.split(",")
+    )
+    ceilings = measure_ceilings(torch.device("cuda"), torch.bfloat16)
+    print(f"{torch.cuda.get_device_name()} ({sms} SMs); copy {ceilings['copy_gb_s']:.0f} GB/s")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name in args.shapes.split(","):
+        run_shape(name, args, ceilings["copy_gb_s"], gen)
+
+
+if __name__ == "__main__":
+    main()

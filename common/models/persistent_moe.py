@@ -1,0 +1,282 @@
+"""One token's whole MoE block (router GEMV, softmax top-k, gate/up GEMV with SiLU·mul, down GEMV
+with the routing-weight combine) as ONE persistent Triton launch: an experiment, not yet in the
+engine (common/bench/persistent_moe.py times it against the engine's chain of five launches).
+
+Why: at batch 1 a decode step is launch-bound. On an H200 a Qwen3-30B-A3B layer's MoE is five
+launches (router 2.0, top-k 2.1, gate/up 15.7, down 8.5, sum 1.3 µs, PDL off) for 18.3 µs of bytes,
+and every fusion of two launches into one tried so far lost in the engine (docs/benchmarks.md). A
+persistent launch keeps the five stages' parallelism (each stage is many small tasks, as the
+separate grids were) and replaces the four kernel boundaries by counters in global memory.
+
+How: the stages' tasks are numbered in stage order, [router tiles | gate/up tiles | down tiles];
+each program takes tasks in increasing order (DYNAMIC: the next ticket of an atomic counter; else
+task pid, pid + P, ...). A task of stage s first waits until stage s - 1 has finished (its counter
+reaches the stage's task count: an acquire), then works and adds one to its own stage's counter (a
+release). The last router task to finish (its count returns the stage's size - 1) routes the token (top-k
+over the logits) and counts once more; the gate/up tasks wait for that extra count. The last program to leave resets the counters
+for the next launch (no memset launch).
+
+NOTE (deadlock): a waiting task only waits on tasks numbered before it, so it finishes as long as
+the programs holding those tasks run. DYNAMIC hands a task only to a running program, so any grid
+is safe (Triton's interpreter, which runs the programs one after another, included); static
+assignment needs every program resident at once (a grid of at most the SM count).
+NOTE (memory): data another program wrote (logits, slots, activations) is read with `.cg` loads
+(L2, past a possibly stale L1) after the acquire; each release follows a CTA barrier so every
+thread's stores are issued first (CUTLASS's generic barrier does the same).
+"""
+
+from __future__ import annotations
+
+import torch
+from disagg.common.models.pdl import pdl_args, pdl_begin
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU image: no Triton kernel runs
+    triton = None
+
+# counters: [0] the next task's ticket (DYNAMIC), [1] router tasks done, [2] gate/up tasks done,
+# [3] programs done (the last one zeroes all four)
+NUM_COUNTERS = 4
+DEFAULT_BLOCKS = {"BLOCK_E": 16, "BLOCK_N": 32, "BLOCK_K": 256, "DOWN_N": 16, "DOWN_K": 256, "num_warps": 4}
+
+
+def persistent_moe(
+    x: torch.Tensor,
+    router_w: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    scaling: float = 1.0,
+    shared: int = 0,
+    programs: int = 0,
+    dynamic: bool = True,
+    blocks: dict | None = None,
+    scratch: dict | None = None,
+) -> torch.Tensor:
+    """softmax top-k routing of x [1, H] over router_w [E, H], then sum over the k slots (and
+    `shared` more slots: experts E, E + 1, ... of w13 / w2, weight 1) of weight * w2[e] @
+    (silu(gate) * up) with gate | up = w13[e] @ x: w13 [E + shared, 2I, H], w2 [E + shared, H, I].
+    Returns [1, H] in x's dtype. programs: the grid (default: the SM count; 1 under the interpreter
+    unless asked). scratch: the buffers of an earlier call (CUDA graphs: the counters must persist)."""
+    if x.shape[0] != 1:
+        raise ValueError(f"persistent_moe runs one token, got {x.shape[0]}")
+    (num_experts, hidden), inter = router_w.shape, w2.shape[2]
+    slots = top_k + shared
+    b = {**DEFAULT_BLOCKS, **(blocks or {})}
+    s = scratch if scratch is not None else new_scratch(num_experts, slots, inter, x.device)
+    out = torch.empty_like(x)
+    if not programs:
+        programs = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    _moe_block_kernel[(programs,)](
+        x, router_w, w13, w2, out, s["logits"], s["act"], s["top_w"], s["top_id"], s["counters"],
+        num_experts, hidden, inter, router_w.stride(0), w13.stride(0), w13.stride(1), w2.stride(0), w2.stride(1),
+        float(scaling), K=top_k, SHARED=shared, K_POW2=triton.next_power_of_2(slots),
+        E_POW2=triton.next_power_of_2(num_experts), RENORMALIZE=renormalize, DYNAMIC=dynamic,
+        BLOCK_E=b["BLOCK_E"], BLOCK_N=b["BLOCK_N"], BLOCK_K=b["BLOCK_K"], DOWN_N=b["DOWN_N"],
+        DOWN_K=b["DOWN_K"], num_warps=b["num_warps"], **pdl_args(x.device),
+    )  # fmt: skip
+    return out
+
+
+def new_scratch(num_experts: int, slots: int, inter: int, device: torch.device) -> dict:
+    """The launch's buffers: logits [E], slots' weights / experts [slots], activations [slots, I]
+    (float32), and the counters (zeroed once here; each launch leaves them zero)."""
+    f32 = dict(dtype=torch.float32, device=device)
+    return dict(
+        logits=torch.empty(num_experts, **f32),
+        act=torch.empty(slots, inter, **f32),
+        top_w=torch.empty(slots, **f32),
+        top_id=torch.empty(slots, dtype=torch.int32, device=device),
+        counters=torch.zeros(NUM_COUNTERS, dtype=torch.int32, device=device),
+    )
+
+
+def reference(x, router_w, w13, w2, top_k: int, renormalize: bool, scaling: float = 1.0, shared: int = 0):
+    """The same block in float32 torch: the result persistent_moe must give (to rounding)."""
+    x32 = x.float()[0]
+    # the logits rounded to the gate's dtype, as nn.Linear and the engine's router GEMV store them
+    p = torch.softmax((router_w.float() @ x32).to(router_w.dtype).float(), -1)
+    weights, ids = p.topk(top_k)
+    if renormalize:
+        weights = weights / weights.sum()
+    weights = torch.cat([weights * scaling, torch.ones(shared, device=x.device)])
+    ids = torch.cat([ids, torch.arange(shared, device=x.device) + router_w.shape[0]])
+    inter = w2.shape[2]
+    out = torch.zeros_like(x32)
+    for w, e in zip(weights.tolist(), ids.tolist(), strict=True):
+        gate_up = w13[e].float() @ x32
+        out += w * (w2[e].float() @ (torch.nn.functional.silu(gate_up[:inter]) * gate_up[inter:]))
+    return out[None].to(x.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _wait(counter, target):
+        """Until `counter` reaches target (acquire: the counted tasks' stores visible after it)."""
+        while tl.atomic_add(counter, 0, sem="acquire", scope="gpu") < target:
+            pass
+
+    @triton.jit
+    def _count(counter):
+        """One more task done (release, after every thread of the program issued its stores; acquire:
+        the caller that sees the last count sees every counted task's stores); returns the count before."""
+        tl.debug_barrier()
+        return tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+
+    @triton.jit
+    def _route(logits, top_w, top_id, num_experts, scaling, K: tl.constexpr, SHARED: tl.constexpr,
+               K_POW2: tl.constexpr, E_POW2: tl.constexpr, RENORMALIZE: tl.constexpr):  # fmt: skip
+        """softmax over the logits, K rounds of argmax (ties: the lowest id), renormalised if asked,
+        times scaling; then SHARED slots (experts E, E + 1, ...; weight 1)."""
+        experts = tl.arange(0, E_POW2)
+        z = tl.load(logits + experts, mask=experts < num_experts, other=-float("inf"), cache_modifier=".cg")
+        p = tl.exp(z - tl.max(z, axis=0))
+        p = p / tl.sum(p, axis=0)
+        slots = tl.arange(0, K_POW2)
+        w = tl.zeros([K_POW2], dtype=tl.float32)
+        ids = slots - K + num_experts  # the shared slots' experts; the routed ones set below
+        for j in tl.static_range(K):
+            best = tl.max(p, axis=0)
+            pick = tl.min(tl.where(p == best, experts, E_POW2), axis=0)
+            w = tl.where(slots == j, best, w)
+            ids = tl.where(slots == j, pick, ids)
+            p = tl.where(experts == pick, -1.0, p)
+        if RENORMALIZE:
+            w = w / tl.sum(w, axis=0)
+        w = tl.where(slots < K, w * scaling, 1.0)
+        tl.store(top_w + slots, w, mask=slots < K + SHARED)
+        tl.store(top_id + slots, ids, mask=slots < K + SHARED)
+
+    @triton.jit
+    def _router_task(x, router_w, logits, tile, num_experts, hidden, stride_re,
+                     BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        """logits[tile's BLOCK_E experts] = router_w rows . x (float32 sums)."""
+        rows = tile * BLOCK_E + tl.arange(0, BLOCK_E)
+        acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(x + cols, mask=cols < hidden, other=0.0).to(tl.float32)
+            mask = (rows[:, None] < num_experts) & (cols[None, :] < hidden)
+            w = tl.load(
+                router_w + rows[:, None].to(tl.int64) * stride_re + cols[None, :], mask=mask, other=0.0
+            )
+            acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+        # the logits in the gate weight's dtype, as nn.Linear (and the engine's router GEMV) rounds them
+        tl.store(logits + rows, acc.to(router_w.dtype.element_ty).to(tl.float32), mask=rows < num_experts)
+
+    @triton.jit
+    def _gate_up_task(x, w13, act, top_id, slot, tile, hidden, inter, stride_we, stride_wn,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        """act[slot, tile's BLOCK_N rows] = silu(gate) * up of the slot's expert."""
+        expert = tl.load(top_id + slot, cache_modifier=".cg").to(tl.int64)
+        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        gate_rows = w13 + expert * stride_we + rows[:, None].to(tl.int64) * stride_wn
+        up_rows = gate_rows + inter * stride_wn
+        acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            xv = tl.load(x + cols, mask=cols < hidden, other=0.0).to(tl.float32)
+            mask = (rows[:, None] < inter) & (cols[None, :] < hidden)
+            acc_g += tl.sum(
+                tl.load(gate_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xv[None, :], 1
+            )
+            acc_u += tl.sum(
+                tl.load(up_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xv[None, :], 1
+            )
+        act_rows = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        tl.store(act + slot * inter + rows, act_rows, mask=rows < inter)
+
+    @triton.jit
+    def _down_task(w2, act, top_w, top_id, out, tile, hidden, inter, stride_de, stride_dn,
+                   SLOTS: tl.constexpr, DOWN_N: tl.constexpr, DOWN_K: tl.constexpr):  # fmt: skip
+        """out[tile's DOWN_N rows] = sum over the slots of weight * w2[expert] rows . act[slot]."""
+        rows = tile * DOWN_N + tl.arange(0, DOWN_N)
+        acc = tl.zeros([DOWN_N], dtype=tl.float32)
+        for j in range(0, SLOTS):
+            expert = tl.load(top_id + j, cache_modifier=".cg").to(tl.int64)
+            w_rows = w2 + expert * stride_de + rows[:, None].to(tl.int64) * stride_dn
+            part = tl.zeros([DOWN_N], dtype=tl.float32)
+            for k0 in range(0, inter, DOWN_K):
+                cols = k0 + tl.arange(0, DOWN_K)
+                a = tl.load(act + j * inter + cols, mask=cols < inter, other=0.0, cache_modifier=".cg")
+                mask = (rows[:, None] < hidden) & (cols[None, :] < inter)
+                part += tl.sum(
+                    tl.load(w_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * a[None, :], 1
+                )
+            acc += part * tl.load(top_w + j, cache_modifier=".cg")
+        tl.store(out + rows, acc.to(out.dtype.element_ty), mask=rows < hidden)
+
+    @triton.jit
+    def _moe_block_kernel(
+        x, router_w, w13, w2, out, logits, act, top_w, top_id, counters,
+        num_experts, hidden, inter, stride_re, stride_we, stride_wn, stride_de, stride_dn, scaling,
+        K: tl.constexpr, SHARED: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr,
+        RENORMALIZE: tl.constexpr, DYNAMIC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, DOWN_N: tl.constexpr, DOWN_K: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """Program: tasks in increasing order until none is left (the module's docstring)."""
+        pdl_begin(PDL)  # first: before any load or store (pdl.py)
+        SLOTS: tl.constexpr = K + SHARED
+        routers = tl.cdiv(num_experts, BLOCK_E)
+        up_tiles = tl.cdiv(inter, BLOCK_N)
+        gate_ups = SLOTS * up_tiles
+        total = routers + gate_ups + tl.cdiv(hidden, DOWN_N)
+        if DYNAMIC:
+            task = tl.atomic_add(counters, 1, sem="relaxed", scope="gpu")
+        else:
+            task = tl.program_id(0)
+        while task < total:
+            if task < routers:
+                _router_task(x, router_w, logits, task, num_experts, hidden, stride_re, BLOCK_E, BLOCK_K)
+                if _count(counters + 1) == routers - 1:
+                    # the last router task (every other one's logits visible): route, then count once more
+                    _route(
+                        logits, top_w, top_id, num_experts, scaling, K, SHARED, K_POW2, E_POW2, RENORMALIZE
+                    )
+                    _count(counters + 1)
+            elif task < routers + gate_ups:
+                _wait(counters + 1, routers + 1)
+                t = task - routers
+                _gate_up_task(
+                    x,
+                    w13,
+                    act,
+                    top_id,
+                    t // up_tiles,
+                    t % up_tiles,
+                    hidden,
+                    inter,
+                    stride_we,
+                    stride_wn,
+                    BLOCK_N,
+                    BLOCK_K,
+                )
+                _count(counters + 2)
+            else:
+                _wait(counters + 2, gate_ups)
+                _down_task(
+                    w2,
+                    act,
+                    top_w,
+                    top_id,
+                    out,
+                    task - routers - gate_ups,
+                    hidden,
+                    inter,
+                    stride_de,
+                    stride_dn,
+                    SLOTS,
+                    DOWN_N,
+                    DOWN_K,
+                )
+            if DYNAMIC:
+                task = tl.atomic_add(counters, 1, sem="relaxed", scope="gpu")
+            else:
+                task += tl.num_programs(0)
+        if tl.atomic_add(counters + 3, 1, sem="acq_rel", scope="gpu") == tl.num_programs(0) - 1:
+            tl.store(counters + tl.arange(0, 4), tl.zeros([4], dtype=tl.int32))  # NUM_COUNTERS

@@ -1,0 +1,161 @@
+"""The persistent MoE block (common/models/persistent_moe.py, an experiment beside the engine) gives
+the MoE layer's output for one token: its float32 reference is SparseMoE's own routing and experts on
+the CPU; the kernel matches the reference in Triton's CPU interpreter (one program doing every task,
+several taking them by ticket, static assignment; shapes that no block divides; shared slots; the
+counters left zero for the next launch), compiles for sm_90 with the memory ordering its stages rely
+on, and on a GPU matches at the benchmark's shapes, eager and replayed in a CUDA graph."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+INTERPRETED = textwrap.dedent(
+    """
+    import torch
+    from disagg.common.models.persistent_moe import new_scratch, persistent_moe, reference
+
+    def check(E, H, I, K, shared, renorm, scaling, programs, dynamic, blocks):
+        g = torch.Generator().manual_seed(E * 7 + H + I + K + shared)
+        x = torch.randn(1, H, generator=g)
+        rw = torch.randn(E, H, generator=g) / H**0.5
+        w13 = torch.randn(E + shared, 2 * I, H, generator=g) / H**0.5
+        w2 = torch.randn(E + shared, H, I, generator=g) / I**0.5
+        want = reference(x, rw, w13, w2, K, renorm, scaling, shared)
+        scratch = new_scratch(E, K + shared, I, x.device)
+        for _ in range(2):  # the second launch finds the counters the first left: zero
+            got = persistent_moe(x, rw, w13, w2, K, renorm, scaling, shared, programs=programs,
+                                 dynamic=dynamic, blocks=blocks, scratch=scratch)
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            assert err < 1e-5, (E, H, I, K, shared, programs, dynamic, err)
+            assert scratch["counters"].tolist() == [0, 0, 0, 0], scratch["counters"]
+            assert sorted(scratch["top_id"][:K].tolist()) == sorted(
+                torch.softmax(rw @ x[0], -1).topk(K).indices.tolist())
+
+    small = dict(BLOCK_E=4, BLOCK_N=16, BLOCK_K=32, DOWN_N=16, DOWN_K=32)
+    check(8, 64, 48, 2, 0, True, 1.0, 1, True, small)     # one program: every task in order
+    check(8, 64, 48, 2, 0, True, 1.0, 4, True, small)     # four by ticket (the rest find none left)
+    check(8, 64, 48, 2, 0, True, 1.0, 1, False, small)    # static assignment
+    check(12, 80, 40, 3, 2, False, 2.5, 3, True, small)   # V2-style: no renormalisation, scaling, 2 shared
+    check(6, 100, 24, 2, 1, True, 1.0, 2, True, small)    # no block divides E, H or I
+    print("ok")
+    """
+)
+
+
+def test_interpreted_block_equals_reference():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run(
+        [sys.executable, "-c", INTERPRETED], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("renormalize,shared", [(True, 0), (False, 2)])
+def test_reference_is_the_engines_moe_layer(renormalize, shared):
+    """reference() computes what the model's MoE layer does on the CPU (SparseMoE's softmax top-k
+    and moe_align.grouped_experts), so a kernel equal to it is equal to the layer."""
+    from disagg.common.models.moe_align import grouped_experts
+    from disagg.common.models.persistent_moe import reference
+
+    g = torch.Generator().manual_seed(3)
+    E, H, inter, K = 16, 64, 32, 4
+    x = torch.randn(1, H, generator=g)
+    rw = torch.randn(E, H, generator=g) / H**0.5
+    w13 = torch.randn(E + shared, 2 * inter, H, generator=g) / H**0.5
+    w2 = torch.randn(E + shared, H, inter, generator=g) / inter**0.5
+    weights, ids = torch.softmax(x @ rw.T, -1).topk(K)
+    if renormalize:
+        weights = weights / weights.sum(-1, keepdim=True)
+    weights = torch.cat([weights * 1.5, torch.ones(1, shared)], 1)
+    ids = torch.cat([ids, torch.arange(E, E + shared)[None]], 1)
+    want = grouped_experts(x, w13, w2, weights, ids)
+    got = reference(x, rw, w13, w2, K, renormalize, 1.5, shared)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_block_compiles_for_hopper_with_its_ordering(dynamic):
+    """sm_90 PTX: the waits are acquire loads, the counts acquire-release atomics (the stages' stores
+    visible to the next stage), and the produced data is read through L2 (.cg)."""
+    pytest.importorskip("triton")
+    from disagg.common.models.persistent_moe import _moe_block_kernel
+
+    from tests.conftest import compile_for_hopper
+
+    types = {n: "*bf16" for n in ("x", "router_w", "w13", "w2", "out")}
+    types.update(logits="*fp32", act="*fp32", top_w="*fp32", top_id="*i32", counters="*i32", scaling="fp32")
+    consts = dict(K=8, SHARED=0, K_POW2=8, E_POW2=128, RENORMALIZE=True, DYNAMIC=dynamic, BLOCK_E=16,
+                  BLOCK_N=32, BLOCK_K=256, DOWN_N=16, DOWN_K=256)  # fmt: skip
+    ptx = compile_for_hopper(_moe_block_kernel, types, consts).asm["ptx"]
+    assert re.search(r"ld\.global\.gpu\.acquire", ptx) or re.search(r"atom\.global\.gpu\.acquire", ptx)
+    assert "atom.global.gpu.acq_rel.add" in ptx
+    assert "ld.global.cg" in ptx
+
+
+GPU_SHAPES = {
+    "qwen3-30b-a3b": (128, 2048, 768, 8, True, 1.0, 0),
+    "v2-lite": (64, 2048, 1408, 6, False, 1.0, 2),
+}
+
+
+def _separated_layer(shape, gen):
+    """A benchmark layer whose router gives logits ~ x's scale times 0.1 apart (a permutation of
+    them): no two within bf16 rounding of each other, at x and at multiples of it, so the kernel and
+    the float32 reference route alike and a wrong output is the kernel's fault."""
+    from disagg.common.bench.persistent_moe import make_layer
+
+    layer = make_layer(shape, gen)
+    x = layer["x"].float()[0]
+    num_experts = shape[0]
+    g = (torch.randperm(num_experts, generator=gen, device="cuda") - num_experts / 2).float() * 0.1
+    layer["router_w"] = (g[:, None] * x[None, :] / x.dot(x)).bfloat16()
+    return layer
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", list(GPU_SHAPES))
+def test_gpu_block_equals_reference_eager_and_graphed(name):
+    """At the benchmark's shapes: eager at the SM count and twice it, then a CUDA graph of three blocks
+    replayed on new inputs (x scaled: other weights and outputs, the same experts; each launch must
+    find the counters zero)."""
+    pytest.importorskip("triton")
+    from disagg.common.models.persistent_moe import new_scratch, persistent_moe, reference
+
+    E, H, inter, K, renorm, scaling, shared = shape = GPU_SHAPES[name]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layers = [_separated_layer(shape, gen) for _ in range(3)]
+    first_x = [layer["x"].clone() for layer in layers]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def run(layer, **kw):
+        return persistent_moe(layer["x"], layer["router_w"], layer["w13"], layer["w2"], K, renorm, scaling,
+                              shared, scratch=scratch, **kw)  # fmt: skip
+
+    def rel_err(got, layer):
+        want = reference(layer["x"], layer["router_w"], layer["w13"], layer["w2"], K, renorm, scaling, shared)
+        return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+    scratch = new_scratch(E, K + shared, inter, torch.device("cuda"))
+    for programs in (sms, 2 * sms):
+        for layer in layers:
+            assert rel_err(run(layer, programs=programs), layer) < 2e-2
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [run(layer) for layer in layers]
+    for scale in (1.0, 1.5, 2.0):
+        for layer, x in zip(layers, first_x, strict=True):
+            layer["x"].copy_(x * scale)
+        graph.replay()
+        torch.cuda.synchronize()
+        for out, layer in zip(outs, layers, strict=True):
+            assert rel_err(out, layer) < 2e-2, scale
+    assert scratch["counters"].tolist() == [0, 0, 0, 0]
