@@ -36,6 +36,8 @@ from pathlib import Path
 #   DISAGG_PDL              1 (default): the Triton kernels launch with Programmatic Dependent Launch on Hopper
 #                           or newer (common/models/pdl.py; the H200 A/B of docs/benchmarks.md, eleventh
 #                           session) | 0: plain launches
+#   DISAGG_PERSISTENT_MOE   0 (default) | 1: a decode batch of one token runs each MoE block (router, top-k, experts)
+#                           as one persistent launch where it applies (common/models/persistent_moe.py; A/B runs)
 #   DISAGG_GIL_SWITCH_INTERVAL_MS  Python's switch interval in a process with a transfer engine (default 0.2;
 #                           Python's own is 5): the longest its UCX loop thread waits for the GIL beside a busy
 #                           scheduler thread (transfer/ucx.py; A/B runs)
@@ -215,6 +217,12 @@ def pdl_requested() -> bool:
     """DISAGG_PDL: 1 (default) | 0: the Triton kernels launch with PDL where the device allows
     (common/models/pdl.py)."""
     return _switch("DISAGG_PDL", True)
+
+
+def persistent_moe_requested() -> bool:
+    """DISAGG_PERSISTENT_MOE: 0 (default) | 1: one token's MoE block as one persistent launch where it
+    applies (common/models/moe.py, SparseMoE.persistent_routing; an experiment, not measured yet)."""
+    return _switch("DISAGG_PERSISTENT_MOE", False)
 
 
 MPS_SM_PERCENT_VAR = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"

@@ -58,6 +58,57 @@ def test_interpreted_block_equals_reference():
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
 
 
+ENGINE = textwrap.dedent(
+    """
+    import sys
+    from disagg.common.engine.offline import Engine
+    from disagg.common.models import persistent_moe as P
+    from tests.conftest import hf_greedy, make_tiny_model
+    from tests.test_common_deepseek import make_tiny_deepseek
+
+    root = sys.argv[1]
+    paths = {
+        "qwen3_moe": make_tiny_model(root + "/qwen3_moe", "qwen3_moe"),
+        "mixtral": make_tiny_model(root + "/mixtral", "mixtral"),
+        # V2-Lite's routing (greedy softmax top-k, routed_scaling_factor) and a shared expert fused as a slot
+        "v2": make_tiny_deepseek(root + "/v2", "v2", topk_method="greedy", n_group=1, topk_group=1),
+    }
+    launches = []
+    run = P.persistent_moe
+    P.persistent_moe = lambda *a, **kw: launches.append(kw.get("scratch")) or run(*a, **kw)
+    import disagg.common.models.moe as M
+    M.persistent_moe = P.persistent_moe
+    for family, path in paths.items():
+        engine = Engine(model_path=path, page_size=4, max_total_tokens=512)
+        try:
+            for prompt in ([1, 2, 3, 4, 5], [300]):  # one request at a time: decode batches of one token
+                before = len(launches)
+                out = engine.generate([prompt], {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True})
+                assert out[0]["output_ids"] == hf_greedy(path, prompt, 8), family
+                assert len(launches) - before >= 7 * 2, (family, len(launches) - before)  # 7+ steps x 2 layers
+        finally:
+            engine.shutdown()
+    print("ok")
+    """
+)
+
+
+@pytest.mark.slow
+def test_engine_with_the_persistent_block_gives_transformers_tokens(tmp_path):
+    """DISAGG_PERSISTENT_MOE=1 under Triton's interpreter: Qwen3-MoE, Mixtral and a DeepSeek-V2 with
+    V2-Lite's routing and a fused shared expert, one request at a time, run every one-token MoE block
+    as the persistent launch and give transformers' float32 greedy tokens."""
+    pytest.importorskip("triton")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TRITON_INTERPRET="1", DISAGG_PERSISTENT_MOE="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", ENGINE, str(tmp_path)], env=env, cwd=root, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
 @pytest.mark.parametrize("renormalize,shared", [(True, 0), (False, 2)])
 def test_reference_is_the_engines_moe_layer(renormalize, shared):
     """reference() computes what the model's MoE layer does on the CPU (SparseMoE's softmax top-k
@@ -159,3 +210,36 @@ def test_gpu_block_equals_reference_eager_and_graphed(name):
         for out, layer in zip(outs, layers, strict=True):
             assert rel_err(out, layer) < 2e-2, scale
     assert scratch["counters"].tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_engine_with_the_persistent_block_under_cuda_graphs(tmp_path, monkeypatch):
+    """A bf16 Qwen3-MoE decoding one request at a time in CUDA graphs, DISAGG_PERSISTENT_MOE 0 then 1:
+    the same greedy tokens within the logprob-closeness check (split-K sums differ in order), and the
+    persistent launch is what ran."""
+    pytest.importorskip("triton")
+    pytest.importorskip("flashinfer")
+    from disagg.common.engine.offline import Engine
+    from disagg.common.models.moe import SparseMoE
+
+    from tests.conftest import assert_logprobs_close, make_tiny_model
+
+    path = make_tiny_model(tmp_path / "m", "qwen3_moe", head_dim=64)  # FlashInfer's decode: 64, 128, 256
+    params = {"max_new_tokens": 24, "temperature": 0, "ignore_eos": True, "top_logprobs_num": 5}
+    outs = []
+    for on in ("0", "1"):
+        monkeypatch.setenv("DISAGG_PERSISTENT_MOE", on)
+        engine = Engine(model_path=path, attention_backend="flashinfer", dtype="bfloat16", page_size=4,
+                        max_total_tokens=4096)  # fmt: skip
+        try:
+            assert engine.scheduler.runner.graph_runner is not None  # decode replays graphs
+            layers = [m for m in engine.scheduler.runner.model.modules() if isinstance(m, SparseMoE)]
+            assert all(m.persistent == (on == "1") for m in layers)
+            outs.append([engine.generate([[i + 1, 2 * i + 3, 5, 7 * i + 11]], params)[0] for i in range(6)])
+            if on == "1":  # each layer's scratch: made by its first one-token block, its counters left zero
+                assert all(m._persistent_scratch is not None for m in layers)  # the block ran
+                assert all(m._persistent_scratch["counters"].tolist() == [0, 0, 0, 0] for m in layers)
+        finally:
+            engine.shutdown()
+    assert_logprobs_close(*outs)

@@ -235,6 +235,14 @@ for step in "$@"; do
            tail -3 $OUT/pmoe_tests.log
            timeout ${PMOE_T:-300} python3 -m disagg.common.bench.persistent_moe ${PMOE_ARGS:-} 2>&1 | grep -v "WARN" \
              | tee $OUT/pmoe_bench.log | tail -40 ;;
+    persistent-ab) # after persistent-moe (~7 min): the engine at batch 1 with the persistent block off and on
+           # (DISAGG_PERSISTENT_MOE), alternating fresh processes, Qwen3-30B-A3B and DeepSeek-V2-Lite (PAB_MODELS)
+           a="--load-format dummy --context-len 1024 --decode-steps 16 --batch-sizes 1 --prefill-len 512"
+           for m in ${PAB_MODELS:-Qwen3-30B-A3B DeepSeek-V2-Lite}; do for p in 0 1 0 1; do i=$((${i:-0} + 1))
+             echo "--- $m persistent $p ($(date +%T))"
+             DISAGG_PERSISTENT_MOE=$p T=${PAB_T:-90} bench --model-path $m $a > $OUT/pab_${p}_$i.log
+             grep -A2 "^kind\|Error" $OUT/pab_${p}_$i.log
+           done; done ;;
     chunk-ab) # thirty-first session (~5 min a model; CHUNK_MODELS, default Qwen3-30B-A3B): the split-KV decode's chunks
            # rounded up to BLOCK_N tokens (as checked in) against ceil(kv_len / num_splits) alone (the "unrounded" copy:
            # sed on decode_attention.py; a batch-1 request just past 1024 tokens then gets 64 chunks of 17 tokens

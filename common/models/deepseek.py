@@ -517,7 +517,18 @@ class DeepseekMoE(SparseMoE):
         self.fused_config = config
         return True
 
+    def persistent_routing(self) -> tuple[bool, float, int] | None:
+        """V2's softmax greedy top-k (no renormalisation), the shared experts fused as slots or absent;
+        V3's sigmoid group-limited top-k is not persistent_moe's."""
+        gate = self.gate
+        if gate.v3 or gate.grouped or (self.shared_experts is not None and not self.num_shared_fused):
+            return None
+        return False, gate.scaling, self.num_shared_fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.persistent_block(x)
+        if out is not None:  # moe.py: every expert on this rank, the shared ones fused
+            return out
         if self.num_shared_fused:  # every expert local, none replicated: the ids are the slots
             weights, ids = self.gate(x, self.num_shared_fused)  # [T, k + shared]
             if self.count_tokens:

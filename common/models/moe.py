@@ -24,6 +24,7 @@ import math
 import re
 
 import torch
+from disagg.common.config import persistent_moe_requested, triton_interpret
 from disagg.common.models.fused_moe import (
     ROUTER_GEMV_MAX_TOKENS,
     fused_experts,
@@ -35,6 +36,7 @@ from disagg.common.models.fused_moe import (
 )
 from disagg.common.models.moe_a2a import a2a_moe, capturing
 from disagg.common.models.moe_align import ExpertScales, grouped_experts
+from disagg.common.models.persistent_moe import new_scratch, persistent_moe, persistent_moe_available
 from disagg.common.parallel.state import all_reduce, get_parallel
 from torch import nn
 
@@ -190,6 +192,9 @@ class SparseMoE(nn.Module):
             "expert_tokens", torch.zeros(self.num_experts, dtype=torch.long), persistent=False
         )
         self._init_placement(getattr(config, "expert_remap", False))
+        # DISAGG_PERSISTENT_MOE=1: one token's block as one launch where it applies (persistent_block)
+        self.persistent = persistent_moe_requested() and persistent_moe_available()
+        self._persistent_scratch: dict | None = None
 
     def spare_slots(self, config) -> int:
         """Expert slots to allocate beyond the local experts (DeepseekMoE: its fused shared experts)."""
@@ -238,7 +243,47 @@ class SparseMoE(nn.Module):
         mine = self.physical_to_logical[self.first_expert : self.first_expert + self.num_local]
         return [s for s, e in enumerate(mine) if e == expert]
 
+    def persistent_routing(self) -> tuple[bool, float, int] | None:
+        """(renormalize, scaling, shared slots) of a routing persistent_moe computes (softmax top-k),
+        or None."""
+        return self.renormalize, 1.0, 0
+
+    def persistent_block(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One token's whole block (router GEMV, top-k, the experts) as one persistent launch
+        (common/models/persistent_moe.py), or None where it does not compute what this layer does: it
+        needs one token on a GPU (or in Triton's interpreter: the CPU tests), every expert local, unsplit and unreplicated (no EP, no MoE TP, no
+        EPLB, no all-to-all), bf16 experts, the routing persistent_routing names, no token counts."""
+        routing = self.persistent_routing() if self.persistent else None
+        w13, w2 = self.experts.w13, self.experts.w2
+        if (
+            routing is None
+            or not (x.is_cuda or triton_interpret())
+            or x.shape[0] != 1
+            or self.count_tokens
+            or self.remap
+            or self.a2a
+            or self.num_local != self.num_experts
+            or self.moe_tp != 1
+            or self.experts.scales is not None
+            or w13.dtype != x.dtype
+        ):
+            return None
+        renormalize, scaling, shared = routing
+        if self._persistent_scratch is None:  # the counters start zeroed; each launch leaves them so
+            if capturing(x):  # NOTE: zeroed at replay only: an eager launch before it would wait forever
+                return None  # (the graph runners' eager warm-up makes it first; this is a safety net)
+            self._persistent_scratch = new_scratch(
+                self.num_experts, self.top_k + shared, w2.shape[2], x.device
+            )
+        return persistent_moe(
+            x, self.gate.weight, w13, w2, self.top_k, renormalize, scaling, shared,
+            scratch=self._persistent_scratch,
+        )  # fmt: skip
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.persistent_block(x)
+        if out is not None:  # every expert on this rank and unsplit: nothing to reduce
+            return out
         weights, ids = self.route(self.logits(x))  # [T, k] each
         if self.count_tokens:
             self._count(ids)

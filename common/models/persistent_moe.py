@@ -28,6 +28,7 @@ thread's stores are issued first (CUTLASS's generic barrier does the same).
 from __future__ import annotations
 
 import torch
+from disagg.common.config import triton_interpret
 from disagg.common.models.pdl import pdl_args, pdl_begin
 
 try:
@@ -40,6 +41,11 @@ except ImportError:  # the CPU image: no Triton kernel runs
 # [3] programs done (the last one zeroes all four)
 NUM_COUNTERS = 4
 DEFAULT_BLOCKS = {"BLOCK_E": 16, "BLOCK_N": 32, "BLOCK_K": 256, "DOWN_N": 16, "DOWN_K": 256, "num_warps": 4}
+
+
+def persistent_moe_available() -> bool:
+    """Triton on a CUDA machine, or its CPU interpreter (the tests' engines)."""
+    return triton is not None and (torch.cuda.is_available() or triton_interpret())
 
 
 def persistent_moe(
