@@ -143,8 +143,8 @@ def test_block_compiles_for_hopper_with_its_ordering(dynamic):
 
     types = {n: "*bf16" for n in ("x", "router_w", "w13", "w2", "out")}
     types.update(logits="*fp32", act="*fp32", top_w="*fp32", top_id="*i32", counters="*i32", scaling="fp32")
-    consts = dict(K=8, SHARED=0, K_POW2=8, E_POW2=128, RENORMALIZE=True, DYNAMIC=dynamic, BLOCK_E=16,
-                  BLOCK_N=32, BLOCK_K=256, DOWN_N=16, DOWN_K=256)  # fmt: skip
+    consts = dict(K=8, SHARED=0, K_POW2=8, E_POW2=128, RENORMALIZE=True, DYNAMIC=dynamic, BLOCK_E=4,
+                  ROUTER_K=2048, BLOCK_N=16, BLOCK_K=512, DOWN_N=8, DOWN_K=1024)  # fmt: skip
     ptx = compile_for_hopper(_moe_block_kernel, types, consts).asm["ptx"]
     assert re.search(r"ld\.global\.gpu\.acquire", ptx) or re.search(r"atom\.global\.gpu\.acquire", ptx)
     assert "atom.global.gpu.acq_rel.add" in ptx

@@ -28,9 +28,9 @@ SHAPES = {
 # the persistent launch's block sizes tried (each with every grid of --programs)
 VARIANTS = [
     {},
-    {"BLOCK_N": 16, "DOWN_N": 8},
-    {"BLOCK_N": 64, "DOWN_N": 32, "num_warps": 8},
-    {"BLOCK_K": 512, "DOWN_K": 512, "num_warps": 8},
+    {"BLOCK_N": 8, "DOWN_N": 4, "num_warps": 4},
+    {"BLOCK_N": 32, "BLOCK_K": 256, "DOWN_N": 16},
+    {"BLOCK_E": 16, "DOWN_K": 256, "num_warps": 4},
     {"dynamic": False},  # tasks pid, pid + P, ...: only at grids every program of which is resident
 ]
 
@@ -111,7 +111,7 @@ def main() -> None:
     )
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     parser.add_argument(
-        "--programs", default="0,2", help="persistent grids (0: the SM count; n < 8: n x SMs)"
+        "--programs", default="1,2,4", help="persistent grids (0: the SM count; n < 8: n x SMs)"
     )
     parser.add_argument("--layers", type=int, default=8, help="blocks a graph (distinct weights)")
     args = parser.parse_args()

@@ -40,7 +40,11 @@ except ImportError:  # the CPU image: no Triton kernel runs
 # counters: [0] the next task's ticket (DYNAMIC), [1] router tasks done, [2] gate/up tasks done,
 # [3] programs done (the last one zeroes all four)
 NUM_COUNTERS = 4
-DEFAULT_BLOCKS = {"BLOCK_E": 16, "BLOCK_N": 32, "BLOCK_K": 256, "DOWN_N": 16, "DOWN_K": 256, "num_warps": 4}
+# the block sizes: BLOCK_E router rows a task (all of H at once: a task's loads in flight together);
+# BLOCK_N gate (and up) rows x BLOCK_K columns a step; DOWN_N down rows a task, DOWN_K columns a step
+# (0: I's power of two up to 1024, else 512). The engine's tuned GEMV entries for Qwen3-30B-A3B on an
+# H200 (16 x 512, 8 warps; down 8 rows) are the starting point.
+DEFAULT_BLOCKS = {"BLOCK_E": 4, "BLOCK_N": 16, "BLOCK_K": 512, "DOWN_N": 8, "DOWN_K": 0, "num_warps": 8}
 
 
 def persistent_moe_available() -> bool:
@@ -72,6 +76,7 @@ def persistent_moe(
     (num_experts, hidden), inter = router_w.shape, w2.shape[2]
     slots = top_k + shared
     b = {**DEFAULT_BLOCKS, **(blocks or {})}
+    down_k = b["DOWN_K"] or (triton.next_power_of_2(inter) if inter <= 1024 else 512)
     s = scratch if scratch is not None else new_scratch(num_experts, slots, inter, x.device)
     out = torch.empty_like(x)
     if not programs:
@@ -81,8 +86,8 @@ def persistent_moe(
         num_experts, hidden, inter, router_w.stride(0), w13.stride(0), w13.stride(1), w2.stride(0), w2.stride(1),
         float(scaling), K=top_k, SHARED=shared, K_POW2=triton.next_power_of_2(slots),
         E_POW2=triton.next_power_of_2(num_experts), RENORMALIZE=renormalize, DYNAMIC=dynamic,
-        BLOCK_E=b["BLOCK_E"], BLOCK_N=b["BLOCK_N"], BLOCK_K=b["BLOCK_K"], DOWN_N=b["DOWN_N"],
-        DOWN_K=b["DOWN_K"], num_warps=b["num_warps"], **pdl_args(x.device),
+        BLOCK_E=b["BLOCK_E"], ROUTER_K=triton.next_power_of_2(hidden), BLOCK_N=b["BLOCK_N"],
+        BLOCK_K=b["BLOCK_K"], DOWN_N=b["DOWN_N"], DOWN_K=down_k, num_warps=b["num_warps"], **pdl_args(x.device),
     )  # fmt: skip
     return out
 
@@ -159,18 +164,15 @@ if triton is not None:
 
     @triton.jit
     def _router_task(x, router_w, logits, tile, num_experts, hidden, stride_re,
-                     BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-        """logits[tile's BLOCK_E experts] = router_w rows . x (float32 sums)."""
+                     BLOCK_E: tl.constexpr, ROUTER_K: tl.constexpr):  # fmt: skip
+        """logits[tile's BLOCK_E experts] = router_w rows . x (float32 sums), the rows loaded at once
+        (ROUTER_K >= hidden: the route waits on the slowest router task)."""
         rows = tile * BLOCK_E + tl.arange(0, BLOCK_E)
-        acc = tl.zeros([BLOCK_E], dtype=tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            xv = tl.load(x + cols, mask=cols < hidden, other=0.0).to(tl.float32)
-            mask = (rows[:, None] < num_experts) & (cols[None, :] < hidden)
-            w = tl.load(
-                router_w + rows[:, None].to(tl.int64) * stride_re + cols[None, :], mask=mask, other=0.0
-            )
-            acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+        cols = tl.arange(0, ROUTER_K)
+        xv = tl.load(x + cols, mask=cols < hidden, other=0.0).to(tl.float32)
+        mask = (rows[:, None] < num_experts) & (cols[None, :] < hidden)
+        w = tl.load(router_w + rows[:, None].to(tl.int64) * stride_re + cols[None, :], mask=mask, other=0.0)
+        acc = tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
         # the logits in the gate weight's dtype, as nn.Linear (and the engine's router GEMV) rounds them
         tl.store(logits + rows, acc.to(router_w.dtype.element_ty).to(tl.float32), mask=rows < num_experts)
 
@@ -203,7 +205,7 @@ if triton is not None:
         """out[tile's DOWN_N rows] = sum over the slots of weight * w2[expert] rows . act[slot]."""
         rows = tile * DOWN_N + tl.arange(0, DOWN_N)
         acc = tl.zeros([DOWN_N], dtype=tl.float32)
-        for j in range(0, SLOTS):
+        for j in tl.static_range(SLOTS):  # unrolled: the next slot's rows may load during this one's sums
             expert = tl.load(top_id + j, cache_modifier=".cg").to(tl.int64)
             w_rows = w2 + expert * stride_de + rows[:, None].to(tl.int64) * stride_dn
             part = tl.zeros([DOWN_N], dtype=tl.float32)
@@ -222,8 +224,9 @@ if triton is not None:
         x, router_w, w13, w2, out, logits, act, top_w, top_id, counters,
         num_experts, hidden, inter, stride_re, stride_we, stride_wn, stride_de, stride_dn, scaling,
         K: tl.constexpr, SHARED: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr,
-        RENORMALIZE: tl.constexpr, DYNAMIC: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, DOWN_N: tl.constexpr, DOWN_K: tl.constexpr, PDL: tl.constexpr,
+        RENORMALIZE: tl.constexpr, DYNAMIC: tl.constexpr, BLOCK_E: tl.constexpr, ROUTER_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOWN_N: tl.constexpr, DOWN_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         """Program: tasks in increasing order until none is left (the module's docstring)."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
@@ -238,7 +241,7 @@ if triton is not None:
             task = tl.program_id(0)
         while task < total:
             if task < routers:
-                _router_task(x, router_w, logits, task, num_experts, hidden, stride_re, BLOCK_E, BLOCK_K)
+                _router_task(x, router_w, logits, task, num_experts, hidden, stride_re, BLOCK_E, ROUTER_K)
                 if _count(counters + 1) == routers - 1:
                     # the last router task (every other one's logits visible): route, then count once more
                     _route(
