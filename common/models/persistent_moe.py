@@ -1,6 +1,7 @@
 """One token's whole MoE block (router GEMV, softmax top-k, gate/up GEMV with SiLU·mul, down GEMV
-with the routing-weight combine) as ONE persistent Triton launch: an experiment, not yet in the
-engine (common/bench/persistent_moe.py times it against the engine's chain of five launches).
+with the routing-weight combine) as ONE persistent Triton launch: an experiment, in the engine only
+behind DISAGG_PERSISTENT_MOE=1 (off by default: moe.py, SparseMoE.persistent_block) until a GPU
+measures it (common/bench/persistent_moe.py times it against the engine's chain of five launches).
 
 Why: at batch 1 a decode step is launch-bound. On an H200 a Qwen3-30B-A3B layer's MoE is five
 launches (router 2.0, top-k 2.1, gate/up 15.7, down 8.5, sum 1.3 µs, PDL off) for 18.3 µs of bytes,
@@ -12,9 +13,9 @@ How: the stages' tasks are numbered in stage order, [router tiles | gate/up tile
 each program takes tasks in increasing order (DYNAMIC: the next ticket of an atomic counter; else
 task pid, pid + P, ...). A task of stage s first waits until stage s - 1 has finished (its counter
 reaches the stage's task count: an acquire), then works and adds one to its own stage's counter (a
-release). The last router task to finish (its count returns the stage's size - 1) routes the token (top-k
-over the logits) and counts once more; the gate/up tasks wait for that extra count. The last program to leave resets the counters
-for the next launch (no memset launch).
+release). The last router task to finish (its count returns the stage's size - 1) routes the token
+(top-k over the logits) and counts once more; the gate/up tasks wait for that extra count. The last
+program to leave zeroes the counters for the next launch (no memset launch).
 
 NOTE (deadlock): a waiting task only waits on tasks numbered before it, so it finishes as long as
 the programs holding those tasks run. DYNAMIC hands a task only to a running program, so any grid
