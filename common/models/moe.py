@@ -251,9 +251,12 @@ class SparseMoE(nn.Module):
     def persistent_block(self, x: torch.Tensor) -> torch.Tensor | None:
         """One token's whole block (router GEMV, top-k, the experts) as one persistent launch
         (common/models/persistent_moe.py), or None where it does not compute what this layer does: it
-        needs one token on a GPU (or in Triton's interpreter: the CPU tests), every expert local, unsplit and unreplicated (no EP, no MoE TP, no
-        EPLB, no all-to-all), bf16 experts, the routing persistent_routing names, no token counts."""
-        routing = self.persistent_routing() if self.persistent else None
+        needs one token on a GPU (or in Triton's interpreter: the CPU tests), every expert local,
+        unsplit and unreplicated (no EP, no MoE TP, no EPLB, no all-to-all), experts in x's dtype (no
+        FP8), the routing persistent_routing names, no token counts."""
+        if not self.persistent:  # the default: one attribute read a layer
+            return None
+        routing = self.persistent_routing()
         w13, w2 = self.experts.w13, self.experts.w2
         if (
             routing is None
