@@ -132,23 +132,26 @@ def test_reference_is_the_engines_moe_layer(renormalize, shared):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dynamic", [True, False])
-def test_block_compiles_for_hopper_with_its_ordering(dynamic):
+@pytest.mark.parametrize("dynamic,trace", [(True, False), (False, False), (True, True)])
+def test_block_compiles_for_hopper_with_its_ordering(dynamic, trace):
     """sm_90 PTX: the waits are acquire loads, the counts acquire-release atomics (the stages' stores
-    visible to the next stage), and the produced data is read through L2 (.cg)."""
+    visible to the next stage), and the produced data is read through L2 (.cg); the bench's trace
+    reads the global timer."""
     pytest.importorskip("triton")
     from disagg.common.models.persistent_moe import _moe_block_kernel
 
     from tests.conftest import compile_for_hopper
 
     types = {n: "*bf16" for n in ("x", "router_w", "w13", "w2", "out")}
-    types.update(logits="*fp32", act="*fp32", top_w="*fp32", top_id="*i32", counters="*i32", scaling="fp32")
+    types.update(logits="*fp32", act="*fp32", top_w="*fp32", top_id="*i32", counters="*i32", trace="*i64")
+    types["scaling"] = "fp32"
     consts = dict(K=8, SHARED=0, K_POW2=8, E_POW2=128, RENORMALIZE=True, DYNAMIC=dynamic, BLOCK_E=4,
-                  ROUTER_K=2048, BLOCK_N=16, BLOCK_K=512, DOWN_N=8, DOWN_K=1024)  # fmt: skip
+                  ROUTER_K=2048, BLOCK_N=16, BLOCK_K=512, DOWN_N=8, DOWN_K=1024, TRACE=trace)  # fmt: skip
     ptx = compile_for_hopper(_moe_block_kernel, types, consts).asm["ptx"]
     assert re.search(r"ld\.global\.gpu\.acquire", ptx) or re.search(r"atom\.global\.gpu\.acquire", ptx)
     assert "atom.global.gpu.acq_rel.add" in ptx
     assert "ld.global.cg" in ptx
+    assert ("%globaltimer" in ptx) == trace
 
 
 GPU_SHAPES = {

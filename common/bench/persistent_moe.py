@@ -17,7 +17,7 @@ import functools
 import torch
 from disagg.common.bench.offline import graph_us_per_layer, kernels_per_call, measure_ceilings
 from disagg.common.models.fused_moe import fused_experts, fused_topk, moe_config, router_logits
-from disagg.common.models.persistent_moe import new_scratch, persistent_moe, reference
+from disagg.common.models.persistent_moe import new_scratch, num_tasks, persistent_moe, reference
 
 # name: (routed experts, hidden, expert intermediate, top-k, renormalize, scaling, shared slots)
 SHAPES = {
@@ -58,12 +58,15 @@ def chain(shape: tuple, layer: dict) -> torch.Tensor:
     return fused_experts(layer["x"], layer["w13"], layer["w2"], weights, ids, config, foreign=False)
 
 
-def persistent(shape: tuple, programs: int, blocks: dict, scratch: dict, layer: dict) -> torch.Tensor:
+def persistent(
+    shape: tuple, programs: int, blocks: dict, scratch: dict, layer: dict, trace: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The block as one launch; `blocks` may hold "dynamic": False (static task assignment)."""
     _, _, _, top_k, renormalize, scaling, shared = shape
     sizes = {k: v for k, v in blocks.items() if k != "dynamic"}
     return persistent_moe(
         layer["x"], layer["router_w"], layer["w13"], layer["w2"], top_k, renormalize, scaling, shared,
-        programs=programs, dynamic=blocks.get("dynamic", True), blocks=sizes, scratch=scratch,
+        programs=programs, dynamic=blocks.get("dynamic", True), blocks=sizes, scratch=scratch, trace=trace,
     )  # fmt: skip
 
 
@@ -81,6 +84,28 @@ def check(shape: tuple, layer: dict, fn) -> float:
     )
     got = fn(layer)
     return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+
+def trace_report(shape: tuple, layer: dict, programs: int, blocks: dict) -> None:
+    """Where one launch's time goes: each stage's tasks from the launch's first claim (µs): the first
+    claimed, the last whose wait ended, the last done; the median task's work and wait."""
+    num_experts, hidden, inter, top_k, _, _, shared = shape
+    stages = num_tasks(num_experts, hidden, inter, top_k + shared, blocks)
+    trace = torch.zeros(sum(stages), 4, dtype=torch.int64, device="cuda")
+    scratch = new_scratch(num_experts, top_k + shared, inter, torch.device("cuda"))
+    persistent(shape, programs, blocks, scratch, layer, trace)  # the traced variant built
+    persistent(shape, programs, blocks, scratch, layer, trace)
+    torch.cuda.synchronize()
+    t = (trace[:, :3] - trace[:, 0].min()).float() / 1e3  # µs from the first claim
+    print(f"  trace ({programs} programs, {blocks or 'default'}): stage | tasks | first claim | last wait over "
+          "| last done | median work | median wait (µs)")  # fmt: skip
+    start = 0
+    for label, n in zip(("router", "gate/up", "down"), stages, strict=True):
+        rows = t[start : start + n]
+        start += n
+        work, wait = (rows[:, 2] - rows[:, 1]).median(), (rows[:, 1] - rows[:, 0]).median()
+        print(f"  {label} | {n} | {rows[:, 0].min():.2f} | {rows[:, 1].max():.2f} | {rows[:, 2].max():.2f} "
+              f"| {work:.2f} | {wait:.2f}")  # fmt: skip
 
 
 def run_shape(name: str, args, copy_gb_s: float, gen: torch.Generator) -> None:
@@ -103,6 +128,8 @@ def run_shape(name: str, args, copy_gb_s: float, gen: torch.Generator) -> None:
         us = graph_us_per_layer(fn, layers)
         kernels = kernels_per_call(functools.partial(fn, layers[0]))
         print(f"{label} | {programs or '-'} | {us:.2f} | {kernels} | {100 * floor_us / us:.1f}% | {err:.1e}")
+    for programs in (int(p) or sms for p in args.programs.split(",")):
+        trace_report(shape, layers[0], programs, {})
 
 
 def main() -> None:

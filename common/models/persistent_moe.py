@@ -66,12 +66,15 @@ def persistent_moe(
     dynamic: bool = True,
     blocks: dict | None = None,
     scratch: dict | None = None,
+    trace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax top-k routing of x [1, H] over router_w [E, H], then sum over the k slots (and
     `shared` more slots: experts E, E + 1, ... of w13 / w2, weight 1) of weight * w2[e] @
     (silu(gate) * up) with gate | up = w13[e] @ x: w13 [E + shared, 2I, H], w2 [E + shared, H, I].
     Returns [1, H] in x's dtype. programs: the grid (default: the SM count; 1 under the interpreter
-    unless asked). scratch: the buffers of an earlier call (CUDA graphs: the counters must persist)."""
+    unless asked). scratch: the buffers of an earlier call (CUDA graphs: the counters must persist).
+    trace (GPU only; the bench): int64 [tasks, 4] filled with each task's claim, end of wait and end
+    (the GPU's global timer, ns) and program (num_tasks gives the row count)."""
     if x.shape[0] != 1:
         raise ValueError(f"persistent_moe runs one token, got {x.shape[0]}")
     (num_experts, hidden), inter = router_w.shape, w2.shape[2]
@@ -84,13 +87,21 @@ def persistent_moe(
         programs = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
     _moe_block_kernel[(programs,)](
         x, router_w, w13, w2, out, s["logits"], s["act"], s["top_w"], s["top_id"], s["counters"],
+        s["counters"] if trace is None else trace,
         num_experts, hidden, inter, router_w.stride(0), w13.stride(0), w13.stride(1), w2.stride(0), w2.stride(1),
         float(scaling), K=top_k, SHARED=shared, K_POW2=triton.next_power_of_2(slots),
         E_POW2=triton.next_power_of_2(num_experts), RENORMALIZE=renormalize, DYNAMIC=dynamic,
         BLOCK_E=b["BLOCK_E"], ROUTER_K=triton.next_power_of_2(hidden), BLOCK_N=b["BLOCK_N"],
-        BLOCK_K=b["BLOCK_K"], DOWN_N=b["DOWN_N"], DOWN_K=down_k, num_warps=b["num_warps"], **pdl_args(x.device),
+        BLOCK_K=b["BLOCK_K"], DOWN_N=b["DOWN_N"], DOWN_K=down_k, TRACE=trace is not None,
+        num_warps=b["num_warps"], **pdl_args(x.device),
     )  # fmt: skip
     return out
+
+
+def num_tasks(num_experts: int, hidden: int, inter: int, slots: int, blocks: dict | None = None) -> list[int]:
+    """The tasks of each stage (router, gate/up, down) at these block sizes."""
+    b = {**DEFAULT_BLOCKS, **(blocks or {})}
+    return [-(-num_experts // b["BLOCK_E"]), slots * -(-inter // b["BLOCK_N"]), -(-hidden // b["DOWN_N"])]
 
 
 def new_scratch(num_experts: int, slots: int, inter: int, device: torch.device) -> dict:
@@ -125,6 +136,13 @@ def reference(x, router_w, w13, w2, top_k: int, renormalize: bool, scaling: floa
 
 
 if triton is not None:
+
+    @triton.jit
+    def _now():
+        """The GPU's global timer (ns; one clock for every SM)."""
+        return tl.inline_asm_elementwise(
+            "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+        )
 
     @triton.jit
     def _wait(counter, target):
@@ -222,12 +240,12 @@ if triton is not None:
 
     @triton.jit
     def _moe_block_kernel(
-        x, router_w, w13, w2, out, logits, act, top_w, top_id, counters,
+        x, router_w, w13, w2, out, logits, act, top_w, top_id, counters, trace,
         num_experts, hidden, inter, stride_re, stride_we, stride_wn, stride_de, stride_dn, scaling,
         K: tl.constexpr, SHARED: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr,
         RENORMALIZE: tl.constexpr, DYNAMIC: tl.constexpr, BLOCK_E: tl.constexpr, ROUTER_K: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOWN_N: tl.constexpr, DOWN_K: tl.constexpr,
-        PDL: tl.constexpr,
+        TRACE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Program: tasks in increasing order until none is left (the module's docstring)."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
@@ -241,6 +259,9 @@ if triton is not None:
         else:
             task = tl.program_id(0)
         while task < total:
+            if TRACE:
+                t0 = _now()
+                t1 = t0
             if task < routers:
                 _router_task(x, router_w, logits, task, num_experts, hidden, stride_re, BLOCK_E, ROUTER_K)
                 if _count(counters + 1) == routers - 1:
@@ -251,6 +272,8 @@ if triton is not None:
                     _count(counters + 1)
             elif task < routers + gate_ups:
                 _wait(counters + 1, routers + 1)
+                if TRACE:
+                    t1 = _now()
                 t = task - routers
                 _gate_up_task(
                     x,
@@ -269,6 +292,8 @@ if triton is not None:
                 _count(counters + 2)
             else:
                 _wait(counters + 2, gate_ups)
+                if TRACE:
+                    t1 = _now()
                 _down_task(
                     w2,
                     act,
@@ -284,6 +309,12 @@ if triton is not None:
                     DOWN_N,
                     DOWN_K,
                 )
+            if TRACE:  # [task]: claimed, its wait over, done (globaltimer ns), the program
+                row = trace + task.to(tl.int64) * 4
+                tl.store(row, t0)
+                tl.store(row + 1, t1)
+                tl.store(row + 2, _now())
+                tl.store(row + 3, tl.program_id(0).to(tl.int64))
             if DYNAMIC:
                 task = tl.atomic_add(counters, 1, sem="relaxed", scope="gpu")
             else:
