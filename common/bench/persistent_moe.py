@@ -36,14 +36,20 @@ VARIANTS = [
 
 
 def make_layer(shape: tuple, gen: torch.Generator) -> dict:
+    """One layer's token and weights (bf16, random). The router's rows make the logits a permutation of
+    0.1-spaced values times x's scale (at x and at multiples of it): no two within bf16 rounding of each
+    other, so every implementation routes alike and an error column measures the experts' sums."""
     num_experts, hidden, inter, _, _, _, shared = shape
 
     def rand(*size):
         return (torch.randn(*size, generator=gen, device="cuda") / size[-1] ** 0.5).bfloat16()
 
+    x = rand(1, hidden) * hidden**0.5
+    x32 = x.float()[0]
+    spaced = (torch.randperm(num_experts, generator=gen, device="cuda") - num_experts / 2).float() * 0.1
     return dict(
-        x=rand(1, hidden) * hidden**0.5,
-        router_w=rand(num_experts, hidden),
+        x=x,
+        router_w=(spaced[:, None] * x32[None, :] / x32.dot(x32)).bfloat16(),
         w13=rand(num_experts + shared, 2 * inter, hidden),
         w2=rand(num_experts + shared, hidden, inter),
     )
