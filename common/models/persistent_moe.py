@@ -21,6 +21,11 @@ NOTE (deadlock): a waiting task only waits on tasks numbered before it, so it fi
 the programs holding those tasks run. DYNAMIC hands a task only to a running program, so any grid
 is safe (Triton's interpreter, which runs the programs one after another, included); static
 assignment needs every program resident at once (a grid of at most the SM count).
+NOTE (faults): a wait gives up after WAIT_POLLS reads (a stage that never finishes: counters a bug
+left wrong). A gate/up task that gave up neither works nor counts, so every down task gives up as
+well and writes its rows as NaN: the launch ends within seconds and the request ends with the
+sampler's numerical error (common/engine/sampling.py) instead of a hung GPU; the last program out
+still zeroes the counters, so the next launch starts clean.
 NOTE (memory): data another program wrote (logits, slots, activations) is read with `.cg` loads
 (L2, past a possibly stale L1) after the acquire; each release follows a CTA barrier so every
 thread's stores are issued first (CUTLASS's generic barrier does the same).
@@ -41,6 +46,8 @@ except ImportError:  # the CPU image: no Triton kernel runs
 # counters: [0] the next task's ticket (DYNAMIC), [1] router tasks done, [2] gate/up tasks done,
 # [3] programs done (the last one zeroes all four)
 NUM_COUNTERS = 4
+# the reads a wait makes before it gives up (~0.5-1 µs each on a GPU: seconds; the tests set fewer)
+WAIT_POLLS = 1 << 22
 # the block sizes: BLOCK_E router rows a task (all of H at once: a task's loads in flight together);
 # BLOCK_N gate (and up) rows x BLOCK_K columns a step; DOWN_N down rows a task, DOWN_K columns a step
 # (0: I's power of two up to 1024, else 512). The engine's tuned GEMV entries for Qwen3-30B-A3B on an
@@ -92,7 +99,7 @@ def persistent_moe(
         float(scaling), K=top_k, SHARED=shared, K_POW2=triton.next_power_of_2(slots),
         E_POW2=triton.next_power_of_2(num_experts), RENORMALIZE=renormalize, DYNAMIC=dynamic,
         BLOCK_E=b["BLOCK_E"], ROUTER_K=triton.next_power_of_2(hidden), BLOCK_N=b["BLOCK_N"],
-        BLOCK_K=b["BLOCK_K"], DOWN_N=b["DOWN_N"], DOWN_K=down_k, TRACE=trace is not None,
+        BLOCK_K=b["BLOCK_K"], DOWN_N=b["DOWN_N"], DOWN_K=down_k, WAIT_POLLS=WAIT_POLLS, TRACE=trace is not None,
         num_warps=b["num_warps"], **pdl_args(x.device),
     )  # fmt: skip
     return out
@@ -145,10 +152,23 @@ if triton is not None:
         )
 
     @triton.jit
-    def _wait(counter, target):
-        """Until `counter` reaches target (acquire: the counted tasks' stores visible after it)."""
-        while tl.atomic_add(counter, 0, sem="acquire", scope="gpu") < target:
-            pass
+    def _wait(counter, target, POLLS: tl.constexpr):
+        """Until `counter` reaches target (acquire: the counted tasks' stores visible after it), at most
+        POLLS reads; returns whether it did."""
+        polls = 0
+        while (tl.atomic_add(counter, 0, sem="acquire", scope="gpu") < target) & (polls < POLLS):
+            polls += 1
+        return polls < POLLS
+
+    @triton.jit
+    def _nan_rows(out, tile, hidden, DOWN_N: tl.constexpr):
+        """The tile's output rows as NaN: a stage never finished (the module's NOTE on faults)."""
+        rows = tile * DOWN_N + tl.arange(0, DOWN_N)
+        tl.store(
+            out + rows,
+            tl.full([DOWN_N], float("nan"), tl.float32).to(out.dtype.element_ty),
+            mask=rows < hidden,
+        )
 
     @triton.jit
     def _count(counter):
@@ -245,7 +265,7 @@ if triton is not None:
         K: tl.constexpr, SHARED: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr,
         RENORMALIZE: tl.constexpr, DYNAMIC: tl.constexpr, BLOCK_E: tl.constexpr, ROUTER_K: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOWN_N: tl.constexpr, DOWN_K: tl.constexpr,
-        TRACE: tl.constexpr, PDL: tl.constexpr,
+        WAIT_POLLS: tl.constexpr, TRACE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Program: tasks in increasing order until none is left (the module's docstring)."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
@@ -271,44 +291,28 @@ if triton is not None:
                     )
                     _count(counters + 1)
             elif task < routers + gate_ups:
-                _wait(counters + 1, routers + 1)
-                if TRACE:
-                    t1 = _now()
-                t = task - routers
-                _gate_up_task(
-                    x,
-                    w13,
-                    act,
-                    top_id,
-                    t // up_tiles,
-                    t % up_tiles,
-                    hidden,
-                    inter,
-                    stride_we,
-                    stride_wn,
-                    BLOCK_N,
-                    BLOCK_K,
-                )
-                _count(counters + 2)
+                # timed out (no route: its experts unknown): no work and no count, so the down tasks
+                # time out too and write NaN
+                if _wait(counters + 1, routers + 1, WAIT_POLLS):
+                    if TRACE:
+                        t1 = _now()
+                    t = task - routers
+                    _gate_up_task(
+                        x, w13, act, top_id, t // up_tiles, t % up_tiles, hidden, inter, stride_we, stride_wn,
+                        BLOCK_N, BLOCK_K,
+                    )  # fmt: skip
+                    _count(counters + 2)
             else:
-                _wait(counters + 2, gate_ups)
-                if TRACE:
-                    t1 = _now()
-                _down_task(
-                    w2,
-                    act,
-                    top_w,
-                    top_id,
-                    out,
-                    task - routers - gate_ups,
-                    hidden,
-                    inter,
-                    stride_de,
-                    stride_dn,
-                    SLOTS,
-                    DOWN_N,
-                    DOWN_K,
-                )
+                tile = task - routers - gate_ups
+                if _wait(counters + 2, gate_ups, WAIT_POLLS):
+                    if TRACE:
+                        t1 = _now()
+                    _down_task(
+                        w2, act, top_w, top_id, out, tile, hidden, inter, stride_de, stride_dn, SLOTS, DOWN_N,
+                        DOWN_K,
+                    )  # fmt: skip
+                else:
+                    _nan_rows(out, tile, hidden, DOWN_N)
             if TRACE:  # [task]: claimed, its wait over, done (globaltimer ns), the program
                 row = trace + task.to(tl.int64) * 4
                 tl.store(row, t0)
