@@ -229,20 +229,25 @@ for step in "$@"; do
                --context-len 1024 --prefill-len 4096 --decode-steps 4 > $OUT/pf4096_${v}_$i.log; grep "^prefill" $OUT/pf4096_${v}_$i.log
            done; use_entries own ;;
     persistent-moe) # thirty-first session (~4 min; carry .gpu/fi, .gpu/base, .gpu/kc.txz): one token's MoE block as one
-           # persistent launch (common/models/persistent_moe.py, not in the engine) against the engine's five launches,
+           # persistent launch (common/models/persistent_moe.py; in the engine behind DISAGG_PERSISTENT_MOE=1) against the five,
            # Qwen3-30B-A3B and V2-Lite shapes: its GPU tests (eager, graphed), then the bench's table
-           timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_persistent_moe.py > $OUT/pmoe_tests.log 2>&1
-           tail -3 $OUT/pmoe_tests.log
+           timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_persistent_moe.py -k gpu_block \
+             > $OUT/pmoe_tests.log 2>&1; tail -3 $OUT/pmoe_tests.log
            timeout ${PMOE_T:-300} python3 -m disagg.common.bench.persistent_moe ${PMOE_ARGS:-} 2>&1 | grep -v "WARN" \
              | tee $OUT/pmoe_bench.log | tail -40 ;;
-    persistent-ab) # after persistent-moe (~7 min): the engine at batch 1 with the persistent block off and on
-           # (DISAGG_PERSISTENT_MOE), alternating fresh processes, Qwen3-30B-A3B and DeepSeek-V2-Lite (PAB_MODELS)
+    persistent-ab) # after persistent-moe (~6 min a model: one call each): the engine at batch 1 with the persistent block
+           # off and on (DISAGG_PERSISTENT_MOE), alternating fresh processes; PAB_MODELS (default Qwen3-30B-A3B; then
+           # DeepSeek-V2-Lite in a call of its own)
            a="--load-format dummy --context-len 1024 --decode-steps 16 --batch-sizes 1 --prefill-len 512"
-           for m in ${PAB_MODELS:-Qwen3-30B-A3B DeepSeek-V2-Lite}; do for p in 0 1 0 1; do i=$((${i:-0} + 1))
+           for m in ${PAB_MODELS:-Qwen3-30B-A3B}; do for p in 0 1 0 1; do i=$((${i:-0} + 1))
              echo "--- $m persistent $p ($(date +%T))"
              DISAGG_PERSISTENT_MOE=$p T=${PAB_T:-90} bench --model-path $m $a > $OUT/pab_${p}_$i.log
              grep -A2 "^kind\|Error" $OUT/pab_${p}_$i.log
            done; done ;;
+    persistent-test) # the engine's tokens with the persistent block off and on under CUDA graphs (a tiny model:
+           # FlashInfer may build its head-dim-64 kernels first, a few minutes without a cache holding them)
+           timeout ${PAB_TEST_T:-200} python3 -m pytest -q -p no:cacheprovider tests/test_persistent_moe.py -k gpu_engine \
+             > $OUT/pab_tests.log 2>&1; tail -3 $OUT/pab_tests.log ;;
     chunk-ab) # thirty-first session (~5 min a model; CHUNK_MODELS, default Qwen3-30B-A3B): the split-KV decode's chunks
            # rounded up to BLOCK_N tokens (as checked in) against ceil(kv_len / num_splits) alone (the "unrounded" copy:
            # sed on decode_attention.py; a batch-1 request just past 1024 tokens then gets 64 chunks of 17 tokens
