@@ -256,3 +256,25 @@ def test_gpu_engine_with_the_persistent_block_under_cuda_graphs(tmp_path, monkey
         finally:
             engine.shutdown()
     assert_logprobs_close(*outs)
+
+
+def test_resident_programs_counts_what_an_sm_holds(monkeypatch):
+    """The static grid's size: registers (allocated 256 a warp), threads and shared memory of one SM,
+    times the SMs (made-up device properties and compiled kernels)."""
+    from types import SimpleNamespace
+
+    from disagg.common.models import persistent_moe as P
+
+    props = SimpleNamespace(multi_processor_count=132, regs_per_multiprocessor=65536,
+                            max_threads_per_multi_processor=2048, shared_memory_per_multiprocessor=233472)  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+
+    def kernel(regs, warps, shared):
+        return SimpleNamespace(n_regs=regs, metadata=SimpleNamespace(num_warps=warps, shared=shared),
+                               _init_handles=lambda: None)  # fmt: skip
+
+    assert P.resident_programs(kernel(128, 8, 0), "cuda") == 132 * 2  # 65536 / (128 * 32 * 8)
+    assert P.resident_programs(kernel(100, 4, 0), "cuda") == 132 * 4  # 100 -> 104 a thread (3328 a warp)
+    assert P.resident_programs(kernel(32, 4, 0), "cuda") == 132 * 16  # threads: 2048 / 128
+    assert P.resident_programs(kernel(32, 4, 100_000), "cuda") == 132 * 2  # shared memory
+    assert P.resident_programs(kernel(255, 32, 0), "cuda") == 132  # at least one

@@ -123,19 +123,28 @@ def run_shape(name: str, args, copy_gb_s: float, gen: torch.Generator) -> None:
     fns = [("chain (engine)", 0, functools.partial(chain, shape))]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for blocks in VARIANTS:
-        for programs in (int(p) or sms for p in args.programs.split(",")):
-            if not blocks.get("dynamic", True) and programs > sms:
-                continue  # static tasks: a program not resident would hold a task others wait on
+        grids = [int(p) or sms for p in args.programs.split(",")]
+        if not blocks.get("dynamic", True):  # static tasks: a program not resident would hold a task others
+            grids = [sms, -1]  # wait on; -1: as many programs as the GPU holds at once (resident_programs)
+        for programs in grids:
             scratch = new_scratch(shape[0], shape[3] + shape[6], shape[2], torch.device("cuda"))
             fns.append((f"persistent {blocks or 'default'}", programs,
                         functools.partial(persistent, shape, programs, blocks, scratch)))  # fmt: skip
     for label, programs, fn in fns:
-        err = check(shape, layers[0], fn)
-        us = graph_us_per_layer(fn, layers)
-        kernels = kernels_per_call(functools.partial(fn, layers[0]))
-        print(f"{label} | {programs or '-'} | {us:.2f} | {kernels} | {100 * floor_us / us:.1f}% | {err:.1e}")
+        grid = {0: "-", -1: "resident"}.get(programs, programs)
+        try:  # NOTE: one variant's failure (a launch that does not build, say) is a row, not the end
+            err = check(shape, layers[0], fn)
+            us = graph_us_per_layer(fn, layers)
+            kernels = kernels_per_call(functools.partial(fn, layers[0]))
+        except Exception as e:  # noqa: BLE001 - reported in the table
+            print(f"{label} | {grid} | failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        print(f"{label} | {grid} | {us:.2f} | {kernels} | {100 * floor_us / us:.1f}% | {err:.1e}")
     for programs in (int(p) or sms for p in args.programs.split(",")):
-        trace_report(shape, layers[0], programs, {})
+        try:
+            trace_report(shape, layers[0], programs, {})
+        except Exception as e:  # noqa: BLE001 - reported
+            print(f"  trace ({programs} programs) failed: {type(e).__name__}: {str(e)[:200]}")
 
 
 def main() -> None:
