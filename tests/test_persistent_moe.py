@@ -45,6 +45,20 @@ INTERPRETED = textwrap.dedent(
     check(12, 80, 40, 3, 2, False, 2.5, 3, True, small)   # V2-style: no renormalisation, scaling, 2 shared
     check(6, 100, 24, 2, 1, True, 1.0, 2, True, small)    # no block divides E, H or I
 
+    # with the post-attention norm: x is the attention's delta; the residual becomes delta + residual
+    for programs in (1, 3):
+        g = torch.Generator().manual_seed(programs)
+        x, res = torch.randn(1, 80, generator=g), torch.randn(1, 80, generator=g)
+        nw = torch.rand(80, generator=g) + 0.5
+        rw = torch.randn(12, 80, generator=g) / 9
+        w13, w2 = torch.randn(13, 80, 80, generator=g) / 9, torch.randn(13, 80, 40, generator=g) / 6
+        want, want_res = reference(x, rw, w13, w2, 3, True, 1.0, 1, residual=res, norm_weight=nw, eps=1e-5)
+        residual = res.clone()
+        got = persistent_moe(x, rw, w13, w2, 3, True, 1.0, 1, programs=programs, blocks=small,
+                             residual=residual, norm_weight=nw, eps=1e-5)
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
+        assert torch.allclose(residual, want_res, rtol=0, atol=1e-6)
+
     # a stage that never finishes (counters left wrong): the waits give up, the rows are NaN, the
     # counters end zero and the next launch is right
     import disagg.common.models.persistent_moe as P
@@ -92,7 +106,8 @@ ENGINE = textwrap.dedent(
     }
     launches = []
     run = P.persistent_moe
-    P.persistent_moe = lambda *a, **kw: launches.append(kw.get("scratch")) or run(*a, **kw)
+    # each launch: whether it normed its input itself (the decoder layer's post-attention norm)
+    P.persistent_moe = lambda *a, **kw: launches.append(kw.get("residual") is not None) or run(*a, **kw)
     import disagg.common.models.moe as M
     M.persistent_moe = P.persistent_moe
     for family, path in paths.items():
@@ -103,6 +118,7 @@ ENGINE = textwrap.dedent(
                 out = engine.generate([prompt], {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True})
                 assert out[0]["output_ids"] == hf_greedy(path, prompt, 8), family
                 assert len(launches) - before >= 7 * 2, (family, len(launches) - before)  # 7+ steps x 2 layers
+                assert all(launches[before:]), family  # each with the norm: no add-RMSNorm launch of its own
             if family == "qwen3_moe":  # a layer's counters left wrong: that request ends with the
                 # sampler's numerical error after its first token (its prefill's), the next is right
                 P.WAIT_POLLS = 4
@@ -161,8 +177,10 @@ def test_reference_is_the_engines_moe_layer(renormalize, shared):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dynamic,trace", [(True, False), (False, False), (True, True)])
-def test_block_compiles_for_hopper_with_its_ordering(dynamic, trace):
+@pytest.mark.parametrize(
+    "dynamic,trace,norm", [(True, False, False), (False, False, True), (True, True, True)]
+)
+def test_block_compiles_for_hopper_with_its_ordering(dynamic, trace, norm):
     """sm_90 PTX: the waits are acquire loads, the counts acquire-release atomics (the stages' stores
     visible to the next stage), and the produced data is read through L2 (.cg); the bench's trace
     reads the global timer."""
@@ -171,11 +189,12 @@ def test_block_compiles_for_hopper_with_its_ordering(dynamic, trace):
 
     from tests.conftest import compile_for_hopper
 
-    types = {n: "*bf16" for n in ("x", "router_w", "w13", "w2", "out")}
+    types = {n: "*bf16" for n in ("x", "router_w", "w13", "w2", "out", "delta", "residual", "norm_w")}
     types.update(logits="*fp32", act="*fp32", top_w="*fp32", top_id="*i32", counters="*i32", trace="*i64")
-    types["scaling"] = "fp32"
+    types["scaling"] = types["eps"] = "fp32"
     consts = dict(K=8, SHARED=0, K_POW2=8, E_POW2=128, RENORMALIZE=True, DYNAMIC=dynamic, BLOCK_E=4,
-                  ROUTER_K=2048, BLOCK_N=16, BLOCK_K=512, DOWN_N=8, DOWN_K=1024, TRACE=trace)  # fmt: skip
+                  ROUTER_K=2048, BLOCK_N=16, BLOCK_K=512, DOWN_N=8, DOWN_K=1024, NORM=norm, TRACE=trace,
+                  WAIT_POLLS=1 << 22)  # fmt: skip
     ptx = compile_for_hopper(_moe_block_kernel, types, consts).asm["ptx"]
     assert re.search(r"ld\.global\.gpu\.acquire", ptx) or re.search(r"atom\.global\.gpu\.acquire", ptx)
     assert "atom.global.gpu.acq_rel.add" in ptx

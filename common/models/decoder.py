@@ -161,10 +161,19 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, batch, kv_buffer, backend)
+        if (fused := self._norm_and_mlp(x, residual)) is not None:
+            return fused, residual  # NOTE: residual updated in place by the launch
         x, residual = self.post_attention_layernorm(x, residual)
         if self.gather_mlp:
             return dp_scatter_tokens(self.mlp(dp_gather_tokens(x))), residual
         return self.mlp(x), residual
+
+    def _norm_and_mlp(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
+        """The post-attention norm and the MoE block as one launch where the MoE runs it
+        (DISAGG_PERSISTENT_MOE: moe.py, SparseMoE.persistent_block), else None."""
+        if self.gather_mlp or not getattr(self.mlp, "persistent", False):
+            return None
+        return self.mlp.persistent_block(x, residual, self.post_attention_layernorm)
 
 
 def make_mlp(config, layer_id: int) -> nn.Module:

@@ -248,12 +248,16 @@ class SparseMoE(nn.Module):
         or None."""
         return self.renormalize, 1.0, 0
 
-    def persistent_block(self, x: torch.Tensor) -> torch.Tensor | None:
+    def persistent_block(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, norm: nn.Module | None = None
+    ) -> torch.Tensor | None:
         """One token's whole block (router GEMV, top-k, the experts) as one persistent launch
         (common/models/persistent_moe.py), or None where it does not compute what this layer does: it
         needs one token on a GPU (or in Triton's interpreter: the CPU tests), every expert local,
         unsplit and unreplicated (no EP, no MoE TP, no EPLB, no all-to-all), experts in x's dtype (no
-        FP8), the routing persistent_routing names, no token counts."""
+        FP8), the routing persistent_routing names, no token counts. With `residual` and `norm` (the
+        decoder layer's post-attention RMSNorm) x is the attention's output: the launch norms
+        x + residual itself and leaves that sum in `residual` (in place, as the fused add-RMSNorm)."""
         if not self.persistent:  # the default: one attribute read a layer
             return None
         routing = self.persistent_routing()
@@ -269,6 +273,7 @@ class SparseMoE(nn.Module):
             or self.moe_tp != 1
             or self.experts.scales is not None
             or w13.dtype != x.dtype
+            or not (residual is None or (x.is_contiguous() and residual.is_contiguous()))
         ):
             return None
         renormalize, scaling, shared = routing
@@ -280,7 +285,8 @@ class SparseMoE(nn.Module):
             )
         return persistent_moe(
             x, self.gate.weight, w13, w2, self.top_k, renormalize, scaling, shared,
-            scratch=self._persistent_scratch,
+            scratch=self._persistent_scratch, residual=residual,
+            norm_weight=None if norm is None else norm.weight, eps=1e-6 if norm is None else norm.eps,
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,9 @@ def persistent_moe(
     blocks: dict | None = None,
     scratch: dict | None = None,
     trace: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """softmax top-k routing of x [1, H] over router_w [E, H], then sum over the k slots (and
     `shared` more slots: experts E, E + 1, ... of w13 / w2, weight 1) of weight * w2[e] @
@@ -81,7 +84,11 @@ def persistent_moe(
     Returns [1, H] in x's dtype. programs: the grid (default: the SM count; 1 under the interpreter
     unless asked; -1: as many as the GPU holds at once, resident_programs). scratch: the buffers of an earlier call (CUDA graphs: the counters must persist).
     trace (GPU only; the bench): int64 [tasks, 4] filled with each task's claim, end of wait and end
-    (the GPU's global timer, ns) and program (num_tasks gives the row count)."""
+    (the GPU's global timer, ns) and program (num_tasks gives the row count).
+    residual, norm_weight: x is the attention's output delta [1, H]: the block's input is
+    rms_norm(x + residual) * norm_weight (the decoder layer's post-attention norm, done by the router
+    tasks: no launch of its own), and residual becomes x + residual in place, as FlashInfer's fused
+    add-RMSNorm leaves it."""
     if x.shape[0] != 1:
         raise ValueError(f"persistent_moe runs one token, got {x.shape[0]}")
     (num_experts, hidden), inter = router_w.shape, w2.shape[2]
@@ -90,9 +97,14 @@ def persistent_moe(
     down_k = b["DOWN_K"] or (triton.next_power_of_2(inter) if inter <= 1024 else 512)
     s = scratch if scratch is not None else new_scratch(num_experts, slots, inter, x.device)
     out = torch.empty_like(x)
+    norm = residual is not None
+    if norm and (s["x"] is None or s["x"].shape != x.shape or s["x"].dtype != x.dtype):
+        s["x"] = torch.empty_like(x)
+    delta, x = (x, s["x"]) if norm else (x, x)  # with the norm: x is the normed input the kernel writes
     args = (
         x, router_w, w13, w2, out, s["logits"], s["act"], s["top_w"], s["top_id"], s["counters"],
         s["counters"] if trace is None else trace,
+        delta, residual if norm else x, norm_weight if norm else x, float(eps),
         num_experts, hidden, inter, router_w.stride(0), w13.stride(0), w13.stride(1), w2.stride(0), w2.stride(1),
         float(scaling),
     )  # fmt: skip
@@ -100,7 +112,7 @@ def persistent_moe(
         K=top_k, SHARED=shared, K_POW2=triton.next_power_of_2(slots), E_POW2=triton.next_power_of_2(num_experts),
         RENORMALIZE=renormalize, DYNAMIC=dynamic, BLOCK_E=b["BLOCK_E"], ROUTER_K=triton.next_power_of_2(hidden),
         BLOCK_N=b["BLOCK_N"], BLOCK_K=b["BLOCK_K"], DOWN_N=b["DOWN_N"], DOWN_K=down_k, WAIT_POLLS=WAIT_POLLS,
-        TRACE=trace is not None, num_warps=b["num_warps"], **pdl_args(x.device),
+        NORM=norm, TRACE=trace is not None, num_warps=b["num_warps"], **pdl_args(x.device),
     )  # fmt: skip
     if programs < 0:  # every program resident at once (the bench's static assignment)
         programs = resident_programs(_moe_block_kernel.warmup(*args, grid=(1,), **meta), x.device)
@@ -135,9 +147,12 @@ def num_tasks(num_experts: int, hidden: int, inter: int, slots: int, blocks: dic
 
 def new_scratch(num_experts: int, slots: int, inter: int, device: torch.device) -> dict:
     """The launch's buffers: logits [E], slots' weights / experts [slots], activations [slots, I]
-    (float32), and the counters (zeroed once here; each launch leaves them zero)."""
+    (float32), the normed input when the launch norms it (x's shape and dtype: made at its first such
+    launch; written before it is read, each launch), and the counters (zeroed once here; each launch
+    leaves them zero)."""
     f32 = dict(dtype=torch.float32, device=device)
     return dict(
+        x=None,
         logits=torch.empty(num_experts, **f32),
         act=torch.empty(slots, inter, **f32),
         top_w=torch.empty(slots, **f32),
@@ -146,8 +161,17 @@ def new_scratch(num_experts: int, slots: int, inter: int, device: torch.device) 
     )
 
 
-def reference(x, router_w, w13, w2, top_k: int, renormalize: bool, scaling: float = 1.0, shared: int = 0):
-    """The same block in float32 torch: the result persistent_moe must give (to rounding)."""
+def reference(
+    x, router_w, w13, w2, top_k: int, renormalize: bool, scaling: float = 1.0, shared: int = 0,
+    residual=None, norm_weight=None, eps: float = 1e-6,
+):  # fmt: skip
+    """The same block in float32 torch: the result persistent_moe must give (to rounding). With
+    `residual`: (the block of rms_norm(x + residual) * norm_weight, x + residual), residual untouched."""
+    if residual is not None:
+        summed = x.float() + residual.float()
+        normed = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+        block = reference(normed.to(x.dtype), router_w, w13, w2, top_k, renormalize, scaling, shared)
+        return block, summed.to(residual.dtype)
     x32 = x.float()[0]
     # the logits rounded to the gate's dtype, as nn.Linear and the engine's router GEMV store them
     p = torch.softmax((router_w.float() @ x32).to(router_w.dtype).float(), -1)
@@ -224,13 +248,24 @@ if triton is not None:
         tl.store(top_id + slots, ids, mask=slots < K + SHARED)
 
     @triton.jit
-    def _router_task(x, router_w, logits, tile, num_experts, hidden, stride_re,
+    def _normed_x(delta, residual, norm_w, eps, hidden, x_dtype: tl.constexpr, ROUTER_K: tl.constexpr):
+        """(rms_norm(delta + residual) * norm_w rounded to x_dtype, delta + residual): FlashInfer's fused
+        add-RMSNorm in float32, one rounding."""
+        cols = tl.arange(0, ROUTER_K)
+        summed = tl.load(delta + cols, mask=cols < hidden, other=0.0).to(tl.float32)
+        summed += tl.load(residual + cols, mask=cols < hidden, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(summed * summed, axis=0) / hidden + eps)
+        w = tl.load(norm_w + cols, mask=cols < hidden, other=0.0).to(tl.float32)
+        return (summed * rstd * w).to(x_dtype), summed
+
+    @triton.jit
+    def _router_task(xv, router_w, logits, tile, num_experts, hidden, stride_re,
                      BLOCK_E: tl.constexpr, ROUTER_K: tl.constexpr):  # fmt: skip
-        """logits[tile's BLOCK_E experts] = router_w rows . x (float32 sums), the rows loaded at once
-        (ROUTER_K >= hidden: the route waits on the slowest router task)."""
+        """logits[tile's BLOCK_E experts] = router_w rows . x (xv: [ROUTER_K] in x's dtype; float32
+        sums), the rows loaded at once (ROUTER_K >= hidden: the route waits on the slowest router task)."""
+        xv = xv.to(tl.float32)
         rows = tile * BLOCK_E + tl.arange(0, BLOCK_E)
         cols = tl.arange(0, ROUTER_K)
-        xv = tl.load(x + cols, mask=cols < hidden, other=0.0).to(tl.float32)
         mask = (rows[:, None] < num_experts) & (cols[None, :] < hidden)
         w = tl.load(router_w + rows[:, None].to(tl.int64) * stride_re + cols[None, :], mask=mask, other=0.0)
         acc = tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
@@ -249,7 +284,7 @@ if triton is not None:
         acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
         for k0 in range(0, hidden, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            xv = tl.load(x + cols, mask=cols < hidden, other=0.0).to(tl.float32)
+            xv = tl.load(x + cols, mask=cols < hidden, other=0.0, cache_modifier=".cg").to(tl.float32)
             mask = (rows[:, None] < inter) & (cols[None, :] < hidden)
             acc_g += tl.sum(
                 tl.load(gate_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32) * xv[None, :], 1
@@ -282,12 +317,12 @@ if triton is not None:
 
     @triton.jit
     def _moe_block_kernel(
-        x, router_w, w13, w2, out, logits, act, top_w, top_id, counters, trace,
+        x, router_w, w13, w2, out, logits, act, top_w, top_id, counters, trace, delta, residual, norm_w, eps,
         num_experts, hidden, inter, stride_re, stride_we, stride_wn, stride_de, stride_dn, scaling,
         K: tl.constexpr, SHARED: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr,
         RENORMALIZE: tl.constexpr, DYNAMIC: tl.constexpr, BLOCK_E: tl.constexpr, ROUTER_K: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOWN_N: tl.constexpr, DOWN_K: tl.constexpr,
-        WAIT_POLLS: tl.constexpr, TRACE: tl.constexpr, PDL: tl.constexpr,
+        NORM: tl.constexpr, WAIT_POLLS: tl.constexpr, TRACE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Program: tasks in increasing order until none is left (the module's docstring)."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
@@ -305,9 +340,19 @@ if triton is not None:
                 t0 = _now()
                 t1 = t0
             if task < routers:
-                _router_task(x, router_w, logits, task, num_experts, hidden, stride_re, BLOCK_E, ROUTER_K)
+                cols = tl.arange(0, ROUTER_K)
+                if NORM:  # every router task norms x itself: no stage before it
+                    xv, summed = _normed_x(delta, residual, norm_w, eps, hidden, x.dtype.element_ty, ROUTER_K)
+                else:
+                    xv = tl.load(x + cols, mask=cols < hidden, other=0.0)
+                _router_task(xv, router_w, logits, task, num_experts, hidden, stride_re, BLOCK_E, ROUTER_K)
                 if _count(counters + 1) == routers - 1:
-                    # the last router task (every other one's logits visible): route, then count once more
+                    # the last router task (every other one's logits visible, and every router task done
+                    # reading the residual): the normed x for the gate/up tasks and the new residual, in
+                    # place (as FlashInfer's fused add-RMSNorm), the route, then one more count
+                    if NORM:
+                        tl.store(x + cols, xv, mask=cols < hidden)
+                        tl.store(residual + cols, summed.to(residual.dtype.element_ty), mask=cols < hidden)
                     _route(
                         logits, top_w, top_id, num_experts, scaling, K, SHARED, K_POW2, E_POW2, RENORMALIZE
                     )
