@@ -231,6 +231,16 @@ def test_gpu_block_equals_reference_eager_and_graphed(name):
     for programs in (sms, 2 * sms):
         for layer in layers:
             assert rel_err(run(layer, programs=programs), layer) < 2e-2
+    # with the post-attention norm (the engine's launch); the residual along x and unit weights keep
+    # the normed input's logits apart (the interpreter test has random ones)
+    layer = layers[0]
+    residual = (layer["x"].float() * 0.5).bfloat16()
+    norm_w = torch.ones(H, device="cuda", dtype=torch.bfloat16)
+    want, want_res = reference(layer["x"], layer["router_w"], layer["w13"], layer["w2"], K, renorm, scaling,
+                               shared, residual=residual, norm_weight=norm_w)  # fmt: skip
+    got = run(layer, residual=residual, norm_weight=norm_w)
+    assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < 2e-2
+    assert torch.equal(residual, want_res)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outs = [run(layer) for layer in layers]

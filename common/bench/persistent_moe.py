@@ -1,5 +1,6 @@
-"""One token's MoE block on the GPU: the engine's chain (router GEMV, fused top-k, gate/up and down
-GEMVs: common/models/fused_moe.py, PDL as the engine launches them) against the one persistent launch
+"""One token's post-attention norm and MoE block on the GPU: the engine's chain (FlashInfer's fused
+add-RMSNorm, router GEMV, fused top-k, gate/up and down GEMVs: common/models/fused_moe.py, PDL as the
+engine launches them) against the one persistent launch
 (common/models/persistent_moe.py) at several grids and block sizes, each as a CUDA graph of `--layers`
 blocks with distinct weights (L2 holds none between blocks), as a decode step runs them. Prints µs a
 block, kernels a block, and each figure's share of the block's bytes at the copy rate measured in the
@@ -17,8 +18,10 @@ import functools
 import torch
 from disagg.common.bench.offline import graph_us_per_layer, kernels_per_call, measure_ceilings
 from disagg.common.models.fused_moe import fused_experts, fused_topk, moe_config, router_logits
+from disagg.common.models.kernels import add_rms_norm
 from disagg.common.models.persistent_moe import new_scratch, num_tasks, persistent_moe, reference
 
+EPS = 1e-6  # the norm's epsilon (Qwen3-30B-A3B's rms_norm_eps)
 # name: (routed experts, hidden, expert intermediate, top-k, renormalize, scaling, shared slots)
 SHAPES = {
     "qwen3-30b-a3b": (128, 2048, 768, 8, True, 1.0, 0),
@@ -48,7 +51,9 @@ def make_layer(shape: tuple, gen: torch.Generator) -> dict:
     x32 = x.float()[0]
     spaced = (torch.randperm(num_experts, generator=gen, device="cuda") - num_experts / 2).float() * 0.1
     return dict(
-        x=x,
+        x=x,  # the attention's output (the norm's input; FlashInfer's fused norm overwrites it)
+        residual=torch.zeros_like(x),  # NOTE: zero residual and unit weights: the normed input keeps x's
+        norm_w=torch.ones(hidden, device="cuda", dtype=torch.bfloat16),  # direction, its logits apart
         router_w=(spaced[:, None] * x32[None, :] / x32.dot(x32)).bfloat16(),
         w13=rand(num_experts + shared, 2 * inter, hidden),
         w2=rand(num_experts + shared, hidden, inter),
@@ -56,38 +61,44 @@ def make_layer(shape: tuple, gen: torch.Generator) -> dict:
 
 
 def chain(shape: tuple, layer: dict) -> torch.Tensor:
-    """SparseMoE / DeepseekMoE's decode path at one token: three Triton launches and the GEMVs'."""
+    """The decoder layer's post-attention add-RMSNorm (FlashInfer's, in place), then SparseMoE /
+    DeepseekMoE's decode path at one token: three Triton launches and the GEMVs'."""
     num_experts, hidden, inter, top_k, renormalize, scaling, shared = shape
-    logits = router_logits(layer["x"], layer["router_w"])
+    x, _ = add_rms_norm(layer["x"], layer["residual"], layer["norm_w"], EPS)
+    logits = router_logits(x, layer["router_w"])
     weights, ids = fused_topk(logits, top_k, renormalize, scaling, shared)
     config = moe_config(num_experts, inter, hidden)
-    return fused_experts(layer["x"], layer["w13"], layer["w2"], weights, ids, config, foreign=False)
+    return fused_experts(x, layer["w13"], layer["w2"], weights, ids, config, foreign=False)
 
 
 def persistent(
     shape: tuple, programs: int, blocks: dict, scratch: dict, layer: dict, trace: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The block as one launch; `blocks` may hold "dynamic": False (static task assignment)."""
+    """The norm and the block as one launch, as the engine runs it; `blocks` may hold "dynamic": False
+    (static task assignment)."""
     _, _, _, top_k, renormalize, scaling, shared = shape
     sizes = {k: v for k, v in blocks.items() if k != "dynamic"}
     return persistent_moe(
         layer["x"], layer["router_w"], layer["w13"], layer["w2"], top_k, renormalize, scaling, shared,
         programs=programs, dynamic=blocks.get("dynamic", True), blocks=sizes, scratch=scratch, trace=trace,
+        residual=layer["residual"], norm_weight=layer["norm_w"], eps=EPS,
     )  # fmt: skip
 
 
 def block_bytes(shape: tuple) -> int:
-    """The bytes one token's block must read: the router's rows, each slot's gate/up and down rows."""
+    """The bytes one token's norm and block must read: the norm's weight, the router's rows, each
+    slot's gate/up and down rows (bf16)."""
     num_experts, hidden, inter, top_k, _, _, shared = shape
-    return 2 * (num_experts * hidden + (top_k + shared) * 3 * inter * hidden)
+    return 2 * (hidden + num_experts * hidden + (top_k + shared) * 3 * inter * hidden)
 
 
 def check(shape: tuple, layer: dict, fn) -> float:
     """The largest difference from the float32 reference, over its largest value."""
     _, _, _, top_k, renormalize, scaling, shared = shape
-    want = reference(
-        layer["x"], layer["router_w"], layer["w13"], layer["w2"], top_k, renormalize, scaling, shared
-    )
+    want, _ = reference(
+        layer["x"], layer["router_w"], layer["w13"], layer["w2"], top_k, renormalize, scaling, shared,
+        residual=layer["residual"], norm_weight=layer["norm_w"], eps=EPS,
+    )  # fmt: skip
     got = fn(layer)
     return ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
 
