@@ -36,8 +36,8 @@ from pathlib import Path
 #   DISAGG_PDL              1 (default): the Triton kernels launch with Programmatic Dependent Launch on Hopper
 #                           or newer (common/models/pdl.py; the H200 A/B of docs/benchmarks.md, eleventh
 #                           session) | 0: plain launches
-#   DISAGG_PERSISTENT_MOE   0 (default) | 1: a decode batch of one token runs each MoE block (router, top-k, experts)
-#                           as one persistent launch where it applies (common/models/persistent_moe.py; A/B runs)
+#   DISAGG_PERSISTENT_MOE   0 (default) | 1: a decode batch of one token runs each layer's post-attention norm and MoE
+#                           block as one persistent launch where it applies (common/models/persistent_moe.py; A/B runs)
 #   DISAGG_GIL_SWITCH_INTERVAL_MS  Python's switch interval in a process with a transfer engine (default 0.2;
 #                           Python's own is 5): the longest its UCX loop thread waits for the GIL beside a busy
 #                           scheduler thread (transfer/ucx.py; A/B runs)

@@ -1,13 +1,15 @@
 """One token's whole MoE block (router GEMV, softmax top-k, gate/up GEMV with SiLU·mul, down GEMV
-with the routing-weight combine) as ONE persistent Triton launch: an experiment, in the engine only
-behind DISAGG_PERSISTENT_MOE=1 (off by default: moe.py, SparseMoE.persistent_block) until a GPU
-measures it (common/bench/persistent_moe.py times it against the engine's chain of five launches).
+with the routing-weight combine), optionally with the decoder layer's post-attention add-RMSNorm
+before it, as ONE persistent Triton launch: an experiment, in the engine only behind
+DISAGG_PERSISTENT_MOE=1 (off by default: moe.py, SparseMoE.persistent_block) until a GPU measures it
+(common/bench/persistent_moe.py times it against the engine's chain of six launches).
 
-Why: at batch 1 a decode step is launch-bound. On an H200 a Qwen3-30B-A3B layer's MoE is five
-launches (router 2.0, top-k 2.1, gate/up 15.7, down 8.5, sum 1.3 µs, PDL off) for 18.3 µs of bytes,
-and every fusion of two launches into one tried so far lost in the engine (docs/benchmarks.md). A
-persistent launch keeps the five stages' parallelism (each stage is many small tasks, as the
-separate grids were) and replaces the four kernel boundaries by counters in global memory.
+Why: at batch 1 a decode step is launch-bound. On an H200 a Qwen3-30B-A3B layer's norm and MoE are
+six launches (add-RMSNorm 2.6, router 2.0, top-k 2.1, gate/up 15.7, down 8.5, sum 1.3 µs, PDL off)
+for 18.3 µs of bytes, and every fusion of two launches into one tried so far lost in the engine
+(docs/benchmarks.md). A persistent launch keeps the stages' parallelism (each stage is many small
+tasks, as the separate grids were) and replaces the kernel boundaries by counters in global memory;
+the norm needs no stage of its own (every router task norms the token itself).
 
 How: the stages' tasks are numbered in stage order, [router tiles | gate/up tiles | down tiles];
 each program takes tasks in increasing order (DYNAMIC: the next ticket of an atomic counter; else
