@@ -220,8 +220,9 @@ def pdl_requested() -> bool:
 
 
 def persistent_moe_requested() -> bool:
-    """DISAGG_PERSISTENT_MOE: 0 (default) | 1: one token's MoE block as one persistent launch where it
-    applies (common/models/moe.py, SparseMoE.persistent_routing; an experiment, not measured yet)."""
+    """DISAGG_PERSISTENT_MOE: 0 (default) | 1: one token's post-attention norm and MoE block as one
+    persistent launch where it applies (common/models/moe.py, SparseMoE.persistent_block; an
+    experiment, not measured yet)."""
     return _switch("DISAGG_PERSISTENT_MOE", False)
 
 
