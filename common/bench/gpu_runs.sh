@@ -228,12 +228,13 @@ for step in "$@"; do
              echo "--- $v $i ($(date +%T))"; T=70 bench --model-path DeepSeek-V2-Lite --load-format dummy --batch-sizes 1 \
                --context-len 1024 --prefill-len 4096 --decode-steps 4 > $OUT/pf4096_${v}_$i.log; grep "^prefill" $OUT/pf4096_${v}_$i.log
            done; use_entries own ;;
-    persistent-moe) # thirty-first session (~4 min; carry .gpu/fi, .gpu/base, .gpu/kc.txz): one token's MoE block as one
-           # persistent launch (common/models/persistent_moe.py; in the engine behind DISAGG_PERSISTENT_MOE=1) against the five,
-           # Qwen3-30B-A3B and V2-Lite shapes: its GPU tests (eager, graphed), then the bench's table
+    persistent-moe) # thirty-first session (~6-8 min; carry .gpu/fi, .gpu/base, .gpu/kc.txz): one token's post-attention
+           # norm and MoE block as one persistent launch (common/models/persistent_moe.py; in the engine behind
+           # DISAGG_PERSISTENT_MOE=1) against the engine's six, Qwen3-30B-A3B and V2-Lite shapes: its GPU tests (eager,
+           # graphed), then the bench's table and traces (python -u: the rows printed so far kept if the timeout cuts it)
            timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_persistent_moe.py -k gpu_block \
              > $OUT/pmoe_tests.log 2>&1; tail -3 $OUT/pmoe_tests.log
-           timeout ${PMOE_T:-300} python3 -m disagg.common.bench.persistent_moe ${PMOE_ARGS:-} 2>&1 | grep -v "WARN" \
+           timeout ${PMOE_T:-420} python3 -u -m disagg.common.bench.persistent_moe ${PMOE_ARGS:-} 2>&1 | grep -v "WARN" \
              | tee $OUT/pmoe_bench.log | tail -40 ;;
     persistent-ab) # after persistent-moe (~6 min a model: one call each): the engine at batch 1 with the persistent block
            # off and on (DISAGG_PERSISTENT_MOE), alternating fresh processes; PAB_MODELS (default Qwen3-30B-A3B; then
