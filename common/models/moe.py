@@ -278,8 +278,8 @@ class SparseMoE(nn.Module):
             return None
         renormalize, scaling, shared = routing
         if self._persistent_scratch is None:  # the counters start zeroed; each launch leaves them so
-            if capturing(x):  # NOTE: zeroed at replay only: an eager launch before it would wait forever
-                return None  # (the graph runners' eager warm-up makes it first; this is a safety net)
+            if capturing(x):  # NOTE: a capture's zeros are written at replay: an eager launch before
+                return None  # would find them unset (the graph runners' eager warm-up makes it first)
             self._persistent_scratch = new_scratch(
                 self.num_experts, self.top_k + shared, w2.shape[2], x.device
             )
