@@ -1,9 +1,12 @@
-"""The persistent MoE block (common/models/persistent_moe.py, an experiment beside the engine) gives
-the MoE layer's output for one token: its float32 reference is SparseMoE's own routing and experts on
-the CPU; the kernel matches the reference in Triton's CPU interpreter (one program doing every task,
-several taking them by ticket, static assignment; shapes that no block divides; shared slots; the
-counters left zero for the next launch), compiles for sm_90 with the memory ordering its stages rely
-on, and on a GPU matches at the benchmark's shapes, eager and replayed in a CUDA graph."""
+"""The persistent MoE block (common/models/persistent_moe.py; the engine's DISAGG_PERSISTENT_MOE=1)
+gives the MoE layer's output for one token: its float32 reference is SparseMoE's own routing and
+experts on the CPU; the kernel matches the reference in Triton's CPU interpreter (one program doing
+every task, several taking them by ticket, static assignment; shapes that no block divides; shared
+slots; the post-attention norm inside; the counters left zero for the next launch; a stage that never
+finishes ends in NaN rows within a bound), compiles for sm_90 with the memory ordering its stages rely
+on, and the engine with it gives transformers' tokens (interpreter) and ends a faulted request with a
+typed error; on a GPU it matches at the benchmark's shapes, eager and in a CUDA graph, and the engine's
+tokens stay those of the launches it replaces."""
 
 from __future__ import annotations
 
