@@ -134,7 +134,7 @@ def run_shape(name: str, args, copy_gb_s: float, gen: torch.Generator) -> None:
     fns = [("chain (engine)", 0, functools.partial(chain, shape))]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for blocks in VARIANTS:
-        grids = [int(p) or sms for p in args.programs.split(",")]
+        grids = args.grids
         if not blocks.get("dynamic", True):  # static tasks: a program not resident would hold a task others
             grids = [sms, -1]  # wait on; -1: as many programs as the GPU holds at once (resident_programs)
         for programs in grids:
@@ -151,7 +151,7 @@ def run_shape(name: str, args, copy_gb_s: float, gen: torch.Generator) -> None:
             print(f"{label} | {grid} | failed: {type(e).__name__}: {str(e)[:200]}")
             continue
         print(f"{label} | {grid} | {us:.2f} | {kernels} | {100 * floor_us / us:.1f}% | {err:.1e}")
-    for programs in (int(p) or sms for p in args.programs.split(",")):
+    for programs in args.grids:
         try:
             trace_report(shape, layers[0], programs, {})
         except Exception as e:  # noqa: BLE001 - reported
@@ -169,9 +169,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8, help="blocks a graph (distinct weights)")
     args = parser.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    args.programs = ",".join(
-        str(int(p) * sms if 0 < int(p) < 8 else int(p)) for p in args.programs.split(",")
-    )
+    # the grids: 0 the SM count, n < 8 that many programs an SM, else n programs
+    args.grids = [sms if p == 0 else p * sms if p < 8 else p for p in map(int, args.programs.split(","))]
     ceilings = measure_ceilings(torch.device("cuda"), torch.bfloat16)
     print(f"{torch.cuda.get_device_name()} ({sms} SMs); copy {ceilings['copy_gb_s']:.0f} GB/s")
     gen = torch.Generator(device="cuda").manual_seed(0)

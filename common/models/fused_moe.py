@@ -254,8 +254,7 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | No
     slots = triton.cdiv(k, down_split)
     down_split = triton.cdiv(k, slots)  # no program without a slot
     down_bn = cfg.get("DOWN_BLOCK_N", bn)
-    # DOWN_BLOCK_K: the K tile of the down GEMV (a power of 2); untuned, one tile up to 1024 wide, else 512
-    down_bk = cfg.get("DOWN_BLOCK_K") or (triton.next_power_of_2(inter) if inter <= 1024 else 512)
+    down_bk = cfg.get("DOWN_BLOCK_K") or default_down_block_k(inter)
     k_per_split = triton.cdiv(triton.cdiv(inter, cfg.get("DOWN_SPLIT_K", 1)), down_bk) * down_bk
     k_split = triton.cdiv(inter, k_per_split)  # no program without a K tile
     rows = down_split * k_split
@@ -269,6 +268,12 @@ def _gemv_experts(x, w13, w2, weights, ids, cfg: dict, scales: ExpertScales | No
         FP8=fp8, ACT=act, num_warps=cfg.get("DOWN_WARPS", cfg["num_warps"]), **pdl,
     )  # fmt: skip
     return out if rows == 1 else _sum_pairs(out, num_tokens, rows, x.dtype)
+
+
+def default_down_block_k(inter: int) -> int:
+    """The down GEMV's K tile (a power of 2) where no entry gives one: the whole intermediate in one
+    tile up to 1024 wide, else 512."""
+    return triton.next_power_of_2(inter) if inter <= 1024 else 512
 
 
 @functools.cache

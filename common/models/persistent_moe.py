@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import torch
 from disagg.common.config import triton_interpret
+from disagg.common.models.fused_moe import default_down_block_k
 from disagg.common.models.pdl import pdl_args, pdl_begin
 
 try:
@@ -52,7 +53,7 @@ NUM_COUNTERS = 4
 WAIT_POLLS = 1 << 22
 # the block sizes: BLOCK_E router rows a task (all of H at once: a task's loads in flight together);
 # BLOCK_N gate (and up) rows x BLOCK_K columns a step; DOWN_N down rows a task, DOWN_K columns a step
-# (0: I's power of two up to 1024, else 512). The engine's tuned GEMV entries for Qwen3-30B-A3B on an
+# (0: fused_moe.default_down_block_k, the engine's GEMV's). The engine's tuned GEMV entries for Qwen3-30B-A3B on an
 # H200 (16 x 512, 8 warps; down 8 rows) are the starting point.
 DEFAULT_BLOCKS = {"BLOCK_E": 4, "BLOCK_N": 16, "BLOCK_K": 512, "DOWN_N": 8, "DOWN_K": 0, "num_warps": 8}
 
@@ -84,7 +85,8 @@ def persistent_moe(
     `shared` more slots: experts E, E + 1, ... of w13 / w2, weight 1) of weight * w2[e] @
     (silu(gate) * up) with gate | up = w13[e] @ x: w13 [E + shared, 2I, H], w2 [E + shared, H, I].
     Returns [1, H] in x's dtype. programs: the grid (default: the SM count; 1 under the interpreter
-    unless asked; -1: as many as the GPU holds at once, resident_programs). scratch: the buffers of an earlier call (CUDA graphs: the counters must persist).
+    unless asked; -1: as many as the GPU holds at once, resident_programs). scratch: the buffers of
+    an earlier call (CUDA graphs: the counters must persist).
     trace (GPU only; the bench): int64 [tasks, 4] filled with each task's claim, end of wait and end
     (the GPU's global timer, ns) and program (num_tasks gives the row count).
     residual, norm_weight: x is the attention's output delta [1, H]: the block's input is
@@ -96,7 +98,7 @@ def persistent_moe(
     (num_experts, hidden), inter = router_w.shape, w2.shape[2]
     slots = top_k + shared
     b = {**DEFAULT_BLOCKS, **(blocks or {})}
-    down_k = b["DOWN_K"] or (triton.next_power_of_2(inter) if inter <= 1024 else 512)
+    down_k = b["DOWN_K"] or default_down_block_k(inter)
     s = scratch if scratch is not None else new_scratch(num_experts, slots, inter, x.device)
     out = torch.empty_like(x)
     norm = residual is not None
