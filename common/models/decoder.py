@@ -152,6 +152,9 @@ class DecoderLayer(nn.Module):
         # DP attention: an MLP split over the whole TP group needs every DP rank's tokens (an
         # all-to-all MoE takes only this rank's tokens to their experts and back)
         self.gather_mlp = get_parallel().attn_dp_size > 1 and not getattr(self.mlp, "a2a", False)
+        # DISAGG_PERSISTENT_MOE: the post-attention norm inside the MoE's one-token launch where it runs
+        # (moe.py, SparseMoE.persistent_block; it returns None where it does not apply)
+        self.norm_in_mlp = getattr(self.mlp, "persistent", False) and not self.gather_mlp
 
     def forward(self, x, residual, batch, kv_buffer, backend):
         """x: this layer's input delta; residual: the running sum (None before the first layer).
@@ -161,19 +164,15 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(x, batch, kv_buffer, backend)
-        if (fused := self._norm_and_mlp(x, residual)) is not None:
+        if (
+            self.norm_in_mlp
+            and (fused := self.mlp.persistent_block(x, residual, self.post_attention_layernorm)) is not None
+        ):
             return fused, residual  # NOTE: residual updated in place by the launch
         x, residual = self.post_attention_layernorm(x, residual)
         if self.gather_mlp:
             return dp_scatter_tokens(self.mlp(dp_gather_tokens(x))), residual
         return self.mlp(x), residual
-
-    def _norm_and_mlp(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor | None:
-        """The post-attention norm and the MoE block as one launch where the MoE runs it
-        (DISAGG_PERSISTENT_MOE: moe.py, SparseMoE.persistent_block), else None."""
-        if self.gather_mlp or not getattr(self.mlp, "persistent", False):
-            return None
-        return self.mlp.persistent_block(x, residual, self.post_attention_layernorm)
 
 
 def make_mlp(config, layer_id: int) -> nn.Module:
