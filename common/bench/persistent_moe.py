@@ -8,12 +8,14 @@ same process (the router's rows and the k + shared experts' gate/up and down row
 
     python -m disagg.common.bench.persistent_moe                       # Qwen3-30B-A3B and DeepSeek-V2-Lite
     python -m disagg.common.bench.persistent_moe --shapes qwen3-30b-a3b --programs 132,264 --layers 8
+    python -m disagg.common.bench.persistent_moe --variants '[{"BLOCK_N": 64, "DOWN_N": 16}]' --programs 1
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 
 import torch
 from disagg.common.bench.offline import graph_us_per_layer, kernels_per_call, measure_ceilings
@@ -131,17 +133,18 @@ def run_shape(name: str, args, copy_gb_s: float, gen: torch.Generator) -> None:
     floor_us = block_bytes(shape) / copy_gb_s / 1e3
     print(f"\n{name}: {block_bytes(shape) / 1e6:.1f} MB a block, {floor_us:.2f} µs at the copy rate")
     print("variant | programs | µs a block | kernels | share of the bytes' time | error vs float32")
-    fns = [("chain (engine)", 0, functools.partial(chain, shape))]
+    fns = [("chain (engine)", 0, None, functools.partial(chain, shape))]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for blocks in VARIANTS:
+    for blocks in args.variants:
         grids = args.grids
         if not blocks.get("dynamic", True):  # static tasks: a program not resident would hold a task others
             grids = [sms, -1]  # wait on; -1: as many programs as the GPU holds at once (resident_programs)
         for programs in grids:
             scratch = new_scratch(shape[0], shape[3] + shape[6], shape[2], torch.device("cuda"))
-            fns.append((f"persistent {blocks or 'default'}", programs,
+            fns.append((f"persistent {blocks or 'default'}", programs, blocks,
                         functools.partial(persistent, shape, programs, blocks, scratch)))  # fmt: skip
-    for label, programs, fn in fns:
+    fastest = {}  # the fastest dynamic variant at each grid: the one traced there
+    for label, programs, blocks, fn in fns:
         grid = {0: "-", -1: "resident"}.get(programs, programs)
         try:  # NOTE: one variant's failure (a launch that does not build, say) is a row, not the end
             err = check(shape, layers[0], fn)
@@ -151,9 +154,11 @@ def run_shape(name: str, args, copy_gb_s: float, gen: torch.Generator) -> None:
             print(f"{label} | {grid} | failed: {type(e).__name__}: {str(e)[:200]}")
             continue
         print(f"{label} | {grid} | {us:.2f} | {kernels} | {100 * floor_us / us:.1f}% | {err:.1e}")
-    for programs in args.grids:
+        if blocks is not None and blocks.get("dynamic", True) and us < fastest.get(programs, (1e9,))[0]:
+            fastest[programs] = (us, blocks)
+    for programs, (_, blocks) in fastest.items():
         try:
-            trace_report(shape, layers[0], programs, {})
+            trace_report(shape, layers[0], programs, blocks)
         except Exception as e:  # noqa: BLE001 - reported
             print(f"  trace ({programs} programs) failed: {type(e).__name__}: {str(e)[:200]}")
 
@@ -167,6 +172,10 @@ def main() -> None:
         "--programs", default="1,2,4", help="persistent grids (0: the SM count; n < 8: n x SMs)"
     )
     parser.add_argument("--layers", type=int, default=8, help="blocks a graph (distinct weights)")
+    parser.add_argument(
+        "--variants", type=json.loads, default=VARIANTS,
+        help='the block sizes tried, a JSON list (e.g. \'[{"BLOCK_N": 64, "DOWN_N": 16}]\'; default: VARIANTS)',
+    )  # fmt: skip
     args = parser.parse_args()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     # the grids: 0 the SM count, n < 8 that many programs an SM, else n programs
