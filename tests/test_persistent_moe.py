@@ -2,7 +2,7 @@
 gives the MoE layer's output for one token: its float32 reference is SparseMoE's own routing and
 experts on the CPU; the kernel matches the reference in Triton's CPU interpreter (one program doing
 every task, several taking them by ticket, static assignment; shapes that no block divides; shared
-slots; the post-attention norm inside; the counters left zero for the next launch; a stage that never
+slots; the pipelined tasks; the post-attention norm inside; the counters left zero for the next launch; a stage that never
 finishes ends in NaN rows within a bound), compiles for sm_90 with the memory ordering its stages rely
 on, and the engine with it gives transformers' tokens (interpreter) and ends a faulted request with a
 typed error; on a GPU it matches at the benchmark's shapes, eager and in a CUDA graph, and the engine's
@@ -47,6 +47,12 @@ INTERPRETED = textwrap.dedent(
     check(8, 64, 48, 2, 0, True, 1.0, 1, False, small)    # static assignment
     check(12, 80, 40, 3, 2, False, 2.5, 3, True, small)   # V2-style: no renormalisation, scaling, 2 shared
     check(6, 100, 24, 2, 1, True, 1.0, 2, True, small)    # no block divides E, H or I
+    # the pipelined tasks (PIPELINE: the next tile loading while one is summed; down's slots as one
+    # sequence of K tiles, a slot's tiles crossing into the next's)
+    piped = dict(small, PIPELINE=True)
+    check(8, 64, 48, 2, 0, True, 1.0, 4, True, piped)
+    check(12, 80, 40, 3, 2, False, 2.5, 3, True, piped)   # 5 slots of 8 (K_POW2); 2 K tiles a slot
+    check(6, 100, 24, 2, 1, True, 1.0, 1, False, piped)
 
     # with the post-attention norm: x is the attention's delta; the residual becomes delta + residual
     for programs in (1, 3):

@@ -55,7 +55,9 @@ WAIT_POLLS = 1 << 22
 # BLOCK_N gate (and up) rows x BLOCK_K columns a step; DOWN_N down rows a task, DOWN_K columns a step
 # (0: fused_moe.default_down_block_k, the engine's GEMV's). The engine's tuned GEMV entries for Qwen3-30B-A3B on an
 # H200 (16 x 512, 8 warps; down 8 rows) are the starting point.
-DEFAULT_BLOCKS = {"BLOCK_E": 4, "BLOCK_N": 16, "BLOCK_K": 512, "DOWN_N": 8, "DOWN_K": 0, "num_warps": 8}
+DEFAULT_BLOCKS = {
+    "BLOCK_E": 4, "BLOCK_N": 16, "BLOCK_K": 512, "DOWN_N": 8, "DOWN_K": 0, "PIPELINE": False, "num_warps": 8
+}  # fmt: skip
 
 
 def persistent_moe_available() -> bool:
@@ -116,7 +118,8 @@ def persistent_moe(
         K=top_k, SHARED=shared, K_POW2=triton.next_power_of_2(slots), E_POW2=triton.next_power_of_2(num_experts),
         RENORMALIZE=renormalize, DYNAMIC=dynamic, BLOCK_E=b["BLOCK_E"], ROUTER_K=triton.next_power_of_2(hidden),
         BLOCK_N=b["BLOCK_N"], BLOCK_K=b["BLOCK_K"], DOWN_N=b["DOWN_N"], DOWN_K=down_k, WAIT_POLLS=WAIT_POLLS,
-        NORM=norm, TRACE=trace is not None, num_warps=b["num_warps"], **pdl_args(x.device),
+        NORM=norm, PIPELINE=b["PIPELINE"], TRACE=trace is not None, num_warps=b["num_warps"],
+        **pdl_args(x.device),
     )  # fmt: skip
     if programs < 0:  # every program resident at once (the bench's static assignment)
         programs = resident_programs(_moe_block_kernel.warmup(*args, grid=(1,), **meta), x.device)
@@ -320,13 +323,75 @@ if triton is not None:
         tl.store(out + rows, acc.to(out.dtype.element_ty), mask=rows < hidden)
 
     @triton.jit
+    def _gate_up_task_pipelined(x, w13, act, top_id, slot, tile, hidden, inter, stride_we, stride_wn,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+        """_gate_up_task with the next K tile's rows loading while this one's are summed (registers
+        hold two tiles: one task's loads overlap instead of one latency a tile)."""
+        expert = tl.load(top_id + slot, cache_modifier=".cg").to(tl.int64)
+        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        gate_rows = w13 + expert * stride_we + rows[:, None].to(tl.int64) * stride_wn
+        up_rows = gate_rows + inter * stride_wn
+        cols = tl.arange(0, BLOCK_K)
+        mask = (rows[:, None] < inter) & (cols[None, :] < hidden)
+        g = tl.load(gate_rows + cols[None, :], mask=mask, other=0.0)
+        u = tl.load(up_rows + cols[None, :], mask=mask, other=0.0)
+        acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(BLOCK_K, hidden + BLOCK_K, BLOCK_K):  # loads the tile at k0, sums the one before
+            xv = tl.load(x + k0 - BLOCK_K + cols, mask=k0 - BLOCK_K + cols < hidden, other=0.0,
+                         cache_modifier=".cg").to(tl.float32)  # fmt: skip
+            mask = (rows[:, None] < inter) & (k0 + cols[None, :] < hidden)  # past the end: loads nothing
+            next_g = tl.load(gate_rows + k0 + cols[None, :], mask=mask, other=0.0)
+            next_u = tl.load(up_rows + k0 + cols[None, :], mask=mask, other=0.0)
+            acc_g += tl.sum(g.to(tl.float32) * xv[None, :], 1)
+            acc_u += tl.sum(u.to(tl.float32) * xv[None, :], 1)
+            g, u = next_g, next_u
+        act_rows = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
+        tl.store(act + slot * inter + rows, act_rows, mask=rows < inter)
+
+    @triton.jit
+    def _down_task_pipelined(w2, act, top_w, top_id, out, tile, hidden, inter, stride_de, stride_dn,
+                             SLOTS: tl.constexpr, SLOTS_POW2: tl.constexpr, DOWN_N: tl.constexpr,
+                             DOWN_K: tl.constexpr):  # fmt: skip
+        """_down_task over the slots' K tiles as one sequence: the slots' experts and weights read
+        once up front (no expert id load between a slot's rows), the next tile's rows loading while
+        this one's are summed, each activation tile scaled by its slot's weight."""
+        rows = tile * DOWN_N + tl.arange(0, DOWN_N)
+        row_ptrs = w2 + rows[:, None].to(tl.int64) * stride_dn
+        slots = tl.arange(0, SLOTS_POW2)
+        ids = tl.load(top_id + slots, mask=slots < SLOTS, other=0, cache_modifier=".cg").to(tl.int64)
+        weights = tl.load(top_w + slots, mask=slots < SLOTS, other=0.0, cache_modifier=".cg")
+        chunks = tl.cdiv(inter, DOWN_K)  # K tiles a slot
+        cols = tl.arange(0, DOWN_K)
+        mask = (rows[:, None] < hidden) & (cols[None, :] < inter)
+        w = tl.load(
+            row_ptrs + tl.sum(tl.where(slots == 0, ids, 0), 0) * stride_de + cols[None, :],
+            mask=mask,
+            other=0.0,
+        )
+        acc = tl.zeros([DOWN_N], dtype=tl.float32)
+        for c in range(1, SLOTS * chunks + 1):  # loads tile c, sums tile c - 1
+            j, k0 = (c - 1) // chunks, ((c - 1) % chunks) * DOWN_K
+            a = tl.load(act + j * inter + k0 + cols, mask=k0 + cols < inter, other=0.0, cache_modifier=".cg")
+            a *= tl.sum(tl.where(slots == j, weights, 0.0), 0)
+            j, k0 = c // chunks, (c % chunks) * DOWN_K
+            expert = tl.sum(tl.where(slots == j, ids, 0), 0)
+            past = (j // SLOTS) * inter  # inter past the last slot (j == SLOTS: the mask loads nothing)
+            mask = (rows[:, None] < hidden) & (past + k0 + cols[None, :] < inter)
+            next_w = tl.load(row_ptrs + expert * stride_de + k0 + cols[None, :], mask=mask, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * a[None, :], 1)
+            w = next_w
+        tl.store(out + rows, acc.to(out.dtype.element_ty), mask=rows < hidden)
+
+    @triton.jit
     def _moe_block_kernel(
         x, router_w, w13, w2, out, logits, act, top_w, top_id, counters, trace, delta, residual, norm_w, eps,
         num_experts, hidden, inter, stride_re, stride_we, stride_wn, stride_de, stride_dn, scaling,
         K: tl.constexpr, SHARED: tl.constexpr, K_POW2: tl.constexpr, E_POW2: tl.constexpr,
         RENORMALIZE: tl.constexpr, DYNAMIC: tl.constexpr, BLOCK_E: tl.constexpr, ROUTER_K: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOWN_N: tl.constexpr, DOWN_K: tl.constexpr,
-        NORM: tl.constexpr, WAIT_POLLS: tl.constexpr, TRACE: tl.constexpr, PDL: tl.constexpr,
+        NORM: tl.constexpr, PIPELINE: tl.constexpr, WAIT_POLLS: tl.constexpr, TRACE: tl.constexpr,
+        PDL: tl.constexpr,
     ):  # fmt: skip
         """Program: tasks in increasing order until none is left (the module's docstring)."""
         pdl_begin(PDL)  # first: before any load or store (pdl.py)
@@ -368,20 +433,32 @@ if triton is not None:
                     if TRACE:
                         t1 = _now()
                     t = task - routers
-                    _gate_up_task(
-                        x, w13, act, top_id, t // up_tiles, t % up_tiles, hidden, inter, stride_we, stride_wn,
-                        BLOCK_N, BLOCK_K,
-                    )  # fmt: skip
+                    if PIPELINE:
+                        _gate_up_task_pipelined(
+                            x, w13, act, top_id, t // up_tiles, t % up_tiles, hidden, inter, stride_we,
+                            stride_wn, BLOCK_N, BLOCK_K,
+                        )  # fmt: skip
+                    else:
+                        _gate_up_task(
+                            x, w13, act, top_id, t // up_tiles, t % up_tiles, hidden, inter, stride_we,
+                            stride_wn, BLOCK_N, BLOCK_K,
+                        )  # fmt: skip
                     _count(counters + 2)
             else:
                 tile = task - routers - gate_ups
                 if _wait(counters + 2, gate_ups, WAIT_POLLS):
                     if TRACE:
                         t1 = _now()
-                    _down_task(
-                        w2, act, top_w, top_id, out, tile, hidden, inter, stride_de, stride_dn, SLOTS, DOWN_N,
-                        DOWN_K,
-                    )  # fmt: skip
+                    if PIPELINE:
+                        _down_task_pipelined(
+                            w2, act, top_w, top_id, out, tile, hidden, inter, stride_de, stride_dn, SLOTS,
+                            K_POW2, DOWN_N, DOWN_K,
+                        )  # fmt: skip
+                    else:
+                        _down_task(
+                            w2, act, top_w, top_id, out, tile, hidden, inter, stride_de, stride_dn, SLOTS,
+                            DOWN_N, DOWN_K,
+                        )  # fmt: skip
                 else:
                     _nan_rows(out, tile, hidden, DOWN_N)
             if TRACE:  # [task]: claimed, its wait over, done (globaltimer ns), the program
