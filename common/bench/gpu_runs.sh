@@ -236,6 +236,17 @@ for step in "$@"; do
              > $OUT/pmoe_tests.log 2>&1; tail -3 $OUT/pmoe_tests.log
            timeout ${PMOE_T:-420} python3 -u -m disagg.common.bench.persistent_moe ${PMOE_ARGS:-} 2>&1 | grep -v "WARN" \
              | tee $OUT/pmoe_bench.log | tail -40 ;;
+    persistent-variants) # thirty-second session (~2 min): the persistent block's launch at fewer registers (BLOCK_E 1:
+           # 80-128 registers a thread on sm_90 by cuobjdump, 2-3 programs an SM, where the defaults take 199: one) and
+           # with its tasks pipelined (PIPELINE), against the engine's chain and the H100's best so far (BLOCK_N 32)
+           timeout ${PMOE_T:-300} python3 -u -m disagg.common.bench.persistent_moe --programs 1,2,4 --variants '[
+             {"PIPELINE": true, "BLOCK_E": 1, "BLOCK_N": 16, "BLOCK_K": 128, "DOWN_K": 128},
+             {"BLOCK_E": 1, "BLOCK_N": 16, "BLOCK_K": 128, "DOWN_K": 128},
+             {"PIPELINE": true, "BLOCK_E": 1, "BLOCK_N": 16, "BLOCK_K": 64, "DOWN_N": 8, "DOWN_K": 64},
+             {"BLOCK_E": 1, "BLOCK_N": 16, "BLOCK_K": 64, "DOWN_N": 8, "DOWN_K": 64},
+             {"PIPELINE": true, "BLOCK_E": 2, "BLOCK_N": 16, "BLOCK_K": 128, "DOWN_K": 128},
+             {"PIPELINE": true}, {"BLOCK_N": 32, "BLOCK_K": 256, "DOWN_N": 16}]' 2>&1 | grep -v "WARN\|warn" \
+             | tee $OUT/pmoe_variants.log | tail -60 ;;
     persistent-ab) # after persistent-moe (~6 min a model: one call each): the engine at batch 1 with the persistent block
            # off and on (DISAGG_PERSISTENT_MOE), alternating fresh processes; PAB_MODELS (default Qwen3-30B-A3B; then
            # DeepSeek-V2-Lite in a call of its own)
