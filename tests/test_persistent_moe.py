@@ -2,11 +2,11 @@
 gives the MoE layer's output for one token: its float32 reference is SparseMoE's own routing and
 experts on the CPU; the kernel matches the reference in Triton's CPU interpreter (one program doing
 every task, several taking them by ticket, static assignment; shapes that no block divides; shared
-slots; the pipelined tasks; the post-attention norm inside; the counters left zero for the next launch; a stage that never
-finishes ends in NaN rows within a bound), compiles for sm_90 with the memory ordering its stages rely
-on, and the engine with it gives transformers' tokens (interpreter) and ends a faulted request with a
-typed error; on a GPU it matches at the benchmark's shapes, eager and in a CUDA graph, and the engine's
-tokens stay those of the launches it replaces."""
+slots; the pipelined tasks; the post-attention norm inside; the counters left zero for the next
+launch; a stage that never finishes ends in NaN rows within a bound), compiles for sm_90 with the
+memory ordering its stages rely on, and the engine with it gives transformers' tokens (interpreter)
+and ends a faulted request with a typed error; on a GPU it matches at the benchmark's shapes, eager
+and in a CUDA graph, and the engine's tokens stay those of the launches it replaces."""
 
 from __future__ import annotations
 
@@ -187,9 +187,15 @@ def test_reference_is_the_engines_moe_layer(renormalize, shared):
 
 
 @pytest.mark.parametrize(
-    "dynamic,trace,norm", [(True, False, False), (False, False, True), (True, True, True)]
+    "dynamic,trace,norm,pipeline",
+    [
+        (True, False, False, False),
+        (False, False, True, False),
+        (True, True, True, False),
+        (True, False, True, True),
+    ],
 )
-def test_block_compiles_for_hopper_with_its_ordering(dynamic, trace, norm):
+def test_block_compiles_for_hopper_with_its_ordering(dynamic, trace, norm, pipeline):
     """sm_90 PTX: the waits are acquire loads, the counts acquire-release atomics (the stages' stores
     visible to the next stage), and the produced data is read through L2 (.cg); the bench's trace
     reads the global timer."""
@@ -203,7 +209,7 @@ def test_block_compiles_for_hopper_with_its_ordering(dynamic, trace, norm):
     types["scaling"] = types["eps"] = "fp32"
     consts = dict(K=8, SHARED=0, K_POW2=8, E_POW2=128, RENORMALIZE=True, DYNAMIC=dynamic, BLOCK_E=4,
                   ROUTER_K=2048, BLOCK_N=16, BLOCK_K=512, DOWN_N=8, DOWN_K=1024, NORM=norm, TRACE=trace,
-                  WAIT_POLLS=1 << 22)  # fmt: skip
+                  PIPELINE=pipeline, WAIT_POLLS=1 << 22)  # fmt: skip
     ptx = compile_for_hopper(_moe_block_kernel, types, consts).asm["ptx"]
     assert re.search(r"ld\.global\.gpu\.acquire", ptx) or re.search(r"atom\.global\.gpu\.acquire", ptx)
     assert "atom.global.gpu.acq_rel.add" in ptx

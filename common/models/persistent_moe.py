@@ -54,7 +54,8 @@ WAIT_POLLS = 1 << 22
 # the block sizes: BLOCK_E router rows a task (all of H at once: a task's loads in flight together);
 # BLOCK_N gate (and up) rows x BLOCK_K columns a step; DOWN_N down rows a task, DOWN_K columns a step
 # (0: fused_moe.default_down_block_k, the engine's GEMV's). The engine's tuned GEMV entries for Qwen3-30B-A3B on an
-# H200 (16 x 512, 8 warps; down 8 rows) are the starting point.
+# H200 (16 x 512, 8 warps; down 8 rows) are the starting point. PIPELINE: the tasks that load the next K
+# tile while summing one (down: the slots' tiles as one sequence); for the bench until a GPU says which wins.
 DEFAULT_BLOCKS = {
     "BLOCK_E": 4, "BLOCK_N": 16, "BLOCK_K": 512, "DOWN_N": 8, "DOWN_K": 0, "PIPELINE": False, "num_warps": 8
 }  # fmt: skip
