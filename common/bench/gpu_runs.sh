@@ -335,6 +335,20 @@ for step in "$@"; do
              echo "--- V2-Lite, default launch ($(date +%T))"; T=90 bench $a | grep -A2 "^kind\|Error"
              mv /tmp/dac.json common/models/decode_attention_configs.json
            done ;;
+    mla-v3-ab) # thirty-second session (~6 min; carry .gpu/fi, .gpu/base, .gpu/kc.txz): the MLA decode launch tuned over
+           # three lengths took 15-22% off V3's 128 heads alone at batches 4 and 8 (H100; V2-Lite's 16 heads: nothing):
+           # tune V3's shape, then the 4-layer V3 (dummy FP8) at batches 1, 4, 8 with the table and without, alternating
+           timeout ${TUNE_T:-200} python3 -m disagg.common.bench.decode_attention --mla v3 --batches 1,2,4,8 \
+             --sweep-triton --tune --output-dir $OUT 2>&1 | grep -v "WARN" | tee $OUT/mla_v3_tune.log | tail -12
+           a='--model-path DeepSeek-V3 --load-format dummy --context-len 1024 --decode-steps 16 --batch-sizes 1,4,8 --prefill-len 512'
+           for i in 1 2; do
+             echo "--- V3, tuned launch ($(date +%T))"; T=100 bench $a --json-model-override-args '{"num_hidden_layers":4}' \
+               | grep -A3 "^kind\|Error"
+             mv common/models/decode_attention_configs.json /tmp/dac.json
+             echo "--- V3, default launch ($(date +%T))"; T=100 bench $a --json-model-override-args '{"num_hidden_layers":4}' \
+               | grep -A3 "^kind\|Error"
+             mv /tmp/dac.json common/models/decode_attention_configs.json
+           done ;;
     paged-ab) # the prefill graphs over the pool (DISAGG_PAGED_PREFILL_GRAPH; on by default since its twenty-sixth-session run): a
            # request's PA_NEW (512) new tokens after PA_PREFIX (1536) cached ones (offline.py --prefix-len: the
            # forward alone) and a fresh prompt's prefill, off then on in alternating fresh processes; the "[N s]
