@@ -323,30 +323,22 @@ for step in "$@"; do
            # launch (tokens an iteration, warps, stages) tuned a batch bucket at the engine's chunk count over three
            # context lengths since the thirtieth session (~4 min of it; at 1024 alone it picked a launch that lost in the
            # engine) (decode_attention_configs.json, returned under $OUT: copy it into common/models/), the GPU tests of
-           # the kernel and the engine's MLA graphs with it, then DeepSeek-V2-Lite with the tune and without, alternating
-           timeout ${TUNE_T:-330} python3 -m disagg.common.bench.decode_attention --mla v2lite,v3 --batches ${MLA_BATCHES:-1,2,4,8} \
-             --sweep-triton --tune --output-dir $OUT 2>&1 | grep -v "WARN" | tee $OUT/mla_tune.log | tail -40
-           timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_triton_decode.py tests/test_decode_attention.py -k "mla or gpu_decode" \
-             > $OUT/mla_tune_tests.log 2>&1; tail -2 $OUT/mla_tune_tests.log
-           a="--model-path DeepSeek-V2-Lite --load-format dummy --context-len 1024 --decode-steps 16 --batch-sizes 1,8 --prefill-len 512"
+           # the kernel and the engine's MLA graphs with it (MLA_TESTS=0: none), then a model with the tune and without,
+           # alternating: MLA_AB (default DeepSeek-V2-Lite at batches 1 and 8). V3's 128 heads (thirty-second session:
+           # 15-22% off the launch alone at batches 4 and 8 on an H100) in the engine, ~6 min:
+           #   MLA_SHAPES=v3 MLA_TESTS=0 MLA_AB="--model-path DeepSeek-V3 --json-model-override-args
+           #   {\"num_hidden_layers\":4} --batch-sizes 1,4,8" gpu_runs.sh mla-tune
+           timeout ${TUNE_T:-330} python3 -m disagg.common.bench.decode_attention --mla ${MLA_SHAPES:-v2lite,v3} \
+             --batches ${MLA_BATCHES:-1,2,4,8} --sweep-triton --tune --output-dir $OUT 2>&1 | grep -v "WARN" \
+             | tee $OUT/mla_tune.log | tail -40
+           [ "${MLA_TESTS:-1}" = 0 ] || { timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_triton_decode.py \
+             tests/test_decode_attention.py -k "mla or gpu_decode" > $OUT/mla_tune_tests.log 2>&1; tail -2 $OUT/mla_tune_tests.log; }
+           a="--load-format dummy --context-len 1024 --decode-steps 16 --prefill-len 512 \
+             ${MLA_AB:---model-path DeepSeek-V2-Lite --batch-sizes 1,8}"
            for i in 1 2; do
-             echo "--- V2-Lite, tuned launch ($(date +%T))"; T=90 bench $a | grep -A2 "^kind\|Error"
+             echo "--- tuned launch ($(date +%T))"; T=100 bench $a | grep -A3 "^kind\|Error"
              mv common/models/decode_attention_configs.json /tmp/dac.json
-             echo "--- V2-Lite, default launch ($(date +%T))"; T=90 bench $a | grep -A2 "^kind\|Error"
-             mv /tmp/dac.json common/models/decode_attention_configs.json
-           done ;;
-    mla-v3-ab) # thirty-second session (~6 min; carry .gpu/fi, .gpu/base, .gpu/kc.txz): the MLA decode launch tuned over
-           # three lengths took 15-22% off V3's 128 heads alone at batches 4 and 8 (H100; V2-Lite's 16 heads: nothing):
-           # tune V3's shape, then the 4-layer V3 (dummy FP8) at batches 1, 4, 8 with the table and without, alternating
-           timeout ${TUNE_T:-200} python3 -m disagg.common.bench.decode_attention --mla v3 --batches 1,2,4,8 \
-             --sweep-triton --tune --output-dir $OUT 2>&1 | grep -v "WARN" | tee $OUT/mla_v3_tune.log | tail -12
-           a='--model-path DeepSeek-V3 --load-format dummy --context-len 1024 --decode-steps 16 --batch-sizes 1,4,8 --prefill-len 512'
-           for i in 1 2; do
-             echo "--- V3, tuned launch ($(date +%T))"; T=100 bench $a --json-model-override-args '{"num_hidden_layers":4}' \
-               | grep -A3 "^kind\|Error"
-             mv common/models/decode_attention_configs.json /tmp/dac.json
-             echo "--- V3, default launch ($(date +%T))"; T=100 bench $a --json-model-override-args '{"num_hidden_layers":4}' \
-               | grep -A3 "^kind\|Error"
+             echo "--- default launch ($(date +%T))"; T=100 bench $a | grep -A3 "^kind\|Error"
              mv /tmp/dac.json common/models/decode_attention_configs.json
            done ;;
     paged-ab) # the prefill graphs over the pool (DISAGG_PAGED_PREFILL_GRAPH; on by default since its twenty-sixth-session run): a
